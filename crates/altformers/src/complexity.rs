@@ -1,0 +1,32 @@
+//! What each architecture costs: the review's stated complexity (verbatim), the true one,
+//! and analytic counts the benchmarks and the report compare against measurement.
+
+/// For a stated complexity that ARCHITECTURES.md does not quote from the review.
+pub const NOT_QUOTED: &str = "(not quoted)";
+
+/// The shape a cost is evaluated at.
+#[derive(Clone, Copy, Debug)]
+pub struct CostShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub width: usize,
+    pub heads: usize,
+}
+
+#[derive(Clone, Copy)]
+pub struct Complexity {
+    /// The review's time complexity, verbatim ("not stated" where it gives none).
+    pub stated_time: &'static str,
+    pub stated_space: &'static str,
+    /// The true complexity of the mixer as implemented here (T length, d width, h heads).
+    pub true_time: &'static str,
+    pub true_space: &'static str,
+    /// Where the review is wrong, a one-line reason; empty where it agrees.
+    pub review_error: &'static str,
+    /// Forward FLOPs of one mixer layer (multiply-add = 2 FLOPs).
+    pub flops: fn(&CostShape) -> f64,
+    /// Peak activation memory of one mixer layer's forward, in elements.
+    pub memory: fn(&CostShape) -> f64,
+    /// Elements of decode state per layer after `seq` tokens.
+    pub state: fn(&CostShape) -> f64,
+}

@@ -1,0 +1,277 @@
+//! Run configuration: model shape and training hyperparameters, from defaults, a TOML file
+//! and `--set key=value` overrides. Every key must already exist in the defaults, so a typo
+//! is an error that names the key, never a silently ignored setting.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Position {
+    /// No positional signal beyond causality (fine for recurrent mixers).
+    None,
+    /// Learned absolute position embeddings added to the token embeddings (GPT-2).
+    Learned,
+    /// Rotary embeddings applied to queries and keys inside attention (RoFormer).
+    Rope,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelMixerKind {
+    /// Linear(d, m d), GELU, Linear(m d, d): GPT-2.
+    Mlp,
+    /// SwiGLU (Shazeer 2020): hidden width 2/3 * m * d so parameters match the MLP.
+    Swiglu,
+}
+
+/// The model's shape. `mixer` names a registry entry; `options` holds that mixer's own
+/// settings (validated against its defaults).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub mixer: String,
+    pub vocab: usize,
+    pub width: usize,
+    pub depth: usize,
+    /// Training context in tokens.
+    pub context: usize,
+    pub heads: usize,
+    /// Key/value heads for attention: 1 = multi-query, `heads` = multi-head, between =
+    /// grouped-query. 0 means "same as heads".
+    pub kv_heads: usize,
+    pub position: Position,
+    pub rope_base: f64,
+    pub channel_mixer: ChannelMixerKind,
+    /// Hidden width of the channel mixer as a multiple of `width`.
+    pub ffn_mult: f64,
+    /// Biases in linear layers and layer norms.
+    pub bias: bool,
+    pub dropout: f64,
+    /// Share the embedding matrix with the output head (GPT-2, nanoGPT).
+    pub tie_embeddings: bool,
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            mixer: "transformer".into(),
+            vocab: 256,
+            width: 128,
+            depth: 4,
+            context: 64,
+            heads: 4,
+            kv_heads: 0,
+            position: Position::Learned,
+            rope_base: 10000.0,
+            channel_mixer: ChannelMixerKind::Mlp,
+            ffn_mult: 4.0,
+            bias: false,
+            dropout: 0.0,
+            tie_embeddings: true,
+            options: Default::default(),
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn kv_heads(&self) -> usize {
+        if self.kv_heads == 0 { self.heads } else { self.kv_heads }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+
+    /// Checks what every model needs; mixers check their own options when built.
+    pub fn validate(&self) -> Result<()> {
+        let w = self.width;
+        if self.vocab == 0 || w == 0 || self.depth == 0 || self.context == 0 || self.heads == 0 {
+            bail!("model.vocab, model.width, model.depth, model.context and model.heads must all be positive");
+        }
+        if w % self.heads != 0 {
+            bail!("model.heads ({}) does not divide model.width ({w})", self.heads);
+        }
+        if self.heads % self.kv_heads() != 0 {
+            bail!("model.kv_heads ({}) does not divide model.heads ({})", self.kv_heads, self.heads);
+        }
+        if self.position == Position::Rope && self.head_dim() % 2 != 0 {
+            bail!("RoPE needs an even head dimension; model.width / model.heads = {}", self.head_dim());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("model.dropout must be in [0, 1), got {}", self.dropout);
+        }
+        if self.ffn_mult <= 0.0 {
+            bail!("model.ffn_mult must be positive, got {}", self.ffn_mult);
+        }
+        Ok(())
+    }
+
+    /// Parses the mixer's options into its own type (unknown keys are errors).
+    pub fn mixer_options<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(serde_json::Value::Object(self.options.clone()))
+            .with_context(|| format!("invalid model.options for mixer `{}`", self.mixer))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub steps: usize,
+    /// Peak learning rate, reached after `warmup_steps`.
+    pub lr: f64,
+    /// Floor of the cosine decay, reached at `decay_steps`.
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub decay_steps: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (AdamW) on matrices only.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 disables).
+    pub grad_clip: f64,
+    pub eval_every: usize,
+    /// Validation batches averaged per evaluation (always the same batches).
+    pub eval_batches: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 12,
+            steps: 2000,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            decay_steps: 2000,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            eval_every: 250,
+            eval_batches: 20,
+            seed: 1337,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.steps == 0 || self.eval_every == 0 || self.eval_batches == 0 {
+            bail!("train.batch_size, train.steps, train.eval_every and train.eval_batches must be positive");
+        }
+        if !(self.lr > 0.0) || self.min_lr < 0.0 || self.min_lr > self.lr {
+            bail!("need 0 <= train.min_lr <= train.lr and train.lr > 0 (got lr {}, min_lr {})", self.lr, self.min_lr);
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("train.beta1 and train.beta2 must be in [0, 1)");
+        }
+        if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
+            bail!("train.grad_clip and train.weight_decay must be non-negative");
+        }
+        Ok(())
+    }
+}
+
+/// Everything a run needs to be reproduced; saved as `config.json` in the run folder.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+impl RunConfig {
+    /// Defaults for `mixer`, then the TOML file, then `key=value` overrides.
+    pub fn build(mixer: &str, file: Option<&std::path::Path>, sets: &[String]) -> Result<Self> {
+        let arch = crate::registry::find(mixer)?;
+        let mut defaults = RunConfig::default();
+        defaults.model.mixer = arch.name.to_string();
+        defaults.model.options = match (arch.default_options)() {
+            serde_json::Value::Object(m) => m,
+            _ => Default::default(),
+        };
+        (arch.adjust_defaults)(&mut defaults.model);
+        let mut value = toml::Value::try_from(&defaults).context("serializing defaults")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+            let file_value: toml::Value =
+                toml::from_str(&text).with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            merge(&mut value, &file_value, "")?;
+        }
+        for set in sets {
+            let (key, raw) = set
+                .split_once('=')
+                .with_context(|| format!("--set expects key=value, got `{set}`"))?;
+            let parsed = parse_value(raw.trim());
+            set_path(&mut value, key.trim(), parsed)?;
+        }
+        if value.get("model").and_then(|m| m.get("mixer")).and_then(|m| m.as_str()) != Some(arch.name) {
+            bail!("model.mixer is chosen by --model (`{}`), not by the config", arch.name);
+        }
+        let config: RunConfig = value.try_into().context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.train.validate()
+    }
+}
+
+/// A `--set` value: TOML literal if it parses (numbers, booleans, quoted strings, arrays),
+/// otherwise the raw text as a string (so `model.position=rope` works unquoted).
+fn parse_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+fn merge(base: &mut toml::Value, over: &toml::Value, path: &str) -> Result<()> {
+    let (Some(base_t), Some(over_t)) = (base.as_table_mut(), over.as_table()) else {
+        *base = over.clone();
+        return Ok(());
+    };
+    for (k, v) in over_t {
+        let full = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+        match base_t.get_mut(k) {
+            None => bail!("unknown config key `{full}`"),
+            Some(slot) if slot.is_table() && v.is_table() => merge(slot, v, &full)?,
+            Some(slot) => *slot = coerce(slot, v.clone()),
+        }
+    }
+    Ok(())
+}
+
+fn set_path(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<()> {
+    let mut node = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let table = node.as_table_mut().with_context(|| format!("unknown config key `{key}`"))?;
+        let Some(next) = table.get_mut(*part) else { bail!("unknown config key `{key}`") };
+        if i + 1 == parts.len() {
+            if next.is_table() {
+                bail!("config key `{key}` is a section; set one of its fields");
+            }
+            *next = coerce(next, value);
+            return Ok(());
+        }
+        node = next;
+    }
+    unreachable!()
+}
+
+/// `lr = 1` in a file means 1.0 where the default is a float.
+fn coerce(slot: &toml::Value, v: toml::Value) -> toml::Value {
+    match (slot, &v) {
+        (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(*i as f64),
+        _ => v,
+    }
+}

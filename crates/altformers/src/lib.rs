@@ -1,0 +1,19 @@
+//! altformers: the Transformer and the architectures proposed to replace it, implemented
+//! against one contract ([`mixers::SequenceMixer`]), trained and measured on equal footing.
+
+pub mod blocks;
+pub mod compare;
+pub mod complexity;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod generate;
+pub mod mixers;
+pub mod model;
+pub mod nn;
+pub mod params;
+pub mod primitives;
+pub mod registry;
+pub mod rng;
+pub mod train;
+pub mod util;

@@ -1,0 +1,139 @@
+//! Causal softmax attention (Vaswani et al. 2017, arXiv 1706.03762) with multi-query
+//! (Shazeer 2019, arXiv 1911.02150) and grouped-query (Ainslie et al. 2023, arXiv 2305.13245)
+//! key/value sharing, optional rotary positions (arXiv 2104.09864), and a KV cache for
+//! decoding.
+//!
+//! Shapes: `B` batch, `T` query length, `S` key length, `H` query heads, `G = H / KVH`
+//! query heads per key/value head, `d_h` head width.
+
+use anyhow::Result as AnyResult;
+use candle_core::{Result, Tensor, D};
+
+use super::{MixerState, SequenceMixer};
+use crate::complexity::{Complexity, CostShape};
+use crate::config::{ModelConfig, Position};
+use crate::nn::{softmax, Linear};
+use crate::params::ParamBuilder;
+use crate::primitives::rotary;
+
+pub struct Attention {
+    /// Fused projection `[D] -> [H d_h + 2 KVH d_h]` (queries, keys, values).
+    qkv: Linear,
+    out: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rope_base: Option<f64>,
+}
+
+impl Attention {
+    /// Parameters `qkv.*` and `out.*` under `pb`, GPT-2 initialisation (the output projection
+    /// scaled by 1/sqrt(2 depth)).
+    pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
+        let (d, h, kvh, dh) = (cfg.width, cfg.heads, cfg.kv_heads(), cfg.head_dim());
+        let qkv = Linear::new(pb, "qkv", d, (h + 2 * kvh) * dh, 0.02, cfg.bias)?;
+        let out = Linear::new(pb, "out", h * dh, d, 0.02 / (2.0 * cfg.depth as f64).sqrt(), cfg.bias)?;
+        let rope_base = (cfg.position == Position::Rope).then_some(cfg.rope_base);
+        Ok(Self { qkv, out, heads: h, kv_heads: kvh, head_dim: dh, rope_base })
+    }
+
+    /// `x: [B, T, D]` at positions `offset..` -> `q: [B, H, T, d_h]`, `k, v: [B, KVH, T, d_h]`.
+    fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, dh) = (self.heads, self.kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x)?;
+        let split = |start: usize, n: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, start * dh, n * dh)?.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous()
+        };
+        let (mut q, mut k, v) = (split(0, h)?, split(h, kvh)?, split(h + kvh, kvh)?);
+        if let Some(base) = self.rope_base {
+            q = rotary::apply(&q, offset, base)?;
+            k = rotary::apply(&k, offset, base)?;
+        }
+        Ok((q, k, v))
+    }
+
+    /// `[B, H, T, d_h] -> [B, T, D]` through the output projection.
+    fn merge(&self, y: &Tensor) -> Result<Tensor> {
+        let (b, h, t, dh) = y.dims4()?;
+        self.out.forward(&y.transpose(1, 2)?.reshape((b, t, h * dh))?)
+    }
+}
+
+/// Softmax attention of queries at positions `offset..offset+T` over keys `0..S`, causal:
+/// query t sees keys s <= offset + t. Grouped heads share K/V without copying them: the G
+/// query heads of a group are stacked along the query axis.
+///
+/// `q: [B, H, T, d_h]`, `k, v: [B, KVH, S, d_h]` -> `[B, H, T, d_h]`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    let (b, h, t, dh) = q.dims4()?;
+    let (_, kvh, s, _) = k.dims4()?;
+    let g = h / kvh;
+    let q = q.reshape((b, kvh, g * t, dh))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
+    // Query 0 sees keys 0..=offset; a mask is needed only if there are keys beyond that.
+    let scores = if s > offset + 1 {
+        let mask = causal_mask(t, s, offset, q.dtype(), q.device())?;
+        scores.reshape((b, kvh, g, t, s))?.broadcast_add(&mask)?.reshape((b, kvh, g * t, s))?
+    } else {
+        scores
+    };
+    softmax(&scores)?.matmul(v)?.reshape((b, h, t, dh))
+}
+
+/// `[T, S]`: 0 where key s is visible to query t (s <= offset + t), -inf elsewhere.
+fn causal_mask(t: usize, s: usize, offset: usize, dtype: candle_core::DType, dev: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (t, s), dev)?.to_dtype(dtype)
+}
+
+impl SequenceMixer for Attention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, 0)?;
+        self.merge(&causal_attention(&q, &k, &v, 0)?)
+    }
+
+    /// The state is the KV cache `[k, v]`, each `[B, KVH, T, d_h]` (keys already rotated).
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        let (q, k, v) = self.project(x, 0)?;
+        let y = self.merge(&causal_attention(&q, &k, &v, 0)?)?;
+        Ok((y, MixerState { tensors: vec![k, v], pos: x.dim(1)? }))
+    }
+
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, state.pos)?;
+        let (k, v) = match state.tensors.as_slice() {
+            [kc, vc] => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+            _ => (k, v),
+        };
+        let y = causal_attention(&q, &k, &v, state.pos)?;
+        state.tensors = vec![k, v];
+        state.pos += 1;
+        self.merge(&y)
+    }
+}
+
+pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(Attention::new(cfg, pb)?))
+}
+
+pub const COMPLEXITY: Complexity = Complexity {
+    stated_time: "O(T log Td)",
+    stated_space: crate::complexity::NOT_QUOTED,
+    true_time: "O(T^2 d + T d^2)",
+    true_space: "O(T^2 h + T d) naive; O(T d) tiled (flash)",
+    review_error: "time is quadratic in T (every query scores every earlier key), not T log T",
+    flops: |s: &CostShape| {
+        let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
+        // projections (qkv + out: 4 d^2 per token, 2 FLOPs each) + scores and weighted sum
+        // (2 T^2 d each, halved by causality is not exploited by the dense kernel)
+        b * (8.0 * t * d * d + 4.0 * t * t * d)
+    },
+    memory: |s: &CostShape| {
+        let (b, t, d, h) = (s.batch as f64, s.seq as f64, s.width as f64, s.heads as f64);
+        b * (h * t * t + 5.0 * t * d)
+    },
+    state: |s: &CostShape| 2.0 * (s.batch * s.seq * s.width) as f64,
+};

@@ -1,0 +1,62 @@
+//! The sequence-mixer contract and its implementations.
+//!
+//! A *sequence mixer* lets positions exchange information; a *channel mixer* transforms each
+//! position alone (it implements the same trait, with an empty or token-shift state). Every
+//! mixer offers the parallel form used for training, and the recurrent form (`prefill`, then
+//! `step`) used for generation, with an explicit state whose size it reports. Mixers whose
+//! paper defines a chunkwise form also offer `chunked`. Tests hold every form to the others.
+
+pub mod attention;
+
+use candle_core::{Result, Tensor};
+
+/// The recurrent state of one mixer: a KV cache, a recurrent matrix, a convolution history.
+/// Kept as plain tensors so any mixer can use it and its size is always known.
+#[derive(Clone, Debug, Default)]
+pub struct MixerState {
+    pub tensors: Vec<Tensor>,
+    /// Tokens consumed so far.
+    pub pos: usize,
+}
+
+impl MixerState {
+    /// Bytes held by the state (what decoding keeps in memory per layer).
+    pub fn bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+}
+
+pub trait SequenceMixer: Send + Sync {
+    /// Parallel form. `x: [B, T, D] -> [B, T, D]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Parallel form that also returns the state after the last token.
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)>;
+
+    /// One token. `x: [B, 1, D] -> [B, 1, D]`, advancing `state`.
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor>;
+
+    /// Chunkwise form (parallel inside chunks of `chunk` tokens, recurrent across), where the
+    /// paper defines one.
+    fn chunked(&self, _x: &Tensor, _chunk: usize) -> Option<Result<Tensor>> {
+        None
+    }
+}
+
+/// A channel mixer holds no state: its recurrent form is its parallel form on one token.
+pub trait PositionWise: Send + Sync {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+impl<P: PositionWise> SequenceMixer for P {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        PositionWise::forward(self, x)
+    }
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        Ok((PositionWise::forward(self, x)?, MixerState { tensors: vec![], pos: x.dim(1)? }))
+    }
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        state.pos += 1;
+        PositionWise::forward(self, x)
+    }
+}

@@ -1,0 +1,184 @@
+//! The decoder language model every causal architecture plugs into:
+//! embedding (+ learned positions), N blocks of `x + mixer(norm(x))` then
+//! `x + channel_mixer(norm(x))`, final norm, head.
+//!
+//! Parameter names follow the RWKV-4 checkpoints (`emb.weight`, `blocks.N.ln1.weight`,
+//! `blocks.N.att.*`, `blocks.N.ln2.weight`, `blocks.N.ffn.*`, `ln_out.weight`, `head.weight`)
+//! so that official weights load where the architecture matches.
+
+use anyhow::{bail, Result as AnyResult};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+
+use crate::config::{ModelConfig, Position};
+use crate::mixers::{MixerState, SequenceMixer};
+use crate::nn::{dropout, LayerNorm};
+use crate::params::{ParamBuilder, ParamStore};
+use crate::rng::Rng;
+
+pub struct Block {
+    pub ln1: LayerNorm,
+    pub att: Box<dyn SequenceMixer>,
+    pub ln2: LayerNorm,
+    pub ffn: Box<dyn SequenceMixer>,
+}
+
+pub struct LanguageModel {
+    pub config: ModelConfig,
+    emb: Tensor,
+    pos_emb: Option<Tensor>,
+    blocks: Vec<Block>,
+    ln_out: LayerNorm,
+    /// `None` when tied to the embedding.
+    head: Option<Tensor>,
+    pub params: ParamStore,
+}
+
+/// Recurrent state of the whole model: one (mixer, channel mixer) pair per block.
+#[derive(Clone, Debug, Default)]
+pub struct ModelState {
+    pub layers: Vec<(MixerState, MixerState)>,
+    pub pos: usize,
+}
+
+impl ModelState {
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(a, f)| a.bytes() + f.bytes()).sum()
+    }
+}
+
+impl LanguageModel {
+    /// Builds the model with freshly initialised weights (seeded).
+    pub fn new(config: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> AnyResult<Self> {
+        config.validate()?;
+        let arch = crate::registry::find(&config.mixer)?;
+        let pb = ParamBuilder::new(seed, device, dtype);
+        let (v, d) = (config.vocab, config.width);
+        let emb = pb.normal_no_decay("emb.weight", &[v, d], 0.02)?;
+        let pos_emb = match config.position {
+            Position::Learned => Some(pb.normal_no_decay("pos_emb.weight", &[config.context, d], 0.02)?),
+            _ => None,
+        };
+        let mut blocks = Vec::with_capacity(config.depth);
+        for i in 0..config.depth {
+            let bp = pb.pp(format!("blocks.{i}"));
+            blocks.push(Block {
+                ln1: LayerNorm::new(&bp, "ln1", d, config.bias)?,
+                att: (arch.build)(config, i, &bp.pp("att"))?,
+                ln2: LayerNorm::new(&bp, "ln2", d, config.bias)?,
+                ffn: crate::blocks::channel_mixer(config, &bp.pp("ffn"))?,
+            });
+        }
+        let ln_out = LayerNorm::new(&pb, "ln_out", d, config.bias)?;
+        let head = if config.tie_embeddings { None } else { Some(pb.normal("head.weight", &[v, d], 0.02)?) };
+        Ok(Self { config: config.clone(), emb, pos_emb, blocks, ln_out, head, params: pb.into_store() })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.emb.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.emb.dtype()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.num_elements()
+    }
+
+    /// The longest window the model can attend over when generating, or `None` where the
+    /// recurrence is unbounded (no learned positions, every mixer recurrent).
+    pub fn window(&self) -> Option<usize> {
+        let arch = crate::registry::find(&self.config.mixer).ok()?;
+        if arch.unbounded_context && self.pos_emb.is_none() {
+            None
+        } else {
+            Some(self.config.context)
+        }
+    }
+
+    fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let x = self.emb.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.config.width))?;
+        match &self.pos_emb {
+            Some(p) => {
+                if offset + t > self.config.context {
+                    candle_core::bail!(
+                        "position {} is beyond the learned position table ({} positions)",
+                        offset + t - 1,
+                        self.config.context
+                    );
+                }
+                x.broadcast_add(&p.narrow(0, offset, t)?)
+            }
+            None => Ok(x),
+        }
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.ln_out.forward(x)?;
+        let head = self.head.as_ref().unwrap_or(&self.emb);
+        let (b, t, d) = x.dims3()?;
+        x.reshape((b * t, d))?.matmul(&head.t()?)?.reshape((b, t, head.dim(0)?))
+    }
+
+    /// Parallel form. `tokens: [B, T]` (u32) -> logits `[B, T, V]`. With `dropout_rng`,
+    /// dropout is applied (training); without, the model is deterministic (evaluation).
+    pub fn forward(&self, tokens: &Tensor, mut dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        let p = self.config.dropout;
+        let mut drop = |x: Tensor| -> Result<Tensor> {
+            match dropout_rng.as_deref_mut() {
+                Some(rng) if p > 0.0 => dropout(&x, p, rng),
+                _ => Ok(x),
+            }
+        };
+        let mut x = drop(self.embed(tokens, 0)?)?;
+        for block in &self.blocks {
+            x = (&x + drop(block.att.forward(&block.ln1.forward(&x)?)?)?)?;
+            x = (&x + drop(block.ffn.forward(&block.ln2.forward(&x)?)?)?)?;
+        }
+        self.logits(&x)
+    }
+
+    /// Runs the prompt in parallel and returns its logits `[B, T, V]` and the state after it.
+    pub fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
+        let mut x = self.embed(tokens, 0)?;
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (a, sa) = block.att.prefill(&block.ln1.forward(&x)?)?;
+            x = (&x + a)?;
+            let (f, sf) = block.ffn.prefill(&block.ln2.forward(&x)?)?;
+            x = (&x + f)?;
+            layers.push((sa, sf));
+        }
+        Ok((self.logits(&x)?, ModelState { layers, pos: tokens.dim(1)? }))
+    }
+
+    /// One token per sequence. `token: [B]` (u32) -> logits `[B, V]`.
+    pub fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor> {
+        let b = token.dim(0)?;
+        let mut x = self.embed(&token.reshape((b, 1))?, state.pos)?;
+        if state.layers.is_empty() {
+            state.layers = vec![Default::default(); self.blocks.len()];
+        }
+        for (block, (sa, sf)) in self.blocks.iter().zip(state.layers.iter_mut()) {
+            x = (&x + block.att.step(&block.ln1.forward(&x)?, sa)?)?;
+            x = (&x + block.ffn.step(&block.ln2.forward(&x)?, sf)?)?;
+        }
+        state.pos += 1;
+        self.logits(&x)?.i((.., 0, ..))
+    }
+
+    /// Mean next-token cross-entropy (nats) of `logits: [B, T, V]` against `targets: [B, T]`.
+    pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
+    }
+
+    /// Loads weights written by [`ParamStore::save`], checking every name and shape.
+    pub fn load_weights(&self, path: &std::path::Path) -> AnyResult<()> {
+        if !path.exists() {
+            bail!("no weights at {}", path.display());
+        }
+        self.params.load(path)
+    }
+}

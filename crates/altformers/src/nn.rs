@@ -1,0 +1,95 @@
+//! Building blocks with explicit shapes: linear layers, layer norm, softmax, dropout.
+//! Written from candle's differentiable primitives so every one of them backpropagates, in
+//! f32 for training and f64 for the finite-difference tests.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use crate::params::ParamBuilder;
+use crate::rng::Rng;
+
+/// `y = x W^T + b`, `W: [out, in]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Weight `N(0, std^2)` named `<name>.weight`, optional zero bias `<name>.bias`.
+    pub fn new(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, bias: bool) -> anyhow::Result<Self> {
+        let pb = pb.pp(name);
+        let weight = pb.normal("weight", &[d_out, d_in], std)?;
+        let bias = if bias { Some(pb.zeros("bias", &[d_out])?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    /// `x: [..., in] -> [..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims.last().unwrap();
+        let rows = x.elem_count() / d_in;
+        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// Layer normalization over the last dimension (Ba et al. 2016), bias optional.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Parameters `<name>.weight` (ones) and, if `bias`, `<name>.bias` (zeros).
+    pub fn new(pb: &ParamBuilder, name: &str, width: usize, bias: bool) -> anyhow::Result<Self> {
+        let pb = pb.pp(name);
+        let weight = pb.ones("weight", &[width])?;
+        let bias = if bias { Some(pb.zeros("bias", &[width])?) } else { None };
+        Ok(Self { weight, bias, eps: 1e-5 })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Softmax over the last dimension, max-subtracted, differentiable.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Inverted dropout with probability `p`, the mask drawn from `rng` (so a run's masks are
+/// reproducible and resume exactly).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = 1.0 / (1.0 - p);
+    let mask = if x.device().is_cpu() {
+        let keep: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.uniform() >= p { scale as f32 } else { 0.0 })
+            .collect();
+        Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?
+    } else {
+        // On an accelerator, draw on the device from a seed taken from our stream.
+        x.device().set_seed(rng.next_u64())?;
+        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        (u.ge(p)?.to_dtype(DType::F32)? * scale)?.to_dtype(x.dtype())?
+    };
+    x * mask
+}

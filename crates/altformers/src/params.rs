@@ -1,0 +1,213 @@
+//! Named trainable parameters: creation with a seeded initialiser, weight-decay groups,
+//! and safetensors save/load that names every missing, unexpected or mis-shaped tensor.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::rng::{stream, Rng};
+
+/// One trainable tensor and whether AdamW may decay it.
+#[derive(Clone)]
+pub struct Param {
+    pub var: Var,
+    /// Matrices decay; norms, biases, embeddings and per-channel constants do not.
+    pub decay: bool,
+}
+
+/// All parameters of a model, by dotted name (`blocks.0.att.qkv.weight`).
+#[derive(Default)]
+pub struct ParamStore {
+    pub params: BTreeMap<String, Param>,
+}
+
+impl ParamStore {
+    pub fn num_elements(&self) -> usize {
+        self.params.values().map(|p| p.var.elem_count()).sum()
+    }
+
+    pub fn vars(&self) -> Vec<(String, Param)> {
+        self.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.params.iter().map(|(k, p)| (k.clone(), p.var.as_tensor().clone())).collect()
+    }
+
+    /// Writes the weights to `path` atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        save_tensors(&self.tensors(), path)
+    }
+
+    /// Loads weights saved by [`ParamStore::save`]; every name and shape must match.
+    pub fn load(&self, path: &Path) -> Result<()> {
+        let loaded = load_tensors(path, &self.device()?)?;
+        self.assign(loaded, &path.display().to_string())
+    }
+
+    /// Overwrites every parameter from `tensors`, converting dtypes; all names and shapes
+    /// must match exactly, and the error lists every problem at once.
+    pub fn assign(&self, tensors: BTreeMap<String, Tensor>, origin: &str) -> Result<()> {
+        self.check(&tensors, origin)?;
+        self.set_all(&tensors)
+    }
+
+    fn check(&self, tensors: &BTreeMap<String, Tensor>, origin: &str) -> Result<()> {
+        let mut tensors: BTreeMap<&String, &Tensor> = tensors.iter().collect();
+        let mut problems = Vec::new();
+        for (name, p) in &self.params {
+            match tensors.remove(name) {
+                None => problems.push(format!("missing tensor `{name}` (expected shape {:?})", p.var.dims())),
+                Some(t) if t.dims() != p.var.dims() => problems.push(format!(
+                    "tensor `{name}` has shape {:?}, expected {:?}",
+                    t.dims(),
+                    p.var.dims()
+                )),
+                Some(_) => {}
+            }
+        }
+        for name in tensors.keys() {
+            problems.push(format!("unexpected tensor `{name}`"));
+        }
+        if !problems.is_empty() {
+            bail!("{origin} does not match the model:\n  {}", problems.join("\n  "));
+        }
+        Ok(())
+    }
+
+    /// Like [`ParamStore::assign`] but after the check: sets every variable.
+    fn set_all(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, p) in &self.params {
+            let t = &tensors[name];
+            p.var.set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
+        }
+        Ok(())
+    }
+
+    fn device(&self) -> Result<Device> {
+        Ok(self.params.values().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu))
+    }
+}
+
+/// Hands out parameters under a name prefix; cheap to clone, shares one store.
+#[derive(Clone)]
+pub struct ParamBuilder {
+    store: Arc<Mutex<ParamStore>>,
+    rng: Arc<Mutex<Rng>>,
+    prefix: String,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl ParamBuilder {
+    pub fn new(seed: u64, device: &Device, dtype: DType) -> Self {
+        Self {
+            store: Arc::new(Mutex::new(ParamStore::default())),
+            rng: Arc::new(Mutex::new(Rng::derive(seed, stream::INIT, 0))),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    /// A builder for the sub-module `name`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let mut b = self.clone();
+        b.prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        b
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// Creates a parameter from host values.
+    pub fn from_values(&self, name: &str, dims: &[usize], values: Vec<f32>, decay: bool) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let t = Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.dtype)?;
+        let var = Var::from_tensor(&t)?;
+        let mut store = self.store.lock().unwrap();
+        if store.params.contains_key(&full) {
+            bail!("parameter `{full}` defined twice");
+        }
+        let tensor = var.as_tensor().clone();
+        store.params.insert(full, Param { var, decay });
+        Ok(tensor)
+    }
+
+    /// Gaussian N(0, std^2) matrix, decayed.
+    pub fn normal(&self, name: &str, dims: &[usize], std: f64) -> Result<Tensor> {
+        let n = dims.iter().product();
+        let values = self.rng.lock().unwrap().normal_vec(n, std);
+        self.from_values(name, dims, values, true)
+    }
+
+    /// Gaussian, not decayed (embeddings).
+    pub fn normal_no_decay(&self, name: &str, dims: &[usize], std: f64) -> Result<Tensor> {
+        let n = dims.iter().product();
+        let values = self.rng.lock().unwrap().normal_vec(n, std);
+        self.from_values(name, dims, values, false)
+    }
+
+    /// Uniform in [lo, hi), decayed.
+    pub fn uniform(&self, name: &str, dims: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
+        let n = dims.iter().product();
+        let values = self.rng.lock().unwrap().uniform_vec(n, lo, hi);
+        self.from_values(name, dims, values, true)
+    }
+
+    /// Constant fill, not decayed (norm gains, biases).
+    pub fn constant(&self, name: &str, dims: &[usize], value: f32) -> Result<Tensor> {
+        let n = dims.iter().product();
+        self.from_values(name, dims, vec![value; n], false)
+    }
+
+    pub fn zeros(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        self.constant(name, dims, 0.0)
+    }
+
+    pub fn ones(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        self.constant(name, dims, 1.0)
+    }
+
+    /// Everything created so far.
+    pub fn into_store(self) -> ParamStore {
+        let mut store = self.store.lock().unwrap();
+        std::mem::take(&mut *store)
+    }
+
+    pub fn store(&self) -> Arc<Mutex<ParamStore>> {
+        self.store.clone()
+    }
+}
+
+/// Writes `tensors` to `path` atomically: a temporary file beside it, fsync, rename.
+pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = tmp_path(path);
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&cpu.into_iter().collect(), &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    crate::util::fsync_and_rename(&tmp, path)
+}
+
+/// Reads a safetensors file with a clear error for a missing, truncated or corrupt file.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    if !path.exists() {
+        bail!("weights file {} does not exist", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file (corrupt or truncated?): {e}", path.display()))?;
+    Ok(tensors.into_iter().collect())
+}
+
+pub fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().map(|s| s.to_os_string()).unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}

@@ -1,0 +1,3 @@
+//! Shared maths used by several mixers, each with the plainest correct form beside it.
+
+pub mod rotary;

@@ -1,0 +1,71 @@
+//! Rotary position embeddings (RoFormer, arXiv 2104.09864).
+//!
+//! Each pair (x_{2i}, x_{2i+1}) of a head vector at position t is rotated by the angle
+//! t * theta_i with theta_i = base^(-2i/d_h). Rotating both queries and keys makes q_t . k_s a
+//! function of t - s only.
+
+use candle_core::{Result, Tensor, D};
+
+/// `cos` and `sin` tables `[T, d_h/2]` for positions `offset..offset+T`.
+pub fn tables(offset: usize, len: usize, head_dim: usize, base: f64, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    for t in offset..offset + len {
+        for i in 0..half {
+            let theta = base.powf(-2.0 * i as f64 / head_dim as f64);
+            let (s, c) = (t as f64 * theta).sin_cos();
+            cos.push(c);
+            sin.push(s);
+        }
+    }
+    let dtype = x.dtype();
+    let mk = |v: Vec<f64>| Tensor::from_vec(v, (len, half), x.device())?.to_dtype(dtype);
+    Ok((mk(cos)?, mk(sin)?))
+}
+
+/// Rotates `x: [B, H, T, d_h]` (positions `offset..offset+T`) pairwise.
+pub fn apply(x: &Tensor, offset: usize, base: f64) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let (cos, sin) = tables(offset, t, d, base, x)?;
+    let cos = cos.reshape((t, d / 2, 1))?;
+    let sin = sin.reshape((t, d / 2, 1))?;
+    let pairs = x.reshape((b, h, t, d / 2, 2))?;
+    let x0 = pairs.narrow(D::Minus1, 0, 1)?;
+    let x1 = pairs.narrow(D::Minus1, 1, 1)?;
+    let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+    Tensor::cat(&[r0, r1], D::Minus1)?.reshape((b, h, t, d))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn dot_product_depends_only_on_offset() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(3);
+        let q = Tensor::from_vec(rng.normal_vec(16, 1.0), (1, 1, 1, 16), &dev)?.to_dtype(DType::F64)?;
+        let k = Tensor::from_vec(rng.normal_vec(16, 1.0), (1, 1, 1, 16), &dev)?.to_dtype(DType::F64)?;
+        let dot = |tq: usize, tk: usize| -> Result<f64> {
+            let a = apply(&q, tq, 10000.0)?;
+            let b = apply(&k, tk, 10000.0)?;
+            (a * b)?.sum_all()?.to_scalar::<f64>()
+        };
+        for (t, s) in [(5, 2), (40, 37), (1003, 1000)] {
+            let (d1, d2) = (dot(t, s)?, dot(t + 17, s + 17)?);
+            assert!((d1 - d2).abs() < 1e-9, "offset {}: {d1} vs {d2}", t - s);
+        }
+        // and it does depend on the offset
+        assert!((dot(5, 2)? - dot(5, 4)?).abs() > 1e-3);
+        // rotation preserves norms
+        let r = apply(&q, 77, 10000.0)?;
+        let n0 = q.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        let n1 = r.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        assert!((n0 - n1).abs() < 1e-9);
+        Ok(())
+    }
+}

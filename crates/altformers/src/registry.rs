@@ -1,0 +1,80 @@
+//! Everything a user can select: one entry per architecture. `altformers models`,
+//! `train --model`, the benchmarks and the report all read this list, so a new
+//! architecture appears everywhere by adding one entry here.
+
+use anyhow::{bail, Result};
+
+use crate::complexity::Complexity;
+use crate::config::ModelConfig;
+use crate::mixers::{self, SequenceMixer};
+use crate::params::ParamBuilder;
+
+pub struct Architecture {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// arXiv id(s) of the paper(s) followed.
+    pub paper: &'static str,
+    /// Trains as a causal language model.
+    pub causal: bool,
+    /// Its recurrent form needs no fixed window (no learned positions, constant state), so
+    /// generation may run past the training context.
+    pub unbounded_context: bool,
+    /// The mixer's own options and their defaults (`model.options.*`).
+    pub default_options: fn() -> serde_json::Value,
+    /// Changes to the common model defaults this architecture's paper makes.
+    pub adjust_defaults: fn(&mut ModelConfig),
+    /// Builds the sequence mixer of layer `layer`, parameters under `pb`.
+    pub build: fn(&ModelConfig, usize, &ParamBuilder) -> Result<Box<dyn SequenceMixer>>,
+    pub complexity: Complexity,
+}
+
+fn no_options() -> serde_json::Value {
+    serde_json::json!({})
+}
+
+fn keep_defaults(_: &mut ModelConfig) {}
+
+pub static ARCHITECTURES: &[Architecture] = &[Architecture {
+    name: "transformer",
+    summary: "causal softmax attention; multi-head, grouped or multi-query K/V (model.kv_heads); learned, rotary or no positions",
+    paper: "1706.03762, 1911.02150, 2305.13245, 2104.09864",
+    causal: true,
+    unbounded_context: false,
+    default_options: no_options,
+    adjust_defaults: keep_defaults,
+    build: mixers::attention::build,
+    complexity: mixers::attention::COMPLEXITY,
+}];
+
+pub fn find(name: &str) -> Result<&'static Architecture> {
+    match ARCHITECTURES.iter().find(|a| a.name == name) {
+        Some(a) => Ok(a),
+        None => {
+            let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
+            bail!("unknown model `{name}`; known models: {}", known.join(", "))
+        }
+    }
+}
+
+/// The `altformers models` listing: a Markdown table.
+pub fn table() -> String {
+    let mut s = String::from(
+        "| model | causal | stated time | stated space | true time | true space | review | paper |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for a in ARCHITECTURES {
+        let c = &a.complexity;
+        let verdict = if c.review_error.is_empty() { "agrees".to_string() } else { format!("wrong: {}", c.review_error) };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            a.name,
+            if a.causal { "yes" } else { "no" },
+            c.stated_time,
+            c.stated_space,
+            c.true_time,
+            c.true_space,
+            verdict,
+            a.paper
+        ));
+    }
+    s
+}

@@ -1,0 +1,135 @@
+//! AdamW (Loshchilov & Hutter 2019) with PyTorch's update rule, global-norm gradient
+//! clipping, decay only on matrices, and state that checkpoints exactly.
+
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::params::{load_tensors, save_tensors, Param, ParamStore};
+
+pub struct AdamW {
+    params: Vec<(String, Param)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Updates applied so far (the bias corrections use it).
+    pub t: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    pub fn new(store: &ParamStore, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
+        let params = store.vars();
+        // Moments are kept in f32 whatever the parameter dtype (bf16 training keeps f32 state).
+        let zeros = |p: &Param| p.var.zeros_like()?.to_dtype(moment_dtype(p.var.dtype()));
+        let m = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { params, m, v, t: 0, beta1, beta2, eps, weight_decay })
+    }
+
+    /// Global L2 norm of the gradients (f64 on the host).
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut sq = 0.0;
+        for (_, p) in &self.params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            }
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// One update at learning rate `lr`, gradients scaled down to norm `clip` if larger
+    /// (0 = no clipping). Returns the gradient norm before clipping.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<f64> {
+        let norm = self.grad_norm(grads)?;
+        if !norm.is_finite() {
+            bail!("gradient norm is {norm}");
+        }
+        let scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        self.t += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        for (i, (_, p)) in self.params.iter().enumerate() {
+            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let dtype = self.m[i].dtype();
+            let g = (g.to_dtype(dtype)? * scale)?;
+            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let update = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + self.eps)?)?;
+            let mut w = p.var.as_tensor().to_dtype(dtype)?;
+            if p.decay && self.weight_decay > 0.0 {
+                w = (&w * (1.0 - lr * self.weight_decay))?;
+            }
+            let w = (w - (update * lr)?)?;
+            p.var.set(&w.to_dtype(p.var.dtype())?)?;
+        }
+        Ok(norm)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map = BTreeMap::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            map.insert(format!("m.{name}"), self.m[i].clone());
+            map.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        save_tensors(&map, path)
+    }
+
+    pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {
+        let device = self.m.first().map(|m| m.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let mut map = load_tensors(path, &device)?;
+        let mut problems = Vec::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            for (slot, key) in [(&mut self.m[i], format!("m.{name}")), (&mut self.v[i], format!("v.{name}"))] {
+                match map.remove(&key) {
+                    Some(t) if t.dims() == slot.dims() => *slot = t.to_dtype(slot.dtype())?,
+                    Some(t) => problems.push(format!("`{key}` has shape {:?}, expected {:?}", t.dims(), slot.dims())),
+                    None => problems.push(format!("missing `{key}`")),
+                }
+            }
+        }
+        problems.extend(map.keys().map(|k| format!("unexpected `{k}`")));
+        if !problems.is_empty() {
+            bail!("optimizer state {} does not match the model:\n  {}", path.display(), problems.join("\n  "));
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// f64 parameters (the gradient tests) keep f64 moments; everything else keeps f32.
+fn moment_dtype(param: DType) -> DType {
+    if param == DType::F64 { DType::F64 } else { DType::F32 }
+}
+
+/// Linear warm-up from 0 to `lr` over `warmup` steps, cosine decay to `min_lr` at `decay`
+/// steps, `min_lr` after (nanoGPT's schedule).
+pub fn learning_rate(step: usize, lr: f64, min_lr: f64, warmup: usize, decay: usize) -> f64 {
+    if step < warmup {
+        return lr * (step + 1) as f64 / (warmup + 1) as f64;
+    }
+    if step >= decay {
+        return min_lr;
+    }
+    let progress = (step - warmup) as f64 / (decay - warmup).max(1) as f64;
+    min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (lr - min_lr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_floor() {
+        let f = |s| learning_rate(s, 1e-3, 1e-4, 100, 2000);
+        assert!(f(0) < f(50) && f(50) < f(99));
+        assert!((f(100) - 1e-3).abs() < 1e-12);
+        assert!(f(1000) < f(500));
+        assert!((f(2000) - 1e-4).abs() < 1e-12 && (f(5000) - 1e-4).abs() < 1e-12);
+        assert!((f(1999) - 1e-4).abs() < 1e-8);
+    }
+}
