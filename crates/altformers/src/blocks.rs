@@ -35,7 +35,7 @@ impl PositionWise for SwiGlu {
 }
 
 /// The configured channel mixer, parameters under `pb` (`ffn.*` in a block).
-pub fn channel_mixer(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn channel_mixer(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     let d = cfg.width;
     let out_std = 0.02 / (2.0 * cfg.depth as f64).sqrt();
     Ok(match cfg.channel_mixer {

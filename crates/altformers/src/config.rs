@@ -50,6 +50,8 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Share the embedding matrix with the output head (GPT-2, nanoGPT).
     pub tie_embeddings: bool,
+    /// A layer norm right after the embedding (RWKV's `ln0`, stored as `blocks.0.ln0`).
+    pub embed_norm: bool,
     pub options: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -70,6 +72,7 @@ impl Default for ModelConfig {
             bias: false,
             dropout: 0.0,
             tie_embeddings: true,
+            embed_norm: false,
             options: Default::default(),
         }
     }

@@ -15,5 +15,6 @@ pub mod params;
 pub mod primitives;
 pub mod registry;
 pub mod rng;
+pub mod testing;
 pub mod train;
 pub mod util;

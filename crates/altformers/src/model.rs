@@ -26,6 +26,7 @@ pub struct LanguageModel {
     pub config: ModelConfig,
     emb: Tensor,
     pos_emb: Option<Tensor>,
+    ln0: Option<LayerNorm>,
     blocks: Vec<Block>,
     ln_out: LayerNorm,
     /// `None` when tied to the embedding.
@@ -58,6 +59,7 @@ impl LanguageModel {
             Position::Learned => Some(pb.normal_no_decay("pos_emb.weight", &[config.context, d], 0.02)?),
             _ => None,
         };
+        let ln0 = if config.embed_norm { Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?) } else { None };
         let mut blocks = Vec::with_capacity(config.depth);
         for i in 0..config.depth {
             let bp = pb.pp(format!("blocks.{i}"));
@@ -65,12 +67,12 @@ impl LanguageModel {
                 ln1: LayerNorm::new(&bp, "ln1", d, config.bias)?,
                 att: (arch.build)(config, i, &bp.pp("att"))?,
                 ln2: LayerNorm::new(&bp, "ln2", d, config.bias)?,
-                ffn: crate::blocks::channel_mixer(config, &bp.pp("ffn"))?,
+                ffn: crate::blocks::channel_mixer(config, i, &bp.pp("ffn"))?,
             });
         }
         let ln_out = LayerNorm::new(&pb, "ln_out", d, config.bias)?;
         let head = if config.tie_embeddings { None } else { Some(pb.normal("head.weight", &[v, d], 0.02)?) };
-        Ok(Self { config: config.clone(), emb, pos_emb, blocks, ln_out, head, params: pb.into_store() })
+        Ok(Self { config: config.clone(), emb, pos_emb, ln0, blocks, ln_out, head, params: pb.into_store() })
     }
 
     pub fn device(&self) -> &Device {
@@ -99,6 +101,10 @@ impl LanguageModel {
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let x = self.emb.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.config.width))?;
+        let x = match &self.ln0 {
+            Some(ln0) => ln0.forward(&x)?,
+            None => x,
+        };
         match &self.pos_emb {
             Some(p) => {
                 if offset + t > self.config.context {

@@ -1,0 +1,139 @@
+//! Checks every architecture's tests share: modes agree, causality is exact, gradients
+//! match finite differences. Public so each mixer's tests (and new ones) call the same code.
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+use crate::config::ModelConfig;
+use crate::mixers::SequenceMixer;
+use crate::model::LanguageModel;
+use crate::rng::{stream, Rng};
+
+/// A tiny configuration of `mixer` (width 16, 2 layers, 2 heads, context 24), with
+/// `sets` applied (`key=value` as on the command line).
+pub fn tiny_config(mixer: &str, sets: &[&str]) -> Result<ModelConfig> {
+    let mut all = vec!["model.width=16", "model.depth=2", "model.heads=2", "model.context=24"];
+    all.extend_from_slice(sets);
+    let sets: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+    Ok(crate::config::RunConfig::build(mixer, None, &sets)?.model)
+}
+
+/// Gaussian tensor from a seeded stream.
+pub fn randn(dims: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
+    let n = dims.iter().product();
+    let v = Rng::derive(seed, stream::TEST, 0).normal_vec(n, 1.0);
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// Random tokens `[B, T]`.
+pub fn random_tokens(b: usize, t: usize, vocab: usize, seed: u64) -> Result<Tensor> {
+    let mut rng = Rng::derive(seed, stream::TEST, 1);
+    let v: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
+    Ok(Tensor::from_vec(v, (b, t), &Device::Cpu)?)
+}
+
+/// `max |a - b| / max |b|`, in f64.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_dtype(DType::F64)?;
+    let b = b.to_dtype(DType::F64)?;
+    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+    ensure!(diff.is_finite(), "non-finite difference");
+    Ok(diff / scale)
+}
+
+/// Recurrent form of a mixer: prefill the first `split` positions, then `step` one at a
+/// time. `x: [B, T, D]` -> `[B, T, D]`.
+pub fn mixer_recurrent(mixer: &dyn SequenceMixer, x: &Tensor, split: usize) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    let mut outs = Vec::new();
+    let mut state = if split > 0 {
+        let (y, s) = mixer.prefill(&x.narrow(1, 0, split)?)?;
+        outs.push(y);
+        s
+    } else {
+        Default::default()
+    };
+    for i in split..t {
+        outs.push(mixer.step(&x.narrow(1, i, 1)?, &mut state)?);
+    }
+    Ok(Tensor::cat(&outs, 1)?)
+}
+
+/// Relative error between a mixer's parallel form and its recurrent form (prefill of
+/// `split` tokens, then steps).
+pub fn mixer_modes_err(mixer: &dyn SequenceMixer, x: &Tensor, split: usize) -> Result<f64> {
+    rel_err(&mixer_recurrent(mixer, x, split)?, &mixer.forward(x)?)
+}
+
+/// Checks that changing `x[:, t+1..]` leaves `f(x)[:, ..=t]` bit-identical, for several t.
+pub fn assert_causal(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor) -> Result<()> {
+    let t_len = x.dim(1)?;
+    let y = f(x)?;
+    for t in [0, t_len / 3, t_len / 2, t_len - 2] {
+        let noise = randn(x.dims(), 99 + t as u64, x.dtype())?.narrow(1, t + 1, t_len - t - 1)?;
+        let x2 = Tensor::cat(&[x.narrow(1, 0, t + 1)?, (x.narrow(1, t + 1, t_len - t - 1)? + noise * 3.0)?], 1)?;
+        let y2 = f(&x2)?;
+        let a: Vec<f64> = y.narrow(1, 0, t + 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let b: Vec<f64> = y2.narrow(1, 0, t + 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        ensure!(a == b, "output at positions <= {t} changed when only later inputs changed");
+        let later_changed = y.narrow(1, t + 1, t_len - t - 1)?.ne(&y2.narrow(1, t + 1, t_len - t - 1)?)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        ensure!(later_changed > 0.0, "later outputs did not change at all: the check would prove nothing");
+    }
+    Ok(())
+}
+
+/// Logits of the whole model in recurrent mode (prefill `split`, then steps) against the
+/// parallel form; returns the relative error.
+pub fn model_modes_err(model: &LanguageModel, tokens: &Tensor, split: usize) -> Result<f64> {
+    let parallel = model.forward(tokens, None)?;
+    let (mut outs, mut state) = if split > 0 {
+        let (l, s) = model.prefill(&tokens.narrow(1, 0, split)?)?;
+        (vec![l], s)
+    } else {
+        (vec![], Default::default())
+    };
+    for i in split..tokens.dim(1)? {
+        outs.push(model.step(&tokens.i((.., i))?, &mut state)?.unsqueeze(1)?);
+    }
+    rel_err(&Tensor::cat(&outs, 1)?, &parallel)
+}
+
+/// Builds `cfg` in f64 and compares the backward pass with central finite differences on a
+/// few coordinates of every parameter; returns the worst relative error.
+pub fn model_gradient_err(cfg: &ModelConfig, seed: u64) -> Result<f64> {
+    let model = LanguageModel::new(cfg, seed, &Device::Cpu, DType::F64)?;
+    let tokens = random_tokens(2, cfg.context.min(12), cfg.vocab, seed)?;
+    let targets = random_tokens(2, cfg.context.min(12), cfg.vocab, seed + 1)?;
+    let loss_of = || -> Result<f64> {
+        Ok(LanguageModel::loss(&model.forward(&tokens, None)?, &targets)?.to_scalar::<f64>()?)
+    };
+    let loss = LanguageModel::loss(&model.forward(&tokens, None)?, &targets)?;
+    let grads = loss.backward()?;
+    let mut rng = Rng::new(seed);
+    let mut worst: f64 = 0.0;
+    for (name, p) in model.params.vars() {
+        let g = grads.get(p.var.as_tensor()).map(|g| g.flatten_all()).transpose()?;
+        let base: Vec<f64> = p.var.as_tensor().flatten_all()?.to_vec1()?;
+        for _ in 0..3 {
+            let i = rng.below(base.len());
+            let eps = 1e-5;
+            let probe = |delta: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[i] += delta;
+                p.var.set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu)?)?;
+                loss_of()
+            };
+            let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
+            p.var.set(&Tensor::from_vec(base.clone(), p.var.shape(), &Device::Cpu)?)?;
+            let analytic = match &g {
+                Some(g) => g.i(i)?.to_scalar::<f64>()?,
+                None => 0.0,
+            };
+            let err = (numeric - analytic).abs() / (numeric.abs() + analytic.abs()).max(1e-6);
+            ensure!(err < 1e-4, "{name}[{i}]: backward {analytic:e} vs finite difference {numeric:e}");
+            worst = worst.max(err);
+        }
+    }
+    Ok(worst)
+}
