@@ -243,8 +243,9 @@ pub fn train(config: &RunConfig, corpus: &Corpus, data_format: DataFormat, opts:
             m.context
         );
     }
-    let last_good = |s: &TrainState| {
-        if s.step == 0 { "no checkpoint was written yet".to_string() } else { format!("the last good checkpoint (step {}) in {} is intact", s.step, out.display()) }
+    let mut checkpointed = if opts.resume { state.step } else { 0 };
+    let last_good = |step: usize| {
+        if step == 0 { "no checkpoint was written yet".to_string() } else { format!("the last good checkpoint (step {step}) in {} is intact", out.display()) }
     };
     while state.step < t.steps {
         let step = state.step;
@@ -257,14 +258,15 @@ pub fn train(config: &RunConfig, corpus: &Corpus, data_format: DataFormat, opts:
         if !loss_value.is_finite() {
             bar.abandon();
             bail!(
-                "training loss is {loss_value} at step {step}: the run diverged; {}. Lower train.lr or raise train.warmup_steps.",
-                last_good(&state)
+                "training loss is {loss_value} in step {}: the run diverged; {}. Lower train.lr or raise train.warmup_steps.",
+                step + 1,
+                last_good(checkpointed)
             );
         }
         let grads = loss.backward()?;
         if let Err(e) = opt.step(&grads, lr, t.grad_clip) {
             bar.abandon();
-            bail!("{e} at step {step}: the run diverged; {}", last_good(&state));
+            bail!("{e} in step {}: the run diverged; {}", step + 1, last_good(checkpointed));
         }
         state.step += 1;
         window_steps += 1;
@@ -277,6 +279,10 @@ pub fn train(config: &RunConfig, corpus: &Corpus, data_format: DataFormat, opts:
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
             let train_loss = estimate_loss(&model, &corpus.train, t.eval_batches, t.batch_size, t.seed, 1)?;
             let val_loss = estimate_loss(&model, &corpus.val, t.eval_batches, t.batch_size, t.seed, 0)?;
+            if !(train_loss.is_finite() && val_loss.is_finite()) {
+                bar.abandon();
+                bail!("evaluation loss is not finite after step {}: the run diverged; {}", state.step, last_good(checkpointed));
+            }
             state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
             let metrics = Metrics {
                 step: state.step,
@@ -288,6 +294,7 @@ pub fn train(config: &RunConfig, corpus: &Corpus, data_format: DataFormat, opts:
                 lr,
             };
             save_checkpoint(out, &model, &opt, &state)?;
+            checkpointed = state.step;
             append_metrics(&metrics_path, &metrics)?;
             if opts.verbose {
                 bar.println(format!(
