@@ -9,6 +9,10 @@ use altformers::data::{Corpus, DataFormat};
 use altformers::generate::{generate, Mode, SampleOptions};
 use altformers::train::{self, nats_to_bits, TrainOptions};
 
+/// Counts heap bytes so `bench scaling` can report peak memory on the CPU.
+#[global_allocator]
+static ALLOC: altformers::bench::alloc::CountingAlloc = altformers::bench::alloc::CountingAlloc;
+
 
 
 #[derive(Parser)]
@@ -113,6 +117,9 @@ enum Command {
     },
     /// Every registered architecture with its stated and true complexity.
     Models,
+    /// Measure time and memory (scaling with T) or decoding cost (against context).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Train every causal model at equal parameters and tokens and report the results.
     Compare {
         #[arg(long, default_value = "quick")]
@@ -126,6 +133,161 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// One mixer layer and one block per model, T doubling; JSON lines out.
+    Scaling {
+        /// Comma-separated names, or `all`.
+        #[arg(long, default_value = "all")]
+        models: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, value_enum, default_value = "fwd")]
+        mode: BenchModeArg,
+        /// Comma-separated lengths (default: 256 doubling to 16384).
+        #[arg(long, default_value = "256,512,1024,2048,4096,8192,16384")]
+        lengths: String,
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        #[arg(long, default_value_t = 16384)]
+        tokens_per_batch: usize,
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Seconds one run may take before longer lengths are skipped.
+        #[arg(long, default_value_t = 20.0)]
+        time_cap: f64,
+        /// GB of estimated activations beyond which a length is skipped.
+        #[arg(long, default_value_t = 8.0)]
+        memory_cap_gb: f64,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Per-token decoding latency, throughput and state bytes against context length.
+    Decode {
+        #[arg(long, default_value = "all")]
+        models: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "1024,2048,4096,8192,16384,32768,65536")]
+        contexts: String,
+        #[arg(long, default_value = "1,16")]
+        batches: String,
+        #[arg(long, default_value_t = 256)]
+        width: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 2)]
+        depth: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 30.0)]
+        time_cap: f64,
+        #[arg(long, default_value_t = 8.0)]
+        memory_cap_gb: f64,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchModeArg {
+    Fwd,
+    Fwdbwd,
+}
+
+fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
+    s.split(',')
+        .map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("{what}: `{x}` is not a valid value")))
+        .collect()
+}
+
+fn model_list(s: &str) -> Result<Vec<String>> {
+    if s == "all" {
+        return Ok(altformers::registry::ARCHITECTURES.iter().filter(|a| a.causal).map(|a| a.name.to_string()).collect());
+    }
+    s.split(',').map(|m| Ok(altformers::registry::find(m.trim())?.name.to_string())).collect()
+}
+
+/// Prints each JSON line and, with `out`, writes them all to the file.
+struct JsonLines {
+    lines: Vec<String>,
+}
+
+impl JsonLines {
+    fn push<T: serde::Serialize>(&mut self, v: &T) {
+        let line = serde_json::to_string(v).expect("serializable");
+        println!("{line}");
+        self.lines.push(line);
+    }
+    fn save(&self, out: Option<&std::path::Path>) -> Result<()> {
+        if let Some(path) = out {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            altformers::util::write_atomic(path, (self.lines.join("\n") + "\n").as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+fn bench(cmd: BenchCommand) -> Result<()> {
+    use altformers::bench::{decode, scaling};
+    let mut lines = JsonLines { lines: vec![] };
+    match cmd {
+        BenchCommand::Scaling { models, device, mode, lengths, width, heads, tokens_per_batch, reps, warmup, time_cap, memory_cap_gb, dtype, out } => {
+            let device = altformers::device::select(&device)?;
+            let opts = scaling::ScalingOptions {
+                models: model_list(&models)?,
+                mode: match mode {
+                    BenchModeArg::Fwd => scaling::BenchMode::Fwd,
+                    BenchModeArg::Fwdbwd => scaling::BenchMode::Fwdbwd,
+                },
+                lengths: list(&lengths, "--lengths")?,
+                width,
+                heads,
+                tokens_per_batch,
+                warmup,
+                reps,
+                time_cap_s: time_cap,
+                memory_cap_bytes: memory_cap_gb * 1e9,
+                dtype: altformers::device::parse_dtype(&dtype)?,
+            };
+            lines.push(&altformers::bench::Provenance::capture(&device));
+            let (_, fits) = scaling::run(&opts, &device, |p| lines.push(p))?;
+            for f in &fits {
+                lines.push(f);
+            }
+            lines.save(out.as_deref())
+        }
+        BenchCommand::Decode { models, device, contexts, batches, width, heads, depth, steps, time_cap, memory_cap_gb, dtype, out } => {
+            let device = altformers::device::select(&device)?;
+            let opts = decode::DecodeOptions {
+                models: model_list(&models)?,
+                contexts: list(&contexts, "--contexts")?,
+                batches: list(&batches, "--batches")?,
+                width,
+                heads,
+                depth,
+                steps,
+                memory_cap_bytes: memory_cap_gb * 1e9,
+                time_cap_s: time_cap,
+                dtype: altformers::device::parse_dtype(&dtype)?,
+            };
+            lines.push(&altformers::bench::Provenance::capture(&device));
+            decode::run(&opts, &device, |p| lines.push(p))?;
+            lines.save(out.as_deref())
+        }
+    }
 }
 
 fn main() {
@@ -189,6 +351,7 @@ fn run(command: Command) -> Result<()> {
             println!("{prompt}{}", String::from_utf8_lossy(&out));
             Ok(())
         }
+        Command::Bench(cmd) => bench(cmd),
         Command::Models => {
             print!("{}", altformers::registry::table());
             Ok(())

@@ -1,6 +1,7 @@
 //! altformers: the Transformer and the architectures proposed to replace it, implemented
 //! against one contract ([`mixers::SequenceMixer`]), trained and measured on equal footing.
 
+pub mod bench;
 pub mod blocks;
 pub mod compare;
 pub mod complexity;

@@ -22,6 +22,26 @@ pub struct Block {
     pub ffn: Box<dyn SequenceMixer>,
 }
 
+impl Block {
+    /// Block `layer` of `config`, parameters under `pb` (`blocks.N` in a model).
+    pub fn new(config: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
+        let arch = crate::registry::find(&config.mixer)?;
+        let d = config.width;
+        Ok(Block {
+            ln1: LayerNorm::new(pb, "ln1", d, config.bias)?,
+            att: (arch.build)(config, layer, &pb.pp("att"))?,
+            ln2: LayerNorm::new(pb, "ln2", d, config.bias)?,
+            ffn: crate::blocks::channel_mixer(config, layer, &pb.pp("ffn"))?,
+        })
+    }
+
+    /// `x: [B, T, D] -> [B, T, D]`, without dropout.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.att.forward(&self.ln1.forward(x)?)?)?;
+        &x + self.ffn.forward(&self.ln2.forward(&x)?)?
+    }
+}
+
 pub struct LanguageModel {
     pub config: ModelConfig,
     emb: Tensor,
@@ -51,7 +71,7 @@ impl LanguageModel {
     /// Builds the model with freshly initialised weights (seeded).
     pub fn new(config: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> AnyResult<Self> {
         config.validate()?;
-        let arch = crate::registry::find(&config.mixer)?;
+        crate::registry::find(&config.mixer)?;
         let pb = ParamBuilder::new(seed, device, dtype);
         let (v, d) = (config.vocab, config.width);
         let emb = pb.normal_no_decay("emb.weight", &[v, d], 0.02)?;
@@ -62,13 +82,7 @@ impl LanguageModel {
         let ln0 = if config.embed_norm { Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?) } else { None };
         let mut blocks = Vec::with_capacity(config.depth);
         for i in 0..config.depth {
-            let bp = pb.pp(format!("blocks.{i}"));
-            blocks.push(Block {
-                ln1: LayerNorm::new(&bp, "ln1", d, config.bias)?,
-                att: (arch.build)(config, i, &bp.pp("att"))?,
-                ln2: LayerNorm::new(&bp, "ln2", d, config.bias)?,
-                ffn: crate::blocks::channel_mixer(config, i, &bp.pp("ffn"))?,
-            });
+            blocks.push(Block::new(config, i, &pb.pp(format!("blocks.{i}")))?);
         }
         let ln_out = LayerNorm::new(&pb, "ln_out", d, config.bias)?;
         let head = if config.tie_embeddings { None } else { Some(pb.normal("head.weight", &[v, d], 0.02)?) };

@@ -1,0 +1,123 @@
+//! `altformers bench decode`: per-token latency and throughput at batch 1 and at a large
+//! batch, and the bytes the state holds, against the context already consumed.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{time_it, Timing};
+use crate::config::{Position, RunConfig};
+use crate::model::{LanguageModel, ModelState};
+use crate::registry;
+use crate::rng::{stream, Rng};
+
+#[derive(Clone, Debug)]
+pub struct DecodeOptions {
+    pub models: Vec<String>,
+    pub contexts: Vec<usize>,
+    pub batches: Vec<usize>,
+    pub width: usize,
+    pub heads: usize,
+    pub depth: usize,
+    /// Timed steps per point (median reported).
+    pub steps: usize,
+    /// Contexts whose prefill is estimated above this many bytes are skipped.
+    pub memory_cap_bytes: f64,
+    /// A context whose prefill took longer than this ends the model's sweep.
+    pub time_cap_s: f64,
+    pub dtype: DType,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecodePoint {
+    pub model: String,
+    pub device: String,
+    pub context: usize,
+    pub batch: usize,
+    pub status: String,
+    pub timing: Option<Timing>,
+    /// Median seconds per decoding step (one token for every sequence in the batch).
+    pub latency_s: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    /// Bytes held by the whole model's decoding state after the context.
+    pub state_bytes: Option<u64>,
+    pub params: usize,
+}
+
+pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&DecodePoint)) -> Result<Vec<DecodePoint>> {
+    let mut out = Vec::new();
+    let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
+    for name in &opts.models {
+        let arch = registry::find(name)?;
+        let mut stop: Option<String> = None;
+        for &context in &opts.contexts {
+            let sets = vec![
+                format!("model.width={}", opts.width),
+                format!("model.heads={}", opts.heads),
+                format!("model.depth={}", opts.depth),
+                format!("model.context={}", context + opts.steps + 1),
+            ];
+            let mut cfg = RunConfig::build(arch.name, None, &sets)?.model;
+            if cfg.position == Position::Learned {
+                cfg.position = Position::Rope; // no position table to outgrow
+            }
+            let model = LanguageModel::new(&cfg, 0, device, opts.dtype)?;
+            for &batch in &opts.batches {
+                let shape = crate::complexity::CostShape { batch, seq: context, width: opts.width, heads: opts.heads };
+                let estimate = (arch.complexity.memory)(&shape) * opts.dtype.size_in_bytes() as f64;
+                let mut point = DecodePoint {
+                    model: name.clone(),
+                    device: device_name.clone(),
+                    context,
+                    batch,
+                    status: "ok".into(),
+                    timing: None,
+                    latency_s: None,
+                    tokens_per_s: None,
+                    state_bytes: None,
+                    params: model.num_params(),
+                };
+                if let Some(reason) = &stop {
+                    point.status = reason.clone();
+                } else if estimate > opts.memory_cap_bytes {
+                    point.status = format!("skipped: prefill estimated at {:.1} GB", estimate / 1e9);
+                } else {
+                    let t0 = std::time::Instant::now();
+                    match measure(&model, context, batch, opts.steps, device) {
+                        Ok((timing, bytes)) => {
+                            point.latency_s = Some(timing.median_s);
+                            point.tokens_per_s = Some(batch as f64 / timing.median_s);
+                            point.timing = Some(timing);
+                            point.state_bytes = Some(bytes as u64);
+                        }
+                        Err(e) => point.status = format!("failed: {e}"),
+                    }
+                    if t0.elapsed().as_secs_f64() > opts.time_cap_s {
+                        stop = Some(format!("skipped: context {context} took {:.0} s", t0.elapsed().as_secs_f64()));
+                    }
+                }
+                on_point(&point);
+                out.push(point);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Prefills `context` random tokens, then times single steps from that state.
+fn measure(model: &LanguageModel, context: usize, batch: usize, steps: usize, device: &Device) -> Result<(Timing, usize)> {
+    let mut rng = Rng::derive(2, stream::TEST, context as u64);
+    let toks: Vec<u32> = (0..batch * context).map(|_| rng.below(256) as u32).collect();
+    let prompt = Tensor::from_vec(toks, (batch, context), device)?;
+    let (_, state) = model.prefill(&prompt)?;
+    let bytes = state.bytes();
+    let token = Tensor::from_vec(vec![7u32; batch], batch, device)?;
+    // every timed step starts from the same context length
+    let mut s: ModelState = state.clone();
+    let timing = time_it(device, 1, steps, || {
+        s = state.clone();
+        model.step(&token, &mut s)?;
+        Ok(())
+    })?;
+    Ok((timing, bytes))
+}
