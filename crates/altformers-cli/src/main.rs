@@ -120,6 +120,11 @@ enum Command {
     /// Measure time and memory (scaling with T) or decoding cost (against context).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Render DIR/report.md and DIR/plots/*.svg from the results in DIR.
+    Report {
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Train every causal model at equal parameters and tokens and report the results.
     Compare {
         #[arg(long, default_value = "quick")]
@@ -352,13 +357,18 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Bench(cmd) => bench(cmd),
+        Command::Report { from } => {
+            altformers::report::render(&from)?;
+            println!("{}", from.join("report.md").display());
+            Ok(())
+        }
         Command::Models => {
             print!("{}", altformers::registry::table());
             Ok(())
         }
         Command::Compare { preset, data, data_format, out, device } => {
             let device = altformers::device::select(&device)?;
-            altformers::compare::run(&preset, &data, data_format.into(), &out, &device).map(|_| ())
+            altformers::compare::run(&preset, &data, data_format.into(), &out, &device)
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod nn;
 pub mod params;
 pub mod primitives;
 pub mod registry;
+pub mod report;
 pub mod rng;
 pub mod testing;
 pub mod train;

@@ -8,6 +8,8 @@ use std::path::Path;
 
 use crate::rng::Rng;
 
+pub mod mqar;
+
 /// Tiny Shakespeare (Karpathy's char-rnn corpus, public domain), bundled in the binary.
 pub static TINY_SHAKESPEARE: &[u8] = include_bytes!("../../../../data/tinyshakespeare.txt");
 

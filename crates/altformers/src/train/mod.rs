@@ -297,10 +297,13 @@ pub fn train(config: &RunConfig, corpus: &Corpus, data_format: DataFormat, opts:
             checkpointed = state.step;
             append_metrics(&metrics_path, &metrics)?;
             if opts.verbose {
-                bar.println(format!(
-                    "step {:>6}  train {:.4}  val {:.4} nats/byte ({:.4} bpb)  {:.0} tok/s  {:.1}s",
-                    metrics.step, train_loss, val_loss, metrics.val_bpb, tokens_per_s, metrics.elapsed_s
-                ));
+                // suspend() also prints when the bar is hidden (stderr not a terminal).
+                bar.suspend(|| {
+                    eprintln!(
+                        "step {:>6}  train {:.4}  val {:.4} nats/byte ({:.4} bpb)  {:.0} tok/s  {:.1}s",
+                        metrics.step, train_loss, val_loss, metrics.val_bpb, tokens_per_s, metrics.elapsed_s
+                    )
+                });
             }
             history.push(metrics);
             window_start = Instant::now();

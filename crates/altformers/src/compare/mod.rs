@@ -1,0 +1,253 @@
+//! `altformers compare`: every causal architecture in the registry trained on the same
+//! bytes with the same optimizer, schedule, token budget and parameter count (each model's
+//! width is solved for the Transformer's count), then the recall suite, the scaling and
+//! decoding benchmarks, and the report. A model added to the registry appears here with no
+//! edits.
+
+pub mod mqar;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::bench::{decode, scaling, Provenance};
+use crate::config::RunConfig;
+use crate::data::{mqar::MqarConfig, Corpus, DataFormat};
+use crate::model::LanguageModel;
+use crate::registry::{self, Architecture};
+use crate::train::{train, TrainOptions};
+
+/// A preset: the shared model shape and budgets of every part of the comparison.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    pub description: String,
+    pub lm: LmSettings,
+    pub mqar: mqar::MqarSettings,
+    pub scaling: ScalingSettings,
+    pub decode: DecodeSettings,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmSettings {
+    /// `--set`-style overrides applied to every model's defaults (shape and training).
+    pub sets: Vec<String>,
+    /// Every model's width is solved so its parameters match the Transformer's at this width.
+    pub reference_width: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalingSettings {
+    pub lengths: Vec<usize>,
+    pub width: usize,
+    pub heads: usize,
+    pub tokens_per_batch: usize,
+    pub reps: usize,
+    pub time_cap_s: f64,
+    pub memory_cap_gb: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeSettings {
+    pub contexts: Vec<usize>,
+    pub batches: Vec<usize>,
+    pub width: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub steps: usize,
+    pub time_cap_s: f64,
+    pub memory_cap_gb: f64,
+}
+
+pub fn preset(name: &str) -> Result<Preset> {
+    let text = match name {
+        "quick" => include_str!("../../../../configs/compare-quick.toml"),
+        "full" => include_str!("../../../../configs/compare-full.toml"),
+        other => bail!("unknown preset `{other}`: use quick or full"),
+    };
+    toml::from_str(text).with_context(|| format!("preset {name} is invalid"))
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QualityRow {
+    pub model: String,
+    pub width: usize,
+    pub params: usize,
+    /// Parameters relative to the Transformer's (1.0 = equal).
+    pub params_ratio: f64,
+    pub steps: usize,
+    pub tokens: usize,
+    pub val_loss: f64,
+    pub val_bpb: f64,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// Parameters of `arch` built with `sets` at `width`, or `None` if that width is invalid
+/// for it.
+pub fn param_count(arch: &Architecture, sets: &[String], width: usize) -> Option<usize> {
+    let mut all = sets.to_vec();
+    all.push(format!("model.width={width}"));
+    let cfg = RunConfig::build(arch.name, None, &all).ok()?;
+    LanguageModel::new(&cfg.model, 0, &Device::Cpu, DType::F32).ok().map(|m| m.num_params())
+}
+
+/// The width (a multiple of 2 * heads) whose parameter count is closest to `target`.
+pub fn solve_width(arch: &Architecture, sets: &[String], target: usize) -> Result<(usize, usize)> {
+    let cfg = RunConfig::build(arch.name, None, sets)?;
+    let step = 2 * cfg.model.heads;
+    let mut best: Option<(usize, usize)> = None;
+    let mut width = step;
+    while width <= 64 * step.max(16) {
+        if let Some(p) = param_count(arch, sets, width) {
+            let better = best.map_or(true, |(_, bp)| p.abs_diff(target) < bp.abs_diff(target));
+            if better {
+                best = Some((width, p));
+            }
+            if p > target * 2 {
+                break;
+            }
+        }
+        width += step;
+    }
+    best.with_context(|| format!("no valid width found for {}", arch.name))
+}
+
+fn write_lines<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    crate::util::write_atomic(path, text.as_bytes())
+}
+
+/// Runs everything the preset asks for into `out`, then renders `out/report.md`.
+pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device: &Device) -> Result<()> {
+    let preset = preset(preset_name)?;
+    let corpus = Corpus::load(data, format)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut meta = Provenance::capture(device);
+    meta.command = format!("altformers compare --preset {preset_name} --data {data}");
+    crate::util::write_json_atomic(&out.join("meta.json"), &serde_json::json!({ "provenance": meta, "preset": preset_name, "description": preset.description }))?;
+    eprintln!("compare --preset {preset_name}: {}", preset.description);
+    let causal: Vec<&Architecture> = registry::ARCHITECTURES.iter().filter(|a| a.causal).collect();
+
+    // 1. Language modelling at equal parameters and tokens.
+    let reference = registry::find("transformer")?;
+    let target = param_count(reference, &preset.lm.sets, preset.lm.reference_width).context("the reference Transformer does not build")?;
+    let mut rows = Vec::new();
+    for arch in &causal {
+        let (width, params) = solve_width(arch, &preset.lm.sets, target)?;
+        let mut sets = preset.lm.sets.clone();
+        sets.push(format!("model.width={width}"));
+        let cfg = RunConfig::build(arch.name, None, &sets)?;
+        let run_dir = out.join("runs").join(arch.name);
+        if run_dir.exists() {
+            std::fs::remove_dir_all(&run_dir)?;
+        }
+        let opts = TrainOptions { out: run_dir, resume: false, device: device.clone(), dtype: DType::F32, verbose: true, stop_after: None };
+        let summary = train(&cfg, &corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
+        rows.push(QualityRow {
+            model: arch.name.to_string(),
+            width,
+            params,
+            params_ratio: params as f64 / target as f64,
+            steps: cfg.train.steps,
+            tokens: cfg.train.steps * cfg.train.batch_size * cfg.model.context,
+            val_loss: summary.last.val_loss,
+            val_bpb: summary.last.val_bpb,
+            tokens_per_s: summary.history.iter().map(|m| m.tokens_per_s).sum::<f64>() / summary.history.len() as f64,
+            elapsed_s: summary.last.elapsed_s,
+        });
+        write_lines(&out.join("quality.jsonl"), &rows)?;
+    }
+
+    // 2. Multi-query associative recall.
+    let mut recall = Vec::new();
+    for arch in &causal {
+        for &(seq_len, pairs) in &preset.mqar.tasks {
+            let task = MqarConfig { vocab: preset.mqar.vocab, seq_len, pairs, alpha: 0.01 };
+            for &width in &preset.mqar.widths {
+                let r = mqar::train_and_score(arch.name, &task, width, &preset.mqar, device, 17)
+                    .with_context(|| format!("MQAR for {}", arch.name))?;
+                eprintln!("mqar {} T={seq_len} pairs={pairs} width={width}: accuracy {:.3}", arch.name, r.accuracy);
+                recall.push(r);
+                write_lines(&out.join("mqar.jsonl"), &recall)?;
+            }
+        }
+    }
+
+    // 3. Scaling and decoding.
+    let names: Vec<String> = causal.iter().map(|a| a.name.to_string()).collect();
+    let s = &preset.scaling;
+    let sopts = scaling::ScalingOptions {
+        models: names.clone(),
+        mode: scaling::BenchMode::Fwd,
+        lengths: s.lengths.clone(),
+        width: s.width,
+        heads: s.heads,
+        tokens_per_batch: s.tokens_per_batch,
+        warmup: 1,
+        reps: s.reps,
+        time_cap_s: s.time_cap_s,
+        memory_cap_bytes: s.memory_cap_gb * 1e9,
+        dtype: DType::F32,
+    };
+    let (points, fits) = scaling::run(&sopts, device, |p| {
+        if let Some(t) = p.timing {
+            eprintln!("scaling {} {} T={}: {:.4} s", p.model, p.component, p.seq, t.median_s)
+        }
+    })?;
+    write_lines(&out.join("scaling.jsonl"), &points)?;
+    write_lines(&out.join("scaling-fits.jsonl"), &fits)?;
+    let d = &preset.decode;
+    let dopts = decode::DecodeOptions {
+        models: names,
+        contexts: d.contexts.clone(),
+        batches: d.batches.clone(),
+        width: d.width,
+        heads: d.heads,
+        depth: d.depth,
+        steps: d.steps,
+        memory_cap_bytes: d.memory_cap_gb * 1e9,
+        time_cap_s: d.time_cap_s,
+        dtype: DType::F32,
+    };
+    let decoded = decode::run(&dopts, device, |p| {
+        if let Some(l) = p.latency_s {
+            eprintln!("decode {} context={} batch={}: {:.2} ms/token", p.model, p.context, p.batch, l * 1e3)
+        }
+    })?;
+    write_lines(&out.join("decode.jsonl"), &decoded)?;
+
+    crate::report::render(out)?;
+    println!("{}", quality_table(&rows));
+    eprintln!("report written to {}", out.join("report.md").display());
+    Ok(())
+}
+
+pub fn quality_table(rows: &[QualityRow]) -> String {
+    let mut s = String::from(
+        "| model | width | params (vs Transformer) | tokens | val loss (nats/byte) | val bpb | train tokens/s | time (s) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} ({:+.1}%) | {} | {:.4} | {:.4} | {:.0} | {:.0} |\n",
+            r.model,
+            r.width,
+            crate::util::human(r.params as f64),
+            (r.params_ratio - 1.0) * 100.0,
+            crate::util::human(r.tokens as f64),
+            r.val_loss,
+            r.val_bpb,
+            r.tokens_per_s,
+            r.elapsed_s
+        ));
+    }
+    s
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the CUDA binary, strips and compresses it into .gpu/ (ignored by git) for the
+# device tool's `carry`, and writes .gpu/run.sh, which unpacks it on the GPU machine and
+# points the loader at the CUDA 13 libraries of that machine's PyTorch.
+#   scripts/gpu-package.sh            # then carry ".gpu" and run: bash .gpu/run.sh <args>
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+source scripts/cuda-env.sh
+# The patch changes Cargo.lock's record of candle-core: keep the committed one.
+cp Cargo.lock .cuda-build/Cargo.lock.orig
+trap 'cp .cuda-build/Cargo.lock.orig Cargo.lock' EXIT
+ALTFORMERS_COMMIT=$(git rev-parse --short=12 HEAD) CARGO_TARGET_DIR=target/cuda \
+  cargo build --release --features cuda -p altformers-cli \
+  --config "patch.crates-io.candle-core.path=\"$ALTFORMERS_CANDLE_PATCH\""
+mkdir -p .gpu
+cp target/cuda/release/altformers .gpu/altformers
+strip .gpu/altformers
+xz -T2 -6 -f .gpu/altformers
+cat > .gpu/run.sh <<'RUN'
+#!/usr/bin/env bash
+# On the GPU machine: unpack the carried binary once, find CUDA's libraries, run it.
+set -e
+here="$(cd "$(dirname "$0")" && pwd)"
+if [ ! -x /tmp/altformers ]; then
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$here/altformers.xz" /tmp/altformers
+  chmod +x /tmp/altformers
+fi
+NVLIB=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
+export LD_LIBRARY_PATH="$NVLIB:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+exec /tmp/altformers "$@"
+RUN
+chmod +x .gpu/run.sh
+ls -la .gpu
