@@ -35,7 +35,7 @@ impl PositionWise for SwiGlu {
 }
 
 /// The configured channel mixer, parameters under `pb` (`ffn.*` in a block).
-pub fn channel_mixer(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn channel_mixer(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     let d = cfg.width;
     let out_std = 0.02 / (2.0 * cfg.depth as f64).sqrt();
     Ok(match cfg.channel_mixer {
@@ -54,5 +54,6 @@ pub fn channel_mixer(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> Any
                 down: Linear::new(pb, "down", hidden, d, out_std, cfg.bias)?,
             })
         }
+        ChannelMixerKind::Rwkv => return crate::mixers::rwkv4::channel_mix(cfg, layer, pb),
     })
 }

@@ -23,6 +23,9 @@ pub enum ChannelMixerKind {
     Mlp,
     /// SwiGLU (Shazeer 2020): hidden width 2/3 * m * d so parameters match the MLP.
     Swiglu,
+    /// RWKV-4 channel mixing: token shift, `sigmoid(W_r x'_r) (.) W_v relu(W_k x'_k)^2`,
+    /// hidden width m * d.
+    Rwkv,
 }
 
 /// The model's shape. `mixer` names a registry entry; `options` holds that mixer's own

@@ -44,6 +44,17 @@ pub static ARCHITECTURES: &[Architecture] = &[Architecture {
     adjust_defaults: keep_defaults,
     build: mixers::attention::build,
     complexity: mixers::attention::COMPLEXITY,
+},
+Architecture {
+    name: "rwkv4",
+    summary: "RWKV-4: token shift, time mixing by the WKV decayed average (chunkwise for training, O(d)-state recurrence for decoding), squared-ReLU channel mixing",
+    paper: "2305.13048",
+    causal: true,
+    unbounded_context: true,
+    default_options: mixers::rwkv4::default_options,
+    adjust_defaults: mixers::rwkv4::adjust_defaults,
+    build: mixers::rwkv4::build,
+    complexity: mixers::rwkv4::COMPLEXITY,
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {

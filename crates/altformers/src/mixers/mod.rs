@@ -7,6 +7,10 @@
 //! paper defines a chunkwise form also offer `chunked`. Tests hold every form to the others.
 
 pub mod attention;
+pub mod rwkv4;
+
+#[cfg(test)]
+pub(crate) mod fit_check;
 
 use candle_core::{Result, Tensor};
 

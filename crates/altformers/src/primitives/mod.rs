@@ -1,3 +1,4 @@
 //! Shared maths used by several mixers, each with the plainest correct form beside it.
 
+pub mod decayed;
 pub mod rotary;

@@ -1,0 +1,598 @@
+//! RWKV-4 (Peng et al. 2023, arXiv 2305.13048), as the paper and the official RWKV-4 code
+//! (BlinkDL/RWKV-LM, `RWKV-v4/src/model.py` and `cuda/wkv_cuda.cu`) define it.
+//!
+//! Token shift: `x'_t = mu (.) x_t + (1 - mu) (.) x_{t-1}` with separate `mu` for r, k, v.
+//!
+//! Time mixing (`att.*`): `r, k, v = W_r x'_r, W_k x'_k, W_v x'_v`,
+//! `out = W_o (sigmoid(r) (.) wkv)` with, per channel,
+//! `wkv_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t)
+//!        / (sum_{i<t} e^{-(t-1-i) w + k_i}     + e^{u + k_t})`,
+//! `w = exp(time_decay)` (the checkpoints store the raw `time_decay`; the per-step decay is
+//! `exp(-exp(time_decay))`) and `u = time_first`. The WKV is
+//! [`crate::primitives::decayed`]'s normalised form with a decay and a bonus: chunkwise
+//! (`O(T C d)`, C the chunk) for training, the official running-max recurrence
+//! (`aa, bb, pp`) for decoding, and the quadratic reference for tests.
+//!
+//! Channel mixing (`ffn.*`): `r = W_r x'_r`, `k = W_k x'_k`,
+//! `out = sigmoid(r) (.) (W_v relu(k)^2)`.
+//!
+//! Parameter names and shapes are those of the official checkpoints: `time_mix_*: [1, 1, D]`,
+//! `time_decay, time_first: [D]`, linear weights `[out, in]` without biases.
+//!
+//! Recurrent state per layer: time mixing `[x_{t-1}, aa, bb, pp]` (each `[B, D]`), channel
+//! mixing `[x_{t-1}]`: `O(d)`, independent of T.
+
+use anyhow::{bail, Context, Result as AnyResult};
+use candle_core::{DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{MixerState, SequenceMixer};
+use crate::complexity::{Complexity, CostShape};
+use crate::config::{ChannelMixerKind, ModelConfig, Position, RunConfig};
+use crate::nn::Linear;
+use crate::params::ParamBuilder;
+use crate::primitives::decayed::{self, Weighting, WkvState};
+
+/// `model.options` of `rwkv4`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rwkv4Options {
+    /// Chunk length of the chunkwise WKV used by the parallel form.
+    pub chunk: usize,
+    /// `paper`: the official RWKV-4 initialisation (per-layer ramps for `time_*`, zero
+    /// `att.key/receptance/output` and `ffn.receptance/value`, orthogonal `att.value` and
+    /// `ffn.key`). `normal`: the same ramps, every matrix N(0, 1/fan_in) (cheaper to build for
+    /// big models whose weights will be loaded anyway, and without zero-initialised paths).
+    pub init: Init,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    Paper,
+    Normal,
+}
+
+pub const DEFAULT_CHUNK: usize = 32;
+
+pub fn default_options() -> serde_json::Value {
+    serde_json::json!({ "chunk": DEFAULT_CHUNK, "init": "paper" })
+}
+
+/// RWKV-4's model: `ln0` after the embedding, layer norms with biases, untied head, no
+/// positions, the RWKV channel mix.
+pub fn adjust_defaults(cfg: &mut ModelConfig) {
+    cfg.embed_norm = true;
+    cfg.bias = true;
+    cfg.tie_embeddings = false;
+    cfg.position = Position::None;
+    cfg.channel_mixer = ChannelMixerKind::Rwkv;
+}
+
+fn options(cfg: &ModelConfig) -> AnyResult<Rwkv4Options> {
+    let o: Rwkv4Options = cfg.mixer_options()?;
+    if o.chunk == 0 {
+        bail!("model.options.chunk must be positive");
+    }
+    Ok(o)
+}
+
+/// The official per-layer ramps: `(ratio_0_to_1, ratio_1_to_almost0)`.
+fn ratios(layer: usize, depth: usize) -> (f64, f64) {
+    let r01 = if depth > 1 { layer as f64 / (depth - 1) as f64 } else { 0.0 };
+    (r01, 1.0 - layer as f64 / depth as f64)
+}
+
+/// `time_mix` ramp `(c / D)^power` as a `[1, 1, D]` parameter (not decayed), plus `add`.
+fn time_mix(pb: &ParamBuilder, name: &str, d: usize, power: f64, add: f64) -> AnyResult<Tensor> {
+    let v: Vec<f32> = (0..d).map(|c| ((c as f64 / d as f64).powf(power) + add) as f32).collect();
+    pb.from_values(name, &[1, 1, d], v, false)
+}
+
+/// Orthogonal `[rows, cols]` matrix times `gain` (rows or columns orthonormal, whichever are
+/// fewer), as `torch.nn.init.orthogonal_`: Gram-Schmidt on a Gaussian drawn from the
+/// builder's seeded stream.
+fn orthogonal(pb: &ParamBuilder, name: &str, rows: usize, cols: usize, gain: f64) -> AnyResult<Tensor> {
+    let t = pb.normal(name, &[rows, cols], 1.0)?;
+    let a: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    // orthonormalise the `n` vectors of length `m` (rows if rows <= cols, else columns)
+    let (n, m) = (rows.min(cols), rows.max(cols));
+    let get = |v: usize, i: usize| if rows <= cols { a[v * cols + i] } else { a[i * cols + v] };
+    let mut q: Vec<Vec<f64>> = Vec::with_capacity(n);
+    for v in 0..n {
+        let mut x: Vec<f64> = (0..m).map(|i| get(v, i)).collect();
+        for _ in 0..2 {
+            for p in &q {
+                let dot: f64 = x.iter().zip(p).map(|(a, b)| a * b).sum();
+                x.iter_mut().zip(p).for_each(|(a, b)| *a -= dot * b);
+            }
+        }
+        let norm = x.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
+        x.iter_mut().for_each(|a| *a /= norm);
+        q.push(x);
+    }
+    let mut out = vec![0f64; rows * cols];
+    for (v, x) in q.iter().enumerate() {
+        for (i, val) in x.iter().enumerate() {
+            let (r, c) = if rows <= cols { (v, i) } else { (i, v) };
+            out[r * cols + c] = val * gain;
+        }
+    }
+    let store = pb.store();
+    let store = store.lock().unwrap();
+    let p = store.params.values().find(|p| p.var.as_tensor().id() == t.id()).context("orthogonal: parameter not found")?;
+    p.var.set(&Tensor::from_vec(out, (rows, cols), t.device())?.to_dtype(t.dtype())?)?;
+    Ok(t)
+}
+
+/// A bias-free linear layer: under `Init::Paper` zero or orthogonal times a gain (the official
+/// `RWKV_Init`), under `Init::Normal` N(0, 1/fan_in).
+enum Kind {
+    Zero,
+    Orthogonal(f64),
+}
+
+fn linear(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, init: Init, kind: Kind) -> AnyResult<Linear> {
+    let weight = match (init, kind) {
+        (Init::Normal, _) => pb.normal(&format!("{name}.weight"), &[d_out, d_in], (d_in as f64).powf(-0.5))?,
+        (Init::Paper, Kind::Zero) => pb.from_values(&format!("{name}.weight"), &[d_out, d_in], vec![0.0; d_in * d_out], true)?,
+        (Init::Paper, Kind::Orthogonal(gain)) => orthogonal(pb, &format!("{name}.weight"), d_out, d_in, gain)?,
+    };
+    Ok(Linear { weight, bias: None })
+}
+
+/// `mu (.) x + (1 - mu) (.) xx = xx + mu (.) (x - xx)`; `mu: [1, 1, D]`.
+fn mix(x: &Tensor, xx: &Tensor, mu: &Tensor) -> Result<Tensor> {
+    xx + (x - xx)?.broadcast_mul(mu)?
+}
+
+/// `x: [B, T, D]` -> the previous token's `x`: `[prev, x_0, ..., x_{T-2}]` (`prev: [B, D]`,
+/// zeros at the start of a sequence).
+fn token_shift(x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let first = match prev {
+        Some(p) => p.reshape((b, 1, d))?,
+        None => Tensor::zeros((b, 1, d), x.dtype(), x.device())?,
+    };
+    if t == 1 {
+        return Ok(first);
+    }
+    Tensor::cat(&[first, x.narrow(1, 0, t - 1)?], 1)
+}
+
+/// The last token: `[B, T, D] -> [B, D]`.
+fn last_token(x: &Tensor) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    x.narrow(1, t - 1, 1)?.squeeze(1)
+}
+
+/// Time mixing (`blocks.N.att.*`).
+pub struct TimeMix {
+    /// Raw decay parameter `[D]`: per-step decay `exp(-exp(time_decay))`.
+    pub time_decay: Tensor,
+    /// Bonus `u: [D]` for the current token.
+    pub time_first: Tensor,
+    pub time_mix_k: Tensor,
+    pub time_mix_v: Tensor,
+    pub time_mix_r: Tensor,
+    pub key: Linear,
+    pub value: Linear,
+    pub receptance: Linear,
+    pub output: Linear,
+    pub chunk: usize,
+}
+
+impl TimeMix {
+    pub fn new(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
+        let o = options(cfg)?;
+        let d = cfg.width;
+        let (r01, r10) = ratios(layer, cfg.depth);
+        let decay: Vec<f32> = (0..d)
+            .map(|c| {
+                let x = if d > 1 { c as f64 / (d - 1) as f64 } else { 0.0 };
+                (-5.0 + 8.0 * x.powf(0.7 + 1.3 * r01)) as f32
+            })
+            .collect();
+        let first: Vec<f32> = (0..d).map(|c| (0.3f64.ln() + ((c + 1) % 3) as f64 * 0.5 - 0.5) as f32).collect();
+        Ok(Self {
+            time_decay: pb.from_values("time_decay", &[d], decay, false)?,
+            time_first: pb.from_values("time_first", &[d], first, false)?,
+            time_mix_k: time_mix(pb, "time_mix_k", d, r10, 0.0)?,
+            time_mix_v: time_mix(pb, "time_mix_v", d, r10, 0.3 * r01)?,
+            time_mix_r: time_mix(pb, "time_mix_r", d, 0.5 * r10, 0.0)?,
+            key: linear(pb, "key", d, d, o.init, Kind::Zero)?,
+            value: linear(pb, "value", d, d, o.init, Kind::Orthogonal(1.0))?,
+            receptance: linear(pb, "receptance", d, d, o.init, Kind::Zero)?,
+            output: linear(pb, "output", d, d, o.init, Kind::Zero)?,
+            chunk: o.chunk,
+        })
+    }
+
+    /// `x: [B, T, D]`, previous token `prev: [B, D]` -> `(sigmoid(r), k, v)`, each `[B, T, D]`.
+    fn project(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+        let xx = token_shift(x, prev)?;
+        let k = self.key.forward(&mix(x, &xx, &self.time_mix_k)?)?;
+        let v = self.value.forward(&mix(x, &xx, &self.time_mix_v)?)?;
+        let r = self.receptance.forward(&mix(x, &xx, &self.time_mix_r)?)?;
+        Ok((candle_nn::ops::sigmoid(&r)?, k, v))
+    }
+
+    /// Runs `wkv(k, v)` and the output projection.
+    fn run(&self, x: &Tensor, prev: Option<&Tensor>, wkv: impl Fn(&Tensor, &Tensor, Weighting) -> Result<Tensor>) -> Result<Tensor> {
+        let (sr, k, v) = self.project(x, prev)?;
+        let w = self.time_decay.exp()?;
+        let y = wkv(&k, &v, Weighting { decay: Some(&w), bonus: Some(&self.time_first) })?;
+        self.output.forward(&(sr * y)?)
+    }
+
+    /// The quadratic `O(T^2 d)` reference (tests only).
+    pub fn forward_naive(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, None, |k, v, wt| decayed::wkv_naive(k, v, wt))
+    }
+}
+
+impl SequenceMixer for TimeMix {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, None, |k, v, wt| Ok(decayed::wkv_chunked(k, v, wt, self.chunk, None)?.0))
+    }
+
+    /// State `[x_{T-1}, aa, bb, pp]`, each `[B, D]`.
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        let (sr, k, v) = self.project(x, None)?;
+        let w = self.time_decay.exp()?;
+        let (y, s) = decayed::wkv_chunked(&k, &v, Weighting { decay: Some(&w), bonus: Some(&self.time_first) }, self.chunk, None)?;
+        let mut tensors = vec![last_token(x)?];
+        tensors.extend(s.to_vec());
+        Ok((self.output.forward(&(sr * y)?)?, MixerState { tensors, pos: x.dim(1)? }))
+    }
+
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let (b, _, d) = x.dims3()?;
+        let (prev, mut s) = match state.tensors.as_slice() {
+            [prev, rest @ ..] => (Some(prev.clone()), WkvState::from_slice(rest)?),
+            _ => (None, WkvState::empty(b, d, x)?),
+        };
+        let (sr, k, v) = self.project(x, prev.as_ref())?;
+        let w = self.time_decay.exp()?;
+        let y = decayed::wkv_step(&mut s, &k.squeeze(1)?, &v.squeeze(1)?, Weighting { decay: Some(&w), bonus: Some(&self.time_first) })?;
+        let mut tensors = vec![x.squeeze(1)?];
+        tensors.extend(s.to_vec());
+        *state = MixerState { tensors, pos: state.pos + 1 };
+        self.output.forward(&(sr * y.unsqueeze(1)?)?)
+    }
+
+    fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
+        Some(self.run(x, None, |k, v, wt| Ok(decayed::wkv_chunked(k, v, wt, chunk, None)?.0)))
+    }
+}
+
+/// Channel mixing (`blocks.N.ffn.*`).
+pub struct ChannelMix {
+    pub time_mix_k: Tensor,
+    pub time_mix_r: Tensor,
+    pub key: Linear,
+    pub receptance: Linear,
+    pub value: Linear,
+}
+
+impl ChannelMix {
+    /// Hidden width `ffn_mult * d` (4 d in RWKV-4).
+    pub fn new(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
+        let init = if cfg.mixer == "rwkv4" { options(cfg)?.init } else { Init::Paper };
+        let d = cfg.width;
+        let hidden = ((cfg.ffn_mult * d as f64).round() as usize).max(1);
+        let (_, r10) = ratios(layer, cfg.depth);
+        let gain = if hidden > d { (hidden as f64 / d as f64).sqrt() } else { 1.0 };
+        Ok(Self {
+            time_mix_k: time_mix(pb, "time_mix_k", d, r10, 0.0)?,
+            time_mix_r: time_mix(pb, "time_mix_r", d, r10, 0.0)?,
+            key: linear(pb, "key", d, hidden, init, Kind::Orthogonal(gain))?,
+            receptance: linear(pb, "receptance", d, d, init, Kind::Zero)?,
+            value: linear(pb, "value", hidden, d, init, Kind::Zero)?,
+        })
+    }
+
+    fn run(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
+        let xx = token_shift(x, prev)?;
+        let k = self.key.forward(&mix(x, &xx, &self.time_mix_k)?)?.relu()?.sqr()?;
+        let r = self.receptance.forward(&mix(x, &xx, &self.time_mix_r)?)?;
+        candle_nn::ops::sigmoid(&r)? * self.value.forward(&k)?
+    }
+}
+
+impl SequenceMixer for ChannelMix {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, None)
+    }
+
+    /// State `[x_{T-1}]` (`[B, D]`).
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        Ok((self.run(x, None)?, MixerState { tensors: vec![last_token(x)?], pos: x.dim(1)? }))
+    }
+
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let y = self.run(x, state.tensors.first())?;
+        *state = MixerState { tensors: vec![x.squeeze(1)?], pos: state.pos + 1 };
+        Ok(y)
+    }
+}
+
+pub fn build(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(TimeMix::new(cfg, layer, pb)?))
+}
+
+/// The RWKV channel mix as the block's channel mixer (`model.channel_mixer = "rwkv"`).
+pub fn channel_mix(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(ChannelMix::new(cfg, layer, pb)?))
+}
+
+/// Imports an official RWKV-4 checkpoint into a run folder `out` (`config.json` with a
+/// [`RunConfig`], `model.safetensors`) that `train::load_run`, `eval` and `generate` accept.
+///
+/// `file` is a safetensors file with the official names (`emb.weight`,
+/// `blocks.0.ln0.weight`, `blocks.N.att.time_decay`, ..., `head.weight`); width, depth,
+/// vocabulary and FFN width are inferred from the shapes, then every tensor is checked: a
+/// missing, mis-shaped or unexpected tensor is an error that names each one. `time_decay` is
+/// kept raw (per-step decay `exp(-exp(time_decay))`), as the checkpoints store it. Tensors of
+/// any float dtype are converted to f32. The context (1024) only sets the training window;
+/// RWKV's recurrence itself is unbounded.
+///
+/// Official checkpoints are PyTorch `.pth` files; convert one with
+/// `python -c "import torch, safetensors.torch as st; p='RWKV.pth'; st.save_file({k: v.float().contiguous() for k, v in torch.load(p, map_location='cpu').items()}, 'RWKV.safetensors')"`
+/// i.e. `safetensors.torch.save_file({k: v.float().contiguous() for k,v in torch.load(p, map_location='cpu').items()}, out)`.
+pub fn import(file: &Path, out: &Path) -> AnyResult<RunConfig> {
+    let tensors = crate::params::load_tensors(file, &Device::Cpu)?;
+    let origin = file.display().to_string();
+    let Some(emb) = tensors.get("emb.weight") else {
+        bail!("{origin} is not an RWKV-4 checkpoint: missing tensor `emb.weight` (expected [vocab, width])");
+    };
+    let (vocab, width) = emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
+    let depth = tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map(|m| m + 1)
+        .with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
+    let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
+        Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
+        _ => 4 * width, // the check below names the problem
+    };
+    let sets: Vec<String> = vec![
+        format!("model.vocab={vocab}"),
+        format!("model.width={width}"),
+        format!("model.depth={depth}"),
+        "model.heads=1".into(),
+        "model.context=1024".into(),
+        format!("model.ffn_mult={}", hidden as f64 / width as f64),
+        "model.options.init=\"normal\"".into(),
+    ];
+    let config = RunConfig::build("rwkv4", None, &sets)?;
+    let model = crate::model::LanguageModel::new(&config.model, config.train.seed, &Device::Cpu, DType::F32)?;
+    let tensors: BTreeMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t })))
+        .collect::<Result<_>>()?;
+    model.params.assign(tensors, &origin)?;
+    if out.join("config.json").exists() {
+        bail!("{} already holds a run; choose another --out", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    model.params.save(&out.join("model.safetensors"))?;
+    crate::util::write_json_atomic(&out.join("config.json"), &config)?;
+    Ok(config)
+}
+
+pub const COMPLEXITY: Complexity = Complexity {
+    stated_time: crate::complexity::NOT_QUOTED,
+    stated_space: crate::complexity::NOT_QUOTED,
+    true_time: "O(T d^2) projections + O(T d) WKV (chunkwise here: O(T C d), C = chunk); decode O(d^2) per token",
+    true_space: "O(T C d) training (chunkwise WKV); O(d) state per layer decoding",
+    review_error: "",
+    flops: |s: &CostShape| {
+        let (b, t, d, c) = (s.batch as f64, s.seq as f64, s.width as f64, DEFAULT_CHUNK as f64);
+        // r, k, v, output projections (4 d^2 MACs per token) + chunkwise WKV (about 4 C d for
+        // the in-chunk weights and sums) + gates and mixes
+        b * (8.0 * t * d * d + 4.0 * t * c * d + 12.0 * t * d)
+    },
+    memory: |s: &CostShape| {
+        let (b, t, d, c) = (s.batch as f64, s.seq as f64, s.width as f64, DEFAULT_CHUNK as f64);
+        b * (2.0 * t * c * d + 8.0 * t * d)
+    },
+    state: |s: &CostShape| 4.0 * (s.batch * s.width) as f64,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LanguageModel;
+    use crate::testing::{self, model_modes_err, randn, random_tokens, rel_err, tiny_config};
+
+    fn tiny(sets: &[&str]) -> ModelConfig {
+        let mut all = vec!["model.options.chunk=5"];
+        all.extend_from_slice(sets);
+        tiny_config("rwkv4", &all).unwrap()
+    }
+
+    /// Random (not zero) weights everywhere, so every path carries signal.
+    fn random_mixer(cfg: &ModelConfig, dtype: DType) -> TimeMix {
+        let mut cfg = cfg.clone();
+        cfg.options.insert("init".into(), "normal".into());
+        let pb = ParamBuilder::new(3, &Device::Cpu, dtype);
+        let mut m = TimeMix::new(&cfg, 0, &pb).unwrap();
+        let d = cfg.width;
+        let scale = |x: Linear| Linear { weight: (x.weight * 2.0).unwrap(), bias: None };
+        m.key = scale(m.key);
+        m.value = scale(m.value);
+        m.receptance = scale(m.receptance);
+        m.time_first = randn(&[d], 4, dtype).unwrap();
+        m
+    }
+
+    #[test]
+    fn rwkv4_modes_agree() -> AnyResult<()> {
+        let cfg = tiny(&[]);
+        let m = random_mixer(&cfg, DType::F32);
+        for t in [10, 13] {
+            let x = randn(&[2, t, cfg.width], 1, DType::F32)?;
+            let naive = m.forward_naive(&x)?;
+            assert!(rel_err(&m.forward(&x)?, &naive)? < 1e-4);
+            assert!(rel_err(&m.chunked(&x, 4).unwrap()?, &naive)? < 1e-4);
+            for split in [0, 1, 7] {
+                let e = testing::mixer_modes_err(&m, &x, split)?;
+                assert!(e < 1e-4, "T {t} split {split}: {e}");
+            }
+        }
+        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        for t in [10, 13] {
+            let tokens = random_tokens(2, t, cfg.vocab, 5)?;
+            for split in [0, 4] {
+                let e = model_modes_err(&model, &tokens, split)?;
+                assert!(e < 1e-4, "model T {t} split {split}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rwkv4_is_causal() -> AnyResult<()> {
+        let cfg = tiny(&[]);
+        let m = random_mixer(&cfg, DType::F32);
+        let x = randn(&[2, 13, cfg.width], 2, DType::F32)?;
+        testing::assert_causal(&|x| Ok(m.forward(x)?), &x)?;
+        let model = LanguageModel::new(&tiny(&["model.options.init=normal"]), 1, &Device::Cpu, DType::F32)?;
+        let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
+        // model-level: perturbing later tokens leaves earlier logits unchanged
+        let y = model.forward(&tokens, None)?;
+        let other = random_tokens(2, 13, cfg.vocab, 4)?;
+        let mixed = Tensor::cat(&[tokens.narrow(1, 0, 6)?, other.narrow(1, 6, 7)?], 1)?;
+        let y2 = model.forward(&mixed, None)?;
+        let a: Vec<f32> = y.narrow(1, 0, 6)?.flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = y2.narrow(1, 0, 6)?.flatten_all()?.to_vec1()?;
+        assert_eq!(a, b);
+        Ok(())
+    }
+
+    #[test]
+    fn rwkv4_gradients_match_finite_differences() -> AnyResult<()> {
+        // random init so that no path is zero; chunk 5 over 12 tokens crosses chunks
+        let cfg = tiny(&["model.options.init=normal"]);
+        let e = testing::model_gradient_err(&cfg, 7)?;
+        assert!(e < 1e-4, "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn rwkv4_state_is_constant_in_t() -> AnyResult<()> {
+        let cfg = tiny(&[]);
+        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let bytes = |t: usize| -> AnyResult<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
+        let (a, b) = (bytes(3)?, bytes(20)?);
+        assert_eq!(a, b);
+        // x_prev, aa, bb, pp for time mixing and x_prev for channel mixing, per layer
+        assert_eq!(a, cfg.depth * 5 * cfg.width * 4);
+        Ok(())
+    }
+
+    #[test]
+    fn rwkv4_large_keys_stay_finite() -> AnyResult<()> {
+        let cfg = tiny(&[]);
+        let mut m = random_mixer(&cfg, DType::F32);
+        // keys around +-30 and a fast decay on some channels
+        let d = cfg.width;
+        m.key = Linear { weight: (Tensor::eye(d, DType::F32, &Device::Cpu)? * 30.0)?, bias: None };
+        let x = randn(&[2, 24, d], 9, DType::F32)?.sign()?;
+        let k = m.key.forward(&x)?;
+        assert!(k.abs()?.max_all()?.to_scalar::<f32>()? > 20.0);
+        for y in [m.forward(&x)?, m.forward_naive(&x)?, testing::mixer_recurrent(&m, &x, 5)?] {
+            assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()));
+        }
+        assert!(testing::mixer_modes_err(&m, &x, 5)? < 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn rwkv4_parameter_names_and_shapes_follow_the_checkpoints() -> AnyResult<()> {
+        let cfg = tiny(&[]);
+        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let d = cfg.width;
+        let shapes: BTreeMap<String, Vec<usize>> = model.params.tensors().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect();
+        let expect = [
+            ("emb.weight", vec![cfg.vocab, d]),
+            ("blocks.0.ln0.weight", vec![d]),
+            ("blocks.0.ln0.bias", vec![d]),
+            ("blocks.1.ln1.bias", vec![d]),
+            ("blocks.1.att.time_decay", vec![d]),
+            ("blocks.1.att.time_first", vec![d]),
+            ("blocks.1.att.time_mix_k", vec![1, 1, d]),
+            ("blocks.1.att.time_mix_v", vec![1, 1, d]),
+            ("blocks.1.att.time_mix_r", vec![1, 1, d]),
+            ("blocks.1.att.key.weight", vec![d, d]),
+            ("blocks.1.att.value.weight", vec![d, d]),
+            ("blocks.1.att.receptance.weight", vec![d, d]),
+            ("blocks.1.att.output.weight", vec![d, d]),
+            ("blocks.1.ffn.time_mix_k", vec![1, 1, d]),
+            ("blocks.1.ffn.time_mix_r", vec![1, 1, d]),
+            ("blocks.1.ffn.key.weight", vec![4 * d, d]),
+            ("blocks.1.ffn.receptance.weight", vec![d, d]),
+            ("blocks.1.ffn.value.weight", vec![d, 4 * d]),
+            ("ln_out.weight", vec![d]),
+            ("ln_out.bias", vec![d]),
+            ("head.weight", vec![cfg.vocab, d]),
+        ];
+        for (name, dims) in expect {
+            assert_eq!(shapes.get(name), Some(&dims), "{name}");
+        }
+        // emb, head, ln0, ln_out; per block: ln1, ln2 (weight, bias), 5 time + 4 att matrices,
+        // 2 time + 3 ffn matrices
+        assert_eq!(shapes.len(), 2 + 2 + 2 + cfg.depth * (4 + 9 + 5));
+        // the official ramps: layer 0 time_mix_k = (c/D)^1, decays from -5 to 3
+        let tm: Vec<f32> = model.params.tensors()["blocks.0.att.time_mix_k"].flatten_all()?.to_vec1()?;
+        assert!((tm[d / 2] - 0.5).abs() < 1e-6);
+        let td: Vec<f32> = model.params.tensors()["blocks.0.att.time_decay"].to_vec1()?;
+        assert!((td[0] + 5.0).abs() < 1e-6 && (td[d - 1] - 3.0).abs() < 1e-5);
+        // orthogonal att.value: W W^T = I
+        let w = &model.params.tensors()["blocks.0.att.value.weight"];
+        let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
+        assert!(rel_err(&w.matmul(&w.t()?)?, &eye)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn rwkv4_import_round_trips_and_rejects_bad_files() -> AnyResult<()> {
+        let dir = std::env::temp_dir().join(format!("altformers-rwkv4-import-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let cfg = tiny(&["model.options.init=normal"]);
+        let model = LanguageModel::new(&cfg, 11, &Device::Cpu, DType::F32)?;
+        let file = dir.join("rwkv.safetensors");
+        model.params.save(&file)?;
+        let imported = import(&file, &dir.join("run"))?;
+        assert_eq!((imported.model.width, imported.model.depth, imported.model.vocab), (cfg.width, cfg.depth, cfg.vocab));
+        let loaded = crate::train::load_run(&dir.join("run"), &Device::Cpu, DType::F32)?;
+        let tokens = random_tokens(2, 9, cfg.vocab, 2)?;
+        assert!(rel_err(&loaded.forward(&tokens, None)?, &model.forward(&tokens, None)?)? < 1e-6);
+
+        // a file with a tensor missing and another mis-shaped
+        let mut t = model.params.tensors();
+        t.remove("blocks.1.att.time_first");
+        t.insert("blocks.0.ffn.value.weight".into(), Tensor::zeros((cfg.width, 7), DType::F32, &Device::Cpu)?);
+        let bad = dir.join("bad.safetensors");
+        crate::params::save_tensors(&t, &bad)?;
+        let err = format!("{:#}", import(&bad, &dir.join("run2")).unwrap_err());
+        assert!(err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"), "{err}");
+        assert!(!dir.join("run2").join("config.json").exists());
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn rwkv4_overfits_a_batch() -> AnyResult<()> {
+        let cfg = tiny(&[]);
+        let (first, last) = crate::mixers::fit_check::overfit(&cfg, 50, 3e-3)?;
+        eprintln!("rwkv4 overfit: {first:.3} -> {last:.3}");
+        assert!(last < 0.5 * first, "loss {first} -> {last}");
+        Ok(())
+    }
+}
