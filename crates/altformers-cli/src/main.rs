@@ -18,6 +18,10 @@ static ALLOC: altformers::bench::alloc::CountingAlloc = altformers::bench::alloc
 #[derive(Parser)]
 #[command(name = "altformers", version, about = "Train, run and compare the Transformer and its proposed replacements")]
 struct Cli {
+    /// CPU threads for tensor operations (default: RAYON_NUM_THREADS or every core). On a
+    /// busy machine 1 can be much faster: candle's workers spin while they wait.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -297,6 +301,10 @@ fn bench(cmd: BenchCommand) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // candle reads this variable whenever it splits work across threads
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
     if let Err(e) = run(cli.command) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

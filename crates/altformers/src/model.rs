@@ -52,6 +52,9 @@ pub struct LanguageModel {
     /// `None` when tied to the embedding.
     head: Option<Tensor>,
     pub params: ParamStore,
+    /// Dtype of the activations inside the blocks (bf16 for mixed precision on a GPU);
+    /// parameters, norms, logits and the loss stay in the parameters' dtype.
+    compute_dtype: DType,
 }
 
 /// Recurrent state of the whole model: one (mixer, channel mixer) pair per block.
@@ -86,7 +89,7 @@ impl LanguageModel {
         }
         let ln_out = LayerNorm::new(&pb, "ln_out", d, config.bias)?;
         let head = if config.tie_embeddings { None } else { Some(pb.normal("head.weight", &[v, d], 0.02)?) };
-        Ok(Self { config: config.clone(), emb, pos_emb, ln0, blocks, ln_out, head, params: pb.into_store() })
+        Ok(Self { config: config.clone(), emb, pos_emb, ln0, blocks, ln_out, head, params: pb.into_store(), compute_dtype: dtype })
     }
 
     pub fn device(&self) -> &Device {
@@ -95,6 +98,13 @@ impl LanguageModel {
 
     pub fn dtype(&self) -> DType {
         self.emb.dtype()
+    }
+
+    /// Runs the blocks in `dtype` (e.g. bf16) while keeping the parameters in their own
+    /// (f32 master weights): mixed precision.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
     }
 
     pub fn num_params(&self) -> usize {
@@ -119,7 +129,7 @@ impl LanguageModel {
             Some(ln0) => ln0.forward(&x)?,
             None => x,
         };
-        match &self.pos_emb {
+        let x = match &self.pos_emb {
             Some(p) => {
                 if offset + t > self.config.context {
                     candle_core::bail!(
@@ -128,14 +138,15 @@ impl LanguageModel {
                         self.config.context
                     );
                 }
-                x.broadcast_add(&p.narrow(0, offset, t)?)
+                x.broadcast_add(&p.narrow(0, offset, t)?)?
             }
-            None => Ok(x),
-        }
+            None => x,
+        };
+        x.to_dtype(self.compute_dtype)
     }
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.ln_out.forward(x)?;
+        let x = self.ln_out.forward(&x.to_dtype(self.dtype())?)?;
         let head = self.head.as_ref().unwrap_or(&self.emb);
         let (b, t, d) = x.dims3()?;
         x.reshape((b * t, d))?.matmul(&head.t()?)?.reshape((b, t, head.dim(0)?))

@@ -23,14 +23,15 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// `x: [..., in] -> [..., out]`.
+    /// `x: [..., in] -> [..., out]`, computed in `x`'s dtype (f32 master weights are cast
+    /// to bf16 when the activations are bf16: mixed precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().unwrap();
         let rows = x.elem_count() / d_in;
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let y = x.reshape((rows, d_in))?.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
         };
         let mut out_dims = dims;
@@ -56,20 +57,28 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps: 1e-5 })
     }
 
+    /// Statistics in the weights' precision (f32 under bf16 activations), output in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(self.weight.dtype())?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let y = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        y.to_dtype(dtype)
     }
 }
 
-/// Softmax over the last dimension, max-subtracted, differentiable.
+/// Softmax over the last dimension, max-subtracted, differentiable; computed in f32 at
+/// least (bf16 inputs are promoted, the result cast back).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        return candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype());
+    }
     candle_nn::ops::softmax(x, D::Minus1)
 }
 

@@ -178,7 +178,10 @@ pub fn train(config: &RunConfig, corpus: &Corpus, data_format: DataFormat, opts:
     corpus.check_context(config.model.context)?;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
-    let model = LanguageModel::new(m, t.seed, &opts.device, opts.dtype)?;
+    // Parameters and optimizer state stay f32 (master weights); `opts.dtype` is the
+    // dtype of the activations (bf16 for mixed precision).
+    let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let model = LanguageModel::new(m, t.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype);
     let mut opt = AdamW::new(&model.params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
     let metrics_path = out.join("metrics.jsonl");
     let mut history: Vec<Metrics> = Vec::new();
