@@ -55,6 +55,17 @@ Architecture {
     adjust_defaults: mixers::rwkv4::adjust_defaults,
     build: mixers::rwkv4::build,
     complexity: mixers::rwkv4::COMPLEXITY,
+},
+Architecture {
+    name: "retnet",
+    summary: "RetNet multi-scale retention: per-head decay 1 - 2^(-5-h), rotation, the paper's normalisations, GroupNorm, swish gate; parallel, chunkwise (default past model.options.chunk) and O(1)-state recurrent forms",
+    paper: "2307.08621",
+    causal: true,
+    unbounded_context: true,
+    default_options: mixers::retnet::default_options,
+    adjust_defaults: mixers::retnet::adjust_defaults,
+    build: mixers::retnet::build,
+    complexity: mixers::retnet::COMPLEXITY,
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {

@@ -7,6 +7,7 @@
 //! paper defines a chunkwise form also offer `chunked`. Tests hold every form to the others.
 
 pub mod attention;
+pub mod retnet;
 pub mod rwkv4;
 
 #[cfg(test)]

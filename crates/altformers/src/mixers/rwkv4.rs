@@ -143,9 +143,10 @@ fn linear(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, init: Init, 
     Ok(Linear { weight, bias: None })
 }
 
-/// `mu (.) x + (1 - mu) (.) xx = xx + mu (.) (x - xx)`; `mu: [1, 1, D]`.
+/// `mu (.) x + (1 - mu) (.) xx = xx + mu (.) (x - xx)`; `mu: [1, 1, D]`, computed in `x`'s
+/// dtype.
 fn mix(x: &Tensor, xx: &Tensor, mu: &Tensor) -> Result<Tensor> {
-    xx + (x - xx)?.broadcast_mul(mu)?
+    xx + (x - xx)?.broadcast_mul(&mu.to_dtype(x.dtype())?)?
 }
 
 /// `x: [B, T, D]` -> the previous token's `x`: `[prev, x_0, ..., x_{T-2}]` (`prev: [B, D]`,
@@ -210,21 +211,28 @@ impl TimeMix {
         })
     }
 
-    /// `x: [B, T, D]`, previous token `prev: [B, D]` -> `(sigmoid(r), k, v)`, each `[B, T, D]`.
-    fn project(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+    /// `x: [B, T, D]`, previous token `prev: [B, D]` -> `(sigmoid(r), k, v, w, u)`: `r, k, v`
+    /// `[B, T, D]`, decay rate `w = exp(time_decay)` and bonus `u`, `[D]`; `k, v, w, u` in the
+    /// accumulation dtype (f32 under bf16 activations), `sigmoid(r)` in `x`'s.
+    fn project(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
+        let acc = decayed::accumulation_dtype(x.dtype());
         let xx = token_shift(x, prev)?;
-        let k = self.key.forward(&mix(x, &xx, &self.time_mix_k)?)?;
-        let v = self.value.forward(&mix(x, &xx, &self.time_mix_v)?)?;
+        let k = self.key.forward(&mix(x, &xx, &self.time_mix_k)?)?.to_dtype(acc)?;
+        let v = self.value.forward(&mix(x, &xx, &self.time_mix_v)?)?.to_dtype(acc)?;
         let r = self.receptance.forward(&mix(x, &xx, &self.time_mix_r)?)?;
-        Ok((candle_nn::ops::sigmoid(&r)?, k, v))
+        let w = self.time_decay.to_dtype(acc)?.exp()?;
+        Ok((candle_nn::ops::sigmoid(&r)?, k, v, w, self.time_first.to_dtype(acc)?))
+    }
+
+    /// `W_o (sigmoid(r) (.) y)` in `sr`'s dtype.
+    fn out(&self, sr: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.output.forward(&(sr * y.to_dtype(sr.dtype())?)?)
     }
 
     /// Runs `wkv(k, v)` and the output projection.
     fn run(&self, x: &Tensor, prev: Option<&Tensor>, wkv: impl Fn(&Tensor, &Tensor, Weighting) -> Result<Tensor>) -> Result<Tensor> {
-        let (sr, k, v) = self.project(x, prev)?;
-        let w = self.time_decay.exp()?;
-        let y = wkv(&k, &v, Weighting { decay: Some(&w), bonus: Some(&self.time_first) })?;
-        self.output.forward(&(sr * y)?)
+        let (sr, k, v, w, u) = self.project(x, prev)?;
+        self.out(&sr, &wkv(&k, &v, Weighting { decay: Some(&w), bonus: Some(&u) })?)
     }
 
     /// The quadratic `O(T^2 d)` reference (tests only).
@@ -240,27 +248,26 @@ impl SequenceMixer for TimeMix {
 
     /// State `[x_{T-1}, aa, bb, pp]`, each `[B, D]`.
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
-        let (sr, k, v) = self.project(x, None)?;
-        let w = self.time_decay.exp()?;
-        let (y, s) = decayed::wkv_chunked(&k, &v, Weighting { decay: Some(&w), bonus: Some(&self.time_first) }, self.chunk, None)?;
+        let (sr, k, v, w, u) = self.project(x, None)?;
+        let (y, s) = decayed::wkv_chunked(&k, &v, Weighting { decay: Some(&w), bonus: Some(&u) }, self.chunk, None)?;
         let mut tensors = vec![last_token(x)?];
         tensors.extend(s.to_vec());
-        Ok((self.output.forward(&(sr * y)?)?, MixerState { tensors, pos: x.dim(1)? }))
+        Ok((self.out(&sr, &y)?, MixerState { tensors, pos: x.dim(1)? }))
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
-        let (b, _, d) = x.dims3()?;
-        let (prev, mut s) = match state.tensors.as_slice() {
-            [prev, rest @ ..] => (Some(prev.clone()), WkvState::from_slice(rest)?),
-            _ => (None, WkvState::empty(b, d, x)?),
+        let prev = state.tensors.first().cloned();
+        let (sr, k, v, w, u) = self.project(x, prev.as_ref())?;
+        let (k, v) = (k.squeeze(1)?, v.squeeze(1)?);
+        let mut s = match state.tensors.get(1..) {
+            Some(rest) if !rest.is_empty() => WkvState::from_slice(rest)?,
+            _ => WkvState::empty(k.dim(0)?, k.dim(1)?, &k)?,
         };
-        let (sr, k, v) = self.project(x, prev.as_ref())?;
-        let w = self.time_decay.exp()?;
-        let y = decayed::wkv_step(&mut s, &k.squeeze(1)?, &v.squeeze(1)?, Weighting { decay: Some(&w), bonus: Some(&self.time_first) })?;
+        let y = decayed::wkv_step(&mut s, &k, &v, Weighting { decay: Some(&w), bonus: Some(&u) })?;
         let mut tensors = vec![x.squeeze(1)?];
         tensors.extend(s.to_vec());
         *state = MixerState { tensors, pos: state.pos + 1 };
-        self.output.forward(&(sr * y.unsqueeze(1)?)?)
+        self.out(&sr, &y.unsqueeze(1)?)
     }
 
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
@@ -584,6 +591,18 @@ mod tests {
         assert!(err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"), "{err}");
         assert!(!dir.join("run2").join("config.json").exists());
         std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn rwkv4_runs_under_mixed_precision() -> AnyResult<()> {
+        let cfg = tiny(&["model.options.init=normal"]);
+        let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
+        let full = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let mixed = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
+        let e = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
+        assert!(e < 0.05, "{e}");
+        assert!(model_modes_err(&mixed, &tokens, 4)? < 0.05);
         Ok(())
     }
 

@@ -36,7 +36,16 @@
 //! leaves both values and gradients unchanged. No maximum ever looks at a later position, so
 //! causality is exact (bit for bit).
 
-use candle_core::{IndexOp, Result, Tensor, D};
+use candle_core::{DType, IndexOp, Result, Tensor, D};
+
+/// The dtype the recurrences run in for activations of dtype `dt`: f32 at least (bf16/f16
+/// activations under mixed precision are promoted, as the official kernels do).
+pub fn accumulation_dtype(dt: DType) -> DType {
+    match dt {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
 
 /// Log-scale of an empty normalised state: very negative but finite, so that differences of
 /// log-scales stay finite (the official RWKV-4 kernel starts from the same value).

@@ -1,0 +1,375 @@
+//! Retentive Network: multi-scale retention (Sun et al. 2023, arXiv 2307.08621).
+//!
+//! Per head `h` (decay `gamma_h = 1 - 2^(-5-h)`), with the paper's normalisations:
+//!
+//! ```text
+//! Q = rot(X W_Q), K = rot(X W_K) / sqrt(d_h), V = X W_V          (xPos-style rotation)
+//! D~[n, m] = gamma^(n-m) / sqrt(sum_{i<=n} gamma^(n-i))           (m <= n; row-normalised D)
+//! R = (Q K^T) (.) D~,   R~[n, m] = R[n, m] / max(|sum_i R[n, i]|, 1)
+//! Retention(X) = R~ V
+//! MSR(X) = (swish(X W_G) (.) GroupNorm_h(Retention(X))) W_O
+//! ```
+//!
+//! All three forms compute exactly this function with the shared primitive
+//! [`crate::primitives::decayed`] (`linear_*`, per-head decay): the value gets an extra column
+//! of ones, so the same pass also yields the row sum `sum_i gamma^(n-i) q_n . k_i` that the
+//! score normalisation needs; the row normalisation of `D` is a known factor per (head,
+//! position). Parallel: `O(T^2 d)`; chunkwise (the default once `T > chunk`):
+//! `O(T d (C + d_h))`; recurrent: state `[B, H, d_h, d_v + 1]` per layer, independent of T.
+//!
+//! Sizes as the paper's parameter allocation: `W_Q, W_K: d x d`, `W_V, W_G: d x 2d`
+//! (`model.options.value_factor`), `W_O: 2d x d`, FFN hidden width 2d. Projection names and
+//! initialisation (Xavier-uniform, gain 2^-2.5 except `out_proj`) follow the official
+//! torchscale implementation.
+
+use anyhow::{bail, Result as AnyResult};
+use candle_core::{Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::{MixerState, SequenceMixer};
+use crate::complexity::{Complexity, CostShape};
+use crate::config::{ModelConfig, Position};
+use crate::nn::Linear;
+use crate::params::ParamBuilder;
+use crate::primitives::{decayed, rotary};
+
+/// `model.options` of `retnet`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetNetOptions {
+    /// Chunk length of the chunkwise form; `forward` uses it for sequences longer than this.
+    pub chunk: usize,
+    /// Value (and gate) width as a multiple of the model width (2 in the paper).
+    pub value_factor: f64,
+}
+
+pub const DEFAULT_CHUNK: usize = 64;
+const GROUP_NORM_EPS: f64 = 1e-5;
+
+pub fn default_options() -> serde_json::Value {
+    serde_json::json!({ "chunk": DEFAULT_CHUNK, "value_factor": 2.0 })
+}
+
+/// The paper's block: pre-LayerNorm, retention, pre-LayerNorm, FFN (GELU) of width 2d; the
+/// rotation inside retention is the only positional signal.
+pub fn adjust_defaults(cfg: &mut ModelConfig) {
+    cfg.position = Position::None;
+    cfg.ffn_mult = 2.0;
+}
+
+/// `gamma_h = 1 - 2^(-5-h)` as `ln gamma_h`, `h = 0..heads`.
+pub fn log_decays(heads: usize) -> Vec<f64> {
+    (0..heads).map(|h| (1.0 - 2f64.powi(-5 - h as i32)).ln()).collect()
+}
+
+/// Xavier-uniform `[d_out, d_in]` weight times `gain`, no bias.
+fn xavier(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, gain: f64) -> AnyResult<Linear> {
+    let a = gain * (6.0 / (d_in + d_out) as f64).sqrt();
+    Ok(Linear { weight: pb.uniform(&format!("{name}.weight"), &[d_out, d_in], -a, a)?, bias: None })
+}
+
+pub struct Retention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    g_proj: Linear,
+    out_proj: Linear,
+    /// GroupNorm affine parameters `[d_v H]` (`group_norm.weight`, `group_norm.bias`).
+    gn_weight: Tensor,
+    gn_bias: Option<Tensor>,
+    heads: usize,
+    head_dim: usize,
+    value_head_dim: usize,
+    /// `ln gamma_h` on the host and as a `[H]` tensor.
+    log_gamma: Vec<f64>,
+    log_gamma_t: Tensor,
+    rope_base: f64,
+    pub chunk: usize,
+}
+
+impl Retention {
+    pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
+        let o: RetNetOptions = cfg.mixer_options()?;
+        let (d, h) = (cfg.width, cfg.heads);
+        let vd = (o.value_factor * d as f64).round() as usize;
+        if o.chunk == 0 {
+            bail!("model.options.chunk must be positive");
+        }
+        if vd == 0 || vd % h != 0 {
+            bail!("model.options.value_factor * model.width ({vd}) must be a positive multiple of model.heads ({h})");
+        }
+        if cfg.head_dim() % 2 != 0 {
+            bail!("retention rotates pairs of query/key channels: model.width / model.heads ({}) must be even", cfg.head_dim());
+        }
+        let g = 2f64.powf(-2.5);
+        let log_gamma = log_decays(h);
+        Ok(Self {
+            q_proj: xavier(pb, "q_proj", d, d, g)?,
+            k_proj: xavier(pb, "k_proj", d, d, g)?,
+            v_proj: xavier(pb, "v_proj", d, vd, g)?,
+            g_proj: xavier(pb, "g_proj", d, vd, g)?,
+            out_proj: xavier(pb, "out_proj", vd, d, 1.0)?,
+            gn_weight: pb.ones("group_norm.weight", &[vd])?,
+            gn_bias: if cfg.bias { Some(pb.zeros("group_norm.bias", &[vd])?) } else { None },
+            heads: h,
+            head_dim: d / h,
+            value_head_dim: vd / h,
+            log_gamma_t: Tensor::new(log_gamma.clone(), &pb.device)?.to_dtype(pb.dtype)?,
+            log_gamma,
+            rope_base: cfg.rope_base,
+            chunk: o.chunk,
+        })
+    }
+
+    /// `x: [B, T, D]` at positions `offset..` -> `q, k: [B, H, T, d_h]` (rotated; k scaled
+    /// by 1/sqrt(d_h)), `v1: [B, H, T, d_v + 1]` (values and a column of ones), all three in
+    /// the accumulation dtype (f32 under bf16 activations), and the gate input
+    /// `g: [B, T, H d_v]` in `x`'s dtype.
+    fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, dh, dv) = (self.heads, self.head_dim, self.value_head_dim);
+        let acc = decayed::accumulation_dtype(x.dtype());
+        let heads = |y: Tensor, w: usize| -> Result<Tensor> { y.to_dtype(acc)?.reshape((b, t, h, w))?.transpose(1, 2)?.contiguous() };
+        let q = rotary::apply(&heads(self.q_proj.forward(x)?, dh)?, offset, self.rope_base)?;
+        let k = (rotary::apply(&heads(self.k_proj.forward(x)?, dh)?, offset, self.rope_base)? * (dh as f64).powf(-0.5))?;
+        let v = heads(self.v_proj.forward(x)?, dv)?;
+        let v1 = Tensor::cat(&[&v, &Tensor::ones((b, h, t, 1), v.dtype(), v.device())?], 3)?;
+        Ok((q, k, v1, self.g_proj.forward(x)?))
+    }
+
+    /// Applies the normalisations to the primitive's output and finishes the layer.
+    /// `o1: [B, H, T, d_v + 1]` (`sum_m gamma^(n-m) (q_n . k_m) [v_m, 1]` at positions
+    /// `offset..`), `g: [B, T, H d_v]` -> `[B, T, D]` in `g`'s dtype.
+    fn finish(&self, o1: &Tensor, g: &Tensor, offset: usize) -> Result<Tensor> {
+        let (b, h, t, _) = o1.dims4()?;
+        let dv = self.value_head_dim;
+        // c[h, n] = 1 / sqrt(sum_{i<=n} gamma_h^i): the row normalisation of D
+        let c: Vec<f64> = self
+            .log_gamma
+            .iter()
+            .flat_map(|&lg| {
+                let gamma = lg.exp();
+                (offset..offset + t).map(move |n| ((1.0 - gamma.powi(n as i32 + 1)) / (1.0 - gamma)).powf(-0.5))
+            })
+            .collect();
+        let c = Tensor::from_vec(c, (1, h, t, 1), o1.device())?.to_dtype(o1.dtype())?;
+        let num = o1.narrow(3, 0, dv)?.broadcast_mul(&c)?;
+        let row_sum = o1.narrow(3, dv, 1)?.broadcast_mul(&c)?;
+        let y = num.broadcast_div(&row_sum.abs()?.maximum(1.0)?)?;
+        // GroupNorm: one group per head, over its d_v channels
+        let centered = y.broadcast_sub(&y.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centered.broadcast_div(&(var + GROUP_NORM_EPS)?.sqrt()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, h * dv))?.broadcast_mul(&self.gn_weight.to_dtype(y.dtype())?)?;
+        let y = match &self.gn_bias {
+            Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        self.out_proj.forward(&(g.silu()? * y.to_dtype(g.dtype())?)?)
+    }
+
+    /// Parallel form, `O(T^2)`: `x: [B, T, D] -> [B, T, D]`.
+    pub fn parallel(&self, x: &Tensor) -> Result<Tensor> {
+        let (q, k, v1, g) = self.project(x, 0)?;
+        self.finish(&decayed::linear_naive(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?)?, &g, 0)
+    }
+
+    fn chunkwise(&self, x: &Tensor, chunk: usize) -> Result<(Tensor, Tensor)> {
+        let (q, k, v1, g) = self.project(x, 0)?;
+        let (o1, s) = decayed::linear_chunked(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, chunk, None)?;
+        Ok((self.finish(&o1, &g, 0)?, s))
+    }
+}
+
+impl SequenceMixer for Retention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dim(1)? > self.chunk {
+            Ok(self.chunkwise(x, self.chunk)?.0)
+        } else {
+            self.parallel(x)
+        }
+    }
+
+    /// State `[S]`, `S: [B, H, d_h, d_v + 1]` (the retention state and the decayed key sum).
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        let (y, s) = self.chunkwise(x, self.chunk)?;
+        Ok((y, MixerState { tensors: vec![s], pos: x.dim(1)? }))
+    }
+
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let (q, k, v1, g) = self.project(x, state.pos)?;
+        let (o1, s) = decayed::linear_step(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, state.tensors.first())?;
+        let y = self.finish(&o1, &g, state.pos)?;
+        *state = MixerState { tensors: vec![s], pos: state.pos + 1 };
+        Ok(y)
+    }
+
+    fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
+        Some(self.chunkwise(x, chunk).map(|(y, _)| y))
+    }
+}
+
+pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(Retention::new(cfg, pb)?))
+}
+
+pub const COMPLEXITY: Complexity = Complexity {
+    stated_time: crate::complexity::NOT_QUOTED,
+    stated_space: crate::complexity::NOT_QUOTED,
+    true_time: "O(T d (C + d_h) + T d^2) chunkwise (C = chunk; parallel O(T^2 d) for T <= C); decode O(d d_h + d^2) per token",
+    true_space: "O(T C h + T d) chunkwise; O(h d_h^2) = O(d d_h) state per layer decoding, independent of T",
+    review_error: "",
+    flops: |s: &CostShape| {
+        let (b, t, d, h) = (s.batch as f64, s.seq as f64, s.width as f64, s.heads as f64);
+        let c = (DEFAULT_CHUNK as f64).min(t);
+        let vd = 2.0 * d;
+        // projections q, k (d x d), v, g (d x 2d), out (2d x d): 8 d^2 MACs per token;
+        // in-chunk scores and weighted sums: C (d + vd) MACs; state read, write: 2 d vd / h
+        b * (2.0 * 8.0 * t * d * d + 2.0 * t * c * (d + vd) + 4.0 * t * d * vd / h)
+    },
+    memory: |s: &CostShape| {
+        let (b, t, d, h) = (s.batch as f64, s.seq as f64, s.width as f64, s.heads as f64);
+        let c = (DEFAULT_CHUNK as f64).min(t);
+        b * (h * t * c + 8.0 * t * d)
+    },
+    state: |s: &CostShape| {
+        let (b, d, h) = (s.batch as f64, s.width as f64, s.heads as f64);
+        b * d * (2.0 * d / h + 1.0)
+    },
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LanguageModel;
+    use crate::testing::{self, model_modes_err, randn, random_tokens, rel_err, tiny_config};
+    use candle_core::{DType, Device};
+
+    fn tiny(sets: &[&str]) -> ModelConfig {
+        let mut all = vec!["model.options.chunk=5"];
+        all.extend_from_slice(sets);
+        tiny_config("retnet", &all).unwrap()
+    }
+
+    fn mixer(cfg: &ModelConfig, dtype: DType) -> Retention {
+        Retention::new(cfg, &ParamBuilder::new(3, &Device::Cpu, dtype)).unwrap()
+    }
+
+    /// The paper's parallel formula written out: `D~` and `R~` as explicit matrices. Returns
+    /// the layer output and `|sum_i R[n, i]|` per (batch, head, row).
+    fn paper_retention(m: &Retention, x: &Tensor) -> anyhow::Result<(Tensor, Tensor)> {
+        let (q, k, v1, g) = m.project(x, 0)?;
+        let (b, h, t, _) = q.dims4()?;
+        let v = v1.narrow(3, 0, m.value_head_dim)?;
+        let mut dt = vec![0f64; h * t * t];
+        for (hh, lg) in m.log_gamma.iter().enumerate() {
+            for n in 0..t {
+                let row: f64 = (0..=n).map(|i| (lg * (n - i) as f64).exp()).sum();
+                for mm in 0..=n {
+                    dt[(hh * t + n) * t + mm] = (lg * (n - mm) as f64).exp() / row.sqrt();
+                }
+            }
+        }
+        let dt = Tensor::from_vec(dt, (1, h, t, t), &Device::Cpu)?.to_dtype(x.dtype())?;
+        let r = q.matmul(&k.t()?)?.broadcast_mul(&dt)?;
+        let row_sums = r.sum_keepdim(3)?.abs()?;
+        let y = r.broadcast_div(&row_sums.maximum(1.0)?)?.matmul(&v)?;
+        // GroupNorm, gate, output
+        let centered = y.broadcast_sub(&y.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centered.broadcast_div(&(var + GROUP_NORM_EPS)?.sqrt()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, h * m.value_head_dim))?.broadcast_mul(&m.gn_weight)?;
+        Ok((m.out_proj.forward(&(g.silu()? * y)?)?, row_sums))
+    }
+
+    #[test]
+    fn retnet_forms_agree_with_the_paper_formula() -> anyhow::Result<()> {
+        let cfg = tiny(&[]);
+        let m = mixer(&cfg, DType::F32);
+        for t in [10, 13] {
+            // scaled inputs so that some rows have |row sum| > 1 and others < 1
+            let x = (randn(&[2, t, cfg.width], 1, DType::F32)? * 8.0)?;
+            let (reference, row_sums) = paper_retention(&m, &x)?;
+            // the score normalisation is active on some rows and not on others
+            let sums: Vec<f32> = row_sums.flatten_all()?.to_vec1()?;
+            assert!(sums.iter().any(|&s| s > 1.5) && sums.iter().any(|&s| s < 0.5));
+            let parallel = m.parallel(&x)?;
+            assert!(rel_err(&parallel, &reference)? < 1e-4, "parallel vs paper");
+            for chunk in [1, 4, 5, 64] {
+                assert!(rel_err(&m.chunked(&x, chunk).unwrap()?, &reference)? < 1e-4, "chunk {chunk}");
+            }
+            assert!(rel_err(&m.forward(&x)?, &reference)? < 1e-4); // T > chunk: chunkwise
+            for split in [0, 1, 7] {
+                let e = testing::mixer_modes_err(&m, &x, split)?;
+                assert!(e < 1e-4, "T {t} split {split}: {e}");
+            }
+        }
+
+        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        for t in [10, 13] {
+            let tokens = random_tokens(2, t, cfg.vocab, 5)?;
+            for split in [0, 4, 6] {
+                let e = model_modes_err(&model, &tokens, split)?;
+                assert!(e < 1e-4, "model T {t} split {split}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn retnet_is_causal() -> anyhow::Result<()> {
+        let cfg = tiny(&[]);
+        let m = mixer(&cfg, DType::F32);
+        let x = randn(&[2, 13, cfg.width], 2, DType::F32)?;
+        testing::assert_causal(&|x| Ok(m.forward(x)?), &x)?;
+        testing::assert_causal(&|x| Ok(m.parallel(x)?), &x)?;
+        Ok(())
+    }
+
+    #[test]
+    fn retnet_gradients_match_finite_differences() -> anyhow::Result<()> {
+        // 12 tokens, chunk 5: the chunkwise path with a short last chunk
+        let e = testing::model_gradient_err(&tiny(&["model.bias=true"]), 7)?;
+        assert!(e < 1e-4, "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn retnet_state_is_constant_in_t() -> anyhow::Result<()> {
+        let cfg = tiny(&[]);
+        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let bytes = |t: usize| -> anyhow::Result<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
+        let (a, b) = (bytes(3)?, bytes(20)?);
+        assert_eq!(a, b);
+        // per layer: [B, H, d_h, d_v + 1] with d_v = 2 d / H
+        let (d, h) = (cfg.width, cfg.heads);
+        assert_eq!(a, cfg.depth * h * (d / h) * (2 * d / h + 1) * 4);
+        Ok(())
+    }
+
+    #[test]
+    fn retnet_decays_follow_the_paper() {
+        let g: Vec<f64> = log_decays(4).iter().map(|l| l.exp()).collect();
+        assert_eq!(g, vec![1.0 - 1.0 / 32.0, 1.0 - 1.0 / 64.0, 1.0 - 1.0 / 128.0, 1.0 - 1.0 / 256.0]);
+    }
+
+    #[test]
+    fn retnet_runs_under_mixed_precision() -> anyhow::Result<()> {
+        let cfg = tiny(&[]);
+        let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
+        let full = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let mixed = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
+        let e = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
+        assert!(e < 0.05, "{e}");
+        assert!(model_modes_err(&mixed, &tokens, 4)? < 0.05);
+        Ok(())
+    }
+
+    #[test]
+    fn retnet_overfits_a_batch() -> anyhow::Result<()> {
+        let (first, last) = crate::mixers::fit_check::overfit(&tiny(&[]), 50, 3e-3)?;
+        eprintln!("retnet overfit: {first:.3} -> {last:.3}");
+        assert!(last < 0.5 * first, "loss {first} -> {last}");
+        Ok(())
+    }
+}
