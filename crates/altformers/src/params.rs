@@ -158,6 +158,13 @@ impl ParamBuilder {
         self.from_values(name, dims, values, true)
     }
 
+    /// Uniform in [lo, hi), not decayed (biases with PyTorch's default initialiser).
+    pub fn uniform_no_decay(&self, name: &str, dims: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
+        let n = dims.iter().product();
+        let values = self.rng.lock().unwrap().uniform_vec(n, lo, hi);
+        self.from_values(name, dims, values, false)
+    }
+
     /// Constant fill, not decayed (norm gains, biases).
     pub fn constant(&self, name: &str, dims: &[usize], value: f32) -> Result<Tensor> {
         let n = dims.iter().product();

@@ -38,7 +38,7 @@ impl Attention {
     }
 
     /// `x: [B, T, D]` at positions `offset..` -> `q: [B, H, T, d_h]`, `k, v: [B, KVH, T, d_h]`.
-    fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    pub(crate) fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, dh) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x)?;
@@ -54,7 +54,7 @@ impl Attention {
     }
 
     /// `[B, H, T, d_h] -> [B, T, D]` through the output projection.
-    fn merge(&self, y: &Tensor) -> Result<Tensor> {
+    pub(crate) fn merge(&self, y: &Tensor) -> Result<Tensor> {
         let (b, h, t, dh) = y.dims4()?;
         self.out.forward(&y.transpose(1, 2)?.reshape((b, t, h * dh))?)
     }

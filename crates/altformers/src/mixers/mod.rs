@@ -7,6 +7,8 @@
 //! paper defines a chunkwise form also offer `chunked`. Tests hold every form to the others.
 
 pub mod attention;
+pub mod hyena;
+pub mod longnet;
 pub mod retnet;
 pub mod rwkv4;
 

@@ -1,4 +1,5 @@
 //! Shared maths used by several mixers, each with the plainest correct form beside it.
 
 pub mod decayed;
+pub mod fftconv;
 pub mod rotary;

@@ -1,0 +1,556 @@
+//! Hyena (Poli et al. 2023, "Hyena Hierarchy: Towards Larger Convolutional Language Models",
+//! arXiv 2302.10866): a gated recurrence of implicitly parametrized long convolutions.
+//!
+//! For `x: [B, T, D]` (`d = D`, order `N`):
+//!
+//! ```text
+//! (x_1, ..., x_N, v) = short_conv(in_proj(x))           in_proj: d -> (N+1) d, each chunk [B, T, d]
+//! z_1 = v
+//! z_{n+1} = x_n (.) (h_n * z_n + b_n (.) z_n)            n = 1..N, * = causal convolution in time
+//! y = out_proj(z_{N+1})
+//! ```
+//!
+//! - `short_conv` is a depthwise causal convolution of width K = 3 over all (N+1) d
+//!   channels, with a bias (PyTorch `Conv1d`, padding K - 1, truncated to T).
+//! - `h_n(t) = FFN(PE(t)) (.) window(t)`, the implicit long filter, one channel per width
+//!   channel and order: `PE(t) = [t / (L-1), cos(f_k w_t), -sin(f_k w_t)]` with
+//!   `w_t = 2 pi t / L`, `f_k = linspace(1e-4, bands - 1, bands)`, `bands = (E - 1) / 2`;
+//!   the FFN is `Linear(E, F), sin, (Linear(F, F), sin) x inner, Linear(F, N d, no bias)`
+//!   where every `sin` is `sin(freq (.) x)` with one trainable `freq: [F]` shared by all
+//!   of them (initialised to 14); `window(t) = exp(-t/(L-1) |delta_c|) + shift` with
+//!   `delta_c = linspace(ln(target) / slow, ln(target) / fast, N d)` over all filter
+//!   channels (fast 0.3, slow 1.5, target 1e-2, shift 0), so each channel decays at its own
+//!   rate; `b_n` is the per-channel bias term (the "D" skip, N(0, 1) initialised).
+//!   Filter channels are laid out `(v o)` (channel `v N + o` is width channel v of order
+//!   o), as in the official HyenaOperator, so every order gets the whole range of decays.
+//! - Filters are generated for the training context `L = model.context` (the positional
+//!   features depend on L); a sequence of T <= L tokens uses their first T taps.
+//!
+//! Defaults are the paper's language-modelling ones (the official `configs/experiment/pile/
+//! hyena.yaml` with `HyenaOperator`/`HyenaFilter`): order 2, filter FFN width 64 and depth 4
+//! (2 inner layers), positional embedding dimension 33, sine frequency 14, short filter 3.
+//! Initialisation follows the official LM: every linear layer (filter FFN included)
+//! N(0, 0.02) with zero biases, `out_proj` N(0, 0.02 / sqrt(2 depth)); the short convolution
+//! keeps PyTorch's `Conv1d` default U(+-1/sqrt(K)). Weight names follow the official
+//! checkpoints (`in_proj`, `short_filter`, `filter_fn.implicit_filter.{0,2,4,6}`,
+//! `filter_fn.implicit_filter.1.freq`, `filter_fn.bias`, `out_proj`).
+//!
+//! Modes. Parallel: the long convolutions by FFT ([`crate::primitives::fftconv`]),
+//! O(N d T log T). Recurrent: Hyena has no constant-size recurrence; `step` computes the exact
+//! output of the next position by *direct* convolution over the cached inputs of every order,
+//! O(N d T) per token. The state holds the short-convolution tail (`K - 1` projected inputs),
+//! the history of every convolution input `z_n` (`[B, t, d]` each, growing with t), and the
+//! filters generated once at prefill (`[L, N d]`, reversed in time).
+
+use anyhow::{bail, Result as AnyResult};
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{MixerState, SequenceMixer};
+use crate::complexity::{Complexity, CostShape, NOT_QUOTED};
+use crate::config::{ModelConfig, Position};
+use crate::nn::Linear;
+use crate::params::ParamBuilder;
+use crate::primitives::fftconv;
+
+/// `model.options` of the `hyena` mixer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HyenaOptions {
+    /// N: number of gated long convolutions (the paper's order; 2 in its experiments).
+    pub order: usize,
+    /// E: dimension of the positional features fed to the filter FFN (odd, >= 3).
+    pub filter_emb_dim: usize,
+    /// F: width of the filter FFN (the official `filter_order`).
+    pub filter_width: usize,
+    /// Hidden F x F layers of the filter FFN (2: four linear layers in all).
+    pub filter_inner_layers: usize,
+    /// Initial frequency of the sine activations.
+    pub filter_sine_freq: f64,
+    /// K: width of the short depthwise causal convolution.
+    pub short_kernel: usize,
+    /// Window decay rates: from ln(target)/slow to ln(target)/fast across the channels.
+    pub fast_decay_pct: f64,
+    pub slow_decay_pct: f64,
+    pub decay_target: f64,
+    /// Constant added to the window (0: pure exponential decay).
+    pub decay_shift: f64,
+    /// How the parallel form evaluates the long convolutions: `fft` (O(T log T)) or
+    /// `direct` (O(T^2), a Toeplitz product; bit-exactly causal, runs on any device).
+    pub long_conv: LongConv,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LongConv {
+    Fft,
+    Direct,
+}
+
+impl Default for HyenaOptions {
+    fn default() -> Self {
+        Self {
+            order: 2,
+            filter_emb_dim: 33,
+            filter_width: 64,
+            filter_inner_layers: 2,
+            filter_sine_freq: 14.0,
+            short_kernel: 3,
+            fast_decay_pct: 0.3,
+            slow_decay_pct: 1.5,
+            decay_target: 1e-2,
+            decay_shift: 0.0,
+            long_conv: LongConv::Fft,
+        }
+    }
+}
+
+impl HyenaOptions {
+    fn validate(&self) -> AnyResult<()> {
+        if self.order == 0 {
+            bail!("model.options.order must be at least 1");
+        }
+        if self.filter_emb_dim < 3 || self.filter_emb_dim % 2 == 0 {
+            bail!("model.options.filter_emb_dim must be odd and at least 3 (time, cosine, sine), got {}", self.filter_emb_dim);
+        }
+        if self.filter_width == 0 {
+            bail!("model.options.filter_width must be positive");
+        }
+        if self.short_kernel < 2 {
+            bail!("model.options.short_kernel must be at least 2, got {}", self.short_kernel);
+        }
+        if !(self.fast_decay_pct > 0.0 && self.slow_decay_pct > 0.0) {
+            bail!("model.options.fast_decay_pct and slow_decay_pct must be positive");
+        }
+        if !(self.decay_target > 0.0 && self.decay_target < 1.0) {
+            bail!("model.options.decay_target must be in (0, 1), got {}", self.decay_target);
+        }
+        Ok(())
+    }
+}
+
+/// The implicit filter generator: positional features -> sine FFN -> decay window.
+struct ImplicitFilter {
+    /// `E -> F`, `inner x (F -> F)`, `F -> N d` (the last without bias).
+    layers: Vec<Linear>,
+    /// `[F]`, shared by every sine activation.
+    freq: Tensor,
+    /// Positional features `[L, E]` (fixed).
+    z: Tensor,
+    /// Decay window `[L, N d]` (fixed).
+    window: Tensor,
+}
+
+impl ImplicitFilter {
+    /// Filters for positions `0..len`: `[len, N d]`, channel `v N + o`.
+    fn generate(&self, len: usize) -> Result<Tensor> {
+        let mut h = self.z.narrow(0, 0, len)?;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if i < last {
+                h = h.broadcast_mul(&self.freq)?.sin()?;
+            }
+        }
+        h * self.window.narrow(0, 0, len)?
+    }
+}
+
+/// Positional features `[L, E]` of the official `PositionalEmbedding`.
+fn positional_features(l: usize, e: usize) -> Vec<f64> {
+    let bands = (e - 1) / 2;
+    let f: Vec<f64> = (0..bands)
+        .map(|k| if bands == 1 { 1e-4 } else { 1e-4 + k as f64 * ((bands - 1) as f64 - 1e-4) / (bands - 1) as f64 })
+        .collect();
+    let mut z = Vec::with_capacity(l * e);
+    for t in 0..l {
+        let tn = if l > 1 { t as f64 / (l - 1) as f64 } else { 0.0 };
+        let w = 2.0 * std::f64::consts::PI * t as f64 / l as f64;
+        z.push(tn);
+        z.extend(f.iter().map(|fk| (fk * w).cos()));
+        z.extend(f.iter().map(|fk| -(fk * w).sin()));
+    }
+    z
+}
+
+/// Decay window `[L, C]` of the official `ExponentialModulation`.
+fn decay_window(l: usize, c: usize, o: &HyenaOptions) -> Vec<f64> {
+    let max_decay = o.decay_target.ln() / o.fast_decay_pct;
+    let min_decay = o.decay_target.ln() / o.slow_decay_pct;
+    let delta = |i: usize| if c > 1 { min_decay + i as f64 * (max_decay - min_decay) / (c - 1) as f64 } else { min_decay };
+    let mut w = Vec::with_capacity(l * c);
+    for t in 0..l {
+        let tn = if l > 1 { t as f64 / (l - 1) as f64 } else { 0.0 };
+        w.extend((0..c).map(|i| (-tn * delta(i).abs()).exp() + o.decay_shift));
+    }
+    w
+}
+
+pub struct Hyena {
+    /// `d -> (N+1) d`: chunks `[x_1 | ... | x_N | v]`.
+    in_proj: Linear,
+    /// `[(N+1) d, 1, K]` and `[(N+1) d]`.
+    short_weight: Tensor,
+    short_bias: Tensor,
+    filter: ImplicitFilter,
+    /// `[N d]`, layout `(v o)`.
+    filter_bias: Tensor,
+    out_proj: Linear,
+    order: usize,
+    width: usize,
+    kernel: usize,
+    context: usize,
+    long_conv: LongConv,
+}
+
+impl Hyena {
+    pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
+        let o: HyenaOptions = cfg.mixer_options()?;
+        o.validate()?;
+        let (d, n, k, l) = (cfg.width, o.order, o.short_kernel, cfg.context);
+        let (e, f) = (o.filter_emb_dim, o.filter_width);
+        let in_proj = Linear::new(pb, "in_proj", d, (n + 1) * d, 0.02, cfg.bias)?;
+        let bound = 1.0 / (k as f64).sqrt();
+        let short_weight = pb.uniform("short_filter.weight", &[(n + 1) * d, 1, k], -bound, bound)?;
+        let short_bias = pb.uniform_no_decay("short_filter.bias", &[(n + 1) * d], -bound, bound)?;
+
+        let fp = pb.pp("filter_fn");
+        // The filter FFN is not weight-decayed (the official HyenaFilter sets wd = 0).
+        let ffn_linear = |index: usize, d_in: usize, d_out: usize, bias: bool| -> AnyResult<Linear> {
+            let lp = fp.pp(format!("implicit_filter.{index}"));
+            Ok(Linear {
+                weight: lp.normal_no_decay("weight", &[d_out, d_in], 0.02)?,
+                bias: if bias { Some(lp.zeros("bias", &[d_out])?) } else { None },
+            })
+        };
+        let mut layers = vec![ffn_linear(0, e, f, true)?];
+        let freq = fp.constant("implicit_filter.1.freq", &[f], o.filter_sine_freq as f32)?;
+        for i in 0..o.filter_inner_layers {
+            layers.push(ffn_linear(2 * (i + 1), f, f, true)?);
+        }
+        layers.push(ffn_linear(2 * (o.filter_inner_layers + 1), f, n * d, false)?);
+        let constant = |v: Vec<f64>, dims: (usize, usize)| -> Result<Tensor> {
+            Tensor::from_vec(v, dims, &pb.device)?.to_dtype(pb.dtype)
+        };
+        let filter = ImplicitFilter {
+            layers,
+            freq,
+            z: constant(positional_features(l, e), (l, e))?,
+            window: constant(decay_window(l, n * d, &o), (l, n * d))?,
+        };
+        let filter_bias = fp.normal_no_decay("bias", &[n * d], 1.0)?;
+        let out_proj = Linear::new(pb, "out_proj", d, d, 0.02 / (2.0 * cfg.depth as f64).sqrt(), cfg.bias)?;
+        Ok(Self { in_proj, short_weight, short_bias, filter, filter_bias, out_proj, order: n, width: d, kernel: k, context: l, long_conv: o.long_conv })
+    }
+
+    /// Depthwise causal convolution of `padded: [B, T + K - 1, C]` (K - 1 earlier inputs,
+    /// zeros before the start, then the T current ones) -> `[B, T, C]`.
+    fn short_conv(&self, padded: &Tensor) -> Result<Tensor> {
+        let t = padded.dim(1)? + 1 - self.kernel;
+        let c = self.short_weight.dim(0)?;
+        let w = self.short_weight.reshape((c, self.kernel))?.t()?; // [K, C]
+        let mut y = self.short_bias.reshape((1, 1, c))?;
+        for j in 0..self.kernel {
+            y = padded.narrow(1, j, t)?.broadcast_mul(&w.narrow(0, j, 1)?.reshape((1, 1, c))?)?.broadcast_add(&y)?;
+        }
+        Ok(y)
+    }
+
+    /// Per-order views of the filters `[T, N d]` -> order `o`'s `[T, d]`.
+    fn order_filter(&self, filters: &Tensor, o: usize) -> Result<Tensor> {
+        let t = filters.dim(0)?;
+        filters.reshape((t, self.width, self.order))?.narrow(2, o, 1)?.squeeze(2)
+    }
+
+    /// Order `o`'s bias term, `[d]`.
+    fn order_bias(&self, o: usize) -> Result<Tensor> {
+        self.filter_bias.reshape((self.width, self.order))?.narrow(1, o, 1)?.squeeze(1)
+    }
+
+    /// Parallel form; with `keep`, also the decode state after the last token.
+    fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<MixerState>)> {
+        let (_, t, _) = x.dims3()?;
+        if t > self.context {
+            candle_core::bail!("hyena: {t} tokens but the filters are generated for model.context = {}", self.context);
+        }
+        let (d, n, k) = (self.width, self.order, self.kernel);
+        let u = self.in_proj.forward(x)?;
+        let padded = u.pad_with_zeros(1, k - 1, 0)?;
+        let uc = self.short_conv(&padded)?;
+        let filters = self.filter.generate(t)?;
+        let mut z = uc.narrow(2, n * d, d)?;
+        let mut history = Vec::new();
+        for o in 0..n {
+            let h = self.order_filter(&filters, o)?.t()?.contiguous()?; // [d, T]
+            let zt = z.transpose(1, 2)?.contiguous()?; // [B, d, T]
+            let conv = match self.long_conv {
+                LongConv::Fft => fftconv::causal_conv(&zt, &h)?,
+                LongConv::Direct => fftconv::causal_conv_direct(&zt, &h)?,
+            }
+            .transpose(1, 2)?;
+            let y = (conv + z.broadcast_mul(&self.order_bias(o)?)?)?;
+            if keep {
+                history.push(z.contiguous()?);
+            }
+            z = (uc.narrow(2, o * d, d)? * y)?;
+        }
+        let out = self.out_proj.forward(&z)?;
+        let state = if keep {
+            let tail = padded.narrow(1, t, k - 1)?.contiguous()?;
+            let mut tensors = vec![self.reversed_filters()?, tail];
+            tensors.extend(history);
+            Some(MixerState { tensors, pos: t })
+        } else {
+            None
+        };
+        Ok((out, state))
+    }
+
+    /// The filters for the whole context, reversed in time: `[L, N d]`, row `L - 1 - s`
+    /// holding tap s, so the taps for position p are the contiguous rows `L-1-p..L`.
+    fn reversed_filters(&self) -> Result<Tensor> {
+        let l = self.context;
+        let rev: Vec<u32> = (0..l as u32).rev().collect();
+        let filters = self.filter.generate(l)?;
+        filters.index_select(&Tensor::from_vec(rev, l, filters.device())?, 0)?.contiguous()
+    }
+}
+
+impl SequenceMixer for Hyena {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x, false)?.0)
+    }
+
+    /// State: `[filters reversed [L, N d], short-conv tail [B, K-1, (N+1) d], z_1 .. z_N
+    /// histories [B, t, d]]`.
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        let (y, state) = self.run(x, true)?;
+        Ok((y, state.expect("kept")))
+    }
+
+    /// Exact next output by direct convolution over the cached inputs: O(N d t).
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let (b, _, _) = x.dims3()?;
+        let (d, n, k, l) = (self.width, self.order, self.kernel, self.context);
+        let p = state.pos;
+        if p >= l {
+            candle_core::bail!("hyena: position {p} is beyond the filters, generated for model.context = {l}");
+        }
+        if state.tensors.is_empty() {
+            let tail = Tensor::zeros((b, k - 1, (n + 1) * d), x.dtype(), x.device())?;
+            state.tensors = vec![self.reversed_filters()?, tail];
+        }
+        let u = self.in_proj.forward(x)?; // [B, 1, (N+1) d]
+        let padded = Tensor::cat(&[&state.tensors[1], &u], 1)?; // [B, K, (N+1) d]
+        let uc = self.short_conv(&padded)?;
+        state.tensors[1] = padded.narrow(1, 1, k - 1)?.contiguous()?;
+        let taps = state.tensors[0].narrow(0, l - 1 - p, p + 1)?; // [p+1, N d], tap p - tau at row tau
+        let mut z = uc.narrow(2, n * d, d)?;
+        for o in 0..n {
+            let history = match state.tensors.get(2 + o) {
+                Some(h) => Tensor::cat(&[h, &z], 1)?,
+                None => z.contiguous()?,
+            };
+            let h = self.order_filter(&taps, o)?; // [p+1, d]
+            let conv = history.broadcast_mul(&h.unsqueeze(0)?)?.sum_keepdim(1)?; // [B, 1, d]
+            let y = (conv + z.broadcast_mul(&self.order_bias(o)?)?)?;
+            if state.tensors.len() > 2 + o {
+                state.tensors[2 + o] = history;
+            } else {
+                state.tensors.push(history);
+            }
+            z = (uc.narrow(2, o * d, d)? * y)?;
+        }
+        state.pos += 1;
+        self.out_proj.forward(&z)
+    }
+}
+
+pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(Hyena::new(cfg, pb)?))
+}
+
+pub fn default_options() -> serde_json::Value {
+    serde_json::to_value(HyenaOptions::default()).expect("options serialize")
+}
+
+/// The official Hyena language model has no positional embeddings (the filters carry
+/// position).
+pub fn adjust_defaults(cfg: &mut ModelConfig) {
+    cfg.position = Position::None;
+}
+
+/// Costs at the default options (N = 2, E = 33, F = 64, two inner layers, K = 3); the filter
+/// length is the sequence length.
+pub const COMPLEXITY: Complexity = Complexity {
+    stated_time: NOT_QUOTED,
+    stated_space: NOT_QUOTED,
+    true_time: "O(N d T (log T + d)); decode O(N d T) per token (direct convolution over the cache)",
+    true_space: "O(N d T); decode state O(N d T) (input history of every order)",
+    review_error: "",
+    flops: |s: &CostShape| {
+        let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
+        let (n, e, f, inner, k) = (2.0, 33.0, 64.0, 2.0, 3.0);
+        let len = fftconv::fft_len(s.seq, s.seq) as f64;
+        let fft = 2.5 * len * len.log2(); // one real FFT of length `len`
+        let projections = 2.0 * t * d * (n + 1.0) * d + 2.0 * t * d * d;
+        let short = 2.0 * k * (n + 1.0) * d * t;
+        let filter_ffn = 2.0 * t * (e * f + inner * f * f + f * n * d);
+        // per order: forward FFT of the input, inverse FFT, the filter's FFT, the spectral
+        // product (6 FLOPs per complex bin), bias and gate (3 per element)
+        let long = n * ((2.0 * b + 1.0) * d * fft + 6.0 * b * d * (len / 2.0 + 1.0) + 3.0 * b * t * d);
+        b * (projections + short) + filter_ffn + long
+    },
+    memory: |s: &CostShape| {
+        let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
+        let (n, f, inner) = (2.0, 64.0, 2.0);
+        let len = fftconv::fft_len(s.seq, s.seq) as f64;
+        // projections and short conv (2 (N+1) d per token), per order: transposed input,
+        // its spectrum (len/2+1 complex = len reals), convolution, gate; the filter FFN.
+        b * (2.0 * (n + 1.0) * t * d + n * d * (3.0 * t + len)) + t * (2.0 * (inner + 1.0) * f + 2.0 * n * d) + b * t * d
+    },
+    state: |s: &CostShape| {
+        let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
+        let (n, k) = (2.0, 3.0);
+        b * (k - 1.0) * (n + 1.0) * d + n * b * t * d + n * d * t
+    },
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LanguageModel;
+    use crate::testing::*;
+    use candle_core::{DType, Device};
+
+    fn tiny(sets: &[&str]) -> AnyResult<ModelConfig> {
+        // small filter FFN keeps the f64 gradient check fast
+        let mut all = vec!["model.options.filter_width=8", "model.options.filter_emb_dim=5"];
+        all.extend_from_slice(sets);
+        tiny_config("hyena", &all)
+    }
+
+    #[test]
+    fn recurrent_form_equals_parallel_form() -> AnyResult<()> {
+        for sets in [&[][..], &["model.options.order=3", "model.options.short_kernel=4"], &["model.options.order=1", "model.bias=true"]] {
+            let cfg = tiny(sets)?;
+            let hyena = Hyena::new(&cfg, &ParamBuilder::new(3, &Device::Cpu, DType::F32))?;
+            let x = randn(&[2, 19, cfg.width], 5, DType::F32)?;
+            for split in [0, 1, 2, 8] {
+                let err = mixer_modes_err(&hyena, &x, split)?;
+                assert!(err < 1e-4, "{sets:?} split {split}: rel err {err}");
+            }
+            // the full context, too
+            let x = randn(&[1, cfg.context, cfg.width], 6, DType::F32)?;
+            assert!(mixer_modes_err(&hyena, &x, 5)? < 1e-4);
+            let m = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            let tokens = random_tokens(2, 17, 256, 7)?;
+            for split in [0, 1, 9] {
+                let err = model_modes_err(&m, &tokens, split)?;
+                assert!(err < 1e-4, "{sets:?} model split {split}: rel err {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The direct form is bit-exactly causal. The FFT form computes the same function, but
+    /// every output's rounding depends on the whole padded transform, so later inputs move
+    /// earlier outputs at the level of f32 rounding (and no more).
+    #[test]
+    fn is_causal() -> AnyResult<()> {
+        let direct = tiny(&["model.options.long_conv=direct"])?;
+        let fft = tiny(&[])?;
+        let pb = |seed| ParamBuilder::new(seed, &Device::Cpu, DType::F32);
+        let (hd, hf) = (Hyena::new(&direct, &pb(4))?, Hyena::new(&fft, &pb(4))?);
+        let x = randn(&[2, 20, direct.width], 8, DType::F32)?;
+        assert_causal(&|x| Ok(hd.forward(x)?), &x)?;
+        let y = hf.forward(&x)?;
+        assert!(rel_err(&y, &hd.forward(&x)?)? < 1e-5);
+        for t in [0, 7, 18] {
+            let later = (randn(&[2, 20 - t - 1, direct.width], 9, DType::F32)? * 3.0)?;
+            let x2 = Tensor::cat(&[x.narrow(1, 0, t + 1)?, (x.narrow(1, t + 1, 20 - t - 1)? + later)?], 1)?;
+            let y2 = hf.forward(&x2)?;
+            let scale = y.abs()?.max_all()?.to_scalar::<f32>()?;
+            let early = (y.narrow(1, 0, t + 1)? - y2.narrow(1, 0, t + 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let late = (y.narrow(1, t + 1, 20 - t - 1)? - y2.narrow(1, t + 1, 20 - t - 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(early <= 1e-5 * scale, "t {t}: earlier outputs moved by {early} (scale {scale})");
+            assert!(late > 1e-2 * scale, "t {t}: later outputs did not move");
+        }
+        Ok(())
+    }
+
+    /// Finite differences with step 1e-4: Hyena's gradients at initialisation are mostly
+    /// under 1e-6 (three gated factors of 0.02-scale projections), where the default step
+    /// 1e-5 measures the loss's f64 rounding noise (~1e-15 / 1e-5) instead; 1e-4 keeps the
+    /// truncation error of the sine filter FFN (frequency 14) well inside the tolerance.
+    /// Then the FFT form's gradients must equal the direct form's, parameter by parameter.
+    #[test]
+    fn gradients_match_finite_differences() -> AnyResult<()> {
+        for sets in [&[][..], &["model.options.order=3", "model.bias=true"]] {
+            let err = model_gradient_err_with_step(&tiny_config("hyena", sets)?, 3, 1e-4)?;
+            assert!(err < 1e-4, "{sets:?}: {err}");
+            let mut direct = sets.to_vec();
+            direct.push("model.options.long_conv=direct");
+            let grads = |sets: &[&str]| -> AnyResult<Vec<(String, Tensor)>> {
+                let m = LanguageModel::new(&tiny_config("hyena", sets)?, 3, &Device::Cpu, DType::F64)?;
+                let loss = LanguageModel::loss(&m.forward(&random_tokens(2, 20, 256, 1)?, None)?, &random_tokens(2, 20, 256, 2)?)?;
+                let g = loss.backward()?;
+                Ok(m.params.vars().into_iter().map(|(name, p)| (name, g.get(p.var.as_tensor()).unwrap().clone())).collect())
+            };
+            for ((name, a), (_, b)) in grads(sets)?.iter().zip(grads(&direct)?.iter()) {
+                let err = rel_err(a, b)?;
+                assert!(err < 1e-9, "{sets:?} {name}: FFT and direct gradients differ by {err}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decode_state_grows_with_length_and_stops_at_the_context() -> AnyResult<()> {
+        let cfg = tiny(&[])?;
+        let hyena = Hyena::new(&cfg, &ParamBuilder::new(5, &Device::Cpu, DType::F32))?;
+        let x = randn(&[1, cfg.context, cfg.width], 9, DType::F32)?;
+        let (_, s8) = hyena.prefill(&x.narrow(1, 0, 8)?)?;
+        let (_, mut s16) = hyena.prefill(&x.narrow(1, 0, 16)?)?;
+        assert!(s16.bytes() > s8.bytes());
+        // histories: N orders x 8 more positions x d channels x 4 bytes
+        assert_eq!(s16.bytes() - s8.bytes(), 2 * 8 * cfg.width * 4);
+        let (_, mut full) = hyena.prefill(&x)?;
+        assert!(hyena.step(&x.narrow(1, 0, 1)?, &mut full).is_err(), "stepping past the context must fail");
+        assert!(hyena.step(&x.narrow(1, 0, 1)?, &mut s16).is_ok());
+        assert!(hyena.forward(&randn(&[1, cfg.context + 1, cfg.width], 1, DType::F32)?).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn filters_decay_and_default_options_are_the_papers() -> AnyResult<()> {
+        let o = HyenaOptions::default();
+        assert_eq!((o.order, o.filter_emb_dim, o.filter_width, o.filter_inner_layers, o.short_kernel), (2, 33, 64, 2, 3));
+        let w = decay_window(10, 4, &o);
+        // first channel decays slowest (to 1e-2 at 1.5 x L), the last fastest (at 0.3 x L)
+        assert!((w[0] - 1.0).abs() < 1e-12 && (w[9 * 4] - 0.01f64.powf(1.0 / 1.5)).abs() < 1e-12);
+        assert!((w[9 * 4 + 3] - 0.01f64.powf(1.0 / 0.3)).abs() < 1e-12);
+        let z = positional_features(4, 5);
+        assert_eq!(z.len(), 20);
+        assert_eq!(&z[0..5], &[0.0, 1.0, 1.0, -0.0, -0.0]);
+        Ok(())
+    }
+
+    /// Not a benchmark: one layer at T = 16384, width 64 must be quick on the CPU (it is
+    /// O(T log T); a quadratic layer would take minutes here).
+    #[test]
+    fn long_sequence_forward_is_fast() -> AnyResult<()> {
+        let cfg = tiny_config("hyena", &["model.width=64", "model.context=16384"])?;
+        let hyena = Hyena::new(&cfg, &ParamBuilder::new(6, &Device::Cpu, DType::F32))?;
+        let x = randn(&[1, 16384, 64], 10, DType::F32)?;
+        let start = std::time::Instant::now();
+        let y = hyena.forward(&x)?;
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(y.dims(), &[1, 16384, 64]);
+        assert!(secs < 20.0, "one Hyena layer at T = 16384 took {secs:.1} s");
+        Ok(())
+    }
+}
+
+
+
