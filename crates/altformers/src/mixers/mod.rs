@@ -6,6 +6,7 @@
 //! `step`) used for generation, with an explicit state whose size it reports. Mixers whose
 //! paper defines a chunkwise form also offer `chunked`. Tests hold every form to the others.
 
+pub mod aft;
 pub mod attention;
 pub mod hyena;
 pub mod longnet;

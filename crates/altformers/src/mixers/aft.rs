@@ -1,0 +1,676 @@
+//! Attention Free Transformer (Zhai et al. 2021, arXiv 2105.14103), causal, all four variants:
+//!
+//! ```text
+//! Y_t = sigmoid(Q_t) (.) sum_{t'<=t} exp(K_t' + w_{t,t'}) (.) V_t' / sum_{t'<=t} exp(K_t' + w_{t,t'})
+//! ```
+//!
+//! then an output projection. `Q, K, V = X W_Q, X W_K, X W_V` (`query`, `key`, `value`).
+//!
+//! - **aft-full**: `w` is a learned `[context, context]` matrix (`pos_bias`), or its
+//!   factorisation `w = U V^T` (`pos_u`, `pos_v`, `[context, rank]`; `model.options.rank > 0`).
+//!   Parallel form `O(T^2 d)` as two matrix products; decoding keeps every key and value.
+//! - **aft-simple**: `w = 0`: a softmax over time per channel, i.e. the normalised decayed sum
+//!   of [`crate::primitives::decayed`] with no decay and no bonus: `O(T d)` (chunkwise), `O(d)`
+//!   decode state.
+//! - **aft-local**: `w_{t,t'}` learned (`pos_bias`) only inside the window `t - t' < s`, **zero
+//!   outside** (not masked: AFT-local keeps global connectivity). Computed as the AFT-simple
+//!   prefix sum up to `t - s` (from the shared primitive) plus the `s` windowed terms:
+//!   `O(T s d)`, decode state `O(s d)`.
+//! - **aft-conv**: the windowed bias shared across positions per head, `w_{t,t'} =
+//!   kernel[h, t - t']` for `t - t' < s` (`conv_kernel: [H, s]`; the causal 1-D form of the
+//!   paper's depthwise convolution `conv(e^K (.) V, e^w - 1) + sum e^K (.) V`), zero outside;
+//!   the same windowed computation as aft-local, `O(T s d)`, decode state `O(s d)`.
+//!
+//! Every exponential has a maximum subtracted first, and no maximum looks at a later position
+//! (so causality is exact): in the pairwise form, each key position's largest channel (of its
+//! group) and each row's largest biased weight; in the windowed form, per channel the largest of
+//! the window's exponents and the prefix's log-scale. The pairwise form with each variant's
+//! `w` written out as a `[T, T]` matrix is the quadratic reference every variant is tested
+//! against.
+
+use anyhow::{bail, Result as AnyResult};
+use candle_core::{Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::{MixerState, SequenceMixer};
+use crate::complexity::{Complexity, CostShape};
+use crate::config::{ModelConfig, Position};
+use crate::nn::Linear;
+use crate::params::ParamBuilder;
+use crate::primitives::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Full,
+    Simple,
+    Local,
+    Conv,
+}
+
+pub const DEFAULT_CHUNK: usize = 32;
+pub const DEFAULT_WINDOW: usize = 32;
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct FullOptions {
+    /// Rank of the factorised bias `w = U V^T`; 0 learns the full matrix.
+    rank: usize,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct SimpleOptions {
+    /// Chunk length of the chunkwise prefix sums.
+    chunk: usize,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct WindowOptions {
+    /// Window `s`: `w_{t,t'}` is learned for `0 <= t - t' < s`.
+    window: usize,
+    /// Chunk length of the chunkwise prefix sums.
+    chunk: usize,
+}
+
+pub fn full_options() -> serde_json::Value {
+    serde_json::json!({ "rank": 0 })
+}
+
+pub fn simple_options() -> serde_json::Value {
+    serde_json::json!({ "chunk": DEFAULT_CHUNK })
+}
+
+pub fn window_options() -> serde_json::Value {
+    serde_json::json!({ "window": DEFAULT_WINDOW, "chunk": DEFAULT_CHUNK })
+}
+
+/// AFT replaces attention in a GPT-style block and carries positions in `w` (none for
+/// aft-simple, whose only order information is causality, as in the paper).
+pub fn adjust_defaults(cfg: &mut ModelConfig) {
+    cfg.position = Position::None;
+}
+
+/// The learned position bias of each variant.
+enum PosBias {
+    Zero,
+    /// `[context, context]` (aft-full, aft-local).
+    Matrix(Tensor),
+    /// `U, V: [context, rank]` (factorised aft-full).
+    Factors(Tensor, Tensor),
+    /// `[H, s]` (aft-conv).
+    Kernel(Tensor),
+}
+
+pub struct Aft {
+    pub variant: Variant,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    bias: PosBias,
+    /// Window `s` (aft-local, aft-conv).
+    window: usize,
+    pub chunk: usize,
+    /// Channel groups sharing one bias (the heads of aft-conv; 1 otherwise).
+    groups: usize,
+    context: usize,
+}
+
+impl Aft {
+    pub fn new(cfg: &ModelConfig, variant: Variant, pb: &ParamBuilder) -> AnyResult<Self> {
+        let (d, ctx) = (cfg.width, cfg.context);
+        let (mut window, mut chunk, mut groups) = (1, DEFAULT_CHUNK, 1);
+        let bias = match variant {
+            Variant::Full => {
+                let o: FullOptions = cfg.mixer_options()?;
+                if o.rank == 0 {
+                    PosBias::Matrix(pb.zeros("pos_bias", &[ctx, ctx])?)
+                } else {
+                    PosBias::Factors(pb.normal_no_decay("pos_u", &[ctx, o.rank], 0.01)?, pb.normal_no_decay("pos_v", &[ctx, o.rank], 0.01)?)
+                }
+            }
+            Variant::Simple => {
+                let o: SimpleOptions = cfg.mixer_options()?;
+                chunk = o.chunk;
+                PosBias::Zero
+            }
+            Variant::Local | Variant::Conv => {
+                let o: WindowOptions = cfg.mixer_options()?;
+                (window, chunk) = (o.window, o.chunk);
+                if window == 0 {
+                    bail!("model.options.window must be positive");
+                }
+                if variant == Variant::Local {
+                    PosBias::Matrix(pb.zeros("pos_bias", &[ctx, ctx])?)
+                } else {
+                    groups = cfg.heads;
+                    PosBias::Kernel(pb.zeros("conv_kernel", &[cfg.heads, window])?)
+                }
+            }
+        };
+        if chunk == 0 {
+            bail!("model.options.chunk must be positive");
+        }
+        let out_std = 0.02 / (2.0 * cfg.depth as f64).sqrt();
+        Ok(Self {
+            variant,
+            query: Linear::new(pb, "query", d, d, 0.02, cfg.bias)?,
+            key: Linear::new(pb, "key", d, d, 0.02, cfg.bias)?,
+            value: Linear::new(pb, "value", d, d, 0.02, cfg.bias)?,
+            output: Linear::new(pb, "output", d, d, out_std, cfg.bias)?,
+            bias,
+            window,
+            chunk,
+            groups,
+            context: ctx,
+        })
+    }
+
+    /// `x: [B, T, D]` -> `(sigmoid(Q), K, V)`, each `[B, T, D]`; `K, V` in the accumulation
+    /// dtype (f32 under bf16 activations), `sigmoid(Q)` in `x`'s.
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let acc = decayed::accumulation_dtype(x.dtype());
+        let sq = candle_nn::ops::sigmoid(&self.query.forward(x)?)?;
+        Ok((sq, self.key.forward(x)?.to_dtype(acc)?, self.value.forward(x)?.to_dtype(acc)?))
+    }
+
+    fn finish(&self, sq: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.output.forward(&(sq * y.to_dtype(sq.dtype())?)?)
+    }
+
+    fn check_positions(&self, end: usize) -> Result<()> {
+        if matches!(self.bias, PosBias::Matrix(_) | PosBias::Factors(..)) && end > self.context {
+            candle_core::bail!("position {} is beyond the learned position bias ({} positions)", end - 1, self.context);
+        }
+        Ok(())
+    }
+
+    /// Each variant's `w_{t,t'}` for `t, t' < T` as a `[G, T, T]` matrix (entries above the
+    /// diagonal are ignored), in `like`'s dtype.
+    pub fn bias_matrix(&self, t: usize, like: &Tensor) -> Result<Tensor> {
+        self.check_positions(t)?;
+        let s = self.window;
+        let host = |v: Vec<f64>, dims: &[usize]| Tensor::from_vec(v, dims, like.device())?.to_dtype(like.dtype());
+        match (&self.bias, self.variant) {
+            (PosBias::Zero, _) => Tensor::zeros((1, t, t), like.dtype(), like.device()),
+            (PosBias::Matrix(w), Variant::Full) => w.narrow(0, 0, t)?.narrow(1, 0, t)?.to_dtype(like.dtype())?.unsqueeze(0),
+            (PosBias::Factors(u, v), _) => {
+                let (u, v) = (u.narrow(0, 0, t)?.to_dtype(like.dtype())?, v.narrow(0, 0, t)?.to_dtype(like.dtype())?);
+                u.matmul(&v.t()?)?.unsqueeze(0)
+            }
+            (PosBias::Matrix(w), _) => {
+                let band: Vec<f64> = (0..t * t).map(|p| if p / t >= p % t && p / t - p % t < s { 1.0 } else { 0.0 }).collect();
+                w.narrow(0, 0, t)?.narrow(1, 0, t)?.to_dtype(like.dtype())?.mul(&host(band, &[t, t])?)?.unsqueeze(0)
+            }
+            (PosBias::Kernel(kernel), _) => {
+                // kernel[h, t - t'] inside the window, 0 outside (index s of the zero-padded kernel)
+                let padded = kernel.to_dtype(like.dtype())?.pad_with_zeros(1, 0, 1)?;
+                let idx: Vec<u32> = (0..t * t).map(|p| if p / t >= p % t && p / t - p % t < s { (p / t - p % t) as u32 } else { s as u32 }).collect();
+                let idx = Tensor::from_vec(idx, t * t, like.device())?;
+                padded.index_select(&idx, 1)?.reshape((self.groups, t, t))
+            }
+        }
+    }
+
+    /// The windowed bias for query positions `offset..offset+len`: `[G, len, s]`,
+    /// `band[g, j, o] = w_{p, p-o}` with `p = offset + j` (arbitrary where `p < o`).
+    fn band(&self, offset: usize, len: usize, like: &Tensor) -> Result<Tensor> {
+        let s = self.window;
+        match &self.bias {
+            PosBias::Matrix(w) => {
+                self.check_positions(offset + len)?;
+                let ctx = self.context;
+                let idx: Vec<u32> = (0..len * s)
+                    .map(|q| {
+                        let (p, o) = (offset + q / s, q % s);
+                        (p * ctx + if p >= o { p - o } else { p }) as u32
+                    })
+                    .collect();
+                let idx = Tensor::from_vec(idx, len * s, like.device())?;
+                w.to_dtype(like.dtype())?.flatten_all()?.index_select(&idx, 0)?.reshape((1, len, s))
+            }
+            PosBias::Kernel(kernel) => kernel.to_dtype(like.dtype())?.unsqueeze(1)?.broadcast_as((self.groups, len, s))?.contiguous(),
+            _ => candle_core::bail!("only aft-local and aft-conv have a windowed bias"),
+        }
+    }
+
+    /// The quadratic reference: the pairwise form with this variant's `w` as a matrix.
+    /// `x: [B, T, D] -> [B, T, D]`.
+    pub fn reference(&self, x: &Tensor) -> Result<Tensor> {
+        let (sq, k, v) = self.project(x)?;
+        let w = self.bias_matrix(x.dim(1)?, &k)?;
+        self.finish(&sq, &pairwise(&k, &v, &w, 0)?)
+    }
+
+    /// Parallel form with prefix sums in chunks of `chunk`; also returns the decode state.
+    fn run(&self, x: &Tensor, chunk: usize) -> Result<(Tensor, MixerState)> {
+        let t = x.dim(1)?;
+        let (sq, k, v) = self.project(x)?;
+        let (y, tensors) = match self.variant {
+            Variant::Full => (pairwise(&k, &v, &self.bias_matrix(t, &k)?, 0)?, vec![k, v]),
+            Variant::Simple => {
+                let (y, s) = decayed::wkv_chunked(&k, &v, Weighting::default(), chunk, None)?;
+                (y, s.to_vec())
+            }
+            Variant::Local | Variant::Conv => {
+                let (parts, _) = decayed::wkv_chunked_parts(&k, &v, Weighting::default(), chunk, None)?;
+                let y = banded(&k, &v, &parts, &self.band(0, t, &k)?)?;
+                // decode state: the prefix up to t - s, and the last s - 1 keys and values
+                let s = self.window;
+                let mut tensors = if t >= s {
+                    let at = |x: &Tensor| x.narrow(1, t - s, 1).and_then(|x| x.squeeze(1));
+                    vec![at(&parts.num)?, at(&parts.den)?, at(&parts.log_scale)?]
+                } else {
+                    WkvState::empty(k.dim(0)?, k.dim(2)?, &k)?.to_vec()
+                };
+                let keep = (s - 1).min(t);
+                if keep > 0 {
+                    tensors.push(k.narrow(1, t - keep, keep)?);
+                    tensors.push(v.narrow(1, t - keep, keep)?);
+                }
+                (y, tensors)
+            }
+        };
+        Ok((self.finish(&sq, &y)?, MixerState { tensors, pos: t }))
+    }
+}
+
+/// The pairwise (AFT-full) form, `O(S Tq C)`: queries at positions `offset..offset+Tq`
+/// see keys `t' <= t`.
+///
+/// `k, v: [B, S, C]` (positions `0..S`), `bias: [G, Tq, S]` (`w_{t,t'}`; the `C` channels
+/// split into `G` equal groups, group `g` using `bias[g]`) -> `[B, Tq, C]`.
+///
+/// `exp(K_t' + w_{t,t'}) = exp(K_t' - mk_t') exp(w_{t,t'} + mk_t')` with `mk_t'` the largest
+/// key of position `t'` (in its group); the second factor has its row maximum subtracted.
+/// Both factors are at most 1, and the denominator is at least `exp(-(spread of the keys at
+/// one position))`, so keys up to about +-40 are safe in f32.
+pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<Tensor> {
+    let (b, s, c) = k.dims3()?;
+    let (g, tq, _) = bias.dims3()?;
+    let split = |x: &Tensor| x.reshape((b, s, g, c / g))?.transpose(1, 2)?.contiguous(); // [B, G, S, C/G]
+    let (kg, vg) = (split(k)?, split(v)?);
+    let mk = kg.max_keepdim(D::Minus1)?.detach(); // [B, G, S, 1]
+    let ek = kg.broadcast_sub(&mk)?.exp()?;
+    let mask: Vec<f64> = (0..tq).flat_map(|j| (0..s).map(move |i| if i <= offset + j { 0.0 } else { f64::NEG_INFINITY })).collect();
+    let mask = Tensor::from_vec(mask, (1, 1, tq, s), k.device())?.to_dtype(k.dtype())?;
+    let wp = bias.unsqueeze(0)?.broadcast_add(&mk.transpose(2, 3)?)?.broadcast_add(&mask)?; // [B, G, Tq, S]
+    let m = wp.max_keepdim(D::Minus1)?.detach();
+    let a = wp.broadcast_sub(&m)?.exp()?;
+    let num = a.matmul(&(&ek * &vg)?)?;
+    let den = a.matmul(&ek)?;
+    (num / den)?.transpose(1, 2)?.reshape((b, tq, c))
+}
+
+/// The windowed form (AFT-local, AFT-conv), `O(T s C)`: the prefix sums over `t' <= t - s`
+/// (weight `e^{K_t'}`) plus the window `t - s < t' <= t` (weight `e^{K_t' + w_{t,t'}}`).
+///
+/// `k, v: [B, T, C]`; `prefix`: [`decayed::wkv_chunked_parts`] of `k, v` without decay or
+/// bonus (the sums over `t' <= t` at every `t`); `band: [G, T, s]` with
+/// `band[g, t, o] = w_{t, t-o}` -> `[B, T, C]`.
+pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor) -> Result<Tensor> {
+    let (b, t, c) = k.dims3()?;
+    let (g, _, s) = band.dims3()?;
+    let fill = |n: usize, value: f64| -> Result<Tensor> { Tensor::zeros((b, n, c), k.dtype(), k.device())? + value };
+    // the prefix sums up to t - s
+    let shifted = |x: &Tensor, value: f64| -> Result<Tensor> {
+        if t > s {
+            Tensor::cat(&[fill(s, value)?, x.narrow(1, 0, t - s)?], 1)
+        } else {
+            fill(t, value)
+        }
+    };
+    let (pnum, pden, pscale) = (shifted(&prefix.num, 0.0)?, shifted(&prefix.den, 0.0)?, shifted(&prefix.log_scale, EMPTY_LOG_SCALE)?);
+    // the window: offsets o = 0..s, keys before position 0 are -inf (weight 0)
+    let (kpad, vpad) = if s > 1 {
+        (Tensor::cat(&[fill(s - 1, f64::NEG_INFINITY)?, k.clone()], 1)?, v.pad_with_zeros(1, s - 1, 0)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let stack = |x: &Tensor| -> Result<Tensor> { Tensor::stack(&(0..s).map(|o| x.narrow(1, s - 1 - o, t)).collect::<Result<Vec<_>>>()?, 3) };
+    let (kw, vw) = (stack(&kpad)?, stack(&vpad)?); // [B, T, C, s]
+    let bias = band.transpose(0, 1)?.unsqueeze(2)?.broadcast_as((t, g, c / g, s))?.reshape((1, t, c, s))?;
+    let e = kw.broadcast_add(&bias)?;
+    let m = e.max_keepdim(D::Minus1)?.squeeze(3)?.maximum(&pscale)?.detach(); // [B, T, C]
+    let pe = e.broadcast_sub(&m.unsqueeze(3)?)?.exp()?;
+    let fp = (pscale - &m)?.exp()?;
+    let num = ((&fp * pnum)? + (&pe * vw)?.sum(3)?)?;
+    let den = ((fp * pden)? + pe.sum(3)?)?;
+    num / den
+}
+
+impl SequenceMixer for Aft {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x, self.chunk)?.0)
+    }
+
+    /// State: aft-full `[K, V]` (`[B, T, D]` each, grows with T); aft-simple `[aa, bb, pp]`
+    /// (`[B, D]` each); aft-local/conv `[aa, bb, pp]` of the prefix up to `T - s` and the last
+    /// `min(T, s - 1)` keys and values `[B, s - 1, D]`: bounded by the window.
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        self.run(x, self.chunk)
+    }
+
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let p = state.pos;
+        let (sq, k, v) = self.project(x)?;
+        let y = match self.variant {
+            Variant::Full => {
+                let (kc, vc) = match state.tensors.as_slice() {
+                    [kc, vc] => (Tensor::cat(&[kc, &k], 1)?, Tensor::cat(&[vc, &v], 1)?),
+                    _ => (k.clone(), v.clone()),
+                };
+                self.check_positions(p + 1)?;
+                let w = self.bias_matrix(p + 1, &k)?.narrow(1, p, 1)?;
+                let y = pairwise(&kc, &vc, &w, p)?;
+                state.tensors = vec![kc, vc];
+                y
+            }
+            Variant::Simple => {
+                let (b, _, c) = k.dims3()?;
+                let mut s = if state.tensors.is_empty() { WkvState::empty(b, c, &k)? } else { WkvState::from_slice(&state.tensors)? };
+                let y = decayed::wkv_step(&mut s, &k.squeeze(1)?, &v.squeeze(1)?, Weighting::default())?;
+                state.tensors = s.to_vec();
+                y.unsqueeze(1)?
+            }
+            Variant::Local | Variant::Conv => self.window_step(&k, &v, state)?,
+        };
+        state.pos = p + 1;
+        self.finish(&sq, &y)
+    }
+
+    fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
+        match self.variant {
+            Variant::Full => None,
+            _ => Some(self.run(x, chunk).map(|(y, _)| y)),
+        }
+    }
+}
+
+impl Aft {
+    /// One token of aft-local/conv: `k, v: [B, 1, C]` -> `[B, 1, C]`, advancing the prefix
+    /// and the window cache.
+    fn window_step(&self, k: &Tensor, v: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let (b, _, c) = k.dims3()?;
+        let (s, g, p) = (self.window, self.groups, state.pos);
+        let (prefix, cache) = match state.tensors.as_slice() {
+            [] => (WkvState::empty(b, c, k)?, None),
+            [aa, bb, pp] => (WkvState::from_slice(&[aa.clone(), bb.clone(), pp.clone()])?, None),
+            [aa, bb, pp, kc, vc] => (WkvState::from_slice(&[aa.clone(), bb.clone(), pp.clone()])?, Some((kc.clone(), vc.clone()))),
+            other => candle_core::bail!("aft window state has {} tensors", other.len()),
+        };
+        let (kw, vw) = match &cache {
+            Some((kc, vc)) => (Tensor::cat(&[kc, k], 1)?, Tensor::cat(&[vc, v], 1)?),
+            None => (k.clone(), v.clone()),
+        };
+        let n = kw.dim(1)?; // window positions p - n + 1 ..= p, oldest first
+        // bias for offsets o = n - 1 .. 0 (oldest first): [1, n, C]
+        let idx: Vec<u32> = (0..n).rev().map(|o| o as u32).collect();
+        let band = self.band(p, 1, k)?.squeeze(1)?.index_select(&Tensor::from_vec(idx, n, k.device())?, 1)?; // [G, n]
+        let bias = band.t()?.unsqueeze(2)?.broadcast_as((n, g, c / g))?.reshape((1, n, c))?;
+        let e = kw.broadcast_add(&bias)?;
+        let m = e.max_keepdim(1)?.squeeze(1)?.maximum(&prefix.pp)?.detach(); // [B, C]
+        let pe = e.broadcast_sub(&m.unsqueeze(1)?)?.exp()?;
+        let fp = (&prefix.pp - &m)?.exp()?;
+        let num = ((&fp * &prefix.aa)? + (&pe * &vw)?.sum(1)?)?;
+        let den = ((fp * &prefix.bb)? + pe.sum(1)?)?;
+        let y = (num / den)?.unsqueeze(1)?;
+        // advance: the prefix must cover t' <= p + 1 - s, the cache p + 2 - s ..= p
+        let (prefix, kw, vw) = if n == s {
+            let folded = decayed::wkv_fold(&prefix, &kw.narrow(1, 0, 1)?.squeeze(1)?, &vw.narrow(1, 0, 1)?.squeeze(1)?, None)?;
+            (folded, kw.narrow(1, 1, n - 1)?, vw.narrow(1, 1, n - 1)?)
+        } else {
+            (prefix, kw, vw)
+        };
+        let mut tensors = prefix.to_vec();
+        if kw.dim(1)? > 0 {
+            tensors.extend([kw, vw]);
+        }
+        state.tensors = tensors;
+        Ok(y)
+    }
+}
+
+pub fn build_full(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(Aft::new(cfg, Variant::Full, pb)?))
+}
+
+pub fn build_simple(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(Aft::new(cfg, Variant::Simple, pb)?))
+}
+
+pub fn build_local(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(Aft::new(cfg, Variant::Local, pb)?))
+}
+
+pub fn build_conv(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(Aft::new(cfg, Variant::Conv, pb)?))
+}
+
+fn shape(s: &CostShape) -> (f64, f64, f64) {
+    (s.batch as f64, s.seq as f64, s.width as f64)
+}
+
+/// q, k, v, output projections: 4 d^2 MACs per token.
+fn projections(s: &CostShape) -> f64 {
+    let (b, t, d) = shape(s);
+    2.0 * 4.0 * b * t * d * d
+}
+
+pub const FULL_COMPLEXITY: Complexity = Complexity {
+    stated_time: crate::complexity::NOT_QUOTED,
+    stated_space: crate::complexity::NOT_QUOTED,
+    true_time: "O(T^2 d + T d^2)",
+    true_space: "O(T^2 + T d) (the T x T weights, shared by all channels); decode O(T d) cache",
+    review_error: "",
+    flops: |s: &CostShape| {
+        let (b, t, d) = shape(s);
+        projections(s) + b * 4.0 * t * t * d
+    },
+    memory: |s: &CostShape| {
+        let (b, t, d) = shape(s);
+        b * (2.0 * t * t + 6.0 * t * d)
+    },
+    state: |s: &CostShape| 2.0 * (s.batch * s.seq * s.width) as f64,
+};
+
+pub const SIMPLE_COMPLEXITY: Complexity = Complexity {
+    stated_time: crate::complexity::NOT_QUOTED,
+    stated_space: crate::complexity::NOT_QUOTED,
+    true_time: "O(T d^2) projections + O(T d) (chunkwise prefix sums here: O(T C d), C = chunk)",
+    true_space: "O(T C d) training (chunkwise); O(d) state per layer decoding",
+    review_error: "",
+    flops: |s: &CostShape| {
+        let (b, t, d) = shape(s);
+        projections(s) + b * 4.0 * t * DEFAULT_CHUNK as f64 * d
+    },
+    memory: |s: &CostShape| {
+        let (b, t, d) = shape(s);
+        b * (2.0 * t * DEFAULT_CHUNK as f64 * d + 6.0 * t * d)
+    },
+    state: |s: &CostShape| 3.0 * (s.batch * s.width) as f64,
+};
+
+pub const WINDOW_COMPLEXITY: Complexity = Complexity {
+    stated_time: crate::complexity::NOT_QUOTED,
+    stated_space: crate::complexity::NOT_QUOTED,
+    true_time: "O(T s d + T d^2) (window s; prefix sums O(T C d) chunkwise)",
+    true_space: "O(T (s + C) d) training; O(s d) state per layer decoding",
+    review_error: "",
+    flops: |s: &CostShape| {
+        let (b, t, d) = shape(s);
+        projections(s) + b * t * d * (4.0 * DEFAULT_CHUNK as f64 + 4.0 * DEFAULT_WINDOW as f64)
+    },
+    memory: |s: &CostShape| {
+        let (b, t, d) = shape(s);
+        b * t * d * (2.0 * DEFAULT_CHUNK as f64 + 3.0 * DEFAULT_WINDOW as f64 + 6.0)
+    },
+    state: |s: &CostShape| ((3 + 2 * (DEFAULT_WINDOW - 1).min(s.seq)) * s.batch * s.width) as f64,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LanguageModel;
+    use crate::testing::{self, model_modes_err, randn, random_tokens, rel_err, tiny_config};
+    use candle_core::{DType, Device};
+
+    const VARIANTS: [(&str, Variant); 4] =
+        [("aft-full", Variant::Full), ("aft-simple", Variant::Simple), ("aft-local", Variant::Local), ("aft-conv", Variant::Conv)];
+
+    fn tiny(name: &str, sets: &[&str]) -> ModelConfig {
+        let mut all: Vec<&str> = match name {
+            "aft-local" | "aft-conv" => vec!["model.options.window=5", "model.options.chunk=4"],
+            "aft-simple" => vec!["model.options.chunk=4"],
+            _ => vec![],
+        };
+        all.extend_from_slice(sets);
+        tiny_config(name, &all).unwrap()
+    }
+
+    /// A mixer with random (not zero) position biases and larger keys, so every term matters.
+    fn mixer(name: &str, variant: Variant, sets: &[&str], dtype: DType) -> Aft {
+        let cfg = tiny(name, sets);
+        let mut m = Aft::new(&cfg, variant, &ParamBuilder::new(3, &Device::Cpu, dtype)).unwrap();
+        let r = |dims: &[usize], seed| randn(dims, seed, dtype).unwrap();
+        m.bias = match &m.bias {
+            PosBias::Zero => PosBias::Zero,
+            PosBias::Matrix(w) => PosBias::Matrix(r(w.dims(), 4)),
+            PosBias::Factors(u, v) => PosBias::Factors(r(u.dims(), 4), r(v.dims(), 5)),
+            PosBias::Kernel(k) => PosBias::Kernel(r(k.dims(), 4)),
+        };
+        m.key = Linear { weight: (m.key.weight.clone() * 50.0).unwrap(), bias: None };
+        m
+    }
+
+    #[test]
+    fn aft_modes_agree_with_the_reference() -> AnyResult<()> {
+        for (name, variant) in VARIANTS {
+            for sets in [&[][..], &["model.options.rank=3"][..]] {
+                if !sets.is_empty() && variant != Variant::Full {
+                    continue;
+                }
+                let m = mixer(name, variant, sets, DType::F32);
+                for t in [10, 13] {
+                    let x = randn(&[2, t, 16], 1, DType::F32)?;
+                    let reference = m.reference(&x)?;
+                    assert!(rel_err(&m.forward(&x)?, &reference)? < 1e-4, "{name} forward, T {t}");
+                    if let Some(y) = m.chunked(&x, 3) {
+                        assert!(rel_err(&y?, &reference)? < 1e-4, "{name} chunked, T {t}");
+                    }
+                    for split in [0, 1, 4, 7] {
+                        let e = testing::mixer_modes_err(&m, &x, split)?;
+                        assert!(e < 1e-4, "{name} T {t} split {split}: {e}");
+                    }
+                }
+                let cfg = tiny(name, sets);
+                let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+                for t in [10, 13] {
+                    let e = model_modes_err(&model, &random_tokens(2, t, cfg.vocab, 5)?, 3)?;
+                    assert!(e < 1e-4, "{name} model T {t}: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn aft_is_causal() -> AnyResult<()> {
+        for (name, variant) in VARIANTS {
+            let m = mixer(name, variant, &[], DType::F32);
+            let x = randn(&[2, 13, 16], 2, DType::F32)?;
+            testing::assert_causal(&|x| Ok(m.forward(x)?), &x)?;
+            testing::assert_causal(&|x| Ok(m.reference(x)?), &x)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn aft_gradients_match_finite_differences() -> AnyResult<()> {
+        for (name, _) in VARIANTS {
+            let e = testing::model_gradient_err(&tiny(name, &[]), 7)?;
+            assert!(e < 1e-4, "{name}: {e}");
+        }
+        let e = testing::model_gradient_err(&tiny("aft-full", &["model.options.rank=2"]), 7)?;
+        assert!(e < 1e-4, "factorised: {e}");
+        Ok(())
+    }
+
+    #[test]
+    fn aft_decode_state_sizes() -> AnyResult<()> {
+        for (name, variant) in VARIANTS {
+            let cfg = tiny(name, &[]);
+            let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            let bytes = |t: usize| -> AnyResult<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
+            let (short, long, longer) = (bytes(2)?, bytes(12)?, bytes(20)?);
+            match variant {
+                // the whole key/value history
+                Variant::Full => assert!(short < long && long < longer, "{name}"),
+                Variant::Simple => assert!(short == long && long == longer, "{name}"),
+                // bounded by the window (5): grows until T = s - 1, then constant
+                Variant::Local | Variant::Conv => assert!(short < long && long == longer, "{name}"),
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn aft_large_keys_stay_finite() -> AnyResult<()> {
+        for (name, variant) in VARIANTS {
+            let mut m = mixer(name, variant, &[], DType::F32);
+            m.key = Linear { weight: (Tensor::eye(16, DType::F32, &Device::Cpu)? * 30.0)?, bias: None };
+            let x = (randn(&[2, 24, 16], 9, DType::F32)?.sign()? + randn(&[2, 24, 16], 10, DType::F32)?.affine(0.05, 0.0)?)?;
+            let ys = [m.forward(&x)?, m.reference(&x)?, testing::mixer_recurrent(&m, &x, 6)?];
+            for y in &ys {
+                assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()), "{name}");
+            }
+            assert!(rel_err(&ys[0], &ys[1])? < 1e-4 && rel_err(&ys[2], &ys[1])? < 1e-4, "{name}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn aft_conv_bias_is_toeplitz_per_head_and_local_bias_is_banded() -> AnyResult<()> {
+        let m = mixer("aft-conv", Variant::Conv, &[], DType::F32);
+        let like = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+        let w: Vec<Vec<Vec<f32>>> = m.bias_matrix(9, &like)?.to_vec3()?;
+        let PosBias::Kernel(kernel) = &m.bias else { unreachable!() };
+        let kernel: Vec<Vec<f32>> = kernel.to_vec2()?;
+        for h in 0..2 {
+            for t in 0..9 {
+                for u in 0..=t {
+                    let expect = if t - u < 5 { kernel[h][t - u] } else { 0.0 };
+                    assert_eq!(w[h][t][u], expect);
+                }
+            }
+        }
+        let m = mixer("aft-local", Variant::Local, &[], DType::F32);
+        let w: Vec<Vec<f32>> = m.bias_matrix(9, &like)?.squeeze(0)?.to_vec2()?;
+        assert!(w[8][3] == 0.0 && w[8][4] != 0.0 && w[8][8] != 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn aft_runs_under_mixed_precision() -> AnyResult<()> {
+        for (name, _) in VARIANTS {
+            let cfg = tiny(name, &[]);
+            let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
+            let full = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            let mixed = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
+            let e = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
+            assert!(e < 0.05, "{name}: {e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn aft_overfits_a_batch() -> AnyResult<()> {
+        for (name, _) in VARIANTS {
+            let (first, last) = crate::mixers::fit_check::overfit(&tiny(name, &[]), 50, 3e-3)?;
+            eprintln!("{name} overfit: {first:.3} -> {last:.3}");
+            assert!(last < 0.5 * first, "{name}: loss {first} -> {last}");
+        }
+        Ok(())
+    }
+}
