@@ -248,8 +248,9 @@ impl Hyena {
     fn short_conv(&self, padded: &Tensor) -> Result<Tensor> {
         let t = padded.dim(1)? + 1 - self.kernel;
         let c = self.short_weight.dim(0)?;
-        let w = self.short_weight.reshape((c, self.kernel))?.t()?; // [K, C]
-        let mut y = self.short_bias.reshape((1, 1, c))?;
+        let dtype = padded.dtype();
+        let w = self.short_weight.to_dtype(dtype)?.reshape((c, self.kernel))?.t()?; // [K, C]
+        let mut y = self.short_bias.to_dtype(dtype)?.reshape((1, 1, c))?;
         for j in 0..self.kernel {
             y = padded.narrow(1, j, t)?.broadcast_mul(&w.narrow(0, j, 1)?.reshape((1, 1, c))?)?.broadcast_add(&y)?;
         }
@@ -277,20 +278,23 @@ impl Hyena {
         let u = self.in_proj.forward(x)?;
         let padded = u.pad_with_zeros(1, k - 1, 0)?;
         let uc = self.short_conv(&padded)?;
+        // The long convolutions run in the filters' (parameters') precision: f32 under bf16
+        // activations.
         let filters = self.filter.generate(t)?;
         let mut z = uc.narrow(2, n * d, d)?;
         let mut history = Vec::new();
         for o in 0..n {
             let h = self.order_filter(&filters, o)?.t()?.contiguous()?; // [d, T]
-            let zt = z.transpose(1, 2)?.contiguous()?; // [B, d, T]
+            let zc = z.to_dtype(filters.dtype())?;
+            let zt = zc.transpose(1, 2)?.contiguous()?; // [B, d, T]
             let conv = match self.long_conv {
                 LongConv::Fft => fftconv::causal_conv(&zt, &h)?,
                 LongConv::Direct => fftconv::causal_conv_direct(&zt, &h)?,
             }
             .transpose(1, 2)?;
-            let y = (conv + z.broadcast_mul(&self.order_bias(o)?)?)?;
+            let y = (conv + zc.broadcast_mul(&self.order_bias(o)?)?)?.to_dtype(x.dtype())?;
             if keep {
-                history.push(z.contiguous()?);
+                history.push(zc.contiguous()?);
             }
             z = (uc.narrow(2, o * d, d)? * y)?;
         }
@@ -347,13 +351,14 @@ impl SequenceMixer for Hyena {
         let taps = state.tensors[0].narrow(0, l - 1 - p, p + 1)?; // [p+1, N d], tap p - tau at row tau
         let mut z = uc.narrow(2, n * d, d)?;
         for o in 0..n {
+            let zc = z.to_dtype(taps.dtype())?;
             let history = match state.tensors.get(2 + o) {
-                Some(h) => Tensor::cat(&[h, &z], 1)?,
-                None => z.contiguous()?,
+                Some(h) => Tensor::cat(&[h, &zc], 1)?,
+                None => zc.contiguous()?,
             };
             let h = self.order_filter(&taps, o)?; // [p+1, d]
             let conv = history.broadcast_mul(&h.unsqueeze(0)?)?.sum_keepdim(1)?; // [B, 1, d]
-            let y = (conv + z.broadcast_mul(&self.order_bias(o)?)?)?;
+            let y = (conv + zc.broadcast_mul(&self.order_bias(o)?)?)?.to_dtype(x.dtype())?;
             if state.tensors.len() > 2 + o {
                 state.tensors[2 + o] = history;
             } else {
@@ -533,6 +538,18 @@ mod tests {
         let z = positional_features(4, 5);
         assert_eq!(z.len(), 20);
         assert_eq!(&z[0..5], &[0.0, 1.0, 1.0, -0.0, -0.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn runs_under_mixed_precision() -> AnyResult<()> {
+        let cfg = tiny(&[])?;
+        let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
+        let full = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let mixed = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
+        let e = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
+        assert!(e < 0.05, "{e}");
+        assert!(model_modes_err(&mixed, &tokens, 4)? < 0.05);
         Ok(())
     }
 

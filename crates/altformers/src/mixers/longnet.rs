@@ -123,7 +123,7 @@ pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, us
         let tp = segments * w;
         let pad = |x: &Tensor| if tp > t { x.pad_with_zeros(2, 0, tp - t) } else { x.contiguous() };
         let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);
-        let mask = causal_mask(w.div_ceil(r), q.dtype(), dev)?;
+        let mask = causal_mask(w.div_ceil(r), stats_dtype(q.dtype()), dev)?;
         let (mut out_parts, mut lse_parts, mut order) = (Vec::new(), Vec::new(), Vec::new());
         let mut cover = vec![0u8; h * tp];
         // Heads sharing an offset o = j mod r keep the same rows: one batched product each.
@@ -134,7 +134,7 @@ pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, us
             order.extend(heads.iter().copied());
             if rows == 0 {
                 out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?);
-                lse_parts.push(Tensor::zeros((b, hg, tp), q.dtype(), dev)?);
+                lse_parts.push(Tensor::zeros((b, hg, tp), stats_dtype(q.dtype()), dev)?);
                 continue;
             }
             let pos: Vec<u32> = (0..segments).flat_map(|s| (0..rows).map(move |i| (s * w + o + i * r) as u32)).collect();
@@ -155,7 +155,7 @@ pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, us
             let o_s = o_s.reshape((b, hg, segments * rows, dh))?;
             let lse_s = lse_s.reshape((b, hg, segments * rows))?;
             out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?.index_add(&pos, &o_s, 2)?);
-            lse_parts.push(Tensor::zeros((b, hg, tp), q.dtype(), dev)?.index_add(&pos, &lse_s, 2)?);
+            lse_parts.push(Tensor::zeros((b, hg, tp), lse_s.dtype(), dev)?.index_add(&pos, &lse_s, 2)?);
         }
         // Back to head order 0..H.
         let mut inverse = vec![0u32; h];
@@ -201,7 +201,7 @@ pub fn dilated_attention_step(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usiz
         let vs = v.index_select(&kvh, 1)?.index_select(&keys, 2)?;
         let (o_s, lse_s) = softmax_attention(&qs, &ks, &vs, None)?; // [B, hg, 1, d_h], [B, hg, 1]
         outs.push(Tensor::zeros((b, h, 1, dh), q.dtype(), dev)?.index_add(&qh, &o_s, 1)?);
-        let lse = Tensor::zeros((b, h, 1), q.dtype(), dev)?.index_add(&qh, &lse_s, 1)?;
+        let lse = Tensor::zeros((b, h, 1), lse_s.dtype(), dev)?.index_add(&qh, &lse_s, 1)?;
         let mut cover = vec![0u8; h];
         heads.iter().for_each(|&j| cover[j] = 1);
         let cover = Tensor::from_vec(cover, (1, h, 1), dev)?.broadcast_as((b, h, 1))?;
@@ -210,12 +210,17 @@ pub fn dilated_attention_step(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usiz
     combine(&outs, &lses)
 }
 
-/// Softmax attention returning the normalised output and the log-sum-exp of the scores.
-/// `q: [.., n, d_h]`, `k, v: [.., m, d_h]`, `mask: [n, m]` (0 or -inf) ->
-/// (`[.., n, d_h]`, `[.., n]`).
+/// The precision of softmax statistics: f32 for half-precision activations.
+fn stats_dtype(dtype: DType) -> DType {
+    if matches!(dtype, DType::BF16 | DType::F16) { DType::F32 } else { dtype }
+}
+
+/// Softmax attention returning the normalised output and the log-sum-exp of the scores
+/// (statistics in [`stats_dtype`]). `q: [.., n, d_h]`, `k, v: [.., m, d_h]`, `mask: [n, m]`
+/// (0 or -inf) -> (`[.., n, d_h]`, `[.., n]`).
 fn softmax_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(stats_dtype(q.dtype()))?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
@@ -224,7 +229,7 @@ fn softmax_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) 
     let max = scores.max_keepdim(D::Minus1)?.detach();
     let e = scores.broadcast_sub(&max)?.exp()?;
     let den = e.sum_keepdim(D::Minus1)?;
-    let out = e.matmul(v)?.broadcast_div(&den)?;
+    let out = e.to_dtype(v.dtype())?.matmul(v)?.broadcast_div(&den.to_dtype(v.dtype())?)?;
     let lse = (den.log()? + max)?.squeeze(D::Minus1)?;
     Ok((out, lse))
 }
@@ -238,7 +243,7 @@ fn combine(outs: &[Tensor], lses: &[Tensor]) -> Result<Tensor> {
     let weights = weights.broadcast_div(&weights.sum_keepdim(0)?)?;
     let mut y: Option<Tensor> = None;
     for (i, out) in outs.iter().enumerate() {
-        let term = out.broadcast_mul(&weights.get(i)?.unsqueeze(D::Minus1)?)?;
+        let term = out.broadcast_mul(&weights.get(i)?.unsqueeze(D::Minus1)?.to_dtype(out.dtype())?)?;
         y = Some(match y {
             Some(y) => (y + term)?,
             None => term,
@@ -510,6 +515,18 @@ mod tests {
             let err = model_gradient_err(&tiny(sets)?, 13)?;
             assert!(err < 1e-4, "{sets:?}: {err}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn runs_under_mixed_precision() -> AnyResult<()> {
+        let cfg = tiny(&[])?;
+        let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
+        let full = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let mixed = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
+        let e = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
+        assert!(e < 0.05, "{e}");
+        assert!(model_modes_err(&mixed, &tokens, 4)? < 0.05);
         Ok(())
     }
 

@@ -28,7 +28,7 @@
 use std::sync::{Arc, LazyLock, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 use rustfft::num_complex::Complex;
@@ -36,7 +36,8 @@ use rustfft::num_traits::Zero;
 use rustfft::FftNum;
 
 /// Causal convolution of `x: [B, C, T]` with per-channel filters `h: [C, L]` -> `[B, C, T]`,
-/// by FFT (see the module documentation). Differentiable in both arguments.
+/// by FFT (see the module documentation). Differentiable in both arguments. f32 and f64 run
+/// as they are; bf16 and f16 are transformed in f32 and the result cast back.
 pub fn causal_conv(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     let (_, c, _) = x.dims3()?;
     let (ch, l) = h.dims2()?;
@@ -45,6 +46,10 @@ pub fn causal_conv(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     }
     if x.dtype() != h.dtype() {
         bail!("fftconv: x is {:?} but h is {:?}", x.dtype(), h.dtype());
+    }
+    if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // Half precision is too coarse for long FFTs: transform in f32.
+        return causal_conv(&x.to_dtype(DType::F32)?, &h.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
     }
     if !x.device().is_cpu() {
         bail!("fftconv: the FFT path runs on the CPU only so far (got {:?}); causal_conv_direct runs on any device", x.device());
@@ -232,13 +237,19 @@ impl Float for f64 {
     }
 }
 
+/// Rows of FFT length `n` per parallel task: about 2^16 samples, so short sequences run in
+/// one task instead of paying for thread hand-offs.
+fn min_rows(n: usize) -> usize {
+    (65536 / n.max(1)).max(1)
+}
+
 /// Spectra of `rows` signals of length `len` (`data: [rows, len]`), each zero-padded to `n`:
 /// `[rows, n/2 + 1]`.
 fn spectra<F: Float>(data: &[F], len: usize, n: usize, fwd: &Arc<dyn RealToComplex<F>>) -> Vec<Complex<F>> {
     let bins = n / 2 + 1;
     let rows = data.len() / len;
     let mut out = vec![Complex::zero(); rows * bins];
-    out.par_chunks_mut(bins).zip(data.par_chunks(len)).for_each_init(
+    out.par_chunks_mut(bins).zip(data.par_chunks(len)).with_min_len(min_rows(n)).for_each_init(
         || (vec![F::zero(); n], fwd.make_scratch_vec()),
         |(buf, scratch), (spec, row)| {
             buf[..len].copy_from_slice(row);
@@ -256,7 +267,7 @@ fn signals<F: Float>(spec: &mut [Complex<F>], n: usize, keep: usize, inv: &Arc<d
     let rows = spec.len() / bins;
     let scale = F::one() / F::from_usize(n).unwrap();
     let mut out = vec![F::zero(); rows * keep];
-    out.par_chunks_mut(keep).zip(spec.par_chunks_mut(bins)).for_each_init(
+    out.par_chunks_mut(keep).zip(spec.par_chunks_mut(bins)).with_min_len(min_rows(n)).for_each_init(
         || (vec![F::zero(); n], inv.make_scratch_vec()),
         |(buf, scratch), (row, s)| {
             // Spectra of real signals: the DC (and, for even n, Nyquist) bins are real; clear
@@ -281,7 +292,7 @@ fn conv<F: Float>(x: &[F], h: &[F], _b: usize, c: usize, t: usize, l: usize) -> 
     let bins = n / 2 + 1;
     let hs = spectra(h, l, n, &fwd);
     let mut xs = spectra(x, t, n, &fwd);
-    xs.par_chunks_mut(bins).enumerate().for_each(|(row, s)| {
+    xs.par_chunks_mut(bins).enumerate().with_min_len(min_rows(n)).for_each(|(row, s)| {
         let hc = &hs[(row % c) * bins..(row % c + 1) * bins];
         s.iter_mut().zip(hc).for_each(|(a, b)| *a = *a * *b);
     });
@@ -295,7 +306,7 @@ fn corr_input<F: Float>(dy: &[F], h: &[F], _b: usize, c: usize, t: usize, l: usi
     let bins = n / 2 + 1;
     let hs = spectra(h, l, n, &fwd);
     let mut ds = spectra(dy, t, n, &fwd);
-    ds.par_chunks_mut(bins).enumerate().for_each(|(row, s)| {
+    ds.par_chunks_mut(bins).enumerate().with_min_len(min_rows(n)).for_each(|(row, s)| {
         let hc = &hs[(row % c) * bins..(row % c + 1) * bins];
         s.iter_mut().zip(hc).for_each(|(a, b)| *a = *a * b.conj());
     });
@@ -310,7 +321,7 @@ fn corr_filter<F: Float>(dy: &[F], x: &[F], b: usize, c: usize, t: usize, l: usi
     let ds = spectra(dy, t, n, &fwd);
     let xs = spectra(x, t, n, &fwd);
     let mut acc = vec![Complex::<F>::zero(); c * bins];
-    acc.par_chunks_mut(bins).enumerate().for_each(|(ch, a)| {
+    acc.par_chunks_mut(bins).enumerate().with_min_len(min_rows(n / b.max(1))).for_each(|(ch, a)| {
         for bi in 0..b {
             let row = (bi * c + ch) * bins;
             let (d, xr) = (&ds[row..row + bins], &xs[row..row + bins]);
@@ -326,7 +337,7 @@ fn corr_filter<F: Float>(dy: &[F], x: &[F], b: usize, c: usize, t: usize, l: usi
 mod tests {
     use super::*;
     use crate::testing::{randn, rel_err};
-    use candle_core::{DType, Var};
+    use candle_core::Var;
 
     #[test]
     fn fft_lengths_are_smooth_and_long_enough() {
@@ -409,7 +420,11 @@ mod tests {
         let x = randn(&[1, 3, 8], 1, DType::F32)?;
         assert!(causal_conv(&x, &randn(&[2, 8], 2, DType::F32)?).is_err());
         assert!(causal_conv(&x, &randn(&[3, 8], 2, DType::F64)?).is_err());
-        let err = causal_conv(&x.to_dtype(DType::BF16)?, &randn(&[3, 8], 2, DType::BF16)?).unwrap_err();
+        let h = randn(&[3, 8], 2, DType::F32)?;
+        let half = causal_conv(&x.to_dtype(DType::BF16)?, &h.to_dtype(DType::BF16)?)?;
+        assert_eq!(half.dtype(), DType::BF16);
+        assert!(rel_err(&half, &causal_conv(&x, &h)?)? < 2e-2);
+        let err = x.to_dtype(DType::U32)?.apply_op2(&h.to_dtype(DType::U32)?, CausalConv).unwrap_err();
         assert!(err.to_string().contains("f32 and f64"), "{err}");
         Ok(())
     }
