@@ -79,6 +79,9 @@ enum Command {
         /// No progress bar or per-evaluation lines.
         #[arg(long)]
         quiet: bool,
+        /// Stop after this many steps (checkpointed), to continue later with --resume.
+        #[arg(long)]
+        stop_after: Option<usize>,
     },
     /// Loss of a trained run on a corpus's validation split (every byte, consecutive windows).
     Eval {
@@ -121,6 +124,30 @@ enum Command {
     },
     /// Every registered architecture with its stated and true complexity.
     Models,
+    /// Parameter count of a configuration, and the width that matches another model's count.
+    Params {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Also solve the width whose parameter count matches this model's (same config).
+        #[arg(long)]
+        matching: Option<String>,
+    },
+    /// Turn an official RWKV-4 checkpoint (converted to safetensors) into a run folder.
+    ///
+    /// Convert a `.pth` first with PyTorch: python3 -c "import torch,sys; from safetensors.torch
+    /// import save_file; save_file({k: v.float().contiguous() for k, v in torch.load(sys.argv[1],
+    /// map_location='cpu').items()}, sys.argv[2])" RWKV-4.pth rwkv4.safetensors
+    #[command(name = "import-rwkv4")]
+    ImportRwkv4 {
+        /// The checkpoint, with official RWKV-4 tensor names.
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure time and memory (scaling with T) or decoding cost (against context).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -212,6 +239,35 @@ enum BenchCommand {
 enum BenchModeArg {
     Fwd,
     Fwdbwd,
+}
+
+/// A full configuration as `--set` lines (every model and train field), so helpers that
+/// rebuild configurations from sets see exactly this one.
+fn config_sets(cfg: &RunConfig) -> Vec<String> {
+    let mut sets = Vec::new();
+    for (section, value) in [("model", serde_json::to_value(&cfg.model)), ("train", serde_json::to_value(&cfg.train))] {
+        if let Ok(serde_json::Value::Object(map)) = value {
+            for (k, v) in map {
+                match (k.as_str(), &v) {
+                    ("mixer", _) => {}
+                    ("options", serde_json::Value::Object(opts)) => {
+                        for (ok, ov) in opts {
+                            sets.push(format!("{section}.options.{ok}={}", toml_literal(ov)));
+                        }
+                    }
+                    _ => sets.push(format!("{section}.{k}={}", toml_literal(&v))),
+                }
+            }
+        }
+    }
+    sets
+}
+
+fn toml_literal(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => format!("\"{s}\""),
+        other => other.to_string(),
+    }
 }
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
@@ -313,7 +369,7 @@ fn main() {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train { model, data, data_format, config, sets, out, resume, device, dtype, quiet } => {
+        Command::Train { model, data, data_format, config, sets, out, resume, device, dtype, quiet, stop_after } => {
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
             let cfg = if resume {
@@ -330,7 +386,7 @@ fn run(command: Command) -> Result<()> {
                 RunConfig::build(&model, config.as_deref(), &sets)?
             };
             let corpus = Corpus::load(&data, data_format.into())?;
-            let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after: None };
+            let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after };
             let summary = train::train(&cfg, &corpus, data_format.into(), &opts)?;
             println!("{}", serde_json::to_string(&summary.last)?);
             Ok(())
@@ -368,6 +424,35 @@ fn run(command: Command) -> Result<()> {
         Command::Report { from } => {
             altformers::report::render(&from)?;
             println!("{}", from.join("report.md").display());
+            Ok(())
+        }
+        Command::Params { model, config, sets, matching } => {
+            let cfg = RunConfig::build(&model, config.as_deref(), &sets)?;
+            let arch = altformers::registry::find(&model)?;
+            let params = altformers::compare::param_count(arch, &config_sets(&cfg), cfg.model.width)
+                .context("this configuration does not build")?;
+            let mut out = serde_json::json!({ "model": model, "width": cfg.model.width, "params": params });
+            if let Some(other) = matching {
+                let other_arch = altformers::registry::find(&other)?;
+                let other_cfg = RunConfig::build(&other, config.as_deref(), &sets)?;
+                let target = altformers::compare::param_count(other_arch, &config_sets(&other_cfg), other_cfg.model.width)
+                    .context("the reference configuration does not build")?;
+                let (width, p) = altformers::compare::solve_width(arch, &config_sets(&cfg), target)?;
+                out["matching"] = serde_json::json!({ "model": other, "params": target, "width": width, "params_at_width": p,
+                    "ratio": p as f64 / target as f64 });
+            }
+            println!("{out}");
+            Ok(())
+        }
+        Command::ImportRwkv4 { file, out } => {
+            let cfg = altformers::mixers::rwkv4::import(&file, &out)?;
+            println!(
+                "imported RWKV-4 (width {}, {} layers, vocab {}) into {}",
+                cfg.model.width,
+                cfg.model.depth,
+                cfg.model.vocab,
+                out.display()
+            );
             Ok(())
         }
         Command::Models => {

@@ -30,3 +30,16 @@ pub struct Complexity {
     /// Elements of decode state per layer after `seq` tokens.
     pub state: fn(&CostShape) -> f64,
 }
+
+impl Complexity {
+    /// What the report says of the review's figure: wrong (with why), agrees, or not quoted.
+    pub fn verdict(&self) -> String {
+        if !self.review_error.is_empty() {
+            format!("wrong: {}", self.review_error)
+        } else if self.stated_time == NOT_QUOTED {
+            "not quoted".to_string()
+        } else {
+            "agrees".to_string()
+        }
+    }
+}

@@ -154,18 +154,21 @@ impl LanguageModel {
 
     /// Parallel form. `tokens: [B, T]` (u32) -> logits `[B, T, V]`. With `dropout_rng`,
     /// dropout is applied (training); without, the model is deterministic (evaluation).
-    pub fn forward(&self, tokens: &Tensor, mut dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+    pub fn forward(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
         let p = self.config.dropout;
-        let mut drop = |x: Tensor| -> Result<Tensor> {
-            match dropout_rng.as_deref_mut() {
-                Some(rng) if p > 0.0 => dropout(&x, p, rng),
-                _ => Ok(x),
+        let Some(rng) = dropout_rng.filter(|_| p > 0.0) else {
+            let mut x = self.embed(tokens, 0)?;
+            for block in &self.blocks {
+                x = block.forward(&x)?;
             }
+            return self.logits(&x);
         };
-        let mut x = drop(self.embed(tokens, 0)?)?;
+        // GPT-2's dropout sites: the embedding, each residual branch, and inside the mixer
+        // (attention probabilities).
+        let mut x = dropout(&self.embed(tokens, 0)?, p, rng)?;
         for block in &self.blocks {
-            x = (&x + drop(block.att.forward(&block.ln1.forward(&x)?)?)?)?;
-            x = (&x + drop(block.ffn.forward(&block.ln2.forward(&x)?)?)?)?;
+            x = (&x + dropout(&block.att.forward_train(&block.ln1.forward(&x)?, p, rng)?, p, rng)?)?;
+            x = (&x + dropout(&block.ffn.forward(&block.ln2.forward(&x)?)?, p, rng)?)?;
         }
         self.logits(&x)
     }

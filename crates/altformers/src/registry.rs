@@ -151,7 +151,7 @@ pub fn table() -> String {
     );
     for a in ARCHITECTURES {
         let c = &a.complexity;
-        let verdict = if c.review_error.is_empty() { "agrees".to_string() } else { format!("wrong: {}", c.review_error) };
+        let verdict = c.verdict();
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             a.name,

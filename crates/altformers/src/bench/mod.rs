@@ -63,6 +63,7 @@ impl Provenance {
                 .ok()
                 .filter(|o| o.status.success())
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .filter(|s| !s.is_empty())
         };
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()

@@ -66,6 +66,17 @@ impl Attention {
 ///
 /// `q: [B, H, T, d_h]`, `k, v: [B, KVH, S, d_h]` -> `[B, H, T, d_h]`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    causal_attention_with_dropout(q, k, v, offset, None)
+}
+
+/// [`causal_attention`] with dropout on the attention probabilities (training).
+pub fn causal_attention_with_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    offset: usize,
+    dropout: Option<(f64, &mut crate::rng::Rng)>,
+) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let (_, kvh, s, _) = k.dims4()?;
     let g = h / kvh;
@@ -78,21 +89,43 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
     } else {
         scores
     };
-    softmax(&scores)?.matmul(v)?.reshape((b, h, t, dh))
+    let probs = softmax(&scores)?;
+    let probs = match dropout {
+        Some((p, rng)) if p > 0.0 => crate::nn::dropout(&probs, p, rng)?,
+        _ => probs,
+    };
+    probs.matmul(v)?.reshape((b, h, t, dh))
 }
 
-/// `[T, S]`: 0 where key s is visible to query t (s <= offset + t), -inf elsewhere.
+/// `[T, S]`: 0 where key s is visible to query t (s <= offset + t), -inf elsewhere. The
+/// last mask is kept per thread: training asks for the same one in every layer and step,
+/// and on a GPU each fresh one is a synchronous upload.
 fn causal_mask(t: usize, s: usize, offset: usize, dtype: candle_core::DType, dev: &candle_core::Device) -> Result<Tensor> {
+    type Key = (usize, usize, usize, candle_core::DType, candle_core::DeviceLocation);
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Key, Tensor)>> = const { std::cell::RefCell::new(None) };
+    }
+    let key: Key = (t, s, offset, dtype, dev.location());
+    if let Some(m) = LAST.with(|c| c.borrow().as_ref().filter(|(k, _)| *k == key).map(|(_, m)| m.clone())) {
+        return Ok(m);
+    }
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Tensor::from_vec(mask, (t, s), dev)?.to_dtype(dtype)
+    let m = Tensor::from_vec(mask, (t, s), dev)?.to_dtype(dtype)?;
+    LAST.with(|c| *c.borrow_mut() = Some((key, m.clone())));
+    Ok(m)
 }
 
 impl SequenceMixer for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (q, k, v) = self.project(x, 0)?;
         self.merge(&causal_attention(&q, &k, &v, 0)?)
+    }
+
+    fn forward_train(&self, x: &Tensor, p: f64, rng: &mut crate::rng::Rng) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, 0)?;
+        self.merge(&causal_attention_with_dropout(&q, &k, &v, 0, Some((p, rng)))?)
     }
 
     /// The state is the KV cache `[k, v]`, each `[B, KVH, T, d_h]` (keys already rotated).

@@ -44,6 +44,13 @@ pub trait SequenceMixer: Send + Sync {
     /// One token. `x: [B, 1, D] -> [B, 1, D]`, advancing `state`.
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor>;
 
+    /// Training form: `forward` with the dropout the paper puts inside the mixer (attention
+    /// probabilities, for attention), drawn from `rng` with probability `p`. Mixers without
+    /// internal dropout use `forward`.
+    fn forward_train(&self, x: &Tensor, _p: f64, _rng: &mut crate::rng::Rng) -> Result<Tensor> {
+        self.forward(x)
+    }
+
     /// Chunkwise form (parallel inside chunks of `chunk` tokens, recurrent across), where the
     /// paper defines one.
     fn chunked(&self, _x: &Tensor, _chunk: usize) -> Option<Result<Tensor>> {

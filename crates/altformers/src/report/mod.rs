@@ -206,7 +206,7 @@ pub fn render(dir: &Path) -> Result<()> {
         let f = fits.iter().find(|f| f.model == a.name && f.component == "mixer");
         let slope = |s: Option<f64>| s.map(|v| format!("{v:.2}")).unwrap_or("-".into());
         let c = &a.complexity;
-        let verdict = if c.review_error.is_empty() { "agrees".to_string() } else { format!("**wrong**: {}", c.review_error) };
+        let verdict = c.verdict().replacen("wrong", "**wrong**", 1);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",

@@ -31,15 +31,18 @@ impl AdamW {
         Ok(Self { params, m, v, t: 0, beta1, beta2, eps, weight_decay })
     }
 
-    /// Global L2 norm of the gradients (f64 on the host).
+    /// Global L2 norm of the gradients (f64 on the host), with one device synchronisation.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sq = 0.0;
+        let mut squares = Vec::with_capacity(self.params.len());
         for (_, p) in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                squares.push(g.to_dtype(moment_dtype(g.dtype()))?.sqr()?.sum_all()?.to_dtype(DType::F64)?);
             }
         }
-        Ok(sq.sqrt())
+        if squares.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
     }
 
     /// One update at learning rate `lr`, gradients scaled down to norm `clip` if larger
