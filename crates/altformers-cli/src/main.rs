@@ -313,6 +313,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             let device = altformers::device::select(&device)?;
             let opts = scaling::ScalingOptions {
                 models: model_list(&models)?,
+                components: vec!["mixer".into(), "block".into()],
                 mode: match mode {
                     BenchModeArg::Fwd => scaling::BenchMode::Fwd,
                     BenchModeArg::Fwdbwd => scaling::BenchMode::Fwdbwd,
@@ -437,8 +438,8 @@ fn run(command: Command) -> Result<()> {
                 let other_cfg = RunConfig::build(&other, config.as_deref(), &sets)?;
                 let target = altformers::compare::param_count(other_arch, &config_sets(&other_cfg), other_cfg.model.width)
                     .context("the reference configuration does not build")?;
-                let (width, p) = altformers::compare::solve_width(arch, &config_sets(&cfg), target)?;
-                out["matching"] = serde_json::json!({ "model": other, "params": target, "width": width, "params_at_width": p,
+                let (extra, p) = altformers::compare::match_params(arch, &config_sets(&cfg), target)?;
+                out["matching"] = serde_json::json!({ "model": other, "params": target, "sets": extra, "params_matched": p,
                     "ratio": p as f64 / target as f64 });
             }
             println!("{out}");

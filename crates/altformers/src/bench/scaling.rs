@@ -23,6 +23,8 @@ pub enum BenchMode {
 #[derive(Clone, Debug)]
 pub struct ScalingOptions {
     pub models: Vec<String>,
+    /// `mixer` (one sequence-mixer layer) and/or `block` (the whole block).
+    pub components: Vec<String>,
     pub mode: BenchMode,
     pub lengths: Vec<usize>,
     pub width: usize,
@@ -98,7 +100,7 @@ pub fn run(opts: &ScalingOptions, device: &Device, mut on_point: impl FnMut(&Sca
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
     for name in &opts.models {
         let arch = registry::find(name)?;
-        for component in ["mixer", "block"] {
+        for component in opts.components.iter().map(String::as_str) {
             let mut capped: Option<String> = None;
             for &t in &opts.lengths {
                 let batch = (opts.tokens_per_batch / t).max(1);

@@ -41,6 +41,8 @@ pub struct LmSettings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScalingSettings {
+    /// `mixer` and/or `block`.
+    pub components: Vec<String>,
     pub lengths: Vec<usize>,
     pub width: usize,
     pub heads: usize,
@@ -96,10 +98,11 @@ pub fn param_count(arch: &Architecture, sets: &[String], width: usize) -> Option
     LanguageModel::new(&cfg.model, 0, &Device::Cpu, DType::F32).ok().map(|m| m.num_params())
 }
 
-/// The width (a multiple of 2 * heads) whose parameter count is closest to `target`.
+/// The width (a multiple of the head count; widths a model rejects are skipped) whose
+/// parameter count is closest to `target`.
 pub fn solve_width(arch: &Architecture, sets: &[String], target: usize) -> Result<(usize, usize)> {
     let cfg = RunConfig::build(arch.name, None, sets)?;
-    let step = 2 * cfg.model.heads;
+    let step = cfg.model.heads;
     let mut best: Option<(usize, usize)> = None;
     let mut width = step;
     while width <= 64 * step.max(16) {
@@ -115,6 +118,33 @@ pub fn solve_width(arch: &Architecture, sets: &[String], target: usize) -> Resul
         width += step;
     }
     best.with_context(|| format!("no valid width found for {}", arch.name))
+}
+
+/// Settings that bring `arch` within 5% of `target` parameters: the closest width, and where
+/// the width's granularity is too coarse (small models), the channel mixer's `ffn_mult`
+/// adjusted in steps of 1/16 around that width. Returns the `--set` lines and the count.
+pub fn match_params(arch: &Architecture, sets: &[String], target: usize) -> Result<(Vec<String>, usize)> {
+    let (width, params) = solve_width(arch, sets, target)?;
+    let mut best = (vec![format!("model.width={width}")], params);
+    let off = |p: usize| (p as f64 / target as f64 - 1.0).abs();
+    if off(params) <= 0.05 {
+        return Ok(best);
+    }
+    let cfg = RunConfig::build(arch.name, None, sets)?;
+    let step = cfg.model.heads;
+    for w in [width.saturating_sub(step), width, width + step].into_iter().filter(|&w| w > 0) {
+        for k in -8i32..=8 {
+            let mult = cfg.model.ffn_mult * (1.0 + k as f64 / 16.0);
+            let mut trial = sets.to_vec();
+            trial.push(format!("model.ffn_mult={mult}"));
+            if let Some(p) = param_count(arch, &trial, w) {
+                if off(p) < off(best.1) {
+                    best = (vec![format!("model.width={w}"), format!("model.ffn_mult={mult}")], p);
+                }
+            }
+        }
+    }
+    Ok(best)
 }
 
 fn write_lines<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
@@ -142,10 +172,11 @@ pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device
     let target = param_count(reference, &preset.lm.sets, preset.lm.reference_width).context("the reference Transformer does not build")?;
     let mut rows = Vec::new();
     for arch in &causal {
-        let (width, params) = solve_width(arch, &preset.lm.sets, target)?;
+        let (extra, params) = match_params(arch, &preset.lm.sets, target)?;
         let mut sets = preset.lm.sets.clone();
-        sets.push(format!("model.width={width}"));
+        sets.extend(extra);
         let cfg = RunConfig::build(arch.name, None, &sets)?;
+        let width = cfg.model.width;
         let run_dir = out.join("runs").join(arch.name);
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir)?;
@@ -187,6 +218,7 @@ pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device
     let s = &preset.scaling;
     let sopts = scaling::ScalingOptions {
         models: names.clone(),
+        components: s.components.clone(),
         mode: scaling::BenchMode::Fwd,
         lengths: s.lengths.clone(),
         width: s.width,
