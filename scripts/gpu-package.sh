@@ -13,7 +13,19 @@ trap 'cp .cuda-build/Cargo.lock.orig Cargo.lock' EXIT
 ALTFORMERS_COMMIT=$(git rev-parse --short=12 HEAD) CARGO_TARGET_DIR=target/cuda \
   cargo build --release --features cuda -p altformers-cli \
   --config "patch.crates-io.candle-core.path=\"$ALTFORMERS_CANDLE_PATCH\""
-mkdir -p .gpu
+# The GPU test binaries (crates/altformers/tests/cuda_*.rs): fused kernels against the CPU
+# reference. They run on the GPU machine with .gpu/run-tests.sh.
+mkdir -p .gpu/tests
+rm -f .gpu/tests/*
+for t in $(ls crates/altformers/tests/cuda_*.rs 2>/dev/null | xargs -r -n1 basename | sed 's/\.rs$//'); do
+  exe=$(ALTFORMERS_COMMIT=$(git rev-parse --short=12 HEAD) CARGO_TARGET_DIR=target/cuda \
+    cargo test --release --features cuda -p altformers --test "$t" --no-run --message-format=json \
+    --config "patch.crates-io.candle-core.path=\"$ALTFORMERS_CANDLE_PATCH\"" \
+    | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+  cp "$exe" ".gpu/tests/$t"
+  strip ".gpu/tests/$t"
+  xz -T2 -6 -f ".gpu/tests/$t"
+done
 cp target/cuda/release/altformers .gpu/altformers
 strip .gpu/altformers
 xz -T2 -6 -f .gpu/altformers
@@ -31,4 +43,21 @@ export LD_LIBRARY_PATH="$NVLIB:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 exec /tmp/altformers "$@"
 RUN
 chmod +x .gpu/run.sh
+cat > .gpu/run-tests.sh <<'RUN'
+#!/usr/bin/env bash
+# On the GPU machine: unpack and run every carried GPU test binary; non-zero if any fails.
+here="$(cd "$(dirname "$0")" && pwd)"
+NVLIB=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
+export LD_LIBRARY_PATH="$NVLIB:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+rc=0
+for t in "$here"/tests/*.xz; do
+  exe=/tmp/$(basename "$t" .xz)
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$t" "$exe"
+  chmod +x "$exe"
+  echo "== $(basename "$exe")"
+  "$exe" --test-threads 1 "$@" || rc=1
+done
+exit $rc
+RUN
+chmod +x .gpu/run-tests.sh
 ls -la .gpu

@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod generate;
+pub mod kernels;
 pub mod mixers;
 pub mod model;
 pub mod nn;

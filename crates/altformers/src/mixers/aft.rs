@@ -71,6 +71,10 @@ struct WindowOptions {
     window: usize,
     /// Chunk length of the chunkwise prefix sums.
     chunk: usize,
+    /// Sequences up to this length run the exact dense pairwise form in `forward`: O(T^2 d)
+    /// in a few large matmuls, far faster than the windowed form's many small ops when T is
+    /// a small multiple of the window (the nanoGPT budget's T = 64 with s = 32). 0: never.
+    dense_below: usize,
 }
 
 pub fn full_options() -> serde_json::Value {
@@ -82,7 +86,7 @@ pub fn simple_options() -> serde_json::Value {
 }
 
 pub fn window_options() -> serde_json::Value {
-    serde_json::json!({ "window": DEFAULT_WINDOW, "chunk": DEFAULT_CHUNK })
+    serde_json::json!({ "window": DEFAULT_WINDOW, "chunk": DEFAULT_CHUNK, "dense_below": 2 * DEFAULT_WINDOW })
 }
 
 /// AFT replaces attention in a GPT-style block and carries positions in `w` (none for
@@ -114,13 +118,15 @@ pub struct Aft {
     pub chunk: usize,
     /// Channel groups sharing one bias (the heads of aft-conv; 1 otherwise).
     groups: usize,
+    /// aft-local/conv: `forward` runs the dense pairwise form up to this length.
+    dense_below: usize,
     context: usize,
 }
 
 impl Aft {
     pub fn new(cfg: &ModelConfig, variant: Variant, pb: &ParamBuilder) -> AnyResult<Self> {
         let (d, ctx) = (cfg.width, cfg.context);
-        let (mut window, mut chunk, mut groups) = (1, DEFAULT_CHUNK, 1);
+        let (mut window, mut chunk, mut groups, mut dense_below) = (1, DEFAULT_CHUNK, 1, 0);
         let bias = match variant {
             Variant::Full => {
                 let o: FullOptions = cfg.mixer_options()?;
@@ -137,7 +143,7 @@ impl Aft {
             }
             Variant::Local | Variant::Conv => {
                 let o: WindowOptions = cfg.mixer_options()?;
-                (window, chunk) = (o.window, o.chunk);
+                (window, chunk, dense_below) = (o.window, o.chunk, o.dense_below);
                 if window == 0 {
                     bail!("model.options.window must be positive");
                 }
@@ -163,6 +169,7 @@ impl Aft {
             window,
             chunk,
             groups,
+            dense_below,
             context: ctx,
         })
     }
@@ -342,6 +349,9 @@ pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor)
 
 impl SequenceMixer for Aft {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dim(1)? <= self.dense_below {
+            return self.reference(x);
+        }
         Ok(self.run(x, self.chunk)?.0)
     }
 
@@ -521,7 +531,7 @@ mod tests {
 
     fn tiny(name: &str, sets: &[&str]) -> ModelConfig {
         let mut all: Vec<&str> = match name {
-            "aft-local" | "aft-conv" => vec!["model.options.window=5", "model.options.chunk=4"],
+            "aft-local" | "aft-conv" => vec!["model.options.window=5", "model.options.chunk=4", "model.options.dense_below=0"],
             "aft-simple" => vec!["model.options.chunk=4"],
             _ => vec![],
         };

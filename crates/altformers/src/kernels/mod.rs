@@ -1,0 +1,65 @@
+//! Fused CUDA kernels (sm_90) as candle custom ops, each beside the reference it replaces.
+//!
+//! Every `kernels/*.cu` is compiled to PTX by `build.rs` when the `cuda` feature is on and
+//! loaded into candle's CUDA device on first use. Each public entry point here takes
+//! tensors, runs the fused kernel when the tensors are on a CUDA device in a supported
+//! dtype and shape, and otherwise runs the reference tensor expression (the CPU path), so a
+//! mixer calls one function whatever the device. Gradients: the custom op's `bwd` launches
+//! the kernel's backward. Tests against the CPU reference live in `tests/cuda_*.rs` and run
+//! on the GPU machine (scripts/gpu-package.sh builds and packs them).
+
+#[cfg(feature = "cuda")]
+pub mod ptx {
+    //! The compiled PTX of every kernel file, one constant per file (upper-case stem).
+    include!(concat!(env!("OUT_DIR"), "/kernels_ptx.rs"));
+}
+
+#[cfg(feature = "cuda")]
+pub mod launch {
+    //! Small helpers shared by the custom ops: loading a kernel, reaching a tensor's device
+    //! memory, allocating outputs.
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+    use candle_core::cuda_backend::{CudaDevice, CudaFunc, CudaStorage, WrapErr};
+    use candle_core::{bail, Layout, Result};
+
+    /// Kernel `name` from the module built from `ptx` (loaded once per device).
+    pub fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<CudaFunc> {
+        dev.get_or_load_custom_func(name, module, ptx)
+    }
+
+    /// The device memory of a contiguous tensor, as a view starting at its offset.
+    pub fn view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        s: &'a CudaStorage,
+        l: &Layout,
+    ) -> Result<CudaView<'a, T>> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            bail!("fused kernel: input is not contiguous (layout {l:?})")
+        };
+        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    /// A new zero-filled device buffer of `n` elements.
+    pub fn zeros<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+        dev: &CudaDevice,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        dev.alloc_zeros::<T>(n)
+    }
+
+    /// A new uninitialised device buffer of `n` elements (every element must be written).
+    pub fn uninit<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: callers launch a kernel that writes every element before any read.
+        unsafe { dev.alloc::<T>(n) }
+    }
+
+    pub fn device(s: &CudaStorage) -> &CudaDevice {
+        s.device()
+    }
+
+    pub use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    pub use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+}
+
+#[cfg(feature = "cuda")]
+pub mod fftconv;
