@@ -20,12 +20,35 @@ pub mod launch {
     //! memory, allocating outputs.
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
-    use candle_core::cuda_backend::{CudaDevice, CudaFunc, CudaStorage, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchArgs};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::{bail, Layout, Result};
+    use std::sync::Arc;
+
+    /// A loaded kernel and the device's stream (candle's own `CudaFunc` cannot be named
+    /// outside candle). Derefs to the function, for its attributes.
+    pub struct Kernel {
+        func: CudaFunction,
+        stream: Arc<CudaStream>,
+    }
+
+    impl Kernel {
+        pub fn builder(&self) -> LaunchArgs<'_> {
+            self.stream.launch_builder(&self.func)
+        }
+    }
+
+    impl std::ops::Deref for Kernel {
+        type Target = CudaFunction;
+        fn deref(&self) -> &CudaFunction {
+            &self.func
+        }
+    }
 
     /// Kernel `name` from the module built from `ptx` (loaded once per device).
-    pub fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<CudaFunc> {
-        dev.get_or_load_custom_func(name, module, ptx)
+    pub fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<Kernel> {
+        let func = dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function();
+        Ok(Kernel { func, stream: dev.cuda_stream() })
     }
 
     /// The device memory of a contiguous tensor, as a view starting at its offset.
@@ -63,3 +86,6 @@ pub mod launch {
 
 #[cfg(feature = "cuda")]
 pub mod fftconv;
+
+#[cfg(feature = "cuda")]
+pub mod decayed;

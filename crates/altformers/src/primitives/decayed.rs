@@ -167,6 +167,10 @@ pub fn linear_chunked(
     chunk: usize,
     state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Some(fused) = crate::kernels::decayed::linear(q, k, v, log_decay, state)? {
+        return Ok(fused);
+    }
     let (b, h, t, dk) = q.dims4()?;
     let dv = v.dim(3)?;
     let (l, n, pad) = chunk_layout(t, chunk);
@@ -453,6 +457,10 @@ pub fn wkv_chunked_parts(k: &Tensor, v: &Tensor, wt: Weighting, chunk: usize, st
 /// Chunkwise form: `y = num / den` of [`wkv_chunked_parts`]. `k, v: [B, T, C]` ->
 /// (`y: [B, T, C]`, the state after the last token).
 pub fn wkv_chunked(k: &Tensor, v: &Tensor, wt: Weighting, chunk: usize, state: Option<WkvState>) -> Result<(Tensor, WkvState)> {
+    #[cfg(feature = "cuda")]
+    if let Some(fused) = crate::kernels::decayed::wkv(k, v, wt, state.as_ref())? {
+        return Ok(fused);
+    }
     let (parts, s) = wkv_chunked_parts(k, v, wt, chunk, state)?;
     Ok((parts.ratio()?, s))
 }
