@@ -89,3 +89,6 @@ pub mod fftconv;
 
 #[cfg(feature = "cuda")]
 pub mod decayed;
+
+#[cfg(feature = "cuda")]
+pub mod flash_attention;

@@ -69,8 +69,26 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
     causal_attention_with_dropout(q, k, v, offset, None)
 }
 
-/// [`causal_attention`] with dropout on the attention probabilities (training).
+/// [`causal_attention`] with dropout on the attention probabilities (training). Runs the
+/// fused flash-attention kernel ([`crate::kernels::flash_attention`]) for bf16 CUDA tensors of
+/// head width 64 or 128 without dropout, and [`causal_attention_reference`] otherwise.
 pub fn causal_attention_with_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    offset: usize,
+    dropout: Option<(f64, &mut crate::rng::Rng)>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if dropout.as_ref().is_none_or(|(p, _)| *p == 0.0) && crate::kernels::flash_attention::supports(q, k, v) {
+        return crate::kernels::flash_attention::causal_attention(q, k, v, offset);
+    }
+    causal_attention_reference(q, k, v, offset, dropout)
+}
+
+/// The tensor expression of [`causal_attention_with_dropout`]: the CPU path, the fallback of
+/// the fused kernel, and the reference it is tested against.
+pub fn causal_attention_reference(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

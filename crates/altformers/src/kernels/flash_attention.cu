@@ -1,0 +1,481 @@
+// Fused causal attention for sm_90 in bf16 with f32 accumulation (FlashAttention-2 style):
+// forward (output + per-row log-sum-exp), and backward (D = rowsum(dO * O), then dK/dV per
+// key block with dQ accumulated atomically in f32, then dQ converted to bf16).
+// Tile sizes and shared-memory layouts are mirrored in flash_attention.rs (`Tiles`); the
+// reasons for them are given there.
+//
+// Layouts: q, o, dout, dq [B, H, T, D]; k, v, dk, dv [B, KVH, S, D]; lse, delta [B, H, T];
+// all contiguous. Query head h reads key/value head h / (H / KVH). Query row i sees key j
+// when j <= offset + i (and j < S).
+//
+// Tensor-core fragments follow PTX mma.m16n8k16 (row.col, bf16 in, f32 accumulate). With
+// lane = 4 * grp + quad: A regs hold (row grp | grp + 8, cols 2 quad + {0,1} | + 8),
+// B regs hold (k rows 2 quad + {0,1} | + 8, col grp), C holds (row grp | grp + 8,
+// cols 2 quad + {0,1}). Shared tiles are padded by 8 elements per row so that the 8 row
+// addresses of each ldmatrix phase fall into distinct banks.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+namespace {
+
+constexpr int kPad = 8;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; when !valid the destination is zero-filled
+// (src-size 0), so out-of-range rows contribute exact zeros and never NaN.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a bf16 pair, `lo` in the low half (the lower column of a fragment).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ldmatrix address of this lane for an A operand (16 x 16, row-major in shared memory) at
+// (row0, col0): lanes 0-15 address rows 0-15 of the left 8 columns, 16-31 the right ones.
+__device__ __forceinline__ const bf16* a_frag_addr(const bf16* tile, int ld, int row0, int col0, int lane) {
+    return tile + (row0 + (lane & 15)) * ld + col0 + (lane >> 4) * 8;
+}
+// ldmatrix (non-transposed) address for two B operands n-tiles (n0, n0 + 8) x k (k0 .. k0 + 16)
+// from a tile stored [n][k]: regs 0,1 are the first n-tile's B, regs 2,3 the second's.
+__device__ __forceinline__ const bf16* b_frag_addr(const bf16* tile, int ld, int n0, int k0, int lane) {
+    return tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * ld + k0 + ((lane >> 3) & 1) * 8;
+}
+// ldmatrix.trans address for two B n-tiles from a tile stored [k][n] (k0 .. k0 + 16, n0 .. n0 + 16).
+__device__ __forceinline__ const bf16* bt_frag_addr(const bf16* tile, int ld, int k0, int n0, int lane) {
+    return tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
+}
+
+// Copies rows row0 .. row0 + ROWS of a [rows, D] matrix into a padded shared tile,
+// zero-filling rows at or beyond `rows`.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* src, int row0, int rows) {
+    constexpr int kChunks = D / 8;
+    for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        const bool valid = row0 + r < rows;
+        const bf16* from = valid ? src + (size_t)(row0 + r) * D + col : src;
+        cp_async16(tile + r * (D + kPad) + col, from, valid);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward. Grid (ceil(T / BR), H, B); WARPS warps each own 16 query rows; key tiles of BC
+// rows stream through a two-stage cp.async pipeline.
+template <int D, int WARPS, int BC>
+__device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                          const bf16* __restrict__ v, bf16* __restrict__ o,
+                                          float* __restrict__ lse, int T, int S, int H, int KVH, int offset,
+                                          float scale_log2) {
+    constexpr int BR = 16 * WARPS, THREADS = 32 * WARPS, LD = D + kPad;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* s_q = reinterpret_cast<bf16*>(smem);
+    bf16* s_k = s_q + BR * LD;      // 2 stages
+    bf16* s_v = s_k + 2 * BC * LD;  // 2 stages
+
+    // Causal work grows with the query block: launch the longest ones first so the tail of
+    // the grid is made of short blocks.
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * BR, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (H / KVH);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane >> 2, quad = lane & 3;
+    const bf16* q_h = q + (size_t)(b * H + h) * T * D;
+    const bf16* k_h = k + (size_t)(b * KVH + kvh) * S * D;
+    const bf16* v_h = v + (size_t)(b * KVH + kvh) * S * D;
+
+    // Keys seen by any row of this tile: 0 .. min(S, offset + m0 + BR).
+    const int key_end = min(S, offset + m0 + BR);
+    const int key_blocks = (key_end + BC - 1) / BC;
+
+    load_tile_async<BR, D, THREADS>(s_q, q_h, m0, T);
+    load_tile_async<BC, D, THREADS>(s_k, k_h, 0, S);
+    load_tile_async<BC, D, THREADS>(s_v, v_h, 0, S);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    uint32_t q_frag[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q_frag[kk], a_frag_addr(s_q, LD, warp * 16, kk * 16, lane));
+
+    float acc_o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+    // Running max (in scaled log2 units) and this thread's partial row sums for rows grp, grp + 8;
+    // the sums are reduced across the quad only at the end (the rescaling factors agree).
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+    for (int j = 0; j < key_blocks; ++j) {
+        const int stage = j & 1;
+        if (j + 1 < key_blocks) {
+            load_tile_async<BC, D, THREADS>(s_k + (stage ^ 1) * BC * LD, k_h, (j + 1) * BC, S);
+            load_tile_async<BC, D, THREADS>(s_v + (stage ^ 1) * BC * LD, v_h, (j + 1) * BC, S);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bf16* k_tile = s_k + stage * BC * LD;
+        const bf16* v_tile = s_v + stage * BC * LD;
+
+        float acc_s[BC / 8][4];
+#pragma unroll
+        for (int i = 0; i < BC / 8; ++i) acc_s[i][0] = acc_s[i][1] = acc_s[i][2] = acc_s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < BC / 16; ++np) {
+                uint32_t bk[4];
+                ldmatrix_x4(bk, b_frag_addr(k_tile, LD, np * 16, kk * 16, lane));
+                mma_bf16(acc_s[2 * np], q_frag[kk], bk[0], bk[1]);
+                mma_bf16(acc_s[2 * np + 1], q_frag[kk], bk[2], bk[3]);
+            }
+        }
+
+        const int n0 = j * BC;
+        if (n0 + BC > S || n0 + BC - 1 > offset + m0) {
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = m0 + warp * 16 + grp + (e >> 1) * 8;
+                    const int col = n0 + nt * 8 + quad * 2 + (e & 1);
+                    if (col > offset + row || col >= S) acc_s[nt][e] = -INFINITY;
+                }
+        }
+
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = row_max[r];
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+                mx = fmaxf(mx, fmaxf(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]) * scale_log2);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            // A row with nothing visible yet keeps max -inf; subtracting 0 then yields p = 0.
+            const float base = mx == -INFINITY ? 0.f : mx;
+            const float rescale = exp2f(row_max[r] - base);
+            row_max[r] = mx;
+            row_sum[r] *= rescale;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) {
+                acc_o[dn][2 * r] *= rescale;
+                acc_o[dn][2 * r + 1] *= rescale;
+            }
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float p = exp2f(fmaf(acc_s[nt][2 * r + e], scale_log2, -base));
+                    acc_s[nt][2 * r + e] = p;
+                    row_sum[r] += p;
+                }
+        }
+
+        // O += P V: the S accumulator fragments of n-tiles (2kk, 2kk+1) are exactly the A
+        // fragment of the kk-th 16-key slice, so P never leaves registers.
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            const uint32_t p_frag[4] = {
+                pack_bf16(acc_s[2 * kk][0], acc_s[2 * kk][1]), pack_bf16(acc_s[2 * kk][2], acc_s[2 * kk][3]),
+                pack_bf16(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
+                pack_bf16(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+#pragma unroll
+            for (int np = 0; np < D / 16; ++np) {
+                uint32_t bv[4];
+                ldmatrix_x4_trans(bv, bt_frag_addr(v_tile, LD, kk * 16, np * 16, lane));
+                mma_bf16(acc_o[2 * np], p_frag, bv[0], bv[1]);
+                mma_bf16(acc_o[2 * np + 1], p_frag, bv[2], bv[3]);
+            }
+        }
+        // The next iteration prefetches into the stage just read.
+        __syncthreads();
+    }
+
+    bf16* o_h = o + (size_t)(b * H + h) * T * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int row = m0 + warp * 16 + grp + r * 8;
+        if (row < T) {
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn)
+                *reinterpret_cast<uint32_t*>(o_h + (size_t)row * D + dn * 8 + quad * 2) =
+                    pack_bf16(acc_o[dn][2 * r] * inv, acc_o[dn][2 * r + 1] * inv);
+            // Log-sum-exp of the scaled scores, in log2 units: p = exp2(s * scale_log2 - lse).
+            if (quad == 0) lse[(size_t)(b * H + h) * T + row] = row_max[r] + log2f(sum);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, step 1: delta[i] = sum_d dO[i, d] * O[i, d]; one warp per row.
+template <int D>
+__device__ __forceinline__ void flash_bwd_delta(const bf16* __restrict__ o, const bf16* __restrict__ dout,
+                                                float* __restrict__ delta, int rows) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    float acc = 0.f;
+#pragma unroll
+    for (int c = lane * 2; c < D; c += 64) {
+        const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(o + (size_t)row * D + c);
+        const __nv_bfloat162 g = *reinterpret_cast<const __nv_bfloat162*>(dout + (size_t)row * D + c);
+        const float2 af = __bfloat1622float2(a), gf = __bfloat1622float2(g);
+        acc += af.x * gf.x + af.y * gf.y;
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s);
+    if (lane == 0) delta[row] = acc;
+}
+
+// Backward, step 2. Grid (ceil(S / BC), KVH, B); WARPS warps each own 16 keys (BC = 16 WARPS)
+// and keep their dK, dV rows in registers while the block walks every query head of the
+// group and every query block of BR rows that sees the keys (Q, dO, lse, delta double
+// buffered). Per step, with S^T = K Q^T kept transposed so that P^T and dS^T are already the
+// A operands of dV += P^T dO and dK += dS^T Q: dS^T goes through shared memory for
+// dQ += dS K, which is added to the f32 dq_accum with atomics (unscaled; step 3 scales).
+template <int D, int WARPS, int BR>
+__device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                          const float* __restrict__ lse, const float* __restrict__ delta,
+                                          float* __restrict__ dq_accum, bf16* __restrict__ dk,
+                                          bf16* __restrict__ dv, int T, int S, int H, int KVH, int offset,
+                                          float scale_log2, float scale) {
+    constexpr int BC = 16 * WARPS, THREADS = 32 * WARPS, LD = D + kPad, LDS = BR + kPad;
+    // dQ = dS K split over warps: each warp takes one 16-row m-tile and DQ_NT 8-wide d-tiles.
+    constexpr int M_TILES = BR / 16, WARPS_PER_M = WARPS / M_TILES, DQ_NT = D / 8 / WARPS_PER_M;
+    static_assert(WARPS % M_TILES == 0 && DQ_NT % 2 == 0, "dQ tiling must cover the block evenly");
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* s_k = reinterpret_cast<bf16*>(smem);
+    bf16* s_v = s_k + BC * LD;
+    bf16* s_q = s_v + BC * LD;       // 2 stages
+    bf16* s_do = s_q + 2 * BR * LD;  // 2 stages
+    bf16* s_ds = s_do + 2 * BR * LD; // [BC][LDS], dS^T
+    float* s_lse = reinterpret_cast<float*>(s_ds + BC * LDS);  // 2 stages
+    float* s_delta = s_lse + 2 * BR;                           // 2 stages
+
+    const int n0 = blockIdx.x * BC, kvh = blockIdx.y, b = blockIdx.z;
+    const int group = H / KVH;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane >> 2, quad = lane & 3;
+    const bf16* k_h = k + (size_t)(b * KVH + kvh) * S * D;
+    const bf16* v_h = v + (size_t)(b * KVH + kvh) * S * D;
+
+    // Query blocks that see at least one key of this block: rows i >= n0 - offset.
+    const int m_first = max(0, n0 - offset) / BR;
+    const int m_count = max(0, (T + BR - 1) / BR - m_first);
+    const int steps = group * m_count;
+
+    auto load_step = [&](int step, int stage) {
+        const int h = kvh * group + step / m_count;
+        const int m0 = (m_first + step % m_count) * BR;
+        const size_t head = (size_t)(b * H + h) * T;
+        load_tile_async<BR, D, THREADS>(s_q + stage * BR * LD, q + head * D, m0, T);
+        load_tile_async<BR, D, THREADS>(s_do + stage * BR * LD, dout + head * D, m0, T);
+        for (int i = threadIdx.x; i < BR; i += THREADS) {
+            const bool valid = m0 + i < T;
+            s_lse[stage * BR + i] = valid ? lse[head + m0 + i] : 0.f;
+            s_delta[stage * BR + i] = valid ? delta[head + m0 + i] : 0.f;
+        }
+    };
+
+    load_tile_async<BC, D, THREADS>(s_k, k_h, n0, S);
+    load_tile_async<BC, D, THREADS>(s_v, v_h, n0, S);
+    if (steps > 0) load_step(0, 0);
+    cp_async_commit();
+
+    float acc_dk[D / 8][4], acc_dv[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+    const int dq_mt = warp % M_TILES, dq_nt0 = (warp / M_TILES) * DQ_NT;
+
+    for (int step = 0; step < steps; ++step) {
+        const int stage = step & 1;
+        if (step + 1 < steps) load_step(step + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int h = kvh * group + step / m_count;
+        const int m0 = (m_first + step % m_count) * BR;
+        const bf16* q_tile = s_q + stage * BR * LD;
+        const bf16* do_tile = s_do + stage * BR * LD;
+        const float* lse_tile = s_lse + stage * BR;
+        const float* delta_tile = s_delta + stage * BR;
+
+        // S^T and dP^T = V dO^T for this warp's 16 keys x BR queries.
+        float acc_s[BR / 8][4], acc_dp[BR / 8][4];
+#pragma unroll
+        for (int i = 0; i < BR / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t k_frag[4], v_frag[4];
+            ldmatrix_x4(k_frag, a_frag_addr(s_k, LD, warp * 16, kk * 16, lane));
+            ldmatrix_x4(v_frag, a_frag_addr(s_v, LD, warp * 16, kk * 16, lane));
+#pragma unroll
+            for (int np = 0; np < BR / 16; ++np) {
+                uint32_t bq[4], bdo[4];
+                ldmatrix_x4(bq, b_frag_addr(q_tile, LD, np * 16, kk * 16, lane));
+                ldmatrix_x4(bdo, b_frag_addr(do_tile, LD, np * 16, kk * 16, lane));
+                mma_bf16(acc_s[2 * np], k_frag, bq[0], bq[1]);
+                mma_bf16(acc_s[2 * np + 1], k_frag, bq[2], bq[3]);
+                mma_bf16(acc_dp[2 * np], v_frag, bdo[0], bdo[1]);
+                mma_bf16(acc_dp[2 * np + 1], v_frag, bdo[2], bdo[3]);
+            }
+        }
+
+        // P^T from the saved log-sum-exp; dS^T = P^T (dP^T - delta), also stored for dQ.
+#pragma unroll
+        for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = n0 + warp * 16 + grp + (e >> 1) * 8;
+                const int col = nt * 8 + quad * 2 + (e & 1);
+                const int query = m0 + col;
+                const bool visible = key <= offset + query && query < T && key < S;
+                const float p = visible ? exp2f(fmaf(acc_s[nt][e], scale_log2, -lse_tile[col])) : 0.f;
+                acc_s[nt][e] = p;
+                acc_dp[nt][e] = p * (acc_dp[nt][e] - delta_tile[col]);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                *reinterpret_cast<uint32_t*>(s_ds + (warp * 16 + grp + r * 8) * LDS + nt * 8 + quad * 2) =
+                    pack_bf16(acc_dp[nt][2 * r], acc_dp[nt][2 * r + 1]);
+        }
+
+        // dV += P^T dO and dK += dS^T Q (contraction over the BR queries).
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; ++kk) {
+            const uint32_t p_frag[4] = {
+                pack_bf16(acc_s[2 * kk][0], acc_s[2 * kk][1]), pack_bf16(acc_s[2 * kk][2], acc_s[2 * kk][3]),
+                pack_bf16(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
+                pack_bf16(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+            const uint32_t ds_frag[4] = {
+                pack_bf16(acc_dp[2 * kk][0], acc_dp[2 * kk][1]), pack_bf16(acc_dp[2 * kk][2], acc_dp[2 * kk][3]),
+                pack_bf16(acc_dp[2 * kk + 1][0], acc_dp[2 * kk + 1][1]),
+                pack_bf16(acc_dp[2 * kk + 1][2], acc_dp[2 * kk + 1][3])};
+#pragma unroll
+            for (int np = 0; np < D / 16; ++np) {
+                uint32_t bdo[4], bq[4];
+                ldmatrix_x4_trans(bdo, bt_frag_addr(do_tile, LD, kk * 16, np * 16, lane));
+                ldmatrix_x4_trans(bq, bt_frag_addr(q_tile, LD, kk * 16, np * 16, lane));
+                mma_bf16(acc_dv[2 * np], p_frag, bdo[0], bdo[1]);
+                mma_bf16(acc_dv[2 * np + 1], p_frag, bdo[2], bdo[3]);
+                mma_bf16(acc_dk[2 * np], ds_frag, bq[0], bq[1]);
+                mma_bf16(acc_dk[2 * np + 1], ds_frag, bq[2], bq[3]);
+            }
+        }
+        __syncthreads();
+
+        // dQ[m-tile, d-tiles] += dS K over the BC keys; dS is read transposed from s_ds.
+        float acc_dq[DQ_NT][4];
+#pragma unroll
+        for (int i = 0; i < DQ_NT; ++i) acc_dq[i][0] = acc_dq[i][1] = acc_dq[i][2] = acc_dq[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            uint32_t ds_frag[4];
+            // A = dS (queries x keys) from dS^T stored [key][query]: lanes 0-7 keys 0-7 /
+            // queries 0-7, 8-15 queries +8, 16-23 keys +8, 24-31 both.
+            ldmatrix_x4_trans(ds_frag,
+                              s_ds + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + dq_mt * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int np = 0; np < DQ_NT / 2; ++np) {
+                uint32_t bk[4];
+                ldmatrix_x4_trans(bk, bt_frag_addr(s_k, LD, kk * 16, (dq_nt0 + 2 * np) * 8, lane));
+                mma_bf16(acc_dq[2 * np], ds_frag, bk[0], bk[1]);
+                mma_bf16(acc_dq[2 * np + 1], ds_frag, bk[2], bk[3]);
+            }
+        }
+        float* dq_h = dq_accum + (size_t)(b * H + h) * T * D;
+#pragma unroll
+        for (int nt = 0; nt < DQ_NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = m0 + dq_mt * 16 + grp + (e >> 1) * 8;
+                if (row < T) atomicAdd(dq_h + (size_t)row * D + (dq_nt0 + nt) * 8 + quad * 2 + (e & 1), acc_dq[nt][e]);
+            }
+        // s_ds and this stage's buffers are overwritten next step.
+        __syncthreads();
+    }
+
+    bf16* dk_h = dk + (size_t)(b * KVH + kvh) * S * D;
+    bf16* dv_h = dv + (size_t)(b * KVH + kvh) * S * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = n0 + warp * 16 + grp + r * 8;
+        if (key >= S) continue;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            const size_t at = (size_t)key * D + dn * 8 + quad * 2;
+            *reinterpret_cast<uint32_t*>(dk_h + at) =
+                pack_bf16(acc_dk[dn][2 * r] * scale, acc_dk[dn][2 * r + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dv_h + at) = pack_bf16(acc_dv[dn][2 * r], acc_dv[dn][2 * r + 1]);
+        }
+    }
+}
+
+}  // namespace
+
+// Entry points, one per head width. Tile parameters must match `Tiles` in flash_attention.rs.
+#define FLASH_ENTRY_POINTS(D, FWD_WARPS, FWD_BC, BWD_WARPS, BWD_BR)                                          \
+    extern "C" __global__ void __launch_bounds__(32 * FWD_WARPS)                                             \
+        flash_attention_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int T,    \
+                                 int S, int H, int KVH, int offset, float scale_log2) {                      \
+        flash_fwd<D, FWD_WARPS, FWD_BC>(q, k, v, o, lse, T, S, H, KVH, offset, scale_log2);                  \
+    }                                                                                                        \
+    extern "C" __global__ void flash_attention_bwd_delta_d##D(const bf16* o, const bf16* dout, float* delta, \
+                                                              int rows) {                                    \
+        flash_bwd_delta<D>(o, dout, delta, rows);                                                            \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * BWD_WARPS) flash_attention_bwd_d##D(                   \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, \
+        float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H, int KVH, int offset, float scale_log2,      \
+        float scale) {                                                                                       \
+        flash_bwd<D, BWD_WARPS, BWD_BR>(q, k, v, dout, lse, delta, dq_accum, dk, dv, T, S, H, KVH, offset,   \
+                                        scale_log2, scale);                                                  \
+    }
+
+FLASH_ENTRY_POINTS(64, 4, 64, 4, 64)
+FLASH_ENTRY_POINTS(128, 4, 64, 8, 32)
+
+// Backward, step 3: dq = scale * dq_accum in bf16.
+extern "C" __global__ void flash_attention_bwd_dq_convert(const float* dq_accum, bf16* dq, float scale, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dq[i] = __float2bfloat16(dq_accum[i] * scale);
+}

@@ -1,0 +1,319 @@
+//! Fused causal softmax attention (kernels in `flash_attention.cu`), the FlashAttention-2
+//! algorithm (Dao 2023, arXiv 2307.08691) on sm_90 tensor cores, bf16 in and out with f32
+//! accumulation, head widths 64 and 128, grouped/multi-query K/V, any `T`, any `offset`.
+//!
+//! Why it is shaped this way:
+//! - Forward: a CTA owns a block of query rows and streams the visible key/value blocks
+//!   through shared memory, keeping a running row max and sum (online softmax), so the
+//!   `[T, S]` scores never exist in memory: only the output and one log-sum-exp per row are
+//!   written, and the backward recomputes the probabilities from them (O(T) memory). Each warp
+//!   owns 16 query rows, which is exactly one `mma.m16n8k16` row block, so the row max/sum
+//!   need only a shuffle among the 4 lanes sharing a row, and the score accumulators are
+//!   reused as the A operand of `P V` without a trip through shared memory. Key blocks past
+//!   the causal frontier are never loaded; only the diagonal block (and a ragged tail) pays
+//!   for masking.
+//! - Backward: a CTA owns a block of keys and walks every query block that sees them, for
+//!   every query head of the GQA group, so dK and dV are summed over the group in registers
+//!   and written once (no atomics, no K/V copies). It computes the transposed scores
+//!   `K Q^T`, so that `P^T` and `dS^T` are directly the A operands of `dV += P^T dO` and
+//!   `dK += dS^T Q`; `dQ += dS K` needs `dS` the other way round, so `dS^T` goes through
+//!   shared memory once and dQ is added to an f32 buffer with atomics (then scaled and
+//!   rounded to bf16 by a tiny pass). `D = rowsum(dO * O)` is a separate one-warp-per-row
+//!   pass, as in FA2.
+//! - Tiles ([`Tiles`]): forward 64 query rows x 64 keys, 4 warps. Head width 128 then holds
+//!   Q fragments (32 registers), the output accumulator (64) and the scores (32) per thread
+//!   without spilling; larger query blocks would raise registers past 255. Backward width
+//!   64: 64 keys (4 warps) x 64 queries per step; width 128: 128 keys (8 warps) x 32 queries,
+//!   since each warp's dK and dV accumulators alone take 128 registers there, leaving room for
+//!   only 16 x 32 score and dP tiles.
+//! - Shared tiles are row-padded by 8 bf16 (16 bytes) rather than swizzled: `ldmatrix` then
+//!   reads 8 rows in distinct banks and `cp.async` 16-byte chunks stay aligned. Loads of the
+//!   next block (K/V forward, Q/dO/lse/D backward) overlap the current block's math (two
+//!   stages); out-of-range rows are zero-filled by `cp.async`, so ragged `T` and `S` need no
+//!   special path and padding never produces NaN.
+//!
+//! The log-sum-exp is kept in log2 units of the scaled scores (`p = exp2(s * scale * log2 e
+//! - lse)`), matching the `exp2` the kernels use. It is held by the op between forward and
+//! backward rather than returned, since a custom op has one output.
+use std::sync::Mutex;
+
+use candle_core::backend::BackendDevice;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::launch::{self, LaunchConfig, PushKernelArg};
+use super::ptx;
+
+const MODULE: &str = "altformers_flash_attention";
+/// Largest sequence length or offset: the kernels index rows with 32-bit ints.
+const MAX_POSITIONS: usize = 1 << 30;
+/// Largest grid y/z extent (heads, batch).
+const MAX_GRID_YZ: usize = 65535;
+
+/// Tile configuration per head width; must match `FLASH_ENTRY_POINTS` in the `.cu` file.
+struct Tiles {
+    head_dim: usize,
+    fwd_warps: usize,
+    fwd_keys: usize,
+    bwd_warps: usize,
+    bwd_queries: usize,
+}
+
+impl Tiles {
+    fn for_head_dim(head_dim: usize) -> Result<Self> {
+        match head_dim {
+            64 => Ok(Self { head_dim, fwd_warps: 4, fwd_keys: 64, bwd_warps: 4, bwd_queries: 64 }),
+            128 => Ok(Self { head_dim, fwd_warps: 4, fwd_keys: 64, bwd_warps: 8, bwd_queries: 32 }),
+            _ => bail!("flash attention: head width {head_dim} unsupported (64 or 128)"),
+        }
+    }
+
+    /// Padded shared-memory row length (elements) of a `[rows, d_h]` tile.
+    fn row(&self) -> usize {
+        self.head_dim + 8
+    }
+
+    fn fwd_rows(&self) -> usize {
+        16 * self.fwd_warps
+    }
+
+    /// Q tile plus two stages of K and V tiles.
+    fn fwd_shared_bytes(&self) -> usize {
+        2 * (self.fwd_rows() + 4 * self.fwd_keys) * self.row()
+    }
+
+    fn bwd_keys(&self) -> usize {
+        16 * self.bwd_warps
+    }
+
+    /// K and V tiles, two stages of Q and dO tiles, the dS^T tile, two stages of lse and D.
+    fn bwd_shared_bytes(&self) -> usize {
+        2 * (2 * self.bwd_keys() + 4 * self.bwd_queries) * self.row()
+            + 2 * self.bwd_keys() * (self.bwd_queries + 8)
+            + 4 * 4 * self.bwd_queries
+    }
+}
+
+/// Whether [`causal_attention`] runs fused for these inputs: on a CUDA device, all bf16, head
+/// width 64 or 128, non-empty. (Dropout is the caller's concern: the kernel has none.)
+pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let bf16 = [q, k, v].iter().all(|t| t.dtype() == DType::BF16);
+    let width_ok = matches!(q.dims().last(), Some(64 | 128));
+    let non_empty = q.elem_count() > 0 && k.elem_count() > 0;
+    q.device().is_cuda() && bf16 && width_ok && non_empty
+}
+
+/// Causal attention of `q: [B, H, T, d_h]` at positions `offset..offset+T` over `k, v:
+/// [B, KVH, S, d_h]` (query t sees keys s <= offset + t; query head h uses K/V head
+/// h / (H / KVH)), scale 1/sqrt(d_h), fused forward and backward. Requires [`supports`].
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    let (b, h, t, dh) = q.dims4()?;
+    let (kb, kvh, s, kdh) = k.dims4()?;
+    if !supports(q, k, v) {
+        bail!("flash attention: needs bf16 CUDA tensors with head width 64 or 128 (q {:?} {:?})", q.dtype(), q.shape())
+    }
+    if v.dims4()? != (kb, kvh, s, kdh) || kb != b || kdh != dh {
+        bail!("flash attention: shapes q {:?}, k {:?}, v {:?} do not match", q.shape(), k.shape(), v.shape())
+    }
+    if kvh == 0 || h % kvh != 0 {
+        bail!("flash attention: {h} query heads are not a multiple of {kvh} key/value heads")
+    }
+    if t >= MAX_POSITIONS || s >= MAX_POSITIONS || offset >= MAX_POSITIONS || h > MAX_GRID_YZ || b > MAX_GRID_YZ {
+        bail!("flash attention: sizes out of range (B {b}, H {h}, T {t}, S {s}, offset {offset})")
+    }
+    let op = FlashAttention { offset, lse: Mutex::new(None) };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+struct FlashAttention {
+    offset: usize,
+    /// `[B, H, T]` log-sum-exp from the forward, for the backward.
+    lse: Mutex<Option<CudaSlice<f32>>>,
+}
+
+/// The bf16 device memory of a contiguous tensor, from its start offset.
+macro_rules! bf16_view {
+    ($storage:expr, $layout:expr, $what:literal) => {{
+        let CudaStorageSlice::BF16(slice) = &$storage.slice else {
+            bail!(concat!("flash attention: ", $what, " must be bf16"))
+        };
+        let Some((start, end)) = $layout.contiguous_offsets() else {
+            bail!(concat!("flash attention: ", $what, " must be contiguous"))
+        };
+        slice.slice(start..end)
+    }};
+}
+
+/// The CUDA storage of a tensor held by the op, while `guard` lives.
+fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Result<&'a CudaStorage> {
+    match &**guard {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("flash attention backward: {what} is not on the CUDA device"),
+    }
+}
+
+fn int(x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("flash attention: size {x} exceeds i32")))
+}
+
+/// A new uninitialised bf16 buffer of `shape` (the kernels write every element).
+fn bf16_output(dev: &CudaDevice, shape: &Shape) -> Result<CudaStorage> {
+    // SAFETY: every element is written by the kernel launched right after.
+    unsafe { dev.alloc_uninit(shape, DType::BF16) }
+}
+
+fn kernel(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<launch::Kernel> {
+    let func = launch::func(dev, MODULE, ptx::FLASH_ATTENTION, name)?;
+    if shared_bytes > 48 * 1024 {
+        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(shared_bytes)?)
+            .w()?;
+    }
+    Ok(func)
+}
+
+struct Dims {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    t: usize,
+    s: usize,
+    dh: usize,
+}
+
+impl Dims {
+    fn new(q: &Shape, k: &Shape) -> Result<Self> {
+        let (b, h, t, dh) = q.dims4()?;
+        let (_, kvh, s, _) = k.dims4()?;
+        Ok(Self { b, h, kvh, t, s, dh })
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.dh as f32).sqrt()
+    }
+
+    /// `(T, S, H, KVH, offset)` as the kernels take them.
+    fn ints(&self, offset: usize) -> Result<[i32; 5]> {
+        Ok([int(self.t)?, int(self.s)?, int(self.h)?, int(self.kvh)?, int(offset)?])
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("flash attention: CUDA only (CPU tensors take the reference expression)")
+    }
+
+    fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dims = Dims::new(ql.shape(), kl.shape())?;
+        let tiles = Tiles::for_head_dim(dims.dh)?;
+        let dev = launch::device(qs);
+        let (q, k, v) = (bf16_view!(qs, ql, "q"), bf16_view!(ks, kl, "k"), bf16_view!(vs, vl, "v"));
+        let mut out = bf16_output(dev, ql.shape())?;
+        let mut lse = launch::uninit::<f32>(dev, dims.b * dims.h * dims.t)?;
+        let shared = tiles.fwd_shared_bytes();
+        let func = kernel(dev, &format!("flash_attention_fwd_d{}", dims.dh), shared)?;
+        let cfg = LaunchConfig {
+            grid_dim: (int(dims.t.div_ceil(tiles.fwd_rows()))? as u32, dims.h as u32, dims.b as u32),
+            block_dim: (32 * tiles.fwd_warps as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let [t, s, h, kvh, offset] = dims.ints(self.offset)?;
+        let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
+        {
+            let CudaStorageSlice::BF16(o) = &mut out.slice else { bail!("flash attention: output is not bf16") };
+            let mut b = func.builder();
+            b.arg(&q).arg(&k).arg(&v).arg(o).arg(&mut lse);
+            b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2);
+            // SAFETY: argument list matches flash_attention_fwd_d{64,128}; buffers sized above.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        *self.lse.lock().expect("flash attention: lse lock poisoned") = Some(lse);
+        Ok((out, ql.shape().clone()))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse_guard = self.lse.lock().expect("flash attention: lse lock poisoned");
+        let Some(lse) = lse_guard.as_ref() else { bail!("flash attention backward: no forward log-sum-exp held") };
+        let grad_out = grad_out.to_dtype(DType::BF16)?.contiguous()?;
+        let out = out.contiguous()?;
+        let dims = Dims::new(q.shape(), k.shape())?;
+        let tiles = Tiles::for_head_dim(dims.dh)?;
+        let guards = [q, k, v, &out, &grad_out].map(|t| t.storage_and_layout());
+        let [(qg, ql), (kg, kl), (vg, vl), (og, ol), (gg, gl)] = &guards;
+        let qs = cuda_storage(qg, "q")?;
+        let dev = launch::device(qs);
+        let q_view = bf16_view!(qs, ql, "q");
+        let k_view = bf16_view!(cuda_storage(kg, "k")?, kl, "k");
+        let v_view = bf16_view!(cuda_storage(vg, "v")?, vl, "v");
+        let o_view = bf16_view!(cuda_storage(og, "output")?, ol, "output");
+        let do_view = bf16_view!(cuda_storage(gg, "output gradient")?, gl, "output gradient");
+        let lse_view: CudaView<'_, f32> = lse.slice(..);
+
+        let rows = dims.b * dims.h * dims.t;
+        let mut delta = launch::uninit::<f32>(dev, rows)?;
+        {
+            let func = kernel(dev, &format!("flash_attention_bwd_delta_d{}", dims.dh), 0)?;
+            let rows_per_block = 8;
+            let cfg = LaunchConfig {
+                grid_dim: (int(rows.div_ceil(rows_per_block))? as u32, 1, 1),
+                block_dim: (32 * rows_per_block as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let rows = int(rows)?;
+            let mut b = func.builder();
+            b.arg(&o_view).arg(&do_view).arg(&mut delta).arg(&rows);
+            // SAFETY: argument list matches flash_attention_bwd_delta_d{64,128}.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+
+        let mut dq_accum = launch::zeros::<f32>(dev, rows * dims.dh)?;
+        let mut dk = bf16_output(dev, k.shape())?;
+        let mut dv = bf16_output(dev, v.shape())?;
+        {
+            let shared = tiles.bwd_shared_bytes();
+            let func = kernel(dev, &format!("flash_attention_bwd_d{}", dims.dh), shared)?;
+            let cfg = LaunchConfig {
+                grid_dim: (int(dims.s.div_ceil(tiles.bwd_keys()))? as u32, dims.kvh as u32, dims.b as u32),
+                block_dim: (32 * tiles.bwd_warps as u32, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            let [t, s, h, kvh, offset] = dims.ints(self.offset)?;
+            let (scale, scale_log2) = (dims.scale(), dims.scale() * std::f32::consts::LOG2_E);
+            let CudaStorageSlice::BF16(dk_slice) = &mut dk.slice else { bail!("flash attention: dk is not bf16") };
+            let CudaStorageSlice::BF16(dv_slice) = &mut dv.slice else { bail!("flash attention: dv is not bf16") };
+            let mut b = func.builder();
+            b.arg(&q_view).arg(&k_view).arg(&v_view).arg(&do_view).arg(&lse_view).arg(&delta);
+            b.arg(&mut dq_accum).arg(dk_slice).arg(dv_slice);
+            b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2).arg(&scale);
+            // SAFETY: argument list matches flash_attention_bwd_d{64,128}; buffers sized above.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+
+        let mut dq = bf16_output(dev, q.shape())?;
+        {
+            let func = kernel(dev, "flash_attention_bwd_dq_convert", 0)?;
+            let n = rows * dims.dh;
+            let threads = 256;
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(threads).min(1 << 20) as u32, 1, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let scale = dims.scale();
+            let CudaStorageSlice::BF16(dq_slice) = &mut dq.slice else { bail!("flash attention: dq is not bf16") };
+            let mut b = func.builder();
+            b.arg(&dq_accum).arg(dq_slice).arg(&scale).arg(&n);
+            // SAFETY: argument list matches flash_attention_bwd_dq_convert; n elements each.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+
+        let wrap = |s: CudaStorage, shape: &Shape| Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false);
+        Ok((Some(wrap(dq, q.shape())), Some(wrap(dk, k.shape())), Some(wrap(dv, v.shape()))))
+    }
+}

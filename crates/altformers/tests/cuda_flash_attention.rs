@@ -1,0 +1,136 @@
+#![cfg(feature = "cuda")]
+//! The fused flash-attention kernel (forward and backward) against the reference tensor
+//! expression computed in f32 on the CPU from the same bf16-rounded inputs. Needs a CUDA GPU
+//! (sm_90); built and packed by scripts/gpu-package.sh.
+use altformers::kernels::flash_attention;
+use altformers::mixers::attention::{causal_attention_reference, causal_attention_with_dropout};
+use candle_core::{DType, Device, Tensor, Var};
+
+/// Seeded standard normal values (splitmix64 + Box-Muller), so every run sees the same inputs.
+fn normal(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (uniform().max(1e-300), uniform());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect()
+}
+
+/// A bf16 CPU tensor of seeded normal values.
+fn random_bf16(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    Tensor::from_vec(normal(n, seed), shape, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()
+}
+
+/// Fills and frees a large NaN buffer, so that memory handed out next (the kernels' outputs,
+/// which are not zeroed) holds NaN wherever a kernel fails to write.
+fn poison_allocator(dev: &Device) {
+    drop(Tensor::full(f32::NAN, 64 << 20, dev).unwrap());
+}
+
+fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
+    let got = got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let want = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let (g, w) = (got.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
+    assert_eq!(g.len(), w.len(), "{name}: length");
+    assert!(g.iter().all(|x| x.is_finite()), "{name}: non-finite values in the fused result");
+    let max_ref = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let max_err = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err_sq: f64 = g.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let ref_sq: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+    let rel = (err_sq / ref_sq.max(1e-30)).sqrt();
+    assert!(max_err <= 2e-2 * max_ref + 1e-2, "{name}: max abs error {max_err} (max |ref| {max_ref})");
+    assert!(rel < 1e-2, "{name}: relative Frobenius error {rel}");
+}
+
+/// Fused forward and gradients on the GPU vs the f32 CPU reference, for `q: [B, H, T, dh]`,
+/// `k, v: [B, KVH, offset + T, dh]`.
+fn check(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize) {
+    let case = format!("B {b} H {h} KVH {kvh} T {t} offset {offset} dh {dh}");
+    let s = offset + t;
+    let seed = (b * 1_000_003 + h * 10_007 + kvh * 1009 + t * 101 + offset * 7 + dh) as u64;
+    let q = random_bf16((b, h, t, dh), seed);
+    let k = random_bf16((b, kvh, s, dh), seed + 1);
+    let v = random_bf16((b, kvh, s, dh), seed + 2);
+    let grad = random_bf16((b, h, t, dh), seed + 3);
+
+    let f32_var = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
+    let (qr, kr, vr) = (f32_var(&q), f32_var(&k), f32_var(&v));
+    let out_ref = causal_attention_reference(&qr, &kr, &vr, offset, None).unwrap();
+    let grads_ref = (&out_ref * grad.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let dev = Device::new_cuda(0).unwrap();
+    let on_gpu = |x: &Tensor| Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
+    let (qg, kg, vg) = (on_gpu(&q), on_gpu(&k), on_gpu(&v));
+    assert!(flash_attention::supports(&qg, &kg, &vg), "{case}: fused kernel should apply");
+    poison_allocator(&dev);
+    let out = flash_attention::causal_attention(&qg, &kg, &vg, offset).unwrap();
+    assert_close(&format!("{case}: output"), &out, &out_ref);
+    let grad_gpu = grad.to_device(&dev).unwrap().to_dtype(DType::F32).unwrap();
+    poison_allocator(&dev);
+    let grads = (out.to_dtype(DType::F32).unwrap() * grad_gpu).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var, var_ref) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
+        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{case}: no {name}"));
+        let want = grads_ref.get(var_ref.as_tensor()).unwrap_or_else(|| panic!("{case}: no reference {name}"));
+        assert_close(&format!("{case}: {name}"), got, want);
+    }
+}
+
+#[test]
+fn matches_reference_short_sequences() {
+    for dh in [64, 128] {
+        for kvh in [4, 2, 1] {
+            for t in [1, 17, 128] {
+                check(2, 4, kvh, t, 0, dh);
+            }
+        }
+    }
+}
+
+#[test]
+fn matches_reference_long_sequences() {
+    for dh in [64, 128] {
+        for kvh in [4, 2, 1] {
+            check(2, 4, kvh, 1000, 0, dh);
+        }
+    }
+    check(2, 4, 2, 2048, 0, 128);
+    check(2, 4, 1, 2048, 0, 64);
+}
+
+#[test]
+fn matches_reference_with_offset() {
+    for dh in [64, 128] {
+        // prefill after a cache, and single-token decoding
+        check(2, 4, 2, 17, 100, dh);
+        check(2, 4, 1, 1, 299, dh);
+        check(2, 4, 4, 130, 70, dh);
+    }
+}
+
+#[test]
+fn mixer_entry_point_dispatches_to_fused() {
+    let dev = Device::new_cuda(0).unwrap();
+    let q = random_bf16((2, 4, 65, 64), 1).to_device(&dev).unwrap();
+    let k = random_bf16((2, 2, 65, 64), 2).to_device(&dev).unwrap();
+    let v = random_bf16((2, 2, 65, 64), 3).to_device(&dev).unwrap();
+    let via_mixer = causal_attention_with_dropout(&q, &k, &v, 0, None).unwrap();
+    let fused = flash_attention::causal_attention(&q, &k, &v, 0).unwrap();
+    let diff = (via_mixer.to_dtype(DType::F32).unwrap() - fused.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "the mixer's causal attention should be the fused kernel for bf16 on CUDA");
+}
