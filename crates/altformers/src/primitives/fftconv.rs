@@ -18,9 +18,15 @@
 //! ```
 //!
 //! both again through zero-padded length-`n` FFTs (conjugated spectra), so training costs
-//! O(B C n log n) too. The CPU path (f32 and f64, rows spread over threads with rayon) is the
-//! only one for now: on another device the op fails with a message that says so (a cuFFT
-//! `cuda_fwd` can be added to the same three ops later without touching their callers).
+//! O(B C n log n) too.
+//!
+//! Devices. On the CPU (f32 and f64; bf16 and f16 cast to f32 around the op) rows are spread
+//! over threads with rayon. On CUDA (feature `cuda`) the same op runs cuFFT
+//! ([`crate::kernels::fftconv`]): f32, bf16 and f16 inputs, transformed in f32, output and
+//! gradients in the input dtype; `h`'s spectrum is computed once per call and shared by the
+//! batch, and when a gradient is tracked the forward pass keeps the spectra of `x` and `h`
+//! for the backward pass, which computes `dx` and `dh` from one transform of `dy` in a single
+//! fused product kernel. f64 on CUDA, and other devices, fail with a message that says so.
 //!
 //! [`causal_conv_direct`] is the plain O(B C T^2) reference from differentiable candle ops
 //! (a Toeplitz matrix per channel); the tests hold the FFT form and its gradients to it.
@@ -47,14 +53,26 @@ pub fn causal_conv(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     if x.dtype() != h.dtype() {
         bail!("fftconv: x is {:?} but h is {:?}", x.dtype(), h.dtype());
     }
+    if x.device().is_cuda() {
+        // cuFFT path: half precision is cast to f32 inside the kernels, no casts here.
+        if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+            bail!("fftconv: on CUDA the FFT path supports f32, bf16 and f16, got {:?}", x.dtype());
+        }
+        // Keep the forward spectra for the backward pass only when one will follow.
+        let op = CausalConv { keep: x.track_op() || h.track_op(), ..Default::default() };
+        return x.contiguous()?.apply_op2(&h.contiguous()?, op);
+    }
+    if !x.device().is_cpu() {
+        bail!(
+            "fftconv: the FFT path runs on the CPU and on CUDA (feature `cuda`), got {:?}; causal_conv_direct runs on any device",
+            x.device()
+        );
+    }
     if matches!(x.dtype(), DType::BF16 | DType::F16) {
         // Half precision is too coarse for long FFTs: transform in f32.
         return causal_conv(&x.to_dtype(DType::F32)?, &h.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
     }
-    if !x.device().is_cpu() {
-        bail!("fftconv: the FFT path runs on the CPU only so far (got {:?}); causal_conv_direct runs on any device", x.device());
-    }
-    x.contiguous()?.apply_op2(&h.contiguous()?, CausalConv)
+    x.contiguous()?.apply_op2(&h.contiguous()?, CausalConv::default())
 }
 
 /// The direct reference: `y = Toeplitz(h) x` per channel, O(B C T^2), from differentiable
@@ -93,7 +111,15 @@ pub fn fft_len(t: usize, l: usize) -> usize {
 }
 
 /// `y = h * x` (causal convolution). Inputs `x: [B, C, T]`, `h: [C, L]`, both contiguous.
-struct CausalConv;
+/// On CUDA, with `keep`, the forward pass leaves the spectra of `x` and `h` in `saved` for
+/// the backward pass (which takes them, freeing them as soon as it is done).
+#[derive(Default)]
+struct CausalConv {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    keep: bool,
+    #[cfg(feature = "cuda")]
+    saved: std::sync::Mutex<Option<crate::kernels::fftconv::Spectra>>,
+}
 
 /// `dx = corr(dy, h)`: inputs `dy: [B, C, T]`, `h: [C, L]` -> `[B, C, T]`.
 struct CorrInput;
@@ -115,8 +141,35 @@ impl CustomOp2 for CausalConv {
         Ok((out, Shape::from((b, c, t))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, spectra) = crate::kernels::fftconv::conv(s1, l1, s2, l2, self.keep)?;
+        if spectra.is_some() {
+            *self.saved.lock().unwrap() = spectra;
+        }
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, h: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            // Both gradients from one op (one flat buffer, split by views).
+            let (b, c, t) = x.dims3()?;
+            let l = h.dim(1)?;
+            let grads = ConvGrads { saved: self.saved.lock().unwrap().take() };
+            let flat = dy.apply_op3_no_bwd(x, h, &grads)?;
+            drop(grads);
+            let dx = flat.narrow(0, 0, b * c * t)?.reshape((b, c, t))?;
+            let dh = flat.narrow(0, b * c * t, c * l)?.reshape((c, l))?;
+            return Ok((Some(dx), Some(dh)));
+        }
         let dx = dy.apply_op2_no_bwd(h, &CorrInput)?;
         let dh = dy.apply_op2_no_bwd(x, &CorrFilter { l: h.dim(1)? })?;
         Ok((Some(dx), Some(dh)))
@@ -149,6 +202,45 @@ impl CustomOp2 for CorrFilter {
         let l = self.l;
         let out = dispatch(s1, l1, s2, l2, self.name(), |dy, x| Kernel::corr_filter(dy, x, b, c, t, l))?;
         Ok((out, Shape::from((c, l))))
+    }
+}
+
+/// Both gradients on CUDA: inputs `dy: [B, C, T]`, `x: [B, C, T]`, `h: [C, L]` ->
+/// `[B C T + C L]`, `dx` then `dh` (see [`crate::kernels::fftconv::grads`]).
+#[cfg(feature = "cuda")]
+struct ConvGrads {
+    saved: Option<crate::kernels::fftconv::Spectra>,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp3 for ConvGrads {
+    fn name(&self) -> &'static str {
+        "fftconv-conv-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("fftconv-conv-grads runs on CUDA only (the CPU backward uses CorrInput and CorrFilter)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::kernels::fftconv::grads(s1, l1, s2, l2, s3, l3, self.saved.as_ref())?;
+        Ok((out, Shape::from(l1.shape().elem_count() + l3.shape().elem_count())))
     }
 }
 
@@ -424,7 +516,7 @@ mod tests {
         let half = causal_conv(&x.to_dtype(DType::BF16)?, &h.to_dtype(DType::BF16)?)?;
         assert_eq!(half.dtype(), DType::BF16);
         assert!(rel_err(&half, &causal_conv(&x, &h)?)? < 2e-2);
-        let err = x.to_dtype(DType::U32)?.apply_op2(&h.to_dtype(DType::U32)?, CausalConv).unwrap_err();
+        let err = x.to_dtype(DType::U32)?.apply_op2(&h.to_dtype(DType::U32)?, CausalConv::default()).unwrap_err();
         assert!(err.to_string().contains("f32 and f64"), "{err}");
         Ok(())
     }
