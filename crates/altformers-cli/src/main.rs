@@ -206,6 +206,28 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The bare operations the peers in bench/peers/ time (attention, retention, longconv),
+    /// at the peers' shapes, with the same JSON lines.
+    Ops {
+        /// Comma-separated: attention, retention, longconv.
+        #[arg(long, default_value = "attention,retention,longconv")]
+        ops: String,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Comma-separated: fwd, fwdbwd.
+        #[arg(long, default_value = "fwd,fwdbwd")]
+        modes: String,
+        #[arg(long, default_value = "1024,2048,4096,8192,16384")]
+        lengths: String,
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Per-token decoding latency, throughput and state bytes against context length.
     Decode {
         #[arg(long, default_value = "all")]
@@ -333,6 +355,33 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             for f in &fits {
                 lines.push(f);
             }
+            lines.save(out.as_deref())
+        }
+        BenchCommand::Ops { ops, device, modes, lengths, reps, warmup, dtype, out } => {
+            let device = altformers::device::select(&device)?;
+            let modes = modes
+                .split(',')
+                .map(|m| match m.trim() {
+                    "fwd" => Ok(scaling::BenchMode::Fwd),
+                    "fwdbwd" => Ok(scaling::BenchMode::Fwdbwd),
+                    other => anyhow::bail!("unknown mode `{other}` in --modes: use fwd, fwdbwd"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let opts = altformers::bench::ops::OpsOptions {
+                ops: ops.split(',').map(|s| s.trim().to_string()).collect(),
+                modes,
+                lengths: list(&lengths, "--lengths")?,
+                warmup,
+                reps,
+                dtype: altformers::device::parse_dtype(&dtype)?,
+            };
+            for op in &opts.ops {
+                if !altformers::bench::ops::OPS.contains(&op.as_str()) {
+                    anyhow::bail!("unknown op `{op}` in --ops: choose from {}", altformers::bench::ops::OPS.join(", "));
+                }
+            }
+            lines.push(&altformers::bench::Provenance::capture(&device));
+            altformers::bench::ops::run(&opts, &device, |p| lines.push(p))?;
             lines.save(out.as_deref())
         }
         BenchCommand::Decode { models, device, contexts, batches, width, heads, depth, steps, time_cap, memory_cap_gb, dtype, out } => {

@@ -5,6 +5,7 @@
 pub mod alloc;
 pub mod decode;
 pub mod fit;
+pub mod ops;
 pub mod scaling;
 
 use candle_core::{Device, Result};

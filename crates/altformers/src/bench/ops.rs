@@ -1,0 +1,155 @@
+//! `altformers bench ops`: the bare operations the peers in `bench/peers/` time, at their
+//! shapes, printing the same JSON lines, so ours/peer ratios come from one run on one GPU:
+//!
+//! - `attention`: causal softmax attention, `q, k, v: [B, 16, T, 128]`, B x T = 64K tokens
+//!   (peer: torch SDPA, flash backend);
+//! - `retention`: chunkwise decayed linear attention with RetNet's per-head decays, same
+//!   shape (peer: flash-linear-attention's `chunk_retention`);
+//! - `longconv`: the causal FFT convolution of Hyena, `x: [64, 768, T]`, filters `[768, T]`,
+//!   f32 as the peer (peer: `torch.fft.rfft` / `irfft`).
+//!
+//! Each runs whatever path the library takes on that device (the fused kernel on CUDA where
+//! one exists), so this measures what a model actually gets.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::scaling::{BenchMode, ScalingPoint};
+use super::time_it;
+use crate::mixers::attention::causal_attention;
+use crate::primitives::{decayed, fftconv};
+
+pub const OPS: [&str; 3] = ["attention", "retention", "longconv"];
+
+#[derive(Clone, Debug)]
+pub struct OpsOptions {
+    pub ops: Vec<String>,
+    pub modes: Vec<BenchMode>,
+    pub lengths: Vec<usize>,
+    pub warmup: usize,
+    pub reps: usize,
+    /// Compute dtype of attention and retention (long convolution runs in f32, as the peer).
+    pub dtype: DType,
+}
+
+const HEADS: usize = 16;
+const HEAD_DIM: usize = 128;
+const TOKENS: usize = 65536;
+const CONV_BATCH: usize = 64;
+const CONV_WIDTH: usize = 768;
+const RETENTION_CHUNK: usize = 64;
+
+/// One op's inputs (as variables, for the backward) and how to run it.
+struct Case {
+    inputs: Vec<Var>,
+    run: Box<dyn Fn(&[Var]) -> candle_core::Result<Tensor>>,
+    batch: usize,
+    width: usize,
+    heads: usize,
+    /// Forward FLOPs, counted as the peer script counts them.
+    flops_fwd: f64,
+    /// FLOPs of forward + backward over forward, as the peer script counts them.
+    bwd_factor: f64,
+}
+
+fn case(op: &str, t: usize, dtype: DType, dev: &Device) -> Result<Case> {
+    let var = |dims: &[usize], dt: DType| -> Result<Var> { Ok(Var::from_tensor(&Tensor::randn(0f32, 1f32, dims, dev)?.to_dtype(dt)?)?) };
+    Ok(match op {
+        "attention" => {
+            let b = (TOKENS / t).max(1);
+            let dims = [b, HEADS, t, HEAD_DIM];
+            Case {
+                inputs: vec![var(&dims, dtype)?, var(&dims, dtype)?, var(&dims, dtype)?],
+                run: Box::new(|x| causal_attention(&x[0], &x[1], &x[2], 0)),
+                batch: b,
+                width: HEADS * HEAD_DIM,
+                heads: HEADS,
+                flops_fwd: 2.0 * (b * HEADS * t * t * HEAD_DIM) as f64,
+                bwd_factor: 3.5,
+            }
+        }
+        "retention" => {
+            let b = (TOKENS / t).max(1);
+            let dims = [b, HEADS, t, HEAD_DIM];
+            // RetNet's decays, gamma_h = 1 - 2^(-5-h)
+            let log_gamma: Vec<f32> = (0..HEADS).map(|h| (1.0 - 2f64.powi(-5 - h as i32)).ln() as f32).collect();
+            let log_gamma = Tensor::from_vec(log_gamma, HEADS, dev)?.to_dtype(dtype)?;
+            Case {
+                inputs: vec![var(&dims, dtype)?, var(&dims, dtype)?, var(&dims, dtype)?],
+                run: Box::new(move |x| Ok(decayed::linear_chunked(&x[0], &x[1], &x[2], &log_gamma, RETENTION_CHUNK, None)?.0)),
+                batch: b,
+                width: HEADS * HEAD_DIM,
+                heads: HEADS,
+                flops_fwd: (4 * b * HEADS * t * RETENTION_CHUNK * HEAD_DIM + 4 * b * HEADS * t * HEAD_DIM * HEAD_DIM) as f64,
+                bwd_factor: 3.0,
+            }
+        }
+        "longconv" => {
+            let n = (2 * t) as f64;
+            Case {
+                inputs: vec![var(&[CONV_BATCH, CONV_WIDTH, t], DType::F32)?, var(&[CONV_WIDTH, t], DType::F32)?],
+                run: Box::new(|x| fftconv::causal_conv(&x[0], &x[1])),
+                batch: CONV_BATCH,
+                width: CONV_WIDTH,
+                heads: 1,
+                flops_fwd: (CONV_BATCH * CONV_WIDTH) as f64 * (15.0 * n * n.log2() + 6.0 * n),
+                bwd_factor: 3.0,
+            }
+        }
+        other => bail!("unknown op `{other}`: choose from {}", OPS.join(", ")),
+    })
+}
+
+/// Measures every (op, length, mode); a failure at one point (out of memory, unsupported
+/// shape) is recorded in its status and the run goes on.
+pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&ScalingPoint)) -> Result<Vec<ScalingPoint>> {
+    let mut points = Vec::new();
+    let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
+    for op in &opts.ops {
+        for &t in &opts.lengths {
+            for &mode in &opts.modes {
+                let mut point = ScalingPoint {
+                    model: "altformers".into(),
+                    component: op.clone(),
+                    mode,
+                    device: device_name.clone(),
+                    seq: t,
+                    batch: 0,
+                    width: 0,
+                    heads: 0,
+                    status: "ok".into(),
+                    timing: None,
+                    peak_bytes: None,
+                    flops: 0.0,
+                    flops_per_s: None,
+                };
+                let measured = (|| -> Result<()> {
+                    let c = case(op, t, opts.dtype, device)?;
+                    (point.batch, point.width, point.heads) = (c.batch, c.width, c.heads);
+                    point.flops = match mode {
+                        BenchMode::Fwd => c.flops_fwd,
+                        BenchMode::Fwdbwd => c.bwd_factor * c.flops_fwd,
+                    };
+                    let out_grad = (c.run)(&c.inputs)?.randn_like(0.0, 1.0)?;
+                    let timing = time_it(device, opts.warmup, opts.reps, || {
+                        let y = (c.run)(&c.inputs)?;
+                        if mode == BenchMode::Fwdbwd {
+                            let grads = (y * &out_grad)?.sum_all()?.backward()?;
+                            drop(grads);
+                        }
+                        Ok(())
+                    })?;
+                    point.flops_per_s = Some(point.flops / timing.median_s);
+                    point.timing = Some(timing);
+                    Ok(())
+                })();
+                if let Err(e) = measured {
+                    point.status = format!("failed: {}", e.to_string().lines().next().unwrap_or(""));
+                }
+                on_point(&point);
+                points.push(point);
+            }
+        }
+    }
+    Ok(points)
+}
