@@ -145,7 +145,9 @@ fn wkv_case(c: usize, t: usize, key_scale: f64, with_params: bool, seed: u64) ->
     let (cuda, _) = wkv_run(&k, &v, params, &weights, &gpu()?, Some(&pp))?;
     let names = ["y", "state", "dk", "dv", "d decay", "d bonus"];
     for (i, (a, r)) in cuda.iter().zip(&cpu).enumerate() {
-        let tol = if i < 2 { 1e-4 } else { 1e-3 };
+        // With keys of +-30 the exponents reach about 100, where one f32 ulp of the exponent
+        // is already 8e-6 relative in exp(): the state agrees to 2e-4 (H200, 2026-11-29).
+        let tol = if i < 2 && key_scale <= 1.0 { 1e-4 } else { 1e-3 };
         check(&format!("wkv {} (C {c}, T {t}, keys x{key_scale}, decay/bonus {with_params})", names[i]), a, r, tol)?;
     }
     Ok(())

@@ -48,7 +48,12 @@ fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
     let ref_sq: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
     let rel = (err_sq / ref_sq.max(1e-30)).sqrt();
     assert!(max_err <= 2e-2 * max_ref + 1e-2, "{name}: max abs error {max_err} (max |ref| {max_ref})");
-    assert!(rel < 1e-2, "{name}: relative Frobenius error {rel}");
+    // A reference that is zero up to rounding (dq at T = 1: one key, softmax weight 1, so
+    // dq = dO.v - rowsum(dO * O) vanishes) has no relative error to speak of; the absolute
+    // bound above covers it.
+    if max_ref > 1e-3 {
+        assert!(rel < 1e-2, "{name}: relative Frobenius error {rel}");
+    }
 }
 
 /// Fused forward and gradients on the GPU vs the f32 CPU reference, for `q: [B, H, T, dh]`,
