@@ -68,6 +68,22 @@ impl ModelState {
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(|(a, f)| a.bytes() + f.bytes()).sum()
     }
+
+    /// Cuts the state off the autograd graph. Decoding never differentiates through it, and
+    /// a state that still records its history (every step's activations back to the
+    /// weights) would keep all of them alive: memory growing with every token.
+    pub fn detach(&mut self) {
+        for (a, f) in self.layers.iter_mut() {
+            for t in a.tensors.iter_mut().chain(f.tensors.iter_mut()) {
+                *t = t.detach();
+            }
+        }
+    }
+
+    /// Whether any state tensor still records the operations that made it.
+    pub fn tracks_graph(&self) -> bool {
+        self.layers.iter().any(|(a, f)| a.tensors.iter().chain(&f.tensors).any(|t| t.track_op()))
+    }
 }
 
 impl LanguageModel {
@@ -184,7 +200,9 @@ impl LanguageModel {
             x = (&x + f)?;
             layers.push((sa, sf));
         }
-        Ok((self.logits(&x)?, ModelState { layers, pos: tokens.dim(1)? }))
+        let mut state = ModelState { layers, pos: tokens.dim(1)? };
+        state.detach();
+        Ok((self.logits(&x)?, state))
     }
 
     /// One token per sequence. `token: [B]` (u32) -> logits `[B, V]`.
@@ -199,6 +217,7 @@ impl LanguageModel {
             x = (&x + block.ffn.step(&block.ln2.forward(&x)?, sf)?)?;
         }
         state.pos += 1;
+        state.detach();
         self.logits(&x)?.i((.., 0, ..))
     }
 

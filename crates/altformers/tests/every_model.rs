@@ -68,6 +68,15 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         let summary = train(&cfg, &corpus, DataFormat::Text, &opts)?;
         assert!(summary.last.val_loss.is_finite() && summary.last.step == 2, "{name}");
         std::fs::remove_dir_all(&dir)?;
+
+        // Decoding keeps no autograd history in its state (else memory grows per token).
+        let model = altformers::model::LanguageModel::new(&cfg.model, 1, &Device::Cpu, DType::F32)?;
+        let (_, mut state) = model.prefill(&candle_core::Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?)?;
+        assert!(!state.tracks_graph(), "{name}: prefill state records its history");
+        for token in [4u32, 5] {
+            model.step(&candle_core::Tensor::new(&[token], &Device::Cpu)?, &mut state)?;
+        }
+        assert!(!state.tracks_graph(), "{name}: decode state records its history");
     }
     Ok(())
 }
