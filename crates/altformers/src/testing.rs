@@ -99,6 +99,17 @@ pub fn model_modes_err(model: &LanguageModel, tokens: &Tensor, split: usize) -> 
     rel_err(&Tensor::cat(&outs, 1)?, &parallel)
 }
 
+/// `cfg` with bf16 activations (f32 weights) against the same weights in f32, on random
+/// tokens (B 2, T 13): returns the relative error of the parallel logits and the mixed
+/// model's recurrent-vs-parallel error ([`model_modes_err`], prefill 4).
+pub fn mixed_precision_errs(cfg: &ModelConfig) -> Result<(f64, f64)> {
+    let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
+    let full = LanguageModel::new(cfg, 1, &Device::Cpu, DType::F32)?;
+    let mixed = LanguageModel::new(cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
+    let forward = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
+    Ok((forward, model_modes_err(&mixed, &tokens, 4)?))
+}
+
 /// Builds `cfg` in f64 and compares the backward pass with central finite differences on a
 /// few coordinates of every parameter; returns the worst relative error.
 pub fn model_gradient_err(cfg: &ModelConfig, seed: u64) -> Result<f64> {

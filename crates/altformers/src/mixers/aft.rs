@@ -665,10 +665,7 @@ mod tests {
     fn aft_runs_under_mixed_precision() -> AnyResult<()> {
         for (name, _) in VARIANTS {
             let cfg = tiny(name, &[]);
-            let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
-            let full = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
-            let mixed = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
-            let e = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
+            let (e, _) = crate::testing::mixed_precision_errs(&cfg)?;
             assert!(e < 0.05, "{name}: {e}");
         }
         Ok(())
