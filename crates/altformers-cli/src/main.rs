@@ -215,8 +215,8 @@ enum BenchCommand {
         #[arg(long, default_value = "cuda")]
         device: String,
         /// Comma-separated: fwd, fwdbwd.
-        #[arg(long, default_value = "fwd,fwdbwd")]
-        modes: String,
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "fwd,fwdbwd")]
+        modes: Vec<BenchModeArg>,
         #[arg(long, default_value = "1024,2048,4096,8192,16384")]
         lengths: String,
         #[arg(long, default_value_t = 10)]
@@ -261,6 +261,15 @@ enum BenchCommand {
 enum BenchModeArg {
     Fwd,
     Fwdbwd,
+}
+
+impl From<BenchModeArg> for altformers::bench::scaling::BenchMode {
+    fn from(mode: BenchModeArg) -> Self {
+        match mode {
+            BenchModeArg::Fwd => Self::Fwd,
+            BenchModeArg::Fwdbwd => Self::Fwdbwd,
+        }
+    }
 }
 
 /// A full configuration as `--set` lines (every model and train field), so helpers that
@@ -336,10 +345,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             let opts = scaling::ScalingOptions {
                 models: model_list(&models)?,
                 components: vec!["mixer".into(), "block".into()],
-                mode: match mode {
-                    BenchModeArg::Fwd => scaling::BenchMode::Fwd,
-                    BenchModeArg::Fwdbwd => scaling::BenchMode::Fwdbwd,
-                },
+                mode: mode.into(),
                 lengths: list(&lengths, "--lengths")?,
                 width,
                 heads,
@@ -359,27 +365,15 @@ fn bench(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Ops { ops, device, modes, lengths, reps, warmup, dtype, out } => {
             let device = altformers::device::select(&device)?;
-            let modes = modes
-                .split(',')
-                .map(|m| match m.trim() {
-                    "fwd" => Ok(scaling::BenchMode::Fwd),
-                    "fwdbwd" => Ok(scaling::BenchMode::Fwdbwd),
-                    other => anyhow::bail!("unknown mode `{other}` in --modes: use fwd, fwdbwd"),
-                })
-                .collect::<Result<Vec<_>>>()?;
             let opts = altformers::bench::ops::OpsOptions {
                 ops: ops.split(',').map(|s| s.trim().to_string()).collect(),
-                modes,
+                modes: modes.into_iter().map(scaling::BenchMode::from).collect(),
                 lengths: list(&lengths, "--lengths")?,
                 warmup,
                 reps,
                 dtype: altformers::device::parse_dtype(&dtype)?,
             };
-            for op in &opts.ops {
-                if !altformers::bench::ops::OPS.contains(&op.as_str()) {
-                    anyhow::bail!("unknown op `{op}` in --ops: choose from {}", altformers::bench::ops::OPS.join(", "));
-                }
-            }
+            altformers::bench::ops::check_ops(&opts.ops)?;
             lines.push(&altformers::bench::Provenance::capture(&device));
             altformers::bench::ops::run(&opts, &device, |p| lines.push(p))?;
             lines.save(out.as_deref())

@@ -100,9 +100,18 @@ fn case(op: &str, t: usize, dtype: DType, dev: &Device) -> Result<Case> {
     })
 }
 
+/// An error naming the first op that is not one of [`OPS`].
+pub fn check_ops(ops: &[String]) -> Result<()> {
+    if let Some(op) = ops.iter().find(|op| !OPS.contains(&op.as_str())) {
+        bail!("unknown op `{op}`: choose from {}", OPS.join(", "));
+    }
+    Ok(())
+}
+
 /// Measures every (op, length, mode); a failure at one point (out of memory, unsupported
 /// shape) is recorded in its status and the run goes on.
 pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&ScalingPoint)) -> Result<Vec<ScalingPoint>> {
+    check_ops(&opts.ops)?;
     let mut points = Vec::new();
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
     for op in &opts.ops {
