@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|baby [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|baby|seeds|mqar [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
 OUT="/tmp/gpu-results"
 mkdir -p "$OUT" "$FINAL"
 what="${1:-all}"
+tag=""
 run() { bash .gpu/run.sh "$@"; }
 if [ "$what" = peers ] || [ "$what" = all ]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
@@ -28,9 +29,11 @@ if [ "$what" = kernels ]; then
   # The fused kernels: GPU tests against the CPU reference, then ours and the peers at the
   # peers' shapes in the same run.
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
-  timeout 240 bash .gpu/run-tests.sh > "$OUT/gpu-tests.log" 2>&1; echo "gpu tests rc=$?" >> "$OUT/gpu-tests.log"
-  tail -5 "$OUT/gpu-tests.log"
-  grep -E "test result|FAILED|panicked" "$OUT/gpu-tests.log" | head -20
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    timeout 240 bash .gpu/run-tests.sh > "$OUT/gpu-tests.log" 2>&1; echo "gpu tests rc=$?" >> "$OUT/gpu-tests.log"
+    tail -5 "$OUT/gpu-tests.log"
+    grep -E "test result|FAILED|panicked" "$OUT/gpu-tests.log" | head -20
+  fi
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   fi
@@ -50,6 +53,39 @@ if [ "$what" = baby ]; then
   run eval --run /tmp/baby --data shakespeare --device cuda > "$OUT/baby-eval.json" 2>> "$OUT/baby.err"
   run generate --run /tmp/baby --prompt "ROMEO:" --tokens 300 --device cuda > "$OUT/baby-sample.txt" 2>> "$OUT/baby.err"
 fi
+if [ "$what" = seeds ]; then
+  # Issue 2's nanoGPT CPU configuration on the GPU in f32 (the CPU run's arithmetic), several
+  # seeds at once, with and without weight decay on the embeddings (nanoGPT decays them).
+  shift
+  bash .gpu/run.sh --version > /dev/null  # unpack the binary once, before the processes start
+  for s in ${1:-1 2 3}; do
+    for variant in default decay-emb; do
+      extra=""; [ "$variant" = decay-emb ] && extra="--set train.decay_embeddings=true"
+      run --threads 1 train --model transformer --data shakespeare --config configs/nanogpt-cpu.toml \
+        --set train.seed=$s $extra --device cuda --out /tmp/seeds/$variant-$s > /dev/null 2> "$OUT/seed-$variant-$s.err" &
+    done
+  done
+  wait
+  for f in /tmp/seeds/*/metrics.jsonl; do echo "$(basename $(dirname $f)) $(tail -1 $f)"; done > "$OUT/seeds.txt"
+  cat "$OUT/seeds.txt"
+fi
+if [ "$what" = mqar ]; then
+  # The recall part of a comparison, one process per model at once (small models leave the
+  # GPU mostly idle; each process is bound by its kernel launches), then one report:
+  #   gpu-bench.sh mqar PRESET "model1 model2 ..." [seconds] [tag]
+  preset="$2"; models="$3"; limit="${4:-500}"; tag="${5:-mqar}"
+  bash .gpu/run.sh --version > /dev/null  # unpack the binary once, before the processes start
+  for m in $models; do
+    timeout "$limit" bash .gpu/run.sh --threads 1 compare --preset "$preset" --parts mqar --models "$m" \
+      --device cuda --out "/tmp/$tag/$m" > /dev/null 2> "$OUT/$tag-$m.err" &
+  done
+  wait
+  mkdir -p "$OUT/$tag-report"
+  cat /tmp/$tag/*/mqar.jsonl > "$OUT/$tag-report/mqar.jsonl" 2>/dev/null
+  cp "$(ls -d /tmp/$tag/*/ | head -1)meta.json" "$OUT/$tag-report/" 2>/dev/null
+  bash .gpu/run.sh report --from "$OUT/$tag-report" > /dev/null 2>> "$OUT/$tag-report.err"
+  cut -c1-200 "$OUT/$tag-report/mqar.jsonl"
+fi
 ls -la "$OUT"
 # The device tool brings back at most 8 files: pack everything into one.
-tar -czf "$FINAL/results-$what.tgz" -C "$OUT" .
+tar -czf "$FINAL/results-$what${tag:+-$tag}.tgz" -C "$OUT" .

@@ -158,8 +158,16 @@ enum Command {
     },
     /// Train every causal model at equal parameters and tokens and report the results.
     Compare {
+        /// quick, full, or a TOML file of the same shape.
         #[arg(long, default_value = "quick")]
         preset: String,
+        /// Comma-separated parts to run (lm, mqar, scaling, decode; default all). Results of
+        /// parts and models not run are kept in DIR, so a comparison can be run in pieces.
+        #[arg(long, value_delimiter = ',')]
+        parts: Vec<String>,
+        /// Comma-separated causal models (default: every causal model in the registry).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
         #[arg(long, default_value = "shakespeare")]
         data: String,
         #[arg(long, value_enum, default_value = "text")]
@@ -503,9 +511,10 @@ fn run(command: Command) -> Result<()> {
             print!("{}", altformers::registry::table());
             Ok(())
         }
-        Command::Compare { preset, data, data_format, out, device } => {
+        Command::Compare { preset, parts, models, data, data_format, out, device } => {
             let device = altformers::device::select(&device)?;
-            altformers::compare::run(&preset, &data, data_format.into(), &out, &device)
+            let select = altformers::compare::Selection { parts, models };
+            altformers::compare::run(&preset, &data, data_format.into(), &out, &device, &select)
         }
     }
 }

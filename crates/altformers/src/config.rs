@@ -137,6 +137,10 @@ pub struct TrainConfig {
     pub eps: f64,
     /// Decoupled weight decay (AdamW) on matrices only.
     pub weight_decay: f64,
+    /// Decay the embedding tables too (nanoGPT's grouping: every 2-D parameter). Off by
+    /// default: the usual grouping leaves embeddings, norms and biases alone.
+    #[serde(default)]
+    pub decay_embeddings: bool,
     /// Clip the global gradient norm to this (0 disables).
     pub grad_clip: f64,
     pub eval_every: usize,
@@ -158,6 +162,7 @@ impl Default for TrainConfig {
             beta2: 0.99,
             eps: 1e-8,
             weight_decay: 0.1,
+            decay_embeddings: false,
             grad_clip: 1.0,
             eval_every: 250,
             eval_batches: 20,

@@ -18,11 +18,45 @@ pub fn select(name: &str) -> Result<Device> {
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
     // With dynamically loaded CUDA libraries, candle panics when they are absent.
-    match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
-        Ok(Ok(d)) => Ok(d),
+    let device = match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
+        Ok(Ok(d)) => d,
         Ok(Err(e)) => bail!("cannot open CUDA device {ordinal}: {e}"),
         Err(_) => bail!("cannot open CUDA device {ordinal}: the CUDA driver or libraries could not be loaded"),
+    };
+    keep_pool_memory(&device)?;
+    Ok(device)
+}
+
+/// The device's memory pool, which every candle allocation on it goes through (cudarc
+/// allocates with `cuMemAllocAsync` where the GPU has pools); `None` on the CPU or a GPU
+/// without pools.
+#[cfg(feature = "cuda")]
+pub fn cuda_mem_pool(device: &Device) -> candle_core::Result<Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>> {
+    let Device::Cuda(cuda) = device else { return Ok(None) };
+    let stream = cuda.cuda_stream();
+    if !stream.context().has_async_alloc() {
+        return Ok(None);
     }
+    let pool = unsafe { candle_core::cuda_backend::cudarc::driver::result::device::get_mem_pool(stream.context().cu_device()) };
+    pool.map(Some).map_err(candle_core::Error::wrap)
+}
+
+/// Sets the pool's release threshold to "never": by default a pool returns its free memory
+/// to the driver at every synchronization, so the next step maps it again (a measurable
+/// cost per step; PyTorch's caching allocator keeps it too). `ALTFORMERS_CUDA_POOL_RELEASE=1`
+/// keeps the driver's default, for comparison.
+#[cfg(feature = "cuda")]
+fn keep_pool_memory(device: &Device) -> Result<()> {
+    if std::env::var("ALTFORMERS_CUDA_POOL_RELEASE").is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
+    if let Some(pool) = cuda_mem_pool(device)? {
+        let mut threshold = u64::MAX;
+        let attr = candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        unsafe { candle_core::cuda_backend::cudarc::driver::result::mem_pool::set_attribute(pool, attr, &mut threshold as *mut u64 as *mut _) }
+            .map_err(|e| anyhow::anyhow!("setting the CUDA memory pool's release threshold: {e:?}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -189,6 +189,18 @@ impl LanguageModel {
         self.logits(&x)
     }
 
+    /// Logits at chosen positions only: `rows` (u32, `[N]`) index the flattened `[B T]`
+    /// positions of `tokens: [B, T]` -> `[N, V]` (no dropout). A loss scored at a few
+    /// positions (the recall suite) then pays the head and the softmax for N rows, not B T.
+    pub fn forward_at(&self, tokens: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(tokens, 0)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        let (b, t, d) = x.dims3()?;
+        self.logits(&x.reshape((b * t, d))?.index_select(rows, 0)?.unsqueeze(0)?)?.squeeze(0)
+    }
+
     /// Runs the prompt in parallel and returns its logits `[B, T, V]` and the state after it.
     pub fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
         let mut x = self.embed(tokens, 0)?;

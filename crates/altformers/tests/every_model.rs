@@ -77,6 +77,14 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
             model.step(&candle_core::Tensor::new(&[token], &Device::Cpu)?, &mut state)?;
         }
         assert!(!state.tracks_graph(), "{name}: decode state records its history");
+
+        // Logits at chosen rows (the recall suite's loss) are those rows of the full forward.
+        let tokens = candle_core::Tensor::new(&[[1u32, 7, 3, 9], [4, 4, 2, 8]], &Device::Cpu)?;
+        let rows = candle_core::Tensor::new(&[6u32, 1, 3], &Device::Cpu)?;
+        let full = model.forward(&tokens, None)?.flatten_to(1)?.index_select(&rows, 0)?;
+        let picked = model.forward_at(&tokens, &rows)?;
+        let diff = (full - picked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{name}: forward_at differs from forward by {diff}");
     }
     Ok(())
 }

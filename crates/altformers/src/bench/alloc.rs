@@ -1,5 +1,7 @@
-//! Peak heap memory on the CPU: a counting wrapper around the system allocator. The binary
-//! installs it (`#[global_allocator]`); without it the counters stay at zero.
+//! Peak memory. On the CPU: a counting wrapper around the system allocator (the binary
+//! installs it as `#[global_allocator]`; without it the counters stay at zero). On CUDA:
+//! the high-water mark of the device's stream-ordered memory pool, which every candle
+//! allocation goes through (cudarc uses `cuMemAllocAsync` where the device has pools).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,4 +58,49 @@ pub fn peak() -> usize {
 /// Whether the counting allocator is installed (it has seen allocations).
 pub fn installed() -> bool {
     PEAK.load(Ordering::Relaxed) > 0 || CURRENT.load(Ordering::Relaxed) > 0
+}
+
+/// Bytes allocated on `device` at the peak of `f`, above the level before it; `None` where
+/// it cannot be measured (CPU without the counting allocator, a GPU without memory pools).
+/// Memory a library allocates behind candle's back is not counted (cuFFT's work area is
+/// ours, so it is).
+pub fn peak_during(device: &candle_core::Device, f: impl FnOnce() -> candle_core::Result<()>) -> candle_core::Result<Option<u64>> {
+    match device {
+        candle_core::Device::Cpu if installed() => {
+            reset_peak();
+            let before = current();
+            f()?;
+            Ok(Some((peak() - before) as u64))
+        }
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => cuda_pool::peak_during(device, f),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+
+    fn attribute(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> candle_core::Result<u64> {
+        let mut value: u64 = 0;
+        unsafe { result::mem_pool::get_attribute(pool, attr, &mut value as *mut u64 as *mut _) }.map_err(candle_core::Error::wrap)?;
+        Ok(value)
+    }
+
+    pub fn peak_during(device: &candle_core::Device, f: impl FnOnce() -> candle_core::Result<()>) -> candle_core::Result<Option<u64>> {
+        let Some(pool) = crate::device::cuda_mem_pool(device)? else { return Ok(None) };
+        device.synchronize()?;
+        let before = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        // writing zero resets the high-water mark to the current level
+        let mut zero: u64 = 0;
+        unsafe {
+            result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _)
+        }
+        .map_err(candle_core::Error::wrap)?;
+        f()?;
+        device.synchronize()?;
+        let high = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        Ok(Some(high.saturating_sub(before)))
+    }
 }

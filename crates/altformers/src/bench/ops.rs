@@ -140,14 +140,16 @@ pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&Scaling
                         BenchMode::Fwdbwd => c.bwd_factor * c.flops_fwd,
                     };
                     let out_grad = (c.run)(&c.inputs)?.randn_like(0.0, 1.0)?;
-                    let timing = time_it(device, opts.warmup, opts.reps, || {
+                    let run_once = || {
                         let y = (c.run)(&c.inputs)?;
                         if mode == BenchMode::Fwdbwd {
                             let grads = (y * &out_grad)?.sum_all()?.backward()?;
                             drop(grads);
                         }
                         Ok(())
-                    })?;
+                    };
+                    let timing = time_it(device, opts.warmup, opts.reps, run_once)?;
+                    point.peak_bytes = super::alloc::peak_during(device, run_once)?;
                     point.flops_per_s = Some(point.flops / timing.median_s);
                     point.timing = Some(timing);
                     Ok(())

@@ -189,14 +189,7 @@ fn measure(arch: &Architecture, cfg: &ModelConfig, component: &str, shape: &Cost
     let single = t0.elapsed().as_secs_f64();
     let reps = if single > opts.time_cap_s { 1 } else { opts.reps };
     let warmup = if single > opts.time_cap_s { 0 } else { opts.warmup.saturating_sub(1) };
-    let peak = if device.is_cpu() && alloc::installed() {
-        alloc::reset_peak();
-        let before = alloc::current();
-        run_once()?;
-        Some((alloc::peak() - before) as u64)
-    } else {
-        None
-    };
+    let peak = alloc::peak_during(device, &run_once)?;
     let timing = if reps == 1 { Timing::from_samples(vec![single]) } else { time_it(device, warmup, reps, run_once)? };
     Ok((timing, peak))
 }

@@ -65,13 +65,42 @@ pub struct DecodeSettings {
     pub memory_cap_gb: f64,
 }
 
+/// A named preset (`quick`, `full`) or a TOML file of the same shape.
 pub fn preset(name: &str) -> Result<Preset> {
     let text = match name {
-        "quick" => include_str!("../../../../configs/compare-quick.toml"),
-        "full" => include_str!("../../../../configs/compare-full.toml"),
-        other => bail!("unknown preset `{other}`: use quick or full"),
+        "quick" => include_str!("../../../../configs/compare-quick.toml").to_string(),
+        "full" => include_str!("../../../../configs/compare-full.toml").to_string(),
+        path if path.ends_with(".toml") => std::fs::read_to_string(path).with_context(|| format!("reading preset file {path}"))?,
+        other => bail!("unknown preset `{other}`: use quick, full or a .toml file"),
     };
-    toml::from_str(text).with_context(|| format!("preset {name} is invalid"))
+    toml::from_str(&text).with_context(|| format!("preset {name} is invalid"))
+}
+
+/// The parts of a comparison, run in this order.
+pub const PARTS: [&str; 4] = ["lm", "mqar", "scaling", "decode"];
+
+/// What to run: which parts and which models (default: all of both).
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub parts: Vec<String>,
+    pub models: Vec<String>,
+}
+
+impl Selection {
+    fn check(&self) -> Result<()> {
+        if let Some(p) = self.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
+            bail!("unknown part `{p}`: choose from {}", PARTS.join(", "));
+        }
+        for m in &self.models {
+            let arch = registry::find(m)?;
+            anyhow::ensure!(arch.causal, "`{m}` is not causal; compare trains causal language models only");
+        }
+        Ok(())
+    }
+
+    fn runs(&self, part: &str) -> bool {
+        self.parts.is_empty() || self.parts.iter().any(|p| p == part)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -147,8 +176,19 @@ pub fn match_params(arch: &Architecture, sets: &[String], target: usize) -> Resu
     Ok(best)
 }
 
-fn write_lines<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+/// Writes `rows` to `path` after the lines already there whose `model` is not in `rerun`:
+/// a comparison run in pieces (some models at a time) accumulates in one file.
+fn write_lines<T: Serialize>(path: &Path, rerun: &[&Architecture], rows: &[T]) -> Result<()> {
     let mut text = String::new();
+    if let Ok(old) = std::fs::read_to_string(path) {
+        for line in old.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{} holds a line that is not JSON", path.display()))?;
+            if !rerun.iter().any(|a| v["model"] == a.name) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
     for r in rows {
         text.push_str(&serde_json::to_string(r)?);
         text.push('\n');
@@ -157,108 +197,144 @@ fn write_lines<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
 }
 
 /// Runs everything the preset asks for into `out`, then renders `out/report.md`.
-pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device: &Device) -> Result<()> {
+/// Parts already in `out` that `select` leaves out are kept, so a comparison can be run in
+/// pieces (one part or a few models per process) into one directory.
+pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device: &Device, select: &Selection) -> Result<()> {
+    select.check()?;
     let preset = preset(preset_name)?;
-    let corpus = Corpus::load(data, format)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut meta = Provenance::capture(device);
     meta.command = format!("altformers compare --preset {preset_name} --data {data}");
-    crate::util::write_json_atomic(&out.join("meta.json"), &serde_json::json!({ "provenance": meta, "preset": preset_name, "description": preset.description }))?;
+    if !select.parts.is_empty() {
+        meta.command += &format!(" --parts {}", select.parts.join(","));
+    }
+    if !select.models.is_empty() {
+        meta.command += &format!(" --models {}", select.models.join(","));
+    }
+    crate::util::write_json_atomic(
+        &out.join("meta.json"),
+        &serde_json::json!({ "provenance": meta, "preset": preset_name, "description": preset.description }),
+    )?;
     eprintln!("compare --preset {preset_name}: {}", preset.description);
-    let causal: Vec<&Architecture> = registry::ARCHITECTURES.iter().filter(|a| a.causal).collect();
+    let causal: Vec<&Architecture> = registry::ARCHITECTURES
+        .iter()
+        .filter(|a| a.causal && (select.models.is_empty() || select.models.iter().any(|m| m == a.name)))
+        .collect();
 
     // 1. Language modelling at equal parameters and tokens.
-    let reference = registry::find("transformer")?;
-    let target = param_count(reference, &preset.lm.sets, preset.lm.reference_width).context("the reference Transformer does not build")?;
     let mut rows = Vec::new();
-    for arch in &causal {
-        let (extra, params) = match_params(arch, &preset.lm.sets, target)?;
-        let mut sets = preset.lm.sets.clone();
-        sets.extend(extra);
-        let cfg = RunConfig::build(arch.name, None, &sets)?;
-        let width = cfg.model.width;
-        let run_dir = out.join("runs").join(arch.name);
-        if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir)?;
+    if select.runs("lm") {
+        let corpus = Corpus::load(data, format)?;
+        let reference = registry::find("transformer")?;
+        let target = param_count(reference, &preset.lm.sets, preset.lm.reference_width).context("the reference Transformer does not build")?;
+        for arch in &causal {
+            let (extra, params) = match_params(arch, &preset.lm.sets, target)?;
+            let mut sets = preset.lm.sets.clone();
+            sets.extend(extra);
+            let cfg = RunConfig::build(arch.name, None, &sets)?;
+            let width = cfg.model.width;
+            let run_dir = out.join("runs").join(arch.name);
+            if run_dir.exists() {
+                std::fs::remove_dir_all(&run_dir)?;
+            }
+            let opts = TrainOptions {
+                out: run_dir,
+                resume: false,
+                device: device.clone(),
+                dtype: DType::F32,
+                verbose: true,
+                stop_after: None,
+            };
+            let summary = train(&cfg, &corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
+            rows.push(QualityRow {
+                model: arch.name.to_string(),
+                width,
+                params,
+                params_ratio: params as f64 / target as f64,
+                steps: cfg.train.steps,
+                tokens: cfg.train.steps * cfg.train.batch_size * cfg.model.context,
+                val_loss: summary.last.val_loss,
+                val_bpb: summary.last.val_bpb,
+                tokens_per_s: summary.history.iter().map(|m| m.tokens_per_s).sum::<f64>() / summary.history.len() as f64,
+                elapsed_s: summary.last.elapsed_s,
+            });
+            write_lines(&out.join("quality.jsonl"), &causal, &rows)?;
         }
-        let opts = TrainOptions { out: run_dir, resume: false, device: device.clone(), dtype: DType::F32, verbose: true, stop_after: None };
-        let summary = train(&cfg, &corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
-        rows.push(QualityRow {
-            model: arch.name.to_string(),
-            width,
-            params,
-            params_ratio: params as f64 / target as f64,
-            steps: cfg.train.steps,
-            tokens: cfg.train.steps * cfg.train.batch_size * cfg.model.context,
-            val_loss: summary.last.val_loss,
-            val_bpb: summary.last.val_bpb,
-            tokens_per_s: summary.history.iter().map(|m| m.tokens_per_s).sum::<f64>() / summary.history.len() as f64,
-            elapsed_s: summary.last.elapsed_s,
-        });
-        write_lines(&out.join("quality.jsonl"), &rows)?;
     }
 
     // 2. Multi-query associative recall.
-    let mut recall = Vec::new();
-    for arch in &causal {
-        for &(seq_len, pairs) in &preset.mqar.tasks {
-            let task = MqarConfig { vocab: preset.mqar.vocab, seq_len, pairs, alpha: 0.01 };
-            for &width in &preset.mqar.widths {
-                let r = mqar::train_and_score(arch.name, &task, width, &preset.mqar, device, 17)
-                    .with_context(|| format!("MQAR for {}", arch.name))?;
-                eprintln!("mqar {} T={seq_len} pairs={pairs} width={width}: accuracy {:.3}", arch.name, r.accuracy);
-                recall.push(r);
-                write_lines(&out.join("mqar.jsonl"), &recall)?;
+    if select.runs("mqar") {
+        let mut recall = Vec::new();
+        for arch in &causal {
+            for &(seq_len, pairs) in &preset.mqar.tasks {
+                let task = MqarConfig {
+                    vocab: preset.mqar.vocab,
+                    seq_len,
+                    pairs,
+                    alpha: 0.01,
+                };
+                for &width in &preset.mqar.widths {
+                    let r = mqar::train_and_score(arch.name, &task, width, &preset.mqar, device, 17).with_context(|| format!("MQAR for {}", arch.name))?;
+                    eprintln!("mqar {} T={seq_len} pairs={pairs} width={width}: accuracy {:.3}", arch.name, r.accuracy);
+                    recall.push(r);
+                    write_lines(&out.join("mqar.jsonl"), &causal, &recall)?;
+                }
             }
         }
     }
 
     // 3. Scaling and decoding.
     let names: Vec<String> = causal.iter().map(|a| a.name.to_string()).collect();
-    let s = &preset.scaling;
-    let sopts = scaling::ScalingOptions {
-        models: names.clone(),
-        components: s.components.clone(),
-        mode: scaling::BenchMode::Fwd,
-        lengths: s.lengths.clone(),
-        width: s.width,
-        heads: s.heads,
-        tokens_per_batch: s.tokens_per_batch,
-        warmup: 1,
-        reps: s.reps,
-        time_cap_s: s.time_cap_s,
-        memory_cap_bytes: s.memory_cap_gb * 1e9,
-        dtype: DType::F32,
-    };
-    let (points, fits) = scaling::run(&sopts, device, |p| {
-        if let Some(t) = p.timing {
-            eprintln!("scaling {} {} T={}: {:.4} s", p.model, p.component, p.seq, t.median_s)
-        }
-    })?;
-    write_lines(&out.join("scaling.jsonl"), &points)?;
-    write_lines(&out.join("scaling-fits.jsonl"), &fits)?;
-    let d = &preset.decode;
-    let dopts = decode::DecodeOptions {
-        models: names,
-        contexts: d.contexts.clone(),
-        batches: d.batches.clone(),
-        width: d.width,
-        heads: d.heads,
-        depth: d.depth,
-        steps: d.steps,
-        memory_cap_bytes: d.memory_cap_gb * 1e9,
-        time_cap_s: d.time_cap_s,
-        dtype: DType::F32,
-    };
-    let decoded = decode::run(&dopts, device, |p| {
-        if let Some(l) = p.latency_s {
-            eprintln!("decode {} context={} batch={}: {:.2} ms/token", p.model, p.context, p.batch, l * 1e3)
-        }
-    })?;
-    write_lines(&out.join("decode.jsonl"), &decoded)?;
+    if select.runs("scaling") {
+        let s = &preset.scaling;
+        let sopts = scaling::ScalingOptions {
+            models: names.clone(),
+            components: s.components.clone(),
+            mode: scaling::BenchMode::Fwd,
+            lengths: s.lengths.clone(),
+            width: s.width,
+            heads: s.heads,
+            tokens_per_batch: s.tokens_per_batch,
+            warmup: 1,
+            reps: s.reps,
+            time_cap_s: s.time_cap_s,
+            memory_cap_bytes: s.memory_cap_gb * 1e9,
+            dtype: DType::F32,
+        };
+        let (points, fits) = scaling::run(&sopts, device, |p| {
+            if let Some(t) = p.timing {
+                eprintln!("scaling {} {} T={}: {:.4} s", p.model, p.component, p.seq, t.median_s)
+            }
+        })?;
+        write_lines(&out.join("scaling.jsonl"), &causal, &points)?;
+        write_lines(&out.join("scaling-fits.jsonl"), &causal, &fits)?;
+    }
+    if select.runs("decode") {
+        let d = &preset.decode;
+        let dopts = decode::DecodeOptions {
+            models: names,
+            contexts: d.contexts.clone(),
+            batches: d.batches.clone(),
+            width: d.width,
+            heads: d.heads,
+            depth: d.depth,
+            steps: d.steps,
+            memory_cap_bytes: d.memory_cap_gb * 1e9,
+            time_cap_s: d.time_cap_s,
+            dtype: DType::F32,
+        };
+        let decoded = decode::run(&dopts, device, |p| {
+            if let Some(l) = p.latency_s {
+                eprintln!("decode {} context={} batch={}: {:.2} ms/token", p.model, p.context, p.batch, l * 1e3)
+            }
+        })?;
+        write_lines(&out.join("decode.jsonl"), &causal, &decoded)?;
+    }
 
     crate::report::render(out)?;
-    println!("{}", quality_table(&rows));
+    if !rows.is_empty() {
+        println!("{}", quality_table(&rows));
+    }
     eprintln!("report written to {}", out.join("report.md").display());
     Ok(())
 }

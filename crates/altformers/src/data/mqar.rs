@@ -75,17 +75,21 @@ impl MqarConfig {
         MqarExample { inputs: seq[..t].to_vec(), targets: seq[1..=t].to_vec(), scored }
     }
 
-    /// `batch` examples as tensors: inputs and targets `[B, T]` (u32), mask `[B, T]` (f32).
+    /// `batch` examples as tensors: inputs `[B, T]` (u32), the scored positions as rows of
+    /// the flattened `[B T]` (`[N]`, u32), and the value expected at each (`[N]`, u32). Only
+    /// those rows need logits (see `LanguageModel::forward_at`).
     pub fn batch(&self, batch: usize, rng: &mut Rng, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
-        let (mut xs, mut ys, mut ms) = (vec![], vec![], vec![]);
-        for _ in 0..batch {
+        let (mut xs, mut rows, mut ys) = (vec![], vec![], vec![]);
+        for b in 0..batch {
             let e = self.sample(rng);
+            for (p, _) in e.scored.iter().enumerate().filter(|(_, &s)| s) {
+                rows.push((b * self.seq_len + p) as u32);
+                ys.push(e.targets[p]);
+            }
             xs.extend(e.inputs);
-            ys.extend(e.targets);
-            ms.extend(e.scored.iter().map(|&s| s as u8 as f32));
         }
-        let shape = (batch, self.seq_len);
-        Ok((Tensor::from_vec(xs, shape, device)?, Tensor::from_vec(ys, shape, device)?, Tensor::from_vec(ms, shape, device)?))
+        let n = rows.len();
+        Ok((Tensor::from_vec(xs, (batch, self.seq_len), device)?, Tensor::from_vec(rows, n, device)?, Tensor::from_vec(ys, n, device)?))
     }
 }
 
@@ -147,6 +151,17 @@ mod tests {
         assert_eq!(a.inputs, b.inputs);
         assert_ne!(a.inputs, c.inputs);
         assert!(MqarConfig { vocab: 8, seq_len: 32, pairs: 4, alpha: 0.01 }.validate().is_err());
+        // a batch's scored rows point at queried keys, and their targets are those keys' values
+        let (x, rows, y) = cfg.batch(3, &mut Rng::new(5), &Device::Cpu).unwrap();
+        let (x, rows, y) = (x.flatten_all().unwrap().to_vec1::<u32>().unwrap(), rows.to_vec1::<u32>().unwrap(), y.to_vec1::<u32>().unwrap());
+        assert_eq!((rows.len(), y.len()), (3 * 4, 3 * 4));
+        let mut rng = Rng::new(5);
+        let examples: Vec<MqarExample> = (0..3).map(|_| cfg.sample(&mut rng)).collect();
+        for (&r, &v) in rows.iter().zip(&y) {
+            let (b, p) = (r as usize / 32, r as usize % 32);
+            assert!(examples[b].scored[p]);
+            assert_eq!((x[r as usize], v), (examples[b].inputs[p], examples[b].targets[p]));
+        }
         assert!(MqarConfig { vocab: 64, seq_len: 15, pairs: 4, alpha: 0.01 }.validate().is_err());
     }
 }

@@ -85,6 +85,9 @@ pub mod launch {
 }
 
 #[cfg(feature = "cuda")]
+pub mod adamw;
+
+#[cfg(feature = "cuda")]
 pub mod fftconv;
 
 #[cfg(feature = "cuda")]

@@ -183,6 +183,9 @@ pub fn train(config: &RunConfig, corpus: &Corpus, data_format: DataFormat, opts:
     let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
     let model = LanguageModel::new(m, t.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype);
     let mut opt = AdamW::new(&model.params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
+    if t.decay_embeddings {
+        opt = opt.decay_embeddings();
+    }
     let metrics_path = out.join("metrics.jsonl");
     let mut history: Vec<Metrics> = Vec::new();
     let mut state = TrainState {

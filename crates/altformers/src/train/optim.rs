@@ -31,6 +31,50 @@ impl AdamW {
         Ok(Self { params, m, v, t: 0, beta1, beta2, eps, weight_decay })
     }
 
+    /// Decays the embedding tables (`emb.weight`, `pos_emb.weight`) as well as the matrices.
+    pub fn decay_embeddings(mut self) -> Self {
+        for (name, p) in &mut self.params {
+            if name == "emb.weight" || name == "pos_emb.weight" {
+                p.decay = true;
+            }
+        }
+        self
+    }
+
+    /// The same step by the fused CUDA kernel (`kernels/adamw.cu`), or `None` where it does
+    /// not apply (CPU, f64 or bf16 tensors).
+    #[cfg(feature = "cuda")]
+    fn fused_step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<Option<f64>> {
+        use crate::kernels::adamw;
+        let slots: Vec<adamw::Slot> = (0..self.params.len())
+            .filter_map(|i| {
+                let p = &self.params[i].1;
+                let grad = grads.get(p.var.as_tensor())?;
+                Some(adamw::Slot { weight: p.var.as_tensor(), m: &self.m[i], v: &self.v[i], grad, decay: p.decay })
+            })
+            .collect();
+        if !adamw::applies(&slots) {
+            return Ok(None);
+        }
+        let t = self.t + 1;
+        let hyper = adamw::Hyper {
+            lr: lr as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            bc1: (1.0 - self.beta1.powi(t as i32)) as f32,
+            bc2: (1.0 - self.beta2.powi(t as i32)) as f32,
+            eps: self.eps as f32,
+            weight_decay: self.weight_decay as f32,
+            clip: clip as f32,
+        };
+        let norm = adamw::step(&slots, &hyper)?;
+        if !norm.is_finite() {
+            bail!("gradient norm is {norm}");
+        }
+        self.t = t;
+        Ok(Some(norm))
+    }
+
     /// Global L2 norm of the gradients (f64 on the host), with one device synchronisation.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut squares = Vec::with_capacity(self.params.len());
@@ -48,6 +92,10 @@ impl AdamW {
     /// One update at learning rate `lr`, gradients scaled down to norm `clip` if larger
     /// (0 = no clipping). Returns the gradient norm before clipping.
     pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if let Some(norm) = self.fused_step(grads, lr, clip)? {
+            return Ok(norm);
+        }
         let norm = self.grad_norm(grads)?;
         if !norm.is_finite() {
             bail!("gradient norm is {norm}");
@@ -134,5 +182,39 @@ mod tests {
         assert!(f(1000) < f(500));
         assert!((f(2000) - 1e-4).abs() < 1e-12 && (f(5000) - 1e-4).abs() < 1e-12);
         assert!((f(1999) - 1e-4).abs() < 1e-8);
+    }
+
+    /// With (nearly) zero gradients the update is pure decay: the matrix shrinks by `1 - lr wd`, the
+    /// embedding only when `decay_embeddings` asks for it.
+    #[test]
+    fn embeddings_decay_only_when_asked() -> Result<()> {
+        use crate::params::ParamBuilder;
+        use candle_core::Device;
+        let pb = ParamBuilder::new(0, &Device::Cpu, DType::F32);
+        let emb = pb.normal_no_decay("emb.weight", &[4, 3], 0.02)?;
+        let w = pb.normal("w", &[3, 3], 0.02)?;
+        let store = pb.into_store();
+        // a tiny gradient (candle prunes a product by exactly zero from the graph): the
+        // update, about 1e-22, vanishes beside the weights
+        let loss = ((emb.sum_all()? + w.sum_all()?)? * 1e-30)?;
+        let grads = loss.backward()?;
+        let shrink = |a: &Tensor, b: &Tensor| -> Result<f32> { Ok((a.sum_all()?.to_scalar::<f32>()? / b.sum_all()?.to_scalar::<f32>()?) as f32) };
+        for (ask, emb_factor) in [(false, 1.0f32), (true, 0.9)] {
+            let (emb0, w0) = (emb.copy()?, w.copy()?);
+            let mut opt = AdamW::new(&store, 0.9, 0.99, 1e-8, 0.1)?;
+            if ask {
+                opt = opt.decay_embeddings();
+            }
+            opt.step(&grads, 1.0, 0.0)?;
+            let emb1 = store.tensors()["emb.weight"].clone();
+            let w1 = store.tensors()["w"].clone();
+            assert!((shrink(&w1, &w0)? - 0.9).abs() < 1e-5, "w shrank by {} (decay_embeddings = {ask})", shrink(&w1, &w0)?);
+            assert!((shrink(&emb1, &emb0)? - emb_factor).abs() < 1e-5, "decay_embeddings = {ask}");
+            // undo, so the second round starts from the same weights
+            for (name, t) in [("emb.weight", &emb0), ("w", &w0)] {
+                store.vars().into_iter().find(|(n, _)| n == name).unwrap().1.var.set(t)?;
+            }
+        }
+        Ok(())
     }
 }
