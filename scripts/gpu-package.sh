@@ -10,7 +10,10 @@ source scripts/cuda-env.sh
 # The patch changes Cargo.lock's record of candle-core: keep the committed one.
 cp Cargo.lock .cuda-build/Cargo.lock.orig
 trap 'cp .cuda-build/Cargo.lock.orig Cargo.lock' EXIT
-ALTFORMERS_COMMIT=$(git rev-parse --short=12 HEAD) CARGO_TARGET_DIR=target/cuda \
+# The commit the binary reports in its results (+dirty: built with uncommitted changes).
+commit=$(git rev-parse --short=12 HEAD)
+[ -n "$(git status --porcelain --untracked-files=no)" ] && commit="$commit+dirty"
+ALTFORMERS_COMMIT=$commit CARGO_TARGET_DIR=target/cuda \
   cargo build --release --features cuda -p altformers-cli \
   --config "patch.crates-io.candle-core.path=\"$ALTFORMERS_CANDLE_PATCH\""
 # The GPU test binaries (crates/altformers/tests/cuda_*.rs): fused kernels against the CPU
@@ -18,7 +21,7 @@ ALTFORMERS_COMMIT=$(git rev-parse --short=12 HEAD) CARGO_TARGET_DIR=target/cuda 
 mkdir -p .gpu/tests
 rm -f .gpu/tests/*
 for t in $(ls crates/altformers/tests/cuda_*.rs 2>/dev/null | xargs -r -n1 basename | sed 's/\.rs$//'); do
-  exe=$(ALTFORMERS_COMMIT=$(git rev-parse --short=12 HEAD) CARGO_TARGET_DIR=target/cuda \
+  exe=$(ALTFORMERS_COMMIT=$commit CARGO_TARGET_DIR=target/cuda \
     cargo test --release --features cuda -p altformers --test "$t" --no-run --message-format=json \
     --config "patch.crates-io.candle-core.path=\"$ALTFORMERS_CANDLE_PATCH\"" \
     | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')

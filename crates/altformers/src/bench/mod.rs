@@ -8,8 +8,18 @@ pub mod fit;
 pub mod ops;
 pub mod scaling;
 
-use candle_core::{Device, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Result, Tensor};
 use std::time::Instant;
+
+/// The backward pass from the output gradient `dy`, as PyTorch's `y.backward(dy)`: the
+/// scalar `<y, dy>` as a `[1, N] x [N, 1]` product, whose backward hands `y` exactly `dy`.
+/// (`(y * dy).sum_all()` would do the same, but candle reduces a whole tensor in one block:
+/// milliseconds for a large tensor on a GPU, more than the op being measured.)
+pub fn backward_with(y: &Tensor, dy: &Tensor) -> Result<GradStore> {
+    let n = y.elem_count();
+    y.reshape((1, n))?.matmul(&dy.reshape((n, 1))?)?.backward()
+}
 
 /// Median, min and max seconds of `reps` runs of `f` after `warmup` runs.
 pub fn time_it(device: &Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
@@ -82,9 +92,11 @@ impl Provenance {
             date: run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| "unknown".into()),
             machine: format!("{cpu}, {cores} threads"),
             device: device_name,
-            commit: run("git", &["rev-parse", "--short=12", "HEAD"])
-                .map(|c| if dirty { format!("{c}+dirty") } else { c })
-                .or_else(|| option_env!("ALTFORMERS_COMMIT").map(String::from))
+            // the commit the binary was built from where the build recorded it (a binary
+            // carried to another machine runs beside some other checkout), else this checkout's
+            commit: option_env!("ALTFORMERS_COMMIT")
+                .map(String::from)
+                .or_else(|| run("git", &["rev-parse", "--short=12", "HEAD"]).map(|c| if dirty { format!("{c}+dirty") } else { c }))
                 .unwrap_or_else(|| "unknown".into()),
             command: std::env::args().collect::<Vec<_>>().join(" "),
         }

@@ -169,16 +169,13 @@ fn measure(arch: &Architecture, cfg: &ModelConfig, component: &str, shape: &Cost
     let values = Rng::derive(1, stream::TEST, shape.seq as u64).normal_vec(n, 1.0);
     let x = Tensor::from_vec(values, (shape.batch, shape.seq, shape.width), device)?.to_dtype(opts.dtype)?;
     let x = candle_core::Var::from_tensor(&x)?;
+    // candle runs eagerly: the forward is done when the device is synchronized. Mixers and
+    // blocks map [B, T, D] to [B, T, D], so the output gradient has the input's shape.
+    let out_grad = x.as_tensor().randn_like(0.0, 1.0)?;
     let run_once = || -> candle_core::Result<()> {
         let y = layer(x.as_tensor())?;
-        match opts.mode {
-            BenchMode::Fwd => {
-                // force the computation without a host copy of the whole output
-                let _ = y.sum_all()?;
-            }
-            BenchMode::Fwdbwd => {
-                let _ = y.sqr()?.sum_all()?.backward()?;
-            }
+        if opts.mode == BenchMode::Fwdbwd {
+            drop(super::backward_with(&y, &out_grad)?);
         }
         Ok(())
     };
