@@ -8,7 +8,7 @@ from collections import defaultdict
 rows = [l for l in open(sys.argv[1]) if l.startswith('"')]
 total = defaultdict(float)
 count = defaultdict(int)
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 for r in csv.DictReader(rows):
     if r.get("Metric Name") != "gpu__time_duration.sum":
         continue
