@@ -264,6 +264,9 @@ pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device
 
     // 2. Multi-query associative recall.
     if select.runs("mqar") {
+        // Rows already in DIR with the same budget are kept, not retrained: a grid too large
+        // for one sitting is finished by running the same command again.
+        let done: Vec<mqar::MqarResult> = crate::report::read_lines(&out.join("mqar.jsonl"))?.unwrap_or_default();
         let mut recall = Vec::new();
         for arch in &causal {
             for &(seq_len, pairs) in &preset.mqar.tasks {
@@ -274,6 +277,11 @@ pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device
                     alpha: 0.01,
                 };
                 for &width in &preset.mqar.widths {
+                    if let Some(r) = done.iter().find(|r| r.answers(arch.name, &task, width, &preset.mqar)) {
+                        eprintln!("mqar {} T={seq_len} pairs={pairs} width={width}: kept from {}", arch.name, out.display());
+                        recall.push(r.clone());
+                        continue;
+                    }
                     let r = mqar::train_and_score(arch.name, &task, width, &preset.mqar, device, 17).with_context(|| format!("MQAR for {}", arch.name))?;
                     eprintln!("mqar {} T={seq_len} pairs={pairs} width={width}: accuracy {:.3}", arch.name, r.accuracy);
                     recall.push(r);
@@ -358,4 +366,38 @@ pub fn quality_table(rows: &[QualityRow]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The recall part run again into the same directory keeps the rows it already has
+    /// (same budget) and retrains those whose budget changed.
+    #[test]
+    fn mqar_rerun_keeps_finished_rows() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("altformers-mqar-rerun-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut p = preset("quick")?;
+        p.mqar = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![16], depth: 1, steps: 2, batch_size: 4, lr: 1e-3, eval_examples: 8 };
+        let file = dir.join("tiny.toml");
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()] };
+        let rows = |d: &Path| -> Result<Vec<mqar::MqarResult>> { Ok(crate::report::read_lines(&d.join("mqar.jsonl"))?.unwrap()) };
+        let preset_arg = file.to_str().unwrap();
+        run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+        let first = rows(&dir)?;
+        assert_eq!(first.len(), 1);
+        run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+        let again = rows(&dir)?;
+        assert_eq!((again.len(), again[0].train_s), (1, first[0].train_s), "the finished row was retrained");
+        p.mqar.steps = 3;
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+        let changed = rows(&dir)?;
+        assert_eq!((changed.len(), changed[0].steps), (1, 3), "a row with another budget was kept");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }

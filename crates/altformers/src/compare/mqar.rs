@@ -36,6 +36,26 @@ pub struct MqarResult {
     /// Training wall time (seconds).
     #[serde(default)]
     pub train_s: f64,
+    /// The training budget the row was produced with (a rerun reuses rows whose budget matches).
+    #[serde(default)]
+    pub vocab: usize,
+    #[serde(default)]
+    pub depth: usize,
+    #[serde(default)]
+    pub steps: usize,
+    #[serde(default)]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub lr: f64,
+}
+
+impl MqarResult {
+    /// Whether this row is the result of training `model` on `task` at `width` with `s`.
+    pub fn answers(&self, model: &str, task: &MqarConfig, width: usize, s: &MqarSettings) -> bool {
+        (self.model.as_str(), self.seq_len, self.pairs, self.width) == (model, task.seq_len, task.pairs, width)
+            && (self.vocab, self.depth, self.steps, self.batch_size) == (task.vocab, s.depth, s.steps, s.batch_size)
+            && self.lr == s.lr
+    }
 }
 
 /// The model configuration for one MQAR run of `mixer`.
@@ -94,5 +114,10 @@ pub fn train_and_score(mixer: &str, task: &MqarConfig, width: usize, s: &MqarSet
         accuracy: correct / total.max(1.0),
         final_loss,
         train_s,
+        vocab: task.vocab,
+        depth: s.depth,
+        steps: s.steps,
+        batch_size: s.batch_size,
+        lr: s.lr,
     })
 }

@@ -21,7 +21,7 @@ use plots::{line_chart, Chart, Series};
 
 /// Reads a JSON-lines file; `None` when absent. Lines of other shapes are skipped (the
 /// bench commands mix provenance and fit lines into one file).
-fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<Option<Vec<T>>> {
+pub fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<Option<Vec<T>>> {
     if !path.exists() {
         return Ok(None);
     }
