@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|baby|seeds|mqar [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -44,6 +44,16 @@ if [ "$what" = kernels ]; then
   timeout 100 bash .gpu/run.sh bench ops --ops retention --lengths 8192,16384 --reps 10 --out "$OUT/ours-ops-retention.jsonl" > /dev/null 2>> "$OUT/ours.err"
   timeout 100 bash .gpu/run.sh bench ops --ops longconv --lengths 1024,4096,16384 --reps 10 --out "$OUT/ours-ops-longconv.jsonl" > /dev/null 2>> "$OUT/ours.err"
   tail -3 "$OUT/ours.err"
+fi
+if [ "$what" = unfused ]; then
+  # The tensor paths the kernels replace, at the same shapes (ALTFORMERS_UNFUSED, see
+  # kernels/mod.rs): how much each fused kernel gains over plain candle ops.
+  for op in attention retention; do
+    lengths=8192; [ "$op" = attention ] && lengths=4096,8192
+    ALTFORMERS_UNFUSED=$op timeout 150 bash .gpu/run.sh bench ops --ops $op --lengths $lengths --reps 5 \
+      --out "$OUT/unfused-ops-$op.jsonl" > /dev/null 2>> "$OUT/unfused.err"
+  done
+  tail -3 "$OUT/unfused.err"
 fi
 if [ "$what" = baby ]; then
   shift

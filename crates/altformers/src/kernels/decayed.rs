@@ -73,7 +73,7 @@ pub fn linear(q: &Tensor, k: &Tensor, v: &Tensor, log_decay: &Tensor, state: Opt
     let dtype_ok = matches!(q.dtype(), DType::F32 | DType::BF16) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
     // the backward contracts over d_v as the forward does over d_k
     let fits = retention_shared_bytes(dk.max(dv)) <= MAX_SHARED_BYTES;
-    if !q.device().is_cuda() || !dtype_ok || !fits || state.is_some() || t == 0 || log_decay.track_op() {
+    if !q.device().is_cuda() || !dtype_ok || !fits || state.is_some() || t == 0 || log_decay.track_op() || !super::enabled("retention") {
         return Ok(None);
     }
     let op = RetentionScan { log_decay: log_decay.to_device(q.device())?.to_dtype(DType::F32)?.contiguous()?, reverse: false };
@@ -191,7 +191,7 @@ pub fn wkv(k: &Tensor, v: &Tensor, wt: Weighting, state: Option<&WkvState>) -> R
     // without a bonus the current token weighs e^{k_t}: the bonus form with u = 0 only when
     // nothing decays either
     let weighting_ok = wt.bonus.is_some() || wt.decay.is_none();
-    if !k.device().is_cuda() || k.dtype() != DType::F32 || v.dtype() != DType::F32 || !weighting_ok || state.is_some() || t == 0 {
+    if !k.device().is_cuda() || k.dtype() != DType::F32 || v.dtype() != DType::F32 || !weighting_ok || state.is_some() || t == 0 || !super::enabled("wkv") {
         return Ok(None);
     }
     let param = |p: Option<&Tensor>| -> Result<Tensor> {

@@ -103,7 +103,7 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let bf16 = [q, k, v].iter().all(|t| t.dtype() == DType::BF16);
     let width_ok = matches!(q.dims().last(), Some(64 | 128));
     let non_empty = q.elem_count() > 0 && k.elem_count() > 0;
-    q.device().is_cuda() && bf16 && width_ok && non_empty
+    q.device().is_cuda() && bf16 && width_ok && non_empty && super::enabled("attention")
 }
 
 /// Causal attention of `q: [B, H, T, d_h]` at positions `offset..offset+T` over `k, v:

@@ -8,6 +8,31 @@
 //! the kernel's backward. Tests against the CPU reference live in `tests/cuda_*.rs` and run
 //! on the GPU machine (scripts/gpu-package.sh builds and packs them).
 
+/// The fused kernels that can be switched off (the tensor path runs instead) by listing them
+/// in `ALTFORMERS_UNFUSED` (comma-separated, or `all`): to measure a kernel against the
+/// code it replaces in one run. The FFT convolution has no tensor path on CUDA.
+pub const SWITCHABLE: [&str; 4] = ["attention", "retention", "wkv", "adamw"];
+
+/// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
+pub fn enabled(name: &str) -> bool {
+    static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let off = OFF.get_or_init(|| parse_unfused(&std::env::var("ALTFORMERS_UNFUSED").unwrap_or_default()));
+    !off.iter().any(|o| o == name || o == "all")
+}
+
+fn parse_unfused(list: &str) -> Vec<String> {
+    list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unfused_list_parses() {
+        assert_eq!(super::parse_unfused(" attention, wkv ,"), vec!["attention", "wkv"]);
+        assert!(super::parse_unfused("").is_empty());
+    }
+}
+
 #[cfg(feature = "cuda")]
 pub mod ptx {
     //! The compiled PTX of every kernel file, one constant per file (upper-case stem).

@@ -53,7 +53,7 @@ impl AdamW {
                 Some(adamw::Slot { weight: p.var.as_tensor(), m: &self.m[i], v: &self.v[i], grad, decay: p.decay })
             })
             .collect();
-        if !adamw::applies(&slots) {
+        if !adamw::applies(&slots) || !crate::kernels::enabled("adamw") {
             return Ok(None);
         }
         let t = self.t + 1;
