@@ -80,20 +80,36 @@ if [ "$what" = seeds ]; then
   cat "$OUT/seeds.txt"
 fi
 if [ "$what" = mqar ]; then
-  # The recall part of a comparison, one process per model at once (small models leave the
-  # GPU mostly idle; each process is bound by its kernel launches), then one report:
-  #   gpu-bench.sh mqar PRESET "model1 model2 ..." [seconds] [tag]
-  preset="$2"; models="$3"; limit="${4:-500}"; tag="${5:-mqar}"
-  bash .gpu/run.sh --version > /dev/null  # unpack the binary once, before the processes start
+  # The recall part of a comparison as one process per (model, task), all at once, spread
+  # over the GPUs (GPUS, default every visible one); small models leave a GPU mostly idle, as
+  # each process is bound by its kernel launches. Then one report.
+  #   gpu-bench.sh mqar PRESET "model1 model2 ..." [seconds] [tag] [previous mqar.jsonl]
+  # Rows of the previous file with the same budget are kept, not retrained (compare skips
+  # them), so a grid too large for one call is finished by calling again with the last
+  # call's mqar.jsonl. ALT and MQAR_DEVICE=cpu run it without a GPU (to try the script).
+  preset="$2"; models="$3"; limit="${4:-500}"; tag="${5:-mqar}"; previous="${6:-}"
+  alt="${ALT:-bash .gpu/run.sh}"
+  $alt --version > /dev/null  # unpack the binary once, before the processes start
+  gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  tasks=$(python3 -c "import tomllib,sys; print(' '.join(f'{a}x{b}' for a, b in tomllib.load(open(sys.argv[1], 'rb'))['mqar']['tasks']))" "$preset")
+  i=0
   for m in $models; do
-    timeout "$limit" bash .gpu/run.sh --threads 1 compare --preset "$preset" --parts mqar --models "$m" \
-      --device cuda --out "/tmp/$tag/$m" > /dev/null 2> "$OUT/$tag-$m.err" &
+    for task in $tasks; do
+      seq="${task%x*}"; pairs="${task#*x}"; dir="/tmp/$tag/$m-$seq"
+      mkdir -p "$dir"
+      sed "s/^tasks = .*/tasks = [[$seq, $pairs]]/" "$preset" > "$dir/preset.toml"
+      if [ -n "$previous" ]; then grep "\"model\":\"$m\",\"seq_len\":$seq," "$previous" > "$dir/mqar.jsonl"; fi
+      device="cuda:$((i % gpus))"; [ "${MQAR_DEVICE:-}" = cpu ] && device=cpu
+      timeout "$limit" $alt --threads 1 compare --preset "$dir/preset.toml" --parts mqar --models "$m" \
+        --device "$device" --out "$dir" > /dev/null 2> "$OUT/$tag-$m-$seq.err" &
+      i=$((i + 1))
+    done
   done
   wait
   mkdir -p "$OUT/$tag-report"
   cat /tmp/$tag/*/mqar.jsonl > "$OUT/$tag-report/mqar.jsonl" 2>/dev/null
   cp "$(ls -d /tmp/$tag/*/ | head -1)meta.json" "$OUT/$tag-report/" 2>/dev/null
-  bash .gpu/run.sh report --from "$OUT/$tag-report" > /dev/null 2>> "$OUT/$tag-report.err"
+  $alt report --from "$OUT/$tag-report" > /dev/null 2>> "$OUT/$tag-report.err"
   cut -c1-200 "$OUT/$tag-report/mqar.jsonl"
 fi
 ls -la "$OUT"
