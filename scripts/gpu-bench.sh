@@ -44,6 +44,7 @@ if [ "$what" = kernels ]; then
   timeout 100 bash .gpu/run.sh bench ops --ops retention --lengths 8192,16384 --reps 10 --out "$OUT/ours-ops-retention.jsonl" > /dev/null 2>> "$OUT/ours.err"
   timeout 100 bash .gpu/run.sh bench ops --ops longconv --lengths 1024,4096,16384 --reps 10 --out "$OUT/ours-ops-longconv.jsonl" > /dev/null 2>> "$OUT/ours.err"
   tail -3 "$OUT/ours.err"
+  bash .gpu/run.sh report --from "$OUT" > /dev/null 2>> "$OUT/ours.err"  # report.md: the ours/peer table
 fi
 if [ "$what" = unfused ]; then
   # The tensor paths the kernels replace, at the same shapes (ALTFORMERS_UNFUSED, see

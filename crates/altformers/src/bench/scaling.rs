@@ -55,7 +55,8 @@ pub struct ScalingPoint {
     /// `ok`, or why the point was not measured.
     pub status: String,
     pub timing: Option<Timing>,
-    /// CPU: heap high-water mark above the level before the step. CUDA: not measured yet.
+    /// Peak memory of one run above the level before it: the heap's high-water mark on the
+    /// CPU, the device memory pool's on CUDA (`bench::alloc::peak_during`).
     pub peak_bytes: Option<u64>,
     pub flops: f64,
     pub flops_per_s: Option<f64>,

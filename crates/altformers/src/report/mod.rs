@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::bench::decode::DecodePoint;
-use crate::bench::scaling::{ScalingFit, ScalingPoint};
+use crate::bench::scaling::{BenchMode, ScalingFit, ScalingPoint};
 use crate::bench::{fit, Provenance};
 use crate::compare::mqar::MqarResult;
 use crate::compare::{quality_table, QualityRow};
@@ -198,6 +198,14 @@ pub fn render(dir: &Path) -> Result<()> {
         _ => md.push_str("Not run.\n\n"),
     }
 
+    // Fused kernels against their peers (GPU runs of scripts/gpu-bench.sh kernels only)
+    if let Some(table) = peers_table(dir)? {
+        md.push_str("## Fused kernels against their peers\n\n");
+        md.push_str("Ours (`altformers bench ops`, the path a model takes) and the peers (`bench/peers/*.py`) at the same shapes on the same GPU, in the same run. Ratio: ours / peer throughput (above 1: ours is faster).\n\n");
+        md.push_str(&table);
+        md.push('\n');
+    }
+
     // Complexity
     md.push_str("## Complexity: stated, true, measured\n\n");
     md.push_str("Measured exponents are the log-log slopes of time and peak memory per sequence against T over the upper half of the measured lengths (one mixer layer, forward).\n\n");
@@ -225,9 +233,70 @@ pub fn render(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The table of ours against the peers from `DIR/peers.jsonl` and `DIR/ours-ops-*.jsonl`
+/// (points joined on op, mode and T), or `None` where there are no peer figures.
+fn peers_table(dir: &Path) -> Result<Option<String>> {
+    let Some(peers) = read_lines::<ScalingPoint>(&dir.join("peers.jsonl"))? else { return Ok(None) };
+    let mut ours = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("ours-ops-") && name.ends_with(".jsonl") {
+            ours.extend(read_lines::<ScalingPoint>(&path)?.unwrap_or_default());
+        }
+    }
+    ours.sort_by(|a, b| (&a.component, a.seq, a.mode as u8).cmp(&(&b.component, b.seq, b.mode as u8)));
+    let gb = |b: Option<u64>| b.map(|b| format!("{:.2}", b as f64 / 1e9)).unwrap_or("-".into());
+    let mut md = String::from("| op | mode | T | batch | ours (ms) | peer | peer (ms) | ours / peer | peak GB ours / peer |\n|---|---|---|---|---|---|---|---|---|\n");
+    let mut rows = 0;
+    for o in ours.iter().filter(|o| o.timing.is_some()) {
+        let Some(p) = peers.iter().find(|p| p.component == o.component && p.mode == o.mode && p.seq == o.seq && p.timing.is_some()) else { continue };
+        let (to, tp) = (o.timing.unwrap().median_s, p.timing.unwrap().median_s);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {} / {} |",
+            o.component,
+            if o.mode == BenchMode::Fwd { "fwd" } else { "fwd+bwd" },
+            o.seq,
+            o.batch,
+            to * 1e3,
+            p.model.trim_start_matches("peer:"),
+            tp * 1e3,
+            tp / to,
+            gb(o.peak_bytes),
+            gb(p.peak_bytes)
+        );
+        rows += 1;
+    }
+    Ok((rows > 0).then_some(md))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ours and the peers' JSON lines, joined on op, mode and T, give the ratio table.
+    #[test]
+    fn peers_table_joins_ours_and_the_peers() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("altformers-peers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let point = |model: &str, mode: &str, t: usize, ms: f64| {
+            format!(
+                r#"{{"model":"{model}","component":"longconv","mode":"{mode}","device":"cuda","seq":{t},"batch":64,"width":768,"heads":1,"status":"ok","timing":{{"median_s":{},"min_s":0.0,"max_s":0.0,"reps":10}},"peak_bytes":2000000000,"flops":1.0,"flops_per_s":1.0}}"#,
+                ms / 1e3
+            )
+        };
+        std::fs::write(dir.join("peers.jsonl"), format!("{}\n{}\n", point("peer:torch-fftconv", "fwd", 1024, 1.2), point("peer:torch-fftconv", "fwdbwd", 1024, 4.0)))?;
+        std::fs::write(dir.join("ours-ops-longconv.jsonl"), format!("{{\"date\":\"x\"}}\n{}\n{}\n", point("altformers", "fwdbwd", 1024, 3.2), point("altformers", "fwd", 2048, 2.0)))?;
+        let table = peers_table(&dir)?.expect("a table");
+        assert!(table.contains("| longconv | fwd+bwd | 1024 | 64 | 3.20 | torch-fftconv | 4.00 | 1.25 | 2.00 / 2.00 |"), "{table}");
+        assert_eq!(table.lines().count(), 3, "only the joined point: {table}");
+        std::fs::remove_file(dir.join("peers.jsonl"))?;
+        assert!(peers_table(&dir)?.is_none());
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 
     /// A small results folder as `compare` writes it renders every section and plot.
     #[test]
