@@ -277,18 +277,22 @@ pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device
                     alpha: 0.01,
                 };
                 for &width in &preset.mqar.widths {
-                    if let Some(r) = done.iter().find(|r| r.answers(arch.name, &task, width, &preset.mqar)) {
-                        eprintln!("mqar {} T={seq_len} pairs={pairs} width={width}: kept from {}", arch.name, out.display());
-                        recall.push(r.clone());
-                        continue;
+                    for &lr in &preset.mqar.lrs {
+                        let what = format!("mqar {} T={seq_len} pairs={pairs} width={width} lr={lr}", arch.name);
+                        if let Some(r) = done.iter().find(|r| r.answers(arch.name, &task, width, &preset.mqar, lr)) {
+                            eprintln!("{what}: kept from {}", out.display());
+                            recall.push(r.clone());
+                            continue;
+                        }
+                        let r = mqar::train_and_score(arch.name, &task, width, &preset.mqar, lr, device, 17).with_context(|| format!("MQAR for {}", arch.name))?;
+                        eprintln!("{what}: accuracy {:.3}", r.accuracy);
+                        recall.push(r);
+                        write_lines(&out.join("mqar.jsonl"), &causal, &recall)?;
                     }
-                    let r = mqar::train_and_score(arch.name, &task, width, &preset.mqar, device, 17).with_context(|| format!("MQAR for {}", arch.name))?;
-                    eprintln!("mqar {} T={seq_len} pairs={pairs} width={width}: accuracy {:.3}", arch.name, r.accuracy);
-                    recall.push(r);
-                    write_lines(&out.join("mqar.jsonl"), &causal, &recall)?;
                 }
             }
         }
+        write_lines(&out.join("mqar.jsonl"), &causal, &recall)?;
     }
 
     // 3. Scaling and decoding.
@@ -380,7 +384,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let mut p = preset("quick")?;
-        p.mqar = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![16], depth: 1, steps: 2, batch_size: 4, lr: 1e-3, eval_examples: 8 };
+        p.mqar = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![16], depth: 1, steps: 2, batch_size: 4, lrs: vec![1e-3], eval_examples: 8 };
         let file = dir.join("tiny.toml");
         std::fs::write(&file, toml::to_string(&p)?)?;
         let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()] };

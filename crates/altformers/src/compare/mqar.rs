@@ -19,7 +19,9 @@ pub struct MqarSettings {
     pub depth: usize,
     pub steps: usize,
     pub batch_size: usize,
-    pub lr: f64,
+    /// Peak learning rates tried for every (model, task, width); as in Zoology, the report
+    /// takes the best accuracy over them.
+    pub lrs: Vec<f64>,
     pub eval_examples: usize,
 }
 
@@ -50,11 +52,12 @@ pub struct MqarResult {
 }
 
 impl MqarResult {
-    /// Whether this row is the result of training `model` on `task` at `width` with `s`.
-    pub fn answers(&self, model: &str, task: &MqarConfig, width: usize, s: &MqarSettings) -> bool {
+    /// Whether this row is the result of training `model` on `task` at `width` with `s` and
+    /// peak learning rate `lr`.
+    pub fn answers(&self, model: &str, task: &MqarConfig, width: usize, s: &MqarSettings, lr: f64) -> bool {
         (self.model.as_str(), self.seq_len, self.pairs, self.width) == (model, task.seq_len, task.pairs, width)
             && (self.vocab, self.depth, self.steps, self.batch_size) == (task.vocab, s.depth, s.steps, s.batch_size)
-            && self.lr == s.lr
+            && self.lr == lr
     }
 }
 
@@ -72,8 +75,9 @@ pub fn mqar_model(mixer: &str, task: &MqarConfig, width: usize, depth: usize) ->
     Ok(RunConfig::build(mixer, None, &sets)?.model)
 }
 
-/// Trains `cfg` on `task` and scores it on fresh examples.
-pub fn train_and_score(mixer: &str, task: &MqarConfig, width: usize, s: &MqarSettings, device: &Device, seed: u64) -> Result<MqarResult> {
+/// Trains `mixer` at `width` on `task` (peak learning rate `lr`, the rest from `s`) and
+/// scores it on fresh examples.
+pub fn train_and_score(mixer: &str, task: &MqarConfig, width: usize, s: &MqarSettings, lr: f64, device: &Device, seed: u64) -> Result<MqarResult> {
     task.validate()?;
     let cfg = mqar_model(mixer, task, width, s.depth)?;
     let model = LanguageModel::new(&cfg, seed, device, DType::F32)?;
@@ -88,10 +92,9 @@ pub fn train_and_score(mixer: &str, task: &MqarConfig, width: usize, s: &MqarSet
         anyhow::ensure!(final_loss.is_finite(), "MQAR training of {mixer} diverged at step {step}");
         if (step + 1) % (s.steps / 10).max(1) == 0 {
             let secs = started.elapsed().as_secs_f64();
-            eprintln!("  mqar {mixer} T={} width={width} step {}/{}: loss {final_loss:.4} ({secs:.1} s)", task.seq_len, step + 1, s.steps);
+            eprintln!("  mqar {mixer} T={} width={width} lr={lr} step {}/{}: loss {final_loss:.4} ({secs:.1} s)", task.seq_len, step + 1, s.steps);
         }
-        let lr = learning_rate(step, s.lr, s.lr * 0.1, s.steps / 10, s.steps);
-        opt.step(&loss.backward()?, lr, 1.0)?;
+        opt.step(&loss.backward()?, learning_rate(step, lr, lr * 0.1, s.steps / 10, s.steps), 1.0)?;
     }
     let train_s = started.elapsed().as_secs_f64();
     let (mut correct, mut total) = (0.0, 0.0);
@@ -118,6 +121,6 @@ pub fn train_and_score(mixer: &str, task: &MqarConfig, width: usize, s: &MqarSet
         depth: s.depth,
         steps: s.steps,
         batch_size: s.batch_size,
-        lr: s.lr,
+        lr,
     })
 }

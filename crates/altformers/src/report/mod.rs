@@ -87,17 +87,16 @@ pub fn render(dir: &Path) -> Result<()> {
                 w
             };
             for ((seq, pairs), task_rows) in group(&rows, |r| (r.seq_len, r.pairs)) {
-                let _ = writeln!(md, "Sequence length {seq}, {pairs} key-value pairs: accuracy by model width.\n");
+                let _ = writeln!(md, "Sequence length {seq}, {pairs} key-value pairs: accuracy by model width (the best over the learning rates tried).\n");
                 let _ = writeln!(md, "| model | {} |", widths.iter().map(|w| format!("d = {w}")).collect::<Vec<_>>().join(" | "));
                 let _ = writeln!(md, "|---|{}", "---|".repeat(widths.len()));
                 let mut series = Vec::new();
                 for (model, rs) in group(&task_rows, |r| r.model.clone()) {
-                    let cells: Vec<String> = widths
-                        .iter()
-                        .map(|w| rs.iter().find(|r| r.width == *w).map(|r| format!("{:.3}", r.accuracy)).unwrap_or_else(|| "-".into()))
-                        .collect();
+                    // the best over the learning rates tried, as Zoology reports
+                    let best = |w: usize| rs.iter().filter(|r| r.width == w).map(|r| r.accuracy).fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
+                    let cells: Vec<String> = widths.iter().map(|&w| best(w).map(|a| format!("{a:.3}")).unwrap_or_else(|| "-".into())).collect();
                     let _ = writeln!(md, "| {model} | {} |", cells.join(" | "));
-                    series.push(Series { name: model, points: rs.iter().map(|r| (r.width as f64, r.accuracy)).collect() });
+                    series.push(Series { name: model, points: widths.iter().filter_map(|&w| best(w).map(|a| (w as f64, a))).collect() });
                 }
                 let file = format!("mqar-{seq}-{pairs}.svg");
                 let title = format!("MQAR accuracy, T = {seq}, {pairs} pairs");
@@ -313,7 +312,8 @@ mod tests {
             "{\"step\":5,\"train_loss\":3.0,\"val_loss\":3.1,\"val_bpb\":4.4,\"tokens_per_s\":1.0,\"elapsed_s\":1.0,\"lr\":0.001}\n{\"step\":10,\"train_loss\":2.0,\"val_loss\":2.0,\"val_bpb\":2.9,\"tokens_per_s\":1.0,\"elapsed_s\":2.0,\"lr\":0.001}\n",
         )?;
         let m = |w: usize, a: f64| format!(r#"{{"model":"transformer","seq_len":64,"pairs":4,"width":{w},"params":10,"accuracy":{a},"final_loss":0.1}}"#);
-        std::fs::write(dir.join("mqar.jsonl"), format!("{}\n{}\n", m(32, 0.5), m(64, 0.99)))?;
+        // two learning rates at width 64: the table shows the better one
+        std::fs::write(dir.join("mqar.jsonl"), format!("{}\n{}\n{}\n", m(32, 0.5), m(64, 0.99), m(64, 0.25)))?;
         let sp = |t: usize, s: f64| {
             format!(
                 r#"{{"model":"transformer","component":"mixer","mode":"fwd","device":"cpu","seq":{t},"batch":1,"width":64,"heads":2,"status":"ok","timing":{{"median_s":{s},"min_s":{s},"max_s":{s},"reps":3}},"peak_bytes":{},"flops":1.0,"flops_per_s":1.0}}"#,
@@ -330,6 +330,7 @@ mod tests {
         }
         // the fitted exponent of a T^2 curve shows in the complexity table
         assert!(md.contains("| 2.00 | 2.00 |"), "{md}");
+        assert!(md.contains("| transformer | 0.500 | 0.990 |") && !md.contains("0.250"), "MQAR shows the best learning rate: {md}");
         for svg in ["loss", "mqar-64-4", "time", "memory", "decode-latency", "decode-state"] {
             let text = std::fs::read_to_string(dir.join(format!("plots/{svg}.svg")))?;
             assert!(text.starts_with("<svg") && text.contains("transformer"), "{svg}.svg");
