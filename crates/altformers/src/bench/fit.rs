@@ -14,13 +14,17 @@ pub fn loglog_slope(points: &[(f64, f64)]) -> Option<f64> {
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
+/// Where the upper half of `n` sorted lengths starts: at the middle length, so an even count
+/// keeps one more (1K..8K fits 2K, 4K, 8K; 256..32K fits 2K..32K), and never fewer than two.
+pub fn upper_half_start(n: usize) -> usize {
+    (n.saturating_sub(1) / 2).min(n.saturating_sub(2))
+}
+
 /// The slope over the upper half of the lengths (where asymptotics show), as the report uses.
 pub fn upper_half_slope(points: &[(f64, f64)]) -> Option<f64> {
     let mut pts = points.to_vec();
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let start = pts.len() / 2;
-    let upper = &pts[start.min(pts.len().saturating_sub(2))..];
-    loglog_slope(upper)
+    loglog_slope(&pts[upper_half_start(pts.len())..])
 }
 
 /// Lengths where curve `a` and curve `b` cross (interpolated in log-log between measured
@@ -66,6 +70,7 @@ mod tests {
         let pts: Vec<(f64, f64)> = (8..16).map(|i| { let t = 2f64.powi(i); (t, 1000.0 * t + t * t) }).collect();
         assert!(upper_half_slope(&pts).unwrap() > loglog_slope(&pts[..4]).unwrap());
         assert!(loglog_slope(&[(1.0, 1.0)]).is_none());
+        assert_eq!([4, 5, 8, 2, 1].map(upper_half_start), [1, 2, 3, 0, 0]);
     }
 
     #[test]

@@ -221,8 +221,7 @@ pub fn fits(points: &[ScalingPoint]) -> Vec<ScalingFit> {
                 .iter()
                 .filter_map(|p| p.peak_bytes.map(|b| (p.seq as f64, b as f64 / p.batch as f64)))
                 .collect();
-            let start = curve.len() / 2;
-            let fit_lengths = curve.iter().skip(start.min(curve.len().saturating_sub(2))).map(|p| p.seq).collect();
+            let fit_lengths = curve.iter().skip(fit::upper_half_start(curve.len())).map(|p| p.seq).collect();
             ScalingFit { model, component, mode, time_slope: fit::upper_half_slope(&time), memory_slope: fit::upper_half_slope(&mem), fit_lengths }
         })
         .collect()
