@@ -8,7 +8,9 @@ OUT="/tmp/gpu-results"
 mkdir -p "$OUT" "$FINAL"
 what="${1:-all}"
 tag=""
-run() { bash .gpu/run.sh "$@"; }
+# The binary: the carried one (ALT overrides it, e.g. a CPU build, to try a mode without a GPU).
+alt="${ALT:-bash .gpu/run.sh}"
+run() { $alt "$@"; }
 if [ "$what" = peers ] || [ "$what" = all ]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -40,18 +42,18 @@ if [ "$what" = kernels ]; then
   # fla compiles its Triton kernels on first use: give it time; one peer failing stops none
   (cd bench/peers && { timeout 60 python3 attention_sdpa.py 4096,8192; timeout 240 python3 retention_fla.py 8192,16384;
     timeout 90 python3 fftconv_torch.py 1024,4096,16384; }) > "$OUT/peers.jsonl" 2> "$OUT/peers.err"
-  timeout 100 bash .gpu/run.sh bench ops --ops attention --lengths 4096,8192 --reps 10 --out "$OUT/ours-ops-attention.jsonl" > /dev/null 2> "$OUT/ours.err"
-  timeout 100 bash .gpu/run.sh bench ops --ops retention --lengths 8192,16384 --reps 10 --out "$OUT/ours-ops-retention.jsonl" > /dev/null 2>> "$OUT/ours.err"
-  timeout 100 bash .gpu/run.sh bench ops --ops longconv --lengths 1024,4096,16384 --reps 10 --out "$OUT/ours-ops-longconv.jsonl" > /dev/null 2>> "$OUT/ours.err"
+  timeout 100 $alt bench ops --ops attention --lengths 4096,8192 --reps 10 --out "$OUT/ours-ops-attention.jsonl" > /dev/null 2> "$OUT/ours.err"
+  timeout 100 $alt bench ops --ops retention --lengths 8192,16384 --reps 10 --out "$OUT/ours-ops-retention.jsonl" > /dev/null 2>> "$OUT/ours.err"
+  timeout 100 $alt bench ops --ops longconv --lengths 1024,4096,16384 --reps 10 --out "$OUT/ours-ops-longconv.jsonl" > /dev/null 2>> "$OUT/ours.err"
   tail -3 "$OUT/ours.err"
-  bash .gpu/run.sh report --from "$OUT" > /dev/null 2>> "$OUT/ours.err"  # report.md: the ours/peer table
+  $alt report --from "$OUT" > /dev/null 2>> "$OUT/ours.err"  # report.md: the ours/peer table
 fi
 if [ "$what" = unfused ]; then
   # The tensor paths the kernels replace, at the same shapes (ALTFORMERS_UNFUSED, see
   # kernels/mod.rs): how much each fused kernel gains over plain candle ops.
   for op in attention retention; do
     lengths=8192; [ "$op" = attention ] && lengths=4096,8192
-    ALTFORMERS_UNFUSED=$op timeout 150 bash .gpu/run.sh bench ops --ops $op --lengths $lengths --reps 5 \
+    ALTFORMERS_UNFUSED=$op timeout 150 $alt bench ops --ops $op --lengths $lengths --reps 5 \
       --out "$OUT/unfused-ops-$op.jsonl" > /dev/null 2>> "$OUT/unfused.err"
   done
   tail -3 "$OUT/unfused.err"
@@ -68,7 +70,7 @@ if [ "$what" = seeds ]; then
   # Issue 2's nanoGPT CPU configuration on the GPU in f32 (the CPU run's arithmetic), several
   # seeds at once, with and without weight decay on the embeddings (nanoGPT decays them).
   shift
-  bash .gpu/run.sh --version > /dev/null  # unpack the binary once, before the processes start
+  $alt --version > /dev/null  # unpack the binary once, before the processes start
   for s in ${1:-1 2 3}; do
     for variant in default decay-emb; do
       extra=""; [ "$variant" = decay-emb ] && extra="--set train.decay_embeddings=true"
@@ -87,9 +89,8 @@ if [ "$what" = mqar ]; then
   #   gpu-bench.sh mqar PRESET "model1 model2 ..." [seconds] [tag] [previous mqar.jsonl]
   # Rows of the previous file with the same budget are kept, not retrained (compare skips
   # them), so a grid too large for one call is finished by calling again with the last
-  # call's mqar.jsonl. ALT and MQAR_DEVICE=cpu run it without a GPU (to try the script).
+  # call's mqar.jsonl. With ALT, MQAR_DEVICE=cpu runs it without a GPU (to try the script).
   preset="$2"; models="$3"; limit="${4:-500}"; tag="${5:-mqar}"; previous="${6:-}"
-  alt="${ALT:-bash .gpu/run.sh}"
   $alt --version > /dev/null  # unpack the binary once, before the processes start
   gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
   tasks=$(python3 -c "import tomllib,sys; print(' '.join(f'{a}x{b}' for a, b in tomllib.load(open(sys.argv[1], 'rb'))['mqar']['tasks']))" "$preset")

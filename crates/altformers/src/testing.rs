@@ -42,6 +42,14 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(diff / scale)
 }
 
+/// [`rel_err`] of a result on any device (a GPU's, say) against a reference, failing on any
+/// non-finite value in the result: a NaN must never pass as close.
+pub fn device_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    ensure!(a.flatten_all()?.to_vec1::<f64>()?.iter().all(|x| x.is_finite()), "non-finite value in the result");
+    rel_err(&a, &b.to_device(&Device::Cpu)?)
+}
+
 /// Recurrent form of a mixer: prefill the first `split` positions, then `step` one at a
 /// time. `x: [B, T, D]` -> `[B, T, D]`.
 pub fn mixer_recurrent(mixer: &dyn SequenceMixer, x: &Tensor, split: usize) -> Result<Tensor> {

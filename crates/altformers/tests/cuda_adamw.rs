@@ -5,7 +5,7 @@
 //! is reported and leaves every weight untouched.
 
 use altformers::params::{ParamBuilder, ParamStore};
-use altformers::testing::randn;
+use altformers::testing::{device_rel_err, randn};
 use altformers::train::optim::AdamW;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
@@ -42,14 +42,6 @@ fn grads(store: &ParamStore, step: u64, poison: bool) -> Result<candle_core::bac
     Ok(loss.unwrap().backward()?)
 }
 
-fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let a: Vec<f32> = a.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-    let b: Vec<f32> = b.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-    ensure!(a.iter().all(|v| v.is_finite()), "non-finite weight on the GPU");
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    Ok(a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) as f64 / scale as f64)
-}
-
 #[test]
 fn fused_step_matches_the_cpu_step() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
@@ -65,7 +57,7 @@ fn fused_step_matches_the_cpu_step() -> Result<()> {
         ensure!((n_cpu - n_gpu).abs() / n_cpu < 1e-5, "step {step}: norms {n_cpu} vs {n_gpu}");
     }
     for ((name, c), (_, g)) in cpu_store.tensors().iter().zip(gpu_store.tensors().iter()) {
-        let err = max_rel(g, c)?;
+        let err = device_rel_err(g, c)?;
         ensure!(err < 1e-4, "{name}: relative error {err}");
     }
     ensure!(cpu_opt.t == 6 && gpu_opt.t == 6);

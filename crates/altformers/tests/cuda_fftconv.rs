@@ -5,23 +5,12 @@
 //! forward pass. Runs on the GPU machine (needs libcufft on the library path).
 
 use altformers::primitives::fftconv::{causal_conv, causal_conv_direct};
-use altformers::testing::randn;
-use anyhow::{ensure, Result};
+use altformers::testing::{device_rel_err, randn};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 
 fn gpu() -> Result<Device> {
     Ok(Device::new_cuda(0)?)
-}
-
-/// `max |a - b| / max |b|` in f64, failing on any non-finite value of `a`.
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let a: Vec<f64> = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    let b: Vec<f64> = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    ensure!(a.len() == b.len(), "lengths {} and {}", a.len(), b.len());
-    ensure!(a.iter().all(|v| v.is_finite()), "non-finite value in the CUDA result");
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    let scale = b.iter().map(|v| v.abs()).fold(0.0, f64::max).max(1e-12);
-    Ok(diff / scale)
 }
 
 /// (T, L) pairs: L = T and L < T (and one L > T).
@@ -59,13 +48,13 @@ fn forward_and_gradients_match_the_cpu_op_in_f32() -> Result<()> {
         assert_eq!(dx.dims(), &[2, 8, t]);
         assert_eq!(dh.dims(), &[8, l]);
         assert!(y.device().is_cuda() && dx.device().is_cuda() && dh.device().is_cuda());
-        let (ey, edx, edh) = (rel_err(&y, &y_cpu)?, rel_err(&dx, &dx_cpu)?, rel_err(&dh, &dh_cpu)?);
+        let (ey, edx, edh) = (device_rel_err(&y, &y_cpu)?, device_rel_err(&dx, &dx_cpu)?, device_rel_err(&dh, &dh_cpu)?);
         assert!(ey < 1e-4, "T {t} L {l}: forward rel err {ey}");
         assert!(edx < 1e-4, "T {t} L {l}: dx rel err {edx}");
         assert!(edh < 1e-4, "T {t} L {l}: dh rel err {edh}");
         // Without gradient tracking (no spectra kept): the same forward.
         let (y2, _) = run(&x, &h, &w, &dev, DType::F32, false)?;
-        let e2 = rel_err(&y2, &y_cpu)?;
+        let e2 = device_rel_err(&y2, &y_cpu)?;
         assert!(e2 < 1e-4, "T {t} L {l}: untracked forward rel err {e2}");
     }
     Ok(())
@@ -78,7 +67,7 @@ fn small_case_matches_the_direct_convolution() -> Result<()> {
     let h = randn(&[5, 33], 2, DType::F32)?;
     let direct = causal_conv_direct(&x, &h)?;
     let fast = causal_conv(&x.to_device(&dev)?, &h.to_device(&dev)?)?;
-    let e = rel_err(&fast, &direct)?;
+    let e = device_rel_err(&fast, &direct)?;
     assert!(e < 1e-5, "rel err {e}");
     Ok(())
 }
@@ -100,12 +89,12 @@ fn backward_twice_and_partial_tracking() -> Result<()> {
     let loss = (causal_conv(&xv, &hv)? * w.to_device(&dev)?)?.sum_all()?;
     for pass in 0..2 {
         let g = loss.backward()?;
-        let (edx, edh) = (rel_err(g.get(&xv).unwrap(), &dx_cpu)?, rel_err(g.get(&hv).unwrap(), &dh_cpu)?);
+        let (edx, edh) = (device_rel_err(g.get(&xv).unwrap(), &dx_cpu)?, device_rel_err(g.get(&hv).unwrap(), &dh_cpu)?);
         assert!(edx < 1e-4 && edh < 1e-4, "pass {pass}: dx {edx} dh {edh}");
     }
     let loss = (causal_conv(&x.to_device(&dev)?, &hv)? * w.to_device(&dev)?)?.sum_all()?;
     let g = loss.backward()?;
-    let edh = rel_err(g.get(&hv).unwrap(), &dh_cpu)?;
+    let edh = device_rel_err(g.get(&hv).unwrap(), &dh_cpu)?;
     assert!(edh < 1e-4, "h only: dh {edh}");
     Ok(())
 }
@@ -126,7 +115,7 @@ fn half_precision_matches_the_cpu_op() -> Result<()> {
             let (dx, dh) = g.unwrap();
             assert_eq!((y.dtype(), dx.dtype(), dh.dtype()), (dtype, dtype, dtype));
             let tol = if dtype == DType::BF16 { 1e-2 } else { 2e-3 };
-            let (ey, edx, edh) = (rel_err(&y, &y_ref)?, rel_err(&dx, &dx_ref)?, rel_err(&dh, &dh_ref)?);
+            let (ey, edx, edh) = (device_rel_err(&y, &y_ref)?, device_rel_err(&dx, &dx_ref)?, device_rel_err(&dh, &dh_ref)?);
             assert!(ey < tol && edx < tol && edh < tol, "{dtype:?} T {t} L {l}: y {ey} dx {edx} dh {edh}");
         }
     }

@@ -172,11 +172,11 @@ fn measure(arch: &Architecture, cfg: &ModelConfig, component: &str, shape: &Cost
     let x = candle_core::Var::from_tensor(&x)?;
     // candle runs eagerly: the forward is done when the device is synchronized. Mixers and
     // blocks map [B, T, D] to [B, T, D], so the output gradient has the input's shape.
-    let out_grad = x.as_tensor().randn_like(0.0, 1.0)?;
+    let out_grad = if opts.mode == BenchMode::Fwdbwd { Some(x.as_tensor().randn_like(0.0, 1.0)?) } else { None };
     let run_once = || -> candle_core::Result<()> {
         let y = layer(x.as_tensor())?;
-        if opts.mode == BenchMode::Fwdbwd {
-            drop(super::backward_with(&y, &out_grad)?);
+        if let Some(dy) = &out_grad {
+            drop(super::backward_with(&y, dy)?);
         }
         Ok(())
     };

@@ -41,6 +41,11 @@ impl AdamW {
         self
     }
 
+    /// Adam's bias corrections `1 - beta^t` of the moments at update `t` (counted from 1).
+    fn bias_corrections(&self, t: usize) -> (f64, f64) {
+        (1.0 - self.beta1.powi(t as i32), 1.0 - self.beta2.powi(t as i32))
+    }
+
     /// The same step by the fused CUDA kernel (`kernels/adamw.cu`), or `None` where it does
     /// not apply (CPU, f64 or bf16 tensors).
     #[cfg(feature = "cuda")]
@@ -57,12 +62,13 @@ impl AdamW {
             return Ok(None);
         }
         let t = self.t + 1;
+        let (bc1, bc2) = self.bias_corrections(t);
         let hyper = adamw::Hyper {
             lr: lr as f32,
             beta1: self.beta1 as f32,
             beta2: self.beta2 as f32,
-            bc1: (1.0 - self.beta1.powi(t as i32)) as f32,
-            bc2: (1.0 - self.beta2.powi(t as i32)) as f32,
+            bc1: bc1 as f32,
+            bc2: bc2 as f32,
             eps: self.eps as f32,
             weight_decay: self.weight_decay as f32,
             clip: clip as f32,
@@ -102,8 +108,7 @@ impl AdamW {
         }
         let scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
         self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        let (bc1, bc2) = self.bias_corrections(self.t);
         for (i, (_, p)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
             let dtype = self.m[i].dtype();
