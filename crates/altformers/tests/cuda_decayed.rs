@@ -44,20 +44,24 @@ fn retention_run(inputs: &[Tensor; 3], weights: &Tensor, log_decay: &[f32], dev:
 }
 
 fn retention_case(dk: usize, t: usize, dtype: DType, seed: u64) -> Result<()> {
+    retention_case_dv(dk, dk, t, dtype, seed)
+}
+
+fn retention_case_dv(dk: usize, dv: usize, t: usize, dtype: DType, seed: u64) -> Result<()> {
     let (b, h) = (2, 4);
     let round = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.to_dtype(DType::F32)?) };
     let inputs = [
         round(randn(&[b, h, t, dk], seed, DType::F32)?)?,
         round((randn(&[b, h, t, dk], seed + 1, DType::F32)? / (dk as f64).sqrt())?)?,
-        round(randn(&[b, h, t, dk], seed + 2, DType::F32)?)?,
+        round(randn(&[b, h, t, dv], seed + 2, DType::F32)?)?,
     ];
-    let weights = randn(&[b, h, t, dk], seed + 3, DType::F32)?;
+    let weights = randn(&[b, h, t, dv], seed + 3, DType::F32)?;
     let log_decay = retnet_log_decay(h);
     let cpu = retention_run(&inputs, &weights, &log_decay, &Device::Cpu, DType::F32)?;
     let cuda = retention_run(&inputs, &weights, &log_decay, &gpu()?, dtype)?;
     let tol = if dtype == DType::BF16 { 3e-2 } else { 1e-4 };
     for (i, name) in ["y", "state", "dq", "dk", "dv"].iter().enumerate() {
-        check(&format!("retention {name} (d {dk}, T {t}, {dtype:?})"), &cuda[i], &cpu[i], tol)?;
+        check(&format!("retention {name} (d_k {dk}, d_v {dv}, T {t}, {dtype:?})"), &cuda[i], &cpu[i], tol)?;
     }
     Ok(())
 }
@@ -72,11 +76,25 @@ fn retention_matches_cpu_f32() -> Result<()> {
     Ok(())
 }
 
+/// d_k 64 and 128 run on the tensor-core kernels, 160 on the CUDA-core scan.
 #[test]
 fn retention_matches_cpu_bf16() -> Result<()> {
-    for dk in [64, 128] {
+    for dk in [64, 128, 160] {
         for t in [1, 63, 64, 200, 1000] {
             retention_case(dk, t, DType::BF16, 20 + t as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// The tensor-core kernels (bf16) with widths that are not multiples of their 64-wide tiles:
+/// zero-padded key columns, a partial last value tile, rows too narrow for 16-byte copies
+/// (RetNet's `d_v = 2 d_k + 1`), and chunks that are partly past the end.
+#[test]
+fn retention_bf16_odd_widths() -> Result<()> {
+    for (dk, dv) in [(32, 65), (64, 129), (100, 128)] {
+        for t in [1, 130] {
+            retention_case_dv(dk, dv, t, DType::BF16, 40 + (dk + dv + t) as u64)?;
         }
     }
     Ok(())

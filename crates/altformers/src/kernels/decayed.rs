@@ -30,6 +30,25 @@ const CHUNK: usize = 64;
 const VTILE: usize = 64;
 const THREADS: u32 = 256;
 const TSTRIDE: usize = CHUNK + 4;
+/// The tensor-core kernels' tile edge (state tiles, output value columns) and threads per
+/// CTA, as `decayed_tc.cu`, and their padded bf16 / f32 row strides.
+const MODULE_TC: &str = "altformers_decayed_tc";
+const TC_TILE: usize = 64;
+const TC_THREADS: u32 = 128;
+const TC_PAD: usize = 8;
+const TC_LDF: usize = TC_TILE + 4;
+
+/// Shared memory of a state CTA: two stages of K and V tiles, one f32 staging tile.
+fn tc_states_shared_bytes() -> usize {
+    2 * (4 * CHUNK * (TC_TILE + TC_PAD)) + 4 * CHUNK * TC_LDF
+}
+
+/// Shared memory of an output CTA of query/key width `width`: Q and K chunks, the V tile,
+/// the state tile, the decayed scores (bf16) and the f32 staging tile.
+fn tc_outputs_shared_bytes(width: usize) -> usize {
+    2 * (2 * CHUNK * (width + TC_PAD) + CHUNK * (TC_TILE + TC_PAD) + width * (TC_TILE + TC_PAD) + CHUNK * (TC_TILE + TC_PAD)) + 4 * CHUNK * TC_LDF
+}
+
 /// Dynamic shared memory a CTA may use on sm_90.
 const MAX_SHARED_BYTES: usize = 227 * 1024;
 /// Threads per block of the WKV kernels (one thread per channel).
@@ -144,6 +163,74 @@ impl RetentionScan {
     }
 }
 
+/// The query/key width the tensor-core kernels are compiled for that holds `dk` (zero
+/// columns pad the rest), or `None` past 128 (then the CUDA-core scan runs).
+fn tensor_core_width(dk: usize) -> Option<usize> {
+    match dk {
+        1..=64 => Some(64),
+        65..=128 => Some(128),
+        _ => None,
+    }
+}
+
+impl RetentionScan {
+    /// bf16 (`T`) on tensor cores (`decayed_tc.cu`): the chunk states in one sequential
+    /// pass, then every chunk's outputs in parallel.
+    fn launch_tensor_cores<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        (q, lq): (&CudaSlice<T>, &Layout),
+        (k, lk): (&CudaSlice<T>, &Layout),
+        (v, lv): (&CudaSlice<T>, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, h, t, dk) = lq.shape().dims4()?;
+        let (b2, h2, t2, dv) = lv.shape().dims4()?;
+        if lk.shape().dims() != lq.shape().dims() || (b2, h2, t2) != (b, h, t) {
+            bail!("retention_scan: q {:?}, k {:?}, v {:?} do not match", lq.shape(), lk.shape(), lv.shape());
+        }
+        if self.log_decay.dims() != [h] {
+            bail!("retention_scan: log_decay {:?} is not [{h}]", self.log_decay.shape());
+        }
+        let Some(width) = tensor_core_width(dk) else { bail!("retention_scan: no tensor-core kernel for d_k {dk}") };
+        let (ld_storage, ld_layout) = self.log_decay.storage_and_layout();
+        let log_decay = held_f32(&ld_storage, ld_layout)?;
+        let (q, k, v) = (contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?);
+        let (k_tiles, v_tiles, chunks) = (dk.div_ceil(TC_TILE), dv.div_ceil(TC_TILE), t.div_ceil(CHUNK));
+        let states_len = b * h * chunks * k_tiles * v_tiles * TC_TILE * TC_TILE;
+        let states = launch::uninit::<T>(dev, states_len)?;
+        let outputs = b * h * t * dv;
+        let mut out = launch::uninit::<T>(dev, outputs + b * h * dk * dv)?;
+        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, self.reverse as i32);
+        {
+            let (y, mut final_state) = out.split_at_mut(outputs);
+            let func = launch::func(dev, MODULE_TC, ptx::DECAYED_TC, "retention_states_bf16")?;
+            let shared = tc_states_shared_bytes();
+            func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+            let cfg = LaunchConfig { grid_dim: (k_tiles as u32, v_tiles as u32, (b * h) as u32), block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+            let mut builder = func.builder();
+            builder.arg(&k).arg(&v).arg(&log_decay).arg(&states).arg(&mut final_state);
+            builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
+            // SAFETY: `states` holds every (chunk, padded tile) the grid writes; `final_state`
+            // holds [B, H, d_k, d_v]; the inputs their shapes (checked above).
+            unsafe { builder.launch(cfg) }.w()?;
+
+            let name = format!("retention_outputs_bf16_d{width}");
+            let func = launch::func(dev, MODULE_TC, ptx::DECAYED_TC, &name)?;
+            let shared = tc_outputs_shared_bytes(width);
+            func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+            let cfg = LaunchConfig { grid_dim: (chunks as u32, v_tiles as u32, (b * h) as u32), block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+            let mut y = y;
+            let mut builder = func.builder();
+            builder.arg(&q).arg(&k).arg(&v).arg(&states).arg(&log_decay).arg(&mut y);
+            builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
+            // SAFETY: as above; the states were written by the launch before, on this stream;
+            // every output row of every chunk is written.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(outputs + b * h * dk * dv)))
+    }
+}
+
 impl CustomOp3 for RetentionScan {
     fn name(&self) -> &'static str {
         "retention-scan"
@@ -158,6 +245,9 @@ impl CustomOp3 for RetentionScan {
         let dev = launch::device(s1);
         match (&s1.slice, &s2.slice, &s3.slice) {
             (F32(q), F32(k), F32(v)) => self.launch(dev, "retention_scan_f32", (q, l1), (k, l2), (v, l3)),
+            (BF16(q), BF16(k), BF16(v)) if tensor_core_width(l1.shape().dims()[3]).is_some() && super::enabled("retention-tc") => {
+                self.launch_tensor_cores(dev, (q, l1), (k, l2), (v, l3))
+            }
             (BF16(q), BF16(k), BF16(v)) => self.launch(dev, "retention_scan_bf16", (q, l1), (k, l2), (v, l3)),
             _ => bail!("retention-scan: q, k, v must all be f32 or all bf16"),
         }

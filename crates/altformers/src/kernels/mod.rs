@@ -11,7 +11,9 @@
 /// The fused kernels that can be switched off (the tensor path runs instead) by listing them
 /// in `ALTFORMERS_UNFUSED` (comma-separated, or `all`): to measure a kernel against the
 /// code it replaces in one run. The FFT convolution has no tensor path on CUDA.
-pub const SWITCHABLE: [&str; 4] = ["attention", "retention", "wkv", "adamw"];
+/// `retention-tc` switches off only the tensor-core retention (bf16), leaving the CUDA-core
+/// scan it replaced.
+pub const SWITCHABLE: [&str; 5] = ["attention", "retention", "retention-tc", "wkv", "adamw"];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
 pub fn enabled(name: &str) -> bool {
