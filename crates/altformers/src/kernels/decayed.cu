@@ -42,8 +42,8 @@ __device__ __forceinline__ float lane(const float4& x, int i) {
 template <typename Elem>
 __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restrict__ k,
                                const Elem* __restrict__ v, const float* __restrict__ log_decay,
-                               Elem* __restrict__ out, int heads, int len_t, int dk, int dv,
-                               int reverse) {
+                               Elem* __restrict__ out, Elem* __restrict__ state_out, int heads,
+                               int len_t, int dk, int dv, int reverse) {
     const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int e0 = tile * VTILE;
     const int width = min(VTILE, dv - e0);
@@ -52,8 +52,7 @@ __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restric
     const Elem* kh = k + bh * len_t * dk;
     const Elem* vh = v + bh * len_t * dv;
     Elem* oh = out + bh * len_t * dv;
-    // the final states follow all outputs: [B, H, dk, dv]
-    Elem* state_out = out + (size_t)gridDim.z * heads * len_t * dv + bh * dk * dv;
+    state_out += bh * dk * dv;  // [B, H, dk, dv]
 
     extern __shared__ float4 smem4[];
     float* qT = reinterpret_cast<float*>(smem4);
@@ -172,8 +171,8 @@ __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restric
 #define RETENTION_SCAN(NAME, ELEM)                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                       \
         NAME(const ELEM* q, const ELEM* k, const ELEM* v, const float* log_decay, ELEM* out,    \
-             int heads, int len_t, int dk, int dv, int reverse) {                               \
-        retention_scan<ELEM>(q, k, v, log_decay, out, heads, len_t, dk, dv, reverse);            \
+             ELEM* state_out, int heads, int len_t, int dk, int dv, int reverse) {              \
+        retention_scan<ELEM>(q, k, v, log_decay, out, state_out, heads, len_t, dk, dv, reverse); \
     }
 RETENTION_SCAN(retention_scan_f32, float)
 RETENTION_SCAN(retention_scan_bf16, __nv_bfloat16)

@@ -87,185 +87,271 @@ fn int(x: usize) -> Result<i32> {
 /// not depend on it): `q, k: [B, H, T, d_k]`, `v: [B, H, T, d_v]`, `log_decay: [H]` ->
 /// `(y: [B, H, T, d_v], final state: [B, H, d_k, d_v])`, or `None` where it does not apply.
 pub fn linear(q: &Tensor, k: &Tensor, v: &Tensor, log_decay: &Tensor, state: Option<&Tensor>) -> Result<Option<(Tensor, Tensor)>> {
-    let (b, h, t, dk) = q.dims4()?;
+    let (_, h, t, dk) = q.dims4()?;
     let dv = v.dim(3)?;
     let dtype_ok = matches!(q.dtype(), DType::F32 | DType::BF16) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
     // the backward contracts over d_v as the forward does over d_k
-    let fits = retention_shared_bytes(dk.max(dv)) <= MAX_SHARED_BYTES;
+    let tensor_cores = q.dtype() == DType::BF16 && [dk, dv].iter().all(|&w| tensor_core_width(w).is_some()) && super::enabled("retention-tc");
+    let fits = tensor_cores || retention_shared_bytes(dk.max(dv)) <= MAX_SHARED_BYTES;
     if !q.device().is_cuda() || !dtype_ok || !fits || state.is_some() || t == 0 || log_decay.track_op() || !super::enabled("retention") {
         return Ok(None);
     }
-    let op = RetentionScan { log_decay: log_decay.to_device(q.device())?.to_dtype(DType::F32)?.contiguous()?, reverse: false };
-    let out = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
-    let outputs = b * h * t * dv;
-    let y = out.narrow(0, 0, outputs)?.reshape((b, h, t, dv))?;
-    let s = out.narrow(0, outputs, b * h * dk * dv)?.reshape((b, h, dk, dv))?.detach();
+    if log_decay.dims() != [h] {
+        bail!("retention: log_decay {:?} is not [{h}]", log_decay.shape());
+    }
+    let op = Retention { log_decay: log_decay.to_device(q.device())?.to_dtype(DType::F32)?.contiguous()?, final_state: Default::default() };
+    let final_state = op.final_state.clone();
+    let y = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    let s = final_state.lock().expect("retention: state lock poisoned").take();
+    let Some(s) = s else { bail!("retention: the forward left no final state") };
     Ok(Some((y, s)))
 }
 
-/// `o_t = sum_{i<=t} gamma_h^(t-i) (q_t . k_i) v_i` (with `reverse`, over `i >= t`), as one
-/// flat tensor: the outputs `[B, H, T, d_v]` then the state after the scan `[B, H, d_k, d_v]`.
-struct RetentionScan {
+/// `o_t = sum_{i<=t} gamma_h^(t-i) (q_t . k_i) v_i` as a custom op with output `[B, H, T, d_v]`;
+/// the forward leaves the state after the last token (detached) in `final_state`, so that
+/// the output needs no slicing (whose backward would cost a padded copy of the gradient).
+struct Retention {
     /// `[H]`, f32, on the inputs' device
     log_decay: Tensor,
-    reverse: bool,
-}
-
-impl RetentionScan {
-    /// The outputs of this scan over `(q, k, v)`, without its state and without autograd.
-    fn outputs(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, h, t, _) = q.dims4()?;
-        let dv = v.dim(3)?;
-        q.apply_op3_no_bwd(k, v, self)?.narrow(0, 0, b * h * t * dv)?.reshape((b, h, t, dv))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + DeviceRepr>(
-        &self,
-        dev: &CudaDevice,
-        kernel: &str,
-        (q, lq): (&CudaSlice<T>, &Layout),
-        (k, lk): (&CudaSlice<T>, &Layout),
-        (v, lv): (&CudaSlice<T>, &Layout),
-    ) -> Result<(CudaStorage, Shape)> {
-        let (b, h, t, dk) = lq.shape().dims4()?;
-        let (b2, h2, t2, dv) = lv.shape().dims4()?;
-        if lk.shape().dims() != lq.shape().dims() || (b2, h2, t2) != (b, h, t) {
-            bail!("retention_scan: q {:?}, k {:?}, v {:?} do not match", lq.shape(), lk.shape(), lv.shape());
-        }
-        let shared = retention_shared_bytes(dk);
-        if shared > MAX_SHARED_BYTES {
-            bail!("retention_scan: query/key width {dk} needs {shared} bytes of shared memory (at most {MAX_SHARED_BYTES})");
-        }
-        if self.log_decay.dims() != [h] {
-            bail!("retention_scan: log_decay {:?} is not [{h}]", self.log_decay.shape());
-        }
-        let (ld_storage, ld_layout) = self.log_decay.storage_and_layout();
-        let log_decay = held_f32(&ld_storage, ld_layout)?;
-        let (q, k, v) = (contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?);
-        let len = b * h * t * dv + b * h * dk * dv;
-        let mut out = launch::uninit::<T>(dev, len)?;
-        let func = launch::func(dev, MODULE, ptx::DECAYED, kernel)?;
-        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
-        let cfg = LaunchConfig {
-            grid_dim: (dv.div_ceil(VTILE) as u32, h as u32, b as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: shared as u32,
-        };
-        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, self.reverse as i32);
-        let mut builder = func.builder();
-        builder.arg(&q).arg(&k).arg(&v).arg(&log_decay).arg(&mut out);
-        builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
-        // SAFETY: the buffers hold the sizes the kernel indexes (checked above); the kernel
-        // writes every element of `out`.
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(len)))
-    }
+    final_state: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
 }
 
 /// The query/key width the tensor-core kernels are compiled for that holds `dk` (zero
-/// columns pad the rest), or `None` past 128 (then the CUDA-core scan runs).
+/// columns pad the rest), or `None` past 256 (then the CUDA-core scan runs).
 fn tensor_core_width(dk: usize) -> Option<usize> {
     match dk {
         1..=64 => Some(64),
         65..=128 => Some(128),
+        129..=256 => Some(256),
         _ => None,
     }
 }
 
-impl RetentionScan {
-    /// bf16 (`T`) on tensor cores (`decayed_tc.cu`): the chunk states in one sequential
-    /// pass, then every chunk's outputs in parallel.
-    fn launch_tensor_cores<T: CudaDType + DeviceRepr>(
-        &self,
-        dev: &CudaDevice,
-        (q, lq): (&CudaSlice<T>, &Layout),
-        (k, lk): (&CudaSlice<T>, &Layout),
-        (v, lv): (&CudaSlice<T>, &Layout),
-    ) -> Result<(CudaStorage, Shape)> {
-        let (b, h, t, dk) = lq.shape().dims4()?;
-        let (b2, h2, t2, dv) = lv.shape().dims4()?;
-        if lk.shape().dims() != lq.shape().dims() || (b2, h2, t2) != (b, h, t) {
-            bail!("retention_scan: q {:?}, k {:?}, v {:?} do not match", lq.shape(), lk.shape(), lv.shape());
-        }
-        if self.log_decay.dims() != [h] {
-            bail!("retention_scan: log_decay {:?} is not [{h}]", self.log_decay.shape());
-        }
-        let Some(width) = tensor_core_width(dk) else { bail!("retention_scan: no tensor-core kernel for d_k {dk}") };
-        let (ld_storage, ld_layout) = self.log_decay.storage_and_layout();
-        let log_decay = held_f32(&ld_storage, ld_layout)?;
-        let (q, k, v) = (contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?);
-        let (k_tiles, v_tiles, chunks) = (dk.div_ceil(TC_TILE), dv.div_ceil(TC_TILE), t.div_ceil(CHUNK));
-        let states_len = b * h * chunks * k_tiles * v_tiles * TC_TILE * TC_TILE;
-        let states = launch::uninit::<T>(dev, states_len)?;
-        let outputs = b * h * t * dv;
-        let mut out = launch::uninit::<T>(dev, outputs + b * h * dk * dv)?;
-        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, self.reverse as i32);
-        {
-            let (y, mut final_state) = out.split_at_mut(outputs);
-            let func = launch::func(dev, MODULE_TC, ptx::DECAYED_TC, "retention_states_bf16")?;
-            let shared = tc_states_shared_bytes();
-            func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
-            let cfg = LaunchConfig { grid_dim: (k_tiles as u32, v_tiles as u32, (b * h) as u32), block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: shared as u32 };
-            let mut builder = func.builder();
-            builder.arg(&k).arg(&v).arg(&log_decay).arg(&states).arg(&mut final_state);
-            builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
-            // SAFETY: `states` holds every (chunk, padded tile) the grid writes; `final_state`
-            // holds [B, H, d_k, d_v]; the inputs their shapes (checked above).
-            unsafe { builder.launch(cfg) }.w()?;
+/// The element types of the retention kernels (f32, bf16).
+trait Elem: CudaDType + DeviceRepr + candle_core::WithDType {}
+impl<T: CudaDType + DeviceRepr + candle_core::WithDType> Elem for T {}
 
-            let name = format!("retention_outputs_bf16_d{width}");
-            let func = launch::func(dev, MODULE_TC, ptx::DECAYED_TC, &name)?;
-            let shared = tc_outputs_shared_bytes(width);
-            func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
-            let cfg = LaunchConfig { grid_dim: (chunks as u32, v_tiles as u32, (b * h) as u32), block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: shared as u32 };
-            let mut y = y;
-            let mut builder = func.builder();
-            builder.arg(&q).arg(&k).arg(&v).arg(&states).arg(&log_decay).arg(&mut y);
-            builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
-            // SAFETY: as above; the states were written by the launch before, on this stream;
-            // every output row of every chunk is written.
-            unsafe { builder.launch(cfg) }.w()?;
+/// `[B, H, T, d]` of one input.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    t: usize,
+}
+
+/// The retention kernels of one device and one set of decays. Every scan runs either on
+/// tensor cores (`decayed_tc.cu`, bf16: the chunk states in one sequential pass, then every
+/// chunk's outputs in parallel) or on CUDA cores (`decayed.cu`, one sequential pass per
+/// value tile doing both).
+struct Kernels<'a> {
+    dev: &'a CudaDevice,
+    log_decay: CudaView<'a, f32>,
+    dims: Dims,
+}
+
+impl Kernels<'_> {
+    /// The chunk states of `sum_i gamma^(.) k_i v_i^T` (`k: [.., d_k]`, `v: [.., d_v]`) before
+    /// each chunk, bf16 `[B H, chunks, d_k, d_v]` with both widths padded to 64; and the state
+    /// after the last token (`[B H, d_k, d_v]`) when `final_state` is given.
+    fn states<T: Elem>(
+        &self,
+        k: &CudaView<T>,
+        v: &CudaView<T>,
+        (dk, dv): (usize, usize),
+        reverse: bool,
+        final_state: Option<&mut CudaSlice<T>>,
+    ) -> Result<CudaSlice<T>> {
+        let Dims { b, h, t } = self.dims;
+        let (k_tiles, v_tiles) = (dk.div_ceil(TC_TILE), dv.div_ceil(TC_TILE));
+        let states = launch::uninit::<T>(self.dev, b * h * t.div_ceil(CHUNK) * k_tiles * v_tiles * TC_TILE * TC_TILE)?;
+        let func = launch::func(self.dev, MODULE_TC, ptx::DECAYED_TC, "retention_states_bf16")?;
+        let shared = tc_states_shared_bytes();
+        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+        let cfg = LaunchConfig { grid_dim: (k_tiles as u32, v_tiles as u32, (b * h) as u32), block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
+        let no_state = 0u64;
+        let mut builder = func.builder();
+        builder.arg(k).arg(v).arg(&self.log_decay).arg(&states);
+        match final_state {
+            Some(s) => builder.arg(s),
+            None => builder.arg(&no_state), // a null pointer: the kernel skips the final state
+        };
+        builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
+        // SAFETY: `states` holds every (chunk, padded tile) of the grid; `final_state` (when
+        // given) [B H, d_k, d_v]; the inputs [B H, T, d_k | d_v] (checked by the callers).
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(states)
+    }
+
+    /// The outputs `(Q K^T (.) D) V + (Q (.) gamma^(j+1)) S` of every chunk at once from the
+    /// states of [`Kernels::states`] (`q, k: [.., d_k]`, `v: [.., d_v]`, states `[d_k, d_v]`
+    /// or, `transposed`, `[d_v, d_k]` used as their transpose) -> `[B H, T, d_v]`.
+    #[allow(clippy::too_many_arguments)]
+    fn outputs<T: Elem>(
+        &self,
+        q: &CudaView<T>,
+        k: &CudaView<T>,
+        v: &CudaView<T>,
+        states: &CudaSlice<T>,
+        (dk, dv): (usize, usize),
+        reverse: bool,
+        transposed: bool,
+    ) -> Result<CudaSlice<T>> {
+        let Dims { b, h, t } = self.dims;
+        let Some(width) = tensor_core_width(dk) else { bail!("retention: no tensor-core kernel for width {dk}") };
+        let mut y = launch::uninit::<T>(self.dev, b * h * t * dv)?;
+        let name = format!("retention_outputs_bf16_d{width}{}", if transposed { "_t" } else { "" });
+        let func = launch::func(self.dev, MODULE_TC, ptx::DECAYED_TC, &name)?;
+        let shared = tc_outputs_shared_bytes(width);
+        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+        let cfg = LaunchConfig { grid_dim: (t.div_ceil(CHUNK) as u32, dv.div_ceil(TC_TILE) as u32, (b * h) as u32), block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
+        let mut builder = func.builder();
+        builder.arg(q).arg(k).arg(v).arg(states).arg(&self.log_decay).arg(&mut y);
+        builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
+        // SAFETY: the states were written before on this stream, with the padded widths the
+        // kernel derives from `dk` and `dv` (swapped when `transposed`); every row of `y` is written.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    /// The whole scan on CUDA cores -> (outputs `[B H, T, d_v]`, final state `[B H, d_k, d_v]`).
+    fn cuda_core<T: Elem>(&self, q: &CudaView<T>, k: &CudaView<T>, v: &CudaView<T>, (dk, dv): (usize, usize), reverse: bool) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+        let Dims { b, h, t } = self.dims;
+        let shared = retention_shared_bytes(dk);
+        if shared > MAX_SHARED_BYTES {
+            bail!("retention: query/key width {dk} needs {shared} bytes of shared memory (at most {MAX_SHARED_BYTES})");
         }
-        Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(outputs + b * h * dk * dv)))
+        let mut y = launch::uninit::<T>(self.dev, b * h * t * dv)?;
+        let mut state = launch::uninit::<T>(self.dev, b * h * dk * dv)?;
+        let kernel = if T::DTYPE == DType::F32 { "retention_scan_f32" } else { "retention_scan_bf16" };
+        let func = launch::func(self.dev, MODULE, ptx::DECAYED, kernel)?;
+        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+        let cfg = LaunchConfig { grid_dim: (dv.div_ceil(VTILE) as u32, h as u32, b as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
+        let mut builder = func.builder();
+        builder.arg(q).arg(k).arg(v).arg(&self.log_decay).arg(&mut y).arg(&mut state);
+        builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
+        // SAFETY: the buffers hold the sizes the kernel indexes; it writes every element of both.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((y, state))
+    }
+
+    /// The forward scan -> (outputs, final state).
+    fn forward<T: Elem>(&self, q: &CudaView<T>, k: &CudaView<T>, v: &CudaView<T>, widths: (usize, usize)) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+        if !self.tensor_cores::<T>(&[widths.0]) {
+            return self.cuda_core(q, k, v, widths, false);
+        }
+        let Dims { b, h, .. } = self.dims;
+        let mut final_state = launch::uninit::<T>(self.dev, b * h * widths.0 * widths.1)?;
+        let states = self.states(k, v, widths, false, Some(&mut final_state))?;
+        Ok((self.outputs(q, k, v, &states, widths, false, false)?, final_state))
+    }
+
+    /// `(dq, dk, dv)` from the output gradient `g`: `dq = scan(g, v, k)`;
+    /// `dk = rev(scan(rev v, rev g, rev q))` and `dv = rev(scan(rev k, rev q, rev g))`, whose
+    /// states (`sum q g^T` and `sum g q^T`) are one computation and its transpose.
+    fn backward<T: Elem>(&self, q: &CudaView<T>, k: &CudaView<T>, v: &CudaView<T>, g: &CudaView<T>, (dk, dv): (usize, usize)) -> Result<[CudaSlice<T>; 3]> {
+        if !self.tensor_cores::<T>(&[dk, dv]) {
+            let (dq, _) = self.cuda_core(g, v, k, (dv, dk), false)?;
+            let (dk_, _) = self.cuda_core(v, g, q, (dv, dk), true)?;
+            let (dv_, _) = self.cuda_core(k, q, g, (dk, dv), true)?;
+            return Ok([dq, dk_, dv_]);
+        }
+        let states_vk = self.states(v, k, (dv, dk), false, None)?;
+        let dq = self.outputs(g, v, k, &states_vk, (dv, dk), false, false)?;
+        let states_qg = self.states(q, g, (dk, dv), true, None)?;
+        let dv_ = self.outputs(k, q, g, &states_qg, (dk, dv), true, false)?;
+        let dk_ = self.outputs(v, g, q, &states_qg, (dv, dk), true, true)?;
+        Ok([dq, dk_, dv_])
+    }
+
+    /// Whether the tensor-core kernels run: bf16, every contraction width at most 256, and
+    /// not switched off.
+    fn tensor_cores<T: Elem>(&self, widths: &[usize]) -> bool {
+        T::DTYPE == DType::BF16 && widths.iter().all(|&w| tensor_core_width(w).is_some()) && super::enabled("retention-tc")
     }
 }
 
-impl CustomOp3 for RetentionScan {
+/// The device memory of a CUDA tensor's storage (`what` names it in errors).
+fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Result<&'a CudaStorage> {
+    match &**guard {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("retention: {what} is not on the CUDA device"),
+    }
+}
+
+/// A kernel's output buffer as a (detached) tensor.
+fn tensor<T: Elem>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone())), shape, candle_core::op::BackpropOp::none(), false)
+}
+
+impl Retention {
+    fn kernels<'a>(&self, dev: &'a CudaDevice, guard: &'a candle_core::StorageRef<'_>, l: &Layout, dims: Dims) -> Result<Kernels<'a>> {
+        Ok(Kernels { dev, log_decay: held_f32(guard, l)?, dims })
+    }
+}
+
+impl CustomOp3 for Retention {
     fn name(&self) -> &'static str {
-        "retention-scan"
+        "retention"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("retention-scan runs on CUDA only (the CPU path is decayed::linear_chunked)")
+        bail!("retention runs on CUDA only (the CPU path is decayed::linear_chunked)")
     }
 
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
         use CudaStorageSlice::{BF16, F32};
-        let dev = launch::device(s1);
-        match (&s1.slice, &s2.slice, &s3.slice) {
-            (F32(q), F32(k), F32(v)) => self.launch(dev, "retention_scan_f32", (q, l1), (k, l2), (v, l3)),
-            (BF16(q), BF16(k), BF16(v)) if tensor_core_width(l1.shape().dims()[3]).is_some() && super::enabled("retention-tc") => {
-                self.launch_tensor_cores(dev, (q, l1), (k, l2), (v, l3))
-            }
-            (BF16(q), BF16(k), BF16(v)) => self.launch(dev, "retention_scan_bf16", (q, l1), (k, l2), (v, l3)),
-            _ => bail!("retention-scan: q, k, v must all be f32 or all bf16"),
+        let (b, h, t, dk) = l1.shape().dims4()?;
+        let (b2, h2, t2, dv) = l3.shape().dims4()?;
+        if l2.shape().dims() != l1.shape().dims() || (b2, h2, t2) != (b, h, t) {
+            bail!("retention: q {:?}, k {:?}, v {:?} do not match", l1.shape(), l2.shape(), l3.shape());
         }
+        let dev = launch::device(s1);
+        let (ld_guard, ld_layout) = self.log_decay.storage_and_layout();
+        let kernels = self.kernels(dev, &ld_guard, ld_layout, Dims { b, h, t })?;
+        let out_shape = Shape::from((b, h, t, dv));
+        let (y, state) = match (&s1.slice, &s2.slice, &s3.slice) {
+            (F32(q), F32(k), F32(v)) => {
+                let (y, s) = kernels.forward(&contiguous(q, l1)?, &contiguous(k, l2)?, &contiguous(v, l3)?, (dk, dv))?;
+                (f32::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
+            }
+            (BF16(q), BF16(k), BF16(v)) => {
+                let (y, s) = kernels.forward(&contiguous(q, l1)?, &contiguous(k, l2)?, &contiguous(v, l3)?, (dk, dv))?;
+                (CudaDType::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
+            }
+            _ => bail!("retention: q, k, v must all be f32 or all bf16"),
+        };
+        *self.final_state.lock().expect("retention: state lock poisoned") = Some(state);
+        Ok((y, out_shape))
     }
 
-    /// Gradients of the outputs (the state is detached by [`linear`]): three more scans.
+    /// Gradients of the outputs (the final state is detached by [`linear`]).
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.reverse {
-            bail!("retention-scan: only the forward-time scan has a backward");
-        }
-        let (b, h, t, _) = q.dims4()?;
+        use CudaStorageSlice::{BF16, F32};
+        let (b, h, t, dk) = q.dims4()?;
         let dv = v.dim(3)?;
-        let d_out = grad_res.narrow(0, 0, b * h * t * dv)?.reshape((b, h, t, dv))?.contiguous()?;
-        let backward = RetentionScan { log_decay: self.log_decay.clone(), reverse: true };
-        let dq = self.outputs(&d_out, v, k)?;
-        let dk = backward.outputs(v, &d_out, q)?;
-        let dv = backward.outputs(k, q, &d_out)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        let grad = grad_res.to_dtype(q.dtype())?.contiguous()?;
+        let guards = [q, k, v, &grad].map(|t| t.storage_and_layout());
+        let [(qg, ql), (kg, kl), (vg, vl), (gg, gl)] = &guards;
+        let (qs, ks, vs, gs) = (cuda_storage(qg, "q")?, cuda_storage(kg, "k")?, cuda_storage(vg, "v")?, cuda_storage(gg, "the output gradient")?);
+        let dev = launch::device(qs);
+        let (ld_guard, ld_layout) = self.log_decay.storage_and_layout();
+        let kernels = self.kernels(dev, &ld_guard, ld_layout, Dims { b, h, t })?;
+        let (qd, vd) = ([b, h, t, dk], [b, h, t, dv]);
+        let [dq, dk_, dv_] = match (&qs.slice, &ks.slice, &vs.slice, &gs.slice) {
+            (F32(q), F32(k), F32(v), F32(g)) => {
+                let [a, b_, c] = kernels.backward(&contiguous(q, ql)?, &contiguous(k, kl)?, &contiguous(v, vl)?, &contiguous(g, gl)?, (dk, dv))?;
+                [tensor(a, dev, &qd), tensor(b_, dev, &qd), tensor(c, dev, &vd)]
+            }
+            (BF16(q), BF16(k), BF16(v), BF16(g)) => {
+                let [a, b_, c] = kernels.backward(&contiguous(q, ql)?, &contiguous(k, kl)?, &contiguous(v, vl)?, &contiguous(g, gl)?, (dk, dv))?;
+                [tensor(a, dev, &qd), tensor(b_, dev, &qd), tensor(c, dev, &vd)]
+            }
+            _ => bail!("retention backward: q, k, v and the gradient must all be f32 or all bf16"),
+        };
+        Ok((Some(dq), Some(dk_), Some(dv_)))
     }
 }
 

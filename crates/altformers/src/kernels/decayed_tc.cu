@@ -177,6 +177,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
         __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
+    if (final_state == nullptr) return;  // the backward's scans need no final state
     stage(f, acc, wm, wn);
     __syncthreads();
     const int rows = min(TILE, dk - k0);
@@ -184,8 +185,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 }
 
 // Outputs. Shared memory: Q, K chunk tiles [64][DK + PAD], V [64][LDT], the state tile
-// [DK][LDT], the decayed scores [64][LDT] (bf16) and the f32 staging tile [64][LDF].
-template <int DK>
+// [DK][LDT] (TRANSPOSED: [64][DK + PAD], rows of a [d_v, d_k] state read as its transpose),
+// the decayed scores [64][LDT] (bf16) and the f32 staging tile [64][LDF].
+template <int DK, bool TRANSPOSED>
 __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                   const bf16* __restrict__ v, const bf16* __restrict__ states,
                                                   const float* __restrict__ log_decay, bf16* __restrict__ out,
@@ -205,12 +207,21 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     load_chunk<DK>(qs, q + (size_t)bh * len_t * dk, dk, 0, start, len, len_t, reverse);
     load_chunk<DK>(ks, k + (size_t)bh * len_t * dk, dk, 0, start, len, len_t, reverse);
     load_chunk<TILE>(vs, v + (size_t)bh * len_t * dv, dv, v0, start, len, len_t, reverse);
-    // the state tile: rows 0 .. DK of the padded [dkp, dvp] state (rows past dkp are zero)
+    // the state tile, zero past the padded widths: rows 0 .. DK, columns v0 .. v0 + 64 of a
+    // [dkp, dvp] state, or (TRANSPOSED) rows v0 .. v0 + 64, columns 0 .. DK of a [dvp, dkp] one
     const bf16* sc = states + ((size_t)bh * chunks + c) * dkp * dvp;
-    for (int i = threadIdx.x; i < DK * (TILE / 8); i += THREADS) {
-        const int r = i / (TILE / 8), col = (i % (TILE / 8)) * 8;
-        const bool valid = r < dkp;
-        cp_async16(ss + r * LDT + col, valid ? sc + (size_t)r * dvp + v0 + col : sc, valid);
+    if (TRANSPOSED) {
+        for (int i = threadIdx.x; i < TILE * (DK / 8); i += THREADS) {
+            const int r = i / (DK / 8), col = (i % (DK / 8)) * 8;
+            const bool valid = col < dkp;
+            cp_async16(ss + r * LDQ + col, valid ? sc + (size_t)(v0 + r) * dkp + col : sc, valid);
+        }
+    } else {
+        for (int i = threadIdx.x; i < DK * (TILE / 8); i += THREADS) {
+            const int r = i / (TILE / 8), col = (i % (TILE / 8)) * 8;
+            const bool valid = r < dkp;
+            cp_async16(ss + r * LDT + col, valid ? sc + (size_t)r * dvp + v0 + col : sc, valid);
+        }
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -259,15 +270,25 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
         ARow a[2];
-        BRow b[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], qs + (wm * 32 + i * 16) * LDQ + kk * 16, LDQ);
+        if (TRANSPOSED) {
+            BCol b[2];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], ss + kk * 16 * LDT + wn * 32 + j * 16, LDT);
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], ss + (wn * 32 + j * 16) * LDQ + kk * 16, LDQ);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < 2; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        } else {
+            BRow b[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], ss + kk * 16 * LDT + wn * 32 + j * 16, LDT);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
     }
     // P is lower triangular: rows wm * 32 .. + 32 need keys below wm * 32 + 32 only
     for (int kk = 0; kk < (wm + 1) * 2; ++kk) {
@@ -288,11 +309,15 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     write_staged(f, oh, dv, dv, v0, len, [=](int r) { return token(start, r, len_t, reverse); });
 }
 
-#define RETENTION_OUTPUTS(DK)                                                                                \
-    extern "C" __global__ void __launch_bounds__(THREADS) retention_outputs_bf16_d##DK(                       \
+#define RETENTION_OUTPUTS(NAME, DK, TRANSPOSED)                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                              \
         const bf16* q, const bf16* k, const bf16* v, const bf16* states, const float* log_decay, bf16* out, \
         int heads, int len_t, int dk, int dv, int reverse) {                                                 \
-        retention_outputs<DK>(q, k, v, states, log_decay, out, heads, len_t, dk, dv, reverse);               \
+        retention_outputs<DK, TRANSPOSED>(q, k, v, states, log_decay, out, heads, len_t, dk, dv, reverse);   \
     }
-RETENTION_OUTPUTS(64)
-RETENTION_OUTPUTS(128)
+RETENTION_OUTPUTS(retention_outputs_bf16_d64, 64, false)
+RETENTION_OUTPUTS(retention_outputs_bf16_d128, 128, false)
+RETENTION_OUTPUTS(retention_outputs_bf16_d256, 256, false)
+RETENTION_OUTPUTS(retention_outputs_bf16_d64_t, 64, true)
+RETENTION_OUTPUTS(retention_outputs_bf16_d128_t, 128, true)
+RETENTION_OUTPUTS(retention_outputs_bf16_d256_t, 256, true)
