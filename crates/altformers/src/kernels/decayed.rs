@@ -34,7 +34,7 @@ const TSTRIDE: usize = CHUNK + 4;
 /// CTA, as `decayed_tc.cu`, and their padded bf16 / f32 row strides.
 const MODULE_TC: &str = "altformers_decayed_tc";
 const TC_TILE: usize = 64;
-const TC_THREADS: u32 = 128;
+const TC_THREADS: u32 = 256;
 const TC_PAD: usize = 8;
 const TC_LDF: usize = TC_TILE + 4;
 
@@ -43,10 +43,20 @@ fn tc_states_shared_bytes() -> usize {
     2 * (4 * CHUNK * (TC_TILE + TC_PAD)) + 4 * CHUNK * TC_LDF
 }
 
-/// Shared memory of an output CTA of query/key width `width`: Q and K chunks, the V tile,
-/// the state tile, the decayed scores (bf16) and the f32 staging tile.
+/// Shared memory of an output CTA of query/key width `width`: the Q chunk, the K chunk or
+/// (later, in its place) the f32 staging tile, the V tile, the state tile and the decayed
+/// scores (bf16).
 fn tc_outputs_shared_bytes(width: usize) -> usize {
-    2 * (2 * CHUNK * (width + TC_PAD) + CHUNK * (TC_TILE + TC_PAD) + width * (TC_TILE + TC_PAD) + CHUNK * (TC_TILE + TC_PAD)) + 4 * CHUNK * TC_LDF
+    let k_or_staging = (2 * CHUNK * (width + TC_PAD)).max(4 * CHUNK * TC_LDF);
+    2 * CHUNK * (width + TC_PAD) + k_or_staging + 2 * (CHUNK * (TC_TILE + TC_PAD) + width * (TC_TILE + TC_PAD) + CHUNK * (TC_TILE + TC_PAD))
+}
+
+/// `func` may use `shared` bytes of dynamic shared memory, and prefers the largest shared
+/// memory carve-out (so that as many CTAs fit per SM as `__launch_bounds__` asks for).
+fn set_shared(func: &launch::Kernel, shared: usize) -> Result<()> {
+    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100).w()?;
+    Ok(())
 }
 
 /// Dynamic shared memory a CTA may use on sm_90.
@@ -166,7 +176,7 @@ impl Kernels<'_> {
         let states = launch::uninit::<T>(self.dev, b * h * t.div_ceil(CHUNK) * k_tiles * v_tiles * TC_TILE * TC_TILE)?;
         let func = launch::func(self.dev, MODULE_TC, ptx::DECAYED_TC, "retention_states_bf16")?;
         let shared = tc_states_shared_bytes();
-        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+        set_shared(&func, shared)?;
         let cfg = LaunchConfig { grid_dim: (k_tiles as u32, v_tiles as u32, (b * h) as u32), block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: shared as u32 };
         let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
         let no_state = 0u64;
@@ -203,7 +213,7 @@ impl Kernels<'_> {
         let name = format!("retention_outputs_bf16_d{width}{}", if transposed { "_t" } else { "" });
         let func = launch::func(self.dev, MODULE_TC, ptx::DECAYED_TC, &name)?;
         let shared = tc_outputs_shared_bytes(width);
-        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+        set_shared(&func, shared)?;
         let cfg = LaunchConfig { grid_dim: (t.div_ceil(CHUNK) as u32, dv.div_ceil(TC_TILE) as u32, (b * h) as u32), block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: shared as u32 };
         let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
         let mut builder = func.builder();

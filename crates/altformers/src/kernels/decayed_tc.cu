@@ -3,6 +3,7 @@
 // the same op as decayed.cu's retention_scan, split the way flash-linear-attention splits it
 // so that only the state recurrence is sequential:
 //
+// Every CTA is 8 warps, each owning 16 rows x 32 columns of a 64 x 64 product (WMMA tiles).
 // 1. retention_states_bf16: grid (d_k / 64, d_v / 64, B H), one CTA per 64 x 64 state tile.
 //    Walks the chunks of 64 tokens in order with the state in WMMA accumulators: stores the
 //    state *before* chunk c (bf16, [B H, chunks, DKP, DVP], d_k and d_v padded to 64), then
@@ -10,6 +11,8 @@
 //    cp.async while this one is multiplied. The last state goes to the op's output.
 // 2. retention_outputs_bf16_d{64,128}: grid (chunks, d_v / 64, B H), every chunk at once:
 //    O_c = ((Q_c K_c^T) (.) D) V_c + (Q_c (.) gamma^(j+1)) S_c with D_ji = gamma^(j-i) [i <= j].
+//    The `_t` variants read a [d_v, d_k] state as its transpose (the backward's dk, which
+//    shares its states with dv).
 //
 // Position r of chunk c is token start + r (or T - 1 - start - r with `reverse`, which is
 // how the backward pass runs its three scans, see kernels/decayed.rs). Rows past T, and
@@ -27,7 +30,9 @@ namespace {
 
 constexpr int CHUNK = 64;            // tokens per chunk
 constexpr int TILE = 64;             // state tile edge, and value columns per output CTA
-constexpr int THREADS = 128;         // 4 warps, each owning a 32 x 32 quarter of a 64 x 64 tile
+constexpr int WARPS = 8;             // each owning 16 rows x 32 columns of a 64 x 64 tile
+constexpr int THREADS = 32 * WARPS;
+constexpr int WROWS = 16, FM = WROWS / 16, FN = 2;  // rows per warp; 16 x 16 fragments per warp
 constexpr int PAD = 8;               // bf16 row padding (keeps WMMA's 32-byte alignment)
 constexpr int LDT = TILE + PAD;      // row stride of a 64-column bf16 tile
 constexpr int LDF = TILE + 4;        // row stride of the f32 staging tile
@@ -67,13 +72,37 @@ __device__ __forceinline__ void load_chunk(bf16* tile, const bf16* src, int widt
     }
 }
 
-// A 64 x 64 accumulator tile (this warp's 2 x 2 fragments at (wm, wn)) into the f32 staging tile.
-__device__ __forceinline__ void stage(float* f, Acc (&acc)[2][2], int wm, int wn) {
+// The 8 bf16 at `p` (16-byte aligned) times `w`.
+__device__ __forceinline__ void scale8(bf16* p, float w) {
+    uint4 x = *reinterpret_cast<uint4*>(p);
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&x);
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(h[e]);
+        h[e] = __floats2bfloat162_rn(f.x * w, f.y * w);
+    }
+    *reinterpret_cast<uint4*>(p) = x;
+}
+
+// 8 floats from `s` (16-byte aligned), times w[0..8), as 8 bf16.
+__device__ __forceinline__ uint4 pack8(const float* s, const float (&w)[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(s), b = *reinterpret_cast<const float4*>(s + 4);
+    uint4 packed;
+    __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&packed);
+    p[0] = __floats2bfloat162_rn(a.x * w[0], a.y * w[1]);
+    p[1] = __floats2bfloat162_rn(a.z * w[2], a.w * w[3]);
+    p[2] = __floats2bfloat162_rn(b.x * w[4], b.y * w[5]);
+    p[3] = __floats2bfloat162_rn(b.z * w[6], b.w * w[7]);
+    return packed;
+}
+
+// A 64 x 64 accumulator tile (this warp's FM x FN fragments at (wm, wn)) into the f32 staging tile.
+__device__ __forceinline__ void stage(float* f, Acc (&acc)[FM][FN], int wm, int wn) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(f + (wm * 32 + i * 16) * LDF + wn * 32 + j * 16, acc[i][j], LDF, wmma::mem_row_major);
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j)
+            wmma::store_matrix_sync(f + (wm * WROWS + i * 16) * LDF + wn * 32 + j * 16, acc[i][j], LDF, wmma::mem_row_major);
 }
 
 // Writes the staged 64 x 64 f32 tile as bf16 rows: staged row r goes to `dst + row(r) * ld`,
@@ -83,12 +112,8 @@ __device__ __forceinline__ void write_staged(const float* f, bf16* dst, int ld, 
     if (ld % 8 == 0 && col0 + TILE <= width) {
         for (int i = threadIdx.x; i < rows * (TILE / 8); i += THREADS) {
             const int r = i / (TILE / 8), c = (i % (TILE / 8)) * 8;
-            const float* s = f + r * LDF + c;
-            uint4 packed;
-            __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) p[e] = __floats2bfloat162_rn(s[2 * e], s[2 * e + 1]);
-            *reinterpret_cast<uint4*>(dst + row(r) * ld + col0 + c) = packed;
+            const float ones[8] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+            *reinterpret_cast<uint4*>(dst + row(r) * ld + col0 + c) = pack8(f + r * LDF + c, ones);
         }
     } else {
         for (int i = threadIdx.x; i < rows * TILE; i += THREADS) {
@@ -104,7 +129,7 @@ extern __shared__ __align__(128) unsigned char smem[];
 
 // States. Shared memory: two stages of K and V chunk tiles (bf16 [64][LDT] each) and the f32
 // staging tile [64][LDF].
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, 4)
     retention_states_bf16(const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ log_decay,
                           bf16* __restrict__ states, bf16* __restrict__ final_state, int heads, int len_t, int dk,
                           int dv, int reverse) {
@@ -119,13 +144,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     bf16* vs = ks + 2 * CHUNK * LDT;           // [2][CHUNK][LDT]
     float* f = reinterpret_cast<float*>(vs + 2 * CHUNK * LDT);
 
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;  // rows wm * WROWS, columns wn * 32
     const float ld = log_decay[bh % heads];
-    Acc acc[2][2];
+    Acc acc[FM][FN];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
     load_chunk<TILE>(ks, kh, dk, k0, 0, min(CHUNK, len_t), len_t, reverse);
     load_chunk<TILE>(vs, vh, dv, v0, 0, min(CHUNK, len_t), len_t, reverse);
@@ -149,31 +174,31 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
         // V rows weighted by gamma^(len-1-r): the decay from their token to the chunk's end
         bf16* vb = vs + buf * CHUNK * LDT;
-        for (int i = threadIdx.x; i < len * TILE; i += THREADS) {
-            const int r = i / TILE, col = i % TILE;
-            vb[r * LDT + col] = __float2bfloat16(__bfloat162float(vb[r * LDT + col]) * __expf(ld * (len - 1 - r)));
+        for (int i = threadIdx.x; i < len * (TILE / 8); i += THREADS) {
+            const int r = i / (TILE / 8), col = (i % (TILE / 8)) * 8;
+            scale8(vb + r * LDT + col, __expf(ld * (len - 1 - r)));
         }
         __syncthreads();
 
         const float carry = __expf(ld * len);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < FM; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < FN; ++j)
                 for (int e = 0; e < acc[i][j].num_elements; ++e) acc[i][j].x[e] *= carry;
         const bf16* kb = ks + buf * CHUNK * LDT;
 #pragma unroll
         for (int kk = 0; kk < CHUNK / 16; ++kk) {
-            ACol a[2];
-            BRow b[2];
+            ACol a[FM];
+            BRow b[FN];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], kb + kk * 16 * LDT + wm * 32 + i * 16, LDT);
+            for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], kb + kk * 16 * LDT + wm * WROWS + i * 16, LDT);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], vb + kk * 16 * LDT + wn * 32 + j * 16, LDT);
+            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], vb + kk * 16 * LDT + wn * 32 + j * 16, LDT);
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < FM; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
         __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
@@ -184,9 +209,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     write_staged(f, final_state + (size_t)bh * dk * dv + (size_t)k0 * dv, dv, dv, v0, rows, [](int r) { return (size_t)r; });
 }
 
-// Outputs. Shared memory: Q, K chunk tiles [64][DK + PAD], V [64][LDT], the state tile
-// [DK][LDT] (TRANSPOSED: [64][DK + PAD], rows of a [d_v, d_k] state read as its transpose),
-// the decayed scores [64][LDT] (bf16) and the f32 staging tile [64][LDF].
+// Outputs. Shared memory: Q, K chunk tiles [64][DK + PAD] (the f32 staging tile [64][LDF]
+// replaces K), V [64][LDT], the state tile [DK][LDT] (TRANSPOSED: [64][DK + PAD], rows of a
+// [d_v, d_k] state read as its transpose) and the decayed scores [64][LDT] (bf16).
 template <int DK, bool TRANSPOSED>
 __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                   const bf16* __restrict__ v, const bf16* __restrict__ states,
@@ -197,12 +222,14 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     const int chunks = gridDim.x, dvp = gridDim.y * TILE, dkp = (dk + TILE - 1) / TILE * TILE;
     const int start = c * CHUNK, len = min(CHUNK, len_t - start);
 
+    // the f32 staging tile takes K's place once the scores are computed
+    constexpr int KS_BYTES = CHUNK * LDQ * 2 > CHUNK * LDF * 4 ? CHUNK * LDQ * 2 : CHUNK * LDF * 4;
     bf16* qs = reinterpret_cast<bf16*>(smem);
     bf16* ks = qs + CHUNK * LDQ;
-    bf16* vs = ks + CHUNK * LDQ;
+    float* f = reinterpret_cast<float*>(ks);
+    bf16* vs = ks + KS_BYTES / 2;
     bf16* ss = vs + CHUNK * LDT;
     bf16* ps = ss + DK * LDT;
-    float* f = reinterpret_cast<float*>(ps + CHUNK * LDT);
 
     load_chunk<DK>(qs, q + (size_t)bh * len_t * dk, dk, 0, start, len, len_t, reverse);
     load_chunk<DK>(ks, k + (size_t)bh * len_t * dk, dk, 0, start, len, len_t, reverse);
@@ -227,81 +254,85 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     cp_async_wait<0>();
     __syncthreads();
 
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;  // rows wm * WROWS, columns wn * 32
     const float ld = log_decay[bh % heads];
-    Acc acc[2][2];
+    Acc acc[FM][FN];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-    // scores Q K^T; the quarter above the diagonal (queries 0-31, keys 32-63) stays zero
-    if (wm >= wn) {
+        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    // scores Q K^T; warp tiles wholly above the diagonal stay zero
+    if (wn * 32 <= wm * WROWS + WROWS - 1) {
 #pragma unroll
         for (int kk = 0; kk < DK / 16; ++kk) {
-            ARow a[2];
-            BCol b[2];
+            ARow a[FM];
+            BCol b[FN];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], qs + (wm * 32 + i * 16) * LDQ + kk * 16, LDQ);
+            for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], qs + (wm * WROWS + i * 16) * LDQ + kk * 16, LDQ);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], ks + (wn * 32 + j * 16) * LDQ + kk * 16, LDQ);
+            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], ks + (wn * 32 + j * 16) * LDQ + kk * 16, LDQ);
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < FM; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
     }
+    __syncthreads();  // every warp is done with K: the staging tile overwrites it
     stage(f, acc, wm, wn);
     __syncthreads();
     // P_ji = gamma^(j-i) [i <= j] (Q K^T)_ji, and the queries decayed from the chunk's start
-    for (int i = threadIdx.x; i < CHUNK * CHUNK; i += THREADS) {
-        const int j = i / CHUNK, col = i % CHUNK;
-        ps[j * LDT + col] = __float2bfloat16(col <= j ? f[j * LDF + col] * __expf(ld * (j - col)) : 0.f);
+    for (int i = threadIdx.x; i < CHUNK * (CHUNK / 8); i += THREADS) {
+        const int j = i / (CHUNK / 8), col = (i % (CHUNK / 8)) * 8;
+        float w[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) w[e] = col + e <= j ? __expf(ld * (j - col - e)) : 0.f;
+        *reinterpret_cast<uint4*>(ps + j * LDT + col) = pack8(f + j * LDF + col, w);
     }
-    for (int i = threadIdx.x; i < CHUNK * DK; i += THREADS) {
-        const int j = i / DK, a = i % DK;
-        qs[j * LDQ + a] = __float2bfloat16(__bfloat162float(qs[j * LDQ + a]) * __expf(ld * (j + 1)));
+    for (int i = threadIdx.x; i < CHUNK * (DK / 8); i += THREADS) {
+        const int j = i / (DK / 8), a = (i % (DK / 8)) * 8;
+        scale8(qs + j * LDQ + a, __expf(ld * (j + 1)));
     }
     __syncthreads();
 
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
-        ARow a[2];
+        ARow a[FM];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], qs + (wm * 32 + i * 16) * LDQ + kk * 16, LDQ);
+        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], qs + (wm * WROWS + i * 16) * LDQ + kk * 16, LDQ);
         if (TRANSPOSED) {
-            BCol b[2];
+            BCol b[FN];
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], ss + (wn * 32 + j * 16) * LDQ + kk * 16, LDQ);
+            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], ss + (wn * 32 + j * 16) * LDQ + kk * 16, LDQ);
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < FM; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         } else {
-            BRow b[2];
+            BRow b[FN];
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], ss + kk * 16 * LDT + wn * 32 + j * 16, LDT);
+            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], ss + kk * 16 * LDT + wn * 32 + j * 16, LDT);
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < FM; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
     }
-    // P is lower triangular: rows wm * 32 .. + 32 need keys below wm * 32 + 32 only
-    for (int kk = 0; kk < (wm + 1) * 2; ++kk) {
-        ARow a[2];
-        BRow b[2];
+    // P is lower triangular: this warp's rows need keys below (wm + 1) * WROWS only
+    for (int kk = 0; kk < (wm + 1) * WROWS / 16; ++kk) {
+        ARow a[FM];
+        BRow b[FN];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], ps + (wm * 32 + i * 16) * LDT + kk * 16, LDT);
+        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], ps + (wm * WROWS + i * 16) * LDT + kk * 16, LDT);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], vs + kk * 16 * LDT + wn * 32 + j * 16, LDT);
+        for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], vs + kk * 16 * LDT + wn * 32 + j * 16, LDT);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < FM; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+            for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
     stage(f, acc, wm, wn);
     __syncthreads();
@@ -309,15 +340,16 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     write_staged(f, oh, dv, dv, v0, len, [=](int r) { return token(start, r, len_t, reverse); });
 }
 
-#define RETENTION_OUTPUTS(NAME, DK, TRANSPOSED)                                                             \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                              \
+// At most MIN_BLOCKS CTAs of 256 threads per SM fit in shared memory: registers to match.
+#define RETENTION_OUTPUTS(NAME, DK, TRANSPOSED, MIN_BLOCKS)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(                                  \
         const bf16* q, const bf16* k, const bf16* v, const bf16* states, const float* log_decay, bf16* out, \
         int heads, int len_t, int dk, int dv, int reverse) {                                                 \
         retention_outputs<DK, TRANSPOSED>(q, k, v, states, log_decay, out, heads, len_t, dk, dv, reverse);   \
     }
-RETENTION_OUTPUTS(retention_outputs_bf16_d64, 64, false)
-RETENTION_OUTPUTS(retention_outputs_bf16_d128, 128, false)
-RETENTION_OUTPUTS(retention_outputs_bf16_d256, 256, false)
-RETENTION_OUTPUTS(retention_outputs_bf16_d64_t, 64, true)
-RETENTION_OUTPUTS(retention_outputs_bf16_d128_t, 128, true)
-RETENTION_OUTPUTS(retention_outputs_bf16_d256_t, 256, true)
+RETENTION_OUTPUTS(retention_outputs_bf16_d64, 64, false, 4)
+RETENTION_OUTPUTS(retention_outputs_bf16_d128, 128, false, 3)
+RETENTION_OUTPUTS(retention_outputs_bf16_d256, 256, false, 1)
+RETENTION_OUTPUTS(retention_outputs_bf16_d64_t, 64, true, 4)
+RETENTION_OUTPUTS(retention_outputs_bf16_d128_t, 128, true, 3)
+RETENTION_OUTPUTS(retention_outputs_bf16_d256_t, 256, true, 1)
