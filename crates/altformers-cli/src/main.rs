@@ -176,6 +176,10 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// MQAR runs trained at once; on a GPU each worker has its own CUDA stream, so the
+        /// small recall models share the GPU instead of waiting on each other's launches.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
 }
 
@@ -511,9 +515,9 @@ fn run(command: Command) -> Result<()> {
             print!("{}", altformers::registry::table());
             Ok(())
         }
-        Command::Compare { preset, parts, models, data, data_format, out, device } => {
+        Command::Compare { preset, parts, models, data, data_format, out, device, jobs } => {
             let device = altformers::device::select(&device)?;
-            let select = altformers::compare::Selection { parts, models };
+            let select = altformers::compare::Selection { parts, models, jobs };
             altformers::compare::run(&preset, &data, data_format.into(), &out, &device, &select)
         }
     }

@@ -59,6 +59,23 @@ fn keep_pool_memory(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// A device for a concurrent worker: on CUDA the same GPU through a stream of its own (one
+/// context, so small kernels of several workers overlap instead of time-slicing as separate
+/// processes would); the CPU as it is.
+pub fn with_own_stream(device: &Device) -> Result<Device> {
+    match device {
+        Device::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let candle_core::DeviceLocation::Cuda { gpu_id } = cuda.location() else { bail!("a CUDA device without a GPU index") };
+            let stream = Device::Cuda(candle_core::CudaDevice::new_with_stream(gpu_id)?);
+            keep_pool_memory(&stream)?;
+            Ok(stream)
+        }
+        other => bail!("no concurrent workers on {other:?}"),
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 fn cuda(_ordinal: usize) -> Result<Device> {
     bail!("this binary was built without CUDA support; rebuild with `--features cuda` (see README, GPU section)")

@@ -84,6 +84,9 @@ pub const PARTS: [&str; 4] = ["lm", "mqar", "scaling", "decode"];
 pub struct Selection {
     pub parts: Vec<String>,
     pub models: Vec<String>,
+    /// MQAR runs trained at once (each on its own CUDA stream, see
+    /// [`crate::device::with_own_stream`]); results do not depend on it.
+    pub jobs: usize,
 }
 
 impl Selection {
@@ -267,32 +270,60 @@ pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device
         // Rows already in DIR with the same budget are kept, not retrained: a grid too large
         // for one sitting is finished by running the same command again.
         let done: Vec<mqar::MqarResult> = crate::report::read_lines(&out.join("mqar.jsonl"))?.unwrap_or_default();
-        let mut recall = Vec::new();
+        let mut grid = Vec::new();
         for arch in &causal {
             for &(seq_len, pairs) in &preset.mqar.tasks {
-                let task = MqarConfig {
-                    vocab: preset.mqar.vocab,
-                    seq_len,
-                    pairs,
-                    alpha: 0.01,
-                };
+                let task = MqarConfig { vocab: preset.mqar.vocab, seq_len, pairs, alpha: 0.01 };
                 for &width in &preset.mqar.widths {
                     for &lr in &preset.mqar.lrs {
-                        let what = format!("mqar {} T={seq_len} pairs={pairs} width={width} lr={lr}", arch.name);
-                        if let Some(r) = done.iter().find(|r| r.answers(arch.name, &task, width, &preset.mqar, lr)) {
-                            eprintln!("{what}: kept from {}", out.display());
-                            recall.push(r.clone());
-                            continue;
-                        }
-                        let r = mqar::train_and_score(arch.name, &task, width, &preset.mqar, lr, device, 17).with_context(|| format!("MQAR for {}", arch.name))?;
-                        eprintln!("{what}: accuracy {:.3}", r.accuracy);
-                        recall.push(r);
-                        write_lines(&out.join("mqar.jsonl"), &causal, &recall)?;
+                        grid.push((arch.name, task.clone(), width, lr));
                     }
                 }
             }
         }
-        write_lines(&out.join("mqar.jsonl"), &causal, &recall)?;
+        let mut recall: Vec<Option<mqar::MqarResult>> = Vec::with_capacity(grid.len());
+        for (name, task, width, lr) in &grid {
+            let kept = done.iter().find(|r| r.answers(name, task, *width, &preset.mqar, *lr)).cloned();
+            if kept.is_some() {
+                eprintln!("mqar {name} T={} pairs={} width={width} lr={lr}: kept from {}", task.seq_len, task.pairs, out.display());
+            }
+            recall.push(kept);
+        }
+        // Narrow models and short tasks first: a grid cut short still covers every model.
+        let mut todo: Vec<usize> = (0..grid.len()).filter(|&i| recall[i].is_none()).collect();
+        todo.sort_by_key(|&i| (grid[i].2, grid[i].1.seq_len, i % preset.mqar.lrs.len().max(1), i));
+        let recall = std::sync::Mutex::new(recall);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        // Workers take the next untrained run; every finished run is written at once, in
+        // grid order, so an interrupted grid resumes where it stopped.
+        let worker = |dev: Device| -> Result<()> {
+            loop {
+                let Some(&i) = todo.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) else { return Ok(()) };
+                let (name, task, width, lr) = &grid[i];
+                let r = mqar::train_and_score(name, task, *width, &preset.mqar, *lr, &dev, 17).with_context(|| format!("MQAR for {name}"))?;
+                eprintln!("mqar {name} T={} pairs={} width={width} lr={lr}: accuracy {:.3}", task.seq_len, task.pairs, r.accuracy);
+                let mut rows = recall.lock().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
+                rows[i] = Some(r);
+                let finished: Vec<&mqar::MqarResult> = rows.iter().flatten().collect();
+                write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
+            }
+        };
+        let jobs = select.jobs.clamp(1, todo.len().max(1));
+        if jobs == 1 {
+            worker(device.clone())?;
+        } else {
+            let devices = (0..jobs).map(|_| crate::device::with_own_stream(device)).collect::<Result<Vec<_>>>()?;
+            std::thread::scope(|s| -> Result<()> {
+                let handles: Vec<_> = devices.into_iter().map(|d| s.spawn(|| worker(d))).collect();
+                for h in handles {
+                    h.join().map_err(|_| anyhow::anyhow!("an MQAR worker panicked"))??;
+                }
+                Ok(())
+            })?;
+        }
+        let rows = recall.into_inner().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
+        let finished: Vec<&mqar::MqarResult> = rows.iter().flatten().collect();
+        write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
     }
 
     // 3. Scaling and decoding.
@@ -387,7 +418,7 @@ mod tests {
         p.mqar = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![16], depth: 1, steps: 2, batch_size: 4, lrs: vec![1e-3], eval_examples: 8 };
         let file = dir.join("tiny.toml");
         std::fs::write(&file, toml::to_string(&p)?)?;
-        let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()] };
+        let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: 1 };
         let rows = |d: &Path| -> Result<Vec<mqar::MqarResult>> { Ok(crate::report::read_lines(&d.join("mqar.jsonl"))?.unwrap()) };
         let preset_arg = file.to_str().unwrap();
         run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
@@ -402,6 +433,30 @@ mod tests {
         let changed = rows(&dir)?;
         assert_eq!((changed.len(), changed[0].steps), (1, 3), "a row with another budget was kept");
         std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// Several workers train the same grid to the same rows, written in grid order.
+    #[test]
+    fn mqar_workers_match_one() -> Result<()> {
+        let base = std::env::temp_dir().join(format!("altformers-mqar-jobs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base)?;
+        let mut p = preset("quick")?;
+        p.mqar = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![8, 16], depth: 1, steps: 3, batch_size: 4, lrs: vec![1e-3, 3e-3], eval_examples: 8 };
+        let file = base.join("tiny.toml");
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let mut results = Vec::new();
+        for jobs in [1, 3] {
+            let dir = base.join(format!("jobs-{jobs}"));
+            let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs };
+            run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+            let rows: Vec<mqar::MqarResult> = crate::report::read_lines(&dir.join("mqar.jsonl"))?.unwrap();
+            results.push(rows.iter().map(|r| (r.width, r.lr, r.final_loss, r.accuracy)).collect::<Vec<_>>());
+        }
+        assert_eq!(results[0].len(), 4);
+        assert_eq!(results[0], results[1], "three workers trained other models than one");
+        std::fs::remove_dir_all(&base)?;
         Ok(())
     }
 }
