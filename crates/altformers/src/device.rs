@@ -66,8 +66,8 @@ pub fn with_own_stream(device: &Device) -> Result<Device> {
     match device {
         Device::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => {
-            let candle_core::DeviceLocation::Cuda { gpu_id } = cuda.location() else { bail!("a CUDA device without a GPU index") };
+        Device::Cuda(_) => {
+            let candle_core::DeviceLocation::Cuda { gpu_id } = device.location() else { bail!("a CUDA device without a GPU index") };
             let stream = Device::Cuda(candle_core::CudaDevice::new_with_stream(gpu_id)?);
             keep_pool_memory(&stream)?;
             Ok(stream)
