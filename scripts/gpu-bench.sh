@@ -83,29 +83,39 @@ if [ "$what" = seeds ]; then
   cat "$OUT/seeds.txt"
 fi
 if [ "$what" = mqar ]; then
-  # The recall part of a comparison: one process per GPU (GPUS, default every visible one),
-  # each training its share of the models with JOBS runs at once (default 12), each run on a
-  # CUDA stream of its own (`compare --jobs`): the small recall models are bound by kernel
-  # launches, so one run alone leaves the GPU mostly idle. Then one report.
+  # The recall part of a comparison as one process per (model, task, width), narrow widths
+  # and short tasks first, at most PROCS at once (default: the CPU cores), spread over the
+  # GPUs (GPUS, default every visible one): each process is bound by its kernel launches, so
+  # one alone leaves a GPU mostly idle. Nothing starts with under a minute left of `seconds`.
+  # Then one report. (One process per GPU with `compare --jobs` workers on CUDA streams was
+  # slower on the H200: about 66 steps/s in all against about 135 for nine processes,
+  # bench/results/2026-11-29-h200-retention-tc.)
   #   gpu-bench.sh mqar PRESET "model1 model2 ..." [seconds] [tag] [previous mqar.jsonl]
   # Rows of the previous file with the same budget are kept, not retrained (compare skips
   # them), so a grid too large for one call is finished by calling again with the last
   # call's mqar.jsonl. With ALT, MQAR_DEVICE=cpu runs it without a GPU (to try the script).
   preset="$2"; models="$3"; limit="${4:-500}"; tag="${5:-mqar}"; previous="${6:-}"
+  deadline=$((SECONDS + limit))
   $alt --version > /dev/null  # unpack the binary once, before the processes start
   gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
-  for ((g = 0; g < gpus; g++)); do
-    share=""; i=0
-    for m in $models; do
-      [ $((i % gpus)) -eq "$g" ] && share="${share:+$share,}$m"
-      i=$((i + 1))
+  procs="${PROCS:-$(nproc)}"
+  read -r tasks widths < <(python3 -c "import tomllib,sys; m = tomllib.load(open(sys.argv[1], 'rb'))['mqar']; print(','.join(f'{a}x{b}' for a, b in m['tasks']), ','.join(map(str, m['widths'])))" "$preset")
+  i=0
+  for w in ${widths//,/ }; do
+    for task in ${tasks//,/ }; do
+      for m in $models; do
+        seq="${task%x*}"; pairs="${task#*x}"; dir="/tmp/$tag/$m-$seq-$w"
+        while [ "$(jobs -rp | wc -l)" -ge "$procs" ]; do wait -n; done
+        left=$((deadline - SECONDS)); [ "$left" -ge 60 ] || break 3
+        mkdir -p "$dir"
+        sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" "$preset" > "$dir/preset.toml"
+        if [ -n "$previous" ]; then grep "\"model\":\"$m\",\"seq_len\":$seq,\"pairs\":$pairs,\"width\":$w," "$previous" > "$dir/mqar.jsonl"; fi
+        device="cuda:$((i % gpus))"; [ "${MQAR_DEVICE:-}" = cpu ] && device=cpu
+        timeout "$left" $alt --threads 1 compare --preset "$dir/preset.toml" --parts mqar --models "$m" \
+          --device "$device" --out "$dir" > /dev/null 2> "$OUT/$tag-$m-$seq-$w.err" &
+        i=$((i + 1))
+      done
     done
-    [ -n "$share" ] || continue
-    dir="/tmp/$tag/gpu$g"; mkdir -p "$dir"
-    if [ -n "$previous" ]; then grep -E "\"model\":\"(${share//,/|})\"," "$previous" > "$dir/mqar.jsonl"; fi
-    device="cuda:$g"; [ "${MQAR_DEVICE:-}" = cpu ] && device=cpu
-    timeout "$limit" $alt --threads 1 compare --preset "$preset" --parts mqar --models "$share" \
-      --device "$device" --jobs "${JOBS:-12}" --out "$dir" > /dev/null 2> "$OUT/$tag-gpu$g.err" &
   done
   wait
   mkdir -p "$OUT/$tag-report"
