@@ -276,7 +276,7 @@ pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device
                 let task = MqarConfig { vocab: preset.mqar.vocab, seq_len, pairs, alpha: 0.01 };
                 for &width in &preset.mqar.widths {
                     for &lr in &preset.mqar.lrs {
-                        grid.push((arch.name, task.clone(), width, lr));
+                        grid.push((arch.name, task, width, lr));
                     }
                 }
             }

@@ -1,11 +1,13 @@
-//! Fused forms of [`crate::primitives::decayed`]'s chunkwise paths (kernels in `decayed.cu`):
+//! Fused forms of [`crate::primitives::decayed`]'s chunkwise paths:
 //!
-//! - [`linear`]: retention with one scalar decay per head (`linear_chunked`), f32 or bf16
-//!   (accumulated in f32). Forward: one scan over chunks of 64 tokens per (value tile, head,
-//!   batch). Backward: the same scan three times, since with `dO` the output gradient
-//!   `dq = scan(dO, v, k)`, `dk = rev(scan(rev v, rev dO, rev q))`,
-//!   `dv = rev(scan(rev k, rev q, rev dO))` (`rev` reverses time: the sums over `i <= t`
-//!   become sums over `i >= t`). The decay gets no gradient (RetNet's is fixed).
+//! - [`linear`]: retention with one scalar decay per head (`linear_chunked`). bf16 runs on
+//!   tensor cores (`decayed_tc.cu`): a sequential pass stores the state before every chunk of
+//!   64 tokens, then every chunk's outputs are computed at once. f32 (or widths past 256) runs
+//!   the CUDA-core scan (`decayed.cu`): one sequential pass per value tile. With `dO` the
+//!   output gradient, the backward is `dq = scan(dO, v, k)`, `dk = rev(scan(rev v, rev dO,
+//!   rev q))`, `dv = rev(scan(rev k, rev q, rev dO))` (`rev` reverses time: sums over `i <= t`
+//!   become sums over `i >= t`); on tensor cores the states of the last two are one
+//!   computation and its transpose. The decay gets no gradient (RetNet's is fixed).
 //! - [`wkv`]: RWKV-4's normalised WKV (`wkv_chunked` with a bonus, or with neither decay nor
 //!   bonus as AFT-simple), f32, one thread per (batch, channel); the backward gives `k, v`,
 //!   the decay and the bonus their gradients.
