@@ -99,11 +99,11 @@ fn int(x: usize) -> Result<i32> {
 /// not depend on it): `q, k: [B, H, T, d_k]`, `v: [B, H, T, d_v]`, `log_decay: [H]` ->
 /// `(y: [B, H, T, d_v], final state: [B, H, d_k, d_v])`, or `None` where it does not apply.
 pub fn linear(q: &Tensor, k: &Tensor, v: &Tensor, log_decay: &Tensor, state: Option<&Tensor>) -> Result<Option<(Tensor, Tensor)>> {
-    let (_, h, t, dk) = q.dims4()?;
+    let (b, h, t, dk) = q.dims4()?;
     let dv = v.dim(3)?;
     let dtype_ok = matches!(q.dtype(), DType::F32 | DType::BF16) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
     // the backward contracts over d_v as the forward does over d_k
-    let tensor_cores = q.dtype() == DType::BF16 && [dk, dv].iter().all(|&w| tensor_core_width(w).is_some()) && super::enabled("retention-tc");
+    let tensor_cores = q.dtype() == DType::BF16 && tensor_cores_apply(b * h, &[dk, dv]);
     let fits = tensor_cores || retention_shared_bytes(dk.max(dv)) <= MAX_SHARED_BYTES;
     if !q.device().is_cuda() || !dtype_ok || !fits || state.is_some() || t == 0 || log_decay.track_op() || !super::enabled("retention") {
         return Ok(None);
@@ -142,6 +142,12 @@ fn tensor_core_width(dk: usize) -> Option<usize> {
 /// The element types of the retention kernels (f32, bf16).
 trait Elem: CudaDType + DeviceRepr + candle_core::WithDType {}
 impl<T: CudaDType + DeviceRepr + candle_core::WithDType> Elem for T {}
+
+/// Whether the tensor-core kernels take `rows = B H` sequences (one grid dimension, at most
+/// 65535) contracting over each of `widths`, unless switched off.
+fn tensor_cores_apply(rows: usize, widths: &[usize]) -> bool {
+    rows <= 65535 && widths.iter().all(|&w| tensor_core_width(w).is_some()) && super::enabled("retention-tc")
+}
 
 /// `[B, H, T, d]` of one input.
 #[derive(Clone, Copy)]
@@ -278,10 +284,10 @@ impl Kernels<'_> {
         Ok([dq, dk_, dv_])
     }
 
-    /// Whether the tensor-core kernels run: bf16, every contraction width at most 256, and
-    /// not switched off.
+    /// Whether the tensor-core kernels run: bf16, every contraction width at most 256, B H
+    /// within a grid dimension, and not switched off.
     fn tensor_cores<T: Elem>(&self, widths: &[usize]) -> bool {
-        T::DTYPE == DType::BF16 && widths.iter().all(|&w| tensor_core_width(w).is_some()) && super::enabled("retention-tc")
+        T::DTYPE == DType::BF16 && tensor_cores_apply(self.dims.b * self.dims.h, widths)
     }
 }
 
