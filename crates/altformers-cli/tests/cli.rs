@@ -57,6 +57,7 @@ fn bad_input_is_a_clear_error() {
         "unknown config key `train.learning_rate`",
     );
     fails_with(&["eval", "--run", "/no/such/run", "--data", "shakespeare"], "not a run folder");
+    fails_with(&["compare", "--parts", "mqar", "--jobs", "0", "--out", out_s], "--jobs must be at least 1");
     fails_with(&["train", "--model", "transformer", "--data", "shakespeare", "--device", "cuda", "--out", out_s], "CUDA");
     std::fs::remove_file(empty).unwrap();
     std::fs::remove_file(bad_toml).unwrap();

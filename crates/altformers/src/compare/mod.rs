@@ -91,6 +91,7 @@ pub struct Selection {
 
 impl Selection {
     fn check(&self) -> Result<()> {
+        anyhow::ensure!(self.jobs >= 1, "--jobs must be at least 1 (got {})", self.jobs);
         if let Some(p) = self.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
             bail!("unknown part `{p}`: choose from {}", PARTS.join(", "));
         }
@@ -308,7 +309,7 @@ pub fn run(preset_name: &str, data: &str, format: DataFormat, out: &Path, device
                 write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
             }
         };
-        let jobs = select.jobs.clamp(1, todo.len().max(1));
+        let jobs = select.jobs.min(todo.len().max(1));
         if jobs == 1 {
             worker(device.clone())?;
         } else {
