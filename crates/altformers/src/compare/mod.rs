@@ -408,30 +408,41 @@ pub fn quality_table(rows: &[QualityRow]) -> String {
 mod tests {
     use super::*;
 
+    /// A fresh temporary directory (named after `tag`) holding `tiny.toml`: the quick preset
+    /// with `mqar` as its recall settings. Returns the directory, the preset and the file.
+    fn tiny_preset(tag: &str, mqar: mqar::MqarSettings) -> Result<(std::path::PathBuf, Preset, std::path::PathBuf)> {
+        let dir = std::env::temp_dir().join(format!("altformers-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut p = preset("quick")?;
+        p.mqar = mqar;
+        let file = dir.join("tiny.toml");
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        Ok((dir, p, file))
+    }
+
+    fn mqar_rows(dir: &Path) -> Result<Vec<mqar::MqarResult>> {
+        Ok(crate::report::read_lines(&dir.join("mqar.jsonl"))?.unwrap())
+    }
+
     /// The recall part run again into the same directory keeps the rows it already has
     /// (same budget) and retrains those whose budget changed.
     #[test]
     fn mqar_rerun_keeps_finished_rows() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("altformers-mqar-rerun-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let mut p = preset("quick")?;
-        p.mqar = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![16], depth: 1, steps: 2, batch_size: 4, lrs: vec![1e-3], eval_examples: 8 };
-        let file = dir.join("tiny.toml");
-        std::fs::write(&file, toml::to_string(&p)?)?;
+        let settings = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![16], depth: 1, steps: 2, batch_size: 4, lrs: vec![1e-3], eval_examples: 8 };
+        let (dir, mut p, file) = tiny_preset("mqar-rerun", settings)?;
         let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: 1 };
-        let rows = |d: &Path| -> Result<Vec<mqar::MqarResult>> { Ok(crate::report::read_lines(&d.join("mqar.jsonl"))?.unwrap()) };
         let preset_arg = file.to_str().unwrap();
         run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
-        let first = rows(&dir)?;
+        let first = mqar_rows(&dir)?;
         assert_eq!(first.len(), 1);
         run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
-        let again = rows(&dir)?;
+        let again = mqar_rows(&dir)?;
         assert_eq!((again.len(), again[0].train_s), (1, first[0].train_s), "the finished row was retrained");
         p.mqar.steps = 3;
         std::fs::write(&file, toml::to_string(&p)?)?;
         run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
-        let changed = rows(&dir)?;
+        let changed = mqar_rows(&dir)?;
         assert_eq!((changed.len(), changed[0].steps), (1, 3), "a row with another budget was kept");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
@@ -440,19 +451,14 @@ mod tests {
     /// Several workers train the same grid to the same rows, written in grid order.
     #[test]
     fn mqar_workers_match_one() -> Result<()> {
-        let base = std::env::temp_dir().join(format!("altformers-mqar-jobs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(&base)?;
-        let mut p = preset("quick")?;
-        p.mqar = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![8, 16], depth: 1, steps: 3, batch_size: 4, lrs: vec![1e-3, 3e-3], eval_examples: 8 };
-        let file = base.join("tiny.toml");
-        std::fs::write(&file, toml::to_string(&p)?)?;
+        let settings = mqar::MqarSettings { vocab: 16, tasks: vec![(16, 2)], widths: vec![8, 16], depth: 1, steps: 3, batch_size: 4, lrs: vec![1e-3, 3e-3], eval_examples: 8 };
+        let (base, _, file) = tiny_preset("mqar-jobs", settings)?;
         let mut results = Vec::new();
         for jobs in [1, 3] {
             let dir = base.join(format!("jobs-{jobs}"));
             let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs };
             run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
-            let rows: Vec<mqar::MqarResult> = crate::report::read_lines(&dir.join("mqar.jsonl"))?.unwrap();
+            let rows = mqar_rows(&dir)?;
             results.push(rows.iter().map(|r| (r.width, r.lr, r.final_loss, r.accuracy)).collect::<Vec<_>>());
         }
         assert_eq!(results[0].len(), 4);
