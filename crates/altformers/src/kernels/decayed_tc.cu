@@ -96,6 +96,30 @@ __device__ __forceinline__ uint4 pack8(const float* s, const float (&w)[8]) {
     return packed;
 }
 
+__device__ __forceinline__ void zero(Acc (&acc)[FM][FN]) {
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+}
+
+// acc += A B over one 16-deep slice: A fragment i at `a + i * a_step` (stride lda), B fragment
+// j at `b + j * b_step` (stride ldb), each read with its fragment type's layout.
+template <typename AFrag, typename BFrag>
+__device__ __forceinline__ void mma16(Acc (&acc)[FM][FN], const bf16* a, int a_step, int lda, const bf16* b, int b_step,
+                                      int ldb) {
+    AFrag fa[FM];
+    BFrag fb[FN];
+#pragma unroll
+    for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], a + i * a_step, lda);
+#pragma unroll
+    for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], b + j * b_step, ldb);
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+}
+
 // A 64 x 64 accumulator tile (this warp's FM x FN fragments at (wm, wn)) into the f32 staging tile.
 __device__ __forceinline__ void stage(float* f, Acc (&acc)[FM][FN], int wm, int wn) {
 #pragma unroll
@@ -147,10 +171,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 4)
     const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;  // rows wm * WROWS, columns wn * 32
     const float ld = log_decay[bh % heads];
     Acc acc[FM][FN];
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    zero(acc);
 
     load_chunk<TILE>(ks, kh, dk, k0, 0, min(CHUNK, len_t), len_t, reverse);
     load_chunk<TILE>(vs, vh, dv, v0, 0, min(CHUNK, len_t), len_t, reverse);
@@ -187,19 +208,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 4)
             for (int j = 0; j < FN; ++j)
                 for (int e = 0; e < acc[i][j].num_elements; ++e) acc[i][j].x[e] *= carry;
         const bf16* kb = ks + buf * CHUNK * LDT;
+        // K^T: the chunk's K tile read column-major
 #pragma unroll
-        for (int kk = 0; kk < CHUNK / 16; ++kk) {
-            ACol a[FM];
-            BRow b[FN];
-#pragma unroll
-            for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], kb + kk * 16 * LDT + wm * WROWS + i * 16, LDT);
-#pragma unroll
-            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], vb + kk * 16 * LDT + wn * 32 + j * 16, LDT);
-#pragma unroll
-            for (int i = 0; i < FM; ++i)
-#pragma unroll
-                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-        }
+        for (int kk = 0; kk < CHUNK / 16; ++kk)
+            mma16<ACol, BRow>(acc, kb + kk * 16 * LDT + wm * WROWS, 16, LDT, vb + kk * 16 * LDT + wn * 32, 16, LDT);
         __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
     if (final_state == nullptr) return;  // the backward's scans need no final state
@@ -257,25 +269,12 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;  // rows wm * WROWS, columns wn * 32
     const float ld = log_decay[bh % heads];
     Acc acc[FM][FN];
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    zero(acc);
     // scores Q K^T; warp tiles wholly above the diagonal stay zero
     if (wn * 32 <= wm * WROWS + WROWS - 1) {
 #pragma unroll
-        for (int kk = 0; kk < DK / 16; ++kk) {
-            ARow a[FM];
-            BCol b[FN];
-#pragma unroll
-            for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], qs + (wm * WROWS + i * 16) * LDQ + kk * 16, LDQ);
-#pragma unroll
-            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], ks + (wn * 32 + j * 16) * LDQ + kk * 16, LDQ);
-#pragma unroll
-            for (int i = 0; i < FM; ++i)
-#pragma unroll
-                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-        }
+        for (int kk = 0; kk < DK / 16; ++kk)
+            mma16<ARow, BCol>(acc, qs + wm * WROWS * LDQ + kk * 16, 16 * LDQ, LDQ, ks + wn * 32 * LDQ + kk * 16, 16 * LDQ, LDQ);
     }
     __syncthreads();  // every warp is done with K: the staging tile overwrites it
     stage(f, acc, wm, wn);
@@ -294,46 +293,18 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     }
     __syncthreads();
 
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    zero(acc);
+    const bf16* qw = qs + wm * WROWS * LDQ;
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
-        ARow a[FM];
-#pragma unroll
-        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], qs + (wm * WROWS + i * 16) * LDQ + kk * 16, LDQ);
-        if (TRANSPOSED) {
-            BCol b[FN];
-#pragma unroll
-            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], ss + (wn * 32 + j * 16) * LDQ + kk * 16, LDQ);
-#pragma unroll
-            for (int i = 0; i < FM; ++i)
-#pragma unroll
-                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-        } else {
-            BRow b[FN];
-#pragma unroll
-            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], ss + kk * 16 * LDT + wn * 32 + j * 16, LDT);
-#pragma unroll
-            for (int i = 0; i < FM; ++i)
-#pragma unroll
-                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-        }
+        if (TRANSPOSED)
+            mma16<ARow, BCol>(acc, qw + kk * 16, 16 * LDQ, LDQ, ss + wn * 32 * LDQ + kk * 16, 16 * LDQ, LDQ);
+        else
+            mma16<ARow, BRow>(acc, qw + kk * 16, 16 * LDQ, LDQ, ss + kk * 16 * LDT + wn * 32, 16, LDT);
     }
     // P is lower triangular: this warp's rows need keys below (wm + 1) * WROWS only
-    for (int kk = 0; kk < (wm + 1) * WROWS / 16; ++kk) {
-        ARow a[FM];
-        BRow b[FN];
-#pragma unroll
-        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], ps + (wm * WROWS + i * 16) * LDT + kk * 16, LDT);
-#pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], vs + kk * 16 * LDT + wn * 32 + j * 16, LDT);
-#pragma unroll
-        for (int i = 0; i < FM; ++i)
-#pragma unroll
-            for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
+    for (int kk = 0; kk < (wm + 1) * WROWS / 16; ++kk)
+        mma16<ARow, BRow>(acc, ps + wm * WROWS * LDT + kk * 16, 16 * LDT, LDT, vs + kk * 16 * LDT + wn * 32, 16, LDT);
     stage(f, acc, wm, wn);
     __syncthreads();
     bf16* oh = out + (size_t)bh * len_t * dv;
