@@ -83,7 +83,7 @@ if [ "$what" = seeds ]; then
   cat "$OUT/seeds.txt"
 fi
 if [ "$what" = mqar ]; then
-  # The recall part of a comparison as one process per (model, task, width), narrow widths
+  # The recall part of a comparison as one process per (model, task, width, lr), narrow widths
   # and short tasks first, at most PROCS at once (default: the CPU cores), spread over the
   # GPUs (GPUS, default every visible one): each process is bound by its kernel launches, so
   # one alone leaves a GPU mostly idle. Nothing starts with under a minute left of `seconds`.
@@ -99,27 +99,36 @@ if [ "$what" = mqar ]; then
   $alt --version > /dev/null  # unpack the binary once, before the processes start
   gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
   procs="${PROCS:-$(nproc)}"
-  read -r tasks widths < <(python3 -c "import tomllib,sys; m = tomllib.load(open(sys.argv[1], 'rb'))['mqar']; print(','.join(f'{a}x{b}' for a, b in m['tasks']), ','.join(map(str, m['widths'])))" "$preset")
+  read -r tasks widths lrs < <(python3 -c "import tomllib,sys; m = tomllib.load(open(sys.argv[1], 'rb'))['mqar']; print(','.join(f'{a}x{b}' for a, b in m['tasks']), ','.join(map(str, m['widths'])), ','.join(map(str, m['lrs'])))" "$preset")
   i=0
   for w in ${widths//,/ }; do
     for task in ${tasks//,/ }; do
+      for lr in ${lrs//,/ }; do
       for m in $models; do
-        seq="${task%x*}"; pairs="${task#*x}"; dir="/tmp/$tag/$m-$seq-$w"
+        seq="${task%x*}"; pairs="${task#*x}"; dir="/tmp/$tag/$m-$seq-$w-$lr"
         while [ "$(jobs -rp | wc -l)" -ge "$procs" ]; do wait -n; done
-        left=$((deadline - SECONDS)); [ "$left" -ge 60 ] || break 3
+        left=$((deadline - SECONDS)); [ "$left" -ge 60 ] || break 4
         mkdir -p "$dir"
-        sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" "$preset" > "$dir/preset.toml"
+        sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" -e "s/^lrs = .*/lrs = [$lr]/" "$preset" > "$dir/preset.toml"
         if [ -n "$previous" ]; then grep "\"model\":\"$m\",\"seq_len\":$seq,\"pairs\":$pairs,\"width\":$w," "$previous" > "$dir/mqar.jsonl"; fi
         device="cuda:$((i % gpus))"; [ "${MQAR_DEVICE:-}" = cpu ] && device=cpu
         timeout "$left" $alt --threads 1 compare --preset "$dir/preset.toml" --parts mqar --models "$m" \
-          --device "$device" --out "$dir" > /dev/null 2> "$OUT/$tag-$m-$seq-$w.err" &
+          --device "$device" --out "$dir" > /dev/null 2> "$OUT/$tag-$m-$seq-$w-$lr.err" &
         i=$((i + 1))
+      done
       done
     done
   done
   wait
   mkdir -p "$OUT/$tag-report"
-  cat /tmp/$tag/*/mqar.jsonl > "$OUT/$tag-report/mqar.jsonl" 2>/dev/null
+  # The previous rows and every process's, once each (a process's file holds the previous
+  # rows of its model, task and width, both learning rates).
+  cat $previous /tmp/$tag/*/mqar.jsonl 2>/dev/null | python3 -c "
+import json, sys
+rows = {}
+for line in sys.stdin:
+    r = json.loads(line); rows.setdefault((r['model'], r['seq_len'], r['pairs'], r['width'], r['lr']), line)
+sys.stdout.write(''.join(rows.values()))" > "$OUT/$tag-report/mqar.jsonl"
   cp "$(ls -d /tmp/$tag/*/ | head -1)meta.json" "$OUT/$tag-report/" 2>/dev/null
   $alt report --from "$OUT/$tag-report" > /dev/null 2>> "$OUT/$tag-report.err"
   cut -c1-200 "$OUT/$tag-report/mqar.jsonl"

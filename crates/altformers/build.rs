@@ -23,11 +23,21 @@ fn main() {
             let stem = cu.file_stem().unwrap().to_str().unwrap().to_string();
             let ptx = out.join(format!("{stem}.ptx"));
             let status = Command::new(&nvcc)
-                .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math", &format!("-arch=sm_{cap}"), "-Isrc/kernels", "-o"])
+                .args([
+                    "--ptx",
+                    "-O3",
+                    "-std=c++17",
+                    "--use_fast_math",
+                    &format!("-arch=sm_{cap}"),
+                    "-Isrc/kernels",
+                    "-o",
+                ])
                 .arg(&ptx)
                 .arg(&cu)
                 .status()
-                .unwrap_or_else(|e| panic!("cannot run nvcc ({nvcc}): {e}; source scripts/cuda-env.sh first"));
+                .unwrap_or_else(|e| {
+                    panic!("cannot run nvcc ({nvcc}): {e}; source scripts/cuda-env.sh first")
+                });
             assert!(status.success(), "nvcc failed on {}", cu.display());
             consts.push_str(&format!(
                 "pub const {}: &str = include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\"));\n",

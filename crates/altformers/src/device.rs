@@ -8,7 +8,11 @@ pub fn select(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         n if n == "cuda" || n.starts_with("cuda:") => {
-            let ordinal: usize = n.strip_prefix("cuda:").map(|s| s.parse()).transpose()?.unwrap_or(0);
+            let ordinal: usize = n
+                .strip_prefix("cuda:")
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(0);
             cuda(ordinal)
         }
         other => bail!("unknown device `{other}`: use cpu or cuda"),
@@ -21,7 +25,9 @@ fn cuda(ordinal: usize) -> Result<Device> {
     let device = match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => bail!("cannot open CUDA device {ordinal}: {e}"),
-        Err(_) => bail!("cannot open CUDA device {ordinal}: the CUDA driver or libraries could not be loaded"),
+        Err(_) => bail!(
+            "cannot open CUDA device {ordinal}: the CUDA driver or libraries could not be loaded"
+        ),
     };
     keep_pool_memory(&device)?;
     Ok(device)
@@ -31,13 +37,21 @@ fn cuda(ordinal: usize) -> Result<Device> {
 /// allocates with `cuMemAllocAsync` where the GPU has pools); `None` on the CPU or a GPU
 /// without pools.
 #[cfg(feature = "cuda")]
-pub fn cuda_mem_pool(device: &Device) -> candle_core::Result<Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>> {
-    let Device::Cuda(cuda) = device else { return Ok(None) };
+pub fn cuda_mem_pool(
+    device: &Device,
+) -> candle_core::Result<Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>> {
+    let Device::Cuda(cuda) = device else {
+        return Ok(None);
+    };
     let stream = cuda.cuda_stream();
     if !stream.context().has_async_alloc() {
         return Ok(None);
     }
-    let pool = unsafe { candle_core::cuda_backend::cudarc::driver::result::device::get_mem_pool(stream.context().cu_device()) };
+    let pool = unsafe {
+        candle_core::cuda_backend::cudarc::driver::result::device::get_mem_pool(
+            stream.context().cu_device(),
+        )
+    };
     pool.map(Some).map_err(candle_core::Error::wrap)
 }
 
@@ -53,8 +67,14 @@ fn keep_pool_memory(device: &Device) -> Result<()> {
     if let Some(pool) = cuda_mem_pool(device)? {
         let mut threshold = u64::MAX;
         let attr = candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-        unsafe { candle_core::cuda_backend::cudarc::driver::result::mem_pool::set_attribute(pool, attr, &mut threshold as *mut u64 as *mut _) }
-            .map_err(|e| anyhow::anyhow!("setting the CUDA memory pool's release threshold: {e:?}"))?;
+        unsafe {
+            candle_core::cuda_backend::cudarc::driver::result::mem_pool::set_attribute(
+                pool,
+                attr,
+                &mut threshold as *mut u64 as *mut _,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("setting the CUDA memory pool's release threshold: {e:?}"))?;
     }
     Ok(())
 }
@@ -67,7 +87,9 @@ pub fn with_own_stream(device: &Device) -> Result<Device> {
         Device::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
-            let candle_core::DeviceLocation::Cuda { gpu_id } = device.location() else { bail!("a CUDA device without a GPU index") };
+            let candle_core::DeviceLocation::Cuda { gpu_id } = device.location() else {
+                bail!("a CUDA device without a GPU index")
+            };
             let cuda = candle_core::CudaDevice::new_with_stream(gpu_id)?;
             // With a second stream cudarc records an event per buffer per launch (to order
             // uses of one buffer across streams): driver calls that serialized 14 workers to

@@ -82,7 +82,9 @@ impl ModelState {
 
     /// Whether any state tensor still records the operations that made it.
     pub fn tracks_graph(&self) -> bool {
-        self.layers.iter().any(|(a, f)| a.tensors.iter().chain(&f.tensors).any(|t| t.track_op()))
+        self.layers
+            .iter()
+            .any(|(a, f)| a.tensors.iter().chain(&f.tensors).any(|t| t.track_op()))
     }
 }
 
@@ -95,17 +97,37 @@ impl LanguageModel {
         let (v, d) = (config.vocab, config.width);
         let emb = pb.normal_no_decay("emb.weight", &[v, d], 0.02)?;
         let pos_emb = match config.position {
-            Position::Learned => Some(pb.normal_no_decay("pos_emb.weight", &[config.context, d], 0.02)?),
+            Position::Learned => {
+                Some(pb.normal_no_decay("pos_emb.weight", &[config.context, d], 0.02)?)
+            }
             _ => None,
         };
-        let ln0 = if config.embed_norm { Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?) } else { None };
+        let ln0 = if config.embed_norm {
+            Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?)
+        } else {
+            None
+        };
         let mut blocks = Vec::with_capacity(config.depth);
         for i in 0..config.depth {
             blocks.push(Block::new(config, i, &pb.pp(format!("blocks.{i}")))?);
         }
         let ln_out = LayerNorm::new(&pb, "ln_out", d, config.bias)?;
-        let head = if config.tie_embeddings { None } else { Some(pb.normal("head.weight", &[v, d], 0.02)?) };
-        Ok(Self { config: config.clone(), emb, pos_emb, ln0, blocks, ln_out, head, params: pb.into_store(), compute_dtype: dtype })
+        let head = if config.tie_embeddings {
+            None
+        } else {
+            Some(pb.normal("head.weight", &[v, d], 0.02)?)
+        };
+        Ok(Self {
+            config: config.clone(),
+            emb,
+            pos_emb,
+            ln0,
+            blocks,
+            ln_out,
+            head,
+            params: pb.into_store(),
+            compute_dtype: dtype,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -140,7 +162,7 @@ impl LanguageModel {
 
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        let x = self.emb.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.config.width))?;
+        let x = crate::nn::gather_rows(&self.emb, tokens)?.reshape((b, t, self.config.width))?;
         let x = match &self.ln0 {
             Some(ln0) => ln0.forward(&x)?,
             None => x,
@@ -165,7 +187,9 @@ impl LanguageModel {
         let x = self.ln_out.forward(&x.to_dtype(self.dtype())?)?;
         let head = self.head.as_ref().unwrap_or(&self.emb);
         let (b, t, d) = x.dims3()?;
-        x.reshape((b * t, d))?.matmul(&head.t()?)?.reshape((b, t, head.dim(0)?))
+        x.reshape((b * t, d))?
+            .matmul(&head.t()?)?
+            .reshape((b, t, head.dim(0)?))
     }
 
     /// Parallel form. `tokens: [B, T]` (u32) -> logits `[B, T, V]`. With `dropout_rng`,
@@ -183,7 +207,12 @@ impl LanguageModel {
         // (attention probabilities).
         let mut x = dropout(&self.embed(tokens, 0)?, p, rng)?;
         for block in &self.blocks {
-            x = (&x + dropout(&block.att.forward_train(&block.ln1.forward(&x)?, p, rng)?, p, rng)?)?;
+            x = (&x
+                + dropout(
+                    &block.att.forward_train(&block.ln1.forward(&x)?, p, rng)?,
+                    p,
+                    rng,
+                )?)?;
             x = (&x + dropout(&block.ffn.forward(&block.ln2.forward(&x)?)?, p, rng)?)?;
         }
         self.logits(&x)
@@ -198,7 +227,8 @@ impl LanguageModel {
             x = block.forward(&x)?;
         }
         let (b, t, d) = x.dims3()?;
-        self.logits(&x.reshape((b * t, d))?.index_select(rows, 0)?.unsqueeze(0)?)?.squeeze(0)
+        self.logits(&crate::nn::gather_rows(&x.reshape((b * t, d))?, rows)?.unsqueeze(0)?)?
+            .squeeze(0)
     }
 
     /// Runs the prompt in parallel and returns its logits `[B, T, V]` and the state after it.
@@ -212,7 +242,10 @@ impl LanguageModel {
             x = (&x + f)?;
             layers.push((sa, sf));
         }
-        let mut state = ModelState { layers, pos: tokens.dim(1)? };
+        let mut state = ModelState {
+            layers,
+            pos: tokens.dim(1)?,
+        };
         state.detach();
         Ok((self.logits(&x)?, state))
     }

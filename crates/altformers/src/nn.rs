@@ -16,10 +16,21 @@ pub struct Linear {
 
 impl Linear {
     /// Weight `N(0, std^2)` named `<name>.weight`, optional zero bias `<name>.bias`.
-    pub fn new(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, bias: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        pb: &ParamBuilder,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        std: f64,
+        bias: bool,
+    ) -> anyhow::Result<Self> {
         let pb = pb.pp(name);
         let weight = pb.normal("weight", &[d_out, d_in], std)?;
-        let bias = if bias { Some(pb.zeros("bias", &[d_out])?) } else { None };
+        let bias = if bias {
+            Some(pb.zeros("bias", &[d_out])?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 
@@ -29,7 +40,9 @@ impl Linear {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().unwrap();
         let rows = x.elem_count() / d_in;
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
+        let y = x
+            .reshape((rows, d_in))?
+            .matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
@@ -53,8 +66,16 @@ impl LayerNorm {
     pub fn new(pb: &ParamBuilder, name: &str, width: usize, bias: bool) -> anyhow::Result<Self> {
         let pb = pb.pp(name);
         let weight = pb.ones("weight", &[width])?;
-        let bias = if bias { Some(pb.zeros("bias", &[width])?) } else { None };
-        Ok(Self { weight, bias, eps: 1e-5 })
+        let bias = if bias {
+            Some(pb.zeros("bias", &[width])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            eps: 1e-5,
+        })
     }
 
     /// Statistics in the weights' precision (f32 under bf16 activations), output in `x`'s dtype.
@@ -64,7 +85,9 @@ impl LayerNorm {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?;
+        let y = centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -82,6 +105,17 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
+/// Rows `ids` (u32, any shape, flattened) of a `[R, d]` table: `[N, d]`. The same as
+/// `table.index_select(ids, 0)`, except that on CUDA (f32 tables) the backward scatters in
+/// parallel ([`crate::kernels::rows`]) instead of candle's one-thread-per-column walk.
+pub fn gather_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::rows::supports(table, ids) {
+        return crate::kernels::rows::gather_rows(table, ids);
+    }
+    table.index_select(&ids.flatten_all()?, 0)
+}
+
 /// Inverted dropout with probability `p`, the mask drawn from `rng` (so a run's masks are
 /// reproducible and resume exactly).
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
@@ -91,7 +125,13 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
     let mask = if x.device().is_cpu() {
         let keep: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.uniform() >= p { scale as f32 } else { 0.0 })
+            .map(|_| {
+                if rng.uniform() >= p {
+                    scale as f32
+                } else {
+                    0.0
+                }
+            })
             .collect();
         Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?
     } else {

@@ -29,11 +29,17 @@ impl ParamStore {
     }
 
     pub fn vars(&self) -> Vec<(String, Param)> {
-        self.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.params.iter().map(|(k, p)| (k.clone(), p.var.as_tensor().clone())).collect()
+        self.params
+            .iter()
+            .map(|(k, p)| (k.clone(), p.var.as_tensor().clone()))
+            .collect()
     }
 
     /// Writes the weights to `path` atomically (temporary file, fsync, rename).
@@ -59,7 +65,10 @@ impl ParamStore {
         let mut problems = Vec::new();
         for (name, p) in &self.params {
             match tensors.remove(name) {
-                None => problems.push(format!("missing tensor `{name}` (expected shape {:?})", p.var.dims())),
+                None => problems.push(format!(
+                    "missing tensor `{name}` (expected shape {:?})",
+                    p.var.dims()
+                )),
                 Some(t) if t.dims() != p.var.dims() => problems.push(format!(
                     "tensor `{name}` has shape {:?}, expected {:?}",
                     t.dims(),
@@ -72,7 +81,10 @@ impl ParamStore {
             problems.push(format!("unexpected tensor `{name}`"));
         }
         if !problems.is_empty() {
-            bail!("{origin} does not match the model:\n  {}", problems.join("\n  "));
+            bail!(
+                "{origin} does not match the model:\n  {}",
+                problems.join("\n  ")
+            );
         }
         Ok(())
     }
@@ -81,13 +93,19 @@ impl ParamStore {
     fn set_all(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         for (name, p) in &self.params {
             let t = &tensors[name];
-            p.var.set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
+            p.var
+                .set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
         }
         Ok(())
     }
 
     fn device(&self) -> Result<Device> {
-        Ok(self.params.values().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu))
+        Ok(self
+            .params
+            .values()
+            .next()
+            .map(|p| p.var.device().clone())
+            .unwrap_or(Device::Cpu))
     }
 }
 
@@ -115,16 +133,30 @@ impl ParamBuilder {
     /// A builder for the sub-module `name`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let mut b = self.clone();
-        b.prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        b.prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
         b
     }
 
     fn full_name(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     /// Creates a parameter from host values.
-    pub fn from_values(&self, name: &str, dims: &[usize], values: Vec<f32>, decay: bool) -> Result<Tensor> {
+    pub fn from_values(
+        &self,
+        name: &str,
+        dims: &[usize],
+        values: Vec<f32>,
+        decay: bool,
+    ) -> Result<Tensor> {
         let full = self.full_name(name);
         let t = Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.dtype)?;
         let var = Var::from_tensor(&t)?;
@@ -208,13 +240,20 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
         bail!("weights file {} does not exist", path.display());
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file (corrupt or truncated?): {e}", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file (corrupt or truncated?): {e}",
+            path.display()
+        )
+    })?;
     Ok(tensors.into_iter().collect())
 }
 
 pub fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut name = path.file_name().map(|s| s.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|s| s.to_os_string())
+        .unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }

@@ -30,7 +30,8 @@ unsafe impl GlobalAlloc for CountingAlloc {
         let p = System.realloc(ptr, layout, new_size);
         if !p.is_null() {
             if new_size >= layout.size() {
-                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
+                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
+                    - layout.size();
                 PEAK.fetch_max(now, Ordering::Relaxed);
             } else {
                 CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
@@ -64,7 +65,10 @@ pub fn installed() -> bool {
 /// it cannot be measured (CPU without the counting allocator, a GPU without memory pools).
 /// Memory a library allocates behind candle's back is not counted (cuFFT's work area is
 /// ours, so it is).
-pub fn peak_during(device: &candle_core::Device, f: impl FnOnce() -> candle_core::Result<()>) -> candle_core::Result<Option<u64>> {
+pub fn peak_during(
+    device: &candle_core::Device,
+    f: impl FnOnce() -> candle_core::Result<()>,
+) -> candle_core::Result<Option<u64>> {
     match device {
         candle_core::Device::Cpu if installed() => {
             reset_peak();
@@ -82,25 +86,44 @@ pub fn peak_during(device: &candle_core::Device, f: impl FnOnce() -> candle_core
 mod cuda_pool {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
 
-    fn attribute(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> candle_core::Result<u64> {
+    fn attribute(
+        pool: sys::CUmemoryPool,
+        attr: sys::CUmemPool_attribute,
+    ) -> candle_core::Result<u64> {
         let mut value: u64 = 0;
-        unsafe { result::mem_pool::get_attribute(pool, attr, &mut value as *mut u64 as *mut _) }.map_err(candle_core::Error::wrap)?;
+        unsafe { result::mem_pool::get_attribute(pool, attr, &mut value as *mut u64 as *mut _) }
+            .map_err(candle_core::Error::wrap)?;
         Ok(value)
     }
 
-    pub fn peak_during(device: &candle_core::Device, f: impl FnOnce() -> candle_core::Result<()>) -> candle_core::Result<Option<u64>> {
-        let Some(pool) = crate::device::cuda_mem_pool(device)? else { return Ok(None) };
+    pub fn peak_during(
+        device: &candle_core::Device,
+        f: impl FnOnce() -> candle_core::Result<()>,
+    ) -> candle_core::Result<Option<u64>> {
+        let Some(pool) = crate::device::cuda_mem_pool(device)? else {
+            return Ok(None);
+        };
         device.synchronize()?;
-        let before = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        let before = attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        )?;
         // writing zero resets the high-water mark to the current level
         let mut zero: u64 = 0;
         unsafe {
-            result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _)
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut _,
+            )
         }
         .map_err(candle_core::Error::wrap)?;
         f()?;
         device.synchronize()?;
-        let high = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        let high = attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        )?;
         Ok(Some(high.saturating_sub(before)))
     }
 }

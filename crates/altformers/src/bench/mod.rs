@@ -34,13 +34,21 @@ impl candle_core::CustomOp1 for SeedGradient {
         "bench-seed-gradient"
     }
 
-    fn cpu_fwd(&self, s: &candle_core::CpuStorage, _: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::backend::{BackendDevice, BackendStorage};
         Ok((s.device().zeros_impl(&().into(), s.dtype())?, ().into()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, _: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::{BackendDevice, BackendStorage};
         Ok((s.device().zeros_impl(&().into(), s.dtype())?, ().into()))
     }
@@ -51,7 +59,12 @@ impl candle_core::CustomOp1 for SeedGradient {
 }
 
 /// Median, min and max seconds of `reps` runs of `f` after `warmup` runs.
-pub fn time_it(device: &Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+pub fn time_it(
+    device: &Device,
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
         device.synchronize()?;
@@ -79,8 +92,17 @@ impl Timing {
     pub fn from_samples(mut times: Vec<f64>) -> Self {
         times.sort_by(f64::total_cmp);
         let n = times.len();
-        let median = if n % 2 == 1 { times[n / 2] } else { 0.5 * (times[n / 2 - 1] + times[n / 2]) };
-        Timing { median_s: median, min_s: times[0], max_s: times[n - 1], reps: n }
+        let median = if n % 2 == 1 {
+            times[n / 2]
+        } else {
+            0.5 * (times[n / 2 - 1] + times[n / 2])
+        };
+        Timing {
+            median_s: median,
+            min_s: times[0],
+            max_s: times[n - 1],
+            reps: n,
+        }
     }
 }
 
@@ -107,16 +129,24 @@ impl Provenance {
         };
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
             .unwrap_or_else(|| "unknown CPU".into());
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
         let device_name = match device {
             Device::Cpu => format!("cpu ({cores} threads)"),
             _ => run("nvidia-smi", &["--query-gpu=name", "--format=csv,noheader"])
                 .map(|s| s.lines().next().unwrap_or("").to_string())
                 .unwrap_or_else(|| "cuda".into()),
         };
-        let dirty = run("git", &["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()).unwrap_or(false);
+        let dirty = run("git", &["status", "--porcelain", "--untracked-files=no"])
+            .map(|s| !s.is_empty())
+            .unwrap_or(false);
         Provenance {
             date: run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| "unknown".into()),
             machine: format!("{cpu}, {cores} threads"),
@@ -125,7 +155,15 @@ impl Provenance {
             // carried to another machine runs beside some other checkout), else this checkout's
             commit: option_env!("ALTFORMERS_COMMIT")
                 .map(String::from)
-                .or_else(|| run("git", &["rev-parse", "--short=12", "HEAD"]).map(|c| if dirty { format!("{c}+dirty") } else { c }))
+                .or_else(|| {
+                    run("git", &["rev-parse", "--short=12", "HEAD"]).map(|c| {
+                        if dirty {
+                            format!("{c}+dirty")
+                        } else {
+                            c
+                        }
+                    })
+                })
                 .unwrap_or_else(|| "unknown".into()),
             command: std::env::args().collect::<Vec<_>>().join(" "),
         }
@@ -144,7 +182,12 @@ mod seed_tests {
         let dy = Tensor::randn(0f32, 1.0, (3, 5), &Device::Cpu)?;
         let y = (x.as_tensor().sqr()? * 3.0)?;
         let seeded = backward_with(&y, &dy)?.get(x.as_tensor()).unwrap().clone();
-        let reference = (&y * &dy)?.sum_all()?.backward()?.get(x.as_tensor()).unwrap().clone();
+        let reference = (&y * &dy)?
+            .sum_all()?
+            .backward()?
+            .get(x.as_tensor())
+            .unwrap()
+            .clone();
         let diff = (seeded - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "differs by {diff}");
         Ok(())

@@ -34,9 +34,23 @@ pub struct MqarExample {
 impl MqarConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.pairs > 0, "MQAR needs at least one key-value pair");
-        ensure!(self.vocab / 2 > self.pairs, "MQAR vocabulary {} is too small for {} distinct keys", self.vocab, self.pairs);
-        ensure!(self.vocab - self.vocab / 2 >= self.pairs, "MQAR vocabulary too small for {} values", self.pairs);
-        ensure!(self.seq_len >= 4 * self.pairs, "MQAR length {} cannot hold {} pairs and their queries", self.seq_len, self.pairs);
+        ensure!(
+            self.vocab / 2 > self.pairs,
+            "MQAR vocabulary {} is too small for {} distinct keys",
+            self.vocab,
+            self.pairs
+        );
+        ensure!(
+            self.vocab - self.vocab / 2 >= self.pairs,
+            "MQAR vocabulary too small for {} values",
+            self.pairs
+        );
+        ensure!(
+            self.seq_len >= 4 * self.pairs,
+            "MQAR length {} cannot hold {} pairs and their queries",
+            self.seq_len,
+            self.pairs
+        );
         Ok(())
     }
 
@@ -51,7 +65,9 @@ impl MqarConfig {
         }
         // free two-token slots after the pairs: slot j covers positions 2k + 2j, 2k + 2j + 1
         let slots = (t + 1 - 2 * k) / 2;
-        let mut weights: Vec<f64> = (0..slots).map(|j| ((j + 1) as f64).powf(self.alpha - 1.0)).collect();
+        let mut weights: Vec<f64> = (0..slots)
+            .map(|j| ((j + 1) as f64).powf(self.alpha - 1.0))
+            .collect();
         let mut order: Vec<usize> = (0..k).collect();
         shuffle(rng, &mut order);
         let mut scored = vec![false; t];
@@ -72,13 +88,22 @@ impl MqarConfig {
             seq[p + 1] = values[pair];
             scored[p] = true;
         }
-        MqarExample { inputs: seq[..t].to_vec(), targets: seq[1..=t].to_vec(), scored }
+        MqarExample {
+            inputs: seq[..t].to_vec(),
+            targets: seq[1..=t].to_vec(),
+            scored,
+        }
     }
 
     /// `batch` examples as tensors: inputs `[B, T]` (u32), the scored positions as rows of
     /// the flattened `[B T]` (`[N]`, u32), and the value expected at each (`[N]`, u32). Only
     /// those rows need logits (see `LanguageModel::forward_at`).
-    pub fn batch(&self, batch: usize, rng: &mut Rng, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn batch(
+        &self,
+        batch: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (mut xs, mut rows, mut ys) = (vec![], vec![], vec![]);
         for b in 0..batch {
             let e = self.sample(rng);
@@ -89,7 +114,11 @@ impl MqarConfig {
             xs.extend(e.inputs);
         }
         let n = rows.len();
-        Ok((Tensor::from_vec(xs, (batch, self.seq_len), device)?, Tensor::from_vec(rows, n, device)?, Tensor::from_vec(ys, n, device)?))
+        Ok((
+            Tensor::from_vec(xs, (batch, self.seq_len), device)?,
+            Tensor::from_vec(rows, n, device)?,
+            Tensor::from_vec(ys, n, device)?,
+        ))
     }
 }
 
@@ -116,7 +145,12 @@ mod tests {
     #[test]
     fn every_query_is_answered_by_its_pair_and_keys_are_unique() {
         for (t, k) in [(64, 4), (128, 8), (256, 16), (16, 4)] {
-            let cfg = MqarConfig { vocab: 8192, seq_len: t, pairs: k, alpha: 0.01 };
+            let cfg = MqarConfig {
+                vocab: 8192,
+                seq_len: t,
+                pairs: k,
+                alpha: 0.01,
+            };
             cfg.validate().unwrap();
             let mut rng = Rng::new(t as u64);
             for _ in 0..50 {
@@ -128,7 +162,8 @@ mod tests {
                 sorted.dedup();
                 assert_eq!(sorted.len(), k, "keys not unique");
                 assert!(keys.iter().all(|&x| x >= 1 && x < 4096));
-                let value_of = |key: u32| e.inputs[2 * keys.iter().position(|&x| x == key).unwrap() + 1];
+                let value_of =
+                    |key: u32| e.inputs[2 * keys.iter().position(|&x| x == key).unwrap() + 1];
                 let queries: Vec<usize> = (0..t).filter(|&p| e.scored[p]).collect();
                 assert_eq!(queries.len(), k, "one query per key");
                 for &p in &queries {
@@ -144,24 +179,50 @@ mod tests {
 
     #[test]
     fn generator_is_seeded() {
-        let cfg = MqarConfig { vocab: 64, seq_len: 32, pairs: 4, alpha: 0.01 };
+        let cfg = MqarConfig {
+            vocab: 64,
+            seq_len: 32,
+            pairs: 4,
+            alpha: 0.01,
+        };
         let a = cfg.sample(&mut Rng::new(3));
         let b = cfg.sample(&mut Rng::new(3));
         let c = cfg.sample(&mut Rng::new(4));
         assert_eq!(a.inputs, b.inputs);
         assert_ne!(a.inputs, c.inputs);
-        assert!(MqarConfig { vocab: 8, seq_len: 32, pairs: 4, alpha: 0.01 }.validate().is_err());
+        assert!(MqarConfig {
+            vocab: 8,
+            seq_len: 32,
+            pairs: 4,
+            alpha: 0.01
+        }
+        .validate()
+        .is_err());
         // a batch's scored rows point at queried keys, and their targets are those keys' values
         let (x, rows, y) = cfg.batch(3, &mut Rng::new(5), &Device::Cpu).unwrap();
-        let (x, rows, y) = (x.flatten_all().unwrap().to_vec1::<u32>().unwrap(), rows.to_vec1::<u32>().unwrap(), y.to_vec1::<u32>().unwrap());
+        let (x, rows, y) = (
+            x.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+            rows.to_vec1::<u32>().unwrap(),
+            y.to_vec1::<u32>().unwrap(),
+        );
         assert_eq!((rows.len(), y.len()), (3 * 4, 3 * 4));
         let mut rng = Rng::new(5);
         let examples: Vec<MqarExample> = (0..3).map(|_| cfg.sample(&mut rng)).collect();
         for (&r, &v) in rows.iter().zip(&y) {
             let (b, p) = (r as usize / 32, r as usize % 32);
             assert!(examples[b].scored[p]);
-            assert_eq!((x[r as usize], v), (examples[b].inputs[p], examples[b].targets[p]));
+            assert_eq!(
+                (x[r as usize], v),
+                (examples[b].inputs[p], examples[b].targets[p])
+            );
         }
-        assert!(MqarConfig { vocab: 64, seq_len: 15, pairs: 4, alpha: 0.01 }.validate().is_err());
+        assert!(MqarConfig {
+            vocab: 64,
+            seq_len: 15,
+            pairs: 4,
+            alpha: 0.01
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -25,8 +25,13 @@ pub fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<Option<Vec<T>>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+    ))
 }
 
 fn group<T, K: Ord + Clone>(items: &[T], key: impl Fn(&T) -> K) -> BTreeMap<K, Vec<&T>> {
@@ -44,10 +49,19 @@ pub fn render(dir: &Path) -> Result<()> {
     }
     let plots = dir.join("plots");
     std::fs::create_dir_all(&plots)?;
-    let meta: Option<serde_json::Value> = if dir.join("meta.json").exists() { Some(crate::util::read_json(&dir.join("meta.json"))?) } else { None };
-    let prov: Option<Provenance> = meta.as_ref().and_then(|m| serde_json::from_value(m["provenance"].clone()).ok());
+    let meta: Option<serde_json::Value> = if dir.join("meta.json").exists() {
+        Some(crate::util::read_json(&dir.join("meta.json"))?)
+    } else {
+        None
+    };
+    let prov: Option<Provenance> = meta
+        .as_ref()
+        .and_then(|m| serde_json::from_value(m["provenance"].clone()).ok());
     let caption = match &prov {
-        Some(p) => format!("`{}` on {} ({}), {}, commit `{}`", p.command, p.device, p.machine, p.date, p.commit),
+        Some(p) => format!(
+            "`{}` on {} ({}), {}, commit `{}`",
+            p.command, p.device, p.machine, p.date, p.commit
+        ),
         None => "provenance unknown (no meta.json)".to_string(),
     };
     let mut md = String::from("# altformers: the comparison\n\n");
@@ -63,12 +77,23 @@ pub fn render(dir: &Path) -> Result<()> {
             md.push_str(&quality_table(&rows));
             let mut series = Vec::new();
             for r in &rows {
-                if let Some(ms) = read_lines::<Metrics>(&dir.join("runs").join(&r.model).join("metrics.jsonl"))? {
-                    series.push(Series { name: r.model.clone(), points: ms.iter().map(|m| (m.step as f64, m.val_loss)).collect() });
+                if let Some(ms) =
+                    read_lines::<Metrics>(&dir.join("runs").join(&r.model).join("metrics.jsonl"))?
+                {
+                    series.push(Series {
+                        name: r.model.clone(),
+                        points: ms.iter().map(|m| (m.step as f64, m.val_loss)).collect(),
+                    });
                 }
             }
             if !series.is_empty() {
-                let chart = Chart { title: "Validation loss during training", x_label: "step", y_label: "val loss (nats/byte)", log_x: false, log_y: false };
+                let chart = Chart {
+                    title: "Validation loss during training",
+                    x_label: "step",
+                    y_label: "val loss (nats/byte)",
+                    log_x: false,
+                    log_y: false,
+                };
                 line_chart(&plots.join("loss.svg"), &chart, &series)?;
                 let _ = writeln!(md, "\n![validation loss](plots/loss.svg)\n\n*Validation loss against step. {caption}.*\n");
             }
@@ -88,19 +113,55 @@ pub fn render(dir: &Path) -> Result<()> {
             };
             for ((seq, pairs), task_rows) in group(&rows, |r| (r.seq_len, r.pairs)) {
                 let _ = writeln!(md, "Sequence length {seq}, {pairs} key-value pairs: accuracy by model width (the best over the learning rates tried).\n");
-                let _ = writeln!(md, "| model | {} |", widths.iter().map(|w| format!("d = {w}")).collect::<Vec<_>>().join(" | "));
+                let _ = writeln!(
+                    md,
+                    "| model | {} |",
+                    widths
+                        .iter()
+                        .map(|w| format!("d = {w}"))
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                );
                 let _ = writeln!(md, "|---|{}", "---|".repeat(widths.len()));
                 let mut series = Vec::new();
                 for (model, rs) in group(&task_rows, |r| r.model.clone()) {
                     // the best over the learning rates tried, as Zoology reports
-                    let best = |w: usize| rs.iter().filter(|r| r.width == w).map(|r| r.accuracy).fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
-                    let cells: Vec<String> = widths.iter().map(|&w| best(w).map(|a| format!("{a:.3}")).unwrap_or_else(|| "-".into())).collect();
+                    let best = |w: usize| {
+                        rs.iter()
+                            .filter(|r| r.width == w)
+                            .map(|r| r.accuracy)
+                            .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))))
+                    };
+                    let cells: Vec<String> = widths
+                        .iter()
+                        .map(|&w| {
+                            best(w)
+                                .map(|a| format!("{a:.3}"))
+                                .unwrap_or_else(|| "-".into())
+                        })
+                        .collect();
                     let _ = writeln!(md, "| {model} | {} |", cells.join(" | "));
-                    series.push(Series { name: model, points: widths.iter().filter_map(|&w| best(w).map(|a| (w as f64, a))).collect() });
+                    series.push(Series {
+                        name: model,
+                        points: widths
+                            .iter()
+                            .filter_map(|&w| best(w).map(|a| (w as f64, a)))
+                            .collect(),
+                    });
                 }
                 let file = format!("mqar-{seq}-{pairs}.svg");
                 let title = format!("MQAR accuracy, T = {seq}, {pairs} pairs");
-                line_chart(&plots.join(&file), &Chart { title: &title, x_label: "model width", y_label: "accuracy", log_x: true, log_y: false }, &series)?;
+                line_chart(
+                    &plots.join(&file),
+                    &Chart {
+                        title: &title,
+                        x_label: "model width",
+                        y_label: "accuracy",
+                        log_x: true,
+                        log_y: false,
+                    },
+                    &series,
+                )?;
                 let _ = writeln!(md, "\n![MQAR]({})\n\n*MQAR accuracy against width, T = {seq}, {pairs} pairs. {caption}.*\n", format!("plots/{file}"));
             }
         }
@@ -119,20 +180,64 @@ pub fn render(dir: &Path) -> Result<()> {
     } else {
         let mixer: Vec<&ScalingPoint> = points.iter().filter(|p| p.component == "mixer").collect();
         let p0 = mixer.first().copied().unwrap_or(&points[0]);
-        let setting = format!("one mixer layer, width {}, {} heads, B x T = {} tokens, {:?}", p0.width, p0.heads, p0.batch * p0.seq, p0.mode);
+        let setting = format!(
+            "one mixer layer, width {}, {} heads, B x T = {} tokens, {:?}",
+            p0.width,
+            p0.heads,
+            p0.batch * p0.seq,
+            p0.mode
+        );
         let by_model = group(&mixer, |p| p.model.clone());
         let time_series: Vec<Series> = by_model
             .iter()
-            .map(|(m, ps)| Series { name: m.clone(), points: ps.iter().filter_map(|p| p.timing.map(|t| (p.seq as f64, t.median_s / p.batch as f64))).collect() })
+            .map(|(m, ps)| Series {
+                name: m.clone(),
+                points: ps
+                    .iter()
+                    .filter_map(|p| {
+                        p.timing
+                            .map(|t| (p.seq as f64, t.median_s / p.batch as f64))
+                    })
+                    .collect(),
+            })
             .collect();
         let mem_series: Vec<Series> = by_model
             .iter()
-            .map(|(m, ps)| Series { name: m.clone(), points: ps.iter().filter_map(|p| p.peak_bytes.map(|b| (p.seq as f64, b as f64 / p.batch as f64))).collect() })
+            .map(|(m, ps)| Series {
+                name: m.clone(),
+                points: ps
+                    .iter()
+                    .filter_map(|p| {
+                        p.peak_bytes
+                            .map(|b| (p.seq as f64, b as f64 / p.batch as f64))
+                    })
+                    .collect(),
+            })
             .collect();
-        line_chart(&plots.join("time.svg"), &Chart { title: "Time per sequence against T", x_label: "T", y_label: "seconds per sequence", log_x: true, log_y: true }, &time_series)?;
+        line_chart(
+            &plots.join("time.svg"),
+            &Chart {
+                title: "Time per sequence against T",
+                x_label: "T",
+                y_label: "seconds per sequence",
+                log_x: true,
+                log_y: true,
+            },
+            &time_series,
+        )?;
         let _ = writeln!(md, "![time](plots/time.svg)\n\n*Median time per sequence (step time / batch), {setting}. {caption}.*\n");
         if mem_series.iter().any(|s| !s.points.is_empty()) {
-            line_chart(&plots.join("memory.svg"), &Chart { title: "Peak memory per sequence against T", x_label: "T", y_label: "bytes per sequence", log_x: true, log_y: true }, &mem_series)?;
+            line_chart(
+                &plots.join("memory.svg"),
+                &Chart {
+                    title: "Peak memory per sequence against T",
+                    x_label: "T",
+                    y_label: "bytes per sequence",
+                    log_x: true,
+                    log_y: true,
+                },
+                &mem_series,
+            )?;
             let _ = writeln!(md, "![memory](plots/memory.svg)\n\n*Peak memory above the weights per sequence, {setting}. {caption}.*\n");
         }
         md.push_str("| model | T | batch | median (ms) | min | max | peak memory (MB) | GFLOP/s | status |\n|---|---|---|---|---|---|---|---|---|\n");
@@ -144,21 +249,43 @@ pub fn render(dir: &Path) -> Result<()> {
                 p.model,
                 p.seq,
                 p.batch,
-                t.map(|t| format!("{:.2}", t.median_s * 1e3)).unwrap_or("-".into()),
-                t.map(|t| format!("{:.2}", t.min_s * 1e3)).unwrap_or("-".into()),
-                t.map(|t| format!("{:.2}", t.max_s * 1e3)).unwrap_or("-".into()),
-                p.peak_bytes.map(|b| format!("{:.1}", b as f64 / 1e6)).unwrap_or("-".into()),
-                p.flops_per_s.map(|f| format!("{:.1}", f / 1e9)).unwrap_or("-".into()),
+                t.map(|t| format!("{:.2}", t.median_s * 1e3))
+                    .unwrap_or("-".into()),
+                t.map(|t| format!("{:.2}", t.min_s * 1e3))
+                    .unwrap_or("-".into()),
+                t.map(|t| format!("{:.2}", t.max_s * 1e3))
+                    .unwrap_or("-".into()),
+                p.peak_bytes
+                    .map(|b| format!("{:.1}", b as f64 / 1e6))
+                    .unwrap_or("-".into()),
+                p.flops_per_s
+                    .map(|f| format!("{:.1}", f / 1e9))
+                    .unwrap_or("-".into()),
                 p.status
             );
         }
         // crossovers against the Transformer
         if let Some(reference) = by_model.get("transformer") {
-            let ref_curve: Vec<(f64, f64)> = reference.iter().filter_map(|p| p.timing.map(|t| (p.seq as f64, t.median_s / p.batch as f64))).collect();
-            md.push_str("\nCrossovers with the Transformer (lengths where the time curves cross):\n\n");
+            let ref_curve: Vec<(f64, f64)> = reference
+                .iter()
+                .filter_map(|p| {
+                    p.timing
+                        .map(|t| (p.seq as f64, t.median_s / p.batch as f64))
+                })
+                .collect();
+            md.push_str(
+                "\nCrossovers with the Transformer (lengths where the time curves cross):\n\n",
+            );
             for s in time_series.iter().filter(|s| s.name != "transformer") {
                 let xs = fit::crossovers(&s.points, &ref_curve);
-                let text = if xs.is_empty() { "none in the measured range".to_string() } else { xs.iter().map(|x| format!("T ~ {:.0}", x)).collect::<Vec<_>>().join(", ") };
+                let text = if xs.is_empty() {
+                    "none in the measured range".to_string()
+                } else {
+                    xs.iter()
+                        .map(|x| format!("T ~ {:.0}", x))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 let _ = writeln!(md, "- {}: {text}", s.name);
             }
             md.push('\n');
@@ -172,10 +299,48 @@ pub fn render(dir: &Path) -> Result<()> {
             let b1 = rows.iter().map(|r| r.batch).min().unwrap_or(1);
             let single: Vec<&DecodePoint> = rows.iter().filter(|r| r.batch == b1).collect();
             let by_model = group(&single, |r| r.model.clone());
-            let lat: Vec<Series> = by_model.iter().map(|(m, rs)| Series { name: m.clone(), points: rs.iter().filter_map(|r| r.latency_s.map(|l| (r.context as f64, l * 1e3))).collect() }).collect();
-            let mem: Vec<Series> = by_model.iter().map(|(m, rs)| Series { name: m.clone(), points: rs.iter().filter_map(|r| r.state_bytes.map(|b| (r.context as f64, b as f64))).collect() }).collect();
-            line_chart(&plots.join("decode-latency.svg"), &Chart { title: "Per-token decoding latency", x_label: "context", y_label: "ms per token", log_x: true, log_y: true }, &lat)?;
-            line_chart(&plots.join("decode-state.svg"), &Chart { title: "Decoding state", x_label: "context", y_label: "bytes", log_x: true, log_y: true }, &mem)?;
+            let lat: Vec<Series> = by_model
+                .iter()
+                .map(|(m, rs)| Series {
+                    name: m.clone(),
+                    points: rs
+                        .iter()
+                        .filter_map(|r| r.latency_s.map(|l| (r.context as f64, l * 1e3)))
+                        .collect(),
+                })
+                .collect();
+            let mem: Vec<Series> = by_model
+                .iter()
+                .map(|(m, rs)| Series {
+                    name: m.clone(),
+                    points: rs
+                        .iter()
+                        .filter_map(|r| r.state_bytes.map(|b| (r.context as f64, b as f64)))
+                        .collect(),
+                })
+                .collect();
+            line_chart(
+                &plots.join("decode-latency.svg"),
+                &Chart {
+                    title: "Per-token decoding latency",
+                    x_label: "context",
+                    y_label: "ms per token",
+                    log_x: true,
+                    log_y: true,
+                },
+                &lat,
+            )?;
+            line_chart(
+                &plots.join("decode-state.svg"),
+                &Chart {
+                    title: "Decoding state",
+                    x_label: "context",
+                    y_label: "bytes",
+                    log_x: true,
+                    log_y: true,
+                },
+                &mem,
+            )?;
             let _ = writeln!(md, "![latency](plots/decode-latency.svg)\n\n*Per-token latency at batch {b1}. {caption}.*\n");
             let _ = writeln!(md, "![state](plots/decode-state.svg)\n\n*Bytes held by the decoding state (KV cache or recurrent state), whole model. {caption}.*\n");
             md.push_str("| model | context | batch | ms/token | tokens/s | state (MB) | status |\n|---|---|---|---|---|---|---|\n");
@@ -186,9 +351,15 @@ pub fn render(dir: &Path) -> Result<()> {
                     r.model,
                     r.context,
                     r.batch,
-                    r.latency_s.map(|l| format!("{:.3}", l * 1e3)).unwrap_or("-".into()),
-                    r.tokens_per_s.map(|t| format!("{:.0}", t)).unwrap_or("-".into()),
-                    r.state_bytes.map(|b| format!("{:.3}", b as f64 / 1e6)).unwrap_or("-".into()),
+                    r.latency_s
+                        .map(|l| format!("{:.3}", l * 1e3))
+                        .unwrap_or("-".into()),
+                    r.tokens_per_s
+                        .map(|t| format!("{:.0}", t))
+                        .unwrap_or("-".into()),
+                    r.state_bytes
+                        .map(|b| format!("{:.3}", b as f64 / 1e6))
+                        .unwrap_or("-".into()),
                     r.status
                 );
             }
@@ -210,7 +381,9 @@ pub fn render(dir: &Path) -> Result<()> {
     md.push_str("Measured exponents are the log-log slopes of time and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward).\n\n");
     md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
-        let f = fits.iter().find(|f| f.model == a.name && f.component == "mixer");
+        let f = fits
+            .iter()
+            .find(|f| f.model == a.name && f.component == "mixer");
         let slope = |s: Option<f64>| s.map(|v| format!("{v:.2}")).unwrap_or("-".into());
         let c = &a.complexity;
         let verdict = c.verdict().replacen("wrong", "**wrong**", 1);
@@ -227,7 +400,9 @@ pub fn render(dir: &Path) -> Result<()> {
             verdict
         );
     }
-    md.push_str("\n\"(not quoted)\": ARCHITECTURES.md does not quote the review's figure for this model.\n");
+    md.push_str(
+        "\n\"(not quoted)\": ARCHITECTURES.md does not quote the review's figure for this model.\n",
+    );
     crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     Ok(())
 }
@@ -235,7 +410,9 @@ pub fn render(dir: &Path) -> Result<()> {
 /// The table of ours against the peers from `DIR/peers.jsonl` and `DIR/ours-ops-*.jsonl`
 /// (points joined on op, mode and T), or `None` where there are no peer figures.
 fn peers_table(dir: &Path) -> Result<Option<String>> {
-    let Some(peers) = read_lines::<ScalingPoint>(&dir.join("peers.jsonl"))? else { return Ok(None) };
+    let Some(peers) = read_lines::<ScalingPoint>(&dir.join("peers.jsonl"))? else {
+        return Ok(None);
+    };
     let mut ours = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -244,18 +421,31 @@ fn peers_table(dir: &Path) -> Result<Option<String>> {
             ours.extend(read_lines::<ScalingPoint>(&path)?.unwrap_or_default());
         }
     }
-    ours.sort_by(|a, b| (&a.component, a.seq, a.mode as u8).cmp(&(&b.component, b.seq, b.mode as u8)));
-    let gb = |b: Option<u64>| b.map(|b| format!("{:.2}", b as f64 / 1e9)).unwrap_or("-".into());
+    ours.sort_by(|a, b| {
+        (&a.component, a.seq, a.mode as u8).cmp(&(&b.component, b.seq, b.mode as u8))
+    });
+    let gb = |b: Option<u64>| {
+        b.map(|b| format!("{:.2}", b as f64 / 1e9))
+            .unwrap_or("-".into())
+    };
     let mut md = String::from("| op | mode | T | batch | ours (ms) | peer | peer (ms) | ours / peer | peak GB ours / peer |\n|---|---|---|---|---|---|---|---|---|\n");
     let mut rows = 0;
     for o in ours.iter().filter(|o| o.timing.is_some()) {
-        let Some(p) = peers.iter().find(|p| p.component == o.component && p.mode == o.mode && p.seq == o.seq && p.timing.is_some()) else { continue };
+        let Some(p) = peers.iter().find(|p| {
+            p.component == o.component && p.mode == o.mode && p.seq == o.seq && p.timing.is_some()
+        }) else {
+            continue;
+        };
         let (to, tp) = (o.timing.unwrap().median_s, p.timing.unwrap().median_s);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {} / {} |",
             o.component,
-            if o.mode == BenchMode::Fwd { "fwd" } else { "fwd+bwd" },
+            if o.mode == BenchMode::Fwd {
+                "fwd"
+            } else {
+                "fwd+bwd"
+            },
             o.seq,
             o.batch,
             to * 1e3,
@@ -286,8 +476,22 @@ mod tests {
                 ms / 1e3
             )
         };
-        std::fs::write(dir.join("peers.jsonl"), format!("{}\n{}\n", point("peer:torch-fftconv", "fwd", 1024, 1.2), point("peer:torch-fftconv", "fwdbwd", 1024, 4.0)))?;
-        std::fs::write(dir.join("ours-ops-longconv.jsonl"), format!("{{\"date\":\"x\"}}\n{}\n{}\n", point("altformers", "fwdbwd", 1024, 3.2), point("altformers", "fwd", 2048, 2.0)))?;
+        std::fs::write(
+            dir.join("peers.jsonl"),
+            format!(
+                "{}\n{}\n",
+                point("peer:torch-fftconv", "fwd", 1024, 1.2),
+                point("peer:torch-fftconv", "fwdbwd", 1024, 4.0)
+            ),
+        )?;
+        std::fs::write(
+            dir.join("ours-ops-longconv.jsonl"),
+            format!(
+                "{{\"date\":\"x\"}}\n{}\n{}\n",
+                point("altformers", "fwdbwd", 1024, 3.2),
+                point("altformers", "fwd", 2048, 2.0)
+            ),
+        )?;
         let table = peers_table(&dir)?.expect("a table");
         assert!(table.contains("| longconv | fwd+bwd | 1024 | 64 | 3.20 | torch-fftconv | 4.00 | 1.25 | 2.00 / 2.00 |"), "{table}");
         assert_eq!(table.lines().count(), 3, "only the joined point: {table}");
@@ -303,37 +507,92 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("altformers-report-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("runs/transformer"))?;
-        let prov = Provenance { date: "2026-11-29".into(), machine: "test".into(), device: "cpu".into(), commit: "abc".into(), command: "altformers compare".into() };
-        crate::util::write_json_atomic(&dir.join("meta.json"), &serde_json::json!({"provenance": prov, "description": "fixture"}))?;
+        let prov = Provenance {
+            date: "2026-11-29".into(),
+            machine: "test".into(),
+            device: "cpu".into(),
+            commit: "abc".into(),
+            command: "altformers compare".into(),
+        };
+        crate::util::write_json_atomic(
+            &dir.join("meta.json"),
+            &serde_json::json!({"provenance": prov, "description": "fixture"}),
+        )?;
         let q = r#"{"model":"transformer","width":64,"params":1000,"params_ratio":1.0,"steps":10,"tokens":640,"val_loss":2.0,"val_bpb":2.885,"tokens_per_s":100.0,"elapsed_s":1.0}"#;
         std::fs::write(dir.join("quality.jsonl"), format!("{q}\n"))?;
         std::fs::write(
             dir.join("runs/transformer/metrics.jsonl"),
             "{\"step\":5,\"train_loss\":3.0,\"val_loss\":3.1,\"val_bpb\":4.4,\"tokens_per_s\":1.0,\"elapsed_s\":1.0,\"lr\":0.001}\n{\"step\":10,\"train_loss\":2.0,\"val_loss\":2.0,\"val_bpb\":2.9,\"tokens_per_s\":1.0,\"elapsed_s\":2.0,\"lr\":0.001}\n",
         )?;
-        let m = |w: usize, a: f64| format!(r#"{{"model":"transformer","seq_len":64,"pairs":4,"width":{w},"params":10,"accuracy":{a},"final_loss":0.1}}"#);
+        let m = |w: usize, a: f64| {
+            format!(
+                r#"{{"model":"transformer","seq_len":64,"pairs":4,"width":{w},"params":10,"accuracy":{a},"final_loss":0.1}}"#
+            )
+        };
         // two learning rates at width 64: the table shows the better one
-        std::fs::write(dir.join("mqar.jsonl"), format!("{}\n{}\n{}\n", m(32, 0.5), m(64, 0.99), m(64, 0.25)))?;
+        std::fs::write(
+            dir.join("mqar.jsonl"),
+            format!("{}\n{}\n{}\n", m(32, 0.5), m(64, 0.99), m(64, 0.25)),
+        )?;
         let sp = |t: usize, s: f64| {
             format!(
                 r#"{{"model":"transformer","component":"mixer","mode":"fwd","device":"cpu","seq":{t},"batch":1,"width":64,"heads":2,"status":"ok","timing":{{"median_s":{s},"min_s":{s},"max_s":{s},"reps":3}},"peak_bytes":{},"flops":1.0,"flops_per_s":1.0}}"#,
                 t * t
             )
         };
-        std::fs::write(dir.join("scaling.jsonl"), format!("{}\n{}\n{}\n", sp(512, 0.001), sp(1024, 0.004), sp(2048, 0.016)))?;
-        let dp = |c: usize| format!(r#"{{"model":"transformer","device":"cpu","context":{c},"batch":1,"status":"ok","timing":null,"latency_s":0.001,"tokens_per_s":1000.0,"state_bytes":{},"params":10}}"#, c * 100);
-        std::fs::write(dir.join("decode.jsonl"), format!("{}\n{}\n", dp(1024), dp(2048)))?;
+        std::fs::write(
+            dir.join("scaling.jsonl"),
+            format!(
+                "{}\n{}\n{}\n",
+                sp(512, 0.001),
+                sp(1024, 0.004),
+                sp(2048, 0.016)
+            ),
+        )?;
+        let dp = |c: usize| {
+            format!(
+                r#"{{"model":"transformer","device":"cpu","context":{c},"batch":1,"status":"ok","timing":null,"latency_s":0.001,"tokens_per_s":1000.0,"state_bytes":{},"params":10}}"#,
+                c * 100
+            )
+        };
+        std::fs::write(
+            dir.join("decode.jsonl"),
+            format!("{}\n{}\n", dp(1024), dp(2048)),
+        )?;
         render(&dir)?;
         let md = std::fs::read_to_string(dir.join("report.md"))?;
-        for needle in ["## Language modelling", "| transformer | 64 |", "d = 64", "0.990", "## Time and memory", "## Decoding cost", "**wrong**", "O(T log Td)", "commit `abc`"] {
+        for needle in [
+            "## Language modelling",
+            "| transformer | 64 |",
+            "d = 64",
+            "0.990",
+            "## Time and memory",
+            "## Decoding cost",
+            "**wrong**",
+            "O(T log Td)",
+            "commit `abc`",
+        ] {
             assert!(md.contains(needle), "report lacks `{needle}`:\n{md}");
         }
         // the fitted exponent of a T^2 curve shows in the complexity table
         assert!(md.contains("| 2.00 | 2.00 |"), "{md}");
-        assert!(md.contains("| transformer | 0.500 | 0.990 |") && !md.contains("0.250"), "MQAR shows the best learning rate: {md}");
-        for svg in ["loss", "mqar-64-4", "time", "memory", "decode-latency", "decode-state"] {
+        assert!(
+            md.contains("| transformer | 0.500 | 0.990 |") && !md.contains("0.250"),
+            "MQAR shows the best learning rate: {md}"
+        );
+        for svg in [
+            "loss",
+            "mqar-64-4",
+            "time",
+            "memory",
+            "decode-latency",
+            "decode-state",
+        ] {
             let text = std::fs::read_to_string(dir.join(format!("plots/{svg}.svg")))?;
-            assert!(text.starts_with("<svg") && text.contains("transformer"), "{svg}.svg");
+            assert!(
+                text.starts_with("<svg") && text.contains("transformer"),
+                "{svg}.svg"
+            );
         }
         std::fs::remove_dir_all(&dir)?;
         Ok(())

@@ -1,0 +1,159 @@
+//! A row gather `table[ids]` (`[R, d]`, `[N]` u32 -> `[N, d]`) whose backward scatters on
+//! the GPU in parallel (`rows.cu`). The forward is candle's own `index_select`; only the
+//! gradient differs from `Tensor::index_select`, whose `index_add` walks the ids in order
+//! (see the kernel for why that dominated the step of a small model).
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use super::launch::{self, LaunchConfig, PushKernelArg};
+use super::ptx;
+
+const MODULE: &str = "altformers_rows";
+
+/// Whether [`gather_rows`] runs with the parallel backward: an f32 table on a CUDA device
+/// and u32 ids.
+pub fn supports(table: &Tensor, ids: &Tensor) -> bool {
+    table.device().is_cuda()
+        && table.dtype() == DType::F32
+        && ids.dtype() == DType::U32
+        && table.rank() == 2
+        && super::enabled("gather")
+}
+
+/// `table[ids]`; requires [`supports`].
+pub fn gather_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    if !supports(table, ids) {
+        bail!(
+            "gather rows: needs an f32 [R, d] table on CUDA and u32 ids (got {:?} {:?}, ids {:?})",
+            table.dtype(),
+            table.shape(),
+            ids.dtype()
+        )
+    }
+    table.apply_op2(&ids.flatten_all()?.contiguous()?, GatherRows)
+}
+
+struct GatherRows;
+
+impl CustomOp2 for GatherRows {
+    fn name(&self) -> &'static str {
+        "gather-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("gather rows: the fused op runs on CUDA only (the CPU uses index_select)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        table: &CudaStorage,
+        tl: &Layout,
+        ids: &CudaStorage,
+        il: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, d) = tl.shape().dims2()?;
+        let out = table.index_select(ids, tl, il, 0)?;
+        Ok((out, Shape::from((il.shape().elem_count(), d))))
+    }
+
+    fn bwd(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let rows = table.dim(0)?;
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        Ok((
+            Some(grad.apply_op2_no_bwd(ids, &ScatterAddRows { rows })?),
+            None,
+        ))
+    }
+}
+
+/// `out[ids[j]] += grad[j]` into a zeroed `[rows, d]` f32 buffer.
+struct ScatterAddRows {
+    rows: usize,
+}
+
+impl CustomOp2 for ScatterAddRows {
+    fn name(&self) -> &'static str {
+        "scatter-add-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("scatter-add rows: CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        grad: &CudaStorage,
+        gl: &Layout,
+        ids: &CudaStorage,
+        il: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, d) = gl.shape().dims2()?;
+        if il.shape().elem_count() != n {
+            bail!(
+                "scatter-add rows: {n} gradient rows for {} ids",
+                il.shape().elem_count()
+            )
+        }
+        let CudaStorageSlice::F32(g) = &grad.slice else {
+            bail!("scatter-add rows: gradient must be f32")
+        };
+        let CudaStorageSlice::U32(i) = &ids.slice else {
+            bail!("scatter-add rows: ids must be u32")
+        };
+        let (Some((g0, g1)), Some((i0, i1))) = (gl.contiguous_offsets(), il.contiguous_offsets())
+        else {
+            bail!("scatter-add rows: inputs must be contiguous")
+        };
+        let dev = launch::device(grad);
+        let mut out = launch::zeros::<f32>(dev, self.rows * d)?;
+        let total = n * d;
+        if total > 0 {
+            let (g, i) = (g.slice(g0..g1), i.slice(i0..i1));
+            let (n64, d32, rows32) = (
+                n as i64,
+                d as i32,
+                u32::try_from(self.rows).map_err(|_| {
+                    candle_core::Error::Msg("scatter-add rows: table too tall".into())
+                })?,
+            );
+            let blocks = total.div_ceil(256).min(65535 * 8) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = launch::func(dev, MODULE, ptx::ROWS, "scatter_add_rows_f32")?;
+            let mut b = f.builder();
+            b.arg(&i)
+                .arg(&g)
+                .arg(&mut out)
+                .arg(&n64)
+                .arg(&d32)
+                .arg(&rows32);
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((self.rows, d)),
+        ))
+    }
+}
