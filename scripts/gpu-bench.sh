@@ -84,12 +84,13 @@ if [ "$what" = seeds ]; then
 fi
 if [ "$what" = mqar ]; then
   # The recall part of a comparison as one process per (model, task, width, lr), narrow widths
-  # and short tasks first, at most PROCS at once (default: the CPU cores), spread over the
-  # GPUs (GPUS, default every visible one): each process is bound by its kernel launches, so
-  # one alone leaves a GPU mostly idle. Nothing starts with under a minute left of `seconds`.
-  # Then one report. (One process per GPU with `compare --jobs` workers on CUDA streams was
-  # slower on the H200: about 66 steps/s in all against about 135 for nine processes,
-  # bench/results/2026-11-29-h200-retention-tc.)
+  # and short tasks first, at most PROCS at once (default: 4 per GPU), spread over the GPUs
+  # (GPUS, default every visible one). Nothing starts with under a minute left of `seconds`.
+  # Then one report. Processes sharing a GPU are time-sliced, not overlapped: on the H200 16
+  # of them made about 55 steps/s in all at T = 128-256, where one alone makes 48 steps/s
+  # at T = 256 (bench/results/2026-11-29-h200-mqar-full); the best count is not measured.
+  # (One process per GPU with `compare --jobs` workers on CUDA streams: about 66 steps/s in
+  # all at T = 64, bench/results/2026-11-29-h200-retention-tc.)
   #   gpu-bench.sh mqar PRESET "model1 model2 ..." [seconds] [tag] [previous mqar.jsonl]
   # Rows of the previous file with the same budget are kept, not retrained (compare skips
   # them), so a grid too large for one call is finished by calling again with the last
@@ -98,7 +99,7 @@ if [ "$what" = mqar ]; then
   deadline=$((SECONDS + limit))
   $alt --version > /dev/null  # unpack the binary once, before the processes start
   gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
-  procs="${PROCS:-$(nproc)}"
+  procs="${PROCS:-$((4 * gpus))}"
   read -r tasks widths lrs < <(python3 -c "import tomllib,sys; m = tomllib.load(open(sys.argv[1], 'rb'))['mqar']; print(','.join(f'{a}x{b}' for a, b in m['tasks']), ','.join(map(str, m['widths'])), ','.join(map(str, m['lrs'])))" "$preset")
   i=0
   for w in ${widths//,/ }; do
