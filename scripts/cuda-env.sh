@@ -4,8 +4,9 @@
 # It installs the CUDA 13.0 compiler and headers from PyPI into a cache folder (once),
 # exports the variables candle's build needs, and prepares a patched copy of candle-core
 # whose cudarc dependency loads the CUDA libraries at run time ("dynamic-loading") instead
-# of linking them ("dynamic-linking"), so nothing from CUDA is needed at link time. Nothing
-# from candle is committed: the copy lives in the ignored folder .cuda-build/.
+# of linking them ("dynamic-linking"), so nothing from CUDA is needed at link time, and whose
+# backward stores a node's first gradient instead of adding it to zeros. Nothing from candle
+# is committed: the copy lives in the ignored folder .cuda-build/.
 set -u
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${ALTFORMERS_CUDA_CACHE:-$HOME/.cache/altformers-cuda}"
@@ -23,7 +24,8 @@ export PATH="$CUDA_ROOT/bin:$PATH" CUDA_COMPUTE_CAP=90 LIBRARY_PATH="$CACHE/cuda
 # nvcc's own include path for the cccl headers (cuda_bf16.h includes nv/target)
 export NVCC_PREPEND_FLAGS="-I$CUDA_ROOT/include ${NVCC_PREPEND_FLAGS:-}"
 
-# The candle-core patch: dynamic-loading instead of dynamic-linking.
+# The candle-core patches: dynamic-loading instead of dynamic-linking, and the first gradient
+# of a node stored rather than added to zeros (scripts/patch-candle-autograd.py says why).
 _ver=$(grep -A1 'name = "candle-core"' "$_root/Cargo.lock" | sed -n 's/version = "\(.*\)"/\1/p' | head -1)
 _patched="$_root/.cuda-build/candle-core-$_ver"
 if [ ! -f "$_patched/Cargo.toml" ]; then
@@ -35,5 +37,7 @@ if [ ! -f "$_patched/Cargo.toml" ]; then
   sed -i 's/"dynamic-linking"/"dynamic-loading"/g' "$_patched/Cargo.toml"
   grep -q '"dynamic-loading"' "$_patched/Cargo.toml" || { echo "cuda-env: could not patch $_patched/Cargo.toml" >&2; return 1 2>/dev/null || exit 1; }
 fi
+# The autograd patch: a node's first gradient is stored, not added to zeros (idempotent).
+python3 "$_root/scripts/patch-candle-autograd.py" "$_patched/src/backprop.rs" >&2 || { return 1 2>/dev/null || exit 1; }
 export ALTFORMERS_CANDLE_PATCH="$_patched"
 echo "cuda-env: ready (CUDA_ROOT=$CUDA_ROOT, patched candle-core in $_patched); scripts/gpu-package.sh builds with it" >&2
