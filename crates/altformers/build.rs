@@ -35,9 +35,7 @@ fn main() {
                 .arg(&ptx)
                 .arg(&cu)
                 .status()
-                .unwrap_or_else(|e| {
-                    panic!("cannot run nvcc ({nvcc}): {e}; source scripts/cuda-env.sh first")
-                });
+                .unwrap_or_else(|e| panic!("cannot run nvcc ({nvcc}): {e}; source scripts/cuda-env.sh first"));
             assert!(status.success(), "nvcc failed on {}", cu.display());
             consts.push_str(&format!(
                 "pub const {}: &str = include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\"));\n",

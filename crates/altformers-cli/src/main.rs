@@ -14,11 +14,7 @@ use altformers::train::{self, nats_to_bits, TrainOptions};
 static ALLOC: altformers::bench::alloc::CountingAlloc = altformers::bench::alloc::CountingAlloc;
 
 #[derive(Parser)]
-#[command(
-    name = "altformers",
-    version,
-    about = "Train, run and compare the Transformer and its proposed replacements"
-)]
+#[command(name = "altformers", version, about = "Train, run and compare the Transformer and its proposed replacements")]
 struct Cli {
     /// CPU threads for tensor operations (default: RAYON_NUM_THREADS or every core). On a
     /// busy machine 1 can be much faster: candle's workers spin while they wait.
@@ -290,10 +286,7 @@ impl From<BenchModeArg> for altformers::bench::scaling::BenchMode {
 /// rebuild configurations from sets see exactly this one.
 fn config_sets(cfg: &RunConfig) -> Vec<String> {
     let mut sets = Vec::new();
-    for (section, value) in [
-        ("model", serde_json::to_value(&cfg.model)),
-        ("train", serde_json::to_value(&cfg.train)),
-    ] {
+    for (section, value) in [("model", serde_json::to_value(&cfg.model)), ("train", serde_json::to_value(&cfg.train))] {
         if let Ok(serde_json::Value::Object(map)) = value {
             for (k, v) in map {
                 match (k.as_str(), &v) {
@@ -320,11 +313,7 @@ fn toml_literal(v: &serde_json::Value) -> String {
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
-        .map(|x| {
-            x.trim()
-                .parse::<T>()
-                .map_err(|_| anyhow::anyhow!("{what}: `{x}` is not a valid value"))
-        })
+        .map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("{what}: `{x}` is not a valid value")))
         .collect()
 }
 
@@ -336,9 +325,7 @@ fn model_list(s: &str) -> Result<Vec<String>> {
             .map(|a| a.name.to_string())
             .collect());
     }
-    s.split(',')
-        .map(|m| Ok(altformers::registry::find(m.trim())?.name.to_string()))
-        .collect()
+    s.split(',').map(|m| Ok(altformers::registry::find(m.trim())?.name.to_string())).collect()
 }
 
 /// Prints each JSON line and, with `out`, writes them all to the file.
@@ -404,16 +391,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             }
             lines.save(out.as_deref())
         }
-        BenchCommand::Ops {
-            ops,
-            device,
-            modes,
-            lengths,
-            reps,
-            warmup,
-            dtype,
-            out,
-        } => {
+        BenchCommand::Ops { ops, device, modes, lengths, reps, warmup, dtype, out } => {
             let device = altformers::device::select(&device)?;
             let opts = altformers::bench::ops::OpsOptions {
                 ops: ops.split(',').map(|s| s.trim().to_string()).collect(),
@@ -476,19 +454,7 @@ fn main() {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train {
-            model,
-            data,
-            data_format,
-            config,
-            sets,
-            out,
-            resume,
-            device,
-            dtype,
-            quiet,
-            stop_after,
-        } => {
+        Command::Train { model, data, data_format, config, sets, out, resume, device, dtype, quiet, stop_after } => {
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
             let cfg = if resume {
@@ -509,35 +475,17 @@ fn run(command: Command) -> Result<()> {
                 RunConfig::build(&model, config.as_deref(), &sets)?
             };
             let corpus = Corpus::load(&data, data_format.into())?;
-            let opts = TrainOptions {
-                out: out.clone(),
-                resume,
-                device,
-                dtype,
-                verbose: !quiet,
-                stop_after,
-            };
+            let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after };
             let summary = train::train(&cfg, &corpus, data_format.into(), &opts)?;
             println!("{}", serde_json::to_string(&summary.last)?);
             Ok(())
         }
-        Command::Eval {
-            run,
-            data,
-            data_format,
-            test,
-            max_bytes,
-            batch_size,
-            device,
-        } => {
+        Command::Eval { run, data, data_format, test, max_bytes, batch_size, device } => {
             let device = altformers::device::select(&device)?;
             let model = train::load_run(&run, &device, candle_core::DType::F32)?;
             let corpus = Corpus::load(&data, data_format.into())?;
             let split = if test {
-                corpus
-                    .test
-                    .as_deref()
-                    .context("--test needs a corpus with a test split (--data-format enwik8)")?
+                corpus.test.as_deref().context("--test needs a corpus with a test split (--data-format enwik8)")?
             } else {
                 &corpus.val
             };
@@ -549,24 +497,10 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Generate {
-            run,
-            prompt,
-            tokens,
-            temperature,
-            top_k,
-            seed,
-            mode,
-            device,
-        } => {
+        Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device } => {
             let device = altformers::device::select(&device)?;
             let model = train::load_run(&run, &device, candle_core::DType::F32)?;
-            let opts = SampleOptions {
-                tokens,
-                temperature,
-                top_k,
-                seed,
-            };
+            let opts = SampleOptions { tokens, temperature, top_k, seed };
             let mode = match mode {
                 ModeArg::Parallel => Mode::Parallel,
                 ModeArg::Recurrent => Mode::Recurrent,
@@ -581,30 +515,19 @@ fn run(command: Command) -> Result<()> {
             println!("{}", from.join("report.md").display());
             Ok(())
         }
-        Command::Params {
-            model,
-            config,
-            sets,
-            matching,
-        } => {
+        Command::Params { model, config, sets, matching } => {
             let cfg = RunConfig::build(&model, config.as_deref(), &sets)?;
             let arch = altformers::registry::find(&model)?;
-            let params =
-                altformers::compare::param_count(arch, &config_sets(&cfg), cfg.model.width)
-                    .context("this configuration does not build")?;
-            let mut out =
-                serde_json::json!({ "model": model, "width": cfg.model.width, "params": params });
+            let params = altformers::compare::param_count(arch, &config_sets(&cfg), cfg.model.width)
+                .context("this configuration does not build")?;
+            let mut out = serde_json::json!({ "model": model, "width": cfg.model.width, "params": params });
             if let Some(other) = matching {
                 let other_arch = altformers::registry::find(&other)?;
                 let other_cfg = RunConfig::build(&other, config.as_deref(), &sets)?;
-                let target = altformers::compare::param_count(
-                    other_arch,
-                    &config_sets(&other_cfg),
-                    other_cfg.model.width,
-                )
-                .context("the reference configuration does not build")?;
-                let (extra, p) =
-                    altformers::compare::match_params(arch, &config_sets(&cfg), target)?;
+                let target =
+                    altformers::compare::param_count(other_arch, &config_sets(&other_cfg), other_cfg.model.width)
+                        .context("the reference configuration does not build")?;
+                let (extra, p) = altformers::compare::match_params(arch, &config_sets(&cfg), target)?;
                 out["matching"] = serde_json::json!({ "model": other, "params": target, "sets": extra, "params_matched": p,
                     "ratio": p as f64 / target as f64 });
             }
@@ -626,22 +549,9 @@ fn run(command: Command) -> Result<()> {
             print!("{}", altformers::registry::table());
             Ok(())
         }
-        Command::Compare {
-            preset,
-            parts,
-            models,
-            data,
-            data_format,
-            out,
-            device,
-            jobs,
-        } => {
+        Command::Compare { preset, parts, models, data, data_format, out, device, jobs } => {
             let device = altformers::device::select(&device)?;
-            let select = altformers::compare::Selection {
-                parts,
-                models,
-                jobs,
-            };
+            let select = altformers::compare::Selection { parts, models, jobs };
             altformers::compare::run(&preset, &data, data_format.into(), &out, &device, &select)
         }
     }

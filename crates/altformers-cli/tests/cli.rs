@@ -5,10 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn altformers(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_altformers"))
-        .args(args)
-        .output()
-        .expect("running altformers")
+    Command::new(env!("CARGO_BIN_EXE_altformers")).args(args).output().expect("running altformers")
 }
 
 fn temp(name: &str) -> PathBuf {
@@ -22,16 +19,9 @@ fn fails_with(args: &[&str], needle: &str) {
     let out = altformers(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} should fail");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{args:?}: expected exit 1, stderr: {stderr}"
-    );
+    assert_eq!(out.status.code(), Some(1), "{args:?}: expected exit 1, stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected `{needle}` in: {stderr}"
-    );
+    assert!(stderr.contains(needle), "{args:?}: expected `{needle}` in: {stderr}");
 }
 
 const TINY: [&str; 14] = [
@@ -55,84 +45,21 @@ const TINY: [&str; 14] = [
 fn bad_input_is_a_clear_error() {
     let out = temp("bad").join("run");
     let out_s = out.to_str().unwrap();
-    fails_with(
-        &[
-            "train",
-            "--model",
-            "nosuch",
-            "--data",
-            "shakespeare",
-            "--out",
-            out_s,
-        ],
-        "unknown model `nosuch`",
-    );
-    fails_with(
-        &[
-            "train",
-            "--model",
-            "transformer",
-            "--data",
-            "/no/such/file",
-            "--out",
-            out_s,
-        ],
-        "does not exist",
-    );
+    fails_with(&["train", "--model", "nosuch", "--data", "shakespeare", "--out", out_s], "unknown model `nosuch`");
+    fails_with(&["train", "--model", "transformer", "--data", "/no/such/file", "--out", out_s], "does not exist");
     let empty = temp("empty.txt");
     std::fs::write(&empty, b"").unwrap();
+    fails_with(&["train", "--model", "transformer", "--data", empty.to_str().unwrap(), "--out", out_s], "is empty");
     fails_with(
-        &[
-            "train",
-            "--model",
-            "transformer",
-            "--data",
-            empty.to_str().unwrap(),
-            "--out",
-            out_s,
-        ],
-        "is empty",
-    );
-    fails_with(
-        &[
-            "train",
-            "--model",
-            "transformer",
-            "--data",
-            "shakespeare",
-            "--set",
-            "model.heads=5",
-            "--out",
-            out_s,
-        ],
+        &["train", "--model", "transformer", "--data", "shakespeare", "--set", "model.heads=5", "--out", out_s],
         "model.heads (5) does not divide model.width (128)",
     );
     fails_with(
-        &[
-            "train",
-            "--model",
-            "transformer",
-            "--data",
-            "shakespeare",
-            "--set",
-            "model.widht=64",
-            "--out",
-            out_s,
-        ],
+        &["train", "--model", "transformer", "--data", "shakespeare", "--set", "model.widht=64", "--out", out_s],
         "unknown config key `model.widht`",
     );
     fails_with(
-        &[
-            "train",
-            "--model",
-            "transformer",
-            "--data",
-            "shakespeare",
-            "--set",
-            "model.width=abc",
-            "--out",
-            out_s,
-        ],
+        &["train", "--model", "transformer", "--data", "shakespeare", "--set", "model.width=abc", "--out", out_s],
         "invalid configuration",
     );
     let bad_toml = temp("bad.toml");
@@ -151,26 +78,10 @@ fn bad_input_is_a_clear_error() {
         ],
         "unknown config key `train.learning_rate`",
     );
+    fails_with(&["eval", "--run", "/no/such/run", "--data", "shakespeare"], "not a run folder");
+    fails_with(&["compare", "--parts", "mqar", "--jobs", "0", "--out", out_s], "--jobs must be at least 1");
     fails_with(
-        &["eval", "--run", "/no/such/run", "--data", "shakespeare"],
-        "not a run folder",
-    );
-    fails_with(
-        &["compare", "--parts", "mqar", "--jobs", "0", "--out", out_s],
-        "--jobs must be at least 1",
-    );
-    fails_with(
-        &[
-            "train",
-            "--model",
-            "transformer",
-            "--data",
-            "shakespeare",
-            "--device",
-            "cuda",
-            "--out",
-            out_s,
-        ],
+        &["train", "--model", "transformer", "--data", "shakespeare", "--device", "cuda", "--out", out_s],
         "CUDA",
     );
     std::fs::remove_file(empty).unwrap();
@@ -181,65 +92,26 @@ fn bad_input_is_a_clear_error() {
 fn train_eval_generate_end_to_end_and_corrupt_checkpoints() {
     let dir = temp("e2e");
     let d = dir.to_str().unwrap();
-    let mut args = vec![
-        "train",
-        "--model",
-        "transformer",
-        "--data",
-        "shakespeare",
-        "--out",
-        d,
-        "--quiet",
-    ];
+    let mut args = vec!["train", "--model", "transformer", "--data", "shakespeare", "--out", d, "--quiet"];
     args.extend_from_slice(&TINY);
     let out = altformers(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
-    for key in [
-        "step",
-        "train_loss",
-        "val_loss",
-        "val_bpb",
-        "tokens_per_s",
-        "elapsed_s",
-    ] {
+    for key in ["step", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "elapsed_s"] {
         assert!(lines[1][key].is_number(), "metrics lack {key}");
     }
 
-    let eval = altformers(&[
-        "eval",
-        "--run",
-        d,
-        "--data",
-        "shakespeare",
-        "--max-bytes",
-        "2000",
-    ]);
-    assert!(
-        eval.status.success(),
-        "{}",
-        String::from_utf8_lossy(&eval.stderr)
-    );
+    let eval = altformers(&["eval", "--run", d, "--data", "shakespeare", "--max-bytes", "2000"]);
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     let v: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
-    let (loss, bpb) = (
-        v["val_loss"].as_f64().unwrap(),
-        v["val_bpb"].as_f64().unwrap(),
-    );
+    let (loss, bpb) = (v["val_loss"].as_f64().unwrap(), v["val_bpb"].as_f64().unwrap());
     assert!(loss > 1.0 && loss < 6.0 && (bpb - loss / std::f64::consts::LN_2).abs() < 1e-9);
 
     let gen = |mode: &str| {
         let o = altformers(&[
-            "generate", "--run", d, "--prompt", "ROMEO:", "--tokens", "30", "--mode", mode,
-            "--seed", "4",
+            "generate", "--run", d, "--prompt", "ROMEO:", "--tokens", "30", "--mode", mode, "--seed", "4",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         o.stdout
@@ -249,58 +121,25 @@ fn train_eval_generate_end_to_end_and_corrupt_checkpoints() {
     assert_eq!(p, r, "modes differ");
 
     // resuming a finished run is a no-op that reports the last evaluation
-    let resumed = altformers(&[
-        "train",
-        "--model",
-        "transformer",
-        "--data",
-        "shakespeare",
-        "--out",
-        d,
-        "--resume",
-        "--quiet",
-    ]);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
-    fails_with(
-        &[
-            "train",
-            "--model",
-            "transformer",
-            "--data",
-            "shakespeare",
-            "--out",
-            d,
-        ],
-        "already holds a run",
-    );
+    let resumed =
+        altformers(&["train", "--model", "transformer", "--data", "shakespeare", "--out", d, "--resume", "--quiet"]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    fails_with(&["train", "--model", "transformer", "--data", "shakespeare", "--out", d], "already holds a run");
 
     // truncated, then corrupt, then mis-shaped weights
     let weights = dir.join("model.safetensors");
     let good = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &good[..good.len() / 2]).unwrap();
-    fails_with(
-        &["eval", "--run", d, "--data", "shakespeare"],
-        "not a valid safetensors file",
-    );
+    fails_with(&["eval", "--run", d, "--data", "shakespeare"], "not a valid safetensors file");
     std::fs::write(&weights, b"garbage that is not safetensors").unwrap();
-    fails_with(
-        &["generate", "--run", d, "--prompt", "A"],
-        "not a valid safetensors file",
-    );
+    fails_with(&["generate", "--run", d, "--prompt", "A"], "not a valid safetensors file");
     std::fs::write(&weights, &good).unwrap();
     let cfg_path = dir.join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(&cfg_path, cfg.replace("\"width\": 16", "\"width\": 32")).unwrap();
     fails_with(&["eval", "--run", d, "--data", "shakespeare"], "has shape");
     std::fs::write(&cfg_path, "{ not json").unwrap();
-    fails_with(
-        &["eval", "--run", d, "--data", "shakespeare"],
-        "config.json is not valid",
-    );
+    fails_with(&["eval", "--run", d, "--data", "shakespeare"], "config.json is not valid");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -310,10 +149,7 @@ fn models_lists_every_architecture_with_its_complexity() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for arch in altformers::registry::ARCHITECTURES {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&format!("| {} |", arch.name)))
-            .expect(arch.name);
+        let line = text.lines().find(|l| l.starts_with(&format!("| {} |", arch.name))).expect(arch.name);
         assert!(line.contains(arch.complexity.true_time), "{line}");
     }
     assert!(text.contains("O(T log Td)") && text.contains("wrong"));

@@ -16,10 +16,7 @@ fn main() -> anyhow::Result<()> {
     for &b in corpus.train.iter() {
         seen[b as usize] = true;
     }
-    let mask: Vec<f32> = seen
-        .iter()
-        .map(|&s| if s { 0.0 } else { f32::NEG_INFINITY })
-        .collect();
+    let mask: Vec<f32> = seen.iter().map(|&s| if s { 0.0 } else { f32::NEG_INFINITY }).collect();
     let mask = Tensor::from_vec(mask, 256, &dev)?;
     let mut rng = Rng::new(7);
     let (mut full, mut restricted, mut unseen) = (0.0, 0.0, 0.0);
@@ -30,17 +27,11 @@ fn main() -> anyhow::Result<()> {
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let lr = candle_nn::ops::log_softmax(&logits.broadcast_add(&mask)?, D::Minus1)?;
         let pick = |t: &Tensor| -> anyhow::Result<f64> {
-            Ok(t.gather(&y.unsqueeze(D::Minus1)?, D::Minus1)?
-                .mean_all()?
-                .to_scalar::<f32>()? as f64)
+            Ok(t.gather(&y.unsqueeze(D::Minus1)?, D::Minus1)?.mean_all()?.to_scalar::<f32>()? as f64)
         };
         full -= pick(&lp)?;
         restricted -= pick(&lr)?;
-        let p_unseen = lp
-            .exp()?
-            .broadcast_mul(&mask.exp()?.affine(-1.0, 1.0)?)?
-            .sum(D::Minus1)?
-            .mean_all()?;
+        let p_unseen = lp.exp()?.broadcast_mul(&mask.exp()?.affine(-1.0, 1.0)?)?.sum(D::Minus1)?.mean_all()?;
         unseen += p_unseen.to_scalar::<f32>()? as f64;
     }
     let seen_count = seen.iter().filter(|&&s| s).count();

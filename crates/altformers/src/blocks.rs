@@ -30,17 +30,12 @@ pub struct SwiGlu {
 
 impl PositionWise for SwiGlu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down
-            .forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
+        self.down.forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
     }
 }
 
 /// The configured channel mixer, parameters under `pb` (`ffn.*` in a block).
-pub fn channel_mixer(
-    cfg: &ModelConfig,
-    layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn channel_mixer(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     let d = cfg.width;
     let out_std = 0.02 / (2.0 * cfg.depth as f64).sqrt();
     Ok(match cfg.channel_mixer {

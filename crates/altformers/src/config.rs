@@ -101,23 +101,13 @@ impl ModelConfig {
             bail!("model.vocab, model.width, model.depth, model.context and model.heads must all be positive");
         }
         if w % self.heads != 0 {
-            bail!(
-                "model.heads ({}) does not divide model.width ({w})",
-                self.heads
-            );
+            bail!("model.heads ({}) does not divide model.width ({w})", self.heads);
         }
         if self.heads % self.kv_heads() != 0 {
-            bail!(
-                "model.kv_heads ({}) does not divide model.heads ({})",
-                self.kv_heads,
-                self.heads
-            );
+            bail!("model.kv_heads ({}) does not divide model.heads ({})", self.kv_heads, self.heads);
         }
         if self.position == Position::Rope && self.head_dim() % 2 != 0 {
-            bail!(
-                "RoPE needs an even head dimension; model.width / model.heads = {}",
-                self.head_dim()
-            );
+            bail!("RoPE needs an even head dimension; model.width / model.heads = {}", self.head_dim());
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("model.dropout must be in [0, 1), got {}", self.dropout);
@@ -187,16 +177,11 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.steps == 0 || self.eval_every == 0 || self.eval_batches == 0
-        {
+        if self.batch_size == 0 || self.steps == 0 || self.eval_every == 0 || self.eval_batches == 0 {
             bail!("train.batch_size, train.steps, train.eval_every and train.eval_batches must be positive");
         }
         if !(self.lr > 0.0) || self.min_lr < 0.0 || self.min_lr > self.lr {
-            bail!(
-                "need 0 <= train.min_lr <= train.lr and train.lr > 0 (got lr {}, min_lr {})",
-                self.lr,
-                self.min_lr
-            );
+            bail!("need 0 <= train.min_lr <= train.lr and train.lr > 0 (got lr {}, min_lr {})", self.lr, self.min_lr);
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             bail!("train.beta1 and train.beta2 must be in [0, 1)");
@@ -229,29 +214,19 @@ impl RunConfig {
         (arch.adjust_defaults)(&mut defaults.model);
         let mut value = toml::Value::try_from(&defaults).context("serializing defaults")?;
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config file {}", path.display()))?;
-            let file_value: toml::Value = toml::from_str(&text)
-                .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+            let file_value: toml::Value =
+                toml::from_str(&text).with_context(|| format!("config file {} is not valid TOML", path.display()))?;
             merge(&mut value, &file_value, "")?;
         }
         for set in sets {
-            let (key, raw) = set
-                .split_once('=')
-                .with_context(|| format!("--set expects key=value, got `{set}`"))?;
+            let (key, raw) = set.split_once('=').with_context(|| format!("--set expects key=value, got `{set}`"))?;
             let parsed = parse_value(raw.trim());
             set_path(&mut value, key.trim(), parsed)?;
         }
-        if value
-            .get("model")
-            .and_then(|m| m.get("mixer"))
-            .and_then(|m| m.as_str())
-            != Some(arch.name)
-        {
-            bail!(
-                "model.mixer is chosen by --model (`{}`), not by the config",
-                arch.name
-            );
+        if value.get("model").and_then(|m| m.get("mixer")).and_then(|m| m.as_str()) != Some(arch.name) {
+            bail!("model.mixer is chosen by --model (`{}`), not by the config", arch.name);
         }
         let config: RunConfig = value.try_into().context("invalid configuration")?;
         config.validate()?;
@@ -268,9 +243,7 @@ impl RunConfig {
 /// otherwise the raw text as a string (so `model.position=rope` works unquoted).
 fn parse_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -281,11 +254,7 @@ fn merge(base: &mut toml::Value, over: &toml::Value, path: &str) -> Result<()> {
         return Ok(());
     };
     for (k, v) in over_t {
-        let full = if path.is_empty() {
-            k.clone()
-        } else {
-            format!("{path}.{k}")
-        };
+        let full = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
         match base_t.get_mut(k) {
             None => bail!("unknown config key `{full}`"),
             Some(slot) if slot.is_table() && v.is_table() => merge(slot, v, &full)?,
@@ -299,12 +268,8 @@ fn set_path(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<()>
     let mut node = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
-        let table = node
-            .as_table_mut()
-            .with_context(|| format!("unknown config key `{key}`"))?;
-        let Some(next) = table.get_mut(*part) else {
-            bail!("unknown config key `{key}`")
-        };
+        let table = node.as_table_mut().with_context(|| format!("unknown config key `{key}`"))?;
+        let Some(next) = table.get_mut(*part) else { bail!("unknown config key `{key}`") };
         if i + 1 == parts.len() {
             if next.is_table() {
                 bail!("config key `{key}` is a section; set one of its fields");

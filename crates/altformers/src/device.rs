@@ -8,11 +8,7 @@ pub fn select(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         n if n == "cuda" || n.starts_with("cuda:") => {
-            let ordinal: usize = n
-                .strip_prefix("cuda:")
-                .map(|s| s.parse())
-                .transpose()?
-                .unwrap_or(0);
+            let ordinal: usize = n.strip_prefix("cuda:").map(|s| s.parse()).transpose()?.unwrap_or(0);
             cuda(ordinal)
         }
         other => bail!("unknown device `{other}`: use cpu or cuda"),
@@ -25,9 +21,9 @@ fn cuda(ordinal: usize) -> Result<Device> {
     let device = match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => bail!("cannot open CUDA device {ordinal}: {e}"),
-        Err(_) => bail!(
-            "cannot open CUDA device {ordinal}: the CUDA driver or libraries could not be loaded"
-        ),
+        Err(_) => {
+            bail!("cannot open CUDA device {ordinal}: the CUDA driver or libraries could not be loaded")
+        }
     };
     keep_pool_memory(&device)?;
     Ok(device)
@@ -48,9 +44,7 @@ pub fn cuda_mem_pool(
         return Ok(None);
     }
     let pool = unsafe {
-        candle_core::cuda_backend::cudarc::driver::result::device::get_mem_pool(
-            stream.context().cu_device(),
-        )
+        candle_core::cuda_backend::cudarc::driver::result::device::get_mem_pool(stream.context().cu_device())
     };
     pool.map(Some).map_err(candle_core::Error::wrap)
 }
@@ -66,7 +60,8 @@ fn keep_pool_memory(device: &Device) -> Result<()> {
     }
     if let Some(pool) = cuda_mem_pool(device)? {
         let mut threshold = u64::MAX;
-        let attr = candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        let attr =
+            candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
         unsafe {
             candle_core::cuda_backend::cudarc::driver::result::mem_pool::set_attribute(
                 pool,

@@ -28,12 +28,7 @@ pub struct SampleOptions {
 
 /// Picks the next byte from `logits: [V]`.
 pub fn sample(logits: &[f64], opts: &SampleOptions, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold(0, |best, (i, &l)| if l > logits[best] { i } else { best }) as u32
-    };
+    let argmax = || logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best }) as u32;
     if opts.temperature <= 0.0 {
         return argmax();
     }
@@ -42,10 +37,7 @@ pub fn sample(logits: &[f64], opts: &SampleOptions, rng: &mut Rng) -> u32 {
         let mut sorted = scaled.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
         let kth = sorted[k - 1];
-        scaled
-            .iter_mut()
-            .filter(|l| **l < kth)
-            .for_each(|l| *l = f64::NEG_INFINITY);
+        scaled.iter_mut().filter(|l| **l < kth).for_each(|l| *l = f64::NEG_INFINITY);
     }
     let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let weights: Vec<f64> = scaled.iter().map(|l| (l - max).exp()).collect();
@@ -61,21 +53,12 @@ pub fn sample(logits: &[f64], opts: &SampleOptions, rng: &mut Rng) -> u32 {
 
 fn last_logits(logits: &Tensor) -> Result<Vec<f64>> {
     // logits: [1, T, V] or [1, V]
-    let row = if logits.rank() == 3 {
-        logits.i((0, logits.dim(1)? - 1))?
-    } else {
-        logits.i(0)?
-    };
+    let row = if logits.rank() == 3 { logits.i((0, logits.dim(1)? - 1))? } else { logits.i(0)? };
     Ok(row.to_dtype(DType::F64)?.to_vec1()?)
 }
 
 /// Continues `prompt` by `opts.tokens` bytes; returns only the new bytes.
-pub fn generate(
-    model: &LanguageModel,
-    prompt: &[u8],
-    opts: &SampleOptions,
-    mode: Mode,
-) -> Result<Vec<u8>> {
+pub fn generate(model: &LanguageModel, prompt: &[u8], opts: &SampleOptions, mode: Mode) -> Result<Vec<u8>> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one byte");
     }

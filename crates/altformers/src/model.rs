@@ -82,9 +82,7 @@ impl ModelState {
 
     /// Whether any state tensor still records the operations that made it.
     pub fn tracks_graph(&self) -> bool {
-        self.layers
-            .iter()
-            .any(|(a, f)| a.tensors.iter().chain(&f.tensors).any(|t| t.track_op()))
+        self.layers.iter().any(|(a, f)| a.tensors.iter().chain(&f.tensors).any(|t| t.track_op()))
     }
 }
 
@@ -97,26 +95,17 @@ impl LanguageModel {
         let (v, d) = (config.vocab, config.width);
         let emb = pb.normal_no_decay("emb.weight", &[v, d], 0.02)?;
         let pos_emb = match config.position {
-            Position::Learned => {
-                Some(pb.normal_no_decay("pos_emb.weight", &[config.context, d], 0.02)?)
-            }
+            Position::Learned => Some(pb.normal_no_decay("pos_emb.weight", &[config.context, d], 0.02)?),
             _ => None,
         };
-        let ln0 = if config.embed_norm {
-            Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?)
-        } else {
-            None
-        };
+        let ln0 =
+            if config.embed_norm { Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?) } else { None };
         let mut blocks = Vec::with_capacity(config.depth);
         for i in 0..config.depth {
             blocks.push(Block::new(config, i, &pb.pp(format!("blocks.{i}")))?);
         }
         let ln_out = LayerNorm::new(&pb, "ln_out", d, config.bias)?;
-        let head = if config.tie_embeddings {
-            None
-        } else {
-            Some(pb.normal("head.weight", &[v, d], 0.02)?)
-        };
+        let head = if config.tie_embeddings { None } else { Some(pb.normal("head.weight", &[v, d], 0.02)?) };
         Ok(Self {
             config: config.clone(),
             emb,
@@ -187,9 +176,7 @@ impl LanguageModel {
         let x = self.ln_out.forward(&x.to_dtype(self.dtype())?)?;
         let head = self.head.as_ref().unwrap_or(&self.emb);
         let (b, t, d) = x.dims3()?;
-        x.reshape((b * t, d))?
-            .matmul(&head.t()?)?
-            .reshape((b, t, head.dim(0)?))
+        x.reshape((b * t, d))?.matmul(&head.t()?)?.reshape((b, t, head.dim(0)?))
     }
 
     /// Parallel form. `tokens: [B, T]` (u32) -> logits `[B, T, V]`. With `dropout_rng`,
@@ -207,12 +194,7 @@ impl LanguageModel {
         // (attention probabilities).
         let mut x = dropout(&self.embed(tokens, 0)?, p, rng)?;
         for block in &self.blocks {
-            x = (&x
-                + dropout(
-                    &block.att.forward_train(&block.ln1.forward(&x)?, p, rng)?,
-                    p,
-                    rng,
-                )?)?;
+            x = (&x + dropout(&block.att.forward_train(&block.ln1.forward(&x)?, p, rng)?, p, rng)?)?;
             x = (&x + dropout(&block.ffn.forward(&block.ln2.forward(&x)?)?, p, rng)?)?;
         }
         self.logits(&x)
@@ -227,8 +209,7 @@ impl LanguageModel {
             x = block.forward(&x)?;
         }
         let (b, t, d) = x.dims3()?;
-        self.logits(&crate::nn::gather_rows(&x.reshape((b * t, d))?, rows)?.unsqueeze(0)?)?
-            .squeeze(0)
+        self.logits(&crate::nn::gather_rows(&x.reshape((b * t, d))?, rows)?.unsqueeze(0)?)?.squeeze(0)
     }
 
     /// Runs the prompt in parallel and returns its logits `[B, T, V]` and the state after it.
@@ -242,10 +223,7 @@ impl LanguageModel {
             x = (&x + f)?;
             layers.push((sa, sf));
         }
-        let mut state = ModelState {
-            layers,
-            pos: tokens.dim(1)?,
-        };
+        let mut state = ModelState { layers, pos: tokens.dim(1)? };
         state.detach();
         Ok((self.logits(&x)?, state))
     }

@@ -16,21 +16,10 @@ pub struct Linear {
 
 impl Linear {
     /// Weight `N(0, std^2)` named `<name>.weight`, optional zero bias `<name>.bias`.
-    pub fn new(
-        pb: &ParamBuilder,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        std: f64,
-        bias: bool,
-    ) -> anyhow::Result<Self> {
+    pub fn new(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, bias: bool) -> anyhow::Result<Self> {
         let pb = pb.pp(name);
         let weight = pb.normal("weight", &[d_out, d_in], std)?;
-        let bias = if bias {
-            Some(pb.zeros("bias", &[d_out])?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(pb.zeros("bias", &[d_out])?) } else { None };
         Ok(Self { weight, bias })
     }
 
@@ -40,9 +29,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().unwrap();
         let rows = x.elem_count() / d_in;
-        let y = x
-            .reshape((rows, d_in))?
-            .matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
+        let y = x.reshape((rows, d_in))?.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
@@ -66,16 +53,8 @@ impl LayerNorm {
     pub fn new(pb: &ParamBuilder, name: &str, width: usize, bias: bool) -> anyhow::Result<Self> {
         let pb = pb.pp(name);
         let weight = pb.ones("weight", &[width])?;
-        let bias = if bias {
-            Some(pb.zeros("bias", &[width])?)
-        } else {
-            None
-        };
-        Ok(Self {
-            weight,
-            bias,
-            eps: 1e-5,
-        })
+        let bias = if bias { Some(pb.zeros("bias", &[width])?) } else { None };
+        Ok(Self { weight, bias, eps: 1e-5 })
     }
 
     /// Statistics in the weights' precision (f32 under bf16 activations), output in `x`'s dtype.
@@ -85,9 +64,7 @@ impl LayerNorm {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = centered
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?;
+        let y = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -124,15 +101,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     }
     let scale = 1.0 / (1.0 - p);
     let mask = if x.device().is_cpu() {
-        let keep: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.uniform() >= p {
-                    scale as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let keep: Vec<f32> = (0..x.elem_count()).map(|_| if rng.uniform() >= p { scale as f32 } else { 0.0 }).collect();
         Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?
     } else {
         // On an accelerator, draw on the device from a seed taken from our stream.

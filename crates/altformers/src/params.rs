@@ -29,17 +29,11 @@ impl ParamStore {
     }
 
     pub fn vars(&self) -> Vec<(String, Param)> {
-        self.params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.params
-            .iter()
-            .map(|(k, p)| (k.clone(), p.var.as_tensor().clone()))
-            .collect()
+        self.params.iter().map(|(k, p)| (k.clone(), p.var.as_tensor().clone())).collect()
     }
 
     /// Writes the weights to `path` atomically (temporary file, fsync, rename).
@@ -65,15 +59,10 @@ impl ParamStore {
         let mut problems = Vec::new();
         for (name, p) in &self.params {
             match tensors.remove(name) {
-                None => problems.push(format!(
-                    "missing tensor `{name}` (expected shape {:?})",
-                    p.var.dims()
-                )),
-                Some(t) if t.dims() != p.var.dims() => problems.push(format!(
-                    "tensor `{name}` has shape {:?}, expected {:?}",
-                    t.dims(),
-                    p.var.dims()
-                )),
+                None => problems.push(format!("missing tensor `{name}` (expected shape {:?})", p.var.dims())),
+                Some(t) if t.dims() != p.var.dims() => {
+                    problems.push(format!("tensor `{name}` has shape {:?}, expected {:?}", t.dims(), p.var.dims()))
+                }
                 Some(_) => {}
             }
         }
@@ -81,10 +70,7 @@ impl ParamStore {
             problems.push(format!("unexpected tensor `{name}`"));
         }
         if !problems.is_empty() {
-            bail!(
-                "{origin} does not match the model:\n  {}",
-                problems.join("\n  ")
-            );
+            bail!("{origin} does not match the model:\n  {}", problems.join("\n  "));
         }
         Ok(())
     }
@@ -93,19 +79,13 @@ impl ParamStore {
     fn set_all(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         for (name, p) in &self.params {
             let t = &tensors[name];
-            p.var
-                .set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
+            p.var.set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
         }
         Ok(())
     }
 
     fn device(&self) -> Result<Device> {
-        Ok(self
-            .params
-            .values()
-            .next()
-            .map(|p| p.var.device().clone())
-            .unwrap_or(Device::Cpu))
+        Ok(self.params.values().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu))
     }
 }
 
@@ -133,11 +113,7 @@ impl ParamBuilder {
     /// A builder for the sub-module `name`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let mut b = self.clone();
-        b.prefix = if self.prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.prefix)
-        };
+        b.prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
         b
     }
 
@@ -150,13 +126,7 @@ impl ParamBuilder {
     }
 
     /// Creates a parameter from host values.
-    pub fn from_values(
-        &self,
-        name: &str,
-        dims: &[usize],
-        values: Vec<f32>,
-        decay: bool,
-    ) -> Result<Tensor> {
+    pub fn from_values(&self, name: &str, dims: &[usize], values: Vec<f32>, decay: bool) -> Result<Tensor> {
         let full = self.full_name(name);
         let t = Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.dtype)?;
         let var = Var::from_tensor(&t)?;
@@ -225,10 +195,8 @@ impl ParamBuilder {
 /// Writes `tensors` to `path` atomically: a temporary file beside it, fsync, rename.
 pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = tmp_path(path);
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
     candle_core::safetensors::save(&cpu.into_iter().collect(), &tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
     crate::util::fsync_and_rename(&tmp, path)
@@ -241,19 +209,13 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not a valid safetensors file (corrupt or truncated?): {e}",
-            path.display()
-        )
+        anyhow::anyhow!("{} is not a valid safetensors file (corrupt or truncated?): {e}", path.display())
     })?;
     Ok(tensors.into_iter().collect())
 }
 
 pub fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|s| s.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|s| s.to_os_string()).unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }

@@ -54,9 +54,7 @@ impl Rng {
     }
 
     pub fn uniform_vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| (lo + (hi - lo) * self.uniform()) as f32)
-            .collect()
+        (0..n).map(|_| (lo + (hi - lo) * self.uniform()) as f32).collect()
     }
 }
 
@@ -78,14 +76,8 @@ mod tests {
     fn streams_are_reproducible_and_distinct() {
         let a: Vec<u64> = (0..4).map(|_| Rng::derive(7, 1, 3).next_u64()).collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
-        assert_ne!(
-            Rng::derive(7, 1, 3).next_u64(),
-            Rng::derive(7, 1, 4).next_u64()
-        );
-        assert_ne!(
-            Rng::derive(7, 1, 3).next_u64(),
-            Rng::derive(7, 2, 3).next_u64()
-        );
+        assert_ne!(Rng::derive(7, 1, 3).next_u64(), Rng::derive(7, 1, 4).next_u64());
+        assert_ne!(Rng::derive(7, 1, 3).next_u64(), Rng::derive(7, 2, 3).next_u64());
     }
 
     #[test]

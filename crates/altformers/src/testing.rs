@@ -12,12 +12,7 @@ use crate::rng::{stream, Rng};
 /// A tiny configuration of `mixer` (width 16, 2 layers, 2 heads, context 24), with
 /// `sets` applied (`key=value` as on the command line).
 pub fn tiny_config(mixer: &str, sets: &[&str]) -> Result<ModelConfig> {
-    let mut all = vec![
-        "model.width=16",
-        "model.depth=2",
-        "model.heads=2",
-        "model.context=24",
-    ];
+    let mut all = vec!["model.width=16", "model.depth=2", "model.heads=2", "model.context=24"];
     all.extend_from_slice(sets);
     let sets: Vec<String> = all.iter().map(|s| s.to_string()).collect();
     Ok(crate::config::RunConfig::build(mixer, None, &sets)?.model)
@@ -51,13 +46,7 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
 /// non-finite value in the result: a NaN must never pass as close.
 pub fn device_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    ensure!(
-        a.flatten_all()?
-            .to_vec1::<f64>()?
-            .iter()
-            .all(|x| x.is_finite()),
-        "non-finite value in the result"
-    );
+    ensure!(a.flatten_all()?.to_vec1::<f64>()?.iter().all(|x| x.is_finite()), "non-finite value in the result");
     rel_err(&a, &b.to_device(&Device::Cpu)?)
 }
 
@@ -91,38 +80,18 @@ pub fn assert_causal(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor) -> Resul
     let y = f(x)?;
     for t in [0, t_len / 3, t_len / 2, t_len - 2] {
         let noise = randn(x.dims(), 99 + t as u64, x.dtype())?.narrow(1, t + 1, t_len - t - 1)?;
-        let x2 = Tensor::cat(
-            &[
-                x.narrow(1, 0, t + 1)?,
-                (x.narrow(1, t + 1, t_len - t - 1)? + noise * 3.0)?,
-            ],
-            1,
-        )?;
+        let x2 = Tensor::cat(&[x.narrow(1, 0, t + 1)?, (x.narrow(1, t + 1, t_len - t - 1)? + noise * 3.0)?], 1)?;
         let y2 = f(&x2)?;
-        let a: Vec<f64> = y
-            .narrow(1, 0, t + 1)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1()?;
-        let b: Vec<f64> = y2
-            .narrow(1, 0, t + 1)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1()?;
-        ensure!(
-            a == b,
-            "output at positions <= {t} changed when only later inputs changed"
-        );
+        let a: Vec<f64> = y.narrow(1, 0, t + 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let b: Vec<f64> = y2.narrow(1, 0, t + 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        ensure!(a == b, "output at positions <= {t} changed when only later inputs changed");
         let later_changed = y
             .narrow(1, t + 1, t_len - t - 1)?
             .ne(&y2.narrow(1, t + 1, t_len - t - 1)?)?
             .to_dtype(DType::F64)?
             .sum_all()?
             .to_scalar::<f64>()?;
-        ensure!(
-            later_changed > 0.0,
-            "later outputs did not change at all: the check would prove nothing"
-        );
+        ensure!(later_changed > 0.0, "later outputs did not change at all: the check would prove nothing");
     }
     Ok(())
 }
@@ -149,12 +118,8 @@ pub fn model_modes_err(model: &LanguageModel, tokens: &Tensor, split: usize) -> 
 pub fn mixed_precision_errs(cfg: &ModelConfig) -> Result<(f64, f64)> {
     let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
     let full = LanguageModel::new(cfg, 1, &Device::Cpu, DType::F32)?;
-    let mixed =
-        LanguageModel::new(cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
-    let forward = rel_err(
-        &mixed.forward(&tokens, None)?,
-        &full.forward(&tokens, None)?,
-    )?;
+    let mixed = LanguageModel::new(cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
+    let forward = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
     Ok((forward, model_modes_err(&mixed, &tokens, 4)?))
 }
 
@@ -172,43 +137,31 @@ pub fn model_gradient_err_with_step(cfg: &ModelConfig, seed: u64, eps: f64) -> R
     let model = LanguageModel::new(cfg, seed, &Device::Cpu, DType::F64)?;
     let tokens = random_tokens(2, cfg.context.min(12), cfg.vocab, seed)?;
     let targets = random_tokens(2, cfg.context.min(12), cfg.vocab, seed + 1)?;
-    let loss_of = || -> Result<f64> {
-        Ok(LanguageModel::loss(&model.forward(&tokens, None)?, &targets)?.to_scalar::<f64>()?)
-    };
+    let loss_of =
+        || -> Result<f64> { Ok(LanguageModel::loss(&model.forward(&tokens, None)?, &targets)?.to_scalar::<f64>()?) };
     let loss = LanguageModel::loss(&model.forward(&tokens, None)?, &targets)?;
     let grads = loss.backward()?;
     let mut rng = Rng::new(seed);
     let mut worst: f64 = 0.0;
     for (name, p) in model.params.vars() {
-        let g = grads
-            .get(p.var.as_tensor())
-            .map(|g| g.flatten_all())
-            .transpose()?;
+        let g = grads.get(p.var.as_tensor()).map(|g| g.flatten_all()).transpose()?;
         let base: Vec<f64> = p.var.as_tensor().flatten_all()?.to_vec1()?;
         for _ in 0..3 {
             let i = rng.below(base.len());
             let probe = |delta: f64| -> Result<f64> {
                 let mut v = base.clone();
                 v[i] += delta;
-                p.var
-                    .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu)?)?;
+                p.var.set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu)?)?;
                 loss_of()
             };
             let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
-            p.var.set(&Tensor::from_vec(
-                base.clone(),
-                p.var.shape(),
-                &Device::Cpu,
-            )?)?;
+            p.var.set(&Tensor::from_vec(base.clone(), p.var.shape(), &Device::Cpu)?)?;
             let analytic = match &g {
                 Some(g) => g.i(i)?.to_scalar::<f64>()?,
                 None => 0.0,
             };
             let err = (numeric - analytic).abs() / (numeric.abs() + analytic.abs()).max(1e-6);
-            ensure!(
-                err < 1e-4,
-                "{name}[{i}]: backward {analytic:e} vs finite difference {numeric:e}"
-            );
+            ensure!(err < 1e-4, "{name}[{i}]: backward {analytic:e} vs finite difference {numeric:e}");
             worst = worst.max(err);
         }
     }

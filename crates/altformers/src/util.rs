@@ -7,17 +7,10 @@ use std::path::Path;
 /// fsyncs `tmp`, renames it over `dest` and fsyncs the folder: after a crash `dest` holds
 /// either the old or the new content, never a mix.
 pub fn fsync_and_rename(tmp: &Path, dest: &Path) -> Result<()> {
-    std::fs::File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(tmp, dest)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    std::fs::File::open(tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
     if let Some(dir) = dest.parent() {
-        if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        }) {
+        if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
             let _ = d.sync_all();
         }
     }
@@ -27,10 +20,8 @@ pub fn fsync_and_rename(tmp: &Path, dest: &Path) -> Result<()> {
 /// Writes `bytes` to `dest` atomically.
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = crate::params::tmp_path(dest);
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
     drop(f);
     fsync_and_rename(&tmp, dest)
 }
@@ -42,14 +33,9 @@ pub fn write_json_atomic<T: serde::Serialize>(dest: &Path, value: &T) -> Result<
 }
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is not valid: corrupt or from another version?",
-            path.display()
-        )
-    })
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid: corrupt or from another version?", path.display()))
 }
 
 /// Human-readable count: 1234567 -> "1.23M".

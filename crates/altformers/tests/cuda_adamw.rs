@@ -10,12 +10,7 @@ use altformers::train::optim::AdamW;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
-const SHAPES: [(&str, &[usize]); 4] = [
-    ("emb.weight", &[37, 16]),
-    ("w", &[3000]),
-    ("b", &[5]),
-    ("big", &[64, 97]),
-];
+const SHAPES: [(&str, &[usize]); 4] = [("emb.weight", &[37, 16]), ("w", &[3000]), ("b", &[5]), ("big", &[64, 97])];
 
 fn store(dev: &Device) -> Result<ParamStore> {
     let pb = ParamBuilder::new(3, dev, DType::F32);
@@ -59,10 +54,7 @@ fn fused_step_matches_the_cpu_step() -> Result<()> {
         let n_cpu = cpu_opt.step(&grads(&cpu_store, step, false)?, 1e-2, clip)?;
         let n_gpu = gpu_opt.step(&grads(&gpu_store, step, false)?, 1e-2, clip)?;
         ensure!(n_cpu > 20.0, "the clip is not exercised (norm {n_cpu})");
-        ensure!(
-            (n_cpu - n_gpu).abs() / n_cpu < 1e-5,
-            "step {step}: norms {n_cpu} vs {n_gpu}"
-        );
+        ensure!((n_cpu - n_gpu).abs() / n_cpu < 1e-5, "step {step}: norms {n_cpu} vs {n_gpu}");
     }
     for ((name, c), (_, g)) in cpu_store.tensors().iter().zip(gpu_store.tensors().iter()) {
         let err = device_rel_err(g, c)?;
@@ -78,21 +70,12 @@ fn non_finite_gradient_is_reported_and_changes_nothing() -> Result<()> {
     let s = store(&gpu)?;
     let mut opt = AdamW::new(&s, 0.9, 0.99, 1e-8, 0.1)?;
     opt.step(&grads(&s, 0, false)?, 1e-2, 1.0)?;
-    let before: Vec<Vec<f32>> = s
-        .tensors()
-        .values()
-        .map(|t| t.flatten_all()?.to_vec1())
-        .collect::<candle_core::Result<_>>()?;
+    let before: Vec<Vec<f32>> =
+        s.tensors().values().map(|t| t.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
     let err = opt.step(&grads(&s, 1, true)?, 1e-2, 1.0).unwrap_err();
-    ensure!(
-        err.to_string().contains("gradient norm"),
-        "unexpected error: {err}"
-    );
-    let after: Vec<Vec<f32>> = s
-        .tensors()
-        .values()
-        .map(|t| t.flatten_all()?.to_vec1())
-        .collect::<candle_core::Result<_>>()?;
+    ensure!(err.to_string().contains("gradient norm"), "unexpected error: {err}");
+    let after: Vec<Vec<f32>> =
+        s.tensors().values().map(|t| t.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
     ensure!(before == after, "a weight changed on a non-finite gradient");
     ensure!(opt.t == 1, "the step count advanced on a failed step");
     Ok(())

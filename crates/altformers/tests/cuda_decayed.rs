@@ -22,9 +22,7 @@ fn check(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> Result<()> {
 
 /// RetNet's decays: `ln(1 - 2^(-5 - i))`.
 fn retnet_log_decay(h: usize) -> Vec<f32> {
-    (0..h)
-        .map(|i| (1.0 - 2f64.powi(-5 - i as i32)).ln() as f32)
-        .collect()
+    (0..h).map(|i| (1.0 - 2f64.powi(-5 - i as i32)).ln() as f32).collect()
 }
 
 /// Output, state and gradients of `linear_chunked` on `dev` in `dtype` (gradients in f32).
@@ -40,28 +38,16 @@ fn retention_run(
         .map(|x| Var::from_tensor(&x.to_device(dev)?.to_dtype(dtype)?))
         .collect::<candle_core::Result<_>>()?;
     let ld = Tensor::new(log_decay, dev)?;
-    let (q, k, v) = (
-        vars[0].as_tensor(),
-        vars[1].as_tensor(),
-        vars[2].as_tensor(),
-    );
+    let (q, k, v) = (vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
     if dev.is_cuda() {
-        ensure!(
-            fused::linear(q, k, v, &ld, None)?.is_some(),
-            "the fused retention path does not apply"
-        );
+        ensure!(fused::linear(q, k, v, &ld, None)?.is_some(), "the fused retention path does not apply");
     }
     let (y, s) = decayed::linear_chunked(q, k, v, &ld, 64, None)?;
     let loss = (y.to_dtype(DType::F32)? * weights.to_device(dev)?)?.sum_all()?;
     let grads = loss.backward()?;
     let mut out = vec![y, s];
     for var in &vars {
-        out.push(
-            grads
-                .get(var)
-                .ok_or_else(|| anyhow::anyhow!("no gradient"))?
-                .clone(),
-        );
+        out.push(grads.get(var).ok_or_else(|| anyhow::anyhow!("no gradient"))?.clone());
     }
     Ok(out)
 }
@@ -84,12 +70,7 @@ fn retention_case_dv(dk: usize, dv: usize, t: usize, dtype: DType, seed: u64) ->
     let cuda = retention_run(&inputs, &weights, &log_decay, &gpu()?, dtype)?;
     let tol = if dtype == DType::BF16 { 3e-2 } else { 1e-4 };
     for (i, name) in ["y", "state", "dq", "dk", "dv"].iter().enumerate() {
-        check(
-            &format!("retention {name} (d_k {dk}, d_v {dv}, T {t}, {dtype:?})"),
-            &cuda[i],
-            &cpu[i],
-            tol,
-        )?;
+        check(&format!("retention {name} (d_k {dk}, d_v {dv}, T {t}, {dtype:?})"), &cuda[i], &cpu[i], tol)?;
     }
     Ok(())
 }
@@ -143,12 +124,7 @@ fn retention_with_ones_column() -> Result<()> {
     let cpu = retention_run(&inputs, &weights, &log_decay, &Device::Cpu, DType::F32)?;
     let cuda = retention_run(&inputs, &weights, &log_decay, &gpu()?, DType::F32)?;
     for (i, name) in ["y", "state", "dq", "dk", "dv"].iter().enumerate() {
-        check(
-            &format!("retention d_v + 1: {name}"),
-            &cuda[i],
-            &cpu[i],
-            1e-4,
-        )?;
+        check(&format!("retention d_v + 1: {name}"), &cuda[i], &cpu[i], 1e-4)?;
     }
     Ok(())
 }
@@ -163,27 +139,18 @@ fn wkv_run(
     dev: &Device,
     pp_ref: Option<&Tensor>,
 ) -> Result<(Vec<Tensor>, Tensor)> {
-    let mut vars = vec![
-        Var::from_tensor(&k.to_device(dev)?)?,
-        Var::from_tensor(&v.to_device(dev)?)?,
-    ];
+    let mut vars = vec![Var::from_tensor(&k.to_device(dev)?)?, Var::from_tensor(&v.to_device(dev)?)?];
     if let Some((w, u)) = params {
         vars.push(Var::from_tensor(&w.to_device(dev)?)?);
         vars.push(Var::from_tensor(&u.to_device(dev)?)?);
     }
     let wt = match params {
-        Some(_) => Weighting {
-            decay: Some(vars[2].as_tensor()),
-            bonus: Some(vars[3].as_tensor()),
-        },
+        Some(_) => Weighting { decay: Some(vars[2].as_tensor()), bonus: Some(vars[3].as_tensor()) },
         None => Weighting::default(),
     };
     let (kt, vt) = (vars[0].as_tensor(), vars[1].as_tensor());
     if dev.is_cuda() {
-        ensure!(
-            fused::wkv(kt, vt, wt, None)?.is_some(),
-            "the fused WKV path does not apply"
-        );
+        ensure!(fused::wkv(kt, vt, wt, None)?.is_some(), "the fused WKV path does not apply");
     }
     let (y, s): (Tensor, WkvState) = decayed::wkv_chunked(kt, vt, wt, 32, None)?;
     let pp = s.pp.to_device(&Device::Cpu)?;
@@ -191,23 +158,13 @@ fn wkv_run(
         Some(r) => (&pp - r)?.exp()?,
         None => pp.ones_like()?,
     };
-    let state = Tensor::cat(
-        &[
-            (s.aa.to_device(&Device::Cpu)? * &shift)?,
-            (s.bb.to_device(&Device::Cpu)? * &shift)?,
-        ],
-        1,
-    )?;
+    let state =
+        Tensor::cat(&[(s.aa.to_device(&Device::Cpu)? * &shift)?, (s.bb.to_device(&Device::Cpu)? * &shift)?], 1)?;
     let loss = (&y * weights.to_device(dev)?)?.sum_all()?;
     let grads = loss.backward()?;
     let mut out = vec![y, state];
     for var in &vars {
-        out.push(
-            grads
-                .get(var)
-                .ok_or_else(|| anyhow::anyhow!("no gradient"))?
-                .clone(),
-        );
+        out.push(grads.get(var).ok_or_else(|| anyhow::anyhow!("no gradient"))?.clone());
     }
     Ok((out, pp))
 }
@@ -226,20 +183,8 @@ fn wkv_case(c: usize, t: usize, key_scale: f64, with_params: bool, seed: u64) ->
     for (i, (a, r)) in cuda.iter().zip(&cpu).enumerate() {
         // With keys of +-30 the exponents reach about 100, where one f32 ulp of the exponent
         // is already 8e-6 relative in exp(): the state agrees to 2e-4 (H200, 2026-11-29).
-        let tol = if i < 2 && key_scale <= 1.0 {
-            1e-4
-        } else {
-            1e-3
-        };
-        check(
-            &format!(
-                "wkv {} (C {c}, T {t}, keys x{key_scale}, decay/bonus {with_params})",
-                names[i]
-            ),
-            a,
-            r,
-            tol,
-        )?;
+        let tol = if i < 2 && key_scale <= 1.0 { 1e-4 } else { 1e-3 };
+        check(&format!("wkv {} (C {c}, T {t}, keys x{key_scale}, decay/bonus {with_params})", names[i]), a, r, tol)?;
     }
     Ok(())
 }

@@ -14,18 +14,8 @@ fn gpu() -> Result<Device> {
 }
 
 /// (T, L) pairs: L = T and L < T (and one L > T).
-const SIZES: [(usize, usize); 10] = [
-    (1, 1),
-    (7, 7),
-    (7, 3),
-    (64, 64),
-    (64, 5),
-    (1000, 1000),
-    (1000, 37),
-    (4096, 4096),
-    (4096, 300),
-    (13, 40),
-];
+const SIZES: [(usize, usize); 10] =
+    [(1, 1), (7, 7), (7, 3), (64, 64), (64, 5), (1000, 1000), (1000, 37), (4096, 4096), (4096, 300), (13, 40)];
 
 /// Forward, and gradients of `sum(w * conv(x, h))`, on `dev` in `dtype` (inputs from the
 /// given f32 tensors). `track`: whether x and h are variables (the op then keeps spectra).
@@ -37,11 +27,8 @@ fn run(
     dtype: DType,
     track: bool,
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-    let (x, h, w) = (
-        x.to_device(dev)?.to_dtype(dtype)?,
-        h.to_device(dev)?.to_dtype(dtype)?,
-        w.to_device(dev)?.to_dtype(dtype)?,
-    );
+    let (x, h, w) =
+        (x.to_device(dev)?.to_dtype(dtype)?, h.to_device(dev)?.to_dtype(dtype)?, w.to_device(dev)?.to_dtype(dtype)?);
     if !track {
         return Ok((causal_conv(&x, &h)?, None));
     }
@@ -69,11 +56,8 @@ fn forward_and_gradients_match_the_cpu_op_in_f32() -> Result<()> {
         assert_eq!(dx.dims(), &[2, 8, t]);
         assert_eq!(dh.dims(), &[8, l]);
         assert!(y.device().is_cuda() && dx.device().is_cuda() && dh.device().is_cuda());
-        let (ey, edx, edh) = (
-            device_rel_err(&y, &y_cpu)?,
-            device_rel_err(&dx, &dx_cpu)?,
-            device_rel_err(&dh, &dh_cpu)?,
-        );
+        let (ey, edx, edh) =
+            (device_rel_err(&y, &y_cpu)?, device_rel_err(&dx, &dx_cpu)?, device_rel_err(&dh, &dh_cpu)?);
         assert!(ey < 1e-4, "T {t} L {l}: forward rel err {ey}");
         assert!(edx < 1e-4, "T {t} L {l}: dx rel err {edx}");
         assert!(edh < 1e-4, "T {t} L {l}: dh rel err {edh}");
@@ -114,10 +98,7 @@ fn backward_twice_and_partial_tracking() -> Result<()> {
     let loss = (causal_conv(&xv, &hv)? * w.to_device(&dev)?)?.sum_all()?;
     for pass in 0..2 {
         let g = loss.backward()?;
-        let (edx, edh) = (
-            device_rel_err(g.get(&xv).unwrap(), &dx_cpu)?,
-            device_rel_err(g.get(&hv).unwrap(), &dh_cpu)?,
-        );
+        let (edx, edh) = (device_rel_err(g.get(&xv).unwrap(), &dx_cpu)?, device_rel_err(g.get(&hv).unwrap(), &dh_cpu)?);
         assert!(edx < 1e-4 && edh < 1e-4, "pass {pass}: dx {edx} dh {edh}");
     }
     let loss = (causal_conv(&x.to_device(&dev)?, &hv)? * w.to_device(&dev)?)?.sum_all()?;
@@ -136,30 +117,16 @@ fn half_precision_matches_the_cpu_op() -> Result<()> {
             let h = randn(&[8, l], 50 + l as u64, DType::F32)?;
             let w = randn(&[2, 8, t], 60, DType::F32)?;
             // The reference: the CPU op on the same rounded inputs, in f32.
-            let round =
-                |v: &Tensor| -> Result<Tensor> { Ok(v.to_dtype(dtype)?.to_dtype(DType::F32)?) };
-            let (y_ref, g_ref) = run(
-                &round(&x)?,
-                &round(&h)?,
-                &round(&w)?,
-                &Device::Cpu,
-                DType::F32,
-                true,
-            )?;
+            let round = |v: &Tensor| -> Result<Tensor> { Ok(v.to_dtype(dtype)?.to_dtype(DType::F32)?) };
+            let (y_ref, g_ref) = run(&round(&x)?, &round(&h)?, &round(&w)?, &Device::Cpu, DType::F32, true)?;
             let (dx_ref, dh_ref) = g_ref.unwrap();
             let (y, g) = run(&x, &h, &w, &dev, dtype, true)?;
             let (dx, dh) = g.unwrap();
             assert_eq!((y.dtype(), dx.dtype(), dh.dtype()), (dtype, dtype, dtype));
             let tol = if dtype == DType::BF16 { 1e-2 } else { 2e-3 };
-            let (ey, edx, edh) = (
-                device_rel_err(&y, &y_ref)?,
-                device_rel_err(&dx, &dx_ref)?,
-                device_rel_err(&dh, &dh_ref)?,
-            );
-            assert!(
-                ey < tol && edx < tol && edh < tol,
-                "{dtype:?} T {t} L {l}: y {ey} dx {edx} dh {edh}"
-            );
+            let (ey, edx, edh) =
+                (device_rel_err(&y, &y_ref)?, device_rel_err(&dx, &dx_ref)?, device_rel_err(&dh, &dh_ref)?);
+            assert!(ey < tol && edx < tol && edh < tol, "{dtype:?} T {t} L {l}: y {ey} dx {edx} dh {edh}");
         }
     }
     Ok(())

@@ -27,10 +27,7 @@ fn normal(n: usize, seed: u64) -> Vec<f32> {
 /// A bf16 CPU tensor of seeded normal values.
 fn random_bf16(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
     let n = shape.0 * shape.1 * shape.2 * shape.3;
-    Tensor::from_vec(normal(n, seed), shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap()
+    Tensor::from_vec(normal(n, seed), shape, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()
 }
 
 /// Fills and frees a large NaN buffer, so that memory handed out next (the kernels' outputs,
@@ -40,39 +37,17 @@ fn poison_allocator(dev: &Device) {
 }
 
 fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
-    let got = got
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
+    let got = got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap();
     let want = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let (g, w) = (
-        got.to_vec1::<f32>().unwrap(),
-        want.to_vec1::<f32>().unwrap(),
-    );
+    let (g, w) = (got.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
     assert_eq!(g.len(), w.len(), "{name}: length");
-    assert!(
-        g.iter().all(|x| x.is_finite()),
-        "{name}: non-finite values in the fused result"
-    );
+    assert!(g.iter().all(|x| x.is_finite()), "{name}: non-finite values in the fused result");
     let max_ref = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let max_err = g
-        .iter()
-        .zip(&w)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let err_sq: f64 = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
+    let max_err = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err_sq: f64 = g.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
     let ref_sq: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
     let rel = (err_sq / ref_sq.max(1e-30)).sqrt();
-    assert!(
-        max_err <= 2e-2 * max_ref + 1e-2,
-        "{name}: max abs error {max_err} (max |ref| {max_ref})"
-    );
+    assert!(max_err <= 2e-2 * max_ref + 1e-2, "{name}: max abs error {max_err} (max |ref| {max_ref})");
     // A reference that is zero up to rounding (dq at T = 1: one key, softmax weight 1, so
     // dq = dO.v - rowsum(dO * O) vanishes) has no relative error to speak of; the absolute
     // bound above covers it.
@@ -95,38 +70,21 @@ fn check(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize) {
     let f32_var = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
     let (qr, kr, vr) = (f32_var(&q), f32_var(&k), f32_var(&v));
     let out_ref = causal_attention_reference(&qr, &kr, &vr, offset, None).unwrap();
-    let grads_ref = (&out_ref * grad.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads_ref = (&out_ref * grad.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
 
     let dev = Device::new_cuda(0).unwrap();
     let on_gpu = |x: &Tensor| Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
     let (qg, kg, vg) = (on_gpu(&q), on_gpu(&k), on_gpu(&v));
-    assert!(
-        flash_attention::supports(&qg, &kg, &vg),
-        "{case}: fused kernel should apply"
-    );
+    assert!(flash_attention::supports(&qg, &kg, &vg), "{case}: fused kernel should apply");
     poison_allocator(&dev);
     let out = flash_attention::causal_attention(&qg, &kg, &vg, offset).unwrap();
     assert_close(&format!("{case}: output"), &out, &out_ref);
     let grad_gpu = grad.to_device(&dev).unwrap().to_dtype(DType::F32).unwrap();
     poison_allocator(&dev);
-    let grads = (out.to_dtype(DType::F32).unwrap() * grad_gpu)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = (out.to_dtype(DType::F32).unwrap() * grad_gpu).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, var, var_ref) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
-        let got = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{case}: no {name}"));
-        let want = grads_ref
-            .get(var_ref.as_tensor())
-            .unwrap_or_else(|| panic!("{case}: no reference {name}"));
+        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{case}: no {name}"));
+        let want = grads_ref.get(var_ref.as_tensor()).unwrap_or_else(|| panic!("{case}: no reference {name}"));
         assert_close(&format!("{case}: {name}"), got, want);
     }
 }
@@ -179,8 +137,5 @@ fn mixer_entry_point_dispatches_to_fused() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    assert_eq!(
-        diff, 0.0,
-        "the mixer's causal attention should be the fused kernel for bf16 on CUDA"
-    );
+    assert_eq!(diff, 0.0, "the mixer's causal attention should be the fused kernel for bf16 on CUDA");
 }

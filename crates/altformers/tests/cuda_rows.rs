@@ -11,20 +11,13 @@ use candle_core::{DType, Device, Tensor, Var};
 
 fn ids(n: usize, rows: u32, seed: u32) -> Vec<u32> {
     // A cheap deterministic mix; the last table row is never chosen.
-    (0..n as u32)
-        .map(|j| (j.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % (rows - 1))
-        .collect()
+    (0..n as u32).map(|j| (j.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % (rows - 1)).collect()
 }
 
 #[test]
 fn gather_grad_matches_cpu() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
-    for (rows, d, n) in [
-        (37usize, 16usize, 1000usize),
-        (8192, 64, 16384),
-        (5, 129, 3000),
-        (300, 3, 7),
-    ] {
+    for (rows, d, n) in [(37usize, 16usize, 1000usize), (8192, 64, 16384), (5, 129, 3000), (300, 3, 7)] {
         let table = randn(&[rows, d], rows as u64, DType::F32)?;
         let r = randn(&[n, d], n as u64, DType::F32)?;
         let id = ids(n, rows as u32, d as u32);
@@ -38,21 +31,11 @@ fn gather_grad_matches_cpu() -> Result<()> {
             grads.push(g.get(w.as_tensor()).expect("gradient of the table").clone());
             outs.push(out);
         }
-        ensure!(
-            device_rel_err(&outs[1], &outs[0])? == 0.0,
-            "({rows}, {d}, {n}): gathered rows differ"
-        );
+        ensure!(device_rel_err(&outs[1], &outs[0])? == 0.0, "({rows}, {d}, {n}): gathered rows differ");
         let err = device_rel_err(&grads[1], &grads[0])?;
         ensure!(err < 1e-5, "({rows}, {d}, {n}): gradient rel err {err}");
-        let last = grads[1]
-            .get(rows - 1)?
-            .abs()?
-            .sum_all()?
-            .to_scalar::<f32>()?;
-        ensure!(
-            last == 0.0,
-            "({rows}, {d}, {n}): an untouched row got gradient {last}"
-        );
+        let last = grads[1].get(rows - 1)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        ensure!(last == 0.0, "({rows}, {d}, {n}): an untouched row got gradient {last}");
     }
     Ok(())
 }

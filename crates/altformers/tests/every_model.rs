@@ -30,17 +30,10 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         let (points, fits) = scaling::run(&sopts, &Device::Cpu, |_| {})?;
         assert_eq!(points.len(), 4, "{name}");
         for p in &points {
-            assert_eq!(
-                p.status, "ok",
-                "{name} scaling at T = {}: {}",
-                p.seq, p.status
-            );
+            assert_eq!(p.status, "ok", "{name} scaling at T = {}: {}", p.seq, p.status);
             assert!(p.timing.unwrap().median_s > 0.0 && p.flops > 0.0, "{name}");
         }
-        assert!(
-            fits.iter().all(|f| f.time_slope.is_some()),
-            "{name}: no fitted slope"
-        );
+        assert!(fits.iter().all(|f| f.time_slope.is_some()), "{name}: no fitted slope");
 
         let dopts = decode::DecodeOptions {
             models: vec![name.clone()],
@@ -58,10 +51,7 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         assert_eq!(decoded.len(), 4);
         for d in &decoded {
             assert_eq!(d.status, "ok", "{name} decode: {}", d.status);
-            assert!(
-                d.state_bytes.unwrap() > 0 && d.latency_s.unwrap() > 0.0,
-                "{name}"
-            );
+            assert!(d.state_bytes.unwrap() > 0 && d.latency_s.unwrap() > 0.0, "{name}");
         }
 
         let sets: Vec<String> = [
@@ -79,8 +69,7 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         .map(|s| s.to_string())
         .collect();
         let cfg = RunConfig::build(&name, None, &sets)?;
-        let dir =
-            std::env::temp_dir().join(format!("altformers-every-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("altformers-every-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let opts = TrainOptions {
             out: dir.clone(),
@@ -91,44 +80,25 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
             stop_after: None,
         };
         let summary = train(&cfg, &corpus, DataFormat::Text, &opts)?;
-        assert!(
-            summary.last.val_loss.is_finite() && summary.last.step == 2,
-            "{name}"
-        );
+        assert!(summary.last.val_loss.is_finite() && summary.last.step == 2, "{name}");
         std::fs::remove_dir_all(&dir)?;
 
         // Decoding keeps no autograd history in its state (else memory grows per token).
         let model = altformers::model::LanguageModel::new(&cfg.model, 1, &Device::Cpu, DType::F32)?;
-        let (_, mut state) =
-            model.prefill(&candle_core::Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?)?;
-        assert!(
-            !state.tracks_graph(),
-            "{name}: prefill state records its history"
-        );
+        let (_, mut state) = model.prefill(&candle_core::Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?)?;
+        assert!(!state.tracks_graph(), "{name}: prefill state records its history");
         for token in [4u32, 5] {
-            model.step(
-                &candle_core::Tensor::new(&[token], &Device::Cpu)?,
-                &mut state,
-            )?;
+            model.step(&candle_core::Tensor::new(&[token], &Device::Cpu)?, &mut state)?;
         }
-        assert!(
-            !state.tracks_graph(),
-            "{name}: decode state records its history"
-        );
+        assert!(!state.tracks_graph(), "{name}: decode state records its history");
 
         // Logits at chosen rows (the recall suite's loss) are those rows of the full forward.
         let tokens = candle_core::Tensor::new(&[[1u32, 7, 3, 9], [4, 4, 2, 8]], &Device::Cpu)?;
         let rows = candle_core::Tensor::new(&[6u32, 1, 3], &Device::Cpu)?;
-        let full = model
-            .forward(&tokens, None)?
-            .flatten_to(1)?
-            .index_select(&rows, 0)?;
+        let full = model.forward(&tokens, None)?.flatten_to(1)?.index_select(&rows, 0)?;
         let picked = model.forward_at(&tokens, &rows)?;
         let diff = (full - picked)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(
-            diff < 1e-5,
-            "{name}: forward_at differs from forward by {diff}"
-        );
+        assert!(diff < 1e-5, "{name}: forward_at differs from forward by {diff}");
     }
     Ok(())
 }

@@ -15,12 +15,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 type Result<T> = anyhow::Result<T>;
 
 fn model(sets: &[&str], seed: u64) -> Result<LanguageModel> {
-    LanguageModel::new(
-        &tiny_config("transformer", sets)?,
-        seed,
-        &Device::Cpu,
-        DType::F32,
-    )
+    LanguageModel::new(&tiny_config("transformer", sets)?, seed, &Device::Cpu, DType::F32)
 }
 
 #[test]
@@ -29,12 +24,7 @@ fn kv_cache_decode_equals_parallel_forward() -> Result<()> {
         &["model.position=learned"][..],
         &["model.position=rope"],
         &["model.position=none", "model.heads=4", "model.kv_heads=2"],
-        &[
-            "model.position=rope",
-            "model.heads=4",
-            "model.kv_heads=1",
-            "model.channel_mixer=swiglu",
-        ],
+        &["model.position=rope", "model.heads=4", "model.kv_heads=1", "model.channel_mixer=swiglu"],
     ] {
         let m = model(sets, 1)?;
         let tokens = random_tokens(2, 19, 256, 7)?;
@@ -48,17 +38,11 @@ fn kv_cache_decode_equals_parallel_forward() -> Result<()> {
 
 #[test]
 fn attention_mixer_is_causal_and_its_modes_agree() -> Result<()> {
-    for sets in [
-        &["model.position=rope"][..],
-        &["model.heads=4", "model.kv_heads=2"],
-    ] {
+    for sets in [&["model.position=rope"][..], &["model.heads=4", "model.kv_heads=2"]] {
         let cfg = tiny_config("transformer", sets)?;
         let att = Attention::new(&cfg, &ParamBuilder::new(3, &Device::Cpu, DType::F32))?;
         let x = randn(&[2, 17, cfg.width], 5, DType::F32)?;
-        assert_causal(
-            &|x| Ok(altformers::mixers::SequenceMixer::forward(&att, x)?),
-            &x,
-        )?;
+        assert_causal(&|x| Ok(altformers::mixers::SequenceMixer::forward(&att, x)?), &x)?;
         assert!(mixer_modes_err(&att, &x, 5)? < 1e-4);
     }
     Ok(())
@@ -70,24 +54,10 @@ fn model_is_causal_over_tokens() -> Result<()> {
     let a = random_tokens(1, 20, 256, 1)?;
     let b = random_tokens(1, 20, 256, 2)?;
     let t = 9;
-    let mixed = Tensor::cat(
-        &[a.narrow(1, 0, t + 1)?, b.narrow(1, t + 1, 20 - t - 1)?],
-        1,
-    )?;
-    let la: Vec<f32> = m
-        .forward(&a, None)?
-        .narrow(1, 0, t + 1)?
-        .flatten_all()?
-        .to_vec1()?;
-    let lb: Vec<f32> = m
-        .forward(&mixed, None)?
-        .narrow(1, 0, t + 1)?
-        .flatten_all()?
-        .to_vec1()?;
-    assert_eq!(
-        la, lb,
-        "logits up to t changed when only later tokens changed"
-    );
+    let mixed = Tensor::cat(&[a.narrow(1, 0, t + 1)?, b.narrow(1, t + 1, 20 - t - 1)?], 1)?;
+    let la: Vec<f32> = m.forward(&a, None)?.narrow(1, 0, t + 1)?.flatten_all()?.to_vec1()?;
+    let lb: Vec<f32> = m.forward(&mixed, None)?.narrow(1, 0, t + 1)?.flatten_all()?.to_vec1()?;
+    assert_eq!(la, lb, "logits up to t changed when only later tokens changed");
     Ok(())
 }
 
@@ -97,23 +67,16 @@ fn model_is_causal_over_tokens() -> Result<()> {
 #[test]
 fn grouped_query_attention_equals_multi_head_with_shared_kv() -> Result<()> {
     let (h, kvh, dh) = (4usize, 2usize, 4usize);
-    let gqa = model(
-        &["model.heads=4", "model.kv_heads=2", "model.position=rope"],
-        11,
-    )?;
-    let mha = model(
-        &["model.heads=4", "model.kv_heads=4", "model.position=rope"],
-        12,
-    )?;
+    let gqa = model(&["model.heads=4", "model.kv_heads=2", "model.position=rope"], 11)?;
+    let mha = model(&["model.heads=4", "model.kv_heads=4", "model.position=rope"], 12)?;
     let mut weights = gqa.params.tensors();
     for layer in 0..2 {
         let name = format!("blocks.{layer}.att.qkv.weight");
         let w = &weights[&name]; // [(h + 2 kvh) dh, D]
         let q = w.narrow(0, 0, h * dh)?;
         let repeat = |start: usize| -> Result<Tensor> {
-            let heads: Vec<Tensor> = (0..h)
-                .map(|i| w.narrow(0, (start + i / (h / kvh)) * dh, dh))
-                .collect::<candle_core::Result<_>>()?;
+            let heads: Vec<Tensor> =
+                (0..h).map(|i| w.narrow(0, (start + i / (h / kvh)) * dh, dh)).collect::<candle_core::Result<_>>()?;
             Ok(Tensor::cat(&heads, 0)?)
         };
         let (k, v) = (repeat(h)?, repeat(h + kvh)?);
@@ -125,8 +88,7 @@ fn grouped_query_attention_equals_multi_head_with_shared_kv() -> Result<()> {
     assert!(err < 1e-5, "rel err {err}");
     let (_, s_gqa) = gqa.prefill(&tokens)?;
     let (_, s_mha) = mha.prefill(&tokens)?;
-    let kv_bytes =
-        |s: &altformers::model::ModelState| s.layers.iter().map(|(a, _)| a.bytes()).sum::<usize>();
+    let kv_bytes = |s: &altformers::model::ModelState| s.layers.iter().map(|(a, _)| a.bytes()).sum::<usize>();
     assert_eq!(kv_bytes(&s_mha), 2 * kv_bytes(&s_gqa));
     let mqa = model(&["model.heads=4", "model.kv_heads=1"], 1)?;
     let (_, s_mqa) = mqa.prefill(&tokens)?;
@@ -149,10 +111,7 @@ fn gradients_match_finite_differences() -> Result<()> {
             "model.tie_embeddings=false",
         ],
     ] {
-        let cfg = tiny_config(
-            "transformer",
-            &[sets, &["model.width=8", "model.vocab=11"]].concat(),
-        )?;
+        let cfg = tiny_config("transformer", &[sets, &["model.width=8", "model.vocab=11"]].concat())?;
         let err = model_gradient_err(&cfg, 4)?;
         assert!(err < 1e-4, "{sets:?}: {err}");
     }
@@ -190,23 +149,13 @@ fn tiny_run(steps: usize) -> Result<RunConfig> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([
-        format!("train.steps={steps}"),
-        format!("train.decay_steps={steps}"),
-    ])
+    .chain([format!("train.steps={steps}"), format!("train.decay_steps={steps}")])
     .collect();
     RunConfig::build("transformer", None, &sets)
 }
 
 fn opts(out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> TrainOptions {
-    TrainOptions {
-        out: out.to_path_buf(),
-        resume,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        verbose: false,
-        stop_after,
-    }
+    TrainOptions { out: out.to_path_buf(), resume, device: Device::Cpu, dtype: DType::F32, verbose: false, stop_after }
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -239,10 +188,7 @@ fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
         .collect::<std::result::Result<_, _>>()?;
     assert_eq!(steps, vec![3, 4, 6, 9, 10]);
     // a second fresh run into the same folder is refused, not overwritten
-    let again = train(&cfg, &corpus, DataFormat::Text, &opts(&a, false, None))
-        .err()
-        .unwrap()
-        .to_string();
+    let again = train(&cfg, &corpus, DataFormat::Text, &opts(&a, false, None)).err().unwrap().to_string();
     assert!(again.contains("already holds a run"), "{again}");
     std::fs::remove_dir_all(&a)?;
     std::fs::remove_dir_all(&b)?;
@@ -250,8 +196,7 @@ fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
 }
 
 #[test]
-fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_modes() -> Result<()>
-{
+fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_modes() -> Result<()> {
     let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
     let dir = temp_dir("save-load");
     let cfg = tiny_run(6)?;
@@ -260,41 +205,17 @@ fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_m
     let fresh = LanguageModel::new(&cfg.model, cfg.train.seed, &Device::Cpu, DType::F32)?;
     let tokens = random_tokens(2, 16, 256, 3)?;
     // the loaded weights are the trained ones, not a fresh initialisation
-    assert!(
-        rel_err(
-            &loaded.forward(&tokens, None)?,
-            &fresh.forward(&tokens, None)?
-        )? > 1e-3
-    );
+    assert!(rel_err(&loaded.forward(&tokens, None)?, &fresh.forward(&tokens, None)?)? > 1e-3);
     let reloaded = altformers::train::load_run(&dir, &Device::Cpu, DType::F32)?;
-    let (l1, l2) = (
-        loaded.forward(&tokens, None)?,
-        reloaded.forward(&tokens, None)?,
-    );
-    assert_eq!(
-        l1.flatten_all()?.to_vec1::<f32>()?,
-        l2.flatten_all()?.to_vec1::<f32>()?
-    );
+    let (l1, l2) = (loaded.forward(&tokens, None)?, reloaded.forward(&tokens, None)?);
+    assert_eq!(l1.flatten_all()?.to_vec1::<f32>()?, l2.flatten_all()?.to_vec1::<f32>()?);
     // generation runs past the 16-byte window: recurrent mode must rebuild its state
-    let opts = SampleOptions {
-        tokens: 40,
-        temperature: 1.0,
-        top_k: Some(20),
-        seed: 9,
-    };
+    let opts = SampleOptions { tokens: 40, temperature: 1.0, top_k: Some(20), seed: 9 };
     let p = generate(&loaded, b"ROMEO:", &opts, Mode::Parallel)?;
     let r = generate(&loaded, b"ROMEO:", &opts, Mode::Recurrent)?;
     assert_eq!(p.len(), 40);
     assert_eq!(p, r);
-    let other = generate(
-        &loaded,
-        b"ROMEO:",
-        &SampleOptions {
-            seed: 10,
-            ..opts.clone()
-        },
-        Mode::Recurrent,
-    )?;
+    let other = generate(&loaded, b"ROMEO:", &SampleOptions { seed: 10, ..opts.clone() }, Mode::Recurrent)?;
     assert_ne!(p, other, "the seed should matter");
     let _ = l1.i(0)?;
     std::fs::remove_dir_all(&dir)?;
@@ -311,16 +232,9 @@ fn diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() -> Result<(
     let mut bad = cfg.clone();
     (bad.train.lr, bad.train.min_lr, bad.train.grad_clip) = (1e37, 1e37, 0.0);
     altformers::util::write_json_atomic(&dir.join("config.json"), &bad)?;
-    let err = train(&bad, &corpus, DataFormat::Text, &opts(&dir, true, None))
-        .err()
-        .expect("must fail")
-        .to_string();
-    assert!(
-        err.contains("diverged") && err.contains("checkpoint (step 3)"),
-        "{err}"
-    );
-    let state: altformers::train::TrainState =
-        altformers::util::read_json(&dir.join("checkpoint/state.json"))?;
+    let err = train(&bad, &corpus, DataFormat::Text, &opts(&dir, true, None)).err().expect("must fail").to_string();
+    assert!(err.contains("diverged") && err.contains("checkpoint (step 3)"), "{err}");
+    let state: altformers::train::TrainState = altformers::util::read_json(&dir.join("checkpoint/state.json"))?;
     assert_eq!(state.step, 3);
     let m = altformers::train::load_run(&dir, &Device::Cpu, DType::F32)?;
     let logits = m.forward(&random_tokens(1, 8, 256, 1)?, None)?;

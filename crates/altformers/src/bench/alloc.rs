@@ -30,8 +30,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
         let p = System.realloc(ptr, layout, new_size);
         if !p.is_null() {
             if new_size >= layout.size() {
-                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
-                    - layout.size();
+                let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
                 PEAK.fetch_max(now, Ordering::Relaxed);
             } else {
                 CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
@@ -86,10 +85,7 @@ pub fn peak_during(
 mod cuda_pool {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
 
-    fn attribute(
-        pool: sys::CUmemoryPool,
-        attr: sys::CUmemPool_attribute,
-    ) -> candle_core::Result<u64> {
+    fn attribute(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> candle_core::Result<u64> {
         let mut value: u64 = 0;
         unsafe { result::mem_pool::get_attribute(pool, attr, &mut value as *mut u64 as *mut _) }
             .map_err(candle_core::Error::wrap)?;
@@ -104,10 +100,7 @@ mod cuda_pool {
             return Ok(None);
         };
         device.synchronize()?;
-        let before = attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
-        )?;
+        let before = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
         // writing zero resets the high-water mark to the current level
         let mut zero: u64 = 0;
         unsafe {
@@ -120,10 +113,7 @@ mod cuda_pool {
         .map_err(candle_core::Error::wrap)?;
         f()?;
         device.synchronize()?;
-        let high = attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-        )?;
+        let high = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
         Ok(Some(high.saturating_sub(before)))
     }
 }

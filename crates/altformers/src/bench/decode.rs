@@ -44,11 +44,7 @@ pub struct DecodePoint {
     pub params: usize,
 }
 
-pub fn run(
-    opts: &DecodeOptions,
-    device: &Device,
-    mut on_point: impl FnMut(&DecodePoint),
-) -> Result<Vec<DecodePoint>> {
+pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&DecodePoint)) -> Result<Vec<DecodePoint>> {
     let mut out = Vec::new();
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
     for name in &opts.models {
@@ -67,12 +63,7 @@ pub fn run(
             }
             let model = LanguageModel::new(&cfg, 0, device, opts.dtype)?;
             for &batch in &opts.batches {
-                let shape = crate::complexity::CostShape {
-                    batch,
-                    seq: context,
-                    width: opts.width,
-                    heads: opts.heads,
-                };
+                let shape = crate::complexity::CostShape { batch, seq: context, width: opts.width, heads: opts.heads };
                 let estimate = (arch.complexity.memory)(&shape) * opts.dtype.size_in_bytes() as f64;
                 let mut point = DecodePoint {
                     model: name.clone(),
@@ -89,8 +80,7 @@ pub fn run(
                 if let Some(reason) = &stop {
                     point.status = reason.clone();
                 } else if estimate > opts.memory_cap_bytes {
-                    point.status =
-                        format!("skipped: prefill estimated at {:.1} GB", estimate / 1e9);
+                    point.status = format!("skipped: prefill estimated at {:.1} GB", estimate / 1e9);
                 } else {
                     let t0 = std::time::Instant::now();
                     match measure(&model, context, batch, opts.steps, device) {
@@ -103,10 +93,7 @@ pub fn run(
                         Err(e) => point.status = format!("failed: {e}"),
                     }
                     if t0.elapsed().as_secs_f64() > opts.time_cap_s {
-                        stop = Some(format!(
-                            "skipped: context {context} took {:.0} s",
-                            t0.elapsed().as_secs_f64()
-                        ));
+                        stop = Some(format!("skipped: context {context} took {:.0} s", t0.elapsed().as_secs_f64()));
                     }
                 }
                 on_point(&point);
@@ -126,9 +113,7 @@ fn measure(
     device: &Device,
 ) -> Result<(Timing, usize)> {
     let mut rng = Rng::derive(2, stream::TEST, context as u64);
-    let toks: Vec<u32> = (0..batch * context)
-        .map(|_| rng.below(256) as u32)
-        .collect();
+    let toks: Vec<u32> = (0..batch * context).map(|_| rng.below(256) as u32).collect();
     let prompt = Tensor::from_vec(toks, (batch, context), device)?;
     let (_, state) = model.prefill(&prompt)?;
     let bytes = state.bytes();

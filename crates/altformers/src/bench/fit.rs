@@ -2,11 +2,8 @@
 
 /// Least-squares slope of `ln y` against `ln x`. `None` with fewer than two points.
 pub fn loglog_slope(points: &[(f64, f64)]) -> Option<f64> {
-    let pts: Vec<(f64, f64)> = points
-        .iter()
-        .filter(|(x, y)| *x > 0.0 && *y > 0.0)
-        .map(|(x, y)| (x.ln(), y.ln()))
-        .collect();
+    let pts: Vec<(f64, f64)> =
+        points.iter().filter(|(x, y)| *x > 0.0 && *y > 0.0).map(|(x, y)| (x.ln(), y.ln())).collect();
     if pts.len() < 2 {
         return None;
     }
@@ -36,11 +33,7 @@ pub fn upper_half_slope(points: &[(f64, f64)]) -> Option<f64> {
 pub fn crossovers(a: &[(f64, f64)], b: &[(f64, f64)]) -> Vec<f64> {
     let mut common: Vec<(f64, f64, f64)> = a
         .iter()
-        .filter_map(|&(x, ya)| {
-            b.iter()
-                .find(|(xb, _)| *xb == x)
-                .map(|&(_, yb)| (x, ya, yb))
-        })
+        .filter_map(|&(x, ya)| b.iter().find(|(xb, _)| *xb == x).map(|&(_, yb)| (x, ya, yb)))
         .filter(|(_, ya, yb)| *ya > 0.0 && *yb > 0.0)
         .collect();
     common.sort_by(|p, q| p.0.total_cmp(&q.0));
@@ -67,9 +60,7 @@ mod tests {
     #[test]
     fn recovers_known_exponents() {
         for k in [1.0, 1.5, 2.0] {
-            let pts: Vec<(f64, f64)> = (8..16)
-                .map(|i| (2f64.powi(i), 3.0 * 2f64.powi(i).powf(k)))
-                .collect();
+            let pts: Vec<(f64, f64)> = (8..16).map(|i| (2f64.powi(i), 3.0 * 2f64.powi(i).powf(k))).collect();
             assert!((loglog_slope(&pts).unwrap() - k).abs() < 1e-12);
         }
         // T log T looks like slope slightly above 1
@@ -111,10 +102,6 @@ mod tests {
         let x = crossovers(&a, &b);
         assert_eq!(x.len(), 1);
         assert!((x[0] - 1000.0).abs() < 1.0, "{x:?}");
-        assert!(crossovers(
-            &b,
-            &b.iter().map(|(t, y)| (*t, y * 2.0)).collect::<Vec<_>>()
-        )
-        .is_empty());
+        assert!(crossovers(&b, &b.iter().map(|(t, y)| (*t, y * 2.0)).collect::<Vec<_>>()).is_empty());
     }
 }

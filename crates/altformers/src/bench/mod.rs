@@ -59,12 +59,7 @@ impl candle_core::CustomOp1 for SeedGradient {
 }
 
 /// Median, min and max seconds of `reps` runs of `f` after `warmup` runs.
-pub fn time_it(
-    device: &Device,
-    warmup: usize,
-    reps: usize,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<Timing> {
+pub fn time_it(device: &Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
         device.synchronize()?;
@@ -92,17 +87,8 @@ impl Timing {
     pub fn from_samples(mut times: Vec<f64>) -> Self {
         times.sort_by(f64::total_cmp);
         let n = times.len();
-        let median = if n % 2 == 1 {
-            times[n / 2]
-        } else {
-            0.5 * (times[n / 2 - 1] + times[n / 2])
-        };
-        Timing {
-            median_s: median,
-            min_s: times[0],
-            max_s: times[n - 1],
-            reps: n,
-        }
+        let median = if n % 2 == 1 { times[n / 2] } else { 0.5 * (times[n / 2 - 1] + times[n / 2]) };
+        Timing { median_s: median, min_s: times[0], max_s: times[n - 1], reps: n }
     }
 }
 
@@ -135,18 +121,15 @@ impl Provenance {
                     .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
             })
             .unwrap_or_else(|| "unknown CPU".into());
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
         let device_name = match device {
             Device::Cpu => format!("cpu ({cores} threads)"),
             _ => run("nvidia-smi", &["--query-gpu=name", "--format=csv,noheader"])
                 .map(|s| s.lines().next().unwrap_or("").to_string())
                 .unwrap_or_else(|| "cuda".into()),
         };
-        let dirty = run("git", &["status", "--porcelain", "--untracked-files=no"])
-            .map(|s| !s.is_empty())
-            .unwrap_or(false);
+        let dirty =
+            run("git", &["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()).unwrap_or(false);
         Provenance {
             date: run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| "unknown".into()),
             machine: format!("{cpu}, {cores} threads"),
@@ -156,13 +139,15 @@ impl Provenance {
             commit: option_env!("ALTFORMERS_COMMIT")
                 .map(String::from)
                 .or_else(|| {
-                    run("git", &["rev-parse", "--short=12", "HEAD"]).map(|c| {
-                        if dirty {
-                            format!("{c}+dirty")
-                        } else {
-                            c
-                        }
-                    })
+                    run("git", &["rev-parse", "--short=12", "HEAD"]).map(
+                        |c| {
+                            if dirty {
+                                format!("{c}+dirty")
+                            } else {
+                                c
+                            }
+                        },
+                    )
                 })
                 .unwrap_or_else(|| "unknown".into()),
             command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -182,12 +167,7 @@ mod seed_tests {
         let dy = Tensor::randn(0f32, 1.0, (3, 5), &Device::Cpu)?;
         let y = (x.as_tensor().sqr()? * 3.0)?;
         let seeded = backward_with(&y, &dy)?.get(x.as_tensor()).unwrap().clone();
-        let reference = (&y * &dy)?
-            .sum_all()?
-            .backward()?
-            .get(x.as_tensor())
-            .unwrap()
-            .clone();
+        let reference = (&y * &dy)?.sum_all()?.backward()?.get(x.as_tensor()).unwrap().clone();
         let diff = (seeded - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "differs by {diff}");
         Ok(())

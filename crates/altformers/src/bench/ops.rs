@@ -54,9 +54,7 @@ struct Case {
 
 fn case(op: &str, t: usize, dtype: DType, dev: &Device) -> Result<Case> {
     let var = |dims: &[usize], dt: DType| -> Result<Var> {
-        Ok(Var::from_tensor(
-            &Tensor::randn(0f32, 1f32, dims, dev)?.to_dtype(dt)?,
-        )?)
+        Ok(Var::from_tensor(&Tensor::randn(0f32, 1f32, dims, dev)?.to_dtype(dt)?)?)
     };
     Ok(match op {
         "attention" => {
@@ -76,38 +74,25 @@ fn case(op: &str, t: usize, dtype: DType, dev: &Device) -> Result<Case> {
             let b = (TOKENS / t).max(1);
             let dims = [b, HEADS, t, HEAD_DIM];
             // RetNet's decays, gamma_h = 1 - 2^(-5-h)
-            let log_gamma: Vec<f32> = (0..HEADS)
-                .map(|h| (1.0 - 2f64.powi(-5 - h as i32)).ln() as f32)
-                .collect();
+            let log_gamma: Vec<f32> = (0..HEADS).map(|h| (1.0 - 2f64.powi(-5 - h as i32)).ln() as f32).collect();
             let log_gamma = Tensor::from_vec(log_gamma, HEADS, dev)?.to_dtype(dtype)?;
             Case {
                 inputs: vec![var(&dims, dtype)?, var(&dims, dtype)?, var(&dims, dtype)?],
                 run: Box::new(move |x| {
-                    Ok(decayed::linear_chunked(
-                        &x[0],
-                        &x[1],
-                        &x[2],
-                        &log_gamma,
-                        RETENTION_CHUNK,
-                        None,
-                    )?
-                    .0)
+                    Ok(decayed::linear_chunked(&x[0], &x[1], &x[2], &log_gamma, RETENTION_CHUNK, None)?.0)
                 }),
                 batch: b,
                 width: HEADS * HEAD_DIM,
                 heads: HEADS,
-                flops_fwd: (4 * b * HEADS * t * RETENTION_CHUNK * HEAD_DIM
-                    + 4 * b * HEADS * t * HEAD_DIM * HEAD_DIM) as f64,
+                flops_fwd: (4 * b * HEADS * t * RETENTION_CHUNK * HEAD_DIM + 4 * b * HEADS * t * HEAD_DIM * HEAD_DIM)
+                    as f64,
                 bwd_factor: 3.0,
             }
         }
         "longconv" => {
             let n = (2 * t) as f64;
             Case {
-                inputs: vec![
-                    var(&[CONV_BATCH, CONV_WIDTH, t], DType::F32)?,
-                    var(&[CONV_WIDTH, t], DType::F32)?,
-                ],
+                inputs: vec![var(&[CONV_BATCH, CONV_WIDTH, t], DType::F32)?, var(&[CONV_WIDTH, t], DType::F32)?],
                 run: Box::new(|x| fftconv::causal_conv(&x[0], &x[1])),
                 batch: CONV_BATCH,
                 width: CONV_WIDTH,
@@ -130,11 +115,7 @@ pub fn check_ops(ops: &[String]) -> Result<()> {
 
 /// Measures every (op, length, mode); a failure at one point (out of memory, unsupported
 /// shape) is recorded in its status and the run goes on.
-pub fn run(
-    opts: &OpsOptions,
-    device: &Device,
-    mut on_point: impl FnMut(&ScalingPoint),
-) -> Result<Vec<ScalingPoint>> {
+pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&ScalingPoint)) -> Result<Vec<ScalingPoint>> {
     check_ops(&opts.ops)?;
     let mut points = Vec::new();
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
@@ -178,8 +159,7 @@ pub fn run(
                     Ok(())
                 })();
                 if let Err(e) = measured {
-                    point.status =
-                        format!("failed: {}", e.to_string().lines().next().unwrap_or(""));
+                    point.status = format!("failed: {}", e.to_string().lines().next().unwrap_or(""));
                 }
                 on_point(&point);
                 points.push(point);

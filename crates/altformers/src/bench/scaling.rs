@@ -75,12 +75,7 @@ pub struct ScalingFit {
 }
 
 /// A bench configuration of `arch` at width/heads/context (the paper's other defaults kept).
-pub fn bench_config(
-    arch: &Architecture,
-    width: usize,
-    heads: usize,
-    context: usize,
-) -> Result<ModelConfig> {
+pub fn bench_config(arch: &Architecture, width: usize, heads: usize, context: usize) -> Result<ModelConfig> {
     let sets = vec![
         format!("model.width={width}"),
         format!("model.heads={heads}"),
@@ -97,8 +92,7 @@ pub fn bench_config(
 
 fn block_flops(cfg: &ModelConfig, arch: &Architecture, shape: &CostShape) -> f64 {
     let hidden = cfg.ffn_mult * cfg.width as f64;
-    (arch.complexity.flops)(shape)
-        + 4.0 * (shape.batch * shape.seq) as f64 * cfg.width as f64 * hidden
+    (arch.complexity.flops)(shape) + 4.0 * (shape.batch * shape.seq) as f64 * cfg.width as f64 * hidden
 }
 
 /// Measures every (model, component, length); the callback sees each point as it lands.
@@ -115,12 +109,7 @@ pub fn run(
             let mut capped: Option<String> = None;
             for &t in &opts.lengths {
                 let batch = (opts.tokens_per_batch / t).max(1);
-                let shape = CostShape {
-                    batch,
-                    seq: t,
-                    width: opts.width,
-                    heads: opts.heads,
-                };
+                let shape = CostShape { batch, seq: t, width: opts.width, heads: opts.heads };
                 let cfg = bench_config(arch, opts.width, opts.heads, t)?;
                 let flops_fwd = if component == "mixer" {
                     (arch.complexity.flops)(&shape)
@@ -131,8 +120,7 @@ pub fn run(
                     BenchMode::Fwd => flops_fwd,
                     BenchMode::Fwdbwd => 3.0 * flops_fwd,
                 };
-                let mem_estimate =
-                    (arch.complexity.memory)(&shape) * opts.dtype.size_in_bytes() as f64;
+                let mem_estimate = (arch.complexity.memory)(&shape) * opts.dtype.size_in_bytes() as f64;
                 let mut point = ScalingPoint {
                     model: name.clone(),
                     component: component.into(),
@@ -151,10 +139,7 @@ pub fn run(
                 if let Some(reason) = &capped {
                     point.status = reason.clone();
                 } else if mem_estimate > opts.memory_cap_bytes {
-                    point.status = format!(
-                        "skipped: estimated {:.1} GB exceeds the memory cap",
-                        mem_estimate / 1e9
-                    );
+                    point.status = format!("skipped: estimated {:.1} GB exceeds the memory cap", mem_estimate / 1e9);
                 } else {
                     match measure(arch, &cfg, component, &shape, opts, device) {
                         Ok((timing, peak)) => {
@@ -162,10 +147,7 @@ pub fn run(
                             point.timing = Some(timing);
                             point.peak_bytes = peak;
                             if timing.median_s > opts.time_cap_s {
-                                capped = Some(format!(
-                                    "skipped: T = {t} already took {:.1} s",
-                                    timing.median_s
-                                ));
+                                capped = Some(format!("skipped: T = {t} already took {:.1} s", timing.median_s));
                             }
                         }
                         Err(e) => {
@@ -201,16 +183,11 @@ fn measure(
     };
     let n = shape.batch * shape.seq * shape.width;
     let values = Rng::derive(1, stream::TEST, shape.seq as u64).normal_vec(n, 1.0);
-    let x = Tensor::from_vec(values, (shape.batch, shape.seq, shape.width), device)?
-        .to_dtype(opts.dtype)?;
+    let x = Tensor::from_vec(values, (shape.batch, shape.seq, shape.width), device)?.to_dtype(opts.dtype)?;
     let x = candle_core::Var::from_tensor(&x)?;
     // candle runs eagerly: the forward is done when the device is synchronized. Mixers and
     // blocks map [B, T, D] to [B, T, D], so the output gradient has the input's shape.
-    let out_grad = if opts.mode == BenchMode::Fwdbwd {
-        Some(x.as_tensor().randn_like(0.0, 1.0)?)
-    } else {
-        None
-    };
+    let out_grad = if opts.mode == BenchMode::Fwdbwd { Some(x.as_tensor().randn_like(0.0, 1.0)?) } else { None };
     let run_once = || -> candle_core::Result<()> {
         let y = layer(x.as_tensor())?;
         if let Some(dy) = &out_grad {
@@ -250,31 +227,15 @@ pub fn fits(points: &[ScalingPoint]) -> Vec<ScalingFit> {
         .map(|(model, component, mode)| {
             let curve: Vec<&ScalingPoint> = points
                 .iter()
-                .filter(|p| {
-                    p.model == model
-                        && p.component == component
-                        && p.mode == mode
-                        && p.timing.is_some()
-                })
+                .filter(|p| p.model == model && p.component == component && p.mode == mode && p.timing.is_some())
                 .collect();
             // B * T is constant, so time per token is what grows; fit time per sequence
             // (time / B) against T, the cost of one sequence of length T.
-            let time: Vec<(f64, f64)> = curve
-                .iter()
-                .map(|p| (p.seq as f64, p.timing.unwrap().median_s / p.batch as f64))
-                .collect();
-            let mem: Vec<(f64, f64)> = curve
-                .iter()
-                .filter_map(|p| {
-                    p.peak_bytes
-                        .map(|b| (p.seq as f64, b as f64 / p.batch as f64))
-                })
-                .collect();
-            let fit_lengths = curve
-                .iter()
-                .skip(fit::upper_half_start(curve.len()))
-                .map(|p| p.seq)
-                .collect();
+            let time: Vec<(f64, f64)> =
+                curve.iter().map(|p| (p.seq as f64, p.timing.unwrap().median_s / p.batch as f64)).collect();
+            let mem: Vec<(f64, f64)> =
+                curve.iter().filter_map(|p| p.peak_bytes.map(|b| (p.seq as f64, b as f64 / p.batch as f64))).collect();
+            let fit_lengths = curve.iter().skip(fit::upper_half_start(curve.len())).map(|p| p.seq).collect();
             ScalingFit {
                 model,
                 component,

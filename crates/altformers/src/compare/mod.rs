@@ -93,20 +93,13 @@ pub struct Selection {
 
 impl Selection {
     fn check(&self) -> Result<()> {
-        anyhow::ensure!(
-            self.jobs >= 1,
-            "--jobs must be at least 1 (got {})",
-            self.jobs
-        );
+        anyhow::ensure!(self.jobs >= 1, "--jobs must be at least 1 (got {})", self.jobs);
         if let Some(p) = self.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
             bail!("unknown part `{p}`: choose from {}", PARTS.join(", "));
         }
         for m in &self.models {
             let arch = registry::find(m)?;
-            anyhow::ensure!(
-                arch.causal,
-                "`{m}` is not causal; compare trains causal language models only"
-            );
+            anyhow::ensure!(arch.causal, "`{m}` is not causal; compare trains causal language models only");
         }
         Ok(())
     }
@@ -137,9 +130,7 @@ pub fn param_count(arch: &Architecture, sets: &[String], width: usize) -> Option
     let mut all = sets.to_vec();
     all.push(format!("model.width={width}"));
     let cfg = RunConfig::build(arch.name, None, &all).ok()?;
-    LanguageModel::new(&cfg.model, 0, &Device::Cpu, DType::F32)
-        .ok()
-        .map(|m| m.num_params())
+    LanguageModel::new(&cfg.model, 0, &Device::Cpu, DType::F32).ok().map(|m| m.num_params())
 }
 
 /// The width (a multiple of the head count; widths a model rejects are skipped) whose
@@ -167,11 +158,7 @@ pub fn solve_width(arch: &Architecture, sets: &[String], target: usize) -> Resul
 /// Settings that bring `arch` within 5% of `target` parameters: the closest width, and where
 /// the width's granularity is too coarse (small models), the channel mixer's `ffn_mult`
 /// adjusted in steps of 1/16 around that width. Returns the `--set` lines and the count.
-pub fn match_params(
-    arch: &Architecture,
-    sets: &[String],
-    target: usize,
-) -> Result<(Vec<String>, usize)> {
+pub fn match_params(arch: &Architecture, sets: &[String], target: usize) -> Result<(Vec<String>, usize)> {
     let (width, params) = solve_width(arch, sets, target)?;
     let mut best = (vec![format!("model.width={width}")], params);
     let off = |p: usize| (p as f64 / target as f64 - 1.0).abs();
@@ -180,20 +167,14 @@ pub fn match_params(
     }
     let cfg = RunConfig::build(arch.name, None, sets)?;
     let step = cfg.model.heads;
-    for w in [width.saturating_sub(step), width, width + step]
-        .into_iter()
-        .filter(|&w| w > 0)
-    {
+    for w in [width.saturating_sub(step), width, width + step].into_iter().filter(|&w| w > 0) {
         for k in -8i32..=8 {
             let mult = cfg.model.ffn_mult * (1.0 + k as f64 / 16.0);
             let mut trial = sets.to_vec();
             trial.push(format!("model.ffn_mult={mult}"));
             if let Some(p) = param_count(arch, &trial, w) {
                 if off(p) < off(best.1) {
-                    best = (
-                        vec![format!("model.width={w}"), format!("model.ffn_mult={mult}")],
-                        p,
-                    );
+                    best = (vec![format!("model.width={w}"), format!("model.ffn_mult={mult}")], p);
                 }
             }
         }
@@ -251,9 +232,7 @@ pub fn run(
     eprintln!("compare --preset {preset_name}: {}", preset.description);
     let causal: Vec<&Architecture> = registry::ARCHITECTURES
         .iter()
-        .filter(|a| {
-            a.causal && (select.models.is_empty() || select.models.iter().any(|m| m == a.name))
-        })
+        .filter(|a| a.causal && (select.models.is_empty() || select.models.iter().any(|m| m == a.name)))
         .collect();
 
     // 1. Language modelling at equal parameters and tokens.
@@ -281,8 +260,7 @@ pub fn run(
                 verbose: true,
                 stop_after: None,
             };
-            let summary = train(&cfg, &corpus, format, &opts)
-                .with_context(|| format!("training {}", arch.name))?;
+            let summary = train(&cfg, &corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
             rows.push(QualityRow {
                 model: arch.name.to_string(),
                 width,
@@ -304,17 +282,11 @@ pub fn run(
     if select.runs("mqar") {
         // Rows already in DIR with the same budget are kept, not retrained: a grid too large
         // for one sitting is finished by running the same command again.
-        let done: Vec<mqar::MqarResult> =
-            crate::report::read_lines(&out.join("mqar.jsonl"))?.unwrap_or_default();
+        let done: Vec<mqar::MqarResult> = crate::report::read_lines(&out.join("mqar.jsonl"))?.unwrap_or_default();
         let mut grid = Vec::new();
         for arch in &causal {
             for &(seq_len, pairs) in &preset.mqar.tasks {
-                let task = MqarConfig {
-                    vocab: preset.mqar.vocab,
-                    seq_len,
-                    pairs,
-                    alpha: 0.01,
-                };
+                let task = MqarConfig { vocab: preset.mqar.vocab, seq_len, pairs, alpha: 0.01 };
                 for &width in &preset.mqar.widths {
                     for &lr in &preset.mqar.lrs {
                         grid.push((arch.name, task, width, lr));
@@ -324,10 +296,7 @@ pub fn run(
         }
         let mut recall: Vec<Option<mqar::MqarResult>> = Vec::with_capacity(grid.len());
         for (name, task, width, lr) in &grid {
-            let kept = done
-                .iter()
-                .find(|r| r.answers(name, task, *width, &preset.mqar, *lr))
-                .cloned();
+            let kept = done.iter().find(|r| r.answers(name, task, *width, &preset.mqar, *lr)).cloned();
             if kept.is_some() {
                 eprintln!(
                     "mqar {name} T={} pairs={} width={width} lr={lr}: kept from {}",
@@ -340,22 +309,14 @@ pub fn run(
         }
         // Narrow models and short tasks first: a grid cut short still covers every model.
         let mut todo: Vec<usize> = (0..grid.len()).filter(|&i| recall[i].is_none()).collect();
-        todo.sort_by_key(|&i| {
-            (
-                grid[i].2,
-                grid[i].1.seq_len,
-                i % preset.mqar.lrs.len().max(1),
-                i,
-            )
-        });
+        todo.sort_by_key(|&i| (grid[i].2, grid[i].1.seq_len, i % preset.mqar.lrs.len().max(1), i));
         let recall = std::sync::Mutex::new(recall);
         let next = std::sync::atomic::AtomicUsize::new(0);
         // Workers take the next untrained run; every finished run is written at once, in
         // grid order, so an interrupted grid resumes where it stopped.
         let worker = |dev: Device| -> Result<()> {
             loop {
-                let Some(&i) = todo.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
-                else {
+                let Some(&i) = todo.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) else {
                     return Ok(());
                 };
                 let (name, task, width, lr) = &grid[i];
@@ -365,9 +326,7 @@ pub fn run(
                     "mqar {name} T={} pairs={} width={width} lr={lr}: accuracy {:.3}",
                     task.seq_len, task.pairs, r.accuracy
                 );
-                let mut rows = recall
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
+                let mut rows = recall.lock().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
                 rows[i] = Some(r);
                 let finished: Vec<&mqar::MqarResult> = rows.iter().flatten().collect();
                 write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
@@ -377,21 +336,16 @@ pub fn run(
         if jobs == 1 {
             worker(device.clone())?;
         } else {
-            let devices = (0..jobs)
-                .map(|_| crate::device::with_own_stream(device))
-                .collect::<Result<Vec<_>>>()?;
+            let devices = (0..jobs).map(|_| crate::device::with_own_stream(device)).collect::<Result<Vec<_>>>()?;
             std::thread::scope(|s| -> Result<()> {
                 let handles: Vec<_> = devices.into_iter().map(|d| s.spawn(|| worker(d))).collect();
                 for h in handles {
-                    h.join()
-                        .map_err(|_| anyhow::anyhow!("an MQAR worker panicked"))??;
+                    h.join().map_err(|_| anyhow::anyhow!("an MQAR worker panicked"))??;
                 }
                 Ok(())
             })?;
         }
-        let rows = recall
-            .into_inner()
-            .map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
+        let rows = recall.into_inner().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
         let finished: Vec<&mqar::MqarResult> = rows.iter().flatten().collect();
         write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
     }
@@ -416,10 +370,7 @@ pub fn run(
         };
         let (points, fits) = scaling::run(&sopts, device, |p| {
             if let Some(t) = p.timing {
-                eprintln!(
-                    "scaling {} {} T={}: {:.4} s",
-                    p.model, p.component, p.seq, t.median_s
-                )
+                eprintln!("scaling {} {} T={}: {:.4} s", p.model, p.component, p.seq, t.median_s)
             }
         })?;
         write_lines(&out.join("scaling.jsonl"), &causal, &points)?;
@@ -441,13 +392,7 @@ pub fn run(
         };
         let decoded = decode::run(&dopts, device, |p| {
             if let Some(l) = p.latency_s {
-                eprintln!(
-                    "decode {} context={} batch={}: {:.2} ms/token",
-                    p.model,
-                    p.context,
-                    p.batch,
-                    l * 1e3
-                )
+                eprintln!("decode {} context={} batch={}: {:.2} ms/token", p.model, p.context, p.batch, l * 1e3)
             }
         })?;
         write_lines(&out.join("decode.jsonl"), &causal, &decoded)?;
@@ -488,10 +433,7 @@ mod tests {
 
     /// A fresh temporary directory (named after `tag`) holding `tiny.toml`: the quick preset
     /// with `mqar` as its recall settings. Returns the directory, the preset and the file.
-    fn tiny_preset(
-        tag: &str,
-        mqar: mqar::MqarSettings,
-    ) -> Result<(std::path::PathBuf, Preset, std::path::PathBuf)> {
+    fn tiny_preset(tag: &str, mqar: mqar::MqarSettings) -> Result<(std::path::PathBuf, Preset, std::path::PathBuf)> {
         let dir = std::env::temp_dir().join(format!("altformers-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -521,52 +463,19 @@ mod tests {
             eval_examples: 8,
         };
         let (dir, mut p, file) = tiny_preset("mqar-rerun", settings)?;
-        let select = Selection {
-            parts: vec!["mqar".into()],
-            models: vec!["transformer".into()],
-            jobs: 1,
-        };
+        let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: 1 };
         let preset_arg = file.to_str().unwrap();
-        run(
-            preset_arg,
-            "shakespeare",
-            DataFormat::Text,
-            &dir,
-            &Device::Cpu,
-            &select,
-        )?;
+        run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let first = mqar_rows(&dir)?;
         assert_eq!(first.len(), 1);
-        run(
-            preset_arg,
-            "shakespeare",
-            DataFormat::Text,
-            &dir,
-            &Device::Cpu,
-            &select,
-        )?;
+        run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let again = mqar_rows(&dir)?;
-        assert_eq!(
-            (again.len(), again[0].train_s),
-            (1, first[0].train_s),
-            "the finished row was retrained"
-        );
+        assert_eq!((again.len(), again[0].train_s), (1, first[0].train_s), "the finished row was retrained");
         p.mqar.steps = 3;
         std::fs::write(&file, toml::to_string(&p)?)?;
-        run(
-            preset_arg,
-            "shakespeare",
-            DataFormat::Text,
-            &dir,
-            &Device::Cpu,
-            &select,
-        )?;
+        run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let changed = mqar_rows(&dir)?;
-        assert_eq!(
-            (changed.len(), changed[0].steps),
-            (1, 3),
-            "a row with another budget was kept"
-        );
+        assert_eq!((changed.len(), changed[0].steps), (1, 3), "a row with another budget was kept");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
@@ -588,31 +497,13 @@ mod tests {
         let mut results = Vec::new();
         for jobs in [1, 3] {
             let dir = base.join(format!("jobs-{jobs}"));
-            let select = Selection {
-                parts: vec!["mqar".into()],
-                models: vec!["transformer".into()],
-                jobs,
-            };
-            run(
-                file.to_str().unwrap(),
-                "shakespeare",
-                DataFormat::Text,
-                &dir,
-                &Device::Cpu,
-                &select,
-            )?;
+            let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs };
+            run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
             let rows = mqar_rows(&dir)?;
-            results.push(
-                rows.iter()
-                    .map(|r| (r.width, r.lr, r.final_loss, r.accuracy))
-                    .collect::<Vec<_>>(),
-            );
+            results.push(rows.iter().map(|r| (r.width, r.lr, r.final_loss, r.accuracy)).collect::<Vec<_>>());
         }
         assert_eq!(results[0].len(), 4);
-        assert_eq!(
-            results[0], results[1],
-            "three workers trained other models than one"
-        );
+        assert_eq!(results[0], results[1], "three workers trained other models than one");
         std::fs::remove_dir_all(&base)?;
         Ok(())
     }

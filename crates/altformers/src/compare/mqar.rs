@@ -54,29 +54,15 @@ pub struct MqarResult {
 impl MqarResult {
     /// Whether this row is the result of training `model` on `task` at `width` with `s` and
     /// peak learning rate `lr`.
-    pub fn answers(
-        &self,
-        model: &str,
-        task: &MqarConfig,
-        width: usize,
-        s: &MqarSettings,
-        lr: f64,
-    ) -> bool {
-        (self.model.as_str(), self.seq_len, self.pairs, self.width)
-            == (model, task.seq_len, task.pairs, width)
-            && (self.vocab, self.depth, self.steps, self.batch_size)
-                == (task.vocab, s.depth, s.steps, s.batch_size)
+    pub fn answers(&self, model: &str, task: &MqarConfig, width: usize, s: &MqarSettings, lr: f64) -> bool {
+        (self.model.as_str(), self.seq_len, self.pairs, self.width) == (model, task.seq_len, task.pairs, width)
+            && (self.vocab, self.depth, self.steps, self.batch_size) == (task.vocab, s.depth, s.steps, s.batch_size)
             && self.lr == lr
     }
 }
 
 /// The model configuration for one MQAR run of `mixer`.
-pub fn mqar_model(
-    mixer: &str,
-    task: &MqarConfig,
-    width: usize,
-    depth: usize,
-) -> Result<ModelConfig> {
+pub fn mqar_model(mixer: &str, task: &MqarConfig, width: usize, depth: usize) -> Result<ModelConfig> {
     let heads = if width >= 64 { 4 } else { 2 };
     let sets = vec![
         format!("model.width={width}"),
@@ -109,24 +95,19 @@ pub fn train_and_score(
     for step in 0..s.steps {
         let mut rng = Rng::derive(seed, stream::TRAIN_BATCH, step as u64);
         let (x, rows, y) = task.batch(s.batch_size, &mut rng, device)?;
-        let loss = candle_nn::loss::cross_entropy(
-            &model.forward_at(&x, &rows)?.to_dtype(DType::F32)?,
-            &y,
-        )?;
+        let loss = candle_nn::loss::cross_entropy(&model.forward_at(&x, &rows)?.to_dtype(DType::F32)?, &y)?;
         final_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        anyhow::ensure!(
-            final_loss.is_finite(),
-            "MQAR training of {mixer} diverged at step {step}"
-        );
+        anyhow::ensure!(final_loss.is_finite(), "MQAR training of {mixer} diverged at step {step}");
         if (step + 1) % (s.steps / 10).max(1) == 0 {
             let secs = started.elapsed().as_secs_f64();
-            eprintln!("  mqar {mixer} T={} width={width} lr={lr} step {}/{}: loss {final_loss:.4} ({secs:.1} s)", task.seq_len, step + 1, s.steps);
+            eprintln!(
+                "  mqar {mixer} T={} width={width} lr={lr} step {}/{}: loss {final_loss:.4} ({secs:.1} s)",
+                task.seq_len,
+                step + 1,
+                s.steps
+            );
         }
-        opt.step(
-            &loss.backward()?,
-            learning_rate(step, lr, lr * 0.1, s.steps / 10, s.steps),
-            1.0,
-        )?;
+        opt.step(&loss.backward()?, learning_rate(step, lr, lr * 0.1, s.steps / 10, s.steps), 1.0)?;
     }
     let train_s = started.elapsed().as_secs_f64();
     let (mut correct, mut total) = (0.0, 0.0);
@@ -137,11 +118,7 @@ pub fn train_and_score(
         left -= b;
         let (x, rows, y) = task.batch(b, &mut rng, device)?;
         let pred = model.forward_at(&x, &rows)?.argmax(D::Minus1)?;
-        correct += pred
-            .eq(&y)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+        correct += pred.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
         total += y.dim(0)? as f64;
     }
     Ok(MqarResult {

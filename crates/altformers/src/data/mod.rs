@@ -40,9 +40,7 @@ impl Corpus {
         } else {
             let path = Path::new(source);
             if !path.exists() {
-                bail!(
-                    "data file {source} does not exist (use `shakespeare` for the bundled corpus)"
-                );
+                bail!("data file {source} does not exist (use `shakespeare` for the bundled corpus)");
             }
             std::fs::read(path).with_context(|| format!("reading data file {source}"))?
         };
@@ -57,24 +55,12 @@ impl Corpus {
             DataFormat::Enwik8 => {
                 const M: usize = 1_000_000;
                 if bytes.len() < 100 * M {
-                    bail!(
-                        "enwik8 must hold 100,000,000 bytes; {source} has {}",
-                        bytes.len()
-                    );
+                    bail!("enwik8 must hold 100,000,000 bytes; {source} has {}", bytes.len());
                 }
-                (
-                    bytes[..90 * M].to_vec(),
-                    bytes[90 * M..95 * M].to_vec(),
-                    Some(bytes[95 * M..100 * M].to_vec()),
-                )
+                (bytes[..90 * M].to_vec(), bytes[90 * M..95 * M].to_vec(), Some(bytes[95 * M..100 * M].to_vec()))
             }
         };
-        Ok(Self {
-            source: source.to_string(),
-            train,
-            val,
-            test,
-        })
+        Ok(Self { source: source.to_string(), train, val, test })
     }
 
     /// Checks both splits can fill a window of `context` tokens plus its target.
@@ -110,10 +96,7 @@ pub fn random_batch(
         xs.extend(split[i..i + context].iter().map(|&b| b as u32));
         ys.extend(split[i + 1..i + context + 1].iter().map(|&b| b as u32));
     }
-    Ok((
-        Tensor::from_vec(xs, (batch, context), device)?,
-        Tensor::from_vec(ys, (batch, context), device)?,
-    ))
+    Ok((Tensor::from_vec(xs, (batch, context), device)?, Tensor::from_vec(ys, (batch, context), device)?))
 }
 
 /// Bytes of `text` as a `[1, T]` token tensor.
@@ -152,23 +135,14 @@ mod tests {
 
     #[test]
     fn bad_files_are_clear_errors() {
-        let missing = Corpus::load("/nonexistent/file.txt", DataFormat::Text)
-            .err()
-            .unwrap()
-            .to_string();
+        let missing = Corpus::load("/nonexistent/file.txt", DataFormat::Text).err().unwrap().to_string();
         assert!(missing.contains("does not exist"), "{missing}");
         let dir = std::env::temp_dir().join(format!("altformers-empty-{}", std::process::id()));
         std::fs::write(&dir, b"").unwrap();
-        let empty = Corpus::load(dir.to_str().unwrap(), DataFormat::Text)
-            .err()
-            .unwrap()
-            .to_string();
+        let empty = Corpus::load(dir.to_str().unwrap(), DataFormat::Text).err().unwrap().to_string();
         assert!(empty.contains("is empty"), "{empty}");
         std::fs::write(&dir, b"tiny").unwrap();
-        let short = Corpus::load(dir.to_str().unwrap(), DataFormat::Enwik8)
-            .err()
-            .unwrap()
-            .to_string();
+        let short = Corpus::load(dir.to_str().unwrap(), DataFormat::Enwik8).err().unwrap().to_string();
         assert!(short.contains("100,000,000"), "{short}");
         std::fs::remove_file(&dir).unwrap();
     }

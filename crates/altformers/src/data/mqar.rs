@@ -40,11 +40,7 @@ impl MqarConfig {
             self.vocab,
             self.pairs
         );
-        ensure!(
-            self.vocab - self.vocab / 2 >= self.pairs,
-            "MQAR vocabulary too small for {} values",
-            self.pairs
-        );
+        ensure!(self.vocab - self.vocab / 2 >= self.pairs, "MQAR vocabulary too small for {} values", self.pairs);
         ensure!(
             self.seq_len >= 4 * self.pairs,
             "MQAR length {} cannot hold {} pairs and their queries",
@@ -65,9 +61,7 @@ impl MqarConfig {
         }
         // free two-token slots after the pairs: slot j covers positions 2k + 2j, 2k + 2j + 1
         let slots = (t + 1 - 2 * k) / 2;
-        let mut weights: Vec<f64> = (0..slots)
-            .map(|j| ((j + 1) as f64).powf(self.alpha - 1.0))
-            .collect();
+        let mut weights: Vec<f64> = (0..slots).map(|j| ((j + 1) as f64).powf(self.alpha - 1.0)).collect();
         let mut order: Vec<usize> = (0..k).collect();
         shuffle(rng, &mut order);
         let mut scored = vec![false; t];
@@ -88,22 +82,13 @@ impl MqarConfig {
             seq[p + 1] = values[pair];
             scored[p] = true;
         }
-        MqarExample {
-            inputs: seq[..t].to_vec(),
-            targets: seq[1..=t].to_vec(),
-            scored,
-        }
+        MqarExample { inputs: seq[..t].to_vec(), targets: seq[1..=t].to_vec(), scored }
     }
 
     /// `batch` examples as tensors: inputs `[B, T]` (u32), the scored positions as rows of
     /// the flattened `[B T]` (`[N]`, u32), and the value expected at each (`[N]`, u32). Only
     /// those rows need logits (see `LanguageModel::forward_at`).
-    pub fn batch(
-        &self,
-        batch: usize,
-        rng: &mut Rng,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn batch(&self, batch: usize, rng: &mut Rng, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
         let (mut xs, mut rows, mut ys) = (vec![], vec![], vec![]);
         for b in 0..batch {
             let e = self.sample(rng);
@@ -145,12 +130,7 @@ mod tests {
     #[test]
     fn every_query_is_answered_by_its_pair_and_keys_are_unique() {
         for (t, k) in [(64, 4), (128, 8), (256, 16), (16, 4)] {
-            let cfg = MqarConfig {
-                vocab: 8192,
-                seq_len: t,
-                pairs: k,
-                alpha: 0.01,
-            };
+            let cfg = MqarConfig { vocab: 8192, seq_len: t, pairs: k, alpha: 0.01 };
             cfg.validate().unwrap();
             let mut rng = Rng::new(t as u64);
             for _ in 0..50 {
@@ -162,8 +142,7 @@ mod tests {
                 sorted.dedup();
                 assert_eq!(sorted.len(), k, "keys not unique");
                 assert!(keys.iter().all(|&x| x >= 1 && x < 4096));
-                let value_of =
-                    |key: u32| e.inputs[2 * keys.iter().position(|&x| x == key).unwrap() + 1];
+                let value_of = |key: u32| e.inputs[2 * keys.iter().position(|&x| x == key).unwrap() + 1];
                 let queries: Vec<usize> = (0..t).filter(|&p| e.scored[p]).collect();
                 assert_eq!(queries.len(), k, "one query per key");
                 for &p in &queries {
@@ -179,25 +158,13 @@ mod tests {
 
     #[test]
     fn generator_is_seeded() {
-        let cfg = MqarConfig {
-            vocab: 64,
-            seq_len: 32,
-            pairs: 4,
-            alpha: 0.01,
-        };
+        let cfg = MqarConfig { vocab: 64, seq_len: 32, pairs: 4, alpha: 0.01 };
         let a = cfg.sample(&mut Rng::new(3));
         let b = cfg.sample(&mut Rng::new(3));
         let c = cfg.sample(&mut Rng::new(4));
         assert_eq!(a.inputs, b.inputs);
         assert_ne!(a.inputs, c.inputs);
-        assert!(MqarConfig {
-            vocab: 8,
-            seq_len: 32,
-            pairs: 4,
-            alpha: 0.01
-        }
-        .validate()
-        .is_err());
+        assert!(MqarConfig { vocab: 8, seq_len: 32, pairs: 4, alpha: 0.01 }.validate().is_err());
         // a batch's scored rows point at queried keys, and their targets are those keys' values
         let (x, rows, y) = cfg.batch(3, &mut Rng::new(5), &Device::Cpu).unwrap();
         let (x, rows, y) = (
@@ -211,18 +178,8 @@ mod tests {
         for (&r, &v) in rows.iter().zip(&y) {
             let (b, p) = (r as usize / 32, r as usize % 32);
             assert!(examples[b].scored[p]);
-            assert_eq!(
-                (x[r as usize], v),
-                (examples[b].inputs[p], examples[b].targets[p])
-            );
+            assert_eq!((x[r as usize], v), (examples[b].inputs[p], examples[b].targets[p]));
         }
-        assert!(MqarConfig {
-            vocab: 64,
-            seq_len: 15,
-            pairs: 4,
-            alpha: 0.01
-        }
-        .validate()
-        .is_err());
+        assert!(MqarConfig { vocab: 64, seq_len: 15, pairs: 4, alpha: 0.01 }.validate().is_err());
     }
 }

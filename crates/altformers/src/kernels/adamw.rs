@@ -45,11 +45,9 @@ pub fn applies(slots: &[Slot]) -> bool {
     let device = first.weight.device();
     device.is_cuda()
         && slots.iter().all(|s| {
-            [s.weight, s.m, s.v, s.grad].iter().all(|t| {
-                t.dtype() == candle_core::DType::F32
-                    && t.is_contiguous()
-                    && t.device().same_device(device)
-            })
+            [s.weight, s.m, s.v, s.grad]
+                .iter()
+                .all(|t| t.dtype() == candle_core::DType::F32 && t.is_contiguous() && t.device().same_device(device))
         })
 }
 
@@ -59,16 +57,11 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<f64> {
     let Some(first) = slots.first() else {
         return Ok(0.0);
     };
-    let candle_core::Device::Cuda(dev) = first.weight.device() else {
-        candle_core::bail!("fused AdamW: not on CUDA")
-    };
+    let candle_core::Device::Cuda(dev) = first.weight.device() else { candle_core::bail!("fused AdamW: not on CUDA") };
     let stream = dev.cuda_stream();
     // Every tensor's storage stays read-locked and its device pointer alive until both
     // kernels are queued; the kernels write through the pointers of weights and moments.
-    let tensors: Vec<&Tensor> = slots
-        .iter()
-        .flat_map(|s| [s.weight, s.m, s.v, s.grad])
-        .collect();
+    let tensors: Vec<&Tensor> = slots.iter().flat_map(|s| [s.weight, s.m, s.v, s.grad]).collect();
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let mut table: Vec<u64> = Vec::with_capacity(slots.len() * TABLE_COLS);
     let mut ptr_guards = Vec::new();
@@ -76,11 +69,7 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<f64> {
     for (i, slot) in slots.iter().enumerate() {
         for j in 0..4 {
             let (storage, layout) = &guards[4 * i + j];
-            let Storage::Cuda(CudaStorage {
-                slice: CudaStorageSlice::F32(s),
-                ..
-            }) = &**storage
-            else {
+            let Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F32(s), .. }) = &**storage else {
                 candle_core::bail!("fused AdamW: expected f32 tensors on CUDA")
             };
             let (ptr, g) = s.device_ptr(&stream);
@@ -88,13 +77,8 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<f64> {
             table.push(ptr + 4 * layout.start_offset() as u64);
         }
         let n = slot.weight.elem_count();
-        if [slot.m, slot.v, slot.grad]
-            .iter()
-            .any(|t| t.elem_count() != n)
-        {
-            candle_core::bail!(
-                "fused AdamW: a moment or gradient differs in size from its weight ({n})"
-            );
+        if [slot.m, slot.v, slot.grad].iter().any(|t| t.elem_count() != n) {
+            candle_core::bail!("fused AdamW: a moment or gradient differs in size from its weight ({n})");
         }
         table.extend([n as u64, slot.decay as u64, blocks]);
         blocks += n.div_ceil(PER_BLOCK) as u64;
@@ -105,11 +89,7 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<f64> {
     let count = slots.len() as i32;
     let table = stream.clone_htod(&table).w()?;
     let mut sumsq = stream.alloc_zeros::<f64>(1).w()?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let sum = launch::func(dev, MODULE, ptx::ADAMW, "adamw_sumsq")?;
     let mut b = sum.builder();
     b.arg(&table).arg(&count).arg(&mut sumsq);
@@ -117,17 +97,8 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<f64> {
     let update = launch::func(dev, MODULE, ptx::ADAMW, "adamw_update")?;
     let decay_factor = 1.0 - h.lr * h.weight_decay;
     let mut b = update.builder();
-    b.arg(&table)
-        .arg(&count)
-        .arg(&sumsq)
-        .arg(&h.lr)
-        .arg(&h.beta1)
-        .arg(&h.beta2);
-    b.arg(&h.bc1)
-        .arg(&h.bc2)
-        .arg(&h.eps)
-        .arg(&decay_factor)
-        .arg(&h.clip);
+    b.arg(&table).arg(&count).arg(&sumsq).arg(&h.lr).arg(&h.beta1).arg(&h.beta2);
+    b.arg(&h.bc1).arg(&h.bc2).arg(&h.eps).arg(&decay_factor).arg(&h.clip);
     unsafe { b.launch(cfg) }.w()?;
     drop(ptr_guards);
     drop(guards);

@@ -18,9 +18,7 @@
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{
-    bail, CpuStorage, CustomOp3, DType, IndexOp, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, IndexOp, Layout, Result, Shape, Storage, Tensor};
 
 use super::launch::{self, LaunchConfig, PushKernelArg};
 use super::ptx;
@@ -60,16 +58,9 @@ fn tc_outputs_shared_bytes(width: usize) -> usize {
 /// `func` may use `shared` bytes of dynamic shared memory, and prefers the largest shared
 /// memory carve-out (so that as many CTAs fit per SM as `__launch_bounds__` asks for).
 fn set_shared(func: &launch::Kernel, shared: usize) -> Result<()> {
-    func.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        shared as i32,
-    )
-    .w()?;
-    func.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-        100,
-    )
-    .w()?;
+    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
+        .w()?;
+    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100).w()?;
     Ok(())
 }
 
@@ -94,17 +85,13 @@ fn contiguous<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>>
 /// The f32 device memory of `t` (held by an op beside its inputs), while `guard` lives.
 fn held_f32<'a>(guard: &'a candle_core::StorageRef<'_>, l: &Layout) -> Result<CudaView<'a, f32>> {
     match &**guard {
-        Storage::Cuda(CudaStorage {
-            slice: CudaStorageSlice::F32(s),
-            ..
-        }) => contiguous(s, l),
+        Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F32(s), .. }) => contiguous(s, l),
         _ => bail!("fused kernel: expected an f32 tensor on the CUDA device"),
     }
 }
 
 fn int(x: usize) -> Result<i32> {
-    i32::try_from(x)
-        .map_err(|_| candle_core::Error::Msg(format!("fused kernel: size {x} exceeds i32")))
+    i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("fused kernel: size {x} exceeds i32")))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -123,9 +110,7 @@ pub fn linear(
 ) -> Result<Option<(Tensor, Tensor)>> {
     let (b, h, t, dk) = q.dims4()?;
     let dv = v.dim(3)?;
-    let dtype_ok = matches!(q.dtype(), DType::F32 | DType::BF16)
-        && k.dtype() == q.dtype()
-        && v.dtype() == q.dtype();
+    let dtype_ok = matches!(q.dtype(), DType::F32 | DType::BF16) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
     // the backward contracts over d_v as the forward does over d_k
     let tensor_cores = q.dtype() == DType::BF16 && tensor_cores_apply(b * h, &[dk, dv]);
     let fits = tensor_cores || retention_shared_bytes(dk.max(dv)) <= MAX_SHARED_BYTES;
@@ -143,23 +128,13 @@ pub fn linear(
         bail!("retention: log_decay {:?} is not [{h}]", log_decay.shape());
     }
     let op = Retention {
-        log_decay: log_decay
-            .to_device(q.device())?
-            .to_dtype(DType::F32)?
-            .contiguous()?,
+        log_decay: log_decay.to_device(q.device())?.to_dtype(DType::F32)?.contiguous()?,
         final_state: Default::default(),
     };
     let final_state = op.final_state.clone();
-    let y = q
-        .contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
-    let s = final_state
-        .lock()
-        .expect("retention: state lock poisoned")
-        .take();
-    let Some(s) = s else {
-        bail!("retention: the forward left no final state")
-    };
+    let y = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    let s = final_state.lock().expect("retention: state lock poisoned").take();
+    let Some(s) = s else { bail!("retention: the forward left no final state") };
     Ok(Some((y, s)))
 }
 
@@ -190,9 +165,7 @@ impl<T: CudaDType + DeviceRepr + candle_core::WithDType> Elem for T {}
 /// Whether the tensor-core kernels take `rows = B H` sequences (one grid dimension, at most
 /// 65535) contracting over each of `widths`, unless switched off.
 fn tensor_cores_apply(rows: usize, widths: &[usize]) -> bool {
-    rows <= 65535
-        && widths.iter().all(|&w| tensor_core_width(w).is_some())
-        && super::enabled("retention-tc")
+    rows <= 65535 && widths.iter().all(|&w| tensor_core_width(w).is_some()) && super::enabled("retention-tc")
 }
 
 /// `[B, H, T, d]` of one input.
@@ -227,16 +200,8 @@ impl Kernels<'_> {
     ) -> Result<CudaSlice<T>> {
         let Dims { b, h, t } = self.dims;
         let (k_tiles, v_tiles) = (dk.div_ceil(TC_TILE), dv.div_ceil(TC_TILE));
-        let states = launch::uninit::<T>(
-            self.dev,
-            b * h * t.div_ceil(CHUNK) * k_tiles * v_tiles * TC_TILE * TC_TILE,
-        )?;
-        let func = launch::func(
-            self.dev,
-            MODULE_TC,
-            ptx::DECAYED_TC,
-            "retention_states_bf16",
-        )?;
+        let states = launch::uninit::<T>(self.dev, b * h * t.div_ceil(CHUNK) * k_tiles * v_tiles * TC_TILE * TC_TILE)?;
+        let func = launch::func(self.dev, MODULE_TC, ptx::DECAYED_TC, "retention_states_bf16")?;
         let shared = tc_states_shared_bytes();
         set_shared(&func, shared)?;
         let cfg = LaunchConfig {
@@ -244,8 +209,7 @@ impl Kernels<'_> {
             block_dim: (TC_THREADS, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let (heads, len_t, dk_i, dv_i, reverse) =
-            (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
+        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
         let no_state = 0u64;
         let mut builder = func.builder();
         builder.arg(k).arg(v).arg(&self.log_decay).arg(&states);
@@ -253,12 +217,7 @@ impl Kernels<'_> {
             Some(s) => builder.arg(s),
             None => builder.arg(&no_state), // a null pointer: the kernel skips the final state
         };
-        builder
-            .arg(&heads)
-            .arg(&len_t)
-            .arg(&dk_i)
-            .arg(&dv_i)
-            .arg(&reverse);
+        builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
         // SAFETY: `states` holds every (chunk, padded tile) of the grid; `final_state` (when
         // given) [B H, d_k, d_v]; the inputs [B H, T, d_k | d_v] (checked by the callers).
         unsafe { builder.launch(cfg) }.w()?;
@@ -280,42 +239,21 @@ impl Kernels<'_> {
         transposed: bool,
     ) -> Result<CudaSlice<T>> {
         let Dims { b, h, t } = self.dims;
-        let Some(width) = tensor_core_width(dk) else {
-            bail!("retention: no tensor-core kernel for width {dk}")
-        };
+        let Some(width) = tensor_core_width(dk) else { bail!("retention: no tensor-core kernel for width {dk}") };
         let mut y = launch::uninit::<T>(self.dev, b * h * t * dv)?;
-        let name = format!(
-            "retention_outputs_bf16_d{width}{}",
-            if transposed { "_t" } else { "" }
-        );
+        let name = format!("retention_outputs_bf16_d{width}{}", if transposed { "_t" } else { "" });
         let func = launch::func(self.dev, MODULE_TC, ptx::DECAYED_TC, &name)?;
         let shared = tc_outputs_shared_bytes(width);
         set_shared(&func, shared)?;
         let cfg = LaunchConfig {
-            grid_dim: (
-                t.div_ceil(CHUNK) as u32,
-                dv.div_ceil(TC_TILE) as u32,
-                (b * h) as u32,
-            ),
+            grid_dim: (t.div_ceil(CHUNK) as u32, dv.div_ceil(TC_TILE) as u32, (b * h) as u32),
             block_dim: (TC_THREADS, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let (heads, len_t, dk_i, dv_i, reverse) =
-            (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
+        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
         let mut builder = func.builder();
-        builder
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(states)
-            .arg(&self.log_decay)
-            .arg(&mut y);
-        builder
-            .arg(&heads)
-            .arg(&len_t)
-            .arg(&dk_i)
-            .arg(&dv_i)
-            .arg(&reverse);
+        builder.arg(q).arg(k).arg(v).arg(states).arg(&self.log_decay).arg(&mut y);
+        builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
         // SAFETY: the states were written before on this stream, with the padded widths the
         // kernel derives from `dk` and `dv` (swapped when `transposed`); every row of `y` is written.
         unsafe { builder.launch(cfg) }.w()?;
@@ -338,38 +276,19 @@ impl Kernels<'_> {
         }
         let mut y = launch::uninit::<T>(self.dev, b * h * t * dv)?;
         let mut state = launch::uninit::<T>(self.dev, b * h * dk * dv)?;
-        let kernel = if T::DTYPE == DType::F32 {
-            "retention_scan_f32"
-        } else {
-            "retention_scan_bf16"
-        };
+        let kernel = if T::DTYPE == DType::F32 { "retention_scan_f32" } else { "retention_scan_bf16" };
         let func = launch::func(self.dev, MODULE, ptx::DECAYED, kernel)?;
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shared as i32,
-        )
-        .w()?;
+        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
+            .w()?;
         let cfg = LaunchConfig {
             grid_dim: (dv.div_ceil(VTILE) as u32, h as u32, b as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let (heads, len_t, dk_i, dv_i, reverse) =
-            (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
+        let (heads, len_t, dk_i, dv_i, reverse) = (int(h)?, int(t)?, int(dk)?, int(dv)?, reverse as i32);
         let mut builder = func.builder();
-        builder
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(&self.log_decay)
-            .arg(&mut y)
-            .arg(&mut state);
-        builder
-            .arg(&heads)
-            .arg(&len_t)
-            .arg(&dk_i)
-            .arg(&dv_i)
-            .arg(&reverse);
+        builder.arg(q).arg(k).arg(v).arg(&self.log_decay).arg(&mut y).arg(&mut state);
+        builder.arg(&heads).arg(&len_t).arg(&dk_i).arg(&dv_i).arg(&reverse);
         // SAFETY: the buffers hold the sizes the kernel indexes; it writes every element of both.
         unsafe { builder.launch(cfg) }.w()?;
         Ok((y, state))
@@ -389,10 +308,7 @@ impl Kernels<'_> {
         let Dims { b, h, .. } = self.dims;
         let mut final_state = launch::uninit::<T>(self.dev, b * h * widths.0 * widths.1)?;
         let states = self.states(k, v, widths, false, Some(&mut final_state))?;
-        Ok((
-            self.outputs(q, k, v, &states, widths, false, false)?,
-            final_state,
-        ))
+        Ok((self.outputs(q, k, v, &states, widths, false, false)?, final_state))
     }
 
     /// `(dq, dk, dv)` from the output gradient `g`: `dq = scan(g, v, k)`;
@@ -453,11 +369,7 @@ impl Retention {
         l: &Layout,
         dims: Dims,
     ) -> Result<Kernels<'a>> {
-        Ok(Kernels {
-            dev,
-            log_decay: held_f32(guard, l)?,
-            dims,
-        })
+        Ok(Kernels { dev, log_decay: held_f32(guard, l)?, dims })
     }
 }
 
@@ -491,12 +403,7 @@ impl CustomOp3 for Retention {
         let (b, h, t, dk) = l1.shape().dims4()?;
         let (b2, h2, t2, dv) = l3.shape().dims4()?;
         if l2.shape().dims() != l1.shape().dims() || (b2, h2, t2) != (b, h, t) {
-            bail!(
-                "retention: q {:?}, k {:?}, v {:?} do not match",
-                l1.shape(),
-                l2.shape(),
-                l3.shape()
-            );
+            bail!("retention: q {:?}, k {:?}, v {:?} do not match", l1.shape(), l2.shape(), l3.shape());
         }
         let dev = launch::device(s1);
         let (ld_guard, ld_layout) = self.log_decay.storage_and_layout();
@@ -504,35 +411,18 @@ impl CustomOp3 for Retention {
         let out_shape = Shape::from((b, h, t, dv));
         let (y, state) = match (&s1.slice, &s2.slice, &s3.slice) {
             (F32(q), F32(k), F32(v)) => {
-                let (y, s) = kernels.forward(
-                    &contiguous(q, l1)?,
-                    &contiguous(k, l2)?,
-                    &contiguous(v, l3)?,
-                    (dk, dv),
-                )?;
-                (
-                    f32::wrap_cuda_slice(y, dev.clone()),
-                    tensor(s, dev, &[b, h, dk, dv]),
-                )
+                let (y, s) =
+                    kernels.forward(&contiguous(q, l1)?, &contiguous(k, l2)?, &contiguous(v, l3)?, (dk, dv))?;
+                (f32::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
             }
             (BF16(q), BF16(k), BF16(v)) => {
-                let (y, s) = kernels.forward(
-                    &contiguous(q, l1)?,
-                    &contiguous(k, l2)?,
-                    &contiguous(v, l3)?,
-                    (dk, dv),
-                )?;
-                (
-                    CudaDType::wrap_cuda_slice(y, dev.clone()),
-                    tensor(s, dev, &[b, h, dk, dv]),
-                )
+                let (y, s) =
+                    kernels.forward(&contiguous(q, l1)?, &contiguous(k, l2)?, &contiguous(v, l3)?, (dk, dv))?;
+                (CudaDType::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
             }
             _ => bail!("retention: q, k, v must all be f32 or all bf16"),
         };
-        *self
-            .final_state
-            .lock()
-            .expect("retention: state lock poisoned") = Some(state);
+        *self.final_state.lock().expect("retention: state lock poisoned") = Some(state);
         Ok((y, out_shape))
     }
 
@@ -570,11 +460,7 @@ impl CustomOp3 for Retention {
                     &contiguous(g, gl)?,
                     (dk, dv),
                 )?;
-                [
-                    tensor(a, dev, &qd),
-                    tensor(b_, dev, &qd),
-                    tensor(c, dev, &vd),
-                ]
+                [tensor(a, dev, &qd), tensor(b_, dev, &qd), tensor(c, dev, &vd)]
             }
             (BF16(q), BF16(k), BF16(v), BF16(g)) => {
                 let [a, b_, c] = kernels.backward(
@@ -584,11 +470,7 @@ impl CustomOp3 for Retention {
                     &contiguous(g, gl)?,
                     (dk, dv),
                 )?;
-                [
-                    tensor(a, dev, &qd),
-                    tensor(b_, dev, &qd),
-                    tensor(c, dev, &vd),
-                ]
+                [tensor(a, dev, &qd), tensor(b_, dev, &qd), tensor(c, dev, &vd)]
             }
             _ => bail!("retention backward: q, k, v and the gradient must all be f32 or all bf16"),
         };
@@ -603,12 +485,7 @@ impl CustomOp3 for Retention {
 /// The fused [`crate::primitives::decayed::wkv_chunked`]: `k, v: [B, T, C]` f32 ->
 /// `(y: [B, T, C], final state)`, or `None` where it does not apply (a decay without a
 /// bonus, an initial state, another dtype, not on CUDA).
-pub fn wkv(
-    k: &Tensor,
-    v: &Tensor,
-    wt: Weighting,
-    state: Option<&WkvState>,
-) -> Result<Option<(Tensor, WkvState)>> {
+pub fn wkv(k: &Tensor, v: &Tensor, wt: Weighting, state: Option<&WkvState>) -> Result<Option<(Tensor, WkvState)>> {
     let (b, t, c) = k.dims3()?;
     // without a bonus the current token weighs e^{k_t}: the bonus form with u = 0 only when
     // nothing decays either
@@ -630,23 +507,11 @@ pub fn wkv(
         }
     };
     let decay_bonus = Tensor::stack(&[param(wt.decay)?, param(wt.bonus)?], 0)?.contiguous()?;
-    let out = k
-        .contiguous()?
-        .apply_op3(&v.contiguous()?, &decay_bonus, WkvForward)?;
+    let out = k.contiguous()?.apply_op3(&v.contiguous()?, &decay_bonus, WkvForward)?;
     let outputs = b * t * c;
     let y = out.narrow(0, 0, outputs)?.reshape((b, t, c))?;
-    let s = out
-        .narrow(0, outputs, 3 * b * c)?
-        .reshape((3, b, c))?
-        .detach();
-    Ok(Some((
-        y,
-        WkvState {
-            aa: s.i(0)?,
-            bb: s.i(1)?,
-            pp: s.i(2)?,
-        },
-    )))
+    let s = out.narrow(0, outputs, 3 * b * c)?.reshape((3, b, c))?.detach();
+    Ok(Some((y, WkvState { aa: s.i(0)?, bb: s.i(1)?, pp: s.i(2)? })))
 }
 
 fn wkv_launch_config(rows: usize) -> LaunchConfig {
@@ -689,38 +554,20 @@ impl CustomOp3 for WkvForward {
     ) -> Result<(CudaStorage, Shape)> {
         let (b, t, c) = l1.shape().dims3()?;
         if l2.shape().dims() != [b, t, c] || l3.shape().dims() != [2, c] {
-            bail!(
-                "wkv: k {:?}, v {:?}, decay/bonus {:?} do not match",
-                l1.shape(),
-                l2.shape(),
-                l3.shape()
-            );
+            bail!("wkv: k {:?}, v {:?}, decay/bonus {:?} do not match", l1.shape(), l2.shape(), l3.shape());
         }
         let dev = launch::device(s1);
-        let (k, v, decay_bonus) = (
-            launch::view::<f32>(s1, l1)?,
-            launch::view::<f32>(s2, l2)?,
-            launch::view::<f32>(s3, l3)?,
-        );
+        let (k, v, decay_bonus) =
+            (launch::view::<f32>(s1, l1)?, launch::view::<f32>(s2, l2)?, launch::view::<f32>(s3, l3)?);
         let len = b * t * c + 3 * b * c;
         let mut out = launch::uninit::<f32>(dev, len)?;
         let func = launch::func(dev, MODULE, ptx::DECAYED, "wkv_forward")?;
         let (batch, len_t, channels) = (int(b)?, int(t)?, int(c)?);
         let mut builder = func.builder();
-        builder
-            .arg(&k)
-            .arg(&v)
-            .arg(&decay_bonus)
-            .arg(&mut out)
-            .arg(&batch)
-            .arg(&len_t)
-            .arg(&channels);
+        builder.arg(&k).arg(&v).arg(&decay_bonus).arg(&mut out).arg(&batch).arg(&len_t).arg(&channels);
         // SAFETY: sizes checked above; each thread writes its channel's outputs and state.
         unsafe { builder.launch(wkv_launch_config(b * c)) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(len),
-        ))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(len)))
     }
 
     /// Gradients of `y` (the state is detached by [`wkv`]); the decay's and the bonus's are
@@ -735,23 +582,11 @@ impl CustomOp3 for WkvForward {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t, c) = k.dims3()?;
         let volume = b * t * c;
-        let gy = grad_res
-            .narrow(0, 0, volume)?
-            .reshape((b, t, c))?
-            .contiguous()?;
-        let grads = k.apply_op3_no_bwd(
-            v,
-            &gy,
-            &WkvBackward {
-                decay_bonus: decay_bonus.clone(),
-            },
-        )?;
+        let gy = grad_res.narrow(0, 0, volume)?.reshape((b, t, c))?.contiguous()?;
+        let grads = k.apply_op3_no_bwd(v, &gy, &WkvBackward { decay_bonus: decay_bonus.clone() })?;
         let dk = grads.narrow(0, 0, volume)?.reshape((b, t, c))?;
         let dv = grads.narrow(0, volume, volume)?.reshape((b, t, c))?;
-        let d_decay_bonus = grads
-            .narrow(0, 2 * volume, 2 * b * c)?
-            .reshape((2, b, c))?
-            .sum(1)?;
+        let d_decay_bonus = grads.narrow(0, 2 * volume, 2 * b * c)?.reshape((2, b, c))?.sum(1)?;
         Ok((Some(dk), Some(dv), Some(d_decay_bonus)))
     }
 }
@@ -790,10 +625,7 @@ impl CustomOp3 for WkvBackward {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (b, t, c) = l1.shape().dims3()?;
-        if l2.shape().dims() != [b, t, c]
-            || l3.shape().dims() != [b, t, c]
-            || self.decay_bonus.dims() != [2, c]
-        {
+        if l2.shape().dims() != [b, t, c] || l3.shape().dims() != [b, t, c] || self.decay_bonus.dims() != [2, c] {
             bail!(
                 "wkv-backward: k {:?}, v {:?}, dy {:?}, decay/bonus {:?} do not match",
                 l1.shape(),
@@ -803,11 +635,7 @@ impl CustomOp3 for WkvBackward {
             );
         }
         let dev = launch::device(s1);
-        let (k, v, gy) = (
-            launch::view::<f32>(s1, l1)?,
-            launch::view::<f32>(s2, l2)?,
-            launch::view::<f32>(s3, l3)?,
-        );
+        let (k, v, gy) = (launch::view::<f32>(s1, l1)?, launch::view::<f32>(s2, l2)?, launch::view::<f32>(s3, l3)?);
         let (db_storage, db_layout) = self.decay_bonus.storage_and_layout();
         let decay_bonus = held_f32(&db_storage, db_layout)?;
         let len = 2 * b * t * c + 2 * b * c;
@@ -815,20 +643,9 @@ impl CustomOp3 for WkvBackward {
         let func = launch::func(dev, MODULE, ptx::DECAYED, "wkv_backward")?;
         let (batch, len_t, channels) = (int(b)?, int(t)?, int(c)?);
         let mut builder = func.builder();
-        builder
-            .arg(&k)
-            .arg(&v)
-            .arg(&gy)
-            .arg(&decay_bonus)
-            .arg(&mut grads)
-            .arg(&batch)
-            .arg(&len_t)
-            .arg(&channels);
+        builder.arg(&k).arg(&v).arg(&gy).arg(&decay_bonus).arg(&mut grads).arg(&batch).arg(&len_t).arg(&channels);
         // SAFETY: sizes checked above; each thread writes its channel's gradients.
         unsafe { builder.launch(wkv_launch_config(b * c)) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(grads, dev.clone()),
-            Shape::from(len),
-        ))
+        Ok((CudaStorage::wrap_cuda_slice(grads, dev.clone()), Shape::from(len)))
     }
 }

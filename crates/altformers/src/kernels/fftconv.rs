@@ -69,15 +69,7 @@ impl Geometry {
     fn new(b: usize, c: usize, t: usize, l: usize) -> Result<Self> {
         let n = fft_len(t, l);
         let bins = n / 2 + 1;
-        let g = Geometry {
-            b,
-            c,
-            t,
-            l,
-            n,
-            bins,
-            pitch: 2 * bins,
-        };
+        let g = Geometry { b, c, t, l, n, bins, pitch: 2 * bins };
         if g.pitch > i32::MAX as usize || b * c > i32::MAX as usize {
             bail!("fftconv (CUDA): sizes too large (B {b}, C {c}, T {t}, L {l})");
         }
@@ -144,25 +136,13 @@ pub fn grads(
     let (b, c, t) = lx.shape().dims3()?;
     let (_, l) = lh.shape().dims2()?;
     if ldy.shape().dims() != [b, c, t] {
-        bail!(
-            "fftconv (CUDA): gradient {:?} does not match input {:?}",
-            ldy.shape(),
-            lx.shape()
-        );
+        bail!("fftconv (CUDA): gradient {:?} does not match input {:?}", ldy.shape(), lx.shape());
     }
     let g = Geometry::new(b, c, t, l)?;
     let dev = x.device.clone();
     macro_rules! run {
         ($ds:expr, $xs:expr, $hs:expr, $sfx:literal) => {{
-            let out = grads_typed(
-                &dev,
-                &view($ds, ldy)?,
-                &view($xs, lx)?,
-                &view($hs, lh)?,
-                $sfx,
-                g,
-                saved,
-            )?;
+            let out = grads_typed(&dev, &view($ds, ldy)?, &view($xs, lx)?, &view($hs, lh)?, $sfx, g, saved)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }};
     }
@@ -176,17 +156,13 @@ pub fn grads(
         (CudaStorageSlice::F16(ds), CudaStorageSlice::F16(xs), CudaStorageSlice::F16(hs)) => {
             run!(ds, xs, hs, "f16")
         }
-        _ => bail!(
-            "fftconv (CUDA): gradients support f32, bf16 and f16, with one dtype for dy, x and h"
-        ),
+        _ => bail!("fftconv (CUDA): gradients support f32, bf16 and f16, with one dtype for dy, x and h"),
     }
 }
 
 /// The contiguous part of `s` that `l` describes.
 fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("fftconv (CUDA): input is not contiguous ({l:?})")
-    };
+    let Some((start, end)) = l.contiguous_offsets() else { bail!("fftconv (CUDA): input is not contiguous ({l:?})") };
     Ok(s.slice(start..end))
 }
 
@@ -214,14 +190,7 @@ fn conv_typed<T: CudaDType + DeviceRepr>(
         let mut ys = launch::uninit::<f32>(dev, rows * g.pitch)?;
         {
             let mut bld = mul.builder();
-            bld.arg(&xs)
-                .arg(&hs)
-                .arg(&mut ys)
-                .arg(&c)
-                .arg(&bins)
-                .arg(&bins)
-                .arg(&nyq)
-                .arg(&scale);
+            bld.arg(&xs).arg(&hs).arg(&mut ys).arg(&c).arg(&bins).arg(&bins).arg(&nyq).arg(&scale);
             unsafe { bld.launch(cfg) }.w()?;
         }
         transform(&stream, &mut ys, g.n, rows, true)?;
@@ -231,14 +200,7 @@ fn conv_typed<T: CudaDType + DeviceRepr>(
         {
             let (p, _guard) = xs.device_ptr_mut(&stream);
             let mut bld = mul.builder();
-            bld.arg(&p)
-                .arg(&hs)
-                .arg(&p)
-                .arg(&c)
-                .arg(&bins)
-                .arg(&bins)
-                .arg(&nyq)
-                .arg(&scale);
+            bld.arg(&p).arg(&hs).arg(&p).arg(&c).arg(&bins).arg(&bins).arg(&nyq).arg(&scale);
             unsafe { bld.launch(cfg) }.w()?;
         }
         transform(&stream, &mut xs, g.n, rows, true)?;
@@ -267,10 +229,7 @@ fn grads_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let sp = match saved {
         Some(s) => s,
         None => {
-            recomputed = Spectra {
-                xs: spectrum(dev, x, sfx, rows, g.t, g)?,
-                hs: spectrum(dev, h, sfx, g.c, g.l, g)?,
-            };
+            recomputed = Spectra { xs: spectrum(dev, x, sfx, rows, g.t, g)?, hs: spectrum(dev, h, sfx, g.c, g.l, g)? };
             &recomputed
         }
     };
@@ -278,22 +237,11 @@ fn grads_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let mut ds = spectrum(dev, dy, sfx, rows, g.t, g)?;
     let mut dhs = launch::uninit::<f32>(dev, g.c * g.pitch)?;
     let k = launch::func(dev, MODULE, ptx::FFTCONV, "spectra_grads")?;
-    let (b, c, bins, nyq, scale) = (
-        g.b as i32,
-        g.c as i32,
-        g.bins as i32,
-        g.nyquist(),
-        g.scale(),
-    );
+    let (b, c, bins, nyq, scale) = (g.b as i32, g.c as i32, g.bins as i32, g.nyquist(), g.scale());
     {
         let mut bld = k.builder();
         bld.arg(&mut ds).arg(&sp.xs).arg(&sp.hs).arg(&mut dhs);
-        bld.arg(&b)
-            .arg(&c)
-            .arg(&bins)
-            .arg(&bins)
-            .arg(&nyq)
-            .arg(&scale);
+        bld.arg(&b).arg(&c).arg(&bins).arg(&bins).arg(&nyq).arg(&scale);
         unsafe { bld.launch(row_cfg(g.c, g.bins)) }.w()?;
     }
     transform(&stream, &mut ds, g.n, rows, true)?;
@@ -351,11 +299,7 @@ fn unpad<T: DeviceRepr>(
 /// (grid.y, the kernels loop past 65535 of them).
 fn row_cfg(rows: usize, cols: usize) -> LaunchConfig {
     let y = cols.div_ceil(256).clamp(1, 65535) as u32;
-    LaunchConfig {
-        grid_dim: (rows as u32, y, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    LaunchConfig { grid_dim: (rows as u32, y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// A cuFFT plan handle with the size of the work area it needs.
@@ -416,26 +360,13 @@ fn make_plan(stream: &Arc<CudaStream>, n: usize, rows: usize, inverse: bool) -> 
     let mut real = [2 * bins];
     let mut complex = [bins];
     let (inembed, idist, onembed, odist, kind) = if inverse {
-        (
-            complex.as_mut_ptr(),
-            bins,
-            real.as_mut_ptr(),
-            2 * bins,
-            cufft_sys::cufftType::CUFFT_C2R,
-        )
+        (complex.as_mut_ptr(), bins, real.as_mut_ptr(), 2 * bins, cufft_sys::cufftType::CUFFT_C2R)
     } else {
-        (
-            real.as_mut_ptr(),
-            2 * bins,
-            complex.as_mut_ptr(),
-            bins,
-            cufft_sys::cufftType::CUFFT_R2C,
-        )
+        (real.as_mut_ptr(), 2 * bins, complex.as_mut_ptr(), bins, cufft_sys::cufftType::CUFFT_R2C)
     };
     // SAFETY: a fresh plan; the size arrays live across the call.
     plan.work = unsafe {
-        cufft::set_auto_allocation(plan.handle, false)
-            .map_err(|e| fft_err("set_auto_allocation", e))?;
+        cufft::set_auto_allocation(plan.handle, false).map_err(|e| fft_err("set_auto_allocation", e))?;
         let work = cufft::make_plan_many64(
             plan.handle,
             1,
@@ -450,8 +381,7 @@ fn make_plan(stream: &Arc<CudaStream>, n: usize, rows: usize, inverse: bool) -> 
             rows as i64,
         )
         .map_err(|e| fft_err(&format!("plan (n {n}, batch {rows})"), e))?;
-        cufft::set_stream(plan.handle, stream.cu_stream() as _)
-            .map_err(|e| fft_err("set_stream", e))?;
+        cufft::set_stream(plan.handle, stream.cu_stream() as _).map_err(|e| fft_err("set_stream", e))?;
         work
     };
     Ok(plan)
@@ -459,24 +389,15 @@ fn make_plan(stream: &Arc<CudaStream>, n: usize, rows: usize, inverse: bool) -> 
 
 /// In-place batched transform of `buf: [rows, pitch]` floats: real-to-complex, or
 /// (`inverse`) complex-to-real (unscaled), on `stream`.
-fn transform(
-    stream: &Arc<CudaStream>,
-    buf: &mut CudaSlice<f32>,
-    n: usize,
-    rows: usize,
-    inverse: bool,
-) -> Result<()> {
+fn transform(stream: &Arc<CudaStream>, buf: &mut CudaSlice<f32>, n: usize, rows: usize, inverse: bool) -> Result<()> {
     if rows == 0 {
         return Ok(());
     }
     let key = (stream.context().ordinal(), stream.cu_stream() as usize);
     PLANS.with(|all| {
         let mut all = all.borrow_mut();
-        let plans = all.entry(key).or_insert_with(|| Plans {
-            stream: stream.clone(),
-            plans: HashMap::new(),
-            work: None,
-        });
+        let plans =
+            all.entry(key).or_insert_with(|| Plans { stream: stream.clone(), plans: HashMap::new(), work: None });
         let (handle, need) = {
             let p = plans.get(n, rows, inverse)?;
             (p.handle, p.work)
@@ -495,22 +416,13 @@ fn transform(
         // SAFETY: the plan belongs to this thread and stream; the buffer holds `rows` rows of
         // `2 (n/2 + 1)` floats, as the plan's layout says; the work area is large enough.
         unsafe {
-            cufft::set_work_area(handle, wp as *mut c_void)
-                .map_err(|e| fft_err("set_work_area", e))?;
+            cufft::set_work_area(handle, wp as *mut c_void).map_err(|e| fft_err("set_work_area", e))?;
             if inverse {
-                cufft::exec_c2r(
-                    handle,
-                    p as *mut cufft_sys::cufftComplex,
-                    p as *mut cufft_sys::cufftReal,
-                )
-                .map_err(|e| fft_err("exec C2R", e))
+                cufft::exec_c2r(handle, p as *mut cufft_sys::cufftComplex, p as *mut cufft_sys::cufftReal)
+                    .map_err(|e| fft_err("exec C2R", e))
             } else {
-                cufft::exec_r2c(
-                    handle,
-                    p as *mut cufft_sys::cufftReal,
-                    p as *mut cufft_sys::cufftComplex,
-                )
-                .map_err(|e| fft_err("exec R2C", e))
+                cufft::exec_r2c(handle, p as *mut cufft_sys::cufftReal, p as *mut cufft_sys::cufftComplex)
+                    .map_err(|e| fft_err("exec R2C", e))
             }
         }
     })

@@ -65,20 +65,8 @@ struct Tiles {
 impl Tiles {
     fn for_head_dim(head_dim: usize) -> Result<Self> {
         match head_dim {
-            64 => Ok(Self {
-                head_dim,
-                fwd_warps: 4,
-                fwd_keys: 64,
-                bwd_warps: 4,
-                bwd_queries: 64,
-            }),
-            128 => Ok(Self {
-                head_dim,
-                fwd_warps: 4,
-                fwd_keys: 64,
-                bwd_warps: 8,
-                bwd_queries: 32,
-            }),
+            64 => Ok(Self { head_dim, fwd_warps: 4, fwd_keys: 64, bwd_warps: 4, bwd_queries: 64 }),
+            128 => Ok(Self { head_dim, fwd_warps: 4, fwd_keys: 64, bwd_warps: 8, bwd_queries: 32 }),
             _ => bail!("flash attention: head width {head_dim} unsupported (64 or 128)"),
         }
     }
@@ -125,37 +113,19 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
     let (b, h, t, dh) = q.dims4()?;
     let (kb, kvh, s, kdh) = k.dims4()?;
     if !supports(q, k, v) {
-        bail!(
-            "flash attention: needs bf16 CUDA tensors with head width 64 or 128 (q {:?} {:?})",
-            q.dtype(),
-            q.shape()
-        )
+        bail!("flash attention: needs bf16 CUDA tensors with head width 64 or 128 (q {:?} {:?})", q.dtype(), q.shape())
     }
     if v.dims4()? != (kb, kvh, s, kdh) || kb != b || kdh != dh {
-        bail!(
-            "flash attention: shapes q {:?}, k {:?}, v {:?} do not match",
-            q.shape(),
-            k.shape(),
-            v.shape()
-        )
+        bail!("flash attention: shapes q {:?}, k {:?}, v {:?} do not match", q.shape(), k.shape(), v.shape())
     }
     if kvh == 0 || h % kvh != 0 {
         bail!("flash attention: {h} query heads are not a multiple of {kvh} key/value heads")
     }
-    if t >= MAX_POSITIONS
-        || s >= MAX_POSITIONS
-        || offset >= MAX_POSITIONS
-        || h > MAX_GRID_YZ
-        || b > MAX_GRID_YZ
-    {
+    if t >= MAX_POSITIONS || s >= MAX_POSITIONS || offset >= MAX_POSITIONS || h > MAX_GRID_YZ || b > MAX_GRID_YZ {
         bail!("flash attention: sizes out of range (B {b}, H {h}, T {t}, S {s}, offset {offset})")
     }
-    let op = FlashAttention {
-        offset,
-        lse: Mutex::new(None),
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let op = FlashAttention { offset, lse: Mutex::new(None) };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 struct FlashAttention {
@@ -186,8 +156,7 @@ fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Resul
 }
 
 fn int(x: usize) -> Result<i32> {
-    i32::try_from(x)
-        .map_err(|_| candle_core::Error::Msg(format!("flash attention: size {x} exceeds i32")))
+    i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("flash attention: size {x} exceeds i32")))
 }
 
 /// A new uninitialised bf16 buffer of `shape` (the kernels write every element).
@@ -221,14 +190,7 @@ impl Dims {
     fn new(q: &Shape, k: &Shape) -> Result<Self> {
         let (b, h, t, dh) = q.dims4()?;
         let (_, kvh, s, _) = k.dims4()?;
-        Ok(Self {
-            b,
-            h,
-            kvh,
-            t,
-            s,
-            dh,
-        })
+        Ok(Self { b, h, kvh, t, s, dh })
     }
 
     fn scale(&self) -> f32 {
@@ -237,13 +199,7 @@ impl Dims {
 
     /// `(T, S, H, KVH, offset)` as the kernels take them.
     fn ints(&self, offset: usize) -> Result<[i32; 5]> {
-        Ok([
-            int(self.t)?,
-            int(self.s)?,
-            int(self.h)?,
-            int(self.kvh)?,
-            int(offset)?,
-        ])
+        Ok([int(self.t)?, int(self.s)?, int(self.h)?, int(self.kvh)?, int(offset)?])
     }
 }
 
@@ -276,38 +232,23 @@ impl CustomOp3 for FlashAttention {
         let dims = Dims::new(ql.shape(), kl.shape())?;
         let tiles = Tiles::for_head_dim(dims.dh)?;
         let dev = launch::device(qs);
-        let (q, k, v) = (
-            bf16_view!(qs, ql, "q"),
-            bf16_view!(ks, kl, "k"),
-            bf16_view!(vs, vl, "v"),
-        );
+        let (q, k, v) = (bf16_view!(qs, ql, "q"), bf16_view!(ks, kl, "k"), bf16_view!(vs, vl, "v"));
         let mut out = bf16_output(dev, ql.shape())?;
         let mut lse = launch::uninit::<f32>(dev, dims.b * dims.h * dims.t)?;
         let shared = tiles.fwd_shared_bytes();
         let func = kernel(dev, &format!("flash_attention_fwd_d{}", dims.dh), shared)?;
         let cfg = LaunchConfig {
-            grid_dim: (
-                int(dims.t.div_ceil(tiles.fwd_rows()))? as u32,
-                dims.h as u32,
-                dims.b as u32,
-            ),
+            grid_dim: (int(dims.t.div_ceil(tiles.fwd_rows()))? as u32, dims.h as u32, dims.b as u32),
             block_dim: (32 * tiles.fwd_warps as u32, 1, 1),
             shared_mem_bytes: shared as u32,
         };
         let [t, s, h, kvh, offset] = dims.ints(self.offset)?;
         let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
         {
-            let CudaStorageSlice::BF16(o) = &mut out.slice else {
-                bail!("flash attention: output is not bf16")
-            };
+            let CudaStorageSlice::BF16(o) = &mut out.slice else { bail!("flash attention: output is not bf16") };
             let mut b = func.builder();
             b.arg(&q).arg(&k).arg(&v).arg(o).arg(&mut lse);
-            b.arg(&t)
-                .arg(&s)
-                .arg(&h)
-                .arg(&kvh)
-                .arg(&offset)
-                .arg(&scale_log2);
+            b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2);
             // SAFETY: argument list matches flash_attention_fwd_d{64,128}; buffers sized above.
             unsafe { b.launch(cfg) }.w()?;
         }
@@ -324,9 +265,7 @@ impl CustomOp3 for FlashAttention {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse_guard = self.lse.lock().expect("flash attention: lse lock poisoned");
-        let Some(lse) = lse_guard.as_ref() else {
-            bail!("flash attention backward: no forward log-sum-exp held")
-        };
+        let Some(lse) = lse_guard.as_ref() else { bail!("flash attention backward: no forward log-sum-exp held") };
         let grad_out = grad_out.to_dtype(DType::BF16)?.contiguous()?;
         let out = out.contiguous()?;
         let dims = Dims::new(q.shape(), k.shape())?;
@@ -366,37 +305,18 @@ impl CustomOp3 for FlashAttention {
             let shared = tiles.bwd_shared_bytes();
             let func = kernel(dev, &format!("flash_attention_bwd_d{}", dims.dh), shared)?;
             let cfg = LaunchConfig {
-                grid_dim: (
-                    int(dims.s.div_ceil(tiles.bwd_keys()))? as u32,
-                    dims.kvh as u32,
-                    dims.b as u32,
-                ),
+                grid_dim: (int(dims.s.div_ceil(tiles.bwd_keys()))? as u32, dims.kvh as u32, dims.b as u32),
                 block_dim: (32 * tiles.bwd_warps as u32, 1, 1),
                 shared_mem_bytes: shared as u32,
             };
             let [t, s, h, kvh, offset] = dims.ints(self.offset)?;
             let (scale, scale_log2) = (dims.scale(), dims.scale() * std::f32::consts::LOG2_E);
-            let CudaStorageSlice::BF16(dk_slice) = &mut dk.slice else {
-                bail!("flash attention: dk is not bf16")
-            };
-            let CudaStorageSlice::BF16(dv_slice) = &mut dv.slice else {
-                bail!("flash attention: dv is not bf16")
-            };
+            let CudaStorageSlice::BF16(dk_slice) = &mut dk.slice else { bail!("flash attention: dk is not bf16") };
+            let CudaStorageSlice::BF16(dv_slice) = &mut dv.slice else { bail!("flash attention: dv is not bf16") };
             let mut b = func.builder();
-            b.arg(&q_view)
-                .arg(&k_view)
-                .arg(&v_view)
-                .arg(&do_view)
-                .arg(&lse_view)
-                .arg(&delta);
+            b.arg(&q_view).arg(&k_view).arg(&v_view).arg(&do_view).arg(&lse_view).arg(&delta);
             b.arg(&mut dq_accum).arg(dk_slice).arg(dv_slice);
-            b.arg(&t)
-                .arg(&s)
-                .arg(&h)
-                .arg(&kvh)
-                .arg(&offset)
-                .arg(&scale_log2)
-                .arg(&scale);
+            b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2).arg(&scale);
             // SAFETY: argument list matches flash_attention_bwd_d{64,128}; buffers sized above.
             unsafe { b.launch(cfg) }.w()?;
         }
@@ -412,9 +332,7 @@ impl CustomOp3 for FlashAttention {
                 shared_mem_bytes: 0,
             };
             let scale = dims.scale();
-            let CudaStorageSlice::BF16(dq_slice) = &mut dq.slice else {
-                bail!("flash attention: dq is not bf16")
-            };
+            let CudaStorageSlice::BF16(dq_slice) = &mut dq.slice else { bail!("flash attention: dq is not bf16") };
             let mut b = func.builder();
             b.arg(&dq_accum).arg(dq_slice).arg(&scale).arg(&n);
             // SAFETY: argument list matches flash_attention_bwd_dq_convert; n elements each.
@@ -424,10 +342,6 @@ impl CustomOp3 for FlashAttention {
         let wrap = |s: CudaStorage, shape: &Shape| {
             Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)
         };
-        Ok((
-            Some(wrap(dq, q.shape())),
-            Some(wrap(dk, k.shape())),
-            Some(wrap(dv, v.shape())),
-        ))
+        Ok((Some(wrap(dq, q.shape())), Some(wrap(dk, k.shape())), Some(wrap(dv, v.shape()))))
     }
 }

@@ -13,38 +13,24 @@
 /// code it replaces in one run. The FFT convolution has no tensor path on CUDA.
 /// `retention-tc` switches off only the tensor-core retention (bf16), leaving the CUDA-core
 /// scan it replaced. `gather` is the row gather's parallel backward (token embeddings).
-pub const SWITCHABLE: [&str; 6] = [
-    "attention",
-    "retention",
-    "retention-tc",
-    "wkv",
-    "adamw",
-    "gather",
-];
+pub const SWITCHABLE: [&str; 6] = ["attention", "retention", "retention-tc", "wkv", "adamw", "gather"];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
 pub fn enabled(name: &str) -> bool {
     static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let off =
-        OFF.get_or_init(|| parse_unfused(&std::env::var("ALTFORMERS_UNFUSED").unwrap_or_default()));
+    let off = OFF.get_or_init(|| parse_unfused(&std::env::var("ALTFORMERS_UNFUSED").unwrap_or_default()));
     !off.iter().any(|o| o == name || o == "all")
 }
 
 fn parse_unfused(list: &str) -> Vec<String> {
-    list.split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn unfused_list_parses() {
-        assert_eq!(
-            super::parse_unfused(" attention, wkv ,"),
-            vec!["attention", "wkv"]
-        );
+        assert_eq!(super::parse_unfused(" attention, wkv ,"), vec!["attention", "wkv"]);
         assert!(super::parse_unfused("").is_empty());
     }
 }
@@ -88,13 +74,8 @@ pub mod launch {
 
     /// Kernel `name` from the module built from `ptx` (loaded once per device).
     pub fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<Kernel> {
-        let func = dev
-            .get_or_load_custom_func(name, module, ptx)?
-            .into_cuda_function();
-        Ok(Kernel {
-            func,
-            stream: dev.cuda_stream(),
-        })
+        let func = dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function();
+        Ok(Kernel { func, stream: dev.cuda_stream() })
     }
 
     /// The device memory of a contiguous tensor, as a view starting at its offset.

@@ -41,13 +41,7 @@ impl CustomOp2 for GatherRows {
         "gather-rows"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         bail!("gather rows: the fused op runs on CUDA only (the CPU uses index_select)")
     }
 
@@ -63,19 +57,10 @@ impl CustomOp2 for GatherRows {
         Ok((out, Shape::from((il.shape().elem_count(), d))))
     }
 
-    fn bwd(
-        &self,
-        table: &Tensor,
-        ids: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, table: &Tensor, ids: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let rows = table.dim(0)?;
         let grad = grad.to_dtype(DType::F32)?.contiguous()?;
-        Ok((
-            Some(grad.apply_op2_no_bwd(ids, &ScatterAddRows { rows })?),
-            None,
-        ))
+        Ok((Some(grad.apply_op2_no_bwd(ids, &ScatterAddRows { rows })?), None))
     }
 }
 
@@ -89,13 +74,7 @@ impl CustomOp2 for ScatterAddRows {
         "scatter-add-rows"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         bail!("scatter-add rows: CUDA only")
     }
 
@@ -108,19 +87,11 @@ impl CustomOp2 for ScatterAddRows {
     ) -> Result<(CudaStorage, Shape)> {
         let (n, d) = gl.shape().dims2()?;
         if il.shape().elem_count() != n {
-            bail!(
-                "scatter-add rows: {n} gradient rows for {} ids",
-                il.shape().elem_count()
-            )
+            bail!("scatter-add rows: {n} gradient rows for {} ids", il.shape().elem_count())
         }
-        let CudaStorageSlice::F32(g) = &grad.slice else {
-            bail!("scatter-add rows: gradient must be f32")
-        };
-        let CudaStorageSlice::U32(i) = &ids.slice else {
-            bail!("scatter-add rows: ids must be u32")
-        };
-        let (Some((g0, g1)), Some((i0, i1))) = (gl.contiguous_offsets(), il.contiguous_offsets())
-        else {
+        let CudaStorageSlice::F32(g) = &grad.slice else { bail!("scatter-add rows: gradient must be f32") };
+        let CudaStorageSlice::U32(i) = &ids.slice else { bail!("scatter-add rows: ids must be u32") };
+        let (Some((g0, g1)), Some((i0, i1))) = (gl.contiguous_offsets(), il.contiguous_offsets()) else {
             bail!("scatter-add rows: inputs must be contiguous")
         };
         let dev = launch::device(grad);
@@ -131,29 +102,16 @@ impl CustomOp2 for ScatterAddRows {
             let (n64, d32, rows32) = (
                 n as i64,
                 d as i32,
-                u32::try_from(self.rows).map_err(|_| {
-                    candle_core::Error::Msg("scatter-add rows: table too tall".into())
-                })?,
+                u32::try_from(self.rows)
+                    .map_err(|_| candle_core::Error::Msg("scatter-add rows: table too tall".into()))?,
             );
             let blocks = total.div_ceil(256).min(65535 * 8) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let f = launch::func(dev, MODULE, ptx::ROWS, "scatter_add_rows_f32")?;
             let mut b = f.builder();
-            b.arg(&i)
-                .arg(&g)
-                .arg(&mut out)
-                .arg(&n64)
-                .arg(&d32)
-                .arg(&rows32);
+            b.arg(&i).arg(&g).arg(&mut out).arg(&n64).arg(&d32).arg(&rows32);
             unsafe { b.launch(cfg) }.w()?;
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((self.rows, d)),
-        ))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((self.rows, d))))
     }
 }

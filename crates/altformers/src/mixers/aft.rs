@@ -182,11 +182,7 @@ impl Aft {
     fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let acc = decayed::accumulation_dtype(x.dtype());
         let sq = candle_nn::ops::sigmoid(&self.query.forward(x)?)?;
-        Ok((
-            sq,
-            self.key.forward(x)?.to_dtype(acc)?,
-            self.value.forward(x)?.to_dtype(acc)?,
-        ))
+        Ok((sq, self.key.forward(x)?.to_dtype(acc)?, self.value.forward(x)?.to_dtype(acc)?))
     }
 
     fn finish(&self, sq: &Tensor, y: &Tensor) -> Result<Tensor> {
@@ -195,11 +191,7 @@ impl Aft {
 
     fn check_positions(&self, end: usize) -> Result<()> {
         if matches!(self.bias, PosBias::Matrix(_) | PosBias::Factors(..)) && end > self.context {
-            candle_core::bail!(
-                "position {} is beyond the learned position bias ({} positions)",
-                end - 1,
-                self.context
-            );
+            candle_core::bail!("position {} is beyond the learned position bias ({} positions)", end - 1, self.context);
         }
         Ok(())
     }
@@ -209,50 +201,26 @@ impl Aft {
     pub fn bias_matrix(&self, t: usize, like: &Tensor) -> Result<Tensor> {
         self.check_positions(t)?;
         let s = self.window;
-        let host = |v: Vec<f64>, dims: &[usize]| {
-            Tensor::from_vec(v, dims, like.device())?.to_dtype(like.dtype())
-        };
+        let host = |v: Vec<f64>, dims: &[usize]| Tensor::from_vec(v, dims, like.device())?.to_dtype(like.dtype());
         match (&self.bias, self.variant) {
             (PosBias::Zero, _) => Tensor::zeros((1, t, t), like.dtype(), like.device()),
-            (PosBias::Matrix(w), Variant::Full) => w
-                .narrow(0, 0, t)?
-                .narrow(1, 0, t)?
-                .to_dtype(like.dtype())?
-                .unsqueeze(0),
+            (PosBias::Matrix(w), Variant::Full) => {
+                w.narrow(0, 0, t)?.narrow(1, 0, t)?.to_dtype(like.dtype())?.unsqueeze(0)
+            }
             (PosBias::Factors(u, v), _) => {
-                let (u, v) = (
-                    u.narrow(0, 0, t)?.to_dtype(like.dtype())?,
-                    v.narrow(0, 0, t)?.to_dtype(like.dtype())?,
-                );
+                let (u, v) = (u.narrow(0, 0, t)?.to_dtype(like.dtype())?, v.narrow(0, 0, t)?.to_dtype(like.dtype())?);
                 u.matmul(&v.t()?)?.unsqueeze(0)
             }
             (PosBias::Matrix(w), _) => {
-                let band: Vec<f64> = (0..t * t)
-                    .map(|p| {
-                        if p / t >= p % t && p / t - p % t < s {
-                            1.0
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                w.narrow(0, 0, t)?
-                    .narrow(1, 0, t)?
-                    .to_dtype(like.dtype())?
-                    .mul(&host(band, &[t, t])?)?
-                    .unsqueeze(0)
+                let band: Vec<f64> =
+                    (0..t * t).map(|p| if p / t >= p % t && p / t - p % t < s { 1.0 } else { 0.0 }).collect();
+                w.narrow(0, 0, t)?.narrow(1, 0, t)?.to_dtype(like.dtype())?.mul(&host(band, &[t, t])?)?.unsqueeze(0)
             }
             (PosBias::Kernel(kernel), _) => {
                 // kernel[h, t - t'] inside the window, 0 outside (index s of the zero-padded kernel)
                 let padded = kernel.to_dtype(like.dtype())?.pad_with_zeros(1, 0, 1)?;
                 let idx: Vec<u32> = (0..t * t)
-                    .map(|p| {
-                        if p / t >= p % t && p / t - p % t < s {
-                            (p / t - p % t) as u32
-                        } else {
-                            s as u32
-                        }
-                    })
+                    .map(|p| if p / t >= p % t && p / t - p % t < s { (p / t - p % t) as u32 } else { s as u32 })
                     .collect();
                 let idx = Tensor::from_vec(idx, t * t, like.device())?;
                 padded.index_select(&idx, 1)?.reshape((self.groups, t, t))
@@ -275,16 +243,11 @@ impl Aft {
                     })
                     .collect();
                 let idx = Tensor::from_vec(idx, len * s, like.device())?;
-                w.to_dtype(like.dtype())?
-                    .flatten_all()?
-                    .index_select(&idx, 0)?
-                    .reshape((1, len, s))
+                w.to_dtype(like.dtype())?.flatten_all()?.index_select(&idx, 0)?.reshape((1, len, s))
             }
-            PosBias::Kernel(kernel) => kernel
-                .to_dtype(like.dtype())?
-                .unsqueeze(1)?
-                .broadcast_as((self.groups, len, s))?
-                .contiguous(),
+            PosBias::Kernel(kernel) => {
+                kernel.to_dtype(like.dtype())?.unsqueeze(1)?.broadcast_as((self.groups, len, s))?.contiguous()
+            }
             _ => candle_core::bail!("only aft-local and aft-conv have a windowed bias"),
         }
     }
@@ -308,8 +271,7 @@ impl Aft {
                 (y, s.to_vec())
             }
             Variant::Local | Variant::Conv => {
-                let (parts, _) =
-                    decayed::wkv_chunked_parts(&k, &v, Weighting::default(), chunk, None)?;
+                let (parts, _) = decayed::wkv_chunked_parts(&k, &v, Weighting::default(), chunk, None)?;
                 let y = banded(&k, &v, &parts, &self.band(0, t, &k)?)?;
                 // decode state: the prefix up to t - s, and the last s - 1 keys and values
                 let s = self.window;
@@ -348,22 +310,10 @@ pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<
     let (kg, vg) = (split(k)?, split(v)?);
     let mk = kg.max_keepdim(D::Minus1)?.detach(); // [B, G, S, 1]
     let ek = kg.broadcast_sub(&mk)?.exp()?;
-    let mask: Vec<f64> = (0..tq)
-        .flat_map(|j| {
-            (0..s).map(move |i| {
-                if i <= offset + j {
-                    0.0
-                } else {
-                    f64::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
+    let mask: Vec<f64> =
+        (0..tq).flat_map(|j| (0..s).map(move |i| if i <= offset + j { 0.0 } else { f64::NEG_INFINITY })).collect();
     let mask = Tensor::from_vec(mask, (1, 1, tq, s), k.device())?.to_dtype(k.dtype())?;
-    let wp = bias
-        .unsqueeze(0)?
-        .broadcast_add(&mk.transpose(2, 3)?)?
-        .broadcast_add(&mask)?; // [B, G, Tq, S]
+    let wp = bias.unsqueeze(0)?.broadcast_add(&mk.transpose(2, 3)?)?.broadcast_add(&mask)?; // [B, G, Tq, S]
     let m = wp.max_keepdim(D::Minus1)?.detach();
     let a = wp.broadcast_sub(&m)?.exp()?;
     let num = a.matmul(&(&ek * &vg)?)?;
@@ -380,9 +330,7 @@ pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<
 pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor) -> Result<Tensor> {
     let (b, t, c) = k.dims3()?;
     let (g, _, s) = band.dims3()?;
-    let fill = |n: usize, value: f64| -> Result<Tensor> {
-        Tensor::zeros((b, n, c), k.dtype(), k.device())? + value
-    };
+    let fill = |n: usize, value: f64| -> Result<Tensor> { Tensor::zeros((b, n, c), k.dtype(), k.device())? + value };
     // the prefix sums up to t - s
     let shifted = |x: &Tensor, value: f64| -> Result<Tensor> {
         if t > s {
@@ -391,40 +339,21 @@ pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor)
             fill(t, value)
         }
     };
-    let (pnum, pden, pscale) = (
-        shifted(&prefix.num, 0.0)?,
-        shifted(&prefix.den, 0.0)?,
-        shifted(&prefix.log_scale, EMPTY_LOG_SCALE)?,
-    );
+    let (pnum, pden, pscale) =
+        (shifted(&prefix.num, 0.0)?, shifted(&prefix.den, 0.0)?, shifted(&prefix.log_scale, EMPTY_LOG_SCALE)?);
     // the window: offsets o = 0..s, keys before position 0 are -inf (weight 0)
     let (kpad, vpad) = if s > 1 {
-        (
-            Tensor::cat(&[fill(s - 1, f64::NEG_INFINITY)?, k.clone()], 1)?,
-            v.pad_with_zeros(1, s - 1, 0)?,
-        )
+        (Tensor::cat(&[fill(s - 1, f64::NEG_INFINITY)?, k.clone()], 1)?, v.pad_with_zeros(1, s - 1, 0)?)
     } else {
         (k.clone(), v.clone())
     };
     let stack = |x: &Tensor| -> Result<Tensor> {
-        Tensor::stack(
-            &(0..s)
-                .map(|o| x.narrow(1, s - 1 - o, t))
-                .collect::<Result<Vec<_>>>()?,
-            3,
-        )
+        Tensor::stack(&(0..s).map(|o| x.narrow(1, s - 1 - o, t)).collect::<Result<Vec<_>>>()?, 3)
     };
     let (kw, vw) = (stack(&kpad)?, stack(&vpad)?); // [B, T, C, s]
-    let bias = band
-        .transpose(0, 1)?
-        .unsqueeze(2)?
-        .broadcast_as((t, g, c / g, s))?
-        .reshape((1, t, c, s))?;
+    let bias = band.transpose(0, 1)?.unsqueeze(2)?.broadcast_as((t, g, c / g, s))?.reshape((1, t, c, s))?;
     let e = kw.broadcast_add(&bias)?;
-    let m = e
-        .max_keepdim(D::Minus1)?
-        .squeeze(3)?
-        .maximum(&pscale)?
-        .detach(); // [B, T, C]
+    let m = e.max_keepdim(D::Minus1)?.squeeze(3)?.maximum(&pscale)?.detach(); // [B, T, C]
     let pe = e.broadcast_sub(&m.unsqueeze(3)?)?.exp()?;
     let fp = (pscale - &m)?.exp()?;
     let num = ((&fp * pnum)? + (&pe * vw)?.sum(3)?)?;
@@ -469,12 +398,7 @@ impl SequenceMixer for Aft {
                 } else {
                     WkvState::from_slice(&state.tensors)?
                 };
-                let y = decayed::wkv_step(
-                    &mut s,
-                    &k.squeeze(1)?,
-                    &v.squeeze(1)?,
-                    Weighting::default(),
-                )?;
+                let y = decayed::wkv_step(&mut s, &k.squeeze(1)?, &v.squeeze(1)?, Weighting::default())?;
                 state.tensors = s.to_vec();
                 y.unsqueeze(1)?
             }
@@ -500,14 +424,10 @@ impl Aft {
         let (s, g, p) = (self.window, self.groups, state.pos);
         let (prefix, cache) = match state.tensors.as_slice() {
             [] => (WkvState::empty(b, c, k)?, None),
-            [aa, bb, pp] => (
-                WkvState::from_slice(&[aa.clone(), bb.clone(), pp.clone()])?,
-                None,
-            ),
-            [aa, bb, pp, kc, vc] => (
-                WkvState::from_slice(&[aa.clone(), bb.clone(), pp.clone()])?,
-                Some((kc.clone(), vc.clone())),
-            ),
+            [aa, bb, pp] => (WkvState::from_slice(&[aa.clone(), bb.clone(), pp.clone()])?, None),
+            [aa, bb, pp, kc, vc] => {
+                (WkvState::from_slice(&[aa.clone(), bb.clone(), pp.clone()])?, Some((kc.clone(), vc.clone())))
+            }
             other => candle_core::bail!("aft window state has {} tensors", other.len()),
         };
         let (kw, vw) = match &cache {
@@ -517,15 +437,8 @@ impl Aft {
         let n = kw.dim(1)?; // window positions p - n + 1 ..= p, oldest first
                             // bias for offsets o = n - 1 .. 0 (oldest first): [1, n, C]
         let idx: Vec<u32> = (0..n).rev().map(|o| o as u32).collect();
-        let band = self
-            .band(p, 1, k)?
-            .squeeze(1)?
-            .index_select(&Tensor::from_vec(idx, n, k.device())?, 1)?; // [G, n]
-        let bias = band
-            .t()?
-            .unsqueeze(2)?
-            .broadcast_as((n, g, c / g))?
-            .reshape((1, n, c))?;
+        let band = self.band(p, 1, k)?.squeeze(1)?.index_select(&Tensor::from_vec(idx, n, k.device())?, 1)?; // [G, n]
+        let bias = band.t()?.unsqueeze(2)?.broadcast_as((n, g, c / g))?.reshape((1, n, c))?;
         let e = kw.broadcast_add(&bias)?;
         let m = e.max_keepdim(1)?.squeeze(1)?.maximum(&prefix.pp)?.detach(); // [B, C]
         let pe = e.broadcast_sub(&m.unsqueeze(1)?)?.exp()?;
@@ -535,12 +448,8 @@ impl Aft {
         let y = (num / den)?.unsqueeze(1)?;
         // advance: the prefix must cover t' <= p + 1 - s, the cache p + 2 - s ..= p
         let (prefix, kw, vw) = if n == s {
-            let folded = decayed::wkv_fold(
-                &prefix,
-                &kw.narrow(1, 0, 1)?.squeeze(1)?,
-                &vw.narrow(1, 0, 1)?.squeeze(1)?,
-                None,
-            )?;
+            let folded =
+                decayed::wkv_fold(&prefix, &kw.narrow(1, 0, 1)?.squeeze(1)?, &vw.narrow(1, 0, 1)?.squeeze(1)?, None)?;
             (folded, kw.narrow(1, 1, n - 1)?, vw.narrow(1, 1, n - 1)?)
         } else {
             (prefix, kw, vw)
@@ -554,35 +463,19 @@ impl Aft {
     }
 }
 
-pub fn build_full(
-    cfg: &ModelConfig,
-    _layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build_full(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(Aft::new(cfg, Variant::Full, pb)?))
 }
 
-pub fn build_simple(
-    cfg: &ModelConfig,
-    _layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build_simple(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(Aft::new(cfg, Variant::Simple, pb)?))
 }
 
-pub fn build_local(
-    cfg: &ModelConfig,
-    _layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build_local(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(Aft::new(cfg, Variant::Local, pb)?))
 }
 
-pub fn build_conv(
-    cfg: &ModelConfig,
-    _layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build_conv(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(Aft::new(cfg, Variant::Conv, pb)?))
 }
 
@@ -663,11 +556,9 @@ mod tests {
 
     fn tiny(name: &str, sets: &[&str]) -> ModelConfig {
         let mut all: Vec<&str> = match name {
-            "aft-local" | "aft-conv" => vec![
-                "model.options.window=5",
-                "model.options.chunk=4",
-                "model.options.dense_below=0",
-            ],
+            "aft-local" | "aft-conv" => {
+                vec!["model.options.window=5", "model.options.chunk=4", "model.options.dense_below=0"]
+            }
             "aft-simple" => vec!["model.options.chunk=4"],
             _ => vec![],
         };
@@ -686,10 +577,7 @@ mod tests {
             PosBias::Factors(u, v) => PosBias::Factors(r(u.dims(), 4), r(v.dims(), 5)),
             PosBias::Kernel(k) => PosBias::Kernel(r(k.dims(), 4)),
         };
-        m.key = Linear {
-            weight: (m.key.weight.clone() * 50.0).unwrap(),
-            bias: None,
-        };
+        m.key = Linear { weight: (m.key.weight.clone() * 50.0).unwrap(), bias: None };
         m
     }
 
@@ -704,10 +592,7 @@ mod tests {
                 for t in [10, 13] {
                     let x = randn(&[2, t, 16], 1, DType::F32)?;
                     let reference = m.reference(&x)?;
-                    assert!(
-                        rel_err(&m.forward(&x)?, &reference)? < 1e-4,
-                        "{name} forward, T {t}"
-                    );
+                    assert!(rel_err(&m.forward(&x)?, &reference)? < 1e-4, "{name} forward, T {t}");
                     if let Some(y) = m.chunked(&x, 3) {
                         assert!(rel_err(&y?, &reference)? < 1e-4, "{name} chunked, T {t}");
                     }
@@ -754,12 +639,8 @@ mod tests {
         for (name, variant) in VARIANTS {
             let cfg = tiny(name, &[]);
             let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
-            let bytes = |t: usize| -> AnyResult<usize> {
-                Ok(model
-                    .prefill(&random_tokens(1, t, cfg.vocab, 1)?)?
-                    .1
-                    .bytes())
-            };
+            let bytes =
+                |t: usize| -> AnyResult<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
             let (short, long, longer) = (bytes(2)?, bytes(12)?, bytes(20)?);
             match variant {
                 // the whole key/value history
@@ -776,30 +657,14 @@ mod tests {
     fn aft_large_keys_stay_finite() -> AnyResult<()> {
         for (name, variant) in VARIANTS {
             let mut m = mixer(name, variant, &[], DType::F32);
-            m.key = Linear {
-                weight: (Tensor::eye(16, DType::F32, &Device::Cpu)? * 30.0)?,
-                bias: None,
-            };
+            m.key = Linear { weight: (Tensor::eye(16, DType::F32, &Device::Cpu)? * 30.0)?, bias: None };
             let x = (randn(&[2, 24, 16], 9, DType::F32)?.sign()?
                 + randn(&[2, 24, 16], 10, DType::F32)?.affine(0.05, 0.0)?)?;
-            let ys = [
-                m.forward(&x)?,
-                m.reference(&x)?,
-                testing::mixer_recurrent(&m, &x, 6)?,
-            ];
+            let ys = [m.forward(&x)?, m.reference(&x)?, testing::mixer_recurrent(&m, &x, 6)?];
             for y in &ys {
-                assert!(
-                    y.flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .all(|v| v.is_finite()),
-                    "{name}"
-                );
+                assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()), "{name}");
             }
-            assert!(
-                rel_err(&ys[0], &ys[1])? < 1e-4 && rel_err(&ys[2], &ys[1])? < 1e-4,
-                "{name}"
-            );
+            assert!(rel_err(&ys[0], &ys[1])? < 1e-4 && rel_err(&ys[2], &ys[1])? < 1e-4, "{name}");
         }
         Ok(())
     }
@@ -809,9 +674,7 @@ mod tests {
         let m = mixer("aft-conv", Variant::Conv, &[], DType::F32);
         let like = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
         let w: Vec<Vec<Vec<f32>>> = m.bias_matrix(9, &like)?.to_vec3()?;
-        let PosBias::Kernel(kernel) = &m.bias else {
-            unreachable!()
-        };
+        let PosBias::Kernel(kernel) = &m.bias else { unreachable!() };
         let kernel: Vec<Vec<f32>> = kernel.to_vec2()?;
         for h in 0..2 {
             for t in 0..9 {

@@ -32,23 +32,9 @@ impl Attention {
     pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
         let (d, h, kvh, dh) = (cfg.width, cfg.heads, cfg.kv_heads(), cfg.head_dim());
         let qkv = Linear::new(pb, "qkv", d, (h + 2 * kvh) * dh, 0.02, cfg.bias)?;
-        let out = Linear::new(
-            pb,
-            "out",
-            h * dh,
-            d,
-            0.02 / (2.0 * cfg.depth as f64).sqrt(),
-            cfg.bias,
-        )?;
+        let out = Linear::new(pb, "out", h * dh, d, 0.02 / (2.0 * cfg.depth as f64).sqrt(), cfg.bias)?;
         let rope_base = (cfg.position == Position::Rope).then_some(cfg.rope_base);
-        Ok(Self {
-            qkv,
-            out,
-            heads: h,
-            kv_heads: kvh,
-            head_dim: dh,
-            rope_base,
-        })
+        Ok(Self { qkv, out, heads: h, kv_heads: kvh, head_dim: dh, rope_base })
     }
 
     /// `x: [B, T, D]` at positions `offset..` -> `q: [B, H, T, d_h]`, `k, v: [B, KVH, T, d_h]`.
@@ -57,10 +43,7 @@ impl Attention {
         let (h, kvh, dh) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x)?;
         let split = |start: usize, n: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, start * dh, n * dh)?
-                .reshape((b, t, n, dh))?
-                .transpose(1, 2)?
-                .contiguous()
+            qkv.narrow(D::Minus1, start * dh, n * dh)?.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous()
         };
         let (mut q, mut k, v) = (split(0, h)?, split(h, kvh)?, split(h + kvh, kvh)?);
         if let Some(base) = self.rope_base {
@@ -73,8 +56,7 @@ impl Attention {
     /// `[B, H, T, d_h] -> [B, T, D]` through the output projection.
     pub(crate) fn merge(&self, y: &Tensor) -> Result<Tensor> {
         let (b, h, t, dh) = y.dims4()?;
-        self.out
-            .forward(&y.transpose(1, 2)?.reshape((b, t, h * dh))?)
+        self.out.forward(&y.transpose(1, 2)?.reshape((b, t, h * dh))?)
     }
 }
 
@@ -98,9 +80,7 @@ pub fn causal_attention_with_dropout(
     dropout: Option<(f64, &mut crate::rng::Rng)>,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if dropout.as_ref().is_none_or(|(p, _)| *p == 0.0)
-        && crate::kernels::flash_attention::supports(q, k, v)
-    {
+    if dropout.as_ref().is_none_or(|(p, _)| *p == 0.0) && crate::kernels::flash_attention::supports(q, k, v) {
         return crate::kernels::flash_attention::causal_attention(q, k, v, offset);
     }
     causal_attention_reference(q, k, v, offset, dropout)
@@ -123,10 +103,7 @@ pub fn causal_attention_reference(
     // Query 0 sees keys 0..=offset; a mask is needed only if there are keys beyond that.
     let scores = if s > offset + 1 {
         let mask = causal_mask(t, s, offset, q.dtype(), q.device())?;
-        scores
-            .reshape((b, kvh, g, t, s))?
-            .broadcast_add(&mask)?
-            .reshape((b, kvh, g * t, s))?
+        scores.reshape((b, kvh, g, t, s))?.broadcast_add(&mask)?.reshape((b, kvh, g * t, s))?
     } else {
         scores
     };
@@ -148,36 +125,16 @@ fn causal_mask(
     dtype: candle_core::DType,
     dev: &candle_core::Device,
 ) -> Result<Tensor> {
-    type Key = (
-        usize,
-        usize,
-        usize,
-        candle_core::DType,
-        candle_core::DeviceLocation,
-    );
+    type Key = (usize, usize, usize, candle_core::DType, candle_core::DeviceLocation);
     thread_local! {
         static LAST: std::cell::RefCell<Option<(Key, Tensor)>> = const { std::cell::RefCell::new(None) };
     }
     let key: Key = (t, s, offset, dtype, dev.location());
-    if let Some(m) = LAST.with(|c| {
-        c.borrow()
-            .as_ref()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, m)| m.clone())
-    }) {
+    if let Some(m) = LAST.with(|c| c.borrow().as_ref().filter(|(k, _)| *k == key).map(|(_, m)| m.clone())) {
         return Ok(m);
     }
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     let m = Tensor::from_vec(mask, (t, s), dev)?.to_dtype(dtype)?;
     LAST.with(|c| *c.borrow_mut() = Some((key, m.clone())));
     Ok(m)
@@ -191,26 +148,14 @@ impl SequenceMixer for Attention {
 
     fn forward_train(&self, x: &Tensor, p: f64, rng: &mut crate::rng::Rng) -> Result<Tensor> {
         let (q, k, v) = self.project(x, 0)?;
-        self.merge(&causal_attention_with_dropout(
-            &q,
-            &k,
-            &v,
-            0,
-            Some((p, rng)),
-        )?)
+        self.merge(&causal_attention_with_dropout(&q, &k, &v, 0, Some((p, rng)))?)
     }
 
     /// The state is the KV cache `[k, v]`, each `[B, KVH, T, d_h]` (keys already rotated).
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
         let (q, k, v) = self.project(x, 0)?;
         let y = self.merge(&causal_attention(&q, &k, &v, 0)?)?;
-        Ok((
-            y,
-            MixerState {
-                tensors: vec![k, v],
-                pos: x.dim(1)?,
-            },
-        ))
+        Ok((y, MixerState { tensors: vec![k, v], pos: x.dim(1)? }))
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
@@ -226,11 +171,7 @@ impl SequenceMixer for Attention {
     }
 }
 
-pub fn build(
-    cfg: &ModelConfig,
-    _layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(Attention::new(cfg, pb)?))
 }
 

@@ -17,9 +17,8 @@ pub fn overfit(cfg: &ModelConfig, steps: usize, lr: f64) -> Result<(f64, f64)> {
     let x = random_tokens(2, t, cfg.vocab, 21)?;
     let y = random_tokens(2, t, cfg.vocab, 22)?;
     let mut opt = AdamW::new(&model.params, 0.9, 0.99, 1e-8, 0.0)?;
-    let loss_now = || -> Result<f64> {
-        Ok(LanguageModel::loss(&model.forward(&x, None)?, &y)?.to_scalar::<f32>()? as f64)
-    };
+    let loss_now =
+        || -> Result<f64> { Ok(LanguageModel::loss(&model.forward(&x, None)?, &y)?.to_scalar::<f32>()? as f64) };
     let first = loss_now()?;
     for _ in 0..steps {
         let loss = LanguageModel::loss(&model.forward(&x, None)?, &y)?;

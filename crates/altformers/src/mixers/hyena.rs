@@ -111,25 +111,22 @@ impl HyenaOptions {
             bail!("model.options.order must be at least 1");
         }
         if self.filter_emb_dim < 3 || self.filter_emb_dim % 2 == 0 {
-            bail!("model.options.filter_emb_dim must be odd and at least 3 (time, cosine, sine), got {}", self.filter_emb_dim);
+            bail!(
+                "model.options.filter_emb_dim must be odd and at least 3 (time, cosine, sine), got {}",
+                self.filter_emb_dim
+            );
         }
         if self.filter_width == 0 {
             bail!("model.options.filter_width must be positive");
         }
         if self.short_kernel < 2 {
-            bail!(
-                "model.options.short_kernel must be at least 2, got {}",
-                self.short_kernel
-            );
+            bail!("model.options.short_kernel must be at least 2, got {}", self.short_kernel);
         }
         if !(self.fast_decay_pct > 0.0 && self.slow_decay_pct > 0.0) {
             bail!("model.options.fast_decay_pct and slow_decay_pct must be positive");
         }
         if !(self.decay_target > 0.0 && self.decay_target < 1.0) {
-            bail!(
-                "model.options.decay_target must be in (0, 1), got {}",
-                self.decay_target
-            );
+            bail!("model.options.decay_target must be in (0, 1), got {}", self.decay_target);
         }
         Ok(())
     }
@@ -166,21 +163,11 @@ impl ImplicitFilter {
 fn positional_features(l: usize, e: usize) -> Vec<f64> {
     let bands = (e - 1) / 2;
     let f: Vec<f64> = (0..bands)
-        .map(|k| {
-            if bands == 1 {
-                1e-4
-            } else {
-                1e-4 + k as f64 * ((bands - 1) as f64 - 1e-4) / (bands - 1) as f64
-            }
-        })
+        .map(|k| if bands == 1 { 1e-4 } else { 1e-4 + k as f64 * ((bands - 1) as f64 - 1e-4) / (bands - 1) as f64 })
         .collect();
     let mut z = Vec::with_capacity(l * e);
     for t in 0..l {
-        let tn = if l > 1 {
-            t as f64 / (l - 1) as f64
-        } else {
-            0.0
-        };
+        let tn = if l > 1 { t as f64 / (l - 1) as f64 } else { 0.0 };
         let w = 2.0 * std::f64::consts::PI * t as f64 / l as f64;
         z.push(tn);
         z.extend(f.iter().map(|fk| (fk * w).cos()));
@@ -202,11 +189,7 @@ fn decay_window(l: usize, c: usize, o: &HyenaOptions) -> Vec<f64> {
     };
     let mut w = Vec::with_capacity(l * c);
     for t in 0..l {
-        let tn = if l > 1 {
-            t as f64 / (l - 1) as f64
-        } else {
-            0.0
-        };
+        let tn = if l > 1 { t as f64 / (l - 1) as f64 } else { 0.0 };
         w.extend((0..c).map(|i| (-tn * delta(i).abs()).exp() + o.decay_shift));
     }
     w
@@ -237,35 +220,24 @@ impl Hyena {
         let (e, f) = (o.filter_emb_dim, o.filter_width);
         let in_proj = Linear::new(pb, "in_proj", d, (n + 1) * d, 0.02, cfg.bias)?;
         let bound = 1.0 / (k as f64).sqrt();
-        let short_weight =
-            pb.uniform("short_filter.weight", &[(n + 1) * d, 1, k], -bound, bound)?;
+        let short_weight = pb.uniform("short_filter.weight", &[(n + 1) * d, 1, k], -bound, bound)?;
         let short_bias = pb.uniform_no_decay("short_filter.bias", &[(n + 1) * d], -bound, bound)?;
 
         let fp = pb.pp("filter_fn");
         // The filter FFN is not weight-decayed (the official HyenaFilter sets wd = 0).
-        let ffn_linear =
-            |index: usize, d_in: usize, d_out: usize, bias: bool| -> AnyResult<Linear> {
-                let lp = fp.pp(format!("implicit_filter.{index}"));
-                Ok(Linear {
-                    weight: lp.normal_no_decay("weight", &[d_out, d_in], 0.02)?,
-                    bias: if bias {
-                        Some(lp.zeros("bias", &[d_out])?)
-                    } else {
-                        None
-                    },
-                })
-            };
+        let ffn_linear = |index: usize, d_in: usize, d_out: usize, bias: bool| -> AnyResult<Linear> {
+            let lp = fp.pp(format!("implicit_filter.{index}"));
+            Ok(Linear {
+                weight: lp.normal_no_decay("weight", &[d_out, d_in], 0.02)?,
+                bias: if bias { Some(lp.zeros("bias", &[d_out])?) } else { None },
+            })
+        };
         let mut layers = vec![ffn_linear(0, e, f, true)?];
         let freq = fp.constant("implicit_filter.1.freq", &[f], o.filter_sine_freq as f32)?;
         for i in 0..o.filter_inner_layers {
             layers.push(ffn_linear(2 * (i + 1), f, f, true)?);
         }
-        layers.push(ffn_linear(
-            2 * (o.filter_inner_layers + 1),
-            f,
-            n * d,
-            false,
-        )?);
+        layers.push(ffn_linear(2 * (o.filter_inner_layers + 1), f, n * d, false)?);
         let constant = |v: Vec<f64>, dims: (usize, usize)| -> Result<Tensor> {
             Tensor::from_vec(v, dims, &pb.device)?.to_dtype(pb.dtype)
         };
@@ -276,14 +248,7 @@ impl Hyena {
             window: constant(decay_window(l, n * d, &o), (l, n * d))?,
         };
         let filter_bias = fp.normal_no_decay("bias", &[n * d], 1.0)?;
-        let out_proj = Linear::new(
-            pb,
-            "out_proj",
-            d,
-            d,
-            0.02 / (2.0 * cfg.depth as f64).sqrt(),
-            cfg.bias,
-        )?;
+        let out_proj = Linear::new(pb, "out_proj", d, d, 0.02 / (2.0 * cfg.depth as f64).sqrt(), cfg.bias)?;
         Ok(Self {
             in_proj,
             short_weight,
@@ -305,17 +270,10 @@ impl Hyena {
         let t = padded.dim(1)? + 1 - self.kernel;
         let c = self.short_weight.dim(0)?;
         let dtype = padded.dtype();
-        let w = self
-            .short_weight
-            .to_dtype(dtype)?
-            .reshape((c, self.kernel))?
-            .t()?; // [K, C]
+        let w = self.short_weight.to_dtype(dtype)?.reshape((c, self.kernel))?.t()?; // [K, C]
         let mut y = self.short_bias.to_dtype(dtype)?.reshape((1, 1, c))?;
         for j in 0..self.kernel {
-            y = padded
-                .narrow(1, j, t)?
-                .broadcast_mul(&w.narrow(0, j, 1)?.reshape((1, 1, c))?)?
-                .broadcast_add(&y)?;
+            y = padded.narrow(1, j, t)?.broadcast_mul(&w.narrow(0, j, 1)?.reshape((1, 1, c))?)?.broadcast_add(&y)?;
         }
         Ok(y)
     }
@@ -323,28 +281,19 @@ impl Hyena {
     /// Per-order views of the filters `[T, N d]` -> order `o`'s `[T, d]`.
     fn order_filter(&self, filters: &Tensor, o: usize) -> Result<Tensor> {
         let t = filters.dim(0)?;
-        filters
-            .reshape((t, self.width, self.order))?
-            .narrow(2, o, 1)?
-            .squeeze(2)
+        filters.reshape((t, self.width, self.order))?.narrow(2, o, 1)?.squeeze(2)
     }
 
     /// Order `o`'s bias term, `[d]`.
     fn order_bias(&self, o: usize) -> Result<Tensor> {
-        self.filter_bias
-            .reshape((self.width, self.order))?
-            .narrow(1, o, 1)?
-            .squeeze(1)
+        self.filter_bias.reshape((self.width, self.order))?.narrow(1, o, 1)?.squeeze(1)
     }
 
     /// Parallel form; with `keep`, also the decode state after the last token.
     fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<MixerState>)> {
         let (_, t, _) = x.dims3()?;
         if t > self.context {
-            candle_core::bail!(
-                "hyena: {t} tokens but the filters are generated for model.context = {}",
-                self.context
-            );
+            candle_core::bail!("hyena: {t} tokens but the filters are generated for model.context = {}", self.context);
         }
         let (d, n, k) = (self.width, self.order, self.kernel);
         let u = self.in_proj.forward(x)?;
@@ -388,9 +337,7 @@ impl Hyena {
         let l = self.context;
         let rev: Vec<u32> = (0..l as u32).rev().collect();
         let filters = self.filter.generate(l)?;
-        filters
-            .index_select(&Tensor::from_vec(rev, l, filters.device())?, 0)?
-            .contiguous()
+        filters.index_select(&Tensor::from_vec(rev, l, filters.device())?, 0)?.contiguous()
     }
 }
 
@@ -412,9 +359,7 @@ impl SequenceMixer for Hyena {
         let (d, n, k, l) = (self.width, self.order, self.kernel, self.context);
         let p = state.pos;
         if p >= l {
-            candle_core::bail!(
-                "hyena: position {p} is beyond the filters, generated for model.context = {l}"
-            );
+            candle_core::bail!("hyena: position {p} is beyond the filters, generated for model.context = {l}");
         }
         if state.tensors.is_empty() {
             let tail = Tensor::zeros((b, k - 1, (n + 1) * d), x.dtype(), x.device())?;
@@ -447,11 +392,7 @@ impl SequenceMixer for Hyena {
     }
 }
 
-pub fn build(
-    cfg: &ModelConfig,
-    _layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(Hyena::new(cfg, pb)?))
 }
 
@@ -470,8 +411,7 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
 pub const COMPLEXITY: Complexity = Complexity {
     stated_time: NOT_QUOTED,
     stated_space: NOT_QUOTED,
-    true_time:
-        "O(N d T (log T + d)); decode O(N d T) per token (direct convolution over the cache)",
+    true_time: "O(N d T (log T + d)); decode O(N d T) per token (direct convolution over the cache)",
     true_space: "O(N d T); decode state O(N d T) (input history of every order)",
     review_error: "",
     flops: |s: &CostShape| {
@@ -484,8 +424,7 @@ pub const COMPLEXITY: Complexity = Complexity {
         let filter_ffn = 2.0 * t * (e * f + inner * f * f + f * n * d);
         // per order: forward FFT of the input, inverse FFT, the filter's FFT, the spectral
         // product (6 FLOPs per complex bin), bias and gate (3 per element)
-        let long =
-            n * ((2.0 * b + 1.0) * d * fft + 6.0 * b * d * (len / 2.0 + 1.0) + 3.0 * b * t * d);
+        let long = n * ((2.0 * b + 1.0) * d * fft + 6.0 * b * d * (len / 2.0 + 1.0) + 3.0 * b * t * d);
         b * (projections + short) + filter_ffn + long
     },
     memory: |s: &CostShape| {
@@ -514,10 +453,7 @@ mod tests {
 
     fn tiny(sets: &[&str]) -> AnyResult<ModelConfig> {
         // small filter FFN keeps the f64 gradient check fast
-        let mut all = vec![
-            "model.options.filter_width=8",
-            "model.options.filter_emb_dim=5",
-        ];
+        let mut all = vec!["model.options.filter_width=8", "model.options.filter_emb_dim=5"];
         all.extend_from_slice(sets);
         tiny_config("hyena", &all)
     }
@@ -564,27 +500,15 @@ mod tests {
         assert!(rel_err(&y, &hd.forward(&x)?)? < 1e-5);
         for t in [0, 7, 18] {
             let later = (randn(&[2, 20 - t - 1, direct.width], 9, DType::F32)? * 3.0)?;
-            let x2 = Tensor::cat(
-                &[
-                    x.narrow(1, 0, t + 1)?,
-                    (x.narrow(1, t + 1, 20 - t - 1)? + later)?,
-                ],
-                1,
-            )?;
+            let x2 = Tensor::cat(&[x.narrow(1, 0, t + 1)?, (x.narrow(1, t + 1, 20 - t - 1)? + later)?], 1)?;
             let y2 = hf.forward(&x2)?;
             let scale = y.abs()?.max_all()?.to_scalar::<f32>()?;
-            let early = (y.narrow(1, 0, t + 1)? - y2.narrow(1, 0, t + 1)?)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
+            let early = (y.narrow(1, 0, t + 1)? - y2.narrow(1, 0, t + 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let late = (y.narrow(1, t + 1, 20 - t - 1)? - y2.narrow(1, t + 1, 20 - t - 1)?)?
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?;
-            assert!(
-                early <= 1e-5 * scale,
-                "t {t}: earlier outputs moved by {early} (scale {scale})"
-            );
+            assert!(early <= 1e-5 * scale, "t {t}: earlier outputs moved by {early} (scale {scale})");
             assert!(late > 1e-2 * scale, "t {t}: later outputs did not move");
         }
         Ok(())
@@ -603,8 +527,7 @@ mod tests {
             let mut direct = sets.to_vec();
             direct.push("model.options.long_conv=direct");
             let grads = |sets: &[&str]| -> AnyResult<Vec<(String, Tensor)>> {
-                let m =
-                    LanguageModel::new(&tiny_config("hyena", sets)?, 3, &Device::Cpu, DType::F64)?;
+                let m = LanguageModel::new(&tiny_config("hyena", sets)?, 3, &Device::Cpu, DType::F64)?;
                 let loss = LanguageModel::loss(
                     &m.forward(&random_tokens(2, 20, 256, 1)?, None)?,
                     &random_tokens(2, 20, 256, 2)?,
@@ -618,10 +541,7 @@ mod tests {
             };
             for ((name, a), (_, b)) in grads(sets)?.iter().zip(grads(&direct)?.iter()) {
                 let err = rel_err(a, b)?;
-                assert!(
-                    err < 1e-9,
-                    "{sets:?} {name}: FFT and direct gradients differ by {err}"
-                );
+                assert!(err < 1e-9, "{sets:?} {name}: FFT and direct gradients differ by {err}");
             }
         }
         Ok(())
@@ -638,14 +558,9 @@ mod tests {
         // histories: N orders x 8 more positions x d channels x 4 bytes
         assert_eq!(s16.bytes() - s8.bytes(), 2 * 8 * cfg.width * 4);
         let (_, mut full) = hyena.prefill(&x)?;
-        assert!(
-            hyena.step(&x.narrow(1, 0, 1)?, &mut full).is_err(),
-            "stepping past the context must fail"
-        );
+        assert!(hyena.step(&x.narrow(1, 0, 1)?, &mut full).is_err(), "stepping past the context must fail");
         assert!(hyena.step(&x.narrow(1, 0, 1)?, &mut s16).is_ok());
-        assert!(hyena
-            .forward(&randn(&[1, cfg.context + 1, cfg.width], 1, DType::F32)?)
-            .is_err());
+        assert!(hyena.forward(&randn(&[1, cfg.context + 1, cfg.width], 1, DType::F32)?).is_err());
         Ok(())
     }
 
@@ -653,13 +568,7 @@ mod tests {
     fn filters_decay_and_default_options_are_the_papers() -> AnyResult<()> {
         let o = HyenaOptions::default();
         assert_eq!(
-            (
-                o.order,
-                o.filter_emb_dim,
-                o.filter_width,
-                o.filter_inner_layers,
-                o.short_kernel
-            ),
+            (o.order, o.filter_emb_dim, o.filter_width, o.filter_inner_layers, o.short_kernel),
             (2, 33, 64, 2, 3)
         );
         let w = decay_window(10, 4, &o);

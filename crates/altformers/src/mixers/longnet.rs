@@ -54,21 +54,14 @@ pub struct LongNetOptions {
 
 impl Default for LongNetOptions {
     fn default() -> Self {
-        Self {
-            segment_lengths: vec![],
-            dilation_rates: vec![],
-            base_segment: 32,
-            geometric_ratio: 2,
-        }
+        Self { segment_lengths: vec![], dilation_rates: vec![], base_segment: 32, geometric_ratio: 2 }
     }
 }
 
 impl LongNetOptions {
     /// The (w, r) pairs for a model of context `context`.
     pub fn pairs(&self, context: usize) -> AnyResult<Vec<(usize, usize)>> {
-        let pairs: Vec<(usize, usize)> = if self.segment_lengths.is_empty()
-            && self.dilation_rates.is_empty()
-        {
+        let pairs: Vec<(usize, usize)> = if self.segment_lengths.is_empty() && self.dilation_rates.is_empty() {
             if self.base_segment == 0 || self.geometric_ratio < 2 {
                 bail!("model.options.base_segment must be positive and geometric_ratio at least 2");
             }
@@ -88,11 +81,7 @@ impl LongNetOptions {
                     self.dilation_rates.len()
                 );
             }
-            self.segment_lengths
-                .iter()
-                .copied()
-                .zip(self.dilation_rates.iter().copied())
-                .collect()
+            self.segment_lengths.iter().copied().zip(self.dilation_rates.iter().copied()).collect()
         };
         if pairs.iter().any(|&(w, r)| w == 0 || r == 0) {
             bail!("LongNet segment lengths and dilation rates must be positive, got {pairs:?}");
@@ -113,10 +102,7 @@ impl LongNet {
     pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
         let opts: LongNetOptions = cfg.mixer_options()?;
         let pairs = opts.pairs(cfg.context)?;
-        Ok(Self {
-            att: Attention::new(cfg, pb)?,
-            pairs,
-        })
+        Ok(Self { att: Attention::new(cfg, pb)?, pairs })
     }
 
     pub fn pairs(&self) -> &[(usize, usize)] {
@@ -126,12 +112,7 @@ impl LongNet {
 
 /// Causal dilated attention of `q: [B, H, T, d_h]` over `k, v: [B, KVH, T, d_h]` with the
 /// (w, r) `pairs`, mixed by their softmax denominators -> `[B, H, T, d_h]`.
-pub fn dilated_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    pairs: &[(usize, usize)],
-) -> Result<Tensor> {
+pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let g = h / k.dim(1)?;
     let dev = q.device();
@@ -162,9 +143,8 @@ pub fn dilated_attention(
                 lse_parts.push(Tensor::zeros((b, hg, tp), stats_dtype(q.dtype()), dev)?);
                 continue;
             }
-            let pos: Vec<u32> = (0..segments)
-                .flat_map(|s| (0..rows).map(move |i| (s * w + o + i * r) as u32))
-                .collect();
+            let pos: Vec<u32> =
+                (0..segments).flat_map(|s| (0..rows).map(move |i| (s * w + o + i * r) as u32)).collect();
             for &j in &heads {
                 for &p in &pos {
                     cover[j * tp + p as usize] = 1;
@@ -174,19 +154,15 @@ pub fn dilated_attention(
             let qh = index(&heads, |j| j, dev)?;
             let kvh = index(&heads, |j| j / g, dev)?;
             let gather = |x: &Tensor, hi: &Tensor| -> Result<Tensor> {
-                x.index_select(hi, 1)?
-                    .index_select(&pos, 2)?
-                    .reshape((b * hg * segments, rows, dh))
+                x.index_select(hi, 1)?.index_select(&pos, 2)?.reshape((b * hg * segments, rows, dh))
             };
             let (qs, ks, vs) = (gather(&qp, &qh)?, gather(&kp, &kvh)?, gather(&vp, &kvh)?);
             let mask = mask.narrow(0, 0, rows)?.narrow(1, 0, rows)?;
             let (o_s, lse_s) = softmax_attention(&qs, &ks, &vs, Some(&mask))?;
             let o_s = o_s.reshape((b, hg, segments * rows, dh))?;
             let lse_s = lse_s.reshape((b, hg, segments * rows))?;
-            out_parts
-                .push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?.index_add(&pos, &o_s, 2)?);
-            lse_parts
-                .push(Tensor::zeros((b, hg, tp), lse_s.dtype(), dev)?.index_add(&pos, &lse_s, 2)?);
+            out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?.index_add(&pos, &o_s, 2)?);
+            lse_parts.push(Tensor::zeros((b, hg, tp), lse_s.dtype(), dev)?.index_add(&pos, &lse_s, 2)?);
         }
         // Back to head order 0..H.
         let mut inverse = vec![0u32; h];
@@ -207,12 +183,7 @@ pub fn dilated_attention(
 /// The new position `p` (the last key) of dilated attention: `q: [B, H, 1, d_h]`,
 /// `k, v: [B, KVH, p + 1, d_h]` -> `[B, H, 1, d_h]`. Exactly the rows the parallel form
 /// gives position p.
-pub fn dilated_attention_step(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    pairs: &[(usize, usize)],
-) -> Result<Tensor> {
+pub fn dilated_attention_step(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor> {
     let (b, h, _, dh) = q.dims4()?;
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let p = k.dim(2)? - 1;
@@ -258,12 +229,7 @@ fn stats_dtype(dtype: DType) -> DType {
 /// Softmax attention returning the normalised output and the log-sum-exp of the scores
 /// (statistics in [`stats_dtype`]). `q: [.., n, d_h]`, `k, v: [.., m, d_h]`, `mask: [n, m]`
 /// (0 or -inf) -> (`[.., n, d_h]`, `[.., n]`).
-fn softmax_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+fn softmax_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(stats_dtype(q.dtype()))?;
     let scores = match mask {
@@ -274,10 +240,7 @@ fn softmax_attention(
     let max = scores.max_keepdim(D::Minus1)?.detach();
     let e = scores.broadcast_sub(&max)?.exp()?;
     let den = e.sum_keepdim(D::Minus1)?;
-    let out = e
-        .to_dtype(v.dtype())?
-        .matmul(v)?
-        .broadcast_div(&den.to_dtype(v.dtype())?)?;
+    let out = e.to_dtype(v.dtype())?.matmul(v)?.broadcast_div(&den.to_dtype(v.dtype())?)?;
     let lse = (den.log()? + max)?.squeeze(D::Minus1)?;
     Ok((out, lse))
 }
@@ -291,12 +254,7 @@ fn combine(outs: &[Tensor], lses: &[Tensor]) -> Result<Tensor> {
     let weights = weights.broadcast_div(&weights.sum_keepdim(0)?)?;
     let mut y: Option<Tensor> = None;
     for (i, out) in outs.iter().enumerate() {
-        let term = out.broadcast_mul(
-            &weights
-                .get(i)?
-                .unsqueeze(D::Minus1)?
-                .to_dtype(out.dtype())?,
-        )?;
+        let term = out.broadcast_mul(&weights.get(i)?.unsqueeze(D::Minus1)?.to_dtype(out.dtype())?)?;
         y = Some(match y {
             Some(y) => (y + term)?,
             None => term,
@@ -307,16 +265,13 @@ fn combine(outs: &[Tensor], lses: &[Tensor]) -> Result<Tensor> {
 
 /// `lse` where `cover` is 1, -inf elsewhere.
 fn mask_uncovered(cover: &Tensor, lse: &Tensor) -> Result<Tensor> {
-    let neg_inf =
-        Tensor::full(f32::NEG_INFINITY, lse.shape(), lse.device())?.to_dtype(lse.dtype())?;
+    let neg_inf = Tensor::full(f32::NEG_INFINITY, lse.shape(), lse.device())?.to_dtype(lse.dtype())?;
     cover.where_cond(lse, &neg_inf)
 }
 
 /// `[n, n]`: 0 on and below the diagonal, -inf above.
 fn causal_mask(n: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..n)
-        .flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let m: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Tensor::from_vec(m, (n, n), dev)?.to_dtype(dtype)
 }
 
@@ -334,16 +289,8 @@ impl SequenceMixer for LongNet {
     /// The state is the KV cache `[k, v]`, each `[B, KVH, T, d_h]` (keys already rotated).
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
         let (q, k, v) = self.att.project(x, 0)?;
-        let y = self
-            .att
-            .merge(&dilated_attention(&q, &k, &v, &self.pairs)?)?;
-        Ok((
-            y,
-            MixerState {
-                tensors: vec![k, v],
-                pos: x.dim(1)?,
-            },
-        ))
+        let y = self.att.merge(&dilated_attention(&q, &k, &v, &self.pairs)?)?;
+        Ok((y, MixerState { tensors: vec![k, v], pos: x.dim(1)? }))
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
@@ -359,11 +306,7 @@ impl SequenceMixer for LongNet {
     }
 }
 
-pub fn build(
-    cfg: &ModelConfig,
-    _layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(LongNet::new(cfg, pb)?))
 }
 
@@ -378,9 +321,7 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
 
 /// The geometric default pairs for context `t` (w0 = 32, a = 2).
 fn default_pairs(t: usize) -> Vec<(usize, usize)> {
-    LongNetOptions::default()
-        .pairs(t)
-        .expect("default pairs are valid")
+    LongNetOptions::default().pairs(t).expect("default pairs are valid")
 }
 
 /// Costs at the default options (geometric pairs, w0 = 32, a = 2, up to the sequence
@@ -432,9 +373,7 @@ mod tests {
         let (b, h, t, dh) = q.dims4()?;
         let kvh = k.dim(1)?;
         let g = h / kvh;
-        let get = |x: &Tensor| -> AnyResult<Vec<f64>> {
-            Ok(x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
-        };
+        let get = |x: &Tensor| -> AnyResult<Vec<f64>> { Ok(x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
         let (qv, kv, vv) = (get(q)?, get(k)?, get(v)?);
         let mut y = vec![0.0; b * h * t * dh];
         for bi in 0..b {
@@ -452,17 +391,12 @@ mod tests {
                         if p - start < off || (p - start - off) % r != 0 {
                             continue;
                         }
-                        let keys: Vec<usize> = (start..=p)
-                            .filter(|s| s - start >= off && (s - start - off) % r == 0)
-                            .collect();
+                        let keys: Vec<usize> =
+                            (start..=p).filter(|s| s - start >= off && (s - start - off) % r == 0).collect();
                         let scores: Vec<f64> = keys
                             .iter()
                             .map(|&s| {
-                                row(&kv, kvh, j / g, s)
-                                    .iter()
-                                    .zip(&qr)
-                                    .map(|(a, b)| a * b)
-                                    .sum::<f64>()
+                                row(&kv, kvh, j / g, s).iter().zip(&qr).map(|(a, b)| a * b).sum::<f64>()
                                     / (dh as f64).sqrt()
                             })
                             .collect();
@@ -499,43 +433,19 @@ mod tests {
 
     #[test]
     fn geometric_pairs_and_validation() -> AnyResult<()> {
-        assert_eq!(
-            tiny(&[])?.mixer_options::<LongNetOptions>()?.pairs(24)?,
-            vec![(4, 1), (8, 2), (16, 4), (32, 8)]
-        );
-        assert_eq!(
-            default_pairs(256),
-            vec![(32, 1), (64, 2), (128, 4), (256, 8)]
-        );
+        assert_eq!(tiny(&[])?.mixer_options::<LongNetOptions>()?.pairs(24)?, vec![(4, 1), (8, 2), (16, 4), (32, 8)]);
+        assert_eq!(default_pairs(256), vec![(32, 1), (64, 2), (128, 4), (256, 8)]);
         assert_eq!(default_pairs(64), vec![(32, 1), (64, 2)]);
         let bad = |sets: &[&str]| -> bool {
-            LongNet::new(
-                &tiny_config("longnet", sets).unwrap(),
-                &ParamBuilder::new(1, &Device::Cpu, DType::F32),
-            )
-            .is_err()
+            LongNet::new(&tiny_config("longnet", sets).unwrap(), &ParamBuilder::new(1, &Device::Cpu, DType::F32))
+                .is_err()
         };
         assert!(
-            bad(&[
-                "model.options.segment_lengths=[8, 16]",
-                "model.options.dilation_rates=[2, 4]"
-            ]),
+            bad(&["model.options.segment_lengths=[8, 16]", "model.options.dilation_rates=[2, 4]"]),
             "no r = 1 pair"
         );
-        assert!(
-            bad(&[
-                "model.options.segment_lengths=[8, 16]",
-                "model.options.dilation_rates=[1]"
-            ]),
-            "length mismatch"
-        );
-        assert!(
-            bad(&[
-                "model.options.segment_lengths=[0]",
-                "model.options.dilation_rates=[1]"
-            ]),
-            "zero segment"
-        );
+        assert!(bad(&["model.options.segment_lengths=[8, 16]", "model.options.dilation_rates=[1]"]), "length mismatch");
+        assert!(bad(&["model.options.segment_lengths=[0]", "model.options.dilation_rates=[1]"]), "zero segment");
         Ok(())
     }
 
@@ -543,21 +453,14 @@ mod tests {
     /// that divide neither T nor each other, with per-head offsets and grouped K/V.
     #[test]
     fn equals_naive_dilated_attention() -> AnyResult<()> {
-        let pair_sets: [&[(usize, usize)]; 4] = [
-            &[(4, 1), (8, 2), (16, 4), (32, 8)],
-            &[(5, 1), (7, 3), (10, 2)],
-            &[(3, 1), (17, 4)],
-            &[(6, 1), (9, 9)],
-        ];
+        let pair_sets: [&[(usize, usize)]; 4] =
+            [&[(4, 1), (8, 2), (16, 4), (32, 8)], &[(5, 1), (7, 3), (10, 2)], &[(3, 1), (17, 4)], &[(6, 1), (9, 9)]];
         for pairs in pair_sets {
             for (h, kvh, t) in [(4, 4, 17), (4, 2, 13), (2, 1, 23)] {
                 let q = randn(&[2, h, t, 4], 1, DType::F64)?;
                 let k = randn(&[2, kvh, t, 4], 2, DType::F64)?;
                 let v = randn(&[2, kvh, t, 4], 3, DType::F64)?;
-                let err = rel_err(
-                    &dilated_attention(&q, &k, &v, pairs)?,
-                    &naive(&q, &k, &v, pairs)?,
-                )?;
+                let err = rel_err(&dilated_attention(&q, &k, &v, pairs)?, &naive(&q, &k, &v, pairs)?)?;
                 assert!(err < 1e-12, "{pairs:?} H {h} KVH {kvh} T {t}: {err}");
                 // the step form, query by query over the growing cache
                 for p in [0, t / 2, t - 1] {
@@ -580,13 +483,7 @@ mod tests {
     #[test]
     fn single_full_segment_equals_transformer_attention() -> AnyResult<()> {
         for (sets, t) in [
-            (
-                &[
-                    "model.options.segment_lengths=[24]",
-                    "model.options.dilation_rates=[1]",
-                ][..],
-                24,
-            ),
+            (&["model.options.segment_lengths=[24]", "model.options.dilation_rates=[1]"][..], 24),
             (
                 &[
                     "model.options.segment_lengths=[24]",
@@ -596,14 +493,7 @@ mod tests {
                 ],
                 17,
             ),
-            (
-                &[
-                    "model.options.segment_lengths=[32]",
-                    "model.options.dilation_rates=[1]",
-                    "model.position=learned",
-                ],
-                24,
-            ),
+            (&["model.options.segment_lengths=[32]", "model.options.dilation_rates=[1]", "model.position=learned"], 24),
         ] {
             let cfg = tiny_config("longnet", sets)?;
             let longnet = LongNet::new(&cfg, &ParamBuilder::new(7, &Device::Cpu, DType::F64))?;
@@ -612,10 +502,7 @@ mod tests {
             let err = rel_err(&longnet.forward(&x)?, &attention.forward(&x)?)?;
             assert!(err < 1e-12, "{sets:?}: {err}");
             let (q, k, v) = attention.project(&x, 0)?;
-            let err = rel_err(
-                &dilated_attention(&q, &k, &v, &[(t, 1)])?,
-                &causal_attention(&q, &k, &v, 0)?,
-            )?;
+            let err = rel_err(&dilated_attention(&q, &k, &v, &[(t, 1)])?, &causal_attention(&q, &k, &v, 0)?)?;
             assert!(err < 1e-12, "{sets:?}: {err}");
         }
         Ok(())
@@ -651,13 +538,7 @@ mod tests {
 
     #[test]
     fn is_causal_with_padded_segments() -> AnyResult<()> {
-        for sets in [
-            &[][..],
-            &[
-                "model.options.segment_lengths=[5, 7]",
-                "model.options.dilation_rates=[1, 3]",
-            ],
-        ] {
+        for sets in [&[][..], &["model.options.segment_lengths=[5, 7]", "model.options.dilation_rates=[1, 3]"]] {
             let cfg = tiny(sets)?;
             let longnet = LongNet::new(&cfg, &ParamBuilder::new(4, &Device::Cpu, DType::F32))?;
             let x = randn(&[2, 19, cfg.width], 8, DType::F32)?;

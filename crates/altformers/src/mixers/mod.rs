@@ -30,10 +30,7 @@ pub struct MixerState {
 impl MixerState {
     /// Bytes held by the state (what decoding keeps in memory per layer).
     pub fn bytes(&self) -> usize {
-        self.tensors
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.tensors.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 }
 
@@ -71,13 +68,7 @@ impl<P: PositionWise> SequenceMixer for P {
         PositionWise::forward(self, x)
     }
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
-        Ok((
-            PositionWise::forward(self, x)?,
-            MixerState {
-                tensors: vec![],
-                pos: x.dim(1)?,
-            },
-        ))
+        Ok((PositionWise::forward(self, x)?, MixerState { tensors: vec![], pos: x.dim(1)? }))
     }
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
         state.pos += 1;

@@ -59,24 +59,13 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
 
 /// `gamma_h = 1 - 2^(-5-h)` as `ln gamma_h`, `h = 0..heads`.
 pub fn log_decays(heads: usize) -> Vec<f64> {
-    (0..heads)
-        .map(|h| (1.0 - 2f64.powi(-5 - h as i32)).ln())
-        .collect()
+    (0..heads).map(|h| (1.0 - 2f64.powi(-5 - h as i32)).ln()).collect()
 }
 
 /// Xavier-uniform `[d_out, d_in]` weight times `gain`, no bias.
-fn xavier(
-    pb: &ParamBuilder,
-    name: &str,
-    d_in: usize,
-    d_out: usize,
-    gain: f64,
-) -> AnyResult<Linear> {
+fn xavier(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, gain: f64) -> AnyResult<Linear> {
     let a = gain * (6.0 / (d_in + d_out) as f64).sqrt();
-    Ok(Linear {
-        weight: pb.uniform(&format!("{name}.weight"), &[d_out, d_in], -a, a)?,
-        bias: None,
-    })
+    Ok(Linear { weight: pb.uniform(&format!("{name}.weight"), &[d_out, d_in], -a, a)?, bias: None })
 }
 
 pub struct Retention {
@@ -110,7 +99,10 @@ impl Retention {
             bail!("model.options.value_factor * model.width ({vd}) must be a positive multiple of model.heads ({h})");
         }
         if cfg.head_dim() % 2 != 0 {
-            bail!("retention rotates pairs of query/key channels: model.width / model.heads ({}) must be even", cfg.head_dim());
+            bail!(
+                "retention rotates pairs of query/key channels: model.width / model.heads ({}) must be even",
+                cfg.head_dim()
+            );
         }
         let g = 2f64.powf(-2.5);
         let log_gamma = log_decays(h);
@@ -121,11 +113,7 @@ impl Retention {
             g_proj: xavier(pb, "g_proj", d, vd, g)?,
             out_proj: xavier(pb, "out_proj", vd, d, 1.0)?,
             gn_weight: pb.ones("group_norm.weight", &[vd])?,
-            gn_bias: if cfg.bias {
-                Some(pb.zeros("group_norm.bias", &[vd])?)
-            } else {
-                None
-            },
+            gn_bias: if cfg.bias { Some(pb.zeros("group_norm.bias", &[vd])?) } else { None },
             heads: h,
             head_dim: d / h,
             value_head_dim: vd / h,
@@ -145,19 +133,13 @@ impl Retention {
         let (h, dh, dv) = (self.heads, self.head_dim, self.value_head_dim);
         let acc = decayed::accumulation_dtype(x.dtype());
         let heads = |y: Tensor, w: usize| -> Result<Tensor> {
-            y.to_dtype(acc)?
-                .reshape((b, t, h, w))?
-                .transpose(1, 2)?
-                .contiguous()
+            y.to_dtype(acc)?.reshape((b, t, h, w))?.transpose(1, 2)?.contiguous()
         };
         let q = rotary::apply(&heads(self.q_proj.forward(x)?, dh)?, offset, self.rope_base)?;
-        let k = (rotary::apply(&heads(self.k_proj.forward(x)?, dh)?, offset, self.rope_base)?
-            * (dh as f64).powf(-0.5))?;
+        let k =
+            (rotary::apply(&heads(self.k_proj.forward(x)?, dh)?, offset, self.rope_base)? * (dh as f64).powf(-0.5))?;
         let v = heads(self.v_proj.forward(x)?, dv)?;
-        let v1 = Tensor::cat(
-            &[&v, &Tensor::ones((b, h, t, 1), v.dtype(), v.device())?],
-            3,
-        )?;
+        let v1 = Tensor::cat(&[&v, &Tensor::ones((b, h, t, 1), v.dtype(), v.device())?], 3)?;
         Ok((q, k, v1, self.g_proj.forward(x)?))
     }
 
@@ -173,8 +155,7 @@ impl Retention {
             .iter()
             .flat_map(|&lg| {
                 let gamma = lg.exp();
-                (offset..offset + t)
-                    .map(move |n| ((1.0 - gamma.powi(n as i32 + 1)) / (1.0 - gamma)).powf(-0.5))
+                (offset..offset + t).map(move |n| ((1.0 - gamma.powi(n as i32 + 1)) / (1.0 - gamma)).powf(-0.5))
             })
             .collect();
         let c = Tensor::from_vec(c, (1, h, t, 1), o1.device())?.to_dtype(o1.dtype())?;
@@ -185,38 +166,23 @@ impl Retention {
         let centered = y.broadcast_sub(&y.mean_keepdim(D::Minus1)?)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let y = centered.broadcast_div(&(var + GROUP_NORM_EPS)?.sqrt()?)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, h * dv))?
-            .broadcast_mul(&self.gn_weight.to_dtype(y.dtype())?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, h * dv))?.broadcast_mul(&self.gn_weight.to_dtype(y.dtype())?)?;
         let y = match &self.gn_bias {
             Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?)?,
             None => y,
         };
-        self.out_proj
-            .forward(&(g.silu()? * y.to_dtype(g.dtype())?)?)
+        self.out_proj.forward(&(g.silu()? * y.to_dtype(g.dtype())?)?)
     }
 
     /// Parallel form, `O(T^2)`: `x: [B, T, D] -> [B, T, D]`.
     pub fn parallel(&self, x: &Tensor) -> Result<Tensor> {
         let (q, k, v1, g) = self.project(x, 0)?;
-        self.finish(
-            &decayed::linear_naive(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?)?,
-            &g,
-            0,
-        )
+        self.finish(&decayed::linear_naive(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?)?, &g, 0)
     }
 
     fn chunkwise(&self, x: &Tensor, chunk: usize) -> Result<(Tensor, Tensor)> {
         let (q, k, v1, g) = self.project(x, 0)?;
-        let (o1, s) = decayed::linear_chunked(
-            &q,
-            &k,
-            &v1,
-            &self.log_gamma_t.to_dtype(q.dtype())?,
-            chunk,
-            None,
-        )?;
+        let (o1, s) = decayed::linear_chunked(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, chunk, None)?;
         Ok((self.finish(&o1, &g, 0)?, s))
     }
 }
@@ -233,29 +199,14 @@ impl SequenceMixer for Retention {
     /// State `[S]`, `S: [B, H, d_h, d_v + 1]` (the retention state and the decayed key sum).
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
         let (y, s) = self.chunkwise(x, self.chunk)?;
-        Ok((
-            y,
-            MixerState {
-                tensors: vec![s],
-                pos: x.dim(1)?,
-            },
-        ))
+        Ok((y, MixerState { tensors: vec![s], pos: x.dim(1)? }))
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
         let (q, k, v1, g) = self.project(x, state.pos)?;
-        let (o1, s) = decayed::linear_step(
-            &q,
-            &k,
-            &v1,
-            &self.log_gamma_t.to_dtype(q.dtype())?,
-            state.tensors.first(),
-        )?;
+        let (o1, s) = decayed::linear_step(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, state.tensors.first())?;
         let y = self.finish(&o1, &g, state.pos)?;
-        *state = MixerState {
-            tensors: vec![s],
-            pos: state.pos + 1,
-        };
+        *state = MixerState { tensors: vec![s], pos: state.pos + 1 };
         Ok(y)
     }
 
@@ -264,18 +215,15 @@ impl SequenceMixer for Retention {
     }
 }
 
-pub fn build(
-    cfg: &ModelConfig,
-    _layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(Retention::new(cfg, pb)?))
 }
 
 pub const COMPLEXITY: Complexity = Complexity {
     stated_time: crate::complexity::NOT_QUOTED,
     stated_space: crate::complexity::NOT_QUOTED,
-    true_time: "O(T d (C + d_h) + T d^2) chunkwise (C = chunk; parallel O(T^2 d) for T <= C); decode O(d d_h + d^2) per token",
+    true_time:
+        "O(T d (C + d_h) + T d^2) chunkwise (C = chunk; parallel O(T^2 d) for T <= C); decode O(d d_h + d^2) per token",
     true_space: "O(T C h + T d) chunkwise; O(h d_h^2) = O(d d_h) state per layer decoding, independent of T",
     review_error: "",
     flops: |s: &CostShape| {
@@ -337,10 +285,7 @@ mod tests {
         let centered = y.broadcast_sub(&y.mean_keepdim(D::Minus1)?)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let y = centered.broadcast_div(&(var + GROUP_NORM_EPS)?.sqrt()?)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, h * m.value_head_dim))?
-            .broadcast_mul(&m.gn_weight)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, h * m.value_head_dim))?.broadcast_mul(&m.gn_weight)?;
         Ok((m.out_proj.forward(&(g.silu()? * y)?)?, row_sums))
     }
 
@@ -358,10 +303,7 @@ mod tests {
             let parallel = m.parallel(&x)?;
             assert!(rel_err(&parallel, &reference)? < 1e-4, "parallel vs paper");
             for chunk in [1, 4, 5, 64] {
-                assert!(
-                    rel_err(&m.chunked(&x, chunk).unwrap()?, &reference)? < 1e-4,
-                    "chunk {chunk}"
-                );
+                assert!(rel_err(&m.chunked(&x, chunk).unwrap()?, &reference)? < 1e-4, "chunk {chunk}");
             }
             assert!(rel_err(&m.forward(&x)?, &reference)? < 1e-4); // T > chunk: chunkwise
             for split in [0, 1, 7] {
@@ -403,12 +345,8 @@ mod tests {
     fn retnet_state_is_constant_in_t() -> anyhow::Result<()> {
         let cfg = tiny(&[]);
         let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
-        let bytes = |t: usize| -> anyhow::Result<usize> {
-            Ok(model
-                .prefill(&random_tokens(1, t, cfg.vocab, 1)?)?
-                .1
-                .bytes())
-        };
+        let bytes =
+            |t: usize| -> anyhow::Result<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
         let (a, b) = (bytes(3)?, bytes(20)?);
         assert_eq!(a, b);
         // per layer: [B, H, d_h, d_v + 1] with d_v = 2 d / H
@@ -420,15 +358,7 @@ mod tests {
     #[test]
     fn retnet_decays_follow_the_paper() {
         let g: Vec<f64> = log_decays(4).iter().map(|l| l.exp()).collect();
-        assert_eq!(
-            g,
-            vec![
-                1.0 - 1.0 / 32.0,
-                1.0 - 1.0 / 64.0,
-                1.0 - 1.0 / 128.0,
-                1.0 - 1.0 / 256.0
-            ]
-        );
+        assert_eq!(g, vec![1.0 - 1.0 / 32.0, 1.0 - 1.0 / 64.0, 1.0 - 1.0 / 128.0, 1.0 - 1.0 / 256.0]);
     }
 
     #[test]

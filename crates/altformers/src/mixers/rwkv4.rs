@@ -81,32 +81,20 @@ fn options(cfg: &ModelConfig) -> AnyResult<Rwkv4Options> {
 
 /// The official per-layer ramps: `(ratio_0_to_1, ratio_1_to_almost0)`.
 fn ratios(layer: usize, depth: usize) -> (f64, f64) {
-    let r01 = if depth > 1 {
-        layer as f64 / (depth - 1) as f64
-    } else {
-        0.0
-    };
+    let r01 = if depth > 1 { layer as f64 / (depth - 1) as f64 } else { 0.0 };
     (r01, 1.0 - layer as f64 / depth as f64)
 }
 
 /// `time_mix` ramp `(c / D)^power` as a `[1, 1, D]` parameter (not decayed), plus `add`.
 fn time_mix(pb: &ParamBuilder, name: &str, d: usize, power: f64, add: f64) -> AnyResult<Tensor> {
-    let v: Vec<f32> = (0..d)
-        .map(|c| ((c as f64 / d as f64).powf(power) + add) as f32)
-        .collect();
+    let v: Vec<f32> = (0..d).map(|c| ((c as f64 / d as f64).powf(power) + add) as f32).collect();
     pb.from_values(name, &[1, 1, d], v, false)
 }
 
 /// Orthogonal `[rows, cols]` matrix times `gain` (rows or columns orthonormal, whichever are
 /// fewer), as `torch.nn.init.orthogonal_`: Gram-Schmidt on a Gaussian drawn from the
 /// builder's seeded stream.
-fn orthogonal(
-    pb: &ParamBuilder,
-    name: &str,
-    rows: usize,
-    cols: usize,
-    gain: f64,
-) -> AnyResult<Tensor> {
+fn orthogonal(pb: &ParamBuilder, name: &str, rows: usize, cols: usize, gain: f64) -> AnyResult<Tensor> {
     let t = pb.normal(name, &[rows, cols], 1.0)?;
     let a: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     // orthonormalise the `n` vectors of length `m` (rows if rows <= cols, else columns)
@@ -140,13 +128,9 @@ fn orthogonal(
     }
     let store = pb.store();
     let store = store.lock().unwrap();
-    let p = store
-        .params
-        .values()
-        .find(|p| p.var.as_tensor().id() == t.id())
-        .context("orthogonal: parameter not found")?;
-    p.var
-        .set(&Tensor::from_vec(out, (rows, cols), t.device())?.to_dtype(t.dtype())?)?;
+    let p =
+        store.params.values().find(|p| p.var.as_tensor().id() == t.id()).context("orthogonal: parameter not found")?;
+    p.var.set(&Tensor::from_vec(out, (rows, cols), t.device())?.to_dtype(t.dtype())?)?;
     Ok(t)
 }
 
@@ -157,29 +141,13 @@ enum Kind {
     Orthogonal(f64),
 }
 
-fn linear(
-    pb: &ParamBuilder,
-    name: &str,
-    d_in: usize,
-    d_out: usize,
-    init: Init,
-    kind: Kind,
-) -> AnyResult<Linear> {
+fn linear(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, init: Init, kind: Kind) -> AnyResult<Linear> {
     let weight = match (init, kind) {
-        (Init::Normal, _) => pb.normal(
-            &format!("{name}.weight"),
-            &[d_out, d_in],
-            (d_in as f64).powf(-0.5),
-        )?,
-        (Init::Paper, Kind::Zero) => pb.from_values(
-            &format!("{name}.weight"),
-            &[d_out, d_in],
-            vec![0.0; d_in * d_out],
-            true,
-        )?,
-        (Init::Paper, Kind::Orthogonal(gain)) => {
-            orthogonal(pb, &format!("{name}.weight"), d_out, d_in, gain)?
+        (Init::Normal, _) => pb.normal(&format!("{name}.weight"), &[d_out, d_in], (d_in as f64).powf(-0.5))?,
+        (Init::Paper, Kind::Zero) => {
+            pb.from_values(&format!("{name}.weight"), &[d_out, d_in], vec![0.0; d_in * d_out], true)?
         }
+        (Init::Paper, Kind::Orthogonal(gain)) => orthogonal(pb, &format!("{name}.weight"), d_out, d_in, gain)?,
     };
     Ok(Linear { weight, bias: None })
 }
@@ -233,17 +201,11 @@ impl TimeMix {
         let (r01, r10) = ratios(layer, cfg.depth);
         let decay: Vec<f32> = (0..d)
             .map(|c| {
-                let x = if d > 1 {
-                    c as f64 / (d - 1) as f64
-                } else {
-                    0.0
-                };
+                let x = if d > 1 { c as f64 / (d - 1) as f64 } else { 0.0 };
                 (-5.0 + 8.0 * x.powf(0.7 + 1.3 * r01)) as f32
             })
             .collect();
-        let first: Vec<f32> = (0..d)
-            .map(|c| (0.3f64.ln() + ((c + 1) % 3) as f64 * 0.5 - 0.5) as f32)
-            .collect();
+        let first: Vec<f32> = (0..d).map(|c| (0.3f64.ln() + ((c + 1) % 3) as f64 * 0.5 - 0.5) as f32).collect();
         Ok(Self {
             time_decay: pb.from_values("time_decay", &[d], decay, false)?,
             time_first: pb.from_values("time_first", &[d], first, false)?,
@@ -261,30 +223,14 @@ impl TimeMix {
     /// `x: [B, T, D]`, previous token `prev: [B, D]` -> `(sigmoid(r), k, v, w, u)`: `r, k, v`
     /// `[B, T, D]`, decay rate `w = exp(time_decay)` and bonus `u`, `[D]`; `k, v, w, u` in the
     /// accumulation dtype (f32 under bf16 activations), `sigmoid(r)` in `x`'s.
-    fn project(
-        &self,
-        x: &Tensor,
-        prev: Option<&Tensor>,
-    ) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
+    fn project(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
         let acc = decayed::accumulation_dtype(x.dtype());
         let xx = token_shift(x, prev)?;
-        let k = self
-            .key
-            .forward(&mix(x, &xx, &self.time_mix_k)?)?
-            .to_dtype(acc)?;
-        let v = self
-            .value
-            .forward(&mix(x, &xx, &self.time_mix_v)?)?
-            .to_dtype(acc)?;
+        let k = self.key.forward(&mix(x, &xx, &self.time_mix_k)?)?.to_dtype(acc)?;
+        let v = self.value.forward(&mix(x, &xx, &self.time_mix_v)?)?.to_dtype(acc)?;
         let r = self.receptance.forward(&mix(x, &xx, &self.time_mix_r)?)?;
         let w = self.time_decay.to_dtype(acc)?.exp()?;
-        Ok((
-            candle_nn::ops::sigmoid(&r)?,
-            k,
-            v,
-            w,
-            self.time_first.to_dtype(acc)?,
-        ))
+        Ok((candle_nn::ops::sigmoid(&r)?, k, v, w, self.time_first.to_dtype(acc)?))
     }
 
     /// `W_o (sigmoid(r) (.) y)` in `sr`'s dtype.
@@ -300,17 +246,7 @@ impl TimeMix {
         wkv: impl Fn(&Tensor, &Tensor, Weighting) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let (sr, k, v, w, u) = self.project(x, prev)?;
-        self.out(
-            &sr,
-            &wkv(
-                &k,
-                &v,
-                Weighting {
-                    decay: Some(&w),
-                    bonus: Some(&u),
-                },
-            )?,
-        )
+        self.out(&sr, &wkv(&k, &v, Weighting { decay: Some(&w), bonus: Some(&u) })?)
     }
 
     /// The quadratic `O(T^2 d)` reference (tests only).
@@ -321,33 +257,16 @@ impl TimeMix {
 
 impl SequenceMixer for TimeMix {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, None, |k, v, wt| {
-            Ok(decayed::wkv_chunked(k, v, wt, self.chunk, None)?.0)
-        })
+        self.run(x, None, |k, v, wt| Ok(decayed::wkv_chunked(k, v, wt, self.chunk, None)?.0))
     }
 
     /// State `[x_{T-1}, aa, bb, pp]`, each `[B, D]`.
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
         let (sr, k, v, w, u) = self.project(x, None)?;
-        let (y, s) = decayed::wkv_chunked(
-            &k,
-            &v,
-            Weighting {
-                decay: Some(&w),
-                bonus: Some(&u),
-            },
-            self.chunk,
-            None,
-        )?;
+        let (y, s) = decayed::wkv_chunked(&k, &v, Weighting { decay: Some(&w), bonus: Some(&u) }, self.chunk, None)?;
         let mut tensors = vec![last_token(x)?];
         tensors.extend(s.to_vec());
-        Ok((
-            self.out(&sr, &y)?,
-            MixerState {
-                tensors,
-                pos: x.dim(1)?,
-            },
-        ))
+        Ok((self.out(&sr, &y)?, MixerState { tensors, pos: x.dim(1)? }))
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
@@ -358,28 +277,15 @@ impl SequenceMixer for TimeMix {
             Some(rest) if !rest.is_empty() => WkvState::from_slice(rest)?,
             _ => WkvState::empty(k.dim(0)?, k.dim(1)?, &k)?,
         };
-        let y = decayed::wkv_step(
-            &mut s,
-            &k,
-            &v,
-            Weighting {
-                decay: Some(&w),
-                bonus: Some(&u),
-            },
-        )?;
+        let y = decayed::wkv_step(&mut s, &k, &v, Weighting { decay: Some(&w), bonus: Some(&u) })?;
         let mut tensors = vec![x.squeeze(1)?];
         tensors.extend(s.to_vec());
-        *state = MixerState {
-            tensors,
-            pos: state.pos + 1,
-        };
+        *state = MixerState { tensors, pos: state.pos + 1 };
         self.out(&sr, &y.unsqueeze(1)?)
     }
 
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
-        Some(self.run(x, None, |k, v, wt| {
-            Ok(decayed::wkv_chunked(k, v, wt, chunk, None)?.0)
-        }))
+        Some(self.run(x, None, |k, v, wt| Ok(decayed::wkv_chunked(k, v, wt, chunk, None)?.0)))
     }
 }
 
@@ -395,19 +301,11 @@ pub struct ChannelMix {
 impl ChannelMix {
     /// Hidden width `ffn_mult * d` (4 d in RWKV-4).
     pub fn new(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
-        let init = if cfg.mixer == "rwkv4" {
-            options(cfg)?.init
-        } else {
-            Init::Paper
-        };
+        let init = if cfg.mixer == "rwkv4" { options(cfg)?.init } else { Init::Paper };
         let d = cfg.width;
         let hidden = ((cfg.ffn_mult * d as f64).round() as usize).max(1);
         let (_, r10) = ratios(layer, cfg.depth);
-        let gain = if hidden > d {
-            (hidden as f64 / d as f64).sqrt()
-        } else {
-            1.0
-        };
+        let gain = if hidden > d { (hidden as f64 / d as f64).sqrt() } else { 1.0 };
         Ok(Self {
             time_mix_k: time_mix(pb, "time_mix_k", d, r10, 0.0)?,
             time_mix_r: time_mix(pb, "time_mix_r", d, r10, 0.0)?,
@@ -419,11 +317,7 @@ impl ChannelMix {
 
     fn run(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
         let xx = token_shift(x, prev)?;
-        let k = self
-            .key
-            .forward(&mix(x, &xx, &self.time_mix_k)?)?
-            .relu()?
-            .sqr()?;
+        let k = self.key.forward(&mix(x, &xx, &self.time_mix_k)?)?.relu()?.sqr()?;
         let r = self.receptance.forward(&mix(x, &xx, &self.time_mix_r)?)?;
         candle_nn::ops::sigmoid(&r)? * self.value.forward(&k)?
     }
@@ -436,39 +330,22 @@ impl SequenceMixer for ChannelMix {
 
     /// State `[x_{T-1}]` (`[B, D]`).
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
-        Ok((
-            self.run(x, None)?,
-            MixerState {
-                tensors: vec![last_token(x)?],
-                pos: x.dim(1)?,
-            },
-        ))
+        Ok((self.run(x, None)?, MixerState { tensors: vec![last_token(x)?], pos: x.dim(1)? }))
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
         let y = self.run(x, state.tensors.first())?;
-        *state = MixerState {
-            tensors: vec![x.squeeze(1)?],
-            pos: state.pos + 1,
-        };
+        *state = MixerState { tensors: vec![x.squeeze(1)?], pos: state.pos + 1 };
         Ok(y)
     }
 }
 
-pub fn build(
-    cfg: &ModelConfig,
-    layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn build(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(TimeMix::new(cfg, layer, pb)?))
 }
 
 /// The RWKV channel mix as the block's channel mixer (`model.channel_mixer = "rwkv"`).
-pub fn channel_mix(
-    cfg: &ModelConfig,
-    layer: usize,
-    pb: &ParamBuilder,
-) -> AnyResult<Box<dyn SequenceMixer>> {
+pub fn channel_mix(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(ChannelMix::new(cfg, layer, pb)?))
 }
 
@@ -492,28 +369,15 @@ pub fn import(file: &Path, out: &Path) -> AnyResult<RunConfig> {
     let Some(emb) = tensors.get("emb.weight") else {
         bail!("{origin} is not an RWKV-4 checkpoint: missing tensor `emb.weight` (expected [vocab, width])");
     };
-    let (vocab, width) = emb.dims2().with_context(|| {
-        format!(
-            "{origin}: `emb.weight` must be [vocab, width], got {:?}",
-            emb.dims()
-        )
-    })?;
+    let (vocab, width) =
+        emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
     let depth = tensors
         .keys()
-        .filter_map(|k| {
-            k.strip_prefix("blocks.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
+        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
         .max()
         .map(|m| m + 1)
         .with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
-    let hidden = match tensors
-        .get("blocks.0.ffn.key.weight")
-        .map(|t| t.dims().to_vec())
-    {
+    let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
         Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
         _ => 4 * width, // the check below names the problem
     };
@@ -527,31 +391,14 @@ pub fn import(file: &Path, out: &Path) -> AnyResult<RunConfig> {
         "model.options.init=\"normal\"".into(),
     ];
     let config = RunConfig::build("rwkv4", None, &sets)?;
-    let model = crate::model::LanguageModel::new(
-        &config.model,
-        config.train.seed,
-        &Device::Cpu,
-        DType::F32,
-    )?;
+    let model = crate::model::LanguageModel::new(&config.model, config.train.seed, &Device::Cpu, DType::F32)?;
     let tensors: BTreeMap<String, Tensor> = tensors
         .into_iter()
-        .map(|(k, t)| {
-            Ok((
-                k,
-                if t.dtype().is_float() {
-                    t.to_dtype(DType::F32)?
-                } else {
-                    t
-                },
-            ))
-        })
+        .map(|(k, t)| Ok((k, if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t })))
         .collect::<Result<_>>()?;
     model.params.assign(tensors, &origin)?;
     if out.join("config.json").exists() {
-        bail!(
-            "{} already holds a run; choose another --out",
-            out.display()
-        );
+        bail!("{} already holds a run; choose another --out", out.display());
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     model.params.save(&out.join("model.safetensors"))?;
@@ -597,10 +444,7 @@ mod tests {
         let pb = ParamBuilder::new(3, &Device::Cpu, dtype);
         let mut m = TimeMix::new(&cfg, 0, &pb).unwrap();
         let d = cfg.width;
-        let scale = |x: Linear| Linear {
-            weight: (x.weight * 2.0).unwrap(),
-            bias: None,
-        };
+        let scale = |x: Linear| Linear { weight: (x.weight * 2.0).unwrap(), bias: None };
         m.key = scale(m.key);
         m.value = scale(m.value);
         m.receptance = scale(m.receptance);
@@ -639,12 +483,7 @@ mod tests {
         let m = random_mixer(&cfg, DType::F32);
         let x = randn(&[2, 13, cfg.width], 2, DType::F32)?;
         testing::assert_causal(&|x| Ok(m.forward(x)?), &x)?;
-        let model = LanguageModel::new(
-            &tiny(&["model.options.init=normal"]),
-            1,
-            &Device::Cpu,
-            DType::F32,
-        )?;
+        let model = LanguageModel::new(&tiny(&["model.options.init=normal"]), 1, &Device::Cpu, DType::F32)?;
         let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
         // model-level: perturbing later tokens leaves earlier logits unchanged
         let y = model.forward(&tokens, None)?;
@@ -670,12 +509,8 @@ mod tests {
     fn rwkv4_state_is_constant_in_t() -> AnyResult<()> {
         let cfg = tiny(&[]);
         let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
-        let bytes = |t: usize| -> AnyResult<usize> {
-            Ok(model
-                .prefill(&random_tokens(1, t, cfg.vocab, 1)?)?
-                .1
-                .bytes())
-        };
+        let bytes =
+            |t: usize| -> AnyResult<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
         let (a, b) = (bytes(3)?, bytes(20)?);
         assert_eq!(a, b);
         // x_prev, aa, bb, pp for time mixing and x_prev for channel mixing, per layer
@@ -689,23 +524,12 @@ mod tests {
         let mut m = random_mixer(&cfg, DType::F32);
         // keys around +-30 and a fast decay on some channels
         let d = cfg.width;
-        m.key = Linear {
-            weight: (Tensor::eye(d, DType::F32, &Device::Cpu)? * 30.0)?,
-            bias: None,
-        };
+        m.key = Linear { weight: (Tensor::eye(d, DType::F32, &Device::Cpu)? * 30.0)?, bias: None };
         let x = randn(&[2, 24, d], 9, DType::F32)?.sign()?;
         let k = m.key.forward(&x)?;
         assert!(k.abs()?.max_all()?.to_scalar::<f32>()? > 20.0);
-        for y in [
-            m.forward(&x)?,
-            m.forward_naive(&x)?,
-            testing::mixer_recurrent(&m, &x, 5)?,
-        ] {
-            assert!(y
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .all(|v| v.is_finite()));
+        for y in [m.forward(&x)?, m.forward_naive(&x)?, testing::mixer_recurrent(&m, &x, 5)?] {
+            assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()));
         }
         assert!(testing::mixer_modes_err(&m, &x, 5)? < 1e-4);
         Ok(())
@@ -716,12 +540,8 @@ mod tests {
         let cfg = tiny(&[]);
         let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
         let d = cfg.width;
-        let shapes: BTreeMap<String, Vec<usize>> = model
-            .params
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (k, t.dims().to_vec()))
-            .collect();
+        let shapes: BTreeMap<String, Vec<usize>> =
+            model.params.tensors().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect();
         let expect = [
             ("emb.weight", vec![cfg.vocab, d]),
             ("blocks.0.ln0.weight", vec![d]),
@@ -752,9 +572,7 @@ mod tests {
         // 2 time + 3 ffn matrices
         assert_eq!(shapes.len(), 2 + 2 + 2 + cfg.depth * (4 + 9 + 5));
         // the official ramps: layer 0 time_mix_k = (c/D)^1, decays from -5 to 3
-        let tm: Vec<f32> = model.params.tensors()["blocks.0.att.time_mix_k"]
-            .flatten_all()?
-            .to_vec1()?;
+        let tm: Vec<f32> = model.params.tensors()["blocks.0.att.time_mix_k"].flatten_all()?.to_vec1()?;
         assert!((tm[d / 2] - 0.5).abs() < 1e-6);
         let td: Vec<f32> = model.params.tensors()["blocks.0.att.time_decay"].to_vec1()?;
         assert!((td[0] + 5.0).abs() < 1e-6 && (td[d - 1] - 3.0).abs() < 1e-5);
@@ -767,8 +585,7 @@ mod tests {
 
     #[test]
     fn rwkv4_import_round_trips_and_rejects_bad_files() -> AnyResult<()> {
-        let dir =
-            std::env::temp_dir().join(format!("altformers-rwkv4-import-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("altformers-rwkv4-import-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let cfg = tiny(&["model.options.init=normal"]);
@@ -777,36 +594,21 @@ mod tests {
         model.params.save(&file)?;
         let imported = import(&file, &dir.join("run"))?;
         assert_eq!(
-            (
-                imported.model.width,
-                imported.model.depth,
-                imported.model.vocab
-            ),
+            (imported.model.width, imported.model.depth, imported.model.vocab),
             (cfg.width, cfg.depth, cfg.vocab)
         );
         let loaded = crate::train::load_run(&dir.join("run"), &Device::Cpu, DType::F32)?;
         let tokens = random_tokens(2, 9, cfg.vocab, 2)?;
-        assert!(
-            rel_err(
-                &loaded.forward(&tokens, None)?,
-                &model.forward(&tokens, None)?
-            )? < 1e-6
-        );
+        assert!(rel_err(&loaded.forward(&tokens, None)?, &model.forward(&tokens, None)?)? < 1e-6);
 
         // a file with a tensor missing and another mis-shaped
         let mut t = model.params.tensors();
         t.remove("blocks.1.att.time_first");
-        t.insert(
-            "blocks.0.ffn.value.weight".into(),
-            Tensor::zeros((cfg.width, 7), DType::F32, &Device::Cpu)?,
-        );
+        t.insert("blocks.0.ffn.value.weight".into(), Tensor::zeros((cfg.width, 7), DType::F32, &Device::Cpu)?);
         let bad = dir.join("bad.safetensors");
         crate::params::save_tensors(&t, &bad)?;
         let err = format!("{:#}", import(&bad, &dir.join("run2")).unwrap_err());
-        assert!(
-            err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"),
-            "{err}"
-        );
+        assert!(err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"), "{err}");
         assert!(!dir.join("run2").join("config.json").exists());
         std::fs::remove_dir_all(&dir)?;
         Ok(())

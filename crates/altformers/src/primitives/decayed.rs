@@ -68,9 +68,7 @@ pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let lead: usize = ad[..r - 2].iter().product();
     let mut out_dims = ad[..r - 2].to_vec();
     out_dims.extend([m, n]);
-    a.reshape((lead, m, k))?
-        .matmul(&b.reshape((lead, k, n))?)?
-        .reshape(out_dims)
+    a.reshape((lead, m, k))?.matmul(&b.reshape((lead, k, n))?)?.reshape(out_dims)
 }
 
 /// How `t` tokens split into chunks of (at most) `chunk`: `(L, N, pad)` with chunk length
@@ -107,11 +105,7 @@ pub fn decay_matrix(log_decay: &Tensor, len: usize) -> Result<Tensor> {
     let (dist, visible) = causal_distances(len, 0);
     let dist = host(dist, &[1, len, len], log_decay)?;
     let visible = host(visible, &[1, len, len], log_decay)?;
-    log_decay
-        .reshape((h, 1, 1))?
-        .broadcast_mul(&dist)?
-        .exp()?
-        .broadcast_mul(&visible)
+    log_decay.reshape((h, 1, 1))?.broadcast_mul(&dist)?.exp()?.broadcast_mul(&visible)
 }
 
 /// `gamma_h^p` for each power `p`: `log_decay: [H]` -> `[H, powers.len()]`.
@@ -160,23 +154,14 @@ pub fn linear_recurrent(
     let mut s = state.cloned();
     let mut outs = Vec::with_capacity(t);
     for i in 0..t {
-        let (o, next) = linear_step(
-            &q.narrow(2, i, 1)?,
-            &k.narrow(2, i, 1)?,
-            &v.narrow(2, i, 1)?,
-            log_decay,
-            s.as_ref(),
-        )?;
+        let (o, next) =
+            linear_step(&q.narrow(2, i, 1)?, &k.narrow(2, i, 1)?, &v.narrow(2, i, 1)?, log_decay, s.as_ref())?;
         outs.push(o);
         s = Some(next);
     }
     let s = match s {
         Some(s) => s,
-        None => Tensor::zeros(
-            (q.dim(0)?, q.dim(1)?, q.dim(3)?, v.dim(3)?),
-            q.dtype(),
-            q.device(),
-        )?,
+        None => Tensor::zeros((q.dim(0)?, q.dim(1)?, q.dim(3)?, v.dim(3)?), q.dtype(), q.device())?,
     };
     Ok((Tensor::cat(&outs, 2)?, s))
 }
@@ -205,22 +190,15 @@ pub fn linear_chunked(
     let split = |x: &Tensor, d: usize| x.pad_with_zeros(2, 0, pad)?.reshape((b, h, n, l, d));
     let (qc, kc, vc) = (split(q, dk)?, split(k, dk)?, split(v, dv)?);
     // inside chunks: [B, H, N, L, d_v]
-    let scores = bmm(&qc, &kc.t()?)?
-        .broadcast_mul(&decay_matrix(log_decay, l)?.reshape((1, h, 1, l, l))?)?;
+    let scores = bmm(&qc, &kc.t()?)?.broadcast_mul(&decay_matrix(log_decay, l)?.reshape((1, h, 1, l, l))?)?;
     let inner = bmm(&scores, &vc)?;
     // each chunk's own contribution to the state after it: [B, H, N, d_k, d_v]
     let key_decay = |len: usize| -> Result<Tensor> {
         let powers: Vec<f64> = (0..len).rev().map(|p| p as f64).collect();
         decay_powers(log_decay, &powers)
     };
-    let summaries = bmm(
-        &kc.broadcast_mul(&key_decay(l)?.reshape((1, h, 1, l, 1))?)?
-            .t()?,
-        &vc,
-    )?;
-    let gamma_pow = |p: usize| -> Result<Tensor> {
-        decay_powers(log_decay, &[p as f64])?.reshape((1, h, 1, 1))
-    };
+    let summaries = bmm(&kc.broadcast_mul(&key_decay(l)?.reshape((1, h, 1, l, 1))?)?.t()?, &vc)?;
+    let gamma_pow = |p: usize| -> Result<Tensor> { decay_powers(log_decay, &[p as f64])?.reshape((1, h, 1, 1)) };
     let gamma_l = gamma_pow(l)?;
     let mut s = match state {
         Some(s) => s.clone(),
@@ -240,19 +218,14 @@ pub fn linear_chunked(
     } else {
         let kl = kc.i((.., .., n - 1))?.narrow(2, 0, last)?;
         let vl = vc.i((.., .., n - 1))?.narrow(2, 0, last)?;
-        let own = kl
-            .broadcast_mul(&key_decay(last)?.reshape((1, h, last, 1))?)?
-            .t()?
-            .matmul(&vl)?;
+        let own = kl.broadcast_mul(&key_decay(last)?.reshape((1, h, last, 1))?)?.t()?.matmul(&vl)?;
         (s.broadcast_mul(&gamma_pow(last)?)? + own)?
     };
     let s_in = Tensor::stack(&entering, 2)?;
     let powers: Vec<f64> = (1..=l).map(|p| p as f64).collect();
     let query_decay = decay_powers(log_decay, &powers)?.reshape((1, h, 1, l, 1))?;
     let cross = bmm(&qc.broadcast_mul(&query_decay)?, &s_in)?;
-    let y = (inner + cross)?
-        .reshape((b, h, n * l, dv))?
-        .narrow(2, 0, t)?;
+    let y = (inner + cross)?.reshape((b, h, n * l, dv))?.narrow(2, 0, t)?;
     Ok((y, final_state))
 }
 
@@ -282,11 +255,7 @@ impl WkvState {
     pub fn empty(b: usize, c: usize, like: &Tensor) -> Result<Self> {
         let zeros = Tensor::zeros((b, c), like.dtype(), like.device())?;
         let pp = (zeros.ones_like()? * EMPTY_LOG_SCALE)?;
-        Ok(Self {
-            aa: zeros.clone(),
-            bb: zeros,
-            pp,
-        })
+        Ok(Self { aa: zeros.clone(), bb: zeros, pp })
     }
 
     pub fn to_vec(&self) -> Vec<Tensor> {
@@ -296,11 +265,7 @@ impl WkvState {
     /// From `[aa, bb, pp]` as written by [`WkvState::to_vec`].
     pub fn from_slice(t: &[Tensor]) -> Result<Self> {
         match t {
-            [aa, bb, pp] => Ok(Self {
-                aa: aa.clone(),
-                bb: bb.clone(),
-                pp: pp.clone(),
-            }),
+            [aa, bb, pp] => Ok(Self { aa: aa.clone(), bb: bb.clone(), pp: pp.clone() }),
             _ => candle_core::bail!("a WKV state is three tensors (aa, bb, pp), got {}", t.len()),
         }
     }
@@ -326,10 +291,7 @@ impl WkvParts {
 fn block_log_weights(wt: &Weighting, len: usize, like: &Tensor) -> Result<Tensor> {
     let shift = wt.bonus.is_some() as usize;
     let (dist, visible) = causal_distances(len, shift);
-    let mask: Vec<f64> = visible
-        .iter()
-        .map(|&m| if m > 0.0 { 0.0 } else { f64::NEG_INFINITY })
-        .collect();
+    let mask: Vec<f64> = visible.iter().map(|&m| if m > 0.0 { 0.0 } else { f64::NEG_INFINITY }).collect();
     let mut out = host(mask, &[1, len, len], like)?;
     if let Some(w) = wt.decay {
         let c = w.dim(0)?;
@@ -338,14 +300,8 @@ fn block_log_weights(wt: &Weighting, len: usize, like: &Tensor) -> Result<Tensor
     }
     if let Some(u) = wt.bonus {
         let c = u.dim(0)?;
-        let eye: Vec<f64> = (0..len * len)
-            .map(|p| if p / len == p % len { 1.0 } else { 0.0 })
-            .collect();
-        out = out.broadcast_add(&u.reshape((c, 1, 1))?.broadcast_mul(&host(
-            eye,
-            &[1, len, len],
-            like,
-        )?)?)?;
+        let eye: Vec<f64> = (0..len * len).map(|p| if p / len == p % len { 1.0 } else { 0.0 }).collect();
+        out = out.broadcast_add(&u.reshape((c, 1, 1))?.broadcast_mul(&host(eye, &[1, len, len], like)?)?)?;
     }
     Ok(out)
 }
@@ -360,9 +316,7 @@ fn channels_first(x: &Tensor) -> Result<Tensor> {
 pub fn wkv_naive(k: &Tensor, v: &Tensor, wt: Weighting) -> Result<Tensor> {
     let t = k.dim(1)?;
     let (kt, vt) = (channels_first(k)?, channels_first(v)?);
-    let e = kt
-        .unsqueeze(2)?
-        .broadcast_add(&block_log_weights(&wt, t, k)?.unsqueeze(0)?)?; // [B, C, T, T]
+    let e = kt.unsqueeze(2)?.broadcast_add(&block_log_weights(&wt, t, k)?.unsqueeze(0)?)?; // [B, C, T, T]
     let m = e.max_keepdim(D::Minus1)?.detach();
     let p = e.broadcast_sub(&m)?.exp()?;
     let num = p.matmul(&vt.unsqueeze(3)?)?.squeeze(3)?;
@@ -372,12 +326,7 @@ pub fn wkv_naive(k: &Tensor, v: &Tensor, wt: Weighting) -> Result<Tensor> {
 
 /// Adds one token to the state (the official kernel's update): `S = e^{-w} S + e^{k} v`.
 /// `k, v: [B, C]`, `decay: [C]`.
-pub fn wkv_fold(
-    state: &WkvState,
-    k: &Tensor,
-    v: &Tensor,
-    decay: Option<&Tensor>,
-) -> Result<WkvState> {
+pub fn wkv_fold(state: &WkvState, k: &Tensor, v: &Tensor, decay: Option<&Tensor>) -> Result<WkvState> {
     let ww = match decay {
         Some(w) => state.pp.broadcast_sub(w)?,
         None => state.pp.clone(),
@@ -385,11 +334,7 @@ pub fn wkv_fold(
     let p = ww.maximum(k)?.detach();
     let e1 = (ww - &p)?.exp()?;
     let e2 = (k - &p)?.exp()?;
-    Ok(WkvState {
-        aa: ((&e1 * &state.aa)? + (&e2 * v)?)?,
-        bb: ((e1 * &state.bb)? + e2)?,
-        pp: p,
-    })
+    Ok(WkvState { aa: ((&e1 * &state.aa)? + (&e2 * v)?)?, bb: ((e1 * &state.bb)? + e2)?, pp: p })
 }
 
 /// One token of the recurrent form, exactly as the official RWKV-4 kernel: read the output
@@ -414,12 +359,7 @@ pub fn wkv_step(state: &mut WkvState, k: &Tensor, v: &Tensor, wt: Weighting) -> 
 
 /// Recurrent form: [`wkv_step`] over every token. `k, v: [B, T, C]` -> (`y: [B, T, C]`, the
 /// state after the last token). `state: None` starts empty.
-pub fn wkv_recurrent(
-    k: &Tensor,
-    v: &Tensor,
-    wt: Weighting,
-    state: Option<WkvState>,
-) -> Result<(Tensor, WkvState)> {
+pub fn wkv_recurrent(k: &Tensor, v: &Tensor, wt: Weighting, state: Option<WkvState>) -> Result<(Tensor, WkvState)> {
     let (b, t, c) = k.dims3()?;
     let mut s = match state {
         Some(s) => s,
@@ -460,15 +400,11 @@ pub fn wkv_chunked_parts(
         channels_first(k)?
     }
     .reshape((b, c, n, l))?;
-    let vc = channels_first(v)?
-        .pad_with_zeros(2, 0, pad)?
-        .reshape((b, c, n, l))?;
+    let vc = channels_first(v)?.pad_with_zeros(2, 0, pad)?.reshape((b, c, n, l))?;
 
     // inside chunks: [B, C, N, L(j), L(i)]
     let w_block = block_log_weights(&wt, l, k)?;
-    let e = kc
-        .unsqueeze(3)?
-        .broadcast_add(&w_block.reshape((1, w_block.dim(0)?, 1, l, l))?)?;
+    let e = kc.unsqueeze(3)?.broadcast_add(&w_block.reshape((1, w_block.dim(0)?, 1, l, l))?)?;
     let m_in = e.max_keepdim(D::Minus1)?.detach();
     let p = e.broadcast_sub(&m_in)?.exp()?;
     let num_in = bmm(&p, &vc.unsqueeze(4)?)?.squeeze(4)?; // [B, C, N, L]
@@ -480,9 +416,7 @@ pub fn wkv_chunked_parts(
     let decayed = |x: &Tensor, ages: Vec<f64>, dim_len: usize| -> Result<Tensor> {
         match wt.decay {
             Some(w) => x.broadcast_sub(
-                &w.reshape((c, 1))?
-                    .broadcast_mul(&host(ages, &[1, dim_len], x)?)?
-                    .reshape((1, c, 1, dim_len))?,
+                &w.reshape((c, 1))?.broadcast_mul(&host(ages, &[1, dim_len], x)?)?.reshape((1, c, 1, dim_len))?,
             ),
             None => Ok(x.clone()),
         }
@@ -528,35 +462,18 @@ pub fn wkv_chunked_parts(
         Tensor::stack(&entering.iter().map(f).collect::<Vec<_>>(), 2)?.unsqueeze(3)
         // [B, C, N, 1]
     };
-    let (aa_in, bb_in, pp_in) = (
-        stack(&|s| s.aa.clone())?,
-        stack(&|s| s.bb.clone())?,
-        stack(&|s| s.pp.clone())?,
-    );
+    let (aa_in, bb_in, pp_in) = (stack(&|s| s.aa.clone())?, stack(&|s| s.bb.clone())?, stack(&|s| s.pp.clone())?);
 
     // combine: the entering state is (j + 1 - shift) steps old at row j
     let state_ages: Vec<f64> = (0..l).map(|j| (j + 1 - shift) as f64).collect();
-    let s_exp = decayed(
-        &pp_in.broadcast_as((b, c, n, l))?.contiguous()?,
-        state_ages,
-        l,
-    )?;
+    let s_exp = decayed(&pp_in.broadcast_as((b, c, n, l))?.contiguous()?, state_ages, l)?;
     let m = m_in.maximum(&s_exp)?.detach();
     let f_in = (m_in - &m)?.exp()?;
     let f_state = (s_exp - &m)?.exp()?;
     let num = ((&f_in * num_in)? + f_state.broadcast_mul(&aa_in)?)?;
     let den = ((f_in * den_in)? + f_state.broadcast_mul(&bb_in)?)?;
-    let back = |x: Tensor| -> Result<Tensor> {
-        x.reshape((b, c, n * l))?.narrow(2, 0, t)?.transpose(1, 2)
-    };
-    Ok((
-        WkvParts {
-            num: back(num)?,
-            den: back(den)?,
-            log_scale: back(m)?,
-        },
-        s,
-    ))
+    let back = |x: Tensor| -> Result<Tensor> { x.reshape((b, c, n * l))?.narrow(2, 0, t)?.transpose(1, 2) };
+    Ok((WkvParts { num: back(num)?, den: back(den)?, log_scale: back(m)? }, s))
 }
 
 /// Chunkwise form: `y = num / den` of [`wkv_chunked_parts`]. `k, v: [B, T, C]` ->
@@ -583,9 +500,7 @@ mod tests {
     use candle_core::DType;
 
     fn log_decay(h: usize, dtype: DType) -> Result<Tensor> {
-        let v: Vec<f64> = (0..h)
-            .map(|i| (1.0 - 2f64.powi(-1 - i as i32)).ln())
-            .collect();
+        let v: Vec<f64> = (0..h).map(|i| (1.0 - 2f64.powi(-1 - i as i32)).ln()).collect();
         Tensor::new(v, &candle_core::Device::Cpu)?.to_dtype(dtype)
     }
 
@@ -604,10 +519,7 @@ mod tests {
                 for chunk in [1, 4, 5, 64] {
                     let (ch, s_ch) = linear_chunked(&q, &k, &v, &ld, chunk, None)?;
                     assert!(rel_err(&ch, &naive)? < 1e-5, "chunk {chunk}, T {t}");
-                    assert!(
-                        rel_err(&s_ch, &s_rec)? < 1e-5,
-                        "state, chunk {chunk}, T {t}"
-                    );
+                    assert!(rel_err(&s_ch, &s_rec)? < 1e-5, "state, chunk {chunk}, T {t}");
                     // with an initial state
                     let (a, sa) = linear_chunked(&q, &k, &v, &ld, chunk, Some(&s0))?;
                     let (b, sb) = linear_recurrent(&q, &k, &v, &ld, Some(&s0))?;
@@ -625,18 +537,9 @@ mod tests {
             let w = randn(&[c], 5, dtype)?.exp()?;
             let u = randn(&[c], 6, dtype)?;
             for wt in [
-                Weighting {
-                    decay: Some(&w),
-                    bonus: Some(&u),
-                },
-                Weighting {
-                    decay: Some(&w),
-                    bonus: None,
-                },
-                Weighting {
-                    decay: None,
-                    bonus: None,
-                },
+                Weighting { decay: Some(&w), bonus: Some(&u) },
+                Weighting { decay: Some(&w), bonus: None },
+                Weighting { decay: None, bonus: None },
             ] {
                 for t in [7, 12] {
                     let k = (randn(&[b, t, c], 7, dtype)? * 3.0)?;
@@ -649,19 +552,10 @@ mod tests {
                         assert!(rel_err(&ch, &naive)? < 1e-5, "chunk {chunk}, T {t}");
                         // states agree as the sums they stand for
                         let num = |s: &WkvState| -> Result<Tensor> { &s.aa * s.pp.exp()? };
-                        assert!(
-                            rel_err(&num(&s_ch)?, &num(&s_rec)?)? < 1e-5,
-                            "state, chunk {chunk}"
-                        );
+                        assert!(rel_err(&num(&s_ch)?, &num(&s_rec)?)? < 1e-5, "state, chunk {chunk}");
                         // continuing from a state: the second half after the first
                         let half = t / 2;
-                        let (_, s1) = wkv_chunked(
-                            &k.narrow(1, 0, half)?,
-                            &v.narrow(1, 0, half)?,
-                            wt,
-                            chunk,
-                            None,
-                        )?;
+                        let (_, s1) = wkv_chunked(&k.narrow(1, 0, half)?, &v.narrow(1, 0, half)?, wt, chunk, None)?;
                         let (y2, _) = wkv_chunked(
                             &k.narrow(1, half, t - half)?,
                             &v.narrow(1, half, t - half)?,
@@ -682,25 +576,15 @@ mod tests {
         let (b, t, c) = (1, 40, 4);
         let w = Tensor::new(&[0.01f32, 0.5, 3.0, 20.0], &candle_core::Device::Cpu)?;
         let u = Tensor::new(&[30f32, -30.0, 0.0, 5.0], &candle_core::Device::Cpu)?;
-        let k = (randn(&[b, t, c], 9, DType::F32)?.sign()? * 30.0)?.broadcast_add(&randn(
-            &[b, t, c],
-            10,
-            DType::F32,
-        )?)?;
+        let k =
+            (randn(&[b, t, c], 9, DType::F32)?.sign()? * 30.0)?.broadcast_add(&randn(&[b, t, c], 10, DType::F32)?)?;
         let v = randn(&[b, t, c], 11, DType::F32)?;
-        let wt = Weighting {
-            decay: Some(&w),
-            bonus: Some(&u),
-        };
+        let wt = Weighting { decay: Some(&w), bonus: Some(&u) };
         let (ch, _) = wkv_chunked(&k, &v, wt, 8, None)?;
         let (rec, _) = wkv_recurrent(&k, &v, wt, None)?;
         let naive = wkv_naive(&k, &v, wt)?;
         for y in [&ch, &rec, &naive] {
-            assert!(y
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .all(|x| x.is_finite()));
+            assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()));
         }
         assert!(rel_err(&ch, &naive)? < 1e-4 && rel_err(&rec, &naive)? < 1e-4);
         Ok(())

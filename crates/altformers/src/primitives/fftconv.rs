@@ -48,11 +48,7 @@ pub fn causal_conv(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     let (_, c, _) = x.dims3()?;
     let (ch, l) = h.dims2()?;
     if ch != c || l == 0 {
-        bail!(
-            "fftconv: filters {:?} do not fit input {:?} (need [C, L >= 1] for x [B, C, T])",
-            h.dims(),
-            x.dims()
-        );
+        bail!("fftconv: filters {:?} do not fit input {:?} (need [C, L >= 1] for x [B, C, T])", h.dims(), x.dims());
     }
     if x.dtype() != h.dtype() {
         bail!("fftconv: x is {:?} but h is {:?}", x.dtype(), h.dtype());
@@ -60,16 +56,10 @@ pub fn causal_conv(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     if x.device().is_cuda() {
         // cuFFT path: half precision is cast to f32 inside the kernels, no casts here.
         if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-            bail!(
-                "fftconv: on CUDA the FFT path supports f32, bf16 and f16, got {:?}",
-                x.dtype()
-            );
+            bail!("fftconv: on CUDA the FFT path supports f32, bf16 and f16, got {:?}", x.dtype());
         }
         // Keep the forward spectra for the backward pass only when one will follow.
-        let op = CausalConv {
-            keep: x.track_op() || h.track_op(),
-            ..Default::default()
-        };
+        let op = CausalConv { keep: x.track_op() || h.track_op(), ..Default::default() };
         return x.contiguous()?.apply_op2(&h.contiguous()?, op);
     }
     if !x.device().is_cpu() {
@@ -80,11 +70,9 @@ pub fn causal_conv(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     }
     if matches!(x.dtype(), DType::BF16 | DType::F16) {
         // Half precision is too coarse for long FFTs: transform in f32.
-        return causal_conv(&x.to_dtype(DType::F32)?, &h.to_dtype(DType::F32)?)?
-            .to_dtype(x.dtype());
+        return causal_conv(&x.to_dtype(DType::F32)?, &h.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
     }
-    x.contiguous()?
-        .apply_op2(&h.contiguous()?, CausalConv::default())
+    x.contiguous()?.apply_op2(&h.contiguous()?, CausalConv::default())
 }
 
 /// The direct reference: `y = Toeplitz(h) x` per channel, O(B C T^2), from differentiable
@@ -94,17 +82,8 @@ pub fn causal_conv_direct(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     let (_, l) = h.dims2()?;
     // Append one zero so every entry of the Toeplitz matrix is an index into `ext`.
     let ext = Tensor::cat(&[h, &Tensor::zeros((c, 1), h.dtype(), h.device())?], 1)?;
-    let idx: Vec<u32> = (0..t)
-        .flat_map(|i| {
-            (0..t).map(move |j| {
-                if j <= i && i - j < l {
-                    (i - j) as u32
-                } else {
-                    l as u32
-                }
-            })
-        })
-        .collect();
+    let idx: Vec<u32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i && i - j < l { (i - j) as u32 } else { l as u32 })).collect();
     let idx = Tensor::from_vec(idx, t * t, h.device())?;
     let toeplitz = ext.index_select(&idx, 1)?.reshape((c, t, t))?; // [C, T_out, T_in]
     let xt = x.permute((1, 2, 0))?.contiguous()?; // [C, T, B]
@@ -154,18 +133,10 @@ impl CustomOp2 for CausalConv {
         "fftconv-causal-conv"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, t) = l1.shape().dims3()?;
         let (_, l) = l2.shape().dims2()?;
-        let out = dispatch(s1, l1, s2, l2, self.name(), |x, h| {
-            Kernel::conv(x, h, b, c, t, l)
-        })?;
+        let out = dispatch(s1, l1, s2, l2, self.name(), |x, h| Kernel::conv(x, h, b, c, t, l))?;
         Ok((out, Shape::from((b, c, t))))
     }
 
@@ -184,22 +155,14 @@ impl CustomOp2 for CausalConv {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        h: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, h: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             // Both gradients from one op (one flat buffer, split by views).
             let (b, c, t) = x.dims3()?;
             let l = h.dim(1)?;
-            let grads = ConvGrads {
-                saved: self.saved.lock().unwrap().take(),
-            };
+            let grads = ConvGrads { saved: self.saved.lock().unwrap().take() };
             let flat = dy.apply_op3_no_bwd(x, h, &grads)?;
             drop(grads);
             let dx = flat.narrow(0, 0, b * c * t)?.reshape((b, c, t))?;
@@ -217,18 +180,10 @@ impl CustomOp2 for CorrInput {
         "fftconv-corr-input"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, t) = l1.shape().dims3()?;
         let (_, l) = l2.shape().dims2()?;
-        let out = dispatch(s1, l1, s2, l2, self.name(), |dy, h| {
-            Kernel::corr_input(dy, h, b, c, t, l)
-        })?;
+        let out = dispatch(s1, l1, s2, l2, self.name(), |dy, h| Kernel::corr_input(dy, h, b, c, t, l))?;
         Ok((out, Shape::from((b, c, t))))
     }
 }
@@ -238,25 +193,13 @@ impl CustomOp2 for CorrFilter {
         "fftconv-corr-filter"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, t) = l1.shape().dims3()?;
         if l2.shape().dims() != [b, c, t] {
-            bail!(
-                "fftconv-corr-filter: dy {:?} and x {:?} differ",
-                l1.shape(),
-                l2.shape()
-            );
+            bail!("fftconv-corr-filter: dy {:?} and x {:?} differ", l1.shape(), l2.shape());
         }
         let l = self.l;
-        let out = dispatch(s1, l1, s2, l2, self.name(), |dy, x| {
-            Kernel::corr_filter(dy, x, b, c, t, l)
-        })?;
+        let out = dispatch(s1, l1, s2, l2, self.name(), |dy, x| Kernel::corr_filter(dy, x, b, c, t, l))?;
         Ok((out, Shape::from((c, l))))
     }
 }
@@ -283,9 +226,7 @@ impl candle_core::CustomOp3 for ConvGrads {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!(
-            "fftconv-conv-grads runs on CUDA only (the CPU backward uses CorrInput and CorrFilter)"
-        )
+        bail!("fftconv-conv-grads runs on CUDA only (the CPU backward uses CorrInput and CorrFilter)")
     }
 
     fn cuda_fwd(
@@ -298,10 +239,7 @@ impl candle_core::CustomOp3 for ConvGrads {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = crate::kernels::fftconv::grads(s1, l1, s2, l2, s3, l3, self.saved.as_ref())?;
-        Ok((
-            out,
-            Shape::from(l1.shape().elem_count() + l3.shape().elem_count()),
-        ))
+        Ok((out, Shape::from(l1.shape().elem_count() + l3.shape().elem_count())))
     }
 }
 
@@ -314,28 +252,19 @@ fn dispatch(
     name: &str,
     f: impl Fn(Slices<'_>, Slices<'_>) -> Output,
 ) -> Result<CpuStorage> {
-    let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-    else {
+    let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
         bail!("{name}: inputs must be contiguous");
     };
     match (s1, s2) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            match f(Slices::F32(&a[a0..a1]), Slices::F32(&b[b0..b1])) {
-                Output::F32(v) => Ok(CpuStorage::F32(v)),
-                Output::F64(_) => unreachable!(),
-            }
-        }
-        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            match f(Slices::F64(&a[a0..a1]), Slices::F64(&b[b0..b1])) {
-                Output::F64(v) => Ok(CpuStorage::F64(v)),
-                Output::F32(_) => unreachable!(),
-            }
-        }
-        _ => bail!(
-            "{name}: supports f32 and f64 on the CPU, got {:?} and {:?}",
-            s1.dtype(),
-            s2.dtype()
-        ),
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => match f(Slices::F32(&a[a0..a1]), Slices::F32(&b[b0..b1])) {
+            Output::F32(v) => Ok(CpuStorage::F32(v)),
+            Output::F64(_) => unreachable!(),
+        },
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => match f(Slices::F64(&a[a0..a1]), Slices::F64(&b[b0..b1])) {
+            Output::F64(v) => Ok(CpuStorage::F64(v)),
+            Output::F32(_) => unreachable!(),
+        },
+        _ => bail!("{name}: supports f32 and f64 on the CPU, got {:?} and {:?}", s1.dtype(), s2.dtype()),
     }
 }
 
@@ -382,10 +311,8 @@ trait Float: FftNum {
     fn plans(n: usize) -> (Arc<dyn RealToComplex<Self>>, Arc<dyn ComplexToReal<Self>>);
 }
 
-static PLANNER_F32: LazyLock<Mutex<RealFftPlanner<f32>>> =
-    LazyLock::new(|| Mutex::new(RealFftPlanner::new()));
-static PLANNER_F64: LazyLock<Mutex<RealFftPlanner<f64>>> =
-    LazyLock::new(|| Mutex::new(RealFftPlanner::new()));
+static PLANNER_F32: LazyLock<Mutex<RealFftPlanner<f32>>> = LazyLock::new(|| Mutex::new(RealFftPlanner::new()));
+static PLANNER_F64: LazyLock<Mutex<RealFftPlanner<f64>>> = LazyLock::new(|| Mutex::new(RealFftPlanner::new()));
 
 impl Float for f32 {
     fn plans(n: usize) -> (Arc<dyn RealToComplex<f32>>, Arc<dyn ComplexToReal<f32>>) {
@@ -409,61 +336,43 @@ fn min_rows(n: usize) -> usize {
 
 /// Spectra of `rows` signals of length `len` (`data: [rows, len]`), each zero-padded to `n`:
 /// `[rows, n/2 + 1]`.
-fn spectra<F: Float>(
-    data: &[F],
-    len: usize,
-    n: usize,
-    fwd: &Arc<dyn RealToComplex<F>>,
-) -> Vec<Complex<F>> {
+fn spectra<F: Float>(data: &[F], len: usize, n: usize, fwd: &Arc<dyn RealToComplex<F>>) -> Vec<Complex<F>> {
     let bins = n / 2 + 1;
     let rows = data.len() / len;
     let mut out = vec![Complex::zero(); rows * bins];
-    out.par_chunks_mut(bins)
-        .zip(data.par_chunks(len))
-        .with_min_len(min_rows(n))
-        .for_each_init(
-            || (vec![F::zero(); n], fwd.make_scratch_vec()),
-            |(buf, scratch), (spec, row)| {
-                buf[..len].copy_from_slice(row);
-                buf[len..].iter_mut().for_each(|v| *v = F::zero());
-                fwd.process_with_scratch(buf, spec, scratch)
-                    .expect("realfft forward: buffer sizes");
-            },
-        );
+    out.par_chunks_mut(bins).zip(data.par_chunks(len)).with_min_len(min_rows(n)).for_each_init(
+        || (vec![F::zero(); n], fwd.make_scratch_vec()),
+        |(buf, scratch), (spec, row)| {
+            buf[..len].copy_from_slice(row);
+            buf[len..].iter_mut().for_each(|v| *v = F::zero());
+            fwd.process_with_scratch(buf, spec, scratch).expect("realfft forward: buffer sizes");
+        },
+    );
     out
 }
 
 /// Inverse of [`spectra`] on `spec: [rows, n/2 + 1]`, scaled by 1/n, keeping the first
 /// `keep` samples of each row: `[rows, keep]`.
-fn signals<F: Float>(
-    spec: &mut [Complex<F>],
-    n: usize,
-    keep: usize,
-    inv: &Arc<dyn ComplexToReal<F>>,
-) -> Vec<F> {
+fn signals<F: Float>(spec: &mut [Complex<F>], n: usize, keep: usize, inv: &Arc<dyn ComplexToReal<F>>) -> Vec<F> {
     let bins = n / 2 + 1;
     let rows = spec.len() / bins;
     let scale = F::one() / F::from_usize(n).unwrap();
     let mut out = vec![F::zero(); rows * keep];
-    out.par_chunks_mut(keep)
-        .zip(spec.par_chunks_mut(bins))
-        .with_min_len(min_rows(n))
-        .for_each_init(
-            || (vec![F::zero(); n], inv.make_scratch_vec()),
-            |(buf, scratch), (row, s)| {
-                // Spectra of real signals: the DC (and, for even n, Nyquist) bins are real; clear
-                // the rounding left in their imaginary parts, which realfft rejects.
-                s[0].im = F::zero();
-                if n % 2 == 0 {
-                    s[bins - 1].im = F::zero();
-                }
-                inv.process_with_scratch(s, buf, scratch)
-                    .expect("realfft inverse: buffer sizes");
-                for (o, v) in row.iter_mut().zip(buf.iter()) {
-                    *o = *v * scale;
-                }
-            },
-        );
+    out.par_chunks_mut(keep).zip(spec.par_chunks_mut(bins)).with_min_len(min_rows(n)).for_each_init(
+        || (vec![F::zero(); n], inv.make_scratch_vec()),
+        |(buf, scratch), (row, s)| {
+            // Spectra of real signals: the DC (and, for even n, Nyquist) bins are real; clear
+            // the rounding left in their imaginary parts, which realfft rejects.
+            s[0].im = F::zero();
+            if n % 2 == 0 {
+                s[bins - 1].im = F::zero();
+            }
+            inv.process_with_scratch(s, buf, scratch).expect("realfft inverse: buffer sizes");
+            for (o, v) in row.iter_mut().zip(buf.iter()) {
+                *o = *v * scale;
+            }
+        },
+    );
     out
 }
 
@@ -474,13 +383,10 @@ fn conv<F: Float>(x: &[F], h: &[F], _b: usize, c: usize, t: usize, l: usize) -> 
     let bins = n / 2 + 1;
     let hs = spectra(h, l, n, &fwd);
     let mut xs = spectra(x, t, n, &fwd);
-    xs.par_chunks_mut(bins)
-        .enumerate()
-        .with_min_len(min_rows(n))
-        .for_each(|(row, s)| {
-            let hc = &hs[(row % c) * bins..(row % c + 1) * bins];
-            s.iter_mut().zip(hc).for_each(|(a, b)| *a = *a * *b);
-        });
+    xs.par_chunks_mut(bins).enumerate().with_min_len(min_rows(n)).for_each(|(row, s)| {
+        let hc = &hs[(row % c) * bins..(row % c + 1) * bins];
+        s.iter_mut().zip(hc).for_each(|(a, b)| *a = *a * *b);
+    });
     signals(&mut xs, n, t, &inv)
 }
 
@@ -491,13 +397,10 @@ fn corr_input<F: Float>(dy: &[F], h: &[F], _b: usize, c: usize, t: usize, l: usi
     let bins = n / 2 + 1;
     let hs = spectra(h, l, n, &fwd);
     let mut ds = spectra(dy, t, n, &fwd);
-    ds.par_chunks_mut(bins)
-        .enumerate()
-        .with_min_len(min_rows(n))
-        .for_each(|(row, s)| {
-            let hc = &hs[(row % c) * bins..(row % c + 1) * bins];
-            s.iter_mut().zip(hc).for_each(|(a, b)| *a = *a * b.conj());
-        });
+    ds.par_chunks_mut(bins).enumerate().with_min_len(min_rows(n)).for_each(|(row, s)| {
+        let hc = &hs[(row % c) * bins..(row % c + 1) * bins];
+        s.iter_mut().zip(hc).for_each(|(a, b)| *a = *a * b.conj());
+    });
     signals(&mut ds, n, t, &inv)
 }
 
@@ -509,18 +412,15 @@ fn corr_filter<F: Float>(dy: &[F], x: &[F], b: usize, c: usize, t: usize, l: usi
     let ds = spectra(dy, t, n, &fwd);
     let xs = spectra(x, t, n, &fwd);
     let mut acc = vec![Complex::<F>::zero(); c * bins];
-    acc.par_chunks_mut(bins)
-        .enumerate()
-        .with_min_len(min_rows(n / b.max(1)))
-        .for_each(|(ch, a)| {
-            for bi in 0..b {
-                let row = (bi * c + ch) * bins;
-                let (d, xr) = (&ds[row..row + bins], &xs[row..row + bins]);
-                for ((a, d), xv) in a.iter_mut().zip(d).zip(xr) {
-                    *a = *a + *d * xv.conj();
-                }
+    acc.par_chunks_mut(bins).enumerate().with_min_len(min_rows(n / b.max(1))).for_each(|(ch, a)| {
+        for bi in 0..b {
+            let row = (bi * c + ch) * bins;
+            let (d, xr) = (&ds[row..row + bins], &xs[row..row + bins]);
+            for ((a, d), xv) in a.iter_mut().zip(d).zip(xr) {
+                *a = *a + *d * xv.conj();
             }
-        });
+        }
+    });
     signals(&mut acc, n, l, &inv)
 }
 
@@ -556,13 +456,9 @@ mod tests {
             }
         }
         // and against a plain loop, to pin the definition itself
-        let (x, h) = (
-            randn(&[1, 2, 9], 1, DType::F64)?,
-            randn(&[2, 9], 2, DType::F64)?,
-        );
+        let (x, h) = (randn(&[1, 2, 9], 1, DType::F64)?, randn(&[2, 9], 2, DType::F64)?);
         let y: Vec<f64> = causal_conv(&x, &h)?.flatten_all()?.to_vec1()?;
-        let (xv, hv): (Vec<f64>, Vec<f64>) =
-            (x.flatten_all()?.to_vec1()?, h.flatten_all()?.to_vec1()?);
+        let (xv, hv): (Vec<f64>, Vec<f64>) = (x.flatten_all()?.to_vec1()?, h.flatten_all()?.to_vec1()?);
         for c in 0..2 {
             for t in 0..9 {
                 let want: f64 = (0..=t).map(|s| hv[c * 9 + s] * xv[c * 9 + t - s]).sum();
@@ -587,8 +483,7 @@ mod tests {
             let (dx, dh) = (gf.get(&x).unwrap(), gf.get(&h).unwrap());
             assert!(rel_err(dx, gd.get(&x).unwrap())? < 1e-12, "T {t}: dx");
             assert!(rel_err(dh, gd.get(&h).unwrap())? < 1e-12, "T {t}: dh");
-            let (dxv, dhv): (Vec<f64>, Vec<f64>) =
-                (dx.flatten_all()?.to_vec1()?, dh.flatten_all()?.to_vec1()?);
+            let (dxv, dhv): (Vec<f64>, Vec<f64>) = (dx.flatten_all()?.to_vec1()?, dh.flatten_all()?.to_vec1()?);
             let loss_at = |xv: &Tensor, hv: &Tensor| -> anyhow::Result<f64> {
                 Ok((causal_conv(xv, hv)? * &w)?.sum_all()?.to_scalar::<f64>()?)
             };
@@ -608,11 +503,7 @@ mod tests {
                     };
                     let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
                     let err = (numeric - grad[i]).abs() / (numeric.abs() + grad[i].abs()).max(1e-6);
-                    assert!(
-                        err < 1e-6,
-                        "T {t} coordinate {i}: backward {} vs finite difference {numeric}",
-                        grad[i]
-                    );
+                    assert!(err < 1e-6, "T {t} coordinate {i}: backward {} vs finite difference {numeric}", grad[i]);
                 }
             }
         }
@@ -628,10 +519,7 @@ mod tests {
         let half = causal_conv(&x.to_dtype(DType::BF16)?, &h.to_dtype(DType::BF16)?)?;
         assert_eq!(half.dtype(), DType::BF16);
         assert!(rel_err(&half, &causal_conv(&x, &h)?)? < 2e-2);
-        let err = x
-            .to_dtype(DType::U32)?
-            .apply_op2(&h.to_dtype(DType::U32)?, CausalConv::default())
-            .unwrap_err();
+        let err = x.to_dtype(DType::U32)?.apply_op2(&h.to_dtype(DType::U32)?, CausalConv::default()).unwrap_err();
         assert!(err.to_string().contains("f32 and f64"), "{err}");
         Ok(())
     }

@@ -7,13 +7,7 @@
 use candle_core::{Result, Tensor, D};
 
 /// `cos` and `sin` tables `[T, d_h/2]` for positions `offset..offset+T`.
-pub fn tables(
-    offset: usize,
-    len: usize,
-    head_dim: usize,
-    base: f64,
-    x: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+pub fn tables(offset: usize, len: usize, head_dim: usize, base: f64, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
@@ -53,10 +47,8 @@ mod tests {
     fn dot_product_depends_only_on_offset() -> Result<()> {
         let dev = Device::Cpu;
         let mut rng = crate::rng::Rng::new(3);
-        let q =
-            Tensor::from_vec(rng.normal_vec(16, 1.0), (1, 1, 1, 16), &dev)?.to_dtype(DType::F64)?;
-        let k =
-            Tensor::from_vec(rng.normal_vec(16, 1.0), (1, 1, 1, 16), &dev)?.to_dtype(DType::F64)?;
+        let q = Tensor::from_vec(rng.normal_vec(16, 1.0), (1, 1, 1, 16), &dev)?.to_dtype(DType::F64)?;
+        let k = Tensor::from_vec(rng.normal_vec(16, 1.0), (1, 1, 1, 16), &dev)?.to_dtype(DType::F64)?;
         let dot = |tq: usize, tk: usize| -> Result<f64> {
             let a = apply(&q, tq, 10000.0)?;
             let b = apply(&k, tk, 10000.0)?;

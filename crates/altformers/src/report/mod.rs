@@ -25,13 +25,8 @@ pub fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<Option<Vec<T>>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(
-        text.lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect(),
-    ))
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()))
 }
 
 fn group<T, K: Ord + Clone>(items: &[T], key: impl Fn(&T) -> K) -> BTreeMap<K, Vec<&T>> {
@@ -49,19 +44,13 @@ pub fn render(dir: &Path) -> Result<()> {
     }
     let plots = dir.join("plots");
     std::fs::create_dir_all(&plots)?;
-    let meta: Option<serde_json::Value> = if dir.join("meta.json").exists() {
-        Some(crate::util::read_json(&dir.join("meta.json"))?)
-    } else {
-        None
-    };
-    let prov: Option<Provenance> = meta
-        .as_ref()
-        .and_then(|m| serde_json::from_value(m["provenance"].clone()).ok());
+    let meta: Option<serde_json::Value> =
+        if dir.join("meta.json").exists() { Some(crate::util::read_json(&dir.join("meta.json"))?) } else { None };
+    let prov: Option<Provenance> = meta.as_ref().and_then(|m| serde_json::from_value(m["provenance"].clone()).ok());
     let caption = match &prov {
-        Some(p) => format!(
-            "`{}` on {} ({}), {}, commit `{}`",
-            p.command, p.device, p.machine, p.date, p.commit
-        ),
+        Some(p) => {
+            format!("`{}` on {} ({}), {}, commit `{}`", p.command, p.device, p.machine, p.date, p.commit)
+        }
         None => "provenance unknown (no meta.json)".to_string(),
     };
     let mut md = String::from("# altformers: the comparison\n\n");
@@ -77,9 +66,7 @@ pub fn render(dir: &Path) -> Result<()> {
             md.push_str(&quality_table(&rows));
             let mut series = Vec::new();
             for r in &rows {
-                if let Some(ms) =
-                    read_lines::<Metrics>(&dir.join("runs").join(&r.model).join("metrics.jsonl"))?
-                {
+                if let Some(ms) = read_lines::<Metrics>(&dir.join("runs").join(&r.model).join("metrics.jsonl"))? {
                     series.push(Series {
                         name: r.model.clone(),
                         points: ms.iter().map(|m| (m.step as f64, m.val_loss)).collect(),
@@ -95,7 +82,10 @@ pub fn render(dir: &Path) -> Result<()> {
                     log_y: false,
                 };
                 line_chart(&plots.join("loss.svg"), &chart, &series)?;
-                let _ = writeln!(md, "\n![validation loss](plots/loss.svg)\n\n*Validation loss against step. {caption}.*\n");
+                let _ = writeln!(
+                    md,
+                    "\n![validation loss](plots/loss.svg)\n\n*Validation loss against step. {caption}.*\n"
+                );
             }
         }
         _ => md.push_str("Not run.\n\n"),
@@ -116,11 +106,7 @@ pub fn render(dir: &Path) -> Result<()> {
                 let _ = writeln!(
                     md,
                     "| model | {} |",
-                    widths
-                        .iter()
-                        .map(|w| format!("d = {w}"))
-                        .collect::<Vec<_>>()
-                        .join(" | ")
+                    widths.iter().map(|w| format!("d = {w}")).collect::<Vec<_>>().join(" | ")
                 );
                 let _ = writeln!(md, "|---|{}", "---|".repeat(widths.len()));
                 let mut series = Vec::new();
@@ -134,35 +120,26 @@ pub fn render(dir: &Path) -> Result<()> {
                     };
                     let cells: Vec<String> = widths
                         .iter()
-                        .map(|&w| {
-                            best(w)
-                                .map(|a| format!("{a:.3}"))
-                                .unwrap_or_else(|| "-".into())
-                        })
+                        .map(|&w| best(w).map(|a| format!("{a:.3}")).unwrap_or_else(|| "-".into()))
                         .collect();
                     let _ = writeln!(md, "| {model} | {} |", cells.join(" | "));
                     series.push(Series {
                         name: model,
-                        points: widths
-                            .iter()
-                            .filter_map(|&w| best(w).map(|a| (w as f64, a)))
-                            .collect(),
+                        points: widths.iter().filter_map(|&w| best(w).map(|a| (w as f64, a))).collect(),
                     });
                 }
                 let file = format!("mqar-{seq}-{pairs}.svg");
                 let title = format!("MQAR accuracy, T = {seq}, {pairs} pairs");
                 line_chart(
                     &plots.join(&file),
-                    &Chart {
-                        title: &title,
-                        x_label: "model width",
-                        y_label: "accuracy",
-                        log_x: true,
-                        log_y: false,
-                    },
+                    &Chart { title: &title, x_label: "model width", y_label: "accuracy", log_x: true, log_y: false },
                     &series,
                 )?;
-                let _ = writeln!(md, "\n![MQAR]({})\n\n*MQAR accuracy against width, T = {seq}, {pairs} pairs. {caption}.*\n", format!("plots/{file}"));
+                let _ = writeln!(
+                    md,
+                    "\n![MQAR]({})\n\n*MQAR accuracy against width, T = {seq}, {pairs} pairs. {caption}.*\n",
+                    format!("plots/{file}")
+                );
             }
         }
         _ => md.push_str("Not run.\n\n"),
@@ -194,10 +171,7 @@ pub fn render(dir: &Path) -> Result<()> {
                 name: m.clone(),
                 points: ps
                     .iter()
-                    .filter_map(|p| {
-                        p.timing
-                            .map(|t| (p.seq as f64, t.median_s / p.batch as f64))
-                    })
+                    .filter_map(|p| p.timing.map(|t| (p.seq as f64, t.median_s / p.batch as f64)))
                     .collect(),
             })
             .collect();
@@ -207,10 +181,7 @@ pub fn render(dir: &Path) -> Result<()> {
                 name: m.clone(),
                 points: ps
                     .iter()
-                    .filter_map(|p| {
-                        p.peak_bytes
-                            .map(|b| (p.seq as f64, b as f64 / p.batch as f64))
-                    })
+                    .filter_map(|p| p.peak_bytes.map(|b| (p.seq as f64, b as f64 / p.batch as f64)))
                     .collect(),
             })
             .collect();
@@ -225,7 +196,10 @@ pub fn render(dir: &Path) -> Result<()> {
             },
             &time_series,
         )?;
-        let _ = writeln!(md, "![time](plots/time.svg)\n\n*Median time per sequence (step time / batch), {setting}. {caption}.*\n");
+        let _ = writeln!(
+            md,
+            "![time](plots/time.svg)\n\n*Median time per sequence (step time / batch), {setting}. {caption}.*\n"
+        );
         if mem_series.iter().any(|s| !s.points.is_empty()) {
             line_chart(
                 &plots.join("memory.svg"),
@@ -238,7 +212,10 @@ pub fn render(dir: &Path) -> Result<()> {
                 },
                 &mem_series,
             )?;
-            let _ = writeln!(md, "![memory](plots/memory.svg)\n\n*Peak memory above the weights per sequence, {setting}. {caption}.*\n");
+            let _ = writeln!(
+                md,
+                "![memory](plots/memory.svg)\n\n*Peak memory above the weights per sequence, {setting}. {caption}.*\n"
+            );
         }
         md.push_str("| model | T | batch | median (ms) | min | max | peak memory (MB) | GFLOP/s | status |\n|---|---|---|---|---|---|---|---|---|\n");
         for p in &mixer {
@@ -249,18 +226,11 @@ pub fn render(dir: &Path) -> Result<()> {
                 p.model,
                 p.seq,
                 p.batch,
-                t.map(|t| format!("{:.2}", t.median_s * 1e3))
-                    .unwrap_or("-".into()),
-                t.map(|t| format!("{:.2}", t.min_s * 1e3))
-                    .unwrap_or("-".into()),
-                t.map(|t| format!("{:.2}", t.max_s * 1e3))
-                    .unwrap_or("-".into()),
-                p.peak_bytes
-                    .map(|b| format!("{:.1}", b as f64 / 1e6))
-                    .unwrap_or("-".into()),
-                p.flops_per_s
-                    .map(|f| format!("{:.1}", f / 1e9))
-                    .unwrap_or("-".into()),
+                t.map(|t| format!("{:.2}", t.median_s * 1e3)).unwrap_or("-".into()),
+                t.map(|t| format!("{:.2}", t.min_s * 1e3)).unwrap_or("-".into()),
+                t.map(|t| format!("{:.2}", t.max_s * 1e3)).unwrap_or("-".into()),
+                p.peak_bytes.map(|b| format!("{:.1}", b as f64 / 1e6)).unwrap_or("-".into()),
+                p.flops_per_s.map(|f| format!("{:.1}", f / 1e9)).unwrap_or("-".into()),
                 p.status
             );
         }
@@ -268,23 +238,15 @@ pub fn render(dir: &Path) -> Result<()> {
         if let Some(reference) = by_model.get("transformer") {
             let ref_curve: Vec<(f64, f64)> = reference
                 .iter()
-                .filter_map(|p| {
-                    p.timing
-                        .map(|t| (p.seq as f64, t.median_s / p.batch as f64))
-                })
+                .filter_map(|p| p.timing.map(|t| (p.seq as f64, t.median_s / p.batch as f64)))
                 .collect();
-            md.push_str(
-                "\nCrossovers with the Transformer (lengths where the time curves cross):\n\n",
-            );
+            md.push_str("\nCrossovers with the Transformer (lengths where the time curves cross):\n\n");
             for s in time_series.iter().filter(|s| s.name != "transformer") {
                 let xs = fit::crossovers(&s.points, &ref_curve);
                 let text = if xs.is_empty() {
                     "none in the measured range".to_string()
                 } else {
-                    xs.iter()
-                        .map(|x| format!("T ~ {:.0}", x))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    xs.iter().map(|x| format!("T ~ {:.0}", x)).collect::<Vec<_>>().join(", ")
                 };
                 let _ = writeln!(md, "- {}: {text}", s.name);
             }
@@ -303,20 +265,14 @@ pub fn render(dir: &Path) -> Result<()> {
                 .iter()
                 .map(|(m, rs)| Series {
                     name: m.clone(),
-                    points: rs
-                        .iter()
-                        .filter_map(|r| r.latency_s.map(|l| (r.context as f64, l * 1e3)))
-                        .collect(),
+                    points: rs.iter().filter_map(|r| r.latency_s.map(|l| (r.context as f64, l * 1e3))).collect(),
                 })
                 .collect();
             let mem: Vec<Series> = by_model
                 .iter()
                 .map(|(m, rs)| Series {
                     name: m.clone(),
-                    points: rs
-                        .iter()
-                        .filter_map(|r| r.state_bytes.map(|b| (r.context as f64, b as f64)))
-                        .collect(),
+                    points: rs.iter().filter_map(|r| r.state_bytes.map(|b| (r.context as f64, b as f64))).collect(),
                 })
                 .collect();
             line_chart(
@@ -332,16 +288,11 @@ pub fn render(dir: &Path) -> Result<()> {
             )?;
             line_chart(
                 &plots.join("decode-state.svg"),
-                &Chart {
-                    title: "Decoding state",
-                    x_label: "context",
-                    y_label: "bytes",
-                    log_x: true,
-                    log_y: true,
-                },
+                &Chart { title: "Decoding state", x_label: "context", y_label: "bytes", log_x: true, log_y: true },
                 &mem,
             )?;
-            let _ = writeln!(md, "![latency](plots/decode-latency.svg)\n\n*Per-token latency at batch {b1}. {caption}.*\n");
+            let _ =
+                writeln!(md, "![latency](plots/decode-latency.svg)\n\n*Per-token latency at batch {b1}. {caption}.*\n");
             let _ = writeln!(md, "![state](plots/decode-state.svg)\n\n*Bytes held by the decoding state (KV cache or recurrent state), whole model. {caption}.*\n");
             md.push_str("| model | context | batch | ms/token | tokens/s | state (MB) | status |\n|---|---|---|---|---|---|---|\n");
             for r in &rows {
@@ -351,15 +302,9 @@ pub fn render(dir: &Path) -> Result<()> {
                     r.model,
                     r.context,
                     r.batch,
-                    r.latency_s
-                        .map(|l| format!("{:.3}", l * 1e3))
-                        .unwrap_or("-".into()),
-                    r.tokens_per_s
-                        .map(|t| format!("{:.0}", t))
-                        .unwrap_or("-".into()),
-                    r.state_bytes
-                        .map(|b| format!("{:.3}", b as f64 / 1e6))
-                        .unwrap_or("-".into()),
+                    r.latency_s.map(|l| format!("{:.3}", l * 1e3)).unwrap_or("-".into()),
+                    r.tokens_per_s.map(|t| format!("{:.0}", t)).unwrap_or("-".into()),
+                    r.state_bytes.map(|b| format!("{:.3}", b as f64 / 1e6)).unwrap_or("-".into()),
                     r.status
                 );
             }
@@ -381,9 +326,7 @@ pub fn render(dir: &Path) -> Result<()> {
     md.push_str("Measured exponents are the log-log slopes of time and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward).\n\n");
     md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
-        let f = fits
-            .iter()
-            .find(|f| f.model == a.name && f.component == "mixer");
+        let f = fits.iter().find(|f| f.model == a.name && f.component == "mixer");
         let slope = |s: Option<f64>| s.map(|v| format!("{v:.2}")).unwrap_or("-".into());
         let c = &a.complexity;
         let verdict = c.verdict().replacen("wrong", "**wrong**", 1);
@@ -400,9 +343,7 @@ pub fn render(dir: &Path) -> Result<()> {
             verdict
         );
     }
-    md.push_str(
-        "\n\"(not quoted)\": ARCHITECTURES.md does not quote the review's figure for this model.\n",
-    );
+    md.push_str("\n\"(not quoted)\": ARCHITECTURES.md does not quote the review's figure for this model.\n");
     crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     Ok(())
 }
@@ -421,19 +362,15 @@ fn peers_table(dir: &Path) -> Result<Option<String>> {
             ours.extend(read_lines::<ScalingPoint>(&path)?.unwrap_or_default());
         }
     }
-    ours.sort_by(|a, b| {
-        (&a.component, a.seq, a.mode as u8).cmp(&(&b.component, b.seq, b.mode as u8))
-    });
-    let gb = |b: Option<u64>| {
-        b.map(|b| format!("{:.2}", b as f64 / 1e9))
-            .unwrap_or("-".into())
-    };
+    ours.sort_by(|a, b| (&a.component, a.seq, a.mode as u8).cmp(&(&b.component, b.seq, b.mode as u8)));
+    let gb = |b: Option<u64>| b.map(|b| format!("{:.2}", b as f64 / 1e9)).unwrap_or("-".into());
     let mut md = String::from("| op | mode | T | batch | ours (ms) | peer | peer (ms) | ours / peer | peak GB ours / peer |\n|---|---|---|---|---|---|---|---|---|\n");
     let mut rows = 0;
     for o in ours.iter().filter(|o| o.timing.is_some()) {
-        let Some(p) = peers.iter().find(|p| {
-            p.component == o.component && p.mode == o.mode && p.seq == o.seq && p.timing.is_some()
-        }) else {
+        let Some(p) = peers
+            .iter()
+            .find(|p| p.component == o.component && p.mode == o.mode && p.seq == o.seq && p.timing.is_some())
+        else {
             continue;
         };
         let (to, tp) = (o.timing.unwrap().median_s, p.timing.unwrap().median_s);
@@ -441,11 +378,7 @@ fn peers_table(dir: &Path) -> Result<Option<String>> {
             md,
             "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {} / {} |",
             o.component,
-            if o.mode == BenchMode::Fwd {
-                "fwd"
-            } else {
-                "fwd+bwd"
-            },
+            if o.mode == BenchMode::Fwd { "fwd" } else { "fwd+bwd" },
             o.seq,
             o.batch,
             to * 1e3,
@@ -493,7 +426,10 @@ mod tests {
             ),
         )?;
         let table = peers_table(&dir)?.expect("a table");
-        assert!(table.contains("| longconv | fwd+bwd | 1024 | 64 | 3.20 | torch-fftconv | 4.00 | 1.25 | 2.00 / 2.00 |"), "{table}");
+        assert!(
+            table.contains("| longconv | fwd+bwd | 1024 | 64 | 3.20 | torch-fftconv | 4.00 | 1.25 | 2.00 / 2.00 |"),
+            "{table}"
+        );
         assert_eq!(table.lines().count(), 3, "only the joined point: {table}");
         std::fs::remove_file(dir.join("peers.jsonl"))?;
         assert!(peers_table(&dir)?.is_none());
@@ -530,10 +466,7 @@ mod tests {
             )
         };
         // two learning rates at width 64: the table shows the better one
-        std::fs::write(
-            dir.join("mqar.jsonl"),
-            format!("{}\n{}\n{}\n", m(32, 0.5), m(64, 0.99), m(64, 0.25)),
-        )?;
+        std::fs::write(dir.join("mqar.jsonl"), format!("{}\n{}\n{}\n", m(32, 0.5), m(64, 0.99), m(64, 0.25)))?;
         let sp = |t: usize, s: f64| {
             format!(
                 r#"{{"model":"transformer","component":"mixer","mode":"fwd","device":"cpu","seq":{t},"batch":1,"width":64,"heads":2,"status":"ok","timing":{{"median_s":{s},"min_s":{s},"max_s":{s},"reps":3}},"peak_bytes":{},"flops":1.0,"flops_per_s":1.0}}"#,
@@ -542,12 +475,7 @@ mod tests {
         };
         std::fs::write(
             dir.join("scaling.jsonl"),
-            format!(
-                "{}\n{}\n{}\n",
-                sp(512, 0.001),
-                sp(1024, 0.004),
-                sp(2048, 0.016)
-            ),
+            format!("{}\n{}\n{}\n", sp(512, 0.001), sp(1024, 0.004), sp(2048, 0.016)),
         )?;
         let dp = |c: usize| {
             format!(
@@ -555,10 +483,7 @@ mod tests {
                 c * 100
             )
         };
-        std::fs::write(
-            dir.join("decode.jsonl"),
-            format!("{}\n{}\n", dp(1024), dp(2048)),
-        )?;
+        std::fs::write(dir.join("decode.jsonl"), format!("{}\n{}\n", dp(1024), dp(2048)))?;
         render(&dir)?;
         let md = std::fs::read_to_string(dir.join("report.md"))?;
         for needle in [
@@ -580,19 +505,9 @@ mod tests {
             md.contains("| transformer | 0.500 | 0.990 |") && !md.contains("0.250"),
             "MQAR shows the best learning rate: {md}"
         );
-        for svg in [
-            "loss",
-            "mqar-64-4",
-            "time",
-            "memory",
-            "decode-latency",
-            "decode-state",
-        ] {
+        for svg in ["loss", "mqar-64-4", "time", "memory", "decode-latency", "decode-state"] {
             let text = std::fs::read_to_string(dir.join(format!("plots/{svg}.svg")))?;
-            assert!(
-                text.starts_with("<svg") && text.contains("transformer"),
-                "{svg}.svg"
-            );
+            assert!(text.starts_with("<svg") && text.contains("transformer"), "{svg}.svg");
         }
         std::fs::remove_dir_all(&dir)?;
         Ok(())

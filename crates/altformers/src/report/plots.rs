@@ -31,9 +31,7 @@ const COLORS: [RGBColor; 10] = [
 ];
 
 fn bounds(vals: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
-    let v: Vec<f64> = vals
-        .filter(|x| x.is_finite() && (!log || *x > 0.0))
-        .collect();
+    let v: Vec<f64> = vals.filter(|x| x.is_finite() && (!log || *x > 0.0)).collect();
     let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     if !lo.is_finite() {
@@ -51,14 +49,8 @@ fn bounds(vals: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
 pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
     let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let (x0, x1) = bounds(
-        series.iter().flat_map(|s| s.points.iter().map(|p| p.0)),
-        chart.log_x,
-    );
-    let (y0, y1) = bounds(
-        series.iter().flat_map(|s| s.points.iter().map(|p| p.1)),
-        chart.log_y,
-    );
+    let (x0, x1) = bounds(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)), chart.log_x);
+    let (y0, y1) = bounds(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)), chart.log_y);
     macro_rules! draw {
         ($xr:expr, $yr:expr) => {{
             let mut ctx = ChartBuilder::on(&root)
@@ -82,20 +74,14 @@ pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
                     .iter()
                     .cloned()
                     .filter(|(x, y)| {
-                        x.is_finite()
-                            && y.is_finite()
-                            && (!chart.log_x || *x > 0.0)
-                            && (!chart.log_y || *y > 0.0)
+                        x.is_finite() && y.is_finite() && (!chart.log_x || *x > 0.0) && (!chart.log_y || *y > 0.0)
                     })
                     .collect();
                 ctx.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                     .map_err(|e| anyhow!("{e}"))?
                     .label(s.name.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                    });
-                ctx.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                    .map_err(|e| anyhow!("{e}"))?;
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+                ctx.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| anyhow!("{e}"))?;
             }
             ctx.configure_series_labels()
                 .background_style(WHITE.mix(0.8))

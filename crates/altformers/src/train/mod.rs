@@ -91,21 +91,14 @@ pub fn estimate_loss(
     for _ in 0..n {
         let (x, y) = random_batch(split, batch, model.config.context, &mut rng, model.device())?;
         let logits = model.forward(&x, None)?;
-        total += LanguageModel::loss(&logits, &y)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        total += LanguageModel::loss(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total / n as f64)
 }
 
 /// Loss over a whole split: consecutive windows of `context` bytes, every byte after the
 /// first predicted once. `max_bytes` caps the work for huge splits.
-pub fn evaluate_split(
-    model: &LanguageModel,
-    split: &[u8],
-    batch: usize,
-    max_bytes: Option<usize>,
-) -> Result<f64> {
+pub fn evaluate_split(model: &LanguageModel, split: &[u8], batch: usize, max_bytes: Option<usize>) -> Result<f64> {
     let t = model.config.context;
     let split = &split[..max_bytes.unwrap_or(usize::MAX).min(split.len())];
     if split.len() < 2 {
@@ -115,27 +108,19 @@ pub fn evaluate_split(
     let (mut total, mut count) = (0.0, 0usize);
     for group in starts.chunks(batch) {
         // Full windows batch together; the final short window runs alone.
-        let (full, short): (Vec<usize>, Vec<usize>) =
-            group.iter().partition(|&&s| s + t < split.len());
+        let (full, short): (Vec<usize>, Vec<usize>) = group.iter().partition(|&&s| s + t < split.len());
         for windows in [full, short] {
             if windows.is_empty() {
                 continue;
             }
             let len = (split.len() - 1 - windows[0]).min(t);
-            let xs: Vec<u32> = windows
-                .iter()
-                .flat_map(|&s| split[s..s + len].iter().map(|&b| b as u32))
-                .collect();
-            let ys: Vec<u32> = windows
-                .iter()
-                .flat_map(|&s| split[s + 1..s + 1 + len].iter().map(|&b| b as u32))
-                .collect();
+            let xs: Vec<u32> = windows.iter().flat_map(|&s| split[s..s + len].iter().map(|&b| b as u32)).collect();
+            let ys: Vec<u32> =
+                windows.iter().flat_map(|&s| split[s + 1..s + 1 + len].iter().map(|&b| b as u32)).collect();
             let shape = (windows.len(), len);
             let x = candle_core::Tensor::from_vec(xs, shape, model.device())?;
             let y = candle_core::Tensor::from_vec(ys, shape, model.device())?;
-            let loss = LanguageModel::loss(&model.forward(&x, None)?, &y)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            let loss = LanguageModel::loss(&model.forward(&x, None)?, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             total += loss * (windows.len() * len) as f64;
             count += windows.len() * len;
         }
@@ -148,12 +133,7 @@ fn checkpoint_dir(out: &Path) -> PathBuf {
 }
 
 /// Writes a checkpoint beside the current one, then swaps them by renames.
-fn save_checkpoint(
-    out: &Path,
-    model: &LanguageModel,
-    opt: &AdamW,
-    state: &TrainState,
-) -> Result<()> {
+fn save_checkpoint(out: &Path, model: &LanguageModel, opt: &AdamW, state: &TrainState) -> Result<()> {
     let tmp = out.join("checkpoint.tmp");
     let old = out.join("checkpoint.old");
     let cur = checkpoint_dir(out);
@@ -213,33 +193,20 @@ pub fn train(
     let (m, t) = (&config.model, &config.train);
     // Parameters and optimizer state stay f32 (master weights); `opts.dtype` is the
     // dtype of the activations (bf16 for mixed precision).
-    let param_dtype = if opts.dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let model =
-        LanguageModel::new(m, t.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype);
+    let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let model = LanguageModel::new(m, t.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype);
     let mut opt = AdamW::new(&model.params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
     if t.decay_embeddings {
         opt = opt.decay_embeddings();
     }
     let metrics_path = out.join("metrics.jsonl");
     let mut history: Vec<Metrics> = Vec::new();
-    let mut state = TrainState {
-        step: 0,
-        seed: t.seed,
-        data_source: corpus.source.clone(),
-        data_format,
-        elapsed_s: 0.0,
-    };
+    let mut state =
+        TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, elapsed_s: 0.0 };
     if opts.resume {
         let saved: RunConfig = read_json(&out.join("config.json"))?;
         if serde_json::to_value(&saved)? != serde_json::to_value(config)? {
-            bail!(
-                "--resume: the configuration differs from the one saved in {}/config.json",
-                out.display()
-            );
+            bail!("--resume: the configuration differs from the one saved in {}/config.json", out.display());
         }
         let dir = find_checkpoint(out)?;
         state = read_json(&dir.join("state.json"))?;
@@ -267,10 +234,7 @@ pub fn train(
         }
     } else {
         if out.join("config.json").exists() || checkpoint_dir(out).exists() {
-            bail!(
-                "{} already holds a run; pass --resume to continue it, or choose another --out",
-                out.display()
-            );
+            bail!("{} already holds a run; pass --resume to continue it, or choose another --out", out.display());
         }
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         write_json_atomic(&out.join("config.json"), config)?;
@@ -299,10 +263,7 @@ pub fn train(
         if step == 0 {
             "no checkpoint was written yet".to_string()
         } else {
-            format!(
-                "the last good checkpoint (step {step}) in {} is intact",
-                out.display()
-            )
+            format!("the last good checkpoint (step {step}) in {} is intact", out.display())
         }
     };
     while state.step < t.steps {
@@ -310,13 +271,7 @@ pub fn train(
         let lr = learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.decay_steps);
         let mut batch_rng = Rng::derive(t.seed, stream::TRAIN_BATCH, step as u64);
         let mut drop_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
-        let (x, y) = random_batch(
-            &corpus.train,
-            t.batch_size,
-            m.context,
-            &mut batch_rng,
-            &opts.device,
-        )?;
+        let (x, y) = random_batch(&corpus.train, t.batch_size, m.context, &mut batch_rng, &opts.device)?;
         let loss = LanguageModel::loss(&model.forward(&x, Some(&mut drop_rng))?, &y)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
@@ -330,33 +285,19 @@ pub fn train(
         let grads = loss.backward()?;
         if let Err(e) = opt.step(&grads, lr, t.grad_clip) {
             bar.abandon();
-            bail!(
-                "{e} in step {}: the run diverged; {}",
-                step + 1,
-                last_good(checkpointed)
-            );
+            bail!("{e} in step {}: the run diverged; {}", step + 1, last_good(checkpointed));
         }
         state.step += 1;
         window_steps += 1;
         bar.set_position(state.step as u64);
-        let rate =
-            window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
+        let rate = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("loss {loss_value:.4}  {rate:.0} tok/s"));
 
         let stop_here = opts.stop_after == Some(state.step);
         if state.step % t.eval_every == 0 || state.step == t.steps || stop_here {
-            let tokens_per_s = window_steps as f64 * tokens_per_step
-                / window_start.elapsed().as_secs_f64().max(1e-9);
-            let train_loss = estimate_loss(
-                &model,
-                &corpus.train,
-                t.eval_batches,
-                t.batch_size,
-                t.seed,
-                1,
-            )?;
-            let val_loss =
-                estimate_loss(&model, &corpus.val, t.eval_batches, t.batch_size, t.seed, 0)?;
+            let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
+            let train_loss = estimate_loss(&model, &corpus.train, t.eval_batches, t.batch_size, t.seed, 1)?;
+            let val_loss = estimate_loss(&model, &corpus.val, t.eval_batches, t.batch_size, t.seed, 0)?;
             if !(train_loss.is_finite() && val_loss.is_finite()) {
                 bar.abandon();
                 bail!(
@@ -397,18 +338,11 @@ pub fn train(
     }
     bar.finish_and_clear();
     let last = history.last().cloned().context("no evaluation was run")?;
-    Ok(TrainSummary {
-        last,
-        params: model.num_params(),
-        history,
-    })
+    Ok(TrainSummary { last, params: model.num_params(), history })
 }
 
 fn append_metrics(path: &Path, m: &Metrics) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     writeln!(f, "{}", serde_json::to_string(m)?)?;
     f.sync_all()?;
     Ok(())

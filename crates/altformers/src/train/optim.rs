@@ -22,34 +22,13 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(
-        store: &ParamStore,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        weight_decay: f64,
-    ) -> Result<Self> {
+    pub fn new(store: &ParamStore, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
         let params = store.vars();
         // Moments are kept in f32 whatever the parameter dtype (bf16 training keeps f32 state).
         let zeros = |p: &Param| p.var.zeros_like()?.to_dtype(moment_dtype(p.var.dtype()));
-        let m = params
-            .iter()
-            .map(|(_, p)| zeros(p))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = params
-            .iter()
-            .map(|(_, p)| zeros(p))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self {
-            params,
-            m,
-            v,
-            t: 0,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        })
+        let m = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { params, m, v, t: 0, beta1, beta2, eps, weight_decay })
     }
 
     /// Decays the embedding tables (`emb.weight`, `pos_emb.weight`) as well as the matrices.
@@ -64,10 +43,7 @@ impl AdamW {
 
     /// Adam's bias corrections `1 - beta^t` of the moments at update `t` (counted from 1).
     fn bias_corrections(&self, t: usize) -> (f64, f64) {
-        (
-            1.0 - self.beta1.powi(t as i32),
-            1.0 - self.beta2.powi(t as i32),
-        )
+        (1.0 - self.beta1.powi(t as i32), 1.0 - self.beta2.powi(t as i32))
     }
 
     /// The same step by the fused CUDA kernel (`kernels/adamw.cu`), or `None` where it does
@@ -79,13 +55,7 @@ impl AdamW {
             .filter_map(|i| {
                 let p = &self.params[i].1;
                 let grad = grads.get(p.var.as_tensor())?;
-                Some(adamw::Slot {
-                    weight: p.var.as_tensor(),
-                    m: &self.m[i],
-                    v: &self.v[i],
-                    grad,
-                    decay: p.decay,
-                })
+                Some(adamw::Slot { weight: p.var.as_tensor(), m: &self.m[i], v: &self.v[i], grad, decay: p.decay })
             })
             .collect();
         if !adamw::applies(&slots) || !crate::kernels::enabled("adamw") {
@@ -116,21 +86,13 @@ impl AdamW {
         let mut squares = Vec::with_capacity(self.params.len());
         for (_, p) in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                squares.push(
-                    g.to_dtype(moment_dtype(g.dtype()))?
-                        .sqr()?
-                        .sum_all()?
-                        .to_dtype(DType::F64)?,
-                );
+                squares.push(g.to_dtype(moment_dtype(g.dtype()))?.sqr()?.sum_all()?.to_dtype(DType::F64)?);
             }
         }
         if squares.is_empty() {
             return Ok(0.0);
         }
-        Ok(Tensor::stack(&squares, 0)?
-            .sum_all()?
-            .to_scalar::<f64>()?
-            .sqrt())
+        Ok(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
     }
 
     /// One update at learning rate `lr`, gradients scaled down to norm `clip` if larger
@@ -144,11 +106,7 @@ impl AdamW {
         if !norm.is_finite() {
             bail!("gradient norm is {norm}");
         }
-        let scale = if clip > 0.0 && norm > clip {
-            clip / (norm + 1e-6)
-        } else {
-            1.0
-        };
+        let scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
         self.t += 1;
         let (bc1, bc2) = self.bias_corrections(self.t);
         for (i, (_, p)) in self.params.iter().enumerate() {
@@ -180,36 +138,21 @@ impl AdamW {
     }
 
     pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {
-        let device = self
-            .m
-            .first()
-            .map(|m| m.device().clone())
-            .unwrap_or(candle_core::Device::Cpu);
+        let device = self.m.first().map(|m| m.device().clone()).unwrap_or(candle_core::Device::Cpu);
         let mut map = load_tensors(path, &device)?;
         let mut problems = Vec::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            for (slot, key) in [
-                (&mut self.m[i], format!("m.{name}")),
-                (&mut self.v[i], format!("v.{name}")),
-            ] {
+            for (slot, key) in [(&mut self.m[i], format!("m.{name}")), (&mut self.v[i], format!("v.{name}"))] {
                 match map.remove(&key) {
                     Some(t) if t.dims() == slot.dims() => *slot = t.to_dtype(slot.dtype())?,
-                    Some(t) => problems.push(format!(
-                        "`{key}` has shape {:?}, expected {:?}",
-                        t.dims(),
-                        slot.dims()
-                    )),
+                    Some(t) => problems.push(format!("`{key}` has shape {:?}, expected {:?}", t.dims(), slot.dims())),
                     None => problems.push(format!("missing `{key}`")),
                 }
             }
         }
         problems.extend(map.keys().map(|k| format!("unexpected `{k}`")));
         if !problems.is_empty() {
-            bail!(
-                "optimizer state {} does not match the model:\n  {}",
-                path.display(),
-                problems.join("\n  ")
-            );
+            bail!("optimizer state {} does not match the model:\n  {}", path.display(), problems.join("\n  "));
         }
         self.t = t;
         Ok(())
@@ -283,20 +226,10 @@ mod tests {
                 "w shrank by {} (decay_embeddings = {ask})",
                 shrink(&w1, &w0)?
             );
-            assert!(
-                (shrink(&emb1, &emb0)? - emb_factor).abs() < 1e-5,
-                "decay_embeddings = {ask}"
-            );
+            assert!((shrink(&emb1, &emb0)? - emb_factor).abs() < 1e-5, "decay_embeddings = {ask}");
             // undo, so the second round starts from the same weights
             for (name, t) in [("emb.weight", &emb0), ("w", &w0)] {
-                store
-                    .vars()
-                    .into_iter()
-                    .find(|(n, _)| n == name)
-                    .unwrap()
-                    .1
-                    .var
-                    .set(t)?;
+                store.vars().into_iter().find(|(n, _)| n == name).unwrap().1.var.set(t)?;
             }
         }
         Ok(())
