@@ -461,6 +461,7 @@ mod tests {
             batch_size: 4,
             lrs: vec![1e-3],
             eval_examples: 8,
+            curve_every: 0,
         };
         let (dir, mut p, file) = tiny_preset("mqar-rerun", settings)?;
         let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: 1 };
@@ -492,6 +493,7 @@ mod tests {
             batch_size: 4,
             lrs: vec![1e-3, 3e-3],
             eval_examples: 8,
+            curve_every: 0,
         };
         let (base, _, file) = tiny_preset("mqar-jobs", settings)?;
         let mut results = Vec::new();

@@ -23,7 +23,14 @@ pub struct MqarSettings {
     /// takes the best accuracy over them.
     pub lrs: Vec<f64>,
     pub eval_examples: usize,
+    /// Every this many steps (0: never) the accuracy on [`CURVE_EXAMPLES`] held-out queries
+    /// is logged and kept in the row's `curve`: how many steps a model needs to solve a task.
+    #[serde(default)]
+    pub curve_every: usize,
 }
+
+/// Examples scored for each point of a learning curve (separate from the final evaluation's).
+pub const CURVE_EXAMPLES: usize = 512;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MqarResult {
@@ -49,6 +56,9 @@ pub struct MqarResult {
     pub batch_size: usize,
     #[serde(default)]
     pub lr: f64,
+    /// `(step, accuracy)` during training, when the settings ask for it (`curve_every`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<(usize, f64)>,
 }
 
 impl MqarResult {
@@ -91,6 +101,7 @@ pub fn train_and_score(
     let model = LanguageModel::new(&cfg, seed, device, DType::F32)?;
     let mut opt = AdamW::new(&model.params, 0.9, 0.98, 1e-8, 0.1)?;
     let mut final_loss = f64::NAN;
+    let mut curve = Vec::new();
     let started = std::time::Instant::now();
     for step in 0..s.steps {
         let mut rng = Rng::derive(seed, stream::TRAIN_BATCH, step as u64);
@@ -108,26 +119,24 @@ pub fn train_and_score(
             );
         }
         opt.step(&loss.backward()?, learning_rate(step, lr, lr * 0.1, s.steps / 10, s.steps), 1.0)?;
+        if s.curve_every > 0 && (step + 1) % s.curve_every == 0 {
+            // its own stream: scoring never touches the training batches or the model
+            let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 8);
+            let acc = accuracy(&model, task, CURVE_EXAMPLES, s.batch_size, &mut rng, device)?;
+            eprintln!("  mqar {mixer} T={} width={width} lr={lr} step {}: accuracy {acc:.3}", task.seq_len, step + 1);
+            curve.push((step + 1, acc));
+        }
     }
     let train_s = started.elapsed().as_secs_f64();
-    let (mut correct, mut total) = (0.0, 0.0);
     let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 7);
-    let mut left = s.eval_examples;
-    while left > 0 {
-        let b = left.min(s.batch_size.max(16));
-        left -= b;
-        let (x, rows, y) = task.batch(b, &mut rng, device)?;
-        let pred = model.forward_at(&x, &rows)?.argmax(D::Minus1)?;
-        correct += pred.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
-        total += y.dim(0)? as f64;
-    }
+    let accuracy = accuracy(&model, task, s.eval_examples, s.batch_size, &mut rng, device)?;
     Ok(MqarResult {
         model: mixer.to_string(),
         seq_len: task.seq_len,
         pairs: task.pairs,
         width,
         params: model.num_params(),
-        accuracy: correct / total.max(1.0),
+        accuracy,
         final_loss,
         train_s,
         vocab: task.vocab,
@@ -135,5 +144,60 @@ pub fn train_and_score(
         steps: s.steps,
         batch_size: s.batch_size,
         lr,
+        curve,
     })
+}
+
+/// The fraction of `examples` fresh queries (drawn from `rng`) whose arg-max prediction is
+/// the value paired with their key.
+fn accuracy(
+    model: &LanguageModel,
+    task: &MqarConfig,
+    examples: usize,
+    batch: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<f64> {
+    let (mut correct, mut total) = (0.0, 0.0);
+    let mut left = examples;
+    while left > 0 {
+        let b = left.min(batch.max(16));
+        left -= b;
+        let (x, rows, y) = task.batch(b, rng, device)?;
+        let pred = model.forward_at(&x, &rows)?.argmax(D::Minus1)?;
+        correct += pred.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+        total += y.dim(0)? as f64;
+    }
+    Ok(correct / f64::max(total, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A learning curve has one point every `curve_every` steps, each an accuracy, and
+    /// scoring it leaves training untouched: the same final loss and accuracy as without it.
+    #[test]
+    fn curve_points_leave_training_unchanged() -> Result<()> {
+        let task = MqarConfig { vocab: 16, seq_len: 16, pairs: 2, alpha: 0.01 };
+        let mut s = MqarSettings {
+            vocab: 16,
+            tasks: vec![(16, 2)],
+            widths: vec![16],
+            depth: 1,
+            steps: 6,
+            batch_size: 4,
+            lrs: vec![3e-3],
+            eval_examples: 32,
+            curve_every: 0,
+        };
+        let plain = train_and_score("transformer", &task, 16, &s, 3e-3, &Device::Cpu, 5)?;
+        s.curve_every = 3;
+        let traced = train_and_score("transformer", &task, 16, &s, 3e-3, &Device::Cpu, 5)?;
+        assert!(plain.curve.is_empty());
+        assert_eq!(traced.curve.iter().map(|p| p.0).collect::<Vec<_>>(), vec![3, 6]);
+        assert!(traced.curve.iter().all(|p| (0.0..=1.0).contains(&p.1)));
+        assert_eq!((traced.final_loss, traced.accuracy), (plain.final_loss, plain.accuracy));
+        Ok(())
+    }
 }

@@ -140,6 +140,29 @@ pub fn render(dir: &Path) -> Result<()> {
                     "\n![MQAR]({})\n\n*MQAR accuracy against width, T = {seq}, {pairs} pairs. {caption}.*\n",
                     format!("plots/{file}")
                 );
+                // learning curves, where the runs recorded them (`curve_every`)
+                let curves: Vec<Series> = task_rows
+                    .iter()
+                    .filter(|r| !r.curve.is_empty())
+                    .map(|r| Series {
+                        name: format!("{} d={} lr={}", r.model, r.width, r.lr),
+                        points: r.curve.iter().map(|&(step, acc)| (step as f64, acc)).collect(),
+                    })
+                    .collect();
+                if !curves.is_empty() {
+                    let file = format!("mqar-curve-{seq}-{pairs}.svg");
+                    let title = format!("MQAR accuracy during training, T = {seq}, {pairs} pairs");
+                    line_chart(
+                        &plots.join(&file),
+                        &Chart { title: &title, x_label: "step", y_label: "accuracy", log_x: false, log_y: false },
+                        &curves,
+                    )?;
+                    let _ = writeln!(
+                        md,
+                        "![MQAR curves](plots/{file})\n\n*MQAR accuracy on {} held-out queries during training, T = {seq}, {pairs} pairs. {caption}.*\n",
+                        crate::compare::mqar::CURVE_EXAMPLES
+                    );
+                }
             }
         }
         _ => md.push_str("Not run.\n\n"),
@@ -465,8 +488,12 @@ mod tests {
                 r#"{{"model":"transformer","seq_len":64,"pairs":4,"width":{w},"params":10,"accuracy":{a},"final_loss":0.1}}"#
             )
         };
-        // two learning rates at width 64: the table shows the better one
-        std::fs::write(dir.join("mqar.jsonl"), format!("{}\n{}\n{}\n", m(32, 0.5), m(64, 0.99), m(64, 0.25)))?;
+        // two learning rates at width 64: the table shows the better one; a third with a curve
+        let curved = r#"{"model":"transformer","seq_len":64,"pairs":4,"width":64,"params":10,"accuracy":0.5,"final_loss":0.1,"lr":0.003,"curve":[[5,0.1],[10,0.5]]}"#;
+        std::fs::write(
+            dir.join("mqar.jsonl"),
+            format!("{}\n{}\n{}\n{curved}\n", m(32, 0.5), m(64, 0.99), m(64, 0.25)),
+        )?;
         let sp = |t: usize, s: f64| {
             format!(
                 r#"{{"model":"transformer","component":"mixer","mode":"fwd","device":"cpu","seq":{t},"batch":1,"width":64,"heads":2,"status":"ok","timing":{{"median_s":{s},"min_s":{s},"max_s":{s},"reps":3}},"peak_bytes":{},"flops":1.0,"flops_per_s":1.0}}"#,
@@ -491,6 +518,7 @@ mod tests {
             "| transformer | 64 |",
             "d = 64",
             "0.990",
+            "MQAR accuracy on 512 held-out queries during training",
             "## Time and memory",
             "## Decoding cost",
             "**wrong**",
@@ -505,7 +533,7 @@ mod tests {
             md.contains("| transformer | 0.500 | 0.990 |") && !md.contains("0.250"),
             "MQAR shows the best learning rate: {md}"
         );
-        for svg in ["loss", "mqar-64-4", "time", "memory", "decode-latency", "decode-state"] {
+        for svg in ["loss", "mqar-64-4", "mqar-curve-64-4", "time", "memory", "decode-latency", "decode-state"] {
             let text = std::fs::read_to_string(dir.join(format!("plots/{svg}.svg")))?;
             assert!(text.starts_with("<svg") && text.contains("transformer"), "{svg}.svg");
         }
