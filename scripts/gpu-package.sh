@@ -34,16 +34,20 @@ strip .gpu/altformers
 xz -T2 -6 -f .gpu/altformers
 cat > .gpu/run.sh <<'RUN'
 #!/usr/bin/env bash
-# On the GPU machine: unpack the carried binary once, find CUDA's libraries, run it.
+# On the GPU machine: unpack the carried binary once, find CUDA's libraries, run it. The
+# unpacked copy is named by the archive's checksum: a machine kept warm between calls, or two
+# packages in one call (an A/B), never runs a stale binary.
 set -e
 here="$(cd "$(dirname "$0")" && pwd)"
-if [ ! -x /tmp/altformers ]; then
-  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$here/altformers.xz" /tmp/altformers
-  chmod +x /tmp/altformers
+bin=/tmp/altformers-$(cksum < "$here/altformers.xz" | cut -d' ' -f1)
+if [ ! -x "$bin" ]; then
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$here/altformers.xz" "$bin.part"
+  chmod +x "$bin.part"
+  mv "$bin.part" "$bin"
 fi
 NVLIB=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 export LD_LIBRARY_PATH="$NVLIB:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
-exec /tmp/altformers "$@"
+exec "$bin" "$@"
 RUN
 chmod +x .gpu/run.sh
 cat > .gpu/run-tests.sh <<'RUN'

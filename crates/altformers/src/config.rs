@@ -100,13 +100,13 @@ impl ModelConfig {
         if self.vocab == 0 || w == 0 || self.depth == 0 || self.context == 0 || self.heads == 0 {
             bail!("model.vocab, model.width, model.depth, model.context and model.heads must all be positive");
         }
-        if w % self.heads != 0 {
+        if !w.is_multiple_of(self.heads) {
             bail!("model.heads ({}) does not divide model.width ({w})", self.heads);
         }
-        if self.heads % self.kv_heads() != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads()) {
             bail!("model.kv_heads ({}) does not divide model.heads ({})", self.kv_heads, self.heads);
         }
-        if self.position == Position::Rope && self.head_dim() % 2 != 0 {
+        if self.position == Position::Rope && !self.head_dim().is_multiple_of(2) {
             bail!("RoPE needs an even head dimension; model.width / model.heads = {}", self.head_dim());
         }
         if !(0.0..1.0).contains(&self.dropout) {

@@ -202,7 +202,7 @@ fn measure(
     let single = t0.elapsed().as_secs_f64();
     // a second run measures peak memory (where it can be measured); it is warm
     let t1 = std::time::Instant::now();
-    let peak = alloc::peak_during(device, &run_once)?;
+    let peak = alloc::peak_during(device, run_once)?;
     let second = t1.elapsed().as_secs_f64();
     // Over the cap, a single sample: the warm second run where there was one (the cold first
     // run pays first-touch page faults), else the first run.

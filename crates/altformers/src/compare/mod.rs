@@ -142,7 +142,7 @@ pub fn solve_width(arch: &Architecture, sets: &[String], target: usize) -> Resul
     let mut width = step;
     while width <= 64 * step.max(16) {
         if let Some(p) = param_count(arch, sets, width) {
-            let better = best.map_or(true, |(_, bp)| p.abs_diff(target) < bp.abs_diff(target));
+            let better = best.is_none_or(|(_, bp)| p.abs_diff(target) < bp.abs_diff(target));
             if better {
                 best = Some((width, p));
             }

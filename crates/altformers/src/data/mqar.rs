@@ -141,7 +141,7 @@ mod tests {
                 sorted.sort();
                 sorted.dedup();
                 assert_eq!(sorted.len(), k, "keys not unique");
-                assert!(keys.iter().all(|&x| x >= 1 && x < 4096));
+                assert!(keys.iter().all(|&x| (1..4096).contains(&x)));
                 let value_of = |key: u32| e.inputs[2 * keys.iter().position(|&x| x == key).unwrap() + 1];
                 let queries: Vec<usize> = (0..t).filter(|&p| e.scored[p]).collect();
                 assert_eq!(queries.len(), k, "one query per key");

@@ -110,7 +110,7 @@ impl HyenaOptions {
         if self.order == 0 {
             bail!("model.options.order must be at least 1");
         }
-        if self.filter_emb_dim < 3 || self.filter_emb_dim % 2 == 0 {
+        if self.filter_emb_dim < 3 || self.filter_emb_dim.is_multiple_of(2) {
             bail!(
                 "model.options.filter_emb_dim must be odd and at least 3 (time, cosine, sine), got {}",
                 self.filter_emb_dim

@@ -95,10 +95,10 @@ impl Retention {
         if o.chunk == 0 {
             bail!("model.options.chunk must be positive");
         }
-        if vd == 0 || vd % h != 0 {
+        if vd == 0 || !vd.is_multiple_of(h) {
             bail!("model.options.value_factor * model.width ({vd}) must be a positive multiple of model.heads ({h})");
         }
-        if cfg.head_dim() % 2 != 0 {
+        if !cfg.head_dim().is_multiple_of(2) {
             bail!(
                 "retention rotates pairs of query/key channels: model.width / model.heads ({}) must be even",
                 cfg.head_dim()

@@ -251,7 +251,7 @@ impl TimeMix {
 
     /// The quadratic `O(T^2 d)` reference (tests only).
     pub fn forward_naive(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, None, |k, v, wt| decayed::wkv_naive(k, v, wt))
+        self.run(x, None, decayed::wkv_naive)
     }
 }
 

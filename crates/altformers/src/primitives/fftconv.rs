@@ -59,6 +59,8 @@ pub fn causal_conv(x: &Tensor, h: &Tensor) -> Result<Tensor> {
             bail!("fftconv: on CUDA the FFT path supports f32, bf16 and f16, got {:?}", x.dtype());
         }
         // Keep the forward spectra for the backward pass only when one will follow.
+        // (`..Default::default()` fills the CUDA build's saved spectra)
+        #[allow(clippy::needless_update)]
         let op = CausalConv { keep: x.track_op() || h.track_op(), ..Default::default() };
         return x.contiguous()?.apply_op2(&h.contiguous()?, op);
     }
@@ -98,7 +100,7 @@ pub fn fft_len(t: usize, l: usize) -> usize {
     loop {
         let mut m = n;
         for p in [2, 3, 5, 7] {
-            while m % p == 0 {
+            while m.is_multiple_of(p) {
                 m /= p;
             }
         }
@@ -364,7 +366,7 @@ fn signals<F: Float>(spec: &mut [Complex<F>], n: usize, keep: usize, inv: &Arc<d
             // Spectra of real signals: the DC (and, for even n, Nyquist) bins are real; clear
             // the rounding left in their imaginary parts, which realfft rejects.
             s[0].im = F::zero();
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 s[bins - 1].im = F::zero();
             }
             inv.process_with_scratch(s, buf, scratch).expect("realfft inverse: buffer sizes");

@@ -137,8 +137,7 @@ pub fn render(dir: &Path) -> Result<()> {
                 )?;
                 let _ = writeln!(
                     md,
-                    "\n![MQAR]({})\n\n*MQAR accuracy against width, T = {seq}, {pairs} pairs. {caption}.*\n",
-                    format!("plots/{file}")
+                    "\n![MQAR](plots/{file})\n\n*MQAR accuracy against width, T = {seq}, {pairs} pairs. {caption}.*\n"
                 );
                 // learning curves, where the runs recorded them (`curve_every`)
                 let curves: Vec<Series> = task_rows

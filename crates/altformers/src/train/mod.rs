@@ -294,7 +294,7 @@ pub fn train(
         bar.set_message(format!("loss {loss_value:.4}  {rate:.0} tok/s"));
 
         let stop_here = opts.stop_after == Some(state.step);
-        if state.step % t.eval_every == 0 || state.step == t.steps || stop_here {
+        if state.step.is_multiple_of(t.eval_every) || state.step == t.steps || stop_here {
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
             let train_loss = estimate_loss(&model, &corpus.train, t.eval_batches, t.batch_size, t.seed, 1)?;
             let val_loss = estimate_loss(&model, &corpus.val, t.eval_batches, t.batch_size, t.seed, 0)?;

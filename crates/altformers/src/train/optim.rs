@@ -210,7 +210,7 @@ mod tests {
         let loss = ((emb.sum_all()? + w.sum_all()?)? * 1e-30)?;
         let grads = loss.backward()?;
         let shrink = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            Ok((a.sum_all()?.to_scalar::<f32>()? / b.sum_all()?.to_scalar::<f32>()?) as f32)
+            Ok(a.sum_all()?.to_scalar::<f32>()? / b.sum_all()?.to_scalar::<f32>()?)
         };
         for (ask, emb_factor) in [(false, 1.0f32), (true, 0.9)] {
             let (emb0, w0) = (emb.copy()?, w.copy()?);
