@@ -11,11 +11,11 @@ use super::ptx;
 
 const MODULE: &str = "altformers_rows";
 
-/// Whether [`gather_rows`] runs with the parallel backward: an f32 table on a CUDA device
-/// and u32 ids.
+/// Whether [`gather_rows`] runs with the parallel backward: an f32 or bf16 table on a CUDA
+/// device and u32 ids.
 pub fn supports(table: &Tensor, ids: &Tensor) -> bool {
     table.device().is_cuda()
-        && table.dtype() == DType::F32
+        && matches!(table.dtype(), DType::F32 | DType::BF16)
         && ids.dtype() == DType::U32
         && table.rank() == 2
         && super::enabled("gather")
@@ -25,7 +25,7 @@ pub fn supports(table: &Tensor, ids: &Tensor) -> bool {
 pub fn gather_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     if !supports(table, ids) {
         bail!(
-            "gather rows: needs an f32 [R, d] table on CUDA and u32 ids (got {:?} {:?}, ids {:?})",
+            "gather rows: needs an f32 or bf16 [R, d] table on CUDA and u32 ids (got {:?} {:?}, ids {:?})",
             table.dtype(),
             table.shape(),
             ids.dtype()
@@ -58,9 +58,11 @@ impl CustomOp2 for GatherRows {
     }
 
     fn bwd(&self, table: &Tensor, ids: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // summed in f32 whatever the table's dtype
         let rows = table.dim(0)?;
         let grad = grad.to_dtype(DType::F32)?.contiguous()?;
-        Ok((Some(grad.apply_op2_no_bwd(ids, &ScatterAddRows { rows })?), None))
+        let sum = grad.apply_op2_no_bwd(ids, &ScatterAddRows { rows })?;
+        Ok((Some(sum.to_dtype(table.dtype())?), None))
     }
 }
 

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
 use crate::config::{ModelConfig, Position};
-use crate::nn::Linear;
+use crate::nn::{gather_rows, Linear};
 use crate::params::ParamBuilder;
 use crate::primitives::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
 
@@ -223,7 +223,9 @@ impl Aft {
                     .map(|p| if p / t >= p % t && p / t - p % t < s { (p / t - p % t) as u32 } else { s as u32 })
                     .collect();
                 let idx = Tensor::from_vec(idx, t * t, like.device())?;
-                padded.index_select(&idx, 1)?.reshape((self.groups, t, t))
+                // as rows of the transposed kernel: the gradient then scatters in parallel on
+                // a GPU (candle's index_add would give each of the G rows one thread for T^2 ids)
+                gather_rows(&padded.t()?.contiguous()?, &idx)?.t()?.reshape((self.groups, t, t))
             }
         }
     }
@@ -243,7 +245,9 @@ impl Aft {
                     })
                     .collect();
                 let idx = Tensor::from_vec(idx, len * s, like.device())?;
-                w.to_dtype(like.dtype())?.flatten_all()?.index_select(&idx, 0)?.reshape((1, len, s))
+                // one-element rows, so that the gradient scatters in parallel on a GPU
+                let flat = w.to_dtype(like.dtype())?.reshape((ctx * ctx, 1))?;
+                gather_rows(&flat, &idx)?.reshape((1, len, s))
             }
             PosBias::Kernel(kernel) => {
                 kernel.to_dtype(like.dtype())?.unsqueeze(1)?.broadcast_as((self.groups, len, s))?.contiguous()
