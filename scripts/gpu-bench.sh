@@ -46,6 +46,16 @@ if [ "$what" = kernels ]; then
   timeout 100 $alt bench ops --ops retention --lengths 8192,16384 --reps 10 --out "$OUT/ours-ops-retention.jsonl" > /dev/null 2>> "$OUT/ours.err"
   timeout 100 $alt bench ops --ops longconv --lengths 1024,4096,16384 --reps 10 --out "$OUT/ours-ops-longconv.jsonl" > /dev/null 2>> "$OUT/ours.err"
   tail -3 "$OUT/ours.err"
+  # A/B in the same run: a second package in .gpu-a (scripts/gpu-package.sh, then copy .gpu
+  # to .gpu-a, then build the other commit) times the same ops into ours-a/.
+  if [ -x .gpu-a/run.sh ]; then
+    mkdir -p "$OUT/ours-a"
+    for op in attention:4096,8192 retention:8192,16384 longconv:1024,4096,16384; do
+      timeout 100 bash .gpu-a/run.sh bench ops --ops "${op%%:*}" --lengths "${op#*:}" --reps 10 \
+        --out "$OUT/ours-a/ours-ops-${op%%:*}.jsonl" > /dev/null 2>> "$OUT/ours-a.err"
+    done
+    cp "$OUT/peers.jsonl" "$OUT/ours-a/" && bash .gpu-a/run.sh report --from "$OUT/ours-a" > /dev/null 2>> "$OUT/ours-a.err"
+  fi
   $alt report --from "$OUT" > /dev/null 2>> "$OUT/ours.err"  # report.md: the ours/peer table
 fi
 if [ "$what" = unfused ]; then
