@@ -78,7 +78,7 @@ impl Geometry {
 
     /// `bins - 1` for even n (the real Nyquist bin), else -1.
     fn nyquist(&self) -> i32 {
-        if self.n % 2 == 0 {
+        if self.n.is_multiple_of(2) {
             self.bins as i32 - 1
         } else {
             -1
@@ -176,7 +176,7 @@ fn conv_typed<T: CudaDType + DeviceRepr>(
 ) -> Result<(CudaSlice<T>, Option<Spectra>)> {
     let rows = g.b * g.c;
     let mut out = launch::uninit::<T>(dev, rows * g.t)?;
-    if out.len() == 0 {
+    if out.is_empty() {
         return Ok((out, None));
     }
     let hs = spectrum(dev, h, sfx, g.c, g.l, g)?;

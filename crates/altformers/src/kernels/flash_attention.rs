@@ -32,9 +32,9 @@
 //!   stages); out-of-range rows are zero-filled by `cp.async`, so ragged `T` and `S` need no
 //!   special path and padding never produces NaN.
 //!
-//! The log-sum-exp is kept in log2 units of the scaled scores (`p = exp2(s * scale * log2 e
-//! - lse)`), matching the `exp2` the kernels use. It is held by the op between forward and
-//! backward rather than returned, since a custom op has one output.
+//! The log-sum-exp is kept in log2 units of the scaled scores
+//! (`p = exp2(s * scale * log2 e - lse)`), matching the `exp2` the kernels use. It is held by
+//! the op between forward and backward rather than returned, since a custom op has one output.
 use std::sync::Mutex;
 
 use candle_core::backend::BackendDevice;
