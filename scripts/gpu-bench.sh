@@ -42,21 +42,22 @@ if [ "$what" = kernels ]; then
   # fla compiles its Triton kernels on first use: give it time; one peer failing stops none
   (cd bench/peers && { timeout 60 python3 attention_sdpa.py 4096,8192; timeout 240 python3 retention_fla.py 8192,16384;
     timeout 90 python3 fftconv_torch.py 1024,4096,16384; }) > "$OUT/peers.jsonl" 2> "$OUT/peers.err"
-  timeout 100 $alt bench ops --ops attention --lengths 4096,8192 --reps 10 --out "$OUT/ours-ops-attention.jsonl" > /dev/null 2> "$OUT/ours.err"
-  timeout 100 $alt bench ops --ops retention --lengths 8192,16384 --reps 10 --out "$OUT/ours-ops-retention.jsonl" > /dev/null 2>> "$OUT/ours.err"
-  timeout 100 $alt bench ops --ops longconv --lengths 1024,4096,16384 --reps 10 --out "$OUT/ours-ops-longconv.jsonl" > /dev/null 2>> "$OUT/ours.err"
-  tail -3 "$OUT/ours.err"
+  # ours at the peers' shapes with binary $1 into folder $2, then the ours/peer table (report.md)
+  time_ours() {
+    for op in attention:4096,8192 retention:8192,16384 longconv:1024,4096,16384; do
+      timeout 100 $1 bench ops --ops "${op%%:*}" --lengths "${op#*:}" --reps 10 \
+        --out "$2/ours-ops-${op%%:*}.jsonl" > /dev/null 2>> "$2/ours.err"
+    done
+    tail -3 "$2/ours.err"
+    $1 report --from "$2" > /dev/null 2>> "$2/ours.err"
+  }
+  time_ours "$alt" "$OUT"
   # A/B in the same run: a second package in .gpu-a (scripts/gpu-package.sh, then copy .gpu
   # to .gpu-a, then build the other commit) times the same ops into ours-a/.
-  if [ -x .gpu-a/run.sh ]; then
-    mkdir -p "$OUT/ours-a"
-    for op in attention:4096,8192 retention:8192,16384 longconv:1024,4096,16384; do
-      timeout 100 bash .gpu-a/run.sh bench ops --ops "${op%%:*}" --lengths "${op#*:}" --reps 10 \
-        --out "$OUT/ours-a/ours-ops-${op%%:*}.jsonl" > /dev/null 2>> "$OUT/ours-a.err"
-    done
-    cp "$OUT/peers.jsonl" "$OUT/ours-a/" && bash .gpu-a/run.sh report --from "$OUT/ours-a" > /dev/null 2>> "$OUT/ours-a.err"
+  if [ -f .gpu-a/run.sh ]; then
+    mkdir -p "$OUT/ours-a" && cp "$OUT/peers.jsonl" "$OUT/ours-a/"
+    time_ours "bash .gpu-a/run.sh" "$OUT/ours-a"
   fi
-  $alt report --from "$OUT" > /dev/null 2>> "$OUT/ours.err"  # report.md: the ours/peer table
 fi
 if [ "$what" = unfused ]; then
   # The tensor paths the kernels replace, at the same shapes (ALTFORMERS_UNFUSED, see

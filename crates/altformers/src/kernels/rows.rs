@@ -3,7 +3,7 @@
 //! gradient differs from `Tensor::index_select`, whose `index_add` walks the ids in order
 //! (see the kernel for why that dominated the step of a small model).
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::launch::{self, LaunchConfig, PushKernelArg};
@@ -91,16 +91,11 @@ impl CustomOp2 for ScatterAddRows {
         if il.shape().elem_count() != n {
             bail!("scatter-add rows: {n} gradient rows for {} ids", il.shape().elem_count())
         }
-        let CudaStorageSlice::F32(g) = &grad.slice else { bail!("scatter-add rows: gradient must be f32") };
-        let CudaStorageSlice::U32(i) = &ids.slice else { bail!("scatter-add rows: ids must be u32") };
-        let (Some((g0, g1)), Some((i0, i1))) = (gl.contiguous_offsets(), il.contiguous_offsets()) else {
-            bail!("scatter-add rows: inputs must be contiguous")
-        };
+        let (g, i) = (launch::view::<f32>(grad, gl)?, launch::view::<u32>(ids, il)?);
         let dev = launch::device(grad);
         let mut out = launch::zeros::<f32>(dev, self.rows * d)?;
         let total = n * d;
         if total > 0 {
-            let (g, i) = (g.slice(g0..g1), i.slice(i0..i1));
             let (n64, d32, rows32) = (
                 n as i64,
                 d as i32,
@@ -112,6 +107,8 @@ impl CustomOp2 for ScatterAddRows {
             let f = launch::func(dev, MODULE, ptx::ROWS, "scatter_add_rows_f32")?;
             let mut b = f.builder();
             b.arg(&i).arg(&g).arg(&mut out).arg(&n64).arg(&d32).arg(&rows32);
+            // SAFETY: ids hold n entries, the gradient n x d, the output rows x d; the kernel
+            // skips ids at or past `rows`.
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((self.rows, d))))
