@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|steps [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -144,6 +144,29 @@ sys.stdout.write(''.join(rows.values()))" > "$OUT/$tag-report/mqar.jsonl"
   cp "$(ls -d /tmp/$tag/*/ | head -1)meta.json" "$OUT/$tag-report/" 2>/dev/null
   $alt report --from "$OUT/$tag-report" > /dev/null 2>> "$OUT/$tag-report.err"
   cut -c1-200 "$OUT/$tag-report/mqar.jsonl"
+fi
+if [ "$what" = steps ]; then
+  # Training-step rate of the carried package and, if present, of .gpu-a (an A/B in one run):
+  # MQAR (T 256, width 64, batch 64 and 512) for the Transformer and RetNet, and the baby GPT,
+  # a few hundred steps each, one process at a time. train_s / tokens_per_s are what to read.
+  sed -e 's/^tasks = .*/tasks = [[256, 16]]/' -e 's/^lrs = .*/lrs = [1e-3]/' -e '/^curve_every/d' \
+    -e 's/^steps = .*/steps = 300/' -e 's/^eval_examples = .*/eval_examples = 512/' configs/mqar-curve.toml > /tmp/steps-b512.toml
+  sed -e 's/^batch_size = 512/batch_size = 64/' /tmp/steps-b512.toml > /tmp/steps-b64.toml
+  for pkg in .gpu .gpu-a; do
+    [ -f $pkg/run.sh ] || continue
+    bin="bash $pkg/run.sh"; $bin --version >> "$OUT/steps.txt"
+    for b in 64 512; do
+      for m in transformer retnet; do
+        timeout 120 $bin --threads 1 compare --preset /tmp/steps-b$b.toml --parts mqar --models $m --device cuda \
+          --out /tmp/steps-$pkg-$b-$m > /dev/null 2>> "$OUT/steps.err"
+        echo "$pkg mqar batch $b $(cut -c1-160 /tmp/steps-$pkg-$b-$m/mqar.jsonl)" >> "$OUT/steps.txt"
+      done
+    done
+    timeout 150 $bin train --model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=300 \
+      --set train.eval_every=300 --device cuda --dtype bf16 --out /tmp/steps-$pkg-baby > /dev/null 2>> "$OUT/steps.err"
+    echo "$pkg baby $(tail -1 /tmp/steps-$pkg-baby/metrics.jsonl)" >> "$OUT/steps.txt"
+  done
+  cat "$OUT/steps.txt"
 fi
 ls -la "$OUT"
 # The device tool brings back at most 8 files: pack everything into one.
