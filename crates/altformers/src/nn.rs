@@ -59,6 +59,10 @@ impl LayerNorm {
 
     /// Statistics in the weights' precision (f32 under bf16 activations), output in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::kernels::layernorm::supports(x, &self.weight, self.bias.as_ref()) {
+            return crate::kernels::layernorm::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(self.weight.dtype())?;
         let mean = x.mean_keepdim(D::Minus1)?;

@@ -12,8 +12,9 @@
 /// in `ALTFORMERS_UNFUSED` (comma-separated, or `all`): to measure a kernel against the
 /// code it replaces in one run. The FFT convolution has no tensor path on CUDA.
 /// `retention-tc` switches off only the tensor-core retention (bf16), leaving the CUDA-core
-/// scan it replaced. `gather` is the row gather's parallel backward (token embeddings).
-pub const SWITCHABLE: [&str; 6] = ["attention", "retention", "retention-tc", "wkv", "adamw", "gather"];
+/// scan it replaced. `gather` is the row gather's parallel backward (token embeddings),
+/// `layernorm` the fused layer norm.
+pub const SWITCHABLE: [&str; 7] = ["attention", "retention", "retention-tc", "wkv", "adamw", "gather", "layernorm"];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
 pub fn enabled(name: &str) -> bool {
@@ -125,3 +126,6 @@ pub mod flash_attention;
 
 #[cfg(feature = "cuda")]
 pub mod rows;
+
+#[cfg(feature = "cuda")]
+pub mod layernorm;
