@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 fn run(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: &Tensor, dev: &Device, dtype: DType) -> Result<Vec<Tensor>> {
     let xv = Var::from_tensor(&x.to_dtype(dtype)?.to_device(dev)?)?;
     let wv = Var::from_tensor(&w.to_device(dev)?)?;
-    let bv = b.map(|b| b.to_device(dev)).transpose()?.map(Var::from_tensor).transpose()?;
+    let bv = b.map(|b| Var::from_tensor(&b.to_device(dev)?)).transpose()?;
     let ln = LayerNorm { weight: wv.as_tensor().clone(), bias: bv.as_ref().map(|b| b.as_tensor().clone()), eps: 1e-5 };
     let y = ln.forward(xv.as_tensor())?;
     ensure!(y.dtype() == dtype, "output dtype {:?}, expected {dtype:?}", y.dtype());
@@ -32,7 +32,7 @@ fn layer_norm_matches_cpu() -> Result<()> {
     for (rows, d) in [(3usize, 31usize), (1000, 64), (37, 129), (9000, 768)] {
         for bias in [true, false] {
             for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
-                let x = (randn(&[rows, d], (rows * d) as u64, DType::F32)? * 3.0 + 1.5)?;
+                let x = randn(&[rows, d], (rows * d) as u64, DType::F32)?.affine(3.0, 1.5)?;
                 let w = randn(&[d], 7, DType::F32)?;
                 let b = randn(&[d], 8, DType::F32)?;
                 let r = randn(&[rows, d], 9, DType::F32)?;
