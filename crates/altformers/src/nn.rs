@@ -86,6 +86,24 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
+/// GELU, erf form (GPT-2's MLP). On CUDA the backward is one fused launch.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::activations::supports(x) {
+        return crate::kernels::activations::apply(x, crate::kernels::activations::Activation::Gelu);
+    }
+    x.gelu_erf()
+}
+
+/// SiLU, `x sigmoid(x)`. On CUDA the backward is one fused launch.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::activations::supports(x) {
+        return crate::kernels::activations::apply(x, crate::kernels::activations::Activation::Silu);
+    }
+    x.silu()
+}
+
 /// Rows `ids` (u32, any shape, flattened) of a `[R, d]` table: `[N, d]`. The same as
 /// `table.index_select(ids, 0)`, except that on CUDA (f32 or bf16 tables) the backward
 /// scatters in parallel ([`crate::kernels::rows`]) instead of candle's walk over the ids with

@@ -13,8 +13,9 @@
 /// code it replaces in one run. The FFT convolution has no tensor path on CUDA.
 /// `retention-tc` switches off only the tensor-core retention (bf16), leaving the CUDA-core
 /// scan it replaced. `gather` is the row gather's parallel backward (token embeddings),
-/// `layernorm` the fused layer norm.
-pub const SWITCHABLE: [&str; 7] = ["attention", "retention", "retention-tc", "wkv", "adamw", "gather", "layernorm"];
+/// `layernorm` the fused layer norm, `activations` the fused GELU and SiLU.
+pub const SWITCHABLE: [&str; 8] =
+    ["attention", "retention", "retention-tc", "wkv", "adamw", "gather", "layernorm", "activations"];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
 pub fn enabled(name: &str) -> bool {
@@ -129,3 +130,6 @@ pub mod rows;
 
 #[cfg(feature = "cuda")]
 pub mod layernorm;
+
+#[cfg(feature = "cuda")]
+pub mod activations;
