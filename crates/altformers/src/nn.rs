@@ -80,6 +80,11 @@ impl LayerNorm {
 /// Softmax over the last dimension, max-subtracted, differentiable; computed in f32 at
 /// least (bf16 inputs are promoted, the result cast back).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::softmax::supports(x) {
+        // f32 arithmetic inside, bf16 in and out: the promotion below is not needed
+        return crate::kernels::softmax::softmax_last_dim(x);
+    }
     if matches!(x.dtype(), DType::BF16 | DType::F16) {
         return candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype());
     }

@@ -1,6 +1,6 @@
 //! Fused GELU (erf form) and SiLU (`activations.cu`): the same forward as candle's, and a
 //! backward of one launch instead of candle's chain of elementwise ops. f32 or bf16.
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -47,13 +47,12 @@ fn config(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
-    let Some((start, end)) = l.contiguous_offsets() else { bail!("fused activation: input is not contiguous") };
-    Ok(s.slice(start..end))
-}
-
 /// Launches `name` over `inputs` (each `n` elements) into a new buffer of `n`.
-fn launch<T: CudaDType + DeviceRepr>(dev: &CudaDevice, name: &str, inputs: &[CudaView<T>]) -> Result<CudaStorage> {
+fn launch_elementwise<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    name: &str,
+    inputs: &[CudaView<T>],
+) -> Result<CudaStorage> {
     let n = inputs[0].len();
     let mut out = launch::uninit::<T>(dev, n)?;
     if n > 0 {
@@ -82,8 +81,12 @@ impl CustomOp1 for Forward {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = launch::device(s);
         let out = match &s.slice {
-            CudaStorageSlice::F32(x) => launch(dev, &format!("{}_fwd_f32", self.0.name()), &[view(x, l)?])?,
-            CudaStorageSlice::BF16(x) => launch(dev, &format!("{}_fwd_bf16", self.0.name()), &[view(x, l)?])?,
+            CudaStorageSlice::F32(x) => {
+                launch_elementwise(dev, &format!("{}_fwd_f32", self.0.name()), &[launch::slice(x, l)?])?
+            }
+            CudaStorageSlice::BF16(x) => {
+                launch_elementwise(dev, &format!("{}_fwd_bf16", self.0.name()), &[launch::slice(x, l)?])?
+            }
             _ => bail!("fused activation: f32 or bf16 only"),
         };
         Ok((out, l.shape().clone()))
@@ -107,12 +110,16 @@ impl CustomOp2 for Backward {
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = launch::device(xs);
         let out = match (&xs.slice, &gs.slice) {
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(g)) => {
-                launch(dev, &format!("{}_bwd_f32", self.0.name()), &[view(x, xl)?, view(g, gl)?])?
-            }
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(g)) => {
-                launch(dev, &format!("{}_bwd_bf16", self.0.name()), &[view(x, xl)?, view(g, gl)?])?
-            }
+            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(g)) => launch_elementwise(
+                dev,
+                &format!("{}_bwd_f32", self.0.name()),
+                &[launch::slice(x, xl)?, launch::slice(g, gl)?],
+            )?,
+            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(g)) => launch_elementwise(
+                dev,
+                &format!("{}_bwd_bf16", self.0.name()),
+                &[launch::slice(x, xl)?, launch::slice(g, gl)?],
+            )?,
             _ => bail!("fused activation backward: x and the gradient must share an f32 or bf16 dtype"),
         };
         Ok((out, xl.shape().clone()))

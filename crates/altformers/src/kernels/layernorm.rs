@@ -52,14 +52,9 @@ struct LayerNormOp {
     stats: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
 }
 
-fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    let Some((start, end)) = l.contiguous_offsets() else { bail!("fused layer norm: {what} is not contiguous") };
-    Ok(s.slice(start..end))
-}
-
 fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
     let CudaStorageSlice::F32(s) = &s.slice else { bail!("fused layer norm: {what} must be f32") };
-    view(s, l, what)
+    launch::slice(s, l)
 }
 
 fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Result<&'a CudaStorage> {
@@ -165,11 +160,13 @@ impl CustomOp3 for LayerNormOp {
         let (w, b) = (f32_view(ws, wl, "weight")?, f32_view(bs, bl, "bias")?);
         let (y, stats) = match &xs.slice {
             CudaStorageSlice::F32(s) => {
-                let (y, m, r) = forward(dev, "f32", &view(s, xl, "x")?, &w, &b, (rows, d), self.eps, self.has_bias)?;
+                let (y, m, r) =
+                    forward(dev, "f32", &launch::slice(s, xl)?, &w, &b, (rows, d), self.eps, self.has_bias)?;
                 (CudaDType::wrap_cuda_slice(y, dev.clone()), (m, r))
             }
             CudaStorageSlice::BF16(s) => {
-                let (y, m, r) = forward(dev, "bf16", &view(s, xl, "x")?, &w, &b, (rows, d), self.eps, self.has_bias)?;
+                let (y, m, r) =
+                    forward(dev, "bf16", &launch::slice(s, xl)?, &w, &b, (rows, d), self.eps, self.has_bias)?;
                 (CudaDType::wrap_cuda_slice(y, dev.clone()), (m, r))
             }
             _ => bail!("fused layer norm: x must be f32 or bf16"),
@@ -203,8 +200,8 @@ impl CustomOp3 for LayerNormOp {
                 let (dx, dw, db) = backward(
                     dev,
                     "f32",
-                    &view(xs_, xl, "x")?,
-                    &view(gs_, gl, "gradient")?,
+                    &launch::slice(xs_, xl)?,
+                    &launch::slice(gs_, gl)?,
                     &w,
                     stats,
                     dims,
@@ -216,8 +213,8 @@ impl CustomOp3 for LayerNormOp {
                 let (dx, dw, db) = backward(
                     dev,
                     "bf16",
-                    &view(xs_, xl, "x")?,
-                    &view(gs_, gl, "gradient")?,
+                    &launch::slice(xs_, xl)?,
+                    &launch::slice(gs_, gl)?,
                     &w,
                     stats,
                     dims,

@@ -13,9 +13,10 @@
 /// code it replaces in one run. The FFT convolution has no tensor path on CUDA.
 /// `retention-tc` switches off only the tensor-core retention (bf16), leaving the CUDA-core
 /// scan it replaced. `gather` is the row gather's parallel backward (token embeddings),
-/// `layernorm` the fused layer norm, `activations` the fused GELU and SiLU.
-pub const SWITCHABLE: [&str; 8] =
-    ["attention", "retention", "retention-tc", "wkv", "adamw", "gather", "layernorm", "activations"];
+/// `layernorm` the fused layer norm, `activations` the fused GELU and SiLU, `softmax` the
+/// fused softmax (the unfused attention path's probabilities).
+pub const SWITCHABLE: [&str; 9] =
+    ["attention", "retention", "retention-tc", "wkv", "adamw", "gather", "layernorm", "activations", "softmax"];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
 pub fn enabled(name: &str) -> bool {
@@ -91,6 +92,14 @@ pub mod launch {
         Ok(s.as_cuda_slice::<T>()?.slice(start..end))
     }
 
+    /// The part of `s` a contiguous layout covers, as a view.
+    pub fn slice<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            bail!("fused kernel: input is not contiguous (layout {l:?})")
+        };
+        Ok(s.slice(start..end))
+    }
+
     /// A new zero-filled device buffer of `n` elements.
     pub fn zeros<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
         dev: &CudaDevice,
@@ -133,3 +142,6 @@ pub mod layernorm;
 
 #[cfg(feature = "cuda")]
 pub mod activations;
+
+#[cfg(feature = "cuda")]
+pub mod softmax;
