@@ -74,18 +74,10 @@ fn retention_shared_bytes(width: usize) -> usize {
     4 * (2 * width * TSTRIDE + CHUNK * VTILE + CHUNK * TSTRIDE + width * VTILE + CHUNK + 4)
 }
 
-/// The device memory of a contiguous tensor's storage, from its start offset.
-fn contiguous<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("fused kernel: input is not contiguous (layout {l:?})")
-    };
-    Ok(s.slice(start..end))
-}
-
 /// The f32 device memory of `t` (held by an op beside its inputs), while `guard` lives.
 fn held_f32<'a>(guard: &'a candle_core::StorageRef<'_>, l: &Layout) -> Result<CudaView<'a, f32>> {
     match &**guard {
-        Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F32(s), .. }) => contiguous(s, l),
+        Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F32(s), .. }) => launch::slice(s, l),
         _ => bail!("fused kernel: expected an f32 tensor on the CUDA device"),
     }
 }
@@ -431,13 +423,21 @@ impl CustomOp3 for Retention {
         let out_shape = Shape::from((b, h, t, dv));
         let (y, state) = match (&s1.slice, &s2.slice, &s3.slice) {
             (F32(q), F32(k), F32(v)) => {
-                let (y, s, _) =
-                    kernels.forward(&contiguous(q, l1)?, &contiguous(k, l2)?, &contiguous(v, l3)?, (dk, dv))?;
+                let (y, s, _) = kernels.forward(
+                    &launch::slice(q, l1)?,
+                    &launch::slice(k, l2)?,
+                    &launch::slice(v, l3)?,
+                    (dk, dv),
+                )?;
                 (f32::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
             }
             (BF16(q), BF16(k), BF16(v)) => {
-                let (y, s, states) =
-                    kernels.forward(&contiguous(q, l1)?, &contiguous(k, l2)?, &contiguous(v, l3)?, (dk, dv))?;
+                let (y, s, states) = kernels.forward(
+                    &launch::slice(q, l1)?,
+                    &launch::slice(k, l2)?,
+                    &launch::slice(v, l3)?,
+                    (dk, dv),
+                )?;
                 if let (true, Some(states)) = (self.keep_states, states) {
                     let n = states.len();
                     *self.chunk_states.lock().expect("retention: states lock poisoned") =
@@ -481,10 +481,10 @@ impl CustomOp3 for Retention {
         let [dq, dk_, dv_] = match (&qs.slice, &ks.slice, &vs.slice, &gs.slice) {
             (F32(q), F32(k), F32(v), F32(g)) => {
                 let [a, b_, c] = kernels.backward(
-                    &contiguous(q, ql)?,
-                    &contiguous(k, kl)?,
-                    &contiguous(v, vl)?,
-                    &contiguous(g, gl)?,
+                    &launch::slice(q, ql)?,
+                    &launch::slice(k, kl)?,
+                    &launch::slice(v, vl)?,
+                    &launch::slice(g, gl)?,
                     (dk, dv),
                     None,
                 )?;
@@ -501,10 +501,10 @@ impl CustomOp3 for Retention {
                     None => None,
                 };
                 let [a, b_, c] = kernels.backward(
-                    &contiguous(q, ql)?,
-                    &contiguous(k, kl)?,
-                    &contiguous(v, vl)?,
-                    &contiguous(g, gl)?,
+                    &launch::slice(q, ql)?,
+                    &launch::slice(k, kl)?,
+                    &launch::slice(v, vl)?,
+                    &launch::slice(g, gl)?,
                     (dk, dv),
                     forward_states,
                 )?;

@@ -171,7 +171,7 @@ impl Retention {
             Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?)?,
             None => y,
         };
-        self.out_proj.forward(&(crate::nn::silu(&g)? * y.to_dtype(g.dtype())?)?)
+        self.out_proj.forward(&(crate::nn::silu(g)? * y.to_dtype(g.dtype())?)?)
     }
 
     /// Parallel form, `O(T^2)`: `x: [B, T, D] -> [B, T, D]`.
