@@ -52,11 +52,6 @@ struct LayerNormOp {
     stats: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
 }
 
-fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
-    let CudaStorageSlice::F32(s) = &s.slice else { bail!("fused layer norm: {what} must be f32") };
-    launch::slice(s, l)
-}
-
 fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Result<&'a CudaStorage> {
     match &**guard {
         Storage::Cuda(s) => Ok(s),
@@ -157,7 +152,7 @@ impl CustomOp3 for LayerNormOp {
         let d = xl.shape().dims().last().copied().unwrap_or(0);
         let rows = xl.shape().elem_count() / d.max(1);
         let dev = launch::device(xs);
-        let (w, b) = (f32_view(ws, wl, "weight")?, f32_view(bs, bl, "bias")?);
+        let (w, b) = (launch::view::<f32>(ws, wl)?, launch::view::<f32>(bs, bl)?);
         let (y, stats) = match &xs.slice {
             CudaStorageSlice::F32(s) => {
                 let (y, m, r) =
@@ -192,7 +187,7 @@ impl CustomOp3 for LayerNormOp {
         let [(xg, xl), (wg, wl), (gg, gl)] = &guards;
         let xs = cuda_storage(xg, "x")?;
         let dev = launch::device(xs);
-        let w = f32_view(cuda_storage(wg, "weight")?, wl, "weight")?;
+        let w = launch::view::<f32>(cuda_storage(wg, "weight")?, wl)?;
         let gs = cuda_storage(gg, "the output gradient")?;
         let dims = (rows, d);
         let dx = match (&xs.slice, &gs.slice) {

@@ -86,10 +86,7 @@ pub mod launch {
         s: &'a CudaStorage,
         l: &Layout,
     ) -> Result<CudaView<'a, T>> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            bail!("fused kernel: input is not contiguous (layout {l:?})")
-        };
-        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+        slice(s.as_cuda_slice::<T>()?, l)
     }
 
     /// The part of `s` a contiguous layout covers, as a view.
