@@ -16,7 +16,7 @@ pub struct Mlp {
 
 impl PositionWise for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&self.fc.forward(x)?.gelu_erf()?)
+        self.proj.forward(&crate::nn::gelu_erf(&self.fc.forward(x)?)?)
     }
 }
 
@@ -30,7 +30,7 @@ pub struct SwiGlu {
 
 impl PositionWise for SwiGlu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down.forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
+        self.down.forward(&(crate::nn::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?)
     }
 }
 

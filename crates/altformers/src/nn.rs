@@ -59,6 +59,10 @@ impl LayerNorm {
 
     /// Statistics in the weights' precision (f32 under bf16 activations), output in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::kernels::layernorm::supports(x, &self.weight, self.bias.as_ref()) {
+            return crate::kernels::layernorm::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(self.weight.dtype())?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -76,10 +80,33 @@ impl LayerNorm {
 /// Softmax over the last dimension, max-subtracted, differentiable; computed in f32 at
 /// least (bf16 inputs are promoted, the result cast back).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::softmax::supports(x) {
+        // f32 arithmetic inside, bf16 in and out: the promotion below is not needed
+        return crate::kernels::softmax::softmax_last_dim(x);
+    }
     if matches!(x.dtype(), DType::BF16 | DType::F16) {
         return candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype());
     }
     candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// GELU, erf form (GPT-2's MLP). On CUDA the backward is one fused launch.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::activations::supports(x) {
+        return crate::kernels::activations::apply(x, crate::kernels::activations::Activation::Gelu);
+    }
+    x.gelu_erf()
+}
+
+/// SiLU, `x sigmoid(x)`. On CUDA the backward is one fused launch.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::activations::supports(x) {
+        return crate::kernels::activations::apply(x, crate::kernels::activations::Activation::Silu);
+    }
+    x.silu()
 }
 
 /// Rows `ids` (u32, any shape, flattened) of a `[R, d]` table: `[N, d]`. The same as

@@ -74,18 +74,10 @@ fn retention_shared_bytes(width: usize) -> usize {
     4 * (2 * width * TSTRIDE + CHUNK * VTILE + CHUNK * TSTRIDE + width * VTILE + CHUNK + 4)
 }
 
-/// The device memory of a contiguous tensor's storage, from its start offset.
-fn contiguous<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("fused kernel: input is not contiguous (layout {l:?})")
-    };
-    Ok(s.slice(start..end))
-}
-
 /// The f32 device memory of `t` (held by an op beside its inputs), while `guard` lives.
 fn held_f32<'a>(guard: &'a candle_core::StorageRef<'_>, l: &Layout) -> Result<CudaView<'a, f32>> {
     match &**guard {
-        Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F32(s), .. }) => contiguous(s, l),
+        Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F32(s), .. }) => launch::slice(s, l),
         _ => bail!("fused kernel: expected an f32 tensor on the CUDA device"),
     }
 }
@@ -130,6 +122,8 @@ pub fn linear(
     let op = Retention {
         log_decay: log_decay.to_device(q.device())?.to_dtype(DType::F32)?.contiguous()?,
         final_state: Default::default(),
+        keep_states: q.track_op() || k.track_op() || v.track_op(),
+        chunk_states: Default::default(),
     };
     let final_state = op.final_state.clone();
     let y = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
@@ -145,6 +139,11 @@ struct Retention {
     /// `[H]`, f32, on the inputs' device
     log_decay: Tensor,
     final_state: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
+    /// Whether a backward will follow (some input tracks gradients): then the forward keeps
+    /// its chunk states (tensor cores only), which are `dq`'s states transposed, in
+    /// `chunk_states` (flat bf16), and the backward skips one of its three state passes.
+    keep_states: bool,
+    chunk_states: std::sync::Mutex<Option<Tensor>>,
 }
 
 /// The query/key width the tensor-core kernels are compiled for that holds `dk` (zero
@@ -246,7 +245,8 @@ impl Kernels<'_> {
         let shared = tc_outputs_shared_bytes(width);
         set_shared(&func, shared)?;
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(CHUNK) as u32, dv.div_ceil(TC_TILE) as u32, (b * h) as u32),
+            // one CTA per chunk; it walks the value columns (scores computed once)
+            grid_dim: (t.div_ceil(CHUNK) as u32, 1, (b * h) as u32),
             block_dim: (TC_THREADS, 1, 1),
             shared_mem_bytes: shared as u32,
         };
@@ -294,26 +294,32 @@ impl Kernels<'_> {
         Ok((y, state))
     }
 
-    /// The forward scan -> (outputs, final state).
+    /// The forward scan -> (outputs, final state, the chunk states on tensor cores).
+    #[allow(clippy::type_complexity)]
     fn forward<T: Elem>(
         &self,
         q: &CudaView<T>,
         k: &CudaView<T>,
         v: &CudaView<T>,
         widths: (usize, usize),
-    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, Option<CudaSlice<T>>)> {
         if !self.tensor_cores::<T>(&[widths.0]) {
-            return self.cuda_core(q, k, v, widths, false);
+            let (y, final_state) = self.cuda_core(q, k, v, widths, false)?;
+            return Ok((y, final_state, None));
         }
         let Dims { b, h, .. } = self.dims;
         let mut final_state = launch::uninit::<T>(self.dev, b * h * widths.0 * widths.1)?;
         let states = self.states(k, v, widths, false, Some(&mut final_state))?;
-        Ok((self.outputs(q, k, v, &states, widths, false, false)?, final_state))
+        let y = self.outputs(q, k, v, &states, widths, false, false)?;
+        Ok((y, final_state, Some(states)))
     }
 
     /// `(dq, dk, dv)` from the output gradient `g`: `dq = scan(g, v, k)`;
     /// `dk = rev(scan(rev v, rev g, rev q))` and `dv = rev(scan(rev k, rev q, rev g))`, whose
-    /// states (`sum q g^T` and `sum g q^T`) are one computation and its transpose.
+    /// states (`sum q g^T` and `sum g q^T`) are one computation and its transpose. `dq`'s
+    /// states (`sum v k^T`) are the forward's (`sum k v^T`) transposed: `forward_states`, when
+    /// the forward kept them, saves their pass.
+    #[allow(clippy::too_many_arguments)]
     fn backward<T: Elem>(
         &self,
         q: &CudaView<T>,
@@ -321,6 +327,7 @@ impl Kernels<'_> {
         v: &CudaView<T>,
         g: &CudaView<T>,
         (dk, dv): (usize, usize),
+        forward_states: Option<&CudaSlice<T>>,
     ) -> Result<[CudaSlice<T>; 3]> {
         if !self.tensor_cores::<T>(&[dk, dv]) {
             let (dq, _) = self.cuda_core(g, v, k, (dv, dk), false)?;
@@ -328,8 +335,13 @@ impl Kernels<'_> {
             let (dv_, _) = self.cuda_core(k, q, g, (dk, dv), true)?;
             return Ok([dq, dk_, dv_]);
         }
-        let states_vk = self.states(v, k, (dv, dk), false, None)?;
-        let dq = self.outputs(g, v, k, &states_vk, (dv, dk), false, false)?;
+        let dq = match forward_states {
+            Some(states_kv) => self.outputs(g, v, k, states_kv, (dv, dk), false, true)?,
+            None => {
+                let states_vk = self.states(v, k, (dv, dk), false, None)?;
+                self.outputs(g, v, k, &states_vk, (dv, dk), false, false)?
+            }
+        };
         let states_qg = self.states(q, g, (dk, dv), true, None)?;
         let dv_ = self.outputs(k, q, g, &states_qg, (dk, dv), true, false)?;
         let dk_ = self.outputs(v, g, q, &states_qg, (dv, dk), true, true)?;
@@ -411,13 +423,26 @@ impl CustomOp3 for Retention {
         let out_shape = Shape::from((b, h, t, dv));
         let (y, state) = match (&s1.slice, &s2.slice, &s3.slice) {
             (F32(q), F32(k), F32(v)) => {
-                let (y, s) =
-                    kernels.forward(&contiguous(q, l1)?, &contiguous(k, l2)?, &contiguous(v, l3)?, (dk, dv))?;
+                let (y, s, _) = kernels.forward(
+                    &launch::slice(q, l1)?,
+                    &launch::slice(k, l2)?,
+                    &launch::slice(v, l3)?,
+                    (dk, dv),
+                )?;
                 (f32::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
             }
             (BF16(q), BF16(k), BF16(v)) => {
-                let (y, s) =
-                    kernels.forward(&contiguous(q, l1)?, &contiguous(k, l2)?, &contiguous(v, l3)?, (dk, dv))?;
+                let (y, s, states) = kernels.forward(
+                    &launch::slice(q, l1)?,
+                    &launch::slice(k, l2)?,
+                    &launch::slice(v, l3)?,
+                    (dk, dv),
+                )?;
+                if let (true, Some(states)) = (self.keep_states, states) {
+                    let n = states.len();
+                    *self.chunk_states.lock().expect("retention: states lock poisoned") =
+                        Some(tensor(states, dev, &[n]));
+                }
                 (CudaDType::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
             }
             _ => bail!("retention: q, k, v must all be f32 or all bf16"),
@@ -451,24 +476,37 @@ impl CustomOp3 for Retention {
         let (ld_guard, ld_layout) = self.log_decay.storage_and_layout();
         let kernels = self.kernels(dev, &ld_guard, ld_layout, Dims { b, h, t })?;
         let (qd, vd) = ([b, h, t, dk], [b, h, t, dv]);
+        let kept = self.chunk_states.lock().expect("retention: states lock poisoned").clone();
+        let held_states = kept.as_ref().map(|s| s.storage_and_layout());
         let [dq, dk_, dv_] = match (&qs.slice, &ks.slice, &vs.slice, &gs.slice) {
             (F32(q), F32(k), F32(v), F32(g)) => {
                 let [a, b_, c] = kernels.backward(
-                    &contiguous(q, ql)?,
-                    &contiguous(k, kl)?,
-                    &contiguous(v, vl)?,
-                    &contiguous(g, gl)?,
+                    &launch::slice(q, ql)?,
+                    &launch::slice(k, kl)?,
+                    &launch::slice(v, vl)?,
+                    &launch::slice(g, gl)?,
                     (dk, dv),
+                    None,
                 )?;
                 [tensor(a, dev, &qd), tensor(b_, dev, &qd), tensor(c, dev, &vd)]
             }
             (BF16(q), BF16(k), BF16(v), BF16(g)) => {
+                let forward_states = match &held_states {
+                    Some((guard, _)) => match &**guard {
+                        Storage::Cuda(CudaStorage { slice: BF16(s), .. }) => Some(s),
+                        _ => {
+                            bail!("retention backward: the kept chunk states are not bf16 on CUDA")
+                        }
+                    },
+                    None => None,
+                };
                 let [a, b_, c] = kernels.backward(
-                    &contiguous(q, ql)?,
-                    &contiguous(k, kl)?,
-                    &contiguous(v, vl)?,
-                    &contiguous(g, gl)?,
+                    &launch::slice(q, ql)?,
+                    &launch::slice(k, kl)?,
+                    &launch::slice(v, vl)?,
+                    &launch::slice(g, gl)?,
                     (dk, dv),
+                    forward_states,
                 )?;
                 [tensor(a, dev, &qd), tensor(b_, dev, &qd), tensor(c, dev, &vd)]
             }

@@ -9,7 +9,8 @@
 //    state *before* chunk c (bf16, [B H, chunks, DKP, DVP], d_k and d_v padded to 64), then
 //    S = gamma^len S + K_c^T (V_c (.) gamma^(len-1-i)). The next chunk's K, V stream in by
 //    cp.async while this one is multiplied. The last state goes to the op's output.
-// 2. retention_outputs_bf16_d{64,128}: grid (chunks, d_v / 64, B H), every chunk at once:
+// 2. retention_outputs_bf16_d{64,128,256}: grid (chunks, 1, B H), every chunk at once, each
+//    CTA walking the value columns 64 at a time:
 //    O_c = ((Q_c K_c^T) (.) D) V_c + (Q_c (.) gamma^(j+1)) S_c with D_ji = gamma^(j-i) [i <= j].
 //    The `_t` variants read a [d_v, d_k] state as its transpose (the backward's dk, which
 //    shares its states with dv).
@@ -29,7 +30,7 @@ using namespace nvcuda;
 namespace {
 
 constexpr int CHUNK = 64;            // tokens per chunk
-constexpr int TILE = 64;             // state tile edge, and value columns per output CTA
+constexpr int TILE = 64;             // state tile edge, and value columns per output step
 constexpr int WARPS = 8;             // each owning 16 rows x 32 columns of a 64 x 64 tile
 constexpr int THREADS = 32 * WARPS;
 constexpr int WROWS = 16, FM = WROWS / 16, FN = 2;  // rows per warp; 16 x 16 fragments per warp
@@ -224,14 +225,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 4)
 // Outputs. Shared memory: Q, K chunk tiles [64][DK + PAD] (the f32 staging tile [64][LDF]
 // replaces K), V [64][LDT], the state tile [DK][LDT] (TRANSPOSED: [64][DK + PAD], rows of a
 // [d_v, d_k] state read as its transpose) and the decayed scores [64][LDT] (bf16).
+// One CTA per chunk walks the value columns 64 at a time, so the scores and the decayed
+// queries are computed, and Q and K read, once per chunk rather than once per value tile.
 template <int DK, bool TRANSPOSED>
 __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                   const bf16* __restrict__ v, const bf16* __restrict__ states,
                                                   const float* __restrict__ log_decay, bf16* __restrict__ out,
                                                   int heads, int len_t, int dk, int dv, int reverse) {
     constexpr int LDQ = DK + PAD;
-    const int c = blockIdx.x, v0 = blockIdx.y * TILE, bh = blockIdx.z;
-    const int chunks = gridDim.x, dvp = gridDim.y * TILE, dkp = (dk + TILE - 1) / TILE * TILE;
+    const int c = blockIdx.x, bh = blockIdx.z;
+    const int chunks = gridDim.x, dvp = (dv + TILE - 1) / TILE * TILE, dkp = (dk + TILE - 1) / TILE * TILE;
     const int start = c * CHUNK, len = min(CHUNK, len_t - start);
 
     // the f32 staging tile takes K's place once the scores are computed
@@ -243,25 +246,29 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     bf16* ss = vs + CHUNK * LDT;
     bf16* ps = ss + DK * LDT;
 
+    // Starts the copies of value columns v0 .. v0 + 64 and of the matching state tile, zero
+    // past the padded widths: rows 0 .. DK, columns v0 .. v0 + 64 of a [dkp, dvp] state, or
+    // (TRANSPOSED) rows v0 .. v0 + 64, columns 0 .. DK of a [dvp, dkp] one.
+    const bf16* sc = states + ((size_t)bh * chunks + c) * dkp * dvp;
+    auto load_value_tile = [&](int v0) {
+        load_chunk<TILE>(vs, v + (size_t)bh * len_t * dv, dv, v0, start, len, len_t, reverse);
+        if (TRANSPOSED) {
+            for (int i = threadIdx.x; i < TILE * (DK / 8); i += THREADS) {
+                const int r = i / (DK / 8), col = (i % (DK / 8)) * 8;
+                const bool valid = col < dkp;
+                cp_async16(ss + r * LDQ + col, valid ? sc + (size_t)(v0 + r) * dkp + col : sc, valid);
+            }
+        } else {
+            for (int i = threadIdx.x; i < DK * (TILE / 8); i += THREADS) {
+                const int r = i / (TILE / 8), col = (i % (TILE / 8)) * 8;
+                const bool valid = r < dkp;
+                cp_async16(ss + r * LDT + col, valid ? sc + (size_t)r * dvp + v0 + col : sc, valid);
+            }
+        }
+    };
     load_chunk<DK>(qs, q + (size_t)bh * len_t * dk, dk, 0, start, len, len_t, reverse);
     load_chunk<DK>(ks, k + (size_t)bh * len_t * dk, dk, 0, start, len, len_t, reverse);
-    load_chunk<TILE>(vs, v + (size_t)bh * len_t * dv, dv, v0, start, len, len_t, reverse);
-    // the state tile, zero past the padded widths: rows 0 .. DK, columns v0 .. v0 + 64 of a
-    // [dkp, dvp] state, or (TRANSPOSED) rows v0 .. v0 + 64, columns 0 .. DK of a [dvp, dkp] one
-    const bf16* sc = states + ((size_t)bh * chunks + c) * dkp * dvp;
-    if (TRANSPOSED) {
-        for (int i = threadIdx.x; i < TILE * (DK / 8); i += THREADS) {
-            const int r = i / (DK / 8), col = (i % (DK / 8)) * 8;
-            const bool valid = col < dkp;
-            cp_async16(ss + r * LDQ + col, valid ? sc + (size_t)(v0 + r) * dkp + col : sc, valid);
-        }
-    } else {
-        for (int i = threadIdx.x; i < DK * (TILE / 8); i += THREADS) {
-            const int r = i / (TILE / 8), col = (i % (TILE / 8)) * 8;
-            const bool valid = r < dkp;
-            cp_async16(ss + r * LDT + col, valid ? sc + (size_t)r * dvp + v0 + col : sc, valid);
-        }
-    }
+    load_value_tile(0);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -293,22 +300,31 @@ __device__ __forceinline__ void retention_outputs(const bf16* __restrict__ q, co
     }
     __syncthreads();
 
-    zero(acc);
     const bf16* qw = qs + wm * WROWS * LDQ;
-#pragma unroll
-    for (int kk = 0; kk < DK / 16; ++kk) {
-        if (TRANSPOSED)
-            mma16<ARow, BCol>(acc, qw + kk * 16, 16 * LDQ, LDQ, ss + wn * 32 * LDQ + kk * 16, 16 * LDQ, LDQ);
-        else
-            mma16<ARow, BRow>(acc, qw + kk * 16, 16 * LDQ, LDQ, ss + kk * 16 * LDT + wn * 32, 16, LDT);
-    }
-    // P is lower triangular: this warp's rows need keys below (wm + 1) * WROWS only
-    for (int kk = 0; kk < (wm + 1) * WROWS / 16; ++kk)
-        mma16<ARow, BRow>(acc, ps + wm * WROWS * LDT + kk * 16, 16 * LDT, LDT, vs + kk * 16 * LDT + wn * 32, 16, LDT);
-    stage(f, acc, wm, wn);
-    __syncthreads();
     bf16* oh = out + (size_t)bh * len_t * dv;
-    write_staged(f, oh, dv, dv, v0, len, [=](int r) { return token(start, r, len_t, reverse); });
+    for (int v0 = 0; v0 < dvp; v0 += TILE) {
+        if (v0 > 0) {  // the previous tile's products and writes are done (barrier below)
+            load_value_tile(v0);
+            cp_async_commit();
+            cp_async_wait<0>();
+            __syncthreads();
+        }
+        zero(acc);
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; ++kk) {
+            if (TRANSPOSED)
+                mma16<ARow, BCol>(acc, qw + kk * 16, 16 * LDQ, LDQ, ss + wn * 32 * LDQ + kk * 16, 16 * LDQ, LDQ);
+            else
+                mma16<ARow, BRow>(acc, qw + kk * 16, 16 * LDQ, LDQ, ss + kk * 16 * LDT + wn * 32, 16, LDT);
+        }
+        // P is lower triangular: this warp's rows need keys below (wm + 1) * WROWS only
+        for (int kk = 0; kk < (wm + 1) * WROWS / 16; ++kk)
+            mma16<ARow, BRow>(acc, ps + wm * WROWS * LDT + kk * 16, 16 * LDT, LDT, vs + kk * 16 * LDT + wn * 32, 16, LDT);
+        stage(f, acc, wm, wn);
+        __syncthreads();
+        write_staged(f, oh, dv, dv, v0, len, [=](int r) { return token(start, r, len_t, reverse); });
+        __syncthreads();  // the staging, value and state tiles are free again
+    }
 }
 
 // At most MIN_BLOCKS CTAs of 256 threads per SM fit in shared memory: registers to match.

@@ -458,7 +458,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     }
 
 FLASH_ENTRY_POINTS(64, 4, 64, 4, 64)
-FLASH_ENTRY_POINTS(128, 4, 64, 8, 32)
+FLASH_ENTRY_POINTS(128, 8, 64, 8, 64)
 
 // Backward, step 3: dq = scale * dq_accum in bf16.
 extern "C" __global__ void flash_attention_bwd_dq_convert(const float* dq_accum, bf16* dq, float scale, size_t n) {

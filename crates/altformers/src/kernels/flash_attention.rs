@@ -20,12 +20,15 @@
 //!   shared memory once and dQ is added to an f32 buffer with atomics (then scaled and
 //!   rounded to bf16 by a tiny pass). `D = rowsum(dO * O)` is a separate one-warp-per-row
 //!   pass, as in FA2.
-//! - Tiles ([`Tiles`]): forward 64 query rows x 64 keys, 4 warps. Head width 128 then holds
-//!   Q fragments (32 registers), the output accumulator (64) and the scores (32) per thread
-//!   without spilling; larger query blocks would raise registers past 255. Backward width
-//!   64: 64 keys (4 warps) x 64 queries per step; width 128: 128 keys (8 warps) x 32 queries,
-//!   since each warp's dK and dV accumulators alone take 128 registers there, leaving room for
-//!   only 16 x 32 score and dP tiles.
+//! - Tiles ([`Tiles`]): forward 64 keys per step, 16 query rows per warp; head width 128 then
+//!   holds Q fragments (32 registers), the output accumulator (64) and the scores (32) per
+//!   thread without spilling (189 registers). Width 64 runs 4 warps (64 rows); width 128 runs
+//!   8 (128 rows: 8 warps per SM either way, by registers, as one CTA instead of two, and
+//!   each K/V tile loaded serves twice the rows). Backward width 64: 64 keys (4 warps) x 64
+//!   queries per step; width 128: 128 keys (8 warps) x 64 queries, 255 registers without
+//!   spilling (each warp's dK and dV accumulators alone take 128; the 16 x 64 score and dP
+//!   tiles 64 more), which halves the steps, and their barriers and pipeline waits, of the
+//!   32-query tiling.
 //! - Shared tiles are row-padded by 8 bf16 (16 bytes) rather than swizzled: `ldmatrix` then
 //!   reads 8 rows in distinct banks and `cp.async` 16-byte chunks stay aligned. Loads of the
 //!   next block (K/V forward, Q/dO/lse/D backward) overlap the current block's math (two
@@ -66,7 +69,7 @@ impl Tiles {
     fn for_head_dim(head_dim: usize) -> Result<Self> {
         match head_dim {
             64 => Ok(Self { head_dim, fwd_warps: 4, fwd_keys: 64, bwd_warps: 4, bwd_queries: 64 }),
-            128 => Ok(Self { head_dim, fwd_warps: 4, fwd_keys: 64, bwd_warps: 8, bwd_queries: 32 }),
+            128 => Ok(Self { head_dim, fwd_warps: 8, fwd_keys: 64, bwd_warps: 8, bwd_queries: 64 }),
             _ => bail!("flash attention: head width {head_dim} unsupported (64 or 128)"),
         }
     }

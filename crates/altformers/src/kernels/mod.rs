@@ -12,8 +12,11 @@
 /// in `ALTFORMERS_UNFUSED` (comma-separated, or `all`): to measure a kernel against the
 /// code it replaces in one run. The FFT convolution has no tensor path on CUDA.
 /// `retention-tc` switches off only the tensor-core retention (bf16), leaving the CUDA-core
-/// scan it replaced. `gather` is the row gather's parallel backward (token embeddings).
-pub const SWITCHABLE: [&str; 6] = ["attention", "retention", "retention-tc", "wkv", "adamw", "gather"];
+/// scan it replaced. `gather` is the row gather's parallel backward (token embeddings),
+/// `layernorm` the fused layer norm, `activations` the fused GELU and SiLU, `softmax` the
+/// fused softmax (the unfused attention path's probabilities).
+pub const SWITCHABLE: [&str; 9] =
+    ["attention", "retention", "retention-tc", "wkv", "adamw", "gather", "layernorm", "activations", "softmax"];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
 pub fn enabled(name: &str) -> bool {
@@ -83,10 +86,15 @@ pub mod launch {
         s: &'a CudaStorage,
         l: &Layout,
     ) -> Result<CudaView<'a, T>> {
+        slice(s.as_cuda_slice::<T>()?, l)
+    }
+
+    /// The part of `s` a contiguous layout covers, as a view.
+    pub fn slice<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
         let Some((start, end)) = l.contiguous_offsets() else {
             bail!("fused kernel: input is not contiguous (layout {l:?})")
         };
-        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+        Ok(s.slice(start..end))
     }
 
     /// A new zero-filled device buffer of `n` elements.
@@ -125,3 +133,12 @@ pub mod flash_attention;
 
 #[cfg(feature = "cuda")]
 pub mod rows;
+
+#[cfg(feature = "cuda")]
+pub mod layernorm;
+
+#[cfg(feature = "cuda")]
+pub mod activations;
+
+#[cfg(feature = "cuda")]
+pub mod softmax;

@@ -171,7 +171,7 @@ impl Retention {
             Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?)?,
             None => y,
         };
-        self.out_proj.forward(&(g.silu()? * y.to_dtype(g.dtype())?)?)
+        self.out_proj.forward(&(crate::nn::silu(g)? * y.to_dtype(g.dtype())?)?)
     }
 
     /// Parallel form, `O(T^2)`: `x: [B, T, D] -> [B, T, D]`.
@@ -286,7 +286,7 @@ mod tests {
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let y = centered.broadcast_div(&(var + GROUP_NORM_EPS)?.sqrt()?)?;
         let y = y.transpose(1, 2)?.reshape((b, t, h * m.value_head_dim))?.broadcast_mul(&m.gn_weight)?;
-        Ok((m.out_proj.forward(&(g.silu()? * y)?)?, row_sums))
+        Ok((m.out_proj.forward(&(crate::nn::silu(&g)? * y)?)?, row_sums))
     }
 
     #[test]

@@ -1,0 +1,45 @@
+// GELU (erf form) and SiLU with their derivatives, one launch each way. candle's forward
+// is one launch already, but its backward builds the derivative from about ten (GELU) or six
+// (SiLU) elementwise ops, which weighs on small models whose steps are bound by launches.
+// f32 arithmetic whatever the dtype (f32 or bf16).
+#include <cuda_bf16.h>
+
+namespace {
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// gelu(x) = x Phi(x); gelu'(x) = Phi(x) + x phi(x)
+__device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_grad(float x) {
+    return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * __expf(-0.5f * x * x);
+}
+// silu(x) = x s(x); silu'(x) = s(x) (1 + x (1 - s(x)))
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+__device__ __forceinline__ float silu(float x) { return x * sigmoid(x); }
+__device__ __forceinline__ float silu_grad(float x) {
+    const float s = sigmoid(x);
+    return s * (1.f + x * (1.f - s));
+}
+
+}  // namespace
+
+#define ACTIVATION(NAME, SUFFIX, T)                                                                               \
+    extern "C" __global__ void NAME##_fwd_##SUFFIX(const T* x, T* y, long long n) {                              \
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;                               \
+             i += (long long)gridDim.x * blockDim.x)                                                              \
+            y[i] = from_f32<T>(NAME(to_f32(x[i])));                                                               \
+    }                                                                                                             \
+    extern "C" __global__ void NAME##_bwd_##SUFFIX(const T* x, const T* g, T* dx, long long n) {                 \
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;                               \
+             i += (long long)gridDim.x * blockDim.x)                                                              \
+            dx[i] = from_f32<T>(to_f32(g[i]) * NAME##_grad(to_f32(x[i])));                                        \
+    }
+
+ACTIVATION(gelu, f32, float)
+ACTIVATION(gelu, bf16, __nv_bfloat16)
+ACTIVATION(silu, f32, float)
+ACTIVATION(silu, bf16, __nv_bfloat16)

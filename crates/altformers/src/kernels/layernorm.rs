@@ -1,0 +1,227 @@
+//! Fused layer normalization (`layernorm.cu`) for [`crate::nn::LayerNorm`] on a GPU: two
+//! launches per norm and direction instead of candle's tens. f32 or bf16 activations, f32
+//! weight and bias, f32 statistics; the row means and inverse deviations are kept by the op
+//! between forward and backward.
+use std::sync::Mutex;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::launch::{self, LaunchConfig, PushKernelArg};
+use super::ptx;
+
+const MODULE: &str = "altformers_layernorm";
+/// Threads per block (8 warps, one row each at a time), and the most blocks launched (rows
+/// beyond are walked by the warps: fewer blocks, fewer atomics for dw and db).
+const THREADS: u32 = 256;
+const MAX_BLOCKS: usize = 1024;
+/// Widest row: the backward sums dw and db for a row in shared memory (2 d floats).
+const MAX_WIDTH: usize = 6144;
+
+/// Whether [`layer_norm`] runs fused: `x` f32 or bf16 on a CUDA device, weight (and bias)
+/// f32 of the last dimension's width, at most [`MAX_WIDTH`] wide, unless switched off.
+pub fn supports(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    let d = x.dims().last().copied().unwrap_or(0);
+    let f32_param = |t: &Tensor| t.dtype() == DType::F32 && t.dims() == [d];
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && d > 0
+        && d <= MAX_WIDTH
+        && x.elem_count() > 0
+        && f32_param(weight)
+        && bias.is_none_or(f32_param)
+        && super::enabled("layernorm")
+}
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension, in `x`'s dtype;
+/// requires [`supports`].
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if !supports(x, weight, bias) {
+        bail!("fused layer norm: unsupported inputs (x {:?} {:?}, weight {:?})", x.dtype(), x.shape(), weight.shape())
+    }
+    let op = LayerNormOp { eps: eps as f32, has_bias: bias.is_some(), stats: Mutex::new(None) };
+    // without a bias the weight stands in as the third argument (ignored, no gradient)
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.unwrap_or(weight).contiguous()?, op)
+}
+
+struct LayerNormOp {
+    eps: f32,
+    has_bias: bool,
+    /// `(mean, 1 / std)` per row, from the forward.
+    stats: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
+}
+
+fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Result<&'a CudaStorage> {
+    match &**guard {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("fused layer norm backward: {what} is not on the CUDA device"),
+    }
+}
+
+/// Blocks for `rows` rows (8 per block and pass).
+fn config(rows: usize, shared: usize) -> LaunchConfig {
+    let blocks = rows.div_ceil(THREADS as usize / 32).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 }
+}
+
+fn int(x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("fused layer norm: width {x} exceeds i32")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    suffix: &str,
+    x: &CudaView<T>,
+    w: &CudaView<f32>,
+    b: &CudaView<f32>,
+    (rows, d): (usize, usize),
+    eps: f32,
+    has_bias: bool,
+) -> Result<(CudaSlice<T>, CudaSlice<f32>, CudaSlice<f32>)> {
+    let mut y = launch::uninit::<T>(dev, rows * d)?;
+    let mut mean = launch::uninit::<f32>(dev, rows)?;
+    let mut rstd = launch::uninit::<f32>(dev, rows)?;
+    let func = launch::func(dev, MODULE, ptx::LAYERNORM, &format!("layer_norm_fwd_{suffix}"))?;
+    let (rows_i, d_i, bias_i) = (rows as i64, int(d)?, has_bias as i32);
+    let mut builder = func.builder();
+    builder.arg(x).arg(w).arg(b).arg(&mut y).arg(&mut mean).arg(&mut rstd);
+    builder.arg(&rows_i).arg(&d_i).arg(&eps).arg(&bias_i);
+    // SAFETY: x and y hold rows x d elements, mean and rstd rows, w and b d; every row is written.
+    unsafe { builder.launch(config(rows, 0)) }.w()?;
+    Ok((y, mean, rstd))
+}
+
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn backward<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    suffix: &str,
+    x: &CudaView<T>,
+    g: &CudaView<T>,
+    w: &CudaView<f32>,
+    (mean, rstd): &(CudaSlice<f32>, CudaSlice<f32>),
+    (rows, d): (usize, usize),
+    has_bias: bool,
+) -> Result<(CudaSlice<T>, CudaSlice<f32>, CudaSlice<f32>)> {
+    let mut dx = launch::uninit::<T>(dev, rows * d)?;
+    let mut dw = launch::zeros::<f32>(dev, d)?;
+    let mut db = launch::zeros::<f32>(dev, d)?;
+    let func = launch::func(dev, MODULE, ptx::LAYERNORM, &format!("layer_norm_bwd_{suffix}"))?;
+    let (rows_i, d_i, bias_i) = (rows as i64, int(d)?, has_bias as i32);
+    let mut builder = func.builder();
+    builder.arg(x).arg(g).arg(w).arg(mean).arg(rstd).arg(&mut dx).arg(&mut dw).arg(&mut db);
+    builder.arg(&rows_i).arg(&d_i).arg(&bias_i);
+    // SAFETY: x, g and dx hold rows x d elements, mean and rstd rows, w, dw and db d; the
+    // shared memory holds the 2 d partial sums.
+    unsafe { builder.launch(config(rows, 2 * d * 4)) }.w()?;
+    Ok((dx, dw, db))
+}
+
+fn tensor<T: CudaDType + DeviceRepr>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
+    let storage = Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape.clone(), candle_core::op::BackpropOp::none(), false)
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("fused layer norm runs on CUDA only (the CPU uses nn::LayerNorm's tensor expression)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = xl.shape().dims().last().copied().unwrap_or(0);
+        let rows = xl.shape().elem_count() / d.max(1);
+        let dev = launch::device(xs);
+        let (w, b) = (launch::view::<f32>(ws, wl)?, launch::view::<f32>(bs, bl)?);
+        let (y, stats) = match &xs.slice {
+            CudaStorageSlice::F32(s) => {
+                let (y, m, r) =
+                    forward(dev, "f32", &launch::slice(s, xl)?, &w, &b, (rows, d), self.eps, self.has_bias)?;
+                (CudaDType::wrap_cuda_slice(y, dev.clone()), (m, r))
+            }
+            CudaStorageSlice::BF16(s) => {
+                let (y, m, r) =
+                    forward(dev, "bf16", &launch::slice(s, xl)?, &w, &b, (rows, d), self.eps, self.has_bias)?;
+                (CudaDType::wrap_cuda_slice(y, dev.clone()), (m, r))
+            }
+            _ => bail!("fused layer norm: x must be f32 or bf16"),
+        };
+        *self.stats.lock().expect("layer norm: stats lock poisoned") = Some(stats);
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self.stats.lock().expect("layer norm: stats lock poisoned");
+        let Some(stats) = stats.as_ref() else { bail!("fused layer norm backward: no forward statistics held") };
+        let grad = grad.to_dtype(x.dtype())?.contiguous()?;
+        let d = weight.elem_count();
+        let rows = x.elem_count() / d.max(1);
+        let guards = [x, weight, &grad].map(|t| t.storage_and_layout());
+        let [(xg, xl), (wg, wl), (gg, gl)] = &guards;
+        let xs = cuda_storage(xg, "x")?;
+        let dev = launch::device(xs);
+        let w = launch::view::<f32>(cuda_storage(wg, "weight")?, wl)?;
+        let gs = cuda_storage(gg, "the output gradient")?;
+        let dims = (rows, d);
+        let dx = match (&xs.slice, &gs.slice) {
+            (CudaStorageSlice::F32(xs_), CudaStorageSlice::F32(gs_)) => {
+                let (dx, dw, db) = backward(
+                    dev,
+                    "f32",
+                    &launch::slice(xs_, xl)?,
+                    &launch::slice(gs_, gl)?,
+                    &w,
+                    stats,
+                    dims,
+                    self.has_bias,
+                )?;
+                (tensor(dx, dev, x.shape()), dw, db)
+            }
+            (CudaStorageSlice::BF16(xs_), CudaStorageSlice::BF16(gs_)) => {
+                let (dx, dw, db) = backward(
+                    dev,
+                    "bf16",
+                    &launch::slice(xs_, xl)?,
+                    &launch::slice(gs_, gl)?,
+                    &w,
+                    stats,
+                    dims,
+                    self.has_bias,
+                )?;
+                (tensor(dx, dev, x.shape()), dw, db)
+            }
+            _ => bail!("fused layer norm backward: x and the gradient must both be f32 or both bf16"),
+        };
+        let (dx, dw, db) = dx;
+        let param = Shape::from(d);
+        let db = self.has_bias.then(|| tensor(db, dev, &param));
+        Ok((Some(dx), Some(tensor(dw, dev, &param)), db))
+    }
+}
