@@ -49,6 +49,8 @@ pub enum Variant {
 
 pub const DEFAULT_CHUNK: usize = 32;
 pub const DEFAULT_WINDOW: usize = 32;
+/// Covers the comparison's contexts (LM 256, recall up to 256) and the scaling bench's shortest.
+pub const DEFAULT_DENSE_BELOW: usize = 512;
 
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -72,8 +74,10 @@ struct WindowOptions {
     /// Chunk length of the chunkwise prefix sums.
     chunk: usize,
     /// Sequences up to this length run the exact dense pairwise form in `forward`: O(T^2 d)
-    /// in a few large matmuls, far faster than the windowed form's many small ops when T is
-    /// a small multiple of the window (the nanoGPT budget's T = 64 with s = 32). 0: never.
+    /// in a few large matmuls. Its `[B, T, T]` weights are smaller than the chunkwise prefix
+    /// sums' per-channel `[B, T, C, chunk]` ones until T ~ C chunk, and on 2 CPU cores its
+    /// forward is 2-13x faster than the windowed form's at T = 1024..128 (16K tokens of 64
+    /// channels, s = 32; the windowed form's prefix sums take most of its time). 0: never.
     dense_below: usize,
 }
 
@@ -86,7 +90,7 @@ pub fn simple_options() -> serde_json::Value {
 }
 
 pub fn window_options() -> serde_json::Value {
-    serde_json::json!({ "window": DEFAULT_WINDOW, "chunk": DEFAULT_CHUNK, "dense_below": 2 * DEFAULT_WINDOW })
+    serde_json::json!({ "window": DEFAULT_WINDOW, "chunk": DEFAULT_CHUNK, "dense_below": DEFAULT_DENSE_BELOW })
 }
 
 /// AFT replaces attention in a GPT-style block and carries positions in `w` (none for
@@ -345,23 +349,56 @@ pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor)
     };
     let (pnum, pden, pscale) =
         (shifted(&prefix.num, 0.0)?, shifted(&prefix.den, 0.0)?, shifted(&prefix.log_scale, EMPTY_LOG_SCALE)?);
-    // the window: offsets o = 0..s, keys before position 0 are -inf (weight 0)
-    let (kpad, vpad) = if s > 1 {
-        (Tensor::cat(&[fill(s - 1, f64::NEG_INFINITY)?, k.clone()], 1)?, v.pad_with_zeros(1, s - 1, 0)?)
-    } else {
-        (k.clone(), v.clone())
+    // The window, as the pairwise form on blocks: the queries of a block of s positions see
+    // the 2s - 1 keys ending at its last one, with w inside the window and -inf outside (or
+    // before position 0). O(T s C) in batched matmuls; materialising each position's s keys
+    // instead (s copies of the sequence) took 12x as long (1 s vs 80 ms forward for 16K
+    // tokens of 64 channels, s = 32, 2 CPU cores).
+    let (l, n, pad) = decayed::chunk_layout(t, s);
+    let sl = l + s - 1; // keys per block
+    let rows = s - 1 + n * l; // padded sequence: s - 1 before, `pad` after (zeros: finite)
+    let ids: Vec<u32> = (0..b * n * sl).map(|i| ((i / (n * sl)) * rows + (i / sl) % n * l + i % sl) as u32).collect();
+    let ids = Tensor::from_vec(ids, b * n * sl, k.device())?;
+    let cg = c / g;
+    let blocks = |x: &Tensor| -> Result<Tensor> {
+        let x = x.pad_with_zeros(1, s - 1, pad)?.reshape((b * rows, c))?;
+        gather_rows(&x, &ids)?.reshape((b, n, sl, g, cg))?.permute((0, 3, 1, 2, 4))?.contiguous()
     };
-    let stack = |x: &Tensor| -> Result<Tensor> {
-        Tensor::stack(&(0..s).map(|o| x.narrow(1, s - 1 - o, t)).collect::<Result<Vec<_>>>()?, 3)
-    };
-    let (kw, vw) = (stack(&kpad)?, stack(&vpad)?); // [B, T, C, s]
-    let bias = band.transpose(0, 1)?.unsqueeze(2)?.broadcast_as((t, g, c / g, s))?.reshape((1, t, c, s))?;
-    let e = kw.broadcast_add(&bias)?;
-    let m = e.max_keepdim(D::Minus1)?.squeeze(3)?.maximum(&pscale)?.detach(); // [B, T, C]
-    let pe = e.broadcast_sub(&m.unsqueeze(3)?)?.exp()?;
-    let fp = (pscale - &m)?.exp()?;
-    let num = ((&fp * pnum)? + (&pe * vw)?.sum(3)?)?;
-    let den = ((fp * pden)? + pe.sum(3)?)?;
+    // [B, G, N, 2s - 1, C/G]
+    let (kb, vb) = (blocks(k)?, blocks(v)?);
+
+    // bias[g, n, j, r]: query t = n l + j, key t' = n l + r - (s - 1), offset o = t - t'
+    let outside = (g * t * s) as u32; // index of the appended -inf
+    let bias_ids: Vec<u32> = (0..g * n * l * sl)
+        .map(|i| {
+            let (gi, ni, j, r) = (i / (n * l * sl), (i / (l * sl)) % n, (i / sl) % l, i % sl);
+            let (q, o) = (ni * l + j, (j + s - 1).wrapping_sub(r));
+            if o < s && q + r >= j + s - 1 {
+                (gi * t * s + q.min(t - 1) * s + o) as u32 // padded queries reuse the last row
+            } else {
+                outside
+            }
+        })
+        .collect();
+    let flat =
+        Tensor::cat(&[band.flatten_all()?, Tensor::full(f32::NEG_INFINITY, 1, k.device())?.to_dtype(k.dtype())?], 0)?;
+    let bias = gather_rows(&flat.unsqueeze(1)?, &Tensor::from_vec(bias_ids, g * n * l * sl, k.device())?)?
+        .reshape((1, g, n, l, sl))?;
+    // as in `pairwise`: e^{K + w} = e^{K - mk} e^{w + mk - m}, both factors at most 1
+    let mk = kb.max_keepdim(D::Minus1)?.detach(); // [B, G, N, 2s - 1, 1]
+    let ek = kb.broadcast_sub(&mk)?.exp()?;
+    let wp = bias.broadcast_add(&mk.transpose(3, 4)?)?; // [B, G, N, s, 2s - 1]
+    let mw = wp.max_keepdim(D::Minus1)?.detach(); // the window's log-scale per query
+    let a = wp.broadcast_sub(&mw)?.exp()?;
+    let back = |x: Tensor| -> Result<Tensor> { x.permute((0, 2, 3, 1, 4))?.reshape((b, n * l, c))?.narrow(1, 0, t) };
+    let wnum = back(decayed::bmm(&a, &(&ek * &vb)?)?)?;
+    let wden = back(decayed::bmm(&a, &ek)?)?;
+    let mw = back(mw.broadcast_as((b, g, n, l, cg))?.contiguous()?)?;
+    // merge with the prefix up to t - s on a common scale
+    let m = mw.maximum(&pscale)?.detach();
+    let (fw, fp) = ((mw - &m)?.exp()?, (pscale - &m)?.exp()?);
+    let num = ((&fp * pnum)? + (&fw * wnum)?)?;
+    let den = ((fp * pden)? + (fw * wden)?)?;
     num / den
 }
 
