@@ -16,19 +16,17 @@ commit=$(git rev-parse --short=12 HEAD)
 ALTFORMERS_COMMIT=$commit CARGO_TARGET_DIR=target/cuda \
   cargo build --release --features cuda -p altformers-cli \
   --config "patch.crates-io.candle-core.path=\"$ALTFORMERS_CANDLE_PATCH\""
-# The GPU test binaries (crates/altformers/tests/cuda_*.rs): fused kernels against the CPU
-# reference. They run on the GPU machine with .gpu/run-tests.sh.
+# The GPU tests (crates/altformers/tests/cuda/: fused kernels against the CPU reference), one
+# binary. They run on the GPU machine with .gpu/run-tests.sh.
 mkdir -p .gpu/tests
 rm -f .gpu/tests/*
-for t in $(ls crates/altformers/tests/cuda_*.rs 2>/dev/null | xargs -r -n1 basename | sed 's/\.rs$//'); do
-  exe=$(ALTFORMERS_COMMIT=$commit CARGO_TARGET_DIR=target/cuda \
-    cargo test --release --features cuda -p altformers --test "$t" --no-run --message-format=json \
-    --config "patch.crates-io.candle-core.path=\"$ALTFORMERS_CANDLE_PATCH\"" \
-    | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
-  cp "$exe" ".gpu/tests/$t"
-  strip ".gpu/tests/$t"
-  xz -T2 -6 -f ".gpu/tests/$t"
-done
+exe=$(ALTFORMERS_COMMIT=$commit CARGO_TARGET_DIR=target/cuda \
+  cargo test --release --features cuda -p altformers --test cuda --no-run --message-format=json \
+  --config "patch.crates-io.candle-core.path=\"$ALTFORMERS_CANDLE_PATCH\"" \
+  | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+cp "$exe" .gpu/tests/cuda
+strip .gpu/tests/cuda
+xz -T2 -6 -f .gpu/tests/cuda
 cp target/cuda/release/altformers .gpu/altformers
 strip .gpu/altformers
 xz -T2 -6 -f .gpu/altformers

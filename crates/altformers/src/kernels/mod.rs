@@ -5,7 +5,7 @@
 //! tensors, runs the fused kernel when the tensors are on a CUDA device in a supported
 //! dtype and shape, and otherwise runs the reference tensor expression (the CPU path), so a
 //! mixer calls one function whatever the device. Gradients: the custom op's `bwd` launches
-//! the kernel's backward. Tests against the CPU reference live in `tests/cuda_*.rs` and run
+//! the kernel's backward. Tests against the CPU reference live in `tests/cuda/` and run
 //! on the GPU machine (scripts/gpu-package.sh builds and packs them).
 
 /// The fused kernels that can be switched off (the tensor path runs instead) by listing them

@@ -1,4 +1,3 @@
-#![cfg(feature = "cuda")]
 //! The fused flash-attention kernel (forward and backward) against the reference tensor
 //! expression computed in f32 on the CPU from the same bf16-rounded inputs. Needs a CUDA GPU
 //! (sm_90); built and packed by scripts/gpu-package.sh.

@@ -1,4 +1,3 @@
-#![cfg(feature = "cuda")]
 //! The fused layer norm (`kernels/layernorm.cu`) against nn::LayerNorm's tensor expression on
 //! the CPU: outputs and the gradients of x, weight and bias on fresh random inputs (random
 //! weight and bias, not ones and zeros), f32 and bf16 activations, with and without a bias,

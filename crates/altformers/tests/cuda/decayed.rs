@@ -1,4 +1,3 @@
-#![cfg(feature = "cuda")]
 //! The fused retention and WKV kernels (kernels/decayed.*) against the tensor code on the CPU:
 //! outputs, final states and gradients (loss = sum(out * random weights)), from the same
 //! seeded inputs (rounded to bf16 first when the kernel runs in bf16).

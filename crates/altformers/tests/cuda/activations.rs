@@ -1,4 +1,3 @@
-#![cfg(feature = "cuda")]
 //! The fused GELU and SiLU (`kernels/activations.cu`) against candle's on the CPU: outputs
 //! and input gradients on fresh random inputs spread over [-9, 9] (both tails), f32 and bf16,
 //! a size that is not a multiple of the block.

@@ -1,4 +1,3 @@
-#![cfg(feature = "cuda")]
 //! The fused AdamW step on the GPU against the tensor-expression step on the CPU: same
 //! weights after several steps (with clipping active, decayed and undecayed tensors, a
 //! tensor larger than one block and one smaller), same gradient norms; a non-finite gradient

@@ -1,4 +1,3 @@
-#![cfg(feature = "cuda")]
 //! The fused softmax (`kernels/softmax.cu`) against the tensor expression on the CPU: outputs
 //! and input gradients on fresh random inputs with a large spread (the max subtraction
 //! matters) and masked (-inf) entries, f32 and bf16, rows narrower and wider than a warp.

@@ -1,4 +1,3 @@
-#![cfg(feature = "cuda")]
 //! The cuFFT path of `primitives::fftconv::causal_conv` against the CPU op (itself held to
 //! the direct convolution by its unit tests): forward and both gradients, f32 / bf16 / f16,
 //! filters as long as the input and shorter, with and without the spectra kept by the
