@@ -4,13 +4,9 @@
 // f32 arithmetic whatever the dtype (f32 or bf16).
 #include <cuda_bf16.h>
 
-namespace {
+#include "convert.cuh"
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+namespace {
 
 // gelu(x) = x Phi(x); gelu'(x) = Phi(x) + x phi(x)
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
