@@ -363,16 +363,6 @@ fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Resul
     }
 }
 
-/// A kernel's output buffer as a (detached) tensor.
-fn tensor<T: Elem>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone())),
-        shape,
-        candle_core::op::BackpropOp::none(),
-        false,
-    )
-}
-
 impl Retention {
     fn kernels<'a>(
         &self,
@@ -429,7 +419,7 @@ impl CustomOp3 for Retention {
                     &launch::slice(v, l3)?,
                     (dk, dv),
                 )?;
-                (f32::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
+                (f32::wrap_cuda_slice(y, dev.clone()), launch::tensor(s, dev, &[b, h, dk, dv]))
             }
             (BF16(q), BF16(k), BF16(v)) => {
                 let (y, s, states) = kernels.forward(
@@ -441,9 +431,9 @@ impl CustomOp3 for Retention {
                 if let (true, Some(states)) = (self.keep_states, states) {
                     let n = states.len();
                     *self.chunk_states.lock().expect("retention: states lock poisoned") =
-                        Some(tensor(states, dev, &[n]));
+                        Some(launch::tensor(states, dev, &[n]));
                 }
-                (CudaDType::wrap_cuda_slice(y, dev.clone()), tensor(s, dev, &[b, h, dk, dv]))
+                (CudaDType::wrap_cuda_slice(y, dev.clone()), launch::tensor(s, dev, &[b, h, dk, dv]))
             }
             _ => bail!("retention: q, k, v must all be f32 or all bf16"),
         };
@@ -488,7 +478,7 @@ impl CustomOp3 for Retention {
                     (dk, dv),
                     None,
                 )?;
-                [tensor(a, dev, &qd), tensor(b_, dev, &qd), tensor(c, dev, &vd)]
+                [launch::tensor(a, dev, &qd), launch::tensor(b_, dev, &qd), launch::tensor(c, dev, &vd)]
             }
             (BF16(q), BF16(k), BF16(v), BF16(g)) => {
                 let forward_states = match &held_states {
@@ -508,7 +498,7 @@ impl CustomOp3 for Retention {
                     (dk, dv),
                     forward_states,
                 )?;
-                [tensor(a, dev, &qd), tensor(b_, dev, &qd), tensor(c, dev, &vd)]
+                [launch::tensor(a, dev, &qd), launch::tensor(b_, dev, &qd), launch::tensor(c, dev, &vd)]
             }
             _ => bail!("retention backward: q, k, v and the gradient must all be f32 or all bf16"),
         };

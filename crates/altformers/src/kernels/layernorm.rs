@@ -118,11 +118,6 @@ fn backward<T: CudaDType + DeviceRepr>(
     Ok((dx, dw, db))
 }
 
-fn tensor<T: CudaDType + DeviceRepr>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
-    let storage = Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone()));
-    Tensor::from_storage(storage, shape.clone(), candle_core::op::BackpropOp::none(), false)
-}
-
 impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "layer-norm"
@@ -202,7 +197,7 @@ impl CustomOp3 for LayerNormOp {
                     dims,
                     self.has_bias,
                 )?;
-                (tensor(dx, dev, x.shape()), dw, db)
+                (launch::tensor(dx, dev, x.shape()), dw, db)
             }
             (CudaStorageSlice::BF16(xs_), CudaStorageSlice::BF16(gs_)) => {
                 let (dx, dw, db) = backward(
@@ -215,13 +210,13 @@ impl CustomOp3 for LayerNormOp {
                     dims,
                     self.has_bias,
                 )?;
-                (tensor(dx, dev, x.shape()), dw, db)
+                (launch::tensor(dx, dev, x.shape()), dw, db)
             }
             _ => bail!("fused layer norm backward: x and the gradient must both be f32 or both bf16"),
         };
         let (dx, dw, db) = dx;
         let param = Shape::from(d);
-        let db = self.has_bias.then(|| tensor(db, dev, &param));
-        Ok((Some(dx), Some(tensor(dw, dev, &param)), db))
+        let db = self.has_bias.then(|| launch::tensor(db, dev, &param));
+        Ok((Some(dx), Some(launch::tensor(dw, dev, &param)), db))
     }
 }

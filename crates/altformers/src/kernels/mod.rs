@@ -115,6 +115,17 @@ pub mod launch {
         s.device()
     }
 
+    /// A kernel's output buffer as a tensor outside the graph (the custom op, or its
+    /// backward, is what tracks gradients).
+    pub fn tensor<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        slice: CudaSlice<T>,
+        dev: &CudaDevice,
+        shape: impl Into<candle_core::Shape>,
+    ) -> candle_core::Tensor {
+        let storage = candle_core::Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone()));
+        candle_core::Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
+    }
+
     pub use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
     pub use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 }
