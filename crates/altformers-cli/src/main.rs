@@ -442,8 +442,15 @@ fn bench(cmd: BenchCommand) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        // candle reads this variable whenever it splits work across threads
+    // candle (and rayon, when its pool starts) read this variable when they split work
+    // across threads; a comparison preset may choose its own count on the CPU
+    let preset_threads = match &cli.command {
+        Command::Compare { preset, device, .. } if device == "cpu" => {
+            altformers::compare::preset(preset).ok().and_then(|p| p.cpu_threads)
+        }
+        _ => None,
+    };
+    if let Some(n) = cli.threads.or(preset_threads) {
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     if let Err(e) = run(cli.command) {

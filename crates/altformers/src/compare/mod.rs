@@ -23,6 +23,10 @@ use crate::train::{train, TrainOptions};
 #[serde(deny_unknown_fields)]
 pub struct Preset {
     pub description: String,
+    /// CPU threads for the whole comparison on the CPU unless `--threads` says otherwise
+    /// (default: every core).
+    #[serde(default)]
+    pub cpu_threads: Option<usize>,
     pub lm: LmSettings,
     pub mqar: mqar::MqarSettings,
     pub scaling: ScalingSettings,

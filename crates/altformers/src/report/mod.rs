@@ -345,7 +345,7 @@ pub fn render(dir: &Path) -> Result<()> {
 
     // Complexity
     md.push_str("## Complexity: stated, true, measured\n\n");
-    md.push_str("Measured exponents are the log-log slopes of time and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward).\n\n");
+    md.push_str("Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward).\n\n");
     md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
         let f = fits.iter().find(|f| f.model == a.name && f.component == "mixer");
