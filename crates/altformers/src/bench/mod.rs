@@ -123,7 +123,12 @@ impl Provenance {
             .unwrap_or_else(|| "unknown CPU".into());
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
         let device_name = match device {
-            Device::Cpu => format!("cpu ({cores} threads)"),
+            // the threads candle splits work over (RAYON_NUM_THREADS, set by --threads or
+            // the preset), not the machine's
+            Device::Cpu => match candle_core::utils::get_num_threads() {
+                1 => "cpu (1 thread)".to_string(),
+                n => format!("cpu ({n} threads)"),
+            },
             _ => run("nvidia-smi", &["--query-gpu=name", "--format=csv,noheader"])
                 .map(|s| s.lines().next().unwrap_or("").to_string())
                 .unwrap_or_else(|| "cuda".into()),
