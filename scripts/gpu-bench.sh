@@ -152,6 +152,18 @@ if [ "$what" = steps ]; then
   sed -e 's/^tasks = .*/tasks = [[256, 16]]/' -e 's/^lrs = .*/lrs = [1e-3]/' -e '/^curve_every/d' \
     -e 's/^steps = .*/steps = 300/' -e 's/^eval_examples = .*/eval_examples = 512/' configs/mqar-curve.toml > /tmp/steps-b512.toml
   sed -e 's/^batch_size = 512/batch_size = 64/' /tmp/steps-b512.toml > /tmp/steps-b64.toml
+  # The driver compiles each PTX module the first time a process loads it (then caches it):
+  # a few steps of every run first, untimed, so no timed run pays for that.
+  sed -e 's/^steps = .*/steps = 20/' /tmp/steps-b64.toml > /tmp/steps-warm.toml
+  for pkg in .gpu .gpu-a; do
+    [ -f $pkg/run.sh ] || continue
+    for m in transformer retnet; do
+      bash $pkg/run.sh --threads 1 compare --preset /tmp/steps-warm.toml --parts mqar --models $m --device cuda \
+        --out /tmp/steps-warm-$pkg-$m > /dev/null 2>> "$OUT/steps.err"
+    done
+    bash $pkg/run.sh train --model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=10 \
+      --set train.eval_every=10 --set train.eval_batches=2 --device cuda --dtype bf16 --out /tmp/steps-warm-$pkg-baby > /dev/null 2>> "$OUT/steps.err"
+  done
   for pkg in .gpu .gpu-a; do
     [ -f $pkg/run.sh ] || continue
     bin="bash $pkg/run.sh"; $bin --version >> "$OUT/steps.txt"
