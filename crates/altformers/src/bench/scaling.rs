@@ -198,10 +198,13 @@ pub fn run(
     Ok((points, fits))
 }
 
+/// The layer being measured, as a function of its input.
+type Layer = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
+
 /// One length of one curve, ready to run: the layer, its input, and (fwd+bwd) an output
 /// gradient.
 struct Prepared {
-    layer: Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>,
+    layer: Layer,
     x: candle_core::Var,
     out_grad: Option<Tensor>,
 }
@@ -224,7 +227,7 @@ impl Prepared {
         device: &Device,
     ) -> Result<Self> {
         let pb = ParamBuilder::new(0, device, opts.dtype);
-        let layer: Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>> = if component == "mixer" {
+        let layer: Layer = if component == "mixer" {
             let m = (arch.build)(cfg, 0, &pb.pp("att"))?;
             Box::new(move |x| m.forward(x))
         } else {

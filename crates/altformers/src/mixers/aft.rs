@@ -306,14 +306,23 @@ impl Aft {
 ///
 /// `k, v: [B, S, C]` (positions `0..S`), `bias: [G, Tq, S]` (`w_{t,t'}`; the `C` channels
 /// split into `G` equal groups, group `g` using `bias[g]`) -> `[B, Tq, C]`.
+pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<Tensor> {
+    let (num, den, _) = pairwise_parts(k, v, bias, offset)?;
+    ungroup(&(num / den)?)
+}
+
+/// [`pairwise`] before its division: numerator and denominator `[B, G, Tq, C/G]`, each
+/// scaled down by `e^{log_scale}` (`log_scale: [B, G, Tq, 1]`). `bias` is `[G, Tq, S]`, or
+/// `[B, G, Tq, S]` for a bias of each batch row.
 ///
 /// `exp(K_t' + w_{t,t'}) = exp(K_t' - mk_t') exp(w_{t,t'} + mk_t')` with `mk_t'` the largest
-/// key of position `t'` (in its group); the second factor has its row maximum subtracted.
-/// Both factors are at most 1, and the denominator is at least `exp(-(spread of the keys at
-/// one position))`, so keys up to about +-40 are safe in f32.
-pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<Tensor> {
+/// key of position `t'` (in its group); the second factor has its row maximum (the log-scale)
+/// subtracted. Both factors are at most 1, and the denominator is at least `exp(-(spread of
+/// the keys at one position))`, so keys up to about +-40 are safe in f32.
+fn pairwise_parts(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, s, c) = k.dims3()?;
-    let (g, tq, _) = bias.dims3()?;
+    let bias = if bias.rank() == 3 { bias.unsqueeze(0)? } else { bias.clone() };
+    let (_, g, tq, _) = bias.dims4()?;
     let split = |x: &Tensor| x.reshape((b, s, g, c / g))?.transpose(1, 2)?.contiguous(); // [B, G, S, C/G]
     let (kg, vg) = (split(k)?, split(v)?);
     let mk = kg.max_keepdim(D::Minus1)?.detach(); // [B, G, S, 1]
@@ -321,12 +330,16 @@ pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<
     let mask: Vec<f64> =
         (0..tq).flat_map(|j| (0..s).map(move |i| if i <= offset + j { 0.0 } else { f64::NEG_INFINITY })).collect();
     let mask = Tensor::from_vec(mask, (1, 1, tq, s), k.device())?.to_dtype(k.dtype())?;
-    let wp = bias.unsqueeze(0)?.broadcast_add(&mk.transpose(2, 3)?)?.broadcast_add(&mask)?; // [B, G, Tq, S]
+    let wp = bias.broadcast_add(&mk.transpose(2, 3)?)?.broadcast_add(&mask)?; // [B, G, Tq, S]
     let m = wp.max_keepdim(D::Minus1)?.detach();
     let a = wp.broadcast_sub(&m)?.exp()?;
-    let num = a.matmul(&(&ek * &vg)?)?;
-    let den = a.matmul(&ek)?;
-    (num / den)?.transpose(1, 2)?.reshape((b, tq, c))
+    Ok((a.matmul(&(&ek * &vg)?)?, a.matmul(&ek)?, m))
+}
+
+/// `[B, G, Tq, C/G] -> [B, Tq, C]`, the channel groups side by side again.
+fn ungroup(x: &Tensor) -> Result<Tensor> {
+    let (b, g, tq, cg) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, tq, g * cg))
 }
 
 /// The windowed form (AFT-local, AFT-conv), `O(T s C)`: the prefix sums over `t' <= t - s`
@@ -359,19 +372,16 @@ pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor)
     let rows = s - 1 + n * l; // padded sequence: s - 1 before, `pad` after (zeros: finite)
     let ids: Vec<u32> = (0..b * n * sl).map(|i| ((i / (n * sl)) * rows + (i / sl) % n * l + i % sl) as u32).collect();
     let ids = Tensor::from_vec(ids, b * n * sl, k.device())?;
-    let cg = c / g;
-    let blocks = |x: &Tensor| -> Result<Tensor> {
-        let x = x.pad_with_zeros(1, s - 1, pad)?.reshape((b * rows, c))?;
-        gather_rows(&x, &ids)?.reshape((b, n, sl, g, cg))?.permute((0, 3, 1, 2, 4))?.contiguous()
+    // [B N, 2s - 1, C]: block n of batch row b
+    let blocks = |x: &Tensor| {
+        gather_rows(&x.pad_with_zeros(1, s - 1, pad)?.reshape((b * rows, c))?, &ids)?.reshape((b * n, sl, c))
     };
-    // [B, G, N, 2s - 1, C/G]
-    let (kb, vb) = (blocks(k)?, blocks(v)?);
 
-    // bias[g, n, j, r]: query t = n l + j, key t' = n l + r - (s - 1), offset o = t - t'
+    // bias[n, g, j, r]: query t = n l + j, key t' = n l + r - (s - 1), offset o = t - t'
     let outside = (g * t * s) as u32; // index of the appended -inf
-    let bias_ids: Vec<u32> = (0..g * n * l * sl)
+    let bias_ids: Vec<u32> = (0..n * g * l * sl)
         .map(|i| {
-            let (gi, ni, j, r) = (i / (n * l * sl), (i / (l * sl)) % n, (i / sl) % l, i % sl);
+            let (ni, gi, j, r) = (i / (g * l * sl), (i / (l * sl)) % g, (i / sl) % l, i % sl);
             let (q, o) = (ni * l + j, (j + s - 1).wrapping_sub(r));
             if o < s && q + r >= j + s - 1 {
                 (gi * t * s + q.min(t - 1) * s + o) as u32 // padded queries reuse the last row
@@ -382,18 +392,15 @@ pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor)
         .collect();
     let flat =
         Tensor::cat(&[band.flatten_all()?, Tensor::full(f32::NEG_INFINITY, 1, k.device())?.to_dtype(k.dtype())?], 0)?;
-    let bias = gather_rows(&flat.unsqueeze(1)?, &Tensor::from_vec(bias_ids, g * n * l * sl, k.device())?)?
-        .reshape((1, g, n, l, sl))?;
-    // as in `pairwise`: e^{K + w} = e^{K - mk} e^{w + mk - m}, both factors at most 1
-    let mk = kb.max_keepdim(D::Minus1)?.detach(); // [B, G, N, 2s - 1, 1]
-    let ek = kb.broadcast_sub(&mk)?.exp()?;
-    let wp = bias.broadcast_add(&mk.transpose(3, 4)?)?; // [B, G, N, s, 2s - 1]
-    let mw = wp.max_keepdim(D::Minus1)?.detach(); // the window's log-scale per query
-    let a = wp.broadcast_sub(&mw)?.exp()?;
-    let back = |x: Tensor| -> Result<Tensor> { x.permute((0, 2, 3, 1, 4))?.reshape((b, n * l, c))?.narrow(1, 0, t) };
-    let wnum = back(decayed::bmm(&a, &(&ek * &vb)?)?)?;
-    let wden = back(decayed::bmm(&a, &ek)?)?;
-    let mw = back(mw.broadcast_as((b, g, n, l, cg))?.contiguous()?)?;
+    let bias = gather_rows(&flat.unsqueeze(1)?, &Tensor::from_vec(bias_ids, n * g * l * sl, k.device())?)?
+        .reshape((1, n, g, l, sl))?
+        .broadcast_as((b, n, g, l, sl))?
+        .reshape((b * n, g, l, sl))?;
+    // queries at block positions j see keys r <= j + s - 1 (the mask of `pairwise_parts`)
+    let (wnum, wden, mw) = pairwise_parts(&blocks(k)?, &blocks(v)?, &bias, s - 1)?;
+    let back = |x: &Tensor| -> Result<Tensor> { ungroup(x)?.reshape((b, n * l, c))?.narrow(1, 0, t) };
+    let mw = back(&mw.broadcast_as(wnum.shape())?.contiguous()?)?;
+    let (wnum, wden) = (back(&wnum)?, back(&wden)?);
     // merge with the prefix up to t - s on a common scale
     let m = mw.maximum(&pscale)?.detach();
     let (fw, fp) = ((mw - &m)?.exp()?, (pscale - &m)?.exp()?);
