@@ -78,14 +78,19 @@ __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* src, int
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward. Grid (ceil(T / BR), H, B); WARPS warps each own 16 query rows; key tiles of BC
-// rows stream through a two-stage cp.async pipeline.
-template <int D, int WARPS, int BC>
+// Forward. Grid (ceil(T / BR), H, B); WARPS warps each own MT m-tiles of 16 query rows; key
+// tiles of BC rows stream through a two-stage cp.async pipeline. Every K and V fragment a
+// warp reads from shared memory feeds MT mmas: with one m-tile per warp the forward is bound
+// by shared-memory bandwidth (16 flops per byte read, where the tensor cores need about 23).
+// Q fragments stay in registers when they fit beside the accumulators (MT * D <= 128), else
+// they are re-read from shared memory every key block.
+template <int D, int WARPS, int BC, int MT>
 __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, bf16* __restrict__ o,
                                           float* __restrict__ lse, int T, int S, int H, int KVH, int offset,
                                           float scale_log2) {
-    constexpr int BR = 16 * WARPS, THREADS = 32 * WARPS, LD = D + kPad;
+    constexpr int WARP_ROWS = 16 * MT, BR = WARP_ROWS * WARPS, THREADS = 32 * WARPS, LD = D + kPad;
+    constexpr bool Q_IN_REGS = MT * D <= 128;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* s_q = reinterpret_cast<bf16*>(smem);
     bf16* s_k = s_q + BR * LD;      // 2 stages
@@ -96,6 +101,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     const int m0 = (gridDim.x - 1 - blockIdx.x) * BR, h = blockIdx.y, b = blockIdx.z;
     const int kvh = h / (H / KVH);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane >> 2, quad = lane & 3;
+    const int w0 = warp * WARP_ROWS;  // this warp's first row in the tile
     const bf16* q_h = q + (size_t)(b * H + h) * T * D;
     const bf16* k_h = k + (size_t)(b * KVH + kvh) * S * D;
     const bf16* v_h = v + (size_t)(b * KVH + kvh) * S * D;
@@ -111,16 +117,26 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     cp_async_wait<0>();
     __syncthreads();
 
-    uint32_t q_frag[D / 16][4];
+    uint32_t q_frag[Q_IN_REGS ? MT : 1][Q_IN_REGS ? D / 16 : 1][4];
+    if constexpr (Q_IN_REGS) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q_frag[kk], a_frag_addr(s_q, LD, warp * 16, kk * 16, lane));
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+                ldmatrix_x4(q_frag[mt][kk], a_frag_addr(s_q, LD, w0 + mt * 16, kk * 16, lane));
+    }
 
-    float acc_o[D / 8][4];
+    float acc_o[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
-    // Running max (in scaled log2 units) and this thread's partial row sums for rows grp, grp + 8;
-    // the sums are reduced across the quad only at the end (the rescaling factors agree).
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) acc_o[mt][i][0] = acc_o[mt][i][1] = acc_o[mt][i][2] = acc_o[mt][i][3] = 0.f;
+    // Running max (in scaled log2 units) and this thread's partial row sums for rows grp, grp + 8
+    // of each m-tile; the sums are reduced across the quad only at the end (the rescaling
+    // factors agree).
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.f;
 
     for (int j = 0; j < key_blocks; ++j) {
         const int stage = j & 1;
@@ -134,74 +150,101 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
         const bf16* k_tile = s_k + stage * BC * LD;
         const bf16* v_tile = s_v + stage * BC * LD;
 
-        float acc_s[BC / 8][4];
+        float acc_s[MT][BC / 8][4];
 #pragma unroll
-        for (int i = 0; i < BC / 8; ++i) acc_s[i][0] = acc_s[i][1] = acc_s[i][2] = acc_s[i][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < BC / 8; ++i)
+                acc_s[mt][i][0] = acc_s[mt][i][1] = acc_s[mt][i][2] = acc_s[mt][i][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Q_IN_REGS) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) qa[mt][e] = q_frag[mt][kk][e];
+                } else {
+                    ldmatrix_x4(qa[mt], a_frag_addr(s_q, LD, w0 + mt * 16, kk * 16, lane));
+                }
+            }
 #pragma unroll
             for (int np = 0; np < BC / 16; ++np) {
                 uint32_t bk[4];
                 ldmatrix_x4(bk, b_frag_addr(k_tile, LD, np * 16, kk * 16, lane));
-                mma_bf16(acc_s[2 * np], q_frag[kk], bk[0], bk[1]);
-                mma_bf16(acc_s[2 * np + 1], q_frag[kk], bk[2], bk[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(acc_s[mt][2 * np], qa[mt], bk[0], bk[1]);
+                    mma_bf16(acc_s[mt][2 * np + 1], qa[mt], bk[2], bk[3]);
+                }
             }
         }
 
         const int n0 = j * BC;
         if (n0 + BC > S || n0 + BC - 1 > offset + m0) {
 #pragma unroll
-            for (int nt = 0; nt < BC / 8; ++nt)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = m0 + warp * 16 + grp + (e >> 1) * 8;
-                    const int col = n0 + nt * 8 + quad * 2 + (e & 1);
-                    if (col > offset + row || col >= S) acc_s[nt][e] = -INFINITY;
-                }
+                for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = m0 + w0 + mt * 16 + grp + (e >> 1) * 8;
+                        const int col = n0 + nt * 8 + quad * 2 + (e & 1);
+                        if (col > offset + row || col >= S) acc_s[mt][nt][e] = -INFINITY;
+                    }
         }
 
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = row_max[r];
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < BC / 8; ++nt)
-                mx = fmaxf(mx, fmaxf(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]) * scale_log2);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            // A row with nothing visible yet keeps max -inf; subtracting 0 then yields p = 0.
-            const float base = mx == -INFINITY ? 0.f : mx;
-            const float rescale = exp2f(row_max[r] - base);
-            row_max[r] = mx;
-            row_sum[r] *= rescale;
+            for (int r = 0; r < 2; ++r) {
+                float mx = row_max[mt][r];
 #pragma unroll
-            for (int dn = 0; dn < D / 8; ++dn) {
-                acc_o[dn][2 * r] *= rescale;
-                acc_o[dn][2 * r + 1] *= rescale;
-            }
+                for (int nt = 0; nt < BC / 8; ++nt)
+                    mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * r], acc_s[mt][nt][2 * r + 1]) * scale_log2);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                // A row with nothing visible yet keeps max -inf; subtracting 0 then yields p = 0.
+                const float base = mx == -INFINITY ? 0.f : mx;
+                const float rescale = exp2f(row_max[mt][r] - base);
+                row_max[mt][r] = mx;
+                row_sum[mt][r] *= rescale;
 #pragma unroll
-            for (int nt = 0; nt < BC / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float p = exp2f(fmaf(acc_s[nt][2 * r + e], scale_log2, -base));
-                    acc_s[nt][2 * r + e] = p;
-                    row_sum[r] += p;
+                for (int dn = 0; dn < D / 8; ++dn) {
+                    acc_o[mt][dn][2 * r] *= rescale;
+                    acc_o[mt][dn][2 * r + 1] *= rescale;
                 }
-        }
+#pragma unroll
+                for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = exp2f(fmaf(acc_s[mt][nt][2 * r + e], scale_log2, -base));
+                        acc_s[mt][nt][2 * r + e] = p;
+                        row_sum[mt][r] += p;
+                    }
+            }
 
         // O += P V: the S accumulator fragments of n-tiles (2kk, 2kk+1) are exactly the A
         // fragment of the kk-th 16-key slice, so P never leaves registers.
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
-            const uint32_t p_frag[4] = {
-                pack_bf16(acc_s[2 * kk][0], acc_s[2 * kk][1]), pack_bf16(acc_s[2 * kk][2], acc_s[2 * kk][3]),
-                pack_bf16(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
-                pack_bf16(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+            uint32_t p_frag[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                p_frag[mt][0] = pack_bf16(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+                p_frag[mt][1] = pack_bf16(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+                p_frag[mt][2] = pack_bf16(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+                p_frag[mt][3] = pack_bf16(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int np = 0; np < D / 16; ++np) {
                 uint32_t bv[4];
                 ldmatrix_x4_trans(bv, bt_frag_addr(v_tile, LD, kk * 16, np * 16, lane));
-                mma_bf16(acc_o[2 * np], p_frag, bv[0], bv[1]);
-                mma_bf16(acc_o[2 * np + 1], p_frag, bv[2], bv[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(acc_o[mt][2 * np], p_frag[mt], bv[0], bv[1]);
+                    mma_bf16(acc_o[mt][2 * np + 1], p_frag[mt], bv[2], bv[3]);
+                }
             }
         }
         // The next iteration prefetches into the stage just read.
@@ -210,21 +253,23 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 
     bf16* o_h = o + (size_t)(b * H + h) * T * D;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        sum += __shfl_xor_sync(0xffffffff, sum, 2);
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        const int row = m0 + warp * 16 + grp + r * 8;
-        if (row < T) {
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int dn = 0; dn < D / 8; ++dn)
-                *reinterpret_cast<uint32_t*>(o_h + (size_t)row * D + dn * 8 + quad * 2) =
-                    pack_bf16(acc_o[dn][2 * r] * inv, acc_o[dn][2 * r + 1] * inv);
-            // Log-sum-exp of the scaled scores, in log2 units: p = exp2(s * scale_log2 - lse).
-            if (quad == 0) lse[(size_t)(b * H + h) * T + row] = row_max[r] + log2f(sum);
+        for (int r = 0; r < 2; ++r) {
+            float sum = row_sum[mt][r];
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            sum += __shfl_xor_sync(0xffffffff, sum, 2);
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            const int row = m0 + w0 + mt * 16 + grp + r * 8;
+            if (row < T) {
+#pragma unroll
+                for (int dn = 0; dn < D / 8; ++dn)
+                    *reinterpret_cast<uint32_t*>(o_h + (size_t)row * D + dn * 8 + quad * 2) =
+                        pack_bf16(acc_o[mt][dn][2 * r] * inv, acc_o[mt][dn][2 * r + 1] * inv);
+                // Log-sum-exp of the scaled scores, in log2 units: p = exp2(s * scale_log2 - lse).
+                if (quad == 0) lse[(size_t)(b * H + h) * T + row] = row_max[mt][r] + log2f(sum);
+            }
         }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -439,11 +484,11 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 }  // namespace
 
 // Entry points, one per head width. Tile parameters must match `Tiles` in flash_attention.rs.
-#define FLASH_ENTRY_POINTS(D, FWD_WARPS, FWD_BC, BWD_WARPS, BWD_BR)                                          \
+#define FLASH_ENTRY_POINTS(D, FWD_WARPS, FWD_BC, FWD_MT, BWD_WARPS, BWD_BR)                                          \
     extern "C" __global__ void __launch_bounds__(32 * FWD_WARPS)                                             \
         flash_attention_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int T,    \
                                  int S, int H, int KVH, int offset, float scale_log2) {                      \
-        flash_fwd<D, FWD_WARPS, FWD_BC>(q, k, v, o, lse, T, S, H, KVH, offset, scale_log2);                  \
+        flash_fwd<D, FWD_WARPS, FWD_BC, FWD_MT>(q, k, v, o, lse, T, S, H, KVH, offset, scale_log2);                  \
     }                                                                                                        \
     extern "C" __global__ void flash_attention_bwd_delta_d##D(const bf16* o, const bf16* dout, float* delta, \
                                                               int rows) {                                    \
@@ -457,8 +502,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                                         scale_log2, scale);                                                  \
     }
 
-FLASH_ENTRY_POINTS(64, 4, 64, 4, 64)
-FLASH_ENTRY_POINTS(128, 8, 64, 8, 64)
+FLASH_ENTRY_POINTS(64, 4, 64, 1, 4, 64)
+FLASH_ENTRY_POINTS(128, 4, 32, 2, 8, 64)
 
 // Backward, step 3: dq = scale * dq_accum in bf16.
 extern "C" __global__ void flash_attention_bwd_dq_convert(const float* dq_accum, bf16* dq, float scale, size_t n) {

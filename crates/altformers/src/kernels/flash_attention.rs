@@ -20,11 +20,14 @@
 //!   shared memory once and dQ is added to an f32 buffer with atomics (then scaled and
 //!   rounded to bf16 by a tiny pass). `D = rowsum(dO * O)` is a separate one-warp-per-row
 //!   pass, as in FA2.
-//! - Tiles ([`Tiles`]): forward 64 keys per step, 16 query rows per warp; head width 128 then
-//!   holds Q fragments (32 registers), the output accumulator (64) and the scores (32) per
-//!   thread without spilling (189 registers). Width 64 runs 4 warps (64 rows); width 128 runs
-//!   8 (128 rows: 8 warps per SM either way, by registers, as one CTA instead of two, and
-//!   each K/V tile loaded serves twice the rows). Backward width 64: 64 keys (4 warps) x 64
+//! - Tiles ([`Tiles`]): forward width 64: 4 warps of 16 query rows, 64 keys per step, Q
+//!   fragments held in registers. Width 128: 4 warps of 32 query rows (two m-tiles), 32 keys
+//!   per step (FA2's tiling for this width), so every K and V fragment read from shared memory
+//!   feeds two mmas: with 16 rows per warp and 64 keys the forward read 32 KB of K and V per
+//!   warp for every 0.5 MFLOP (16 flops per byte, where the tensor cores need about 23 from
+//!   shared memory's 128 bytes per clock; it measured 28% of the matmul ceiling); now 24 KB
+//!   with Q re-read each step (the accumulators take the registers: 243, no spills), 22
+//!   flops per byte. Backward width 64: 64 keys (4 warps) x 64
 //!   queries per step; width 128: 128 keys (8 warps) x 64 queries, 255 registers without
 //!   spilling (each warp's dK and dV accumulators alone take 128; the 16 x 64 score and dP
 //!   tiles 64 more), which halves the steps, and their barriers and pipeline waits, of the
@@ -60,6 +63,8 @@ const MAX_GRID_YZ: usize = 65535;
 struct Tiles {
     head_dim: usize,
     fwd_warps: usize,
+    /// m-tiles (16 query rows each) per forward warp.
+    fwd_row_tiles: usize,
     fwd_keys: usize,
     bwd_warps: usize,
     bwd_queries: usize,
@@ -68,8 +73,8 @@ struct Tiles {
 impl Tiles {
     fn for_head_dim(head_dim: usize) -> Result<Self> {
         match head_dim {
-            64 => Ok(Self { head_dim, fwd_warps: 4, fwd_keys: 64, bwd_warps: 4, bwd_queries: 64 }),
-            128 => Ok(Self { head_dim, fwd_warps: 8, fwd_keys: 64, bwd_warps: 8, bwd_queries: 64 }),
+            64 => Ok(Self { head_dim, fwd_warps: 4, fwd_row_tiles: 1, fwd_keys: 64, bwd_warps: 4, bwd_queries: 64 }),
+            128 => Ok(Self { head_dim, fwd_warps: 4, fwd_row_tiles: 2, fwd_keys: 32, bwd_warps: 8, bwd_queries: 64 }),
             _ => bail!("flash attention: head width {head_dim} unsupported (64 or 128)"),
         }
     }
@@ -80,7 +85,7 @@ impl Tiles {
     }
 
     fn fwd_rows(&self) -> usize {
-        16 * self.fwd_warps
+        16 * self.fwd_row_tiles * self.fwd_warps
     }
 
     /// Q tile plus two stages of K and V tiles.
