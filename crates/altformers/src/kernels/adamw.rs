@@ -51,11 +51,11 @@ pub fn applies(slots: &[Slot]) -> bool {
         })
 }
 
-/// Runs the step; returns the gradient norm before clipping. A non-finite norm leaves every
-/// tensor as it was (the caller reports it).
-pub fn step(slots: &[Slot], h: &Hyper) -> Result<f64> {
+/// Runs the step; returns the gradient norm before clipping, an f64 scalar on the device. A
+/// non-finite norm leaves every tensor as it was (the caller reports it when it reads it).
+pub fn step(slots: &[Slot], h: &Hyper) -> Result<Tensor> {
     let Some(first) = slots.first() else {
-        return Ok(0.0);
+        return Tensor::new(0f64, &candle_core::Device::Cpu);
     };
     let candle_core::Device::Cuda(dev) = first.weight.device() else { candle_core::bail!("fused AdamW: not on CUDA") };
     let stream = dev.cuda_stream();
@@ -84,7 +84,7 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<f64> {
         blocks += n.div_ceil(PER_BLOCK) as u64;
     }
     if blocks == 0 {
-        return Ok(0.0);
+        return Tensor::new(0f64, first.weight.device());
     }
     let count = slots.len() as i32;
     let table = stream.clone_htod(&table).w()?;
@@ -102,6 +102,6 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<f64> {
     unsafe { b.launch(cfg) }.w()?;
     drop(ptr_guards);
     drop(guards);
-    let sumsq = stream.clone_dtoh(&sumsq).w()?;
-    Ok(sumsq[0].sqrt())
+    // left on the device: reading it here would make the host wait for the GPU every step
+    launch::tensor(sumsq, dev, ()).sqrt()
 }

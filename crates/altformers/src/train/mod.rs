@@ -14,7 +14,7 @@
 pub mod optim;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,7 +25,60 @@ use crate::data::{random_batch, Corpus, DataFormat};
 use crate::model::LanguageModel;
 use crate::rng::{stream, Rng};
 use crate::util::{read_json, write_json_atomic};
-use optim::{learning_rate, AdamW};
+use optim::{learning_rate, AdamW, StepNorm};
+
+/// Steps between reads of the training loss and gradient norm.
+pub const SYNC_EVERY: usize = 10;
+
+/// The losses and gradient norms of the last few steps, still where they were computed. A
+/// value read on the host waits for the GPU to finish its step, and a read every step leaves
+/// the GPU idle while the host prepares the next one; so a training loop reads them together
+/// every [`SYNC_EVERY`] steps, and always before it evaluates or saves. A non-finite value is
+/// found then, naming its step; the fused GPU step has changed no parameter on a non-finite
+/// norm, and the CPU step fails at once.
+#[derive(Default)]
+pub struct Deferred {
+    steps: Vec<usize>,
+    losses: Vec<Tensor>,
+    norms: Vec<Tensor>,
+    /// The loss of the last step read.
+    pub last_loss: f64,
+}
+
+impl Deferred {
+    /// Holds `step`'s loss (a scalar) and gradient norm.
+    pub fn push(&mut self, step: usize, loss: &Tensor, norm: StepNorm) {
+        self.steps.push(step);
+        self.losses.push(loss.clone());
+        self.norms.push(norm.0);
+    }
+
+    pub fn due(&self) -> bool {
+        self.steps.len() >= SYNC_EVERY
+    }
+
+    /// Reads what is held (two reads); the first step with a non-finite loss or norm is an error.
+    pub fn settle(&mut self) -> Result<()> {
+        if self.steps.is_empty() {
+            return Ok(());
+        }
+        let read = |v: &[Tensor]| -> Result<Vec<f64>> { Ok(Tensor::stack(v, 0)?.to_dtype(DType::F64)?.to_vec1()?) };
+        let (losses, norms) = (read(&self.losses)?, read(&self.norms)?);
+        for ((step, loss), norm) in self.steps.iter().zip(&losses).zip(&norms) {
+            if !loss.is_finite() {
+                bail!("training loss is {loss} in step {step}");
+            }
+            if !norm.is_finite() {
+                bail!("gradient norm is {norm} in step {step}");
+            }
+        }
+        self.last_loss = *losses.last().expect("not empty");
+        self.steps.clear();
+        self.losses.clear();
+        self.norms.clear();
+        Ok(())
+    }
+}
 
 /// One evaluation, one line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -266,6 +319,7 @@ pub fn train(
             format!("the last good checkpoint (step {step}) in {} is intact", out.display())
         }
     };
+    let mut pending = Deferred::default();
     while state.step < t.steps {
         let step = state.step;
         let lr = learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.decay_steps);
@@ -273,28 +327,28 @@ pub fn train(
         let mut drop_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
         let (x, y) = random_batch(&corpus.train, t.batch_size, m.context, &mut batch_rng, &opts.device)?;
         let loss = LanguageModel::loss(&model.forward(&x, Some(&mut drop_rng))?, &y)?;
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !loss_value.is_finite() {
-            bar.abandon();
-            bail!(
-                "training loss is {loss_value} in step {}: the run diverged; {}. Lower train.lr or raise train.warmup_steps.",
-                step + 1,
-                last_good(checkpointed)
-            );
-        }
-        let grads = loss.backward()?;
-        if let Err(e) = opt.step(&grads, lr, t.grad_clip) {
-            bar.abandon();
-            bail!("{e} in step {}: the run diverged; {}", step + 1, last_good(checkpointed));
-        }
+        let norm =
+            opt.step(&loss.backward()?, lr, t.grad_clip).map_err(|e| anyhow::anyhow!("{e} in step {}", step + 1));
         state.step += 1;
         window_steps += 1;
+        let stop_here = opts.stop_after == Some(state.step);
+        let evaluate = state.step.is_multiple_of(t.eval_every) || state.step == t.steps || stop_here;
+        let settled = norm.and_then(|norm| {
+            pending.push(state.step, &loss, norm);
+            if pending.due() || evaluate {
+                pending.settle()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = settled {
+            bar.abandon();
+            bail!("{e}: the run diverged; {}. Lower train.lr or raise train.warmup_steps.", last_good(checkpointed));
+        }
         bar.set_position(state.step as u64);
         let rate = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("loss {loss_value:.4}  {rate:.0} tok/s"));
+        bar.set_message(format!("loss {:.4}  {rate:.0} tok/s", pending.last_loss));
 
-        let stop_here = opts.stop_after == Some(state.step);
-        if state.step.is_multiple_of(t.eval_every) || state.step == t.steps || stop_here {
+        if evaluate {
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
             let train_loss = estimate_loss(&model, &corpus.train, t.eval_batches, t.batch_size, t.seed, 1)?;
             let val_loss = estimate_loss(&model, &corpus.val, t.eval_batches, t.batch_size, t.seed, 0)?;
@@ -368,4 +422,36 @@ fn progress_bar(verbose: bool, len: u64, pos: u64) -> indicatif::ProgressBar {
     );
     bar.set_position(pos);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deferred_reads_report_the_first_bad_step_and_keep_the_last_loss() -> Result<()> {
+        let dev = Device::Cpu;
+        let norm = |v: f64| -> Result<StepNorm> { Ok(StepNorm(Tensor::new(v, &dev)?)) };
+        let mut d = Deferred::default();
+        for (step, loss) in [(1, 2.0f32), (2, 1.5)] {
+            d.push(step, &Tensor::new(loss, &dev)?, norm(1.0)?);
+        }
+        assert!(!d.due());
+        d.settle()?;
+        assert_eq!(d.last_loss, 1.5);
+        for (step, loss) in [(3, 1.0f32), (4, f32::NAN), (5, f32::NAN)] {
+            d.push(step, &Tensor::new(loss, &dev)?, norm(1.0)?);
+        }
+        let err = d.settle().unwrap_err().to_string();
+        assert!(err.contains("training loss is NaN in step 4"), "{err}");
+        let mut d = Deferred::default();
+        d.push(7, &Tensor::new(0.5f32, &dev)?, norm(f64::INFINITY)?);
+        let err = d.settle().unwrap_err().to_string();
+        assert!(err.contains("gradient norm is inf in step 7"), "{err}");
+        for step in 0..SYNC_EVERY {
+            d.push(step, &Tensor::new(0.5f32, &dev)?, norm(1.0)?);
+        }
+        assert!(d.due());
+        Ok(())
+    }
 }

@@ -21,6 +21,22 @@ pub struct AdamW {
     pub weight_decay: f64,
 }
 
+/// The gradient norm (before clipping) one [`AdamW::step`] measured, as an f64 scalar. The
+/// fused GPU step leaves it on the device: reading it waits for the GPU to finish the step,
+/// so training loops read it every few steps ([`super::Deferred`]), not every step.
+pub struct StepNorm(pub Tensor);
+
+impl StepNorm {
+    /// The norm on the host; an error if it is not finite (the step then changed nothing).
+    pub fn value(&self) -> Result<f64> {
+        let norm = self.0.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !norm.is_finite() {
+            bail!("gradient norm is {norm}");
+        }
+        Ok(norm)
+    }
+}
+
 impl AdamW {
     pub fn new(store: &ParamStore, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
         let params = store.vars();
@@ -49,7 +65,7 @@ impl AdamW {
     /// The same step by the fused CUDA kernel (`kernels/adamw.cu`), or `None` where it does
     /// not apply (CPU, f64 or bf16 tensors).
     #[cfg(feature = "cuda")]
-    fn fused_step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<Option<f64>> {
+    fn fused_step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<Option<StepNorm>> {
         use crate::kernels::adamw;
         let slots: Vec<adamw::Slot> = (0..self.params.len())
             .filter_map(|i| {
@@ -73,12 +89,11 @@ impl AdamW {
             weight_decay: self.weight_decay as f32,
             clip: clip as f32,
         };
+        // The kernel skips the update when the norm is not finite, and so does `t`: that
+        // happens only in a run that is about to stop when its caller reads the norm.
         let norm = adamw::step(&slots, &hyper)?;
-        if !norm.is_finite() {
-            bail!("gradient norm is {norm}");
-        }
         self.t = t;
-        Ok(Some(norm))
+        Ok(Some(StepNorm(norm)))
     }
 
     /// Global L2 norm of the gradients (f64 on the host), with one device synchronisation.
@@ -96,8 +111,10 @@ impl AdamW {
     }
 
     /// One update at learning rate `lr`, gradients scaled down to norm `clip` if larger
-    /// (0 = no clipping). Returns the gradient norm before clipping.
-    pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<f64> {
+    /// (0 = no clipping). Returns the gradient norm before clipping. A non-finite norm
+    /// changes no parameter: here it is an error at once; the fused GPU step leaves it in the
+    /// returned norm, for the caller to find when it reads it ([`StepNorm::value`]).
+    pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<StepNorm> {
         #[cfg(feature = "cuda")]
         if let Some(norm) = self.fused_step(grads, lr, clip)? {
             return Ok(norm);
@@ -125,7 +142,7 @@ impl AdamW {
             let w = (w - (update * lr)?)?;
             p.var.set(&w.to_dtype(p.var.dtype())?)?;
         }
-        Ok(norm)
+        Ok(StepNorm(Tensor::new(norm, &candle_core::Device::Cpu)?))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {

@@ -50,8 +50,8 @@ fn fused_step_matches_the_cpu_step() -> Result<()> {
     for step in 0..6 {
         // clip 20 is below the gradient norm (about 23), so the scaling is exercised
         let clip = if step % 2 == 0 { 20.0 } else { 0.0 };
-        let n_cpu = cpu_opt.step(&grads(&cpu_store, step, false)?, 1e-2, clip)?;
-        let n_gpu = gpu_opt.step(&grads(&gpu_store, step, false)?, 1e-2, clip)?;
+        let n_cpu = cpu_opt.step(&grads(&cpu_store, step, false)?, 1e-2, clip)?.value()?;
+        let n_gpu = gpu_opt.step(&grads(&gpu_store, step, false)?, 1e-2, clip)?.value()?;
         ensure!(n_cpu > 20.0, "the clip is not exercised (norm {n_cpu})");
         ensure!((n_cpu - n_gpu).abs() / n_cpu < 1e-5, "step {step}: norms {n_cpu} vs {n_gpu}");
     }
@@ -71,11 +71,13 @@ fn non_finite_gradient_is_reported_and_changes_nothing() -> Result<()> {
     opt.step(&grads(&s, 0, false)?, 1e-2, 1.0)?;
     let before: Vec<Vec<f32>> =
         s.tensors().values().map(|t| t.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
-    let err = opt.step(&grads(&s, 1, true)?, 1e-2, 1.0).unwrap_err();
+    // the fused step reports it where the norm is read
+    let err = opt.step(&grads(&s, 1, true)?, 1e-2, 1.0)?.value().unwrap_err();
     ensure!(err.to_string().contains("gradient norm"), "unexpected error: {err}");
     let after: Vec<Vec<f32>> =
         s.tensors().values().map(|t| t.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
     ensure!(before == after, "a weight changed on a non-finite gradient");
-    ensure!(opt.t == 1, "the step count advanced on a failed step");
+    // (the step count does advance: the host does not wait to learn the norm; a run stops
+    // when it reads it)
     Ok(())
 }
