@@ -94,8 +94,8 @@ if [ "$what" = seeds ]; then
   cat "$OUT/seeds.txt"
 fi
 if [ "$what" = mqar ]; then
-  # The recall part of a comparison as one process per (model, task, width, lr), narrow widths
-  # and short tasks first, at most PROCS at once (default: 4 per GPU), spread over the GPUs
+  # The recall part of a comparison as one process per (model, task, width, lr), short tasks
+  # and then narrow widths first, at most PROCS at once (default: 4 per GPU), spread over the GPUs
   # (GPUS, default every visible one). Nothing starts with under a minute left of `seconds`.
   # Then one report. Processes sharing a GPU are time-sliced, not overlapped: on the H200 16
   # of them made about 55 steps/s in all at T = 128-256, where one alone makes 48 steps/s
@@ -113,8 +113,8 @@ if [ "$what" = mqar ]; then
   procs="${PROCS:-$((4 * gpus))}"
   read -r tasks widths lrs < <(python3 -c "import tomllib,sys; m = tomllib.load(open(sys.argv[1], 'rb'))['mqar']; print(','.join(f'{a}x{b}' for a, b in m['tasks']), ','.join(map(str, m['widths'])), ','.join(map(str, m['lrs'])))" "$preset")
   i=0
-  for w in ${widths//,/ }; do
-    for task in ${tasks//,/ }; do
+  for task in ${tasks//,/ }; do
+    for w in ${widths//,/ }; do
       for lr in ${lrs//,/ }; do
       for m in $models; do
         seq="${task%x*}"; pairs="${task#*x}"; dir="/tmp/$tag/$m-$seq-$w-$lr"
