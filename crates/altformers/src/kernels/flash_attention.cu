@@ -68,8 +68,12 @@ __device__ __forceinline__ const bf16* bt_frag_addr(const bf16* tile, int ld, in
 // zero-filling rows at or beyond `rows`.
 template <int ROWS, int D, int THREADS>
 __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* src, int row0, int rows) {
-    constexpr int kChunks = D / 8;
-    for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
+    constexpr int kChunks = D / 8, kTotal = ROWS * kChunks;
+    // A compile-time trip count, so the loop unrolls into straight-line copies.
+#pragma unroll
+    for (int i = 0; i < (kTotal + THREADS - 1) / THREADS; ++i) {
+        const int c = i * THREADS + threadIdx.x;
+        if (kTotal % THREADS != 0 && c >= kTotal) break;
         const int r = c / kChunks, col = (c % kChunks) * 8;
         const bool valid = row0 + r < rows;
         const bf16* from = valid ? src + (size_t)(row0 + r) * D + col : src;
@@ -329,9 +333,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     const int m_count = max(0, (T + BR - 1) / BR - m_first);
     const int steps = group * m_count;
 
-    auto load_step = [&](int step, int stage) {
-        const int h = kvh * group + step / m_count;
-        const int m0 = (m_first + step % m_count) * BR;
+    auto load_step = [&](int h, int m_block, int stage) {
+        const int m0 = m_block * BR;
         const size_t head = (size_t)(b * H + h) * T;
         load_tile_async<BR, D, THREADS>(s_q + stage * BR * LD, q + head * D, m0, T);
         load_tile_async<BR, D, THREADS>(s_do + stage * BR * LD, dout + head * D, m0, T);
@@ -344,7 +347,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 
     load_tile_async<BC, D, THREADS>(s_k, k_h, n0, S);
     load_tile_async<BC, D, THREADS>(s_v, v_h, n0, S);
-    if (steps > 0) load_step(0, 0);
+    if (steps > 0) load_step(kvh * group, m_first, 0);
     cp_async_commit();
 
     float acc_dk[D / 8][4], acc_dv[D / 8][4];
@@ -355,14 +358,20 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 
     const int dq_mt = warp % M_TILES, dq_nt0 = (warp / M_TILES) * DQ_NT;
 
+    // (head, query block) of this step and the next, advanced without a division per step.
+    int h = kvh * group, m_block = m_first;
+    int next_h = h, next_m_block = m_block;
     for (int step = 0; step < steps; ++step) {
         const int stage = step & 1;
-        if (step + 1 < steps) load_step(step + 1, stage ^ 1);
+        if (++next_m_block == m_first + m_count) next_m_block = m_first, ++next_h;
+        if (step + 1 < steps) load_step(next_h, next_m_block, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        const int h = kvh * group + step / m_count;
-        const int m0 = (m_first + step % m_count) * BR;
+        const int m0 = m_block * BR;
+        // Every (key, query) pair of the step visible and in range: the block-uniform fast path
+        // skips the per-element mask (most steps; only those near the diagonal need it).
+        const bool all_visible = n0 + BC - 1 <= offset + m0 && m0 + BR <= T && n0 + BC <= S;
         const bf16* q_tile = s_q + stage * BR * LD;
         const bf16* do_tile = s_do + stage * BR * LD;
         const float* lse_tile = s_lse + stage * BR;
@@ -394,15 +403,19 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         // P^T from the saved log-sum-exp; dS^T = P^T (dP^T - delta), also stored for dQ.
 #pragma unroll
         for (int nt = 0; nt < BR / 8; ++nt) {
+            const float2 lse2 = *reinterpret_cast<const float2*>(lse_tile + nt * 8 + quad * 2);
+            const float2 delta2 = *reinterpret_cast<const float2*>(delta_tile + nt * 8 + quad * 2);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int key = n0 + warp * 16 + grp + (e >> 1) * 8;
-                const int col = nt * 8 + quad * 2 + (e & 1);
-                const int query = m0 + col;
-                const bool visible = key <= offset + query && query < T && key < S;
-                const float p = visible ? exp2f(fmaf(acc_s[nt][e], scale_log2, -lse_tile[col])) : 0.f;
+                // A masked score can exceed the row's log-sum-exp (exp2 gives inf): selected away.
+                float p = exp2f(fmaf(acc_s[nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x)));
+                if (!all_visible) {
+                    const int key = n0 + warp * 16 + grp + (e >> 1) * 8;
+                    const int query = m0 + nt * 8 + quad * 2 + (e & 1);
+                    p = key <= offset + query && query < T && key < S ? p : 0.f;
+                }
                 acc_s[nt][e] = p;
-                acc_dp[nt][e] = p * (acc_dp[nt][e] - delta_tile[col]);
+                acc_dp[nt][e] = p * (acc_dp[nt][e] - ((e & 1) ? delta2.y : delta2.x));
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r)
@@ -453,14 +466,18 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                 mma_bf16(acc_dq[2 * np + 1], ds_frag, bk[2], bk[3]);
             }
         }
+        // Two adjacent columns per atomic (sm_90's vector atomicAdd): half the instructions,
+        // and each warp-wide atomic covers whole 32-byte sectors.
         float* dq_h = dq_accum + (size_t)(b * H + h) * T * D;
 #pragma unroll
-        for (int nt = 0; nt < DQ_NT; ++nt)
+        for (int r = 0; r < 2; ++r) {
+            const int row = m0 + dq_mt * 16 + grp + r * 8;
+            if (row >= T) continue;
+            float2* dq_row = reinterpret_cast<float2*>(dq_h + (size_t)row * D + dq_nt0 * 8 + quad * 2);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = m0 + dq_mt * 16 + grp + (e >> 1) * 8;
-                if (row < T) atomicAdd(dq_h + (size_t)row * D + (dq_nt0 + nt) * 8 + quad * 2 + (e & 1), acc_dq[nt][e]);
-            }
+            for (int nt = 0; nt < DQ_NT; ++nt) atomicAdd(dq_row + nt * 4, make_float2(acc_dq[nt][2 * r], acc_dq[nt][2 * r + 1]));
+        }
+        h = next_h, m_block = next_m_block;
         // s_ds and this stage's buffers are overwritten next step.
         __syncthreads();
     }
