@@ -40,11 +40,15 @@ if [ "$what" = kernels ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   fi
   # fla compiles its Triton kernels on first use: give it time; one peer failing stops none
-  (cd bench/peers && { timeout 60 python3 attention_sdpa.py 4096,8192; timeout 240 python3 retention_fla.py 8192,16384;
-    timeout 90 python3 fftconv_torch.py 1024,4096,16384; }) > "$OUT/peers.jsonl" 2> "$OUT/peers.err"
+  # KERNEL_OPS picks a subset (default all three), e.g. KERNEL_OPS=attention for an A/B of one kernel.
+  ops="${KERNEL_OPS:-attention retention longconv}"
+  (cd bench/peers && { [[ $ops != *attention* ]] || timeout 60 python3 attention_sdpa.py 4096,8192
+    [[ $ops != *retention* ]] || timeout 240 python3 retention_fla.py 8192,16384
+    [[ $ops != *longconv* ]] || timeout 90 python3 fftconv_torch.py 1024,4096,16384; }) > "$OUT/peers.jsonl" 2> "$OUT/peers.err"
   # ours at the peers' shapes with binary $1 into folder $2, then the ours/peer table (report.md)
   time_ours() {
     for op in attention:4096,8192 retention:8192,16384 longconv:1024,4096,16384; do
+      [[ $ops == *${op%%:*}* ]] || continue
       timeout 100 $1 bench ops --ops "${op%%:*}" --lengths "${op#*:}" --reps 10 \
         --out "$2/ours-ops-${op%%:*}.jsonl" > /dev/null 2>> "$2/ours.err"
     done
