@@ -46,11 +46,13 @@ pub struct Deferred {
 }
 
 impl Deferred {
-    /// Holds `step`'s loss (a scalar) and gradient norm.
+    /// Holds `step`'s loss (a scalar) and gradient norm, detached: a tensor keeps the graph
+    /// that computed it, so holding the loss itself would keep every activation of the step
+    /// alive until the next read (ten steps' worth of GPU memory).
     pub fn push(&mut self, step: usize, loss: &Tensor, norm: StepNorm) {
         self.steps.push(step);
-        self.losses.push(loss.clone());
-        self.norms.push(norm.0);
+        self.losses.push(loss.detach());
+        self.norms.push(norm.0.detach());
     }
 
     pub fn due(&self) -> bool {
@@ -452,6 +454,21 @@ mod tests {
             d.push(step, &Tensor::new(0.5f32, &dev)?, norm(1.0)?);
         }
         assert!(d.due());
+        Ok(())
+    }
+
+    #[test]
+    fn deferred_holds_values_not_the_graph_that_computed_them() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = candle_core::Var::new(&[1.0f32, 2.0], &dev)?;
+        let loss = w.as_tensor().sqr()?.sum_all()?;
+        let norm = loss.sqrt()?;
+        assert!(loss.track_op() && norm.track_op());
+        let mut d = Deferred::default();
+        d.push(1, &loss, StepNorm(norm));
+        assert!(!d.losses[0].track_op() && !d.norms[0].track_op());
+        d.settle()?;
+        assert_eq!(d.last_loss, 5.0);
         Ok(())
     }
 }
