@@ -18,8 +18,11 @@
 //!   `K Q^T`, so that `P^T` and `dS^T` are directly the A operands of `dV += P^T dO` and
 //!   `dK += dS^T Q`; `dQ += dS K` needs `dS` the other way round, so `dS^T` goes through
 //!   shared memory once and dQ is added to an f32 buffer with atomics (then scaled and
-//!   rounded to bf16 by a tiny pass). `D = rowsum(dO * O)` is a separate one-warp-per-row
-//!   pass, as in FA2.
+//!   rounded to bf16 by a tiny pass), two columns per atomic (sm_90's vector `atomicAdd`).
+//!   `D = rowsum(dO * O)` is a separate one-warp-per-row pass, as in FA2. Only the steps on
+//!   the diagonal evaluate the causal mask; the others take a block-uniform path without it
+//!   (with the mask everywhere the backward executed 1.5x SDPA's instructions at the same
+//!   issue rate; `bench/results/2026-11-29-h200-attention-ncu`).
 //! - Tiles ([`Tiles`]): forward width 64: 4 warps of 16 query rows, 64 keys per step, Q
 //!   fragments held in registers. Width 128: 4 warps of 32 query rows (two m-tiles), 32 keys
 //!   per step (FA2's tiling for this width), so every K and V fragment read from shared memory
