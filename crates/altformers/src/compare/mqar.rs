@@ -60,6 +60,11 @@ pub struct MqarResult {
     /// `(step, accuracy)` during training, when the settings ask for it (`curve_every`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub curve: Vec<(usize, f64)>,
+    /// Peak memory of the training loop above the level before it (bytes; the CUDA pool's
+    /// high-water mark, or the CPU heap's where the counting allocator is installed): what
+    /// decides how many runs share one GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_peak_bytes: Option<u64>,
 }
 
 impl MqarResult {
@@ -101,6 +106,48 @@ pub fn train_and_score(
     let cfg = mqar_model(mixer, task, width, s.depth)?;
     let model = LanguageModel::new(&cfg, seed, device, DType::F32)?;
     let mut opt = AdamW::new(&model.params, 0.9, 0.98, 1e-8, 0.1)?;
+    let started = std::time::Instant::now();
+    let mut trained = None;
+    let train_peak_bytes = crate::bench::alloc::peak_during(device, || {
+        trained = Some(train_loop(mixer, task, width, s, lr, device, seed, &model, &mut opt));
+        Ok(())
+    })?;
+    let (final_loss, curve) = trained.expect("the training closure ran")?;
+    let train_s = started.elapsed().as_secs_f64();
+    let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 7);
+    let accuracy = accuracy(&model, task, s.eval_examples, s.batch_size, &mut rng, device)?;
+    Ok(MqarResult {
+        model: mixer.to_string(),
+        seq_len: task.seq_len,
+        pairs: task.pairs,
+        width,
+        params: model.num_params(),
+        accuracy,
+        final_loss,
+        train_s,
+        vocab: task.vocab,
+        depth: s.depth,
+        steps: s.steps,
+        batch_size: s.batch_size,
+        lr,
+        curve,
+        train_peak_bytes,
+    })
+}
+
+/// The training loop of [`train_and_score`]: the last loss read, and the learning curve.
+#[allow(clippy::too_many_arguments)]
+fn train_loop(
+    mixer: &str,
+    task: &MqarConfig,
+    width: usize,
+    s: &MqarSettings,
+    lr: f64,
+    device: &Device,
+    seed: u64,
+    model: &LanguageModel,
+    opt: &mut AdamW,
+) -> Result<(f64, Vec<(usize, f64)>)> {
     let mut final_loss = f64::NAN;
     let mut curve = Vec::new();
     let started = std::time::Instant::now();
@@ -128,30 +175,12 @@ pub fn train_and_score(
         if s.curve_every > 0 && (step + 1) % s.curve_every == 0 {
             // its own stream: scoring never touches the training batches or the model
             let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 8);
-            let acc = accuracy(&model, task, CURVE_EXAMPLES, s.batch_size, &mut rng, device)?;
+            let acc = accuracy(model, task, CURVE_EXAMPLES, s.batch_size, &mut rng, device)?;
             eprintln!("  mqar {mixer} T={} width={width} lr={lr} step {}: accuracy {acc:.3}", task.seq_len, step + 1);
             curve.push((step + 1, acc));
         }
     }
-    let train_s = started.elapsed().as_secs_f64();
-    let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 7);
-    let accuracy = accuracy(&model, task, s.eval_examples, s.batch_size, &mut rng, device)?;
-    Ok(MqarResult {
-        model: mixer.to_string(),
-        seq_len: task.seq_len,
-        pairs: task.pairs,
-        width,
-        params: model.num_params(),
-        accuracy,
-        final_loss,
-        train_s,
-        vocab: task.vocab,
-        depth: s.depth,
-        steps: s.steps,
-        batch_size: s.batch_size,
-        lr,
-        curve,
-    })
+    Ok((final_loss, curve))
 }
 
 /// The fraction of `examples` fresh queries (drawn from `rng`) whose arg-max prediction is
