@@ -473,9 +473,16 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         for (int r = 0; r < 2; ++r) {
             const int row = m0 + dq_mt * 16 + grp + r * 8;
             if (row >= T) continue;
-            float2* dq_row = reinterpret_cast<float2*>(dq_h + (size_t)row * D + dq_nt0 * 8 + quad * 2);
+            float* dq_row = dq_h + (size_t)row * D + dq_nt0 * 8 + quad * 2;
 #pragma unroll
-            for (int nt = 0; nt < DQ_NT; ++nt) atomicAdd(dq_row + nt * 4, make_float2(acc_dq[nt][2 * r], acc_dq[nt][2 * r + 1]));
+            for (int nt = 0; nt < DQ_NT; ++nt) {
+#if __CUDA_ARCH__ >= 900
+                atomicAdd(reinterpret_cast<float2*>(dq_row + nt * 8), make_float2(acc_dq[nt][2 * r], acc_dq[nt][2 * r + 1]));
+#else
+                atomicAdd(dq_row + nt * 8, acc_dq[nt][2 * r]);
+                atomicAdd(dq_row + nt * 8 + 1, acc_dq[nt][2 * r + 1]);
+#endif
+            }
         }
         h = next_h, m_block = next_m_block;
         // s_ds and this stage's buffers are overwritten next step.
