@@ -60,8 +60,9 @@ pub fn installed() -> bool {
     PEAK.load(Ordering::Relaxed) > 0 || CURRENT.load(Ordering::Relaxed) > 0
 }
 
-/// Bytes allocated on `device` at the peak of `f`, above the level before it; `None` where
-/// it cannot be measured (CPU without the counting allocator, a GPU without memory pools).
+/// Runs `f` and returns the bytes allocated on `device` at its peak, above the level before
+/// it; `None` where that cannot be measured (CPU without the counting allocator, a GPU
+/// without memory pools), `f` having run all the same.
 /// Memory a library allocates behind candle's back is not counted (cuFFT's work area is
 /// ours, so it is).
 pub fn peak_during(
@@ -77,7 +78,7 @@ pub fn peak_during(
         }
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(_) => cuda_pool::peak_during(device, f),
-        _ => Ok(None),
+        _ => f().map(|()| None),
     }
 }
 
@@ -97,7 +98,7 @@ mod cuda_pool {
         f: impl FnOnce() -> candle_core::Result<()>,
     ) -> candle_core::Result<Option<u64>> {
         let Some(pool) = crate::device::cuda_mem_pool(device)? else {
-            return Ok(None);
+            return f().map(|()| None);
         };
         device.synchronize()?;
         let before = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
