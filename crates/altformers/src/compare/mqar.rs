@@ -112,7 +112,7 @@ pub fn train_and_score(
         trained = Some(train_loop(mixer, task, width, s, lr, device, seed, &model, &mut opt));
         Ok(())
     })?;
-    let (final_loss, curve) = trained.expect("the training closure ran")?;
+    let (final_loss, curve) = trained.ok_or_else(|| anyhow::anyhow!("MQAR training of {mixer} did not run"))??;
     let train_s = started.elapsed().as_secs_f64();
     let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 7);
     let accuracy = accuracy(&model, task, s.eval_examples, s.batch_size, &mut rng, device)?;
