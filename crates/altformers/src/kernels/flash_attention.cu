@@ -23,6 +23,9 @@ typedef __nv_bfloat16 bf16;
 namespace {
 
 constexpr int kPad = 8;
+// How far (log2 units) a row's scores may exceed the forward's running max before it is moved:
+// p <= 2^8 keeps the f32 sums and bf16 P far from overflow.
+constexpr float kRescaleSlack = 8.f;
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -198,26 +201,48 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
                     }
         }
 
+        // Block row maxima (scaled, log2 units), then one warp-wide decision: the running max
+        // (the base of every exponent) moves only when some row of the warp has grown past it by
+        // more than kRescaleSlack; otherwise the stale base stays, P stays below 2^kRescaleSlack,
+        // and the rescaling of O and the sums is skipped. After the first blocks that is most
+        // blocks. lse = base + log2(sum) is exact either way.
+        float block_max[MT][2];
+        bool grow = false;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float mx = row_max[mt][r];
+                float mx = -INFINITY;
 #pragma unroll
-                for (int nt = 0; nt < BC / 8; ++nt)
-                    mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * r], acc_s[mt][nt][2 * r + 1]) * scale_log2);
+                for (int nt = 0; nt < BC / 8; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * r], acc_s[mt][nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-                // A row with nothing visible yet keeps max -inf; subtracting 0 then yields p = 0.
-                const float base = mx == -INFINITY ? 0.f : mx;
-                const float rescale = exp2f(row_max[mt][r] - base);
-                row_max[mt][r] = mx;
-                row_sum[mt][r] *= rescale;
+                block_max[mt][r] = mx * scale_log2;  // scale_log2 > 0; -inf stays -inf
+                grow |= block_max[mt][r] > row_max[mt][r] + kRescaleSlack;
+            }
+        if (__any_sync(0xffffffff, grow)) {
 #pragma unroll
-                for (int dn = 0; dn < D / 8; ++dn) {
-                    acc_o[mt][dn][2 * r] *= rescale;
-                    acc_o[mt][dn][2 * r + 1] *= rescale;
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const float mx = fmaxf(row_max[mt][r], block_max[mt][r]);
+                    // A row with nothing visible yet keeps max -inf (rescale of nothing: 0 sums).
+                    const float rescale = mx == -INFINITY ? 1.f : exp2f(row_max[mt][r] - mx);
+                    row_max[mt][r] = mx;
+                    row_sum[mt][r] *= rescale;
+#pragma unroll
+                    for (int dn = 0; dn < D / 8; ++dn) {
+                        acc_o[mt][dn][2 * r] *= rescale;
+                        acc_o[mt][dn][2 * r + 1] *= rescale;
+                    }
                 }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                // Subtracting 0 for a row with nothing visible yet yields p = exp2(-inf) = 0.
+                const float base = row_max[mt][r] == -INFINITY ? 0.f : row_max[mt][r];
 #pragma unroll
                 for (int nt = 0; nt < BC / 8; ++nt)
 #pragma unroll
