@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles every `src/kernels/*.cu` to PTX for sm_90 with nvcc
+//! With the `cuda` feature, compiles every `src/kernels/*.cu` to PTX for sm_90a with nvcc
 //! (scripts/cuda-env.sh provides one) and writes `$OUT_DIR/kernels_ptx.rs`: one
 //! `pub const NAME: &str` (the file stem, upper case) per kernel file. Without the feature
 //! nothing is compiled, so a CPU build needs no CUDA toolkit.
@@ -11,6 +11,8 @@ fn main() {
     let mut consts = String::new();
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+        // sm_90a: Hopper's architecture-specific instructions (wgmma) on top of sm_90's.
+        let arch = if cap == "90" { "sm_90a".to_string() } else { format!("sm_{cap}") };
         let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
         let mut files: Vec<PathBuf> = fs::read_dir("src/kernels")
             .unwrap()
@@ -28,7 +30,7 @@ fn main() {
                     "-O3",
                     "-std=c++17",
                     "--use_fast_math",
-                    &format!("-arch=sm_{cap}"),
+                    &format!("-arch={arch}"),
                     "-Isrc/kernels",
                     "-o",
                 ])

@@ -117,10 +117,46 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     q.device().is_cuda() && bf16 && width_ok && non_empty && super::enabled("attention")
 }
 
+/// Which kernel computes the forward at head width 128 (width 64 always takes `MmaSync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardKernel {
+    /// FlashAttention-2's structure on `mma.sync` tensor-core instructions.
+    MmaSync,
+    /// Hopper's warpgroup MMA (`wgmma`) reading Q, K and V from shared memory; opt-in
+    /// (`ALTFORMERS_ATTENTION_FWD=wgmma`) until it has been measured on a GPU.
+    Wgmma,
+}
+
+impl ForwardKernel {
+    /// `ALTFORMERS_ATTENTION_FWD` (`wgmma` or `mma`), read once; `MmaSync` when unset.
+    pub fn from_env() -> Result<Self> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<ForwardKernel, String>> = std::sync::OnceLock::new();
+        CHOICE
+            .get_or_init(|| match std::env::var("ALTFORMERS_ATTENTION_FWD").as_deref() {
+                Err(_) | Ok("") | Ok("mma") => Ok(ForwardKernel::MmaSync),
+                Ok("wgmma") => Ok(ForwardKernel::Wgmma),
+                Ok(other) => Err(format!("ALTFORMERS_ATTENTION_FWD={other}: expected `mma` or `wgmma`")),
+            })
+            .clone()
+            .map_err(candle_core::Error::Msg)
+    }
+}
+
 /// Causal attention of `q: [B, H, T, d_h]` at positions `offset..offset+T` over `k, v:
 /// [B, KVH, S, d_h]` (query t sees keys s <= offset + t; query head h uses K/V head
 /// h / (H / KVH)), scale 1/sqrt(d_h), fused forward and backward. Requires [`supports`].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    causal_attention_with(q, k, v, offset, ForwardKernel::from_env()?)
+}
+
+/// [`causal_attention`] with the forward kernel named.
+pub fn causal_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    offset: usize,
+    forward: ForwardKernel,
+) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let (kb, kvh, s, kdh) = k.dims4()?;
     if !supports(q, k, v) {
@@ -135,12 +171,13 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
     if t >= MAX_POSITIONS || s >= MAX_POSITIONS || offset >= MAX_POSITIONS || h > MAX_GRID_YZ || b > MAX_GRID_YZ {
         bail!("flash attention: sizes out of range (B {b}, H {h}, T {t}, S {s}, offset {offset})")
     }
-    let op = FlashAttention { offset, lse: Mutex::new(None) };
+    let op = FlashAttention { offset, forward, lse: Mutex::new(None) };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 struct FlashAttention {
     offset: usize,
+    forward: ForwardKernel,
     /// `[B, H, T]` log-sum-exp from the forward, for the backward.
     lse: Mutex<Option<CudaSlice<f32>>>,
 }
@@ -246,12 +283,24 @@ impl CustomOp3 for FlashAttention {
         let (q, k, v) = (bf16_view!(qs, ql, "q"), bf16_view!(ks, kl, "k"), bf16_view!(vs, vl, "v"));
         let mut out = bf16_output(dev, ql.shape())?;
         let mut lse = launch::uninit::<f32>(dev, dims.b * dims.h * dims.t)?;
-        let shared = tiles.fwd_shared_bytes();
-        let func = kernel(dev, &format!("flash_attention_fwd_d{}", dims.dh), shared)?;
-        let cfg = LaunchConfig {
-            grid_dim: (int(dims.t.div_ceil(tiles.fwd_rows()))? as u32, dims.h as u32, dims.b as u32),
-            block_dim: (32 * tiles.fwd_warps as u32, 1, 1),
-            shared_mem_bytes: shared as u32,
+        let (func, cfg) = if self.forward == ForwardKernel::Wgmma && dims.dh == 128 {
+            // 128 query rows (two warpgroups) per CTA; Q and two stages of K and V tiles of
+            // 128 x 128 bf16, plus 1 KB to align them to the swizzle's 1024-byte period.
+            let shared = 5 * 128 * 128 * 2 + 1024;
+            let cfg = LaunchConfig {
+                grid_dim: (int(dims.t.div_ceil(128))? as u32, dims.h as u32, dims.b as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            (kernel(dev, "flash_attention_fwd_wgmma_d128", shared)?, cfg)
+        } else {
+            let shared = tiles.fwd_shared_bytes();
+            let cfg = LaunchConfig {
+                grid_dim: (int(dims.t.div_ceil(tiles.fwd_rows()))? as u32, dims.h as u32, dims.b as u32),
+                block_dim: (32 * tiles.fwd_warps as u32, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            (kernel(dev, &format!("flash_attention_fwd_d{}", dims.dh), shared)?, cfg)
         };
         let [t, s, h, kvh, offset] = dims.ints(self.offset)?;
         let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
@@ -260,7 +309,8 @@ impl CustomOp3 for FlashAttention {
             let mut b = func.builder();
             b.arg(&q).arg(&k).arg(&v).arg(o).arg(&mut lse);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2);
-            // SAFETY: argument list matches flash_attention_fwd_d{64,128}; buffers sized above.
+            // SAFETY: argument list matches flash_attention_fwd_d{64,128} and
+            // flash_attention_fwd_wgmma_d128; buffers sized above.
             unsafe { b.launch(cfg) }.w()?;
         }
         *self.lse.lock().expect("flash attention: lse lock poisoned") = Some(lse);

@@ -1,7 +1,7 @@
 //! The fused flash-attention kernel (forward and backward) against the reference tensor
 //! expression computed in f32 on the CPU from the same bf16-rounded inputs. Needs a CUDA GPU
 //! (sm_90); built and packed by scripts/gpu-package.sh.
-use altformers::kernels::flash_attention;
+use altformers::kernels::flash_attention::{self, ForwardKernel};
 use altformers::mixers::attention::{causal_attention_reference, causal_attention_with_dropout};
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -58,7 +58,11 @@ fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
 /// Fused forward and gradients on the GPU vs the f32 CPU reference, for `q: [B, H, T, dh]`,
 /// `k, v: [B, KVH, offset + T, dh]`.
 fn check(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize) {
-    let case = format!("B {b} H {h} KVH {kvh} T {t} offset {offset} dh {dh}");
+    check_with(b, h, kvh, t, offset, dh, ForwardKernel::MmaSync)
+}
+
+fn check_with(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize, forward: ForwardKernel) {
+    let case = format!("B {b} H {h} KVH {kvh} T {t} offset {offset} dh {dh} forward {forward:?}");
     let s = offset + t;
     let seed = (b * 1_000_003 + h * 10_007 + kvh * 1009 + t * 101 + offset * 7 + dh) as u64;
     let q = random_bf16((b, h, t, dh), seed);
@@ -76,7 +80,7 @@ fn check(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize) {
     let (qg, kg, vg) = (on_gpu(&q), on_gpu(&k), on_gpu(&v));
     assert!(flash_attention::supports(&qg, &kg, &vg), "{case}: fused kernel should apply");
     poison_allocator(&dev);
-    let out = flash_attention::causal_attention(&qg, &kg, &vg, offset).unwrap();
+    let out = flash_attention::causal_attention_with(&qg, &kg, &vg, offset, forward).unwrap();
     assert_close(&format!("{case}: output"), &out, &out_ref);
     let grad_gpu = grad.to_device(&dev).unwrap().to_dtype(DType::F32).unwrap();
     poison_allocator(&dev);
@@ -108,6 +112,19 @@ fn matches_reference_long_sequences() {
     }
     check(2, 4, 2, 2048, 0, 128);
     check(2, 4, 1, 2048, 0, 64);
+}
+
+#[test]
+fn wgmma_forward_matches_reference() {
+    for kvh in [4, 2, 1] {
+        for t in [1, 17, 128, 130, 1000] {
+            check_with(2, 4, kvh, t, 0, 128, ForwardKernel::Wgmma);
+        }
+    }
+    check_with(2, 4, 2, 2048, 0, 128, ForwardKernel::Wgmma);
+    check_with(2, 4, 2, 17, 100, 128, ForwardKernel::Wgmma);
+    check_with(2, 4, 1, 1, 299, 128, ForwardKernel::Wgmma);
+    check_with(2, 4, 4, 130, 70, 128, ForwardKernel::Wgmma);
 }
 
 #[test]
