@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles every `src/kernels/*.cu` to PTX for sm_90a with nvcc
+//! With the `cuda` feature, compiles every `src/kernels/*.cu` to PTX for sm_90 with nvcc
 //! (scripts/cuda-env.sh provides one) and writes `$OUT_DIR/kernels_ptx.rs`: one
 //! `pub const NAME: &str` (the file stem, upper case) per kernel file. Without the feature
 //! nothing is compiled, so a CPU build needs no CUDA toolkit.
@@ -11,8 +11,6 @@ fn main() {
     let mut consts = String::new();
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-        // sm_90a: Hopper's architecture-specific instructions (wgmma) on top of sm_90's.
-        let arch = if cap == "90" { "sm_90a".to_string() } else { format!("sm_{cap}") };
         let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
         let mut files: Vec<PathBuf> = fs::read_dir("src/kernels")
             .unwrap()
@@ -23,6 +21,17 @@ fn main() {
         for cu in files {
             println!("cargo:rerun-if-changed={}", cu.display());
             let stem = cu.file_stem().unwrap().to_str().unwrap().to_string();
+            // `*_sm90a.cu`: Hopper's architecture-specific instructions (wgmma), whose PTX loads
+            // only on compute capability 9.0; for another target the constant is empty and
+            // the kernels' loader reports it. The rest stays portable sm_XX PTX.
+            let arch = match (stem.ends_with("_sm90a"), cap.as_str()) {
+                (true, "90") => "sm_90a".to_string(),
+                (true, _) => {
+                    consts.push_str(&format!("pub const {}: &str = \"\";\n", stem.to_uppercase()));
+                    continue;
+                }
+                (false, _) => format!("sm_{cap}"),
+            };
             let ptx = out.join(format!("{stem}.ptx"));
             let status = Command::new(&nvcc)
                 .args([

@@ -1,4 +1,5 @@
-//! Fused causal softmax attention (kernels in `flash_attention.cu`), the FlashAttention-2
+//! Fused causal softmax attention (kernels in `flash_attention.cu`; the opt-in wgmma forward in
+//! `flash_attention_sm90a.cu`), the FlashAttention-2
 //! algorithm (Dao 2023, arXiv 2307.08691) on sm_90 tensor cores, bf16 in and out with f32
 //! accumulation, head widths 64 and 128, grouped/multi-query K/V, any `T`, any `offset`.
 //!
@@ -57,6 +58,7 @@ use super::launch::{self, LaunchConfig, PushKernelArg};
 use super::ptx;
 
 const MODULE: &str = "altformers_flash_attention";
+const MODULE_SM90A: &str = "altformers_flash_attention_sm90a";
 /// Largest sequence length or offset: the kernels index rows with 32-bit ints.
 const MAX_POSITIONS: usize = 1 << 30;
 /// Largest grid y/z extent (heads, batch).
@@ -214,7 +216,19 @@ fn bf16_output(dev: &CudaDevice, shape: &Shape) -> Result<CudaStorage> {
 }
 
 fn kernel(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<launch::Kernel> {
-    let func = launch::func(dev, MODULE, ptx::FLASH_ATTENTION, name)?;
+    module_kernel(dev, MODULE, ptx::FLASH_ATTENTION, name, shared_bytes)
+}
+
+/// The wgmma forward (`flash_attention_sm90a.cu`), built only for compute capability 9.0.
+fn wgmma_kernel(dev: &CudaDevice, shared_bytes: usize) -> Result<launch::Kernel> {
+    if ptx::FLASH_ATTENTION_SM90A.is_empty() {
+        bail!("flash attention: the wgmma forward needs a build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)")
+    }
+    module_kernel(dev, MODULE_SM90A, ptx::FLASH_ATTENTION_SM90A, "flash_attention_fwd_wgmma_d128", shared_bytes)
+}
+
+fn module_kernel(dev: &CudaDevice, module: &str, ptx: &str, name: &str, shared_bytes: usize) -> Result<launch::Kernel> {
+    let func = launch::func(dev, module, ptx, name)?;
     if shared_bytes > 48 * 1024 {
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -292,7 +306,7 @@ impl CustomOp3 for FlashAttention {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: shared as u32,
             };
-            (kernel(dev, "flash_attention_fwd_wgmma_d128", shared)?, cfg)
+            (wgmma_kernel(dev, shared)?, cfg)
         } else {
             let shared = tiles.fwd_shared_bytes();
             let cfg = LaunchConfig {
