@@ -56,13 +56,14 @@ if [ "$what" = kernels ]; then
     $1 report --from "$2" > /dev/null 2>> "$2/ours.err"
   }
   time_ours "$alt" "$OUT"
-  # The wgmma attention forward (opt-in) of the same package, timed into ours-wgmma/.
+  # The portable mma.sync attention forward (the default on Hopper is wgmma) of the same
+  # package, timed into ours-mma/.
   if [[ $ops == *attention* ]]; then
-    mkdir -p "$OUT/ours-wgmma" && cp "$OUT/peers.jsonl" "$OUT/ours-wgmma/"
-    ALTFORMERS_ATTENTION_FWD=wgmma timeout 100 $alt bench ops --ops attention --lengths 4096,8192 --reps 10 \
-      --out "$OUT/ours-wgmma/ours-ops-attention.jsonl" > /dev/null 2>> "$OUT/ours-wgmma/ours.err"
-    tail -3 "$OUT/ours-wgmma/ours.err"
-    $alt report --from "$OUT/ours-wgmma" > /dev/null 2>> "$OUT/ours-wgmma/ours.err"
+    mkdir -p "$OUT/ours-mma" && cp "$OUT/peers.jsonl" "$OUT/ours-mma/"
+    ALTFORMERS_ATTENTION_FWD=mma timeout 100 $alt bench ops --ops attention --lengths 4096,8192 --reps 10 \
+      --out "$OUT/ours-mma/ours-ops-attention.jsonl" > /dev/null 2>> "$OUT/ours-mma/ours.err"
+    tail -3 "$OUT/ours-mma/ours.err"
+    $alt report --from "$OUT/ours-mma" > /dev/null 2>> "$OUT/ours-mma/ours.err"
   fi
   # A/B in the same run: a second package in .gpu-a (scripts/gpu-package.sh, then copy .gpu
   # to .gpu-a, then build the other commit) times the same ops into ours-a/.

@@ -1,7 +1,7 @@
-//! Fused causal softmax attention (kernels in `flash_attention.cu`; the opt-in wgmma forward in
-//! `flash_attention_sm90a.cu`), the FlashAttention-2
-//! algorithm (Dao 2023, arXiv 2307.08691) on sm_90 tensor cores, bf16 in and out with f32
-//! accumulation, head widths 64 and 128, grouped/multi-query K/V, any `T`, any `offset`.
+//! Fused causal softmax attention (kernels in `flash_attention.cu`; the Hopper wgmma forward,
+//! the default there, in `flash_attention_sm90a.cu`), the FlashAttention-2 algorithm (Dao
+//! 2023, arXiv 2307.08691) on sm_90 tensor cores, bf16 in and out with f32 accumulation,
+//! head widths 64 and 128, grouped/multi-query K/V, any `T`, any `offset`.
 //!
 //! Why it is shaped this way:
 //! - Forward: a CTA owns a block of query rows and streams the visible key/value blocks
@@ -122,25 +122,45 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// Which kernel computes the forward at head width 128 (width 64 always takes `MmaSync`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardKernel {
-    /// FlashAttention-2's structure on `mma.sync` tensor-core instructions.
+    /// `Wgmma` where it can run (a build for compute capability 9.0 on such a device), else
+    /// `MmaSync`. The default.
+    Auto,
+    /// FlashAttention-2's structure on `mma.sync` tensor-core instructions (any sm_80+).
     MmaSync,
-    /// Hopper's warpgroup MMA (`wgmma`) reading Q, K and V from shared memory; opt-in
-    /// (`ALTFORMERS_ATTENTION_FWD=wgmma`) until it has been measured on a GPU.
+    /// Hopper's warpgroup MMA (`wgmma`) reading Q, K and V from shared memory: 1.2x the
+    /// `mma.sync` forward on the H200 (bench/results/2026-11-29-h200-attention-wgmma).
     Wgmma,
 }
 
 impl ForwardKernel {
-    /// `ALTFORMERS_ATTENTION_FWD` (`wgmma` or `mma`), read once; `MmaSync` when unset.
+    /// `ALTFORMERS_ATTENTION_FWD` (`auto`, `wgmma` or `mma`), read once; `Auto` when unset.
     pub fn from_env() -> Result<Self> {
         static CHOICE: std::sync::OnceLock<std::result::Result<ForwardKernel, String>> = std::sync::OnceLock::new();
         CHOICE
             .get_or_init(|| match std::env::var("ALTFORMERS_ATTENTION_FWD").as_deref() {
-                Err(_) | Ok("") | Ok("mma") => Ok(ForwardKernel::MmaSync),
+                Err(_) | Ok("") | Ok("auto") => Ok(ForwardKernel::Auto),
+                Ok("mma") => Ok(ForwardKernel::MmaSync),
                 Ok("wgmma") => Ok(ForwardKernel::Wgmma),
-                Ok(other) => Err(format!("ALTFORMERS_ATTENTION_FWD={other}: expected `mma` or `wgmma`")),
+                Ok(other) => Err(format!("ALTFORMERS_ATTENTION_FWD={other}: expected `auto`, `mma` or `wgmma`")),
             })
             .clone()
             .map_err(candle_core::Error::Msg)
+    }
+
+    /// The kernel that runs for head width `dh` on `dev` (`Auto` resolved).
+    pub fn resolve(self, dev: &CudaDevice, dh: usize) -> Result<Self> {
+        Ok(match self {
+            _ if dh != 128 => ForwardKernel::MmaSync,
+            ForwardKernel::Auto => {
+                let hopper = dev.cuda_stream().context().compute_capability().w()? == (9, 0);
+                if hopper && !ptx::FLASH_ATTENTION_SM90A.is_empty() {
+                    ForwardKernel::Wgmma
+                } else {
+                    ForwardKernel::MmaSync
+                }
+            }
+            chosen => chosen,
+        })
     }
 }
 
@@ -297,7 +317,7 @@ impl CustomOp3 for FlashAttention {
         let (q, k, v) = (bf16_view!(qs, ql, "q"), bf16_view!(ks, kl, "k"), bf16_view!(vs, vl, "v"));
         let mut out = bf16_output(dev, ql.shape())?;
         let mut lse = launch::uninit::<f32>(dev, dims.b * dims.h * dims.t)?;
-        let (func, cfg) = if self.forward == ForwardKernel::Wgmma && dims.dh == 128 {
+        let (func, cfg) = if self.forward.resolve(dev, dims.dh)? == ForwardKernel::Wgmma {
             // 128 query rows (two warpgroups) per CTA; Q and two stages of K and V tiles of
             // 128 x 128 bf16, plus 1 KB to align them to the swizzle's 1024-byte period.
             let shared = 5 * 128 * 128 * 2 + 1024;

@@ -155,3 +155,15 @@ fn mixer_entry_point_dispatches_to_fused() {
         .unwrap();
     assert_eq!(diff, 0.0, "the mixer's causal attention should be the fused kernel for bf16 on CUDA");
 }
+
+/// On Hopper the default forward at width 128 is the wgmma kernel; width 64 and the explicit
+/// choice `mma` stay on `mma.sync`.
+#[test]
+fn default_forward_is_wgmma_on_hopper() {
+    let Device::Cuda(dev) = Device::new_cuda(0).unwrap() else { unreachable!() };
+    let (major, minor) = dev.cuda_stream().context().compute_capability().unwrap();
+    let want = if (major, minor) == (9, 0) { ForwardKernel::Wgmma } else { ForwardKernel::MmaSync };
+    assert_eq!(ForwardKernel::Auto.resolve(&dev, 128).unwrap(), want);
+    assert_eq!(ForwardKernel::Auto.resolve(&dev, 64).unwrap(), ForwardKernel::MmaSync);
+    assert_eq!(ForwardKernel::MmaSync.resolve(&dev, 128).unwrap(), ForwardKernel::MmaSync);
+}
