@@ -29,7 +29,7 @@
 //! against.
 
 use anyhow::{bail, Result as AnyResult};
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
@@ -280,7 +280,15 @@ impl Aft {
             }
             Variant::Local | Variant::Conv => {
                 let (parts, _) = decayed::wkv_chunked_parts(&k, &v, Weighting::default(), chunk, None)?;
-                let y = banded(&k, &v, &parts, &self.band(0, t, &k)?)?;
+                let band = self.band(0, t, &k)?;
+                let y = ratio_with_f64_fallback(k.dtype(), |dtype| {
+                    if dtype == k.dtype() {
+                        return banded_parts(&k, &v, &parts, &band);
+                    }
+                    let (k, v) = (k.to_dtype(dtype)?, v.to_dtype(dtype)?);
+                    let (parts, _) = decayed::wkv_chunked_parts(&k, &v, Weighting::default(), chunk, None)?;
+                    banded_parts(&k, &v, &parts, &band.to_dtype(dtype)?)
+                })?;
                 // decode state: the prefix up to t - s, and the last s - 1 keys and values
                 let s = self.window;
                 let mut tensors = if t >= s {
@@ -307,8 +315,39 @@ impl Aft {
 /// `k, v: [B, S, C]` (positions `0..S`), `bias: [G, Tq, S]` (`w_{t,t'}`; the `C` channels
 /// split into `G` equal groups, group `g` using `bias[g]`) -> `[B, Tq, C]`.
 pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<Tensor> {
-    let (num, den, _) = pairwise_parts(k, v, bias, offset)?;
-    ungroup(&(num / den)?)
+    let ratio = ratio_with_f64_fallback(k.dtype(), |dtype| {
+        let (num, den, _) = pairwise_parts(&k.to_dtype(dtype)?, &v.to_dtype(dtype)?, &bias.to_dtype(dtype)?, offset)?;
+        Ok((num, den))
+    })?;
+    ungroup(&ratio)
+}
+
+/// A denominator below this (each is scaled so that its largest possible term is 1) has lost
+/// terms to underflow: [`pairwise_parts`] stabilises each key position by its largest channel,
+/// so a channel whose keys sit far below the others' (about 46 nats here, 87 to lose
+/// everything) keeps only tiny terms. The likely cause (not yet reproduced) of AFT-conv's NaN
+/// gradient on MQAR (256, 16) at lr 3e-3, its loss falling smoothly until then.
+const UNDERFLOW: f64 = 1e-20;
+
+/// `num / den` of `parts(dtype)` computed in the keys' `dtype`, except where a denominator is
+/// below [`UNDERFLOW`]: those elements come from the same parts in f64 (whose terms underflow
+/// only ~700 nats apart), computed only when some element needs them (one host read of a
+/// flag per call). Element by element, so as causal as the parts; where f32 is exact nothing
+/// changes.
+fn ratio_with_f64_fallback(dtype: DType, parts: impl Fn(DType) -> Result<(Tensor, Tensor)>) -> Result<Tensor> {
+    let (num, den) = parts(dtype)?;
+    if dtype == DType::F64 {
+        return num / den;
+    }
+    let low = den.lt(UNDERFLOW)?;
+    if low.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? == 0.0 {
+        return num / den;
+    }
+    let (num64, den64) = parts(DType::F64)?;
+    let exact = (num64 / den64)?.to_dtype(dtype)?;
+    // the replaced f32 quotients divide by 1, so their (unused) gradients stay finite
+    let den = low.where_cond(&den.ones_like()?, &den)?;
+    low.where_cond(&exact, &(num / den)?)
 }
 
 /// [`pairwise`] before its division: numerator and denominator `[B, G, Tq, C/G]`, each
@@ -318,7 +357,8 @@ pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<
 /// `exp(K_t' + w_{t,t'}) = exp(K_t' - mk_t') exp(w_{t,t'} + mk_t')` with `mk_t'` the largest
 /// key of position `t'` (in its group); the second factor has its row maximum (the log-scale)
 /// subtracted. Both factors are at most 1, and the denominator is at least `exp(-(spread of
-/// the keys at one position))`, so keys up to about +-40 are safe in f32.
+/// the keys at one position))`, so keys up to about +-20 are exact in f32; past that
+/// [`ratio_with_f64_fallback`] takes the elements whose denominators fell too low from f64.
 fn pairwise_parts(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, s, c) = k.dims3()?;
     let bias = if bias.rank() == 3 { bias.unsqueeze(0)? } else { bias.clone() };
@@ -347,8 +387,8 @@ fn ungroup(x: &Tensor) -> Result<Tensor> {
 ///
 /// `k, v: [B, T, C]`; `prefix`: [`decayed::wkv_chunked_parts`] of `k, v` without decay or
 /// bonus (the sums over `t' <= t` at every `t`); `band: [G, T, s]` with
-/// `band[g, t, o] = w_{t, t-o}` -> `[B, T, C]`.
-pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor) -> Result<Tensor> {
+/// `band[g, t, o] = w_{t, t-o}` -> numerator and denominator `[B, T, C]`, on a common scale.
+pub fn banded_parts(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, t, c) = k.dims3()?;
     let (g, _, s) = band.dims3()?;
     let fill = |n: usize, value: f64| -> Result<Tensor> { Tensor::zeros((b, n, c), k.dtype(), k.device())? + value };
@@ -406,7 +446,7 @@ pub fn banded(k: &Tensor, v: &Tensor, prefix: &decayed::WkvParts, band: &Tensor)
     let (fw, fp) = ((mw - &m)?.exp()?, (pscale - &m)?.exp()?);
     let num = ((&fp * pnum)? + (&fw * wnum)?)?;
     let den = ((fp * pden)? + (fw * wden)?)?;
-    num / den
+    Ok((num, den))
 }
 
 impl SequenceMixer for Aft {
@@ -713,6 +753,32 @@ mod tests {
                 assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()), "{name}");
             }
             assert!(rel_err(&ys[0], &ys[1])? < 1e-4 && rel_err(&ys[2], &ys[1])? < 1e-4, "{name}");
+        }
+        Ok(())
+    }
+
+    /// A channel whose keys sit 150 below the others' at every position (a spread a long run
+    /// at a high learning rate can reach): every form stays finite and equal to f64, and so
+    /// do the gradients.
+    #[test]
+    fn aft_dominated_channel_stays_exact() -> AnyResult<()> {
+        for (name, variant) in VARIANTS {
+            let mut outs = Vec::new();
+            for dtype in [DType::F32, DType::F64] {
+                let mut m = mixer(name, variant, &[], dtype);
+                m.key = Linear { weight: Tensor::eye(16, dtype, &Device::Cpu)?, bias: None };
+                let levels: Vec<f64> = (0..16).map(|c| if c == 0 { -100.0 } else { 50.0 }).collect();
+                let levels = Tensor::from_vec(levels, 16, &Device::Cpu)?.to_dtype(dtype)?;
+                let x = candle_core::Var::from_tensor(&randn(&[2, 24, 16], 10, dtype)?.broadcast_add(&levels)?)?;
+                let y = m.forward(&x)?;
+                let dx = y.sqr()?.sum_all()?.backward()?.get(&x).expect("x gets a gradient").clone();
+                outs.push([y, m.reference(&x)?, testing::mixer_recurrent(&m, &x, 6)?, dx]);
+            }
+            for (i, (got, exact)) in outs[0].iter().zip(&outs[1]).enumerate() {
+                assert!(got.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()), "{name} output {i}");
+                let err = rel_err(&got.to_dtype(DType::F64)?, exact)?;
+                assert!(err < 1e-4, "{name} output {i}: {err}");
+            }
         }
         Ok(())
     }
