@@ -4,7 +4,8 @@
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
-OUT="/tmp/gpu-results"
+# Work folder of this invocation (several run side by side, e.g. one per GPU): packed at the end.
+OUT="/tmp/gpu-results-$$"
 mkdir -p "$OUT" "$FINAL"
 what="${1:-all}"
 tag=""
