@@ -18,10 +18,9 @@
 //! `w_i = w0 a^i`, `r_i = a^i` for i = 0, 1, ... until `w_i >= model.context` (w0 =
 //! `base_segment` = 32, a = 2), so every pair keeps w0 rows per segment and the attention
 //! FLOPs are O(T d w0), linear in T; scattering and mixing the log2(T / w0) + 1 pairs'
-//! full-length outputs adds O(T d log(T / w0)) memory traffic (consistent with the measured
-//! time exponent, 1.25-1.3 on one CPU thread over T 2K-8K, where the pairs grow from 7 to 9).
-//! At least one pair must have r = 1 (otherwise some positions would be attended by no pair at
-//! all); the paper's configurations all do.
+//! full-length outputs adds O(T d log(T / w0)) memory traffic. At least one pair must have
+//! r = 1 (otherwise some positions would be attended by no pair at all); the paper's
+//! configurations all do.
 //!
 //! Projections (`qkv`, `out`), multi/grouped-query K/V and rotary positions are the
 //! Transformer's ([`crate::mixers::attention::Attention`]); RoPE is the default position
