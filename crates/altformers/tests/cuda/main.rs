@@ -5,6 +5,7 @@
 
 mod activations;
 mod adamw;
+mod aft;
 mod decayed;
 mod fftconv;
 mod flash_attention;
