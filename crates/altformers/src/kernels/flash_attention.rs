@@ -149,16 +149,18 @@ impl ForwardKernel {
 
     /// The kernel that runs for head width `dh` on `dev` (`Auto` resolved).
     pub fn resolve(self, dev: &CudaDevice, dh: usize) -> Result<Self> {
+        let capability = dev.cuda_stream().context().compute_capability().w()?;
+        let can_wgmma = capability == (9, 0) && !ptx::FLASH_ATTENTION_SM90A.is_empty();
         Ok(match self {
             _ if dh != 128 => ForwardKernel::MmaSync,
-            ForwardKernel::Auto => {
-                let hopper = dev.cuda_stream().context().compute_capability().w()? == (9, 0);
-                if hopper && !ptx::FLASH_ATTENTION_SM90A.is_empty() {
-                    ForwardKernel::Wgmma
-                } else {
-                    ForwardKernel::MmaSync
-                }
-            }
+            ForwardKernel::Auto if can_wgmma => ForwardKernel::Wgmma,
+            ForwardKernel::Auto => ForwardKernel::MmaSync,
+            ForwardKernel::Wgmma if !can_wgmma => bail!(
+                "flash attention: the wgmma forward needs compute capability 9.0 and a build for it \
+                 (CUDA_COMPUTE_CAP=90); this device is {}.{}",
+                capability.0,
+                capability.1
+            ),
             chosen => chosen,
         })
     }

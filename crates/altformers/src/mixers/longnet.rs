@@ -124,7 +124,7 @@ pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, us
         // A segment longer than the sequence is one segment of its rows below T: cut it to T
         // rounded up to the dilation (the same kept rows), not padded to w, which cost O(w)
         // per pair whatever T (at T = 1024 of a context-8192 model, most of the time).
-        let w = if w > t { w.min(t.div_ceil(r) * r) } else { w };
+        let w = if w > t { w.min(t.max(1).div_ceil(r) * r) } else { w };
         let segments = t.div_ceil(w);
         let tp = segments * w;
         let pad = |x: &Tensor| {
