@@ -102,7 +102,15 @@ pub fn render(dir: &Path) -> Result<()> {
                 w
             };
             for ((seq, pairs), task_rows) in group(&rows, |r| (r.seq_len, r.pairs)) {
-                let _ = writeln!(md, "Sequence length {seq}, {pairs} key-value pairs: accuracy by model width (the best over the learning rates tried).\n");
+                // with several rates tried, each cell names the one that won
+                let several_rates = {
+                    let mut lrs: Vec<f64> = task_rows.iter().map(|r| r.lr).collect();
+                    lrs.sort_by(f64::total_cmp);
+                    lrs.dedup();
+                    lrs.len() > 1
+                };
+                let which = if several_rates { "; in brackets the learning rate that gave it" } else { "" };
+                let _ = writeln!(md, "Sequence length {seq}, {pairs} key-value pairs: accuracy by model width (the best over the learning rates tried{which}).\n");
                 let _ = writeln!(
                     md,
                     "| model | {} |",
@@ -115,17 +123,22 @@ pub fn render(dir: &Path) -> Result<()> {
                     let best = |w: usize| {
                         rs.iter()
                             .filter(|r| r.width == w)
-                            .map(|r| r.accuracy)
-                            .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))))
+                            .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
+                            .map(|r| (r.accuracy, r.lr))
                     };
-                    let cells: Vec<String> = widths
-                        .iter()
-                        .map(|&w| best(w).map(|a| format!("{a:.3}")).unwrap_or_else(|| "-".into()))
-                        .collect();
+                    let cell = |(a, lr): (f64, f64)| {
+                        if several_rates {
+                            format!("{a:.3} ({lr:e})")
+                        } else {
+                            format!("{a:.3}")
+                        }
+                    };
+                    let cells: Vec<String> =
+                        widths.iter().map(|&w| best(w).map(cell).unwrap_or_else(|| "-".into())).collect();
                     let _ = writeln!(md, "| {model} | {} |", cells.join(" | "));
                     series.push(Series {
                         name: model,
-                        points: widths.iter().filter_map(|&w| best(w).map(|a| (w as f64, a))).collect(),
+                        points: widths.iter().filter_map(|&w| best(w).map(|(a, _)| (w as f64, a))).collect(),
                     });
                 }
                 let file = format!("mqar-{seq}-{pairs}.svg");
@@ -482,16 +495,16 @@ mod tests {
             dir.join("runs/transformer/metrics.jsonl"),
             "{\"step\":5,\"train_loss\":3.0,\"val_loss\":3.1,\"val_bpb\":4.4,\"tokens_per_s\":1.0,\"elapsed_s\":1.0,\"lr\":0.001}\n{\"step\":10,\"train_loss\":2.0,\"val_loss\":2.0,\"val_bpb\":2.9,\"tokens_per_s\":1.0,\"elapsed_s\":2.0,\"lr\":0.001}\n",
         )?;
-        let m = |w: usize, a: f64| {
+        let m = |w: usize, a: f64, lr: f64| {
             format!(
-                r#"{{"model":"transformer","seq_len":64,"pairs":4,"width":{w},"params":10,"accuracy":{a},"final_loss":0.1}}"#
+                r#"{{"model":"transformer","seq_len":64,"pairs":4,"width":{w},"params":10,"accuracy":{a},"final_loss":0.1,"lr":{lr}}}"#
             )
         };
         // two learning rates at width 64: the table shows the better one; a third with a curve
         let curved = r#"{"model":"transformer","seq_len":64,"pairs":4,"width":64,"params":10,"accuracy":0.5,"final_loss":0.1,"lr":0.003,"curve":[[5,0.1],[10,0.5]]}"#;
         std::fs::write(
             dir.join("mqar.jsonl"),
-            format!("{}\n{}\n{}\n{curved}\n", m(32, 0.5), m(64, 0.99), m(64, 0.25)),
+            format!("{}\n{}\n{}\n{curved}\n", m(32, 0.5, 0.001), m(64, 0.99, 0.001), m(64, 0.25, 0.003)),
         )?;
         let sp = |t: usize, s: f64| {
             format!(
@@ -529,7 +542,7 @@ mod tests {
         // the fitted exponent of a T^2 curve shows in the complexity table
         assert!(md.contains("| 2.00 | 2.00 |"), "{md}");
         assert!(
-            md.contains("| transformer | 0.500 | 0.990 |") && !md.contains("0.250"),
+            md.contains("| transformer | 0.500 (1e-3) | 0.990 (1e-3) |") && !md.contains("0.250"),
             "MQAR shows the best learning rate: {md}"
         );
         for svg in ["loss", "mqar-64-4", "mqar-curve-64-4", "time", "memory", "decode-latency", "decode-state"] {
