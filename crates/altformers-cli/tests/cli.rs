@@ -62,6 +62,11 @@ fn bad_input_is_a_clear_error() {
         &["train", "--model", "transformer", "--data", "shakespeare", "--set", "model.width=abc", "--out", out_s],
         "invalid configuration",
     );
+    // NaN compares false both ways: it must not slip through the range checks
+    fails_with(
+        &["train", "--model", "transformer", "--data", "shakespeare", "--set", "train.min_lr=nan", "--out", out_s],
+        "need 0 <= train.min_lr <= train.lr",
+    );
     let bad_toml = temp("bad.toml");
     std::fs::write(&bad_toml, "[train]\nlearning_rate = 1.0\n").unwrap();
     fails_with(

@@ -180,7 +180,8 @@ impl TrainConfig {
         if self.batch_size == 0 || self.steps == 0 || self.eval_every == 0 || self.eval_batches == 0 {
             bail!("train.batch_size, train.steps, train.eval_every and train.eval_batches must be positive");
         }
-        if !(self.lr > 0.0) || self.min_lr < 0.0 || self.min_lr > self.lr {
+        // written so that NaN fails too
+        if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr.is_nan() || self.min_lr < 0.0 || self.min_lr > self.lr {
             bail!("need 0 <= train.min_lr <= train.lr and train.lr > 0 (got lr {}, min_lr {})", self.lr, self.min_lr);
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {

@@ -39,10 +39,13 @@ const CONV_BATCH: usize = 64;
 const CONV_WIDTH: usize = 768;
 const RETENTION_CHUNK: usize = 64;
 
+/// Runs an op on its inputs.
+type OpFn = Box<dyn Fn(&[Var]) -> candle_core::Result<Tensor>>;
+
 /// One op's inputs (as variables, for the backward) and how to run it.
 struct Case {
     inputs: Vec<Var>,
-    run: Box<dyn Fn(&[Var]) -> candle_core::Result<Tensor>>,
+    run: OpFn,
     batch: usize,
     width: usize,
     heads: usize,
