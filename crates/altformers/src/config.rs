@@ -112,8 +112,8 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("model.dropout must be in [0, 1), got {}", self.dropout);
         }
-        if self.ffn_mult <= 0.0 {
-            bail!("model.ffn_mult must be positive, got {}", self.ffn_mult);
+        if !self.ffn_mult.is_finite() || self.ffn_mult <= 0.0 {
+            bail!("model.ffn_mult must be positive and finite, got {}", self.ffn_mult);
         }
         Ok(())
     }
@@ -180,15 +180,28 @@ impl TrainConfig {
         if self.batch_size == 0 || self.steps == 0 || self.eval_every == 0 || self.eval_batches == 0 {
             bail!("train.batch_size, train.steps, train.eval_every and train.eval_batches must be positive");
         }
-        // written so that NaN fails too
-        if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr.is_nan() || self.min_lr < 0.0 || self.min_lr > self.lr {
-            bail!("need 0 <= train.min_lr <= train.lr and train.lr > 0 (got lr {}, min_lr {})", self.lr, self.min_lr);
+        // NaN compares false both ways: every float check starts with `is_finite`
+        if !self.lr.is_finite()
+            || self.lr <= 0.0
+            || !self.min_lr.is_finite()
+            || self.min_lr < 0.0
+            || self.min_lr > self.lr
+        {
+            bail!(
+                "need 0 <= train.min_lr <= train.lr and train.lr > 0, both finite (got lr {}, min_lr {})",
+                self.lr,
+                self.min_lr
+            );
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             bail!("train.beta1 and train.beta2 must be in [0, 1)");
         }
-        if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
-            bail!("train.grad_clip and train.weight_decay must be non-negative");
+        if !self.grad_clip.is_finite()
+            || self.grad_clip < 0.0
+            || !self.weight_decay.is_finite()
+            || self.weight_decay < 0.0
+        {
+            bail!("train.grad_clip and train.weight_decay must be finite and non-negative");
         }
         Ok(())
     }
