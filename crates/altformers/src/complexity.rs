@@ -1,7 +1,7 @@
 //! What each architecture costs: the review's stated complexity (verbatim), the true one,
 //! and analytic counts the benchmarks and the report compare against measurement.
 
-/// For a stated complexity that ARCHITECTURES.md does not quote from the review.
+/// For a stated complexity that the project's architecture brief does not quote from the review.
 pub const NOT_QUOTED: &str = "(not quoted)";
 
 /// The shape a cost is evaluated at.

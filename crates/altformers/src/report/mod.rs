@@ -378,7 +378,7 @@ pub fn render(dir: &Path) -> Result<()> {
             verdict
         );
     }
-    md.push_str("\n\"(not quoted)\": ARCHITECTURES.md does not quote the review's figure for this model.\n");
+    md.push_str("\n\"(not quoted)\": the project's architecture brief, which quotes the review's complexity lines, has none for this model.\n");
     crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
     Ok(())
 }
