@@ -241,11 +241,9 @@ fn kernel(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<launch::K
     module_kernel(dev, MODULE, ptx::FLASH_ATTENTION, name, shared_bytes)
 }
 
-/// The wgmma forward (`flash_attention_sm90a.cu`), built only for compute capability 9.0.
+/// The wgmma forward (`flash_attention_sm90a.cu`), built only for compute capability 9.0
+/// ([`ForwardKernel::resolve`] has checked that the build and the device have it).
 fn wgmma_kernel(dev: &CudaDevice, shared_bytes: usize) -> Result<launch::Kernel> {
-    if ptx::FLASH_ATTENTION_SM90A.is_empty() {
-        bail!("flash attention: the wgmma forward needs a build for compute capability 9.0 (CUDA_COMPUTE_CAP=90)")
-    }
     module_kernel(dev, MODULE_SM90A, ptx::FLASH_ATTENTION_SM90A, "flash_attention_fwd_wgmma_d128", shared_bytes)
 }
 

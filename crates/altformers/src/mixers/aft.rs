@@ -326,15 +326,15 @@ pub fn pairwise(k: &Tensor, v: &Tensor, bias: &Tensor, offset: usize) -> Result<
 /// terms to underflow: [`pairwise_parts`] stabilises each key position by its largest channel,
 /// so a channel whose keys sit far below the others' (about 35 nats here, 87 to lose
 /// everything) keeps only tiny terms. 1e-15 rather than smaller: the quotient's gradient
-/// divides by `den^2`, which must stay a normal f32. The likely cause (not yet reproduced) of AFT-conv's NaN
-/// gradient on MQAR (256, 16) at lr 3e-3, its loss falling smoothly until then.
+/// divides by `den^2`, which must stay a normal f32. The likely cause (not yet reproduced) of
+/// AFT-conv's NaN gradient on MQAR (256, 16) at lr 3e-3, its loss falling smoothly until then.
 const UNDERFLOW: f64 = 1e-15;
 
 /// `num / den` of `parts(dtype)` computed in the keys' `dtype`, except where a denominator is
 /// below [`UNDERFLOW`]: those elements come from the same parts in f64 (exact to keys ~700
 /// nats apart, gradients to ~350), computed only when some element needs them (one host read
-/// of a flag per call, a device sync on a GPU). Element by element, so as causal as the parts; where f32 is exact nothing
-/// changes.
+/// of a flag per call, a device sync on a GPU). Element by element, so as causal as the parts;
+/// where f32 is exact nothing changes.
 fn ratio_with_f64_fallback(dtype: DType, parts: impl Fn(DType) -> Result<(Tensor, Tensor)>) -> Result<Tensor> {
     let (num, den) = parts(dtype)?;
     if dtype == DType::F64 {
