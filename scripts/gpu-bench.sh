@@ -92,20 +92,29 @@ if [ "$what" = baby ]; then
   run generate --run /tmp/baby --prompt "ROMEO:" --tokens 300 --device cuda > "$OUT/baby-sample.txt" 2>> "$OUT/baby.err"
 fi
 if [ "$what" = seeds ]; then
-  # Issue 2's nanoGPT CPU configuration on the GPU in f32 (the CPU run's arithmetic), several
-  # seeds at once, with and without weight decay on the embeddings (nanoGPT decays them).
+  # Issue 2: nanoGPT's CPU configuration over seeds. Ours on the GPU in f32 (the CPU run's
+  # arithmetic: it reproduced the CPU's val_loss to the printed digits), each run followed by
+  # `eval` over the whole validation split; beside it the PyTorch peer
+  # (bench/peers/nanogpt_char.py, nanoGPT re-implemented) over its own seeds, every process at once.
+  #   gpu-bench.sh seeds "OUR SEEDS" "PEER,SEEDS PEER,SEEDS"   (one peer process per comma group)
   shift
+  ours="${1:-1337 1 2 3}"; peers="${2:-1337,1338 1339,1340}"
   $alt --version > /dev/null  # unpack the binary once, before the processes start
-  for s in ${1:-1 2 3}; do
-    for variant in default decay-emb; do
-      extra=""; [ "$variant" = decay-emb ] && extra="--set train.decay_embeddings=true"
-      run --threads 1 train --model transformer --data shakespeare --config configs/nanogpt-cpu.toml \
-        --set train.seed=$s $extra --device cuda --out /tmp/seeds/$variant-$s > /dev/null 2> "$OUT/seed-$variant-$s.err" &
-    done
+  for s in $ours; do
+    ( run --threads 1 train --model transformer --data shakespeare --config configs/nanogpt-cpu.toml \
+        --set train.seed=$s --device cuda --quiet --out /tmp/seeds/ours-$s > /dev/null 2> "$OUT/seed-$s.err" \
+      && run --threads 1 eval --run /tmp/seeds/ours-$s --data shakespeare --device cuda > /tmp/seeds/ours-$s/eval.json 2>> "$OUT/seed-$s.err" ) &
+  done
+  for group in $peers; do
+    (cd bench/peers && python3 nanogpt_char.py --data ../../data/tinyshakespeare.txt --seeds "$group" \
+      > "$OUT/peer-$group.jsonl" 2> "$OUT/peer-$group.err") &
   done
   wait
-  for f in /tmp/seeds/*/metrics.jsonl; do echo "$(basename $(dirname $f)) $(tail -1 $f)"; done > "$OUT/seeds.txt"
-  cat "$OUT/seeds.txt"
+  for s in $ours; do
+    echo "{\"seed\":$s,\"last_eval\":$(tail -1 /tmp/seeds/ours-$s/metrics.jsonl 2>/dev/null || echo null),\"whole_split\":$(cat /tmp/seeds/ours-$s/eval.json 2>/dev/null || echo null)}"
+  done > "$OUT/ours-seeds.jsonl"
+  cat "$OUT"/peer-*.jsonl > "$OUT/peer-seeds.jsonl" 2>/dev/null
+  cut -c1-300 "$OUT/ours-seeds.jsonl" "$OUT/peer-seeds.jsonl"
 fi
 if [ "$what" = mqar ]; then
   # The recall part of a comparison as one process per (model, task, width, lr), short tasks
