@@ -11,14 +11,25 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 pub struct CountingAlloc;
 
+/// Counts `size` more bytes in use if the allocation `p` succeeded.
+fn counted(p: *mut u8, size: usize) -> *mut u8 {
+    if !p.is_null() {
+        let now = CURRENT.fetch_add(size, Ordering::Relaxed) + size;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+    p
+}
+
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
+        counted(System.alloc(layout), layout.size())
+    }
+
+    /// Forwarded rather than left to the default (`alloc` then writing every byte): calloc
+    /// serves a large block with fresh pages that are already zero, so the default would add
+    /// a full write pass to every zeroed tensor and time the bench's allocator, not the model.
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        counted(System.alloc_zeroed(layout), layout.size())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

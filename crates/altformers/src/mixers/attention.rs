@@ -12,8 +12,9 @@ use candle_core::{Result, Tensor, D};
 use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
 use crate::config::{ModelConfig, Position};
-use crate::nn::{softmax, Linear};
+use crate::nn::Linear;
 use crate::params::ParamBuilder;
+use crate::primitives::causal_softmax::causal_softmax;
 use crate::primitives::rotary;
 
 pub struct Attention {
@@ -86,8 +87,9 @@ pub fn causal_attention_with_dropout(
     causal_attention_reference(q, k, v, offset, dropout)
 }
 
-/// The tensor expression of [`causal_attention_with_dropout`]: the CPU path, the fallback of
-/// the fused kernel, and the reference it is tested against.
+/// The unfused form of [`causal_attention_with_dropout`] (scores, [`causal_softmax`], the
+/// weighted sum): the CPU path, the fallback of the flash kernel, and the reference it is
+/// tested against.
 pub fn causal_attention_reference(
     q: &Tensor,
     k: &Tensor,
@@ -96,48 +98,17 @@ pub fn causal_attention_reference(
     dropout: Option<(f64, &mut crate::rng::Rng)>,
 ) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
-    let (_, kvh, s, _) = k.dims4()?;
+    let kvh = k.dim(1)?;
     let g = h / kvh;
     let q = q.reshape((b, kvh, g * t, dh))?;
     let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
-    // Query 0 sees keys 0..=offset; a mask is needed only if there are keys beyond that.
-    let scores = if s > offset + 1 {
-        let mask = causal_mask(t, s, offset, q.dtype(), q.device())?;
-        scores.reshape((b, kvh, g, t, s))?.broadcast_add(&mask)?.reshape((b, kvh, g * t, s))?
-    } else {
-        scores
-    };
-    let probs = softmax(&scores)?;
+    // rows of `scores` are the G query heads of a group stacked: row r is query r % T
+    let probs = causal_softmax(&scores, t, offset)?;
     let probs = match dropout {
         Some((p, rng)) if p > 0.0 => crate::nn::dropout(&probs, p, rng)?,
         _ => probs,
     };
     probs.matmul(v)?.reshape((b, h, t, dh))
-}
-
-/// `[T, S]`: 0 where key s is visible to query t (s <= offset + t), -inf elsewhere. The
-/// last mask is kept per thread: training asks for the same one in every layer and step,
-/// and on a GPU each fresh one is a synchronous upload.
-fn causal_mask(
-    t: usize,
-    s: usize,
-    offset: usize,
-    dtype: candle_core::DType,
-    dev: &candle_core::Device,
-) -> Result<Tensor> {
-    type Key = (usize, usize, usize, candle_core::DType, candle_core::DeviceLocation);
-    thread_local! {
-        static LAST: std::cell::RefCell<Option<(Key, Tensor)>> = const { std::cell::RefCell::new(None) };
-    }
-    let key: Key = (t, s, offset, dtype, dev.location());
-    if let Some(m) = LAST.with(|c| c.borrow().as_ref().filter(|(k, _)| *k == key).map(|(_, m)| m.clone())) {
-        return Ok(m);
-    }
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    let m = Tensor::from_vec(mask, (t, s), dev)?.to_dtype(dtype)?;
-    LAST.with(|c| *c.borrow_mut() = Some((key, m.clone())));
-    Ok(m)
 }
 
 impl SequenceMixer for Attention {
