@@ -39,6 +39,7 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape, NOT_QUOTED};
 use crate::config::{ModelConfig, Position};
 use crate::params::ParamBuilder;
+use crate::primitives::causal_softmax::causal_mask;
 
 /// `model.options` of the `longnet` mixer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -135,7 +136,8 @@ pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, us
             }
         };
         let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);
-        let mask = causal_mask(w.div_ceil(r), stats_dtype(q.dtype()), dev)?;
+        let n = w.div_ceil(r);
+        let mask = causal_mask(n, n, 0, stats_dtype(q.dtype()), dev)?;
         let (mut out_parts, mut lse_parts, mut order) = (Vec::new(), Vec::new(), Vec::new());
         let mut cover = vec![0u8; h * tp];
         // Heads sharing an offset o = j mod r keep the same rows: one batched product each.
@@ -273,12 +275,6 @@ fn combine(outs: &[Tensor], lses: &[Tensor]) -> Result<Tensor> {
 fn mask_uncovered(cover: &Tensor, lse: &Tensor) -> Result<Tensor> {
     let neg_inf = Tensor::full(f32::NEG_INFINITY, lse.shape(), lse.device())?.to_dtype(lse.dtype())?;
     cover.where_cond(lse, &neg_inf)
-}
-
-/// `[n, n]`: 0 on and below the diagonal, -inf above.
-fn causal_mask(n: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Tensor::from_vec(m, (n, n), dev)?.to_dtype(dtype)
 }
 
 fn index(heads: &[usize], f: impl Fn(usize) -> usize, dev: &Device) -> Result<Tensor> {

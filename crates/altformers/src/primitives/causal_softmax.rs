@@ -9,7 +9,7 @@
 //! reference the fused CPU op is tested against. On the CPU that form builds the mask on the
 //! host at every call (`T S` elements whatever the batch: at T = 8192 the mask is as large as
 //! one sequence's scores, so at a fixed number of tokens per batch its share grows with T)
-//! and walks the scores seven times forward (add, max, subtract, exp, sum, divide) and more
+//! and walks the scores six times forward (add, max, subtract, exp, sum, divide) and more
 //! backward. The fused op reads each row once, skips the invisible keys, and its backward is
 //! one pass over `(p, dp)`: `ds = p (dp - sum(p dp))`.
 
@@ -48,7 +48,7 @@ pub fn causal_softmax_reference(scores: &Tensor, queries: usize, offset: usize) 
 /// The number of rows, after checking the shape (`[..., R, S]`, `R` a multiple of `queries`).
 fn check(scores: &Tensor, queries: usize) -> Result<usize> {
     let dims = scores.dims();
-    if dims.len() < 2 || queries == 0 || dims[dims.len() - 2] % queries != 0 {
+    if dims.len() < 2 || queries == 0 || !dims[dims.len() - 2].is_multiple_of(queries) {
         candle_core::bail!("causal softmax: scores {:?} need [..., R, S] with R a multiple of {queries} queries", dims);
     }
     Ok(scores.elem_count() / dims[dims.len() - 1].max(1))
@@ -57,7 +57,7 @@ fn check(scores: &Tensor, queries: usize) -> Result<usize> {
 /// `[T, S]`: 0 where key s is visible to query t (s <= offset + t), -inf elsewhere. The
 /// last mask is kept per thread: training asks for the same one in every layer and step,
 /// and on a GPU each fresh one is a synchronous upload.
-fn causal_mask(t: usize, s: usize, offset: usize, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
+pub fn causal_mask(t: usize, s: usize, offset: usize, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
     type Key = (usize, usize, usize, DType, candle_core::DeviceLocation);
     thread_local! {
         static LAST: std::cell::RefCell<Option<(Key, Tensor)>> = const { std::cell::RefCell::new(None) };
