@@ -143,6 +143,24 @@ if [ "$what" = mqar ]; then
         seq="${task%x*}"; pairs="${task#*x}"; dir="/tmp/$tag/$m-$seq-$w-$lr"
         while [ "$(jobs -rp | wc -l)" -ge "$procs" ]; do wait -n; done
         left=$((deadline - SECONDS)); [ "$left" -ge 60 ] || break 4
+        # a row the previous file holds already is not rerun (compare would skip it anyway)
+        if [ -n "$previous" ] && grep -q "\"model\":\"$m\",\"seq_len\":$seq,\"pairs\":$pairs,\"width\":$w,.*\"lr\":$(awk -v x="$lr" 'BEGIN { printf "%g", x }')[,}]" "$previous"; then
+          continue
+        fi
+        # With a pace file, a run starts only if it should finish in time, sharing the GPU
+        # with the ones running (time-sliced: n at once each go about 1/n as fast); a killed
+        # run is lost whole, so one that would not finish leaves its turn to a shorter one.
+        if [ -n "${PACE:-}" ]; then
+          # (a width not paced takes the next wider one's figure: an upper bound)
+          est=$(sort -k3,3n "$PACE" | awk -v m="$m" -v t="$seq" -v w="$w" '$1 == m && $2 == t && $3 >= w { print int($4); exit }')
+          # every invocation's runs on the machine (several may share one GPU; on a
+          # many-GPU machine CUDA_VISIBLE_DEVICES tells them apart)
+          running=$(pgrep -fc "^timeout [0-9]+ .*--parts mqar.*--device cuda:$((i % gpus)) " || true)
+          if [ -n "$est" ] && [ "$left" -lt $(( est * (running + 1) * 11 / 10 + 20 )) ]; then
+            echo "skip $m T $seq width $w lr $lr: about ${est} s alone, ${left} s left, $running running" >> "$OUT/$tag-skipped.txt"
+            continue
+          fi
+        fi
         mkdir -p "$dir"
         sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" -e "s/^lrs = .*/lrs = [$lr]/" "$preset" > "$dir/preset.toml"
         if [ -n "$previous" ]; then grep "\"model\":\"$m\",\"seq_len\":$seq,\"pairs\":$pairs,\"width\":$w," "$previous" > "$dir/mqar.jsonl"; fi
@@ -167,6 +185,32 @@ sys.stdout.write(''.join(rows.values()))" > "$OUT/$tag-report/mqar.jsonl"
   cp "$(ls -d /tmp/$tag/*/ | head -1)meta.json" "$OUT/$tag-report/" 2>/dev/null
   $alt report --from "$OUT/$tag-report" > /dev/null 2>> "$OUT/$tag-report.err"
   cut -c1-200 "$OUT/$tag-report/mqar.jsonl"
+fi
+if [ "$what" = pace ]; then
+  # How long one MQAR run of the preset takes alone on this GPU, per model and width at one
+  # task: a 5-step run first (the driver compiles each PTX module once per machine), then
+  # STEPS (default 40) timed steps alone; prints "model T width seconds-for-the-preset's-steps"
+  # lines for `PACE=file gpu-bench.sh mqar` to plan with (appended to $OUT/pace.txt).
+  #   gpu-bench.sh pace PRESET "model1 ..." "T,pairs" "width1 width2 ..."
+  preset="$2"; models="$3"; task="$4"; widths="$5"; n="${STEPS:-40}"
+  seq="${task%,*}"; pairs="${task#*,}"
+  total=$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['mqar']['steps'])" "$preset")
+  for m in $models; do
+    for w in $widths; do
+      for k in 5 $n; do
+        [ "$k" = 5 ] && [ "$w" != "${widths%% *}" ] && continue
+        dir="/tmp/pace/$m-$seq-$w-$k"; mkdir -p "$dir"
+        sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" -e "s/^lrs = .*/lrs = [1e-3]/" \
+          -e "s/^steps = .*/steps = $k/" -e "s/^eval_examples = .*/eval_examples = 16/" -e "/^curve_every/d" "$preset" > "$dir/preset.toml"
+        timeout 120 $alt --threads 1 compare --preset "$dir/preset.toml" --parts mqar --models "$m" --device cuda \
+          --out "$dir" > /dev/null 2> "$OUT/pace-$m-$w-$k.err"
+      done
+      python3 -c "import json,sys; r = json.loads(open(sys.argv[1]).readline()); print(sys.argv[2], sys.argv[3], sys.argv[4], round(r['train_s'] / int(sys.argv[5]) * int(sys.argv[6]), 1))" \
+        "/tmp/pace/$m-$seq-$w-$n/mqar.jsonl" "$m" "$seq" "$w" "$n" "$total" >> "$OUT/pace.txt" 2>> "$OUT/pace.err"
+    done
+  done
+  cat "$OUT/pace.txt" >> "$FINAL/pace.txt"  # appended: several calls may pace in one run
+  cat "$OUT/pace.txt"
 fi
 if [ "$what" = steps ]; then
   # Training-step rate of the carried package and, if present, of .gpu-a (an A/B in one run):
