@@ -147,19 +147,21 @@ if [ "$what" = mqar ]; then
         if [ -n "$previous" ] && grep -q "\"model\":\"$m\",\"seq_len\":$seq,\"pairs\":$pairs,\"width\":$w,.*\"lr\":$(awk -v x="$lr" 'BEGIN { printf "%g", x }')[,}]" "$previous"; then
           continue
         fi
-        # With a pace file, a run starts only if it should finish in time, sharing the GPU
-        # with the ones running (time-sliced: n at once each go about 1/n as fast); a killed
-        # run is lost whole, so one that would not finish leaves its turn to a shorter one.
+        # With a pace file, a run starts only if the work started so far and its own, each
+        # at its time alone, fit in `seconds`: processes on one GPU are time-sliced, so the
+        # work adds up (session 16: three runs of 439 s alone in all took 437 s side by side).
+        # A killed run is lost whole, so one that would not fit leaves its turn to a shorter
+        # one. Invocations started together for one GPU share the ledger (LEDGER, a file).
         if [ -n "${PACE:-}" ]; then
           # (a width not paced takes the next wider one's figure: an upper bound)
           est=$(sort -k3,3n "$PACE" | awk -v m="$m" -v t="$seq" -v w="$w" '$1 == m && $2 == t && $3 >= w { print int($4); exit }')
-          # every invocation's runs on the machine (several may share one GPU; on a
-          # many-GPU machine CUDA_VISIBLE_DEVICES tells them apart)
-          running=$(pgrep -fc "^timeout [0-9]+ .*--parts mqar.*--device cuda:$((i % gpus)) " || true)
-          if [ -n "$est" ] && [ "$left" -lt $(( est * (running + 1) * 11 / 10 + 20 )) ]; then
-            echo "skip $m T $seq width $w lr $lr: about ${est} s alone, ${left} s left, $running running" >> "$OUT/$tag-skipped.txt"
+          ledger="${LEDGER:-/tmp/mqar-ledger}"
+          committed=$(awk '{ s += $1 } END { print s + 0 }' "$ledger" 2>/dev/null || echo 0)
+          if [ -n "$est" ] && [ $((committed + est + 30)) -gt "$limit" ]; then
+            echo "skip $m T $seq width $w lr $lr: about ${est} s alone, ${committed} s of ${limit} s taken" >> "$OUT/$tag-skipped.txt"
             continue
           fi
+          echo "${est:-0} $m $seq $w $lr" >> "$ledger"
         fi
         mkdir -p "$dir"
         sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" -e "s/^lrs = .*/lrs = [$lr]/" "$preset" > "$dir/preset.toml"
