@@ -149,15 +149,18 @@ if [ "$what" = mqar ]; then
         fi
         # With a pace file, a run starts only if the work started so far and its own, each
         # at its time alone, fit in `seconds`: processes on one GPU are time-sliced, so the
-        # work adds up (session 16: three runs of 439 s alone in all took 437 s side by side).
+        # work adds up (session 16: 439 s alone in all took 437 s as three runs side by side,
+        # 504 s took 531 s as two).
         # A killed run is lost whole, so one that would not fit leaves its turn to a shorter
-        # one. Invocations started together for one GPU share the ledger (LEDGER, a file).
+        # one. Invocations started together for one GPU share the ledger (LEDGER, a file: remove
+        # it before starting them).
         if [ -n "${PACE:-}" ]; then
           # (a width not paced takes the next wider one's figure: an upper bound)
           est=$(sort -k3,3n "$PACE" | awk -v m="$m" -v t="$seq" -v w="$w" '$1 == m && $2 == t && $3 >= w { print int($4); exit }')
           ledger="${LEDGER:-/tmp/mqar-ledger}"
           committed=$(awk '{ s += $1 } END { print s + 0 }' "$ledger" 2>/dev/null || echo 0)
-          if [ -n "$est" ] && [ $((committed + est + 30)) -gt "$limit" ]; then
+          # (8% for the slicing's overhead, as measured above, and 20 s for start and scoring)
+          if [ -n "$est" ] && [ $(((committed + est) * 108 / 100 + 20)) -gt "$limit" ]; then
             echo "skip $m T $seq width $w lr $lr: about ${est} s alone, ${committed} s of ${limit} s taken" >> "$OUT/$tag-skipped.txt"
             continue
           fi
