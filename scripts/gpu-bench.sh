@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|steps [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -12,6 +12,11 @@ tag=""
 # The binary: the carried one (ALT overrides it, e.g. a CPU build, to try a mode without a GPU).
 alt="${ALT:-bash .gpu/run.sh}"
 run() { $alt "$@"; }
+# One cell of a preset's recall grid: cell PRESET T PAIRS WIDTH LR [more sed arguments]
+cell() {
+  local preset="$1" seq="$2" pairs="$3" w="$4" lr="$5"; shift 5
+  sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" -e "s/^lrs = .*/lrs = [$lr]/" "$@" "$preset"
+}
 if [ "$what" = peers ] || [ "$what" = all ]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -143,8 +148,10 @@ if [ "$what" = mqar ]; then
         seq="${task%x*}"; pairs="${task#*x}"; dir="/tmp/$tag/$m-$seq-$w-$lr"
         while [ "$(jobs -rp | wc -l)" -ge "$procs" ]; do wait -n; done
         left=$((deadline - SECONDS)); [ "$left" -ge 60 ] || break 4
-        # a row the previous file holds already is not rerun (compare would skip it anyway)
-        if [ -n "$previous" ] && grep -q "\"model\":\"$m\",\"seq_len\":$seq,\"pairs\":$pairs,\"width\":$w,.*\"lr\":$(awk -v x="$lr" 'BEGIN { printf "%g", x }')[,}]" "$previous"; then
+        # this cell's rows in a previous file (both rates); one it holds at this rate is not
+        # rerun (compare would skip it anyway)
+        row="\"model\":\"$m\",\"seq_len\":$seq,\"pairs\":$pairs,\"width\":$w,"
+        if [ -n "$previous" ] && grep -q "$row.*\"lr\":$(awk -v x="$lr" 'BEGIN { printf "%g", x }')[,}]" "$previous"; then
           continue
         fi
         # With a pace file, a run starts only if the work started so far and its own, each
@@ -167,8 +174,8 @@ if [ "$what" = mqar ]; then
           echo "${est:-0} $m $seq $w $lr" >> "$ledger"
         fi
         mkdir -p "$dir"
-        sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" -e "s/^lrs = .*/lrs = [$lr]/" "$preset" > "$dir/preset.toml"
-        if [ -n "$previous" ]; then grep "\"model\":\"$m\",\"seq_len\":$seq,\"pairs\":$pairs,\"width\":$w," "$previous" > "$dir/mqar.jsonl"; fi
+        cell "$preset" "$seq" "$pairs" "$w" "$lr" > "$dir/preset.toml"
+        if [ -n "$previous" ]; then grep "$row" "$previous" > "$dir/mqar.jsonl"; fi
         device="cuda:$((i % gpus))"; [ "${MQAR_DEVICE:-}" = cpu ] && device=cpu
         timeout "$left" $alt --threads 1 compare --preset "$dir/preset.toml" --parts mqar --models "$m" \
           --device "$device" --out "$dir" > /dev/null 2> "$OUT/$tag-$m-$seq-$w-$lr.err" &
@@ -205,8 +212,8 @@ if [ "$what" = pace ]; then
       for k in 5 $n; do
         [ "$k" = 5 ] && [ "$w" != "${widths%% *}" ] && continue
         dir="/tmp/pace/$m-$seq-$w-$k"; mkdir -p "$dir"
-        sed -e "s/^tasks = .*/tasks = [[$seq, $pairs]]/" -e "s/^widths = .*/widths = [$w]/" -e "s/^lrs = .*/lrs = [1e-3]/" \
-          -e "s/^steps = .*/steps = $k/" -e "s/^eval_examples = .*/eval_examples = 16/" -e "/^curve_every/d" "$preset" > "$dir/preset.toml"
+        cell "$preset" "$seq" "$pairs" "$w" 1e-3 \
+          -e "s/^steps = .*/steps = $k/" -e "s/^eval_examples = .*/eval_examples = 16/" -e "/^curve_every/d" > "$dir/preset.toml"
         timeout 120 $alt --threads 1 compare --preset "$dir/preset.toml" --parts mqar --models "$m" --device cuda \
           --out "$dir" > /dev/null 2> "$OUT/pace-$m-$w-$k.err"
       done
