@@ -4,9 +4,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-use altformers::config::RunConfig;
+use altformers::config::{Overrides, RunConfig};
 use altformers::data::{Corpus, DataFormat};
 use altformers::generate::{generate, Mode, SampleOptions};
+use altformers::registry;
 use altformers::train::{self, nats_to_bits, TrainOptions};
 
 /// Counts heap bytes so `bench scaling` can report peak memory on the CPU.
@@ -282,35 +283,6 @@ impl From<BenchModeArg> for altformers::bench::scaling::BenchMode {
     }
 }
 
-/// A full configuration as `--set` lines (every model and train field), so helpers that
-/// rebuild configurations from sets see exactly this one.
-fn config_sets(cfg: &RunConfig) -> Vec<String> {
-    let mut sets = Vec::new();
-    for (section, value) in [("model", serde_json::to_value(&cfg.model)), ("train", serde_json::to_value(&cfg.train))] {
-        if let Ok(serde_json::Value::Object(map)) = value {
-            for (k, v) in map {
-                match (k.as_str(), &v) {
-                    ("mixer", _) => {}
-                    ("options", serde_json::Value::Object(opts)) => {
-                        for (ok, ov) in opts {
-                            sets.push(format!("{section}.options.{ok}={}", toml_literal(ov)));
-                        }
-                    }
-                    _ => sets.push(format!("{section}.{k}={}", toml_literal(&v))),
-                }
-            }
-        }
-    }
-    sets
-}
-
-fn toml_literal(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => format!("\"{s}\""),
-        other => other.to_string(),
-    }
-}
-
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
         .map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("{what}: `{x}` is not a valid value")))
@@ -470,16 +442,16 @@ fn run(command: Command) -> Result<()> {
                 }
                 let saved: RunConfig = altformers::util::read_json(&out.join("config.json"))
                     .with_context(|| format!("cannot resume: {} holds no run", out.display()))?;
-                if saved.model.mixer != model {
+                if saved.model.architecture != model {
                     anyhow::bail!(
                         "--resume: the run in {} trains `{}`, not `{model}`",
                         out.display(),
-                        saved.model.mixer
+                        saved.model.architecture
                     );
                 }
                 saved
             } else {
-                RunConfig::build(&model, config.as_deref(), &sets)?
+                registry::config(&model, &Overrides::from_cli(config.as_deref(), &sets)?)?
             };
             let corpus = Corpus::load(&data, data_format.into())?;
             let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after };
@@ -523,26 +495,27 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Params { model, config, sets, matching } => {
-            let cfg = RunConfig::build(&model, config.as_deref(), &sets)?;
-            let arch = altformers::registry::find(&model)?;
-            let params = altformers::compare::param_count(arch, &config_sets(&cfg), cfg.model.width)
+            let over = Overrides::from_cli(config.as_deref(), &sets)?;
+            let arch = registry::find(&model)?;
+            let cfg = arch.config(&over)?;
+            let params = altformers::compare::param_count(arch, &cfg.model, cfg.model.width)
                 .context("this configuration does not build")?;
             let mut out = serde_json::json!({ "model": model, "width": cfg.model.width, "params": params });
             if let Some(other) = matching {
-                let other_arch = altformers::registry::find(&other)?;
-                let other_cfg = RunConfig::build(&other, config.as_deref(), &sets)?;
-                let target =
-                    altformers::compare::param_count(other_arch, &config_sets(&other_cfg), other_cfg.model.width)
-                        .context("the reference configuration does not build")?;
-                let (extra, p) = altformers::compare::match_params(arch, &config_sets(&cfg), target)?;
-                out["matching"] = serde_json::json!({ "model": other, "params": target, "sets": extra, "params_matched": p,
+                let other_arch = registry::find(&other)?;
+                let other_cfg = other_arch.config(&over)?;
+                let target = altformers::compare::param_count(other_arch, &other_cfg.model, other_cfg.model.width)
+                    .context("the reference configuration does not build")?;
+                let (matched, p) = altformers::compare::match_params(arch, &cfg.model, target)?;
+                let sets = [format!("model.width={}", matched.width), format!("model.ffn_mult={}", matched.ffn_mult)];
+                out["matching"] = serde_json::json!({ "model": other, "params": target, "sets": sets, "params_matched": p,
                     "ratio": p as f64 / target as f64 });
             }
             println!("{out}");
             Ok(())
         }
         Command::ImportRwkv4 { file, out } => {
-            let cfg = altformers::mixers::rwkv4::import(&file, &out)?;
+            let cfg = altformers::import::rwkv4(&file, &out)?;
             println!(
                 "imported RWKV-4 (width {}, {} layers, vocab {}) into {}",
                 cfg.model.width,

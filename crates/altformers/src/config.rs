@@ -1,6 +1,10 @@
 //! Run configuration: model shape and training hyperparameters, from defaults, a TOML file
 //! and `--set key=value` overrides. Every key must already exist in the defaults, so a typo
 //! is an error that names the key, never a silently ignored setting.
+//!
+//! This module is data only: the defaults of each architecture (its typed options, the
+//! changes its paper makes to the common shape) come from the registry, which calls
+//! [`RunConfig::layered`] with them.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -16,24 +20,31 @@ pub enum Position {
     Rope,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChannelMixerKind {
-    /// Linear(d, m d), GELU, Linear(m d, d): GPT-2.
-    Mlp,
-    /// SwiGLU (Shazeer 2020): hidden width 2/3 * m * d so parameters match the MLP.
-    Swiglu,
-    /// RWKV-4 channel mixing: token shift, `sigmoid(W_r x'_r) (.) W_v relu(W_k x'_k)^2`,
-    /// hidden width m * d.
-    Rwkv,
+/// An architecture's own settings (`model.options.*`): a serde struct whose `Default` gives
+/// the defaults (the registry writes them into every new configuration), that refuses
+/// unknown keys (`#[serde(deny_unknown_fields)]`) and checks its values in [`Options::check`].
+pub trait Options: Serialize + serde::de::DeserializeOwned + Default {
+    /// Values the type cannot rule out (a zero chunk, an even filter width...).
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// The model's shape. `mixer` names a registry entry; `options` holds that mixer's own
-/// settings (validated against its defaults).
+/// For architectures without options of their own.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoOptions {}
+
+impl Options for NoOptions {}
+
+/// The model's shape. `architecture` names a registry entry; `options` holds that
+/// architecture's own settings (its [`Options`] type, checked when the model is built).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    pub mixer: String,
+    /// The registry entry (`--model`); earlier run folders call it `mixer`.
+    #[serde(alias = "mixer")]
+    pub architecture: String,
     pub vocab: usize,
     pub width: usize,
     pub depth: usize,
@@ -45,7 +56,8 @@ pub struct ModelConfig {
     pub kv_heads: usize,
     pub position: Position,
     pub rope_base: f64,
-    pub channel_mixer: ChannelMixerKind,
+    /// A channel-mixer registry entry (`mlp`, `swiglu`, `rwkv`; `altformers models` lists them).
+    pub channel_mixer: String,
     /// Hidden width of the channel mixer as a multiple of `width`.
     pub ffn_mult: f64,
     /// Biases in linear layers and layer norms.
@@ -53,15 +65,13 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Share the embedding matrix with the output head (GPT-2, nanoGPT).
     pub tie_embeddings: bool,
-    /// A layer norm right after the embedding (RWKV's `ln0`, stored as `blocks.0.ln0`).
-    pub embed_norm: bool,
     pub options: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
-            mixer: "transformer".into(),
+            architecture: "transformer".into(),
             vocab: 256,
             width: 128,
             depth: 4,
@@ -70,12 +80,11 @@ impl Default for ModelConfig {
             kv_heads: 0,
             position: Position::Learned,
             rope_base: 10000.0,
-            channel_mixer: ChannelMixerKind::Mlp,
+            channel_mixer: "mlp".into(),
             ffn_mult: 4.0,
             bias: false,
             dropout: 0.0,
             tie_embeddings: true,
-            embed_norm: false,
             options: Default::default(),
         }
     }
@@ -118,10 +127,22 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Parses the mixer's options into its own type (unknown keys are errors).
-    pub fn mixer_options<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(serde_json::Value::Object(self.options.clone()))
-            .with_context(|| format!("invalid model.options for mixer `{}`", self.mixer))
+    /// The architecture's options as its own type, checked (unknown keys are errors).
+    pub fn options<T: Options>(&self) -> Result<T> {
+        let o: T = serde_json::from_value(serde_json::Value::Object(self.options.clone()))
+            .with_context(|| format!("invalid model.options for `{}`", self.architecture))?;
+        o.check().with_context(|| format!("invalid model.options for `{}`", self.architecture))?;
+        Ok(o)
+    }
+
+    /// Replaces the options with `o` (checked).
+    pub fn set_options<T: Options>(&mut self, o: &T) -> Result<()> {
+        o.check()?;
+        self.options = match serde_json::to_value(o)? {
+            serde_json::Value::Object(m) => m,
+            other => bail!("options must serialise to a table, got {other}"),
+        };
+        Ok(())
     }
 }
 
@@ -215,34 +236,52 @@ pub struct RunConfig {
     pub train: TrainConfig,
 }
 
-impl RunConfig {
-    /// Defaults for `mixer`, then the TOML file, then `key=value` overrides.
-    pub fn build(mixer: &str, file: Option<&std::path::Path>, sets: &[String]) -> Result<Self> {
-        let arch = crate::registry::find(mixer)?;
-        let mut defaults = RunConfig::default();
-        defaults.model.mixer = arch.name.to_string();
-        defaults.model.options = match (arch.default_options)() {
-            serde_json::Value::Object(m) => m,
-            _ => Default::default(),
-        };
-        (arch.adjust_defaults)(&mut defaults.model);
-        let mut value = toml::Value::try_from(&defaults).context("serializing defaults")?;
+/// Settings laid over the defaults: a configuration file's tables, then `--set key=value`
+/// lines (the one place settings arrive as strings).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// TOML tables (`[model]`, `[train]`), applied in order.
+    pub tables: Vec<toml::Value>,
+    pub sets: Vec<String>,
+}
+
+impl Overrides {
+    /// `--set` lines only.
+    pub fn sets(sets: &[impl ToString]) -> Self {
+        Self { tables: vec![], sets: sets.iter().map(|s| s.to_string()).collect() }
+    }
+
+    /// A configuration file (optional) and `--set` lines, as on the command line.
+    pub fn from_cli(file: Option<&std::path::Path>, sets: &[String]) -> Result<Self> {
+        let mut tables = Vec::new();
         if let Some(path) = file {
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-            let file_value: toml::Value =
+            let value: toml::Value =
                 toml::from_str(&text).with_context(|| format!("config file {} is not valid TOML", path.display()))?;
-            merge(&mut value, &file_value, "")?;
+            tables.push(value);
         }
-        for set in sets {
+        Ok(Self { tables, sets: sets.to_vec() })
+    }
+}
+
+impl RunConfig {
+    /// `defaults` (an architecture's, from the registry), then `over`'s tables, then its
+    /// `key=value` lines; every key must exist in the defaults.
+    pub fn layered(defaults: &RunConfig, over: &Overrides) -> Result<Self> {
+        let mut value = toml::Value::try_from(defaults).context("serializing defaults")?;
+        for table in &over.tables {
+            merge(&mut value, table, "")?;
+        }
+        for set in &over.sets {
             let (key, raw) = set.split_once('=').with_context(|| format!("--set expects key=value, got `{set}`"))?;
             let parsed = parse_value(raw.trim());
             set_path(&mut value, key.trim(), parsed)?;
         }
-        if value.get("model").and_then(|m| m.get("mixer")).and_then(|m| m.as_str()) != Some(arch.name) {
-            bail!("model.mixer is chosen by --model (`{}`), not by the config", arch.name);
-        }
         let config: RunConfig = value.try_into().context("invalid configuration")?;
+        if config.model.architecture != defaults.model.architecture {
+            bail!("model.architecture is chosen by --model (`{}`), not by the config", defaults.model.architecture);
+        }
         config.validate()?;
         Ok(config)
     }

@@ -7,7 +7,7 @@ use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::encode;
-use crate::model::LanguageModel;
+use crate::model::Model;
 use crate::rng::{stream, Rng};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +58,7 @@ fn last_logits(logits: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// Continues `prompt` by `opts.tokens` bytes; returns only the new bytes.
-pub fn generate(model: &LanguageModel, prompt: &[u8], opts: &SampleOptions, mode: Mode) -> Result<Vec<u8>> {
+pub fn generate(model: &Model, prompt: &[u8], opts: &SampleOptions, mode: Mode) -> Result<Vec<u8>> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one byte");
     }

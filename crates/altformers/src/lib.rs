@@ -1,14 +1,16 @@
 //! altformers: the Transformer and the architectures proposed to replace it, implemented
 //! against one contract ([`mixers::SequenceMixer`]), trained and measured on equal footing.
 
+pub mod backbones;
 pub mod bench;
-pub mod blocks;
+pub mod channel_mixers;
 pub mod compare;
 pub mod complexity;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod generate;
+pub mod import;
 pub mod kernels;
 pub mod mixers;
 pub mod model;

@@ -2,11 +2,12 @@
 //! `train --model`, the benchmarks and the report all read this list, so a new
 //! architecture appears everywhere by adding one entry here.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
+use crate::backbones::{self, Backbone, BackboneFn, MixerFn, Parts};
 use crate::complexity::Complexity;
-use crate::config::ModelConfig;
-use crate::mixers::{self, SequenceMixer};
+use crate::config::{ModelConfig, NoOptions, Options, Overrides, RunConfig};
+use crate::mixers::{self, aft, hyena, longnet, retnet, rwkv4};
 use crate::params::ParamBuilder;
 
 pub struct Architecture {
@@ -14,25 +15,120 @@ pub struct Architecture {
     pub summary: &'static str,
     /// arXiv id(s) of the paper(s) followed.
     pub paper: &'static str,
-    /// Trains as a causal language model.
+    /// Trains as a causal language model (else: a bidirectional encoder).
     pub causal: bool,
     /// Its recurrent form needs no fixed window (no learned positions, constant state), so
     /// generation may run past the training context.
     pub unbounded_context: bool,
-    /// The mixer's own options and their defaults (`model.options.*`).
-    pub default_options: fn() -> serde_json::Value,
+    /// Its own options (`model.options.*`): defaults and checks from one typed struct.
+    pub options: OptionsSpec,
     /// Changes to the common model defaults this architecture's paper makes.
     pub adjust_defaults: fn(&mut ModelConfig),
-    /// Builds the sequence mixer of layer `layer`, parameters under `pb`.
-    pub build: fn(&ModelConfig, usize, &ParamBuilder) -> Result<Box<dyn SequenceMixer>>,
+    /// The sequence mixer of each layer, where the architecture has one (the benchmarks
+    /// time it alone).
+    pub mixer: Option<MixerFn>,
+    /// Builds the whole model: [`backbones::stack::build`] for a new mixer in the default
+    /// stack, or a backbone of its own.
+    pub backbone: BackboneFn,
     pub complexity: Complexity,
 }
 
-fn no_options() -> serde_json::Value {
-    serde_json::json!({})
+/// An [`Options`] type seen through function pointers, so a static table can hold it.
+pub struct OptionsSpec {
+    /// `T::default()` as JSON.
+    pub defaults: fn() -> serde_json::Map<String, serde_json::Value>,
+    /// Parses and checks `model.options` as `T`.
+    pub check: fn(&ModelConfig) -> Result<()>,
+}
+
+/// The [`OptionsSpec`] of `T`.
+pub const fn options<T: Options>() -> OptionsSpec {
+    fn defaults<T: Options>() -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(T::default()) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => panic!("an options type must serialise to a JSON object"),
+        }
+    }
+    fn check<T: Options>(cfg: &ModelConfig) -> Result<()> {
+        cfg.options::<T>().map(|_| ())
+    }
+    OptionsSpec { defaults: defaults::<T>, check: check::<T> }
 }
 
 fn keep_defaults(_: &mut ModelConfig) {}
+
+impl Architecture {
+    /// The run configuration every setting of which is this architecture's default.
+    pub fn defaults(&self) -> RunConfig {
+        let mut config = RunConfig::default();
+        config.model.architecture = self.name.to_string();
+        config.model.options = (self.options.defaults)();
+        (self.adjust_defaults)(&mut config.model);
+        config
+    }
+
+    /// The defaults with `over` laid on them, checked.
+    pub fn config(&self, over: &Overrides) -> Result<RunConfig> {
+        let config = RunConfig::layered(&self.defaults(), over)?;
+        self.check(&config.model)?;
+        Ok(config)
+    }
+
+    /// Everything about `model` that the common checks cannot see: its options, its channel
+    /// mixer's name.
+    pub fn check(&self, model: &ModelConfig) -> Result<()> {
+        model.validate()?;
+        channel_mixer(&model.channel_mixer)?;
+        (self.options.check)(model)
+    }
+}
+
+/// A position-wise channel mixer (`model.channel_mixer`).
+pub struct ChannelMixer {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub build: MixerFn,
+}
+
+pub static CHANNEL_MIXERS: &[ChannelMixer] = &[
+    ChannelMixer {
+        name: "mlp",
+        summary: "GPT-2's Linear(d, m d), exact GELU, Linear(m d, d) (m = model.ffn_mult)",
+        build: crate::channel_mixers::mlp,
+    },
+    ChannelMixer {
+        name: "swiglu",
+        summary: "SwiGLU (2002.05202): down(silu(gate x) * up x), hidden 2/3 m d so parameters match the MLP",
+        build: crate::channel_mixers::swiglu,
+    },
+    ChannelMixer {
+        name: "rwkv",
+        summary: "RWKV-4's channel mix: token shift, sigmoid(W_r x'_r) * W_v relu(W_k x'_k)^2, hidden m d",
+        build: rwkv4::channel_mix,
+    },
+];
+
+pub fn channel_mixer(name: &str) -> Result<&'static ChannelMixer> {
+    match CHANNEL_MIXERS.iter().find(|c| c.name == name) {
+        Some(c) => Ok(c),
+        None => {
+            let known: Vec<&str> = CHANNEL_MIXERS.iter().map(|c| c.name).collect();
+            bail!("unknown model.channel_mixer `{name}`; known: {}", known.join(", "))
+        }
+    }
+}
+
+/// Builds the backbone `config` names, parameters under `pb`.
+pub fn build(config: &ModelConfig, pb: &ParamBuilder) -> Result<Box<dyn Backbone>> {
+    let arch = find(&config.architecture)?;
+    arch.check(config)?;
+    let parts = Parts {
+        mixer: arch.mixer,
+        channel_mixer: channel_mixer(&config.channel_mixer)?.build,
+        unbounded_context: arch.unbounded_context,
+    };
+    (arch.backbone)(config, pb, &parts).with_context(|| format!("building `{}`", arch.name))
+}
 
 pub static ARCHITECTURES: &[Architecture] = &[Architecture {
     name: "transformer",
@@ -40,9 +136,10 @@ pub static ARCHITECTURES: &[Architecture] = &[Architecture {
     paper: "1706.03762, 1911.02150, 2305.13245, 2104.09864",
     causal: true,
     unbounded_context: false,
-    default_options: no_options,
+    options: options::<NoOptions>(),
     adjust_defaults: keep_defaults,
-    build: mixers::attention::build,
+    mixer: Some(mixers::attention::build),
+    backbone: backbones::stack::build,
     complexity: mixers::attention::COMPLEXITY,
 },
 Architecture {
@@ -51,10 +148,11 @@ Architecture {
     paper: "2302.10866",
     causal: true,
     unbounded_context: false,
-    default_options: mixers::hyena::default_options,
-    adjust_defaults: mixers::hyena::adjust_defaults,
-    build: mixers::hyena::build,
-    complexity: mixers::hyena::COMPLEXITY,
+    options: options::<hyena::HyenaOptions>(),
+    adjust_defaults: hyena::adjust_defaults,
+    mixer: Some(hyena::build),
+    backbone: backbones::stack::build,
+    complexity: hyena::COMPLEXITY,
 },
 Architecture {
     name: "longnet",
@@ -62,10 +160,11 @@ Architecture {
     paper: "2307.02486",
     causal: true,
     unbounded_context: false,
-    default_options: mixers::longnet::default_options,
-    adjust_defaults: mixers::longnet::adjust_defaults,
-    build: mixers::longnet::build,
-    complexity: mixers::longnet::COMPLEXITY,
+    options: options::<longnet::LongNetOptions>(),
+    adjust_defaults: longnet::adjust_defaults,
+    mixer: Some(longnet::build),
+    backbone: backbones::stack::build,
+    complexity: longnet::COMPLEXITY,
 },
 Architecture {
     name: "rwkv4",
@@ -73,10 +172,11 @@ Architecture {
     paper: "2305.13048",
     causal: true,
     unbounded_context: true,
-    default_options: mixers::rwkv4::default_options,
-    adjust_defaults: mixers::rwkv4::adjust_defaults,
-    build: mixers::rwkv4::build,
-    complexity: mixers::rwkv4::COMPLEXITY,
+    options: options::<rwkv4::Rwkv4Options>(),
+    adjust_defaults: rwkv4::adjust_defaults,
+    mixer: Some(rwkv4::build),
+    backbone: backbones::stack::build_rwkv4,
+    complexity: rwkv4::COMPLEXITY,
 },
 Architecture {
     name: "retnet",
@@ -84,10 +184,11 @@ Architecture {
     paper: "2307.08621",
     causal: true,
     unbounded_context: true,
-    default_options: mixers::retnet::default_options,
-    adjust_defaults: mixers::retnet::adjust_defaults,
-    build: mixers::retnet::build,
-    complexity: mixers::retnet::COMPLEXITY,
+    options: options::<retnet::RetNetOptions>(),
+    adjust_defaults: retnet::adjust_defaults,
+    mixer: Some(retnet::build),
+    backbone: backbones::stack::build,
+    complexity: retnet::COMPLEXITY,
 },
 Architecture {
     name: "aft-full",
@@ -95,10 +196,11 @@ Architecture {
     paper: "2105.14103",
     causal: true,
     unbounded_context: false,
-    default_options: mixers::aft::full_options,
-    adjust_defaults: mixers::aft::adjust_defaults,
-    build: mixers::aft::build_full,
-    complexity: mixers::aft::FULL_COMPLEXITY,
+    options: options::<aft::FullOptions>(),
+    adjust_defaults: aft::adjust_defaults,
+    mixer: Some(aft::build_full),
+    backbone: backbones::stack::build,
+    complexity: aft::FULL_COMPLEXITY,
 },
 Architecture {
     name: "aft-simple",
@@ -106,10 +208,11 @@ Architecture {
     paper: "2105.14103",
     causal: true,
     unbounded_context: true,
-    default_options: mixers::aft::simple_options,
-    adjust_defaults: mixers::aft::adjust_defaults,
-    build: mixers::aft::build_simple,
-    complexity: mixers::aft::SIMPLE_COMPLEXITY,
+    options: options::<aft::SimpleOptions>(),
+    adjust_defaults: aft::adjust_defaults,
+    mixer: Some(aft::build_simple),
+    backbone: backbones::stack::build,
+    complexity: aft::SIMPLE_COMPLEXITY,
 },
 Architecture {
     name: "aft-local",
@@ -117,10 +220,11 @@ Architecture {
     paper: "2105.14103",
     causal: true,
     unbounded_context: false,
-    default_options: mixers::aft::window_options,
-    adjust_defaults: mixers::aft::adjust_defaults,
-    build: mixers::aft::build_local,
-    complexity: mixers::aft::WINDOW_COMPLEXITY,
+    options: options::<aft::WindowOptions>(),
+    adjust_defaults: aft::adjust_defaults,
+    mixer: Some(aft::build_local),
+    backbone: backbones::stack::build,
+    complexity: aft::WINDOW_COMPLEXITY,
 },
 Architecture {
     name: "aft-conv",
@@ -128,10 +232,11 @@ Architecture {
     paper: "2105.14103",
     causal: true,
     unbounded_context: true,
-    default_options: mixers::aft::window_options,
-    adjust_defaults: mixers::aft::adjust_defaults,
-    build: mixers::aft::build_conv,
-    complexity: mixers::aft::WINDOW_COMPLEXITY,
+    options: options::<aft::WindowOptions>(),
+    adjust_defaults: aft::adjust_defaults,
+    mixer: Some(aft::build_conv),
+    backbone: backbones::stack::build,
+    complexity: aft::WINDOW_COMPLEXITY,
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {
@@ -142,6 +247,12 @@ pub fn find(name: &str) -> Result<&'static Architecture> {
             bail!("unknown model `{name}`; known models: {}", known.join(", "))
         }
     }
+}
+
+/// The defaults of `name` with `over` laid on them, checked: what `train --model NAME
+/// --config FILE --set ...` trains.
+pub fn config(name: &str, over: &Overrides) -> Result<RunConfig> {
+    find(name)?.config(over)
 }
 
 /// The `altformers models` listing: a Markdown table.
@@ -163,6 +274,10 @@ pub fn table() -> String {
             verdict,
             a.paper
         ));
+    }
+    s.push_str("\n| channel mixer (model.channel_mixer) | what it is |\n|---|---|\n");
+    for c in CHANNEL_MIXERS {
+        s.push_str(&format!("| {} | {} |\n", c.name, c.summary));
     }
     s
 }

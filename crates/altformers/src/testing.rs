@@ -6,7 +6,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::config::ModelConfig;
 use crate::mixers::SequenceMixer;
-use crate::model::LanguageModel;
+use crate::model::Model;
 use crate::rng::{stream, Rng};
 
 /// A tiny configuration of `mixer` (width 16, 2 layers, 2 heads, context 24), with
@@ -14,8 +14,7 @@ use crate::rng::{stream, Rng};
 pub fn tiny_config(mixer: &str, sets: &[&str]) -> Result<ModelConfig> {
     let mut all = vec!["model.width=16", "model.depth=2", "model.heads=2", "model.context=24"];
     all.extend_from_slice(sets);
-    let sets: Vec<String> = all.iter().map(|s| s.to_string()).collect();
-    Ok(crate::config::RunConfig::build(mixer, None, &sets)?.model)
+    Ok(crate::registry::config(mixer, &crate::config::Overrides::sets(&all))?.model)
 }
 
 /// Gaussian tensor from a seeded stream.
@@ -98,7 +97,7 @@ pub fn assert_causal(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor) -> Resul
 
 /// Logits of the whole model in recurrent mode (prefill `split`, then steps) against the
 /// parallel form; returns the relative error.
-pub fn model_modes_err(model: &LanguageModel, tokens: &Tensor, split: usize) -> Result<f64> {
+pub fn model_modes_err(model: &Model, tokens: &Tensor, split: usize) -> Result<f64> {
     let parallel = model.forward(tokens, None)?;
     let (mut outs, mut state) = if split > 0 {
         let (l, s) = model.prefill(&tokens.narrow(1, 0, split)?)?;
@@ -117,8 +116,8 @@ pub fn model_modes_err(model: &LanguageModel, tokens: &Tensor, split: usize) -> 
 /// model's recurrent-vs-parallel error ([`model_modes_err`], prefill 4).
 pub fn mixed_precision_errs(cfg: &ModelConfig) -> Result<(f64, f64)> {
     let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
-    let full = LanguageModel::new(cfg, 1, &Device::Cpu, DType::F32)?;
-    let mixed = LanguageModel::new(cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
+    let full = Model::new(cfg, 1, &Device::Cpu, DType::F32)?;
+    let mixed = Model::new(cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
     let forward = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
     Ok((forward, model_modes_err(&mixed, &tokens, 4)?))
 }
@@ -134,12 +133,11 @@ pub fn model_gradient_err(cfg: &ModelConfig, seed: u64) -> Result<f64> {
 /// initialisation are mostly under 1e-6 (deep multiplicative gating, as in Hyena) need a
 /// larger step than 1e-5 for the check to measure the gradient rather than the noise.
 pub fn model_gradient_err_with_step(cfg: &ModelConfig, seed: u64, eps: f64) -> Result<f64> {
-    let model = LanguageModel::new(cfg, seed, &Device::Cpu, DType::F64)?;
+    let model = Model::new(cfg, seed, &Device::Cpu, DType::F64)?;
     let tokens = random_tokens(2, cfg.context.min(12), cfg.vocab, seed)?;
     let targets = random_tokens(2, cfg.context.min(12), cfg.vocab, seed + 1)?;
-    let loss_of =
-        || -> Result<f64> { Ok(LanguageModel::loss(&model.forward(&tokens, None)?, &targets)?.to_scalar::<f64>()?) };
-    let loss = LanguageModel::loss(&model.forward(&tokens, None)?, &targets)?;
+    let loss_of = || -> Result<f64> { Ok(Model::loss(&model.forward(&tokens, None)?, &targets)?.to_scalar::<f64>()?) };
+    let loss = Model::loss(&model.forward(&tokens, None)?, &targets)?;
     let grads = loss.backward()?;
     let mut rng = Rng::new(seed);
     let mut worst: f64 = 0.0;

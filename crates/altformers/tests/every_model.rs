@@ -2,7 +2,6 @@
 //! architecture added to the registry that breaks any of them fails here.
 
 use altformers::bench::{decode, scaling};
-use altformers::config::RunConfig;
 use altformers::data::{Corpus, DataFormat};
 use altformers::registry::ARCHITECTURES;
 use altformers::train::{train, TrainOptions};
@@ -68,7 +67,7 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let cfg = RunConfig::build(&name, None, &sets)?;
+        let cfg = arch.config(&altformers::config::Overrides::sets(&sets))?;
         let dir = std::env::temp_dir().join(format!("altformers-every-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let opts = TrainOptions {
@@ -84,7 +83,7 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         std::fs::remove_dir_all(&dir)?;
 
         // Decoding keeps no autograd history in its state (else memory grows per token).
-        let model = altformers::model::LanguageModel::new(&cfg.model, 1, &Device::Cpu, DType::F32)?;
+        let model = altformers::model::Model::new(&cfg.model, 1, &Device::Cpu, DType::F32)?;
         let (_, mut state) = model.prefill(&candle_core::Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?)?;
         assert!(!state.tracks_graph(), "{name}: prefill state records its history");
         for token in [4u32, 5] {

@@ -1,11 +1,11 @@
 //! Training memory does not grow with the steps a loop keeps unread: the loss and gradient
-//! norm held between reads (`train::Deferred`) must not keep their steps' autograd graphs, and
+//! norm held between reads (`train::step::Deferred`) must not keep their steps' autograd graphs, and
 //! so the activations, alive. Measured with the counting allocator the CLI installs.
 
 use altformers::bench::alloc::CountingAlloc;
 use altformers::compare::mqar::{train_and_score, MqarSettings};
 use altformers::data::mqar::MqarConfig;
-use altformers::train::SYNC_EVERY;
+use altformers::train::step::SYNC_EVERY;
 use candle_core::Device;
 
 #[global_allocator]
@@ -23,6 +23,7 @@ fn training_peak(steps: usize) -> u64 {
         lrs: vec![1e-3],
         eval_examples: 16,
         curve_every: 0,
+        optimizer: Default::default(),
     };
     let row = train_and_score("transformer", &task, 32, &settings, 1e-3, &Device::Cpu, 3).expect("MQAR trains");
     row.train_peak_bytes.expect("the counting allocator is installed")

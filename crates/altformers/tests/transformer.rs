@@ -5,7 +5,7 @@ use altformers::config::RunConfig;
 use altformers::data::{Corpus, DataFormat};
 use altformers::generate::{generate, Mode, SampleOptions};
 use altformers::mixers::attention::Attention;
-use altformers::model::LanguageModel;
+use altformers::model::Model;
 use altformers::params::ParamBuilder;
 use altformers::testing::*;
 use altformers::train::optim::AdamW;
@@ -14,8 +14,8 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 
 type Result<T> = anyhow::Result<T>;
 
-fn model(sets: &[&str], seed: u64) -> Result<LanguageModel> {
-    LanguageModel::new(&tiny_config("transformer", sets)?, seed, &Device::Cpu, DType::F32)
+fn model(sets: &[&str], seed: u64) -> Result<Model> {
+    Model::new(&tiny_config("transformer", sets)?, seed, &Device::Cpu, DType::F32)
 }
 
 #[test]
@@ -88,7 +88,7 @@ fn grouped_query_attention_equals_multi_head_with_shared_kv() -> Result<()> {
     assert!(err < 1e-5, "rel err {err}");
     let (_, s_gqa) = gqa.prefill(&tokens)?;
     let (_, s_mha) = mha.prefill(&tokens)?;
-    let kv_bytes = |s: &altformers::model::ModelState| s.layers.iter().map(|(a, _)| a.bytes()).sum::<usize>();
+    let kv_bytes = |s: &altformers::model::ModelState| s.layers.iter().step_by(2).map(|a| a.bytes()).sum::<usize>();
     assert_eq!(kv_bytes(&s_mha), 2 * kv_bytes(&s_gqa));
     let mqa = model(&["model.heads=4", "model.kv_heads=1"], 1)?;
     let (_, s_mqa) = mqa.prefill(&tokens)?;
@@ -124,10 +124,10 @@ fn tiny_model_overfits_one_batch() -> Result<()> {
     let x = random_tokens(4, 16, 256, 8)?;
     let y = random_tokens(4, 16, 256, 9)?;
     let mut opt = AdamW::new(&m.params, 0.9, 0.99, 1e-8, 0.0)?;
-    let first = LanguageModel::loss(&m.forward(&x, None)?, &y)?.to_scalar::<f32>()?;
+    let first = Model::loss(&m.forward(&x, None)?, &y)?.to_scalar::<f32>()?;
     let mut last = first;
     for _ in 0..150 {
-        let loss = LanguageModel::loss(&m.forward(&x, None)?, &y)?;
+        let loss = Model::loss(&m.forward(&x, None)?, &y)?;
         last = loss.to_scalar::<f32>()?;
         opt.step(&loss.backward()?, 3e-3, 1.0)?;
     }
@@ -151,7 +151,7 @@ fn tiny_run(steps: usize) -> Result<RunConfig> {
     .map(|s| s.to_string())
     .chain([format!("train.steps={steps}"), format!("train.decay_steps={steps}")])
     .collect();
-    RunConfig::build("transformer", None, &sets)
+    altformers::registry::config("transformer", &altformers::config::Overrides::sets(&sets))
 }
 
 fn opts(out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> TrainOptions {
@@ -202,7 +202,7 @@ fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_m
     let cfg = tiny_run(6)?;
     train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, None))?;
     let loaded = altformers::train::load_run(&dir, &Device::Cpu, DType::F32)?;
-    let fresh = LanguageModel::new(&cfg.model, cfg.train.seed, &Device::Cpu, DType::F32)?;
+    let fresh = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu, DType::F32)?;
     let tokens = random_tokens(2, 16, 256, 3)?;
     // the loaded weights are the trained ones, not a fresh initialisation
     assert!(rel_err(&loaded.forward(&tokens, None)?, &fresh.forward(&tokens, None)?)? > 1e-3);

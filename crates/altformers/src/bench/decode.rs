@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{time_it, Timing};
-use crate::config::{Position, RunConfig};
-use crate::model::{LanguageModel, ModelState};
+use crate::config::Position;
+use crate::model::{Model, ModelState};
 use crate::registry;
 use crate::rng::{stream, Rng};
 
@@ -51,17 +51,13 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
         let arch = registry::find(name)?;
         let mut stop: Option<String> = None;
         for &context in &opts.contexts {
-            let sets = vec![
-                format!("model.width={}", opts.width),
-                format!("model.heads={}", opts.heads),
-                format!("model.depth={}", opts.depth),
-                format!("model.context={}", context + opts.steps + 1),
-            ];
-            let mut cfg = RunConfig::build(arch.name, None, &sets)?.model;
+            let mut cfg = arch.defaults().model;
+            (cfg.width, cfg.heads, cfg.depth) = (opts.width, opts.heads, opts.depth);
+            cfg.context = context + opts.steps + 1;
             if cfg.position == Position::Learned {
                 cfg.position = Position::Rope; // no position table to outgrow
             }
-            let model = LanguageModel::new(&cfg, 0, device, opts.dtype)?;
+            let model = Model::new(&cfg, 0, device, opts.dtype)?;
             for &batch in &opts.batches {
                 let shape = crate::complexity::CostShape { batch, seq: context, width: opts.width, heads: opts.heads };
                 let estimate = (arch.complexity.memory)(&shape) * opts.dtype.size_in_bytes() as f64;
@@ -105,13 +101,7 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
 }
 
 /// Prefills `context` random tokens, then times single steps from that state.
-fn measure(
-    model: &LanguageModel,
-    context: usize,
-    batch: usize,
-    steps: usize,
-    device: &Device,
-) -> Result<(Timing, usize)> {
+fn measure(model: &Model, context: usize, batch: usize, steps: usize, device: &Device) -> Result<(Timing, usize)> {
     let mut rng = Rng::derive(2, stream::TEST, context as u64);
     let toks: Vec<u32> = (0..batch * context).map(|_| rng.below(256) as u32).collect();
     let prompt = Tensor::from_vec(toks, (batch, context), device)?;

@@ -1,14 +1,14 @@
 //! `altformers bench scaling`: one mixer layer and one full block per model, T doubling,
 //! batch chosen so B * T is constant; median time, peak memory, analytic FLOPs.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{alloc, fit, Timing};
+use crate::backbones::stack::Block;
 use crate::complexity::CostShape;
-use crate::config::{ModelConfig, RunConfig};
-use crate::model::Block;
+use crate::config::ModelConfig;
 use crate::params::ParamBuilder;
 use crate::registry::{self, Architecture};
 use crate::rng::{stream, Rng};
@@ -76,17 +76,13 @@ pub struct ScalingFit {
 
 /// A bench configuration of `arch` at width/heads/context (the paper's other defaults kept).
 pub fn bench_config(arch: &Architecture, width: usize, heads: usize, context: usize) -> Result<ModelConfig> {
-    let sets = vec![
-        format!("model.width={width}"),
-        format!("model.heads={heads}"),
-        format!("model.context={context}"),
-        "model.depth=1".to_string(),
-    ];
-    let mut cfg = RunConfig::build(arch.name, None, &sets)?.model;
+    let mut cfg = arch.defaults().model;
+    (cfg.width, cfg.heads, cfg.context, cfg.depth) = (width, heads, context, 1);
     if cfg.position == crate::config::Position::Learned {
         // positions live in the embedding, outside the layer being measured
         cfg.position = crate::config::Position::None;
     }
+    arch.check(&cfg)?;
     Ok(cfg)
 }
 
@@ -227,11 +223,13 @@ impl Prepared {
         device: &Device,
     ) -> Result<Self> {
         let pb = ParamBuilder::new(0, device, opts.dtype);
+        let mixer = arch.mixer.with_context(|| format!("`{}` has no sequence mixer to time alone", arch.name))?;
         let layer: Layer = if component == "mixer" {
-            let m = (arch.build)(cfg, 0, &pb.pp("att"))?;
+            let m = mixer(cfg, 0, &pb.pp("att"))?;
             Box::new(move |x| m.forward(x))
         } else {
-            let b = Block::new(cfg, 0, &pb)?;
+            let channel_mixer = crate::registry::channel_mixer(&cfg.channel_mixer)?.build;
+            let b = Block::new(cfg, 0, &pb, mixer, channel_mixer)?;
             Box::new(move |x| b.forward(x))
         };
         let n = shape.batch * shape.seq * shape.width;

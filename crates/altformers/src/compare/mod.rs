@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::bench::{decode, scaling, Provenance};
-use crate::config::RunConfig;
+use crate::config::{ModelConfig, Overrides, RunConfig};
 use crate::data::{mqar::MqarConfig, Corpus, DataFormat};
-use crate::model::LanguageModel;
+use crate::model::Model;
 use crate::registry::{self, Architecture};
 use crate::train::{train, TrainOptions};
 
@@ -36,8 +36,12 @@ pub struct Preset {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LmSettings {
-    /// `--set`-style overrides applied to every model's defaults (shape and training).
-    pub sets: Vec<String>,
+    /// Laid over every model's defaults as a configuration file's `[model]` table is.
+    #[serde(default)]
+    pub model: toml::Table,
+    /// Likewise the `[train]` table.
+    #[serde(default)]
+    pub train: toml::Table,
     /// Every model's width is solved so its parameters match the Transformer's at this width.
     pub reference_width: usize,
 }
@@ -128,24 +132,33 @@ pub struct QualityRow {
     pub elapsed_s: f64,
 }
 
-/// Parameters of `arch` built with `sets` at `width`, or `None` if that width is invalid
+impl LmSettings {
+    /// `arch`'s defaults with this section's tables laid over them.
+    pub fn config(&self, arch: &Architecture) -> Result<RunConfig> {
+        let mut tables = toml::Table::new();
+        tables.insert("model".into(), toml::Value::Table(self.model.clone()));
+        tables.insert("train".into(), toml::Value::Table(self.train.clone()));
+        arch.config(&Overrides { tables: vec![toml::Value::Table(tables)], sets: vec![] })
+    }
+}
+
+/// Parameters of `arch` built as `model` but at `width`, or `None` if that width is invalid
 /// for it.
-pub fn param_count(arch: &Architecture, sets: &[String], width: usize) -> Option<usize> {
-    let mut all = sets.to_vec();
-    all.push(format!("model.width={width}"));
-    let cfg = RunConfig::build(arch.name, None, &all).ok()?;
-    LanguageModel::new(&cfg.model, 0, &Device::Cpu, DType::F32).ok().map(|m| m.num_params())
+pub fn param_count(arch: &Architecture, model: &ModelConfig, width: usize) -> Option<usize> {
+    let mut m = model.clone();
+    m.width = width;
+    arch.check(&m).ok()?;
+    Model::new(&m, 0, &Device::Cpu, DType::F32).ok().map(|m| m.num_params())
 }
 
 /// The width (a multiple of the head count; widths a model rejects are skipped) whose
 /// parameter count is closest to `target`.
-pub fn solve_width(arch: &Architecture, sets: &[String], target: usize) -> Result<(usize, usize)> {
-    let cfg = RunConfig::build(arch.name, None, sets)?;
-    let step = cfg.model.heads;
+pub fn solve_width(arch: &Architecture, model: &ModelConfig, target: usize) -> Result<(usize, usize)> {
+    let step = model.heads;
     let mut best: Option<(usize, usize)> = None;
     let mut width = step;
     while width <= 64 * step.max(16) {
-        if let Some(p) = param_count(arch, sets, width) {
+        if let Some(p) = param_count(arch, model, width) {
             let better = best.is_none_or(|(_, bp)| p.abs_diff(target) < bp.abs_diff(target));
             if better {
                 best = Some((width, p));
@@ -159,26 +172,23 @@ pub fn solve_width(arch: &Architecture, sets: &[String], target: usize) -> Resul
     best.with_context(|| format!("no valid width found for {}", arch.name))
 }
 
-/// Settings that bring `arch` within 5% of `target` parameters: the closest width, and where
-/// the width's granularity is too coarse (small models), the channel mixer's `ffn_mult`
-/// adjusted in steps of 1/16 around that width. Returns the `--set` lines and the count.
-pub fn match_params(arch: &Architecture, sets: &[String], target: usize) -> Result<(Vec<String>, usize)> {
-    let (width, params) = solve_width(arch, sets, target)?;
-    let mut best = (vec![format!("model.width={width}")], params);
+/// `model` brought within 5% of `target` parameters: the closest width, and where the width's
+/// granularity is too coarse (small models), the channel mixer's `ffn_mult` adjusted in steps
+/// of 1/16 around that width. Returns the configuration and its count.
+pub fn match_params(arch: &Architecture, model: &ModelConfig, target: usize) -> Result<(ModelConfig, usize)> {
+    let (width, params) = solve_width(arch, model, target)?;
+    let mut best = (ModelConfig { width, ..model.clone() }, params);
     let off = |p: usize| (p as f64 / target as f64 - 1.0).abs();
     if off(params) <= 0.05 {
         return Ok(best);
     }
-    let cfg = RunConfig::build(arch.name, None, sets)?;
-    let step = cfg.model.heads;
+    let step = model.heads;
     for w in [width.saturating_sub(step), width, width + step].into_iter().filter(|&w| w > 0) {
         for k in -8i32..=8 {
-            let mult = cfg.model.ffn_mult * (1.0 + k as f64 / 16.0);
-            let mut trial = sets.to_vec();
-            trial.push(format!("model.ffn_mult={mult}"));
+            let trial = ModelConfig { ffn_mult: model.ffn_mult * (1.0 + k as f64 / 16.0), ..model.clone() };
             if let Some(p) = param_count(arch, &trial, w) {
                 if off(p) < off(best.1) {
-                    best = (vec![format!("model.width={w}"), format!("model.ffn_mult={mult}")], p);
+                    best = (ModelConfig { width: w, ..trial }, p);
                 }
             }
         }
@@ -244,13 +254,12 @@ pub fn run(
     if select.runs("lm") {
         let corpus = Corpus::load(data, format)?;
         let reference = registry::find("transformer")?;
-        let target = param_count(reference, &preset.lm.sets, preset.lm.reference_width)
+        let target = param_count(reference, &preset.lm.config(reference)?.model, preset.lm.reference_width)
             .context("the reference Transformer does not build")?;
         for arch in &causal {
-            let (extra, params) = match_params(arch, &preset.lm.sets, target)?;
-            let mut sets = preset.lm.sets.clone();
-            sets.extend(extra);
-            let cfg = RunConfig::build(arch.name, None, &sets)?;
+            let mut cfg = preset.lm.config(arch)?;
+            let params;
+            (cfg.model, params) = match_params(arch, &cfg.model, target)?;
             let width = cfg.model.width;
             let run_dir = out.join("runs").join(arch.name);
             if run_dir.exists() {
@@ -466,6 +475,7 @@ mod tests {
             lrs: vec![1e-3],
             eval_examples: 8,
             curve_every: 0,
+            optimizer: Default::default(),
         };
         let (dir, mut p, file) = tiny_preset("mqar-rerun", settings)?;
         let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: 1 };
@@ -498,6 +508,7 @@ mod tests {
             lrs: vec![1e-3, 3e-3],
             eval_examples: 8,
             curve_every: 0,
+            optimizer: Default::default(),
         };
         let (base, _, file) = tiny_preset("mqar-jobs", settings)?;
         let mut results = Vec::new();

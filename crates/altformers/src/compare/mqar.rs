@@ -4,12 +4,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, D};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ModelConfig, RunConfig};
+use crate::config::{ModelConfig, TrainConfig};
 use crate::data::mqar::MqarConfig;
-use crate::model::LanguageModel;
+use crate::model::Model;
 use crate::rng::{stream, Rng};
-use crate::train::optim::{learning_rate, AdamW};
-use crate::train::Deferred;
+use crate::train::step::Trainer;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MqarSettings {
@@ -28,6 +27,65 @@ pub struct MqarSettings {
     /// is logged and kept in the row's `curve`: how many steps a model needs to solve a task.
     #[serde(default)]
     pub curve_every: usize,
+    /// The optimizer around each run's peak rate (Zoology's settings by default).
+    #[serde(default)]
+    pub optimizer: MqarOptimizer,
+}
+
+/// AdamW and schedule settings of the recall runs; the peak rate comes from
+/// [`MqarSettings::lrs`], the steps and batch from the settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqarOptimizer {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    /// Linear warm-up over this fraction of the steps.
+    pub warmup_fraction: f64,
+    /// Cosine decay to this fraction of the peak rate at the last step.
+    pub min_lr_fraction: f64,
+}
+
+impl Default for MqarOptimizer {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            warmup_fraction: 0.1,
+            min_lr_fraction: 0.1,
+        }
+    }
+}
+
+impl MqarSettings {
+    /// The training settings of one run at peak rate `lr`.
+    pub fn train_config(&self, lr: f64, seed: u64) -> Result<TrainConfig> {
+        let o = &self.optimizer;
+        let train = TrainConfig {
+            batch_size: self.batch_size,
+            steps: self.steps,
+            lr,
+            min_lr: lr * o.min_lr_fraction,
+            warmup_steps: (self.steps as f64 * o.warmup_fraction) as usize,
+            decay_steps: self.steps,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            decay_embeddings: false,
+            grad_clip: o.grad_clip,
+            eval_every: self.steps,
+            eval_batches: 1,
+            seed,
+        };
+        train.validate().context("the MQAR optimizer settings")?;
+        Ok(train)
+    }
 }
 
 /// Examples scored for each point of a learning curve (separate from the final evaluation's).
@@ -77,18 +135,14 @@ impl MqarResult {
     }
 }
 
-/// The model configuration for one MQAR run of `mixer`.
-pub fn mqar_model(mixer: &str, task: &MqarConfig, width: usize, depth: usize) -> Result<ModelConfig> {
-    let heads = if width >= 64 { 4 } else { 2 };
-    let sets = vec![
-        format!("model.width={width}"),
-        format!("model.heads={heads}"),
-        format!("model.depth={depth}"),
-        format!("model.context={}", task.seq_len),
-        format!("model.vocab={}", task.vocab),
-        "model.dropout=0.0".into(),
-    ];
-    Ok(RunConfig::build(mixer, None, &sets)?.model)
+/// The model configuration for one MQAR run of `architecture`.
+pub fn mqar_model(architecture: &str, task: &MqarConfig, width: usize, depth: usize) -> Result<ModelConfig> {
+    let arch = crate::registry::find(architecture)?;
+    let mut m = arch.defaults().model;
+    m.heads = if width >= 64 { 4 } else { 2 };
+    (m.width, m.depth, m.context, m.vocab, m.dropout) = (width, depth, task.seq_len, task.vocab, 0.0);
+    arch.check(&m)?;
+    Ok(m)
 }
 
 /// Trains `mixer` at `width` on `task` (peak learning rate `lr`, the rest from `s`) and
@@ -104,12 +158,12 @@ pub fn train_and_score(
 ) -> Result<MqarResult> {
     task.validate()?;
     let cfg = mqar_model(mixer, task, width, s.depth)?;
-    let model = LanguageModel::new(&cfg, seed, device, DType::F32)?;
-    let mut opt = AdamW::new(&model.params, 0.9, 0.98, 1e-8, 0.1)?;
+    let model = Model::new(&cfg, seed, device, DType::F32)?;
+    let mut trainer = Trainer::new(&model, &s.train_config(lr, seed)?)?;
     let started = std::time::Instant::now();
     let mut trained = None;
     let train_peak_bytes = crate::bench::alloc::peak_during(device, || {
-        trained = Some(train_loop(mixer, task, width, s, lr, device, seed, &model, &mut opt));
+        trained = Some(train_loop(mixer, task, width, s, &model, &mut trainer));
         Ok(())
     })?;
     let (final_loss, curve) = trained.ok_or_else(|| anyhow::anyhow!("MQAR training of {mixer} did not run"))??;
@@ -136,32 +190,24 @@ pub fn train_and_score(
 }
 
 /// The training loop of [`train_and_score`]: the last loss read, and the learning curve.
-#[allow(clippy::too_many_arguments)]
 fn train_loop(
     mixer: &str,
     task: &MqarConfig,
     width: usize,
     s: &MqarSettings,
-    lr: f64,
-    device: &Device,
-    seed: u64,
-    model: &LanguageModel,
-    opt: &mut AdamW,
+    model: &Model,
+    trainer: &mut Trainer,
 ) -> Result<(f64, Vec<(usize, f64)>)> {
+    let (lr, seed, device) = (trainer.train.lr, trainer.train.seed, model.device().clone());
     let mut final_loss = f64::NAN;
     let mut curve = Vec::new();
     let started = std::time::Instant::now();
-    let mut pending = Deferred::default();
     for step in 0..s.steps {
-        let mut rng = Rng::derive(seed, stream::TRAIN_BATCH, step as u64);
-        let (x, rows, y) = task.batch(s.batch_size, &mut rng, device)?;
-        let loss = candle_nn::loss::cross_entropy(&model.forward_at(&x, &rows)?.to_dtype(DType::F32)?, &y)?;
-        let norm = opt.step(&loss.backward()?, learning_rate(step, lr, lr * 0.1, s.steps / 10, s.steps), 1.0)?;
-        pending.push(step + 1, &loss, norm);
+        trainer.step(model, task, step)?;
         let log = (step + 1) % (s.steps / 10).max(1) == 0;
-        if pending.due() || log || step + 1 == s.steps {
-            pending.settle().with_context(|| format!("MQAR training of {mixer} diverged"))?;
-            final_loss = pending.last_loss;
+        if trainer.pending.due() || log || step + 1 == s.steps {
+            trainer.pending.settle().with_context(|| format!("MQAR training of {mixer} diverged"))?;
+            final_loss = trainer.last_loss();
         }
         if log {
             let secs = started.elapsed().as_secs_f64();
@@ -175,7 +221,7 @@ fn train_loop(
         if s.curve_every > 0 && (step + 1) % s.curve_every == 0 {
             // its own stream: scoring never touches the training batches or the model
             let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 8);
-            let acc = accuracy(model, task, CURVE_EXAMPLES, s.batch_size, &mut rng, device)?;
+            let acc = accuracy(model, task, CURVE_EXAMPLES, s.batch_size, &mut rng, &device)?;
             eprintln!("  mqar {mixer} T={} width={width} lr={lr} step {}: accuracy {acc:.3}", task.seq_len, step + 1);
             curve.push((step + 1, acc));
         }
@@ -186,7 +232,7 @@ fn train_loop(
 /// The fraction of `examples` fresh queries (drawn from `rng`) whose arg-max prediction is
 /// the value paired with their key.
 fn accuracy(
-    model: &LanguageModel,
+    model: &Model,
     task: &MqarConfig,
     examples: usize,
     batch: usize,
@@ -225,6 +271,7 @@ mod tests {
             lrs: vec![3e-3],
             eval_examples: 32,
             curve_every: 0,
+            optimizer: Default::default(),
         };
         let plain = train_and_score("transformer", &task, 16, &s, 3e-3, &Device::Cpu, 5)?;
         s.curve_every = 3;

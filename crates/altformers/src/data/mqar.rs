@@ -87,7 +87,7 @@ impl MqarConfig {
 
     /// `batch` examples as tensors: inputs `[B, T]` (u32), the scored positions as rows of
     /// the flattened `[B T]` (`[N]`, u32), and the value expected at each (`[N]`, u32). Only
-    /// those rows need logits (see `LanguageModel::forward_at`).
+    /// those rows need logits (see `Model::forward_at`).
     pub fn batch(&self, batch: usize, rng: &mut Rng, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
         let (mut xs, mut rows, mut ys) = (vec![], vec![], vec![]);
         for b in 0..batch {

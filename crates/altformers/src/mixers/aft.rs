@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
-use crate::config::{ModelConfig, Position};
+use crate::config::{ModelConfig, Options, Position};
 use crate::nn::{gather_rows, Linear};
 use crate::params::ParamBuilder;
 use crate::primitives::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
@@ -52,45 +52,72 @@ pub const DEFAULT_WINDOW: usize = 32;
 /// Covers the comparison's contexts (LM 256, recall up to 256) and the scaling bench's shortest.
 pub const DEFAULT_DENSE_BELOW: usize = 512;
 
-#[derive(Deserialize, Serialize)]
+/// `model.options` of `aft-full`.
+#[derive(Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct FullOptions {
+pub struct FullOptions {
     /// Rank of the factorised bias `w = U V^T`; 0 learns the full matrix.
-    rank: usize,
+    pub rank: usize,
 }
 
+impl Options for FullOptions {}
+
+/// `model.options` of `aft-simple`.
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct SimpleOptions {
+pub struct SimpleOptions {
     /// Chunk length of the chunkwise prefix sums.
-    chunk: usize,
+    pub chunk: usize,
 }
 
+impl Default for SimpleOptions {
+    fn default() -> Self {
+        Self { chunk: DEFAULT_CHUNK }
+    }
+}
+
+impl Options for SimpleOptions {
+    fn check(&self) -> AnyResult<()> {
+        positive_chunk(self.chunk)
+    }
+}
+
+fn positive_chunk(chunk: usize) -> AnyResult<()> {
+    if chunk == 0 {
+        bail!("model.options.chunk must be positive");
+    }
+    Ok(())
+}
+
+/// `model.options` of `aft-local` and `aft-conv`.
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct WindowOptions {
+pub struct WindowOptions {
     /// Window `s`: `w_{t,t'}` is learned for `0 <= t - t' < s`.
-    window: usize,
+    pub window: usize,
     /// Chunk length of the chunkwise prefix sums.
-    chunk: usize,
+    pub chunk: usize,
     /// Sequences up to this length run the exact dense pairwise form in `forward`: O(T^2 d)
     /// in a few large matmuls. Its `[B, T, T]` weights are smaller than the chunkwise prefix
     /// sums' per-channel `[B, T, C, chunk]` ones until T ~ C chunk, and on 2 CPU cores its
     /// forward is 2-13x faster than the windowed form's at T = 1024..128 (16K tokens of 64
     /// channels, s = 32; the windowed form's prefix sums take most of its time). 0: never.
-    dense_below: usize,
+    pub dense_below: usize,
 }
 
-pub fn full_options() -> serde_json::Value {
-    serde_json::json!({ "rank": 0 })
+impl Default for WindowOptions {
+    fn default() -> Self {
+        Self { window: DEFAULT_WINDOW, chunk: DEFAULT_CHUNK, dense_below: DEFAULT_DENSE_BELOW }
+    }
 }
 
-pub fn simple_options() -> serde_json::Value {
-    serde_json::json!({ "chunk": DEFAULT_CHUNK })
-}
-
-pub fn window_options() -> serde_json::Value {
-    serde_json::json!({ "window": DEFAULT_WINDOW, "chunk": DEFAULT_CHUNK, "dense_below": DEFAULT_DENSE_BELOW })
+impl Options for WindowOptions {
+    fn check(&self) -> AnyResult<()> {
+        if self.window == 0 {
+            bail!("model.options.window must be positive");
+        }
+        positive_chunk(self.chunk)
+    }
 }
 
 /// AFT replaces attention in a GPT-style block and carries positions in `w` (none for
@@ -133,7 +160,7 @@ impl Aft {
         let (mut window, mut chunk, mut groups, mut dense_below) = (1, DEFAULT_CHUNK, 1, 0);
         let bias = match variant {
             Variant::Full => {
-                let o: FullOptions = cfg.mixer_options()?;
+                let o: FullOptions = cfg.options()?;
                 if o.rank == 0 {
                     PosBias::Matrix(pb.zeros("pos_bias", &[ctx, ctx])?)
                 } else {
@@ -144,16 +171,13 @@ impl Aft {
                 }
             }
             Variant::Simple => {
-                let o: SimpleOptions = cfg.mixer_options()?;
+                let o: SimpleOptions = cfg.options()?;
                 chunk = o.chunk;
                 PosBias::Zero
             }
             Variant::Local | Variant::Conv => {
-                let o: WindowOptions = cfg.mixer_options()?;
+                let o: WindowOptions = cfg.options()?;
                 (window, chunk, dense_below) = (o.window, o.chunk, o.dense_below);
-                if window == 0 {
-                    bail!("model.options.window must be positive");
-                }
                 if variant == Variant::Local {
                     PosBias::Matrix(pb.zeros("pos_bias", &[ctx, ctx])?)
                 } else {
@@ -162,9 +186,6 @@ impl Aft {
                 }
             }
         };
-        if chunk == 0 {
-            bail!("model.options.chunk must be positive");
-        }
         let out_std = 0.02 / (2.0 * cfg.depth as f64).sqrt();
         Ok(Self {
             variant,
@@ -632,7 +653,7 @@ pub const WINDOW_COMPLEXITY: Complexity = Complexity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::LanguageModel;
+    use crate::model::Model;
     use crate::testing::{self, model_modes_err, randn, random_tokens, rel_err, tiny_config};
     use candle_core::{DType, Device};
 
@@ -691,7 +712,7 @@ mod tests {
                     }
                 }
                 let cfg = tiny(name, sets);
-                let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+                let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
                 for t in [10, 13] {
                     let e = model_modes_err(&model, &random_tokens(2, t, cfg.vocab, 5)?, 3)?;
                     assert!(e < 1e-4, "{name} model T {t}: {e}");
@@ -727,7 +748,7 @@ mod tests {
     fn aft_decode_state_sizes() -> AnyResult<()> {
         for (name, variant) in VARIANTS {
             let cfg = tiny(name, &[]);
-            let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
             let bytes =
                 |t: usize| -> AnyResult<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
             let (short, long, longer) = (bytes(2)?, bytes(12)?, bytes(20)?);

@@ -105,8 +105,8 @@ impl Default for HyenaOptions {
     }
 }
 
-impl HyenaOptions {
-    fn validate(&self) -> AnyResult<()> {
+impl crate::config::Options for HyenaOptions {
+    fn check(&self) -> AnyResult<()> {
         if self.order == 0 {
             bail!("model.options.order must be at least 1");
         }
@@ -214,8 +214,7 @@ pub struct Hyena {
 
 impl Hyena {
     pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
-        let o: HyenaOptions = cfg.mixer_options()?;
-        o.validate()?;
+        let o: HyenaOptions = cfg.options()?;
         let (d, n, k, l) = (cfg.width, o.order, o.short_kernel, cfg.context);
         let (e, f) = (o.filter_emb_dim, o.filter_width);
         let in_proj = Linear::new(pb, "in_proj", d, (n + 1) * d, 0.02, cfg.bias)?;
@@ -396,10 +395,6 @@ pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<B
     Ok(Box::new(Hyena::new(cfg, pb)?))
 }
 
-pub fn default_options() -> serde_json::Value {
-    serde_json::to_value(HyenaOptions::default()).expect("options serialize")
-}
-
 /// The official Hyena language model has no positional embeddings (the filters carry
 /// position).
 pub fn adjust_defaults(cfg: &mut ModelConfig) {
@@ -447,7 +442,7 @@ pub const COMPLEXITY: Complexity = Complexity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::LanguageModel;
+    use crate::model::Model;
     use crate::testing::*;
     use candle_core::{DType, Device};
 
@@ -475,7 +470,7 @@ mod tests {
             // the full context, too
             let x = randn(&[1, cfg.context, cfg.width], 6, DType::F32)?;
             assert!(mixer_modes_err(&hyena, &x, 5)? < 1e-4);
-            let m = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            let m = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
             let tokens = random_tokens(2, 17, 256, 7)?;
             for split in [0, 1, 9] {
                 let err = model_modes_err(&m, &tokens, split)?;
@@ -527,11 +522,9 @@ mod tests {
             let mut direct = sets.to_vec();
             direct.push("model.options.long_conv=direct");
             let grads = |sets: &[&str]| -> AnyResult<Vec<(String, Tensor)>> {
-                let m = LanguageModel::new(&tiny_config("hyena", sets)?, 3, &Device::Cpu, DType::F64)?;
-                let loss = LanguageModel::loss(
-                    &m.forward(&random_tokens(2, 20, 256, 1)?, None)?,
-                    &random_tokens(2, 20, 256, 2)?,
-                )?;
+                let m = Model::new(&tiny_config("hyena", sets)?, 3, &Device::Cpu, DType::F64)?;
+                let loss =
+                    Model::loss(&m.forward(&random_tokens(2, 20, 256, 1)?, None)?, &random_tokens(2, 20, 256, 2)?)?;
                 let g = loss.backward()?;
                 Ok(m.params
                     .vars()

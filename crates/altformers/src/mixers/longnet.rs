@@ -61,6 +61,10 @@ impl Default for LongNetOptions {
     }
 }
 
+/// The pairs depend on the context, so [`LongNetOptions::pairs`] checks them when a layer is
+/// built.
+impl crate::config::Options for LongNetOptions {}
+
 impl LongNetOptions {
     /// The (w, r) pairs for a model of context `context`.
     pub fn pairs(&self, context: usize) -> AnyResult<Vec<(usize, usize)>> {
@@ -103,7 +107,7 @@ pub struct LongNet {
 
 impl LongNet {
     pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
-        let opts: LongNetOptions = cfg.mixer_options()?;
+        let opts: LongNetOptions = cfg.options()?;
         let pairs = opts.pairs(cfg.context)?;
         Ok(Self { att: Attention::new(cfg, pb)?, pairs })
     }
@@ -312,10 +316,6 @@ pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<B
     Ok(Box::new(LongNet::new(cfg, pb)?))
 }
 
-pub fn default_options() -> serde_json::Value {
-    serde_json::to_value(LongNetOptions::default()).expect("options serialize")
-}
-
 /// Rotary positions: the closest this project has to the paper's xPos relative positions.
 pub fn adjust_defaults(cfg: &mut ModelConfig) {
     cfg.position = Position::Rope;
@@ -367,7 +367,7 @@ pub const COMPLEXITY: Complexity = Complexity {
 mod tests {
     use super::*;
     use crate::mixers::attention::causal_attention;
-    use crate::model::LanguageModel;
+    use crate::model::Model;
     use crate::testing::*;
 
     /// Dilated attention from its definition, one query at a time, in f64 on the host.
@@ -435,7 +435,7 @@ mod tests {
 
     #[test]
     fn geometric_pairs_and_validation() -> AnyResult<()> {
-        assert_eq!(tiny(&[])?.mixer_options::<LongNetOptions>()?.pairs(24)?, vec![(4, 1), (8, 2), (16, 4), (32, 8)]);
+        assert_eq!(tiny(&[])?.options::<LongNetOptions>()?.pairs(24)?, vec![(4, 1), (8, 2), (16, 4), (32, 8)]);
         assert_eq!(default_pairs(256), vec![(32, 1), (64, 2), (128, 4), (256, 8)]);
         assert_eq!(default_pairs(64), vec![(32, 1), (64, 2)]);
         let bad = |sets: &[&str]| -> bool {
@@ -528,7 +528,7 @@ mod tests {
                 let err = mixer_modes_err(&longnet, &x, split)?;
                 assert!(err < 1e-4, "{sets:?} split {split}: rel err {err}");
             }
-            let m = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            let m = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
             let tokens = random_tokens(2, 21, 256, 7)?;
             for split in [0, 1, 9] {
                 let err = model_modes_err(&m, &tokens, split)?;

@@ -46,8 +46,22 @@ pub struct RetNetOptions {
 pub const DEFAULT_CHUNK: usize = 64;
 const GROUP_NORM_EPS: f64 = 1e-5;
 
-pub fn default_options() -> serde_json::Value {
-    serde_json::json!({ "chunk": DEFAULT_CHUNK, "value_factor": 2.0 })
+impl Default for RetNetOptions {
+    fn default() -> Self {
+        Self { chunk: DEFAULT_CHUNK, value_factor: 2.0 }
+    }
+}
+
+impl crate::config::Options for RetNetOptions {
+    fn check(&self) -> AnyResult<()> {
+        if self.chunk == 0 {
+            bail!("model.options.chunk must be positive");
+        }
+        if !(self.value_factor.is_finite() && self.value_factor > 0.0) {
+            bail!("model.options.value_factor must be positive and finite, got {}", self.value_factor);
+        }
+        Ok(())
+    }
 }
 
 /// The paper's block: pre-LayerNorm, retention, pre-LayerNorm, FFN (GELU) of width 2d; the
@@ -89,12 +103,9 @@ pub struct Retention {
 
 impl Retention {
     pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
-        let o: RetNetOptions = cfg.mixer_options()?;
+        let o: RetNetOptions = cfg.options()?;
         let (d, h) = (cfg.width, cfg.heads);
         let vd = (o.value_factor * d as f64).round() as usize;
-        if o.chunk == 0 {
-            bail!("model.options.chunk must be positive");
-        }
         if vd == 0 || !vd.is_multiple_of(h) {
             bail!("model.options.value_factor * model.width ({vd}) must be a positive multiple of model.heads ({h})");
         }
@@ -248,7 +259,7 @@ pub const COMPLEXITY: Complexity = Complexity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::LanguageModel;
+    use crate::model::Model;
     use crate::testing::{self, model_modes_err, randn, random_tokens, rel_err, tiny_config};
     use candle_core::{DType, Device};
 
@@ -312,7 +323,7 @@ mod tests {
             }
         }
 
-        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
         for t in [10, 13] {
             let tokens = random_tokens(2, t, cfg.vocab, 5)?;
             for split in [0, 4, 6] {
@@ -344,7 +355,7 @@ mod tests {
     #[test]
     fn retnet_state_is_constant_in_t() -> anyhow::Result<()> {
         let cfg = tiny(&[]);
-        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
         let bytes =
             |t: usize| -> anyhow::Result<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
         let (a, b) = (bytes(3)?, bytes(20)?);

@@ -23,14 +23,12 @@
 //! mixing `[x_{t-1}]`: `O(d)`, independent of T.
 
 use anyhow::{bail, Context, Result as AnyResult};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::path::Path;
 
 use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
-use crate::config::{ChannelMixerKind, ModelConfig, Position, RunConfig};
+use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::params::ParamBuilder;
 use crate::primitives::decayed::{self, Weighting, WkvState};
@@ -39,6 +37,8 @@ use crate::primitives::decayed::{self, Weighting, WkvState};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rwkv4Options {
+    /// A layer norm right after the embedding (`blocks.0.ln0`), as in RWKV-4.
+    pub embed_norm: bool,
     /// Chunk length of the chunkwise WKV used by the parallel form.
     pub chunk: usize,
     /// `paper`: the official RWKV-4 initialisation (per-layer ramps for `time_*`, zero
@@ -57,26 +57,28 @@ pub enum Init {
 
 pub const DEFAULT_CHUNK: usize = 32;
 
-pub fn default_options() -> serde_json::Value {
-    serde_json::json!({ "chunk": DEFAULT_CHUNK, "init": "paper" })
+impl Default for Rwkv4Options {
+    fn default() -> Self {
+        Self { embed_norm: true, chunk: DEFAULT_CHUNK, init: Init::Paper }
+    }
 }
 
-/// RWKV-4's model: `ln0` after the embedding, layer norms with biases, untied head, no
-/// positions, the RWKV channel mix.
+impl crate::config::Options for Rwkv4Options {
+    fn check(&self) -> AnyResult<()> {
+        if self.chunk == 0 {
+            bail!("model.options.chunk must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// RWKV-4's model: layer norms with biases, untied head, no positions, the RWKV channel mix
+/// (and `ln0` after the embedding: [`Rwkv4Options::embed_norm`]).
 pub fn adjust_defaults(cfg: &mut ModelConfig) {
-    cfg.embed_norm = true;
     cfg.bias = true;
     cfg.tie_embeddings = false;
     cfg.position = Position::None;
-    cfg.channel_mixer = ChannelMixerKind::Rwkv;
-}
-
-fn options(cfg: &ModelConfig) -> AnyResult<Rwkv4Options> {
-    let o: Rwkv4Options = cfg.mixer_options()?;
-    if o.chunk == 0 {
-        bail!("model.options.chunk must be positive");
-    }
-    Ok(o)
+    cfg.channel_mixer = "rwkv".into();
 }
 
 /// The official per-layer ramps: `(ratio_0_to_1, ratio_1_to_almost0)`.
@@ -196,7 +198,7 @@ pub struct TimeMix {
 
 impl TimeMix {
     pub fn new(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
-        let o = options(cfg)?;
+        let o: Rwkv4Options = cfg.options()?;
         let d = cfg.width;
         let (r01, r10) = ratios(layer, cfg.depth);
         let decay: Vec<f32> = (0..d)
@@ -301,7 +303,7 @@ pub struct ChannelMix {
 impl ChannelMix {
     /// Hidden width `ffn_mult * d` (4 d in RWKV-4).
     pub fn new(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
-        let init = if cfg.mixer == "rwkv4" { options(cfg)?.init } else { Init::Paper };
+        let init = if cfg.architecture == "rwkv4" { cfg.options::<Rwkv4Options>()?.init } else { Init::Paper };
         let d = cfg.width;
         let hidden = ((cfg.ffn_mult * d as f64).round() as usize).max(1);
         let (_, r10) = ratios(layer, cfg.depth);
@@ -349,63 +351,6 @@ pub fn channel_mix(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyRes
     Ok(Box::new(ChannelMix::new(cfg, layer, pb)?))
 }
 
-/// Imports an official RWKV-4 checkpoint into a run folder `out` (`config.json` with a
-/// [`RunConfig`], `model.safetensors`) that `train::load_run`, `eval` and `generate` accept.
-///
-/// `file` is a safetensors file with the official names (`emb.weight`,
-/// `blocks.0.ln0.weight`, `blocks.N.att.time_decay`, ..., `head.weight`); width, depth,
-/// vocabulary and FFN width are inferred from the shapes, then every tensor is checked: a
-/// missing, mis-shaped or unexpected tensor is an error that names each one. `time_decay` is
-/// kept raw (per-step decay `exp(-exp(time_decay))`), as the checkpoints store it. Tensors of
-/// any float dtype are converted to f32. The context (1024) only sets the training window;
-/// RWKV's recurrence itself is unbounded.
-///
-/// Official checkpoints are PyTorch `.pth` files; convert one with
-/// `python -c "import torch, safetensors.torch as st; p='RWKV.pth'; st.save_file({k: v.float().contiguous() for k, v in torch.load(p, map_location='cpu').items()}, 'RWKV.safetensors')"`
-/// i.e. `safetensors.torch.save_file({k: v.float().contiguous() for k,v in torch.load(p, map_location='cpu').items()}, out)`.
-pub fn import(file: &Path, out: &Path) -> AnyResult<RunConfig> {
-    let tensors = crate::params::load_tensors(file, &Device::Cpu)?;
-    let origin = file.display().to_string();
-    let Some(emb) = tensors.get("emb.weight") else {
-        bail!("{origin} is not an RWKV-4 checkpoint: missing tensor `emb.weight` (expected [vocab, width])");
-    };
-    let (vocab, width) =
-        emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
-    let depth = tensors
-        .keys()
-        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map(|m| m + 1)
-        .with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
-    let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
-        Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
-        _ => 4 * width, // the check below names the problem
-    };
-    let sets: Vec<String> = vec![
-        format!("model.vocab={vocab}"),
-        format!("model.width={width}"),
-        format!("model.depth={depth}"),
-        "model.heads=1".into(),
-        "model.context=1024".into(),
-        format!("model.ffn_mult={}", hidden as f64 / width as f64),
-        "model.options.init=\"normal\"".into(),
-    ];
-    let config = RunConfig::build("rwkv4", None, &sets)?;
-    let model = crate::model::LanguageModel::new(&config.model, config.train.seed, &Device::Cpu, DType::F32)?;
-    let tensors: BTreeMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t })))
-        .collect::<Result<_>>()?;
-    model.params.assign(tensors, &origin)?;
-    if out.join("config.json").exists() {
-        bail!("{} already holds a run; choose another --out", out.display());
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    model.params.save(&out.join("model.safetensors"))?;
-    crate::util::write_json_atomic(&out.join("config.json"), &config)?;
-    Ok(config)
-}
-
 pub const COMPLEXITY: Complexity = Complexity {
     stated_time: crate::complexity::NOT_QUOTED,
     stated_space: crate::complexity::NOT_QUOTED,
@@ -428,8 +373,10 @@ pub const COMPLEXITY: Complexity = Complexity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::LanguageModel;
+    use crate::model::Model;
     use crate::testing::{self, model_modes_err, randn, random_tokens, rel_err, tiny_config};
+    use candle_core::Device;
+    use std::collections::BTreeMap;
 
     fn tiny(sets: &[&str]) -> ModelConfig {
         let mut all = vec!["model.options.chunk=5"];
@@ -466,7 +413,7 @@ mod tests {
                 assert!(e < 1e-4, "T {t} split {split}: {e}");
             }
         }
-        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
         for t in [10, 13] {
             let tokens = random_tokens(2, t, cfg.vocab, 5)?;
             for split in [0, 4] {
@@ -483,7 +430,7 @@ mod tests {
         let m = random_mixer(&cfg, DType::F32);
         let x = randn(&[2, 13, cfg.width], 2, DType::F32)?;
         testing::assert_causal(&|x| Ok(m.forward(x)?), &x)?;
-        let model = LanguageModel::new(&tiny(&["model.options.init=normal"]), 1, &Device::Cpu, DType::F32)?;
+        let model = Model::new(&tiny(&["model.options.init=normal"]), 1, &Device::Cpu, DType::F32)?;
         let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
         // model-level: perturbing later tokens leaves earlier logits unchanged
         let y = model.forward(&tokens, None)?;
@@ -508,7 +455,7 @@ mod tests {
     #[test]
     fn rwkv4_state_is_constant_in_t() -> AnyResult<()> {
         let cfg = tiny(&[]);
-        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
         let bytes =
             |t: usize| -> AnyResult<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
         let (a, b) = (bytes(3)?, bytes(20)?);
@@ -538,7 +485,7 @@ mod tests {
     #[test]
     fn rwkv4_parameter_names_and_shapes_follow_the_checkpoints() -> AnyResult<()> {
         let cfg = tiny(&[]);
-        let model = LanguageModel::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
         let d = cfg.width;
         let shapes: BTreeMap<String, Vec<usize>> =
             model.params.tensors().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect();
@@ -580,37 +527,6 @@ mod tests {
         let w = &model.params.tensors()["blocks.0.att.value.weight"];
         let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
         assert!(rel_err(&w.matmul(&w.t()?)?, &eye)? < 1e-5);
-        Ok(())
-    }
-
-    #[test]
-    fn rwkv4_import_round_trips_and_rejects_bad_files() -> AnyResult<()> {
-        let dir = std::env::temp_dir().join(format!("altformers-rwkv4-import-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let cfg = tiny(&["model.options.init=normal"]);
-        let model = LanguageModel::new(&cfg, 11, &Device::Cpu, DType::F32)?;
-        let file = dir.join("rwkv.safetensors");
-        model.params.save(&file)?;
-        let imported = import(&file, &dir.join("run"))?;
-        assert_eq!(
-            (imported.model.width, imported.model.depth, imported.model.vocab),
-            (cfg.width, cfg.depth, cfg.vocab)
-        );
-        let loaded = crate::train::load_run(&dir.join("run"), &Device::Cpu, DType::F32)?;
-        let tokens = random_tokens(2, 9, cfg.vocab, 2)?;
-        assert!(rel_err(&loaded.forward(&tokens, None)?, &model.forward(&tokens, None)?)? < 1e-6);
-
-        // a file with a tensor missing and another mis-shaped
-        let mut t = model.params.tensors();
-        t.remove("blocks.1.att.time_first");
-        t.insert("blocks.0.ffn.value.weight".into(), Tensor::zeros((cfg.width, 7), DType::F32, &Device::Cpu)?);
-        let bad = dir.join("bad.safetensors");
-        crate::params::save_tensors(&t, &bad)?;
-        let err = format!("{:#}", import(&bad, &dir.join("run2")).unwrap_err());
-        assert!(err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"), "{err}");
-        assert!(!dir.join("run2").join("config.json").exists());
-        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 

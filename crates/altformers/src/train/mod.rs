@@ -1,115 +1,28 @@
-//! The training loop: AdamW, warm-up + cosine schedule, clipping, dropout, periodic
-//! evaluation, atomic checkpoints and exact resume.
+//! Training: one step for every task ([`step::Trainer`]: AdamW, warm-up + cosine schedule,
+//! clipping, the gradient all-reduce hook), the byte-level language-model loop around it
+//! (dropout, periodic evaluation, atomic checkpoints and exact resume), and the run folder
+//! it writes ([`run_folder::RunFolder`]).
 //!
 //! Every batch and dropout mask is a function of `(seed, step)`, so a resumed run sees the
 //! same data and masks as an uninterrupted one and reaches the same loss.
-//!
-//! Run folder:
-//! - `config.json`: the [`RunConfig`]
-//! - `model.safetensors`: the latest weights (what `eval` and `generate` read)
-//! - `metrics.jsonl`: one [`Metrics`] object per evaluation
-//! - `checkpoint/`: `model.safetensors`, `optimizer.safetensors`, `state.json`, replaced as a
-//!   whole (written beside it, then swapped by renames) so a crash never leaves half of one.
 
 pub mod optim;
+pub mod run_folder;
+pub mod step;
+pub mod task;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use serde::{Deserialize, Serialize};
-use std::io::Write;
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::config::RunConfig;
-use crate::data::{random_batch, Corpus, DataFormat};
-use crate::model::LanguageModel;
+use crate::data::{Corpus, DataFormat};
+use crate::model::Model;
 use crate::rng::{stream, Rng};
-use crate::util::{read_json, write_json_atomic};
-use optim::{learning_rate, AdamW, StepNorm};
-
-/// Steps between reads of the training loss and gradient norm.
-pub const SYNC_EVERY: usize = 10;
-
-/// The losses and gradient norms of the last few steps, still where they were computed. A
-/// value read on the host waits for the GPU to finish its step, and a read every step leaves
-/// the GPU idle while the host prepares the next one; so a training loop reads them together
-/// every [`SYNC_EVERY`] steps, and always before it evaluates or saves. A non-finite value is
-/// found then, naming its step; the fused GPU step has changed no parameter on a non-finite
-/// norm, and the CPU step fails at once.
-#[derive(Default)]
-pub struct Deferred {
-    steps: Vec<usize>,
-    losses: Vec<Tensor>,
-    norms: Vec<Tensor>,
-    /// The loss of the last step read.
-    pub last_loss: f64,
-}
-
-impl Deferred {
-    /// Holds `step`'s loss (a scalar) and gradient norm, detached: a tensor keeps the graph
-    /// that computed it, so holding the loss itself would keep every activation of the step
-    /// alive until the next read (ten steps' worth of GPU memory).
-    pub fn push(&mut self, step: usize, loss: &Tensor, norm: StepNorm) {
-        self.steps.push(step);
-        self.losses.push(loss.detach());
-        self.norms.push(norm.0.detach());
-    }
-
-    pub fn due(&self) -> bool {
-        self.steps.len() >= SYNC_EVERY
-    }
-
-    /// Reads what is held (two reads); the first step with a non-finite loss or norm is an error.
-    pub fn settle(&mut self) -> Result<()> {
-        if self.steps.is_empty() {
-            return Ok(());
-        }
-        let read = |v: &[Tensor]| -> Result<Vec<f64>> { Ok(Tensor::stack(v, 0)?.to_dtype(DType::F64)?.to_vec1()?) };
-        let (losses, norms) = (read(&self.losses)?, read(&self.norms)?);
-        for ((step, loss), norm) in self.steps.iter().zip(&losses).zip(&norms) {
-            if !loss.is_finite() {
-                bail!("training loss is {loss} in step {step}");
-            }
-            if !norm.is_finite() {
-                bail!("gradient norm is {norm} in step {step}");
-            }
-        }
-        self.last_loss = *losses.last().expect("not empty");
-        self.steps.clear();
-        self.losses.clear();
-        self.norms.clear();
-        Ok(())
-    }
-}
-
-/// One evaluation, one line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Metrics {
-    pub step: usize,
-    /// Mean loss (nats/byte) over fixed training batches, without dropout.
-    pub train_loss: f64,
-    /// Mean loss (nats/byte) over fixed validation batches.
-    pub val_loss: f64,
-    /// `val_loss / ln 2`: bits per byte.
-    pub val_bpb: f64,
-    /// Training throughput since the previous evaluation (evaluation time excluded).
-    pub tokens_per_s: f64,
-    /// Wall time since the run began, across resumes.
-    pub elapsed_s: f64,
-    pub lr: f64,
-}
-
-/// What `checkpoint/state.json` holds besides the tensors.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TrainState {
-    /// Steps completed.
-    pub step: usize,
-    /// The run's seed: with `step`, it fixes every later batch and dropout mask.
-    pub seed: u64,
-    pub data_source: String,
-    pub data_format: DataFormat,
-    pub elapsed_s: f64,
-}
+pub use run_folder::{Metrics, RunFolder, TrainState};
+use step::Trainer;
+use task::{ByteLm, Task};
 
 pub struct TrainOptions {
     pub out: PathBuf,
@@ -132,28 +45,20 @@ pub fn nats_to_bits(nats: f64) -> f64 {
     nats / std::f64::consts::LN_2
 }
 
-/// Mean loss over `n` fixed batches of `split` (the same batches at every call).
-pub fn estimate_loss(
-    model: &LanguageModel,
-    split: &[u8],
-    n: usize,
-    batch: usize,
-    seed: u64,
-    which: u64,
-) -> Result<f64> {
+/// Mean loss of `task` over `n` fixed batches (the same batches at every call).
+pub fn estimate_loss(model: &Model, task: &dyn Task, n: usize, batch: usize, seed: u64, which: u64) -> Result<f64> {
     let mut rng = Rng::derive(seed, stream::EVAL_BATCH, which);
     let mut total = 0.0;
     for _ in 0..n {
-        let (x, y) = random_batch(split, batch, model.config.context, &mut rng, model.device())?;
-        let logits = model.forward(&x, None)?;
-        total += LanguageModel::loss(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let b = task.batch(batch, &mut rng, model.device())?;
+        total += task.loss(model, &b, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total / n as f64)
 }
 
 /// Loss over a whole split: consecutive windows of `context` bytes, every byte after the
 /// first predicted once. `max_bytes` caps the work for huge splits.
-pub fn evaluate_split(model: &LanguageModel, split: &[u8], batch: usize, max_bytes: Option<usize>) -> Result<f64> {
+pub fn evaluate_split(model: &Model, split: &[u8], batch: usize, max_bytes: Option<usize>) -> Result<f64> {
     let t = model.config.context;
     let split = &split[..max_bytes.unwrap_or(usize::MAX).min(split.len())];
     if split.len() < 2 {
@@ -175,7 +80,7 @@ pub fn evaluate_split(model: &LanguageModel, split: &[u8], batch: usize, max_byt
             let shape = (windows.len(), len);
             let x = candle_core::Tensor::from_vec(xs, shape, model.device())?;
             let y = candle_core::Tensor::from_vec(ys, shape, model.device())?;
-            let loss = LanguageModel::loss(&model.forward(&x, None)?, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let loss = Model::loss(&model.forward(&x, None)?, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             total += loss * (windows.len() * len) as f64;
             count += windows.len() * len;
         }
@@ -183,56 +88,9 @@ pub fn evaluate_split(model: &LanguageModel, split: &[u8], batch: usize, max_byt
     Ok(total / count as f64)
 }
 
-fn checkpoint_dir(out: &Path) -> PathBuf {
-    out.join("checkpoint")
-}
-
-/// Writes a checkpoint beside the current one, then swaps them by renames.
-fn save_checkpoint(out: &Path, model: &LanguageModel, opt: &AdamW, state: &TrainState) -> Result<()> {
-    let tmp = out.join("checkpoint.tmp");
-    let old = out.join("checkpoint.old");
-    let cur = checkpoint_dir(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    model.params.save(&tmp.join("model.safetensors"))?;
-    opt.save(&tmp.join("optimizer.safetensors"))?;
-    write_json_atomic(&tmp.join("state.json"), state)?;
-    if cur.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old)?;
-        }
-        std::fs::rename(&cur, &old)?;
-    }
-    std::fs::rename(&tmp, &cur)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?;
-    }
-    model.params.save(&out.join("model.safetensors"))
-}
-
-/// The newest complete checkpoint (a crash between the two renames leaves it in `.old`).
-fn find_checkpoint(out: &Path) -> Result<PathBuf> {
-    for dir in [checkpoint_dir(out), out.join("checkpoint.old")] {
-        if dir.join("state.json").exists() {
-            return Ok(dir);
-        }
-    }
-    bail!("{} holds no checkpoint to resume from", out.display())
-}
-
 /// Loads a finished or interrupted run's config and latest weights (for eval and generate).
-pub fn load_run(dir: &Path, device: &Device, dtype: DType) -> Result<LanguageModel> {
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.exists() {
-        bail!("{} is not a run folder: no config.json", dir.display());
-    }
-    let config: RunConfig = read_json(&cfg_path)?;
-    config.validate()?;
-    let model = LanguageModel::new(&config.model, config.train.seed, device, dtype)?;
-    model.load_weights(&dir.join("model.safetensors"))?;
-    Ok(model)
+pub fn load_run(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
+    RunFolder::open(dir)?.load_model(device, dtype)
 }
 
 /// Trains `config` on `corpus`, writing the run folder `opts.out`.
@@ -249,22 +107,10 @@ pub fn train(
     // Parameters and optimizer state stay f32 (master weights); `opts.dtype` is the
     // dtype of the activations (bf16 for mixed precision).
     let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-    let model = LanguageModel::new(m, t.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype);
-    let mut opt = AdamW::new(&model.params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
-    if t.decay_embeddings {
-        opt = opt.decay_embeddings();
-    }
-    let metrics_path = out.join("metrics.jsonl");
-    let mut history: Vec<Metrics> = Vec::new();
-    let mut state =
-        TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, elapsed_s: 0.0 };
-    if opts.resume {
-        let saved: RunConfig = read_json(&out.join("config.json"))?;
-        if serde_json::to_value(&saved)? != serde_json::to_value(config)? {
-            bail!("--resume: the configuration differs from the one saved in {}/config.json", out.display());
-        }
-        let dir = find_checkpoint(out)?;
-        state = read_json(&dir.join("state.json"))?;
+    let model = Model::new(m, t.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype);
+    let mut trainer = Trainer::new(&model, t)?;
+    let (folder, mut state, mut history) = if opts.resume {
+        let (folder, state, history) = RunFolder::resume(out, config)?;
         if state.data_source != corpus.source || state.data_format != data_format {
             bail!(
                 "--resume: this run trained on `{}` ({:?}); got `{}` ({:?})",
@@ -274,27 +120,16 @@ pub fn train(
                 data_format
             );
         }
-        model.params.load(&dir.join("model.safetensors"))?;
-        opt.load(&dir.join("optimizer.safetensors"), state.step)?;
-        // Evaluations logged after the checkpoint (a crash in between) are dropped.
-        if metrics_path.exists() {
-            let text = std::fs::read_to_string(&metrics_path)?;
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                let m: Metrics = serde_json::from_str(line)
-                    .with_context(|| format!("corrupt line in {}", metrics_path.display()))?;
-                if m.step <= state.step {
-                    history.push(m);
-                }
-            }
-        }
+        folder.restore(&model, &mut trainer.opt, &state)?;
+        folder.rewrite_metrics(&history)?;
+        (folder, state, history)
     } else {
-        if out.join("config.json").exists() || checkpoint_dir(out).exists() {
-            bail!("{} already holds a run; pass --resume to continue it, or choose another --out", out.display());
-        }
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        write_json_atomic(&out.join("config.json"), config)?;
-    }
-    rewrite_metrics(&metrics_path, &history)?;
+        let state =
+            TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, elapsed_s: 0.0 };
+        (RunFolder::create(out, config)?, state, Vec::new())
+    };
+    let train_task = ByteLm { split: &corpus.train, context: m.context };
+    let val_task = ByteLm { split: &corpus.val, context: m.context };
 
     let tokens_per_step = (t.batch_size * m.context) as f64;
     let bar = progress_bar(opts.verbose, t.steps as u64, state.step as u64);
@@ -305,7 +140,7 @@ pub fn train(
     if opts.verbose {
         eprintln!(
             "training {} ({} parameters) on {} for {} steps, batch {} x {} bytes",
-            m.mixer,
+            m.architecture,
             crate::util::human(model.num_params() as f64),
             corpus.source,
             t.steps,
@@ -321,39 +156,25 @@ pub fn train(
             format!("the last good checkpoint (step {step}) in {} is intact", out.display())
         }
     };
-    let mut pending = Deferred::default();
     while state.step < t.steps {
-        let step = state.step;
-        let lr = learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.decay_steps);
-        let mut batch_rng = Rng::derive(t.seed, stream::TRAIN_BATCH, step as u64);
-        let mut drop_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
-        let (x, y) = random_batch(&corpus.train, t.batch_size, m.context, &mut batch_rng, &opts.device)?;
-        let loss = LanguageModel::loss(&model.forward(&x, Some(&mut drop_rng))?, &y)?;
-        let norm =
-            opt.step(&loss.backward()?, lr, t.grad_clip).map_err(|e| anyhow::anyhow!("{e} in step {}", step + 1));
+        let lr = trainer.learning_rate(state.step);
+        let stepped = trainer.step(&model, &train_task, state.step);
         state.step += 1;
         window_steps += 1;
         let stop_here = opts.stop_after == Some(state.step);
         let evaluate = state.step.is_multiple_of(t.eval_every) || state.step == t.steps || stop_here;
-        let settled = norm.and_then(|norm| {
-            pending.push(state.step, &loss, norm);
-            if pending.due() || evaluate {
-                pending.settle()?;
-            }
-            Ok(())
-        });
-        if let Err(e) = settled {
+        if let Err(e) = stepped.and_then(|_| trainer.settle_if_due(evaluate)) {
             bar.abandon();
             bail!("{e}: the run diverged; {}. Lower train.lr or raise train.warmup_steps.", last_good(checkpointed));
         }
         bar.set_position(state.step as u64);
         let rate = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("loss {:.4}  {rate:.0} tok/s", pending.last_loss));
+        bar.set_message(format!("loss {:.4}  {rate:.0} tok/s", trainer.last_loss()));
 
         if evaluate {
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
-            let train_loss = estimate_loss(&model, &corpus.train, t.eval_batches, t.batch_size, t.seed, 1)?;
-            let val_loss = estimate_loss(&model, &corpus.val, t.eval_batches, t.batch_size, t.seed, 0)?;
+            let train_loss = estimate_loss(&model, &train_task, t.eval_batches, t.batch_size, t.seed, 1)?;
+            let val_loss = estimate_loss(&model, &val_task, t.eval_batches, t.batch_size, t.seed, 0)?;
             if !(train_loss.is_finite() && val_loss.is_finite()) {
                 bar.abandon();
                 bail!(
@@ -372,9 +193,9 @@ pub fn train(
                 elapsed_s: state.elapsed_s,
                 lr,
             };
-            save_checkpoint(out, &model, &opt, &state)?;
+            folder.save_checkpoint(&model, &trainer.opt, &state)?;
             checkpointed = state.step;
-            append_metrics(&metrics_path, &metrics)?;
+            folder.append_metrics(&metrics)?;
             if opts.verbose {
                 // suspend() also prints when the bar is hidden (stderr not a terminal).
                 bar.suspend(|| {
@@ -397,22 +218,6 @@ pub fn train(
     Ok(TrainSummary { last, params: model.num_params(), history })
 }
 
-fn append_metrics(path: &Path, m: &Metrics) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    writeln!(f, "{}", serde_json::to_string(m)?)?;
-    f.sync_all()?;
-    Ok(())
-}
-
-fn rewrite_metrics(path: &Path, history: &[Metrics]) -> Result<()> {
-    let mut text = String::new();
-    for m in history {
-        text.push_str(&serde_json::to_string(m)?);
-        text.push('\n');
-    }
-    crate::util::write_atomic(path, text.as_bytes())
-}
-
 fn progress_bar(verbose: bool, len: u64, pos: u64) -> indicatif::ProgressBar {
     if !verbose {
         return indicatif::ProgressBar::hidden();
@@ -424,51 +229,4 @@ fn progress_bar(verbose: bool, len: u64, pos: u64) -> indicatif::ProgressBar {
     );
     bar.set_position(pos);
     bar
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deferred_reads_report_the_first_bad_step_and_keep_the_last_loss() -> Result<()> {
-        let dev = Device::Cpu;
-        let norm = |v: f64| -> Result<StepNorm> { Ok(StepNorm(Tensor::new(v, &dev)?)) };
-        let mut d = Deferred::default();
-        for (step, loss) in [(1, 2.0f32), (2, 1.5)] {
-            d.push(step, &Tensor::new(loss, &dev)?, norm(1.0)?);
-        }
-        assert!(!d.due());
-        d.settle()?;
-        assert_eq!(d.last_loss, 1.5);
-        for (step, loss) in [(3, 1.0f32), (4, f32::NAN), (5, f32::NAN)] {
-            d.push(step, &Tensor::new(loss, &dev)?, norm(1.0)?);
-        }
-        let err = d.settle().unwrap_err().to_string();
-        assert!(err.contains("training loss is NaN in step 4"), "{err}");
-        let mut d = Deferred::default();
-        d.push(7, &Tensor::new(0.5f32, &dev)?, norm(f64::INFINITY)?);
-        let err = d.settle().unwrap_err().to_string();
-        assert!(err.contains("gradient norm is inf in step 7"), "{err}");
-        for step in 0..SYNC_EVERY {
-            d.push(step, &Tensor::new(0.5f32, &dev)?, norm(1.0)?);
-        }
-        assert!(d.due());
-        Ok(())
-    }
-
-    #[test]
-    fn deferred_holds_values_not_the_graph_that_computed_them() -> Result<()> {
-        let dev = Device::Cpu;
-        let w = candle_core::Var::new(&[1.0f32, 2.0], &dev)?;
-        let loss = w.as_tensor().sqr()?.sum_all()?;
-        let norm = loss.sqrt()?;
-        assert!(loss.track_op() && norm.track_op());
-        let mut d = Deferred::default();
-        d.push(1, &loss, StepNorm(norm));
-        assert!(!d.losses[0].track_op() && !d.norms[0].track_op());
-        d.settle()?;
-        assert_eq!(d.last_loss, 5.0);
-        Ok(())
-    }
 }

@@ -1,0 +1,91 @@
+//! Backbones: what maps token ids to logits. A backbone owns its whole shape (embeddings,
+//! stacks, patching, heads) and offers the parallel form for training and the recurrent form
+//! (`prefill`, then `step`) for generation, with an explicit state whose size it reports.
+//!
+//! Most architectures are a new sequence mixer in the default [`stack::Stack`] (embedding,
+//! N pre-norm blocks of sequence mixer + channel mixer, final norm, head); a model whose
+//! outer shape differs (MegaByte's patches, Hourglass's shortening, Reformer's reversible
+//! pairs) is a backbone of its own. Either way the registry builds it from a
+//! [`crate::config::ModelConfig`] and the [`Parts`] it names.
+
+pub mod stack;
+
+use anyhow::Result as AnyResult;
+use candle_core::{DType, Result, Tensor};
+
+use crate::config::ModelConfig;
+use crate::mixers::{MixerState, SequenceMixer};
+use crate::params::ParamBuilder;
+use crate::rng::Rng;
+
+/// Builds the sequence (or channel) mixer of layer `layer`, parameters under the builder.
+pub type MixerFn = fn(&ModelConfig, usize, &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>>;
+
+/// Builds a backbone from its configuration and the parts the registry resolved for it.
+pub type BackboneFn = fn(&ModelConfig, &ParamBuilder, &Parts) -> AnyResult<Box<dyn Backbone>>;
+
+/// What the registry resolves for a backbone from names in its configuration.
+#[derive(Clone, Copy)]
+pub struct Parts {
+    /// The architecture's sequence mixer, where it has one per layer.
+    pub mixer: Option<MixerFn>,
+    /// `model.channel_mixer`, from the channel-mixer registry.
+    pub channel_mixer: MixerFn,
+    /// The mixer's recurrent form needs no fixed window (constant state, no positions).
+    pub unbounded_context: bool,
+}
+
+/// The recurrent state of a whole backbone: one [`MixerState`] per stateful part, in an
+/// order the backbone chooses (the stack: mixer then channel mixer of each block).
+#[derive(Clone, Debug, Default)]
+pub struct ModelState {
+    pub layers: Vec<MixerState>,
+    /// Tokens consumed so far.
+    pub pos: usize,
+}
+
+impl ModelState {
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(MixerState::bytes).sum()
+    }
+
+    /// Cuts the state off the autograd graph. Decoding never differentiates through it, and
+    /// a state that still records its history (every step's activations back to the
+    /// weights) would keep all of them alive: memory growing with every token.
+    pub fn detach(&mut self) {
+        for t in self.layers.iter_mut().flat_map(|l| l.tensors.iter_mut()) {
+            *t = t.detach();
+        }
+    }
+
+    /// Whether any state tensor still records the operations that made it.
+    pub fn tracks_graph(&self) -> bool {
+        self.layers.iter().flat_map(|l| &l.tensors).any(|t| t.track_op())
+    }
+}
+
+pub trait Backbone: Send + Sync {
+    /// Parallel form. `tokens: [B, T]` (u32) -> logits `[B, T, V]`. With `dropout`, the
+    /// dropout the configuration asks for is applied (training); without, the backbone is
+    /// deterministic (evaluation).
+    fn forward(&self, tokens: &Tensor, dropout: Option<&mut Rng>) -> Result<Tensor>;
+
+    /// Logits at chosen positions only: `rows` (u32, `[N]`) index the flattened `[B T]`
+    /// positions of `tokens: [B, T]` -> `[N, V]` (no dropout). A loss scored at a few
+    /// positions (the recall suite) then pays the head and the softmax for N rows, not B T.
+    fn forward_at(&self, tokens: &Tensor, rows: &Tensor) -> Result<Tensor>;
+
+    /// Runs the prompt in parallel: its logits `[B, T, V]` and the state after it.
+    fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)>;
+
+    /// One token per sequence. `token: [B]` (u32) -> logits `[B, V]`, advancing `state`.
+    fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor>;
+
+    /// The longest window the backbone can attend over when generating, or `None` where its
+    /// recurrence is unbounded.
+    fn window(&self) -> Option<usize>;
+
+    /// Runs the layers in `dtype` (bf16 for mixed precision) while parameters, norms,
+    /// logits and the loss stay in the parameters' dtype.
+    fn set_compute_dtype(&mut self, dtype: DType);
+}

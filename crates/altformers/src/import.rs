@@ -1,0 +1,100 @@
+//! Importers: checkpoints written elsewhere, checked tensor by tensor, into a run folder
+//! (`config.json` + `model.safetensors`) that `eval`, `generate` and the benchmarks read.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::config::RunConfig;
+use crate::mixers::rwkv4::{Init, Rwkv4Options};
+use crate::model::Model;
+
+/// Imports an official RWKV-4 checkpoint into a run folder `out` (`config.json` with a
+/// [`RunConfig`], `model.safetensors`) that `train::load_run`, `eval` and `generate` accept.
+///
+/// `file` is a safetensors file with the official names (`emb.weight`,
+/// `blocks.0.ln0.weight`, `blocks.N.att.time_decay`, ..., `head.weight`); width, depth,
+/// vocabulary and FFN width are inferred from the shapes, then every tensor is checked: a
+/// missing, mis-shaped or unexpected tensor is an error that names each one. `time_decay` is
+/// kept raw (per-step decay `exp(-exp(time_decay))`), as the checkpoints store it. Tensors of
+/// any float dtype are converted to f32. The context (1024) only sets the training window;
+/// RWKV's recurrence itself is unbounded.
+///
+/// Official checkpoints are PyTorch `.pth` files; convert one with
+/// `python -c "import torch, safetensors.torch as st; p='RWKV.pth'; st.save_file({k: v.float().contiguous() for k, v in torch.load(p, map_location='cpu').items()}, 'RWKV.safetensors')"`
+/// i.e. `safetensors.torch.save_file({k: v.float().contiguous() for k,v in torch.load(p, map_location='cpu').items()}, out)`.
+pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
+    let tensors = crate::params::load_tensors(file, &Device::Cpu)?;
+    let origin = file.display().to_string();
+    let Some(emb) = tensors.get("emb.weight") else {
+        bail!("{origin} is not an RWKV-4 checkpoint: missing tensor `emb.weight` (expected [vocab, width])");
+    };
+    let (vocab, width) =
+        emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
+    let depth = tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map(|m| m + 1)
+        .with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
+    let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
+        Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
+        _ => 4 * width, // the check below names the problem
+    };
+    let mut config = crate::registry::find("rwkv4")?.defaults();
+    let m = &mut config.model;
+    (m.vocab, m.width, m.depth, m.heads, m.context) = (vocab, width, depth, 1, 1024);
+    m.ffn_mult = hidden as f64 / width as f64;
+    m.set_options(&Rwkv4Options { init: Init::Normal, ..Default::default() })?;
+    let model = Model::new(&config.model, config.train.seed, &Device::Cpu, DType::F32)?;
+    let tensors: BTreeMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t })))
+        .collect::<candle_core::Result<_>>()?;
+    model.params.assign(tensors, &origin)?;
+    if out.join("config.json").exists() {
+        bail!("{} already holds a run; choose another --out", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    model.params.save(&out.join("model.safetensors"))?;
+    crate::util::write_json_atomic(&out.join("config.json"), &config)?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{random_tokens, rel_err, tiny_config};
+
+    #[test]
+    fn rwkv4_round_trips_and_rejects_bad_files() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("altformers-rwkv4-import-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let cfg = tiny_config("rwkv4", &["model.options.chunk=5", "model.options.init=normal"])?;
+        let model = Model::new(&cfg, 11, &Device::Cpu, DType::F32)?;
+        let file = dir.join("rwkv.safetensors");
+        model.params.save(&file)?;
+        let imported = rwkv4(&file, &dir.join("run"))?;
+        assert_eq!(
+            (imported.model.width, imported.model.depth, imported.model.vocab),
+            (cfg.width, cfg.depth, cfg.vocab)
+        );
+        let loaded = crate::train::load_run(&dir.join("run"), &Device::Cpu, DType::F32)?;
+        let tokens = random_tokens(2, 9, cfg.vocab, 2)?;
+        assert!(rel_err(&loaded.forward(&tokens, None)?, &model.forward(&tokens, None)?)? < 1e-6);
+
+        // a file with a tensor missing and another mis-shaped
+        let mut t = model.params.tensors();
+        t.remove("blocks.1.att.time_first");
+        t.insert("blocks.0.ffn.value.weight".into(), Tensor::zeros((cfg.width, 7), DType::F32, &Device::Cpu)?);
+        let bad = dir.join("bad.safetensors");
+        crate::params::save_tensors(&t, &bad)?;
+        let err = format!("{:#}", rwkv4(&bad, &dir.join("run2")).unwrap_err());
+        assert!(err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"), "{err}");
+        assert!(!dir.join("run2").join("config.json").exists());
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

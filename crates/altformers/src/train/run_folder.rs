@@ -1,0 +1,188 @@
+//! A run folder: everything one training run writes, and the checks that let it resume.
+//!
+//! - `config.json`: the [`RunConfig`]
+//! - `model.safetensors`: the latest weights (what `eval` and `generate` read)
+//! - `metrics.jsonl`: one [`Metrics`] object per evaluation
+//! - `checkpoint/`: `model.safetensors`, `optimizer.safetensors`, `state.json`, replaced as a
+//!   whole (written beside it, then swapped by renames) so a crash never leaves half of one.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::optim::AdamW;
+use crate::config::RunConfig;
+use crate::data::DataFormat;
+use crate::model::Model;
+use crate::util::{read_json, write_json_atomic};
+
+/// One evaluation, one line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    pub step: usize,
+    /// Mean loss (nats/byte) over fixed training batches, without dropout.
+    pub train_loss: f64,
+    /// Mean loss (nats/byte) over fixed validation batches.
+    pub val_loss: f64,
+    /// `val_loss / ln 2`: bits per byte.
+    pub val_bpb: f64,
+    /// Training throughput since the previous evaluation (evaluation time excluded).
+    pub tokens_per_s: f64,
+    /// Wall time since the run began, across resumes.
+    pub elapsed_s: f64,
+    pub lr: f64,
+}
+
+/// What `checkpoint/state.json` holds besides the tensors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps completed.
+    pub step: usize,
+    /// The run's seed: with `step`, it fixes every later batch and dropout mask.
+    pub seed: u64,
+    pub data_source: String,
+    pub data_format: DataFormat,
+    pub elapsed_s: f64,
+}
+
+pub struct RunFolder {
+    pub dir: PathBuf,
+}
+
+impl RunFolder {
+    /// A folder for a new run of `config`: refused if it already holds one.
+    pub fn create(dir: &Path, config: &RunConfig) -> Result<Self> {
+        let folder = Self { dir: dir.to_path_buf() };
+        if folder.config_path().exists() || folder.checkpoint_dir().exists() {
+            bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_json_atomic(&folder.config_path(), config)?;
+        folder.rewrite_metrics(&[])?;
+        Ok(folder)
+    }
+
+    /// An existing run of `config` (the saved configuration must be the same), the state of
+    /// its newest checkpoint, and the metrics logged up to it (lines logged after it, by a
+    /// crash in between, are left out).
+    pub fn resume(dir: &Path, config: &RunConfig) -> Result<(Self, TrainState, Vec<Metrics>)> {
+        let folder = Self { dir: dir.to_path_buf() };
+        let saved = folder.config()?;
+        if serde_json::to_value(&saved)? != serde_json::to_value(config)? {
+            bail!("--resume: the configuration differs from the one saved in {}/config.json", dir.display());
+        }
+        let state: TrainState = read_json(&folder.latest_checkpoint()?.join("state.json"))?;
+        let history: Vec<Metrics> = folder.metrics()?.into_iter().filter(|m| m.step <= state.step).collect();
+        Ok((folder, state, history))
+    }
+
+    /// A folder written earlier, for reading (eval, generate).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let folder = Self { dir: dir.to_path_buf() };
+        if !folder.config_path().exists() {
+            bail!("{} is not a run folder: no config.json", dir.display());
+        }
+        Ok(folder)
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+
+    fn metrics_path(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+
+    pub fn config(&self) -> Result<RunConfig> {
+        let config: RunConfig = read_json(&self.config_path())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The run's model with its latest weights (parameters in `dtype`).
+    pub fn load_model(&self, device: &Device, dtype: DType) -> Result<Model> {
+        let config = self.config()?;
+        let model = Model::new(&config.model, config.train.seed, device, dtype)?;
+        model.load_weights(&self.dir.join("model.safetensors"))?;
+        Ok(model)
+    }
+
+    /// The newest complete checkpoint (a crash between the two renames leaves it in `.old`).
+    pub fn latest_checkpoint(&self) -> Result<PathBuf> {
+        for dir in [self.checkpoint_dir(), self.dir.join("checkpoint.old")] {
+            if dir.join("state.json").exists() {
+                return Ok(dir);
+            }
+        }
+        bail!("{} holds no checkpoint to resume from", self.dir.display())
+    }
+
+    /// Loads the newest checkpoint's weights and optimizer state into `model` and `opt`.
+    pub fn restore(&self, model: &Model, opt: &mut AdamW, state: &TrainState) -> Result<()> {
+        let dir = self.latest_checkpoint()?;
+        model.params.load(&dir.join("model.safetensors"))?;
+        opt.load(&dir.join("optimizer.safetensors"), state.step)
+    }
+
+    /// Writes a checkpoint beside the current one, swaps them by renames, then the latest
+    /// weights.
+    pub fn save_checkpoint(&self, model: &Model, opt: &AdamW, state: &TrainState) -> Result<()> {
+        let tmp = self.dir.join("checkpoint.tmp");
+        let old = self.dir.join("checkpoint.old");
+        let cur = self.checkpoint_dir();
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        model.params.save(&tmp.join("model.safetensors"))?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        write_json_atomic(&tmp.join("state.json"), state)?;
+        if cur.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old)?;
+            }
+            std::fs::rename(&cur, &old)?;
+        }
+        std::fs::rename(&tmp, &cur)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        model.params.save(&self.dir.join("model.safetensors"))
+    }
+
+    /// Every evaluation logged so far.
+    pub fn metrics(&self) -> Result<Vec<Metrics>> {
+        let path = self.metrics_path();
+        if !path.exists() {
+            return Ok(vec![]);
+        }
+        let text = std::fs::read_to_string(&path)?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("corrupt line in {}", path.display())))
+            .collect()
+    }
+
+    pub fn append_metrics(&self, m: &Metrics) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.metrics_path())?;
+        writeln!(f, "{}", serde_json::to_string(m)?)?;
+        f.sync_all()?;
+        Ok(())
+    }
+
+    /// Replaces `metrics.jsonl` with `history` (on resume: the lines up to the checkpoint).
+    pub fn rewrite_metrics(&self, history: &[Metrics]) -> Result<()> {
+        let mut text = String::new();
+        for m in history {
+            text.push_str(&serde_json::to_string(m)?);
+            text.push('\n');
+        }
+        crate::util::write_atomic(&self.metrics_path(), text.as_bytes())
+    }
+}

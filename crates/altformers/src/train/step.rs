@@ -1,0 +1,187 @@
+//! The one training step every task uses: batch, forward, loss, backward, the gradient
+//! all-reduce across devices, clipping, AdamW; with the loss and gradient norm read from the
+//! device only every few steps.
+
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+
+use super::optim::{learning_rate, AdamW, StepNorm};
+use super::task::Task;
+use crate::config::TrainConfig;
+use crate::model::Model;
+use crate::params::ParamStore;
+use crate::rng::{stream, Rng};
+
+/// Steps between reads of the training loss and gradient norm.
+pub const SYNC_EVERY: usize = 10;
+
+/// Where the gradients of every device meet before the update. One device has nothing to
+/// exchange; data-parallel training sums (and averages) them across ranks here.
+pub trait GradientSync {
+    fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()>;
+}
+
+/// Training on one device.
+pub struct OneDevice;
+
+impl GradientSync for OneDevice {
+    fn all_reduce(&self, _grads: &mut GradStore, _params: &ParamStore) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The losses and gradient norms of the last few steps, still where they were computed. A
+/// value read on the host waits for the GPU to finish its step, and a read every step leaves
+/// the GPU idle while the host prepares the next one; so a training loop reads them together
+/// every [`SYNC_EVERY`] steps, and always before it evaluates or saves. A non-finite value is
+/// found then, naming its step; the fused GPU step has changed no parameter on a non-finite
+/// norm, and the CPU step fails at once.
+#[derive(Default)]
+pub struct Deferred {
+    steps: Vec<usize>,
+    losses: Vec<Tensor>,
+    norms: Vec<Tensor>,
+    /// The loss of the last step read.
+    pub last_loss: f64,
+}
+
+impl Deferred {
+    /// Holds `step`'s loss (a scalar) and gradient norm, detached: a tensor keeps the graph
+    /// that computed it, so holding the loss itself would keep every activation of the step
+    /// alive until the next read (ten steps' worth of GPU memory).
+    pub fn push(&mut self, step: usize, loss: &Tensor, norm: StepNorm) {
+        self.steps.push(step);
+        self.losses.push(loss.detach());
+        self.norms.push(norm.0.detach());
+    }
+
+    pub fn due(&self) -> bool {
+        self.steps.len() >= SYNC_EVERY
+    }
+
+    /// Reads what is held (two reads); the first step with a non-finite loss or norm is an error.
+    pub fn settle(&mut self) -> Result<()> {
+        if self.steps.is_empty() {
+            return Ok(());
+        }
+        let read = |v: &[Tensor]| -> Result<Vec<f64>> { Ok(Tensor::stack(v, 0)?.to_dtype(DType::F64)?.to_vec1()?) };
+        let (losses, norms) = (read(&self.losses)?, read(&self.norms)?);
+        for ((step, loss), norm) in self.steps.iter().zip(&losses).zip(&norms) {
+            if !loss.is_finite() {
+                bail!("training loss is {loss} in step {step}");
+            }
+            if !norm.is_finite() {
+                bail!("gradient norm is {norm} in step {step}");
+            }
+        }
+        self.last_loss = *losses.last().expect("not empty");
+        self.steps.clear();
+        self.losses.clear();
+        self.norms.clear();
+        Ok(())
+    }
+}
+
+/// AdamW, the schedule and clipping of a [`TrainConfig`], and the steps not yet read.
+pub struct Trainer {
+    pub opt: AdamW,
+    pub train: TrainConfig,
+    pub sync: Box<dyn GradientSync>,
+    pub pending: Deferred,
+}
+
+impl Trainer {
+    /// AdamW over `model`'s parameters with `train`'s settings, on one device.
+    pub fn new(model: &Model, train: &TrainConfig) -> Result<Self> {
+        let mut opt = AdamW::new(&model.params, train.beta1, train.beta2, train.eps, train.weight_decay)?;
+        if train.decay_embeddings {
+            opt = opt.decay_embeddings();
+        }
+        Ok(Self { opt, train: train.clone(), sync: Box::new(OneDevice), pending: Deferred::default() })
+    }
+
+    /// The learning rate of step `step` (counted from 0).
+    pub fn learning_rate(&self, step: usize) -> f64 {
+        let t = &self.train;
+        learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.decay_steps)
+    }
+
+    /// Step `step` (counted from 0) of `task`: its batch and dropout masks are functions of
+    /// the seed and the step only, so a resumed run repeats an uninterrupted one exactly. The
+    /// loss and gradient norm are held until [`Trainer::settle`]; an error names the step.
+    pub fn step(&mut self, model: &Model, task: &dyn Task, step: usize) -> Result<()> {
+        let t = &self.train;
+        let mut batch_rng = Rng::derive(t.seed, stream::TRAIN_BATCH, step as u64);
+        let mut dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
+        let batch = task.batch(t.batch_size, &mut batch_rng, model.device())?;
+        let loss = task.loss(model, &batch, Some(&mut dropout_rng))?;
+        let mut grads = loss.backward()?;
+        self.sync.all_reduce(&mut grads, &model.params)?;
+        let lr = self.learning_rate(step);
+        let norm = self.opt.step(&grads, lr, t.grad_clip).map_err(|e| anyhow::anyhow!("{e} in step {}", step + 1))?;
+        self.pending.push(step + 1, &loss, norm);
+        Ok(())
+    }
+
+    /// Reads the held losses and norms if [`SYNC_EVERY`] steps are held or `now`.
+    pub fn settle_if_due(&mut self, now: bool) -> Result<()> {
+        if now || self.pending.due() {
+            self.pending.settle()?;
+        }
+        Ok(())
+    }
+
+    /// The last training loss read.
+    pub fn last_loss(&self) -> f64 {
+        self.pending.last_loss
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn deferred_reads_report_the_first_bad_step_and_keep_the_last_loss() -> Result<()> {
+        let dev = Device::Cpu;
+        let norm = |v: f64| -> Result<StepNorm> { Ok(StepNorm(Tensor::new(v, &dev)?)) };
+        let mut d = Deferred::default();
+        for (step, loss) in [(1, 2.0f32), (2, 1.5)] {
+            d.push(step, &Tensor::new(loss, &dev)?, norm(1.0)?);
+        }
+        assert!(!d.due());
+        d.settle()?;
+        assert_eq!(d.last_loss, 1.5);
+        for (step, loss) in [(3, 1.0f32), (4, f32::NAN), (5, f32::NAN)] {
+            d.push(step, &Tensor::new(loss, &dev)?, norm(1.0)?);
+        }
+        let err = d.settle().unwrap_err().to_string();
+        assert!(err.contains("training loss is NaN in step 4"), "{err}");
+        let mut d = Deferred::default();
+        d.push(7, &Tensor::new(0.5f32, &dev)?, norm(f64::INFINITY)?);
+        let err = d.settle().unwrap_err().to_string();
+        assert!(err.contains("gradient norm is inf in step 7"), "{err}");
+        for step in 0..SYNC_EVERY {
+            d.push(step, &Tensor::new(0.5f32, &dev)?, norm(1.0)?);
+        }
+        assert!(d.due());
+        Ok(())
+    }
+
+    #[test]
+    fn deferred_holds_values_not_the_graph_that_computed_them() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = candle_core::Var::new(&[1.0f32, 2.0], &dev)?;
+        let loss = w.as_tensor().sqr()?.sum_all()?;
+        let norm = loss.sqrt()?;
+        assert!(loss.track_op() && norm.track_op());
+        let mut d = Deferred::default();
+        d.push(1, &loss, StepNorm(norm));
+        assert!(!d.losses[0].track_op() && !d.norms[0].track_op());
+        d.settle()?;
+        assert_eq!(d.last_loss, 5.0);
+        Ok(())
+    }
+}
