@@ -8,7 +8,6 @@ use altformers::mixers::attention::Attention;
 use altformers::model::Model;
 use altformers::params::ParamBuilder;
 use altformers::testing::*;
-use altformers::train::optim::AdamW;
 use altformers::train::{train, TrainOptions};
 use candle_core::{DType, Device, IndexOp, Tensor};
 
@@ -115,23 +114,6 @@ fn gradients_match_finite_differences() -> Result<()> {
         let err = model_gradient_err(&cfg, 4)?;
         assert!(err < 1e-4, "{sets:?}: {err}");
     }
-    Ok(())
-}
-
-#[test]
-fn tiny_model_overfits_one_batch() -> Result<()> {
-    let m = model(&["model.width=32"], 5)?;
-    let x = random_tokens(4, 16, 256, 8)?;
-    let y = random_tokens(4, 16, 256, 9)?;
-    let mut opt = AdamW::new(&m.params, 0.9, 0.99, 1e-8, 0.0)?;
-    let first = Model::loss(&m.forward(&x, None)?, &y)?.to_scalar::<f32>()?;
-    let mut last = first;
-    for _ in 0..150 {
-        let loss = Model::loss(&m.forward(&x, None)?, &y)?;
-        last = loss.to_scalar::<f32>()?;
-        opt.step(&loss.backward()?, 3e-3, 1.0)?;
-    }
-    assert!(first > 5.0 && last < 0.3, "loss {first} -> {last}");
     Ok(())
 }
 

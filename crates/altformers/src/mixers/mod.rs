@@ -13,9 +13,6 @@ pub mod longnet;
 pub mod retnet;
 pub mod rwkv4;
 
-#[cfg(test)]
-pub(crate) mod fit_check;
-
 use candle_core::{Result, Tensor};
 
 /// The recurrent state of one mixer: a KV cache, a recurrent matrix, a convolution history.

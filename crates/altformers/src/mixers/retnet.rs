@@ -371,21 +371,4 @@ mod tests {
         let g: Vec<f64> = log_decays(4).iter().map(|l| l.exp()).collect();
         assert_eq!(g, vec![1.0 - 1.0 / 32.0, 1.0 - 1.0 / 64.0, 1.0 - 1.0 / 128.0, 1.0 - 1.0 / 256.0]);
     }
-
-    #[test]
-    fn retnet_runs_under_mixed_precision() -> anyhow::Result<()> {
-        let cfg = tiny(&[]);
-        let (e, modes) = crate::testing::mixed_precision_errs(&cfg)?;
-        assert!(e < 0.05, "{e}");
-        assert!(modes < 0.05, "{modes}");
-        Ok(())
-    }
-
-    #[test]
-    fn retnet_overfits_a_batch() -> anyhow::Result<()> {
-        let (first, last) = crate::mixers::fit_check::overfit(&tiny(&[]), 50, 3e-3)?;
-        eprintln!("retnet overfit: {first:.3} -> {last:.3}");
-        assert!(last < 0.5 * first, "loss {first} -> {last}");
-        Ok(())
-    }
 }
