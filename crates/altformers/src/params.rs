@@ -194,7 +194,7 @@ impl ParamBuilder {
 
 /// Writes `tensors` to `path` atomically: a temporary file beside it, fsync, rename.
 pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = tmp_path(path);
+    let tmp = crate::util::tmp_path(path);
     let cpu: Vec<(String, Tensor)> =
         tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
     candle_core::safetensors::save(&cpu.into_iter().collect(), &tmp)
@@ -212,10 +212,4 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
         anyhow::anyhow!("{} is not a valid safetensors file (corrupt or truncated?): {e}", path.display())
     })?;
     Ok(tensors.into_iter().collect())
-}
-
-pub fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut name = path.file_name().map(|s| s.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
 }

@@ -17,9 +17,16 @@ pub fn fsync_and_rename(tmp: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The temporary file beside `path` that an atomic write renames into place.
+pub fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().map(|s| s.to_os_string()).unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
 /// Writes `bytes` to `dest` atomically.
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = crate::params::tmp_path(dest);
+    let tmp = tmp_path(dest);
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
     drop(f);
