@@ -16,6 +16,7 @@ use crate::config::RunConfig;
 use crate::data::{mqar::MqarConfig, Corpus, DataFormat};
 use crate::model::LanguageModel;
 use crate::registry::{self, Architecture};
+use crate::results::{quality_table, read_lines, write_lines, MqarResult, MqarRun, QualityRow};
 use crate::train::{train, TrainOptions};
 
 /// A preset: the shared model shape and budgets of every part of the comparison.
@@ -113,21 +114,6 @@ impl Selection {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct QualityRow {
-    pub model: String,
-    pub width: usize,
-    pub params: usize,
-    /// Parameters relative to the Transformer's (1.0 = equal).
-    pub params_ratio: f64,
-    pub steps: usize,
-    pub tokens: usize,
-    pub val_loss: f64,
-    pub val_bpb: f64,
-    pub tokens_per_s: f64,
-    pub elapsed_s: f64,
-}
-
 /// Parameters of `arch` built with `sets` at `width`, or `None` if that width is invalid
 /// for it.
 pub fn param_count(arch: &Architecture, sets: &[String], width: usize) -> Option<usize> {
@@ -184,27 +170,6 @@ pub fn match_params(arch: &Architecture, sets: &[String], target: usize) -> Resu
         }
     }
     Ok(best)
-}
-
-/// Writes `rows` to `path` after the lines already there whose `model` is not in `rerun`:
-/// a comparison run in pieces (some models at a time) accumulates in one file.
-fn write_lines<T: Serialize>(path: &Path, rerun: &[&Architecture], rows: &[T]) -> Result<()> {
-    let mut text = String::new();
-    if let Ok(old) = std::fs::read_to_string(path) {
-        for line in old.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{} holds a line that is not JSON", path.display()))?;
-            if !rerun.iter().any(|a| v["model"] == a.name) {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    for r in rows {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    crate::util::write_atomic(path, text.as_bytes())
 }
 
 /// Runs everything the preset asks for into `out`, then renders `out/report.md`.
@@ -286,7 +251,7 @@ pub fn run(
     if select.runs("mqar") {
         // Rows already in DIR with the same budget are kept, not retrained: a grid too large
         // for one sitting is finished by running the same command again.
-        let done: Vec<mqar::MqarResult> = crate::report::read_lines(&out.join("mqar.jsonl"))?.unwrap_or_default();
+        let done: Vec<MqarResult> = read_lines(&out.join("mqar.jsonl"))?.unwrap_or_default();
         let mut grid = Vec::new();
         for arch in &causal {
             for &(seq_len, pairs) in &preset.mqar.tasks {
@@ -298,9 +263,19 @@ pub fn run(
                 }
             }
         }
-        let mut recall: Vec<Option<mqar::MqarResult>> = Vec::with_capacity(grid.len());
+        let mut recall: Vec<Option<MqarResult>> = Vec::with_capacity(grid.len());
         for (name, task, width, lr) in &grid {
-            let kept = done.iter().find(|r| r.answers(name, task, *width, &preset.mqar, *lr)).cloned();
+            let s = &preset.mqar;
+            let run = MqarRun {
+                model: name,
+                task,
+                width: *width,
+                depth: s.depth,
+                steps: s.steps,
+                batch_size: s.batch_size,
+                lr: *lr,
+            };
+            let kept = done.iter().find(|r| r.answers(&run)).cloned();
             if kept.is_some() {
                 eprintln!(
                     "mqar {name} T={} pairs={} width={width} lr={lr}: kept from {}",
@@ -332,7 +307,7 @@ pub fn run(
                 );
                 let mut rows = recall.lock().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
                 rows[i] = Some(r);
-                let finished: Vec<&mqar::MqarResult> = rows.iter().flatten().collect();
+                let finished: Vec<&MqarResult> = rows.iter().flatten().collect();
                 write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
             }
         };
@@ -350,7 +325,7 @@ pub fn run(
             })?;
         }
         let rows = recall.into_inner().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
-        let finished: Vec<&mqar::MqarResult> = rows.iter().flatten().collect();
+        let finished: Vec<&MqarResult> = rows.iter().flatten().collect();
         write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
     }
 
@@ -410,27 +385,6 @@ pub fn run(
     Ok(())
 }
 
-pub fn quality_table(rows: &[QualityRow]) -> String {
-    let mut s = String::from(
-        "| model | width | params (vs Transformer) | tokens | val loss (nats/byte) | val bpb | train tokens/s | time (s) |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        s.push_str(&format!(
-            "| {} | {} | {} ({:+.1}%) | {} | {:.4} | {:.4} | {:.0} | {:.0} |\n",
-            r.model,
-            r.width,
-            crate::util::human(r.params as f64),
-            (r.params_ratio - 1.0) * 100.0,
-            crate::util::human(r.tokens as f64),
-            r.val_loss,
-            r.val_bpb,
-            r.tokens_per_s,
-            r.elapsed_s
-        ));
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,8 +402,8 @@ mod tests {
         Ok((dir, p, file))
     }
 
-    fn mqar_rows(dir: &Path) -> Result<Vec<mqar::MqarResult>> {
-        Ok(crate::report::read_lines(&dir.join("mqar.jsonl"))?.unwrap())
+    fn mqar_rows(dir: &Path) -> Result<Vec<MqarResult>> {
+        Ok(read_lines(&dir.join("mqar.jsonl"))?.unwrap())
     }
 
     /// The recall part run again into the same directory keeps the rows it already has
