@@ -44,32 +44,11 @@ pub struct LmSettings {
     pub reference_width: usize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScalingSettings {
-    /// `mixer` and/or `block`.
-    pub components: Vec<String>,
-    pub lengths: Vec<usize>,
-    pub width: usize,
-    pub heads: usize,
-    pub tokens_per_batch: usize,
-    pub reps: usize,
-    pub time_cap_s: f64,
-    pub memory_cap_gb: f64,
-}
+/// A preset's `[scaling]` table: the scaling bench's own options.
+pub type ScalingSettings = scaling::ScalingOptions;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DecodeSettings {
-    pub contexts: Vec<usize>,
-    pub batches: Vec<usize>,
-    pub width: usize,
-    pub heads: usize,
-    pub depth: usize,
-    pub steps: usize,
-    pub time_cap_s: f64,
-    pub memory_cap_gb: f64,
-}
+/// A preset's `[decode]` table: the decoding bench's own options.
+pub type DecodeSettings = decode::DecodeOptions;
 
 /// A named preset (`quick`, `full`) or a TOML file of the same shape.
 pub fn preset(name: &str) -> Result<Preset> {
@@ -414,20 +393,7 @@ fn on_workers(jobs: usize, device: &Device, worker: impl Fn(Device) -> Result<()
 /// Time and memory of one layer of every model of `models` against sequence length, forward
 /// in f32: `out/scaling.jsonl` and the fitted exponents, `out/scaling-fits.jsonl`.
 fn run_scaling(s: &ScalingSettings, models: &[&Architecture], out: &Path, device: &Device) -> Result<()> {
-    let sopts = scaling::ScalingOptions {
-        models: models.iter().map(|a| a.name.to_string()).collect(),
-        components: s.components.clone(),
-        mode: scaling::BenchMode::Fwd,
-        lengths: s.lengths.clone(),
-        width: s.width,
-        heads: s.heads,
-        tokens_per_batch: s.tokens_per_batch,
-        warmup: 1,
-        reps: s.reps,
-        time_cap_s: s.time_cap_s,
-        memory_cap_bytes: s.memory_cap_gb * 1e9,
-        dtype: DType::F32,
-    };
+    let sopts = ScalingSettings { models: models.iter().map(|a| a.name.to_string()).collect(), ..s.clone() };
     let (points, fits) = scaling::run(&sopts, device, |p| {
         if let Some(t) = p.timing {
             eprintln!("scaling {} {} T={}: {:.4} s", p.model, p.component, p.seq, t.median_s)
@@ -440,18 +406,7 @@ fn run_scaling(s: &ScalingSettings, models: &[&Architecture], out: &Path, device
 /// Per-token decoding latency and state of every model of `models` against context, in f32:
 /// `out/decode.jsonl`.
 fn run_decode(d: &DecodeSettings, models: &[&Architecture], out: &Path, device: &Device) -> Result<()> {
-    let dopts = decode::DecodeOptions {
-        models: models.iter().map(|a| a.name.to_string()).collect(),
-        contexts: d.contexts.clone(),
-        batches: d.batches.clone(),
-        width: d.width,
-        heads: d.heads,
-        depth: d.depth,
-        steps: d.steps,
-        memory_cap_bytes: d.memory_cap_gb * 1e9,
-        time_cap_s: d.time_cap_s,
-        dtype: DType::F32,
-    };
+    let dopts = DecodeSettings { models: models.iter().map(|a| a.name.to_string()).collect(), ..d.clone() };
     let decoded = decode::run(&dopts, device, |p| {
         if let Some(l) = p.latency_s {
             eprintln!("decode {} context={} batch={}: {:.2} ms/token", p.model, p.context, p.batch, l * 1e3)
@@ -479,6 +434,32 @@ mod tests {
 
     fn mqar_rows(dir: &Path) -> Result<Vec<MqarResult>> {
         Ok(read_lines(&dir.join("mqar.jsonl"))?.unwrap())
+    }
+
+    /// Every preset in configs/ reads; a preset's bench tables are the benches' options, with
+    /// the memory caps in bytes and compare's mode, warm-up and dtype, and survive a round trip.
+    #[test]
+    fn presets_read_as_bench_options() -> Result<()> {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut read = 0;
+        for entry in std::fs::read_dir(configs)? {
+            let path = entry?.path();
+            if std::fs::read_to_string(&path)?.contains("[scaling]") {
+                let p = preset(path.to_str().unwrap())?;
+                let again: Preset = toml::from_str(&toml::to_string(&p)?)?;
+                assert_eq!(format!("{p:?}"), format!("{again:?}"), "{}", path.display());
+                read += 1;
+            }
+        }
+        assert!(read >= 4, "{read} presets");
+        let q = preset("quick")?;
+        assert_eq!((q.scaling.memory_cap_bytes, q.decode.memory_cap_bytes), (4e9, 2e9));
+        assert_eq!(
+            (q.scaling.mode, q.scaling.warmup, q.scaling.dtype, q.decode.dtype),
+            (scaling::BenchMode::Fwd, 1, DType::F32, DType::F32)
+        );
+        assert!(q.scaling.models.is_empty() && q.decode.models.is_empty());
+        Ok(())
     }
 
     /// The recall part run again into the same directory keeps the rows it already has
