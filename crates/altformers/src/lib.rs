@@ -19,6 +19,7 @@ pub mod params;
 pub mod primitives;
 pub mod registry;
 pub mod report;
+pub mod results;
 pub mod rng;
 pub mod testing;
 pub mod train;

@@ -11,8 +11,13 @@ use crate::model::{Model, ModelState};
 use crate::registry;
 use crate::rng::{stream, Rng};
 
-#[derive(Clone, Debug)]
+/// The sweep. As a `compare` preset's `[decode]` table it holds the keys below but `models`
+/// (compare's selection) and `dtype` (f32), with the memory cap in gigabytes
+/// (`memory_cap_gb`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DecodeOptions {
+    #[serde(skip)]
     pub models: Vec<String>,
     pub contexts: Vec<usize>,
     pub batches: Vec<usize>,
@@ -22,9 +27,11 @@ pub struct DecodeOptions {
     /// Timed steps per point (median reported).
     pub steps: usize,
     /// Contexts whose prefill is estimated above this many bytes are skipped.
+    #[serde(rename = "memory_cap_gb", with = "super::gigabytes")]
     pub memory_cap_bytes: f64,
     /// A context whose prefill took longer than this ends the model's sweep.
     pub time_cap_s: f64,
+    #[serde(skip, default = "super::preset_dtype")]
     pub dtype: DType,
 }
 

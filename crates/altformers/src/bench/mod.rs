@@ -92,6 +92,25 @@ impl Timing {
     }
 }
 
+/// A byte count that a `compare` preset writes in gigabytes (`memory_cap_gb`), for serde's
+/// `with`.
+pub(crate) mod gigabytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(bytes / 1e9)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(f64::deserialize(d)? * 1e9)
+    }
+}
+
+/// What a `compare` preset's bench runs compute in (f32), for serde's `default`.
+pub(crate) fn preset_dtype() -> candle_core::DType {
+    candle_core::DType::F32
+}
+
 /// Machine, date and commit, for every recorded figure.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Provenance {

@@ -20,24 +20,41 @@ pub enum BenchMode {
     Fwdbwd,
 }
 
-#[derive(Clone, Debug)]
+/// The sweep. As a `compare` preset's `[scaling]` table it holds the keys below but `models`
+/// (compare's selection), `mode` (forward), `warmup` (one run) and `dtype` (f32), with the
+/// memory cap in gigabytes (`memory_cap_gb`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScalingOptions {
+    #[serde(skip)]
     pub models: Vec<String>,
     /// `mixer` (one sequence-mixer layer) and/or `block` (the whole block).
     pub components: Vec<String>,
+    #[serde(skip, default = "forward")]
     pub mode: BenchMode,
     pub lengths: Vec<usize>,
     pub width: usize,
     pub heads: usize,
     /// B * T; the batch is `max(1, tokens_per_batch / T)`.
     pub tokens_per_batch: usize,
+    #[serde(skip, default = "one_warmup")]
     pub warmup: usize,
     pub reps: usize,
     /// Lengths whose single run exceeds this are recorded as skipped, with all longer ones.
     pub time_cap_s: f64,
     /// Lengths whose analytic activation memory exceeds this are skipped unmeasured.
+    #[serde(rename = "memory_cap_gb", with = "super::gigabytes")]
     pub memory_cap_bytes: f64,
+    #[serde(skip, default = "super::preset_dtype")]
     pub dtype: DType,
+}
+
+fn forward() -> BenchMode {
+    BenchMode::Fwd
+}
+
+fn one_warmup() -> usize {
+    1
 }
 
 /// One measured (or skipped) point; one JSON line of the output.

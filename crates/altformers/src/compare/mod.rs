@@ -16,7 +16,9 @@ use crate::config::{ModelConfig, Overrides, RunConfig};
 use crate::data::{mqar::MqarConfig, Corpus, DataFormat};
 use crate::model::Model;
 use crate::registry::{self, Architecture};
+use crate::results::{quality_table, read_lines, write_lines, MqarResult, MqarRun, QualityRow};
 use crate::train::{train, TrainOptions};
+use mqar::MqarSettings;
 
 /// A preset: the shared model shape and budgets of every part of the comparison.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -46,32 +48,11 @@ pub struct LmSettings {
     pub reference_width: usize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScalingSettings {
-    /// `mixer` and/or `block`.
-    pub components: Vec<String>,
-    pub lengths: Vec<usize>,
-    pub width: usize,
-    pub heads: usize,
-    pub tokens_per_batch: usize,
-    pub reps: usize,
-    pub time_cap_s: f64,
-    pub memory_cap_gb: f64,
-}
+/// A preset's `[scaling]` table: the scaling bench's own options.
+pub type ScalingSettings = scaling::ScalingOptions;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DecodeSettings {
-    pub contexts: Vec<usize>,
-    pub batches: Vec<usize>,
-    pub width: usize,
-    pub heads: usize,
-    pub depth: usize,
-    pub steps: usize,
-    pub time_cap_s: f64,
-    pub memory_cap_gb: f64,
-}
+/// A preset's `[decode]` table: the decoding bench's own options.
+pub type DecodeSettings = decode::DecodeOptions;
 
 /// A named preset (`quick`, `full`) or a TOML file of the same shape.
 pub fn preset(name: &str) -> Result<Preset> {
@@ -112,24 +93,17 @@ impl Selection {
         Ok(())
     }
 
+    /// The causal models selected (all of them where none is named), in registry order.
+    fn architectures(&self) -> Vec<&'static Architecture> {
+        registry::ARCHITECTURES
+            .iter()
+            .filter(|a| a.causal && (self.models.is_empty() || self.models.iter().any(|m| m == a.name)))
+            .collect()
+    }
+
     fn runs(&self, part: &str) -> bool {
         self.parts.is_empty() || self.parts.iter().any(|p| p == part)
     }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct QualityRow {
-    pub model: String,
-    pub width: usize,
-    pub params: usize,
-    /// Parameters relative to the Transformer's (1.0 = equal).
-    pub params_ratio: f64,
-    pub steps: usize,
-    pub tokens: usize,
-    pub val_loss: f64,
-    pub val_bpb: f64,
-    pub tokens_per_s: f64,
-    pub elapsed_s: f64,
 }
 
 impl LmSettings {
@@ -196,27 +170,6 @@ pub fn match_params(arch: &Architecture, model: &ModelConfig, target: usize) -> 
     Ok(best)
 }
 
-/// Writes `rows` to `path` after the lines already there whose `model` is not in `rerun`:
-/// a comparison run in pieces (some models at a time) accumulates in one file.
-fn write_lines<T: Serialize>(path: &Path, rerun: &[&Architecture], rows: &[T]) -> Result<()> {
-    let mut text = String::new();
-    if let Ok(old) = std::fs::read_to_string(path) {
-        for line in old.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{} holds a line that is not JSON", path.display()))?;
-            if !rerun.iter().any(|a| v["model"] == a.name) {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    for r in rows {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    crate::util::write_atomic(path, text.as_bytes())
-}
-
 /// Runs everything the preset asks for into `out`, then renders `out/report.md`.
 /// Parts already in `out` that `select` leaves out are kept, so a comparison can be run in
 /// pieces (one part or a few models per process) into one directory.
@@ -231,6 +184,40 @@ pub fn run(
     select.check()?;
     let preset = preset(preset_name)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    write_meta(out, preset_name, &preset, data, select, device)?;
+    eprintln!("compare --preset {preset_name}: {}", preset.description);
+    let causal = select.architectures();
+    let mut quality = Vec::new();
+    if select.runs("lm") {
+        quality = run_lm(&preset.lm, &causal, data, format, out, device)?;
+    }
+    if select.runs("mqar") {
+        run_mqar(&preset.mqar, &causal, out, device, select.jobs)?;
+    }
+    if select.runs("scaling") {
+        run_scaling(&preset.scaling, &causal, out, device)?;
+    }
+    if select.runs("decode") {
+        run_decode(&preset.decode, &causal, out, device)?;
+    }
+    crate::report::render(out)?;
+    if !quality.is_empty() {
+        println!("{}", quality_table(&quality));
+    }
+    eprintln!("report written to {}", out.join("report.md").display());
+    Ok(())
+}
+
+/// `out/meta.json`: the provenance of the run (with the command that started it) and the
+/// preset.
+fn write_meta(
+    out: &Path,
+    preset_name: &str,
+    preset: &Preset,
+    data: &str,
+    select: &Selection,
+    device: &Device,
+) -> Result<()> {
     let mut meta = Provenance::capture(device);
     meta.command = format!("altformers compare --preset {preset_name} --data {data}");
     if !select.parts.is_empty() {
@@ -242,202 +229,199 @@ pub fn run(
     crate::util::write_json_atomic(
         &out.join("meta.json"),
         &serde_json::json!({ "provenance": meta, "preset": preset_name, "description": preset.description }),
-    )?;
-    eprintln!("compare --preset {preset_name}: {}", preset.description);
-    let causal: Vec<&Architecture> = registry::ARCHITECTURES
-        .iter()
-        .filter(|a| a.causal && (select.models.is_empty() || select.models.iter().any(|m| m == a.name)))
-        .collect();
-
-    // 1. Language modelling at equal parameters and tokens.
-    let mut rows = Vec::new();
-    if select.runs("lm") {
-        let corpus = Corpus::load(data, format)?;
-        let reference = registry::find("transformer")?;
-        let target = param_count(reference, &preset.lm.config(reference)?.model, preset.lm.reference_width)
-            .context("the reference Transformer does not build")?;
-        for arch in &causal {
-            let mut cfg = preset.lm.config(arch)?;
-            let params;
-            (cfg.model, params) = match_params(arch, &cfg.model, target)?;
-            let width = cfg.model.width;
-            let run_dir = out.join("runs").join(arch.name);
-            if run_dir.exists() {
-                std::fs::remove_dir_all(&run_dir)?;
-            }
-            let opts = TrainOptions {
-                out: run_dir,
-                resume: false,
-                device: device.clone(),
-                dtype: DType::F32,
-                verbose: true,
-                stop_after: None,
-            };
-            let summary = train(&cfg, &corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
-            rows.push(QualityRow {
-                model: arch.name.to_string(),
-                width,
-                params,
-                params_ratio: params as f64 / target as f64,
-                steps: cfg.train.steps,
-                tokens: cfg.train.steps * cfg.train.batch_size * cfg.model.context,
-                val_loss: summary.last.val_loss,
-                val_bpb: summary.last.val_bpb,
-                tokens_per_s: summary.history.iter().map(|m| m.tokens_per_s).sum::<f64>()
-                    / summary.history.len() as f64,
-                elapsed_s: summary.last.elapsed_s,
-            });
-            write_lines(&out.join("quality.jsonl"), &causal, &rows)?;
-        }
-    }
-
-    // 2. Multi-query associative recall.
-    if select.runs("mqar") {
-        // Rows already in DIR with the same budget are kept, not retrained: a grid too large
-        // for one sitting is finished by running the same command again.
-        let done: Vec<mqar::MqarResult> = crate::report::read_lines(&out.join("mqar.jsonl"))?.unwrap_or_default();
-        let mut grid = Vec::new();
-        for arch in &causal {
-            for &(seq_len, pairs) in &preset.mqar.tasks {
-                let task = MqarConfig { vocab: preset.mqar.vocab, seq_len, pairs, alpha: 0.01 };
-                for &width in &preset.mqar.widths {
-                    for &lr in &preset.mqar.lrs {
-                        grid.push((arch.name, task, width, lr));
-                    }
-                }
-            }
-        }
-        let mut recall: Vec<Option<mqar::MqarResult>> = Vec::with_capacity(grid.len());
-        for (name, task, width, lr) in &grid {
-            let kept = done.iter().find(|r| r.answers(name, task, *width, &preset.mqar, *lr)).cloned();
-            if kept.is_some() {
-                eprintln!(
-                    "mqar {name} T={} pairs={} width={width} lr={lr}: kept from {}",
-                    task.seq_len,
-                    task.pairs,
-                    out.display()
-                );
-            }
-            recall.push(kept);
-        }
-        // Narrow models and short tasks first: a grid cut short still covers every model.
-        let mut todo: Vec<usize> = (0..grid.len()).filter(|&i| recall[i].is_none()).collect();
-        todo.sort_by_key(|&i| (grid[i].2, grid[i].1.seq_len, i % preset.mqar.lrs.len().max(1), i));
-        let recall = std::sync::Mutex::new(recall);
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        // Workers take the next untrained run; every finished run is written at once, in
-        // grid order, so an interrupted grid resumes where it stopped.
-        let worker = |dev: Device| -> Result<()> {
-            loop {
-                let Some(&i) = todo.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) else {
-                    return Ok(());
-                };
-                let (name, task, width, lr) = &grid[i];
-                let r = mqar::train_and_score(name, task, *width, &preset.mqar, *lr, &dev, 17)
-                    .with_context(|| format!("MQAR for {name}"))?;
-                eprintln!(
-                    "mqar {name} T={} pairs={} width={width} lr={lr}: accuracy {:.3}",
-                    task.seq_len, task.pairs, r.accuracy
-                );
-                let mut rows = recall.lock().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
-                rows[i] = Some(r);
-                let finished: Vec<&mqar::MqarResult> = rows.iter().flatten().collect();
-                write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
-            }
-        };
-        let jobs = select.jobs.min(todo.len().max(1));
-        if jobs == 1 {
-            worker(device.clone())?;
-        } else {
-            let devices = (0..jobs).map(|_| crate::device::with_own_stream(device)).collect::<Result<Vec<_>>>()?;
-            std::thread::scope(|s| -> Result<()> {
-                let handles: Vec<_> = devices.into_iter().map(|d| s.spawn(|| worker(d))).collect();
-                for h in handles {
-                    h.join().map_err(|_| anyhow::anyhow!("an MQAR worker panicked"))??;
-                }
-                Ok(())
-            })?;
-        }
-        let rows = recall.into_inner().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
-        let finished: Vec<&mqar::MqarResult> = rows.iter().flatten().collect();
-        write_lines(&out.join("mqar.jsonl"), &causal, &finished)?;
-    }
-
-    // 3. Scaling and decoding.
-    let names: Vec<String> = causal.iter().map(|a| a.name.to_string()).collect();
-    if select.runs("scaling") {
-        let s = &preset.scaling;
-        let sopts = scaling::ScalingOptions {
-            models: names.clone(),
-            components: s.components.clone(),
-            mode: scaling::BenchMode::Fwd,
-            lengths: s.lengths.clone(),
-            width: s.width,
-            heads: s.heads,
-            tokens_per_batch: s.tokens_per_batch,
-            warmup: 1,
-            reps: s.reps,
-            time_cap_s: s.time_cap_s,
-            memory_cap_bytes: s.memory_cap_gb * 1e9,
-            dtype: DType::F32,
-        };
-        let (points, fits) = scaling::run(&sopts, device, |p| {
-            if let Some(t) = p.timing {
-                eprintln!("scaling {} {} T={}: {:.4} s", p.model, p.component, p.seq, t.median_s)
-            }
-        })?;
-        write_lines(&out.join("scaling.jsonl"), &causal, &points)?;
-        write_lines(&out.join("scaling-fits.jsonl"), &causal, &fits)?;
-    }
-    if select.runs("decode") {
-        let d = &preset.decode;
-        let dopts = decode::DecodeOptions {
-            models: names,
-            contexts: d.contexts.clone(),
-            batches: d.batches.clone(),
-            width: d.width,
-            heads: d.heads,
-            depth: d.depth,
-            steps: d.steps,
-            memory_cap_bytes: d.memory_cap_gb * 1e9,
-            time_cap_s: d.time_cap_s,
-            dtype: DType::F32,
-        };
-        let decoded = decode::run(&dopts, device, |p| {
-            if let Some(l) = p.latency_s {
-                eprintln!("decode {} context={} batch={}: {:.2} ms/token", p.model, p.context, p.batch, l * 1e3)
-            }
-        })?;
-        write_lines(&out.join("decode.jsonl"), &causal, &decoded)?;
-    }
-
-    crate::report::render(out)?;
-    if !rows.is_empty() {
-        println!("{}", quality_table(&rows));
-    }
-    eprintln!("report written to {}", out.join("report.md").display());
-    Ok(())
+    )
 }
 
-pub fn quality_table(rows: &[QualityRow]) -> String {
-    let mut s = String::from(
-        "| model | width | params (vs Transformer) | tokens | val loss (nats/byte) | val bpb | train tokens/s | time (s) |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        s.push_str(&format!(
-            "| {} | {} | {} ({:+.1}%) | {} | {:.4} | {:.4} | {:.0} | {:.0} |\n",
-            r.model,
-            r.width,
-            crate::util::human(r.params as f64),
-            (r.params_ratio - 1.0) * 100.0,
-            crate::util::human(r.tokens as f64),
-            r.val_loss,
-            r.val_bpb,
-            r.tokens_per_s,
-            r.elapsed_s
-        ));
+/// Language modelling at equal parameters and tokens: every model of `models` trained on
+/// `data` at the parameter count of the Transformer at `lm.reference_width`. Each row is
+/// written to `out/quality.jsonl` as it is trained; returns them all.
+fn run_lm(
+    lm: &LmSettings,
+    models: &[&Architecture],
+    data: &str,
+    format: DataFormat,
+    out: &Path,
+    device: &Device,
+) -> Result<Vec<QualityRow>> {
+    let corpus = Corpus::load(data, format)?;
+    let reference = registry::find("transformer")?;
+    let target = param_count(reference, &lm.config(reference)?.model, lm.reference_width)
+        .context("the reference Transformer does not build")?;
+    let mut rows = Vec::new();
+    for arch in models {
+        rows.push(train_lm(arch, lm, target, &corpus, format, out, device)?);
+        write_lines(&out.join("quality.jsonl"), models, &rows)?;
     }
-    s
+    Ok(rows)
+}
+
+/// Trains `arch` with `lm`'s settings, sized to `target` parameters ([`match_params`]), into
+/// `out/runs/NAME` (emptied first).
+fn train_lm(
+    arch: &Architecture,
+    lm: &LmSettings,
+    target: usize,
+    corpus: &Corpus,
+    format: DataFormat,
+    out: &Path,
+    device: &Device,
+) -> Result<QualityRow> {
+    let mut cfg = lm.config(arch)?;
+    let params;
+    (cfg.model, params) = match_params(arch, &cfg.model, target)?;
+    let width = cfg.model.width;
+    let run_dir = out.join("runs").join(arch.name);
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir)?;
+    }
+    let opts = TrainOptions {
+        out: run_dir,
+        resume: false,
+        device: device.clone(),
+        dtype: DType::F32,
+        verbose: true,
+        stop_after: None,
+    };
+    let summary = train(&cfg, corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
+    Ok(QualityRow {
+        model: arch.name.to_string(),
+        width,
+        params,
+        params_ratio: params as f64 / target as f64,
+        steps: cfg.train.steps,
+        tokens: cfg.train.steps * cfg.train.batch_size * cfg.model.context,
+        val_loss: summary.last.val_loss,
+        val_bpb: summary.last.val_bpb,
+        tokens_per_s: summary.history.iter().map(|m| m.tokens_per_s).sum::<f64>() / summary.history.len() as f64,
+        elapsed_s: summary.last.elapsed_s,
+    })
+}
+
+/// One MQAR run of the grid: model, task, width and peak learning rate.
+type GridPoint = (&'static str, MqarConfig, usize, f64);
+
+/// Multi-query associative recall: every model of `models` on every task, width and learning
+/// rate of `s`, trained by `jobs` workers. Rows already in `out/mqar.jsonl` with the same
+/// budget are kept, not retrained: a grid too large for one sitting is finished by running
+/// the same command again.
+fn run_mqar(s: &MqarSettings, models: &[&Architecture], out: &Path, device: &Device, jobs: usize) -> Result<()> {
+    let path = out.join("mqar.jsonl");
+    let grid = mqar_grid(s, models);
+    let recall = kept_rows(&grid, s, out)?;
+    // Narrow models and short tasks first: a grid cut short still covers every model.
+    let mut todo: Vec<usize> = (0..grid.len()).filter(|&i| recall[i].is_none()).collect();
+    todo.sort_by_key(|&i| (grid[i].2, grid[i].1.seq_len, i % s.lrs.len().max(1), i));
+    let recall = std::sync::Mutex::new(recall);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    // Workers take the next untrained run; every finished run is written at once, in
+    // grid order, so an interrupted grid resumes where it stopped.
+    let worker = |dev: Device| -> Result<()> {
+        loop {
+            let Some(&i) = todo.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) else {
+                return Ok(());
+            };
+            let (name, task, width, lr) = &grid[i];
+            let r = mqar::train_and_score(name, task, *width, s, *lr, &dev, 17)
+                .with_context(|| format!("MQAR for {name}"))?;
+            eprintln!(
+                "mqar {name} T={} pairs={} width={width} lr={lr}: accuracy {:.3}",
+                task.seq_len, task.pairs, r.accuracy
+            );
+            let mut rows = recall.lock().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
+            rows[i] = Some(r);
+            let finished: Vec<&MqarResult> = rows.iter().flatten().collect();
+            write_lines(&path, models, &finished)?;
+        }
+    };
+    on_workers(jobs.min(todo.len().max(1)), device, worker)?;
+    let rows = recall.into_inner().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
+    let finished: Vec<&MqarResult> = rows.iter().flatten().collect();
+    write_lines(&path, models, &finished)
+}
+
+/// Every (model, task, width, learning rate) of `s` for `models`, in that nesting.
+fn mqar_grid(s: &MqarSettings, models: &[&Architecture]) -> Vec<GridPoint> {
+    let mut grid = Vec::new();
+    for arch in models {
+        for &(seq_len, pairs) in &s.tasks {
+            let task = MqarConfig { vocab: s.vocab, seq_len, pairs, alpha: 0.01 };
+            for &width in &s.widths {
+                for &lr in &s.lrs {
+                    grid.push((arch.name, task, width, lr));
+                }
+            }
+        }
+    }
+    grid
+}
+
+/// For each run of `grid`, the row of `out/mqar.jsonl` that answers it (same budget), if any.
+fn kept_rows(grid: &[GridPoint], s: &MqarSettings, out: &Path) -> Result<Vec<Option<MqarResult>>> {
+    let done: Vec<MqarResult> = read_lines(&out.join("mqar.jsonl"))?.unwrap_or_default();
+    let mut recall = Vec::with_capacity(grid.len());
+    for (name, task, width, lr) in grid {
+        let run = MqarRun {
+            model: name,
+            task,
+            width: *width,
+            depth: s.depth,
+            steps: s.steps,
+            batch_size: s.batch_size,
+            lr: *lr,
+        };
+        let kept = done.iter().find(|r| r.answers(&run)).cloned();
+        if kept.is_some() {
+            eprintln!(
+                "mqar {name} T={} pairs={} width={width} lr={lr}: kept from {}",
+                task.seq_len,
+                task.pairs,
+                out.display()
+            );
+        }
+        recall.push(kept);
+    }
+    Ok(recall)
+}
+
+/// Runs `worker` on `jobs` threads at once, each given a device of its own CUDA stream on
+/// `device` ([`crate::device::with_own_stream`]); one job runs on this thread, on `device`.
+fn on_workers(jobs: usize, device: &Device, worker: impl Fn(Device) -> Result<()> + Sync) -> Result<()> {
+    if jobs == 1 {
+        return worker(device.clone());
+    }
+    let devices = (0..jobs).map(|_| crate::device::with_own_stream(device)).collect::<Result<Vec<_>>>()?;
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = devices.into_iter().map(|d| s.spawn(|| worker(d))).collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("an MQAR worker panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// Time and memory of one layer of every model of `models` against sequence length, forward
+/// in f32: `out/scaling.jsonl` and the fitted exponents, `out/scaling-fits.jsonl`.
+fn run_scaling(s: &ScalingSettings, models: &[&Architecture], out: &Path, device: &Device) -> Result<()> {
+    let sopts = ScalingSettings { models: models.iter().map(|a| a.name.to_string()).collect(), ..s.clone() };
+    let (points, fits) = scaling::run(&sopts, device, |p| {
+        if let Some(t) = p.timing {
+            eprintln!("scaling {} {} T={}: {:.4} s", p.model, p.component, p.seq, t.median_s)
+        }
+    })?;
+    write_lines(&out.join("scaling.jsonl"), models, &points)?;
+    write_lines(&out.join("scaling-fits.jsonl"), models, &fits)
+}
+
+/// Per-token decoding latency and state of every model of `models` against context, in f32:
+/// `out/decode.jsonl`.
+fn run_decode(d: &DecodeSettings, models: &[&Architecture], out: &Path, device: &Device) -> Result<()> {
+    let dopts = DecodeSettings { models: models.iter().map(|a| a.name.to_string()).collect(), ..d.clone() };
+    let decoded = decode::run(&dopts, device, |p| {
+        if let Some(l) = p.latency_s {
+            eprintln!("decode {} context={} batch={}: {:.2} ms/token", p.model, p.context, p.batch, l * 1e3)
+        }
+    })?;
+    write_lines(&out.join("decode.jsonl"), models, &decoded)
 }
 
 #[cfg(test)]
@@ -457,8 +441,34 @@ mod tests {
         Ok((dir, p, file))
     }
 
-    fn mqar_rows(dir: &Path) -> Result<Vec<mqar::MqarResult>> {
-        Ok(crate::report::read_lines(&dir.join("mqar.jsonl"))?.unwrap())
+    fn mqar_rows(dir: &Path) -> Result<Vec<MqarResult>> {
+        Ok(read_lines(&dir.join("mqar.jsonl"))?.unwrap())
+    }
+
+    /// Every preset in configs/ reads; a preset's bench tables are the benches' options, with
+    /// the memory caps in bytes and compare's mode, warm-up and dtype, and survive a round trip.
+    #[test]
+    fn presets_read_as_bench_options() -> Result<()> {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut read = 0;
+        for entry in std::fs::read_dir(configs)? {
+            let path = entry?.path();
+            if std::fs::read_to_string(&path)?.contains("[scaling]") {
+                let p = preset(path.to_str().unwrap())?;
+                let again: Preset = toml::from_str(&toml::to_string(&p)?)?;
+                assert_eq!(format!("{p:?}"), format!("{again:?}"), "{}", path.display());
+                read += 1;
+            }
+        }
+        assert!(read >= 4, "{read} presets");
+        let q = preset("quick")?;
+        assert_eq!((q.scaling.memory_cap_bytes, q.decode.memory_cap_bytes), (4e9, 2e9));
+        assert_eq!(
+            (q.scaling.mode, q.scaling.warmup, q.scaling.dtype, q.decode.dtype),
+            (scaling::BenchMode::Fwd, 1, DType::F32, DType::F32)
+        );
+        assert!(q.scaling.models.is_empty() && q.decode.models.is_empty());
+        Ok(())
     }
 
     /// The recall part run again into the same directory keeps the rows it already has

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::mqar::MqarConfig;
 use crate::model::Model;
+use crate::results::{MqarResult, CURVE_EXAMPLES};
 use crate::rng::{stream, Rng};
 use crate::train::step::Trainer;
 
@@ -85,53 +86,6 @@ impl MqarSettings {
         };
         train.validate().context("the MQAR optimizer settings")?;
         Ok(train)
-    }
-}
-
-/// Examples scored for each point of a learning curve (separate from the final evaluation's).
-pub const CURVE_EXAMPLES: usize = 512;
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MqarResult {
-    pub model: String,
-    pub seq_len: usize,
-    pub pairs: usize,
-    pub width: usize,
-    pub params: usize,
-    /// Fraction of queries whose value is the arg-max prediction.
-    pub accuracy: f64,
-    pub final_loss: f64,
-    /// Training wall time (seconds).
-    #[serde(default)]
-    pub train_s: f64,
-    /// The training budget the row was produced with (a rerun reuses rows whose budget matches).
-    #[serde(default)]
-    pub vocab: usize,
-    #[serde(default)]
-    pub depth: usize,
-    #[serde(default)]
-    pub steps: usize,
-    #[serde(default)]
-    pub batch_size: usize,
-    #[serde(default)]
-    pub lr: f64,
-    /// `(step, accuracy)` during training, when the settings ask for it (`curve_every`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub curve: Vec<(usize, f64)>,
-    /// Peak memory of the training loop above the level before it (bytes; the CUDA pool's
-    /// high-water mark, or the CPU heap's where the counting allocator is installed): what
-    /// decides how many runs share one GPU.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub train_peak_bytes: Option<u64>,
-}
-
-impl MqarResult {
-    /// Whether this row is the result of training `model` on `task` at `width` with `s` and
-    /// peak learning rate `lr`.
-    pub fn answers(&self, model: &str, task: &MqarConfig, width: usize, s: &MqarSettings, lr: f64) -> bool {
-        (self.model.as_str(), self.seq_len, self.pairs, self.width) == (model, task.seq_len, task.pairs, width)
-            && (self.vocab, self.depth, self.steps, self.batch_size) == (task.vocab, s.depth, s.steps, s.batch_size)
-            && self.lr == lr
     }
 }
 

@@ -4,8 +4,7 @@
 
 pub mod plots;
 
-use anyhow::{Context, Result};
-use serde::de::DeserializeOwned;
+use anyhow::Result;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -13,21 +12,10 @@ use std::path::Path;
 use crate::bench::decode::DecodePoint;
 use crate::bench::scaling::{BenchMode, ScalingFit, ScalingPoint};
 use crate::bench::{fit, Provenance};
-use crate::compare::mqar::MqarResult;
-use crate::compare::{quality_table, QualityRow};
 use crate::registry::ARCHITECTURES;
+use crate::results::{quality_table, read_lines, MqarResult, QualityRow, CURVE_EXAMPLES};
 use crate::train::Metrics;
-use plots::{line_chart, Chart, Series};
-
-/// Reads a JSON-lines file; `None` when absent. Lines of other shapes are skipped (the
-/// bench commands mix provenance and fit lines into one file).
-pub fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<Option<Vec<T>>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()))
-}
+use plots::{figure, Chart, Series};
 
 fn group<T, K: Ord + Clone>(items: &[T], key: impl Fn(&T) -> K) -> BTreeMap<K, Vec<&T>> {
     let mut m: BTreeMap<K, Vec<&T>> = BTreeMap::new();
@@ -37,13 +25,30 @@ fn group<T, K: Ord + Clone>(items: &[T], key: impl Fn(&T) -> K) -> BTreeMap<K, V
     m
 }
 
-/// Renders `dir/report.md` and `dir/plots/*.svg`.
+/// Renders `dir/report.md` and `dir/plots/*.svg`: one section per part of the comparison.
 pub fn render(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         anyhow::bail!("{} is not a folder of results", dir.display());
     }
     let plots = dir.join("plots");
     std::fs::create_dir_all(&plots)?;
+    let (mut md, caption) = heading(dir)?;
+    let quality = read_lines::<QualityRow>(&dir.join("quality.jsonl"))?.unwrap_or_default();
+    md += &quality_section(&quality, &dir.join("runs"), &plots, &caption)?;
+    let recall = read_lines::<MqarResult>(&dir.join("mqar.jsonl"))?.unwrap_or_default();
+    md += &mqar_section(&recall, &plots, &caption)?;
+    let (points, fits) = scaling_inputs(dir)?;
+    md += &scaling_section(&points, &plots, &caption)?;
+    let decoded = read_lines::<DecodePoint>(&dir.join("decode.jsonl"))?.unwrap_or_default();
+    md += &decode_section(&decoded, &plots, &caption)?;
+    md += &peers_section(dir)?;
+    md += &complexity_section(&fits);
+    crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())
+}
+
+/// The title and description of the report, and the caption naming where its figures come
+/// from (`dir/meta.json`'s provenance).
+fn heading(dir: &Path) -> Result<(String, String)> {
     let meta: Option<serde_json::Value> =
         if dir.join("meta.json").exists() { Some(crate::util::read_json(&dir.join("meta.json"))?) } else { None };
     let prov: Option<Provenance> = meta.as_ref().and_then(|m| serde_json::from_value(m["provenance"].clone()).ok());
@@ -58,306 +63,303 @@ pub fn render(dir: &Path) -> Result<()> {
         let _ = writeln!(md, "{}\n", m["description"].as_str().unwrap_or(""));
     }
     let _ = writeln!(md, "Produced by {caption}.\n");
+    Ok((md, caption))
+}
 
-    // Quality
-    md.push_str("## Language modelling at equal parameters and tokens\n\n");
-    match read_lines::<QualityRow>(&dir.join("quality.jsonl"))? {
-        Some(rows) if !rows.is_empty() => {
-            md.push_str(&quality_table(&rows));
-            let mut series = Vec::new();
-            for r in &rows {
-                if let Some(ms) = read_lines::<Metrics>(&dir.join("runs").join(&r.model).join("metrics.jsonl"))? {
-                    series.push(Series {
-                        name: r.model.clone(),
-                        points: ms.iter().map(|m| (m.step as f64, m.val_loss)).collect(),
-                    });
-                }
-            }
-            if !series.is_empty() {
-                let chart = Chart {
-                    title: "Validation loss during training",
-                    x_label: "step",
-                    y_label: "val loss (nats/byte)",
-                    log_x: false,
-                    log_y: false,
-                };
-                line_chart(&plots.join("loss.svg"), &chart, &series)?;
-                let _ = writeln!(
-                    md,
-                    "\n![validation loss](plots/loss.svg)\n\n*Validation loss against step. {caption}.*\n"
-                );
-            }
-        }
-        _ => md.push_str("Not run.\n\n"),
+/// Language modelling: the table of `rows`, and the validation loss of the runs whose
+/// training log is in `runs/MODEL/metrics.jsonl`.
+fn quality_section(rows: &[QualityRow], runs: &Path, plots: &Path, caption: &str) -> Result<String> {
+    let mut md = String::from("## Language modelling at equal parameters and tokens\n\n");
+    if rows.is_empty() {
+        md.push_str("Not run.\n\n");
+        return Ok(md);
     }
-
-    // MQAR
-    md.push_str("## Multi-query associative recall\n\n");
-    match read_lines::<MqarResult>(&dir.join("mqar.jsonl"))? {
-        Some(rows) if !rows.is_empty() => {
-            let widths: Vec<usize> = {
-                let mut w: Vec<usize> = rows.iter().map(|r| r.width).collect();
-                w.sort();
-                w.dedup();
-                w
-            };
-            for ((seq, pairs), task_rows) in group(&rows, |r| (r.seq_len, r.pairs)) {
-                // with several rates tried, each cell names the one that won
-                let several_rates = {
-                    let mut lrs: Vec<f64> = task_rows.iter().map(|r| r.lr).collect();
-                    lrs.sort_by(f64::total_cmp);
-                    lrs.dedup();
-                    lrs.len() > 1
-                };
-                let which = if several_rates { "; in brackets the learning rate that gave it" } else { "" };
-                let _ = writeln!(md, "Sequence length {seq}, {pairs} key-value pairs: accuracy by model width (the best over the learning rates tried{which}).\n");
-                let _ = writeln!(
-                    md,
-                    "| model | {} |",
-                    widths.iter().map(|w| format!("d = {w}")).collect::<Vec<_>>().join(" | ")
-                );
-                let _ = writeln!(md, "|---|{}", "---|".repeat(widths.len()));
-                let mut series = Vec::new();
-                for (model, rs) in group(&task_rows, |r| r.model.clone()) {
-                    // the best over the learning rates tried, as Zoology reports
-                    let best = |w: usize| {
-                        rs.iter()
-                            .filter(|r| r.width == w)
-                            .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
-                            .map(|r| (r.accuracy, r.lr))
-                    };
-                    let cell = |(a, lr): (f64, f64)| {
-                        if several_rates {
-                            format!("{a:.3} ({lr:e})")
-                        } else {
-                            format!("{a:.3}")
-                        }
-                    };
-                    let cells: Vec<String> =
-                        widths.iter().map(|&w| best(w).map(cell).unwrap_or_else(|| "-".into())).collect();
-                    let _ = writeln!(md, "| {model} | {} |", cells.join(" | "));
-                    series.push(Series {
-                        name: model,
-                        points: widths.iter().filter_map(|&w| best(w).map(|(a, _)| (w as f64, a))).collect(),
-                    });
-                }
-                let file = format!("mqar-{seq}-{pairs}.svg");
-                let title = format!("MQAR accuracy, T = {seq}, {pairs} pairs");
-                line_chart(
-                    &plots.join(&file),
-                    &Chart { title: &title, x_label: "model width", y_label: "accuracy", log_x: true, log_y: false },
-                    &series,
-                )?;
-                let _ = writeln!(
-                    md,
-                    "\n![MQAR](plots/{file})\n\n*MQAR accuracy against width, T = {seq}, {pairs} pairs. {caption}.*\n"
-                );
-                // learning curves, where the runs recorded them (`curve_every`)
-                let curves: Vec<Series> = task_rows
-                    .iter()
-                    .filter(|r| !r.curve.is_empty())
-                    .map(|r| Series {
-                        name: format!("{} d={} lr={}", r.model, r.width, r.lr),
-                        points: r.curve.iter().map(|&(step, acc)| (step as f64, acc)).collect(),
-                    })
-                    .collect();
-                if !curves.is_empty() {
-                    let file = format!("mqar-curve-{seq}-{pairs}.svg");
-                    let title = format!("MQAR accuracy during training, T = {seq}, {pairs} pairs");
-                    line_chart(
-                        &plots.join(&file),
-                        &Chart { title: &title, x_label: "step", y_label: "accuracy", log_x: false, log_y: false },
-                        &curves,
-                    )?;
-                    let _ = writeln!(
-                        md,
-                        "![MQAR curves](plots/{file})\n\n*MQAR accuracy on {} held-out queries during training, T = {seq}, {pairs} pairs. {caption}.*\n",
-                        crate::compare::mqar::CURVE_EXAMPLES
-                    );
-                }
-            }
+    md.push_str(&quality_table(rows));
+    let mut series = Vec::new();
+    for r in rows {
+        if let Some(ms) = read_lines::<Metrics>(&runs.join(&r.model).join("metrics.jsonl"))? {
+            series.push(Series {
+                name: r.model.clone(),
+                points: ms.iter().map(|m| (m.step as f64, m.val_loss)).collect(),
+            });
         }
-        _ => md.push_str("Not run.\n\n"),
     }
+    if !series.is_empty() {
+        let chart = Chart {
+            title: "Validation loss during training",
+            x_label: "step",
+            y_label: "val loss (nats/byte)",
+            log_x: false,
+            log_y: false,
+        };
+        let text = format!("Validation loss against step. {caption}.");
+        md.push('\n');
+        md += &figure(plots, "loss.svg", &chart, &series, "validation loss", &text)?;
+    }
+    Ok(md)
+}
 
-    // Scaling
-    md.push_str("## Time and memory against sequence length\n\n");
+/// Multi-query associative recall: per task, accuracy by model and width, and the learning
+/// curves where the runs recorded them.
+fn mqar_section(rows: &[MqarResult], plots: &Path, caption: &str) -> Result<String> {
+    let mut md = String::from("## Multi-query associative recall\n\n");
+    if rows.is_empty() {
+        md.push_str("Not run.\n\n");
+        return Ok(md);
+    }
+    let mut widths: Vec<usize> = rows.iter().map(|r| r.width).collect();
+    widths.sort();
+    widths.dedup();
+    for ((seq, pairs), task_rows) in group(rows, |r| (r.seq_len, r.pairs)) {
+        md += &mqar_task(seq, pairs, &task_rows, &widths, plots, caption)?;
+        md += &mqar_curves(seq, pairs, &task_rows, plots, caption)?;
+    }
+    Ok(md)
+}
+
+/// The table and chart of one MQAR task (`seq` tokens, `pairs` pairs): each model's best
+/// accuracy over the learning rates tried (as Zoology reports) at each of `widths`.
+fn mqar_task(
+    seq: usize,
+    pairs: usize,
+    rows: &[&MqarResult],
+    widths: &[usize],
+    plots: &Path,
+    caption: &str,
+) -> Result<String> {
+    let mut md = String::new();
+    // with several rates tried, each cell names the one that won
+    let several_rates = {
+        let mut lrs: Vec<f64> = rows.iter().map(|r| r.lr).collect();
+        lrs.sort_by(f64::total_cmp);
+        lrs.dedup();
+        lrs.len() > 1
+    };
+    let which = if several_rates { "; in brackets the learning rate that gave it" } else { "" };
+    let _ = writeln!(md, "Sequence length {seq}, {pairs} key-value pairs: accuracy by model width (the best over the learning rates tried{which}).\n");
+    let _ = writeln!(md, "| model | {} |", widths.iter().map(|w| format!("d = {w}")).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(widths.len()));
+    let mut series = Vec::new();
+    for (model, rs) in group(rows, |r| r.model.clone()) {
+        let best = |w: usize| {
+            rs.iter()
+                .filter(|r| r.width == w)
+                .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
+                .map(|r| (r.accuracy, r.lr))
+        };
+        let cell = |(a, lr): (f64, f64)| {
+            if several_rates {
+                format!("{a:.3} ({lr:e})")
+            } else {
+                format!("{a:.3}")
+            }
+        };
+        let cells: Vec<String> = widths.iter().map(|&w| best(w).map(cell).unwrap_or_else(|| "-".into())).collect();
+        let _ = writeln!(md, "| {model} | {} |", cells.join(" | "));
+        series.push(Series {
+            name: model,
+            points: widths.iter().filter_map(|&w| best(w).map(|(a, _)| (w as f64, a))).collect(),
+        });
+    }
+    let title = format!("MQAR accuracy, T = {seq}, {pairs} pairs");
+    let chart = Chart { title: &title, x_label: "model width", y_label: "accuracy", log_x: true, log_y: false };
+    let text = format!("MQAR accuracy against width, T = {seq}, {pairs} pairs. {caption}.");
+    md.push('\n');
+    md += &figure(plots, &format!("mqar-{seq}-{pairs}.svg"), &chart, &series, "MQAR", &text)?;
+    Ok(md)
+}
+
+/// The learning curves of one MQAR task, where the runs recorded them (`curve_every`);
+/// empty where none did.
+fn mqar_curves(seq: usize, pairs: usize, rows: &[&MqarResult], plots: &Path, caption: &str) -> Result<String> {
+    let curves: Vec<Series> = rows
+        .iter()
+        .filter(|r| !r.curve.is_empty())
+        .map(|r| Series {
+            name: format!("{} d={} lr={}", r.model, r.width, r.lr),
+            points: r.curve.iter().map(|&(step, acc)| (step as f64, acc)).collect(),
+        })
+        .collect();
+    if curves.is_empty() {
+        return Ok(String::new());
+    }
+    let title = format!("MQAR accuracy during training, T = {seq}, {pairs} pairs");
+    let chart = Chart { title: &title, x_label: "step", y_label: "accuracy", log_x: false, log_y: false };
+    let text = format!(
+        "MQAR accuracy on {CURVE_EXAMPLES} held-out queries during training, T = {seq}, {pairs} pairs. {caption}."
+    );
+    figure(plots, &format!("mqar-curve-{seq}-{pairs}.svg"), &chart, &curves, "MQAR curves", &text)
+}
+
+/// The scaling points in `dir`, and their fitted exponents (`scaling-fits.jsonl`, else fitted
+/// here).
+fn scaling_inputs(dir: &Path) -> Result<(Vec<ScalingPoint>, Vec<ScalingFit>)> {
     let points = read_lines::<ScalingPoint>(&dir.join("scaling.jsonl"))?.unwrap_or_default();
     let mut fits = read_lines::<ScalingFit>(&dir.join("scaling-fits.jsonl"))?.unwrap_or_default();
     if fits.is_empty() && !points.is_empty() {
         fits = crate::bench::scaling::fits(&points);
     }
+    Ok((points, fits))
+}
+
+/// Time and memory of one mixer layer against sequence length: the charts, the table, and
+/// where each model's time crosses the Transformer's.
+fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Result<String> {
+    let mut md = String::from("## Time and memory against sequence length\n\n");
     if points.is_empty() {
         md.push_str("Not run.\n\n");
-    } else {
-        let mixer: Vec<&ScalingPoint> = points.iter().filter(|p| p.component == "mixer").collect();
-        let p0 = mixer.first().copied().unwrap_or(&points[0]);
-        let setting = format!(
-            "one mixer layer, width {}, {} heads, B x T = {} tokens, {:?}",
-            p0.width,
-            p0.heads,
-            p0.batch * p0.seq,
-            p0.mode
-        );
-        let by_model = group(&mixer, |p| p.model.clone());
-        let time_series: Vec<Series> = by_model
+        return Ok(md);
+    }
+    let mixer: Vec<&ScalingPoint> = points.iter().filter(|p| p.component == "mixer").collect();
+    let p0 = mixer.first().copied().unwrap_or(&points[0]);
+    let setting = format!(
+        "one mixer layer, width {}, {} heads, B x T = {} tokens, {:?}",
+        p0.width,
+        p0.heads,
+        p0.batch * p0.seq,
+        p0.mode
+    );
+    let by_model = group(&mixer, |p| p.model.clone());
+    let per_model = |value: fn(&ScalingPoint) -> Option<f64>| -> Vec<Series> {
+        by_model
             .iter()
             .map(|(m, ps)| Series {
                 name: m.clone(),
-                points: ps
-                    .iter()
-                    .filter_map(|p| p.timing.map(|t| (p.seq as f64, t.median_s / p.batch as f64)))
-                    .collect(),
+                points: ps.iter().filter_map(|p| value(p).map(|v| (p.seq as f64, v / p.batch as f64))).collect(),
             })
-            .collect();
-        let mem_series: Vec<Series> = by_model
-            .iter()
-            .map(|(m, ps)| Series {
-                name: m.clone(),
-                points: ps
-                    .iter()
-                    .filter_map(|p| p.peak_bytes.map(|b| (p.seq as f64, b as f64 / p.batch as f64)))
-                    .collect(),
-            })
-            .collect();
-        line_chart(
-            &plots.join("time.svg"),
-            &Chart {
-                title: "Time per sequence against T",
-                x_label: "T",
-                y_label: "seconds per sequence",
-                log_x: true,
-                log_y: true,
-            },
-            &time_series,
-        )?;
+            .collect()
+    };
+    let time_series = per_model(|p| p.timing.map(|t| t.median_s));
+    let mem_series = per_model(|p| p.peak_bytes.map(|b| b as f64));
+    let chart = Chart {
+        title: "Time per sequence against T",
+        x_label: "T",
+        y_label: "seconds per sequence",
+        log_x: true,
+        log_y: true,
+    };
+    let text = format!("Median time per sequence (step time / batch), {setting}. {caption}.");
+    md += &figure(plots, "time.svg", &chart, &time_series, "time", &text)?;
+    if mem_series.iter().any(|s| !s.points.is_empty()) {
+        let chart = Chart {
+            title: "Peak memory per sequence against T",
+            x_label: "T",
+            y_label: "bytes per sequence",
+            log_x: true,
+            log_y: true,
+        };
+        let text = format!("Peak memory above the weights per sequence, {setting}. {caption}.");
+        md += &figure(plots, "memory.svg", &chart, &mem_series, "memory", &text)?;
+    }
+    md.push_str("| model | T | batch | median (ms) | min | max | peak memory (MB) | GFLOP/s | status |\n|---|---|---|---|---|---|---|---|---|\n");
+    for p in &mixer {
+        let t = p.timing;
         let _ = writeln!(
             md,
-            "![time](plots/time.svg)\n\n*Median time per sequence (step time / batch), {setting}. {caption}.*\n"
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p.model,
+            p.seq,
+            p.batch,
+            t.map(|t| format!("{:.2}", t.median_s * 1e3)).unwrap_or("-".into()),
+            t.map(|t| format!("{:.2}", t.min_s * 1e3)).unwrap_or("-".into()),
+            t.map(|t| format!("{:.2}", t.max_s * 1e3)).unwrap_or("-".into()),
+            p.peak_bytes.map(|b| format!("{:.1}", b as f64 / 1e6)).unwrap_or("-".into()),
+            p.flops_per_s.map(|f| format!("{:.1}", f / 1e9)).unwrap_or("-".into()),
+            p.status
         );
-        if mem_series.iter().any(|s| !s.points.is_empty()) {
-            line_chart(
-                &plots.join("memory.svg"),
-                &Chart {
-                    title: "Peak memory per sequence against T",
-                    x_label: "T",
-                    y_label: "bytes per sequence",
-                    log_x: true,
-                    log_y: true,
-                },
-                &mem_series,
-            )?;
-            let _ = writeln!(
-                md,
-                "![memory](plots/memory.svg)\n\n*Peak memory above the weights per sequence, {setting}. {caption}.*\n"
-            );
-        }
-        md.push_str("| model | T | batch | median (ms) | min | max | peak memory (MB) | GFLOP/s | status |\n|---|---|---|---|---|---|---|---|---|\n");
-        for p in &mixer {
-            let t = p.timing;
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                p.model,
-                p.seq,
-                p.batch,
-                t.map(|t| format!("{:.2}", t.median_s * 1e3)).unwrap_or("-".into()),
-                t.map(|t| format!("{:.2}", t.min_s * 1e3)).unwrap_or("-".into()),
-                t.map(|t| format!("{:.2}", t.max_s * 1e3)).unwrap_or("-".into()),
-                p.peak_bytes.map(|b| format!("{:.1}", b as f64 / 1e6)).unwrap_or("-".into()),
-                p.flops_per_s.map(|f| format!("{:.1}", f / 1e9)).unwrap_or("-".into()),
-                p.status
-            );
-        }
-        // crossovers against the Transformer
-        if let Some(reference) = by_model.get("transformer") {
-            let ref_curve: Vec<(f64, f64)> = reference
-                .iter()
-                .filter_map(|p| p.timing.map(|t| (p.seq as f64, t.median_s / p.batch as f64)))
-                .collect();
-            md.push_str("\nCrossovers with the Transformer (lengths where the time curves cross):\n\n");
-            for s in time_series.iter().filter(|s| s.name != "transformer") {
-                let xs = fit::crossovers(&s.points, &ref_curve);
-                let text = if xs.is_empty() {
-                    "none in the measured range".to_string()
-                } else {
-                    xs.iter().map(|x| format!("T ~ {:.0}", x)).collect::<Vec<_>>().join(", ")
-                };
-                let _ = writeln!(md, "- {}: {text}", s.name);
-            }
-            md.push('\n');
-        }
     }
-
-    // Decode
-    md.push_str("## Decoding cost against context\n\n");
-    match read_lines::<DecodePoint>(&dir.join("decode.jsonl"))? {
-        Some(rows) if !rows.is_empty() => {
-            let b1 = rows.iter().map(|r| r.batch).min().unwrap_or(1);
-            let single: Vec<&DecodePoint> = rows.iter().filter(|r| r.batch == b1).collect();
-            let by_model = group(&single, |r| r.model.clone());
-            let lat: Vec<Series> = by_model
-                .iter()
-                .map(|(m, rs)| Series {
-                    name: m.clone(),
-                    points: rs.iter().filter_map(|r| r.latency_s.map(|l| (r.context as f64, l * 1e3))).collect(),
-                })
-                .collect();
-            let mem: Vec<Series> = by_model
-                .iter()
-                .map(|(m, rs)| Series {
-                    name: m.clone(),
-                    points: rs.iter().filter_map(|r| r.state_bytes.map(|b| (r.context as f64, b as f64))).collect(),
-                })
-                .collect();
-            line_chart(
-                &plots.join("decode-latency.svg"),
-                &Chart {
-                    title: "Per-token decoding latency",
-                    x_label: "context",
-                    y_label: "ms per token",
-                    log_x: true,
-                    log_y: true,
-                },
-                &lat,
-            )?;
-            line_chart(
-                &plots.join("decode-state.svg"),
-                &Chart { title: "Decoding state", x_label: "context", y_label: "bytes", log_x: true, log_y: true },
-                &mem,
-            )?;
-            let _ =
-                writeln!(md, "![latency](plots/decode-latency.svg)\n\n*Per-token latency at batch {b1}. {caption}.*\n");
-            let _ = writeln!(md, "![state](plots/decode-state.svg)\n\n*Bytes held by the decoding state (KV cache or recurrent state), whole model. {caption}.*\n");
-            md.push_str("| model | context | batch | ms/token | tokens/s | state (MB) | status |\n|---|---|---|---|---|---|---|\n");
-            for r in &rows {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} | {} | {} | {} |",
-                    r.model,
-                    r.context,
-                    r.batch,
-                    r.latency_s.map(|l| format!("{:.3}", l * 1e3)).unwrap_or("-".into()),
-                    r.tokens_per_s.map(|t| format!("{:.0}", t)).unwrap_or("-".into()),
-                    r.state_bytes.map(|b| format!("{:.3}", b as f64 / 1e6)).unwrap_or("-".into()),
-                    r.status
-                );
-            }
-            md.push('\n');
-        }
-        _ => md.push_str("Not run.\n\n"),
+    if let Some(reference) = time_series.iter().find(|s| s.name == "transformer") {
+        md += &crossovers(&time_series, &reference.points);
     }
+    Ok(md)
+}
 
-    // Fused kernels against their peers (GPU runs of scripts/gpu-bench.sh kernels only)
-    if let Some(table) = peers_table(dir)? {
-        md.push_str("## Fused kernels against their peers\n\n");
-        md.push_str("Ours (`altformers bench ops`, the path a model takes) and the peers (`bench/peers/*.py`) at the same shapes on the same GPU, in the same run. Ratio: ours / peer throughput (above 1: ours is faster).\n\n");
-        md.push_str(&table);
-        md.push('\n');
+/// The lengths where each of `time_series` crosses the Transformer's curve `reference`.
+fn crossovers(time_series: &[Series], reference: &[(f64, f64)]) -> String {
+    let mut md = String::from("\nCrossovers with the Transformer (lengths where the time curves cross):\n\n");
+    for s in time_series.iter().filter(|s| s.name != "transformer") {
+        let xs = fit::crossovers(&s.points, reference);
+        let text = if xs.is_empty() {
+            "none in the measured range".to_string()
+        } else {
+            xs.iter().map(|x| format!("T ~ {:.0}", x)).collect::<Vec<_>>().join(", ")
+        };
+        let _ = writeln!(md, "- {}: {text}", s.name);
     }
+    md.push('\n');
+    md
+}
 
-    // Complexity
-    md.push_str("## Complexity: stated, true, measured\n\n");
+/// Decoding: per-token latency and state bytes against context at the smallest batch, and
+/// the table of every point.
+fn decode_section(rows: &[DecodePoint], plots: &Path, caption: &str) -> Result<String> {
+    let mut md = String::from("## Decoding cost against context\n\n");
+    if rows.is_empty() {
+        md.push_str("Not run.\n\n");
+        return Ok(md);
+    }
+    let b1 = rows.iter().map(|r| r.batch).min().unwrap_or(1);
+    let single: Vec<&DecodePoint> = rows.iter().filter(|r| r.batch == b1).collect();
+    let by_model = group(&single, |r| r.model.clone());
+    let per_model = |value: fn(&DecodePoint) -> Option<f64>| -> Vec<Series> {
+        by_model
+            .iter()
+            .map(|(m, rs)| Series {
+                name: m.clone(),
+                points: rs.iter().filter_map(|r| value(r).map(|v| (r.context as f64, v))).collect(),
+            })
+            .collect()
+    };
+    let chart = Chart {
+        title: "Per-token decoding latency",
+        x_label: "context",
+        y_label: "ms per token",
+        log_x: true,
+        log_y: true,
+    };
+    let latency = per_model(|r| r.latency_s.map(|l| l * 1e3));
+    let text = format!("Per-token latency at batch {b1}. {caption}.");
+    md += &figure(plots, "decode-latency.svg", &chart, &latency, "latency", &text)?;
+    let chart = Chart { title: "Decoding state", x_label: "context", y_label: "bytes", log_x: true, log_y: true };
+    let state = per_model(|r| r.state_bytes.map(|b| b as f64));
+    let text = format!("Bytes held by the decoding state (KV cache or recurrent state), whole model. {caption}.");
+    md += &figure(plots, "decode-state.svg", &chart, &state, "state", &text)?;
+    md.push_str(
+        "| model | context | batch | ms/token | tokens/s | state (MB) | status |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.model,
+            r.context,
+            r.batch,
+            r.latency_s.map(|l| format!("{:.3}", l * 1e3)).unwrap_or("-".into()),
+            r.tokens_per_s.map(|t| format!("{:.0}", t)).unwrap_or("-".into()),
+            r.state_bytes.map(|b| format!("{:.3}", b as f64 / 1e6)).unwrap_or("-".into()),
+            r.status
+        );
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+/// Fused kernels against their peers (GPU runs of scripts/gpu-bench.sh kernels only); empty
+/// where `dir` holds no peer figures.
+fn peers_section(dir: &Path) -> Result<String> {
+    let Some(table) = peers_table(dir)? else {
+        return Ok(String::new());
+    };
+    let mut md = String::from("## Fused kernels against their peers\n\n");
+    md.push_str("Ours (`altformers bench ops`, the path a model takes) and the peers (`bench/peers/*.py`) at the same shapes on the same GPU, in the same run. Ratio: ours / peer throughput (above 1: ours is faster).\n\n");
+    md.push_str(&table);
+    md.push('\n');
+    Ok(md)
+}
+
+/// Every architecture's complexity as stated, as true, and as measured (`fits`).
+fn complexity_section(fits: &[ScalingFit]) -> String {
+    let mut md = String::from("## Complexity: stated, true, measured\n\n");
     md.push_str("Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward).\n\n");
     md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
@@ -379,8 +381,7 @@ pub fn render(dir: &Path) -> Result<()> {
         );
     }
     md.push_str("\n\"(not quoted)\": the project's architecture brief, which quotes the review's complexity lines, has none for this model.\n");
-    crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())?;
-    Ok(())
+    md
 }
 
 /// The table of ours against the peers from `DIR/peers.jsonl` and `DIR/ours-ops-*.jsonl`

@@ -113,3 +113,10 @@ fn short(v: f64) -> String {
         format!("{v:.2}")
     }
 }
+
+/// Draws `series` into `plots/file` and returns the Markdown that shows it: the image (alt
+/// text `alt`), then `text` in italics as its caption, then a blank line.
+pub fn figure(plots: &Path, file: &str, chart: &Chart, series: &[Series], alt: &str, text: &str) -> Result<String> {
+    line_chart(&plots.join(file), chart, series)?;
+    Ok(format!("![{alt}](plots/{file})\n\n*{text}*\n\n"))
+}

@@ -1,0 +1,144 @@
+//! The JSON-lines rows that `compare` writes and `report` reads (language-modelling quality
+//! and recall), and the reading and writing of JSON-lines files. The benchmark rows are
+//! their benches' own ([`crate::bench::scaling::ScalingPoint`],
+//! [`crate::bench::decode::DecodePoint`]), as is the training log ([`crate::train::Metrics`]).
+
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::data::mqar::MqarConfig;
+use crate::registry::Architecture;
+
+/// Reads a JSON-lines file; `None` when absent. Lines of other shapes are skipped (the
+/// bench commands mix provenance and fit lines into one file).
+pub fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<Option<Vec<T>>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()))
+}
+
+/// Writes `rows` to `path` after the lines already there whose `model` is not in `rerun`:
+/// a comparison run in pieces (some models at a time) accumulates in one file.
+pub fn write_lines<T: Serialize>(path: &Path, rerun: &[&Architecture], rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    if let Ok(old) = std::fs::read_to_string(path) {
+        for line in old.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{} holds a line that is not JSON", path.display()))?;
+            if !rerun.iter().any(|a| v["model"] == a.name) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    for r in rows {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    crate::util::write_atomic(path, text.as_bytes())
+}
+
+/// One model trained on the language-modelling part of a comparison (`quality.jsonl`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QualityRow {
+    pub model: String,
+    pub width: usize,
+    pub params: usize,
+    /// Parameters relative to the Transformer's (1.0 = equal).
+    pub params_ratio: f64,
+    pub steps: usize,
+    pub tokens: usize,
+    pub val_loss: f64,
+    pub val_bpb: f64,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// The Markdown table of `rows`.
+pub fn quality_table(rows: &[QualityRow]) -> String {
+    let mut s = String::from(
+        "| model | width | params (vs Transformer) | tokens | val loss (nats/byte) | val bpb | train tokens/s | time (s) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} ({:+.1}%) | {} | {:.4} | {:.4} | {:.0} | {:.0} |\n",
+            r.model,
+            r.width,
+            crate::util::human(r.params as f64),
+            (r.params_ratio - 1.0) * 100.0,
+            crate::util::human(r.tokens as f64),
+            r.val_loss,
+            r.val_bpb,
+            r.tokens_per_s,
+            r.elapsed_s
+        ));
+    }
+    s
+}
+
+/// Examples scored for each point of an MQAR learning curve ([`MqarResult::curve`]),
+/// separate from the final evaluation's.
+pub const CURVE_EXAMPLES: usize = 512;
+
+/// One model trained and scored on one multi-query associative recall task (`mqar.jsonl`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MqarResult {
+    pub model: String,
+    pub seq_len: usize,
+    pub pairs: usize,
+    pub width: usize,
+    pub params: usize,
+    /// Fraction of queries whose value is the arg-max prediction.
+    pub accuracy: f64,
+    pub final_loss: f64,
+    /// Training wall time (seconds).
+    #[serde(default)]
+    pub train_s: f64,
+    /// The training budget the row was produced with (a rerun reuses rows whose budget matches).
+    #[serde(default)]
+    pub vocab: usize,
+    #[serde(default)]
+    pub depth: usize,
+    #[serde(default)]
+    pub steps: usize,
+    #[serde(default)]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub lr: f64,
+    /// `(step, accuracy)` during training, when the settings ask for it (`curve_every`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<(usize, f64)>,
+    /// Peak memory of the training loop above the level before it (bytes; the CUDA pool's
+    /// high-water mark, or the CPU heap's where the counting allocator is installed): what
+    /// decides how many runs share one GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_peak_bytes: Option<u64>,
+}
+
+/// One MQAR training run: the model, task and width, and the budget it is trained with.
+#[derive(Clone, Copy, Debug)]
+pub struct MqarRun<'a> {
+    pub model: &'a str,
+    pub task: &'a MqarConfig,
+    pub width: usize,
+    pub depth: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+}
+
+impl MqarResult {
+    /// Whether this row is the result of `run`.
+    pub fn answers(&self, run: &MqarRun) -> bool {
+        let task = run.task;
+        (self.model.as_str(), self.seq_len, self.pairs, self.width) == (run.model, task.seq_len, task.pairs, run.width)
+            && (self.vocab, self.depth, self.steps, self.batch_size)
+                == (task.vocab, run.depth, run.steps, run.batch_size)
+            && self.lr == run.lr
+    }
+}
