@@ -109,11 +109,16 @@ pub static CHANNEL_MIXERS: &[ChannelMixer] = &[
 ];
 
 pub fn channel_mixer(name: &str) -> Result<&'static ChannelMixer> {
-    match CHANNEL_MIXERS.iter().find(|c| c.name == name) {
-        Some(c) => Ok(c),
+    lookup(CHANNEL_MIXERS, |c| c.name, name, "model.channel_mixer")
+}
+
+/// The entry of `table` called `name`, or an error listing the known names.
+fn lookup<T>(table: &'static [T], name_of: fn(&T) -> &str, name: &str, what: &str) -> Result<&'static T> {
+    match table.iter().find(|e| name_of(e) == name) {
+        Some(e) => Ok(e),
         None => {
-            let known: Vec<&str> = CHANNEL_MIXERS.iter().map(|c| c.name).collect();
-            bail!("unknown model.channel_mixer `{name}`; known: {}", known.join(", "))
+            let known: Vec<&str> = table.iter().map(name_of).collect();
+            bail!("unknown {what} `{name}`; known: {}", known.join(", "))
         }
     }
 }
@@ -240,13 +245,7 @@ Architecture {
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {
-    match ARCHITECTURES.iter().find(|a| a.name == name) {
-        Some(a) => Ok(a),
-        None => {
-            let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
-            bail!("unknown model `{name}`; known models: {}", known.join(", "))
-        }
-    }
+    lookup(ARCHITECTURES, |a| a.name, name, "model")
 }
 
 /// The defaults of `name` with `over` laid on them, checked: what `train --model NAME

@@ -124,6 +124,16 @@ pub fn model_modes_err(model: &Model, tokens: &Tensor, split: usize) -> Result<f
     rel_err(&Tensor::cat(&outs, 1)?, &parallel)
 }
 
+/// [`model_modes_err`] under 1e-4 for every prefill length in `splits`; the error names the
+/// split that disagrees.
+pub fn assert_modes_agree(model: &Model, tokens: &Tensor, splits: &[usize]) -> Result<()> {
+    for &split in splits {
+        let err = model_modes_err(model, tokens, split)?;
+        ensure!(err < 1e-4, "recurrent form (prefill {split}, then steps) vs parallel: rel err {err}");
+    }
+    Ok(())
+}
+
 /// `cfg` with bf16 activations (f32 weights) against the same weights in f32, on random
 /// tokens (B 2, T 13): returns the relative error of the parallel logits and the mixed
 /// model's recurrent-vs-parallel error ([`model_modes_err`], prefill 4).

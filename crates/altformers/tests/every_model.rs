@@ -23,10 +23,7 @@ fn every_model_meets_the_contract() -> anyhow::Result<()> {
 
         // Forms agree: the recurrent form (prefill, then steps) against the parallel one.
         let tokens = random_tokens(2, 13, cfg.vocab, 5)?;
-        for split in [0, 5] {
-            let e = testing::model_modes_err(&model, &tokens, split)?;
-            assert!(e < 1e-4, "{name}: recurrent (prefill {split}) vs parallel: {e}");
-        }
+        testing::assert_modes_agree(&model, &tokens, &[0, 5]).map_err(|e| e.context(name))?;
         // The mixer alone, chunkwise (chunks of 4 over 13 positions) where it has that form.
         if let Some(build) = arch.mixer {
             let pb = altformers::params::ParamBuilder::new(2, &Device::Cpu, DType::F32);

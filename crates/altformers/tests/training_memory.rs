@@ -20,10 +20,8 @@ fn training_peak(steps: usize) -> u64 {
         depth: 2,
         steps,
         batch_size: 32,
-        lrs: vec![1e-3],
         eval_examples: 16,
-        curve_every: 0,
-        optimizer: Default::default(),
+        ..Default::default()
     };
     let row = train_and_score("transformer", &task, 32, &settings, 1e-3, &Device::Cpu, 3).expect("MQAR trains");
     row.train_peak_bytes.expect("the counting allocator is installed")

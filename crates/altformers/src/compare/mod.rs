@@ -475,18 +475,7 @@ mod tests {
     /// (same budget) and retrains those whose budget changed.
     #[test]
     fn mqar_rerun_keeps_finished_rows() -> Result<()> {
-        let settings = mqar::MqarSettings {
-            vocab: 16,
-            tasks: vec![(16, 2)],
-            widths: vec![16],
-            depth: 1,
-            steps: 2,
-            batch_size: 4,
-            lrs: vec![1e-3],
-            eval_examples: 8,
-            curve_every: 0,
-            optimizer: Default::default(),
-        };
+        let settings = mqar::MqarSettings::default();
         let (dir, mut p, file) = tiny_preset("mqar-rerun", settings)?;
         let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: 1 };
         let preset_arg = file.to_str().unwrap();
@@ -508,18 +497,8 @@ mod tests {
     /// Several workers train the same grid to the same rows, written in grid order.
     #[test]
     fn mqar_workers_match_one() -> Result<()> {
-        let settings = mqar::MqarSettings {
-            vocab: 16,
-            tasks: vec![(16, 2)],
-            widths: vec![8, 16],
-            depth: 1,
-            steps: 3,
-            batch_size: 4,
-            lrs: vec![1e-3, 3e-3],
-            eval_examples: 8,
-            curve_every: 0,
-            optimizer: Default::default(),
-        };
+        let settings =
+            mqar::MqarSettings { widths: vec![8, 16], steps: 3, lrs: vec![1e-3, 3e-3], ..Default::default() };
         let (base, _, file) = tiny_preset("mqar-jobs", settings)?;
         let mut results = Vec::new();
         for jobs in [1, 3] {

@@ -63,6 +63,25 @@ impl Default for MqarOptimizer {
     }
 }
 
+/// A smoke-sized grid (one task of 16 tokens and 2 pairs, width 16, one layer, 2 steps of
+/// 4): what tests start from, changing the fields they are about.
+impl Default for MqarSettings {
+    fn default() -> Self {
+        Self {
+            vocab: 16,
+            tasks: vec![(16, 2)],
+            widths: vec![16],
+            depth: 1,
+            steps: 2,
+            batch_size: 4,
+            lrs: vec![1e-3],
+            eval_examples: 8,
+            curve_every: 0,
+            optimizer: MqarOptimizer::default(),
+        }
+    }
+}
+
 impl MqarSettings {
     /// The training settings of one run at peak rate `lr`.
     pub fn train_config(&self, lr: f64, seed: u64) -> Result<TrainConfig> {
@@ -215,18 +234,7 @@ mod tests {
     #[test]
     fn curve_points_leave_training_unchanged() -> Result<()> {
         let task = MqarConfig { vocab: 16, seq_len: 16, pairs: 2, alpha: 0.01 };
-        let mut s = MqarSettings {
-            vocab: 16,
-            tasks: vec![(16, 2)],
-            widths: vec![16],
-            depth: 1,
-            steps: 6,
-            batch_size: 4,
-            lrs: vec![3e-3],
-            eval_examples: 32,
-            curve_every: 0,
-            optimizer: Default::default(),
-        };
+        let mut s = MqarSettings { steps: 6, lrs: vec![3e-3], eval_examples: 32, ..Default::default() };
         let plain = train_and_score("transformer", &task, 16, &s, 3e-3, &Device::Cpu, 5)?;
         s.curve_every = 3;
         let traced = train_and_score("transformer", &task, 16, &s, 3e-3, &Device::Cpu, 5)?;
