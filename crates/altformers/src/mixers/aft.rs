@@ -36,8 +36,8 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
 use crate::config::{ModelConfig, Position};
 use crate::nn::{gather_rows, Linear};
+use crate::ops::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
 use crate::params::ParamBuilder;
-use crate::primitives::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {

@@ -50,8 +50,8 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape, NOT_QUOTED};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
+use crate::ops::fftconv;
 use crate::params::ParamBuilder;
-use crate::primitives::fftconv;
 
 /// `model.options` of the `hyena` mixer.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -30,8 +30,9 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
+use crate::ops::decayed;
 use crate::params::ParamBuilder;
-use crate::primitives::{decayed, rotary};
+use crate::primitives::rotary;
 
 /// `model.options` of `retnet`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -32,8 +32,8 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
 use crate::config::{ChannelMixerKind, ModelConfig, Position, RunConfig};
 use crate::nn::Linear;
+use crate::ops::decayed::{self, Weighting, WkvState};
 use crate::params::ParamBuilder;
-use crate::primitives::decayed::{self, Weighting, WkvState};
 
 /// `model.options` of `rwkv4`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1,11 +1,11 @@
-// Decayed linear attention (primitives/decayed.rs), fused:
+// Decayed linear attention (ops/decayed/), fused:
 //
 // 1. retention_scan_*: o_t = sum_{i<=t} gamma^(t-i) (q_t . k_i) v_i for one scalar decay per
 //    head, chunkwise. One CTA per (value-column tile, head, batch) walks the chunks in order,
 //    holding the [d_k, VTILE] state in shared memory: per chunk, scores (Q K^T) (.) D, output
 //    P V + (Q (.) gamma^(j+1)) S, then S = gamma^len S + (K (.) gamma^(len-1-i))^T V. With
 //    `reverse` the sequence is read back to front (t -> T-1-t): the backward pass is three such
-//    scans (see kernels/decayed.rs). Inputs f32 or bf16, everything accumulated in f32.
+//    scans (see cuda.rs beside this file). Inputs f32 or bf16, everything accumulated in f32.
 //
 // 2. wkv_forward / wkv_backward: RWKV-4's normalised WKV, one thread per (batch, channel)
 //    scanning time in f32 with the running-maximum state (aa, bb, pp) of the official kernel.
