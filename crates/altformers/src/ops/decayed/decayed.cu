@@ -35,6 +35,18 @@ __device__ __forceinline__ float lane(const float4& x, int i) {
     return i == 0 ? x.x : i == 1 ? x.y : i == 2 ? x.z : x.w;
 }
 
+// acc[r] += a[m][r] * b[m][0..4] for m < n (a 4 x 4 tile of the product of a's columns and
+// b's rows), each row of a and b float4-aligned, `a_stride` / `b_stride` floats apart.
+__device__ __forceinline__ void tile4(float4 (&acc)[4], const float* a, int a_stride, const float* b,
+                                      int b_stride, int n) {
+    for (int m = 0; m < n; ++m) {
+        const float4 am = *reinterpret_cast<const float4*>(&a[m * a_stride]);
+        const float4 bm = *reinterpret_cast<const float4*>(&b[m * b_stride]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) fma4(acc[r], lane(am, r), bm);
+    }
+}
+
 // Shared memory layout (floats), every segment a multiple of 4 floats:
 // qT [dk][TSTRIDE], kT [dk][TSTRIDE] (chunk transposed), vs [CHUNK][VTILE],
 // pT [CHUNK][TSTRIDE] (decayed scores, pT[i][j] for query j, key i), S [dk][VTILE],
@@ -91,14 +103,7 @@ __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restric
         // scores: queries j = 4 ty + r, keys i = 4 tx + s; tiles above the diagonal are zero
         {
             float4 acc[4] = {};
-            if (tx <= ty) {
-                for (int a = 0; a < dk; ++a) {
-                    const float4 qa = *reinterpret_cast<const float4*>(&qT[a * TSTRIDE + 4 * ty]);
-                    const float4 ka = *reinterpret_cast<const float4*>(&kT[a * TSTRIDE + 4 * tx]);
-                    #pragma unroll
-                    for (int r = 0; r < 4; ++r) fma4(acc[r], lane(qa, r), ka);
-                }
-            }
+            if (tx <= ty) tile4(acc, &qT[4 * ty], TSTRIDE, &kT[4 * tx], TSTRIDE, dk);
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
                 const int i = 4 * tx + s;
@@ -117,18 +122,8 @@ __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restric
         // outputs: rows j = 4 ty + r, value columns e = 4 tx + s
         {
             float4 inner[4] = {}, cross[4] = {};
-            for (int i = 0; i < 4 * ty + 4; ++i) {
-                const float4 p = *reinterpret_cast<const float4*>(&pT[i * TSTRIDE + 4 * ty]);
-                const float4 vi = *reinterpret_cast<const float4*>(&vs[i * VTILE + 4 * tx]);
-                #pragma unroll
-                    for (int r = 0; r < 4; ++r) fma4(inner[r], lane(p, r), vi);
-            }
-            for (int a = 0; a < dk; ++a) {
-                const float4 qa = *reinterpret_cast<const float4*>(&qT[a * TSTRIDE + 4 * ty]);
-                const float4 sa = *reinterpret_cast<const float4*>(&S[a * VTILE + 4 * tx]);
-                #pragma unroll
-                    for (int r = 0; r < 4; ++r) fma4(cross[r], lane(qa, r), sa);
-            }
+            tile4(inner, &pT[4 * ty], TSTRIDE, &vs[4 * tx], VTILE, 4 * ty + 4);
+            tile4(cross, &qT[4 * ty], TSTRIDE, &S[4 * tx], VTILE, dk);
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int j = 4 * ty + r;
