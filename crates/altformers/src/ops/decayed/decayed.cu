@@ -172,6 +172,33 @@ __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restric
 RETENTION_SCAN(retention_scan_f32, float)
 RETENTION_SCAN(retention_scan_bf16, __nv_bfloat16)
 
+// One channel's WKV state as the official RWKV-4 kernel keeps it: numerator aa e^pp,
+// denominator bb e^pp, pp a running maximum exponent.
+struct WkvRun {
+    float aa = 0.f, bb = 0.f, pp = -1e38f;
+
+    // The output for token (kk, vv) with the bonus u, before it is folded in: y = num / den,
+    // with den and p (num and den are scaled by e^-p) returned beside it.
+    __device__ __forceinline__ float read(float kk, float vv, float u, float& den, float& p) const {
+        const float ww = u + kk;
+        p = fmaxf(pp, ww);
+        const float e1 = __expf(pp - p), e2 = __expf(ww - p);
+        den = e1 * bb + e2;
+        return (e1 * aa + e2 * vv) / den;
+    }
+
+    // Folds token (kk, vv) into the state after one step of decay w.
+    __device__ __forceinline__ void fold(float kk, float vv, float w) {
+        const float ww = pp - w;
+        const float p = fmaxf(ww, kk);
+        const float e1 = __expf(ww - p);
+        const float e2 = __expf(kk - p);
+        aa = e1 * aa + e2 * vv;
+        bb = e1 * bb + e2;
+        pp = p;
+    }
+};
+
 // WKV, k, v: [B, T, C] f32; decay_bonus: [2, C] (decay rate w >= 0, per-step factor e^{-w};
 // bonus u). y_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) / (same with v = 1).
 // Writes y [B, T, C] then the final state aa, bb, pp, each [B, C] (`out` holds B (T + 3) C).
@@ -183,28 +210,20 @@ extern "C" __global__ void wkv_forward(const float* __restrict__ k, const float*
     const int b = idx / channels, c = idx % channels;
     const float w = decay_bonus[c], u = decay_bonus[channels + c];
     const size_t base = (size_t)b * len_t * channels + c;
-    float aa = 0.f, bb = 0.f, pp = -1e38f;
+    WkvRun run;
     for (int t = 0; t < len_t; ++t) {
         const size_t at = base + (size_t)t * channels;
         const float kk = k[at], vv = v[at];
         // read (the current token with its bonus), then fold it into the state
-        float ww = u + kk;
-        float p = fmaxf(pp, ww);
-        float e1 = __expf(pp - p), e2 = __expf(ww - p);
-        out[at] = (e1 * aa + e2 * vv) / (e1 * bb + e2);
-        ww = pp - w;
-        p = fmaxf(ww, kk);
-        e1 = __expf(ww - p);
-        e2 = __expf(kk - p);
-        aa = e1 * aa + e2 * vv;
-        bb = e1 * bb + e2;
-        pp = p;
+        float den, p;
+        out[at] = run.read(kk, vv, u, den, p);
+        run.fold(kk, vv, w);
     }
     float* state = out + (size_t)batch * len_t * channels + idx;
     const size_t plane = (size_t)batch * channels;
-    state[0] = aa;
-    state[plane] = bb;
-    state[2 * plane] = pp;
+    state[0] = run.aa;
+    state[plane] = run.bb;
+    state[2 * plane] = run.pp;
 }
 
 // Gradients of WKV from dL/dy `gy`. Writes dk, dv ([B, T, C] each) then the per-sequence dw,
@@ -233,23 +252,14 @@ extern "C" __global__ void wkv_backward(const float* __restrict__ k, const float
     float* gk = grads;
     float* gv = grads + volume;
 
-    float aa = 0.f, bb = 0.f, pp = -1e38f;
+    WkvRun run;
     for (int t = 0; t < len_t; ++t) {
         const size_t at = base + (size_t)t * channels;
         const float kk = k[at], vv = v[at];
-        float ww = u + kk;
-        float p = fmaxf(pp, ww);
-        float e1 = __expf(pp - p), e2 = __expf(ww - p);
-        const float den = e1 * bb + e2;
-        gv[at] = (e1 * aa + e2 * vv) / den;  // y_t
-        gk[at] = p + __logf(den);             // log D_t
-        ww = pp - w;
-        p = fmaxf(ww, kk);
-        e1 = __expf(ww - p);
-        e2 = __expf(kk - p);
-        aa = e1 * aa + e2 * vv;
-        bb = e1 * bb + e2;
-        pp = p;
+        float den, p;
+        gv[at] = run.read(kk, vv, u, den, p);  // y_t
+        gk[at] = p + __logf(den);              // log D_t
+        run.fold(kk, vv, w);
     }
 
     float alpha = 0.f, beta = 0.f, alpha_aged = 0.f, beta_aged = 0.f, scale = -1e38f;
