@@ -2,8 +2,8 @@
 //! elementwise and row kernels.
 //!
 //! Every `.cu` file under `src/` is compiled to PTX by `build.rs` when the `cuda` feature is
-//! on ([`ptx`], one constant per file) and loaded into candle's CUDA device on first use
-//! ([`launch`]: loading a kernel, reaching a tensor's device memory, allocating outputs).
+//! on (`ptx`, one constant per file) and loaded into candle's CUDA device on first use
+//! (`launch`: loading a kernel, reaching a tensor's device memory, allocating outputs).
 //! The kernels of one mechanism live with it in `crate::ops::<mechanism>/` (attention's
 //! flash kernels, the decayed scans, the FFT convolution), beside its reference forms; here
 //! are the ones any model uses: layer norm, GELU and SiLU, the last-dimension softmax, the

@@ -1,5 +1,5 @@
 //! Causal softmax attention over a head layout: the choice between the fused flash kernel
-//! ([`cuda`], CUDA only) and the unfused tensor form ([`causal_attention_reference`]: scores,
+//! (`cuda`, CUDA only) and the unfused tensor form ([`causal_attention_reference`]: scores,
 //! [`causal_softmax`](causal_softmax::causal_softmax), the weighted sum).
 //!
 //! Shapes: `B` batch, `T` query length, `S` key length, `H` query heads, `KVH` key/value
@@ -25,7 +25,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
 }
 
 /// [`causal_attention`] with dropout on the attention probabilities (training). Runs the
-/// fused flash-attention kernel ([`cuda`]) for bf16 CUDA tensors of head width 64 or 128
+/// fused flash-attention kernel (`cuda`) for bf16 CUDA tensors of head width 64 or 128
 /// without dropout (unless switched off: `ALTFORMERS_UNFUSED=attention`), and
 /// [`causal_attention_reference`] otherwise.
 pub fn causal_attention_with_dropout(
@@ -42,7 +42,7 @@ pub fn causal_attention_with_dropout(
     causal_attention_reference(q, k, v, offset, dropout)
 }
 
-/// The unfused form of [`causal_attention_with_dropout`] (scores, [`causal_softmax`], the
+/// The unfused form of [`causal_attention_with_dropout`] (scores, [`causal_softmax()`], the
 /// weighted sum): the CPU path, the fallback of the flash kernel, and the reference it is
 /// tested against. Shapes as [`causal_attention`].
 pub fn causal_attention_reference(

@@ -37,7 +37,7 @@
 //! maximum ever looks at a later position, so causality is exact (bit for bit).
 //!
 //! [`linear_chunked`] and [`wkv_chunked`] are the entry points of the parallel forms: with
-//! the `cuda` feature they run the fused scans of [`cuda`] (`decayed.cu`, `decayed_tc.cu`)
+//! the `cuda` feature they run the fused scans of `cuda` (`decayed.cu`, `decayed_tc.cu`)
 //! where those apply (CUDA tensors, no initial state, not switched off by
 //! `ALTFORMERS_UNFUSED=retention`, `retention-tc` or `wkv`), the tensor code of [`chunk`]
 //! otherwise.
@@ -134,7 +134,7 @@ pub fn decay_powers(log_decay: &Tensor, powers: &[f64]) -> Result<Tensor> {
 /// Retention over a whole sequence: `q, k: [B, H, T, d_k]`, `v: [B, H, T, d_v]`,
 /// `log_decay: [H]`, `state: [B, H, d_k, d_v]` before the first token (`None`: empty) ->
 /// (`y: [B, H, T, d_v]`, the state after the last token). The fused scan
-/// ([`cuda::linear`], any chunk size) where it applies, else the chunkwise tensor form
+/// (`cuda::linear`, any chunk size) where it applies, else the chunkwise tensor form
 /// ([`chunk::linear_chunked`], chunks of `chunk` tokens).
 pub fn linear_chunked(
     q: &Tensor,
@@ -235,7 +235,7 @@ fn channels_first(x: &Tensor) -> Result<Tensor> {
 
 /// The normalised decayed sum over a whole sequence: `k, v: [B, T, C]`, the weighting `wt`
 /// (decay and bonus `[C]`), `state` before the first token (`None`: empty) -> (`y: [B, T,
-/// C]`, the state after the last token). The fused kernel ([`cuda::wkv`]) where it applies,
+/// C]`, the state after the last token). The fused kernel (`cuda::wkv`) where it applies,
 /// else the chunkwise tensor form ([`chunk::wkv_chunked`], chunks of `chunk` tokens).
 pub fn wkv_chunked(
     k: &Tensor,

@@ -22,7 +22,7 @@
 //!
 //! Devices. On the CPU (f32 and f64; bf16 and f16 cast to f32 around the op) rows are spread
 //! over threads with rayon. On CUDA (feature `cuda`) the same op runs cuFFT
-//! ([`cuda`], the kernels in `fftconv.cu`): f32, bf16 and f16 inputs, transformed in f32, output and
+//! (`cuda`, the kernels in `fftconv.cu`): f32, bf16 and f16 inputs, transformed in f32, output and
 //! gradients in the input dtype; `h`'s spectrum is computed once per call and shared by the
 //! batch, and when a gradient is tracked the forward pass keeps the spectra of `x` and `h`
 //! for the backward pass, which computes `dx` and `dh` from one transform of `dy` in a single
@@ -31,7 +31,7 @@
 //! [`causal_conv_direct`] ([`naive`]) is the plain O(B C T^2) reference from differentiable
 //! candle ops (a Toeplitz matrix per channel); the tests hold the FFT form and its gradients
 //! to it. Files: this one holds the entry point and the custom op (its forward picks the
-//! device), [`cpu`] the realfft products, [`cuda`] the cuFFT path.
+//! device), [`cpu`] the realfft products, `cuda` the cuFFT path.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
