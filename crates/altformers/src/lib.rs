@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod mixers;
 pub mod model;
 pub mod nn;
+pub mod ops;
 pub mod params;
 pub mod primitives;
 pub mod registry;

@@ -111,12 +111,12 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// Rows `ids` (u32, any shape, flattened) of a `[R, d]` table: `[N, d]`. The same as
 /// `table.index_select(ids, 0)`, except that on CUDA (f32 or bf16 tables) the backward
-/// scatters in parallel ([`crate::kernels::rows`]) instead of candle's walk over the ids with
+/// scatters in parallel ([`crate::kernels::gather`]) instead of candle's walk over the ids with
 /// one thread per column.
 pub fn gather_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::rows::supports(table, ids) {
-        return crate::kernels::rows::gather_rows(table, ids);
+    if crate::kernels::gather::supports(table, ids) {
+        return crate::kernels::gather::gather_rows(table, ids);
     }
     table.index_select(&ids.flatten_all()?, 0)
 }

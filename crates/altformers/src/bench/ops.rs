@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::scaling::{BenchMode, ScalingPoint};
 use super::time_it;
-use crate::mixers::attention::causal_attention;
-use crate::primitives::{decayed, fftconv};
+use crate::ops::attention::causal_attention;
+use crate::ops::{decayed, fftconv};
 
 pub const OPS: [&str; 3] = ["attention", "retention", "longconv"];
 

@@ -1,8 +1,8 @@
 //! Fused GELU (erf form) and SiLU (`activations.cu`): the same forward as candle's, and a
 //! backward of one launch instead of candle's chain of elementwise ops. f32 or bf16.
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::{bail, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::launch::{self, LaunchConfig, PushKernelArg};
 use super::ptx;
@@ -74,21 +74,17 @@ impl CustomOp1 for Forward {
         "fused-activation"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("fused activation: CUDA only (the CPU uses candle's)")
-    }
+    launch::cuda_only!("fused activation: CUDA only (the CPU uses candle's)", _);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = launch::device(s);
-        let out = match &s.slice {
-            CudaStorageSlice::F32(x) => {
-                launch_elementwise(dev, &format!("{}_fwd_f32", self.0.name()), &[launch::slice(x, l)?])?
-            }
-            CudaStorageSlice::BF16(x) => {
-                launch_elementwise(dev, &format!("{}_fwd_bf16", self.0.name()), &[launch::slice(x, l)?])?
-            }
-            _ => bail!("fused activation: f32 or bf16 only"),
-        };
+        let name = self.0.name();
+        let out = launch::f32_or_bf16!(
+            sfx,
+            [x = (s, l)],
+            launch_elementwise(dev, &format!("{name}_fwd_{sfx}"), &[x])?,
+            "fused activation: f32 or bf16 only"
+        );
         Ok((out, l.shape().clone()))
     }
 
@@ -103,25 +99,17 @@ impl CustomOp2 for Backward {
         "fused-activation-grad"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("fused activation: CUDA only")
-    }
+    launch::cuda_only!("fused activation: CUDA only", _, _);
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = launch::device(xs);
-        let out = match (&xs.slice, &gs.slice) {
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(g)) => launch_elementwise(
-                dev,
-                &format!("{}_bwd_f32", self.0.name()),
-                &[launch::slice(x, xl)?, launch::slice(g, gl)?],
-            )?,
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(g)) => launch_elementwise(
-                dev,
-                &format!("{}_bwd_bf16", self.0.name()),
-                &[launch::slice(x, xl)?, launch::slice(g, gl)?],
-            )?,
-            _ => bail!("fused activation backward: x and the gradient must share an f32 or bf16 dtype"),
-        };
+        let name = self.0.name();
+        let out = launch::f32_or_bf16!(
+            sfx,
+            [x = (xs, xl), g = (gs, gl)],
+            launch_elementwise(dev, &format!("{name}_bwd_{sfx}"), &[x, g])?,
+            "fused activation backward: x and the gradient must share an f32 or bf16 dtype"
+        );
         Ok((out, xl.shape().clone()))
     }
 }

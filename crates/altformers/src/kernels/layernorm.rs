@@ -5,8 +5,8 @@
 use std::sync::Mutex;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::{bail, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::launch::{self, LaunchConfig, PushKernelArg};
 use super::ptx;
@@ -50,13 +50,6 @@ struct LayerNormOp {
     has_bias: bool,
     /// `(mean, 1 / std)` per row, from the forward.
     stats: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
-}
-
-fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Result<&'a CudaStorage> {
-    match &**guard {
-        Storage::Cuda(s) => Ok(s),
-        _ => bail!("fused layer norm backward: {what} is not on the CUDA device"),
-    }
 }
 
 /// Blocks for `rows` rows (8 per block and pass).
@@ -123,17 +116,7 @@ impl CustomOp3 for LayerNormOp {
         "layer-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("fused layer norm runs on CUDA only (the CPU uses nn::LayerNorm's tensor expression)")
-    }
+    launch::cuda_only!("fused layer norm runs on CUDA only (the CPU uses nn::LayerNorm's tensor expression)", _, _, _);
 
     fn cuda_fwd(
         &self,
@@ -148,19 +131,15 @@ impl CustomOp3 for LayerNormOp {
         let rows = xl.shape().elem_count() / d.max(1);
         let dev = launch::device(xs);
         let (w, b) = (launch::view::<f32>(ws, wl)?, launch::view::<f32>(bs, bl)?);
-        let (y, stats) = match &xs.slice {
-            CudaStorageSlice::F32(s) => {
-                let (y, m, r) =
-                    forward(dev, "f32", &launch::slice(s, xl)?, &w, &b, (rows, d), self.eps, self.has_bias)?;
+        let (y, stats) = launch::f32_or_bf16!(
+            sfx,
+            [x = (xs, xl)],
+            {
+                let (y, m, r) = forward(dev, sfx, &x, &w, &b, (rows, d), self.eps, self.has_bias)?;
                 (CudaDType::wrap_cuda_slice(y, dev.clone()), (m, r))
-            }
-            CudaStorageSlice::BF16(s) => {
-                let (y, m, r) =
-                    forward(dev, "bf16", &launch::slice(s, xl)?, &w, &b, (rows, d), self.eps, self.has_bias)?;
-                (CudaDType::wrap_cuda_slice(y, dev.clone()), (m, r))
-            }
-            _ => bail!("fused layer norm: x must be f32 or bf16"),
-        };
+            },
+            "fused layer norm: x must be f32 or bf16"
+        );
         *self.stats.lock().expect("layer norm: stats lock poisoned") = Some(stats);
         Ok((y, xl.shape().clone()))
     }
@@ -180,41 +159,19 @@ impl CustomOp3 for LayerNormOp {
         let rows = x.elem_count() / d.max(1);
         let guards = [x, weight, &grad].map(|t| t.storage_and_layout());
         let [(xg, xl), (wg, wl), (gg, gl)] = &guards;
-        let xs = cuda_storage(xg, "x")?;
+        let xs = launch::storage(xg, "fused layer norm backward", "x")?;
         let dev = launch::device(xs);
-        let w = launch::view::<f32>(cuda_storage(wg, "weight")?, wl)?;
-        let gs = cuda_storage(gg, "the output gradient")?;
-        let dims = (rows, d);
-        let dx = match (&xs.slice, &gs.slice) {
-            (CudaStorageSlice::F32(xs_), CudaStorageSlice::F32(gs_)) => {
-                let (dx, dw, db) = backward(
-                    dev,
-                    "f32",
-                    &launch::slice(xs_, xl)?,
-                    &launch::slice(gs_, gl)?,
-                    &w,
-                    stats,
-                    dims,
-                    self.has_bias,
-                )?;
+        let w = launch::view::<f32>(launch::storage(wg, "fused layer norm backward", "weight")?, wl)?;
+        let gs = launch::storage(gg, "fused layer norm backward", "the output gradient")?;
+        let (dx, dw, db) = launch::f32_or_bf16!(
+            sfx,
+            [x_ = (xs, xl), g = (gs, gl)],
+            {
+                let (dx, dw, db) = backward(dev, sfx, &x_, &g, &w, stats, (rows, d), self.has_bias)?;
                 (launch::tensor(dx, dev, x.shape()), dw, db)
-            }
-            (CudaStorageSlice::BF16(xs_), CudaStorageSlice::BF16(gs_)) => {
-                let (dx, dw, db) = backward(
-                    dev,
-                    "bf16",
-                    &launch::slice(xs_, xl)?,
-                    &launch::slice(gs_, gl)?,
-                    &w,
-                    stats,
-                    dims,
-                    self.has_bias,
-                )?;
-                (launch::tensor(dx, dev, x.shape()), dw, db)
-            }
-            _ => bail!("fused layer norm backward: x and the gradient must both be f32 or both bf16"),
-        };
-        let (dx, dw, db) = dx;
+            },
+            "fused layer norm backward: x and the gradient must both be f32 or both bf16"
+        );
         let param = Shape::from(d);
         let db = self.has_bias.then(|| launch::tensor(db, dev, &param));
         Ok((Some(dx), Some(launch::tensor(dw, dev, &param)), db))

@@ -1,8 +1,8 @@
 //! Fused softmax over the last dimension with a one-launch backward (`softmax.cu`), for
 //! [`crate::nn::softmax`] on a GPU: f32 or bf16 data, f32 arithmetic.
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::{bail, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::launch::{self, LaunchConfig, PushKernelArg};
 use super::ptx;
@@ -67,17 +67,16 @@ impl CustomOp1 for Softmax {
         "fused-softmax"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("fused softmax: CUDA only (the CPU uses the tensor expression)")
-    }
+    launch::cuda_only!("fused softmax: CUDA only (the CPU uses the tensor expression)", _);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = launch::device(s);
-        let out = match &s.slice {
-            CudaStorageSlice::F32(x) => launch_rows(dev, "softmax_fwd_f32", &[launch::slice(x, l)?], width(l))?,
-            CudaStorageSlice::BF16(x) => launch_rows(dev, "softmax_fwd_bf16", &[launch::slice(x, l)?], width(l))?,
-            _ => bail!("fused softmax: f32 or bf16 only"),
-        };
+        let out = launch::f32_or_bf16!(
+            sfx,
+            [x = (s, l)],
+            launch_rows(dev, &format!("softmax_fwd_{sfx}"), &[x], width(l))?,
+            "fused softmax: f32 or bf16 only"
+        );
         Ok((out, l.shape().clone()))
     }
 
@@ -92,22 +91,17 @@ impl CustomOp2 for SoftmaxGrad {
         "fused-softmax-grad"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("fused softmax: CUDA only")
-    }
+    launch::cuda_only!("fused softmax: CUDA only", _, _);
 
     fn cuda_fwd(&self, ys: &CudaStorage, yl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = launch::device(ys);
         let d = width(yl);
-        let out = match (&ys.slice, &gs.slice) {
-            (CudaStorageSlice::F32(y), CudaStorageSlice::F32(g)) => {
-                launch_rows(dev, "softmax_bwd_f32", &[launch::slice(y, yl)?, launch::slice(g, gl)?], d)?
-            }
-            (CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(g)) => {
-                launch_rows(dev, "softmax_bwd_bf16", &[launch::slice(y, yl)?, launch::slice(g, gl)?], d)?
-            }
-            _ => bail!("fused softmax backward: y and the gradient must share an f32 or bf16 dtype"),
-        };
+        let out = launch::f32_or_bf16!(
+            sfx,
+            [y = (ys, yl), g = (gs, gl)],
+            launch_rows(dev, &format!("softmax_bwd_{sfx}"), &[y, g], d)?,
+            "fused softmax backward: y and the gradient must share an f32 or bf16 dtype"
+        );
         Ok((out, yl.shape().clone()))
     }
 }

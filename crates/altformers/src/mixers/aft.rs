@@ -10,7 +10,7 @@
 //!   factorisation `w = U V^T` (`pos_u`, `pos_v`, `[context, rank]`; `model.options.rank > 0`).
 //!   Parallel form `O(T^2 d)` as two matrix products; decoding keeps every key and value.
 //! - **aft-simple**: `w = 0`: a softmax over time per channel, i.e. the normalised decayed sum
-//!   of [`crate::primitives::decayed`] with no decay and no bonus: `O(T d)` (chunkwise), `O(d)`
+//!   of [`crate::ops::decayed`] with no decay and no bonus: `O(T d)` (chunkwise), `O(d)`
 //!   decode state.
 //! - **aft-local**: `w_{t,t'}` learned (`pos_bias`) only inside the window `t - t' < s`, **zero
 //!   outside** (not masked: AFT-local keeps global connectivity). Computed as the AFT-simple
@@ -36,8 +36,8 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
 use crate::config::{ModelConfig, Options, Position};
 use crate::nn::{gather_rows, Linear};
+use crate::ops::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
 use crate::params::ParamBuilder;
-use crate::primitives::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {

@@ -35,7 +35,7 @@
 //! checkpoints (`in_proj`, `short_filter`, `filter_fn.implicit_filter.{0,2,4,6}`,
 //! `filter_fn.implicit_filter.1.freq`, `filter_fn.bias`, `out_proj`).
 //!
-//! Modes. Parallel: the long convolutions by FFT ([`crate::primitives::fftconv`]),
+//! Modes. Parallel: the long convolutions by FFT ([`crate::ops::fftconv`]),
 //! O(N d T log T). Recurrent: Hyena has no constant-size recurrence; `step` computes the exact
 //! output of the next position by *direct* convolution over the cached inputs of every order,
 //! O(N d T) per token. The state holds the short-convolution tail (`K - 1` projected inputs),
@@ -50,8 +50,8 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape, NOT_QUOTED};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
+use crate::ops::fftconv;
 use crate::params::ParamBuilder;
-use crate::primitives::fftconv;
 
 /// `model.options` of the `hyena` mixer.
 #[derive(Clone, Debug, Serialize, Deserialize)]

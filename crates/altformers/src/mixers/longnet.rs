@@ -38,8 +38,8 @@ use super::attention::Attention;
 use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape, NOT_QUOTED};
 use crate::config::{ModelConfig, Position};
+use crate::ops::attention::causal_softmax::causal_mask;
 use crate::params::ParamBuilder;
-use crate::primitives::causal_softmax::causal_mask;
 
 /// `model.options` of the `longnet` mixer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -366,8 +366,8 @@ pub const COMPLEXITY: Complexity = Complexity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mixers::attention::causal_attention;
     use crate::model::Model;
+    use crate::ops::attention::causal_attention;
     use crate::testing::*;
 
     /// Dilated attention from its definition, one query at a time, in f64 on the host.

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! All three forms compute exactly this function with the shared primitive
-//! [`crate::primitives::decayed`] (`linear_*`, per-head decay): the value gets an extra column
+//! [`crate::ops::decayed`] (`linear_*`, per-head decay): the value gets an extra column
 //! of ones, so the same pass also yields the row sum `sum_i gamma^(n-i) q_n . k_i` that the
 //! score normalisation needs; the row normalisation of `D` is a known factor per (head,
 //! position). Parallel: `O(T^2 d)`; chunkwise (the default once `T > chunk`):
@@ -30,8 +30,9 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
+use crate::ops::decayed;
 use crate::params::ParamBuilder;
-use crate::primitives::{decayed, rotary};
+use crate::primitives::rotary;
 
 /// `model.options` of `retnet`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -9,7 +9,7 @@
 //!        / (sum_{i<t} e^{-(t-1-i) w + k_i}     + e^{u + k_t})`,
 //! `w = exp(time_decay)` (the checkpoints store the raw `time_decay`; the per-step decay is
 //! `exp(-exp(time_decay))`) and `u = time_first`. The WKV is
-//! [`crate::primitives::decayed`]'s normalised form with a decay and a bonus: chunkwise
+//! [`crate::ops::decayed`]'s normalised form with a decay and a bonus: chunkwise
 //! (`O(T C d)`, C the chunk) for training, the official running-max recurrence
 //! (`aa, bb, pp`) for decoding, and the quadratic reference for tests.
 //!
@@ -30,8 +30,8 @@ use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
+use crate::ops::decayed::{self, Weighting, WkvState};
 use crate::params::ParamBuilder;
-use crate::primitives::decayed::{self, Weighting, WkvState};
 
 /// `model.options` of `rwkv4`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1,6 +1,4 @@
-//! Shared maths used by several mixers, each with the plainest correct form beside it.
+//! Small maths shared by several mixers. The sequence-mixing mechanisms themselves, each with
+//! its reference, CPU and CUDA forms, are in [`crate::ops`].
 
-pub mod causal_softmax;
-pub mod decayed;
-pub mod fftconv;
 pub mod rotary;

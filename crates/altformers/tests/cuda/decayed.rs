@@ -1,9 +1,9 @@
-//! The fused retention and WKV kernels (kernels/decayed.*) against the tensor code on the CPU:
+//! The fused retention and WKV kernels (ops/decayed/: cuda.rs, decayed.cu, decayed_tc.cu) against the tensor code on the CPU:
 //! outputs, final states and gradients (loss = sum(out * random weights)), from the same
 //! seeded inputs (rounded to bf16 first when the kernel runs in bf16).
 
-use altformers::kernels::decayed as fused;
-use altformers::primitives::decayed::{self, Weighting, WkvState};
+use altformers::ops::decayed::cuda as fused;
+use altformers::ops::decayed::{self, Weighting, WkvState};
 use altformers::testing::{device_rel_err, randn};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};

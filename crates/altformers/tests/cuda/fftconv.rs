@@ -1,9 +1,9 @@
-//! The cuFFT path of `primitives::fftconv::causal_conv` against the CPU op (itself held to
+//! The cuFFT path of `ops::fftconv::causal_conv` against the CPU op (itself held to
 //! the direct convolution by its unit tests): forward and both gradients, f32 / bf16 / f16,
 //! filters as long as the input and shorter, with and without the spectra kept by the
 //! forward pass. Runs on the GPU machine (needs libcufft on the library path).
 
-use altformers::primitives::fftconv::{causal_conv, causal_conv_direct};
+use altformers::ops::fftconv::{causal_conv, causal_conv_direct};
 use altformers::testing::{device_rel_err, randn};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};

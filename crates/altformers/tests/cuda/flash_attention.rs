@@ -1,8 +1,8 @@
 //! The fused flash-attention kernel (forward and backward) against the reference tensor
 //! expression computed in f32 on the CPU from the same bf16-rounded inputs. Needs a CUDA GPU
 //! (sm_90); built and packed by scripts/gpu-package.sh.
-use altformers::kernels::flash_attention::{self, ForwardKernel};
-use altformers::mixers::attention::{causal_attention_reference, causal_attention_with_dropout};
+use altformers::ops::attention::cuda::{self as flash_attention, ForwardKernel};
+use altformers::ops::attention::{causal_attention_reference, causal_attention_with_dropout};
 use candle_core::{DType, Device, Tensor, Var};
 
 /// Seeded standard normal values (splitmix64 + Box-Muller), so every run sees the same inputs.

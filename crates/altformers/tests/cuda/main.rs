@@ -9,6 +9,6 @@ mod aft;
 mod decayed;
 mod fftconv;
 mod flash_attention;
+mod gather;
 mod layernorm;
-mod rows;
 mod softmax;

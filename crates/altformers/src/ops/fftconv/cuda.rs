@@ -1,4 +1,4 @@
-//! The CUDA path of the causal FFT convolution ([`crate::primitives::fftconv`]): cuFFT
+//! The CUDA path of the causal FFT convolution ([`super`], `ops::fftconv`): cuFFT
 //! real-to-complex / complex-to-real transforms (batched, in place, f32) on candle's stream,
 //! with the small kernels of `fftconv.cu` around them (zero padding with the cast to f32,
 //! spectrum products, truncation with the cast back).
@@ -38,11 +38,11 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, Error, Layout, Result};
+use candle_core::{bail, Error, Layout, Result, Shape};
 
-use super::launch::{self, LaunchConfig, PushKernelArg};
-use super::ptx;
-use crate::primitives::fftconv::fft_len;
+use super::fft_len;
+use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
+use crate::kernels::ptx;
 
 const MODULE: &str = "altformers_fftconv";
 
@@ -105,7 +105,7 @@ pub fn conv(
     let dev = x.device.clone();
     macro_rules! run {
         ($xs:expr, $hs:expr, $sfx:literal) => {{
-            let (out, spectra) = conv_typed(&dev, &view($xs, lx)?, &view($hs, lh)?, $sfx, g, keep)?;
+            let (out, spectra) = conv_typed(&dev, &launch::slice($xs, lx)?, &launch::slice($hs, lh)?, $sfx, g, keep)?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), spectra))
         }};
     }
@@ -142,7 +142,15 @@ pub fn grads(
     let dev = x.device.clone();
     macro_rules! run {
         ($ds:expr, $xs:expr, $hs:expr, $sfx:literal) => {{
-            let out = grads_typed(&dev, &view($ds, ldy)?, &view($xs, lx)?, &view($hs, lh)?, $sfx, g, saved)?;
+            let out = grads_typed(
+                &dev,
+                &launch::slice($ds, ldy)?,
+                &launch::slice($xs, lx)?,
+                &launch::slice($hs, lh)?,
+                $sfx,
+                g,
+                saved,
+            )?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }};
     }
@@ -158,12 +166,6 @@ pub fn grads(
         }
         _ => bail!("fftconv (CUDA): gradients support f32, bf16 and f16, with one dtype for dy, x and h"),
     }
-}
-
-/// The contiguous part of `s` that `l` describes.
-fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
-    let Some((start, end)) = l.contiguous_offsets() else { bail!("fftconv (CUDA): input is not contiguous ({l:?})") };
-    Ok(s.slice(start..end))
 }
 
 fn conv_typed<T: CudaDType + DeviceRepr>(
@@ -426,4 +428,31 @@ fn transform(stream: &Arc<CudaStream>, buf: &mut CudaSlice<f32>, n: usize, rows:
             }
         }
     })
+}
+
+/// Both gradients on CUDA: inputs `dy: [B, C, T]`, `x: [B, C, T]`, `h: [C, L]` ->
+/// `[B C T + C L]`, `dx` then `dh` (see [`grads`]).
+pub(super) struct ConvGrads {
+    pub(super) saved: Option<Spectra>,
+}
+
+impl candle_core::CustomOp3 for ConvGrads {
+    fn name(&self) -> &'static str {
+        "fftconv-conv-grads"
+    }
+
+    launch::cuda_only!("fftconv-conv-grads runs on CUDA only (the CPU backward is cpu::Backward)", _, _, _);
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = grads(s1, l1, s2, l2, s3, l3, self.saved.as_ref())?;
+        Ok((out, Shape::from(l1.shape().elem_count() + l3.shape().elem_count())))
+    }
 }

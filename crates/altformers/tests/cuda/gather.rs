@@ -1,4 +1,4 @@
-//! The row gather's parallel backward (`kernels/rows.cu`) against candle's `index_select`
+//! The row gather's parallel backward (`kernels/gather.cu`) against candle's `index_select`
 //! on the CPU: repeated ids (many rows of a small table hit the same row, so the atomics
 //! collide), a table row no id touches (its gradient stays exactly zero), widths that are
 //! not multiples of the block, one-element rows, and the forward rows themselves; and a

@@ -1,4 +1,5 @@
-//! Fused forms of [`crate::primitives::decayed`]'s chunkwise paths:
+//! Fused forms of the chunkwise paths of [`super`] (`ops::decayed`), which calls them from
+//! [`super::linear_chunked`] and [`super::wkv_chunked`]:
 //!
 //! - [`linear`]: retention with one scalar decay per head (`linear_chunked`). bf16 runs on
 //!   tensor cores (`decayed_tc.cu`): a sequential pass stores the state before every chunk of
@@ -18,11 +19,11 @@
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, IndexOp, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CustomOp3, DType, IndexOp, Layout, Result, Shape, Storage, Tensor};
 
-use super::launch::{self, LaunchConfig, PushKernelArg};
-use super::ptx;
-use crate::primitives::decayed::{Weighting, WkvState};
+use super::{Weighting, WkvState};
+use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
+use crate::kernels::ptx;
 
 const MODULE: &str = "altformers_decayed";
 
@@ -58,8 +59,7 @@ fn tc_outputs_shared_bytes(width: usize) -> usize {
 /// `func` may use `shared` bytes of dynamic shared memory, and prefers the largest shared
 /// memory carve-out (so that as many CTAs fit per SM as `__launch_bounds__` asks for).
 fn set_shared(func: &launch::Kernel, shared: usize) -> Result<()> {
-    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
-        .w()?;
+    func.max_shared(shared as i32)?;
     func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100).w()?;
     Ok(())
 }
@@ -90,7 +90,7 @@ fn int(x: usize) -> Result<i32> {
 // Retention
 // ---------------------------------------------------------------------------------------
 
-/// The fused [`crate::primitives::decayed::linear_chunked`] (any chunk size: the result does
+/// The fused [`super::chunk::linear_chunked`] (any chunk size: the result does
 /// not depend on it): `q, k: [B, H, T, d_k]`, `v: [B, H, T, d_v]`, `log_decay: [H]` ->
 /// `(y: [B, H, T, d_v], final state: [B, H, d_k, d_v])`, or `None` where it does not apply.
 pub fn linear(
@@ -112,7 +112,7 @@ pub fn linear(
         || state.is_some()
         || t == 0
         || log_decay.track_op()
-        || !super::enabled("retention")
+        || !crate::kernels::enabled("retention")
     {
         return Ok(None);
     }
@@ -164,7 +164,7 @@ impl<T: CudaDType + DeviceRepr + candle_core::WithDType> Elem for T {}
 /// Whether the tensor-core kernels take `rows = B H` sequences (one grid dimension, at most
 /// 65535) contracting over each of `widths`, unless switched off.
 fn tensor_cores_apply(rows: usize, widths: &[usize]) -> bool {
-    rows <= 65535 && widths.iter().all(|&w| tensor_core_width(w).is_some()) && super::enabled("retention-tc")
+    rows <= 65535 && widths.iter().all(|&w| tensor_core_width(w).is_some()) && crate::kernels::enabled("retention-tc")
 }
 
 /// `[B, H, T, d]` of one input.
@@ -278,8 +278,7 @@ impl Kernels<'_> {
         let mut state = launch::uninit::<T>(self.dev, b * h * dk * dv)?;
         let kernel = if T::DTYPE == DType::F32 { "retention_scan_f32" } else { "retention_scan_bf16" };
         let func = launch::func(self.dev, MODULE, ptx::DECAYED, kernel)?;
-        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
-            .w()?;
+        func.max_shared(shared as i32)?;
         let cfg = LaunchConfig {
             grid_dim: (dv.div_ceil(VTILE) as u32, h as u32, b as u32),
             block_dim: (THREADS, 1, 1),
@@ -355,14 +354,6 @@ impl Kernels<'_> {
     }
 }
 
-/// The device memory of a CUDA tensor's storage (`what` names it in errors).
-fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Result<&'a CudaStorage> {
-    match &**guard {
-        Storage::Cuda(s) => Ok(s),
-        _ => bail!("retention: {what} is not on the CUDA device"),
-    }
-}
-
 impl Retention {
     fn kernels<'a>(
         &self,
@@ -380,17 +371,7 @@ impl CustomOp3 for Retention {
         "retention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("retention runs on CUDA only (the CPU path is decayed::linear_chunked)")
-    }
+    launch::cuda_only!("retention runs on CUDA only (the CPU path is decayed::linear_chunked)", _, _, _);
 
     fn cuda_fwd(
         &self,
@@ -401,7 +382,6 @@ impl CustomOp3 for Retention {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        use CudaStorageSlice::{BF16, F32};
         let (b, h, t, dk) = l1.shape().dims4()?;
         let (b2, h2, t2, dv) = l3.shape().dims4()?;
         if l2.shape().dims() != l1.shape().dims() || (b2, h2, t2) != (b, h, t) {
@@ -411,32 +391,21 @@ impl CustomOp3 for Retention {
         let (ld_guard, ld_layout) = self.log_decay.storage_and_layout();
         let kernels = self.kernels(dev, &ld_guard, ld_layout, Dims { b, h, t })?;
         let out_shape = Shape::from((b, h, t, dv));
-        let (y, state) = match (&s1.slice, &s2.slice, &s3.slice) {
-            (F32(q), F32(k), F32(v)) => {
-                let (y, s, _) = kernels.forward(
-                    &launch::slice(q, l1)?,
-                    &launch::slice(k, l2)?,
-                    &launch::slice(v, l3)?,
-                    (dk, dv),
-                )?;
-                (f32::wrap_cuda_slice(y, dev.clone()), launch::tensor(s, dev, &[b, h, dk, dv]))
-            }
-            (BF16(q), BF16(k), BF16(v)) => {
-                let (y, s, states) = kernels.forward(
-                    &launch::slice(q, l1)?,
-                    &launch::slice(k, l2)?,
-                    &launch::slice(v, l3)?,
-                    (dk, dv),
-                )?;
+        let (y, state) = launch::f32_or_bf16!(
+            _sfx,
+            [q = (s1, l1), k = (s2, l2), v = (s3, l3)],
+            {
+                // the chunk states come from the tensor-core path only (bf16)
+                let (y, s, states) = kernels.forward(&q, &k, &v, (dk, dv))?;
                 if let (true, Some(states)) = (self.keep_states, states) {
                     let n = states.len();
                     *self.chunk_states.lock().expect("retention: states lock poisoned") =
                         Some(launch::tensor(states, dev, &[n]));
                 }
                 (CudaDType::wrap_cuda_slice(y, dev.clone()), launch::tensor(s, dev, &[b, h, dk, dv]))
-            }
-            _ => bail!("retention: q, k, v must all be f32 or all bf16"),
-        };
+            },
+            "retention: q, k, v must all be f32 or all bf16"
+        );
         *self.final_state.lock().expect("retention: state lock poisoned") = Some(state);
         Ok((y, out_shape))
     }
@@ -450,17 +419,16 @@ impl CustomOp3 for Retention {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use CudaStorageSlice::{BF16, F32};
         let (b, h, t, dk) = q.dims4()?;
         let dv = v.dim(3)?;
         let grad = grad_res.to_dtype(q.dtype())?.contiguous()?;
         let guards = [q, k, v, &grad].map(|t| t.storage_and_layout());
         let [(qg, ql), (kg, kl), (vg, vl), (gg, gl)] = &guards;
         let (qs, ks, vs, gs) = (
-            cuda_storage(qg, "q")?,
-            cuda_storage(kg, "k")?,
-            cuda_storage(vg, "v")?,
-            cuda_storage(gg, "the output gradient")?,
+            launch::storage(qg, "retention", "q")?,
+            launch::storage(kg, "retention", "k")?,
+            launch::storage(vg, "retention", "v")?,
+            launch::storage(gg, "retention", "the output gradient")?,
         );
         let dev = launch::device(qs);
         let (ld_guard, ld_layout) = self.log_decay.storage_and_layout();
@@ -468,40 +436,22 @@ impl CustomOp3 for Retention {
         let (qd, vd) = ([b, h, t, dk], [b, h, t, dv]);
         let kept = self.chunk_states.lock().expect("retention: states lock poisoned").clone();
         let held_states = kept.as_ref().map(|s| s.storage_and_layout());
-        let [dq, dk_, dv_] = match (&qs.slice, &ks.slice, &vs.slice, &gs.slice) {
-            (F32(q), F32(k), F32(v), F32(g)) => {
-                let [a, b_, c] = kernels.backward(
-                    &launch::slice(q, ql)?,
-                    &launch::slice(k, kl)?,
-                    &launch::slice(v, vl)?,
-                    &launch::slice(g, gl)?,
-                    (dk, dv),
-                    None,
-                )?;
-                [launch::tensor(a, dev, &qd), launch::tensor(b_, dev, &qd), launch::tensor(c, dev, &vd)]
-            }
-            (BF16(q), BF16(k), BF16(v), BF16(g)) => {
+        let [dq, dk_, dv_] = launch::f32_or_bf16!(
+            _sfx,
+            [q = (qs, ql), k = (ks, kl), v = (vs, vl), g = (gs, gl)],
+            {
+                // kept by a bf16 forward on tensor cores only
                 let forward_states = match &held_states {
-                    Some((guard, _)) => match &**guard {
-                        Storage::Cuda(CudaStorage { slice: BF16(s), .. }) => Some(s),
-                        _ => {
-                            bail!("retention backward: the kept chunk states are not bf16 on CUDA")
-                        }
-                    },
+                    Some((guard, _)) => {
+                        Some(launch::storage(guard, "retention backward", "the kept chunk states")?.as_cuda_slice()?)
+                    }
                     None => None,
                 };
-                let [a, b_, c] = kernels.backward(
-                    &launch::slice(q, ql)?,
-                    &launch::slice(k, kl)?,
-                    &launch::slice(v, vl)?,
-                    &launch::slice(g, gl)?,
-                    (dk, dv),
-                    forward_states,
-                )?;
+                let [a, b_, c] = kernels.backward(&q, &k, &v, &g, (dk, dv), forward_states)?;
                 [launch::tensor(a, dev, &qd), launch::tensor(b_, dev, &qd), launch::tensor(c, dev, &vd)]
-            }
-            _ => bail!("retention backward: q, k, v and the gradient must all be f32 or all bf16"),
-        };
+            },
+            "retention backward: q, k, v and the gradient must all be f32 or all bf16"
+        );
         Ok((Some(dq), Some(dk_), Some(dv_)))
     }
 }
@@ -510,7 +460,7 @@ impl CustomOp3 for Retention {
 // WKV
 // ---------------------------------------------------------------------------------------
 
-/// The fused [`crate::primitives::decayed::wkv_chunked`]: `k, v: [B, T, C]` f32 ->
+/// The fused [`super::chunk::wkv_chunked`]: `k, v: [B, T, C]` f32 ->
 /// `(y: [B, T, C], final state)`, or `None` where it does not apply (a decay without a
 /// bonus, an initial state, another dtype, not on CUDA).
 pub fn wkv(k: &Tensor, v: &Tensor, wt: Weighting, state: Option<&WkvState>) -> Result<Option<(Tensor, WkvState)>> {
@@ -524,7 +474,7 @@ pub fn wkv(k: &Tensor, v: &Tensor, wt: Weighting, state: Option<&WkvState>) -> R
         || !weighting_ok
         || state.is_some()
         || t == 0
-        || !super::enabled("wkv")
+        || !crate::kernels::enabled("wkv")
     {
         return Ok(None);
     }
@@ -542,12 +492,32 @@ pub fn wkv(k: &Tensor, v: &Tensor, wt: Weighting, state: Option<&WkvState>) -> R
     Ok(Some((y, WkvState { aa: s.i(0)?, bb: s.i(1)?, pp: s.i(2)? })))
 }
 
-fn wkv_launch_config(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((rows as u32).div_ceil(WKV_THREADS), 1, 1),
+/// Launches the WKV kernel `name` over `(B, T, C)`, one thread per (batch, channel), on the
+/// f32 `inputs` (in the kernel's order) into a new flat buffer of `len` floats.
+fn launch_wkv(
+    dev: &CudaDevice,
+    name: &str,
+    inputs: &[&CudaView<f32>],
+    len: usize,
+    (b, t, c): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let mut out = launch::uninit::<f32>(dev, len)?;
+    let func = launch::func(dev, MODULE, ptx::DECAYED, name)?;
+    let (batch, len_t, channels) = (int(b)?, int(t)?, int(c)?);
+    let mut builder = func.builder();
+    for x in inputs {
+        builder.arg(*x);
+    }
+    builder.arg(&mut out).arg(&batch).arg(&len_t).arg(&channels);
+    let cfg = LaunchConfig {
+        grid_dim: (((b * c) as u32).div_ceil(WKV_THREADS), 1, 1),
         block_dim: (WKV_THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
+    };
+    // SAFETY: the callers check the sizes; each thread writes its channel's part of `out`
+    // (its outputs and state, or its gradients).
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 /// `(k, v, decay_bonus: [2, C])` -> one flat tensor: `y [B, T, C]` then `aa, bb, pp`, `[B, C]`
@@ -559,17 +529,7 @@ impl CustomOp3 for WkvForward {
         "wkv"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("wkv runs on CUDA only (the CPU path is decayed::wkv_chunked)")
-    }
+    launch::cuda_only!("wkv runs on CUDA only (the CPU path is decayed::wkv_chunked)", _, _, _);
 
     fn cuda_fwd(
         &self,
@@ -588,14 +548,7 @@ impl CustomOp3 for WkvForward {
         let (k, v, decay_bonus) =
             (launch::view::<f32>(s1, l1)?, launch::view::<f32>(s2, l2)?, launch::view::<f32>(s3, l3)?);
         let len = b * t * c + 3 * b * c;
-        let mut out = launch::uninit::<f32>(dev, len)?;
-        let func = launch::func(dev, MODULE, ptx::DECAYED, "wkv_forward")?;
-        let (batch, len_t, channels) = (int(b)?, int(t)?, int(c)?);
-        let mut builder = func.builder();
-        builder.arg(&k).arg(&v).arg(&decay_bonus).arg(&mut out).arg(&batch).arg(&len_t).arg(&channels);
-        // SAFETY: sizes checked above; each thread writes its channel's outputs and state.
-        unsafe { builder.launch(wkv_launch_config(b * c)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(len)))
+        Ok((launch_wkv(dev, "wkv_forward", &[&k, &v, &decay_bonus], len, (b, t, c))?, Shape::from(len)))
     }
 
     /// Gradients of `y` (the state is detached by [`wkv`]); the decay's and the bonus's are
@@ -631,17 +584,7 @@ impl CustomOp3 for WkvBackward {
         "wkv-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("wkv-backward runs on CUDA only")
-    }
+    launch::cuda_only!("wkv-backward runs on CUDA only", _, _, _);
 
     fn cuda_fwd(
         &self,
@@ -667,13 +610,6 @@ impl CustomOp3 for WkvBackward {
         let (db_storage, db_layout) = self.decay_bonus.storage_and_layout();
         let decay_bonus = held_f32(&db_storage, db_layout)?;
         let len = 2 * b * t * c + 2 * b * c;
-        let mut grads = launch::uninit::<f32>(dev, len)?;
-        let func = launch::func(dev, MODULE, ptx::DECAYED, "wkv_backward")?;
-        let (batch, len_t, channels) = (int(b)?, int(t)?, int(c)?);
-        let mut builder = func.builder();
-        builder.arg(&k).arg(&v).arg(&gy).arg(&decay_bonus).arg(&mut grads).arg(&batch).arg(&len_t).arg(&channels);
-        // SAFETY: sizes checked above; each thread writes its channel's gradients.
-        unsafe { builder.launch(wkv_launch_config(b * c)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(grads, dev.clone()), Shape::from(len)))
+        Ok((launch_wkv(dev, "wkv_backward", &[&k, &v, &gy, &decay_bonus], len, (b, t, c))?, Shape::from(len)))
     }
 }

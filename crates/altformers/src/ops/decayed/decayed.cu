@@ -1,11 +1,11 @@
-// Decayed linear attention (primitives/decayed.rs), fused:
+// Decayed linear attention (ops/decayed/), fused:
 //
 // 1. retention_scan_*: o_t = sum_{i<=t} gamma^(t-i) (q_t . k_i) v_i for one scalar decay per
 //    head, chunkwise. One CTA per (value-column tile, head, batch) walks the chunks in order,
 //    holding the [d_k, VTILE] state in shared memory: per chunk, scores (Q K^T) (.) D, output
 //    P V + (Q (.) gamma^(j+1)) S, then S = gamma^len S + (K (.) gamma^(len-1-i))^T V. With
 //    `reverse` the sequence is read back to front (t -> T-1-t): the backward pass is three such
-//    scans (see kernels/decayed.rs). Inputs f32 or bf16, everything accumulated in f32.
+//    scans (see cuda.rs beside this file). Inputs f32 or bf16, everything accumulated in f32.
 //
 // 2. wkv_forward / wkv_backward: RWKV-4's normalised WKV, one thread per (batch, channel)
 //    scanning time in f32 with the running-maximum state (aa, bb, pp) of the official kernel.
@@ -33,6 +33,18 @@ __device__ __forceinline__ void fma4(float4& acc, float s, const float4& x) {
 
 __device__ __forceinline__ float lane(const float4& x, int i) {
     return i == 0 ? x.x : i == 1 ? x.y : i == 2 ? x.z : x.w;
+}
+
+// acc[r] += a[m][r] * b[m][0..4] for m < n (a 4 x 4 tile of the product of a's columns and
+// b's rows), each row of a and b float4-aligned, `a_stride` / `b_stride` floats apart.
+__device__ __forceinline__ void tile4(float4 (&acc)[4], const float* a, int a_stride, const float* b,
+                                      int b_stride, int n) {
+    for (int m = 0; m < n; ++m) {
+        const float4 am = *reinterpret_cast<const float4*>(&a[m * a_stride]);
+        const float4 bm = *reinterpret_cast<const float4*>(&b[m * b_stride]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) fma4(acc[r], lane(am, r), bm);
+    }
 }
 
 // Shared memory layout (floats), every segment a multiple of 4 floats:
@@ -91,14 +103,7 @@ __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restric
         // scores: queries j = 4 ty + r, keys i = 4 tx + s; tiles above the diagonal are zero
         {
             float4 acc[4] = {};
-            if (tx <= ty) {
-                for (int a = 0; a < dk; ++a) {
-                    const float4 qa = *reinterpret_cast<const float4*>(&qT[a * TSTRIDE + 4 * ty]);
-                    const float4 ka = *reinterpret_cast<const float4*>(&kT[a * TSTRIDE + 4 * tx]);
-                    #pragma unroll
-                    for (int r = 0; r < 4; ++r) fma4(acc[r], lane(qa, r), ka);
-                }
-            }
+            if (tx <= ty) tile4(acc, &qT[4 * ty], TSTRIDE, &kT[4 * tx], TSTRIDE, dk);
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
                 const int i = 4 * tx + s;
@@ -117,18 +122,8 @@ __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restric
         // outputs: rows j = 4 ty + r, value columns e = 4 tx + s
         {
             float4 inner[4] = {}, cross[4] = {};
-            for (int i = 0; i < 4 * ty + 4; ++i) {
-                const float4 p = *reinterpret_cast<const float4*>(&pT[i * TSTRIDE + 4 * ty]);
-                const float4 vi = *reinterpret_cast<const float4*>(&vs[i * VTILE + 4 * tx]);
-                #pragma unroll
-                    for (int r = 0; r < 4; ++r) fma4(inner[r], lane(p, r), vi);
-            }
-            for (int a = 0; a < dk; ++a) {
-                const float4 qa = *reinterpret_cast<const float4*>(&qT[a * TSTRIDE + 4 * ty]);
-                const float4 sa = *reinterpret_cast<const float4*>(&S[a * VTILE + 4 * tx]);
-                #pragma unroll
-                    for (int r = 0; r < 4; ++r) fma4(cross[r], lane(qa, r), sa);
-            }
+            tile4(inner, &pT[4 * ty], TSTRIDE, &vs[4 * tx], VTILE, 4 * ty + 4);
+            tile4(cross, &qT[4 * ty], TSTRIDE, &S[4 * tx], VTILE, dk);
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int j = 4 * ty + r;
@@ -177,6 +172,33 @@ __device__ void retention_scan(const Elem* __restrict__ q, const Elem* __restric
 RETENTION_SCAN(retention_scan_f32, float)
 RETENTION_SCAN(retention_scan_bf16, __nv_bfloat16)
 
+// One channel's WKV state as the official RWKV-4 kernel keeps it: numerator aa e^pp,
+// denominator bb e^pp, pp a running maximum exponent.
+struct WkvRun {
+    float aa = 0.f, bb = 0.f, pp = -1e38f;
+
+    // The output for token (kk, vv) with the bonus u, before it is folded in: y = num / den,
+    // with den and p (num and den are scaled by e^-p) returned beside it.
+    __device__ __forceinline__ float read(float kk, float vv, float u, float& den, float& p) const {
+        const float ww = u + kk;
+        p = fmaxf(pp, ww);
+        const float e1 = __expf(pp - p), e2 = __expf(ww - p);
+        den = e1 * bb + e2;
+        return (e1 * aa + e2 * vv) / den;
+    }
+
+    // Folds token (kk, vv) into the state after one step of decay w.
+    __device__ __forceinline__ void fold(float kk, float vv, float w) {
+        const float ww = pp - w;
+        const float p = fmaxf(ww, kk);
+        const float e1 = __expf(ww - p);
+        const float e2 = __expf(kk - p);
+        aa = e1 * aa + e2 * vv;
+        bb = e1 * bb + e2;
+        pp = p;
+    }
+};
+
 // WKV, k, v: [B, T, C] f32; decay_bonus: [2, C] (decay rate w >= 0, per-step factor e^{-w};
 // bonus u). y_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) / (same with v = 1).
 // Writes y [B, T, C] then the final state aa, bb, pp, each [B, C] (`out` holds B (T + 3) C).
@@ -188,28 +210,20 @@ extern "C" __global__ void wkv_forward(const float* __restrict__ k, const float*
     const int b = idx / channels, c = idx % channels;
     const float w = decay_bonus[c], u = decay_bonus[channels + c];
     const size_t base = (size_t)b * len_t * channels + c;
-    float aa = 0.f, bb = 0.f, pp = -1e38f;
+    WkvRun run;
     for (int t = 0; t < len_t; ++t) {
         const size_t at = base + (size_t)t * channels;
         const float kk = k[at], vv = v[at];
         // read (the current token with its bonus), then fold it into the state
-        float ww = u + kk;
-        float p = fmaxf(pp, ww);
-        float e1 = __expf(pp - p), e2 = __expf(ww - p);
-        out[at] = (e1 * aa + e2 * vv) / (e1 * bb + e2);
-        ww = pp - w;
-        p = fmaxf(ww, kk);
-        e1 = __expf(ww - p);
-        e2 = __expf(kk - p);
-        aa = e1 * aa + e2 * vv;
-        bb = e1 * bb + e2;
-        pp = p;
+        float den, p;
+        out[at] = run.read(kk, vv, u, den, p);
+        run.fold(kk, vv, w);
     }
     float* state = out + (size_t)batch * len_t * channels + idx;
     const size_t plane = (size_t)batch * channels;
-    state[0] = aa;
-    state[plane] = bb;
-    state[2 * plane] = pp;
+    state[0] = run.aa;
+    state[plane] = run.bb;
+    state[2 * plane] = run.pp;
 }
 
 // Gradients of WKV from dL/dy `gy`. Writes dk, dv ([B, T, C] each) then the per-sequence dw,
@@ -238,23 +252,14 @@ extern "C" __global__ void wkv_backward(const float* __restrict__ k, const float
     float* gk = grads;
     float* gv = grads + volume;
 
-    float aa = 0.f, bb = 0.f, pp = -1e38f;
+    WkvRun run;
     for (int t = 0; t < len_t; ++t) {
         const size_t at = base + (size_t)t * channels;
         const float kk = k[at], vv = v[at];
-        float ww = u + kk;
-        float p = fmaxf(pp, ww);
-        float e1 = __expf(pp - p), e2 = __expf(ww - p);
-        const float den = e1 * bb + e2;
-        gv[at] = (e1 * aa + e2 * vv) / den;  // y_t
-        gk[at] = p + __logf(den);             // log D_t
-        ww = pp - w;
-        p = fmaxf(ww, kk);
-        e1 = __expf(ww - p);
-        e2 = __expf(kk - p);
-        aa = e1 * aa + e2 * vv;
-        bb = e1 * bb + e2;
-        pp = p;
+        float den, p;
+        gv[at] = run.read(kk, vv, u, den, p);  // y_t
+        gk[at] = p + __logf(den);              // log D_t
+        run.fold(kk, vv, w);
     }
 
     float alpha = 0.f, beta = 0.f, alpha_aged = 0.f, beta_aged = 0.f, scale = -1e38f;

@@ -16,7 +16,7 @@
 //    shares its states with dv).
 //
 // Position r of chunk c is token start + r (or T - 1 - start - r with `reverse`, which is
-// how the backward pass runs its three scans, see kernels/decayed.rs). Rows past T, and
+// how the backward pass runs its three scans, see cuda.rs beside this file). Rows past T, and
 // columns past d_k or d_v, are zero in shared memory, so every tile product is exact.
 #include <cuda_bf16.h>
 #include <mma.h>

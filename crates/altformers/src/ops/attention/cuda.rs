@@ -48,14 +48,13 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendDevice;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::launch::{self, LaunchConfig, PushKernelArg};
-use super::ptx;
+use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
+use crate::kernels::ptx;
 
 const MODULE: &str = "altformers_flash_attention";
 const MODULE_SM90A: &str = "altformers_flash_attention_sm90a";
@@ -116,7 +115,7 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let bf16 = [q, k, v].iter().all(|t| t.dtype() == DType::BF16);
     let width_ok = matches!(q.dims().last(), Some(64 | 128));
     let non_empty = q.elem_count() > 0 && k.elem_count() > 0;
-    q.device().is_cuda() && bf16 && width_ok && non_empty && super::enabled("attention")
+    q.device().is_cuda() && bf16 && width_ok && non_empty && crate::kernels::enabled("attention")
 }
 
 /// Which kernel computes the forward at head width 128 (width 64 always takes `MmaSync`).
@@ -219,14 +218,6 @@ macro_rules! bf16_view {
     }};
 }
 
-/// The CUDA storage of a tensor held by the op, while `guard` lives.
-fn cuda_storage<'a>(guard: &'a candle_core::StorageRef<'_>, what: &str) -> Result<&'a CudaStorage> {
-    match &**guard {
-        Storage::Cuda(s) => Ok(s),
-        _ => bail!("flash attention backward: {what} is not on the CUDA device"),
-    }
-}
-
 fn int(x: usize) -> Result<i32> {
     i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("flash attention: size {x} exceeds i32")))
 }
@@ -250,11 +241,7 @@ fn wgmma_kernel(dev: &CudaDevice, shared_bytes: usize) -> Result<launch::Kernel>
 fn module_kernel(dev: &CudaDevice, module: &str, ptx: &str, name: &str, shared_bytes: usize) -> Result<launch::Kernel> {
     let func = launch::func(dev, module, ptx, name)?;
     if shared_bytes > 48 * 1024 {
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            int(shared_bytes)?,
-        )
-        .w()?;
+        func.max_shared(int(shared_bytes)?)?;
     }
     Ok(func)
 }
@@ -290,17 +277,7 @@ impl CustomOp3 for FlashAttention {
         "flash-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("flash attention: CUDA only (CPU tensors take the reference expression)")
-    }
+    launch::cuda_only!("flash attention: CUDA only (CPU tensors take the reference expression)", _, _, _);
 
     fn cuda_fwd(
         &self,
@@ -367,13 +344,14 @@ impl CustomOp3 for FlashAttention {
         let tiles = Tiles::for_head_dim(dims.dh)?;
         let guards = [q, k, v, &out, &grad_out].map(|t| t.storage_and_layout());
         let [(qg, ql), (kg, kl), (vg, vl), (og, ol), (gg, gl)] = &guards;
-        let qs = cuda_storage(qg, "q")?;
+        let qs = launch::storage(qg, "flash attention backward", "q")?;
         let dev = launch::device(qs);
         let q_view = bf16_view!(qs, ql, "q");
-        let k_view = bf16_view!(cuda_storage(kg, "k")?, kl, "k");
-        let v_view = bf16_view!(cuda_storage(vg, "v")?, vl, "v");
-        let o_view = bf16_view!(cuda_storage(og, "output")?, ol, "output");
-        let do_view = bf16_view!(cuda_storage(gg, "output gradient")?, gl, "output gradient");
+        let k_view = bf16_view!(launch::storage(kg, "flash attention backward", "k")?, kl, "k");
+        let v_view = bf16_view!(launch::storage(vg, "flash attention backward", "v")?, vl, "v");
+        let o_view = bf16_view!(launch::storage(og, "flash attention backward", "output")?, ol, "output");
+        let do_view =
+            bf16_view!(launch::storage(gg, "flash attention backward", "output gradient")?, gl, "output gradient");
         let lse_view: CudaView<'_, f32> = lse.slice(..);
 
         let rows = dims.b * dims.h * dims.t;

@@ -1,15 +1,15 @@
 //! A row gather `table[ids]` (`[R, d]`, `[N]` u32 -> `[N, d]`) whose backward scatters on
-//! the GPU in parallel (`rows.cu`). The forward is candle's own `index_select`; only the
+//! the GPU in parallel (`gather.cu`). The forward is candle's own `index_select`; only the
 //! gradient differs from `Tensor::index_select`, whose `index_add` walks the ids in order
 //! (see the kernel for why that dominated the step of a small model).
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::launch::{self, LaunchConfig, PushKernelArg};
 use super::ptx;
 
-const MODULE: &str = "altformers_rows";
+const MODULE: &str = "altformers_gather";
 
 /// Whether [`gather_rows`] runs with the parallel backward: an f32 or bf16 table on a CUDA
 /// device and u32 ids.
@@ -41,9 +41,7 @@ impl CustomOp2 for GatherRows {
         "gather-rows"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("gather rows: the fused op runs on CUDA only (the CPU uses index_select)")
-    }
+    launch::cuda_only!("gather rows: the fused op runs on CUDA only (the CPU uses index_select)", _, _);
 
     fn cuda_fwd(
         &self,
@@ -76,9 +74,7 @@ impl CustomOp2 for ScatterAddRows {
         "scatter-add-rows"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("scatter-add rows: CUDA only")
-    }
+    launch::cuda_only!("scatter-add rows: CUDA only", _, _);
 
     fn cuda_fwd(
         &self,
@@ -104,7 +100,7 @@ impl CustomOp2 for ScatterAddRows {
             );
             let blocks = total.div_ceil(256).min(65535 * 8) as u32;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let f = launch::func(dev, MODULE, ptx::ROWS, "scatter_add_rows_f32")?;
+            let f = launch::func(dev, MODULE, ptx::GATHER, "scatter_add_rows_f32")?;
             let mut b = f.builder();
             b.arg(&i).arg(&g).arg(&mut out).arg(&n64).arg(&d32).arg(&rows32);
             // SAFETY: ids hold n entries, the gradient n x d, the output rows x d; the kernel

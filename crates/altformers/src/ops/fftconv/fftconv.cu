@@ -1,5 +1,5 @@
 // Elementwise kernels around the cuFFT transforms of the causal FFT convolution
-// (kernels/fftconv.rs drives them; primitives/fftconv.rs documents the maths).
+// (cuda.rs beside this file drives them; mod.rs documents the maths).
 //
 // Buffers of real signals are `rows` rows of `pitch = 2 * (n / 2 + 1)` floats: the layout of
 // an in-place real-to-complex transform, whose spectrum of `bins = n / 2 + 1` complex values

@@ -1,7 +1,7 @@
 // Fused causal attention for sm_90 in bf16 with f32 accumulation (FlashAttention-2 style):
 // forward (output + per-row log-sum-exp), and backward (D = rowsum(dO * O), then dK/dV per
 // key block with dQ accumulated atomically in f32, then dQ converted to bf16).
-// Tile sizes and shared-memory layouts are mirrored in flash_attention.rs (`Tiles`); the
+// Tile sizes and shared-memory layouts are mirrored in cuda.rs beside this file (`Tiles`); the
 // reasons for them are given there.
 //
 // Layouts: q, o, dout, dq [B, H, T, D]; k, v, dk, dv [B, KVH, S, D]; lse, delta [B, H, T];

@@ -1,0 +1,141 @@
+//! The storage and launch glue every custom op shares (those of `kernels/` and of each
+//! mechanism under `ops/`): loading a kernel and sizing its shared memory, reaching a
+//! tensor's device memory, allocating outputs, and the `cpu_fwd` of a CUDA-only op.
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchArgs};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{bail, Layout, Result, Storage, StorageRef};
+use std::sync::Arc;
+
+/// A loaded kernel and the device's stream (candle's own `CudaFunc` cannot be named
+/// outside candle). Derefs to the function, for its attributes.
+pub struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+
+    /// Lets the kernel use `bytes` of dynamic shared memory (past the default 48 KB a
+    /// launch must ask for).
+    pub fn max_shared(&self, bytes: i32) -> Result<()> {
+        self.func
+            .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+            .w()?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Kernel {
+    type Target = CudaFunction;
+    fn deref(&self) -> &CudaFunction {
+        &self.func
+    }
+}
+
+/// Kernel `name` from the module built from `ptx` (loaded once per device).
+pub fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<Kernel> {
+    let func = dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function();
+    Ok(Kernel { func, stream: dev.cuda_stream() })
+}
+
+/// The device memory of a contiguous tensor, as a view starting at its offset.
+pub fn view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
+    slice(s.as_cuda_slice::<T>()?, l)
+}
+
+/// The part of `s` a contiguous layout covers, as a view.
+pub fn slice<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("fused kernel: input is not contiguous (layout {l:?})")
+    };
+    Ok(s.slice(start..end))
+}
+
+/// A new zero-filled device buffer of `n` elements.
+pub fn zeros<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(n)
+}
+
+/// A new uninitialised device buffer of `n` elements (every element must be written).
+pub fn uninit<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: callers launch a kernel that writes every element before any read.
+    unsafe { dev.alloc::<T>(n) }
+}
+
+pub fn device(s: &CudaStorage) -> &CudaDevice {
+    s.device()
+}
+
+/// The CUDA storage of a tensor an op holds (read in its `bwd` through
+/// `storage_and_layout`), while `guard` lives; `op` and `what` name them in the error.
+pub fn storage<'a>(guard: &'a StorageRef<'_>, op: &str, what: &str) -> Result<&'a CudaStorage> {
+    match &**guard {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("{op}: {what} is not on the CUDA device"),
+    }
+}
+
+/// The `cpu_fwd` of a custom op that runs on CUDA only (its callers run a tensor expression
+/// on the CPU instead): an error with `$msg`. Inside an `impl CustomOpN`, one `_` per input:
+/// `cuda_only!("...", _, _)` for a `CustomOp2`.
+macro_rules! cuda_only {
+    ($msg:literal, $($input:pat),+) => {
+        fn cpu_fwd(
+            &self,
+            $($input: &candle_core::CpuStorage, _: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!($msg)
+        }
+    };
+}
+pub(crate) use cuda_only;
+
+/// `$body` on contiguous views of the storages' device memory, once for each dtype the fused
+/// kernels are built for, f32 and bf16 (`$sfx` is the kernel-name suffix, `"f32"` or
+/// `"bf16"`), when every storage has it; else an error with `$err`. Each `$view = ($storage,
+/// $layout)` binds a view for the body, whose value is the result:
+/// `f32_or_bf16!(sfx, [x = (xs, xl), g = (gs, gl)], run(sfx, &x, &g)?, "...")`.
+macro_rules! f32_or_bf16 {
+    ($sfx:ident, [$($view:ident = ($storage:expr, $layout:expr)),+], $body:expr, $($err:tt)+) => {
+        match ($(&$storage.slice,)+) {
+            ($(candle_core::cuda_backend::CudaStorageSlice::F32($view),)+) => {
+                let $sfx = "f32";
+                $(let $view = $crate::kernels::launch::slice($view, $layout)?;)+
+                $body
+            }
+            ($(candle_core::cuda_backend::CudaStorageSlice::BF16($view),)+) => {
+                let $sfx = "bf16";
+                $(let $view = $crate::kernels::launch::slice($view, $layout)?;)+
+                $body
+            }
+            _ => candle_core::bail!($($err)+),
+        }
+    };
+}
+pub(crate) use f32_or_bf16;
+
+/// A kernel's output buffer as a tensor outside the graph (the custom op, or its
+/// backward, is what tracks gradients).
+pub fn tensor<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<candle_core::Shape>,
+) -> candle_core::Tensor {
+    let storage = candle_core::Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone()));
+    candle_core::Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
+}
+
+pub use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+pub use candle_core::cuda_backend::cudarc::driver::PushKernelArg;

@@ -1,0 +1,18 @@
+//! The sequence-mixing mechanisms the mixers are built from, one folder each (as
+//! flash-linear-attention keeps `fla/ops/<mechanism>/`): the public API and the choice of
+//! form in the folder's `mod.rs` (shapes in its doc comments), the plain reference forms
+//! beside the fast CPU ones, and, with the `cuda` feature, the custom-op glue (`cuda.rs`)
+//! beside the `.cu` kernels it launches. A caller names the mechanism once and gets the
+//! fused kernel where it applies, the tensor code otherwise; the switches of
+//! [`crate::kernels::SWITCHABLE`] turn the kernels off.
+//!
+//! - [`attention`]: causal softmax attention (flash kernels on CUDA; the unfused scores,
+//!   causal softmax and weighted sum elsewhere);
+//! - [`decayed`]: causal decayed linear attention (RetNet's retention, RWKV-4's WKV,
+//!   AFT-simple): quadratic, recurrent and chunkwise forms, fused scans on CUDA;
+//! - [`fftconv`]: causal long convolution by FFT (Hyena): realfft on the CPU, cuFFT on CUDA,
+//!   and the direct convolution it is tested against.
+
+pub mod attention;
+pub mod decayed;
+pub mod fftconv;
