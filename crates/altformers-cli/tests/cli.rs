@@ -50,22 +50,20 @@ fn bad_input_is_a_clear_error() {
     let empty = temp("empty.txt");
     std::fs::write(&empty, b"").unwrap();
     fails_with(&["train", "--model", "transformer", "--data", empty.to_str().unwrap(), "--out", out_s], "is empty");
+    // one bad setting each (NaN compares false both ways: it must not slip through the range checks)
+    for (set, needle) in [
+        ("model.heads=5", "model.heads (5) does not divide model.width (128)"),
+        ("model.widht=64", "unknown config key `model.widht`"),
+        ("model.width=abc", "invalid configuration"),
+        ("train.min_lr=nan", "need 0 <= train.min_lr <= train.lr"),
+        ("model.channel_mixer=nosuch", "unknown model.channel_mixer `nosuch`"),
+        ("model.options.chunk=1", "unknown config key `model.options.chunk`"),
+    ] {
+        fails_with(&["train", "--model", "transformer", "--data", "shakespeare", "--set", set, "--out", out_s], needle);
+    }
     fails_with(
-        &["train", "--model", "transformer", "--data", "shakespeare", "--set", "model.heads=5", "--out", out_s],
-        "model.heads (5) does not divide model.width (128)",
-    );
-    fails_with(
-        &["train", "--model", "transformer", "--data", "shakespeare", "--set", "model.widht=64", "--out", out_s],
-        "unknown config key `model.widht`",
-    );
-    fails_with(
-        &["train", "--model", "transformer", "--data", "shakespeare", "--set", "model.width=abc", "--out", out_s],
-        "invalid configuration",
-    );
-    // NaN compares false both ways: it must not slip through the range checks
-    fails_with(
-        &["train", "--model", "transformer", "--data", "shakespeare", "--set", "train.min_lr=nan", "--out", out_s],
-        "need 0 <= train.min_lr <= train.lr",
+        &["train", "--model", "retnet", "--data", "shakespeare", "--set", "model.options.chunk=0", "--out", out_s],
+        "model.options.chunk must be positive",
     );
     let bad_toml = temp("bad.toml");
     std::fs::write(&bad_toml, "[train]\nlearning_rate = 1.0\n").unwrap();

@@ -69,9 +69,7 @@ mod tests {
 
     #[test]
     fn rwkv4_round_trips_and_rejects_bad_files() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("altformers-rwkv4-import-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let dir = crate::testing::fresh_dir("rwkv4-import")?;
         let cfg = tiny_config("rwkv4", &["model.options.chunk=5", "model.options.init=normal"])?;
         let model = Model::new(&cfg, 11, &Device::Cpu, DType::F32)?;
         let file = dir.join("rwkv.safetensors");

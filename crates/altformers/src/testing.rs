@@ -18,6 +18,15 @@ pub fn tiny_config(mixer: &str, sets: &[&str]) -> Result<ModelConfig> {
     Ok(crate::registry::config(mixer, &crate::config::Overrides::sets(&all))?.model)
 }
 
+/// A fresh, empty folder under the system's temporary directory, named after `tag` and this
+/// process (tests running side by side never share one).
+pub fn fresh_dir(tag: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("altformers-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 /// Gaussian tensor from a seeded stream.
 pub fn randn(dims: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
     let n = dims.iter().product();

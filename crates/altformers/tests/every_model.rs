@@ -146,8 +146,7 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         .map(|s| s.to_string())
         .collect();
         let cfg = arch.config(&altformers::config::Overrides::sets(&sets))?;
-        let dir = std::env::temp_dir().join(format!("altformers-every-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = testing::fresh_dir(&format!("every-{name}"))?;
         let opts = TrainOptions {
             out: dir.clone(),
             resume: false,

@@ -431,9 +431,7 @@ mod tests {
     /// A fresh temporary directory (named after `tag`) holding `tiny.toml`: the quick preset
     /// with `mqar` as its recall settings. Returns the directory, the preset and the file.
     fn tiny_preset(tag: &str, mqar: mqar::MqarSettings) -> Result<(std::path::PathBuf, Preset, std::path::PathBuf)> {
-        let dir = std::env::temp_dir().join(format!("altformers-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let dir = crate::testing::fresh_dir(tag)?;
         let mut p = preset("quick")?;
         p.mqar = mqar;
         let file = dir.join("tiny.toml");

@@ -264,10 +264,9 @@ mod tests {
     use crate::testing::{self, randn, random_tokens, rel_err, tiny_config};
     use candle_core::{DType, Device};
 
+    /// Chunks of 5 over the tests' 10-13 positions cross chunk boundaries.
     fn tiny(sets: &[&str]) -> ModelConfig {
-        let mut all = vec!["model.options.chunk=5"];
-        all.extend_from_slice(sets);
-        tiny_config("retnet", &all).unwrap()
+        tiny_config("retnet", &[&["model.options.chunk=5"], sets].concat()).unwrap()
     }
 
     fn mixer(cfg: &ModelConfig, dtype: DType) -> Retention {

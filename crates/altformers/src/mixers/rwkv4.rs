@@ -378,10 +378,9 @@ mod tests {
     use candle_core::Device;
     use std::collections::BTreeMap;
 
+    /// Chunks of 5 over the tests' 10-13 positions cross chunk boundaries.
     fn tiny(sets: &[&str]) -> ModelConfig {
-        let mut all = vec!["model.options.chunk=5"];
-        all.extend_from_slice(sets);
-        tiny_config("rwkv4", &all).unwrap()
+        tiny_config("rwkv4", &[&["model.options.chunk=5"], sets].concat()).unwrap()
     }
 
     /// Random (not zero) weights everywhere, so every path carries signal.

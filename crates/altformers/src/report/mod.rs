@@ -436,9 +436,7 @@ mod tests {
     /// Ours and the peers' JSON lines, joined on op, mode and T, give the ratio table.
     #[test]
     fn peers_table_joins_ours_and_the_peers() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("altformers-peers-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let dir = crate::testing::fresh_dir("peers")?;
         let point = |model: &str, mode: &str, t: usize, ms: f64| {
             format!(
                 r#"{{"model":"{model}","component":"longconv","mode":"{mode}","device":"cuda","seq":{t},"batch":64,"width":768,"heads":1,"status":"ok","timing":{{"median_s":{},"min_s":0.0,"max_s":0.0,"reps":10}},"peak_bytes":2000000000,"flops":1.0,"flops_per_s":1.0}}"#,
@@ -476,8 +474,7 @@ mod tests {
     /// A small results folder as `compare` writes it renders every section and plot.
     #[test]
     fn renders_from_a_fixture_folder() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("altformers-report-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::testing::fresh_dir("report")?;
         std::fs::create_dir_all(dir.join("runs/transformer"))?;
         let prov = Provenance {
             date: "2026-11-29".into(),
