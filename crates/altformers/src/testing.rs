@@ -83,6 +83,16 @@ pub fn mixer_modes_err(mixer: &dyn SequenceMixer, x: &Tensor, split: usize) -> R
     rel_err(&mixer_recurrent(mixer, x, split)?, &mixer.forward(x)?)
 }
 
+/// [`mixer_modes_err`] under 1e-4 for every prefill length in `splits`; the error names the
+/// split that disagrees.
+pub fn assert_mixer_modes_agree(mixer: &dyn SequenceMixer, x: &Tensor, splits: &[usize]) -> Result<()> {
+    for &split in splits {
+        let err = mixer_modes_err(mixer, x, split)?;
+        ensure!(err < 1e-4, "mixer: recurrent form (prefill {split}, then steps) vs parallel: rel err {err}");
+    }
+    Ok(())
+}
+
 /// Checks that changing `x[:, t+1..]` leaves `f(x)[:, ..=t]` bit-identical, for several t.
 pub fn assert_causal(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor) -> Result<()> {
     assert_causal_within(f, x, 0.0)

@@ -138,9 +138,7 @@ fn opts(out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> Train
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("altformers-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    fresh_dir(&format!("test-{name}")).expect("a temporary folder")
 }
 
 #[test]

@@ -654,7 +654,7 @@ pub const WINDOW_COMPLEXITY: Complexity = Complexity {
 mod tests {
     use super::*;
     use crate::model::Model;
-    use crate::testing::{self, model_modes_err, randn, random_tokens, rel_err, tiny_config};
+    use crate::testing::{self, randn, random_tokens, rel_err, tiny_config};
     use candle_core::{DType, Device};
 
     const VARIANTS: [(&str, Variant); 4] = [
@@ -706,16 +706,13 @@ mod tests {
                     if let Some(y) = m.chunked(&x, 3) {
                         assert!(rel_err(&y?, &reference)? < 1e-4, "{name} chunked, T {t}");
                     }
-                    for split in [0, 1, 4, 7] {
-                        let e = testing::mixer_modes_err(&m, &x, split)?;
-                        assert!(e < 1e-4, "{name} T {t} split {split}: {e}");
-                    }
+                    testing::assert_mixer_modes_agree(&m, &x, &[0, 1, 4, 7]).map_err(|e| e.context(name))?;
                 }
                 let cfg = tiny(name, sets);
                 let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
                 for t in [10, 13] {
-                    let e = model_modes_err(&model, &random_tokens(2, t, cfg.vocab, 5)?, 3)?;
-                    assert!(e < 1e-4, "{name} model T {t}: {e}");
+                    let tokens = random_tokens(2, t, cfg.vocab, 5)?;
+                    testing::assert_modes_agree(&model, &tokens, &[3]).map_err(|e| e.context(name))?;
                 }
             }
         }

@@ -317,10 +317,7 @@ mod tests {
                 assert!(rel_err(&m.chunked(&x, chunk).unwrap()?, &reference)? < 1e-4, "chunk {chunk}");
             }
             assert!(rel_err(&m.forward(&x)?, &reference)? < 1e-4); // T > chunk: chunkwise
-            for split in [0, 1, 7] {
-                let e = testing::mixer_modes_err(&m, &x, split)?;
-                assert!(e < 1e-4, "T {t} split {split}: {e}");
-            }
+            testing::assert_mixer_modes_agree(&m, &x, &[0, 1, 7])?;
         }
 
         let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;

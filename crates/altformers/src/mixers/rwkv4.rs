@@ -407,10 +407,7 @@ mod tests {
             let naive = m.forward_naive(&x)?;
             assert!(rel_err(&m.forward(&x)?, &naive)? < 1e-4);
             assert!(rel_err(&m.chunked(&x, 4).unwrap()?, &naive)? < 1e-4);
-            for split in [0, 1, 7] {
-                let e = testing::mixer_modes_err(&m, &x, split)?;
-                assert!(e < 1e-4, "T {t} split {split}: {e}");
-            }
+            testing::assert_mixer_modes_agree(&m, &x, &[0, 1, 7])?;
         }
         let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
         for t in [10, 13] {
