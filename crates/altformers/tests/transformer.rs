@@ -141,6 +141,14 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     fresh_dir(&format!("test-{name}")).expect("a temporary folder")
 }
 
+/// A `steps`-step tiny run trained into a fresh folder `tag` (stopped after `stop_after`).
+fn trained(tag: &str, steps: usize, stop_after: Option<usize>) -> Result<(Corpus, std::path::PathBuf, RunConfig)> {
+    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
+    let (dir, cfg) = (temp_dir(tag), tiny_run(steps)?);
+    train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, stop_after))?;
+    Ok((corpus, dir, cfg))
+}
+
 #[test]
 fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
     let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
@@ -174,10 +182,7 @@ fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
 
 #[test]
 fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_modes() -> Result<()> {
-    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
-    let dir = temp_dir("save-load");
-    let cfg = tiny_run(6)?;
-    train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, None))?;
+    let (_, dir, cfg) = trained("save-load", 6, None)?;
     let loaded = altformers::train::load_run(&dir, &Device::Cpu, DType::F32)?;
     let fresh = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu, DType::F32)?;
     let tokens = random_tokens(2, 16, 256, 3)?;
@@ -201,10 +206,7 @@ fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_m
 
 #[test]
 fn diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() -> Result<()> {
-    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
-    let dir = temp_dir("nan");
-    let cfg = tiny_run(12)?;
-    train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, Some(3)))?;
+    let (corpus, dir, cfg) = trained("nan", 12, Some(3))?;
     // Continue with an absurd learning rate: the weights blow up and the loss turns NaN.
     let mut bad = cfg.clone();
     (bad.train.lr, bad.train.min_lr, bad.train.grad_clip) = (1e37, 1e37, 0.0);

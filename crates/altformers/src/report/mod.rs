@@ -443,22 +443,14 @@ mod tests {
                 ms / 1e3
             )
         };
-        std::fs::write(
-            dir.join("peers.jsonl"),
-            format!(
-                "{}\n{}\n",
-                point("peer:torch-fftconv", "fwd", 1024, 1.2),
-                point("peer:torch-fftconv", "fwdbwd", 1024, 4.0)
-            ),
-        )?;
-        std::fs::write(
-            dir.join("ours-ops-longconv.jsonl"),
-            format!(
-                "{{\"date\":\"x\"}}\n{}\n{}\n",
-                point("altformers", "fwdbwd", 1024, 3.2),
-                point("altformers", "fwd", 2048, 2.0)
-            ),
-        )?;
+        let peers = [point("peer:torch-fftconv", "fwd", 1024, 1.2), point("peer:torch-fftconv", "fwdbwd", 1024, 4.0)];
+        std::fs::write(dir.join("peers.jsonl"), peers.join("\n") + "\n")?;
+        let ours = [
+            "{\"date\":\"x\"}".to_string(),
+            point("altformers", "fwdbwd", 1024, 3.2),
+            point("altformers", "fwd", 2048, 2.0),
+        ];
+        std::fs::write(dir.join("ours-ops-longconv.jsonl"), ours.join("\n") + "\n")?;
         let table = peers_table(&dir)?.expect("a table");
         assert!(
             table.contains("| longconv | fwd+bwd | 1024 | 64 | 3.20 | torch-fftconv | 4.00 | 1.25 | 2.00 / 2.00 |"),

@@ -5,19 +5,9 @@
 use altformers::nn::{gelu_erf, silu};
 use altformers::testing::{device_rel_err, randn};
 use anyhow::{ensure, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
 type Act = fn(&Tensor) -> candle_core::Result<Tensor>;
-
-/// (y, dx) of `sum(act(x) * r)` on `dev`.
-fn run(act: Act, x: &Tensor, r: &Tensor, dev: &Device, dtype: DType) -> Result<[Tensor; 2]> {
-    let xv = Var::from_tensor(&x.to_dtype(dtype)?.to_device(dev)?)?;
-    let y = act(xv.as_tensor())?;
-    ensure!(y.dtype() == dtype, "output dtype {:?}, expected {dtype:?}", y.dtype());
-    let grads = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
-    let dx = grads.get(xv.as_tensor()).expect("dx").to_dtype(DType::F32)?;
-    Ok([y.to_dtype(DType::F32)?, dx])
-}
 
 #[test]
 fn activations_match_cpu() -> Result<()> {
@@ -28,8 +18,8 @@ fn activations_match_cpu() -> Result<()> {
     for (name, act) in [("gelu", gelu_erf as Act), ("silu", silu as Act)] {
         for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
             let x = x.to_dtype(dtype)?.to_dtype(DType::F32)?; // both sides see the same rounded inputs
-            let cpu = run(act, &x, &r, &Device::Cpu, DType::F32)?;
-            let ours = run(act, &x, &r, &gpu, dtype)?;
+            let cpu = crate::value_and_input_grad(&act, &x, &r, &Device::Cpu, DType::F32)?;
+            let ours = crate::value_and_input_grad(&act, &x, &r, &gpu, dtype)?;
             for (what, (o, c)) in ["y", "dx"].iter().zip(ours.iter().zip(cpu.iter())) {
                 let err = device_rel_err(o, c)?;
                 ensure!(err < tol, "{name} {dtype:?}: {what} rel err {err}");

@@ -5,17 +5,7 @@
 use altformers::nn::softmax;
 use altformers::testing::{device_rel_err, randn};
 use anyhow::{ensure, Result};
-use candle_core::{DType, Device, Tensor, Var};
-
-/// (y, dx) of `sum(softmax(x) * r)` on `dev`.
-fn run(x: &Tensor, r: &Tensor, dev: &Device, dtype: DType) -> Result<[Tensor; 2]> {
-    let xv = Var::from_tensor(&x.to_dtype(dtype)?.to_device(dev)?)?;
-    let y = softmax(xv.as_tensor())?;
-    ensure!(y.dtype() == dtype, "output dtype {:?}, expected {dtype:?}", y.dtype());
-    let grads = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
-    let dx = grads.get(xv.as_tensor()).expect("dx").to_dtype(DType::F32)?;
-    Ok([y.to_dtype(DType::F32)?, dx])
-}
+use candle_core::{DType, Device, Tensor};
 
 #[test]
 fn softmax_matches_cpu() -> Result<()> {
@@ -28,8 +18,8 @@ fn softmax_matches_cpu() -> Result<()> {
         let r = randn(&[rows, d], 3, DType::F32)?;
         for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
             let x = x.to_dtype(dtype)?.to_dtype(DType::F32)?; // the same rounded inputs on both sides
-            let cpu = run(&x, &r, &Device::Cpu, DType::F32)?;
-            let ours = run(&x, &r, &gpu, dtype)?;
+            let cpu = crate::value_and_input_grad(&softmax, &x, &r, &Device::Cpu, DType::F32)?;
+            let ours = crate::value_and_input_grad(&softmax, &x, &r, &gpu, dtype)?;
             for (what, (o, c)) in ["y", "dx"].iter().zip(ours.iter().zip(cpu.iter())) {
                 let err = device_rel_err(o, c)?;
                 ensure!(err < tol, "({rows}, {d}) {dtype:?}: {what} rel err {err}");
