@@ -231,23 +231,11 @@ fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Resu
     };
     let time_series = per_model(|p| p.timing.map(|t| t.median_s));
     let mem_series = per_model(|p| p.peak_bytes.map(|b| b as f64));
-    let chart = Chart {
-        title: "Time per sequence against T",
-        x_label: "T",
-        y_label: "seconds per sequence",
-        log_x: true,
-        log_y: true,
-    };
+    let chart = Chart::log_log("Time per sequence against T", "T", "seconds per sequence");
     let text = format!("Median time per sequence (step time / batch), {setting}. {caption}.");
     md += &figure(plots, "time.svg", &chart, &time_series, "time", &text)?;
     if mem_series.iter().any(|s| !s.points.is_empty()) {
-        let chart = Chart {
-            title: "Peak memory per sequence against T",
-            x_label: "T",
-            y_label: "bytes per sequence",
-            log_x: true,
-            log_y: true,
-        };
+        let chart = Chart::log_log("Peak memory per sequence against T", "T", "bytes per sequence");
         let text = format!("Peak memory above the weights per sequence, {setting}. {caption}.");
         md += &figure(plots, "memory.svg", &chart, &mem_series, "memory", &text)?;
     }
@@ -310,17 +298,11 @@ fn decode_section(rows: &[DecodePoint], plots: &Path, caption: &str) -> Result<S
             })
             .collect()
     };
-    let chart = Chart {
-        title: "Per-token decoding latency",
-        x_label: "context",
-        y_label: "ms per token",
-        log_x: true,
-        log_y: true,
-    };
+    let chart = Chart::log_log("Per-token decoding latency", "context", "ms per token");
     let latency = per_model(|r| r.latency_s.map(|l| l * 1e3));
     let text = format!("Per-token latency at batch {b1}. {caption}.");
     md += &figure(plots, "decode-latency.svg", &chart, &latency, "latency", &text)?;
-    let chart = Chart { title: "Decoding state", x_label: "context", y_label: "bytes", log_x: true, log_y: true };
+    let chart = Chart::log_log("Decoding state", "context", "bytes");
     let state = per_model(|r| r.state_bytes.map(|b| b as f64));
     let text = format!("Bytes held by the decoding state (KV cache or recurrent state), whole model. {caption}.");
     md += &figure(plots, "decode-state.svg", &chart, &state, "state", &text)?;

@@ -17,6 +17,13 @@ pub struct Chart<'a> {
     pub log_y: bool,
 }
 
+impl<'a> Chart<'a> {
+    /// Both axes logarithmic: cost against length.
+    pub fn log_log(title: &'a str, x_label: &'a str, y_label: &'a str) -> Self {
+        Self { title, x_label, y_label, log_x: true, log_y: true }
+    }
+}
+
 const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),

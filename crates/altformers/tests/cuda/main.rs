@@ -31,3 +31,24 @@ fn value_and_input_grad(
     let dx = grads.get(xv.as_tensor()).expect("dx").to_dtype(DType::F32)?;
     Ok([y.to_dtype(DType::F32)?, dx])
 }
+
+/// `f`'s output and input gradient on `gpu` against the CPU's in f32, in f32 (within 1e-4)
+/// and bf16 (2e-2), both sides fed the same rounded inputs; errors are labelled `label`.
+fn gpu_matches_cpu(
+    f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    x: &Tensor,
+    r: &Tensor,
+    gpu: &Device,
+    label: &str,
+) -> anyhow::Result<()> {
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        let x = x.to_dtype(dtype)?.to_dtype(DType::F32)?;
+        let cpu = value_and_input_grad(f, &x, r, &Device::Cpu, DType::F32)?;
+        let ours = value_and_input_grad(f, &x, r, gpu, dtype)?;
+        for (what, (o, c)) in ["y", "dx"].iter().zip(ours.iter().zip(cpu.iter())) {
+            let err = altformers::testing::device_rel_err(o, c)?;
+            anyhow::ensure!(err < tol, "{label} {dtype:?}: {what} rel err {err}");
+        }
+    }
+    Ok(())
+}
