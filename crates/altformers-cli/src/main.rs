@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-use altformers::config::{Overrides, RunConfig};
+use altformers::config::Overrides;
 use altformers::data::{Corpus, DataFormat};
 use altformers::generate::{generate, Mode, SampleOptions};
 use altformers::registry;
@@ -182,6 +182,18 @@ enum Command {
     },
 }
 
+/// What the scaling and decoding sweeps share: the memory cap, the dtype, the output file.
+#[derive(clap::Args)]
+struct Sweep {
+    /// GB of estimated activations beyond which a length is skipped.
+    #[arg(long, default_value_t = 8.0)]
+    memory_cap_gb: f64,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// One mixer layer and one block per model, T doubling; JSON lines out.
@@ -209,13 +221,8 @@ enum BenchCommand {
         /// Seconds one run may take before longer lengths are skipped.
         #[arg(long, default_value_t = 20.0)]
         time_cap: f64,
-        /// GB of estimated activations beyond which a length is skipped.
-        #[arg(long, default_value_t = 8.0)]
-        memory_cap_gb: f64,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long)]
-        out: Option<PathBuf>,
+        #[command(flatten)]
+        sweep: Sweep,
     },
     /// The bare operations the peers in bench/peers/ time (attention, retention, longconv),
     /// at the peers' shapes, with the same JSON lines.
@@ -257,14 +264,11 @@ enum BenchCommand {
         depth: usize,
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Seconds one prefill may take before longer contexts are skipped.
         #[arg(long, default_value_t = 30.0)]
         time_cap: f64,
-        #[arg(long, default_value_t = 8.0)]
-        memory_cap_gb: f64,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long)]
-        out: Option<PathBuf>,
+        #[command(flatten)]
+        sweep: Sweep,
     },
 }
 
@@ -337,9 +341,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             reps,
             warmup,
             time_cap,
-            memory_cap_gb,
-            dtype,
-            out,
+            sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
             let device = altformers::device::select(&device)?;
             let opts = scaling::ScalingOptions {
@@ -388,9 +390,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             depth,
             steps,
             time_cap,
-            memory_cap_gb,
-            dtype,
-            out,
+            sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
             let device = altformers::device::select(&device)?;
             let opts = decode::DecodeOptions {
@@ -440,7 +440,8 @@ fn run(command: Command) -> Result<()> {
                 if config.is_some() || !sets.is_empty() {
                     anyhow::bail!("--resume continues the run with its saved config.json; drop --config and --set");
                 }
-                let saved: RunConfig = altformers::util::read_json(&out.join("config.json"))
+                let saved = altformers::train::RunFolder::open(&out)
+                    .and_then(|f| f.config())
                     .with_context(|| format!("cannot resume: {} holds no run", out.display()))?;
                 if saved.model.architecture != model {
                     anyhow::bail!(

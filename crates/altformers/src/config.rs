@@ -290,6 +290,30 @@ impl RunConfig {
         self.model.validate()?;
         self.train.validate()
     }
+
+    /// A configuration saved by this or an earlier version (a run folder's `config.json`).
+    /// Earlier versions called the architecture `model.mixer` (read as an alias) and kept
+    /// RWKV-4's `ln0` switch as `model.embed_norm`, now `model.options.embed_norm` of `rwkv4`;
+    /// a saved `embed_norm = true` for another architecture cannot be honoured and is an error.
+    pub fn from_saved(mut value: serde_json::Value) -> Result<Self> {
+        if let Some(model) = value.get_mut("model").and_then(|m| m.as_object_mut()) {
+            if let Some(embed_norm) = model.remove("embed_norm") {
+                let arch = model.get("architecture").or(model.get("mixer")).and_then(|a| a.as_str()).unwrap_or("");
+                match (arch, embed_norm.as_bool()) {
+                    ("rwkv4", Some(on)) => {
+                        if let Some(options) = model.get_mut("options").and_then(|o| o.as_object_mut()) {
+                            options.entry("embed_norm").or_insert(serde_json::Value::Bool(on));
+                        }
+                    }
+                    (_, Some(false)) => {}
+                    _ => bail!("model.embed_norm = {embed_norm} is no longer a setting of `{arch}` (only RWKV-4 has ln0, as model.options.embed_norm)"),
+                }
+            }
+        }
+        let config: RunConfig = serde_json::from_value(value).context("not a configuration of this version")?;
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 /// A `--set` value: TOML literal if it parses (numbers, booleans, quoted strings, arrays),
@@ -340,5 +364,34 @@ fn coerce(slot: &toml::Value, v: toml::Value) -> toml::Value {
     match (slot, &v) {
         (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(*i as f64),
         _ => v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config.json written before the redesign (`model.mixer`, `model.embed_norm`) reads:
+    /// RWKV-4's ln0 switch lands in its options; another architecture's `false` is dropped,
+    /// its `true` refused with a message naming the setting.
+    #[test]
+    fn configs_saved_by_earlier_versions_read() -> Result<()> {
+        let saved = |arch: &str, embed_norm: bool, options: serde_json::Value| {
+            let mut v = serde_json::to_value(RunConfig::default()).unwrap();
+            let m = v["model"].as_object_mut().unwrap();
+            m.remove("architecture");
+            m.insert("mixer".into(), arch.into());
+            m.insert("embed_norm".into(), embed_norm.into());
+            m.insert("options".into(), options);
+            v
+        };
+        let rwkv = RunConfig::from_saved(saved("rwkv4", true, serde_json::json!({ "chunk": 32, "init": "paper" })))?;
+        assert_eq!(rwkv.model.architecture, "rwkv4");
+        assert_eq!(rwkv.model.options["embed_norm"], serde_json::Value::Bool(true));
+        let gpt = RunConfig::from_saved(saved("transformer", false, serde_json::json!({})))?;
+        assert!(gpt.model.options.is_empty());
+        let err = RunConfig::from_saved(saved("transformer", true, serde_json::json!({}))).unwrap_err().to_string();
+        assert!(err.contains("model.embed_norm"), "{err}");
+        Ok(())
     }
 }

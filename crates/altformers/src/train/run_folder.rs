@@ -100,9 +100,8 @@ impl RunFolder {
     }
 
     pub fn config(&self) -> Result<RunConfig> {
-        let config: RunConfig = read_json(&self.config_path())?;
-        config.validate()?;
-        Ok(config)
+        let path = self.config_path();
+        RunConfig::from_saved(read_json(&path)?).with_context(|| format!("{}", path.display()))
     }
 
     /// The run's model with its latest weights (parameters in `dtype`).
