@@ -1,7 +1,7 @@
 //! Training and scoring models on multi-query associative recall.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, D};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ModelConfig, TrainConfig};
@@ -10,6 +10,7 @@ use crate::model::Model;
 use crate::results::{MqarResult, CURVE_EXAMPLES};
 use crate::rng::{stream, Rng};
 use crate::train::step::Trainer;
+use crate::train::task::accuracy;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MqarSettings {
@@ -142,7 +143,7 @@ pub fn train_and_score(
     let (final_loss, curve) = trained.ok_or_else(|| anyhow::anyhow!("MQAR training of {mixer} did not run"))??;
     let train_s = started.elapsed().as_secs_f64();
     let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 7);
-    let accuracy = accuracy(&model, task, s.eval_examples, s.batch_size, &mut rng, device)?;
+    let accuracy = accuracy(&model, task, s.eval_examples, s.batch_size, &mut rng)?;
     Ok(MqarResult {
         model: mixer.to_string(),
         seq_len: task.seq_len,
@@ -171,7 +172,7 @@ fn train_loop(
     model: &Model,
     trainer: &mut Trainer,
 ) -> Result<(f64, Vec<(usize, f64)>)> {
-    let (lr, seed, device) = (trainer.train.lr, trainer.train.seed, model.device().clone());
+    let (lr, seed) = (trainer.train.lr, trainer.train.seed);
     let mut final_loss = f64::NAN;
     let mut curve = Vec::new();
     let started = std::time::Instant::now();
@@ -194,35 +195,12 @@ fn train_loop(
         if s.curve_every > 0 && (step + 1) % s.curve_every == 0 {
             // its own stream: scoring never touches the training batches or the model
             let mut rng = Rng::derive(seed, stream::EVAL_BATCH, 8);
-            let acc = accuracy(model, task, CURVE_EXAMPLES, s.batch_size, &mut rng, &device)?;
+            let acc = accuracy(model, task, CURVE_EXAMPLES, s.batch_size, &mut rng)?;
             eprintln!("  mqar {mixer} T={} width={width} lr={lr} step {}: accuracy {acc:.3}", task.seq_len, step + 1);
             curve.push((step + 1, acc));
         }
     }
     Ok((final_loss, curve))
-}
-
-/// The fraction of `examples` fresh queries (drawn from `rng`) whose arg-max prediction is
-/// the value paired with their key.
-fn accuracy(
-    model: &Model,
-    task: &MqarConfig,
-    examples: usize,
-    batch: usize,
-    rng: &mut Rng,
-    device: &Device,
-) -> Result<f64> {
-    let (mut correct, mut total) = (0.0, 0.0);
-    let mut left = examples;
-    while left > 0 {
-        let b = left.min(batch.max(16));
-        left -= b;
-        let (x, rows, y) = task.batch(b, rng, device)?;
-        let pred = model.forward_at(&x, &rows)?.argmax(D::Minus1)?;
-        correct += pred.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
-        total += y.dim(0)? as f64;
-    }
-    Ok(correct / f64::max(total, 1.0))
 }
 
 #[cfg(test)]

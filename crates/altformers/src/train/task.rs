@@ -2,7 +2,7 @@
 //! training step ([`super::step::Trainer`]) is the same for every task.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::data::{mqar::MqarConfig, random_batch};
 use crate::model::Model;
@@ -23,6 +23,31 @@ pub trait Task {
     /// Mean loss in nats (f32 or the parameters' dtype); with `dropout`, the model's
     /// training-time dropout draws from it.
     fn loss(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Tensor>;
+
+    /// How many scored positions the arg-max prediction gets right, and how many were scored.
+    fn hits(&self, model: &Model, batch: &Batch) -> Result<(f64, f64)> {
+        let logits = match &batch.rows {
+            Some(rows) => model.forward_at(&batch.inputs, rows)?,
+            None => model.forward(&batch.inputs, None)?.flatten_to(1)?,
+        };
+        let targets = batch.targets.flatten_all()?;
+        let right = logits.argmax(D::Minus1)?.eq(&targets)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        Ok((right as f64, targets.dim(0)? as f64))
+    }
+}
+
+/// The fraction of scored positions predicted right over `examples` fresh examples drawn from
+/// `rng`, in batches of at most `batch` (and at least 16).
+pub fn accuracy(model: &Model, task: &dyn Task, examples: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
+    let (mut right, mut total) = (0.0, 0.0);
+    let mut left = examples;
+    while left > 0 {
+        let b = left.min(batch.max(16));
+        left -= b;
+        let (r, n) = task.hits(model, &task.batch(b, rng, model.device())?)?;
+        (right, total) = (right + r, total + n);
+    }
+    Ok(right / f64::max(total, 1.0))
 }
 
 /// Next-byte prediction on random windows of `context` bytes of a split.
@@ -53,5 +78,33 @@ impl Task for MqarConfig {
         let rows = batch.rows.as_ref().context("an MQAR batch names its scored rows")?;
         let logits = model.forward_at(&batch.inputs, rows)?.to_dtype(DType::F32)?;
         Ok(candle_nn::loss::cross_entropy(&logits, &batch.targets)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::tiny_config;
+
+    /// `hits` scores every position of a language-model batch and only the query rows of an
+    /// MQAR batch, counting the arg-max predictions equal to the targets.
+    #[test]
+    fn hits_count_the_scored_positions_predicted_right() -> Result<()> {
+        let model = Model::new(&tiny_config("transformer", &["model.vocab=16"])?, 1, &Device::Cpu, DType::F32)?;
+        let text: Vec<u8> = (0..200u32).map(|i| (i * 7 % 16) as u8).collect();
+        let lm = ByteLm { split: &text, context: 8 };
+        let batch = lm.batch(3, &mut Rng::new(1), &Device::Cpu)?;
+        let (right, total) = lm.hits(&model, &batch)?;
+        let pred: Vec<u32> = model.forward(&batch.inputs, None)?.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
+        let want: Vec<u32> = batch.targets.flatten_all()?.to_vec1()?;
+        assert_eq!(total, 24.0);
+        assert_eq!(right, pred.iter().zip(&want).filter(|(p, w)| p == w).count() as f64);
+
+        let task = MqarConfig { vocab: 16, seq_len: 16, pairs: 2, alpha: 0.01 };
+        let batch = Task::batch(&task, 4, &mut Rng::new(2), &Device::Cpu)?;
+        let (right, total) = task.hits(&model, &batch)?;
+        assert_eq!(total, batch.rows.as_ref().unwrap().dim(0)? as f64);
+        assert!((0.0..=total).contains(&right));
+        Ok(())
     }
 }
