@@ -25,9 +25,11 @@ fn main() {
     let has_ext = |p: &Path, ext: &str| p.extension().is_some_and(|e| e == ext);
     let kernels: Vec<PathBuf> = all.iter().filter(|p| has_ext(p, "cu")).cloned().collect();
     let headers: Vec<PathBuf> = all.iter().filter(|p| has_ext(p, "cuh")).cloned().collect();
-    // the files themselves, and their folders (a kernel file added or removed)
+    // the files themselves, their folders (a kernel file added or removed), and the folders
+    // that hold kernels (a new mechanism folder under ops/)
     let mut watched: Vec<PathBuf> =
         kernels.iter().chain(&headers).flat_map(|p| [p.clone(), p.parent().unwrap().to_path_buf()]).collect();
+    watched.extend([PathBuf::from("src/ops"), PathBuf::from("src/kernels")]);
     watched.sort();
     watched.dedup();
     for p in &watched {

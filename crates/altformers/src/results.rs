@@ -109,6 +109,9 @@ pub struct MqarResult {
     pub batch_size: usize,
     #[serde(default)]
     pub lr: f64,
+    /// Rows written before the optimizer was a setting were trained with its defaults.
+    #[serde(default)]
+    pub optimizer: MqarOptimizer,
     /// `(step, accuracy)` during training, when the settings ask for it (`curve_every`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub curve: Vec<(usize, f64)>,
@@ -117,6 +120,36 @@ pub struct MqarResult {
     /// decides how many runs share one GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_peak_bytes: Option<u64>,
+}
+
+/// AdamW and schedule settings of the recall runs; the peak rate comes from
+/// [`MqarSettings::lrs`], the steps and batch from the settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqarOptimizer {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    /// Linear warm-up over this fraction of the steps.
+    pub warmup_fraction: f64,
+    /// Cosine decay to this fraction of the peak rate at the last step.
+    pub min_lr_fraction: f64,
+}
+
+impl Default for MqarOptimizer {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            warmup_fraction: 0.1,
+            min_lr_fraction: 0.1,
+        }
+    }
 }
 
 /// One MQAR training run: the model, task and width, and the budget it is trained with.
@@ -130,6 +163,7 @@ pub struct MqarRun<'a> {
     pub batch_size: usize,
     /// Peak learning rate.
     pub lr: f64,
+    pub optimizer: &'a MqarOptimizer,
 }
 
 impl MqarResult {
@@ -140,5 +174,6 @@ impl MqarResult {
             && (self.vocab, self.depth, self.steps, self.batch_size)
                 == (task.vocab, run.depth, run.steps, run.batch_size)
             && self.lr == run.lr
+            && self.optimizer == *run.optimizer
     }
 }

@@ -368,6 +368,7 @@ fn kept_rows(grid: &[GridPoint], s: &MqarSettings, out: &Path) -> Result<Vec<Opt
             steps: s.steps,
             batch_size: s.batch_size,
             lr: *lr,
+            optimizer: &s.optimizer,
         };
         let kept = done.iter().find(|r| r.answers(&run)).cloned();
         if kept.is_some() {
@@ -488,6 +489,12 @@ mod tests {
         run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let changed = mqar_rows(&dir)?;
         assert_eq!((changed.len(), changed[0].steps), (1, 3), "a row with another budget was kept");
+        p.mqar.optimizer.beta2 = 0.99;
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+        let reoptimized = mqar_rows(&dir)?;
+        assert_eq!(reoptimized.len(), 1);
+        assert_eq!(reoptimized[0].optimizer.beta2, 0.99, "a row trained with another optimizer was kept");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

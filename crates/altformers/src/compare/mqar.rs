@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::mqar::MqarConfig;
 use crate::model::Model;
+pub use crate::results::MqarOptimizer;
 use crate::results::{MqarResult, CURVE_EXAMPLES};
 use crate::rng::{stream, Rng};
 use crate::train::step::Trainer;
@@ -32,36 +33,6 @@ pub struct MqarSettings {
     /// The optimizer around each run's peak rate (Zoology's settings by default).
     #[serde(default)]
     pub optimizer: MqarOptimizer,
-}
-
-/// AdamW and schedule settings of the recall runs; the peak rate comes from
-/// [`MqarSettings::lrs`], the steps and batch from the settings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqarOptimizer {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub grad_clip: f64,
-    /// Linear warm-up over this fraction of the steps.
-    pub warmup_fraction: f64,
-    /// Cosine decay to this fraction of the peak rate at the last step.
-    pub min_lr_fraction: f64,
-}
-
-impl Default for MqarOptimizer {
-    fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.98,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            grad_clip: 1.0,
-            warmup_fraction: 0.1,
-            min_lr_fraction: 0.1,
-        }
-    }
 }
 
 /// A smoke-sized grid (one task of 16 tokens and 2 pairs, width 16, one layer, 2 steps of
@@ -104,7 +75,13 @@ impl MqarSettings {
             eval_batches: 1,
             seed,
         };
-        train.validate().context("the MQAR optimizer settings")?;
+        train.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "invalid [mqar] settings (steps {}, batch_size {}, lr {lr}, optimizer {o:?}): {e}",
+                self.steps,
+                self.batch_size
+            )
+        })?;
         Ok(train)
     }
 }
@@ -158,6 +135,7 @@ pub fn train_and_score(
         steps: s.steps,
         batch_size: s.batch_size,
         lr,
+        optimizer: s.optimizer.clone(),
         curve,
         train_peak_bytes,
     })

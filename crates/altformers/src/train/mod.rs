@@ -165,7 +165,13 @@ pub fn train(
         let evaluate = state.step.is_multiple_of(t.eval_every) || state.step == t.steps || stop_here;
         if let Err(e) = stepped.and_then(|_| trainer.settle_if_due(evaluate)) {
             bar.abandon();
-            bail!("{e}: the run diverged; {}. Lower train.lr or raise train.warmup_steps.", last_good(checkpointed));
+            if e.is::<step::Diverged>() {
+                bail!(
+                    "{e}: the run diverged; {}. Lower train.lr or raise train.warmup_steps.",
+                    last_good(checkpointed)
+                );
+            }
+            return Err(e.context(format!("step {}; {}", state.step, last_good(checkpointed))));
         }
         bar.set_position(state.step as u64);
         let rate = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);

@@ -23,7 +23,7 @@ pub struct AdamW {
 
 /// The gradient norm (before clipping) one [`AdamW::step`] measured, as an f64 scalar. The
 /// fused GPU step leaves it on the device: reading it waits for the GPU to finish the step,
-/// so training loops read it every few steps ([`super::Deferred`]), not every step.
+/// so training loops read it every few steps ([`super::step::Deferred`]), not every step.
 pub struct StepNorm(pub Tensor);
 
 impl StepNorm {

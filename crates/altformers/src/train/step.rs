@@ -2,7 +2,7 @@
 //! all-reduce across devices, clipping, AdamW; with the loss and gradient norm read from the
 //! device only every few steps.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
@@ -21,6 +21,20 @@ pub const SYNC_EVERY: usize = 10;
 pub trait GradientSync {
     fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()>;
 }
+
+/// A step whose loss or gradient norm is not finite: the run diverged (a training loop says
+/// so and where its last good checkpoint is). Other errors of a step (a batch that cannot be
+/// drawn, a device out of memory) are not this.
+#[derive(Debug)]
+pub struct Diverged(pub String);
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Diverged {}
 
 /// Training on one device.
 pub struct OneDevice;
@@ -69,10 +83,10 @@ impl Deferred {
         let (losses, norms) = (read(&self.losses)?, read(&self.norms)?);
         for ((step, loss), norm) in self.steps.iter().zip(&losses).zip(&norms) {
             if !loss.is_finite() {
-                bail!("training loss is {loss} in step {step}");
+                return Err(Diverged(format!("training loss is {loss} in step {step}")).into());
             }
             if !norm.is_finite() {
-                bail!("gradient norm is {norm} in step {step}");
+                return Err(Diverged(format!("gradient norm is {norm} in step {step}")).into());
             }
         }
         self.last_loss = *losses.last().expect("not empty");
@@ -119,7 +133,9 @@ impl Trainer {
         let mut grads = loss.backward()?;
         self.sync.all_reduce(&mut grads, &model.params)?;
         let lr = self.learning_rate(step);
-        let norm = self.opt.step(&grads, lr, t.grad_clip).map_err(|e| anyhow::anyhow!("{e} in step {}", step + 1))?;
+        // The optimizer refuses a non-finite gradient norm (the fused GPU step defers that to
+        // the norm read, where `Deferred::settle` finds it).
+        let norm = self.opt.step(&grads, lr, t.grad_clip).map_err(|e| Diverged(format!("{e} in step {}", step + 1)))?;
         self.pending.push(step + 1, &loss, norm);
         Ok(())
     }

@@ -529,7 +529,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 
 }  // namespace
 
-// Entry points, one per head width. Tile parameters must match `Tiles` in flash_attention.rs.
+// Entry points, one per head width. Tile parameters must match `Tiles` in cuda.rs.
 #define FLASH_ENTRY_POINTS(D, FWD_WARPS, FWD_BC, FWD_MT, BWD_WARPS, BWD_BR)                                          \
     extern "C" __global__ void __launch_bounds__(32 * FWD_WARPS)                                             \
         flash_attention_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int T,    \
