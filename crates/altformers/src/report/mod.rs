@@ -25,6 +25,18 @@ fn group<T, K: Ord + Clone>(items: &[T], key: impl Fn(&T) -> K) -> BTreeMap<K, V
     m
 }
 
+/// One series per model (in name order) of the points `point` gives its rows (`None`: left out).
+fn series_by_model<T>(
+    rows: &[&T],
+    model: impl Fn(&T) -> &String,
+    point: impl Fn(&T) -> Option<(f64, f64)>,
+) -> Vec<Series> {
+    group(rows, |r| model(r).clone())
+        .into_iter()
+        .map(|(name, rs)| Series { name, points: rs.iter().filter_map(|r| point(r)).collect() })
+        .collect()
+}
+
 /// Renders `dir/report.md` and `dir/plots/*.svg`: one section per part of the comparison.
 pub fn render(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
@@ -219,15 +231,8 @@ fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Resu
         p0.batch * p0.seq,
         p0.mode
     );
-    let by_model = group(&mixer, |p| p.model.clone());
-    let per_model = |value: fn(&ScalingPoint) -> Option<f64>| -> Vec<Series> {
-        by_model
-            .iter()
-            .map(|(m, ps)| Series {
-                name: m.clone(),
-                points: ps.iter().filter_map(|p| value(p).map(|v| (p.seq as f64, v / p.batch as f64))).collect(),
-            })
-            .collect()
+    let per_model = |value: fn(&ScalingPoint) -> Option<f64>| {
+        series_by_model(&mixer, |p| &p.model, |p| value(p).map(|v| (p.seq as f64, v / p.batch as f64)))
     };
     let time_series = per_model(|p| p.timing.map(|t| t.median_s));
     let mem_series = per_model(|p| p.peak_bytes.map(|b| b as f64));
@@ -288,15 +293,8 @@ fn decode_section(rows: &[DecodePoint], plots: &Path, caption: &str) -> Result<S
     }
     let b1 = rows.iter().map(|r| r.batch).min().unwrap_or(1);
     let single: Vec<&DecodePoint> = rows.iter().filter(|r| r.batch == b1).collect();
-    let by_model = group(&single, |r| r.model.clone());
-    let per_model = |value: fn(&DecodePoint) -> Option<f64>| -> Vec<Series> {
-        by_model
-            .iter()
-            .map(|(m, rs)| Series {
-                name: m.clone(),
-                points: rs.iter().filter_map(|r| value(r).map(|v| (r.context as f64, v))).collect(),
-            })
-            .collect()
+    let per_model = |value: fn(&DecodePoint) -> Option<f64>| {
+        series_by_model(&single, |r| &r.model, |r| value(r).map(|v| (r.context as f64, v)))
     };
     let chart = Chart::log_log("Per-token decoding latency", "context", "ms per token");
     let latency = per_model(|r| r.latency_s.map(|l| l * 1e3));
