@@ -33,7 +33,7 @@ use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape};
+use crate::complexity::{Complexity, CostShape, Review};
 use crate::config::{ModelConfig, Options, Position};
 use crate::nn::{gather_rows, Linear};
 use crate::ops::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
@@ -600,11 +600,9 @@ fn projections(s: &CostShape) -> f64 {
 }
 
 pub const FULL_COMPLEXITY: Complexity = Complexity {
-    stated_time: crate::complexity::NOT_QUOTED,
-    stated_space: crate::complexity::NOT_QUOTED,
+    review: Review::NOT_QUOTED,
     true_time: "O(T^2 d + T d^2)",
     true_space: "O(T^2 + T d) (the T x T weights, shared by all channels); decode O(T d) cache",
-    review_error: "",
     flops: |s: &CostShape| {
         let (b, t, d) = shape(s);
         projections(s) + b * 4.0 * t * t * d
@@ -617,11 +615,9 @@ pub const FULL_COMPLEXITY: Complexity = Complexity {
 };
 
 pub const SIMPLE_COMPLEXITY: Complexity = Complexity {
-    stated_time: crate::complexity::NOT_QUOTED,
-    stated_space: crate::complexity::NOT_QUOTED,
+    review: Review::NOT_QUOTED,
     true_time: "O(T d^2) projections + O(T d) (chunkwise prefix sums here: O(T C d), C = chunk)",
     true_space: "O(T C d) training (chunkwise); O(d) state per layer decoding",
-    review_error: "",
     flops: |s: &CostShape| {
         let (b, t, d) = shape(s);
         projections(s) + b * 4.0 * t * DEFAULT_CHUNK as f64 * d
@@ -634,11 +630,9 @@ pub const SIMPLE_COMPLEXITY: Complexity = Complexity {
 };
 
 pub const WINDOW_COMPLEXITY: Complexity = Complexity {
-    stated_time: crate::complexity::NOT_QUOTED,
-    stated_space: crate::complexity::NOT_QUOTED,
+    review: Review::NOT_QUOTED,
     true_time: "O(T s d + T d^2) (window s; prefix sums O(T C d) chunkwise)",
     true_space: "O(T (s + C) d) training; O(s d) state per layer decoding",
-    review_error: "",
     flops: |s: &CostShape| {
         let (b, t, d) = shape(s);
         projections(s) + b * t * d * (4.0 * DEFAULT_CHUNK as f64 + 4.0 * DEFAULT_WINDOW as f64)

@@ -10,7 +10,7 @@ use anyhow::Result as AnyResult;
 use candle_core::{Result, Tensor, D};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape};
+use crate::complexity::{Complexity, CostShape, Review, NOT_QUOTED};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::attention::{causal_attention, causal_attention_with_dropout};
@@ -97,11 +97,13 @@ pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<B
 }
 
 pub const COMPLEXITY: Complexity = Complexity {
-    stated_time: "O(T log Td)",
-    stated_space: crate::complexity::NOT_QUOTED,
+    review: Review {
+        stated_time: "O(T log Td)",
+        stated_space: NOT_QUOTED,
+        error: "time is quadratic in T (every query scores every earlier key), not T log T",
+    },
     true_time: "O(T^2 d + T d^2)",
     true_space: "O(T^2 h + T d) naive; O(T d) tiled (flash)",
-    review_error: "time is quadratic in T (every query scores every earlier key), not T log T",
     flops: |s: &CostShape| {
         let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
         // projections (qkv + out: 4 d^2 per token, 2 FLOPs each) + scores and weighted sum

@@ -47,7 +47,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, NOT_QUOTED};
+use crate::complexity::{Complexity, CostShape, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::fftconv;
@@ -404,11 +404,9 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
 /// Costs at the default options (N = 2, E = 33, F = 64, two inner layers, K = 3); the filter
 /// length is the sequence length.
 pub const COMPLEXITY: Complexity = Complexity {
-    stated_time: NOT_QUOTED,
-    stated_space: NOT_QUOTED,
+    review: Review::NOT_QUOTED,
     true_time: "O(N d T (log T + d)); decode O(N d T) per token (direct convolution over the cache)",
     true_space: "O(N d T); decode state O(N d T) (input history of every order)",
-    review_error: "",
     flops: |s: &CostShape| {
         let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
         let (n, e, f, inner, k) = (2.0, 33.0, 64.0, 2.0, 3.0);

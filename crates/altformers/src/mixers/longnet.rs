@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::Attention;
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, NOT_QUOTED};
+use crate::complexity::{Complexity, CostShape, Review};
 use crate::config::{ModelConfig, Position};
 use crate::ops::attention::causal_softmax::causal_mask;
 use crate::params::ParamBuilder;
@@ -329,11 +329,9 @@ fn default_pairs(t: usize) -> Vec<(usize, usize)> {
 /// Costs at the default options (geometric pairs, w0 = 32, a = 2, up to the sequence
 /// length) and multi-head K/V.
 pub const COMPLEXITY: Complexity = Complexity {
-    stated_time: NOT_QUOTED,
-    stated_space: NOT_QUOTED,
+    review: Review::NOT_QUOTED,
     true_time: "O(T d^2 + T d w0) FLOPs with the geometric pairs (w_i / r_i = w0); in general O(T d^2 + T d sum_i w_i / r_i^2); plus O(T d log(T / w0)) to scatter and mix the log2(T / w0) + 1 pairs' full-length outputs; decode O(d sum_i w_i / r_i) per token",
     true_space: "O(T d log(T / w0) + h T w0) (each pair's scattered output, scores of each sparsified segment); decode KV cache O(T d)",
-    review_error: "",
     flops: |s: &CostShape| {
         let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
         // qkv and out projections, then per pair and segment: scores and weighted sum

@@ -27,7 +27,7 @@ use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape};
+use crate::complexity::{Complexity, CostShape, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::decayed;
@@ -232,12 +232,10 @@ pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<B
 }
 
 pub const COMPLEXITY: Complexity = Complexity {
-    stated_time: crate::complexity::NOT_QUOTED,
-    stated_space: crate::complexity::NOT_QUOTED,
+    review: Review::NOT_QUOTED,
     true_time:
         "O(T d (C + d_h) + T d^2) chunkwise (C = chunk; parallel O(T^2 d) for T <= C); decode O(d d_h + d^2) per token",
     true_space: "O(T C h + T d) chunkwise; O(h d_h^2) = O(d d_h) state per layer decoding, independent of T",
-    review_error: "",
     flops: |s: &CostShape| {
         let (b, t, d, h) = (s.batch as f64, s.seq as f64, s.width as f64, s.heads as f64);
         let c = (DEFAULT_CHUNK as f64).min(t);

@@ -27,7 +27,7 @@ use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape};
+use crate::complexity::{Complexity, CostShape, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::decayed::{self, Weighting, WkvState};
@@ -352,11 +352,9 @@ pub fn channel_mix(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyRes
 }
 
 pub const COMPLEXITY: Complexity = Complexity {
-    stated_time: crate::complexity::NOT_QUOTED,
-    stated_space: crate::complexity::NOT_QUOTED,
+    review: Review::NOT_QUOTED,
     true_time: "O(T d^2) projections + O(T d) WKV (chunkwise here: O(T C d), C = chunk); decode O(d^2) per token",
     true_space: "O(T C d) training (chunkwise WKV); O(d) state per layer decoding",
-    review_error: "",
     flops: |s: &CostShape| {
         let (b, t, d, c) = (s.batch as f64, s.seq as f64, s.width as f64, DEFAULT_CHUNK as f64);
         // r, k, v, output projections (4 d^2 MACs per token) + chunkwise WKV (about 4 C d for
