@@ -151,23 +151,23 @@ fn train_loop(
     trainer: &mut Trainer,
 ) -> Result<(f64, Vec<(usize, f64)>)> {
     let (lr, seed) = (trainer.train.lr, trainer.train.seed);
-    let mut final_loss = f64::NAN;
     let mut curve = Vec::new();
     let started = std::time::Instant::now();
     for step in 0..s.steps {
         trainer.step(model, task, step)?;
         let log = (step + 1) % (s.steps / 10).max(1) == 0;
-        if trainer.pending.due() || log || step + 1 == s.steps {
-            trainer.pending.settle().with_context(|| format!("MQAR training of {mixer} diverged"))?;
-            final_loss = trainer.last_loss();
-        }
+        // read at every log line and after the last step (the last loss read is the final one)
+        trainer
+            .settle_if_due(log || step + 1 == s.steps)
+            .with_context(|| format!("MQAR training of {mixer} diverged"))?;
         if log {
             let secs = started.elapsed().as_secs_f64();
             eprintln!(
-                "  mqar {mixer} T={} width={width} lr={lr} step {}/{}: loss {final_loss:.4} ({secs:.1} s)",
+                "  mqar {mixer} T={} width={width} lr={lr} step {}/{}: loss {:.4} ({secs:.1} s)",
                 task.seq_len,
                 step + 1,
-                s.steps
+                s.steps,
+                trainer.last_loss()
             );
         }
         if s.curve_every > 0 && (step + 1) % s.curve_every == 0 {
@@ -178,7 +178,7 @@ fn train_loop(
             curve.push((step + 1, acc));
         }
     }
-    Ok((final_loss, curve))
+    Ok((trainer.last_loss(), curve))
 }
 
 #[cfg(test)]
