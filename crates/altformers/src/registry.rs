@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use crate::backbones::{self, Backbone, BackboneFn, MixerFn, Parts};
+use crate::backbones::{self, hourglass, megabyte, Backbone, BackboneFn, MixerFn, Parts};
 use crate::complexity::Complexity;
 use crate::config::{ModelConfig, NoOptions, Options, Overrides, RunConfig};
 use crate::mixers::{self, aft, hyena, longnet, retnet, rwkv4};
@@ -242,6 +242,30 @@ Architecture {
     mixer: Some(aft::build_conv),
     backbone: backbones::stack::build,
     complexity: aft::WINDOW_COMPLEXITY,
+},
+Architecture {
+    name: "megabyte",
+    summary: "MegaByte: a global Transformer over patches of P bytes (their embeddings concatenated, shifted one patch), a local Transformer inside each patch; one global step per patch and one local step per byte when decoding",
+    paper: "2305.07185",
+    causal: true,
+    unbounded_context: false,
+    options: options::<megabyte::MegaByteOptions>(),
+    adjust_defaults: megabyte::adjust_defaults,
+    mixer: None,
+    backbone: megabyte::build,
+    complexity: megabyte::COMPLEXITY,
+},
+Architecture {
+    name: "hourglass",
+    summary: "Hourglass: Transformer layers at full resolution around shortened ones (hierarchy `2@1 4@3 2@1`; shift right k - 1, linear or average pooling, linear or repeat upsampling, residual); short layers step once every k bytes when decoding",
+    paper: "2110.13711",
+    causal: true,
+    unbounded_context: false,
+    options: options::<hourglass::HourglassOptions>(),
+    adjust_defaults: hourglass::adjust_defaults,
+    mixer: None,
+    backbone: hourglass::build,
+    complexity: hourglass::COMPLEXITY,
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {

@@ -8,6 +8,8 @@
 //! pairs) is a backbone of its own. Either way the registry builds it from a
 //! [`crate::config::ModelConfig`] and the [`Parts`] it names.
 
+pub mod hourglass;
+pub mod megabyte;
 pub mod stack;
 
 use anyhow::Result as AnyResult;
@@ -17,6 +19,11 @@ use crate::config::ModelConfig;
 use crate::mixers::{MixerState, SequenceMixer};
 use crate::params::ParamBuilder;
 use crate::rng::Rng;
+
+/// Reborrows an optional dropout setting (probability, random stream) for one more use.
+pub(crate) fn again<'a>(d: &'a mut Option<(f64, &mut Rng)>) -> Option<(f64, &'a mut Rng)> {
+    d.as_mut().map(|(p, rng)| (*p, &mut **rng))
+}
 
 /// Builds the sequence (or channel) mixer of layer `layer`, parameters under the builder.
 pub type MixerFn = fn(&ModelConfig, usize, &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>>;

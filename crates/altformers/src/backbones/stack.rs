@@ -1,17 +1,20 @@
 //! The default backbone: embedding (+ learned positions), N blocks of
 //! `x + mixer(norm(x))` then `x + channel_mixer(norm(x))`, final norm, head. A model that is
-//! only a new sequence mixer is this stack around it.
+//! only a new sequence mixer is this stack around it. Its pieces ([`Embedding`], [`Layers`],
+//! [`Head`]) are what the other backbones (MegaByte, Hourglass) are made of too.
 //!
 //! Parameter names follow the RWKV-4 checkpoints (`emb.weight`, `blocks.N.ln1.weight`,
 //! `blocks.N.att.*`, `blocks.N.ln2.weight`, `blocks.N.ffn.*`, `ln_out.weight`, `head.weight`)
 //! so that official weights load where the architecture matches.
+
+use std::ops::Range;
 
 use anyhow::{Context, Result as AnyResult};
 use candle_core::{DType, IndexOp, Result, Tensor};
 
 use super::{Backbone, MixerFn, ModelState, Parts};
 use crate::config::{ModelConfig, Position};
-use crate::mixers::SequenceMixer;
+use crate::mixers::{MixerState, SequenceMixer};
 use crate::nn::{dropout, LayerNorm};
 use crate::params::ParamBuilder;
 use crate::rng::Rng;
@@ -55,20 +58,173 @@ impl Block {
         let x = (x + dropout(&self.att.forward_train(&self.ln1.forward(x)?, p, rng)?, p, rng)?)?;
         &x + dropout(&self.ffn.forward(&self.ln2.forward(&x)?)?, p, rng)?
     }
+
+    /// The parallel form and the state after it: `[mixer's, channel mixer's]`.
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, [MixerState; 2])> {
+        let (a, sa) = self.att.prefill(&self.ln1.forward(x)?)?;
+        let x = (x + a)?;
+        let (f, sf) = self.ffn.prefill(&self.ln2.forward(&x)?)?;
+        Ok(((&x + f)?, [sa, sf]))
+    }
+
+    fn step(&self, x: &Tensor, state: &mut [MixerState]) -> Result<Tensor> {
+        let [sa, sf] = state else { candle_core::bail!("a block's state holds two entries") };
+        let x = (x + self.att.step(&self.ln1.forward(x)?, sa)?)?;
+        &x + self.ffn.step(&self.ln2.forward(&x)?, sf)?
+    }
+}
+
+/// Blocks run one after the other, each at the same width. Their recurrent state is two
+/// [`MixerState`]s per block (mixer, then channel mixer), [`Layers::state_len`] in all.
+pub struct Layers {
+    pub blocks: Vec<Block>,
+}
+
+impl Layers {
+    /// Blocks `blocks.{i}` for every `i` in `layers` (their index in the whole model: the
+    /// mixers' initialisation may depend on it), under `pb`.
+    pub fn new(
+        config: &ModelConfig,
+        pb: &ParamBuilder,
+        layers: Range<usize>,
+        mixer: MixerFn,
+        channel_mixer: MixerFn,
+    ) -> AnyResult<Self> {
+        let blocks = layers
+            .map(|i| Block::new(config, i, &pb.pp(format!("blocks.{i}")), mixer, channel_mixer))
+            .collect::<AnyResult<Vec<_>>>()?;
+        Ok(Self { blocks })
+    }
+
+    pub fn state_len(&self) -> usize {
+        2 * self.blocks.len()
+    }
+
+    /// `x: [B, T, D] -> [B, T, D]`; with `dropout = Some((p, rng))`, the training form.
+    pub fn forward(&self, x: &Tensor, mut dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks {
+            x = match &mut dropout {
+                Some((p, rng)) => block.forward_train(&x, *p, rng)?,
+                None => block.forward(&x)?,
+            };
+        }
+        Ok(x)
+    }
+
+    /// The parallel form, and the state after it ([`Layers::state_len`] entries).
+    pub fn prefill(&self, x: &Tensor) -> Result<(Tensor, Vec<MixerState>)> {
+        let mut x = x.clone();
+        let mut states = Vec::with_capacity(self.state_len());
+        for block in &self.blocks {
+            let (y, s) = block.prefill(&x)?;
+            x = y;
+            states.extend(s);
+        }
+        Ok((x, states))
+    }
+
+    /// One position, `x: [B, 1, D]`; `state` holds [`Layers::state_len`] entries (default
+    /// ones before the first step).
+    pub fn step(&self, x: &Tensor, state: &mut [MixerState]) -> Result<Tensor> {
+        if state.len() != self.state_len() {
+            candle_core::bail!("a state of {} entries for {} blocks", state.len(), self.blocks.len());
+        }
+        let mut x = x.clone();
+        for (block, pair) in self.blocks.iter().zip(state.chunks_mut(2)) {
+            x = block.step(&x, pair)?;
+        }
+        Ok(x)
+    }
+}
+
+/// The token table (`emb.weight`, `[V, D]`), learned positions (`pos_emb.weight`) where the
+/// configuration asks for them, and an optional norm right after (RWKV's `ln0`).
+pub struct Embedding {
+    pub table: Tensor,
+    positions: Option<Tensor>,
+    norm: Option<LayerNorm>,
+}
+
+impl Embedding {
+    /// `positions`: the length of a learned position table, or `None` for none.
+    pub fn new(
+        pb: &ParamBuilder,
+        vocab: usize,
+        width: usize,
+        positions: Option<usize>,
+        norm: Option<LayerNorm>,
+    ) -> AnyResult<Self> {
+        let table = pb.normal_no_decay("emb.weight", &[vocab, width], 0.02)?;
+        let positions = positions.map(|n| pb.normal_no_decay("pos_emb.weight", &[n, width], 0.02)).transpose()?;
+        Ok(Self { table, positions, norm })
+    }
+
+    pub fn has_positions(&self) -> bool {
+        self.positions.is_some()
+    }
+
+    /// `tokens: [B, T]` at positions `offset..` -> `[B, T, D]` in the parameters' dtype.
+    pub fn forward(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let width = self.table.dim(1)?;
+        let x = crate::nn::gather_rows(&self.table, tokens)?.reshape((b, t, width))?;
+        let x = match &self.norm {
+            Some(norm) => norm.forward(&x)?,
+            None => x,
+        };
+        match &self.positions {
+            Some(p) => {
+                let n = p.dim(0)?;
+                if offset + t > n {
+                    candle_core::bail!(
+                        "position {} is beyond the learned position table ({n} positions)",
+                        offset + t - 1
+                    );
+                }
+                x.broadcast_add(&p.narrow(0, offset, t)?)
+            }
+            None => Ok(x),
+        }
+    }
+}
+
+/// The final norm (`ln_out`) and the output projection (`head.weight`, or the embedding
+/// table when tied).
+pub struct Head {
+    norm: LayerNorm,
+    weight: Option<Tensor>,
+}
+
+impl Head {
+    /// `tied`: use the embedding table passed to [`Head::forward`] instead of a weight.
+    pub fn new(pb: &ParamBuilder, vocab: usize, width: usize, bias: bool, tied: bool) -> AnyResult<Self> {
+        let norm = LayerNorm::new(pb, "ln_out", width, bias)?;
+        let weight = if tied { None } else { Some(pb.normal("head.weight", &[vocab, width], 0.02)?) };
+        Ok(Self { norm, weight })
+    }
+
+    /// `x: [B, T, D]` (any dtype) -> logits `[B, T, V]` in `table`'s dtype.
+    pub fn forward(&self, x: &Tensor, table: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(&x.to_dtype(table.dtype())?)?;
+        let head = self.weight.as_ref().unwrap_or(table);
+        let (b, t, d) = x.dims3()?;
+        x.reshape((b * t, d))?.matmul(&head.t()?)?.reshape((b, t, head.dim(0)?))
+    }
+
+    /// Logits at rows `rows` (u32) of the flattened `[B T]` positions of `x: [B, T, D]`: `[N, V]`.
+    pub fn forward_at(&self, x: &Tensor, rows: &Tensor, table: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        self.forward(&crate::nn::gather_rows(&x.reshape((b * t, d))?, rows)?.unsqueeze(0)?, table)?.squeeze(0)
+    }
 }
 
 pub struct Stack {
-    width: usize,
     context: usize,
     dropout: f64,
-    emb: Tensor,
-    pos_emb: Option<Tensor>,
-    /// A layer norm right after the embedding (RWKV's `ln0`, stored as `blocks.0.ln0`).
-    ln0: Option<LayerNorm>,
-    blocks: Vec<Block>,
-    ln_out: LayerNorm,
-    /// `None` when tied to the embedding.
-    head: Option<Tensor>,
+    embedding: Embedding,
+    layers: Layers,
+    head: Head,
     unbounded_context: bool,
     /// Dtype of the activations inside the blocks (bf16 for mixed precision on a GPU);
     /// parameters, norms, logits and the loss stay in the parameters' dtype.
@@ -86,106 +242,61 @@ pub fn build_rwkv4(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts) -> An
     Ok(Box::new(Stack::new(config, pb, parts, o.embed_norm)?))
 }
 
+/// `config`'s token embedding: learned positions where `model.position` asks for them, and
+/// with `norm`, a layer norm after it (stored as `blocks.0.ln0`, RWKV-4's name).
+pub fn embedding(config: &ModelConfig, pb: &ParamBuilder, norm: bool) -> AnyResult<Embedding> {
+    let (v, d) = (config.vocab, config.width);
+    let positions = (config.position == Position::Learned).then_some(config.context);
+    let norm = if norm { Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?) } else { None };
+    Embedding::new(pb, v, d, positions, norm)
+}
+
 impl Stack {
     /// With `embed_norm`, a layer norm follows the embedding (RWKV-4).
     pub fn new(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts, embed_norm: bool) -> AnyResult<Self> {
         let mixer = parts.mixer.with_context(|| format!("`{}` has no sequence mixer to stack", config.architecture))?;
-        let (v, d) = (config.vocab, config.width);
-        let emb = pb.normal_no_decay("emb.weight", &[v, d], 0.02)?;
-        let pos_emb = match config.position {
-            Position::Learned => Some(pb.normal_no_decay("pos_emb.weight", &[config.context, d], 0.02)?),
-            _ => None,
-        };
-        let ln0 = if embed_norm { Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?) } else { None };
-        let blocks = (0..config.depth)
-            .map(|i| Block::new(config, i, &pb.pp(format!("blocks.{i}")), mixer, parts.channel_mixer))
-            .collect::<AnyResult<Vec<_>>>()?;
-        let ln_out = LayerNorm::new(pb, "ln_out", d, config.bias)?;
-        let head = if config.tie_embeddings { None } else { Some(pb.normal("head.weight", &[v, d], 0.02)?) };
         Ok(Self {
-            width: d,
             context: config.context,
             dropout: config.dropout,
-            emb,
-            pos_emb,
-            ln0,
-            blocks,
-            ln_out,
-            head,
+            embedding: embedding(config, pb, embed_norm)?,
+            layers: Layers::new(config, pb, 0..config.depth, mixer, parts.channel_mixer)?,
+            head: Head::new(pb, config.vocab, config.width, config.bias, config.tie_embeddings)?,
             unbounded_context: parts.unbounded_context,
             compute_dtype: pb.dtype,
         })
     }
 
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
-        let x = crate::nn::gather_rows(&self.emb, tokens)?.reshape((b, t, self.width))?;
-        let x = match &self.ln0 {
-            Some(ln0) => ln0.forward(&x)?,
-            None => x,
-        };
-        let x = match &self.pos_emb {
-            Some(p) => {
-                if offset + t > self.context {
-                    candle_core::bail!(
-                        "position {} is beyond the learned position table ({} positions)",
-                        offset + t - 1,
-                        self.context
-                    );
-                }
-                x.broadcast_add(&p.narrow(0, offset, t)?)?
-            }
-            None => x,
-        };
-        x.to_dtype(self.compute_dtype)
+        self.embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
     }
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.ln_out.forward(&x.to_dtype(self.emb.dtype())?)?;
-        let head = self.head.as_ref().unwrap_or(&self.emb);
-        let (b, t, d) = x.dims3()?;
-        x.reshape((b * t, d))?.matmul(&head.t()?)?.reshape((b, t, head.dim(0)?))
-    }
-
-    fn hidden(&self, tokens: &Tensor) -> Result<Tensor> {
-        let mut x = self.embed(tokens, 0)?;
-        for block in &self.blocks {
-            x = block.forward(&x)?;
-        }
-        Ok(x)
+        self.head.forward(x, &self.embedding.table)
     }
 }
 
 impl Backbone for Stack {
     fn forward(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
         let p = self.dropout;
-        let Some(rng) = dropout_rng.filter(|_| p > 0.0) else {
-            return self.logits(&self.hidden(tokens)?);
+        let x = self.embed(tokens, 0)?;
+        let x = match dropout_rng.filter(|_| p > 0.0) {
+            // GPT-2's dropout sites: the embedding, and each block's (see Block::forward_train).
+            Some(rng) => {
+                let x = dropout(&x, p, rng)?;
+                self.layers.forward(&x, Some((p, rng)))?
+            }
+            None => self.layers.forward(&x, None)?,
         };
-        // GPT-2's dropout sites: the embedding, and each block's (see Block::forward_train).
-        let mut x = dropout(&self.embed(tokens, 0)?, p, rng)?;
-        for block in &self.blocks {
-            x = block.forward_train(&x, p, rng)?;
-        }
         self.logits(&x)
     }
 
     fn forward_at(&self, tokens: &Tensor, rows: &Tensor) -> Result<Tensor> {
-        let x = self.hidden(tokens)?;
-        let (b, t, d) = x.dims3()?;
-        self.logits(&crate::nn::gather_rows(&x.reshape((b * t, d))?, rows)?.unsqueeze(0)?)?.squeeze(0)
+        let x = self.layers.forward(&self.embed(tokens, 0)?, None)?;
+        self.head.forward_at(&x, rows, &self.embedding.table)
     }
 
     fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
-        let mut x = self.embed(tokens, 0)?;
-        let mut layers = Vec::with_capacity(2 * self.blocks.len());
-        for block in &self.blocks {
-            let (a, sa) = block.att.prefill(&block.ln1.forward(&x)?)?;
-            x = (&x + a)?;
-            let (f, sf) = block.ffn.prefill(&block.ln2.forward(&x)?)?;
-            x = (&x + f)?;
-            layers.extend([sa, sf]);
-        }
+        let (x, layers) = self.layers.prefill(&self.embed(tokens, 0)?)?;
         let mut state = ModelState { layers, pos: tokens.dim(1)? };
         state.detach();
         Ok((self.logits(&x)?, state))
@@ -193,22 +304,18 @@ impl Backbone for Stack {
 
     fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor> {
         let b = token.dim(0)?;
-        let mut x = self.embed(&token.reshape((b, 1))?, state.pos)?;
+        let x = self.embed(&token.reshape((b, 1))?, state.pos)?;
         if state.layers.is_empty() {
-            state.layers = vec![Default::default(); 2 * self.blocks.len()];
+            state.layers = vec![Default::default(); self.layers.state_len()];
         }
-        for (block, pair) in self.blocks.iter().zip(state.layers.chunks_mut(2)) {
-            let [sa, sf] = pair else { candle_core::bail!("a stack's state holds two entries per block") };
-            x = (&x + block.att.step(&block.ln1.forward(&x)?, sa)?)?;
-            x = (&x + block.ffn.step(&block.ln2.forward(&x)?, sf)?)?;
-        }
+        let x = self.layers.step(&x, &mut state.layers)?;
         state.pos += 1;
         state.detach();
         self.logits(&x)?.i((.., 0, ..))
     }
 
     fn window(&self) -> Option<usize> {
-        if self.unbounded_context && self.pos_emb.is_none() {
+        if self.unbounded_context && !self.embedding.has_positions() {
             None
         } else {
             Some(self.context)

@@ -1,5 +1,8 @@
-//! `altformers bench scaling`: one mixer layer and one full block per model, T doubling,
-//! batch chosen so B * T is constant; median time, peak memory, analytic FLOPs.
+//! `altformers bench scaling`: one mixer layer, one full block, or the whole model (tokens to
+//! logits, one layer deep) per architecture, T doubling, batch chosen so B * T is constant;
+//! median time, peak memory, analytic FLOPs. An architecture whose shape is its backbone
+//! (MegaByte, Hourglass: no per-layer mixer) is measured as a whole model wherever a mixer
+//! or block is asked for.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -28,7 +31,8 @@ pub enum BenchMode {
 pub struct ScalingOptions {
     #[serde(skip)]
     pub models: Vec<String>,
-    /// `mixer` (one sequence-mixer layer) and/or `block` (the whole block).
+    /// `mixer` (one sequence-mixer layer), `block` (the whole block) and/or `model` (tokens
+    /// to logits at depth 1; see [`curves`]).
     pub components: Vec<String>,
     #[serde(skip, default = "forward")]
     pub mode: BenchMode,
@@ -61,7 +65,8 @@ fn one_warmup() -> usize {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ScalingPoint {
     pub model: String,
-    /// `mixer` (one sequence-mixer layer) or `block` (norms, mixer, channel mixer).
+    /// `mixer` (one sequence-mixer layer), `block` (norms, mixer, channel mixer) or `model`
+    /// (embedding, one layer of each stage, head).
     pub component: String,
     pub mode: BenchMode,
     pub device: String,
@@ -103,9 +108,36 @@ pub fn bench_config(arch: &Architecture, width: usize, heads: usize, context: us
     Ok(cfg)
 }
 
-fn block_flops(cfg: &ModelConfig, arch: &Architecture, shape: &CostShape) -> f64 {
-    let hidden = cfg.ffn_mult * cfg.width as f64;
-    (arch.complexity.flops)(shape) + 4.0 * (shape.batch * shape.seq) as f64 * cfg.width as f64 * hidden
+/// The curves measured for `arch` when `components` are asked for: those named, except that
+/// an architecture without a per-layer mixer has only the whole model (`model`) to time.
+pub fn curves(arch: &Architecture, components: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for c in components {
+        let c = match c.as_str() {
+            "mixer" | "block" if arch.mixer.is_none() => "model",
+            "mixer" | "block" | "model" => c.as_str(),
+            other => anyhow::bail!("unknown scaling component `{other}`; known: mixer, block, model"),
+        };
+        if !out.iter().any(|o| o == c) {
+            out.push(c.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Forward FLOPs of `component`. An architecture without a per-layer mixer states its whole
+/// model's in its complexity; the others add the channel mixer (a block) and the head (a model).
+fn forward_flops(cfg: &ModelConfig, arch: &Architecture, component: &str, shape: &CostShape) -> f64 {
+    let tokens = (shape.batch * shape.seq) as f64;
+    let head = 2.0 * tokens * cfg.width as f64 * cfg.vocab as f64;
+    let channel_mixer = 4.0 * tokens * cfg.width as f64 * cfg.ffn_mult * cfg.width as f64;
+    let mixer = (arch.complexity.flops)(shape);
+    match component {
+        "mixer" => mixer,
+        _ if arch.mixer.is_none() => mixer + head,
+        "block" => mixer + channel_mixer,
+        _ => mixer + channel_mixer + head,
+    }
 }
 
 /// Measures every (model, component, length); the callback sees each curve's points as they
@@ -122,7 +154,7 @@ pub fn run(
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
     for name in &opts.models {
         let arch = registry::find(name)?;
-        for component in opts.components.iter().map(String::as_str) {
+        for component in curves(arch, &opts.components)?.iter().map(String::as_str) {
             let mut capped: Option<String> = None;
             let mut curve: Vec<ScalingPoint> = Vec::new();
             // (index in `curve`, the prepared length, its samples)
@@ -131,11 +163,7 @@ pub fn run(
                 let batch = (opts.tokens_per_batch / t).max(1);
                 let shape = CostShape { batch, seq: t, width: opts.width, heads: opts.heads };
                 let cfg = bench_config(arch, opts.width, opts.heads, t)?;
-                let flops_fwd = if component == "mixer" {
-                    (arch.complexity.flops)(&shape)
-                } else {
-                    block_flops(&cfg, arch, &shape)
-                };
+                let flops_fwd = forward_flops(&cfg, arch, component, &shape);
                 let flops = match opts.mode {
                     BenchMode::Fwd => flops_fwd,
                     BenchMode::Fwdbwd => 3.0 * flops_fwd,
@@ -211,14 +239,13 @@ pub fn run(
     Ok((points, fits))
 }
 
-/// The layer being measured, as a function of its input.
-type Layer = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
+/// What is measured, run on its input (held inside).
+type Run = Box<dyn Fn() -> candle_core::Result<Tensor>>;
 
-/// One length of one curve, ready to run: the layer, its input, and (fwd+bwd) an output
+/// One length of one curve, ready to run: the forward on its input, and (fwd+bwd) an output
 /// gradient.
 struct Prepared {
-    layer: Layer,
-    x: candle_core::Var,
+    forward: Run,
     out_grad: Option<Tensor>,
 }
 
@@ -239,28 +266,40 @@ impl Prepared {
         opts: &ScalingOptions,
         device: &Device,
     ) -> Result<Self> {
-        let pb = ParamBuilder::new(0, device, opts.dtype);
-        let mixer = arch.mixer.with_context(|| format!("`{}` has no sequence mixer to time alone", arch.name))?;
-        let layer: Layer = if component == "mixer" {
-            let m = mixer(cfg, 0, &pb.pp("att"))?;
-            Box::new(move |x| m.forward(x))
+        let mut rng = Rng::derive(1, stream::TEST, shape.seq as u64);
+        let forward: Run = if component == "model" {
+            let ids: Vec<u32> = (0..shape.batch * shape.seq).map(|_| rng.below(cfg.vocab) as u32).collect();
+            let tokens = Tensor::from_vec(ids, (shape.batch, shape.seq), device)?;
+            let model = crate::model::Model::new(cfg, 0, device, opts.dtype)?;
+            Box::new(move || model.forward(&tokens, None))
         } else {
-            let channel_mixer = crate::registry::channel_mixer(&cfg.channel_mixer)?.build;
-            let b = Block::new(cfg, 0, &pb, mixer, channel_mixer)?;
-            Box::new(move |x| b.forward(x))
+            let pb = ParamBuilder::new(0, device, opts.dtype);
+            let mixer = arch.mixer.with_context(|| format!("`{}` has no sequence mixer to time alone", arch.name))?;
+            let layer: Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>> = if component == "mixer" {
+                let m = mixer(cfg, 0, &pb.pp("att"))?;
+                Box::new(move |x| m.forward(x))
+            } else {
+                let channel_mixer = crate::registry::channel_mixer(&cfg.channel_mixer)?.build;
+                let b = Block::new(cfg, 0, &pb, mixer, channel_mixer)?;
+                Box::new(move |x| b.forward(x))
+            };
+            let n = shape.batch * shape.seq * shape.width;
+            let values = rng.normal_vec(n, 1.0);
+            let x = Tensor::from_vec(values, (shape.batch, shape.seq, shape.width), device)?.to_dtype(opts.dtype)?;
+            let x = candle_core::Var::from_tensor(&x)?;
+            Box::new(move || layer(x.as_tensor()))
         };
-        let n = shape.batch * shape.seq * shape.width;
-        let values = Rng::derive(1, stream::TEST, shape.seq as u64).normal_vec(n, 1.0);
-        let x = Tensor::from_vec(values, (shape.batch, shape.seq, shape.width), device)?.to_dtype(opts.dtype)?;
-        let x = candle_core::Var::from_tensor(&x)?;
-        // candle runs eagerly: the forward is done when the device is synchronized. Mixers and
-        // blocks map [B, T, D] to [B, T, D], so the output gradient has the input's shape.
-        let out_grad = if opts.mode == BenchMode::Fwdbwd { Some(x.as_tensor().randn_like(0.0, 1.0)?) } else { None };
-        Ok(Self { layer, x, out_grad })
+        // candle runs eagerly: the forward is done when the device is synchronized. The output
+        // gradient has the output's shape ([B, T, D] for layers, [B, T, V] logits for a model).
+        let out_grad = match opts.mode {
+            BenchMode::Fwdbwd => Some(forward()?.randn_like(0.0, 1.0)?),
+            BenchMode::Fwd => None,
+        };
+        Ok(Self { forward, out_grad })
     }
 
     fn run_once(&self) -> candle_core::Result<()> {
-        let y = (self.layer)(self.x.as_tensor())?;
+        let y = (self.forward)()?;
         if let Some(dy) = &self.out_grad {
             drop(super::backward_with(&y, dy)?);
         }
