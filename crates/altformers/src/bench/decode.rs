@@ -24,7 +24,7 @@ pub struct DecodeOptions {
     pub width: usize,
     pub heads: usize,
     pub depth: usize,
-    /// Timed steps per point (median reported).
+    /// Timed samples per point (median reported), each [`WINDOW`] steps.
     pub steps: usize,
     /// Contexts whose prefill is estimated above this many bytes are skipped.
     #[serde(rename = "memory_cap_gb", with = "super::gigabytes")]
@@ -43,7 +43,8 @@ pub struct DecodePoint {
     pub batch: usize,
     pub status: String,
     pub timing: Option<Timing>,
-    /// Median seconds per decoding step (one token for every sequence in the batch).
+    /// Median seconds per decoding step (one token for every sequence in the batch), each
+    /// sample the mean over [`WINDOW`] consecutive steps.
     pub latency_s: Option<f64>,
     pub tokens_per_s: Option<f64>,
     /// Bytes held by the whole model's decoding state after the context.
@@ -60,7 +61,7 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
         for &context in &opts.contexts {
             let mut cfg = arch.defaults().model;
             (cfg.width, cfg.heads, cfg.depth) = (opts.width, opts.heads, opts.depth);
-            cfg.context = context + opts.steps + 1;
+            cfg.context = context + WINDOW + 1;
             if cfg.position == Position::Learned {
                 cfg.position = Position::Rope; // no position table to outgrow
             }
@@ -107,7 +108,13 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
     Ok(out)
 }
 
-/// Prefills `context` random tokens, then times single steps from that state.
+/// Consecutive steps one sample averages over: a multiple of every period a backbone's step
+/// cost has (MegaByte's global model steps once per patch of 8, Hourglass's short layers once
+/// every 2, 3, 4 or 6 positions), so every sample pays each kind of step in proportion. A
+/// single step from a fixed context would time the cheap steps only, or the dear ones only.
+pub const WINDOW: usize = 24;
+
+/// Prefills `context` random tokens, then times runs of [`WINDOW`] steps from that state.
 fn measure(model: &Model, context: usize, batch: usize, steps: usize, device: &Device) -> Result<(Timing, usize)> {
     let mut rng = Rng::derive(2, stream::TEST, context as u64);
     let toks: Vec<u32> = (0..batch * context).map(|_| rng.below(256) as u32).collect();
@@ -115,12 +122,21 @@ fn measure(model: &Model, context: usize, batch: usize, steps: usize, device: &D
     let (_, state) = model.prefill(&prompt)?;
     let bytes = state.bytes();
     let token = Tensor::from_vec(vec![7u32; batch], batch, device)?;
-    // every timed step starts from the same context length
+    // every sample starts from the same context length
     let mut s: ModelState = state.clone();
-    let timing = time_it(device, 1, steps, || {
+    let window = time_it(device, 1, steps, || {
         s = state.clone();
-        model.step(&token, &mut s)?;
+        for _ in 0..WINDOW {
+            model.step(&token, &mut s)?;
+        }
         Ok(())
     })?;
+    let per_step = |seconds: f64| seconds / WINDOW as f64;
+    let timing = Timing {
+        median_s: per_step(window.median_s),
+        min_s: per_step(window.min_s),
+        max_s: per_step(window.max_s),
+        reps: window.reps,
+    };
     Ok((timing, bytes))
 }

@@ -125,6 +125,16 @@ pub fn curves(arch: &Architecture, components: &[String]) -> Result<Vec<String>>
     Ok(out)
 }
 
+/// The curve that stands for `arch` in the report's chart and complexity table: its mixer
+/// layer, or its whole model where it has no per-layer mixer.
+pub fn headline_component(arch: &Architecture) -> &'static str {
+    if arch.mixer.is_some() {
+        "mixer"
+    } else {
+        "model"
+    }
+}
+
 /// Forward FLOPs of `component`. An architecture without a per-layer mixer states its whole
 /// model's in its complexity; the others add the channel mixer (a block) and the head (a model).
 fn forward_flops(cfg: &ModelConfig, arch: &Architecture, component: &str, shape: &CostShape) -> f64 {
@@ -242,6 +252,9 @@ pub fn run(
 /// What is measured, run on its input (held inside).
 type Run = Box<dyn Fn() -> candle_core::Result<Tensor>>;
 
+/// A layer as a function of its input.
+type Layer = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
+
 /// One length of one curve, ready to run: the forward on its input, and (fwd+bwd) an output
 /// gradient.
 struct Prepared {
@@ -275,7 +288,7 @@ impl Prepared {
         } else {
             let pb = ParamBuilder::new(0, device, opts.dtype);
             let mixer = arch.mixer.with_context(|| format!("`{}` has no sequence mixer to time alone", arch.name))?;
-            let layer: Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>> = if component == "mixer" {
+            let layer: Layer = if component == "mixer" {
                 let m = mixer(cfg, 0, &pb.pp("att"))?;
                 Box::new(move |x| m.forward(x))
             } else {

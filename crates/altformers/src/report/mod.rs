@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::bench::decode::DecodePoint;
-use crate::bench::scaling::{BenchMode, ScalingFit, ScalingPoint};
+use crate::bench::scaling::{headline_component, BenchMode, ScalingFit, ScalingPoint};
 use crate::bench::{fit, Provenance};
 use crate::registry::ARCHITECTURES;
 use crate::results::{quality_table, read_lines, MqarResult, QualityRow, CURVE_EXAMPLES};
@@ -222,7 +222,18 @@ fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Resu
         md.push_str("Not run.\n\n");
         return Ok(md);
     }
-    let mixer: Vec<&ScalingPoint> = points.iter().filter(|p| p.component == "mixer").collect();
+    let mixer: Vec<&ScalingPoint> = points.iter().filter(|p| is_headline(p)).collect();
+    let whole: Vec<&str> = ARCHITECTURES
+        .iter()
+        .filter(|a| a.mixer.is_none() && mixer.iter().any(|p| p.model == a.name))
+        .map(|a| a.name)
+        .collect();
+    let caption = if whole.is_empty() {
+        caption.to_string()
+    } else {
+        format!("{caption}. {} ha{} no per-layer mixer: {} curve is the whole model, one layer per stage, embedding and head included", whole.join(" and "), if whole.len() > 1 { "ve" } else { "s" }, if whole.len() > 1 { "their" } else { "its" })
+    };
+    let caption = caption.as_str();
     let p0 = mixer.first().copied().unwrap_or(&points[0]);
     let setting = format!(
         "one mixer layer, width {}, {} heads, B x T = {} tokens, {:?}",
@@ -337,13 +348,18 @@ fn peers_section(dir: &Path) -> Result<String> {
     Ok(md)
 }
 
+/// Whether `p` is on its model's headline curve ([`headline_component`]).
+fn is_headline(p: &ScalingPoint) -> bool {
+    crate::registry::find(&p.model).map(|a| headline_component(a) == p.component).unwrap_or(p.component == "mixer")
+}
+
 /// Every architecture's complexity as stated, as true, and as measured (`fits`).
 fn complexity_section(fits: &[ScalingFit]) -> String {
     let mut md = String::from("## Complexity: stated, true, measured\n\n");
-    md.push_str("Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward).\n\n");
+    md.push_str("Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward; the whole model at one layer per stage for an architecture without a per-layer mixer).\n\n");
     md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
-        let f = fits.iter().find(|f| f.model == a.name && f.component == "mixer");
+        let f = fits.iter().find(|f| f.model == a.name && f.component == headline_component(a));
         let slope = |s: Option<f64>| s.map(|v| format!("{v:.2}")).unwrap_or("-".into());
         let c = &a.complexity;
         let verdict = c.verdict().replacen("wrong", "**wrong**", 1);

@@ -11,6 +11,7 @@ mod fftconv;
 mod flash_attention;
 mod gather;
 mod layernorm;
+mod models;
 mod softmax;
 
 use candle_core::{DType, Device, Tensor, Var};
