@@ -196,11 +196,17 @@ struct Sweep {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// One mixer layer and one block per model, T doubling; JSON lines out.
+    /// One mixer layer, one block and/or the whole model per architecture, T doubling; JSON
+    /// lines out.
     Scaling {
         /// Comma-separated names, or `all`.
         #[arg(long, default_value = "all")]
         models: String,
+        /// Comma-separated: mixer (one sequence-mixer layer), block, model (tokens to logits,
+        /// one layer per stage). An architecture without a per-layer mixer (megabyte,
+        /// hourglass) is timed as a whole model for mixer and block.
+        #[arg(long, default_value = "mixer,block")]
+        components: String,
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long, value_enum, default_value = "fwd")]
@@ -332,6 +338,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Scaling {
             models,
+            components,
             device,
             mode,
             lengths,
@@ -346,7 +353,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             let device = altformers::device::select(&device)?;
             let opts = scaling::ScalingOptions {
                 models: model_list(&models)?,
-                components: vec!["mixer".into(), "block".into()],
+                components: components.split(',').map(|c| c.trim().to_string()).collect(),
                 mode: mode.into(),
                 lengths: list(&lengths, "--lengths")?,
                 width,

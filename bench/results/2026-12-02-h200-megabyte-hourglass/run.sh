@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The H200 runs of issue 20 (MegaByte, Hourglass), on the device tool's machine: carry ".gpu"
+# (scripts/gpu-package.sh) and run `bash bench/results/2026-12-02-h200-megabyte-hourglass/run.sh PART`
+# with $OUT set. Widths match the Transformer's parameter count (`altformers params --model M
+# --config configs/nanogpt-baby.toml --matching transformer`): 10.82M / 10.97M / 10.99M.
+#   tests       the GPU test binary (fused kernels; every model against the CPU)
+#   baby M...   nanoGPT's baby GPT budget (configs/nanogpt-baby.toml: 5000 steps of 64 x 256
+#               bytes, bf16), one process per model, side by side
+#   long M...   the same models at a 2048-byte context: batch 8 (the same 16K bytes a step),
+#               2500 steps, eval every 500 on 100 batches
+#   scale       bench scaling (whole model and mixer, fwd+bwd, bf16) T = 1K..64K and bench decode
+set -euo pipefail
+part=$1; shift
+bin="bash .gpu/run.sh"
+$bin models > /dev/null   # unpack once before processes start side by side
+width() { case $1 in transformer) echo 384 ;; megabyte) echo 336 ;; hourglass) echo 372 ;; esac; }
+case $part in
+  tests) bash .gpu/run-tests.sh > "$OUT/tests.log" 2>&1; tail -5 "$OUT/tests.log" ;;
+  baby|long)
+    for m in "$@"; do
+      extra=()
+      [ "$part" = long ] && extra=(--set model.context=2048 --set train.batch_size=8 --set train.steps=2500
+        --set train.decay_steps=2500 --set train.eval_every=500 --set train.eval_batches=100)
+      ( /usr/bin/time -v $bin train --model "$m" --data shakespeare --config configs/nanogpt-baby.toml \
+          --set model.width="$(width "$m")" "${extra[@]}" --out "$OUT/$part-$m" --device cuda --dtype bf16 --quiet \
+          > "$OUT/$part-$m.log" 2>&1; echo "$m exit $?" >> "$OUT/$part-$m.log" ) &
+    done
+    wait
+    for m in "$@"; do tail -n 1 "$OUT/$part-$m/metrics.jsonl"; grep -E "Elapsed|exit" "$OUT/$part-$m.log"; done ;;
+  scale)
+    $bin bench scaling --models transformer,megabyte,hourglass --components mixer,model --mode fwdbwd \
+      --lengths 1024,2048,4096,8192,16384,32768,65536 --width 384 --heads 6 --tokens-per-batch 65536 \
+      --device cuda --dtype bf16 --out "$OUT/scaling.jsonl" > "$OUT/scaling.log" 2>&1
+    $bin bench decode --models transformer,megabyte,hourglass --contexts 1024,4096,16384,65536 --batches 1,16 \
+      --width 384 --heads 6 --depth 6 --device cuda --dtype bf16 --out "$OUT/decode.jsonl" > "$OUT/decode.log" 2>&1
+    tail -n 30 "$OUT/scaling.log" ;;
+esac
