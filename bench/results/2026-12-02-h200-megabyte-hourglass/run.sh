@@ -13,6 +13,7 @@ set -euo pipefail
 part=$1; shift
 bin="bash .gpu/run.sh"
 $bin models > /dev/null   # unpack once before processes start side by side
+mkdir -p /tmp/runs
 width() { case $1 in transformer) echo 384 ;; megabyte) echo 336 ;; hourglass) echo 372 ;; esac; }
 case $part in
   tests) bash .gpu/run-tests.sh > "$OUT/tests.log" 2>&1; tail -5 "$OUT/tests.log" ;;
@@ -22,11 +23,17 @@ case $part in
       [ "$part" = long ] && extra=(--set model.context=2048 --set train.batch_size=8 --set train.steps=2500
         --set train.decay_steps=2500 --set train.eval_every=500 --set train.eval_batches=100)
       ( /usr/bin/time -v $bin train --model "$m" --data shakespeare --config configs/nanogpt-baby.toml \
-          --set model.width="$(width "$m")" "${extra[@]}" --out "$OUT/$part-$m" --device cuda --dtype bf16 --quiet \
-          > "$OUT/$part-$m.log" 2>&1; echo "$m exit $?" >> "$OUT/$part-$m.log" ) &
+          --set model.width="$(width "$m")" "${extra[@]}" --out "/tmp/runs/$part-$m" --device cuda --dtype bf16 --quiet \
+          > "/tmp/runs/$part-$m.log" 2>&1; echo "$m exit $?" >> "/tmp/runs/$part-$m.log" ) &
     done
     wait
-    for m in "$@"; do tail -n 1 "$OUT/$part-$m/metrics.jsonl"; grep -E "Elapsed|exit" "$OUT/$part-$m.log"; done ;;
+    # the device tool brings back 8 files: the metrics, and one log for all
+    for m in "$@"; do
+      cp "/tmp/runs/$part-$m/metrics.jsonl" "$OUT/$part-$m.metrics.jsonl"
+      { echo "== $m"; grep -E "Elapsed|Maximum resident|exit" "/tmp/runs/$part-$m.log"; } >> "$OUT/$part.log"
+      tail -n 1 "$OUT/$part-$m.metrics.jsonl"
+    done
+    cat "$OUT/$part.log" ;;
   scale)
     $bin bench scaling --models transformer,megabyte,hourglass --components mixer,model --mode fwdbwd \
       --lengths 1024,2048,4096,8192,16384,32768,65536 --width 384 --heads 6 --tokens-per-batch 65536 \
