@@ -148,6 +148,18 @@ pub static ARCHITECTURES: &[Architecture] = &[Architecture {
     complexity: mixers::attention::COMPLEXITY,
 },
 Architecture {
+    name: "one-wide-ffn",
+    summary: "One Wide FFN, decoder-only adaptation of the paper's encoder-decoder setting (there: one shared encoder FFN, no decoder FFN): the Transformer with one channel mixer shared by all blocks, depth times as wide so the parameters match (model.shared_ffn)",
+    paper: "2309.01826",
+    causal: true,
+    unbounded_context: false,
+    options: options::<NoOptions>(),
+    adjust_defaults: crate::channel_mixers::one_wide_defaults,
+    mixer: Some(mixers::attention::build),
+    backbone: backbones::stack::build,
+    complexity: crate::channel_mixers::ONE_WIDE_COMPLEXITY,
+},
+Architecture {
     name: "hyena",
     summary: "Hyena: order-N gated long convolutions with implicit filters (sine FFN of positional features, decay window), short depthwise convs; FFT convolution for training, direct convolution over the cache for decoding",
     paper: "2302.10866",

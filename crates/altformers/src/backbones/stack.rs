@@ -1,15 +1,19 @@
 //! The default backbone: embedding (+ learned positions), N blocks of
 //! `x + mixer(norm(x))` then `x + channel_mixer(norm(x))`, final norm, head. A model that is
-//! only a new sequence mixer is this stack around it.
+//! only a new sequence mixer is this stack around it. With `model.shared_ffn` (One Wide FFN,
+//! arXiv 2309.01826) every block uses one channel mixer, `shared_ffn.*`, `depth` times as wide.
 //!
 //! Parameter names follow the RWKV-4 checkpoints (`emb.weight`, `blocks.N.ln1.weight`,
 //! `blocks.N.att.*`, `blocks.N.ln2.weight`, `blocks.N.ffn.*`, `ln_out.weight`, `head.weight`)
 //! so that official weights load where the architecture matches.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result as AnyResult};
 use candle_core::{DType, IndexOp, Result, Tensor};
 
 use super::{Backbone, MixerFn, ModelState, Parts};
+use crate::channel_mixers::{one_wide, Shared};
 use crate::config::{ModelConfig, Position};
 use crate::mixers::SequenceMixer;
 use crate::nn::{dropout, LayerNorm};
@@ -34,12 +38,24 @@ impl Block {
         mixer: MixerFn,
         channel_mixer: MixerFn,
     ) -> AnyResult<Self> {
+        Self::with_ffn(config, layer, pb, mixer, || channel_mixer(config, layer, &pb.pp("ffn")))
+    }
+
+    /// Block `layer` whose channel mixer `ffn` makes, called after the sequence mixer is
+    /// built: parameters are drawn in the same order whatever the channel mixer is.
+    fn with_ffn(
+        config: &ModelConfig,
+        layer: usize,
+        pb: &ParamBuilder,
+        mixer: MixerFn,
+        ffn: impl FnOnce() -> AnyResult<Box<dyn SequenceMixer>>,
+    ) -> AnyResult<Self> {
         let d = config.width;
         Ok(Block {
             ln1: LayerNorm::new(pb, "ln1", d, config.bias)?,
             att: mixer(config, layer, &pb.pp("att"))?,
             ln2: LayerNorm::new(pb, "ln2", d, config.bias)?,
-            ffn: channel_mixer(config, layer, &pb.pp("ffn"))?,
+            ffn: ffn()?,
         })
     }
 
@@ -97,8 +113,19 @@ impl Stack {
             _ => None,
         };
         let ln0 = if embed_norm { Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?) } else { None };
+        // One Wide FFN: one channel mixer (`shared_ffn.*`) for every block.
+        let shared: Option<Arc<dyn SequenceMixer>> = match config.shared_ffn {
+            true => Some((parts.channel_mixer)(&one_wide(config), 0, &pb.pp("shared_ffn"))?.into()),
+            false => None,
+        };
         let blocks = (0..config.depth)
-            .map(|i| Block::new(config, i, &pb.pp(format!("blocks.{i}")), mixer, parts.channel_mixer))
+            .map(|i| {
+                let bp = pb.pp(format!("blocks.{i}"));
+                match &shared {
+                    Some(ffn) => Block::with_ffn(config, i, &bp, mixer, || Ok(Box::new(Shared(ffn.clone())) as Box<_>)),
+                    None => Block::new(config, i, &bp, mixer, parts.channel_mixer),
+                }
+            })
             .collect::<AnyResult<Vec<_>>>()?;
         let ln_out = LayerNorm::new(pb, "ln_out", d, config.bias)?;
         let head = if config.tie_embeddings { None } else { Some(pb.normal("head.weight", &[v, d], 0.02)?) };
