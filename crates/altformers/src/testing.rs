@@ -261,3 +261,40 @@ pub fn overfit(cfg: &ModelConfig, steps: usize, lr: f64) -> Result<(f64, f64)> {
     }
     Ok((first, loss_now()?))
 }
+
+/// Checks the gradients of a scalar function of several tensors (f64) against central finite
+/// differences with step `eps`: every coordinate of a small input, six spread over a large
+/// one. The error `|numeric - backward| / max(|numeric| + |backward|, 1e-6)` must stay under
+/// `tol`; the error names the input and coordinate that disagree.
+pub fn assert_gradients(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    eps: f64,
+    tol: f64,
+) -> Result<()> {
+    let vars = inputs.iter().map(candle_core::Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = f(&tensors)?.backward()?;
+    for (k, var) in vars.iter().enumerate() {
+        let base: Vec<f64> = var.flatten_all()?.to_vec1()?;
+        let analytic: Vec<f64> = match grads.get(var.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1()?,
+            None => vec![0.0; base.len()],
+        };
+        let n = base.len();
+        let coords: Vec<usize> = if n <= 64 { (0..n).collect() } else { (0..6).map(|i| i * (n - 1) / 5).collect() };
+        for i in coords {
+            let probe = |delta: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[i] += delta;
+                let mut moved = tensors.clone();
+                moved[k] = Tensor::from_vec(v, var.shape(), var.device())?;
+                Ok(f(&moved)?.to_scalar::<f64>()?)
+            };
+            let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
+            let err = (numeric - analytic[i]).abs() / (numeric.abs() + analytic[i].abs()).max(1e-6);
+            ensure!(err < tol, "input {k}[{i}]: backward {:e} vs finite difference {numeric:e}", analytic[i]);
+        }
+    }
+    Ok(())
+}
