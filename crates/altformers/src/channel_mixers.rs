@@ -39,6 +39,64 @@ impl PositionWise for SwiGlu {
     }
 }
 
+/// M2's Monarch MLP (Fu et al. 2023, arXiv 2310.12109; the official `BertGatedLinearUnitMLP`
+/// with `BlockdiagLinear`): a GLU whose two layers are block-diagonal, `nb` = 4 blocks each,
+///
+/// ```text
+/// [g | u] = W1 x          W1 block-diagonal: d -> 2h, no bias
+/// y = W2 (gelu(g) (.) u)  W2 block-diagonal: h -> d, bias where model.bias
+/// ```
+///
+/// hidden `h = ffn_mult d` (a multiple of `nb`). As released it is one block-diagonal factor
+/// per layer, not a full Monarch product `P L P^T R`; the gate still mixes the blocks, since
+/// `g`'s blocks come from the first half of `x`'s groups and `u`'s from the second. Each layer
+/// has `1/nb` of a dense one's parameters: `3 h d / nb` in all, against the MLP's `2 h d`.
+/// Weights are `[nb, out/nb, in/nb]` (the official `weight`) with its initialisation,
+/// U(+-1/sqrt(in/nb)) (PyTorch's dense default scaled by sqrt(nb)); the bias U(+-1/sqrt(d)).
+pub struct MonarchMlp {
+    gated_layers: Tensor,
+    wo: Tensor,
+    wo_bias: Option<Tensor>,
+    hidden: usize,
+}
+
+/// Blocks of each of the Monarch MLP's layers (the official `monarch_mlp_nblocks`).
+pub const MONARCH_MLP_BLOCKS: usize = 4;
+
+impl PositionWise for MonarchMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::ops::monarch::blockdiag;
+        let h = self.hidden;
+        let gu = blockdiag(x, &self.gated_layers.to_dtype(x.dtype())?)?;
+        let act = (crate::nn::gelu_erf(&gu.narrow(candle_core::D::Minus1, 0, h)?)?
+            * gu.narrow(candle_core::D::Minus1, h, h)?)?;
+        let y = blockdiag(&act, &self.wo.to_dtype(x.dtype())?)?;
+        match &self.wo_bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// The Monarch MLP of hidden width `ffn_mult * d` (rounded to a multiple of 4), parameters
+/// under `pb`; `d` must be a multiple of 4.
+pub fn monarch_mlp(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    let (d, nb) = (cfg.width, MONARCH_MLP_BLOCKS);
+    if !d.is_multiple_of(nb) {
+        anyhow::bail!("the monarch channel mixer needs model.width a multiple of {nb} (its blocks), got {d}");
+    }
+    let hidden = ((cfg.ffn_mult * d as f64 / nb as f64).round() as usize).max(1) * nb;
+    let block = |pb: &ParamBuilder, out: usize, inp: usize| {
+        let bound = 1.0 / ((inp / nb) as f64).sqrt();
+        pb.uniform("weight", &[nb, out / nb, inp / nb], -bound, bound)
+    };
+    let gated_layers = block(&pb.pp("gated_layers"), 2 * hidden, d)?;
+    let wo = block(&pb.pp("wo"), d, hidden)?;
+    let bound = 1.0 / (d as f64).sqrt();
+    let wo_bias = if cfg.bias { Some(pb.pp("wo").uniform_no_decay("bias", &[d], -bound, bound)?) } else { None };
+    Ok(Box::new(MonarchMlp { gated_layers, wo, wo_bias, hidden }))
+}
+
 /// Standard deviation of a block's output projections: GPT-2's 0.02 / sqrt(2 depth).
 fn out_std(cfg: &ModelConfig) -> f64 {
     0.02 / (2.0 * cfg.depth as f64).sqrt()
@@ -113,6 +171,7 @@ impl SequenceMixer for Shared {
 mod tests {
     use super::*;
     use crate::model::Model;
+    use crate::params::ParamBuilder;
     use crate::testing::{random_tokens, rel_err, tiny_config};
     use candle_core::{DType, Device};
 
@@ -160,7 +219,7 @@ mod tests {
     /// shared weights), in f64, for each channel mixer. The losses agree too.
     #[test]
     fn shared_gradient_is_the_sum_of_untied_copies() -> AnyResult<()> {
-        for mixer in ["mlp", "swiglu", "rwkv"] {
+        for mixer in ["mlp", "swiglu", "rwkv", "monarch"] {
             let sets = |shared: bool, mult: f64| {
                 vec![
                     format!("model.channel_mixer={mixer}"),
@@ -206,14 +265,18 @@ mod tests {
         Ok(())
     }
 
-    /// The shared mixer matches the baseline's parameter count within 1% (the MLP and SwiGLU,
-    /// with and without biases, at several depths and widths), and its parameters exist once
+    /// The shared mixer matches the baseline's parameter count within 1% (the MLP, SwiGLU and
+    /// the Monarch MLP, with and without biases, at several depths and widths), and its parameters exist once
     /// (`shared_ffn.*`, decayed as the baseline's `ffn.*` are; no block holds one of its own).
     #[test]
     fn one_wide_ffn_matches_the_baseline_parameters() -> AnyResult<()> {
-        for (mixer, bias, depth, width) in
-            [("mlp", false, 2, 16), ("mlp", true, 4, 64), ("swiglu", false, 6, 128), ("swiglu", true, 3, 48)]
-        {
+        for (mixer, bias, depth, width) in [
+            ("mlp", false, 2, 16),
+            ("mlp", true, 4, 64),
+            ("swiglu", false, 6, 128),
+            ("swiglu", true, 3, 48),
+            ("monarch", true, 4, 64),
+        ] {
             let sets = |shared: bool| {
                 [
                     format!("model.channel_mixer={mixer}"),
@@ -257,6 +320,60 @@ mod tests {
         let m = Model::new(&cfg, 2, &Device::Cpu, DType::F32)?;
         crate::testing::perturb(&m, 0.05, 3)?;
         crate::testing::assert_modes_agree(&m, &random_tokens(2, 13, 256, 4)?, &[0, 5])
+    }
+
+    /// The Monarch MLP is the dense GLU whose matrices are its blocks placed on the diagonal
+    /// (assembled by the Monarch reference), with `3 h d / 4` weights.
+    #[test]
+    fn monarch_mlp_is_the_glu_of_its_block_diagonal_matrices() -> AnyResult<()> {
+        for (width, mult, bias) in [(16, 4.0, false), (24, 2.0, true)] {
+            let cfg = tiny_config(
+                "transformer",
+                &[
+                    &format!("model.width={width}"),
+                    &format!("model.ffn_mult={mult}"),
+                    &format!("model.bias={bias}"),
+                    "model.channel_mixer=monarch",
+                ],
+            )?;
+            let pb = ParamBuilder::new(3, &Device::Cpu, DType::F64);
+            let mlp = monarch_mlp(&cfg, 0, &pb)?;
+            let store = pb.into_store().tensors();
+            let h = (mult * width as f64) as usize;
+            let w1 = crate::ops::monarch::naive::assemble_blockdiag(&store["gated_layers.weight"])?; // [2h, d]
+            let w2 = crate::ops::monarch::naive::assemble_blockdiag(&store["wo.weight"])?; // [d, h]
+            assert_eq!((w1.dims(), w2.dims()), (&[2 * h, width][..], &[width, h][..]));
+            assert_eq!(store["gated_layers.weight"].elem_count() + store["wo.weight"].elem_count(), 3 * h * width / 4);
+            let x = crate::testing::randn(&[2, 5, width], 4, DType::F64)?;
+            let gu = x.reshape((10, width))?.matmul(&w1.t()?)?;
+            let act = (gu.narrow(1, 0, h)?.gelu_erf()? * gu.narrow(1, h, h)?)?;
+            let mut want = act.matmul(&w2.t()?)?;
+            if bias {
+                want = want.broadcast_add(&store["wo.bias"])?;
+            }
+            assert!(rel_err(&mlp.forward(&x)?, &want.reshape((2, 5, width))?)? < 1e-12);
+        }
+        let odd = tiny_config("transformer", &["model.width=18", "model.heads=2", "model.channel_mixer=monarch"])?;
+        let err =
+            monarch_mlp(&odd, 0, &ParamBuilder::new(1, &Device::Cpu, DType::F32)).err().expect("width 18").to_string();
+        assert!(err.contains("multiple of 4"), "{err}");
+        Ok(())
+    }
+
+    /// The Monarch MLP under other sequence mixers: gradients of a Transformer with it against
+    /// finite differences, and RWKV-4 and RetNet with it decoding as they train.
+    #[test]
+    fn monarch_mlp_works_under_any_sequence_mixer() -> AnyResult<()> {
+        let err =
+            crate::testing::model_gradient_err(&tiny_config("transformer", &["model.channel_mixer=monarch"])?, 2)?;
+        assert!(err < 1e-4, "{err}");
+        for arch in ["rwkv4", "retnet", "hyena"] {
+            let m = Model::new(&tiny_config(arch, &["model.channel_mixer=monarch"])?, 1, &Device::Cpu, DType::F32)?;
+            crate::testing::perturb(&m, 0.05, 1)?;
+            crate::testing::assert_modes_agree(&m, &random_tokens(2, 11, 256, 2)?, &[0, 4])?;
+            assert!(m.params.params.contains_key("blocks.1.ffn.gated_layers.weight"), "{arch}");
+        }
+        Ok(())
     }
 
     /// `fingerprint` of `tiny_config("transformer")` at seed 1, recorded with the code before

@@ -106,6 +106,11 @@ pub static CHANNEL_MIXERS: &[ChannelMixer] = &[
         summary: "RWKV-4's channel mix: token shift, sigmoid(W_r x'_r) * W_v relu(W_k x'_k)^2, hidden m d",
         build: rwkv4::channel_mix,
     },
+    ChannelMixer {
+        name: "monarch",
+        summary: "M2's Monarch MLP (2310.12109, the official blockdiag_linear GLU): W2(gelu(g) * u), [g | u] = W1 x, W1 and W2 block-diagonal of 4 blocks; hidden m d, 3 m d^2 / 4 weights",
+        build: crate::channel_mixers::monarch_mlp,
+    },
 ];
 
 pub fn channel_mixer(name: &str) -> Result<&'static ChannelMixer> {
