@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::backbones::{self, Backbone, BackboneFn, MixerFn, Parts};
 use crate::complexity::Complexity;
 use crate::config::{ModelConfig, NoOptions, Options, Overrides, RunConfig};
-use crate::mixers::{self, aft, hyena, longnet, retnet, rwkv4};
+use crate::mixers::{self, aft, hyena, longnet, m2, retnet, rwkv4};
 use crate::params::ParamBuilder;
 
 pub struct Architecture {
@@ -108,7 +108,7 @@ pub static CHANNEL_MIXERS: &[ChannelMixer] = &[
     },
     ChannelMixer {
         name: "monarch",
-        summary: "M2's Monarch MLP (2310.12109, the official blockdiag_linear GLU): W2(gelu(g) * u), [g | u] = W1 x, W1 and W2 block-diagonal of 4 blocks; hidden m d, 3 m d^2 / 4 weights",
+        summary: "M2's Monarch MLP (2310.12109, the official blockdiag_linear GLU): W2 (gelu(g) * u) with (g, u) = W1 x, W1 and W2 block-diagonal of 4 blocks; hidden m d, 3 m d^2 / 4 weights",
         build: crate::channel_mixers::monarch_mlp,
     },
 ];
@@ -175,6 +175,18 @@ Architecture {
     mixer: Some(hyena::build),
     backbone: backbones::stack::build,
     complexity: hyena::COMPLEXITY,
+},
+Architecture {
+    name: "m2",
+    summary: "Monarch Mixer (M2-GPT): short conv, gate, causal long conv with an implicit filter evaluated by Monarch DFTs of length >= 2T (model.options.long_conv), gate; Monarch MLP channel mixer; direct convolution over the cache for decoding",
+    paper: "2310.12109",
+    causal: true,
+    unbounded_context: false,
+    options: options::<m2::M2Options>(),
+    adjust_defaults: m2::adjust_defaults,
+    mixer: Some(m2::build),
+    backbone: backbones::stack::build,
+    complexity: m2::COMPLEXITY,
 },
 Architecture {
     name: "longnet",

@@ -178,12 +178,23 @@ pub fn model_gradient_err_with_step(cfg: &ModelConfig, seed: u64, eps: f64) -> R
     let model = Model::new(cfg, seed, &Device::Cpu, DType::F64)?;
     let tokens = random_tokens(2, cfg.context.min(12), cfg.vocab, seed)?;
     let targets = random_tokens(2, cfg.context.min(12), cfg.vocab, seed + 1)?;
-    let loss_of = || -> Result<f64> { Ok(Model::loss(&model.forward(&tokens, None)?, &targets)?.to_scalar::<f64>()?) };
-    let loss = Model::loss(&model.forward(&tokens, None)?, &targets)?;
-    let grads = loss.backward()?;
+    params_gradient_err(&model.params, &|| Ok(Model::loss(&model.forward(&tokens, None)?, &targets)?), seed, eps)
+}
+
+/// The backward pass of `loss` (a scalar, f64) against central finite differences with step
+/// `eps` on three coordinates (drawn from `seed`) of every parameter of `store`; fails on an
+/// error of 1e-4, else returns the worst relative error.
+pub fn params_gradient_err(
+    store: &crate::params::ParamStore,
+    loss: &dyn Fn() -> Result<Tensor>,
+    seed: u64,
+    eps: f64,
+) -> Result<f64> {
+    let loss_of = || -> Result<f64> { Ok(loss()?.to_scalar::<f64>()?) };
+    let grads = loss()?.backward()?;
     let mut rng = Rng::new(seed);
     let mut worst: f64 = 0.0;
-    for (name, p) in model.params.vars() {
+    for (name, p) in store.vars() {
         let g = grads.get(p.var.as_tensor()).map(|g| g.flatten_all()).transpose()?;
         let base: Vec<f64> = p.var.as_tensor().flatten_all()?.to_vec1()?;
         for _ in 0..3 {
