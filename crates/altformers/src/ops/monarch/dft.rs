@@ -85,7 +85,8 @@ fn blockdiag_complex(x: &Complex, w: &Complex, re_only: bool) -> Result<Complex>
     Ok(Complex { re, im })
 }
 
-/// `P L diag(d) P^T R x` with complex factors (`d` optional: a diagonal folded into `L`).
+/// `L diag(d) P^T R x` with complex factors (`d` optional: a diagonal folded into `L`): the
+/// Monarch product but its last permutation.
 fn product(x: &Complex, l: &Complex, d: Option<&Complex>, r: &Complex, re_only: bool) -> Result<Complex> {
     let m = side(x.re.dims().last().copied().unwrap_or(0))?;
     let z = blockdiag_complex(x, r, false)?.map(|t| permute(t, m, m))?;
@@ -93,13 +94,14 @@ fn product(x: &Complex, l: &Complex, d: Option<&Complex>, r: &Complex, re_only: 
         Some(d) => z.mul(d)?,
         None => z,
     };
-    blockdiag_complex(&z, l, re_only)?.map(|t| permute(t, m, m))
+    blockdiag_complex(&z, l, re_only)
 }
 
 /// The Monarch product `P L P^T R x` ([`super::multiply`]) with complex `x: [..., m^2]` and
 /// complex blocks `l, r: [m, m, m]` (or `[m, m]`).
 pub fn multiply_complex(x: &Complex, l: &Complex, r: &Complex) -> Result<Complex> {
-    product(x, l, None, r, false)
+    let m = side(x.re.dims().last().copied().unwrap_or(0))?;
+    product(x, l, None, r, false)?.map(|t| permute(t, m, m))
 }
 
 /// The factors of the length-`n` DFT (`n = m^2`): `F_m` and the twiddles.
@@ -146,7 +148,22 @@ impl Dft {
     /// (`F_m` repeated, the twiddles as a diagonal); only the real part with `re_only`.
     pub fn apply(&self, x: &Complex, re_only: bool) -> Result<Complex> {
         let m = self.m;
-        product(&x.map(|t| permute(t, m, m))?, &self.f, Some(&self.twiddle), &self.f, re_only)
+        self.from_spectrum(&x.map(|t| permute(t, m, m))?, re_only)
+    }
+
+    /// The transform of `x` in transposed order (`X[k1 + m k2]` at index `k1 m + k2`): all of
+    /// [`Dft::apply`] but the last `P`, which a spectral product does not need, and which
+    /// [`Dft::from_spectrum`] of the inverse absorbs (its first `P` would undo it).
+    pub fn spectrum(&self, x: &Complex) -> Result<Complex> {
+        let m = self.m;
+        product(&x.map(|t| permute(t, m, m))?, &self.f, Some(&self.twiddle), &self.f, false)
+    }
+
+    /// The transform of the signal `P w`, in natural order (so `w` may be a
+    /// [`Dft::spectrum`], the transposed order); only the real part with `re_only`.
+    pub fn from_spectrum(&self, w: &Complex, re_only: bool) -> Result<Complex> {
+        let m = self.m;
+        product(w, &self.f, Some(&self.twiddle), &self.f, re_only)?.map(|t| permute(t, m, m))
     }
 }
 
@@ -213,10 +230,11 @@ fn long_conv(x: &Tensor, h: &Tensor, h_rev: Option<&Tensor>) -> Result<Tensor> {
     }
     let kernel = Tensor::cat(&parts, 1)?; // [C, n]
     let forward = Dft::new(n, false, dtype, x.device())?;
-    let xs = forward.apply(&Complex::real(x.pad_with_zeros(2, 0, n - t)?), false)?; // [B, C, n]
-    let ks = forward.apply(&Complex::real(kernel), false)?; // [C, n]
+    // spectra in transposed order: the product is elementwise, and the inverse takes it so
+    let xs = forward.spectrum(&Complex::real(x.pad_with_zeros(2, 0, n - t)?))?; // [B, C, n]
+    let ks = forward.spectrum(&Complex::real(kernel))?; // [C, n]
     let inverse = Dft::new(n, true, dtype, x.device())?;
-    let y = inverse.apply(&xs.mul(&ks)?, true)?.re; // n y, [B, C, n]
+    let y = inverse.from_spectrum(&xs.mul(&ks)?, true)?.re; // n y, [B, C, n]
     debug_assert_eq!(y.dims(), &[b, c, n]);
     y.narrow(2, 0, t)? * (1.0 / n as f64)
 }
