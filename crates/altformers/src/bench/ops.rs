@@ -115,8 +115,8 @@ fn case(op: &str, t: usize, dtype: DType, dev: &Device) -> Result<Case> {
             }
         }
         "monarch" | "dense" => {
-            let m = crate::ops::monarch::side(t)?;
             let dense = op == "dense";
+            let m = if dense { 0 } else { crate::ops::monarch::side(t)? };
             let weights =
                 if dense { vec![var(&[t, t], dtype)?] } else { vec![var(&[m, m, m], dtype)?, var(&[m, m, m], dtype)?] };
             let mut inputs = vec![var(&[MONARCH_ROWS, t], dtype)?];
@@ -233,4 +233,39 @@ pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&Scaling
         }
     }
     Ok(points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Monarch product and its dense peer run at a square N and record why at any other
+    /// (the run goes on), with the FLOPs each is counted for.
+    #[test]
+    fn monarch_and_dense_run_and_a_non_square_size_is_recorded() -> Result<()> {
+        let opts = OpsOptions {
+            ops: vec!["monarch".into(), "dense".into()],
+            modes: vec![BenchMode::Fwd, BenchMode::Fwdbwd],
+            lengths: vec![16, 20],
+            warmup: 0,
+            reps: 1,
+            dtype: DType::F32,
+        };
+        let points = run(&opts, &Device::Cpu, |_| {})?;
+        assert_eq!(points.len(), 8);
+        let at = |op: &str, t: usize| points.iter().find(|p| p.component == op && p.seq == t).unwrap();
+
+        assert!(
+            at("monarch", 16).timing.is_some() && at("dense", 16).timing.is_some() && at("dense", 20).timing.is_some()
+        );
+        let status = &at("monarch", 20).status;
+        assert!(status.starts_with("failed") && status.contains("not a positive square"), "{status}");
+        // 4 m N per row against 2 N^2: N / (2 m) = 2 times fewer at N = 16
+        assert_eq!(at("dense", 16).flops / at("monarch", 16).flops, 2.0);
+        assert!(
+            check_ops(&["longconv-monarch".into(), "longconv-fft".into()]).is_ok()
+                && check_ops(&["fft".into()]).is_err()
+        );
+        Ok(())
+    }
 }
