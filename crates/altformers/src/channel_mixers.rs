@@ -138,11 +138,14 @@ pub fn one_wide_defaults(cfg: &mut ModelConfig) {
     cfg.shared_ffn = true;
 }
 
-/// The `one-wide-ffn` architecture's costs: its sequence mixer is attention, and the review
-/// quotes nothing for it. (Each block's channel mixer is `depth` times as wide, so a block's
-/// FLOPs grow with the depth; the mixer's do not.)
-pub const ONE_WIDE_COMPLEXITY: Complexity =
-    Complexity { review: Review::NOT_QUOTED, ..crate::mixers::attention::COMPLEXITY };
+/// The `one-wide-ffn` architecture's costs: its sequence mixer is attention (whose counts
+/// these are), and the review quotes nothing for it. Each block's channel mixer is `depth`
+/// times as wide, so a block's FLOPs grow with the depth, as the true time says.
+pub const ONE_WIDE_COMPLEXITY: Complexity = Complexity {
+    review: Review::NOT_QUOTED,
+    true_time: "O(T^2 d + T d^2); the shared FFN costs 4 m L d^2 FLOPs per token in every block (L = depth): L times the Transformer's",
+    ..crate::mixers::attention::COMPLEXITY
+};
 
 /// One channel mixer used by several blocks (One Wide FFN): its parameters exist once, so the
 /// optimizer counts and decays them once and autograd sums the gradients of every use. Each
