@@ -364,6 +364,9 @@ mod tests {
         assert_causal(&|x| Ok(hd.forward(x)?), &x)?;
         let y = hf.forward(&x)?;
         assert!(rel_err(&y, &hd.forward(&x)?)? < 1e-5);
+        // M2's Monarch evaluation of the same convolutions
+        let hm = Hyena::new(&tiny(&["model.options.long_conv=monarch"])?, &pb(4))?;
+        assert!(rel_err(&hm.forward(&x)?, &y)? < 1e-5);
         for t in [0, 7, 18] {
             let later = (randn(&[2, 20 - t - 1, direct.width], 9, DType::F32)? * 3.0)?;
             let x2 = Tensor::cat(&[x.narrow(1, 0, t + 1)?, (x.narrow(1, t + 1, 20 - t - 1)? + later)?], 1)?;
