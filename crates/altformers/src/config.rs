@@ -56,7 +56,8 @@ pub struct ModelConfig {
     pub kv_heads: usize,
     pub position: Position,
     pub rope_base: f64,
-    /// A channel-mixer registry entry (`mlp`, `swiglu`, `rwkv`; `altformers models` lists them).
+    /// A channel-mixer registry entry (`mlp`, `swiglu`, `rwkv`, `monarch`; `altformers models`
+    /// lists them).
     pub channel_mixer: String,
     /// Hidden width of the channel mixer as a multiple of `width` (per block: a shared one,
     /// `shared_ffn`, gets `depth` times it).
