@@ -231,9 +231,11 @@ enum BenchCommand {
         sweep: Sweep,
     },
     /// The bare operations the peers in bench/peers/ time (attention, retention, longconv),
-    /// at the peers' shapes, with the same JSON lines.
+    /// at the peers' shapes, with the same JSON lines; and M2's (monarch, dense,
+    /// longconv-monarch, longconv-fft), then every curve's fitted exponents.
     Ops {
-        /// Comma-separated: attention, retention, longconv.
+        /// Comma-separated: attention, retention, longconv, monarch, dense, longconv-monarch,
+        /// longconv-fft.
         #[arg(long, default_value = "attention,retention,longconv")]
         ops: String,
         #[arg(long, default_value = "cuda")]
@@ -384,7 +386,10 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             };
             altformers::bench::ops::check_ops(&opts.ops)?;
             lines.push(&altformers::bench::Provenance::capture(&device));
-            altformers::bench::ops::run(&opts, &device, |p| lines.push(p))?;
+            let points = altformers::bench::ops::run(&opts, &device, |p| lines.push(p))?;
+            for f in scaling::fits(&points) {
+                lines.push(&f);
+            }
             lines.save(out.as_deref())
         }
         BenchCommand::Decode {

@@ -56,10 +56,17 @@ pub struct ModelConfig {
     pub kv_heads: usize,
     pub position: Position,
     pub rope_base: f64,
-    /// A channel-mixer registry entry (`mlp`, `swiglu`, `rwkv`; `altformers models` lists them).
+    /// A channel-mixer registry entry (`mlp`, `swiglu`, `rwkv`, `monarch`; `altformers models`
+    /// lists them).
     pub channel_mixer: String,
-    /// Hidden width of the channel mixer as a multiple of `width`.
+    /// Hidden width of the channel mixer as a multiple of `width` (per block: a shared one,
+    /// `shared_ffn`, gets `depth` times it).
     pub ffn_mult: f64,
+    /// One Wide FFN (2309.01826): one channel mixer shared by every block, `depth` times as
+    /// wide, so it holds the parameters of the `depth` mixers it replaces. Absent from configs
+    /// saved before it existed, which read as `false`.
+    #[serde(default)]
+    pub shared_ffn: bool,
     /// Biases in linear layers and layer norms.
     pub bias: bool,
     pub dropout: f64,
@@ -82,6 +89,7 @@ impl Default for ModelConfig {
             rope_base: 10000.0,
             channel_mixer: "mlp".into(),
             ffn_mult: 4.0,
+            shared_ffn: false,
             bias: false,
             dropout: 0.0,
             tie_embeddings: true,

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::backbones::{self, hourglass, megabyte, Backbone, BackboneFn, MixerFn, Parts};
 use crate::complexity::Complexity;
 use crate::config::{ModelConfig, NoOptions, Options, Overrides, RunConfig};
-use crate::mixers::{self, aft, hyena, longnet, retnet, rwkv4};
+use crate::mixers::{self, aft, hyena, longnet, m2, retnet, rwkv4};
 use crate::params::ParamBuilder;
 
 pub struct Architecture {
@@ -106,6 +106,11 @@ pub static CHANNEL_MIXERS: &[ChannelMixer] = &[
         summary: "RWKV-4's channel mix: token shift, sigmoid(W_r x'_r) * W_v relu(W_k x'_k)^2, hidden m d",
         build: rwkv4::channel_mix,
     },
+    ChannelMixer {
+        name: "monarch",
+        summary: "M2's Monarch MLP (2310.12109, the official blockdiag_linear GLU): W2 (gelu(g) * u) with (g, u) = W1 x, W1 and W2 block-diagonal of 4 blocks; hidden m d, 3 m d^2 / 4 weights",
+        build: crate::channel_mixers::monarch_mlp,
+    },
 ];
 
 pub fn channel_mixer(name: &str) -> Result<&'static ChannelMixer> {
@@ -148,6 +153,18 @@ pub static ARCHITECTURES: &[Architecture] = &[Architecture {
     complexity: mixers::attention::COMPLEXITY,
 },
 Architecture {
+    name: "one-wide-ffn",
+    summary: "One Wide FFN, decoder-only adaptation of the paper's encoder-decoder setting (there: one shared encoder FFN, no decoder FFN): the Transformer with one channel mixer shared by all blocks, depth times as wide so the parameters match (model.shared_ffn)",
+    paper: "2309.01826",
+    causal: true,
+    unbounded_context: false,
+    options: options::<NoOptions>(),
+    adjust_defaults: crate::channel_mixers::one_wide_defaults,
+    mixer: Some(mixers::attention::build),
+    backbone: backbones::stack::build,
+    complexity: crate::channel_mixers::ONE_WIDE_COMPLEXITY,
+},
+Architecture {
     name: "hyena",
     summary: "Hyena: order-N gated long convolutions with implicit filters (sine FFN of positional features, decay window), short depthwise convs; FFT convolution for training, direct convolution over the cache for decoding",
     paper: "2302.10866",
@@ -158,6 +175,18 @@ Architecture {
     mixer: Some(hyena::build),
     backbone: backbones::stack::build,
     complexity: hyena::COMPLEXITY,
+},
+Architecture {
+    name: "m2",
+    summary: "Monarch Mixer (M2-GPT): short conv, gate, causal long conv with an implicit filter evaluated by Monarch DFTs of length >= 2T (model.options.long_conv), gate; Monarch MLP channel mixer; direct convolution over the cache for decoding",
+    paper: "2310.12109",
+    causal: true,
+    unbounded_context: false,
+    options: options::<m2::M2Options>(),
+    adjust_defaults: m2::adjust_defaults,
+    mixer: Some(m2::build),
+    backbone: backbones::stack::build,
+    complexity: m2::COMPLEXITY,
 },
 Architecture {
     name: "longnet",

@@ -178,12 +178,23 @@ pub fn model_gradient_err_with_step(cfg: &ModelConfig, seed: u64, eps: f64) -> R
     let model = Model::new(cfg, seed, &Device::Cpu, DType::F64)?;
     let tokens = random_tokens(2, cfg.context.min(12), cfg.vocab, seed)?;
     let targets = random_tokens(2, cfg.context.min(12), cfg.vocab, seed + 1)?;
-    let loss_of = || -> Result<f64> { Ok(Model::loss(&model.forward(&tokens, None)?, &targets)?.to_scalar::<f64>()?) };
-    let loss = Model::loss(&model.forward(&tokens, None)?, &targets)?;
-    let grads = loss.backward()?;
+    params_gradient_err(&model.params, &|| Ok(Model::loss(&model.forward(&tokens, None)?, &targets)?), seed, eps)
+}
+
+/// The backward pass of `loss` (a scalar, f64) against central finite differences with step
+/// `eps` on three coordinates (drawn from `seed`) of every parameter of `store`; fails on an
+/// error of 1e-4, else returns the worst relative error.
+pub fn params_gradient_err(
+    store: &crate::params::ParamStore,
+    loss: &dyn Fn() -> Result<Tensor>,
+    seed: u64,
+    eps: f64,
+) -> Result<f64> {
+    let loss_of = || -> Result<f64> { Ok(loss()?.to_scalar::<f64>()?) };
+    let grads = loss()?.backward()?;
     let mut rng = Rng::new(seed);
     let mut worst: f64 = 0.0;
-    for (name, p) in model.params.vars() {
+    for (name, p) in store.vars() {
         let g = grads.get(p.var.as_tensor()).map(|g| g.flatten_all()).transpose()?;
         let base: Vec<f64> = p.var.as_tensor().flatten_all()?.to_vec1()?;
         for _ in 0..3 {
@@ -260,4 +271,41 @@ pub fn overfit(cfg: &ModelConfig, steps: usize, lr: f64) -> Result<(f64, f64)> {
         opt.step(&loss.backward()?, lr, 1.0)?;
     }
     Ok((first, loss_now()?))
+}
+
+/// Checks the gradients of a scalar function of several tensors (f64) against central finite
+/// differences with step `eps`: every coordinate of a small input, six spread over a large
+/// one. The error `|numeric - backward| / max(|numeric| + |backward|, 1e-6)` must stay under
+/// `tol`; the error names the input and coordinate that disagree.
+pub fn assert_gradients(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    eps: f64,
+    tol: f64,
+) -> Result<()> {
+    let vars = inputs.iter().map(candle_core::Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = f(&tensors)?.backward()?;
+    for (k, var) in vars.iter().enumerate() {
+        let base: Vec<f64> = var.flatten_all()?.to_vec1()?;
+        let analytic: Vec<f64> = match grads.get(var.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1()?,
+            None => vec![0.0; base.len()],
+        };
+        let n = base.len();
+        let coords: Vec<usize> = if n <= 64 { (0..n).collect() } else { (0..6).map(|i| i * (n - 1) / 5).collect() };
+        for i in coords {
+            let probe = |delta: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[i] += delta;
+                let mut moved = tensors.clone();
+                moved[k] = Tensor::from_vec(v, var.shape(), var.device())?;
+                Ok(f(&moved)?.to_scalar::<f64>()?)
+            };
+            let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
+            let err = (numeric - analytic[i]).abs() / (numeric.abs() + analytic[i].abs()).max(1e-6);
+            ensure!(err < tol, "input {k}[{i}]: backward {:e} vs finite difference {numeric:e}", analytic[i]);
+        }
+    }
+    Ok(())
 }

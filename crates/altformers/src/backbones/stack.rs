@@ -1,18 +1,22 @@
 //! The default backbone: embedding (+ learned positions), N blocks of
 //! `x + mixer(norm(x))` then `x + channel_mixer(norm(x))`, final norm, head. A model that is
 //! only a new sequence mixer is this stack around it. Its pieces ([`Embedding`], [`Layers`],
-//! [`Head`]) are what the other backbones (MegaByte, Hourglass) are made of too.
+//! [`Head`]) are what the other backbones (MegaByte, Hourglass) are made of too. With
+//! `model.shared_ffn` (One Wide FFN, arXiv 2309.01826) every block uses one channel mixer,
+//! `shared_ffn.*`, `depth` times as wide.
 //!
 //! Parameter names follow the RWKV-4 checkpoints (`emb.weight`, `blocks.N.ln1.weight`,
 //! `blocks.N.att.*`, `blocks.N.ln2.weight`, `blocks.N.ffn.*`, `ln_out.weight`, `head.weight`)
 //! so that official weights load where the architecture matches.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use anyhow::{Context, Result as AnyResult};
 use candle_core::{DType, IndexOp, Result, Tensor};
 
 use super::{Backbone, MixerFn, ModelState, Parts};
+use crate::channel_mixers::{one_wide, Shared};
 use crate::config::{ModelConfig, Position};
 use crate::mixers::{MixerState, SequenceMixer};
 use crate::nn::{dropout, LayerNorm};
@@ -37,12 +41,24 @@ impl Block {
         mixer: MixerFn,
         channel_mixer: MixerFn,
     ) -> AnyResult<Self> {
+        Self::with_ffn(config, layer, pb, mixer, || channel_mixer(config, layer, &pb.pp("ffn")))
+    }
+
+    /// Block `layer` whose channel mixer `ffn` makes, called after the sequence mixer is
+    /// built: parameters are drawn in the same order whatever the channel mixer is.
+    fn with_ffn(
+        config: &ModelConfig,
+        layer: usize,
+        pb: &ParamBuilder,
+        mixer: MixerFn,
+        ffn: impl FnOnce() -> AnyResult<Box<dyn SequenceMixer>>,
+    ) -> AnyResult<Self> {
         let d = config.width;
         Ok(Block {
             ln1: LayerNorm::new(pb, "ln1", d, config.bias)?,
             att: mixer(config, layer, &pb.pp("att"))?,
             ln2: LayerNorm::new(pb, "ln2", d, config.bias)?,
-            ffn: channel_mixer(config, layer, &pb.pp("ffn"))?,
+            ffn: ffn()?,
         })
     }
 
@@ -92,6 +108,23 @@ impl Layers {
     ) -> AnyResult<Self> {
         let blocks = layers
             .map(|i| Block::new(config, i, &pb.pp(format!("blocks.{i}")), mixer, channel_mixer))
+            .collect::<AnyResult<Vec<_>>>()?;
+        Ok(Self { blocks })
+    }
+
+    /// Like [`Layers::new`], every block using the one channel mixer `ffn` (One Wide FFN).
+    pub fn sharing(
+        config: &ModelConfig,
+        pb: &ParamBuilder,
+        layers: Range<usize>,
+        mixer: MixerFn,
+        ffn: &Arc<dyn SequenceMixer>,
+    ) -> AnyResult<Self> {
+        let blocks = layers
+            .map(|i| {
+                let shared = || Ok(Box::new(Shared(ffn.clone())) as Box<dyn SequenceMixer>);
+                Block::with_ffn(config, i, &pb.pp(format!("blocks.{i}")), mixer, shared)
+            })
             .collect::<AnyResult<Vec<_>>>()?;
         Ok(Self { blocks })
     }
@@ -255,11 +288,19 @@ impl Stack {
     /// With `embed_norm`, a layer norm follows the embedding (RWKV-4).
     pub fn new(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts, embed_norm: bool) -> AnyResult<Self> {
         let mixer = parts.mixer.with_context(|| format!("`{}` has no sequence mixer to stack", config.architecture))?;
+        let embedding = embedding(config, pb, embed_norm)?;
+        let layers = if config.shared_ffn {
+            // One Wide FFN: one channel mixer (`shared_ffn.*`) for every block.
+            let ffn: Arc<dyn SequenceMixer> = (parts.channel_mixer)(&one_wide(config), 0, &pb.pp("shared_ffn"))?.into();
+            Layers::sharing(config, pb, 0..config.depth, mixer, &ffn)?
+        } else {
+            Layers::new(config, pb, 0..config.depth, mixer, parts.channel_mixer)?
+        };
         Ok(Self {
             context: config.context,
             dropout: config.dropout,
-            embedding: embedding(config, pb, embed_norm)?,
-            layers: Layers::new(config, pb, 0..config.depth, mixer, parts.channel_mixer)?,
+            embedding,
+            layers,
             head: Head::new(pb, config.vocab, config.width, config.bias, config.tie_embeddings)?,
             unbounded_context: parts.unbounded_context,
             compute_dtype: pb.dtype,

@@ -6,7 +6,15 @@
 //! - `retention`: chunkwise decayed linear attention with RetNet's per-head decays, same
 //!   shape (peer: flash-linear-attention's `chunk_retention`);
 //! - `longconv`: the causal FFT convolution of Hyena, `x: [64, 768, T]`, filters `[768, T]`,
-//!   f32 as the peer (peer: `torch.fft.rfft` / `irfft`).
+//!   f32 as the peer (peer: `torch.fft.rfft` / `irfft`);
+//!
+//! and, with no external peer, ours against ours (M2, arXiv 2310.12109):
+//!
+//! - `monarch` and `dense`: the Monarch product `P L P^T R x` (random `[m, m, m]` blocks) and
+//!   the dense matrix product of the same size, `x: [4096, N]`, `N = T` a square `m^2`;
+//! - `longconv-monarch` and `longconv-fft`: M2's causal long convolution by Monarch DFTs and
+//!   the FFT one, `x: [B, 768, T]` with `B T = 64K` tokens (at T = 1K the `longconv` shape),
+//!   f32.
 //!
 //! Each runs whatever path the library takes on that device (the fused kernel on CUDA where
 //! one exists), so this measures what a model actually gets.
@@ -19,7 +27,8 @@ use super::time_it;
 use crate::ops::attention::causal_attention;
 use crate::ops::{decayed, fftconv};
 
-pub const OPS: [&str; 3] = ["attention", "retention", "longconv"];
+pub const OPS: [&str; 7] =
+    ["attention", "retention", "longconv", "monarch", "dense", "longconv-monarch", "longconv-fft"];
 
 #[derive(Clone, Debug)]
 pub struct OpsOptions {
@@ -38,6 +47,7 @@ const TOKENS: usize = 65536;
 const CONV_BATCH: usize = 64;
 const CONV_WIDTH: usize = 768;
 const RETENTION_CHUNK: usize = 64;
+const MONARCH_ROWS: usize = 4096;
 
 /// Runs an op on its inputs.
 type OpFn = Box<dyn Fn(&[Var]) -> candle_core::Result<Tensor>>;
@@ -101,6 +111,59 @@ fn case(op: &str, t: usize, dtype: DType, dev: &Device) -> Result<Case> {
                 width: CONV_WIDTH,
                 heads: 1,
                 flops_fwd: (CONV_BATCH * CONV_WIDTH) as f64 * (15.0 * n * n.log2() + 6.0 * n),
+                bwd_factor: 3.0,
+            }
+        }
+        "monarch" | "dense" => {
+            let dense = op == "dense";
+            let m = if dense { 0 } else { crate::ops::monarch::side(t)? };
+            let weights =
+                if dense { vec![var(&[t, t], dtype)?] } else { vec![var(&[m, m, m], dtype)?, var(&[m, m, m], dtype)?] };
+            let mut inputs = vec![var(&[MONARCH_ROWS, t], dtype)?];
+            inputs.extend(weights);
+            Case {
+                inputs,
+                run: if dense {
+                    Box::new(|x| x[0].matmul(&x[1].t()?))
+                } else {
+                    Box::new(|x| crate::ops::monarch::multiply(&x[0], &x[1], &x[2]))
+                },
+                batch: MONARCH_ROWS,
+                width: t,
+                heads: 1,
+                flops_fwd: if dense {
+                    2.0 * (MONARCH_ROWS * t * t) as f64
+                } else {
+                    4.0 * (MONARCH_ROWS * t * m) as f64
+                },
+                bwd_factor: 3.0,
+            }
+        }
+        "longconv-monarch" | "longconv-fft" => {
+            let b = (TOKENS / t).max(1);
+            let rows = (b * CONV_WIDTH) as f64;
+            let monarch = op == "longconv-monarch";
+            let flops_fwd = if monarch {
+                // a transform of a real row and the inverse to a real row: 12 n m + 6 n each;
+                // the filters' transforms once; the spectral product
+                let n = crate::ops::monarch::dft::conv_len(t, t) as f64;
+                let transform = 12.0 * n * n.sqrt() + 6.0 * n;
+                rows * (2.0 * transform + 6.0 * n) + CONV_WIDTH as f64 * transform
+            } else {
+                let n = (2 * t) as f64;
+                rows * (15.0 * n * n.log2() + 6.0 * n)
+            };
+            Case {
+                inputs: vec![var(&[b, CONV_WIDTH, t], DType::F32)?, var(&[CONV_WIDTH, t], DType::F32)?],
+                run: if monarch {
+                    Box::new(|x| crate::ops::monarch::dft::causal_conv(&x[0], &x[1]))
+                } else {
+                    Box::new(|x| fftconv::causal_conv(&x[0], &x[1]))
+                },
+                batch: b,
+                width: CONV_WIDTH,
+                heads: 1,
+                flops_fwd,
                 bwd_factor: 3.0,
             }
         }
@@ -170,4 +233,39 @@ pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&Scaling
         }
     }
     Ok(points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Monarch product and its dense peer run at a square N and record why at any other
+    /// (the run goes on), with the FLOPs each is counted for.
+    #[test]
+    fn monarch_and_dense_run_and_a_non_square_size_is_recorded() -> Result<()> {
+        let opts = OpsOptions {
+            ops: vec!["monarch".into(), "dense".into()],
+            modes: vec![BenchMode::Fwd, BenchMode::Fwdbwd],
+            lengths: vec![16, 20],
+            warmup: 0,
+            reps: 1,
+            dtype: DType::F32,
+        };
+        let points = run(&opts, &Device::Cpu, |_| {})?;
+        assert_eq!(points.len(), 8);
+        let at = |op: &str, t: usize| points.iter().find(|p| p.component == op && p.seq == t).unwrap();
+
+        assert!(
+            at("monarch", 16).timing.is_some() && at("dense", 16).timing.is_some() && at("dense", 20).timing.is_some()
+        );
+        let status = &at("monarch", 20).status;
+        assert!(status.starts_with("failed") && status.contains("not a positive square"), "{status}");
+        // 4 m N per row against 2 N^2: N / (2 m) = 2 times fewer at N = 16
+        assert_eq!(at("dense", 16).flops / at("monarch", 16).flops, 2.0);
+        assert!(
+            check_ops(&["longconv-monarch".into(), "longconv-fft".into()]).is_ok()
+                && check_ops(&["fft".into()]).is_err()
+        );
+        Ok(())
+    }
 }

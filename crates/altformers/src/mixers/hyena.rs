@@ -25,6 +25,8 @@
 //!   o), as in the official HyenaOperator, so every order gets the whole range of decays.
 //! - Filters are generated for the training context `L = model.context` (the positional
 //!   features depend on L); a sequence of T <= L tokens uses their first T taps.
+//! - The filter, the short convolution and the decoding step are shared with M2
+//!   ([`super::long_conv`]).
 //!
 //! Defaults are the paper's language-modelling ones (the official `configs/experiment/pile/
 //! hyena.yaml` with `HyenaOperator`/`HyenaFilter`): order 2, filter FFN width 64 and depth 4
@@ -36,7 +38,7 @@
 //! `filter_fn.implicit_filter.1.freq`, `filter_fn.bias`, `out_proj`).
 //!
 //! Modes. Parallel: the long convolutions by FFT ([`crate::ops::fftconv`]),
-//! O(N d T log T). Recurrent: Hyena has no constant-size recurrence; `step` computes the exact
+//! O(N d T log T) (`model.options.long_conv` = `direct` or `monarch` for the other forms). Recurrent: Hyena has no constant-size recurrence; `step` computes the exact
 //! output of the next position by *direct* convolution over the cached inputs of every order,
 //! O(N d T) per token. The state holds the short-convolution tail (`K - 1` projected inputs),
 //! the history of every convolution input `z_n` (`[B, t, d]` each, growing with t), and the
@@ -46,6 +48,8 @@ use anyhow::{bail, Result as AnyResult};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use super::long_conv::LongConv;
+use super::long_conv::{self, FilterSpec, ImplicitFilter, ShortConv};
 use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape, Review};
 use crate::config::{ModelConfig, Position};
@@ -75,16 +79,10 @@ pub struct HyenaOptions {
     pub decay_target: f64,
     /// Constant added to the window (0: pure exponential decay).
     pub decay_shift: f64,
-    /// How the parallel form evaluates the long convolutions: `fft` (O(T log T)) or
-    /// `direct` (O(T^2), a Toeplitz product; bit-exactly causal, runs on any device).
+    /// How the parallel form evaluates the long convolutions: `fft` (O(T log T)), `direct`
+    /// (O(T^2), a Toeplitz product; bit-exactly causal, runs on any device) or `monarch`
+    /// (M2's Monarch DFTs, O(T^{3/2})).
     pub long_conv: LongConv,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LongConv {
-    Fft,
-    Direct,
 }
 
 impl Default for HyenaOptions {
@@ -110,104 +108,39 @@ impl crate::config::Options for HyenaOptions {
         if self.order == 0 {
             bail!("model.options.order must be at least 1");
         }
-        if self.filter_emb_dim < 3 || self.filter_emb_dim.is_multiple_of(2) {
-            bail!(
-                "model.options.filter_emb_dim must be odd and at least 3 (time, cosine, sine), got {}",
-                self.filter_emb_dim
-            );
-        }
-        if self.filter_width == 0 {
-            bail!("model.options.filter_width must be positive");
-        }
         if self.short_kernel < 2 {
             bail!("model.options.short_kernel must be at least 2, got {}", self.short_kernel);
         }
-        if !(self.fast_decay_pct > 0.0 && self.slow_decay_pct > 0.0) {
-            bail!("model.options.fast_decay_pct and slow_decay_pct must be positive");
-        }
-        if !(self.decay_target > 0.0 && self.decay_target < 1.0) {
-            bail!("model.options.decay_target must be in (0, 1), got {}", self.decay_target);
-        }
-        Ok(())
+        self.filter_spec().check()
     }
 }
 
-/// The implicit filter generator: positional features -> sine FFN -> decay window.
-struct ImplicitFilter {
-    /// `E -> F`, `inner x (F -> F)`, `F -> N d` (the last without bias).
-    layers: Vec<Linear>,
-    /// `[F]`, shared by every sine activation.
-    freq: Tensor,
-    /// Positional features `[L, E]` (fixed).
-    z: Tensor,
-    /// Decay window `[L, N d]` (fixed).
-    window: Tensor,
-}
-
-impl ImplicitFilter {
-    /// Filters for positions `0..len`: `[len, N d]`, channel `v N + o`.
-    fn generate(&self, len: usize) -> Result<Tensor> {
-        let mut h = self.z.narrow(0, 0, len)?;
-        let last = self.layers.len() - 1;
-        for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h)?;
-            if i < last {
-                h = h.broadcast_mul(&self.freq)?.sin()?;
-            }
+impl HyenaOptions {
+    fn filter_spec(&self) -> FilterSpec {
+        FilterSpec {
+            emb_dim: self.filter_emb_dim,
+            width: self.filter_width,
+            inner_layers: self.filter_inner_layers,
+            sine_freq: self.filter_sine_freq,
+            fast_decay_pct: self.fast_decay_pct,
+            slow_decay_pct: self.slow_decay_pct,
+            decay_target: self.decay_target,
+            decay_shift: self.decay_shift,
         }
-        h * self.window.narrow(0, 0, len)?
     }
-}
-
-/// Positional features `[L, E]` of the official `PositionalEmbedding`.
-fn positional_features(l: usize, e: usize) -> Vec<f64> {
-    let bands = (e - 1) / 2;
-    let f: Vec<f64> = (0..bands)
-        .map(|k| if bands == 1 { 1e-4 } else { 1e-4 + k as f64 * ((bands - 1) as f64 - 1e-4) / (bands - 1) as f64 })
-        .collect();
-    let mut z = Vec::with_capacity(l * e);
-    for t in 0..l {
-        let tn = if l > 1 { t as f64 / (l - 1) as f64 } else { 0.0 };
-        let w = 2.0 * std::f64::consts::PI * t as f64 / l as f64;
-        z.push(tn);
-        z.extend(f.iter().map(|fk| (fk * w).cos()));
-        z.extend(f.iter().map(|fk| -(fk * w).sin()));
-    }
-    z
-}
-
-/// Decay window `[L, C]` of the official `ExponentialModulation`.
-fn decay_window(l: usize, c: usize, o: &HyenaOptions) -> Vec<f64> {
-    let max_decay = o.decay_target.ln() / o.fast_decay_pct;
-    let min_decay = o.decay_target.ln() / o.slow_decay_pct;
-    let delta = |i: usize| {
-        if c > 1 {
-            min_decay + i as f64 * (max_decay - min_decay) / (c - 1) as f64
-        } else {
-            min_decay
-        }
-    };
-    let mut w = Vec::with_capacity(l * c);
-    for t in 0..l {
-        let tn = if l > 1 { t as f64 / (l - 1) as f64 } else { 0.0 };
-        w.extend((0..c).map(|i| (-tn * delta(i).abs()).exp() + o.decay_shift));
-    }
-    w
 }
 
 pub struct Hyena {
     /// `d -> (N+1) d`: chunks `[x_1 | ... | x_N | v]`.
     in_proj: Linear,
-    /// `[(N+1) d, 1, K]` and `[(N+1) d]`.
-    short_weight: Tensor,
-    short_bias: Tensor,
+    /// Over all `(N+1) d` channels.
+    short: ShortConv,
     filter: ImplicitFilter,
     /// `[N d]`, layout `(v o)`.
     filter_bias: Tensor,
     out_proj: Linear,
     order: usize,
     width: usize,
-    kernel: usize,
     context: usize,
     long_conv: LongConv,
 }
@@ -216,65 +149,24 @@ impl Hyena {
     pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
         let o: HyenaOptions = cfg.options()?;
         let (d, n, k, l) = (cfg.width, o.order, o.short_kernel, cfg.context);
-        let (e, f) = (o.filter_emb_dim, o.filter_width);
         let in_proj = Linear::new(pb, "in_proj", d, (n + 1) * d, 0.02, cfg.bias)?;
-        let bound = 1.0 / (k as f64).sqrt();
-        let short_weight = pb.uniform("short_filter.weight", &[(n + 1) * d, 1, k], -bound, bound)?;
-        let short_bias = pb.uniform_no_decay("short_filter.bias", &[(n + 1) * d], -bound, bound)?;
-
+        let short = ShortConv::new(pb, (n + 1) * d, k)?;
         let fp = pb.pp("filter_fn");
         // The filter FFN is not weight-decayed (the official HyenaFilter sets wd = 0).
-        let ffn_linear = |index: usize, d_in: usize, d_out: usize, bias: bool| -> AnyResult<Linear> {
-            let lp = fp.pp(format!("implicit_filter.{index}"));
-            Ok(Linear {
-                weight: lp.normal_no_decay("weight", &[d_out, d_in], 0.02)?,
-                bias: if bias { Some(lp.zeros("bias", &[d_out])?) } else { None },
-            })
-        };
-        let mut layers = vec![ffn_linear(0, e, f, true)?];
-        let freq = fp.constant("implicit_filter.1.freq", &[f], o.filter_sine_freq as f32)?;
-        for i in 0..o.filter_inner_layers {
-            layers.push(ffn_linear(2 * (i + 1), f, f, true)?);
-        }
-        layers.push(ffn_linear(2 * (o.filter_inner_layers + 1), f, n * d, false)?);
-        let constant = |v: Vec<f64>, dims: (usize, usize)| -> Result<Tensor> {
-            Tensor::from_vec(v, dims, &pb.device)?.to_dtype(pb.dtype)
-        };
-        let filter = ImplicitFilter {
-            layers,
-            freq,
-            z: constant(positional_features(l, e), (l, e))?,
-            window: constant(decay_window(l, n * d, &o), (l, n * d))?,
-        };
+        let filter = ImplicitFilter::new(&fp, &o.filter_spec(), n * d, l, false, false)?;
         let filter_bias = fp.normal_no_decay("bias", &[n * d], 1.0)?;
         let out_proj = Linear::new(pb, "out_proj", d, d, 0.02 / (2.0 * cfg.depth as f64).sqrt(), cfg.bias)?;
         Ok(Self {
             in_proj,
-            short_weight,
-            short_bias,
+            short,
             filter,
             filter_bias,
             out_proj,
             order: n,
             width: d,
-            kernel: k,
             context: l,
             long_conv: o.long_conv,
         })
-    }
-
-    /// Depthwise causal convolution of `padded: [B, T + K - 1, C]` (K - 1 earlier inputs,
-    /// zeros before the start, then the T current ones) -> `[B, T, C]`.
-    fn short_conv(&self, padded: &Tensor) -> Result<Tensor> {
-        let t = padded.dim(1)? + 1 - self.kernel;
-        let c = self.short_weight.dim(0)?;
-        let dtype = padded.dtype();
-        let w = self.short_weight.to_dtype(dtype)?.reshape((c, self.kernel))?.t()?; // [K, C]
-        let mut y = self.short_bias.to_dtype(dtype)?.reshape((1, 1, c))?;
-        for j in 0..self.kernel {
-            y = padded.narrow(1, j, t)?.broadcast_mul(&w.narrow(0, j, 1)?.reshape((1, 1, c))?)?.broadcast_add(&y)?;
-        }
-        Ok(y)
     }
 
     /// Per-order views of the filters `[T, N d]` -> order `o`'s `[T, d]`.
@@ -294,10 +186,10 @@ impl Hyena {
         if t > self.context {
             candle_core::bail!("hyena: {t} tokens but the filters are generated for model.context = {}", self.context);
         }
-        let (d, n, k) = (self.width, self.order, self.kernel);
+        let (d, n, k) = (self.width, self.order, self.short.kernel);
         let u = self.in_proj.forward(x)?;
         let padded = u.pad_with_zeros(1, k - 1, 0)?;
-        let uc = self.short_conv(&padded)?;
+        let uc = self.short.forward(&padded)?;
         // The long convolutions run in the filters' (parameters') precision: f32 under bf16
         // activations.
         let filters = self.filter.generate(t)?;
@@ -307,11 +199,7 @@ impl Hyena {
             let h = self.order_filter(&filters, o)?.t()?.contiguous()?; // [d, T]
             let zc = z.to_dtype(filters.dtype())?;
             let zt = zc.transpose(1, 2)?.contiguous()?; // [B, d, T]
-            let conv = match self.long_conv {
-                LongConv::Fft => fftconv::causal_conv(&zt, &h)?,
-                LongConv::Direct => fftconv::causal_conv_direct(&zt, &h)?,
-            }
-            .transpose(1, 2)?;
+            let conv = self.long_conv.causal(&zt, &h)?.transpose(1, 2)?;
             let y = (conv + zc.broadcast_mul(&self.order_bias(o)?)?)?.to_dtype(x.dtype())?;
             if keep {
                 history.push(zc.contiguous()?);
@@ -330,13 +218,9 @@ impl Hyena {
         Ok((out, state))
     }
 
-    /// The filters for the whole context, reversed in time: `[L, N d]`, row `L - 1 - s`
-    /// holding tap s, so the taps for position p are the contiguous rows `L-1-p..L`.
+    /// The filters for the whole context, reversed in time ([`long_conv::reversed`]).
     fn reversed_filters(&self) -> Result<Tensor> {
-        let l = self.context;
-        let rev: Vec<u32> = (0..l as u32).rev().collect();
-        let filters = self.filter.generate(l)?;
-        filters.index_select(&Tensor::from_vec(rev, l, filters.device())?, 0)?.contiguous()
+        long_conv::reversed(&self.filter.generate(self.context)?)
     }
 }
 
@@ -355,7 +239,7 @@ impl SequenceMixer for Hyena {
     /// Exact next output by direct convolution over the cached inputs: O(N d t).
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
         let (b, _, _) = x.dims3()?;
-        let (d, n, k, l) = (self.width, self.order, self.kernel, self.context);
+        let (d, n, k, l) = (self.width, self.order, self.short.kernel, self.context);
         let p = state.pos;
         if p >= l {
             candle_core::bail!("hyena: position {p} is beyond the filters, generated for model.context = {l}");
@@ -366,18 +250,13 @@ impl SequenceMixer for Hyena {
         }
         let u = self.in_proj.forward(x)?; // [B, 1, (N+1) d]
         let padded = Tensor::cat(&[&state.tensors[1], &u], 1)?; // [B, K, (N+1) d]
-        let uc = self.short_conv(&padded)?;
+        let uc = self.short.forward(&padded)?;
         state.tensors[1] = padded.narrow(1, 1, k - 1)?.contiguous()?;
-        let taps = state.tensors[0].narrow(0, l - 1 - p, p + 1)?; // [p+1, N d], tap p - tau at row tau
+        let taps = long_conv::taps_at(&state.tensors[0], p)?; // [p+1, N d], tap p - tau at row tau
         let mut z = uc.narrow(2, n * d, d)?;
         for o in 0..n {
             let zc = z.to_dtype(taps.dtype())?;
-            let history = match state.tensors.get(2 + o) {
-                Some(h) => Tensor::cat(&[h, &zc], 1)?,
-                None => zc.contiguous()?,
-            };
-            let h = self.order_filter(&taps, o)?; // [p+1, d]
-            let conv = history.broadcast_mul(&h.unsqueeze(0)?)?.sum_keepdim(1)?; // [B, 1, d]
+            let (conv, history) = long_conv::direct_step(&self.order_filter(&taps, o)?, state.tensors.get(2 + o), &zc)?;
             let y = (conv + zc.broadcast_mul(&self.order_bias(o)?)?)?.to_dtype(x.dtype())?;
             if state.tensors.len() > 2 + o {
                 state.tensors[2 + o] = history;
@@ -485,6 +364,9 @@ mod tests {
         assert_causal(&|x| Ok(hd.forward(x)?), &x)?;
         let y = hf.forward(&x)?;
         assert!(rel_err(&y, &hd.forward(&x)?)? < 1e-5);
+        // M2's Monarch evaluation of the same convolutions
+        let hm = Hyena::new(&tiny(&["model.options.long_conv=monarch"])?, &pb(4))?;
+        assert!(rel_err(&hm.forward(&x)?, &y)? < 1e-5);
         for t in [0, 7, 18] {
             let later = (randn(&[2, 20 - t - 1, direct.width], 9, DType::F32)? * 3.0)?;
             let x2 = Tensor::cat(&[x.narrow(1, 0, t + 1)?, (x.narrow(1, t + 1, 20 - t - 1)? + later)?], 1)?;
@@ -556,11 +438,11 @@ mod tests {
             (o.order, o.filter_emb_dim, o.filter_width, o.filter_inner_layers, o.short_kernel),
             (2, 33, 64, 2, 3)
         );
-        let w = decay_window(10, 4, &o);
+        let w = long_conv::decay_window(10, 4, &o.filter_spec());
         // first channel decays slowest (to 1e-2 at 1.5 x L), the last fastest (at 0.3 x L)
         assert!((w[0] - 1.0).abs() < 1e-12 && (w[9 * 4] - 0.01f64.powf(1.0 / 1.5)).abs() < 1e-12);
         assert!((w[9 * 4 + 3] - 0.01f64.powf(1.0 / 0.3)).abs() < 1e-12);
-        let z = positional_features(4, 5);
+        let z = long_conv::positional_features(4, 5);
         assert_eq!(z.len(), 20);
         assert_eq!(&z[0..5], &[0.0, 1.0, 1.0, -0.0, -0.0]);
         Ok(())

@@ -9,7 +9,9 @@
 pub mod aft;
 pub mod attention;
 pub mod hyena;
+pub mod long_conv;
 pub mod longnet;
+pub mod m2;
 pub mod retnet;
 pub mod rwkv4;
 

@@ -11,8 +11,11 @@
 //! - [`decayed`]: causal decayed linear attention (RetNet's retention, RWKV-4's WKV,
 //!   AFT-simple): quadratic, recurrent and chunkwise forms, fused scans on CUDA;
 //! - [`fftconv`]: causal long convolution by FFT (Hyena): realfft on the CPU, cuFFT on CUDA,
-//!   and the direct convolution it is tested against.
+//!   and the direct convolution it is tested against;
+//! - [`monarch`]: Monarch matrices `P L P^T R` (M2): the block-diagonal and Monarch
+//!   products, the DFT as a Monarch product and the long convolutions evaluated with it.
 
 pub mod attention;
 pub mod decayed;
 pub mod fftconv;
+pub mod monarch;

@@ -87,6 +87,7 @@ fn quality_section(rows: &[QualityRow], runs: &Path, plots: &Path, caption: &str
         return Ok(md);
     }
     md.push_str(&quality_table(rows));
+    md.push_str(&models_list(rows.iter().map(|r| r.model.as_str())));
     let mut series = Vec::new();
     for r in rows {
         if let Some(ms) = read_lines::<Metrics>(&runs.join(&r.model).join("metrics.jsonl"))? {
@@ -109,6 +110,18 @@ fn quality_section(rows: &[QualityRow], runs: &Path, plots: &Path, caption: &str
         md += &figure(plots, "loss.svg", &chart, &series, "validation loss", &text)?;
     }
     Ok(md)
+}
+
+/// What each of `models` is, from the registry (its summary says where a model adapts its
+/// paper's setting, as One Wide FFN's decoder-only form does).
+fn models_list<'a>(models: impl Iterator<Item = &'a str>) -> String {
+    let mut md = String::from("\nThe models:\n\n");
+    for name in models {
+        if let Ok(a) = crate::registry::find(name) {
+            let _ = writeln!(md, "- `{}` ({}): {}", a.name, a.paper, a.summary);
+        }
+    }
+    md
 }
 
 /// Multi-query associative recall: per task, accuracy by model and width, and the learning
@@ -476,7 +489,9 @@ mod tests {
             &serde_json::json!({"provenance": prov, "description": "fixture"}),
         )?;
         let q = r#"{"model":"transformer","width":64,"params":1000,"params_ratio":1.0,"steps":10,"tokens":640,"val_loss":2.0,"val_bpb":2.885,"tokens_per_s":100.0,"elapsed_s":1.0}"#;
-        std::fs::write(dir.join("quality.jsonl"), format!("{q}\n"))?;
+        // a model that adapts its paper's setting is labelled so (from its registry summary)
+        let wide = q.replace("\"transformer\"", "\"one-wide-ffn\"");
+        std::fs::write(dir.join("quality.jsonl"), format!("{q}\n{wide}\n"))?;
         std::fs::write(
             dir.join("runs/transformer/metrics.jsonl"),
             "{\"step\":5,\"train_loss\":3.0,\"val_loss\":3.1,\"val_bpb\":4.4,\"tokens_per_s\":1.0,\"elapsed_s\":1.0,\"lr\":0.001}\n{\"step\":10,\"train_loss\":2.0,\"val_loss\":2.0,\"val_bpb\":2.9,\"tokens_per_s\":1.0,\"elapsed_s\":2.0,\"lr\":0.001}\n",
@@ -522,6 +537,7 @@ mod tests {
             "**wrong**",
             "O(T log Td)",
             "commit `abc`",
+            "- `one-wide-ffn` (2309.01826): One Wide FFN, decoder-only adaptation of the paper's encoder-decoder setting",
         ] {
             assert!(md.contains(needle), "report lacks `{needle}`:\n{md}");
         }

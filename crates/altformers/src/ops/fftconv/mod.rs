@@ -41,7 +41,7 @@ pub mod naive;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use cpu::{Backward, Product};
-pub use naive::causal_conv_direct;
+pub use naive::{anti_causal_conv, causal_conv_direct};
 
 /// Causal convolution of `x: [B, C, T]` with per-channel filters `h: [C, L]` -> `[B, C, T]`,
 /// by FFT (see the module documentation). Differentiable in both arguments. f32 and f64 run
