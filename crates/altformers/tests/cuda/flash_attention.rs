@@ -167,3 +167,27 @@ fn default_forward_is_wgmma_on_hopper() {
     assert_eq!(ForwardKernel::Auto.resolve(&dev, 64).unwrap(), ForwardKernel::MmaSync);
     assert_eq!(ForwardKernel::MmaSync.resolve(&dev, 128).unwrap(), ForwardKernel::MmaSync);
 }
+
+/// More sequences than the grid's batch axis holds (65535): MegaByte's local model at 16 x
+/// 64K bytes runs 131072 patches of 8. The entry point slices the batch; forward and
+/// gradients still match the reference.
+#[test]
+fn batches_beyond_the_grid_limit_are_sliced() {
+    let (b, h, t, dh) = (65_535 + 3, 1, 8, 64);
+    let q = random_bf16((b, h, t, dh), 11);
+    let k = random_bf16((b, h, t, dh), 12);
+    let v = random_bf16((b, h, t, dh), 13);
+    let f32_var = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
+    let (qr, kr, vr) = (f32_var(&q), f32_var(&k), f32_var(&v));
+    let out_ref = causal_attention_reference(&qr, &kr, &vr, 0, None).unwrap();
+    let grads_ref = out_ref.sum_all().unwrap().backward().unwrap();
+    let dev = Device::new_cuda(0).unwrap();
+    let on_gpu = |x: &Tensor| Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
+    let (qg, kg, vg) = (on_gpu(&q), on_gpu(&k), on_gpu(&v));
+    let out = flash_attention::causal_attention(&qg, &kg, &vg, 0).unwrap();
+    assert_close("B 65538: output", &out, &out_ref);
+    let grads = out.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var, var_ref) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
+        assert_close(&format!("B 65538: {name}"), grads.get(var.as_tensor()).unwrap(), grads_ref.get(var_ref.as_tensor()).unwrap());
+    }
+}

@@ -169,7 +169,22 @@ impl ForwardKernel {
 /// [B, KVH, S, d_h]` (query t sees keys s <= offset + t; query head h uses K/V head
 /// h / (H / KVH)), scale 1/sqrt(d_h), fused forward and backward. Requires [`supports`].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
-    causal_attention_with(q, k, v, offset, ForwardKernel::from_env()?)
+    let forward = ForwardKernel::from_env()?;
+    let b = q.dim(0)?;
+    if b <= MAX_GRID_YZ {
+        return causal_attention_with(q, k, v, offset, forward);
+    }
+    // The grid's batch axis holds 65535 sequences; more (MegaByte's local model runs one per
+    // patch: 16 x 64K bytes in patches of 8 is 131072) go in slices of the batch.
+    let slices = (0..b)
+        .step_by(MAX_GRID_YZ)
+        .map(|start| {
+            let n = MAX_GRID_YZ.min(b - start);
+            let part = |x: &Tensor| x.narrow(0, start, n);
+            causal_attention_with(&part(q)?, &part(k)?, &part(v)?, offset, forward)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&slices, 0)
 }
 
 /// [`causal_attention`] with the forward kernel named.
