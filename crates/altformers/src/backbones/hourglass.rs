@@ -454,8 +454,6 @@ impl Backbone for Hourglass {
     }
 }
 
-pub fn adjust_defaults(_: &mut ModelConfig) {}
-
 /// At the bench shape: the default hierarchy of one layer is that layer at factor 3, between
 /// linear pooling and linear upsampling; `CostShape` has no depth, so this is per layer at the
 /// shortened resolution plus the resampling.

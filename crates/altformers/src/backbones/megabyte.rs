@@ -302,8 +302,6 @@ impl Backbone for MegaByte {
     }
 }
 
-pub fn adjust_defaults(_: &mut ModelConfig) {}
-
 /// At the bench shape and the default options (P = 8, d_L = d, two local layers, one
 /// global layer): the global layer on T/P patches of width d, the local layers on T bytes in
 /// windows of P, the projection between them.
