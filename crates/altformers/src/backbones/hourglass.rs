@@ -320,7 +320,11 @@ pub fn build(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts) -> AnyResul
 impl Hourglass {
     pub fn new(config: &ModelConfig, pb: &ParamBuilder, mixer: MixerFn, channel_mixer: MixerFn) -> AnyResult<Self> {
         let hierarchy = Hierarchy::of(config)?;
-        anyhow::ensure!(!config.shared_ffn, "model.shared_ffn (One Wide FFN) is an option of the default stack; `{}` does not take it", config.architecture);
+        anyhow::ensure!(
+            !config.shared_ffn,
+            "model.shared_ffn (One Wide FFN) is an option of the default stack; `{}` does not take it",
+            config.architecture
+        );
         let o: HourglassOptions = config.options()?;
         let d = config.width;
         // Parameters in execution order, layers numbered through the whole model, so that a

@@ -112,7 +112,11 @@ pub fn build(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts) -> AnyResul
 impl MegaByte {
     pub fn new(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts) -> AnyResult<Self> {
         let o: MegaByteOptions = config.options()?;
-        anyhow::ensure!(!config.shared_ffn, "model.shared_ffn (One Wide FFN) is an option of the default stack; `{}` does not take it", config.architecture);
+        anyhow::ensure!(
+            !config.shared_ffn,
+            "model.shared_ffn (One Wide FFN) is an option of the default stack; `{}` does not take it",
+            config.architecture
+        );
         let p = o.patch;
         ensure!(
             config.width.is_multiple_of(p),

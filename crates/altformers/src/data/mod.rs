@@ -8,6 +8,7 @@ use std::path::Path;
 
 use crate::rng::Rng;
 
+pub mod listops;
 pub mod mqar;
 
 /// Tiny Shakespeare (Karpathy's char-rnn corpus, public domain), bundled in the binary.

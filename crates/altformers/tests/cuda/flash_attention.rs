@@ -188,6 +188,10 @@ fn batches_beyond_the_grid_limit_are_sliced() {
     assert_close("B 65538: output", &out, &out_ref);
     let grads = out.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, var, var_ref) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
-        assert_close(&format!("B 65538: {name}"), grads.get(var.as_tensor()).unwrap(), grads_ref.get(var_ref.as_tensor()).unwrap());
+        assert_close(
+            &format!("B 65538: {name}"),
+            grads.get(var.as_tensor()).unwrap(),
+            grads_ref.get(var_ref.as_tensor()).unwrap(),
+        );
     }
 }
