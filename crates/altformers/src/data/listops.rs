@@ -81,10 +81,10 @@ impl Node {
     }
 
     /// Tokens (one byte each), LRA's length.
-    pub fn len(&self) -> usize {
+    pub fn tokens(&self) -> usize {
         match self {
             Node::Digit(_) => 1,
-            Node::Apply(_, args) => 2 + args.iter().map(Node::len).sum::<usize>(),
+            Node::Apply(_, args) => 2 + args.iter().map(Node::tokens).sum::<usize>(),
         }
     }
 
@@ -207,7 +207,7 @@ impl ListOpsConfig {
         // impossible settings into an error instead of a hang.
         for _ in 0..100_000 {
             let tree = self.tree(&mut rng, 1);
-            let len = tree.len();
+            let len = tree.tokens();
             if len > self.min_len && len < self.max_len {
                 let mut tokens = Vec::with_capacity(len);
                 tree.write(&mut tokens);
