@@ -7,7 +7,7 @@
 #   baby M...   nanoGPT's baby GPT budget (configs/nanogpt-baby.toml: 5000 steps of 64 x 256
 #               bytes, bf16), one process per model, side by side
 #   long M...   the same models at a 2048-byte context: batch 8 (the same 16K bytes a step),
-#               2000 steps, eval every 500 on 100 batches
+#               2000 steps, eval every 500 on 100 batches, one model at a time
 #   pace M...   each model alone, 300 steps of the baby budget: its training rate
 #   scale       bench scaling (whole model and mixer, fwd+bwd, bf16) T = 1K..64K and bench decode
 #   monarch     issue 22's kernels: Monarch product vs dense, Monarch vs FFT long convolution
@@ -19,13 +19,21 @@ mkdir -p /tmp/runs
 width() { case $1 in transformer) echo 384 ;; megabyte) echo 336 ;; hourglass) echo 372 ;; esac; }
 case $part in
   tests) bash .gpu/run-tests.sh > "$OUT/tests.log" 2>&1; tail -5 "$OUT/tests.log" ;;
-  baby|long)
+  long)
+    # one model at a time (solo wall times), each run's metrics copied out as soon as it ends,
+    # so a deadline keeps the finished ones (the side-by-side version lost all three)
     for m in "$@"; do
-      extra=()
-      [ "$part" = long ] && extra=(--set model.context=2048 --set train.batch_size=8 --set train.steps=2000
-        --set train.decay_steps=2000 --set train.eval_every=500 --set train.eval_batches=100)
+      /usr/bin/time -f "$m wall %e s" $bin train --model "$m" --data shakespeare --config configs/nanogpt-baby.toml \
+        --set model.width="$(width "$m")" --set model.context=2048 --set train.batch_size=8 --set train.steps=2000 \
+        --set train.decay_steps=2000 --set train.eval_every=500 --set train.eval_batches=100 \
+        --out "/tmp/runs/long-$m" --device cuda --dtype bf16 --quiet 2>&1 | tail -n 1
+      cp "/tmp/runs/long-$m/metrics.jsonl" "$OUT/long-$m.metrics.jsonl"
+      tail -n 1 "$OUT/long-$m.metrics.jsonl"
+    done ;;
+  baby)
+    for m in "$@"; do
       ( /usr/bin/time -v $bin train --model "$m" --data shakespeare --config configs/nanogpt-baby.toml \
-          --set model.width="$(width "$m")" "${extra[@]}" --out "/tmp/runs/$part-$m" --device cuda --dtype bf16 --quiet \
+          --set model.width="$(width "$m")" --out "/tmp/runs/$part-$m" --device cuda --dtype bf16 --quiet \
           > "/tmp/runs/$part-$m.log" 2>&1; echo "$m exit $?" >> "/tmp/runs/$part-$m.log" ) &
     done
     wait
