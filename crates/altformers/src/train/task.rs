@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::data::listops::{ListOpsConfig, Split};
 use crate::data::{mqar::MqarConfig, random_batch};
 use crate::model::Model;
 use crate::rng::Rng;
@@ -81,6 +82,61 @@ impl Task for MqarConfig {
     }
 }
 
+/// ListOps as classification by a causal model (the issue's "causal, pooling the last
+/// position"): the expression's bytes, left-padded with spaces to the batch's longest, and the
+/// class read at the last position from the head's rows of the ten digit bytes: the model
+/// predicts the byte after the expression, restricted to the answers. Examples come from the
+/// first `examples` indices of `split` (a fixed training set, as LRA's 96K).
+pub struct ListOps {
+    pub config: ListOpsConfig,
+    pub split: Split,
+    pub examples: u64,
+}
+
+/// The byte left padding fills with (not a ListOps token).
+const LISTOPS_PAD: u32 = b' ' as u32;
+
+impl ListOps {
+    /// Logits of the ten classes (digit bytes) at the scored rows: `[N, 10]`, f32.
+    fn class_logits(model: &Model, batch: &Batch) -> Result<Tensor> {
+        let rows = batch.rows.as_ref().context("a ListOps batch names its scored rows")?;
+        let logits = model.forward_at(&batch.inputs, rows)?.to_dtype(DType::F32)?;
+        Ok(logits.narrow(D::Minus1, b'0' as usize, 10)?)
+    }
+}
+
+impl Task for ListOps {
+    fn batch(&self, size: usize, rng: &mut Rng, device: &Device) -> Result<Batch> {
+        anyhow::ensure!(self.examples > 0, "a ListOps task of no examples");
+        let examples = (0..size)
+            .map(|_| self.config.example(self.split, rng.below(self.examples as usize) as u64))
+            .collect::<Result<Vec<_>>>()?;
+        let t = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1);
+        let mut inputs = Vec::with_capacity(size * t);
+        for e in &examples {
+            inputs.extend(std::iter::repeat_n(LISTOPS_PAD, t - e.tokens.len()));
+            inputs.extend(e.tokens.iter().map(|&b| b as u32));
+        }
+        let rows: Vec<u32> = (0..size).map(|i| (i * t + t - 1) as u32).collect();
+        let labels: Vec<u32> = examples.iter().map(|e| e.label as u32).collect();
+        Ok(Batch {
+            inputs: Tensor::from_vec(inputs, (size, t), device)?,
+            targets: Tensor::from_vec(labels, size, device)?,
+            rows: Some(Tensor::from_vec(rows, size, device)?),
+        })
+    }
+
+    fn loss(&self, model: &Model, batch: &Batch, _dropout: Option<&mut Rng>) -> Result<Tensor> {
+        Ok(candle_nn::loss::cross_entropy(&Self::class_logits(model, batch)?, &batch.targets)?)
+    }
+
+    fn hits(&self, model: &Model, batch: &Batch) -> Result<(f64, f64)> {
+        let predicted = Self::class_logits(model, batch)?.argmax(D::Minus1)?;
+        let right = predicted.eq(&batch.targets)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        Ok((right as f64, batch.targets.dim(0)? as f64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +161,41 @@ mod tests {
         let (right, total) = task.hits(&model, &batch)?;
         assert_eq!(total, batch.rows.as_ref().unwrap().dim(0)? as f64);
         assert!((0.0..=total).contains(&right));
+        Ok(())
+    }
+
+    /// A ListOps batch is left-padded, scored at each sequence's last position against its
+    /// label, and a tiny causal model learns a few examples by heart through this loss.
+    #[test]
+    fn listops_is_classification_at_the_last_position() -> Result<()> {
+        let config = ListOpsConfig { min_len: 5, max_len: 20, ..Default::default() };
+        let task = ListOps { config, split: Split::Train, examples: 4 };
+        let batch = task.batch(4, &mut Rng::new(3), &Device::Cpu)?;
+        let (b, t) = batch.inputs.dims2()?;
+        let inputs: Vec<Vec<u32>> = batch.inputs.to_vec2()?;
+        let labels: Vec<u32> = batch.targets.to_vec1()?;
+        assert_eq!(
+            batch.rows.as_ref().unwrap().to_vec1::<u32>()?,
+            (0..b as u32).map(|i| i * t as u32 + t as u32 - 1).collect::<Vec<_>>()
+        );
+        for (row, &label) in inputs.iter().zip(&labels) {
+            let expr: Vec<u8> = row.iter().skip_while(|&&c| c == LISTOPS_PAD).map(|&c| c as u8).collect();
+            assert_eq!(
+                crate::data::listops::evaluate(&expr)? as u32,
+                label,
+                "the target is not the expression's value"
+            );
+        }
+        let cfg = tiny_config("transformer", &["model.context=24"])?;
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let mut opt = crate::train::optim::AdamW::new(&model.params, 0.9, 0.99, 1e-8, 0.0)?;
+        let first = task.loss(&model, &batch, None)?.to_scalar::<f32>()?;
+        for _ in 0..60 {
+            opt.step(&task.loss(&model, &batch, None)?.backward()?, 3e-3, 1.0)?;
+        }
+        let last = task.loss(&model, &batch, None)?.to_scalar::<f32>()?;
+        assert!(last < 0.2 * first, "the ListOps loss went from {first} to {last} only");
+        assert_eq!(task.hits(&model, &batch)?, (4.0, 4.0));
         Ok(())
     }
 }
