@@ -202,6 +202,7 @@ pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&Scaling
                     peak_bytes: None,
                     flops: 0.0,
                     flops_per_s: None,
+                    samples_s: vec![],
                 };
                 let measured = (|| -> Result<()> {
                     let c = case(op, t, opts.dtype, device)?;

@@ -82,6 +82,10 @@ pub struct ScalingPoint {
     pub peak_bytes: Option<u64>,
     pub flops: f64,
     pub flops_per_s: Option<f64>,
+    /// Every timed repetition (seconds), for the exponent's bootstrap interval; absent in
+    /// files written before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples_s: Vec<f64>,
 }
 
 /// Fitted exponents for one curve, appended after the points.
@@ -91,6 +95,10 @@ pub struct ScalingFit {
     pub component: String,
     pub mode: BenchMode,
     pub time_slope: Option<f64>,
+    /// 95% bootstrap interval of `time_slope` over the repetitions ([`slope_interval`]);
+    /// `None` where the points hold no samples (files written before) or too few.
+    #[serde(default)]
+    pub time_slope_interval: Option<(f64, f64)>,
     pub memory_slope: Option<f64>,
     /// Lengths the upper-half fit used.
     pub fit_lengths: Vec<usize>,
@@ -193,6 +201,7 @@ pub fn run(
                     peak_bytes: None,
                     flops,
                     flops_per_s: None,
+                    samples_s: vec![],
                 };
                 if let Some(reason) = &capped {
                     point.status = reason.clone();
@@ -235,6 +244,7 @@ pub fn run(
                 }
             }
             for (i, _, samples) in timed {
+                curve[i].samples_s = samples.clone();
                 let timing = Timing::from_samples(samples);
                 curve[i].flops_per_s = Some(curve[i].flops / timing.median_s);
                 curve[i].timing = Some(timing);
@@ -369,9 +379,93 @@ pub fn fits(points: &[ScalingPoint]) -> Vec<ScalingFit> {
                 component,
                 mode,
                 time_slope: fit::upper_half_slope(&time),
+                time_slope_interval: slope_interval(&curve),
                 memory_slope: fit::upper_half_slope(&mem),
                 fit_lengths,
             }
         })
         .collect()
+}
+
+/// Replicates of the bootstrap behind [`slope_interval`].
+const BOOTSTRAP: usize = 400;
+
+/// A 95% interval for the fitted time exponent of `curve`: each replicate resamples every
+/// length's repetitions with replacement, keeps the fastest as the fit does, and refits; the
+/// interval spans the 2.5th to 97.5th percentile of the replicates' slopes. It measures how
+/// much the repetitions of this run disagree, not what a different process history would do
+/// (a separate run is the test of that).
+pub fn slope_interval(curve: &[&ScalingPoint]) -> Option<(f64, f64)> {
+    if curve.len() < 2 || curve.iter().any(|p| p.samples_s.len() < 2 || p.batch == 0) {
+        return None;
+    }
+    let mut rng = Rng::derive(0, stream::TEST, curve.len() as u64);
+    let mut slopes: Vec<f64> = (0..BOOTSTRAP)
+        .filter_map(|_| {
+            let time: Vec<(f64, f64)> = curve
+                .iter()
+                .map(|p| {
+                    let n = p.samples_s.len();
+                    let fastest = (0..n).map(|_| p.samples_s[rng.below(n)]).fold(f64::INFINITY, f64::min);
+                    (p.seq as f64, fastest / p.batch as f64)
+                })
+                .collect();
+            fit::upper_half_slope(&time)
+        })
+        .collect();
+    if slopes.len() < BOOTSTRAP / 2 {
+        return None;
+    }
+    slopes.sort_by(f64::total_cmp);
+    let at = |q: f64| slopes[((slopes.len() - 1) as f64 * q).round() as usize];
+    Some((at(0.025), at(0.975)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn curve(slope: f64, spread: f64) -> Vec<ScalingPoint> {
+        let mut rng = Rng::new(9);
+        [1024usize, 2048, 4096, 8192]
+            .iter()
+            .map(|&t| {
+                let base = (t as f64).powf(slope) * 1e-9;
+                let samples_s: Vec<f64> = (0..5).map(|_| base * (1.0 + spread * rng.uniform())).collect();
+                ScalingPoint {
+                    model: "m".into(),
+                    component: "mixer".into(),
+                    mode: BenchMode::Fwd,
+                    device: "cpu".into(),
+                    seq: t,
+                    batch: 1,
+                    width: 8,
+                    heads: 1,
+                    status: "ok".into(),
+                    timing: Some(Timing::from_samples(samples_s.clone())),
+                    peak_bytes: None,
+                    flops: 1.0,
+                    flops_per_s: None,
+                    samples_s,
+                }
+            })
+            .collect()
+    }
+
+    /// Steady repetitions give a narrow interval around the true exponent; repetitions that
+    /// disagree by up to 3x give an interval wider than the report's 0.2, and a curve without
+    /// samples (an older file) none at all.
+    #[test]
+    fn the_interval_follows_how_much_the_repetitions_agree() {
+        let steady = curve(2.0, 0.01);
+        let f = &fits(&steady)[0];
+        let (lo, hi) = f.time_slope_interval.expect("an interval");
+        assert!(lo <= f.time_slope.unwrap() && f.time_slope.unwrap() <= hi);
+        assert!(lo > 1.97 && hi < 2.03, "steady: ({lo}, {hi})");
+        let noisy = curve(1.0, 2.0);
+        let (lo, hi) = fits(&noisy)[0].time_slope_interval.expect("an interval");
+        assert!(hi - lo > 0.2, "noisy: ({lo}, {hi})");
+        let old: Vec<ScalingPoint> = steady.into_iter().map(|p| ScalingPoint { samples_s: vec![], ..p }).collect();
+        assert_eq!(fits(&old)[0].time_slope_interval, None);
+    }
 }

@@ -361,6 +361,17 @@ fn peers_section(dir: &Path) -> Result<String> {
     Ok(md)
 }
 
+/// A fitted time exponent with its 95% bootstrap interval; an interval wider than 0.2 (+-0.1)
+/// reads "not determined", the number withheld.
+fn time_exponent(f: &ScalingFit) -> String {
+    match (f.time_slope, f.time_slope_interval) {
+        (None, _) => "-".into(),
+        (Some(v), None) => format!("{v:.2}"),
+        (Some(_), Some((lo, hi))) if hi - lo > 0.2 => format!("not determined ({lo:.2} to {hi:.2})"),
+        (Some(v), Some((lo, hi))) => format!("{v:.2} ({lo:.2} to {hi:.2})"),
+    }
+}
+
 /// Whether `p` is on its model's headline curve ([`headline_component`]).
 fn is_headline(p: &ScalingPoint) -> bool {
     crate::registry::find(&p.model).map(|a| headline_component(a) == p.component).unwrap_or(p.component == "mixer")
@@ -369,7 +380,7 @@ fn is_headline(p: &ScalingPoint) -> bool {
 /// Every architecture's complexity as stated, as true, and as measured (`fits`).
 fn complexity_section(fits: &[ScalingFit]) -> String {
     let mut md = String::from("## Complexity: stated, true, measured\n\n");
-    md.push_str("Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward; the whole model at one layer per stage for an architecture without a per-layer mixer).\n\n");
+    md.push_str("Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward; the whole model at one layer per stage for an architecture without a per-layer mixer). In parentheses, the time exponent's 95% bootstrap interval over the repetitions of this run; wider than 0.2, the exponent is reported as not determined.\n\n");
     md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
         let f = fits.iter().find(|f| f.model == a.name && f.component == headline_component(a));
@@ -384,7 +395,7 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
             c.review.stated_space,
             c.true_time,
             c.true_space,
-            slope(f.and_then(|f| f.time_slope)),
+            f.map(time_exponent).unwrap_or("-".into()),
             slope(f.and_then(|f| f.memory_slope)),
             verdict
         );
@@ -441,6 +452,24 @@ fn peers_table(dir: &Path) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exponent is quoted with its interval, withheld where the interval is wider than 0.2.
+    #[test]
+    fn an_exponent_with_a_wide_interval_is_not_determined() {
+        let fit = |slope: Option<f64>, interval| ScalingFit {
+            model: "m".into(),
+            component: "mixer".into(),
+            mode: BenchMode::Fwd,
+            time_slope: slope,
+            time_slope_interval: interval,
+            memory_slope: None,
+            fit_lengths: vec![],
+        };
+        assert_eq!(time_exponent(&fit(Some(1.97), Some((1.95, 2.0)))), "1.97 (1.95 to 2.00)");
+        assert_eq!(time_exponent(&fit(Some(0.44), Some((0.2, 1.3)))), "not determined (0.20 to 1.30)");
+        assert_eq!(time_exponent(&fit(Some(1.06), None)), "1.06");
+        assert_eq!(time_exponent(&fit(None, None)), "-");
+    }
 
     /// Ours and the peers' JSON lines, joined on op, mode and T, give the ratio table.
     #[test]
