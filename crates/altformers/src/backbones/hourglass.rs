@@ -507,6 +507,8 @@ mod tests {
         .err()
         .expect("a hierarchy of 3 layers at depth 2 was accepted");
         assert!(format!("{err:#}").contains("model.depth is 2"), "{err:#}");
+        let shared = Model::new(&tiny_config("hourglass", &["model.shared_ffn=true"])?, 0, &Device::Cpu, DType::F32);
+        assert!(format!("{:#}", shared.err().expect("a shared FFN was accepted")).contains("does not take it"));
         Ok(())
     }
 

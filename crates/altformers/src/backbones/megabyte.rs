@@ -400,6 +400,7 @@ mod tests {
         assert!(err(&["model.options.patch=3"]).contains("multiple of model.options.patch"));
         assert!(err(&["model.options.local_width=9"]).contains("local model"));
         assert!(err(&["model.options.patch=0"]).contains("patch must be positive"));
+        assert!(err(&["model.shared_ffn=true"]).contains("does not take it"));
         Ok(())
     }
 }
