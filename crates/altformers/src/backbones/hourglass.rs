@@ -181,14 +181,23 @@ struct Resampling {
 }
 
 impl Resampling {
-    /// `x: [B, T, D]` -> `[B, ceil(T/k), D]`: group j pools inputs `j k - k + 1 ..= j k`
-    /// (zeros before the first).
-    fn shorten(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let (k, n) = (self.k, t.div_ceil(self.k));
-        let pad = Tensor::zeros((b, k - 1, d), x.dtype(), x.device())?;
-        let groups = Tensor::cat(&[&pad, x], 1)?.narrow(1, 0, n * k)?.contiguous()?;
-        self.pool_groups(&groups)
+    /// `x: [B, T, D]` after the k - 1 inputs before it (`before`, or zeros at the start):
+    /// `[B, k - 1 + T, D]`, the sequence shifted right by k - 1.
+    fn shifted(&self, x: &Tensor, before: Option<Tensor>) -> Result<Tensor> {
+        let (b, _, d) = x.dims3()?;
+        let before = match before {
+            Some(inputs) => inputs,
+            None => Tensor::zeros((b, self.k - 1, d), x.dtype(), x.device())?,
+        };
+        Tensor::cat(&[&before, x], 1)
+    }
+
+    /// The [`Resampling::shifted`] sequence of T inputs -> `[B, ceil(T/k), D]`: group j pools
+    /// inputs `j k - k + 1 ..= j k`.
+    fn shorten(&self, shifted: &Tensor) -> Result<Tensor> {
+        let k = self.k;
+        let n = (shifted.dim(1)? + 1 - k).div_ceil(k);
+        self.pool_groups(&shifted.narrow(1, 0, n * k)?.contiguous()?)
     }
 
     /// `groups: [B, n k, D]` (n groups of k consecutive tokens) -> `[B, n, D]`.
@@ -241,14 +250,15 @@ impl Valley {
     fn forward(&self, x: &Tensor, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
         let t = x.dim(1)?;
         let r = &self.resampling;
-        let up = r.upsample(&self.middle(&r.shorten(x)?, dropout)?)?.narrow(1, 0, t)?;
+        let up = r.upsample(&self.middle(&r.shorten(&r.shifted(x, None)?)?, dropout)?)?.narrow(1, 0, t)?;
         x + r.norm.forward(&up)?
     }
 
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, Vec<MixerState>)> {
-        let (b, t, d) = x.dims3()?;
+        let t = x.dim(1)?;
         let r = &self.resampling;
-        let (s, mut pre) = self.pre.prefill(&r.shorten(x)?)?;
+        let shifted = r.shifted(x, None)?;
+        let (s, mut pre) = self.pre.prefill(&r.shorten(&shifted)?)?;
         let (s, inner) = match &self.inner {
             Some(v) => v.prefill(&s)?,
             None => (s, vec![]),
@@ -258,8 +268,7 @@ impl Valley {
         let y = (x + r.norm.forward(&up.narrow(1, 0, t)?)?)?;
         // the last k - 1 inputs (zeros before the first), and the last group's k outputs
         let k = r.k;
-        let pad = Tensor::zeros((b, k - 1, d), x.dtype(), x.device())?;
-        let recent = Tensor::cat(&[&pad, x], 1)?.narrow(1, t, k - 1)?;
+        let recent = shifted.narrow(1, t, k - 1)?;
         let group = up.narrow(1, up.dim(1)? - k, k)?;
         let mut states = vec![MixerState { tensors: vec![recent, group], pos: t }];
         states.append(&mut pre);
@@ -277,12 +286,8 @@ impl Valley {
         let (pre, rest) = rest.split_at_mut(self.pre.state_len());
         let (inner, post) = rest.split_at_mut(rest.len() - self.post.state_len());
         let r = &self.resampling;
-        let (b, _, d) = x.dims3()?;
-        let recent = match own.tensors.first() {
-            Some(t) => t.clone(),
-            None => Tensor::zeros((b, r.k - 1, d), x.dtype(), x.device())?,
-        };
-        let window = Tensor::cat(&[&recent, x], 1)?;
+        let window = r.shifted(x, own.tensors.first().cloned())?;
+        let recent = window.narrow(1, 1, r.k - 1)?;
         let slot = own.pos % r.k;
         if slot == 0 {
             let mut s = self.pre.step(&r.pool_groups(&window)?, pre)?;
@@ -290,11 +295,10 @@ impl Valley {
                 s = v.step(&s, inner)?;
             }
             s = self.post.step(&s, post)?;
-            let group = r.upsample(&s)?;
-            own.tensors = vec![recent, group];
+            own.tensors = vec![recent.clone(), r.upsample(&s)?];
         }
         let y = (x + r.norm.forward(&own.tensors[1].narrow(1, slot, 1)?)?)?;
-        own.tensors[0] = window.narrow(1, 1, r.k - 1)?;
+        own.tensors[0] = recent;
         own.pos += 1;
         Ok(y)
     }
@@ -569,7 +573,7 @@ mod tests {
             norm: LayerNorm::new(&ParamBuilder::new(0, &Device::Cpu, DType::F32), "n", 1, false)?,
         };
         let x = Tensor::new(&[1f32, 2., 3., 4., 5., 6., 7.], &Device::Cpu)?.reshape((1, 7, 1))?;
-        let s: Vec<f32> = r.shorten(&x)?.flatten_all()?.to_vec1()?;
+        let s: Vec<f32> = r.shorten(&r.shifted(&x, None)?)?.flatten_all()?.to_vec1()?;
         // groups: (0, 0, x0), (x1, x2, x3), (x4, x5, x6)
         assert_eq!(s, vec![1.0 / 3.0, 3.0, 6.0]);
         Ok(())

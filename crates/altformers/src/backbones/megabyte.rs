@@ -174,12 +174,30 @@ impl MegaByte {
         self.global_embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
     }
 
-    /// `[B, T, d_G]` byte embeddings -> the global model's input `[B, ceil(T/P), P d_G]`:
-    /// patch k holds bytes `kP - P + 1 ..= kP` (the padding patch's slots before byte 0).
-    fn patches(&self, e: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = e.dims3()?;
-        let (p, k) = (self.patch, t.div_ceil(self.patch));
-        let shifted = if p > 1 { Tensor::cat(&[&self.pad_slots(b)?, e], 1)? } else { e.clone() };
+    /// The local model's byte embeddings of `tokens: [B, T]`, `[B, T, d_L]`.
+    fn local_embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.local_embedding.forward(tokens, 0)?.to_dtype(self.compute_dtype)
+    }
+
+    /// Byte embeddings `e: [B, T, d_G]` after the P - 1 slots before them (`before`, or the
+    /// padding patch's at the start): `[B, P - 1 + T, d_G]`, `e` itself when P = 1.
+    fn shifted(&self, e: &Tensor, before: Option<Tensor>) -> Result<Tensor> {
+        if self.patch == 1 {
+            return Ok(e.clone());
+        }
+        let before = match before {
+            Some(slots) => slots,
+            None => self.pad_slots(e.dim(0)?)?,
+        };
+        Tensor::cat(&[&before, e], 1)
+    }
+
+    /// The [`MegaByte::shifted`] embeddings of T bytes -> the global model's input
+    /// `[B, ceil(T/P), P d_G]`: patch k holds bytes `kP - P + 1 ..= kP`.
+    fn patches(&self, shifted: &Tensor) -> Result<Tensor> {
+        let (b, len, d) = shifted.dims3()?;
+        let p = self.patch;
+        let k = (len + 1 - p).div_ceil(p);
         shifted.narrow(1, 0, k * p)?.contiguous()?.reshape((b, k, p * d))
     }
 
@@ -202,12 +220,12 @@ impl MegaByte {
     fn hidden(&self, tokens: &Tensor, mut dropout_p: Option<(f64, &mut Rng)>) -> Result<Tensor> {
         let t = tokens.dim(1)?;
         let mut e = self.embed(tokens, 0)?;
-        let mut local_e = self.local_embedding.forward(tokens, 0)?.to_dtype(self.compute_dtype)?;
+        let mut local_e = self.local_embed(tokens)?;
         if let Some((p, rng)) = &mut dropout_p {
             e = dropout(&e, *p, rng)?;
             local_e = dropout(&local_e, *p, rng)?;
         }
-        let g = self.global.forward(&self.patches(&e)?, again(&mut dropout_p))?;
+        let g = self.global.forward(&self.patches(&self.shifted(&e, None)?)?, again(&mut dropout_p))?;
         let x = (self.project(&g)?.narrow(1, 0, t)? + local_e)?;
         self.local_patches(&x, dropout_p)
     }
@@ -227,20 +245,18 @@ impl Backbone for MegaByte {
     /// State: the global layers', the patch state (`[last P - 1 byte embeddings, the current
     /// patch's projected global output]`), the local layers' over the current patch.
     fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
-        let (b, t) = tokens.dims2()?;
+        let t = tokens.dim(1)?;
         let p = self.patch;
-        let e = self.embed(tokens, 0)?;
-        let (g, mut layers) = self.global.prefill(&self.patches(&e)?)?;
+        let shifted = self.shifted(&self.embed(tokens, 0)?, None)?;
+        let (g, mut layers) = self.global.prefill(&self.patches(&shifted)?)?;
         let projected = self.project(&g)?;
-        let local_e = self.local_embedding.forward(tokens, 0)?.to_dtype(self.compute_dtype)?;
-        let x = (projected.narrow(1, 0, t)? + &local_e)?;
+        let x = (projected.narrow(1, 0, t)? + self.local_embed(tokens)?)?;
         let logits = self.head.forward(&self.local_patches(&x, None)?, &self.local_embedding.table)?;
         // the current (last) patch: its local states, from its bytes so far
         let start = (t - 1) / p * p;
         let (_, local) = self.local.prefill(&x.narrow(1, start, t - start)?)?;
         let mut recent = vec![];
         if p > 1 {
-            let shifted = Tensor::cat(&[&self.pad_slots(b)?, &e], 1)?;
             recent.push(shifted.narrow(1, t, p - 1)?);
         }
         recent.push(projected.narrow(1, start, p)?);
@@ -270,15 +286,8 @@ impl Backbone for MegaByte {
         let (global, rest) = state.layers.split_at_mut(n_global);
         let (patch, local) = rest.split_first_mut().unwrap();
         // the last P - 1 byte embeddings (the padding slots before byte 0), then this byte's
-        let window = if p > 1 {
-            let recent = match patch.tensors.first() {
-                Some(r) if patch.pos > 0 => r.clone(),
-                _ => self.pad_slots(b)?,
-            };
-            Tensor::cat(&[&recent, &e], 1)?
-        } else {
-            e
-        };
+        let recent = patch.tensors.first().filter(|_| p > 1 && patch.pos > 0).cloned();
+        let window = self.shifted(&e, recent)?;
         let slot = state.pos % p;
         if slot == 0 {
             let g = self.global.step(&window.reshape((b, 1, p * self.d_g()))?, global)?;
@@ -290,8 +299,7 @@ impl Backbone for MegaByte {
         }
         patch.pos += 1;
         let projected = patch.tensors.last().unwrap().narrow(1, slot, 1)?;
-        let local_e = self.local_embedding.forward(&token, 0)?.to_dtype(self.compute_dtype)?;
-        let x = self.local.step(&(projected + local_e)?, local)?;
+        let x = self.local.step(&(projected + self.local_embed(&token)?)?, local)?;
         state.pos += 1;
         state.detach();
         self.head.forward(&x, &self.local_embedding.table)?.i((.., 0, ..))
