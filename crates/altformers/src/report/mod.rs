@@ -244,7 +244,7 @@ fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Resu
     let caption = if whole.is_empty() {
         caption.to_string()
     } else {
-        format!("{caption}. {} ha{} no per-layer mixer: {} curve is the whole model, one layer per stage, embedding and head included", whole.join(" and "), if whole.len() > 1 { "ve" } else { "s" }, if whole.len() > 1 { "their" } else { "its" })
+        format!("{caption}. Without a per-layer mixer ({}), the curve is the whole model, one layer per stage, embedding and head included", whole.join(", "))
     };
     let caption = caption.as_str();
     let p0 = mixer.first().copied().unwrap_or(&points[0]);

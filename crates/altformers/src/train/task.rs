@@ -31,10 +31,16 @@ pub trait Task {
             Some(rows) => model.forward_at(&batch.inputs, rows)?,
             None => model.forward(&batch.inputs, None)?.flatten_to(1)?,
         };
-        let targets = batch.targets.flatten_all()?;
-        let right = logits.argmax(D::Minus1)?.eq(&targets)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
-        Ok((right as f64, targets.dim(0)? as f64))
+        argmax_hits(&logits, &batch.targets)
     }
+}
+
+/// How many rows of `logits: [N, C]` have their arg-max at `targets` (`[N]` in any shape),
+/// and N.
+fn argmax_hits(logits: &Tensor, targets: &Tensor) -> Result<(f64, f64)> {
+    let targets = targets.flatten_all()?;
+    let right = logits.argmax(D::Minus1)?.eq(&targets)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    Ok((right as f64, targets.dim(0)? as f64))
 }
 
 /// The fraction of scored positions predicted right over `examples` fresh examples drawn from
@@ -131,9 +137,7 @@ impl Task for ListOps {
     }
 
     fn hits(&self, model: &Model, batch: &Batch) -> Result<(f64, f64)> {
-        let predicted = Self::class_logits(model, batch)?.argmax(D::Minus1)?;
-        let right = predicted.eq(&batch.targets)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
-        Ok((right as f64, batch.targets.dim(0)? as f64))
+        argmax_hits(&Self::class_logits(model, batch)?, &batch.targets)
     }
 }
 
