@@ -2,7 +2,8 @@
 # The H200 runs of issue 20 (MegaByte, Hourglass), on the device tool's machine: carry ".gpu"
 # (scripts/gpu-package.sh) and run `bash bench/results/2026-12-02-h200-megabyte-hourglass/run.sh PART`
 # with $OUT set. Widths match the Transformer's parameter count (`altformers params --model M
-# --config configs/nanogpt-baby.toml --matching transformer`): 10.82M / 10.97M / 10.99M.
+# --config configs/nanogpt-baby.toml --matching transformer`): 10.82M / 10.97M / 10.99M; issue 22's
+# M2 (width 492, 10.92M) and One Wide FFN (width 384, 10.82M).
 #   tests       the GPU test binary (fused kernels; every model against the CPU)
 #   baby M...   nanoGPT's baby GPT budget (configs/nanogpt-baby.toml: 5000 steps of 64 x 256
 #               bytes, bf16), one process per model, side by side
@@ -16,7 +17,7 @@ part=$1; shift
 bin="bash .gpu/run.sh"
 $bin models > /dev/null   # unpack once before processes start side by side
 mkdir -p /tmp/runs
-width() { case $1 in transformer) echo 384 ;; megabyte) echo 336 ;; hourglass) echo 372 ;; esac; }
+width() { case $1 in transformer|one-wide-ffn) echo 384 ;; megabyte) echo 336 ;; hourglass) echo 372 ;; m2) echo 492 ;; esac; }
 case $part in
   tests) bash .gpu/run-tests.sh > "$OUT/tests.log" 2>&1; tail -5 "$OUT/tests.log" ;;
   long)
