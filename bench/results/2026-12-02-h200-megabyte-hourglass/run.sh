@@ -6,7 +6,7 @@
 # M2 (width 492, 10.92M) and One Wide FFN (width 384, 10.82M).
 #   tests       the GPU test binary (fused kernels; every model against the CPU)
 #   baby M...   nanoGPT's baby GPT budget (configs/nanogpt-baby.toml: 5000 steps of 64 x 256
-#               bytes, bf16), one process per model, side by side
+#               bytes, bf16), one process per model, side by side; SETS="--set k=v ..." adds settings
 #   long M...   the same models at a 2048-byte context: batch 8 (the same 16K bytes a step),
 #               2000 steps, eval every 500 on 100 batches, one model at a time
 #   pace M...   each model alone, 300 steps of the baby budget: its training rate
@@ -34,7 +34,7 @@ case $part in
   baby)
     for m in "$@"; do
       ( /usr/bin/time -v $bin train --model "$m" --data shakespeare --config configs/nanogpt-baby.toml \
-          --set model.width="$(width "$m")" --out "/tmp/runs/$part-$m" --device cuda --dtype bf16 --quiet \
+          --set model.width="$(width "$m")" ${SETS:-} --out "/tmp/runs/$part-$m" --device cuda --dtype bf16 --quiet \
           > "/tmp/runs/$part-$m.log" 2>&1; echo "$m exit $?" >> "/tmp/runs/$part-$m.log" ) &
     done
     wait
