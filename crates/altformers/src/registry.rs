@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::backbones::{self, hourglass, megabyte, Backbone, BackboneFn, MixerFn, Parts};
 use crate::complexity::Complexity;
 use crate::config::{ModelConfig, NoOptions, Options, Overrides, RunConfig};
-use crate::mixers::{self, aft, hyena, longnet, m2, retnet, rwkv4};
+use crate::mixers::{self, aft, hyena, longnet, m2, reformer, retnet, rwkv4};
 use crate::params::ParamBuilder;
 
 pub struct Architecture {
@@ -271,6 +271,18 @@ Architecture {
     mixer: Some(aft::build_conv),
     backbone: backbones::stack::build,
     complexity: aft::WINDOW_COMPLEXITY,
+},
+Architecture {
+    name: "reformer",
+    summary: "Reformer's causal LSH attention (shared QK, random-rotation hashing into model.options.n_buckets, n_hashes rounds combined by log-sum-exp, chunks of model.options.chunk inside each bucket's sorted run, self only when alone) in the default stack; decoding re-hashes the KV cache (O(T) per token)",
+    paper: "2001.04451",
+    causal: true,
+    unbounded_context: false,
+    options: options::<reformer::ReformerOptions>(),
+    adjust_defaults: keep_defaults,
+    mixer: Some(reformer::build),
+    backbone: backbones::stack::build,
+    complexity: reformer::COMPLEXITY,
 },
 Architecture {
     name: "megabyte",

@@ -1,0 +1,529 @@
+//! Reformer's causal LSH attention (Kitaev, Kaiser and Levskaya 2020, "Reformer: The
+//! Efficient Transformer", arXiv 2001.04451; the reference is google/trax
+//! `trax/layers/research/efficient_attention.py`, `LSHSelfAttention`).
+//!
+//! Per head, one projection gives the shared query/key `x_t` and another the value `v_t`:
+//! - **Shared QK.** Queries are `q_t = x_t`; keys are the queries normalised to unit length,
+//!   `k_t = x_t / sqrt(|x_t|^2 + d_h eps)` (trax's `length_normalized` then `/ sqrt(d_h)`),
+//!   and the score is `q_i . k_j` (no further `1/sqrt(d_h)`: the key already carries it).
+//! - **Hashing by random rotations.** Round `r` draws `R_r: [d_h, n_b / 2]` and hashes
+//!   `h_r(k) = argmax([k R_r ; -k R_r])` into `n_b` (even) buckets, `n_hashes` rounds.
+//! - **Sort and chunk.** Each round sorts the positions stably by (bucket, position) and cuts
+//!   them into chunks of `c` tokens; a chunk attends to itself and to the chunk before it,
+//!   causally on the ORIGINAL positions (key j visible to query i iff j <= i).
+//! - **Self only when alone.** A query's score for its own key is replaced by -1e5 (trax's
+//!   `mask_self`, a large negative value, not -inf): it attends to itself only when nothing
+//!   else is visible, and then with weight 1.
+//! - **Rounds combined by their log-sum-exp.** With `z_r` the log-sum-exp of round r's scores
+//!   and `o_r` its output, `o = sum_r exp(z_r - logsumexp_r z_r) o_r` (the paper's
+//!   multi-round equation, trax's combination). That is one softmax over the union (with
+//!   multiplicity) of every round's keys, which is how it is computed here: identical rounds
+//!   give exactly one round.
+//!
+//! **Where the chunks are cut: exact causality.** trax cuts the sorted sequence of a round
+//! every `c` tokens across bucket boundaries. Then the chunk of query i depends on how many
+//! LATER tokens hash into lower buckets (they sort before it): a future token moves earlier
+//! outputs, so that form is not causal as a function (only masked by position), and no
+//! decoding step can reproduce it. Here each bucket's run in the sorted order (its tokens in
+//! position order) is cut into chunks of `c` from the run's start: the k-th token of a bucket
+//! (k counted from 0) is in chunk `floor(k / c)` of that bucket and attends to the bucket's
+//! tokens `c (floor(k / c) - 1) ..= k` (from 0 in the first chunk). That depends only on
+//! tokens at or before i, so the layer is exactly causal, and decoding computes exactly what
+//! the parallel form computes for the last position. The paper's idealised attention is
+//! within a bucket (its `P_i = {j : h(q_i) = h(k_j)}`); trax's chunks also let a token see the
+//! neighbouring buckets' tokens that share its chunk, ours do not. With one bucket both are
+//! the same: chunks of position order, own and previous (a chunk covering T: full causal
+//! shared-QK attention with the self-mask; tested). No divisibility of T by `c` is needed.
+//!
+//! **Sorting cost.** A stable sort by (bucket, position) of integers in `[0, n_b)` is a
+//! counting sort: one pass over the positions per round, O(n_hashes T) on the host (the
+//! buckets are copied there); the paper's O(T log T) is the comparison sort's bound.
+//!
+//! **The rotations** are constants drawn from `model.options.hash_seed` and the layer index
+//! (fixed per model: the same in every step, in evaluation and in decoding, and saved
+//! weights reproduce the model's hashing). Hashing is an argmax, not differentiated: the
+//! bucket indices leave the graph, and the backward pass goes through the gathered keys and
+//! values at exactly the positions the forward used (candle records the `index_select`
+//! with its index tensor), so it sees the same hashes by construction.
+//!
+//! **Decoding.** The state is the cache of past normalised keys and values. A step hashes the
+//! new key and re-hashes the cache (O(T d_h n_b n_hashes) per step, a matmul over the cache;
+//! buckets could be cached instead at O(T n_hashes) integers), finds its chunk by counting
+//! its bucket's earlier tokens (O(n_hashes T)), and attends to at most `2 c n_hashes` keys:
+//! O(T) per step in all.
+//!
+//! Shapes: `B` batch, `T` length, `H` heads, `d_h` head width, `R` hash rounds, `W = 2 c`
+//! key slots per round, `S = R W` key slots per query.
+
+use anyhow::{bail, Result as AnyResult};
+use candle_core::{DType, Device, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::{MixerState, SequenceMixer};
+use crate::complexity::{Complexity, CostShape, Review};
+use crate::config::{ModelConfig, Position};
+use crate::nn::Linear;
+use crate::params::ParamBuilder;
+use crate::primitives::rotary;
+use crate::rng::Rng;
+
+/// trax's `mask_self` value: a query's score for its own key.
+pub const SELF_SCORE: f64 = -1e5;
+
+/// trax's `length_normalized` epsilon (on the mean square).
+const NORM_EPS: f64 = 1e-6;
+
+/// The random stream of the rotations (a purpose of [`Rng::derive`] of this file's own).
+const ROTATION_STREAM: u64 = 0x4c53_4820;
+
+/// `model.options` of `reformer`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReformerOptions {
+    /// Buckets per hash round (even); 0 (the default): about 2 T / c for T = `model.context`
+    /// (the paper's choice), rounded up to even, at least 2.
+    pub n_buckets: usize,
+    /// Hash rounds.
+    pub n_hashes: usize,
+    /// Chunk length c.
+    pub chunk: usize,
+    /// Seed of the random rotations (with the layer index).
+    pub hash_seed: u64,
+}
+
+impl Default for ReformerOptions {
+    fn default() -> Self {
+        Self { n_buckets: 0, n_hashes: 2, chunk: 64, hash_seed: 0 }
+    }
+}
+
+impl crate::config::Options for ReformerOptions {
+    fn check(&self) -> AnyResult<()> {
+        let n = self.n_buckets;
+        if n != 0 && (n < 2 || n % 2 != 0) {
+            bail!("model.options.n_buckets must be even and at least 2, or 0 for the default (h(x) = argmax([xR; -xR]) has 2 x (n_buckets / 2) buckets), got {n}");
+        }
+        if self.n_hashes == 0 {
+            bail!("model.options.n_hashes must be at least 1");
+        }
+        if self.chunk == 0 {
+            bail!("model.options.chunk must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl ReformerOptions {
+    /// The number of buckets for a model of context `context`.
+    pub fn buckets(&self, context: usize) -> usize {
+        match self.n_buckets {
+            0 => (2 * context).div_ceil(self.chunk).div_ceil(2).max(1) * 2,
+            n => n,
+        }
+    }
+}
+
+/// Which keys each query sees: per query and slot, a key position, whether the slot holds a
+/// key, and whether that key is the query's own.
+///
+/// `keys: [B H, Q, S]` positions (an empty slot points at the query itself), `empty` and
+/// `own` the same shape (1.0 where true).
+pub struct Slots {
+    pub keys: Vec<u32>,
+    pub empty: Vec<f32>,
+    pub own: Vec<f32>,
+    /// Key slots per query, `S = n_hashes * 2 c`.
+    pub per_query: usize,
+}
+
+/// The slots of queries at positions `from..T`, given `buckets: [B H, R, T]` (each round's
+/// bucket of every position). Per round: a stable counting sort by (bucket, position) walks
+/// the positions in order; the k-th token of a bucket sees the bucket's tokens
+/// `c (floor(k / c) - 1) ..= k` (its chunk and the previous one, from the bucket's start).
+pub fn slots(buckets: &[u32], rows: usize, rounds: usize, t: usize, from: usize, chunk: usize, n_buckets: usize) -> Slots {
+    let width = 2 * chunk;
+    let per_query = rounds * width;
+    let q = t - from;
+    let n = rows * q * per_query;
+    let (mut keys, mut empty, mut own) = (vec![0u32; n], vec![1f32; n], vec![0f32; n]);
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); n_buckets];
+    for row in 0..rows {
+        for r in 0..rounds {
+            members.iter_mut().for_each(Vec::clear);
+            let hashed = &buckets[(row * rounds + r) * t..][..t];
+            for (pos, &b) in hashed.iter().enumerate() {
+                let run = &mut members[b as usize];
+                let k = run.len();
+                run.push(pos as u32);
+                if pos < from {
+                    continue;
+                }
+                let first = (k / chunk).saturating_sub(1) * chunk;
+                let base = (row * q + pos - from) * per_query + r * width;
+                for (slot, &key) in run[first..=k].iter().enumerate() {
+                    keys[base + slot] = key;
+                    empty[base + slot] = 0.0;
+                    own[base + slot] = if key as usize == pos { 1.0 } else { 0.0 };
+                }
+                for slot in k - first + 1..width {
+                    keys[base + slot] = pos as u32;
+                }
+            }
+        }
+    }
+    Slots { keys, empty, own, per_query }
+}
+
+/// Keys of the shared QK: `x / sqrt(|x|^2 + d_h eps)` (trax: `x / rms(x) / sqrt(d_h)`).
+/// `x: [..., d_h]`.
+pub fn normalized_keys(x: &Tensor) -> Result<Tensor> {
+    let dh = x.dim(D::Minus1)?;
+    let norm = (x.sqr()?.sum_keepdim(D::Minus1)? + dh as f64 * NORM_EPS)?.sqrt()?;
+    x.broadcast_div(&norm)
+}
+
+/// Every round's bucket of every key: `keys: [B, H, T, d_h]`, `rotations: [d_h, R n_b / 2]`
+/// -> `[B H, R, T]` on the host. `h_r(k) = argmax([k R_r ; -k R_r])`, computed in f32.
+pub fn hash(keys: &Tensor, rotations: &Tensor, rounds: usize) -> Result<Vec<u32>> {
+    let (b, h, t, dh) = keys.dims4()?;
+    let half = rotations.dim(1)? / rounds;
+    let rotated = keys
+        .to_dtype(DType::F32)?
+        .reshape((b * h * t, dh))?
+        .matmul(rotations)?
+        .reshape((b * h, t, rounds, half))?;
+    let both = Tensor::cat(&[&rotated, &rotated.neg()?], D::Minus1)?;
+    // [B H, T, R] -> [B H, R, T]
+    both.argmax(D::Minus1)?.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<u32>()
+}
+
+/// Attention of `q: [B, H, Q, d_h]` over the slots' keys and values (`keys, v: [B, H, T,
+/// d_h]`): scores `q . k`, the own key's replaced by [`SELF_SCORE`], empty slots excluded, one
+/// softmax over all `S` slots (the rounds combined by their log-sum-exp), optional dropout on
+/// the probabilities. -> `[B, H, Q, d_h]`.
+pub fn attend(
+    q: &Tensor,
+    keys: &Tensor,
+    v: &Tensor,
+    slots: &Slots,
+    dropout: Option<(f64, &mut Rng)>,
+) -> Result<Tensor> {
+    let (b, h, nq, dh) = q.dims4()?;
+    let t = keys.dim(2)?;
+    let s = slots.per_query;
+    let dev = q.device();
+    // flatten (row, position) so one gather serves every head
+    let index: Vec<u32> =
+        slots.keys.iter().enumerate().map(|(i, &k)| (i / (nq * s) * t) as u32 + k).collect();
+    let index = Tensor::from_vec(index, b * h * nq * s, dev)?;
+    let gather = |x: &Tensor| -> Result<Tensor> {
+        crate::nn::gather_rows(&x.reshape((b * h * t, dh))?, &index)?.reshape((b * h * nq, s, dh))
+    };
+    let (k, v) = (gather(keys)?, gather(v)?);
+    let scores = q.reshape((b * h * nq, 1, dh))?.matmul(&k.transpose(1, 2)?)?;
+    let dtype = scores.dtype();
+    let mask = |m: &[f32]| Tensor::from_slice(m, (b * h * nq, 1, s), dev)?.to_dtype(dtype);
+    let own = mask(&slots.own)?;
+    let scores = ((scores * own.affine(-1.0, 1.0)?)? + own.affine(SELF_SCORE, 0.0)?)?;
+    let empty: Vec<f32> = slots.empty.iter().map(|&e| if e > 0.0 { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let probs = crate::nn::softmax(&(scores + mask(&empty)?)?)?;
+    let probs = match dropout {
+        Some((p, rng)) if p > 0.0 => crate::nn::dropout(&probs, p, rng)?,
+        _ => probs,
+    };
+    probs.matmul(&v)?.reshape((b, h, nq, dh))
+}
+
+/// Causal multi-head LSH attention with shared QK (see the module doc).
+pub struct LshAttention {
+    /// `[D] -> [2 H d_h]`: the shared query/key, then the value.
+    qv: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+    /// `[d_h, R n_b / 2]`, f32, one block of `n_b / 2` columns per round.
+    rotations: Tensor,
+    n_buckets: usize,
+    n_hashes: usize,
+    chunk: usize,
+    rope_base: Option<f64>,
+}
+
+impl LshAttention {
+    /// Parameters `qv.*`, `out.*` under `pb`; the rotations of layer `layer` from the options'
+    /// seed.
+    pub fn new(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
+        let o: ReformerOptions = cfg.options()?;
+        let (d, h, dh) = (cfg.width, cfg.heads, cfg.head_dim());
+        let n_buckets = o.buckets(cfg.context);
+        let columns = o.n_hashes * n_buckets / 2;
+        let values = Rng::derive(o.hash_seed, ROTATION_STREAM, layer as u64).normal_vec(dh * columns, 1.0);
+        Ok(Self {
+            qv: Linear::new(pb, "qv", d, 2 * h * dh, 0.02, cfg.bias)?,
+            out: Linear::new(pb, "out", h * dh, d, 0.02 / (2.0 * cfg.depth as f64).sqrt(), cfg.bias)?,
+            heads: h,
+            head_dim: dh,
+            rotations: Tensor::from_vec(values, (dh, columns), &pb.device)?,
+            n_buckets,
+            n_hashes: o.n_hashes,
+            chunk: o.chunk,
+            rope_base: (cfg.position == Position::Rope).then_some(cfg.rope_base),
+        })
+    }
+
+    /// `x: [B, T, D]` at positions `offset..` -> queries and normalised keys `[B, H, T, d_h]`
+    /// and values `[B, H, T, d_h]`.
+    fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, dh) = (self.heads, self.head_dim);
+        let qv = self.qv.forward(x)?;
+        let split = |start: usize| -> Result<Tensor> {
+            qv.narrow(D::Minus1, start * dh, h * dh)?.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()
+        };
+        let mut q = split(0)?;
+        if let Some(base) = self.rope_base {
+            q = rotary::apply(&q, offset, base)?;
+        }
+        let k = normalized_keys(&q)?;
+        Ok((q, k, split(h)?))
+    }
+
+    /// LSH attention of the queries at positions `from..T` over keys `0..T`.
+    fn lsh(&self, q: &Tensor, k: &Tensor, v: &Tensor, from: usize, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        let (b, h, t, _) = k.dims4()?;
+        let buckets = hash(k, &self.rotations, self.n_hashes)?;
+        let slots = slots(&buckets, b * h, self.n_hashes, t, from, self.chunk, self.n_buckets);
+        attend(q, k, v, &slots, dropout)
+    }
+
+    /// `[B, H, T, d_h] -> [B, T, D]` through the output projection.
+    fn merge(&self, y: &Tensor) -> Result<Tensor> {
+        let (b, h, t, dh) = y.dims4()?;
+        self.out.forward(&y.transpose(1, 2)?.reshape((b, t, h * dh))?)
+    }
+}
+
+impl SequenceMixer for LshAttention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, 0)?;
+        self.merge(&self.lsh(&q, &k, &v, 0, None)?)
+    }
+
+    fn forward_train(&self, x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, 0)?;
+        self.merge(&self.lsh(&q, &k, &v, 0, Some((p, rng)))?)
+    }
+
+    /// The state is the cache `[normalised keys, values]`, each `[B, H, T, d_h]`.
+    fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        let (q, k, v) = self.project(x, 0)?;
+        let y = self.merge(&self.lsh(&q, &k, &v, 0, None)?)?;
+        Ok((y, MixerState { tensors: vec![k, v], pos: x.dim(1)? }))
+    }
+
+    /// Re-hashes the whole cache with the new key and attends from the last position only:
+    /// O(T) per step (see the module doc).
+    fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, state.pos)?;
+        let (k, v) = match state.tensors.as_slice() {
+            [kc, vc] => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+            _ => (k, v),
+        };
+        let t = k.dim(2)?;
+        let y = self.lsh(&q, &k, &v, t - 1, None)?;
+        state.tensors = vec![k, v];
+        state.pos += 1;
+        self.merge(&y)
+    }
+}
+
+pub fn build(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(LshAttention::new(cfg, layer, pb)?))
+}
+
+/// Costs at the default options (2 rounds, c = 64, n_b about 2 T / c).
+pub const COMPLEXITY: Complexity = Complexity {
+    review: Review {
+        stated_time: "O(T log Td)",
+        stated_space: "O(T log T + Td)",
+        error: "",
+    },
+    true_time: "O(T d^2) projections + O(n_r T d_h n_b h) hashing + O(n_r T) counting sort (O(n_r T log T) as a comparison sort) + O(n_r T c d) chunked attention (n_r rounds, chunk c); decode O(T) per token (re-hashing the cache)",
+    true_space: "O(n_r T c h) scores + O(n_r T c d) gathered keys and values; decode cache O(T d)",
+    flops: |s: &CostShape| {
+        let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
+        let o = ReformerOptions::default();
+        let (rounds, chunk) = (o.n_hashes as f64, o.chunk as f64);
+        let buckets = o.buckets(s.seq) as f64;
+        // qv (2 d^2) and out (d^2) projections; hashing (d_h x n_b / 2 per head and round);
+        // scores and weighted sum over 2 c slots per round (2 FLOPs x d per slot, twice)
+        b * (6.0 * t * d * d + rounds * t * d * buckets + 8.0 * rounds * chunk * t * d)
+    },
+    memory: |s: &CostShape| {
+        let (b, t, d, h) = (s.batch as f64, s.seq as f64, s.width as f64, s.heads as f64);
+        let o = ReformerOptions::default();
+        let slots = 2.0 * o.n_hashes as f64 * o.chunk as f64;
+        // q, k, v, merged, projected; gathered keys and values; scores and probabilities
+        b * (5.0 * t * d + 2.0 * slots * t * d + 2.0 * slots * t * h)
+    },
+    state: |s: &CostShape| 2.0 * (s.batch * s.seq * s.width) as f64,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_causal, assert_mixer_modes_agree, randn, rel_err, tiny_config};
+
+    fn mixer(sets: &[&str]) -> AnyResult<(ModelConfig, LshAttention)> {
+        let mut all = vec!["model.width=16", "model.heads=2", "model.context=64"];
+        all.extend_from_slice(sets);
+        let cfg = tiny_config("reformer", &all)?;
+        let pb = ParamBuilder::new(3, &Device::Cpu, DType::F64);
+        let m = LshAttention::new(&cfg, 0, &pb)?;
+        Ok((cfg, m))
+    }
+
+    /// Full causal shared-QK attention with the self-mask, straight from the definition:
+    /// query i sees keys j <= i with score q_i . k_j, its own score replaced by -1e5.
+    /// `q, k, v: [B, H, T, d_h]` (f64).
+    fn full_shared_qk_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> AnyResult<Tensor> {
+        let (b, h, t, dh) = q.dims4()?;
+        let (q, k, v): (Vec<f64>, Vec<f64>, Vec<f64>) =
+            (q.flatten_all()?.to_vec1()?, k.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?);
+        let mut out = vec![0.0; b * h * t * dh];
+        for row in 0..b * h {
+            let at = |x: &[f64], i: usize| x[(row * t + i) * dh..][..dh].to_vec();
+            for i in 0..t {
+                let qi = at(&q, i);
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| if j == i { SELF_SCORE } else { qi.iter().zip(at(&k, j)).map(|(a, b)| a * b).sum() })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for (j, w) in weights.iter().enumerate() {
+                    for (o, vj) in out[(row * t + i) * dh..][..dh].iter_mut().zip(at(&v, j)) {
+                        *o += w / total * vj;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (b, h, t, dh), &Device::Cpu)?)
+    }
+
+    /// One bucket and a chunk covering T, one round: exactly full causal shared-QK attention
+    /// with the self-mask (position 0 attends to itself alone).
+    #[test]
+    fn one_bucket_and_a_covering_chunk_is_full_shared_qk_attention() -> AnyResult<()> {
+        let t = 23;
+        let (_, m) = mixer(&["model.options.n_buckets=2", "model.options.chunk=32", "model.options.n_hashes=1"])?;
+        let x = randn(&[2, t, 16], 1, DType::F64)?;
+        let (q, k, v) = m.project(&x, 0)?;
+        // one bucket: every position hashed to bucket 0
+        let buckets = vec![0u32; 2 * 2 * t];
+        let y = attend(&q, &k, &v, &slots(&buckets, 4, 1, t, 0, 32, 1), None)?;
+        let e = rel_err(&y, &full_shared_qk_reference(&q, &k, &v)?)?;
+        assert!(e < 1e-12, "LSH attention with one bucket vs full shared-QK attention: {e}");
+        // position 0, alone, takes its own value
+        let e0 = rel_err(&y.narrow(2, 0, 1)?, &v.narrow(2, 0, 1)?)?;
+        assert!(e0 < 1e-12, "position 0 attends to itself: {e0}");
+        Ok(())
+    }
+
+    /// With one bucket and chunks shorter than T, a query sees its position chunk and the one
+    /// before (trax's chunking of an unsorted sequence): a key two chunks back is invisible.
+    #[test]
+    fn chunks_see_their_own_and_the_previous_chunk() {
+        let (t, c) = (10, 3);
+        let s = slots(&[0u32; 10], 1, 1, t, 0, c, 1);
+        let seen = |i: usize| -> Vec<u32> {
+            (0..2 * c).filter(|&w| s.empty[i * 2 * c + w] == 0.0).map(|w| s.keys[i * 2 * c + w]).collect()
+        };
+        assert_eq!(seen(0), vec![0]);
+        assert_eq!(seen(2), vec![0, 1, 2]);
+        assert_eq!(seen(3), vec![0, 1, 2, 3]);
+        assert_eq!(seen(8), vec![3, 4, 5, 6, 7, 8]);
+        assert_eq!(seen(9), vec![6, 7, 8, 9]);
+    }
+
+    /// Buckets are sorted stably by (bucket, position) and chunked within each bucket's run:
+    /// a query sees only keys of its own bucket, at or before it.
+    #[test]
+    fn queries_see_only_their_bucket_up_to_themselves() {
+        let buckets = [1u32, 0, 1, 1, 0, 1, 1];
+        let s = slots(&buckets, 1, 1, 7, 0, 2, 2);
+        let seen = |i: usize| -> Vec<u32> { (0..4).filter(|&w| s.empty[i * 4 + w] == 0.0).map(|w| s.keys[i * 4 + w]).collect() };
+        // bucket 1's run: positions 0, 2, 3, 5, 6 (chunks {0, 2}, {3, 5}, {6})
+        assert_eq!(seen(3), vec![0, 2, 3]);
+        assert_eq!(seen(5), vec![0, 2, 3, 5]);
+        assert_eq!(seen(6), vec![3, 5, 6]);
+        // bucket 0's run: positions 1, 4
+        assert_eq!(seen(4), vec![1, 4]);
+        assert_eq!(s.own[4 * 4 + 1], 1.0);
+    }
+
+    /// The same rotation twice gives exactly one round: the union of the two rounds' keys
+    /// holds every key twice, and the log-sum-exp combination weighs the rounds equally.
+    #[test]
+    fn identical_hash_rounds_equal_one_round() -> AnyResult<()> {
+        let (_, mut m) = mixer(&["model.options.n_buckets=4", "model.options.chunk=4", "model.options.n_hashes=1"])?;
+        let x = randn(&[2, 40, 16], 2, DType::F64)?;
+        let one = m.forward(&x)?;
+        m.rotations = Tensor::cat(&[&m.rotations, &m.rotations], 1)?;
+        m.n_hashes = 2;
+        let two = m.forward(&x)?;
+        let e = rel_err(&two, &one)?;
+        assert!(e < 1e-12, "two identical rounds vs one: {e}");
+        // a different second rotation does change the result (the check can fail)
+        m.rotations = Tensor::cat(&[&m.rotations.narrow(1, 0, 2)?, &randn(&[8, 2], 9, DType::F32)?], 1)?;
+        assert!(rel_err(&m.forward(&x)?, &one)? > 1e-3, "a second, different round changed nothing");
+        Ok(())
+    }
+
+    /// Exact causality at a length spanning many chunks and buckets, several rounds: the
+    /// chunks are cut inside each bucket's run, so no later token moves an earlier output.
+    #[test]
+    fn lsh_attention_is_exactly_causal() -> AnyResult<()> {
+        let (_, m) = mixer(&["model.options.n_buckets=4", "model.options.chunk=4", "model.options.n_hashes=3"])?;
+        let x = randn(&[2, 48, 16], 4, DType::F64)?;
+        assert_causal(&|x| m.forward(x).map_err(Into::into), &x)
+    }
+
+    /// Decoding (prefill, then steps that re-hash the cache) equals the parallel form.
+    #[test]
+    fn recurrent_equals_parallel() -> AnyResult<()> {
+        let (_, m) = mixer(&["model.options.n_buckets=4", "model.options.chunk=3", "model.options.n_hashes=2"])?;
+        let x = randn(&[2, 30, 16], 5, DType::F64)?;
+        assert_mixer_modes_agree(&m, &x, &[0, 1, 7, 29])
+    }
+
+    /// Gradients reach the projections through the gathered keys and values and match
+    /// central differences (the hashing stays fixed under the small step).
+    #[test]
+    fn gradients_match_finite_differences() -> AnyResult<()> {
+        let cfg = tiny_config("reformer", &["model.options.n_buckets=4", "model.options.chunk=4"])?;
+        let e = crate::testing::model_gradient_err_with_step(&cfg, 3, 1e-5)?;
+        assert!(e < 1e-5, "gradient vs finite differences: {e}");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_options_are_clear_errors() {
+        for (set, expect) in [
+            ("model.options.n_buckets=7", "n_buckets must be even"),
+            ("model.options.n_hashes=0", "n_hashes must be at least 1"),
+            ("model.options.chunk=0", "chunk must be at least 1"),
+        ] {
+            let err = tiny_config("reformer", &[set]).map(|_| ()).unwrap_err();
+            assert!(format!("{err:#}").contains(expect), "{set}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn default_buckets_follow_the_paper() {
+        let o = ReformerOptions::default();
+        assert_eq!(o.buckets(4096), 128);
+        assert_eq!(o.buckets(24), 2);
+        assert_eq!(o.buckets(200), 8);
+    }
+}
