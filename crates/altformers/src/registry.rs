@@ -274,14 +274,14 @@ Architecture {
 },
 Architecture {
     name: "reformer",
-    summary: "Reformer's causal LSH attention (shared QK, random-rotation hashing into model.options.n_buckets, n_hashes rounds combined by log-sum-exp, chunks of model.options.chunk inside each bucket's sorted run, self only when alone) in the default stack; decoding re-hashes the KV cache (O(T) per token)",
+    summary: "Reformer's causal LSH attention (shared QK, random-rotation hashing into model.options.n_buckets, n_hashes rounds combined by log-sum-exp, chunks of model.options.chunk inside each bucket's sorted run, self only when alone) ; reversible residual pairs (Y1 = X1 + Attn(X2), Y2 = X2 + FFN(Y1), backward by recomputation: memory flat in depth), chunked FFN, head on [Y1; Y2]; decoding re-hashes the KV cache (O(T) per token)",
     paper: "2001.04451",
     causal: true,
     unbounded_context: false,
     options: options::<reformer::ReformerOptions>(),
-    adjust_defaults: keep_defaults,
+    adjust_defaults: reformer::adjust_defaults,
     mixer: Some(reformer::build),
-    backbone: backbones::stack::build,
+    backbone: backbones::reversible::build_reformer,
     complexity: reformer::COMPLEXITY,
 },
 Architecture {

@@ -10,6 +10,7 @@
 
 pub mod hourglass;
 pub mod megabyte;
+pub mod reversible;
 pub mod stack;
 
 use anyhow::Result as AnyResult;

@@ -56,7 +56,7 @@
 //! key slots per round, `S = R W` key slots per query.
 
 use anyhow::{bail, Result as AnyResult};
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
@@ -89,11 +89,17 @@ pub struct ReformerOptions {
     pub chunk: usize,
     /// Seed of the random rotations (with the layer index).
     pub hash_seed: u64,
+    /// Positions per chunk of the FFN in the reversible backbone (position-wise, so the
+    /// chunks bound the hidden activation without changing the result).
+    pub ffn_chunk: usize,
+    /// The reversible backbone's backward recomputes the layers (true) or ordinary
+    /// backpropagation keeps every activation (false: the same function and gradients).
+    pub reversible: bool,
 }
 
 impl Default for ReformerOptions {
     fn default() -> Self {
-        Self { n_buckets: 0, n_hashes: 2, chunk: 64, hash_seed: 0 }
+        Self { n_buckets: 0, n_hashes: 2, chunk: 64, hash_seed: 0, ffn_chunk: 128, reversible: true }
     }
 }
 
@@ -108,6 +114,9 @@ impl crate::config::Options for ReformerOptions {
         }
         if self.chunk == 0 {
             bail!("model.options.chunk must be at least 1");
+        }
+        if self.ffn_chunk == 0 {
+            bail!("model.options.ffn_chunk must be at least 1");
         }
         Ok(())
     }
@@ -337,6 +346,12 @@ impl SequenceMixer for LshAttention {
     }
 }
 
+/// The Reformer's head reads the concatenated pair of its reversible stack (2 d wide): it is
+/// not tied to the embedding.
+pub fn adjust_defaults(cfg: &mut ModelConfig) {
+    cfg.tie_embeddings = false;
+}
+
 pub fn build(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(LshAttention::new(cfg, layer, pb)?))
 }
@@ -373,6 +388,7 @@ pub const COMPLEXITY: Complexity = Complexity {
 mod tests {
     use super::*;
     use crate::testing::{assert_causal, assert_mixer_modes_agree, randn, rel_err, tiny_config};
+    use candle_core::Device;
 
     fn mixer(sets: &[&str]) -> AnyResult<(ModelConfig, LshAttention)> {
         let mut all = vec!["model.width=16", "model.heads=2", "model.context=64"];
@@ -513,6 +529,7 @@ mod tests {
             ("model.options.n_buckets=7", "n_buckets must be even"),
             ("model.options.n_hashes=0", "n_hashes must be at least 1"),
             ("model.options.chunk=0", "chunk must be at least 1"),
+            ("model.options.ffn_chunk=0", "ffn_chunk must be at least 1"),
         ] {
             let err = tiny_config("reformer", &[set]).map(|_| ()).unwrap_err();
             assert!(format!("{err:#}").contains(expect), "{set}: {err:#}");

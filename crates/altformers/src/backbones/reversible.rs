@@ -1,0 +1,473 @@
+//! Reformer's reversible residual backbone (Kitaev et al. 2020, arXiv 2001.04451, section 3;
+//! RevNets, Gomez et al. 2017; trax `trax/layers/reversible.py` and `ReformerLM`, whose
+//! layout Hugging Face's `modeling_reformer.py` ports).
+//!
+//! The embedding `x` is duplicated into the pair `(X1, X2) = (x, x)`; each layer maps
+//!
+//! ```text
+//! Y1 = X1 + F(X2)      F(x) = Attention(LayerNorm_1(x))
+//! Y2 = X2 + G(Y1)      G(x) = FFN(LayerNorm_2(x)), applied to chunks of c_ffn positions
+//! ```
+//!
+//! and the final pair is concatenated to `[Y1; Y2]` (width 2d), layer-normalised and
+//! projected to the vocabulary (trax: `Concatenate, LayerNorm, Dense`; Hugging Face:
+//! `LayerNorm(2 hidden)`, `Linear(2 hidden, vocab)`), so the head is 2d wide and not tied to
+//! the embedding. Dropout sits where the default stack has it: the embedding, the attention
+//! probabilities, and each branch's output.
+//!
+//! **Backward by recomputation.** Each layer is invertible:
+//!
+//! ```text
+//! X2 = Y2 - G(Y1)      X1 = Y1 - F(X2)
+//! ```
+//!
+//! so the forward pass keeps no layer's activations: it runs the layers off the autograd
+//! graph, one after the other, and hands the final pair to one [`RecomputingBackward`] op whose
+//! inputs are the embedding and a flat vector of every layer's parameters (a differentiable
+//! concatenation of them). Its backward, given `dY1, dY2` at the top, walks the layers in
+//! reverse: with `Y1` a leaf it evaluates `g = G(Y1)`, reconstructs `X2 = Y2 - g`, and
+//! backpropagates `dY2` through `g` (`dY1 += G'(Y1)^T dY2`, G's parameter gradients); then
+//! with `X2` a leaf, `f = F(X2)`, `X1 = Y1 - f`, and backpropagates the new `dY1` through `f`
+//! (`dX2 = dY2 + F'(X2)^T dY1`, `dX1 = dY1`, F's parameter gradients). Only one layer's graph
+//! exists at any time, so peak training memory does not grow with depth (measured:
+//! `tests/reversible_memory.rs`). The op returns `dx = dX1 + dX2` for the embedding and the
+//! flat parameter gradient, which candle's backward splits back onto each parameter: the
+//! ordinary `loss.backward()` of the training step gets every gradient, no trainer change.
+//!
+//! Dropout in the recomputation replays the forward's masks: each layer's two branches draw
+//! from streams derived from one seed the forward takes from the step's dropout stream (and
+//! the layer and branch index), which the op keeps. The LSH rotations are constants of the
+//! mixer, so the recomputed hashes are the forward's. Reconstruction is exact up to rounding
+//! (`x + f - f`); tests hold the reversible gradients to ordinary backpropagation through the
+//! same network (`model.options.reversible = false` keeps every activation instead).
+//!
+//! Decoding runs the same pairs one token at a time, each layer's attention and FFN with
+//! their own recurrent state (two per layer, like the default stack).
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result as AnyResult};
+use candle_core::{CpuStorage, CustomOp3, DType, IndexOp, Layout, Result, Shape, Tensor, Var, D};
+
+use super::stack::{embedding, Block, Embedding, Head};
+use super::{Backbone, ModelState, Parts};
+use crate::config::ModelConfig;
+use crate::mixers::reformer::ReformerOptions;
+use crate::mixers::MixerState;
+use crate::nn::dropout;
+use crate::params::ParamBuilder;
+use crate::rng::{stream, Rng};
+
+/// The dropout of one forward pass, replayable: probability and the seed every layer's masks
+/// derive from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Replay {
+    p: f64,
+    seed: u64,
+}
+
+impl Replay {
+    /// The stream of layer `layer`'s branch `branch` (0: F, 1: G).
+    fn rng(&self, layer: usize, branch: u64) -> Rng {
+        Rng::derive(self.seed, stream::DROPOUT, 2 * layer as u64 + branch)
+    }
+}
+
+/// The reversible layers: blocks (`blocks.N.{ln1, att, ln2, ffn}`), each block's parameters
+/// in a fixed order, and the FFN chunk.
+pub struct ReversibleLayers {
+    blocks: Vec<Block>,
+    /// Each block's parameter tensors, in the order of the flat vector [`RecomputingBackward`]
+    /// takes.
+    params: Vec<Vec<Tensor>>,
+    ffn_chunk: usize,
+}
+
+impl ReversibleLayers {
+    /// `F(x2) = Attention(LN1(x2))` of layer `i` (with its dropout sites when training).
+    fn attention_branch(&self, i: usize, x2: &Tensor, replay: Option<Replay>) -> Result<Tensor> {
+        let b = &self.blocks[i];
+        let h = b.ln1.forward(x2)?;
+        match replay {
+            Some(r) => {
+                let mut rng = r.rng(i, 0);
+                dropout(&b.att.forward_train(&h, r.p, &mut rng)?, r.p, &mut rng)
+            }
+            None => b.att.forward(&h),
+        }
+    }
+
+    /// `G(y1) = FFN(LN2(y1))` of layer `i`, chunk by chunk of `ffn_chunk` positions (it is
+    /// position-wise: the chunks only bound the hidden activation's size).
+    fn ffn_branch(&self, i: usize, y1: &Tensor, replay: Option<Replay>) -> Result<Tensor> {
+        let b = &self.blocks[i];
+        let t = y1.dim(1)?;
+        let mut rng = replay.map(|r| r.rng(i, 1));
+        let mut outs = Vec::with_capacity(t.div_ceil(self.ffn_chunk));
+        for start in (0..t).step_by(self.ffn_chunk) {
+            let part = y1.narrow(1, start, self.ffn_chunk.min(t - start))?;
+            let g = b.ffn.forward(&b.ln2.forward(&part)?)?;
+            outs.push(match (&mut rng, replay) {
+                (Some(rng), Some(r)) => dropout(&g, r.p, rng)?,
+                _ => g,
+            });
+        }
+        Tensor::cat(&outs, 1)
+    }
+
+    /// Layer `i`: `(X1, X2) -> (Y1, Y2) = (X1 + F(X2), X2 + G(Y1))`.
+    pub(crate) fn layer(&self, i: usize, x1: &Tensor, x2: &Tensor, replay: Option<Replay>) -> Result<(Tensor, Tensor)> {
+        let y1 = (x1 + self.attention_branch(i, x2, replay)?)?;
+        let y2 = (x2 + self.ffn_branch(i, &y1, replay)?)?;
+        Ok((y1, y2))
+    }
+
+    /// The inverse of layer `i`: `(Y1, Y2) -> (X1, X2) = (Y1 - F(X2), Y2 - G(Y1))`, detached.
+    pub(crate) fn inverse(&self, i: usize, y1: &Tensor, y2: &Tensor, replay: Option<Replay>) -> Result<(Tensor, Tensor)> {
+        let x2 = (y2 - self.ffn_branch(i, y1, replay)?)?.detach();
+        let x1 = (y1 - self.attention_branch(i, &x2, replay)?)?.detach();
+        Ok((x1, x2))
+    }
+
+    /// Every layer on `(x, x)`, keeping the graph (ordinary backpropagation) or not.
+    fn run(&self, x: &Tensor, replay: Option<Replay>, keep_graph: bool) -> Result<(Tensor, Tensor)> {
+        let (mut x1, mut x2) = (x.clone(), x.clone());
+        for i in 0..self.blocks.len() {
+            let (y1, y2) = self.layer(i, &x1, &x2, replay)?;
+            (x1, x2) = if keep_graph { (y1, y2) } else { (y1.detach(), y2.detach()) };
+        }
+        Ok((x1, x2))
+    }
+
+    /// Every layer's parameters flattened into one vector (differentiable).
+    fn flat_params(&self) -> Result<Tensor> {
+        let flat: Vec<Tensor> = self.params.iter().flatten().map(|p| p.flatten_all()).collect::<Result<_>>()?;
+        Tensor::cat(&flat, 0)
+    }
+}
+
+/// The reversible stack as one autograd op: its value is the final pair `[Y1; Y2]` computed
+/// off the graph (passed in as the first argument and returned as it is); its backward
+/// recomputes the layers in reverse (see the module doc). Arguments: the pair's values `[B,
+/// T, 2D]`, the embedding `x: [B, T, D]`, the flat parameters `[P]`.
+struct RecomputingBackward {
+    layers: Arc<ReversibleLayers>,
+    replay: Option<Replay>,
+}
+
+/// `x` must be one contiguous block from its storage's start: the op returns the storage.
+fn check_whole(layout: &Layout) -> Result<()> {
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        candle_core::bail!("reversible stack: the pair's values must be a fresh contiguous tensor");
+    }
+    Ok(())
+}
+
+impl CustomOp3 for RecomputingBackward {
+    fn name(&self) -> &'static str {
+        "reversible-recomputing-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        values: &CpuStorage,
+        layout: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        check_whole(layout)?;
+        Ok((values.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        values: &candle_core::CudaStorage,
+        layout: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        check_whole(layout)?;
+        Ok((values.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _values: &Tensor,
+        x: &Tensor,
+        flat: &Tensor,
+        pair: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let half = |t: &Tensor, k: usize| -> Result<Tensor> { t.narrow(D::Minus1, k * d, d)?.contiguous() };
+        let (mut y1, mut y2) = (half(pair, 0)?, half(pair, 1)?);
+        let (mut dy1, mut dy2) = (half(grad, 0)?, half(grad, 1)?);
+        let layers = &self.layers;
+        let mut param_grads: Vec<Vec<Tensor>> = Vec::with_capacity(layers.blocks.len());
+        let grad_of = |store: &candle_core::backprop::GradStore, t: &Tensor| -> Result<Tensor> {
+            match store.get(t) {
+                Some(g) => Ok(g.clone()),
+                None => t.zeros_like(),
+            }
+        };
+        for i in (0..layers.blocks.len()).rev() {
+            // G: dY1 += G'(Y1)^T dY2, and G's parameter gradients
+            let y1_leaf = Var::from_tensor(&y1)?;
+            let g = layers.ffn_branch(i, y1_leaf.as_tensor(), self.replay)?;
+            let x2 = (&y2 - g.detach())?;
+            let g_grads = (g * &dy2)?.sum_all()?.backward()?;
+            let dy1_total = (&dy1 + grad_of(&g_grads, y1_leaf.as_tensor())?)?;
+            // F: dX2 = dY2 + F'(X2)^T dY1, dX1 = dY1, and F's parameter gradients
+            let x2_leaf = Var::from_tensor(&x2)?;
+            let f = layers.attention_branch(i, x2_leaf.as_tensor(), self.replay)?;
+            let x1 = (&y1 - f.detach())?;
+            let f_grads = (f * &dy1_total)?.sum_all()?.backward()?;
+            dy2 = (&dy2 + grad_of(&f_grads, x2_leaf.as_tensor())?)?;
+            dy1 = dy1_total;
+            let grads = layers.params[i]
+                .iter()
+                .map(|p| (grad_of(&g_grads, p)? + grad_of(&f_grads, p)?)?.to_dtype(flat.dtype())?.flatten_all())
+                .collect::<Result<Vec<_>>>()?;
+            param_grads.push(grads);
+            (y1, y2) = (x1, x2);
+        }
+        param_grads.reverse();
+        let dflat = Tensor::cat(&param_grads.into_iter().flatten().collect::<Vec<_>>(), 0)?;
+        // the input was duplicated: its gradient is the sum of both halves'
+        let dx = (dy1 + dy2)?.to_dtype(x.dtype())?;
+        Ok((None, Some(dx), Some(dflat)))
+    }
+}
+
+pub struct Reversible {
+    context: usize,
+    dropout: f64,
+    embedding: Embedding,
+    layers: Arc<ReversibleLayers>,
+    /// Backward by recomputation (else ordinary backpropagation, every activation kept).
+    recompute: bool,
+    /// The final norm (2d wide) and the head from the concatenated pair.
+    head: Head,
+    compute_dtype: DType,
+}
+
+/// Reformer: the reversible stack around `parts.mixer`, with `model.options` of
+/// [`ReformerOptions`] (`ffn_chunk`, `reversible`).
+pub fn build_reformer(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts) -> AnyResult<Box<dyn Backbone>> {
+    let o: ReformerOptions = config.options()?;
+    Ok(Box::new(Reversible::new(config, pb, parts, o.ffn_chunk, o.reversible)?))
+}
+
+impl Reversible {
+    /// `ffn_chunk` positions per FFN chunk; `recompute`: the memory-saving backward.
+    pub fn new(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts, ffn_chunk: usize, recompute: bool) -> AnyResult<Self> {
+        let Some(mixer) = parts.mixer else { bail!("`{}` has no sequence mixer for its reversible layers", config.architecture) };
+        if config.tie_embeddings {
+            bail!("the reversible stack's head reads the concatenated pair [Y1; Y2] (2 x model.width, as trax and Hugging Face): it cannot be tied to the embedding; set model.tie_embeddings=false");
+        }
+        if config.channel_mixer == "rwkv" {
+            bail!("the reversible stack applies the FFN in chunks of positions, so its channel mixer must be position-wise: model.channel_mixer `rwkv` mixes neighbouring tokens (token shift)");
+        }
+        if ffn_chunk == 0 {
+            bail!("the FFN chunk must be at least 1 position");
+        }
+        let embedding = embedding(config, pb, false)?;
+        let store = pb.store();
+        let names = || store.lock().expect("parameter store").params.keys().cloned().collect::<std::collections::BTreeSet<_>>();
+        let (mut blocks, mut params) = (Vec::new(), Vec::new());
+        for i in 0..config.depth {
+            let before = names();
+            blocks.push(Block::new(config, i, &pb.pp(format!("blocks.{i}")), mixer, parts.channel_mixer)?);
+            let guard = store.lock().expect("parameter store");
+            params.push(
+                guard.params.iter().filter(|(n, _)| !before.contains(*n)).map(|(_, p)| p.var.as_tensor().clone()).collect(),
+            );
+        }
+        Ok(Self {
+            context: config.context,
+            dropout: config.dropout,
+            embedding,
+            layers: Arc::new(ReversibleLayers { blocks, params, ffn_chunk }),
+            recompute,
+            head: Head::new(pb, config.vocab, 2 * config.width, config.bias, false)?,
+            compute_dtype: pb.dtype,
+        })
+    }
+
+    pub fn layers(&self) -> &ReversibleLayers {
+        &self.layers
+    }
+
+    fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
+        self.embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
+    }
+
+    /// `tokens: [B, T]` -> the concatenated final pair `[B, T, 2D]`.
+    fn hidden(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        let x = self.embed(tokens, 0)?;
+        let (x, replay) = match dropout_rng.filter(|_| self.dropout > 0.0) {
+            Some(rng) => (dropout(&x, self.dropout, rng)?, Some(Replay { p: self.dropout, seed: rng.next_u64() })),
+            None => (x, None),
+        };
+        if !self.recompute {
+            let (y1, y2) = self.layers.run(&x, replay, true)?;
+            return Tensor::cat(&[y1, y2], 2);
+        }
+        let (y1, y2) = self.layers.run(&x.detach(), replay, false)?;
+        let values = Tensor::cat(&[y1, y2], 2)?.contiguous()?;
+        let op = RecomputingBackward { layers: self.layers.clone(), replay };
+        values.apply_op3(&x, &self.layers.flat_params()?, op)
+    }
+}
+
+impl Backbone for Reversible {
+    fn forward(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        self.head.forward(&self.hidden(tokens, dropout_rng)?, &self.embedding.table)
+    }
+
+    fn forward_at(&self, tokens: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        self.head.forward_at(&self.hidden(tokens, None)?, rows, &self.embedding.table)
+    }
+
+    fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
+        let x = self.embed(tokens, 0)?;
+        let (mut x1, mut x2) = (x.clone(), x);
+        let mut layers = Vec::with_capacity(2 * self.layers.blocks.len());
+        for b in &self.layers.blocks {
+            let (f, sf) = b.att.prefill(&b.ln1.forward(&x2)?)?;
+            let y1 = (&x1 + f)?;
+            let (g, sg) = b.ffn.prefill(&b.ln2.forward(&y1)?)?;
+            (x1, x2) = (y1.clone(), (&x2 + g)?);
+            layers.extend([sf, sg]);
+        }
+        let mut state = ModelState { layers, pos: tokens.dim(1)? };
+        state.detach();
+        Ok((self.head.forward(&Tensor::cat(&[x1, x2], 2)?, &self.embedding.table)?, state))
+    }
+
+    fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor> {
+        let b = token.dim(0)?;
+        let x = self.embed(&token.reshape((b, 1))?, state.pos)?;
+        let n = self.layers.blocks.len();
+        if state.layers.is_empty() {
+            state.layers = vec![MixerState::default(); 2 * n];
+        }
+        if state.layers.len() != 2 * n {
+            candle_core::bail!("a state of {} entries for {n} reversible layers", state.layers.len());
+        }
+        let (mut x1, mut x2) = (x.clone(), x);
+        for (block, pair) in self.layers.blocks.iter().zip(state.layers.chunks_mut(2)) {
+            let y1 = (&x1 + block.att.step(&block.ln1.forward(&x2)?, &mut pair[0])?)?;
+            let y2 = (&x2 + block.ffn.step(&block.ln2.forward(&y1)?, &mut pair[1])?)?;
+            (x1, x2) = (y1, y2);
+        }
+        state.pos += 1;
+        state.detach();
+        self.head.forward(&Tensor::cat(&[x1, x2], 2)?, &self.embedding.table)?.i((.., 0, ..))
+    }
+
+    fn window(&self) -> Option<usize> {
+        Some(self.context)
+    }
+
+    fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = dtype;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+    use crate::testing::{randn, random_tokens, rel_err, tiny_config};
+    use candle_core::Device;
+
+    fn reformer(sets: &[&str], seed: u64) -> AnyResult<(ModelConfig, Reversible, ParamBuilder)> {
+        let mut all = vec!["model.options.chunk=4", "model.options.n_buckets=4", "model.options.ffn_chunk=5"];
+        all.extend_from_slice(sets);
+        let cfg = tiny_config("reformer", &all)?;
+        let pb = ParamBuilder::new(seed, &Device::Cpu, DType::F64);
+        let parts = Parts {
+            mixer: Some(crate::mixers::reformer::build),
+            channel_mixer: crate::channel_mixers::mlp,
+            unbounded_context: false,
+        };
+        let o: ReformerOptions = cfg.options()?;
+        let model = Reversible::new(&cfg, &pb, &parts, o.ffn_chunk, o.reversible)?;
+        Ok((cfg, model, pb))
+    }
+
+    /// The inverse recovers each layer's inputs from its outputs, with and without dropout
+    /// (replayed masks), in f64 to rounding.
+    #[test]
+    fn the_inverse_recovers_the_inputs() -> AnyResult<()> {
+        let (_, model, _) = reformer(&[], 1)?;
+        let layers = model.layers();
+        let (x1, x2) = (randn(&[2, 21, 16], 1, DType::F64)?, randn(&[2, 21, 16], 2, DType::F64)?);
+        for replay in [None, Some(Replay { p: 0.2, seed: 5 })] {
+            for i in 0..2 {
+                let (y1, y2) = layers.layer(i, &x1, &x2, replay)?;
+                assert!(rel_err(&y1, &x1)? > 1e-3, "the layer changed its input");
+                let (r1, r2) = layers.inverse(i, &y1, &y2, replay)?;
+                let (e1, e2) = (rel_err(&r1, &x1)?, rel_err(&r2, &x2)?);
+                assert!(e1 < 1e-12 && e2 < 1e-12, "layer {i}, {replay:?}: inverse errors {e1}, {e2}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The recomputing backward gives every parameter the gradient ordinary backpropagation
+    /// through the same network gives it, with dropout (same masks) and without.
+    #[test]
+    fn reversible_gradients_equal_ordinary_backpropagation() -> AnyResult<()> {
+        let tokens = random_tokens(2, 19, 256, 3)?;
+        let targets = random_tokens(2, 19, 256, 4)?;
+        for dropout in ["0.0", "0.1"] {
+            let p = format!("model.dropout={dropout}");
+            let grads = |reversible: bool| -> AnyResult<(Vec<(String, Tensor)>, f64)> {
+                let flag = format!("model.options.reversible={reversible}");
+                let (_, model, pb) = reformer(&[&p, &flag], 7)?;
+                let mut rng = Rng::new(11);
+                let logits = model.forward(&tokens, Some(&mut rng))?;
+                let loss = Model::loss(&logits, &targets)?;
+                let store = loss.backward()?;
+                let params = pb.store().lock().unwrap().vars();
+                let grads = params
+                    .into_iter()
+                    .map(|(n, p)| (n, store.get(p.var.as_tensor()).expect("every parameter has a gradient").clone()))
+                    .collect();
+                Ok((grads, loss.to_scalar::<f64>()?))
+            };
+            let ((recomputed, l1), (ordinary, l2)) = (grads(true)?, grads(false)?);
+            assert_eq!(l1, l2, "the two forms' losses differ");
+            assert_eq!(recomputed.len(), ordinary.len());
+            assert!(recomputed.len() >= 15, "only {} parameters", recomputed.len());
+            for ((name, a), (_, b)) in recomputed.iter().zip(&ordinary) {
+                let e = rel_err(a, b)?;
+                assert!(e < 1e-9, "dropout {dropout}: gradient of {name}: recomputed vs ordinary {e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_tied_head_or_a_token_mixing_ffn_is_a_clear_error() {
+        let err = tiny_config("reformer", &["model.tie_embeddings=true"])
+            .and_then(|c| Model::new(&c, 1, &Device::Cpu, DType::F32))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("cannot be tied"), "{err:#}");
+        let err = tiny_config("reformer", &["model.channel_mixer=rwkv"])
+            .and_then(|c| Model::new(&c, 1, &Device::Cpu, DType::F32))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("position-wise"), "{err:#}");
+    }
+}
