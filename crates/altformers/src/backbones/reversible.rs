@@ -73,6 +73,16 @@ impl Replay {
     }
 }
 
+/// What [`ReversibleLayers::reverse`] gives for one layer.
+pub(crate) struct Reversed {
+    /// The layer's inputs `[X1, X2]`, reconstructed (detached).
+    pub x: [Tensor; 2],
+    /// Their gradients `[dX1, dX2]`.
+    pub dx: [Tensor; 2],
+    /// The gradient of each of the layer's parameters, flattened.
+    pub params: Vec<Tensor>,
+}
+
 /// The reversible layers: blocks (`blocks.N.{ln1, att, ln2, ffn}`), each block's parameters
 /// in a fixed order, and the FFN chunk.
 pub struct ReversibleLayers {
@@ -122,11 +132,35 @@ impl ReversibleLayers {
         Ok((y1, y2))
     }
 
-    /// The inverse of layer `i`: `(Y1, Y2) -> (X1, X2) = (Y1 - F(X2), Y2 - G(Y1))`, detached.
-    pub(crate) fn inverse(&self, i: usize, y1: &Tensor, y2: &Tensor, replay: Option<Replay>) -> Result<(Tensor, Tensor)> {
-        let x2 = (y2 - self.ffn_branch(i, y1, replay)?)?.detach();
-        let x1 = (y1 - self.attention_branch(i, &x2, replay)?)?.detach();
-        Ok((x1, x2))
+    /// Layer `i` backwards: from its outputs `(Y1, Y2)` and their gradients `(dY1, dY2)`, its
+    /// inputs reconstructed by the inverse `X2 = Y2 - G(Y1)`, `X1 = Y1 - F(X2)` and their
+    /// gradients, and the gradient of each of the layer's parameters (in `params[i]`'s order,
+    /// flattened, in `dtype`). One branch's graph exists at a time.
+    pub(crate) fn reverse(&self, i: usize, y: [&Tensor; 2], dy: [&Tensor; 2], replay: Option<Replay>, dtype: DType) -> Result<Reversed> {
+        let ([y1, y2], [dy1, dy2]) = (y, dy);
+        let grad_of = |store: &candle_core::backprop::GradStore, t: &Tensor| -> Result<Tensor> {
+            match store.get(t) {
+                Some(g) => Ok(g.clone()),
+                None => t.zeros_like(),
+            }
+        };
+        // G: X2 = Y2 - G(Y1); dY1 += G'(Y1)^T dY2, and G's parameter gradients
+        let y1_leaf = Var::from_tensor(y1)?;
+        let g = self.ffn_branch(i, y1_leaf.as_tensor(), replay)?;
+        let x2 = (y2 - g.detach())?;
+        let g_grads = (g * dy2)?.sum_all()?.backward()?;
+        let dx1 = (dy1 + grad_of(&g_grads, y1_leaf.as_tensor())?)?;
+        // F: X1 = Y1 - F(X2); dX2 = dY2 + F'(X2)^T dX1, and F's parameter gradients
+        let x2_leaf = Var::from_tensor(&x2)?;
+        let f = self.attention_branch(i, x2_leaf.as_tensor(), replay)?;
+        let x1 = (y1 - f.detach())?;
+        let f_grads = (f * &dx1)?.sum_all()?.backward()?;
+        let dx2 = (dy2 + grad_of(&f_grads, x2_leaf.as_tensor())?)?;
+        let params = self.params[i]
+            .iter()
+            .map(|p| (grad_of(&g_grads, p)? + grad_of(&f_grads, p)?)?.to_dtype(dtype)?.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Reversed { x: [x1, x2], dx: [dx1, dx2], params })
     }
 
     /// Every layer on `(x, x)`, keeping the graph (ordinary backpropagation) or not.
@@ -211,32 +245,11 @@ impl CustomOp3 for RecomputingBackward {
         let (mut dy1, mut dy2) = (half(grad, 0)?, half(grad, 1)?);
         let layers = &self.layers;
         let mut param_grads: Vec<Vec<Tensor>> = Vec::with_capacity(layers.blocks.len());
-        let grad_of = |store: &candle_core::backprop::GradStore, t: &Tensor| -> Result<Tensor> {
-            match store.get(t) {
-                Some(g) => Ok(g.clone()),
-                None => t.zeros_like(),
-            }
-        };
         for i in (0..layers.blocks.len()).rev() {
-            // G: dY1 += G'(Y1)^T dY2, and G's parameter gradients
-            let y1_leaf = Var::from_tensor(&y1)?;
-            let g = layers.ffn_branch(i, y1_leaf.as_tensor(), self.replay)?;
-            let x2 = (&y2 - g.detach())?;
-            let g_grads = (g * &dy2)?.sum_all()?.backward()?;
-            let dy1_total = (&dy1 + grad_of(&g_grads, y1_leaf.as_tensor())?)?;
-            // F: dX2 = dY2 + F'(X2)^T dY1, dX1 = dY1, and F's parameter gradients
-            let x2_leaf = Var::from_tensor(&x2)?;
-            let f = layers.attention_branch(i, x2_leaf.as_tensor(), self.replay)?;
-            let x1 = (&y1 - f.detach())?;
-            let f_grads = (f * &dy1_total)?.sum_all()?.backward()?;
-            dy2 = (&dy2 + grad_of(&f_grads, x2_leaf.as_tensor())?)?;
-            dy1 = dy1_total;
-            let grads = layers.params[i]
-                .iter()
-                .map(|p| (grad_of(&g_grads, p)? + grad_of(&f_grads, p)?)?.to_dtype(flat.dtype())?.flatten_all())
-                .collect::<Result<Vec<_>>>()?;
-            param_grads.push(grads);
-            (y1, y2) = (x1, x2);
+            let r = layers.reverse(i, [&y1, &y2], [&dy1, &dy2], self.replay, flat.dtype())?;
+            param_grads.push(r.params);
+            let ([x1, x2], [dx1, dx2]) = (r.x, r.dx);
+            (y1, y2, dy1, dy2) = (x1, x2, dx1, dx2);
         }
         param_grads.reverse();
         let dflat = Tensor::cat(&param_grads.into_iter().flatten().collect::<Vec<_>>(), 0)?;
@@ -404,20 +417,28 @@ mod tests {
         Ok((cfg, model, pb))
     }
 
-    /// The inverse recovers each layer's inputs from its outputs, with and without dropout
-    /// (replayed masks), in f64 to rounding.
+    /// The backward's inverse recovers each layer's inputs from its outputs, with and without
+    /// dropout (replayed masks), in f64 to rounding; its input gradients are ordinary
+    /// backpropagation's through the layer.
     #[test]
     fn the_inverse_recovers_the_inputs() -> AnyResult<()> {
         let (_, model, _) = reformer(&[], 1)?;
         let layers = model.layers();
         let (x1, x2) = (randn(&[2, 21, 16], 1, DType::F64)?, randn(&[2, 21, 16], 2, DType::F64)?);
+        let (dy1, dy2) = (randn(&[2, 21, 16], 3, DType::F64)?, randn(&[2, 21, 16], 4, DType::F64)?);
         for replay in [None, Some(Replay { p: 0.2, seed: 5 })] {
             for i in 0..2 {
-                let (y1, y2) = layers.layer(i, &x1, &x2, replay)?;
+                let (v1, v2) = (Var::from_tensor(&x1)?, Var::from_tensor(&x2)?);
+                let (y1, y2) = layers.layer(i, v1.as_tensor(), v2.as_tensor(), replay)?;
                 assert!(rel_err(&y1, &x1)? > 1e-3, "the layer changed its input");
-                let (r1, r2) = layers.inverse(i, &y1, &y2, replay)?;
-                let (e1, e2) = (rel_err(&r1, &x1)?, rel_err(&r2, &x2)?);
+                let r = layers.reverse(i, [&y1.detach(), &y2.detach()], [&dy1, &dy2], replay, DType::F64)?;
+                let (e1, e2) = (rel_err(&r.x[0], &x1)?, rel_err(&r.x[1], &x2)?);
                 assert!(e1 < 1e-12 && e2 < 1e-12, "layer {i}, {replay:?}: inverse errors {e1}, {e2}");
+                let grads = ((y1 * &dy1)?.sum_all()? + (y2 * &dy2)?.sum_all()?)?.backward()?;
+                for (k, v) in [v1, v2].iter().enumerate() {
+                    let e = rel_err(&r.dx[k], grads.get(v.as_tensor()).expect("a gradient"))?;
+                    assert!(e < 1e-10, "layer {i}, {replay:?}: dX{} {e}", k + 1);
+                }
             }
         }
         Ok(())
