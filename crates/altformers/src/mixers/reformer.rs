@@ -106,7 +106,7 @@ impl Default for ReformerOptions {
 impl crate::config::Options for ReformerOptions {
     fn check(&self) -> AnyResult<()> {
         let n = self.n_buckets;
-        if n != 0 && (n < 2 || n % 2 != 0) {
+        if n != 0 && (n < 2 || !n.is_multiple_of(2)) {
             bail!("model.options.n_buckets must be even and at least 2, or 0 for the default (h(x) = argmax([xR; -xR]) has 2 x (n_buckets / 2) buckets), got {n}");
         }
         if self.n_hashes == 0 {
