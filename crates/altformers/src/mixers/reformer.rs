@@ -52,8 +52,8 @@
 //! its bucket's earlier tokens (O(n_hashes T)), and attends to at most `2 c n_hashes` keys:
 //! O(T) per step in all.
 //!
-//! Shapes: `B` batch, `T` length, `H` heads, `d_h` head width, `R` hash rounds, `W = 2 c`
-//! key slots per round, `S = R W` key slots per query.
+//! Shapes: `B` batch, `T` length, `H` heads, `d_h` head width, `R` hash rounds; a chunk
+//! holds `Qc <= c` query slots and `Kc <= 2 c` key slots.
 
 use anyhow::{bail, Result as AnyResult};
 use candle_core::{DType, Result, Tensor, D};
@@ -132,55 +132,96 @@ impl ReformerOptions {
     }
 }
 
-/// Which keys each query sees: per query and slot, a key position, whether the slot holds a
-/// key, and whether that key is the query's own.
+/// The chunks of one LSH attention call, laid out for batched products: every chunk of
+/// every (batch, head) row and round, each with its queries (`Qc` slots) and the keys it sees
+/// (its own chunk and the previous one of the same bucket, `Kc` slots, at most `2 c`), and
+/// where each query's output lands.
 ///
-/// `keys: [B H, Q, S]` positions (an empty slot points at the query itself), `empty` and
-/// `own` the same shape (1.0 where true).
-pub struct Slots {
+/// Positions are flat indices: `row T_q + (position - from)` for queries, `row T + position`
+/// for keys (row = batch x head).
+pub struct ChunkPlan {
+    pub chunks: usize,
+    pub query_slots: usize,
+    pub key_slots: usize,
+    /// `[chunks, Qc]` flat query indices (padding: 0).
+    pub queries: Vec<u32>,
+    /// `[chunks, Kc]` flat key indices (padding: 0).
     pub keys: Vec<u32>,
-    pub empty: Vec<f32>,
+    /// `[chunks, Qc, Kc]` added to the scores: 0 where the key is visible to the query (at or
+    /// before it in position), -inf elsewhere (later keys, padding); a padding query sees key
+    /// slot 0 so that no row is empty.
+    pub mask: Vec<f32>,
+    /// `[chunks, Qc, Kc]`: 1 where the key is the query's own.
     pub own: Vec<f32>,
-    /// Key slots per query, `S = n_hashes * 2 c`.
-    pub per_query: usize,
+    /// `[rows, T_q, R]`: the query slot (`chunk Qc + slot`) of each query in each round.
+    pub slot_of: Vec<u32>,
 }
 
-/// The slots of queries at positions `from..T`, given `buckets: [B H, R, T]` (each round's
-/// bucket of every position). Per round: a stable counting sort by (bucket, position) walks
-/// the positions in order; the k-th token of a bucket sees the bucket's tokens
-/// `c (floor(k / c) - 1) ..= k` (its chunk and the previous one, from the bucket's start).
-pub fn slots(buckets: &[u32], rows: usize, rounds: usize, t: usize, from: usize, chunk: usize, n_buckets: usize) -> Slots {
-    let width = 2 * chunk;
-    let per_query = rounds * width;
-    let q = t - from;
-    let n = rows * q * per_query;
-    let (mut keys, mut empty, mut own) = (vec![0u32; n], vec![1f32; n], vec![0f32; n]);
-    let mut members: Vec<Vec<u32>> = vec![Vec::new(); n_buckets];
-    for row in 0..rows {
-        for r in 0..rounds {
-            members.iter_mut().for_each(Vec::clear);
-            let hashed = &buckets[(row * rounds + r) * t..][..t];
-            for (pos, &b) in hashed.iter().enumerate() {
-                let run = &mut members[b as usize];
-                let k = run.len();
-                run.push(pos as u32);
-                if pos < from {
-                    continue;
-                }
-                let first = (k / chunk).saturating_sub(1) * chunk;
-                let base = (row * q + pos - from) * per_query + r * width;
-                for (slot, &key) in run[first..=k].iter().enumerate() {
-                    keys[base + slot] = key;
-                    empty[base + slot] = 0.0;
-                    own[base + slot] = if key as usize == pos { 1.0 } else { 0.0 };
-                }
-                for slot in k - first + 1..width {
-                    keys[base + slot] = pos as u32;
+/// The chunks of queries at positions `from..T`, given `buckets: [rows, R, T]` (each round's
+/// bucket of every position). Per round a stable counting sort by (bucket, position) walks
+/// the positions in order; each bucket's run is cut into chunks of `c` from its start, and
+/// chunk j sees the run's tokens of chunks j - 1 and j, causally. Chunks holding no query at
+/// or after `from` are left out (a decoding step keeps one chunk per round).
+pub fn plan(buckets: &[u32], rows: usize, rounds: usize, t: usize, from: usize, chunk: usize, n_buckets: usize) -> ChunkPlan {
+    let nq = t - from;
+    // (row, queries, keys) of every chunk
+    let mut chunks: Vec<(usize, &[u32], &[u32])> = Vec::new();
+    let mut runs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(rows * rounds);
+    for hashed in buckets.chunks(t).take(rows * rounds) {
+        let mut members: Vec<Vec<u32>> = vec![Vec::new(); n_buckets];
+        for (pos, &b) in hashed.iter().enumerate() {
+            members[b as usize].push(pos as u32);
+        }
+        runs.push(members);
+    }
+    let mut rounds_of = Vec::new();
+    for (i, members) in runs.iter().enumerate() {
+        for run in members {
+            for start in (0..run.len()).step_by(chunk) {
+                let end = (start + chunk).min(run.len());
+                let first = start.saturating_sub(chunk);
+                let queries = &run[start..end];
+                let skip = queries.partition_point(|&p| (p as usize) < from);
+                if skip < queries.len() {
+                    chunks.push((i / rounds, &queries[skip..], &run[first..end]));
+                    rounds_of.push(i % rounds);
                 }
             }
         }
     }
-    Slots { keys, empty, own, per_query }
+    let qc = chunks.iter().map(|c| c.1.len()).max().unwrap_or(1);
+    let kc = chunks.iter().map(|c| c.2.len()).max().unwrap_or(1);
+    let n = chunks.len();
+    let mut p = ChunkPlan {
+        chunks: n,
+        query_slots: qc,
+        key_slots: kc,
+        queries: vec![0; n * qc],
+        keys: vec![0; n * kc],
+        mask: vec![f32::NEG_INFINITY; n * qc * kc],
+        own: vec![0.0; n * qc * kc],
+        slot_of: vec![0; rows * nq * rounds],
+    };
+    for (ci, ((row, queries, keys), &r)) in chunks.iter().zip(&rounds_of).enumerate() {
+        for (ks, &k) in keys.iter().enumerate() {
+            p.keys[ci * kc + ks] = (row * t) as u32 + k;
+        }
+        for qs in 0..qc {
+            let at = (ci * qc + qs) * kc;
+            let Some(&q) = queries.get(qs) else {
+                p.mask[at] = 0.0;
+                continue;
+            };
+            let query = row * nq + q as usize - from;
+            p.queries[ci * qc + qs] = query as u32;
+            p.slot_of[query * rounds + r] = (ci * qc + qs) as u32;
+            for (ks, &k) in keys.iter().enumerate().take_while(|(_, &k)| k <= q) {
+                p.mask[at + ks] = 0.0;
+                p.own[at + ks] = if k == q { 1.0 } else { 0.0 };
+            }
+        }
+    }
+    p
 }
 
 /// Keys of the shared QK: `x / sqrt(|x|^2 + d_h eps)` (trax: `x / rms(x) / sqrt(d_h)`).
@@ -206,41 +247,47 @@ pub fn hash(keys: &Tensor, rotations: &Tensor, rounds: usize) -> Result<Vec<u32>
     both.argmax(D::Minus1)?.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<u32>()
 }
 
-/// Attention of `q: [B, H, Q, d_h]` over the slots' keys and values (`keys, v: [B, H, T,
-/// d_h]`): scores `q . k`, the own key's replaced by [`SELF_SCORE`], empty slots excluded, one
-/// softmax over all `S` slots (the rounds combined by their log-sum-exp), optional dropout on
-/// the probabilities. -> `[B, H, Q, d_h]`.
-pub fn attend(
-    q: &Tensor,
-    keys: &Tensor,
-    v: &Tensor,
-    slots: &Slots,
-    dropout: Option<(f64, &mut Rng)>,
-) -> Result<Tensor> {
+/// Attention of `q: [B, H, T_q, d_h]` (positions `from..T`) over `keys, v: [B, H, T, d_h]`
+/// as `plan` chunks them: per round, scores `q . k` of each chunk's queries and keys, the own
+/// key's replaced by [`SELF_SCORE`], invisible keys excluded, softmax (optional dropout on the
+/// probabilities) and the round's output `o_r` with its log-sum-exp `z_r`; then the rounds
+/// combined, `o = sum_r exp(z_r - logsumexp_r z_r) o_r`. -> `[B, H, T_q, d_h]`.
+pub fn attend(q: &Tensor, keys: &Tensor, v: &Tensor, plan: &ChunkPlan, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
     let (b, h, nq, dh) = q.dims4()?;
     let t = keys.dim(2)?;
-    let s = slots.per_query;
+    let (n, qc, kc) = (plan.chunks, plan.query_slots, plan.key_slots);
+    let rounds = plan.slot_of.len() / (b * h * nq);
     let dev = q.device();
-    // flatten (row, position) so one gather serves every head
-    let index: Vec<u32> =
-        slots.keys.iter().enumerate().map(|(i, &k)| (i / (nq * s) * t) as u32 + k).collect();
-    let index = Tensor::from_vec(index, b * h * nq * s, dev)?;
-    let gather = |x: &Tensor| -> Result<Tensor> {
-        crate::nn::gather_rows(&x.reshape((b * h * t, dh))?, &index)?.reshape((b * h * nq, s, dh))
+    let index = |i: &[u32]| Tensor::from_slice(i, i.len(), dev);
+    let gather = |x: &Tensor, rows: usize, i: &[u32], slots: usize| -> Result<Tensor> {
+        crate::nn::gather_rows(&x.reshape((rows, dh))?, &index(i)?)?.reshape((n, slots, dh))
     };
-    let (k, v) = (gather(keys)?, gather(v)?);
-    let scores = q.reshape((b * h * nq, 1, dh))?.matmul(&k.transpose(1, 2)?)?;
-    let dtype = scores.dtype();
-    let mask = |m: &[f32]| Tensor::from_slice(m, (b * h * nq, 1, s), dev)?.to_dtype(dtype);
-    let own = mask(&slots.own)?;
+    let qg = gather(q, b * h * nq, &plan.queries, qc)?;
+    let (kg, vg) = (gather(keys, b * h * t, &plan.keys, kc)?, gather(v, b * h * t, &plan.keys, kc)?);
+    // the softmax and the rounds' weights in f32 at least
+    let work = if matches!(q.dtype(), DType::BF16 | DType::F16) { DType::F32 } else { q.dtype() };
+    let scores = qg.matmul(&kg.t()?)?.to_dtype(work)?;
+    let pattern = |m: &[f32]| Tensor::from_slice(m, (n, qc, kc), dev)?.to_dtype(work);
+    let own = pattern(&plan.own)?;
     let scores = ((scores * own.affine(-1.0, 1.0)?)? + own.affine(SELF_SCORE, 0.0)?)?;
-    let empty: Vec<f32> = slots.empty.iter().map(|&e| if e > 0.0 { f32::NEG_INFINITY } else { 0.0 }).collect();
-    let probs = crate::nn::softmax(&(scores + mask(&empty)?)?)?;
+    let scores = (scores + pattern(&plan.mask)?)?;
+    // log-sum-exp with the row maximum held constant (it cancels analytically)
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let exp = scores.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    let lse = (max + sum.log()?)?;
+    let probs = exp.broadcast_div(&sum)?.to_dtype(v.dtype())?;
     let probs = match dropout {
         Some((p, rng)) if p > 0.0 => crate::nn::dropout(&probs, p, rng)?,
         _ => probs,
     };
-    probs.matmul(&v)?.reshape((b, h, nq, dh))
+    let out = probs.matmul(&vg)?;
+    // each query's output and log-sum-exp in every round: [B H T_q, R, ...]
+    let slot_of = index(&plan.slot_of)?;
+    let out = crate::nn::gather_rows(&out.reshape((n * qc, dh))?, &slot_of)?.reshape((b * h * nq, rounds, dh))?;
+    let lse = crate::nn::gather_rows(&lse.reshape((n * qc, 1))?, &slot_of)?.reshape((b * h * nq, rounds))?;
+    let weights = crate::nn::softmax(&lse)?.to_dtype(out.dtype())?.unsqueeze(2)?;
+    out.broadcast_mul(&weights)?.sum(1)?.reshape((b, h, nq, dh))
 }
 
 /// Causal multi-head LSH attention with shared QK (see the module doc).
@@ -301,8 +348,8 @@ impl LshAttention {
     fn lsh(&self, q: &Tensor, k: &Tensor, v: &Tensor, from: usize, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
         let (b, h, t, _) = k.dims4()?;
         let buckets = hash(k, &self.rotations, self.n_hashes)?;
-        let slots = slots(&buckets, b * h, self.n_hashes, t, from, self.chunk, self.n_buckets);
-        attend(q, k, v, &slots, dropout)
+        let plan = plan(&buckets, b * h, self.n_hashes, t, from, self.chunk, self.n_buckets);
+        attend(q, k, v, &plan, dropout)
     }
 
     /// `[B, H, T, d_h] -> [B, T, D]` through the output projection.
@@ -364,7 +411,7 @@ pub const COMPLEXITY: Complexity = Complexity {
         error: "",
     },
     true_time: "O(T d^2) projections + O(n_r T d_h n_b h) hashing + O(n_r T) counting sort (O(n_r T log T) as a comparison sort) + O(n_r T c d) chunked attention (n_r rounds, chunk c); decode O(T) per token (re-hashing the cache)",
-    true_space: "O(n_r T c h) scores + O(n_r T c d) gathered keys and values; decode cache O(T d)",
+    true_space: "O(n_r (T + n_b c) c h) scores + O(n_r (T + n_b c) d) gathered queries, keys and values (chunks of c padded at each bucket's end); decode cache O(T d)",
     flops: |s: &CostShape| {
         let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
         let o = ReformerOptions::default();
@@ -377,9 +424,12 @@ pub const COMPLEXITY: Complexity = Complexity {
     memory: |s: &CostShape| {
         let (b, t, d, h) = (s.batch as f64, s.seq as f64, s.width as f64, s.heads as f64);
         let o = ReformerOptions::default();
-        let slots = 2.0 * o.n_hashes as f64 * o.chunk as f64;
-        // q, k, v, merged, projected; gathered keys and values; scores and probabilities
-        b * (5.0 * t * d + 2.0 * slots * t * d + 2.0 * slots * t * h)
+        let (rounds, chunk) = (o.n_hashes as f64, o.chunk as f64);
+        // chunked tokens per round: T, plus each bucket's last chunk's padding
+        let padded = rounds * (t + o.buckets(s.seq) as f64 * chunk);
+        // q, k, v, merged, projected; gathered queries (1x), keys and values (2x each);
+        // scores and probabilities (2 c per query and head)
+        b * (5.0 * t * d + 5.0 * padded * d + 2.0 * padded * 2.0 * chunk * h)
     },
     state: |s: &CostShape| 2.0 * (s.batch * s.seq * s.width) as f64,
 };
@@ -437,7 +487,7 @@ mod tests {
         let (q, k, v) = m.project(&x, 0)?;
         // one bucket: every position hashed to bucket 0
         let buckets = vec![0u32; 2 * 2 * t];
-        let y = attend(&q, &k, &v, &slots(&buckets, 4, 1, t, 0, 32, 1), None)?;
+        let y = attend(&q, &k, &v, &plan(&buckets, 4, 1, t, 0, 32, 1), None)?;
         let e = rel_err(&y, &full_shared_qk_reference(&q, &k, &v)?)?;
         assert!(e < 1e-12, "LSH attention with one bucket vs full shared-QK attention: {e}");
         // position 0, alone, takes its own value
@@ -446,20 +496,31 @@ mod tests {
         Ok(())
     }
 
+    /// The keys query `pos` of row 0 sees in round `round`.
+    fn seen(p: &ChunkPlan, t: usize, round: usize, pos: usize) -> Vec<u32> {
+        let rounds = p.slot_of.len() / t;
+        let slot = p.slot_of[pos * rounds + round] as usize;
+        let (chunk, kc) = (slot / p.query_slots, p.key_slots);
+        (0..kc).filter(|&k| p.mask[slot * kc + k] == 0.0).map(|k| p.keys[chunk * kc + k]).collect()
+    }
+
     /// With one bucket and chunks shorter than T, a query sees its position chunk and the one
-    /// before (trax's chunking of an unsorted sequence): a key two chunks back is invisible.
+    /// before (trax's chunking of an unsorted sequence), causally: a key two chunks back is
+    /// invisible.
     #[test]
     fn chunks_see_their_own_and_the_previous_chunk() {
         let (t, c) = (10, 3);
-        let s = slots(&[0u32; 10], 1, 1, t, 0, c, 1);
-        let seen = |i: usize| -> Vec<u32> {
-            (0..2 * c).filter(|&w| s.empty[i * 2 * c + w] == 0.0).map(|w| s.keys[i * 2 * c + w]).collect()
-        };
-        assert_eq!(seen(0), vec![0]);
-        assert_eq!(seen(2), vec![0, 1, 2]);
-        assert_eq!(seen(3), vec![0, 1, 2, 3]);
-        assert_eq!(seen(8), vec![3, 4, 5, 6, 7, 8]);
-        assert_eq!(seen(9), vec![6, 7, 8, 9]);
+        let p = plan(&[0u32; 10], 1, 1, t, 0, c, 1);
+        assert_eq!(p.chunks, 4);
+        assert_eq!(seen(&p, t, 0, 0), vec![0]);
+        assert_eq!(seen(&p, t, 0, 2), vec![0, 1, 2]);
+        assert_eq!(seen(&p, t, 0, 3), vec![0, 1, 2, 3]);
+        assert_eq!(seen(&p, t, 0, 8), vec![3, 4, 5, 6, 7, 8]);
+        assert_eq!(seen(&p, t, 0, 9), vec![6, 7, 8, 9]);
+        // a decoding step's plan: one chunk, one query, the same keys
+        let step = plan(&[0u32; 10], 1, 1, t, 9, c, 1);
+        assert_eq!((step.chunks, step.query_slots), (1, 1));
+        assert_eq!(seen(&step, 1, 0, 0), vec![6, 7, 8, 9]);
     }
 
     /// Buckets are sorted stably by (bucket, position) and chunked within each bucket's run:
@@ -467,15 +528,17 @@ mod tests {
     #[test]
     fn queries_see_only_their_bucket_up_to_themselves() {
         let buckets = [1u32, 0, 1, 1, 0, 1, 1];
-        let s = slots(&buckets, 1, 1, 7, 0, 2, 2);
-        let seen = |i: usize| -> Vec<u32> { (0..4).filter(|&w| s.empty[i * 4 + w] == 0.0).map(|w| s.keys[i * 4 + w]).collect() };
+        let p = plan(&buckets, 1, 1, 7, 0, 2, 2);
         // bucket 1's run: positions 0, 2, 3, 5, 6 (chunks {0, 2}, {3, 5}, {6})
-        assert_eq!(seen(3), vec![0, 2, 3]);
-        assert_eq!(seen(5), vec![0, 2, 3, 5]);
-        assert_eq!(seen(6), vec![3, 5, 6]);
+        assert_eq!(seen(&p, 7, 0, 3), vec![0, 2, 3]);
+        assert_eq!(seen(&p, 7, 0, 5), vec![0, 2, 3, 5]);
+        assert_eq!(seen(&p, 7, 0, 6), vec![3, 5, 6]);
         // bucket 0's run: positions 1, 4
-        assert_eq!(seen(4), vec![1, 4]);
-        assert_eq!(s.own[4 * 4 + 1], 1.0);
+        assert_eq!(seen(&p, 7, 0, 4), vec![1, 4]);
+        let slot = p.slot_of[4] as usize;
+        let own: Vec<f32> = p.own[slot * p.key_slots..][..p.key_slots].to_vec();
+        assert_eq!(own.iter().sum::<f32>(), 1.0);
+        assert_eq!(p.keys[slot / p.query_slots * p.key_slots + own.iter().position(|&o| o == 1.0).unwrap()], 4);
     }
 
     /// The same rotation twice gives exactly one round: the union of the two rounds' keys
