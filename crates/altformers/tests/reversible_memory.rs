@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
-/// Peak bytes allocated during the forward and backward pass of one batch (B 2, T 128).
+/// Peak bytes allocated during the forward and backward pass of one batch (B 4, T 128).
 fn training_peak(depth: usize, reversible: bool) -> u64 {
     let depth = format!("model.depth={depth}");
     let reversible = format!("model.options.reversible={reversible}");
@@ -27,8 +27,8 @@ fn training_peak(depth: usize, reversible: bool) -> u64 {
     ];
     let cfg = tiny_config("reformer", &sets).expect("a valid configuration");
     let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32).expect("the model builds");
-    let tokens = random_tokens(2, 128, cfg.vocab, 1).expect("tokens");
-    let targets = random_tokens(2, 128, cfg.vocab, 2).expect("targets");
+    let tokens = random_tokens(4, 128, cfg.vocab, 1).expect("tokens");
+    let targets = random_tokens(4, 128, cfg.vocab, 2).expect("targets");
     peak_during(&Device::Cpu, || {
         let loss = Model::loss(&model.forward(&tokens, None)?, &targets)?;
         let grads = loss.backward()?;
@@ -54,10 +54,12 @@ fn reversible_training_memory_is_flat_in_depth() {
         ordinary[2] as f64 > 2.5 * ordinary[0] as f64,
         "ordinary backpropagation should grow with depth: {ordinary:?}"
     );
-    // the recomputing backward holds one layer's graph at a time (only the parameters'
-    // gradients grow with depth, a few percent here)
+    // the recomputing backward holds one layer's graph at a time: what grows with depth is
+    // the parameters' own (their gradients, the flat copy the op takes), under a tenth of what
+    // ordinary backpropagation adds
+    let (grown, grown_ordinary) = (reversible[2] as f64 - reversible[0] as f64, ordinary[2] as f64 - ordinary[0] as f64);
     assert!(
-        (reversible[2] as f64) < 1.15 * reversible[0] as f64,
-        "reversible peak grew with depth: {reversible:?} bytes at depths {depths:?}"
+        grown < 0.1 * grown_ordinary,
+        "reversible peak grew with depth: {reversible:?} bytes at depths {depths:?} (ordinary: {ordinary:?})"
     );
 }
