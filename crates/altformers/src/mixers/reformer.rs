@@ -16,9 +16,14 @@
 //!   else is visible, and then with weight 1.
 //! - **Rounds combined by their log-sum-exp.** With `z_r` the log-sum-exp of round r's scores
 //!   and `o_r` its output, `o = sum_r exp(z_r - logsumexp_r z_r) o_r` (the paper's
-//!   multi-round equation, trax's combination). That is one softmax over the union (with
-//!   multiplicity) of every round's keys, which is how it is computed here: identical rounds
-//!   give exactly one round.
+//!   multi-round equation, trax's combination, without the duplicate-count correction trax
+//!   and Hugging Face dropped): one softmax over the union, with multiplicity, of every
+//!   round's keys, so identical rounds give one round (tested).
+//! - **Layout.** Each round's chunks (queries, and the keys of their chunk and the previous
+//!   one) are gathered into `[chunks, Qc, d_h]` and `[chunks, Kc, d_h]` blocks and scored by
+//!   one batched product; each query's output and log-sum-exp are then gathered back per
+//!   round and combined. Memory O(T c) for scores and O(T d) for the gathered vectors (each
+//!   bucket's last chunk is padded to the largest chunk: up to n_b c extra tokens per round).
 //!
 //! **Where the chunks are cut: exact causality.** trax cuts the sorted sequence of a round
 //! every `c` tokens across bucket boundaries. Then the chunk of query i depends on how many
