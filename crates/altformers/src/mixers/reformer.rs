@@ -546,6 +546,33 @@ mod tests {
         assert_eq!(p.keys[slot / p.query_slots * p.key_slots + own.iter().position(|&o| o == 1.0).unwrap()], 4);
     }
 
+    /// Why the chunks are cut inside each bucket's run: trax's chunks of the whole sorted
+    /// sequence let a LATER token change which earlier keys a query sees (it sorts into a
+    /// lower bucket and shifts everything after it), so that form is not causal; ours keeps
+    /// the query's keys whatever comes later.
+    #[test]
+    fn global_chunks_would_let_a_later_token_move_an_earlier_query() {
+        // trax: stable sort by (bucket, position), chunks of c, own and previous chunk, causal
+        fn trax_visible(buckets: &[u32], c: usize, query: u32) -> Vec<u32> {
+            let mut order: Vec<u32> = (0..buckets.len() as u32).collect();
+            order.sort_by_key(|&p| buckets[p as usize]);
+            let at = order.iter().position(|&p| p == query).unwrap();
+            let mut seen: Vec<u32> = order[(at / c).saturating_sub(1) * c..((at / c + 1) * c).min(order.len())]
+                .iter()
+                .copied()
+                .filter(|&k| k <= query)
+                .collect();
+            seen.sort();
+            seen
+        }
+        let (before, after) = ([1u32, 1, 1, 1], [1u32, 1, 1, 1, 0]);
+        assert_eq!(trax_visible(&before, 2, 3), vec![0, 1, 2, 3]);
+        assert_eq!(trax_visible(&after, 2, 3), vec![1, 2, 3], "position 4 took key 0 from query 3");
+        let ours = |b: &[u32]| seen(&plan(b, 1, 1, b.len(), 0, 2, 2), b.len(), 0, 3);
+        assert_eq!(ours(&before), vec![0, 1, 2, 3]);
+        assert_eq!(ours(&after), vec![0, 1, 2, 3]);
+    }
+
     /// The same rotation twice gives exactly one round: the union of the two rounds' keys
     /// holds every key twice, and the log-sum-exp combination weighs the rounds equally.
     #[test]
