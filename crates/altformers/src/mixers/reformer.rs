@@ -152,12 +152,14 @@ pub struct ChunkPlan {
     pub queries: Vec<u32>,
     /// `[chunks, Kc]` flat key indices (padding: 0).
     pub keys: Vec<u32>,
-    /// `[chunks, Qc, Kc]` added to the scores: 0 where the key is visible to the query (at or
-    /// before it in position), -inf elsewhere (later keys, padding); a padding query sees key
-    /// slot 0 so that no row is empty.
-    pub mask: Vec<f32>,
-    /// `[chunks, Qc, Kc]`: 1 where the key is the query's own.
-    pub own: Vec<f32>,
+    /// `[chunks, Qc]` original positions of the queries; padding: `f32::MAX` (it sees every
+    /// key of its chunk, so no row of scores is empty; its output is never read).
+    pub query_positions: Vec<f32>,
+    /// `[chunks, Kc]` original positions of the keys; padding: `+inf` (seen by no query). A
+    /// key is visible to a query iff its position is at or before the query's (the causal
+    /// mask on original positions), and is the query's own iff equal: both are computed on the
+    /// device from these O(T) vectors.
+    pub key_positions: Vec<f32>,
     /// `[rows, T_q, R]`: the query slot (`chunk Qc + slot`) of each query in each round.
     pub slot_of: Vec<u32>,
 }
@@ -203,27 +205,20 @@ pub fn plan(buckets: &[u32], rows: usize, rounds: usize, t: usize, from: usize, 
         key_slots: kc,
         queries: vec![0; n * qc],
         keys: vec![0; n * kc],
-        mask: vec![f32::NEG_INFINITY; n * qc * kc],
-        own: vec![0.0; n * qc * kc],
+        query_positions: vec![f32::MAX; n * qc],
+        key_positions: vec![f32::INFINITY; n * kc],
         slot_of: vec![0; rows * nq * rounds],
     };
     for (ci, ((row, queries, keys), &r)) in chunks.iter().zip(&rounds_of).enumerate() {
         for (ks, &k) in keys.iter().enumerate() {
             p.keys[ci * kc + ks] = (row * t) as u32 + k;
+            p.key_positions[ci * kc + ks] = k as f32;
         }
-        for qs in 0..qc {
-            let at = (ci * qc + qs) * kc;
-            let Some(&q) = queries.get(qs) else {
-                p.mask[at] = 0.0;
-                continue;
-            };
+        for (qs, &q) in queries.iter().enumerate() {
             let query = row * nq + q as usize - from;
             p.queries[ci * qc + qs] = query as u32;
+            p.query_positions[ci * qc + qs] = q as f32;
             p.slot_of[query * rounds + r] = (ci * qc + qs) as u32;
-            for (ks, &k) in keys.iter().enumerate().take_while(|(_, &k)| k <= q) {
-                p.mask[at + ks] = 0.0;
-                p.own[at + ks] = if k == q { 1.0 } else { 0.0 };
-            }
         }
     }
     p
@@ -272,10 +267,12 @@ pub fn attend(q: &Tensor, keys: &Tensor, v: &Tensor, plan: &ChunkPlan, dropout: 
     // the softmax and the rounds' weights in f32 at least
     let work = if matches!(q.dtype(), DType::BF16 | DType::F16) { DType::F32 } else { q.dtype() };
     let scores = qg.matmul(&kg.t()?)?.to_dtype(work)?;
-    let pattern = |m: &[f32]| Tensor::from_slice(m, (n, qc, kc), dev)?.to_dtype(work);
-    let own = pattern(&plan.own)?;
+    let query_positions = Tensor::from_slice(&plan.query_positions, (n, qc, 1), dev)?;
+    let key_positions = Tensor::from_slice(&plan.key_positions, (n, 1, kc), dev)?;
+    let own = key_positions.broadcast_eq(&query_positions)?.to_dtype(work)?;
     let scores = ((scores * own.affine(-1.0, 1.0)?)? + own.affine(SELF_SCORE, 0.0)?)?;
-    let scores = (scores + pattern(&plan.mask)?)?;
+    let visible = key_positions.broadcast_le(&query_positions)?;
+    let scores = visible.where_cond(&scores, &Tensor::full(f32::NEG_INFINITY, (n, qc, kc), dev)?.to_dtype(work)?)?;
     // log-sum-exp with the row maximum held constant (it cancels analytically)
     let max = scores.max_keepdim(D::Minus1)?.detach();
     let exp = scores.broadcast_sub(&max)?.exp()?;
@@ -506,7 +503,8 @@ mod tests {
         let rounds = p.slot_of.len() / t;
         let slot = p.slot_of[pos * rounds + round] as usize;
         let (chunk, kc) = (slot / p.query_slots, p.key_slots);
-        (0..kc).filter(|&k| p.mask[slot * kc + k] == 0.0).map(|k| p.keys[chunk * kc + k]).collect()
+        let q = p.query_positions[slot];
+        (0..kc).filter(|&k| p.key_positions[chunk * kc + k] <= q).map(|k| p.keys[chunk * kc + k]).collect()
     }
 
     /// With one bucket and chunks shorter than T, a query sees its position chunk and the one
@@ -541,9 +539,10 @@ mod tests {
         // bucket 0's run: positions 1, 4
         assert_eq!(seen(&p, 7, 0, 4), vec![1, 4]);
         let slot = p.slot_of[4] as usize;
-        let own: Vec<f32> = p.own[slot * p.key_slots..][..p.key_slots].to_vec();
-        assert_eq!(own.iter().sum::<f32>(), 1.0);
-        assert_eq!(p.keys[slot / p.query_slots * p.key_slots + own.iter().position(|&o| o == 1.0).unwrap()], 4);
+        assert_eq!(p.query_positions[slot], 4.0);
+        // padding keys are seen by no query, padding queries see every key of their chunk
+        assert!(p.key_positions.iter().filter(|k| k.is_infinite()).count() > 0);
+        assert!(p.query_positions.iter().filter(|&&q| q == f32::MAX).count() > 0);
     }
 
     /// Why the chunks are cut inside each bucket's run: trax's chunks of the whole sorted
