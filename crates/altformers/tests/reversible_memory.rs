@@ -57,7 +57,8 @@ fn reversible_training_memory_is_flat_in_depth() {
     // the recomputing backward holds one layer's graph at a time: what grows with depth is
     // the parameters' own (their gradients, the flat copy the op takes), under a tenth of what
     // ordinary backpropagation adds
-    let (grown, grown_ordinary) = (reversible[2] as f64 - reversible[0] as f64, ordinary[2] as f64 - ordinary[0] as f64);
+    let (grown, grown_ordinary) =
+        (reversible[2] as f64 - reversible[0] as f64, ordinary[2] as f64 - ordinary[0] as f64);
     assert!(
         grown < 0.1 * grown_ordinary,
         "reversible peak grew with depth: {reversible:?} bytes at depths {depths:?} (ordinary: {ordinary:?})"

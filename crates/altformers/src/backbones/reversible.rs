@@ -136,7 +136,14 @@ impl ReversibleLayers {
     /// inputs reconstructed by the inverse `X2 = Y2 - G(Y1)`, `X1 = Y1 - F(X2)` and their
     /// gradients, and the gradient of each of the layer's parameters (in `params[i]`'s order,
     /// flattened, in `dtype`). One branch's graph exists at a time.
-    pub(crate) fn reverse(&self, i: usize, y: [&Tensor; 2], dy: [&Tensor; 2], replay: Option<Replay>, dtype: DType) -> Result<Reversed> {
+    pub(crate) fn reverse(
+        &self,
+        i: usize,
+        y: [&Tensor; 2],
+        dy: [&Tensor; 2],
+        replay: Option<Replay>,
+        dtype: DType,
+    ) -> Result<Reversed> {
         let ([y1, y2], [dy1, dy2]) = (y, dy);
         let grad_of = |store: &candle_core::backprop::GradStore, t: &Tensor| -> Result<Tensor> {
             match store.get(t) {
@@ -280,8 +287,16 @@ pub fn build_reformer(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts) ->
 
 impl Reversible {
     /// `ffn_chunk` positions per FFN chunk; `recompute`: the memory-saving backward.
-    pub fn new(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts, ffn_chunk: usize, recompute: bool) -> AnyResult<Self> {
-        let Some(mixer) = parts.mixer else { bail!("`{}` has no sequence mixer for its reversible layers", config.architecture) };
+    pub fn new(
+        config: &ModelConfig,
+        pb: &ParamBuilder,
+        parts: &Parts,
+        ffn_chunk: usize,
+        recompute: bool,
+    ) -> AnyResult<Self> {
+        let Some(mixer) = parts.mixer else {
+            bail!("`{}` has no sequence mixer for its reversible layers", config.architecture)
+        };
         if config.tie_embeddings {
             bail!("the reversible stack's head reads the concatenated pair [Y1; Y2] (2 x model.width, as trax and Hugging Face): it cannot be tied to the embedding; set model.tie_embeddings=false");
         }
@@ -293,14 +308,20 @@ impl Reversible {
         }
         let embedding = embedding(config, pb, false)?;
         let store = pb.store();
-        let names = || store.lock().expect("parameter store").params.keys().cloned().collect::<std::collections::BTreeSet<_>>();
+        let names =
+            || store.lock().expect("parameter store").params.keys().cloned().collect::<std::collections::BTreeSet<_>>();
         let (mut blocks, mut params) = (Vec::new(), Vec::new());
         for i in 0..config.depth {
             let before = names();
             blocks.push(Block::new(config, i, &pb.pp(format!("blocks.{i}")), mixer, parts.channel_mixer)?);
             let guard = store.lock().expect("parameter store");
             params.push(
-                guard.params.iter().filter(|(n, _)| !before.contains(*n)).map(|(_, p)| p.var.as_tensor().clone()).collect(),
+                guard
+                    .params
+                    .iter()
+                    .filter(|(n, _)| !before.contains(*n))
+                    .map(|(_, p)| p.var.as_tensor().clone())
+                    .collect(),
             );
         }
         Ok(Self {

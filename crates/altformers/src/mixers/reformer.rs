@@ -169,7 +169,15 @@ pub struct ChunkPlan {
 /// the positions in order; each bucket's run is cut into chunks of `c` from its start, and
 /// chunk j sees the run's tokens of chunks j - 1 and j, causally. Chunks holding no query at
 /// or after `from` are left out (a decoding step keeps one chunk per round).
-pub fn plan(buckets: &[u32], rows: usize, rounds: usize, t: usize, from: usize, chunk: usize, n_buckets: usize) -> ChunkPlan {
+pub fn plan(
+    buckets: &[u32],
+    rows: usize,
+    rounds: usize,
+    t: usize,
+    from: usize,
+    chunk: usize,
+    n_buckets: usize,
+) -> ChunkPlan {
     let nq = t - from;
     // (row, queries, keys) of every chunk
     let mut chunks: Vec<(usize, &[u32], &[u32])> = Vec::new();
@@ -237,11 +245,8 @@ pub fn normalized_keys(x: &Tensor) -> Result<Tensor> {
 pub fn hash(keys: &Tensor, rotations: &Tensor, rounds: usize) -> Result<Vec<u32>> {
     let (b, h, t, dh) = keys.dims4()?;
     let half = rotations.dim(1)? / rounds;
-    let rotated = keys
-        .to_dtype(DType::F32)?
-        .reshape((b * h * t, dh))?
-        .matmul(rotations)?
-        .reshape((b * h, t, rounds, half))?;
+    let rotated =
+        keys.to_dtype(DType::F32)?.reshape((b * h * t, dh))?.matmul(rotations)?.reshape((b * h, t, rounds, half))?;
     let both = Tensor::cat(&[&rotated, &rotated.neg()?], D::Minus1)?;
     // [B H, T, R] -> [B H, R, T]
     both.argmax(D::Minus1)?.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<u32>()
@@ -252,7 +257,13 @@ pub fn hash(keys: &Tensor, rotations: &Tensor, rounds: usize) -> Result<Vec<u32>
 /// key's replaced by [`SELF_SCORE`], invisible keys excluded, softmax (optional dropout on the
 /// probabilities) and the round's output `o_r` with its log-sum-exp `z_r`; then the rounds
 /// combined, `o = sum_r exp(z_r - logsumexp_r z_r) o_r`. -> `[B, H, T_q, d_h]`.
-pub fn attend(q: &Tensor, keys: &Tensor, v: &Tensor, plan: &ChunkPlan, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+pub fn attend(
+    q: &Tensor,
+    keys: &Tensor,
+    v: &Tensor,
+    plan: &ChunkPlan,
+    dropout: Option<(f64, &mut Rng)>,
+) -> Result<Tensor> {
     let (b, h, nq, dh) = q.dims4()?;
     let t = keys.dim(2)?;
     let (n, qc, kc) = (plan.chunks, plan.query_slots, plan.key_slots);
