@@ -10,7 +10,7 @@ use anyhow::Result as AnyResult;
 use candle_core::{Result, Tensor, D};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, Review, NOT_QUOTED};
+use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::attention::{causal_attention, causal_attention_with_dropout};
@@ -98,9 +98,10 @@ pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<B
 
 pub const COMPLEXITY: Complexity = Complexity {
     review: Review {
-        stated_time: "O(T log Td)",
-        stated_space: NOT_QUOTED,
-        error: "time is quadratic in T (every query scores every earlier key), not T log T",
+        row: Some("Transformer"),
+        judgement: Judgement::Wrong(
+            "time is quadratic in T (every query scores every earlier key: O(T^2 d + T d^2)); O(T log Td) is Reformer's line (AFT paper, Table 1). Space O(T^2) holds only for naive attention: fused attention and the KV cache are O(T d)",
+        ),
     },
     true_time: "O(T^2 d + T d^2)",
     true_space: "O(T^2 h + T d) naive; O(T d) tiled (flash)",

@@ -264,7 +264,7 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
 /// Costs at the default options (E = 5, F = 128, two inner layers, K = 3, Monarch long
 /// convolution of length n = conv_len(T, T) >= 2T, m = sqrt(n)).
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review::NO_LINE,
     true_time: "O(d T^{3/2} + T d^2): the long convolution by Monarch DFTs of length n >= 2T (sqrt(n) blocks), projections; decode O(d T) per token (direct convolution over the cache)",
     true_space: "O(T d); decode state O(T d) (gated input history)",
     flops: |s: &CostShape| {

@@ -387,12 +387,13 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
         let slope = |s: Option<f64>| s.map(|v| format!("{v:.2}")).unwrap_or("-".into());
         let c = &a.complexity;
         let verdict = c.verdict().replacen("wrong", "**wrong**", 1);
+        let (stated_time, stated_space) = c.review.stated();
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             a.name,
-            c.review.stated_time,
-            c.review.stated_space,
+            stated_time,
+            stated_space,
             c.true_time,
             c.true_space,
             f.map(time_exponent).unwrap_or("-".into()),
@@ -400,7 +401,7 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
             verdict
         );
     }
-    md.push_str("\n\"(not quoted)\": the project's architecture brief, which quotes the review's complexity lines, has none for this model.\n");
+    md.push_str("\nThe stated columns quote the review's complexity table word for word (`data/review-complexity.md`); \"(none)\": the review gives no line for this model.\n");
     md
 }
 
