@@ -436,7 +436,7 @@ mod tests {
         let scale = (d as f64).powf(-0.25);
         let exact: Vec<f64> = ((&q * &k)?.sum(1)? / (d as f64).sqrt())?.exp()?.to_vec1()?;
         for orthogonal in [true, false] {
-            let mut samples = vec![Vec::with_capacity(draws); 3];
+            let mut samples = vec![Vec::new(); 3];
             for draw in 0..draws {
                 let w = features(m, d, orthogonal, 1000 + draw as u64);
                 let qf = positive_features(&(&q * scale)?, &w, Stabiliser::None)?;
