@@ -17,9 +17,12 @@
 //! ```
 //!
 //! The causal form is prefix sums (section 2.6, eq. 11): the decayed-linear-attention
-//! primitive [`crate::ops::decayed`] with decay 1 (`log_decay = 0`), its chunkwise form and
-//! CUDA kernel; `[v, 1]` as the value gives the numerator and the normaliser `q'_t z_t` in one
-//! pass. Decoding keeps `[S_t, z_t]`: `[B, H, m, d_h + 1]` per layer, independent of `T`.
+//! primitive [`crate::ops::decayed`] with decay 1 (`log_decay = 0`) and its chunkwise form,
+//! one call per chunk from the state the previous chunk left (so the keys' stabiliser below
+//! can rescale the state between chunks); `[v, 1]` as the value gives the numerator and the
+//! normaliser `q'_t z_t` in one pass. Decoding keeps `[S_t, z_t]` and one scale:
+//! `[B, H, m, d_h + 1]` per layer, independent of `T`. (The primitive's fused CUDA scan takes
+//! no initial state, so it does not run here: on CUDA each chunk is the primitive's tensor code.)
 //!
 //! Features (section 2.4, "orthogonal random features"): the `m` rows `w_i` are drawn in
 //! blocks of `d_h` mutually orthogonal rows (the Q factor of a Gaussian `d_h x d_h` matrix,
@@ -32,13 +35,16 @@
 //! [`StepClock`]): redrawn every `redraw_every` training steps (0: never), fixed within a
 //! step's forward and backward and for evaluation after it.
 //!
-//! Numerical stabilisers, both exact: a query's features are divided by their largest (a
-//! per-row constant that cancels between numerator and normaliser), a key's by the
-//! data-independent `exp(max_i |w_i|^2 / 2)` (since `w^T x - |x|^2 / 2 <= |w|^2 / 2`, every
-//! key feature is then at most 1): no maximum is taken over positions, so causality is exact.
-//! The official code's maximum over all keys would let future keys change past outputs. Keys
-//! far from every feature can still underflow (f32: `|x - w_i|^2 / 2` past about 87 for all
-//! i); a normaliser that underflows to 0 gives an output of 0, not NaN.
+//! Numerical stabilisers, both exact (a constant that cancels between numerator and
+//! normaliser) and causal: a query's features are divided by their largest (per row); the
+//! keys of a chunk by `e^{R}`, `R` the running maximum of the keys' log features over the
+//! earlier chunks and the chunk's first position, the state rescaled to match (see
+//! [`causal_favor`]). No maximum looks past a query's own position, so causality is exact bit
+//! for bit. The official code divides keys by their maximum over all positions, which lets a
+//! later key change (or underflow) earlier outputs; a data-independent bound (`max_i |w_i|^2 /
+//! 2`, which no log feature exceeds) is causal but leaves trained keys' features near
+//! `e^{-80}` and the normaliser's gradient `1 / den^2` overflowing: the nanoGPT CPU run
+//! diverged at step 412 with it.
 //!
 //! Projections as the Transformer's ([`Attention`]'s `qkv` and `out`, GPT-2 initialisation);
 //! only the attention kernel differs.
@@ -141,49 +147,56 @@ fn orthonormalise_rows(rows: &mut [f64], d: usize, rng: &mut Rng) {
     }
 }
 
-/// What is subtracted from the exponent of [`positive_features`] (exact after normalisation:
-/// every choice is constant along the key positions a normaliser sums over).
+/// `log(sqrt(m) phi(x)) = w^T x - |x|^2 / 2` per row of `x`: `x: [..., d]` (already scaled),
+/// `w: [m, d]` -> `[..., m]`.
+pub fn log_features(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, d) = w.dims2()?;
+    let lead = x.dims()[..x.rank() - 1].to_vec();
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, d))?;
+    let exponent = x2.matmul(&w.t()?)?.broadcast_sub(&(x2.sqr()?.sum_keepdim(1)? * 0.5)?)?;
+    let mut dims = lead;
+    dims.push(m);
+    exponent.reshape(dims)
+}
+
+/// What is subtracted from the exponent of [`positive_features`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Stabiliser {
     /// Nothing: the paper's `phi` exactly (the unbiased estimator of `exp(x^T y)`).
     None,
     /// Each row's largest exponent, `|x|^2 / 2` included (queries): the largest feature is
-    /// `1 / sqrt(m)` at any norm. (The official code subtracts the largest `w^T x` only, which
-    /// leaves `exp(-|x|^2 / 2)` to underflow for large queries.)
+    /// `1 / sqrt(m)` at any norm; a per-row constant, exact after normalisation. (The official
+    /// code subtracts the largest `w^T x` only, which leaves `exp(-|x|^2 / 2)` to underflow
+    /// for large queries.)
     RowMax,
-    /// `max_i |w_i|^2 / 2`, a bound of every exponent that depends on the features only (keys).
-    FeatureBound,
 }
 
 /// `phi(x) = exp(w^T x - |x|^2 / 2 - c) / sqrt(m)` per row of `x`: `x: [..., d]` (already
 /// scaled), `w: [m, d]` -> `[..., m]`, `c` as `stabiliser` says (detached; it only rescales).
 pub fn positive_features(x: &Tensor, w: &Tensor, stabiliser: Stabiliser) -> Result<Tensor> {
-    let (m, d) = w.dims2()?;
-    let lead = x.dims()[..x.rank() - 1].to_vec();
-    let rows: usize = lead.iter().product();
-    let projected = x.reshape((rows, d))?.matmul(&w.t()?)?; // [rows, m]
-    let half_norm = (x.reshape((rows, d))?.sqr()?.sum_keepdim(1)? * 0.5)?;
-    let mut exponent = projected.broadcast_sub(&half_norm)?;
-    match stabiliser {
-        Stabiliser::None => {}
-        Stabiliser::RowMax => exponent = exponent.broadcast_sub(&exponent.max_keepdim(1)?.detach())?,
-        Stabiliser::FeatureBound => {
-            let bound = (w.sqr()?.sum(1)?.max(0)?.detach() * 0.5)?;
-            exponent = exponent.broadcast_sub(&bound)?;
-        }
+    let m = w.dim(0)?;
+    let mut exponent = log_features(x, w)?;
+    if stabiliser == Stabiliser::RowMax {
+        exponent = exponent.broadcast_sub(&exponent.max_keepdim(D::Minus1)?.detach())?;
     }
-    let mut dims = lead;
-    dims.push(m);
-    (exponent.exp()? * (1.0 / (m as f64).sqrt()))?.reshape(dims)
+    exponent.exp()? * (1.0 / (m as f64).sqrt())
 }
 
-/// `o1 = [numerator, normaliser]` (last column) -> numerator / normaliser. The normaliser is a
-/// sum of positive terms; a floor at the smallest normal f32 turns an underflow to 0 into an
-/// output of 0 rather than NaN and leaves every representable value unchanged.
+/// How far above the running key scale a key inside a chunk may lie at most (see
+/// [`causal_favor`]): `e^70 = 2.5e30`, so sums of 64K such keys times values stay finite in f32.
+pub const KEY_HEADROOM: f64 = 70.0;
+
+/// `o1 = [numerator, normaliser]` (last column) -> numerator / normaliser. Both are divided by
+/// the normaliser's detached value first (exact for values and gradients), so that the
+/// gradient `-y / normaliser` never passes through a square that underflows. The normaliser
+/// is a sum of positive terms; a floor at f32's smallest normal (1.2e-38) turns an underflow
+/// to 0 into an output of 0 rather than NaN.
 fn normalise(o1: &Tensor) -> Result<Tensor> {
     let dv = o1.dim(D::Minus1)? - 1;
     let den = o1.narrow(D::Minus1, dv, 1)?.maximum(f32::MIN_POSITIVE as f64)?;
-    o1.narrow(D::Minus1, 0, dv)?.broadcast_div(&den)
+    let scale = den.detach();
+    o1.narrow(D::Minus1, 0, dv)?.broadcast_div(&scale)?.broadcast_div(&den.broadcast_div(&scale)?)
 }
 
 /// `v: [B, H, T, d_v]` -> `[v, 1]: [B, H, T, d_v + 1]`.
@@ -192,52 +205,92 @@ fn with_ones(v: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[v, &Tensor::ones((b, h, t, 1), v.dtype(), v.device())?], 3)
 }
 
-/// `log_decay = 0` for `h` heads: the decayed primitive as plain prefix sums.
-fn no_decay(h: usize, like: &Tensor) -> Result<Tensor> {
-    Tensor::zeros(h, like.dtype(), like.device())
+/// The causal state: `S = sum_i e^{k~_i - M} [v_i, 1]` (`[B, H, m, d_v + 1]`, keys' features
+/// scaled by `e^{-M}`) and the scale `M` (`[B, H, 1, 1]`, a running maximum of the keys' log
+/// features, at least the feature bound minus [`KEY_HEADROOM`]).
+#[derive(Clone, Debug)]
+pub struct FavorState {
+    pub sums: Tensor,
+    pub log_scale: Tensor,
 }
 
-/// Causal FAVOR+ by prefix sums: `q_feat, k_feat: [B, H, T, m]`, `v: [B, H, T, d_v]`, `state`
-/// `[B, H, m, d_v + 1]` before the first token (`None`: empty) -> (`y: [B, H, T, d_v]`, the
-/// state after the last token). Chunkwise (chunks of `chunk`; the fused scan on CUDA).
+/// Causal FAVOR+ by prefix sums: queries' features `q_feat: [B, H, T, m]`, keys' log features
+/// `k_log: [B, H, T, m]` ([`log_features`]), values `v: [B, H, T, d_v]`, `bound` an upper bound
+/// of every key log feature (`max_i |w_i|^2 / 2`), `state` before the first token (`None`:
+/// empty) -> (`y: [B, H, T, d_v]`, the state after the last token).
+///
+/// The keys' stabiliser is exact and causal: chunk `c` (of `chunk` tokens) scales its keys by
+/// `e^{-R_c}`, `R_c = max(M, max_j k~_{s_c, j})` with `M` the running maximum over the earlier
+/// chunks and `s_c` the chunk's first position, so `R_c` depends on no position after any
+/// query of the chunk; the state enters rescaled by `e^{M - R_c}` (at most 1), and leaves at
+/// the new running maximum. A constant scale cancels between numerator and normaliser. Inside
+/// a chunk a key exceeds `e^{R_c}` by at most `e^{bound - R_c} <= e^KEY_HEADROOM`. Each chunk is
+/// one call of the decayed primitive with decay 1 ([`decayed::linear_chunked`], from the
+/// entering state); decoding is `chunk = 1`.
 pub fn causal_favor(
     q_feat: &Tensor,
-    k_feat: &Tensor,
+    k_log: &Tensor,
     v: &Tensor,
+    bound: f64,
     chunk: usize,
-    state: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
-    let h = q_feat.dim(1)?;
-    let (o1, s) = decayed::linear_chunked(q_feat, k_feat, &with_ones(v)?, &no_decay(h, q_feat)?, chunk, state)?;
-    Ok((normalise(&o1)?, s))
+    state: Option<&FavorState>,
+) -> Result<(Tensor, FavorState)> {
+    let (b, h, t, m) = q_feat.dims4()?;
+    let v1 = with_ones(v)?;
+    let no_decay = Tensor::zeros(h, q_feat.dtype(), q_feat.device())?;
+    let key_scale = k_log.max_keepdim(D::Minus1)?.detach(); // [B, H, T, 1]
+    let (mut sums, mut run) = match state {
+        Some(s) => (s.sums.clone(), s.log_scale.clone()),
+        None => (
+            Tensor::zeros((b, h, m, v1.dim(3)?), q_feat.dtype(), q_feat.device())?,
+            (Tensor::ones((b, h, 1, 1), q_feat.dtype(), q_feat.device())? * (bound - KEY_HEADROOM))?,
+        ),
+    };
+    let (l, n, _) = decayed::chunk_layout(t, chunk);
+    let inv_sqrt_m = 1.0 / (m as f64).sqrt();
+    let mut outs = Vec::with_capacity(n);
+    for c in 0..n {
+        let (start, len) = (c * l, l.min(t - c * l));
+        let reference = run.maximum(&key_scale.narrow(2, start, 1)?)?;
+        sums = sums.broadcast_mul(&(&run - &reference)?.exp()?)?;
+        let keys = (k_log.narrow(2, start, len)?.broadcast_sub(&reference)?.exp()? * inv_sqrt_m)?;
+        let (o1, next) = decayed::linear_chunked(
+            &q_feat.narrow(2, start, len)?,
+            &keys,
+            &v1.narrow(2, start, len)?,
+            &no_decay,
+            len,
+            Some(&sums),
+        )?;
+        outs.push(o1);
+        run = reference.maximum(&key_scale.narrow(2, start, len)?.max_keepdim(2)?)?;
+        sums = next.broadcast_mul(&(&reference - &run)?.exp()?)?;
+    }
+    Ok((normalise(&Tensor::cat(&outs, 2)?)?, FavorState { sums, log_scale: run }))
 }
 
-/// One decoding step of [`causal_favor`] (`T = 1`), advancing `state` (`None`: empty).
-pub fn causal_favor_step(
-    q_feat: &Tensor,
-    k_feat: &Tensor,
-    v: &Tensor,
-    state: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
-    let h = q_feat.dim(1)?;
-    let (o1, s) = decayed::linear_step(q_feat, k_feat, &with_ones(v)?, &no_decay(h, q_feat)?, state)?;
-    Ok((normalise(&o1)?, s))
-}
-
-/// Bidirectional FAVOR+, `D^-1 Q' ((K')^T [V 1])`: `q_feat: [B, H, T, m]`, `k_feat: [B, H,
-/// S, m]`, `v: [B, H, S, d_v]` -> `[B, H, T, d_v]`, in `O((T + S) m d_v)`. For encoders; the
-/// registered `performer` is causal.
-pub fn bidirectional_favor(q_feat: &Tensor, k_feat: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// Bidirectional FAVOR+, `D^-1 Q' ((K')^T [V 1])`: `q_feat: [B, H, T, m]`, keys' log features
+/// `k_log: [B, H, S, m]`, `v: [B, H, S, d_v]` -> `[B, H, T, d_v]`, in `O((T + S) m d_v)`. The
+/// keys are stabilised by their largest log feature over the whole sequence (a constant per
+/// sequence and head: exact, and with no causality to keep). For encoders; the registered
+/// `performer` is causal.
+pub fn bidirectional_favor(q_feat: &Tensor, k_log: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let m = k_log.dim(D::Minus1)?;
+    let top = k_log.max_keepdim(D::Minus1)?.max_keepdim(2)?.detach();
+    let k_feat = (k_log.broadcast_sub(&top)?.exp()? * (1.0 / (m as f64).sqrt()))?;
     normalise(&q_feat.matmul(&k_feat.t()?.matmul(&with_ones(v)?)?)?)
 }
 
-/// The features of one (q, k) pair of heads: `q, k: [..., d_h]` (unscaled) -> `(Q', K')`.
+/// Queries' features and keys' log features of `q, k: [..., d_h]` (unscaled: both are scaled by
+/// `d_h^(-1/4)` here) -> `(Q', log K')`.
 pub fn query_key_features(q: &Tensor, k: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
     let scale = (w.dim(1)? as f64).powf(-0.25);
-    Ok((
-        positive_features(&(q * scale)?, w, Stabiliser::RowMax)?,
-        positive_features(&(k * scale)?, w, Stabiliser::FeatureBound)?,
-    ))
+    Ok((positive_features(&(q * scale)?, w, Stabiliser::RowMax)?, log_features(&(k * scale)?, w)?))
+}
+
+/// `max_i |w_i|^2 / 2`: no log feature `w_i^T x - |x|^2 / 2` exceeds it.
+pub fn log_feature_bound(w: &Tensor) -> Result<f64> {
+    w.to_dtype(DType::F64)?.sqr()?.sum(1)?.max(0)?.to_scalar::<f64>().map(|s| s * 0.5)
 }
 
 /// The relative error `|Y~ - Y|_F / |Y|_F` of causal FAVOR+ with `m` features (drawn from
@@ -253,8 +306,8 @@ pub fn approximation_error(
 ) -> Result<f64> {
     let d = q.dim(3)?;
     let w = Tensor::from_vec(draw_features(m, d, orthogonal, rng), (m, d), q.device())?.to_dtype(q.dtype())?;
-    let (qf, kf) = query_key_features(q, k, &w)?;
-    let (approx, _) = causal_favor(&qf, &kf, v, 64, None)?;
+    let (qf, kl) = query_key_features(q, k, &w)?;
+    let (approx, _) = causal_favor(&qf, &kl, v, log_feature_bound(&w)?, 64, None)?;
     let exact = crate::ops::attention::causal_attention(q, k, v, 0)?;
     let norm = |x: &Tensor| -> Result<f64> { x.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>() };
     Ok(norm(&(approx - &exact)?)? / norm(&exact)?)
@@ -265,6 +318,8 @@ struct Drawn {
     epoch: usize,
     /// `[m, d_h]`, f64, on the parameters' device.
     w: Tensor,
+    /// [`log_feature_bound`] of `w`.
+    bound: f64,
 }
 
 pub struct Performer {
@@ -318,59 +373,71 @@ impl Performer {
         Tensor::from_vec(w, (self.features, head_dim), &self.device)
     }
 
-    /// The features of the current epoch in `dtype`, drawn once per epoch.
-    fn current_features(&self, head_dim: usize, dtype: DType) -> Result<Tensor> {
+    /// The features of the current epoch in `dtype`, drawn once per epoch, and their
+    /// [`log_feature_bound`].
+    fn current_features(&self, head_dim: usize, dtype: DType) -> Result<(Tensor, f64)> {
         let epoch = self.epoch();
         let mut drawn =
             self.drawn.lock().map_err(|_| candle_core::Error::Msg("performer: features lock poisoned".into()))?;
-        let w = match drawn.as_ref() {
-            Some(d) if d.epoch == epoch => d.w.clone(),
+        let (w, bound) = match drawn.as_ref() {
+            Some(d) if d.epoch == epoch => (d.w.clone(), d.bound),
             _ => {
                 let w = self.features_of_epoch(epoch, head_dim)?;
-                *drawn = Some(Drawn { epoch, w: w.clone() });
-                w
+                let bound = log_feature_bound(&w)?;
+                *drawn = Some(Drawn { epoch, w: w.clone(), bound });
+                (w, bound)
             }
         };
-        w.to_dtype(dtype)
+        Ok((w.to_dtype(dtype)?, bound))
     }
 
-    /// `x: [B, T, D]` at positions `offset..` -> `(Q', K', V)`: features `[B, H, T, m]` and
-    /// values `[B, H, T, d_h]`, in the accumulation dtype (f32 under bf16 activations).
-    fn featurise(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    /// `x: [B, T, D]` at positions `offset..` and the state before it -> `[B, T, D]` and the
+    /// state after it. Features and sums in the accumulation dtype (f32 under bf16).
+    fn attend(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        chunk: usize,
+        state: Option<&FavorState>,
+    ) -> Result<(Tensor, FavorState)> {
         let (q, k, v) = self.projections.project(x, offset)?;
         let acc = decayed::accumulation_dtype(x.dtype());
-        let w = self.current_features(q.dim(3)?, acc)?;
-        let (qf, kf) = query_key_features(&q.to_dtype(acc)?, &k.to_dtype(acc)?, &w)?;
-        Ok((qf, kf, v.to_dtype(acc)?))
-    }
-
-    fn chunkwise(&self, x: &Tensor, chunk: usize) -> Result<(Tensor, Tensor)> {
-        let (qf, kf, v) = self.featurise(x, 0)?;
-        let (y, s) = causal_favor(&qf, &kf, &v, chunk, None)?;
+        let (w, bound) = self.current_features(q.dim(3)?, acc)?;
+        let (qf, kl) = query_key_features(&q.to_dtype(acc)?, &k.to_dtype(acc)?, &w)?;
+        let (y, s) = causal_favor(&qf, &kl, &v.to_dtype(acc)?, bound, chunk, state)?;
         Ok((self.projections.merge(&y.to_dtype(x.dtype())?)?, s))
     }
 }
 
+/// `[S, M]` as a [`MixerState`] (detached) after `pos` tokens.
+fn to_mixer_state(s: FavorState, pos: usize) -> MixerState {
+    MixerState { tensors: vec![s.sums.detach(), s.log_scale.detach()], pos }
+}
+
 impl SequenceMixer for Performer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.chunkwise(x, self.chunk)?.0)
+        Ok(self.attend(x, 0, self.chunk, None)?.0)
     }
 
-    /// State `[S]`, `S: [B, H, m, d_h + 1]`: `sum_i k'_i^T [v_i, 1]`.
+    /// State `[S, M]`: `S: [B, H, m, d_h + 1]`, `sum_i e^{-M} k'_i^T [v_i, 1]`, and its scale
+    /// `M: [B, H, 1, 1]` (see [`FavorState`]).
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
-        let (y, s) = self.chunkwise(x, self.chunk)?;
-        Ok((y, MixerState { tensors: vec![s.detach()], pos: x.dim(1)? }))
+        let (y, s) = self.attend(x, 0, self.chunk, None)?;
+        Ok((y, to_mixer_state(s, x.dim(1)?)))
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
-        let (qf, kf, v) = self.featurise(x, state.pos)?;
-        let (y, s) = causal_favor_step(&qf, &kf, &v, state.tensors.first())?;
-        *state = MixerState { tensors: vec![s.detach()], pos: state.pos + 1 };
-        self.projections.merge(&y.to_dtype(x.dtype())?)
+        let before = match state.tensors.as_slice() {
+            [sums, log_scale] => Some(FavorState { sums: sums.clone(), log_scale: log_scale.clone() }),
+            _ => None,
+        };
+        let (y, s) = self.attend(x, state.pos, 1, before.as_ref())?;
+        *state = to_mixer_state(s, state.pos + 1);
+        Ok(y)
     }
 
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
-        Some(self.chunkwise(x, chunk).map(|(y, _)| y))
+        Some(self.attend(x, 0, chunk, None).map(|(y, _)| y))
     }
 }
 
@@ -522,7 +589,10 @@ mod tests {
         let (b, h, m, dv) = (2, 3, 7, 4);
         for t in [10, 13] {
             let qf = randn(&[b, h, t, m], 1, DType::F64)?.exp()?;
-            let kf = randn(&[b, h, t, m], 2, DType::F64)?.exp()?;
+            // log features spread over +-90: the chunks' scales differ by e^100 and more
+            let k_log = (randn(&[b, h, t, m], 2, DType::F64)? * 30.0)?;
+            let bound = k_log.max_all()?.to_scalar::<f64>()?;
+            let kf = (k_log.exp()? * (1.0 / (m as f64).sqrt()))?;
             let v = randn(&[b, h, t, dv], 3, DType::F64)?;
             // the paper's causal form written out: A = Q' K'^T masked to i <= t, row-normalised
             let mask: Vec<f64> = (0..t * t).map(|p| if p % t <= p / t { 1.0 } else { 0.0 }).collect();
@@ -530,52 +600,91 @@ mod tests {
             let a = qf.matmul(&kf.t()?)?.broadcast_mul(&mask)?;
             let reference = a.broadcast_div(&a.sum_keepdim(3)?)?.matmul(&v)?;
             for chunk in [1, 4, 5, 64] {
-                let (y, _) = causal_favor(&qf, &kf, &v, chunk, None)?;
+                let (y, _) = causal_favor(&qf, &k_log, &v, bound, chunk, None)?;
                 assert!(rel_err(&y, &reference)? < 1e-10, "chunk {chunk}, T {t}");
+                // the second half from the state the first half left
+                let half = t / 2;
+                let part = |x: &Tensor, from: usize, len: usize| x.narrow(2, from, len);
+                let (_, s) = causal_favor(
+                    &part(&qf, 0, half)?,
+                    &part(&k_log, 0, half)?,
+                    &part(&v, 0, half)?,
+                    bound,
+                    chunk,
+                    None,
+                )?;
+                let rest = t - half;
+                let (y2, _) = causal_favor(
+                    &part(&qf, half, rest)?,
+                    &part(&k_log, half, rest)?,
+                    &part(&v, half, rest)?,
+                    bound,
+                    chunk,
+                    Some(&s),
+                )?;
+                assert!(rel_err(&y2, &reference.narrow(2, half, rest)?)? < 1e-10, "continued, chunk {chunk}");
             }
             // bidirectional: the same without the mask
             let full = qf.matmul(&kf.t()?)?;
             let reference = full.broadcast_div(&full.sum_keepdim(3)?)?.matmul(&v)?;
-            assert!(rel_err(&bidirectional_favor(&qf, &kf, &v)?, &reference)? < 1e-10);
+            assert!(rel_err(&bidirectional_favor(&qf, &k_log, &v)?, &reference)? < 1e-10);
             // and its last row is the causal form's last row
-            let (y, _) = causal_favor(&qf, &kf, &v, 4, None)?;
+            let (y, _) = causal_favor(&qf, &k_log, &v, bound, 4, None)?;
             assert!(rel_err(&y.narrow(2, t - 1, 1)?, &reference.narrow(2, t - 1, 1)?)? < 1e-10);
         }
         Ok(())
     }
 
     #[test]
-    fn performer_stabilisers_are_exact_and_bounded() -> anyhow::Result<()> {
-        // the stabilised features give the same attention as the paper's phi
+    fn performer_stabilisers_are_exact_and_survive_large_keys() -> anyhow::Result<()> {
+        // the stabilised forms give the paper's phi's attention exactly (f64)
         let (d, m, t) = (8, 20, 9);
         let w = features(m, d, true, 6);
         let q = randn(&[1, 1, t, d], 7, DType::F64)?;
         let k = randn(&[1, 1, t, d], 8, DType::F64)?;
         let v = randn(&[1, 1, t, d], 9, DType::F64)?;
-        let (qs, ks) = query_key_features(&q, &k, &w)?;
+        let (qs, kl) = query_key_features(&q, &k, &w)?;
         let scale = (d as f64).powf(-0.25);
         let plain = |x: &Tensor| positive_features(&(x * scale).unwrap(), &w, Stabiliser::None);
-        let (a, _) = causal_favor(&qs, &ks, &v, 4, None)?;
-        let (b, _) = causal_favor(&plain(&q)?, &plain(&k)?, &v, 4, None)?;
-        assert!(rel_err(&a, &b)? < 1e-12);
-        // at d_h = 256 a feature's |w|^2 / 2 exceeds f32's exponent range (88.7): an input on
-        // a feature row overflows the paper's phi, and both stabilised forms stay in (0, 1/sqrt m]
-        let (d, m) = (256, 4);
-        let w = features(m, d, true, 7).to_dtype(DType::F32)?;
-        let x = w.narrow(0, 0, 1)?;
-        assert!(positive_features(&x, &w, Stabiliser::None)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .any(|f| !f.is_finite()));
-        for stabiliser in [Stabiliser::RowMax, Stabiliser::FeatureBound] {
-            let f: Vec<f32> = positive_features(&x, &w, stabiliser)?.flatten_all()?.to_vec1()?;
-            assert!(f.iter().all(|&f| f.is_finite() && f <= 0.5001) && f[0] > 0.0, "{stabiliser:?}: {f:?}");
-        }
+        let (qp, kp) = (plain(&q)?, plain(&k)?);
+        let mask: Vec<f64> = (0..t * t).map(|p| if p % t <= p / t { 1.0 } else { 0.0 }).collect();
+        let a = qp.matmul(&kp.t()?)?.broadcast_mul(&Tensor::from_vec(mask, (1, 1, t, t), &Device::Cpu)?)?;
+        let reference = a.broadcast_div(&a.sum_keepdim(3)?)?.matmul(&v)?;
+        let (y, _) = causal_favor(&qs, &kl, &v, log_feature_bound(&w)?, 4, None)?;
+        assert!(rel_err(&y, &reference)? < 1e-12);
+
+        // queries and keys of large norm (|k| about 34 at d_h = 32): every log feature lies
+        // more than 44 below the data-independent bound, so with keys divided by it the
+        // normaliser's square underflows in f32 (the nanoGPT run's NaN gradient); the running
+        // scale keeps f32 within 1e-4 of f64 and the gradients finite
+        let (d, m, t) = (32, 111, 40);
+        let w = features(m, d, true, 8);
+        let q = (randn(&[1, 2, t, d], 10, DType::F64)? * 6.0)?;
+        let k = (randn(&[1, 2, t, d], 11, DType::F64)? * 6.0)?;
+        let v = randn(&[1, 2, t, d], 12, DType::F64)?;
+        let bound = log_feature_bound(&w)?;
+        let (_, kl) = query_key_features(&q, &k, &w)?;
+        let top = kl.max_all()?.to_scalar::<f64>()?;
+        assert!(top < bound - 44.0, "the check needs keys far under the bound: {top} vs {bound}");
+        let run = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let w = w.to_dtype(q.dtype())?;
+            let (qf, kl) = query_key_features(q, k, &w)?;
+            Ok(causal_favor(&qf, &kl, v, bound, 16, None)?.0)
+        };
+        let exact = run(&q, &k, &v)?;
+        let f32s = |x: &Tensor| x.to_dtype(DType::F32);
+        let kv = candle_core::Var::from_tensor(&f32s(&k)?)?;
+        let y32 = run(&f32s(&q)?, kv.as_tensor(), &f32s(&v)?)?;
+        assert!(rel_err(&y32, &exact)? < 1e-4, "{}", rel_err(&y32, &exact)?);
+        let grads = (y32 * f32s(&randn(&[1, 2, t, d], 13, DType::F64)?)?)?.sum_all()?.backward()?;
+        let g: Vec<f32> = grads.get(kv.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
+        let bad = g.iter().filter(|x| !x.is_finite()).count();
+        assert!(bad == 0 && g.iter().any(|&x| x != 0.0), "{bad} non-finite of {}: {:?}", g.len(), &g[..8]);
+
         // a query of large norm: the row maximum keeps its largest feature at 1/sqrt(m)
-        let big = (randn(&[3, d], 10, DType::F32)? * 50.0)?;
-        let f: Vec<f32> = positive_features(&big, &w, Stabiliser::RowMax)?.max(1)?.to_vec1()?;
-        assert!(f.iter().all(|&f| (f - 0.5).abs() < 1e-6), "{f:?}");
+        let big = (randn(&[3, d], 14, DType::F32)? * 50.0)?;
+        let f: Vec<f32> = positive_features(&big, &w.to_dtype(DType::F32)?, Stabiliser::RowMax)?.max(1)?.to_vec1()?;
+        assert!(f.iter().all(|&f| (f - 1.0 / (m as f32).sqrt()).abs() < 1e-6), "{f:?}");
         Ok(())
     }
 
@@ -613,9 +722,9 @@ mod tests {
             |t: usize| -> anyhow::Result<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
         let (a, b) = (bytes(3)?, bytes(20)?);
         assert_eq!(a, b);
-        // per layer [B, H, m, d_h + 1], f32
+        // per layer [B, H, m, d_h + 1] and the scale [B, H, 1, 1], f32
         let (d, h) = (cfg.width, cfg.heads);
-        assert_eq!(a, cfg.depth * h * 11 * (d / h + 1) * 4);
+        assert_eq!(a, cfg.depth * h * (11 * (d / h + 1) + 1) * 4);
         // the default m is d_h ln d_h
         assert_eq!(default_features(64), 266);
         assert_eq!(mixer(&tiny(&[]), DType::F32).features, default_features(cfg.head_dim()));
@@ -652,6 +761,48 @@ mod tests {
         let other = Performer::new(&cfg, 1, &ParamBuilder::new(3, &Device::Cpu, DType::F64))?;
         let diff = (m.features_of_epoch(0, 8)? - other.features_of_epoch(0, 8)?)?.abs()?.max_all()?;
         assert!(diff.to_scalar::<f64>()? > 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn performer_run_reloads_with_the_features_of_its_last_step() -> anyhow::Result<()> {
+        // 3 steps (0, 1, 2) with a redraw every 2: the last step and the evaluation after it
+        // used epoch 1; a reloaded run must too (eval and generate read it back)
+        let sets: Vec<String> = [
+            "model.width=16",
+            "model.depth=1",
+            "model.heads=2",
+            "model.context=16",
+            "model.options.redraw_every=2",
+            "train.steps=3",
+            "train.batch_size=2",
+            "train.eval_every=3",
+            "train.eval_batches=1",
+            "train.warmup_steps=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cfg = crate::registry::config("performer", &crate::config::Overrides::sets(&sets))?;
+        let dir = testing::fresh_dir("performer-redraw-reload")?;
+        let opts = crate::train::TrainOptions {
+            out: dir.clone(),
+            resume: false,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            verbose: false,
+            stop_after: None,
+        };
+        let corpus = crate::data::Corpus::load("shakespeare", crate::data::DataFormat::Text)?;
+        crate::train::train(&cfg, &corpus, crate::data::DataFormat::Text, &opts)?;
+        let model = crate::train::load_run(&dir, &Device::Cpu, DType::F32)?;
+        std::fs::remove_dir_all(&dir)?;
+        assert_eq!(model.training_step(), 2);
+        let tokens = random_tokens(1, 8, cfg.model.vocab, 3)?;
+        let loaded = model.forward(&tokens, None)?;
+        model.set_training_step(0);
+        let epoch0 = model.forward(&tokens, None)?;
+        assert!((loaded - epoch0)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
         Ok(())
     }
 
