@@ -254,6 +254,27 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Performer's (FAVOR+) relative error against exact causal softmax attention for each
+    /// number of random features, orthogonal and iid, mean and sd over draws; JSON lines out.
+    PerformerError {
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 256)]
+        length: usize,
+        /// Comma-separated standard deviations of the query and key entries.
+        #[arg(long, default_value = "0.5,0.75,1")]
+        input_stds: String,
+        #[arg(long, default_value = "16,32,64,128,256,512,1024,2048,4096")]
+        features: String,
+        #[arg(long, default_value_t = 16)]
+        draws: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Per-token decoding latency, throughput and state bytes against context length.
     Decode {
         #[arg(long, default_value = "all")]
@@ -390,6 +411,20 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             for f in scaling::fits(&points) {
                 lines.push(&f);
             }
+            lines.save(out.as_deref())
+        }
+        BenchCommand::PerformerError { head_dim, heads, length, input_stds, features, draws, seed, out } => {
+            let opts = altformers::bench::performer_error::PerformerErrorOptions {
+                head_dim,
+                heads,
+                length,
+                input_stds: list(&input_stds, "--input-stds")?,
+                features: list(&features, "--features")?,
+                draws,
+                seed,
+            };
+            lines.push(&altformers::bench::Provenance::capture(&candle_core::Device::Cpu));
+            altformers::bench::performer_error::run(&opts, |r| lines.push(r))?;
             lines.save(out.as_deref())
         }
         BenchCommand::Decode {

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::backbones::Backbone;
 pub use crate::backbones::ModelState;
 use crate::config::ModelConfig;
-use crate::params::{ParamBuilder, ParamStore};
+use crate::params::{ParamBuilder, ParamStore, StepClock};
 use crate::rng::Rng;
 
 pub struct Model {
@@ -16,6 +16,8 @@ pub struct Model {
     pub params: ParamStore,
     device: Device,
     dtype: DType,
+    /// The training step, shared with every part built for this model.
+    clock: StepClock,
 }
 
 impl Model {
@@ -24,7 +26,20 @@ impl Model {
     pub fn new(config: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> AnyResult<Self> {
         let pb = ParamBuilder::new(seed, device, dtype);
         let backbone = crate::registry::build(config, &pb)?;
-        Ok(Self { config: config.clone(), backbone, params: pb.into_store(), device: device.clone(), dtype })
+        let clock = pb.clock.clone();
+        Ok(Self { config: config.clone(), backbone, params: pb.into_store(), device: device.clone(), dtype, clock })
+    }
+
+    /// Tells the model which training step (counted from 0) runs next; evaluation after it
+    /// sees the same step. Parts that follow a schedule read it (Performer redraws its random
+    /// features every `model.options.redraw_every` steps); the rest ignore it.
+    pub fn set_training_step(&self, step: usize) {
+        self.clock.set(step);
+    }
+
+    /// The step last set by [`Model::set_training_step`] (0 for a fresh model).
+    pub fn training_step(&self) -> usize {
+        self.clock.get()
     }
 
     pub fn device(&self) -> &Device {

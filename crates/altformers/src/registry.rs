@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::backbones::{self, hourglass, megabyte, Backbone, BackboneFn, MixerFn, Parts};
 use crate::complexity::Complexity;
 use crate::config::{ModelConfig, NoOptions, Options, Overrides, RunConfig};
-use crate::mixers::{self, aft, hyena, longnet, m2, retnet, rwkv4};
+use crate::mixers::{self, aft, hyena, longnet, m2, performer, retnet, rwkv4};
 use crate::params::ParamBuilder;
 
 pub struct Architecture {
@@ -223,6 +223,18 @@ Architecture {
     mixer: Some(retnet::build),
     backbone: backbones::stack::build,
     complexity: retnet::COMPLEXITY,
+},
+Architecture {
+    name: "performer",
+    summary: "Performer (FAVOR+): softmax attention estimated by positive orthogonal random features (m = model.options.features, default d_h ln d_h; redrawn every model.options.redraw_every steps); causal prefix sums via the shared decayed primitive with decay 1, O(m d)-state decoding",
+    paper: "2009.14794",
+    causal: true,
+    unbounded_context: false,
+    options: options::<performer::PerformerOptions>(),
+    adjust_defaults: keep_defaults,
+    mixer: Some(performer::build),
+    backbone: backbones::stack::build,
+    complexity: performer::COMPLEXITY,
 },
 Architecture {
     name: "aft-full",

@@ -12,6 +12,7 @@ pub mod hyena;
 pub mod long_conv;
 pub mod longnet;
 pub mod m2;
+pub mod performer;
 pub mod retnet;
 pub mod rwkv4;
 
