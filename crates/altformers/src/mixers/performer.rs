@@ -57,7 +57,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::Attention;
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, Review};
+use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::ModelConfig;
 use crate::ops::decayed;
 use crate::params::{ParamBuilder, StepClock};
@@ -451,7 +451,12 @@ fn cost_features(s: &CostShape) -> f64 {
 }
 
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review { stated_time: "O(Td^2 log d)", stated_space: "O(Td log d + d^2 lod d)", error: "" },
+    review: Review {
+        row: Some("Performer"),
+        judgement: Judgement::Imprecise(
+            "O(T d^2 log d) assumes m = Theta(d log d) features; in general it is O(T m d), and decoding keeps O(m d) state per layer",
+        ),
+    },
     true_time: "O(T m d + T d^2), m = d_h ln d_h features (O(T d d_h log d_h)); decode O(m d + d^2) per token",
     true_space: "O(T m h + T d) (feature maps); O(h m d_h) = O(m d) state per layer decoding, independent of T",
     flops: |s: &CostShape| {
