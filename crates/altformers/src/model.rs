@@ -16,6 +16,8 @@ pub struct Model {
     pub params: ParamStore,
     device: Device,
     dtype: DType,
+    /// The registry's `causal`: false for an encoder.
+    causal: bool,
 }
 
 impl Model {
@@ -24,7 +26,8 @@ impl Model {
     pub fn new(config: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> AnyResult<Self> {
         let pb = ParamBuilder::new(seed, device, dtype);
         let backbone = crate::registry::build(config, &pb)?;
-        Ok(Self { config: config.clone(), backbone, params: pb.into_store(), device: device.clone(), dtype })
+        let causal = crate::registry::find(&config.architecture)?.causal;
+        Ok(Self { config: config.clone(), backbone, params: pb.into_store(), device: device.clone(), dtype, causal })
     }
 
     pub fn device(&self) -> &Device {
@@ -41,6 +44,18 @@ impl Model {
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.backbone.set_compute_dtype(dtype);
         self
+    }
+
+    /// A causal model (a decoder); false for an encoder, which sees the whole sequence, has
+    /// no recurrent form and classifies through [`Model::pooled_logits`].
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+
+    /// An encoder's logits of the mean over the real positions: `tokens: [B, T]`, `keep:
+    /// [B, T]` (1 real, 0 padding) -> `[B, V]` ([`Backbone::pooled_logits`]).
+    pub fn pooled_logits(&self, tokens: &Tensor, keep: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        self.backbone.pooled_logits(tokens, keep, dropout_rng)
     }
 
     pub fn num_params(&self) -> usize {

@@ -136,6 +136,7 @@ pub fn build(config: &ModelConfig, pb: &ParamBuilder) -> Result<Box<dyn Backbone
         mixer: arch.mixer,
         channel_mixer: channel_mixer(&config.channel_mixer)?.build,
         unbounded_context: arch.unbounded_context,
+        causal: arch.causal,
     };
     (arch.backbone)(config, pb, &parts).with_context(|| format!("building `{}`", arch.name))
 }
@@ -295,6 +296,32 @@ Architecture {
     mixer: None,
     backbone: hourglass::build,
     complexity: hourglass::COMPLEXITY,
+},
+// Encoders (`causal: false`): bidirectional mixers, no recurrent form; trained and compared on
+// classification (ListOps), not as language models.
+Architecture {
+    name: "transformer-encoder",
+    summary: "encoder (bidirectional) softmax attention with a key-padding mask, the Transformer otherwise (LRA's baseline); the unfused attention on every device (the flash kernel is causal only); no recurrent form",
+    paper: "1706.03762, 2011.04006",
+    causal: false,
+    unbounded_context: false,
+    options: options::<NoOptions>(),
+    adjust_defaults: keep_defaults,
+    mixer: Some(mixers::attention::build_bidirectional),
+    backbone: backbones::stack::build,
+    complexity: mixers::attention::ENCODER_COMPLEXITY,
+},
+Architecture {
+    name: "m2-bert",
+    summary: "Monarch Mixer's encoder (M2-BERT): short conv, gate, two-sided long conv (forward and reverse implicit filters) by Monarch DFTs, gate; Monarch MLP channel mixer; no recurrent form",
+    paper: "2310.12109",
+    causal: false,
+    unbounded_context: false,
+    options: options::<m2::M2Options>(),
+    adjust_defaults: m2::adjust_bert_defaults,
+    mixer: Some(m2::build_bidirectional),
+    backbone: backbones::stack::build,
+    complexity: m2::BERT_COMPLEXITY,
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {

@@ -101,6 +101,12 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainSummary> {
     config.validate()?;
+    if !crate::registry::find(&config.model.architecture)?.causal {
+        bail!(
+            "`{}` is an encoder (bidirectional: it sees the byte it would predict), not a language model; train it on a classification task (--task listops)",
+            config.model.architecture
+        );
+    }
     corpus.check_context(config.model.context)?;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
