@@ -6,6 +6,7 @@
 //! Every batch and dropout mask is a function of `(seed, step)`, so a resumed run sees the
 //! same data and masks as an uninterrupted one and reaches the same loss.
 
+pub mod listops;
 pub mod optim;
 pub mod run_folder;
 pub mod step;
