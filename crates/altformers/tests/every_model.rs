@@ -202,13 +202,53 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         let summary = train(&cfg, &corpus, DataFormat::Text, &opts)?;
         assert!(summary.last.val_loss.is_finite() && summary.last.step == 2, "{name}");
         std::fs::remove_dir_all(&dir)?;
+        listops_trains(arch)?;
     }
     Ok(())
 }
 
-/// Encoders are refused as language models by name (they see the byte they would predict).
+/// Two steps of ListOps (every model: a causal one read at its last position, an encoder
+/// pooled) with validation and test accuracy.
+fn listops_trains(arch: &altformers::registry::Architecture) -> anyhow::Result<()> {
+    use altformers::train::listops::{train_listops, ListOpsSettings};
+    let name = arch.name;
+    let mut over = altformers::config::Overrides::sets(&[
+        "model.width=16",
+        "model.depth=1",
+        "model.heads=2",
+        "model.context=24",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.eval_every=2",
+        "train.warmup_steps=1",
+        "listops.generator.min_len=4",
+        "listops.generator.max_len=20",
+        "listops.train_examples=4",
+        "listops.eval_examples=2",
+    ]);
+    let settings = ListOpsSettings::take_from(&mut over)?;
+    let cfg = arch.config(&over)?;
+    let dir = testing::fresh_dir(&format!("listops-{name}"))?;
+    std::fs::remove_dir_all(&dir)?;
+    let opts = TrainOptions {
+        out: dir.clone(),
+        resume: false,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        verbose: false,
+        stop_after: None,
+    };
+    let s = train_listops(&cfg, &settings, &opts).map_err(|e| e.context(name.to_string()))?;
+    let readout = if arch.causal { "last-position" } else { "mean-pool" };
+    assert!(s.readout == readout && s.train_loss.is_finite() && (0.0..=1.0).contains(&s.test_accuracy), "{name}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Encoders are refused as language models by name (they see the byte they would predict),
+/// and train on ListOps.
 #[test]
-fn every_encoder_is_refused_as_a_language_model() -> anyhow::Result<()> {
+fn every_encoder_is_refused_as_a_language_model_and_classifies() -> anyhow::Result<()> {
     let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
     for arch in ARCHITECTURES.iter().filter(|a| !a.causal) {
         let name = arch.name;
@@ -226,6 +266,7 @@ fn every_encoder_is_refused_as_a_language_model() -> anyhow::Result<()> {
         let err = format!("{err:#}");
         assert!(err.contains(name) && err.contains("encoder"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+        listops_trains(arch)?;
     }
     Ok(())
 }
