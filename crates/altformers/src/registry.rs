@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::backbones::{self, hourglass, megabyte, Backbone, BackboneFn, MixerFn, Parts};
 use crate::complexity::Complexity;
 use crate::config::{ModelConfig, NoOptions, Options, Overrides, RunConfig};
-use crate::mixers::{self, aft, hyena, longnet, m2, retnet, rwkv4};
+use crate::mixers::{self, aft, hyena, linformer, longnet, m2, retnet, rwkv4};
 use crate::params::ParamBuilder;
 
 pub struct Architecture {
@@ -322,6 +322,18 @@ Architecture {
     mixer: Some(m2::build_bidirectional),
     backbone: backbones::stack::build,
     complexity: m2::BERT_COMPLEXITY,
+},
+Architecture {
+    name: "linformer",
+    summary: "Linformer: softmax attention over keys and values projected along the sequence, K' = E K, V' = F V with learned k x n E, F (model.options.k, sharing none / headwise / key-value / layerwise), padding masked before the projection; encoder only: each row of E K mixes every position, later ones included, so it has no causal form and no language-model row",
+    paper: "2006.04768",
+    causal: false,
+    unbounded_context: false,
+    options: options::<linformer::LinformerOptions>(),
+    adjust_defaults: keep_defaults,
+    mixer: Some(linformer::build),
+    backbone: backbones::stack::build,
+    complexity: linformer::COMPLEXITY,
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {

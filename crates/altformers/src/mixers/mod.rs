@@ -9,6 +9,7 @@
 pub mod aft;
 pub mod attention;
 pub mod hyena;
+pub mod linformer;
 pub mod long_conv;
 pub mod longnet;
 pub mod m2;
