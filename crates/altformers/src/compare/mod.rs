@@ -197,6 +197,10 @@ pub fn run(
     write_meta(out, preset_name, &preset, data, select, device)?;
     eprintln!("compare --preset {preset_name}: {}", preset.description);
     let causal = select.architectures(false);
+    let encoders: Vec<&str> = select.architectures(true).iter().filter(|a| !a.causal).map(|a| a.name).collect();
+    if !encoders.is_empty() && !select.models.is_empty() && select.parts.iter().any(|p| p != "listops") {
+        eprintln!("note: encoders ({}) take part in ListOps only", encoders.join(", "));
+    }
     let mut quality = Vec::new();
     if select.runs("lm") {
         quality = run_lm(&preset.lm, &causal, data, format, out, device)?;
