@@ -13,8 +13,10 @@
 //! as the reference fairseq code slices them) and `k` the projected length
 //! (`model.options.k`, 0 for `n / 4`, fairseq's default compression). Sharing
 //! (`model.options.sharing`, section 4 of the paper): `none` (each head its own `E_i`, `F_i`:
-//! eq. 7), `headwise` (`E_i = E`, `F_i = F` for every head of a layer), `key-value` (headwise,
-//! and `E = F`), `layerwise` (one `E` for every layer, head, keys and values). Heads that
+//! eq. 7), `headwise` (`E_i = E`, `F_i = F` for every head of a layer; the default, as in
+//! fairseq's and LRA's implementations: per-head projections cost `2 h k n` parameters a
+//! layer, more than the rest of a small model at LRA's n = 2000), `key-value` (headwise, and
+//! `E = F`), `layerwise` (one `E` for every layer, head, keys and values). Heads that
 //! share a key/value head (`model.kv_heads`) share its projections. Initialisation: Xavier
 //! uniform with gain `1/sqrt(2)`, as fairseq's; the Q, K, V and output projections are the
 //! Transformer's ([`super::attention::Attention`]).
@@ -65,12 +67,13 @@ pub enum Sharing {
 pub struct LinformerOptions {
     /// k, the projected length; 0 for `n / 4` (fairseq's default compression of 4).
     pub k: usize,
+    /// Which projections are shared (headwise by default, as fairseq and LRA).
     pub sharing: Sharing,
 }
 
 impl Default for LinformerOptions {
     fn default() -> Self {
-        Self { k: 0, sharing: Sharing::None }
+        Self { k: 0, sharing: Sharing::Headwise }
     }
 }
 
