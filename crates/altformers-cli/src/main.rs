@@ -40,6 +40,12 @@ impl From<FormatArg> for DataFormat {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TaskArg {
+    Lm,
+    Listops,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ModeArg {
     Parallel,
@@ -48,14 +54,19 @@ enum ModeArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a model on a byte-level corpus.
+    /// Train a model on a byte-level corpus (`--task lm`) or on ListOps (`--task listops`).
     Train {
         /// Architecture name (see `altformers models`).
         #[arg(long)]
         model: String,
-        /// `shakespeare` (bundled) or a path to any file.
+        /// lm: next-byte prediction on --data (causal models); listops: LRA's ListOps
+        /// classification, settings in the config's [listops] table or `--set listops.KEY=V`
+        /// (every model: an encoder pooled, a causal model read at its last position).
+        #[arg(long, value_enum, default_value = "lm")]
+        task: TaskArg,
+        /// `shakespeare` (bundled) or a path to any file (--task lm).
         #[arg(long)]
-        data: String,
+        data: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         data_format: FormatArg,
         /// TOML file with [model] and [train] sections.
@@ -480,7 +491,50 @@ fn main() {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train { model, data, data_format, config, sets, out, resume, device, dtype, quiet, stop_after } => {
+        Command::Train {
+            model,
+            task: TaskArg::Listops,
+            data,
+            config,
+            sets,
+            out,
+            resume,
+            device,
+            dtype,
+            quiet,
+            stop_after,
+            ..
+        } => {
+            anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
+            anyhow::ensure!(
+                stop_after.is_none() && !resume,
+                "--task listops keeps no checkpoint: no --stop-after or --resume"
+            );
+            let mut over = Overrides::from_cli(config.as_deref(), &sets)?;
+            let settings = altformers::train::listops::ListOpsSettings::take_from(&mut over)?;
+            let cfg = registry::config(&model, &over)?;
+            let device = altformers::device::select(&device)?;
+            let dtype = altformers::device::parse_dtype(&dtype)?;
+            let opts = TrainOptions { out, resume, device, dtype, verbose: !quiet, stop_after };
+            let summary = altformers::train::listops::train_listops(&cfg, &settings, &opts)?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Train {
+            model,
+            task: TaskArg::Lm,
+            data,
+            data_format,
+            config,
+            sets,
+            out,
+            resume,
+            device,
+            dtype,
+            quiet,
+            stop_after,
+        } => {
+            let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
             let cfg = if resume {

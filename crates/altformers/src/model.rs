@@ -18,6 +18,8 @@ pub struct Model {
     dtype: DType,
     /// The training step, shared with every part built for this model.
     clock: StepClock,
+    /// The registry's `causal`: false for an encoder.
+    causal: bool,
 }
 
 impl Model {
@@ -27,7 +29,8 @@ impl Model {
         let pb = ParamBuilder::new(seed, device, dtype);
         let backbone = crate::registry::build(config, &pb)?;
         let clock = pb.clock.clone();
-        Ok(Self { config: config.clone(), backbone, params: pb.into_store(), device: device.clone(), dtype, clock })
+        let causal = crate::registry::find(&config.architecture)?.causal;
+        Ok(Self { config: config.clone(), backbone, params: pb.into_store(), device: device.clone(), dtype, clock, causal })
     }
 
     /// Tells the model which training step (counted from 0) runs next; evaluation after it
@@ -56,6 +59,18 @@ impl Model {
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.backbone.set_compute_dtype(dtype);
         self
+    }
+
+    /// A causal model (a decoder); false for an encoder, which sees the whole sequence, has
+    /// no recurrent form and classifies through [`Model::pooled_logits`].
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+
+    /// An encoder's logits of the mean over the real positions: `tokens: [B, T]`, `keep:
+    /// [B, T]` (1 real, 0 padding) -> `[B, V]` ([`Backbone::pooled_logits`]).
+    pub fn pooled_logits(&self, tokens: &Tensor, keep: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        self.backbone.pooled_logits(tokens, keep, dropout_rng)
     }
 
     pub fn num_params(&self) -> usize {

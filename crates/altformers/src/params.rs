@@ -139,6 +139,22 @@ impl ParamBuilder {
         b
     }
 
+    /// A builder at the root of the store (no prefix), for a parameter shared by modules
+    /// built under different prefixes (Linformer's layerwise projection).
+    pub fn root(&self) -> Self {
+        let mut b = self.clone();
+        b.prefix = String::new();
+        b
+    }
+
+    /// The parameter `name` under this builder's prefix if it was created already: how a
+    /// shared parameter's later users take the first one's tensor (its gradient then sums
+    /// over every use, and it is stored, counted and decayed once).
+    pub fn existing(&self, name: &str) -> Option<Tensor> {
+        let store = self.store.lock().unwrap();
+        store.params.get(&self.full_name(name)).map(|p| p.var.as_tensor().clone())
+    }
+
     fn full_name(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_string()

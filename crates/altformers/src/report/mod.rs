@@ -13,7 +13,7 @@ use crate::bench::decode::DecodePoint;
 use crate::bench::scaling::{headline_component, BenchMode, ScalingFit, ScalingPoint};
 use crate::bench::{fit, Provenance};
 use crate::registry::ARCHITECTURES;
-use crate::results::{quality_table, read_lines, MqarResult, QualityRow, CURVE_EXAMPLES};
+use crate::results::{listops_table, quality_table, read_lines, ListOpsRow, MqarResult, QualityRow, CURVE_EXAMPLES};
 use crate::train::Metrics;
 use plots::{figure, Chart, Series};
 
@@ -49,6 +49,8 @@ pub fn render(dir: &Path) -> Result<()> {
     md += &quality_section(&quality, &dir.join("runs"), &plots, &caption)?;
     let recall = read_lines::<MqarResult>(&dir.join("mqar.jsonl"))?.unwrap_or_default();
     md += &mqar_section(&recall, &plots, &caption)?;
+    let classified = read_lines::<ListOpsRow>(&dir.join("listops.jsonl"))?.unwrap_or_default();
+    md += &listops_section(&classified, &caption);
     let (points, fits) = scaling_inputs(dir)?;
     md += &scaling_section(&points, &plots, &caption)?;
     let decoded = read_lines::<DecodePoint>(&dir.join("decode.jsonl"))?.unwrap_or_default();
@@ -88,6 +90,7 @@ fn quality_section(rows: &[QualityRow], runs: &Path, plots: &Path, caption: &str
     }
     md.push_str(&quality_table(rows));
     md.push_str(&models_list(rows.iter().map(|r| r.model.as_str())));
+    md.push_str(&encoders_absent());
     let mut series = Vec::new();
     for r in rows {
         if let Some(ms) = read_lines::<Metrics>(&runs.join(&r.model).join("metrics.jsonl"))? {
@@ -110,6 +113,38 @@ fn quality_section(rows: &[QualityRow], runs: &Path, plots: &Path, caption: &str
         md += &figure(plots, "loss.svg", &chart, &series, "validation loss", &text)?;
     }
     Ok(md)
+}
+
+/// Why the registry's encoders have no language-model row: each with its summary (which
+/// says, for Linformer, why it has no causal form at all).
+fn encoders_absent() -> String {
+    let encoders: Vec<_> = ARCHITECTURES.iter().filter(|a| !a.causal).collect();
+    if encoders.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("\nNot in this table: the encoders (bidirectional: every position sees the byte it would predict, so they are no language models; they are compared on ListOps):\n\n");
+    for a in encoders {
+        let _ = writeln!(md, "- `{}` ({}): {}", a.name, a.paper, a.summary);
+    }
+    md
+}
+
+/// ListOps: accuracy per model beside chance and LRA's published figures.
+fn listops_section(rows: &[ListOpsRow], caption: &str) -> String {
+    let mut md = String::from("## ListOps (Long Range Arena)\n\n");
+    if rows.is_empty() {
+        md.push_str("Not run.\n\n");
+        return md;
+    }
+    let r0 = &rows[0];
+    let _ = writeln!(
+        md,
+        "Classification of ListOps expressions (LRA's generator, shorter than {} tokens, {} training examples) into their value, 10 classes: chance is 10%. A causal model is read at its last position (the byte after the expression, restricted to the digits), an encoder mean-pools its real positions. The LRA column is the test accuracy the Long Range Arena reports (Table 1, sequences of 500-2000 tokens, its own budget): a reference, not the same run. {caption}.\n",
+        r0.max_len, r0.train_examples
+    );
+    md.push_str(&listops_table(rows));
+    md.push_str("\nLRA's Transformer is an encoder: its figure sits beside `transformer-encoder`; `transformer` is the causal model read at its last position.\n\n");
+    md
 }
 
 /// What each of `models` is, from the registry (its summary says where a model adapts its
@@ -554,6 +589,8 @@ mod tests {
             )
         };
         std::fs::write(dir.join("decode.jsonl"), format!("{}\n{}\n", dp(1024), dp(2048)))?;
+        let lo = r#"{"model":"transformer-encoder","readout":"mean-pool","width":64,"params":1000,"params_ratio":1.0,"steps":10,"train_examples":100,"max_len":64,"train_loss":2.0,"val_accuracy":0.25,"test_accuracy":0.375,"elapsed_s":1.0}"#;
+        std::fs::write(dir.join("listops.jsonl"), format!("{lo}\n"))?;
         render(&dir)?;
         let md = std::fs::read_to_string(dir.join("report.md"))?;
         for needle in [
@@ -568,6 +605,11 @@ mod tests {
             "O(T log Td)",
             "commit `abc`",
             "- `one-wide-ffn` (2309.01826): One Wide FFN, decoder-only adaptation of the paper's encoder-decoder setting",
+            "Not in this table: the encoders",
+            "- `transformer-encoder` (",
+            "## ListOps (Long Range Arena)",
+            "chance is 10%",
+            "| transformer-encoder | mean-pool | 64 | 1.00K (+0.0%) | 10 | 2.0000 | 25.0% | 37.5% | 36.4% | 1 |",
         ] {
             assert!(md.contains(needle), "report lacks `{needle}`:\n{md}");
         }

@@ -6,6 +6,7 @@
 //! Every batch and dropout mask is a function of `(seed, step)`, so a resumed run sees the
 //! same data and masks as an uninterrupted one and reaches the same loss.
 
+pub mod listops;
 pub mod optim;
 pub mod run_folder;
 pub mod step;
@@ -101,6 +102,12 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainSummary> {
     config.validate()?;
+    if !crate::registry::find(&config.model.architecture)?.causal {
+        bail!(
+            "`{}` is an encoder (bidirectional: it sees the byte it would predict), not a language model; train it on a classification task (--task listops)",
+            config.model.architecture
+        );
+    }
     corpus.check_context(config.model.context)?;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
