@@ -171,7 +171,7 @@ enum Command {
         /// quick, full, or a TOML file of the same shape.
         #[arg(long, default_value = "quick")]
         preset: String,
-        /// Comma-separated parts to run (lm, mqar, scaling, decode; default all). Results of
+        /// Comma-separated parts to run (lm, mqar, listops, scaling, decode, performer-error; default all). Results of
         /// parts and models not run are kept in DIR, so a comparison can be run in pieces.
         #[arg(long, value_delimiter = ',')]
         parts: Vec<String>,
@@ -275,7 +275,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 256)]
         length: usize,
         /// Comma-separated standard deviations of the query and key entries.
-        #[arg(long, default_value = "0.5,0.75,1")]
+        #[arg(long, default_value = "0.25,0.5,0.75,1")]
         input_stds: String,
         #[arg(long, default_value = "16,32,64,128,256,512,1024,2048,4096")]
         features: String,

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::mixers::performer::{approximation_error, MAX_FEATURES};
 use crate::rng::{stream, Rng};
 
-#[derive(Clone, Debug)]
+/// The bench's settings; also a comparison preset's `[performer_error]` table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PerformerErrorOptions {
     pub head_dim: usize,
     pub heads: usize,
@@ -24,6 +26,22 @@ pub struct PerformerErrorOptions {
     pub features: Vec<usize>,
     pub draws: usize,
     pub seed: u64,
+}
+
+impl Default for PerformerErrorOptions {
+    /// Performer's default head width, a 256-token sequence, four input scales, m from 16 to
+    /// 4096, 16 draws: the recorded run (`bench/results/2026-12-02-cpu-performer-error/`).
+    fn default() -> Self {
+        Self {
+            head_dim: 64,
+            heads: 4,
+            length: 256,
+            input_stds: vec![0.25, 0.5, 0.75, 1.0],
+            features: vec![16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
+            draws: 16,
+            seed: 0,
+        }
+    }
 }
 
 /// One row: the error's mean and standard deviation over the draws, for each feature kind.

@@ -37,6 +37,9 @@ pub struct Preset {
     pub listops: Option<listops::ListOpsPart>,
     pub scaling: ScalingSettings,
     pub decode: DecodeSettings,
+    /// Performer's approximation error against its feature count (absent: not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub performer_error: Option<crate::bench::performer_error::PerformerErrorOptions>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,7 +75,7 @@ pub fn preset(name: &str) -> Result<Preset> {
 }
 
 /// The parts of a comparison, run in this order.
-pub const PARTS: [&str; 5] = ["lm", "mqar", "listops", "scaling", "decode"];
+pub const PARTS: [&str; 6] = ["lm", "mqar", "listops", "scaling", "decode", "performer-error"];
 
 /// What to run: which parts and which models (default: all of both).
 #[derive(Clone, Debug, Default)]
@@ -221,12 +224,32 @@ pub fn run(
     if select.runs("decode") {
         run_decode(&preset.decode, &causal, out, device)?;
     }
+    match &preset.performer_error {
+        Some(opts) if select.runs("performer-error") && causal.iter().any(|a| a.name == "performer") => {
+            run_performer_error(opts, out)?
+        }
+        None if select.parts.iter().any(|p| p == "performer-error") => {
+            bail!("preset {preset_name} has no [performer_error] section: nothing to run for --parts performer-error")
+        }
+        _ => {}
+    }
     crate::report::render(out)?;
     if !quality.is_empty() {
         println!("{}", quality_table(&quality));
     }
     eprintln!("report written to {}", out.join("report.md").display());
     Ok(())
+}
+
+/// Performer's approximation error against exact attention per feature count, into
+/// `out/performer-error.jsonl` (computed in f64 on the CPU whatever the device).
+fn run_performer_error(opts: &crate::bench::performer_error::PerformerErrorOptions, out: &Path) -> Result<()> {
+    eprintln!("performer-error: m = {:?}, input std {:?}, {} draws", opts.features, opts.input_stds, opts.draws);
+    let rows = crate::bench::performer_error::run(opts, |r| {
+        eprintln!("  std {} m {}: orthogonal {:.4}, iid {:.4}", r.input_std, r.features, r.orthogonal_mean, r.iid_mean)
+    })?;
+    let text: String = rows.iter().map(|r| serde_json::to_string(r).map(|l| l + "\n")).collect::<serde_json::Result<_>>()?;
+    crate::util::write_atomic(&out.join("performer-error.jsonl"), text.as_bytes())
 }
 
 /// `out/meta.json`: the provenance of the run (with the command that started it) and the
@@ -516,6 +539,31 @@ mod tests {
         let reoptimized = mqar_rows(&dir)?;
         assert_eq!(reoptimized.len(), 1);
         assert_eq!(reoptimized[0].optimizer.beta2, 0.99, "a row trained with another optimizer was kept");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// The Performer-error part writes one row per (input std, m) into the folder and the
+    /// report plots them; it needs the preset's section and Performer among the models.
+    #[test]
+    fn performer_error_part_writes_rows_and_the_report_plots_them() -> Result<()> {
+        let (dir, mut p, file) = tiny_preset("performer-error-part", mqar::MqarSettings::default())?;
+        let opts = p.performer_error.as_mut().expect("the quick preset has [performer_error]");
+        (opts.head_dim, opts.heads, opts.length, opts.draws) = (8, 1, 12, 2);
+        (opts.input_stds, opts.features) = (vec![0.5], vec![8, 64]);
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let select = Selection { parts: vec!["performer-error".into()], models: vec!["performer".into()], jobs: 1 };
+        run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+        let rows: Vec<crate::bench::performer_error::PerformerErrorRow> =
+            read_lines(&dir.join("performer-error.jsonl"))?.unwrap();
+        assert_eq!(rows.iter().map(|r| r.features).collect::<Vec<_>>(), [8, 64]);
+        assert!(rows[1].orthogonal_mean < rows[0].orthogonal_mean, "{rows:?}");
+        let md = std::fs::read_to_string(dir.join("report.md"))?;
+        assert!(md.contains("## Performer: approximation error") && dir.join("plots/performer-error.svg").exists());
+        p.performer_error = None;
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let err = run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select).unwrap_err();
+        assert!(err.to_string().contains("no [performer_error] section"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::bench::decode::DecodePoint;
+use crate::bench::performer_error::PerformerErrorRow;
 use crate::bench::scaling::{headline_component, BenchMode, ScalingFit, ScalingPoint};
 use crate::bench::{fit, Provenance};
 use crate::registry::ARCHITECTURES;
@@ -55,6 +56,8 @@ pub fn render(dir: &Path) -> Result<()> {
     md += &scaling_section(&points, &plots, &caption)?;
     let decoded = read_lines::<DecodePoint>(&dir.join("decode.jsonl"))?.unwrap_or_default();
     md += &decode_section(&decoded, &plots, &caption)?;
+    let approximations = read_lines::<PerformerErrorRow>(&dir.join("performer-error.jsonl"))?.unwrap_or_default();
+    md += &performer_error_section(&approximations, &plots, &caption)?;
     md += &peers_section(dir)?;
     md += &complexity_section(&fits);
     crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())
@@ -383,6 +386,40 @@ fn decode_section(rows: &[DecodePoint], plots: &Path, caption: &str) -> Result<S
     Ok(md)
 }
 
+/// Performer's approximation error against its number of random features m: one line per
+/// feature kind and input scale (log-log), and the table of every point.
+fn performer_error_section(rows: &[PerformerErrorRow], plots: &Path, caption: &str) -> Result<String> {
+    let mut md = String::from("## Performer: approximation error against the number of features\n\n");
+    let Some(first) = rows.first() else {
+        md.push_str("Not run.\n\n");
+        return Ok(md);
+    };
+    let mut series = Vec::new();
+    for (std, group) in group(rows, |r| format!("{}", r.input_std)) {
+        for kind in ["orthogonal", "iid"] {
+            let mean = |r: &PerformerErrorRow| if kind == "iid" { r.iid_mean } else { r.orthogonal_mean };
+            let points = group.iter().map(|r| (r.features as f64, mean(r))).collect();
+            series.push(Series { name: format!("{kind}, input std {std}"), points });
+        }
+    }
+    let chart = Chart::log_log("Performer: error against features", "random features m", "relative error");
+    let text = format!(
+        "Relative error |Y~ - Y|_F / |Y|_F of causal FAVOR+ against exact causal softmax attention (d_h {}, T {}, {} heads; mean over {} feature draws), orthogonal and iid features. The input std scales the entries of the queries and keys (their logits then have std input_std^2); Monte-Carlo error falls as 1 / sqrt(m). {caption}.",
+        first.head_dim, first.length, first.heads, first.draws
+    );
+    md += &figure(plots, "performer-error.svg", &chart, &series, "Performer error", &text)?;
+    md.push_str("| input std | m | orthogonal (mean +- sd) | iid (mean +- sd) |\n|---|---|---|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.4} +- {:.4} | {:.4} +- {:.4} |",
+            r.input_std, r.features, r.orthogonal_mean, r.orthogonal_sd, r.iid_mean, r.iid_sd
+        );
+    }
+    md.push('\n');
+    Ok(md)
+}
+
 /// Fused kernels against their peers (GPU runs of scripts/gpu-bench.sh kernels only); empty
 /// where `dir` holds no peer figures.
 fn peers_section(dir: &Path) -> Result<String> {
@@ -591,6 +628,13 @@ mod tests {
         std::fs::write(dir.join("decode.jsonl"), format!("{}\n{}\n", dp(1024), dp(2048)))?;
         let lo = r#"{"model":"transformer-encoder","readout":"mean-pool","width":64,"params":1000,"params_ratio":1.0,"steps":10,"train_examples":100,"max_len":64,"train_loss":2.0,"val_accuracy":0.25,"test_accuracy":0.375,"elapsed_s":1.0}"#;
         std::fs::write(dir.join("listops.jsonl"), format!("{lo}\n"))?;
+        let pe = |m: usize, e: f64| {
+            format!(
+                r#"{{"bench":"performer-error","head_dim":64,"heads":4,"length":256,"input_std":0.5,"features":{m},"draws":16,"orthogonal_mean":{e},"orthogonal_sd":0.01,"iid_mean":{},"iid_sd":0.02}}"#,
+                e * 1.2
+            )
+        };
+        std::fs::write(dir.join("performer-error.jsonl"), format!("{}\n{}\n", pe(16, 0.2), pe(4096, 0.0125)))?;
         render(&dir)?;
         let md = std::fs::read_to_string(dir.join("report.md"))?;
         for needle in [
@@ -610,6 +654,8 @@ mod tests {
             "## ListOps (Long Range Arena)",
             "chance is 10%",
             "| transformer-encoder | mean-pool | 64 | 1.00K (+0.0%) | 10 | 2.0000 | 25.0% | 37.5% | 36.4% | 1 |",
+            "## Performer: approximation error against the number of features",
+            "| 0.5 | 4096 | 0.0125 +- 0.0100 | 0.0150 +- 0.0200 |",
         ] {
             assert!(md.contains(needle), "report lacks `{needle}`:\n{md}");
         }
@@ -623,6 +669,8 @@ mod tests {
             let text = std::fs::read_to_string(dir.join(format!("plots/{svg}.svg")))?;
             assert!(text.starts_with("<svg") && text.contains("transformer"), "{svg}.svg");
         }
+        let text = std::fs::read_to_string(dir.join("plots/performer-error.svg"))?;
+        assert!(text.contains("orthogonal, input std 0.5") && text.contains("iid, input std 0.5"), "performer-error.svg");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
