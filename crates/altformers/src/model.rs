@@ -30,7 +30,15 @@ impl Model {
         let backbone = crate::registry::build(config, &pb)?;
         let clock = pb.clock.clone();
         let causal = crate::registry::find(&config.architecture)?.causal;
-        Ok(Self { config: config.clone(), backbone, params: pb.into_store(), device: device.clone(), dtype, clock, causal })
+        Ok(Self {
+            config: config.clone(),
+            backbone,
+            params: pb.into_store(),
+            device: device.clone(),
+            dtype,
+            clock,
+            causal,
+        })
     }
 
     /// Tells the model which training step (counted from 0) runs next; evaluation after it

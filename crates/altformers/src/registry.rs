@@ -409,7 +409,11 @@ mod tests {
         }
         for row in review_rows().filter(|r| *r != NO_LINE_ROW) {
             let pending = NOT_REGISTERED.contains(&row);
-            assert!(claimed.contains(&row) != pending, "review row `{row}`: claimed {}, listed as not registered {pending}", claimed.contains(&row));
+            assert!(
+                claimed.contains(&row) != pending,
+                "review row `{row}`: claimed {}, listed as not registered {pending}",
+                claimed.contains(&row)
+            );
         }
         let table = table();
         assert!(table.contains("| transformer | yes | O(T log Td) | O(T^2 + Td) |"), "{table}");

@@ -214,14 +214,7 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         .collect();
         let cfg = arch.config(&altformers::config::Overrides::sets(&sets))?;
         let dir = testing::fresh_dir(&format!("every-{name}"))?;
-        let opts = TrainOptions {
-            out: dir.clone(),
-            resume: false,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            verbose: false,
-            stop_after: None,
-        };
+        let opts = TrainOptions::fresh(dir.clone(), &Device::Cpu, false);
         let summary = train(&cfg, &corpus, DataFormat::Text, &opts)?;
         assert!(summary.last.val_loss.is_finite() && summary.last.step == 2, "{name}");
         std::fs::remove_dir_all(&dir)?;
@@ -253,14 +246,7 @@ fn listops_trains(arch: &altformers::registry::Architecture) -> anyhow::Result<(
     let cfg = arch.config(&over)?;
     let dir = testing::fresh_dir(&format!("listops-{name}"))?;
     std::fs::remove_dir_all(&dir)?;
-    let opts = TrainOptions {
-        out: dir.clone(),
-        resume: false,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        verbose: false,
-        stop_after: None,
-    };
+    let opts = TrainOptions::fresh(dir.clone(), &Device::Cpu, false);
     let s = train_listops(&cfg, &settings, &opts).map_err(|e| e.context(name.to_string()))?;
     let readout = if arch.causal { "last-position" } else { "mean-pool" };
     assert!(s.readout == readout && s.train_loss.is_finite() && (0.0..=1.0).contains(&s.test_accuracy), "{name}");
@@ -277,14 +263,7 @@ fn every_encoder_is_refused_as_a_language_model_and_classifies() -> anyhow::Resu
         let name = arch.name;
         let cfg = arch.config(&altformers::config::Overrides::sets(&["model.width=16", "model.depth=1"]))?;
         let dir = testing::fresh_dir(&format!("encoder-lm-{name}"))?;
-        let opts = TrainOptions {
-            out: dir.clone(),
-            resume: false,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            verbose: false,
-            stop_after: None,
-        };
+        let opts = TrainOptions::fresh(dir.clone(), &Device::Cpu, false);
         let Err(err) = train(&cfg, &corpus, DataFormat::Text, &opts) else { panic!("{name} trained as an LM") };
         let err = format!("{err:#}");
         assert!(err.contains(name) && err.contains("encoder"), "{err}");

@@ -4,7 +4,7 @@
 //! examples: `listops.jsonl` and the report's classification table.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -70,14 +70,7 @@ pub fn run(part: &ListOpsPart, models: &[&Architecture], out: &Path, device: &De
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
-        let opts = TrainOptions {
-            out: dir,
-            resume: false,
-            device: device.clone(),
-            dtype: DType::F32,
-            verbose: true,
-            stop_after: None,
-        };
+        let opts = TrainOptions::fresh(dir, device, true);
         let s = train_listops(&cfg, &part.task, &opts).with_context(|| format!("ListOps for {}", arch.name))?;
         eprintln!("listops {}: val accuracy {:.3}, test accuracy {:.3}", arch.name, s.val_accuracy, s.test_accuracy);
         rows.push(ListOpsRow {

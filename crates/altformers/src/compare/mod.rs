@@ -248,7 +248,8 @@ fn run_performer_error(opts: &crate::bench::performer_error::PerformerErrorOptio
     let rows = crate::bench::performer_error::run(opts, |r| {
         eprintln!("  std {} m {}: orthogonal {:.4}, iid {:.4}", r.input_std, r.features, r.orthogonal_mean, r.iid_mean)
     })?;
-    let text: String = rows.iter().map(|r| serde_json::to_string(r).map(|l| l + "\n")).collect::<serde_json::Result<_>>()?;
+    let text: String =
+        rows.iter().map(|r| serde_json::to_string(r).map(|l| l + "\n")).collect::<serde_json::Result<_>>()?;
     crate::util::write_atomic(&out.join("performer-error.jsonl"), text.as_bytes())
 }
 
@@ -318,14 +319,7 @@ fn train_lm(
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)?;
     }
-    let opts = TrainOptions {
-        out: run_dir,
-        resume: false,
-        device: device.clone(),
-        dtype: DType::F32,
-        verbose: true,
-        stop_after: None,
-    };
+    let opts = TrainOptions::fresh(run_dir, device, true);
     let summary = train(&cfg, corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
     Ok(QualityRow {
         model: arch.name.to_string(),
@@ -562,7 +556,8 @@ mod tests {
         assert!(md.contains("## Performer: approximation error") && dir.join("plots/performer-error.svg").exists());
         p.performer_error = None;
         std::fs::write(&file, toml::to_string(&p)?)?;
-        let err = run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select).unwrap_err();
+        let err =
+            run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select).unwrap_err();
         assert!(err.to_string().contains("no [performer_error] section"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())

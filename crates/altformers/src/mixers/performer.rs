@@ -790,14 +790,7 @@ mod tests {
         .collect();
         let cfg = crate::registry::config("performer", &crate::config::Overrides::sets(&sets))?;
         let dir = testing::fresh_dir("performer-redraw-reload")?;
-        let opts = crate::train::TrainOptions {
-            out: dir.clone(),
-            resume: false,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            verbose: false,
-            stop_after: None,
-        };
+        let opts = crate::train::TrainOptions::fresh(dir.clone(), &Device::Cpu, false);
         let corpus = crate::data::Corpus::load("shakespeare", crate::data::DataFormat::Text)?;
         crate::train::train(&cfg, &corpus, crate::data::DataFormat::Text, &opts)?;
         let model = crate::train::load_run(&dir, &Device::Cpu, DType::F32)?;

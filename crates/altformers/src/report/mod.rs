@@ -670,7 +670,10 @@ mod tests {
             assert!(text.starts_with("<svg") && text.contains("transformer"), "{svg}.svg");
         }
         let text = std::fs::read_to_string(dir.join("plots/performer-error.svg"))?;
-        assert!(text.contains("orthogonal, input std 0.5") && text.contains("iid, input std 0.5"), "performer-error.svg");
+        assert!(
+            text.contains("orthogonal, input std 0.5") && text.contains("iid, input std 0.5"),
+            "performer-error.svg"
+        );
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -225,14 +225,7 @@ mod tests {
         ]);
         let cfg = crate::registry::config("m2-bert", &over)?;
         let dir = crate::testing::fresh_dir("listops-run")?;
-        let opts = TrainOptions {
-            out: dir.clone(),
-            resume: false,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            verbose: false,
-            stop_after: None,
-        };
+        let opts = TrainOptions::fresh(dir.clone(), &Device::Cpu, false);
         let s = train_listops(&cfg, &settings, &opts)?;
         assert_eq!((s.history.len(), s.readout.as_str(), s.steps), (2, "mean-pool", 4));
         assert!((0.0..=1.0).contains(&s.test_accuracy) && s.train_loss.is_finite());

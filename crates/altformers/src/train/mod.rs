@@ -36,6 +36,13 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
 }
 
+impl TrainOptions {
+    /// A fresh run into `out` on `device` in f32, without interruption.
+    pub fn fresh(out: PathBuf, device: &Device, verbose: bool) -> Self {
+        Self { out, resume: false, device: device.clone(), dtype: DType::F32, verbose, stop_after: None }
+    }
+}
+
 pub struct TrainSummary {
     pub last: Metrics,
     pub params: usize,

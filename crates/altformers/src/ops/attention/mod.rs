@@ -54,18 +54,34 @@ pub fn causal_attention_reference(
     offset: usize,
     dropout: Option<(f64, &mut crate::rng::Rng)>,
 ) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    // rows of the scores are the G query heads of a group stacked: row r is query r % T
+    let scores = grouped_scores(q, k)?;
+    weighted_sum(causal_softmax(&scores, t, offset)?, v, q.dims(), dropout)
+}
+
+/// `q k^T / sqrt(d_h)` with the G query heads of each K/V head stacked as rows:
+/// `q: [B, H, T, d_h]`, `k: [B, KVH, S, d_h]` -> `[B, KVH, G T, S]`.
+fn grouped_scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let kvh = k.dim(1)?;
-    let g = h / kvh;
-    let q = q.reshape((b, kvh, g * t, dh))?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
-    // rows of `scores` are the G query heads of a group stacked: row r is query r % T
-    let probs = causal_softmax(&scores, t, offset)?;
+    let q = q.reshape((b, kvh, (h / kvh) * t, dh))?;
+    q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt())
+}
+
+/// The attention weights `probs: [B, KVH, G T, S]` (dropped out if asked) times `v`, back to
+/// the queries' shape `q_dims = [B, H, T, d_h]`.
+fn weighted_sum(
+    probs: Tensor,
+    v: &Tensor,
+    q_dims: &[usize],
+    dropout: Option<(f64, &mut crate::rng::Rng)>,
+) -> Result<Tensor> {
     let probs = match dropout {
         Some((p, rng)) if p > 0.0 => crate::nn::dropout(&probs, p, rng)?,
         _ => probs,
     };
-    probs.matmul(v)?.reshape((b, h, t, dh))
+    probs.matmul(v)?.reshape(q_dims)
 }
 
 /// Bidirectional softmax attention, `softmax(q k^T / sqrt(d_h) + bias) v`: every query sees
@@ -80,21 +96,12 @@ pub fn bidirectional_attention(
     key_bias: Option<&Tensor>,
     dropout: Option<(f64, &mut crate::rng::Rng)>,
 ) -> Result<Tensor> {
-    let (b, h, t, dh) = q.dims4()?;
-    let kvh = k.dim(1)?;
-    let g = h / kvh;
-    let q = q.reshape((b, kvh, g * t, dh))?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
+    let scores = grouped_scores(q, k)?;
     let scores = match key_bias {
         Some(bias) => scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = crate::nn::softmax(&scores)?;
-    let probs = match dropout {
-        Some((p, rng)) if p > 0.0 => crate::nn::dropout(&probs, p, rng)?,
-        _ => probs,
-    };
-    probs.matmul(v)?.reshape((b, h, t, dh))
+    weighted_sum(crate::nn::softmax(&scores)?, v, q.dims(), dropout)
 }
 
 /// Score added to a padded key: its weight `exp(-1e30 - max)` is exactly zero, and unlike
