@@ -40,6 +40,12 @@ impl From<FormatArg> for DataFormat {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TaskArg {
+    Lm,
+    Listops,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ModeArg {
     Parallel,
@@ -48,14 +54,19 @@ enum ModeArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a model on a byte-level corpus.
+    /// Train a model on a byte-level corpus (`--task lm`) or on ListOps (`--task listops`).
     Train {
         /// Architecture name (see `altformers models`).
         #[arg(long)]
         model: String,
-        /// `shakespeare` (bundled) or a path to any file.
+        /// lm: next-byte prediction on --data (causal models); listops: LRA's ListOps
+        /// classification, settings in the config's [listops] table or `--set listops.KEY=V`
+        /// (every model: an encoder pooled, a causal model read at its last position).
+        #[arg(long, value_enum, default_value = "lm")]
+        task: TaskArg,
+        /// `shakespeare` (bundled) or a path to any file (--task lm).
         #[arg(long)]
-        data: String,
+        data: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         data_format: FormatArg,
         /// TOML file with [model] and [train] sections.
@@ -160,7 +171,7 @@ enum Command {
         /// quick, full, or a TOML file of the same shape.
         #[arg(long, default_value = "quick")]
         preset: String,
-        /// Comma-separated parts to run (lm, mqar, scaling, decode; default all). Results of
+        /// Comma-separated parts to run (lm, mqar, listops, scaling, decode, performer-error; default all). Results of
         /// parts and models not run are kept in DIR, so a comparison can be run in pieces.
         #[arg(long, value_delimiter = ',')]
         parts: Vec<String>,
@@ -251,6 +262,27 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Performer's (FAVOR+) relative error against exact causal softmax attention for each
+    /// number of random features, orthogonal and iid, mean and sd over draws; JSON lines out.
+    PerformerError {
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 256)]
+        length: usize,
+        /// Comma-separated standard deviations of the query and key entries.
+        #[arg(long, default_value = "0.25,0.5,0.75,1")]
+        input_stds: String,
+        #[arg(long, default_value = "16,32,64,128,256,512,1024,2048,4096")]
+        features: String,
+        #[arg(long, default_value_t = 16)]
+        draws: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -392,6 +424,20 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             }
             lines.save(out.as_deref())
         }
+        BenchCommand::PerformerError { head_dim, heads, length, input_stds, features, draws, seed, out } => {
+            let opts = altformers::bench::performer_error::PerformerErrorOptions {
+                head_dim,
+                heads,
+                length,
+                input_stds: list(&input_stds, "--input-stds")?,
+                features: list(&features, "--features")?,
+                draws,
+                seed,
+            };
+            lines.push(&altformers::bench::Provenance::capture(&candle_core::Device::Cpu));
+            altformers::bench::performer_error::run(&opts, |r| lines.push(r))?;
+            lines.save(out.as_deref())
+        }
         BenchCommand::Decode {
             models,
             device,
@@ -445,7 +491,50 @@ fn main() {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train { model, data, data_format, config, sets, out, resume, device, dtype, quiet, stop_after } => {
+        Command::Train {
+            model,
+            task: TaskArg::Listops,
+            data,
+            config,
+            sets,
+            out,
+            resume,
+            device,
+            dtype,
+            quiet,
+            stop_after,
+            ..
+        } => {
+            anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
+            anyhow::ensure!(
+                stop_after.is_none() && !resume,
+                "--task listops keeps no checkpoint: no --stop-after or --resume"
+            );
+            let mut over = Overrides::from_cli(config.as_deref(), &sets)?;
+            let settings = altformers::train::listops::ListOpsSettings::take_from(&mut over)?;
+            let cfg = registry::config(&model, &over)?;
+            let device = altformers::device::select(&device)?;
+            let dtype = altformers::device::parse_dtype(&dtype)?;
+            let opts = TrainOptions { out, resume, device, dtype, verbose: !quiet, stop_after };
+            let summary = altformers::train::listops::train_listops(&cfg, &settings, &opts)?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Train {
+            model,
+            task: TaskArg::Lm,
+            data,
+            data_format,
+            config,
+            sets,
+            out,
+            resume,
+            device,
+            dtype,
+            quiet,
+            stop_after,
+        } => {
+            let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
             let cfg = if resume {

@@ -157,3 +157,48 @@ fn models_lists_every_architecture_with_its_complexity() {
     }
     assert!(text.contains("O(T log Td)") && text.contains("wrong"));
 }
+
+/// `train --task listops` trains an encoder and prints its accuracies; encoders are refused
+/// as language models and by `generate`, by name; bad ListOps input is a clear error.
+#[test]
+fn listops_trains_any_model_and_encoders_refuse_the_lm_by_name() {
+    let dir = temp("listops");
+    let out = dir.join("run");
+    let out_s = out.to_str().unwrap();
+    let listops = [
+        "--set",
+        "listops.generator.min_len=4",
+        "--set",
+        "listops.generator.max_len=16",
+        "--set",
+        "listops.train_examples=8",
+        "--set",
+        "listops.eval_examples=4",
+    ];
+    let mut args = vec!["train", "--task", "listops", "--model", "linformer", "--out", out_s, "--quiet"];
+    args.extend(TINY);
+    args.extend(listops);
+    let run = altformers(&args);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    assert_eq!(printed["readout"], "mean-pool");
+    assert!(printed["test_accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
+    fails_with(&["generate", "--run", out_s, "--prompt", "M1"], "`linformer` is an encoder");
+    fails_with(
+        &["train", "--model", "m2-bert", "--data", "shakespeare", "--out", dir.join("lm").to_str().unwrap()],
+        "`m2-bert` is an encoder",
+    );
+    fails_with(
+        &["train", "--task", "listops", "--model", "transformer", "--data", "shakespeare", "--out", out_s],
+        "drop --data",
+    );
+    fails_with(
+        &["train", "--task", "listops", "--model", "transformer", "--set", "listops.train_exampels=3", "--out", out_s],
+        "train_exampels",
+    );
+    fails_with(
+        &["train", "--task", "listops", "--model", "transformer", "--out", dir.join("short").to_str().unwrap()],
+        "model.context (64) is shorter than the longest ListOps example",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

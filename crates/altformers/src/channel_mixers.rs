@@ -142,7 +142,7 @@ pub fn one_wide_defaults(cfg: &mut ModelConfig) {
 /// these are), and the review quotes nothing for it. Each block's channel mixer is `depth`
 /// times as wide, so a block's FLOPs grow with the depth, as the true time says.
 pub const ONE_WIDE_COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review::NO_LINE,
     true_time: "O(T^2 d + T d^2); the shared FFN costs 4 m L d^2 FLOPs per token in every block (L = depth): L times the Transformer's",
     ..crate::mixers::attention::COMPLEXITY
 };

@@ -273,20 +273,45 @@ impl Overrides {
     }
 }
 
+impl Overrides {
+    /// Takes the settings of `section` out: every table's `[section]` and the `--set
+    /// section.key=value` lines, as overrides of their own with keys relative to the section
+    /// (a task's settings kept beside, not inside, a run configuration).
+    pub fn take_section(&mut self, section: &str) -> Overrides {
+        let mut taken = Overrides::default();
+        for table in &mut self.tables {
+            if let Some(inner) = table.as_table_mut().and_then(|t| t.remove(section)) {
+                taken.tables.push(inner);
+            }
+        }
+        let prefix = format!("{section}.");
+        let (inside, rest): (Vec<String>, Vec<String>) = self.sets.drain(..).partition(|s| s.starts_with(&prefix));
+        self.sets = rest;
+        taken.sets = inside.into_iter().map(|s| s[prefix.len()..].to_string()).collect();
+        taken
+    }
+}
+
+/// `defaults`, then `over`'s tables, then its `key=value` lines; every key must exist in the
+/// defaults (a typo is an error naming the key).
+pub fn layered<T: Serialize + serde::de::DeserializeOwned>(defaults: &T, over: &Overrides) -> Result<T> {
+    let mut value = toml::Value::try_from(defaults).context("serializing defaults")?;
+    for table in &over.tables {
+        merge(&mut value, table, "")?;
+    }
+    for set in &over.sets {
+        let (key, raw) = set.split_once('=').with_context(|| format!("--set expects key=value, got `{set}`"))?;
+        let parsed = parse_value(raw.trim());
+        set_path(&mut value, key.trim(), parsed)?;
+    }
+    value.try_into().context("invalid configuration")
+}
+
 impl RunConfig {
     /// `defaults` (an architecture's, from the registry), then `over`'s tables, then its
     /// `key=value` lines; every key must exist in the defaults.
     pub fn layered(defaults: &RunConfig, over: &Overrides) -> Result<Self> {
-        let mut value = toml::Value::try_from(defaults).context("serializing defaults")?;
-        for table in &over.tables {
-            merge(&mut value, table, "")?;
-        }
-        for set in &over.sets {
-            let (key, raw) = set.split_once('=').with_context(|| format!("--set expects key=value, got `{set}`"))?;
-            let parsed = parse_value(raw.trim());
-            set_path(&mut value, key.trim(), parsed)?;
-        }
-        let config: RunConfig = value.try_into().context("invalid configuration")?;
+        let config: RunConfig = layered(defaults, over)?;
         if config.model.architecture != defaults.model.architecture {
             bail!("model.architecture is chosen by --model (`{}`), not by the config", defaults.model.architecture);
         }

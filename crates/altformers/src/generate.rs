@@ -62,6 +62,12 @@ pub fn generate(model: &Model, prompt: &[u8], opts: &SampleOptions, mode: Mode) 
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one byte");
     }
+    if !model.causal() {
+        bail!(
+            "`{}` is an encoder (bidirectional): it predicts no next byte, so it cannot generate",
+            model.config.architecture
+        );
+    }
     let window = model.window();
     let crop = |toks: &[u8]| -> Vec<u8> {
         match window {

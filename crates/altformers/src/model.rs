@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::backbones::Backbone;
 pub use crate::backbones::ModelState;
 use crate::config::ModelConfig;
-use crate::params::{ParamBuilder, ParamStore};
+use crate::params::{ParamBuilder, ParamStore, StepClock};
 use crate::rng::Rng;
 
 pub struct Model {
@@ -16,6 +16,10 @@ pub struct Model {
     pub params: ParamStore,
     device: Device,
     dtype: DType,
+    /// The training step, shared with every part built for this model.
+    clock: StepClock,
+    /// The registry's `causal`: false for an encoder.
+    causal: bool,
 }
 
 impl Model {
@@ -24,7 +28,29 @@ impl Model {
     pub fn new(config: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> AnyResult<Self> {
         let pb = ParamBuilder::new(seed, device, dtype);
         let backbone = crate::registry::build(config, &pb)?;
-        Ok(Self { config: config.clone(), backbone, params: pb.into_store(), device: device.clone(), dtype })
+        let clock = pb.clock.clone();
+        let causal = crate::registry::find(&config.architecture)?.causal;
+        Ok(Self {
+            config: config.clone(),
+            backbone,
+            params: pb.into_store(),
+            device: device.clone(),
+            dtype,
+            clock,
+            causal,
+        })
+    }
+
+    /// Tells the model which training step (counted from 0) runs next; evaluation after it
+    /// sees the same step. Parts that follow a schedule read it (Performer redraws its random
+    /// features every `model.options.redraw_every` steps); the rest ignore it.
+    pub fn set_training_step(&self, step: usize) {
+        self.clock.set(step);
+    }
+
+    /// The step last set by [`Model::set_training_step`] (0 for a fresh model).
+    pub fn training_step(&self) -> usize {
+        self.clock.get()
     }
 
     pub fn device(&self) -> &Device {
@@ -41,6 +67,18 @@ impl Model {
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.backbone.set_compute_dtype(dtype);
         self
+    }
+
+    /// A causal model (a decoder); false for an encoder, which sees the whole sequence, has
+    /// no recurrent form and classifies through [`Model::pooled_logits`].
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+
+    /// An encoder's logits of the mean over the real positions: `tokens: [B, T]`, `keep:
+    /// [B, T]` (1 real, 0 padding) -> `[B, V]` ([`Backbone::pooled_logits`]).
+    pub fn pooled_logits(&self, tokens: &Tensor, keep: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        self.backbone.pooled_logits(tokens, keep, dropout_rng)
     }
 
     pub fn num_params(&self) -> usize {

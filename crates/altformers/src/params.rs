@@ -89,7 +89,26 @@ impl ParamStore {
     }
 }
 
-/// Hands out parameters under a name prefix; cheap to clone, shares one store.
+/// The training step a model is at, shared by every part built from one [`ParamBuilder`]:
+/// what a part whose function follows a schedule reads (Performer's feature redraws), so the
+/// schedule reaches it without global state. The training step sets it before its forward
+/// pass ([`crate::model::Model::set_training_step`]); evaluation after that step sees the
+/// same value. A fresh model is at step 0.
+#[derive(Clone, Debug, Default)]
+pub struct StepClock(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StepClock {
+    pub fn set(&self, step: usize) {
+        self.0.store(step, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Hands out parameters under a name prefix; cheap to clone, shares one store and one
+/// [`StepClock`].
 #[derive(Clone)]
 pub struct ParamBuilder {
     store: Arc<Mutex<ParamStore>>,
@@ -97,6 +116,8 @@ pub struct ParamBuilder {
     prefix: String,
     pub device: Device,
     pub dtype: DType,
+    /// The model's training step, for parts that follow a schedule.
+    pub clock: StepClock,
 }
 
 impl ParamBuilder {
@@ -107,6 +128,7 @@ impl ParamBuilder {
             prefix: String::new(),
             device: device.clone(),
             dtype,
+            clock: StepClock::default(),
         }
     }
 
@@ -115,6 +137,22 @@ impl ParamBuilder {
         let mut b = self.clone();
         b.prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
         b
+    }
+
+    /// A builder at the root of the store (no prefix), for a parameter shared by modules
+    /// built under different prefixes (Linformer's layerwise projection).
+    pub fn root(&self) -> Self {
+        let mut b = self.clone();
+        b.prefix = String::new();
+        b
+    }
+
+    /// The parameter `name` under this builder's prefix if it was created already: how a
+    /// shared parameter's later users take the first one's tensor (its gradient then sums
+    /// over every use, and it is stored, counted and decayed once).
+    pub fn existing(&self, name: &str) -> Option<Tensor> {
+        let store = self.store.lock().unwrap();
+        store.params.get(&self.full_name(name)).map(|p| p.var.as_tensor().clone())
     }
 
     fn full_name(&self, name: &str) -> String {

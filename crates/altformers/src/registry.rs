@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::backbones::{self, hourglass, megabyte, Backbone, BackboneFn, MixerFn, Parts};
 use crate::complexity::Complexity;
 use crate::config::{ModelConfig, NoOptions, Options, Overrides, RunConfig};
-use crate::mixers::{self, aft, hyena, longnet, m2, reformer, retnet, rwkv4};
+use crate::mixers::{self, aft, hyena, linformer, longnet, m2, performer, reformer, retnet, rwkv4};
 use crate::params::ParamBuilder;
 
 pub struct Architecture {
@@ -136,6 +136,7 @@ pub fn build(config: &ModelConfig, pb: &ParamBuilder) -> Result<Box<dyn Backbone
         mixer: arch.mixer,
         channel_mixer: channel_mixer(&config.channel_mixer)?.build,
         unbounded_context: arch.unbounded_context,
+        causal: arch.causal,
     };
     (arch.backbone)(config, pb, &parts).with_context(|| format!("building `{}`", arch.name))
 }
@@ -225,6 +226,18 @@ Architecture {
     complexity: retnet::COMPLEXITY,
 },
 Architecture {
+    name: "performer",
+    summary: "Performer (FAVOR+): softmax attention estimated by positive orthogonal random features (m = model.options.features, default d_h ln d_h; redrawn every model.options.redraw_every steps); causal prefix sums via the shared decayed primitive with decay 1, O(m d)-state decoding",
+    paper: "2009.14794",
+    causal: true,
+    unbounded_context: false,
+    options: options::<performer::PerformerOptions>(),
+    adjust_defaults: keep_defaults,
+    mixer: Some(performer::build),
+    backbone: backbones::stack::build,
+    complexity: performer::COMPLEXITY,
+},
+Architecture {
     name: "aft-full",
     summary: "AFT-full: sigmoid(Q) times a causal average of V weighted by exp(K + w), w a learned [context, context] position bias (or U V^T with model.options.rank > 0)",
     paper: "2105.14103",
@@ -307,6 +320,44 @@ Architecture {
     mixer: None,
     backbone: hourglass::build,
     complexity: hourglass::COMPLEXITY,
+},
+// Encoders (`causal: false`): bidirectional mixers, no recurrent form; trained and compared on
+// classification (ListOps), not as language models.
+Architecture {
+    name: "transformer-encoder",
+    summary: "encoder (bidirectional) softmax attention with a key-padding mask, the Transformer otherwise (LRA's baseline); the unfused attention on every device (the flash kernel is causal only); no recurrent form",
+    paper: "1706.03762, 2011.04006",
+    causal: false,
+    unbounded_context: false,
+    options: options::<NoOptions>(),
+    adjust_defaults: keep_defaults,
+    mixer: Some(mixers::attention::build_bidirectional),
+    backbone: backbones::stack::build,
+    complexity: mixers::attention::ENCODER_COMPLEXITY,
+},
+Architecture {
+    name: "m2-bert",
+    summary: "Monarch Mixer's encoder (M2-BERT): short conv, gate, two-sided long conv (forward and reverse implicit filters) by Monarch DFTs, gate; Monarch MLP channel mixer; no recurrent form",
+    paper: "2310.12109",
+    causal: false,
+    unbounded_context: false,
+    options: options::<m2::M2Options>(),
+    adjust_defaults: m2::adjust_bert_defaults,
+    mixer: Some(m2::build_bidirectional),
+    backbone: backbones::stack::build,
+    complexity: m2::BERT_COMPLEXITY,
+},
+Architecture {
+    name: "linformer",
+    summary: "Linformer: softmax attention over keys and values projected along the sequence, K' = E K, V' = F V with learned k x n E, F (model.options.k, sharing none / headwise / key-value / layerwise), padding masked before the projection; encoder only: each row of E K mixes every position, later ones included, so it has no causal form and no language-model row",
+    paper: "2006.04768",
+    causal: false,
+    unbounded_context: false,
+    options: options::<linformer::LinformerOptions>(),
+    adjust_defaults: keep_defaults,
+    mixer: Some(linformer::build),
+    backbone: backbones::stack::build,
+    complexity: linformer::COMPLEXITY,
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {
@@ -327,12 +378,13 @@ pub fn table() -> String {
     for a in ARCHITECTURES {
         let c = &a.complexity;
         let verdict = c.verdict();
+        let (stated_time, stated_space) = c.review.stated();
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             a.name,
             if a.causal { "yes" } else { "no" },
-            c.review.stated_time,
-            c.review.stated_space,
+            stated_time,
+            stated_space,
             c.true_time,
             c.true_space,
             verdict,
@@ -344,4 +396,40 @@ pub fn table() -> String {
         s.push_str(&format!("| {} | {} |\n", c.name, c.summary));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::complexity::{review_line, review_rows};
+
+    /// The review's rows for models not in the registry yet; the last row lists the models it
+    /// gives no line (registered with `Review::NO_LINE`).
+    const NOT_REGISTERED: &[&str] = &[];
+    const NO_LINE_ROW: &str = "MegaByte, MQA, RoFormer, Monarch Mixer, Hierarchical, One Wide FFN";
+
+    /// Every line of the review is quoted beside the architecture it is about: each
+    /// architecture's row exists in the review's table, and each row of the table is claimed by
+    /// an architecture, or its model is not registered yet (and then no architecture claims it).
+    #[test]
+    fn every_review_line_is_quoted_by_its_architecture() {
+        let claimed: Vec<&str> = ARCHITECTURES.iter().filter_map(|a| a.complexity.review.row).collect();
+        for a in ARCHITECTURES {
+            if let Some(row) = a.complexity.review.row {
+                assert!(review_line(row).is_some(), "{}: no row `{row}` in the review's table", a.name);
+            }
+        }
+        for row in review_rows().filter(|r| *r != NO_LINE_ROW) {
+            let pending = NOT_REGISTERED.contains(&row);
+            assert!(
+                claimed.contains(&row) != pending,
+                "review row `{row}`: claimed {}, listed as not registered {pending}",
+                claimed.contains(&row)
+            );
+        }
+        let table = table();
+        assert!(table.contains("| transformer | yes | O(T log Td) | O(T^2 + Td) |"), "{table}");
+        assert!(table.contains("| aft-full | yes | AFT-simple O(Td), AFT-full O(T^2d) | O(Td) |"), "{table}");
+        assert!(table.contains("| megabyte | yes | (none) | (none) |"), "{table}");
+    }
 }

@@ -80,6 +80,57 @@ pub fn quality_table(rows: &[QualityRow]) -> String {
     s
 }
 
+/// One model trained and scored on ListOps (`listops.jsonl`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListOpsRow {
+    pub model: String,
+    /// `last-position` (a causal model) or `mean-pool` (an encoder).
+    pub readout: String,
+    pub width: usize,
+    pub params: usize,
+    /// Parameters relative to the Transformer's (1.0 = equal).
+    pub params_ratio: f64,
+    pub steps: usize,
+    pub train_examples: u64,
+    /// Examples are shorter than this (the generator's `max_len`).
+    pub max_len: usize,
+    pub train_loss: f64,
+    pub val_accuracy: f64,
+    pub test_accuracy: f64,
+    pub elapsed_s: f64,
+}
+
+/// ListOps test accuracy (%) the Long Range Arena reports (Tay et al. 2020, arXiv 2011.04006,
+/// Table 1), by our registry name. LRA's Transformer is an encoder: its figure sits beside
+/// `transformer-encoder`.
+pub const LRA_LISTOPS: &[(&str, f64)] =
+    &[("transformer-encoder", 36.4), ("linformer", 35.7), ("performer", 18.0), ("reformer", 37.3)];
+
+/// The Markdown table of `rows`, LRA's published figure beside each model it reports.
+pub fn listops_table(rows: &[ListOpsRow]) -> String {
+    let mut s = String::from(
+        "| model | readout | width | params (vs Transformer) | steps | train loss | val accuracy | test accuracy | LRA (2011.04006) | time (s) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let lra =
+            LRA_LISTOPS.iter().find(|(m, _)| *m == r.model).map(|(_, a)| format!("{a:.1}%")).unwrap_or("-".into());
+        s.push_str(&format!(
+            "| {} | {} | {} | {} ({:+.1}%) | {} | {:.4} | {:.1}% | {:.1}% | {lra} | {:.0} |\n",
+            r.model,
+            r.readout,
+            r.width,
+            crate::util::human(r.params as f64),
+            (r.params_ratio - 1.0) * 100.0,
+            r.steps,
+            r.train_loss,
+            r.val_accuracy * 100.0,
+            r.test_accuracy * 100.0,
+            r.elapsed_s
+        ));
+    }
+    s
+}
+
 /// Examples scored for each point of an MQAR learning curve ([`MqarResult::curve`]),
 /// separate from the final evaluation's.
 pub const CURVE_EXAMPLES: usize = 512;

@@ -66,6 +66,8 @@ pub mod stream {
     pub const DROPOUT: u64 = 4;
     pub const SAMPLE: u64 = 5;
     pub const TEST: u64 = 6;
+    /// Random features (Performer), per (layer, redraw epoch).
+    pub const FEATURES: u64 = 7;
 }
 
 #[cfg(test)]

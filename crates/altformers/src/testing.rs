@@ -154,14 +154,50 @@ pub fn assert_modes_agree(model: &Model, tokens: &Tensor, splits: &[usize]) -> R
 }
 
 /// `cfg` with bf16 activations (f32 weights) against the same weights in f32, on random
-/// tokens (B 2, T 13): returns the relative error of the parallel logits and the mixed
-/// model's recurrent-vs-parallel error ([`model_modes_err`], prefill 4).
+/// tokens (B 2, T 13): returns the relative error of the parallel logits and, for a causal
+/// model, the mixed model's recurrent-vs-parallel error ([`model_modes_err`], prefill 4); for
+/// an encoder (no recurrent form), its pooled logits over padded sequences against f32's.
 pub fn mixed_precision_errs(cfg: &ModelConfig) -> Result<(f64, f64)> {
     let tokens = random_tokens(2, 13, cfg.vocab, 3)?;
     let full = Model::new(cfg, 1, &Device::Cpu, DType::F32)?;
     let mixed = Model::new(cfg, 1, &Device::Cpu, DType::F32)?.with_compute_dtype(DType::BF16);
     let forward = rel_err(&mixed.forward(&tokens, None)?, &full.forward(&tokens, None)?)?;
-    Ok((forward, model_modes_err(&mixed, &tokens, 4)?))
+    let second = if full.causal() {
+        model_modes_err(&mixed, &tokens, 4)?
+    } else {
+        let keep = keep_first(&[13, 9], 13)?;
+        rel_err(&mixed.pooled_logits(&tokens, &keep, None)?, &full.pooled_logits(&tokens, &keep, None)?)?
+    };
+    Ok((forward, second))
+}
+
+/// A keep mask `[B, T]` (u8) of sequences of `lengths` padded at the end to `t`.
+pub fn keep_first(lengths: &[usize], t: usize) -> Result<Tensor> {
+    let v: Vec<u8> = lengths.iter().flat_map(|&n| (0..t).map(move |i| u8::from(i < n))).collect();
+    Ok(Tensor::from_vec(v, (lengths.len(), t), &Device::Cpu)?)
+}
+
+/// An encoder's padding contract, on `tokens: [2, T]` whose second sequence is padded after
+/// `real` positions: (1) the pooled logits do not move when the padded positions hold other
+/// tokens; (2) they equal the unpadded sequence's, run alone; (3) with nothing padded they are
+/// the mean of the per-position logits of [`Model::forward`]. Fails naming the broken one.
+pub fn assert_padding_changes_nothing(model: &Model, tokens: &Tensor, real: usize) -> Result<()> {
+    let (b, t) = tokens.dims2()?;
+    ensure!(b == 2 && real > 0 && real < t, "two sequences, the second padded after 0 < {real} < {t} positions");
+    let keep = keep_first(&[t, real], t)?;
+    let pooled = model.pooled_logits(tokens, &keep, None)?;
+    let other = random_tokens(2, t, model.config.vocab, 555)?;
+    let repadded =
+        Tensor::cat(&[tokens.i(0..1)?, Tensor::cat(&[tokens.i((1..2, ..real))?, other.i((1..2, real..))?], 1)?], 0)?;
+    let moved = rel_err(&model.pooled_logits(&repadded, &keep, None)?, &pooled)?;
+    ensure!(moved < 1e-6, "other tokens at padded positions moved the pooled logits by {moved:e}");
+    let alone = model.pooled_logits(&tokens.i((1..2, ..real))?, &keep_first(&[real], real)?, None)?;
+    let err = rel_err(&pooled.i(1..2)?, &alone)?;
+    ensure!(err < 1e-5, "a padded sequence's pooled logits differ from the unpadded one's by {err:e}");
+    let mean = model.forward(tokens, None)?.mean(1)?;
+    let err = rel_err(&model.pooled_logits(tokens, &keep_first(&[t, t], t)?, None)?, &mean)?;
+    ensure!(err < 1e-5, "pooled logits differ from the mean of the per-position logits by {err:e}");
+    Ok(())
 }
 
 /// Builds `cfg` in f64 and compares the backward pass with central finite differences on a

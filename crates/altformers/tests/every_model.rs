@@ -3,7 +3,10 @@
 //! one is exactly causal, its gradients match finite differences (f64), bf16 activations stay
 //! close to f32, a tiny model memorises a batch, saved weights reload to identical logits, a
 //! decoding state keeps no autograd history, and it goes through every benchmark and a
-//! training run. Each architecture's own file keeps only its paper-specific tests.
+//! training run. An encoder (`causal: false`) instead sees later tokens, refuses the
+//! recurrent form, language-model training and generation by name, leaves what padded
+//! positions hold without effect, and trains on ListOps. Each architecture's own file keeps
+//! only its paper-specific tests.
 
 use altformers::bench::{decode, scaling};
 use altformers::data::{Corpus, DataFormat};
@@ -21,9 +24,13 @@ fn every_model_meets_the_contract() -> anyhow::Result<()> {
         let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
         testing::perturb(&model, 0.05, 1)?;
 
-        // Forms agree: the recurrent form (prefill, then steps) against the parallel one.
         let tokens = random_tokens(2, 13, cfg.vocab, 5)?;
-        testing::assert_modes_agree(&model, &tokens, &[0, 5]).map_err(|e| e.context(name))?;
+        if arch.causal {
+            // Forms agree: the recurrent form (prefill, then steps) against the parallel one.
+            testing::assert_modes_agree(&model, &tokens, &[0, 5]).map_err(|e| e.context(name))?;
+        } else {
+            encoder_contract(&model, &tokens).map_err(|e| e.context(name))?;
+        }
         // The mixer alone, chunkwise (chunks of 4 over 13 positions) where it has that form.
         if let Some(build) = arch.mixer {
             let pb = altformers::params::ParamBuilder::new(2, &Device::Cpu, DType::F32);
@@ -43,6 +50,12 @@ fn every_model_meets_the_contract() -> anyhow::Result<()> {
             testing::assert_causal_tokens(&model64, &tokens, 1e-10).map_err(|e| e.context(name))?;
         }
 
+        // An encoder's pooled form over padded sequences, differentiated: against central
+        // differences in f64 too.
+        if !arch.causal {
+            let e = pooled_gradient_err(&cfg)?;
+            assert!(e < 1e-4, "{name}: pooled gradient vs finite differences: {e}");
+        }
         // Gradients against central differences in f64 (a step of 1e-4: deep multiplicative
         // gating has gradients near 1e-6 at initialisation, under a 1e-5 step's noise).
         let e = testing::model_gradient_err_with_step(&cfg, 7, 1e-4)?;
@@ -66,6 +79,10 @@ fn every_model_meets_the_contract() -> anyhow::Result<()> {
         assert_eq!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{name}: reloaded logits differ");
 
         // Decoding keeps no autograd history in its state (else memory grows per token).
+        if !arch.causal {
+            assert_forward_at_picks_rows(&model, name)?;
+            continue;
+        }
         let (_, mut state) = model.prefill(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?)?;
         assert!(!state.tracks_graph(), "{name}: prefill state records its history");
         for token in [4u32, 5] {
@@ -74,15 +91,61 @@ fn every_model_meets_the_contract() -> anyhow::Result<()> {
         assert!(!state.tracks_graph(), "{name}: decode state records its history");
         assert!(state.bytes() > 0, "{name}: a decoding state of no bytes");
 
-        // Logits at chosen rows (the recall suite's loss) are those rows of the full forward.
-        let tokens = Tensor::new(&[[1u32, 7, 3, 9], [4, 4, 2, 8]], &Device::Cpu)?;
-        let rows = Tensor::new(&[6u32, 1, 3], &Device::Cpu)?;
-        let full = model.forward(&tokens, None)?.flatten_to(1)?.index_select(&rows, 0)?;
-        let picked = model.forward_at(&tokens, &rows)?;
-        let diff = (full - picked)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "{name}: forward_at differs from forward by {diff}");
+        assert_forward_at_picks_rows(&model, name)?;
     }
     Ok(())
+}
+
+/// Logits at chosen rows (the recall suite's loss) are those rows of the full forward.
+fn assert_forward_at_picks_rows(model: &Model, name: &str) -> anyhow::Result<()> {
+    let tokens = Tensor::new(&[[1u32, 7, 3, 9], [4, 4, 2, 8]], &Device::Cpu)?;
+    let rows = Tensor::new(&[6u32, 1, 3], &Device::Cpu)?;
+    let full = model.forward(&tokens, None)?.flatten_to(1)?.index_select(&rows, 0)?;
+    let picked = model.forward_at(&tokens, &rows)?;
+    let diff = (full - picked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "{name}: forward_at differs from forward by {diff}");
+    Ok(())
+}
+
+/// The worst error of the backward pass of a pooled classification loss (sequences of 12 and
+/// 7 tokens padded to 12) against finite differences, in f64, with a step of 1e-5: at 1e-4
+/// the truncation error of M2-BERT's sine filters (frequency 10) reaches 1e-4 of a gradient
+/// of 1e-5 (measured; the error falls with the step squared, as truncation does).
+fn pooled_gradient_err(cfg: &altformers::config::ModelConfig) -> anyhow::Result<f64> {
+    let model = Model::new(cfg, 7, &Device::Cpu, DType::F64)?;
+    // perturbed, so no gated path's gradient sits at the finite differences' noise floor
+    testing::perturb(&model, 0.05, 3)?;
+    let tokens = random_tokens(2, 12, cfg.vocab, 8)?;
+    let keep = testing::keep_first(&[12, 7], 12)?;
+    let targets = Tensor::new(&[3u32, 250], &Device::Cpu)?;
+    let loss = || -> anyhow::Result<Tensor> {
+        Ok(candle_nn::loss::cross_entropy(&model.pooled_logits(&tokens, &keep, None)?, &targets)?)
+    };
+    testing::params_gradient_err(&model.params, &loss, 7, 1e-5)
+}
+
+/// What an encoder owes in place of the recurrent and causal checks: later tokens do move
+/// earlier logits (its mixers see the whole sequence); prefill, step, generation and language-
+/// model training are refused with a message naming it an encoder; padding changes nothing.
+fn encoder_contract(model: &Model, tokens: &Tensor) -> anyhow::Result<()> {
+    let name = &model.config.architecture;
+    let seen = testing::assert_causal_tokens(model, tokens, 1e-10).expect_err("an encoder that is causal");
+    anyhow::ensure!(seen.to_string().contains("moved"), "{seen}");
+    let named = |e: anyhow::Error| -> anyhow::Result<()> {
+        let e = format!("{e:#}");
+        anyhow::ensure!(e.contains(name.as_str()) && e.contains("encoder"), "the refusal does not say why: {e}");
+        Ok(())
+    };
+    named(model.prefill(tokens).expect_err("prefill refused").into())?;
+    named(
+        model.step(&Tensor::new(&[1u32, 2], &Device::Cpu)?, &mut Default::default()).expect_err("step refused").into(),
+    )?;
+    let opts = altformers::generate::SampleOptions { tokens: 2, temperature: 0.0, top_k: None, seed: 1 };
+    named(
+        altformers::generate::generate(model, b"ab", &opts, altformers::generate::Mode::Parallel)
+            .expect_err("generation refused"),
+    )?;
+    testing::assert_padding_changes_nothing(model, tokens, 8)
 }
 
 #[test]
@@ -151,17 +214,61 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
         .collect();
         let cfg = arch.config(&altformers::config::Overrides::sets(&sets))?;
         let dir = testing::fresh_dir(&format!("every-{name}"))?;
-        let opts = TrainOptions {
-            out: dir.clone(),
-            resume: false,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            verbose: false,
-            stop_after: None,
-        };
+        let opts = TrainOptions::fresh(dir.clone(), &Device::Cpu, false);
         let summary = train(&cfg, &corpus, DataFormat::Text, &opts)?;
         assert!(summary.last.val_loss.is_finite() && summary.last.step == 2, "{name}");
         std::fs::remove_dir_all(&dir)?;
+        listops_trains(arch)?;
+    }
+    Ok(())
+}
+
+/// Two steps of ListOps (every model: a causal one read at its last position, an encoder
+/// pooled) with validation and test accuracy.
+fn listops_trains(arch: &altformers::registry::Architecture) -> anyhow::Result<()> {
+    use altformers::train::listops::{train_listops, ListOpsSettings};
+    let name = arch.name;
+    let mut over = altformers::config::Overrides::sets(&[
+        "model.width=16",
+        "model.depth=1",
+        "model.heads=2",
+        "model.context=24",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.eval_every=2",
+        "train.warmup_steps=1",
+        "listops.generator.min_len=4",
+        "listops.generator.max_len=20",
+        "listops.train_examples=4",
+        "listops.eval_examples=2",
+    ]);
+    let settings = ListOpsSettings::take_from(&mut over)?;
+    let cfg = arch.config(&over)?;
+    let dir = testing::fresh_dir(&format!("listops-{name}"))?;
+    std::fs::remove_dir_all(&dir)?;
+    let opts = TrainOptions::fresh(dir.clone(), &Device::Cpu, false);
+    let s = train_listops(&cfg, &settings, &opts).map_err(|e| e.context(name.to_string()))?;
+    let readout = if arch.causal { "last-position" } else { "mean-pool" };
+    assert!(s.readout == readout && s.train_loss.is_finite() && (0.0..=1.0).contains(&s.test_accuracy), "{name}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Encoders are refused as language models by name (they see the byte they would predict),
+/// and train on ListOps.
+#[test]
+fn every_encoder_is_refused_as_a_language_model_and_classifies() -> anyhow::Result<()> {
+    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
+    for arch in ARCHITECTURES.iter().filter(|a| !a.causal) {
+        let name = arch.name;
+        let cfg = arch.config(&altformers::config::Overrides::sets(&["model.width=16", "model.depth=1"]))?;
+        let dir = testing::fresh_dir(&format!("encoder-lm-{name}"))?;
+        let opts = TrainOptions::fresh(dir.clone(), &Device::Cpu, false);
+        let Err(err) = train(&cfg, &corpus, DataFormat::Text, &opts) else { panic!("{name} trained as an LM") };
+        let err = format!("{err:#}");
+        assert!(err.contains(name) && err.contains("encoder"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+        listops_trains(arch)?;
     }
     Ok(())
 }

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::stack::{self, Embedding, Head, Layers};
 use super::{again, Backbone, MixerFn, ModelState, Parts};
-use crate::complexity::{Complexity, CostShape, Review, NOT_QUOTED};
+use crate::complexity::{Complexity, CostShape, Review};
 use crate::config::{ModelConfig, Options};
 use crate::mixers::MixerState;
 use crate::nn::{dropout, LayerNorm, Linear};
@@ -466,7 +466,7 @@ impl Backbone for Hourglass {
 /// linear pooling and linear upsampling; `CostShape` has no depth, so this is per layer at the
 /// shortened resolution plus the resampling.
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review { stated_time: NOT_QUOTED, stated_space: NOT_QUOTED, error: "" },
+    review: Review::NO_LINE,
     true_time: "O(L_k (T/k)^2 d + L_k (T/k) d^2) per shortened level (k its factor) + the same at full resolution for its layers",
     true_space: "O(T d) with fused attention; O(h (T/k)^2) per shortened layer naive",
     flops: |s: &CostShape| {

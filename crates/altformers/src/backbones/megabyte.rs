@@ -318,7 +318,7 @@ impl Backbone for MegaByte {
 /// global layer): the global layer on T/P patches of width d, the local layers on T bytes in
 /// windows of P, the projection between them.
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review::NO_LINE,
     true_time: "O((T/P)^2 d_G' + (T/P) d_G'^2) per global layer (d_G' = P d_G its width) + O(T P d_L + T d_L^2) per local layer",
     true_space: "O((T/P) d_G' + T d_L) with fused attention (h (T/P)^2 + T P h naive); decode: the global KV cache O((T/P) d_G') per layer, the local one O(P d_L)",
     flops: |s: &CostShape| {

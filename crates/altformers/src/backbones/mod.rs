@@ -41,6 +41,9 @@ pub struct Parts {
     pub channel_mixer: MixerFn,
     /// The mixer's recurrent form needs no fixed window (constant state, no positions).
     pub unbounded_context: bool,
+    /// The registry's `causal`: false for an encoder (bidirectional mixers, no recurrent
+    /// form, classified through [`Backbone::pooled_logits`]).
+    pub causal: bool,
 }
 
 /// The recurrent state of a whole backbone: one [`MixerState`] per stateful part, in an
@@ -96,4 +99,13 @@ pub trait Backbone: Send + Sync {
     /// Runs the layers in `dtype` (bf16 for mixed precision) while parameters, norms,
     /// logits and the loss stay in the parameters' dtype.
     fn set_compute_dtype(&mut self, dtype: DType);
+
+    /// An encoder's sequence classification (mean pooling): `tokens: [B, T]` padded to one
+    /// length, `keep: [B, T]` 1 at real tokens and 0 at padding -> the head applied to the
+    /// mean over real positions of the final-normed hidden states, `[B, V]`. The head being
+    /// linear, that is the mean of the per-position logits: a task reads its classes from
+    /// rows of it. With `dropout`, the training form. Only encoders have it.
+    fn pooled_logits(&self, _tokens: &Tensor, _keep: &Tensor, _dropout: Option<&mut Rng>) -> Result<Tensor> {
+        candle_core::bail!("this backbone is causal, not an encoder: it has no pooled form (read its last position)")
+    }
 }

@@ -432,6 +432,7 @@ mod tests {
             mixer: Some(crate::mixers::reformer::build),
             channel_mixer: crate::channel_mixers::mlp,
             unbounded_context: false,
+            causal: true,
         };
         let o: ReformerOptions = cfg.options()?;
         let model = Reversible::new(&cfg, &pb, &parts, o.ffn_chunk, o.reversible)?;

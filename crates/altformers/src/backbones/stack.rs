@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result as AnyResult};
 use candle_core::{DType, IndexOp, Result, Tensor};
 
-use super::{Backbone, MixerFn, ModelState, Parts};
+use super::{again, Backbone, MixerFn, ModelState, Parts};
 use crate::channel_mixers::{one_wide, Shared};
 use crate::config::{ModelConfig, Position};
 use crate::mixers::{MixerState, SequenceMixer};
@@ -75,6 +75,17 @@ impl Block {
         &x + dropout(&self.ffn.forward(&self.ln2.forward(&x)?)?, p, rng)?
     }
 
+    /// The encoder form over padded sequences (`keep: [B, T]`, see
+    /// [`SequenceMixer::forward_padded`]): the sequence mixer takes the mask; the channel
+    /// mixer sees each position alone (RWKV's token shift sees the one before, never a pad
+    /// for a real token when padding comes last). With `dropout`, GPT-2's sites.
+    fn encode(&self, x: &Tensor, keep: &Tensor, mut dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        let a = self.att.forward_padded(&self.ln1.forward(x)?, keep, again(&mut dropout))?;
+        let x = (x + residual_dropout(a, &mut dropout)?)?;
+        let f = self.ffn.forward(&self.ln2.forward(&x)?)?;
+        &x + residual_dropout(f, &mut dropout)?
+    }
+
     /// The parallel form and the state after it: `[mixer's, channel mixer's]`.
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, [MixerState; 2])> {
         let (a, sa) = self.att.prefill(&self.ln1.forward(x)?)?;
@@ -87,6 +98,14 @@ impl Block {
         let [sa, sf] = state else { candle_core::bail!("a block's state holds two entries") };
         let x = (x + self.att.step(&self.ln1.forward(x)?, sa)?)?;
         &x + self.ffn.step(&self.ln2.forward(&x)?, sf)?
+    }
+}
+
+/// `x` after dropout, where there is any.
+fn residual_dropout(x: Tensor, d: &mut Option<(f64, &mut Rng)>) -> Result<Tensor> {
+    match d {
+        Some((p, rng)) => dropout(&x, *p, rng),
+        None => Ok(x),
     }
 }
 
@@ -141,6 +160,15 @@ impl Layers {
                 Some((p, rng)) => block.forward_train(&x, *p, rng)?,
                 None => block.forward(&x)?,
             };
+        }
+        Ok(x)
+    }
+
+    /// The encoder form over padded sequences ([`Block::encode`]).
+    pub fn encode(&self, x: &Tensor, keep: &Tensor, mut dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks {
+            x = block.encode(&x, keep, again(&mut dropout))?;
         }
         Ok(x)
     }
@@ -245,6 +273,23 @@ impl Head {
         x.reshape((b * t, d))?.matmul(&head.t()?)?.reshape((b, t, head.dim(0)?))
     }
 
+    /// Mean pooling: the head applied to the mean of the normed `x: [B, T, D]` over the
+    /// positions where `keep: [B, T]` is 1 -> `[B, V]` in `table`'s dtype. Every sequence
+    /// must keep at least one position.
+    pub fn pooled(&self, x: &Tensor, keep: &Tensor, table: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(&x.to_dtype(table.dtype())?)?;
+        let keep = keep.to_dtype(table.dtype())?;
+        let counts = keep.sum_keepdim(1)?; // [B, 1]
+        let least = counts.min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if least < 1.0 {
+            candle_core::bail!("mean pooling over a sequence with no real position (a keep mask row of zeros)");
+        }
+        let weights = keep.broadcast_div(&counts)?.unsqueeze(2)?; // [B, T, 1]
+        let pooled = x.broadcast_mul(&weights)?.sum(1)?; // [B, D]
+        let head = self.weight.as_ref().unwrap_or(table);
+        pooled.matmul(&head.t()?)
+    }
+
     /// Logits at rows `rows` (u32) of the flattened `[B T]` positions of `x: [B, T, D]`: `[N, V]`.
     pub fn forward_at(&self, x: &Tensor, rows: &Tensor, table: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
@@ -253,6 +298,10 @@ impl Head {
 }
 
 pub struct Stack {
+    /// The registry entry (error messages name it).
+    architecture: String,
+    /// False for an encoder: bidirectional mixers, no recurrent form, a pooled form.
+    causal: bool,
     context: usize,
     dropout: f64,
     embedding: Embedding,
@@ -297,6 +346,8 @@ impl Stack {
             Layers::new(config, pb, 0..config.depth, mixer, parts.channel_mixer)?
         };
         Ok(Self {
+            architecture: config.architecture.clone(),
+            causal: parts.causal,
             context: config.context,
             dropout: config.dropout,
             embedding,
@@ -313,6 +364,16 @@ impl Stack {
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         self.head.forward(x, &self.embedding.table)
+    }
+
+    fn refuse_recurrence(&self) -> Result<()> {
+        if !self.causal {
+            candle_core::bail!(
+                "`{}` is an encoder (bidirectional: every position sees the whole sequence), so it has no recurrent form to prefill or step, and generates nothing",
+                self.architecture
+            );
+        }
+        Ok(())
     }
 }
 
@@ -337,6 +398,7 @@ impl Backbone for Stack {
     }
 
     fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
+        self.refuse_recurrence()?;
         let (x, layers) = self.layers.prefill(&self.embed(tokens, 0)?)?;
         let mut state = ModelState { layers, pos: tokens.dim(1)? };
         state.detach();
@@ -344,6 +406,7 @@ impl Backbone for Stack {
     }
 
     fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor> {
+        self.refuse_recurrence()?;
         let b = token.dim(0)?;
         let x = self.embed(&token.reshape((b, 1))?, state.pos)?;
         if state.layers.is_empty() {
@@ -365,5 +428,27 @@ impl Backbone for Stack {
 
     fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute_dtype = dtype;
+    }
+
+    fn pooled_logits(&self, tokens: &Tensor, keep: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        if self.causal {
+            candle_core::bail!(
+                "`{}` is causal, not an encoder: read its last position instead of pooling",
+                self.architecture
+            );
+        }
+        if keep.dims() != tokens.dims() {
+            candle_core::bail!("a keep mask of shape {:?} for tokens of shape {:?}", keep.dims(), tokens.dims());
+        }
+        let p = self.dropout;
+        let x = self.embed(tokens, 0)?;
+        let x = match dropout_rng.filter(|_| p > 0.0) {
+            Some(rng) => {
+                let x = dropout(&x, p, rng)?;
+                self.layers.encode(&x, keep, Some((p, rng)))?
+            }
+            None => self.layers.encode(&x, keep, None)?,
+        };
+        self.head.pooled(&x, keep, &self.embedding.table)
     }
 }

@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod decode;
 pub mod fit;
 pub mod ops;
+pub mod performer_error;
 pub mod scaling;
 
 use candle_core::backprop::GradStore;

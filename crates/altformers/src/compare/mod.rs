@@ -1,9 +1,10 @@
 //! `altformers compare`: every causal architecture in the registry trained on the same
 //! bytes with the same optimizer, schedule, token budget and parameter count (each model's
-//! width is solved for the Transformer's count), then the recall suite, the scaling and
-//! decoding benchmarks, and the report. A model added to the registry appears here with no
-//! edits.
+//! width is solved for the Transformer's count), then the recall suite, ListOps (every model,
+//! encoders included), the scaling and decoding benchmarks, and the report. A model added to
+//! the registry appears here with no edits.
 
+pub mod listops;
 pub mod mqar;
 
 use anyhow::{bail, Context, Result};
@@ -31,8 +32,14 @@ pub struct Preset {
     pub cpu_threads: Option<usize>,
     pub lm: LmSettings,
     pub mqar: mqar::MqarSettings,
+    /// ListOps for every model (absent: the part is not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listops: Option<listops::ListOpsPart>,
     pub scaling: ScalingSettings,
     pub decode: DecodeSettings,
+    /// Performer's approximation error against its feature count (absent: not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub performer_error: Option<crate::bench::performer_error::PerformerErrorOptions>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,7 +75,7 @@ pub fn preset(name: &str) -> Result<Preset> {
 }
 
 /// The parts of a comparison, run in this order.
-pub const PARTS: [&str; 4] = ["lm", "mqar", "scaling", "decode"];
+pub const PARTS: [&str; 6] = ["lm", "mqar", "listops", "scaling", "decode", "performer-error"];
 
 /// What to run: which parts and which models (default: all of both).
 #[derive(Clone, Debug, Default)]
@@ -87,17 +94,18 @@ impl Selection {
             bail!("unknown part `{p}`: choose from {}", PARTS.join(", "));
         }
         for m in &self.models {
-            let arch = registry::find(m)?;
-            anyhow::ensure!(arch.causal, "`{m}` is not causal; compare trains causal language models only");
+            registry::find(m)?;
         }
         Ok(())
     }
 
-    /// The causal models selected (all of them where none is named), in registry order.
-    fn architectures(&self) -> Vec<&'static Architecture> {
+    /// The models selected (all of them where none is named), in registry order; encoders
+    /// only with `encoders` (they take part in ListOps only: no language model, recall,
+    /// decoding).
+    fn architectures(&self, encoders: bool) -> Vec<&'static Architecture> {
         registry::ARCHITECTURES
             .iter()
-            .filter(|a| a.causal && (self.models.is_empty() || self.models.iter().any(|m| m == a.name)))
+            .filter(|a| (a.causal || encoders) && (self.models.is_empty() || self.models.iter().any(|m| m == a.name)))
             .collect()
     }
 
@@ -109,11 +117,16 @@ impl Selection {
 impl LmSettings {
     /// `arch`'s defaults with this section's tables laid over them.
     pub fn config(&self, arch: &Architecture) -> Result<RunConfig> {
-        let mut tables = toml::Table::new();
-        tables.insert("model".into(), toml::Value::Table(self.model.clone()));
-        tables.insert("train".into(), toml::Value::Table(self.train.clone()));
-        arch.config(&Overrides { tables: vec![toml::Value::Table(tables)], sets: vec![] })
+        layered_config(arch, &self.model, &self.train)
     }
+}
+
+/// `arch`'s defaults with a part's `model` and `train` tables laid over them.
+fn layered_config(arch: &Architecture, model: &toml::Table, train: &toml::Table) -> Result<RunConfig> {
+    let mut tables = toml::Table::new();
+    tables.insert("model".into(), toml::Value::Table(model.clone()));
+    tables.insert("train".into(), toml::Value::Table(train.clone()));
+    arch.config(&Overrides { tables: vec![toml::Value::Table(tables)], sets: vec![] })
 }
 
 /// Parameters of `arch` built as `model` but at `width`, or `None` if that width is invalid
@@ -186,7 +199,11 @@ pub fn run(
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     write_meta(out, preset_name, &preset, data, select, device)?;
     eprintln!("compare --preset {preset_name}: {}", preset.description);
-    let causal = select.architectures();
+    let causal = select.architectures(false);
+    let encoders: Vec<&str> = select.architectures(true).iter().filter(|a| !a.causal).map(|a| a.name).collect();
+    if !encoders.is_empty() && !select.models.is_empty() && select.parts.iter().any(|p| p != "listops") {
+        eprintln!("note: encoders ({}) take part in ListOps only", encoders.join(", "));
+    }
     let mut quality = Vec::new();
     if select.runs("lm") {
         quality = run_lm(&preset.lm, &causal, data, format, out, device)?;
@@ -194,11 +211,27 @@ pub fn run(
     if select.runs("mqar") {
         run_mqar(&preset.mqar, &causal, out, device, select.jobs)?;
     }
+    match &preset.listops {
+        Some(part) if select.runs("listops") => listops::run(part, &select.architectures(true), out, device)?,
+        None if select.parts.iter().any(|p| p == "listops") => {
+            bail!("preset {preset_name} has no [listops] section: nothing to run for --parts listops")
+        }
+        _ => {}
+    }
     if select.runs("scaling") {
         run_scaling(&preset.scaling, &causal, out, device)?;
     }
     if select.runs("decode") {
         run_decode(&preset.decode, &causal, out, device)?;
+    }
+    match &preset.performer_error {
+        Some(opts) if select.runs("performer-error") && causal.iter().any(|a| a.name == "performer") => {
+            run_performer_error(opts, out)?
+        }
+        None if select.parts.iter().any(|p| p == "performer-error") => {
+            bail!("preset {preset_name} has no [performer_error] section: nothing to run for --parts performer-error")
+        }
+        _ => {}
     }
     crate::report::render(out)?;
     if !quality.is_empty() {
@@ -206,6 +239,18 @@ pub fn run(
     }
     eprintln!("report written to {}", out.join("report.md").display());
     Ok(())
+}
+
+/// Performer's approximation error against exact attention per feature count, into
+/// `out/performer-error.jsonl` (computed in f64 on the CPU whatever the device).
+fn run_performer_error(opts: &crate::bench::performer_error::PerformerErrorOptions, out: &Path) -> Result<()> {
+    eprintln!("performer-error: m = {:?}, input std {:?}, {} draws", opts.features, opts.input_stds, opts.draws);
+    let rows = crate::bench::performer_error::run(opts, |r| {
+        eprintln!("  std {} m {}: orthogonal {:.4}, iid {:.4}", r.input_std, r.features, r.orthogonal_mean, r.iid_mean)
+    })?;
+    let text: String =
+        rows.iter().map(|r| serde_json::to_string(r).map(|l| l + "\n")).collect::<serde_json::Result<_>>()?;
+    crate::util::write_atomic(&out.join("performer-error.jsonl"), text.as_bytes())
 }
 
 /// `out/meta.json`: the provenance of the run (with the command that started it) and the
@@ -274,14 +319,7 @@ fn train_lm(
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)?;
     }
-    let opts = TrainOptions {
-        out: run_dir,
-        resume: false,
-        device: device.clone(),
-        dtype: DType::F32,
-        verbose: true,
-        stop_after: None,
-    };
+    let opts = TrainOptions::fresh(run_dir, device, true);
     let summary = train(&cfg, corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
     Ok(QualityRow {
         model: arch.name.to_string(),
@@ -495,6 +533,71 @@ mod tests {
         let reoptimized = mqar_rows(&dir)?;
         assert_eq!(reoptimized.len(), 1);
         assert_eq!(reoptimized[0].optimizer.beta2, 0.99, "a row trained with another optimizer was kept");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// The Performer-error part writes one row per (input std, m) into the folder and the
+    /// report plots them; it needs the preset's section and Performer among the models.
+    #[test]
+    fn performer_error_part_writes_rows_and_the_report_plots_them() -> Result<()> {
+        let (dir, mut p, file) = tiny_preset("performer-error-part", mqar::MqarSettings::default())?;
+        let opts = p.performer_error.as_mut().expect("the quick preset has [performer_error]");
+        (opts.head_dim, opts.heads, opts.length, opts.draws) = (8, 1, 12, 2);
+        (opts.input_stds, opts.features) = (vec![0.5], vec![8, 64]);
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let select = Selection { parts: vec!["performer-error".into()], models: vec!["performer".into()], jobs: 1 };
+        run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+        let rows: Vec<crate::bench::performer_error::PerformerErrorRow> =
+            read_lines(&dir.join("performer-error.jsonl"))?.unwrap();
+        assert_eq!(rows.iter().map(|r| r.features).collect::<Vec<_>>(), [8, 64]);
+        assert!(rows[1].orthogonal_mean < rows[0].orthogonal_mean, "{rows:?}");
+        let md = std::fs::read_to_string(dir.join("report.md"))?;
+        assert!(md.contains("## Performer: approximation error") && dir.join("plots/performer-error.svg").exists());
+        p.performer_error = None;
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let err =
+            run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select).unwrap_err();
+        assert!(err.to_string().contains("no [performer_error] section"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// The ListOps part trains the causal and the encoder models named (read at the last
+    /// position and pooled), writes their rows and the report's table with LRA's figures;
+    /// a preset without `[listops]` refuses `--parts listops`.
+    #[test]
+    fn listops_part_trains_causal_models_and_encoders() -> Result<()> {
+        let (dir, mut p, file) = tiny_preset("listops-part", mqar::MqarSettings::default())?;
+        let part = p.listops.as_mut().expect("the quick preset has [listops]");
+        part.reference_width = 16;
+        part.model.insert("depth".into(), 1.into());
+        part.model.insert("context".into(), 24.into());
+        part.model.insert("heads".into(), 2.into());
+        for (k, v) in [("steps", 2), ("decay_steps", 2), ("warmup_steps", 1), ("eval_every", 2), ("batch_size", 4)] {
+            part.train.insert(k.into(), v.into());
+        }
+        part.task.generator.max_len = 20;
+        part.task.generator.min_len = 4;
+        (part.task.train_examples, part.task.eval_examples) = (8, 4);
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let models = vec!["transformer".to_string(), "transformer-encoder".to_string()];
+        let select = Selection { parts: vec!["listops".into()], models, jobs: 1 };
+        run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+        let rows: Vec<crate::results::ListOpsRow> = read_lines(&dir.join("listops.jsonl"))?.unwrap();
+        let read: Vec<(&str, &str)> = rows.iter().map(|r| (r.model.as_str(), r.readout.as_str())).collect();
+        assert_eq!(read, [("transformer", "last-position"), ("transformer-encoder", "mean-pool")]);
+        assert!((rows[1].params_ratio - 1.0).abs() < 0.05, "{}", rows[1].params_ratio);
+        let md = std::fs::read_to_string(dir.join("report.md"))?;
+        assert!(
+            md.contains("## ListOps") && md.contains("| transformer-encoder | mean-pool |") && md.contains("36.4%"),
+            "{md}"
+        );
+        p.listops = None;
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let err =
+            run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select).unwrap_err();
+        assert!(err.to_string().contains("no [listops] section"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -33,7 +33,7 @@ use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, Review};
+use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::{ModelConfig, Options, Position};
 use crate::nn::{gather_rows, Linear};
 use crate::ops::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
@@ -600,7 +600,12 @@ fn projections(s: &CostShape) -> f64 {
 }
 
 pub const FULL_COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review {
+        row: Some("AFT"),
+        judgement: Judgement::Wrong(
+            "space: the T x T pairwise bias w alone is O(T^2) unless factorised (w = U V^T); the review also leaves out AFT's normaliser and sigma(Q), and the name is Attention Free Transformer",
+        ),
+    },
     true_time: "O(T^2 d + T d^2)",
     true_space: "O(T^2 + T d) (the T x T weights, shared by all channels); decode O(T d) cache",
     flops: |s: &CostShape| {
@@ -615,7 +620,12 @@ pub const FULL_COMPLEXITY: Complexity = Complexity {
 };
 
 pub const SIMPLE_COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review {
+        row: Some("AFT"),
+        judgement: Judgement::Imprecise(
+            "O(Td) omits the O(T d^2) projections; the review leaves out AFT's normaliser and sigma(Q), and the name is Attention Free Transformer",
+        ),
+    },
     true_time: "O(T d^2) projections + O(T d) (chunkwise prefix sums here: O(T C d), C = chunk)",
     true_space: "O(T C d) training (chunkwise); O(d) state per layer decoding",
     flops: |s: &CostShape| {
@@ -630,7 +640,12 @@ pub const SIMPLE_COMPLEXITY: Complexity = Complexity {
 };
 
 pub const WINDOW_COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review {
+        row: Some("AFT"),
+        judgement: Judgement::Imprecise(
+            "no figure for AFT-local or AFT-conv (O(T s d) for a window s); w is a pairwise position bias, relative only in AFT-conv; the normaliser and sigma(Q) are left out",
+        ),
+    },
     true_time: "O(T s d + T d^2) (window s; prefix sums O(T C d) chunkwise)",
     true_space: "O(T (s + C) d) training; O(s d) state per layer decoding",
     flops: |s: &CostShape| {

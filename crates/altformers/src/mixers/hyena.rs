@@ -51,7 +51,7 @@ use serde::{Deserialize, Serialize};
 pub use super::long_conv::LongConv;
 use super::long_conv::{self, FilterSpec, ImplicitFilter, ShortConv};
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, Review};
+use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::fftconv;
@@ -283,7 +283,12 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
 /// Costs at the default options (N = 2, E = 33, F = 64, two inner layers, K = 3); the filter
 /// length is the sequence length.
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review {
+        row: Some("Hyena"),
+        judgement: Judgement::Imprecise(
+            "only the running value is convolved (the x_i are gates); the filter is window(t) * FFN(PE(t)); its \"4086 to 8196\" means 4096 to 8192",
+        ),
+    },
     true_time: "O(N d T (log T + d)); decode O(N d T) per token (direct convolution over the cache)",
     true_space: "O(N d T); decode state O(N d T) (input history of every order)",
     flops: |s: &CostShape| {

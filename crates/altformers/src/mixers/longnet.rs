@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::Attention;
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, Review};
+use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::{ModelConfig, Position};
 use crate::ops::attention::causal_softmax::causal_mask;
 use crate::params::ParamBuilder;
@@ -329,7 +329,12 @@ fn default_pairs(t: usize) -> Vec<(usize, usize)> {
 /// Costs at the default options (geometric pairs, w0 = 32, a = 2, up to the sequence
 /// length) and multi-head K/V.
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review {
+        row: Some("LongNet"),
+        judgement: Judgement::Wrong(
+            "O(Td) omits the O(T d^2) projections and the segment length w0; the space line is not a valid bound; heads differ in offset, not in dilation rate; it is not a streaming model",
+        ),
+    },
     true_time: "O(T d^2 + T d w0) FLOPs with the geometric pairs (w_i / r_i = w0); in general O(T d^2 + T d sum_i w_i / r_i^2); plus O(T d log(T / w0)) to scatter and mix the log2(T / w0) + 1 pairs' full-length outputs; decode O(d sum_i w_i / r_i) per token",
     true_space: "O(T d log(T / w0) + h T w0) (each pair's scattered output, scores of each sparsified segment); decode KV cache O(T d)",
     flops: |s: &CostShape| {

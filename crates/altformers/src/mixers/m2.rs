@@ -21,8 +21,11 @@
 //! - Bidirectional (M2-BERT; `model.options.bidirectional`): a second filter FFN
 //!   (`implicit_filter_rev`, the same features, window and sine frequencies) gives anti-causal
 //!   taps, `y[t] += sum_j h_rev[j] u[t + 1 + j]`, the official kernel
-//!   `pad(k_fwd, (0, L)) + pad(k_rev.flip(-1), (L, 0))`. It has no recurrent form, and the
-//!   registry builds no bidirectional model yet: [`build`] refuses it, [`M2::new`] builds it.
+//!   `pad(k_fwd, (0, L)) + pad(k_rev.flip(-1), (L, 0))`. It has no recurrent form; the
+//!   registry's `m2-bert` builds it ([`build_bidirectional`]), `m2` refuses it ([`build`]).
+//!   Padding (`forward_padded`, `keep: [B, T]`): the projected inputs and `u` are zeroed at
+//!   padded positions, so neither the short nor the long convolution carries anything from
+//!   them (`b (.) u` and the gates are position-wise).
 //!
 //! Defaults are the official M2-BERT-base recipe's (`monarch-mixer-pretrain-786dim-80m-
 //! parameters.yaml`): filter FFN width 128 with 2 inner layers (`hyena_filter_order`),
@@ -55,6 +58,7 @@ use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::monarch::dft::conv_len;
 use crate::params::ParamBuilder;
+use crate::rng::Rng;
 
 /// `model.options` of the `m2` mixer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -162,18 +166,25 @@ impl M2 {
         })
     }
 
-    /// Parallel form; with `keep`, also the decode state after the last token.
-    fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<MixerState>)> {
+    /// Parallel form, padded positions zeroed where `mask: [B, T]` is 0; with `keep`, also
+    /// the decode state after the last token.
+    fn run(&self, x: &Tensor, mask: Option<&Tensor>, keep: bool) -> Result<(Tensor, Option<MixerState>)> {
         let (_, t, _) = x.dims3()?;
         if t > self.context {
             candle_core::bail!("m2: {t} tokens but the filters are generated for model.context = {}", self.context);
         }
         let (d, k) = (self.width, self.short.kernel);
-        let padded = self.in_linear.forward(x)?.pad_with_zeros(1, k - 1, 0)?;
+        let zero_padding = |y: Tensor| -> Result<Tensor> {
+            match mask {
+                Some(m) => y.broadcast_mul(&m.to_dtype(y.dtype())?.unsqueeze(2)?),
+                None => Ok(y),
+            }
+        };
+        let padded = zero_padding(self.in_linear.forward(x)?)?.pad_with_zeros(1, k - 1, 0)?;
         let uc = self.short.forward(&padded)?;
         // the long convolution runs in the filters' (parameters') precision: f32 under bf16
         let h = self.filter.generate(t)?;
-        let u = (uc.narrow(2, 2 * d, d)? * uc.narrow(2, 0, d)?)?.to_dtype(h.dtype())?;
+        let u = zero_padding((uc.narrow(2, 2 * d, d)? * uc.narrow(2, 0, d)?)?.to_dtype(h.dtype())?)?;
         let ut = u.transpose(1, 2)?.contiguous()?; // [B, d, T]
         let ht = h.t()?.contiguous()?; // [d, T]
         let conv = match self.filter.generate_rev(t)? {
@@ -206,13 +217,20 @@ impl M2 {
 
 impl SequenceMixer for M2 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.run(x, false)?.0)
+        Ok(self.run(x, None, false)?.0)
+    }
+
+    fn forward_padded(&self, x: &Tensor, keep: &Tensor, _dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        if !self.bidirectional {
+            candle_core::bail!("m2: the causal mixer (M2-GPT) takes no padding mask");
+        }
+        Ok(self.run(x, Some(keep), false)?.0)
     }
 
     /// State: `[filters reversed [L, d], short-conv tail [B, K-1, 3d], u history [B, t, d]]`.
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
         self.refuse_recurrence()?;
-        let (y, state) = self.run(x, true)?;
+        let (y, state) = self.run(x, None, true)?;
         Ok((y, state.expect("kept")))
     }
 
@@ -245,12 +263,22 @@ impl SequenceMixer for M2 {
     }
 }
 
-/// The registered causal mixer (M2-GPT); the bidirectional form is refused here (the
-/// registry's `m2` is causal and decodes).
+/// The mixer of `m2` (M2-GPT, causal: it decodes); the bidirectional form is refused here.
 pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     let o: M2Options = cfg.options()?;
     if o.bidirectional {
-        bail!("model.options.bidirectional = true is M2-BERT's encoder mixer; `m2` is the causal M2-GPT (no bidirectional architecture is registered yet)");
+        bail!(
+            "model.options.bidirectional = true is M2-BERT's encoder mixer: train `m2-bert`; `m2` is the causal M2-GPT"
+        );
+    }
+    Ok(Box::new(M2::new(cfg, pb)?))
+}
+
+/// The mixer of `m2-bert` (M2-BERT, bidirectional: an encoder); the causal form is refused.
+pub fn build_bidirectional(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    let o: M2Options = cfg.options()?;
+    if !o.bidirectional {
+        bail!("model.options.bidirectional = false is M2-GPT's causal mixer: train `m2`; `m2-bert` is the bidirectional M2-BERT");
     }
     Ok(Box::new(M2::new(cfg, pb)?))
 }
@@ -261,10 +289,16 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
     cfg.channel_mixer = "monarch".into();
 }
 
+/// M2-BERT: as M2-GPT's, with the two-sided long convolution.
+pub fn adjust_bert_defaults(cfg: &mut ModelConfig) {
+    adjust_defaults(cfg);
+    cfg.options.insert("bidirectional".into(), serde_json::Value::Bool(true));
+}
+
 /// Costs at the default options (E = 5, F = 128, two inner layers, K = 3, Monarch long
 /// convolution of length n = conv_len(T, T) >= 2T, m = sqrt(n)).
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review::NO_LINE,
     true_time: "O(d T^{3/2} + T d^2): the long convolution by Monarch DFTs of length n >= 2T (sqrt(n) blocks), projections; decode O(d T) per token (direct convolution over the cache)",
     true_space: "O(T d); decode state O(T d) (gated input history)",
     flops: |s: &CostShape| {
@@ -294,6 +328,15 @@ pub const COMPLEXITY: Complexity = Complexity {
         let (b, t, d) = (s.batch as f64, s.seq as f64, s.width as f64);
         b * 2.0 * 3.0 * d + b * t * d + d * t
     },
+};
+
+/// M2-BERT's: the causal form's costs (the two-sided kernel is one transform of length
+/// >= 2T too, the reverse filter one more filter FFN), no decoding.
+pub const BERT_COMPLEXITY: Complexity = Complexity {
+    true_time: "O(d T^{3/2} + T d^2): the two-sided long convolution by Monarch DFTs of length n >= 2T (sqrt(n) blocks), projections; no decoding (an encoder)",
+    true_space: "O(T d)",
+    state: |_: &CostShape| 0.0,
+    ..COMPLEXITY
 };
 
 #[cfg(test)]
@@ -421,7 +464,14 @@ mod tests {
         assert_eq!((cfg.channel_mixer.as_str(), cfg.position), ("monarch", Position::None));
         let both = tiny(&["model.options.bidirectional=true"])?;
         let err = build(&both, 0, &ParamBuilder::new(1, &Device::Cpu, DType::F32)).err().expect("refused").to_string();
-        assert!(err.contains("M2-BERT"), "{err}");
+        assert!(err.contains("M2-BERT") && err.contains("m2-bert"), "{err}");
+        // `m2-bert` is the bidirectional mixer by default and refuses the causal one
+        let bert = tiny_config("m2-bert", &["model.options.filter_width=8"])?;
+        assert_eq!((bert.options["bidirectional"].as_bool(), bert.channel_mixer.as_str()), (Some(true), "monarch"));
+        let causal = tiny_config("m2-bert", &["model.options.bidirectional=false"])?;
+        let pb = ParamBuilder::new(1, &Device::Cpu, DType::F32);
+        let err = build_bidirectional(&causal, 0, &pb).err().expect("refused").to_string();
+        assert!(err.contains("`m2`"), "{err}");
         assert!(tiny(&["model.options.filter_emb_dim=4"]).is_err());
         assert!(tiny(&["model.options.short_kernel=1"]).is_err());
         let m = mixer(&[], 1, DType::F32)?;

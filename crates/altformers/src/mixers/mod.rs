@@ -9,14 +9,18 @@
 pub mod aft;
 pub mod attention;
 pub mod hyena;
+pub mod linformer;
 pub mod long_conv;
 pub mod longnet;
 pub mod m2;
+pub mod performer;
 pub mod reformer;
 pub mod retnet;
 pub mod rwkv4;
 
 use candle_core::{Result, Tensor};
+
+use crate::rng::Rng;
 
 /// The recurrent state of one mixer: a KV cache, a recurrent matrix, a convolution history.
 /// Kept as plain tensors so any mixer can use it and its size is always known.
@@ -47,7 +51,7 @@ pub trait SequenceMixer: Send + Sync {
     /// Training form: `forward` with the dropout the paper puts inside the mixer (attention
     /// probabilities, for attention), drawn from `rng` with probability `p`. Mixers without
     /// internal dropout use `forward`.
-    fn forward_train(&self, x: &Tensor, _p: f64, _rng: &mut crate::rng::Rng) -> Result<Tensor> {
+    fn forward_train(&self, x: &Tensor, _p: f64, _rng: &mut Rng) -> Result<Tensor> {
         self.forward(x)
     }
 
@@ -55,6 +59,17 @@ pub trait SequenceMixer: Send + Sync {
     /// paper defines one.
     fn chunked(&self, _x: &Tensor, _chunk: usize) -> Option<Result<Tensor>> {
         None
+    }
+
+    /// Encoder form (mixers of a `causal: false` architecture): `forward` over sequences
+    /// padded to one length, `keep: [B, T]` 1 at real tokens and 0 at padding, so that what
+    /// the padded positions hold changes no real position's output; with `dropout`, the
+    /// training form. An explicit mask rather than a pad byte: the byte vocabulary has no
+    /// free id, and the task that pads (ListOps) is the one that knows where it did. Causal
+    /// mixers need none (a task pads them on the left and reads the last position) and
+    /// refuse it.
+    fn forward_padded(&self, _x: &Tensor, _keep: &Tensor, _dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        candle_core::bail!("a causal mixer takes no padding mask: only an encoder's (bidirectional) mixers do")
     }
 }
 

@@ -65,7 +65,7 @@ use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, Review};
+use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::params::ParamBuilder;
@@ -419,9 +419,10 @@ pub fn build(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Bo
 /// Costs at the default options (2 rounds, c = 64, n_b about 2 T / c).
 pub const COMPLEXITY: Complexity = Complexity {
     review: Review {
-        stated_time: "O(T log Td)",
-        stated_space: "O(T log T + Td)",
-        error: "",
+        row: Some("Reformer"),
+        judgement: Judgement::Imprecise(
+            "right for time with the hash rounds n_r and the chunk c constant (O(n_r T c d) attention, O(n_r T log T) sorting, plus the O(T d^2) projections the line leaves out); decoding re-hashes the cache, O(T) per token",
+        ),
     },
     true_time: "O(T d^2) projections + O(n_r T d_h n_b h) hashing + O(n_r T) counting sort (O(n_r T log T) as a comparison sort) + O(n_r T c d) chunked attention (n_r rounds, chunk c); decode O(T) per token (re-hashing the cache)",
     true_space: "O(n_r (T + n_b c) c h) scores + O(n_r (T + n_b c) d) gathered queries, keys and values (chunks of c padded at each bucket's end); decode cache O(T d)",

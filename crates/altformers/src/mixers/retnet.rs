@@ -27,7 +27,7 @@ use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, Review};
+use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::decayed;
@@ -232,7 +232,12 @@ pub fn build(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<B
 }
 
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review {
+        row: Some("RetNet"),
+        judgement: Judgement::Imprecise(
+            "space O(T) omits d; the chunkwise form computes the same function as the parallel and recurrent forms (it is not there to alleviate a representational bottleneck)",
+        ),
+    },
     true_time:
         "O(T d (C + d_h) + T d^2) chunkwise (C = chunk; parallel O(T^2 d) for T <= C); decode O(d d_h + d^2) per token",
     true_space: "O(T C h + T d) chunkwise; O(h d_h^2) = O(d d_h) state per layer decoding, independent of T",

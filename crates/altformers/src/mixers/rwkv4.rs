@@ -27,7 +27,7 @@ use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
-use crate::complexity::{Complexity, CostShape, Review};
+use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::decayed::{self, Weighting, WkvState};
@@ -352,7 +352,12 @@ pub fn channel_mix(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyRes
 }
 
 pub const COMPLEXITY: Complexity = Complexity {
-    review: Review::NOT_QUOTED,
+    review: Review {
+        row: Some("RWKV"),
+        judgement: Judgement::Imprecise(
+            "O(Td) omits the O(T d^2) projections, and decoding keeps only O(d) state per layer; the channel mix is not max pooling but sigma(r) * W_v max(k, 0)^2 (squared ReLU)",
+        ),
+    },
     true_time: "O(T d^2) projections + O(T d) WKV (chunkwise here: O(T C d), C = chunk); decode O(d^2) per token",
     true_space: "O(T C d) training (chunkwise WKV); O(d) state per layer decoding",
     flops: |s: &CostShape| {

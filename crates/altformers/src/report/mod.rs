@@ -10,10 +10,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::bench::decode::DecodePoint;
+use crate::bench::performer_error::PerformerErrorRow;
 use crate::bench::scaling::{headline_component, BenchMode, ScalingFit, ScalingPoint};
 use crate::bench::{fit, Provenance};
 use crate::registry::ARCHITECTURES;
-use crate::results::{quality_table, read_lines, MqarResult, QualityRow, CURVE_EXAMPLES};
+use crate::results::{listops_table, quality_table, read_lines, ListOpsRow, MqarResult, QualityRow, CURVE_EXAMPLES};
 use crate::train::Metrics;
 use plots::{figure, Chart, Series};
 
@@ -49,10 +50,14 @@ pub fn render(dir: &Path) -> Result<()> {
     md += &quality_section(&quality, &dir.join("runs"), &plots, &caption)?;
     let recall = read_lines::<MqarResult>(&dir.join("mqar.jsonl"))?.unwrap_or_default();
     md += &mqar_section(&recall, &plots, &caption)?;
+    let classified = read_lines::<ListOpsRow>(&dir.join("listops.jsonl"))?.unwrap_or_default();
+    md += &listops_section(&classified, &caption);
     let (points, fits) = scaling_inputs(dir)?;
     md += &scaling_section(&points, &plots, &caption)?;
     let decoded = read_lines::<DecodePoint>(&dir.join("decode.jsonl"))?.unwrap_or_default();
     md += &decode_section(&decoded, &plots, &caption)?;
+    let approximations = read_lines::<PerformerErrorRow>(&dir.join("performer-error.jsonl"))?.unwrap_or_default();
+    md += &performer_error_section(&approximations, &plots, &caption)?;
     md += &peers_section(dir)?;
     md += &complexity_section(&fits);
     crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())
@@ -88,6 +93,7 @@ fn quality_section(rows: &[QualityRow], runs: &Path, plots: &Path, caption: &str
     }
     md.push_str(&quality_table(rows));
     md.push_str(&models_list(rows.iter().map(|r| r.model.as_str())));
+    md.push_str(&encoders_absent());
     let mut series = Vec::new();
     for r in rows {
         if let Some(ms) = read_lines::<Metrics>(&runs.join(&r.model).join("metrics.jsonl"))? {
@@ -110,6 +116,38 @@ fn quality_section(rows: &[QualityRow], runs: &Path, plots: &Path, caption: &str
         md += &figure(plots, "loss.svg", &chart, &series, "validation loss", &text)?;
     }
     Ok(md)
+}
+
+/// Why the registry's encoders have no language-model row: each with its summary (which
+/// says, for Linformer, why it has no causal form at all).
+fn encoders_absent() -> String {
+    let encoders: Vec<_> = ARCHITECTURES.iter().filter(|a| !a.causal).collect();
+    if encoders.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("\nNot in this table: the encoders (bidirectional: every position sees the byte it would predict, so they are no language models; they are compared on ListOps):\n\n");
+    for a in encoders {
+        let _ = writeln!(md, "- `{}` ({}): {}", a.name, a.paper, a.summary);
+    }
+    md
+}
+
+/// ListOps: accuracy per model beside chance and LRA's published figures.
+fn listops_section(rows: &[ListOpsRow], caption: &str) -> String {
+    let mut md = String::from("## ListOps (Long Range Arena)\n\n");
+    if rows.is_empty() {
+        md.push_str("Not run.\n\n");
+        return md;
+    }
+    let r0 = &rows[0];
+    let _ = writeln!(
+        md,
+        "Classification of ListOps expressions (LRA's generator, shorter than {} tokens, {} training examples) into their value, 10 classes: chance is 10%. A causal model is read at its last position (the byte after the expression, restricted to the digits), an encoder mean-pools its real positions. The LRA column is the test accuracy the Long Range Arena reports (Table 1, sequences of 500-2000 tokens, its own budget): a reference, not the same run. {caption}.\n",
+        r0.max_len, r0.train_examples
+    );
+    md.push_str(&listops_table(rows));
+    md.push_str("\nLRA's Transformer is an encoder: its figure sits beside `transformer-encoder`; `transformer` is the causal model read at its last position.\n\n");
+    md
 }
 
 /// What each of `models` is, from the registry (its summary says where a model adapts its
@@ -348,6 +386,40 @@ fn decode_section(rows: &[DecodePoint], plots: &Path, caption: &str) -> Result<S
     Ok(md)
 }
 
+/// Performer's approximation error against its number of random features m: one line per
+/// feature kind and input scale (log-log), and the table of every point.
+fn performer_error_section(rows: &[PerformerErrorRow], plots: &Path, caption: &str) -> Result<String> {
+    let mut md = String::from("## Performer: approximation error against the number of features\n\n");
+    let Some(first) = rows.first() else {
+        md.push_str("Not run.\n\n");
+        return Ok(md);
+    };
+    let mut series = Vec::new();
+    for (std, group) in group(rows, |r| format!("{}", r.input_std)) {
+        for kind in ["orthogonal", "iid"] {
+            let mean = |r: &PerformerErrorRow| if kind == "iid" { r.iid_mean } else { r.orthogonal_mean };
+            let points = group.iter().map(|r| (r.features as f64, mean(r))).collect();
+            series.push(Series { name: format!("{kind}, input std {std}"), points });
+        }
+    }
+    let chart = Chart::log_log("Performer: error against features", "random features m", "relative error");
+    let text = format!(
+        "Relative error |Y~ - Y|_F / |Y|_F of causal FAVOR+ against exact causal softmax attention (d_h {}, T {}, {} heads; mean over {} feature draws), orthogonal and iid features. The input std scales the entries of the queries and keys (their logits then have std input_std^2); Monte-Carlo error falls as 1 / sqrt(m). {caption}.",
+        first.head_dim, first.length, first.heads, first.draws
+    );
+    md += &figure(plots, "performer-error.svg", &chart, &series, "Performer error", &text)?;
+    md.push_str("| input std | m | orthogonal (mean +- sd) | iid (mean +- sd) |\n|---|---|---|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.4} +- {:.4} | {:.4} +- {:.4} |",
+            r.input_std, r.features, r.orthogonal_mean, r.orthogonal_sd, r.iid_mean, r.iid_sd
+        );
+    }
+    md.push('\n');
+    Ok(md)
+}
+
 /// Fused kernels against their peers (GPU runs of scripts/gpu-bench.sh kernels only); empty
 /// where `dir` holds no peer figures.
 fn peers_section(dir: &Path) -> Result<String> {
@@ -387,12 +459,13 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
         let slope = |s: Option<f64>| s.map(|v| format!("{v:.2}")).unwrap_or("-".into());
         let c = &a.complexity;
         let verdict = c.verdict().replacen("wrong", "**wrong**", 1);
+        let (stated_time, stated_space) = c.review.stated();
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             a.name,
-            c.review.stated_time,
-            c.review.stated_space,
+            stated_time,
+            stated_space,
             c.true_time,
             c.true_space,
             f.map(time_exponent).unwrap_or("-".into()),
@@ -400,7 +473,7 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
             verdict
         );
     }
-    md.push_str("\n\"(not quoted)\": the project's architecture brief, which quotes the review's complexity lines, has none for this model.\n");
+    md.push_str("\nThe stated columns quote the review's complexity table word for word (`data/review-complexity.md`); \"(none)\": the review gives no line for this model.\n");
     md
 }
 
@@ -553,6 +626,15 @@ mod tests {
             )
         };
         std::fs::write(dir.join("decode.jsonl"), format!("{}\n{}\n", dp(1024), dp(2048)))?;
+        let lo = r#"{"model":"transformer-encoder","readout":"mean-pool","width":64,"params":1000,"params_ratio":1.0,"steps":10,"train_examples":100,"max_len":64,"train_loss":2.0,"val_accuracy":0.25,"test_accuracy":0.375,"elapsed_s":1.0}"#;
+        std::fs::write(dir.join("listops.jsonl"), format!("{lo}\n"))?;
+        let pe = |m: usize, e: f64| {
+            format!(
+                r#"{{"bench":"performer-error","head_dim":64,"heads":4,"length":256,"input_std":0.5,"features":{m},"draws":16,"orthogonal_mean":{e},"orthogonal_sd":0.01,"iid_mean":{},"iid_sd":0.02}}"#,
+                e * 1.2
+            )
+        };
+        std::fs::write(dir.join("performer-error.jsonl"), format!("{}\n{}\n", pe(16, 0.2), pe(4096, 0.0125)))?;
         render(&dir)?;
         let md = std::fs::read_to_string(dir.join("report.md"))?;
         for needle in [
@@ -567,6 +649,13 @@ mod tests {
             "O(T log Td)",
             "commit `abc`",
             "- `one-wide-ffn` (2309.01826): One Wide FFN, decoder-only adaptation of the paper's encoder-decoder setting",
+            "Not in this table: the encoders",
+            "- `transformer-encoder` (",
+            "## ListOps (Long Range Arena)",
+            "chance is 10%",
+            "| transformer-encoder | mean-pool | 64 | 1.00K (+0.0%) | 10 | 2.0000 | 25.0% | 37.5% | 36.4% | 1 |",
+            "## Performer: approximation error against the number of features",
+            "| 0.5 | 4096 | 0.0125 +- 0.0100 | 0.0150 +- 0.0200 |",
         ] {
             assert!(md.contains(needle), "report lacks `{needle}`:\n{md}");
         }
@@ -580,6 +669,11 @@ mod tests {
             let text = std::fs::read_to_string(dir.join(format!("plots/{svg}.svg")))?;
             assert!(text.starts_with("<svg") && text.contains("transformer"), "{svg}.svg");
         }
+        let text = std::fs::read_to_string(dir.join("plots/performer-error.svg"))?;
+        assert!(
+            text.contains("orthogonal, input std 0.5") && text.contains("iid, input std 0.5"),
+            "performer-error.svg"
+        );
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

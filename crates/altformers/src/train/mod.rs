@@ -6,6 +6,7 @@
 //! Every batch and dropout mask is a function of `(seed, step)`, so a resumed run sees the
 //! same data and masks as an uninterrupted one and reaches the same loss.
 
+pub mod listops;
 pub mod optim;
 pub mod run_folder;
 pub mod step;
@@ -33,6 +34,13 @@ pub struct TrainOptions {
     pub verbose: bool,
     /// Stop (after checkpointing) once this many steps are done: tests use it to interrupt.
     pub stop_after: Option<usize>,
+}
+
+impl TrainOptions {
+    /// A fresh run into `out` on `device` in f32, without interruption.
+    pub fn fresh(out: PathBuf, device: &Device, verbose: bool) -> Self {
+        Self { out, resume: false, device: device.clone(), dtype: DType::F32, verbose, stop_after: None }
+    }
 }
 
 pub struct TrainSummary {
@@ -101,6 +109,12 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainSummary> {
     config.validate()?;
+    if !crate::registry::find(&config.model.architecture)?.causal {
+        bail!(
+            "`{}` is an encoder (bidirectional: it sees the byte it would predict), not a language model; train it on a classification task (--task listops)",
+            config.model.architecture
+        );
+    }
     corpus.check_context(config.model.context)?;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);

@@ -109,6 +109,12 @@ impl RunFolder {
         let config = self.config()?;
         let model = Model::new(&config.model, config.train.seed, device, dtype)?;
         model.load_weights(&self.dir.join("model.safetensors"))?;
+        // the weights are those after the last completed step: parts that follow a schedule
+        // (Performer's features) take that step's state
+        if let Ok(dir) = self.latest_checkpoint() {
+            let state: TrainState = read_json(&dir.join("state.json"))?;
+            model.set_training_step(state.step.saturating_sub(1));
+        }
         Ok(model)
     }
 

@@ -129,6 +129,7 @@ impl Trainer {
         let mut batch_rng = Rng::derive(t.seed, stream::TRAIN_BATCH, step as u64);
         let mut dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
         let batch = task.batch(t.batch_size, &mut batch_rng, model.device())?;
+        model.set_training_step(step);
         let loss = task.loss(model, &batch, Some(&mut dropout_rng))?;
         let mut grads = loss.backward()?;
         self.sync.all_reduce(&mut grads, &model.params)?;

@@ -88,56 +88,122 @@ impl Task for MqarConfig {
     }
 }
 
-/// ListOps as classification by a causal model (the issue's "causal, pooling the last
-/// position"): the expression's bytes, left-padded with spaces to the batch's longest, and the
-/// class read at the last position from the head's rows of the ten digit bytes: the model
-/// predicts the byte after the expression, restricted to the answers. Examples come from the
-/// first `examples` indices of `split` (a fixed training set, as LRA's 96K).
+/// ListOps (LRA's, [`crate::data::listops`]) as sequence classification over 10 classes,
+/// the class logits being the head's rows of the ten digit bytes `0`-`9` (read from the
+/// per-byte head every model already has: a separate class head would leave the causal
+/// models' reading, the byte after the expression, without its natural meaning). How a model
+/// reads the class is its [`Readout`]. Examples come from the first `examples` indices of
+/// `split` (a fixed training set, as LRA's 96K).
 pub struct ListOps {
     pub config: ListOpsConfig,
     pub split: Split,
     pub examples: u64,
+    pub readout: Readout,
 }
 
-/// The byte left padding fills with (not a ListOps token).
+/// How a model's class is read from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readout {
+    /// A causal model (the issue's "causal, pooling the last position"): the expression
+    /// left-padded to the batch's longest, the class read at the last position: the model
+    /// predicts the byte after the expression, restricted to the answers.
+    LastPosition,
+    /// An encoder: the expression right-padded (real tokens keep positions `0..n`), the mean
+    /// over real positions ([`Model::pooled_logits`], the key-padding mask from the pad byte).
+    MeanPool,
+}
+
+impl Readout {
+    /// A causal model reads its last position; an encoder pools.
+    pub fn of(model: &Model) -> Self {
+        if model.causal() {
+            Readout::LastPosition
+        } else {
+            Readout::MeanPool
+        }
+    }
+}
+
+/// The byte padding fills with (not a ListOps token, so the mask follows from the tokens).
 const LISTOPS_PAD: u32 = b' ' as u32;
 
 impl ListOps {
-    /// Logits of the ten classes (digit bytes) at the scored rows: `[N, 10]`, f32.
-    fn class_logits(model: &Model, batch: &Batch) -> Result<Tensor> {
-        let rows = batch.rows.as_ref().context("a ListOps batch names its scored rows")?;
-        let logits = model.forward_at(&batch.inputs, rows)?.to_dtype(DType::F32)?;
-        Ok(logits.narrow(D::Minus1, b'0' as usize, 10)?)
+    /// Logits of the ten classes (digit bytes): `[B, 10]`, f32; with `dropout`, the training
+    /// form (the last-position read has none: it scores rows without the dropout path).
+    fn class_logits(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Tensor> {
+        let logits = match self.readout {
+            Readout::LastPosition => {
+                let rows = batch.rows.as_ref().context("a last-position ListOps batch names its scored rows")?;
+                model.forward_at(&batch.inputs, rows)?
+            }
+            Readout::MeanPool => {
+                let keep = batch.inputs.ne(LISTOPS_PAD)?;
+                model.pooled_logits(&batch.inputs, &keep, dropout)?
+            }
+        };
+        Ok(logits.to_dtype(DType::F32)?.narrow(D::Minus1, b'0' as usize, 10)?)
+    }
+
+    /// The batch of examples `indices` of the split, padded as the readout needs.
+    pub fn batch_of(&self, indices: &[u64], device: &Device) -> Result<Batch> {
+        let size = indices.len();
+        anyhow::ensure!(size > 0, "a ListOps batch of no examples");
+        let examples = indices.iter().map(|&i| self.config.example(self.split, i)).collect::<Result<Vec<_>>>()?;
+        let t = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1);
+        let mut inputs = Vec::with_capacity(size * t);
+        for e in &examples {
+            let pad = std::iter::repeat_n(LISTOPS_PAD, t - e.tokens.len());
+            let tokens = e.tokens.iter().map(|&b| b as u32);
+            match self.readout {
+                Readout::LastPosition => inputs.extend(pad.chain(tokens)),
+                Readout::MeanPool => inputs.extend(tokens.chain(pad)),
+            }
+        }
+        let labels: Vec<u32> = examples.iter().map(|e| e.label as u32).collect();
+        let rows = match self.readout {
+            Readout::LastPosition => {
+                let rows: Vec<u32> = (0..size).map(|i| (i * t + t - 1) as u32).collect();
+                Some(Tensor::from_vec(rows, size, device)?)
+            }
+            Readout::MeanPool => None,
+        };
+        Ok(Batch {
+            inputs: Tensor::from_vec(inputs, (size, t), device)?,
+            targets: Tensor::from_vec(labels, size, device)?,
+            rows,
+        })
+    }
+
+    /// Mean loss and accuracy over examples `0..n` of the split (every one once), in batches
+    /// of at most `batch`.
+    pub fn evaluate(&self, model: &Model, n: u64, batch: usize) -> Result<(f64, f64)> {
+        anyhow::ensure!(n > 0 && batch > 0, "evaluating ListOps on no examples");
+        let (mut loss, mut right) = (0.0, 0.0);
+        let indices: Vec<u64> = (0..n).collect();
+        for chunk in indices.chunks(batch) {
+            let b = self.batch_of(chunk, model.device())?;
+            let logits = self.class_logits(model, &b, None)?;
+            let l = candle_nn::loss::cross_entropy(&logits, &b.targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss += l * chunk.len() as f64;
+            right += argmax_hits(&logits, &b.targets)?.0;
+        }
+        Ok((loss / n as f64, right / n as f64))
     }
 }
 
 impl Task for ListOps {
     fn batch(&self, size: usize, rng: &mut Rng, device: &Device) -> Result<Batch> {
         anyhow::ensure!(self.examples > 0, "a ListOps task of no examples");
-        let examples = (0..size)
-            .map(|_| self.config.example(self.split, rng.below(self.examples as usize) as u64))
-            .collect::<Result<Vec<_>>>()?;
-        let t = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1);
-        let mut inputs = Vec::with_capacity(size * t);
-        for e in &examples {
-            inputs.extend(std::iter::repeat_n(LISTOPS_PAD, t - e.tokens.len()));
-            inputs.extend(e.tokens.iter().map(|&b| b as u32));
-        }
-        let rows: Vec<u32> = (0..size).map(|i| (i * t + t - 1) as u32).collect();
-        let labels: Vec<u32> = examples.iter().map(|e| e.label as u32).collect();
-        Ok(Batch {
-            inputs: Tensor::from_vec(inputs, (size, t), device)?,
-            targets: Tensor::from_vec(labels, size, device)?,
-            rows: Some(Tensor::from_vec(rows, size, device)?),
-        })
+        let indices: Vec<u64> = (0..size).map(|_| rng.below(self.examples as usize) as u64).collect();
+        self.batch_of(&indices, device)
     }
 
-    fn loss(&self, model: &Model, batch: &Batch, _dropout: Option<&mut Rng>) -> Result<Tensor> {
-        Ok(candle_nn::loss::cross_entropy(&Self::class_logits(model, batch)?, &batch.targets)?)
+    fn loss(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Tensor> {
+        Ok(candle_nn::loss::cross_entropy(&self.class_logits(model, batch, dropout)?, &batch.targets)?)
     }
 
     fn hits(&self, model: &Model, batch: &Batch) -> Result<(f64, f64)> {
-        argmax_hits(&Self::class_logits(model, batch)?, &batch.targets)
+        argmax_hits(&self.class_logits(model, batch, None)?, &batch.targets)
     }
 }
 
@@ -168,12 +234,14 @@ mod tests {
         Ok(())
     }
 
-    /// A ListOps batch is left-padded, scored at each sequence's last position against its
-    /// label, and a tiny causal model learns a few examples by heart through this loss.
+    /// A ListOps batch for a causal model is left-padded, scored at each sequence's last
+    /// position against its label, and a tiny causal model learns a few examples by heart
+    /// through this loss; for an encoder it is right-padded, pooled over the real positions,
+    /// and a tiny encoder learns them too.
     #[test]
-    fn listops_is_classification_at_the_last_position() -> Result<()> {
+    fn listops_is_classification_at_the_last_position_or_pooled() -> Result<()> {
         let config = ListOpsConfig { min_len: 5, max_len: 20, ..Default::default() };
-        let task = ListOps { config, split: Split::Train, examples: 4 };
+        let task = ListOps { config, split: Split::Train, examples: 4, readout: Readout::LastPosition };
         let batch = task.batch(4, &mut Rng::new(3), &Device::Cpu)?;
         let (b, t) = batch.inputs.dims2()?;
         let inputs: Vec<Vec<u32>> = batch.inputs.to_vec2()?;
@@ -190,16 +258,42 @@ mod tests {
                 "the target is not the expression's value"
             );
         }
-        let cfg = tiny_config("transformer", &["model.context=24"])?;
-        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
-        let mut opt = crate::train::optim::AdamW::new(&model.params, 0.9, 0.99, 1e-8, 0.0)?;
-        let first = task.loss(&model, &batch, None)?.to_scalar::<f32>()?;
-        for _ in 0..60 {
-            opt.step(&task.loss(&model, &batch, None)?.backward()?, 3e-3, 1.0)?;
+        let pooled = ListOps { readout: Readout::MeanPool, ..task };
+        let right = pooled.batch(4, &mut Rng::new(3), &Device::Cpu)?;
+        assert!(right.rows.is_none());
+        for (l, r) in inputs.iter().zip(right.inputs.to_vec2::<u32>()?) {
+            let strip = |v: &[u32]| v.iter().copied().filter(|&c| c != LISTOPS_PAD).collect::<Vec<_>>();
+            assert_eq!(strip(l), strip(&r), "the same examples, padded on the other side");
+            assert!(r[0] != LISTOPS_PAD, "an encoder's batch is padded at the end");
         }
-        let last = task.loss(&model, &batch, None)?.to_scalar::<f32>()?;
-        assert!(last < 0.2 * first, "the ListOps loss went from {first} to {last} only");
-        assert_eq!(task.hits(&model, &batch)?, (4.0, 4.0));
+        for (name, task, batch) in [("transformer", &task, &batch), ("transformer-encoder", &pooled, &right)] {
+            let cfg = tiny_config(name, &["model.context=24"])?;
+            let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            assert_eq!(Readout::of(&model), task.readout);
+            let mut opt = crate::train::optim::AdamW::new(&model.params, 0.9, 0.99, 1e-8, 0.0)?;
+            let first = task.loss(&model, batch, None)?.to_scalar::<f32>()?;
+            for _ in 0..60 {
+                opt.step(&task.loss(&model, batch, None)?.backward()?, 3e-3, 1.0)?;
+            }
+            let last = task.loss(&model, batch, None)?.to_scalar::<f32>()?;
+            assert!(last < 0.2 * first, "{name}: the ListOps loss went from {first} to {last} only");
+            assert_eq!(task.hits(&model, batch)?, (4.0, 4.0), "{name}");
+        }
+        Ok(())
+    }
+
+    /// Evaluation scores examples 0..n once each: its accuracy is the hits of one batch of them.
+    #[test]
+    fn listops_evaluation_scores_every_example_once() -> Result<()> {
+        let config = ListOpsConfig { min_len: 5, max_len: 20, ..Default::default() };
+        let task = ListOps { config, split: Split::Validation, examples: 1, readout: Readout::MeanPool };
+        let model = Model::new(&tiny_config("transformer-encoder", &[])?, 1, &Device::Cpu, DType::F32)?;
+        let (loss, accuracy) = task.evaluate(&model, 7, 3)?;
+        let all = task.batch_of(&(0..7).collect::<Vec<_>>(), &Device::Cpu)?;
+        let (right, n) = task.hits(&model, &all)?;
+        assert_eq!((accuracy, n), (right / 7.0, 7.0));
+        let want = task.loss(&model, &all, None)?.to_scalar::<f32>()? as f64;
+        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
         Ok(())
     }
 }

@@ -1,6 +1,8 @@
-//! Causal softmax attention over a head layout: the choice between the fused flash kernel
+//! Softmax attention over a head layout. Causal: the choice between the fused flash kernel
 //! (`cuda`, CUDA only) and the unfused tensor form ([`causal_attention_reference`]: scores,
-//! [`causal_softmax`](causal_softmax::causal_softmax), the weighted sum).
+//! [`causal_softmax`](causal_softmax::causal_softmax), the weighted sum). Bidirectional
+//! (encoders, [`bidirectional_attention`]): the unfused form on every device (the flash
+//! kernel is causal only), with an optional key-padding mask.
 //!
 //! Shapes: `B` batch, `T` query length, `S` key length, `H` query heads, `KVH` key/value
 //! heads (`G = H / KVH` query heads share one), `d_h` head width. The mixer
@@ -52,16 +54,93 @@ pub fn causal_attention_reference(
     offset: usize,
     dropout: Option<(f64, &mut crate::rng::Rng)>,
 ) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    // rows of the scores are the G query heads of a group stacked: row r is query r % T
+    let scores = grouped_scores(q, k)?;
+    weighted_sum(causal_softmax(&scores, t, offset)?, v, q.dims(), dropout)
+}
+
+/// `q k^T / sqrt(d_h)` with the G query heads of each K/V head stacked as rows:
+/// `q: [B, H, T, d_h]`, `k: [B, KVH, S, d_h]` -> `[B, KVH, G T, S]`.
+fn grouped_scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let kvh = k.dim(1)?;
-    let g = h / kvh;
-    let q = q.reshape((b, kvh, g * t, dh))?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
-    // rows of `scores` are the G query heads of a group stacked: row r is query r % T
-    let probs = causal_softmax(&scores, t, offset)?;
+    let q = q.reshape((b, kvh, (h / kvh) * t, dh))?;
+    q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt())
+}
+
+/// The attention weights `probs: [B, KVH, G T, S]` (dropped out if asked) times `v`, back to
+/// the queries' shape `q_dims = [B, H, T, d_h]`.
+fn weighted_sum(
+    probs: Tensor,
+    v: &Tensor,
+    q_dims: &[usize],
+    dropout: Option<(f64, &mut crate::rng::Rng)>,
+) -> Result<Tensor> {
     let probs = match dropout {
         Some((p, rng)) if p > 0.0 => crate::nn::dropout(&probs, p, rng)?,
         _ => probs,
     };
-    probs.matmul(v)?.reshape((b, h, t, dh))
+    probs.matmul(v)?.reshape(q_dims)
+}
+
+/// Bidirectional softmax attention, `softmax(q k^T / sqrt(d_h) + bias) v`: every query sees
+/// every key, except keys that `key_bias` ([`key_padding_bias`]) excludes. Grouped heads as in
+/// [`causal_attention`]. Unfused on every device (the fused flash kernel is causal only).
+///
+/// `q: [B, H, T, d_h]`, `k, v: [B, KVH, S, d_h]`, `key_bias: [B, 1, 1, S]` -> `[B, H, T, d_h]`.
+pub fn bidirectional_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    dropout: Option<(f64, &mut crate::rng::Rng)>,
+) -> Result<Tensor> {
+    let scores = grouped_scores(q, k)?;
+    let scores = match key_bias {
+        Some(bias) => scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    weighted_sum(crate::nn::softmax(&scores)?, v, q.dims(), dropout)
+}
+
+/// Score added to a padded key: its weight `exp(-1e30 - max)` is exactly zero, and unlike
+/// `-inf` a row of padding only would not turn into NaN.
+pub const PADDED_KEY: f64 = -1e30;
+
+/// The additive key-padding mask of `keep: [B, S]` (1 for a real token, 0 for padding, any
+/// dtype): `[B, 1, 1, S]`, 0 at real keys and [`PADDED_KEY`] at padded ones, in `dtype`.
+pub fn key_padding_bias(keep: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    let (b, s) = keep.dims2()?;
+    // (1 - keep) P = keep (-P) + P, exact for keep in {0, 1}
+    let bias = keep.to_dtype(candle_core::DType::F32)?.affine(-PADDED_KEY, PADDED_KEY)?;
+    bias.reshape((b, 1, 1, s))?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{keep_first, randn, rel_err};
+    use candle_core::{DType, IndexOp};
+
+    /// Bidirectional attention is causal attention with every key visible: the last query
+    /// (which sees every key either way) agrees, an earlier one does not; a padded key gets
+    /// weight zero: the result equals attention over the real keys only (grouped heads too).
+    #[test]
+    fn bidirectional_attention_sees_every_key_but_padded_ones() -> anyhow::Result<()> {
+        let (b, h, kvh, t, dh) = (2, 4, 2, 7, 8);
+        let q = randn(&[b, h, t, dh], 1, DType::F64)?;
+        let k = randn(&[b, kvh, t, dh], 2, DType::F64)?;
+        let v = randn(&[b, kvh, t, dh], 3, DType::F64)?;
+        let both = bidirectional_attention(&q, &k, &v, None, None)?;
+        let causal = causal_attention(&q, &k, &v, 0)?;
+        assert!(rel_err(&both.i((.., .., t - 1))?, &causal.i((.., .., t - 1))?)? < 1e-12);
+        assert!(rel_err(&both.i((.., .., 0))?, &causal.i((.., .., 0))?)? > 1e-3);
+        let bias = key_padding_bias(&keep_first(&[t, 4], t)?, DType::F64)?;
+        let padded = bidirectional_attention(&q, &k, &v, Some(&bias), None)?;
+        let real = bidirectional_attention(&q.i(1..2)?, &k.i((1..2, .., ..4))?, &v.i((1..2, .., ..4))?, None, None)?;
+        assert!(rel_err(&padded.i(1..2)?, &real)? < 1e-12);
+        assert!(rel_err(&padded.i(0..1)?, &both.i(0..1)?)? < 1e-12);
+        Ok(())
+    }
 }

@@ -1,0 +1,112 @@
+//! The ListOps part of a comparison: every model of the registry, causal ones read at their
+//! last position and encoders pooled, trained on LRA's ListOps with one budget, each at the
+//! Transformer's parameter count ([`super::match_params`]), scored on validation and test
+//! examples: `listops.jsonl` and the report's classification table.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use super::{layered_config, match_params, param_count};
+
+use crate::registry::{self, Architecture};
+use crate::results::{write_lines, ListOpsRow};
+use crate::train::listops::{train_listops, ListOpsSettings};
+use crate::train::TrainOptions;
+
+/// A preset's `[listops]` table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListOpsPart {
+    /// Laid over every model's defaults as a configuration file's `[model]` table is.
+    #[serde(default)]
+    pub model: toml::Table,
+    /// Likewise the `[train]` table.
+    #[serde(default)]
+    pub train: toml::Table,
+    /// Every model's width is solved so its parameters match the Transformer's at this width.
+    pub reference_width: usize,
+    /// The generator and the numbers of examples.
+    pub task: ListOpsSettings,
+    /// A model's own settings laid over `model` for it alone (`[listops.per_model.NAME]`,
+    /// e.g. M2's `options.filter_width`, whose filter networks do not shrink with the width
+    /// and at small budgets would take the parameters the width needs).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub per_model: std::collections::BTreeMap<String, toml::Table>,
+}
+
+impl ListOpsPart {
+    /// `arch`'s defaults with `model`, then its `per_model` table, and `train` laid over them.
+    pub fn config(&self, arch: &Architecture) -> Result<crate::config::RunConfig> {
+        let mut model = self.model.clone();
+        if let Some(own) = self.per_model.get(arch.name) {
+            for (k, v) in own {
+                match (model.get_mut(k), v) {
+                    (Some(toml::Value::Table(shared)), toml::Value::Table(own)) => shared.extend(own.clone()),
+                    _ => {
+                        model.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        layered_config(arch, &model, &self.train)
+    }
+}
+
+/// Trains every model of `models` on ListOps into `out/runs-listops/NAME` (emptied first),
+/// writing `out/listops.jsonl` after each.
+pub fn run(part: &ListOpsPart, models: &[&Architecture], out: &Path, device: &Device) -> Result<()> {
+    let reference = registry::find("transformer")?;
+    let reference_cfg = part.config(reference)?;
+    let target = param_count(reference, &reference_cfg.model, part.reference_width)
+        .context("the reference Transformer does not build")?;
+    let mut rows = Vec::new();
+    for arch in models {
+        let mut cfg = part.config(arch)?;
+        let params;
+        (cfg.model, params) = match_params(arch, &cfg.model, target)?;
+        let dir = out.join("runs-listops").join(arch.name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let opts = TrainOptions::fresh(dir, device, true);
+        let s = train_listops(&cfg, &part.task, &opts).with_context(|| format!("ListOps for {}", arch.name))?;
+        eprintln!("listops {}: val accuracy {:.3}, test accuracy {:.3}", arch.name, s.val_accuracy, s.test_accuracy);
+        rows.push(ListOpsRow {
+            model: arch.name.to_string(),
+            readout: s.readout,
+            width: cfg.model.width,
+            params,
+            params_ratio: params as f64 / target as f64,
+            steps: s.steps,
+            train_examples: part.task.train_examples,
+            max_len: part.task.generator.max_len,
+            train_loss: s.train_loss,
+            val_accuracy: s.val_accuracy,
+            test_accuracy: s.test_accuracy,
+            elapsed_s: s.elapsed_s,
+        });
+        write_lines(&out.join("listops.jsonl"), models, &rows)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model's own table lands on it alone, merged into the shared `model` table (its
+    /// options beside the shared ones).
+    #[test]
+    fn per_model_settings_land_on_that_model_only() -> Result<()> {
+        let part: ListOpsPart = toml::from_str(
+            "reference_width = 16\n[model]\ndepth = 1\n[task]\ntrain_examples = 1\neval_examples = 1\n[task.generator]\nmax_depth = 3\nmax_args = 3\nmin_len = 2\nmax_len = 9\nseed = 0\n[per_model.m2-bert.options]\nfilter_width = 8\n",
+        )?;
+        let bert = part.config(registry::find("m2-bert")?)?;
+        assert_eq!((bert.model.depth, bert.model.options["filter_width"].as_u64()), (1, Some(8)));
+        assert_eq!(bert.model.options["bidirectional"].as_bool(), Some(true), "the defaults' other options stay");
+        assert_eq!(part.config(registry::find("m2")?)?.model.options["filter_width"].as_u64(), Some(128));
+        Ok(())
+    }
+}
