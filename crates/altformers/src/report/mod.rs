@@ -146,7 +146,7 @@ fn listops_section(rows: &[ListOpsRow], caption: &str) -> String {
         r0.max_len, r0.train_examples
     );
     md.push_str(&listops_table(rows));
-    md.push_str("\nLRA's Transformer is an encoder: its figure sits beside `transformer-encoder`; `transformer` is the causal model read at its last position.\n\n");
+    md.push_str("\nLRA's models are all encoders: its Transformer's figure sits beside `transformer-encoder` (`transformer` is the causal model read at its last position), and its Performer and Reformer figures are of their bidirectional forms, beside our causal ones (their encoders are not registered yet).\n\n");
     md
 }
 
