@@ -173,6 +173,10 @@ impl Retention {
         let c = Tensor::from_vec(c, (1, h, t, 1), o1.device())?.to_dtype(o1.dtype())?;
         let num = o1.narrow(3, 0, dv)?.broadcast_mul(&c)?;
         let row_sum = o1.narrow(3, dv, 1)?.broadcast_mul(&c)?;
+        // The score normaliser is differentiated here; torchscale detaches it. Both compute the
+        // same forward function (the paper's R~), so the forms and decoding are unaffected; only
+        // the gradient differs, and this one is the exact gradient of the function the paper
+        // writes (the finite-difference tests hold it to that).
         let y = num.broadcast_div(&row_sum.abs()?.maximum(1.0)?)?;
         // GroupNorm: one group per head, over its d_v channels
         let centered = y.broadcast_sub(&y.mean_keepdim(D::Minus1)?)?;
