@@ -9,7 +9,6 @@
 //! these runs are short.
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -18,7 +17,6 @@ use super::task::{ListOps, Readout};
 use super::TrainOptions;
 use crate::config::{Overrides, RunConfig};
 use crate::data::listops::{ListOpsConfig, Split};
-use crate::model::Model;
 
 /// The task's settings (`[listops]` in a configuration file, `--set listops.KEY=VALUE`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,8 +107,7 @@ pub fn train_listops(config: &RunConfig, settings: &ListOpsSettings, opts: &Trai
     crate::util::write_json_atomic(&out.join("listops.json"), settings)?;
 
     let (m, t) = (&config.model, &config.train);
-    let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-    let model = Model::new(m, t.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype);
+    let model = super::fresh_model(config, opts)?;
     let readout = Readout::of(&model);
     let split = |split, examples| ListOps { config: settings.generator, split, examples, readout };
     let train_task = split(Split::Train, settings.train_examples);

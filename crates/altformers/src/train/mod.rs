@@ -43,6 +43,14 @@ impl TrainOptions {
     }
 }
 
+/// `config`'s model with fresh weights for a run of `opts`: parameters and optimizer state stay
+/// f32 (master weights; f64 when the run is f64), `opts.dtype` is the dtype of the activations
+/// (bf16 for mixed precision).
+pub(crate) fn fresh_model(config: &RunConfig, opts: &TrainOptions) -> Result<Model> {
+    let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    Ok(Model::new(&config.model, config.train.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype))
+}
+
 pub struct TrainSummary {
     pub last: Metrics,
     pub params: usize,
@@ -118,10 +126,7 @@ pub fn train(
     corpus.check_context(config.model.context)?;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
-    // Parameters and optimizer state stay f32 (master weights); `opts.dtype` is the
-    // dtype of the activations (bf16 for mixed precision).
-    let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-    let model = Model::new(m, t.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype);
+    let model = fresh_model(config, opts)?;
     let mut trainer = Trainer::new(&model, t)?;
     let (folder, mut state, mut history) = if opts.resume {
         let (folder, state, history) = RunFolder::resume(out, config)?;
