@@ -238,6 +238,10 @@ enum BenchCommand {
         /// Seconds one run may take before longer lengths are skipped.
         #[arg(long, default_value_t = 20.0)]
         time_cap: f64,
+        /// A setting laid on every model's defaults (`key=value`, as train's `--set`), or on
+        /// one model's only (`MODEL:key=value`); repeatable.
+        #[arg(long = "set")]
+        sets: Vec<String>,
         #[command(flatten)]
         sweep: Sweep,
     },
@@ -382,6 +386,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             reps,
             warmup,
             time_cap,
+            sets,
             sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
             let device = altformers::device::select(&device)?;
@@ -398,6 +403,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 time_cap_s: time_cap,
                 memory_cap_bytes: memory_cap_gb * 1e9,
                 dtype: altformers::device::parse_dtype(&dtype)?,
+                sets,
             };
             lines.push(&altformers::bench::Provenance::capture(&device));
             let (_, fits) = scaling::run(&opts, &device, |p| lines.push(p))?;

@@ -358,6 +358,30 @@ Architecture {
     mixer: Some(linformer::build),
     backbone: backbones::stack::build,
     complexity: linformer::COMPLEXITY,
+},
+Architecture {
+    name: "performer-encoder",
+    summary: "Performer's encoder (LRA's Performer): bidirectional FAVOR+, D^-1 Q' ((K')^T [V 1]) with positive orthogonal random features (model.options as performer's), padded keys' features exactly 0; no recurrent form",
+    paper: "2009.14794, 2011.04006",
+    causal: false,
+    unbounded_context: false,
+    options: options::<performer::PerformerOptions>(),
+    adjust_defaults: keep_defaults,
+    mixer: Some(performer::build_bidirectional),
+    backbone: backbones::stack::build,
+    complexity: performer::ENCODER_COMPLEXITY,
+},
+Architecture {
+    name: "reformer-encoder",
+    summary: "Reformer's encoder (LRA's Reformer): bidirectional LSH attention (trax's chunking: each round's real positions sorted by (bucket, position), cut every model.options.chunk tokens, a chunk seeing itself and the one before, cyclically; self only when alone; padding in no chunk) in the reversible pairs of `reformer`; no recurrent form",
+    paper: "2001.04451, 2011.04006",
+    causal: false,
+    unbounded_context: false,
+    options: options::<reformer::ReformerOptions>(),
+    adjust_defaults: reformer::adjust_defaults,
+    mixer: Some(reformer::build_bidirectional),
+    backbone: backbones::reversible::build_reformer,
+    complexity: reformer::ENCODER_COMPLEXITY,
 }];
 
 pub fn find(name: &str) -> Result<&'static Architecture> {

@@ -94,16 +94,22 @@ pub struct ReversibleLayers {
 }
 
 impl ReversibleLayers {
-    /// `F(x2) = Attention(LN1(x2))` of layer `i` (with its dropout sites when training).
-    fn attention_branch(&self, i: usize, x2: &Tensor, replay: Option<Replay>) -> Result<Tensor> {
+    /// `F(x2) = Attention(LN1(x2))` of layer `i` (with its dropout sites when training; an
+    /// encoder's padded form where `keep` is given).
+    fn attention_branch(&self, i: usize, x2: &Tensor, replay: Option<Replay>, keep: Option<&Tensor>) -> Result<Tensor> {
         let b = &self.blocks[i];
         let h = b.ln1.forward(x2)?;
-        match replay {
-            Some(r) => {
+        match (replay, keep) {
+            (Some(r), keep) => {
                 let mut rng = r.rng(i, 0);
-                dropout(&b.att.forward_train(&h, r.p, &mut rng)?, r.p, &mut rng)
+                let a = match keep {
+                    Some(keep) => b.att.forward_padded(&h, keep, Some((r.p, &mut rng)))?,
+                    None => b.att.forward_train(&h, r.p, &mut rng)?,
+                };
+                dropout(&a, r.p, &mut rng)
             }
-            None => b.att.forward(&h),
+            (None, Some(keep)) => b.att.forward_padded(&h, keep, None),
+            (None, None) => b.att.forward(&h),
         }
     }
 
@@ -126,8 +132,15 @@ impl ReversibleLayers {
     }
 
     /// Layer `i`: `(X1, X2) -> (Y1, Y2) = (X1 + F(X2), X2 + G(Y1))`.
-    pub(crate) fn layer(&self, i: usize, x1: &Tensor, x2: &Tensor, replay: Option<Replay>) -> Result<(Tensor, Tensor)> {
-        let y1 = (x1 + self.attention_branch(i, x2, replay)?)?;
+    pub(crate) fn layer(
+        &self,
+        i: usize,
+        x1: &Tensor,
+        x2: &Tensor,
+        replay: Option<Replay>,
+        keep: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let y1 = (x1 + self.attention_branch(i, x2, replay, keep)?)?;
         let y2 = (x2 + self.ffn_branch(i, &y1, replay)?)?;
         Ok((y1, y2))
     }
@@ -142,6 +155,7 @@ impl ReversibleLayers {
         y: [&Tensor; 2],
         dy: [&Tensor; 2],
         replay: Option<Replay>,
+        keep: Option<&Tensor>,
         dtype: DType,
     ) -> Result<Reversed> {
         let ([y1, y2], [dy1, dy2]) = (y, dy);
@@ -159,7 +173,7 @@ impl ReversibleLayers {
         let dx1 = (dy1 + grad_of(&g_grads, y1_leaf.as_tensor())?)?;
         // F: X1 = Y1 - F(X2); dX2 = dY2 + F'(X2)^T dX1, and F's parameter gradients
         let x2_leaf = Var::from_tensor(&x2)?;
-        let f = self.attention_branch(i, x2_leaf.as_tensor(), replay)?;
+        let f = self.attention_branch(i, x2_leaf.as_tensor(), replay, keep)?;
         let x1 = (y1 - f.detach())?;
         let f_grads = (f * &dx1)?.sum_all()?.backward()?;
         let dx2 = (dy2 + grad_of(&f_grads, x2_leaf.as_tensor())?)?;
@@ -171,10 +185,16 @@ impl ReversibleLayers {
     }
 
     /// Every layer on `(x, x)`, keeping the graph (ordinary backpropagation) or not.
-    fn run(&self, x: &Tensor, replay: Option<Replay>, keep_graph: bool) -> Result<(Tensor, Tensor)> {
+    fn run(
+        &self,
+        x: &Tensor,
+        replay: Option<Replay>,
+        keep: Option<&Tensor>,
+        keep_graph: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let (mut x1, mut x2) = (x.clone(), x.clone());
         for i in 0..self.blocks.len() {
-            let (y1, y2) = self.layer(i, &x1, &x2, replay)?;
+            let (y1, y2) = self.layer(i, &x1, &x2, replay, keep)?;
             (x1, x2) = if keep_graph { (y1, y2) } else { (y1.detach(), y2.detach()) };
         }
         Ok((x1, x2))
@@ -194,6 +214,8 @@ impl ReversibleLayers {
 struct RecomputingBackward {
     layers: Arc<ReversibleLayers>,
     replay: Option<Replay>,
+    /// An encoder's key-padding mask `[B, T]`, where the forward had one.
+    keep: Option<Tensor>,
 }
 
 /// `x` must be one contiguous block from its storage's start: the op returns the storage.
@@ -253,7 +275,7 @@ impl CustomOp3 for RecomputingBackward {
         let layers = &self.layers;
         let mut param_grads: Vec<Vec<Tensor>> = Vec::with_capacity(layers.blocks.len());
         for i in (0..layers.blocks.len()).rev() {
-            let r = layers.reverse(i, [&y1, &y2], [&dy1, &dy2], self.replay, flat.dtype())?;
+            let r = layers.reverse(i, [&y1, &y2], [&dy1, &dy2], self.replay, self.keep.as_ref(), flat.dtype())?;
             param_grads.push(r.params);
             let ([x1, x2], [dx1, dx2]) = (r.x, r.dx);
             (y1, y2, dy1, dy2) = (x1, x2, dx1, dx2);
@@ -267,6 +289,10 @@ impl CustomOp3 for RecomputingBackward {
 }
 
 pub struct Reversible {
+    /// The registry entry (error messages name it).
+    architecture: String,
+    /// False for an encoder (bidirectional attention, a pooled form, no recurrent form).
+    causal: bool,
     context: usize,
     dropout: f64,
     embedding: Embedding,
@@ -325,6 +351,8 @@ impl Reversible {
             );
         }
         Ok(Self {
+            architecture: config.architecture.clone(),
+            causal: parts.causal,
             context: config.context,
             dropout: config.dropout,
             embedding,
@@ -339,38 +367,50 @@ impl Reversible {
         &self.layers
     }
 
+    fn refuse_recurrence(&self) -> Result<()> {
+        if !self.causal {
+            candle_core::bail!(
+                "`{}` is an encoder (bidirectional: every position sees the whole sequence), so it has no recurrent form to prefill or step, and generates nothing",
+                self.architecture
+            );
+        }
+        Ok(())
+    }
+
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
         self.embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
     }
 
-    /// `tokens: [B, T]` -> the concatenated final pair `[B, T, 2D]`.
-    fn hidden(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+    /// `tokens: [B, T]` -> the concatenated final pair `[B, T, 2D]`; an encoder's padded form
+    /// where `keep: [B, T]` is given.
+    fn hidden(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>, keep: Option<&Tensor>) -> Result<Tensor> {
         let x = self.embed(tokens, 0)?;
         let (x, replay) = match dropout_rng.filter(|_| self.dropout > 0.0) {
             Some(rng) => (dropout(&x, self.dropout, rng)?, Some(Replay { p: self.dropout, seed: rng.next_u64() })),
             None => (x, None),
         };
         if !self.recompute {
-            let (y1, y2) = self.layers.run(&x, replay, true)?;
+            let (y1, y2) = self.layers.run(&x, replay, keep, true)?;
             return Tensor::cat(&[y1, y2], 2);
         }
-        let (y1, y2) = self.layers.run(&x.detach(), replay, false)?;
+        let (y1, y2) = self.layers.run(&x.detach(), replay, keep, false)?;
         let values = Tensor::cat(&[y1, y2], 2)?.contiguous()?;
-        let op = RecomputingBackward { layers: self.layers.clone(), replay };
+        let op = RecomputingBackward { layers: self.layers.clone(), replay, keep: keep.cloned() };
         values.apply_op3(&x, &self.layers.flat_params()?, op)
     }
 }
 
 impl Backbone for Reversible {
     fn forward(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
-        self.head.forward(&self.hidden(tokens, dropout_rng)?, &self.embedding.table)
+        self.head.forward(&self.hidden(tokens, dropout_rng, None)?, &self.embedding.table)
     }
 
     fn forward_at(&self, tokens: &Tensor, rows: &Tensor) -> Result<Tensor> {
-        self.head.forward_at(&self.hidden(tokens, None)?, rows, &self.embedding.table)
+        self.head.forward_at(&self.hidden(tokens, None, None)?, rows, &self.embedding.table)
     }
 
     fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
+        self.refuse_recurrence()?;
         let x = self.embed(tokens, 0)?;
         let (mut x1, mut x2) = (x.clone(), x);
         let mut layers = Vec::with_capacity(2 * self.layers.blocks.len());
@@ -387,6 +427,7 @@ impl Backbone for Reversible {
     }
 
     fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor> {
+        self.refuse_recurrence()?;
         let b = token.dim(0)?;
         let x = self.embed(&token.reshape((b, 1))?, state.pos)?;
         let n = self.layers.blocks.len();
@@ -413,6 +454,20 @@ impl Backbone for Reversible {
 
     fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute_dtype = dtype;
+    }
+
+    /// The encoder's pooled form: the padded pair `[Y1; Y2]`, mean-pooled through the head.
+    fn pooled_logits(&self, tokens: &Tensor, keep: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        if self.causal {
+            candle_core::bail!(
+                "`{}` is causal, not an encoder: read its last position instead of pooling",
+                self.architecture
+            );
+        }
+        if keep.dims() != tokens.dims() {
+            candle_core::bail!("a keep mask of shape {:?} for tokens of shape {:?}", keep.dims(), tokens.dims());
+        }
+        self.head.pooled(&self.hidden(tokens, dropout_rng, Some(keep))?, keep, &self.embedding.table)
     }
 }
 
@@ -451,9 +506,9 @@ mod tests {
         for replay in [None, Some(Replay { p: 0.2, seed: 5 })] {
             for i in 0..2 {
                 let (v1, v2) = (Var::from_tensor(&x1)?, Var::from_tensor(&x2)?);
-                let (y1, y2) = layers.layer(i, v1.as_tensor(), v2.as_tensor(), replay)?;
+                let (y1, y2) = layers.layer(i, v1.as_tensor(), v2.as_tensor(), replay, None)?;
                 assert!(rel_err(&y1, &x1)? > 1e-3, "the layer changed its input");
-                let r = layers.reverse(i, [&y1.detach(), &y2.detach()], [&dy1, &dy2], replay, DType::F64)?;
+                let r = layers.reverse(i, [&y1.detach(), &y2.detach()], [&dy1, &dy2], replay, None, DType::F64)?;
                 let (e1, e2) = (rel_err(&r.x[0], &x1)?, rel_err(&r.x[1], &x2)?);
                 assert!(e1 < 1e-12 && e2 < 1e-12, "layer {i}, {replay:?}: inverse errors {e1}, {e2}");
                 let grads = ((y1 * &dy1)?.sum_all()? + (y2 * &dy2)?.sum_all()?)?.backward()?;

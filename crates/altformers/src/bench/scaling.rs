@@ -51,6 +51,11 @@ pub struct ScalingOptions {
     pub memory_cap_bytes: f64,
     #[serde(skip, default = "super::preset_dtype")]
     pub dtype: DType,
+    /// Settings laid on every model's defaults, `key=value` as `--set` (e.g.
+    /// `model.options.k=256`), or on one model's only, `MODEL:key=value` (another model's
+    /// options would be unknown keys to it).
+    #[serde(default)]
+    pub sets: Vec<String>,
 }
 
 fn forward() -> BenchMode {
@@ -104,9 +109,27 @@ pub struct ScalingFit {
     pub fit_lengths: Vec<usize>,
 }
 
-/// A bench configuration of `arch` at width/heads/context (the paper's other defaults kept).
-pub fn bench_config(arch: &Architecture, width: usize, heads: usize, context: usize) -> Result<ModelConfig> {
-    let mut cfg = arch.defaults().model;
+/// The `sets` (see [`ScalingOptions::sets`]) that apply to `model`, without their prefix.
+pub fn sets_for<'a>(sets: &'a [String], model: &str) -> Vec<&'a str> {
+    sets.iter()
+        .filter_map(|s| match s.split_once(':') {
+            Some((m, rest)) if !m.contains('=') => (m == model).then_some(rest),
+            _ => Some(s.as_str()),
+        })
+        .collect()
+}
+
+/// A bench configuration of `arch` at width/heads/context (the paper's other defaults kept,
+/// `sets` laid on them).
+pub fn bench_config(
+    arch: &Architecture,
+    width: usize,
+    heads: usize,
+    context: usize,
+    sets: &[String],
+) -> Result<ModelConfig> {
+    let over = crate::config::Overrides::sets(&sets_for(sets, arch.name));
+    let mut cfg = arch.config(&over).with_context(|| format!("the bench's settings for `{}`", arch.name))?.model;
     (cfg.width, cfg.heads, cfg.context, cfg.depth) = (width, heads, context, 1);
     if cfg.position == crate::config::Position::Learned {
         // positions live in the embedding, outside the layer being measured
@@ -180,7 +203,7 @@ pub fn run(
             for &t in &opts.lengths {
                 let batch = (opts.tokens_per_batch / t).max(1);
                 let shape = CostShape { batch, seq: t, width: opts.width, heads: opts.heads };
-                let cfg = bench_config(arch, opts.width, opts.heads, t)?;
+                let cfg = bench_config(arch, opts.width, opts.heads, t, &opts.sets)?;
                 let flops_fwd = forward_flops(&cfg, arch, component, &shape);
                 let flops = match opts.mode {
                     BenchMode::Fwd => flops_fwd,
@@ -455,6 +478,21 @@ mod tests {
     /// Steady repetitions give a narrow interval around the true exponent; repetitions that
     /// disagree by up to 3x give an interval wider than the report's 0.2, and a curve without
     /// samples (an older file) none at all.
+    #[test]
+    fn settings_apply_to_every_model_or_the_one_they_name() -> Result<()> {
+        let sets = vec!["model.bias=false".to_string(), "linformer:model.options.k=7".to_string()];
+        assert_eq!(sets_for(&sets, "linformer"), vec!["model.bias=false", "model.options.k=7"]);
+        assert_eq!(sets_for(&sets, "transformer"), vec!["model.bias=false"]);
+        let lin = bench_config(registry::find("linformer")?, 32, 4, 64, &sets)?;
+        assert_eq!(lin.options["k"], 7);
+        assert!(!lin.bias);
+        assert!(bench_config(registry::find("transformer")?, 32, 4, 64, &sets).is_ok());
+        // an option the model does not have is refused by name
+        let err = bench_config(registry::find("transformer")?, 32, 4, 64, &["model.options.k=7".into()]);
+        assert!(format!("{:#}", err.unwrap_err()).contains("transformer"));
+        Ok(())
+    }
+
     #[test]
     fn the_interval_follows_how_much_the_repetitions_agree() {
         let steady = curve(2.0, 0.01);

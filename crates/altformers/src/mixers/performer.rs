@@ -17,12 +17,12 @@
 //! ```
 //!
 //! The causal form is prefix sums (section 2.6, eq. 11): the decayed-linear-attention
-//! primitive [`crate::ops::decayed`] with decay 1 (`log_decay = 0`) and its chunkwise form,
-//! one call per chunk from the state the previous chunk left (so the keys' stabiliser below
-//! can rescale the state between chunks); `[v, 1]` as the value gives the numerator and the
-//! normaliser `q'_t z_t` in one pass. Decoding keeps `[S_t, z_t]` and one scale:
-//! `[B, H, m, d_h + 1]` per layer, independent of `T`. (The primitive's fused CUDA scan takes
-//! no initial state, so it does not run here: on CUDA each chunk is the primitive's tensor code.)
+//! primitive [`crate::ops::decayed`] with decay 1 (`log_decay = 0`), one call over the whole
+//! sequence (its chunkwise form on the CPU; its fused scan on the GPU, on tensor cores in
+//! bf16 when `m <= 256`); `[v, 1]` as the value gives the numerator and the normaliser
+//! `q'_t z_t` in one pass. Decoding keeps `[S_t, z_t]` and one scale: `[B, H, m, d_h + 1]`
+//! per layer, independent of `T`. The bidirectional form (`performer-encoder`, LRA's
+//! Performer) is `D^-1 Q' ((K')^T [V 1])` with padded keys' features exactly 0.
 //!
 //! Features (section 2.4, "orthogonal random features"): the `m` rows `w_i` are drawn in
 //! blocks of `d_h` mutually orthogonal rows (the Q factor of a Gaussian `d_h x d_h` matrix,
@@ -37,9 +37,8 @@
 //!
 //! Numerical stabilisers, both exact (a constant that cancels between numerator and
 //! normaliser) and causal: a query's features are divided by their largest (per row); the
-//! keys of a chunk by `e^{R}`, `R` the running maximum of the keys' log features over the
-//! earlier chunks and the chunk's first position, the state rescaled to match (see
-//! [`causal_favor`]). No maximum looks past a query's own position, so causality is exact bit
+//! keys by `e^{R}`, `R` the larger of the entering state's scale and the first position's
+//! largest key log feature, the state rescaled to match (see [`causal_favor`]). No maximum looks past a query's own position, so causality is exact bit
 //! for bit. The official code divides keys by their maximum over all positions, which lets a
 //! later key change (or underflow) earlier outputs; a data-independent bound (`max_i |w_i|^2 /
 //! 2`, which no log feature exceeds) is causal but leaves trained keys' features near
@@ -59,6 +58,7 @@ use super::attention::Attention;
 use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::ModelConfig;
+use crate::ops::attention::PADDED_KEY;
 use crate::ops::decayed;
 use crate::params::{ParamBuilder, StepClock};
 use crate::rng::{stream, Rng};
@@ -183,8 +183,7 @@ pub fn positive_features(x: &Tensor, w: &Tensor, stabiliser: Stabiliser) -> Resu
     exponent.exp()? * (1.0 / (m as f64).sqrt())
 }
 
-/// How far above the running key scale a key inside a chunk may lie at most (see
-/// [`causal_favor`]): `e^70 = 2.5e30`, so sums of 64K such keys times values stay finite in f32.
+/// How far above the key scale `R` a key may lie at most (see [`causal_favor`]): `e^70 = 2.5e30`, so sums of 64K such keys times values stay finite in f32.
 pub const KEY_HEADROOM: f64 = 70.0;
 
 /// `o1 = [numerator, normaliser]` (last column) -> numerator / normaliser. Both are divided by
@@ -219,14 +218,16 @@ pub struct FavorState {
 /// of every key log feature (`max_i |w_i|^2 / 2`), `state` before the first token (`None`:
 /// empty) -> (`y: [B, H, T, d_v]`, the state after the last token).
 ///
-/// The keys' stabiliser is exact and causal: chunk `c` (of `chunk` tokens) scales its keys by
-/// `e^{-R_c}`, `R_c = max(M, max_j k~_{s_c, j})` with `M` the running maximum over the earlier
-/// chunks and `s_c` the chunk's first position, so `R_c` depends on no position after any
-/// query of the chunk; the state enters rescaled by `e^{M - R_c}` (at most 1), and leaves at
-/// the new running maximum. A constant scale cancels between numerator and normaliser. Inside
-/// a chunk a key exceeds `e^{R_c}` by at most `e^{bound - R_c} <= e^KEY_HEADROOM`. Each chunk is
-/// one call of the decayed primitive with decay 1 ([`decayed::linear_chunked`], from the
-/// entering state); decoding is `chunk = 1`.
+/// The keys' stabiliser is exact and causal: the call scales its keys by `e^{-R}`, `R = max(M,
+/// max_j k~_{0, j})` with `M` the entering state's scale (empty: `bound - KEY_HEADROOM`) and
+/// `k~_0` the call's FIRST position, so `R` depends on no position after any query; the state
+/// enters rescaled by `e^{M - R}` (at most 1) and leaves at the new running maximum. A constant
+/// scale cancels between numerator and normaliser. A key exceeds `e^R` by at most `e^{bound -
+/// R} <= e^KEY_HEADROOM`, so the sums stay finite in f32; one scale per call rather than a
+/// running one per chunk loses nothing to underflow (a running maximum only grows, which
+/// scales keys further down). One call of the decayed primitive with decay 1
+/// ([`decayed::linear_chunked`], chunks of `chunk` tokens): from an empty state that is the
+/// fused CUDA scan on the GPU; decoding is `T = 1` from the previous state.
 pub fn causal_favor(
     q_feat: &Tensor,
     k_log: &Tensor,
@@ -235,50 +236,53 @@ pub fn causal_favor(
     chunk: usize,
     state: Option<&FavorState>,
 ) -> Result<(Tensor, FavorState)> {
-    let (b, h, t, m) = q_feat.dims4()?;
-    let v1 = with_ones(v)?;
-    let no_decay = Tensor::zeros(h, q_feat.dtype(), q_feat.device())?;
+    let (b, h, _, m) = q_feat.dims4()?;
+    let acc = q_feat.dtype();
     let key_scale = k_log.max_keepdim(D::Minus1)?.detach(); // [B, H, T, 1]
-    let (mut sums, mut run) = match state {
-        Some(s) => (s.sums.clone(), s.log_scale.clone()),
-        None => (
-            Tensor::zeros((b, h, m, v1.dim(3)?), q_feat.dtype(), q_feat.device())?,
-            (Tensor::ones((b, h, 1, 1), q_feat.dtype(), q_feat.device())? * (bound - KEY_HEADROOM))?,
-        ),
+    let entering = match state {
+        Some(s) => s.log_scale.clone(),
+        None => (Tensor::ones((b, h, 1, 1), acc, q_feat.device())? * (bound - KEY_HEADROOM))?,
     };
-    let (l, n, _) = decayed::chunk_layout(t, chunk);
-    let inv_sqrt_m = 1.0 / (m as f64).sqrt();
-    let mut outs = Vec::with_capacity(n);
-    for c in 0..n {
-        let (start, len) = (c * l, l.min(t - c * l));
-        let reference = run.maximum(&key_scale.narrow(2, start, 1)?)?;
-        sums = sums.broadcast_mul(&(&run - &reference)?.exp()?)?;
-        let keys = (k_log.narrow(2, start, len)?.broadcast_sub(&reference)?.exp()? * inv_sqrt_m)?;
-        let (o1, next) = decayed::linear_chunked(
-            &q_feat.narrow(2, start, len)?,
-            &keys,
-            &v1.narrow(2, start, len)?,
-            &no_decay,
-            len,
-            Some(&sums),
-        )?;
-        outs.push(o1);
-        run = reference.maximum(&key_scale.narrow(2, start, len)?.max_keepdim(2)?)?;
-        sums = next.broadcast_mul(&(&reference - &run)?.exp()?)?;
-    }
-    Ok((normalise(&Tensor::cat(&outs, 2)?)?, FavorState { sums, log_scale: run }))
+    let reference = entering.maximum(&key_scale.narrow(2, 0, 1)?)?;
+    let keys = (k_log.broadcast_sub(&reference)?.exp()? * (1.0 / (m as f64).sqrt()))?;
+    let sums = state.map(|s| s.sums.broadcast_mul(&(&entering - &reference)?.exp()?)).transpose()?;
+    // on the GPU from an empty state, the scan in the values' (compute) dtype: bf16 runs the
+    // tensor-core kernel, which accumulates in f32; else in the features' dtype
+    let scan = if state.is_none() && v.device().is_cuda() { v.dtype() } else { acc };
+    let (o1, next) = decayed::linear_chunked(
+        &q_feat.to_dtype(scan)?,
+        &keys.to_dtype(scan)?,
+        &with_ones(v)?.to_dtype(scan)?,
+        &Tensor::zeros(h, scan, q_feat.device())?,
+        chunk,
+        sums.as_ref(),
+    )?;
+    let run = reference.maximum(&key_scale.max_keepdim(2)?)?;
+    let sums = next.to_dtype(acc)?.broadcast_mul(&(&reference - &run)?.exp()?)?;
+    Ok((normalise(&o1.to_dtype(acc)?)?, FavorState { sums, log_scale: run }))
 }
 
 /// Bidirectional FAVOR+, `D^-1 Q' ((K')^T [V 1])`: `q_feat: [B, H, T, m]`, keys' log features
-/// `k_log: [B, H, S, m]`, `v: [B, H, S, d_v]` -> `[B, H, T, d_v]`, in `O((T + S) m d_v)`. The
-/// keys are stabilised by their largest log feature over the whole sequence (a constant per
-/// sequence and head: exact, and with no causality to keep). For encoders; the registered
-/// `performer` is causal.
-pub fn bidirectional_favor(q_feat: &Tensor, k_log: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// `k_log: [B, H, S, m]`, `v: [B, H, S, d_v]`, `keep: [B, S]` (1 at real keys, 0 at padding;
+/// `None`: all real) -> `[B, H, T, d_v]`, in `O((T + S) m d_v)`. A padded key's log features
+/// are pushed to [`PADDED_KEY`] before anything reads them, so its features are exactly 0 and
+/// it moves neither the sums nor the stabiliser. The keys are stabilised by their largest log
+/// feature over the whole sequence (a constant per sequence and head: exact, and with no
+/// causality to keep). The encoder's form (`performer-encoder`).
+pub fn bidirectional_favor(q_feat: &Tensor, k_log: &Tensor, v: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
     let m = k_log.dim(D::Minus1)?;
+    let k_log = match keep {
+        Some(keep) => {
+            let (b, s) = keep.dims2()?;
+            let keep = keep.reshape((b, 1, s, 1))?.to_dtype(k_log.dtype())?;
+            // keep k + (1 - keep) P: exact for keep in {0, 1}
+            k_log.broadcast_mul(&keep)?.broadcast_add(&keep.affine(-PADDED_KEY, PADDED_KEY)?)?
+        }
+        None => k_log.clone(),
+    };
     let top = k_log.max_keepdim(D::Minus1)?.max_keepdim(2)?.detach();
     let k_feat = (k_log.broadcast_sub(&top)?.exp()? * (1.0 / (m as f64).sqrt()))?;
-    normalise(&q_feat.matmul(&k_feat.t()?.matmul(&with_ones(v)?)?)?)
+    normalise(&q_feat.matmul(&k_feat.t()?.matmul(&with_ones(v)?.contiguous()?)?)?)
 }
 
 /// Queries' features and keys' log features of `q, k: [..., d_h]` (unscaled: both are scaled by
@@ -334,10 +338,18 @@ pub struct Performer {
     clock: StepClock,
     device: Device,
     drawn: Mutex<Option<Drawn>>,
+    /// Causal (`performer`) or bidirectional (`performer-encoder`).
+    causal: bool,
 }
 
 impl Performer {
+    /// The causal mixer of layer `layer`.
     pub fn new(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
+        Self::with_causality(cfg, layer, pb, true)
+    }
+
+    /// [`Performer::new`], causal or bidirectional.
+    pub fn with_causality(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder, causal: bool) -> AnyResult<Self> {
         let o: PerformerOptions = cfg.options()?;
         if cfg.kv_heads() != cfg.heads {
             bail!(
@@ -348,7 +360,7 @@ impl Performer {
         }
         let features = if o.features == 0 { default_features(cfg.head_dim()) } else { o.features };
         Ok(Self {
-            projections: Attention::new(cfg, pb)?,
+            projections: Attention::with_causality(cfg, pb, causal)?,
             features,
             orthogonal: o.orthogonal,
             redraw_every: o.redraw_every,
@@ -358,6 +370,7 @@ impl Performer {
             clock: pb.clock.clone(),
             device: pb.device.clone(),
             drawn: Mutex::new(None),
+            causal,
         })
     }
 
@@ -400,12 +413,27 @@ impl Performer {
         chunk: usize,
         state: Option<&FavorState>,
     ) -> Result<(Tensor, FavorState)> {
+        if !self.causal {
+            candle_core::bail!(
+                "performer-encoder: bidirectional FAVOR+ sees later tokens: it has no causal or recurrent form"
+            );
+        }
         let (q, k, v) = self.projections.project(x, offset)?;
         let acc = decayed::accumulation_dtype(x.dtype());
         let (w, bound) = self.current_features(q.dim(3)?, acc)?;
         let (qf, kl) = query_key_features(&q.to_dtype(acc)?, &k.to_dtype(acc)?, &w)?;
-        let (y, s) = causal_favor(&qf, &kl, &v.to_dtype(acc)?, bound, chunk, state)?;
+        let (y, s) = causal_favor(&qf, &kl, &v, bound, chunk, state)?;
         Ok((self.projections.merge(&y.to_dtype(x.dtype())?)?, s))
+    }
+
+    /// The encoder's form: `x: [B, T, D]`, keys padded where `keep: [B, T]` is 0.
+    fn bidirectional(&self, x: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+        let (q, k, v) = self.projections.project(x, 0)?;
+        let acc = decayed::accumulation_dtype(x.dtype());
+        let (w, _) = self.current_features(q.dim(3)?, acc)?;
+        let (qf, kl) = query_key_features(&q.to_dtype(acc)?, &k.to_dtype(acc)?, &w)?;
+        let y = bidirectional_favor(&qf, &kl, &v.to_dtype(acc)?, keep)?;
+        self.projections.merge(&y.to_dtype(x.dtype())?)
     }
 }
 
@@ -416,7 +444,18 @@ fn to_mixer_state(s: FavorState, pos: usize) -> MixerState {
 
 impl SequenceMixer for Performer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.causal {
+            return self.bidirectional(x, None);
+        }
         Ok(self.attend(x, 0, self.chunk, None)?.0)
+    }
+
+    /// The encoder's form (FAVOR+ has no attention probabilities to drop: no dropout inside).
+    fn forward_padded(&self, x: &Tensor, keep: &Tensor, _dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        if self.causal {
+            candle_core::bail!("a causal mixer takes no padding mask: only an encoder's (bidirectional) mixers do");
+        }
+        self.bidirectional(x, Some(keep))
     }
 
     /// State `[S, M]`: `S: [B, H, m, d_h + 1]`, `sum_i e^{-M} k'_i^T [v_i, 1]`, and its scale
@@ -437,12 +476,17 @@ impl SequenceMixer for Performer {
     }
 
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
-        Some(self.attend(x, 0, chunk, None).map(|(y, _)| y))
+        self.causal.then(|| self.attend(x, 0, chunk, None).map(|(y, _)| y))
     }
 }
 
 pub fn build(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(Performer::new(cfg, layer, pb)?))
+}
+
+/// The encoder's mixer (`performer-encoder`): bidirectional FAVOR+ (LRA's Performer).
+pub fn build_bidirectional(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(Performer::with_causality(cfg, layer, pb, false)?))
 }
 
 /// `m` for the cost model: the default `d_h ln d_h`.
@@ -474,6 +518,14 @@ pub const COMPLEXITY: Complexity = Complexity {
         let (b, d, m, h) = (s.batch as f64, s.width as f64, cost_features(s), s.heads as f64);
         b * m * (d + h)
     },
+};
+
+/// The encoder's (`performer-encoder`): the same review line, no decoding.
+pub const ENCODER_COMPLEXITY: Complexity = Complexity {
+    true_time: "O(T m d + T d^2), m = d_h ln d_h features; encoder only, no decoding",
+    true_space: "O(T m h + T d) (feature maps); no decoding",
+    state: |_: &CostShape| 0.0,
+    ..COMPLEXITY
 };
 
 #[cfg(test)]
@@ -594,7 +646,7 @@ mod tests {
         let (b, h, m, dv) = (2, 3, 7, 4);
         for t in [10, 13] {
             let qf = randn(&[b, h, t, m], 1, DType::F64)?.exp()?;
-            // log features spread over +-90: the chunks' scales differ by e^100 and more
+            // log features spread over +-90: the keys' scales differ by e^100 and more
             let k_log = (randn(&[b, h, t, m], 2, DType::F64)? * 30.0)?;
             let bound = k_log.max_all()?.to_scalar::<f64>()?;
             let kf = (k_log.exp()? * (1.0 / (m as f64).sqrt()))?;
@@ -632,11 +684,31 @@ mod tests {
             // bidirectional: the same without the mask
             let full = qf.matmul(&kf.t()?)?;
             let reference = full.broadcast_div(&full.sum_keepdim(3)?)?.matmul(&v)?;
-            assert!(rel_err(&bidirectional_favor(&qf, &k_log, &v)?, &reference)? < 1e-10);
+            assert!(rel_err(&bidirectional_favor(&qf, &k_log, &v, None)?, &reference)? < 1e-10);
             // and its last row is the causal form's last row
             let (y, _) = causal_favor(&qf, &k_log, &v, bound, 4, None)?;
             assert!(rel_err(&y.narrow(2, t - 1, 1)?, &reference.narrow(2, t - 1, 1)?)? < 1e-10);
         }
+        Ok(())
+    }
+
+    /// The encoder's form: a padded key gets feature 0 whatever it holds (even a log feature
+    /// far above every real key's), so the result equals FAVOR+ over the real keys alone.
+    #[test]
+    fn performer_bidirectional_form_ignores_padded_keys() -> anyhow::Result<()> {
+        let (b, h, t, m, dv, real) = (2, 3, 9, 6, 4, 5);
+        let qf = randn(&[b, h, t, m], 1, DType::F64)?.exp()?;
+        let k_log = randn(&[b, h, t, m], 2, DType::F64)?;
+        let v = randn(&[b, h, t, dv], 3, DType::F64)?;
+        let keep = testing::keep_first(&[real, real], t)?;
+        let alone = bidirectional_favor(&qf, &k_log.narrow(2, 0, real)?, &v.narrow(2, 0, real)?, None)?;
+        let huge = Tensor::cat(&[k_log.narrow(2, 0, real)?, (k_log.narrow(2, real, t - real)? + 500.0)?], 2)?;
+        for keys in [&k_log, &huge] {
+            let padded = bidirectional_favor(&qf, keys, &v, Some(&keep))?;
+            assert!(rel_err(&padded, &alone)? < 1e-12, "{}", rel_err(&padded, &alone)?);
+        }
+        // without the mask the padded keys count
+        assert!(rel_err(&bidirectional_favor(&qf, &k_log, &v, None)?, &alone)? > 1e-3);
         Ok(())
     }
 

@@ -160,8 +160,52 @@ pub struct ChunkPlan {
     /// mask on original positions), and is the query's own iff equal: both are computed on the
     /// device from these O(T) vectors.
     pub key_positions: Vec<f32>,
-    /// `[rows, T_q, R]`: the query slot (`chunk Qc + slot`) of each query in each round.
+    /// `[rows, T_q, R]`: the query slot (`chunk Qc + slot`) of each query in each round (a
+    /// padded query of an encoder, in no chunk: slot 0; its output is zeroed).
     pub slot_of: Vec<u32>,
+    /// Keys visible to a query only at or before its position (the causal layer), or every
+    /// key of its chunks (the encoder's).
+    pub causal: bool,
+}
+
+/// The [`ChunkPlan`] of `chunks`: for each, its (batch x head) row, its queries' positions
+/// (all at or after `from`), the positions of the keys it sees, and its round.
+fn lay_out(
+    chunks: &[(usize, &[u32], Vec<u32>, usize)],
+    rows: usize,
+    rounds: usize,
+    t: usize,
+    from: usize,
+    causal: bool,
+) -> ChunkPlan {
+    let nq = t - from;
+    let qc = chunks.iter().map(|c| c.1.len()).max().unwrap_or(1);
+    let kc = chunks.iter().map(|c| c.2.len()).max().unwrap_or(1);
+    let n = chunks.len();
+    let mut p = ChunkPlan {
+        chunks: n,
+        query_slots: qc,
+        key_slots: kc,
+        queries: vec![0; n * qc],
+        keys: vec![0; n * kc],
+        query_positions: vec![f32::MAX; n * qc],
+        key_positions: vec![f32::INFINITY; n * kc],
+        slot_of: vec![0; rows * nq * rounds],
+        causal,
+    };
+    for (ci, (row, queries, keys, r)) in chunks.iter().enumerate() {
+        for (ks, &k) in keys.iter().enumerate() {
+            p.keys[ci * kc + ks] = (row * t) as u32 + k;
+            p.key_positions[ci * kc + ks] = k as f32;
+        }
+        for (qs, &q) in queries.iter().enumerate() {
+            let query = row * nq + q as usize - from;
+            p.queries[ci * qc + qs] = query as u32;
+            p.query_positions[ci * qc + qs] = q as f32;
+            p.slot_of[query * rounds + r] = (ci * qc + qs) as u32;
+        }
+    }
+    p
 }
 
 /// The chunks of queries at positions `from..T`, given `buckets: [rows, R, T]` (each round's
@@ -178,9 +222,7 @@ pub fn plan(
     chunk: usize,
     n_buckets: usize,
 ) -> ChunkPlan {
-    let nq = t - from;
-    // (row, queries, keys) of every chunk
-    let mut chunks: Vec<(usize, &[u32], &[u32])> = Vec::new();
+    // (row, queries, keys, round) of every chunk
     let mut runs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(rows * rounds);
     for hashed in buckets.chunks(t).take(rows * rounds) {
         let mut members: Vec<Vec<u32>> = vec![Vec::new(); n_buckets];
@@ -189,7 +231,7 @@ pub fn plan(
         }
         runs.push(members);
     }
-    let mut rounds_of = Vec::new();
+    let mut chunks = Vec::new();
     for (i, members) in runs.iter().enumerate() {
         for run in members {
             for start in (0..run.len()).step_by(chunk) {
@@ -198,38 +240,50 @@ pub fn plan(
                 let queries = &run[start..end];
                 let skip = queries.partition_point(|&p| (p as usize) < from);
                 if skip < queries.len() {
-                    chunks.push((i / rounds, &queries[skip..], &run[first..end]));
-                    rounds_of.push(i % rounds);
+                    chunks.push((i / rounds, &queries[skip..], run[first..end].to_vec(), i % rounds));
                 }
             }
         }
     }
-    let qc = chunks.iter().map(|c| c.1.len()).max().unwrap_or(1);
-    let kc = chunks.iter().map(|c| c.2.len()).max().unwrap_or(1);
-    let n = chunks.len();
-    let mut p = ChunkPlan {
-        chunks: n,
-        query_slots: qc,
-        key_slots: kc,
-        queries: vec![0; n * qc],
-        keys: vec![0; n * kc],
-        query_positions: vec![f32::MAX; n * qc],
-        key_positions: vec![f32::INFINITY; n * kc],
-        slot_of: vec![0; rows * nq * rounds],
-    };
-    for (ci, ((row, queries, keys), &r)) in chunks.iter().zip(&rounds_of).enumerate() {
-        for (ks, &k) in keys.iter().enumerate() {
-            p.keys[ci * kc + ks] = (row * t) as u32 + k;
-            p.key_positions[ci * kc + ks] = k as f32;
+    lay_out(&chunks, rows, rounds, t, from, true)
+}
+
+/// The encoder's chunks (trax's `LSHSelfAttention` without the causal mask): per row and
+/// round, the real positions (`keep: [B, T]` 1, `heads` rows per batch entry; `None`: all)
+/// stably sorted by (bucket, position), the sorted sequence cut every `chunk` tokens across
+/// bucket boundaries, and chunk j seeing chunks j - 1 (cyclically: the first sees the last,
+/// as trax's `look_adjacent`) and j, every key visible. Padded positions are in no chunk, so
+/// what they hold moves nothing (not even where the chunks are cut).
+pub fn plan_bidirectional(
+    buckets: &[u32],
+    rows: usize,
+    rounds: usize,
+    t: usize,
+    chunk: usize,
+    n_buckets: usize,
+    keep: Option<(&[u8], usize)>,
+) -> ChunkPlan {
+    let real = |row: usize, pos: usize| keep.is_none_or(|(k, heads)| k[(row / heads) * t + pos] != 0);
+    let mut sorted: Vec<Vec<u32>> = Vec::with_capacity(rows * rounds);
+    for (i, hashed) in buckets.chunks(t).take(rows * rounds).enumerate() {
+        let mut members: Vec<Vec<u32>> = vec![Vec::new(); n_buckets];
+        for (pos, &b) in hashed.iter().enumerate().filter(|(pos, _)| real(i / rounds, *pos)) {
+            members[b as usize].push(pos as u32);
         }
-        for (qs, &q) in queries.iter().enumerate() {
-            let query = row * nq + q as usize - from;
-            p.queries[ci * qc + qs] = query as u32;
-            p.query_positions[ci * qc + qs] = q as f32;
-            p.slot_of[query * rounds + r] = (ci * qc + qs) as u32;
+        sorted.push(members.concat());
+    }
+    let mut chunks = Vec::new();
+    for (i, order) in sorted.iter().enumerate() {
+        let cut: Vec<&[u32]> = order.chunks(chunk).collect();
+        for (j, queries) in cut.iter().enumerate() {
+            let keys = match cut.len() {
+                1 => queries.to_vec(),
+                n => [cut[(j + n - 1) % n], queries].concat(),
+            };
+            chunks.push((i / rounds, *queries, keys, i % rounds));
         }
     }
-    p
+    lay_out(&chunks, rows, rounds, t, 0, false)
 }
 
 /// Keys of the shared QK: `x / sqrt(|x|^2 + d_h eps)` (trax: `x / rms(x) / sqrt(d_h)`).
@@ -269,6 +323,10 @@ pub fn attend(
     let (n, qc, kc) = (plan.chunks, plan.query_slots, plan.key_slots);
     let rounds = plan.slot_of.len() / (b * h * nq);
     let dev = q.device();
+    if n == 0 {
+        // nothing real to attend from (an encoder's all-padding batch)
+        return q.zeros_like();
+    }
     let index = |i: &[u32]| Tensor::from_slice(i, i.len(), dev);
     let gather = |x: &Tensor, rows: usize, i: &[u32], slots: usize| -> Result<Tensor> {
         crate::nn::gather_rows(&x.reshape((rows, dh))?, &index(i)?)?.reshape((n, slots, dh))
@@ -282,7 +340,12 @@ pub fn attend(
     let key_positions = Tensor::from_slice(&plan.key_positions, (n, 1, kc), dev)?;
     let own = key_positions.broadcast_eq(&query_positions)?.to_dtype(work)?;
     let scores = ((scores * own.affine(-1.0, 1.0)?)? + own.affine(SELF_SCORE, 0.0)?)?;
-    let visible = key_positions.broadcast_le(&query_positions)?;
+    let visible = if plan.causal {
+        key_positions.broadcast_le(&query_positions)?
+    } else {
+        // every key slot but the padding (+inf)
+        key_positions.broadcast_le(&Tensor::full(f32::MAX, (n, qc, 1), dev)?)?
+    };
     let scores = visible.where_cond(&scores, &Tensor::full(f32::NEG_INFINITY, (n, qc, kc), dev)?.to_dtype(work)?)?;
     // log-sum-exp with the row maximum held constant (it cancels analytically)
     let max = scores.max_keepdim(D::Minus1)?.detach();
@@ -316,12 +379,19 @@ pub struct LshAttention {
     n_hashes: usize,
     chunk: usize,
     rope_base: Option<f64>,
+    /// Causal (`reformer`) or bidirectional (`reformer-encoder`, [`plan_bidirectional`]).
+    causal: bool,
 }
 
 impl LshAttention {
     /// Parameters `qv.*`, `out.*` under `pb`; the rotations of layer `layer` from the options'
     /// seed.
     pub fn new(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Self> {
+        Self::with_causality(cfg, layer, pb, true)
+    }
+
+    /// [`LshAttention::new`], causal or bidirectional.
+    pub fn with_causality(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder, causal: bool) -> AnyResult<Self> {
         let o: ReformerOptions = cfg.options()?;
         let (d, h, dh) = (cfg.width, cfg.heads, cfg.head_dim());
         let n_buckets = o.buckets(cfg.context);
@@ -337,6 +407,7 @@ impl LshAttention {
             n_hashes: o.n_hashes,
             chunk: o.chunk,
             rope_base: (cfg.position == Position::Rope).then_some(cfg.rope_base),
+            causal,
         })
     }
 
@@ -357,12 +428,45 @@ impl LshAttention {
         Ok((q, k, split(h)?))
     }
 
-    /// LSH attention of the queries at positions `from..T` over keys `0..T`.
+    /// Causal LSH attention of the queries at positions `from..T` over keys `0..T`.
     fn lsh(&self, q: &Tensor, k: &Tensor, v: &Tensor, from: usize, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
         let (b, h, t, _) = k.dims4()?;
         let buckets = hash(k, &self.rotations, self.n_hashes)?;
         let plan = plan(&buckets, b * h, self.n_hashes, t, from, self.chunk, self.n_buckets);
         attend(q, k, v, &plan, dropout)
+    }
+
+    /// The encoder's LSH attention of `x: [B, T, D]`, padding where `keep: [B, T]` is 0 (in
+    /// no chunk; its outputs zeroed).
+    fn bidirectional(&self, x: &Tensor, keep: Option<&Tensor>, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, 0)?;
+        let (b, h, t, _) = k.dims4()?;
+        let buckets = hash(&k, &self.rotations, self.n_hashes)?;
+        let mask = keep.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
+        let plan = plan_bidirectional(
+            &buckets,
+            b * h,
+            self.n_hashes,
+            t,
+            self.chunk,
+            self.n_buckets,
+            mask.as_deref().map(|m| (m, h)),
+        );
+        let y = attend(&q, &k, &v, &plan, dropout)?;
+        let y = match keep {
+            Some(keep) => y.broadcast_mul(&keep.reshape((b, 1, t, 1))?.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        self.merge(&y)
+    }
+
+    fn refuse_recurrence(&self) -> Result<()> {
+        if !self.causal {
+            candle_core::bail!(
+                "reformer-encoder: bidirectional LSH attention sees later tokens: it has no recurrent form"
+            );
+        }
+        Ok(())
     }
 
     /// `[B, H, T, d_h] -> [B, T, D]` through the output projection.
@@ -374,17 +478,31 @@ impl LshAttention {
 
 impl SequenceMixer for LshAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.causal {
+            return self.bidirectional(x, None, None);
+        }
         let (q, k, v) = self.project(x, 0)?;
         self.merge(&self.lsh(&q, &k, &v, 0, None)?)
     }
 
     fn forward_train(&self, x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+        if !self.causal {
+            return self.bidirectional(x, None, Some((p, rng)));
+        }
         let (q, k, v) = self.project(x, 0)?;
         self.merge(&self.lsh(&q, &k, &v, 0, Some((p, rng)))?)
     }
 
+    fn forward_padded(&self, x: &Tensor, keep: &Tensor, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        if self.causal {
+            candle_core::bail!("a causal mixer takes no padding mask: only an encoder's (bidirectional) mixers do");
+        }
+        self.bidirectional(x, Some(keep), dropout)
+    }
+
     /// The state is the cache `[normalised keys, values]`, each `[B, H, T, d_h]`.
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        self.refuse_recurrence()?;
         let (q, k, v) = self.project(x, 0)?;
         let y = self.merge(&self.lsh(&q, &k, &v, 0, None)?)?;
         Ok((y, MixerState { tensors: vec![k, v], pos: x.dim(1)? }))
@@ -393,6 +511,7 @@ impl SequenceMixer for LshAttention {
     /// Re-hashes the whole cache with the new key and attends from the last position only:
     /// O(T) per step (see the module doc).
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        self.refuse_recurrence()?;
         let (q, k, v) = self.project(x, state.pos)?;
         let (k, v) = match state.tensors.as_slice() {
             [kc, vc] => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
@@ -414,6 +533,11 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
 
 pub fn build(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
     Ok(Box::new(LshAttention::new(cfg, layer, pb)?))
+}
+
+/// The encoder's mixer (`reformer-encoder`): bidirectional LSH attention (LRA's Reformer).
+pub fn build_bidirectional(cfg: &ModelConfig, layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    Ok(Box::new(LshAttention::with_causality(cfg, layer, pb, false)?))
 }
 
 /// Costs at the default options (2 rounds, c = 64, n_b about 2 T / c).
@@ -448,6 +572,14 @@ pub const COMPLEXITY: Complexity = Complexity {
     state: |s: &CostShape| 2.0 * (s.batch * s.seq * s.width) as f64,
 };
 
+/// The encoder's (`reformer-encoder`): the same review line, no decoding.
+pub const ENCODER_COMPLEXITY: Complexity = Complexity {
+    true_time: "O(T d^2) projections + O(n_r T d_h n_b h) hashing + O(n_r T) counting sort + O(n_r T c d) chunked attention; encoder only, no decoding",
+    true_space: "O(n_r T c h) scores + O(n_r T d) gathered queries, keys and values; no decoding",
+    state: |_: &CostShape| 0.0,
+    ..COMPLEXITY
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,6 +599,11 @@ mod tests {
     /// query i sees keys j <= i with score q_i . k_j, its own score replaced by -1e5.
     /// `q, k, v: [B, H, T, d_h]` (f64).
     fn full_shared_qk_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> AnyResult<Tensor> {
+        shared_qk_reference(q, k, v, true)
+    }
+
+    /// [`full_shared_qk_reference`], or with every key visible (`causal` false: the encoder's).
+    fn shared_qk_reference(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> AnyResult<Tensor> {
         let (b, h, t, dh) = q.dims4()?;
         let (q, k, v): (Vec<f64>, Vec<f64>, Vec<f64>) =
             (q.flatten_all()?.to_vec1()?, k.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?);
@@ -475,7 +612,7 @@ mod tests {
             let at = |x: &[f64], i: usize| x[(row * t + i) * dh..][..dh].to_vec();
             for i in 0..t {
                 let qi = at(&q, i);
-                let scores: Vec<f64> = (0..=i)
+                let scores: Vec<f64> = (0..if causal { i + 1 } else { t })
                     .map(|j| if j == i { SELF_SCORE } else { qi.iter().zip(at(&k, j)).map(|(a, b)| a * b).sum() })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -508,6 +645,52 @@ mod tests {
         let e0 = rel_err(&y.narrow(2, 0, 1)?, &v.narrow(2, 0, 1)?)?;
         assert!(e0 < 1e-12, "position 0 attends to itself: {e0}");
         Ok(())
+    }
+
+    /// The encoder's form, one bucket and one chunk covering T: exactly full bidirectional
+    /// shared-QK attention with the self-mask; with padding, attention over the real positions
+    /// alone (the padded ones' outputs 0), whatever buckets the padding hashed to.
+    #[test]
+    fn encoder_with_one_bucket_and_a_covering_chunk_is_full_bidirectional_attention() -> AnyResult<()> {
+        let t = 23;
+        let (_, m) = mixer(&["model.options.n_buckets=2", "model.options.chunk=32", "model.options.n_hashes=1"])?;
+        let x = randn(&[2, t, 16], 1, DType::F64)?;
+        let (q, k, v) = m.project(&x, 0)?;
+        let y = attend(&q, &k, &v, &plan_bidirectional(&vec![0u32; 4 * t], 4, 1, t, 32, 1, None), None)?;
+        let e = rel_err(&y, &shared_qk_reference(&q, &k, &v, false)?)?;
+        assert!(e < 1e-12, "bidirectional LSH attention with one bucket vs full attention: {e}");
+        // the second sequence padded after 15 positions, its padding hashed anywhere
+        let real = 15;
+        let keep: Vec<u8> = (0..2 * t).map(|i| u8::from(i < t || i % t < real)).collect();
+        let buckets: Vec<u32> = (0..4 * t).map(|i| u32::from(i >= 2 * t && i % t >= real && i % 3 == 0)).collect();
+        let y = attend(&q, &k, &v, &plan_bidirectional(&buckets, 4, 1, t, 32, 2, Some((&keep, 2))), None)?;
+        let part = |x: &Tensor| x.narrow(0, 1, 1)?.narrow(2, 0, real);
+        let alone = shared_qk_reference(&part(&q)?, &part(&k)?, &part(&v)?, false)?;
+        assert!(rel_err(&part(&y)?, &alone)? < 1e-12);
+        Ok(())
+    }
+
+    /// trax's encoder chunking: the sorted sequence cut every c tokens ACROSS bucket
+    /// boundaries, each chunk seeing itself and the one before, the first seeing the last.
+    #[test]
+    fn encoder_chunks_are_cut_across_buckets_and_look_back_cyclically() {
+        // positions 0..6 in buckets [1, 0, 1, 0, 1, 0]: sorted 1 3 5 | 0 2 4, chunks of 2:
+        // [1 3] [5 0] [2 4]
+        let p = plan_bidirectional(&[1, 0, 1, 0, 1, 0], 1, 1, 6, 2, 2, None);
+        assert!(!p.causal);
+        let seen = |pos: usize| -> Vec<u32> {
+            let slot = p.slot_of[pos] as usize;
+            let chunk = slot / p.query_slots;
+            let mut k: Vec<u32> = (0..p.key_slots)
+                .filter(|&s| p.key_positions[chunk * p.key_slots + s].is_finite())
+                .map(|s| p.keys[chunk * p.key_slots + s])
+                .collect();
+            k.sort();
+            k
+        };
+        assert_eq!(seen(1), vec![1, 2, 3, 4], "the first chunk looks back to the last");
+        assert_eq!(seen(0), vec![0, 1, 3, 5], "[5 0] crosses from bucket 0 to 1 and sees [1 3]");
+        assert_eq!(seen(4), vec![0, 2, 4, 5]);
     }
 
     /// The keys query `pos` of row 0 sees in round `round`.
