@@ -186,8 +186,8 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// MQAR runs trained at once; on a GPU each worker has its own CUDA stream, so the
-        /// small recall models share the GPU instead of waiting on each other's launches.
+        /// MQAR and ListOps runs trained at once; on a GPU each worker has its own CUDA stream,
+        /// so small models share the GPU instead of waiting on each other's launches.
         #[arg(long, default_value_t = 1)]
         jobs: usize,
     },

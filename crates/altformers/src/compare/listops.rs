@@ -34,6 +34,14 @@ pub struct ListOpsPart {
     /// and at small budgets would take the parameters the width needs).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub per_model: std::collections::BTreeMap<String, toml::Table>,
+    /// The activations' dtype (`f32`, or `bf16` for mixed precision on a GPU; parameters and
+    /// optimizer state stay f32).
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 impl ListOpsPart {
@@ -55,41 +63,64 @@ impl ListOpsPart {
 }
 
 /// Trains every model of `models` on ListOps into `out/runs-listops/NAME` (emptied first),
-/// writing `out/listops.jsonl` after each.
-pub fn run(part: &ListOpsPart, models: &[&Architecture], out: &Path, device: &Device) -> Result<()> {
+/// `jobs` at once (on a GPU each on a stream of its own), writing `out/listops.jsonl` after
+/// each (in `models`' order).
+pub fn run(part: &ListOpsPart, models: &[&Architecture], out: &Path, device: &Device, jobs: usize) -> Result<()> {
     let reference = registry::find("transformer")?;
     let reference_cfg = part.config(reference)?;
     let target = param_count(reference, &reference_cfg.model, part.reference_width)
         .context("the reference Transformer does not build")?;
-    let mut rows = Vec::new();
-    for arch in models {
-        let mut cfg = part.config(arch)?;
-        let params;
-        (cfg.model, params) = match_params(arch, &cfg.model, target)?;
-        let dir = out.join("runs-listops").join(arch.name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
+    let dtype = crate::device::parse_dtype(&part.dtype).context("[listops] dtype")?;
+    let rows = std::sync::Mutex::new(vec![None; models.len()]);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let worker = |dev: Device| -> Result<()> {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let Some(arch) = models.get(i) else { return Ok(()) };
+            let row = train_one(part, arch, target, out, &dev, dtype, jobs == 1)?;
+            let mut rows = rows.lock().map_err(|_| anyhow::anyhow!("ListOps results lock poisoned"))?;
+            rows[i] = Some(row);
+            let finished: Vec<&ListOpsRow> = rows.iter().flatten().collect();
+            write_lines(&out.join("listops.jsonl"), models, &finished)?;
         }
-        let opts = TrainOptions::fresh(dir, device, true);
-        let s = train_listops(&cfg, &part.task, &opts).with_context(|| format!("ListOps for {}", arch.name))?;
-        eprintln!("listops {}: val accuracy {:.3}, test accuracy {:.3}", arch.name, s.val_accuracy, s.test_accuracy);
-        rows.push(ListOpsRow {
-            model: arch.name.to_string(),
-            readout: s.readout,
-            width: cfg.model.width,
-            params,
-            params_ratio: params as f64 / target as f64,
-            steps: s.steps,
-            train_examples: part.task.train_examples,
-            max_len: part.task.generator.max_len,
-            train_loss: s.train_loss,
-            val_accuracy: s.val_accuracy,
-            test_accuracy: s.test_accuracy,
-            elapsed_s: s.elapsed_s,
-        });
-        write_lines(&out.join("listops.jsonl"), models, &rows)?;
+    };
+    super::on_workers(jobs.min(models.len().max(1)), device, worker)
+}
+
+/// One model's ListOps run at the reference's parameter count `target`.
+fn train_one(
+    part: &ListOpsPart,
+    arch: &Architecture,
+    target: usize,
+    out: &Path,
+    device: &Device,
+    dtype: candle_core::DType,
+    verbose: bool,
+) -> Result<ListOpsRow> {
+    let mut cfg = part.config(arch)?;
+    let params;
+    (cfg.model, params) = match_params(arch, &cfg.model, target)?;
+    let dir = out.join("runs-listops").join(arch.name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
     }
-    Ok(())
+    let opts = TrainOptions { dtype, ..TrainOptions::fresh(dir, device, verbose) };
+    let s = train_listops(&cfg, &part.task, &opts).with_context(|| format!("ListOps for {}", arch.name))?;
+    eprintln!("listops {}: val accuracy {:.3}, test accuracy {:.3}", arch.name, s.val_accuracy, s.test_accuracy);
+    Ok(ListOpsRow {
+        model: arch.name.to_string(),
+        readout: s.readout,
+        width: cfg.model.width,
+        params,
+        params_ratio: params as f64 / target as f64,
+        steps: s.steps,
+        train_examples: part.task.train_examples,
+        max_len: part.task.generator.max_len,
+        train_loss: s.train_loss,
+        val_accuracy: s.val_accuracy,
+        test_accuracy: s.test_accuracy,
+        elapsed_s: s.elapsed_s,
+    })
 }
 
 #[cfg(test)]

@@ -212,7 +212,9 @@ pub fn run(
         run_mqar(&preset.mqar, &causal, out, device, select.jobs)?;
     }
     match &preset.listops {
-        Some(part) if select.runs("listops") => listops::run(part, &select.architectures(true), out, device)?,
+        Some(part) if select.runs("listops") => {
+            listops::run(part, &select.architectures(true), out, device, select.jobs)?
+        }
         None if select.parts.iter().any(|p| p == "listops") => {
             bail!("preset {preset_name} has no [listops] section: nothing to run for --parts listops")
         }
@@ -424,7 +426,7 @@ fn kept_rows(grid: &[GridPoint], s: &MqarSettings, out: &Path) -> Result<Vec<Opt
 
 /// Runs `worker` on `jobs` threads at once, each given a device of its own CUDA stream on
 /// `device` ([`crate::device::with_own_stream`]); one job runs on this thread, on `device`.
-fn on_workers(jobs: usize, device: &Device, worker: impl Fn(Device) -> Result<()> + Sync) -> Result<()> {
+pub(crate) fn on_workers(jobs: usize, device: &Device, worker: impl Fn(Device) -> Result<()> + Sync) -> Result<()> {
     if jobs == 1 {
         return worker(device.clone());
     }
@@ -432,7 +434,7 @@ fn on_workers(jobs: usize, device: &Device, worker: impl Fn(Device) -> Result<()
     std::thread::scope(|s| -> Result<()> {
         let handles: Vec<_> = devices.into_iter().map(|d| s.spawn(|| worker(d))).collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("an MQAR worker panicked"))??;
+            h.join().map_err(|_| anyhow::anyhow!("a comparison worker panicked"))??;
         }
         Ok(())
     })

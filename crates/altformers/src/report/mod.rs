@@ -146,7 +146,7 @@ fn listops_section(rows: &[ListOpsRow], caption: &str) -> String {
         r0.max_len, r0.train_examples
     );
     md.push_str(&listops_table(rows));
-    md.push_str("\nLRA's models are all encoders: its Transformer's figure sits beside `transformer-encoder` (`transformer` is the causal model read at its last position), and its Performer and Reformer figures are of their bidirectional forms, beside our causal ones (their encoders are not registered yet).\n\n");
+    md.push_str("\nLRA's models are all encoders: its figures sit beside our encoders (`transformer-encoder`, `linformer`, `performer-encoder`, `reformer-encoder`); `transformer`, `performer` and `reformer` are the causal models read at their last position.\n\n");
     md
 }
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 21's H200 runs, on the device tool's machine: carry ".gpu" (scripts/gpu-package.sh) and
+# run `bash bench/results/2026-12-02-h200-listops/run.sh PART [...]` with $OUT set.
+#   tests        the GPU test binary (fused kernels; every model and every encoder against the CPU)
+#   pace M...    ListOps at the GPU preset's shape for 30 steps, the models trained at once
+#   listops M... configs/compare-listops-gpu.toml's ListOps, the models trained at once
+#                (STEPS=N overrides the preset's steps)
+#   scale        bench scaling, one layer fwd+bwd, bf16, T = 1K..64K: causal Transformer (fused
+#                flash attention), Performer (default m = d_h ln d_h = 266, and m = 256, which
+#                the tensor-core scan takes), Reformer; the encoders (unfused attention,
+#                Linformer at k = 256, Performer's and Reformer's encoders)
+set -euo pipefail
+part=$1; shift
+bin="bash .gpu/run.sh"
+$bin models > /dev/null   # unpack once
+mkdir -p /tmp/runs
+models=$(IFS=,; echo "$*")
+preset() {  # the GPU ListOps preset with STEPS (and a smaller data set for a pace run)
+  local steps=$1 examples=$2 evals=$3
+  sed -e "s/^steps = .*/steps = $steps/; s/^decay_steps = .*/decay_steps = $steps/" \
+      -e "s/^warmup_steps = 150/warmup_steps = $(( steps / 10 ))/; s/^eval_every = .*/eval_every = $steps/" \
+      -e "s/^train_examples = 96000/train_examples = $examples/; s/^eval_examples = 2000/eval_examples = $evals/" \
+      configs/compare-listops-gpu.toml > /tmp/runs/listops-$steps.toml
+  echo /tmp/runs/listops-$steps.toml
+}
+case $part in
+  tests) bash .gpu/run-tests.sh > "$OUT/tests.log" 2>&1; tail -5 "$OUT/tests.log" ;;
+  pace)
+    /usr/bin/time -f "pace wall %e s" $bin compare --preset "$(preset 30 2000 64)" --parts listops --models "$models" \
+      --device cuda --jobs $# --out "$OUT/pace" 2>&1 | grep -E "listops|wall|rror" ;;
+  listops)
+    /usr/bin/time -f "listops wall %e s" $bin compare --preset "$(preset "${STEPS:-1500}" 96000 2000)" --parts listops \
+      --models "$models" --device cuda --jobs $# --out "$OUT/listops" 2>&1 | grep -E "listops|wall|rror" ;;
+  scale)
+    common="--components mixer --mode fwdbwd --lengths 1024,2048,4096,8192,16384,32768,65536 --width 512 --heads 8
+      --tokens-per-batch 65536 --reps 5 --memory-cap-gb 100 --time-cap 20 --device cuda --dtype bf16"
+    $bin bench scaling --models transformer,performer,reformer $common --out "$OUT/scaling-causal.jsonl" > /tmp/runs/s1.log 2>&1
+    $bin bench scaling --models performer --set model.options.features=256 $common --out "$OUT/scaling-performer-m256.jsonl" > /tmp/runs/s2.log 2>&1
+    $bin bench scaling --models transformer-encoder,linformer,performer-encoder,reformer-encoder \
+      --set linformer:model.options.k=256 $common --out "$OUT/scaling-encoders.jsonl" > /tmp/runs/s3.log 2>&1
+    grep -h '"time_slope"' "$OUT"/scaling-*.jsonl ;;
+esac
