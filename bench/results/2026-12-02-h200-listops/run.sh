@@ -4,7 +4,8 @@
 #   tests        the GPU test binary (fused kernels; every model and every encoder against the CPU)
 #   pace M...    ListOps at the GPU preset's shape for 30 steps, the models trained at once
 #   listops M... configs/compare-listops-gpu.toml's ListOps, the models trained at once
-#                (STEPS=N overrides the preset's steps)
+#                (STEPS=N overrides the preset's steps, EVAL=N its evaluation interval, LIMIT=S
+#                stops the runs after S seconds), the GPU tests beside them
 #   scale        bench scaling, one layer fwd+bwd, bf16, T = 1K..64K: causal Transformer (fused
 #                flash attention), Performer (default m = d_h ln d_h = 266, and m = 256, which
 #                the tensor-core scan takes), Reformer; the encoders (unfused attention,
@@ -15,10 +16,10 @@ bin="bash .gpu/run.sh"
 $bin models > /dev/null   # unpack once
 mkdir -p /tmp/runs
 models=$(IFS=,; echo "$*")
-preset() {  # the GPU ListOps preset with STEPS (and a smaller data set for a pace run)
+preset() {  # the GPU ListOps preset with STEPS, evaluations every EVAL (and a smaller data set for a pace run)
   local steps=$1 examples=$2 evals=$3
   sed -e "s/^steps = .*/steps = $steps/; s/^decay_steps = .*/decay_steps = $steps/" \
-      -e "s/^warmup_steps = 150/warmup_steps = $(( steps / 10 ))/; s/^eval_every = .*/eval_every = $steps/" \
+      -e "s/^warmup_steps = 150/warmup_steps = $(( steps / 10 ))/; s/^eval_every = .*/eval_every = ${EVAL:-$steps}/" \
       -e "s/^train_examples = 96000/train_examples = $examples/; s/^eval_examples = 2000/eval_examples = $evals/" \
       configs/compare-listops-gpu.toml > /tmp/runs/listops-$steps.toml
   echo /tmp/runs/listops-$steps.toml
@@ -29,8 +30,13 @@ case $part in
     /usr/bin/time -f "pace wall %e s" $bin compare --preset "$(preset 30 2000 64)" --parts listops --models "$models" \
       --device cuda --jobs $# --out "$OUT/pace" 2>&1 | grep -E "listops|wall|rror" ;;
   listops)
-    /usr/bin/time -f "listops wall %e s" $bin compare --preset "$(preset "${STEPS:-1500}" 96000 2000)" --parts listops \
-      --models "$models" --device cuda --jobs $# --out "$OUT/listops" 2>&1 | grep -E "listops|wall|rror" ;;
+    # the GPU tests beside it (they check, they time nothing); the runs stopped at LIMIT seconds
+    # keep their evaluations so far (runs-listops/NAME/metrics.jsonl)
+    bash .gpu/run-tests.sh > "$OUT/tests.log" 2>&1 &
+    /usr/bin/time -f "listops wall %e s" timeout "${LIMIT:-540}" $bin compare --preset "$(preset "${STEPS:-1500}" 96000 2000)" --parts listops \
+      --models "$models" --device cuda --jobs $# --out "$OUT/listops" 2>&1 | grep -E "listops|wall|rror" || true
+    wait; tail -3 "$OUT/tests.log"
+    for m in "$@"; do tail -n 1 "$OUT/listops/runs-listops/$m/metrics.jsonl" 2>/dev/null || true; done ;;
   scale)
     common="--components mixer --mode fwdbwd --lengths 1024,2048,4096,8192,16384,32768,65536 --width 512 --heads 8
       --tokens-per-batch 65536 --reps 5 --memory-cap-gb 100 --time-cap 20 --device cuda --dtype bf16"
