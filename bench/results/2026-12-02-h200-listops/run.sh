@@ -31,12 +31,15 @@ case $part in
       --device cuda --jobs $# --out "$OUT/pace" 2>&1 | grep -E "listops|wall|rror" ;;
   listops)
     # the GPU tests beside it (they check, they time nothing); the runs stopped at LIMIT seconds
-    # keep their evaluations so far (runs-listops/NAME/metrics.jsonl)
+    # keep their evaluations so far (runs-listops/NAME/metrics.jsonl). The device tool brings
+    # back few files: the table, the report and one archive of every run's metrics and config.
     bash .gpu/run-tests.sh > "$OUT/tests.log" 2>&1 &
-    /usr/bin/time -f "listops wall %e s" timeout "${LIMIT:-540}" $bin compare --preset "$(preset "${STEPS:-1500}" 96000 2000)" --parts listops \
-      --models "$models" --device cuda --jobs $# --out "$OUT/listops" 2>&1 | grep -E "listops|wall|rror" || true
+    /usr/bin/time -f "listops wall %e s" timeout "${LIMIT:-540}" $bin compare --preset "$(preset "${STEPS:-1500}" 96000 2000)" \
+      --parts listops --models "$models" --device cuda --jobs $# --out /tmp/runs/listops 2>&1 | grep -E "listops|wall|rror" || true
     wait; tail -3 "$OUT/tests.log"
-    for m in "$@"; do tail -n 1 "$OUT/listops/runs-listops/$m/metrics.jsonl" 2>/dev/null || true; done ;;
+    cp /tmp/runs/listops/listops.jsonl /tmp/runs/listops/report.md "$OUT/" 2>/dev/null || true
+    (cd /tmp/runs/listops && tar czf "$OUT/listops-runs.tgz" runs-listops/*/metrics.jsonl runs-listops/*/config.json runs-listops/*/result.json 2>/dev/null || true)
+    for m in "$@"; do echo "$m $(tail -n 1 /tmp/runs/listops/runs-listops/$m/metrics.jsonl 2>/dev/null)"; done ;;
   scale)
     common="--components mixer --mode fwdbwd --lengths 1024,2048,4096,8192,16384,32768,65536 --width 512 --heads 8
       --tokens-per-batch 65536 --reps 5 --memory-cap-gb 100 --time-cap 20 --device cuda --dtype bf16"
