@@ -43,10 +43,11 @@ case $part in
   scale)
     common="--components mixer --mode fwdbwd --lengths 1024,2048,4096,8192,16384,32768,65536 --width 512 --heads 8
       --tokens-per-batch 65536 --reps ${REPS:-5} --memory-cap-gb 100 --time-cap 20 --device cuda --dtype bf16"
-    $bin bench scaling --models transformer,performer,reformer $common --out "$OUT/scaling-causal.jsonl" > /tmp/runs/s1.log 2>&1
-    $bin bench scaling --models performer --set model.options.features=256 $common --out "$OUT/scaling-performer-m256.jsonl" > /tmp/runs/s2.log 2>&1
+    # the JSON lines as they are printed (a sweep stopped early keeps its points)
+    $bin bench scaling --models transformer,performer,reformer $common > "$OUT/scaling-causal.jsonl" 2> /tmp/runs/s1.log
+    $bin bench scaling --models performer --set model.options.features=256 $common > "$OUT/scaling-performer-m256.jsonl" 2> /tmp/runs/s2.log
     $bin bench scaling --models transformer-encoder,linformer,performer-encoder,reformer-encoder \
-      --set linformer:model.options.k=256 $common --out "$OUT/scaling-encoders.jsonl" > /tmp/runs/s3.log 2>&1
+      --set linformer:model.options.k=256 $common > "$OUT/scaling-encoders.jsonl" 2> /tmp/runs/s3.log
     grep -h '"time_slope"' "$OUT"/scaling-*.jsonl ;;
   both)
     # one call: the scaling sweep (SCALE_LIMIT seconds at most), then ListOps as above
