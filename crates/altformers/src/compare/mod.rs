@@ -201,8 +201,11 @@ pub fn run(
     eprintln!("compare --preset {preset_name}: {}", preset.description);
     let causal = select.architectures(false);
     let encoders: Vec<&str> = select.architectures(true).iter().filter(|a| !a.causal).map(|a| a.name).collect();
-    if !encoders.is_empty() && !select.models.is_empty() && select.parts.iter().any(|p| p != "listops") {
-        eprintln!("note: encoders ({}) take part in ListOps only", encoders.join(", "));
+    if !encoders.is_empty()
+        && !select.models.is_empty()
+        && select.parts.iter().any(|p| p != "listops" && p != "scaling")
+    {
+        eprintln!("note: encoders ({}) take part in ListOps and scaling only", encoders.join(", "));
     }
     let mut quality = Vec::new();
     if select.runs("lm") {
@@ -221,7 +224,8 @@ pub fn run(
         _ => {}
     }
     if select.runs("scaling") {
-        run_scaling(&preset.scaling, &causal, out, device)?;
+        // encoders too: one layer's cost against T needs no causal form
+        run_scaling(&preset.scaling, &select.architectures(true), out, device)?;
     }
     if select.runs("decode") {
         run_decode(&preset.decode, &causal, out, device)?;
