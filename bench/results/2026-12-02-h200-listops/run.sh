@@ -49,6 +49,16 @@ case $part in
     $bin bench scaling --models transformer-encoder,linformer,performer-encoder,reformer-encoder \
       --set linformer:model.options.k=256 $common > "$OUT/scaling-encoders.jsonl" 2> /tmp/runs/s3.log
     grep -h '"time_slope"' "$OUT"/scaling-*.jsonl ;;
+  short)
+    # what a short budget allows: the model tests (every model and encoder on the GPU against
+    # the CPU, Performer's tensor-core path included), then the causal sweep
+    timeout 150 bash .gpu/run-tests.sh on_the_gpu_matches > "$OUT/tests-models.log" 2>&1 || echo "model tests: rc $?"
+    tail -4 "$OUT/tests-models.log"
+    common="--components mixer --mode fwdbwd --lengths 1024,2048,4096,8192,16384,32768,65536 --width 512 --heads 8
+      --tokens-per-batch 65536 --reps 3 --memory-cap-gb 100 --time-cap 20 --device cuda --dtype bf16"
+    timeout "${SCALE_LIMIT:-150}" $bin bench scaling --models transformer,performer,reformer --set performer:model.options.features=256 \
+      $common > "$OUT/scaling-causal.jsonl" 2> /tmp/runs/s1.log || echo "scale stopped"
+    grep -h '"time_slope"' "$OUT"/scaling-*.jsonl || true ;;
   both)
     # one call: the scaling sweep (SCALE_LIMIT seconds at most), then ListOps as above
     REPS=${REPS:-3} timeout "${SCALE_LIMIT:-170}" bash "$0" scale || echo "scale stopped at ${SCALE_LIMIT:-170} s"
