@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use altformers::config::Overrides;
 use altformers::data::{Corpus, DataFormat};
-use altformers::generate::{generate, Mode, SampleOptions};
+use altformers::generate::{generate_batch, Mode, SampleOptions};
 use altformers::registry;
 use altformers::train::{self, nats_to_bits, TrainOptions};
 
@@ -131,6 +131,10 @@ enum Command {
         mode: ModeArg,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Samples of the prompt generated at once, as one batch (sample i draws from random
+        /// stream i of --seed: sample 0 is the single sample's).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
     /// Every registered architecture with its stated and true complexity.
     Models,
@@ -584,7 +588,7 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device } => {
+        Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device, batch } => {
             let device = altformers::device::select(&device)?;
             let model = train::load_run(&run, &device, candle_core::DType::F32)?;
             let opts = SampleOptions { tokens, temperature, top_k, seed };
@@ -592,8 +596,21 @@ fn run(command: Command) -> Result<()> {
                 ModeArg::Parallel => Mode::Parallel,
                 ModeArg::Recurrent => Mode::Recurrent,
             };
-            let out = generate(&model, prompt.as_bytes(), &opts, mode)?;
-            println!("{prompt}{}", String::from_utf8_lossy(&out));
+            let start = std::time::Instant::now();
+            let samples = generate_batch(&model, prompt.as_bytes(), &opts, mode, batch)?;
+            let seconds = start.elapsed().as_secs_f64();
+            for (i, out) in samples.iter().enumerate() {
+                if batch > 1 {
+                    println!("=== sample {i}");
+                }
+                println!("{prompt}{}", String::from_utf8_lossy(out));
+            }
+            // the rate of the generation itself (prompt included, model load excluded)
+            eprintln!(
+                "generated {batch} x {tokens} bytes in {seconds:.3} s: {:.1} bytes/s, {:.3} ms per step",
+                (batch * tokens) as f64 / seconds,
+                seconds * 1e3 / tokens.max(1) as f64
+            );
             Ok(())
         }
         Command::Bench(cmd) => bench(cmd),

@@ -51,16 +51,41 @@ pub fn sample(logits: &[f64], opts: &SampleOptions, rng: &mut Rng) -> u32 {
     argmax()
 }
 
-fn last_logits(logits: &Tensor) -> Result<Vec<f64>> {
-    // logits: [1, T, V] or [1, V]
-    let row = if logits.rank() == 3 { logits.i((0, logits.dim(1)? - 1))? } else { logits.i(0)? };
-    Ok(row.to_dtype(DType::F64)?.to_vec1()?)
+/// The logits of each row's last position as host vectors: `logits: [N, T, V]` or `[N, V]`
+/// -> N rows of V (one copy from the device for the whole batch).
+fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f64>>> {
+    let rows = if logits.rank() == 3 { logits.i((.., logits.dim(1)? - 1))? } else { logits.clone() };
+    Ok(rows.to_dtype(DType::F64)?.to_vec2()?)
+}
+
+/// `N` copies of the byte sequence `text` as a `[N, T]` batch.
+fn encode_rows(text: &[u8], n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    Ok(encode(text, device)?.repeat((n, 1))?)
 }
 
 /// Continues `prompt` by `opts.tokens` bytes; returns only the new bytes.
 pub fn generate(model: &Model, prompt: &[u8], opts: &SampleOptions, mode: Mode) -> Result<Vec<u8>> {
+    let mut rows = generate_batch(model, prompt, opts, mode, 1)?;
+    Ok(rows.remove(0))
+}
+
+/// `samples` continuations of `prompt` by `opts.tokens` bytes each, generated as one batch
+/// (one forward or step for all of them per byte); returns only the new bytes of each. Sample
+/// `i` draws from its own random stream (`opts.seed`, index `i`), so sample 0 is what
+/// [`generate`] returns and each sample is the same whatever the batch it is generated in
+/// (up to the batch's rounding).
+pub fn generate_batch(
+    model: &Model,
+    prompt: &[u8],
+    opts: &SampleOptions,
+    mode: Mode,
+    samples: usize,
+) -> Result<Vec<Vec<u8>>> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one byte");
+    }
+    if samples == 0 {
+        bail!("the number of samples must be at least 1");
     }
     if !model.causal() {
         bail!(
@@ -76,37 +101,97 @@ pub fn generate(model: &Model, prompt: &[u8], opts: &SampleOptions, mode: Mode) 
         }
     };
     let dev = model.device();
-    let mut rng = Rng::derive(opts.seed, stream::SAMPLE, 0);
-    let mut all = prompt.to_vec();
-    let mut out = Vec::with_capacity(opts.tokens);
+    let mut rngs: Vec<Rng> = (0..samples).map(|i| Rng::derive(opts.seed, stream::SAMPLE, i as u64)).collect();
+    // every row holds the prompt and its own continuation (all of one length)
+    let mut all: Vec<Vec<u8>> = vec![prompt.to_vec(); samples];
+    let mut pick = |logits: &[Vec<f64>], all: &mut Vec<Vec<u8>>| -> Vec<u32> {
+        let next: Vec<u32> = logits.iter().zip(rngs.iter_mut()).map(|(l, rng)| sample(l, opts, rng)).collect();
+        for (row, &b) in all.iter_mut().zip(&next) {
+            row.push(b as u8);
+        }
+        next
+    };
+    let windows = |all: &[Vec<u8>]| -> Result<Tensor> {
+        let rows = all.iter().map(|r| encode(&crop(r), dev)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    };
     match mode {
         Mode::Parallel => {
             for _ in 0..opts.tokens {
-                let logits = model.forward(&encode(&crop(&all), dev)?, None)?;
-                let next = sample(&last_logits(&logits)?, opts, &mut rng) as u8;
-                all.push(next);
-                out.push(next);
+                let logits = model.forward(&windows(&all)?, None)?;
+                pick(&last_logits(&logits)?, &mut all);
             }
         }
         Mode::Recurrent => {
-            let (logits, mut state) = model.prefill(&encode(&crop(&all), dev)?)?;
+            let (logits, mut state) = model.prefill(&encode_rows(&crop(prompt), samples, dev)?)?;
             let mut logits = last_logits(&logits)?;
             for _ in 0..opts.tokens {
-                let next = sample(&logits, opts, &mut rng) as u8;
-                all.push(next);
-                out.push(next);
+                let next = pick(&logits, &mut all);
                 logits = match window {
                     // The window is full: the parallel form would drop the oldest byte, so
                     // rebuild the state from the window (exact, at prefill cost).
                     Some(w) if state.pos + 1 > w => {
-                        let (l, s) = model.prefill(&encode(&crop(&all), dev)?)?;
+                        let (l, s) = model.prefill(&windows(&all)?)?;
                         state = s;
                         last_logits(&l)?
                     }
-                    _ => last_logits(&model.step(&Tensor::new(&[next as u32], dev)?, &mut state)?)?,
+                    _ => last_logits(&model.step(&Tensor::new(next.as_slice(), dev)?, &mut state)?)?,
                 };
             }
         }
     }
-    Ok(out)
+    Ok(all.into_iter().map(|row| row[prompt.len()..].to_vec()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{perturb, tiny_config};
+    use candle_core::Device;
+
+    /// A tiny f64 Transformer of context 16 (generation below runs past it), its weights
+    /// perturbed so that sampling has something to choose between.
+    fn model() -> Result<Model> {
+        let cfg = tiny_config("transformer", &["model.context=16"])?;
+        let m = Model::new(&cfg, 3, &Device::Cpu, DType::F64)?;
+        perturb(&m, 0.5, 4)?;
+        Ok(m)
+    }
+
+    #[test]
+    fn batched_samples_are_the_single_samples_of_their_streams() -> Result<()> {
+        let m = model()?;
+        let opts = SampleOptions { tokens: 24, temperature: 1.0, top_k: None, seed: 9 };
+        for mode in [Mode::Recurrent, Mode::Parallel] {
+            let three = generate_batch(&m, b"ab", &opts, mode, 3)?;
+            assert_eq!(three.len(), 3);
+            assert!(three.iter().all(|r| r.len() == 24));
+            // sample 0 is generate's; sample 1 the same in a batch of 2 as in a batch of 3
+            assert_eq!(three[0], generate(&m, b"ab", &opts, mode)?, "{mode:?}");
+            assert_eq!(three[1], generate_batch(&m, b"ab", &opts, mode, 2)?[1], "{mode:?}");
+            // the streams differ, so the samples do
+            assert!(three[0] != three[1] || three[1] != three[2], "{mode:?}: three identical samples");
+            // both modes compute the same logits, past the window too (re-prefilled per row)
+            if mode == Mode::Parallel {
+                assert_eq!(three, generate_batch(&m, b"ab", &opts, Mode::Recurrent, 3)?);
+            }
+        }
+        // greedy: every sample is the single greedy continuation
+        let greedy = SampleOptions { temperature: 0.0, ..opts };
+        let rows = generate_batch(&m, b"ab", &greedy, Mode::Recurrent, 4)?;
+        let single = generate(&m, b"ab", &greedy, Mode::Recurrent)?;
+        assert!(rows.iter().all(|r| *r == single));
+        Ok(())
+    }
+
+    #[test]
+    fn zero_samples_or_an_empty_prompt_are_clear_errors() -> Result<()> {
+        let m = model()?;
+        let opts = SampleOptions { tokens: 2, temperature: 1.0, top_k: None, seed: 1 };
+        let zero = generate_batch(&m, b"a", &opts, Mode::Recurrent, 0).unwrap_err().to_string();
+        assert!(zero.contains("at least 1"), "{zero}");
+        let empty = generate_batch(&m, b"", &opts, Mode::Recurrent, 2).unwrap_err().to_string();
+        assert!(empty.contains("prompt is empty"), "{empty}");
+        Ok(())
+    }
 }
