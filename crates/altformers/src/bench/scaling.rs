@@ -105,6 +105,12 @@ pub struct ScalingFit {
     #[serde(default)]
     pub time_slope_interval: Option<(f64, f64)>,
     pub memory_slope: Option<f64>,
+    /// The slope of the cost model's FLOPs per sequence (the architecture's analytic
+    /// `complexity.flops`) over the same lengths: the exponent the true complexity predicts
+    /// there. Below the asymptotic one, the leading term (e.g. T^2 d attention) does not yet
+    /// dominate the others (T d^2 projections) at these lengths. `None` in files written before.
+    #[serde(default)]
+    pub cost_slope: Option<f64>,
     /// Lengths the upper-half fit used.
     pub fit_lengths: Vec<usize>,
 }
@@ -396,6 +402,7 @@ pub fn fits(points: &[ScalingPoint]) -> Vec<ScalingFit> {
                 curve.iter().map(|p| (p.seq as f64, p.timing.unwrap().min_s / p.batch as f64)).collect();
             let mem: Vec<(f64, f64)> =
                 curve.iter().filter_map(|p| p.peak_bytes.map(|b| (p.seq as f64, b as f64 / p.batch as f64))).collect();
+            let cost: Vec<(f64, f64)> = curve.iter().map(|p| (p.seq as f64, p.flops / p.batch as f64)).collect();
             let fit_lengths = curve.iter().skip(fit::upper_half_start(curve.len())).map(|p| p.seq).collect();
             ScalingFit {
                 model,
@@ -404,6 +411,7 @@ pub fn fits(points: &[ScalingPoint]) -> Vec<ScalingFit> {
                 time_slope: fit::upper_half_slope(&time),
                 time_slope_interval: slope_interval(&curve),
                 memory_slope: fit::upper_half_slope(&mem),
+                cost_slope: fit::upper_half_slope(&cost),
                 fit_lengths,
             }
         })
@@ -475,9 +483,29 @@ mod tests {
             .collect()
     }
 
-    /// Steady repetitions give a narrow interval around the true exponent; repetitions that
-    /// disagree by up to 3x give an interval wider than the report's 0.2, and a curve without
-    /// samples (an older file) none at all.
+    /// The cost model's exponent says where the leading term dominates: attention's FLOPs per
+    /// sequence, 8 T d^2 + 4 T^2 d, grow with a slope near 1.5 at T = 1K-2K for d = 512 (the
+    /// projections still weigh as much as the scores) and near 2 at 32K-64K.
+    #[test]
+    fn the_cost_slope_shows_where_the_leading_term_dominates() {
+        let attention = registry::find("transformer").unwrap();
+        let curve = |lengths: &[usize]| -> Vec<ScalingPoint> {
+            lengths
+                .iter()
+                .map(|&t| {
+                    let shape = CostShape { batch: 1, seq: t, width: 512, heads: 8 };
+                    let mut p = curve(1.0, 0.0)[0].clone();
+                    (p.seq, p.batch, p.flops) = (t, 1, (attention.complexity.flops)(&shape));
+                    p
+                })
+                .collect()
+        };
+        let short = fits(&curve(&[256, 512, 1024, 2048]))[0].cost_slope.unwrap();
+        let long = fits(&curve(&[8192, 16384, 32768, 65536]))[0].cost_slope.unwrap();
+        assert!((1.3..1.8).contains(&short), "{short}");
+        assert!(long > 1.9 && long < 2.0, "{long}");
+    }
+
     #[test]
     fn settings_apply_to_every_model_or_the_one_they_name() -> Result<()> {
         let sets = vec!["model.bias=false".to_string(), "linformer:model.options.k=7".to_string()];
@@ -493,6 +521,9 @@ mod tests {
         Ok(())
     }
 
+    /// Steady repetitions give a narrow interval around the true exponent; repetitions that
+    /// disagree by up to 3x give an interval wider than the report's 0.2, and a curve without
+    /// samples (an older file) none at all.
     #[test]
     fn the_interval_follows_how_much_the_repetitions_agree() {
         let steady = curve(2.0, 0.01);

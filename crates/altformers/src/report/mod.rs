@@ -453,7 +453,7 @@ fn is_headline(p: &ScalingPoint) -> bool {
 fn complexity_section(fits: &[ScalingFit]) -> String {
     let mut md = String::from("## Complexity: stated, true, measured\n\n");
     md.push_str("Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward; the whole model at one layer per stage for an architecture without a per-layer mixer). In parentheses, the time exponent's 95% bootstrap interval over the repetitions of this run; wider than 0.2, the exponent is reported as not determined.\n\n");
-    md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | cost model's exponent there | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
         let f = fits.iter().find(|f| f.model == a.name && f.component == headline_component(a));
         let slope = |s: Option<f64>| s.map(|v| format!("{v:.2}")).unwrap_or("-".into());
@@ -462,18 +462,19 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
         let (stated_time, stated_space) = c.review.stated();
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             a.name,
             stated_time,
             stated_space,
             c.true_time,
             c.true_space,
             f.map(time_exponent).unwrap_or("-".into()),
+            slope(f.and_then(|f| f.cost_slope)),
             slope(f.and_then(|f| f.memory_slope)),
             verdict
         );
     }
-    md.push_str("\nThe stated columns quote the review's complexity table word for word (`data/review-complexity.md`); \"(none)\": the review gives no line for this model.\n");
+    md.push_str("\nThe stated columns quote the review's complexity table word for word (`data/review-complexity.md`); \"(none)\": the review gives no line for this model. The cost model's exponent is the slope of the true complexity's FLOPs (the architecture's analytic count, `complexity.rs`) over the same lengths: what the measured exponent should approach. Where it lies below the asymptotic exponent (2 for attention), the leading term does not yet dominate at these lengths (the T d^2 projections still weigh), and the measured exponent cannot be expected to reach the asymptote either.\n");
     md
 }
 
@@ -536,6 +537,7 @@ mod tests {
             time_slope: slope,
             time_slope_interval: interval,
             memory_slope: None,
+            cost_slope: None,
             fit_lengths: vec![],
         };
         assert_eq!(time_exponent(&fit(Some(1.97), Some((1.95, 2.0)))), "1.97 (1.95 to 2.00)");
@@ -611,8 +613,9 @@ mod tests {
         )?;
         let sp = |t: usize, s: f64| {
             format!(
-                r#"{{"model":"transformer","component":"mixer","mode":"fwd","device":"cpu","seq":{t},"batch":1,"width":64,"heads":2,"status":"ok","timing":{{"median_s":{s},"min_s":{s},"max_s":{s},"reps":3}},"peak_bytes":{},"flops":1.0,"flops_per_s":1.0}}"#,
-                t * t
+                r#"{{"model":"transformer","component":"mixer","mode":"fwd","device":"cpu","seq":{t},"batch":1,"width":64,"heads":2,"status":"ok","timing":{{"median_s":{s},"min_s":{s},"max_s":{s},"reps":3}},"peak_bytes":{},"flops":{},"flops_per_s":1.0}}"#,
+                t * t,
+                (t * t * t) as f64
             )
         };
         std::fs::write(
@@ -659,8 +662,9 @@ mod tests {
         ] {
             assert!(md.contains(needle), "report lacks `{needle}`:\n{md}");
         }
-        // the fitted exponent of a T^2 curve shows in the complexity table
-        assert!(md.contains("| 2.00 | 2.00 |"), "{md}");
+        // the fitted exponents of a T^2 curve (time and memory) and its cost model's (a T^3
+        // count, to tell the columns apart) show in the complexity table
+        assert!(md.contains("| 2.00 | 3.00 | 2.00 |"), "{md}");
         assert!(
             md.contains("| transformer | 0.500 (1e-3) | 0.990 (1e-3) |") && !md.contains("0.250"),
             "MQAR shows the best learning rate: {md}"
