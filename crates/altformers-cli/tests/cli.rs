@@ -202,3 +202,42 @@ fn listops_trains_any_model_and_encoders_refuse_the_lm_by_name() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two trainings started together into one folder: one is refused (the folder is locked, or
+/// already holds the other's run), the other finishes, and its folder is whole: its own
+/// config.json, weights that evaluate. Repeated, since a race shows only sometimes.
+#[test]
+fn two_trainings_into_one_folder_leave_one_whole_run() {
+    let base = temp("concurrent");
+    for trial in 0..8 {
+        let dir = base.join(format!("run{trial}"));
+        let d = dir.to_str().unwrap();
+        let spawn = |seed: &str| {
+            let mut args = vec!["--threads", "1", "train", "--model", "transformer", "--data", "shakespeare", "--out"];
+            args.extend([d, "--quiet", "--set", seed]);
+            args.extend(TINY);
+            Command::new(env!("CARGO_BIN_EXE_altformers"))
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn("train.seed=1"), spawn("train.seed=2"));
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        let ok: Vec<usize> = [&a, &b].iter().enumerate().filter(|(_, o)| o.status.success()).map(|(i, _)| i).collect();
+        let msgs = format!("{}\n{}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+        assert_eq!(ok.len(), 1, "trial {trial}: exactly one run must succeed: {msgs}");
+        let loser = if ok[0] == 0 { &b } else { &a };
+        let why = String::from_utf8_lossy(&loser.stderr);
+        assert!(why.contains("is in use") || why.contains("already holds a run"), "trial {trial}: {why}");
+        assert!(!why.contains("panicked"), "{why}");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["train"]["seed"], ok[0] as u64 + 1, "trial {trial}: the folder holds the loser's config");
+        assert!(!dir.join("LOCK").exists(), "trial {trial}: the lock outlived its run");
+        let eval = altformers(&["--threads", "1", "eval", "--run", d, "--data", "shakespeare", "--max-bytes", "500"]);
+        assert!(eval.status.success(), "trial {trial}: {}", String::from_utf8_lossy(&eval.stderr));
+    }
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -53,10 +53,10 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
         .map(|(k, t)| Ok((k, if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t })))
         .collect::<candle_core::Result<_>>()?;
     model.params.assign(tensors, &origin)?;
+    let _lock = crate::train::lock::RunLock::acquire(out)?;
     if out.join("config.json").exists() {
         bail!("{} already holds a run; choose another --out", out.display());
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     model.params.save(&out.join("model.safetensors"))?;
     crate::util::write_json_atomic(&out.join("config.json"), &config)?;
     Ok(config)

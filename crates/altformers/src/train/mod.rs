@@ -7,6 +7,7 @@
 //! same data and masks as an uninterrupted one and reaches the same loss.
 
 pub mod listops;
+pub mod lock;
 pub mod optim;
 pub mod run_folder;
 pub mod step;

@@ -5,6 +5,10 @@
 //! - `metrics.jsonl`: one [`Metrics`] object per evaluation
 //! - `checkpoint/`: `model.safetensors`, `optimizer.safetensors`, `state.json`, replaced as a
 //!   whole (written beside it, then swapped by renames) so a crash never leaves half of one.
+//! - `LOCK`: while a run writes the folder ([`RunLock`]): a second writer is refused.
+//!
+//! Temporary files carry the writer's pid and a counter ([`crate::util::tmp_path`]); those a
+//! crash leaves are removed by the next writer, once it holds the lock.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -12,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::lock::RunLock;
 use super::optim::AdamW;
 use crate::config::RunConfig;
 use crate::data::DataFormat;
@@ -49,16 +54,30 @@ pub struct TrainState {
 
 pub struct RunFolder {
     pub dir: PathBuf,
+    /// Held by a folder opened to write (a new or resumed run), for as long as it lives.
+    _lock: Option<RunLock>,
 }
 
 impl RunFolder {
+    /// `dir` locked for writing, with the temporary files of crashed writers removed.
+    fn lock(dir: &Path) -> Result<Self> {
+        let lock = RunLock::acquire(dir)?;
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.file_name().is_some_and(|n| n.to_string_lossy().contains(crate::util::TMP_MARK)) {
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), _lock: Some(lock) })
+    }
+
     /// A folder for a new run of `config`: refused if it already holds one.
     pub fn create(dir: &Path, config: &RunConfig) -> Result<Self> {
-        let folder = Self { dir: dir.to_path_buf() };
+        // the check comes after the lock: two runs started together cannot both pass it
+        let folder = Self::lock(dir)?;
         if folder.config_path().exists() || folder.checkpoint_dir().exists() {
             bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());
         }
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         write_json_atomic(&folder.config_path(), config)?;
         folder.rewrite_metrics(&[])?;
         Ok(folder)
@@ -68,7 +87,10 @@ impl RunFolder {
     /// its newest checkpoint, and the metrics logged up to it (lines logged after it, by a
     /// crash in between, are left out).
     pub fn resume(dir: &Path, config: &RunConfig) -> Result<(Self, TrainState, Vec<Metrics>)> {
-        let folder = Self { dir: dir.to_path_buf() };
+        if !dir.join("config.json").exists() {
+            bail!("cannot resume: {} holds no run (no config.json)", dir.display());
+        }
+        let folder = Self::lock(dir)?;
         let saved = folder.config()?;
         if serde_json::to_value(&saved)? != serde_json::to_value(config)? {
             bail!("--resume: the configuration differs from the one saved in {}/config.json", dir.display());
@@ -80,7 +102,7 @@ impl RunFolder {
 
     /// A folder written earlier, for reading (eval, generate).
     pub fn open(dir: &Path) -> Result<Self> {
-        let folder = Self { dir: dir.to_path_buf() };
+        let folder = Self { dir: dir.to_path_buf(), _lock: None };
         if !folder.config_path().exists() {
             bail!("{} is not a run folder: no config.json", dir.display());
         }
@@ -138,12 +160,9 @@ impl RunFolder {
     /// Writes a checkpoint beside the current one, swaps them by renames, then the latest
     /// weights.
     pub fn save_checkpoint(&self, model: &Model, opt: &AdamW, state: &TrainState) -> Result<()> {
-        let tmp = self.dir.join("checkpoint.tmp");
-        let old = self.dir.join("checkpoint.old");
         let cur = self.checkpoint_dir();
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
+        let tmp = crate::util::tmp_path(&cur);
+        let old = self.dir.join("checkpoint.old");
         std::fs::create_dir_all(&tmp)?;
         model.params.save(&tmp.join("model.safetensors"))?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
