@@ -180,6 +180,25 @@ fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
     Ok(())
 }
 
+/// A crash after the checkpoint is written but before anything else (here: the latest
+/// weights cannot be written) keeps the metrics line of that checkpoint's evaluation.
+#[test]
+fn a_crash_after_a_checkpoint_keeps_its_metrics_line() -> Result<()> {
+    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
+    let (dir, cfg) = (temp_dir("crash-metrics"), tiny_run(6)?);
+    // a folder where the weights go: the rename that ends the checkpoint fails
+    std::fs::create_dir_all(dir.join("model.safetensors").join("blocker"))?;
+    assert!(train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, None)).is_err());
+    let state: altformers::train::TrainState = altformers::util::read_json(&dir.join("checkpoint/state.json"))?;
+    assert_eq!(state.step, 3);
+    std::fs::remove_dir_all(dir.join("model.safetensors"))?;
+    train(&cfg, &corpus, DataFormat::Text, &opts(&dir, true, None))?;
+    let steps: Vec<usize> = altformers::train::RunFolder::open(&dir)?.metrics()?.iter().map(|m| m.step).collect();
+    assert_eq!(steps, vec![3, 6]);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 #[test]
 fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_modes() -> Result<()> {
     let (_, dir, cfg) = trained("save-load", 6, None)?;

@@ -219,9 +219,11 @@ pub fn train(
                 elapsed_s: state.elapsed_s,
                 lr,
             };
+            // the line first: a crash between the two leaves a line past the checkpoint, which
+            // resume drops and the resumed run writes again; the other order lost the line
+            folder.append_metrics(&metrics)?;
             folder.save_checkpoint(&model, &trainer.opt, &state)?;
             checkpointed = state.step;
-            folder.append_metrics(&metrics)?;
             if opts.verbose {
                 // suspend() also prints when the bar is hidden (stderr not a terminal).
                 bar.suspend(|| {
