@@ -199,6 +199,25 @@ fn a_crash_after_a_checkpoint_keeps_its_metrics_line() -> Result<()> {
     Ok(())
 }
 
+/// A run that diverges before its first checkpoint leaves a folder that resume refuses
+/// (saying how to go on) and a fresh run starts over.
+#[test]
+fn a_run_that_died_before_its_first_checkpoint_can_be_rerun() -> Result<()> {
+    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
+    let (dir, cfg) = (temp_dir("no-checkpoint"), tiny_run(6)?);
+    let mut bad = cfg.clone();
+    (bad.train.lr, bad.train.min_lr, bad.train.grad_clip, bad.train.warmup_steps) = (1e37, 1e37, 0.0, 0);
+    let err = train(&bad, &corpus, DataFormat::Text, &opts(&dir, false, None)).err().expect("diverges").to_string();
+    assert!(err.contains("no checkpoint was written yet"), "{err}");
+    let err = train(&bad, &corpus, DataFormat::Text, &opts(&dir, true, None)).err().expect("nothing to resume");
+    assert!(err.to_string().contains("train without --resume to start it over"), "{err}");
+    let run = train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, None))?;
+    assert_eq!(run.last.step, 6);
+    assert_eq!(altformers::train::RunFolder::open(&dir)?.config()?.train.lr, cfg.train.lr);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 #[test]
 fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_modes() -> Result<()> {
     let (_, dir, cfg) = trained("save-load", 6, None)?;

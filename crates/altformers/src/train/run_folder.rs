@@ -71,11 +71,15 @@ impl RunFolder {
         Ok(Self { dir: dir.to_path_buf(), _lock: Some(lock) })
     }
 
-    /// A folder for a new run of `config`: refused if it already holds one.
+    /// A folder for a new run of `config`: refused if it already holds one. A run that ended
+    /// before its first checkpoint (killed, or diverged) left nothing to keep or resume: it is
+    /// started over, with a note.
     pub fn create(dir: &Path, config: &RunConfig) -> Result<Self> {
         // the check comes after the lock: two runs started together cannot both pass it
         let folder = Self::lock(dir)?;
-        if folder.config_path().exists() || folder.checkpoint_dir().exists() {
+        if folder.never_checkpointed() {
+            eprintln!("note: {} holds a run that stopped before its first checkpoint; starting it over", dir.display());
+        } else if folder.config_path().exists() || folder.checkpoint_dir().exists() {
             bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());
         }
         write_json_atomic(&folder.config_path(), config)?;
@@ -95,6 +99,12 @@ impl RunFolder {
         if serde_json::to_value(&saved)? != serde_json::to_value(config)? {
             bail!("--resume: the configuration differs from the one saved in {}/config.json", dir.display());
         }
+        if folder.never_checkpointed() {
+            bail!(
+                "{} holds no checkpoint to resume from: the run stopped before its first one; train without --resume to start it over",
+                dir.display()
+            );
+        }
         let state: TrainState = read_json(&folder.latest_checkpoint()?.join("state.json"))?;
         let history: Vec<Metrics> = folder.metrics()?.into_iter().filter(|m| m.step <= state.step).collect();
         Ok((folder, state, history))
@@ -107,6 +117,11 @@ impl RunFolder {
             bail!("{} is not a run folder: no config.json", dir.display());
         }
         Ok(folder)
+    }
+
+    /// A training run's config with no checkpoint nor weights (an imported run has weights).
+    fn never_checkpointed(&self) -> bool {
+        self.config_path().exists() && self.latest_checkpoint().is_err() && !self.dir.join("model.safetensors").exists()
     }
 
     fn config_path(&self) -> PathBuf {
