@@ -92,6 +92,23 @@ mod tests {
         let err = format!("{:#}", rwkv4(&bad, &dir.join("run2")).unwrap_err());
         assert!(err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"), "{err}");
         assert!(!dir.join("run2").join("config.json").exists());
+
+        // NaN and infinite weights are refused at import and at load, by tensor name
+        let mut t = model.params.tensors();
+        let poisoned = |t: &Tensor, v: f32| -> Result<Tensor> {
+            let mut values = t.flatten_all()?.to_vec1::<f32>()?;
+            values[1] = v;
+            Ok(Tensor::from_vec(values, t.dims(), &Device::Cpu)?)
+        };
+        t.insert("blocks.1.att.time_first".into(), poisoned(&t["blocks.1.att.time_first"], f32::NAN)?);
+        t.insert("head.weight".into(), poisoned(&t["head.weight"], f32::INFINITY)?);
+        let nan = dir.join("nan.safetensors");
+        crate::params::save_tensors(&t, &nan)?;
+        for err in [rwkv4(&nan, &dir.join("run3")).unwrap_err(), model.params.load(&nan).unwrap_err()] {
+            let err = format!("{err:#}");
+            assert!(err.contains("non-finite") && err.contains("`blocks.1.att.time_first` holds 1"), "{err}");
+            assert!(err.contains("`head.weight`") && !err.contains("emb.weight"), "{err}");
+        }
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
