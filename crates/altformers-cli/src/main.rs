@@ -337,6 +337,29 @@ fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
         .collect()
 }
 
+/// `flag`'s comma-separated counts, each at least 1 (a zero length or batch divides by zero).
+fn counts(s: &str, flag: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = list(s, flag)?;
+    anyhow::ensure!(v.iter().all(|&x| x > 0), "{flag}: every value must be at least 1, got `{s}`");
+    Ok(v)
+}
+
+/// Each `(flag, value)` must be a positive, finite number.
+fn positive(values: &[(&str, f64)]) -> Result<()> {
+    for (flag, v) in values {
+        anyhow::ensure!(v.is_finite() && *v > 0.0, "{flag} must be a positive number, got {v}");
+    }
+    Ok(())
+}
+
+/// Each `(flag, path)` must be given, not empty (an empty --out would write into the working folder).
+fn non_empty(paths: &[(&str, &std::path::Path)]) -> Result<()> {
+    for (flag, p) in paths {
+        anyhow::ensure!(!p.as_os_str().is_empty(), "{flag} is empty: give a path");
+    }
+    Ok(())
+}
+
 fn model_list(s: &str) -> Result<Vec<String>> {
     if s == "all" {
         return Ok(altformers::registry::ARCHITECTURES
@@ -389,12 +412,20 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             sets,
             sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
+            positive(&[
+                ("--width", width as f64),
+                ("--heads", heads as f64),
+                ("--tokens-per-batch", tokens_per_batch as f64),
+                ("--reps", reps as f64),
+                ("--time-cap", time_cap),
+                ("--memory-cap-gb", memory_cap_gb),
+            ])?;
             let device = altformers::device::select(&device)?;
             let opts = scaling::ScalingOptions {
                 models: model_list(&models)?,
                 components: components.split(',').map(|c| c.trim().to_string()).collect(),
                 mode: mode.into(),
-                lengths: list(&lengths, "--lengths")?,
+                lengths: counts(&lengths, "--lengths")?,
                 width,
                 heads,
                 tokens_per_batch,
@@ -413,11 +444,12 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             lines.save(out.as_deref())
         }
         BenchCommand::Ops { ops, device, modes, lengths, reps, warmup, dtype, out } => {
+            positive(&[("--reps", reps as f64)])?;
             let device = altformers::device::select(&device)?;
             let opts = altformers::bench::ops::OpsOptions {
                 ops: ops.split(',').map(|s| s.trim().to_string()).collect(),
                 modes: modes.into_iter().map(scaling::BenchMode::from).collect(),
-                lengths: list(&lengths, "--lengths")?,
+                lengths: counts(&lengths, "--lengths")?,
                 warmup,
                 reps,
                 dtype: altformers::device::parse_dtype(&dtype)?,
@@ -436,7 +468,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 heads,
                 length,
                 input_stds: list(&input_stds, "--input-stds")?,
-                features: list(&features, "--features")?,
+                features: counts(&features, "--features")?,
                 draws,
                 seed,
             };
@@ -456,11 +488,19 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             time_cap,
             sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
+            positive(&[
+                ("--width", width as f64),
+                ("--heads", heads as f64),
+                ("--depth", depth as f64),
+                ("--steps", steps as f64),
+                ("--time-cap", time_cap),
+                ("--memory-cap-gb", memory_cap_gb),
+            ])?;
             let device = altformers::device::select(&device)?;
             let opts = decode::DecodeOptions {
                 models: model_list(&models)?,
-                contexts: list(&contexts, "--contexts")?,
-                batches: list(&batches, "--batches")?,
+                contexts: counts(&contexts, "--contexts")?,
+                batches: counts(&batches, "--batches")?,
                 width,
                 heads,
                 depth,
@@ -512,6 +552,7 @@ fn run(command: Command) -> Result<()> {
             ..
         } => {
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
+            non_empty(&[("--out", &out)])?;
             anyhow::ensure!(
                 stop_after.is_none() && !resume,
                 "--task listops keeps no checkpoint: no --stop-after or --resume"
@@ -541,6 +582,8 @@ fn run(command: Command) -> Result<()> {
             stop_after,
         } => {
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
+            non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
+            anyhow::ensure!(stop_after != Some(0), "--stop-after must be at least 1");
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
             let cfg = if resume {
@@ -568,6 +611,8 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Eval { run, data, data_format, test, max_bytes, batch_size, device } => {
+            non_empty(&[("--run", &run), ("--data", std::path::Path::new(&data))])?;
+            positive(&[("--batch-size", batch_size as f64), ("--max-bytes", max_bytes.unwrap_or(1) as f64)])?;
             let device = altformers::device::select(&device)?;
             let model = train::load_run(&run, &device, candle_core::DType::F32)?;
             let corpus = Corpus::load(&data, data_format.into())?;
@@ -576,7 +621,7 @@ fn run(command: Command) -> Result<()> {
             } else {
                 &corpus.val
             };
-            let loss = train::evaluate_split(&model, split, batch_size.max(1), max_bytes)?;
+            let loss = train::evaluate_split(&model, split, batch_size, max_bytes)?;
             let key = if test { "test" } else { "val" };
             println!(
                 "{}",
@@ -585,6 +630,12 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device } => {
+            non_empty(&[("--run", &run)])?;
+            anyhow::ensure!(
+                temperature.is_finite() && temperature >= 0.0,
+                "--temperature must be a finite number >= 0 (0: always the likeliest byte), got {temperature}"
+            );
+            anyhow::ensure!(top_k != Some(0), "--top-k must be at least 1");
             let device = altformers::device::select(&device)?;
             let model = train::load_run(&run, &device, candle_core::DType::F32)?;
             let opts = SampleOptions { tokens, temperature, top_k, seed };
@@ -598,6 +649,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Bench(cmd) => bench(cmd),
         Command::Report { from } => {
+            non_empty(&[("--from", &from)])?;
             altformers::report::render(&from)?;
             println!("{}", from.join("report.md").display());
             Ok(())
@@ -623,6 +675,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::ImportRwkv4 { file, out } => {
+            non_empty(&[("FILE", &file), ("--out", &out)])?;
             let cfg = altformers::import::rwkv4(&file, &out)?;
             println!(
                 "imported RWKV-4 (width {}, {} layers, vocab {}) into {}",

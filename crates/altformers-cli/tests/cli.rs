@@ -241,3 +241,294 @@ fn two_trainings_into_one_folder_leave_one_whole_run() {
     }
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// Every subcommand, every flag, given bad values (empty, zero, negative, NaN, huge, the
+/// wrong type): each must end with a non-zero exit and a message, never a panic or an abort.
+/// The other flags are valid and tiny, so the bad one is what fails, and fast.
+#[test]
+fn fuzzed_arguments_fail_cleanly_never_panic() {
+    let dir = temp("fuzz");
+    let run = dir.join("run");
+    let (run_s, out_s) = (run.to_str().unwrap(), dir.join("out").to_str().unwrap().to_string());
+    let mut args =
+        vec!["--threads", "1", "train", "--model", "transformer", "--data", "shakespeare", "--out", run_s, "--quiet"];
+    args.extend(TINY);
+    let trained = altformers(&args);
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    let not_weights = dir.join("not-weights.safetensors");
+    std::fs::write(&not_weights, b"\x08\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
+    let nw = not_weights.to_str().unwrap();
+
+    // (the valid base of a subcommand, then each bad (flag, value) laid on it)
+    let mut train_base = vec!["train", "--model", "transformer", "--data", "shakespeare", "--out", &out_s, "--quiet"];
+    train_base.extend(TINY);
+    let bad_sets = [
+        "",
+        "=",
+        "model",
+        "model.width=",
+        "model.width=-1",
+        "model.width=nan",
+        "model.width=abc",
+        "model.width=0",
+        "model.width=1e30",
+        "model.ffn_mult=0.001",
+        "model.ffn_mult=0",
+        "model.ffn_mult=nan",
+        "model.ffn_mult=-1",
+        "model.ffn_mult=1e400",
+        "model.dropout=nan",
+        "model.dropout=1",
+        "model.heads=0",
+        "model.heads=-1",
+        "model.depth=0",
+        "model.context=0",
+        "model.vocab=0",
+        "train.lr=nan",
+        "train.lr=-1",
+        "train.lr=inf",
+        "train.min_lr=nan",
+        "train.steps=0",
+        "train.steps=-5",
+        "train.batch_size=0",
+        "train.eval_every=0",
+        "train.eval_batches=0",
+        "train.beta1=nan",
+        "train.beta2=1",
+        "train.grad_clip=-1",
+        "train.seed=-1",
+        "train.weight_decay=nan",
+        "nosuch.key=1",
+        "model.options.nosuch=1",
+    ];
+    let mut cases: Vec<(Vec<&str>, Vec<&str>)> = Vec::new();
+    for set in bad_sets {
+        cases.push((train_base.clone(), vec!["--set", set]));
+    }
+    for (flag, values) in [
+        ("--model", &["", "nosuch", "0"][..]),
+        ("--data", &["", "/no/such/file"]),
+        ("--data-format", &["", "nosuch", "0"]),
+        ("--task", &["", "nosuch"]),
+        ("--config", &["", "/no/such.toml"]),
+        ("--out", &[""]),
+        ("--device", &["", "nosuch", "cuda:99", "-1"]),
+        ("--dtype", &["", "nan", "f7", "0"]),
+        ("--stop-after", &["0", "-1", "nan", "1e30", ""]),
+        ("--threads", &["-1", "nan", ""]),
+    ] {
+        for v in values {
+            cases.push((train_base.clone(), vec![flag, v]));
+        }
+    }
+    cases.push((vec!["train", "--model", "transformer", "--data", "shakespeare", "--resume", "--out"], vec![&out_s]));
+
+    let eval_base = vec!["eval", "--run", run_s, "--data", "shakespeare", "--max-bytes", "200"];
+    for (flag, values) in [
+        ("--run", &["", "/no/such/run"][..]),
+        ("--data", &["", "/no/such/file"]),
+        ("--data-format", &["nosuch"]),
+        ("--batch-size", &["0", "-1", "nan", ""]),
+        ("--max-bytes", &["0", "-1", "nan", "1e30"]),
+        ("--device", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((eval_base.clone(), vec![flag, v]));
+        }
+    }
+    cases.push((eval_base.clone(), vec!["--test"]));
+
+    let gen_base = vec!["generate", "--run", run_s, "--tokens", "4"];
+    for (flag, values) in [
+        ("--run", &["", "/no/such/run"][..]),
+        ("--tokens", &["-1", "nan", "1e30"]),
+        ("--temperature", &["-1", "nan", "inf", "abc", ""]),
+        ("--top-k", &["0", "-1", "nan"]),
+        ("--seed", &["-1", "nan"]),
+        ("--mode", &["", "nosuch"]),
+        ("--device", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((gen_base.clone(), vec![flag, v]));
+        }
+    }
+
+    let params_base = vec!["params", "--model", "transformer"];
+    for (flag, values) in [
+        ("--model", &["", "nosuch"][..]),
+        ("--set", &["model.width=0", "model.ffn_mult=0.001", "model.heads=0", "model.width=abc", "="]),
+        ("--matching", &["", "nosuch"]),
+        ("--config", &["", "/no/such.toml"]),
+    ] {
+        for v in values {
+            cases.push((params_base.clone(), vec![flag, v]));
+        }
+    }
+
+    for (file, out) in [("", out_s.as_str()), ("/no/such/file", &out_s), (nw, &out_s), (nw, "")] {
+        cases.push((vec!["import-rwkv4", file, "--out"], vec![out]));
+    }
+
+    let scaling = vec![
+        "bench",
+        "scaling",
+        "--models",
+        "transformer",
+        "--lengths",
+        "16",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    for (flag, values) in [
+        ("--lengths", &["0", "", "nan", "abc", "16,0"][..]),
+        ("--width", &["0", "-1", "nan"]),
+        ("--heads", &["0", "nan"]),
+        ("--tokens-per-batch", &["0"]),
+        ("--reps", &["0"]),
+        ("--time-cap", &["nan", "0", "inf", "abc"]),
+        ("--memory-cap-gb", &["nan", "0"]),
+        ("--components", &["", "nosuch"]),
+        ("--models", &["", "nosuch"]),
+        ("--mode", &["nosuch"]),
+        ("--dtype", &["nosuch"]),
+        ("--device", &["nosuch"]),
+        ("--set", &["nosuch=1"]),
+    ] {
+        for v in values {
+            cases.push((scaling.clone(), vec![flag, v]));
+        }
+    }
+    let decode = vec![
+        "bench",
+        "decode",
+        "--models",
+        "transformer",
+        "--contexts",
+        "16",
+        "--batches",
+        "1",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--depth",
+        "1",
+        "--steps",
+        "1",
+    ];
+    for (flag, values) in [
+        ("--contexts", &["0", "", "nan"][..]),
+        ("--batches", &["0", "abc"]),
+        ("--width", &["0"]),
+        ("--heads", &["0"]),
+        ("--depth", &["0"]),
+        ("--steps", &["0"]),
+        ("--time-cap", &["nan", "0"]),
+        ("--models", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((decode.clone(), vec![flag, v]));
+        }
+    }
+    let ops = vec![
+        "bench",
+        "ops",
+        "--device",
+        "cpu",
+        "--ops",
+        "attention",
+        "--lengths",
+        "16",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "fwd",
+    ];
+    for (flag, values) in [
+        ("--lengths", &["0", "", "nan"][..]),
+        ("--reps", &["0", "-1"]),
+        ("--ops", &["", "nosuch"]),
+        ("--modes", &["nosuch"]),
+        ("--dtype", &["nosuch"]),
+        ("--device", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((ops.clone(), vec![flag, v]));
+        }
+    }
+    let perf = vec![
+        "bench",
+        "performer-error",
+        "--head-dim",
+        "4",
+        "--heads",
+        "1",
+        "--length",
+        "8",
+        "--features",
+        "4",
+        "--draws",
+        "1",
+    ];
+    for (flag, values) in [
+        ("--features", &["0", "", "nan"][..]),
+        ("--head-dim", &["0"]),
+        ("--heads", &["0"]),
+        ("--length", &["0"]),
+        ("--draws", &["0"]),
+        ("--input-stds", &["nan", "0", "abc"]),
+    ] {
+        for v in values {
+            cases.push((perf.clone(), vec![flag, v]));
+        }
+    }
+    for v in ["", "/no/such/dir"] {
+        cases.push((vec!["report", "--from"], vec![v]));
+    }
+    let compare = vec!["compare", "--out", &out_s];
+    for (flag, v) in [
+        ("--preset", "nosuch"),
+        ("--preset", ""),
+        ("--models", "nosuch"),
+        ("--parts", "nosuch"),
+        ("--jobs", "0"),
+        ("--jobs", "-1"),
+    ] {
+        cases.push((compare.clone(), vec![flag, v]));
+    }
+    cases.push((vec!["models"], vec!["--bogus"]));
+    cases.push((vec![], vec!["nosuch-command"]));
+    cases.push((vec![], vec![]));
+
+    for (base, bad) in &cases {
+        let args: Vec<&str> =
+            ["--threads", "1"].iter().copied().chain(base.iter().copied()).chain(bad.iter().copied()).collect();
+        let out = altformers(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let code = out.status.code();
+        assert!(code.is_some(), "{bad:?} in {args:?}: killed by a signal (an abort?): {stderr}");
+        assert!(!matches!(code, Some(0) | Some(101)), "{bad:?} in {args:?}: exit {code:?}: {stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("memory allocation"), "{bad:?}: {stderr}");
+        assert!(!stderr.trim().is_empty(), "{bad:?} in {args:?}: failed without a message");
+        assert!(!dir.join("out").join("config.json").exists(), "{bad:?}: a run was written");
+    }
+
+    // weights with a NaN: eval and generate refuse them, naming the tensor
+    let weights = run.join("model.safetensors");
+    let mut t = altformers::params::load_tensors(&weights, &candle_core::Device::Cpu).unwrap();
+    let (name, w) = t.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    let nan = (w.affine(0.0, f64::NAN)).unwrap();
+    t.insert(name.clone(), nan);
+    altformers::params::save_tensors(&t, &weights).unwrap();
+    fails_with(&["eval", "--run", run_s, "--data", "shakespeare", "--max-bytes", "200"], &format!("`{name}` holds"));
+    fails_with(&["generate", "--run", run_s, "--tokens", "4"], "non-finite");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
