@@ -218,6 +218,29 @@ fn a_run_that_died_before_its_first_checkpoint_can_be_rerun() -> Result<()> {
     Ok(())
 }
 
+/// Resume compares the corpus's bytes (size and hash), not its path: a file replaced between
+/// runs is refused, the same file by another path is accepted.
+#[test]
+fn resume_checks_the_corpus_bytes_not_its_path() -> Result<()> {
+    let dir = temp_dir("corpus-id");
+    let shakespeare = Corpus::load("shakespeare", DataFormat::Text)?.train;
+    let file = dir.join("corpus.txt");
+    std::fs::write(&file, &shakespeare[..20_000])?;
+    let (run, cfg) = (dir.join("run"), tiny_run(6)?);
+    let corpus = |path: &std::path::Path| Corpus::load(path.to_str().unwrap(), DataFormat::Text);
+    train(&cfg, &corpus(&file)?, DataFormat::Text, &opts(&run, false, Some(3)))?;
+    // the same length, other bytes
+    std::fs::write(&file, &shakespeare[20_000..40_000])?;
+    let err = train(&cfg, &corpus(&file)?, DataFormat::Text, &opts(&run, true, None)).err().expect("other bytes");
+    assert!(err.to_string().contains("is other data"), "{err}");
+    std::fs::write(&file, &shakespeare[..20_000])?;
+    let elsewhere = dir.join(".").join("corpus.txt");
+    let done = train(&cfg, &corpus(&elsewhere)?, DataFormat::Text, &opts(&run, true, None))?;
+    assert_eq!(done.last.step, 6);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 #[test]
 fn saved_model_loads_with_identical_logits_and_generates_the_same_text_in_both_modes() -> Result<()> {
     let (_, dir, cfg) = trained("save-load", 6, None)?;

@@ -131,21 +131,14 @@ pub fn train(
     let mut trainer = Trainer::new(&model, t)?;
     let (folder, mut state, mut history) = if opts.resume {
         let (folder, state, history) = RunFolder::resume(out, config)?;
-        if state.data_source != corpus.source || state.data_format != data_format {
-            bail!(
-                "--resume: this run trained on `{}` ({:?}); got `{}` ({:?})",
-                state.data_source,
-                state.data_format,
-                corpus.source,
-                data_format
-            );
-        }
+        state.check_data(corpus, data_format)?;
         folder.restore(&model, &mut trainer.opt, &state)?;
         folder.rewrite_metrics(&history)?;
         (folder, state, history)
     } else {
+        let data = Some(run_folder::CorpusId::of(corpus));
         let state =
-            TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, elapsed_s: 0.0 };
+            TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, data, elapsed_s: 0.0 };
         (RunFolder::create(out, config)?, state, Vec::new())
     };
     let train_task = ByteLm { split: &corpus.train, context: m.context };

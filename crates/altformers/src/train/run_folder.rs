@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use super::lock::RunLock;
 use super::optim::AdamW;
 use crate::config::RunConfig;
-use crate::data::DataFormat;
+use crate::data::{Corpus, DataFormat};
 use crate::model::Model;
 use crate::util::{read_json, write_json_atomic};
 
@@ -49,7 +49,58 @@ pub struct TrainState {
     pub seed: u64,
     pub data_source: String,
     pub data_format: DataFormat,
+    /// The corpus's size and hash ([`CorpusId`]): resume checks the bytes, not the path.
+    /// Absent in checkpoints written before it was recorded (then the path is compared).
+    #[serde(default)]
+    pub data: Option<CorpusId>,
     pub elapsed_s: f64,
+}
+
+/// What identifies a corpus's bytes: its size and a 64-bit FNV-1a hash of its splits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorpusId {
+    pub bytes: u64,
+    pub fnv1a: String,
+}
+
+impl CorpusId {
+    pub fn of(corpus: &Corpus) -> Self {
+        let splits = [Some(&corpus.train), Some(&corpus.val), corpus.test.as_ref()];
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut bytes = 0;
+        for split in splits.into_iter().flatten() {
+            bytes += split.len() as u64;
+            for &b in split.iter() {
+                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        Self { bytes, fnv1a: format!("{h:016x}") }
+    }
+}
+
+impl TrainState {
+    /// Refuses to resume on other data than the run's: other bytes (a replaced file), or
+    /// another format. The same bytes under another path are the same data.
+    pub fn check_data(&self, corpus: &Corpus, format: DataFormat) -> Result<()> {
+        let now = CorpusId::of(corpus);
+        let same = match &self.data {
+            Some(id) => *id == now,
+            None => self.data_source == corpus.source,
+        };
+        if !same || self.data_format != format {
+            let id =
+                |d: Option<&CorpusId>| d.map_or(String::new(), |d| format!(", {} bytes, FNV-1a {}", d.bytes, d.fnv1a));
+            bail!(
+                "--resume: this run trained on `{}` ({:?}{}); `{}` ({format:?}{}) is other data",
+                self.data_source,
+                self.data_format,
+                id(self.data.as_ref()),
+                corpus.source,
+                id(Some(&now))
+            );
+        }
+        Ok(())
+    }
 }
 
 pub struct RunFolder {
