@@ -658,6 +658,7 @@ fn run(command: Command) -> Result<()> {
             let over = Overrides::from_cli(config.as_deref(), &sets)?;
             let arch = registry::find(&model)?;
             let cfg = arch.config(&over)?;
+            altformers::model::size::check_params(&cfg.model, candle_core::DType::F32)?;
             let params = altformers::compare::param_count(arch, &cfg.model, cfg.model.width)
                 .context("this configuration does not build")?;
             let mut out = serde_json::json!({ "model": model, "width": cfg.model.width, "params": params });

@@ -32,12 +32,18 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
     };
     let (vocab, width) =
         emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
-    let depth = tensors
-        .keys()
-        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map(|m| m + 1)
-        .with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
+    // the layers present, checked contiguous before a model of that depth is built (a file
+    // naming `blocks.99999999.x` would otherwise build 10^8 layers)
+    let layers: std::collections::BTreeSet<usize> =
+        tensors.keys().filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok()).collect();
+    let depth = layers.last().map(|m| m + 1).with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
+    if layers.len() != depth {
+        let missing = (0..depth).find(|i| !layers.contains(i)).unwrap_or(0);
+        bail!(
+            "{origin}: its layers are not numbered 0..N without gaps: `blocks.{missing}.*` is missing but `blocks.{}.*` is present",
+            depth - 1
+        );
+    }
     let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
         Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
         _ => 4 * width, // the check below names the problem
@@ -92,6 +98,14 @@ mod tests {
         let err = format!("{:#}", rwkv4(&bad, &dir.join("run2")).unwrap_err());
         assert!(err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"), "{err}");
         assert!(!dir.join("run2").join("config.json").exists());
+
+        // a layer index far past the others is refused before anything is built
+        let mut t = model.params.tensors();
+        t.insert("blocks.99999999.x".into(), Tensor::zeros(2, DType::F32, &Device::Cpu)?);
+        let far = dir.join("far.safetensors");
+        crate::params::save_tensors(&t, &far)?;
+        let err = format!("{:#}", rwkv4(&far, &dir.join("run4")).unwrap_err());
+        assert!(err.contains("`blocks.2.*` is missing but `blocks.99999999.*` is present"), "{err}");
 
         // NaN and infinite weights are refused at import and at load, by tensor name
         let mut t = model.params.tensors();

@@ -127,6 +127,9 @@ pub fn train(
     corpus.check_context(config.model.context)?;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
+    if opts.device.is_cpu() {
+        crate::model::size::check_training(m, t.batch_size, opts.dtype)?;
+    }
     let model = fresh_model(config, opts)?;
     let mut trainer = Trainer::new(&model, t)?;
     let (folder, mut state, mut history) = if opts.resume {
