@@ -95,10 +95,13 @@ enum Command {
     },
     /// Loss of a trained run on a corpus's validation split (every byte, consecutive windows).
     Eval {
+        /// The run folder (written by train or import-rwkv4).
         #[arg(long)]
         run: PathBuf,
+        /// `shakespeare` (bundled) or a path: its validation split is evaluated.
         #[arg(long)]
         data: String,
+        /// How --data splits: text (90% / 10%) or enwik8 (90M / 5M / 5M bytes).
         #[arg(long, value_enum, default_value = "text")]
         data_format: FormatArg,
         /// Evaluate the test split instead (enwik8 only).
@@ -107,23 +110,31 @@ enum Command {
         /// Only the first N bytes of the split.
         #[arg(long)]
         max_bytes: Option<usize>,
+        /// Windows evaluated at once.
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
     /// Continue a prompt with a trained run.
     Generate {
+        /// The run folder (written by train or import-rwkv4).
         #[arg(long)]
         run: PathBuf,
+        /// The text to continue (printed first).
         #[arg(long, default_value = "\n")]
         prompt: String,
+        /// Bytes to generate.
         #[arg(long, default_value_t = 200)]
         tokens: usize,
+        /// Sampling temperature, >= 0 (0: always the likeliest byte).
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
+        /// Sample among the K likeliest bytes only (K >= 1).
         #[arg(long)]
         top_k: Option<usize>,
+        /// The sampling seed: the same seed gives the same text.
         #[arg(long, default_value_t = 1337)]
         seed: u64,
         /// parallel: re-run the window for every byte; recurrent: prefill, then one step per byte.
@@ -136,10 +147,13 @@ enum Command {
     Models,
     /// Parameter count of a configuration, and the width that matches another model's count.
     Params {
+        /// Architecture name (see `altformers models`).
         #[arg(long)]
         model: String,
+        /// TOML file with [model] and [train] sections.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Override one setting, e.g. `--set model.width=256` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// Also solve the width whose parameter count matches this model's (same config).
@@ -163,6 +177,7 @@ enum Command {
     Bench(BenchCommand),
     /// Render DIR/report.md and DIR/plots/*.svg from the results in DIR.
     Report {
+        /// The folder `compare --out` wrote (its *.jsonl files).
         #[arg(long)]
         from: PathBuf,
     },
@@ -644,7 +659,13 @@ fn run(command: Command) -> Result<()> {
                 ModeArg::Recurrent => Mode::Recurrent,
             };
             let out = generate(&model, prompt.as_bytes(), &opts, mode)?;
-            println!("{prompt}{}", String::from_utf8_lossy(&out));
+            // the bytes as generated: a model can emit invalid UTF-8, and a lossy print would
+            // change it
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(prompt.as_bytes())?;
+            stdout.write_all(&out)?;
+            stdout.write_all(b"\n")?;
             Ok(())
         }
         Command::Bench(cmd) => bench(cmd),

@@ -298,6 +298,9 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
         "train.grad_clip=-1",
         "train.seed=-1",
         "train.weight_decay=nan",
+        "model.width=100000",
+        "model.depth=100000000",
+        "model.vocab=10",
         "nosuch.key=1",
         "model.options.nosuch=1",
     ];
@@ -308,7 +311,7 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
     for (flag, values) in [
         ("--model", &["", "nosuch", "0"][..]),
         ("--data", &["", "/no/such/file"]),
-        ("--data-format", &["", "nosuch", "0"]),
+        ("--data-format", &["", "nosuch", "0", "enwik8"]),
         ("--task", &["", "nosuch"]),
         ("--config", &["", "/no/such.toml"]),
         ("--out", &[""]),
@@ -356,7 +359,17 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
     let params_base = vec!["params", "--model", "transformer"];
     for (flag, values) in [
         ("--model", &["", "nosuch"][..]),
-        ("--set", &["model.width=0", "model.ffn_mult=0.001", "model.heads=0", "model.width=abc", "="]),
+        (
+            "--set",
+            &[
+                "model.width=0",
+                "model.ffn_mult=0.001",
+                "model.heads=0",
+                "model.width=abc",
+                "=",
+                "model.depth=100000000",
+            ],
+        ),
         ("--matching", &["", "nosuch"]),
         ("--config", &["", "/no/such.toml"]),
     ] {
@@ -530,5 +543,39 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
     altformers::params::save_tensors(&t, &weights).unwrap();
     fails_with(&["eval", "--run", run_s, "--data", "shakespeare", "--max-bytes", "200"], &format!("`{name}` holds"));
     fails_with(&["generate", "--run", run_s, "--tokens", "4"], "non-finite");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The smaller items of issue 25: clear refusals, warnings that name the line, help text.
+#[test]
+fn small_input_problems_are_named() {
+    let dir = temp("small");
+    let out = dir.join("run");
+    let out_s = out.to_str().unwrap();
+    let train = ["train", "--model", "transformer", "--data", "shakespeare", "--out", out_s];
+    fails_with(&[&train[..], &["--data-format", "enwik8"]].concat(), "the bundled `shakespeare` corpus is text");
+    fails_with(&[&train[..], &["--set", "model.vocab=10"]].concat(), "needs 256");
+    fails_with(&[&train[..], &["--set", "model.width=100000", "--set", "model.heads=2"]].concat(), "needs about");
+    fails_with(&["params", "--model", "transformer", "--set", "model.depth=100000000"], "are available");
+    fails_with(&["generate", "--run", out_s, "--temperature", "-1"], "--temperature must be");
+    fails_with(&["generate", "--run", out_s, "--top-k", "0"], "--top-k must be at least 1");
+    // a corrupt line in a results file is skipped with a warning naming it
+    let report = dir.join("report");
+    std::fs::create_dir_all(&report).unwrap();
+    let row = r#"{"model":"transformer","width":16,"params":1,"params_ratio":1.0,"steps":1,"tokens":1,"val_loss":1.0,"val_bpb":1.4,"tokens_per_s":1.0,"elapsed_s":1.0}"#;
+    std::fs::write(report.join("quality.jsonl"), format!("{row}\n{{\"model\": \"rwk\n")).unwrap();
+    let rendered = altformers(&["report", "--from", report.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&rendered.stderr);
+    assert!(stderr.contains("quality.jsonl line 2 is not JSON"), "{stderr}");
+    // every flag of eval, generate, params and report says what it is
+    for (cmd, needle) in [
+        ("eval", "Windows evaluated at once"),
+        ("generate", "0: always the likeliest byte"),
+        ("params", "Override one setting"),
+        ("report", "compare --out"),
+    ] {
+        let help = altformers(&[cmd, "--help"]);
+        assert!(String::from_utf8_lossy(&help.stdout).contains(needle), "{cmd} --help");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -157,6 +157,7 @@ fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
     let straight = train(&cfg, &corpus, DataFormat::Text, &opts(&a, false, None))?;
     let first = train(&cfg, &corpus, DataFormat::Text, &opts(&b, false, Some(4)))?;
     assert_eq!(first.last.step, 4);
+    let written_before = std::fs::read_to_string(b.join("metrics.jsonl"))?;
     let resumed = train(&cfg, &corpus, DataFormat::Text, &opts(&b, true, None))?;
     assert_eq!(resumed.last.step, 10);
     assert_eq!(straight.last.val_loss, resumed.last.val_loss);
@@ -172,6 +173,8 @@ fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
         .map(|l| serde_json::from_str::<altformers::train::Metrics>(l).map(|m| m.step))
         .collect::<std::result::Result<_, _>>()?;
     assert_eq!(steps, vec![3, 4, 6, 9, 10]);
+    // the lines before the interruption are kept as written, byte for byte
+    assert!(std::fs::read_to_string(b.join("metrics.jsonl"))?.starts_with(&written_before));
     // a second fresh run into the same folder is refused, not overwritten
     let again = train(&cfg, &corpus, DataFormat::Text, &opts(&a, false, None)).err().unwrap().to_string();
     assert!(again.contains("already holds a run"), "{again}");

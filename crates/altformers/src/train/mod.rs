@@ -125,6 +125,9 @@ pub fn train(
         );
     }
     corpus.check_context(config.model.context)?;
+    if config.model.vocab < 256 {
+        bail!("model.vocab is {}: a byte-level language model needs 256 (every byte value)", config.model.vocab);
+    }
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
     if opts.device.is_cpu() {
@@ -136,7 +139,7 @@ pub fn train(
         let (folder, state, history) = RunFolder::resume(out, config)?;
         state.check_data(corpus, data_format)?;
         folder.restore(&model, &mut trainer.opt, &state)?;
-        folder.rewrite_metrics(&history)?;
+        folder.keep_metrics_up_to(state.step)?;
         (folder, state, history)
     } else {
         let data = Some(run_folder::CorpusId::of(corpus));

@@ -266,7 +266,7 @@ impl RunFolder {
         Ok(())
     }
 
-    /// Replaces `metrics.jsonl` with `history` (on resume: the lines up to the checkpoint).
+    /// Replaces `metrics.jsonl` with `history` (a new run: none).
     pub fn rewrite_metrics(&self, history: &[Metrics]) -> Result<()> {
         let mut text = String::new();
         for m in history {
@@ -274,5 +274,22 @@ impl RunFolder {
             text.push('\n');
         }
         crate::util::write_atomic(&self.metrics_path(), text.as_bytes())
+    }
+
+    /// Keeps the lines of `metrics.jsonl` up to `step` (on resume: the checkpoint's) as they
+    /// were written, byte for byte: a float parsed and printed again may move by one ULP.
+    pub fn keep_metrics_up_to(&self, step: usize) -> Result<()> {
+        let path = self.metrics_path();
+        let text = if path.exists() { std::fs::read_to_string(&path)? } else { String::new() };
+        let mut kept = String::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let m: Metrics =
+                serde_json::from_str(line).with_context(|| format!("corrupt line in {}", path.display()))?;
+            if m.step <= step {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        crate::util::write_atomic(&path, kept.as_bytes())
     }
 }
