@@ -129,7 +129,7 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         tokens: usize,
         /// Sampling temperature, >= 0 (0: always the likeliest byte).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         temperature: f64,
         /// Sample among the K likeliest bytes only (K >= 1).
         #[arg(long)]

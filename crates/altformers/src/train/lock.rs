@@ -56,6 +56,8 @@ impl RunLock {
             match linked {
                 Ok(()) => return Ok(Self { path, owner }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                // the folder's writer, cleaning up after crashes, removed our temporary file
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
             }
             let held = match std::fs::read_to_string(&path) {
