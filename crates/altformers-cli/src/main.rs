@@ -72,7 +72,8 @@ enum Command {
         /// TOML file with [model] and [train] sections.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Override one setting, e.g. `--set train.lr=3e-4` (repeatable).
+        /// Override one setting, e.g. `--set train.lr=3e-4` (repeatable; every key:
+        /// `altformers config --list`).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// Run folder: config.json, model.safetensors, metrics.jsonl, checkpoint/.
@@ -145,6 +146,15 @@ enum Command {
     },
     /// Every registered architecture with its stated and true complexity.
     Models,
+    /// Every `--set` key (and config-file key) of a model: its type and default.
+    Config {
+        /// List the keys (the only action so far).
+        #[arg(long)]
+        list: bool,
+        /// Architecture whose defaults and `model.options.*` keys are listed.
+        #[arg(long, default_value = "transformer")]
+        model: String,
+    },
     /// Parameter count of a configuration, and the width that matches another model's count.
     Params {
         /// Architecture name (see `altformers models`).
@@ -384,6 +394,27 @@ fn model_list(s: &str) -> Result<Vec<String>> {
             .collect());
     }
     s.split(',').map(|m| Ok(altformers::registry::find(m.trim())?.name.to_string())).collect()
+}
+
+/// Every leaf of `value` as (dotted key, JSON type, value), tables descended.
+fn flatten_keys(prefix: &str, value: &serde_json::Value, rows: &mut Vec<(String, &'static str, String)>) {
+    use serde_json::Value;
+    let kind = match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten_keys(&key, v, rows);
+            }
+            return;
+        }
+        Value::Number(n) if n.is_f64() => "float",
+        Value::Number(_) => "integer",
+        Value::Bool(_) => "bool",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Null => "optional",
+    };
+    rows.push((prefix.to_string(), kind, value.to_string()));
 }
 
 /// Prints each JSON line and, with `out`, writes them all to the file.
@@ -706,6 +737,19 @@ fn run(command: Command) -> Result<()> {
                 cfg.model.vocab,
                 out.display()
             );
+            Ok(())
+        }
+        Command::Config { list, model } => {
+            anyhow::ensure!(list, "config: pass --list to list every key with its type and default");
+            let arch = registry::find(&model)?;
+            let mut rows = Vec::new();
+            flatten_keys("", &serde_json::to_value(arch.defaults())?, &mut rows);
+            let listops = serde_json::to_value(altformers::train::listops::ListOpsSettings::default())?;
+            flatten_keys("listops", &listops, &mut rows);
+            println!("| key | type | default (`{model}`) |\n|---|---|---|");
+            for (key, kind, value) in rows.iter().filter(|(k, ..)| k != "model.architecture") {
+                println!("| {key} | {kind} | {value} |");
+            }
             Ok(())
         }
         Command::Models => {

@@ -567,6 +567,15 @@ fn small_input_problems_are_named() {
     let rendered = altformers(&["report", "--from", report.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&rendered.stderr);
     assert!(stderr.contains("quality.jsonl line 2 is not JSON"), "{stderr}");
+    // `config --list` names every key with its type and default
+    let keys = altformers(&["config", "--list", "--model", "retnet"]);
+    let text = String::from_utf8_lossy(&keys.stdout);
+    for row in
+        ["| model.width | integer | 128 |", "| train.lr | float |", "| model.options.chunk | integer |", "| listops."]
+    {
+        assert!(text.contains(row), "{row} missing from:\n{text}");
+    }
+    fails_with(&["config"], "pass --list");
     // every flag of eval, generate, params and report says what it is
     for (cmd, needle) in [
         ("eval", "Windows evaluated at once"),
