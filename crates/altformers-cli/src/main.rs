@@ -72,7 +72,8 @@ enum Command {
         /// TOML file with [model] and [train] sections.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Override one setting, e.g. `--set train.lr=3e-4` (repeatable).
+        /// Override one setting, e.g. `--set train.lr=3e-4` (repeatable; every key:
+        /// `altformers config --list`).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// Run folder: config.json, model.safetensors, metrics.jsonl, checkpoint/.
@@ -95,10 +96,13 @@ enum Command {
     },
     /// Loss of a trained run on a corpus's validation split (every byte, consecutive windows).
     Eval {
+        /// The run folder (written by train or import-rwkv4).
         #[arg(long)]
         run: PathBuf,
+        /// `shakespeare` (bundled) or a path: its validation split is evaluated.
         #[arg(long)]
         data: String,
+        /// How --data splits: text (90% / 10%) or enwik8 (90M / 5M / 5M bytes).
         #[arg(long, value_enum, default_value = "text")]
         data_format: FormatArg,
         /// Evaluate the test split instead (enwik8 only).
@@ -107,23 +111,31 @@ enum Command {
         /// Only the first N bytes of the split.
         #[arg(long)]
         max_bytes: Option<usize>,
+        /// Windows evaluated at once.
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
     },
     /// Continue a prompt with a trained run.
     Generate {
+        /// The run folder (written by train or import-rwkv4).
         #[arg(long)]
         run: PathBuf,
+        /// The text to continue (printed first).
         #[arg(long, default_value = "\n")]
         prompt: String,
+        /// Bytes to generate.
         #[arg(long, default_value_t = 200)]
         tokens: usize,
-        #[arg(long, default_value_t = 1.0)]
+        /// Sampling temperature, >= 0 (0: always the likeliest byte).
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         temperature: f64,
+        /// Sample among the K likeliest bytes only (K >= 1).
         #[arg(long)]
         top_k: Option<usize>,
+        /// The sampling seed: the same seed gives the same text.
         #[arg(long, default_value_t = 1337)]
         seed: u64,
         /// parallel: re-run the window for every byte; recurrent: prefill, then one step per byte.
@@ -138,12 +150,24 @@ enum Command {
     },
     /// Every registered architecture with its stated and true complexity.
     Models,
+    /// Every `--set` key (and config-file key) of a model: its type and default.
+    Config {
+        /// List the keys (the only action so far).
+        #[arg(long)]
+        list: bool,
+        /// Architecture whose defaults and `model.options.*` keys are listed.
+        #[arg(long, default_value = "transformer")]
+        model: String,
+    },
     /// Parameter count of a configuration, and the width that matches another model's count.
     Params {
+        /// Architecture name (see `altformers models`).
         #[arg(long)]
         model: String,
+        /// TOML file with [model] and [train] sections.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Override one setting, e.g. `--set model.width=256` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// Also solve the width whose parameter count matches this model's (same config).
@@ -167,6 +191,7 @@ enum Command {
     Bench(BenchCommand),
     /// Render DIR/report.md and DIR/plots/*.svg from the results in DIR.
     Report {
+        /// The folder `compare --out` wrote (its *.jsonl files).
         #[arg(long)]
         from: PathBuf,
     },
@@ -341,6 +366,29 @@ fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
         .collect()
 }
 
+/// `flag`'s comma-separated counts, each at least 1 (a zero length or batch divides by zero).
+fn counts(s: &str, flag: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = list(s, flag)?;
+    anyhow::ensure!(v.iter().all(|&x| x > 0), "{flag}: every value must be at least 1, got `{s}`");
+    Ok(v)
+}
+
+/// Each `(flag, value)` must be a positive, finite number.
+fn positive(values: &[(&str, f64)]) -> Result<()> {
+    for (flag, v) in values {
+        anyhow::ensure!(v.is_finite() && *v > 0.0, "{flag} must be a positive number, got {v}");
+    }
+    Ok(())
+}
+
+/// Each `(flag, path)` must be given, not empty (an empty --out would write into the working folder).
+fn non_empty(paths: &[(&str, &std::path::Path)]) -> Result<()> {
+    for (flag, p) in paths {
+        anyhow::ensure!(!p.as_os_str().is_empty(), "{flag} is empty: give a path");
+    }
+    Ok(())
+}
+
 fn model_list(s: &str) -> Result<Vec<String>> {
     if s == "all" {
         return Ok(altformers::registry::ARCHITECTURES
@@ -350,6 +398,27 @@ fn model_list(s: &str) -> Result<Vec<String>> {
             .collect());
     }
     s.split(',').map(|m| Ok(altformers::registry::find(m.trim())?.name.to_string())).collect()
+}
+
+/// Every leaf of `value` as (dotted key, JSON type, value), tables descended.
+fn flatten_keys(prefix: &str, value: &serde_json::Value, rows: &mut Vec<(String, &'static str, String)>) {
+    use serde_json::Value;
+    let kind = match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten_keys(&key, v, rows);
+            }
+            return;
+        }
+        Value::Number(n) if n.is_f64() => "float",
+        Value::Number(_) => "integer",
+        Value::Bool(_) => "bool",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Null => "optional",
+    };
+    rows.push((prefix.to_string(), kind, value.to_string()));
 }
 
 /// Prints each JSON line and, with `out`, writes them all to the file.
@@ -393,12 +462,20 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             sets,
             sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
+            positive(&[
+                ("--width", width as f64),
+                ("--heads", heads as f64),
+                ("--tokens-per-batch", tokens_per_batch as f64),
+                ("--reps", reps as f64),
+                ("--time-cap", time_cap),
+                ("--memory-cap-gb", memory_cap_gb),
+            ])?;
             let device = altformers::device::select(&device)?;
             let opts = scaling::ScalingOptions {
                 models: model_list(&models)?,
                 components: components.split(',').map(|c| c.trim().to_string()).collect(),
                 mode: mode.into(),
-                lengths: list(&lengths, "--lengths")?,
+                lengths: counts(&lengths, "--lengths")?,
                 width,
                 heads,
                 tokens_per_batch,
@@ -417,11 +494,12 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             lines.save(out.as_deref())
         }
         BenchCommand::Ops { ops, device, modes, lengths, reps, warmup, dtype, out } => {
+            positive(&[("--reps", reps as f64)])?;
             let device = altformers::device::select(&device)?;
             let opts = altformers::bench::ops::OpsOptions {
                 ops: ops.split(',').map(|s| s.trim().to_string()).collect(),
                 modes: modes.into_iter().map(scaling::BenchMode::from).collect(),
-                lengths: list(&lengths, "--lengths")?,
+                lengths: counts(&lengths, "--lengths")?,
                 warmup,
                 reps,
                 dtype: altformers::device::parse_dtype(&dtype)?,
@@ -440,7 +518,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 heads,
                 length,
                 input_stds: list(&input_stds, "--input-stds")?,
-                features: list(&features, "--features")?,
+                features: counts(&features, "--features")?,
                 draws,
                 seed,
             };
@@ -460,11 +538,19 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             time_cap,
             sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
+            positive(&[
+                ("--width", width as f64),
+                ("--heads", heads as f64),
+                ("--depth", depth as f64),
+                ("--steps", steps as f64),
+                ("--time-cap", time_cap),
+                ("--memory-cap-gb", memory_cap_gb),
+            ])?;
             let device = altformers::device::select(&device)?;
             let opts = decode::DecodeOptions {
                 models: model_list(&models)?,
-                contexts: list(&contexts, "--contexts")?,
-                batches: list(&batches, "--batches")?,
+                contexts: counts(&contexts, "--contexts")?,
+                batches: counts(&batches, "--batches")?,
                 width,
                 heads,
                 depth,
@@ -516,6 +602,7 @@ fn run(command: Command) -> Result<()> {
             ..
         } => {
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
+            non_empty(&[("--out", &out)])?;
             anyhow::ensure!(
                 stop_after.is_none() && !resume,
                 "--task listops keeps no checkpoint: no --stop-after or --resume"
@@ -545,6 +632,8 @@ fn run(command: Command) -> Result<()> {
             stop_after,
         } => {
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
+            non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
+            anyhow::ensure!(stop_after != Some(0), "--stop-after must be at least 1");
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
             let cfg = if resume {
@@ -572,6 +661,8 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Eval { run, data, data_format, test, max_bytes, batch_size, device } => {
+            non_empty(&[("--run", &run), ("--data", std::path::Path::new(&data))])?;
+            positive(&[("--batch-size", batch_size as f64), ("--max-bytes", max_bytes.unwrap_or(1) as f64)])?;
             let device = altformers::device::select(&device)?;
             let model = train::load_run(&run, &device, candle_core::DType::F32)?;
             let corpus = Corpus::load(&data, data_format.into())?;
@@ -580,7 +671,7 @@ fn run(command: Command) -> Result<()> {
             } else {
                 &corpus.val
             };
-            let loss = train::evaluate_split(&model, split, batch_size.max(1), max_bytes)?;
+            let loss = train::evaluate_split(&model, split, batch_size, max_bytes)?;
             let key = if test { "test" } else { "val" };
             println!(
                 "{}",
@@ -589,6 +680,13 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device, batch } => {
+            non_empty(&[("--run", &run)])?;
+            anyhow::ensure!(
+                temperature.is_finite() && temperature >= 0.0,
+                "--temperature must be a finite number >= 0 (0: always the likeliest byte), got {temperature}"
+            );
+            anyhow::ensure!(top_k != Some(0), "--top-k must be at least 1");
+            anyhow::ensure!(batch >= 1, "--batch must be at least 1");
             let device = altformers::device::select(&device)?;
             let model = train::load_run(&run, &device, candle_core::DType::F32)?;
             let opts = SampleOptions { tokens, temperature, top_k, seed };
@@ -599,11 +697,17 @@ fn run(command: Command) -> Result<()> {
             let start = std::time::Instant::now();
             let samples = generate_batch(&model, prompt.as_bytes(), &opts, mode, batch)?;
             let seconds = start.elapsed().as_secs_f64();
+            // the bytes as generated: a model can emit invalid UTF-8, and a lossy print would
+            // change it
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
             for (i, out) in samples.iter().enumerate() {
                 if batch > 1 {
-                    println!("=== sample {i}");
+                    writeln!(stdout, "=== sample {i}")?;
                 }
-                println!("{prompt}{}", String::from_utf8_lossy(out));
+                stdout.write_all(prompt.as_bytes())?;
+                stdout.write_all(out)?;
+                stdout.write_all(b"\n")?;
             }
             // the rate of the generation itself (prompt included, model load excluded)
             eprintln!(
@@ -615,6 +719,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Bench(cmd) => bench(cmd),
         Command::Report { from } => {
+            non_empty(&[("--from", &from)])?;
             altformers::report::render(&from)?;
             println!("{}", from.join("report.md").display());
             Ok(())
@@ -623,6 +728,7 @@ fn run(command: Command) -> Result<()> {
             let over = Overrides::from_cli(config.as_deref(), &sets)?;
             let arch = registry::find(&model)?;
             let cfg = arch.config(&over)?;
+            altformers::model::size::check_params(&cfg.model, candle_core::DType::F32)?;
             let params = altformers::compare::param_count(arch, &cfg.model, cfg.model.width)
                 .context("this configuration does not build")?;
             let mut out = serde_json::json!({ "model": model, "width": cfg.model.width, "params": params });
@@ -640,6 +746,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::ImportRwkv4 { file, out } => {
+            non_empty(&[("FILE", &file), ("--out", &out)])?;
             let cfg = altformers::import::rwkv4(&file, &out)?;
             println!(
                 "imported RWKV-4 (width {}, {} layers, vocab {}) into {}",
@@ -648,6 +755,19 @@ fn run(command: Command) -> Result<()> {
                 cfg.model.vocab,
                 out.display()
             );
+            Ok(())
+        }
+        Command::Config { list, model } => {
+            anyhow::ensure!(list, "config: pass --list to list every key with its type and default");
+            let arch = registry::find(&model)?;
+            let mut rows = Vec::new();
+            flatten_keys("", &serde_json::to_value(arch.defaults())?, &mut rows);
+            let listops = serde_json::to_value(altformers::train::listops::ListOpsSettings::default())?;
+            flatten_keys("listops", &listops, &mut rows);
+            println!("| key | type | default (`{model}`) |\n|---|---|---|");
+            for (key, kind, value) in rows.iter().filter(|(k, ..)| k != "model.architecture") {
+                println!("| {key} | {kind} | {value} |");
+            }
             Ok(())
         }
         Command::Models => {

@@ -202,3 +202,389 @@ fn listops_trains_any_model_and_encoders_refuse_the_lm_by_name() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two trainings started together into one folder: one is refused (the folder is locked, or
+/// already holds the other's run), the other finishes, and its folder is whole: its own
+/// config.json, weights that evaluate. Repeated, since a race shows only sometimes.
+#[test]
+fn two_trainings_into_one_folder_leave_one_whole_run() {
+    let base = temp("concurrent");
+    for trial in 0..8 {
+        let dir = base.join(format!("run{trial}"));
+        let d = dir.to_str().unwrap();
+        let spawn = |seed: &str| {
+            let mut args = vec!["--threads", "1", "train", "--model", "transformer", "--data", "shakespeare", "--out"];
+            args.extend([d, "--quiet", "--set", seed]);
+            args.extend(TINY);
+            Command::new(env!("CARGO_BIN_EXE_altformers"))
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn("train.seed=1"), spawn("train.seed=2"));
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        let ok: Vec<usize> = [&a, &b].iter().enumerate().filter(|(_, o)| o.status.success()).map(|(i, _)| i).collect();
+        let msgs = format!("{}\n{}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+        assert_eq!(ok.len(), 1, "trial {trial}: exactly one run must succeed: {msgs}");
+        let loser = if ok[0] == 0 { &b } else { &a };
+        let why = String::from_utf8_lossy(&loser.stderr);
+        assert!(why.contains("is in use") || why.contains("already holds a run"), "trial {trial}: {why}");
+        assert!(!why.contains("panicked"), "{why}");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["train"]["seed"], ok[0] as u64 + 1, "trial {trial}: the folder holds the loser's config");
+        assert!(!dir.join("LOCK").exists(), "trial {trial}: the lock outlived its run");
+        let eval = altformers(&["--threads", "1", "eval", "--run", d, "--data", "shakespeare", "--max-bytes", "500"]);
+        assert!(eval.status.success(), "trial {trial}: {}", String::from_utf8_lossy(&eval.stderr));
+    }
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// Every subcommand, every flag, given bad values (empty, zero, negative, NaN, huge, the
+/// wrong type): each must end with a non-zero exit and a message, never a panic or an abort.
+/// The other flags are valid and tiny, so the bad one is what fails, and fast.
+#[test]
+fn fuzzed_arguments_fail_cleanly_never_panic() {
+    let dir = temp("fuzz");
+    let run = dir.join("run");
+    let (run_s, out_s) = (run.to_str().unwrap(), dir.join("out").to_str().unwrap().to_string());
+    let mut args =
+        vec!["--threads", "1", "train", "--model", "transformer", "--data", "shakespeare", "--out", run_s, "--quiet"];
+    args.extend(TINY);
+    let trained = altformers(&args);
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    let not_weights = dir.join("not-weights.safetensors");
+    std::fs::write(&not_weights, b"\x08\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
+    let nw = not_weights.to_str().unwrap();
+
+    // (the valid base of a subcommand, then each bad (flag, value) laid on it)
+    let mut train_base = vec!["train", "--model", "transformer", "--data", "shakespeare", "--out", &out_s, "--quiet"];
+    train_base.extend(TINY);
+    let bad_sets = [
+        "",
+        "=",
+        "model",
+        "model.width=",
+        "model.width=-1",
+        "model.width=nan",
+        "model.width=abc",
+        "model.width=0",
+        "model.width=1e30",
+        "model.ffn_mult=0.001",
+        "model.ffn_mult=0",
+        "model.ffn_mult=nan",
+        "model.ffn_mult=-1",
+        "model.ffn_mult=1e400",
+        "model.dropout=nan",
+        "model.dropout=1",
+        "model.heads=0",
+        "model.heads=-1",
+        "model.depth=0",
+        "model.context=0",
+        "model.vocab=0",
+        "train.lr=nan",
+        "train.lr=-1",
+        "train.lr=inf",
+        "train.min_lr=nan",
+        "train.steps=0",
+        "train.steps=-5",
+        "train.batch_size=0",
+        "train.eval_every=0",
+        "train.eval_batches=0",
+        "train.beta1=nan",
+        "train.beta2=1",
+        "train.grad_clip=-1",
+        "train.seed=-1",
+        "train.weight_decay=nan",
+        "model.width=100000",
+        "model.depth=100000000",
+        "model.vocab=10",
+        "nosuch.key=1",
+        "model.options.nosuch=1",
+    ];
+    let mut cases: Vec<(Vec<&str>, Vec<&str>)> = Vec::new();
+    for set in bad_sets {
+        cases.push((train_base.clone(), vec!["--set", set]));
+    }
+    for (flag, values) in [
+        ("--model", &["", "nosuch", "0"][..]),
+        ("--data", &["", "/no/such/file"]),
+        ("--data-format", &["", "nosuch", "0", "enwik8"]),
+        ("--task", &["", "nosuch"]),
+        ("--config", &["", "/no/such.toml"]),
+        ("--out", &[""]),
+        ("--device", &["", "nosuch", "cuda:99", "-1"]),
+        ("--dtype", &["", "nan", "f7", "0"]),
+        ("--stop-after", &["0", "-1", "nan", "1e30", ""]),
+        ("--threads", &["-1", "nan", ""]),
+    ] {
+        for v in values {
+            cases.push((train_base.clone(), vec![flag, v]));
+        }
+    }
+    cases.push((vec!["train", "--model", "transformer", "--data", "shakespeare", "--resume", "--out"], vec![&out_s]));
+
+    let eval_base = vec!["eval", "--run", run_s, "--data", "shakespeare", "--max-bytes", "200"];
+    for (flag, values) in [
+        ("--run", &["", "/no/such/run"][..]),
+        ("--data", &["", "/no/such/file"]),
+        ("--data-format", &["nosuch"]),
+        ("--batch-size", &["0", "-1", "nan", ""]),
+        ("--max-bytes", &["0", "-1", "nan", "1e30"]),
+        ("--device", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((eval_base.clone(), vec![flag, v]));
+        }
+    }
+    cases.push((eval_base.clone(), vec!["--test"]));
+
+    let gen_base = vec!["generate", "--run", run_s, "--tokens", "4"];
+    for (flag, values) in [
+        ("--run", &["", "/no/such/run"][..]),
+        ("--tokens", &["-1", "nan", "1e30"]),
+        ("--temperature", &["-1", "nan", "inf", "abc", ""]),
+        ("--top-k", &["0", "-1", "nan"]),
+        ("--seed", &["-1", "nan"]),
+        ("--mode", &["", "nosuch"]),
+        ("--device", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((gen_base.clone(), vec![flag, v]));
+        }
+    }
+
+    let params_base = vec!["params", "--model", "transformer"];
+    for (flag, values) in [
+        ("--model", &["", "nosuch"][..]),
+        (
+            "--set",
+            &[
+                "model.width=0",
+                "model.ffn_mult=0.001",
+                "model.heads=0",
+                "model.width=abc",
+                "=",
+                "model.depth=100000000",
+            ],
+        ),
+        ("--matching", &["", "nosuch"]),
+        ("--config", &["", "/no/such.toml"]),
+    ] {
+        for v in values {
+            cases.push((params_base.clone(), vec![flag, v]));
+        }
+    }
+
+    for (file, out) in [("", out_s.as_str()), ("/no/such/file", &out_s), (nw, &out_s), (nw, "")] {
+        cases.push((vec!["import-rwkv4", file, "--out"], vec![out]));
+    }
+
+    let scaling = vec![
+        "bench",
+        "scaling",
+        "--models",
+        "transformer",
+        "--lengths",
+        "16",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    for (flag, values) in [
+        ("--lengths", &["0", "", "nan", "abc", "16,0"][..]),
+        ("--width", &["0", "-1", "nan"]),
+        ("--heads", &["0", "nan"]),
+        ("--tokens-per-batch", &["0"]),
+        ("--reps", &["0"]),
+        ("--time-cap", &["nan", "0", "inf", "abc"]),
+        ("--memory-cap-gb", &["nan", "0"]),
+        ("--components", &["", "nosuch"]),
+        ("--models", &["", "nosuch"]),
+        ("--mode", &["nosuch"]),
+        ("--dtype", &["nosuch"]),
+        ("--device", &["nosuch"]),
+        ("--set", &["nosuch=1"]),
+    ] {
+        for v in values {
+            cases.push((scaling.clone(), vec![flag, v]));
+        }
+    }
+    let decode = vec![
+        "bench",
+        "decode",
+        "--models",
+        "transformer",
+        "--contexts",
+        "16",
+        "--batches",
+        "1",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--depth",
+        "1",
+        "--steps",
+        "1",
+    ];
+    for (flag, values) in [
+        ("--contexts", &["0", "", "nan"][..]),
+        ("--batches", &["0", "abc"]),
+        ("--width", &["0"]),
+        ("--heads", &["0"]),
+        ("--depth", &["0"]),
+        ("--steps", &["0"]),
+        ("--time-cap", &["nan", "0"]),
+        ("--models", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((decode.clone(), vec![flag, v]));
+        }
+    }
+    let ops = vec![
+        "bench",
+        "ops",
+        "--device",
+        "cpu",
+        "--ops",
+        "attention",
+        "--lengths",
+        "16",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "fwd",
+    ];
+    for (flag, values) in [
+        ("--lengths", &["0", "", "nan"][..]),
+        ("--reps", &["0", "-1"]),
+        ("--ops", &["", "nosuch"]),
+        ("--modes", &["nosuch"]),
+        ("--dtype", &["nosuch"]),
+        ("--device", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((ops.clone(), vec![flag, v]));
+        }
+    }
+    let perf = vec![
+        "bench",
+        "performer-error",
+        "--head-dim",
+        "4",
+        "--heads",
+        "1",
+        "--length",
+        "8",
+        "--features",
+        "4",
+        "--draws",
+        "1",
+    ];
+    for (flag, values) in [
+        ("--features", &["0", "", "nan"][..]),
+        ("--head-dim", &["0"]),
+        ("--heads", &["0"]),
+        ("--length", &["0"]),
+        ("--draws", &["0"]),
+        ("--input-stds", &["nan", "0", "abc"]),
+    ] {
+        for v in values {
+            cases.push((perf.clone(), vec![flag, v]));
+        }
+    }
+    for v in ["", "/no/such/dir"] {
+        cases.push((vec!["report", "--from"], vec![v]));
+    }
+    let compare = vec!["compare", "--out", &out_s];
+    for (flag, v) in [
+        ("--preset", "nosuch"),
+        ("--preset", ""),
+        ("--models", "nosuch"),
+        ("--parts", "nosuch"),
+        ("--jobs", "0"),
+        ("--jobs", "-1"),
+    ] {
+        cases.push((compare.clone(), vec![flag, v]));
+    }
+    cases.push((vec!["models"], vec!["--bogus"]));
+    cases.push((vec![], vec!["nosuch-command"]));
+    cases.push((vec![], vec![]));
+
+    for (base, bad) in &cases {
+        let args: Vec<&str> =
+            ["--threads", "1"].iter().copied().chain(base.iter().copied()).chain(bad.iter().copied()).collect();
+        let out = altformers(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let code = out.status.code();
+        assert!(code.is_some(), "{bad:?} in {args:?}: killed by a signal (an abort?): {stderr}");
+        assert!(!matches!(code, Some(0) | Some(101)), "{bad:?} in {args:?}: exit {code:?}: {stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("memory allocation"), "{bad:?}: {stderr}");
+        assert!(!stderr.trim().is_empty(), "{bad:?} in {args:?}: failed without a message");
+        assert!(!dir.join("out").join("config.json").exists(), "{bad:?}: a run was written");
+    }
+
+    // weights with a NaN: eval and generate refuse them, naming the tensor
+    let weights = run.join("model.safetensors");
+    let mut t = altformers::params::load_tensors(&weights, &candle_core::Device::Cpu).unwrap();
+    let (name, w) = t.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    let nan = (w.affine(0.0, f64::NAN)).unwrap();
+    t.insert(name.clone(), nan);
+    altformers::params::save_tensors(&t, &weights).unwrap();
+    fails_with(&["eval", "--run", run_s, "--data", "shakespeare", "--max-bytes", "200"], &format!("`{name}` holds"));
+    fails_with(&["generate", "--run", run_s, "--tokens", "4"], "non-finite");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The smaller items of issue 25: clear refusals, warnings that name the line, help text.
+#[test]
+fn small_input_problems_are_named() {
+    let dir = temp("small");
+    let out = dir.join("run");
+    let out_s = out.to_str().unwrap();
+    let train = ["train", "--model", "transformer", "--data", "shakespeare", "--out", out_s];
+    fails_with(&[&train[..], &["--data-format", "enwik8"]].concat(), "the bundled `shakespeare` corpus is text");
+    fails_with(&[&train[..], &["--set", "model.vocab=10"]].concat(), "needs 256");
+    fails_with(&[&train[..], &["--set", "model.width=100000", "--set", "model.heads=2"]].concat(), "needs about");
+    fails_with(&["params", "--model", "transformer", "--set", "model.depth=100000000"], "are available");
+    fails_with(&["generate", "--run", out_s, "--temperature", "-1"], "--temperature must be");
+    fails_with(&["generate", "--run", out_s, "--top-k", "0"], "--top-k must be at least 1");
+    // a corrupt line in a results file is skipped with a warning naming it
+    let report = dir.join("report");
+    std::fs::create_dir_all(&report).unwrap();
+    let row = r#"{"model":"transformer","width":16,"params":1,"params_ratio":1.0,"steps":1,"tokens":1,"val_loss":1.0,"val_bpb":1.4,"tokens_per_s":1.0,"elapsed_s":1.0}"#;
+    std::fs::write(report.join("quality.jsonl"), format!("{row}\n{{\"model\": \"rwk\n")).unwrap();
+    let rendered = altformers(&["report", "--from", report.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&rendered.stderr);
+    assert!(stderr.contains("quality.jsonl line 2 is not JSON"), "{stderr}");
+    // `config --list` names every key with its type and default
+    let keys = altformers(&["config", "--list", "--model", "retnet"]);
+    let text = String::from_utf8_lossy(&keys.stdout);
+    for row in
+        ["| model.width | integer | 128 |", "| train.lr | float |", "| model.options.chunk | integer |", "| listops."]
+    {
+        assert!(text.contains(row), "{row} missing from:\n{text}");
+    }
+    fails_with(&["config"], "pass --list");
+    // every flag of eval, generate, params and report says what it is
+    for (cmd, needle) in [
+        ("eval", "Windows evaluated at once"),
+        ("generate", "0: always the likeliest byte"),
+        ("params", "Override one setting"),
+        ("report", "compare --out"),
+    ] {
+        let help = altformers(&[cmd, "--help"]);
+        assert!(String::from_utf8_lossy(&help.stdout).contains(needle), "{cmd} --help");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -32,12 +32,18 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
     };
     let (vocab, width) =
         emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
-    let depth = tensors
-        .keys()
-        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map(|m| m + 1)
-        .with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
+    // the layers present, checked contiguous before a model of that depth is built (a file
+    // naming `blocks.99999999.x` would otherwise build 10^8 layers)
+    let layers: std::collections::BTreeSet<usize> =
+        tensors.keys().filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok()).collect();
+    let depth = layers.last().map(|m| m + 1).with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
+    if layers.len() != depth {
+        let missing = (0..depth).find(|i| !layers.contains(i)).unwrap_or(0);
+        bail!(
+            "{origin}: its layers are not numbered 0..N without gaps: `blocks.{missing}.*` is missing but `blocks.{}.*` is present",
+            depth - 1
+        );
+    }
     let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
         Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
         _ => 4 * width, // the check below names the problem
@@ -53,10 +59,10 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
         .map(|(k, t)| Ok((k, if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t })))
         .collect::<candle_core::Result<_>>()?;
     model.params.assign(tensors, &origin)?;
+    let _lock = crate::train::lock::RunLock::acquire(out)?;
     if out.join("config.json").exists() {
         bail!("{} already holds a run; choose another --out", out.display());
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     model.params.save(&out.join("model.safetensors"))?;
     crate::util::write_json_atomic(&out.join("config.json"), &config)?;
     Ok(config)
@@ -92,6 +98,31 @@ mod tests {
         let err = format!("{:#}", rwkv4(&bad, &dir.join("run2")).unwrap_err());
         assert!(err.contains("blocks.1.att.time_first") && err.contains("blocks.0.ffn.value.weight"), "{err}");
         assert!(!dir.join("run2").join("config.json").exists());
+
+        // a layer index far past the others is refused before anything is built
+        let mut t = model.params.tensors();
+        t.insert("blocks.99999999.x".into(), Tensor::zeros(2, DType::F32, &Device::Cpu)?);
+        let far = dir.join("far.safetensors");
+        crate::params::save_tensors(&t, &far)?;
+        let err = format!("{:#}", rwkv4(&far, &dir.join("run4")).unwrap_err());
+        assert!(err.contains("`blocks.2.*` is missing but `blocks.99999999.*` is present"), "{err}");
+
+        // NaN and infinite weights are refused at import and at load, by tensor name
+        let mut t = model.params.tensors();
+        let poisoned = |t: &Tensor, v: f32| -> Result<Tensor> {
+            let mut values = t.flatten_all()?.to_vec1::<f32>()?;
+            values[1] = v;
+            Ok(Tensor::from_vec(values, t.dims(), &Device::Cpu)?)
+        };
+        t.insert("blocks.1.att.time_first".into(), poisoned(&t["blocks.1.att.time_first"], f32::NAN)?);
+        t.insert("head.weight".into(), poisoned(&t["head.weight"], f32::INFINITY)?);
+        let nan = dir.join("nan.safetensors");
+        crate::params::save_tensors(&t, &nan)?;
+        for err in [rwkv4(&nan, &dir.join("run3")).unwrap_err(), model.params.load(&nan).unwrap_err()] {
+            let err = format!("{err:#}");
+            assert!(err.contains("non-finite") && err.contains("`blocks.1.att.time_first` holds 1"), "{err}");
+            assert!(err.contains("`head.weight`") && !err.contains("emb.weight"), "{err}");
+        }
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -26,6 +26,9 @@ impl Model {
     /// Builds `config`'s architecture with freshly initialised weights (seeded), parameters
     /// in `dtype`.
     pub fn new(config: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> AnyResult<Self> {
+        if device.is_cpu() {
+            size::check_params(config, dtype)?;
+        }
         let pb = ParamBuilder::new(seed, device, dtype);
         let backbone = crate::registry::build(config, &pb)?;
         let clock = pb.clock.clone();
@@ -125,5 +128,108 @@ impl Model {
             bail!("no weights at {}", path.display());
         }
         self.params.load(path)
+    }
+}
+
+/// What a configuration needs, estimated before anything is allocated: a setting too large
+/// (`model.width=100000`: 120 GB in one matrix; `model.depth=100000000`) is refused with the
+/// figure, where the allocator would abort the process without a word. Host memory only: a
+/// GPU allocation that fails is an error candle returns, not an abort.
+pub mod size {
+    use anyhow::{bail, Result};
+    use candle_core::DType;
+
+    use crate::config::ModelConfig;
+    use crate::util::human;
+
+    /// Bytes each layer costs besides its values: its tensors' headers, names and storage.
+    const PER_LAYER_OVERHEAD: f64 = 16e3;
+
+    /// The parameter count of a Transformer of `config`'s shape: `(4 + 2 ffn_mult) d^2` per
+    /// layer (attention's four projections, the MLP) and `2 V d` (embedding, head). Every
+    /// architecture here is within a small factor of it at one width.
+    pub fn estimated_params(config: &ModelConfig) -> f64 {
+        let (d, depth) = (config.width as f64, config.depth as f64);
+        depth * (4.0 + 2.0 * config.ffn_mult) * d * d + 2.0 * config.vocab as f64 * d
+    }
+
+    /// Host memory the system can still give (Linux's MemAvailable), or `None` where unknown.
+    pub fn available_ram() -> Option<f64> {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? * 1024.0)
+    }
+
+    /// Refuses `needed` bytes (for `what`) beyond the host's available memory.
+    pub fn check(needed: f64, what: impl FnOnce() -> String) -> Result<()> {
+        match available_ram() {
+            Some(free) if needed > free => bail!(
+                "{} needs about {}B of memory; {}B are available: lower model.width, model.depth or the batch",
+                what(),
+                human(needed),
+                human(free)
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The parameters of `config` in `dtype`.
+    pub fn check_params(config: &ModelConfig, dtype: DType) -> Result<()> {
+        let n = estimated_params(config);
+        let bytes = n * dtype.size_in_bytes() as f64 + config.depth as f64 * PER_LAYER_OVERHEAD;
+        check(bytes, || {
+            format!(
+                "model.width {} and model.depth {}: about {} parameters, which",
+                config.width,
+                config.depth,
+                human(n)
+            )
+        })
+    }
+
+    /// Training `config` with batches of `batch`: the parameters, their gradients and AdamW's
+    /// two moments (f32), and each layer's activations kept for the backward pass (one mixer
+    /// layer's forward peak, [`crate::complexity::Complexity::memory`], per layer).
+    pub fn check_training(config: &ModelConfig, batch: usize, activation_dtype: DType) -> Result<()> {
+        let arch = crate::registry::find(&config.architecture)?;
+        let shape =
+            crate::complexity::CostShape { batch, seq: config.context, width: config.width, heads: config.heads };
+        let activations =
+            config.depth as f64 * (arch.complexity.memory)(&shape) * activation_dtype.size_in_bytes() as f64;
+        let params = 4.0 * 4.0 * estimated_params(config);
+        check(params + activations, || {
+            format!(
+                "training (parameters, gradients and AdamW state {}B; activations of a batch of {batch} x {} bytes {}B)",
+                human(params),
+                config.context,
+                human(activations)
+            )
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_model_or_a_run_too_large_for_memory_is_refused_with_its_size() -> Result<()> {
+            let Some(free) = available_ram() else { return Ok(()) };
+            let huge = |sets: &[&str]| crate::testing::tiny_config("transformer", sets);
+            for sets in [&["model.width=100000", "model.heads=2"][..], &["model.depth=100000000"]] {
+                let cfg = huge(sets)?;
+                let err = crate::model::Model::new(&cfg, 0, &candle_core::Device::Cpu, DType::F32)
+                    .err()
+                    .expect("refused")
+                    .to_string();
+                assert!(err.contains("needs about") && err.contains("are available"), "{err}");
+            }
+            // a batch whose activations cannot fit, on a model that does
+            let cfg = huge(&["model.context=4096"])?;
+            let batch = (free / (4096.0 * 4096.0)) as usize + 1;
+            let err = check_training(&cfg, batch, DType::F32).unwrap_err().to_string();
+            assert!(err.contains("activations of a batch"), "{err}");
+            check_training(&cfg, 1, DType::F32)?;
+            Ok(())
+        }
     }
 }

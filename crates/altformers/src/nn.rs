@@ -17,6 +17,13 @@ pub struct Linear {
 impl Linear {
     /// Weight `N(0, std^2)` named `<name>.weight`, optional zero bias `<name>.bias`.
     pub fn new(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, std: f64, bias: bool) -> anyhow::Result<Self> {
+        if d_in == 0 || d_out == 0 {
+            // a setting rounded a width to zero (model.ffn_mult 0.001, say): say so here, where
+            // the name is known, not as a division by zero in the first forward pass
+            anyhow::bail!(
+                "the linear layer `{name}` would be {d_in} -> {d_out} wide: a setting (model.width, model.ffn_mult, ...) is too small"
+            );
+        }
         let pb = pb.pp(name);
         let weight = pb.normal("weight", &[d_out, d_in], std)?;
         let bias = if bias { Some(pb.zeros("bias", &[d_out])?) } else { None };

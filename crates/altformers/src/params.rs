@@ -51,6 +51,7 @@ impl ParamStore {
     /// must match exactly, and the error lists every problem at once.
     pub fn assign(&self, tensors: BTreeMap<String, Tensor>, origin: &str) -> Result<()> {
         self.check(&tensors, origin)?;
+        check_finite(&tensors, origin)?;
         self.set_all(&tensors)
     }
 
@@ -228,6 +229,24 @@ impl ParamBuilder {
     pub fn store(&self) -> Arc<Mutex<ParamStore>> {
         self.store.clone()
     }
+}
+
+/// Refuses weights with a NaN or an infinity (a diverged or tampered file would otherwise
+/// evaluate to a NaN loss and generate garbage), naming each such tensor.
+pub fn check_finite(tensors: &BTreeMap<String, Tensor>, origin: &str) -> Result<()> {
+    let mut bad = Vec::new();
+    for (name, t) in tensors.iter().filter(|(_, t)| t.dtype().is_float()) {
+        // x - x is 0 for a finite x and NaN otherwise: one reduction on the tensor's device
+        let t = t.to_dtype(DType::F32)?;
+        if !t.sub(&t)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            let n = t.flatten_all()?.to_vec1::<f32>()?.iter().filter(|v| !v.is_finite()).count();
+            bad.push(format!("tensor `{name}` holds {n} non-finite values (NaN or infinity)"));
+        }
+    }
+    if !bad.is_empty() {
+        bail!("{origin} has non-finite weights (a diverged run or a damaged file):\n  {}", bad.join("\n  "));
+    }
+    Ok(())
 }
 
 /// Writes `tensors` to `path` atomically: a temporary file beside it, fsync, rename.

@@ -12,13 +12,21 @@ use crate::data::mqar::MqarConfig;
 use crate::registry::Architecture;
 
 /// Reads a JSON-lines file; `None` when absent. Lines of other shapes are skipped (the
-/// bench commands mix provenance and fit lines into one file).
+/// bench commands mix provenance and fit lines into one file); a line that is not JSON at
+/// all (a corrupt or truncated file) is skipped with a warning naming the file and line.
 pub fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<Option<Vec<T>>> {
     if !path.exists() {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()))
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Err(e) => eprintln!("warning: {} line {} is not JSON ({e}): skipped", path.display(), i + 1),
+            Ok(v) => rows.extend(serde_json::from_value(v).ok()),
+        }
+    }
+    Ok(Some(rows))
 }
 
 /// Writes `rows` to `path` after the lines already there whose `model` is not in `rerun`:

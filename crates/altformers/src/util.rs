@@ -17,20 +17,30 @@ pub fn fsync_and_rename(tmp: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The temporary file beside `path` that an atomic write renames into place.
+/// A temporary name beside `path` that an atomic write renames into place: `NAME.tmp.PID.N`,
+/// unique to this process and call, so two writers (or two threads) never share one.
 pub fn tmp_path(path: &Path) -> std::path::PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().map(|s| s.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
+    name.push(format!("{TMP_MARK}{}.{n}", std::process::id()));
     path.with_file_name(name)
 }
+
+/// What every name [`tmp_path`] makes contains, so leftovers of a crash can be found.
+pub const TMP_MARK: &str = ".tmp.";
 
 /// Writes `bytes` to `dest` atomically.
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(dest);
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let written = f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()));
     drop(f);
-    fsync_and_rename(&tmp, dest)
+    let done = written.and_then(|_| fsync_and_rename(&tmp, dest));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
 }
 
 pub fn write_json_atomic<T: serde::Serialize>(dest: &Path, value: &T) -> Result<()> {

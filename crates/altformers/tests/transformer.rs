@@ -157,6 +157,7 @@ fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
     let straight = train(&cfg, &corpus, DataFormat::Text, &opts(&a, false, None))?;
     let first = train(&cfg, &corpus, DataFormat::Text, &opts(&b, false, Some(4)))?;
     assert_eq!(first.last.step, 4);
+    let written_before = std::fs::read_to_string(b.join("metrics.jsonl"))?;
     let resumed = train(&cfg, &corpus, DataFormat::Text, &opts(&b, true, None))?;
     assert_eq!(resumed.last.step, 10);
     assert_eq!(straight.last.val_loss, resumed.last.val_loss);
@@ -172,11 +173,74 @@ fn resume_reaches_the_same_loss_as_an_uninterrupted_run() -> Result<()> {
         .map(|l| serde_json::from_str::<altformers::train::Metrics>(l).map(|m| m.step))
         .collect::<std::result::Result<_, _>>()?;
     assert_eq!(steps, vec![3, 4, 6, 9, 10]);
+    // the lines before the interruption are kept as written, byte for byte
+    assert!(std::fs::read_to_string(b.join("metrics.jsonl"))?.starts_with(&written_before));
     // a second fresh run into the same folder is refused, not overwritten
     let again = train(&cfg, &corpus, DataFormat::Text, &opts(&a, false, None)).err().unwrap().to_string();
     assert!(again.contains("already holds a run"), "{again}");
     std::fs::remove_dir_all(&a)?;
     std::fs::remove_dir_all(&b)?;
+    Ok(())
+}
+
+/// A crash after the checkpoint is written but before anything else (here: the latest
+/// weights cannot be written) keeps the metrics line of that checkpoint's evaluation.
+#[test]
+fn a_crash_after_a_checkpoint_keeps_its_metrics_line() -> Result<()> {
+    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
+    let (dir, cfg) = (temp_dir("crash-metrics"), tiny_run(6)?);
+    // a folder where the weights go: the rename that ends the checkpoint fails
+    std::fs::create_dir_all(dir.join("model.safetensors").join("blocker"))?;
+    assert!(train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, None)).is_err());
+    let state: altformers::train::TrainState = altformers::util::read_json(&dir.join("checkpoint/state.json"))?;
+    assert_eq!(state.step, 3);
+    std::fs::remove_dir_all(dir.join("model.safetensors"))?;
+    train(&cfg, &corpus, DataFormat::Text, &opts(&dir, true, None))?;
+    let steps: Vec<usize> = altformers::train::RunFolder::open(&dir)?.metrics()?.iter().map(|m| m.step).collect();
+    assert_eq!(steps, vec![3, 6]);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A run that diverges before its first checkpoint leaves a folder that resume refuses
+/// (saying how to go on) and a fresh run starts over.
+#[test]
+fn a_run_that_died_before_its_first_checkpoint_can_be_rerun() -> Result<()> {
+    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
+    let (dir, cfg) = (temp_dir("no-checkpoint"), tiny_run(6)?);
+    let mut bad = cfg.clone();
+    (bad.train.lr, bad.train.min_lr, bad.train.grad_clip, bad.train.warmup_steps) = (1e37, 1e37, 0.0, 0);
+    let err = train(&bad, &corpus, DataFormat::Text, &opts(&dir, false, None)).err().expect("diverges").to_string();
+    assert!(err.contains("no checkpoint was written yet"), "{err}");
+    let err = train(&bad, &corpus, DataFormat::Text, &opts(&dir, true, None)).err().expect("nothing to resume");
+    assert!(err.to_string().contains("train without --resume to start it over"), "{err}");
+    let run = train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, None))?;
+    assert_eq!(run.last.step, 6);
+    assert_eq!(altformers::train::RunFolder::open(&dir)?.config()?.train.lr, cfg.train.lr);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Resume compares the corpus's bytes (size and hash), not its path: a file replaced between
+/// runs is refused, the same file by another path is accepted.
+#[test]
+fn resume_checks_the_corpus_bytes_not_its_path() -> Result<()> {
+    let dir = temp_dir("corpus-id");
+    let shakespeare = Corpus::load("shakespeare", DataFormat::Text)?.train;
+    let file = dir.join("corpus.txt");
+    std::fs::write(&file, &shakespeare[..20_000])?;
+    let (run, cfg) = (dir.join("run"), tiny_run(6)?);
+    let corpus = |path: &std::path::Path| Corpus::load(path.to_str().unwrap(), DataFormat::Text);
+    train(&cfg, &corpus(&file)?, DataFormat::Text, &opts(&run, false, Some(3)))?;
+    // the same length, other bytes
+    std::fs::write(&file, &shakespeare[20_000..40_000])?;
+    let err = train(&cfg, &corpus(&file)?, DataFormat::Text, &opts(&run, true, None)).err().expect("other bytes");
+    assert!(err.to_string().contains("is other data"), "{err}");
+    std::fs::write(&file, &shakespeare[..20_000])?;
+    let elsewhere = dir.join(".").join("corpus.txt");
+    let done = train(&cfg, &corpus(&elsewhere)?, DataFormat::Text, &opts(&run, true, None))?;
+    assert_eq!(done.last.step, 6);
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 

@@ -38,6 +38,8 @@ impl Corpus {
     pub fn load(source: &str, format: DataFormat) -> Result<Self> {
         let bytes = if source == "shakespeare" && format == DataFormat::Text {
             TINY_SHAKESPEARE.to_vec()
+        } else if source == "shakespeare" && !Path::new(source).exists() {
+            bail!("the bundled `shakespeare` corpus is text: drop --data-format enwik8 (or name a file)");
         } else {
             let path = Path::new(source);
             if !path.exists() {

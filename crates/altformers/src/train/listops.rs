@@ -99,10 +99,10 @@ pub fn train_listops(config: &RunConfig, settings: &ListOpsSettings, opts: &Trai
     settings.check(config)?;
     ensure!(!opts.resume, "ListOps runs are short and keep no checkpoint: --resume is not supported");
     let out = &opts.out;
+    let _lock = super::lock::RunLock::acquire(out)?;
     if out.join("config.json").exists() {
         bail!("{} already holds a run; choose another --out", out.display());
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     crate::util::write_json_atomic(&out.join("config.json"), config)?;
     crate::util::write_json_atomic(&out.join("listops.json"), settings)?;
 

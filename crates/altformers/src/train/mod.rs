@@ -7,6 +7,7 @@
 //! same data and masks as an uninterrupted one and reaches the same loss.
 
 pub mod listops;
+pub mod lock;
 pub mod optim;
 pub mod run_folder;
 pub mod step;
@@ -124,27 +125,26 @@ pub fn train(
         );
     }
     corpus.check_context(config.model.context)?;
+    if config.model.vocab < 256 {
+        bail!("model.vocab is {}: a byte-level language model needs 256 (every byte value)", config.model.vocab);
+    }
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
+    if opts.device.is_cpu() {
+        crate::model::size::check_training(m, t.batch_size, opts.dtype)?;
+    }
     let model = fresh_model(config, opts)?;
     let mut trainer = Trainer::new(&model, t)?;
     let (folder, mut state, mut history) = if opts.resume {
         let (folder, state, history) = RunFolder::resume(out, config)?;
-        if state.data_source != corpus.source || state.data_format != data_format {
-            bail!(
-                "--resume: this run trained on `{}` ({:?}); got `{}` ({:?})",
-                state.data_source,
-                state.data_format,
-                corpus.source,
-                data_format
-            );
-        }
+        state.check_data(corpus, data_format)?;
         folder.restore(&model, &mut trainer.opt, &state)?;
-        folder.rewrite_metrics(&history)?;
+        folder.keep_metrics_up_to(state.step)?;
         (folder, state, history)
     } else {
+        let data = Some(run_folder::CorpusId::of(corpus));
         let state =
-            TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, elapsed_s: 0.0 };
+            TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, data, elapsed_s: 0.0 };
         (RunFolder::create(out, config)?, state, Vec::new())
     };
     let train_task = ByteLm { split: &corpus.train, context: m.context };
@@ -218,9 +218,11 @@ pub fn train(
                 elapsed_s: state.elapsed_s,
                 lr,
             };
+            // the line first: a crash between the two leaves a line past the checkpoint, which
+            // resume drops and the resumed run writes again; the other order lost the line
+            folder.append_metrics(&metrics)?;
             folder.save_checkpoint(&model, &trainer.opt, &state)?;
             checkpointed = state.step;
-            folder.append_metrics(&metrics)?;
             if opts.verbose {
                 // suspend() also prints when the bar is hidden (stderr not a terminal).
                 bar.suspend(|| {

@@ -5,6 +5,10 @@
 //! - `metrics.jsonl`: one [`Metrics`] object per evaluation
 //! - `checkpoint/`: `model.safetensors`, `optimizer.safetensors`, `state.json`, replaced as a
 //!   whole (written beside it, then swapped by renames) so a crash never leaves half of one.
+//! - `LOCK`: while a run writes the folder ([`RunLock`]): a second writer is refused.
+//!
+//! Temporary files carry the writer's pid and a counter ([`crate::util::tmp_path`]); those a
+//! crash leaves are removed by the next writer, once it holds the lock.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -12,9 +16,10 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::lock::RunLock;
 use super::optim::AdamW;
 use crate::config::RunConfig;
-use crate::data::DataFormat;
+use crate::data::{Corpus, DataFormat};
 use crate::model::Model;
 use crate::util::{read_json, write_json_atomic};
 
@@ -44,21 +49,90 @@ pub struct TrainState {
     pub seed: u64,
     pub data_source: String,
     pub data_format: DataFormat,
+    /// The corpus's size and hash ([`CorpusId`]): resume checks the bytes, not the path.
+    /// Absent in checkpoints written before it was recorded (then the path is compared).
+    #[serde(default)]
+    pub data: Option<CorpusId>,
     pub elapsed_s: f64,
+}
+
+/// What identifies a corpus's bytes: its size and a 64-bit FNV-1a hash of its splits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorpusId {
+    pub bytes: u64,
+    pub fnv1a: String,
+}
+
+impl CorpusId {
+    pub fn of(corpus: &Corpus) -> Self {
+        let splits = [Some(&corpus.train), Some(&corpus.val), corpus.test.as_ref()];
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut bytes = 0;
+        for split in splits.into_iter().flatten() {
+            bytes += split.len() as u64;
+            for &b in split.iter() {
+                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        Self { bytes, fnv1a: format!("{h:016x}") }
+    }
+}
+
+impl TrainState {
+    /// Refuses to resume on other data than the run's: other bytes (a replaced file), or
+    /// another format. The same bytes under another path are the same data.
+    pub fn check_data(&self, corpus: &Corpus, format: DataFormat) -> Result<()> {
+        let now = CorpusId::of(corpus);
+        let same = match &self.data {
+            Some(id) => *id == now,
+            None => self.data_source == corpus.source,
+        };
+        if !same || self.data_format != format {
+            let id =
+                |d: Option<&CorpusId>| d.map_or(String::new(), |d| format!(", {} bytes, FNV-1a {}", d.bytes, d.fnv1a));
+            bail!(
+                "--resume: this run trained on `{}` ({:?}{}); `{}` ({format:?}{}) is other data",
+                self.data_source,
+                self.data_format,
+                id(self.data.as_ref()),
+                corpus.source,
+                id(Some(&now))
+            );
+        }
+        Ok(())
+    }
 }
 
 pub struct RunFolder {
     pub dir: PathBuf,
+    /// Held by a folder opened to write (a new or resumed run), for as long as it lives.
+    _lock: Option<RunLock>,
 }
 
 impl RunFolder {
-    /// A folder for a new run of `config`: refused if it already holds one.
+    /// `dir` locked for writing, with the temporary files of crashed writers removed.
+    fn lock(dir: &Path) -> Result<Self> {
+        let lock = RunLock::acquire(dir)?;
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.file_name().is_some_and(|n| n.to_string_lossy().contains(crate::util::TMP_MARK)) {
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), _lock: Some(lock) })
+    }
+
+    /// A folder for a new run of `config`: refused if it already holds one. A run that ended
+    /// before its first checkpoint (killed, or diverged) left nothing to keep or resume: it is
+    /// started over, with a note.
     pub fn create(dir: &Path, config: &RunConfig) -> Result<Self> {
-        let folder = Self { dir: dir.to_path_buf() };
-        if folder.config_path().exists() || folder.checkpoint_dir().exists() {
+        // the check comes after the lock: two runs started together cannot both pass it
+        let folder = Self::lock(dir)?;
+        if folder.never_checkpointed() {
+            eprintln!("note: {} holds a run that stopped before its first checkpoint; starting it over", dir.display());
+        } else if folder.config_path().exists() || folder.checkpoint_dir().exists() {
             bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());
         }
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         write_json_atomic(&folder.config_path(), config)?;
         folder.rewrite_metrics(&[])?;
         Ok(folder)
@@ -68,10 +142,19 @@ impl RunFolder {
     /// its newest checkpoint, and the metrics logged up to it (lines logged after it, by a
     /// crash in between, are left out).
     pub fn resume(dir: &Path, config: &RunConfig) -> Result<(Self, TrainState, Vec<Metrics>)> {
-        let folder = Self { dir: dir.to_path_buf() };
+        if !dir.join("config.json").exists() {
+            bail!("cannot resume: {} holds no run (no config.json)", dir.display());
+        }
+        let folder = Self::lock(dir)?;
         let saved = folder.config()?;
         if serde_json::to_value(&saved)? != serde_json::to_value(config)? {
             bail!("--resume: the configuration differs from the one saved in {}/config.json", dir.display());
+        }
+        if folder.never_checkpointed() {
+            bail!(
+                "{} holds no checkpoint to resume from: the run stopped before its first one; train without --resume to start it over",
+                dir.display()
+            );
         }
         let state: TrainState = read_json(&folder.latest_checkpoint()?.join("state.json"))?;
         let history: Vec<Metrics> = folder.metrics()?.into_iter().filter(|m| m.step <= state.step).collect();
@@ -80,11 +163,16 @@ impl RunFolder {
 
     /// A folder written earlier, for reading (eval, generate).
     pub fn open(dir: &Path) -> Result<Self> {
-        let folder = Self { dir: dir.to_path_buf() };
+        let folder = Self { dir: dir.to_path_buf(), _lock: None };
         if !folder.config_path().exists() {
             bail!("{} is not a run folder: no config.json", dir.display());
         }
         Ok(folder)
+    }
+
+    /// A training run's config with no checkpoint nor weights (an imported run has weights).
+    fn never_checkpointed(&self) -> bool {
+        self.config_path().exists() && self.latest_checkpoint().is_err() && !self.dir.join("model.safetensors").exists()
     }
 
     fn config_path(&self) -> PathBuf {
@@ -138,12 +226,9 @@ impl RunFolder {
     /// Writes a checkpoint beside the current one, swaps them by renames, then the latest
     /// weights.
     pub fn save_checkpoint(&self, model: &Model, opt: &AdamW, state: &TrainState) -> Result<()> {
-        let tmp = self.dir.join("checkpoint.tmp");
-        let old = self.dir.join("checkpoint.old");
         let cur = self.checkpoint_dir();
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
+        let tmp = crate::util::tmp_path(&cur);
+        let old = self.dir.join("checkpoint.old");
         std::fs::create_dir_all(&tmp)?;
         model.params.save(&tmp.join("model.safetensors"))?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
@@ -181,7 +266,7 @@ impl RunFolder {
         Ok(())
     }
 
-    /// Replaces `metrics.jsonl` with `history` (on resume: the lines up to the checkpoint).
+    /// Replaces `metrics.jsonl` with `history` (a new run: none).
     pub fn rewrite_metrics(&self, history: &[Metrics]) -> Result<()> {
         let mut text = String::new();
         for m in history {
@@ -189,5 +274,22 @@ impl RunFolder {
             text.push('\n');
         }
         crate::util::write_atomic(&self.metrics_path(), text.as_bytes())
+    }
+
+    /// Keeps the lines of `metrics.jsonl` up to `step` (on resume: the checkpoint's) as they
+    /// were written, byte for byte: a float parsed and printed again may move by one ULP.
+    pub fn keep_metrics_up_to(&self, step: usize) -> Result<()> {
+        let path = self.metrics_path();
+        let text = if path.exists() { std::fs::read_to_string(&path)? } else { String::new() };
+        let mut kept = String::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let m: Metrics =
+                serde_json::from_str(line).with_context(|| format!("corrupt line in {}", path.display()))?;
+            if m.step <= step {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        crate::util::write_atomic(&path, kept.as_bytes())
     }
 }
