@@ -1,5 +1,6 @@
-//! Named trainable parameters: creation with a seeded initialiser, weight-decay groups,
-//! and safetensors save/load that names every missing, unexpected or mis-shaped tensor.
+//! Named trainable parameters: creation with a seeded initialiser, weight-decay and
+//! learning-rate groups, and safetensors save/load that names every missing, unexpected or
+//! mis-shaped tensor.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -9,12 +10,18 @@ use std::sync::{Arc, Mutex};
 
 use crate::rng::{stream, Rng};
 
-/// One trainable tensor and whether AdamW may decay it.
+/// One trainable tensor, whether AdamW may decay it and the multiple of the run's learning
+/// rate it trains at.
 #[derive(Clone)]
 pub struct Param {
     pub var: Var,
     /// Matrices decay; norms, biases, embeddings and per-channel constants do not.
     pub decay: bool,
+    /// The parameter's learning rate is `lr_scale` times the scheduled one (1 for almost
+    /// every parameter). A multiple rather than an absolute rate, so the group follows the
+    /// run's warm-up and decay: the official Hyena trainer's groups with their own `lr` are
+    /// scheduled the same way, from their own base rate.
+    pub lr_scale: f64,
 }
 
 /// All parameters of a model, by dotted name (`blocks.0.att.qkv.weight`).
@@ -119,6 +126,8 @@ pub struct ParamBuilder {
     pub dtype: DType,
     /// The model's training step, for parts that follow a schedule.
     pub clock: StepClock,
+    /// [`Param::lr_scale`] of the parameters this builder creates.
+    lr_scale: f64,
 }
 
 impl ParamBuilder {
@@ -130,7 +139,19 @@ impl ParamBuilder {
             device: device.clone(),
             dtype,
             clock: StepClock::default(),
+            lr_scale: 1.0,
         }
+    }
+
+    /// A builder whose parameters train at `scale` times the run's learning rate (a finite
+    /// multiple >= 0; 0 freezes them). Sub-builders ([`ParamBuilder::pp`]) inherit it.
+    pub fn with_lr_scale(&self, scale: f64) -> Result<Self> {
+        if !(scale.is_finite() && scale >= 0.0) {
+            bail!("learning-rate multiple must be finite and >= 0, got {scale}");
+        }
+        let mut b = self.clone();
+        b.lr_scale = scale;
+        Ok(b)
     }
 
     /// A builder for the sub-module `name`.
@@ -174,7 +195,7 @@ impl ParamBuilder {
             bail!("parameter `{full}` defined twice");
         }
         let tensor = var.as_tensor().clone();
-        store.params.insert(full, Param { var, decay });
+        store.params.insert(full, Param { var, decay, lr_scale: self.lr_scale });
         Ok(tensor)
     }
 

@@ -4,11 +4,12 @@
 // time of small models on a GPU. Here a step is two launches whatever the parameter count.
 //
 // `table` holds one row of TABLE_COLS u64 per tensor: pointers to the weights, first and
-// second moments and gradient (all f32, contiguous), element count, decay flag (0/1) and the
-// tensor's first block; block b works on the tensor whose range of blocks holds b.
+// second moments and gradient (all f32, contiguous), element count, decay flag (0/1), the
+// tensor's first block, and its learning-rate multiple (an f32's bits in the low 32); block
+// b works on the tensor whose range of blocks holds b.
 #include <stdint.h>
 
-#define TABLE_COLS 7
+#define TABLE_COLS 8
 #define BLOCK 256
 #define PER_BLOCK (BLOCK * 8)
 
@@ -17,6 +18,7 @@ struct Row {
     const float *g;
     long long n;
     int decay;
+    float lr_scale;
 };
 
 __device__ __forceinline__ int find_tensor(const unsigned long long *table, int count, unsigned long long block) {
@@ -37,6 +39,7 @@ __device__ __forceinline__ Row row(const unsigned long long *table, int i) {
     x.g = (const float *)r[3];
     x.n = (long long)r[4];
     x.decay = (int)r[5];
+    x.lr_scale = __uint_as_float((unsigned int)r[7]);
     return x;
 }
 
@@ -62,10 +65,12 @@ extern "C" __global__ void adamw_sumsq(const unsigned long long *table, int coun
 }
 
 // One AdamW update (PyTorch's rule, decoupled decay), gradients scaled to norm `clip` when
-// larger (clip 0: no clipping). A non-finite gradient norm leaves every tensor untouched: the
-// host reads the norm afterwards and reports the error.
+// larger (clip 0: no clipping). Each tensor steps at lr times its multiple, and decays by
+// 1 - that rate times weight_decay, as a PyTorch parameter group of that rate. A non-finite
+// gradient norm leaves every tensor untouched: the host reads the norm afterwards and
+// reports the error.
 extern "C" __global__ void adamw_update(const unsigned long long *table, int count, const double *sumsq, float lr,
-                                        float beta1, float beta2, float bc1, float bc2, float eps, float decay_factor,
+                                        float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay,
                                         float clip) {
     const double norm = sqrt(*sumsq);
     if (!isfinite(norm)) return;
@@ -73,6 +78,8 @@ extern "C" __global__ void adamw_update(const unsigned long long *table, int cou
     const int t = find_tensor(table, count, blockIdx.x);
     const Row x = row(table, t);
     const long long start = (long long)(blockIdx.x - table[t * TABLE_COLS + 6]) * PER_BLOCK;
+    const float rate = lr * x.lr_scale;
+    const float decay_factor = 1.0f - rate * weight_decay;
     for (long long i = start + threadIdx.x; i < start + PER_BLOCK && i < x.n; i += BLOCK) {
         const float g = x.g[i] * scale;
         const float m = beta1 * x.m[i] + (1.0f - beta1) * g;
@@ -81,6 +88,6 @@ extern "C" __global__ void adamw_update(const unsigned long long *table, int cou
         x.v[i] = v;
         const float update = (m / bc1) / (sqrtf(v / bc2) + eps);
         const float w = x.decay ? x.w[i] * decay_factor : x.w[i];
-        x.w[i] = w - lr * update;
+        x.w[i] = w - rate * update;
     }
 }

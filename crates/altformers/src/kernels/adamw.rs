@@ -12,7 +12,7 @@ use super::ptx;
 
 const MODULE: &str = "altformers_adamw";
 /// As `adamw.cu`: columns of the tensor table, threads per block, elements per block.
-const TABLE_COLS: usize = 7;
+const TABLE_COLS: usize = 8;
 const BLOCK: u32 = 256;
 const PER_BLOCK: usize = 256 * 8;
 
@@ -23,6 +23,8 @@ pub struct Slot<'a> {
     pub v: &'a Tensor,
     pub grad: &'a Tensor,
     pub decay: bool,
+    /// The parameter's learning-rate multiple ([`crate::params::Param::lr_scale`]).
+    pub lr_scale: f32,
 }
 
 /// AdamW's hyper-parameters for one step (bias corrections already computed).
@@ -80,7 +82,7 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<Tensor> {
         if [slot.m, slot.v, slot.grad].iter().any(|t| t.elem_count() != n) {
             candle_core::bail!("fused AdamW: a moment or gradient differs in size from its weight ({n})");
         }
-        table.extend([n as u64, slot.decay as u64, blocks]);
+        table.extend([n as u64, slot.decay as u64, blocks, slot.lr_scale.to_bits() as u64]);
         blocks += n.div_ceil(PER_BLOCK) as u64;
     }
     if blocks == 0 {
@@ -95,10 +97,9 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<Tensor> {
     b.arg(&table).arg(&count).arg(&mut sumsq);
     unsafe { b.launch(cfg) }.w()?;
     let update = launch::func(dev, MODULE, ptx::ADAMW, "adamw_update")?;
-    let decay_factor = 1.0 - h.lr * h.weight_decay;
     let mut b = update.builder();
     b.arg(&table).arg(&count).arg(&sumsq).arg(&h.lr).arg(&h.beta1).arg(&h.beta2);
-    b.arg(&h.bc1).arg(&h.bc2).arg(&h.eps).arg(&decay_factor).arg(&h.clip);
+    b.arg(&h.bc1).arg(&h.bc2).arg(&h.eps).arg(&h.weight_decay).arg(&h.clip);
     unsafe { b.launch(cfg) }.w()?;
     drop(ptr_guards);
     drop(guards);

@@ -12,7 +12,10 @@
 //! ln(target) / fast, C)`, so each channel decays at its own rate. M2-BERT's bidirectional
 //! filter adds a second FFN (`implicit_filter_rev`) with the same features, window and sine
 //! frequencies. Filters are generated for the training context `L`; `T <= L` tokens use
-//! their first `T` taps.
+//! their first `T` taps. The positional features `PE` are a trainable `[L, E]` parameter
+//! (`pos_emb.z`, no weight decay, its own learning-rate multiple) where the caller asks for
+//! one, as the official `PositionalEmbedding` registers them, and fixed where the multiple
+//! is 0 (the official `lr_pos_emb = 0` makes them a buffer).
 
 use anyhow::{bail, Result as AnyResult};
 use candle_core::{Result, Tensor};
@@ -98,7 +101,7 @@ pub struct ImplicitFilter {
     ffn_rev: Option<Vec<Linear>>,
     /// `[F]`, shared by every sine activation (of both FFNs).
     freq: Tensor,
-    /// Positional features `[L, E]` (fixed).
+    /// Positional features `[L, E]`: a parameter, or fixed.
     z: Tensor,
     /// Decay window `[L, C]` (fixed).
     window: Tensor,
@@ -106,9 +109,12 @@ pub struct ImplicitFilter {
 
 impl ImplicitFilter {
     /// `channels` filters for a context of `context` tokens, parameters under `pb` (the
-    /// official `filter_fn`): `implicit_filter.{0,2,..}` (and `implicit_filter_rev.{0,2,..}`
-    /// with `reverse`), `implicit_filter.1.freq`. N(0, 0.02) weights and zero biases; `decay`
-    /// says whether AdamW decays them.
+    /// official `filter_fn`, with the learning-rate multiple the caller gives the filter):
+    /// `implicit_filter.{0,2,..}` (and `implicit_filter_rev.{0,2,..}` with `reverse`),
+    /// `implicit_filter.1.freq`. N(0, 0.02) weights and zero biases; `decay` says whether
+    /// AdamW decays them. With `pos_emb_lr_scale > 0` the positional features are the
+    /// parameter `pos_emb.z` (not decayed) training at that multiple of the run's rate;
+    /// with 0 they are fixed.
     pub fn new(
         pb: &ParamBuilder,
         spec: &FilterSpec,
@@ -116,6 +122,7 @@ impl ImplicitFilter {
         context: usize,
         decay: bool,
         reverse: bool,
+        pos_emb_lr_scale: f64,
     ) -> AnyResult<Self> {
         let (e, f) = (spec.emb_dim, spec.width);
         let linear = |name: &str, index: usize, d_in: usize, d_out: usize, bias: bool| -> AnyResult<Linear> {
@@ -141,11 +148,18 @@ impl ImplicitFilter {
         let constant = |v: Vec<f64>, dims: (usize, usize)| -> Result<Tensor> {
             Tensor::from_vec(v, dims, &pb.device)?.to_dtype(pb.dtype)
         };
+        let features = positional_features(context, e);
+        let z = if pos_emb_lr_scale > 0.0 {
+            let values = features.into_iter().map(|v| v as f32).collect();
+            pb.pp("pos_emb").with_lr_scale(pos_emb_lr_scale)?.from_values("z", &[context, e], values, false)?
+        } else {
+            constant(features, (context, e))?
+        };
         Ok(Self {
             ffn,
             ffn_rev,
             freq,
-            z: constant(positional_features(context, e), (context, e))?,
+            z,
             window: constant(decay_window(context, channels, spec), (context, channels))?,
         })
     }

@@ -150,7 +150,9 @@ impl M2 {
         let in_linear = Linear::new(pb, "in_linear", d, 3 * d, 0.02, cfg.bias)?;
         let short = ShortConv::new(pb, 3 * d, o.short_kernel)?;
         let fp = pb.pp("filter_fn");
-        let filter = ImplicitFilter::new(&fp, &o.filter_spec(), d, l, true, o.bidirectional)?;
+        // Positional features fixed (multiple 0): issue 19 made Hyena's trainable; M2's
+        // recipe was not re-read for them.
+        let filter = ImplicitFilter::new(&fp, &o.filter_spec(), d, l, true, o.bidirectional, 0.0)?;
         let bias = fp.normal_no_decay("bias", &[d], 1.0)?;
         let out_linear = Linear::new(pb, "out_linear", d, d, 0.02 / (2.0 * cfg.depth as f64).sqrt(), cfg.bias)?;
         Ok(Self {

@@ -1,5 +1,7 @@
 //! AdamW (Loshchilov & Hutter 2019) with PyTorch's update rule, global-norm gradient
-//! clipping, decay only on matrices, and state that checkpoints exactly.
+//! clipping, decay only on matrices, per-parameter learning-rate multiples
+//! ([`Param::lr_scale`]: a parameter with multiple `s` steps and decays as a PyTorch
+//! parameter group of rate `s lr`), and state that checkpoints exactly.
 
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
@@ -71,7 +73,14 @@ impl AdamW {
             .filter_map(|i| {
                 let p = &self.params[i].1;
                 let grad = grads.get(p.var.as_tensor())?;
-                Some(adamw::Slot { weight: p.var.as_tensor(), m: &self.m[i], v: &self.v[i], grad, decay: p.decay })
+                Some(adamw::Slot {
+                    weight: p.var.as_tensor(),
+                    m: &self.m[i],
+                    v: &self.v[i],
+                    grad,
+                    decay: p.decay,
+                    lr_scale: p.lr_scale as f32,
+                })
             })
             .collect();
         if !adamw::applies(&slots) || !crate::kernels::enabled("adamw") {
@@ -135,6 +144,7 @@ impl AdamW {
             self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let update = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + self.eps)?)?;
+            let lr = lr * p.lr_scale;
             let mut w = p.var.as_tensor().to_dtype(dtype)?;
             if p.decay && self.weight_decay > 0.0 {
                 w = (&w * (1.0 - lr * self.weight_decay))?;
@@ -145,19 +155,41 @@ impl AdamW {
         Ok(StepNorm(Tensor::new(norm, &candle_core::Device::Cpu)?))
     }
 
+    /// Writes the moments and, for every parameter whose learning-rate multiple is not 1,
+    /// that multiple (`lr_scale.NAME`, so a resumed run can check it trains every parameter
+    /// at the rates it was trained at; files of models without multiples are unchanged).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map = BTreeMap::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
+        for (i, (name, p)) in self.params.iter().enumerate() {
             map.insert(format!("m.{name}"), self.m[i].clone());
             map.insert(format!("v.{name}"), self.v[i].clone());
+            if p.lr_scale != 1.0 {
+                map.insert(format!("lr_scale.{name}"), Tensor::new(p.lr_scale, &candle_core::Device::Cpu)?);
+            }
         }
         save_tensors(&map, path)
     }
 
+    /// Loads [`AdamW::save`]'s moments; every name and shape must match, and so must every
+    /// learning-rate multiple (absent: 1), listing every problem at once.
     pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {
         let device = self.m.first().map(|m| m.device().clone()).unwrap_or(candle_core::Device::Cpu);
         let mut map = load_tensors(path, &device)?;
         let mut problems = Vec::new();
+        for (name, p) in &self.params {
+            let saved = match map.remove(&format!("lr_scale.{name}")) {
+                Some(s) => {
+                    s.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied().unwrap_or(f64::NAN)
+                }
+                None => 1.0,
+            };
+            if saved != p.lr_scale {
+                problems.push(format!(
+                    "`{name}` was trained at {saved} x the learning rate, the model now asks for {}",
+                    p.lr_scale
+                ));
+            }
+        }
         for (i, (name, _)) in self.params.iter().enumerate() {
             for (slot, key) in [(&mut self.m[i], format!("m.{name}")), (&mut self.v[i], format!("v.{name}"))] {
                 match map.remove(&key) {
@@ -249,6 +281,64 @@ mod tests {
                 store.vars().into_iter().find(|(n, _)| n == name).unwrap().1.var.set(t)?;
             }
         }
+        Ok(())
+    }
+
+    /// A parameter with multiple `s` steps and decays as a PyTorch group of rate `s lr`: on the
+    /// first step Adam's update is sign(g) (|g| >> eps), so `w1 = w0 (1 - s lr wd) - s lr`.
+    /// Its moments are the same as at multiple 1 (only the rate differs).
+    #[test]
+    fn learning_rate_multiples_scale_the_step_and_the_decay() -> Result<()> {
+        use crate::params::ParamBuilder;
+        use candle_core::Device;
+        let pb = ParamBuilder::new(0, &Device::Cpu, DType::F32);
+        let scales = [1.0, 0.25, 0.0, 3.0];
+        let ws: Vec<Tensor> = scales
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| pb.with_lr_scale(s)?.normal(&format!("w{i}"), &[2, 3], 0.5))
+            .collect::<anyhow::Result<_>>()?;
+        assert!(pb.with_lr_scale(-1.0).is_err() && pb.with_lr_scale(f64::NAN).is_err());
+        let store = pb.into_store();
+        let before: Vec<Vec<f32>> =
+            ws.iter().map(|w| w.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
+        let loss = ws.iter().map(|w| w.sum_all()).reduce(|a, b| a? + b?).unwrap()?;
+        let (lr, wd) = (0.01, 0.1);
+        AdamW::new(&store, 0.9, 0.99, 1e-8, wd)?.step(&loss.backward()?, lr, 0.0)?;
+        for (i, &s) in scales.iter().enumerate() {
+            let after: Vec<f32> = store.tensors()[&format!("w{i}")].flatten_all()?.to_vec1()?;
+            for (a, b) in after.iter().zip(&before[i]) {
+                let want = *b as f64 * (1.0 - s * lr * wd) - s * lr;
+                assert!((*a as f64 - want).abs() < 1e-6, "multiple {s}: {a} vs {want}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The optimizer file records multiples other than 1; loading it into a model that asks
+    /// for other multiples is an error naming the parameter, the same ones load.
+    #[test]
+    fn saved_learning_rate_multiples_must_match_on_load() -> Result<()> {
+        use crate::params::ParamBuilder;
+        use candle_core::Device;
+        let build = |scale: f64| -> Result<ParamStore> {
+            let pb = ParamBuilder::new(0, &Device::Cpu, DType::F32);
+            pb.normal("a", &[2], 0.5)?;
+            pb.with_lr_scale(scale)?.normal("z", &[3], 0.5)?;
+            Ok(pb.into_store())
+        };
+        let dir = std::env::temp_dir().join(format!("altformers-lr-scale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("optimizer.safetensors");
+        AdamW::new(&build(0.5)?, 0.9, 0.99, 1e-8, 0.1)?.save(&path)?;
+        AdamW::new(&build(0.5)?, 0.9, 0.99, 1e-8, 0.1)?.load(&path, 3)?;
+        let err = AdamW::new(&build(1.0)?, 0.9, 0.99, 1e-8, 0.1)?.load(&path, 3).unwrap_err().to_string();
+        assert!(err.contains("`z` was trained at 0.5"), "{err}");
+        // and the other way: saved at 1 (not written), loaded at 0.5
+        AdamW::new(&build(1.0)?, 0.9, 0.99, 1e-8, 0.1)?.save(&path)?;
+        let err = AdamW::new(&build(0.5)?, 0.9, 0.99, 1e-8, 0.1)?.load(&path, 3).unwrap_err().to_string();
+        assert!(err.contains("`z` was trained at 1"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 }

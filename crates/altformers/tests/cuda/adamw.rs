@@ -1,7 +1,8 @@
 //! The fused AdamW step on the GPU against the tensor-expression step on the CPU: same
 //! weights after several steps (with clipping active, decayed and undecayed tensors, a
-//! tensor larger than one block and one smaller), same gradient norms; a non-finite gradient
-//! is reported and leaves every weight untouched.
+//! tensor larger than one block and one smaller, learning-rate multiples other than 1 on
+//! three of them), same gradient norms; a non-finite gradient is reported and leaves every
+//! weight untouched.
 
 use altformers::params::{ParamBuilder, ParamStore};
 use altformers::testing::{device_rel_err, randn};
@@ -11,9 +12,14 @@ use candle_core::{DType, Device, Tensor};
 
 const SHAPES: [(&str, &[usize]); 4] = [("emb.weight", &[37, 16]), ("w", &[3000]), ("b", &[5]), ("big", &[64, 97])];
 
+/// Learning-rate multiples by tensor (decayed "w" and "big", undecayed "b").
+const LR_SCALES: [(&str, f64); 3] = [("w", 3.0), ("b", 0.5), ("big", 0.25)];
+
 fn store(dev: &Device) -> Result<ParamStore> {
     let pb = ParamBuilder::new(3, dev, DType::F32);
     for (name, dims) in SHAPES {
+        let scale = LR_SCALES.iter().find(|(n, _)| *n == name).map_or(1.0, |(_, s)| *s);
+        let pb = pb.with_lr_scale(scale)?;
         if name == "emb.weight" || name == "b" {
             pb.normal_no_decay(name, dims, 0.5)?;
         } else {
