@@ -39,8 +39,9 @@ fn aft_full_training_memory_is_linear_in_length() {
     for ((t, b), w) in lengths.iter().zip(&blocked).zip(&whole) {
         println!("T {t}: blocks of 64 {:.2} MB, one block {:.2} MB", *b as f64 / 1e6, *w as f64 / 1e6);
     }
-    // one block of T x T: the measurement sees the quadratic term
-    assert!(whole[2] as f64 > 10.0 * whole[0] as f64, "one block should grow as T^2: {whole:?}");
+    // one block of T x T: the measurement sees the quadratic term (9.8x from T 512 to 2048
+    // when written, the linear terms still a third of the peak at 512)
+    assert!(whole[2] as f64 > 7.0 * whole[0] as f64, "one block should grow as T^2: {whole:?}");
     // blocks of 64: doubling T at most doubles the peak, and a bit (the per-block terms)
     for pair in blocked.windows(2) {
         assert!((pair[1] as f64) < 2.5 * pair[0] as f64, "blocked peak grew faster than T: {blocked:?}");
