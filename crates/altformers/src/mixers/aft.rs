@@ -191,7 +191,7 @@ impl Options for ConvOptions {
 }
 
 /// AFT replaces attention in a GPT-style block; its language models add learned absolute
-/// positions to the embeddings, as the paper's do (section 5.2), besides the order in `w`.
+/// positions to the embeddings, as the paper's do, besides the order in `w`.
 pub fn adjust_defaults(cfg: &mut ModelConfig) {
     cfg.position = Position::Learned;
 }
