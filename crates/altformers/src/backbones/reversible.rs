@@ -218,10 +218,11 @@ struct RecomputingBackward {
     keep: Option<Tensor>,
 }
 
-/// `x` must be one contiguous block from its storage's start: the op returns the storage.
-fn check_whole(layout: &Layout) -> Result<()> {
+/// `x` must be one contiguous block from its storage's start: an op that passes precomputed
+/// values through (this one, AFT-full's blocked form) returns the storage itself.
+pub(crate) fn check_whole(layout: &Layout) -> Result<()> {
     if !layout.is_contiguous() || layout.start_offset() != 0 {
-        candle_core::bail!("reversible stack: the pair's values must be a fresh contiguous tensor");
+        candle_core::bail!("an op passing precomputed values through needs them as a fresh contiguous tensor");
     }
     Ok(())
 }

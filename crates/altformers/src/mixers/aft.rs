@@ -5,21 +5,32 @@
 //! ```
 //!
 //! then an output projection. `Q, K, V = X W_Q, X W_K, X W_V` (`query`, `key`, `value`).
+//! Order enters through `w` and, as in the paper's language models, through learned absolute
+//! position embeddings added to the token embeddings (`pos_emb.weight`, the default stack's):
+//! without them AFT-simple would know nothing of order beyond causality. They cap the context
+//! at the table's length (`model.context`); a longer input is an error.
 //!
-//! - **aft-full**: `w` is a learned `[context, context]` matrix (`pos_bias`), or its
-//!   factorisation `w = U V^T` (`pos_u`, `pos_v`, `[context, rank]`; `model.options.rank > 0`).
-//!   Parallel form `O(T^2 d)` as two matrix products; decoding keeps every key and value.
+//! - **aft-full**: `w = U V^T` (`pos_u`, `pos_v`, `[context, d']`, `model.options.rank`, default
+//!   d' = 128: the paper's factorised form, which its enwik8 table finds better than the full
+//!   matrix), or with `rank = 0` a learned `[context, context]` matrix (`pos_bias`). The
+//!   parallel form runs over key blocks ([`blocked`]): nothing `[B, T, T]` is materialised,
+//!   and with the factorised `w` nothing `T x T` at all. Decoding keeps every key and value.
 //! - **aft-simple**: `w = 0`: a softmax over time per channel, i.e. the normalised decayed sum
 //!   of [`crate::ops::decayed`] with no decay and no bonus: `O(T d)` (chunkwise), `O(d)`
 //!   decode state.
-//! - **aft-local**: `w_{t,t'}` learned (`pos_bias`) only inside the window `t - t' < s`, **zero
-//!   outside** (not masked: AFT-local keeps global connectivity). Computed as the AFT-simple
-//!   prefix sum up to `t - s` (from the shared primitive) plus the `s` windowed terms:
-//!   `O(T s d)`, decode state `O(s d)`.
-//! - **aft-conv**: the windowed bias shared across positions per head, `w_{t,t'} =
-//!   kernel[h, t - t']` for `t - t' < s` (`conv_kernel: [H, s]`; the causal 1-D form of the
-//!   paper's depthwise convolution `conv(e^K (.) V, e^w - 1) + sum e^K (.) V`), zero outside;
-//!   the same windowed computation as aft-local, `O(T s d)`, decode state `O(s d)`.
+//! - **aft-local**: `w_{t,t'}` learned (`pos_bias`, or factorised as aft-full's with
+//!   `model.options.rank > 0`) only inside the window `t - t' < s`, **zero outside** (not
+//!   masked: AFT-local keeps global connectivity). Computed as the AFT-simple prefix sum up to
+//!   `t - s` (from the shared primitive) plus the `s` windowed terms: `O(T s d)`, decode state
+//!   `O(s d)`.
+//! - **aft-conv**: the paper's multi-head form: **one key channel per head** (`K: [T, h]`, each
+//!   head's weights `exp(K + w)` shared by its `d/h` value channels) and the windowed bias
+//!   shared across positions per head, `w_{t,t'} = kernel[h, t - t']` for `t - t' < s`, zero
+//!   outside (the causal 1-D form of the paper's depthwise convolution `conv(e^K (.) V, e^w -
+//!   1) + sum e^K (.) V`). The kernel is reparameterised as the paper does (it calls this
+//!   important): `w = gamma (w - mean(w)) / std(w) + beta` per head, `gamma, beta` starting at
+//!   0 (`conv_gamma`, `conv_beta`; `model.options.reparam = false` learns `w` directly). The
+//!   same windowed computation as aft-local, `O(T s d)`, decode state `O(s d)`.
 //!
 //! Every exponential has a maximum subtracted first, and no maximum looks at a later position
 //! (so causality is exact): in the pairwise form, each key position's largest channel (of its
@@ -39,6 +50,9 @@ use crate::nn::{gather_rows, Linear};
 use crate::ops::decayed::{self, Weighting, WkvState, EMPTY_LOG_SCALE};
 use crate::params::ParamBuilder;
 
+mod blocked;
+pub use blocked::blocked;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Full,
@@ -51,16 +65,39 @@ pub const DEFAULT_CHUNK: usize = 32;
 pub const DEFAULT_WINDOW: usize = 32;
 /// Covers the comparison's contexts (LM 256, recall up to 256) and the scaling bench's shortest.
 pub const DEFAULT_DENSE_BELOW: usize = 512;
+/// The inner width d' of aft-full's factorised bias (the paper's).
+pub const DEFAULT_RANK: usize = 128;
+/// Key positions per block of aft-full's blocked form.
+pub const DEFAULT_BLOCK: usize = 128;
+/// Added to the variance in aft-conv's kernel reparameterisation (a window of 1, or a constant
+/// kernel, has none); small beside the raw kernel's initial variance (4e-4).
+const KERNEL_EPS: f64 = 1e-9;
 
 /// `model.options` of `aft-full`.
-#[derive(Default, Deserialize, Serialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullOptions {
-    /// Rank of the factorised bias `w = U V^T`; 0 learns the full matrix.
+    /// Inner width d' of the factorised bias `w = U V^T`; 0 learns the full matrix.
     pub rank: usize,
+    /// Key (and query) positions per block of the blocked parallel form: peak memory
+    /// `O(T d + block^2)` per batch row and group.
+    pub block: usize,
 }
 
-impl Options for FullOptions {}
+impl Default for FullOptions {
+    fn default() -> Self {
+        Self { rank: DEFAULT_RANK, block: DEFAULT_BLOCK }
+    }
+}
+
+impl Options for FullOptions {
+    fn check(&self) -> AnyResult<()> {
+        if self.block == 0 {
+            bail!("model.options.block must be positive");
+        }
+        Ok(())
+    }
+}
 
 /// `model.options` of `aft-simple`.
 #[derive(Deserialize, Serialize)]
@@ -89,11 +126,45 @@ fn positive_chunk(chunk: usize) -> AnyResult<()> {
     Ok(())
 }
 
-/// `model.options` of `aft-local` and `aft-conv`.
+fn check_window(window: usize, chunk: usize) -> AnyResult<()> {
+    if window == 0 {
+        bail!("model.options.window must be positive");
+    }
+    positive_chunk(chunk)
+}
+
+/// `model.options` of `aft-local`.
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct WindowOptions {
+pub struct LocalOptions {
     /// Window `s`: `w_{t,t'}` is learned for `0 <= t - t' < s`.
+    pub window: usize,
+    /// Chunk length of the chunkwise prefix sums.
+    pub chunk: usize,
+    /// Sequences up to this length run the exact dense pairwise form in `forward` (see
+    /// [`ConvOptions::dense_below`]). 0: never.
+    pub dense_below: usize,
+    /// Inner width of a factorised bias `w = U V^T` (as aft-full's); 0 learns the matrix.
+    pub rank: usize,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self { window: DEFAULT_WINDOW, chunk: DEFAULT_CHUNK, dense_below: DEFAULT_DENSE_BELOW, rank: 0 }
+    }
+}
+
+impl Options for LocalOptions {
+    fn check(&self) -> AnyResult<()> {
+        check_window(self.window, self.chunk)
+    }
+}
+
+/// `model.options` of `aft-conv`.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvOptions {
+    /// Window `s`: the kernel's size.
     pub window: usize,
     /// Chunk length of the chunkwise prefix sums.
     pub chunk: usize,
@@ -103,27 +174,44 @@ pub struct WindowOptions {
     /// forward is 2-13x faster than the windowed form's at T = 1024..128 (16K tokens of 64
     /// channels, s = 32; the windowed form's prefix sums take most of its time). 0: never.
     pub dense_below: usize,
+    /// The paper's reparameterisation `w = gamma (w - mean(w)) / std(w) + beta` per head.
+    pub reparam: bool,
 }
 
-impl Default for WindowOptions {
+impl Default for ConvOptions {
     fn default() -> Self {
-        Self { window: DEFAULT_WINDOW, chunk: DEFAULT_CHUNK, dense_below: DEFAULT_DENSE_BELOW }
+        Self { window: DEFAULT_WINDOW, chunk: DEFAULT_CHUNK, dense_below: DEFAULT_DENSE_BELOW, reparam: true }
     }
 }
 
-impl Options for WindowOptions {
+impl Options for ConvOptions {
     fn check(&self) -> AnyResult<()> {
-        if self.window == 0 {
-            bail!("model.options.window must be positive");
-        }
-        positive_chunk(self.chunk)
+        check_window(self.window, self.chunk)
     }
 }
 
-/// AFT replaces attention in a GPT-style block and carries positions in `w` (none for
-/// aft-simple, whose only order information is causality, as in the paper).
+/// AFT replaces attention in a GPT-style block; its language models add learned absolute
+/// positions to the embeddings, as the paper's do, besides the order in `w`.
 pub fn adjust_defaults(cfg: &mut ModelConfig) {
-    cfg.position = Position::None;
+    cfg.position = Position::Learned;
+}
+
+/// aft-conv's kernel `[H, s]` and, reparameterised, its per-head `gamma, beta: [H, 1]`.
+struct ConvKernel {
+    raw: Tensor,
+    affine: Option<(Tensor, Tensor)>,
+}
+
+impl ConvKernel {
+    /// The kernel the layer uses, `[H, s]` in `dtype`: `gamma (w - mean(w)) / std(w) + beta`
+    /// over each head's `s` taps (population std), or `w` itself.
+    fn effective(&self, dtype: DType) -> Result<Tensor> {
+        let raw = self.raw.to_dtype(dtype)?;
+        let Some((gamma, beta)) = &self.affine else { return Ok(raw) };
+        let centred = raw.broadcast_sub(&raw.mean_keepdim(1)?)?;
+        let std = (centred.sqr()?.mean_keepdim(1)? + KERNEL_EPS)?.sqrt()?;
+        centred.broadcast_div(&std)?.broadcast_mul(&gamma.to_dtype(dtype)?)?.broadcast_add(&beta.to_dtype(dtype)?)
+    }
 }
 
 /// The learned position bias of each variant.
@@ -131,15 +219,16 @@ enum PosBias {
     Zero,
     /// `[context, context]` (aft-full, aft-local).
     Matrix(Tensor),
-    /// `U, V: [context, rank]` (factorised aft-full).
+    /// `U, V: [context, rank]` (factorised aft-full, aft-local).
     Factors(Tensor, Tensor),
     /// `[H, s]` (aft-conv).
-    Kernel(Tensor),
+    Kernel(ConvKernel),
 }
 
 pub struct Aft {
     pub variant: Variant,
     query: Linear,
+    /// `d -> d`, or `d -> H` for aft-conv (one key channel per head).
     key: Linear,
     value: Linear,
     output: Linear,
@@ -151,46 +240,64 @@ pub struct Aft {
     groups: usize,
     /// aft-local/conv: `forward` runs the dense pairwise form up to this length.
     dense_below: usize,
+    /// aft-full: key positions per block of the blocked form.
+    block: usize,
     context: usize,
 }
 
 impl Aft {
     pub fn new(cfg: &ModelConfig, variant: Variant, pb: &ParamBuilder) -> AnyResult<Self> {
         let (d, ctx) = (cfg.width, cfg.context);
-        let (mut window, mut chunk, mut groups, mut dense_below) = (1, DEFAULT_CHUNK, 1, 0);
+        let (mut window, mut chunk, mut groups, mut dense_below, mut block) = (1, DEFAULT_CHUNK, 1, 0, DEFAULT_BLOCK);
+        let matrix_or_factors = |rank: usize| -> AnyResult<PosBias> {
+            Ok(if rank == 0 {
+                PosBias::Matrix(pb.zeros("pos_bias", &[ctx, ctx])?)
+            } else {
+                PosBias::Factors(
+                    pb.normal_no_decay("pos_u", &[ctx, rank], 0.01)?,
+                    pb.normal_no_decay("pos_v", &[ctx, rank], 0.01)?,
+                )
+            })
+        };
         let bias = match variant {
             Variant::Full => {
                 let o: FullOptions = cfg.options()?;
-                if o.rank == 0 {
-                    PosBias::Matrix(pb.zeros("pos_bias", &[ctx, ctx])?)
-                } else {
-                    PosBias::Factors(
-                        pb.normal_no_decay("pos_u", &[ctx, o.rank], 0.01)?,
-                        pb.normal_no_decay("pos_v", &[ctx, o.rank], 0.01)?,
-                    )
-                }
+                block = o.block;
+                matrix_or_factors(o.rank)?
             }
             Variant::Simple => {
                 let o: SimpleOptions = cfg.options()?;
                 chunk = o.chunk;
                 PosBias::Zero
             }
-            Variant::Local | Variant::Conv => {
-                let o: WindowOptions = cfg.options()?;
+            Variant::Local => {
+                let o: LocalOptions = cfg.options()?;
                 (window, chunk, dense_below) = (o.window, o.chunk, o.dense_below);
-                if variant == Variant::Local {
-                    PosBias::Matrix(pb.zeros("pos_bias", &[ctx, ctx])?)
+                matrix_or_factors(o.rank)?
+            }
+            Variant::Conv => {
+                let o: ConvOptions = cfg.options()?;
+                (window, chunk, dense_below, groups) = (o.window, o.chunk, o.dense_below, cfg.heads);
+                // std-normalised, so the raw kernel's scale only sets how fast Adam moves it
+                let raw = if o.reparam {
+                    pb.normal_no_decay("conv_kernel", &[cfg.heads, window], 0.02)?
                 } else {
-                    groups = cfg.heads;
-                    PosBias::Kernel(pb.zeros("conv_kernel", &[cfg.heads, window])?)
-                }
+                    pb.zeros("conv_kernel", &[cfg.heads, window])?
+                };
+                let affine = if o.reparam {
+                    Some((pb.zeros("conv_gamma", &[cfg.heads, 1])?, pb.zeros("conv_beta", &[cfg.heads, 1])?))
+                } else {
+                    None
+                };
+                PosBias::Kernel(ConvKernel { raw, affine })
             }
         };
         let out_std = 0.02 / (2.0 * cfg.depth as f64).sqrt();
+        let key_width = if variant == Variant::Conv { cfg.heads } else { d };
         Ok(Self {
             variant,
             query: Linear::new(pb, "query", d, d, 0.02, cfg.bias)?,
-            key: Linear::new(pb, "key", d, d, 0.02, cfg.bias)?,
+            key: Linear::new(pb, "key", d, key_width, 0.02, cfg.bias)?,
             value: Linear::new(pb, "value", d, d, 0.02, cfg.bias)?,
             output: Linear::new(pb, "output", d, d, out_std, cfg.bias)?,
             bias,
@@ -198,16 +305,28 @@ impl Aft {
             chunk,
             groups,
             dense_below,
+            block,
             context: ctx,
         })
     }
 
     /// `x: [B, T, D]` -> `(sigmoid(Q), K, V)`, each `[B, T, D]`; `K, V` in the accumulation
-    /// dtype (f32 under bf16 activations), `sigmoid(Q)` in `x`'s.
+    /// dtype (f32 under bf16 activations), `sigmoid(Q)` in `x`'s. aft-conv's `[B, T, H]` keys
+    /// are repeated over their heads' channels: the weights are then per channel as in the
+    /// other variants (each head's channels share them) and every form below serves all four.
     fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let acc = decayed::accumulation_dtype(x.dtype());
         let sq = candle_nn::ops::sigmoid(&self.query.forward(x)?)?;
-        Ok((sq, self.key.forward(x)?.to_dtype(acc)?, self.value.forward(x)?.to_dtype(acc)?))
+        let k = self.key.forward(x)?.to_dtype(acc)?;
+        let v = self.value.forward(x)?.to_dtype(acc)?;
+        let k = if self.variant == Variant::Conv {
+            let (b, t, h) = k.dims3()?;
+            let d = v.dim(2)?;
+            k.unsqueeze(3)?.broadcast_as((b, t, h, d / h))?.reshape((b, t, d))?
+        } else {
+            k
+        };
+        Ok((sq, k, v))
     }
 
     fn finish(&self, sq: &Tensor, y: &Tensor) -> Result<Tensor> {
@@ -226,28 +345,29 @@ impl Aft {
     pub fn bias_matrix(&self, t: usize, like: &Tensor) -> Result<Tensor> {
         self.check_positions(t)?;
         let s = self.window;
-        let host = |v: Vec<f64>, dims: &[usize]| Tensor::from_vec(v, dims, like.device())?.to_dtype(like.dtype());
-        match (&self.bias, self.variant) {
-            (PosBias::Zero, _) => Tensor::zeros((1, t, t), like.dtype(), like.device()),
-            (PosBias::Matrix(w), Variant::Full) => {
-                w.narrow(0, 0, t)?.narrow(1, 0, t)?.to_dtype(like.dtype())?.unsqueeze(0)
+        let (dtype, dev) = (like.dtype(), like.device());
+        let in_window = |p: usize| p / t >= p % t && p / t - p % t < s;
+        // aft-local's w is zero outside the window
+        let banded = |w: Tensor| -> Result<Tensor> {
+            if self.variant != Variant::Local {
+                return w.unsqueeze(0);
             }
-            (PosBias::Factors(u, v), _) => {
-                let (u, v) = (u.narrow(0, 0, t)?.to_dtype(like.dtype())?, v.narrow(0, 0, t)?.to_dtype(like.dtype())?);
-                u.matmul(&v.t()?)?.unsqueeze(0)
+            let band: Vec<f64> = (0..t * t).map(|p| if in_window(p) { 1.0 } else { 0.0 }).collect();
+            w.mul(&Tensor::from_vec(band, (t, t), dev)?.to_dtype(dtype)?)?.unsqueeze(0)
+        };
+        match &self.bias {
+            PosBias::Zero => Tensor::zeros((1, t, t), dtype, dev),
+            PosBias::Matrix(w) => banded(w.narrow(0, 0, t)?.narrow(1, 0, t)?.to_dtype(dtype)?),
+            PosBias::Factors(u, v) => {
+                let (u, v) = (u.narrow(0, 0, t)?.to_dtype(dtype)?, v.narrow(0, 0, t)?.to_dtype(dtype)?);
+                banded(u.matmul(&v.t()?)?)
             }
-            (PosBias::Matrix(w), _) => {
-                let band: Vec<f64> =
-                    (0..t * t).map(|p| if p / t >= p % t && p / t - p % t < s { 1.0 } else { 0.0 }).collect();
-                w.narrow(0, 0, t)?.narrow(1, 0, t)?.to_dtype(like.dtype())?.mul(&host(band, &[t, t])?)?.unsqueeze(0)
-            }
-            (PosBias::Kernel(kernel), _) => {
+            PosBias::Kernel(kernel) => {
                 // kernel[h, t - t'] inside the window, 0 outside (index s of the zero-padded kernel)
-                let padded = kernel.to_dtype(like.dtype())?.pad_with_zeros(1, 0, 1)?;
-                let idx: Vec<u32> = (0..t * t)
-                    .map(|p| if p / t >= p % t && p / t - p % t < s { (p / t - p % t) as u32 } else { s as u32 })
-                    .collect();
-                let idx = Tensor::from_vec(idx, t * t, like.device())?;
+                let padded = kernel.effective(dtype)?.pad_with_zeros(1, 0, 1)?;
+                let idx: Vec<u32> =
+                    (0..t * t).map(|p| if in_window(p) { (p / t - p % t) as u32 } else { s as u32 }).collect();
+                let idx = Tensor::from_vec(idx, t * t, dev)?;
                 // as rows of the transposed kernel: the gradient then scatters in parallel on
                 // a GPU (candle's index_add would give each of the G rows one thread for T^2 ids)
                 gather_rows(&padded.t()?.contiguous()?, &idx)?.t()?.reshape((self.groups, t, t))
@@ -259,26 +379,58 @@ impl Aft {
     /// `band[g, j, o] = w_{p, p-o}` with `p = offset + j` (arbitrary where `p < o`).
     fn band(&self, offset: usize, len: usize, like: &Tensor) -> Result<Tensor> {
         let s = self.window;
+        // (query row, key row) of each (j, o)
+        let rows =
+            || (0..len * s).map(move |q| (offset + q / s, q % s)).map(|(p, o)| (p, if p >= o { p - o } else { p }));
+        let ids = |v: Vec<u32>| Tensor::from_vec(v, len * s, like.device());
         match &self.bias {
             PosBias::Matrix(w) => {
                 self.check_positions(offset + len)?;
                 let ctx = self.context;
-                let idx: Vec<u32> = (0..len * s)
-                    .map(|q| {
-                        let (p, o) = (offset + q / s, q % s);
-                        (p * ctx + if p >= o { p - o } else { p }) as u32
-                    })
-                    .collect();
-                let idx = Tensor::from_vec(idx, len * s, like.device())?;
+                let idx = ids(rows().map(|(p, k)| (p * ctx + k) as u32).collect())?;
                 // one-element rows, so that the gradient scatters in parallel on a GPU
                 let flat = w.to_dtype(like.dtype())?.reshape((ctx * ctx, 1))?;
                 gather_rows(&flat, &idx)?.reshape((1, len, s))
             }
-            PosBias::Kernel(kernel) => {
-                kernel.to_dtype(like.dtype())?.unsqueeze(1)?.broadcast_as((self.groups, len, s))?.contiguous()
+            PosBias::Factors(u, v) => {
+                // w_{p, k} = U_p . V_k: O(len s d') rather than the [len, T] rows
+                self.check_positions(offset + len)?;
+                let uq = gather_rows(&u.to_dtype(like.dtype())?, &ids(rows().map(|(p, _)| p as u32).collect())?)?;
+                let vk = gather_rows(&v.to_dtype(like.dtype())?, &ids(rows().map(|(_, k)| k as u32).collect())?)?;
+                (uq * vk)?.sum(1)?.reshape((1, len, s))
             }
-            _ => candle_core::bail!("only aft-local and aft-conv have a windowed bias"),
+            PosBias::Kernel(kernel) => {
+                kernel.effective(like.dtype())?.unsqueeze(1)?.broadcast_as((self.groups, len, s))?.contiguous()
+            }
+            PosBias::Zero => candle_core::bail!("only aft-local and aft-conv have a windowed bias"),
         }
+    }
+
+    /// aft-full's `w_{p, t'}` for `t' <= p`: `[1, 1, p + 1]` (one row, not the whole matrix).
+    fn bias_row(&self, p: usize, like: &Tensor) -> Result<Tensor> {
+        self.check_positions(p + 1)?;
+        let row = match &self.bias {
+            PosBias::Matrix(w) => w.narrow(0, p, 1)?.narrow(1, 0, p + 1)?.to_dtype(like.dtype())?,
+            PosBias::Factors(u, v) => {
+                let (u, v) =
+                    (u.narrow(0, p, 1)?.to_dtype(like.dtype())?, v.narrow(0, 0, p + 1)?.to_dtype(like.dtype())?);
+                u.matmul(&v.t()?)?
+            }
+            _ => candle_core::bail!("only aft-full has a bias row"),
+        };
+        row.unsqueeze(0)
+    }
+
+    /// aft-full's parallel form over key blocks ([`blocked`]): `k, v: [B, T, D]` -> `[B, T, D]`.
+    fn blocked_full(&self, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let t = k.dim(1)?;
+        self.check_positions(t)?;
+        let (bias, factored) = match &self.bias {
+            PosBias::Matrix(w) => (w.narrow(0, 0, t)?.narrow(1, 0, t)?, false),
+            PosBias::Factors(u, v) => (Tensor::cat(&[u.narrow(0, 0, t)?, v.narrow(0, 0, t)?], 0)?, true),
+            _ => candle_core::bail!("only aft-full runs the blocked form"),
+        };
+        blocked(k, v, &bias.to_dtype(k.dtype())?, factored, self.block)
     }
 
     /// The quadratic reference: the pairwise form with this variant's `w` as a matrix.
@@ -294,7 +446,7 @@ impl Aft {
         let t = x.dim(1)?;
         let (sq, k, v) = self.project(x)?;
         let (y, tensors) = match self.variant {
-            Variant::Full => (pairwise(&k, &v, &self.bias_matrix(t, &k)?, 0)?, vec![k, v]),
+            Variant::Full => (self.blocked_full(&k, &v)?, vec![k, v]),
             Variant::Simple => {
                 let (y, s) = decayed::wkv_chunked(&k, &v, Weighting::default(), chunk, None)?;
                 (y, s.to_vec())
@@ -495,8 +647,7 @@ impl SequenceMixer for Aft {
                     [kc, vc] => (Tensor::cat(&[kc, &k], 1)?, Tensor::cat(&[vc, &v], 1)?),
                     _ => (k.clone(), v.clone()),
                 };
-                self.check_positions(p + 1)?;
-                let w = self.bias_matrix(p + 1, &k)?.narrow(1, p, 1)?;
+                let w = self.bias_row(p, &k)?;
                 let y = pairwise(&kc, &vc, &w, p)?;
                 state.tensors = vec![kc, vc];
                 y
@@ -607,14 +758,15 @@ pub const FULL_COMPLEXITY: Complexity = Complexity {
         ),
     },
     true_time: "O(T^2 d + T d^2)",
-    true_space: "O(T^2 + T d) (the T x T weights, shared by all channels); decode O(T d) cache",
+    true_space: "O(T d + T d') with the factorised w = U V^T (keys in blocks: O(block^2) weights at a time); the full matrix w is O(T^2) parameters; decode O(T d) cache",
     flops: |s: &CostShape| {
         let (b, t, d) = shape(s);
         projections(s) + b * 4.0 * t * t * d
     },
     memory: |s: &CostShape| {
         let (b, t, d) = shape(s);
-        b * (2.0 * t * t + 6.0 * t * d)
+        let block = (DEFAULT_BLOCK as f64).min(t);
+        b * (8.0 * t * d + 4.0 * block * block) + 2.0 * t * DEFAULT_RANK as f64
     },
     state: |s: &CostShape| 2.0 * (s.batch * s.seq * s.width) as f64,
 };
@@ -679,7 +831,8 @@ mod tests {
                 vec!["model.options.window=5", "model.options.chunk=4", "model.options.dense_below=0"]
             }
             "aft-simple" => vec!["model.options.chunk=4"],
-            _ => vec![],
+            // blocks of 4 positions: several, the last one short, at every T tested
+            _ => vec!["model.options.block=4"],
         };
         all.extend_from_slice(sets);
         tiny_config(name, &all).unwrap()
@@ -694,19 +847,32 @@ mod tests {
             PosBias::Zero => PosBias::Zero,
             PosBias::Matrix(w) => PosBias::Matrix(r(w.dims(), 4)),
             PosBias::Factors(u, v) => PosBias::Factors(r(u.dims(), 4), r(v.dims(), 5)),
-            PosBias::Kernel(k) => PosBias::Kernel(r(k.dims(), 4)),
+            PosBias::Kernel(k) => PosBias::Kernel(ConvKernel {
+                raw: r(k.raw.dims(), 4),
+                affine: k.affine.as_ref().map(|(g, b)| (r(g.dims(), 5), r(b.dims(), 6))),
+            }),
         };
         m.key = Linear { weight: (m.key.weight.clone() * 50.0).unwrap(), bias: None };
         m
     }
 
+    /// The key projection's identity: `[16, 16]`, or aft-conv's first `H` rows (head `h`'s
+    /// key is channel `h`).
+    fn key_eye(m: &Aft, dtype: DType) -> Result<Tensor> {
+        let rows = m.key.weight.dim(0)?;
+        Tensor::eye(16, dtype, &Device::Cpu)?.narrow(0, 0, rows)
+    }
+
     #[test]
     fn aft_modes_agree_with_the_reference() -> AnyResult<()> {
         for (name, variant) in VARIANTS {
-            for sets in [&[][..], &["model.options.rank=3"][..]] {
-                if !sets.is_empty() && variant != Variant::Full {
-                    continue;
-                }
+            let options: &[&[&str]] = match variant {
+                Variant::Full => &[&[], &["model.options.rank=0"], &["model.options.rank=3"]],
+                Variant::Local => &[&[], &["model.options.rank=3"]],
+                Variant::Conv => &[&[], &["model.options.reparam=false"]],
+                Variant::Simple => &[&[]],
+            };
+            for &sets in options {
                 let m = mixer(name, variant, sets, DType::F32);
                 for t in [10, 13] {
                     let x = randn(&[2, t, 16], 1, DType::F32)?;
@@ -745,8 +911,10 @@ mod tests {
             let e = testing::model_gradient_err(&tiny(name, &[]), 7)?;
             assert!(e < 1e-4, "{name}: {e}");
         }
-        let e = testing::model_gradient_err(&tiny("aft-full", &["model.options.rank=2"]), 7)?;
-        assert!(e < 1e-4, "factorised: {e}");
+        for (name, sets) in [("aft-full", "model.options.rank=0"), ("aft-local", "model.options.rank=2")] {
+            let e = testing::model_gradient_err(&tiny(name, &[sets]), 7)?;
+            assert!(e < 1e-4, "{name} {sets}: {e}");
+        }
         Ok(())
     }
 
@@ -773,7 +941,7 @@ mod tests {
     fn aft_large_keys_stay_finite() -> AnyResult<()> {
         for (name, variant) in VARIANTS {
             let mut m = mixer(name, variant, &[], DType::F32);
-            m.key = Linear { weight: (Tensor::eye(16, DType::F32, &Device::Cpu)? * 30.0)?, bias: None };
+            m.key = Linear { weight: (key_eye(&m, DType::F32)? * 30.0)?, bias: None };
             let x = (randn(&[2, 24, 16], 9, DType::F32)?.sign()?
                 + randn(&[2, 24, 16], 10, DType::F32)?.affine(0.05, 0.0)?)?;
             let ys = [m.forward(&x)?, m.reference(&x)?, testing::mixer_recurrent(&m, &x, 6)?];
@@ -794,7 +962,7 @@ mod tests {
             let mut outs = Vec::new();
             for dtype in [DType::F32, DType::F64] {
                 let mut m = mixer(name, variant, &[], dtype);
-                m.key = Linear { weight: Tensor::eye(16, dtype, &Device::Cpu)?, bias: None };
+                m.key = Linear { weight: key_eye(&m, dtype)?, bias: None };
                 let levels: Vec<f64> = (0..16).map(|c| if c == 0 { -100.0 } else { 50.0 }).collect();
                 let levels = Tensor::from_vec(levels, 16, &Device::Cpu)?.to_dtype(dtype)?;
                 let x = candle_core::Var::from_tensor(&randn(&[2, 24, 16], 10, dtype)?.broadcast_add(&levels)?)?;
@@ -820,7 +988,7 @@ mod tests {
         let like = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
         let w: Vec<Vec<Vec<f32>>> = m.bias_matrix(9, &like)?.to_vec3()?;
         let PosBias::Kernel(kernel) = &m.bias else { unreachable!() };
-        let kernel: Vec<Vec<f32>> = kernel.to_vec2()?;
+        let kernel: Vec<Vec<f32>> = kernel.effective(DType::F32)?.to_vec2()?;
         for h in 0..2 {
             for t in 0..9 {
                 for u in 0..=t {
@@ -841,6 +1009,129 @@ mod tests {
             let cfg = tiny(name, &[]);
             let (e, _) = crate::testing::mixed_precision_errs(&cfg)?;
             assert!(e < 0.05, "{name}: {e}");
+        }
+        Ok(())
+    }
+
+    /// aft-conv (paper, section 3.4): the key projection has one output per head, shared by
+    /// the head's d/h channels.
+    #[test]
+    fn aft_conv_keys_are_one_channel_per_head() -> AnyResult<()> {
+        let m = mixer("aft-conv", Variant::Conv, &[], DType::F32);
+        assert_eq!(m.key.weight.dims(), &[2, 16]);
+        let (_, k, _) = m.project(&randn(&[2, 5, 16], 1, DType::F32)?)?;
+        let k: Vec<Vec<Vec<f32>>> = k.to_vec3()?;
+        for row in k.iter().flatten() {
+            for (c, value) in row.iter().enumerate() {
+                assert_eq!(*value, row[c / 8 * 8], "channel {c}");
+            }
+        }
+        Ok(())
+    }
+
+    /// aft-conv's kernel `gamma (w - mean(w)) / std(w) + beta` per head, `gamma, beta`
+    /// parameters starting at 0: the bias is zero at initialisation although `w` is random.
+    #[test]
+    fn aft_conv_kernel_is_reparameterised() -> AnyResult<()> {
+        let cfg = tiny("aft-conv", &[]);
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let params = model.params.tensors();
+        for name in ["conv_gamma", "conv_beta"] {
+            let found: Vec<_> = params.iter().filter(|(n, _)| n.ends_with(name)).collect();
+            assert_eq!(found.len(), cfg.depth, "{name}");
+            assert!(found.iter().all(|(_, t)| t.dims() == [2, 1]), "{name}");
+        }
+        let m = Aft::new(&cfg, Variant::Conv, &ParamBuilder::new(3, &Device::Cpu, DType::F32))?;
+        let like = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+        assert_eq!(m.bias_matrix(9, &like)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        let PosBias::Kernel(k) = &m.bias else { unreachable!() };
+        assert!(k.affine.is_some() && k.raw.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        // with gamma = (2, 3) and beta = (0.5, -1), each head's taps have that std and mean
+        let column = |a: f32, b: f32| Tensor::new(&[[a], [b]], &Device::Cpu);
+        let k = ConvKernel { raw: k.raw.clone(), affine: Some((column(2.0, 3.0)?, column(0.5, -1.0)?)) };
+        let w: Vec<Vec<f32>> = k.effective(DType::F32)?.to_vec2()?;
+        for (h, (g, b)) in [(2.0f32, 0.5f32), (3.0, -1.0)].into_iter().enumerate() {
+            let n = w[h].len() as f32;
+            let mean = w[h].iter().sum::<f32>() / n;
+            let std = (w[h].iter().map(|x| (x - mean).powi(2)).sum::<f32>() / n).sqrt();
+            assert!((mean - b).abs() < 1e-5 && (std - g).abs() < 1e-3, "head {h}: mean {mean}, std {std}");
+        }
+        Ok(())
+    }
+
+    /// Learned absolute positions, as the paper's language models: fed one token repeated,
+    /// every variant's logits change along the sequence (without positions AFT-simple's
+    /// would not: each position averages the same values); longer than the table is an error.
+    #[test]
+    fn aft_models_have_learned_positions() -> AnyResult<()> {
+        for (name, _) in VARIANTS {
+            let cfg = tiny(name, &[]);
+            assert_eq!(cfg.position, Position::Learned, "{name}");
+            let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            assert!(model.params.tensors().contains_key("pos_emb.weight"), "{name}");
+            let same = Tensor::full(7u32, (1, 6), &Device::Cpu)?;
+            let logits = model.forward(&same, None)?.squeeze(0)?; // [T, V]
+            let spread = logits.broadcast_sub(&logits.narrow(0, 0, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(spread > 1e-4, "{name}: {spread}");
+            let long = random_tokens(1, cfg.context + 1, cfg.vocab, 1)?;
+            let err = model.prefill(&long).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("beyond the learned position"), "{name}: {err:?}");
+        }
+        Ok(())
+    }
+
+    /// aft-full's default bias is the paper's factorised `U V^T` with inner width 128;
+    /// aft-local offers it (`model.options.rank`).
+    #[test]
+    fn aft_full_bias_is_factorised_by_default() -> AnyResult<()> {
+        let names = |cfg: &ModelConfig| -> AnyResult<Vec<(String, Vec<usize>)>> {
+            let model = Model::new(cfg, 1, &Device::Cpu, DType::F32)?;
+            Ok(model.params.tensors().into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect())
+        };
+        let full = names(&tiny("aft-full", &[]))?;
+        assert!(full.iter().any(|(n, d)| n.ends_with("pos_u") && d == &[24, 128]), "{full:?}");
+        assert!(!full.iter().any(|(n, _)| n.ends_with("pos_bias")));
+        let local = names(&tiny("aft-local", &["model.options.rank=3"]))?;
+        assert!(local.iter().any(|(n, d)| n.ends_with("pos_v") && d == &[24, 3]), "{local:?}");
+        Ok(())
+    }
+
+    /// The blocked form equals the pairwise one, forward and gradients, for a matrix and a
+    /// factorised bias, at block sizes that divide T, do not, and exceed it.
+    #[test]
+    fn aft_full_blocked_equals_pairwise() -> AnyResult<()> {
+        let (k, v) = (randn(&[2, 11, 6], 1, DType::F64)?.affine(3.0, 0.0)?, randn(&[2, 11, 6], 2, DType::F64)?);
+        let (u, vf) = (randn(&[11, 3], 3, DType::F64)?, randn(&[11, 3], 4, DType::F64)?);
+        let weights = randn(&[2, 11, 6], 5, DType::F64)?;
+        for factored in [false, true] {
+            let bias = if factored { Tensor::cat(&[&u, &vf], 0)? } else { randn(&[11, 11], 6, DType::F64)? };
+            let grads = |blocked_form: Option<usize>| -> AnyResult<Vec<Tensor>> {
+                let vars: Vec<candle_core::Var> =
+                    [&k, &v, &bias].iter().map(|t| candle_core::Var::from_tensor(t)).collect::<Result<_>>()?;
+                let (kt, vt, bt) = (vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
+                let y = match blocked_form {
+                    Some(block) => blocked(kt, vt, bt, factored, block)?,
+                    None => {
+                        let w = if factored {
+                            bt.narrow(0, 0, 11)?.matmul(&bt.narrow(0, 11, 11)?.t()?)?
+                        } else {
+                            bt.clone()
+                        };
+                        pairwise(kt, vt, &w.unsqueeze(0)?, 0)?
+                    }
+                };
+                let g = (&y * &weights)?.sum_all()?.backward()?;
+                let mut out = vec![y];
+                out.extend(vars.iter().map(|x| g.get(x).expect("a gradient").clone()));
+                Ok(out)
+            };
+            let want = grads(None)?;
+            for block in [1, 4, 11, 16] {
+                for (i, (got, want)) in grads(Some(block))?.iter().zip(&want).enumerate() {
+                    let err = rel_err(got, want)?;
+                    assert!(err < 1e-10, "factored {factored}, block {block}, output {i}: {err}");
+                }
+            }
         }
         Ok(())
     }
