@@ -176,6 +176,11 @@ pub struct TrainConfig {
     pub decay_embeddings: bool,
     /// Clip the global gradient norm to this (0 disables).
     pub grad_clip: f64,
+    /// L2Wrap, the official RWKV trainers' push of each position's largest logit towards 0
+    /// (gradient only; the reported loss is the cross-entropy alone). Absent: the
+    /// architecture's default (on for `rwkv4`, as its official trainer; off for the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2wrap: Option<bool>,
     pub eval_every: usize,
     /// Validation batches averaged per evaluation (always the same batches).
     pub eval_batches: usize,
@@ -197,6 +202,7 @@ impl Default for TrainConfig {
             weight_decay: 0.1,
             decay_embeddings: false,
             grad_clip: 1.0,
+            l2wrap: None,
             eval_every: 250,
             eval_batches: 20,
             seed: 1337,
