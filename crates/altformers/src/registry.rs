@@ -26,8 +26,8 @@ pub struct Architecture {
     pub adjust_defaults: fn(&mut ModelConfig),
     /// How its token table and head start ([`backbones::Ends`]), from its configuration.
     pub ends: fn(&ModelConfig) -> Result<backbones::Ends>,
-    /// Its official trainer adds L2Wrap ([`crate::train::step::l2wrap_penalty`]): the
-    /// default of `train.l2wrap` for it.
+    /// Its official trainer adds L2Wrap ([`crate::train::step::l2wrap_penalty`]): what
+    /// `train.l2wrap = "auto"` (the default) means for it.
     pub l2wrap: bool,
     /// The sequence mixer of each layer, where the architecture has one (the benchmarks
     /// time it alone).

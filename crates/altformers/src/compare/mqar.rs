@@ -83,7 +83,7 @@ impl MqarSettings {
             weight_decay: o.weight_decay,
             decay_embeddings: false,
             grad_clip: o.grad_clip,
-            l2wrap: None,
+            l2wrap: Default::default(),
             eval_every: self.steps,
             eval_batches: 1,
             seed,

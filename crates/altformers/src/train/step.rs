@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor, D};
 
 use super::optim::{learning_rate, AdamW, StepNorm};
 use super::task::Task;
-use crate::config::TrainConfig;
+use crate::config::{L2Wrap, TrainConfig};
 use crate::model::Model;
 use crate::params::ParamStore;
 use crate::rng::{stream, Rng};
@@ -132,8 +132,9 @@ impl Trainer {
             opt = opt.decay_embeddings();
         }
         let l2wrap = match train.l2wrap {
-            Some(on) => on,
-            None => crate::registry::find(&model.config.architecture)?.l2wrap,
+            L2Wrap::On => true,
+            L2Wrap::Off => false,
+            L2Wrap::Auto => crate::registry::find(&model.config.architecture)?.l2wrap,
         };
         Ok(Self { opt, train: train.clone(), l2wrap, sync: Box::new(OneDevice), pending: Deferred::default() })
     }
@@ -224,7 +225,10 @@ mod tests {
         let mut after = Vec::new();
         for on in [true, false] {
             let model = fresh("rwkv4")?;
-            let mut trainer = Trainer::new(&model, &TrainConfig { l2wrap: Some(on), ..train.clone() })?;
+            // as the command line sets it
+            let set = if on { "train.l2wrap=on" } else { "train.l2wrap=off" };
+            let t = crate::registry::config("rwkv4", &crate::config::Overrides::sets(&[set]))?.train;
+            let mut trainer = Trainer::new(&model, &TrainConfig { l2wrap: t.l2wrap, ..train.clone() })?;
             assert_eq!(trainer.l2wrap, on);
             trainer.step(&model, &task, 0)?;
             trainer.settle_if_due(true)?;
