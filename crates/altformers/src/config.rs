@@ -176,10 +176,27 @@ pub struct TrainConfig {
     pub decay_embeddings: bool,
     /// Clip the global gradient norm to this (0 disables).
     pub grad_clip: f64,
+    /// L2Wrap, the official RWKV trainers' push of each position's largest logit towards 0
+    /// (gradient only; the reported loss is the cross-entropy alone): `on`, `off`, or `auto`
+    /// (the default), the architecture's (on for `rwkv4`, as its official trainer; off for
+    /// the others).
+    #[serde(default)]
+    pub l2wrap: L2Wrap,
     pub eval_every: usize,
     /// Validation batches averaged per evaluation (always the same batches).
     pub eval_batches: usize,
     pub seed: u64,
+}
+
+/// `train.l2wrap`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L2Wrap {
+    /// The architecture's default (the registry's `l2wrap`).
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl Default for TrainConfig {
@@ -197,6 +214,7 @@ impl Default for TrainConfig {
             weight_decay: 0.1,
             decay_embeddings: false,
             grad_clip: 1.0,
+            l2wrap: L2Wrap::Auto,
             eval_every: 250,
             eval_batches: 20,
             seed: 1337,

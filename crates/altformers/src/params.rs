@@ -227,6 +227,36 @@ impl ParamBuilder {
         self.from_values(name, dims, values, false)
     }
 
+    /// Orthogonal `[rows, cols]` matrix times `gain`, as `torch.nn.init.orthogonal_`: a
+    /// Gaussian from the builder's seeded stream, its rows (if `rows <= cols`) or else its
+    /// columns orthonormalised by Gram-Schmidt (applied twice, for accuracy in f32).
+    pub fn orthogonal(&self, name: &str, rows: usize, cols: usize, gain: f64, decay: bool) -> Result<Tensor> {
+        let a = self.rng.lock().unwrap().normal_vec(rows * cols, 1.0);
+        // the `n` vectors of length `m` to orthonormalise: rows if rows <= cols, else columns
+        let (n, m, by_rows) = (rows.min(cols), rows.max(cols), rows <= cols);
+        let at = |v: usize, i: usize| if by_rows { v * cols + i } else { i * cols + v };
+        let mut q: Vec<Vec<f64>> = Vec::with_capacity(n);
+        for v in 0..n {
+            let mut x: Vec<f64> = (0..m).map(|i| a[at(v, i)] as f64).collect();
+            for _ in 0..2 {
+                for p in &q {
+                    let dot: f64 = x.iter().zip(p).map(|(a, b)| a * b).sum();
+                    x.iter_mut().zip(p).for_each(|(a, b)| *a -= dot * b);
+                }
+            }
+            let norm = x.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
+            x.iter_mut().for_each(|a| *a /= norm);
+            q.push(x);
+        }
+        let mut out = vec![0f32; rows * cols];
+        for (v, x) in q.iter().enumerate() {
+            for (i, val) in x.iter().enumerate() {
+                out[at(v, i)] = (val * gain) as f32;
+            }
+        }
+        self.from_values(name, &[rows, cols], out, decay)
+    }
+
     /// Constant fill, not decayed (norm gains, biases).
     pub fn constant(&self, name: &str, dims: &[usize], value: f32) -> Result<Tensor> {
         let n = dims.iter().product();

@@ -64,6 +64,58 @@ pub struct QualityRow {
     pub val_bpb: f64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// The run's seed (`train.seed`); a preset's `reference_seeds` add rows of the reference
+    /// model at other seeds, the table's noise band.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Head width `width / heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+}
+
+/// Models whose recurrent state is `heads x d_h x d_h`: their head width, not only their
+/// model width, decides how much they can hold (RetNet's paper uses d_h = 256), so their
+/// rows name it.
+pub const HEAD_WIDTH_MATTERS: &[&str] = &["retnet"];
+
+/// ` (d_h N)` (` (d_h N/M)` for several runs) after a model of [`HEAD_WIDTH_MATTERS`] whose
+/// head widths are known; empty otherwise.
+pub fn head_note(model: &str, head_dims: &[usize]) -> String {
+    if head_dims.is_empty() || !HEAD_WIDTH_MATTERS.contains(&model) {
+        return String::new();
+    }
+    let dims: Vec<String> = head_dims.iter().map(usize::to_string).collect();
+    format!(" (d_h {})", dims.join("/"))
+}
+
+impl QualityRow {
+    /// The model's name, its head width where it matters ([`head_note`]) and, where `rows`
+    /// hold it at several seeds, this row's seed.
+    pub fn label(&self, rows: &[QualityRow]) -> String {
+        let mut label = format!("{}{}", self.model, head_note(&self.model, self.head_dim.as_slice()));
+        if rows.iter().filter(|r| r.model == self.model).count() > 1 {
+            if let Some(seed) = self.seed {
+                label += &format!(" (seed {seed})");
+            }
+        }
+        label
+    }
+}
+
+/// The spread of the val loss of each model trained at several seeds: `(model, seeds,
+/// lowest, highest)`.
+pub fn seed_spreads(rows: &[QualityRow]) -> Vec<(String, Vec<u64>, f64, f64)> {
+    let mut out: Vec<(String, Vec<u64>, f64, f64)> = Vec::new();
+    for r in rows {
+        if rows.iter().filter(|o| o.model == r.model).count() < 2 || out.iter().any(|o| o.0 == r.model) {
+            continue;
+        }
+        let same: Vec<&QualityRow> = rows.iter().filter(|o| o.model == r.model).collect();
+        let losses = same.iter().map(|o| o.val_loss);
+        let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), l| (a.min(l), b.max(l)));
+        out.push((r.model.clone(), same.iter().filter_map(|o| o.seed).collect(), lo, hi));
+    }
+    out
 }
 
 /// The Markdown table of `rows`.
@@ -74,7 +126,7 @@ pub fn quality_table(rows: &[QualityRow]) -> String {
     for r in rows {
         s.push_str(&format!(
             "| {} | {} | {} ({:+.1}%) | {} | {:.4} | {:.4} | {:.0} | {:.0} |\n",
-            r.model,
+            r.label(rows),
             r.width,
             crate::util::human(r.params as f64),
             (r.params_ratio - 1.0) * 100.0,
@@ -179,6 +231,12 @@ pub struct MqarResult {
     /// decides how many runs share one GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_peak_bytes: Option<u64>,
+    /// Head width `width / heads` of the run (`[mqar.head_width]` sets it per model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// The model settings `[mqar.per_model]` laid over the model's defaults, as TOML.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<String>,
 }
 
 /// AdamW and schedule settings of the recall runs; the peak rate comes from
@@ -212,7 +270,7 @@ impl Default for MqarOptimizer {
 }
 
 /// One MQAR training run: the model, task and width, and the budget it is trained with.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct MqarRun<'a> {
     pub model: &'a str,
     pub task: &'a MqarConfig,
@@ -223,6 +281,10 @@ pub struct MqarRun<'a> {
     /// Peak learning rate.
     pub lr: f64,
     pub optimizer: &'a MqarOptimizer,
+    /// Head width of the run's model.
+    pub head_dim: usize,
+    /// [`MqarResult::overrides`] of the run.
+    pub overrides: Option<String>,
 }
 
 impl MqarResult {
@@ -234,5 +296,8 @@ impl MqarResult {
                 == (task.vocab, run.depth, run.steps, run.batch_size)
             && self.lr == run.lr
             && self.optimizer == *run.optimizer
+            // rows from before head widths were recorded had 4 heads from width 64, 2 below
+            && self.head_dim.unwrap_or(self.width / if self.width >= 64 { 4 } else { 2 }) == run.head_dim
+            && self.overrides == run.overrides
     }
 }

@@ -318,11 +318,17 @@ pub struct Hourglass {
 
 /// [`super::BackboneFn`] of `hourglass`: Transformer blocks at every level.
 pub fn build(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts) -> AnyResult<Box<dyn Backbone>> {
-    Ok(Box::new(Hourglass::new(config, pb, crate::mixers::attention::build, parts.channel_mixer)?))
+    Ok(Box::new(Hourglass::new(config, pb, crate::mixers::attention::build, parts.channel_mixer, parts.ends)?))
 }
 
 impl Hourglass {
-    pub fn new(config: &ModelConfig, pb: &ParamBuilder, mixer: MixerFn, channel_mixer: MixerFn) -> AnyResult<Self> {
+    pub fn new(
+        config: &ModelConfig,
+        pb: &ParamBuilder,
+        mixer: MixerFn,
+        channel_mixer: MixerFn,
+        ends: super::Ends,
+    ) -> AnyResult<Self> {
         let hierarchy = Hierarchy::of(config)?;
         anyhow::ensure!(
             !config.shared_ffn,
@@ -333,7 +339,7 @@ impl Hourglass {
         let d = config.width;
         // Parameters in execution order, layers numbered through the whole model, so that a
         // one-level hierarchy creates exactly the Transformer's parameters.
-        let embedding = stack::embedding(config, pb, false)?;
+        let embedding = stack::embedding(config, pb, false, ends)?;
         let mut next = 0;
         let mut layers = |n: usize| -> AnyResult<Layers> {
             let l = Layers::new(config, pb, next..next + n, mixer, channel_mixer)?;
@@ -367,7 +373,7 @@ impl Hourglass {
             valley = Some(Valley { resampling, pre, inner: valley.map(Box::new), post });
         }
         let post = if valley.is_some() { layers(levels[0].layers)? } else { Layers { blocks: vec![] } };
-        let head = Head::new(pb, config.vocab, d, config.bias, config.tie_embeddings)?;
+        let head = Head::new(pb, config.vocab, d, config.bias, config.tie_embeddings, ends)?;
         Ok(Self {
             hierarchy,
             context: config.context,

@@ -131,15 +131,15 @@ impl MegaByte {
         let mixer = crate::mixers::attention::build;
         let gb = pb.pp("global");
         let positions = (config.position == Position::Learned).then_some(config.context);
-        let global_embedding = Embedding::new(&gb, config.vocab, d_g, positions, None)?;
+        let global_embedding = Embedding::new(&gb, config.vocab, d_g, positions, None, parts.ends)?;
         let pad = gb.normal_no_decay("pad", &[p * d_g], 0.02)?;
         let global_cfg = ModelConfig { context: config.context.div_ceil(p), ..config.clone() };
         let global = Layers::new(&global_cfg, &gb, 0..config.depth, mixer, parts.channel_mixer)?;
         let lb = pb.pp("local");
         let to_local = Linear::new(&lb, "proj", d_g, local_cfg.width, 0.02, config.bias)?;
-        let local_embedding = Embedding::new(&lb, config.vocab, local_cfg.width, None, None)?;
+        let local_embedding = Embedding::new(&lb, config.vocab, local_cfg.width, None, None, parts.ends)?;
         let local = Layers::new(&local_cfg, &lb, 0..o.local_depth, mixer, parts.channel_mixer)?;
-        let head = Head::new(pb, config.vocab, local_cfg.width, config.bias, config.tie_embeddings)?;
+        let head = Head::new(pb, config.vocab, local_cfg.width, config.bias, config.tie_embeddings, parts.ends)?;
         Ok(Self {
             patch: p,
             context: config.context,

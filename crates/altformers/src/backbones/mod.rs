@@ -44,6 +44,51 @@ pub struct Parts {
     /// The registry's `causal`: false for an encoder (bidirectional mixers, no recurrent
     /// form, classified through [`Backbone::pooled_logits`]).
     pub causal: bool,
+    /// How the token table and the output head start (the registry's `ends`).
+    pub ends: Ends,
+}
+
+/// How a model's two ends start: the token table (`emb.weight`) and the untied head
+/// (`head.weight`). An architecture picks it in the registry ([`crate::registry::Architecture::ends`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ends {
+    /// GPT-2's: both N(0, 0.02).
+    Gpt2,
+    /// The official RWKV-4 trainers' (`RWKV_Init` in BlinkDL/RWKV-LM `RWKV-v4/src/model.py`,
+    /// `generate_init_weight` in `RWKV-v4neo`): the table U(-1e-4, 1e-4) (v4neo's; v4 draws
+    /// it orthogonal with entries of the same 1e-4 scale), so `ln0` starts from almost nothing
+    /// and the embedding grows from its gradient; the head orthogonal with gain
+    /// `0.5 max(1, sqrt(V / d))` (`sqrt(rows / cols)` where rows exceed columns, times 0.5).
+    Rwkv4,
+}
+
+/// Scale of [`Ends::Rwkv4`]'s token table: U(-EMB, EMB).
+pub const RWKV4_EMB: f64 = 1e-4;
+
+impl Ends {
+    /// The token table `[vocab, width]`, not decayed.
+    pub fn table(self, pb: &ParamBuilder, vocab: usize, width: usize) -> AnyResult<Tensor> {
+        match self {
+            Ends::Gpt2 => pb.normal_no_decay("emb.weight", &[vocab, width], 0.02),
+            Ends::Rwkv4 => pb.uniform_no_decay("emb.weight", &[vocab, width], -RWKV4_EMB, RWKV4_EMB),
+        }
+    }
+
+    /// The head `[vocab, width]`, decayed as every matrix.
+    pub fn head(self, pb: &ParamBuilder, vocab: usize, width: usize) -> AnyResult<Tensor> {
+        match self {
+            Ends::Gpt2 => pb.normal("head.weight", &[vocab, width], 0.02),
+            Ends::Rwkv4 => {
+                let gain = 0.5 * (vocab as f64 / width as f64).sqrt().max(1.0);
+                pb.orthogonal("head.weight", vocab, width, gain, true)
+            }
+        }
+    }
+}
+
+/// [`Ends::Gpt2`] whatever the configuration: the registry's `ends` of most architectures.
+pub fn gpt2_ends(_: &ModelConfig) -> AnyResult<Ends> {
+    Ok(Ends::Gpt2)
 }
 
 /// The recurrent state of a whole backbone: one [`MixerState`] per stateful part, in an

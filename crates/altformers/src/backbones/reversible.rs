@@ -333,7 +333,7 @@ impl Reversible {
         if ffn_chunk == 0 {
             bail!("the FFN chunk must be at least 1 position");
         }
-        let embedding = embedding(config, pb, false)?;
+        let embedding = embedding(config, pb, false, parts.ends)?;
         let store = pb.store();
         let names =
             || store.lock().expect("parameter store").params.keys().cloned().collect::<std::collections::BTreeSet<_>>();
@@ -359,7 +359,7 @@ impl Reversible {
             embedding,
             layers: Arc::new(ReversibleLayers { blocks, params, ffn_chunk }),
             recompute,
-            head: Head::new(pb, config.vocab, 2 * config.width, config.bias, false)?,
+            head: Head::new(pb, config.vocab, 2 * config.width, config.bias, false, parts.ends)?,
             compute_dtype: pb.dtype,
         })
     }
@@ -489,6 +489,7 @@ mod tests {
             channel_mixer: crate::channel_mixers::mlp,
             unbounded_context: false,
             causal: true,
+            ends: crate::backbones::Ends::Gpt2,
         };
         let o: ReformerOptions = cfg.options()?;
         let model = Reversible::new(&cfg, &pb, &parts, o.ffn_chunk, o.reversible)?;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result as AnyResult};
 use candle_core::{DType, IndexOp, Result, Tensor};
 
-use super::{again, Backbone, MixerFn, ModelState, Parts};
+use super::{again, Backbone, Ends, MixerFn, ModelState, Parts};
 use crate::channel_mixers::{one_wide, Shared};
 use crate::config::{ModelConfig, Position};
 use crate::mixers::{MixerState, SequenceMixer};
@@ -208,15 +208,17 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    /// `positions`: the length of a learned position table, or `None` for none.
+    /// `positions`: the length of a learned position table, or `None` for none; `ends`: how
+    /// the table starts.
     pub fn new(
         pb: &ParamBuilder,
         vocab: usize,
         width: usize,
         positions: Option<usize>,
         norm: Option<LayerNorm>,
+        ends: Ends,
     ) -> AnyResult<Self> {
-        let table = pb.normal_no_decay("emb.weight", &[vocab, width], 0.02)?;
+        let table = ends.table(pb, vocab, width)?;
         let positions = positions.map(|n| pb.normal_no_decay("pos_emb.weight", &[n, width], 0.02)).transpose()?;
         Ok(Self { table, positions, norm })
     }
@@ -258,10 +260,11 @@ pub struct Head {
 }
 
 impl Head {
-    /// `tied`: use the embedding table passed to [`Head::forward`] instead of a weight.
-    pub fn new(pb: &ParamBuilder, vocab: usize, width: usize, bias: bool, tied: bool) -> AnyResult<Self> {
+    /// `tied`: use the embedding table passed to [`Head::forward`] instead of a weight;
+    /// `ends`: how an untied weight starts.
+    pub fn new(pb: &ParamBuilder, vocab: usize, width: usize, bias: bool, tied: bool, ends: Ends) -> AnyResult<Self> {
         let norm = LayerNorm::new(pb, "ln_out", width, bias)?;
-        let weight = if tied { None } else { Some(pb.normal("head.weight", &[vocab, width], 0.02)?) };
+        let weight = if tied { None } else { Some(ends.head(pb, vocab, width)?) };
         Ok(Self { norm, weight })
     }
 
@@ -325,19 +328,20 @@ pub fn build_rwkv4(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts) -> An
 }
 
 /// `config`'s token embedding: learned positions where `model.position` asks for them, and
-/// with `norm`, a layer norm after it (stored as `blocks.0.ln0`, RWKV-4's name).
-pub fn embedding(config: &ModelConfig, pb: &ParamBuilder, norm: bool) -> AnyResult<Embedding> {
+/// with `norm`, a layer norm after it (stored as `blocks.0.ln0`, RWKV-4's name); the table
+/// started as `ends` says.
+pub fn embedding(config: &ModelConfig, pb: &ParamBuilder, norm: bool, ends: Ends) -> AnyResult<Embedding> {
     let (v, d) = (config.vocab, config.width);
     let positions = (config.position == Position::Learned).then_some(config.context);
     let norm = if norm { Some(LayerNorm::new(&pb.pp("blocks.0"), "ln0", d, config.bias)?) } else { None };
-    Embedding::new(pb, v, d, positions, norm)
+    Embedding::new(pb, v, d, positions, norm, ends)
 }
 
 impl Stack {
     /// With `embed_norm`, a layer norm follows the embedding (RWKV-4).
     pub fn new(config: &ModelConfig, pb: &ParamBuilder, parts: &Parts, embed_norm: bool) -> AnyResult<Self> {
         let mixer = parts.mixer.with_context(|| format!("`{}` has no sequence mixer to stack", config.architecture))?;
-        let embedding = embedding(config, pb, embed_norm)?;
+        let embedding = embedding(config, pb, embed_norm, parts.ends)?;
         let layers = if config.shared_ffn {
             // One Wide FFN: one channel mixer (`shared_ffn.*`) for every block.
             let ffn: Arc<dyn SequenceMixer> = (parts.channel_mixer)(&one_wide(config), 0, &pb.pp("shared_ffn"))?.into();
@@ -352,7 +356,7 @@ impl Stack {
             dropout: config.dropout,
             embedding,
             layers,
-            head: Head::new(pb, config.vocab, config.width, config.bias, config.tie_embeddings)?,
+            head: Head::new(pb, config.vocab, config.width, config.bias, config.tie_embeddings, parts.ends)?,
             unbounded_context: parts.unbounded_context,
             compute_dtype: pb.dtype,
         })

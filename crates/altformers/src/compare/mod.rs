@@ -53,6 +53,11 @@ pub struct LmSettings {
     pub train: toml::Table,
     /// Every model's width is solved so its parameters match the Transformer's at this width.
     pub reference_width: usize,
+    /// The reference Transformer is trained again at each of these seeds (`train.seed`, which
+    /// also seeds its initialisation): the table's noise band, so a reader sees which
+    /// differences between models exceed seed noise.
+    #[serde(default)]
+    pub reference_seeds: Vec<u64>,
 }
 
 /// A preset's `[scaling]` table: the scaling bench's own options.
@@ -300,14 +305,21 @@ fn run_lm(
         .context("the reference Transformer does not build")?;
     let mut rows = Vec::new();
     for arch in models {
-        rows.push(train_lm(arch, lm, target, &corpus, format, out, device)?);
+        rows.push(train_lm(arch, lm, target, &corpus, format, out, device, None)?);
+        if arch.name == reference.name {
+            for &seed in &lm.reference_seeds {
+                rows.push(train_lm(arch, lm, target, &corpus, format, out, device, Some(seed))?);
+            }
+        }
         write_lines(&out.join("quality.jsonl"), models, &rows)?;
     }
     Ok(rows)
 }
 
 /// Trains `arch` with `lm`'s settings, sized to `target` parameters ([`match_params`]), into
-/// `out/runs/NAME` (emptied first).
+/// `out/runs/NAME` (emptied first); with `seed`, at that `train.seed`, into
+/// `out/runs/NAME-seedS`.
+#[allow(clippy::too_many_arguments)]
 fn train_lm(
     arch: &Architecture,
     lm: &LmSettings,
@@ -316,12 +328,19 @@ fn train_lm(
     format: DataFormat,
     out: &Path,
     device: &Device,
+    seed: Option<u64>,
 ) -> Result<QualityRow> {
     let mut cfg = lm.config(arch)?;
     let params;
     (cfg.model, params) = match_params(arch, &cfg.model, target)?;
     let width = cfg.model.width;
-    let run_dir = out.join("runs").join(arch.name);
+    let run_dir = match seed {
+        Some(s) => {
+            cfg.train.seed = s;
+            out.join("runs").join(format!("{}-seed{s}", arch.name))
+        }
+        None => out.join("runs").join(arch.name),
+    };
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)?;
     }
@@ -338,6 +357,8 @@ fn train_lm(
         val_bpb: summary.last.val_bpb,
         tokens_per_s: summary.history.iter().map(|m| m.tokens_per_s).sum::<f64>() / summary.history.len() as f64,
         elapsed_s: summary.last.elapsed_s,
+        seed: Some(cfg.train.seed),
+        head_dim: Some(width / cfg.model.heads.max(1)),
     })
 }
 
@@ -413,6 +434,8 @@ fn kept_rows(grid: &[GridPoint], s: &MqarSettings, out: &Path) -> Result<Vec<Opt
             batch_size: s.batch_size,
             lr: *lr,
             optimizer: &s.optimizer,
+            head_dim: *width / mqar::mqar_model(name, task, *width, s)?.heads.max(1),
+            overrides: s.per_model.get(*name).map(mqar::overrides_text),
         };
         let kept = done.iter().find(|r| r.answers(&run)).cloned();
         if kept.is_some() {
@@ -539,6 +562,16 @@ mod tests {
         let reoptimized = mqar_rows(&dir)?;
         assert_eq!(reoptimized.len(), 1);
         assert_eq!(reoptimized[0].optimizer.beta2, 0.99, "a row trained with another optimizer was kept");
+        p.mqar.per_model.insert("transformer".into(), toml::from_str("position = \"rope\"")?);
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+        let roped = mqar_rows(&dir)?;
+        assert_eq!(roped.len(), 1);
+        assert_eq!(
+            roped[0].overrides.as_deref(),
+            Some("position = \"rope\""),
+            "a row of other model settings was kept"
+        );
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

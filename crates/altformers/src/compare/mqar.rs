@@ -33,6 +33,16 @@ pub struct MqarSettings {
     /// The optimizer around each run's peak rate (Zoology's settings by default).
     #[serde(default)]
     pub optimizer: MqarOptimizer,
+    /// Head width per model (`[mqar.head_width] retnet = 256`): its heads are then
+    /// `max(1, width / head_width)`, so the paper's head width where the model width allows
+    /// and one head of the whole width below it. Models not named take 4 heads from width 64,
+    /// 2 below.
+    #[serde(default)]
+    pub head_width: std::collections::BTreeMap<String, usize>,
+    /// A model's own `[model]` settings for the recall runs, laid over its defaults
+    /// (`[mqar.per_model.transformer] position = "rope"`); the rows record them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub per_model: std::collections::BTreeMap<String, toml::Table>,
 }
 
 /// A smoke-sized grid (one task of 16 tokens and 2 pairs, width 16, one layer, 2 steps of
@@ -50,6 +60,8 @@ impl Default for MqarSettings {
             eval_examples: 8,
             curve_every: 0,
             optimizer: MqarOptimizer::default(),
+            head_width: Default::default(),
+            per_model: Default::default(),
         }
     }
 }
@@ -71,6 +83,7 @@ impl MqarSettings {
             weight_decay: o.weight_decay,
             decay_embeddings: false,
             grad_clip: o.grad_clip,
+            l2wrap: Default::default(),
             eval_every: self.steps,
             eval_batches: 1,
             seed,
@@ -86,14 +99,34 @@ impl MqarSettings {
     }
 }
 
-/// The model configuration for one MQAR run of `architecture`.
-pub fn mqar_model(architecture: &str, task: &MqarConfig, width: usize, depth: usize) -> Result<ModelConfig> {
+/// The model configuration for one MQAR run of `architecture` at `width`: its defaults with
+/// `s.per_model`'s table for it laid over them, `s.depth` layers, heads from `s.head_width`.
+pub fn mqar_model(architecture: &str, task: &MqarConfig, width: usize, s: &MqarSettings) -> Result<ModelConfig> {
     let arch = crate::registry::find(architecture)?;
-    let mut m = arch.defaults().model;
-    m.heads = if width >= 64 { 4 } else { 2 };
+    let mut m = match s.per_model.get(architecture) {
+        Some(own) => {
+            let mut tables = toml::Table::new();
+            tables.insert("model".into(), toml::Value::Table(own.clone()));
+            let over = crate::config::Overrides { tables: vec![toml::Value::Table(tables)], sets: vec![] };
+            arch.config(&over).with_context(|| format!("[mqar.per_model.{architecture}]"))?.model
+        }
+        None => arch.defaults().model,
+    };
+    let depth = s.depth;
+    m.heads = match s.head_width.get(architecture).copied() {
+        Some(0) => anyhow::bail!("[mqar.head_width] of {architecture} must be positive"),
+        Some(hw) => (width / hw).max(1),
+        None if width >= 64 => 4,
+        None => 2,
+    };
     (m.width, m.depth, m.context, m.vocab, m.dropout) = (width, depth, task.seq_len, task.vocab, 0.0);
     arch.check(&m)?;
     Ok(m)
+}
+
+/// `[mqar.per_model]`'s table of a model on one line, as the rows record it.
+pub fn overrides_text(table: &toml::Table) -> String {
+    table.to_string().trim().replace('\n', ", ")
 }
 
 /// Trains `mixer` at `width` on `task` (peak learning rate `lr`, the rest from `s`) and
@@ -108,7 +141,7 @@ pub fn train_and_score(
     seed: u64,
 ) -> Result<MqarResult> {
     task.validate()?;
-    let cfg = mqar_model(mixer, task, width, s.depth)?;
+    let cfg = mqar_model(mixer, task, width, s)?;
     let model = Model::new(&cfg, seed, device, DType::F32)?;
     let mut trainer = Trainer::new(&model, &s.train_config(lr, seed)?)?;
     let started = std::time::Instant::now();
@@ -138,6 +171,8 @@ pub fn train_and_score(
         optimizer: s.optimizer.clone(),
         curve,
         train_peak_bytes,
+        head_dim: Some(cfg.width / cfg.heads.max(1)),
+        overrides: s.per_model.get(mixer).map(overrides_text),
     })
 }
 
@@ -198,6 +233,45 @@ mod tests {
         assert_eq!(traced.curve.iter().map(|p| p.0).collect::<Vec<_>>(), vec![3, 6]);
         assert!(traced.curve.iter().all(|p| (0.0..=1.0).contains(&p.1)));
         assert_eq!((traced.final_loss, traced.accuracy), (plain.final_loss, plain.accuracy));
+        Ok(())
+    }
+
+    /// `[mqar.head_width]` gives a model `max(1, width / head_width)` heads, and the row
+    /// records the head width (issue 19: RetNet at the paper's d_h = 256 where width allows).
+    #[test]
+    fn head_width_sets_the_heads_and_the_row_records_it() -> Result<()> {
+        let task = MqarConfig { vocab: 16, seq_len: 16, pairs: 2, alpha: 0.01 };
+        let mut s = MqarSettings::default();
+        assert_eq!(mqar_model("retnet", &task, 64, &s)?.heads, 4);
+        for (width, hw, heads) in [(512, 256, 2), (256, 256, 1), (64, 256, 1), (64, 16, 4)] {
+            s.head_width.insert("retnet".into(), hw);
+            assert_eq!(mqar_model("retnet", &task, width, &s)?.heads, heads);
+        }
+        s.head_width.insert("retnet".into(), 0);
+        assert!(mqar_model("retnet", &task, 64, &s).is_err());
+        let mut s = MqarSettings { widths: vec![32], ..Default::default() };
+        s.head_width.insert("retnet".into(), 256);
+        assert_eq!(train_and_score("retnet", &task, 32, &s, 1e-3, &Device::Cpu, 5)?.head_dim, Some(32));
+        s.head_width.clear();
+        assert_eq!(train_and_score("retnet", &task, 32, &s, 1e-3, &Device::Cpu, 5)?.head_dim, Some(16));
+        Ok(())
+    }
+
+    /// `[mqar.per_model.NAME]` is laid over that model's defaults alone, and its rows say so.
+    #[test]
+    fn per_model_settings_reach_the_model_and_the_row() -> Result<()> {
+        let task = MqarConfig { vocab: 16, seq_len: 16, pairs: 2, alpha: 0.01 };
+        let mut s = MqarSettings::default();
+        s.per_model.insert("transformer".into(), toml::from_str("position = \"rope\"")?);
+        assert_eq!(mqar_model("transformer", &task, 16, &s)?.position, crate::config::Position::Rope);
+        assert_eq!(
+            mqar_model("longnet", &task, 16, &s)?.position,
+            crate::registry::find("longnet")?.defaults().model.position
+        );
+        let row = train_and_score("transformer", &task, 16, &s, 1e-3, &Device::Cpu, 5)?;
+        assert_eq!(row.overrides.as_deref(), Some("position = \"rope\""));
+        s.per_model.insert("transformer".into(), toml::from_str("no_such_key = 1")?);
+        assert!(mqar_model("transformer", &task, 16, &s).is_err());
         Ok(())
     }
 }

@@ -22,8 +22,8 @@
 //! Recurrent state per layer: time mixing `[x_{t-1}, aa, bb, pp]` (each `[B, D]`), channel
 //! mixing `[x_{t-1}]`: `O(d)`, independent of T.
 
-use anyhow::{bail, Context, Result as AnyResult};
-use candle_core::{DType, Result, Tensor};
+use anyhow::{bail, Result as AnyResult};
+use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerState, SequenceMixer};
@@ -43,7 +43,9 @@ pub struct Rwkv4Options {
     pub chunk: usize,
     /// `paper`: the official RWKV-4 initialisation (per-layer ramps for `time_*`, zero
     /// `att.key/receptance/output` and `ffn.receptance/value`, orthogonal `att.value` and
-    /// `ffn.key`). `normal`: the same ramps, every matrix N(0, 1/fan_in) (cheaper to build for
+    /// `ffn.key`, the token table U(-1e-4, 1e-4) and the head orthogonal with gain
+    /// `0.5 max(1, sqrt(V / d))`: [`crate::backbones::Ends::Rwkv4`]). `normal`: the same ramps,
+    /// every matrix N(0, 1/fan_in), table and head GPT-2's N(0, 0.02) (cheaper to build for
     /// big models whose weights will be loaded anyway, and without zero-initialised paths).
     pub init: Init,
 }
@@ -81,6 +83,15 @@ pub fn adjust_defaults(cfg: &mut ModelConfig) {
     cfg.channel_mixer = "rwkv".into();
 }
 
+/// The token table and head: the official ones under [`Init::Paper`], GPT-2's under
+/// [`Init::Normal`].
+pub fn ends(cfg: &ModelConfig) -> AnyResult<crate::backbones::Ends> {
+    Ok(match cfg.options::<Rwkv4Options>()?.init {
+        Init::Paper => crate::backbones::Ends::Rwkv4,
+        Init::Normal => crate::backbones::Ends::Gpt2,
+    })
+}
+
 /// The official per-layer ramps: `(ratio_0_to_1, ratio_1_to_almost0)`.
 fn ratios(layer: usize, depth: usize) -> (f64, f64) {
     let r01 = if depth > 1 { layer as f64 / (depth - 1) as f64 } else { 0.0 };
@@ -91,49 +102,6 @@ fn ratios(layer: usize, depth: usize) -> (f64, f64) {
 fn time_mix(pb: &ParamBuilder, name: &str, d: usize, power: f64, add: f64) -> AnyResult<Tensor> {
     let v: Vec<f32> = (0..d).map(|c| ((c as f64 / d as f64).powf(power) + add) as f32).collect();
     pb.from_values(name, &[1, 1, d], v, false)
-}
-
-/// Orthogonal `[rows, cols]` matrix times `gain` (rows or columns orthonormal, whichever are
-/// fewer), as `torch.nn.init.orthogonal_`: Gram-Schmidt on a Gaussian drawn from the
-/// builder's seeded stream.
-fn orthogonal(pb: &ParamBuilder, name: &str, rows: usize, cols: usize, gain: f64) -> AnyResult<Tensor> {
-    let t = pb.normal(name, &[rows, cols], 1.0)?;
-    let a: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    // orthonormalise the `n` vectors of length `m` (rows if rows <= cols, else columns)
-    let (n, m) = (rows.min(cols), rows.max(cols));
-    let get = |v: usize, i: usize| {
-        if rows <= cols {
-            a[v * cols + i]
-        } else {
-            a[i * cols + v]
-        }
-    };
-    let mut q: Vec<Vec<f64>> = Vec::with_capacity(n);
-    for v in 0..n {
-        let mut x: Vec<f64> = (0..m).map(|i| get(v, i)).collect();
-        for _ in 0..2 {
-            for p in &q {
-                let dot: f64 = x.iter().zip(p).map(|(a, b)| a * b).sum();
-                x.iter_mut().zip(p).for_each(|(a, b)| *a -= dot * b);
-            }
-        }
-        let norm = x.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
-        x.iter_mut().for_each(|a| *a /= norm);
-        q.push(x);
-    }
-    let mut out = vec![0f64; rows * cols];
-    for (v, x) in q.iter().enumerate() {
-        for (i, val) in x.iter().enumerate() {
-            let (r, c) = if rows <= cols { (v, i) } else { (i, v) };
-            out[r * cols + c] = val * gain;
-        }
-    }
-    let store = pb.store();
-    let store = store.lock().unwrap();
-    let p =
-        store.params.values().find(|p| p.var.as_tensor().id() == t.id()).context("orthogonal: parameter not found")?;
-    p.var.set(&Tensor::from_vec(out, (rows, cols), t.device())?.to_dtype(t.dtype())?)?;
-    Ok(t)
 }
 
 /// A bias-free linear layer: under `Init::Paper` zero or orthogonal times a gain (the official
@@ -149,7 +117,7 @@ fn linear(pb: &ParamBuilder, name: &str, d_in: usize, d_out: usize, init: Init, 
         (Init::Paper, Kind::Zero) => {
             pb.from_values(&format!("{name}.weight"), &[d_out, d_in], vec![0.0; d_in * d_out], true)?
         }
-        (Init::Paper, Kind::Orthogonal(gain)) => orthogonal(pb, &format!("{name}.weight"), d_out, d_in, gain)?,
+        (Init::Paper, Kind::Orthogonal(gain)) => pb.orthogonal(&format!("{name}.weight"), d_out, d_in, gain, true)?,
     };
     Ok(Linear { weight, bias: None })
 }
@@ -378,7 +346,7 @@ mod tests {
     use super::*;
     use crate::model::Model;
     use crate::testing::{self, randn, random_tokens, rel_err, tiny_config};
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use std::collections::BTreeMap;
 
     /// Chunks of 5 over the tests' 10-13 positions cross chunk boundaries.
@@ -523,6 +491,36 @@ mod tests {
         let w = &model.params.tensors()["blocks.0.att.value.weight"];
         let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
         assert!(rel_err(&w.matmul(&w.t()?)?, &eye)? < 1e-5);
+        Ok(())
+    }
+
+    /// The official trainers' ends (issue 19): the token table U(-1e-4, 1e-4), the untied
+    /// head orthogonal with gain 0.5 max(1, sqrt(V / d)); `init = normal` keeps GPT-2's
+    /// N(0, 0.02), as every other architecture has.
+    #[test]
+    fn rwkv4_ends_start_as_in_the_official_trainer() -> AnyResult<()> {
+        let std = |t: &Tensor| -> AnyResult<f32> { Ok(t.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?) };
+        let cfg = tiny(&[]);
+        let (v, d) = (cfg.vocab, cfg.width);
+        assert!(v > d, "the head's gain is 0.5 sqrt(V / d) only where V > d");
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let p = model.params.tensors();
+        let emb = &p["emb.weight"];
+        assert!(emb.abs()?.max_all()?.to_scalar::<f32>()? <= 1e-4);
+        let uniform_std = 1e-4 / 3f32.sqrt();
+        assert!((std(emb)? / uniform_std - 1.0).abs() < 0.05, "{}", std(emb)?);
+        // columns orthonormal times the gain: W^T W = gain^2 I
+        let head = &p["head.weight"];
+        let gain = 0.5 * (v as f64 / d as f64).sqrt();
+        let eye = (Tensor::eye(d, DType::F32, &Device::Cpu)? * (gain * gain))?;
+        assert!(rel_err(&head.t()?.matmul(head)?, &eye)? < 1e-5);
+        for name in ["rwkv4", "transformer"] {
+            let sets: &[&str] = if name == "rwkv4" { &["model.options.init=normal"] } else { &[] };
+            let model = Model::new(&tiny_config(name, sets)?, 1, &Device::Cpu, DType::F32)?;
+            for w in ["emb.weight", "head.weight"].iter().filter_map(|n| model.params.tensors().get(*n).cloned()) {
+                assert!((std(&w)? / 0.02 - 1.0).abs() < 0.05, "{name}: {}", std(&w)?);
+            }
+        }
         Ok(())
     }
 

@@ -14,7 +14,10 @@ use crate::bench::performer_error::PerformerErrorRow;
 use crate::bench::scaling::{headline_component, BenchMode, ScalingFit, ScalingPoint};
 use crate::bench::{fit, Provenance};
 use crate::registry::ARCHITECTURES;
-use crate::results::{listops_table, quality_table, read_lines, ListOpsRow, MqarResult, QualityRow, CURVE_EXAMPLES};
+use crate::results::{
+    head_note, listops_table, quality_table, read_lines, seed_spreads, ListOpsRow, MqarResult, QualityRow,
+    CURVE_EXAMPLES,
+};
 use crate::train::Metrics;
 use plots::{figure, Chart, Series};
 
@@ -92,10 +95,20 @@ fn quality_section(rows: &[QualityRow], runs: &Path, plots: &Path, caption: &str
         return Ok(md);
     }
     md.push_str(&quality_table(rows));
-    md.push_str(&models_list(rows.iter().map(|r| r.model.as_str())));
+    for (model, seeds, lo, hi) in seed_spreads(rows) {
+        let seeds: Vec<String> = seeds.iter().map(u64::to_string).collect();
+        let _ = writeln!(
+            md,
+            "\nSeed noise: {model} at seeds {} reaches val loss {lo:.4} to {hi:.4} nats/byte, a spread of {:.4}. A difference between two models smaller than that is within seed noise at this budget.",
+            seeds.join(", "),
+            hi - lo
+        );
+    }
+    let first_seed = |r: &&QualityRow| rows.iter().find(|o| o.model == r.model).is_some_and(|o| std::ptr::eq(o, *r));
+    md.push_str(&models_list(rows.iter().filter(first_seed).map(|r| r.model.as_str())));
     md.push_str(&encoders_absent());
     let mut series = Vec::new();
-    for r in rows {
+    for r in rows.iter().filter(first_seed) {
         if let Some(ms) = read_lines::<Metrics>(&runs.join(&r.model).join("metrics.jsonl"))? {
             series.push(Series {
                 name: r.model.clone(),
@@ -218,7 +231,14 @@ fn mqar_task(
             }
         };
         let cells: Vec<String> = widths.iter().map(|&w| best(w).map(cell).unwrap_or_else(|| "-".into())).collect();
-        let _ = writeln!(md, "| {model} | {} |", cells.join(" | "));
+        // the head width of each width's run, where it matters (RetNet's)
+        let dh: Vec<usize> =
+            widths.iter().filter_map(|&w| rs.iter().find(|r| r.width == w).and_then(|r| r.head_dim)).collect();
+        let mut note = head_note(&model, &dh);
+        if let Some(o) = rs.iter().find_map(|r| r.overrides.as_deref()) {
+            note += &format!(" [{o}]");
+        }
+        let _ = writeln!(md, "| {model}{note} | {} |", cells.join(" | "));
         series.push(Series {
             name: model,
             points: widths.iter().filter_map(|&w| best(w).map(|(a, _)| (w as f64, a))).collect(),
@@ -592,10 +612,13 @@ mod tests {
             &dir.join("meta.json"),
             &serde_json::json!({"provenance": prov, "description": "fixture"}),
         )?;
-        let q = r#"{"model":"transformer","width":64,"params":1000,"params_ratio":1.0,"steps":10,"tokens":640,"val_loss":2.0,"val_bpb":2.885,"tokens_per_s":100.0,"elapsed_s":1.0}"#;
+        let q = r#"{"model":"transformer","width":64,"params":1000,"params_ratio":1.0,"steps":10,"tokens":640,"val_loss":2.0,"val_bpb":2.885,"tokens_per_s":100.0,"elapsed_s":1.0,"seed":1337}"#;
         // a model that adapts its paper's setting is labelled so (from its registry summary)
         let wide = q.replace("\"transformer\"", "\"one-wide-ffn\"");
-        std::fs::write(dir.join("quality.jsonl"), format!("{q}\n{wide}\n"))?;
+        // the Transformer at a second seed: the noise band; RetNet's head width beside its name
+        let seed2 = q.replace("\"seed\":1337", "\"seed\":2").replace("\"val_loss\":2.0", "\"val_loss\":2.1");
+        let retnet = q.replace("\"transformer\"", "\"retnet\"").replace("\"seed\":1337", "\"head_dim\":16");
+        std::fs::write(dir.join("quality.jsonl"), format!("{q}\n{seed2}\n{wide}\n{retnet}\n"))?;
         std::fs::write(
             dir.join("runs/transformer/metrics.jsonl"),
             "{\"step\":5,\"train_loss\":3.0,\"val_loss\":3.1,\"val_bpb\":4.4,\"tokens_per_s\":1.0,\"elapsed_s\":1.0,\"lr\":0.001}\n{\"step\":10,\"train_loss\":2.0,\"val_loss\":2.0,\"val_bpb\":2.9,\"tokens_per_s\":1.0,\"elapsed_s\":2.0,\"lr\":0.001}\n",
@@ -607,9 +630,18 @@ mod tests {
         };
         // two learning rates at width 64: the table shows the better one; a third with a curve
         let curved = r#"{"model":"transformer","seq_len":64,"pairs":4,"width":64,"params":10,"accuracy":0.5,"final_loss":0.1,"lr":0.003,"curve":[[5,0.1],[10,0.5]]}"#;
+        let roped = m(64, 0.98, 0.003)
+            .replace("\"transformer\"", "\"longnet\"")
+            .replace('}', r#","overrides":"position = \"rope\""}"#);
+        let retnet_dh = m(64, 0.5, 0.003).replace("\"transformer\"", "\"retnet\"").replace('}', r#","head_dim":64}"#);
         std::fs::write(
             dir.join("mqar.jsonl"),
-            format!("{}\n{}\n{}\n{curved}\n", m(32, 0.5, 0.001), m(64, 0.99, 0.001), m(64, 0.25, 0.003)),
+            format!(
+                "{}\n{}\n{}\n{curved}\n{roped}\n{retnet_dh}\n",
+                m(32, 0.5, 0.001),
+                m(64, 0.99, 0.001),
+                m(64, 0.25, 0.003)
+            ),
         )?;
         let sp = |t: usize, s: f64| {
             format!(
@@ -642,7 +674,13 @@ mod tests {
         let md = std::fs::read_to_string(dir.join("report.md"))?;
         for needle in [
             "## Language modelling",
-            "| transformer | 64 |",
+            "| transformer (seed 1337) | 64 |",
+            "| transformer (seed 2) | 64 |",
+            "| one-wide-ffn | 64 |",
+            "| retnet (d_h 16) | 64 |",
+            "Seed noise: transformer at seeds 1337, 2 reaches val loss 2.0000 to 2.1000 nats/byte, a spread of 0.1000.",
+            "| retnet (d_h 64) | - | 0.500",
+            "| longnet [position = \"rope\"] | - | 0.980",
             "d = 64",
             "0.990",
             "MQAR accuracy on 512 held-out queries during training",

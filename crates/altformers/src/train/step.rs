@@ -4,11 +4,11 @@
 
 use anyhow::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 
 use super::optim::{learning_rate, AdamW, StepNorm};
 use super::task::Task;
-use crate::config::TrainConfig;
+use crate::config::{L2Wrap, TrainConfig};
 use crate::model::Model;
 use crate::params::ParamStore;
 use crate::rng::{stream, Rng};
@@ -97,10 +97,29 @@ impl Deferred {
     }
 }
 
+/// L2Wrap's coefficient in the official RWKV trainers (`1e-4 / (B T)` per position).
+pub const L2WRAP: f64 = 1e-4;
+
+/// L2Wrap (BlinkDL/RWKV-LM, `RWKV-v4neo/src/model.py` and its successors' trainers), as a
+/// term of the objective: `L2WRAP / (2 N) * sum_n (max_c y_{n,c})^2` over the `N` positions of
+/// `logits: [.., C]`. The official form is a custom autograd op that returns the loss
+/// unchanged and, in its backward, adds `L2WRAP / N * max_c y_n` to the gradient of each
+/// position's largest logit: exactly this term's gradient (the max's gradient is the one-hot
+/// of its arg-max, candle's too). It keeps logits from drifting large. The training step
+/// adds it to what it differentiates and reports the cross-entropy alone, so the logged loss
+/// is unchanged, as in the official code.
+pub fn l2wrap_penalty(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let classes = logits.dim(D::Minus1)?;
+    let positions = (logits.elem_count() / classes.max(1)).max(1);
+    logits.max_keepdim(D::Minus1)?.sqr()?.sum_all()? * (L2WRAP / (2.0 * positions as f64))
+}
+
 /// AdamW, the schedule and clipping of a [`TrainConfig`], and the steps not yet read.
 pub struct Trainer {
     pub opt: AdamW,
     pub train: TrainConfig,
+    /// `train.l2wrap`, or where it is absent the architecture's default.
+    pub l2wrap: bool,
     pub sync: Box<dyn GradientSync>,
     pub pending: Deferred,
 }
@@ -112,7 +131,12 @@ impl Trainer {
         if train.decay_embeddings {
             opt = opt.decay_embeddings();
         }
-        Ok(Self { opt, train: train.clone(), sync: Box::new(OneDevice), pending: Deferred::default() })
+        let l2wrap = match train.l2wrap {
+            L2Wrap::On => true,
+            L2Wrap::Off => false,
+            L2Wrap::Auto => crate::registry::find(&model.config.architecture)?.l2wrap,
+        };
+        Ok(Self { opt, train: train.clone(), l2wrap, sync: Box::new(OneDevice), pending: Deferred::default() })
     }
 
     /// The learning rate of step `step` (counted from 0).
@@ -130,8 +154,14 @@ impl Trainer {
         let mut dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
         let batch = task.batch(t.batch_size, &mut batch_rng, model.device())?;
         model.set_training_step(step);
-        let loss = task.loss(model, &batch, Some(&mut dropout_rng))?;
-        let mut grads = loss.backward()?;
+        let scored = task.scored(model, &batch, Some(&mut dropout_rng))?;
+        let loss = scored.loss;
+        let mut grads = if self.l2wrap {
+            let wrap = l2wrap_penalty(&scored.logits)?.to_dtype(loss.dtype())?;
+            (&loss + wrap)?.backward()?
+        } else {
+            loss.backward()?
+        };
         self.sync.all_reduce(&mut grads, &model.params)?;
         let lr = self.learning_rate(step);
         // The optimizer refuses a non-finite gradient norm (the fused GPU step defers that to
@@ -159,6 +189,55 @@ impl Trainer {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// L2Wrap's gradient is the official backward: `1e-4 / N * max_c y_n` at each of the N
+    /// positions' arg-max, nothing elsewhere (issue 19).
+    #[test]
+    fn l2wrap_gradient_is_the_official_formula() -> Result<()> {
+        let (b, t, c) = (2, 3, 5);
+        let y = candle_core::Var::from_tensor(&crate::testing::randn(&[b, t, c], 3, DType::F32)?)?;
+        let grads = l2wrap_penalty(y.as_tensor())?.backward()?;
+        let g: Vec<f32> = grads.get(y.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
+        let y: Vec<f32> = y.as_tensor().flatten_all()?.to_vec1()?;
+        for (yn, gn) in y.chunks(c).zip(g.chunks(c)) {
+            let arg = (0..c).max_by(|&i, &j| yn[i].total_cmp(&yn[j])).unwrap();
+            for (k, gk) in gn.iter().enumerate() {
+                let want = if k == arg { 1e-4 / (b * t) as f32 * yn[arg] } else { 0.0 };
+                assert!((gk - want).abs() <= 1e-6 * want.abs() + 1e-12, "{k}: {gk} vs {want}");
+            }
+        }
+        Ok(())
+    }
+
+    /// `train.l2wrap` defaults to the architecture's (on for RWKV-4, as its official
+    /// trainer; off for the Transformer); on, it changes the update and not the reported loss.
+    #[test]
+    fn l2wrap_changes_the_update_not_the_reported_loss() -> Result<()> {
+        use crate::train::task::ByteLm;
+        let bytes: Vec<u8> = (0..400u32).map(|i| (i * 37 % 251) as u8).collect();
+        let task = ByteLm { split: &bytes, context: 8 };
+        let train = TrainConfig { batch_size: 2, warmup_steps: 0, ..TrainConfig::default() };
+        let fresh = |name: &str| -> Result<Model> {
+            Model::new(&crate::testing::tiny_config(name, &[])?, 1, &Device::Cpu, DType::F32)
+        };
+        assert!(Trainer::new(&fresh("rwkv4")?, &train)?.l2wrap);
+        assert!(!Trainer::new(&fresh("transformer")?, &train)?.l2wrap);
+        let mut after = Vec::new();
+        for on in [true, false] {
+            let model = fresh("rwkv4")?;
+            // as the command line sets it
+            let set = if on { "train.l2wrap=on" } else { "train.l2wrap=off" };
+            let t = crate::registry::config("rwkv4", &crate::config::Overrides::sets(&[set]))?.train;
+            let mut trainer = Trainer::new(&model, &TrainConfig { l2wrap: t.l2wrap, ..train.clone() })?;
+            assert_eq!(trainer.l2wrap, on);
+            trainer.step(&model, &task, 0)?;
+            trainer.settle_if_due(true)?;
+            after.push((trainer.last_loss(), model.params.tensors()["head.weight"].flatten_all()?.to_vec1::<f32>()?));
+        }
+        assert_eq!(after[0].0, after[1].0, "the reported loss is the cross-entropy alone");
+        assert_ne!(after[0].1, after[1].1, "L2Wrap's gradient reaches the update");
+        Ok(())
+    }
 
     #[test]
     fn deferred_reads_report_the_first_bad_step_and_keep_the_last_loss() -> Result<()> {

@@ -17,13 +17,25 @@ pub struct Batch {
     pub rows: Option<Tensor>,
 }
 
+/// A batch's mean loss and the logits it came from (`[.., C]`: every scored position's
+/// scores over its classes), for terms on the logits such as L2Wrap.
+pub struct Scored {
+    pub loss: Tensor,
+    pub logits: Tensor,
+}
+
 pub trait Task {
     /// `size` examples drawn from `rng`, on `device`.
     fn batch(&self, size: usize, rng: &mut Rng, device: &Device) -> Result<Batch>;
 
-    /// Mean loss in nats (f32 or the parameters' dtype); with `dropout`, the model's
-    /// training-time dropout draws from it.
-    fn loss(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Tensor>;
+    /// Mean loss in nats (f32 or the parameters' dtype) and the logits it was computed from;
+    /// with `dropout`, the model's training-time dropout draws from it.
+    fn scored(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Scored>;
+
+    /// The mean loss of [`Task::scored`].
+    fn loss(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Tensor> {
+        Ok(self.scored(model, batch, dropout)?.loss)
+    }
 
     /// How many scored positions the arg-max prediction gets right, and how many were scored.
     fn hits(&self, model: &Model, batch: &Batch) -> Result<(f64, f64)> {
@@ -69,8 +81,9 @@ impl Task for ByteLm<'_> {
         Ok(Batch { inputs, targets, rows: None })
     }
 
-    fn loss(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Tensor> {
-        Ok(Model::loss(&model.forward(&batch.inputs, dropout)?, &batch.targets)?)
+    fn scored(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Scored> {
+        let logits = model.forward(&batch.inputs, dropout)?;
+        Ok(Scored { loss: Model::loss(&logits, &batch.targets)?, logits })
     }
 }
 
@@ -81,10 +94,10 @@ impl Task for MqarConfig {
         Ok(Batch { inputs, targets, rows: Some(rows) })
     }
 
-    fn loss(&self, model: &Model, batch: &Batch, _dropout: Option<&mut Rng>) -> Result<Tensor> {
+    fn scored(&self, model: &Model, batch: &Batch, _dropout: Option<&mut Rng>) -> Result<Scored> {
         let rows = batch.rows.as_ref().context("an MQAR batch names its scored rows")?;
         let logits = model.forward_at(&batch.inputs, rows)?.to_dtype(DType::F32)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &batch.targets)?)
+        Ok(Scored { loss: candle_nn::loss::cross_entropy(&logits, &batch.targets)?, logits })
     }
 }
 
@@ -198,8 +211,9 @@ impl Task for ListOps {
         self.batch_of(&indices, device)
     }
 
-    fn loss(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Tensor> {
-        Ok(candle_nn::loss::cross_entropy(&self.class_logits(model, batch, dropout)?, &batch.targets)?)
+    fn scored(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Scored> {
+        let logits = self.class_logits(model, batch, dropout)?;
+        Ok(Scored { loss: candle_nn::loss::cross_entropy(&logits, &batch.targets)?, logits })
     }
 
     fn hits(&self, model: &Model, batch: &Batch) -> Result<(f64, f64)> {
