@@ -295,6 +295,10 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        /// GB that one length's tensors (inputs, output, their gradients) may take; longer
+        /// lengths are recorded as skipped, not allocated.
+        #[arg(long, default_value_t = 100.0)]
+        memory_cap_gb: f64,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -493,8 +497,8 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             }
             lines.save(out.as_deref())
         }
-        BenchCommand::Ops { ops, device, modes, lengths, reps, warmup, dtype, out } => {
-            positive(&[("--reps", reps as f64)])?;
+        BenchCommand::Ops { ops, device, modes, lengths, reps, warmup, dtype, memory_cap_gb, out } => {
+            positive(&[("--reps", reps as f64), ("--memory-cap-gb", memory_cap_gb)])?;
             let device = altformers::device::select(&device)?;
             let opts = altformers::bench::ops::OpsOptions {
                 ops: ops.split(',').map(|s| s.trim().to_string()).collect(),
@@ -503,6 +507,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 warmup,
                 reps,
                 dtype: altformers::device::parse_dtype(&dtype)?,
+                memory_cap_bytes: memory_cap_gb * 1e9,
             };
             altformers::bench::ops::check_ops(&opts.ops)?;
             lines.push(&altformers::bench::Provenance::capture(&device));

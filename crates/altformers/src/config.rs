@@ -386,6 +386,10 @@ fn merge(base: &mut toml::Value, over: &toml::Value, path: &str) -> Result<()> {
         match base_t.get_mut(k) {
             None => bail!("unknown config key `{full}`"),
             Some(slot) if slot.is_table() && v.is_table() => merge(slot, v, &full)?,
+            Some(slot) if slot.is_table() => bail!(
+                "config key `{full}` is a section of settings (`[{full}]` in a file, or `--set {full}.KEY=VALUE`), not a {}",
+                v.type_str()
+            ),
             Some(slot) => *slot = coerce(slot, v.clone()),
         }
     }
@@ -444,5 +448,15 @@ mod tests {
         let err = RunConfig::from_saved(saved("transformer", true, serde_json::json!({}))).unwrap_err().to_string();
         assert!(err.contains("model.embed_norm"), "{err}");
         Ok(())
+    }
+
+    /// A section given a value (`model = 5` in a file) is refused naming the section and how
+    /// to set its fields, not with serde's "expected struct ModelConfig".
+    #[test]
+    fn a_section_given_a_value_is_a_clear_error() {
+        let file: toml::Value = toml::from_str("model = 5").unwrap();
+        let over = Overrides { tables: vec![file], sets: vec![] };
+        let err = layered(&RunConfig::default(), &over).map(|_: RunConfig| ()).unwrap_err().to_string();
+        assert!(err.contains("`model` is a section") && err.contains("integer"), "{err}");
     }
 }

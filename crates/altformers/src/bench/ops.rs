@@ -39,6 +39,9 @@ pub struct OpsOptions {
     pub reps: usize,
     /// Compute dtype of attention and retention (long convolution runs in f32, as the peer).
     pub dtype: DType,
+    /// Lengths whose tensors (inputs, output and their gradients) would exceed this many
+    /// bytes are recorded as skipped, not allocated.
+    pub memory_cap_bytes: f64,
 }
 
 const HEADS: usize = 16;
@@ -63,6 +66,37 @@ struct Case {
     flops_fwd: f64,
     /// FLOPs of forward + backward over forward, as the peer script counts them.
     bwd_factor: f64,
+}
+
+/// The shapes of `op`'s inputs at length `t`, each with its dtype (the long convolutions run
+/// in f32, as their peers).
+fn input_shapes(op: &str, t: usize, dtype: DType) -> Result<Vec<(Vec<usize>, DType)>> {
+    let b = (TOKENS / t.max(1)).max(1);
+    Ok(match op {
+        "attention" | "retention" => vec![(vec![b, HEADS, t, HEAD_DIM], dtype); 3],
+        "longconv" => vec![(vec![CONV_BATCH, CONV_WIDTH, t], DType::F32), (vec![CONV_WIDTH, t], DType::F32)],
+        "dense" => vec![(vec![MONARCH_ROWS, t], dtype), (vec![t, t], dtype)],
+        "monarch" => {
+            let m = crate::ops::monarch::side(t)?;
+            vec![(vec![MONARCH_ROWS, t], dtype), (vec![m, m, m], dtype), (vec![m, m, m], dtype)]
+        }
+        "longconv-monarch" | "longconv-fft" => {
+            vec![(vec![b, CONV_WIDTH, t], DType::F32), (vec![CONV_WIDTH, t], DType::F32)]
+        }
+        other => bail!("unknown op `{other}`: choose from {}", OPS.join(", ")),
+    })
+}
+
+/// A lower bound of the bytes one run of `op` at length `t` holds: its inputs, and as much
+/// again for their gradients, the output and its gradient (each no larger than the inputs
+/// together). Intermediates come on top; the cap is a guard against lengths that cannot fit
+/// at all, not a prediction.
+pub fn tensor_bytes(op: &str, t: usize, dtype: DType) -> Result<f64> {
+    let inputs: f64 = input_shapes(op, t, dtype)?
+        .iter()
+        .map(|(dims, dt)| dims.iter().map(|&d| d as f64).product::<f64>() * dt.size_in_bytes() as f64)
+        .sum();
+    Ok(2.0 * inputs)
 }
 
 fn case(op: &str, t: usize, dtype: DType, dev: &Device) -> Result<Case> {
@@ -204,6 +238,14 @@ pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&Scaling
                     flops_per_s: None,
                     samples_s: vec![],
                 };
+                let bytes = tensor_bytes(op, t, opts.dtype).unwrap_or(0.0);
+                if bytes > opts.memory_cap_bytes {
+                    point.status =
+                        format!("skipped: its tensors alone take {:.1} GB, over the memory cap", bytes / 1e9);
+                    on_point(&point);
+                    points.push(point);
+                    continue;
+                }
                 let measured = (|| -> Result<()> {
                     let c = case(op, t, opts.dtype, device)?;
                     (point.batch, point.width, point.heads) = (c.batch, c.width, c.heads);
@@ -240,6 +282,26 @@ pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&Scaling
 mod tests {
     use super::*;
 
+    /// A length whose tensors cannot fit is recorded as skipped without allocating them (a
+    /// dense [T, T] weight at T = 2^20 is 4 TB), and the run goes on.
+    #[test]
+    fn lengths_over_the_memory_cap_are_skipped_unallocated() -> Result<()> {
+        let opts = OpsOptions {
+            ops: vec!["dense".into()],
+            modes: vec![BenchMode::Fwd],
+            lengths: vec![1 << 20, 16],
+            warmup: 0,
+            reps: 1,
+            dtype: DType::F32,
+            memory_cap_bytes: 1e9,
+        };
+        let points = run(&opts, &Device::Cpu, |_| {})?;
+        assert!(points[0].status.starts_with("skipped") && points[0].status.contains("GB"), "{}", points[0].status);
+        assert!(points[1].timing.is_some(), "{}", points[1].status);
+        assert!(tensor_bytes("dense", 1 << 20, DType::F32)? > 4e12);
+        Ok(())
+    }
+
     /// The Monarch product and its dense peer run at a square N and record why at any other
     /// (the run goes on), with the FLOPs each is counted for.
     #[test]
@@ -251,6 +313,7 @@ mod tests {
             warmup: 0,
             reps: 1,
             dtype: DType::F32,
+            memory_cap_bytes: 1e9,
         };
         let points = run(&opts, &Device::Cpu, |_| {})?;
         assert_eq!(points.len(), 8);
