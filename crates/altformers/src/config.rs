@@ -250,6 +250,11 @@ impl TrainConfig {
         {
             bail!("train.grad_clip and train.weight_decay must be finite and non-negative");
         }
+        // Adam's epsilon keeps the update finite where a second moment is 0 (PyTorch refuses
+        // a negative one; 0 would divide 0 by 0 for a parameter with no gradient yet)
+        if !self.eps.is_finite() || self.eps <= 0.0 {
+            bail!("train.eps (AdamW's epsilon) must be a finite positive number, got {}", self.eps);
+        }
         Ok(())
     }
 }
@@ -458,5 +463,17 @@ mod tests {
         let over = Overrides { tables: vec![file], sets: vec![] };
         let err = layered(&RunConfig::default(), &over).map(|_: RunConfig| ()).unwrap_err().to_string();
         assert!(err.contains("`model` is a section") && err.contains("integer"), "{err}");
+    }
+
+    /// AdamW's epsilon must be positive (the tree's only epsilon setting: the layer norms'
+    /// is fixed).
+    #[test]
+    fn a_non_positive_adam_epsilon_is_refused() {
+        for eps in [-1e-8, 0.0, f64::NAN] {
+            let t = TrainConfig { eps, ..TrainConfig::default() };
+            let err = t.validate().unwrap_err().to_string();
+            assert!(err.contains("train.eps"), "{err}");
+        }
+        assert!(TrainConfig::default().validate().is_ok());
     }
 }
