@@ -392,7 +392,7 @@ fn merge(base: &mut toml::Value, over: &toml::Value, path: &str) -> Result<()> {
             None => bail!("unknown config key `{full}`"),
             Some(slot) if slot.is_table() && v.is_table() => merge(slot, v, &full)?,
             Some(slot) if slot.is_table() => bail!(
-                "config key `{full}` is a section of settings (`[{full}]` in a file, or `--set {full}.KEY=VALUE`), not a {}",
+                "config key `{full}` is a section of settings (`[{full}]` in a file, or `--set {full}.KEY=VALUE`), not one value (got {} `{v}`)",
                 v.type_str()
             ),
             Some(slot) => *slot = coerce(slot, v.clone()),
