@@ -739,7 +739,8 @@ fn run(command: Command) -> Result<()> {
             let mut out = serde_json::json!({ "model": model, "width": cfg.model.width, "params": params });
             if let Some(other) = matching {
                 let other_arch = registry::find(&other)?;
-                let other_cfg = other_arch.config(&over)?;
+                // the shared settings, not `model`'s own options
+                let other_cfg = other_arch.config(&over.without_model_options())?;
                 let target = altformers::compare::param_count(other_arch, &other_cfg.model, other_cfg.model.width)
                     .context("the reference configuration does not build")?;
                 let (matched, p) = altformers::compare::match_params(arch, &cfg.model, target)?;

@@ -588,3 +588,16 @@ fn small_input_problems_are_named() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `params --matching` with a model's own option set: the option shapes that model only, the
+/// reference keeps its defaults (it would refuse the option as an unknown key).
+#[test]
+fn params_matching_keeps_a_models_own_options_to_itself() {
+    let out =
+        altformers(&["params", "--model", "hyena", "--set", "model.options.order=3", "--matching", "transformer"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(v["matching"]["model"], "transformer");
+    assert!(v["matching"]["params_matched"].as_u64().unwrap() > 0, "{v}");
+}

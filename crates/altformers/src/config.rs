@@ -297,6 +297,20 @@ impl Overrides {
 }
 
 impl Overrides {
+    /// These overrides without `model.options.*` (the `--set` lines and every table's
+    /// `[model.options]`): an architecture's own options mean nothing to another (`params
+    /// --matching` lays the rest on the reference model).
+    pub fn without_model_options(&self) -> Overrides {
+        let mut tables = self.tables.clone();
+        for table in &mut tables {
+            if let Some(model) = table.get_mut("model").and_then(|m| m.as_table_mut()) {
+                model.remove("options");
+            }
+        }
+        let sets = self.sets.iter().filter(|s| !s.trim_start().starts_with("model.options.")).cloned().collect();
+        Overrides { tables, sets }
+    }
+
     /// Takes the settings of `section` out: every table's `[section]` and the `--set
     /// section.key=value` lines, as overrides of their own with keys relative to the section
     /// (a task's settings kept beside, not inside, a run configuration).
@@ -475,5 +489,20 @@ mod tests {
             assert!(err.contains("train.eps"), "{err}");
         }
         assert!(TrainConfig::default().validate().is_ok());
+    }
+
+    /// `params --matching` lays a model's settings on the reference too, but not its own
+    /// options (the reference would refuse them as unknown keys).
+    #[test]
+    fn model_options_can_be_left_out_of_overrides() {
+        let file: toml::Value = toml::from_str("[model]\nwidth = 96\n[model.options]\norder = 3\n").unwrap();
+        let over =
+            Overrides { tables: vec![file], sets: vec!["model.options.filter_width=8".into(), "model.depth=3".into()] };
+        let rest = over.without_model_options();
+        assert_eq!(rest.sets, vec!["model.depth=3".to_string()]);
+        let cfg: RunConfig = layered(&RunConfig::default(), &rest).unwrap();
+        assert_eq!((cfg.model.width, cfg.model.depth), (96, 3));
+        // with the options the reference (no options of its own) refuses them
+        assert!(layered::<RunConfig>(&RunConfig::default(), &over).is_err());
     }
 }
