@@ -26,6 +26,28 @@ pub(crate) fn again<'a>(d: &'a mut Option<(f64, &mut Rng)>) -> Option<(f64, &'a 
     d.as_mut().map(|(p, rng)| (*p, &mut **rng))
 }
 
+/// An encoder (`causal` false) has no recurrent form: the error `prefill` and `step` give.
+pub(crate) fn refuse_recurrence(causal: bool, architecture: &str) -> Result<()> {
+    if !causal {
+        candle_core::bail!(
+            "`{architecture}` is an encoder (bidirectional: every position sees the whole sequence), so it has no recurrent form to prefill or step, and generates nothing"
+        );
+    }
+    Ok(())
+}
+
+/// What [`Backbone::pooled_logits`] needs before pooling: an encoder, and a keep mask of the
+/// tokens' shape.
+pub(crate) fn check_pooling(causal: bool, architecture: &str, tokens: &Tensor, keep: &Tensor) -> Result<()> {
+    if causal {
+        candle_core::bail!("`{architecture}` is causal, not an encoder: read its last position instead of pooling");
+    }
+    if keep.dims() != tokens.dims() {
+        candle_core::bail!("a keep mask of shape {:?} for tokens of shape {:?}", keep.dims(), tokens.dims());
+    }
+    Ok(())
+}
+
 /// Builds the sequence (or channel) mixer of layer `layer`, parameters under the builder.
 pub type MixerFn = fn(&ModelConfig, usize, &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>>;
 

@@ -220,11 +220,17 @@ struct RecomputingBackward {
 
 /// `x` must be one contiguous block from its storage's start: an op that passes precomputed
 /// values through (this one, AFT-full's blocked form) returns the storage itself.
-pub(crate) fn check_whole(layout: &Layout) -> Result<()> {
+fn check_whole(layout: &Layout) -> Result<()> {
     if !layout.is_contiguous() || layout.start_offset() != 0 {
         candle_core::bail!("an op passing precomputed values through needs them as a fresh contiguous tensor");
     }
     Ok(())
+}
+
+/// The forward of such an op, on any device: its first argument's values, as they are.
+pub(crate) fn pass_through<S: candle_core::backend::BackendStorage>(values: &S, layout: &Layout) -> Result<(S, Shape)> {
+    check_whole(layout)?;
+    Ok((values.try_clone(layout)?, layout.shape().clone()))
 }
 
 impl CustomOp3 for RecomputingBackward {
@@ -241,9 +247,7 @@ impl CustomOp3 for RecomputingBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        check_whole(layout)?;
-        Ok((values.try_clone(layout)?, layout.shape().clone()))
+        pass_through(values, layout)
     }
 
     #[cfg(feature = "cuda")]
@@ -256,9 +260,7 @@ impl CustomOp3 for RecomputingBackward {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        check_whole(layout)?;
-        Ok((values.try_clone(layout)?, layout.shape().clone()))
+        pass_through(values, layout)
     }
 
     fn bwd(
@@ -368,16 +370,6 @@ impl Reversible {
         &self.layers
     }
 
-    fn refuse_recurrence(&self) -> Result<()> {
-        if !self.causal {
-            candle_core::bail!(
-                "`{}` is an encoder (bidirectional: every position sees the whole sequence), so it has no recurrent form to prefill or step, and generates nothing",
-                self.architecture
-            );
-        }
-        Ok(())
-    }
-
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
         self.embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
     }
@@ -411,7 +403,7 @@ impl Backbone for Reversible {
     }
 
     fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
-        self.refuse_recurrence()?;
+        super::refuse_recurrence(self.causal, &self.architecture)?;
         let x = self.embed(tokens, 0)?;
         let (mut x1, mut x2) = (x.clone(), x);
         let mut layers = Vec::with_capacity(2 * self.layers.blocks.len());
@@ -428,7 +420,7 @@ impl Backbone for Reversible {
     }
 
     fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor> {
-        self.refuse_recurrence()?;
+        super::refuse_recurrence(self.causal, &self.architecture)?;
         let b = token.dim(0)?;
         let x = self.embed(&token.reshape((b, 1))?, state.pos)?;
         let n = self.layers.blocks.len();
@@ -459,15 +451,7 @@ impl Backbone for Reversible {
 
     /// The encoder's pooled form: the padded pair `[Y1; Y2]`, mean-pooled through the head.
     fn pooled_logits(&self, tokens: &Tensor, keep: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
-        if self.causal {
-            candle_core::bail!(
-                "`{}` is causal, not an encoder: read its last position instead of pooling",
-                self.architecture
-            );
-        }
-        if keep.dims() != tokens.dims() {
-            candle_core::bail!("a keep mask of shape {:?} for tokens of shape {:?}", keep.dims(), tokens.dims());
-        }
+        super::check_pooling(self.causal, &self.architecture, tokens, keep)?;
         self.head.pooled(&self.hidden(tokens, dropout_rng, Some(keep))?, keep, &self.embedding.table)
     }
 }

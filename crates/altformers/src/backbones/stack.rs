@@ -369,16 +369,6 @@ impl Stack {
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         self.head.forward(x, &self.embedding.table)
     }
-
-    fn refuse_recurrence(&self) -> Result<()> {
-        if !self.causal {
-            candle_core::bail!(
-                "`{}` is an encoder (bidirectional: every position sees the whole sequence), so it has no recurrent form to prefill or step, and generates nothing",
-                self.architecture
-            );
-        }
-        Ok(())
-    }
 }
 
 impl Backbone for Stack {
@@ -402,7 +392,7 @@ impl Backbone for Stack {
     }
 
     fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
-        self.refuse_recurrence()?;
+        super::refuse_recurrence(self.causal, &self.architecture)?;
         let (x, layers) = self.layers.prefill(&self.embed(tokens, 0)?)?;
         let mut state = ModelState { layers, pos: tokens.dim(1)? };
         state.detach();
@@ -410,7 +400,7 @@ impl Backbone for Stack {
     }
 
     fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor> {
-        self.refuse_recurrence()?;
+        super::refuse_recurrence(self.causal, &self.architecture)?;
         let b = token.dim(0)?;
         let x = self.embed(&token.reshape((b, 1))?, state.pos)?;
         if state.layers.is_empty() {
@@ -435,15 +425,7 @@ impl Backbone for Stack {
     }
 
     fn pooled_logits(&self, tokens: &Tensor, keep: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
-        if self.causal {
-            candle_core::bail!(
-                "`{}` is causal, not an encoder: read its last position instead of pooling",
-                self.architecture
-            );
-        }
-        if keep.dims() != tokens.dims() {
-            candle_core::bail!("a keep mask of shape {:?} for tokens of shape {:?}", keep.dims(), tokens.dims());
-        }
+        super::check_pooling(self.causal, &self.architecture, tokens, keep)?;
         let p = self.dropout;
         let x = self.embed(tokens, 0)?;
         let x = match dropout_rng.filter(|_| p > 0.0) {

@@ -69,8 +69,14 @@ pub trait SequenceMixer: Send + Sync {
     /// mixers need none (a task pads them on the left and reads the last position) and
     /// refuse it.
     fn forward_padded(&self, _x: &Tensor, _keep: &Tensor, _dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
-        candle_core::bail!("a causal mixer takes no padding mask: only an encoder's (bidirectional) mixers do")
+        refuse_padding()
     }
+}
+
+/// What a causal mixer's [`SequenceMixer::forward_padded`] gives (the trait's default, and
+/// the causal form of a mixer that has both).
+pub(crate) fn refuse_padding() -> Result<Tensor> {
+    candle_core::bail!("a causal mixer takes no padding mask: only an encoder's (bidirectional) mixers do")
 }
 
 /// A channel mixer holds no state: its recurrent form is its parallel form on one token.

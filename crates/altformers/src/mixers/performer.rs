@@ -453,7 +453,7 @@ impl SequenceMixer for Performer {
     /// The encoder's form (FAVOR+ has no attention probabilities to drop: no dropout inside).
     fn forward_padded(&self, x: &Tensor, keep: &Tensor, _dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
         if self.causal {
-            candle_core::bail!("a causal mixer takes no padding mask: only an encoder's (bidirectional) mixers do");
+            return super::refuse_padding();
         }
         self.bidirectional(x, Some(keep))
     }

@@ -495,7 +495,7 @@ impl SequenceMixer for LshAttention {
 
     fn forward_padded(&self, x: &Tensor, keep: &Tensor, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
         if self.causal {
-            candle_core::bail!("a causal mixer takes no padding mask: only an encoder's (bidirectional) mixers do");
+            return super::refuse_padding();
         }
         self.bidirectional(x, Some(keep), dropout)
     }

@@ -29,7 +29,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use crate::backbones::reversible::check_whole;
+use crate::backbones::reversible::pass_through;
 
 /// `w` over positions `0..T` as the blocks read it: `[T, T]`, or `U, V: [T, d']`.
 enum Bias {
@@ -230,9 +230,7 @@ impl CustomOp3 for BlockedGrad {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        check_whole(layout)?;
-        Ok((values.try_clone(layout)?, layout.shape().clone()))
+        pass_through(values, layout)
     }
 
     #[cfg(feature = "cuda")]
@@ -245,9 +243,7 @@ impl CustomOp3 for BlockedGrad {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        check_whole(layout)?;
-        Ok((values.try_clone(layout)?, layout.shape().clone()))
+        pass_through(values, layout)
     }
 
     fn bwd(
