@@ -3,13 +3,15 @@
 # run `bash bench/results/2026-12-02-h200-listops/run.sh PART [...]` with $OUT set.
 #   tests        the GPU test binary (fused kernels; every model and every encoder against the CPU)
 #   pace M...    ListOps at the GPU preset's shape for 30 steps, the models trained at once
+#   first M...   tests beside pace, then scale (SCALE_LIMIT seconds)
 #   listops M... configs/compare-listops-gpu.toml's ListOps, the models trained at once
 #                (STEPS=N overrides the preset's steps, EVAL=N its evaluation interval, LIMIT=S
 #                stops the runs after S seconds), the GPU tests beside them
-#   scale        bench scaling, one layer fwd+bwd, bf16, T = 1K..64K: causal Transformer (fused
-#                flash attention), Performer (default m = d_h ln d_h = 266, and m = 256, which
-#                the tensor-core scan takes), Reformer; the encoders (unfused attention,
-#                Linformer at k = 256, Performer's and Reformer's encoders)
+#   scale        bench scaling, one mixer layer, bf16, T = 1K..64K, width 512, 8 heads: every
+#                causal model fwd+bwd (the Transformer by the fused flash kernel), the encoders
+#                (unfused attention, Linformer at k = 256), Performer at m = 256 (the tensor-core
+#                scan takes it; the default m = d_h ln d_h = 266 does not), then every causal
+#                model forward only
 set -euo pipefail
 part=$1; shift
 bin="bash .gpu/run.sh"
@@ -27,8 +29,23 @@ preset() {  # the GPU ListOps preset with STEPS, evaluations every EVAL (and a s
 case $part in
   tests) bash .gpu/run-tests.sh > "$OUT/tests.log" 2>&1; tail -5 "$OUT/tests.log" ;;
   pace)
-    /usr/bin/time -f "pace wall %e s" $bin compare --preset "$(preset 30 2000 64)" --parts listops --models "$models" \
-      --device cuda --jobs $# --out "$OUT/pace" 2>&1 | grep -E "listops|wall|rror" ;;
+    # seconds per step of each model when all of them train at once (the 30 steps' elapsed
+    # time over the last evaluation, data generation excluded by the first evaluation at step 10)
+    EVAL=10 /usr/bin/time -f "pace wall %e s" $bin compare --preset "$(EVAL=10 preset 30 2000 64)" --parts listops --models "$models" \
+      --device cuda --jobs $# --out /tmp/runs/pace 2>&1 | grep -E "listops|wall|rror" || true
+    for m in "$@"; do python3 - "$m" /tmp/runs/pace/runs-listops/$m/metrics.jsonl <<'PY' || echo "$m: no metrics"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[2]) if '"step"' in l]
+a, b = rows[0], rows[-1]
+print(f"{sys.argv[1]}: {(b['elapsed_s'] - a['elapsed_s']) / (b['step'] - a['step']):.3f} s/step (steps {a['step']}-{b['step']})")
+PY
+    done ;;
+  first)
+    # the GPU tests beside a pace run of the ListOps models, then the scaling sweep alone on the GPU
+    bash "$0" tests > /dev/null 2>&1 &
+    bash "$0" pace "$@"
+    wait; tail -4 "$OUT/tests.log"
+    REPS=${REPS:-3} timeout "${SCALE_LIMIT:-300}" bash "$0" scale || echo "scale stopped at ${SCALE_LIMIT:-300} s" ;;
   listops)
     # the GPU tests beside it (they check, they time nothing); the runs stopped at LIMIT seconds
     # keep their evaluations so far (runs-listops/NAME/metrics.jsonl). The device tool brings
@@ -41,13 +58,18 @@ case $part in
     (cd /tmp/runs/listops && tar czf "$OUT/listops-runs.tgz" runs-listops/*/metrics.jsonl runs-listops/*/config.json runs-listops/*/result.json 2>/dev/null || true)
     for m in "$@"; do echo "$m $(tail -n 1 /tmp/runs/listops/runs-listops/$m/metrics.jsonl 2>/dev/null)"; done ;;
   scale)
-    common="--components mixer --mode fwdbwd --lengths 1024,2048,4096,8192,16384,32768,65536 --width 512 --heads 8
+    # every causal model (issue 27's GPU table), the encoders, Performer at m = 256 (the
+    # tensor-core scan; the default m = 266 takes the general path), fwd+bwd, then fwd; each
+    # sweep's JSON lines as they are printed (a sweep stopped early keeps its points)
+    common="--components mixer --lengths 1024,2048,4096,8192,16384,32768,65536 --width 512 --heads 8
       --tokens-per-batch 65536 --reps ${REPS:-5} --memory-cap-gb 100 --time-cap 20 --device cuda --dtype bf16"
-    # the JSON lines as they are printed (a sweep stopped early keeps its points)
-    $bin bench scaling --models transformer,performer,reformer $common > "$OUT/scaling-causal.jsonl" 2> /tmp/runs/s1.log
-    $bin bench scaling --models performer --set model.options.features=256 $common > "$OUT/scaling-performer-m256.jsonl" 2> /tmp/runs/s2.log
-    $bin bench scaling --models transformer-encoder,linformer,performer-encoder,reformer-encoder \
-      --set linformer:model.options.k=256 $common > "$OUT/scaling-encoders.jsonl" 2> /tmp/runs/s3.log
+    causal=transformer,performer,reformer,retnet,rwkv4,hyena,longnet,aft-full,aft-simple,aft-conv,aft-local,m2,megabyte,hourglass,one-wide-ffn
+    encoders=transformer-encoder,linformer,performer-encoder,reformer-encoder,m2-bert
+    $bin bench scaling --models $causal --mode fwdbwd $common > "$OUT/scaling-causal.jsonl" 2> /tmp/runs/s1.log || echo "causal sweep: rc $?"
+    $bin bench scaling --models $encoders --mode fwdbwd --set linformer:model.options.k=256 $common > "$OUT/scaling-encoders.jsonl" 2> /tmp/runs/s2.log || echo "encoder sweep: rc $?"
+    $bin bench scaling --models performer --mode fwdbwd --set model.options.features=256 $common > "$OUT/scaling-performer-m256.jsonl" 2> /tmp/runs/s3.log || echo "m=256 sweep: rc $?"
+    $bin bench scaling --models $causal --mode fwd $common > "$OUT/scaling-causal-fwd.jsonl" 2> /tmp/runs/s4.log || echo "fwd sweep: rc $?"
+    tail -n 3 /tmp/runs/s*.log
     grep -h '"time_slope"' "$OUT"/scaling-*.jsonl ;;
   short)
     # what a short budget allows: the model tests (every model and encoder on the GPU against
