@@ -4,6 +4,7 @@
 #   tests        the GPU test binary (fused kernels; every model and every encoder against the CPU)
 #   pace M...    ListOps at the GPU preset's shape for 30 steps, the models trained at once
 #   first M...   tests beside pace, then scale (SCALE_LIMIT seconds)
+#   second M...  the sweeps first did not finish, then listops
 #   listops M... configs/compare-listops-gpu.toml's ListOps, the models trained at once
 #                (STEPS=N overrides the preset's steps, EVAL=N its evaluation interval, LIMIT=S
 #                stops the runs after S seconds), the GPU tests beside them
@@ -62,13 +63,16 @@ PY
     # tensor-core scan; the default m = 266 takes the general path), fwd+bwd, then fwd; each
     # sweep's JSON lines as they are printed (a sweep stopped early keeps its points)
     common="--components mixer --lengths 1024,2048,4096,8192,16384,32768,65536 --width 512 --heads 8
-      --tokens-per-batch 65536 --reps ${REPS:-5} --memory-cap-gb 100 --time-cap 20 --device cuda --dtype bf16"
-    causal=transformer,performer,reformer,retnet,rwkv4,hyena,longnet,aft-full,aft-simple,aft-conv,aft-local,m2,megabyte,hourglass,one-wide-ffn
+      --tokens-per-batch 65536 --reps ${REPS:-5} --memory-cap-gb 100 --time-cap ${TIME_CAP:-20} --device cuda --dtype bf16"
+    # CAUSAL overrides the causal models, SWEEPS the sweeps run
+    causal=${CAUSAL:-transformer,performer,reformer,retnet,rwkv4,hyena,longnet,aft-full,aft-simple,aft-conv,aft-local,m2,megabyte,hourglass,one-wide-ffn}
     encoders=transformer-encoder,linformer,performer-encoder,reformer-encoder,m2-bert
-    $bin bench scaling --models $causal --mode fwdbwd $common > "$OUT/scaling-causal.jsonl" 2> /tmp/runs/s1.log || echo "causal sweep: rc $?"
-    $bin bench scaling --models $encoders --mode fwdbwd --set linformer:model.options.k=256 $common > "$OUT/scaling-encoders.jsonl" 2> /tmp/runs/s2.log || echo "encoder sweep: rc $?"
-    $bin bench scaling --models performer --mode fwdbwd --set model.options.features=256 $common > "$OUT/scaling-performer-m256.jsonl" 2> /tmp/runs/s3.log || echo "m=256 sweep: rc $?"
-    $bin bench scaling --models $causal --mode fwd $common > "$OUT/scaling-causal-fwd.jsonl" 2> /tmp/runs/s4.log || echo "fwd sweep: rc $?"
+    for sweep in ${SWEEPS:-causal encoders m256 fwd}; do case $sweep in
+      causal) $bin bench scaling --models $causal --mode fwdbwd $common > "$OUT/scaling-causal.jsonl" 2> /tmp/runs/s1.log || echo "causal sweep: rc $?" ;;
+      encoders) $bin bench scaling --models $encoders --mode fwdbwd --set linformer:model.options.k=256 $common > "$OUT/scaling-encoders.jsonl" 2> /tmp/runs/s2.log || echo "encoder sweep: rc $?" ;;
+      m256) $bin bench scaling --models performer --mode fwdbwd --set model.options.features=256 $common > "$OUT/scaling-performer-m256.jsonl" 2> /tmp/runs/s3.log || echo "m=256 sweep: rc $?" ;;
+      fwd) $bin bench scaling --models $causal --mode fwd $common > "$OUT/scaling-causal-fwd.jsonl" 2> /tmp/runs/s4.log || echo "fwd sweep: rc $?" ;;
+    esac; done
     tail -n 3 /tmp/runs/s*.log
     grep -h '"time_slope"' "$OUT"/scaling-*.jsonl ;;
   short)
@@ -81,6 +85,12 @@ PY
     timeout "${SCALE_LIMIT:-150}" $bin bench scaling --models transformer,performer,reformer --set performer:model.options.features=256 \
       $common > "$OUT/scaling-causal.jsonl" 2> /tmp/runs/s1.log || echo "scale stopped"
     grep -h '"time_slope"' "$OUT"/scaling-*.jsonl || true ;;
+  second)
+    # the sweep's models the first call did not reach (a run over TIME_CAP = 2 s ends a model's
+    # sweep: 25x the fused kernel's time at 64K), the encoders and m = 256, then ListOps
+    CAUSAL=aft-full,aft-simple,aft-conv,aft-local,m2,megabyte,hourglass,one-wide-ffn SWEEPS="causal encoders m256" \
+      TIME_CAP=${TIME_CAP:-2} REPS=3 bash "$0" scale
+    bash "$0" listops "$@" ;;
   both)
     # one call: the scaling sweep (SCALE_LIMIT seconds at most), then ListOps as above
     REPS=${REPS:-3} timeout "${SCALE_LIMIT:-170}" bash "$0" scale || echo "scale stopped at ${SCALE_LIMIT:-170} s"

@@ -12,6 +12,7 @@ mod flash_attention;
 mod gather;
 mod layernorm;
 mod models;
+mod reformer;
 mod softmax;
 
 use candle_core::{DType, Device, Tensor, Var};
