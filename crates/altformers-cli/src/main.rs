@@ -52,6 +52,19 @@ enum ModeArg {
     Recurrent,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImportFormat {
+    /// GPT2LMHeadModel (or a bare GPT2Model's names).
+    HfGpt2,
+    /// RwkvForCausalLM.
+    HfRwkv4,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Hf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a model on a byte-level corpus (`--task lm`) or on ListOps (`--task listops`).
@@ -148,6 +161,22 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         batch: usize,
     },
+    /// The logits a run gives for token ids, written as a safetensors file (`logits`:
+    /// `[1, T, V]`, f32): what an exported or imported model is compared by.
+    Logits {
+        /// The run folder.
+        #[arg(long)]
+        run: PathBuf,
+        /// Token ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// recurrent: prefill the first id, then one step per id (the decoding form).
+        #[arg(long, value_enum, default_value = "parallel")]
+        mode: ModeArg,
+    },
     /// Every registered architecture with its stated and true complexity.
     Models,
     /// Every `--set` key (and config-file key) of a model: its type and default.
@@ -183,6 +212,35 @@ enum Command {
     ImportRwkv4 {
         /// The checkpoint, with official RWKV-4 tensor names.
         file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Turn a Hugging Face `transformers` checkpoint (the folder save_pretrained writes:
+    /// config.json and model.safetensors) into a run folder: GPT2LMHeadModel as `transformer`,
+    /// RwkvForCausalLM as `rwkv4`. Names, shapes, dtypes (f32, f16, bf16) and finiteness are
+    /// checked before anything is written; pickles (.bin, .pth) are refused.
+    Import {
+        /// hf-gpt2 or hf-rwkv4.
+        #[arg(long, value_enum)]
+        format: ImportFormat,
+        /// The save_pretrained folder, or its model.safetensors.
+        path: PathBuf,
+        /// The run folder to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a run folder's latest weights as a Hugging Face `transformers` folder
+    /// (config.json, model.safetensors) that from_pretrained reads: `transformer` as
+    /// GPT2LMHeadModel, `rwkv4` as RwkvForCausalLM. A setting the layout cannot express (RoPE,
+    /// grouped K/V, ...) is refused by name.
+    Export {
+        /// The run folder.
+        #[arg(long)]
+        run: PathBuf,
+        /// hf: the transformers layout of the run's architecture.
+        #[arg(long, value_enum, default_value = "hf")]
+        format: ExportFormat,
+        /// The folder to write (created; must not hold a model yet).
         #[arg(long)]
         out: PathBuf,
     },
@@ -761,6 +819,56 @@ fn run(command: Command) -> Result<()> {
                 cfg.model.vocab,
                 out.display()
             );
+            Ok(())
+        }
+        Command::Logits { run, ids, out, mode } => {
+            non_empty(&[("--run", &run), ("--out", &out)])?;
+            let model = train::load_run(&run, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+            let vocab = model.config.vocab;
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                anyhow::bail!("--ids: token {bad} is outside the model's vocabulary of {vocab}");
+            }
+            let tokens = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+            let logits = match mode {
+                ModeArg::Parallel => model.forward(&tokens, None)?,
+                ModeArg::Recurrent => {
+                    let (first, mut state) = model.prefill(&tokens.narrow(1, 0, 1)?)?;
+                    let mut rows = vec![first.squeeze(0)?];
+                    for &id in &ids[1..] {
+                        rows.push(model.step(&candle_core::Tensor::new(&[id], &candle_core::Device::Cpu)?, &mut state)?);
+                    }
+                    candle_core::Tensor::cat(&rows, 0)?.unsqueeze(0)?
+                }
+            };
+            let logits: std::collections::BTreeMap<String, candle_core::Tensor> = [("logits".to_string(), logits)].into();
+            altformers::params::save_tensors(&logits, &out)?;
+            println!("{}", out.display());
+            Ok(())
+        }
+        Command::Import { format, path, out } => {
+            non_empty(&[("PATH", &path), ("--out", &out)])?;
+            let format = match format {
+                ImportFormat::HfGpt2 => altformers::interop::HfFormat::Gpt2,
+                ImportFormat::HfRwkv4 => altformers::interop::HfFormat::Rwkv4,
+            };
+            let cfg = altformers::interop::import(format, &path, &out)?;
+            let m = &cfg.model;
+            println!(
+                "imported {} as `{}` (width {}, {} layers, vocab {}, context {}) into {}",
+                format.class(),
+                m.architecture,
+                m.width,
+                m.depth,
+                m.vocab,
+                m.context,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Export { run, format: ExportFormat::Hf, out } => {
+            non_empty(&[("--run", &run), ("--out", &out)])?;
+            let format = altformers::interop::export(&run, &out)?;
+            println!("exported {} as {} into {}", run.display(), format.class(), out.display());
             Ok(())
         }
         Command::Config { list, model } => {

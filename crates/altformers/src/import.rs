@@ -2,13 +2,11 @@
 //! (`config.json` + `model.safetensors`) that `eval`, `generate` and the benchmarks read.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use std::collections::BTreeMap;
+use candle_core::Device;
 use std::path::Path;
 
 use crate::config::RunConfig;
 use crate::mixers::rwkv4::{Init, Rwkv4Options};
-use crate::model::Model;
 
 /// Imports an official RWKV-4 checkpoint into a run folder `out` (`config.json` with a
 /// [`RunConfig`], `model.safetensors`) that `train::load_run`, `eval` and `generate` accept.
@@ -25,6 +23,7 @@ use crate::model::Model;
 /// `python -c "import torch, safetensors.torch as st; p='RWKV.pth'; st.save_file({k: v.float().contiguous() for k, v in torch.load(p, map_location='cpu').items()}, 'RWKV.safetensors')"`
 /// i.e. `safetensors.torch.save_file({k: v.float().contiguous() for k,v in torch.load(p, map_location='cpu').items()}, out)`.
 pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
+    crate::interop::checked::refuse_pickle(file)?;
     let tensors = crate::params::load_tensors(file, &Device::Cpu)?;
     let origin = file.display().to_string();
     let Some(emb) = tensors.get("emb.weight") else {
@@ -53,24 +52,15 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
     (m.vocab, m.width, m.depth, m.heads, m.context) = (vocab, width, depth, 1, 1024);
     m.ffn_mult = hidden as f64 / width as f64;
     m.set_options(&Rwkv4Options { init: Init::Normal, ..Default::default() })?;
-    let model = Model::new(&config.model, config.train.seed, &Device::Cpu, DType::F32)?;
-    let tensors: BTreeMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t })))
-        .collect::<candle_core::Result<_>>()?;
-    model.params.assign(tensors, &origin)?;
-    let _lock = crate::train::lock::RunLock::acquire(out)?;
-    if out.join("config.json").exists() {
-        bail!("{} already holds a run; choose another --out", out.display());
-    }
-    model.params.save(&out.join("model.safetensors"))?;
-    crate::util::write_json_atomic(&out.join("config.json"), &config)?;
+    crate::interop::write_run(out, &config, tensors, &origin)?;
     Ok(config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Model;
+    use candle_core::{DType, Tensor};
     use crate::testing::{random_tokens, rel_err, tiny_config};
 
     #[test]
