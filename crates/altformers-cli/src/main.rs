@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 use altformers::config::Overrides;
+use altformers::data::tokenizer::Tokenizer;
 use altformers::data::{Corpus, DataFormat};
 use altformers::generate::{generate_batch, Mode, SampleOptions};
 use altformers::registry;
@@ -50,6 +51,22 @@ enum TaskArg {
 enum ModeArg {
     Parallel,
     Recurrent,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE (GPT-2's scheme, no prefix space: decoding gives the text back
+    /// exactly) on the training split of --data, and write it as a tokenizer.json.
+    Train {
+        /// `shakespeare` (bundled) or a path to a UTF-8 text file (its first 90%).
+        #[arg(long)]
+        data: String,
+        /// Vocabulary size (at least 256: every byte).
+        #[arg(long)]
+        vocab: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -106,6 +123,10 @@ enum Command {
         /// Stop after this many steps (checkpointed), to continue later with --resume.
         #[arg(long)]
         stop_after: Option<usize>,
+        /// `bytes` (the default) or a tokenizer.json (sets model.vocab to its vocabulary; the
+        /// run folder keeps a copy). With --resume: the run's own, which is the default.
+        #[arg(long)]
+        tokenizer: Option<String>,
     },
     /// Loss of a trained run on a corpus's validation split (every byte, consecutive windows).
     Eval {
@@ -130,6 +151,9 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The run's own tokenizer is used; naming another (`bytes` or a tokenizer.json) is refused.
+        #[arg(long)]
+        tokenizer: Option<String>,
     },
     /// Continue a prompt with a trained run.
     Generate {
@@ -160,7 +184,13 @@ enum Command {
         /// stream i of --seed: sample 0 is the single sample's).
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// The run's own tokenizer is used (--tokens then counts its tokens); naming another is refused.
+        #[arg(long)]
+        tokenizer: Option<String>,
     },
+    /// Tokenizers: train a byte-level BPE on a corpus.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
     /// The logits a run gives for token ids, written as a safetensors file (`logits`:
     /// `[1, T, V]`, f32): what an exported or imported model is compared by.
     Logits {
@@ -654,6 +684,7 @@ fn run(command: Command) -> Result<()> {
             model,
             task: TaskArg::Listops,
             data,
+            tokenizer,
             config,
             sets,
             out,
@@ -665,6 +696,7 @@ fn run(command: Command) -> Result<()> {
             ..
         } => {
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
+            anyhow::ensure!(tokenizer.is_none(), "--task listops reads bytes: drop --tokenizer");
             non_empty(&[("--out", &out)])?;
             anyhow::ensure!(
                 stop_after.is_none() && !resume,
@@ -693,6 +725,7 @@ fn run(command: Command) -> Result<()> {
             dtype,
             quiet,
             stop_after,
+            tokenizer,
         } => {
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
@@ -717,13 +750,23 @@ fn run(command: Command) -> Result<()> {
             } else {
                 registry::config(&model, &Overrides::from_cli(config.as_deref(), &sets)?)?
             };
+            let (tokenizer, cfg) = if resume {
+                (Tokenizer::for_run(&out, tokenizer.as_deref())?, cfg)
+            } else {
+                let tokenizer = Tokenizer::from_arg(tokenizer.as_deref().unwrap_or("bytes"))?;
+                let mut cfg = cfg;
+                if !tokenizer.is_bytes() {
+                    cfg.model.vocab = tokenizer.vocab();
+                }
+                (tokenizer, cfg)
+            };
             let corpus = Corpus::load(&data, data_format.into())?;
             let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after };
-            let summary = train::train(&cfg, &corpus, data_format.into(), &opts)?;
+            let summary = train::train_tokenized(&cfg, &corpus, data_format.into(), &opts, &tokenizer)?;
             println!("{}", serde_json::to_string(&summary.last)?);
             Ok(())
         }
-        Command::Eval { run, data, data_format, test, max_bytes, batch_size, device } => {
+        Command::Eval { run, data, data_format, test, max_bytes, batch_size, device, tokenizer } => {
             non_empty(&[("--run", &run), ("--data", std::path::Path::new(&data))])?;
             positive(&[("--batch-size", batch_size as f64), ("--max-bytes", max_bytes.unwrap_or(1) as f64)])?;
             let device = altformers::device::select(&device)?;
@@ -734,15 +777,29 @@ fn run(command: Command) -> Result<()> {
             } else {
                 &corpus.val
             };
-            let loss = train::evaluate_split(&model, split, batch_size, max_bytes)?;
             let key = if test { "test" } else { "val" };
+            let tokenizer = Tokenizer::for_run(&run, tokenizer.as_deref())?;
+            if !tokenizer.is_bytes() {
+                // loss per token; bits per byte over the bytes the predicted tokens cover
+                let text = &split[..split.len().min(max_bytes.unwrap_or(usize::MAX))];
+                let encoded = tokenizer.encode(text)?;
+                let loss = train::evaluate_split(&model, &encoded.ids, batch_size, None)?;
+                let bytes = encoded.predicted_bytes(text.len());
+                let bpb = nats_to_bits(loss * (encoded.ids.len() - 1) as f64 / bytes.max(1) as f64);
+                println!(
+                    "{}",
+                    serde_json::json!({ format!("{key}_loss_per_token"): loss, format!("{key}_bpb"): bpb, "bytes": text.len(), "tokens": encoded.ids.len() })
+                );
+                return Ok(());
+            }
+            let loss = train::evaluate_split(&model, split, batch_size, max_bytes)?;
             println!(
                 "{}",
                 serde_json::json!({ format!("{key}_loss"): loss, format!("{key}_bpb"): nats_to_bits(loss), "bytes": split.len().min(max_bytes.unwrap_or(usize::MAX)) })
             );
             Ok(())
         }
-        Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device, batch } => {
+        Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device, batch, tokenizer } => {
             non_empty(&[("--run", &run)])?;
             anyhow::ensure!(
                 temperature.is_finite() && temperature >= 0.0,
@@ -757,8 +814,15 @@ fn run(command: Command) -> Result<()> {
                 ModeArg::Parallel => Mode::Parallel,
                 ModeArg::Recurrent => Mode::Recurrent,
             };
+            let tokenizer = Tokenizer::for_run(&run, tokenizer.as_deref())?;
             let start = std::time::Instant::now();
-            let samples = generate_batch(&model, prompt.as_bytes(), &opts, mode, batch)?;
+            let samples = if tokenizer.is_bytes() {
+                generate_batch(&model, prompt.as_bytes(), &opts, mode, batch)?
+            } else {
+                let ids = tokenizer.encode(prompt.as_bytes())?.ids;
+                let rows = altformers::generate::generate_ids(&model, &ids, &opts, mode, batch)?;
+                rows.iter().map(|row| tokenizer.decode(row)).collect::<Result<Vec<_>>>()?
+            };
             let seconds = start.elapsed().as_secs_f64();
             // the bytes as generated: a model can emit invalid UTF-8, and a lossy print would
             // change it
@@ -819,6 +883,13 @@ fn run(command: Command) -> Result<()> {
                 cfg.model.vocab,
                 out.display()
             );
+            Ok(())
+        }
+        Command::Tokenizer(TokenizerCommand::Train { data, vocab, out }) => {
+            non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
+            let corpus = Corpus::load(&data, DataFormat::Text)?;
+            let n = altformers::data::tokenizer::train_bpe_file(&corpus.train, vocab, &out)?;
+            println!("trained a byte-level BPE of {n} tokens on {} ({} bytes) into {}", data, corpus.train.len(), out.display());
             Ok(())
         }
         Command::Logits { run, ids, out, mode } => {
