@@ -124,9 +124,14 @@ enum Command {
         #[arg(long)]
         stop_after: Option<usize>,
         /// `bytes` (the default) or a tokenizer.json (sets model.vocab to its vocabulary; the
-        /// run folder keeps a copy). With --resume: the run's own, which is the default.
+        /// run folder keeps a copy). With --resume or --init-from: that run's own, the default.
         #[arg(long)]
         tokenizer: Option<String>,
+        /// Fine-tune: a new run (--out) starting from this run folder's latest weights (an
+        /// imported checkpoint, say), its model configuration and tokenizer; --config and --set
+        /// may change the training settings (and dropout).
+        #[arg(long)]
+        init_from: Option<PathBuf>,
     },
     /// Loss of a trained run on a corpus's validation split (every byte, consecutive windows).
     Eval {
@@ -707,7 +712,7 @@ fn run(command: Command) -> Result<()> {
             let cfg = registry::config(&model, &over)?;
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
-            let opts = TrainOptions { out, resume, device, dtype, verbose: !quiet, stop_after };
+            let opts = TrainOptions { out, resume, device, dtype, verbose: !quiet, stop_after, init_from: None };
             let summary = altformers::train::listops::train_listops(&cfg, &settings, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
@@ -726,6 +731,7 @@ fn run(command: Command) -> Result<()> {
             quiet,
             stop_after,
             tokenizer,
+            init_from,
         } => {
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
@@ -747,11 +753,27 @@ fn run(command: Command) -> Result<()> {
                     );
                 }
                 saved
+            } else if let Some(from) = &init_from {
+                let base = altformers::train::RunFolder::open(from)?.config()?;
+                if base.model.architecture != model {
+                    anyhow::bail!("--init-from: {} holds `{}`, not `{model}`", from.display(), base.model.architecture);
+                }
+                let cfg = altformers::config::RunConfig::layered(&base, &Overrides::from_cli(config.as_deref(), &sets)?)?;
+                // the weights fix the model's shape: everything but dropout stays
+                let shape = |m: &altformers::config::ModelConfig| {
+                    serde_json::to_value(altformers::config::ModelConfig { dropout: 0.0, ..m.clone() }).ok()
+                };
+                if shape(&cfg.model) != shape(&base.model) {
+                    anyhow::bail!("--init-from keeps the model of {}: only train.* and model.dropout may change", from.display());
+                }
+                cfg
             } else {
                 registry::config(&model, &Overrides::from_cli(config.as_deref(), &sets)?)?
             };
             let (tokenizer, cfg) = if resume {
                 (Tokenizer::for_run(&out, tokenizer.as_deref())?, cfg)
+            } else if let Some(from) = &init_from {
+                (Tokenizer::for_run(from, tokenizer.as_deref())?, cfg)
             } else {
                 let tokenizer = Tokenizer::from_arg(tokenizer.as_deref().unwrap_or("bytes"))?;
                 let mut cfg = cfg;
@@ -761,7 +783,7 @@ fn run(command: Command) -> Result<()> {
                 (tokenizer, cfg)
             };
             let corpus = Corpus::load(&data, data_format.into())?;
-            let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after };
+            let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after, init_from };
             let summary = train::train_tokenized(&cfg, &corpus, data_format.into(), &opts, &tokenizer)?;
             println!("{}", serde_json::to_string(&summary.last)?);
             Ok(())

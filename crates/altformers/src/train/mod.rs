@@ -36,12 +36,15 @@ pub struct TrainOptions {
     pub verbose: bool,
     /// Stop (after checkpointing) once this many steps are done: tests use it to interrupt.
     pub stop_after: Option<usize>,
+    /// Start from the latest weights of this run folder (an imported checkpoint, say) instead
+    /// of fresh ones: fine-tuning. Its configuration must be the run's model.
+    pub init_from: Option<PathBuf>,
 }
 
 impl TrainOptions {
     /// A fresh run into `out` on `device` in f32, without interruption.
     pub fn fresh(out: PathBuf, device: &Device, verbose: bool) -> Self {
-        Self { out, resume: false, device: device.clone(), dtype: DType::F32, verbose, stop_after: None }
+        Self { out, resume: false, device: device.clone(), dtype: DType::F32, verbose, stop_after: None, init_from: None }
     }
 }
 
@@ -187,6 +190,12 @@ fn train_on<T: Copy + Into<u32>>(
         crate::model::size::check_training(m, t.batch_size, opts.dtype)?;
     }
     let model = fresh_model(config, opts)?;
+    if let Some(from) = &opts.init_from {
+        if opts.resume {
+            bail!("--init-from starts a new run; --resume continues one: not both");
+        }
+        model.params.load(&from.join("model.safetensors")).with_context(|| format!("--init-from {}", from.display()))?;
+    }
     let mut trainer = Trainer::new(&model, t)?;
     let (folder, mut state, mut history) = if opts.resume {
         let (folder, state, history) = RunFolder::resume(out, config)?;
