@@ -74,7 +74,7 @@ def compare(name, binary, run, model, ids, prompt, n, work):
     return all(r["ok"] for r in rows)
 
 
-def perturb(model, seed, scale=0.05):
+def perturb(model, seed, scale=0.2):
     """Every parameter moved by N(0, scale^2): biases, norm gains and mixing ratios away from
     their initial constants, so a mapping that drops or swaps one shows."""
     g = torch.Generator().manual_seed(seed)

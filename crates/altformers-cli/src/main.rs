@@ -758,13 +758,17 @@ fn run(command: Command) -> Result<()> {
                 if base.model.architecture != model {
                     anyhow::bail!("--init-from: {} holds `{}`, not `{model}`", from.display(), base.model.architecture);
                 }
-                let cfg = altformers::config::RunConfig::layered(&base, &Overrides::from_cli(config.as_deref(), &sets)?)?;
+                let cfg =
+                    altformers::config::RunConfig::layered(&base, &Overrides::from_cli(config.as_deref(), &sets)?)?;
                 // the weights fix the model's shape: everything but dropout stays
                 let shape = |m: &altformers::config::ModelConfig| {
                     serde_json::to_value(altformers::config::ModelConfig { dropout: 0.0, ..m.clone() }).ok()
                 };
                 if shape(&cfg.model) != shape(&base.model) {
-                    anyhow::bail!("--init-from keeps the model of {}: only train.* and model.dropout may change", from.display());
+                    anyhow::bail!(
+                        "--init-from keeps the model of {}: only train.* and model.dropout may change",
+                        from.display()
+                    );
                 }
                 cfg
             } else {
@@ -911,7 +915,12 @@ fn run(command: Command) -> Result<()> {
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
             let corpus = Corpus::load(&data, DataFormat::Text)?;
             let n = altformers::data::tokenizer::train_bpe_file(&corpus.train, vocab, &out)?;
-            println!("trained a byte-level BPE of {n} tokens on {} ({} bytes) into {}", data, corpus.train.len(), out.display());
+            println!(
+                "trained a byte-level BPE of {n} tokens on {} ({} bytes) into {}",
+                data,
+                corpus.train.len(),
+                out.display()
+            );
             Ok(())
         }
         Command::Logits { run, ids, out, mode } => {
@@ -928,12 +937,15 @@ fn run(command: Command) -> Result<()> {
                     let (first, mut state) = model.prefill(&tokens.narrow(1, 0, 1)?)?;
                     let mut rows = vec![first.squeeze(0)?];
                     for &id in &ids[1..] {
-                        rows.push(model.step(&candle_core::Tensor::new(&[id], &candle_core::Device::Cpu)?, &mut state)?);
+                        rows.push(
+                            model.step(&candle_core::Tensor::new(&[id], &candle_core::Device::Cpu)?, &mut state)?,
+                        );
                     }
                     candle_core::Tensor::cat(&rows, 0)?.unsqueeze(0)?
                 }
             };
-            let logits: std::collections::BTreeMap<String, candle_core::Tensor> = [("logits".to_string(), logits)].into();
+            let logits: std::collections::BTreeMap<String, candle_core::Tensor> =
+                [("logits".to_string(), logits)].into();
             altformers::params::save_tensors(&logits, &out)?;
             println!("{}", out.display());
             Ok(())

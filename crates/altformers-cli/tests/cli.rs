@@ -639,7 +639,16 @@ fn hf_checkpoints_go_out_and_back_in_and_bad_ones_are_refused() {
     let mut ft = vec!["train", "--model", "transformer", "--data", "shakespeare", "--init-from"];
     let back_s = s(&back);
     let tuned_s = s(&tuned);
-    ft.extend_from_slice(&[&back_s, "--out", &tuned_s, "--quiet", "--set", "train.steps=2", "--set", "train.eval_every=2"]);
+    ft.extend_from_slice(&[
+        &back_s,
+        "--out",
+        &tuned_s,
+        "--quiet",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.eval_every=2",
+    ]);
     succeeds(&ft);
 
     // bad input: nothing written
@@ -687,7 +696,8 @@ fn a_trained_bpe_tokenizer_trains_evaluates_generates_and_stays_with_its_run() {
     let text = succeeds(&["generate", "--run", &s(&run), "--prompt", "ROMEO:", "--tokens", "10"]);
     assert!(text.starts_with(b"ROMEO:"));
     fails_with(&["eval", "--run", &s(&run), "--data", "shakespeare", "--tokenizer", "bytes"], "is not the tokenizer");
-    let mut resume = vec!["train", "--model", "transformer", "--data", "shakespeare", "--resume", "--tokenizer", "bytes"];
+    let mut resume =
+        vec!["train", "--model", "transformer", "--data", "shakespeare", "--resume", "--tokenizer", "bytes"];
     let run_s = s(&run);
     resume.extend_from_slice(&["--out", &run_s]);
     fails_with(&resume, "is not the tokenizer");

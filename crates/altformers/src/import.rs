@@ -60,8 +60,8 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
 mod tests {
     use super::*;
     use crate::model::Model;
-    use candle_core::{DType, Tensor};
     use crate::testing::{random_tokens, rel_err, tiny_config};
+    use candle_core::{DType, Tensor};
 
     #[test]
     fn rwkv4_round_trips_and_rejects_bad_files() -> Result<()> {

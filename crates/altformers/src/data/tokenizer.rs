@@ -110,7 +110,8 @@ impl Tokenizer {
                 let text = std::str::from_utf8(text).map_err(|e| {
                     anyhow::anyhow!("{source} reads UTF-8 text, and this text is not: {e} (use --tokenizer bytes)")
                 })?;
-                let enc = tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("{source} failed to encode: {e}"))?;
+                let enc =
+                    tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("{source} failed to encode: {e}"))?;
                 Ok(Encoded { ids: enc.get_ids().to_vec(), ends: enc.get_offsets().iter().map(|o| o.1).collect() })
             }
         }

@@ -29,7 +29,8 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, Declared>> {
     let mut file = std::fs::File::open(path).with_context(|| format!("opening {origin}"))?;
     let size = file.metadata()?.len();
     let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix).with_context(|| format!("{origin} is not a safetensors file: shorter than 8 bytes"))?;
+    file.read_exact(&mut prefix)
+        .with_context(|| format!("{origin} is not a safetensors file: shorter than 8 bytes"))?;
     let len = u64::from_le_bytes(prefix);
     if len > MAX_HEADER_BYTES || len > size - 8 {
         bail!("{origin} is not a valid safetensors file: its header claims {len} bytes ({size} in the file)");
@@ -109,9 +110,10 @@ pub fn load(path: &Path, expected: &Expected) -> Result<BTreeMap<String, Tensor>
 /// Pickled PyTorch checkpoints (`.bin`, `.pth`, `.pt`, `.ckpt`) run code when loaded: never
 /// read here. The error says how to convert one to safetensors with `transformers`.
 pub fn refuse_pickle(path: &Path) -> Result<()> {
-    let is_pickle = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-        ["bin", "pth", "pt", "ckpt", "pkl"].contains(&e.to_ascii_lowercase().as_str())
-    });
+    let is_pickle = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| ["bin", "pth", "pt", "ckpt", "pkl"].contains(&e.to_ascii_lowercase().as_str()));
     if is_pickle {
         bail!(
             "{} is a pickled PyTorch checkpoint: loading one can run arbitrary code, so it is never read here. \

@@ -105,7 +105,8 @@ pub fn run_config(c: &hf::Config) -> Result<RunConfig> {
 
 /// `m` as a GPT-2 `config.json`, or an error naming the first setting GPT-2 cannot express.
 pub fn hf_config(m: &ModelConfig) -> Result<serde_json::Value> {
-    let refuse = |setting: String, why: &str| anyhow::anyhow!("this model cannot be exported as GPT-2: {setting}: {why}");
+    let refuse =
+        |setting: String, why: &str| anyhow::anyhow!("this model cannot be exported as GPT-2: {setting}: {why}");
     if m.architecture != "transformer" {
         return Err(refuse(format!("model `{}`", m.architecture), "GPT-2 is our `transformer`"));
     }

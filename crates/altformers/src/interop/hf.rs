@@ -76,21 +76,28 @@ impl Config {
     pub fn float(&self, key: &str, default: f64) -> Result<f64> {
         match self.json.get(key) {
             None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v.as_f64().with_context(|| format!("{}: `{key}` must be a number, got {v}", self.path.display())),
+            Some(v) => {
+                v.as_f64().with_context(|| format!("{}: `{key}` must be a number, got {v}", self.path.display()))
+            }
         }
     }
 
     pub fn boolean(&self, key: &str, default: bool) -> Result<bool> {
         match self.json.get(key) {
             None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v.as_bool().with_context(|| format!("{}: `{key}` must be true or false, got {v}", self.path.display())),
+            Some(v) => {
+                v.as_bool().with_context(|| format!("{}: `{key}` must be true or false, got {v}", self.path.display()))
+            }
         }
     }
 
     pub fn string(&self, key: &str, default: &str) -> Result<String> {
         match self.json.get(key) {
             None | Some(serde_json::Value::Null) => Ok(default.to_string()),
-            Some(v) => Ok(v.as_str().with_context(|| format!("{}: `{key}` must be a string, got {v}", self.path.display()))?.into()),
+            Some(v) => Ok(v
+                .as_str()
+                .with_context(|| format!("{}: `{key}` must be a string, got {v}", self.path.display()))?
+                .into()),
         }
     }
 
@@ -107,7 +114,11 @@ impl Config {
     /// Refuses a setting whose value changes the computation in a way our model does not.
     pub fn require(&self, key: &str, ok: bool, why: &str) -> Result<()> {
         if !ok {
-            bail!("{}: `{key}` = {} is not supported: {why}", self.path.display(), self.json.get(key).unwrap_or(&serde_json::Value::Null));
+            bail!(
+                "{}: `{key}` = {} is not supported: {why}",
+                self.path.display(),
+                self.json.get(key).unwrap_or(&serde_json::Value::Null)
+            );
         }
         Ok(())
     }

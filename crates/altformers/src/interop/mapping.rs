@@ -32,7 +32,10 @@ pub struct NameMap {
 
 impl NameMap {
     pub fn expected(&self) -> Expected {
-        Expected { shapes: self.pairs.iter().map(|p| (p.theirs.clone(), p.shape.clone())).collect(), skippable: self.skippable }
+        Expected {
+            shapes: self.pairs.iter().map(|p| (p.theirs.clone(), p.shape.clone())).collect(),
+            skippable: self.skippable,
+        }
     }
 
     /// Their tensors (as [`super::checked::load`] returns them) under our names and layout.

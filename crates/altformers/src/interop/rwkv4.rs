@@ -77,7 +77,9 @@ pub fn run_config(c: &hf::Config) -> Result<RunConfig> {
 /// `m` as an RWKV `config.json`, or an error naming the first setting `RwkvForCausalLM`
 /// cannot express.
 pub fn hf_config(m: &ModelConfig) -> Result<serde_json::Value> {
-    let refuse = |setting: String, why: &str| anyhow::anyhow!("this model cannot be exported as RwkvForCausalLM: {setting}: {why}");
+    let refuse = |setting: String, why: &str| {
+        anyhow::anyhow!("this model cannot be exported as RwkvForCausalLM: {setting}: {why}")
+    };
     if m.architecture != "rwkv4" {
         return Err(refuse(format!("model `{}`", m.architecture), "RwkvForCausalLM is our `rwkv4`"));
     }

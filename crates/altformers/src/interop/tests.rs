@@ -104,14 +104,24 @@ fn bad_checkpoints_are_refused_by_name_with_nothing_written() -> Result<()> {
     let dir = fresh_dir("interop-bad")?;
     for (format, arch, sets, victim, shape) in [
         (HfFormat::Gpt2, "transformer", &["model.bias=true"][..], "transformer.h.1.attn.c_attn.weight", "[16, 48]"),
-        (HfFormat::Rwkv4, "rwkv4", &["model.options.init=normal"][..], "rwkv.blocks.1.feed_forward.key.weight", "[64, 16]"),
+        (
+            HfFormat::Rwkv4,
+            "rwkv4",
+            &["model.options.init=normal"][..],
+            "rwkv.blocks.1.feed_forward.key.weight",
+            "[64, 16]",
+        ),
     ] {
         let (run, _) = tiny_run(&dir, arch, arch, sets)?;
         let hf_dir = dir.join(format!("{arch}-hf"));
         export(&run, &hf_dir)?;
         let victim = victim.to_string();
         let cases: Vec<(&str, Box<dyn FnOnce(&mut BTreeMap<String, Tensor>)>, String)> = vec![
-            ("missing", Box::new(|t| drop(t.remove(&victim))), format!("missing tensor `{victim}` (expected shape {shape})")),
+            (
+                "missing",
+                Box::new(|t| drop(t.remove(&victim))),
+                format!("missing tensor `{victim}` (expected shape {shape})"),
+            ),
             (
                 "shape",
                 Box::new(|t| drop(t.insert(victim.clone(), Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap()))),
@@ -135,7 +145,9 @@ fn bad_checkpoints_are_refused_by_name_with_nothing_written() -> Result<()> {
             ),
             (
                 "extra",
-                Box::new(|t| drop(t.insert("rogue.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()))),
+                Box::new(|t| {
+                    drop(t.insert("rogue.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()))
+                }),
                 "unexpected tensor `rogue.weight`".into(),
             ),
         ];

@@ -44,7 +44,15 @@ pub struct TrainOptions {
 impl TrainOptions {
     /// A fresh run into `out` on `device` in f32, without interruption.
     pub fn fresh(out: PathBuf, device: &Device, verbose: bool) -> Self {
-        Self { out, resume: false, device: device.clone(), dtype: DType::F32, verbose, stop_after: None, init_from: None }
+        Self {
+            out,
+            resume: false,
+            device: device.clone(),
+            dtype: DType::F32,
+            verbose,
+            stop_after: None,
+            init_from: None,
+        }
     }
 }
 
@@ -154,7 +162,12 @@ pub fn train_tokenized(
         return train_on(config, corpus, data_format, opts, tokenizer, &corpus.train, &corpus.val, None);
     }
     if config.model.vocab < tokenizer.vocab() {
-        bail!("model.vocab is {}: the tokenizer {} needs {}", config.model.vocab, tokenizer.describe(), tokenizer.vocab());
+        bail!(
+            "model.vocab is {}: the tokenizer {} needs {}",
+            config.model.vocab,
+            tokenizer.describe(),
+            tokenizer.vocab()
+        );
     }
     let (train, val) = (tokenizer.encode(&corpus.train)?.ids, tokenizer.encode(&corpus.val)?.ids);
     for (name, split) in [("training", &train), ("validation", &val)] {
@@ -194,7 +207,10 @@ fn train_on<T: Copy + Into<u32>>(
         if opts.resume {
             bail!("--init-from starts a new run; --resume continues one: not both");
         }
-        model.params.load(&from.join("model.safetensors")).with_context(|| format!("--init-from {}", from.display()))?;
+        model
+            .params
+            .load(&from.join("model.safetensors"))
+            .with_context(|| format!("--init-from {}", from.display()))?;
     }
     let mut trainer = Trainer::new(&model, t)?;
     let (folder, mut state, mut history) = if opts.resume {
