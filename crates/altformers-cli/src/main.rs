@@ -841,6 +841,7 @@ fn run(command: Command) -> Result<()> {
                 ModeArg::Recurrent => Mode::Recurrent,
             };
             let tokenizer = Tokenizer::for_run(&run, tokenizer.as_deref())?;
+            let unit = if tokenizer.is_bytes() { "byte" } else { "token" };
             let start = std::time::Instant::now();
             let samples = if tokenizer.is_bytes() {
                 generate_batch(&model, prompt.as_bytes(), &opts, mode, batch)?
@@ -864,7 +865,7 @@ fn run(command: Command) -> Result<()> {
             }
             // the rate of the generation itself (prompt included, model load excluded)
             eprintln!(
-                "generated {batch} x {tokens} bytes in {seconds:.3} s: {:.1} bytes/s, {:.3} ms per step",
+                "generated {batch} x {tokens} {unit}s in {seconds:.3} s: {:.1} {unit}s/s, {:.3} ms per step",
                 (batch * tokens) as f64 / seconds,
                 seconds * 1e3 / tokens.max(1) as f64
             );

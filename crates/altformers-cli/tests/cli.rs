@@ -702,5 +702,11 @@ fn a_trained_bpe_tokenizer_trains_evaluates_generates_and_stays_with_its_run() {
     resume.extend_from_slice(&["--out", &run_s]);
     fails_with(&resume, "is not the tokenizer");
     fails_with(&["tokenizer", "train", "--data", "shakespeare", "--vocab", "100", "--out", &s(&tok)], "at least 256");
+    // the tokenizer travels with an export and comes back with an import
+    let (hf, back) = (dir.join("hf"), dir.join("back"));
+    succeeds(&["export", "--run", &s(&run), "--out", &s(&hf)]);
+    assert_eq!(std::fs::read(hf.join("tokenizer.json")).unwrap(), std::fs::read(&tok).unwrap());
+    succeeds(&["import", "--format", "hf-gpt2", &s(&hf), "--out", &s(&back)]);
+    succeeds(&["eval", "--run", &s(&back), "--data", "shakespeare", "--max-bytes", "500", "--tokenizer", &s(&tok)]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

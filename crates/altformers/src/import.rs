@@ -31,18 +31,7 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
     };
     let (vocab, width) =
         emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
-    // the layers present, checked contiguous before a model of that depth is built (a file
-    // naming `blocks.99999999.x` would otherwise build 10^8 layers)
-    let layers: std::collections::BTreeSet<usize> =
-        tensors.keys().filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok()).collect();
-    let depth = layers.last().map(|m| m + 1).with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
-    if layers.len() != depth {
-        let missing = (0..depth).find(|i| !layers.contains(i)).unwrap_or(0);
-        bail!(
-            "{origin}: its layers are not numbered 0..N without gaps: `blocks.{missing}.*` is missing but `blocks.{}.*` is present",
-            depth - 1
-        );
-    }
+    let depth = crate::interop::checked::layer_count(tensors.keys(), "blocks.", &origin)?;
     let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
         Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
         _ => 4 * width, // the check below names the problem

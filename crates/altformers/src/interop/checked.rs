@@ -53,6 +53,25 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, Declared>> {
     Ok(declared)
 }
 
+/// The number of layers in a file whose layers are named `{prefix}{i}.*`: the indices must
+/// run 0..n without gaps, checked before a model of that depth is planned (a file naming
+/// `blocks.99999999.x` would otherwise plan 10^8 layers).
+pub fn layer_count<'a>(names: impl IntoIterator<Item = &'a String>, prefix: &str, origin: &str) -> Result<usize> {
+    let layers: std::collections::BTreeSet<usize> = names
+        .into_iter()
+        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .collect();
+    let depth = layers.last().map(|m| m + 1).with_context(|| format!("{origin} holds no `{prefix}N.*` tensors"))?;
+    if layers.len() != depth {
+        let missing = (0..depth).find(|i| !layers.contains(i)).unwrap_or(0);
+        bail!(
+            "{origin}: its layers are not numbered 0..N without gaps: `{prefix}{missing}.*` is missing but `{prefix}{}.*` is present",
+            depth - 1
+        );
+    }
+    Ok(depth)
+}
+
 /// What a model needs from a file: every name with its shape, and which other names may be
 /// present and are skipped (buffers such as GPT-2's stored causal masks).
 pub struct Expected {

@@ -40,6 +40,16 @@ impl Folder {
         let config = Config::read(&dir.join("config.json"))?;
         Ok(Self { weights, config })
     }
+
+    /// The folder's `tokenizer.json` (a Hub folder has one; `save_pretrained` of a model
+    /// alone writes none: then bytes).
+    pub fn tokenizer(&self) -> Result<crate::data::tokenizer::Tokenizer> {
+        let path = self.weights.with_file_name(crate::data::tokenizer::RUN_FILE);
+        if !path.exists() {
+            return Ok(crate::data::tokenizer::Tokenizer::Bytes);
+        }
+        crate::data::tokenizer::Tokenizer::from_arg(&path.display().to_string())
+    }
 }
 
 /// A `transformers` `config.json`, with typed, checked reads of its fields.

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::config::RunConfig;
+use crate::data::tokenizer::Tokenizer;
 use crate::model::Model;
 
 /// A `transformers` layout we read and write.
@@ -45,6 +46,14 @@ impl HfFormat {
         match self {
             HfFormat::Gpt2 => gpt2::run_config(c),
             HfFormat::Rwkv4 => rwkv4::run_config(c),
+        }
+    }
+
+    /// What a file's layer tensors are named before their index.
+    fn layer_prefix(self, names: &[&String]) -> String {
+        match self {
+            HfFormat::Gpt2 => format!("{}h.", gpt2::prefix_of(names)),
+            HfFormat::Rwkv4 => "rwkv.blocks.".into(),
         }
     }
 
@@ -73,22 +82,34 @@ impl HfFormat {
 }
 
 /// Imports the `save_pretrained` folder (or its `model.safetensors`) at `path` into a new
-/// run folder `out`. Nothing is written unless every check passes.
+/// run folder `out`, with the folder's `tokenizer.json` where it has one (then `eval` and
+/// `generate` use it). Nothing is written unless every check passes.
 pub fn import(format: HfFormat, path: &Path, out: &Path) -> Result<RunConfig> {
     let folder = hf::Folder::open(path)?;
     let config = format.run_config(&folder.config)?;
     let declared = checked::read_header(&folder.weights)?;
     let names: Vec<&String> = declared.keys().collect();
+    let origin = folder.weights.display().to_string();
+    let layers = checked::layer_count(names.iter().copied(), &format.layer_prefix(&names), &origin)?;
+    if layers != config.model.depth {
+        bail!("{} describes {} layers, but {origin} holds {layers}", folder.config.path.display(), config.model.depth);
+    }
     let map = format.name_map(&config.model, &names);
     let expected = map.expected();
     checked::check(&declared, &expected, &folder.weights)?;
     crate::model::size::check_params(&config.model, DType::F32)?;
+    let tokenizer = folder.tokenizer()?;
+    if tokenizer.vocab() > config.model.vocab {
+        bail!("the folder's tokenizer ({}) has more tokens than the model's vocabulary ({})", tokenizer.describe(), config.model.vocab);
+    }
     let tensors = map.to_ours(checked::load(&folder.weights, &expected)?)?;
-    write_run(out, &config, tensors, &folder.weights.display().to_string())?;
+    write_run(out, &config, tensors, &origin)?;
+    tokenizer.record(out)?;
     Ok(config)
 }
 
-/// Exports the run folder `run` (its latest weights) into a `save_pretrained` folder `out`:
+/// Exports the run folder `run` (its latest weights, and its tokenizer.json where it has
+/// one) into a `save_pretrained` folder `out`:
 /// a `transformer` as GPT-2, an `rwkv4` as `RwkvForCausalLM`. A setting the layout cannot
 /// express is refused by name before anything is written.
 pub fn export(run: &Path, out: &Path) -> Result<HfFormat> {
@@ -99,6 +120,7 @@ pub fn export(run: &Path, out: &Path) -> Result<HfFormat> {
     let model = folder.load_model(&Device::Cpu, DType::F32)?;
     let tensors = format.name_map(&config.model, &[]).to_theirs(&model.params.tensors())?;
     hf::write_folder(out, &tensors, &hf_config)?;
+    Tokenizer::of_run(run)?.record(out)?;
     Ok(format)
 }
 

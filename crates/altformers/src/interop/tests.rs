@@ -55,7 +55,19 @@ fn gpt2_and_rwkv4_round_trip_through_the_transformers_layouts() -> Result<()> {
         assert_eq!(declared["transformer.h.0.mlp.c_fc.weight"].shape, vec![16, hidden]);
     }
     let (run, model) = tiny_run(&dir, "rwkv", "rwkv4", &["model.options.init=normal"])?;
-    round_trip(&dir, &run, &model, HfFormat::Rwkv4)?;
+    let hf_dir = round_trip(&dir, &run, &model, HfFormat::Rwkv4)?;
+    // half-precision files import too (checkpoints on the Hub are often f16 or bf16)
+    let tokens = random_tokens(1, 7, model.config.vocab, 4)?;
+    for dtype in [DType::F16, DType::BF16] {
+        let half = edited(&hf_dir, &dir, &format!("{dtype:?}"), |t| {
+            t.values_mut().for_each(|v| *v = v.to_dtype(dtype).unwrap());
+        })?;
+        let back = dir.join(format!("{dtype:?}-run"));
+        import(HfFormat::Rwkv4, &half, &back)?;
+        let loaded = crate::train::load_run(&back, &Device::Cpu, DType::F32)?;
+        let err = rel_err(&loaded.forward(&tokens, None)?, &model.forward(&tokens, None)?)?;
+        assert!(err < 0.05, "{dtype:?}: {err}");
+    }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -116,6 +128,8 @@ fn bad_checkpoints_are_refused_by_name_with_nothing_written() -> Result<()> {
         let hf_dir = dir.join(format!("{arch}-hf"));
         export(&run, &hf_dir)?;
         let victim = victim.to_string();
+        let layers = if format == HfFormat::Gpt2 { "transformer.h." } else { "rwkv.blocks." };
+        let far = format!("{layers}99999999.x");
         let cases: Vec<(&str, Box<dyn FnOnce(&mut BTreeMap<String, Tensor>)>, String)> = vec![
             (
                 "missing",
@@ -142,6 +156,11 @@ fn bad_checkpoints_are_refused_by_name_with_nothing_written() -> Result<()> {
                     t.insert(victim.clone(), bad);
                 }),
                 format!("tensor `{victim}` holds 1 non-finite values"),
+            ),
+            (
+                "far-layer",
+                Box::new(|t| drop(t.insert(far.clone(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()))),
+                format!("`{layers}2.*` is missing but `{layers}99999999.*` is present"),
             ),
             (
                 "extra",
