@@ -157,7 +157,7 @@ pub fn train_bpe(text: &[u8], vocab: usize) -> Result<tokenizers::Tokenizer> {
     let text = std::str::from_utf8(text).context("a BPE tokenizer is trained on UTF-8 text")?;
     let byte_level = ByteLevel::new(false, true, true);
     let mut tokenizer = tokenizers::Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(byte_level.clone()));
+    tokenizer.with_pre_tokenizer(Some(byte_level));
     tokenizer.with_decoder(Some(byte_level));
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab)

@@ -57,10 +57,8 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, Declared>> {
 /// run 0..n without gaps, checked before a model of that depth is planned (a file naming
 /// `blocks.99999999.x` would otherwise plan 10^8 layers).
 pub fn layer_count<'a>(names: impl IntoIterator<Item = &'a String>, prefix: &str, origin: &str) -> Result<usize> {
-    let layers: std::collections::BTreeSet<usize> = names
-        .into_iter()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
-        .collect();
+    let layers: std::collections::BTreeSet<usize> =
+        names.into_iter().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).collect();
     let depth = layers.last().map(|m| m + 1).with_context(|| format!("{origin} holds no `{prefix}N.*` tensors"))?;
     if layers.len() != depth {
         let missing = (0..depth).find(|i| !layers.contains(i)).unwrap_or(0);

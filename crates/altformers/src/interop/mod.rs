@@ -100,7 +100,11 @@ pub fn import(format: HfFormat, path: &Path, out: &Path) -> Result<RunConfig> {
     crate::model::size::check_params(&config.model, DType::F32)?;
     let tokenizer = folder.tokenizer()?;
     if tokenizer.vocab() > config.model.vocab {
-        bail!("the folder's tokenizer ({}) has more tokens than the model's vocabulary ({})", tokenizer.describe(), config.model.vocab);
+        bail!(
+            "the folder's tokenizer ({}) has more tokens than the model's vocabulary ({})",
+            tokenizer.describe(),
+            config.model.vocab
+        );
     }
     let tensors = map.to_ours(checked::load(&folder.weights, &expected)?)?;
     write_run(out, &config, tensors, &origin)?;

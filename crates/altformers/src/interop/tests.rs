@@ -53,6 +53,18 @@ fn gpt2_and_rwkv4_round_trip_through_the_transformers_layouts() -> Result<()> {
         // Conv1D: [in, out]
         let hidden = (model.config.ffn_mult * 16.0) as usize;
         assert_eq!(declared["transformer.h.0.mlp.c_fc.weight"].shape, vec![16, hidden]);
+        if name == "gpt2" {
+            // the Hub's `gpt2` stores a bare GPT2Model (`h.0.*`, no `transformer.`), older
+            // files with each layer's causal-mask buffer: both read
+            let bare = edited(&hf_dir, &dir, "bare", |t| {
+                *t = std::mem::take(t).into_iter().map(|(k, v)| (k.replace("transformer.", ""), v)).collect();
+                t.insert("h.0.attn.bias".into(), Tensor::ones((1, 1, 24, 24), DType::F32, &Device::Cpu).unwrap());
+            })?;
+            import(HfFormat::Gpt2, &bare, &dir.join("bare-run"))?;
+            let loaded = crate::train::load_run(&dir.join("bare-run"), &Device::Cpu, DType::F32)?;
+            let tokens = random_tokens(1, 9, model.config.vocab, 8)?;
+            assert!(rel_err(&loaded.forward(&tokens, None)?, &model.forward(&tokens, None)?)? < 1e-6);
+        }
     }
     let (run, model) = tiny_run(&dir, "rwkv", "rwkv4", &["model.options.init=normal"])?;
     let hf_dir = round_trip(&dir, &run, &model, HfFormat::Rwkv4)?;
@@ -104,6 +116,9 @@ fn edited(hf_dir: &Path, dir: &Path, name: &str, edit: impl FnOnce(&mut BTreeMap
     Ok(out)
 }
 
+/// A change to a file's tensors.
+type Edit<'a> = Box<dyn FnOnce(&mut BTreeMap<String, Tensor>) + 'a>;
+
 /// `t` with one value replaced by `v`.
 fn poisoned(t: &Tensor, v: f32) -> Tensor {
     let mut values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -130,7 +145,7 @@ fn bad_checkpoints_are_refused_by_name_with_nothing_written() -> Result<()> {
         let victim = victim.to_string();
         let layers = if format == HfFormat::Gpt2 { "transformer.h." } else { "rwkv.blocks." };
         let far = format!("{layers}99999999.x");
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut BTreeMap<String, Tensor>)>, String)> = vec![
+        let cases: Vec<(&str, Edit, String)> = vec![
             (
                 "missing",
                 Box::new(|t| drop(t.remove(&victim))),
