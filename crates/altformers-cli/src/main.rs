@@ -810,7 +810,7 @@ fn run(command: Command) -> Result<()> {
                 let text = &split[..split.len().min(max_bytes.unwrap_or(usize::MAX))];
                 let encoded = tokenizer.encode(text)?;
                 let loss = train::evaluate_split(&model, &encoded.ids, batch_size, None)?;
-                let bytes = encoded.predicted_bytes(text.len());
+                let bytes = encoded.predicted_bytes();
                 let bpb = nats_to_bits(loss * (encoded.ids.len() - 1) as f64 / bytes.max(1) as f64);
                 println!(
                     "{}",

@@ -107,12 +107,13 @@ impl Tokenizer {
                 Ok(Encoded { ids: text.iter().map(|&b| b as u32).collect(), ends: (1..=text.len()).collect() })
             }
             Tokenizer::Hf { tokenizer, source, .. } => {
-                let text = std::str::from_utf8(text).map_err(|e| {
+                let (skipped, text) = utf8_core(text).map_err(|e| {
                     anyhow::anyhow!("{source} reads UTF-8 text, and this text is not: {e} (use --tokenizer bytes)")
                 })?;
                 let enc =
                     tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("{source} failed to encode: {e}"))?;
-                Ok(Encoded { ids: enc.get_ids().to_vec(), ends: enc.get_offsets().iter().map(|o| o.1).collect() })
+                let ends = enc.get_offsets().iter().map(|o| skipped + o.1).collect();
+                Ok(Encoded { ids: enc.get_ids().to_vec(), ends })
             }
         }
     }
@@ -129,6 +130,19 @@ impl Tokenizer {
     }
 }
 
+/// `text` as UTF-8 without the pieces of a character a byte split may leave at either end
+/// (the 90% / 10% split, `--max-bytes`): the bytes skipped at the start, and the rest.
+fn utf8_core(text: &[u8]) -> std::result::Result<(usize, &str), std::str::Utf8Error> {
+    let skipped = text.iter().take(3).take_while(|&&b| b & 0xC0 == 0x80).count();
+    let text = &text[skipped..];
+    match std::str::from_utf8(text) {
+        Ok(s) => Ok((skipped, s)),
+        // a character cut at the end: what precedes it
+        Err(e) if e.error_len().is_none() => Ok((skipped, std::str::from_utf8(&text[..e.valid_up_to()])?)),
+        Err(e) => Err(e),
+    }
+}
+
 /// A text as tokens.
 pub struct Encoded {
     pub ids: Vec<u32>,
@@ -138,8 +152,11 @@ pub struct Encoded {
 
 impl Encoded {
     /// The bytes covered by the tokens after the first (the ones a language model predicts).
-    pub fn predicted_bytes(&self, text_len: usize) -> usize {
-        text_len - self.ends.first().copied().unwrap_or(0)
+    pub fn predicted_bytes(&self) -> usize {
+        match (self.ends.first(), self.ends.last()) {
+            (Some(first), Some(last)) => last - first,
+            _ => 0,
+        }
     }
 }
 
@@ -228,7 +245,13 @@ mod tests {
         let enc = trained.encode(TEXT.as_bytes())?;
         assert!(enc.ids.len() < TEXT.len(), "no merge used");
         assert_eq!(trained.decode(&enc.ids)?, TEXT.as_bytes());
-        assert_eq!(enc.predicted_bytes(TEXT.len()), TEXT.len() - enc.ends[0]);
+        assert_eq!(enc.predicted_bytes(), TEXT.len() - enc.ends[0]);
+        // a character cut by a byte split at either end is left out, not an error
+        let cut = [&TEXT.as_bytes()[TEXT.find('é').unwrap() + 1..], &"é".as_bytes()[..1]].concat();
+        let enc = trained.encode(&cut)?;
+        assert_eq!(trained.decode(&enc.ids)?, &cut[1..cut.len() - 1]);
+        assert_eq!(*enc.ends.last().unwrap(), cut.len() - 1);
+        assert!(trained.encode(b"ok \xff no").is_err());
         Ok(())
     }
 

@@ -159,7 +159,8 @@ pub fn train_tokenized(
         if config.model.vocab < 256 {
             bail!("model.vocab is {}: a byte-level language model needs 256 (every byte value)", config.model.vocab);
         }
-        return train_on(config, corpus, data_format, opts, tokenizer, &corpus.train, &corpus.val, None);
+        let splits = Splits { train: &corpus.train, val: &corpus.val, tokens_per_byte: None };
+        return train_on(config, corpus, data_format, opts, tokenizer, splits);
     }
     if config.model.vocab < tokenizer.vocab() {
         bail!(
@@ -180,23 +181,28 @@ pub fn train_tokenized(
             );
         }
     }
-    let tokens_per_byte = val.len() as f64 / corpus.val.len() as f64;
-    train_on(config, corpus, data_format, opts, tokenizer, &train, &val, Some(tokens_per_byte))
+    let tokens_per_byte = Some(val.len() as f64 / corpus.val.len() as f64);
+    train_on(config, corpus, data_format, opts, tokenizer, Splits { train: &train, val: &val, tokens_per_byte })
 }
 
-/// The training loop over `train` and `val` (bytes, or `tokenizer`'s token ids; then
-/// `tokens_per_byte` converts the validation loss to bits per byte).
-#[allow(clippy::too_many_arguments)]
+/// What the training loop reads: the splits as bytes, or as a tokenizer's ids with the
+/// validation split's tokens per byte (which converts its loss to bits per byte).
+struct Splits<'a, T> {
+    train: &'a [T],
+    val: &'a [T],
+    tokens_per_byte: Option<f64>,
+}
+
+/// The training loop over `splits`, writing the run folder `opts.out`.
 fn train_on<T: Copy + Into<u32>>(
     config: &RunConfig,
     corpus: &Corpus,
     data_format: DataFormat,
     opts: &TrainOptions,
     tokenizer: &Tokenizer,
-    train: &[T],
-    val: &[T],
-    tokens_per_byte: Option<f64>,
+    splits: Splits<T>,
 ) -> Result<TrainSummary> {
+    let Splits { train, val, tokens_per_byte } = splits;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
     if opts.device.is_cpu() {
