@@ -380,6 +380,40 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
 
     for (file, out) in [("", out_s.as_str()), ("/no/such/file", &out_s), (nw, &out_s), (nw, "")] {
         cases.push((vec!["import-rwkv4", file, "--out"], vec![out]));
+        for format in ["hf-gpt2", "hf-rwkv4", "nosuch", ""] {
+            cases.push((vec!["import", "--format", format, file, "--out"], vec![out]));
+        }
+    }
+    for (flag, values) in [("--run", &["", "/no/such/run", nw][..]), ("--out", &[""]), ("--format", &["", "nosuch"])] {
+        for v in values {
+            cases.push((vec!["export", "--run", run_s, "--out", &out_s], vec![flag, v]));
+        }
+    }
+    for (flag, values) in [
+        ("--ids", &["", "-1", "abc", "256", "4294967296", "1,,2"][..]),
+        ("--run", &["", "/no/such/run"]),
+        ("--out", &[""]),
+        ("--mode", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((vec!["logits", "--run", run_s, "--ids", "1,2", "--out", &out_s], vec![flag, v]));
+        }
+    }
+    for (flag, values) in
+        [("--vocab", &["0", "-1", "255", "abc", ""][..]), ("--data", &["", "/no/such/file"]), ("--out", &[""])]
+    {
+        for v in values {
+            cases.push((
+                vec!["tokenizer", "train", "--data", "shakespeare", "--vocab", "300", "--out", &out_s],
+                vec![flag, v],
+            ));
+        }
+    }
+    for tokenizer in ["", "/no/such.json", nw, "bytes2"] {
+        cases.push((train_base.clone(), vec!["--tokenizer", tokenizer]));
+    }
+    for from in ["", "/no/such/run", nw] {
+        cases.push((train_base.clone(), vec!["--init-from", from]));
     }
 
     let scaling = vec![
