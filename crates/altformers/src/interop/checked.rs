@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The safetensors format's own bound on the JSON header (the `safetensors` crate's
 /// `MAX_HEADER_SIZE`): a larger length prefix is a damaged or hostile file.
@@ -80,7 +80,7 @@ pub struct Expected {
 /// Checks a header against `expected`: every tensor present with its shape and a float
 /// dtype, nothing unexplained. The error lists every problem at once, each with the file,
 /// the tensor and the expected shape.
-pub fn check(declared: &BTreeMap<String, Declared>, expected: &Expected, origin: &Path) -> Result<()> {
+pub fn check(declared: &BTreeMap<String, Declared>, expected: &Expected, origin: &str) -> Result<()> {
     let mut problems = Vec::new();
     for (name, shape) in &expected.shapes {
         match declared.get(name) {
@@ -103,34 +103,100 @@ pub fn check(declared: &BTreeMap<String, Declared>, expected: &Expected, origin:
         problems.push(format!("unexpected tensor `{name}`"));
     }
     if !problems.is_empty() {
-        bail!("{} does not hold the expected checkpoint:\n  {}", origin.display(), problems.join("\n  "));
+        bail!("{origin} does not hold the expected checkpoint:\n  {}", problems.join("\n  "));
     }
     Ok(())
 }
 
-/// The tensors `expected` names, read from a file whose header passed [`check`], in f32 and
-/// refused if any holds a NaN or an infinity.
-pub fn load(path: &Path, expected: &Expected) -> Result<BTreeMap<String, Tensor>> {
-    let origin = path.display().to_string();
-    let bytes = std::fs::read(path).with_context(|| format!("reading {origin}"))?;
-    let file = candle_core::safetensors::SliceSafetensors::new(&bytes)
-        .map_err(|e| anyhow::anyhow!("{origin} is not a valid safetensors file (corrupt or truncated?): {e}"))?;
-    let mut tensors = BTreeMap::new();
-    for name in expected.shapes.keys() {
-        let t = file.load(name, &Device::Cpu).with_context(|| format!("{origin}: reading tensor `{name}`"))?;
-        tensors.insert(name.clone(), t.to_dtype(DType::F32)?);
+/// A checkpoint's safetensors files: one, or the shards a `model.safetensors.index.json`
+/// lists (what `save_pretrained` writes for a large model).
+pub struct Files {
+    pub paths: Vec<PathBuf>,
+    /// What error messages call the whole: the file, or the index.
+    pub origin: String,
+}
+
+/// Every tensor the files' headers declare, and the file (an index into [`Files::paths`])
+/// that holds it.
+pub struct Headers {
+    pub declared: BTreeMap<String, Declared>,
+    file_of: BTreeMap<String, usize>,
+}
+
+impl Files {
+    pub fn one(path: &Path) -> Self {
+        Self { paths: vec![path.to_path_buf()], origin: path.display().to_string() }
     }
-    crate::params::check_finite(&tensors, &origin)?;
-    Ok(tensors)
+
+    /// The shards an index lists (`weight_map`: tensor name -> file name beside the index).
+    /// A shard named by a path rather than a plain file name is refused: the index is
+    /// untrusted too.
+    pub fn sharded(index: &Path) -> Result<Self> {
+        let origin = index.display().to_string();
+        let json: serde_json::Value = crate::util::read_json(index)?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{origin} has no `weight_map`"))?;
+        let mut names: Vec<&str> = Vec::new();
+        for file in map.values() {
+            let file = file.as_str().with_context(|| format!("{origin}: a `weight_map` entry is not a file name"))?;
+            if Path::new(file).file_name() != Some(std::ffi::OsStr::new(file)) || file.starts_with('.') {
+                bail!("{origin}: the shard `{file}` is not a plain file name beside the index");
+            }
+            if !names.contains(&file) {
+                names.push(file);
+            }
+        }
+        let dir = index.parent().unwrap_or(Path::new("."));
+        Ok(Self { paths: names.iter().map(|f| dir.join(f)).collect(), origin })
+    }
+
+    /// Reads every file's header (never its data); a tensor declared twice is refused.
+    pub fn headers(&self) -> Result<Headers> {
+        let (mut declared, mut file_of) = (BTreeMap::new(), BTreeMap::new());
+        for (i, path) in self.paths.iter().enumerate() {
+            for (name, d) in read_header(path)? {
+                if declared.insert(name.clone(), d).is_some() {
+                    bail!("{}: tensor `{name}` is declared by two shards", self.origin);
+                }
+                file_of.insert(name, i);
+            }
+        }
+        Ok(Headers { declared, file_of })
+    }
+
+    /// The tensors `expected` names, from files whose headers passed [`check`], in f32 and
+    /// refused if any holds a NaN or an infinity. Each file is read once.
+    pub fn load(&self, headers: &Headers, expected: &Expected) -> Result<BTreeMap<String, Tensor>> {
+        let mut tensors = BTreeMap::new();
+        for (i, path) in self.paths.iter().enumerate() {
+            let names: Vec<&String> = expected.shapes.keys().filter(|n| headers.file_of.get(*n) == Some(&i)).collect();
+            if names.is_empty() {
+                continue;
+            }
+            let origin = path.display().to_string();
+            let bytes = std::fs::read(path).with_context(|| format!("reading {origin}"))?;
+            let file = candle_core::safetensors::SliceSafetensors::new(&bytes).map_err(|e| {
+                anyhow::anyhow!("{origin} is not a valid safetensors file (corrupt or truncated?): {e}")
+            })?;
+            for name in names {
+                let t = file.load(name, &Device::Cpu).with_context(|| format!("{origin}: reading tensor `{name}`"))?;
+                tensors.insert(name.clone(), t.to_dtype(DType::F32)?);
+            }
+        }
+        crate::params::check_finite(&tensors, &self.origin)?;
+        Ok(tensors)
+    }
 }
 
 /// Pickled PyTorch checkpoints (`.bin`, `.pth`, `.pt`, `.ckpt`) run code when loaded: never
 /// read here. The error says how to convert one to safetensors with `transformers`.
 pub fn refuse_pickle(path: &Path) -> Result<()> {
-    let is_pickle = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| ["bin", "pth", "pt", "ckpt", "pkl"].contains(&e.to_ascii_lowercase().as_str()));
+    // a pickle, or the index of pickled shards (`pytorch_model.bin.index.json`)
+    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let name = name.strip_suffix(".index.json").unwrap_or(&name);
+    let is_pickle = [".bin", ".pth", ".pt", ".ckpt", ".pkl"].iter().any(|e| name.ends_with(e));
     if is_pickle {
         bail!(
             "{} is a pickled PyTorch checkpoint: loading one can run arbitrary code, so it is never read here. \

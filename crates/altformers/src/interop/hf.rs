@@ -1,5 +1,5 @@
 //! The folder `transformers`' `save_pretrained` writes: `config.json` and `model.safetensors`
-//! (one shard). Reading one (refusing pickles and shards with what to do instead) and
+//! (or shards listed by `model.safetensors.index.json`). Reading one (refusing pickles and shards with what to do instead) and
 //! writing one that `from_pretrained` reads.
 
 use anyhow::{bail, Context, Result};
@@ -7,44 +7,48 @@ use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use super::checked::Files;
+
 /// A `save_pretrained` folder (or its `model.safetensors` given directly, `config.json`
-/// beside it): the weights file and the parsed configuration.
+/// beside it): the weights (one file, or shards with their index) and the parsed
+/// configuration.
 pub struct Folder {
-    pub weights: PathBuf,
+    pub dir: PathBuf,
+    pub files: Files,
     pub config: Config,
 }
 
 impl Folder {
     pub fn open(path: &Path) -> Result<Self> {
         super::checked::refuse_pickle(path)?;
-        let (dir, weights) = if path.is_dir() {
-            (path.to_path_buf(), path.join("model.safetensors"))
-        } else {
-            (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
-        };
-        if !weights.exists() {
-            if dir.join("model.safetensors.index.json").exists() {
-                bail!(
-                    "{} holds a sharded checkpoint (model.safetensors.index.json): not read yet; save it as one file with \
-                     save_pretrained(OUT_DIR, max_shard_size=\"100GB\")",
-                    dir.display()
-                );
+        let dir =
+            if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+        let files = if !path.is_dir() {
+            if path.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".index.json")) {
+                Files::sharded(path)?
+            } else {
+                Files::one(path)
             }
-            for pickle in ["pytorch_model.bin", "model.pth", "model.pt"] {
+        } else if dir.join("model.safetensors").exists() {
+            Files::one(&dir.join("model.safetensors"))
+        } else if dir.join("model.safetensors.index.json").exists() {
+            Files::sharded(&dir.join("model.safetensors.index.json"))?
+        } else {
+            for pickle in ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pth", "model.pt"] {
                 if dir.join(pickle).exists() {
                     super::checked::refuse_pickle(&dir.join(pickle))?;
                 }
             }
-            bail!("{} holds no model.safetensors", dir.display());
-        }
+            bail!("{} holds no model.safetensors (nor model.safetensors.index.json)", dir.display());
+        };
         let config = Config::read(&dir.join("config.json"))?;
-        Ok(Self { weights, config })
+        Ok(Self { dir, files, config })
     }
 
     /// The folder's `tokenizer.json` (a Hub folder has one; `save_pretrained` of a model
     /// alone writes none: then bytes).
     pub fn tokenizer(&self) -> Result<crate::data::tokenizer::Tokenizer> {
-        let path = self.weights.with_file_name(crate::data::tokenizer::RUN_FILE);
+        let path = self.dir.join(crate::data::tokenizer::RUN_FILE);
         if !path.exists() {
             return Ok(crate::data::tokenizer::Tokenizer::Bytes);
         }

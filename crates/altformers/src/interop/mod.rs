@@ -87,16 +87,16 @@ impl HfFormat {
 pub fn import(format: HfFormat, path: &Path, out: &Path) -> Result<RunConfig> {
     let folder = hf::Folder::open(path)?;
     let config = format.run_config(&folder.config)?;
-    let declared = checked::read_header(&folder.weights)?;
-    let names: Vec<&String> = declared.keys().collect();
-    let origin = folder.weights.display().to_string();
+    let headers = folder.files.headers()?;
+    let names: Vec<&String> = headers.declared.keys().collect();
+    let origin = folder.files.origin.clone();
     let layers = checked::layer_count(names.iter().copied(), &format.layer_prefix(&names), &origin)?;
     if layers != config.model.depth {
         bail!("{} describes {} layers, but {origin} holds {layers}", folder.config.path.display(), config.model.depth);
     }
     let map = format.name_map(&config.model, &names);
     let expected = map.expected();
-    checked::check(&declared, &expected, &folder.weights)?;
+    checked::check(&headers.declared, &expected, &origin)?;
     crate::model::size::check_params(&config.model, DType::F32)?;
     let tokenizer = folder.tokenizer()?;
     if tokenizer.vocab() > config.model.vocab {
@@ -106,7 +106,7 @@ pub fn import(format: HfFormat, path: &Path, out: &Path) -> Result<RunConfig> {
             config.model.vocab
         );
     }
-    let tensors = map.to_ours(checked::load(&folder.weights, &expected)?)?;
+    let tensors = map.to_ours(folder.files.load(&headers, &expected)?)?;
     write_run(out, &config, tensors, &origin)?;
     tokenizer.record(out)?;
     Ok(config)

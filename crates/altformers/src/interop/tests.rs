@@ -68,6 +68,33 @@ fn gpt2_and_rwkv4_round_trip_through_the_transformers_layouts() -> Result<()> {
     }
     let (run, model) = tiny_run(&dir, "rwkv", "rwkv4", &["model.options.init=normal"])?;
     let hf_dir = round_trip(&dir, &run, &model, HfFormat::Rwkv4)?;
+    // the same weights as two shards with their index, as save_pretrained writes a large model
+    let sharded = dir.join("sharded");
+    std::fs::create_dir_all(&sharded)?;
+    std::fs::copy(hf_dir.join("config.json"), sharded.join("config.json"))?;
+    let all = crate::params::load_tensors(&hf_dir.join("model.safetensors"), &Device::Cpu)?;
+    let (first, second): (BTreeMap<_, _>, BTreeMap<_, _>) = all.into_iter().partition(|(k, _)| k.contains("blocks.0."));
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", &first), ("model-00002-of-00002.safetensors", &second)] {
+        crate::params::save_tensors(part, &sharded.join(file))?;
+        part.keys().for_each(|k| drop(weight_map.insert(k.clone(), file.into())));
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    crate::util::write_json_atomic(&sharded.join("model.safetensors.index.json"), &index)?;
+    import(HfFormat::Rwkv4, &sharded, &dir.join("sharded-run"))?;
+    let loaded = crate::train::load_run(&dir.join("sharded-run"), &Device::Cpu, DType::F32)?;
+    let tokens = random_tokens(1, 9, model.config.vocab, 8)?;
+    assert!(rel_err(&loaded.forward(&tokens, None)?, &model.forward(&tokens, None)?)? < 1e-6);
+    // an index naming a file elsewhere is refused, and so is a tensor in two shards
+    let mut evil = index.clone();
+    evil["weight_map"]["head.weight"] = "../elsewhere.safetensors".into();
+    crate::util::write_json_atomic(&sharded.join("model.safetensors.index.json"), &evil)?;
+    let err = format!("{:#}", import(HfFormat::Rwkv4, &sharded, &dir.join("evil-run")).unwrap_err());
+    assert!(err.contains("is not a plain file name"), "{err}");
+    crate::params::save_tensors(&second, &sharded.join("model-00001-of-00002.safetensors"))?;
+    crate::util::write_json_atomic(&sharded.join("model.safetensors.index.json"), &index)?;
+    let err = format!("{:#}", import(HfFormat::Rwkv4, &sharded, &dir.join("twice-run")).unwrap_err());
+    assert!(err.contains("is declared by two shards"), "{err}");
     // half-precision files import too (checkpoints on the Hub are often f16 or bf16)
     let tokens = random_tokens(1, 7, model.config.vocab, 4)?;
     for dtype in [DType::F16, DType::BF16] {
@@ -197,7 +224,8 @@ fn bad_checkpoints_are_refused_by_name_with_nothing_written() -> Result<()> {
         std::fs::create_dir_all(&pickled)?;
         std::fs::copy(hf_dir.join("config.json"), pickled.join("config.json"))?;
         std::fs::write(pickled.join("pytorch_model.bin"), b"\x80\x02crandom\nthing\n")?;
-        for path in [pickled.clone(), pickled.join("pytorch_model.bin")] {
+        std::fs::write(pickled.join("pytorch_model.bin.index.json"), b"{}")?;
+        for path in [pickled.clone(), pickled.join("pytorch_model.bin"), pickled.join("pytorch_model.bin.index.json")] {
             let out = dir.join(format!("{arch}-pickle-run"));
             let err = format!("{:#}", import(format, &path, &out).unwrap_err());
             assert!(err.contains("pickled PyTorch checkpoint") && err.contains("save_pretrained"), "{err}");
