@@ -5,7 +5,7 @@
    saved with `save_pretrained` (safetensors), imported by `altformers import --format
    hf-gpt2|hf-rwkv4`, and compared on the same tokens: logits in f32 (max abs difference below
    1e-4, parallel and recurrent forms) and greedy text (`altformers generate --temperature 0`
-   against an arg-max loop in PyTorch).
+   against an arg-max loop in PyTorch); the RWKV model also saved in 100 KB shards.
 2. Export: our Transformer and RWKV-4, trained briefly on Tiny Shakespeare (or the runs given
    with --transformer-run / --rwkv4-run), written by `altformers export --format hf`, loaded
    with `from_pretrained`, and compared the same way.
@@ -108,10 +108,16 @@ def main():
                                               activation_function="gelu_new")).eval(), 1)
     rwkv = perturb(RwkvForCausalLM(RwkvConfig(vocab_size=256, context_length=128, hidden_size=64, num_hidden_layers=2,
                                               intermediate_size=224, rescale_every=0)).eval(), 2)
-    for name, model, fmt in [("import GPT2LMHeadModel", gpt2, "hf-gpt2"), ("import RwkvForCausalLM", rwkv, "hf-rwkv4")]:
-        hf_dir = os.path.join(args.work, f"{fmt}-hf")
-        run = os.path.join(args.work, f"{fmt}-run")
-        model.save_pretrained(hf_dir, safe_serialization=True)
+    for name, model, fmt, shard in [("import GPT2LMHeadModel", gpt2, "hf-gpt2", None),
+                                    ("import RwkvForCausalLM", rwkv, "hf-rwkv4", None),
+                                    ("import RwkvForCausalLM, 100KB shards", rwkv, "hf-rwkv4", "100KB")]:
+        tag = f"{fmt}-{shard or 'one'}"
+        hf_dir = os.path.join(args.work, f"{tag}-hf")
+        run = os.path.join(args.work, f"{tag}-run")
+        kwargs = {"max_shard_size": shard} if shard else {}
+        model.save_pretrained(hf_dir, safe_serialization=True, **kwargs)
+        if shard:
+            assert os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json")), os.listdir(hf_dir)
         sh([b, "import", "--format", fmt, hf_dir, "--out", run])
         ok &= compare(name, b, run, model, ids, prompt, args.greedy, args.work)
 
