@@ -804,7 +804,7 @@ fn run(command: Command) -> Result<()> {
                 &corpus.val
             };
             let key = if test { "test" } else { "val" };
-            let tokenizer = Tokenizer::for_run(&run, tokenizer.as_deref())?;
+            let tokenizer = Tokenizer::for_model(&run, tokenizer.as_deref(), model.config.vocab)?;
             if !tokenizer.is_bytes() {
                 // loss per token; bits per byte over the bytes the predicted tokens cover
                 let text = &split[..split.len().min(max_bytes.unwrap_or(usize::MAX))];
@@ -840,7 +840,14 @@ fn run(command: Command) -> Result<()> {
                 ModeArg::Parallel => Mode::Parallel,
                 ModeArg::Recurrent => Mode::Recurrent,
             };
-            let tokenizer = Tokenizer::for_run(&run, tokenizer.as_deref())?;
+            let tokenizer = Tokenizer::for_model(&run, tokenizer.as_deref(), model.config.vocab)?;
+            if tokenizer.is_bytes() && model.config.vocab > altformers::data::VOCAB {
+                anyhow::bail!(
+                    "{} holds a model of {} tokens and records no tokenizer: its ids are not bytes; give its tokenizer.json with --tokenizer",
+                    run.display(),
+                    model.config.vocab
+                );
+            }
             let unit = if tokenizer.is_bytes() { "byte" } else { "token" };
             let start = std::time::Instant::now();
             let samples = if tokenizer.is_bytes() {

@@ -742,5 +742,15 @@ fn a_trained_bpe_tokenizer_trains_evaluates_generates_and_stays_with_its_run() {
     assert_eq!(std::fs::read(hf.join("tokenizer.json")).unwrap(), std::fs::read(&tok).unwrap());
     succeeds(&["import", "--format", "hf-gpt2", &s(&hf), "--out", &s(&back)]);
     succeeds(&["eval", "--run", &s(&back), "--data", "shakespeare", "--max-bytes", "500", "--tokenizer", &s(&tok)]);
+    // imported without its tokenizer: ids that are not bytes generate nothing until one is given
+    let (bare, bare_run) = (dir.join("bare"), dir.join("bare-run"));
+    std::fs::create_dir_all(&bare).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(hf.join(file), bare.join(file)).unwrap();
+    }
+    succeeds(&["import", "--format", "hf-gpt2", &s(&bare), "--out", &s(&bare_run)]);
+    fails_with(&["generate", "--run", &s(&bare_run), "--tokens", "3"], "records no tokenizer");
+    let text = succeeds(&["generate", "--run", &s(&bare_run), "--tokens", "3", "--tokenizer", &s(&tok)]);
+    assert!(!text.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,11 +1,11 @@
 //! Importers: checkpoints written elsewhere, checked tensor by tensor, into a run folder
 //! (`config.json` + `model.safetensors`) that `eval`, `generate` and the benchmarks read.
 
-use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use anyhow::{bail, Result};
 use std::path::Path;
 
 use crate::config::RunConfig;
+use crate::interop::checked::{self, Files};
 use crate::mixers::rwkv4::{Init, Rwkv4Options};
 
 /// Imports an official RWKV-4 checkpoint into a run folder `out` (`config.json` with a
@@ -13,10 +13,12 @@ use crate::mixers::rwkv4::{Init, Rwkv4Options};
 ///
 /// `file` is a safetensors file with the official names (`emb.weight`,
 /// `blocks.0.ln0.weight`, `blocks.N.att.time_decay`, ..., `head.weight`); width, depth,
-/// vocabulary and FFN width are inferred from the shapes, then every tensor is checked: a
-/// missing, mis-shaped or unexpected tensor is an error that names each one. `time_decay` is
-/// kept raw (per-step decay `exp(-exp(time_decay))`), as the checkpoints store it. Tensors of
-/// any float dtype are converted to f32. The context (1024) only sets the training window;
+/// vocabulary and FFN width are inferred from the header's shapes, then every tensor is
+/// checked as for the `transformers` importers ([`crate::interop::checked`]) before its data is
+/// read: a missing, mis-shaped, non-float or unexpected tensor is an error that names each
+/// one, and so is a NaN or an infinity. `time_decay` is kept raw (per-step decay
+/// `exp(-exp(time_decay))`), as the checkpoints store it. f32, f16 and bf16 tensors are
+/// converted to f32. The context (1024) only sets the training window;
 /// RWKV's recurrence itself is unbounded.
 ///
 /// Official checkpoints are PyTorch `.pth` files; convert one with
@@ -24,16 +26,16 @@ use crate::mixers::rwkv4::{Init, Rwkv4Options};
 /// i.e. `safetensors.torch.save_file({k: v.float().contiguous() for k,v in torch.load(p, map_location='cpu').items()}, out)`.
 pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
     crate::interop::checked::refuse_pickle(file)?;
-    let tensors = crate::params::load_tensors(file, &Device::Cpu)?;
-    let origin = file.display().to_string();
-    let Some(emb) = tensors.get("emb.weight") else {
-        bail!("{origin} is not an RWKV-4 checkpoint: missing tensor `emb.weight` (expected [vocab, width])");
+    let files = Files::one(file);
+    let headers = files.headers()?;
+    let origin = &files.origin;
+    let shape = |name: &str| headers.declared.get(name).map(|d| d.shape.as_slice());
+    let Some(&[vocab, width]) = shape("emb.weight") else {
+        bail!("{origin} is not an RWKV-4 checkpoint: no tensor `emb.weight` of shape [vocab, width]");
     };
-    let (vocab, width) =
-        emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
-    let depth = crate::interop::checked::layer_count(tensors.keys(), "blocks.", &origin)?;
-    let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
-        Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
+    let depth = checked::layer_count(headers.declared.keys(), "blocks.", origin)?;
+    let hidden = match shape("blocks.0.ffn.key.weight") {
+        Some(&[hidden, _]) if hidden > 0 => hidden,
         _ => 4 * width, // the check below names the problem
     };
     let mut config = crate::registry::find("rwkv4")?.defaults();
@@ -41,7 +43,15 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
     (m.vocab, m.width, m.depth, m.heads, m.context) = (vocab, width, depth, 1, 1024);
     m.ffn_mult = hidden as f64 / width as f64;
     m.set_options(&Rwkv4Options { init: Init::Normal, ..Default::default() })?;
-    crate::interop::write_run(out, &config, tensors, &origin)?;
+    m.validate()?;
+    // the official names are ours: the transformers table with our names on both sides
+    let mut map = crate::interop::rwkv4::name_map(m);
+    map.pairs.iter_mut().for_each(|p| p.theirs = p.ours.clone());
+    let expected = map.expected();
+    checked::check(&headers.declared, &expected, origin)?;
+    crate::model::size::check_params(m, candle_core::DType::F32)?;
+    let tensors = files.load(&headers, &expected)?;
+    crate::interop::write_run(out, &config, tensors, origin)?;
     Ok(config)
 }
 
@@ -50,7 +60,7 @@ mod tests {
     use super::*;
     use crate::model::Model;
     use crate::testing::{random_tokens, rel_err, tiny_config};
-    use candle_core::{DType, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn rwkv4_round_trips_and_rejects_bad_files() -> Result<()> {

@@ -63,6 +63,24 @@ impl Tokenizer {
         Ok(recorded)
     }
 
+    /// The tokenizer to read a run's model with (`eval`, `generate`): [`Tokenizer::for_run`],
+    /// except that a model whose vocabulary is wider than bytes and whose folder records no
+    /// tokenizer (a `transformers` checkpoint imported without its `tokenizer.json`) takes the
+    /// one given, if its ids fit. Without one, such a model cannot generate text: its ids are
+    /// not bytes.
+    pub fn for_model(run: &Path, given: Option<&str>, model_vocab: usize) -> Result<Self> {
+        let recorded = Self::of_run(run)?;
+        if !recorded.is_bytes() || model_vocab <= super::VOCAB {
+            return Self::for_run(run, given);
+        }
+        let Some(given) = given else { return Ok(recorded) };
+        let given = Self::from_arg(given)?;
+        if given.vocab() > model_vocab {
+            bail!("--tokenizer {} has more tokens than the model's vocabulary ({model_vocab})", given.describe());
+        }
+        Ok(given)
+    }
+
     /// Refuses `given` unless it is this tokenizer (the one the run `run` recorded).
     pub fn check_same(&self, given: &Tokenizer, run: &Path) -> Result<()> {
         let same = match (self, given) {

@@ -1,6 +1,7 @@
 //! The folder `transformers`' `save_pretrained` writes: `config.json` and `model.safetensors`
-//! (or shards listed by `model.safetensors.index.json`). Reading one (refusing pickles and shards with what to do instead) and
-//! writing one that `from_pretrained` reads.
+//! (or the shards `model.safetensors.index.json` lists), a Hub folder's `tokenizer.json` too.
+//! Reading one (pickles refused, with how to convert them) and writing one that
+//! `from_pretrained` reads.
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
