@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 use altformers::config::Overrides;
+use altformers::data::tokenizer::Tokenizer;
 use altformers::data::{Corpus, DataFormat};
 use altformers::generate::{generate_batch, Mode, SampleOptions};
 use altformers::registry;
@@ -53,6 +54,35 @@ enum ModeArg {
 }
 
 #[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE (GPT-2's scheme, no prefix space: decoding gives the text back
+    /// exactly) on the training split of --data, and write it as a tokenizer.json.
+    Train {
+        /// `shakespeare` (bundled) or a path to a UTF-8 text file (its first 90%).
+        #[arg(long)]
+        data: String,
+        /// Vocabulary size (at least 256: every byte).
+        #[arg(long)]
+        vocab: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImportFormat {
+    /// GPT2LMHeadModel (or a bare GPT2Model's names).
+    HfGpt2,
+    /// RwkvForCausalLM.
+    HfRwkv4,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Hf,
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Train a model on a byte-level corpus (`--task lm`) or on ListOps (`--task listops`).
     Train {
@@ -93,6 +123,15 @@ enum Command {
         /// Stop after this many steps (checkpointed), to continue later with --resume.
         #[arg(long)]
         stop_after: Option<usize>,
+        /// `bytes` (the default) or a tokenizer.json (sets model.vocab to its vocabulary; the
+        /// run folder keeps a copy). With --resume or --init-from: that run's own, the default.
+        #[arg(long)]
+        tokenizer: Option<String>,
+        /// Fine-tune: a new run (--out) starting from this run folder's latest weights (an
+        /// imported checkpoint, say), its model configuration and tokenizer; --config and --set
+        /// may change the training settings (and dropout).
+        #[arg(long)]
+        init_from: Option<PathBuf>,
     },
     /// Loss of a trained run on a corpus's validation split (every byte, consecutive windows).
     Eval {
@@ -117,6 +156,9 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The run's own tokenizer is used; naming another (`bytes` or a tokenizer.json) is refused.
+        #[arg(long)]
+        tokenizer: Option<String>,
     },
     /// Continue a prompt with a trained run.
     Generate {
@@ -147,6 +189,28 @@ enum Command {
         /// stream i of --seed: sample 0 is the single sample's).
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// The run's own tokenizer is used (--tokens then counts its tokens); naming another is refused.
+        #[arg(long)]
+        tokenizer: Option<String>,
+    },
+    /// Tokenizers: train a byte-level BPE on a corpus.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// The logits a run gives for token ids, written as a safetensors file (`logits`:
+    /// `[1, T, V]`, f32): what an exported or imported model is compared by.
+    Logits {
+        /// The run folder.
+        #[arg(long)]
+        run: PathBuf,
+        /// Token ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// recurrent: prefill the first id, then one step per id (the decoding form).
+        #[arg(long, value_enum, default_value = "parallel")]
+        mode: ModeArg,
     },
     /// Every registered architecture with its stated and true complexity.
     Models,
@@ -183,6 +247,35 @@ enum Command {
     ImportRwkv4 {
         /// The checkpoint, with official RWKV-4 tensor names.
         file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Turn a Hugging Face `transformers` checkpoint (the folder save_pretrained writes:
+    /// config.json and model.safetensors) into a run folder: GPT2LMHeadModel as `transformer`,
+    /// RwkvForCausalLM as `rwkv4`. Names, shapes, dtypes (f32, f16, bf16) and finiteness are
+    /// checked before anything is written; pickles (.bin, .pth) are refused.
+    Import {
+        /// hf-gpt2 or hf-rwkv4.
+        #[arg(long, value_enum)]
+        format: ImportFormat,
+        /// The save_pretrained folder, or its model.safetensors.
+        path: PathBuf,
+        /// The run folder to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a run folder's latest weights as a Hugging Face `transformers` folder
+    /// (config.json, model.safetensors) that from_pretrained reads: `transformer` as
+    /// GPT2LMHeadModel, `rwkv4` as RwkvForCausalLM. A setting the layout cannot express (RoPE,
+    /// grouped K/V, ...) is refused by name.
+    Export {
+        /// The run folder.
+        #[arg(long)]
+        run: PathBuf,
+        /// hf: the transformers layout of the run's architecture.
+        #[arg(long, value_enum, default_value = "hf")]
+        format: ExportFormat,
+        /// The folder to write (created; must not hold a model yet).
         #[arg(long)]
         out: PathBuf,
     },
@@ -596,6 +689,7 @@ fn run(command: Command) -> Result<()> {
             model,
             task: TaskArg::Listops,
             data,
+            tokenizer,
             config,
             sets,
             out,
@@ -607,6 +701,7 @@ fn run(command: Command) -> Result<()> {
             ..
         } => {
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
+            anyhow::ensure!(tokenizer.is_none(), "--task listops reads bytes: drop --tokenizer");
             non_empty(&[("--out", &out)])?;
             anyhow::ensure!(
                 stop_after.is_none() && !resume,
@@ -617,7 +712,7 @@ fn run(command: Command) -> Result<()> {
             let cfg = registry::config(&model, &over)?;
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
-            let opts = TrainOptions { out, resume, device, dtype, verbose: !quiet, stop_after };
+            let opts = TrainOptions { out, resume, device, dtype, verbose: !quiet, stop_after, init_from: None };
             let summary = altformers::train::listops::train_listops(&cfg, &settings, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
@@ -635,6 +730,8 @@ fn run(command: Command) -> Result<()> {
             dtype,
             quiet,
             stop_after,
+            tokenizer,
+            init_from,
         } => {
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
@@ -656,16 +753,46 @@ fn run(command: Command) -> Result<()> {
                     );
                 }
                 saved
+            } else if let Some(from) = &init_from {
+                let base = altformers::train::RunFolder::open(from)?.config()?;
+                if base.model.architecture != model {
+                    anyhow::bail!("--init-from: {} holds `{}`, not `{model}`", from.display(), base.model.architecture);
+                }
+                let cfg =
+                    altformers::config::RunConfig::layered(&base, &Overrides::from_cli(config.as_deref(), &sets)?)?;
+                // the weights fix the model's shape: everything but dropout stays
+                let shape = |m: &altformers::config::ModelConfig| {
+                    serde_json::to_value(altformers::config::ModelConfig { dropout: 0.0, ..m.clone() }).ok()
+                };
+                if shape(&cfg.model) != shape(&base.model) {
+                    anyhow::bail!(
+                        "--init-from keeps the model of {}: only train.* and model.dropout may change",
+                        from.display()
+                    );
+                }
+                cfg
             } else {
                 registry::config(&model, &Overrides::from_cli(config.as_deref(), &sets)?)?
             };
+            let (tokenizer, cfg) = if resume {
+                (Tokenizer::for_run(&out, tokenizer.as_deref())?, cfg)
+            } else if let Some(from) = &init_from {
+                (Tokenizer::for_run(from, tokenizer.as_deref())?, cfg)
+            } else {
+                let tokenizer = Tokenizer::from_arg(tokenizer.as_deref().unwrap_or("bytes"))?;
+                let mut cfg = cfg;
+                if !tokenizer.is_bytes() {
+                    cfg.model.vocab = tokenizer.vocab();
+                }
+                (tokenizer, cfg)
+            };
             let corpus = Corpus::load(&data, data_format.into())?;
-            let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after };
-            let summary = train::train(&cfg, &corpus, data_format.into(), &opts)?;
+            let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after, init_from };
+            let summary = train::train_tokenized(&cfg, &corpus, data_format.into(), &opts, &tokenizer)?;
             println!("{}", serde_json::to_string(&summary.last)?);
             Ok(())
         }
-        Command::Eval { run, data, data_format, test, max_bytes, batch_size, device } => {
+        Command::Eval { run, data, data_format, test, max_bytes, batch_size, device, tokenizer } => {
             non_empty(&[("--run", &run), ("--data", std::path::Path::new(&data))])?;
             positive(&[("--batch-size", batch_size as f64), ("--max-bytes", max_bytes.unwrap_or(1) as f64)])?;
             let device = altformers::device::select(&device)?;
@@ -676,15 +803,29 @@ fn run(command: Command) -> Result<()> {
             } else {
                 &corpus.val
             };
-            let loss = train::evaluate_split(&model, split, batch_size, max_bytes)?;
             let key = if test { "test" } else { "val" };
+            let tokenizer = Tokenizer::for_model(&run, tokenizer.as_deref(), model.config.vocab)?;
+            if !tokenizer.is_bytes() {
+                // loss per token; bits per byte over the bytes the predicted tokens cover
+                let text = &split[..split.len().min(max_bytes.unwrap_or(usize::MAX))];
+                let encoded = tokenizer.encode(text)?;
+                let loss = train::evaluate_split(&model, &encoded.ids, batch_size, None)?;
+                let bytes = encoded.predicted_bytes();
+                let bpb = nats_to_bits(loss * (encoded.ids.len() - 1) as f64 / bytes.max(1) as f64);
+                println!(
+                    "{}",
+                    serde_json::json!({ format!("{key}_loss_per_token"): loss, format!("{key}_bpb"): bpb, "bytes": text.len(), "tokens": encoded.ids.len() })
+                );
+                return Ok(());
+            }
+            let loss = train::evaluate_split(&model, split, batch_size, max_bytes)?;
             println!(
                 "{}",
                 serde_json::json!({ format!("{key}_loss"): loss, format!("{key}_bpb"): nats_to_bits(loss), "bytes": split.len().min(max_bytes.unwrap_or(usize::MAX)) })
             );
             Ok(())
         }
-        Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device, batch } => {
+        Command::Generate { run, prompt, tokens, temperature, top_k, seed, mode, device, batch, tokenizer } => {
             non_empty(&[("--run", &run)])?;
             anyhow::ensure!(
                 temperature.is_finite() && temperature >= 0.0,
@@ -699,8 +840,23 @@ fn run(command: Command) -> Result<()> {
                 ModeArg::Parallel => Mode::Parallel,
                 ModeArg::Recurrent => Mode::Recurrent,
             };
+            let tokenizer = Tokenizer::for_model(&run, tokenizer.as_deref(), model.config.vocab)?;
+            if tokenizer.is_bytes() && model.config.vocab > altformers::data::VOCAB {
+                anyhow::bail!(
+                    "{} holds a model of {} tokens and records no tokenizer: its ids are not bytes; give its tokenizer.json with --tokenizer",
+                    run.display(),
+                    model.config.vocab
+                );
+            }
+            let unit = if tokenizer.is_bytes() { "byte" } else { "token" };
             let start = std::time::Instant::now();
-            let samples = generate_batch(&model, prompt.as_bytes(), &opts, mode, batch)?;
+            let samples = if tokenizer.is_bytes() {
+                generate_batch(&model, prompt.as_bytes(), &opts, mode, batch)?
+            } else {
+                let ids = tokenizer.encode(prompt.as_bytes())?.ids;
+                let rows = altformers::generate::generate_ids(&model, &ids, &opts, mode, batch)?;
+                rows.iter().map(|row| tokenizer.decode(row)).collect::<Result<Vec<_>>>()?
+            };
             let seconds = start.elapsed().as_secs_f64();
             // the bytes as generated: a model can emit invalid UTF-8, and a lossy print would
             // change it
@@ -716,7 +872,7 @@ fn run(command: Command) -> Result<()> {
             }
             // the rate of the generation itself (prompt included, model load excluded)
             eprintln!(
-                "generated {batch} x {tokens} bytes in {seconds:.3} s: {:.1} bytes/s, {:.3} ms per step",
+                "generated {batch} x {tokens} {unit}s in {seconds:.3} s: {:.1} {unit}s/s, {:.3} ms per step",
                 (batch * tokens) as f64 / seconds,
                 seconds * 1e3 / tokens.max(1) as f64
             );
@@ -761,6 +917,71 @@ fn run(command: Command) -> Result<()> {
                 cfg.model.vocab,
                 out.display()
             );
+            Ok(())
+        }
+        Command::Tokenizer(TokenizerCommand::Train { data, vocab, out }) => {
+            non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
+            let corpus = Corpus::load(&data, DataFormat::Text)?;
+            let n = altformers::data::tokenizer::train_bpe_file(&corpus.train, vocab, &out)?;
+            println!(
+                "trained a byte-level BPE of {n} tokens on {} ({} bytes) into {}",
+                data,
+                corpus.train.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Logits { run, ids, out, mode } => {
+            non_empty(&[("--run", &run), ("--out", &out)])?;
+            let model = train::load_run(&run, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+            let vocab = model.config.vocab;
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                anyhow::bail!("--ids: token {bad} is outside the model's vocabulary of {vocab}");
+            }
+            let tokens = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+            let logits = match mode {
+                ModeArg::Parallel => model.forward(&tokens, None)?,
+                ModeArg::Recurrent => {
+                    let (first, mut state) = model.prefill(&tokens.narrow(1, 0, 1)?)?;
+                    let mut rows = vec![first.squeeze(0)?];
+                    for &id in &ids[1..] {
+                        rows.push(
+                            model.step(&candle_core::Tensor::new(&[id], &candle_core::Device::Cpu)?, &mut state)?,
+                        );
+                    }
+                    candle_core::Tensor::cat(&rows, 0)?.unsqueeze(0)?
+                }
+            };
+            let logits: std::collections::BTreeMap<String, candle_core::Tensor> =
+                [("logits".to_string(), logits)].into();
+            altformers::params::save_tensors(&logits, &out)?;
+            println!("{}", out.display());
+            Ok(())
+        }
+        Command::Import { format, path, out } => {
+            non_empty(&[("PATH", &path), ("--out", &out)])?;
+            let format = match format {
+                ImportFormat::HfGpt2 => altformers::interop::HfFormat::Gpt2,
+                ImportFormat::HfRwkv4 => altformers::interop::HfFormat::Rwkv4,
+            };
+            let cfg = altformers::interop::import(format, &path, &out)?;
+            let m = &cfg.model;
+            println!(
+                "imported {} as `{}` (width {}, {} layers, vocab {}, context {}) into {}",
+                format.class(),
+                m.architecture,
+                m.width,
+                m.depth,
+                m.vocab,
+                m.context,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Export { run, format: ExportFormat::Hf, out } => {
+            non_empty(&[("--run", &run), ("--out", &out)])?;
+            let format = altformers::interop::export(&run, &out)?;
+            println!("exported {} as {} into {}", run.display(), format.class(), out.display());
             Ok(())
         }
         Command::Config { list, model } => {

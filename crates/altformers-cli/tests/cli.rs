@@ -380,6 +380,40 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
 
     for (file, out) in [("", out_s.as_str()), ("/no/such/file", &out_s), (nw, &out_s), (nw, "")] {
         cases.push((vec!["import-rwkv4", file, "--out"], vec![out]));
+        for format in ["hf-gpt2", "hf-rwkv4", "nosuch", ""] {
+            cases.push((vec!["import", "--format", format, file, "--out"], vec![out]));
+        }
+    }
+    for (flag, values) in [("--run", &["", "/no/such/run", nw][..]), ("--out", &[""]), ("--format", &["", "nosuch"])] {
+        for v in values {
+            cases.push((vec!["export", "--run", run_s, "--out", &out_s], vec![flag, v]));
+        }
+    }
+    for (flag, values) in [
+        ("--ids", &["", "-1", "abc", "256", "4294967296", "1,,2"][..]),
+        ("--run", &["", "/no/such/run"]),
+        ("--out", &[""]),
+        ("--mode", &["nosuch"]),
+    ] {
+        for v in values {
+            cases.push((vec!["logits", "--run", run_s, "--ids", "1,2", "--out", &out_s], vec![flag, v]));
+        }
+    }
+    for (flag, values) in
+        [("--vocab", &["0", "-1", "255", "abc", ""][..]), ("--data", &["", "/no/such/file"]), ("--out", &[""])]
+    {
+        for v in values {
+            cases.push((
+                vec!["tokenizer", "train", "--data", "shakespeare", "--vocab", "300", "--out", &out_s],
+                vec![flag, v],
+            ));
+        }
+    }
+    for tokenizer in ["", "/no/such.json", nw, "bytes2"] {
+        cases.push((train_base.clone(), vec!["--tokenizer", tokenizer]));
+    }
+    for from in ["", "/no/such/run", nw] {
+        cases.push((train_base.clone(), vec!["--init-from", from]));
     }
 
     let scaling = vec![
@@ -600,4 +634,123 @@ fn params_matching_keeps_a_models_own_options_to_itself() {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
     assert_eq!(v["matching"]["model"], "transformer");
     assert!(v["matching"]["params_matched"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// Runs and expects success; returns stdout.
+fn succeeds(args: &[&str]) -> Vec<u8> {
+    let out = altformers(args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// A tiny run into `dir` with extra arguments.
+fn tiny_run(dir: &std::path::Path, model: &str, extra: &[&str]) {
+    let mut args = vec!["train", "--model", model, "--data", "shakespeare", "--out", dir.to_str().unwrap(), "--quiet"];
+    args.extend_from_slice(&TINY);
+    args.extend_from_slice(extra);
+    succeeds(&args);
+}
+
+#[test]
+fn hf_checkpoints_go_out_and_back_in_and_bad_ones_are_refused() {
+    let dir = temp("hf");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (run, hf, back) = (dir.join("run"), dir.join("hf"), dir.join("back"));
+    tiny_run(&run, "transformer", &[]);
+    let said = succeeds(&["export", "--run", &s(&run), "--format", "hf", "--out", &s(&hf)]);
+    assert!(String::from_utf8_lossy(&said).contains("GPT2LMHeadModel"));
+    succeeds(&["import", "--format", "hf-gpt2", &s(&hf), "--out", &s(&back)]);
+    // the imported run gives the same logits, evaluates, generates and fine-tunes
+    let logits = |r: &std::path::Path, name: &str| {
+        let f = dir.join(name);
+        succeeds(&["logits", "--run", &s(r), "--ids", "70,105,114,115,116", "--out", &s(&f)]);
+        std::fs::read(f).unwrap()
+    };
+    assert_eq!(logits(&run, "a.safetensors"), logits(&back, "b.safetensors"));
+    succeeds(&["eval", "--run", &s(&back), "--data", "shakespeare", "--max-bytes", "500"]);
+    succeeds(&["generate", "--run", &s(&back), "--prompt", "A", "--tokens", "5"]);
+    let tuned = dir.join("tuned");
+    let mut ft = vec!["train", "--model", "transformer", "--data", "shakespeare", "--init-from"];
+    let back_s = s(&back);
+    let tuned_s = s(&tuned);
+    ft.extend_from_slice(&[
+        &back_s,
+        "--out",
+        &tuned_s,
+        "--quiet",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.eval_every=2",
+    ]);
+    succeeds(&ft);
+
+    // bad input: nothing written
+    let nothing = dir.join("nothing");
+    let pickle = dir.join("pytorch_model.bin");
+    std::fs::write(&pickle, b"\x80\x02}q\x00.").unwrap();
+    fails_with(&["import", "--format", "hf-gpt2", &s(&pickle), "--out", &s(&nothing)], "pickled PyTorch checkpoint");
+    fails_with(&["import", "--format", "hf-rwkv4", &s(&hf), "--out", &s(&nothing)], "describes a `gpt2` model");
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(hf.join("config.json"), broken.join("config.json")).unwrap();
+    std::fs::write(broken.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}").unwrap();
+    fails_with(&["import", "--format", "hf-gpt2", &s(&broken), "--out", &s(&nothing)], "not a valid safetensors file");
+    assert!(!nothing.exists());
+    // a model GPT-2 cannot express, by its setting
+    let rope = dir.join("rope");
+    tiny_run(&rope, "transformer", &["--set", "model.position=rope"]);
+    fails_with(&["export", "--run", &s(&rope), "--out", &s(&nothing)], "model.position = rope");
+    fails_with(&["export", "--run", &s(&run), "--out", &s(&hf)], "already holds");
+    assert!(!nothing.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_trained_bpe_tokenizer_trains_evaluates_generates_and_stays_with_its_run() {
+    let dir = temp("tokenizer");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (tok, run) = (dir.join("bpe.json"), dir.join("run"));
+    std::fs::create_dir_all(&dir).unwrap();
+    succeeds(&["tokenizer", "train", "--data", "shakespeare", "--vocab", "300", "--out", &s(&tok)]);
+    tiny_run(&run, "transformer", &["--tokenizer", &s(&tok)]);
+    assert!(run.join("tokenizer.json").exists());
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model"]["vocab"], 300);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let ratio = last["tokens_per_byte"].as_f64().unwrap();
+    assert!(ratio > 0.5 && ratio < 1.0, "{ratio}");
+    let bpb = last["val_loss"].as_f64().unwrap() * ratio / std::f64::consts::LN_2;
+    assert!((last["val_bpb"].as_f64().unwrap() - bpb).abs() < 1e-9);
+    let eval: serde_json::Value =
+        serde_json::from_slice(&succeeds(&["eval", "--run", &s(&run), "--data", "shakespeare", "--max-bytes", "3000"]))
+            .unwrap();
+    assert!(eval["tokens"].as_u64().unwrap() < 3000 && eval["val_bpb"].as_f64().unwrap() > 0.0, "{eval}");
+    let text = succeeds(&["generate", "--run", &s(&run), "--prompt", "ROMEO:", "--tokens", "10"]);
+    assert!(text.starts_with(b"ROMEO:"));
+    fails_with(&["eval", "--run", &s(&run), "--data", "shakespeare", "--tokenizer", "bytes"], "is not the tokenizer");
+    let mut resume =
+        vec!["train", "--model", "transformer", "--data", "shakespeare", "--resume", "--tokenizer", "bytes"];
+    let run_s = s(&run);
+    resume.extend_from_slice(&["--out", &run_s]);
+    fails_with(&resume, "is not the tokenizer");
+    fails_with(&["tokenizer", "train", "--data", "shakespeare", "--vocab", "100", "--out", &s(&tok)], "at least 256");
+    // the tokenizer travels with an export and comes back with an import
+    let (hf, back) = (dir.join("hf"), dir.join("back"));
+    succeeds(&["export", "--run", &s(&run), "--out", &s(&hf)]);
+    assert_eq!(std::fs::read(hf.join("tokenizer.json")).unwrap(), std::fs::read(&tok).unwrap());
+    succeeds(&["import", "--format", "hf-gpt2", &s(&hf), "--out", &s(&back)]);
+    succeeds(&["eval", "--run", &s(&back), "--data", "shakespeare", "--max-bytes", "500", "--tokenizer", &s(&tok)]);
+    // imported without its tokenizer: ids that are not bytes generate nothing until one is given
+    let (bare, bare_run) = (dir.join("bare"), dir.join("bare-run"));
+    std::fs::create_dir_all(&bare).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(hf.join(file), bare.join(file)).unwrap();
+    }
+    succeeds(&["import", "--format", "hf-gpt2", &s(&bare), "--out", &s(&bare_run)]);
+    fails_with(&["generate", "--run", &s(&bare_run), "--tokens", "3"], "records no tokenizer");
+    let text = succeeds(&["generate", "--run", &s(&bare_run), "--tokens", "3", "--tokenizer", &s(&tok)]);
+    assert!(!text.is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -13,15 +13,32 @@ use crate::mixers::{MixerState, PositionWise, SequenceMixer};
 use crate::nn::Linear;
 use crate::params::ParamBuilder;
 
-/// GPT-2's MLP: `proj(gelu(fc(x)))`, hidden width `ffn_mult * d`, exact (erf) GELU.
+/// GPT-2's MLP: `proj(gelu(fc(x)))`, hidden width `ffn_mult * d`, the GELU exact (erf;
+/// `mlp`) or its tanh approximation (`mlp-tanh`: what GPT-2's checkpoints were trained with,
+/// `gelu_new` in `transformers`).
 pub struct Mlp {
     fc: Linear,
     proj: Linear,
+    gelu: Gelu,
+}
+
+/// Which GELU an [`Mlp`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gelu {
+    /// `x Phi(x)`, through erf.
+    Erf,
+    /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))` (GPT-2's `gelu_new`).
+    Tanh,
 }
 
 impl PositionWise for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&crate::nn::gelu_erf(&self.fc.forward(x)?)?)
+        let h = self.fc.forward(x)?;
+        let h = match self.gelu {
+            Gelu::Erf => crate::nn::gelu_erf(&h)?,
+            Gelu::Tanh => h.gelu()?,
+        };
+        self.proj.forward(&h)
     }
 }
 
@@ -102,13 +119,24 @@ fn out_std(cfg: &ModelConfig) -> f64 {
     0.02 / (2.0 * cfg.depth as f64).sqrt()
 }
 
-/// The MLP of width `ffn_mult * d`, parameters under `pb` (`ffn.*` in a block).
+/// The MLP of width `ffn_mult * d` with the exact GELU, parameters under `pb` (`ffn.*` in a
+/// block).
 pub fn mlp(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    mlp_with(cfg, pb, Gelu::Erf)
+}
+
+/// [`mlp`] with GELU's tanh approximation (`mlp-tanh`: GPT-2's checkpoints).
+pub fn mlp_tanh(cfg: &ModelConfig, _layer: usize, pb: &ParamBuilder) -> AnyResult<Box<dyn SequenceMixer>> {
+    mlp_with(cfg, pb, Gelu::Tanh)
+}
+
+fn mlp_with(cfg: &ModelConfig, pb: &ParamBuilder, gelu: Gelu) -> AnyResult<Box<dyn SequenceMixer>> {
     let d = cfg.width;
     let hidden = (cfg.ffn_mult * d as f64).round() as usize;
     Ok(Box::new(Mlp {
         fc: Linear::new(pb, "fc", d, hidden, 0.02, cfg.bias)?,
         proj: Linear::new(pb, "proj", hidden, d, out_std(cfg), cfg.bias)?,
+        gelu,
     }))
 }
 

@@ -6,7 +6,6 @@ use anyhow::{bail, Result};
 use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::encode;
 use crate::model::Model;
 use crate::rng::{stream, Rng};
 
@@ -58,9 +57,14 @@ fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f64>>> {
     Ok(rows.to_dtype(DType::F64)?.to_vec2()?)
 }
 
-/// `N` copies of the byte sequence `text` as a `[N, T]` batch.
-fn encode_rows(text: &[u8], n: usize, device: &candle_core::Device) -> Result<Tensor> {
-    Ok(encode(text, device)?.repeat((n, 1))?)
+/// Token ids as a `[1, T]` tensor.
+fn encode(ids: &[u32], device: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
+}
+
+/// `N` copies of the token sequence `ids` as a `[N, T]` batch.
+fn encode_rows(ids: &[u32], n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    Ok(encode(ids, device)?.repeat((n, 1))?)
 }
 
 /// Continues `prompt` by `opts.tokens` bytes; returns only the new bytes.
@@ -81,6 +85,20 @@ pub fn generate_batch(
     mode: Mode,
     samples: usize,
 ) -> Result<Vec<Vec<u8>>> {
+    let prompt: Vec<u32> = prompt.iter().map(|&b| b as u32).collect();
+    let rows = generate_ids(model, &prompt, opts, mode, samples)?;
+    Ok(rows.into_iter().map(|row| row.into_iter().map(|id| id as u8).collect()).collect())
+}
+
+/// [`generate_batch`] over token ids (a tokenizer's, or bytes): `samples` continuations of
+/// `prompt` by `opts.tokens` tokens each.
+pub fn generate_ids(
+    model: &Model,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    mode: Mode,
+    samples: usize,
+) -> Result<Vec<Vec<u32>>> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one byte");
     }
@@ -94,7 +112,7 @@ pub fn generate_batch(
         );
     }
     let window = model.window();
-    let crop = |toks: &[u8]| -> Vec<u8> {
+    let crop = |toks: &[u32]| -> Vec<u32> {
         match window {
             Some(w) if toks.len() > w => toks[toks.len() - w..].to_vec(),
             _ => toks.to_vec(),
@@ -103,15 +121,15 @@ pub fn generate_batch(
     let dev = model.device();
     let mut rngs: Vec<Rng> = (0..samples).map(|i| Rng::derive(opts.seed, stream::SAMPLE, i as u64)).collect();
     // every row holds the prompt and its own continuation (all of one length)
-    let mut all: Vec<Vec<u8>> = vec![prompt.to_vec(); samples];
-    let mut pick = |logits: &[Vec<f64>], all: &mut Vec<Vec<u8>>| -> Vec<u32> {
+    let mut all: Vec<Vec<u32>> = vec![prompt.to_vec(); samples];
+    let mut pick = |logits: &[Vec<f64>], all: &mut Vec<Vec<u32>>| -> Vec<u32> {
         let next: Vec<u32> = logits.iter().zip(rngs.iter_mut()).map(|(l, rng)| sample(l, opts, rng)).collect();
         for (row, &b) in all.iter_mut().zip(&next) {
-            row.push(b as u8);
+            row.push(b);
         }
         next
     };
-    let windows = |all: &[Vec<u8>]| -> Result<Tensor> {
+    let windows = |all: &[Vec<u32>]| -> Result<Tensor> {
         let rows = all.iter().map(|r| encode(&crop(r), dev)).collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&rows, 0)?)
     };

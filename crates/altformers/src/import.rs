@@ -1,51 +1,41 @@
 //! Importers: checkpoints written elsewhere, checked tensor by tensor, into a run folder
 //! (`config.json` + `model.safetensors`) that `eval`, `generate` and the benchmarks read.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use std::collections::BTreeMap;
+use anyhow::{bail, Result};
 use std::path::Path;
 
 use crate::config::RunConfig;
+use crate::interop::checked::{self, Files};
 use crate::mixers::rwkv4::{Init, Rwkv4Options};
-use crate::model::Model;
 
 /// Imports an official RWKV-4 checkpoint into a run folder `out` (`config.json` with a
 /// [`RunConfig`], `model.safetensors`) that `train::load_run`, `eval` and `generate` accept.
 ///
 /// `file` is a safetensors file with the official names (`emb.weight`,
 /// `blocks.0.ln0.weight`, `blocks.N.att.time_decay`, ..., `head.weight`); width, depth,
-/// vocabulary and FFN width are inferred from the shapes, then every tensor is checked: a
-/// missing, mis-shaped or unexpected tensor is an error that names each one. `time_decay` is
-/// kept raw (per-step decay `exp(-exp(time_decay))`), as the checkpoints store it. Tensors of
-/// any float dtype are converted to f32. The context (1024) only sets the training window;
+/// vocabulary and FFN width are inferred from the header's shapes, then every tensor is
+/// checked as for the `transformers` importers ([`crate::interop::checked`]) before its data is
+/// read: a missing, mis-shaped, non-float or unexpected tensor is an error that names each
+/// one, and so is a NaN or an infinity. `time_decay` is kept raw (per-step decay
+/// `exp(-exp(time_decay))`), as the checkpoints store it. f32, f16 and bf16 tensors are
+/// converted to f32. The context (1024) only sets the training window;
 /// RWKV's recurrence itself is unbounded.
 ///
 /// Official checkpoints are PyTorch `.pth` files; convert one with
 /// `python -c "import torch, safetensors.torch as st; p='RWKV.pth'; st.save_file({k: v.float().contiguous() for k, v in torch.load(p, map_location='cpu').items()}, 'RWKV.safetensors')"`
 /// i.e. `safetensors.torch.save_file({k: v.float().contiguous() for k,v in torch.load(p, map_location='cpu').items()}, out)`.
 pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
-    let tensors = crate::params::load_tensors(file, &Device::Cpu)?;
-    let origin = file.display().to_string();
-    let Some(emb) = tensors.get("emb.weight") else {
-        bail!("{origin} is not an RWKV-4 checkpoint: missing tensor `emb.weight` (expected [vocab, width])");
+    crate::interop::checked::refuse_pickle(file)?;
+    let files = Files::one(file);
+    let headers = files.headers()?;
+    let origin = &files.origin;
+    let shape = |name: &str| headers.declared.get(name).map(|d| d.shape.as_slice());
+    let Some(&[vocab, width]) = shape("emb.weight") else {
+        bail!("{origin} is not an RWKV-4 checkpoint: no tensor `emb.weight` of shape [vocab, width]");
     };
-    let (vocab, width) =
-        emb.dims2().with_context(|| format!("{origin}: `emb.weight` must be [vocab, width], got {:?}", emb.dims()))?;
-    // the layers present, checked contiguous before a model of that depth is built (a file
-    // naming `blocks.99999999.x` would otherwise build 10^8 layers)
-    let layers: std::collections::BTreeSet<usize> =
-        tensors.keys().filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok()).collect();
-    let depth = layers.last().map(|m| m + 1).with_context(|| format!("{origin} holds no `blocks.N.*` tensors"))?;
-    if layers.len() != depth {
-        let missing = (0..depth).find(|i| !layers.contains(i)).unwrap_or(0);
-        bail!(
-            "{origin}: its layers are not numbered 0..N without gaps: `blocks.{missing}.*` is missing but `blocks.{}.*` is present",
-            depth - 1
-        );
-    }
-    let hidden = match tensors.get("blocks.0.ffn.key.weight").map(|t| t.dims().to_vec()) {
-        Some(dims) if dims.len() == 2 && dims[0] > 0 => dims[0],
+    let depth = checked::layer_count(headers.declared.keys(), "blocks.", origin)?;
+    let hidden = match shape("blocks.0.ffn.key.weight") {
+        Some(&[hidden, _]) if hidden > 0 => hidden,
         _ => 4 * width, // the check below names the problem
     };
     let mut config = crate::registry::find("rwkv4")?.defaults();
@@ -53,25 +43,24 @@ pub fn rwkv4(file: &Path, out: &Path) -> Result<RunConfig> {
     (m.vocab, m.width, m.depth, m.heads, m.context) = (vocab, width, depth, 1, 1024);
     m.ffn_mult = hidden as f64 / width as f64;
     m.set_options(&Rwkv4Options { init: Init::Normal, ..Default::default() })?;
-    let model = Model::new(&config.model, config.train.seed, &Device::Cpu, DType::F32)?;
-    let tensors: BTreeMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t })))
-        .collect::<candle_core::Result<_>>()?;
-    model.params.assign(tensors, &origin)?;
-    let _lock = crate::train::lock::RunLock::acquire(out)?;
-    if out.join("config.json").exists() {
-        bail!("{} already holds a run; choose another --out", out.display());
-    }
-    model.params.save(&out.join("model.safetensors"))?;
-    crate::util::write_json_atomic(&out.join("config.json"), &config)?;
+    m.validate()?;
+    // the official names are ours: the transformers table with our names on both sides
+    let mut map = crate::interop::rwkv4::name_map(m);
+    map.pairs.iter_mut().for_each(|p| p.theirs = p.ours.clone());
+    let expected = map.expected();
+    checked::check(&headers.declared, &expected, origin)?;
+    crate::model::size::check_params(m, candle_core::DType::F32)?;
+    let tensors = files.load(&headers, &expected)?;
+    crate::interop::write_run(out, &config, tensors, origin)?;
     Ok(config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Model;
     use crate::testing::{random_tokens, rel_err, tiny_config};
+    use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn rwkv4_round_trips_and_rejects_bad_files() -> Result<()> {

@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod generate;
 pub mod import;
+pub mod interop;
 pub mod kernels;
 pub mod mixers;
 pub mod model;

@@ -102,6 +102,11 @@ pub static CHANNEL_MIXERS: &[ChannelMixer] = &[
         build: crate::channel_mixers::mlp,
     },
     ChannelMixer {
+        name: "mlp-tanh",
+        summary: "the MLP with GELU's tanh approximation (GPT-2's gelu_new: what its checkpoints were trained with)",
+        build: crate::channel_mixers::mlp_tanh,
+    },
+    ChannelMixer {
         name: "swiglu",
         summary: "SwiGLU (2002.05202): down(silu(gate x) * up x), hidden 2/3 m d so parameters match the MLP",
         build: crate::channel_mixers::swiglu,

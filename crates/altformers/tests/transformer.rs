@@ -134,7 +134,15 @@ fn tiny_run(steps: usize) -> Result<RunConfig> {
 }
 
 fn opts(out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> TrainOptions {
-    TrainOptions { out: out.to_path_buf(), resume, device: Device::Cpu, dtype: DType::F32, verbose: false, stop_after }
+    TrainOptions {
+        out: out.to_path_buf(),
+        resume,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        verbose: false,
+        stop_after,
+        init_from: None,
+    }
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {

@@ -10,6 +10,7 @@ use crate::rng::Rng;
 
 pub mod listops;
 pub mod mqar;
+pub mod tokenizer;
 
 /// Tiny Shakespeare (Karpathy's char-rnn corpus, public domain), bundled in the binary.
 pub static TINY_SHAKESPEARE: &[u8] = include_bytes!("../../../../data/tinyshakespeare.txt");
@@ -82,10 +83,10 @@ impl Corpus {
     }
 }
 
-/// `batch` random windows of `context` bytes from `split`: inputs `[B, T]` and the same
-/// windows shifted by one as targets, both u32.
-pub fn random_batch(
-    split: &[u8],
+/// `batch` random windows of `context` tokens from `split` (bytes, or token ids): inputs
+/// `[B, T]` and the same windows shifted by one as targets, both u32.
+pub fn random_batch<T: Copy + Into<u32>>(
+    split: &[T],
     batch: usize,
     context: usize,
     rng: &mut Rng,
@@ -96,8 +97,8 @@ pub fn random_batch(
     let mut ys = Vec::with_capacity(batch * context);
     for _ in 0..batch {
         let i = rng.below(max_start);
-        xs.extend(split[i..i + context].iter().map(|&b| b as u32));
-        ys.extend(split[i + 1..i + context + 1].iter().map(|&b| b as u32));
+        xs.extend(split[i..i + context].iter().map(|&b| b.into()));
+        ys.extend(split[i + 1..i + context + 1].iter().map(|&b| b.into()));
     }
     Ok((Tensor::from_vec(xs, (batch, context), device)?, Tensor::from_vec(ys, (batch, context), device)?))
 }

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::config::RunConfig;
+use crate::data::tokenizer::Tokenizer;
 use crate::data::{Corpus, DataFormat};
 use crate::model::Model;
 use crate::rng::{stream, Rng};
@@ -35,12 +36,23 @@ pub struct TrainOptions {
     pub verbose: bool,
     /// Stop (after checkpointing) once this many steps are done: tests use it to interrupt.
     pub stop_after: Option<usize>,
+    /// Start from the latest weights of this run folder (an imported checkpoint, say) instead
+    /// of fresh ones: fine-tuning. Its configuration must be the run's model.
+    pub init_from: Option<PathBuf>,
 }
 
 impl TrainOptions {
     /// A fresh run into `out` on `device` in f32, without interruption.
     pub fn fresh(out: PathBuf, device: &Device, verbose: bool) -> Self {
-        Self { out, resume: false, device: device.clone(), dtype: DType::F32, verbose, stop_after: None }
+        Self {
+            out,
+            resume: false,
+            device: device.clone(),
+            dtype: DType::F32,
+            verbose,
+            stop_after: None,
+            init_from: None,
+        }
     }
 }
 
@@ -73,9 +85,15 @@ pub fn estimate_loss(model: &Model, task: &dyn Task, n: usize, batch: usize, see
     Ok(total / n as f64)
 }
 
-/// Loss over a whole split: consecutive windows of `context` bytes, every byte after the
-/// first predicted once. `max_bytes` caps the work for huge splits.
-pub fn evaluate_split(model: &Model, split: &[u8], batch: usize, max_bytes: Option<usize>) -> Result<f64> {
+/// Loss over a whole split (bytes, or token ids): consecutive windows of `context` tokens,
+/// every token after the first predicted once. `max_bytes` caps the work for huge splits
+/// (tokens, for token ids).
+pub fn evaluate_split<T: Copy + Into<u32>>(
+    model: &Model,
+    split: &[T],
+    batch: usize,
+    max_bytes: Option<usize>,
+) -> Result<f64> {
     let t = model.config.context;
     let split = &split[..max_bytes.unwrap_or(usize::MAX).min(split.len())];
     if split.len() < 2 {
@@ -91,9 +109,9 @@ pub fn evaluate_split(model: &Model, split: &[u8], batch: usize, max_bytes: Opti
                 continue;
             }
             let len = (split.len() - 1 - windows[0]).min(t);
-            let xs: Vec<u32> = windows.iter().flat_map(|&s| split[s..s + len].iter().map(|&b| b as u32)).collect();
+            let xs: Vec<u32> = windows.iter().flat_map(|&s| split[s..s + len].iter().map(|&b| b.into())).collect();
             let ys: Vec<u32> =
-                windows.iter().flat_map(|&s| split[s + 1..s + 1 + len].iter().map(|&b| b as u32)).collect();
+                windows.iter().flat_map(|&s| split[s + 1..s + 1 + len].iter().map(|&b| b.into())).collect();
             let shape = (windows.len(), len);
             let x = candle_core::Tensor::from_vec(xs, shape, model.device())?;
             let y = candle_core::Tensor::from_vec(ys, shape, model.device())?;
@@ -110,12 +128,24 @@ pub fn load_run(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
     RunFolder::open(dir)?.load_model(device, dtype)
 }
 
-/// Trains `config` on `corpus`, writing the run folder `opts.out`.
+/// Trains `config` on `corpus` (bytes), writing the run folder `opts.out`.
 pub fn train(
     config: &RunConfig,
     corpus: &Corpus,
     data_format: DataFormat,
     opts: &TrainOptions,
+) -> Result<TrainSummary> {
+    train_tokenized(config, corpus, data_format, opts, &Tokenizer::Bytes)
+}
+
+/// [`train`] on `corpus` as `tokenizer`'s tokens: the run folder records the tokenizer (a
+/// resumed run must give the same one), losses are per token and `val_bpb` per byte.
+pub fn train_tokenized(
+    config: &RunConfig,
+    corpus: &Corpus,
+    data_format: DataFormat,
+    opts: &TrainOptions,
+    tokenizer: &Tokenizer,
 ) -> Result<TrainSummary> {
     config.validate()?;
     if !crate::registry::find(&config.model.architecture)?.causal {
@@ -124,20 +154,75 @@ pub fn train(
             config.model.architecture
         );
     }
-    corpus.check_context(config.model.context)?;
-    if config.model.vocab < 256 {
-        bail!("model.vocab is {}: a byte-level language model needs 256 (every byte value)", config.model.vocab);
+    if tokenizer.is_bytes() {
+        corpus.check_context(config.model.context)?;
+        if config.model.vocab < 256 {
+            bail!("model.vocab is {}: a byte-level language model needs 256 (every byte value)", config.model.vocab);
+        }
+        let splits = Splits { train: &corpus.train, val: &corpus.val, tokens_per_byte: None };
+        return train_on(config, corpus, data_format, opts, tokenizer, splits);
     }
+    if config.model.vocab < tokenizer.vocab() {
+        bail!(
+            "model.vocab is {}: the tokenizer {} needs {}",
+            config.model.vocab,
+            tokenizer.describe(),
+            tokenizer.vocab()
+        );
+    }
+    let (train, val) = (tokenizer.encode(&corpus.train)?.ids, tokenizer.encode(&corpus.val)?.ids);
+    for (name, split) in [("training", &train), ("validation", &val)] {
+        if split.len() < config.model.context + 1 {
+            bail!(
+                "the {name} split of {} has {} tokens, fewer than model.context + 1 = {}",
+                corpus.source,
+                split.len(),
+                config.model.context + 1
+            );
+        }
+    }
+    let tokens_per_byte = Some(val.len() as f64 / corpus.val.len() as f64);
+    train_on(config, corpus, data_format, opts, tokenizer, Splits { train: &train, val: &val, tokens_per_byte })
+}
+
+/// What the training loop reads: the splits as bytes, or as a tokenizer's ids with the
+/// validation split's tokens per byte (which converts its loss to bits per byte).
+struct Splits<'a, T> {
+    train: &'a [T],
+    val: &'a [T],
+    tokens_per_byte: Option<f64>,
+}
+
+/// The training loop over `splits`, writing the run folder `opts.out`.
+fn train_on<T: Copy + Into<u32>>(
+    config: &RunConfig,
+    corpus: &Corpus,
+    data_format: DataFormat,
+    opts: &TrainOptions,
+    tokenizer: &Tokenizer,
+    splits: Splits<T>,
+) -> Result<TrainSummary> {
+    let Splits { train, val, tokens_per_byte } = splits;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
     if opts.device.is_cpu() {
         crate::model::size::check_training(m, t.batch_size, opts.dtype)?;
     }
     let model = fresh_model(config, opts)?;
+    if let Some(from) = &opts.init_from {
+        if opts.resume {
+            bail!("--init-from starts a new run; --resume continues one: not both");
+        }
+        model
+            .params
+            .load(&from.join("model.safetensors"))
+            .with_context(|| format!("--init-from {}", from.display()))?;
+    }
     let mut trainer = Trainer::new(&model, t)?;
     let (folder, mut state, mut history) = if opts.resume {
         let (folder, state, history) = RunFolder::resume(out, config)?;
         state.check_data(corpus, data_format)?;
+        Tokenizer::of_run(out)?.check_same(tokenizer, out)?;
         folder.restore(&model, &mut trainer.opt, &state)?;
         folder.keep_metrics_up_to(state.step)?;
         (folder, state, history)
@@ -145,10 +230,12 @@ pub fn train(
         let data = Some(run_folder::CorpusId::of(corpus));
         let state =
             TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, data, elapsed_s: 0.0 };
-        (RunFolder::create(out, config)?, state, Vec::new())
+        let folder = RunFolder::create(out, config)?;
+        tokenizer.record(&folder.dir)?;
+        (folder, state, Vec::new())
     };
-    let train_task = ByteLm { split: &corpus.train, context: m.context };
-    let val_task = ByteLm { split: &corpus.val, context: m.context };
+    let train_task = ByteLm { split: train, context: m.context };
+    let val_task = ByteLm { split: val, context: m.context };
 
     let tokens_per_step = (t.batch_size * m.context) as f64;
     let bar = progress_bar(opts.verbose, t.steps as u64, state.step as u64);
@@ -213,7 +300,8 @@ pub fn train(
                 step: state.step,
                 train_loss,
                 val_loss,
-                val_bpb: nats_to_bits(val_loss),
+                val_bpb: nats_to_bits(tokens_per_byte.map_or(val_loss, |r| val_loss * r)),
+                tokens_per_byte,
                 tokens_per_s,
                 elapsed_s: state.elapsed_s,
                 lr,
@@ -227,8 +315,14 @@ pub fn train(
                 // suspend() also prints when the bar is hidden (stderr not a terminal).
                 bar.suspend(|| {
                     eprintln!(
-                        "step {:>6}  train {:.4}  val {:.4} nats/byte ({:.4} bpb)  {:.0} tok/s  {:.1}s",
-                        metrics.step, train_loss, val_loss, metrics.val_bpb, tokens_per_s, metrics.elapsed_s
+                        "step {:>6}  train {:.4}  val {:.4} nats/{} ({:.4} bpb)  {:.0} tok/s  {:.1}s",
+                        metrics.step,
+                        train_loss,
+                        val_loss,
+                        if tokens_per_byte.is_some() { "token" } else { "byte" },
+                        metrics.val_bpb,
+                        tokens_per_s,
+                        metrics.elapsed_s
                     )
                 });
             }

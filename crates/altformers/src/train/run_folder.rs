@@ -27,12 +27,17 @@ use crate::util::{read_json, write_json_atomic};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Metrics {
     pub step: usize,
-    /// Mean loss (nats/byte) over fixed training batches, without dropout.
+    /// Mean loss (nats/byte; nats/token with a tokenizer) over fixed training batches,
+    /// without dropout.
     pub train_loss: f64,
     /// Mean loss (nats/byte) over fixed validation batches.
     pub val_loss: f64,
     /// `val_loss / ln 2`: bits per byte.
     pub val_bpb: f64,
+    /// With a tokenizer other than bytes: the validation split's tokens per byte, by which
+    /// the losses (then nats per token) convert to `val_bpb`. Absent for bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_byte: Option<f64>,
     /// Training throughput since the previous evaluation (evaluation time excluded).
     pub tokens_per_s: f64,
     /// Wall time since the run began, across resumes.

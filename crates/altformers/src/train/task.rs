@@ -70,12 +70,13 @@ pub fn accuracy(model: &Model, task: &dyn Task, examples: usize, batch: usize, r
 }
 
 /// Next-byte prediction on random windows of `context` bytes of a split.
-pub struct ByteLm<'a> {
-    pub split: &'a [u8],
+pub struct ByteLm<'a, T = u8> {
+    /// Bytes, or token ids.
+    pub split: &'a [T],
     pub context: usize,
 }
 
-impl Task for ByteLm<'_> {
+impl<T: Copy + Into<u32>> Task for ByteLm<'_, T> {
     fn batch(&self, size: usize, rng: &mut Rng, device: &Device) -> Result<Batch> {
         let (inputs, targets) = random_batch(self.split, size, self.context, rng, device)?;
         Ok(Batch { inputs, targets, rows: None })
