@@ -103,12 +103,6 @@ pub fn random_batch<T: Copy + Into<u32>>(
     Ok((Tensor::from_vec(xs, (batch, context), device)?, Tensor::from_vec(ys, (batch, context), device)?))
 }
 
-/// Bytes of `text` as a `[1, T]` token tensor.
-pub fn encode(text: &[u8], device: &Device) -> Result<Tensor> {
-    let ids: Vec<u32> = text.iter().map(|&b| b as u32).collect();
-    Ok(Tensor::from_vec(ids, (1, text.len()), device)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
