@@ -899,7 +899,8 @@ fn run(command: Command) -> Result<()> {
                 let other_cfg = other_arch.config(&over.without_model_options())?;
                 let target = altformers::compare::param_count(other_arch, &other_cfg.model, other_cfg.model.width)
                     .context("the reference configuration does not build")?;
-                let (matched, p) = altformers::compare::match_params(arch, &cfg.model, target)?;
+                let (matched, p) =
+                    altformers::compare::match_params(arch, &cfg.model, target, altformers::compare::Counted::All)?;
                 let sets = [format!("model.width={}", matched.width), format!("model.ffn_mult={}", matched.ffn_mult)];
                 out["matching"] = serde_json::json!({ "model": other, "params": target, "sets": sets, "params_matched": p,
                     "ratio": p as f64 / target as f64 });

@@ -1,6 +1,7 @@
 //! The ListOps part of a comparison: every model of the registry, causal ones read at their
 //! last position and encoders pooled, trained on LRA's ListOps with one budget, each at the
-//! Transformer's parameter count ([`super::match_params`]), scored on validation and test
+//! Transformer's parameter count ([`super::match_params`], not counting length-bound parameters
+//! such as Linformer's `E, F`: [`Counted::WidthBound`]), scored on validation and test
 //! examples: `listops.jsonl` and the report's classification table.
 
 use anyhow::{Context, Result};
@@ -8,7 +9,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-use super::{layered_config, match_params, param_count};
+use super::{counted_params, layered_config, length_bound_params, match_params, Counted};
 
 use crate::registry::{self, Architecture};
 use crate::results::{write_lines, ListOpsRow};
@@ -68,7 +69,7 @@ impl ListOpsPart {
 pub fn run(part: &ListOpsPart, models: &[&Architecture], out: &Path, device: &Device, jobs: usize) -> Result<()> {
     let reference = registry::find("transformer")?;
     let reference_cfg = part.config(reference)?;
-    let target = param_count(reference, &reference_cfg.model, part.reference_width)
+    let target = counted_params(reference, &reference_cfg.model, part.reference_width, Counted::WidthBound)
         .context("the reference Transformer does not build")?;
     let dtype = crate::device::parse_dtype(&part.dtype).context("[listops] dtype")?;
     let rows = std::sync::Mutex::new(vec![None; models.len()]);
@@ -99,7 +100,8 @@ fn train_one(
 ) -> Result<ListOpsRow> {
     let mut cfg = part.config(arch)?;
     let params;
-    (cfg.model, params) = match_params(arch, &cfg.model, target)?;
+    (cfg.model, params) = match_params(arch, &cfg.model, target, Counted::WidthBound)?;
+    let length_bound = length_bound_params(arch, &cfg.model)?;
     let dir = out.join("runs-listops").join(arch.name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -111,7 +113,8 @@ fn train_one(
         model: arch.name.to_string(),
         readout: s.readout,
         width: cfg.model.width,
-        params,
+        params: params + length_bound,
+        length_bound_params: length_bound,
         params_ratio: params as f64 / target as f64,
         steps: s.steps,
         train_examples: part.task.train_examples,
@@ -126,6 +129,7 @@ fn train_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ModelConfig;
 
     /// A model's own table lands on it alone, merged into the shared `model` table (its
     /// options beside the shared ones).
@@ -138,6 +142,29 @@ mod tests {
         assert_eq!((bert.model.depth, bert.model.options["filter_width"].as_u64()), (1, Some(8)));
         assert_eq!(bert.model.options["bidirectional"].as_bool(), Some(true), "the defaults' other options stay");
         assert_eq!(part.config(registry::find("m2")?)?.model.options["filter_width"].as_u64(), Some(128));
+        Ok(())
+    }
+
+    /// At a long maximum length Linformer's `E, F` (k x n per layer) are length-bound: the
+    /// match holds its width at the Transformer's and counts them apart (counting them, as
+    /// the first H200 run did, shrank its width to 4 at n = 2000).
+    #[test]
+    fn linformer_keeps_the_width_at_long_lengths() -> Result<()> {
+        let part: ListOpsPart = toml::from_str(
+            "reference_width = 32\n[model]\ndepth = 2\nheads = 4\ncontext = 1024\n[task]\ntrain_examples = 1\neval_examples = 1\n[task.generator]\nmax_depth = 3\nmax_args = 3\nmin_len = 2\nmax_len = 9\nseed = 0\n[per_model.linformer.options]\nk = 64\n",
+        )?;
+        let reference = registry::find("transformer")?;
+        let target =
+            counted_params(reference, &part.config(reference)?.model, 32, Counted::WidthBound).context("reference")?;
+        let linformer = registry::find("linformer")?;
+        let (matched, p) = match_params(linformer, &part.config(linformer)?.model, target, Counted::WidthBound)?;
+        assert_eq!(matched.width, 32, "params {p} vs {target}");
+        let encoder = registry::find("transformer-encoder")?;
+        let positions = length_bound_params(encoder, &ModelConfig { width: 32, ..part.config(encoder)?.model })?;
+        assert_eq!(length_bound_params(linformer, &matched)?, positions + 2 * 2 * 64 * 1024, "E and F per layer");
+        // counting everything, E and F take the width's place
+        let (all, _) = match_params(linformer, &part.config(linformer)?.model, target, Counted::All)?;
+        assert!(all.width < 16, "width {}", all.width);
         Ok(())
     }
 }

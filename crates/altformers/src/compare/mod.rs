@@ -143,14 +143,65 @@ pub fn param_count(arch: &Architecture, model: &ModelConfig, width: usize) -> Op
     Model::new(&m, 0, &Device::Cpu, DType::F32).ok().map(|m| m.num_params())
 }
 
+/// Which of a model's parameters a match counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counted {
+    /// Every parameter (the language-model comparison: short contexts, where nothing
+    /// length-bound weighs much).
+    All,
+    /// All but the length-bound ones ([`length_bound_params`]): LRA holds the architecture's
+    /// width and depth equal and lets a Linformer's `E, F` (k x n) come on top, and at n = 2000
+    /// they would otherwise eat the width (a matcher counting them gave Linformer width 4).
+    WidthBound,
+}
+
+/// The parameters of `model` whose shapes follow `model.context` (learned positions,
+/// Linformer's `E` and `F`): the model is built at `context` and at `context + 1` and the
+/// tensors whose shapes differ are counted (at `context`). 0 if the longer one is invalid.
+pub fn length_bound_params(arch: &Architecture, model: &ModelConfig) -> Result<usize> {
+    let build = |m: &ModelConfig| Model::new(m, 0, &Device::Cpu, DType::F32);
+    let at = build(model)?;
+    let longer = ModelConfig { context: model.context + 1, ..model.clone() };
+    if arch.check(&longer).is_err() {
+        return Ok(0);
+    }
+    let Ok(longer) = build(&longer) else { return Ok(0) };
+    let other: std::collections::BTreeMap<String, Vec<usize>> =
+        longer.params.vars().into_iter().map(|(name, p)| (name, p.var.dims().to_vec())).collect();
+    Ok(at
+        .params
+        .vars()
+        .into_iter()
+        .filter(|(name, p)| other.get(name).is_none_or(|d| d.as_slice() != p.var.dims()))
+        .map(|(_, p)| p.var.elem_count())
+        .sum())
+}
+
+/// [`param_count`] counting what `counted` says.
+pub fn counted_params(arch: &Architecture, model: &ModelConfig, width: usize, counted: Counted) -> Option<usize> {
+    let total = param_count(arch, model, width)?;
+    match counted {
+        Counted::All => Some(total),
+        Counted::WidthBound => {
+            let bound = length_bound_params(arch, &ModelConfig { width, ..model.clone() }).ok()?;
+            Some(total - bound)
+        }
+    }
+}
+
 /// The width (a multiple of the head count; widths a model rejects are skipped) whose
-/// parameter count is closest to `target`.
-pub fn solve_width(arch: &Architecture, model: &ModelConfig, target: usize) -> Result<(usize, usize)> {
+/// parameter count (as `counted` says) is closest to `target`.
+pub fn solve_width(
+    arch: &Architecture,
+    model: &ModelConfig,
+    target: usize,
+    counted: Counted,
+) -> Result<(usize, usize)> {
     let step = model.heads;
     let mut best: Option<(usize, usize)> = None;
     let mut width = step;
     while width <= 64 * step.max(16) {
-        if let Some(p) = param_count(arch, model, width) {
+        if let Some(p) = counted_params(arch, model, width, counted) {
             let better = best.is_none_or(|(_, bp)| p.abs_diff(target) < bp.abs_diff(target));
             if better {
                 best = Some((width, p));
@@ -166,9 +217,14 @@ pub fn solve_width(arch: &Architecture, model: &ModelConfig, target: usize) -> R
 
 /// `model` brought within 5% of `target` parameters: the closest width, and where the width's
 /// granularity is too coarse (small models), the channel mixer's `ffn_mult` adjusted in steps
-/// of 1/16 around that width. Returns the configuration and its count.
-pub fn match_params(arch: &Architecture, model: &ModelConfig, target: usize) -> Result<(ModelConfig, usize)> {
-    let (width, params) = solve_width(arch, model, target)?;
+/// of 1/16 around that width. Returns the configuration and its count (as `counted` says).
+pub fn match_params(
+    arch: &Architecture,
+    model: &ModelConfig,
+    target: usize,
+    counted: Counted,
+) -> Result<(ModelConfig, usize)> {
+    let (width, params) = solve_width(arch, model, target, counted)?;
     let mut best = (ModelConfig { width, ..model.clone() }, params);
     let off = |p: usize| (p as f64 / target as f64 - 1.0).abs();
     if off(params) <= 0.05 {
@@ -178,7 +234,7 @@ pub fn match_params(arch: &Architecture, model: &ModelConfig, target: usize) -> 
     for w in [width.saturating_sub(step), width, width + step].into_iter().filter(|&w| w > 0) {
         for k in -8i32..=8 {
             let trial = ModelConfig { ffn_mult: model.ffn_mult * (1.0 + k as f64 / 16.0), ..model.clone() };
-            if let Some(p) = param_count(arch, &trial, w) {
+            if let Some(p) = counted_params(arch, &trial, w, counted) {
                 if off(p) < off(best.1) {
                     best = (ModelConfig { width: w, ..trial }, p);
                 }
@@ -332,7 +388,7 @@ fn train_lm(
 ) -> Result<QualityRow> {
     let mut cfg = lm.config(arch)?;
     let params;
-    (cfg.model, params) = match_params(arch, &cfg.model, target)?;
+    (cfg.model, params) = match_params(arch, &cfg.model, target, Counted::All)?;
     let width = cfg.model.width;
     let run_dir = match seed {
         Some(s) => {

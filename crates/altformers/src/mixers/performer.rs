@@ -19,7 +19,7 @@
 //! The causal form is prefix sums (section 2.6, eq. 11): the decayed-linear-attention
 //! primitive [`crate::ops::decayed`] with decay 1 (`log_decay = 0`), one call over the whole
 //! sequence (its chunkwise form on the CPU; its fused scan on the GPU, on tensor cores in
-//! bf16 when `m <= 256`); `[v, 1]` as the value gives the numerator and the normaliser
+//! bf16, wider `m` in blocks of 256 features whose outputs add); `[v, 1]` as the value gives the numerator and the normaliser
 //! `q'_t z_t` in one pass. Decoding keeps `[S_t, z_t]` and one scale: `[B, H, m, d_h + 1]`
 //! per layer, independent of `T`. The bidirectional form (`performer-encoder`, LRA's
 //! Performer) is `D^-1 Q' ((K')^T [V 1])` with padded keys' features exactly 0.

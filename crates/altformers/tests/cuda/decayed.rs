@@ -38,7 +38,7 @@ fn retention_run(
         .collect::<candle_core::Result<_>>()?;
     let ld = Tensor::new(log_decay, dev)?;
     let (q, k, v) = (vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
-    if dev.is_cuda() {
+    if dev.is_cuda() && q.dim(3)? <= decayed::KEY_BLOCK {
         ensure!(fused::linear(q, k, v, &ld, None)?.is_some(), "the fused retention path does not apply");
     }
     let (y, s) = decayed::linear_chunked(q, k, v, &ld, 64, None)?;
@@ -108,6 +108,16 @@ fn retention_bf16_odd_widths() -> Result<()> {
     Ok(())
 }
 
+/// Keys wider than the kernels (Performer's default m = 266 features at d_h = 64, with its
+/// column of ones): blocks of 256 columns on the fused scan, added.
+#[test]
+fn retention_wider_than_the_kernels() -> Result<()> {
+    for dtype in [DType::BF16, DType::F32] {
+        retention_case_dv(266, 65, 200, dtype, 60)?;
+    }
+    Ok(())
+}
+
 /// RetNet's own shapes: the values carry a column of ones (`d_v = d_k + 1`).
 #[test]
 fn retention_with_ones_column() -> Result<()> {
@@ -148,7 +158,7 @@ fn wkv_run(
         None => Weighting::default(),
     };
     let (kt, vt) = (vars[0].as_tensor(), vars[1].as_tensor());
-    if dev.is_cuda() {
+    if dev.is_cuda() && q.dim(3)? <= decayed::KEY_BLOCK {
         ensure!(fused::wkv(kt, vt, wt, None)?.is_some(), "the fused WKV path does not apply");
     }
     let (y, s): (Tensor, WkvState) = decayed::wkv_chunked(kt, vt, wt, 32, None)?;

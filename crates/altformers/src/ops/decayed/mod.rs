@@ -145,10 +145,51 @@ pub fn linear_chunked(
     state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if let Some(fused) = cuda::linear(q, k, v, log_decay, state)? {
-        return Ok(fused);
+    {
+        if q.device().is_cuda() && q.dim(3)? > KEY_BLOCK {
+            return linear_by_key_blocks(q, k, v, log_decay, chunk, state, KEY_BLOCK);
+        }
+        if let Some(fused) = cuda::linear(q, k, v, log_decay, state)? {
+            return Ok(fused);
+        }
     }
     chunk::linear_chunked(q, k, v, log_decay, chunk, state)
+}
+
+/// The widest query/key the fused scans take in one call on the GPU (the tensor-core
+/// kernels are compiled for widths up to 256); [`linear_chunked`] cuts wider ones (Performer's
+/// default `m = d_h ln d_h = 266` at `d_h = 64`) into blocks of this many columns.
+pub const KEY_BLOCK: usize = 256;
+
+/// [`linear_chunked`] with the query/key columns cut into blocks of `block`, each block run
+/// alone and the outputs added: `q_t . k_i` is the sum of the blocks' dot products and the
+/// decay is per head, not per column, so `o_t = sum_blocks sum_{i<=t} gamma^(t-i) (q_t^b .
+/// k_i^b) v_i` exactly, and the state's rows are the blocks' states stacked.
+pub fn linear_by_key_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    log_decay: &Tensor,
+    chunk: usize,
+    state: Option<&Tensor>,
+    block: usize,
+) -> Result<(Tensor, Tensor)> {
+    let dk = q.dim(3)?;
+    let mut out: Option<Tensor> = None;
+    let mut states = Vec::new();
+    for start in (0..dk).step_by(block.max(1)) {
+        let len = block.min(dk - start);
+        let s = state.map(|s| s.narrow(2, start, len)).transpose()?;
+        let (y, s) =
+            linear_chunked(&q.narrow(3, start, len)?, &k.narrow(3, start, len)?, v, log_decay, chunk, s.as_ref())?;
+        out = Some(match out {
+            None => y,
+            Some(acc) => (acc + y)?,
+        });
+        states.push(s);
+    }
+    let Some(out) = out else { candle_core::bail!("decayed linear attention: no query/key columns") };
+    Ok((out, Tensor::cat(&states, 2)?))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -260,6 +301,33 @@ mod tests {
     fn log_decay(h: usize, dtype: DType) -> Result<Tensor> {
         let v: Vec<f64> = (0..h).map(|i| (1.0 - 2f64.powi(-1 - i as i32)).ln()).collect();
         Tensor::new(v, &candle_core::Device::Cpu)?.to_dtype(dtype)
+    }
+
+    /// Cutting the key columns into blocks (how the GPU runs keys wider than its kernels)
+    /// changes nothing: outputs, states and gradients, with and without an entering state.
+    #[test]
+    fn key_blocks_add_up_to_the_whole() -> anyhow::Result<()> {
+        let ld = log_decay(3, DType::F64)?;
+        let (q, k) = (randn(&[2, 3, 11, 7], 1, DType::F64)?, randn(&[2, 3, 11, 7], 2, DType::F64)?);
+        let v = randn(&[2, 3, 11, 5], 3, DType::F64)?;
+        let s0 = randn(&[2, 3, 7, 5], 4, DType::F64)?;
+        for state in [None, Some(&s0)] {
+            let (y, s) = linear_chunked(&q, &k, &v, &ld, 4, state)?;
+            for block in [1, 3, 7, 9] {
+                let (yb, sb) = linear_by_key_blocks(&q, &k, &v, &ld, 4, state, block)?;
+                assert!(rel_err(&yb, &y)? < 1e-12 && rel_err(&sb, &s)? < 1e-12, "block {block}");
+            }
+        }
+        let qv = candle_core::Var::from_tensor(&q)?;
+        let grad = |block: Option<usize>| -> anyhow::Result<Tensor> {
+            let y = match block {
+                Some(b) => linear_by_key_blocks(qv.as_tensor(), &k, &v, &ld, 4, None, b)?.0,
+                None => linear_chunked(qv.as_tensor(), &k, &v, &ld, 4, None)?.0,
+            };
+            Ok(y.sqr()?.sum_all()?.backward()?.get(qv.as_tensor()).expect("dq").clone())
+        };
+        assert!(rel_err(&grad(Some(3))?, &grad(None)?)? < 1e-12);
+        Ok(())
     }
 
     #[test]
