@@ -158,7 +158,7 @@ fn wkv_run(
         None => Weighting::default(),
     };
     let (kt, vt) = (vars[0].as_tensor(), vars[1].as_tensor());
-    if dev.is_cuda() && q.dim(3)? <= decayed::KEY_BLOCK {
+    if dev.is_cuda() {
         ensure!(fused::wkv(kt, vt, wt, None)?.is_some(), "the fused WKV path does not apply");
     }
     let (y, s): (Tensor, WkvState) = decayed::wkv_chunked(kt, vt, wt, 32, None)?;
