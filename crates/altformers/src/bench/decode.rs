@@ -94,7 +94,7 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
                             point.timing = Some(timing);
                             point.state_bytes = Some(bytes as u64);
                         }
-                        Err(e) => point.status = format!("failed: {e}"),
+                        Err(e) => point.status = super::failure(&e),
                     }
                     if t0.elapsed().as_secs_f64() > opts.time_cap_s {
                         stop = Some(format!("skipped: context {context} took {:.0} s", t0.elapsed().as_secs_f64()));

@@ -53,6 +53,17 @@ pub fn crossovers(a: &[(f64, f64)], b: &[(f64, f64)]) -> Vec<f64> {
     out
 }
 
+/// `a`'s value over `b`'s at every length both curves reached, shortest first.
+pub fn ratios(a: &[(f64, f64)], b: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64)> = a
+        .iter()
+        .filter_map(|&(x, ya)| b.iter().find(|(xb, _)| *xb == x).map(|&(_, yb)| (x, ya / yb)))
+        .filter(|(_, r)| r.is_finite())
+        .collect();
+    out.sort_by(|p, q| p.0.total_cmp(&q.0));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +114,13 @@ mod tests {
         assert_eq!(x.len(), 1);
         assert!((x[0] - 1000.0).abs() < 1.0, "{x:?}");
         assert!(crossovers(&b, &b.iter().map(|(t, y)| (*t, y * 2.0)).collect::<Vec<_>>()).is_empty());
+    }
+
+    #[test]
+    fn ratios_at_the_common_lengths() {
+        let a = [(2048.0, 3.0), (1024.0, 2.0), (4096.0, 4.0)];
+        let b = [(1024.0, 1.0), (2048.0, 6.0)];
+        assert_eq!(ratios(&a, &b), vec![(1024.0, 2.0), (2048.0, 0.5)]);
+        assert!(ratios(&a, &[(512.0, 1.0)]).is_empty());
     }
 }

@@ -107,6 +107,12 @@ pub(crate) mod gigabytes {
     }
 }
 
+/// A point's status after error `e`: its first line only (candle's CUDA errors carry a
+/// backtrace, which would break the report's tables).
+pub fn failure(e: &impl std::fmt::Display) -> String {
+    format!("failed: {}", e.to_string().lines().next().unwrap_or(""))
+}
+
 /// What a `compare` preset's bench runs compute in (f32), for serde's `default`.
 pub(crate) fn preset_dtype() -> candle_core::DType {
     candle_core::DType::F32

@@ -268,7 +268,7 @@ pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&Scaling
                     Ok(())
                 })();
                 if let Err(e) = measured {
-                    point.status = format!("failed: {}", e.to_string().lines().next().unwrap_or(""));
+                    point.status = super::failure(&e);
                 }
                 on_point(&point);
                 points.push(point);

@@ -23,6 +23,16 @@ pub enum BenchMode {
     Fwdbwd,
 }
 
+impl BenchMode {
+    /// In words, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            BenchMode::Fwd => "forward",
+            BenchMode::Fwdbwd => "forward and backward",
+        }
+    }
+}
+
 /// The sweep. As a `compare` preset's `[scaling]` table it holds the keys below but `models`
 /// (compare's selection), `mode` (forward), `warmup` (one run) and `dtype` (f32), with the
 /// memory cap in gigabytes (`memory_cap_gb`).
@@ -256,7 +266,7 @@ pub fn run(
                             }
                         }
                         Err(e) => {
-                            point.status = format!("failed: {e}");
+                            point.status = super::failure(&e);
                             capped = Some(format!("skipped after failure at T = {t}"));
                         }
                     }

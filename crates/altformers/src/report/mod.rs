@@ -285,18 +285,19 @@ fn scaling_inputs(dir: &Path) -> Result<(Vec<ScalingPoint>, Vec<ScalingFit>)> {
     Ok((points, fits))
 }
 
-/// Time and memory of one mixer layer against sequence length: the charts, the table, and
-/// where each model's time crosses the Transformer's.
+/// Time and memory of one mixer layer against sequence length: per mode measured (forward,
+/// forward and backward), the charts, the table, and where each model's time crosses the
+/// Transformer's.
 fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Result<String> {
     let mut md = String::from("## Time and memory against sequence length\n\n");
     if points.is_empty() {
         md.push_str("Not run.\n\n");
         return Ok(md);
     }
-    let mixer: Vec<&ScalingPoint> = points.iter().filter(|p| is_headline(p)).collect();
+    let headline: Vec<&ScalingPoint> = points.iter().filter(|p| is_headline(p)).collect();
     let whole: Vec<&str> = ARCHITECTURES
         .iter()
-        .filter(|a| a.mixer.is_none() && mixer.iter().any(|p| p.model == a.name))
+        .filter(|a| a.mixer.is_none() && headline.iter().any(|p| p.model == a.name))
         .map(|a| a.name)
         .collect();
     let caption = if whole.is_empty() {
@@ -304,30 +305,65 @@ fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Resu
     } else {
         format!("{caption}. Without a per-layer mixer ({}), the curve is the whole model, one layer per stage, embedding and head included", whole.join(", "))
     };
-    let caption = caption.as_str();
-    let p0 = mixer.first().copied().unwrap_or(&points[0]);
+    let modes = modes_of(headline.iter().map(|p| p.mode));
+    for &mode in &modes {
+        let curve: Vec<&ScalingPoint> = headline.iter().copied().filter(|p| p.mode == mode).collect();
+        if modes.len() > 1 {
+            let _ = writeln!(md, "### {}\n", capitalised(mode.describe()));
+        }
+        // one mode keeps the plain file names (earlier reports link them)
+        let file = |stem: &str| match (modes.len(), mode) {
+            (1, _) | (_, BenchMode::Fwd) => format!("{stem}.svg"),
+            (_, BenchMode::Fwdbwd) => format!("{stem}-fwdbwd.svg"),
+        };
+        md += &scaling_curves(&curve, plots, &caption, &file("time"), &file("memory"))?;
+    }
+    Ok(md)
+}
+
+/// The modes among `modes`, forward first.
+fn modes_of(modes: impl Iterator<Item = BenchMode>) -> Vec<BenchMode> {
+    let present: Vec<BenchMode> = modes.collect();
+    [BenchMode::Fwd, BenchMode::Fwdbwd].into_iter().filter(|m| present.contains(m)).collect()
+}
+
+fn capitalised(text: &str) -> String {
+    let mut c = text.chars();
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+}
+
+/// One mode's charts, table and crossovers.
+fn scaling_curves(
+    curve: &[&ScalingPoint],
+    plots: &Path,
+    caption: &str,
+    time_file: &str,
+    memory_file: &str,
+) -> Result<String> {
+    let mut md = String::new();
+    let p0 = curve[0];
     let setting = format!(
-        "one mixer layer, width {}, {} heads, B x T = {} tokens, {:?}",
+        "one mixer layer, width {}, {} heads, B x T = {} tokens, {}",
         p0.width,
         p0.heads,
         p0.batch * p0.seq,
-        p0.mode
+        p0.mode.describe()
     );
     let per_model = |value: fn(&ScalingPoint) -> Option<f64>| {
-        series_by_model(&mixer, |p| &p.model, |p| value(p).map(|v| (p.seq as f64, v / p.batch as f64)))
+        series_by_model(curve, |p| &p.model, |p| value(p).map(|v| (p.seq as f64, v / p.batch as f64)))
     };
     let time_series = per_model(|p| p.timing.map(|t| t.median_s));
     let mem_series = per_model(|p| p.peak_bytes.map(|b| b as f64));
     let chart = Chart::log_log("Time per sequence against T", "T", "seconds per sequence");
     let text = format!("Median time per sequence (step time / batch), {setting}. {caption}.");
-    md += &figure(plots, "time.svg", &chart, &time_series, "time", &text)?;
+    md += &figure(plots, time_file, &chart, &time_series, "time", &text)?;
     if mem_series.iter().any(|s| !s.points.is_empty()) {
         let chart = Chart::log_log("Peak memory per sequence against T", "T", "bytes per sequence");
         let text = format!("Peak memory above the weights per sequence, {setting}. {caption}.");
-        md += &figure(plots, "memory.svg", &chart, &mem_series, "memory", &text)?;
+        md += &figure(plots, memory_file, &chart, &mem_series, "memory", &text)?;
     }
     md.push_str("| model | T | batch | median (ms) | min | max | peak memory (MB) | GFLOP/s | status |\n|---|---|---|---|---|---|---|---|---|\n");
-    for p in &mixer {
+    for p in curve {
         let t = p.timing;
         let _ = writeln!(
             md,
@@ -340,7 +376,8 @@ fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Resu
             t.map(|t| format!("{:.2}", t.max_s * 1e3)).unwrap_or("-".into()),
             p.peak_bytes.map(|b| format!("{:.1}", b as f64 / 1e6)).unwrap_or("-".into()),
             p.flops_per_s.map(|f| format!("{:.1}", f / 1e9)).unwrap_or("-".into()),
-            p.status
+            // a status recorded before statuses were cut to their first line
+            p.status.lines().next().unwrap_or("")
         );
     }
     if let Some(reference) = time_series.iter().find(|s| s.name == "transformer") {
@@ -349,15 +386,27 @@ fn scaling_section(points: &[ScalingPoint], plots: &Path, caption: &str) -> Resu
     Ok(md)
 }
 
-/// The lengths where each of `time_series` crosses the Transformer's curve `reference`.
+/// Where each of `time_series` crosses the Transformer's curve `reference`, and how their
+/// times compare at the longest length both reached. Within 5% at every length is level: a
+/// crossing there is noise.
 fn crossovers(time_series: &[Series], reference: &[(f64, f64)]) -> String {
-    let mut md = String::from("\nCrossovers with the Transformer (lengths where the time curves cross):\n\n");
+    let mut md = String::from("\nAgainst the Transformer (lengths where the time curves cross, and the time ratio at the longest length both reached):\n\n");
     for s in time_series.iter().filter(|s| s.name != "transformer") {
+        let ratios = fit::ratios(&s.points, reference);
+        let (Some(&(first, _)), Some(&(last, ratio))) = (ratios.first(), ratios.last()) else {
+            let _ = writeln!(md, "- {}: no length in common", s.name);
+            continue;
+        };
+        let at_end = format!("{ratio:.2}x the Transformer's time at T = {last:.0}");
         let xs = fit::crossovers(&s.points, reference);
-        let text = if xs.is_empty() {
-            "none in the measured range".to_string()
+        let verdict = if ratio < 1.0 { "faster" } else { "slower" };
+        let text = if ratios.iter().all(|(_, r)| (r.ln()).abs() < 1.05f64.ln()) {
+            format!("within 5% of it at every measured length from T = {first:.0}; {at_end}")
+        } else if xs.is_empty() {
+            format!("{verdict} at every measured length from T = {first:.0}; {at_end}")
         } else {
-            xs.iter().map(|x| format!("T ~ {:.0}", x)).collect::<Vec<_>>().join(", ")
+            let at: Vec<String> = xs.iter().map(|x| format!("T ~ {x:.0}")).collect();
+            format!("crosses at {}, {verdict} after; {at_end}", at.join(", "))
         };
         let _ = writeln!(md, "- {}: {text}", s.name);
     }
@@ -472,10 +521,16 @@ fn is_headline(p: &ScalingPoint) -> bool {
 /// Every architecture's complexity as stated, as true, and as measured (`fits`).
 fn complexity_section(fits: &[ScalingFit]) -> String {
     let mut md = String::from("## Complexity: stated, true, measured\n\n");
-    md.push_str("Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, forward; the whole model at one layer per stage for an architecture without a per-layer mixer). In parentheses, the time exponent's 95% bootstrap interval over the repetitions of this run; wider than 0.2, the exponent is reported as not determined.\n\n");
+    let modes = modes_of(fits.iter().map(|f| f.mode));
+    let described: Vec<&str> = modes.iter().map(|m| m.describe()).collect();
+    let _ = writeln!(md, "Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, {}; the whole model at one layer per stage for an architecture without a per-layer mixer). In parentheses, the time exponent's 95% bootstrap interval over the repetitions of this run; wider than 0.2, the exponent is reported as not determined.{}\n", if described.is_empty() { "forward".to_string() } else { described.join(" / ") }, if modes.len() > 1 { " Time exponents for each mode, separated by /; memory and the cost model for the first." } else { "" });
     md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | cost model's exponent there | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
-        let f = fits.iter().find(|f| f.model == a.name && f.component == headline_component(a));
+        let own = |mode: BenchMode| {
+            fits.iter().find(|f| f.model == a.name && f.component == headline_component(a) && f.mode == mode)
+        };
+        let f = modes.iter().find_map(|&m| own(m));
+        let times: Vec<String> = modes.iter().filter_map(|&m| own(m)).map(time_exponent).collect();
         let slope = |s: Option<f64>| s.map(|v| format!("{v:.2}")).unwrap_or("-".into());
         let c = &a.complexity;
         let verdict = c.verdict().replacen("wrong", "**wrong**", 1);
@@ -488,7 +543,7 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
             stated_space,
             c.true_time,
             c.true_space,
-            f.map(time_exponent).unwrap_or("-".into()),
+            if times.is_empty() { "-".to_string() } else { times.join(" / ") },
             slope(f.and_then(|f| f.cost_slope)),
             slope(f.and_then(|f| f.memory_slope)),
             verdict
@@ -643,17 +698,32 @@ mod tests {
                 m(64, 0.25, 0.003)
             ),
         )?;
-        let sp = |t: usize, s: f64| {
+        let sp = |model: &str, mode: &str, t: usize, s: f64| {
             format!(
-                r#"{{"model":"transformer","component":"mixer","mode":"fwd","device":"cpu","seq":{t},"batch":1,"width":64,"heads":2,"status":"ok","timing":{{"median_s":{s},"min_s":{s},"max_s":{s},"reps":3}},"peak_bytes":{},"flops":{},"flops_per_s":1.0}}"#,
+                r#"{{"model":"{model}","component":"mixer","mode":"{mode}","device":"cpu","seq":{t},"batch":1,"width":64,"heads":2,"status":"ok","timing":{{"median_s":{s},"min_s":{s},"max_s":{s},"reps":3}},"peak_bytes":{},"flops":{},"flops_per_s":1.0}}"#,
                 t * t,
                 (t * t * t) as f64
             )
         };
-        std::fs::write(
-            dir.join("scaling.jsonl"),
-            format!("{}\n{}\n{}\n", sp(512, 0.001), sp(1024, 0.004), sp(2048, 0.016)),
-        )?;
+        // forward: the Transformer and a model faster at every length; forward and backward:
+        // the Transformer, with a failure whose message has a backtrace under it
+        let failed = r#"{"model":"transformer","component":"mixer","mode":"fwdbwd","device":"cpu","seq":4096,"batch":1,"width":64,"heads":2,"status":"failed: boom\n   0: <unknown>","timing":null,"peak_bytes":null,"flops":1.0,"flops_per_s":null}"#;
+        let lines = [
+            sp("transformer", "fwd", 512, 0.001),
+            sp("transformer", "fwd", 1024, 0.004),
+            sp("transformer", "fwd", 2048, 0.016),
+            sp("aft-simple", "fwd", 512, 0.0005),
+            sp("aft-simple", "fwd", 1024, 0.001),
+            sp("aft-simple", "fwd", 2048, 0.008),
+            sp("one-wide-ffn", "fwd", 512, 0.00102),
+            sp("one-wide-ffn", "fwd", 1024, 0.0039),
+            sp("one-wide-ffn", "fwd", 2048, 0.0161),
+            sp("transformer", "fwdbwd", 512, 0.003),
+            sp("transformer", "fwdbwd", 1024, 0.012),
+            sp("transformer", "fwdbwd", 2048, 0.048),
+            failed.to_string(),
+        ];
+        std::fs::write(dir.join("scaling.jsonl"), lines.join("\n") + "\n")?;
         let dp = |c: usize| {
             format!(
                 r#"{{"model":"transformer","device":"cpu","context":{c},"batch":1,"status":"ok","timing":null,"latency_s":0.001,"tokens_per_s":1000.0,"state_bytes":{},"params":10}}"#,
@@ -685,6 +755,11 @@ mod tests {
             "0.990",
             "MQAR accuracy on 512 held-out queries during training",
             "## Time and memory",
+            "### Forward\n",
+            "### Forward and backward\n",
+            "- aft-simple: faster at every measured length from T = 512; 0.50x the Transformer's time at T = 2048",
+            "- one-wide-ffn: within 5% of it at every measured length from T = 512; 1.01x the Transformer's time at T = 2048",
+            "| transformer | 4096 | 1 | - | - | - | - | - | failed: boom |\n",
             "## Decoding cost",
             "**wrong**",
             "O(T log Td)",
@@ -702,12 +777,14 @@ mod tests {
         }
         // the fitted exponents of a T^2 curve (time and memory) and its cost model's (a T^3
         // count, to tell the columns apart) show in the complexity table
-        assert!(md.contains("| 2.00 | 3.00 | 2.00 |"), "{md}");
+        assert!(md.contains("| 2.00 / 2.00 | 3.00 | 2.00 |"), "{md}");
         assert!(
             md.contains("| transformer | 0.500 (1e-3) | 0.990 (1e-3) |") && !md.contains("0.250"),
             "MQAR shows the best learning rate: {md}"
         );
-        for svg in ["loss", "mqar-64-4", "mqar-curve-64-4", "time", "memory", "decode-latency", "decode-state"] {
+        for svg in
+            ["loss", "mqar-64-4", "mqar-curve-64-4", "time", "memory", "time-fwdbwd", "decode-latency", "decode-state"]
+        {
             let text = std::fs::read_to_string(dir.join(format!("plots/{svg}.svg")))?;
             assert!(text.starts_with("<svg") && text.contains("transformer"), "{svg}.svg");
         }
