@@ -665,6 +665,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
 }
 
 fn main() {
+    altformers::bench::alloc::fix_allocator();
     let cli = Cli::parse();
     // candle (and rayon, when its pool starts) read this variable when they split work
     // across threads; a comparison preset may choose its own count on the CPU
