@@ -98,22 +98,14 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
-/// GELU, erf form (GPT-2's MLP). On CUDA the backward is one fused launch.
+/// GELU, erf form (GPT-2's MLP), with a backward of one pass ([`crate::ops::activation`]).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::activations::supports(x) {
-        return crate::kernels::activations::apply(x, crate::kernels::activations::Activation::Gelu);
-    }
-    x.gelu_erf()
+    crate::ops::activation::apply(x, crate::ops::activation::Activation::Gelu)
 }
 
-/// SiLU, `x sigmoid(x)`. On CUDA the backward is one fused launch.
+/// SiLU, `x sigmoid(x)`, with a backward of one pass ([`crate::ops::activation`]).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::activations::supports(x) {
-        return crate::kernels::activations::apply(x, crate::kernels::activations::Activation::Silu);
-    }
-    x.silu()
+    crate::ops::activation::apply(x, crate::ops::activation::Activation::Silu)
 }
 
 /// Rows `ids` (u32, any shape, flattened) of a `[R, d]` table: `[N, d]`. The same as

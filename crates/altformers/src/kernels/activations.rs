@@ -1,8 +1,8 @@
-//! Fused GELU (erf form) and SiLU (`activations.cu`): the same forward as candle's, and a
-//! backward of one launch instead of candle's chain of elementwise ops. f32 or bf16.
+//! The CUDA side of [`crate::ops::activation`] (`activations.cu`): GELU (erf form) and SiLU
+//! forward, and their backward `g act'(x)` in one launch. f32 or bf16.
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{bail, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Layout, Result, Tensor};
 
 use super::launch::{self, LaunchConfig, PushKernelArg};
 use super::ptx;
@@ -10,37 +10,32 @@ use super::ptx;
 const MODULE: &str = "altformers_activations";
 const THREADS: u32 = 256;
 
-#[derive(Clone, Copy)]
-pub enum Activation {
-    Gelu,
-    Silu,
-}
-
-impl Activation {
-    fn name(self) -> &'static str {
-        match self {
-            Activation::Gelu => "gelu",
-            Activation::Silu => "silu",
-        }
-    }
-}
-
-/// Whether [`apply`] runs fused: f32 or bf16 on a CUDA device, unless switched off.
+/// Whether the kernels take `x`: f32 or bf16 on a CUDA device, unless switched off.
 pub fn supports(x: &Tensor) -> bool {
     x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) && super::enabled("activations")
 }
 
-/// `act(x)` elementwise; requires [`supports`].
-pub fn apply(x: &Tensor, act: Activation) -> Result<Tensor> {
-    if !supports(x) {
-        bail!("fused {}: needs an f32 or bf16 tensor on CUDA (got {:?})", act.name(), x.dtype())
-    }
-    x.contiguous()?.apply_op1(Forward(act))
+/// `name(x)` (`gelu` or `silu`) of a contiguous `x`.
+pub fn forward(s: &CudaStorage, l: &Layout, name: &str) -> Result<CudaStorage> {
+    let dev = launch::device(s);
+    Ok(launch::f32_or_bf16!(
+        sfx,
+        [x = (s, l)],
+        launch_elementwise(dev, &format!("{name}_fwd_{sfx}"), &[x])?,
+        "fused activation: f32 or bf16 only"
+    ))
 }
 
-struct Forward(Activation);
-/// `(x, g) -> g act'(x)`.
-struct Backward(Activation);
+/// `g name'(x)` of contiguous `x` and `g`.
+pub fn backward(xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout, name: &str) -> Result<CudaStorage> {
+    let dev = launch::device(xs);
+    Ok(launch::f32_or_bf16!(
+        sfx,
+        [x = (xs, xl), g = (gs, gl)],
+        launch_elementwise(dev, &format!("{name}_bwd_{sfx}"), &[x, g])?,
+        "fused activation backward: x and the gradient must share an f32 or bf16 dtype"
+    ))
+}
 
 fn config(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 65535 * 8) as u32;
@@ -67,49 +62,4 @@ fn launch_elementwise<T: CudaDType + DeviceRepr>(
         unsafe { b.launch(config(n)) }.w()?;
     }
     Ok(T::wrap_cuda_slice(out, dev.clone()))
-}
-
-impl CustomOp1 for Forward {
-    fn name(&self) -> &'static str {
-        "fused-activation"
-    }
-
-    launch::cuda_only!("fused activation: CUDA only (the CPU uses candle's)", _);
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = launch::device(s);
-        let name = self.0.name();
-        let out = launch::f32_or_bf16!(
-            sfx,
-            [x = (s, l)],
-            launch_elementwise(dev, &format!("{name}_fwd_{sfx}"), &[x])?,
-            "fused activation: f32 or bf16 only"
-        );
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.to_dtype(x.dtype())?.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(&grad, &Backward(self.0))?))
-    }
-}
-
-impl CustomOp2 for Backward {
-    fn name(&self) -> &'static str {
-        "fused-activation-grad"
-    }
-
-    launch::cuda_only!("fused activation: CUDA only", _, _);
-
-    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = launch::device(xs);
-        let name = self.0.name();
-        let out = launch::f32_or_bf16!(
-            sfx,
-            [x = (xs, xl), g = (gs, gl)],
-            launch_elementwise(dev, &format!("{name}_bwd_{sfx}"), &[x, g])?,
-            "fused activation backward: x and the gradient must share an f32 or bf16 dtype"
-        );
-        Ok((out, xl.shape().clone()))
-    }
 }

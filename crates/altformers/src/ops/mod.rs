@@ -6,6 +6,7 @@
 //! fused kernel where it applies, the tensor code otherwise; the switches of
 //! [`crate::kernels::SWITCHABLE`] turn the kernels off.
 //!
+//! - [`activation`]: GELU and SiLU with a backward of one pass (CPU and CUDA);
 //! - [`attention`]: causal softmax attention (flash kernels on CUDA; the unfused scores,
 //!   causal softmax and weighted sum elsewhere);
 //! - [`decayed`]: causal decayed linear attention (RetNet's retention, RWKV-4's WKV,
@@ -15,6 +16,7 @@
 //! - [`monarch`]: Monarch matrices `P L P^T R` (M2): the block-diagonal and Monarch
 //!   products, the DFT as a Monarch product and the long convolutions evaluated with it.
 
+pub mod activation;
 pub mod attention;
 pub mod decayed;
 pub mod fftconv;
