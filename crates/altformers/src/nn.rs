@@ -70,6 +70,9 @@ impl LayerNorm {
         if crate::kernels::layernorm::supports(x, &self.weight, self.bias.as_ref()) {
             return crate::kernels::layernorm::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps);
         }
+        if crate::ops::layer_norm::supports(x, &self.weight, self.bias.as_ref()) {
+            return crate::ops::layer_norm::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(self.weight.dtype())?;
         let mean = x.mean_keepdim(D::Minus1)?;

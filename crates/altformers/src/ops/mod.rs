@@ -11,6 +11,8 @@
 //!   causal softmax and weighted sum elsewhere);
 //! - [`decayed`]: causal decayed linear attention (RetNet's retention, RWKV-4's WKV,
 //!   AFT-simple): quadratic, recurrent and chunkwise forms, fused scans on CUDA;
+//! - [`layer_norm`]: layer normalization in one pass each way on the CPU (the GPU's is
+//!   [`crate::kernels::layernorm`]);
 //! - [`fftconv`]: causal long convolution by FFT (Hyena): realfft on the CPU, cuFFT on CUDA,
 //!   and the direct convolution it is tested against;
 //! - [`monarch`]: Monarch matrices `P L P^T R` (M2): the block-diagonal and Monarch
@@ -20,4 +22,5 @@ pub mod activation;
 pub mod attention;
 pub mod decayed;
 pub mod fftconv;
+pub mod layer_norm;
 pub mod monarch;

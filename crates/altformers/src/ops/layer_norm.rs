@@ -1,0 +1,290 @@
+//! Layer normalization over the last dimension on the CPU, one pass over each row forward
+//! and one backward (the GPU's is [`crate::kernels::layernorm`]; [`crate::nn::LayerNorm`]
+//! picks).
+//!
+//! `y = (x - mean) r w + b` with `r = 1 / sqrt(var + eps)` per row of width `d`. With
+//! `xhat = (x - mean) r` and `h = g w` (`g` the output gradient):
+//! `dx = r (h - mean(h) - xhat mean(h xhat))`, `dw = sum_rows g xhat`, `db = sum_rows g`.
+//!
+//! candle's expression of it (mean, subtract, square, mean, add, sqrt, divide, multiply,
+//! add) walks the activations about nine times forward and twice that backward, each pass
+//! into a new buffer; this op keeps each row's mean and `r` from the forward for the backward.
+//! Statistics in f64; f32 or f64 tensors, the weight and bias of the activations' dtype.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Whether [`layer_norm`] takes these inputs: f32 or f64 on the CPU, the weight (and bias)
+/// of `x`'s dtype and its last dimension's width.
+pub fn supports(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    let d = x.dims().last().copied().unwrap_or(0);
+    let param = |t: &Tensor| t.dtype() == x.dtype() && t.dims() == [d] && t.device().is_cpu();
+    x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && d > 0
+        && param(weight)
+        && bias.is_none_or(param)
+}
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension; requires
+/// [`supports`].
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if !supports(x, weight, bias) {
+        candle_core::bail!(
+            "CPU layer norm: unsupported inputs (x {:?} {:?} on {:?}, weight {:?} {:?})",
+            x.dtype(),
+            x.shape(),
+            x.device().location(),
+            weight.dtype(),
+            weight.shape()
+        )
+    }
+    let op = LayerNormOp { eps, has_bias: bias.is_some(), stats: Mutex::new(None) };
+    // without a bias the weight stands in as the third argument (ignored, no gradient)
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.unwrap_or(weight).contiguous()?, op)
+}
+
+struct LayerNormOp {
+    eps: f64,
+    has_bias: bool,
+    /// `(mean, r)` per row, from the forward.
+    stats: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
+}
+
+/// Rows per rayon task.
+const ROWS: usize = 64;
+
+trait Float: Copy + Send + Sync + Default {
+    fn to(self) -> f64;
+    fn from(v: f64) -> Self;
+}
+impl Float for f32 {
+    fn to(self) -> f64 {
+        self as f64
+    }
+    fn from(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Float for f64 {
+    fn to(self) -> f64 {
+        self
+    }
+    fn from(v: f64) -> Self {
+        v
+    }
+}
+
+fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("CPU layer norm: {what} must be contiguous"),
+    }
+}
+
+/// `y`, and each row's mean and `r`.
+fn forward<T: Float>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, eps: f64) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let rows = x.len() / d;
+    let mut y = vec![T::default(); x.len()];
+    let (mut mean, mut r) = (vec![0.0; rows], vec![0.0; rows]);
+    y.par_chunks_mut(ROWS * d)
+        .zip(x.par_chunks(ROWS * d))
+        .zip(mean.par_chunks_mut(ROWS).zip(r.par_chunks_mut(ROWS)))
+        .for_each(|((ys, xs), (ms, rs))| {
+            for (((y, x), m), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(ms).zip(rs) {
+                *m = x.iter().map(|v| v.to()).sum::<f64>() / d as f64;
+                let var = x.iter().map(|v| (v.to() - *m).powi(2)).sum::<f64>() / d as f64;
+                *r = 1.0 / (var + eps).sqrt();
+                for (j, (o, v)) in y.iter_mut().zip(x).enumerate() {
+                    let shift = b.map_or(0.0, |b| b[j].to());
+                    *o = T::from((v.to() - *m) * *r * w[j].to() + shift);
+                }
+            }
+        });
+    (y, mean, r)
+}
+
+/// `dx`, `dw` and `db` (see the module doc).
+fn backward<T: Float>(
+    x: &[T],
+    g: &[T],
+    w: &[T],
+    (mean, r): &(Vec<f64>, Vec<f64>),
+    d: usize,
+) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let mut dx = vec![T::default(); x.len()];
+    let (dw, db) = dx
+        .par_chunks_mut(ROWS * d)
+        .zip(x.par_chunks(ROWS * d).zip(g.par_chunks(ROWS * d)))
+        .zip(mean.par_chunks(ROWS).zip(r.par_chunks(ROWS)))
+        .map(|((dxs, (xs, gs)), (ms, rs))| {
+            let (mut dw, mut db) = (vec![0.0; d], vec![0.0; d]);
+            for ((((dx, x), g), &m), &r) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)).zip(ms).zip(rs) {
+                let (mut mean_h, mut mean_hx) = (0.0, 0.0);
+                for j in 0..d {
+                    let (xhat, gj) = ((x[j].to() - m) * r, g[j].to());
+                    let h = gj * w[j].to();
+                    mean_h += h;
+                    mean_hx += h * xhat;
+                    dw[j] += gj * xhat;
+                    db[j] += gj;
+                }
+                (mean_h, mean_hx) = (mean_h / d as f64, mean_hx / d as f64);
+                for j in 0..d {
+                    let xhat = (x[j].to() - m) * r;
+                    dx[j] = T::from(r * (g[j].to() * w[j].to() - mean_h - xhat * mean_hx));
+                }
+            }
+            (dw, db)
+        })
+        .reduce(
+            || (vec![0.0; d], vec![0.0; d]),
+            |(mut aw, mut ab), (bw, bb)| {
+                aw.iter_mut().zip(&bw).for_each(|(a, b)| *a += b);
+                ab.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
+                (aw, ab)
+            },
+        );
+    (dx, dw, db)
+}
+
+/// The backward's `dx` (shaped as `x`), `dw` and `db` from the tensors' CPU data.
+fn gradients<T: Float + candle_core::WithDType>(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    stats: &(Vec<f64>, Vec<f64>),
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    let guards = [x, g, w].map(|t| t.storage_and_layout());
+    let mut data = Vec::with_capacity(3);
+    for ((storage, layout), what) in guards.iter().zip(["x", "the output gradient", "weight"]) {
+        match &**storage {
+            Storage::Cpu(c) => data.push(slice(c.as_slice::<T>()?, layout, what)?),
+            _ => candle_core::bail!("CPU layer norm backward: {what} is not on the CPU"),
+        }
+    }
+    let (dx, dw, db) = backward(data[0], data[1], data[2], stats, w.elem_count());
+    Ok((Tensor::from_vec(dx, x.shape(), &Device::Cpu)?, dw, db))
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "cpu-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = xl.shape().dims().last().copied().unwrap_or(1);
+        let (y, stats) = match (xs, ws, bs) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let b = self.has_bias.then(|| slice(b, bl, "bias")).transpose()?;
+                let (y, m, r) = forward(slice(x, xl, "x")?, slice(w, wl, "weight")?, b, d, self.eps);
+                (CpuStorage::F32(y), (m, r))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let b = self.has_bias.then(|| slice(b, bl, "bias")).transpose()?;
+                let (y, m, r) = forward(slice(x, xl, "x")?, slice(w, wl, "weight")?, b, d, self.eps);
+                (CpuStorage::F64(y), (m, r))
+            }
+            _ => candle_core::bail!("CPU layer norm: x, weight and bias must share f32 or f64"),
+        };
+        *self.stats.lock().expect("layer norm: stats lock poisoned") = Some(stats);
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self.stats.lock().expect("layer norm: stats lock poisoned");
+        let Some(stats) = stats.as_ref() else {
+            candle_core::bail!("CPU layer norm backward: no forward statistics held")
+        };
+        let grad = grad.to_dtype(x.dtype())?.contiguous()?;
+        let param = |v: Vec<f64>| Tensor::from_vec(v, weight.elem_count(), &Device::Cpu)?.to_dtype(x.dtype());
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => gradients::<f32>(x, &grad, weight, stats)?,
+            DType::F64 => gradients::<f64>(x, &grad, weight, stats)?,
+            dtype => candle_core::bail!("CPU layer norm backward: {dtype:?} is not f32 or f64"),
+        };
+        let db = if self.has_bias { Some(param(db)?) } else { None };
+        Ok((Some(dx), Some(param(dw)?), db))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Var, D};
+
+    /// The tensor expression the op replaces.
+    fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centered.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?;
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a - b)?.abs()?.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()
+    }
+
+    /// Forward and every gradient equal the tensor expression's (f64, with and without a
+    /// bias, rows not a multiple of a task's).
+    #[test]
+    fn matches_the_tensor_expression_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0.5f64, 2.0, (3, 70, 24), &dev)?))?;
+        let w = Var::from_tensor(&Tensor::randn(1f64, 0.3, 24, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f64, 0.3, 24, &dev)?)?;
+        let g = Tensor::randn(0f64, 1.0, (3, 70, 24), &dev)?;
+        for bias in [Some(b.as_tensor()), None] {
+            let ours = layer_norm(&x, &w, bias, 1e-5)?;
+            let theirs = reference(&x, &w, bias, 1e-5)?;
+            assert!(max_abs_diff(&ours, &theirs)? < 1e-12, "forward");
+            let go = (&ours * &g)?.sum_all()?.backward()?;
+            let gt = (&theirs * &g)?.sum_all()?.backward()?;
+            for (name, v) in [("x", x.as_tensor()), ("weight", w.as_tensor())] {
+                let err = max_abs_diff(go.get(v).unwrap(), gt.get(v).unwrap())?;
+                assert!(err < 1e-11, "d{name}: {err}");
+            }
+            match bias {
+                Some(bt) => assert!(max_abs_diff(go.get(bt).unwrap(), gt.get(bt).unwrap())? < 1e-11, "dbias"),
+                None => assert!(go.get(b.as_tensor()).is_none(), "no bias, no gradient for it"),
+            }
+        }
+        Ok(())
+    }
+
+    /// f32 agrees to f32 rounding; inputs it cannot take are refused by [`supports`].
+    #[test]
+    fn f32_and_what_it_refuses() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (5, 16), &dev)?;
+        let w = Tensor::ones(16, DType::F32, &dev)?;
+        let ours = layer_norm(&x, &w, None, 1e-5)?;
+        assert!(max_abs_diff(&ours, &reference(&x, &w, None, 1e-5)?)? < 1e-5);
+        assert!(!supports(&x.to_dtype(DType::BF16)?, &w, None), "bf16");
+        assert!(!supports(&x, &w.to_dtype(DType::F64)?, None), "weight of another dtype");
+        assert!(!supports(&x, &Tensor::ones(8, DType::F32, &dev)?, None), "weight of another width");
+        assert!(layer_norm(&x.to_dtype(DType::BF16)?, &w, None, 1e-5).is_err());
+        Ok(())
+    }
+}
