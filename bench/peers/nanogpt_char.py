@@ -137,6 +137,7 @@ def run(seed, text, args):
     x, y = get_batch("train")
     curve = []
     it = 0
+    train_s = 0.0  # the training steps alone, evaluations left out (the speed benchmark's figure)
     while True:
         for group in opt.param_groups:
             group["lr"] = lr_at(it)
@@ -145,12 +146,14 @@ def run(seed, text, args):
             curve.append({"iter": it, **losses})
         if it == args.iters:
             break
+        step_start = time.time()
         loss = model(x, y)
         x, y = get_batch("train")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        train_s += time.time() - step_start
         it += 1
     gen = torch.Generator().manual_seed(10_000 + seed)
     return {
@@ -158,7 +161,8 @@ def run(seed, text, args):
         "params": sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel(),
         "val_loss_nanogpt_20": curve[-1]["val"], "train_loss_nanogpt_20": curve[-1]["train"],
         "val_loss_200": estimate(200, gen)["val"], "val_loss_whole_split": whole_val(),
-        "elapsed_s": time.time() - start, "device": dev, "torch": torch.__version__, "curve": curve,
+        "elapsed_s": time.time() - start, "train_s": train_s, "tokens_per_s": args.iters * B * T / train_s,
+        "threads": torch.get_num_threads(), "device": dev, "torch": torch.__version__, "curve": curve,
     }
 
 
