@@ -7,6 +7,7 @@ pub mod channel_mixers;
 pub mod compare;
 pub mod complexity;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod generate;

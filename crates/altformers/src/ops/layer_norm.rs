@@ -13,7 +13,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+
+use crate::cpu::Real;
 use rayon::prelude::*;
 
 /// Whether [`layer_norm`] takes these inputs: f32 or f64 on the CPU, the weight (and bias)
@@ -56,27 +58,6 @@ struct LayerNormOp {
 /// Rows per rayon task.
 const ROWS: usize = 64;
 
-trait Float: Copy + Send + Sync + Default {
-    fn to(self) -> f64;
-    fn from(v: f64) -> Self;
-}
-impl Float for f32 {
-    fn to(self) -> f64 {
-        self as f64
-    }
-    fn from(v: f64) -> Self {
-        v as f32
-    }
-}
-impl Float for f64 {
-    fn to(self) -> f64 {
-        self
-    }
-    fn from(v: f64) -> Self {
-        v
-    }
-}
-
 fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -85,7 +66,7 @@ fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
 }
 
 /// `y`, and each row's mean and `r`.
-fn forward<T: Float>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, eps: f64) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, eps: f64) -> (Vec<T>, Vec<f64>, Vec<f64>) {
     let rows = x.len() / d;
     let mut y = vec![T::default(); x.len()];
     let (mut mean, mut r) = (vec![0.0; rows], vec![0.0; rows]);
@@ -94,12 +75,12 @@ fn forward<T: Float>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, eps: f64) -> (
         .zip(mean.par_chunks_mut(ROWS).zip(r.par_chunks_mut(ROWS)))
         .for_each(|((ys, xs), (ms, rs))| {
             for (((y, x), m), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(ms).zip(rs) {
-                *m = x.iter().map(|v| v.to()).sum::<f64>() / d as f64;
-                let var = x.iter().map(|v| (v.to() - *m).powi(2)).sum::<f64>() / d as f64;
+                *m = x.iter().map(|v| v.to_f64()).sum::<f64>() / d as f64;
+                let var = x.iter().map(|v| (v.to_f64() - *m).powi(2)).sum::<f64>() / d as f64;
                 *r = 1.0 / (var + eps).sqrt();
                 for (j, (o, v)) in y.iter_mut().zip(x).enumerate() {
-                    let shift = b.map_or(0.0, |b| b[j].to());
-                    *o = T::from((v.to() - *m) * *r * w[j].to() + shift);
+                    let shift = b.map_or(0.0, |b| b[j].to_f64());
+                    *o = T::from_f64((v.to_f64() - *m) * *r * w[j].to_f64() + shift);
                 }
             }
         });
@@ -107,7 +88,7 @@ fn forward<T: Float>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, eps: f64) -> (
 }
 
 /// `dx`, `dw` and `db` (see the module doc).
-fn backward<T: Float>(
+fn backward<T: Real>(
     x: &[T],
     g: &[T],
     w: &[T],
@@ -124,8 +105,8 @@ fn backward<T: Float>(
             for ((((dx, x), g), &m), &r) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)).zip(ms).zip(rs) {
                 let (mut mean_h, mut mean_hx) = (0.0, 0.0);
                 for j in 0..d {
-                    let (xhat, gj) = ((x[j].to() - m) * r, g[j].to());
-                    let h = gj * w[j].to();
+                    let (xhat, gj) = ((x[j].to_f64() - m) * r, g[j].to_f64());
+                    let h = gj * w[j].to_f64();
                     mean_h += h;
                     mean_hx += h * xhat;
                     dw[j] += gj * xhat;
@@ -133,8 +114,8 @@ fn backward<T: Float>(
                 }
                 (mean_h, mean_hx) = (mean_h / d as f64, mean_hx / d as f64);
                 for j in 0..d {
-                    let xhat = (x[j].to() - m) * r;
-                    dx[j] = T::from(r * (g[j].to() * w[j].to() - mean_h - xhat * mean_hx));
+                    let xhat = (x[j].to_f64() - m) * r;
+                    dx[j] = T::from_f64(r * (g[j].to_f64() * w[j].to_f64() - mean_h - xhat * mean_hx));
                 }
             }
             (dw, db)
@@ -151,21 +132,19 @@ fn backward<T: Float>(
 }
 
 /// The backward's `dx` (shaped as `x`), `dw` and `db` from the tensors' CPU data.
-fn gradients<T: Float + candle_core::WithDType>(
+fn gradients<T: Real>(
     x: &Tensor,
     g: &Tensor,
     w: &Tensor,
     stats: &(Vec<f64>, Vec<f64>),
 ) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
-    let guards = [x, g, w].map(|t| t.storage_and_layout());
-    let mut data = Vec::with_capacity(3);
-    for ((storage, layout), what) in guards.iter().zip(["x", "the output gradient", "weight"]) {
-        match &**storage {
-            Storage::Cpu(c) => data.push(slice(c.as_slice::<T>()?, layout, what)?),
-            _ => candle_core::bail!("CPU layer norm backward: {what} is not on the CPU"),
-        }
-    }
-    let (dx, dw, db) = backward(data[0], data[1], data[2], stats, w.elem_count());
+    let names = [
+        "CPU layer norm backward: x",
+        "CPU layer norm backward: the output gradient",
+        "CPU layer norm backward: weight",
+    ];
+    let (dx, dw, db) =
+        crate::cpu::with_slices::<T, _>(&[x, g, w], &names, |d| backward(d[0], d[1], d[2], stats, w.elem_count()))?;
     Ok((Tensor::from_vec(dx, x.shape(), &Device::Cpu)?, dw, db))
 }
 

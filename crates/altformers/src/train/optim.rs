@@ -139,18 +139,16 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let dtype = self.m[i].dtype();
-            let g = (g.to_dtype(dtype)? * scale)?;
-            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let update = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + self.eps)?)?;
             let lr = lr * p.lr_scale;
-            let mut w = p.var.as_tensor().to_dtype(dtype)?;
-            if p.decay && self.weight_decay > 0.0 {
-                w = (&w * (1.0 - lr * self.weight_decay))?;
-            }
-            let w = (w - (update * lr)?)?;
-            p.var.set(&w.to_dtype(p.var.dtype())?)?;
+            let decay = if p.decay { self.weight_decay } else { 0.0 };
+            let rule = Rule { scale, lr, decay, beta1: self.beta1, beta2: self.beta2, eps: self.eps, bc1, bc2 };
+            let w = p.var.as_tensor();
+            let (w, m, v) = match cpu_update(w, g, &self.m[i], &self.v[i], &rule)? {
+                Some(updated) => updated,
+                None => tensor_update(w, g, &self.m[i], &self.v[i], &rule)?,
+            };
+            p.var.set(&w)?;
+            (self.m[i], self.v[i]) = (m, v);
         }
         Ok(StepNorm(Tensor::new(norm, &candle_core::Device::Cpu)?))
     }
@@ -206,6 +204,89 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// One parameter's update: gradient scale (clipping), learning rate, decoupled weight decay
+/// (0: none), Adam's constants and the step's bias corrections.
+struct Rule {
+    scale: f64,
+    lr: f64,
+    decay: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    bc1: f64,
+    bc2: f64,
+}
+
+impl Rule {
+    /// The updated weight, first and second moments of one element.
+    fn apply(&self, w: f64, g: f64, m: f64, v: f64) -> (f64, f64, f64) {
+        let g = g * self.scale;
+        let m = self.beta1 * m + (1.0 - self.beta1) * g;
+        let v = self.beta2 * v + (1.0 - self.beta2) * g * g;
+        let update = (m / self.bc1) / ((v / self.bc2).sqrt() + self.eps);
+        (w * (1.0 - self.lr * self.decay) - self.lr * update, m, v)
+    }
+}
+
+/// The update as tensor operations, on any device and dtype (the moments' dtype: f32 for
+/// bf16 parameters).
+fn tensor_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, rule: &Rule) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = m.dtype();
+    let g = (g.to_dtype(dtype)? * rule.scale)?;
+    let m = ((m * rule.beta1)? + (&g * (1.0 - rule.beta1))?)?;
+    let v = ((v * rule.beta2)? + (g.sqr()? * (1.0 - rule.beta2))?)?;
+    let update = ((&m / rule.bc1)? / ((&v / rule.bc2)?.sqrt()? + rule.eps)?)?;
+    let mut w2 = w.to_dtype(dtype)?;
+    if rule.decay > 0.0 {
+        w2 = (w2 * (1.0 - rule.lr * rule.decay))?;
+    }
+    let w2 = (w2 - (update * rule.lr)?)?;
+    Ok((w2.to_dtype(w.dtype())?, m, v))
+}
+
+/// The update of a CPU parameter in one pass over `(w, g, m, v)` (the tensor expression of
+/// [`AdamW::step`] walks them about fifteen times), or `None` where it does not apply
+/// (another device, or the parameter, gradient and moments not all f32 or all f64).
+fn cpu_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, rule: &Rule) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let same = [g, m, v].iter().all(|t| t.dtype() == w.dtype() && t.dims() == w.dims());
+    if !w.device().is_cpu() || !same {
+        return Ok(None);
+    }
+    let g = g.contiguous()?;
+    Ok(match w.dtype() {
+        DType::F32 => Some(cpu_update_as::<f32>(w, &g, m, v, rule)?),
+        DType::F64 => Some(cpu_update_as::<f64>(w, &g, m, v, rule)?),
+        _ => None,
+    })
+}
+
+fn cpu_update_as<T: crate::cpu::Real>(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    rule: &Rule,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let names = ["AdamW: the parameter", "AdamW: its gradient", "AdamW: its first moment", "AdamW: its second moment"];
+    let (w2, m2, v2) = crate::cpu::with_slices::<T, _>(&[w, g, m, v], &names, |d| {
+        let n = d[0].len();
+        let (mut w2, mut m2, mut v2) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for j in 0..n {
+            let (a, b, c) = rule.apply(d[0][j].to_f64(), d[1][j].to_f64(), d[2][j].to_f64(), d[3][j].to_f64());
+            w2.push(T::from_f64(a));
+            m2.push(T::from_f64(b));
+            v2.push(T::from_f64(c));
+        }
+        (w2, m2, v2)
+    })?;
+    let dev = candle_core::Device::Cpu;
+    Ok((
+        Tensor::from_vec(w2, w.shape(), &dev)?,
+        Tensor::from_vec(m2, w.shape(), &dev)?,
+        Tensor::from_vec(v2, w.shape(), &dev)?,
+    ))
 }
 
 /// f64 parameters (the gradient tests) keep f64 moments; everything else keeps f32.
@@ -312,6 +393,43 @@ mod tests {
                 assert!((*a as f64 - want).abs() < 1e-6, "multiple {s}: {a} vs {want}");
             }
         }
+        Ok(())
+    }
+
+    /// The one-pass CPU update is the tensor expression's, element for element (f64, with
+    /// clipping and decay, over three steps of evolving moments).
+    #[test]
+    fn cpu_update_is_the_tensor_rule() -> Result<()> {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let mut ours = (Tensor::randn(0f64, 1.0, (7, 5), &dev)?, Tensor::zeros((7, 5), DType::F64, &dev)?);
+        let mut theirs = (ours.0.clone(), ours.1.clone(), ours.1.clone());
+        let mut v = ours.1.clone();
+        for t in 1..=3 {
+            let g = Tensor::randn(0f64, 2.0, (7, 5), &dev)?;
+            let rule = Rule {
+                scale: 0.7,
+                lr: 0.01,
+                decay: 0.1,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                bc1: 1.0 - 0.9f64.powi(t),
+                bc2: 1.0 - 0.99f64.powi(t),
+            };
+            let (w1, m1, v1) =
+                cpu_update(&ours.0, &g, &ours.1, &v, &rule)?.expect("f64 on the CPU takes the one-pass update");
+            theirs = tensor_update(&theirs.0, &g, &theirs.1, &theirs.2, &rule)?;
+            (ours, v) = ((w1, m1), v1);
+            for (a, b) in [(&ours.0, &theirs.0), (&ours.1, &theirs.1), (&v, &theirs.2)] {
+                let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err < 1e-15, "step {t}: {err}");
+            }
+        }
+        // bf16 (the GPU's mixed precision) is left to the tensor expression
+        let w = ours.0.to_dtype(DType::BF16)?;
+        let rule = Rule { scale: 1.0, lr: 0.01, decay: 0.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, bc1: 0.1, bc2: 0.01 };
+        assert!(cpu_update(&w, &w, &ours.1.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?, &rule)?.is_none());
         Ok(())
     }
 
