@@ -273,8 +273,8 @@ fn cpu_update_as<T: crate::cpu::Real>(
     let (w2, m2, v2) = crate::cpu::with_slices::<T, _>(&[w, g, m, v], &names, |d| {
         let n = d[0].len();
         let (mut w2, mut m2, mut v2) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for j in 0..n {
-            let (a, b, c) = rule.apply(d[0][j].to_f64(), d[1][j].to_f64(), d[2][j].to_f64(), d[3][j].to_f64());
+        for (((w, g), m), v) in d[0].iter().zip(d[1]).zip(d[2]).zip(d[3]) {
+            let (a, b, c) = rule.apply(w.to_f64(), g.to_f64(), m.to_f64(), v.to_f64());
             w2.push(T::from_f64(a));
             m2.push(T::from_f64(b));
             v2.push(T::from_f64(c));
