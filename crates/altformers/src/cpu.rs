@@ -3,9 +3,15 @@
 
 use candle_core::{Result, Storage, Tensor};
 
-/// f32 or f64 (converted through f64 by candle's `WithDType::{to_f64, from_f64}` where
-/// the arithmetic needs the precision).
-pub trait Real: candle_core::WithDType + Send + Sync + Default {}
+/// f32 or f64: the float arithmetic, and conversions through f64 where it needs the precision.
+pub trait Real: candle_core::WithDType + num_traits::Float + Send + Sync + Default {
+    fn wide(self) -> f64 {
+        candle_core::WithDType::to_f64(self)
+    }
+    fn narrow(v: f64) -> Self {
+        <Self as candle_core::WithDType>::from_f64(v)
+    }
+}
 
 impl Real for f32 {}
 impl Real for f64 {}

@@ -75,12 +75,12 @@ fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, eps: f64) -> (V
         .zip(mean.par_chunks_mut(ROWS).zip(r.par_chunks_mut(ROWS)))
         .for_each(|((ys, xs), (ms, rs))| {
             for (((y, x), m), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(ms).zip(rs) {
-                *m = x.iter().map(|v| v.to_f64()).sum::<f64>() / d as f64;
-                let var = x.iter().map(|v| (v.to_f64() - *m).powi(2)).sum::<f64>() / d as f64;
+                *m = x.iter().map(|v| v.wide()).sum::<f64>() / d as f64;
+                let var = x.iter().map(|v| (v.wide() - *m).powi(2)).sum::<f64>() / d as f64;
                 *r = 1.0 / (var + eps).sqrt();
                 for (j, (o, v)) in y.iter_mut().zip(x).enumerate() {
-                    let shift = b.map_or(0.0, |b| b[j].to_f64());
-                    *o = T::from_f64((v.to_f64() - *m) * *r * w[j].to_f64() + shift);
+                    let shift = b.map_or(0.0, |b| b[j].wide());
+                    *o = T::narrow((v.wide() - *m) * *r * w[j].wide() + shift);
                 }
             }
         });
@@ -105,8 +105,8 @@ fn backward<T: Real>(
             for ((((dx, x), g), &m), &r) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)).zip(ms).zip(rs) {
                 let (mut mean_h, mut mean_hx) = (0.0, 0.0);
                 for j in 0..d {
-                    let (xhat, gj) = ((x[j].to_f64() - m) * r, g[j].to_f64());
-                    let h = gj * w[j].to_f64();
+                    let (xhat, gj) = ((x[j].wide() - m) * r, g[j].wide());
+                    let h = gj * w[j].wide();
                     mean_h += h;
                     mean_hx += h * xhat;
                     dw[j] += gj * xhat;
@@ -114,8 +114,8 @@ fn backward<T: Real>(
                 }
                 (mean_h, mean_hx) = (mean_h / d as f64, mean_hx / d as f64);
                 for j in 0..d {
-                    let xhat = (x[j].to_f64() - m) * r;
-                    dx[j] = T::from_f64(r * (g[j].to_f64() * w[j].to_f64() - mean_h - xhat * mean_hx));
+                    let xhat = (x[j].wide() - m) * r;
+                    dx[j] = T::narrow(r * (g[j].wide() * w[j].wide() - mean_h - xhat * mean_hx));
                 }
             }
             (dw, db)

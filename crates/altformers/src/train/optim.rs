@@ -219,17 +219,6 @@ struct Rule {
     bc2: f64,
 }
 
-impl Rule {
-    /// The updated weight, first and second moments of one element.
-    fn apply(&self, w: f64, g: f64, m: f64, v: f64) -> (f64, f64, f64) {
-        let g = g * self.scale;
-        let m = self.beta1 * m + (1.0 - self.beta1) * g;
-        let v = self.beta2 * v + (1.0 - self.beta2) * g * g;
-        let update = (m / self.bc1) / ((v / self.bc2).sqrt() + self.eps);
-        (w * (1.0 - self.lr * self.decay) - self.lr * update, m, v)
-    }
-}
-
 /// The update as tensor operations, on any device and dtype (the moments' dtype: f32 for
 /// bf16 parameters).
 fn tensor_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, rule: &Rule) -> Result<(Tensor, Tensor, Tensor)> {
@@ -270,15 +259,20 @@ fn cpu_update_as<T: crate::cpu::Real>(
     rule: &Rule,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let names = ["AdamW: the parameter", "AdamW: its gradient", "AdamW: its first moment", "AdamW: its second moment"];
+    // in T's arithmetic, one pass per output (each vectorises): the moments, then the weight
+    let c = |x: f64| T::narrow(x);
+    let (b1, b2, scale) = (c(rule.beta1), c(rule.beta2), c(rule.scale));
+    let (inv_bc1, inv_sqrt_bc2, eps) = (c(1.0 / rule.bc1), c(1.0 / rule.bc2.sqrt()), c(rule.eps));
+    let (lr, shrink) = (c(rule.lr), c(1.0 - rule.lr * rule.decay));
     let (w2, m2, v2) = crate::cpu::with_slices::<T, _>(&[w, g, m, v], &names, |d| {
-        let n = d[0].len();
-        let (mut w2, mut m2, mut v2) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for (((w, g), m), v) in d[0].iter().zip(d[1]).zip(d[2]).zip(d[3]) {
-            let (a, b, c) = rule.apply(w.to_f64(), g.to_f64(), m.to_f64(), v.to_f64());
-            w2.push(T::from_f64(a));
-            m2.push(T::from_f64(b));
-            v2.push(T::from_f64(c));
-        }
+        let (w, g, m, v) = (d[0], d[1], d[2], d[3]);
+        let m2: Vec<T> = m.iter().zip(g).map(|(&m, &g)| b1 * m + (T::one() - b1) * (g * scale)).collect();
+        let v2: Vec<T> = v.iter().zip(g).map(|(&v, &g)| b2 * v + (T::one() - b2) * (g * scale) * (g * scale)).collect();
+        let w2: Vec<T> = w
+            .iter()
+            .zip(m2.iter().zip(&v2))
+            .map(|(&w, (&m, &v))| w * shrink - lr * (m * inv_bc1) / (v.sqrt() * inv_sqrt_bc2 + eps))
+            .collect();
         (w2, m2, v2)
     })?;
     let dev = candle_core::Device::Cpu;
