@@ -33,16 +33,41 @@ impl Linear {
     /// `x: [..., in] -> [..., out]`, computed in `x`'s dtype (f32 master weights are cast
     /// to bf16 when the activations are bf16: mixed precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.rows_forward(x, 0, self.weight.dim(0)?)
+    }
+
+    /// The outputs in consecutive blocks of `sizes` features (a fused projection's parts,
+    /// `[..., in] -> [..., sizes[i]]` each). On the CPU each block is its own product with its
+    /// rows of the weight: the backward of cutting one product's output would build every
+    /// part's gradient at full width, zero-padded, and sum them (three full-width passes and
+    /// their zeros for a query-key-value projection). On a GPU one product, then the cuts:
+    /// fewer launches.
+    pub fn forward_parts(&self, x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
+        let starts = sizes.iter().scan(0, |at, &n| {
+            *at += n;
+            Some(*at - n)
+        });
+        if x.device().is_cpu() {
+            return starts.zip(sizes).map(|(start, &n)| self.rows_forward(x, start, n)).collect();
+        }
+        let y = self.forward(x)?;
+        starts.zip(sizes).map(|(start, &n)| y.narrow(D::Minus1, start, n)).collect()
+    }
+
+    /// `x W[start..start + n]^T + b[start..start + n]`.
+    fn rows_forward(&self, x: &Tensor, start: usize, n: usize) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().unwrap();
         let rows = x.elem_count() / d_in;
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
+        let whole = start == 0 && n == self.weight.dim(0)?;
+        let part = |t: &Tensor| if whole { Ok(t.clone()) } else { t.narrow(0, start, n) };
+        let y = x.reshape((rows, d_in))?.matmul(&part(&self.weight.to_dtype(x.dtype())?)?.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+            Some(b) => y.broadcast_add(&part(&b.to_dtype(x.dtype())?)?)?,
             None => y,
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        *out_dims.last_mut().unwrap() = n;
         y.reshape(out_dims)
     }
 }
@@ -140,4 +165,42 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
         (u.ge(p)?.to_dtype(DType::F32)? * scale)?.to_dtype(x.dtype())?
     };
     x * mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The parts of a fused projection (a product per block of weight rows on the CPU) are the
+    /// cuts of the whole product, and their gradients those of the cuts (f64, with a bias).
+    #[test]
+    fn projection_parts_are_the_cuts_of_the_whole() -> Result<()> {
+        let pb = ParamBuilder::new(3, &Device::Cpu, DType::F64);
+        let lin = Linear::new(&pb, "qkv", 6, 10, 0.5, true).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let store = pb.into_store();
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 6), &Device::Cpu)?;
+        let sizes = [4, 3, 3];
+        let parts = lin.forward_parts(&x, &sizes)?;
+        let whole = lin.forward(&x)?;
+        let mut start = 0;
+        let mut loss_parts = Tensor::zeros((), DType::F64, &Device::Cpu)?;
+        let mut loss_cuts = loss_parts.clone();
+        for (i, (part, &n)) in parts.iter().zip(&sizes).enumerate() {
+            let cut = whole.narrow(D::Minus1, start, n)?;
+            let err = (part - &cut)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(err < 1e-14, "part {i}: {err}");
+            // weight each part differently so every block's gradient is checked
+            loss_parts = (loss_parts + (part.sqr()?.sum_all()? * (i + 1) as f64)?)?;
+            loss_cuts = (loss_cuts + (cut.sqr()?.sum_all()? * (i + 1) as f64)?)?;
+            start += n;
+        }
+        let (gp, gc) = (loss_parts.backward()?, loss_cuts.backward()?);
+        for (name, p) in store.vars() {
+            let t = p.var.as_tensor();
+            let err = (gp.get(t).unwrap() - gc.get(t).unwrap())?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(err < 1e-12, "{name}: {err}");
+        }
+        Ok(())
+    }
 }

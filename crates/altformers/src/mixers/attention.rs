@@ -9,7 +9,7 @@
 //! query heads per key/value head, `d_h` head width.
 
 use anyhow::Result as AnyResult;
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 use super::{MixerState, SequenceMixer};
 use crate::complexity::{Complexity, CostShape, Judgement, Review};
@@ -54,11 +54,10 @@ impl Attention {
     pub(crate) fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, dh) = (self.heads, self.kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(x)?;
-        let split = |start: usize, n: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, start * dh, n * dh)?.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous()
-        };
-        let (mut q, mut k, v) = (split(0, h)?, split(h, kvh)?, split(h + kvh, kvh)?);
+        let parts = self.qkv.forward_parts(x, &[h * dh, kvh * dh, kvh * dh])?;
+        let heads =
+            |p: &Tensor, n: usize| -> Result<Tensor> { p.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous() };
+        let (mut q, mut k, v) = (heads(&parts[0], h)?, heads(&parts[1], kvh)?, heads(&parts[2], kvh)?);
         if let Some(base) = self.rope_base {
             q = rotary::apply(&q, offset, base)?;
             k = rotary::apply(&k, offset, base)?;

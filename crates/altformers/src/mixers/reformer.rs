@@ -416,16 +416,14 @@ impl LshAttention {
     fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, dh) = (self.heads, self.head_dim);
-        let qv = self.qv.forward(x)?;
-        let split = |start: usize| -> Result<Tensor> {
-            qv.narrow(D::Minus1, start * dh, h * dh)?.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()
-        };
-        let mut q = split(0)?;
+        let qv = self.qv.forward_parts(x, &[h * dh, h * dh])?;
+        let heads = |p: &Tensor| -> Result<Tensor> { p.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous() };
+        let mut q = heads(&qv[0])?;
         if let Some(base) = self.rope_base {
             q = rotary::apply(&q, offset, base)?;
         }
         let k = normalized_keys(&q)?;
-        Ok((q, k, split(h)?))
+        Ok((q, k, heads(&qv[1])?))
     }
 
     /// Causal LSH attention of the queries at positions `from..T` over keys `0..T`.
