@@ -162,15 +162,44 @@ pub mod size {
 
     /// Refuses `needed` bytes (for `what`) beyond the host's available memory.
     pub fn check(needed: f64, what: impl FnOnce() -> String) -> Result<()> {
+        check_or_lower(needed, what, "model.width, model.depth or the batch")
+    }
+
+    /// [`check`], its message naming what to `lower`.
+    pub fn check_or_lower(needed: f64, what: impl FnOnce() -> String, lower: &str) -> Result<()> {
         match available_ram() {
             Some(free) if needed > free => bail!(
-                "{} needs about {}B of memory; {}B are available: lower model.width, model.depth or the batch",
+                "{} needs about {}B of memory; {}B are available: lower {lower}",
                 what(),
                 human(needed),
                 human(free)
             ),
             _ => Ok(()),
         }
+    }
+
+    /// Tensors smaller than this are not checked one by one: none of them alone can exhaust
+    /// a machine (and reading the free memory for each would slow every model's construction).
+    const TENSOR_CHECKED_FROM: f64 = 256.0 * 1024.0 * 1024.0;
+
+    /// The element count of a tensor `what` of shape `dims` whose values take
+    /// `bytes_per_element` bytes while it is built, refused before anything is allocated where
+    /// the count overflows or the bytes exceed the available memory. An option that sizes one
+    /// tensor (`model.options.filter_width=10^12`) is beyond [`check_params`]' estimate, and
+    /// the allocator would abort the process without a word.
+    pub fn check_tensor(what: impl Fn() -> String, dims: &[usize], bytes_per_element: usize) -> Result<usize> {
+        let Some(n) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+            bail!("{} of shape {dims:?} has more elements than this machine can address", what());
+        };
+        let bytes = dims.iter().map(|&d| d as f64).product::<f64>() * bytes_per_element as f64;
+        if bytes >= TENSOR_CHECKED_FROM {
+            check_or_lower(
+                bytes,
+                || format!("{} of shape {dims:?}", what()),
+                "the setting that sizes it (model.options.*, model.width, model.context, ...)",
+            )?;
+        }
+        Ok(n)
     }
 
     /// The parameters of `config` in `dtype`.
