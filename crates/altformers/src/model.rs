@@ -236,6 +236,32 @@ pub mod size {
         })
     }
 
+    /// Generating `samples` sequences of `len` tokens (prompt included): their ids, and one
+    /// layer's forward peak over the batch at the model's context (inference keeps no layer's
+    /// activations). A `--batch` of 10^11 aborted in the allocator.
+    pub fn check_generation(config: &ModelConfig, samples: usize, len: usize, dtype: DType) -> Result<()> {
+        let arch = crate::registry::find(&config.architecture)?;
+        let shape = crate::complexity::CostShape {
+            batch: samples,
+            seq: len.min(config.context),
+            width: config.width,
+            heads: config.heads,
+        };
+        let activations = (arch.complexity.memory)(&shape) * dtype.size_in_bytes() as f64;
+        let ids = samples as f64 * len as f64 * 4.0;
+        check_or_lower(
+            activations + ids,
+            || {
+                format!(
+                    "generating {samples} x {len} tokens (ids {}B, activations {}B)",
+                    human(ids),
+                    human(activations)
+                )
+            },
+            "--batch or --tokens",
+        )
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
