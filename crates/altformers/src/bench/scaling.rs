@@ -255,7 +255,7 @@ pub fn run(
                             // for loading CUDA kernels and first-touch pages, which would cap
                             // a curve after its first length (the H200 fwd sweep did)
                             if probe.first_s.min(probe.second_s) <= opts.time_cap_s {
-                                timed.push((curve.len(), prepared, Vec::with_capacity(opts.reps)));
+                                timed.push((curve.len(), prepared, Vec::new()));
                             } else {
                                 // Over the cap, a single sample: the warm second run where there
                                 // was one (the cold first run pays first-touch page faults).
