@@ -442,9 +442,11 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
             cases.push((vec!["logits", "--run", run_s, "--ids", "1,2", "--out", &out_s], vec![flag, v]));
         }
     }
-    for (flag, values) in
-        [("--vocab", &["0", "-1", "255", "abc", ""][..]), ("--data", &["", "/no/such/file"]), ("--out", &[""])]
-    {
+    for (flag, values) in [
+        ("--vocab", &["0", "-1", "255", "abc", "", "1000000000000"][..]),
+        ("--data", &["", "/no/such/file"]),
+        ("--out", &[""]),
+    ] {
         for v in values {
             cases.push((
                 vec!["tokenizer", "train", "--data", "shakespeare", "--vocab", "300", "--out", &out_s],
