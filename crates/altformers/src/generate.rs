@@ -116,6 +116,7 @@ pub fn generate_ids(
         samples,
         prompt.len().saturating_add(opts.tokens),
         model.dtype(),
+        model.device().is_cpu(),
     )?;
     let window = model.window();
     let crop = |toks: &[u32]| -> Vec<u32> {

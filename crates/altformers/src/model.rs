@@ -236,10 +236,11 @@ pub mod size {
         })
     }
 
-    /// Generating `samples` sequences of `len` tokens (prompt included): their ids, and one
-    /// layer's forward peak over the batch at the model's context (inference keeps no layer's
-    /// activations). A `--batch` of 10^11 aborted in the allocator.
-    pub fn check_generation(config: &ModelConfig, samples: usize, len: usize, dtype: DType) -> Result<()> {
+    /// Generating `samples` sequences of `len` tokens (prompt included): their ids (host
+    /// memory always) and, where the model runs on the CPU, one layer's forward peak over the
+    /// batch at the model's context (inference keeps no layer's activations). A `--batch` of
+    /// 10^11 aborted in the allocator.
+    pub fn check_generation(config: &ModelConfig, samples: usize, len: usize, dtype: DType, cpu: bool) -> Result<()> {
         let arch = crate::registry::find(&config.architecture)?;
         let shape = crate::complexity::CostShape {
             batch: samples,
@@ -247,7 +248,7 @@ pub mod size {
             width: config.width,
             heads: config.heads,
         };
-        let activations = (arch.complexity.memory)(&shape) * dtype.size_in_bytes() as f64;
+        let activations = if cpu { (arch.complexity.memory)(&shape) * dtype.size_in_bytes() as f64 } else { 0.0 };
         let ids = samples as f64 * len as f64 * 4.0;
         check_or_lower(
             activations + ids,
