@@ -142,6 +142,11 @@ impl ModelConfig {
 
     /// The architecture's options as its own type, checked (unknown keys are errors).
     pub fn options<T: Options>(&self) -> Result<T> {
+        // TOML has no null: a null here is a NaN or an infinity that the JSON table could not
+        // hold (serde would say only "invalid type: null, expected f64")
+        if let Some((key, _)) = self.options.iter().find(|(_, v)| v.is_null()) {
+            bail!("model.options.{key} must be a finite number, got NaN or an infinity");
+        }
         let o: T = serde_json::from_value(serde_json::Value::Object(self.options.clone()))
             .with_context(|| format!("invalid model.options for `{}`", self.architecture))?;
         o.check().with_context(|| format!("invalid model.options for `{}`", self.architecture))?;
@@ -544,6 +549,19 @@ mod tests {
         ] {
             let err = RunConfig::layered(&RunConfig::default(), &Overrides::sets(&[set])).unwrap_err().to_string();
             assert!(err.contains(needle), "{set}: expected `{needle}` in: {err}");
+        }
+    }
+
+    /// An option given NaN or an infinity is named, not reported as serde's "invalid type:
+    /// null" (the options table is JSON, which has no NaN).
+    #[test]
+    fn a_non_finite_option_is_named() {
+        let mut defaults = RunConfig::default();
+        defaults.model.options.insert("rate".into(), serde_json::json!(1.5));
+        for v in ["nan", "inf", "-inf"] {
+            let cfg = RunConfig::layered(&defaults, &Overrides::sets(&[format!("model.options.rate={v}")])).unwrap();
+            let err = cfg.model.options::<NoOptions>().unwrap_err().to_string();
+            assert!(err.contains("model.options.rate must be a finite number"), "{v}: {err}");
         }
     }
 
