@@ -463,21 +463,6 @@ fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
         .collect()
 }
 
-/// `flag`'s comma-separated counts, each at least 1 (a zero length or batch divides by zero).
-fn counts(s: &str, flag: &str) -> Result<Vec<usize>> {
-    let v: Vec<usize> = list(s, flag)?;
-    anyhow::ensure!(v.iter().all(|&x| x > 0), "{flag}: every value must be at least 1, got `{s}`");
-    Ok(v)
-}
-
-/// Each `(flag, value)` must be a positive, finite number.
-fn positive(values: &[(&str, f64)]) -> Result<()> {
-    for (flag, v) in values {
-        anyhow::ensure!(v.is_finite() && *v > 0.0, "{flag} must be a positive number, got {v}");
-    }
-    Ok(())
-}
-
 /// Each `(flag, path)` must be given, not empty (an empty --out would write into the working folder).
 fn non_empty(paths: &[(&str, &std::path::Path)]) -> Result<()> {
     for (flag, p) in paths {
@@ -559,20 +544,12 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             sets,
             sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
-            positive(&[
-                ("--width", width as f64),
-                ("--heads", heads as f64),
-                ("--tokens-per-batch", tokens_per_batch as f64),
-                ("--reps", reps as f64),
-                ("--time-cap", time_cap),
-                ("--memory-cap-gb", memory_cap_gb),
-            ])?;
             let device = altformers::device::select(&device)?;
             let opts = scaling::ScalingOptions {
                 models: model_list(&models)?,
                 components: components.split(',').map(|c| c.trim().to_string()).collect(),
                 mode: mode.into(),
-                lengths: counts(&lengths, "--lengths")?,
+                lengths: list(&lengths, "--lengths")?,
                 width,
                 heads,
                 tokens_per_batch,
@@ -583,6 +560,9 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 dtype: altformers::device::parse_dtype(&dtype)?,
                 sets,
             };
+            // refused before the first line is printed (the sweep checks again: a preset's
+            // tables reach it without this)
+            opts.validate()?;
             lines.push(&altformers::bench::Provenance::capture(&device));
             let (_, fits) = scaling::run(&opts, &device, |p| lines.push(p))?;
             for f in &fits {
@@ -591,18 +571,17 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             lines.save(out.as_deref())
         }
         BenchCommand::Ops { ops, device, modes, lengths, reps, warmup, dtype, memory_cap_gb, out } => {
-            positive(&[("--reps", reps as f64), ("--memory-cap-gb", memory_cap_gb)])?;
             let device = altformers::device::select(&device)?;
             let opts = altformers::bench::ops::OpsOptions {
                 ops: ops.split(',').map(|s| s.trim().to_string()).collect(),
                 modes: modes.into_iter().map(scaling::BenchMode::from).collect(),
-                lengths: counts(&lengths, "--lengths")?,
+                lengths: list(&lengths, "--lengths")?,
                 warmup,
                 reps,
                 dtype: altformers::device::parse_dtype(&dtype)?,
                 memory_cap_bytes: memory_cap_gb * 1e9,
             };
-            altformers::bench::ops::check_ops(&opts.ops)?;
+            opts.validate()?;
             lines.push(&altformers::bench::Provenance::capture(&device));
             let points = altformers::bench::ops::run(&opts, &device, |p| lines.push(p))?;
             for f in scaling::fits(&points) {
@@ -616,10 +595,11 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 heads,
                 length,
                 input_stds: list(&input_stds, "--input-stds")?,
-                features: counts(&features, "--features")?,
+                features: list(&features, "--features")?,
                 draws,
                 seed,
             };
+            opts.validate()?;
             lines.push(&altformers::bench::Provenance::capture(&candle_core::Device::Cpu));
             altformers::bench::performer_error::run(&opts, |r| lines.push(r))?;
             lines.save(out.as_deref())
@@ -636,19 +616,11 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             time_cap,
             sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
-            positive(&[
-                ("--width", width as f64),
-                ("--heads", heads as f64),
-                ("--depth", depth as f64),
-                ("--steps", steps as f64),
-                ("--time-cap", time_cap),
-                ("--memory-cap-gb", memory_cap_gb),
-            ])?;
             let device = altformers::device::select(&device)?;
             let opts = decode::DecodeOptions {
                 models: model_list(&models)?,
-                contexts: counts(&contexts, "--contexts")?,
-                batches: counts(&batches, "--batches")?,
+                contexts: list(&contexts, "--contexts")?,
+                batches: list(&batches, "--batches")?,
                 width,
                 heads,
                 depth,
@@ -657,6 +629,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 time_cap_s: time_cap,
                 dtype: altformers::device::parse_dtype(&dtype)?,
             };
+            opts.validate()?;
             lines.push(&altformers::bench::Provenance::capture(&device));
             decode::run(&opts, &device, |p| lines.push(p))?;
             lines.save(out.as_deref())
@@ -795,7 +768,10 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Eval { run, data, data_format, test, max_bytes, batch_size, device, tokenizer } => {
             non_empty(&[("--run", &run), ("--data", std::path::Path::new(&data))])?;
-            positive(&[("--batch-size", batch_size as f64), ("--max-bytes", max_bytes.unwrap_or(1) as f64)])?;
+            altformers::util::positive(&[
+                ("--batch-size", batch_size as f64),
+                ("--max-bytes", max_bytes.unwrap_or(1) as f64),
+            ])?;
             let device = altformers::device::select(&device)?;
             let model = train::load_run(&run, &device, candle_core::DType::F32)?;
             let corpus = Corpus::load(&data, data_format.into())?;

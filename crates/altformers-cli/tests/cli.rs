@@ -303,10 +303,52 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
         "model.vocab=10",
         "nosuch.key=1",
         "model.options.nosuch=1",
+        "model.rope_base=0",
+        "model.rope_base=-1",
+        "model.rope_base=nan",
     ];
     let mut cases: Vec<(Vec<&str>, Vec<&str>)> = Vec::new();
     for set in bad_sets {
         cases.push((train_base.clone(), vec!["--set", set]));
+    }
+    // options that size one tensor or count layers, at 10^12 (each aborted in the allocator or
+    // built layers until killed)
+    let huge_options = [
+        ("hyena", "filter_width"),
+        ("hyena", "order"),
+        ("hyena", "short_kernel"),
+        ("hyena", "filter_inner_layers"),
+        ("m2", "filter_width"),
+        ("aft-full", "rank"),
+        ("aft-local", "rank"),
+        ("aft-conv", "window"),
+        ("reformer", "n_buckets"),
+        ("reformer", "n_hashes"),
+        ("megabyte", "local_depth"),
+        ("megabyte", "local_width"),
+    ];
+    let huge_sets: Vec<String> =
+        huge_options.iter().map(|(_, key)| format!("model.options.{key}=1000000000000")).collect();
+    for ((model, _), set) in huge_options.iter().zip(&huge_sets) {
+        let mut base = train_base.clone();
+        base[2] = model;
+        cases.push((base, vec!["--set", set]));
+    }
+    // ListOps generators whose trees grow without bound (allocator abort, stack overflow)
+    let mut listops_base = vec!["train", "--model", "transformer", "--task", "listops", "--out", &out_s, "--quiet"];
+    listops_base.extend(TINY);
+    listops_base.extend(["--set", "listops.generator.min_len=4", "--set", "listops.generator.max_len=16"]);
+    for set in [
+        "listops.generator.max_args=1000000000000",
+        "listops.generator.max_depth=1000000000000",
+        "listops.generator.max_depth=1000",
+        "listops.generator.max_args=1",
+        "listops.generator.max_len=0",
+        "listops.eval_examples=0",
+        "listops.eval_examples=-1",
+        "listops.nosuch=1",
+    ] {
+        cases.push((listops_base.clone(), vec!["--set", set]));
     }
     for (flag, values) in [
         ("--model", &["", "nosuch", "0"][..]),
@@ -344,10 +386,11 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
     let gen_base = vec!["generate", "--run", run_s, "--tokens", "4"];
     for (flag, values) in [
         ("--run", &["", "/no/such/run"][..]),
-        ("--tokens", &["-1", "nan", "1e30"]),
+        ("--tokens", &["-1", "nan", "1e30", "100000000000"]),
         ("--temperature", &["-1", "nan", "inf", "abc", ""]),
         ("--top-k", &["0", "-1", "nan"]),
         ("--seed", &["-1", "nan"]),
+        ("--batch", &["0", "-1", "100000000000"]),
         ("--mode", &["", "nosuch"]),
         ("--device", &["nosuch"]),
     ] {
@@ -399,9 +442,11 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
             cases.push((vec!["logits", "--run", run_s, "--ids", "1,2", "--out", &out_s], vec![flag, v]));
         }
     }
-    for (flag, values) in
-        [("--vocab", &["0", "-1", "255", "abc", ""][..]), ("--data", &["", "/no/such/file"]), ("--out", &[""])]
-    {
+    for (flag, values) in [
+        ("--vocab", &["0", "-1", "255", "abc", "", "1000000000000"][..]),
+        ("--data", &["", "/no/such/file"]),
+        ("--out", &[""]),
+    ] {
         for v in values {
             cases.push((
                 vec!["tokenizer", "train", "--data", "shakespeare", "--vocab", "300", "--out", &out_s],
@@ -527,9 +572,9 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
     ];
     for (flag, values) in [
         ("--features", &["0", "", "nan"][..]),
-        ("--head-dim", &["0"]),
-        ("--heads", &["0"]),
-        ("--length", &["0"]),
+        ("--head-dim", &["0", "1000000000000"]),
+        ("--heads", &["0", "1000000000000"]),
+        ("--length", &["0", "1000000000000"]),
         ("--draws", &["0"]),
         ("--input-stds", &["nan", "0", "abc"]),
     ] {
@@ -556,8 +601,7 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
     cases.push((vec![], vec![]));
 
     for (base, bad) in &cases {
-        let args: Vec<&str> =
-            ["--threads", "1"].iter().copied().chain(base.iter().copied()).chain(bad.iter().copied()).collect();
+        let args: Vec<&str> = ["--threads", "1"].iter().copied().chain(with_bad_value(base, bad)).collect();
         let out = altformers(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let code = out.status.code();
@@ -578,6 +622,53 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
     fails_with(&["eval", "--run", run_s, "--data", "shakespeare", "--max-bytes", "200"], &format!("`{name}` holds"));
     fails_with(&["generate", "--run", run_s, "--tokens", "4"], "non-finite");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A checkpoint with a NaN in its weights or in AdamW's moments is refused on --resume naming
+/// the file and the tensor (the moments were loaded as they were, and the resumed run
+/// "diverged" at its first step with advice to lower the learning rate).
+#[test]
+fn non_finite_checkpoints_are_refused_on_resume_by_tensor_name() {
+    let dir = temp("nan-resume");
+    for file in ["model", "optimizer"] {
+        let run = dir.join(file);
+        let run_s = run.to_str().unwrap();
+        let mut args =
+            vec!["--threads", "1", "train", "--model", "transformer", "--data", "shakespeare", "--out", run_s];
+        args.extend(TINY);
+        args.extend(["--quiet", "--stop-after", "2"]);
+        let stopped = altformers(&args);
+        assert!(stopped.status.success(), "{}", String::from_utf8_lossy(&stopped.stderr));
+        let path = run.join("checkpoint").join(format!("{file}.safetensors"));
+        let mut t = altformers::params::load_tensors(&path, &candle_core::Device::Cpu).unwrap();
+        let name = t.keys().find(|k| !k.starts_with("lr_scale.")).unwrap().clone();
+        let nan = t[&name].affine(0.0, f64::NAN).unwrap();
+        t.insert(name.clone(), nan);
+        altformers::params::save_tensors(&t, &path).unwrap();
+        fails_with(
+            &["--threads", "1", "train", "--model", "transformer", "--data", "shakespeare", "--out", run_s, "--resume"],
+            &format!("tensor `{name}` holds"),
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `base` with the `bad` flag and value: the bad value replaces the base's own for that flag
+/// (clap refuses a flag given twice, which would hide the bad value), except for the
+/// repeatable `--set`; a bad list without a flag (a bare subcommand) is appended.
+fn with_bad_value<'a>(base: &[&'a str], bad: &[&'a str]) -> Vec<&'a str> {
+    let mut args = base.to_vec();
+    match bad {
+        [flag, value] if flag.starts_with("--") && *flag != "--set" => {
+            match args.iter().position(|a| a == flag).filter(|&i| i + 1 < args.len() && !args[i + 1].starts_with("--"))
+            {
+                Some(i) => args[i + 1] = value,
+                None => args.extend([*flag, *value]),
+            }
+        }
+        _ => args.extend_from_slice(bad),
+    }
+    args
 }
 
 /// The smaller items of issue 25: clear refusals, warnings that name the line, help text.

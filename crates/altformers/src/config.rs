@@ -114,8 +114,14 @@ impl ModelConfig {
     /// Checks what every model needs; mixers check their own options when built.
     pub fn validate(&self) -> Result<()> {
         let w = self.width;
-        if self.vocab == 0 || w == 0 || self.depth == 0 || self.context == 0 || self.heads == 0 {
-            bail!("model.vocab, model.width, model.depth, model.context and model.heads must all be positive");
+        for (key, value) in [
+            ("model.vocab", self.vocab),
+            ("model.width", w),
+            ("model.depth", self.depth),
+            ("model.context", self.context),
+            ("model.heads", self.heads),
+        ] {
+            at_least_one(key, value)?;
         }
         if !w.is_multiple_of(self.heads) {
             bail!("model.heads ({}) does not divide model.width ({w})", self.heads);
@@ -126,17 +132,21 @@ impl ModelConfig {
         if self.position == Position::Rope && !self.head_dim().is_multiple_of(2) {
             bail!("RoPE needs an even head dimension; model.width / model.heads = {}", self.head_dim());
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            bail!("model.dropout must be in [0, 1), got {}", self.dropout);
-        }
-        if !self.ffn_mult.is_finite() || self.ffn_mult <= 0.0 {
-            bail!("model.ffn_mult must be positive and finite, got {}", self.ffn_mult);
-        }
+        in_unit_interval("model.dropout", self.dropout)?;
+        finite_positive("model.ffn_mult", self.ffn_mult)?;
+        // RoPE's (and RetNet's) angles are positions times base^(-2i/d): a base of 0, below 0
+        // or not finite makes them NaN, which surfaces only as a diverged first step
+        finite_positive("model.rope_base", self.rope_base)?;
         Ok(())
     }
 
     /// The architecture's options as its own type, checked (unknown keys are errors).
     pub fn options<T: Options>(&self) -> Result<T> {
+        // TOML has no null: a null here is a NaN or an infinity that the JSON table could not
+        // hold (serde would say only "invalid type: null, expected f64")
+        if let Some((key, _)) = self.options.iter().find(|(_, v)| v.is_null()) {
+            bail!("model.options.{key} must be a finite number, got NaN or an infinity");
+        }
         let o: T = serde_json::from_value(serde_json::Value::Object(self.options.clone()))
             .with_context(|| format!("invalid model.options for `{}`", self.architecture))?;
         o.check().with_context(|| format!("invalid model.options for `{}`", self.architecture))?;
@@ -224,8 +234,13 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.steps == 0 || self.eval_every == 0 || self.eval_batches == 0 {
-            bail!("train.batch_size, train.steps, train.eval_every and train.eval_batches must be positive");
+        for (key, value) in [
+            ("train.batch_size", self.batch_size),
+            ("train.steps", self.steps),
+            ("train.eval_every", self.eval_every),
+            ("train.eval_batches", self.eval_batches),
+        ] {
+            at_least_one(key, value)?;
         }
         // NaN compares false both ways: every float check starts with `is_finite`
         if !self.lr.is_finite()
@@ -235,28 +250,51 @@ impl TrainConfig {
             || self.min_lr > self.lr
         {
             bail!(
-                "need 0 <= train.min_lr <= train.lr and train.lr > 0, both finite (got lr {}, min_lr {})",
+                "need 0 <= train.min_lr <= train.lr and train.lr > 0, both finite (got lr {:?}, min_lr {:?})",
                 self.lr,
                 self.min_lr
             );
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            bail!("train.beta1 and train.beta2 must be in [0, 1)");
-        }
-        if !self.grad_clip.is_finite()
-            || self.grad_clip < 0.0
-            || !self.weight_decay.is_finite()
-            || self.weight_decay < 0.0
-        {
-            bail!("train.grad_clip and train.weight_decay must be finite and non-negative");
-        }
+        in_unit_interval("train.beta1", self.beta1)?;
+        in_unit_interval("train.beta2", self.beta2)?;
+        finite_non_negative("train.grad_clip", self.grad_clip)?;
+        finite_non_negative("train.weight_decay", self.weight_decay)?;
         // Adam's epsilon keeps the update finite where a second moment is 0 (PyTorch refuses
         // a negative one; 0 would divide 0 by 0 for a parameter with no gradient yet)
-        if !self.eps.is_finite() || self.eps <= 0.0 {
-            bail!("train.eps (AdamW's epsilon) must be a finite positive number, got {}", self.eps);
-        }
-        Ok(())
+        finite_positive("train.eps (AdamW's epsilon)", self.eps)
     }
+}
+
+// The checks of one value, each naming its key and the value given. Floats print with `{:?}`
+// so that 1e300 reads as such, not as 301 digits.
+
+fn at_least_one(key: &str, value: usize) -> Result<()> {
+    if value == 0 {
+        bail!("{key} must be at least 1, got 0");
+    }
+    Ok(())
+}
+
+/// NaN fails every comparison, so `contains` refuses it too.
+fn in_unit_interval(key: &str, value: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&value) {
+        bail!("{key} must be in [0, 1), got {value:?}");
+    }
+    Ok(())
+}
+
+fn finite_positive(key: &str, value: f64) -> Result<()> {
+    if !value.is_finite() || value <= 0.0 {
+        bail!("{key} must be finite and positive, got {value:?}");
+    }
+    Ok(())
+}
+
+fn finite_non_negative(key: &str, value: f64) -> Result<()> {
+    if !value.is_finite() || value < 0.0 {
+        bail!("{key} must be finite and non-negative, got {value:?}");
+    }
+    Ok(())
 }
 
 /// Everything a run needs to be reproduced; saved as `config.json` in the run folder.
@@ -489,6 +527,42 @@ mod tests {
             assert!(err.contains("train.eps"), "{err}");
         }
         assert!(TrainConfig::default().validate().is_ok());
+    }
+
+    /// A bad value is refused naming its key and the value given: zero sizes, NaN, infinite
+    /// and out-of-range floats, and RoPE's base (NaN angles, seen before only as a run that
+    /// diverged at its first step).
+    #[test]
+    fn a_bad_value_is_refused_naming_its_key_and_value() {
+        for (set, needle) in [
+            ("model.width=0", "model.width must be at least 1, got 0"),
+            ("model.context=0", "model.context must be at least 1, got 0"),
+            ("train.eval_batches=0", "train.eval_batches must be at least 1, got 0"),
+            ("model.rope_base=0", "model.rope_base must be finite and positive, got 0.0"),
+            ("model.rope_base=-1", "model.rope_base must be finite and positive, got -1.0"),
+            ("model.rope_base=nan", "model.rope_base must be finite and positive, got NaN"),
+            ("model.ffn_mult=inf", "model.ffn_mult must be finite and positive, got inf"),
+            ("model.dropout=1e300", "model.dropout must be in [0, 1), got 1e300"),
+            ("train.beta2=nan", "train.beta2 must be in [0, 1), got NaN"),
+            ("train.weight_decay=-1", "train.weight_decay must be finite and non-negative, got -1.0"),
+            ("train.min_lr=1e300", "min_lr 1e300"),
+        ] {
+            let err = RunConfig::layered(&RunConfig::default(), &Overrides::sets(&[set])).unwrap_err().to_string();
+            assert!(err.contains(needle), "{set}: expected `{needle}` in: {err}");
+        }
+    }
+
+    /// An option given NaN or an infinity is named, not reported as serde's "invalid type:
+    /// null" (the options table is JSON, which has no NaN).
+    #[test]
+    fn a_non_finite_option_is_named() {
+        let mut defaults = RunConfig::default();
+        defaults.model.options.insert("rate".into(), serde_json::json!(1.5));
+        for v in ["nan", "inf", "-inf"] {
+            let cfg = RunConfig::layered(&defaults, &Overrides::sets(&[format!("model.options.rate={v}")])).unwrap();
+            let err = cfg.model.options::<NoOptions>().unwrap_err().to_string();
+            assert!(err.contains("model.options.rate must be a finite number"), "{v}: {err}");
+        }
     }
 
     /// `params --matching` lays a model's settings on the reference too, but not its own

@@ -111,6 +111,13 @@ pub fn generate_ids(
             model.config.architecture
         );
     }
+    crate::model::size::check_generation(
+        &model.config,
+        samples,
+        prompt.len().saturating_add(opts.tokens),
+        model.dtype(),
+        model.device().is_cpu(),
+    )?;
     let window = model.window();
     let crop = |toks: &[u32]| -> Vec<u32> {
         match window {
@@ -203,13 +210,20 @@ mod tests {
     }
 
     #[test]
-    fn zero_samples_or_an_empty_prompt_are_clear_errors() -> Result<()> {
+    fn zero_or_too_many_samples_or_an_empty_prompt_are_clear_errors() -> Result<()> {
         let m = model()?;
         let opts = SampleOptions { tokens: 2, temperature: 1.0, top_k: None, seed: 1 };
         let zero = generate_batch(&m, b"a", &opts, Mode::Recurrent, 0).unwrap_err().to_string();
         assert!(zero.contains("at least 1"), "{zero}");
         let empty = generate_batch(&m, b"", &opts, Mode::Recurrent, 2).unwrap_err().to_string();
         assert!(empty.contains("prompt is empty"), "{empty}");
+        // more samples, or longer ones, than memory holds: refused with the figure, where the
+        // allocator aborted the process
+        let many = generate_batch(&m, b"a", &opts, Mode::Recurrent, 100_000_000_000).unwrap_err().to_string();
+        assert!(many.contains("generating 100000000000 x 3 tokens") && many.contains("--batch"), "{many}");
+        let long = SampleOptions { tokens: usize::MAX, ..opts };
+        let long = generate_batch(&m, b"a", &long, Mode::Recurrent, 1).unwrap_err().to_string();
+        assert!(long.contains("needs about"), "{long}");
         Ok(())
     }
 }

@@ -162,15 +162,44 @@ pub mod size {
 
     /// Refuses `needed` bytes (for `what`) beyond the host's available memory.
     pub fn check(needed: f64, what: impl FnOnce() -> String) -> Result<()> {
+        check_or_lower(needed, what, "model.width, model.depth or the batch")
+    }
+
+    /// [`check`], its message naming what to `lower`.
+    pub fn check_or_lower(needed: f64, what: impl FnOnce() -> String, lower: &str) -> Result<()> {
         match available_ram() {
             Some(free) if needed > free => bail!(
-                "{} needs about {}B of memory; {}B are available: lower model.width, model.depth or the batch",
+                "{} needs about {}B of memory; {}B are available: lower {lower}",
                 what(),
                 human(needed),
                 human(free)
             ),
             _ => Ok(()),
         }
+    }
+
+    /// Tensors smaller than this are not checked one by one: none of them alone can exhaust
+    /// a machine (and reading the free memory for each would slow every model's construction).
+    const TENSOR_CHECKED_FROM: f64 = 256.0 * 1024.0 * 1024.0;
+
+    /// The element count of a tensor `what` of shape `dims` whose values take
+    /// `bytes_per_element` bytes while it is built, refused before anything is allocated where
+    /// the count overflows or the bytes exceed the available memory. An option that sizes one
+    /// tensor (`model.options.filter_width=10^12`) is beyond [`check_params`]' estimate, and
+    /// the allocator would abort the process without a word.
+    pub fn check_tensor(what: impl Fn() -> String, dims: &[usize], bytes_per_element: usize) -> Result<usize> {
+        let Some(n) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+            bail!("{} of shape {dims:?} has more elements than this machine can address", what());
+        };
+        let bytes = dims.iter().map(|&d| d as f64).product::<f64>() * bytes_per_element as f64;
+        if bytes >= TENSOR_CHECKED_FROM {
+            check_or_lower(
+                bytes,
+                || format!("{} of shape {dims:?}", what()),
+                "the setting that sizes it (model.options.*, model.width, model.context, ...)",
+            )?;
+        }
+        Ok(n)
     }
 
     /// The parameters of `config` in `dtype`.
@@ -205,6 +234,33 @@ pub mod size {
                 human(activations)
             )
         })
+    }
+
+    /// Generating `samples` sequences of `len` tokens (prompt included): their ids (host
+    /// memory always) and, where the model runs on the CPU, one layer's forward peak over the
+    /// batch at the model's context (inference keeps no layer's activations). A `--batch` of
+    /// 10^11 aborted in the allocator.
+    pub fn check_generation(config: &ModelConfig, samples: usize, len: usize, dtype: DType, cpu: bool) -> Result<()> {
+        let arch = crate::registry::find(&config.architecture)?;
+        let shape = crate::complexity::CostShape {
+            batch: samples,
+            seq: len.min(config.context),
+            width: config.width,
+            heads: config.heads,
+        };
+        let activations = if cpu { (arch.complexity.memory)(&shape) * dtype.size_in_bytes() as f64 } else { 0.0 };
+        let ids = samples as f64 * len as f64 * 4.0;
+        check_or_lower(
+            activations + ids,
+            || {
+                format!(
+                    "generating {samples} x {len} tokens (ids {}B, activations {}B)",
+                    human(ids),
+                    human(activations)
+                )
+            },
+            "--batch or --tokens",
+        )
     }
 
     #[cfg(test)]

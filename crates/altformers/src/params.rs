@@ -201,37 +201,45 @@ impl ParamBuilder {
 
     /// Gaussian N(0, std^2) matrix, decayed.
     pub fn normal(&self, name: &str, dims: &[usize], std: f64) -> Result<Tensor> {
-        let n = dims.iter().product();
+        let n = self.elements(name, dims)?;
         let values = self.rng.lock().unwrap().normal_vec(n, std);
         self.from_values(name, dims, values, true)
     }
 
     /// Gaussian, not decayed (embeddings).
     pub fn normal_no_decay(&self, name: &str, dims: &[usize], std: f64) -> Result<Tensor> {
-        let n = dims.iter().product();
+        let n = self.elements(name, dims)?;
         let values = self.rng.lock().unwrap().normal_vec(n, std);
         self.from_values(name, dims, values, false)
     }
 
     /// Uniform in [lo, hi), decayed.
     pub fn uniform(&self, name: &str, dims: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
-        let n = dims.iter().product();
+        let n = self.elements(name, dims)?;
         let values = self.rng.lock().unwrap().uniform_vec(n, lo, hi);
         self.from_values(name, dims, values, true)
     }
 
     /// Uniform in [lo, hi), not decayed (biases with PyTorch's default initialiser).
     pub fn uniform_no_decay(&self, name: &str, dims: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
-        let n = dims.iter().product();
+        let n = self.elements(name, dims)?;
         let values = self.rng.lock().unwrap().uniform_vec(n, lo, hi);
         self.from_values(name, dims, values, false)
+    }
+
+    /// The element count of the parameter `name` of shape `dims`, refused (with its name and
+    /// shape) before its values are drawn where they would not fit in memory: host f32 values,
+    /// then the tensor in the builder's dtype.
+    fn elements(&self, name: &str, dims: &[usize]) -> Result<usize> {
+        let what = || format!("the parameter `{}`", self.full_name(name));
+        crate::model::size::check_tensor(what, dims, 4 + self.dtype.size_in_bytes())
     }
 
     /// Orthogonal `[rows, cols]` matrix times `gain`, as `torch.nn.init.orthogonal_`: a
     /// Gaussian from the builder's seeded stream, its rows (if `rows <= cols`) or else its
     /// columns orthonormalised by Gram-Schmidt (applied twice, for accuracy in f32).
     pub fn orthogonal(&self, name: &str, rows: usize, cols: usize, gain: f64, decay: bool) -> Result<Tensor> {
-        let a = self.rng.lock().unwrap().normal_vec(rows * cols, 1.0);
+        let a = self.rng.lock().unwrap().normal_vec(self.elements(name, &[rows, cols])?, 1.0);
         // the `n` vectors of length `m` to orthonormalise: rows if rows <= cols, else columns
         let (n, m, by_rows) = (rows.min(cols), rows.max(cols), rows <= cols);
         let at = |v: usize, i: usize| if by_rows { v * cols + i } else { i * cols + v };
@@ -259,7 +267,7 @@ impl ParamBuilder {
 
     /// Constant fill, not decayed (norm gains, biases).
     pub fn constant(&self, name: &str, dims: &[usize], value: f32) -> Result<Tensor> {
-        let n = dims.iter().product();
+        let n = self.elements(name, dims)?;
         self.from_values(name, dims, vec![value; n], false)
     }
 
@@ -320,4 +328,24 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Ten
         anyhow::anyhow!("{} is not a valid safetensors file (corrupt or truncated?): {e}", path.display())
     })?;
     Ok(tensors.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parameter too large for memory (an option sizing one tensor at 10^12) or whose
+    /// element count overflows is refused with its name and shape before anything is
+    /// allocated, where the allocator would abort the process.
+    #[test]
+    fn a_parameter_beyond_memory_is_refused_by_name() {
+        let pb = ParamBuilder::new(0, &Device::Cpu, DType::F32).pp("blocks.0");
+        let err = pb.normal("filter", &[1_000_000_000_000, 33], 0.02).unwrap_err().to_string();
+        assert!(err.contains("`blocks.0.filter` of shape [1000000000000, 33] needs about"), "{err}");
+        let err = pb.zeros("w", &[usize::MAX / 2, 3]).unwrap_err().to_string();
+        assert!(err.contains("`blocks.0.w`") && err.contains("more elements than"), "{err}");
+        let err = pb.orthogonal("o", 1 << 40, 1 << 20, 1.0, true).unwrap_err().to_string();
+        assert!(err.contains("`blocks.0.o`"), "{err}");
+        assert_eq!(pb.ones("fine", &[2, 3]).unwrap().dims(), &[2, 3]);
+    }
 }

@@ -55,6 +55,32 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
         .with_context(|| format!("{} is not valid: corrupt or from another version?", path.display()))
 }
 
+/// Each `(name, values)` must be a non-empty list of counts of at least 1 (a length or batch
+/// of 0 divides by zero).
+pub fn counts_at_least_one(lists: &[(&str, &[usize])]) -> Result<()> {
+    for (name, values) in lists {
+        if values.is_empty() {
+            anyhow::bail!("{name} is empty: give at least one value");
+        }
+        if values.contains(&0) {
+            anyhow::bail!("{name}: every value must be at least 1, got {values:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Each `(name, value)` must be a positive, finite number.
+pub fn positive(values: &[(&str, f64)]) -> Result<()> {
+    for (name, v) in values {
+        if !(v.is_finite() && *v > 0.0) {
+            // counts arrive as floats: 0 reads as 0, not 0.0; 1e300 as such, not 301 digits
+            let shown = if v.is_finite() && v.abs() < 1e16 { format!("{v}") } else { format!("{v:?}") };
+            anyhow::bail!("{name} must be a positive number, got {shown}");
+        }
+    }
+    Ok(())
+}
+
 /// Human-readable count: 1234567 -> "1.23M".
 pub fn human(n: f64) -> String {
     let a = n.abs();

@@ -127,6 +127,9 @@ impl MegaByte {
         // (a local model of no layers is allowed: the P = 1 reduction to the Transformer)
         let checked = ModelConfig { depth: local_cfg.depth.max(1), ..local_cfg.clone() };
         checked.validate().map_err(|e| e.context("the local model (model.options.local_*)"))?;
+        // its layers are built one by one: a local_depth of 10^12 would build until memory ran out
+        crate::model::size::check_params(&local_cfg, pb.dtype)
+            .map_err(|e| e.context("the local model (model.options.local_*)"))?;
         let d_g = config.width / p;
         let mixer = crate::mixers::attention::build;
         let gb = pb.pp("global");

@@ -35,6 +35,25 @@ pub struct DecodeOptions {
     pub dtype: DType,
 }
 
+impl DecodeOptions {
+    /// Checked at the start of every sweep, whether its settings came from the command line
+    /// or a `compare` preset's `[decode]` table.
+    pub fn validate(&self) -> Result<()> {
+        crate::util::counts_at_least_one(&[
+            ("--contexts (contexts)", &self.contexts),
+            ("--batches (batches)", &self.batches),
+        ])?;
+        crate::util::positive(&[
+            ("--width (width)", self.width as f64),
+            ("--heads (heads)", self.heads as f64),
+            ("--depth (depth)", self.depth as f64),
+            ("--steps (steps)", self.steps as f64),
+            ("--time-cap (time_cap_s)", self.time_cap_s),
+            ("--memory-cap-gb (memory_cap_gb)", self.memory_cap_bytes / 1e9),
+        ])
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DecodePoint {
     pub model: String,
@@ -53,6 +72,7 @@ pub struct DecodePoint {
 }
 
 pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&DecodePoint)) -> Result<Vec<DecodePoint>> {
+    opts.validate()?;
     let mut out = Vec::new();
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
     for name in &opts.models {

@@ -44,6 +44,14 @@ pub struct OpsOptions {
     pub memory_cap_bytes: f64,
 }
 
+impl OpsOptions {
+    pub fn validate(&self) -> Result<()> {
+        check_ops(&self.ops)?;
+        crate::util::counts_at_least_one(&[("--lengths", &self.lengths)])?;
+        crate::util::positive(&[("--reps", self.reps as f64), ("--memory-cap-gb", self.memory_cap_bytes / 1e9)])
+    }
+}
+
 const HEADS: usize = 16;
 const HEAD_DIM: usize = 128;
 const TOKENS: usize = 65536;
@@ -216,7 +224,7 @@ pub fn check_ops(ops: &[String]) -> Result<()> {
 /// Measures every (op, length, mode); a failure at one point (out of memory, unsupported
 /// shape) is recorded in its status and the run goes on.
 pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&ScalingPoint)) -> Result<Vec<ScalingPoint>> {
-    check_ops(&opts.ops)?;
+    opts.validate()?;
     let mut points = Vec::new();
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
     for op in &opts.ops {

@@ -68,16 +68,38 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+impl PerformerErrorOptions {
+    /// Checked at the start of [`run`], whether the settings came from the command line or a
+    /// `compare` preset's `[performer_error]` table.
+    pub fn validate(&self) -> Result<()> {
+        crate::util::positive(&[
+            ("--head-dim", self.head_dim as f64),
+            ("--heads", self.heads as f64),
+            ("--length", self.length as f64),
+            ("--draws", self.draws as f64),
+        ])?;
+        if let Some(m) = self.features.iter().find(|&&m| m == 0 || m > MAX_FEATURES) {
+            bail!("--features: {m} is not in 1..={MAX_FEATURES}");
+        }
+        if let Some(s) = self.input_stds.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            bail!("--input-stds: {s} is not a positive number");
+        }
+        // q, k, v and the output, and per head the exact scores (T x T) and both feature maps
+        // (T x m), all f64: refused with the figure before anything is allocated (a --length of
+        // 10^12 aborted in the allocator)
+        let (h, t, dh) = (self.heads as f64, self.length as f64, self.head_dim as f64);
+        let m = self.features.iter().max().copied().unwrap_or(0) as f64;
+        crate::model::size::check_or_lower(
+            8.0 * h * t * (4.0 * dh + t + 2.0 * m),
+            || format!("{} heads of {} x {} inputs", self.heads, self.length, self.head_dim),
+            "--heads, --length, --head-dim or --features",
+        )?;
+        Ok(())
+    }
+}
+
 pub fn run(opts: &PerformerErrorOptions, mut on_row: impl FnMut(&PerformerErrorRow)) -> Result<Vec<PerformerErrorRow>> {
-    if opts.head_dim == 0 || opts.heads == 0 || opts.length == 0 || opts.draws == 0 {
-        bail!("--head-dim, --heads, --length and --draws must be positive");
-    }
-    if let Some(m) = opts.features.iter().find(|&&m| m == 0 || m > MAX_FEATURES) {
-        bail!("--features: {m} is not in 1..={MAX_FEATURES}");
-    }
-    if let Some(s) = opts.input_stds.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-        bail!("--input-stds: {s} is not a positive number");
-    }
+    opts.validate()?;
     let shape = [1, opts.heads, opts.length, opts.head_dim];
     let n: usize = shape.iter().product();
     let gaussian = |index: u64, std: f64| -> Result<Tensor> {
@@ -145,6 +167,14 @@ mod tests {
         opts.features = vec![8];
         opts.input_stds = vec![-1.0];
         assert!(run(&opts, |_| {}).unwrap_err().to_string().contains("--input-stds"));
+        opts.input_stds = vec![0.5];
+        opts.draws = 0;
+        assert!(run(&opts, |_| {}).unwrap_err().to_string().contains("--draws must be a positive number"));
+        // inputs beyond memory: refused with the figure, where the allocator aborted
+        opts.draws = 1;
+        opts.length = 1 << 40;
+        let err = run(&opts, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("needs about") && err.contains("--length"), "{err}");
         Ok(())
     }
 }

@@ -68,6 +68,22 @@ pub struct ScalingOptions {
     pub sets: Vec<String>,
 }
 
+impl ScalingOptions {
+    /// Checked at the start of every sweep, whether its settings came from the command line
+    /// or a `compare` preset's `[scaling]` table (a length of 0 divided by zero in both).
+    pub fn validate(&self) -> Result<()> {
+        crate::util::counts_at_least_one(&[("--lengths (lengths)", &self.lengths)])?;
+        crate::util::positive(&[
+            ("--width (width)", self.width as f64),
+            ("--heads (heads)", self.heads as f64),
+            ("--tokens-per-batch (tokens_per_batch)", self.tokens_per_batch as f64),
+            ("--reps (reps)", self.reps as f64),
+            ("--time-cap (time_cap_s)", self.time_cap_s),
+            ("--memory-cap-gb (memory_cap_gb)", self.memory_cap_bytes / 1e9),
+        ])
+    }
+}
+
 fn forward() -> BenchMode {
     BenchMode::Fwd
 }
@@ -207,6 +223,7 @@ pub fn run(
     device: &Device,
     mut on_point: impl FnMut(&ScalingPoint),
 ) -> Result<(Vec<ScalingPoint>, Vec<ScalingFit>)> {
+    opts.validate()?;
     let mut points = Vec::new();
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
     for name in &opts.models {
@@ -255,7 +272,7 @@ pub fn run(
                             // for loading CUDA kernels and first-touch pages, which would cap
                             // a curve after its first length (the H200 fwd sweep did)
                             if probe.first_s.min(probe.second_s) <= opts.time_cap_s {
-                                timed.push((curve.len(), prepared, Vec::with_capacity(opts.reps)));
+                                timed.push((curve.len(), prepared, Vec::new()));
                             } else {
                                 // Over the cap, a single sample: the warm second run where there
                                 // was one (the cold first run pays first-touch page faults).

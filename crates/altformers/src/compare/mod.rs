@@ -76,7 +76,23 @@ pub fn preset(name: &str) -> Result<Preset> {
         }
         other => bail!("unknown preset `{other}`: use quick, full or a .toml file"),
     };
-    toml::from_str(&text).with_context(|| format!("preset {name} is invalid"))
+    let p: Preset = toml::from_str(&text).with_context(|| format!("preset {name} is invalid"))?;
+    p.validate().with_context(|| format!("preset {name} is invalid"))?;
+    Ok(p)
+}
+
+impl Preset {
+    /// Every part's settings, checked when the preset is read: a bad value in a later part
+    /// is refused before the earlier ones train (a scaling length of 0 panicked after them).
+    pub fn validate(&self) -> Result<()> {
+        self.mqar.validate()?;
+        self.scaling.validate()?;
+        self.decode.validate()?;
+        match &self.performer_error {
+            Some(p) => p.validate(),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The parts of a comparison, run in this order.
@@ -426,6 +442,7 @@ type GridPoint = (&'static str, MqarConfig, usize, f64);
 /// budget are kept, not retrained: a grid too large for one sitting is finished by running
 /// the same command again.
 fn run_mqar(s: &MqarSettings, models: &[&Architecture], out: &Path, device: &Device, jobs: usize) -> Result<()> {
+    s.validate()?;
     let path = out.join("mqar.jsonl");
     let grid = mqar_grid(s, models);
     let recall = kept_rows(&grid, s, out)?;
@@ -590,6 +607,33 @@ mod tests {
             (scaling::BenchMode::Fwd, 1, DType::F32, DType::F32)
         );
         assert!(q.scaling.models.is_empty() && q.decode.models.is_empty());
+        Ok(())
+    }
+
+    /// A bad value in any part's table is refused when the preset is read, naming it, before
+    /// any part trains (a scaling length of 0 panicked, dividing by zero, after the LM, MQAR
+    /// and ListOps parts had run; MQAR's eval_examples = 0 scored 0 / 0).
+    #[test]
+    fn a_bad_value_in_any_part_is_refused_when_the_preset_is_read() -> Result<()> {
+        let dir = crate::testing::fresh_dir("bad-preset")?;
+        let quick = include_str!("../../../../configs/compare-quick.toml");
+        for (from, to, needle) in [
+            (
+                "lengths = [1024, 2048, 4096, 8192]",
+                "lengths = [0]",
+                "--lengths (lengths): every value must be at least 1",
+            ),
+            ("tokens_per_batch = 8192", "tokens_per_batch = 0", "--tokens-per-batch (tokens_per_batch) must be"),
+            ("contexts = [1024, 2048]", "contexts = []", "--contexts (contexts) is empty"),
+            ("eval_examples = 256", "eval_examples = 0", "[mqar] eval_examples must be a positive number, got 0"),
+            ("draws = 4", "draws = 0", "--draws must be"),
+        ] {
+            assert!(quick.contains(from), "{from}");
+            let file = dir.join("bad.toml");
+            std::fs::write(&file, quick.replace(from, to))?;
+            let err = format!("{:#}", preset(file.to_str().unwrap()).unwrap_err());
+            assert!(err.contains(needle), "{to}: expected `{needle}` in: {err}");
+        }
         Ok(())
     }
 

@@ -67,6 +67,24 @@ impl Default for MqarSettings {
 }
 
 impl MqarSettings {
+    /// What the types cannot rule out, checked before the grid starts: an empty list would
+    /// run nothing and report an empty table; no evaluation examples scored 0 / 0.
+    pub fn validate(&self) -> Result<()> {
+        for (key, empty) in [
+            ("[mqar] tasks", self.tasks.is_empty()),
+            ("[mqar] widths", self.widths.is_empty()),
+            ("[mqar] lrs", self.lrs.is_empty()),
+        ] {
+            anyhow::ensure!(!empty, "{key} is empty: give at least one value");
+        }
+        crate::util::counts_at_least_one(&[("[mqar] widths", &self.widths)])?;
+        crate::util::positive(&[("[mqar] eval_examples", self.eval_examples as f64)])?;
+        for &lr in &self.lrs {
+            self.train_config(lr, 0)?;
+        }
+        Ok(())
+    }
+
     /// The training settings of one run at peak rate `lr`.
     pub fn train_config(&self, lr: f64, seed: u64) -> Result<TrainConfig> {
         let o = &self.optimizer;
@@ -142,6 +160,9 @@ pub fn train_and_score(
 ) -> Result<MqarResult> {
     task.validate()?;
     let cfg = mqar_model(mixer, task, width, s)?;
+    if device.is_cpu() {
+        crate::model::size::check_training(&cfg, s.batch_size, DType::F32)?;
+    }
     let model = Model::new(&cfg, seed, device, DType::F32)?;
     let mut trainer = Trainer::new(&model, &s.train_config(lr, seed)?)?;
     let started = std::time::Instant::now();

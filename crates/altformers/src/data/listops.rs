@@ -175,10 +175,31 @@ pub struct Example {
 /// Stream purpose of ListOps examples (beside [`crate::rng::stream`]'s), one per split.
 const STREAM: u64 = 100;
 
+/// The deepest tree the generator may draw: it recurses once per level, and a worker
+/// thread's 2 MB stack holds this many levels (LRA: 10).
+const MAX_DEPTH: usize = 1000;
+
+/// The largest mean size of a drawn tree, in nodes: each is built whole before its length is
+/// measured, so larger settings (`max_args` 10^9: one node's argument list alone) would
+/// exhaust memory or time instead of drawing examples (LRA's settings: 113).
+const MAX_EXPECTED_NODES: f64 = 1e6;
+
 impl ListOpsConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.max_args >= 2, "ListOps: max_args must be at least 2, got {}", self.max_args);
         ensure!(self.max_depth >= 2, "ListOps: max_depth must be at least 2, got {}", self.max_depth);
+        ensure!(
+            self.max_depth <= MAX_DEPTH,
+            "ListOps: max_depth must be at most {MAX_DEPTH} (the generator recurses once per level), got {}",
+            self.max_depth
+        );
+        let nodes = self.expected_nodes();
+        ensure!(
+            nodes <= MAX_EXPECTED_NODES,
+            "ListOps: max_depth {} and max_args {} draw trees of {nodes:.3e} nodes on average, more than {MAX_EXPECTED_NODES:e}: lower them",
+            self.max_depth,
+            self.max_args
+        );
         ensure!(
             self.min_len + 1 < self.max_len,
             "ListOps: no length lies strictly between min_len {} and max_len {}",
@@ -186,6 +207,14 @@ impl ListOpsConfig {
             self.max_len
         );
         Ok(())
+    }
+
+    /// The mean node count of a tree [`Self::tree`] draws: below the maximum depth a node is
+    /// an operator with probability 0.25, of 2 to `max_args` arguments (on average
+    /// `(2 + max_args) / 2`); a node at the maximum depth is a digit.
+    fn expected_nodes(&self) -> f64 {
+        let children = 0.25 * (2 + self.max_args) as f64 / 2.0;
+        (1..self.max_depth).fold(1.0, |below, _| 1.0 + children * below)
     }
 
     /// LRA's `generate_tree`: below the maximum depth an operator with probability 0.25.
@@ -273,6 +302,25 @@ mod tests {
         assert!(cfg.example(Split::Validation, 0).is_ok());
         assert!(ListOpsConfig { min_len: 10, max_len: 11, ..cfg }.validate().is_err());
         Ok(())
+    }
+
+    /// Settings whose trees would not fit in memory or on the stack are refused before any
+    /// tree is drawn (max_args 10^9 aborted in the allocator, max_depth 10^12 overflowed the
+    /// stack); LRA's settings average 113 nodes.
+    #[test]
+    fn settings_that_grow_trees_without_bound_are_refused() {
+        let lra = ListOpsConfig::default();
+        assert!((lra.expected_nodes() - 113.33).abs() < 0.01, "{}", lra.expected_nodes());
+        for (cfg, needle) in [
+            (ListOpsConfig { max_args: 1_000_000_000, ..lra }, "max_depth 10 and max_args 1000000000 draw trees of"),
+            (ListOpsConfig { max_depth: 1_000_000_000_000, max_args: 2, ..lra }, "max_depth must be at most 1000"),
+            (ListOpsConfig { max_depth: 100, ..lra }, "max_depth 100 and max_args 10"),
+        ] {
+            let err = cfg.example(Split::Train, 0).unwrap_err().to_string();
+            assert!(err.contains(needle), "{cfg:?}: expected `{needle}` in: {err}");
+        }
+        // a deep but subcritical generator (2 or 3 arguments) is fine
+        assert!(ListOpsConfig { max_depth: 1000, max_args: 3, min_len: 2, max_len: 60, seed: 0 }.validate().is_ok());
     }
 
     /// At LRA's own settings examples exist and are long: the default configuration works.

@@ -189,6 +189,15 @@ pub fn train_bpe(text: &[u8], vocab: usize) -> Result<tokenizers::Tokenizer> {
     if vocab < alphabet {
         bail!("a byte-level BPE needs a vocabulary of at least {alphabet} (every byte), got {vocab}");
     }
+    // Each merge shortens the text by a token at least, so no more than its length can be
+    // learned; the trainer sizes its tables by `vocab` first (10^12 aborted in the allocator).
+    if vocab - alphabet > text.len() {
+        bail!(
+            "a vocabulary of {vocab} needs {} merges, more than the {} bytes of training text can give",
+            vocab - alphabet,
+            text.len()
+        );
+    }
     let text = std::str::from_utf8(text).context("a BPE tokenizer is trained on UTF-8 text")?;
     let byte_level = ByteLevel::new(false, true, true);
     let mut tokenizer = tokenizers::Tokenizer::new(BPE::default());
@@ -270,6 +279,9 @@ mod tests {
         assert_eq!(trained.decode(&enc.ids)?, &cut[1..cut.len() - 1]);
         assert_eq!(*enc.ends.last().unwrap(), cut.len() - 1);
         assert!(trained.encode(b"ok \xff no").is_err());
+        // more merges than the text can give: refused before the trainer sizes its tables
+        let err = train_bpe(b"abc", 1_000_000_000_000).unwrap_err().to_string();
+        assert!(err.contains("more than the 3 bytes of training text"), "{err}");
         Ok(())
     }
 

@@ -142,6 +142,10 @@ impl ImplicitFilter {
             layers.push(linear(name, 2 * (spec.inner_layers + 1), f, channels, false)?);
             Ok(layers)
         };
+        // the hidden layers together, before the first is built (10^12 of them would build
+        // until memory ran out)
+        let hidden = || "the implicit filter's hidden layers (model.options.filter_inner_layers)".to_string();
+        crate::model::size::check_tensor(hidden, &[spec.inner_layers, f, f + 1], 4 + pb.dtype.size_in_bytes())?;
         let ffn = stack("implicit_filter")?;
         let freq = pb.constant("implicit_filter.1.freq", &[f], spec.sine_freq as f32)?;
         let ffn_rev = if reverse { Some(stack("implicit_filter_rev")?) } else { None };

@@ -395,8 +395,11 @@ impl LshAttention {
         let o: ReformerOptions = cfg.options()?;
         let (d, h, dh) = (cfg.width, cfg.heads, cfg.head_dim());
         let n_buckets = o.buckets(cfg.context);
-        let columns = o.n_hashes * n_buckets / 2;
-        let values = Rng::derive(o.hash_seed, ROTATION_STREAM, layer as u64).normal_vec(dh * columns, 1.0);
+        // the rotations are no parameter, so the builder's size check does not see them
+        let what = || format!("layer {layer}'s LSH rotations (model.options.n_hashes x n_buckets / 2 columns)");
+        let n = crate::model::size::check_tensor(what, &[dh, o.n_hashes, n_buckets / 2], 4)?;
+        let columns = n / dh;
+        let values = Rng::derive(o.hash_seed, ROTATION_STREAM, layer as u64).normal_vec(n, 1.0);
         Ok(Self {
             qv: Linear::new(pb, "qv", d, 2 * h * dh, 0.02, cfg.bias)?,
             out: Linear::new(pb, "out", h * dh, d, 0.02 / (2.0 * cfg.depth as f64).sqrt(), cfg.bias)?,

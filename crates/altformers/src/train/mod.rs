@@ -59,7 +59,13 @@ impl TrainOptions {
 /// `config`'s model with fresh weights for a run of `opts`: parameters and optimizer state stay
 /// f32 (master weights; f64 when the run is f64), `opts.dtype` is the dtype of the activations
 /// (bf16 for mixed precision).
+/// A new model for training `config`, refused first where its training would not fit in
+/// host memory (every task's loop comes here: a batch of 10^12 aborted ListOps' in the
+/// allocator).
 pub(crate) fn fresh_model(config: &RunConfig, opts: &TrainOptions) -> Result<Model> {
+    if opts.device.is_cpu() {
+        crate::model::size::check_training(&config.model, config.train.batch_size, opts.dtype)?;
+    }
     let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
     Ok(Model::new(&config.model, config.train.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype))
 }
@@ -205,9 +211,6 @@ fn train_on<T: Copy + Into<u32>>(
     let Splits { train, val, tokens_per_byte } = splits;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
-    if opts.device.is_cpu() {
-        crate::model::size::check_training(m, t.batch_size, opts.dtype)?;
-    }
     let model = fresh_model(config, opts)?;
     if let Some(from) = &opts.init_from {
         if opts.resume {

@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::params::{load_tensors, save_tensors, Param, ParamStore};
+use crate::params::{check_finite, load_tensors, save_tensors, Param, ParamStore};
 
 pub struct AdamW {
     params: Vec<(String, Param)>,
@@ -173,6 +173,8 @@ impl AdamW {
     pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {
         let device = self.m.first().map(|m| m.device().clone()).unwrap_or(candle_core::Device::Cpu);
         let mut map = load_tensors(path, &device)?;
+        // a NaN moment would surface only as a "diverged" run on the first resumed step
+        check_finite(&map, &path.display().to_string())?;
         let mut problems = Vec::new();
         for (name, p) in &self.params {
             let saved = match map.remove(&format!("lr_scale.{name}")) {

@@ -193,9 +193,11 @@ impl ListOps {
     pub fn evaluate(&self, model: &Model, n: u64, batch: usize) -> Result<(f64, f64)> {
         anyhow::ensure!(n > 0 && batch > 0, "evaluating ListOps on no examples");
         let (mut loss, mut right) = (0.0, 0.0);
-        let indices: Vec<u64> = (0..n).collect();
-        for chunk in indices.chunks(batch) {
-            let b = self.batch_of(chunk, model.device())?;
+        // one batch of indices at a time: `n` may be larger than memory holds (it is only a
+        // count of examples to generate)
+        for first in (0..n).step_by(batch) {
+            let chunk: Vec<u64> = (first..n.min(first.saturating_add(batch as u64))).collect();
+            let b = self.batch_of(&chunk, model.device())?;
             let logits = self.class_logits(model, &b, None)?;
             let l = candle_nn::loss::cross_entropy(&logits, &b.targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss += l * chunk.len() as f64;
