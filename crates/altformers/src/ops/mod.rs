@@ -1,4 +1,4 @@
-//! The sequence-mixing mechanisms the mixers are built from, one folder each (as
+//! The mechanisms the layers are built from, one folder (or file) each (as
 //! flash-linear-attention keeps `fla/ops/<mechanism>/`): the public API and the choice of
 //! form in the folder's `mod.rs` (shapes in its doc comments), the plain reference forms
 //! beside the fast CPU ones, and, with the `cuda` feature, the custom-op glue (`cuda.rs`)
@@ -11,10 +11,10 @@
 //!   causal softmax and weighted sum elsewhere);
 //! - [`decayed`]: causal decayed linear attention (RetNet's retention, RWKV-4's WKV,
 //!   AFT-simple): quadratic, recurrent and chunkwise forms, fused scans on CUDA;
-//! - [`layer_norm`]: layer normalization in one pass each way on the CPU (the GPU's is
-//!   [`crate::kernels::layernorm`]);
 //! - [`fftconv`]: causal long convolution by FFT (Hyena): realfft on the CPU, cuFFT on CUDA,
 //!   and the direct convolution it is tested against;
+//! - [`layer_norm`]: layer normalization in one pass each way on the CPU (the GPU's is
+//!   [`crate::kernels::layernorm`]);
 //! - [`monarch`]: Monarch matrices `P L P^T R` (M2): the block-diagonal and Monarch
 //!   products, the DFT as a Monarch product and the long convolutions evaluated with it.
 
