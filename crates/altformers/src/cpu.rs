@@ -1,7 +1,7 @@
 //! What the fused CPU ops share: f32 and f64 as one numeric type, and the data of tensors
 //! borrowed from candle's storage as contiguous slices.
 
-use candle_core::{Result, Storage, Tensor};
+use candle_core::{Layout, Result, Storage, Tensor};
 
 /// f32 or f64: the float arithmetic, and conversions through f64 where it needs the precision.
 pub trait Real: candle_core::WithDType + num_traits::Float + Send + Sync + Default {
@@ -16,6 +16,15 @@ pub trait Real: candle_core::WithDType + num_traits::Float + Send + Sync + Defau
 impl Real for f32 {}
 impl Real for f64 {}
 
+/// The elements of `data` that `layout` covers, which must be contiguous (`what` names the
+/// tensor in the error).
+pub fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
 /// Runs `f` on the data of `tensors` (on the CPU, of dtype `T`, contiguous), `names` naming
 /// them in errors. The tensors stay locked for reading while `f` runs.
 pub fn with_slices<T: Real, R>(tensors: &[&Tensor], names: &[&str], f: impl FnOnce(&[&[T]]) -> R) -> Result<R> {
@@ -23,11 +32,7 @@ pub fn with_slices<T: Real, R>(tensors: &[&Tensor], names: &[&str], f: impl FnOn
     let mut data = Vec::with_capacity(guards.len());
     for ((storage, layout), name) in guards.iter().zip(names) {
         let Storage::Cpu(cpu) = &**storage else { candle_core::bail!("{name} is not on the CPU") };
-        let all = cpu.as_slice::<T>()?;
-        match layout.contiguous_offsets() {
-            Some((start, end)) => data.push(&all[start..end]),
-            None => candle_core::bail!("{name} must be contiguous"),
-        }
+        data.push(contiguous(cpu.as_slice::<T>()?, layout, name)?);
     }
     Ok(f(&data))
 }

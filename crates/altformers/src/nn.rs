@@ -188,7 +188,7 @@ mod tests {
         let mut loss_cuts = loss_parts.clone();
         for (i, (part, &n)) in parts.iter().zip(&sizes).enumerate() {
             let cut = whole.narrow(D::Minus1, start, n)?;
-            let err = (part - &cut)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let err = crate::testing::max_abs_diff(part, &cut)?;
             assert!(err < 1e-14, "part {i}: {err}");
             // weight each part differently so every block's gradient is checked
             loss_parts = (loss_parts + (part.sqr()?.sum_all()? * (i + 1) as f64)?)?;
@@ -198,7 +198,7 @@ mod tests {
         let (gp, gc) = (loss_parts.backward()?, loss_cuts.backward()?);
         for (name, p) in store.vars() {
             let t = p.var.as_tensor();
-            let err = (gp.get(t).unwrap() - gc.get(t).unwrap())?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let err = crate::testing::max_abs_diff(gp.get(t).unwrap(), gc.get(t).unwrap())?;
             assert!(err < 1e-12, "{name}: {err}");
         }
         Ok(())

@@ -41,6 +41,11 @@ pub fn random_tokens(b: usize, t: usize, vocab: usize, seed: u64) -> Result<Tens
     Ok(Tensor::from_vec(v, (b, t), &Device::Cpu)?)
 }
 
+/// `max |a - b|`, in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()
+}
+
 /// `max |a - b| / max |b|`, in f64.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_dtype(DType::F64)?;

@@ -14,6 +14,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::contiguous;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     Gelu,
@@ -102,13 +104,6 @@ float!(f64, candle_core::cpu::erf::erf_f64);
 /// Elements per rayon task: large enough that a task's cost dwarfs its scheduling.
 const BLOCK: usize = 1 << 14;
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("fused activation: {what} must be contiguous"),
-    }
-}
-
 fn forward<T: Float>(x: &[T], act: Activation) -> Vec<T> {
     let mut y = x.to_vec();
     y.par_chunks_mut(BLOCK).for_each(|ys| ys.iter_mut().for_each(|v| *v = act.value(*v)));
@@ -134,8 +129,8 @@ impl CustomOp1 for Forward {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(forward(contiguous(x, l, "input")?, self.0)),
-            CpuStorage::F64(x) => CpuStorage::F64(forward(contiguous(x, l, "input")?, self.0)),
+            CpuStorage::F32(x) => CpuStorage::F32(forward(contiguous(x, l, "fused activation: input")?, self.0)),
+            CpuStorage::F64(x) => CpuStorage::F64(forward(contiguous(x, l, "fused activation: input")?, self.0)),
             _ => candle_core::bail!("fused activation: f32 or f64 on the CPU"),
         };
         Ok((out, l.shape().clone()))
@@ -163,12 +158,16 @@ impl CustomOp2 for Backward {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match (xs, gs) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(contiguous(x, xl, "input")?, contiguous(g, gl, "gradient")?, self.0))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(contiguous(x, xl, "input")?, contiguous(g, gl, "gradient")?, self.0))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(backward(
+                contiguous(x, xl, "fused activation: input")?,
+                contiguous(g, gl, "fused activation: gradient")?,
+                self.0,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(backward(
+                contiguous(x, xl, "fused activation: input")?,
+                contiguous(g, gl, "fused activation: gradient")?,
+                self.0,
+            )),
             _ => candle_core::bail!("fused activation backward: input and gradient must share f32 or f64"),
         };
         Ok((out, xl.shape().clone()))
@@ -189,11 +188,8 @@ impl CustomOp2 for Backward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?.abs()?.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()
-    }
 
     /// The fused op against candle's: the same values, and gradients equal to candle's
     /// backward (f64, to rounding) and to central finite differences.

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-use crate::cpu::Real;
+use crate::cpu::{contiguous, Real};
 use rayon::prelude::*;
 
 /// Whether [`layer_norm`] takes these inputs: f32 or f64 on the CPU, the weight (and bias)
@@ -57,13 +57,6 @@ struct LayerNormOp {
 
 /// Rows per rayon task.
 const ROWS: usize = 64;
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("CPU layer norm: {what} must be contiguous"),
-    }
-}
 
 /// `y`, and each row's mean and `r`.
 fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, eps: f64) -> (Vec<T>, Vec<f64>, Vec<f64>) {
@@ -165,13 +158,25 @@ impl CustomOp3 for LayerNormOp {
         let d = xl.shape().dims().last().copied().unwrap_or(1);
         let (y, stats) = match (xs, ws, bs) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let b = self.has_bias.then(|| slice(b, bl, "bias")).transpose()?;
-                let (y, m, r) = forward(slice(x, xl, "x")?, slice(w, wl, "weight")?, b, d, self.eps);
+                let b = self.has_bias.then(|| contiguous(b, bl, "CPU layer norm: bias")).transpose()?;
+                let (y, m, r) = forward(
+                    contiguous(x, xl, "CPU layer norm: x")?,
+                    contiguous(w, wl, "CPU layer norm: weight")?,
+                    b,
+                    d,
+                    self.eps,
+                );
                 (CpuStorage::F32(y), (m, r))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let b = self.has_bias.then(|| slice(b, bl, "bias")).transpose()?;
-                let (y, m, r) = forward(slice(x, xl, "x")?, slice(w, wl, "weight")?, b, d, self.eps);
+                let b = self.has_bias.then(|| contiguous(b, bl, "CPU layer norm: bias")).transpose()?;
+                let (y, m, r) = forward(
+                    contiguous(x, xl, "CPU layer norm: x")?,
+                    contiguous(w, wl, "CPU layer norm: weight")?,
+                    b,
+                    d,
+                    self.eps,
+                );
                 (CpuStorage::F64(y), (m, r))
             }
             _ => candle_core::bail!("CPU layer norm: x, weight and bias must share f32 or f64"),
@@ -207,6 +212,7 @@ impl CustomOp3 for LayerNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{Var, D};
 
     /// The tensor expression the op replaces.
@@ -219,10 +225,6 @@ mod tests {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?.abs()?.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()
     }
 
     /// Forward and every gradient equal the tensor expression's (f64, with and without a

@@ -418,7 +418,7 @@ mod tests {
             theirs = tensor_update(&theirs.0, &g, &theirs.1, &theirs.2, &rule)?;
             (ours, v) = ((w1, m1), v1);
             for (a, b) in [(&ours.0, &theirs.0), (&ours.1, &theirs.1), (&v, &theirs.2)] {
-                let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                let err = crate::testing::max_abs_diff(a, b)?;
                 assert!(err < 1e-15, "step {t}: {err}");
             }
         }

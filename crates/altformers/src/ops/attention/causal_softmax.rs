@@ -16,6 +16,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::contiguous;
+
 /// Causal softmax of `scores` (see the module doc): fused on the CPU for f32 and f64 (bf16
 /// and f16 are promoted to f32, the result cast back), the reference expression elsewhere.
 pub fn causal_softmax(scores: &Tensor, queries: usize, offset: usize) -> Result<Tensor> {
@@ -122,13 +124,6 @@ macro_rules! float {
 float!(f32);
 float!(f64);
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("causal softmax: {what} must be contiguous"),
-    }
-}
-
 impl CausalSoftmax {
     fn rows<T: Float>(&self, x: &[T], s: usize) -> Vec<T> {
         let mut out = vec![T::ZERO; x.len()];
@@ -155,8 +150,8 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = *layout.shape().dims().last().unwrap_or(&1);
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(self.rows(contiguous(x, layout, "scores")?, s)),
-            CpuStorage::F64(x) => CpuStorage::F64(self.rows(contiguous(x, layout, "scores")?, s)),
+            CpuStorage::F32(x) => CpuStorage::F32(self.rows(contiguous(x, layout, "causal softmax: scores")?, s)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.rows(contiguous(x, layout, "causal softmax: scores")?, s)),
             _ => candle_core::bail!("causal softmax: f32 or f64 only on the CPU"),
         };
         Ok((out, layout.shape().clone()))
@@ -191,12 +186,16 @@ impl CustomOp2 for CausalSoftmaxGrad {
     fn cpu_fwd(&self, ps: &CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = *pl.shape().dims().last().unwrap_or(&1);
         let out = match (ps, gs) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
-                CpuStorage::F32(self.rows(contiguous(p, pl, "probabilities")?, contiguous(g, gl, "gradient")?, s))
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(g)) => {
-                CpuStorage::F64(self.rows(contiguous(p, pl, "probabilities")?, contiguous(g, gl, "gradient")?, s))
-            }
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(self.rows(
+                contiguous(p, pl, "causal softmax: probabilities")?,
+                contiguous(g, gl, "causal softmax: gradient")?,
+                s,
+            )),
+            (CpuStorage::F64(p), CpuStorage::F64(g)) => CpuStorage::F64(self.rows(
+                contiguous(p, pl, "causal softmax: probabilities")?,
+                contiguous(g, gl, "causal softmax: gradient")?,
+                s,
+            )),
             _ => candle_core::bail!("causal softmax backward: probabilities and gradient must share f32 or f64"),
         };
         Ok((out, pl.shape().clone()))
