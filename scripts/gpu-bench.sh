@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -258,6 +258,45 @@ if [ "$what" = steps ]; then
     echo "$pkg baby $(tail -1 /tmp/steps-$pkg-baby/metrics.jsonl)" >> "$OUT/steps.txt"
   done
   cat "$OUT/steps.txt"
+fi
+if [ "$what" = trainspeed ]; then
+  # Issue 24: whole-model training speed, ours and the PyTorch peer (bench/peers/gpt_train.py:
+  # eager and torch.compile, bf16 autocast, SDPA, fused AdamW) in the same call, at nanoGPT's
+  # baby GPT and GPT-2 small's shape on characters; then where our step's time goes: Nsight
+  # Compute's kernel durations over 3 and over 8 steps of the baby GPT (their difference is
+  # five steady steps: launches and GPU time per step), and PyTorch's per-step kernel count
+  # and GPU time from its profiler.
+  #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small"; NCU=0 skips the profile,
+  #                                         TIMING=0 the timing)
+  steps="${2:-200}"; rm -rf /tmp/ts-*
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+  $alt --version > "$OUT/ours-version.txt"
+  [ "${TIMING:-1}" = 1 ] && for size in ${SIZES:-baby gpt2-small}; do
+    cfg=configs/nanogpt-baby.toml; [ "$size" = gpt2-small ] && cfg=configs/gpt2-small-char.toml
+    # untimed: the driver compiles each PTX module once per machine
+    run train --model transformer --data shakespeare --config $cfg --set train.steps=5 --set train.eval_every=5 \
+      --set train.eval_batches=1 --device cuda --dtype bf16 --quiet --out /tmp/ts-warm-$size > /dev/null 2>> "$OUT/ours.err"
+    # two windows: the first includes start-up, the second is the steady rate
+    timeout 250 $alt train --model transformer --data shakespeare --config $cfg --set train.steps=$steps \
+      --set train.eval_every=$((steps / 2)) --set train.eval_batches=1 --device cuda --dtype bf16 --quiet \
+      --out /tmp/ts-$size > /dev/null 2>> "$OUT/ours.err"
+    echo "{\"size\":\"$size\",\"metrics\":[$(paste -sd, /tmp/ts-$size/metrics.jsonl)]}" >> "$OUT/ours.jsonl"
+  done
+  [ "${TIMING:-1}" = 1 ] && (cd bench/peers && timeout 400 python3 gpt_train.py --data ../../data/tinyshakespeare.txt \
+    --sizes "$(echo ${SIZES:-baby gpt2-small} | tr ' ' ,)" --steps 100) > "$OUT/peer.jsonl" 2> "$OUT/peer.err"
+  if [ "${NCU:-1}" = 1 ]; then
+    for n in 3 8; do
+      timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv $alt train --model transformer \
+        --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$n --set train.eval_every=$n \
+        --set train.eval_batches=1 --device cuda --dtype bf16 --quiet --out /tmp/ts-ncu-$n > "$OUT/ncu-baby-$n.csv" 2>> "$OUT/ncu.err"
+      python3 scripts/ncu-summary.py "$OUT/ncu-baby-$n.csv" > "$OUT/ncu-baby-$n.txt" 2>> "$OUT/ncu.err"
+      rm -f "$OUT/ncu-baby-$n.csv"
+    done
+    (cd bench/peers && timeout 200 python3 gpt_train.py --data ../../data/tinyshakespeare.txt --sizes baby \
+      --steps 10 --profile) > "$OUT/peer-profile.jsonl" 2>> "$OUT/peer.err"
+  fi
+  cut -c1-400 "$OUT/ours.jsonl" "$OUT/peer.jsonl" "$OUT/peer-profile.jsonl"; tail -3 "$OUT/ours.err" "$OUT/peer.err"
+  tail -2 "$OUT"/ncu-baby-*.txt
 fi
 ls -la "$OUT"
 # The device tool brings back at most 8 files: pack everything into one.

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, c, n_head):
+    def __init__(self, c, n_head, dropout=0.0):
         super().__init__()
         self.n_head = n_head
+        self.dropout = dropout
+        self.drop = nn.Dropout(dropout)
         self.ln_1 = nn.LayerNorm(c, bias=False)
         self.c_attn = nn.Linear(c, 3 * c, bias=False)
         self.attn_proj = nn.Linear(c, c, bias=False)
@@ -45,17 +47,18 @@ class Block(nn.Module):
         b, t, c = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.attn_proj(y.transpose(1, 2).reshape(b, t, c)))
+        return x + self.drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)))))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab, block_size, n_layer, n_head, c):
+    def __init__(self, vocab, block_size, n_layer, n_head, c, dropout=0.0):
         super().__init__()
         self.wte = nn.Embedding(vocab, c)
         self.wpe = nn.Embedding(block_size, c)
-        self.blocks = nn.ModuleList(Block(c, n_head) for _ in range(n_layer))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(c, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(c, bias=False)
         self.lm_head = nn.Linear(c, vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
@@ -68,7 +71,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets):
         t = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)))
         for blk in self.blocks:
             x = blk(x)
         logits = self.lm_head(self.ln_f(x))

@@ -1,0 +1,149 @@
+"""Peer for issue 24: whole-model GPT training speed on one GPU, the way a PyTorch user writes
+it (nanoGPT's recipe): `torch.autocast(bfloat16)`, `F.scaled_dot_product_attention(is_causal=True)`,
+`torch.optim.AdamW(fused=True)`, gradient clipping at 1.0, optionally `torch.compile(model)`.
+The model is nanogpt_char.py's GPT (tied embeddings, no biases, dropout as configured); the
+data are random windows of the character-level corpus, as `altformers train` draws them.
+
+One JSON line per (size, mode): tokens/s and the median step time over the timed steps (after
+untimed warm-up steps, which include compilation), the share of the bf16 matmul ceiling that
+rate is (model FLOPs utilisation, PaLM's count: 6 N + 12 L T d per token), peak memory, and the
+training loss at the last step (so two trainers are seen doing the same computation).
+
+    python3 gpt_train.py --data ../../data/tinyshakespeare.txt --sizes baby,gpt2-small --modes eager,compile
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nanogpt_char import GPT
+
+# name: (layers, heads, width, context, batch, dropout) -- configs/nanogpt-baby.toml and
+# configs/gpt2-small-char.toml
+SIZES = {
+    "baby": (6, 6, 384, 256, 64, 0.2),
+    "gpt2-small": (12, 12, 768, 1024, 16, 0.0),
+}
+
+
+def run(size, mode, text, args):
+    layers, heads, width, context, batch, dropout = SIZES[size]
+    torch.manual_seed(args.seed)
+    dev = "cuda"
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    data = torch.tensor([stoi[ch] for ch in text], dtype=torch.long)
+    train = data[: int(0.9 * len(data))].to(dev)
+
+    def get_batch():
+        ix = torch.randint(len(train) - context, (batch,), device=dev)
+        offsets = torch.arange(context + 1, device=dev)
+        w = train[ix[:, None] + offsets]
+        return w[:, :-1], w[:, 1:]
+
+    model = GPT(len(chars), context, layers, heads, width, dropout).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.99), fused=True)
+    step_fn = torch.compile(model) if mode == "compile" else model
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        x, y = get_batch()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if args.profile:
+        return profile(step, size, mode, args)
+    compile_start = time.time()
+    for _ in range(args.warmup_steps):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.time() - compile_start
+    # step times from CUDA events (no synchronisation between steps, as in a training loop);
+    # the rate from the wall time of all timed steps
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+    start = time.time()
+    events[0].record()
+    for i in range(args.steps):
+        loss = step()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    wall = time.time() - start
+    step_ms = [events[i].elapsed_time(events[i + 1]) for i in range(args.steps)]
+    tokens = args.steps * batch * context
+    params = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    flops_per_token = 6 * params + 12 * layers * context * width
+    tokens_per_s = tokens / wall
+    return {
+        "peer": f"pytorch-{mode}", "size": size, "layers": layers, "heads": heads, "width": width,
+        "context": context, "batch": batch, "dropout": dropout, "params": params,
+        "steps": args.steps, "warmup_steps": args.warmup_steps, "warmup_s": warmup_s,
+        "tokens_per_s": tokens_per_s, "step_ms_median": statistics.median(step_ms),
+        "mfu": tokens_per_s * flops_per_token / args.ceiling, "ceiling_flops": args.ceiling,
+        "peak_bytes": torch.cuda.max_memory_allocated(), "loss": loss.item(),
+        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+    }
+
+
+def profile(step, size, mode, args):
+    """Kernels per step and their GPU time per step, from PyTorch's profiler over `steps` steps
+    after the warm-up (launch counts to set beside ours from Nsight Compute)."""
+    for _ in range(args.warmup_steps):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    kinds = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = "memcpy/memset" if e.name.lower().startswith(("memcpy", "memset")) else "kernel"
+        n, us = kinds.get(kind, (0, 0.0))
+        kinds[kind] = (n + 1, us + e.time_range.elapsed_us())
+    return {
+        "peer": f"pytorch-{mode}", "size": size, "profile_steps": args.steps,
+        **{f"{k}_per_step": n / args.steps for k, (n, _) in kinds.items()},
+        **{f"{k}_gpu_ms_per_step": us / 1e3 / args.steps for k, (_, us) in kinds.items()},
+        "torch": torch.__version__,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--sizes", default="baby,gpt2-small")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--profile", action="store_true", help="kernels per step instead of timing")
+    # the bf16 dense matmul rate measured on this GPU type (bench/results/2026-11-29-h200-kernels)
+    p.add_argument("--ceiling", type=float, default=788e12)
+    args = p.parse_args()
+    text = open(args.data, encoding="utf-8").read()
+    for size in args.sizes.split(","):
+        for mode in args.modes.split(","):
+            try:
+                print(json.dumps(run(size, mode, text, args)), flush=True)
+            except Exception as e:  # one failing row stops none
+                print(json.dumps({"peer": f"pytorch-{mode}", "size": size, "status": f"failed: {e}"[:300]}), flush=True)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
