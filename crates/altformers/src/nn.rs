@@ -5,7 +5,6 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::params::ParamBuilder;
-use crate::rng::Rng;
 
 /// `y = x W^T + b`, `W: [out, in]`.
 #[derive(Clone, Debug)]
@@ -33,43 +32,47 @@ impl Linear {
     /// `x: [..., in] -> [..., out]`, computed in `x`'s dtype (f32 master weights are cast
     /// to bf16 when the activations are bf16: mixed precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.rows_forward(x, 0, self.weight.dim(0)?)
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
+        rows_product(x, &self.weight.to_dtype(x.dtype())?, bias.as_ref())
     }
 
     /// The outputs in consecutive blocks of `sizes` features (a fused projection's parts,
-    /// `[..., in] -> [..., sizes[i]]` each). On the CPU each block is its own product with its
-    /// rows of the weight: the backward of cutting one product's output would build every
-    /// part's gradient at full width, zero-padded, and sum them (three full-width passes and
-    /// their zeros for a query-key-value projection). On a GPU one product, then the cuts:
-    /// fewer launches.
+    /// `[..., in] -> [..., sizes[i]]` each), each block its own product with its rows of the
+    /// weight. Cutting one product's output instead would make the backward build every
+    /// part's gradient at full width, zero-padded, and sum them: three full-width passes and
+    /// their zeros for a query-key-value projection (on the H200 a baby GPT's step spent more
+    /// in those copies and sums than in the products); the weight's rows are cut instead,
+    /// whose gradients are small.
     pub fn forward_parts(&self, x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
-        let starts = sizes.iter().scan(0, |at, &n| {
-            *at += n;
-            Some(*at - n)
-        });
-        if x.device().is_cpu() {
-            return starts.zip(sizes).map(|(start, &n)| self.rows_forward(x, start, n)).collect();
+        let weight = self.weight.to_dtype(x.dtype())?;
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(sizes.len());
+        for &n in sizes {
+            parts.push(rows_product(
+                x,
+                &weight.narrow(0, start, n)?,
+                bias.as_ref().map(|b| b.narrow(0, start, n)).transpose()?.as_ref(),
+            )?);
+            start += n;
         }
-        let y = self.forward(x)?;
-        starts.zip(sizes).map(|(start, &n)| y.narrow(D::Minus1, start, n)).collect()
+        Ok(parts)
     }
+}
 
-    /// `x W[start..start + n]^T + b[start..start + n]`.
-    fn rows_forward(&self, x: &Tensor, start: usize, n: usize) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let d_in = *dims.last().unwrap();
-        let rows = x.elem_count() / d_in;
-        let whole = start == 0 && n == self.weight.dim(0)?;
-        let part = |t: &Tensor| if whole { Ok(t.clone()) } else { t.narrow(0, start, n) };
-        let y = x.reshape((rows, d_in))?.matmul(&part(&self.weight.to_dtype(x.dtype())?)?.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&part(&b.to_dtype(x.dtype())?)?)?,
-            None => y,
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = n;
-        y.reshape(out_dims)
-    }
+/// `x W^T + b` for `x: [..., in]`, `W: [out, in]` and `b: [out]` already in `x`'s dtype.
+fn rows_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d_in = *dims.last().unwrap();
+    let rows = x.elem_count() / d_in;
+    let y = x.reshape((rows, d_in))?.matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = weight.dim(0)?;
+    y.reshape(out_dims)
 }
 
 /// Layer normalization over the last dimension (Ba et al. 2016), bias optional.
@@ -148,24 +151,7 @@ pub fn gather_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     table.index_select(&ids.flatten_all()?, 0)
 }
 
-/// Inverted dropout with probability `p`, the mask drawn from `rng` (so a run's masks are
-/// reproducible and resume exactly).
-pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let scale = 1.0 / (1.0 - p);
-    let mask = if x.device().is_cpu() {
-        let keep: Vec<f32> = (0..x.elem_count()).map(|_| if rng.uniform() >= p { scale as f32 } else { 0.0 }).collect();
-        Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?
-    } else {
-        // On an accelerator, draw on the device from a seed taken from our stream.
-        x.device().set_seed(rng.next_u64())?;
-        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-        (u.ge(p)?.to_dtype(DType::F32)? * scale)?.to_dtype(x.dtype())?
-    };
-    x * mask
-}
+pub use crate::ops::dropout::dropout;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@
 //! The kernels of one mechanism live with it in `crate::ops::<mechanism>/` (attention's
 //! flash kernels, the decayed scans, the FFT convolution), beside its reference forms; here
 //! are the ones any model uses: layer norm, GELU and SiLU, the last-dimension softmax, the
-//! embedding row gather and the AdamW step. Each public entry point takes tensors and runs
+//! embedding row gather, dropout and the AdamW step. Each public entry point takes tensors and runs
 //! the fused kernel when they are on a CUDA device in a supported dtype and shape; its
 //! caller runs the reference tensor expression (the CPU path) otherwise, so a model calls
 //! one function whatever the device. Gradients: the custom op's `bwd` launches the kernel's
@@ -20,9 +20,20 @@
 /// `retention-tc` switches off only the tensor-core retention (bf16), leaving the CUDA-core
 /// scan it replaced. `gather` is the row gather's parallel backward (token embeddings),
 /// `layernorm` the fused layer norm, `activations` the fused GELU and SiLU, `softmax` the
-/// fused softmax (the unfused attention path's probabilities).
-pub const SWITCHABLE: [&str; 9] =
-    ["attention", "retention", "retention-tc", "wkv", "adamw", "gather", "layernorm", "activations", "softmax"];
+/// fused softmax (the unfused attention path's probabilities), `dropout` the counter-based
+/// dropout kernel (the host-built mask of the same hash instead).
+pub const SWITCHABLE: [&str; 10] = [
+    "attention",
+    "retention",
+    "retention-tc",
+    "wkv",
+    "adamw",
+    "gather",
+    "layernorm",
+    "activations",
+    "softmax",
+    "dropout",
+];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
 pub fn enabled(name: &str) -> bool {
@@ -67,3 +78,6 @@ pub mod activations;
 
 #[cfg(feature = "cuda")]
 pub mod softmax;
+
+#[cfg(feature = "cuda")]
+pub mod dropout;

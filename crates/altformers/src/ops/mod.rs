@@ -11,6 +11,8 @@
 //!   causal softmax and weighted sum elsewhere);
 //! - [`decayed`]: causal decayed linear attention (RetNet's retention, RWKV-4's WKV,
 //!   AFT-simple): quadratic, recurrent and chunkwise forms, fused scans on CUDA;
+//! - [`dropout`]: inverted dropout with a counter-based mask (one pass, recomputed in the
+//!   backward; the same mask on the CPU and on CUDA);
 //! - [`fftconv`]: causal long convolution by FFT (Hyena): realfft on the CPU, cuFFT on CUDA,
 //!   and the direct convolution it is tested against;
 //! - [`layer_norm`]: layer normalization in one pass each way on the CPU (the GPU's is
@@ -21,6 +23,7 @@
 pub mod activation;
 pub mod attention;
 pub mod decayed;
+pub mod dropout;
 pub mod fftconv;
 pub mod layer_norm;
 pub mod monarch;

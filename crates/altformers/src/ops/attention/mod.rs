@@ -65,8 +65,9 @@ pub fn causal_attention_reference(
 fn grouped_scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let kvh = k.dim(1)?;
-    let q = q.reshape((b, kvh, (h / kvh) * t, dh))?;
-    q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt())
+    // the scale on q: d_h / S times the elements of scaling the scores
+    let q = (q.reshape((b, kvh, (h / kvh) * t, dh))? * (1.0 / (dh as f64).sqrt()))?;
+    q.matmul(&k.t()?)
 }
 
 /// The attention weights `probs: [B, KVH, G T, S]` (dropped out if asked) times `v`, back to
