@@ -27,7 +27,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    if !(p < 1.0) {
+    if p >= 1.0 || p.is_nan() {
         candle_core::bail!("dropout probability must be below 1, got {p}");
     }
     let op = Dropout::new(p, rng.next_u64());
