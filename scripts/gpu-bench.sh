@@ -266,7 +266,7 @@ if [ "$what" = trainspeed ]; then
   # Compute's kernel durations over 3 and over 8 steps of the baby GPT (their difference is
   # five steady steps: launches and GPU time per step), and PyTorch's per-step kernel count
   # and GPU time from its profiler.
-  #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small"; NCU=0 skips the profile,
+  #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small", NCU_SIZES="baby"; NCU=0 skips the profile,
   #                                         TIMING=0 the timing)
   steps="${2:-200}"; rm -rf /tmp/ts-*
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
@@ -285,18 +285,21 @@ if [ "$what" = trainspeed ]; then
   [ "${TIMING:-1}" = 1 ] && (cd bench/peers && timeout 400 python3 gpt_train.py --data ../../data/tinyshakespeare.txt \
     --sizes "$(echo ${SIZES:-baby gpt2-small} | tr ' ' ,)" --steps 100) > "$OUT/peer.jsonl" 2> "$OUT/peer.err"
   if [ "${NCU:-1}" = 1 ]; then
-    for n in 3 8; do
-      timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv $alt train --model transformer \
-        --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$n --set train.eval_every=$n \
-        --set train.eval_batches=1 --device cuda --dtype bf16 --quiet --out /tmp/ts-ncu-$n > "$OUT/ncu-baby-$n.csv" 2>> "$OUT/ncu.err"
-      python3 scripts/ncu-summary.py "$OUT/ncu-baby-$n.csv" > "$OUT/ncu-baby-$n.txt" 2>> "$OUT/ncu.err"
-      rm -f "$OUT/ncu-baby-$n.csv"
+    for size in ${NCU_SIZES:-baby}; do
+      cfg=configs/nanogpt-baby.toml; [ "$size" = gpt2-small ] && cfg=configs/gpt2-small-char.toml
+      for n in 3 8; do
+        timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv $alt train --model transformer \
+          --data shakespeare --config $cfg --set train.steps=$n --set train.eval_every=$n \
+          --set train.eval_batches=1 --device cuda --dtype bf16 --quiet --out /tmp/ts-ncu-$size-$n > "$OUT/ncu-$size-$n.csv" 2>> "$OUT/ncu.err"
+        python3 scripts/ncu-summary.py "$OUT/ncu-$size-$n.csv" > "$OUT/ncu-$size-$n.txt" 2>> "$OUT/ncu.err"
+        rm -f "$OUT/ncu-$size-$n.csv"
+      done
     done
     (cd bench/peers && timeout 200 python3 gpt_train.py --data ../../data/tinyshakespeare.txt --sizes baby \
       --steps 10 --profile) > "$OUT/peer-profile.jsonl" 2>> "$OUT/peer.err"
   fi
-  cut -c1-400 "$OUT/ours.jsonl" "$OUT/peer.jsonl" "$OUT/peer-profile.jsonl"; tail -3 "$OUT/ours.err" "$OUT/peer.err"
-  tail -2 "$OUT"/ncu-baby-*.txt
+  cut -c1-400 "$OUT/ours.jsonl" "$OUT/peer.jsonl" "$OUT/peer-profile.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer.err"
+  for f in "$OUT"/ncu-*.txt; do tail -n 1 "$f"; done
 fi
 ls -la "$OUT"
 # The device tool brings back at most 8 files: pack everything into one.

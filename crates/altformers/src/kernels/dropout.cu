@@ -1,31 +1,19 @@
 // Inverted dropout with a counter-based mask (crate::ops::dropout says why): element i is
 // kept iff bits(seed, i) >= threshold, and kept elements are scaled. One pass, no mask in
-// memory; the backward is the same kernel on the gradient. The hash must stay identical to
-// ops/dropout.rs's `bits` (the GPU test compares the two exactly).
+// memory; the backward is the same kernel on the gradient. The hash (dropout.cuh) must stay
+// identical to ops/dropout.rs's `bits` (the GPU test compares the two exactly).
 #include <cuda_bf16.h>
 
 #include "convert.cuh"
-
-namespace {
-
-__device__ __forceinline__ unsigned int mix32(unsigned int x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    return x ^ (x >> 16);
-}
-
-}  // namespace
+#include "dropout.cuh"
 
 #define DROPOUT(SUFFIX, T)                                                                                      \
     extern "C" __global__ void dropout_##SUFFIX(const T* x, T* y, long long n, unsigned int seed_lo,            \
                                                 unsigned int seed_hi, unsigned int threshold, float scale) {    \
         for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;                             \
              i += (long long)gridDim.x * blockDim.x) {                                                          \
-            const unsigned int bits =                                                                           \
-                mix32(mix32((unsigned int)i ^ seed_lo) ^ (unsigned int)((unsigned long long)i >> 32) ^ seed_hi); \
-            y[i] = bits >= threshold ? from_f32<T>(to_f32(x[i]) * scale) : from_f32<T>(0.f);                    \
+            const bool keep = dropout_bits(seed_lo, seed_hi, (unsigned long long)i) >= threshold;               \
+            y[i] = keep ? from_f32<T>(to_f32(x[i]) * scale) : from_f32<T>(0.f);                                 \
         }                                                                                                       \
     }
 

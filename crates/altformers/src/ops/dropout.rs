@@ -24,19 +24,26 @@ use crate::rng::Rng;
 /// `x` with each element dropped with probability `p` (`0 <= p < 1`) and the rest scaled by
 /// `1 / (1 - p)`, the mask drawn with a seed from `rng`.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    if p >= 1.0 || p.is_nan() {
-        candle_core::bail!("dropout probability must be below 1, got {p}");
-    }
-    let op = Dropout::new(p, rng.next_u64());
+    let Some(op) = draw(p, rng)? else { return Ok(x.clone()) };
     if fused(x) {
         return x.contiguous()?.apply_op1(op);
     }
     // Other dtypes and devices: the same mask, built on the host.
     let mask = Tensor::from_vec(op.mask(x.elem_count()), x.shape(), &candle_core::Device::Cpu)?;
     x * mask.to_device(x.device())?.to_dtype(x.dtype())?
+}
+
+/// The dropout of probability `p` with its seed drawn from `rng` (one draw), or `None` for
+/// `p <= 0`; every user of a mask (this module's op, the flash attention kernels) draws it
+/// here, so that the fused and unfused paths of one computation draw the same mask.
+pub fn draw(p: f64, rng: &mut Rng) -> Result<Option<Dropout>> {
+    if p <= 0.0 {
+        return Ok(None);
+    }
+    if p >= 1.0 || p.is_nan() {
+        candle_core::bail!("dropout probability must be below 1, got {p}");
+    }
+    Ok(Some(Dropout::new(p, rng.next_u64())))
 }
 
 /// Whether [`dropout`] runs the op on `x` (CPU f32/f64, CUDA f32/bf16).

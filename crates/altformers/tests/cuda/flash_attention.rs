@@ -3,6 +3,8 @@
 //! (sm_90); built and packed by scripts/gpu-package.sh.
 use altformers::ops::attention::cuda::{self as flash_attention, ForwardKernel};
 use altformers::ops::attention::{causal_attention_reference, causal_attention_with_dropout};
+use altformers::ops::dropout::draw;
+use altformers::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
 
 /// Seeded standard normal values (splitmix64 + Box-Muller), so every run sees the same inputs.
@@ -58,11 +60,14 @@ fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
 /// Fused forward and gradients on the GPU vs the f32 CPU reference, for `q: [B, H, T, dh]`,
 /// `k, v: [B, KVH, offset + T, dh]`.
 fn check(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize) {
-    check_with(b, h, kvh, t, offset, dh, ForwardKernel::MmaSync)
+    check_with(b, h, kvh, t, offset, dh, ForwardKernel::MmaSync, 0.0)
 }
 
-fn check_with(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize, forward: ForwardKernel) {
-    let case = format!("B {b} H {h} KVH {kvh} T {t} offset {offset} dh {dh} forward {forward:?}");
+/// [`check`] with the forward kernel named and dropout `p` on the probabilities (the reference
+/// and the kernel drawing their mask from the same seed).
+#[allow(clippy::too_many_arguments)]
+fn check_with(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize, forward: ForwardKernel, p: f64) {
+    let case = format!("B {b} H {h} KVH {kvh} T {t} offset {offset} dh {dh} forward {forward:?} dropout {p}");
     let s = offset + t;
     let seed = (b * 1_000_003 + h * 10_007 + kvh * 1009 + t * 101 + offset * 7 + dh) as u64;
     let q = random_bf16((b, h, t, dh), seed);
@@ -72,7 +77,7 @@ fn check_with(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize
 
     let f32_var = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
     let (qr, kr, vr) = (f32_var(&q), f32_var(&k), f32_var(&v));
-    let out_ref = causal_attention_reference(&qr, &kr, &vr, offset, None).unwrap();
+    let out_ref = causal_attention_reference(&qr, &kr, &vr, offset, Some((p, &mut Rng::new(seed)))).unwrap();
     let grads_ref = (&out_ref * grad.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
 
     let dev = Device::new_cuda(0).unwrap();
@@ -80,7 +85,8 @@ fn check_with(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize
     let (qg, kg, vg) = (on_gpu(&q), on_gpu(&k), on_gpu(&v));
     assert!(flash_attention::supports(&qg, &kg, &vg), "{case}: fused kernel should apply");
     poison_allocator(&dev);
-    let out = flash_attention::causal_attention_with(&qg, &kg, &vg, offset, forward).unwrap();
+    let dropout = draw(p, &mut Rng::new(seed)).unwrap();
+    let out = flash_attention::causal_attention_with(&qg, &kg, &vg, offset, forward, dropout, 0).unwrap();
     assert_close(&format!("{case}: output"), &out, &out_ref);
     let grad_gpu = grad.to_device(&dev).unwrap().to_dtype(DType::F32).unwrap();
     poison_allocator(&dev);
@@ -118,13 +124,29 @@ fn matches_reference_long_sequences() {
 fn wgmma_forward_matches_reference() {
     for kvh in [4, 2, 1] {
         for t in [1, 17, 128, 130, 1000] {
-            check_with(2, 4, kvh, t, 0, 128, ForwardKernel::Wgmma);
+            check_with(2, 4, kvh, t, 0, 128, ForwardKernel::Wgmma, 0.0);
         }
     }
-    check_with(2, 4, 2, 2048, 0, 128, ForwardKernel::Wgmma);
-    check_with(2, 4, 2, 17, 100, 128, ForwardKernel::Wgmma);
-    check_with(2, 4, 1, 1, 299, 128, ForwardKernel::Wgmma);
-    check_with(2, 4, 4, 130, 70, 128, ForwardKernel::Wgmma);
+    check_with(2, 4, 2, 2048, 0, 128, ForwardKernel::Wgmma, 0.0);
+    check_with(2, 4, 2, 17, 100, 128, ForwardKernel::Wgmma, 0.0);
+    check_with(2, 4, 1, 1, 299, 128, ForwardKernel::Wgmma, 0.0);
+    check_with(2, 4, 4, 130, 70, 128, ForwardKernel::Wgmma, 0.0);
+}
+
+/// Dropout on the probabilities inside the kernels draws the unfused path's mask: forward and
+/// gradients match the reference given the same seed (asking for wgmma falls back to the
+/// `mma.sync` forward, which has dropout), at both widths, grouped heads, ragged lengths and
+/// an offset.
+#[test]
+fn dropout_matches_reference() {
+    for dh in [64, 128] {
+        for kvh in [4, 1] {
+            for t in [17, 130, 1000] {
+                check_with(2, 4, kvh, t, 0, dh, ForwardKernel::Auto, 0.2);
+            }
+        }
+        check_with(2, 4, 2, 17, 100, dh, ForwardKernel::MmaSync, 0.5);
+    }
 }
 
 #[test]
@@ -144,7 +166,7 @@ fn mixer_entry_point_dispatches_to_fused() {
     let k = random_bf16((2, 2, 65, 64), 2).to_device(&dev).unwrap();
     let v = random_bf16((2, 2, 65, 64), 3).to_device(&dev).unwrap();
     let via_mixer = causal_attention_with_dropout(&q, &k, &v, 0, None).unwrap();
-    let fused = flash_attention::causal_attention(&q, &k, &v, 0).unwrap();
+    let fused = flash_attention::causal_attention(&q, &k, &v, 0, None).unwrap();
     let diff = (via_mixer.to_dtype(DType::F32).unwrap() - fused.to_dtype(DType::F32).unwrap())
         .unwrap()
         .abs()
@@ -173,23 +195,31 @@ fn default_forward_is_wgmma_on_hopper() {
 /// gradients still match the reference.
 #[test]
 fn batches_beyond_the_grid_limit_are_sliced() {
+    for p in [0.0, 0.3] {
+        sliced_batch(p);
+    }
+}
+
+/// B = 65538 through the sliced entry point against the reference, with dropout `p` (the
+/// slices' masks must continue the whole batch's).
+fn sliced_batch(p: f64) {
     let (b, h, t, dh) = (65_535 + 3, 1, 8, 64);
     let q = random_bf16((b, h, t, dh), 11);
     let k = random_bf16((b, h, t, dh), 12);
     let v = random_bf16((b, h, t, dh), 13);
     let f32_var = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
     let (qr, kr, vr) = (f32_var(&q), f32_var(&k), f32_var(&v));
-    let out_ref = causal_attention_reference(&qr, &kr, &vr, 0, None).unwrap();
+    let out_ref = causal_attention_reference(&qr, &kr, &vr, 0, Some((p, &mut Rng::new(5)))).unwrap();
     let grads_ref = out_ref.sum_all().unwrap().backward().unwrap();
     let dev = Device::new_cuda(0).unwrap();
     let on_gpu = |x: &Tensor| Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
     let (qg, kg, vg) = (on_gpu(&q), on_gpu(&k), on_gpu(&v));
-    let out = flash_attention::causal_attention(&qg, &kg, &vg, 0).unwrap();
-    assert_close("B 65538: output", &out, &out_ref);
+    let out = flash_attention::causal_attention(&qg, &kg, &vg, 0, draw(p, &mut Rng::new(5)).unwrap()).unwrap();
+    assert_close(&format!("B 65538 dropout {p}: output"), &out, &out_ref);
     let grads = out.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, var, var_ref) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
         assert_close(
-            &format!("B 65538: {name}"),
+            &format!("B 65538 dropout {p}: {name}"),
             grads.get(var.as_tensor()).unwrap(),
             grads_ref.get(var_ref.as_tensor()).unwrap(),
         );

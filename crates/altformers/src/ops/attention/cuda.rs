@@ -55,6 +55,7 @@ use candle_core::{bail, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor
 
 use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
 use crate::kernels::ptx;
+use crate::ops::dropout::Dropout;
 
 const MODULE: &str = "altformers_flash_attention";
 const MODULE_SM90A: &str = "altformers_flash_attention_sm90a";
@@ -110,7 +111,7 @@ impl Tiles {
 }
 
 /// Whether [`causal_attention`] runs fused for these inputs: on a CUDA device, all bf16, head
-/// width 64 or 128, non-empty. (Dropout is the caller's concern: the kernel has none.)
+/// width 64 or 128, non-empty.
 pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let bf16 = [q, k, v].iter().all(|t| t.dtype() == DType::BF16);
     let width_ok = matches!(q.dims().last(), Some(64 | 128));
@@ -167,12 +168,15 @@ impl ForwardKernel {
 
 /// Causal attention of `q: [B, H, T, d_h]` at positions `offset..offset+T` over `k, v:
 /// [B, KVH, S, d_h]` (query t sees keys s <= offset + t; query head h uses K/V head
-/// h / (H / KVH)), scale 1/sqrt(d_h), fused forward and backward. Requires [`supports`].
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+/// h / (H / KVH)), scale 1/sqrt(d_h), fused forward and backward, with `dropout` on the
+/// probabilities (the mask of [`crate::ops::dropout`] over the `[B, H, T, S]` probabilities,
+/// as the unfused path draws it; the `mma.sync` forward then, which has it). Requires
+/// [`supports`].
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, dropout: Option<Dropout>) -> Result<Tensor> {
     let forward = ForwardKernel::from_env()?;
     let b = q.dim(0)?;
     if b <= MAX_GRID_YZ {
-        return causal_attention_with(q, k, v, offset, forward);
+        return causal_attention_with(q, k, v, offset, forward, dropout, 0);
     }
     // The grid's batch axis holds 65535 sequences; more (MegaByte's local model runs one per
     // patch: 16 x 64K bytes in patches of 8 is 131072) go in slices of the batch.
@@ -181,19 +185,22 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
         .map(|start| {
             let n = MAX_GRID_YZ.min(b - start);
             let part = |x: &Tensor| x.narrow(0, start, n);
-            causal_attention_with(&part(q)?, &part(k)?, &part(v)?, offset, forward)
+            causal_attention_with(&part(q)?, &part(k)?, &part(v)?, offset, forward, dropout, start)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&slices, 0)
 }
 
-/// [`causal_attention`] with the forward kernel named.
+/// [`causal_attention`] with the forward kernel named, for the sequences `first..first + B`
+/// of a batch (the mask's coordinates).
 pub fn causal_attention_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     offset: usize,
     forward: ForwardKernel,
+    dropout: Option<Dropout>,
+    first: usize,
 ) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let (kb, kvh, s, kdh) = k.dims4()?;
@@ -209,15 +216,51 @@ pub fn causal_attention_with(
     if t >= MAX_POSITIONS || s >= MAX_POSITIONS || offset >= MAX_POSITIONS || h > MAX_GRID_YZ || b > MAX_GRID_YZ {
         bail!("flash attention: sizes out of range (B {b}, H {h}, T {t}, S {s}, offset {offset})")
     }
-    let op = FlashAttention { offset, forward, lse: Mutex::new(None) };
+    if first >= MAX_POSITIONS {
+        bail!("flash attention: batch start {first} out of range")
+    }
+    let forward = if dropout.is_some() { ForwardKernel::MmaSync } else { forward };
+    let op = FlashAttention { offset, forward, dropout: DropoutArgs::new(dropout, first), lse: Mutex::new(None) };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 struct FlashAttention {
     offset: usize,
     forward: ForwardKernel,
+    dropout: DropoutArgs,
     /// `[B, H, T]` log-sum-exp from the forward, for the backward.
     lse: Mutex<Option<CudaSlice<f32>>>,
+}
+
+/// The kernels' dropout arguments: the seed's halves, the keep threshold (0: no dropout),
+/// the scale and the batch's first sequence.
+#[derive(Clone, Copy)]
+struct DropoutArgs {
+    seed_lo: u32,
+    seed_hi: u32,
+    threshold: u32,
+    scale: f32,
+    first: i32,
+}
+
+impl DropoutArgs {
+    fn new(dropout: Option<Dropout>, first: usize) -> Self {
+        let first = first as i32;
+        match dropout {
+            Some(d) if d.threshold > 0 => Self {
+                seed_lo: d.seed as u32,
+                seed_hi: (d.seed >> 32) as u32,
+                threshold: d.threshold,
+                scale: d.scale as f32,
+                first,
+            },
+            _ => Self { seed_lo: 0, seed_hi: 0, threshold: 0, scale: 1.0, first },
+        }
+    }
+
+    fn push<'a>(&'a self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>) {
+        b.arg(&self.seed_lo).arg(&self.seed_hi).arg(&self.threshold).arg(&self.scale).arg(&self.first);
+    }
 }
 
 /// The bf16 device memory of a contiguous tensor, from its start offset.
@@ -309,7 +352,8 @@ impl CustomOp3 for FlashAttention {
         let (q, k, v) = (bf16_view!(qs, ql, "q"), bf16_view!(ks, kl, "k"), bf16_view!(vs, vl, "v"));
         let mut out = bf16_output(dev, ql.shape())?;
         let mut lse = launch::uninit::<f32>(dev, dims.b * dims.h * dims.t)?;
-        let (func, cfg) = if self.forward.resolve(dev, dims.dh)? == ForwardKernel::Wgmma {
+        let forward = self.forward.resolve(dev, dims.dh)?;
+        let (func, cfg) = if forward == ForwardKernel::Wgmma {
             // 128 query rows (two warpgroups) per CTA; Q and two stages of K and V tiles of
             // 128 x 128 bf16, plus 1 KB to align them to the swizzle's 1024-byte period.
             let shared = 5 * 128 * 128 * 2 + 1024;
@@ -335,8 +379,12 @@ impl CustomOp3 for FlashAttention {
             let mut b = func.builder();
             b.arg(&q).arg(&k).arg(&v).arg(o).arg(&mut lse);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2);
-            // SAFETY: argument list matches flash_attention_fwd_d{64,128} and
-            // flash_attention_fwd_wgmma_d128; buffers sized above.
+            if forward == ForwardKernel::MmaSync {
+                self.dropout.push(&mut b);
+            }
+            // SAFETY: argument list matches flash_attention_fwd_d{64,128} (with the dropout
+            // arguments) and flash_attention_fwd_wgmma_d128 (without: never with dropout);
+            // buffers sized above.
             unsafe { b.launch(cfg) }.w()?;
         }
         *self.lse.lock().expect("flash attention: lse lock poisoned") = Some(lse);
@@ -405,6 +453,7 @@ impl CustomOp3 for FlashAttention {
             b.arg(&q_view).arg(&k_view).arg(&v_view).arg(&do_view).arg(&lse_view).arg(&delta);
             b.arg(&mut dq_accum).arg(dk_slice).arg(dv_slice);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2).arg(&scale);
+            self.dropout.push(&mut b);
             // SAFETY: argument list matches flash_attention_bwd_d{64,128}; buffers sized above.
             unsafe { b.launch(cfg) }.w()?;
         }

@@ -5,7 +5,14 @@
 // reasons for them are given there.
 //
 // Layouts: q, o, dout, dq [B, H, T, D]; k, v, dk, dv [B, KVH, S, D]; lse, delta [B, H, T];
-// all contiguous. Query head h reads key/value head h / (H / KVH). Query row i sees key j
+// all contiguous.
+//
+// Dropout on the probabilities (threshold > 0): P[b, h, i, j] is kept iff
+// dropout_bits(seed, ((b0 + b) H + h) T + i) S + j) >= threshold and scaled by drop_scale,
+// the mask the unfused path's dropout of the [B, H, T, S] probabilities draws (b0: the first
+// sequence of a slice of the batch). The forward's row sums are of the undropped P; the
+// backward uses the dropped P for dV and dS = P (dP_dropped - D) with
+// dP_dropped = (dO V^T) * mask * drop_scale and D = rowsum(dO * O) (FlashAttention-2, sec. 3.1). Query head h reads key/value head h / (H / KVH). Query row i sees key j
 // when j <= offset + i (and j < S).
 //
 // Tensor-core fragments follow PTX mma.m16n8k16 (row.col, bf16 in, f32 accumulate). With
@@ -18,6 +25,7 @@
 
 #include "async_copy.cuh"
 #include "convert.cuh"
+#include "dropout.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -91,7 +99,8 @@ template <int D, int WARPS, int BC, int MT>
 __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, bf16* __restrict__ o,
                                           float* __restrict__ lse, int T, int S, int H, int KVH, int offset,
-                                          float scale_log2) {
+                                          float scale_log2, unsigned int seed_lo, unsigned int seed_hi,
+                                          unsigned int threshold, float drop_scale, int b0) {
     constexpr int WARP_ROWS = 16 * MT, BR = WARP_ROWS * WARPS, THREADS = 32 * WARPS, LD = D + kPad;
     constexpr bool Q_IN_REGS = MT * D <= 128;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -244,8 +253,16 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const float p = exp2f(fmaf(acc_s[mt][nt][2 * r + e], scale_log2, -base));
-                        acc_s[mt][nt][2 * r + e] = p;
                         row_sum[mt][r] += p;
+                        float kept = p;
+                        if (threshold != 0) {
+                            const int row = m0 + w0 + mt * 16 + grp + r * 8;
+                            const int col = j * BC + nt * 8 + quad * 2 + e;
+                            const unsigned long long at =
+                                ((unsigned long long)((b0 + b) * H + h) * T + row) * S + col;
+                            kept = dropout_bits(seed_lo, seed_hi, at) >= threshold ? p * drop_scale : 0.f;
+                        }
+                        acc_s[mt][nt][2 * r + e] = kept;
                     }
             }
 
@@ -329,7 +346,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                                           const float* __restrict__ lse, const float* __restrict__ delta,
                                           float* __restrict__ dq_accum, bf16* __restrict__ dk,
                                           bf16* __restrict__ dv, int T, int S, int H, int KVH, int offset,
-                                          float scale_log2, float scale) {
+                                          float scale_log2, float scale, unsigned int seed_lo,
+                                          unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {
     constexpr int BC = 16 * WARPS, THREADS = 32 * WARPS, LD = D + kPad, LDS = BR + kPad;
     // dQ = dS K split over warps: each warp takes one 16-row m-tile and DQ_NT 8-wide d-tiles.
     constexpr int M_TILES = BR / 16, WARPS_PER_M = WARPS / M_TILES, DQ_NT = D / 8 / WARPS_PER_M;
@@ -435,8 +453,15 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                     const int query = m0 + nt * 8 + quad * 2 + (e & 1);
                     p = key <= offset + query && query < T && key < S ? p : 0.f;
                 }
-                acc_s[nt][e] = p;
-                acc_dp[nt][e] = p * (acc_dp[nt][e] - ((e & 1) ? delta2.y : delta2.x));
+                float keep = 1.f;
+                if (threshold != 0) {
+                    const int key = n0 + warp * 16 + grp + (e >> 1) * 8;
+                    const int query = m0 + nt * 8 + quad * 2 + (e & 1);
+                    const unsigned long long at = ((unsigned long long)((b0 + b) * H + h) * T + query) * S + key;
+                    keep = dropout_bits(seed_lo, seed_hi, at) >= threshold ? drop_scale : 0.f;
+                }
+                acc_s[nt][e] = p * keep;
+                acc_dp[nt][e] = p * (acc_dp[nt][e] * keep - ((e & 1) ? delta2.y : delta2.x));
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r)
@@ -533,8 +558,10 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #define FLASH_ENTRY_POINTS(D, FWD_WARPS, FWD_BC, FWD_MT, BWD_WARPS, BWD_BR)                                          \
     extern "C" __global__ void __launch_bounds__(32 * FWD_WARPS)                                             \
         flash_attention_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int T,    \
-                                 int S, int H, int KVH, int offset, float scale_log2) {                      \
-        flash_fwd<D, FWD_WARPS, FWD_BC, FWD_MT>(q, k, v, o, lse, T, S, H, KVH, offset, scale_log2);                  \
+                                 int S, int H, int KVH, int offset, float scale_log2, unsigned int seed_lo,  \
+                                 unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {   \
+        flash_fwd<D, FWD_WARPS, FWD_BC, FWD_MT>(q, k, v, o, lse, T, S, H, KVH, offset, scale_log2, seed_lo,  \
+                                                seed_hi, threshold, drop_scale, b0);                         \
     }                                                                                                        \
     extern "C" __global__ void flash_attention_bwd_delta_d##D(const bf16* o, const bf16* dout, float* delta, \
                                                               int rows) {                                    \
@@ -543,9 +570,10 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     extern "C" __global__ void __launch_bounds__(32 * BWD_WARPS) flash_attention_bwd_d##D(                   \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, \
         float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H, int KVH, int offset, float scale_log2,      \
-        float scale) {                                                                                       \
+        float scale, unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold, float drop_scale,   \
+        int b0) {                                                                                            \
         flash_bwd<D, BWD_WARPS, BWD_BR>(q, k, v, dout, lse, delta, dq_accum, dk, dv, T, S, H, KVH, offset,   \
-                                        scale_log2, scale);                                                  \
+                                        scale_log2, scale, seed_lo, seed_hi, threshold, drop_scale, b0);     \
     }
 
 FLASH_ENTRY_POINTS(64, 4, 64, 1, 4, 64)

@@ -28,8 +28,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
 
 /// [`causal_attention`] with dropout on the attention probabilities (training). Runs the
 /// fused flash-attention kernel (`cuda`) for bf16 CUDA tensors of head width 64 or 128
-/// without dropout (unless switched off: `ALTFORMERS_UNFUSED=attention`), and
-/// [`causal_attention_reference`] otherwise.
+/// (unless switched off: `ALTFORMERS_UNFUSED=attention`), and [`causal_attention_reference`]
+/// otherwise; both draw the same dropout mask from `rng`.
 pub fn causal_attention_with_dropout(
     q: &Tensor,
     k: &Tensor,
@@ -38,8 +38,12 @@ pub fn causal_attention_with_dropout(
     dropout: Option<(f64, &mut crate::rng::Rng)>,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if dropout.as_ref().is_none_or(|(p, _)| *p == 0.0) && cuda::supports(q, k, v) {
-        return cuda::causal_attention(q, k, v, offset);
+    if cuda::supports(q, k, v) {
+        let dropout = match dropout {
+            Some((p, rng)) => crate::ops::dropout::draw(p, rng)?,
+            None => None,
+        };
+        return cuda::causal_attention(q, k, v, offset, dropout);
     }
     causal_attention_reference(q, k, v, offset, dropout)
 }
