@@ -50,13 +50,14 @@ impl Attention {
         Ok(Self { qkv, out, heads: h, kv_heads: kvh, head_dim: dh, rope_base, causal })
     }
 
-    /// `x: [B, T, D]` at positions `offset..` -> `q: [B, H, T, d_h]`, `k, v: [B, KVH, T, d_h]`.
+    /// `x: [B, T, D]` at positions `offset..` -> `q: [B, H, T, d_h]`, `k, v: [B, KVH, T, d_h]`:
+    /// views of the projections' token-major outputs (the flash kernels read them in place;
+    /// what needs them contiguous copies them).
     pub(crate) fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, dh) = (self.heads, self.kv_heads, self.head_dim);
         let parts = self.qkv.forward_parts(x, &[h * dh, kvh * dh, kvh * dh])?;
-        let heads =
-            |p: &Tensor, n: usize| -> Result<Tensor> { p.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous() };
+        let heads = |p: &Tensor, n: usize| -> Result<Tensor> { p.reshape((b, t, n, dh))?.transpose(1, 2) };
         let (mut q, mut k, v) = (heads(&parts[0], h)?, heads(&parts[1], kvh)?, heads(&parts[2], kvh)?);
         if let Some(base) = self.rope_base {
             q = rotary::apply(&q, offset, base)?;

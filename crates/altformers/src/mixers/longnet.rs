@@ -121,6 +121,8 @@ impl LongNet {
 /// (w, r) `pairs`, mixed by their softmax denominators -> `[B, H, T, d_h]`.
 pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
+    // (the attention's heads are views of its projections; the gathers need them contiguous)
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let g = h / k.dim(1)?;
     let dev = q.device();
     let mut outs = Vec::with_capacity(pairs.len());
@@ -136,7 +138,7 @@ pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, us
             if tp > t {
                 x.pad_with_zeros(2, 0, tp - t)
             } else {
-                x.contiguous()
+                Ok(x.clone())
             }
         };
         let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);

@@ -178,6 +178,38 @@ fn mixer_entry_point_dispatches_to_fused() {
     assert_eq!(diff, 0.0, "the mixer's causal attention should be the fused kernel for bf16 on CUDA");
 }
 
+/// The attention mixer's operands are views of one token-major projection (rows 3 H d_h
+/// apart): the kernels read them in place and give what they give on contiguous copies,
+/// forward and gradients, both forward kernels.
+#[test]
+fn views_of_a_projection_are_read_in_place() {
+    let dev = Device::new_cuda(0).unwrap();
+    for (dh, forward) in [(64, ForwardKernel::MmaSync), (128, ForwardKernel::Wgmma), (128, ForwardKernel::MmaSync)] {
+        let (b, t, h) = (2, 130, 4);
+        let qkv = Var::from_tensor(
+            &random_bf16((b, t, 3, h * dh), 21).reshape((b, t, 3 * h * dh)).unwrap().to_device(&dev).unwrap(),
+        )
+        .unwrap();
+        let heads = |x: &Tensor, i: usize| {
+            x.narrow(2, i * h * dh, h * dh).unwrap().reshape((b, t, h, dh)).unwrap().transpose(1, 2).unwrap()
+        };
+        let grad = random_bf16((b, h, t, dh), 22).to_device(&dev).unwrap().to_dtype(DType::F32).unwrap();
+        let run = |copy: bool| {
+            let x = qkv.as_tensor();
+            let [q, k, v] = [0, 1, 2].map(|i| if copy { heads(x, i).contiguous().unwrap() } else { heads(x, i) });
+            let out = flash_attention::causal_attention_with(&q, &k, &v, 0, forward, None, 0).unwrap();
+            let grads = (out.to_dtype(DType::F32).unwrap() * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(x).unwrap().to_dtype(DType::F32).unwrap();
+            (out.to_dtype(DType::F32).unwrap(), dx)
+        };
+        let ((out_views, dx_views), (out_copies, dx_copies)) = (run(false), run(true));
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff(&out_views, &out_copies), 0.0, "dh {dh} {forward:?}: output");
+        assert_eq!(diff(&dx_views, &dx_copies), 0.0, "dh {dh} {forward:?}: projection gradient");
+    }
+}
+
 /// On Hopper the default forward at width 128 is the wgmma kernel; width 64 and the explicit
 /// choice `mma` stay on `mma.sync`.
 #[test]

@@ -42,6 +42,14 @@
 //!   stages); out-of-range rows are zero-filled by `cp.async`, so ragged `T` and `S` need no
 //!   special path and padding never produces NaN.
 //!
+//! - Layout: the kernels read q, k and v in place at any strides whose rows of `d_h` are
+//!   contiguous and 16-byte aligned, and write the output and the gradients token-major
+//!   (`[B, T, H, d_h]`). The attention mixer's heads are views of its projections' outputs
+//!   (`[B, T, H d_h]` seen as `[B, H, T, d_h]`) and the output projection reads `[B, T, H
+//!   d_h]`, so no transpose is copied either way: the copies into and out of a head-major
+//!   layout (and their gradients') took more of a GPT-2-small training step on the H200 than
+//!   the attention kernels (bench/results/2026-12-03-h200-train-speed).
+//!
 //! The log-sum-exp is kept in log2 units of the scaled scores
 //! (`p = exp2(s * scale * log2 e - lse)`), matching the `exp2` the kernels use. It is held by
 //! the op between forward and backward rather than returned, since a custom op has one output.
@@ -221,7 +229,24 @@ pub fn causal_attention_with(
     }
     let forward = if dropout.is_some() { ForwardKernel::MmaSync } else { forward };
     let op = FlashAttention { offset, forward, dropout: DropoutArgs::new(dropout, first), lse: Mutex::new(None) };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    // The op works token-major: `[B, T, H, d_h]` views of the head-major operands, read in
+    // place where their strides allow; its output back to head-major as a view.
+    let [q, k, v] = [q, k, v].map(|x| readable_in_place(&x.transpose(1, 2)?));
+    q?.apply_op3(&k?, &v?, op)?.transpose(1, 2)
+}
+
+/// `x` if the kernels can read it where it is (rows contiguous; strides and start on 16-byte
+/// boundaries), else a contiguous copy.
+fn readable_in_place(x: &Tensor) -> Result<Tensor> {
+    let layout = x.layout();
+    let aligned = |n: usize| n % 8 == 0;
+    let ok =
+        layout.stride()[3] == 1 && layout.stride()[..3].iter().all(|&s| aligned(s)) && aligned(layout.start_offset());
+    if ok {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
 }
 
 struct FlashAttention {
@@ -261,6 +286,40 @@ impl DropoutArgs {
     fn push<'a>(&'a self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>) {
         b.arg(&self.seed_lo).arg(&self.seed_hi).arg(&self.threshold).arg(&self.scale).arg(&self.first);
     }
+}
+
+/// Element strides of a token-major operand `[B, rows, heads, d_h]` (as `Strides` in the
+/// kernels): sequence, head, row.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Strides {
+    batch: i64,
+    head: i64,
+    row: i64,
+}
+
+// SAFETY: plain data, the kernels' `struct Strides { long long batch, head, row; }`.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Strides {}
+
+impl Strides {
+    fn of(layout: &Layout) -> Result<Self> {
+        let st = layout.stride();
+        if st.len() != 4 || st[3] != 1 {
+            bail!("flash attention: operand rows must be contiguous (layout {layout:?})")
+        }
+        Ok(Self { batch: st[0] as i64, head: st[2] as i64, row: st[1] as i64 })
+    }
+}
+
+/// The bf16 device memory of an operand from its start offset (read at its strides), with
+/// its [`Strides`].
+macro_rules! bf16_strided {
+    ($storage:expr, $layout:expr, $what:literal) => {{
+        let CudaStorageSlice::BF16(slice) = &$storage.slice else {
+            bail!(concat!("flash attention: ", $what, " must be bf16"))
+        };
+        (slice.slice($layout.start_offset()..), Strides::of($layout)?)
+    }};
 }
 
 /// The bf16 device memory of a contiguous tensor, from its start offset.
@@ -314,9 +373,10 @@ struct Dims {
 }
 
 impl Dims {
+    /// From the op's token-major `q: [B, T, H, d_h]` and `k: [B, S, KVH, d_h]`.
     fn new(q: &Shape, k: &Shape) -> Result<Self> {
-        let (b, h, t, dh) = q.dims4()?;
-        let (_, kvh, s, _) = k.dims4()?;
+        let (b, t, h, dh) = q.dims4()?;
+        let (_, s, kvh, _) = k.dims4()?;
         Ok(Self { b, h, kvh, t, s, dh })
     }
 
@@ -349,7 +409,8 @@ impl CustomOp3 for FlashAttention {
         let dims = Dims::new(ql.shape(), kl.shape())?;
         let tiles = Tiles::for_head_dim(dims.dh)?;
         let dev = launch::device(qs);
-        let (q, k, v) = (bf16_view!(qs, ql, "q"), bf16_view!(ks, kl, "k"), bf16_view!(vs, vl, "v"));
+        let ((q, q_st), (k, k_st), (v, v_st)) =
+            (bf16_strided!(qs, ql, "q"), bf16_strided!(ks, kl, "k"), bf16_strided!(vs, vl, "v"));
         let mut out = bf16_output(dev, ql.shape())?;
         let mut lse = launch::uninit::<f32>(dev, dims.b * dims.h * dims.t)?;
         let forward = self.forward.resolve(dev, dims.dh)?;
@@ -377,7 +438,7 @@ impl CustomOp3 for FlashAttention {
         {
             let CudaStorageSlice::BF16(o) = &mut out.slice else { bail!("flash attention: output is not bf16") };
             let mut b = func.builder();
-            b.arg(&q).arg(&k).arg(&v).arg(o).arg(&mut lse);
+            b.arg(&q).arg(&k).arg(&v).arg(&q_st).arg(&k_st).arg(&v_st).arg(o).arg(&mut lse);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2);
             if forward == ForwardKernel::MmaSync {
                 self.dropout.push(&mut b);
@@ -409,9 +470,9 @@ impl CustomOp3 for FlashAttention {
         let [(qg, ql), (kg, kl), (vg, vl), (og, ol), (gg, gl)] = &guards;
         let qs = launch::storage(qg, "flash attention backward", "q")?;
         let dev = launch::device(qs);
-        let q_view = bf16_view!(qs, ql, "q");
-        let k_view = bf16_view!(launch::storage(kg, "flash attention backward", "k")?, kl, "k");
-        let v_view = bf16_view!(launch::storage(vg, "flash attention backward", "v")?, vl, "v");
+        let (q_view, q_st) = bf16_strided!(qs, ql, "q");
+        let (k_view, k_st) = bf16_strided!(launch::storage(kg, "flash attention backward", "k")?, kl, "k");
+        let (v_view, v_st) = bf16_strided!(launch::storage(vg, "flash attention backward", "v")?, vl, "v");
         let o_view = bf16_view!(launch::storage(og, "flash attention backward", "output")?, ol, "output");
         let do_view =
             bf16_view!(launch::storage(gg, "flash attention backward", "output gradient")?, gl, "output gradient");
@@ -427,9 +488,9 @@ impl CustomOp3 for FlashAttention {
                 block_dim: (32 * rows_per_block as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let rows = int(rows)?;
+            let (rows, t, h) = (int(rows)?, int(dims.t)?, int(dims.h)?);
             let mut b = func.builder();
-            b.arg(&o_view).arg(&do_view).arg(&mut delta).arg(&rows);
+            b.arg(&o_view).arg(&do_view).arg(&mut delta).arg(&rows).arg(&t).arg(&h);
             // SAFETY: argument list matches flash_attention_bwd_delta_d{64,128}.
             unsafe { b.launch(cfg) }.w()?;
         }
@@ -450,7 +511,8 @@ impl CustomOp3 for FlashAttention {
             let CudaStorageSlice::BF16(dk_slice) = &mut dk.slice else { bail!("flash attention: dk is not bf16") };
             let CudaStorageSlice::BF16(dv_slice) = &mut dv.slice else { bail!("flash attention: dv is not bf16") };
             let mut b = func.builder();
-            b.arg(&q_view).arg(&k_view).arg(&v_view).arg(&do_view).arg(&lse_view).arg(&delta);
+            b.arg(&q_view).arg(&k_view).arg(&v_view).arg(&q_st).arg(&k_st).arg(&v_st);
+            b.arg(&do_view).arg(&lse_view).arg(&delta);
             b.arg(&mut dq_accum).arg(dk_slice).arg(dv_slice);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2).arg(&scale);
             self.dropout.push(&mut b);
@@ -468,10 +530,10 @@ impl CustomOp3 for FlashAttention {
                 block_dim: (threads as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let scale = dims.scale();
+            let (scale, t, h, dh) = (dims.scale(), int(dims.t)?, int(dims.h)?, int(dims.dh)?);
             let CudaStorageSlice::BF16(dq_slice) = &mut dq.slice else { bail!("flash attention: dq is not bf16") };
             let mut b = func.builder();
-            b.arg(&dq_accum).arg(dq_slice).arg(&scale).arg(&n);
+            b.arg(&dq_accum).arg(dq_slice).arg(&scale).arg(&n).arg(&t).arg(&h).arg(&dh);
             // SAFETY: argument list matches flash_attention_bwd_dq_convert; n elements each.
             unsafe { b.launch(cfg) }.w()?;
         }

@@ -4,16 +4,19 @@
 // Tile sizes and shared-memory layouts are mirrored in cuda.rs beside this file (`Tiles`); the
 // reasons for them are given there.
 //
-// Layouts: q, o, dout, dq [B, H, T, D]; k, v, dk, dv [B, KVH, S, D]; lse, delta [B, H, T];
-// all contiguous.
+// Layouts: q [B, T, H, D], k and v [B, S, KVH, D] at any strides (`Strides`, in elements:
+// rows of D contiguous and 16-byte aligned), so the heads of a projection's output are read
+// in place; o, dout, dq [B, T, H, D] and dk, dv [B, S, KVH, D] contiguous (token-major: the
+// output projection reads o as [B, T, H D] without a transpose); lse, delta and the f32
+// dq_accum [B, H, T(, D)] contiguous. Query head h reads key/value head h / (H / KVH). Query
+// row i sees key j when j <= offset + i (and j < S).
 //
 // Dropout on the probabilities (threshold > 0): P[b, h, i, j] is kept iff
 // dropout_bits(seed, ((b0 + b) H + h) T + i) S + j) >= threshold and scaled by drop_scale,
 // the mask the unfused path's dropout of the [B, H, T, S] probabilities draws (b0: the first
 // sequence of a slice of the batch). The forward's row sums are of the undropped P; the
 // backward uses the dropped P for dV and dS = P (dP_dropped - D) with
-// dP_dropped = (dO V^T) * mask * drop_scale and D = rowsum(dO * O) (FlashAttention-2, sec. 3.1). Query head h reads key/value head h / (H / KVH). Query row i sees key j
-// when j <= offset + i (and j < S).
+// dP_dropped = (dO V^T) * mask * drop_scale and D = rowsum(dO * O) (FlashAttention-2, sec. 3.1).
 //
 // Tensor-core fragments follow PTX mma.m16n8k16 (row.col, bf16 in, f32 accumulate). With
 // lane = 4 * grp + quad: A regs hold (row grp | grp + 8, cols 2 quad + {0,1} | + 8),
@@ -28,6 +31,11 @@
 #include "dropout.cuh"
 
 typedef __nv_bfloat16 bf16;
+
+// Element strides of a [B, rows, heads, D] operand: sequence, head and row (D is contiguous).
+struct Strides {
+    long long batch, head, row;
+};
 
 namespace {
 
@@ -71,10 +79,10 @@ __device__ __forceinline__ const bf16* bt_frag_addr(const bf16* tile, int ld, in
     return tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
 }
 
-// Copies rows row0 .. row0 + ROWS of a [rows, D] matrix into a padded shared tile,
-// zero-filling rows at or beyond `rows`.
+// Copies rows row0 .. row0 + ROWS of a [rows, D] matrix with rows `ld` elements apart into a
+// padded shared tile, zero-filling rows at or beyond `rows`.
 template <int ROWS, int D, int THREADS>
-__device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* src, int row0, int rows) {
+__device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* src, long long ld, int row0, int rows) {
     constexpr int kChunks = D / 8, kTotal = ROWS * kChunks;
     // A compile-time trip count, so the loop unrolls into straight-line copies.
 #pragma unroll
@@ -83,7 +91,7 @@ __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* src, int
         if (kTotal % THREADS != 0 && c >= kTotal) break;
         const int r = c / kChunks, col = (c % kChunks) * 8;
         const bool valid = row0 + r < rows;
-        const bf16* from = valid ? src + (size_t)(row0 + r) * D + col : src;
+        const bf16* from = valid ? src + (row0 + r) * ld + col : src;
         cp_async16(tile + r * (D + kPad) + col, from, valid);
     }
 }
@@ -97,8 +105,9 @@ __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* src, int
 // they are re-read from shared memory every key block.
 template <int D, int WARPS, int BC, int MT>
 __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                          const bf16* __restrict__ v, bf16* __restrict__ o,
-                                          float* __restrict__ lse, int T, int S, int H, int KVH, int offset,
+                                          const bf16* __restrict__ v, Strides qs, Strides ks, Strides vs,
+                                          bf16* __restrict__ o, float* __restrict__ lse, int T, int S, int H,
+                                          int KVH, int offset,
                                           float scale_log2, unsigned int seed_lo, unsigned int seed_hi,
                                           unsigned int threshold, float drop_scale, int b0) {
     constexpr int WARP_ROWS = 16 * MT, BR = WARP_ROWS * WARPS, THREADS = 32 * WARPS, LD = D + kPad;
@@ -114,17 +123,17 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     const int kvh = h / (H / KVH);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane >> 2, quad = lane & 3;
     const int w0 = warp * WARP_ROWS;  // this warp's first row in the tile
-    const bf16* q_h = q + (size_t)(b * H + h) * T * D;
-    const bf16* k_h = k + (size_t)(b * KVH + kvh) * S * D;
-    const bf16* v_h = v + (size_t)(b * KVH + kvh) * S * D;
+    const bf16* q_h = q + b * qs.batch + h * qs.head;
+    const bf16* k_h = k + b * ks.batch + kvh * ks.head;
+    const bf16* v_h = v + b * vs.batch + kvh * vs.head;
 
     // Keys seen by any row of this tile: 0 .. min(S, offset + m0 + BR).
     const int key_end = min(S, offset + m0 + BR);
     const int key_blocks = (key_end + BC - 1) / BC;
 
-    load_tile_async<BR, D, THREADS>(s_q, q_h, m0, T);
-    load_tile_async<BC, D, THREADS>(s_k, k_h, 0, S);
-    load_tile_async<BC, D, THREADS>(s_v, v_h, 0, S);
+    load_tile_async<BR, D, THREADS>(s_q, q_h, qs.row, m0, T);
+    load_tile_async<BC, D, THREADS>(s_k, k_h, ks.row, 0, S);
+    load_tile_async<BC, D, THREADS>(s_v, v_h, vs.row, 0, S);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -153,8 +162,8 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     for (int j = 0; j < key_blocks; ++j) {
         const int stage = j & 1;
         if (j + 1 < key_blocks) {
-            load_tile_async<BC, D, THREADS>(s_k + (stage ^ 1) * BC * LD, k_h, (j + 1) * BC, S);
-            load_tile_async<BC, D, THREADS>(s_v + (stage ^ 1) * BC * LD, v_h, (j + 1) * BC, S);
+            load_tile_async<BC, D, THREADS>(s_k + (stage ^ 1) * BC * LD, k_h, ks.row, (j + 1) * BC, S);
+            load_tile_async<BC, D, THREADS>(s_v + (stage ^ 1) * BC * LD, v_h, vs.row, (j + 1) * BC, S);
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -293,7 +302,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
         __syncthreads();
     }
 
-    bf16* o_h = o + (size_t)(b * H + h) * T * D;
+    bf16* o_h = o + ((size_t)b * T * H + h) * D;  // token-major: rows H D apart
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -306,7 +315,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
             if (row < T) {
 #pragma unroll
                 for (int dn = 0; dn < D / 8; ++dn)
-                    *reinterpret_cast<uint32_t*>(o_h + (size_t)row * D + dn * 8 + quad * 2) =
+                    *reinterpret_cast<uint32_t*>(o_h + (size_t)row * H * D + dn * 8 + quad * 2) =
                         pack_bf16(acc_o[mt][dn][2 * r] * inv, acc_o[mt][dn][2 * r + 1] * inv);
                 // Log-sum-exp of the scaled scores, in log2 units: p = exp2(s * scale_log2 - lse).
                 if (quad == 0) lse[(size_t)(b * H + h) * T + row] = row_max[mt][r] + log2f(sum);
@@ -315,17 +324,19 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward, step 1: delta[i] = sum_d dO[i, d] * O[i, d]; one warp per row.
+// Backward, step 1: delta[b, h, t] = sum_d dO[b, t, h, d] * O[b, t, h, d]; one warp per row.
 template <int D>
 __device__ __forceinline__ void flash_bwd_delta(const bf16* __restrict__ o, const bf16* __restrict__ dout,
-                                                float* __restrict__ delta, int rows) {
+                                                float* __restrict__ delta, int rows, int T, int H) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
+    // row = (b H + h) T + t of delta; (b T + t) H + h of the token-major O and dO
+    const size_t at = ((size_t)(row / (H * T)) * T + row % T) * H + (row / T) % H;
     float acc = 0.f;
 #pragma unroll
     for (int c = lane * 2; c < D; c += 64) {
-        const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(o + (size_t)row * D + c);
-        const __nv_bfloat162 g = *reinterpret_cast<const __nv_bfloat162*>(dout + (size_t)row * D + c);
+        const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(o + at * D + c);
+        const __nv_bfloat162 g = *reinterpret_cast<const __nv_bfloat162*>(dout + at * D + c);
         const float2 af = __bfloat1622float2(a), gf = __bfloat1622float2(g);
         acc += af.x * gf.x + af.y * gf.y;
     }
@@ -342,7 +353,8 @@ __device__ __forceinline__ void flash_bwd_delta(const bf16* __restrict__ o, cons
 // dQ += dS K, which is added to the f32 dq_accum with atomics (unscaled; step 3 scales).
 template <int D, int WARPS, int BR>
 __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                          const bf16* __restrict__ v, Strides qs, Strides ks, Strides vs,
+                                          const bf16* __restrict__ dout,
                                           const float* __restrict__ lse, const float* __restrict__ delta,
                                           float* __restrict__ dq_accum, bf16* __restrict__ dk,
                                           bf16* __restrict__ dv, int T, int S, int H, int KVH, int offset,
@@ -364,8 +376,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     const int n0 = blockIdx.x * BC, kvh = blockIdx.y, b = blockIdx.z;
     const int group = H / KVH;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane >> 2, quad = lane & 3;
-    const bf16* k_h = k + (size_t)(b * KVH + kvh) * S * D;
-    const bf16* v_h = v + (size_t)(b * KVH + kvh) * S * D;
+    const bf16* k_h = k + b * ks.batch + kvh * ks.head;
+    const bf16* v_h = v + b * vs.batch + kvh * vs.head;
 
     // Query blocks that see at least one key of this block: rows i >= n0 - offset.
     const int m_first = max(0, n0 - offset) / BR;
@@ -375,8 +387,9 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     auto load_step = [&](int h, int m_block, int stage) {
         const int m0 = m_block * BR;
         const size_t head = (size_t)(b * H + h) * T;
-        load_tile_async<BR, D, THREADS>(s_q + stage * BR * LD, q + head * D, m0, T);
-        load_tile_async<BR, D, THREADS>(s_do + stage * BR * LD, dout + head * D, m0, T);
+        load_tile_async<BR, D, THREADS>(s_q + stage * BR * LD, q + b * qs.batch + h * qs.head, qs.row, m0, T);
+        load_tile_async<BR, D, THREADS>(s_do + stage * BR * LD, dout + ((size_t)b * T * H + h) * D, (long long)H * D,
+                                        m0, T);
         for (int i = threadIdx.x; i < BR; i += THREADS) {
             const bool valid = m0 + i < T;
             s_lse[stage * BR + i] = valid ? lse[head + m0 + i] : 0.f;
@@ -384,8 +397,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         }
     };
 
-    load_tile_async<BC, D, THREADS>(s_k, k_h, n0, S);
-    load_tile_async<BC, D, THREADS>(s_v, v_h, n0, S);
+    load_tile_async<BC, D, THREADS>(s_k, k_h, ks.row, n0, S);
+    load_tile_async<BC, D, THREADS>(s_v, v_h, vs.row, n0, S);
     if (steps > 0) load_step(kvh * group, m_first, 0);
     cp_async_commit();
 
@@ -535,15 +548,16 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         __syncthreads();
     }
 
-    bf16* dk_h = dk + (size_t)(b * KVH + kvh) * S * D;
-    bf16* dv_h = dv + (size_t)(b * KVH + kvh) * S * D;
+    // token-major: key rows KVH D apart
+    bf16* dk_h = dk + ((size_t)b * S * KVH + kvh) * D;
+    bf16* dv_h = dv + ((size_t)b * S * KVH + kvh) * D;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int key = n0 + warp * 16 + grp + r * 8;
         if (key >= S) continue;
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
-            const size_t at = (size_t)key * D + dn * 8 + quad * 2;
+            const size_t at = (size_t)key * KVH * D + dn * 8 + quad * 2;
             *reinterpret_cast<uint32_t*>(dk_h + at) =
                 pack_bf16(acc_dk[dn][2 * r] * scale, acc_dk[dn][2 * r + 1] * scale);
             *reinterpret_cast<uint32_t*>(dv_h + at) = pack_bf16(acc_dv[dn][2 * r], acc_dv[dn][2 * r + 1]);
@@ -557,30 +571,36 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 // Entry points, one per head width. Tile parameters must match `Tiles` in cuda.rs.
 #define FLASH_ENTRY_POINTS(D, FWD_WARPS, FWD_BC, FWD_MT, BWD_WARPS, BWD_BR)                                          \
     extern "C" __global__ void __launch_bounds__(32 * FWD_WARPS)                                             \
-        flash_attention_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int T,    \
-                                 int S, int H, int KVH, int offset, float scale_log2, unsigned int seed_lo,  \
-                                 unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {   \
-        flash_fwd<D, FWD_WARPS, FWD_BC, FWD_MT>(q, k, v, o, lse, T, S, H, KVH, offset, scale_log2, seed_lo,  \
-                                                seed_hi, threshold, drop_scale, b0);                         \
+        flash_attention_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks,        \
+                                 Strides vs, bf16* o, float* lse, int T, int S, int H, int KVH, int offset,  \
+                                 float scale_log2, unsigned int seed_lo, unsigned int seed_hi,               \
+                                 unsigned int threshold, float drop_scale, int b0) {                         \
+        flash_fwd<D, FWD_WARPS, FWD_BC, FWD_MT>(q, k, v, qs, ks, vs, o, lse, T, S, H, KVH, offset,           \
+                                                scale_log2, seed_lo, seed_hi, threshold, drop_scale, b0);    \
     }                                                                                                        \
     extern "C" __global__ void flash_attention_bwd_delta_d##D(const bf16* o, const bf16* dout, float* delta, \
-                                                              int rows) {                                    \
-        flash_bwd_delta<D>(o, dout, delta, rows);                                                            \
+                                                              int rows, int T, int H) {                      \
+        flash_bwd_delta<D>(o, dout, delta, rows, T, H);                                                      \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * BWD_WARPS) flash_attention_bwd_d##D(                   \
-        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, \
-        float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H, int KVH, int offset, float scale_log2,      \
-        float scale, unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold, float drop_scale,   \
-        int b0) {                                                                                            \
-        flash_bwd<D, BWD_WARPS, BWD_BR>(q, k, v, dout, lse, delta, dq_accum, dk, dv, T, S, H, KVH, offset,   \
-                                        scale_log2, scale, seed_lo, seed_hi, threshold, drop_scale, b0);     \
+        const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs, const bf16* dout,   \
+        const float* lse, const float* delta, float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H,      \
+        int KVH, int offset, float scale_log2, float scale, unsigned int seed_lo, unsigned int seed_hi,      \
+        unsigned int threshold, float drop_scale, int b0) {                                                  \
+        flash_bwd<D, BWD_WARPS, BWD_BR>(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, T, S, H,    \
+                                        KVH, offset, scale_log2, scale, seed_lo, seed_hi, threshold,         \
+                                        drop_scale, b0);                                                     \
     }
 
 FLASH_ENTRY_POINTS(64, 4, 64, 1, 4, 64)
 FLASH_ENTRY_POINTS(128, 4, 32, 2, 8, 64)
 
-// Backward, step 3: dq = scale * dq_accum in bf16.
-extern "C" __global__ void flash_attention_bwd_dq_convert(const float* dq_accum, bf16* dq, float scale, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        dq[i] = __float2bfloat16(dq_accum[i] * scale);
+// Backward, step 3: dq = scale * dq_accum in bf16, from [B, H, T, D] to token-major [B, T, H, D].
+extern "C" __global__ void flash_attention_bwd_dq_convert(const float* dq_accum, bf16* dq, float scale, size_t n,
+                                                          int T, int H, int D) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / D;  // (b H + h) T + t
+        const size_t at = (((row / ((size_t)H * T)) * T + row % T) * H + (row / T) % H) * D + i % D;
+        dq[at] = __float2bfloat16(dq_accum[i] * scale);
+    }
 }

@@ -23,6 +23,11 @@
 
 typedef __nv_bfloat16 bf16;
 
+// Element strides of a [B, rows, heads, 128] operand (as flash_attention.cu's).
+struct Strides {
+    long long batch, head, row;
+};
+
 namespace {
 
 namespace wg {
@@ -36,16 +41,17 @@ __device__ __forceinline__ uint32_t chunk_offset(int rows, int row, int chunk) {
     return half * rows * kHalfBytes + row * kHalfBytes + ((c ^ (row & 7)) << 4);
 }
 
-// Rows row0 .. row0 + rows of a [n, 128] matrix into a swizzled tile (zero-filled past n).
+// Rows row0 .. row0 + rows of a [n, 128] matrix with rows `ld` elements apart into a swizzled
+// tile (zero-filled past n).
 template <int ROWS>
-__device__ __forceinline__ void load_tile(uint32_t tile, const bf16* src, int row0, int n) {
+__device__ __forceinline__ void load_tile(uint32_t tile, const bf16* src, long long ld, int row0, int n) {
     constexpr int kChunks = ROWS * kD / 8;
     static_assert(kChunks % kThreads == 0, "whole chunks per thread");
 #pragma unroll
     for (int i = 0; i < kChunks / kThreads; ++i) {
         const int c = i * kThreads + threadIdx.x, row = c >> 4, chunk = c & 15;
         const bool valid = row0 + row < n;
-        const bf16* from = valid ? src + (size_t)(row0 + row) * kD + chunk * 8 : src;
+        const bf16* from = valid ? src + (row0 + row) * ld + chunk * 8 : src;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + chunk_offset(ROWS, row, chunk)),
                      "l"(from), "r"(valid ? 16 : 0));
     }
@@ -103,7 +109,8 @@ __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy
 // of it rows + 16 (w % 4), the same per-warp row block as the accumulators of mma.m16n8k16,
 // so the softmax below is the mma.sync kernel's with one m-tile and 16 n-tiles.
 __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                                const bf16* __restrict__ v, bf16* __restrict__ o,
+                                                const bf16* __restrict__ v, Strides qs, Strides ks, Strides vs,
+                                                bf16* __restrict__ o,
                                                 float* __restrict__ lse, int T, int S, int H, int KVH, int offset,
                                                 float scale_log2) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -120,15 +127,15 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
     const int wgi = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int grp = lane >> 2, quad = lane & 3;
     const int row_lo = m0 + wgi * 64 + warp * 16 + grp;  // this thread's rows: row_lo, row_lo + 8
-    const bf16* q_h = q + (size_t)(b * H + h) * T * kD;
-    const bf16* k_h = k + (size_t)(b * KVH + kvh) * S * kD;
-    const bf16* v_h = v + (size_t)(b * KVH + kvh) * S * kD;
+    const bf16* q_h = q + b * qs.batch + h * qs.head;
+    const bf16* k_h = k + b * ks.batch + kvh * ks.head;
+    const bf16* v_h = v + b * vs.batch + kvh * vs.head;
     const int key_end = min(S, offset + m0 + kRows);
     const int key_blocks = (key_end + kKeys - 1) / kKeys;
 
-    load_tile<kRows>(s_q, q_h, m0, T);
-    load_tile<kKeys>(s_k, k_h, 0, S);
-    load_tile<kKeys>(s_v, v_h, 0, S);
+    load_tile<kRows>(s_q, q_h, qs.row, m0, T);
+    load_tile<kKeys>(s_k, k_h, ks.row, 0, S);
+    load_tile<kKeys>(s_v, v_h, vs.row, 0, S);
     cp_async_commit();
 
     float acc_o[64], acc_s[64];
@@ -139,8 +146,8 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
     for (int j = 0; j < key_blocks; ++j) {
         const int stage = j & 1;
         if (j + 1 < key_blocks) {
-            load_tile<kKeys>(s_k + (stage ^ 1) * kTileBytes, k_h, (j + 1) * kKeys, S);
-            load_tile<kKeys>(s_v + (stage ^ 1) * kTileBytes, v_h, (j + 1) * kKeys, S);
+            load_tile<kKeys>(s_k + (stage ^ 1) * kTileBytes, k_h, ks.row, (j + 1) * kKeys, S);
+            load_tile<kKeys>(s_v + (stage ^ 1) * kTileBytes, v_h, vs.row, (j + 1) * kKeys, S);
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -225,7 +232,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
         __syncthreads();
     }
 
-    bf16* o_h = o + (size_t)(b * H + h) * T * kD;
+    bf16* o_h = o + ((size_t)b * T * H + h) * kD;  // token-major: rows H kD apart
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float sum = row_sum[r];
@@ -236,7 +243,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
         if (row < T) {
 #pragma unroll
             for (int n = 0; n < 16; ++n)
-                *reinterpret_cast<uint32_t*>(o_h + (size_t)row * kD + n * 8 + quad * 2) =
+                *reinterpret_cast<uint32_t*>(o_h + (size_t)row * H * kD + n * 8 + quad * 2) =
                     pack_bf16(acc_o[4 * n + 2 * r] * inv, acc_o[4 * n + 2 * r + 1] * inv);
             if (quad == 0) lse[(size_t)(b * H + h) * T + row] = row_max[r] + log2f(sum);
         }
@@ -249,7 +256,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256)
-    flash_attention_fwd_wgmma_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int T, int S,
-                                   int H, int KVH, int offset, float scale_log2) {
-    flash_fwd_wgmma(q, k, v, o, lse, T, S, H, KVH, offset, scale_log2);
+    flash_attention_fwd_wgmma_d128(const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs,
+                                   bf16* o, float* lse, int T, int S, int H, int KVH, int offset, float scale_log2) {
+    flash_fwd_wgmma(q, k, v, qs, ks, vs, o, lse, T, S, H, KVH, offset, scale_log2);
 }

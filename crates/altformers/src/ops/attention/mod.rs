@@ -67,6 +67,8 @@ pub fn causal_attention_reference(
 /// `q k^T / sqrt(d_h)` with the G query heads of each K/V head stacked as rows:
 /// `q: [B, H, T, d_h]`, `k: [B, KVH, S, d_h]` -> `[B, KVH, G T, S]`.
 fn grouped_scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    // (the mixer's heads are views of its projections: the products need them contiguous)
+    let (q, k) = (q.contiguous()?, k.contiguous()?);
     let (b, h, t, dh) = q.dims4()?;
     let kvh = k.dim(1)?;
     // the scale on q: d_h / S times the elements of scaling the scores
@@ -86,7 +88,7 @@ fn weighted_sum(
         Some((p, rng)) if p > 0.0 => crate::nn::dropout(&probs, p, rng)?,
         _ => probs,
     };
-    probs.matmul(v)?.reshape(q_dims)
+    probs.matmul(&v.contiguous()?)?.reshape(q_dims)
 }
 
 /// Bidirectional softmax attention, `softmax(q k^T / sqrt(d_h) + bias) v`: every query sees
