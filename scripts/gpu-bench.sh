@@ -267,7 +267,7 @@ if [ "$what" = trainspeed ]; then
   # five steady steps: launches and GPU time per step), and PyTorch's per-step kernel count
   # and GPU time from its profiler.
   #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small", NCU_SIZES="baby"; NCU=0 skips the profile,
-  #                                         TIMING=0 the timing)
+  #                                         TIMING=0 the timing, PEER_PROFILE=0 PyTorch's profile)
   steps="${2:-200}"; rm -rf /tmp/ts-*
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   $alt --version > "$OUT/ours-version.txt"
@@ -295,8 +295,8 @@ if [ "$what" = trainspeed ]; then
         rm -f "$OUT/ncu-$size-$n.csv"
       done
     done
-    (cd bench/peers && timeout 200 python3 gpt_train.py --data ../../data/tinyshakespeare.txt --sizes baby \
-      --steps 10 --profile) > "$OUT/peer-profile.jsonl" 2>> "$OUT/peer.err"
+    [ "${PEER_PROFILE:-1}" = 1 ] && (cd bench/peers && timeout 200 python3 gpt_train.py \
+      --data ../../data/tinyshakespeare.txt --sizes baby --steps 10 --profile) > "$OUT/peer-profile.jsonl" 2>> "$OUT/peer.err"
   fi
   cut -c1-400 "$OUT/ours.jsonl" "$OUT/peer.jsonl" "$OUT/peer-profile.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer.err"
   for f in "$OUT"/ncu-*.txt; do tail -n 1 "$f"; done
