@@ -553,8 +553,10 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
     md
 }
 
-/// The table of ours against the peers from `DIR/peers.jsonl` and `DIR/ours-ops-*.jsonl`
-/// (points joined on op, mode and T), or `None` where there are no peer figures.
+/// The table of ours against the peers from `DIR/peers.jsonl` and `DIR/ours-ops-*.jsonl`,
+/// one row per op, mode and T that either side measured (a point only one side has shows
+/// "-" for the other: a peer's rows are never dropped for want of ours), or `None` where
+/// there are no peer figures.
 fn peers_table(dir: &Path) -> Result<Option<String>> {
     let Some(peers) = read_lines::<ScalingPoint>(&dir.join("peers.jsonl"))? else {
         return Ok(None);
@@ -567,35 +569,39 @@ fn peers_table(dir: &Path) -> Result<Option<String>> {
             ours.extend(read_lines::<ScalingPoint>(&path)?.unwrap_or_default());
         }
     }
-    ours.sort_by(|a, b| (&a.component, a.seq, a.mode as u8).cmp(&(&b.component, b.seq, b.mode as u8)));
+    let timed = |v: &[ScalingPoint]| v.iter().filter(|p| p.timing.is_some()).cloned().collect::<Vec<_>>();
+    let (ours, peers) = (timed(&ours), timed(&peers));
+    let key = |p: &ScalingPoint| (p.component.clone(), p.seq, p.mode as u8);
+    let mut keys: Vec<_> = ours.iter().chain(&peers).map(key).collect();
+    keys.sort();
+    keys.dedup();
     let gb = |b: Option<u64>| b.map(|b| format!("{:.2}", b as f64 / 1e9)).unwrap_or("-".into());
+    let ms =
+        |p: Option<&ScalingPoint>| p.map(|p| format!("{:.2}", p.timing.unwrap().median_s * 1e3)).unwrap_or("-".into());
     let mut md = String::from("| op | mode | T | batch | ours (ms) | peer | peer (ms) | ours / peer | peak GB ours / peer |\n|---|---|---|---|---|---|---|---|---|\n");
-    let mut rows = 0;
-    for o in ours.iter().filter(|o| o.timing.is_some()) {
-        let Some(p) = peers
-            .iter()
-            .find(|p| p.component == o.component && p.mode == o.mode && p.seq == o.seq && p.timing.is_some())
-        else {
-            continue;
+    for k in &keys {
+        let (o, p) = (ours.iter().find(|x| key(x) == *k), peers.iter().find(|x| key(x) == *k));
+        let any = o.or(p).expect("a key comes from a point");
+        let ratio = match (o, p) {
+            (Some(o), Some(p)) => format!("{:.2}", p.timing.unwrap().median_s / o.timing.unwrap().median_s),
+            _ => "-".into(),
         };
-        let (to, tp) = (o.timing.unwrap().median_s, p.timing.unwrap().median_s);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {} / {} |",
-            o.component,
-            if o.mode == BenchMode::Fwd { "fwd" } else { "fwd+bwd" },
-            o.seq,
-            o.batch,
-            to * 1e3,
-            p.model.trim_start_matches("peer:"),
-            tp * 1e3,
-            tp / to,
-            gb(o.peak_bytes),
-            gb(p.peak_bytes)
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            any.component,
+            if any.mode == BenchMode::Fwd { "fwd" } else { "fwd+bwd" },
+            any.seq,
+            any.batch,
+            ms(o),
+            p.map(|p| p.model.trim_start_matches("peer:")).unwrap_or("-"),
+            ms(p),
+            ratio,
+            gb(o.and_then(|o| o.peak_bytes)),
+            gb(p.and_then(|p| p.peak_bytes))
         );
-        rows += 1;
     }
-    Ok((rows > 0).then_some(md))
+    Ok((!keys.is_empty()).then_some(md))
 }
 
 #[cfg(test)]
@@ -621,7 +627,8 @@ mod tests {
         assert_eq!(time_exponent(&fit(None, None)), "-");
     }
 
-    /// Ours and the peers' JSON lines, joined on op, mode and T, give the ratio table.
+    /// Ours and the peers' JSON lines, joined on op, mode and T, give the ratio table; a
+    /// point only one side measured keeps its row.
     #[test]
     fn peers_table_joins_ours_and_the_peers() -> Result<()> {
         let dir = crate::testing::fresh_dir("peers")?;
@@ -644,7 +651,10 @@ mod tests {
             table.contains("| longconv | fwd+bwd | 1024 | 64 | 3.20 | torch-fftconv | 4.00 | 1.25 | 2.00 / 2.00 |"),
             "{table}"
         );
-        assert_eq!(table.lines().count(), 3, "only the joined point: {table}");
+        // the points only one side measured keep their rows, the other side's columns "-"
+        assert!(table.contains("| longconv | fwd | 1024 | 64 | - | torch-fftconv | 1.20 | - |"), "{table}");
+        assert!(table.contains("| longconv | fwd | 2048 | 64 | 2.00 | - | - | - |"), "{table}");
+        assert_eq!(table.lines().count(), 5, "three points: {table}");
         std::fs::remove_file(dir.join("peers.jsonl"))?;
         assert!(peers_table(&dir)?.is_none());
         std::fs::remove_dir_all(&dir)?;
