@@ -13,10 +13,21 @@ consumer (almost always). On the H200 that was 4 x 0.57 ms of the 7.5 ms retenti
 (bench/results/2026-11-29-h200-retention-tc/ncu). PyTorch stores the first gradient.
 
 The rewrite turns exactly that two-line pattern into `grads.accumulate(arg, &arg_grad)?`,
-where `accumulate` adds to an existing gradient, and otherwise stores the new one if it has
-the node's shape and dtype (made contiguous, as the sum was), falling back to the original
-zeros-plus-add (with its errors) if not. Results are identical: 0 + g == g exactly. Every
-other accumulation form (sub, index_add, to_device, ...) is left as it was.
+where `accumulate` adds to an existing gradient, and otherwise stores the new one as it
+comes if it has the node's shape and dtype, falling back to the original zeros-plus-add (with
+its errors) if not. Results are identical: 0 + g == g exactly. Every other accumulation form
+(sub, index_add, to_device, ...) is left as it was.
+
+The first gradient is stored as it comes, a strided view where the backward made one (a
+transpose's): the sum made every such gradient contiguous at every node, so a gradient
+passing through two transposes was copied twice (the attention heads' and the weights'
+transposes: 14 copies per layer of a GPT, about a quarter of a GPT-2-small training step on
+the H200; bench/results/2026-12-03-h200-train-speed). Not every backward rule of candle reads
+any strides (scatter-add and some products refuse them), so the second rewrite makes a
+node's gradient contiguous when the node is taken up, unless the node is a view (reshape,
+transpose, permute, copy), whose backward only makes another view: a gradient goes through a
+chain of views uncopied, and is copied at most once, where a computation needs it. The
+optimizer makes the parameters' gradients contiguous itself.
 
     patch-candle-autograd.py PATH/TO/candle-core/src/backprop.rs
 Idempotent; fails loudly if candle's code no longer has the shapes it expects.
@@ -28,6 +39,9 @@ path = sys.argv[1]
 src = open(path).read()
 MARK = "fn accumulate("
 if MARK in src:
+    if "views pass a strided gradient on" not in src:
+        sys.exit(f"patch-candle-autograd: {path} was patched by an earlier version of this script: remove it "
+                 "(scripts/cuda-env.sh copies candle-core afresh)")
     print(f"patch-candle-autograd: {path} already patched")
     sys.exit(0)
 
@@ -51,7 +65,7 @@ method = '''    /// (altformers patch) Adds `grad` to the gradient of `tensor`, 
             }
             Entry::Vacant(entry) => {
                 let first = if grad.shape() == tensor.shape() && grad.dtype() == tensor.dtype() {
-                    grad.contiguous()?
+                    grad.clone()
                 } else {
                     tensor.zeros_like()?.add(grad)?
                 };
@@ -63,5 +77,17 @@ method = '''    /// (altformers patch) Adds `grad` to the gradient of `tensor`, 
 
 '''
 src = src.replace(anchor, method + anchor)
+
+# A node's gradient contiguous when it is taken up, unless the node is a view.
+taken = """            let grad = if do_not_detach { grad } else { grad.detach() };
+"""
+if src.count(taken) != 1:
+    sys.exit(f"patch-candle-autograd: the backward's gradient take-up not found in {path}")
+src = src.replace(taken, taken + """            // (altformers patch) views pass a strided gradient on; other ops get it contiguous
+            let grad = match node.op() {
+                Some(Op::Reshape(_) | Op::Transpose(..) | Op::Permute(..) | Op::Copy(_)) => grad,
+                _ => grad.contiguous()?,
+            };
+""")
 open(path, "w").write(src)
 print(f"patch-candle-autograd: {count} accumulations in {path} now store the first gradient")

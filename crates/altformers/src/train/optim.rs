@@ -69,10 +69,16 @@ impl AdamW {
     #[cfg(feature = "cuda")]
     fn fused_step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<Option<StepNorm>> {
         use crate::kernels::adamw;
+        // (the backward may leave a gradient as a strided view; the kernel reads contiguous ones)
+        let contiguous: Vec<Option<Tensor>> = self
+            .params
+            .iter()
+            .map(|(_, p)| grads.get(p.var.as_tensor()).map(|g| g.contiguous()).transpose())
+            .collect::<candle_core::Result<_>>()?;
         let slots: Vec<adamw::Slot> = (0..self.params.len())
             .filter_map(|i| {
                 let p = &self.params[i].1;
-                let grad = grads.get(p.var.as_tensor())?;
+                let grad = contiguous[i].as_ref()?;
                 Some(adamw::Slot {
                     weight: p.var.as_tensor(),
                     m: &self.m[i],
@@ -139,6 +145,7 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            let g = &g.contiguous()?;
             let lr = lr * p.lr_scale;
             let decay = if p.decay { self.weight_decay } else { 0.0 };
             let rule = Rule { scale, lr, decay, beta1: self.beta1, beta2: self.beta2, eps: self.eps, bc1, bc2 };
