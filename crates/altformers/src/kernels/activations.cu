@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 
 #include "convert.cuh"
+#include "elementwise.cuh"
 
 namespace {
 
@@ -23,16 +24,12 @@ __device__ __forceinline__ float silu_grad(float x) {
 
 }  // namespace
 
-#define ACTIVATION(NAME, SUFFIX, T)                                                                               \
-    extern "C" __global__ void NAME##_fwd_##SUFFIX(const T* x, T* y, long long n) {                              \
-        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;                               \
-             i += (long long)gridDim.x * blockDim.x)                                                              \
-            y[i] = from_f32<T>(NAME(to_f32(x[i])));                                                               \
-    }                                                                                                             \
-    extern "C" __global__ void NAME##_bwd_##SUFFIX(const T* x, const T* g, T* dx, long long n) {                 \
-        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;                               \
-             i += (long long)gridDim.x * blockDim.x)                                                              \
-            dx[i] = from_f32<T>(to_f32(g[i]) * NAME##_grad(to_f32(x[i])));                                        \
+#define ACTIVATION(NAME, SUFFIX, T)                                                                \
+    extern "C" __global__ void NAME##_fwd_##SUFFIX(const T* x, T* y, long long n) {                \
+        map1(x, y, n, [](float v, long long) { return NAME(v); });                                 \
+    }                                                                                              \
+    extern "C" __global__ void NAME##_bwd_##SUFFIX(const T* x, const T* g, T* dx, long long n) {   \
+        map2(x, g, dx, n, [](float v, float gv, long long) { return gv * NAME##_grad(v); });       \
     }
 
 ACTIVATION(gelu, f32, float)

@@ -6,15 +6,14 @@
 
 #include "convert.cuh"
 #include "dropout.cuh"
+#include "elementwise.cuh"
 
-#define DROPOUT(SUFFIX, T)                                                                                      \
-    extern "C" __global__ void dropout_##SUFFIX(const T* x, T* y, long long n, unsigned int seed_lo,            \
-                                                unsigned int seed_hi, unsigned int threshold, float scale) {    \
-        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;                             \
-             i += (long long)gridDim.x * blockDim.x) {                                                          \
-            const bool keep = dropout_bits(seed_lo, seed_hi, (unsigned long long)i) >= threshold;               \
-            y[i] = keep ? from_f32<T>(to_f32(x[i]) * scale) : from_f32<T>(0.f);                                 \
-        }                                                                                                       \
+#define DROPOUT(SUFFIX, T)                                                                               \
+    extern "C" __global__ void dropout_##SUFFIX(const T* x, T* y, long long n, unsigned int seed_lo,     \
+                                                unsigned int seed_hi, unsigned int threshold, float scale) { \
+        map1(x, y, n, [=](float v, long long i) {                                                        \
+            return dropout_bits(seed_lo, seed_hi, (unsigned long long)i) >= threshold ? v * scale : 0.f; \
+        });                                                                                              \
     }
 
 DROPOUT(f32, float)
