@@ -266,7 +266,7 @@ if [ "$what" = trainspeed ]; then
   # Compute's kernel durations over 3 and over 8 steps of the baby GPT (their difference is
   # five steady steps: launches and GPU time per step), and PyTorch's per-step kernel count
   # and GPU time from its profiler.
-  #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small", NCU_SIZES="baby"; NCU=0 skips the profile,
+  #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small", NCU_SIZES="baby", MODELS=""; NCU=0 skips the profile,
   #                                         TIMING=0 the timing, PEER_PROFILE=0 PyTorch's profile)
   steps="${2:-200}"; rm -rf /tmp/ts-*
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
@@ -284,6 +284,22 @@ if [ "$what" = trainspeed ]; then
   done
   [ "${TIMING:-1}" = 1 ] && (cd bench/peers && timeout 400 python3 gpt_train.py --data ../../data/tinyshakespeare.txt \
     --sizes "$(echo ${SIZES:-baby gpt2-small} | tr ' ' ,)" --steps 100) > "$OUT/peer.jsonl" 2> "$OUT/peer.err"
+  # The other models at the baby size (MODELS="rwkv4 retnet hyena longnet aft-simple", ours
+  # only, no dropout), and RetNet against flash-linear-attention's RetNet model (its wheel in
+  # .whl/, as for `kernels`).
+  if [ -n "${MODELS:-}" ]; then
+    for m in $MODELS; do
+      timeout 200 $alt train --model $m --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$steps \
+        --set train.eval_every=$((steps / 2)) --set train.eval_batches=1 --set model.dropout=0 --device cuda --dtype bf16 \
+        --quiet --out /tmp/ts-baby-$m > /dev/null 2>> "$OUT/ours.err"
+      echo "{\"size\":\"baby\",\"model\":\"$m\",\"metrics\":[$(paste -sd, /tmp/ts-baby-$m/metrics.jsonl)]}" >> "$OUT/ours-models.jsonl"
+    done
+    if [[ " $MODELS " == *" retnet "* ]] && ls .whl/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+      (cd bench/peers && PYTHONPATH=/tmp/site timeout 300 python3 gpt_train.py --arch fla-retnet --sizes baby \
+        --modes eager --data ../../data/tinyshakespeare.txt --steps 100) > "$OUT/peer-retnet.jsonl" 2>> "$OUT/peer.err"
+    fi
+  fi
   if [ "${NCU:-1}" = 1 ]; then
     for size in ${NCU_SIZES:-baby}; do
       cfg=configs/nanogpt-baby.toml; [ "$size" = gpt2-small ] && cfg=configs/gpt2-small-char.toml

@@ -10,6 +10,11 @@ rate is (model FLOPs utilisation, PaLM's count: 6 N + 12 L T d per token), peak 
 training loss at the last step (so two trainers are seen doing the same computation).
 
     python3 gpt_train.py --data ../../data/tinyshakespeare.txt --sizes baby,gpt2-small --modes eager,compile
+
+`--arch fla-retnet` trains flash-linear-attention's own RetNet model (`fla.models`,
+RetNetForCausalLM: chunked retention in Triton, its fused norms, SwiGLU and cross-entropy;
+no dropout) at the same sizes instead, the peer of `altformers train --model retnet`. Its
+loss is over T - 1 positions (fla shifts the labels inside the model).
 """
 import argparse
 import json
@@ -45,12 +50,25 @@ def run(size, mode, text, args):
         w = train[ix[:, None] + offsets]
         return w[:, :-1], w[:, 1:]
 
-    model = GPT(len(chars), context, layers, heads, width, dropout).to(dev)
+    if args.arch == "fla-retnet":
+        from fla.models import RetNetConfig, RetNetForCausalLM
+
+        config = RetNetConfig(hidden_size=width, num_hidden_layers=layers, num_heads=heads, vocab_size=len(chars),
+                              max_position_embeddings=context, tie_word_embeddings=False)
+        model = RetNetForCausalLM(config).to(dev)
+        dropout = 0.0
+    else:
+        model = GPT(len(chars), context, layers, heads, width, dropout).to(dev)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.99), fused=True)
-    step_fn = torch.compile(model) if mode == "compile" else model
+    compiled = torch.compile(model) if mode == "compile" else model
+    if args.arch == "fla-retnet":
+        def step_fn(x, y):  # fla shifts the labels itself: the window is both
+            return compiled(input_ids=x, labels=x).loss
+    else:
+        step_fn = compiled
     model.train()
     torch.cuda.reset_peak_memory_stats()
 
@@ -83,11 +101,13 @@ def run(size, mode, text, args):
     wall = time.time() - start
     step_ms = [events[i].elapsed_time(events[i + 1]) for i in range(args.steps)]
     tokens = args.steps * batch * context
-    params = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    params = sum(p.numel() for p in model.parameters())
+    if args.arch == "gpt":
+        params -= model.wpe.weight.numel()
     flops_per_token = 6 * params + 12 * layers * context * width
     tokens_per_s = tokens / wall
     return {
-        "peer": f"pytorch-{mode}", "size": size, "layers": layers, "heads": heads, "width": width,
+        "peer": f"{args.arch}-pytorch-{mode}", "size": size, "layers": layers, "heads": heads, "width": width,
         "context": context, "batch": batch, "dropout": dropout, "params": params,
         "steps": args.steps, "warmup_steps": args.warmup_steps, "warmup_s": warmup_s,
         "tokens_per_s": tokens_per_s, "step_ms_median": statistics.median(step_ms),
@@ -115,7 +135,7 @@ def profile(step, size, mode, args):
         n, us = kinds.get(kind, (0, 0.0))
         kinds[kind] = (n + 1, us + e.time_range.elapsed_us())
     return {
-        "peer": f"pytorch-{mode}", "size": size, "profile_steps": args.steps,
+        "peer": f"{args.arch}-pytorch-{mode}", "size": size, "profile_steps": args.steps,
         **{f"{k}_per_step": n / args.steps for k, (n, _) in kinds.items()},
         **{f"{k}_gpu_ms_per_step": us / 1e3 / args.steps for k, (_, us) in kinds.items()},
         "torch": torch.__version__,
@@ -125,6 +145,7 @@ def profile(step, size, mode, args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
+    p.add_argument("--arch", default="gpt", choices=["gpt", "fla-retnet"])
     p.add_argument("--sizes", default="baby,gpt2-small")
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--steps", type=int, default=100)
@@ -141,7 +162,8 @@ def main():
             try:
                 print(json.dumps(run(size, mode, text, args)), flush=True)
             except Exception as e:  # one failing row stops none
-                print(json.dumps({"peer": f"pytorch-{mode}", "size": size, "status": f"failed: {e}"[:300]}), flush=True)
+                print(json.dumps({"peer": f"{args.arch}-pytorch-{mode}", "size": size, "status": f"failed: {e}"[:300]}),
+                      flush=True)
             torch.cuda.empty_cache()
 
 
