@@ -9,6 +9,11 @@ OUT="/tmp/gpu-results-$$"
 mkdir -p "$OUT" "$FINAL"
 what="${1:-all}"
 tag=""
+# The device tool brings back at most 8 files: everything is packed into one, also when a
+# `timeout` around this script stops it (what was measured until then comes back).
+pack() { tar -czf "$FINAL/results-$what${tag:+-$tag}.tgz" -C "$OUT" .; }
+trap pack EXIT
+trap 'exit 143' TERM INT
 # The binary: the carried one (ALT overrides it, e.g. a CPU build, to try a mode without a GPU).
 alt="${ALT:-bash .gpu/run.sh}"
 run() { $alt "$@"; }
@@ -318,5 +323,3 @@ if [ "$what" = trainspeed ]; then
   for f in "$OUT"/ncu-*.txt; do tail -n 1 "$f"; done
 fi
 ls -la "$OUT"
-# The device tool brings back at most 8 files: pack everything into one.
-tar -czf "$FINAL/results-$what${tag:+-$tag}.tgz" -C "$OUT" .
