@@ -364,6 +364,10 @@ enum BenchCommand {
         /// one model's only (`MODEL:key=value`); repeatable.
         #[arg(long = "set")]
         sets: Vec<String>,
+        /// Fresh processes each model's sweep runs in, one after another: their repetitions
+        /// pooled, the exponent's interval bootstrapped over the processes too.
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
         #[command(flatten)]
         sweep: Sweep,
     },
@@ -542,6 +546,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             warmup,
             time_cap,
             sets,
+            processes,
             sweep: Sweep { memory_cap_gb, dtype, out },
         } => {
             let device = altformers::device::select(&device)?;
@@ -559,6 +564,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 memory_cap_bytes: memory_cap_gb * 1e9,
                 dtype: altformers::device::parse_dtype(&dtype)?,
                 sets,
+                processes,
             };
             // refused before the first line is printed (the sweep checks again: a preset's
             // tables reach it without this)
@@ -639,6 +645,11 @@ fn bench(cmd: BenchCommand) -> Result<()> {
 
 fn main() {
     altformers::bench::alloc::fix_allocator();
+    // sweeps in several processes (bench scaling --processes, a preset's [scaling] processes)
+    // run this program
+    if let Ok(program) = std::env::current_exe() {
+        altformers::bench::scaling::set_child_program(program);
+    }
     let cli = Cli::parse();
     // candle (and rayon, when its pool starts) read this variable when they split work
     // across threads; a comparison preset may choose its own count on the CPU

@@ -491,6 +491,7 @@ fn fuzzed_arguments_fail_cleanly_never_panic() {
         ("--dtype", &["nosuch"]),
         ("--device", &["nosuch"]),
         ("--set", &["nosuch=1"]),
+        ("--processes", &["0", "-1", "abc"]),
     ] {
         for v in values {
             cases.push((scaling.clone(), vec![flag, v]));
@@ -844,4 +845,56 @@ fn a_trained_bpe_tokenizer_trains_evaluates_generates_and_stays_with_its_run() {
     let text = succeeds(&["generate", "--run", &s(&bare_run), "--tokens", "3", "--tokenizer", &s(&tok)]);
     assert!(!text.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `bench scaling --processes 2` runs each model's sweep in two fresh processes of the program:
+/// every point pools both processes' repetitions and keeps them by process, and the fit line
+/// carries an interval; `--processes 0` is refused by name.
+#[test]
+fn a_sweep_in_several_processes_pools_them_by_process() {
+    let dir = temp("processes");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("scaling.jsonl");
+    let base = [
+        "--threads",
+        "1",
+        "bench",
+        "scaling",
+        "--models",
+        "rwkv4,transformer",
+        "--components",
+        "mixer",
+        "--lengths",
+        "32,64,128",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--tokens-per-batch",
+        "256",
+        "--reps",
+        "3",
+        "--warmup",
+        "0",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--processes", "2", "--out", out.to_str().unwrap()]);
+    succeeds(&args);
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let points: Vec<&serde_json::Value> = lines.iter().filter(|l| l["seq"].is_u64()).collect();
+    assert_eq!(points.len(), 6, "two models x three lengths: {lines:?}");
+    for p in &points {
+        assert_eq!(p["samples_s"].as_array().unwrap().len(), 6, "{p}");
+        let by_process = p["process_samples_s"].as_array().unwrap();
+        assert_eq!(by_process.len(), 2, "{p}");
+        assert!(by_process.iter().all(|g| g.as_array().unwrap().len() == 3), "{p}");
+    }
+    let fits: Vec<&serde_json::Value> = lines.iter().filter(|l| l["time_slope"].is_number()).collect();
+    assert_eq!(fits.len(), 2);
+    assert!(fits.iter().all(|f| f["time_slope_interval"].is_array()), "{fits:?}");
+    let mut bad = base.to_vec();
+    bad.extend(["--processes", "0"]);
+    fails_with(&bad, "--processes");
+    let _ = std::fs::remove_dir_all(&dir);
 }

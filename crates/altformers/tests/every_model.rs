@@ -167,6 +167,7 @@ fn every_model_benches_decodes_and_trains() -> anyhow::Result<()> {
             memory_cap_bytes: 1e9,
             dtype: DType::F32,
             sets: vec![],
+            processes: 1,
         };
         let (points, fits) = scaling::run(&sopts, &Device::Cpu, |_| {})?;
         // one curve of two lengths per component; a backbone without a per-layer mixer is

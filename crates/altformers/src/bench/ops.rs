@@ -245,6 +245,7 @@ pub fn run(opts: &OpsOptions, device: &Device, mut on_point: impl FnMut(&Scaling
                     flops: 0.0,
                     flops_per_s: None,
                     samples_s: vec![],
+                    process_samples_s: vec![],
                 };
                 let bytes = tensor_bytes(op, t, opts.dtype).unwrap_or(0.0);
                 if bytes > opts.memory_cap_bytes {

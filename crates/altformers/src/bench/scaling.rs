@@ -66,6 +66,27 @@ pub struct ScalingOptions {
     /// options would be unknown keys to it).
     #[serde(default)]
     pub sets: Vec<String>,
+    /// Processes each model's sweep runs in (`--processes`; a preset's `processes`, default
+    /// 1). With several, each is a fresh process of this program ([`set_child_program`]),
+    /// their repetitions are pooled, and the exponent's interval is bootstrapped over the
+    /// processes as well as the repetitions: it then includes what differs between processes
+    /// (allocator and cache state, the machine's load at the time), which the repetitions
+    /// of one process do not show (bench/results/2026-12-03-cpu-dedicated-exponents).
+    #[serde(default = "one_process")]
+    pub processes: usize,
+}
+
+fn one_process() -> usize {
+    1
+}
+
+/// The program whose `bench scaling` runs the sweeps of [`ScalingOptions::processes`] > 1:
+/// the command line sets itself; unset (a library caller), such a sweep is refused.
+static CHILD_PROGRAM: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Names the program sweeps in several processes run (the `altformers` executable).
+pub fn set_child_program(path: std::path::PathBuf) {
+    let _ = CHILD_PROGRAM.set(path);
 }
 
 impl ScalingOptions {
@@ -80,6 +101,7 @@ impl ScalingOptions {
             ("--reps (reps)", self.reps as f64),
             ("--time-cap (time_cap_s)", self.time_cap_s),
             ("--memory-cap-gb (memory_cap_gb)", self.memory_cap_bytes / 1e9),
+            ("--processes (processes)", self.processes as f64),
         ])
     }
 }
@@ -117,6 +139,10 @@ pub struct ScalingPoint {
     /// files written before it was recorded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples_s: Vec<f64>,
+    /// The same repetitions by process, where the sweep ran in several
+    /// ([`ScalingOptions::processes`]); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub process_samples_s: Vec<Vec<f64>>,
 }
 
 /// Fitted exponents for one curve, appended after the points.
@@ -224,6 +250,9 @@ pub fn run(
     mut on_point: impl FnMut(&ScalingPoint),
 ) -> Result<(Vec<ScalingPoint>, Vec<ScalingFit>)> {
     opts.validate()?;
+    if opts.processes > 1 {
+        return run_in_processes(opts, device, on_point);
+    }
     let mut points = Vec::new();
     let device_name = if device.is_cpu() { "cpu" } else { "cuda" }.to_string();
     for name in &opts.models {
@@ -258,6 +287,7 @@ pub fn run(
                     flops,
                     flops_per_s: None,
                     samples_s: vec![],
+                    process_samples_s: vec![],
                 };
                 if let Some(reason) = &capped {
                     point.status = reason.clone();
@@ -316,6 +346,93 @@ pub fn run(
     }
     let fits = fits(&points);
     Ok((points, fits))
+}
+
+/// [`run`] with each model's sweep in `opts.processes` fresh processes of the program named
+/// by [`set_child_program`], one after another; their points merged ([`merge_processes`]).
+fn run_in_processes(
+    opts: &ScalingOptions,
+    device: &Device,
+    mut on_point: impl FnMut(&ScalingPoint),
+) -> Result<(Vec<ScalingPoint>, Vec<ScalingFit>)> {
+    let program = CHILD_PROGRAM.get().context(
+        "a sweep in several processes runs the altformers program itself: it is for the command line (--processes)",
+    )?;
+    let dir = std::env::temp_dir().join(format!("altformers-scaling-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let device_arg = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".to_string(),
+    };
+    let mut points = Vec::new();
+    for name in &opts.models {
+        let mut runs = Vec::with_capacity(opts.processes);
+        for i in 0..opts.processes {
+            let out = dir.join(format!("{name}-{i}.jsonl"));
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(["bench", "scaling", "--models", name, "--components", &opts.components.join(",")])
+                .args(["--device", &device_arg, "--mode", if opts.mode == BenchMode::Fwd { "fwd" } else { "fwdbwd" }])
+                .args(["--lengths", &opts.lengths.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")])
+                .args(["--width", &opts.width.to_string(), "--heads", &opts.heads.to_string()])
+                .args(["--tokens-per-batch", &opts.tokens_per_batch.to_string(), "--reps", &opts.reps.to_string()])
+                .args(["--warmup", &opts.warmup.to_string(), "--time-cap", &opts.time_cap_s.to_string()])
+                .args(["--memory-cap-gb", &(opts.memory_cap_bytes / 1e9).to_string(), "--dtype", opts.dtype.as_str()])
+                .arg("--out")
+                .arg(&out)
+                .stdout(std::process::Stdio::null());
+            for set in &opts.sets {
+                cmd.args(["--set", set]);
+            }
+            let status = cmd.status().with_context(|| format!("starting {}", program.display()))?;
+            if !status.success() {
+                anyhow::bail!("the sweep of {name} in process {} of {} failed ({status})", i + 1, opts.processes);
+            }
+            runs.push(crate::results::read_lines::<ScalingPoint>(&out)?.unwrap_or_default());
+        }
+        for point in merge_processes(runs) {
+            on_point(&point);
+            points.push(point);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let fits = fits(&points);
+    Ok((points, fits))
+}
+
+/// The points of several processes' sweeps of one model as one curve per component: each
+/// (component, mode, length) pools every process's repetitions (its timing is theirs), keeps
+/// them by process for the interval, the largest peak memory, and the first status that is not
+/// `ok` (a length one process skipped is marked so).
+pub fn merge_processes(runs: Vec<Vec<ScalingPoint>>) -> Vec<ScalingPoint> {
+    let mut merged: Vec<ScalingPoint> = Vec::new();
+    for run in runs {
+        for p in run {
+            let at = merged.iter().position(|m| m.component == p.component && m.mode == p.mode && m.seq == p.seq);
+            let m = match at {
+                Some(i) => &mut merged[i],
+                None => {
+                    merged.push(ScalingPoint { samples_s: vec![], process_samples_s: vec![], ..p.clone() });
+                    merged.last_mut().expect("just pushed")
+                }
+            };
+            if !p.samples_s.is_empty() {
+                m.samples_s.extend(&p.samples_s);
+                m.process_samples_s.push(p.samples_s.clone());
+            }
+            m.peak_bytes = m.peak_bytes.max(p.peak_bytes);
+            if m.status == "ok" && p.status != "ok" {
+                m.status = p.status.clone();
+            }
+        }
+    }
+    for m in &mut merged {
+        if !m.samples_s.is_empty() {
+            let timing = Timing::from_samples(m.samples_s.clone());
+            m.flops_per_s = Some(m.flops / timing.median_s);
+            m.timing = Some(timing);
+        }
+    }
+    merged
 }
 
 /// What is measured, run on its input (held inside).
@@ -453,21 +570,40 @@ const BOOTSTRAP: usize = 400;
 
 /// A 95% interval for the fitted time exponent of `curve`: each replicate resamples every
 /// length's repetitions with replacement, keeps the fastest as the fit does, and refits; the
-/// interval spans the 2.5th to 97.5th percentile of the replicates' slopes. It measures how
-/// much the repetitions of this run disagree, not what a different process history would do
-/// (a separate run is the test of that).
+/// interval spans the 2.5th to 97.5th percentile of the replicates' slopes. Where the curve
+/// was measured in several processes (every point holding the same number of them), a
+/// replicate first draws the processes with replacement (the same draw at every length: a
+/// process is the unit), then each drawn process's repetitions: the interval then covers how
+/// much processes disagree. From one process it measures only how much that run's
+/// repetitions disagree, not what a different process history would do.
 pub fn slope_interval(curve: &[&ScalingPoint]) -> Option<(f64, f64)> {
     if curve.len() < 2 || curve.iter().any(|p| p.samples_s.len() < 2 || p.batch == 0) {
         return None;
     }
+    let groups = curve[0].process_samples_s.len();
+    let by_process = groups >= 2
+        && curve
+            .iter()
+            .all(|p| p.process_samples_s.len() == groups && p.process_samples_s.iter().all(|s| !s.is_empty()));
     let mut rng = Rng::derive(0, stream::TEST, curve.len() as u64);
+    let fastest_of = |samples: &[f64], rng: &mut Rng| {
+        let n = samples.len();
+        (0..n).map(|_| samples[rng.below(n)]).fold(f64::INFINITY, f64::min)
+    };
     let mut slopes: Vec<f64> = (0..BOOTSTRAP)
         .filter_map(|_| {
+            let drawn: Vec<usize> = if by_process { (0..groups).map(|_| rng.below(groups)).collect() } else { vec![] };
             let time: Vec<(f64, f64)> = curve
                 .iter()
                 .map(|p| {
-                    let n = p.samples_s.len();
-                    let fastest = (0..n).map(|_| p.samples_s[rng.below(n)]).fold(f64::INFINITY, f64::min);
+                    let fastest = if by_process {
+                        drawn
+                            .iter()
+                            .map(|&g| fastest_of(&p.process_samples_s[g], &mut rng))
+                            .fold(f64::INFINITY, f64::min)
+                    } else {
+                        fastest_of(&p.samples_s, &mut rng)
+                    };
                     (p.seq as f64, fastest / p.batch as f64)
                 })
                 .collect();
@@ -508,6 +644,7 @@ mod tests {
                     flops: 1.0,
                     flops_per_s: None,
                     samples_s,
+                    process_samples_s: vec![],
                 }
             })
             .collect()
@@ -566,5 +703,49 @@ mod tests {
         assert!(hi - lo > 0.2, "noisy: ({lo}, {hi})");
         let old: Vec<ScalingPoint> = steady.into_iter().map(|p| ScalingPoint { samples_s: vec![], ..p }).collect();
         assert_eq!(fits(&old)[0].time_slope_interval, None);
+    }
+
+    /// Two processes whose repetitions each agree closely but which disagree with each other
+    /// at the longest length (one ran 50% slower there): pooled as one process the interval is
+    /// narrow; by process it covers the disagreement, and a process-level slowdown that is the
+    /// same at every length leaves it narrow.
+    #[test]
+    fn processes_that_disagree_widen_the_interval() {
+        let steady = curve(2.0, 0.01);
+        let by_process = |slow_longest: f64, slow_all: f64| -> Vec<ScalingPoint> {
+            let runs: Vec<Vec<ScalingPoint>> = (0..2)
+                .map(|g| {
+                    steady
+                        .iter()
+                        .map(|p| {
+                            let mut f = if g == 1 { slow_all } else { 1.0 };
+                            if g == 1 && p.seq == 8192 {
+                                f *= slow_longest;
+                            }
+                            let samples_s: Vec<f64> = p.samples_s.iter().map(|s| s * f).collect();
+                            ScalingPoint {
+                                timing: Some(Timing::from_samples(samples_s.clone())),
+                                samples_s,
+                                ..p.clone()
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            merge_processes(runs)
+        };
+        let merged = by_process(1.5, 1.0);
+        assert_eq!(merged.len(), 4);
+        assert!(merged.iter().all(|p| p.process_samples_s.len() == 2 && p.samples_s.len() == 10));
+        let width = |points: &[ScalingPoint]| {
+            let (lo, hi) = fits(points)[0].time_slope_interval.expect("an interval");
+            hi - lo
+        };
+        let pooled: Vec<ScalingPoint> =
+            merged.iter().map(|p| ScalingPoint { process_samples_s: vec![], ..p.clone() }).collect();
+        assert!(width(&pooled) < 0.03, "pooled: {}", width(&pooled));
+        // process 1's 50% at T = 8192 alone is 0.58 on the slope between 4096 and 8192
+        assert!(width(&merged) > 0.1, "by process: {}", width(&merged));
+        assert!(width(&by_process(1.0, 1.2)) < 0.05, "a uniform slowdown: {}", width(&by_process(1.0, 1.2)));
     }
 }
