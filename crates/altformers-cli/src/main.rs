@@ -97,6 +97,7 @@ enum Command {
         /// `shakespeare` (bundled) or a path to any file (--task lm).
         #[arg(long)]
         data: Option<String>,
+        /// How --data splits: text (90% / 10%) or enwik8 (90M / 5M / 5M bytes).
         #[arg(long, value_enum, default_value = "text")]
         data_format: FormatArg,
         /// TOML file with [model] and [train] sections.
@@ -112,6 +113,7 @@ enum Command {
         /// Continue the run in --out from its last checkpoint.
         #[arg(long)]
         resume: bool,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Parameter/compute dtype (f32; bf16 on a GPU).
@@ -183,6 +185,7 @@ enum Command {
         /// parallel: re-run the window for every byte; recurrent: prefill, then one step per byte.
         #[arg(long, value_enum, default_value = "recurrent")]
         mode: ModeArg,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Samples of the prompt generated at once, as one batch (sample i draws from random

@@ -715,6 +715,22 @@ fn small_input_problems_are_named() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Every flag of the everyday commands says what it is, beyond its default (generate's and
+/// train's --device and train's --data-format showed only `[default: ...]`).
+#[test]
+fn every_flag_of_the_everyday_commands_has_help_text() {
+    for cmd in ["train", "eval", "generate", "params", "report"] {
+        let help = String::from_utf8(altformers(&[cmd, "--help"]).stdout).unwrap();
+        for line in help.lines().map(str::trim_start).filter(|l| l.starts_with('-')) {
+            let mut text = line.split_once("  ").map_or("", |(_, t)| t).trim();
+            while let (true, Some(i)) = (text.ends_with(']'), text.rfind('[')) {
+                text = text[..i].trim();
+            }
+            assert!(!text.is_empty(), "`altformers {cmd} --help`: no help text for `{line}`");
+        }
+    }
+}
+
 /// `params --matching` with a model's own option set: the option shapes that model only, the
 /// reference keeps its defaults (it would refuse the option as an unknown key).
 #[test]

@@ -210,6 +210,27 @@ fn a_crash_after_a_checkpoint_keeps_its_metrics_line() -> Result<()> {
     Ok(())
 }
 
+/// A metrics line cut short (a crash or a full disk in the middle of its write, so past the
+/// last checkpoint) is dropped on resume and written again; a damaged line elsewhere is an
+/// error naming the file and the line.
+#[test]
+fn a_metrics_line_cut_short_is_dropped_on_resume() -> Result<()> {
+    let corpus = Corpus::load("shakespeare", DataFormat::Text)?;
+    let (dir, cfg) = (temp_dir("torn-metrics"), tiny_run(6)?);
+    train(&cfg, &corpus, DataFormat::Text, &opts(&dir, false, Some(3)))?;
+    let metrics = dir.join("metrics.jsonl");
+    let whole = std::fs::read_to_string(&metrics)?;
+    std::fs::write(&metrics, format!("{whole}{{\"step\":6,\"train_lo"))?;
+    train(&cfg, &corpus, DataFormat::Text, &opts(&dir, true, None))?;
+    let steps: Vec<usize> = altformers::train::RunFolder::open(&dir)?.metrics()?.iter().map(|m| m.step).collect();
+    assert_eq!(steps, vec![3, 6]);
+    std::fs::write(&metrics, format!("{{\"step\":3,\"tr\n{whole}"))?;
+    let err = format!("{:#}", altformers::train::RunFolder::open(&dir)?.metrics().unwrap_err());
+    assert!(err.contains("metrics.jsonl line 1"), "{err}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 /// A run that diverges before its first checkpoint leaves a folder that resume refuses
 /// (saying how to go on) and a fresh run starts over.
 #[test]

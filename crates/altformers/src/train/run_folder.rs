@@ -253,20 +253,37 @@ impl RunFolder {
 
     /// Every evaluation logged so far.
     pub fn metrics(&self) -> Result<Vec<Metrics>> {
-        let path = self.metrics_path();
-        if !path.exists() {
-            return Ok(vec![]);
-        }
-        let text = std::fs::read_to_string(&path)?;
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("corrupt line in {}", path.display())))
-            .collect()
+        Ok(self.metric_lines(true)?.into_iter().map(|(_, m)| m).collect())
     }
 
+    /// The lines of `metrics.jsonl` as written, each with its evaluation. A last line cut
+    /// short (no newline, not JSON: a crash or a full disk in the middle of its write, so
+    /// past the last checkpoint, which follows the line) is left out, with a note if `note`;
+    /// a damaged line elsewhere is an error naming it.
+    fn metric_lines(&self, note: bool) -> Result<Vec<(String, Metrics)>> {
+        let path = self.metrics_path();
+        let text = if path.exists() { std::fs::read_to_string(&path)? } else { String::new() };
+        let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+        let mut parsed = Vec::with_capacity(lines.len());
+        for (k, &(i, line)) in lines.iter().enumerate() {
+            match serde_json::from_str(line) {
+                Ok(m) => parsed.push((line.to_string(), m)),
+                Err(e) if k + 1 == lines.len() && !text.ends_with('\n') => {
+                    if note {
+                        eprintln!("note: {} line {} was cut short ({e}): dropped", path.display(), i + 1);
+                    }
+                }
+                Err(e) => bail!("{} line {} is not a metrics line (corrupt?): {e}", path.display(), i + 1),
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// Appends one evaluation's line in a single write (a crash leaves it whole or cut short,
+    /// never its newline alone missing).
     pub fn append_metrics(&self, m: &Metrics) -> Result<()> {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.metrics_path())?;
-        writeln!(f, "{}", serde_json::to_string(m)?)?;
+        f.write_all(format!("{}\n", serde_json::to_string(m)?).as_bytes())?;
         f.sync_all()?;
         Ok(())
     }
@@ -284,17 +301,14 @@ impl RunFolder {
     /// Keeps the lines of `metrics.jsonl` up to `step` (on resume: the checkpoint's) as they
     /// were written, byte for byte: a float parsed and printed again may move by one ULP.
     pub fn keep_metrics_up_to(&self, step: usize) -> Result<()> {
-        let path = self.metrics_path();
-        let text = if path.exists() { std::fs::read_to_string(&path)? } else { String::new() };
         let mut kept = String::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let m: Metrics =
-                serde_json::from_str(line).with_context(|| format!("corrupt line in {}", path.display()))?;
+        // (resume, which comes first, has noted a line cut short)
+        for (line, m) in self.metric_lines(false)? {
             if m.step <= step {
-                kept.push_str(line);
+                kept.push_str(&line);
                 kept.push('\n');
             }
         }
-        crate::util::write_atomic(&path, kept.as_bytes())
+        crate::util::write_atomic(&self.metrics_path(), kept.as_bytes())
     }
 }
