@@ -549,7 +549,7 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
             verdict
         );
     }
-    md.push_str("\nThe stated columns quote the review's complexity table word for word (`data/review-complexity.md`); \"(none)\": the review gives no line for this model. The cost model's exponent is the slope of the true complexity's FLOPs (the architecture's analytic count, `complexity.rs`) over the same lengths: what the measured exponent should approach. Where it lies below the asymptotic exponent (2 for attention), the leading term does not yet dominate at these lengths (the T d^2 projections still weigh), and the measured exponent cannot be expected to reach the asymptote either.\n");
+    md.push_str("\nThe stated columns quote the review's complexity table word for word (`data/review-complexity.md`); \"(none)\": the review gives no line for this model. The cost model's exponent is the slope of the true complexity's FLOPs (the architecture's analytic count, `complexity.rs`) over the same lengths: what the measured exponent should approach. Where it lies below the asymptotic exponent (2 for attention), the leading term does not yet dominate at these lengths (the T d^2 projections still weigh), and the measured exponent cannot be expected to reach the asymptote either: read it where the lengths reach it, in the GPU sweep the README gives (one layer of every model on an H200 at T = 1K-64K, forward and forward+backward, `bench/results/2026-12-03-h200-report/`).\n");
     md
 }
 
