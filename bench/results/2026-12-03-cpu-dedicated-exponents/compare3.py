@@ -1,6 +1,6 @@
 """Three quick-preset runs' time exponents (each folder's scaling-fits.jsonl) beside a dedicated
 run's (DIR/points-MODEL.jsonl fit lines), with intervals, as a markdown table.
-   python3 compare3.py DEDICATED_DIR QUICK1 QUICK2 QUICK3"""
+   python3 compare3.py DEDICATED_DIR QUICK1 QUICK2 QUICK3   (a folder, or its scaling-fits.jsonl)"""
 import json
 import sys
 from pathlib import Path
@@ -17,7 +17,7 @@ def fits(paths):
 
 
 ded = fits(sorted(Path(sys.argv[1]).glob("points-*.jsonl")))
-runs = [fits([Path(d) / "scaling-fits.jsonl"]) for d in sys.argv[2:]]
+runs = [fits([Path(d) / "scaling-fits.jsonl" if Path(d).is_dir() else Path(d)]) for d in sys.argv[2:]]
 fmt = lambda r: f"{r['time_slope']:.2f} ({r['time_slope_interval'][0]:.2f} to {r['time_slope_interval'][1]:.2f})" if r.get("time_slope_interval") else f"{r['time_slope']:.2f}"
 print("| model | quick runs 1 / 2 / 3 | spread | dedicated | runs inside the dedicated interval | runs whose interval overlaps it |")
 print("|---|---|---|---|---|---|")
