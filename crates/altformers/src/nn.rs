@@ -32,8 +32,13 @@ impl Linear {
     /// `x: [..., in] -> [..., out]`, computed in `x`'s dtype (f32 master weights are cast
     /// to bf16 when the activations are bf16: mixed precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let bias = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
-        rows_product(x, &self.weight.to_dtype(x.dtype())?, bias.as_ref())
+        let (weight, bias) = self.in_dtype(x.dtype())?;
+        rows_product(x, &weight, bias.as_ref())
+    }
+
+    /// The weight and bias in `dtype` (the activations').
+    fn in_dtype(&self, dtype: DType) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((self.weight.to_dtype(dtype)?, self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?))
     }
 
     /// The outputs in consecutive blocks of `sizes` features (a fused projection's parts,
@@ -44,8 +49,7 @@ impl Linear {
     /// in those copies and sums than in the products); the weight's rows are cut instead,
     /// whose gradients are small.
     pub fn forward_parts(&self, x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
-        let weight = self.weight.to_dtype(x.dtype())?;
-        let bias = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
+        let (weight, bias) = self.in_dtype(x.dtype())?;
         let mut start = 0;
         let mut parts = Vec::with_capacity(sizes.len());
         for &n in sizes {

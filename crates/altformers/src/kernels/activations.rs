@@ -4,11 +4,10 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Tensor};
 
-use super::launch::{self, LaunchConfig, PushKernelArg};
+use super::launch::{self, PushKernelArg};
 use super::ptx;
 
 const MODULE: &str = "altformers_activations";
-const THREADS: u32 = 256;
 
 /// Whether the kernels take `x`: f32 or bf16 on a CUDA device, unless switched off.
 pub fn supports(x: &Tensor) -> bool {
@@ -37,12 +36,6 @@ pub fn backward(xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout, na
     ))
 }
 
-fn config(n: usize) -> LaunchConfig {
-    // 16-byte accesses: 8 bf16 or 4 f32 per thread and step (elementwise.cuh)
-    let blocks = n.div_ceil(8 * THREADS as usize).clamp(1, 65535 * 8) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
-}
-
 /// Launches `name` over `inputs` (each `n` elements) into a new buffer of `n`.
 fn launch_elementwise<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
@@ -60,7 +53,7 @@ fn launch_elementwise<T: CudaDType + DeviceRepr>(
         }
         b.arg(&mut out).arg(&n_i);
         // SAFETY: every input and the output hold n elements; every element is written.
-        unsafe { b.launch(config(n)) }.w()?;
+        unsafe { b.launch(launch::elementwise_config(n)) }.w()?;
     }
     Ok(T::wrap_cuda_slice(out, dev.clone()))
 }

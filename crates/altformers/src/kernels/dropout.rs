@@ -4,12 +4,11 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Tensor};
 
-use super::launch::{self, LaunchConfig, PushKernelArg};
+use super::launch::{self, PushKernelArg};
 use super::ptx;
 use crate::ops::dropout::Dropout;
 
 const MODULE: &str = "altformers_dropout";
-const THREADS: u32 = 256;
 
 /// Whether the kernel takes `x`: f32 or bf16 on a CUDA device, unless switched off.
 pub fn supports(x: &Tensor) -> bool {
@@ -28,13 +27,10 @@ fn run<T: CudaDType + DeviceRepr>(dev: &CudaDevice, sfx: &str, x: &CudaView<T>, 
     if n > 0 {
         let func = launch::func(dev, MODULE, ptx::DROPOUT, &format!("dropout_{sfx}"))?;
         let (n_i, lo, hi, scale) = (n as i64, op.seed as u32, (op.seed >> 32) as u32, op.scale as f32);
-        // 16-byte accesses: 8 bf16 or 4 f32 per thread and step (elementwise.cuh)
-        let blocks = n.div_ceil(8 * THREADS as usize).clamp(1, 65535 * 8) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut b = func.builder();
         b.arg(x).arg(&mut out).arg(&n_i).arg(&lo).arg(&hi).arg(&op.threshold).arg(&scale);
         // SAFETY: the input and the output hold n elements; every element is written.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(launch::elementwise_config(n)) }.w()?;
     }
     Ok(T::wrap_cuda_slice(out, dev.clone()))
 }

@@ -137,5 +137,13 @@ pub fn tensor<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
     candle_core::Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
 }
 
+/// The grid of an elementwise kernel over `n` elements (`elementwise.cuh`'s maps): blocks of
+/// 256 threads, each moving 16 bytes (8 bf16 or 4 f32) per step of its grid-stride loop.
+pub fn elementwise_config(n: usize) -> LaunchConfig {
+    const THREADS: u32 = 256;
+    let blocks = n.div_ceil(8 * THREADS as usize).clamp(1, 65535 * 8) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
 pub use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 pub use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
