@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -321,5 +321,41 @@ if [ "$what" = trainspeed ]; then
   fi
   cut -c1-400 "$OUT/ours.jsonl" "$OUT/peer.jsonl" "$OUT/peer-profile.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer.err"
   for f in "$OUT"/ncu-*.txt; do tail -n 1 "$f"; done
+fi
+if [ "$what" = decode ]; then
+  # Issue 28: RWKV-4 12 x 768 decoding at batch 1 after a context, ours (bench decode's step,
+  # and the generate command, load excluded) and the official rwkv package (its wheel in
+  # .whl/; bench/peers/rwkv_decode.py) on one checkpoint, in the same call.
+  #   gpu-bench.sh decode [context]
+  ctx="${2:-1024}"; rm -rf /tmp/dec-run /tmp/dec-hf
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+  $alt --version > "$OUT/ours-version.txt"
+  run train --model rwkv4 --data shakespeare --config configs/nanogpt-cpu.toml --set model.width=768 --set model.depth=12 \
+    --set model.context=$ctx --set train.steps=20 --set train.eval_every=20 --set train.eval_batches=1 --device cuda \
+    --quiet --out /tmp/dec-run > /dev/null 2>> "$OUT/ours.err"
+  run export --run /tmp/dec-run --out /tmp/dec-hf >> "$OUT/ours.err" 2>&1
+  for dt in f32 bf16; do
+    timeout 120 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 --contexts $ctx --batches 1,16,256 \
+      --dtype $dt --steps 20 --out "$OUT/ours-decode-$dt.jsonl" > /dev/null 2>> "$OUT/ours.err"
+  done
+  head -c $ctx data/tinyshakespeare.txt > /tmp/dec-prompt
+  for rep in 1 2; do
+    timeout 120 $alt generate --run /tmp/dec-run --device cuda --prompt "$(cat /tmp/dec-prompt)" --tokens 1000 \
+      > /dev/null 2>> "$OUT/ours-generate.txt"
+  done
+  if ls .whl/rwkv-*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/rwkv-*.whl
+    (cd bench/peers && PYTHONPATH=/tmp/site timeout 400 python3 rwkv_decode.py --hf /tmp/dec-hf --context $ctx --tokens 300) \
+      > "$OUT/peer-rwkv.jsonl" 2> "$OUT/peer-rwkv.err"
+  fi
+  cut -c1-300 "$OUT"/ours-decode-*.jsonl "$OUT/peer-rwkv.jsonl"; cat "$OUT/ours-generate.txt"; tail -n 3 "$OUT/ours.err" "$OUT/peer-rwkv.err"
+fi
+if [ "$what" = interop ]; then
+  # Issue 26: the Hugging Face round trip against this machine's transformers.
+  python3 -c "import torch, transformers, safetensors; print('torch', torch.__version__, 'transformers', transformers.__version__, 'safetensors', safetensors.__version__)" > "$OUT/versions.txt" 2>&1
+  $alt --version >> "$OUT/versions.txt"
+  timeout 400 python3 bench/peers/hf_roundtrip.py --altformers "$PWD/.gpu/run.sh" --work /tmp/hf-roundtrip \
+    > "$OUT/roundtrip.jsonl" 2> "$OUT/roundtrip.err"; echo "rc=$?" >> "$OUT/roundtrip.err"
+  cat "$OUT/versions.txt"; cut -c1-300 "$OUT/roundtrip.jsonl"; tail -n 5 "$OUT/roundtrip.err"
 fi
 ls -la "$OUT"
