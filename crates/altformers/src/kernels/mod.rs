@@ -21,8 +21,9 @@
 /// scan it replaced. `gather` is the row gather's parallel backward (token embeddings),
 /// `layernorm` the fused layer norm, `activations` the fused GELU and SiLU, `softmax` the
 /// fused softmax (the unfused attention path's probabilities), `dropout` the counter-based
-/// dropout kernel (the host-built mask of the same hash instead).
-pub const SWITCHABLE: [&str; 10] = [
+/// dropout kernel (the host-built mask of the same hash instead), `rwkv4-step` RWKV-4's fused
+/// decode step (`mixers/rwkv4/decode.rs`).
+pub const SWITCHABLE: [&str; 11] = [
     "attention",
     "retention",
     "retention-tc",
@@ -33,6 +34,7 @@ pub const SWITCHABLE: [&str; 10] = [
     "activations",
     "softmax",
     "dropout",
+    "rwkv4-step",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.

@@ -33,6 +33,9 @@ use crate::nn::Linear;
 use crate::ops::decayed::{self, Weighting, WkvState};
 use crate::params::ParamBuilder;
 
+#[cfg(feature = "cuda")]
+mod decode;
+
 /// `model.options` of `rwkv4`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,6 +222,28 @@ impl TimeMix {
         self.out(&sr, &wkv(&k, &v, Weighting { decay: Some(&w), bonus: Some(&u) })?)
     }
 
+    /// [`SequenceMixer::step`] in four launches besides the projections (`decode`): the
+    /// three mixes, then the WKV read, update and gate.
+    #[cfg(feature = "cuda")]
+    fn step_fused(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        let (b, _, d) = x.dims3()?;
+        let x = x.reshape((b, d))?;
+        let mixed =
+            decode::shift_mix(&x, state.tensors.first(), &[&self.time_mix_k, &self.time_mix_v, &self.time_mix_r])?;
+        let k = self.key.forward(&mixed.get(0)?)?;
+        let v = self.value.forward(&mixed.get(1)?)?;
+        let r = self.receptance.forward(&mixed.get(2)?)?;
+        let s = match state.tensors.get(1..) {
+            Some(rest) if !rest.is_empty() => Some(WkvState::from_slice(rest)?),
+            _ => None,
+        };
+        let (y, s) = decode::wkv_step(&k, &v, &r, s.as_ref(), &self.time_decay, &self.time_first)?;
+        let mut tensors = vec![x];
+        tensors.extend(s.to_vec());
+        *state = MixerState { tensors, pos: state.pos + 1 };
+        self.output.forward(&y)?.reshape((b, 1, d))
+    }
+
     /// The quadratic `O(T^2 d)` reference (tests only).
     pub fn forward_naive(&self, x: &Tensor) -> Result<Tensor> {
         self.run(x, None, decayed::wkv_naive)
@@ -240,6 +265,10 @@ impl SequenceMixer for TimeMix {
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if decode::applies(x, &self.time_mix_k) {
+            return self.step_fused(x, state);
+        }
         let prev = state.tensors.first().cloned();
         let (sr, k, v, w, u) = self.project(x, prev.as_ref())?;
         let (k, v) = (k.squeeze(1)?, v.squeeze(1)?);
@@ -304,6 +333,17 @@ impl SequenceMixer for ChannelMix {
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if decode::applies(x, &self.time_mix_k) {
+            // the mixes in one launch, the squared ReLU and the gate in one each (`decode`)
+            let (b, _, d) = x.dims3()?;
+            let x = x.reshape((b, d))?;
+            let mixed = decode::shift_mix(&x, state.tensors.first(), &[&self.time_mix_k, &self.time_mix_r])?;
+            let k = decode::relu_square(&self.key.forward(&mixed.get(0)?)?)?;
+            let y = decode::sigmoid_gate(&self.receptance.forward(&mixed.get(1)?)?, &self.value.forward(&k)?)?;
+            *state = MixerState { tensors: vec![x], pos: state.pos + 1 };
+            return y.reshape((b, 1, d));
+        }
         let y = self.run(x, state.tensors.first())?;
         *state = MixerState { tensors: vec![x.squeeze(1)?], pos: state.pos + 1 };
         Ok(y)

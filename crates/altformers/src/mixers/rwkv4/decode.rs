@@ -1,0 +1,244 @@
+//! RWKV-4's one-token step fused on CUDA (`rwkv4_decode.cu`), for [`super::TimeMix`] and
+//! [`super::ChannelMix`] decoding. Per layer the step is then the layer norms, the token-shift
+//! mixes (one launch per mixer), the projections, the WKV read-update-gate (one launch), the
+//! squared ReLU and the channel gate (one each) and the residual adds: about sixteen launches
+//! instead of about seventy, which bound the step (a 12 x 768 model decodes a token in 2 x
+//! 10^8 FLOP; the launches cost more than the arithmetic). Forward only: decoding is not
+//! differentiated. The tensor expressions in `super` stay the reference (CPU, and this path
+//! switched off with `ALTFORMERS_UNFUSED=rwkv4-step`); tests/cuda/models.rs holds the fused
+//! decoding to the parallel form on the GPU.
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, SyncOnDrop};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
+use crate::kernels::ptx;
+use crate::ops::decayed::{WkvState, EMPTY_LOG_SCALE};
+
+const MODULE: &str = "altformers_rwkv4_decode";
+
+/// Kernel-name suffix for activations of `act` over parameters of `param`.
+fn suffix(act: DType, param: DType) -> Option<&'static str> {
+    match (act, param) {
+        (DType::F32, DType::F32) => Some("f32"),
+        (DType::BF16, DType::BF16) => Some("bf16"),
+        (DType::BF16, DType::F32) => Some("bf16_f32"),
+        _ => None,
+    }
+}
+
+/// Whether the fused step takes activations `x` over parameters like `param`.
+pub fn applies(x: &Tensor, param: &Tensor) -> bool {
+    x.device().is_cuda() && suffix(x.dtype(), param.dtype()).is_some() && crate::kernels::enabled("rwkv4-step")
+}
+
+fn cuda(x: &Tensor) -> Result<&CudaDevice> {
+    match x.device() {
+        Device::Cuda(dev) => Ok(dev),
+        _ => bail!("rwkv4 decode: the tensors are not on a CUDA device"),
+    }
+}
+
+/// A new tensor of `dims` whose every element the kernel writes.
+fn output(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<Tensor> {
+    let n = dims.iter().product();
+    Ok(match dtype {
+        DType::F32 => launch::tensor(launch::uninit::<f32>(dev, n)?, dev, dims),
+        DType::BF16 => launch::tensor(launch::uninit::<half::bf16>(dev, n)?, dev, dims),
+        other => bail!("rwkv4 decode: {other:?} tensors are not supported"),
+    })
+}
+
+/// Runs `launch` with the device address of each tensor's first element (0 for `None`: the
+/// kernels read it as "absent"), every storage held until the launch is queued. Outputs are
+/// new tensors the kernel writes through their address.
+fn with_addresses(
+    dev: &CudaDevice,
+    tensors: &[Option<&Tensor>],
+    launch: impl FnOnce(&[u64]) -> Result<()>,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let guards: Vec<_> = tensors.iter().map(|t| t.map(|t| t.storage_and_layout())).collect();
+    let mut addresses = Vec::with_capacity(guards.len());
+    let mut syncs: Vec<SyncOnDrop<'_>> = Vec::new();
+    for guard in &guards {
+        let Some((storage, layout)) = guard else {
+            addresses.push(0u64);
+            continue;
+        };
+        let s: &CudaStorage = launch::storage(storage, "rwkv4 decode", "a tensor")?;
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            bail!("rwkv4 decode: a tensor is not contiguous (layout {layout:?})")
+        };
+        let (ptr, sync) = match &s.slice {
+            CudaStorageSlice::F32(x) => x.device_ptr(&stream),
+            CudaStorageSlice::BF16(x) => x.device_ptr(&stream),
+            _ => bail!("rwkv4 decode: {:?} tensors are not supported", s.dtype()),
+        };
+        addresses.push(ptr + (start * s.dtype().size_in_bytes()) as u64);
+        syncs.push(sync);
+    }
+    launch(&addresses)
+}
+
+/// A grid-stride launch over `n` elements.
+fn config(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Checks that each parameter holds `d` elements.
+fn per_channel(what: &str, params: &[&Tensor], d: usize) -> Result<()> {
+    for p in params {
+        if p.elem_count() != d {
+            bail!("rwkv4 decode: {what} of {} elements for width {d}", p.elem_count());
+        }
+    }
+    Ok(())
+}
+
+/// `prev + (x - prev) * mix_i` for each of the 2 or 3 `mixes` (`[D]` each, any shape of D
+/// elements): `x: [B, D]`, `prev: [B, D]` (`None`: zeros) -> `[n, B, D]`.
+pub fn shift_mix(x: &Tensor, prev: Option<&Tensor>, mixes: &[&Tensor]) -> Result<Tensor> {
+    let dev = cuda(x)?;
+    let (rows, d) = x.dims2()?;
+    if !(2..=3).contains(&mixes.len()) {
+        bail!("rwkv4 decode: 2 or 3 mixes, got {}", mixes.len())
+    }
+    per_channel("a mix", mixes, d)?;
+    let prev = prev.map(|p| p.contiguous()).transpose()?;
+    if let Some(p) = &prev {
+        if p.dims() != [rows, d] || p.dtype() != x.dtype() {
+            bail!("rwkv4 decode: previous token {:?} {:?} for x {:?} {:?}", p.dims(), p.dtype(), x.dims(), x.dtype());
+        }
+    }
+    let Some(sfx) = suffix(x.dtype(), mixes[0].dtype()).filter(|_| mixes.iter().all(|m| m.dtype() == mixes[0].dtype()))
+    else {
+        bail!("rwkv4 decode: activations {:?} over mixes {:?}", x.dtype(), mixes[0].dtype())
+    };
+    let n = mixes.len();
+    let out = output(dev, x.dtype(), &[n, rows, d])?;
+    let total = (rows * d) as i64;
+    let (d_i, n_i) = (d as i32, n as i32);
+    let x = x.contiguous()?;
+    with_addresses(
+        dev,
+        &[Some(&x), prev.as_ref(), Some(mixes[0]), Some(mixes[1]), mixes.get(2).copied(), Some(&out)],
+        |a| {
+            let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("shift_mix_{sfx}"))?;
+            let mut b = func.builder();
+            for address in a {
+                b.arg(address);
+            }
+            b.arg(&total).arg(&d_i).arg(&n_i);
+            // SAFETY: x and prev hold rows x d elements, each mix d, out n x rows x d, all written.
+            unsafe { b.launch(config(rows * d)) }.w()?;
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// One WKV token with the receptance gate: `k, v, r: [B, D]` (activations), `state` (f32;
+/// `None`: empty), raw `decay` and bonus `[D]` -> (`sigmoid(r) * wkv: [B, D]`, the new state).
+pub fn wkv_step(
+    k: &Tensor,
+    v: &Tensor,
+    r: &Tensor,
+    state: Option<&WkvState>,
+    decay: &Tensor,
+    bonus: &Tensor,
+) -> Result<(Tensor, WkvState)> {
+    let dev = cuda(k)?;
+    let (rows, d) = k.dims2()?;
+    for (what, t) in [("v", v), ("r", r)] {
+        if t.dims() != [rows, d] || t.dtype() != k.dtype() {
+            bail!("rwkv4 decode: {what} {:?} {:?} for k {:?} {:?}", t.dims(), t.dtype(), k.dims(), k.dtype());
+        }
+    }
+    per_channel("the decay or bonus", &[decay, bonus], d)?;
+    let Some(sfx) = suffix(k.dtype(), decay.dtype()).filter(|_| bonus.dtype() == decay.dtype()) else {
+        bail!("rwkv4 decode: activations {:?} over decay {:?}, bonus {:?}", k.dtype(), decay.dtype(), bonus.dtype())
+    };
+    let state = match state {
+        Some(s) => {
+            let parts = [&s.aa, &s.bb, &s.pp].map(|t| t.contiguous());
+            let [aa, bb, pp] = parts;
+            let (aa, bb, pp) = (aa?, bb?, pp?);
+            if [&aa, &bb, &pp].iter().any(|t| t.dims() != [rows, d] || t.dtype() != DType::F32) {
+                bail!(
+                    "rwkv4 decode: the WKV state must be three f32 [{rows}, {d}] tensors, got {:?} {:?}",
+                    aa.dims(),
+                    aa.dtype()
+                );
+            }
+            Some([aa, bb, pp])
+        }
+        None => None,
+    };
+    let y = output(dev, k.dtype(), &[rows, d])?;
+    let next = output(dev, DType::F32, &[3, rows, d])?;
+    let total = (rows * d) as i64;
+    let (d_i, empty) = (d as i32, EMPTY_LOG_SCALE as f32);
+    let s = state.as_ref();
+    let (k, v, r) = (k.contiguous()?, v.contiguous()?, r.contiguous()?);
+    let inputs = [Some(&k), Some(&v), Some(&r), s.map(|s| &s[0]), s.map(|s| &s[1]), s.map(|s| &s[2])];
+    let rest = [Some(decay), Some(bonus), Some(&y), Some(&next)];
+    let all: Vec<Option<&Tensor>> = inputs.into_iter().chain(rest).collect();
+    with_addresses(dev, &all, |a| {
+        let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("wkv_step_{sfx}"))?;
+        let mut b = func.builder();
+        for address in a {
+            b.arg(address);
+        }
+        b.arg(&total).arg(&d_i).arg(&empty);
+        // SAFETY: k, v, r, y and each state part hold rows x d elements, decay and bonus d,
+        // next 3 x rows x d; every output element is written.
+        unsafe { b.launch(config(rows * d)) }.w()?;
+        Ok(())
+    })?;
+    let state = WkvState { aa: next.get(0)?, bb: next.get(1)?, pp: next.get(2)? };
+    Ok((y, state))
+}
+
+/// `name` (`relu_square`: `max(x, 0)^2`; `sigmoid_gate`: `sigmoid(x) * g`) elementwise.
+fn elementwise(name: &str, inputs: &[&Tensor]) -> Result<Tensor> {
+    let dev = cuda(inputs[0])?;
+    let x = inputs[0];
+    if inputs.iter().any(|t| t.dims() != x.dims() || t.dtype() != x.dtype()) {
+        bail!("rwkv4 decode: {name} of tensors of different shapes or dtypes");
+    }
+    let Some(sfx) = suffix(x.dtype(), x.dtype()) else { bail!("rwkv4 decode: {name} of {:?}", x.dtype()) };
+    let inputs = inputs.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+    let y = output(dev, x.dtype(), x.dims())?;
+    let n = x.elem_count() as i64;
+    let mut all: Vec<Option<&Tensor>> = inputs.iter().map(Some).collect();
+    all.push(Some(&y));
+    with_addresses(dev, &all, |a| {
+        let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("{name}_{sfx}"))?;
+        let mut b = func.builder();
+        for address in a {
+            b.arg(address);
+        }
+        b.arg(&n);
+        // SAFETY: every input and the output hold n elements; every element is written.
+        unsafe { b.launch(config(n as usize)) }.w()?;
+        Ok(())
+    })?;
+    Ok(y)
+}
+
+/// The channel mix's key activation, `max(x, 0)^2`.
+pub fn relu_square(x: &Tensor) -> Result<Tensor> {
+    elementwise("relu_square", &[x])
+}
+
+/// The channel mix's gate, `sigmoid(r) * v`.
+pub fn sigmoid_gate(r: &Tensor, v: &Tensor) -> Result<Tensor> {
+    elementwise("sigmoid_gate", &[r, v])
+}
