@@ -334,9 +334,12 @@ if [ "$what" = decode ]; then
     --set model.context=$ctx --set train.steps=20 --set train.eval_every=20 --set train.eval_batches=1 --device cuda \
     --quiet --out /tmp/dec-run > /dev/null 2>> "$OUT/ours.err"
   run export --run /tmp/dec-run --out /tmp/dec-hf >> "$OUT/ours.err" 2>&1
+  # the fused step (default) and the tensor expressions it replaced (ALTFORMERS_UNFUSED)
   for dt in f32 bf16; do
     timeout 120 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 --contexts $ctx --batches 1,16,256 \
       --dtype $dt --steps 20 --out "$OUT/ours-decode-$dt.jsonl" > /dev/null 2>> "$OUT/ours.err"
+    ALTFORMERS_UNFUSED=rwkv4-step timeout 120 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 \
+      --contexts $ctx --batches 1 --dtype $dt --steps 20 --out "$OUT/ours-decode-$dt-unfused.jsonl" > /dev/null 2>> "$OUT/ours.err"
   done
   head -c $ctx data/tinyshakespeare.txt > /tmp/dec-prompt
   for rep in 1 2; do

@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::decoder::Decoder;
 use crate::model::Model;
 use crate::rng::{stream, Rng};
 
@@ -148,19 +149,20 @@ pub fn generate_ids(
             }
         }
         Mode::Recurrent => {
-            let (logits, mut state) = model.prefill(&encode_rows(&crop(prompt), samples, dev)?)?;
+            let (logits, state) = model.prefill(&encode_rows(&crop(prompt), samples, dev)?)?;
             let mut logits = last_logits(&logits)?;
+            let mut decoder = Decoder::new(model, state, samples)?;
             for _ in 0..opts.tokens {
                 let next = pick(&logits, &mut all);
                 logits = match window {
                     // The window is full: the parallel form would drop the oldest byte, so
                     // rebuild the state from the window (exact, at prefill cost).
-                    Some(w) if state.pos + 1 > w => {
+                    Some(w) if decoder.state().pos + 1 > w => {
                         let (l, s) = model.prefill(&windows(&all)?)?;
-                        state = s;
+                        decoder = Decoder::new(model, s, samples)?;
                         last_logits(&l)?
                     }
-                    _ => last_logits(&model.step(&Tensor::new(next.as_slice(), dev)?, &mut state)?)?,
+                    _ => last_logits(&decoder.step(&next)?)?,
                 };
             }
         }

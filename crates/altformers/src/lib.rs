@@ -9,6 +9,7 @@ pub mod complexity;
 pub mod config;
 pub mod cpu;
 pub mod data;
+pub mod decoder;
 pub mod device;
 pub mod generate;
 pub mod import;

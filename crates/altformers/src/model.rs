@@ -116,6 +116,12 @@ impl Model {
         self.backbone.step(token, state)
     }
 
+    /// Whether [`Model::step`] can be captured once as a CUDA graph and replayed for every
+    /// token ([`crate::decoder`]).
+    pub fn static_step(&self) -> bool {
+        self.backbone.static_step()
+    }
+
     /// Mean next-token cross-entropy (nats) of `logits: [B, T, V]` against `targets: [B, T]`.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t, v) = logits.dims3()?;

@@ -159,6 +159,12 @@ pub trait Backbone: Send + Sync {
     /// One token per sequence. `token: [B]` (u32) -> logits `[B, V]`, advancing `state`.
     fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor>;
 
+    /// Whether [`Backbone::step`] is the same kernels on the same shapes at every position
+    /// (see [`crate::mixers::SequenceMixer::static_step`]): replayable as a CUDA graph.
+    fn static_step(&self) -> bool {
+        false
+    }
+
     /// The longest window the backbone can attend over when generating, or `None` where its
     /// recurrence is unbounded.
     fn window(&self) -> Option<usize>;

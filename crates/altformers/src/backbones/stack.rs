@@ -412,6 +412,14 @@ impl Backbone for Stack {
         self.logits(&x)?.i((.., 0, ..))
     }
 
+    /// No learned positions and every mixer's step static (RoPE and the like read the
+    /// position in their mixers, which then say no).
+    fn static_step(&self) -> bool {
+        self.causal
+            && self.embedding.positions.is_none()
+            && self.layers.blocks.iter().all(|b| b.att.static_step() && b.ffn.static_step())
+    }
+
     fn window(&self) -> Option<usize> {
         if self.unbounded_context && !self.embedding.has_positions() {
             None

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{time_it, Timing};
 use crate::config::Position;
-use crate::model::{Model, ModelState};
+use crate::decoder::Decoder;
+use crate::model::Model;
 use crate::registry;
 use crate::rng::{stream, Rng};
 
@@ -69,6 +70,10 @@ pub struct DecodePoint {
     /// Bytes held by the whole model's decoding state after the context.
     pub state_bytes: Option<u64>,
     pub params: usize,
+    /// Whether each step was one CUDA-graph launch ([`crate::decoder`]) rather than its
+    /// operations launched one by one.
+    #[serde(default)]
+    pub graph: bool,
 }
 
 pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&DecodePoint)) -> Result<Vec<DecodePoint>> {
@@ -100,6 +105,7 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
                     tokens_per_s: None,
                     state_bytes: None,
                     params: model.num_params(),
+                    graph: false,
                 };
                 if let Some(reason) = &stop {
                     point.status = reason.clone();
@@ -108,7 +114,8 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
                 } else {
                     let t0 = std::time::Instant::now();
                     match measure(&model, context, batch, opts.steps, device) {
-                        Ok((timing, bytes)) => {
+                        Ok((timing, bytes, graph)) => {
+                            point.graph = graph;
                             point.latency_s = Some(timing.median_s);
                             point.tokens_per_s = Some(batch as f64 / timing.median_s);
                             point.timing = Some(timing);
@@ -134,20 +141,32 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
 /// single step from a fixed context would time the cheap steps only, or the dear ones only.
 pub const WINDOW: usize = 24;
 
-/// Prefills `context` random tokens, then times runs of [`WINDOW`] steps from that state.
-fn measure(model: &Model, context: usize, batch: usize, steps: usize, device: &Device) -> Result<(Timing, usize)> {
+/// Prefills `context` random tokens, then times runs of [`WINDOW`] steps from that state;
+/// returns the timing, the state's bytes and whether the steps were replayed from a graph.
+fn measure(
+    model: &Model,
+    context: usize,
+    batch: usize,
+    steps: usize,
+    device: &Device,
+) -> Result<(Timing, usize, bool)> {
     let mut rng = Rng::derive(2, stream::TEST, context as u64);
     let toks: Vec<u32> = (0..batch * context).map(|_| rng.below(256) as u32).collect();
     let prompt = Tensor::from_vec(toks, (batch, context), device)?;
     let (_, state) = model.prefill(&prompt)?;
     let bytes = state.bytes();
-    let token = Tensor::from_vec(vec![7u32; batch], batch, device)?;
-    // every sample starts from the same context length
-    let mut s: ModelState = state.clone();
+    let tokens = vec![7u32; batch];
+    let mut decoder = Decoder::new(model, state.clone(), batch)?;
+    let graph = decoder.replays();
     let window = time_it(device, 1, steps, || {
-        s = state.clone();
+        // every sample starts from the same context length; a replayed step is static (the
+        // same kernels on the same shapes at every position), so there each sample goes on
+        // from where the last one ended rather than capturing the step again
+        if !graph {
+            decoder = Decoder::new(model, state.clone(), batch)?;
+        }
         for _ in 0..WINDOW {
-            model.step(&token, &mut s)?;
+            decoder.step(&tokens)?;
         }
         Ok(())
     })?;
@@ -158,5 +177,5 @@ fn measure(model: &Model, context: usize, batch: usize, steps: usize, device: &D
         max_s: per_step(window.max_s),
         reps: window.reps,
     };
-    Ok((timing, bytes))
+    Ok((timing, bytes, graph))
 }

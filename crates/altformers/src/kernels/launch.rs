@@ -5,7 +5,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchArgs};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, SyncOnDrop};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{bail, Layout, Result, Storage, StorageRef};
 use std::sync::Arc;
 
@@ -85,6 +86,41 @@ pub fn storage<'a>(guard: &'a StorageRef<'_>, op: &str, what: &str) -> Result<&'
         Storage::Cuda(s) => Ok(s),
         _ => bail!("{op}: {what} is not on the CUDA device"),
     }
+}
+
+/// Runs `launch` with the device address of each contiguous tensor's first element (0 for
+/// `None`: a kernel reads it as "absent"), every storage held until the launch is queued: for
+/// kernels with more tensors than a custom op takes. Outputs are new tensors the kernel
+/// writes through their address. f32, bf16 and u32 tensors.
+pub fn with_addresses(
+    dev: &CudaDevice,
+    op: &str,
+    tensors: &[Option<&candle_core::Tensor>],
+    launch: impl FnOnce(&[u64]) -> Result<()>,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let guards: Vec<_> = tensors.iter().map(|t| t.map(|t| t.storage_and_layout())).collect();
+    let mut addresses = Vec::with_capacity(guards.len());
+    let mut syncs: Vec<SyncOnDrop<'_>> = Vec::new();
+    for guard in &guards {
+        let Some((storage, layout)) = guard else {
+            addresses.push(0u64);
+            continue;
+        };
+        let s: &CudaStorage = self::storage(storage, op, "a tensor")?;
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            bail!("{op}: a tensor is not contiguous (layout {layout:?})")
+        };
+        let (ptr, sync) = match &s.slice {
+            CudaStorageSlice::F32(x) => x.device_ptr(&stream),
+            CudaStorageSlice::BF16(x) => x.device_ptr(&stream),
+            CudaStorageSlice::U32(x) => x.device_ptr(&stream),
+            _ => bail!("{op}: {:?} tensors are not supported", s.dtype()),
+        };
+        addresses.push(ptr + (start * s.dtype().size_in_bytes()) as u64);
+        syncs.push(sync);
+    }
+    launch(&addresses)
 }
 
 /// The `cpu_fwd` of a custom op that runs on CUDA only (its callers run a tensor expression

@@ -22,8 +22,9 @@
 /// `layernorm` the fused layer norm, `activations` the fused GELU and SiLU, `softmax` the
 /// fused softmax (the unfused attention path's probabilities), `dropout` the counter-based
 /// dropout kernel (the host-built mask of the same hash instead), `rwkv4-step` RWKV-4's fused
-/// decode step (`mixers/rwkv4/decode.rs`).
-pub const SWITCHABLE: [&str; 11] = [
+/// decode step (`mixers/rwkv4/decode.rs`), `decode-graph` the CUDA-graph replay of a static
+/// decoding step (`crate::decoder`; each step then launched op by op).
+pub const SWITCHABLE: [&str; 12] = [
     "attention",
     "retention",
     "retention-tc",
@@ -35,6 +36,7 @@ pub const SWITCHABLE: [&str; 11] = [
     "softmax",
     "dropout",
     "rwkv4-step",
+    "decode-graph",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.

@@ -48,6 +48,13 @@ pub trait SequenceMixer: Send + Sync {
     /// One token. `x: [B, 1, D] -> [B, 1, D]`, advancing `state`.
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor>;
 
+    /// Whether `step` launches the same kernels on tensors of the same shapes at every
+    /// position (it reads no position and its state never changes shape), so that one step
+    /// captured as a CUDA graph can be replayed for every token ([`crate::decoder`]).
+    fn static_step(&self) -> bool {
+        false
+    }
+
     /// Training form: `forward` with the dropout the paper puts inside the mixer (attention
     /// probabilities, for attention), drawn from `rng` with probability `p`. Mixers without
     /// internal dropout use `forward`.

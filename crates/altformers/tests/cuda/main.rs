@@ -7,6 +7,7 @@ mod activations;
 mod adamw;
 mod aft;
 mod decayed;
+mod decoder;
 mod dropout;
 mod fftconv;
 mod flash_attention;

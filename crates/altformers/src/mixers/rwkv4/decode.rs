@@ -7,9 +7,7 @@
 //! differentiated. The tensor expressions in `super` stay the reference (CPU, and this path
 //! switched off with `ALTFORMERS_UNFUSED=rwkv4-step`); tests/cuda/models.rs holds the fused
 //! decoding to the parallel form on the GPU.
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, SyncOnDrop};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
@@ -48,38 +46,6 @@ fn output(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<Tensor> {
         DType::BF16 => launch::tensor(launch::uninit::<half::bf16>(dev, n)?, dev, dims),
         other => bail!("rwkv4 decode: {other:?} tensors are not supported"),
     })
-}
-
-/// Runs `launch` with the device address of each tensor's first element (0 for `None`: the
-/// kernels read it as "absent"), every storage held until the launch is queued. Outputs are
-/// new tensors the kernel writes through their address.
-fn with_addresses(
-    dev: &CudaDevice,
-    tensors: &[Option<&Tensor>],
-    launch: impl FnOnce(&[u64]) -> Result<()>,
-) -> Result<()> {
-    let stream = dev.cuda_stream();
-    let guards: Vec<_> = tensors.iter().map(|t| t.map(|t| t.storage_and_layout())).collect();
-    let mut addresses = Vec::with_capacity(guards.len());
-    let mut syncs: Vec<SyncOnDrop<'_>> = Vec::new();
-    for guard in &guards {
-        let Some((storage, layout)) = guard else {
-            addresses.push(0u64);
-            continue;
-        };
-        let s: &CudaStorage = launch::storage(storage, "rwkv4 decode", "a tensor")?;
-        let Some((start, _)) = layout.contiguous_offsets() else {
-            bail!("rwkv4 decode: a tensor is not contiguous (layout {layout:?})")
-        };
-        let (ptr, sync) = match &s.slice {
-            CudaStorageSlice::F32(x) => x.device_ptr(&stream),
-            CudaStorageSlice::BF16(x) => x.device_ptr(&stream),
-            _ => bail!("rwkv4 decode: {:?} tensors are not supported", s.dtype()),
-        };
-        addresses.push(ptr + (start * s.dtype().size_in_bytes()) as u64);
-        syncs.push(sync);
-    }
-    launch(&addresses)
 }
 
 /// A grid-stride launch over `n` elements.
@@ -126,8 +92,9 @@ pub fn shift_mix(x: &Tensor, prev: Option<&Tensor>, mixes: &[&Tensor]) -> Result
     let total = (rows * d) as i64;
     let (d_i, n_i) = (d as i32, n as i32);
     let x = x.contiguous()?;
-    with_addresses(
+    launch::with_addresses(
         dev,
+        "rwkv4 decode",
         &[Some(&x), prev.as_ref(), Some(mixes[0]), Some(mixes[1]), mixes.get(2).copied(), Some(&out)],
         |a| {
             let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("shift_mix_{sfx}"))?;
@@ -190,7 +157,7 @@ pub fn wkv_step(
     let inputs = [Some(&k), Some(&v), Some(&r), s.map(|s| &s[0]), s.map(|s| &s[1]), s.map(|s| &s[2])];
     let rest = [Some(decay), Some(bonus), Some(&y), Some(&next)];
     let all: Vec<Option<&Tensor>> = inputs.into_iter().chain(rest).collect();
-    with_addresses(dev, &all, |a| {
+    launch::with_addresses(dev, "rwkv4 decode", &all, |a| {
         let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("wkv_step_{sfx}"))?;
         let mut b = func.builder();
         for address in a {
@@ -219,7 +186,7 @@ fn elementwise(name: &str, inputs: &[&Tensor]) -> Result<Tensor> {
     let n = x.elem_count() as i64;
     let mut all: Vec<Option<&Tensor>> = inputs.iter().map(Some).collect();
     all.push(Some(&y));
-    with_addresses(dev, &all, |a| {
+    launch::with_addresses(dev, "rwkv4 decode", &all, |a| {
         let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("{name}_{sfx}"))?;
         let mut b = func.builder();
         for address in a {

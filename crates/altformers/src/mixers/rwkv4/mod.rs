@@ -286,6 +286,11 @@ impl SequenceMixer for TimeMix {
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
         Some(self.run(x, None, |k, v, wt| Ok(decayed::wkv_chunked(k, v, wt, chunk, None)?.0)))
     }
+
+    /// No position read; a state of `[B, D]` tensors.
+    fn static_step(&self) -> bool {
+        true
+    }
 }
 
 /// Channel mixing (`blocks.N.ffn.*`).
@@ -347,6 +352,11 @@ impl SequenceMixer for ChannelMix {
         let y = self.run(x, state.tensors.first())?;
         *state = MixerState { tensors: vec![x.squeeze(1)?], pos: state.pos + 1 };
         Ok(y)
+    }
+
+    /// No position read; a state of `[B, D]` tensors.
+    fn static_step(&self) -> bool {
+        true
     }
 }
 

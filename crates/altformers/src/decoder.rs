@@ -1,0 +1,189 @@
+//! Decoding one token per sequence at a time, after a prefill: the model's recurrent step,
+//! run eagerly or replayed from a CUDA graph.
+//!
+//! A decoding step of a small model is hundreds of tiny kernels; launched one by one from
+//! the host, the step costs the launches, not the arithmetic (an RWKV-4 of 12 x 768 is
+//! 2 x 10^8 FLOP and 185 MB of weights a token: tens of microseconds of H200 time). Where the
+//! step is static ([`Model::static_step`]: the same kernels on the same shapes at every
+//! position), it is captured once as a CUDA graph, with its state in buffers of fixed
+//! address that the graph reads and overwrites, and every token is then one graph launch
+//! (the token copied in, the logits read out). Elsewhere, and on the CPU, the step runs
+//! eagerly. Both give the same logits (tests/cuda/decoder.rs).
+use candle_core::{Result, Tensor};
+
+use crate::backbones::ModelState;
+use crate::model::Model;
+
+pub struct Decoder<'m> {
+    model: &'m Model,
+    state: ModelState,
+    #[cfg(feature = "cuda")]
+    graph: Option<graph::Captured>,
+}
+
+impl<'m> Decoder<'m> {
+    /// Decodes from `state` (a prefill's), `batch` sequences; replays a CUDA graph where the
+    /// model and device allow, unless switched off (`ALTFORMERS_UNFUSED=decode-graph`).
+    pub fn new(model: &'m Model, state: ModelState, batch: usize) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if model.device().is_cuda() && model.static_step() && crate::kernels::enabled("decode-graph") {
+            let (captured, state) = graph::Captured::new(model, state, batch)?;
+            return Ok(Self { model, state, graph: Some(captured) });
+        }
+        let _ = batch;
+        Ok(Self {
+            model,
+            state,
+            #[cfg(feature = "cuda")]
+            graph: None,
+        })
+    }
+
+    /// Whether the steps are replayed from a CUDA graph.
+    pub fn replays(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.graph.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// One token per sequence (`tokens`: one id per sequence) -> logits `[B, V]`. Under
+    /// replay the logits live in the graph's output buffer: read them before the next step.
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.graph {
+            let logits = g.replay(tokens)?;
+            self.state.pos += 1;
+            for layer in self.state.layers.iter_mut() {
+                layer.pos += 1;
+            }
+            return Ok(logits);
+        }
+        let token = Tensor::new(tokens, self.model.device())?;
+        self.model.step(&token, &mut self.state)
+    }
+
+    /// The state after the tokens stepped so far.
+    pub fn state(&self) -> &ModelState {
+        &self.state
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod graph {
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use candle_core::cuda_backend::cudarc::driver::{result, CudaGraph};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::{bail, DType, Device, Result, Tensor};
+
+    use crate::backbones::ModelState;
+    use crate::kernels::launch;
+    use crate::model::Model;
+
+    /// One captured step: the token buffer it reads, the state buffers it reads and
+    /// overwrites, the logits buffer it writes.
+    pub struct Captured {
+        graph: CudaGraph,
+        dev: CudaDevice,
+        token: Tensor,
+        logits: Tensor,
+    }
+
+    /// `dst <- src`, both contiguous, same shape and dtype, on `dev`'s stream (captured as a
+    /// copy node when capturing).
+    fn copy_into(dev: &CudaDevice, dst: &Tensor, src: &Tensor) -> Result<()> {
+        if dst.dims() != src.dims() || dst.dtype() != src.dtype() {
+            bail!(
+                "decoder: the step changed a state tensor from {:?} {:?} to {:?} {:?}",
+                dst.dims(),
+                dst.dtype(),
+                src.dims(),
+                src.dtype()
+            );
+        }
+        let src = src.contiguous()?;
+        let bytes = src.elem_count() * src.dtype().size_in_bytes();
+        let stream = dev.cuda_stream();
+        launch::with_addresses(dev, "decoder", &[Some(dst), Some(&src)], |a| {
+            // SAFETY: both hold `bytes` bytes at these addresses (checked shapes and dtypes).
+            unsafe { result::memcpy_dtod_async(a[0], a[1], bytes, stream.cu_stream()) }.w()?;
+            Ok(())
+        })
+    }
+
+    impl Captured {
+        /// Captures one step of `model` for `batch` sequences; returns it and the state whose
+        /// buffers it updates in place (a copy of `state`, fresh contiguous buffers).
+        pub fn new(model: &Model, state: ModelState, batch: usize) -> Result<(Self, ModelState)> {
+            let Device::Cuda(dev) = model.device() else { bail!("decoder: CUDA graphs need a CUDA device") };
+            let dev = dev.clone();
+            // one stream, no cross-stream events: an event recorded before the capture and
+            // waited on inside it would break the capture
+            // SAFETY: candle runs every operation on the device's one stream.
+            unsafe { dev.disable_event_tracking() };
+            // candle uploads the dims and strides of strided operations: the warm-up step
+            // caches them on the device, and the capture reuses them
+            let _cache = dev.enable_cuda_graph_htod_cache();
+            let token = Tensor::zeros(batch, DType::U32, model.device())?;
+            // warm-up, eager: loads every kernel, fills the cache, and shows the state's shapes
+            let mut warm = state.clone();
+            let warm_logits = model.step(&token, &mut warm)?;
+            let fixed = |s: &ModelState| -> Vec<(Vec<usize>, DType)> {
+                s.layers.iter().flat_map(|l| l.tensors.iter().map(|t| (t.dims().to_vec(), t.dtype()))).collect()
+            };
+            if fixed(&warm) != fixed(&state)
+                || warm.layers.iter().zip(&state.layers).any(|(a, b)| a.tensors.len() != b.tensors.len())
+            {
+                bail!(
+                    "decoder: the step of `{}` changes its state's shapes: it cannot be replayed",
+                    model.config.architecture
+                );
+            }
+            drop(warm);
+            let mut buffers = state.clone();
+            for t in buffers.layers.iter_mut().flat_map(|l| l.tensors.iter_mut()) {
+                *t = t.contiguous()?.copy()?;
+            }
+            let logits = warm_logits.zeros_like()?;
+            drop(warm_logits);
+            model.device().synchronize()?;
+            let stream = dev.cuda_stream();
+            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+            let body = || -> Result<()> {
+                let mut s = buffers.clone();
+                let out = model.step(&token, &mut s)?;
+                copy_into(&dev, &logits, &out)?;
+                for (dst, src) in
+                    buffers.layers.iter().zip(&s.layers).flat_map(|(a, b)| a.tensors.iter().zip(&b.tensors))
+                {
+                    copy_into(&dev, dst, src)?;
+                }
+                Ok(())
+            };
+            let captured = body();
+            // end the capture whatever happened, so the stream works again
+            let graph =
+                stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).w();
+            captured?;
+            let Some(graph) = graph? else { bail!("decoder: the captured step is empty") };
+            graph.upload().w()?;
+            Ok((Self { graph, dev, token, logits }, buffers))
+        }
+
+        /// Copies `tokens` in, launches the step, returns the logits buffer.
+        pub fn replay(&self, tokens: &[u32]) -> Result<Tensor> {
+            if tokens.len() != self.token.elem_count() {
+                bail!("decoder: {} tokens for a graph of {} sequences", tokens.len(), self.token.elem_count());
+            }
+            let stream = self.dev.cuda_stream();
+            launch::with_addresses(&self.dev, "decoder", &[Some(&self.token)], |a| {
+                // SAFETY: the token buffer holds tokens.len() u32; the copy is from pageable
+                // memory, so it completes before the call returns.
+                unsafe { result::memcpy_htod_async(a[0], tokens, stream.cu_stream()) }.w()?;
+                Ok(())
+            })?;
+            self.graph.launch().w()?;
+            Ok(self.logits.clone())
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The CUDA-graph decoder (`altformers::decoder`) against eager steps of the same model: the
+//! same logits token after token, batch of 3, f32 and bf16; and a model whose step reads its
+//! position is never replayed.
+
+use altformers::decoder::Decoder;
+use altformers::model::Model;
+use altformers::testing::{self, device_rel_err, random_tokens, tiny_config};
+use candle_core::{DType, Device, Tensor};
+
+#[test]
+fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    for dtype in [DType::F32, DType::BF16] {
+        let cfg = tiny_config("rwkv4", &["model.width=64", "model.context=48"])?;
+        let model = Model::new(&cfg, 7, &gpu, dtype)?;
+        testing::perturb(&model, 0.05, 2)?;
+        let prompt = random_tokens(3, 10, cfg.vocab, 1)?.to_device(&gpu)?;
+        let (_, state) = model.prefill(&prompt)?;
+        let mut decoder = Decoder::new(&model, state.clone(), 3)?;
+        anyhow::ensure!(decoder.replays(), "rwkv4's step is static: it should be replayed from a graph");
+        let mut eager = state;
+        for i in 0..20u32 {
+            let tokens: Vec<u32> = (0..3).map(|b| (i * 7 + b * 13) % cfg.vocab as u32).collect();
+            let want = model.step(&Tensor::new(tokens.as_slice(), &gpu)?, &mut eager)?.to_dtype(DType::F32)?;
+            let got = decoder.step(&tokens)?.to_dtype(DType::F32)?;
+            let err = device_rel_err(&got, &want)?;
+            anyhow::ensure!(err < 1e-6, "{dtype:?} step {i}: replayed logits differ from eager ones (rel err {err})");
+        }
+        anyhow::ensure!(decoder.state().pos == 30, "the decoder's position: {}", decoder.state().pos);
+        // the state the graph updated in place is the eager one
+        for (a, b) in decoder.state().layers.iter().zip(&eager.layers) {
+            for (x, y) in a.tensors.iter().zip(&b.tensors) {
+                let err = device_rel_err(&x.to_dtype(DType::F32)?, &y.to_dtype(DType::F32)?)?;
+                anyhow::ensure!(err < 1e-6, "{dtype:?}: replayed state differs (rel err {err})");
+            }
+        }
+        // RoPE reads the position in the step: eager, every token
+        let transformer = Model::new(&tiny_config("transformer", &["model.context=48"])?, 1, &gpu, dtype)?;
+        let (_, s) = transformer.prefill(&prompt)?;
+        anyhow::ensure!(!Decoder::new(&transformer, s, 3)?.replays(), "a Transformer's step was replayed");
+    }
+    Ok(())
+}
