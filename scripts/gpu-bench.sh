@@ -334,17 +334,21 @@ if [ "$what" = decode ]; then
     --set model.context=$ctx --set train.steps=20 --set train.eval_every=20 --set train.eval_batches=1 --device cuda \
     --quiet --out /tmp/dec-run > /dev/null 2>> "$OUT/ours.err"
   run export --run /tmp/dec-run --out /tmp/dec-hf >> "$OUT/ours.err" 2>&1
-  # the fused step (default) and the tensor expressions it replaced (ALTFORMERS_UNFUSED)
+  # the fused step replayed from a CUDA graph (default), then without the graph, without
+  # the fused kernels, and without both (the step before issue 28's work)
   for dt in f32 bf16; do
     timeout 120 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 --contexts $ctx --batches 1,16,256 \
       --dtype $dt --steps 20 --out "$OUT/ours-decode-$dt.jsonl" > /dev/null 2>> "$OUT/ours.err"
-    ALTFORMERS_UNFUSED=rwkv4-step timeout 120 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 \
-      --contexts $ctx --batches 1 --dtype $dt --steps 20 --out "$OUT/ours-decode-$dt-unfused.jsonl" > /dev/null 2>> "$OUT/ours.err"
+    for off in decode-graph rwkv4-step rwkv4-step,decode-graph; do
+      ALTFORMERS_UNFUSED=$off timeout 120 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 \
+        --contexts $ctx --batches 1 --dtype $dt --steps 20 --out "$OUT/ours-decode-$dt-off-${off/,/+}.jsonl" > /dev/null 2>> "$OUT/ours.err"
+    done
   done
   head -c $ctx data/tinyshakespeare.txt > /tmp/dec-prompt
-  for rep in 1 2; do
-    timeout 120 $alt generate --run /tmp/dec-run --device cuda --prompt "$(cat /tmp/dec-prompt)" --tokens 1000 \
-      > /dev/null 2>> "$OUT/ours-generate.txt"
+  for off in "" decode-graph; do
+    echo "ALTFORMERS_UNFUSED=$off" >> "$OUT/ours-generate.txt"
+    ALTFORMERS_UNFUSED=$off timeout 120 $alt generate --run /tmp/dec-run --device cuda --prompt "$(cat /tmp/dec-prompt)" \
+      --tokens 1000 > /dev/null 2>> "$OUT/ours-generate.txt"
   done
   if ls .whl/rwkv-*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/rwkv-*.whl

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use altformers::config::Overrides;
 use altformers::data::tokenizer::Tokenizer;
 use altformers::data::{Corpus, DataFormat};
-use altformers::generate::{generate_batch, Mode, SampleOptions};
+use altformers::generate::{generate_batch_timed, Mode, SampleOptions};
 use altformers::registry;
 use altformers::train::{self, nats_to_bits, TrainOptions};
 
@@ -840,15 +840,13 @@ fn run(command: Command) -> Result<()> {
                 );
             }
             let unit = if tokenizer.is_bytes() { "byte" } else { "token" };
-            let start = std::time::Instant::now();
-            let samples = if tokenizer.is_bytes() {
-                generate_batch(&model, prompt.as_bytes(), &opts, mode, batch)?
+            let (samples, time) = if tokenizer.is_bytes() {
+                generate_batch_timed(&model, prompt.as_bytes(), &opts, mode, batch)?
             } else {
                 let ids = tokenizer.encode(prompt.as_bytes())?.ids;
-                let rows = altformers::generate::generate_ids(&model, &ids, &opts, mode, batch)?;
-                rows.iter().map(|row| tokenizer.decode(row)).collect::<Result<Vec<_>>>()?
+                let (rows, time) = altformers::generate::generate_ids_timed(&model, &ids, &opts, mode, batch)?;
+                (rows.iter().map(|row| tokenizer.decode(row)).collect::<Result<Vec<_>>>()?, time)
             };
-            let seconds = start.elapsed().as_secs_f64();
             // the bytes as generated: a model can emit invalid UTF-8, and a lossy print would
             // change it
             use std::io::Write;
@@ -861,11 +859,15 @@ fn run(command: Command) -> Result<()> {
                 stdout.write_all(out)?;
                 stdout.write_all(b"\n")?;
             }
-            // the rate of the generation itself (prompt included, model load excluded)
+            // the rate of the generation itself (model load excluded): the prompt, then the steps
+            let seconds = time.prompt_s + time.steps_s;
             eprintln!(
-                "generated {batch} x {tokens} {unit}s in {seconds:.3} s: {:.1} {unit}s/s, {:.3} ms per step",
-                (batch * tokens) as f64 / seconds,
-                seconds * 1e3 / tokens.max(1) as f64
+                "generated {batch} x {tokens} {unit}s in {seconds:.3} s ({:.3} s of prompt and set-up, {:.3} s of steps): \
+                 {:.1} {unit}s/s, {:.3} ms per step",
+                time.prompt_s,
+                time.steps_s,
+                (batch * time.steps) as f64 / time.steps_s,
+                time.steps_s * 1e3 / time.steps.max(1) as f64
             );
             Ok(())
         }

@@ -86,9 +86,20 @@ pub fn generate_batch(
     mode: Mode,
     samples: usize,
 ) -> Result<Vec<Vec<u8>>> {
+    Ok(generate_batch_timed(model, prompt, opts, mode, samples)?.0)
+}
+
+/// [`generate_batch`], with where its time went.
+pub fn generate_batch_timed(
+    model: &Model,
+    prompt: &[u8],
+    opts: &SampleOptions,
+    mode: Mode,
+    samples: usize,
+) -> Result<(Vec<Vec<u8>>, GenerationTime)> {
     let prompt: Vec<u32> = prompt.iter().map(|&b| b as u32).collect();
-    let rows = generate_ids(model, &prompt, opts, mode, samples)?;
-    Ok(rows.into_iter().map(|row| row.into_iter().map(|id| id as u8).collect()).collect())
+    let (rows, time) = generate_ids_timed(model, &prompt, opts, mode, samples)?;
+    Ok((rows.into_iter().map(|row| row.into_iter().map(|id| id as u8).collect()).collect(), time))
 }
 
 /// [`generate_batch`] over token ids (a tokenizer's, or bytes): `samples` continuations of
@@ -100,6 +111,28 @@ pub fn generate_ids(
     mode: Mode,
     samples: usize,
 ) -> Result<Vec<Vec<u32>>> {
+    Ok(generate_ids_timed(model, prompt, opts, mode, samples)?.0)
+}
+
+/// Where a generation's time went: the prompt (its prefill, and the decoder's set-up: a
+/// CUDA graph's capture), then the tokens one step at a time (each step's logits read on
+/// the host and sampled there).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GenerationTime {
+    pub prompt_s: f64,
+    pub steps_s: f64,
+    pub steps: usize,
+}
+
+/// [`generate_ids`], with where its time went.
+pub fn generate_ids_timed(
+    model: &Model,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    mode: Mode,
+    samples: usize,
+) -> Result<(Vec<Vec<u32>>, GenerationTime)> {
+    let start = std::time::Instant::now();
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one byte");
     }
@@ -141,6 +174,7 @@ pub fn generate_ids(
         let rows = all.iter().map(|r| encode(&crop(r), dev)).collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&rows, 0)?)
     };
+    let mut steps_from = start;
     match mode {
         Mode::Parallel => {
             for _ in 0..opts.tokens {
@@ -152,6 +186,7 @@ pub fn generate_ids(
             let (logits, state) = model.prefill(&encode_rows(&crop(prompt), samples, dev)?)?;
             let mut logits = last_logits(&logits)?;
             let mut decoder = Decoder::new(model, state, samples)?;
+            steps_from = std::time::Instant::now();
             for _ in 0..opts.tokens {
                 let next = pick(&logits, &mut all);
                 logits = match window {
@@ -167,7 +202,12 @@ pub fn generate_ids(
             }
         }
     }
-    Ok(all.into_iter().map(|row| row[prompt.len()..].to_vec()).collect())
+    let time = GenerationTime {
+        prompt_s: (steps_from - start).as_secs_f64(),
+        steps_s: steps_from.elapsed().as_secs_f64(),
+        steps: opts.tokens,
+    };
+    Ok((all.into_iter().map(|row| row[prompt.len()..].to_vec()).collect(), time))
 }
 
 #[cfg(test)]
