@@ -328,33 +328,40 @@ if [ "$what" = decode ]; then
   # .whl/; bench/peers/rwkv_decode.py) on one checkpoint, in the same call.
   #   gpu-bench.sh decode [context]
   ctx="${2:-1024}"; rm -rf /tmp/dec-run /tmp/dec-hf
+  stamp() { echo "[$(date +%T)] $*" >> "$OUT/ours.err"; }
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   $alt --version > "$OUT/ours-version.txt"
+  stamp train
   run train --model rwkv4 --data shakespeare --config configs/nanogpt-cpu.toml --set model.width=768 --set model.depth=12 \
-    --set model.context=$ctx --set train.steps=20 --set train.eval_every=20 --set train.eval_batches=1 --device cuda \
+    --set model.context=$ctx --set train.steps=5 --set train.eval_every=5 --set train.eval_batches=1 --device cuda \
     --quiet --out /tmp/dec-run > /dev/null 2>> "$OUT/ours.err"
   run export --run /tmp/dec-run --out /tmp/dec-hf >> "$OUT/ours.err" 2>&1
-  # the fused step replayed from a CUDA graph (default), then without the graph, without
-  # the fused kernels, and without both (the step before issue 28's work)
+  # the default (fused step, few-row products, replayed from a CUDA graph), then each of the
+  # three switched off, then all three off (the step before issue 28's work)
   for dt in f32 bf16; do
-    timeout 120 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 --contexts $ctx --batches 1,16,256 \
-      --dtype $dt --steps 20 --out "$OUT/ours-decode-$dt.jsonl" > /dev/null 2>> "$OUT/ours.err"
-    for off in decode-graph rwkv4-step rwkv4-step,decode-graph; do
-      ALTFORMERS_UNFUSED=$off timeout 120 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 \
-        --contexts $ctx --batches 1 --dtype $dt --steps 20 --out "$OUT/ours-decode-$dt-off-${off/,/+}.jsonl" > /dev/null 2>> "$OUT/ours.err"
+    stamp "ours $dt"
+    timeout 100 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 --contexts $ctx --batches 1,16 \
+      --dtype $dt --steps 10 --out "$OUT/ours-decode-$dt.jsonl" > /dev/null 2>> "$OUT/ours.err"
+    for off in gemv decode-graph rwkv4-step,decode-graph,gemv; do
+      stamp "ours $dt without $off"
+      ALTFORMERS_UNFUSED=$off timeout 100 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 \
+        --contexts $ctx --batches 1 --dtype $dt --steps 10 --out "$OUT/ours-decode-$dt-off-${off//,/+}.jsonl" > /dev/null 2>> "$OUT/ours.err"
     done
   done
-  head -c $ctx data/tinyshakespeare.txt > /tmp/dec-prompt
-  for off in "" decode-graph; do
-    echo "ALTFORMERS_UNFUSED=$off" >> "$OUT/ours-generate.txt"
-    ALTFORMERS_UNFUSED=$off timeout 120 $alt generate --run /tmp/dec-run --device cuda --prompt "$(cat /tmp/dec-prompt)" \
-      --tokens 1000 > /dev/null 2>> "$OUT/ours-generate.txt"
-  done
   if ls .whl/rwkv-*.whl > /dev/null 2>&1; then
+    stamp peer
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/rwkv-*.whl
-    (cd bench/peers && PYTHONPATH=/tmp/site timeout 400 python3 rwkv_decode.py --hf /tmp/dec-hf --context $ctx --tokens 300) \
+    (cd bench/peers && PYTHONPATH=/tmp/site timeout 240 python3 rwkv_decode.py --hf /tmp/dec-hf --context $ctx --tokens 300) \
       > "$OUT/peer-rwkv.jsonl" 2> "$OUT/peer-rwkv.err"
   fi
+  head -c $ctx data/tinyshakespeare.txt > /tmp/dec-prompt
+  for off in "" decode-graph; do
+    stamp "generate without '$off'"
+    echo "ALTFORMERS_UNFUSED=$off" >> "$OUT/ours-generate.txt"
+    ALTFORMERS_UNFUSED=$off timeout 60 $alt generate --run /tmp/dec-run --device cuda --prompt "$(cat /tmp/dec-prompt)" \
+      --tokens 1000 > /dev/null 2>> "$OUT/ours-generate.txt"
+  done
+  stamp done
   cut -c1-300 "$OUT"/ours-decode-*.jsonl "$OUT/peer-rwkv.jsonl"; cat "$OUT/ours-generate.txt"; tail -n 3 "$OUT/ours.err" "$OUT/peer-rwkv.err"
 fi
 if [ "$what" = interop ]; then

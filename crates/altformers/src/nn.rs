@@ -69,7 +69,15 @@ fn rows_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Te
     let dims = x.dims().to_vec();
     let d_in = *dims.last().unwrap();
     let rows = x.elem_count() / d_in;
-    let y = x.reshape((rows, d_in))?.matmul(&weight.t()?)?;
+    let x = x.reshape((rows, d_in))?;
+    #[cfg(feature = "cuda")]
+    let y = if crate::kernels::gemv::applies(&x, weight) {
+        crate::kernels::gemv::gemv(&x, weight)?
+    } else {
+        x.matmul(&weight.t()?)?
+    };
+    #[cfg(not(feature = "cuda"))]
+    let y = x.matmul(&weight.t()?)?;
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,

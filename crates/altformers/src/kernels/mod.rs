@@ -23,8 +23,9 @@
 /// fused softmax (the unfused attention path's probabilities), `dropout` the counter-based
 /// dropout kernel (the host-built mask of the same hash instead), `rwkv4-step` RWKV-4's fused
 /// decode step (`mixers/rwkv4/decode.rs`), `decode-graph` the CUDA-graph replay of a static
-/// decoding step (`crate::decoder`; each step then launched op by op).
-pub const SWITCHABLE: [&str; 12] = [
+/// decoding step (`crate::decoder`; each step then launched op by op), `gemv` the products of
+/// at most 8 rows (cuBLAS's GEMM instead).
+pub const SWITCHABLE: [&str; 13] = [
     "attention",
     "retention",
     "retention-tc",
@@ -37,6 +38,7 @@ pub const SWITCHABLE: [&str; 12] = [
     "dropout",
     "rwkv4-step",
     "decode-graph",
+    "gemv",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
@@ -85,3 +87,6 @@ pub mod softmax;
 
 #[cfg(feature = "cuda")]
 pub mod dropout;
+
+#[cfg(feature = "cuda")]
+pub mod gemv;

@@ -12,6 +12,7 @@ mod dropout;
 mod fftconv;
 mod flash_attention;
 mod gather;
+mod gemv;
 mod layernorm;
 mod models;
 mod reformer;
