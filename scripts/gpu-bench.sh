@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|interop [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-all|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -363,6 +363,21 @@ if [ "$what" = decode ]; then
   done
   stamp done
   cut -c1-300 "$OUT"/ours-decode-*.jsonl "$OUT/peer-rwkv.jsonl"; cat "$OUT/ours-generate.txt"; tail -n 3 "$OUT/ours.err" "$OUT/peer-rwkv.err"
+fi
+if [ "$what" = decode-all ]; then
+  # Issue 28's table: every causal model's step at GPT-2 small's shape (12 x 768, 12 heads),
+  # bf16, batch 1, after 1K and 8K tokens; the Transformer's peer is transformers' GPT-2
+  # with its KV cache (bench/peers/gpt2_decode.py), f32 and bf16, same contexts.
+  #   gpu-bench.sh decode-all [contexts]
+  ctxs="${2:-1024,8192}"
+  $alt --version > "$OUT/ours-version.txt"
+  echo "[$(date +%T)] ours" >> "$OUT/ours.err"
+  timeout 240 $alt bench decode --device cuda --width 768 --depth 12 --heads 12 --contexts $ctxs --batches 1 \
+    --dtype bf16 --steps 10 --time-cap 20 --out "$OUT/ours-decode-all.jsonl" > /dev/null 2>> "$OUT/ours.err"
+  echo "[$(date +%T)] peer" >> "$OUT/ours.err"
+  (cd bench/peers && timeout 150 python3 gpt2_decode.py --contexts $ctxs --tokens 200) > "$OUT/peer-gpt2.jsonl" 2> "$OUT/peer-gpt2.err"
+  echo "[$(date +%T)] done" >> "$OUT/ours.err"
+  cut -c1-250 "$OUT/ours-decode-all.jsonl" "$OUT/peer-gpt2.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer-gpt2.err"
 fi
 if [ "$what" = interop ]; then
   # Issue 26: the Hugging Face round trip against this machine's transformers.
