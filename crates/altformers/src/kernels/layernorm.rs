@@ -20,17 +20,18 @@ const MAX_BLOCKS: usize = 1024;
 const MAX_WIDTH: usize = 6144;
 
 /// Whether [`layer_norm`] runs fused: `x` f32 or bf16 on a CUDA device, weight (and bias)
-/// f32 of the last dimension's width, at most [`MAX_WIDTH`] wide, unless switched off.
+/// of the last dimension's width in f32 or in `x`'s dtype, at most [`MAX_WIDTH`] wide, unless switched off.
 pub fn supports(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
     let d = x.dims().last().copied().unwrap_or(0);
-    let f32_param = |t: &Tensor| t.dtype() == DType::F32 && t.dims() == [d];
+    // f32 parameters (mixed precision), or bf16 ones under bf16 activations (a bf16 model)
+    let param = |t: &Tensor| (t.dtype() == DType::F32 || t.dtype() == x.dtype()) && t.dims() == [d];
     x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16)
         && d > 0
         && d <= MAX_WIDTH
         && x.elem_count() > 0
-        && f32_param(weight)
-        && bias.is_none_or(f32_param)
+        && param(weight)
+        && bias.is_none_or(param)
         && super::enabled("layernorm")
 }
 
@@ -41,8 +42,12 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
         bail!("fused layer norm: unsupported inputs (x {:?} {:?}, weight {:?})", x.dtype(), x.shape(), weight.shape())
     }
     let op = LayerNormOp { eps: eps as f32, has_bias: bias.is_some(), stats: Mutex::new(None) };
+    // the kernels read f32 parameters: a bf16 model's are cast (two small launches, where
+    // the unfused norm of a bf16 model was about ten; the casts carry the gradients back)
+    let weight = weight.to_dtype(DType::F32)?;
+    let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
     // without a bias the weight stands in as the third argument (ignored, no gradient)
-    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.unwrap_or(weight).contiguous()?, op)
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.as_ref().unwrap_or(&weight).contiguous()?, op)
 }
 
 struct LayerNormOp {

@@ -8,19 +8,32 @@ use altformers::testing::{device_rel_err, randn};
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
-/// (y, dx, dw, db) of `sum(LN(x) * r)` on `dev`.
+/// (y, dx, dw, db) of `sum(LN(x) * r)` on `dev`, weight and bias in f32.
 fn run(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: &Tensor, dev: &Device, dtype: DType) -> Result<Vec<Tensor>> {
+    run_with(x, w, b, r, dev, dtype, DType::F32)
+}
+
+/// [`run`] with weight and bias in `param_dtype` (bf16: a bf16 model's).
+fn run_with(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    r: &Tensor,
+    dev: &Device,
+    dtype: DType,
+    param_dtype: DType,
+) -> Result<Vec<Tensor>> {
     let xv = Var::from_tensor(&x.to_dtype(dtype)?.to_device(dev)?)?;
-    let wv = Var::from_tensor(&w.to_device(dev)?)?;
-    let bv = b.map(|b| Var::from_tensor(&b.to_device(dev)?)).transpose()?;
+    let wv = Var::from_tensor(&w.to_dtype(param_dtype)?.to_device(dev)?)?;
+    let bv = b.map(|b| Var::from_tensor(&b.to_dtype(param_dtype)?.to_device(dev)?)).transpose()?;
     let ln = LayerNorm { weight: wv.as_tensor().clone(), bias: bv.as_ref().map(|b| b.as_tensor().clone()), eps: 1e-5 };
     let y = ln.forward(xv.as_tensor())?;
     ensure!(y.dtype() == dtype, "output dtype {:?}, expected {dtype:?}", y.dtype());
     let grads = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
     let mut out = vec![y.to_dtype(DType::F32)?, grads.get(xv.as_tensor()).expect("dx").to_dtype(DType::F32)?];
-    out.push(grads.get(wv.as_tensor()).expect("dw").clone());
+    out.push(grads.get(wv.as_tensor()).expect("dw").to_dtype(DType::F32)?);
     if let Some(bv) = &bv {
-        out.push(grads.get(bv.as_tensor()).expect("db").clone());
+        out.push(grads.get(bv.as_tensor()).expect("db").to_dtype(DType::F32)?);
     }
     Ok(out)
 }
@@ -47,6 +60,31 @@ fn layer_norm_matches_cpu() -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// A bf16 model's norm (bf16 activations, weight and bias) runs fused too: against the CPU
+/// in f32 on the same rounded numbers.
+#[test]
+fn bf16_parameters_match_cpu() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let (rows, d) = (37, 768);
+    let round = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+    let x = round(randn(&[rows, d], 1, DType::F32)?.affine(3.0, 1.5)?)?;
+    let w = round(randn(&[d], 2, DType::F32)?)?;
+    let b = round(randn(&[d], 3, DType::F32)?)?;
+    let r = randn(&[rows, d], 4, DType::F32)?;
+    let w16 = w.to_dtype(DType::BF16)?.to_device(&gpu)?;
+    ensure!(
+        altformers::kernels::layernorm::supports(&x.to_dtype(DType::BF16)?.to_device(&gpu)?, &w16, None),
+        "bf16 parameters under bf16 activations should run fused"
+    );
+    let cpu = run(&x, &w, Some(&b), &r, &Device::Cpu, DType::F32)?;
+    let ours = run_with(&x, &w, Some(&b), &r, &gpu, DType::BF16, DType::BF16)?;
+    for (name, (o, c)) in ["y", "dx", "dw", "db"].iter().zip(ours.iter().zip(cpu.iter())) {
+        let err = device_rel_err(o, c)?;
+        ensure!(err < 3e-2, "bf16 parameters: {name} rel err {err}");
     }
     Ok(())
 }
