@@ -58,6 +58,37 @@ fn config(n: usize) -> LaunchConfig {
     }
 }
 
+/// A kernel's scalar argument.
+enum Scalar {
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+/// Launches `kernel` over `n` elements with the addresses of `tensors` (`None`: 0) then
+/// `scalars` as its arguments. The caller passes tensors of the sizes the kernel reads and
+/// writes for those `n` (each kernel's comment in `rwkv4_decode.cu`); every output element is
+/// written.
+fn run(dev: &CudaDevice, kernel: &str, tensors: &[Option<&Tensor>], scalars: &[Scalar], n: usize) -> Result<()> {
+    launch::with_addresses(dev, "rwkv4 decode", tensors, |addresses| {
+        let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, kernel)?;
+        let mut b = func.builder();
+        for address in addresses {
+            b.arg(address);
+        }
+        for s in scalars {
+            match s {
+                Scalar::I64(v) => b.arg(v),
+                Scalar::I32(v) => b.arg(v),
+                Scalar::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: as the caller promises above.
+        unsafe { b.launch(config(n)) }.w()?;
+        Ok(())
+    })
+}
+
 /// Checks that each parameter holds `d` elements.
 fn per_channel(what: &str, params: &[&Tensor], d: usize) -> Result<()> {
     for p in params {
@@ -92,21 +123,14 @@ pub fn shift_mix(x: &Tensor, prev: Option<&Tensor>, mixes: &[&Tensor]) -> Result
     let total = (rows * d) as i64;
     let (d_i, n_i) = (d as i32, n as i32);
     let x = x.contiguous()?;
-    launch::with_addresses(
+    let tensors = [Some(&x), prev.as_ref(), Some(mixes[0]), Some(mixes[1]), mixes.get(2).copied(), Some(&out)];
+    // x and prev hold rows x d elements, each mix d, out n x rows x d
+    run(
         dev,
-        "rwkv4 decode",
-        &[Some(&x), prev.as_ref(), Some(mixes[0]), Some(mixes[1]), mixes.get(2).copied(), Some(&out)],
-        |a| {
-            let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("shift_mix_{sfx}"))?;
-            let mut b = func.builder();
-            for address in a {
-                b.arg(address);
-            }
-            b.arg(&total).arg(&d_i).arg(&n_i);
-            // SAFETY: x and prev hold rows x d elements, each mix d, out n x rows x d, all written.
-            unsafe { b.launch(config(rows * d)) }.w()?;
-            Ok(())
-        },
+        &format!("shift_mix_{sfx}"),
+        &tensors,
+        &[Scalar::I64(total), Scalar::I32(d_i), Scalar::I32(n_i)],
+        rows * d,
     )?;
     Ok(out)
 }
@@ -157,18 +181,8 @@ pub fn wkv_step(
     let inputs = [Some(&k), Some(&v), Some(&r), s.map(|s| &s[0]), s.map(|s| &s[1]), s.map(|s| &s[2])];
     let rest = [Some(decay), Some(bonus), Some(&y), Some(&next)];
     let all: Vec<Option<&Tensor>> = inputs.into_iter().chain(rest).collect();
-    launch::with_addresses(dev, "rwkv4 decode", &all, |a| {
-        let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("wkv_step_{sfx}"))?;
-        let mut b = func.builder();
-        for address in a {
-            b.arg(address);
-        }
-        b.arg(&total).arg(&d_i).arg(&empty);
-        // SAFETY: k, v, r, y and each state part hold rows x d elements, decay and bonus d,
-        // next 3 x rows x d; every output element is written.
-        unsafe { b.launch(config(rows * d)) }.w()?;
-        Ok(())
-    })?;
+    // k, v, r, y and each state part hold rows x d elements, decay and bonus d, next 3 x rows x d
+    run(dev, &format!("wkv_step_{sfx}"), &all, &[Scalar::I64(total), Scalar::I32(d_i), Scalar::F32(empty)], rows * d)?;
     let state = WkvState { aa: next.get(0)?, bb: next.get(1)?, pp: next.get(2)? };
     Ok((y, state))
 }
@@ -186,17 +200,8 @@ fn elementwise(name: &str, inputs: &[&Tensor]) -> Result<Tensor> {
     let n = x.elem_count() as i64;
     let mut all: Vec<Option<&Tensor>> = inputs.iter().map(Some).collect();
     all.push(Some(&y));
-    launch::with_addresses(dev, "rwkv4 decode", &all, |a| {
-        let func = launch::func(dev, MODULE, ptx::RWKV4_DECODE, &format!("{name}_{sfx}"))?;
-        let mut b = func.builder();
-        for address in a {
-            b.arg(address);
-        }
-        b.arg(&n);
-        // SAFETY: every input and the output hold n elements; every element is written.
-        unsafe { b.launch(config(n as usize)) }.w()?;
-        Ok(())
-    })?;
+    // every input and the output hold n elements
+    run(dev, &format!("{name}_{sfx}"), &all, &[Scalar::I64(n)], n as usize)?;
     Ok(y)
 }
 
