@@ -862,10 +862,11 @@ fn run(command: Command) -> Result<()> {
             // the rate of the generation itself (model load excluded): the prompt, then the steps
             let seconds = time.prompt_s + time.steps_s;
             eprintln!(
-                "generated {batch} x {tokens} {unit}s in {seconds:.3} s ({:.3} s of prompt and set-up, {:.3} s of steps): \
+                "generated {batch} x {tokens} {unit}s in {seconds:.3} s ({:.3} s of prompt and set-up, {:.3} s of steps{}): \
                  {:.1} {unit}s/s, {:.3} ms per step",
                 time.prompt_s,
                 time.steps_s,
+                if time.replayed { ", each replayed from a CUDA graph" } else { "" },
                 (batch * time.steps) as f64 / time.steps_s,
                 time.steps_s * 1e3 / time.steps.max(1) as f64
             );

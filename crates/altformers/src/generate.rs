@@ -122,6 +122,8 @@ pub struct GenerationTime {
     pub prompt_s: f64,
     pub steps_s: f64,
     pub steps: usize,
+    /// Whether the steps were replayed from a CUDA graph ([`Decoder::replays`]).
+    pub replayed: bool,
 }
 
 /// [`generate_ids`], with where its time went.
@@ -175,6 +177,7 @@ pub fn generate_ids_timed(
         Ok(Tensor::cat(&rows, 0)?)
     };
     let mut steps_from = start;
+    let mut replayed = false;
     match mode {
         Mode::Parallel => {
             for _ in 0..opts.tokens {
@@ -186,6 +189,7 @@ pub fn generate_ids_timed(
             let (logits, state) = model.prefill(&encode_rows(&crop(prompt), samples, dev)?)?;
             let mut logits = last_logits(&logits)?;
             let mut decoder = Decoder::new(model, state, samples)?;
+            replayed = decoder.replays();
             steps_from = std::time::Instant::now();
             for _ in 0..opts.tokens {
                 let next = pick(&logits, &mut all);
@@ -206,6 +210,7 @@ pub fn generate_ids_timed(
         prompt_s: (steps_from - start).as_secs_f64(),
         steps_s: steps_from.elapsed().as_secs_f64(),
         steps: opts.tokens,
+        replayed,
     };
     Ok((all.into_iter().map(|row| row[prompt.len()..].to_vec()).collect(), time))
 }
