@@ -134,6 +134,11 @@ enum Command {
         /// may change the training settings (and dropout).
         #[arg(long)]
         init_from: Option<PathBuf>,
+        /// Data-parallel training in N processes on this host (--task lm, the CPU): each takes
+        /// train.batch_size / N rows of every batch and the gradients are averaged, so the run
+        /// equals one process's; rank 0 writes the run folder. --resume may use another N.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
     },
     /// Loss of a trained run on a corpus's validation split (every byte, consecutive windows).
     Eval {
@@ -646,6 +651,80 @@ fn bench(cmd: BenchCommand) -> Result<()> {
     }
 }
 
+/// `train --workers N`: runs this same command N times on this host as ranks 0 to N - 1 of
+/// one data-parallel job (`altformers::train::distributed`), rank 0 listening on a free local
+/// port, and waits. A worker that fails stops the others; the error names the ranks that
+/// failed, in the order they were seen to.
+fn launch_workers(n: usize) -> Result<()> {
+    use altformers::train::distributed::{RANK, RENDEZVOUS, WORLD_SIZE};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let exe = std::env::current_exe()?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut children = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env(RANK, rank.to_string())
+            .env(WORLD_SIZE, n.to_string())
+            .env(RENDEZVOUS, format!("127.0.0.1:{port}"))
+            // rank 0 prints the run's summary; the others' output would repeat it
+            .stdout(if rank == 0 { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
+            .spawn()
+            .with_context(|| format!("starting worker rank {rank}"))?;
+        children.push(Some(child));
+    }
+    // (rank, status) of each worker that failed, in the order seen
+    let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
+    loop {
+        for (rank, slot) in children.iter_mut().enumerate() {
+            if let Some(child) = slot {
+                if let Some(status) = child.try_wait()? {
+                    if !status.success() {
+                        failed.push((rank, status));
+                    }
+                    *slot = None;
+                }
+            }
+        }
+        if !failed.is_empty() {
+            // the others would only wait for the failed one until their timeout
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            for (rank, slot) in children.iter_mut().enumerate() {
+                if let Some(mut child) = slot.take() {
+                    match child.try_wait()? {
+                        Some(status) if !status.success() => failed.push((rank, status)),
+                        Some(_) => {}
+                        None => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                    }
+                }
+            }
+            // a worker that stopped because a peer went away is not the cause
+            let stopped_by_peer =
+                |s: &std::process::ExitStatus| s.code() == Some(altformers::train::distributed::PEER_LOST_EXIT);
+            let (causes, followers): (Vec<_>, Vec<_>) = failed.iter().partition(|(_, s)| !stopped_by_peer(s));
+            let list = |v: &[&(usize, std::process::ExitStatus)]| {
+                v.iter().map(|(r, s)| format!("rank {r} ({s})")).collect::<Vec<_>>().join(", ")
+            };
+            let cause = if causes.is_empty() { list(&followers) } else { list(&causes) };
+            let after = if causes.is_empty() || followers.is_empty() {
+                String::new()
+            } else {
+                format!("; {} stopped because it did", list(&followers))
+            };
+            anyhow::bail!(
+                "data-parallel training in {n} workers failed: worker {cause} failed{after}; every worker was stopped; the run folder keeps its last checkpoint (--resume continues, with any --workers)"
+            );
+        }
+        if children.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn main() {
     altformers::bench::alloc::fix_allocator();
     // sweeps in several processes (bench scaling --processes, a preset's [scaling] processes)
@@ -667,7 +746,9 @@ fn main() {
     }
     if let Err(e) = run(cli.command) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // a data-parallel worker stopped by another's failure says so to the launcher
+        let peer_lost = e.downcast_ref::<altformers::train::distributed::PeerLost>().is_some();
+        std::process::exit(if peer_lost { altformers::train::distributed::PEER_LOST_EXIT } else { 1 });
     }
 }
 
@@ -686,8 +767,10 @@ fn run(command: Command) -> Result<()> {
             dtype,
             quiet,
             stop_after,
+            workers,
             ..
         } => {
+            anyhow::ensure!(workers == 1, "--workers trains the language model (--task lm) only");
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
             anyhow::ensure!(tokenizer.is_none(), "--task listops reads bytes: drop --tokenizer");
             non_empty(&[("--out", &out)])?;
@@ -720,7 +803,16 @@ fn run(command: Command) -> Result<()> {
             stop_after,
             tokenizer,
             init_from,
+            workers,
         } => {
+            anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+            anyhow::ensure!(
+                workers == 1 || device == "cpu",
+                "--workers runs on the CPU: data-parallel training on GPUs exchanges gradients through NCCL, which is not built yet"
+            );
+            if workers > 1 && std::env::var(train::distributed::RANK).is_err() {
+                return launch_workers(workers);
+            }
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
             anyhow::ensure!(stop_after != Some(0), "--stop-after must be at least 1");

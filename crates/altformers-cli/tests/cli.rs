@@ -940,3 +940,132 @@ fn generated_bytes_are_written_raw() {
     assert!(!out.windows(3).any(|w| w == [0xEF, 0xBF, 0xBD]), "a replacement character was printed");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The losses `metrics.jsonl` of `run` holds, step by step.
+fn losses(run: &std::path::Path) -> Vec<(u64, f64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["train_loss"].as_f64().unwrap(), v["val_loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Data-parallel training (`--workers`, issue 23): two workers of two rows each give one
+/// process's four-row run (f32, within 1e-5), and a run stopped with two workers resumes with
+/// four to the same losses; only rank 0 wrote the folder.
+#[test]
+fn workers_train_as_one_process_and_resume_with_another_count() {
+    let args = |out: &str| -> Vec<String> {
+        let mut a: Vec<String> =
+            ["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        a.extend(TINY.iter().map(|s| s.to_string()));
+        a.extend(
+            ["--set", "train.batch_size=4", "--set", "train.steps=12", "--set", "train.eval_every=4", "--out", out]
+                .map(String::from),
+        );
+        a
+    };
+    let run = |extra: &[&str], out: &PathBuf| {
+        let mut a = args(out.to_str().unwrap());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let o = Command::new(env!("CARGO_BIN_EXE_altformers")).args(&a).output().unwrap();
+        assert!(o.status.success(), "{a:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (one, two, resumed) = (temp("dp-one"), temp("dp-two"), temp("dp-resumed"));
+    run(&[], &one);
+    run(&["--workers", "2"], &two);
+    run(&["--workers", "2", "--stop-after", "4"], &resumed);
+    let o = altformers(&[
+        "train",
+        "--model",
+        "transformer",
+        "--data",
+        "shakespeare",
+        "--out",
+        resumed.to_str().unwrap(),
+        "--resume",
+        "--quiet",
+        "--threads",
+        "1",
+        "--workers",
+        "4",
+    ]);
+    assert!(o.status.success(), "resume with 4 workers: {}", String::from_utf8_lossy(&o.stderr));
+    let reference = losses(&one);
+    assert_eq!(reference.len(), 3);
+    for other in [&two, &resumed] {
+        let got = losses(other);
+        assert_eq!(got.len(), reference.len(), "{}", other.display());
+        for ((s, a, b), (t, c, d)) in reference.iter().zip(&got) {
+            assert_eq!(s, t);
+            for (x, y) in [(a, c), (b, d)] {
+                assert!((x - y).abs() <= 1e-5 * x.abs(), "{} step {s}: {y} against one process's {x}", other.display());
+            }
+        }
+    }
+    for d in [one, two, resumed] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// A worker that fails stops the job: a batch the workers cannot share is refused by each,
+/// and a worker killed mid-run is named as the cause, the others stopping because of it,
+/// with the last checkpoint intact.
+#[test]
+fn a_failed_worker_stops_the_job_naming_its_rank() {
+    let out = temp("dp-fail");
+    let mut a = vec!["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"];
+    a.extend(TINY);
+    a.extend(["--set", "train.batch_size=4", "--workers", "3", "--out", out.to_str().unwrap()]);
+    fails_with(&a, "train.batch_size 4 is not a multiple of the 3 workers");
+
+    let mut a = vec!["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"];
+    a.extend(TINY);
+    a.extend([
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.steps=1000000",
+        "--set",
+        "train.eval_every=20",
+        "--workers",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let launcher =
+        Command::new(env!("CARGO_BIN_EXE_altformers")).args(&a).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // once the first checkpoint is written, kill rank 1 (found by its environment)
+    let start = std::time::Instant::now();
+    while !out.join("checkpoint").join("state.json").exists() {
+        assert!(start.elapsed().as_secs() < 60, "no checkpoint within a minute");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let rank1 = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+            has(&env, b"ALTFORMERS_RANK=1\0") && has(&cmd, out.to_str().unwrap().as_bytes())
+        })
+        .expect("rank 1's process");
+    Command::new("kill").args(["-9", &rank1.to_string()]).status().unwrap();
+    let killed = std::time::Instant::now();
+    let o = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(killed.elapsed().as_secs() < 30, "the job took {:?} to stop", killed.elapsed());
+    assert!(stderr.contains("worker rank 1 (signal: 9"), "{stderr}");
+    assert!(stderr.contains("rank 0 (exit status: 3) stopped because it did"), "{stderr}");
+    assert!(stderr.contains("rank 1 stopped answering"), "{stderr}");
+    assert!(out.join("checkpoint").join("state.json").exists(), "the last checkpoint is kept");
+    let _ = std::fs::remove_dir_all(out);
+}

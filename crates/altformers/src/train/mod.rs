@@ -6,6 +6,7 @@
 //! Every batch and dropout mask is a function of `(seed, step)`, so a resumed run sees the
 //! same data and masks as an uninterrupted one and reaches the same loss.
 
+pub mod distributed;
 pub mod listops;
 pub mod lock;
 pub mod optim;
@@ -222,13 +223,44 @@ fn train_on<T: Copy + Into<u32>>(
             .with_context(|| format!("--init-from {}", from.display()))?;
     }
     let mut trainer = Trainer::new(&model, t)?;
-    let (folder, mut state, mut history) = if opts.resume {
+    // a worker of a data-parallel job (`--workers`): its slice of each batch, the gradients
+    // averaged with the others'; only rank 0 writes the run folder and prints
+    let group = distributed::Group::from_env()?.map(std::sync::Arc::new);
+    let rank = group.as_ref().map_or(0, |g| g.rank);
+    if let Some(g) = &group {
+        if !opts.device.is_cpu() {
+            bail!("data-parallel training on GPUs exchanges gradients through NCCL, which is not built yet: --workers runs on the CPU");
+        }
+        if !t.batch_size.is_multiple_of(g.world) {
+            bail!("train.batch_size {} is not a multiple of the {} workers", t.batch_size, g.world);
+        }
+        trainer.sync = Box::new(g.clone());
+        trainer.shard = (g.rank, g.world);
+    }
+    let verbose = opts.verbose && rank == 0;
+    let (folder, mut state, mut history) = if opts.resume && rank > 0 {
+        // the other ranks read the checkpoint rank 0 resumes from; they write nothing
+        let folder = RunFolder::open(out)?;
+        let state: TrainState = crate::util::read_json(&folder.latest_checkpoint()?.join("state.json"))?;
+        folder.restore(&model, &mut trainer.opt, &state)?;
+        (folder, state, Vec::new())
+    } else if opts.resume {
         let (folder, state, history) = RunFolder::resume(out, config)?;
         state.check_data(corpus, data_format)?;
         Tokenizer::of_run(out)?.check_same(tokenizer, out)?;
         folder.restore(&model, &mut trainer.opt, &state)?;
         folder.keep_metrics_up_to(state.step)?;
         (folder, state, history)
+    } else if rank > 0 {
+        let state = TrainState {
+            step: 0,
+            seed: t.seed,
+            data_source: corpus.source.clone(),
+            data_format,
+            data: None,
+            elapsed_s: 0.0,
+        };
+        (RunFolder::unwritten(out), state, Vec::new())
     } else {
         let data = Some(run_folder::CorpusId::of(corpus));
         let state =
@@ -241,12 +273,12 @@ fn train_on<T: Copy + Into<u32>>(
     let val_task = ByteLm { split: val, context: m.context };
 
     let tokens_per_step = (t.batch_size * m.context) as f64;
-    let bar = progress_bar(opts.verbose, t.steps as u64, state.step as u64);
+    let bar = progress_bar(verbose, t.steps as u64, state.step as u64);
     let started = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut window_start = Instant::now();
     let mut window_steps = 0usize;
-    if opts.verbose {
+    if verbose {
         eprintln!(
             "training {} ({} parameters) on {} for {} steps, batch {} x {} bytes",
             m.architecture,
@@ -286,6 +318,16 @@ fn train_on<T: Copy + Into<u32>>(
         let rate = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("loss {:.4}  {rate:.0} tok/s", trainer.last_loss()));
 
+        if evaluate && rank > 0 {
+            // rank 0 evaluates and writes (this step's checkpoint); the others only train
+            checkpointed = state.step;
+            window_start = Instant::now();
+            window_steps = 0;
+            if stop_here {
+                break;
+            }
+            continue;
+        }
         if evaluate {
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
             let train_loss = estimate_loss(&model, &train_task, t.eval_batches, t.batch_size, t.seed, 1)?;
@@ -314,7 +356,7 @@ fn train_on<T: Copy + Into<u32>>(
             folder.append_metrics(&metrics)?;
             folder.save_checkpoint(&model, &trainer.opt, &state)?;
             checkpointed = state.step;
-            if opts.verbose {
+            if verbose {
                 // suspend() also prints when the bar is hidden (stderr not a terminal).
                 bar.suspend(|| {
                     eprintln!(
@@ -338,6 +380,9 @@ fn train_on<T: Copy + Into<u32>>(
         }
     }
     bar.finish_and_clear();
+    if rank > 0 {
+        return Ok(TrainSummary { last: Metrics::default(), params: model.num_params(), history });
+    }
     let last = history.last().cloned().context("no evaluation was run")?;
     Ok(TrainSummary { last, params: model.num_params(), history })
 }

@@ -24,7 +24,7 @@ use crate::model::Model;
 use crate::util::{read_json, write_json_atomic};
 
 /// One evaluation, one line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Metrics {
     pub step: usize,
     /// Mean loss (nats/byte; nats/token with a tokenizer) over fixed training batches,
@@ -164,6 +164,12 @@ impl RunFolder {
         let state: TrainState = read_json(&folder.latest_checkpoint()?.join("state.json"))?;
         let history: Vec<Metrics> = folder.metrics()?.into_iter().filter(|m| m.step <= state.step).collect();
         Ok((folder, state, history))
+    }
+
+    /// The folder as a data-parallel worker other than rank 0 sees it: never written, nor
+    /// locked, by this process.
+    pub fn unwritten(dir: &Path) -> Self {
+        Self { dir: dir.to_path_buf(), _lock: None }
     }
 
     /// A folder written earlier, for reading (eval, generate).

@@ -22,6 +22,12 @@ pub trait GradientSync {
     fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()>;
 }
 
+impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
+    fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()> {
+        (**self).all_reduce(grads, params)
+    }
+}
+
 /// A step whose loss or gradient norm is not finite: the run diverged (a training loop says
 /// so and where its last good checkpoint is). Other errors of a step (a batch that cannot be
 /// drawn, a device out of memory) are not this.
@@ -121,6 +127,8 @@ pub struct Trainer {
     /// `train.l2wrap`, or where it is absent the architecture's default.
     pub l2wrap: bool,
     pub sync: Box<dyn GradientSync>,
+    /// This worker's slice of every batch, `(rank, world)`: `(0, 1)` alone.
+    pub shard: (usize, usize),
     pub pending: Deferred,
 }
 
@@ -136,7 +144,14 @@ impl Trainer {
             L2Wrap::Off => false,
             L2Wrap::Auto => crate::registry::find(&model.config.architecture)?.l2wrap,
         };
-        Ok(Self { opt, train: train.clone(), l2wrap, sync: Box::new(OneDevice), pending: Deferred::default() })
+        Ok(Self {
+            opt,
+            train: train.clone(),
+            l2wrap,
+            sync: Box::new(OneDevice),
+            shard: (0, 1),
+            pending: Deferred::default(),
+        })
     }
 
     /// The learning rate of step `step` (counted from 0).
@@ -153,6 +168,10 @@ impl Trainer {
         let mut batch_rng = Rng::derive(t.seed, stream::TRAIN_BATCH, step as u64);
         let mut dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
         let batch = task.batch(t.batch_size, &mut batch_rng, model.device())?;
+        let batch = match self.shard {
+            (_, 1) => batch,
+            (rank, world) => batch.shard(rank, world)?,
+        };
         model.set_training_step(step);
         let scored = task.scored(model, &batch, Some(&mut dropout_rng))?;
         let loss = scored.loss;

@@ -17,6 +17,27 @@ pub struct Batch {
     pub rows: Option<Tensor>,
 }
 
+impl Batch {
+    /// Worker `rank`'s slice of the rows, of `world` equal slices (data-parallel training:
+    /// the mean of the slices' mean losses is the batch's mean loss). Only tasks scored at
+    /// every position (the language model) shard.
+    pub fn shard(&self, rank: usize, world: usize) -> Result<Batch> {
+        let b = self.inputs.dim(0)?;
+        if self.rows.is_some() {
+            anyhow::bail!("data-parallel training shards the language-model task only");
+        }
+        if world == 0 || !b.is_multiple_of(world) || rank >= world {
+            anyhow::bail!("a batch of {b} cannot be cut into {world} equal slices (train.batch_size must be a multiple of the workers)");
+        }
+        let n = b / world;
+        Ok(Batch {
+            inputs: self.inputs.narrow(0, rank * n, n)?,
+            targets: self.targets.narrow(0, rank * n, n)?,
+            rows: None,
+        })
+    }
+}
+
 /// A batch's mean loss and the logits it came from (`[.., C]`: every scored position's
 /// scores over its classes), for terms on the logits such as L2Wrap.
 pub struct Scored {

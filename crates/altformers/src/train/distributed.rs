@@ -1,0 +1,313 @@
+//! Data-parallel training across processes, one model replica each (issue 23): the launcher
+//! (`altformers train --workers N`) starts N copies of the command as workers, rank 0 to
+//! N - 1, and tells each its rank, the world size and a rendezvous address through the
+//! environment ([`RANK`], [`WORLD_SIZE`], [`RENDEZVOUS`]; torchrun's `RANK`, `WORLD_SIZE`,
+//! `MASTER_ADDR:MASTER_PORT`). Every worker draws the same global batch from the seed and
+//! the step and trains on its own slice of the rows ([`super::task::Batch::shard`]); after
+//! the backward pass the gradients are averaged across the workers ([`Group`] as the
+//! training step's [`GradientSync`]), so every worker takes the same AdamW step and holds the
+//! same weights. Only rank 0 writes the run folder and prints.
+//!
+//! The exchange here is over TCP through rank 0, on the CPU: rank 0 adds the workers'
+//! gradients in rank order and sends the mean back, so every worker gets the same bits. It
+//! is what runs the data-parallel logic without GPUs (and what the tests check); on GPUs the
+//! exchange belongs to NCCL, not built yet, so `--workers` refuses a CUDA device.
+//!
+//! A worker that dies closes its connection, and one that hangs stops answering: the others
+//! fail within [`timeout`] naming the rank, and the launcher stops every worker and says
+//! which failed first. The run folder keeps its last checkpoint; `--resume` continues with
+//! any number of workers (the global batch does not depend on it).
+
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::step::GradientSync;
+use crate::params::ParamStore;
+
+/// The worker's rank, 0 to world size - 1.
+pub const RANK: &str = "ALTFORMERS_RANK";
+/// The number of workers.
+pub const WORLD_SIZE: &str = "ALTFORMERS_WORLD_SIZE";
+/// `host:port` where rank 0 listens for the others.
+pub const RENDEZVOUS: &str = "ALTFORMERS_RENDEZVOUS";
+/// Seconds a worker waits for the others (to meet, or for their gradients) before it fails.
+pub const TIMEOUT_S: &str = "ALTFORMERS_TIMEOUT_S";
+
+/// [`TIMEOUT_S`], 120 s by default: long enough for a slow step, short enough that a dead or
+/// hung worker stops the job.
+pub fn timeout() -> Result<Duration> {
+    match std::env::var(TIMEOUT_S) {
+        Ok(s) => {
+            let secs: f64 = s
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite() && *v > 0.0)
+                .with_context(|| format!("{TIMEOUT_S}={s}: expected a positive number of seconds"))?;
+            Ok(Duration::from_secs_f64(secs))
+        }
+        Err(_) => Ok(Duration::from_secs(120)),
+    }
+}
+
+/// This worker's place among the others and its connections: rank 0 holds one to every other
+/// rank (index r - 1), every other rank one to rank 0.
+pub struct Group {
+    pub rank: usize,
+    pub world: usize,
+    links: Vec<TcpStream>,
+}
+
+impl Group {
+    /// The group the launcher started this process in, or `None` when it runs alone.
+    pub fn from_env() -> Result<Option<Group>> {
+        let Ok(rank) = std::env::var(RANK) else { return Ok(None) };
+        let number = |name: &str, value: &str| -> Result<usize> {
+            value.trim().parse().with_context(|| format!("{name}={value}: expected a whole number"))
+        };
+        let rank = number(RANK, &rank)?;
+        let world = number(
+            WORLD_SIZE,
+            &std::env::var(WORLD_SIZE).with_context(|| format!("{RANK} is set but {WORLD_SIZE} is not"))?,
+        )?;
+        let addr = std::env::var(RENDEZVOUS).with_context(|| format!("{RANK} is set but {RENDEZVOUS} is not"))?;
+        Group::connect(rank, world, &addr, timeout()?).map(Some)
+    }
+
+    /// Meets the other `world - 1` workers at `addr` (rank 0 listens there), each connection
+    /// checked to be one of this job's ranks.
+    pub fn connect(rank: usize, world: usize, addr: &str, timeout: Duration) -> Result<Group> {
+        if world == 0 || rank >= world {
+            bail!("rank {rank} of a world of {world} workers: the rank must be below the world size");
+        }
+        let deadline = Instant::now() + timeout;
+        let hello = |stream: &mut TcpStream| -> Result<()> {
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_nodelay(true)?;
+            Ok(())
+        };
+        let links = if rank == 0 {
+            let listener = TcpListener::bind(addr).with_context(|| format!("rank 0 cannot listen at {addr}"))?;
+            listener.set_nonblocking(true)?;
+            let mut by_rank: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+            while by_rank.iter().any(Option::is_none) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false)?;
+                        hello(&mut stream)?;
+                        let [r, w] = read_words(&mut stream).context("a worker connected but did not say its rank")?;
+                        if w != world as u64 || r == 0 || r >= world as u64 || by_rank[r as usize - 1].is_some() {
+                            bail!(
+                                "a worker announced rank {r} of {w}; this job has ranks 1 to {} of {world}",
+                                world - 1
+                            );
+                        }
+                        by_rank[r as usize - 1] = Some(stream);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            let missing: Vec<String> = by_rank
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, s)| s.is_none())
+                                .map(|(i, _)| (i + 1).to_string())
+                                .collect();
+                            bail!(
+                                "rank 0: ranks {} did not join within {:.0} s",
+                                missing.join(", "),
+                                timeout.as_secs_f64()
+                            );
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e).context("rank 0: accepting a worker"),
+                }
+            }
+            by_rank.into_iter().map(|s| s.expect("every rank joined")).collect()
+        } else {
+            let mut stream = loop {
+                match TcpStream::connect(addr) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(e).with_context(|| {
+                            format!(
+                                "rank {rank}: rank 0 did not answer at {addr} within {:.0} s",
+                                timeout.as_secs_f64()
+                            )
+                        })
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            hello(&mut stream)?;
+            stream.write_all(&words([rank as u64, world as u64]))?;
+            vec![stream]
+        };
+        Ok(Group { rank, world, links })
+    }
+
+    /// Replaces `data` on every rank by its mean over the ranks: rank 0 adds the others'
+    /// values to its own in rank order, divides, and sends the result back, so every rank
+    /// holds the same bits.
+    pub fn all_reduce_mean(&self, data: &mut [f64]) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        if self.rank == 0 {
+            let mut buf = vec![0f64; data.len()];
+            for (i, link) in self.links.iter().enumerate() {
+                receive(link, &mut buf).with_context(|| lost(i + 1))?;
+                data.iter_mut().zip(&buf).for_each(|(d, b)| *d += b);
+            }
+            let n = self.world as f64;
+            data.iter_mut().for_each(|d| *d /= n);
+            for (i, link) in self.links.iter().enumerate() {
+                send(link, data).with_context(|| lost(i + 1))?;
+            }
+        } else {
+            send(&self.links[0], data).with_context(|| lost(0))?;
+            receive(&self.links[0], data).with_context(|| lost(0))?;
+        }
+        Ok(())
+    }
+}
+
+/// The error of a worker whose peer `0` went away: not this worker's own failure. A worker
+/// exits with [`PEER_LOST_EXIT`] for it, so the launcher can name the worker that failed
+/// first.
+#[derive(Debug)]
+pub struct PeerLost(pub usize);
+
+impl std::fmt::Display for PeerLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} stopped answering (it exited, crashed or hangs)", self.0)
+    }
+}
+
+/// The exit status of a worker that stopped because a peer went away ([`PeerLost`]).
+pub const PEER_LOST_EXIT: i32 = 3;
+
+fn lost(rank: usize) -> PeerLost {
+    PeerLost(rank)
+}
+
+/// The gradients of every parameter averaged over the ranks (a parameter a rank's slice did
+/// not reach counts as zeros there), in the parameters' dtype, f64 on the wire.
+impl GradientSync for Group {
+    fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let vars = params.vars();
+        let mut flat: Vec<f64> = Vec::new();
+        for (_, p) in &vars {
+            let t = p.var.as_tensor();
+            match grads.get(t) {
+                Some(g) => flat.extend(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+                None => flat.extend(std::iter::repeat_n(0.0, t.elem_count())),
+            }
+        }
+        self.all_reduce_mean(&mut flat)?;
+        let mut at = 0;
+        for (_, p) in &vars {
+            let t = p.var.as_tensor();
+            let n = t.elem_count();
+            let g = Tensor::from_slice(&flat[at..at + n], t.dims(), t.device())?.to_dtype(t.dtype())?;
+            grads.insert(t, g);
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+fn words(w: [u64; 2]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn read_words(stream: &mut TcpStream) -> Result<[u64; 2]> {
+    let mut b = [0u8; 16];
+    stream.read_exact(&mut b)?;
+    Ok([u64::from_le_bytes(b[..8].try_into()?), u64::from_le_bytes(b[8..].try_into()?)])
+}
+
+/// `data`'s length, then its values, little-endian.
+fn send(mut link: &TcpStream, data: &[f64]) -> Result<()> {
+    let mut bytes = Vec::with_capacity(8 + 8 * data.len());
+    bytes.extend((data.len() as u64).to_le_bytes());
+    data.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
+    link.write_all(&bytes)?;
+    Ok(())
+}
+
+/// Reads what [`send`] wrote into `data`, whose length it must match.
+fn receive(mut link: &TcpStream, data: &mut [f64]) -> Result<()> {
+    let mut len = [0u8; 8];
+    link.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len) as usize;
+    if n != data.len() {
+        bail!("received {n} values where {} were expected: the workers do not train the same model", data.len());
+    }
+    let mut bytes = vec![0u8; 8 * n];
+    link.read_exact(&mut bytes)?;
+    for (d, c) in data.iter_mut().zip(bytes.chunks_exact(8)) {
+        *d = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three ranks in threads: each ends with the mean, the same bits everywhere; a rank that
+    /// goes away is named by rank 0.
+    #[test]
+    fn ranks_meet_and_average() -> Result<()> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let handles: Vec<_> = (0..3)
+            .map(|rank| {
+                let addr = addr.clone();
+                std::thread::spawn(move || -> Result<Vec<f64>> {
+                    let g = Group::connect(rank, 3, &addr, Duration::from_secs(20))?;
+                    let mut data = vec![rank as f64, 1.0 + rank as f64 * 0.1, -3.0];
+                    g.all_reduce_mean(&mut data)?;
+                    Ok(data)
+                })
+            })
+            .collect();
+        let results: Vec<Vec<f64>> = handles.into_iter().map(|h| h.join().expect("thread")).collect::<Result<_>>()?;
+        for r in &results {
+            assert_eq!(r, &results[0], "every rank holds the same bits");
+        }
+        assert_eq!(results[0][0], 1.0);
+        assert!((results[0][1] - 1.1).abs() < 1e-12);
+        assert_eq!(results[0][2], -3.0);
+
+        // rank 1 leaves after meeting: rank 0's exchange fails naming it
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let a2 = addr.clone();
+        let leaver = std::thread::spawn(move || Group::connect(1, 2, &a2, Duration::from_secs(20)).map(drop));
+        let g = Group::connect(0, 2, &addr, Duration::from_secs(20))?;
+        leaver.join().expect("thread")?;
+        let err = g.all_reduce_mean(&mut [1.0]).unwrap_err();
+        assert!(format!("{err:#}").contains("rank 1 stopped answering"), "{err:#}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_rank_outside_the_world_or_a_missing_peer_is_refused() -> Result<()> {
+        let err = Group::connect(2, 2, "127.0.0.1:1", Duration::from_millis(50)).err().expect("refused");
+        assert!(err.to_string().contains("below the world size"), "{err}");
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let err =
+            Group::connect(0, 3, &format!("127.0.0.1:{port}"), Duration::from_millis(200)).err().expect("refused");
+        assert!(err.to_string().contains("ranks 1, 2 did not join"), "{err}");
+        Ok(())
+    }
+}
