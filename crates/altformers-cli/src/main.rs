@@ -139,6 +139,17 @@ enum Command {
         /// equals one process's; rank 0 writes the run folder. --resume may use another N.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Several hosts: how many (one launcher each, all with the same --workers), as
+        /// torchrun's --nnodes.
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        /// This host's place among --nnodes, 0 to nnodes - 1 (torchrun's --node-rank).
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        /// host:port where the first worker of node 0 listens for all the others (torchrun's
+        /// --rdzv-endpoint); required with --nnodes above 1, a free local port otherwise.
+        #[arg(long)]
+        rdzv_endpoint: Option<String>,
     },
     /// Loss of a trained run on a corpus's validation split (every byte, consecutive windows).
     Eval {
@@ -651,22 +662,28 @@ fn bench(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-/// `train --workers N`: runs this same command N times on this host as ranks 0 to N - 1 of
-/// one data-parallel job (`altformers::train::distributed`), rank 0 listening on a free local
-/// port, and waits. A worker that fails stops the others; the error names the ranks that
-/// failed, in the order they were seen to.
-fn launch_workers(n: usize) -> Result<()> {
+/// `train --workers N [--nnodes M --node-rank K --rdzv-endpoint host:port]`: runs this same
+/// command N times on this host as ranks K N to K N + N - 1 of one data-parallel job of M N
+/// workers (`altformers::train::distributed`), rank 0 listening at the endpoint (a free local
+/// port on one host), and waits. A worker that fails stops this host's others (those of other
+/// hosts stop when they lose it); the error names the cause among the ranks that failed.
+fn launch_workers(n: usize, nnodes: usize, node_rank: usize, endpoint: Option<String>) -> Result<()> {
     use altformers::train::distributed::{RANK, RENDEZVOUS, WORLD_SIZE};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let endpoint = match endpoint {
+        Some(e) => e,
+        None => format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()),
+    };
+    let world = n * nnodes;
     let exe = std::env::current_exe()?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let mut children = Vec::with_capacity(n);
-    for rank in 0..n {
+    for local in 0..n {
+        let rank = node_rank * n + local;
         let child = std::process::Command::new(&exe)
             .args(&args)
             .env(RANK, rank.to_string())
-            .env(WORLD_SIZE, n.to_string())
-            .env(RENDEZVOUS, format!("127.0.0.1:{port}"))
+            .env(WORLD_SIZE, world.to_string())
+            .env(RENDEZVOUS, &endpoint)
             // rank 0 prints the run's summary; the others' output would repeat it
             .stdout(if rank == 0 { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
             .spawn()
@@ -676,11 +693,11 @@ fn launch_workers(n: usize) -> Result<()> {
     // (rank, status) of each worker that failed, in the order seen
     let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
     loop {
-        for (rank, slot) in children.iter_mut().enumerate() {
+        for (local, slot) in children.iter_mut().enumerate() {
             if let Some(child) = slot {
                 if let Some(status) = child.try_wait()? {
                     if !status.success() {
-                        failed.push((rank, status));
+                        failed.push((node_rank * n + local, status));
                     }
                     *slot = None;
                 }
@@ -689,10 +706,10 @@ fn launch_workers(n: usize) -> Result<()> {
         if !failed.is_empty() {
             // the others would only wait for the failed one until their timeout
             std::thread::sleep(std::time::Duration::from_millis(300));
-            for (rank, slot) in children.iter_mut().enumerate() {
+            for (local, slot) in children.iter_mut().enumerate() {
                 if let Some(mut child) = slot.take() {
                     match child.try_wait()? {
-                        Some(status) if !status.success() => failed.push((rank, status)),
+                        Some(status) if !status.success() => failed.push((node_rank * n + local, status)),
                         Some(_) => {}
                         None => {
                             let _ = child.kill();
@@ -715,7 +732,7 @@ fn launch_workers(n: usize) -> Result<()> {
                 format!("; {} stopped because it did", list(&followers))
             };
             anyhow::bail!(
-                "data-parallel training in {n} workers failed: worker {cause} failed{after}; every worker was stopped; the run folder keeps its last checkpoint (--resume continues, with any --workers)"
+                "data-parallel training in {world} workers failed: worker {cause} failed{after}; every worker was stopped; the run folder keeps its last checkpoint (--resume continues, with any --workers)"
             );
         }
         if children.iter().all(Option::is_none) {
@@ -768,9 +785,13 @@ fn run(command: Command) -> Result<()> {
             quiet,
             stop_after,
             workers,
+            nnodes,
             ..
         } => {
-            anyhow::ensure!(workers == 1, "--workers trains the language model (--task lm) only");
+            anyhow::ensure!(
+                workers == 1 && nnodes == 1,
+                "--workers and --nnodes train the language model (--task lm) only"
+            );
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
             anyhow::ensure!(tokenizer.is_none(), "--task listops reads bytes: drop --tokenizer");
             non_empty(&[("--out", &out)])?;
@@ -804,14 +825,25 @@ fn run(command: Command) -> Result<()> {
             tokenizer,
             init_from,
             workers,
+            nnodes,
+            node_rank,
+            rdzv_endpoint,
         } => {
-            anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+            anyhow::ensure!(workers >= 1 && nnodes >= 1, "--workers and --nnodes must be at least 1");
+            anyhow::ensure!(
+                node_rank < nnodes,
+                "--node-rank {node_rank} of --nnodes {nnodes}: it must be below --nnodes"
+            );
+            anyhow::ensure!(
+                nnodes == 1 || rdzv_endpoint.is_some(),
+                "--nnodes {nnodes}: give --rdzv-endpoint host:port (where node 0 listens)"
+            );
             anyhow::ensure!(
                 workers == 1 || device == "cpu",
                 "--workers runs on the CPU: data-parallel training on GPUs exchanges gradients through NCCL, which is not built yet"
             );
-            if workers > 1 && std::env::var(train::distributed::RANK).is_err() {
-                return launch_workers(workers);
+            if workers * nnodes > 1 && std::env::var(train::distributed::RANK).is_err() {
+                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint);
             }
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;

@@ -1069,3 +1069,67 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
     assert!(out.join("checkpoint").join("state.json").exists(), "the last checkpoint is kept");
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// Several hosts, as torchrun's flags: two launchers (`--nnodes 2`, one worker each, node 0
+/// listening at `--rdzv-endpoint`) give one process's run.
+#[test]
+fn two_nodes_train_as_one_process() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let (one, two) = (temp("nodes-one"), temp("nodes-two"));
+    let base = |out: &PathBuf| -> Vec<String> {
+        let mut a: Vec<String> =
+            ["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        a.extend(TINY.iter().map(|s| s.to_string()));
+        a.extend(["--set", "train.batch_size=4", "--out", out.to_str().unwrap()].map(String::from));
+        a
+    };
+    let o = Command::new(env!("CARGO_BIN_EXE_altformers")).args(base(&one)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let node = |rank: &str| {
+        let mut a = base(&two);
+        a.extend(["--nnodes", "2", "--node-rank", rank, "--rdzv-endpoint", &endpoint].map(String::from));
+        Command::new(env!("CARGO_BIN_EXE_altformers")).args(a).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let (second, first) = (node("1"), node("0"));
+    for child in [first, second] {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for ((s, a, b), (t, c, d)) in losses(&one).iter().zip(&losses(&two)) {
+        assert_eq!(s, t);
+        assert!(
+            (a - c).abs() <= 1e-5 * a.abs() && (b - d).abs() <= 1e-5 * b.abs(),
+            "step {s}: {c} {d} against {a} {b}"
+        );
+    }
+    assert_eq!(losses(&one).len(), losses(&two).len());
+    fails_with(
+        &["train", "--model", "transformer", "--data", "shakespeare", "--out", "/tmp/x", "--nnodes", "2"],
+        "--rdzv-endpoint",
+    );
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "transformer",
+            "--data",
+            "shakespeare",
+            "--out",
+            "/tmp/x",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "2",
+            "--rdzv-endpoint",
+            "127.0.0.1:1",
+        ],
+        "must be below --nnodes",
+    );
+    for d in [one, two] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
