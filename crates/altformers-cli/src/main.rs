@@ -667,7 +667,13 @@ fn bench(cmd: BenchCommand) -> Result<()> {
 /// workers (`altformers::train::distributed`), rank 0 listening at the endpoint (a free local
 /// port on one host), and waits. A worker that fails stops this host's others (those of other
 /// hosts stop when they lose it); the error names the cause among the ranks that failed.
-fn launch_workers(n: usize, nnodes: usize, node_rank: usize, endpoint: Option<String>) -> Result<()> {
+fn launch_workers(
+    n: usize,
+    nnodes: usize,
+    node_rank: usize,
+    endpoint: Option<String>,
+    out: &std::path::Path,
+) -> Result<()> {
     use altformers::train::distributed::{RANK, RENDEZVOUS, WORLD_SIZE};
     let endpoint = match endpoint {
         Some(e) => e,
@@ -692,6 +698,8 @@ fn launch_workers(n: usize, nnodes: usize, node_rank: usize, endpoint: Option<St
     }
     // (rank, status) of each worker that failed, in the order seen
     let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
+    // workers still running when another failed, stopped by this launcher
+    let mut killed: Vec<usize> = Vec::new();
     loop {
         for (local, slot) in children.iter_mut().enumerate() {
             if let Some(child) = slot {
@@ -714,6 +722,7 @@ fn launch_workers(n: usize, nnodes: usize, node_rank: usize, endpoint: Option<St
                         None => {
                             let _ = child.kill();
                             let _ = child.wait();
+                            killed.push(node_rank * n + local);
                         }
                     }
                 }
@@ -725,14 +734,31 @@ fn launch_workers(n: usize, nnodes: usize, node_rank: usize, endpoint: Option<St
             let list = |v: &[&(usize, std::process::ExitStatus)]| {
                 v.iter().map(|(r, s)| format!("rank {r} ({s})")).collect::<Vec<_>>().join(", ")
             };
-            let cause = if causes.is_empty() { list(&followers) } else { list(&causes) };
-            let after = if causes.is_empty() || followers.is_empty() {
-                String::new()
+            let ranks = |v: &[usize]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+            let what = if !causes.is_empty() {
+                let after = if followers.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} stopped because it did", list(&followers))
+                };
+                format!("worker {} failed{after}", list(&causes))
+            } else if !killed.is_empty() {
+                // every failure was a peer lost while these still ran: they hung
+                format!(
+                    "worker {} stopped answering and was killed; {} gave up waiting",
+                    ranks(&killed),
+                    list(&followers)
+                )
             } else {
-                format!("; {} stopped because it did", list(&followers))
+                format!("worker {} failed", list(&followers))
+            };
+            let checkpoint = if out.join("checkpoint").join("state.json").exists() {
+                "the run folder keeps its last checkpoint (--resume continues, with any --workers)"
+            } else {
+                "no checkpoint was written"
             };
             anyhow::bail!(
-                "data-parallel training in {world} workers failed: worker {cause} failed{after}; every worker was stopped; the run folder keeps its last checkpoint (--resume continues, with any --workers)"
+                "data-parallel training in {world} workers failed: {what}; every worker was stopped; {checkpoint}"
             );
         }
         if children.iter().all(Option::is_none) {
@@ -843,7 +869,7 @@ fn run(command: Command) -> Result<()> {
                 "--workers runs on the CPU: data-parallel training on GPUs exchanges gradients through NCCL, which is not built yet"
             );
             if workers * nnodes > 1 && std::env::var(train::distributed::RANK).is_err() {
-                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint);
+                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, &out);
             }
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;

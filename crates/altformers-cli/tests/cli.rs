@@ -1014,9 +1014,10 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
     }
 }
 
-/// A worker that fails stops the job: a batch the workers cannot share is refused by each,
-/// and a worker killed mid-run is named as the cause, the others stopping because of it,
-/// with the last checkpoint intact.
+/// A worker that fails stops the job: a batch the workers cannot share, or dropout (each
+/// worker would draw the first slice's masks), is refused by each; a worker killed mid-run is
+/// named as the cause, the others stopping because of it; one that hangs is named and killed
+/// once the others' timeout passes; the last checkpoint stays intact.
 #[test]
 fn a_failed_worker_stops_the_job_naming_its_rank() {
     let out = temp("dp-fail");
@@ -1024,49 +1025,68 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
     a.extend(TINY);
     a.extend(["--set", "train.batch_size=4", "--workers", "3", "--out", out.to_str().unwrap()]);
     fails_with(&a, "train.batch_size 4 is not a multiple of the 3 workers");
-
     let mut a = vec!["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"];
     a.extend(TINY);
     a.extend([
         "--set",
         "train.batch_size=4",
         "--set",
-        "train.steps=1000000",
-        "--set",
-        "train.eval_every=20",
+        "model.dropout=0.1",
         "--workers",
         "2",
         "--out",
         out.to_str().unwrap(),
     ]);
-    let launcher =
-        Command::new(env!("CARGO_BIN_EXE_altformers")).args(&a).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    // once the first checkpoint is written, kill rank 1 (found by its environment)
-    let start = std::time::Instant::now();
-    while !out.join("checkpoint").join("state.json").exists() {
-        assert!(start.elapsed().as_secs() < 60, "no checkpoint within a minute");
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    fails_with(&a, "does not draw dropout masks per worker yet");
+    assert!(!out.join("config.json").exists(), "a refused job writes nothing");
+
+    // once the first checkpoint is written, kill rank 1; then, in a second job, stop it
+    // (SIGSTOP: it hangs) and let the others time out
+    for (signal, timeout) in [("-KILL", "120"), ("-STOP", "2")] {
+        let _ = std::fs::remove_dir_all(&out);
+        let mut a = vec!["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"];
+        a.extend(TINY);
+        a.extend(["--set", "train.batch_size=4", "--set", "train.steps=1000000", "--set", "train.eval_every=20"]);
+        a.extend(["--workers", "2", "--out", out.to_str().unwrap()]);
+        let launcher = Command::new(env!("CARGO_BIN_EXE_altformers"))
+            .args(&a)
+            .env("ALTFORMERS_TIMEOUT_S", timeout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !out.join("checkpoint").join("state.json").exists() {
+            assert!(start.elapsed().as_secs() < 60, "no checkpoint within a minute");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // rank 1's process, found by its environment
+        let rank1 = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+                has(&env, b"ALTFORMERS_RANK=1\0") && has(&cmd, out.to_str().unwrap().as_bytes())
+            })
+            .expect("rank 1's process");
+        Command::new("kill").args([signal, &rank1.to_string()]).status().unwrap();
+        let signalled = std::time::Instant::now();
+        let o = launcher.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(signalled.elapsed().as_secs() < 30, "{signal}: the job took {:?} to stop", signalled.elapsed());
+        assert!(stderr.contains("rank 1 stopped answering"), "{stderr}");
+        if signal == "-KILL" {
+            assert!(stderr.contains("worker rank 1 (signal: 9"), "{stderr}");
+            assert!(stderr.contains("rank 0 (exit status: 3) stopped because it did"), "{stderr}");
+        } else {
+            assert!(stderr.contains("worker 1 stopped answering and was killed"), "{stderr}");
+            assert!(!std::path::Path::new(&format!("/proc/{rank1}")).exists(), "the hung worker was left running");
+        }
+        assert!(stderr.contains("keeps its last checkpoint"), "{stderr}");
+        assert!(out.join("checkpoint").join("state.json").exists(), "the last checkpoint is kept");
     }
-    let rank1 = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-            has(&env, b"ALTFORMERS_RANK=1\0") && has(&cmd, out.to_str().unwrap().as_bytes())
-        })
-        .expect("rank 1's process");
-    Command::new("kill").args(["-9", &rank1.to_string()]).status().unwrap();
-    let killed = std::time::Instant::now();
-    let o = launcher.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
-    assert!(killed.elapsed().as_secs() < 30, "the job took {:?} to stop", killed.elapsed());
-    assert!(stderr.contains("worker rank 1 (signal: 9"), "{stderr}");
-    assert!(stderr.contains("rank 0 (exit status: 3) stopped because it did"), "{stderr}");
-    assert!(stderr.contains("rank 1 stopped answering"), "{stderr}");
-    assert!(out.join("checkpoint").join("state.json").exists(), "the last checkpoint is kept");
     let _ = std::fs::remove_dir_all(out);
 }
 

@@ -8,7 +8,8 @@
 //! position), it is captured once as a CUDA graph, with its state in buffers of fixed
 //! address that the graph reads and overwrites, and every token is then one graph launch
 //! (the token copied in, the logits read out). Elsewhere, and on the CPU, the step runs
-//! eagerly. Both give the same logits (tests/cuda/decoder.rs).
+//! eagerly (also, with a warning, where a capture fails). Both give the same logits
+//! (tests/cuda/decoder.rs).
 use candle_core::{Result, Tensor};
 
 use crate::backbones::ModelState;
@@ -27,8 +28,13 @@ impl<'m> Decoder<'m> {
     pub fn new(model: &'m Model, state: ModelState, batch: usize) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if model.device().is_cuda() && model.static_step() && crate::kernels::enabled("decode-graph") {
-            let (captured, state) = graph::Captured::new(model, state, batch)?;
-            return Ok(Self { model, state, graph: Some(captured) });
+            match graph::Captured::new(model, &state, batch) {
+                Ok((captured, buffers)) => return Ok(Self { model, state: buffers, graph: Some(captured) }),
+                // decoding still works, op by op: say so rather than fail the generation
+                Err(e) => eprintln!(
+                    "warning: the decoding step could not be captured as a CUDA graph ({e}); it runs op by op"
+                ),
+            }
         }
         let _ = batch;
         Ok(Self {
@@ -114,12 +120,14 @@ mod graph {
     impl Captured {
         /// Captures one step of `model` for `batch` sequences; returns it and the state whose
         /// buffers it updates in place (a copy of `state`, fresh contiguous buffers).
-        pub fn new(model: &Model, state: ModelState, batch: usize) -> Result<(Self, ModelState)> {
+        pub fn new(model: &Model, state: &ModelState, batch: usize) -> Result<(Self, ModelState)> {
             let Device::Cuda(dev) = model.device() else { bail!("decoder: CUDA graphs need a CUDA device") };
             let dev = dev.clone();
             // one stream, no cross-stream events: an event recorded before the capture and
-            // waited on inside it would break the capture
-            // SAFETY: candle runs every operation on the device's one stream.
+            // waited on inside it would break the capture. Off for the rest of the process
+            // (cudarc's tracking orders work across streams; candle and this crate's kernels,
+            // cuFFT included, all run on the device's one stream, so nothing relies on it).
+            // SAFETY: as above, every operation runs on the one stream.
             unsafe { dev.disable_event_tracking() };
             // candle uploads the dims and strides of strided operations: the warm-up step
             // caches them on the device, and the capture reuses them

@@ -87,6 +87,8 @@ impl Group {
         let deadline = Instant::now() + timeout;
         let hello = |stream: &mut TcpStream| -> Result<()> {
             stream.set_read_timeout(Some(timeout))?;
+            // a peer that hangs stops reading too: a large message would block its sender
+            stream.set_write_timeout(Some(timeout))?;
             stream.set_nodelay(true)?;
             Ok(())
         };
@@ -160,17 +162,17 @@ impl Group {
         if self.rank == 0 {
             let mut buf = vec![0f64; data.len()];
             for (i, link) in self.links.iter().enumerate() {
-                receive(link, &mut buf).with_context(|| lost(i + 1))?;
+                receive(link, &mut buf, i + 1)?;
                 data.iter_mut().zip(&buf).for_each(|(d, b)| *d += b);
             }
             let n = self.world as f64;
             data.iter_mut().for_each(|d| *d /= n);
             for (i, link) in self.links.iter().enumerate() {
-                send(link, data).with_context(|| lost(i + 1))?;
+                send(link, data).context(PeerLost(i + 1))?;
             }
         } else {
-            send(&self.links[0], data).with_context(|| lost(0))?;
-            receive(&self.links[0], data).with_context(|| lost(0))?;
+            send(&self.links[0], data).context(PeerLost(0))?;
+            receive(&self.links[0], data, 0)?;
         }
         Ok(())
     }
@@ -191,19 +193,17 @@ impl std::fmt::Display for PeerLost {
 /// The exit status of a worker that stopped because a peer went away ([`PeerLost`]).
 pub const PEER_LOST_EXIT: i32 = 3;
 
-fn lost(rank: usize) -> PeerLost {
-    PeerLost(rank)
-}
-
-/// The gradients of every parameter averaged over the ranks (a parameter a rank's slice did
-/// not reach counts as zeros there), in the parameters' dtype, f64 on the wire.
+/// The gradients of every parameter averaged over the ranks, in the parameters' dtype, f64 on
+/// the wire. A parameter some rank's slice did not reach counts as zeros there; one that no
+/// rank's reached keeps no gradient (the optimizer leaves it alone, as one process would).
 impl GradientSync for Group {
     fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()> {
         if self.world == 1 {
             return Ok(());
         }
         let vars = params.vars();
-        let mut flat: Vec<f64> = Vec::new();
+        // one flag per parameter (1: this rank has its gradient), then the gradients
+        let mut flat: Vec<f64> = vars.iter().map(|(_, p)| grads.get(p.var.as_tensor()).map_or(0.0, |_| 1.0)).collect();
         for (_, p) in &vars {
             let t = p.var.as_tensor();
             match grads.get(t) {
@@ -212,15 +212,25 @@ impl GradientSync for Group {
             }
         }
         self.all_reduce_mean(&mut flat)?;
-        let mut at = 0;
-        for (_, p) in &vars {
+        let mut at = vars.len();
+        for (i, (_, p)) in vars.iter().enumerate() {
             let t = p.var.as_tensor();
             let n = t.elem_count();
-            let g = Tensor::from_slice(&flat[at..at + n], t.dims(), t.device())?.to_dtype(t.dtype())?;
-            grads.insert(t, g);
+            if flat[i] > 0.0 {
+                let g = Tensor::from_slice(&flat[at..at + n], t.dims(), t.device())?.to_dtype(t.dtype())?;
+                grads.insert(t, g);
+            }
             at += n;
         }
         Ok(())
+    }
+}
+
+/// Replaces `values` by their mean over the ranks of `group` (alone: unchanged).
+pub fn mean_over_ranks(group: Option<&Group>, values: &mut [f64]) -> Result<()> {
+    match group {
+        Some(g) => g.all_reduce_mean(values),
+        None => Ok(()),
     }
 }
 
@@ -243,16 +253,21 @@ fn send(mut link: &TcpStream, data: &[f64]) -> Result<()> {
     Ok(())
 }
 
-/// Reads what [`send`] wrote into `data`, whose length it must match.
-fn receive(mut link: &TcpStream, data: &mut [f64]) -> Result<()> {
+/// Reads what [`send`] wrote from rank `peer` into `data`, whose length it must match: a
+/// connection that fails or times out is [`PeerLost`], a length that differs is not (the
+/// workers disagree about the model).
+fn receive(mut link: &TcpStream, data: &mut [f64], peer: usize) -> Result<()> {
     let mut len = [0u8; 8];
-    link.read_exact(&mut len)?;
+    link.read_exact(&mut len).context(PeerLost(peer))?;
     let n = u64::from_le_bytes(len) as usize;
     if n != data.len() {
-        bail!("received {n} values where {} were expected: the workers do not train the same model", data.len());
+        bail!(
+            "rank {peer} sent {n} values where {} were expected: the workers do not train the same model",
+            data.len()
+        );
     }
     let mut bytes = vec![0u8; 8 * n];
-    link.read_exact(&mut bytes)?;
+    link.read_exact(&mut bytes).context(PeerLost(peer))?;
     for (d, c) in data.iter_mut().zip(bytes.chunks_exact(8)) {
         *d = f64::from_le_bytes(c.try_into().expect("8 bytes"));
     }

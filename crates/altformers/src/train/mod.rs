@@ -83,10 +83,25 @@ pub fn nats_to_bits(nats: f64) -> f64 {
 
 /// Mean loss of `task` over `n` fixed batches (the same batches at every call).
 pub fn estimate_loss(model: &Model, task: &dyn Task, n: usize, batch: usize, seed: u64, which: u64) -> Result<f64> {
+    estimate_shard_loss(model, task, n, batch, seed, which, (0, 1))
+}
+
+/// [`estimate_loss`] over worker `rank`'s slice of each batch, of `world` (data-parallel
+/// evaluation: the mean over the workers is the whole batches' loss).
+fn estimate_shard_loss(
+    model: &Model,
+    task: &dyn Task,
+    n: usize,
+    batch: usize,
+    seed: u64,
+    which: u64,
+    (rank, world): (usize, usize),
+) -> Result<f64> {
     let mut rng = Rng::derive(seed, stream::EVAL_BATCH, which);
     let mut total = 0.0;
     for _ in 0..n {
         let b = task.batch(batch, &mut rng, model.device())?;
+        let b = if world > 1 { b.shard(rank, world)? } else { b };
         total += task.loss(model, &b, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total / n as f64)
@@ -234,6 +249,13 @@ fn train_on<T: Copy + Into<u32>>(
         if !t.batch_size.is_multiple_of(g.world) {
             bail!("train.batch_size {} is not a multiple of the {} workers", t.batch_size, g.world);
         }
+        if m.dropout > 0.0 {
+            // each worker would draw the masks of the first slice of the batch, not its own
+            bail!(
+                "model.dropout is {}: data-parallel training does not draw dropout masks per worker yet; set model.dropout=0 or train in one process",
+                m.dropout
+            );
+        }
         trainer.sync = Box::new(g.clone());
         trainer.shard = (g.rank, g.world);
     }
@@ -318,20 +340,26 @@ fn train_on<T: Copy + Into<u32>>(
         let rate = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("loss {:.4}  {rate:.0} tok/s", trainer.last_loss()));
 
-        if evaluate && rank > 0 {
-            // rank 0 evaluates and writes (this step's checkpoint); the others only train
-            checkpointed = state.step;
-            window_start = Instant::now();
-            window_steps = 0;
-            if stop_here {
-                break;
-            }
-            continue;
-        }
         if evaluate {
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
-            let train_loss = estimate_loss(&model, &train_task, t.eval_batches, t.batch_size, t.seed, 1)?;
-            let val_loss = estimate_loss(&model, &val_task, t.eval_batches, t.batch_size, t.seed, 0)?;
+            // every worker evaluates its slice of the batches; the mean is the whole's
+            let shard = trainer.shard;
+            let mut losses = [
+                estimate_shard_loss(&model, &train_task, t.eval_batches, t.batch_size, t.seed, 1, shard)?,
+                estimate_shard_loss(&model, &val_task, t.eval_batches, t.batch_size, t.seed, 0, shard)?,
+            ];
+            distributed::mean_over_ranks(group.as_deref(), &mut losses)?;
+            let [train_loss, val_loss] = losses;
+            if rank > 0 {
+                // rank 0 writes this step's checkpoint; the others go on training
+                checkpointed = state.step;
+                window_start = Instant::now();
+                window_steps = 0;
+                if stop_here {
+                    break;
+                }
+                continue;
+            }
             if !(train_loss.is_finite() && val_loss.is_finite()) {
                 bar.abandon();
                 bail!(

@@ -19,13 +19,24 @@ fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
         let mut decoder = Decoder::new(&model, state.clone(), 3)?;
         anyhow::ensure!(decoder.replays(), "rwkv4's step is static: it should be replayed from a graph");
         let mut eager = state;
+        let mut fed: Vec<Tensor> = Vec::new();
+        let mut replayed: Vec<Tensor> = Vec::new();
         for i in 0..20u32 {
             let tokens: Vec<u32> = (0..3).map(|b| (i * 7 + b * 13) % cfg.vocab as u32).collect();
             let want = model.step(&Tensor::new(tokens.as_slice(), &gpu)?, &mut eager)?.to_dtype(DType::F32)?;
             let got = decoder.step(&tokens)?.to_dtype(DType::F32)?;
             let err = device_rel_err(&got, &want)?;
             anyhow::ensure!(err < 1e-6, "{dtype:?} step {i}: replayed logits differ from eager ones (rel err {err})");
+            fed.push(Tensor::new(tokens.as_slice(), &gpu)?.unsqueeze(1)?);
+            replayed.push(got.unsqueeze(1)?);
         }
+        // and the fused kernels themselves (every dtype the model runs in, bf16 parameters
+        // included) against the parallel form over the same tokens
+        let all = Tensor::cat(&[&prompt, &Tensor::cat(&fed, 1)?], 1)?;
+        let parallel = model.forward(&all, None)?.narrow(1, 10, 20)?.to_dtype(DType::F32)?;
+        let err = device_rel_err(&Tensor::cat(&replayed, 1)?, &parallel)?;
+        let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
+        anyhow::ensure!(err < tol, "{dtype:?}: replayed steps against the parallel form, rel err {err}");
         anyhow::ensure!(decoder.state().pos == 30, "the decoder's position: {}", decoder.state().pos);
         // the state the graph updated in place is the eager one
         for (a, b) in decoder.state().layers.iter().zip(&eager.layers) {

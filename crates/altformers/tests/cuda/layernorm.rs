@@ -75,9 +75,9 @@ fn bf16_parameters_match_cpu() -> Result<()> {
     let w = round(randn(&[d], 2, DType::F32)?)?;
     let b = round(randn(&[d], 3, DType::F32)?)?;
     let r = randn(&[rows, d], 4, DType::F32)?;
-    let w16 = w.to_dtype(DType::BF16)?.to_device(&gpu)?;
+    let (w16, b16) = (w.to_dtype(DType::BF16)?.to_device(&gpu)?, b.to_dtype(DType::BF16)?.to_device(&gpu)?);
     ensure!(
-        altformers::kernels::layernorm::supports(&x.to_dtype(DType::BF16)?.to_device(&gpu)?, &w16, None),
+        altformers::kernels::layernorm::supports(&x.to_dtype(DType::BF16)?.to_device(&gpu)?, &w16, Some(&b16)),
         "bf16 parameters under bf16 activations should run fused"
     );
     let cpu = run(&x, &w, Some(&b), &r, &Device::Cpu, DType::F32)?;
