@@ -953,62 +953,71 @@ fn losses(run: &std::path::Path) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
+/// The data-parallel tests' run: the tiny Transformer, batch 4, one thread, into `out`,
+/// then `extra` (as arguments for [`Command`], or [`tiny_run`] with `--threads 1` prepended).
+fn tiny_train(out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(TINY.iter().map(|s| s.to_string()));
+    a.extend(["--set", "train.batch_size=4", "--out", out.to_str().unwrap()].map(String::from));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Runs [`tiny_train`]'s arguments to success.
+fn trains(args: &[String]) {
+    succeeds(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// `other`'s losses are `reference`'s, evaluation by evaluation, to 1e-5 relative.
+fn same_losses(reference: &std::path::Path, other: &std::path::Path) {
+    let (want, got) = (losses(reference), losses(other));
+    assert!(
+        !want.is_empty() && want.len() == got.len(),
+        "{}: {} evaluations against {}",
+        other.display(),
+        got.len(),
+        want.len()
+    );
+    for ((s, a, b), (t, c, d)) in want.iter().zip(&got) {
+        assert_eq!(s, t);
+        for (x, y) in [(a, c), (b, d)] {
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "{} step {s}: {y} against one process's {x}", other.display());
+        }
+    }
+}
+
 /// Data-parallel training (`--workers`, issue 23): two workers of two rows each give one
 /// process's four-row run (f32, within 1e-5), and a run stopped with two workers resumes with
-/// four to the same losses; only rank 0 wrote the folder.
+/// four to the same losses.
 #[test]
 fn workers_train_as_one_process_and_resume_with_another_count() {
-    let args = |out: &str| -> Vec<String> {
-        let mut a: Vec<String> =
-            ["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        a.extend(TINY.iter().map(|s| s.to_string()));
-        a.extend(
-            ["--set", "train.batch_size=4", "--set", "train.steps=12", "--set", "train.eval_every=4", "--out", out]
-                .map(String::from),
-        );
-        a
-    };
-    let run = |extra: &[&str], out: &PathBuf| {
-        let mut a = args(out.to_str().unwrap());
-        a.extend(extra.iter().map(|s| s.to_string()));
-        let o = Command::new(env!("CARGO_BIN_EXE_altformers")).args(&a).output().unwrap();
-        assert!(o.status.success(), "{a:?}: {}", String::from_utf8_lossy(&o.stderr));
-    };
     let (one, two, resumed) = (temp("dp-one"), temp("dp-two"), temp("dp-resumed"));
-    run(&[], &one);
-    run(&["--workers", "2"], &two);
-    run(&["--workers", "2", "--stop-after", "4"], &resumed);
-    let o = altformers(&[
+    let steps = ["--set", "train.steps=12", "--set", "train.eval_every=4"];
+    trains(&tiny_train(&one, &steps));
+    trains(&tiny_train(&two, &[&steps[..], &["--workers", "2"]].concat()));
+    trains(&tiny_train(&resumed, &[&steps[..], &["--workers", "2", "--stop-after", "4"]].concat()));
+    let r = resumed.to_str().unwrap();
+    succeeds(&[
         "train",
         "--model",
         "transformer",
         "--data",
         "shakespeare",
-        "--out",
-        resumed.to_str().unwrap(),
         "--resume",
         "--quiet",
         "--threads",
         "1",
+        "--out",
+        r,
         "--workers",
         "4",
     ]);
-    assert!(o.status.success(), "resume with 4 workers: {}", String::from_utf8_lossy(&o.stderr));
-    let reference = losses(&one);
-    assert_eq!(reference.len(), 3);
-    for other in [&two, &resumed] {
-        let got = losses(other);
-        assert_eq!(got.len(), reference.len(), "{}", other.display());
-        for ((s, a, b), (t, c, d)) in reference.iter().zip(&got) {
-            assert_eq!(s, t);
-            for (x, y) in [(a, c), (b, d)] {
-                assert!((x - y).abs() <= 1e-5 * x.abs(), "{} step {s}: {y} against one process's {x}", other.display());
-            }
-        }
-    }
+    assert_eq!(losses(&one).len(), 3);
+    same_losses(&one, &two);
+    same_losses(&one, &resumed);
     for d in [one, two, resumed] {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -1021,33 +1030,19 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
 #[test]
 fn a_failed_worker_stops_the_job_naming_its_rank() {
     let out = temp("dp-fail");
-    let mut a = vec!["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"];
-    a.extend(TINY);
-    a.extend(["--set", "train.batch_size=4", "--workers", "3", "--out", out.to_str().unwrap()]);
-    fails_with(&a, "train.batch_size 4 is not a multiple of the 3 workers");
-    let mut a = vec!["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"];
-    a.extend(TINY);
-    a.extend([
-        "--set",
-        "train.batch_size=4",
-        "--set",
-        "model.dropout=0.1",
-        "--workers",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    fails_with(&a, "does not draw dropout masks per worker yet");
+    let refused = |extra: &[&str], needle: &str| {
+        let a = tiny_train(&out, extra);
+        fails_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    };
+    refused(&["--workers", "3"], "train.batch_size 4 is not a multiple of the 3 workers");
+    refused(&["--workers", "2", "--set", "model.dropout=0.1"], "does not draw dropout masks per worker yet");
     assert!(!out.join("config.json").exists(), "a refused job writes nothing");
 
     // once the first checkpoint is written, kill rank 1; then, in a second job, stop it
     // (SIGSTOP: it hangs) and let the others time out
     for (signal, timeout) in [("-KILL", "120"), ("-STOP", "2")] {
         let _ = std::fs::remove_dir_all(&out);
-        let mut a = vec!["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"];
-        a.extend(TINY);
-        a.extend(["--set", "train.batch_size=4", "--set", "train.steps=1000000", "--set", "train.eval_every=20"]);
-        a.extend(["--workers", "2", "--out", out.to_str().unwrap()]);
+        let a = tiny_train(&out, &["--set", "train.steps=1000000", "--set", "train.eval_every=20", "--workers", "2"]);
         let launcher = Command::new(env!("CARGO_BIN_EXE_altformers"))
             .args(&a)
             .env("ALTFORMERS_TIMEOUT_S", timeout)
@@ -1097,21 +1092,9 @@ fn two_nodes_train_as_one_process() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let endpoint = format!("127.0.0.1:{port}");
     let (one, two) = (temp("nodes-one"), temp("nodes-two"));
-    let base = |out: &PathBuf| -> Vec<String> {
-        let mut a: Vec<String> =
-            ["train", "--model", "transformer", "--data", "shakespeare", "--quiet", "--threads", "1"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        a.extend(TINY.iter().map(|s| s.to_string()));
-        a.extend(["--set", "train.batch_size=4", "--out", out.to_str().unwrap()].map(String::from));
-        a
-    };
-    let o = Command::new(env!("CARGO_BIN_EXE_altformers")).args(base(&one)).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    trains(&tiny_train(&one, &[]));
     let node = |rank: &str| {
-        let mut a = base(&two);
-        a.extend(["--nnodes", "2", "--node-rank", rank, "--rdzv-endpoint", &endpoint].map(String::from));
+        let a = tiny_train(&two, &["--nnodes", "2", "--node-rank", rank, "--rdzv-endpoint", &endpoint]);
         Command::new(env!("CARGO_BIN_EXE_altformers")).args(a).stderr(std::process::Stdio::piped()).spawn().unwrap()
     };
     let (second, first) = (node("1"), node("0"));
@@ -1119,14 +1102,7 @@ fn two_nodes_train_as_one_process() {
         let o = child.wait_with_output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    for ((s, a, b), (t, c, d)) in losses(&one).iter().zip(&losses(&two)) {
-        assert_eq!(s, t);
-        assert!(
-            (a - c).abs() <= 1e-5 * a.abs() && (b - d).abs() <= 1e-5 * b.abs(),
-            "step {s}: {c} {d} against {a} {b}"
-        );
-    }
-    assert_eq!(losses(&one).len(), losses(&two).len());
+    same_losses(&one, &two);
     fails_with(
         &["train", "--model", "transformer", "--data", "shakespeare", "--out", "/tmp/x", "--nnodes", "2"],
         "--rdzv-endpoint",
