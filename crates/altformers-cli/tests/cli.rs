@@ -990,12 +990,13 @@ fn same_losses(reference: &std::path::Path, other: &std::path::Path) {
 }
 
 /// Data-parallel training (`--workers`, issue 23): two workers of two rows each give one
-/// process's four-row run (f32, within 1e-5), and a run stopped with two workers resumes with
-/// four to the same losses.
+/// process's four-row run (f32, within 1e-5, dropout on), and a run stopped with two workers
+/// resumes with four to the same losses.
 #[test]
 fn workers_train_as_one_process_and_resume_with_another_count() {
     let (one, two, resumed) = (temp("dp-one"), temp("dp-two"), temp("dp-resumed"));
-    let steps = ["--set", "train.steps=12", "--set", "train.eval_every=4"];
+    // with dropout: each worker draws its part of the whole batch's masks
+    let steps = ["--set", "train.steps=12", "--set", "train.eval_every=4", "--set", "model.dropout=0.1"];
     trains(&tiny_train(&one, &steps));
     trains(&tiny_train(&two, &[&steps[..], &["--workers", "2"]].concat()));
     trains(&tiny_train(&resumed, &[&steps[..], &["--workers", "2", "--stop-after", "4"]].concat()));
@@ -1023,8 +1024,8 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
     }
 }
 
-/// A worker that fails stops the job: a batch the workers cannot share, or dropout (each
-/// worker would draw the first slice's masks), is refused by each; a worker killed mid-run is
+/// A worker that fails stops the job: a batch the workers cannot share, or Reformer's dropout
+/// (its masks cannot be split by example), is refused by each; a worker killed mid-run is
 /// named as the cause, the others stopping because of it; one that hangs is named and killed
 /// once the others' timeout passes; the last checkpoint stays intact.
 #[test]
@@ -1035,7 +1036,13 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
         fails_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle);
     };
     refused(&["--workers", "3"], "train.batch_size 4 is not a multiple of the 3 workers");
-    refused(&["--workers", "2", "--set", "model.dropout=0.1"], "does not draw dropout masks per worker yet");
+    let o = out.to_str().unwrap();
+    let reformer = ["train", "--model", "reformer", "--data", "shakespeare", "--out", o, "--quiet", "--threads", "1"];
+    let dropout = ["--set", "model.dropout=0.1", "--set", "train.batch_size=4", "--workers", "2"];
+    fails_with(
+        &[&reformer[..], &TINY[..], &dropout[..]].concat(),
+        "`reformer` draws dropout masks that cannot be split",
+    );
     assert!(!out.join("config.json").exists(), "a refused job writes nothing");
 
     // once the first checkpoint is written, kill rank 1; then, in a second job, stop it

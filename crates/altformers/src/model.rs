@@ -116,6 +116,12 @@ impl Model {
         self.backbone.step(token, state)
     }
 
+    /// Whether every dropout mask is laid out example by example, so that data-parallel
+    /// workers each draw their part of the whole batch's.
+    pub fn per_example_dropout(&self) -> bool {
+        self.backbone.per_example_dropout()
+    }
+
     /// Whether [`Model::step`] can be captured once as a CUDA graph and replayed for every
     /// token ([`crate::decoder`]).
     pub fn static_step(&self) -> bool {

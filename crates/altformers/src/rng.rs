@@ -9,11 +9,27 @@
 #[derive(Clone, Debug)]
 pub struct Rng {
     state: u64,
+    /// Which slice of the batch this stream's dropout masks are for (data-parallel workers:
+    /// the rank; 0 alone), so that each draws its own part of the whole batch's masks.
+    shard: u64,
 }
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self { state: seed }
+        Self { state: seed, shard: 0 }
+    }
+
+    /// This stream for slice `shard` of every batch ([`Rng::shard`]).
+    pub fn for_shard(mut self, shard: u64) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// The slice of the batch the dropout masks drawn from this stream are for: a mask over
+    /// a tensor of `n` elements starts at element `shard x n` of the whole batch's mask (the
+    /// batch is the outermost dimension of every tensor dropout meets).
+    pub fn shard(&self) -> u64 {
+        self.shard
     }
 
     /// An independent stream for `(seed, purpose, index)`.

@@ -165,6 +165,12 @@ pub trait Backbone: Send + Sync {
         false
     }
 
+    /// Whether every dropout mask of the training form is laid out example by example (see
+    /// [`crate::mixers::SequenceMixer::per_example_dropout`]).
+    fn per_example_dropout(&self) -> bool {
+        true
+    }
+
     /// The longest window the backbone can attend over when generating, or `None` where its
     /// recurrence is unbounded.
     fn window(&self) -> Option<usize>;

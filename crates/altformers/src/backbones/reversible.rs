@@ -64,12 +64,14 @@ use crate::rng::{stream, Rng};
 pub(crate) struct Replay {
     p: f64,
     seed: u64,
+    /// The stream's slice of the batch ([`Rng::shard`]).
+    shard: u64,
 }
 
 impl Replay {
     /// The stream of layer `layer`'s branch `branch` (0: F, 1: G).
     fn rng(&self, layer: usize, branch: u64) -> Rng {
-        Rng::derive(self.seed, stream::DROPOUT, 2 * layer as u64 + branch)
+        Rng::derive(self.seed, stream::DROPOUT, 2 * layer as u64 + branch).for_shard(self.shard)
     }
 }
 
@@ -379,7 +381,10 @@ impl Reversible {
     fn hidden(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>, keep: Option<&Tensor>) -> Result<Tensor> {
         let x = self.embed(tokens, 0)?;
         let (x, replay) = match dropout_rng.filter(|_| self.dropout > 0.0) {
-            Some(rng) => (dropout(&x, self.dropout, rng)?, Some(Replay { p: self.dropout, seed: rng.next_u64() })),
+            Some(rng) => (
+                dropout(&x, self.dropout, rng)?,
+                Some(Replay { p: self.dropout, seed: rng.next_u64(), shard: rng.shard() }),
+            ),
             None => (x, None),
         };
         if !self.recompute {
@@ -441,6 +446,10 @@ impl Backbone for Reversible {
         self.head.forward(&Tensor::cat(&[x1, x2], 2)?, &self.embedding.table)?.i((.., 0, ..))
     }
 
+    fn per_example_dropout(&self) -> bool {
+        self.layers.blocks.iter().all(|b| b.att.per_example_dropout() && b.ffn.per_example_dropout())
+    }
+
     fn window(&self) -> Option<usize> {
         Some(self.context)
     }
@@ -489,7 +498,7 @@ mod tests {
         let layers = model.layers();
         let (x1, x2) = (randn(&[2, 21, 16], 1, DType::F64)?, randn(&[2, 21, 16], 2, DType::F64)?);
         let (dy1, dy2) = (randn(&[2, 21, 16], 3, DType::F64)?, randn(&[2, 21, 16], 4, DType::F64)?);
-        for replay in [None, Some(Replay { p: 0.2, seed: 5 })] {
+        for replay in [None, Some(Replay { p: 0.2, seed: 5, shard: 0 })] {
             for i in 0..2 {
                 let (v1, v2) = (Var::from_tensor(&x1)?, Var::from_tensor(&x2)?);
                 let (y1, y2) = layers.layer(i, v1.as_tensor(), v2.as_tensor(), replay, None)?;

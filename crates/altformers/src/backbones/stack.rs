@@ -412,6 +412,10 @@ impl Backbone for Stack {
         self.logits(&x)?.i((.., 0, ..))
     }
 
+    fn per_example_dropout(&self) -> bool {
+        self.layers.blocks.iter().all(|b| b.att.per_example_dropout() && b.ffn.per_example_dropout())
+    }
+
     /// No learned positions and every mixer's step static (RoPE and the like read the
     /// position in their mixers, which then say no).
     fn static_step(&self) -> bool {

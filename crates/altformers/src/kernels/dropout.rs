@@ -17,6 +17,12 @@ pub fn supports(x: &Tensor) -> bool {
 
 /// `op` applied to a contiguous `x`.
 pub fn forward(s: &CudaStorage, l: &Layout, op: &Dropout) -> Result<CudaStorage> {
+    if op.first != 0 {
+        // data-parallel training runs on the CPU; the kernel draws from element 0
+        candle_core::bail!(
+            "the CUDA dropout kernel draws a mask from its first element only (data-parallel dropout runs on the CPU)"
+        );
+    }
     let dev = launch::device(s);
     Ok(launch::f32_or_bf16!(sfx, [x = (s, l)], run(dev, sfx, &x, op)?, "fused dropout: f32 or bf16 only"))
 }

@@ -55,6 +55,14 @@ pub trait SequenceMixer: Send + Sync {
         false
     }
 
+    /// Whether the dropout masks drawn inside the mixer are laid out example by example (the
+    /// batch the outermost dimension of every tensor it drops from), so that a data-parallel
+    /// worker's slice of the batch draws its part of the whole batch's masks
+    /// ([`crate::rng::Rng::shard`]).
+    fn per_example_dropout(&self) -> bool {
+        true
+    }
+
     /// Training form: `forward` with the dropout the paper puts inside the mixer (attention
     /// probabilities, for attention), drawn from `rng` with probability `p`. Mixers without
     /// internal dropout use `forward`.

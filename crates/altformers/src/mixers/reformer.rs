@@ -478,6 +478,12 @@ impl LshAttention {
 }
 
 impl SequenceMixer for LshAttention {
+    /// The attention's dropout falls on chunks padded to the longest in the whole batch: a
+    /// slice of the batch pads differently, so its masks are not its part of the whole's.
+    fn per_example_dropout(&self) -> bool {
+        false
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !self.causal {
             return self.bidirectional(x, None, None);

@@ -24,7 +24,9 @@ use crate::rng::Rng;
 /// `x` with each element dropped with probability `p` (`0 <= p < 1`) and the rest scaled by
 /// `1 / (1 - p)`, the mask drawn with a seed from `rng`.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-    let Some(op) = draw(p, rng)? else { return Ok(x.clone()) };
+    let Some(mut op) = draw(p, rng)? else { return Ok(x.clone()) };
+    // a data-parallel worker's slice of the batch: its part of the whole batch's mask
+    op.first = rng.shard() * x.elem_count() as u64;
     if fused(x) {
         return x.contiguous()?.apply_op1(op);
     }
@@ -76,16 +78,19 @@ pub struct Dropout {
     pub threshold: u32,
     pub scale: f64,
     pub seed: u64,
+    /// The index in the mask of this tensor's first element: 0, or where a data-parallel
+    /// worker's slice of the batch starts ([`Rng::shard`]).
+    pub first: u64,
 }
 
 impl Dropout {
     pub fn new(p: f64, seed: u64) -> Self {
         let threshold = (p * 4_294_967_296.0).round().min(u32::MAX as f64) as u32;
-        Self { threshold, scale: 1.0 / (1.0 - p), seed }
+        Self { threshold, scale: 1.0 / (1.0 - p), seed, first: 0 }
     }
 
     fn keeps(&self, i: u64) -> bool {
-        bits(self.seed, i) >= self.threshold
+        bits(self.seed, self.first + i) >= self.threshold
     }
 
     /// The multiplier of each of the first `n` elements: `scale` where kept, else 0.

@@ -249,10 +249,10 @@ fn train_on<T: Copy + Into<u32>>(
         if !t.batch_size.is_multiple_of(g.world) {
             bail!("train.batch_size {} is not a multiple of the {} workers", t.batch_size, g.world);
         }
-        if m.dropout > 0.0 {
-            // each worker would draw the masks of the first slice of the batch, not its own
+        if m.dropout > 0.0 && !model.per_example_dropout() {
             bail!(
-                "model.dropout is {}: data-parallel training does not draw dropout masks per worker yet; set model.dropout=0 or train in one process",
+                "`{}` draws dropout masks that cannot be split across workers (model.dropout is {}): set model.dropout=0 or train in one process",
+                m.architecture,
                 m.dropout
             );
         }

@@ -166,7 +166,7 @@ impl Trainer {
     pub fn step(&mut self, model: &Model, task: &dyn Task, step: usize) -> Result<()> {
         let t = &self.train;
         let mut batch_rng = Rng::derive(t.seed, stream::TRAIN_BATCH, step as u64);
-        let mut dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
+        let mut dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64).for_shard(self.shard.0 as u64);
         let batch = task.batch(t.batch_size, &mut batch_rng, model.device())?;
         let batch = match self.shard {
             (_, 1) => batch,

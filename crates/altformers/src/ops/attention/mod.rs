@@ -40,6 +40,9 @@ pub fn causal_attention_with_dropout(
     #[cfg(feature = "cuda")]
     if cuda::supports(q, k, v) {
         let dropout = match dropout {
+            Some((_, rng)) if rng.shard() != 0 => {
+                candle_core::bail!("the fused attention's dropout draws the whole batch's mask only (data-parallel dropout runs on the CPU)")
+            }
             Some((p, rng)) => crate::ops::dropout::draw(p, rng)?,
             None => None,
         };
