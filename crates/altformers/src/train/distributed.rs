@@ -6,7 +6,9 @@
 //! the step and trains on its own slice of the rows ([`super::task::Batch::shard`]); after
 //! the backward pass the gradients are averaged across the workers ([`Group`] as the
 //! training step's [`GradientSync`]), so every worker takes the same AdamW step and holds the
-//! same weights. Only rank 0 writes the run folder and prints.
+//! same weights. Each draws its part of the whole batch's dropout masks
+//! ([`crate::rng::Rng::shard`]) and evaluates its slice of the evaluation batches (the losses
+//! averaged the same way). Only rank 0 writes the run folder and prints.
 //!
 //! The exchange here is over TCP through rank 0, on the CPU: rank 0 adds the workers'
 //! gradients in rank order and sends the mean back, so every worker gets the same bits. It
