@@ -340,8 +340,9 @@ if [ "$what" = decode ]; then
   # three switched off, then all three off (the step before issue 28's work)
   for dt in f32 bf16; do
     stamp "ours $dt"
-    timeout 100 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 --contexts $ctx --batches 1,16 \
-      --dtype $dt --steps 10 --out "$OUT/ours-decode-$dt.jsonl" > /dev/null 2>> "$OUT/ours.err"
+    # batch 1 to 256: where the replayed step stops being bound by launch latency
+    timeout 100 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 --contexts $ctx \
+      --batches 1,4,16,64,256 --memory-cap-gb 120 --dtype $dt --steps 10 --out "$OUT/ours-decode-$dt.jsonl" > /dev/null 2>> "$OUT/ours.err"
     for off in gemv decode-graph rwkv4-step,decode-graph,gemv; do
       stamp "ours $dt without $off"
       ALTFORMERS_UNFUSED=$off timeout 100 $alt bench decode --models rwkv4 --device cuda --width 768 --depth 12 \
