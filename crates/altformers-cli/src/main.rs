@@ -868,9 +868,6 @@ fn run(command: Command) -> Result<()> {
                 workers == 1 || device == "cpu",
                 "--workers runs on the CPU: data-parallel training on GPUs exchanges gradients through NCCL, which is not built yet"
             );
-            if workers * nnodes > 1 && std::env::var(train::distributed::RANK).is_err() {
-                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, &out);
-            }
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
             anyhow::ensure!(stop_after != Some(0), "--stop-after must be at least 1");
@@ -924,6 +921,16 @@ fn run(command: Command) -> Result<()> {
                 }
                 (tokenizer, cfg)
             };
+            let world = workers * nnodes;
+            if world > 1 && std::env::var(train::distributed::RANK).is_err() {
+                // the settings every worker would refuse, refused once here
+                let batch = cfg.train.batch_size;
+                anyhow::ensure!(
+                    batch % world == 0,
+                    "train.batch_size {batch} is not a multiple of the {world} workers"
+                );
+                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, &out);
+            }
             let corpus = Corpus::load(&data, data_format.into())?;
             let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after, init_from };
             let summary = train::train_tokenized(&cfg, &corpus, data_format.into(), &opts, &tokenizer)?;
