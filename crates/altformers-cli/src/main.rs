@@ -682,9 +682,9 @@ fn launch_workers(
     let world = n * nnodes;
     let exe = std::env::current_exe()?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let mut children = Vec::with_capacity(n);
-    for local in 0..n {
-        let rank = node_rank * n + local;
+    // (rank, process) of each worker still running
+    let mut children: Vec<Option<(usize, std::process::Child)>> = Vec::with_capacity(n);
+    for rank in node_rank * n..(node_rank + 1) * n {
         let child = std::process::Command::new(&exe)
             .args(&args)
             .env(RANK, rank.to_string())
@@ -694,18 +694,18 @@ fn launch_workers(
             .stdout(if rank == 0 { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
             .spawn()
             .with_context(|| format!("starting worker rank {rank}"))?;
-        children.push(Some(child));
+        children.push(Some((rank, child)));
     }
     // (rank, status) of each worker that failed, in the order seen
     let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
     // workers still running when another failed, stopped by this launcher
     let mut killed: Vec<usize> = Vec::new();
     loop {
-        for (local, slot) in children.iter_mut().enumerate() {
-            if let Some(child) = slot {
+        for slot in children.iter_mut() {
+            if let Some((rank, child)) = slot {
                 if let Some(status) = child.try_wait()? {
                     if !status.success() {
-                        failed.push((node_rank * n + local, status));
+                        failed.push((*rank, status));
                     }
                     *slot = None;
                 }
@@ -714,57 +714,53 @@ fn launch_workers(
         if !failed.is_empty() {
             // the others would only wait for the failed one until their timeout
             std::thread::sleep(std::time::Duration::from_millis(300));
-            for (local, slot) in children.iter_mut().enumerate() {
-                if let Some(mut child) = slot.take() {
-                    match child.try_wait()? {
-                        Some(status) if !status.success() => failed.push((node_rank * n + local, status)),
-                        Some(_) => {}
-                        None => {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                            killed.push(node_rank * n + local);
-                        }
+            for (rank, mut child) in children.iter_mut().filter_map(Option::take) {
+                match child.try_wait()? {
+                    Some(status) if !status.success() => failed.push((rank, status)),
+                    Some(_) => {}
+                    None => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        killed.push(rank);
                     }
                 }
             }
-            // a worker that stopped because a peer went away is not the cause
-            let stopped_by_peer =
-                |s: &std::process::ExitStatus| s.code() == Some(altformers::train::distributed::PEER_LOST_EXIT);
-            let (causes, followers): (Vec<_>, Vec<_>) = failed.iter().partition(|(_, s)| !stopped_by_peer(s));
-            let list = |v: &[&(usize, std::process::ExitStatus)]| {
-                v.iter().map(|(r, s)| format!("rank {r} ({s})")).collect::<Vec<_>>().join(", ")
-            };
-            let ranks = |v: &[usize]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
-            let what = if !causes.is_empty() {
-                let after = if followers.is_empty() {
-                    String::new()
-                } else {
-                    format!("; {} stopped because it did", list(&followers))
-                };
-                format!("worker {} failed{after}", list(&causes))
-            } else if !killed.is_empty() {
-                // every failure was a peer lost while these still ran: they hung
-                format!(
-                    "worker {} stopped answering and was killed; {} gave up waiting",
-                    ranks(&killed),
-                    list(&followers)
-                )
-            } else {
-                format!("worker {} failed", list(&followers))
-            };
             let checkpoint = if out.join("checkpoint").join("state.json").exists() {
                 "the run folder keeps its last checkpoint (--resume continues, with any --workers)"
             } else {
                 "no checkpoint was written"
             };
             anyhow::bail!(
-                "data-parallel training in {world} workers failed: {what}; every worker was stopped; {checkpoint}"
+                "data-parallel training in {world} workers failed: {}; every worker was stopped; {checkpoint}",
+                which_failed(&failed, &killed)
             );
         }
         if children.iter().all(Option::is_none) {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Which workers failed, the cause first: a worker that stopped because a peer went away
+/// (exit `PEER_LOST_EXIT`) is not the cause; where every failure is such, the cause is the
+/// workers that were `killed` still running (they hung).
+fn which_failed(failed: &[(usize, std::process::ExitStatus)], killed: &[usize]) -> String {
+    let stopped_by_peer =
+        |s: &std::process::ExitStatus| s.code() == Some(altformers::train::distributed::PEER_LOST_EXIT);
+    let (causes, followers): (Vec<_>, Vec<_>) = failed.iter().partition(|(_, s)| !stopped_by_peer(s));
+    let list = |v: &[&(usize, std::process::ExitStatus)]| {
+        v.iter().map(|(r, s)| format!("rank {r} ({s})")).collect::<Vec<_>>().join(", ")
+    };
+    if !causes.is_empty() {
+        let after =
+            if followers.is_empty() { String::new() } else { format!("; {} stopped because it did", list(&followers)) };
+        format!("worker {} failed{after}", list(&causes))
+    } else if !killed.is_empty() {
+        let ranks = killed.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+        format!("worker {ranks} stopped answering and was killed; {} gave up waiting", list(&followers))
+    } else {
+        format!("worker {} failed", list(&followers))
     }
 }
 

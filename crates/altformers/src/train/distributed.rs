@@ -228,14 +228,6 @@ impl GradientSync for Group {
     }
 }
 
-/// Replaces `values` by their mean over the ranks of `group` (alone: unchanged).
-pub fn mean_over_ranks(group: Option<&Group>, values: &mut [f64]) -> Result<()> {
-    match group {
-        Some(g) => g.all_reduce_mean(values),
-        None => Ok(()),
-    }
-}
-
 fn words(w: [u64; 2]) -> Vec<u8> {
     w.iter().flat_map(|x| x.to_le_bytes()).collect()
 }

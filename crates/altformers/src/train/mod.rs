@@ -273,22 +273,17 @@ fn train_on<T: Copy + Into<u32>>(
         folder.restore(&model, &mut trainer.opt, &state)?;
         folder.keep_metrics_up_to(state.step)?;
         (folder, state, history)
-    } else if rank > 0 {
-        let state = TrainState {
-            step: 0,
-            seed: t.seed,
-            data_source: corpus.source.clone(),
-            data_format,
-            data: None,
-            elapsed_s: 0.0,
-        };
-        (RunFolder::unwritten(out), state, Vec::new())
     } else {
         let data = Some(run_folder::CorpusId::of(corpus));
         let state =
             TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, data, elapsed_s: 0.0 };
-        let folder = RunFolder::create(out, config)?;
-        tokenizer.record(&folder.dir)?;
+        let folder = if rank > 0 {
+            RunFolder::unwritten(out)
+        } else {
+            let folder = RunFolder::create(out, config)?;
+            tokenizer.record(&folder.dir)?;
+            folder
+        };
         (folder, state, Vec::new())
     };
     let train_task = ByteLm { split: train, context: m.context };
@@ -348,7 +343,9 @@ fn train_on<T: Copy + Into<u32>>(
                 estimate_shard_loss(&model, &train_task, t.eval_batches, t.batch_size, t.seed, 1, shard)?,
                 estimate_shard_loss(&model, &val_task, t.eval_batches, t.batch_size, t.seed, 0, shard)?,
             ];
-            distributed::mean_over_ranks(group.as_deref(), &mut losses)?;
+            if let Some(g) = &group {
+                g.all_reduce_mean(&mut losses)?;
+            }
             let [train_loss, val_loss] = losses;
             if rank > 0 {
                 // rank 0 writes this step's checkpoint; the others go on training
