@@ -53,12 +53,13 @@ impl<'m> Decoder<'m> {
         false
     }
 
-    /// One token per sequence (`tokens`: one id per sequence) -> logits `[B, V]`. Under
-    /// replay the logits live in the graph's output buffer: read them before the next step.
+    /// One token per sequence (`tokens`: one id per sequence) -> logits `[B, V]`.
     pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.graph {
-            let logits = g.replay(tokens)?;
+            // a copy: the graph's output buffer is overwritten by the next replay (one
+            // device-to-device copy of B x V values, a few microseconds)
+            let logits = g.replay(tokens)?.copy()?;
             self.state.pos += 1;
             for layer in self.state.layers.iter_mut() {
                 layer.pos += 1;
