@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-all|interop [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-all|nccl|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -379,6 +379,32 @@ if [ "$what" = decode-all ]; then
   (cd bench/peers && timeout 150 python3 gpt2_decode.py --contexts $ctxs --tokens 200) > "$OUT/peer-gpt2.jsonl" 2> "$OUT/peer-gpt2.err"
   echo "[$(date +%T)] done" >> "$OUT/ours.err"
   cut -c1-250 "$OUT/ours-decode-all.jsonl" "$OUT/peer-gpt2.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer-gpt2.err"
+fi
+if [ "$what" = nccl ]; then
+  # Issue 23 on the one GPU lent: the baby GPT (bf16, dropout 0.2) trained in one process and
+  # as one NCCL worker (--gpus 1: the launcher, the rendezvous, the gradients through NCCL
+  # all-reduce), the same steps; the NCCL run stopped half-way and resumed without NCCL; the
+  # launcher's refusal of more GPUs than the host has.
+  #   gpu-bench.sh nccl [steps]
+  steps="${2:-200}"; half=$((steps / 2))
+  base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$steps --set train.eval_every=$half --set train.eval_batches=4 --dtype bf16 --quiet"
+  rm -rf /tmp/nccl-*
+  for how in one gpus1; do
+    flags="--device cuda"; [ $how = gpus1 ] && flags="--gpus 1"
+    echo "[$(date +%T)] $how" >> "$OUT/nccl.err"
+    start=$(date +%s%N)
+    run train $base $flags --out /tmp/nccl-$how > "$OUT/nccl-$how.json" 2>> "$OUT/nccl.err"
+    echo "$how rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" >> "$OUT/nccl-summary.txt"
+    cp /tmp/nccl-$how/metrics.jsonl "$OUT/nccl-$how.metrics.jsonl" 2>/dev/null
+  done
+  ls -la /tmp/altformers-nccl/ >> "$OUT/nccl-summary.txt" 2>&1
+  echo "[$(date +%T)] stop and resume" >> "$OUT/nccl.err"
+  run train $base --gpus 1 --stop-after $half --out /tmp/nccl-resumed > /dev/null 2>> "$OUT/nccl.err"
+  run train --model transformer --data shakespeare --resume --device cuda --dtype bf16 --quiet --out /tmp/nccl-resumed > "$OUT/nccl-resumed.json" 2>> "$OUT/nccl.err"
+  cp /tmp/nccl-resumed/metrics.jsonl "$OUT/nccl-resumed.metrics.jsonl" 2>/dev/null
+  echo "[$(date +%T)] two GPUs on a host of one" >> "$OUT/nccl.err"
+  run train $base --gpus 2 --out /tmp/nccl-two > /dev/null 2> "$OUT/nccl-two.err"; echo "gpus2 rc=$?" >> "$OUT/nccl-summary.txt"
+  cat "$OUT/nccl-summary.txt" "$OUT"/nccl-*.json "$OUT/nccl-two.err"; tail -n 5 "$OUT/nccl.err"
 fi
 if [ "$what" = interop ]; then
   # Issue 26: the Hugging Face round trip against this machine's transformers.

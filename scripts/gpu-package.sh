@@ -44,7 +44,11 @@ if [ ! -x "$bin" ]; then
   mv "$bin.part" "$bin"
 fi
 NVLIB=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-export LD_LIBRARY_PATH="$NVLIB:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+# NCCL (data-parallel training): PyTorch's wheel carries libnccl.so.2, which cudarc looks
+# for as libnccl.so
+NCCL_SO=$(ls "$(dirname "$NVLIB")"/../*/lib/libnccl.so* "$NVLIB"/libnccl.so* 2>/dev/null | head -1)
+if [ -n "$NCCL_SO" ]; then mkdir -p /tmp/altformers-nccl && ln -sf "$NCCL_SO" /tmp/altformers-nccl/libnccl.so; fi
+export LD_LIBRARY_PATH="$NVLIB:/tmp/altformers-nccl:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 exec "$bin" "$@"
 RUN
 chmod +x .gpu/run.sh
@@ -53,7 +57,11 @@ cat > .gpu/run-tests.sh <<'RUN'
 # On the GPU machine: unpack and run every carried GPU test binary; non-zero if any fails.
 here="$(cd "$(dirname "$0")" && pwd)"
 NVLIB=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-export LD_LIBRARY_PATH="$NVLIB:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+# NCCL (data-parallel training): PyTorch's wheel carries libnccl.so.2, which cudarc looks
+# for as libnccl.so
+NCCL_SO=$(ls "$(dirname "$NVLIB")"/../*/lib/libnccl.so* "$NVLIB"/libnccl.so* 2>/dev/null | head -1)
+if [ -n "$NCCL_SO" ]; then mkdir -p /tmp/altformers-nccl && ln -sf "$NCCL_SO" /tmp/altformers-nccl/libnccl.so; fi
+export LD_LIBRARY_PATH="$NVLIB:/tmp/altformers-nccl:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 rc=0
 for t in "$here"/tests/*.xz; do
   exe=/tmp/$(basename "$t" .xz)

@@ -139,6 +139,11 @@ enum Command {
         /// equals one process's; rank 0 writes the run folder. --resume may use another N.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Data-parallel training on N GPUs of this host, one worker each (GPU 0 to N - 1), the
+        /// gradients averaged by NCCL all-reduce: as --workers, on CUDA (--device defaults to
+        /// cuda).
+        #[arg(long)]
+        gpus: Option<usize>,
         /// Several hosts: how many (one launcher each, all with the same --workers), as
         /// torchrun's --nnodes.
         #[arg(long, default_value_t = 1)]
@@ -673,8 +678,13 @@ fn launch_workers(
     node_rank: usize,
     endpoint: Option<String>,
     out: &std::path::Path,
+    gpus: bool,
 ) -> Result<()> {
-    use altformers::train::distributed::{RANK, RENDEZVOUS, WORLD_SIZE};
+    use altformers::train::distributed::{LOCAL_RANK, RANK, RENDEZVOUS, WORLD_SIZE};
+    if gpus {
+        let visible = altformers::device::cuda_count()?;
+        anyhow::ensure!(n <= visible, "--gpus {n}: this host has {visible} CUDA GPU(s) visible");
+    }
     let endpoint = match endpoint {
         Some(e) => e,
         None => format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()),
@@ -685,9 +695,17 @@ fn launch_workers(
     // (rank, process) of each worker still running
     let mut children: Vec<Option<(usize, std::process::Child)>> = Vec::with_capacity(n);
     for rank in node_rank * n..(node_rank + 1) * n {
-        let child = std::process::Command::new(&exe)
+        let mut command = std::process::Command::new(&exe);
+        if gpus {
+            // NVLink multicast stays off in every worker (it can put the host's GPUs out of
+            // service on the machines this project runs on)
+            #[cfg(feature = "cuda")]
+            command.envs(altformers::train::nccl::NVLS_OFF);
+        }
+        let child = command
             .args(&args)
             .env(RANK, rank.to_string())
+            .env(LOCAL_RANK, (rank - node_rank * n).to_string())
             .env(WORLD_SIZE, world.to_string())
             .env(RENDEZVOUS, &endpoint)
             // rank 0 prints the run's summary; the others' output would repeat it
@@ -740,6 +758,23 @@ fn launch_workers(
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// `(workers, device)` of `train`: `--gpus N` is N workers on CUDA, one GPU each (the worker
+/// of local rank r on GPU r).
+fn workers_and_device(workers: usize, gpus: Option<usize>, device: String) -> Result<(usize, String)> {
+    let Some(n) = gpus else { return Ok((workers, device)) };
+    anyhow::ensure!(workers == 1, "--gpus N starts N workers, one per GPU: drop --workers");
+    anyhow::ensure!(n >= 1, "--gpus must be at least 1");
+    anyhow::ensure!(
+        device == "cpu" || device == "cuda",
+        "--gpus uses GPUs 0 to N - 1 of this host: drop --device {device}"
+    );
+    let device = match std::env::var(altformers::train::distributed::LOCAL_RANK) {
+        Ok(local) => format!("cuda:{}", local.trim()),
+        Err(_) => "cuda".to_string(),
+    };
+    Ok((n, device))
 }
 
 /// Which workers failed, the cause first: a worker that stopped because a peer went away
@@ -847,10 +882,12 @@ fn run(command: Command) -> Result<()> {
             tokenizer,
             init_from,
             workers,
+            gpus,
             nnodes,
             node_rank,
             rdzv_endpoint,
         } => {
+            let (workers, device) = workers_and_device(workers, gpus, device)?;
             anyhow::ensure!(workers >= 1 && nnodes >= 1, "--workers and --nnodes must be at least 1");
             anyhow::ensure!(
                 node_rank < nnodes,
@@ -860,14 +897,9 @@ fn run(command: Command) -> Result<()> {
                 nnodes == 1 || rdzv_endpoint.is_some(),
                 "--nnodes {nnodes}: give --rdzv-endpoint host:port (where node 0 listens)"
             );
-            anyhow::ensure!(
-                workers == 1 || device == "cpu",
-                "--workers runs on the CPU: data-parallel training on GPUs exchanges gradients through NCCL, which is not built yet"
-            );
             let data = data.context("--task lm trains on --data (shakespeare or a path)")?;
             non_empty(&[("--out", &out), ("--data", std::path::Path::new(&data))])?;
             anyhow::ensure!(stop_after != Some(0), "--stop-after must be at least 1");
-            let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
             let cfg = if resume {
                 if config.is_some() || !sets.is_empty() {
@@ -918,15 +950,18 @@ fn run(command: Command) -> Result<()> {
                 (tokenizer, cfg)
             };
             let world = workers * nnodes;
-            if world > 1 && std::env::var(train::distributed::RANK).is_err() {
+            // --gpus 1 too: one worker whose gradients go through NCCL, as torchrun's one process
+            if (world > 1 || gpus.is_some()) && std::env::var(train::distributed::RANK).is_err() {
                 // the settings every worker would refuse, refused once here
                 let batch = cfg.train.batch_size;
                 anyhow::ensure!(
                     batch % world == 0,
                     "train.batch_size {batch} is not a multiple of the {world} workers"
                 );
-                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, &out);
+                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, &out, gpus.is_some());
             }
+            // opened here, not before: a launcher (above) leaves the GPUs to its workers
+            let device = altformers::device::select(&device)?;
             let corpus = Corpus::load(&data, data_format.into())?;
             let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after, init_from };
             let summary = train::train_tokenized(&cfg, &corpus, data_format.into(), &opts, &tokenizer)?;

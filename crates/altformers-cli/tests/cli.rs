@@ -1036,6 +1036,11 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
         fails_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle);
     };
     refused(&["--workers", "3"], "train.batch_size 4 is not a multiple of the 3 workers");
+    // --gpus: the GPUs 0 to N - 1 of the host, one worker each
+    refused(&["--gpus", "2", "--workers", "2"], "--gpus N starts N workers, one per GPU: drop --workers");
+    refused(&["--gpus", "1", "--device", "cuda:1"], "--gpus uses GPUs 0 to N - 1 of this host");
+    #[cfg(not(feature = "cuda"))]
+    refused(&["--gpus", "1"], "built without CUDA support");
     let o = out.to_str().unwrap();
     let reformer = ["train", "--model", "reformer", "--data", "shakespeare", "--out", o, "--quiet", "--threads", "1"];
     let dropout = ["--set", "model.dropout=0.1", "--set", "train.batch_size=4", "--workers", "2"];

@@ -15,6 +15,23 @@ pub fn select(name: &str) -> Result<Device> {
     }
 }
 
+/// How many CUDA GPUs this process sees (an error where this build has no CUDA or the driver
+/// cannot be loaded).
+#[cfg(feature = "cuda")]
+pub fn cuda_count() -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::CudaContext;
+    match std::panic::catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) => Ok(n as usize),
+        Ok(Err(e)) => bail!("cannot count the CUDA GPUs: {e}"),
+        Err(_) => bail!("cannot count the CUDA GPUs: the CUDA driver could not be loaded"),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_count() -> Result<usize> {
+    bail!("this binary was built without CUDA support; rebuild with `--features cuda` (see README, GPU section)")
+}
+
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
     // With dynamically loaded CUDA libraries, candle panics when they are absent.

@@ -10,9 +10,10 @@
 
 #define DROPOUT(SUFFIX, T)                                                                               \
     extern "C" __global__ void dropout_##SUFFIX(const T* x, T* y, long long n, unsigned int seed_lo,     \
-                                                unsigned int seed_hi, unsigned int threshold, float scale) { \
+                                                unsigned int seed_hi, unsigned int threshold, float scale,   \
+                                                unsigned long long first) {                                  \
         map1(x, y, n, [=](float v, long long i) {                                                        \
-            return dropout_bits(seed_lo, seed_hi, (unsigned long long)i) >= threshold ? v * scale : 0.f; \
+            return dropout_bits(seed_lo, seed_hi, first + (unsigned long long)i) >= threshold ? v * scale : 0.f; \
         });                                                                                              \
     }
 

@@ -17,12 +17,6 @@ pub fn supports(x: &Tensor) -> bool {
 
 /// `op` applied to a contiguous `x`.
 pub fn forward(s: &CudaStorage, l: &Layout, op: &Dropout) -> Result<CudaStorage> {
-    if op.first != 0 {
-        // data-parallel training runs on the CPU; the kernel draws from element 0
-        candle_core::bail!(
-            "the CUDA dropout kernel draws a mask from its first element only (data-parallel dropout runs on the CPU)"
-        );
-    }
     let dev = launch::device(s);
     Ok(launch::f32_or_bf16!(sfx, [x = (s, l)], run(dev, sfx, &x, op)?, "fused dropout: f32 or bf16 only"))
 }
@@ -34,7 +28,7 @@ fn run<T: CudaDType + DeviceRepr>(dev: &CudaDevice, sfx: &str, x: &CudaView<T>, 
         let func = launch::func(dev, MODULE, ptx::DROPOUT, &format!("dropout_{sfx}"))?;
         let (n_i, lo, hi, scale) = (n as i64, op.seed as u32, (op.seed >> 32) as u32, op.scale as f32);
         let mut b = func.builder();
-        b.arg(x).arg(&mut out).arg(&n_i).arg(&lo).arg(&hi).arg(&op.threshold).arg(&scale);
+        b.arg(x).arg(&mut out).arg(&n_i).arg(&lo).arg(&hi).arg(&op.threshold).arg(&scale).arg(&op.first);
         // SAFETY: the input and the output hold n elements; every element is written.
         unsafe { b.launch(launch::elementwise_config(n)) }.w()?;
     }

@@ -10,10 +10,10 @@
 //! ([`crate::rng::Rng::shard`]) and evaluates its slice of the evaluation batches (the losses
 //! averaged the same way). Only rank 0 writes the run folder and prints.
 //!
-//! The exchange here is over TCP through rank 0, on the CPU: rank 0 adds the workers'
-//! gradients in rank order and sends the mean back, so every worker gets the same bits. It
-//! is what runs the data-parallel logic without GPUs (and what the tests check); on GPUs the
-//! exchange belongs to NCCL, not built yet, so `--workers` refuses a CUDA device.
+//! On the CPU the exchange is over TCP through rank 0: rank 0 adds the workers' gradients in
+//! rank order and sends the mean back, so every worker gets the same bits. On GPUs
+//! (`--gpus N`, one worker per GPU, [`LOCAL_RANK`] choosing it) the workers only meet here
+//! and NCCL averages the gradients ([`super::nccl`]).
 //!
 //! A worker that dies closes its connection, and one that hangs stops answering: the others
 //! fail within [`timeout`] naming the rank, and the launcher stops every worker and says
@@ -36,6 +36,8 @@ pub const RANK: &str = "ALTFORMERS_RANK";
 pub const WORLD_SIZE: &str = "ALTFORMERS_WORLD_SIZE";
 /// `host:port` where rank 0 listens for the others.
 pub const RENDEZVOUS: &str = "ALTFORMERS_RENDEZVOUS";
+/// The worker's place on its host, 0 to workers per host - 1: its GPU under `--gpus`.
+pub const LOCAL_RANK: &str = "ALTFORMERS_LOCAL_RANK";
 /// Seconds a worker waits for the others (to meet, or for their gradients) before it fails.
 pub const TIMEOUT_S: &str = "ALTFORMERS_TIMEOUT_S";
 
@@ -170,25 +172,60 @@ impl Group {
             let n = self.world as f64;
             data.iter_mut().for_each(|d| *d /= n);
             for (i, link) in self.links.iter().enumerate() {
-                send(link, data).context(PeerLost(i + 1))?;
+                send(link, data).context(PeerLost(Some(i + 1)))?;
             }
         } else {
-            send(&self.links[0], data).context(PeerLost(0))?;
+            send(&self.links[0], data).context(PeerLost(Some(0)))?;
             receive(&self.links[0], data, 0)?;
         }
         Ok(())
     }
 }
 
+impl Group {
+    /// Rank 0's `bytes` on every rank (NCCL's unique id, handed out at the rendezvous).
+    pub fn broadcast_bytes(&self, bytes: &mut [u8]) -> Result<()> {
+        if self.rank == 0 {
+            for (i, mut link) in self.links.iter().enumerate() {
+                link.write_all(bytes).context(PeerLost(Some(i + 1)))?;
+            }
+        } else {
+            (&self.links[0]).read_exact(bytes).context(PeerLost(Some(0)))?;
+        }
+        Ok(())
+    }
+
+    /// The ranks whose connection to this one has closed (a worker that exited; one that
+    /// hangs keeps its connection open). Rank 0 sees every other rank, the others rank 0.
+    pub fn closed_peers(&self) -> Vec<usize> {
+        let mut closed = Vec::new();
+        for (i, link) in self.links.iter().enumerate() {
+            let peer = if self.rank == 0 { i + 1 } else { 0 };
+            let mut byte = [0u8; 1];
+            if link.set_nonblocking(true).is_ok() {
+                if let Ok(0) = link.peek(&mut byte) {
+                    closed.push(peer);
+                }
+                link.set_nonblocking(false).ok();
+            }
+        }
+        closed
+    }
+}
+
 /// The error of a worker whose peer `0` went away: not this worker's own failure. A worker
 /// exits with [`PEER_LOST_EXIT`] for it, so the launcher can name the worker that failed
 /// first.
+/// `None`: this worker cannot tell which (NCCL does not say).
 #[derive(Debug)]
-pub struct PeerLost(pub usize);
+pub struct PeerLost(pub Option<usize>);
 
 impl std::fmt::Display for PeerLost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "rank {} stopped answering (it exited, crashed or hangs)", self.0)
+        match self.0 {
+            Some(rank) => write!(f, "rank {rank} stopped answering (it exited, crashed or hangs)"),
+            None => write!(f, "another rank stopped answering (it exited, crashed or hangs)"),
+        }
     }
 }
 
@@ -252,7 +289,7 @@ fn send(mut link: &TcpStream, data: &[f64]) -> Result<()> {
 /// workers disagree about the model).
 fn receive(mut link: &TcpStream, data: &mut [f64], peer: usize) -> Result<()> {
     let mut len = [0u8; 8];
-    link.read_exact(&mut len).context(PeerLost(peer))?;
+    link.read_exact(&mut len).context(PeerLost(Some(peer)))?;
     let n = u64::from_le_bytes(len) as usize;
     if n != data.len() {
         bail!(
@@ -261,7 +298,7 @@ fn receive(mut link: &TcpStream, data: &mut [f64], peer: usize) -> Result<()> {
         );
     }
     let mut bytes = vec![0u8; 8 * n];
-    link.read_exact(&mut bytes).context(PeerLost(peer))?;
+    link.read_exact(&mut bytes).context(PeerLost(Some(peer)))?;
     for (d, c) in data.iter_mut().zip(bytes.chunks_exact(8)) {
         *d = f64::from_le_bytes(c.try_into().expect("8 bytes"));
     }

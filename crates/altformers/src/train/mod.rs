@@ -9,6 +9,8 @@
 pub mod distributed;
 pub mod listops;
 pub mod lock;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod optim;
 pub mod run_folder;
 pub mod step;
@@ -243,9 +245,6 @@ fn train_on<T: Copy + Into<u32>>(
     let group = distributed::Group::from_env()?.map(std::sync::Arc::new);
     let rank = group.as_ref().map_or(0, |g| g.rank);
     if let Some(g) = &group {
-        if !opts.device.is_cpu() {
-            bail!("data-parallel training on GPUs exchanges gradients through NCCL, which is not built yet: --workers runs on the CPU");
-        }
         if !t.batch_size.is_multiple_of(g.world) {
             bail!("train.batch_size {} is not a multiple of the {} workers", t.batch_size, g.world);
         }
@@ -256,7 +255,7 @@ fn train_on<T: Copy + Into<u32>>(
                 m.dropout
             );
         }
-        trainer.sync = Box::new(g.clone());
+        trainer.sync = gradient_sync(g.clone(), &opts.device)?;
         trainer.shard = (g.rank, g.world);
     }
     let verbose = opts.verbose && rank == 0;
@@ -423,4 +422,16 @@ fn progress_bar(verbose: bool, len: u64, pos: u64) -> indicatif::ProgressBar {
     );
     bar.set_position(pos);
     bar
+}
+
+/// How a data-parallel worker's gradients meet the others': through rank 0 over TCP on the
+/// CPU ([`distributed::Group`]), by NCCL all-reduce between GPUs ([`nccl::NcclGroup`]).
+fn gradient_sync(group: std::sync::Arc<distributed::Group>, device: &Device) -> Result<Box<dyn step::GradientSync>> {
+    match device {
+        Device::Cpu => Ok(Box::new(group)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(Box::new(nccl::NcclGroup::connect(group, device, distributed::timeout()?)?)),
+        #[allow(unreachable_patterns)]
+        _ => bail!("data-parallel training on {device:?}: this build exchanges gradients on the CPU or, with CUDA, through NCCL"),
+    }
 }

@@ -24,3 +24,18 @@ fn dropout_matches_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// A data-parallel worker's slice (`Rng::for_shard`): the kernel's mask over the second half
+/// of a tensor, drawn as shard 1, is the CPU's mask of the whole tensor there.
+#[test]
+fn a_workers_slice_draws_its_part_of_the_whole_mask() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let (rows, cols) = (6, 1001);
+    let x = randn(&[rows, cols], 3, DType::F32)?;
+    let whole = dropout(&x, 0.4, &mut Rng::new(11))?.narrow(0, 3, 3)?;
+    let half = dropout(&x.narrow(0, 3, 3)?.to_device(&gpu)?, 0.4, &mut Rng::new(11).for_shard(1))?;
+    let (w, h) =
+        (whole.flatten_all()?.to_vec1::<f32>()?, half.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+    anyhow::ensure!(w == h, "shard 1's mask differs from the whole mask's second half");
+    Ok(())
+}

@@ -166,7 +166,7 @@ fn mixer_entry_point_dispatches_to_fused() {
     let k = random_bf16((2, 2, 65, 64), 2).to_device(&dev).unwrap();
     let v = random_bf16((2, 2, 65, 64), 3).to_device(&dev).unwrap();
     let via_mixer = causal_attention_with_dropout(&q, &k, &v, 0, None).unwrap();
-    let fused = flash_attention::causal_attention(&q, &k, &v, 0, None).unwrap();
+    let fused = flash_attention::causal_attention(&q, &k, &v, 0, None, 0).unwrap();
     let diff = (via_mixer.to_dtype(DType::F32).unwrap() - fused.to_dtype(DType::F32).unwrap())
         .unwrap()
         .abs()
@@ -246,7 +246,7 @@ fn sliced_batch(p: f64) {
     let dev = Device::new_cuda(0).unwrap();
     let on_gpu = |x: &Tensor| Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
     let (qg, kg, vg) = (on_gpu(&q), on_gpu(&k), on_gpu(&v));
-    let out = flash_attention::causal_attention(&qg, &kg, &vg, 0, draw(p, &mut Rng::new(5)).unwrap()).unwrap();
+    let out = flash_attention::causal_attention(&qg, &kg, &vg, 0, draw(p, &mut Rng::new(5)).unwrap(), 0).unwrap();
     assert_close(&format!("B 65538 dropout {p}: output"), &out, &out_ref);
     let grads = out.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, var, var_ref) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
@@ -256,4 +256,23 @@ fn sliced_batch(p: f64) {
             grads_ref.get(var_ref.as_tensor()).unwrap(),
         );
     }
+}
+
+/// A data-parallel worker's slice of the batch (`Rng::for_shard`) draws its sequences' part of
+/// the whole batch's mask: the fused kernel on sequences 2..4 as shard 1 of 2 gives the
+/// reference's rows for those sequences of the whole batch.
+#[test]
+fn a_workers_slice_draws_its_part_of_the_whole_batch_mask() {
+    let (b, h, t, dh) = (4, 2, 32, 64);
+    let [q, k, v] = [21, 22, 23].map(|s| random_bf16((b, h, t, dh), s));
+    let f32_of = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+    let whole = causal_attention_reference(&f32_of(&q), &f32_of(&k), &f32_of(&v), 0, Some((0.3, &mut Rng::new(7))))
+        .unwrap()
+        .narrow(0, 2, 2)
+        .unwrap();
+    let dev = Device::new_cuda(0).unwrap();
+    let slice = |x: &Tensor| x.narrow(0, 2, 2).unwrap().to_device(&dev).unwrap();
+    let mut rng = Rng::new(7).for_shard(1);
+    let part = causal_attention_with_dropout(&slice(&q), &slice(&k), &slice(&v), 0, Some((0.3, &mut rng))).unwrap();
+    assert_close("shard 1 of a batch of 4, dropout 0.3", &part, &whole);
 }

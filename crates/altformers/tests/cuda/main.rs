@@ -15,6 +15,7 @@ mod gather;
 mod gemv;
 mod layernorm;
 mod models;
+mod nccl;
 mod reformer;
 mod softmax;
 

@@ -178,13 +178,20 @@ impl ForwardKernel {
 /// [B, KVH, S, d_h]` (query t sees keys s <= offset + t; query head h uses K/V head
 /// h / (H / KVH)), scale 1/sqrt(d_h), fused forward and backward, with `dropout` on the
 /// probabilities (the mask of [`crate::ops::dropout`] over the `[B, H, T, S]` probabilities,
-/// as the unfused path draws it; the `mma.sync` forward then, which has it). Requires
-/// [`supports`].
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, dropout: Option<Dropout>) -> Result<Tensor> {
+/// as the unfused path draws it; the `mma.sync` forward then, which has it), `first` the
+/// batch's first sequence in the mask (a data-parallel worker's slice). Requires [`supports`].
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    offset: usize,
+    dropout: Option<Dropout>,
+    first: usize,
+) -> Result<Tensor> {
     let forward = ForwardKernel::from_env()?;
     let b = q.dim(0)?;
     if b <= MAX_GRID_YZ {
-        return causal_attention_with(q, k, v, offset, forward, dropout, 0);
+        return causal_attention_with(q, k, v, offset, forward, dropout, first);
     }
     // The grid's batch axis holds 65535 sequences; more (MegaByte's local model runs one per
     // patch: 16 x 64K bytes in patches of 8 is 131072) go in slices of the batch.
@@ -193,7 +200,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, dropo
         .map(|start| {
             let n = MAX_GRID_YZ.min(b - start);
             let part = |x: &Tensor| x.narrow(0, start, n);
-            causal_attention_with(&part(q)?, &part(k)?, &part(v)?, offset, forward, dropout, start)
+            causal_attention_with(&part(q)?, &part(k)?, &part(v)?, offset, forward, dropout, first + start)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&slices, 0)

@@ -39,14 +39,12 @@ pub fn causal_attention_with_dropout(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda::supports(q, k, v) {
-        let dropout = match dropout {
-            Some((_, rng)) if rng.shard() != 0 => {
-                candle_core::bail!("the fused attention's dropout draws the whole batch's mask only (data-parallel dropout runs on the CPU)")
-            }
-            Some((p, rng)) => crate::ops::dropout::draw(p, rng)?,
-            None => None,
+        // a data-parallel worker's slice of the batch: its sequences' part of the mask
+        let (dropout, first) = match dropout {
+            Some((p, rng)) => (crate::ops::dropout::draw(p, rng)?, rng.shard() as usize * q.dim(0)?),
+            None => (None, 0),
         };
-        return cuda::causal_attention(q, k, v, offset, dropout);
+        return cuda::causal_attention(q, k, v, offset, dropout, first);
     }
     causal_attention_reference(q, k, v, offset, dropout)
 }

@@ -1,0 +1,243 @@
+//! Gradients averaged by NCCL: data-parallel training on GPUs (issue 23), the engine PyTorch's
+//! DistributedDataParallel uses. The workers meet over [`Group`]'s TCP rendezvous, where rank
+//! 0 hands out NCCL's unique id (torchrun's store does the same); from then on the gradients
+//! never leave the GPUs: each step they are packed into buckets of about
+//! [`BUCKET_BYTES`] (DDP's 25 MB), each bucket averaged by one in-place NCCL all-reduce on
+//! the worker's stream, and the averaged buckets are cut back into the gradients (views, no
+//! copy). Everything around the exchange (the global batch, the shards, the evaluation, the
+//! launcher, resuming) is [`super::distributed`]'s, shared with the CPU workers.
+//!
+//! candle's backward hands over every gradient at once, so the buckets are reduced after it,
+//! not overlapped with it as DDP's autograd hooks do.
+//!
+//! Faults: NCCL waits forever for a rank that died or hangs. A worker waits for its
+//! reduction against a deadline ([`super::distributed::timeout`]); past it, or on an
+//! asynchronous NCCL error, it aborts the communicator (`ncclCommAbort`, as PyTorch's
+//! watchdog does) and fails with [`PeerLost`], naming the ranks whose rendezvous connection
+//! closed where it can see them. The launcher then stops the others and names the cause.
+//!
+//! NVLink multicast (NVLS) is switched off in every worker: on the machines this project
+//! runs on it can put the host's GPUs out of service.
+
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream};
+use candle_core::{DType, Device, Tensor};
+use cudarc::nccl::{result, sys};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::distributed::{Group, PeerLost};
+use super::step::GradientSync;
+use crate::params::ParamStore;
+
+/// The size a bucket of gradients grows to before it is reduced (the last may be smaller).
+pub const BUCKET_BYTES: usize = 25 << 20;
+
+/// The environment NCCL reads to keep NVLink multicast off; set in every worker.
+pub const NVLS_OFF: [(&str, &str); 3] =
+    [("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")];
+
+/// One worker's NCCL communicator, on the stream candle runs its GPU work on.
+pub struct NcclGroup {
+    tcp: Arc<Group>,
+    comm: sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    bucket_bytes: usize,
+    timeout: Duration,
+    /// Set once `ncclCommAbort` has freed the communicator (it must not be destroyed again).
+    aborted: std::cell::Cell<bool>,
+}
+
+impl NcclGroup {
+    /// Starts NCCL among the workers `tcp` connects, each on its own GPU (`device`).
+    pub fn connect(tcp: Arc<Group>, device: &Device, timeout: Duration) -> Result<NcclGroup> {
+        let Device::Cuda(cuda) = device else {
+            bail!("NCCL exchanges gradients between GPUs: this worker's device is the CPU");
+        };
+        for (name, value) in NVLS_OFF {
+            if std::env::var(name).ok().as_deref() != Some(value) {
+                bail!("{name} must be {value} in every worker (NVLink multicast stays off); the launcher sets it");
+            }
+        }
+        if !unsafe { sys::is_culib_present() } {
+            bail!(
+                "NCCL's library (libnccl.so) could not be loaded: put the folder holding it on LD_LIBRARY_PATH (PyTorch's wheels carry it in nvidia/nccl/lib)"
+            );
+        }
+        let stream = cuda.cuda_stream();
+        stream.context().bind_to_thread()?;
+        let mut id = [0u8; 128];
+        if tcp.rank == 0 {
+            let uid = result::get_uniqueid().map_err(|e| nccl_error("creating the unique id", e.0, None))?;
+            id.iter_mut().zip(uid.internal).for_each(|(b, c)| *b = c as u8);
+        }
+        tcp.broadcast_bytes(&mut id)?;
+        let uid = sys::ncclUniqueId { internal: id.map(|b| b as std::ffi::c_char) };
+        let mut comm = std::mem::MaybeUninit::uninit();
+        unsafe { result::comm_init_rank(comm.as_mut_ptr(), tcp.world as i32, uid, tcp.rank as i32) }.map_err(|e| {
+            nccl_error(
+                &format!(
+                    "rank {} of {} joining the communicator (each worker needs a GPU of its own)",
+                    tcp.rank, tcp.world
+                ),
+                e.0,
+                None,
+            )
+        })?;
+        let comm = unsafe { comm.assume_init() };
+        Ok(NcclGroup { tcp, comm, stream, bucket_bytes: BUCKET_BYTES, timeout, aborted: Default::default() })
+    }
+
+    /// Smaller buckets (tests: many buckets on a tiny model).
+    pub fn with_bucket_bytes(mut self, bytes: usize) -> NcclGroup {
+        self.bucket_bytes = bytes.max(1);
+        self
+    }
+
+    /// Enqueues the in-place average of `t` (contiguous, on this worker's GPU) over the ranks.
+    fn enqueue_mean(&self, t: &Tensor) -> Result<()> {
+        if self.aborted.get() {
+            bail!("NCCL: the communicator was aborted after an earlier failure");
+        }
+        let Device::Cuda(dev) = t.device() else { bail!("NCCL all-reduce of a tensor on the CPU") };
+        let kind = match t.dtype() {
+            DType::F32 => sys::ncclDataType_t::ncclFloat32,
+            DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
+            DType::F16 => sys::ncclDataType_t::ncclFloat16,
+            DType::F64 => sys::ncclDataType_t::ncclFloat64,
+            other => bail!("NCCL all-reduce of {other:?} gradients"),
+        };
+        let n = t.elem_count();
+        crate::kernels::launch::with_addresses(dev, "nccl all-reduce", &[Some(t)], |a| {
+            let ptr = a[0] as *mut std::ffi::c_void;
+            unsafe {
+                result::all_reduce(
+                    ptr,
+                    ptr,
+                    n,
+                    kind,
+                    sys::ncclRedOp_t::ncclAvg,
+                    self.comm,
+                    self.stream.cu_stream() as sys::cudaStream_t,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| candle_core::Error::Msg(nccl_error("all-reduce", e.0, Some(self.comm)).to_string()))
+        })?;
+        Ok(())
+    }
+
+    /// Waits until the stream has done everything enqueued so far, at most the timeout: a
+    /// hung or dead peer leaves NCCL's kernel waiting, and reading any result would block
+    /// forever. Past the deadline, or on an NCCL error, the communicator is aborted.
+    fn wait(&self) -> Result<()> {
+        let done: CudaEvent = self.stream.record_event(None)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if done.try_is_complete()? {
+                return Ok(());
+            }
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+            let failed = !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress);
+            if failed || Instant::now() > deadline {
+                unsafe { result::comm_abort(self.comm) }.ok();
+                self.aborted.set(true);
+                let gone = self.tcp.closed_peers();
+                let why = if failed {
+                    format!("NCCL failed during the gradient all-reduce ({})", error_string(state))
+                } else {
+                    format!("the gradient all-reduce did not finish within {:.0} s", self.timeout.as_secs_f64())
+                };
+                return Err(anyhow::Error::msg(PeerLost(gone.first().copied()))
+                    .context(format!("{why}; the communicator was aborted")));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+impl Drop for NcclGroup {
+    fn drop(&mut self) {
+        if !self.aborted.get() {
+            unsafe { result::comm_destroy(self.comm) }.ok();
+        }
+    }
+}
+
+/// The gradients of every parameter averaged over the ranks, in bucket after bucket of
+/// parameters of one dtype, registry order. A parameter some rank's slice did not reach
+/// counts as zeros there; one that no rank's reached keeps no gradient (as one process).
+impl GradientSync for NcclGroup {
+    fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()> {
+        let vars = params.vars();
+        let Some((_, first)) = vars.first() else { return Ok(()) };
+        let device = first.var.as_tensor().device().clone();
+        // 1 where this rank has the gradient: averaged, above 0 where any rank has
+        let has: Vec<f32> = vars.iter().map(|(_, p)| grads.get(p.var.as_tensor()).map_or(0.0, |_| 1.0)).collect();
+        let has = Tensor::from_vec(has, vars.len(), &device)?;
+        self.enqueue_mean(&has)?;
+        // buckets: runs of parameters of one dtype up to bucket_bytes
+        let mut buckets: Vec<(usize, usize)> = Vec::new();
+        let (mut start, mut bytes) = (0usize, 0usize);
+        for (i, (_, p)) in vars.iter().enumerate() {
+            let t = p.var.as_tensor();
+            let size = t.elem_count() * t.dtype().size_in_bytes();
+            if i > start && (bytes + size > self.bucket_bytes || t.dtype() != vars[start].1.var.as_tensor().dtype()) {
+                buckets.push((start, i));
+                (start, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        buckets.push((start, vars.len()));
+        let mut reduced = Vec::with_capacity(buckets.len());
+        for &(from, to) in &buckets {
+            let parts = vars[from..to]
+                .iter()
+                .map(|(_, p)| {
+                    let t = p.var.as_tensor();
+                    match grads.get(t) {
+                        Some(g) => g.flatten_all(),
+                        None => Tensor::zeros(t.elem_count(), t.dtype(), t.device()),
+                    }
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let flat = Tensor::cat(&parts, 0)?;
+            self.enqueue_mean(&flat)?;
+            reduced.push(flat);
+        }
+        self.wait()?;
+        let has = has.to_vec1::<f32>()?;
+        for (&(from, to), flat) in buckets.iter().zip(&reduced) {
+            let mut at = 0;
+            for (i, (_, p)) in vars.iter().enumerate().take(to).skip(from) {
+                let t = p.var.as_tensor();
+                let n = t.elem_count();
+                if has[i] > 0.0 {
+                    grads.insert(t, flat.narrow(0, at, n)?.reshape(t.dims())?);
+                } else {
+                    grads.remove(t);
+                }
+                at += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn error_string(r: sys::ncclResult_t) -> String {
+    let s = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetErrorString(r)) };
+    format!("{r:?}: {}", s.to_string_lossy())
+}
+
+/// An NCCL call's failure as an error naming what was done, NCCL's own words, and the last
+/// message NCCL logged on the communicator where there is one.
+fn nccl_error(doing: &str, r: sys::ncclResult_t, comm: Option<sys::ncclComm_t>) -> anyhow::Error {
+    let last = comm
+        .map(|c| unsafe { std::ffi::CStr::from_ptr(sys::ncclGetLastError(c)) }.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .map(|s| format!(" ({s})"))
+        .unwrap_or_default();
+    anyhow::anyhow!("NCCL: {doing} failed: {}{last}", error_string(r))
+}

@@ -1,0 +1,99 @@
+//! The NCCL gradient exchange (`altformers::train::nccl`) on the device machine's one GPU: a
+//! world of one rank through NCCL (gradients packed into many small buckets, averaged, cut
+//! back; a gradient no rank has stays absent) trains as one process does; a reduction that
+//! misses its deadline aborts the communicator and fails as a lost peer. Two ranks need two
+//! GPUs (NCCL refuses two ranks on one device).
+
+use altformers::model::Model;
+use altformers::train::distributed::{Group, PeerLost};
+use altformers::train::nccl::{NcclGroup, NVLS_OFF};
+use altformers::train::step::{GradientSync, Trainer};
+use altformers::train::task::ByteLm;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn world_of_one(gpu: &Device, timeout: Duration) -> Result<NcclGroup> {
+    for (name, value) in NVLS_OFF {
+        std::env::set_var(name, value);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let group = Arc::new(Group::connect(0, 1, &format!("127.0.0.1:{port}"), Duration::from_secs(30))?);
+    NcclGroup::connect(group, gpu, timeout)
+}
+
+fn config() -> Result<altformers::config::RunConfig> {
+    let sets = ["model.width=32", "model.depth=2", "model.heads=2", "model.context=16", "train.batch_size=4"];
+    altformers::registry::config("transformer", &altformers::config::Overrides::sets(&sets))
+}
+
+#[test]
+fn a_world_of_one_through_nccl_trains_as_one_process() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let cfg = config()?;
+    let data: Vec<u8> = (0..4000u32).map(|i| ((i * 7919) % 251) as u8).collect();
+    let task = ByteLm { split: &data, context: cfg.model.context };
+    let weights = |sync: Option<NcclGroup>| -> Result<Vec<f32>> {
+        let model = Model::new(&cfg.model, 1, &gpu, DType::F32)?;
+        let mut trainer = Trainer::new(&model, &cfg.train)?;
+        if let Some(s) = sync {
+            trainer.sync = Box::new(s);
+        }
+        for step in 0..3 {
+            trainer.step(&model, &task, step)?;
+        }
+        let all =
+            model.params.vars().iter().map(|(_, p)| p.var.as_tensor().flatten_all()).collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&all, 0)?.to_vec1::<f32>()?)
+    };
+    let one = weights(None)?;
+    // 1 KB buckets: every parameter of the model crosses or starts a bucket boundary
+    let through = weights(Some(world_of_one(&gpu, Duration::from_secs(60))?.with_bucket_bytes(1024)))?;
+    let worst = one.iter().zip(&through).map(|(a, b)| (a - b).abs() / (1.0 + a.abs())).fold(0f32, f32::max);
+    anyhow::ensure!(worst < 1e-6, "three steps through NCCL differ from one process's by {worst:e}");
+
+    // the exchange itself: every gradient back in place, a missing one still missing
+    let model = Model::new(&cfg.model, 2, &gpu, DType::F32)?;
+    let tokens = Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &gpu)?;
+    let logits = model.forward(&tokens, None)?;
+    let mut grads = Model::loss(&logits.narrow(1, 0, 5)?, &tokens.narrow(1, 1, 5)?)?.backward()?;
+    let vars = model.params.vars();
+    let (_, dropped) = &vars[1];
+    grads.remove(dropped.var.as_tensor());
+    let before: Vec<Option<Vec<f32>>> = vars
+        .iter()
+        .map(|(_, p)| grads.get(p.var.as_tensor()).map(|g| g.flatten_all()?.to_vec1::<f32>()).transpose())
+        .collect::<Result<_, _>>()?;
+    world_of_one(&gpu, Duration::from_secs(60))?.with_bucket_bytes(1000).all_reduce(&mut grads, &model.params)?;
+    for ((name, p), want) in vars.iter().zip(&before) {
+        let got = grads.get(p.var.as_tensor()).map(|g| g.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        anyhow::ensure!(&got == want, "{name}: the gradient after the exchange is not this rank's own");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_reduction_past_its_deadline_aborts_and_fails_as_a_lost_peer() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let cfg = config()?;
+    let model = Model::new(&cfg.model, 3, &gpu, DType::F32)?;
+    let tokens = Tensor::new(&[[1u32, 2, 3, 4]], &gpu)?;
+    let mut grads =
+        Model::loss(&model.forward(&tokens.narrow(1, 0, 3)?, None)?, &tokens.narrow(1, 1, 3)?)?.backward()?;
+    let nccl = world_of_one(&gpu, Duration::from_micros(1))?;
+    // tens of milliseconds of products ahead of the reduction on the stream
+    let a = (Tensor::randn(0f32, 1.0, (4096, 4096), &gpu)? * 1e-3)?;
+    let mut x = a.clone();
+    for _ in 0..20 {
+        x = x.matmul(&a)?;
+    }
+    let err = nccl.all_reduce(&mut grads, &model.params).err().expect("the deadline passed");
+    anyhow::ensure!(err.downcast_ref::<PeerLost>().is_some(), "not reported as a lost peer: {err:#}");
+    anyhow::ensure!(format!("{err:#}").contains("aborted"), "{err:#}");
+    // the aborted communicator refuses further work instead of hanging
+    let again = nccl.all_reduce(&mut grads, &model.params).err().expect("refused after the abort");
+    anyhow::ensure!(format!("{again:#}").contains("aborted"), "{again:#}");
+    drop(x);
+    Ok(())
+}
