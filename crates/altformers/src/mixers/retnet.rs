@@ -98,6 +98,11 @@ pub struct Retention {
     /// `ln gamma_h` on the host and as a `[H]` tensor.
     log_gamma: Vec<f64>,
     log_gamma_t: Tensor,
+    /// `ln gamma_h` and `1 - gamma_h` as f64 `[H]`, and the rotation's frequencies: what a
+    /// step computes its position's factors from on the device ([`Self::step`]).
+    log_gamma_f64: Tensor,
+    one_minus_gamma: Tensor,
+    frequencies: Tensor,
     rope_base: f64,
     pub chunk: usize,
 }
@@ -130,6 +135,9 @@ impl Retention {
             head_dim: d / h,
             value_head_dim: vd / h,
             log_gamma_t: Tensor::new(log_gamma.clone(), &pb.device)?.to_dtype(pb.dtype)?,
+            log_gamma_f64: Tensor::new(log_gamma.clone(), &pb.device)?,
+            one_minus_gamma: Tensor::new(log_gamma.iter().map(|l| 1.0 - l.exp()).collect::<Vec<_>>(), &pb.device)?,
+            frequencies: rotary::frequency_tensor(d / h, cfg.rope_base, &pb.device)?,
             log_gamma,
             rope_base: cfg.rope_base,
             chunk: o.chunk,
@@ -141,15 +149,22 @@ impl Retention {
     /// the accumulation dtype (f32 under bf16 activations), and the gate input
     /// `g: [B, T, H d_v]` in `x`'s dtype.
     fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let acc = decayed::accumulation_dtype(x.dtype());
+        let t = x.dim(1)?;
+        let zero = Tensor::zeros(1, acc, x.device())?;
+        self.project_rotated(x, &rotary::tables(offset, t, self.head_dim, self.rope_base, &zero)?)
+    }
+
+    /// [`Self::project`] with the rotation's tables `[T, d_h/2]` given.
+    fn project_rotated(&self, x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, dh, dv) = (self.heads, self.head_dim, self.value_head_dim);
         let acc = decayed::accumulation_dtype(x.dtype());
         let heads = |y: Tensor, w: usize| -> Result<Tensor> {
             y.to_dtype(acc)?.reshape((b, t, h, w))?.transpose(1, 2)?.contiguous()
         };
-        let q = rotary::apply(&heads(self.q_proj.forward(x)?, dh)?, offset, self.rope_base)?;
-        let k =
-            (rotary::apply(&heads(self.k_proj.forward(x)?, dh)?, offset, self.rope_base)? * (dh as f64).powf(-0.5))?;
+        let q = rotary::apply_tables(&heads(self.q_proj.forward(x)?, dh)?, cos, sin)?;
+        let k = (rotary::apply_tables(&heads(self.k_proj.forward(x)?, dh)?, cos, sin)? * (dh as f64).powf(-0.5))?;
         let v = heads(self.v_proj.forward(x)?, dv)?;
         let v1 = Tensor::cat(&[&v, &Tensor::ones((b, h, t, 1), v.dtype(), v.device())?], 3)?;
         Ok((q, k, v1, self.g_proj.forward(x)?))
@@ -159,8 +174,7 @@ impl Retention {
     /// `o1: [B, H, T, d_v + 1]` (`sum_m gamma^(n-m) (q_n . k_m) [v_m, 1]` at positions
     /// `offset..`), `g: [B, T, H d_v]` -> `[B, T, D]` in `g`'s dtype.
     fn finish(&self, o1: &Tensor, g: &Tensor, offset: usize) -> Result<Tensor> {
-        let (b, h, t, _) = o1.dims4()?;
-        let dv = self.value_head_dim;
+        let (_, h, t, _) = o1.dims4()?;
         // c[h, n] = 1 / sqrt(sum_{i<=n} gamma_h^i): the row normalisation of D
         let c: Vec<f64> = self
             .log_gamma
@@ -170,7 +184,14 @@ impl Retention {
                 (offset..offset + t).map(move |n| ((1.0 - gamma.powi(n as i32 + 1)) / (1.0 - gamma)).powf(-0.5))
             })
             .collect();
-        let c = Tensor::from_vec(c, (1, h, t, 1), o1.device())?.to_dtype(o1.dtype())?;
+        self.finish_normalised(o1, g, &Tensor::from_vec(c, (1, h, t, 1), o1.device())?)
+    }
+
+    /// [`Self::finish`] with the row normalisation `c: [1, H, T, 1]` (f64) given.
+    fn finish_normalised(&self, o1: &Tensor, g: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let (b, h, t, _) = o1.dims4()?;
+        let dv = self.value_head_dim;
+        let c = c.to_dtype(o1.dtype())?;
         let num = o1.narrow(3, 0, dv)?.broadcast_mul(&c)?;
         let row_sum = o1.narrow(3, dv, 1)?.broadcast_mul(&c)?;
         // The score normaliser is differentiated here; torchscale detaches it. Both compute the
@@ -212,18 +233,35 @@ impl SequenceMixer for Retention {
         }
     }
 
-    /// State `[S]`, `S: [B, H, d_h, d_v + 1]` (the retention state and the decayed key sum).
+    /// State `[S, n]`, `S: [B, H, d_h, d_v + 1]` (the retention state and the decayed key
+    /// sum), `n` the position as a one-element f32 tensor (exact to 2^24 tokens).
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
         let (y, s) = self.chunkwise(x, self.chunk)?;
-        Ok((y, MixerState { tensors: vec![s], pos: x.dim(1)? }))
+        let t = x.dim(1)?;
+        Ok((y, MixerState { tensors: vec![s, Tensor::new(&[t as f32], x.device())?], pos: t }))
     }
 
+    /// One token. Its position's rotation and row normalisation are computed on the device
+    /// from the state's position tensor (f64, as the host computes them for the other
+    /// forms): the step reads nothing from the host, so it is replayed from a CUDA graph.
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
-        let (q, k, v1, g) = self.project(x, state.pos)?;
+        let n = match state.tensors.get(1) {
+            Some(n) => n.clone(),
+            None => Tensor::new(&[state.pos as f32], x.device())?,
+        };
+        let acc = decayed::accumulation_dtype(x.dtype());
+        let (q, k, v1, g) = self.project_rotated(x, &rotary::tables_at(&n, &self.frequencies, acc)?)?;
         let (o1, s) = decayed::linear_step(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, state.tensors.first())?;
-        let y = self.finish(&o1, &g, state.pos)?;
-        *state = MixerState { tensors: vec![s], pos: state.pos + 1 };
+        // c[h] = ((1 - gamma_h^(n+1)) / (1 - gamma_h))^(-1/2)
+        let powers = self.log_gamma_f64.broadcast_mul(&(n.to_dtype(candle_core::DType::F64)? + 1.0)?)?.exp()?;
+        let c = powers.affine(-1.0, 1.0)?.div(&self.one_minus_gamma)?.powf(-0.5)?.reshape((1, self.heads, 1, 1))?;
+        let y = self.finish_normalised(&o1, &g, &c)?;
+        *state = MixerState { tensors: vec![s, (n + 1.0)?], pos: state.pos + 1 };
         Ok(y)
+    }
+
+    fn static_step(&self) -> bool {
+        true
     }
 
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
@@ -361,9 +399,9 @@ mod tests {
             |t: usize| -> anyhow::Result<usize> { Ok(model.prefill(&random_tokens(1, t, cfg.vocab, 1)?)?.1.bytes()) };
         let (a, b) = (bytes(3)?, bytes(20)?);
         assert_eq!(a, b);
-        // per layer: [B, H, d_h, d_v + 1] with d_v = 2 d / H
+        // per layer: [B, H, d_h, d_v + 1] with d_v = 2 d / H, and the position (one f32)
         let (d, h) = (cfg.width, cfg.heads);
-        assert_eq!(a, cfg.depth * h * (d / h) * (2 * d / h + 1) * 4);
+        assert_eq!(a, cfg.depth * (h * (d / h) * (2 * d / h + 1) + 1) * 4);
         Ok(())
     }
 

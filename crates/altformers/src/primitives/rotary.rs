@@ -4,7 +4,12 @@
 //! t * theta_i with theta_i = base^(-2i/d_h). Rotating both queries and keys makes q_t . k_s a
 //! function of t - s only.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `theta_i = base^(-2i/d_h)`, `i < d_h / 2`.
+fn frequencies(head_dim: usize, base: f64) -> impl Iterator<Item = f64> {
+    (0..head_dim / 2).map(move |i| base.powf(-2.0 * i as f64 / head_dim as f64))
+}
 
 /// `cos` and `sin` tables `[T, d_h/2]` for positions `offset..offset+T`.
 pub fn tables(offset: usize, len: usize, head_dim: usize, base: f64, x: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -12,8 +17,7 @@ pub fn tables(offset: usize, len: usize, head_dim: usize, base: f64, x: &Tensor)
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
     for t in offset..offset + len {
-        for i in 0..half {
-            let theta = base.powf(-2.0 * i as f64 / head_dim as f64);
+        for theta in frequencies(head_dim, base) {
             let (s, c) = (t as f64 * theta).sin_cos();
             cos.push(c);
             sin.push(s);
@@ -24,10 +28,30 @@ pub fn tables(offset: usize, len: usize, head_dim: usize, base: f64, x: &Tensor)
     Ok((mk(cos)?, mk(sin)?))
 }
 
+/// The frequencies `theta_i` as an f64 `[d_h/2]` tensor on `device`, for [`tables_at`].
+pub fn frequency_tensor(head_dim: usize, base: f64, device: &Device) -> Result<Tensor> {
+    Tensor::new(frequencies(head_dim, base).collect::<Vec<_>>(), device)
+}
+
+/// [`tables`] for one position read from the device: `position` a one-element f32 tensor
+/// (a whole number), `frequencies` from [`frequency_tensor`]; `[1, d_h/2]` tables in
+/// `dtype`. Computed in f64 as [`tables`] does on the host; nothing is read back, so a step
+/// that uses it is the same kernels at every position (replayable as a CUDA graph).
+pub fn tables_at(position: &Tensor, frequencies: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let angles = frequencies.broadcast_mul(&position.to_dtype(DType::F64)?.reshape(1)?)?.unsqueeze(0)?;
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+}
+
 /// Rotates `x: [B, H, T, d_h]` (positions `offset..offset+T`) pairwise.
 pub fn apply(x: &Tensor, offset: usize, base: f64) -> Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
+    let (_, _, t, d) = x.dims4()?;
     let (cos, sin) = tables(offset, t, d, base, x)?;
+    apply_tables(x, &cos, &sin)
+}
+
+/// Rotates `x: [B, H, T, d_h]` pairwise by the tables `[T, d_h/2]` of its positions.
+pub fn apply_tables(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
     let cos = cos.reshape((t, d / 2, 1))?;
     let sin = sin.reshape((t, d / 2, 1))?;
     let pairs = x.reshape((b, h, t, d / 2, 2))?;
@@ -65,6 +89,23 @@ mod tests {
         let n0 = q.sqr()?.sum_all()?.to_scalar::<f64>()?;
         let n1 = r.sqr()?.sum_all()?.to_scalar::<f64>()?;
         assert!((n0 - n1).abs() < 1e-9);
+        Ok(())
+    }
+
+    /// The tables of one position read from a tensor are the host's tables of that position.
+    #[test]
+    fn tables_of_a_device_position_are_the_hosts() -> Result<()> {
+        let (d, base) = (16, 10000.0);
+        let x = Tensor::zeros(1, DType::F64, &Device::Cpu)?;
+        let freqs = frequency_tensor(d, base, &Device::Cpu)?;
+        for t in [0usize, 5, 8191, 100_003] {
+            let (c, s) = tables(t, 1, d, base, &x)?;
+            let (c2, s2) = tables_at(&Tensor::new(&[t as f32], &Device::Cpu)?, &freqs, DType::F64)?;
+            for (a, b) in [(&c, &c2), (&s, &s2)] {
+                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(diff < 1e-12, "position {t}: {diff}");
+            }
+        }
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The CUDA-graph decoder (`altformers::decoder`) against eager steps of the same model: the
-//! same logits token after token, batch of 3, f32 and bf16; and a model whose step reads its
-//! position is never replayed.
+//! same logits token after token, batch of 3, f32 and bf16, RWKV-4 and RetNet (whose step
+//! reads its position from a device tensor); and a model whose KV cache grows is never
+//! replayed.
 
 use altformers::decoder::Decoder;
 use altformers::model::Model;
@@ -10,14 +11,16 @@ use candle_core::{DType, Device, Tensor};
 #[test]
 fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
     let gpu = Device::new_cuda(0)?;
-    for dtype in [DType::F32, DType::BF16] {
-        let cfg = tiny_config("rwkv4", &["model.width=64", "model.context=48"])?;
+    for (arch, dtype) in
+        [("rwkv4", DType::F32), ("rwkv4", DType::BF16), ("retnet", DType::F32), ("retnet", DType::BF16)]
+    {
+        let cfg = tiny_config(arch, &["model.width=64", "model.context=48"])?;
         let model = Model::new(&cfg, 7, &gpu, dtype)?;
         testing::perturb(&model, 0.05, 2)?;
         let prompt = random_tokens(3, 10, cfg.vocab, 1)?.to_device(&gpu)?;
         let (_, state) = model.prefill(&prompt)?;
         let mut decoder = Decoder::new(&model, state.clone(), 3)?;
-        anyhow::ensure!(decoder.replays(), "rwkv4's step is static: it should be replayed from a graph");
+        anyhow::ensure!(decoder.replays(), "{arch}'s step is static: it should be replayed from a graph");
         let mut eager = state;
         let mut fed: Vec<Tensor> = Vec::new();
         let mut replayed: Vec<Tensor> = Vec::new();
@@ -26,7 +29,10 @@ fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
             let want = model.step(&Tensor::new(tokens.as_slice(), &gpu)?, &mut eager)?.to_dtype(DType::F32)?;
             let got = decoder.step(&tokens)?.to_dtype(DType::F32)?;
             let err = device_rel_err(&got, &want)?;
-            anyhow::ensure!(err < 1e-6, "{dtype:?} step {i}: replayed logits differ from eager ones (rel err {err})");
+            anyhow::ensure!(
+                err < 1e-6,
+                "{arch} {dtype:?} step {i}: replayed logits differ from eager ones (rel err {err})"
+            );
             fed.push(Tensor::new(tokens.as_slice(), &gpu)?.unsqueeze(1)?);
             replayed.push(got.unsqueeze(1)?);
         }
@@ -36,16 +42,16 @@ fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
         let parallel = model.forward(&all, None)?.narrow(1, 10, 20)?.to_dtype(DType::F32)?;
         let err = device_rel_err(&Tensor::cat(&replayed, 1)?, &parallel)?;
         let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
-        anyhow::ensure!(err < tol, "{dtype:?}: replayed steps against the parallel form, rel err {err}");
+        anyhow::ensure!(err < tol, "{arch} {dtype:?}: replayed steps against the parallel form, rel err {err}");
         anyhow::ensure!(decoder.state().pos == 30, "the decoder's position: {}", decoder.state().pos);
         // the state the graph updated in place is the eager one
         for (a, b) in decoder.state().layers.iter().zip(&eager.layers) {
             for (x, y) in a.tensors.iter().zip(&b.tensors) {
                 let err = device_rel_err(&x.to_dtype(DType::F32)?, &y.to_dtype(DType::F32)?)?;
-                anyhow::ensure!(err < 1e-6, "{dtype:?}: replayed state differs (rel err {err})");
+                anyhow::ensure!(err < 1e-6, "{arch} {dtype:?}: replayed state differs (rel err {err})");
             }
         }
-        // RoPE reads the position in the step: eager, every token
+        // the KV cache grows every token: eager
         let transformer = Model::new(&tiny_config("transformer", &["model.context=48"])?, 1, &gpu, dtype)?;
         let (_, s) = transformer.prefill(&prompt)?;
         anyhow::ensure!(!Decoder::new(&transformer, s, 3)?.replays(), "a Transformer's step was replayed");
