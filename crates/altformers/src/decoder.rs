@@ -195,3 +195,22 @@ mod graph {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::model::Model;
+    use crate::testing::tiny_config;
+    use candle_core::{DType, Device};
+
+    /// Which models' steps are replayable: RWKV-4's and RetNet's (RetNet reads its position
+    /// from its state's tensor), not a KV cache's (it grows) nor learned positions' (read by
+    /// the host position).
+    #[test]
+    fn static_steps_are_the_recurrent_models_without_host_positions() -> anyhow::Result<()> {
+        for (arch, replayable) in [("rwkv4", true), ("retnet", true), ("transformer", false), ("aft-simple", false)] {
+            let model = Model::new(&tiny_config(arch, &[])?, 1, &Device::Cpu, DType::F32)?;
+            assert_eq!(model.static_step(), replayable, "{arch}");
+        }
+        Ok(())
+    }
+}

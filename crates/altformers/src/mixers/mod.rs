@@ -110,4 +110,8 @@ impl<P: PositionWise> SequenceMixer for P {
         state.pos += 1;
         PositionWise::forward(self, x)
     }
+    /// A position-wise layer reads no position and keeps no state.
+    fn static_step(&self) -> bool {
+        true
+    }
 }
