@@ -373,7 +373,7 @@ if [ "$what" = decode-all ]; then
   ctxs="${2:-1024,8192}"
   $alt --version > "$OUT/ours-version.txt"
   echo "[$(date +%T)] ours" >> "$OUT/ours.err"
-  timeout 240 $alt bench decode --device cuda --width 768 --depth 12 --heads 12 --contexts $ctxs --batches 1 \
+  timeout 330 $alt bench decode --device cuda --width 768 --depth 12 --heads 12 --contexts $ctxs --batches 1 \
     --dtype bf16 --steps 10 --time-cap 20 --out "$OUT/ours-decode-all.jsonl" > /dev/null 2>> "$OUT/ours.err"
   echo "[$(date +%T)] peer" >> "$OUT/ours.err"
   (cd bench/peers && timeout 150 python3 gpt2_decode.py --contexts $ctxs --tokens 200) > "$OUT/peer-gpt2.jsonl" 2> "$OUT/peer-gpt2.err"
