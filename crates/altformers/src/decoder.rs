@@ -37,12 +37,18 @@ impl<'m> Decoder<'m> {
             }
         }
         let _ = batch;
-        Ok(Self {
+        Ok(Self::eager(model, state))
+    }
+
+    /// Decodes from `state` op by op, never capturing a graph (for a state used for a step or
+    /// two, where a capture would cost more than it saves).
+    pub fn eager(model: &'m Model, state: ModelState) -> Self {
+        Self {
             model,
             state,
             #[cfg(feature = "cuda")]
             graph: None,
-        })
+        }
     }
 
     /// Whether the steps are replayed from a CUDA graph.
@@ -57,6 +63,10 @@ impl<'m> Decoder<'m> {
     pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.graph {
+            // the eager step checks this itself; the graph cannot
+            if let Some(w) = self.model.window().filter(|&w| self.state.pos >= w) {
+                candle_core::bail!("decoder: position {} is beyond the model's window of {w} tokens", self.state.pos);
+            }
             // a copy: the graph's output buffer is overwritten by the next replay (one
             // device-to-device copy of B x V values, a few microseconds)
             let logits = g.replay(tokens)?.copy()?;
@@ -137,9 +147,10 @@ mod graph {
             // warm-up, eager: loads every kernel, fills the cache, and shows the state's shapes
             let mut warm = state.clone();
             let warm_logits = model.step(&token, &mut warm)?;
-            // each layer's tensors' shapes and dtypes
-            let shapes = |s: &ModelState| -> Vec<Vec<(Vec<usize>, DType)>> {
-                s.layers.iter().map(|l| l.tensors.iter().map(|t| (t.dims().to_vec(), t.dtype())).collect()).collect()
+            // every state tensor's shape and dtype, each layer's apart
+            let shapes = |s: &ModelState| -> (Vec<Vec<(Vec<usize>, DType)>>, Option<(Vec<usize>, DType)>) {
+                let of = |t: &Tensor| (t.dims().to_vec(), t.dtype());
+                (s.layers.iter().map(|l| l.tensors.iter().map(of).collect()).collect(), s.position.as_ref().map(of))
             };
             if shapes(&warm) != shapes(state) {
                 bail!(
@@ -149,7 +160,7 @@ mod graph {
             }
             drop(warm);
             let mut buffers = state.clone();
-            for t in buffers.layers.iter_mut().flat_map(|l| l.tensors.iter_mut()) {
+            for t in buffers.tensors_mut() {
                 *t = t.contiguous()?.copy()?;
             }
             let logits = warm_logits.zeros_like()?;
@@ -161,9 +172,7 @@ mod graph {
                 let mut s = buffers.clone();
                 let out = model.step(&token, &mut s)?;
                 copy_into(&dev, &logits, &out)?;
-                for (dst, src) in
-                    buffers.layers.iter().zip(&s.layers).flat_map(|(a, b)| a.tensors.iter().zip(&b.tensors))
-                {
+                for (dst, src) in buffers.tensors().zip(s.tensors()) {
                     copy_into(&dev, dst, src)?;
                 }
                 Ok(())
@@ -202,12 +211,14 @@ mod tests {
     use crate::testing::tiny_config;
     use candle_core::{DType, Device};
 
-    /// Which models' steps are replayable: RWKV-4's and RetNet's (RetNet reads its position
-    /// from its state's tensor), not a KV cache's (it grows) nor learned positions' (read by
-    /// the host position).
+    /// Which models' steps are replayable: RWKV-4's, RetNet's (its position read from its
+    /// state's tensor) and AFT-simple's (its learned positions read at the state's device
+    /// position); not those whose cache grows (the Transformer's, AFT-full's keys).
     #[test]
     fn static_steps_are_the_recurrent_models_without_host_positions() -> anyhow::Result<()> {
-        for (arch, replayable) in [("rwkv4", true), ("retnet", true), ("transformer", false), ("aft-simple", false)] {
+        for (arch, replayable) in
+            [("rwkv4", true), ("retnet", true), ("aft-simple", true), ("transformer", false), ("aft-full", false)]
+        {
             let model = Model::new(&tiny_config(arch, &[])?, 1, &Device::Cpu, DType::F32)?;
             assert_eq!(model.static_step(), replayable, "{arch}");
         }

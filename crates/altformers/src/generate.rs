@@ -198,7 +198,8 @@ pub fn generate_ids_timed(
                     // rebuild the state from the window (exact, at prefill cost).
                     Some(w) if decoder.state().pos + 1 > w => {
                         let (l, s) = model.prefill(&windows(&all)?)?;
-                        decoder = Decoder::new(model, s, samples)?;
+                        // every later token comes here too: no graph to capture
+                        decoder = Decoder::eager(model, s);
                         last_logits(&l)?
                     }
                     _ => last_logits(&decoder.step(&next)?)?,

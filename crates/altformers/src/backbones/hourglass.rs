@@ -435,7 +435,7 @@ impl Backbone for Hourglass {
         };
         let (x, s) = self.post.prefill(&x)?;
         layers.extend(s);
-        let mut state = ModelState { layers, pos: tokens.dim(1)? };
+        let mut state = ModelState { layers, pos: tokens.dim(1)?, position: None };
         state.detach();
         Ok((self.head.forward(&x, &self.embedding.table)?, state))
     }

@@ -265,7 +265,7 @@ impl Backbone for MegaByte {
         recent.push(projected.narrow(1, start, p)?);
         layers.push(MixerState { tensors: recent, pos: t });
         layers.extend(local);
-        let mut state = ModelState { layers, pos: t };
+        let mut state = ModelState { layers, pos: t, position: None };
         state.detach();
         Ok((logits, state))
     }

@@ -120,25 +120,40 @@ pub struct ModelState {
     pub layers: Vec<MixerState>,
     /// Tokens consumed so far.
     pub pos: usize,
+    /// `pos` as a one-element f32 tensor on the model's device, where the backbone's step
+    /// reads a learned position table: it then reads its row there, not at a host offset, so
+    /// the step stays replayable as a CUDA graph ([`crate::decoder`]).
+    pub position: Option<Tensor>,
 }
 
 impl ModelState {
+    /// Bytes the layers' states hold (what decoding keeps in memory per sequence batch).
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(MixerState::bytes).sum()
+    }
+
+    /// Every tensor of the state: the layers' in order, then the position.
+    pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        self.layers.iter().flat_map(|l| &l.tensors).chain(&self.position)
+    }
+
+    /// [`Self::tensors`], mutable.
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut Tensor> {
+        self.layers.iter_mut().flat_map(|l| l.tensors.iter_mut()).chain(self.position.iter_mut())
     }
 
     /// Cuts the state off the autograd graph. Decoding never differentiates through it, and
     /// a state that still records its history (every step's activations back to the
     /// weights) would keep all of them alive: memory growing with every token.
     pub fn detach(&mut self) {
-        for t in self.layers.iter_mut().flat_map(|l| l.tensors.iter_mut()) {
+        for t in self.tensors_mut() {
             *t = t.detach();
         }
     }
 
     /// Whether any state tensor still records the operations that made it.
     pub fn tracks_graph(&self) -> bool {
-        self.layers.iter().flat_map(|l| &l.tensors).any(|t| t.track_op())
+        self.tensors().any(|t| t.track_op())
     }
 }
 

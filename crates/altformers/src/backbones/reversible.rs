@@ -419,7 +419,7 @@ impl Backbone for Reversible {
             (x1, x2) = (y1.clone(), (&x2 + g)?);
             layers.extend([sf, sg]);
         }
-        let mut state = ModelState { layers, pos: tokens.dim(1)? };
+        let mut state = ModelState { layers, pos: tokens.dim(1)?, position: None };
         state.detach();
         Ok((self.head.forward(&Tensor::cat(&[x1, x2], 2)?, &self.embedding.table)?, state))
     }

@@ -229,26 +229,48 @@ impl Embedding {
 
     /// `tokens: [B, T]` at positions `offset..` -> `[B, T, D]` in the parameters' dtype.
     pub fn forward(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
-        let width = self.table.dim(1)?;
-        let x = crate::nn::gather_rows(&self.table, tokens)?.reshape((b, t, width))?;
-        let x = match &self.norm {
-            Some(norm) => norm.forward(&x)?,
-            None => x,
-        };
+        let x = self.tokens(tokens)?;
         match &self.positions {
             Some(p) => {
-                let n = p.dim(0)?;
-                if offset + t > n {
-                    candle_core::bail!(
-                        "position {} is beyond the learned position table ({n} positions)",
-                        offset + t - 1
-                    );
-                }
-                x.broadcast_add(&p.narrow(0, offset, t)?)
+                self.check_position(offset + tokens.dim(1)?)?;
+                x.broadcast_add(&p.narrow(0, offset, tokens.dim(1)?)?)
             }
             None => Ok(x),
         }
+    }
+
+    /// One token per sequence, `tokens: [B, 1]`, at the position `position` holds (a
+    /// one-element f32 tensor on the device, `host` the same number on the host, checked
+    /// against the table) -> `[B, 1, D]`: the row is gathered on the device.
+    pub fn forward_at(&self, tokens: &Tensor, position: &Tensor, host: usize) -> Result<Tensor> {
+        let x = self.tokens(tokens)?;
+        match &self.positions {
+            Some(p) => {
+                self.check_position(host + 1)?;
+                x.broadcast_add(&p.index_select(&position.to_dtype(DType::U32)?.reshape(1)?, 0)?)
+            }
+            None => Ok(x),
+        }
+    }
+
+    /// The token rows (normalised where the embedding has a norm), `[B, T, D]`.
+    fn tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let width = self.table.dim(1)?;
+        let x = crate::nn::gather_rows(&self.table, tokens)?.reshape((b, t, width))?;
+        match &self.norm {
+            Some(norm) => norm.forward(&x),
+            None => Ok(x),
+        }
+    }
+
+    /// Refuses positions up to `end` (exclusive) beyond the learned table.
+    fn check_position(&self, end: usize) -> Result<()> {
+        let n = self.positions.as_ref().map_or(Ok(usize::MAX), |p| p.dim(0))?;
+        if end > n {
+            candle_core::bail!("position {} is beyond the learned position table ({n} positions)", end - 1);
+        }
+        Ok(())
     }
 }
 
@@ -394,7 +416,9 @@ impl Backbone for Stack {
     fn prefill(&self, tokens: &Tensor) -> Result<(Tensor, ModelState)> {
         super::refuse_recurrence(self.causal, &self.architecture)?;
         let (x, layers) = self.layers.prefill(&self.embed(tokens, 0)?)?;
-        let mut state = ModelState { layers, pos: tokens.dim(1)? };
+        let t = tokens.dim(1)?;
+        let position = self.embedding.has_positions().then(|| Tensor::new(&[t as f32], tokens.device())).transpose()?;
+        let mut state = ModelState { layers, pos: t, position };
         state.detach();
         Ok((self.logits(&x)?, state))
     }
@@ -402,7 +426,19 @@ impl Backbone for Stack {
     fn step(&self, token: &Tensor, state: &mut ModelState) -> Result<Tensor> {
         super::refuse_recurrence(self.causal, &self.architecture)?;
         let b = token.dim(0)?;
-        let x = self.embed(&token.reshape((b, 1))?, state.pos)?;
+        let token = token.reshape((b, 1))?;
+        let x = if self.embedding.has_positions() {
+            // the position's row read at a device position, so the step is replayable
+            let position = match &state.position {
+                Some(p) => p.clone(),
+                None => Tensor::new(&[state.pos as f32], token.device())?,
+            };
+            let x = self.embedding.forward_at(&token, &position, state.pos)?.to_dtype(self.compute_dtype)?;
+            state.position = Some((position + 1.0)?);
+            x
+        } else {
+            self.embed(&token, state.pos)?
+        };
         if state.layers.is_empty() {
             state.layers = vec![Default::default(); self.layers.state_len()];
         }
@@ -416,12 +452,10 @@ impl Backbone for Stack {
         self.layers.blocks.iter().all(|b| b.att.per_example_dropout() && b.ffn.per_example_dropout())
     }
 
-    /// No learned positions and every mixer's step static (RoPE and the like read the
-    /// position in their mixers, which then say no).
+    /// Every mixer's step static (RoPE and the like read the position in their mixers, which
+    /// then say no); learned positions are read at the state's device position.
     fn static_step(&self) -> bool {
-        self.causal
-            && self.embedding.positions.is_none()
-            && self.layers.blocks.iter().all(|b| b.att.static_step() && b.ffn.static_step())
+        self.causal && self.layers.blocks.iter().all(|b| b.att.static_step() && b.ffn.static_step())
     }
 
     fn window(&self) -> Option<usize> {

@@ -669,6 +669,12 @@ impl SequenceMixer for Aft {
         self.finish(&sq, &y)
     }
 
+    /// AFT-simple's state is three `[B, D]` running sums; the others keep keys that grow
+    /// (AFT-full) or fill a window first (AFT-local/conv).
+    fn static_step(&self) -> bool {
+        self.variant == Variant::Simple
+    }
+
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
         match self.variant {
             Variant::Full => None,

@@ -1,6 +1,7 @@
 //! The CUDA-graph decoder (`altformers::decoder`) against eager steps of the same model: the
-//! same logits token after token, batch of 3, f32 and bf16, RWKV-4 and RetNet (whose step
-//! reads its position from a device tensor); and a model whose KV cache grows is never
+//! same logits token after token, batch of 3, f32 and bf16, RWKV-4, RetNet (whose step
+//! reads its position from a device tensor) and AFT-simple (learned positions read at a
+//! device position); and a model whose KV cache grows is never
 //! replayed.
 
 use altformers::decoder::Decoder;
@@ -11,9 +12,14 @@ use candle_core::{DType, Device, Tensor};
 #[test]
 fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
     let gpu = Device::new_cuda(0)?;
-    for (arch, dtype) in
-        [("rwkv4", DType::F32), ("rwkv4", DType::BF16), ("retnet", DType::F32), ("retnet", DType::BF16)]
-    {
+    for (arch, dtype) in [
+        ("rwkv4", DType::F32),
+        ("rwkv4", DType::BF16),
+        ("retnet", DType::F32),
+        ("retnet", DType::BF16),
+        ("aft-simple", DType::F32),
+        ("aft-simple", DType::BF16),
+    ] {
         let cfg = tiny_config(arch, &["model.width=64", "model.context=48"])?;
         let model = Model::new(&cfg, 7, &gpu, dtype)?;
         testing::perturb(&model, 0.05, 2)?;
