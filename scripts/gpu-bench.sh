@@ -373,12 +373,13 @@ if [ "$what" = decode-all ]; then
   ctxs="${2:-1024,8192}"
   $alt --version > "$OUT/ours-version.txt"
   echo "[$(date +%T)] ours" >> "$OUT/ours.err"
-  timeout 330 $alt bench decode --device cuda --width 768 --depth 12 --heads 12 --contexts $ctxs --batches 1 \
-    --dtype bf16 --steps 10 --time-cap 20 --out "$OUT/ours-decode-all.jsonl" > /dev/null 2>> "$OUT/ours.err"
+  # stdout kept too: each point is printed as it is measured, so a timeout keeps the finished ones
+  timeout 220 $alt bench decode --device cuda --width 768 --depth 12 --heads 12 --contexts $ctxs --batches 1 \
+    --dtype bf16 --steps 5 --time-cap 10 --out "$OUT/ours-decode-all.jsonl" > "$OUT/ours-decode-all.stdout" 2>> "$OUT/ours.err"
   echo "[$(date +%T)] peer" >> "$OUT/ours.err"
-  (cd bench/peers && timeout 150 python3 gpt2_decode.py --contexts $ctxs --tokens 200) > "$OUT/peer-gpt2.jsonl" 2> "$OUT/peer-gpt2.err"
+  (cd bench/peers && timeout 100 python3 gpt2_decode.py --contexts $ctxs --tokens 100) > "$OUT/peer-gpt2.jsonl" 2> "$OUT/peer-gpt2.err"
   echo "[$(date +%T)] done" >> "$OUT/ours.err"
-  cut -c1-250 "$OUT/ours-decode-all.jsonl" "$OUT/peer-gpt2.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer-gpt2.err"
+  cut -c1-250 "$OUT/ours-decode-all.stdout" "$OUT/peer-gpt2.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer-gpt2.err"
 fi
 if [ "$what" = nccl ]; then
   # Issue 23 on the one GPU lent: the baby GPT (bf16, dropout 0.2) trained in one process and
