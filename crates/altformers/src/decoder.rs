@@ -212,13 +212,18 @@ mod tests {
     use candle_core::{DType, Device};
 
     /// Which models' steps are replayable: RWKV-4's, RetNet's (its position read from its
-    /// state's tensor) and AFT-simple's (its learned positions read at the state's device
-    /// position); not those whose cache grows (the Transformer's, AFT-full's keys).
+    /// state's tensor), AFT-simple's and Performer's (their learned positions read at the
+    /// state's device position); not those whose cache grows (the Transformer's, AFT-full's).
     #[test]
     fn static_steps_are_the_recurrent_models_without_host_positions() -> anyhow::Result<()> {
-        for (arch, replayable) in
-            [("rwkv4", true), ("retnet", true), ("aft-simple", true), ("transformer", false), ("aft-full", false)]
-        {
+        for (arch, replayable) in [
+            ("rwkv4", true),
+            ("retnet", true),
+            ("aft-simple", true),
+            ("performer", true),
+            ("transformer", false),
+            ("aft-full", false),
+        ] {
             let model = Model::new(&tiny_config(arch, &[])?, 1, &Device::Cpu, DType::F32)?;
             assert_eq!(model.static_step(), replayable, "{arch}");
         }

@@ -66,6 +66,11 @@ impl Attention {
         Ok((q, k, v))
     }
 
+    /// Whether the projections rotate by position (RoPE): a step then reads its host position.
+    pub(crate) fn rotates(&self) -> bool {
+        self.rope_base.is_some()
+    }
+
     /// `[B, H, T, d_h] -> [B, T, D]` through the output projection.
     pub(crate) fn merge(&self, y: &Tensor) -> Result<Tensor> {
         let (b, h, t, dh) = y.dims4()?;

@@ -475,6 +475,12 @@ impl SequenceMixer for Performer {
         Ok(y)
     }
 
+    /// The state is a fixed-size sum and scale; a step reads no position unless the
+    /// projections rotate (`model.position = "rope"`).
+    fn static_step(&self) -> bool {
+        self.causal && !self.projections.rotates()
+    }
+
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
         self.causal.then(|| self.attend(x, 0, chunk, None).map(|(y, _)| y))
     }

@@ -1,7 +1,7 @@
 //! The CUDA-graph decoder (`altformers::decoder`) against eager steps of the same model: the
 //! same logits token after token, batch of 3, f32 and bf16, RWKV-4, RetNet (whose step
-//! reads its position from a device tensor) and AFT-simple (learned positions read at a
-//! device position); and a model whose KV cache grows is never
+//! reads its position from a device tensor), AFT-simple and Performer (learned
+//! positions read at a device position); and a model whose KV cache grows is never
 //! replayed.
 
 use altformers::decoder::Decoder;
@@ -19,6 +19,8 @@ fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
         ("retnet", DType::BF16),
         ("aft-simple", DType::F32),
         ("aft-simple", DType::BF16),
+        ("performer", DType::F32),
+        ("performer", DType::BF16),
     ] {
         let cfg = tiny_config(arch, &["model.width=64", "model.context=48"])?;
         let model = Model::new(&cfg, 7, &gpu, dtype)?;
