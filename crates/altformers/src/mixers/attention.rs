@@ -60,8 +60,9 @@ impl Attention {
         let heads = |p: &Tensor, n: usize| -> Result<Tensor> { p.reshape((b, t, n, dh))?.transpose(1, 2) };
         let (mut q, mut k, v) = (heads(&parts[0], h)?, heads(&parts[1], kvh)?, heads(&parts[2], kvh)?);
         if let Some(base) = self.rope_base {
-            q = rotary::apply(&q, offset, base)?;
-            k = rotary::apply(&k, offset, base)?;
+            let (cos, sin) = rotary::cached_tables(offset, t, dh, base, &q)?;
+            q = rotary::apply_tables(&q, &cos, &sin)?;
+            k = rotary::apply_tables(&k, &cos, &sin)?;
         }
         Ok((q, k, v))
     }

@@ -45,8 +45,41 @@ pub fn tables_at(position: &Tensor, frequencies: &Tensor, dtype: DType) -> Resul
 /// Rotates `x: [B, H, T, d_h]` (positions `offset..offset+T`) pairwise.
 pub fn apply(x: &Tensor, offset: usize, base: f64) -> Result<Tensor> {
     let (_, _, t, d) = x.dims4()?;
-    let (cos, sin) = tables(offset, t, d, base, x)?;
+    let (cos, sin) = cached_tables(offset, t, d, base, x)?;
     apply_tables(x, &cos, &sin)
+}
+
+/// [`tables`] cut from f64 tables of positions `0..n` kept on `x`'s device, one per (head
+/// width, base, device), `n` doubled when a position beyond it is asked for. A decoding step
+/// otherwise builds its tables on the host and uploads them for every layer, every token
+/// (about 3 ms of a 12-layer Transformer's 6.4 ms GPU step, bench/results/2026-12-03-h200-
+/// decode-all); the values are the same bits (the same f64 products, the same cast).
+pub fn cached_tables(offset: usize, len: usize, head_dim: usize, base: f64, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    type Entry = (usize, u64, Device, usize, Tensor, Tensor);
+    static CACHE: std::sync::Mutex<Vec<Entry>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().map_err(|_| candle_core::Error::Msg("rotary table cache poisoned".into()))?;
+    let need = offset + len;
+    let key = |e: &Entry| e.0 == head_dim && e.1 == base.to_bits() && e.2.same_device(x.device());
+    let at = match cache.iter().position(key) {
+        Some(i) if cache[i].3 >= need => i,
+        found => {
+            let n = need.next_power_of_two().max(1024);
+            let (cos, sin) = tables(0, n, head_dim, base, &Tensor::zeros(1, DType::F64, x.device())?)?;
+            let entry = (head_dim, base.to_bits(), x.device().clone(), n, cos, sin);
+            match found {
+                Some(i) => {
+                    cache[i] = entry;
+                    i
+                }
+                None => {
+                    cache.push(entry);
+                    cache.len() - 1
+                }
+            }
+        }
+    };
+    let (_, _, _, _, cos, sin) = &cache[at];
+    Ok((cos.narrow(0, offset, len)?.to_dtype(x.dtype())?, sin.narrow(0, offset, len)?.to_dtype(x.dtype())?))
 }
 
 /// Rotates `x: [B, H, T, d_h]` pairwise by the tables `[T, d_h/2]` of its positions.
@@ -89,6 +122,19 @@ mod tests {
         let n0 = q.sqr()?.sum_all()?.to_scalar::<f64>()?;
         let n1 = r.sqr()?.sum_all()?.to_scalar::<f64>()?;
         assert!((n0 - n1).abs() < 1e-9);
+        Ok(())
+    }
+
+    /// The cached tables are the host's, bit for bit, before and after the cache grows.
+    #[test]
+    fn cached_tables_are_the_hosts() -> Result<()> {
+        let x = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+        for (offset, len) in [(0, 7), (5, 1), (1000, 40), (3000, 3)] {
+            let (c, s) = tables(offset, len, 16, 500.0, &x)?;
+            let (c2, s2) = cached_tables(offset, len, 16, 500.0, &x)?;
+            assert_eq!(c.to_vec2::<f32>()?, c2.to_vec2::<f32>()?, "cos at {offset}");
+            assert_eq!(s.to_vec2::<f32>()?, s2.to_vec2::<f32>()?, "sin at {offset}");
+        }
         Ok(())
     }
 
