@@ -842,12 +842,13 @@ fn run(command: Command) -> Result<()> {
             quiet,
             stop_after,
             workers,
+            gpus,
             nnodes,
             ..
         } => {
             anyhow::ensure!(
-                workers == 1 && nnodes == 1,
-                "--workers and --nnodes train the language model (--task lm) only"
+                workers == 1 && gpus.is_none() && nnodes == 1,
+                "--workers, --gpus and --nnodes train the language model (--task lm) only"
             );
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
             anyhow::ensure!(tokenizer.is_none(), "--task listops reads bytes: drop --tokenizer");
@@ -887,6 +888,10 @@ fn run(command: Command) -> Result<()> {
             node_rank,
             rdzv_endpoint,
         } => {
+            anyhow::ensure!(
+                workers == 1 || device == "cpu",
+                "--workers runs CPU workers; on GPUs use --gpus N (one worker per GPU, gradients through NCCL)"
+            );
             let (workers, device) = workers_and_device(workers, gpus, device)?;
             anyhow::ensure!(workers >= 1 && nnodes >= 1, "--workers and --nnodes must be at least 1");
             anyhow::ensure!(

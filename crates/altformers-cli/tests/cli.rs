@@ -1039,6 +1039,8 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
     // --gpus: the GPUs 0 to N - 1 of the host, one worker each
     refused(&["--gpus", "2", "--workers", "2"], "--gpus N starts N workers, one per GPU: drop --workers");
     refused(&["--gpus", "1", "--device", "cuda:1"], "--gpus uses GPUs 0 to N - 1 of this host");
+    refused(&["--workers", "2", "--device", "cuda"], "--workers runs CPU workers; on GPUs use --gpus N");
+    refused(&["--task", "listops", "--gpus", "1"], "--workers, --gpus and --nnodes train the language model");
     #[cfg(not(feature = "cuda"))]
     refused(&["--gpus", "1"], "built without CUDA support");
     let o = out.to_str().unwrap();

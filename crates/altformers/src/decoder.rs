@@ -15,6 +15,9 @@ use candle_core::{Result, Tensor};
 use crate::backbones::ModelState;
 use crate::model::Model;
 
+/// Positions kept on the device (RetNet's, learned tables') are f32: exact to 2^24.
+pub const MAX_DEVICE_POSITION: usize = 1 << 24;
+
 pub struct Decoder<'m> {
     model: &'m Model,
     state: ModelState,
@@ -26,8 +29,10 @@ impl<'m> Decoder<'m> {
     /// Decodes from `state` (a prefill's), `batch` sequences; replays a CUDA graph where the
     /// model and device allow, unless switched off (`ALTFORMERS_UNFUSED=decode-graph`).
     pub fn new(model: &'m Model, state: ModelState, batch: usize) -> Result<Self> {
+        // a state at the end of the window takes no step (generation re-prefills it)
+        let room = model.window().is_none_or(|w| state.pos < w);
         #[cfg(feature = "cuda")]
-        if model.device().is_cuda() && model.static_step() && crate::kernels::enabled("decode-graph") {
+        if model.device().is_cuda() && model.static_step() && room && crate::kernels::enabled("decode-graph") {
             match graph::Captured::new(model, &state, batch) {
                 Ok((captured, buffers)) => return Ok(Self { model, state: buffers, graph: Some(captured) }),
                 // decoding still works, op by op: say so rather than fail the generation
@@ -36,7 +41,7 @@ impl<'m> Decoder<'m> {
                 ),
             }
         }
-        let _ = batch;
+        let _ = (batch, room);
         Ok(Self::eager(model, state))
     }
 
@@ -63,9 +68,15 @@ impl<'m> Decoder<'m> {
     pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.graph {
-            // the eager step checks this itself; the graph cannot
+            // the eager step checks these itself; the graph cannot
             if let Some(w) = self.model.window().filter(|&w| self.state.pos >= w) {
                 candle_core::bail!("decoder: position {} is beyond the model's window of {w} tokens", self.state.pos);
+            }
+            if self.state.pos >= MAX_DEVICE_POSITION {
+                candle_core::bail!(
+                    "decoder: position {} is beyond the {MAX_DEVICE_POSITION} a step's f32 position counts exactly",
+                    self.state.pos
+                );
             }
             // a copy: the graph's output buffer is overwritten by the next replay (one
             // device-to-device copy of B x V values, a few microseconds)

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{time_it, Timing};
+use crate::config::Position;
 use crate::decoder::Decoder;
 use crate::model::Model;
 use crate::registry;
@@ -85,10 +86,14 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
         for &context in &opts.contexts {
             let mut cfg = arch.defaults().model;
             (cfg.width, cfg.heads, cfg.depth) = (opts.width, opts.heads, opts.depth);
-            // room for every timed step: a replayed step goes on from where the last sample
-            // ended (one warm-up and `steps` samples), and a learned position table must hold
-            // every position it reaches
-            cfg.context = context + (opts.steps + 2) * WINDOW + 1;
+            // room for every timed step; a replayed step goes on from where the last sample
+            // ended (one warm-up and `steps` samples), so a learned position table must hold
+            // every position it reaches (other models keep the context they are measured at:
+            // some size their parts by it)
+            cfg.context = context + WINDOW + 1;
+            if cfg.position == Position::Learned {
+                cfg.context = context + (opts.steps + 2) * WINDOW + 1;
+            }
             let model = Model::new(&cfg, 0, device, opts.dtype)?;
             for &batch in &opts.batches {
                 let shape = crate::complexity::CostShape { batch, seq: context, width: opts.width, heads: opts.heads };

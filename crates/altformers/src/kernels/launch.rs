@@ -114,6 +114,8 @@ pub fn with_addresses(
         let (ptr, sync) = match &s.slice {
             CudaStorageSlice::F32(x) => x.device_ptr(&stream),
             CudaStorageSlice::BF16(x) => x.device_ptr(&stream),
+            CudaStorageSlice::F16(x) => x.device_ptr(&stream),
+            CudaStorageSlice::F64(x) => x.device_ptr(&stream),
             CudaStorageSlice::U32(x) => x.device_ptr(&stream),
             _ => bail!("{op}: {:?} tensors are not supported", s.dtype()),
         };

@@ -245,6 +245,13 @@ impl SequenceMixer for Retention {
     /// from the state's position tensor (f64, as the host computes them for the other
     /// forms): the step reads nothing from the host, so it is replayed from a CUDA graph.
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        if state.pos >= crate::decoder::MAX_DEVICE_POSITION {
+            candle_core::bail!(
+                "retnet: position {} is beyond the {} its f32 position counts exactly",
+                state.pos,
+                crate::decoder::MAX_DEVICE_POSITION
+            );
+        }
         let n = match state.tensors.get(1) {
             Some(n) => n.clone(),
             None => Tensor::new(&[state.pos as f32], x.device())?,

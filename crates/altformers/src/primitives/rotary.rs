@@ -50,7 +50,8 @@ pub fn apply(x: &Tensor, offset: usize, base: f64) -> Result<Tensor> {
 }
 
 /// [`tables`] cut from f64 tables of positions `0..n` kept on `x`'s device, one per (head
-/// width, base, device), `n` doubled when a position beyond it is asked for. A decoding step
+/// width, base, device), `n` doubled when a position beyond it is asked for (up to 64K
+/// positions; longer ones are built per call). Kept for the life of the process. A decoding step
 /// otherwise builds its tables on the host and uploads them for every layer, every token
 /// (about 3 ms of a 12-layer Transformer's 6.4 ms GPU step, bench/results/2026-12-03-h200-
 /// decode-all); the values are the same bits (the same f64 products, the same cast).
@@ -59,6 +60,10 @@ pub fn cached_tables(offset: usize, len: usize, head_dim: usize, base: f64, x: &
     static CACHE: std::sync::Mutex<Vec<Entry>> = std::sync::Mutex::new(Vec::new());
     let mut cache = CACHE.lock().map_err(|_| candle_core::Error::Msg("rotary table cache poisoned".into()))?;
     let need = offset + len;
+    // beyond 64K positions the table (up to 64 MB at d_h 128) is not kept
+    if need > 1 << 16 {
+        return tables(offset, len, head_dim, base, x);
+    }
     let key = |e: &Entry| e.0 == head_dim && e.1 == base.to_bits() && e.2.same_device(x.device());
     let at = match cache.iter().position(key) {
         Some(i) if cache[i].3 >= need => i,
