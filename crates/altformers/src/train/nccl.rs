@@ -16,9 +16,10 @@
 //! watchdog does) and fails with [`PeerLost`], naming the ranks whose rendezvous connection
 //! closed where it can see them. The launcher then stops the others and names the cause.
 //! Not covered by the deadline: the communicator's creation and the enqueueing calls, which
-//! NCCL runs blocking (a peer that dies between the rendezvous and `ncclCommInitRank`, or a
-//! queue full behind a stuck reduction, hangs there until the launcher's own checks); a
-//! non-blocking communicator (`ncclCommInitRankConfig`, `blocking = 0`) would close that.
+//! NCCL runs blocking: a peer that dies there is seen by the launcher, which stops the
+//! others, but one that hangs between the rendezvous and `ncclCommInitRank` (or behind a
+//! full queue) hangs the job; a non-blocking communicator (`ncclCommInitRankConfig`,
+//! `blocking = 0`) would close that.
 //!
 //! NVLink multicast (NVLS) is switched off in every worker: on the machines this project
 //! runs on it can put the host's GPUs out of service.
