@@ -15,9 +15,6 @@ use candle_core::{Result, Tensor};
 use crate::backbones::ModelState;
 use crate::model::Model;
 
-/// Positions kept on the device (RetNet's, learned tables') are f32: exact to 2^24.
-pub const MAX_DEVICE_POSITION: usize = 1 << 24;
-
 pub struct Decoder<'m> {
     model: &'m Model,
     state: ModelState,
@@ -72,9 +69,10 @@ impl<'m> Decoder<'m> {
             if let Some(w) = self.model.window().filter(|&w| self.state.pos >= w) {
                 candle_core::bail!("decoder: position {} is beyond the model's window of {w} tokens", self.state.pos);
             }
-            if self.state.pos >= MAX_DEVICE_POSITION {
+            let limit = crate::mixers::MAX_DEVICE_POSITION;
+            if self.state.pos >= limit {
                 candle_core::bail!(
-                    "decoder: position {} is beyond the {MAX_DEVICE_POSITION} a step's f32 position counts exactly",
+                    "decoder: position {} is beyond the {limit} a step's f32 position counts exactly",
                     self.state.pos
                 );
             }

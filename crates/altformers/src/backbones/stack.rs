@@ -429,10 +429,7 @@ impl Backbone for Stack {
         let token = token.reshape((b, 1))?;
         let x = if self.embedding.has_positions() {
             // the position's row read at a device position, so the step is replayable
-            let position = match &state.position {
-                Some(p) => p.clone(),
-                None => Tensor::new(&[state.pos as f32], token.device())?,
-            };
+            let position = crate::mixers::device_position(state.position.as_ref(), state.pos, token.device())?;
             let x = self.embedding.forward_at(&token, &position, state.pos)?.to_dtype(self.compute_dtype)?;
             state.position = Some((position + 1.0)?);
             x

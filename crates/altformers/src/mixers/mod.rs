@@ -31,6 +31,22 @@ pub struct MixerState {
     pub pos: usize,
 }
 
+/// Positions kept on the device (RetNet's, learned position tables') are f32: exact to 2^24.
+pub const MAX_DEVICE_POSITION: usize = 1 << 24;
+
+/// The position a step reads on the device: the one its state holds (`held`, a one-element
+/// f32 tensor that the step advances), or `pos` uploaded where the state has none yet (a
+/// step from an empty state). Refused from [`MAX_DEVICE_POSITION`] on.
+pub fn device_position(held: Option<&Tensor>, pos: usize, device: &candle_core::Device) -> Result<Tensor> {
+    if pos >= MAX_DEVICE_POSITION {
+        candle_core::bail!("position {pos} is beyond the {MAX_DEVICE_POSITION} a step's f32 position counts exactly");
+    }
+    match held {
+        Some(p) => Ok(p.clone()),
+        None => Tensor::new(&[pos as f32], device),
+    }
+}
+
 impl MixerState {
     /// Bytes held by the state (what decoding keeps in memory per layer).
     pub fn bytes(&self) -> usize {

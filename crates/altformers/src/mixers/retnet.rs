@@ -245,17 +245,7 @@ impl SequenceMixer for Retention {
     /// from the state's position tensor (f64, as the host computes them for the other
     /// forms): the step reads nothing from the host, so it is replayed from a CUDA graph.
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
-        if state.pos >= crate::decoder::MAX_DEVICE_POSITION {
-            candle_core::bail!(
-                "retnet: position {} is beyond the {} its f32 position counts exactly",
-                state.pos,
-                crate::decoder::MAX_DEVICE_POSITION
-            );
-        }
-        let n = match state.tensors.get(1) {
-            Some(n) => n.clone(),
-            None => Tensor::new(&[state.pos as f32], x.device())?,
-        };
+        let n = super::device_position(state.tensors.get(1), state.pos, x.device())?;
         let acc = decayed::accumulation_dtype(x.dtype());
         let (q, k, v1, g) = self.project_rotated(x, &rotary::tables_at(&n, &self.frequencies, acc)?)?;
         let (o1, s) = decayed::linear_step(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, state.tensors.first())?;
