@@ -152,7 +152,7 @@ impl Retention {
         let acc = decayed::accumulation_dtype(x.dtype());
         let t = x.dim(1)?;
         let zero = Tensor::zeros(1, acc, x.device())?;
-        self.project_rotated(x, &rotary::tables(offset, t, self.head_dim, self.rope_base, &zero)?)
+        self.project_rotated(x, &rotary::cached_tables(offset, t, self.head_dim, self.rope_base, &zero)?)
     }
 
     /// [`Self::project`] with the rotation's tables `[T, d_h/2]` given.
