@@ -26,20 +26,39 @@ open("scaling.jsonl", "w").write("".join(fwd + fwdbwd))
 rows = open(C + "call1/listops.jsonl").read() + open(B + "call2/listops.jsonl").read()
 open("listops.jsonl", "w").write(rows)
 
+# decoding: every causal model at 12 x 768 (bf16, batch 1); 1K and 8K in one process, 16K and
+# 64K each model in its own process (the pool's cached memory now handed back between models, `device::release_cached_memory`;
+# lines that did not come back as files were re-typed from the call's printed output, marked
+# in ../2026-12-03-h200-decode-long/README.md); M2 and AFT-local at 16K from the one-process
+# call before it (eager models: the capture failures there touch only replayed ones)
+D = "../2026-12-03-h200-decode-long/"
+
+
+def decode(path, keep=lambda r: True):
+    return [l for l in open(path) if '"latency_s"' in l and keep(json.loads(l))]
+
+
+dec = decode(D + "call1/ours-decode-all.jsonl")
+for f in ["aft-conv", "aft-full", "aft-simple", "hourglass", "hyena", "longnet"]:
+    dec += decode(D + f"call3/long-{f}.jsonl")
+dec += decode(D + "call3/reconstructed-from-printed-output.jsonl")
+dec += decode(D + "call2/long.stdout", lambda r: r["model"] in ("m2", "aft-local"))
+open("decode.jsonl", "w").write("".join(dec))
+
 meta = {
-    "description": "The H200 results of issues 21 and 27 in one report. ListOps at LRA's lengths "
+    "description": "The H200 results of issues 21, 27 and 28 in one report. ListOps at LRA's lengths "
     "(configs/compare-listops-gpu.toml: 501-1999 tokens, 1000 steps of 32, bf16, parameters matched "
     "without the length-bound ones; Reformer with LRA's settings, in a second call). One causal mixer "
     "layer's time and memory against T (bf16, width 512, 8 heads, 64K tokens per batch), forward and "
-    "forward+backward, the Transformer by the fused flash kernel. Assembled by assemble.py from the raw "
+    "forward+backward, the Transformer by the fused flash kernel. Decoding: every causal model at 12 layers x 768 (GPT-2 small's shape), bf16, batch 1, after 1K-64K tokens of context. Assembled by assemble.py from the raw "
     "JSON lines of ../2026-12-02-h200-listops/, ../2026-12-03-h200-listops-matched/ and "
-    "../2026-12-03-h200-reformer-listops/ (which curve comes from which run: README.md).",
+    "../2026-12-03-h200-reformer-listops/, ../2026-12-03-h200-decode-long/ (which curve comes from which run: README.md).",
     "provenance": {
         "date": "2026-12-02 and 2026-12-03",
         "machine": "device tool, Intel Xeon, 16 threads",
         "device": "NVIDIA H200",
-        "commit": "7035846 and 5beecc6",
-        "command": "bench/results/2026-12-02-h200-listops/run.sh",
+        "commit": "7035846 and 5beecc6; decoding 41c674c",
+        "command": "bench/results/2026-12-02-h200-listops/run.sh; decoding: altformers bench decode (../2026-12-03-h200-decode-long/README.md)",
     },
 }
 json.dump(meta, open("meta.json", "w"), indent=1)

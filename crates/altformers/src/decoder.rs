@@ -30,7 +30,16 @@ impl<'m> Decoder<'m> {
         let room = model.window().is_none_or(|w| state.pos < w);
         #[cfg(feature = "cuda")]
         if model.device().is_cuda() && model.static_step() && room && crate::kernels::enabled("decode-graph") {
-            match graph::Captured::new(model, &state, batch) {
+            // a capture that ran out of memory is tried once more with the pool's cached
+            // blocks returned to the driver (a large prefill before it leaves them cached)
+            let captured = graph::Captured::new(model, &state, batch).or_else(|e| {
+                if !format!("{e}").contains("OUT_OF_MEMORY") {
+                    return Err(e);
+                }
+                crate::device::release_cached_memory(model.device())?;
+                graph::Captured::new(model, &state, batch)
+            });
+            match captured {
                 Ok((captured, buffers)) => return Ok(Self { model, state: buffers, graph: Some(captured) }),
                 // decoding still works, op by op: say so rather than fail the generation
                 Err(e) => eprintln!(

@@ -91,6 +91,21 @@ fn keep_pool_memory(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Hands the memory pool's free blocks back to the driver. The pool keeps them (above), so
+/// after one large computation it holds most of the GPU, and whatever allocates outside it
+/// (a CUDA graph's instantiation) fails for lack of memory that is free but cached. A no-op
+/// on the CPU.
+pub fn release_cached_memory(device: &Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = cuda_mem_pool(device)? {
+        device.synchronize()?;
+        unsafe { candle_core::cuda_backend::cudarc::driver::result::mem_pool::trim_to(pool, 0) }
+            .map_err(candle_core::Error::wrap)?;
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// A device for a concurrent worker: on CUDA the same GPU through a stream of its own (one
 /// context, so small kernels of several workers overlap instead of time-slicing as separate
 /// processes would); the CPU as it is.

@@ -134,6 +134,9 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
                 on_point(&point);
                 out.push(point);
             }
+            // the next model's capture must not find the pool holding this one's prefill
+            drop(model);
+            crate::device::release_cached_memory(device)?;
         }
     }
     Ok(out)

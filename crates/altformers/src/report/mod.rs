@@ -435,6 +435,7 @@ fn decode_section(rows: &[DecodePoint], plots: &Path, caption: &str) -> Result<S
     let state = per_model(|r| r.state_bytes.map(|b| b as f64));
     let text = format!("Bytes held by the decoding state (KV cache or recurrent state), whole model. {caption}.");
     md += &figure(plots, "decode-state.svg", &chart, &state, "state", &text)?;
+    md += &decode_against_reference(&single, "transformer");
     md.push_str(
         "| model | context | batch | ms/token | tokens/s | state (MB) | status |\n|---|---|---|---|---|---|---|\n",
     );
@@ -453,6 +454,56 @@ fn decode_section(rows: &[DecodePoint], plots: &Path, caption: &str) -> Result<S
     }
     md.push('\n');
     Ok(md)
+}
+
+/// Each model's decoding speed against `reference`'s (the Transformer with its KV cache) at
+/// every context both measured: the reference's ms per token over the model's, so above 1 is
+/// faster. Empty where the reference was not run.
+fn decode_against_reference(rows: &[&DecodePoint], reference: &str) -> String {
+    let latency = |model: &str, context: usize| {
+        rows.iter().find(|r| r.model == model && r.context == context).and_then(|r| r.latency_s)
+    };
+    let mut contexts: Vec<usize> = rows.iter().filter(|r| r.model == reference).map(|r| r.context).collect();
+    contexts.sort_unstable();
+    contexts.dedup();
+    if contexts.is_empty() {
+        return String::new();
+    }
+    let mut md = format!(
+        "Speed against the {reference} with its KV cache at the same context (its ms per token over the \
+         model's: above 1 is faster; \"-\" where either was not measured):\n\n| model |"
+    );
+    for c in &contexts {
+        let _ = write!(md, " {} |", context_label(*c));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(contexts.len()));
+    md.push('\n');
+    for (model, _) in group(rows, |r| r.model.clone()) {
+        if model == reference {
+            continue;
+        }
+        let _ = write!(md, "| {model} |");
+        for &c in &contexts {
+            let cell = match (latency(reference, c), latency(&model, c)) {
+                (Some(r), Some(m)) => format!("{:.2}x", r / m),
+                _ => "-".into(),
+            };
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    md.push('\n');
+    md
+}
+
+/// `1024` -> `1K`, `65536` -> `64K`; other lengths as they are.
+fn context_label(context: usize) -> String {
+    if context >= 1024 && context % 1024 == 0 {
+        format!("{}K", context / 1024)
+    } else {
+        context.to_string()
+    }
 }
 
 /// Performer's approximation error against its number of random features m: one line per
@@ -734,13 +785,15 @@ mod tests {
             failed.to_string(),
         ];
         std::fs::write(dir.join("scaling.jsonl"), lines.join("\n") + "\n")?;
-        let dp = |c: usize| {
+        let dp = |model: &str, c: usize, latency: f64| {
             format!(
-                r#"{{"model":"transformer","device":"cpu","context":{c},"batch":1,"status":"ok","timing":null,"latency_s":0.001,"tokens_per_s":1000.0,"state_bytes":{},"params":10}}"#,
+                r#"{{"model":"{model}","device":"cpu","context":{c},"batch":1,"status":"ok","timing":null,"latency_s":{latency},"tokens_per_s":1000.0,"state_bytes":{},"params":10}}"#,
                 c * 100
             )
         };
-        std::fs::write(dir.join("decode.jsonl"), format!("{}\n{}\n", dp(1024), dp(2048)))?;
+        // RetNet measured at 1K only: twice the Transformer's speed there, "-" at 2K
+        let decode = [dp("transformer", 1024, 0.001), dp("transformer", 2048, 0.001), dp("retnet", 1024, 0.0005)];
+        std::fs::write(dir.join("decode.jsonl"), decode.join("\n") + "\n")?;
         let lo = r#"{"model":"transformer-encoder","readout":"mean-pool","width":64,"params":1000,"params_ratio":1.0,"steps":10,"train_examples":100,"max_len":64,"train_loss":2.0,"val_accuracy":0.25,"test_accuracy":0.375,"elapsed_s":1.0}"#;
         std::fs::write(dir.join("listops.jsonl"), format!("{lo}\n"))?;
         let pe = |m: usize, e: f64| {
@@ -771,6 +824,7 @@ mod tests {
             "- one-wide-ffn: within 5% of it at every measured length from T = 512; 1.01x the Transformer's time at T = 2048",
             "| transformer | 4096 | 1 | - | - | - | - | - | failed: boom |\n",
             "## Decoding cost",
+            "| model | 1K | 2K |\n|---|---|---|\n| retnet | 2.00x | - |\n",
             "**wrong**",
             "O(T log Td)",
             "commit `abc`",
