@@ -239,6 +239,8 @@ mod tests {
             ("retnet", true),
             ("aft-simple", true),
             ("performer", true),
+            ("aft-local", true),
+            ("aft-conv", true),
             ("transformer", false),
             ("aft-full", false),
         ] {

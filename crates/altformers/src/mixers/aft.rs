@@ -464,18 +464,15 @@ impl Aft {
                 })?;
                 // decode state: the prefix up to t - s, and the last s - 1 keys and values
                 let s = self.window;
-                let mut tensors = if t >= s {
+                let prefix = if t >= s {
                     let at = |x: &Tensor| x.narrow(1, t - s, 1).and_then(|x| x.squeeze(1));
-                    vec![at(&parts.num)?, at(&parts.den)?, at(&parts.log_scale)?]
+                    WkvState { aa: at(&parts.num)?, bb: at(&parts.den)?, pp: at(&parts.log_scale)? }
                 } else {
-                    WkvState::empty(k.dim(0)?, k.dim(2)?, &k)?.to_vec()
+                    WkvState::empty(k.dim(0)?, k.dim(2)?, &k)?
                 };
                 let keep = (s - 1).min(t);
-                if keep > 0 {
-                    tensors.push(k.narrow(1, t - keep, keep)?);
-                    tensors.push(v.narrow(1, t - keep, keep)?);
-                }
-                (y, tensors)
+                let (kc, vc) = (k.narrow(1, t - keep, keep)?, v.narrow(1, t - keep, keep)?);
+                (y, self.window_state(prefix, kc, vc, t)?.to_vec())
             }
         };
         Ok((self.finish(&sq, &y)?, MixerState { tensors, pos: t }))
@@ -632,8 +629,9 @@ impl SequenceMixer for Aft {
     }
 
     /// State: aft-full `[K, V]` (`[B, T, D]` each, grows with T); aft-simple `[aa, bb, pp]`
-    /// (`[B, D]` each); aft-local/conv `[aa, bb, pp]` of the prefix up to `T - s` and the last
-    /// `min(T, s - 1)` keys and values `[B, s - 1, D]`: bounded by the window.
+    /// (`[B, D]` each); aft-local/conv `[aa, bb, pp]` of the prefix up to `T - s`, the last
+    /// `s - 1` keys and values `[B, s - 1, D]` (empty entries first while `T < s - 1`) and
+    /// aft-local's position ([`WindowState`]): bounded by the window.
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
         self.run(x, self.chunk)
     }
@@ -669,10 +667,10 @@ impl SequenceMixer for Aft {
         self.finish(&sq, &y)
     }
 
-    /// AFT-simple's state is three `[B, D]` running sums; the others keep keys that grow
-    /// (AFT-full) or fill a window first (AFT-local/conv).
+    /// AFT-simple's state is three `[B, D]` running sums, AFT-local/conv's the prefix's sums
+    /// and a window of fixed length ([`WindowState`]); AFT-full keeps keys that grow.
     fn static_step(&self) -> bool {
-        self.variant == Variant::Simple
+        self.variant != Variant::Full
     }
 
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
@@ -683,29 +681,104 @@ impl SequenceMixer for Aft {
     }
 }
 
+/// aft-local/conv's decoding state. The cache always holds `s - 1` keys and values, the
+/// oldest first; before the sequence has `s - 1` tokens its first entries are empty (key
+/// `-inf`: weight 0 in the window, and nothing added when folded into the prefix). So the step
+/// has the same shapes at every position and is replayed from a CUDA graph.
+struct WindowState {
+    /// Sums over the keys older than the window.
+    prefix: WkvState,
+    /// `[B, s - 1, C]` each; `None` for a window of one.
+    cache: Option<(Tensor, Tensor)>,
+    /// aft-local's position as a one-element f32 tensor (its bias `w_{t,t'}` depends on `t`).
+    position: Option<Tensor>,
+}
+
+impl WindowState {
+    fn to_vec(self) -> Vec<Tensor> {
+        let mut tensors = self.prefix.to_vec();
+        tensors.extend(self.cache.into_iter().flat_map(|(k, v)| [k, v]));
+        tensors.extend(self.position);
+        tensors
+    }
+}
+
 impl Aft {
+    /// The state after `pos` tokens from the prefix sums and the last `min(pos, s - 1)` keys
+    /// and values `[B, n, C]`, padded with empty entries to `s - 1`.
+    fn window_state(&self, prefix: WkvState, k: Tensor, v: Tensor, pos: usize) -> Result<WindowState> {
+        let s = self.window;
+        let cache = if s > 1 {
+            let (b, n, c) = k.dims3()?;
+            let empty = s - 1 - n;
+            let none = (Tensor::zeros((b, empty, c), k.dtype(), k.device())? + f64::NEG_INFINITY)?;
+            Some((Tensor::cat(&[&none, &k], 1)?, v.pad_with_zeros(1, empty, 0)?))
+        } else {
+            None
+        };
+        let position = match self.variant {
+            Variant::Local => Some(super::device_position(None, pos, k.device())?),
+            _ => None,
+        };
+        Ok(WindowState { prefix, cache, position })
+    }
+
+    fn read_window_state(&self, tensors: &[Tensor], like: &Tensor, pos: usize) -> Result<WindowState> {
+        let (b, _, c) = like.dims3()?;
+        if tensors.is_empty() {
+            let none = |n: usize| Tensor::zeros((b, n, c), like.dtype(), like.device());
+            return self.window_state(WkvState::empty(b, c, like)?, none(0)?, none(0)?, pos);
+        }
+        let cached = 2 * (self.window > 1) as usize;
+        let local = (self.variant == Variant::Local) as usize;
+        if tensors.len() != 3 + cached + local {
+            candle_core::bail!("aft window state has {} tensors", tensors.len());
+        }
+        Ok(WindowState {
+            prefix: WkvState::from_slice(&tensors[..3])?,
+            cache: (cached > 0).then(|| (tensors[3].clone(), tensors[4].clone())),
+            position: (local > 0).then(|| tensors[3 + cached].clone()),
+        })
+    }
+
+    /// The window's bias for the keys at `p - s + 1 ..= p`, oldest first: `[G, s]`. aft-conv's
+    /// depends on the offset only; aft-local's is read at the device position `p` (keys
+    /// before position 0 get row 0's: their weight is zero anyway).
+    fn window_bias(&self, position: Option<&Tensor>, like: &Tensor) -> Result<Tensor> {
+        let s = self.window;
+        let oldest_first = Tensor::from_vec((0..s as u32).rev().collect::<Vec<_>>(), s, like.device())?;
+        let Some(p) = position else {
+            return self.band(0, 1, like)?.squeeze(1)?.index_select(&oldest_first, 1);
+        };
+        let offsets = oldest_first.to_dtype(DType::F32)?;
+        let keys = p.broadcast_sub(&offsets)?.maximum(0.0)?.to_dtype(DType::U32)?;
+        let row = p.to_dtype(DType::U32)?;
+        match &self.bias {
+            PosBias::Matrix(w) => w.index_select(&row, 0)?.index_select(&keys, 1)?.to_dtype(like.dtype()),
+            PosBias::Factors(u, v) => {
+                let (u, v) = (u.index_select(&row, 0)?, v.index_select(&keys, 0)?);
+                u.broadcast_mul(&v)?.sum(1)?.reshape((1, s))?.to_dtype(like.dtype())
+            }
+            _ => candle_core::bail!("only aft-local reads its bias at a position"),
+        }
+    }
+
     /// One token of aft-local/conv: `k, v: [B, 1, C]` -> `[B, 1, C]`, advancing the prefix
     /// and the window cache.
     fn window_step(&self, k: &Tensor, v: &Tensor, state: &mut MixerState) -> Result<Tensor> {
-        let (b, _, c) = k.dims3()?;
-        let (s, g, p) = (self.window, self.groups, state.pos);
-        let (prefix, cache) = match state.tensors.as_slice() {
-            [] => (WkvState::empty(b, c, k)?, None),
-            [aa, bb, pp] => (WkvState::from_slice(&[aa.clone(), bb.clone(), pp.clone()])?, None),
-            [aa, bb, pp, kc, vc] => {
-                (WkvState::from_slice(&[aa.clone(), bb.clone(), pp.clone()])?, Some((kc.clone(), vc.clone())))
-            }
-            other => candle_core::bail!("aft window state has {} tensors", other.len()),
-        };
+        let (_, _, c) = k.dims3()?;
+        let (s, g) = (self.window, self.groups);
+        if self.variant == Variant::Local {
+            self.check_positions(state.pos + 1)?;
+        }
+        let WindowState { prefix, cache, position } = self.read_window_state(&state.tensors, k, state.pos)?;
+        // keys and values at p - s + 1 ..= p, oldest first: [B, s, C]
         let (kw, vw) = match &cache {
             Some((kc, vc)) => (Tensor::cat(&[kc, k], 1)?, Tensor::cat(&[vc, v], 1)?),
             None => (k.clone(), v.clone()),
         };
-        let n = kw.dim(1)?; // window positions p - n + 1 ..= p, oldest first
-                            // bias for offsets o = n - 1 .. 0 (oldest first): [1, n, C]
-        let idx: Vec<u32> = (0..n).rev().map(|o| o as u32).collect();
-        let band = self.band(p, 1, k)?.squeeze(1)?.index_select(&Tensor::from_vec(idx, n, k.device())?, 1)?; // [G, n]
-        let bias = band.t()?.unsqueeze(2)?.broadcast_as((n, g, c / g))?.reshape((1, n, c))?;
+        let band = self.window_bias(position.as_ref(), k)?; // [G, s]
+        let bias = band.t()?.unsqueeze(2)?.broadcast_as((s, g, c / g))?.reshape((1, s, c))?;
         let e = kw.broadcast_add(&bias)?;
         let m = e.max_keepdim(1)?.squeeze(1)?.maximum(&prefix.pp)?.detach(); // [B, C]
         let pe = e.broadcast_sub(&m.unsqueeze(1)?)?.exp()?;
@@ -713,19 +786,12 @@ impl Aft {
         let num = ((&fp * &prefix.aa)? + (&pe * &vw)?.sum(1)?)?;
         let den = ((fp * &prefix.bb)? + pe.sum(1)?)?;
         let y = (num / den)?.unsqueeze(1)?;
-        // advance: the prefix must cover t' <= p + 1 - s, the cache p + 2 - s ..= p
-        let (prefix, kw, vw) = if n == s {
-            let folded =
-                decayed::wkv_fold(&prefix, &kw.narrow(1, 0, 1)?.squeeze(1)?, &vw.narrow(1, 0, 1)?.squeeze(1)?, None)?;
-            (folded, kw.narrow(1, 1, n - 1)?, vw.narrow(1, 1, n - 1)?)
-        } else {
-            (prefix, kw, vw)
-        };
-        let mut tensors = prefix.to_vec();
-        if kw.dim(1)? > 0 {
-            tensors.extend([kw, vw]);
-        }
-        state.tensors = tensors;
+        // advance: the oldest key leaves the window for the prefix (an empty one adds nothing)
+        let prefix =
+            decayed::wkv_fold(&prefix, &kw.narrow(1, 0, 1)?.squeeze(1)?, &vw.narrow(1, 0, 1)?.squeeze(1)?, None)?;
+        let cache = (s > 1).then(|| Ok::<_, candle_core::Error>((kw.narrow(1, 1, s - 1)?, vw.narrow(1, 1, s - 1)?)));
+        let position = position.map(|p| p + 1.0).transpose()?;
+        state.tensors = WindowState { prefix, cache: cache.transpose()?, position }.to_vec();
         Ok(y)
     }
 }
@@ -936,8 +1002,9 @@ mod tests {
                 // the whole key/value history
                 Variant::Full => assert!(short < long && long < longer, "{name}"),
                 Variant::Simple => assert!(short == long && long == longer, "{name}"),
-                // bounded by the window (5): grows until T = s - 1, then constant
-                Variant::Local | Variant::Conv => assert!(short < long && long == longer, "{name}"),
+                // bounded by the window (5): s - 1 entries from the first token (the empty
+                // ones first), so the step has one shape at every position
+                Variant::Local | Variant::Conv => assert!(short == long && long == longer, "{name}"),
             }
         }
         Ok(())

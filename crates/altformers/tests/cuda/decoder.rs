@@ -1,8 +1,8 @@
 //! The CUDA-graph decoder (`altformers::decoder`) against eager steps of the same model: the
 //! same logits token after token, batch of 3, f32 and bf16, RWKV-4, RetNet (whose step
 //! reads its position from a device tensor), AFT-simple and Performer (learned
-//! positions read at a device position); and a model whose KV cache grows is never
-//! replayed.
+//! positions read at a device position), AFT-local (its bias read at a device position) and
+//! AFT-conv (a window of fixed length); and a model whose KV cache grows is never replayed.
 
 use altformers::decoder::Decoder;
 use altformers::model::Model;
@@ -21,8 +21,17 @@ fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
         ("aft-simple", DType::BF16),
         ("performer", DType::F32),
         ("performer", DType::BF16),
+        ("aft-local", DType::F32),
+        ("aft-local", DType::BF16),
+        ("aft-conv", DType::F32),
+        ("aft-conv", DType::BF16),
     ] {
-        let cfg = tiny_config(arch, &["model.width=64", "model.context=48"])?;
+        // AFT-local/conv: a window of 16 after a prompt of 10, so the first replayed steps
+        // read a window with empty entries, and the last ones a full window
+        let window = if arch.starts_with("aft-") && arch != "aft-simple" { "model.options.window=16" } else { "" };
+        let sets: Vec<&str> =
+            ["model.width=64", "model.context=48", window].into_iter().filter(|s| !s.is_empty()).collect();
+        let cfg = tiny_config(arch, &sets)?;
         let model = Model::new(&cfg, 7, &gpu, dtype)?;
         testing::perturb(&model, 0.05, 2)?;
         let prompt = random_tokens(3, 10, cfg.vocab, 1)?.to_device(&gpu)?;
