@@ -789,7 +789,10 @@ impl Aft {
         // advance: the oldest key leaves the window for the prefix (an empty one adds nothing)
         let prefix =
             decayed::wkv_fold(&prefix, &kw.narrow(1, 0, 1)?.squeeze(1)?, &vw.narrow(1, 0, 1)?.squeeze(1)?, None)?;
-        let cache = (s > 1).then(|| Ok::<_, candle_core::Error>((kw.narrow(1, 1, s - 1)?, vw.narrow(1, 1, s - 1)?)));
+        // contiguous (a batch's narrow is strided): a CUDA graph's capture copies the new state
+        // into its buffers, and a strided copy there would need a layout the warm-up never saw
+        let keep = |x: &Tensor| x.narrow(1, 1, s - 1)?.contiguous();
+        let cache = (s > 1).then(|| Ok::<_, candle_core::Error>((keep(&kw)?, keep(&vw)?)));
         let position = position.map(|p| p + 1.0).transpose()?;
         state.tensors = WindowState { prefix, cache: cache.transpose()?, position }.to_vec();
         Ok(y)
