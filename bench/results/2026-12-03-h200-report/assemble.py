@@ -38,11 +38,15 @@ def decode(path, keep=lambda r: True):
     return [l for l in open(path) if '"latency_s"' in l and keep(json.loads(l))]
 
 
-dec = decode(D + "call1/ours-decode-all.jsonl")
-for f in ["aft-conv", "aft-full", "aft-simple", "hourglass", "hyena", "longnet"]:
+# AFT-local and AFT-conv replayed since ea7a0d3 (call 4) replace their op-by-op lines
+replayed = ("aft-local", "aft-conv")
+dec = decode(D + "call1/ours-decode-all.jsonl", lambda r: r["model"] not in replayed)
+for f in ["aft-local", "aft-conv", "reformer"]:
+    dec += decode(D + f"call4/d-{f}.jsonl")
+for f in ["aft-full", "aft-simple", "hourglass", "hyena", "longnet"]:
     dec += decode(D + f"call3/long-{f}.jsonl")
 dec += decode(D + "call3/reconstructed-from-printed-output.jsonl")
-dec += decode(D + "call2/long.stdout", lambda r: r["model"] in ("m2", "aft-local"))
+dec += decode(D + "call2/long.stdout", lambda r: r["model"] == "m2")
 open("decode.jsonl", "w").write("".join(dec))
 
 meta = {
@@ -57,7 +61,7 @@ meta = {
         "date": "2026-12-02 and 2026-12-03",
         "machine": "device tool, Intel Xeon, 16 threads",
         "device": "NVIDIA H200",
-        "commit": "7035846 and 5beecc6; decoding 41c674c",
+        "commit": "7035846 and 5beecc6; decoding 41c674c (AFT-local/conv ea7a0d3)",
         "command": "bench/results/2026-12-02-h200-listops/run.sh; decoding: altformers bench decode (../2026-12-03-h200-decode-long/README.md)",
     },
 }
