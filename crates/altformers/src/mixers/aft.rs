@@ -243,6 +243,9 @@ pub struct Aft {
     /// aft-full: key positions per block of the blocked form.
     block: usize,
     context: usize,
+    /// aft-local/conv's window offsets `s - 1, ..., 0` (u32, on the model's device), made once:
+    /// a step replayed from a CUDA graph must not upload from the host.
+    offsets: Tensor,
 }
 
 impl Aft {
@@ -294,6 +297,7 @@ impl Aft {
         };
         let out_std = 0.02 / (2.0 * cfg.depth as f64).sqrt();
         let key_width = if variant == Variant::Conv { cfg.heads } else { d };
+        let offsets = Tensor::from_vec((0..window as u32).rev().collect::<Vec<_>>(), window, &pb.device)?;
         Ok(Self {
             variant,
             query: Linear::new(pb, "query", d, d, 0.02, cfg.bias)?,
@@ -307,6 +311,7 @@ impl Aft {
             dense_below,
             block,
             context: ctx,
+            offsets,
         })
     }
 
@@ -441,8 +446,9 @@ impl Aft {
         self.finish(&sq, &pairwise(&k, &v, &w, 0)?)
     }
 
-    /// Parallel form with prefix sums in chunks of `chunk`; also returns the decode state.
-    fn run(&self, x: &Tensor, chunk: usize) -> Result<(Tensor, MixerState)> {
+    /// Parallel form with prefix sums in chunks of `chunk`; with `keep_state`, also the decode
+    /// state (empty otherwise: training's forward has no use for it).
+    fn run(&self, x: &Tensor, chunk: usize, keep_state: bool) -> Result<(Tensor, MixerState)> {
         let t = x.dim(1)?;
         let (sq, k, v) = self.project(x)?;
         let (y, tensors) = match self.variant {
@@ -462,6 +468,9 @@ impl Aft {
                     let (parts, _) = decayed::wkv_chunked_parts(&k, &v, Weighting::default(), chunk, None)?;
                     banded_parts(&k, &v, &parts, &band.to_dtype(dtype)?)
                 })?;
+                if !keep_state {
+                    return Ok((self.finish(&sq, &y)?, MixerState::default()));
+                }
                 // decode state: the prefix up to t - s, and the last s - 1 keys and values
                 let s = self.window;
                 let prefix = if t >= s {
@@ -472,7 +481,7 @@ impl Aft {
                 };
                 let keep = (s - 1).min(t);
                 let (kc, vc) = (k.narrow(1, t - keep, keep)?, v.narrow(1, t - keep, keep)?);
-                (y, self.window_state(prefix, kc, vc, t)?.to_vec())
+                (y, self.window_state(prefix, kc, vc, t)?.into_vec())
             }
         };
         Ok((self.finish(&sq, &y)?, MixerState { tensors, pos: t }))
@@ -625,7 +634,7 @@ impl SequenceMixer for Aft {
         if x.dim(1)? <= self.dense_below {
             return self.reference(x);
         }
-        Ok(self.run(x, self.chunk)?.0)
+        Ok(self.run(x, self.chunk, false)?.0)
     }
 
     /// State: aft-full `[K, V]` (`[B, T, D]` each, grows with T); aft-simple `[aa, bb, pp]`
@@ -633,7 +642,7 @@ impl SequenceMixer for Aft {
     /// `s - 1` keys and values `[B, s - 1, D]` (empty entries first while `T < s - 1`) and
     /// aft-local's position ([`WindowState`]): bounded by the window.
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
-        self.run(x, self.chunk)
+        self.run(x, self.chunk, true)
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
@@ -676,7 +685,7 @@ impl SequenceMixer for Aft {
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
         match self.variant {
             Variant::Full => None,
-            _ => Some(self.run(x, chunk).map(|(y, _)| y)),
+            _ => Some(self.run(x, chunk, false).map(|(y, _)| y)),
         }
     }
 }
@@ -695,7 +704,7 @@ struct WindowState {
 }
 
 impl WindowState {
-    fn to_vec(self) -> Vec<Tensor> {
+    fn into_vec(self) -> Vec<Tensor> {
         let mut tensors = self.prefix.to_vec();
         tensors.extend(self.cache.into_iter().flat_map(|(k, v)| [k, v]));
         tensors.extend(self.position);
@@ -743,21 +752,22 @@ impl Aft {
 
     /// The window's bias for the keys at `p - s + 1 ..= p`, oldest first: `[G, s]`. aft-conv's
     /// depends on the offset only; aft-local's is read at the device position `p` (keys
-    /// before position 0 get row 0's: their weight is zero anyway).
+    /// before position 0 read key column 0: their weight is zero anyway).
     fn window_bias(&self, position: Option<&Tensor>, like: &Tensor) -> Result<Tensor> {
         let s = self.window;
-        let oldest_first = Tensor::from_vec((0..s as u32).rev().collect::<Vec<_>>(), s, like.device())?;
         let Some(p) = position else {
-            return self.band(0, 1, like)?.squeeze(1)?.index_select(&oldest_first, 1);
+            return self.band(0, 1, like)?.squeeze(1)?.index_select(&self.offsets, 1);
         };
-        let offsets = oldest_first.to_dtype(DType::F32)?;
+        let offsets = self.offsets.to_dtype(DType::F32)?;
         let keys = p.broadcast_sub(&offsets)?.maximum(0.0)?.to_dtype(DType::U32)?;
         let row = p.to_dtype(DType::U32)?;
         match &self.bias {
             PosBias::Matrix(w) => w.index_select(&row, 0)?.index_select(&keys, 1)?.to_dtype(like.dtype()),
             PosBias::Factors(u, v) => {
-                let (u, v) = (u.index_select(&row, 0)?, v.index_select(&keys, 0)?);
-                u.broadcast_mul(&v)?.sum(1)?.reshape((1, s))?.to_dtype(like.dtype())
+                // summed in `like`'s dtype (f32 under bf16), as the prefill's band is
+                let u = u.index_select(&row, 0)?.to_dtype(like.dtype())?;
+                let v = v.index_select(&keys, 0)?.to_dtype(like.dtype())?;
+                u.broadcast_mul(&v)?.sum(1)?.reshape((1, s))
             }
             _ => candle_core::bail!("only aft-local reads its bias at a position"),
         }
@@ -794,7 +804,7 @@ impl Aft {
         let keep = |x: &Tensor| x.narrow(1, 1, s - 1)?.contiguous();
         let cache = (s > 1).then(|| Ok::<_, candle_core::Error>((keep(&kw)?, keep(&vw)?)));
         let position = position.map(|p| p + 1.0).transpose()?;
-        state.tensors = WindowState { prefix, cache: cache.transpose()?, position }.to_vec();
+        state.tensors = WindowState { prefix, cache: cache.transpose()?, position }.into_vec();
         Ok(y)
     }
 }
