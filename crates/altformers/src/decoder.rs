@@ -249,4 +249,43 @@ mod tests {
         }
         Ok(())
     }
+
+    /// What a CUDA graph's capture needs of a static step, checked on the CPU for every model
+    /// that says its step is static, at a batch of 3, from a prefill shorter than any window
+    /// and from a longer one: the state keeps its shapes and dtypes, and every tensor the step
+    /// leaves in it is contiguous (the capture copies them into its buffers; a strided copy
+    /// needs a layout the warm-up never uploaded: AFT-local's first replayed step failed so).
+    #[test]
+    fn static_steps_keep_one_contiguous_layout() -> anyhow::Result<()> {
+        let layout = |s: &crate::backbones::ModelState| -> Vec<(Vec<usize>, DType)> {
+            s.tensors().map(|t| (t.dims().to_vec(), t.dtype())).collect()
+        };
+        let mut checked = 0;
+        for arch in crate::registry::ARCHITECTURES.iter().filter(|a| a.causal) {
+            let cfg = tiny_config(arch.name, &["model.context=48"])?;
+            let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+            if !model.static_step() {
+                continue;
+            }
+            for prompt in [2, 20] {
+                let (_, mut state) = model.prefill(&crate::testing::random_tokens(3, prompt, cfg.vocab, 1)?)?;
+                let before = layout(&state);
+                for i in 0..3u32 {
+                    model.step(&candle_core::Tensor::new(&[i, i + 1, i + 2], &Device::Cpu)?, &mut state)?;
+                    assert_eq!(layout(&state), before, "{}: the step changed its state's shapes", arch.name);
+                    for t in state.tensors() {
+                        assert!(
+                            t.is_contiguous(),
+                            "{}: the step leaves a strided state tensor {:?}",
+                            arch.name,
+                            t.dims()
+                        );
+                    }
+                }
+            }
+            checked += 1;
+        }
+        assert!(checked >= 6, "only {checked} models have static steps");
+        Ok(())
+    }
 }
