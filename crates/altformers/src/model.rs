@@ -26,10 +26,20 @@ impl Model {
     /// Builds `config`'s architecture with freshly initialised weights (seeded), parameters
     /// in `dtype`.
     pub fn new(config: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> AnyResult<Self> {
+        Self::build(config, ParamBuilder::new(seed, device, dtype))
+    }
+
+    /// A model that is only timed (`bench decode`): its random weights drawn on the device
+    /// ([`ParamBuilder::for_timing`]), fast at billions of parameters, not reproducible.
+    pub fn for_timing(config: &ModelConfig, device: &Device, dtype: DType) -> AnyResult<Self> {
+        Self::build(config, ParamBuilder::for_timing(device, dtype))
+    }
+
+    fn build(config: &ModelConfig, pb: ParamBuilder) -> AnyResult<Self> {
+        let (device, dtype) = (pb.device.clone(), pb.dtype);
         if device.is_cpu() {
             size::check_params(config, dtype)?;
         }
-        let pb = ParamBuilder::new(seed, device, dtype);
         let backbone = crate::registry::build(config, &pb)?;
         let clock = pb.clock.clone();
         let causal = crate::registry::find(&config.architecture)?.causal;

@@ -128,6 +128,8 @@ pub struct ParamBuilder {
     pub clock: StepClock,
     /// [`Param::lr_scale`] of the parameters this builder creates.
     lr_scale: f64,
+    /// Random parameters drawn on the device by its own generator ([`ParamBuilder::for_timing`]).
+    draw_on_device: bool,
 }
 
 impl ParamBuilder {
@@ -140,7 +142,16 @@ impl ParamBuilder {
             dtype,
             clock: StepClock::default(),
             lr_scale: 1.0,
+            draw_on_device: false,
         }
+    }
+
+    /// A builder for models that are only timed (`bench decode`): random parameters are drawn
+    /// on the device by its generator, not from the seeded host stream, so a model of billions
+    /// of parameters is made in seconds rather than minutes. Same shapes and scales, other
+    /// values, and not reproducible: never for a model that is trained or compared.
+    pub fn for_timing(device: &Device, dtype: DType) -> Self {
+        Self { draw_on_device: true, ..Self::new(0, device, dtype) }
     }
 
     /// A builder whose parameters train at `scale` times the run's learning rate (a finite
@@ -187,9 +198,13 @@ impl ParamBuilder {
 
     /// Creates a parameter from host values.
     pub fn from_values(&self, name: &str, dims: &[usize], values: Vec<f32>, decay: bool) -> Result<Tensor> {
+        self.register(name, Tensor::from_vec(values, dims, &self.device)?, decay)
+    }
+
+    /// Creates the parameter `name` holding `t` (cast to the builder's dtype).
+    fn register(&self, name: &str, t: Tensor, decay: bool) -> Result<Tensor> {
         let full = self.full_name(name);
-        let t = Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.dtype)?;
-        let var = Var::from_tensor(&t)?;
+        let var = Var::from_tensor(&t.to_dtype(self.dtype)?)?;
         let mut store = self.store.lock().unwrap();
         if store.params.contains_key(&full) {
             bail!("parameter `{full}` defined twice");
@@ -201,30 +216,40 @@ impl ParamBuilder {
 
     /// Gaussian N(0, std^2) matrix, decayed.
     pub fn normal(&self, name: &str, dims: &[usize], std: f64) -> Result<Tensor> {
-        let n = self.elements(name, dims)?;
-        let values = self.rng.lock().unwrap().normal_vec(n, std);
-        self.from_values(name, dims, values, true)
+        self.gaussian(name, dims, std, true)
     }
 
     /// Gaussian, not decayed (embeddings).
     pub fn normal_no_decay(&self, name: &str, dims: &[usize], std: f64) -> Result<Tensor> {
+        self.gaussian(name, dims, std, false)
+    }
+
+    fn gaussian(&self, name: &str, dims: &[usize], std: f64, decay: bool) -> Result<Tensor> {
         let n = self.elements(name, dims)?;
+        if self.draw_on_device {
+            return self.register(name, Tensor::randn(0f32, std as f32, dims, &self.device)?, decay);
+        }
         let values = self.rng.lock().unwrap().normal_vec(n, std);
-        self.from_values(name, dims, values, false)
+        self.from_values(name, dims, values, decay)
     }
 
     /// Uniform in [lo, hi), decayed.
     pub fn uniform(&self, name: &str, dims: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
-        let n = self.elements(name, dims)?;
-        let values = self.rng.lock().unwrap().uniform_vec(n, lo, hi);
-        self.from_values(name, dims, values, true)
+        self.flat(name, dims, lo, hi, true)
     }
 
     /// Uniform in [lo, hi), not decayed (biases with PyTorch's default initialiser).
     pub fn uniform_no_decay(&self, name: &str, dims: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
+        self.flat(name, dims, lo, hi, false)
+    }
+
+    fn flat(&self, name: &str, dims: &[usize], lo: f64, hi: f64, decay: bool) -> Result<Tensor> {
         let n = self.elements(name, dims)?;
+        if self.draw_on_device {
+            return self.register(name, Tensor::rand(lo as f32, hi as f32, dims, &self.device)?, decay);
+        }
         let values = self.rng.lock().unwrap().uniform_vec(n, lo, hi);
-        self.from_values(name, dims, values, false)
+        self.from_values(name, dims, values, decay)
     }
 
     /// The element count of the parameter `name` of shape `dims`, refused (with its name and
@@ -239,6 +264,12 @@ impl ParamBuilder {
     /// Gaussian from the builder's seeded stream, its rows (if `rows <= cols`) or else its
     /// columns orthonormalised by Gram-Schmidt (applied twice, for accuracy in f32).
     pub fn orthogonal(&self, name: &str, rows: usize, cols: usize, gain: f64, decay: bool) -> Result<Tensor> {
+        if self.draw_on_device {
+            // a timed model's weights need their scale only: an orthogonal matrix's entries
+            // have this standard deviation
+            let std = gain / (rows.max(cols) as f64).sqrt();
+            return self.gaussian(name, &[rows, cols], std, decay);
+        }
         let a = self.rng.lock().unwrap().normal_vec(self.elements(name, &[rows, cols])?, 1.0);
         // the `n` vectors of length `m` to orthonormalise: rows if rows <= cols, else columns
         let (n, m, by_rows) = (rows.min(cols), rows.max(cols), rows <= cols);
@@ -359,6 +390,38 @@ fn orthonormalise_rows(q: &mut [f64], n: usize, m: usize) -> candle_core::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A timed model's builder gives every parameter the seeded builder's name, shape, dtype
+    /// and scale (standard deviation within 5% of the asked one), from the device's own
+    /// generator: other values.
+    #[test]
+    fn parameters_for_timing_have_the_seeded_shapes_and_scales() -> Result<()> {
+        let (seeded, timed) =
+            (ParamBuilder::new(3, &Device::Cpu, DType::F32), ParamBuilder::for_timing(&Device::Cpu, DType::F32));
+        for pb in [&seeded, &timed] {
+            pb.normal("w", &[256, 128], 0.02)?;
+            pb.uniform("u", &[64, 64], -0.5, 0.5)?;
+            pb.orthogonal("o", 192, 96, 2.0, true)?;
+            pb.constant("c", &[8], 1.5)?;
+        }
+        let (a, b) = (seeded.into_store(), timed.into_store());
+        let std = |t: &Tensor| -> Result<f64> {
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
+            Ok((v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt())
+        };
+        assert_eq!(a.params.keys().collect::<Vec<_>>(), b.params.keys().collect::<Vec<_>>());
+        for (name, p) in &a.params {
+            let (x, y) = (p.var.as_tensor(), b.params[name].var.as_tensor());
+            assert_eq!((x.dims(), x.dtype(), p.decay), (y.dims(), y.dtype(), b.params[name].decay), "{name}");
+            let (sx, sy) = (std(x)?, std(y)?);
+            assert!((sx - sy).abs() <= 0.05 * sx.max(1e-12), "{name}: std {sx} seeded, {sy} timed");
+            if name != "c" {
+                assert!(x.sub(y)?.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}: the same values");
+            }
+        }
+        Ok(())
+    }
 
     /// A parameter too large for memory (an option sizing one tensor at 10^12) or whose
     /// element count overflows is refused with its name and shape before anything is

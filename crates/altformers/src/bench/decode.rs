@@ -94,7 +94,9 @@ pub fn run(opts: &DecodeOptions, device: &Device, mut on_point: impl FnMut(&Deco
             if cfg.position == Position::Learned {
                 cfg.context = context + (opts.steps + 2) * WINDOW + 1;
             }
-            let model = Model::new(&cfg, 0, device, opts.dtype)?;
+            // random weights drawn on the device: a step's cost does not depend on them, and
+            // a model of billions of parameters is then made in seconds
+            let model = Model::for_timing(&cfg, device, opts.dtype)?;
             for &batch in &opts.batches {
                 let shape = crate::complexity::CostShape { batch, seq: context, width: opts.width, heads: opts.heads };
                 let estimate = (arch.complexity.memory)(&shape) * opts.dtype.size_in_bytes() as f64;
