@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-all|nccl|interop [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-all|decode-large|nccl|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -380,6 +380,20 @@ if [ "$what" = decode-all ]; then
   (cd bench/peers && timeout 100 python3 gpt2_decode.py --contexts $ctxs --tokens 100) > "$OUT/peer-gpt2.jsonl" 2> "$OUT/peer-gpt2.err"
   echo "[$(date +%T)] done" >> "$OUT/ours.err"
   cut -c1-250 "$OUT/ours-decode-all.stdout" "$OUT/peer-gpt2.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer-gpt2.err"
+fi
+if [ "$what" = decode-large ]; then
+  # Issue 28: RetNet's decoding claim (8.4x a Transformer with its KV cache at 8K context,
+  # 6.7B parameters) at the paper's 6.7B shape: 32 layers x 4096, RetNet with 16 heads of 256
+  # (the paper's), the Transformer with 32 of 128; bf16, batch 1. Weights drawn on the device.
+  #   gpu-bench.sh decode-large [contexts]
+  ctxs="${2:-1024,8192}"
+  for m in retnet:16 transformer:32; do
+    echo "[$(date +%T)] ${m%%:*}" >> "$OUT/ours.err"
+    timeout 200 $alt bench decode --device cuda --models "${m%%:*}" --width 4096 --depth 32 --heads "${m#*:}" \
+      --contexts $ctxs --batches 1 --dtype bf16 --steps 5 --time-cap 120 --memory-cap-gb 120 \
+      --out "$OUT/ours-decode-large-${m%%:*}.jsonl" > "$OUT/ours-decode-large-${m%%:*}.stdout" 2>> "$OUT/ours.err"
+  done
+  cut -c1-300 "$OUT"/ours-decode-large-*.stdout; tail -n 3 "$OUT/ours.err"
 fi
 if [ "$what" = nccl ]; then
   # Issue 23 on the one GPU lent: the baby GPT (bf16, dropout 0.2) trained in one process and
