@@ -12,25 +12,20 @@ use candle_core::{DType, Device, Tensor};
 #[test]
 fn replayed_steps_give_the_eager_logits() -> anyhow::Result<()> {
     let gpu = Device::new_cuda(0)?;
-    for (arch, dtype) in [
-        ("rwkv4", DType::F32),
-        ("rwkv4", DType::BF16),
-        ("retnet", DType::F32),
-        ("retnet", DType::BF16),
-        ("aft-simple", DType::F32),
-        ("aft-simple", DType::BF16),
-        ("performer", DType::F32),
-        ("performer", DType::BF16),
-        ("aft-local", DType::F32),
-        ("aft-local", DType::BF16),
-        ("aft-conv", DType::F32),
-        ("aft-conv", DType::BF16),
-    ] {
-        // AFT-local/conv: a window of 16 after a prompt of 10, so the first replayed steps
-        // read a window with empty entries, and the last ones a full window
-        let window = if arch.starts_with("aft-") && arch != "aft-simple" { "model.options.window=16" } else { "" };
-        let sets: Vec<&str> =
-            ["model.width=64", "model.context=48", window].into_iter().filter(|s| !s.is_empty()).collect();
+    // AFT-local/conv: a window of 16 after a prompt of 10, so the first replayed steps read a
+    // window with empty entries, and the last ones a full window
+    let window: &[&str] = &["model.options.window=16"];
+    let models = [
+        ("rwkv4", &[][..]),
+        ("retnet", &[]),
+        ("aft-simple", &[]),
+        ("performer", &[]),
+        ("aft-local", window),
+        ("aft-conv", window),
+    ];
+    let cases = models.into_iter().flat_map(|(arch, sets)| [DType::F32, DType::BF16].map(move |d| (arch, sets, d)));
+    for (arch, extra, dtype) in cases {
+        let sets = [&["model.width=64", "model.context=48"][..], extra].concat();
         let cfg = tiny_config(arch, &sets)?;
         let model = Model::new(&cfg, 7, &gpu, dtype)?;
         testing::perturb(&model, 0.05, 2)?;
