@@ -1143,3 +1143,35 @@ fn two_nodes_train_as_one_process() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// The quick preset's recall task says something (issue 19): run as the main command runs it,
+/// the Transformer solves it (>= 0.9 on the held-out queries) and AFT-simple, which has no
+/// content-based lookup, does not (it stops at the 0.75 plateau). About 10 s a model.
+#[test]
+fn the_quick_recall_task_separates_attention_from_a_model_without_lookup() {
+    let out = temp("quick-recall");
+    let out_s = out.to_str().unwrap();
+    let run = altformers(&[
+        "--threads",
+        "1",
+        "compare",
+        "--preset",
+        "quick",
+        "--parts",
+        "mqar",
+        "--models",
+        "transformer,aft-simple",
+        "--out",
+        out_s,
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rows = std::fs::read_to_string(out.join("mqar.jsonl")).unwrap();
+    let accuracy = |model: &str| -> f64 {
+        let row = rows.lines().find(|l| l.contains(&format!("\"model\":\"{model}\""))).expect(model);
+        let v: serde_json::Value = serde_json::from_str(row).unwrap();
+        v["accuracy"].as_f64().unwrap()
+    };
+    assert!(accuracy("transformer") >= 0.9, "transformer: {rows}");
+    assert!(accuracy("aft-simple") < 0.9, "aft-simple: {rows}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
