@@ -29,6 +29,14 @@ impl Model {
         Self::build(config, ParamBuilder::new(seed, device, dtype))
     }
 
+    /// [`Model::new`] for a model that never trains (generation, evaluation): its parameters
+    /// are seen as plain tensors ([`ParamBuilder::frozen`]), so nothing records a gradient
+    /// graph and a long prefill holds one layer's intermediates at a time. Weights load into
+    /// it as into any model ([`Model::load_weights`]).
+    pub fn for_inference(config: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> AnyResult<Self> {
+        Self::build(config, ParamBuilder::new(seed, device, dtype).frozen())
+    }
+
     /// A model that is only timed (`bench decode`): its random weights drawn on the device
     /// ([`ParamBuilder::for_timing`]), fast at billions of parameters, not reproducible.
     pub fn for_timing(config: &ModelConfig, device: &Device, dtype: DType) -> AnyResult<Self> {

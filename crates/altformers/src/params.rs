@@ -130,6 +130,8 @@ pub struct ParamBuilder {
     lr_scale: f64,
     /// Random parameters drawn on the device by its own generator ([`ParamBuilder::for_timing`]).
     draw_on_device: bool,
+    /// The model sees its parameters as plain tensors ([`ParamBuilder::frozen`]).
+    frozen: bool,
 }
 
 impl ParamBuilder {
@@ -143,6 +145,28 @@ impl ParamBuilder {
             clock: StepClock::default(),
             lr_scale: 1.0,
             draw_on_device: false,
+            frozen: false,
+        }
+    }
+
+    /// A builder for a model that never trains (generation, evaluation, timing): the store
+    /// keeps each parameter as a variable (a checkpoint loads into it in place), but the model
+    /// holds a detached view of the same memory. candle has no no-gradient mode: with
+    /// variables every operation records its inputs, so a prefill of 64K tokens would keep
+    /// every layer's intermediates alive until its end (and fused kernels keep what their
+    /// backward needs); with views nothing is recorded and each layer's working set is freed
+    /// as the next one runs.
+    pub fn frozen(self) -> Self {
+        Self { frozen: true, ..self }
+    }
+
+    /// What the model holds of `var`: the variable itself, or its detached view (for a part
+    /// that collects its parameters from the store).
+    pub fn handed_out(&self, var: &Var) -> Tensor {
+        if self.frozen {
+            var.as_tensor().detach()
+        } else {
+            var.as_tensor().clone()
         }
     }
 
@@ -151,7 +175,7 @@ impl ParamBuilder {
     /// of parameters is made in seconds rather than minutes. Same shapes and scales, other
     /// values, and not reproducible: never for a model that is trained or compared.
     pub fn for_timing(device: &Device, dtype: DType) -> Self {
-        Self { draw_on_device: true, ..Self::new(0, device, dtype) }
+        Self { draw_on_device: true, ..Self::new(0, device, dtype) }.frozen()
     }
 
     /// A builder whose parameters train at `scale` times the run's learning rate (a finite
@@ -185,7 +209,7 @@ impl ParamBuilder {
     /// over every use, and it is stored, counted and decayed once).
     pub fn existing(&self, name: &str) -> Option<Tensor> {
         let store = self.store.lock().unwrap();
-        store.params.get(&self.full_name(name)).map(|p| p.var.as_tensor().clone())
+        store.params.get(&self.full_name(name)).map(|p| self.handed_out(&p.var))
     }
 
     fn full_name(&self, name: &str) -> String {
@@ -209,7 +233,7 @@ impl ParamBuilder {
         if store.params.contains_key(&full) {
             bail!("parameter `{full}` defined twice");
         }
-        let tensor = var.as_tensor().clone();
+        let tensor = self.handed_out(&var);
         store.params.insert(full, Param { var, decay, lr_scale: self.lr_scale });
         Ok(tensor)
     }

@@ -1,7 +1,8 @@
 //! The contract, over the whole registry: an architecture added to it is held to all of this
 //! with no edit here. Its forms agree (parallel, recurrent, chunkwise where defined), a causal
 //! one is exactly causal, its gradients match finite differences (f64), bf16 activations stay
-//! close to f32, a tiny model memorises a batch, saved weights reload to identical logits, a
+//! close to f32, a tiny model memorises a batch, saved weights reload to identical logits (also into a model for inference, which records
+//! no graph), a
 //! decoding state keeps no autograd history, and it goes through every benchmark and a
 //! training run. An encoder (`causal: false`) instead sees later tokens, refuses the
 //! recurrent form, language-model training and generation by name, leaves what padded
@@ -74,9 +75,21 @@ fn every_model_meets_the_contract() -> anyhow::Result<()> {
         model.params.save(&file)?;
         let other = Model::new(&cfg, 99, &Device::Cpu, DType::F32)?;
         other.load_weights(&file)?;
+        // ... and into a model for inference, which computes the same logits without
+        // recording a gradient graph (a long prefill then holds one layer at a time)
+        let frozen = Model::for_inference(&cfg, 99, &Device::Cpu, DType::F32)?;
+        frozen.load_weights(&file)?;
         std::fs::remove_file(&file)?;
         let (a, b) = (model.forward(&tokens, None)?, other.forward(&tokens, None)?);
-        assert_eq!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{name}: reloaded logits differ");
+        assert_eq!((&a - b)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{name}: reloaded logits differ");
+        let c = frozen.forward(&tokens, None)?;
+        assert!(a.track_op() && !c.track_op(), "{name}: the inference model records a graph");
+        assert_eq!((&a - c)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{name}: inference logits differ");
+        if arch.causal {
+            let ((p, _), (q, _)) = (model.prefill(&tokens)?, frozen.prefill(&tokens)?);
+            assert!(!q.track_op(), "{name}: the inference model's prefill records a graph");
+            assert_eq!((p - q)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{name}: inference prefill differs");
+        }
 
         // Decoding keeps no autograd history in its state (else memory grows per token).
         if !arch.causal {

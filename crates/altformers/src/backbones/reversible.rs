@@ -351,7 +351,7 @@ impl Reversible {
                     .params
                     .iter()
                     .filter(|(n, _)| !before.contains(*n))
-                    .map(|(_, p)| p.var.as_tensor().clone())
+                    .map(|(_, p)| pb.handed_out(&p.var))
                     .collect(),
             );
         }

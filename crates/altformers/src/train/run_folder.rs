@@ -203,10 +203,11 @@ impl RunFolder {
         RunConfig::from_saved(read_json(&path)?).with_context(|| format!("{}", path.display()))
     }
 
-    /// The run's model with its latest weights (parameters in `dtype`).
+    /// The run's model with its latest weights (parameters in `dtype`), for inference
+    /// ([`Model::for_inference`]: it records no gradient graph).
     pub fn load_model(&self, device: &Device, dtype: DType) -> Result<Model> {
         let config = self.config()?;
-        let model = Model::new(&config.model, config.train.seed, device, dtype)?;
+        let model = Model::for_inference(&config.model, config.train.seed, device, dtype)?;
         model.load_weights(&self.dir.join("model.safetensors"))?;
         // the weights are those after the last completed step: parts that follow a schedule
         // (Performer's features) take that step's state

@@ -105,7 +105,10 @@ pub fn linear(
     let dtype_ok = matches!(q.dtype(), DType::F32 | DType::BF16) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
     // the backward contracts over d_v as the forward does over d_k
     let tensor_cores = q.dtype() == DType::BF16 && tensor_cores_apply(b * h, &[dk, dv]);
-    let fits = tensor_cores || retention_shared_bytes(dk.max(dv)) <= MAX_SHARED_BYTES;
+    // without a backward to follow (nothing tracks a gradient) only the forward's d_k counts
+    let keep_states = q.track_op() || k.track_op() || v.track_op();
+    let width = if keep_states { dk.max(dv) } else { dk };
+    let fits = tensor_cores || retention_shared_bytes(width) <= MAX_SHARED_BYTES;
     if !q.device().is_cuda()
         || !dtype_ok
         || !fits
@@ -122,7 +125,7 @@ pub fn linear(
     let op = Retention {
         log_decay: log_decay.to_device(q.device())?.to_dtype(DType::F32)?.contiguous()?,
         final_state: Default::default(),
-        keep_states: q.track_op() || k.track_op() || v.track_op(),
+        keep_states,
         chunk_states: Default::default(),
     };
     let final_state = op.final_state.clone();
