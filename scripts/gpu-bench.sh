@@ -272,7 +272,8 @@ if [ "$what" = trainspeed ]; then
   # five steady steps: launches and GPU time per step), and PyTorch's per-step kernel count
   # and GPU time from its profiler.
   #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small", NCU_SIZES="baby", MODELS=""; NCU=0 skips the profile,
-  #                                         TIMING=0 the timing, PEER_PROFILE=0 PyTorch's profile)
+  #                                         TIMING=0 the timing, PEER_PROFILE=0 PyTorch's profile,
+  #                                         NCU_STEPS="3 8" the two profiled run lengths)
   steps="${2:-200}"; rm -rf /tmp/ts-*
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   $alt --version > "$OUT/ours-version.txt"
@@ -308,7 +309,7 @@ if [ "$what" = trainspeed ]; then
   if [ "${NCU:-1}" = 1 ]; then
     for size in ${NCU_SIZES:-baby}; do
       cfg=configs/nanogpt-baby.toml; [ "$size" = gpt2-small ] && cfg=configs/gpt2-small-char.toml
-      for n in 3 8; do
+      for n in ${NCU_STEPS:-3 8}; do
         timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv $alt train --model transformer \
           --data shakespeare --config $cfg --set train.steps=$n --set train.eval_every=$n \
           --set train.eval_batches=1 --device cuda --dtype bf16 --quiet --out /tmp/ts-ncu-$size-$n > "$OUT/ncu-$size-$n.csv" 2>> "$OUT/ncu.err"
@@ -317,7 +318,8 @@ if [ "$what" = trainspeed ]; then
       done
     done
     [ "${PEER_PROFILE:-1}" = 1 ] && (cd bench/peers && timeout 200 python3 gpt_train.py \
-      --data ../../data/tinyshakespeare.txt --sizes baby --steps 10 --profile) > "$OUT/peer-profile.jsonl" 2>> "$OUT/peer.err"
+      --data ../../data/tinyshakespeare.txt --sizes "$(echo ${NCU_SIZES:-baby} | tr ' ' ,)" --steps 10 --profile) \
+      > "$OUT/peer-profile.jsonl" 2>> "$OUT/peer.err"
   fi
   cut -c1-400 "$OUT/ours.jsonl" "$OUT/peer.jsonl" "$OUT/peer-profile.jsonl"; tail -n 3 "$OUT/ours.err" "$OUT/peer.err"
   for f in "$OUT"/ncu-*.txt; do tail -n 1 "$f"; done

@@ -127,17 +127,23 @@ def profile(step, size, mode, args):
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    kinds = {}
+    kinds, names = {}, {}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         kind = "memcpy/memset" if e.name.lower().startswith(("memcpy", "memset")) else "kernel"
         n, us = kinds.get(kind, (0, 0.0))
         kinds[kind] = (n + 1, us + e.time_range.elapsed_us())
+        n, us = names.get(e.name, (0, 0.0))
+        names[e.name] = (n + 1, us + e.time_range.elapsed_us())
+    # the kernels that take the most time, to set beside ours kernel by kernel
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:30]
     return {
         "peer": f"{args.arch}-pytorch-{mode}", "size": size, "profile_steps": args.steps,
         **{f"{k}_per_step": n / args.steps for k, (n, _) in kinds.items()},
         **{f"{k}_gpu_ms_per_step": us / 1e3 / args.steps for k, (_, us) in kinds.items()},
+        "top_kernels": [{"name": k[:100], "per_step": n / args.steps, "gpu_ms_per_step": us / 1e3 / args.steps}
+                        for k, (n, us) in top],
         "torch": torch.__version__,
     }
 

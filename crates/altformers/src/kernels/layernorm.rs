@@ -18,6 +18,8 @@ const THREADS: u32 = 256;
 const MAX_BLOCKS: usize = 1024;
 /// Widest row: the backward sums dw and db for a row in shared memory (2 d floats).
 const MAX_WIDTH: usize = 6144;
+/// Rows up to this wide: the backward keeps 2 d floats per warp (`kPrivateWidth` in the kernel).
+const PRIVATE_WIDTH: usize = 768;
 
 /// Whether [`layer_norm`] runs fused: `x` f32 or bf16 on a CUDA device, weight (and bias)
 /// of the last dimension's width in f32 or in `x`'s dtype, at most [`MAX_WIDTH`] wide, unless switched off.
@@ -111,8 +113,9 @@ fn backward<T: CudaDType + DeviceRepr>(
     builder.arg(x).arg(g).arg(w).arg(mean).arg(rstd).arg(&mut dx).arg(&mut dw).arg(&mut db);
     builder.arg(&rows_i).arg(&d_i).arg(&bias_i);
     // SAFETY: x, g and dx hold rows x d elements, mean and rstd rows, w, dw and db d; the
-    // shared memory holds the 2 d partial sums.
-    unsafe { builder.launch(config(rows, 2 * d * 4)) }.w()?;
+    // shared memory holds the 2 d partial sums (one pair per warp up to PRIVATE_WIDTH).
+    let copies = if d <= PRIVATE_WIDTH { THREADS as usize / 32 } else { 1 };
+    unsafe { builder.launch(config(rows, copies * 2 * d * 4)) }.w()?;
     Ok((dx, dw, db))
 }
 

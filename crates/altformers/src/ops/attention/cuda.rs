@@ -531,9 +531,13 @@ impl CustomOp3 for FlashAttention {
         {
             let func = kernel(dev, "flash_attention_bwd_dq_convert", 0)?;
             let n = rows * dims.dh;
+            // four elements a thread, counted in 32 bits (with room for the grid's stride)
+            if n / 4 > (u32::MAX / 2) as usize {
+                bail!("flash attention: {n} query-gradient elements exceed the conversion's 32-bit count");
+            }
             let threads = 256;
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(threads).min(1 << 20) as u32, 1, 1),
+                grid_dim: ((n / 4).div_ceil(threads).min(1 << 20) as u32, 1, 1),
                 block_dim: (threads as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
