@@ -43,6 +43,9 @@ fn cuda(ordinal: usize) -> Result<Device> {
         }
     };
     keep_pool_memory(&device)?;
+    // the backward's gradient sums through the fused sum (the CUDA build's patched
+    // candle-core asks for it: scripts/patch-candle-autograd.py); set once per process
+    let _ = candle_core::backprop::GRADIENT_SUM.set(crate::kernels::activations::gradient_sum);
     Ok(device)
 }
 

@@ -32,13 +32,8 @@ impl Linear {
     /// `x: [..., in] -> [..., out]`, computed in `x`'s dtype (f32 master weights are cast
     /// to bf16 when the activations are bf16: mixed precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, bias) = self.in_dtype(x.dtype())?;
-        rows_product(x, &weight, bias.as_ref())
-    }
-
-    /// The weight and bias in `dtype` (the activations').
-    fn in_dtype(&self, dtype: DType) -> Result<(Tensor, Option<Tensor>)> {
-        Ok((self.weight.to_dtype(dtype)?, self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?))
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
+        rows_product(x, &self.weight, bias.as_ref())
     }
 
     /// The outputs in consecutive blocks of `sizes` features (a fused projection's parts,
@@ -49,13 +44,13 @@ impl Linear {
     /// in those copies and sums than in the products); the weight's rows are cut instead,
     /// whose gradients are small.
     pub fn forward_parts(&self, x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
-        let (weight, bias) = self.in_dtype(x.dtype())?;
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
         let mut start = 0;
         let mut parts = Vec::with_capacity(sizes.len());
         for &n in sizes {
             parts.push(rows_product(
                 x,
-                &weight.narrow(0, start, n)?,
+                &self.weight.narrow(0, start, n)?,
                 bias.as_ref().map(|b| b.narrow(0, start, n)).transpose()?.as_ref(),
             )?);
             start += n;
@@ -64,20 +59,28 @@ impl Linear {
     }
 }
 
-/// `x W^T + b` for `x: [..., in]`, `W: [out, in]` and `b: [out]` already in `x`'s dtype.
+/// `x W^T + b` for `x: [..., in]`, `W: [out, in]` (any float dtype: computed in `x`'s) and
+/// `b: [out]` already in `x`'s dtype.
 fn rows_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d_in = *dims.last().unwrap();
     let rows = x.elem_count() / d_in;
     let x = x.reshape((rows, d_in))?;
     #[cfg(feature = "cuda")]
-    let y = if crate::kernels::gemv::applies(&x, weight) {
-        crate::kernels::gemv::gemv(&x, weight)?
+    let y = if rows > crate::kernels::gemv::MAX_ROWS && crate::kernels::linear::applies(&x, weight) {
+        // bf16 activations against the f32 master weight (training): its gradient made in its
+        // own layout and dtype
+        crate::kernels::linear::mixed_linear(&x, weight)?
     } else {
-        x.matmul(&weight.t()?)?
+        let weight = weight.to_dtype(x.dtype())?;
+        if crate::kernels::gemv::applies(&x, &weight) {
+            crate::kernels::gemv::gemv(&x, &weight)?
+        } else {
+            x.matmul(&weight.t()?)?
+        }
     };
     #[cfg(not(feature = "cuda"))]
-    let y = x.matmul(&weight.t()?)?;
+    let y = x.matmul(&weight.to_dtype(x.dtype())?.t()?)?;
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -139,6 +142,16 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
         return candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype());
     }
     candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// `x + y` of one shape: a residual connection. On CUDA the fused sum (16-byte accesses:
+/// candle's bf16 add reaches about half the bandwidth), candle's add otherwise.
+pub fn residual(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::activations::sum_applies(x, y) {
+        return crate::kernels::activations::sum(x, y);
+    }
+    x + y
 }
 
 /// GELU, erf form (GPT-2's MLP), with a backward of one pass ([`crate::ops::activation`]).

@@ -347,12 +347,7 @@ impl Reversible {
             blocks.push(Block::new(config, i, &pb.pp(format!("blocks.{i}")), mixer, parts.channel_mixer)?);
             let guard = store.lock().expect("parameter store");
             params.push(
-                guard
-                    .params
-                    .iter()
-                    .filter(|(n, _)| !before.contains(*n))
-                    .map(|(_, p)| pb.handed_out(&p.var))
-                    .collect(),
+                guard.params.iter().filter(|(n, _)| !before.contains(*n)).map(|(_, p)| pb.handed_out(&p.var)).collect(),
             );
         }
         Ok(Self {

@@ -19,7 +19,7 @@ use super::{again, Backbone, Ends, MixerFn, ModelState, Parts};
 use crate::channel_mixers::{one_wide, Shared};
 use crate::config::{ModelConfig, Position};
 use crate::mixers::{MixerState, SequenceMixer};
-use crate::nn::{dropout, LayerNorm};
+use crate::nn::{dropout, residual, LayerNorm};
 use crate::params::ParamBuilder;
 use crate::rng::Rng;
 
@@ -64,15 +64,15 @@ impl Block {
 
     /// `x: [B, T, D] -> [B, T, D]`, without dropout.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.att.forward(&self.ln1.forward(x)?)?)?;
-        &x + self.ffn.forward(&self.ln2.forward(&x)?)?
+        let x = residual(x, &self.att.forward(&self.ln1.forward(x)?)?)?;
+        residual(&x, &self.ffn.forward(&self.ln2.forward(&x)?)?)
     }
 
     /// With GPT-2's dropout sites: each residual branch, and inside the mixer (attention
     /// probabilities), probability `p`.
     fn forward_train(&self, x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-        let x = (x + dropout(&self.att.forward_train(&self.ln1.forward(x)?, p, rng)?, p, rng)?)?;
-        &x + dropout(&self.ffn.forward(&self.ln2.forward(&x)?)?, p, rng)?
+        let x = residual(x, &dropout(&self.att.forward_train(&self.ln1.forward(x)?, p, rng)?, p, rng)?)?;
+        residual(&x, &dropout(&self.ffn.forward(&self.ln2.forward(&x)?)?, p, rng)?)
     }
 
     /// The encoder form over padded sequences (`keep: [B, T]`, see

@@ -1,4 +1,5 @@
-// GELU (erf form) and SiLU with their derivatives, one launch each way. candle's forward
+// GELU (erf form) and SiLU with their derivatives, one launch each way, and the sum of two
+// tensors. candle's forward
 // is one launch already, but its backward builds the derivative from about ten (GELU) or six
 // (SiLU) elementwise ops, which weighs on small models whose steps are bound by launches.
 // f32 arithmetic whatever the dtype (f32 or bf16).
@@ -36,3 +37,14 @@ ACTIVATION(gelu, f32, float)
 ACTIVATION(gelu, bf16, __nv_bfloat16)
 ACTIVATION(silu, f32, float)
 ACTIVATION(silu, bf16, __nv_bfloat16)
+
+// The sum of two tensors of one shape (the residual adds, and the gradient sums of the
+// backward): candle's bf16 add moves two bytes a thread, about half the H200's bandwidth
+// (bench/results/2026-12-03-h200-train-speed, call 9).
+#define SUM2(SUFFIX, T)                                                                           \
+    extern "C" __global__ void sum2_##SUFFIX(const T* a, const T* b, T* y, long long n) {         \
+        map2(a, b, y, n, [](float u, float v, long long) { return u + v; });                      \
+    }
+
+SUM2(f32, float)
+SUM2(bf16, __nv_bfloat16)

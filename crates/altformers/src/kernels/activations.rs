@@ -1,8 +1,9 @@
 //! The CUDA side of [`crate::ops::activation`] (`activations.cu`): GELU (erf form) and SiLU
-//! forward, and their backward `g act'(x)` in one launch. f32 or bf16.
+//! forward, and their backward `g act'(x)` in one launch. f32 or bf16. Also the sum of two
+//! tensors with 16-byte accesses ([`sum`]), for residual adds and the backward's gradient sums.
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Tensor};
+use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::launch::{self, PushKernelArg};
 use super::ptx;
@@ -56,4 +57,60 @@ fn launch_elementwise<T: CudaDType + DeviceRepr>(
         unsafe { b.launch(launch::elementwise_config(n)) }.w()?;
     }
     Ok(T::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Whether [`sum`] runs: `a` and `b` contiguous, of one shape and dtype (f32 or bf16), on one
+/// CUDA device, unless switched off (`ALTFORMERS_UNFUSED=sum`).
+pub fn sum_applies(a: &Tensor, b: &Tensor) -> bool {
+    a.device().is_cuda()
+        && a.device().same_device(b.device())
+        && matches!(a.dtype(), DType::F32 | DType::BF16)
+        && a.dtype() == b.dtype()
+        && a.shape() == b.shape()
+        && a.is_contiguous()
+        && b.is_contiguous()
+        && super::enabled("sum")
+}
+
+/// `a + b` (its backward hands the gradient to both). Requires [`sum_applies`].
+pub fn sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !sum_applies(a, b) {
+        candle_core::bail!("fused sum: {:?} {:?} and {:?} {:?}", a.dtype(), a.shape(), b.dtype(), b.shape())
+    }
+    a.apply_op2(b, Sum)
+}
+
+/// The sum of two gradients of one tensor for candle's backward (the patched candle-core's
+/// `GRADIENT_SUM`, set by [`crate::device`] with a CUDA device): [`sum`] where it applies,
+/// `None` (candle's add) otherwise.
+pub fn gradient_sum(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if !sum_applies(a, b) {
+        return Ok(None);
+    }
+    a.detach().apply_op2_no_bwd(&b.detach(), &Sum).map(Some)
+}
+
+struct Sum;
+
+impl CustomOp2 for Sum {
+    fn name(&self) -> &'static str {
+        "sum"
+    }
+
+    launch::cuda_only!("the fused sum runs on CUDA only", _, _);
+
+    fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = launch::device(a);
+        let out = launch::f32_or_bf16!(
+            sfx,
+            [x = (a, al), y = (b, bl)],
+            launch_elementwise(dev, &format!("sum2_{sfx}"), &[x, y])?,
+            "fused sum: both f32 or both bf16"
+        );
+        Ok((out, al.shape().clone()))
+    }
+
+    fn bwd(&self, _a: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(grad.clone())))
+    }
 }

@@ -24,8 +24,10 @@
 /// dropout kernel (the host-built mask of the same hash instead), `rwkv4-step` RWKV-4's fused
 /// decode step (`mixers/rwkv4/decode.rs`), `decode-graph` the CUDA-graph replay of a static
 /// decoding step (`crate::decoder`; each step then launched op by op), `gemv` the products of
-/// at most 8 rows (cuBLAS's GEMM instead).
-pub const SWITCHABLE: [&str; 13] = [
+/// at most 8 rows (cuBLAS's GEMM instead), `linear` the mixed-precision product's own backward
+/// (`linear`: candle's cast and product instead), `sum` the fused sum of residual adds and
+/// gradient sums (candle's add).
+pub const SWITCHABLE: [&str; 15] = [
     "attention",
     "retention",
     "retention-tc",
@@ -39,6 +41,8 @@ pub const SWITCHABLE: [&str; 13] = [
     "rwkv4-step",
     "decode-graph",
     "gemv",
+    "linear",
+    "sum",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
@@ -90,3 +94,6 @@ pub mod dropout;
 
 #[cfg(feature = "cuda")]
 pub mod gemv;
+
+#[cfg(feature = "cuda")]
+pub mod linear;

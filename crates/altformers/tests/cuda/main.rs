@@ -14,6 +14,7 @@ mod flash_attention;
 mod gather;
 mod gemv;
 mod layernorm;
+mod linear;
 mod models;
 mod nccl;
 mod reformer;
