@@ -273,7 +273,7 @@ if [ "$what" = trainspeed ]; then
   # and GPU time from its profiler.
   #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small", NCU_SIZES="baby", MODELS=""; NCU=0 skips the profile,
   #                                         TIMING=0 the timing, PEER_PROFILE=0 PyTorch's profile,
-  #                                         NCU_STEPS="3 8" the two profiled run lengths)
+  #                                         NCU_STEPS="3 8" the two profiled run lengths, FLA_PEER=0 no fla RetNet)
   steps="${2:-200}"; rm -rf /tmp/ts-*
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   $alt --version > "$OUT/ours-version.txt"
@@ -300,7 +300,7 @@ if [ "$what" = trainspeed ]; then
         --quiet --out /tmp/ts-baby-$m > /dev/null 2>> "$OUT/ours.err"
       echo "{\"size\":\"baby\",\"model\":\"$m\",\"metrics\":[$(paste -sd, /tmp/ts-baby-$m/metrics.jsonl)]}" >> "$OUT/ours-models.jsonl"
     done
-    if [[ " $MODELS " == *" retnet "* ]] && ls .whl/*.whl > /dev/null 2>&1; then
+    if [[ " $MODELS " == *" retnet "* ]] && [ "${FLA_PEER:-1}" = 1 ] && ls .whl/*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
       (cd bench/peers && PYTHONPATH=/tmp/site timeout 300 python3 gpt_train.py --arch fla-retnet --sizes baby \
         --modes eager --data ../../data/tinyshakespeare.txt --steps 100) > "$OUT/peer-retnet.jsonl" 2>> "$OUT/peer.err"
