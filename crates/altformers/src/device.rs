@@ -43,8 +43,10 @@ fn cuda(ordinal: usize) -> Result<Device> {
         }
     };
     keep_pool_memory(&device)?;
-    // the backward's gradient sums through the fused sum (the CUDA build's patched
-    // candle-core asks for it: scripts/patch-candle-autograd.py); set once per process
+    // the backward's gradient sums through the fused sum. GRADIENT_SUM exists only in the
+    // patched candle-core the CUDA build uses (scripts/cuda-env.sh prepares it, with
+    // scripts/patch-candle-autograd.py): a CUDA build against crates.io's candle-core does not
+    // compile. Set once per process.
     let _ = candle_core::backprop::GRADIENT_SUM.set(crate::kernels::activations::gradient_sum);
     Ok(device)
 }

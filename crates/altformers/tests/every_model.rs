@@ -1,10 +1,9 @@
 //! The contract, over the whole registry: an architecture added to it is held to all of this
 //! with no edit here. Its forms agree (parallel, recurrent, chunkwise where defined), a causal
 //! one is exactly causal, its gradients match finite differences (f64), bf16 activations stay
-//! close to f32, a tiny model memorises a batch, saved weights reload to identical logits (also into a model for inference, which records
-//! no graph), a
-//! decoding state keeps no autograd history, and it goes through every benchmark and a
-//! training run. An encoder (`causal: false`) instead sees later tokens, refuses the
+//! close to f32, a tiny model memorises a batch, saved weights reload to identical logits
+//! (also into a model for inference, which records no graph), a decoding state keeps no
+//! autograd history, and it goes through every benchmark and a training run. An encoder (`causal: false`) instead sees later tokens, refuses the
 //! recurrent form, language-model training and generation by name, leaves what padded
 //! positions hold without effect, and trains on ListOps. Each architecture's own file keeps
 //! only its paper-specific tests.

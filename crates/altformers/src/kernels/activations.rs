@@ -82,9 +82,12 @@ pub fn sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// The sum of two gradients of one tensor for candle's backward (the patched candle-core's
 /// `GRADIENT_SUM`, set by [`crate::device`] with a CUDA device): [`sum`] where it applies,
-/// `None` (candle's add) otherwise.
+/// `None` (candle's add) otherwise, and for gradients that record a graph themselves
+/// (`CANDLE_GRAD_DO_NOT_DETACH`: second-order gradients, which a detached sum would cut). The
+/// same sums as candle's add, except that the kernels' fast-math build flushes results below
+/// 1.2e-38 to zero.
 pub fn gradient_sum(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    if !sum_applies(a, b) {
+    if !sum_applies(a, b) || a.track_op() || b.track_op() {
         return Ok(None);
     }
     a.detach().apply_op2_no_bwd(&b.detach(), &Sum).map(Some)

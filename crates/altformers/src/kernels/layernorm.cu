@@ -123,7 +123,7 @@ __device__ __forceinline__ void layer_norm_bwd(const T* __restrict__ x, const T*
                 const float gv = to_f32(gr[c]), xh = (to_f32(xr[c]) - m) * rs;
                 dxr[c] = from_f32<T>(rs * (gv * w[c] - t.x - xh * t.y));
                 atomicAdd(&sums[c], gv * xh);
-                atomicAdd(&sums[d + c], gv);
+                if (has_bias) atomicAdd(&sums[d + c], gv);
             }
         }
         __syncthreads();

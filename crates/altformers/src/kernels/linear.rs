@@ -27,14 +27,16 @@ use super::ptx;
 
 const MODULE: &str = "altformers_linear";
 
-/// Whether [`mixed_linear`] runs: `x: [R, K]` bf16 and `w: [N, K]` f32 on a CUDA device,
-/// unless switched off (`ALTFORMERS_UNFUSED=linear`).
+/// Whether [`mixed_linear`] runs: `x: [R, K]` bf16 and `w: [N, K]` f32 (contiguous, at any
+/// offset: a block of a weight's rows) on a CUDA device, unless switched off
+/// (`ALTFORMERS_UNFUSED=linear`).
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
     x.device().is_cuda()
         && x.dtype() == DType::BF16
         && w.dtype() == DType::F32
         && x.rank() == 2
         && w.rank() == 2
+        && w.is_contiguous()
         && x.dim(1).ok() == w.dim(1).ok()
         && super::enabled("linear")
 }
