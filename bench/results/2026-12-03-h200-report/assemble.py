@@ -54,6 +54,22 @@ point = lambda l: (json.loads(l)["model"], json.loads(l)["context"])
 dec = [l for l in dec if point(l) not in {point(r) for r in redone}] + redone
 open("decode.jsonl", "w").write("".join(dec))
 
+# training throughput (issue 24): call 10 of ../2026-12-03-h200-train-speed/ (1040a0e), ours and
+# PyTorch's nanoGPT recipe in one call; ours = the second 100-step window's rate
+T = "../2026-12-03-h200-train-speed/call10-1040a0e/"
+speed = []
+for path in [T + "ours.jsonl", T + "ours-models.jsonl"]:
+    for l in open(path):
+        r = json.loads(l)
+        last = r["metrics"][-1]
+        speed.append({"model": r.get("model", "transformer"), "size": r["size"], "trainer": "altformers",
+                      "tokens_per_s": last["tokens_per_s"], "loss": last["train_loss"]})
+for l in open(T + "peer.jsonl"):
+    r = json.loads(l)
+    speed.append({"model": "transformer", "size": r["size"], "trainer": r["peer"].replace("gpt-", ""),
+                  "tokens_per_s": r["tokens_per_s"], "loss": r["loss"]})
+open("training-speed.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in speed))
+
 meta = {
     "description": "The H200 results of issues 21, 27 and 28 in one report. ListOps at LRA's lengths "
     "(configs/compare-listops-gpu.toml: 501-1999 tokens, 1000 steps of 32, bf16, parameters matched "

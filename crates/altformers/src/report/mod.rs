@@ -61,6 +61,8 @@ pub fn render(dir: &Path) -> Result<()> {
     md += &decode_section(&decoded, &plots, &caption)?;
     let approximations = read_lines::<PerformerErrorRow>(&dir.join("performer-error.jsonl"))?.unwrap_or_default();
     md += &performer_error_section(&approximations, &plots, &caption)?;
+    let throughput = read_lines::<TrainingSpeedRow>(&dir.join("training-speed.jsonl"))?.unwrap_or_default();
+    md += &training_speed_section(&throughput);
     md += &peers_section(dir)?;
     md += &complexity_section(&fits);
     crate::util::write_atomic(&dir.join("report.md"), md.as_bytes())
@@ -540,6 +542,54 @@ fn performer_error_section(rows: &[PerformerErrorRow], plots: &Path, caption: &s
     Ok(md)
 }
 
+/// One training run's throughput (`scripts/gpu-bench.sh trainspeed`, gathered into
+/// `training-speed.jsonl`): whose code trained (`altformers`, or a peer such as
+/// `pytorch-compile`), which model at which size, and its tokens per second.
+#[derive(serde::Deserialize)]
+struct TrainingSpeedRow {
+    model: String,
+    size: String,
+    trainer: String,
+    tokens_per_s: f64,
+    /// The training loss at the end of the timed steps (a check that the computation matched).
+    #[serde(default)]
+    loss: Option<f64>,
+}
+
+/// Training throughput: each run's tokens per second against ours for the Transformer at the
+/// same size (above 1: faster than ours); empty where no run was gathered.
+fn training_speed_section(rows: &[TrainingSpeedRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "## Training throughput
+
+",
+    );
+    md.push_str("Whole-model training on one device, tokens per second after warm-up (the rows' sources: the results folder's README). Ratio: against our Transformer at the same size.
+
+| size | model | trained by | tokens/s | against our Transformer | loss at the end |
+|---|---|---|---|---|---|
+");
+    for (size, runs) in group(rows, |r| r.size.clone()) {
+        let ours = runs.iter().find(|r| r.model == "transformer" && r.trainer == "altformers").map(|r| r.tokens_per_s);
+        for r in runs {
+            let ratio = ours.map(|o| format!("{:.2}", r.tokens_per_s / o)).unwrap_or("-".into());
+            let loss = r.loss.map(|l| format!("{l:.3}")).unwrap_or("-".into());
+            let _ = writeln!(
+                md,
+                "| {size} | {} | {} | {:.0}K | {ratio} | {loss} |",
+                r.model,
+                r.trainer,
+                r.tokens_per_s / 1e3
+            );
+        }
+    }
+    md.push('\n');
+    md
+}
+
 /// Fused kernels against their peers (GPU runs of scripts/gpu-bench.sh kernels only); empty
 /// where `dir` holds no peer figures.
 fn peers_section(dir: &Path) -> Result<String> {
@@ -803,6 +853,15 @@ mod tests {
             )
         };
         std::fs::write(dir.join("performer-error.jsonl"), format!("{}\n{}\n", pe(16, 0.2), pe(4096, 0.0125)))?;
+        let ts = |model: &str, trainer: &str, rate: f64| {
+            format!(r#"{{"model":"{model}","size":"baby","trainer":"{trainer}","tokens_per_s":{rate},"loss":2.5}}"#)
+        };
+        let speeds = [
+            ts("transformer", "altformers", 2e6),
+            ts("transformer", "pytorch-compile", 1e6),
+            ts("rwkv4", "altformers", 5e5),
+        ];
+        std::fs::write(dir.join("training-speed.jsonl"), speeds.join("\n") + "\n")?;
         render(&dir)?;
         let md = std::fs::read_to_string(dir.join("report.md"))?;
         for needle in [
@@ -836,6 +895,9 @@ mod tests {
             "| transformer-encoder | mean-pool | 64 | 1.00K (+0.0%) | 10 | 2.0000 | 25.0% | 37.5% | 36.4% | 1 |",
             "## Performer: approximation error against the number of features",
             "| 0.5 | 4096 | 0.0125 +- 0.0100 | 0.0150 +- 0.0200 |",
+            "## Training throughput",
+            "| baby | transformer | pytorch-compile | 1000K | 0.50 | 2.500 |",
+            "| baby | rwkv4 | altformers | 500K | 0.25 | 2.500 |",
         ] {
             assert!(md.contains(needle), "report lacks `{needle}`:\n{md}");
         }
