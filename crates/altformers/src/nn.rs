@@ -32,8 +32,13 @@ impl Linear {
     /// `x: [..., in] -> [..., out]`, computed in `x`'s dtype (f32 master weights are cast
     /// to bf16 when the activations are bf16: mixed precision).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let bias = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
-        rows_product(x, &self.weight, bias.as_ref())
+        rows_product(x, &self.weight, self.bias_in(x.dtype())?.as_ref())
+    }
+
+    /// The bias in `dtype` (the activations'); the weight is cast by the product itself
+    /// (`rows_product`: the mixed-precision op takes it in f32).
+    fn bias_in(&self, dtype: DType) -> Result<Option<Tensor>> {
+        self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()
     }
 
     /// The outputs in consecutive blocks of `sizes` features (a fused projection's parts,
@@ -44,7 +49,7 @@ impl Linear {
     /// in those copies and sums than in the products); the weight's rows are cut instead,
     /// whose gradients are small.
     pub fn forward_parts(&self, x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
-        let bias = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
+        let bias = self.bias_in(x.dtype())?;
         let mut start = 0;
         let mut parts = Vec::with_capacity(sizes.len());
         for &n in sizes {

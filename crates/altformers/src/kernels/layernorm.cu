@@ -54,47 +54,34 @@ __device__ __forceinline__ void layer_norm_fwd(const T* __restrict__ x, const fl
     }
 }
 
-// A row's mean(g w) and mean(g w xh), the two terms of its dx.
-template <typename T>
-__device__ __forceinline__ float2 layer_norm_bwd_terms(const T* __restrict__ xr, const T* __restrict__ gr,
-                                                       const float* __restrict__ w, float m, float rs, int d,
-                                                       int lane) {
-    float a = 0.f, bx = 0.f;
-    for (int c = lane; c < d; c += 32) {
-        const float gw = to_f32(gr[c]) * w[c];
-        a += gw;
-        bx += gw * (to_f32(xr[c]) - m) * rs;
-    }
-    return make_float2(warp_sum(a) / d, warp_sum(bx) / d);
-}
-
-// Rows at most kPrivateWidth wide: each warp adds its rows' g xh and g into its own slice of
-// shared memory (plain adds, no atomics: [warp][2 d]); then the slices are summed into the first.
-template <typename T>
-__device__ __forceinline__ void layer_norm_bwd_private(const T* __restrict__ x, const T* __restrict__ g,
-                                                       const float* __restrict__ w, const float* __restrict__ mean,
-                                                       const float* __restrict__ rstd, T* __restrict__ dx,
-                                                       float* __restrict__ sums, long long rows, int d) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    float* own = sums + (size_t)warp * 2 * d;
+// Every row this warp walks: its dx, and each column's g xh and g handed to `add(c, g xh, g)`.
+template <typename T, typename Add>
+__device__ __forceinline__ void layer_norm_bwd_rows(const T* __restrict__ x, const T* __restrict__ g,
+                                                    const float* __restrict__ w, const float* __restrict__ mean,
+                                                    const float* __restrict__ rstd, T* __restrict__ dx,
+                                                    long long rows, int d, Add add) {
+    const int lane = threadIdx.x % 32;
     const long long warps = (long long)gridDim.x * blockDim.x / 32;
     for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32; r < rows; r += warps) {
         const T* xr = x + r * d;
         const T* gr = g + r * d;
         const float m = mean[r], rs = rstd[r];
-        const float2 t = layer_norm_bwd_terms(xr, gr, w, m, rs, d, lane);
+        // mean(g w) and mean(g w xh), the two terms of the row's dx
+        float a = 0.f, bx = 0.f;
+        for (int c = lane; c < d; c += 32) {
+            const float gw = to_f32(gr[c]) * w[c];
+            a += gw;
+            bx += gw * (to_f32(xr[c]) - m) * rs;
+        }
+        a = warp_sum(a) / d;
+        bx = warp_sum(bx) / d;
         T* dxr = dx + r * d;
         for (int c = lane; c < d; c += 32) {
             const float gv = to_f32(gr[c]), xh = (to_f32(xr[c]) - m) * rs;
-            dxr[c] = from_f32<T>(rs * (gv * w[c] - t.x - xh * t.y));
-            own[c] += gv * xh;
-            own[d + c] += gv;
+            dxr[c] = from_f32<T>(rs * (gv * w[c] - a - xh * bx));
+            add(c, gv * xh, gv);
         }
     }
-    __syncthreads();
-    for (int c = threadIdx.x; c < 2 * d; c += blockDim.x)
-        for (int v = 1; v < nwarps; ++v) sums[c] += sums[(size_t)v * 2 * d + c];
-    __syncthreads();
 }
 
 template <typename T>
@@ -109,25 +96,22 @@ __device__ __forceinline__ void layer_norm_bwd(const T* __restrict__ x, const T*
     for (int i = threadIdx.x; i < (private_sums ? blockDim.x / 32 : 1) * 2 * d; i += blockDim.x) sums[i] = 0.f;
     __syncthreads();
     if (private_sums) {
-        layer_norm_bwd_private<T>(x, g, w, mean, rstd, dx, sums, rows, d);
-    } else {
-        const int lane = threadIdx.x % 32;
-        const long long warps = (long long)gridDim.x * blockDim.x / 32;
-        for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32; r < rows; r += warps) {
-            const T* xr = x + r * d;
-            const T* gr = g + r * d;
-            const float m = mean[r], rs = rstd[r];
-            const float2 t = layer_norm_bwd_terms(xr, gr, w, m, rs, d, lane);
-            T* dxr = dx + r * d;
-            for (int c = lane; c < d; c += 32) {
-                const float gv = to_f32(gr[c]), xh = (to_f32(xr[c]) - m) * rs;
-                dxr[c] = from_f32<T>(rs * (gv * w[c] - t.x - xh * t.y));
-                atomicAdd(&sums[c], gv * xh);
-                if (has_bias) atomicAdd(&sums[d + c], gv);
-            }
-        }
+        // each warp adds into its own slice [warp][2 d] (plain adds), then the slices are summed
+        float* own = sums + (size_t)(threadIdx.x / 32) * 2 * d;
+        layer_norm_bwd_rows(x, g, w, mean, rstd, dx, rows, d, [&](int c, float gxh, float gv) {
+            own[c] += gxh;
+            own[d + c] += gv;
+        });
         __syncthreads();
+        for (int c = threadIdx.x; c < 2 * d; c += blockDim.x)
+            for (int v = 1; v < (int)blockDim.x / 32; ++v) sums[c] += sums[(size_t)v * 2 * d + c];
+    } else {
+        layer_norm_bwd_rows(x, g, w, mean, rstd, dx, rows, d, [&](int c, float gxh, float gv) {
+            atomicAdd(&sums[c], gxh);
+            if (has_bias) atomicAdd(&sums[d + c], gv);
+        });
     }
+    __syncthreads();
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         atomicAdd(&dw[c], sums[c]);
         if (has_bias) atomicAdd(&db[c], sums[d + c]);
