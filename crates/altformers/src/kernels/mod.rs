@@ -26,8 +26,9 @@
 /// decoding step (`crate::decoder`; each step then launched op by op), `gemv` the products of
 /// at most 8 rows (cuBLAS's GEMM instead), `linear` the mixed-precision product's own backward
 /// (`linear`: candle's cast and product instead), `sum` the fused sum of residual adds and
-/// gradient sums (candle's add).
-pub const SWITCHABLE: [&str; 15] = [
+/// gradient sums (candle's add), `retention-step` the fused one-token retention
+/// (`ops::decayed::linear_step`: the tensor form's outer product, decay and product instead).
+pub const SWITCHABLE: [&str; 16] = [
     "attention",
     "retention",
     "retention-tc",
@@ -43,6 +44,7 @@ pub const SWITCHABLE: [&str; 15] = [
     "gemv",
     "linear",
     "sum",
+    "retention-step",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.

@@ -138,6 +138,35 @@ fn retention_with_ones_column() -> Result<()> {
     Ok(())
 }
 
+/// The fused one-token step (`retention_step`) against the tensor form on the CPU, from the
+/// empty state and from a random one, with RetNet's value widths (d_v = 2 d_k + 1, wider
+/// than one block of threads) and a narrow one; then three tokens chained.
+#[test]
+fn retention_step_matches_cpu() -> Result<()> {
+    let gpu = gpu()?;
+    for (b, h, dk, dv) in [(3, 4, 64, 129), (2, 2, 16, 8), (1, 3, 100, 300)] {
+        let log_decay = retnet_log_decay(h);
+        let seed = (b + h + dk + dv) as u64;
+        let mut cpu_state: Option<Tensor> = None;
+        let mut gpu_state: Option<Tensor> = None;
+        for token in 0..3u64 {
+            let q = randn(&[b, h, 1, dk], seed + 10 * token, DType::F32)?;
+            let k = (randn(&[b, h, 1, dk], seed + 10 * token + 1, DType::F32)? / 8.0)?;
+            let v = randn(&[b, h, 1, dv], seed + 10 * token + 2, DType::F32)?;
+            let on = |x: &Tensor| x.to_device(&gpu);
+            let (ld_cpu, ld_gpu) =
+                (Tensor::new(log_decay.as_slice(), &Device::Cpu)?, Tensor::new(log_decay.as_slice(), &gpu)?);
+            let fused_out = fused::linear_step(&on(&q)?, &on(&k)?, &on(&v)?, &ld_gpu, gpu_state.as_ref())?
+                .context("the fused retention step does not apply")?;
+            let (o_ref, s_ref) = decayed::recurrent::linear_step(&q, &k, &v, &ld_cpu, cpu_state.as_ref())?;
+            check(&format!("retention step {b}x{h}x{dk}x{dv} token {token}: o"), &fused_out.0, &o_ref, 1e-5)?;
+            check(&format!("retention step {b}x{h}x{dk}x{dv} token {token}: state"), &fused_out.1, &s_ref, 1e-5)?;
+            (cpu_state, gpu_state) = (Some(s_ref), Some(fused_out.1));
+        }
+    }
+    Ok(())
+}
+
 /// Output, state (as `[aa e^{pp - pp_ref}, bb e^{pp - pp_ref}]`, comparable whatever the
 /// scale) and gradients of `k, v` (and the decay and bonus when given) of `wkv_chunked`.
 fn wkv_run(

@@ -19,7 +19,7 @@
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CustomOp3, DType, IndexOp, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CustomOp3, DType, Device, IndexOp, Layout, Result, Shape, Storage, Tensor};
 
 use super::{Weighting, WkvState};
 use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
@@ -89,6 +89,77 @@ fn int(x: usize) -> Result<i32> {
 // ---------------------------------------------------------------------------------------
 // Retention
 // ---------------------------------------------------------------------------------------
+
+/// One decoding token of [`super::linear_step`] fused (`retention_step` in `decayed.cu`: the
+/// state read and written once): `q, k: [B, H, 1, d_k]`, `v: [B, H, 1, d_v]`, `log_decay: [H]`,
+/// `state: [B, H, d_k, d_v]` (`None`: empty) -> `(o: [B, H, 1, d_v], next state)`. `None`
+/// where it does not apply: off CUDA, not f32, or anything tracking a gradient (it has no
+/// backward; decoding needs none).
+pub fn linear_step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    log_decay: &Tensor,
+    state: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let inputs = [Some(q), Some(k), Some(v), Some(log_decay), state];
+    let applies = q.device().is_cuda()
+        && inputs.iter().flatten().all(|t| t.dtype() == DType::F32 && !t.track_op())
+        && crate::kernels::enabled("retention-step");
+    if !applies {
+        return Ok(None);
+    }
+    let (b, h, t, dk) = q.dims4()?;
+    let dv = v.dim(3)?;
+    if t != 1 || k.dims() != [b, h, 1, dk] || v.dims() != [b, h, 1, dv] || log_decay.dims() != [h] {
+        bail!(
+            "retention step: q {:?}, k {:?}, v {:?}, log_decay {:?} are not one token of [B, H] heads",
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            log_decay.shape()
+        );
+    }
+    if let Some(s) = state {
+        if s.dims() != [b, h, dk, dv] {
+            bail!("retention step: state {:?} is not [{b}, {h}, {dk}, {dv}]", s.shape());
+        }
+    }
+    let Device::Cuda(dev) = q.device() else { unreachable!("checked above") };
+    let rows = b * h;
+    let (q, k, v, log_decay) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, log_decay.contiguous()?);
+    let state = state.map(|s| s.contiguous()).transpose()?;
+    let o = launch::tensor(launch::uninit::<f32>(dev, rows * dv)?, dev, (b, h, 1, dv));
+    let next = launch::tensor(launch::uninit::<f32>(dev, rows * dk * dv)?, dev, (b, h, dk, dv));
+    let threads = (dv.next_multiple_of(32)).min(256);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            u32::try_from(rows).map_err(|_| candle_core::Error::Msg(format!("retention step: {rows} rows")))?,
+            dv.div_ceil(threads) as u32,
+            1,
+        ),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: (2 * dk * 4) as u32,
+    };
+    let (heads, dk_i, dv_i) = (int(h)?, int(dk)?, int(dv)?);
+    let tensors = [Some(&q), Some(&k), Some(&v), Some(&log_decay), state.as_ref(), Some(&o), Some(&next)];
+    launch::with_addresses(dev, "retention step", &tensors, |addresses| {
+        let func = launch::func(dev, MODULE, ptx::DECAYED, "retention_step")?;
+        if 2 * dk * 4 > 48 * 1024 {
+            func.max_shared((2 * dk * 4) as i32)?;
+        }
+        let mut builder = func.builder();
+        for address in addresses {
+            builder.arg(address);
+        }
+        builder.arg(&heads).arg(&dk_i).arg(&dv_i);
+        // SAFETY: the shapes are checked above; every element of `o` and `next` is written
+        // (one thread per value column, each walking every key row).
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok(Some((o, next)))
+}
 
 /// The fused [`super::chunk::linear_chunked`] (any chunk size: the result does
 /// not depend on it): `q, k: [B, H, T, d_k]`, `v: [B, H, T, d_v]`, `log_decay: [H]` ->

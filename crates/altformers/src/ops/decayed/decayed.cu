@@ -9,6 +9,9 @@
 //
 // 2. wkv_forward / wkv_backward: RWKV-4's normalised WKV, one thread per (batch, channel)
 //    scanning time in f32 with the running-maximum state (aa, bb, pp) of the official kernel.
+//
+// 3. retention_step: one token of 1 when decoding, S' = gamma S + k^T v and o = q S', in one
+//    pass over the state (read once, written once).
 
 #include <cuda_bf16.h>
 
@@ -286,4 +289,36 @@ extern "C" __global__ void wkv_backward(const float* __restrict__ k, const float
     float* params = grads + 2 * volume + idx;
     params[0] = gw;
     params[(size_t)batch * channels] = gu;
+}
+
+// One decoding token of retention per (batch, head) row: S' = gamma_h S + k^T v, o = q S'.
+// q, k: [rows, dk]; v: [rows, dv]; state, next: [rows, dk, dv] (state null: the empty state);
+// log_decay: [heads]; o: [rows, dv]; all f32. Grid (rows, ceil(dv / blockDim.x)); a thread owns
+// one value column and walks the dk rows of the state, so each state element is read and
+// written once, in coalesced rows (the tensor form's outer product, decay, add and product
+// made about seven passes, two of them cuBLAS batches of rank-1 and one-row products).
+extern "C" __global__ void retention_step(const float* __restrict__ q, const float* __restrict__ k,
+                                          const float* __restrict__ v, const float* __restrict__ log_decay,
+                                          const float* __restrict__ state, float* __restrict__ o,
+                                          float* __restrict__ next, int heads, int dk, int dv) {
+    extern __shared__ float qk[];  // q then k of this row
+    const long long row = blockIdx.x;
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+        qk[i] = q[row * dk + i];
+        qk[dk + i] = k[row * dk + i];
+    }
+    __syncthreads();
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= dv) return;
+    const float gamma = expf(log_decay[row % heads]);
+    const float vj = v[row * dv + j];
+    const long long base = row * dk * dv + j;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < dk; ++i) {
+        const float s = (state ? gamma * state[base + (long long)i * dv] : 0.f) + qk[dk + i] * vj;
+        next[base + (long long)i * dv] = s;
+        acc = fmaf(qk[i], s, acc);
+    }
+    o[row * dv + j] = acc;
 }

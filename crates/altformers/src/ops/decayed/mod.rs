@@ -52,7 +52,7 @@ use candle_core::{DType, Result, Tensor};
 
 pub use chunk::wkv_chunked_parts;
 pub use naive::{linear_naive, wkv_naive};
-pub use recurrent::{linear_recurrent, linear_step, wkv_fold, wkv_recurrent, wkv_step};
+pub use recurrent::{linear_recurrent, wkv_fold, wkv_recurrent, wkv_step};
 
 /// The dtype the recurrences run in for activations of dtype `dt`: f32 at least (bf16/f16
 /// activations under mixed precision are promoted, as the official kernels do).
@@ -129,6 +129,23 @@ pub fn decay_powers(log_decay: &Tensor, powers: &[f64]) -> Result<Tensor> {
     let h = log_decay.dim(0)?;
     let p = host(powers.to_vec(), &[1, powers.len()], log_decay)?;
     log_decay.reshape((h, 1))?.broadcast_mul(&p)?.exp()
+}
+
+/// One decoding token of retention: `S = gamma S + k^T v`, `o = q S` (shapes as
+/// [`recurrent::linear_step`], the tensor form). The fused step (`cuda::linear_step`, one pass
+/// over the state) where it applies: on CUDA, f32, nothing tracking a gradient.
+pub fn linear_step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    log_decay: &Tensor,
+    state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Some(fused) = cuda::linear_step(q, k, v, log_decay, state)? {
+        return Ok(fused);
+    }
+    recurrent::linear_step(q, k, v, log_decay, state)
 }
 
 /// Retention over a whole sequence: `q, k: [B, H, T, d_k]`, `v: [B, H, T, d_v]`,
