@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-all|decode-large|nccl|interop [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -366,6 +366,26 @@ if [ "$what" = decode ]; then
   done
   stamp done
   cut -c1-300 "$OUT"/ours-decode-*.jsonl "$OUT/peer-rwkv.jsonl"; cat "$OUT/ours-generate.txt"; tail -n 3 "$OUT/ours.err" "$OUT/peer-rwkv.err"
+fi
+if [ "$what" = decode-batch ]; then
+  # Issue 28: tokens/s against batch size at 12 x 768 in bf16, up to where the step stops
+  # scaling: RWKV-4, RetNet and the Transformer after 1K tokens (batch 1-1024), then RWKV-4 and
+  # RetNet, whose state does not grow with the context, after 64 tokens up to batch 16384 (a
+  # 1K-token prefill of 1024 sequences already leaves too little memory to capture the step).
+  #   gpu-bench.sh decode-batch
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+  for m in rwkv4 retnet transformer; do
+    timeout 100 $alt bench decode --device cuda --models $m --width 768 --depth 12 --heads 12 --contexts 1024 \
+      --batches 1,64,256,512,1024 --dtype bf16 --steps 5 --memory-cap-gb 120 --out "$OUT/decode-batch-$m.jsonl" > /dev/null 2>> "$OUT/ours.err"
+  done
+  for m in rwkv4 retnet; do
+    timeout 100 $alt bench decode --device cuda --models $m --width 768 --depth 12 --heads 12 --contexts 64 \
+      --batches 512,1024,2048,4096,8192,16384 --dtype bf16 --steps 5 --memory-cap-gb 120 --out "$OUT/decode-batch-short-$m.jsonl" > /dev/null 2>> "$OUT/ours.err"
+  done
+  # RetNet's one-token retention as tensor operations, for the fused step's gain
+  ALTFORMERS_UNFUSED=retention-step timeout 60 $alt bench decode --device cuda --models retnet --width 768 --depth 12 --heads 12 \
+    --contexts 64 --batches 1,256 --dtype bf16 --steps 5 --out "$OUT/decode-retnet-unfused-step.jsonl" > /dev/null 2>> "$OUT/ours.err"
+  cut -c1-250 "$OUT"/decode-*.jsonl; tail -n 3 "$OUT/ours.err"
 fi
 if [ "$what" = decode-all ]; then
   # Issue 28's table: every causal model's step at GPT-2 small's shape (12 x 768, 12 heads),

@@ -42,8 +42,10 @@ impl<'m> Decoder<'m> {
             match captured {
                 Ok((captured, buffers)) => return Ok(Self { model, state: buffers, graph: Some(captured) }),
                 // decoding still works, op by op: say so rather than fail the generation
+                // (the first line: candle's error carries a backtrace after it)
                 Err(e) => eprintln!(
-                    "warning: the decoding step could not be captured as a CUDA graph ({e}); it runs op by op"
+                    "warning: the decoding step could not be captured as a CUDA graph ({}); it runs op by op",
+                    e.to_string().lines().next().unwrap_or_default()
                 ),
             }
         }
