@@ -51,13 +51,15 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 }
 
-/// Puts glibc's allocator in one fixed state for the life of the process: blocks under 32 MiB
-/// come from the heap, and freed memory stays there. By default glibc serves a block above a
-/// threshold (128 KiB at first, adapted as the process runs) with fresh pages from `mmap`
-/// and unmaps it on free, so every training step of a small model re-faults its tensors'
-/// pages: 100 steps of nanoGPT's CPU run spent 2.6 s of 12.4 s in the kernel, 0.06 s of 9.7 s
-/// with this; and timings then depend on what the process did before (the bench's exponents
-/// moved with it). Elsewhere a no-op.
+/// Puts glibc's allocator in one fixed state for the life of the process: every block comes
+/// from the heap, and freed memory stays there for the next block (the process keeps its peak).
+/// By default glibc serves a block above a threshold (128 KiB at first, adapted as the process
+/// runs) with fresh pages from `mmap` and unmaps it on free, so every training step of a small
+/// model re-faults its tensors' pages: 100 steps of nanoGPT's CPU run spent 2.6 s of 12.4 s in
+/// the kernel, 0.06 s of 9.7 s with the heap. A threshold alone (at most 32 MiB) still did that
+/// for larger blocks: one attention layer at T = 8K (its 256 MB scores) spent half its time in
+/// the kernel re-faulting them, 1.8x slower than from the heap, with the fault cost of this
+/// virtual machine in every exponent. Elsewhere a no-op.
 pub fn fix_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -68,10 +70,13 @@ pub fn fix_allocator() {
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_TOP_PAD: i32 = -2;
         const M_MMAP_THRESHOLD: i32 = -3;
+        const M_MMAP_MAX: i32 = -4;
         // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
         unsafe {
             mallopt(M_MMAP_THRESHOLD, 32 << 20);
-            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+            mallopt(M_MMAP_MAX, 0);
+            // -1: glibc takes the threshold as a size_t, so never (i32::MAX, 2 GiB, was reached)
+            mallopt(M_TRIM_THRESHOLD, -1);
             mallopt(M_TOP_PAD, 64 << 20);
         }
     }

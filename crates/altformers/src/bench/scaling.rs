@@ -68,10 +68,11 @@ pub struct ScalingOptions {
     pub sets: Vec<String>,
     /// Processes each model's sweep runs in (`--processes`; a preset's `processes`, default
     /// 1). With several, each is a fresh process of this program ([`set_child_program`]),
-    /// their repetitions are pooled, and the exponent's interval is bootstrapped over the
-    /// processes as well as the repetitions: it then includes what differs between processes
-    /// (allocator and cache state, the machine's load at the time), which the repetitions
-    /// of one process do not show (bench/results/2026-12-03-cpu-dedicated-exponents).
+    /// their repetitions are pooled, and the exponent's interval is a t interval over the
+    /// exponents of each process alone ([`slope_interval`]): it then includes what differs
+    /// between processes (allocator and cache state, the machine's load at the time), which
+    /// the repetitions of one process do not show
+    /// (bench/results/2026-12-03-cpu-dedicated-exponents).
     #[serde(default = "one_process")]
     pub processes: usize,
 }
@@ -135,7 +136,7 @@ pub struct ScalingPoint {
     pub peak_bytes: Option<u64>,
     pub flops: f64,
     pub flops_per_s: Option<f64>,
-    /// Every timed repetition (seconds), for the exponent's bootstrap interval; absent in
+    /// Every timed repetition (seconds), for the exponent's interval; absent in
     /// files written before it was recorded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples_s: Vec<f64>,
@@ -152,7 +153,7 @@ pub struct ScalingFit {
     pub component: String,
     pub mode: BenchMode,
     pub time_slope: Option<f64>,
-    /// 95% bootstrap interval of `time_slope` over the repetitions ([`slope_interval`]);
+    /// 95% interval of `time_slope`, over the processes or the repetitions ([`slope_interval`]);
     /// `None` where the points hold no samples (files written before) or too few.
     #[serde(default)]
     pub time_slope_interval: Option<(f64, f64)>,
@@ -568,14 +569,21 @@ pub fn fits(points: &[ScalingPoint]) -> Vec<ScalingFit> {
 /// Replicates of the bootstrap behind [`slope_interval`].
 const BOOTSTRAP: usize = 400;
 
-/// A 95% interval for the fitted time exponent of `curve`: each replicate resamples every
-/// length's repetitions with replacement, keeps the fastest as the fit does, and refits; the
-/// interval spans the 2.5th to 97.5th percentile of the replicates' slopes. Where the curve
-/// was measured in several processes (every point holding the same number of them), a
-/// replicate first draws the processes with replacement (the same draw at every length: a
-/// process is the unit), then each drawn process's repetitions: the interval then covers how
-/// much processes disagree. From one process it measures only how much that run's
-/// repetitions disagree, not what a different process history would do.
+/// A 95% interval for the fitted time exponent of `curve`.
+///
+/// Measured in several processes (every point holding the same number of them, `n`): the
+/// exponent is fitted to each process's fastest repetitions alone, and the interval is the
+/// pooled fit +- t(0.975, n - 1) s / sqrt(n), with `s` the spread of the per-process exponents
+/// (the textbook interval for a few independent units). A process is the unit because what
+/// moves an exponent between runs (allocator and cache state, the machine's other load) is
+/// shared by the repetitions of one process: a bootstrap over three processes has ten distinct
+/// resamples and gave intervals that 19 of 60 repeat runs fell outside
+/// (bench/results/2026-12-03-cpu-dedicated-exponents, "What-if").
+///
+/// From one process: each bootstrap replicate resamples every length's repetitions with
+/// replacement, keeps the fastest as the fit does, and refits; the interval spans the 2.5th to
+/// 97.5th percentile. It measures only how much that run's repetitions disagree, not what a
+/// different process would do.
 pub fn slope_interval(curve: &[&ScalingPoint]) -> Option<(f64, f64)> {
     if curve.len() < 2 || curve.iter().any(|p| p.samples_s.len() < 2 || p.batch == 0) {
         return None;
@@ -585,26 +593,28 @@ pub fn slope_interval(curve: &[&ScalingPoint]) -> Option<(f64, f64)> {
         && curve
             .iter()
             .all(|p| p.process_samples_s.len() == groups && p.process_samples_s.iter().all(|s| !s.is_empty()));
+    let fastest = |samples: &[f64]| samples.iter().copied().fold(f64::INFINITY, f64::min);
+    if by_process {
+        let slope_of = |samples: &dyn Fn(&ScalingPoint) -> &[f64]| {
+            let time: Vec<(f64, f64)> =
+                curve.iter().map(|p| (p.seq as f64, fastest(samples(p)) / p.batch as f64)).collect();
+            fit::upper_half_slope(&time)
+        };
+        let pooled = slope_of(&|p| p.samples_s.as_slice())?;
+        let per_process: Vec<f64> =
+            (0..groups).map(|g| slope_of(&|p| p.process_samples_s[g].as_slice())).collect::<Option<_>>()?;
+        let half = student_t_975(groups - 1) * std_dev(&per_process) / (groups as f64).sqrt();
+        return Some((pooled - half, pooled + half));
+    }
     let mut rng = Rng::derive(0, stream::TEST, curve.len() as u64);
-    let fastest_of = |samples: &[f64], rng: &mut Rng| {
-        let n = samples.len();
-        (0..n).map(|_| samples[rng.below(n)]).fold(f64::INFINITY, f64::min)
-    };
     let mut slopes: Vec<f64> = (0..BOOTSTRAP)
         .filter_map(|_| {
-            let drawn: Vec<usize> = if by_process { (0..groups).map(|_| rng.below(groups)).collect() } else { vec![] };
             let time: Vec<(f64, f64)> = curve
                 .iter()
                 .map(|p| {
-                    let fastest = if by_process {
-                        drawn
-                            .iter()
-                            .map(|&g| fastest_of(&p.process_samples_s[g], &mut rng))
-                            .fold(f64::INFINITY, f64::min)
-                    } else {
-                        fastest_of(&p.samples_s, &mut rng)
-                    };
-                    (p.seq as f64, fastest / p.batch as f64)
+                    let n = p.samples_s.len();
+                    let resampled: Vec<f64> = (0..n).map(|_| p.samples_s[rng.below(n)]).collect();
+                    (p.seq as f64, fastest(&resampled) / p.batch as f64)
                 })
                 .collect();
             fit::upper_half_slope(&time)
@@ -616,6 +626,25 @@ pub fn slope_interval(curve: &[&ScalingPoint]) -> Option<(f64, f64)> {
     slopes.sort_by(f64::total_cmp);
     let at = |q: f64| slopes[((slopes.len() - 1) as f64 * q).round() as usize];
     Some((at(0.025), at(0.975)))
+}
+
+/// The 97.5th percentile of Student's t with `df` degrees of freedom (df >= 1).
+fn student_t_975(df: usize) -> f64 {
+    const TABLE: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
+    match df {
+        0 => f64::INFINITY,
+        1..=10 => TABLE[df - 1],
+        11..=20 => 2.086 + (2.228 - 2.086) * (20 - df) as f64 / 10.0,
+        21..=30 => 2.042 + (2.086 - 2.042) * (30 - df) as f64 / 10.0,
+        _ => 1.96,
+    }
+}
+
+/// The sample standard deviation (n - 1 in the denominator).
+fn std_dev(xs: &[f64]) -> f64 {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
 }
 
 #[cfg(test)]
@@ -703,6 +732,37 @@ mod tests {
         assert!(hi - lo > 0.2, "noisy: ({lo}, {hi})");
         let old: Vec<ScalingPoint> = steady.into_iter().map(|p| ScalingPoint { samples_s: vec![], ..p }).collect();
         assert_eq!(fits(&old)[0].time_slope_interval, None);
+    }
+
+    /// Three processes, each a steady curve slowed at the longest length by 1, 1.1 and 1.21:
+    /// fitted over T = 2K-8K, their exponents are 2 + log2(f) / 2. The interval is the pooled
+    /// fit (the fastest of all: 2) +- t(0.975, 2) s / sqrt(3), s the per-process exponents'
+    /// spread.
+    #[test]
+    fn by_process_the_interval_is_a_t_interval_over_the_processes() {
+        let steady = curve(2.0, 0.0);
+        let runs: Vec<Vec<ScalingPoint>> = [1.0, 1.1, 1.21]
+            .iter()
+            .map(|&f| {
+                steady
+                    .iter()
+                    .map(|p| {
+                        let samples_s: Vec<f64> =
+                            p.samples_s.iter().map(|s| if p.seq == 8192 { s * f } else { *s }).collect();
+                        ScalingPoint { timing: Some(Timing::from_samples(samples_s.clone())), samples_s, ..p.clone() }
+                    })
+                    .collect()
+            })
+            .collect();
+        let fit = &fits(&merge_processes(runs))[0];
+        let (lo, hi) = fit.time_slope_interval.expect("an interval");
+        let per: Vec<f64> = [1.0f64, 1.1, 1.21].iter().map(|f| 2.0 + f.log2() / 2.0).collect();
+        let half = 4.303 * std_dev(&per) / 3f64.sqrt();
+        assert!((fit.time_slope.unwrap() - 2.0).abs() < 1e-9);
+        assert!(
+            (lo - (2.0 - half)).abs() < 1e-9 && (hi - (2.0 + half)).abs() < 1e-9,
+            "({lo}, {hi}) against 2 +- {half}"
+        );
     }
 
     /// Two processes whose repetitions each agree closely but which disagree with each other

@@ -603,7 +603,7 @@ fn peers_section(dir: &Path) -> Result<String> {
     Ok(md)
 }
 
-/// A fitted time exponent with its 95% bootstrap interval; an interval wider than 0.2 (+-0.1)
+/// A fitted time exponent with its 95% interval (`bench::scaling::slope_interval`); an interval wider than 0.2 (+-0.1)
 /// reads "not determined", the number withheld.
 fn time_exponent(f: &ScalingFit) -> String {
     match (f.time_slope, f.time_slope_interval) {
@@ -624,7 +624,7 @@ fn complexity_section(fits: &[ScalingFit]) -> String {
     let mut md = String::from("## Complexity: stated, true, measured\n\n");
     let modes = modes_of(fits.iter().map(|f| f.mode));
     let described: Vec<&str> = modes.iter().map(|m| m.describe()).collect();
-    let _ = writeln!(md, "Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, {}; the whole model at one layer per stage for an architecture without a per-layer mixer). In parentheses, the time exponent's 95% bootstrap interval over the repetitions of this run, and over its processes where each model's sweep ran in several (`[scaling] processes`: then it covers how much separate processes disagree); wider than 0.2, the exponent is reported as not determined.{}\n", if described.is_empty() { "forward".to_string() } else { described.join(" / ") }, if modes.len() > 1 { " Time exponents for each mode, separated by /; memory and the cost model for the first." } else { "" });
+    let _ = writeln!(md, "Measured exponents are the log-log slopes of time (the fastest repetition) and peak memory per sequence against T over the upper half of the measured lengths, from the middle length up (one mixer layer, {}; the whole model at one layer per stage for an architecture without a per-layer mixer). In parentheses, the time exponent's 95% interval: where each model's sweep ran in several processes (`[scaling] processes`), a t interval over the exponents fitted to each process alone (it covers how much separate processes disagree); from one process, a bootstrap over its repetitions (only that run's timing noise); wider than 0.2, the exponent is reported as not determined.{}\n", if described.is_empty() { "forward".to_string() } else { described.join(" / ") }, if modes.len() > 1 { " Time exponents for each mode, separated by /; memory and the cost model for the first." } else { "" });
     md.push_str("| model | stated time | stated space | true time | true space | measured time exponent | cost model's exponent there | measured memory exponent | review |\n|---|---|---|---|---|---|---|---|---|\n");
     for a in ARCHITECTURES {
         let own = |mode: BenchMode| {
