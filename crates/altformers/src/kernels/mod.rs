@@ -27,8 +27,9 @@
 /// at most 8 rows (cuBLAS's GEMM instead), `linear` the mixed-precision product's own backward
 /// (`linear`: candle's cast and product instead), `sum` the fused sum of residual adds and
 /// gradient sums (candle's add), `retention-step` the fused one-token retention
-/// (`ops::decayed::linear_step`: the tensor form's outer product, decay and product instead).
-pub const SWITCHABLE: [&str; 16] = [
+/// (`ops::decayed::linear_step`: the tensor form's outer product, decay and product instead),
+/// `rotary` the one-pass rotary embedding (`primitives::rotary::apply_tables`).
+pub const SWITCHABLE: [&str; 17] = [
     "attention",
     "retention",
     "retention-tc",
@@ -45,6 +46,7 @@ pub const SWITCHABLE: [&str; 16] = [
     "linear",
     "sum",
     "retention-step",
+    "rotary",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
@@ -99,3 +101,6 @@ pub mod gemv;
 
 #[cfg(feature = "cuda")]
 pub mod linear;
+
+#[cfg(feature = "cuda")]
+pub mod rotary;

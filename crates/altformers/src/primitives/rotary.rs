@@ -89,6 +89,15 @@ pub fn cached_tables(offset: usize, len: usize, head_dim: usize, base: f64, x: &
 
 /// Rotates `x: [B, H, T, d_h]` pairwise by the tables `[T, d_h/2]` of its positions.
 pub fn apply_tables(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::rotary::applies(x) {
+        return crate::kernels::rotary::rotate(x, cos, sin);
+    }
+    apply_tables_tensor(x, cos, sin)
+}
+
+/// [`apply_tables`] as tensor operations (the CPU's path, and the reference of the fused one).
+pub fn apply_tables_tensor(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     let cos = cos.reshape((t, d / 2, 1))?;
     let sin = sin.reshape((t, d / 2, 1))?;

@@ -18,6 +18,7 @@ mod linear;
 mod models;
 mod nccl;
 mod reformer;
+mod rotary;
 mod softmax;
 
 use candle_core::{DType, Device, Tensor, Var};

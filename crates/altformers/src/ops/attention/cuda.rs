@@ -81,34 +81,13 @@ struct Tiles {
     fwd_keys: usize,
     bwd_warps: usize,
     bwd_queries: usize,
-    /// The backward kernel's name.
-    bwd_kernel: &'static str,
 }
 
 impl Tiles {
     fn for_head_dim(head_dim: usize) -> Result<Self> {
         match head_dim {
-            64 => {
-                // Trial tilings of the width-64 backward (A/B on the GPU): 4 warps x 64 queries
-                // (the default), 8 warps (128 keys) x 64 or x 128 queries.
-                static CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-                let choice = CHOICE.get_or_init(|| std::env::var("ALTFORMERS_ATTENTION_BWD64").unwrap_or_default());
-                let (bwd_warps, bwd_queries, bwd_kernel) = match choice.as_str() {
-                    "w8" => (8, 64, "flash_attention_bwd_d64_w8"),
-                    "w8q128" => (8, 128, "flash_attention_bwd_d64_w8q128"),
-                    _ => (4, 64, "flash_attention_bwd_d64"),
-                };
-                Ok(Self { head_dim, fwd_warps: 4, fwd_row_tiles: 1, fwd_keys: 64, bwd_warps, bwd_queries, bwd_kernel })
-            }
-            128 => Ok(Self {
-                head_dim,
-                fwd_warps: 4,
-                fwd_row_tiles: 2,
-                fwd_keys: 32,
-                bwd_warps: 8,
-                bwd_queries: 64,
-                bwd_kernel: "flash_attention_bwd_d128",
-            }),
+            64 => Ok(Self { head_dim, fwd_warps: 4, fwd_row_tiles: 1, fwd_keys: 64, bwd_warps: 4, bwd_queries: 64 }),
+            128 => Ok(Self { head_dim, fwd_warps: 4, fwd_row_tiles: 2, fwd_keys: 32, bwd_warps: 8, bwd_queries: 64 }),
             _ => bail!("flash attention: head width {head_dim} unsupported (64 or 128)"),
         }
     }
@@ -528,7 +507,7 @@ impl CustomOp3 for FlashAttention {
         let mut dv = bf16_output(dev, v.shape())?;
         {
             let shared = tiles.bwd_shared_bytes();
-            let func = kernel(dev, tiles.bwd_kernel, shared)?;
+            let func = kernel(dev, &format!("flash_attention_bwd_d{}", dims.dh), shared)?;
             let cfg = LaunchConfig {
                 grid_dim: (int(dims.s.div_ceil(tiles.bwd_keys()))? as u32, dims.kvh as u32, dims.b as u32),
                 block_dim: (32 * tiles.bwd_warps as u32, 1, 1),

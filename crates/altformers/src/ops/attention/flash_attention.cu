@@ -595,20 +595,6 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 FLASH_ENTRY_POINTS(64, 4, 64, 1, 4, 64)
 FLASH_ENTRY_POINTS(128, 4, 32, 2, 8, 64)
 
-// Trial tilings of the width-64 backward (cuda.rs, `ALTFORMERS_ATTENTION_BWD64`).
-#define FLASH_BWD_VARIANT(D, NAME, BWD_WARPS, BWD_BR)                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * BWD_WARPS) flash_attention_bwd_d##D##NAME(             \
-        const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs, const bf16* dout,   \
-        const float* lse, const float* delta, float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H,      \
-        int KVH, int offset, float scale_log2, float scale, unsigned int seed_lo, unsigned int seed_hi,      \
-        unsigned int threshold, float drop_scale, int b0) {                                                  \
-        flash_bwd<D, BWD_WARPS, BWD_BR>(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, T, S, H,    \
-                                        KVH, offset, scale_log2, scale, seed_lo, seed_hi, threshold,         \
-                                        drop_scale, b0);                                                     \
-    }
-FLASH_BWD_VARIANT(64, _w8, 8, 64)
-FLASH_BWD_VARIANT(64, _w8q128, 8, 128)
-
 // Backward, step 3: dq = scale * dq_accum in bf16, from [B, H, T, D] to token-major [B, T, H, D].
 // Four columns per thread (D is a multiple of 8): one 16-byte read and one 8-byte write, and
 // 32-bit index arithmetic (the host checks that n / 4 fits): 64-bit divisions per element
