@@ -219,34 +219,9 @@ impl Retention {
 
     fn chunkwise(&self, x: &Tensor, chunk: usize) -> Result<(Tensor, Tensor)> {
         let (q, k, v1, g) = self.project(x, 0)?;
-        let (o1, s) = if bf16_scan(x) {
-            // q, k, v in bf16 into the tensor-core scan (f32 inside), the decays and the
-            // results in f32
-            let bf16 = |t: &Tensor| t.to_dtype(candle_core::DType::BF16);
-            let (o1, s) = decayed::linear_chunked(
-                &bf16(&q)?,
-                &bf16(&k)?,
-                &bf16(&v1)?,
-                &self.log_gamma_t.to_dtype(candle_core::DType::F32)?,
-                chunk,
-                None,
-            )?;
-            (o1.to_dtype(q.dtype())?, s.to_dtype(q.dtype())?)
-        } else {
-            decayed::linear_chunked(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, chunk, None)?
-        };
+        let (o1, s) = decayed::linear_chunked(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, chunk, None)?;
         Ok((self.finish(&o1, &g, 0)?, s))
     }
-}
-
-/// Trial (issue 24, A/B on the GPU): the chunkwise scan on bf16 inputs under bf16
-/// activations on CUDA (`ALTFORMERS_RETNET_SCAN=bf16`), instead of f32 inputs to the CUDA-core
-/// scan.
-fn bf16_scan(x: &Tensor) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    x.device().is_cuda()
-        && x.dtype() == candle_core::DType::BF16
-        && *ON.get_or_init(|| std::env::var("ALTFORMERS_RETNET_SCAN").is_ok_and(|v| v == "bf16"))
 }
 
 impl SequenceMixer for Retention {
