@@ -28,8 +28,9 @@
 /// (`linear`: candle's cast and product instead), `sum` the fused sum of residual adds and
 /// gradient sums (candle's add), `retention-step` the fused one-token retention
 /// (`ops::decayed::linear_step`: the tensor form's outer product, decay and product instead),
-/// `rotary` the one-pass rotary embedding (`primitives::rotary::apply_tables`).
-pub const SWITCHABLE: [&str; 17] = [
+/// `rotary` the one-pass rotary embedding (`primitives::rotary::apply_tables`), `retnet-norm`
+/// RetNet's fused output normalisations and group norm (`mixers::retnet::normalise_outputs`).
+pub const SWITCHABLE: [&str; 18] = [
     "attention",
     "retention",
     "retention-tc",
@@ -47,6 +48,7 @@ pub const SWITCHABLE: [&str; 17] = [
     "sum",
     "retention-step",
     "rotary",
+    "retnet-norm",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
@@ -104,3 +106,6 @@ pub mod linear;
 
 #[cfg(feature = "cuda")]
 pub mod rotary;
+
+#[cfg(feature = "cuda")]
+pub mod retnet_norm;

@@ -189,21 +189,8 @@ impl Retention {
 
     /// [`Self::finish`] with the row normalisation `c: [1, H, T, 1]` (f64) given.
     fn finish_normalised(&self, o1: &Tensor, g: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let (b, h, t, _) = o1.dims4()?;
-        let dv = self.value_head_dim;
-        let c = c.to_dtype(o1.dtype())?;
-        let num = o1.narrow(3, 0, dv)?.broadcast_mul(&c)?;
-        let row_sum = o1.narrow(3, dv, 1)?.broadcast_mul(&c)?;
-        // The score normaliser is differentiated here; torchscale detaches it. Both compute the
-        // same forward function (the paper's R~), so the forms and decoding are unaffected; only
-        // the gradient differs, and this one is the exact gradient of the function the paper
-        // writes (the finite-difference tests hold it to that).
-        let y = num.broadcast_div(&row_sum.abs()?.maximum(1.0)?)?;
-        // GroupNorm: one group per head, over its d_v channels
-        let centered = y.broadcast_sub(&y.mean_keepdim(D::Minus1)?)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = centered.broadcast_div(&(var + GROUP_NORM_EPS)?.sqrt()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, h * dv))?.broadcast_mul(&self.gn_weight.to_dtype(y.dtype())?)?;
+        let y = normalise_outputs(o1, &c.to_dtype(o1.dtype())?)?;
+        let y = y.broadcast_mul(&self.gn_weight.to_dtype(y.dtype())?)?;
         let y = match &self.gn_bias {
             Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?)?,
             None => y,
@@ -222,6 +209,37 @@ impl Retention {
         let (o1, s) = decayed::linear_chunked(&q, &k, &v1, &self.log_gamma_t.to_dtype(q.dtype())?, chunk, None)?;
         Ok((self.finish(&o1, &g, 0)?, s))
     }
+}
+
+/// The paper's normalisations of the retention's output and the group norm (one group per
+/// head, before its affine): `o1: [B, H, T, d_v + 1]` (the values' sums and the ones column's),
+/// `c: [1, H, T, 1]` (the row normalisation, in `o1`'s dtype) -> `[B, T, H d_v]`. One fused
+/// pass each way on CUDA (`kernels/retnet_norm.cu`) where it applies, else
+/// [`normalise_outputs_tensor`].
+pub fn normalise_outputs(o1: &Tensor, c: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::retnet_norm::applies(o1, c) {
+        return crate::kernels::retnet_norm::normalise(o1, c, GROUP_NORM_EPS);
+    }
+    normalise_outputs_tensor(o1, c)
+}
+
+/// [`normalise_outputs`] as tensor operations (the CPU's path and the fused kernel's reference).
+pub fn normalise_outputs_tensor(o1: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let (b, h, t, dv1) = o1.dims4()?;
+    let dv = dv1 - 1;
+    let num = o1.narrow(3, 0, dv)?.broadcast_mul(c)?;
+    let row_sum = o1.narrow(3, dv, 1)?.broadcast_mul(c)?;
+    // The score normaliser is differentiated here; torchscale detaches it. Both compute the
+    // same forward function (the paper's R~), so the forms and decoding are unaffected; only
+    // the gradient differs, and this one is the exact gradient of the function the paper
+    // writes (the finite-difference tests hold it to that).
+    let y = num.broadcast_div(&row_sum.abs()?.maximum(1.0)?)?;
+    // GroupNorm: one group per head, over its d_v channels
+    let centered = y.broadcast_sub(&y.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = centered.broadcast_div(&(var + GROUP_NORM_EPS)?.sqrt()?)?;
+    y.transpose(1, 2)?.reshape((b, t, h * dv))
 }
 
 impl SequenceMixer for Retention {

@@ -18,6 +18,7 @@ mod linear;
 mod models;
 mod nccl;
 mod reformer;
+mod retnet;
 mod rotary;
 mod softmax;
 
