@@ -1,6 +1,6 @@
 """Gathers the H200 JSON lines of issues 21 and 27 into this folder for `altformers report`:
 run from this folder, then `altformers report --from bench/results/2026-12-03-h200-report`."""
-import json
+import json, os
 
 A = "../2026-12-02-h200-listops/"
 B = "../2026-12-03-h200-reformer-listops/"
@@ -54,17 +54,27 @@ point = lambda l: (json.loads(l)["model"], json.loads(l)["context"])
 dec = [l for l in dec if point(l) not in {point(r) for r in redone}] + redone
 open("decode.jsonl", "w").write("".join(dec))
 
-# training throughput (issue 24): call 10 of ../2026-12-03-h200-train-speed/ (1040a0e), ours and
-# PyTorch's nanoGPT recipe in one call; ours = the second 100-step window's rate
-T = "../2026-12-03-h200-train-speed/call10-1040a0e/"
+# training throughput (issue 24), ../2026-12-03-h200-train-speed/: the Transformer and PyTorch's
+# nanoGPT recipe in one call (call 12, 0ba1e11); the other models at the baby size from call 10
+# (1040a0e), RetNet from call 15 (its rotary embedding and normalisations fused); ours = the
+# second 100-step window's rate
+T = "../2026-12-03-h200-train-speed/"
+RETNET = [d for d in os.listdir(T) if d.startswith("call15-")][0]
 speed = []
-for path in [T + "ours.jsonl", T + "ours-models.jsonl"]:
+def ours(path, model=None):
     for l in open(path):
         r = json.loads(l)
+        if model is None and r.get("model", "transformer") == "retnet":
+            continue
         last = r["metrics"][-1]
-        speed.append({"model": r.get("model", "transformer"), "size": r["size"], "trainer": "altformers",
-                      "tokens_per_s": last["tokens_per_s"], "loss": last["train_loss"]})
-for l in open(T + "peer.jsonl"):
+        speed.append({"model": r.get("model", model or "transformer"), "size": r.get("size", "baby"),
+                      "trainer": "altformers", "tokens_per_s": last["tokens_per_s"], "loss": last["train_loss"]})
+ours(T + "call12-0ba1e11/ours.jsonl")
+ours(T + "call10-1040a0e/ours-models.jsonl")
+metrics = [json.loads(l) for l in open(T + RETNET + "/retnet-default.jsonl")]
+speed.append({"model": "retnet", "size": "baby", "trainer": "altformers", "tokens_per_s": metrics[-1]["tokens_per_s"],
+              "loss": metrics[-1]["train_loss"]})
+for l in open(T + "call12-0ba1e11/peer.jsonl"):
     r = json.loads(l)
     speed.append({"model": "transformer", "size": r["size"], "trainer": r["peer"].replace("gpt-", ""),
                   "tokens_per_s": r["tokens_per_s"], "loss": r["loss"]})
