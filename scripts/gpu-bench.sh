@@ -100,6 +100,11 @@ if [ "$what" = baby ]; then
   cp /tmp/baby/metrics.jsonl /tmp/baby/config.json "$OUT/" 2>/dev/null
   run eval --run /tmp/baby --data shakespeare --device cuda > "$OUT/baby-eval.json" 2>> "$OUT/baby.err"
   run generate --run /tmp/baby --prompt "ROMEO:" --tokens 300 --device cuda > "$OUT/baby-sample.txt" 2>> "$OUT/baby.err"
+  # the peer: nanoGPT's own GPU recipe for the same run (bf16 autocast, compiled, evaluations
+  # of 200 batches every 250 steps), re-implemented in bench/peers; PEER=0 leaves it out
+  [ "${PEER:-1}" = 1 ] && (cd bench/peers && timeout 500 python3 nanogpt_char.py --data ../../data/tinyshakespeare.txt \
+    --device cuda --bf16 --compile --iters 5000 --eval-iters 200 --block-size 256 --batch-size 64 --n-layer 6 \
+    --n-head 6 --n-embd 384 --dropout 0.2) > "$OUT/baby-peer.jsonl" 2> "$OUT/baby-peer.err"
 fi
 if [ "$what" = seeds ]; then
   # Issue 2: nanoGPT's CPU configuration over seeds. Ours on the GPU in f32 (the CPU run's

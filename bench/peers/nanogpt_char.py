@@ -19,6 +19,12 @@ consecutive windows, every character after the first predicted once: exactly wha
 `altformers eval` computes.
 
     python3 nanogpt_char.py --data ../../data/tinyshakespeare.txt --seeds 1337,1338 [--device cuda]
+
+nanoGPT's GPU "baby GPT" (config/train_shakespeare_char.py: bf16 autocast, compiled, dropout 0.2):
+
+    python3 nanogpt_char.py --data ../../data/tinyshakespeare.txt --device cuda --bf16 --compile \
+      --iters 5000 --eval-iters 200 --block-size 256 --batch-size 64 --n-layer 6 --n-head 6 \
+      --n-embd 384 --dropout 0.2
 """
 import argparse
 import json
@@ -95,7 +101,15 @@ def run(seed, text, args):
         y = torch.stack([d[i + 1:i + 1 + T] for i in ix])
         return x.to(dev), y.to(dev)
 
-    model = GPT(len(chars), T, args.n_layer, args.n_head, args.n_embd).to(dev)
+    model = GPT(len(chars), T, args.n_layer, args.n_head, args.n_embd, args.dropout).to(dev)
+    # nanoGPT's GPU recipe (config/train_shakespeare_char.py on a GPU): bf16 autocast for the
+    # forward passes, the model compiled; the CPU run is f32 and eager
+    forward = torch.compile(model) if args.compile else model
+    amp = torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def loss_of(x, y):
+        with amp:
+            return forward(x, y)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -114,7 +128,7 @@ def run(seed, text, args):
         model.eval()
         out = {}
         for split in ("train", "val"):
-            out[split] = sum(model(*get_batch(split, gen)).item() for _ in range(iters)) / iters
+            out[split] = sum(loss_of(*get_batch(split, gen)).item() for _ in range(iters)) / iters
         model.train()
         return out
 
@@ -132,7 +146,7 @@ def run(seed, text, args):
             ln = min(T, len(d) - 1 - g[0])
             x = torch.stack([d[s:s + ln] for s in g]).to(dev)
             y = torch.stack([d[s + 1:s + 1 + ln] for s in g]).to(dev)
-            total += model(x, y).item() * len(g) * ln
+            total += loss_of(x, y).item() * len(g) * ln
             count += len(g) * ln
         return total / count
 
@@ -150,7 +164,7 @@ def run(seed, text, args):
         if it == args.iters:
             break
         step_start = time.time()
-        loss = model(x, y)
+        loss = loss_of(x, y)
         x, y = get_batch("train")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -165,7 +179,8 @@ def run(seed, text, args):
         "val_loss_nanogpt_20": curve[-1]["val"], "train_loss_nanogpt_20": curve[-1]["train"],
         "val_loss_200": estimate(200, gen)["val"], "val_loss_whole_split": whole_val(),
         "elapsed_s": time.time() - start, "train_s": train_s, "tokens_per_s": args.iters * B * T / train_s,
-        "threads": torch.get_num_threads(), "device": dev, "torch": torch.__version__, "curve": curve,
+        "best_val_nanogpt": min(c["val"] for c in curve), "dropout": args.dropout, "bf16": args.bf16,
+        "compile": args.compile, "threads": torch.get_num_threads(), "device": dev, "torch": torch.__version__, "curve": curve,
     }
 
 
@@ -185,6 +200,9 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (nanoGPT's GPU default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (nanoGPT's GPU default)")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
