@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -70,6 +71,8 @@ def run(size, mode, text, args):
     else:
         step_fn = compiled
     model.train()
+    if args.verbose:
+        print(f"{args.arch} built: {sum(p.numel() for p in model.parameters())} parameters", file=sys.stderr, flush=True)
     torch.cuda.reset_peak_memory_stats()
 
     def step():
@@ -85,8 +88,11 @@ def run(size, mode, text, args):
     if args.profile:
         return profile(step, size, mode, args)
     compile_start = time.time()
-    for _ in range(args.warmup_steps):
+    for i in range(args.warmup_steps):
         step()
+        if args.verbose:  # where a first run's compilation and autotuning spend their time
+            torch.cuda.synchronize()
+            print(f"warm-up step {i}: {time.time() - compile_start:.1f} s", file=sys.stderr, flush=True)
     torch.cuda.synchronize()
     warmup_s = time.time() - compile_start
     # step times from CUDA events (no synchronisation between steps, as in a training loop);
@@ -159,6 +165,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--profile", action="store_true", help="kernels per step instead of timing")
+    p.add_argument("--verbose", action="store_true", help="print each warm-up step's time to stderr")
     # the bf16 dense matmul rate measured on this GPU type (bench/results/2026-11-29-h200-kernels)
     p.add_argument("--ceiling", type=float, default=788e12)
     args = p.parse_args()
