@@ -307,7 +307,7 @@ if [ "$what" = trainspeed ]; then
     done
     if [[ " $MODELS " == *" retnet "* ]] && [ "${FLA_PEER:-1}" = 1 ] && ls .whl/*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-      (cd bench/peers && PYTHONPATH=/tmp/site timeout 300 python3 gpt_train.py --arch fla-retnet --sizes baby \
+      (cd bench/peers && PYTHONPATH=/tmp/site timeout 480 python3 gpt_train.py --arch fla-retnet --sizes baby \
         --modes eager --data ../../data/tinyshakespeare.txt --steps 100) > "$OUT/peer-retnet.jsonl" 2>> "$OUT/peer.err"
     fi
   fi
