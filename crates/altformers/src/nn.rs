@@ -67,6 +67,14 @@ impl Linear {
 /// `x W^T + b` for `x: [..., in]`, `W: [out, in]` (any float dtype: computed in `x`'s) and
 /// `b: [out]` already in `x`'s dtype.
 fn rows_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if crate::ops::linear::supports(x, weight) {
+        // the CPU's product as one graph node (its reshapes and transpose are not nodes)
+        let y = crate::ops::linear::linear(x, weight)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
     let dims = x.dims().to_vec();
     let d_in = *dims.last().unwrap();
     let rows = x.elem_count() / d_in;

@@ -16,7 +16,8 @@
 
 /// The fused kernels that can be switched off (the tensor path runs instead) by listing them
 /// in `ALTFORMERS_UNFUSED` (comma-separated, or `all`): to measure a kernel against the
-/// code it replaces in one run. The FFT convolution has no tensor path on CUDA.
+/// code it replaces in one run. The FFT convolution has no tensor path on CUDA. `attention`
+/// switches off the flash kernels and the fused CPU attention (`ops::attention::cpu`).
 /// `retention-tc` switches off only the tensor-core retention (bf16), leaving the CUDA-core
 /// scan it replaced. `gather` is the row gather's parallel backward (token embeddings),
 /// `layernorm` the fused layer norm, `activations` the fused GELU and SiLU, `softmax` the
@@ -25,7 +26,7 @@
 /// decode step (`mixers/rwkv4/decode.rs`), `decode-graph` the CUDA-graph replay of a static
 /// decoding step (`crate::decoder`; each step then launched op by op), `gemv` the products of
 /// at most 8 rows (cuBLAS's GEMM instead), `linear` the mixed-precision product's own backward
-/// (`linear`: candle's cast and product instead), `sum` the fused sum of residual adds and
+/// (`linear`: candle's cast and product instead; on the CPU, `ops::linear`'s one-node product), `sum` the fused sum of residual adds and
 /// gradient sums (candle's add), `retention-step` the fused one-token retention
 /// (`ops::decayed::linear_step`: the tensor form's outer product, decay and product instead),
 /// `rotary` the one-pass rotary embedding (`primitives::rotary::apply_tables`), `retnet-norm`

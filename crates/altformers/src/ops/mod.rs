@@ -26,4 +26,5 @@ pub mod decayed;
 pub mod dropout;
 pub mod fftconv;
 pub mod layer_norm;
+pub mod linear;
 pub mod monarch;

@@ -1,5 +1,6 @@
 //! Softmax attention over a head layout. Causal: the choice between the fused flash kernel
-//! (`cuda`, CUDA only) and the unfused tensor form ([`causal_attention_reference`]: scores,
+//! (`cuda`, CUDA only), the fused CPU op (`cpu`, f32 and f64 without dropout) and the unfused
+//! tensor form ([`causal_attention_reference`]: scores,
 //! [`causal_softmax`](causal_softmax::causal_softmax), the weighted sum). Bidirectional
 //! (encoders, [`bidirectional_attention`]): the unfused form on every device (the flash
 //! kernel is causal only), with an optional key-padding mask.
@@ -10,6 +11,7 @@
 //! whether dropout applies; this module only computes `softmax(q k^T / sqrt(d_h)) v`.
 
 pub mod causal_softmax;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
@@ -27,9 +29,10 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
 }
 
 /// [`causal_attention`] with dropout on the attention probabilities (training). Runs the
-/// fused flash-attention kernel (`cuda`) for bf16 CUDA tensors of head width 64 or 128
-/// (unless switched off: `ALTFORMERS_UNFUSED=attention`), and [`causal_attention_reference`]
-/// otherwise; both draw the same dropout mask from `rng`.
+/// fused flash-attention kernel (`cuda`) for bf16 CUDA tensors of head width 64 or 128, the
+/// fused CPU op (`cpu`) for f32 and f64 CPU tensors without dropout (both unless switched
+/// off: `ALTFORMERS_UNFUSED=attention`), and [`causal_attention_reference`] otherwise; the
+/// flash kernel and the reference draw the same dropout mask from `rng`.
 pub fn causal_attention_with_dropout(
     q: &Tensor,
     k: &Tensor,
@@ -45,6 +48,10 @@ pub fn causal_attention_with_dropout(
             None => (None, 0),
         };
         return cuda::causal_attention(q, k, v, offset, dropout, first);
+    }
+    let dropped = matches!(dropout, Some((p, _)) if p > 0.0);
+    if !dropped && cpu::supports(q, k, v) {
+        return cpu::causal_attention(q, k, v, offset);
     }
     causal_attention_reference(q, k, v, offset, dropout)
 }

@@ -1,0 +1,333 @@
+//! Fused causal attention on the CPU (f32 and f64): FlashAttention's recipe for a core's
+//! caches. For each sequence and key/value head (one task each, spread over the threads),
+//! blocks of 64 queries: the block's scores against the keys it can see, their softmax and the
+//! weighted sum of values, in a block-sized buffer; the backward recomputes the block's
+//! probabilities the same way and accumulates the group's key and value gradients in the
+//! task, so tasks never write the same memory.
+//!
+//! What it replaces ([`super::causal_attention_reference`], still the path for bf16 and with
+//! dropout): contiguous copies of q, k and v, a scaled copy of q, the full `[B, H, T, S]`
+//! scores and probabilities, and about ten graph nodes per layer, each of whose gradients
+//! candle's backward adds to a fresh tensor of zeros. Here q, k, v and the output gradient are
+//! read where they lie (any strides: the mixer's heads are views of its projections), the
+//! products are single-threaded calls of the `gemm` crate inside the task (candle's batched
+//! product calls it once per matrix and, with two threads, hands every 64 x 64 product of a
+//! head to the thread pool), and the op is one node.
+//!
+//! Shapes as [`super::causal_attention`]: `q: [B, H, T, d_h]`, `k, v: [B, KVH, S, d_h]`, query
+//! `t` sees keys `s <= offset + t`; the output `[B, H, T, d_h]` contiguous.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::{product, Mat, Real};
+
+/// Queries per block: the block's scores (64 x S) stay in the cache at the lengths training
+/// uses, and a long sequence's never grow past 64 rows.
+const BLOCK: usize = 64;
+
+/// Whether [`causal_attention`] takes these inputs: CPU tensors of one dtype, f32 or f64,
+/// non-empty, unless switched off (`ALTFORMERS_UNFUSED=attention`).
+pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let dtype_ok = matches!(q.dtype(), DType::F32 | DType::F64) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
+    let non_empty = q.elem_count() > 0 && k.elem_count() > 0;
+    q.device().is_cpu() && dtype_ok && non_empty && crate::kernels::enabled("attention")
+}
+
+/// Causal softmax attention, fused (see the module doc).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    let dims = Dims::of(q, k, v)?;
+    q.apply_op3(k, v, FusedAttention { dims, offset })
+}
+
+/// The sizes, checked: `b` sequences, `h` query heads in `kvh` groups, `t` queries, `s` keys
+/// of width `dh`.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    t: usize,
+    s: usize,
+    dh: usize,
+}
+
+impl Dims {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
+        let (b, h, t, dh) = q.dims4()?;
+        let (kb, kvh, s, kdh) = k.dims4()?;
+        if v.dims4()? != (kb, kvh, s, kdh) || kb != b || kdh != dh {
+            candle_core::bail!("CPU attention: shapes q {:?}, k {:?}, v {:?} do not match", q.shape(), k.shape(), v.shape())
+        }
+        if kvh == 0 || h % kvh != 0 {
+            candle_core::bail!("CPU attention: {h} query heads are not a multiple of {kvh} key/value heads")
+        }
+        Ok(Self { b, h, kvh, t, s, dh })
+    }
+
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.h / self.kvh
+    }
+
+    /// Keys query `t` sees.
+    fn visible(&self, t: usize, offset: usize) -> usize {
+        (offset + t + 1).min(self.s)
+    }
+}
+
+struct FusedAttention {
+    dims: Dims,
+    offset: usize,
+}
+
+/// A `[B, heads, rows, d_h]` operand where it lies in its storage: element `(b, h, r, j)` at
+/// `start + b sb + h sh + r sr + j sj`.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    start: usize,
+    stride: [usize; 4],
+}
+
+impl<'a, T> View<'a, T> {
+    fn new(data: &'a [T], layout: &Layout, what: &str) -> Result<Self> {
+        let (dims, stride) = (layout.dims(), layout.stride());
+        if dims.len() != 4 {
+            candle_core::bail!("CPU attention: {what} must have 4 dimensions, not {dims:?}")
+        }
+        // The last element the view reaches must lie in the storage: the products below read
+        // through raw pointers.
+        let last = layout.start_offset() + dims.iter().zip(stride).map(|(&n, &st)| n.saturating_sub(1) * st).sum::<usize>();
+        if last >= data.len() {
+            candle_core::bail!("CPU attention: {what} reaches element {last} of a storage of {}", data.len())
+        }
+        Ok(Self { data, start: layout.start_offset(), stride: [stride[0], stride[1], stride[2], stride[3]] })
+    }
+
+    /// Rows `r..` of head `h` of sequence `b` as a matrix (row stride, column stride).
+    fn rows(&self, b: usize, h: usize, r: usize) -> Mat<T> {
+        let at = self.start + b * self.stride[0] + h * self.stride[1] + r * self.stride[2];
+        Mat { ptr: self.data[at..].as_ptr(), rs: self.stride[2] as isize, cs: self.stride[3] as isize }
+    }
+
+    fn at(&self, b: usize, h: usize, r: usize, j: usize) -> T
+    where
+        T: Copy,
+    {
+        self.data[self.start + b * self.stride[0] + h * self.stride[1] + r * self.stride[2] + j * self.stride[3]]
+    }
+}
+
+impl FusedAttention {
+    /// Block `t0..t0 + rows` of query head `h` of sequence `b`: the probabilities `[rows, n]`
+    /// over the `n` keys the block's last query sees, into `p` (zero where a query cannot see).
+    fn probabilities<T: Real>(&self, q: &View<T>, k: &View<T>, (b, h, t0, rows): (usize, usize, usize, usize), p: &mut [T]) -> usize {
+        let d = self.dims;
+        let n = d.visible(t0 + rows - 1, self.offset);
+        let scale = T::narrow(1.0 / (d.dh as f64).sqrt());
+        // SAFETY: the views were checked; p holds rows x n.
+        unsafe { product(p, n, false, q.rows(b, h, t0), k.rows(b, h / d.group(), 0).t(), (rows, n, d.dh), scale, 1) };
+        for (i, row) in p[..rows * n].chunks_mut(n).enumerate() {
+            let seen = d.visible(t0 + i, self.offset);
+            let max = row[..seen].iter().fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
+            let mut sum = T::zero();
+            for x in &mut row[..seen] {
+                *x = (*x - max).exp();
+                sum = sum + *x;
+            }
+            let inv = sum.recip();
+            row[..seen].iter_mut().for_each(|x| *x = *x * inv);
+            row[seen..].fill(T::zero());
+        }
+        n
+    }
+
+    /// The output, `[B, H, T, d_h]` contiguous: one task per sequence and key/value head, whose
+    /// query heads' rows are one contiguous chunk.
+    fn forward<T: Real>(&self, q: &View<T>, k: &View<T>, v: &View<T>) -> Vec<T> {
+        let d = self.dims;
+        let mut out = vec![T::zero(); d.b * d.h * d.t * d.dh];
+        out.par_chunks_mut(d.group() * d.t * d.dh).enumerate().for_each(|(task, out)| {
+            let (b, g) = (task / d.kvh, task % d.kvh);
+            let mut p = vec![T::zero(); BLOCK * d.s];
+            for hg in 0..d.group() {
+                let h = g * d.group() + hg;
+                for t0 in (0..d.t).step_by(BLOCK) {
+                    let rows = BLOCK.min(d.t - t0);
+                    let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
+                    let o = &mut out[(hg * d.t + t0) * d.dh..];
+                    // SAFETY: p holds rows x n, v was checked, o holds rows x d_h.
+                    unsafe { product(o, d.dh, false, Mat::dense(&p, n), v.rows(b, g, 0), (rows, d.dh, n), T::one(), 1) };
+                }
+            }
+        });
+        out
+    }
+
+    /// `(dq, dk, dv)`, contiguous `[B, H, T, d_h]` and `[B, KVH, S, d_h]`, from the output `o`
+    /// and its gradient `go`: with `P` the probabilities and `D_i = sum_j go_ij o_ij`,
+    /// `dV = P^T dO`, `dS = P (dO V^T - D)`, `dQ = scale dS K`, `dK = scale dS^T Q`.
+    fn backward<T: Real>(&self, q: &View<T>, k: &View<T>, v: &View<T>, o: &View<T>, go: &View<T>) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let d = self.dims;
+        let scale = T::narrow(1.0 / (d.dh as f64).sqrt());
+        let mut dq = vec![T::zero(); d.b * d.h * d.t * d.dh];
+        let mut dk = vec![T::zero(); d.b * d.kvh * d.s * d.dh];
+        let mut dv = vec![T::zero(); d.b * d.kvh * d.s * d.dh];
+        let kv_chunk = d.s * d.dh;
+        dq.par_chunks_mut(d.group() * d.t * d.dh)
+            .zip(dk.par_chunks_mut(kv_chunk).zip(dv.par_chunks_mut(kv_chunk)))
+            .enumerate()
+            .for_each(|(task, (dq, (dk, dv)))| {
+                let (b, g) = (task / d.kvh, task % d.kvh);
+                let mut p = vec![T::zero(); BLOCK * d.s];
+                let mut dp = vec![T::zero(); BLOCK * d.s];
+                for hg in 0..d.group() {
+                    let h = g * d.group() + hg;
+                    for t0 in (0..d.t).step_by(BLOCK) {
+                        let rows = BLOCK.min(d.t - t0);
+                        let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
+                        let go_blk = go.rows(b, h, t0);
+                        // SAFETY (all four products): views checked, buffers sized rows x n,
+                        // dk and dv hold S x d_h, dq's chunk rows x d_h from its start.
+                        unsafe {
+                            product(dv, d.dh, true, Mat::dense(&p, n).t(), go_blk, (n, d.dh, rows), T::one(), 1);
+                            product(&mut dp, n, false, go_blk, v.rows(b, g, 0).t(), (rows, n, d.dh), T::one(), 1);
+                        }
+                        for i in 0..rows {
+                            let dot = (0..d.dh).fold(T::zero(), |acc, j| acc + go.at(b, h, t0 + i, j) * o.at(b, h, t0 + i, j));
+                            let seen = d.visible(t0 + i, self.offset);
+                            for (ds, &pr) in dp[i * n..i * n + seen].iter_mut().zip(&p[i * n..i * n + seen]) {
+                                *ds = pr * (*ds - dot);
+                            }
+                            dp[i * n + seen..(i + 1) * n].fill(T::zero());
+                        }
+                        let dq_blk = &mut dq[(hg * d.t + t0) * d.dh..];
+                        unsafe {
+                            product(dq_blk, d.dh, false, Mat::dense(&dp, n), k.rows(b, g, 0), (rows, d.dh, n), scale, 1);
+                            product(dk, d.dh, true, Mat::dense(&dp, n).t(), q.rows(b, h, t0), (n, d.dh, rows), scale, 1);
+                        }
+                    }
+                }
+            });
+        (dq, dk, dv)
+    }
+}
+
+impl FusedAttention {
+    /// The views of `tensors` (CPU storages of dtype `T`), `names` naming them in errors.
+    fn with_views<T: Real, R>(tensors: &[&Tensor], names: &[&str], f: impl FnOnce(&[View<T>]) -> R) -> Result<R> {
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut views = Vec::with_capacity(guards.len());
+        for ((storage, layout), name) in guards.iter().zip(names) {
+            let candle_core::Storage::Cpu(cpu) = &**storage else { candle_core::bail!("CPU attention: {name} is not on the CPU") };
+            views.push(View::new(cpu.as_slice::<T>()?, layout, name)?);
+        }
+        Ok(f(&views))
+    }
+
+    fn forward_storage<T: Real>(&self, (qs, ql): (&CpuStorage, &Layout), (ks, kl): (&CpuStorage, &Layout), (vs, vl): (&CpuStorage, &Layout)) -> Result<CpuStorage> {
+        let (q, k, v) = (View::new(qs.as_slice::<T>()?, ql, "q")?, View::new(ks.as_slice::<T>()?, kl, "k")?, View::new(vs.as_slice::<T>()?, vl, "v")?);
+        Ok(T::to_cpu_storage_owned(self.forward(&q, &k, &v)))
+    }
+
+    fn gradients<T: Real>(&self, tensors: [&Tensor; 5]) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = self.dims;
+        let names = ["q", "k", "v", "the output", "the output gradient"];
+        let (dq, dk, dv) = Self::with_views::<T, _>(&tensors, &names, |x| self.backward(&x[0], &x[1], &x[2], &x[3], &x[4]))?;
+        Ok((
+            Tensor::from_vec(dq, (d.b, d.h, d.t, d.dh), &Device::Cpu)?,
+            Tensor::from_vec(dk, (d.b, d.kvh, d.s, d.dh), &Device::Cpu)?,
+            Tensor::from_vec(dv, (d.b, d.kvh, d.s, d.dh), &Device::Cpu)?,
+        ))
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "cpu-causal-attention"
+    }
+
+    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims;
+        let out = match qs.dtype() {
+            DType::F32 => self.forward_storage::<f32>((qs, ql), (ks, kl), (vs, vl))?,
+            DType::F64 => self.forward_storage::<f64>((qs, ql), (ks, kl), (vs, vl))?,
+            dtype => candle_core::bail!("CPU attention: {dtype:?} unsupported (f32 or f64)"),
+        };
+        Ok((out, Shape::from((d.b, d.h, d.t, d.dh))))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, go: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let go = go.to_dtype(q.dtype())?;
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => self.gradients::<f32>([q, k, v, o, &go])?,
+            DType::F64 => self.gradients::<f64>([q, k, v, o, &go])?,
+            dtype => candle_core::bail!("CPU attention backward: {dtype:?} unsupported"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::attention::causal_attention_reference;
+    use crate::testing::{randn, rel_err};
+    use candle_core::Var;
+
+    /// Token-major `[B, T, heads, d_h]` data seen head-major (the mixer's view of its
+    /// projections: not contiguous).
+    fn heads(dims: (usize, usize, usize, usize), seed: u64, dtype: DType) -> anyhow::Result<Var> {
+        let (b, h, t, dh) = dims;
+        Ok(Var::from_tensor(&randn(&[b, t, h, dh], seed, dtype)?)?)
+    }
+
+    /// The fused op against the unfused reference on random inputs: outputs and all three
+    /// gradients, with grouped heads, an offset, a length that is not a whole number of blocks,
+    /// and head-major views that are not contiguous.
+    #[test]
+    fn matches_the_reference_forward_and_backward() -> anyhow::Result<()> {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            for (b, h, kvh, t, offset, dh) in [(2, 4, 2, 70, 0, 8), (1, 3, 3, 5, 4, 16), (2, 2, 1, 130, 3, 4)] {
+                let s = offset + t;
+                let q = heads((b, h, t, dh), 1, dtype)?;
+                let k = heads((b, kvh, s, dh), 2, dtype)?;
+                let v = heads((b, kvh, s, dh), 3, dtype)?;
+                let view = |x: &Var| x.as_tensor().transpose(1, 2);
+                let (qv, kv, vv) = (view(&q)?, view(&k)?, view(&v)?);
+                assert!(!qv.is_contiguous());
+                let w = randn(&[b, h, t, dh], 4, dtype)?;
+                let fused = causal_attention(&qv, &kv, &vv, offset)?;
+                let reference = causal_attention_reference(&qv, &kv, &vv, offset, None)?;
+                assert!(rel_err(&fused, &reference)? < tol, "{dtype:?} {:?}", (b, h, kvh, t, offset, dh));
+                let gf = (fused * &w)?.sum_all()?.backward()?;
+                let gr = (reference * &w)?.sum_all()?.backward()?;
+                for (x, name) in [(&q, "q"), (&k, "k"), (&v, "v")] {
+                    let (a, r) = (gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
+                    assert!(rel_err(a, r)? < tol, "{dtype:?} d{name} {:?}", (b, h, kvh, t, offset, dh));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Causality: changing the keys and values after position offset + t leaves query t's
+    /// output unchanged.
+    #[test]
+    fn later_keys_do_not_reach_earlier_queries() -> anyhow::Result<()> {
+        let (b, h, t, dh) = (1, 2, 9, 4);
+        let q = randn(&[b, h, t, dh], 1, DType::F64)?;
+        let k = randn(&[b, h, t, dh], 2, DType::F64)?;
+        let v = randn(&[b, h, t, dh], 3, DType::F64)?;
+        let before = causal_attention(&q, &k, &v, 0)?;
+        let later = |x: &Tensor, seed| -> anyhow::Result<Tensor> {
+            Ok(Tensor::cat(&[x.narrow(2, 0, 5)?, randn(&[b, h, t - 5, dh], seed, DType::F64)?], 2)?)
+        };
+        let after = causal_attention(&q, &later(&k, 7)?, &later(&v, 8)?, 0)?;
+        assert!(rel_err(&before.narrow(2, 0, 5)?, &after.narrow(2, 0, 5)?)? < 1e-15);
+        assert!(rel_err(&before.narrow(2, 5, 4)?, &after.narrow(2, 5, 4)?)? > 1e-3);
+        Ok(())
+    }
+}
