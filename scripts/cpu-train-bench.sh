@@ -25,17 +25,31 @@ shape() {  # name layers heads width batch
     --out "$tmp/ours-$name-$threads" > /dev/null 2>&1
   local ours
   ours=$(grep '"step"' "$tmp/ours-$name-$threads/metrics.jsonl" | tail -1 | $py -c "import json,sys; print(json.load(sys.stdin)['elapsed_s'])")
+  # on several cores also ours as that many single-threaded data-parallel workers (`--workers`):
+  # no hand-offs between threads inside a step, the gradients averaged between processes
+  local workers=0
+  if [ "$threads" -gt 1 ]; then
+    "$bin" --threads 1 train --model transformer --data "$data" --config "$root/configs/nanogpt-cpu.toml" \
+      --set model.depth="$layers" --set model.heads="$heads" --set model.width="$width" --set train.batch_size="$batch" \
+      --set train.steps="$steps" --set train.eval_every=$((steps * 10)) --set train.eval_batches=1 --workers "$threads" \
+      --out "$tmp/ours-$name-w$threads" > /dev/null 2>&1
+    workers=$(grep '"step"' "$tmp/ours-$name-w$threads/metrics.jsonl" | tail -1 | $py -c "import json,sys; print(json.load(sys.stdin)['elapsed_s'])")
+  fi
   local peer
   peer=$(OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads $py "$root/bench/peers/nanogpt_char.py" --device cpu --data "$data" \
     --iters "$steps" --eval-interval $((steps * 10)) --eval-iters 1 --n-layer "$layers" --n-head "$heads" --n-embd "$width" \
     --batch-size "$batch" | $py -c "import json,sys; r=json.load(sys.stdin); print(r['train_s'])")
-  $py - "$name" "$threads" "$steps" "$batch" "$ours" "$peer" <<'PY' | tee -a "$tmp/rows" >> "$out"
+  $py - "$name" "$threads" "$steps" "$batch" "$ours" "$peer" "$workers" <<'PY' | tee -a "$tmp/rows" >> "$out"
 import json, sys
-name, threads, steps, batch, ours, peer = sys.argv[1:]
+name, threads, steps, batch, ours, peer, workers = sys.argv[1:]
 tokens = int(steps) * int(batch) * 64
-print(json.dumps({"shape": name, "threads": int(threads), "steps": int(steps), "ours_s": float(ours), "peer_s": float(peer),
-                  "ours_tokens_per_s": tokens / float(ours), "peer_tokens_per_s": tokens / float(peer),
-                  "ours_over_peer": float(peer) / float(ours)}))
+row = {"shape": name, "threads": int(threads), "steps": int(steps), "ours_s": float(ours), "peer_s": float(peer),
+       "ours_tokens_per_s": tokens / float(ours), "peer_tokens_per_s": tokens / float(peer),
+       "ours_over_peer": float(peer) / float(ours)}
+if float(workers) > 0:
+    row.update({"ours_workers_s": float(workers), "ours_workers_tokens_per_s": tokens / float(workers),
+                "ours_workers_over_peer": float(peer) / float(workers)})
+print(json.dumps(row))
 PY
 }
 for threads in ${THREADS:-1 2}; do
@@ -44,8 +58,10 @@ for threads in ${THREADS:-1 2}; do
 done
 $py - "$tmp/rows" <<'PY'
 import json, sys
-print("| shape | threads | ours tokens/s | PyTorch tokens/s | ours / PyTorch |\n|---|---|---|---|---|")
+print("| shape | threads | ours tokens/s | PyTorch tokens/s | ours / PyTorch | ours as single-threaded workers | / PyTorch |\n|---|---|---|---|---|---|---|")
 for l in open(sys.argv[1]):
     r = json.loads(l)
-    print(f"| {r['shape']} | {r['threads']} | {r['ours_tokens_per_s']:.0f} | {r['peer_tokens_per_s']:.0f} | {r['ours_over_peer']:.2f} |")
+    w = r.get("ours_workers_tokens_per_s")
+    extra = f"{w:.0f} | {r['ours_workers_over_peer']:.2f}" if w else "- | -"
+    print(f"| {r['shape']} | {r['threads']} | {r['ours_tokens_per_s']:.0f} | {r['peer_tokens_per_s']:.0f} | {r['ours_over_peer']:.2f} | {extra} |")
 PY
