@@ -18,8 +18,9 @@ static ALLOC: altformers::bench::alloc::CountingAlloc = altformers::bench::alloc
 #[derive(Parser)]
 #[command(name = "altformers", version, about = "Train, run and compare the Transformer and its proposed replacements")]
 struct Cli {
-    /// CPU threads for tensor operations (default: RAYON_NUM_THREADS or every core). On a
-    /// busy machine 1 can be much faster: candle's workers spin while they wait.
+    /// CPU threads for tensor operations (default: RAYON_NUM_THREADS or every core): the
+    /// matrix products and the fused ops; candle's elementwise ops run on the calling thread
+    /// unless CANDLE_NUM_THREADS says otherwise.
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -818,7 +819,27 @@ fn main() {
     if let Some(n) = cli.threads.or(preset_threads) {
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
-    if let Err(e) = run(cli.command) {
+    // candle splits its elementwise ops over a pool of its own, whose threads spin for up to
+    // 25,000 iterations after each op; beside rayon's threads (the matrix products and our
+    // fused ops) that makes more busy threads than cores, and they take turns. With that pool
+    // off (its ops then run on the calling thread) a two-thread CPU training step on this
+    // project's 2-core VM is about 1.3x faster (bench/results/2026-12-03-cpu-train-speed/).
+    // CANDLE_NUM_THREADS set by the user still decides.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    // The program runs on thread 0 of a rayon pool of that size, so a fused op's parallel
+    // loop starts on the thread that calls it: with one thread it runs inline, with more the
+    // caller works beside the others. Called from outside any pool, every loop was handed to a
+    // pool thread and waited for (two futex wake-ups per op: on this project's 2-core VM, 13%
+    // of a one-thread CPU training step went to the kernel's wake-ups). Threads the program
+    // starts itself use rayon's global pool as before. The stack as large as a main thread's.
+    let pool = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build();
+    let result = match pool {
+        Ok(pool) => pool.install(|| run(cli.command)),
+        Err(e) => Err(anyhow::anyhow!("cannot start the thread pool: {e}")),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         // a data-parallel worker stopped by another's failure says so to the launcher
         let peer_lost = e.downcast_ref::<altformers::train::distributed::PeerLost>().is_some();
