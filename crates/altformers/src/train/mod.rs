@@ -112,7 +112,7 @@ fn estimate_shard_loss(
 /// Loss over a whole split (bytes, or token ids): consecutive windows of `context` tokens,
 /// every token after the first predicted once. `max_bytes` caps the work for huge splits
 /// (tokens, for token ids).
-pub fn evaluate_split<T: Copy + Into<u32>>(
+pub fn evaluate_split<T: Copy + Into<u32> + Sync>(
     model: &Model,
     split: &[T],
     batch: usize,
@@ -218,7 +218,7 @@ struct Splits<'a, T> {
 }
 
 /// The training loop over `splits`, writing the run folder `opts.out`.
-fn train_on<T: Copy + Into<u32>>(
+fn train_on<T: Copy + Into<u32> + Sync>(
     config: &RunConfig,
     corpus: &Corpus,
     data_format: DataFormat,
@@ -257,6 +257,13 @@ fn train_on<T: Copy + Into<u32>>(
         }
         trainer.sync = gradient_sync(g.clone(), &opts.device)?;
         trainer.shard = (g.rank, g.world);
+    }
+    // CPU training on several threads: slices of each batch side by side, one per thread
+    // (`Trainer::slices`), where the batch divides and the dropout masks can be sliced
+    let threads = rayon::current_num_threads();
+    let sliceable = m.dropout == 0.0 || model.per_example_dropout();
+    if group.is_none() && model.device().is_cpu() && threads > 1 && t.batch_size.is_multiple_of(threads) && sliceable {
+        trainer.slices = threads;
     }
     let verbose = opts.verbose && rank == 0;
     let (folder, mut state, mut history) = if opts.resume && rank > 0 {

@@ -45,7 +45,8 @@ pub struct Scored {
     pub logits: Tensor,
 }
 
-pub trait Task {
+/// `Sync`: a CPU step scores slices of its batch on several threads at once (`Trainer::slices`).
+pub trait Task: Sync {
     /// `size` examples drawn from `rng`, on `device`.
     fn batch(&self, size: usize, rng: &mut Rng, device: &Device) -> Result<Batch>;
 
@@ -97,7 +98,7 @@ pub struct ByteLm<'a, T = u8> {
     pub context: usize,
 }
 
-impl<T: Copy + Into<u32>> Task for ByteLm<'_, T> {
+impl<T: Copy + Into<u32> + Sync> Task for ByteLm<'_, T> {
     fn batch(&self, size: usize, rng: &mut Rng, device: &Device) -> Result<Batch> {
         let (inputs, targets) = random_batch(self.split, size, self.context, rng, device)?;
         Ok(Batch { inputs, targets, rows: None })
