@@ -71,6 +71,14 @@ impl Dims {
         self.h / self.kvh
     }
 
+    /// The blocks of key/value head `g`'s query heads: (head within the group, head, first
+    /// query, queries in the block).
+    fn blocks(&self, g: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        (0..self.group()).flat_map(move |hg| {
+            (0..self.t).step_by(BLOCK).map(move |t0| (hg, g * self.group() + hg, t0, BLOCK.min(self.t - t0)))
+        })
+    }
+
     /// Keys query `t` sees.
     fn visible(&self, t: usize, offset: usize) -> usize {
         (offset + t + 1).min(self.s)
@@ -152,15 +160,11 @@ impl FusedAttention {
         out.par_chunks_mut(d.group() * d.t * d.dh).enumerate().for_each(|(task, out)| {
             let (b, g) = (task / d.kvh, task % d.kvh);
             let mut p = vec![T::zero(); BLOCK * d.s];
-            for hg in 0..d.group() {
-                let h = g * d.group() + hg;
-                for t0 in (0..d.t).step_by(BLOCK) {
-                    let rows = BLOCK.min(d.t - t0);
-                    let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
-                    let o = &mut out[(hg * d.t + t0) * d.dh..];
-                    // SAFETY: p holds rows x n, v was checked, o holds rows x d_h.
-                    unsafe { product(o, d.dh, false, Mat::dense(&p, n), v.rows(b, g, 0), (rows, d.dh, n), T::one(), 1) };
-                }
+            for (hg, h, t0, rows) in d.blocks(g) {
+                let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
+                let o = &mut out[(hg * d.t + t0) * d.dh..];
+                // SAFETY: p holds rows x n, v was checked, o holds rows x d_h.
+                unsafe { product(o, d.dh, false, Mat::dense(&p, n), v.rows(b, g, 0), (rows, d.dh, n), T::one(), 1) };
             }
         });
         out
@@ -183,31 +187,27 @@ impl FusedAttention {
                 let (b, g) = (task / d.kvh, task % d.kvh);
                 let mut p = vec![T::zero(); BLOCK * d.s];
                 let mut dp = vec![T::zero(); BLOCK * d.s];
-                for hg in 0..d.group() {
-                    let h = g * d.group() + hg;
-                    for t0 in (0..d.t).step_by(BLOCK) {
-                        let rows = BLOCK.min(d.t - t0);
-                        let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
-                        let go_blk = go.rows(b, h, t0);
-                        // SAFETY (all four products): views checked, buffers sized rows x n,
-                        // dk and dv hold S x d_h, dq's chunk rows x d_h from its start.
-                        unsafe {
-                            product(dv, d.dh, true, Mat::dense(&p, n).t(), go_blk, (n, d.dh, rows), T::one(), 1);
-                            product(&mut dp, n, false, go_blk, v.rows(b, g, 0).t(), (rows, n, d.dh), T::one(), 1);
+                for (hg, h, t0, rows) in d.blocks(g) {
+                    let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
+                    let go_blk = go.rows(b, h, t0);
+                    // SAFETY (all four products): views checked, buffers sized rows x n,
+                    // dk and dv hold S x d_h, dq's chunk rows x d_h from its start.
+                    unsafe {
+                        product(dv, d.dh, true, Mat::dense(&p, n).t(), go_blk, (n, d.dh, rows), T::one(), 1);
+                        product(&mut dp, n, false, go_blk, v.rows(b, g, 0).t(), (rows, n, d.dh), T::one(), 1);
+                    }
+                    for i in 0..rows {
+                        let dot = (0..d.dh).fold(T::zero(), |acc, j| acc + go.at(b, h, t0 + i, j) * o.at(b, h, t0 + i, j));
+                        let seen = d.visible(t0 + i, self.offset);
+                        for (ds, &pr) in dp[i * n..i * n + seen].iter_mut().zip(&p[i * n..i * n + seen]) {
+                            *ds = pr * (*ds - dot);
                         }
-                        for i in 0..rows {
-                            let dot = (0..d.dh).fold(T::zero(), |acc, j| acc + go.at(b, h, t0 + i, j) * o.at(b, h, t0 + i, j));
-                            let seen = d.visible(t0 + i, self.offset);
-                            for (ds, &pr) in dp[i * n..i * n + seen].iter_mut().zip(&p[i * n..i * n + seen]) {
-                                *ds = pr * (*ds - dot);
-                            }
-                            dp[i * n + seen..(i + 1) * n].fill(T::zero());
-                        }
-                        let dq_blk = &mut dq[(hg * d.t + t0) * d.dh..];
-                        unsafe {
-                            product(dq_blk, d.dh, false, Mat::dense(&dp, n), k.rows(b, g, 0), (rows, d.dh, n), scale, 1);
-                            product(dk, d.dh, true, Mat::dense(&dp, n).t(), q.rows(b, h, t0), (n, d.dh, rows), scale, 1);
-                        }
+                        dp[i * n + seen..(i + 1) * n].fill(T::zero());
+                    }
+                    let dq_blk = &mut dq[(hg * d.t + t0) * d.dh..];
+                    unsafe {
+                        product(dq_blk, d.dh, false, Mat::dense(&dp, n), k.rows(b, g, 0), (rows, d.dh, n), scale, 1);
+                        product(dk, d.dh, true, Mat::dense(&dp, n).t(), q.rows(b, h, t0), (n, d.dh, rows), scale, 1);
                     }
                 }
             });
