@@ -8,7 +8,8 @@ FINAL="${OUT:-gpu-out}"
 OUT="/tmp/gpu-results-$$"
 mkdir -p "$OUT" "$FINAL"
 what="${1:-all}"
-tag=""
+# TAG names this invocation's archive (several invocations in one call keep their results apart)
+tag="${TAG:-}"
 # The device tool brings back at most 8 files: everything is packed into one, also when a
 # `timeout` around this script stops it (what was measured until then comes back).
 pack() { tar -czf "$FINAL/results-$what${tag:+-$tag}.tgz" -C "$OUT" .; }
@@ -278,7 +279,8 @@ if [ "$what" = trainspeed ]; then
   # and GPU time from its profiler.
   #   gpu-bench.sh trainspeed [steps]     (SIZES="baby gpt2-small", NCU_SIZES="baby", MODELS=""; NCU=0 skips the profile,
   #                                         TIMING=0 the timing, PEER_PROFILE=0 PyTorch's profile,
-  #                                         NCU_STEPS="3 8" the two profiled run lengths, FLA_PEER=0 no fla RetNet)
+  #                                         NCU_STEPS="3 8" the two profiled run lengths, FLA_PEER=0 no fla RetNet,
+  #                                         PEER=0 ours alone, e.g. an A/B under ALTFORMERS_* switches with TAG=...)
   steps="${2:-200}"; rm -rf /tmp/ts-*
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   $alt --version > "$OUT/ours-version.txt"
@@ -293,7 +295,7 @@ if [ "$what" = trainspeed ]; then
       --out /tmp/ts-$size > /dev/null 2>> "$OUT/ours.err"
     echo "{\"size\":\"$size\",\"metrics\":[$(paste -sd, /tmp/ts-$size/metrics.jsonl)]}" >> "$OUT/ours.jsonl"
   done
-  [ "${TIMING:-1}" = 1 ] && (cd bench/peers && timeout 400 python3 gpt_train.py --data ../../data/tinyshakespeare.txt \
+  [ "${TIMING:-1}" = 1 ] && [ "${PEER:-1}" = 1 ] && (cd bench/peers && timeout 400 python3 gpt_train.py --data ../../data/tinyshakespeare.txt \
     --sizes "$(echo ${SIZES:-baby gpt2-small} | tr ' ' ,)" --steps 100) > "$OUT/peer.jsonl" 2> "$OUT/peer.err"
   # The other models at the baby size (MODELS="rwkv4 retnet hyena longnet aft-simple", ours
   # only, no dropout), and RetNet against flash-linear-attention's RetNet model (its wheel in

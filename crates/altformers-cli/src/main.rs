@@ -333,10 +333,13 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// MQAR and ListOps runs trained at once; on a GPU each worker has its own CUDA stream,
-        /// so small models share the GPU instead of waiting on each other's launches.
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
+        /// Language-model, MQAR and ListOps runs trained at once (results do not depend on it).
+        /// On a GPU each worker has its own CUDA stream, so small models share the GPU instead
+        /// of waiting on each other's launches (default 1); on the CPU each has its own threads
+        /// (default: as many workers as the cores hold at the preset's threads each). The timed
+        /// parts (scaling, decoding) always run alone.
+        #[arg(long)]
+        jobs: Option<usize>,
     },
 }
 

@@ -82,7 +82,24 @@ pub unsafe fn product<T: Real>(
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // gemm's convention: dst = alpha dst + beta a b (alpha read only with read_dst)
     gemm::gemm(
-        m, n, k, dst.as_mut_ptr(), 1, dst_rs as isize, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, T::one(), scale,
-        false, false, false, parallelism,
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        T::one(),
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
     )
 }

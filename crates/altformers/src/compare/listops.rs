@@ -72,20 +72,16 @@ pub fn run(part: &ListOpsPart, models: &[&Architecture], out: &Path, device: &De
     let target = counted_params(reference, &reference_cfg.model, part.reference_width, Counted::WidthBound)
         .context("the reference Transformer does not build")?;
     let dtype = crate::device::parse_dtype(&part.dtype).context("[listops] dtype")?;
-    let rows = std::sync::Mutex::new(vec![None; models.len()]);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let worker = |dev: Device| -> Result<()> {
-        loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let Some(arch) = models.get(i) else { return Ok(()) };
-            let row = train_one(part, arch, target, out, &dev, dtype, jobs == 1)?;
-            let mut rows = rows.lock().map_err(|_| anyhow::anyhow!("ListOps results lock poisoned"))?;
-            rows[i] = Some(row);
-            let finished: Vec<&ListOpsRow> = rows.iter().flatten().collect();
-            write_lines(&out.join("listops.jsonl"), models, &finished)?;
-        }
-    };
-    super::on_workers(jobs.min(models.len().max(1)), device, worker)
+    let todo: Vec<usize> = (0..models.len()).collect();
+    super::run_queue(
+        &todo,
+        vec![None; models.len()],
+        jobs,
+        device,
+        |i, dev| train_one(part, models[i], target, out, dev, dtype, jobs == 1),
+        |finished| write_lines(&out.join("listops.jsonl"), models, finished),
+    )?;
+    Ok(())
 }
 
 /// One model's ListOps run at the reference's parameter count `target`.

@@ -103,14 +103,16 @@ pub const PARTS: [&str; 6] = ["lm", "mqar", "listops", "scaling", "decode", "per
 pub struct Selection {
     pub parts: Vec<String>,
     pub models: Vec<String>,
-    /// MQAR runs trained at once (each on its own CUDA stream, see
-    /// [`crate::device::with_own_stream`]); results do not depend on it.
-    pub jobs: usize,
+    /// Runs trained at once in the language-model, MQAR and ListOps parts ([`run_queue`]);
+    /// results do not depend on it. `None`: [`Selection::workers`]'s default.
+    pub jobs: Option<usize>,
 }
 
 impl Selection {
     fn check(&self) -> Result<()> {
-        anyhow::ensure!(self.jobs >= 1, "--jobs must be at least 1 (got {})", self.jobs);
+        if self.jobs == Some(0) {
+            bail!("--jobs must be at least 1 (got 0)");
+        }
         if let Some(p) = self.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
             bail!("unknown part `{p}`: choose from {}", PARTS.join(", "));
         }
@@ -128,6 +130,20 @@ impl Selection {
             .iter()
             .filter(|a| (a.causal || encoders) && (self.models.is_empty() || self.models.iter().any(|m| m == a.name)))
             .collect()
+    }
+
+    /// The training parts' workers: `jobs`, or by default one on a GPU (more only where asked:
+    /// they share its streams) and on the CPU as many as the cores hold at the pool's threads
+    /// each (the quick preset's one thread: a worker per core, where one run at a time left
+    /// the other core idle).
+    fn workers(&self, device: &Device) -> usize {
+        self.jobs.unwrap_or_else(|| match device {
+            Device::Cpu => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (cores / rayon::current_num_threads()).max(1)
+            }
+            _ => 1,
+        })
     }
 
     fn runs(&self, part: &str) -> bool {
@@ -284,17 +300,16 @@ pub fn run(
     {
         eprintln!("note: encoders ({}) take part in ListOps and scaling only", encoders.join(", "));
     }
+    let jobs = select.workers(device);
     let mut quality = Vec::new();
     if select.runs("lm") {
-        quality = run_lm(&preset.lm, &causal, data, format, out, device)?;
+        quality = run_lm(&preset.lm, &causal, data, format, out, device, jobs)?;
     }
     if select.runs("mqar") {
-        run_mqar(&preset.mqar, &causal, out, device, select.jobs)?;
+        run_mqar(&preset.mqar, &causal, out, device, jobs)?;
     }
     match &preset.listops {
-        Some(part) if select.runs("listops") => {
-            listops::run(part, &select.architectures(true), out, device, select.jobs)?
-        }
+        Some(part) if select.runs("listops") => listops::run(part, &select.architectures(true), out, device, jobs)?,
         None if select.parts.iter().any(|p| p == "listops") => {
             bail!("preset {preset_name} has no [listops] section: nothing to run for --parts listops")
         }
@@ -370,22 +385,30 @@ fn run_lm(
     format: DataFormat,
     out: &Path,
     device: &Device,
+    jobs: usize,
 ) -> Result<Vec<QualityRow>> {
     let corpus = Corpus::load(data, format)?;
     let reference = registry::find("transformer")?;
     let target = param_count(reference, &lm.config(reference)?.model, lm.reference_width)
         .context("the reference Transformer does not build")?;
-    let mut rows = Vec::new();
-    for arch in models {
-        rows.push(train_lm(arch, lm, target, &corpus, format, out, device, None)?);
-        if arch.name == reference.name {
-            for &seed in &lm.reference_seeds {
-                rows.push(train_lm(arch, lm, target, &corpus, format, out, device, Some(seed))?);
-            }
-        }
-        write_lines(&out.join("quality.jsonl"), models, &rows)?;
-    }
-    Ok(rows)
+    // every model at the preset's seed, the reference again at each of its extra seeds
+    let runs: Vec<(&Architecture, Option<u64>)> = models
+        .iter()
+        .flat_map(|&arch| {
+            let extra = if arch.name == reference.name { lm.reference_seeds.as_slice() } else { &[] };
+            std::iter::once((arch, None)).chain(extra.iter().map(move |&s| (arch, Some(s))))
+        })
+        .collect();
+    let todo: Vec<usize> = (0..runs.len()).collect();
+    let rows = run_queue(
+        &todo,
+        vec![None; runs.len()],
+        jobs,
+        device,
+        |i, dev| train_lm(runs[i].0, lm, target, &corpus, format, out, dev, runs[i].1, jobs == 1),
+        |finished| write_lines(&out.join("quality.jsonl"), models, finished),
+    )?;
+    Ok(rows.into_iter().flatten().collect())
 }
 
 /// Trains `arch` with `lm`'s settings, sized to `target` parameters ([`match_params`]), into
@@ -401,6 +424,7 @@ fn train_lm(
     out: &Path,
     device: &Device,
     seed: Option<u64>,
+    verbose: bool,
 ) -> Result<QualityRow> {
     let mut cfg = lm.config(arch)?;
     let params;
@@ -416,7 +440,7 @@ fn train_lm(
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)?;
     }
-    let opts = TrainOptions::fresh(run_dir, device, true);
+    let opts = TrainOptions::fresh(run_dir, device, verbose);
     let summary = train(&cfg, corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
     Ok(QualityRow {
         model: arch.name.to_string(),
@@ -449,30 +473,24 @@ fn run_mqar(s: &MqarSettings, models: &[&Architecture], out: &Path, device: &Dev
     // Narrow models and short tasks first: a grid cut short still covers every model.
     let mut todo: Vec<usize> = (0..grid.len()).filter(|&i| recall[i].is_none()).collect();
     todo.sort_by_key(|&i| (grid[i].2, grid[i].1.seq_len, i % s.lrs.len().max(1), i));
-    let recall = std::sync::Mutex::new(recall);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    // Workers take the next untrained run; every finished run is written at once, in
-    // grid order, so an interrupted grid resumes where it stopped.
-    let worker = |dev: Device| -> Result<()> {
-        loop {
-            let Some(&i) = todo.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) else {
-                return Ok(());
-            };
+    // every finished run is written at once, so an interrupted grid resumes where it stopped
+    let rows = run_queue(
+        &todo,
+        recall,
+        jobs,
+        device,
+        |i, dev| {
             let (name, task, width, lr) = &grid[i];
-            let r = mqar::train_and_score(name, task, *width, s, *lr, &dev, 17)
+            let r = mqar::train_and_score(name, task, *width, s, *lr, dev, 17)
                 .with_context(|| format!("MQAR for {name}"))?;
             eprintln!(
                 "mqar {name} T={} pairs={} width={width} lr={lr}: accuracy {:.3}",
                 task.seq_len, task.pairs, r.accuracy
             );
-            let mut rows = recall.lock().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
-            rows[i] = Some(r);
-            let finished: Vec<&MqarResult> = rows.iter().flatten().collect();
-            write_lines(&path, models, &finished)?;
-        }
-    };
-    on_workers(jobs.min(todo.len().max(1)), device, worker)?;
-    let rows = recall.into_inner().map_err(|_| anyhow::anyhow!("MQAR results lock poisoned"))?;
+            Ok(r)
+        },
+        |finished| write_lines(&path, models, finished),
+    )?;
     let finished: Vec<&MqarResult> = rows.iter().flatten().collect();
     write_lines(&path, models, &finished)
 }
@@ -524,20 +542,55 @@ fn kept_rows(grid: &[GridPoint], s: &MqarSettings, out: &Path) -> Result<Vec<Opt
     Ok(recall)
 }
 
-/// Runs `worker` on `jobs` threads at once, each given a device of its own CUDA stream on
-/// `device` ([`crate::device::with_own_stream`]); one job runs on this thread, on `device`.
-pub(crate) fn on_workers(jobs: usize, device: &Device, worker: impl Fn(Device) -> Result<()> + Sync) -> Result<()> {
-    if jobs == 1 {
-        return worker(device.clone());
-    }
-    let devices = (0..jobs).map(|_| crate::device::with_own_stream(device)).collect::<Result<Vec<_>>>()?;
-    std::thread::scope(|s| -> Result<()> {
-        let handles: Vec<_> = devices.into_iter().map(|d| s.spawn(|| worker(d))).collect();
-        for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("a comparison worker panicked"))??;
+/// Fills `slots[i]` with `run(i, device)` for every `i` of `todo`, `jobs` runs at once (workers
+/// take the next of `todo` as they finish), and after each run hands `written` the filled slots
+/// in slot order (so a part cut short keeps what finished). Each worker has a device of its own
+/// CUDA stream on a GPU ([`crate::device::with_own_stream`]) and a thread pool of its own, of
+/// the caller's size: on the CPU its ops' parallel loops then run on its threads, not queued
+/// behind the other workers' on a shared pool. One job runs on this thread, on `device`.
+pub(crate) fn run_queue<R: Send>(
+    todo: &[usize],
+    slots: Vec<Option<R>>,
+    jobs: usize,
+    device: &Device,
+    run: impl Fn(usize, &Device) -> Result<R> + Sync,
+    written: impl Fn(&[&R]) -> Result<()> + Sync,
+) -> Result<Vec<Option<R>>> {
+    let slots = std::sync::Mutex::new(slots);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let worker = |dev: Device| -> Result<()> {
+        while let Some(&i) = todo.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) {
+            let r = run(i, &dev)?;
+            let mut rows = slots.lock().map_err(|_| anyhow::anyhow!("a comparison worker panicked"))?;
+            rows[i] = Some(r);
+            written(&rows.iter().flatten().collect::<Vec<_>>())?;
         }
         Ok(())
-    })
+    };
+    let jobs = jobs.min(todo.len()).max(1);
+    if jobs == 1 {
+        worker(device.clone())?;
+    } else {
+        let devices = (0..jobs).map(|_| crate::device::with_own_stream(device)).collect::<Result<Vec<_>>>()?;
+        let threads = rayon::current_num_threads();
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = devices
+                .into_iter()
+                .map(|d| {
+                    let worker = &worker;
+                    s.spawn(move || -> Result<()> {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(8 << 20).build()?;
+                        pool.install(|| worker(d))
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().map_err(|_| anyhow::anyhow!("a comparison worker panicked"))??;
+            }
+            Ok(())
+        })?;
+    }
+    slots.into_inner().map_err(|_| anyhow::anyhow!("a comparison worker panicked"))
 }
 
 /// Time and memory of one layer of every model of `models` against sequence length, forward
@@ -643,7 +696,7 @@ mod tests {
     fn mqar_rerun_keeps_finished_rows() -> Result<()> {
         let settings = mqar::MqarSettings::default();
         let (dir, mut p, file) = tiny_preset("mqar-rerun", settings)?;
-        let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: 1 };
+        let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: Some(1) };
         let preset_arg = file.to_str().unwrap();
         run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let first = mqar_rows(&dir)?;
@@ -685,7 +738,8 @@ mod tests {
         (opts.head_dim, opts.heads, opts.length, opts.draws) = (8, 1, 12, 2);
         (opts.input_stds, opts.features) = (vec![0.5], vec![8, 64]);
         std::fs::write(&file, toml::to_string(&p)?)?;
-        let select = Selection { parts: vec!["performer-error".into()], models: vec!["performer".into()], jobs: 1 };
+        let select =
+            Selection { parts: vec!["performer-error".into()], models: vec!["performer".into()], jobs: Some(1) };
         run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let rows: Vec<crate::bench::performer_error::PerformerErrorRow> =
             read_lines(&dir.join("performer-error.jsonl"))?.unwrap();
@@ -721,7 +775,7 @@ mod tests {
         (part.task.train_examples, part.task.eval_examples) = (8, 4);
         std::fs::write(&file, toml::to_string(&p)?)?;
         let models = vec!["transformer".to_string(), "transformer-encoder".to_string()];
-        let select = Selection { parts: vec!["listops".into()], models, jobs: 1 };
+        let select = Selection { parts: vec!["listops".into()], models, jobs: Some(1) };
         run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let rows: Vec<crate::results::ListOpsRow> = read_lines(&dir.join("listops.jsonl"))?.unwrap();
         let read: Vec<(&str, &str)> = rows.iter().map(|r| (r.model.as_str(), r.readout.as_str())).collect();
@@ -741,21 +795,45 @@ mod tests {
         Ok(())
     }
 
-    /// Several workers train the same grid to the same rows, written in grid order.
+    /// Several workers train the same runs to the same rows, written in the parts' order:
+    /// language models (the reference at its extra seeds too), the recall grid and ListOps.
     #[test]
-    fn mqar_workers_match_one() -> Result<()> {
+    fn workers_train_what_one_trains() -> Result<()> {
         let settings =
             mqar::MqarSettings { widths: vec![8, 16], steps: 3, lrs: vec![1e-3, 3e-3], ..Default::default() };
-        let (base, _, file) = tiny_preset("mqar-jobs", settings)?;
+        let (base, mut p, file) = tiny_preset("compare-jobs", settings)?;
+        let short = |t: &mut toml::Table| {
+            for (key, value) in [("steps", 4), ("decay_steps", 4), ("warmup_steps", 1), ("eval_every", 2)] {
+                t.insert(key.into(), toml::Value::Integer(value));
+            }
+        };
+        short(&mut p.lm.train);
+        p.lm.train.insert("eval_batches".into(), toml::Value::Integer(1));
+        let listops = p.listops.as_mut().expect("the quick preset has [listops]");
+        short(&mut listops.train);
+        (listops.task.train_examples, listops.task.eval_examples) = (64, 16);
+        std::fs::write(&file, toml::to_string(&p)?)?;
         let mut results = Vec::new();
         for jobs in [1, 3] {
             let dir = base.join(format!("jobs-{jobs}"));
-            let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs };
+            let parts = ["lm", "mqar", "listops"].map(String::from).to_vec();
+            let models = ["transformer", "aft-simple"].map(String::from).to_vec();
+            let select = Selection { parts, models, jobs: Some(jobs) };
             run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
-            let rows = mqar_rows(&dir)?;
-            results.push(rows.iter().map(|r| (r.width, r.lr, r.final_loss, r.accuracy)).collect::<Vec<_>>());
+            let lm: Vec<QualityRow> = read_lines(&dir.join("quality.jsonl"))?.unwrap();
+            let listops: Vec<crate::results::ListOpsRow> = read_lines(&dir.join("listops.jsonl"))?.unwrap();
+            results.push((
+                lm.iter().map(|r| (r.model.clone(), r.seed, r.val_loss)).collect::<Vec<_>>(),
+                mqar_rows(&dir)?
+                    .iter()
+                    .map(|r| (r.model.clone(), r.width, r.lr, r.final_loss, r.accuracy))
+                    .collect::<Vec<_>>(),
+                listops.iter().map(|r| (r.model.clone(), r.train_loss, r.test_accuracy)).collect::<Vec<_>>(),
+            ));
         }
-        assert_eq!(results[0].len(), 4);
+        let (lm, recall, listops) = &results[0];
+        assert_eq!((lm.len(), recall.len(), listops.len()), (4, 8, 2), "rows: {:?}", results[0]);
+        assert_eq!(lm[1].1, Some(2), "the reference's extra seeds follow it: {lm:?}");
         assert_eq!(results[0], results[1], "three workers trained other models than one");
         std::fs::remove_dir_all(&base)?;
         Ok(())

@@ -20,7 +20,12 @@ use crate::cpu::{product, Mat, Real};
 pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
     let dtype_ok = matches!(x.dtype(), DType::F32 | DType::F64) && weight.dtype() == x.dtype();
     let shape_ok = weight.rank() == 2 && x.rank() >= 1 && x.dims().last() == weight.dims().get(1);
-    x.device().is_cpu() && dtype_ok && shape_ok && x.elem_count() > 0 && weight.elem_count() > 0 && crate::kernels::enabled("linear")
+    x.device().is_cpu()
+        && dtype_ok
+        && shape_ok
+        && x.elem_count() > 0
+        && weight.elem_count() > 0
+        && crate::kernels::enabled("linear")
 }
 
 /// `x W^T`: `x: [..., in]`, `weight: [out, in]` (any strides) -> `[..., out]`, contiguous.
@@ -53,7 +58,9 @@ fn matrix<T>(data: &[T], layout: &Layout, what: &str) -> Result<Mat<T>> {
 
 /// `x` as contiguous rows `[m, in]` over its data.
 fn rows<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<(Mat<T>, usize, usize)> {
-    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("CPU linear: {what} must be contiguous") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("CPU linear: {what} must be contiguous")
+    };
     let (m, k) = rows_of(layout);
     Ok((Mat::dense(&data[start..end], k), m, k))
 }

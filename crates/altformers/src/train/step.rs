@@ -105,7 +105,13 @@ impl Deferred {
 
 /// `batch`'s mean loss and the gradients of what the step minimises (with L2Wrap's term
 /// where `l2wrap`).
-fn loss_and_gradients(model: &Model, task: &dyn Task, batch: &Batch, dropout: &mut Rng, l2wrap: bool) -> Result<(Tensor, GradStore)> {
+fn loss_and_gradients(
+    model: &Model,
+    task: &dyn Task,
+    batch: &Batch,
+    dropout: &mut Rng,
+    l2wrap: bool,
+) -> Result<(Tensor, GradStore)> {
     let scored = task.scored(model, batch, Some(dropout))?;
     let loss = scored.loss;
     let grads = if l2wrap {
@@ -286,7 +292,14 @@ mod tests {
         use crate::train::task::ByteLm;
         let bytes: Vec<u8> = (0..600u32).map(|i| (i * 37 % 251) as u8).collect();
         for arch in ["transformer", "rwkv4", "hyena", "retnet"] {
-            let sets = ["model.width=16", "model.depth=2", "model.heads=2", "model.context=12", "model.dropout=0.1", "train.batch_size=4"];
+            let sets = [
+                "model.width=16",
+                "model.depth=2",
+                "model.heads=2",
+                "model.context=12",
+                "model.dropout=0.1",
+                "train.batch_size=4",
+            ];
             let cfg = crate::registry::config(arch, &crate::config::Overrides::sets(&sets))?;
             let task = ByteLm { split: &bytes, context: cfg.model.context };
             let weights = |slices: usize| -> Result<Vec<Vec<f64>>> {
@@ -296,10 +309,16 @@ mod tests {
                 for step in 0..3 {
                     trainer.step(&model, &task, step)?;
                 }
-                model.params.vars().iter().map(|(_, p)| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f64>()?)).collect()
+                model
+                    .params
+                    .vars()
+                    .iter()
+                    .map(|(_, p)| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f64>()?))
+                    .collect()
             };
             let (whole, sliced) = (weights(1)?, weights(2)?);
-            let worst = whole.iter().flatten().zip(sliced.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let worst =
+                whole.iter().flatten().zip(sliced.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
             assert!(worst < 1e-10, "{arch}: sliced weights differ by {worst}");
             // the sliced path ran: its sums, in another order, leave some last bits different
             assert!(whole != sliced, "{arch}: two slices gave the unsliced step's bits exactly");

@@ -1,7 +1,7 @@
 //! The fused flash-attention kernel (forward and backward) against the reference tensor
 //! expression computed in f32 on the CPU from the same bf16-rounded inputs. Needs a CUDA GPU
 //! (sm_90); built and packed by scripts/gpu-package.sh.
-use altformers::ops::attention::cuda::{self as flash_attention, ForwardKernel};
+use altformers::ops::attention::cuda::{self as flash_attention, AttentionKernel, Direction, Kernels};
 use altformers::ops::attention::{causal_attention_reference, causal_attention_with_dropout};
 use altformers::ops::dropout::draw;
 use altformers::rng::Rng;
@@ -60,14 +60,14 @@ fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
 /// Fused forward and gradients on the GPU vs the f32 CPU reference, for `q: [B, H, T, dh]`,
 /// `k, v: [B, KVH, offset + T, dh]`.
 fn check(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize) {
-    check_with(b, h, kvh, t, offset, dh, ForwardKernel::MmaSync, 0.0)
+    check_with(b, h, kvh, t, offset, dh, Kernels::both(AttentionKernel::MmaSync), 0.0)
 }
 
-/// [`check`] with the forward kernel named and dropout `p` on the probabilities (the reference
-/// and the kernel drawing their mask from the same seed).
+/// [`check`] with the kernels named and dropout `p` on the probabilities (the reference and the
+/// kernel drawing their mask from the same seed).
 #[allow(clippy::too_many_arguments)]
-fn check_with(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize, forward: ForwardKernel, p: f64) {
-    let case = format!("B {b} H {h} KVH {kvh} T {t} offset {offset} dh {dh} forward {forward:?} dropout {p}");
+fn check_with(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize, kernels: Kernels, p: f64) {
+    let case = format!("B {b} H {h} KVH {kvh} T {t} offset {offset} dh {dh} {kernels:?} dropout {p}");
     let s = offset + t;
     let seed = (b * 1_000_003 + h * 10_007 + kvh * 1009 + t * 101 + offset * 7 + dh) as u64;
     let q = random_bf16((b, h, t, dh), seed);
@@ -86,7 +86,7 @@ fn check_with(b: usize, h: usize, kvh: usize, t: usize, offset: usize, dh: usize
     assert!(flash_attention::supports(&qg, &kg, &vg), "{case}: fused kernel should apply");
     poison_allocator(&dev);
     let dropout = draw(p, &mut Rng::new(seed)).unwrap();
-    let out = flash_attention::causal_attention_with(&qg, &kg, &vg, offset, forward, dropout, 0).unwrap();
+    let out = flash_attention::causal_attention_with(&qg, &kg, &vg, offset, kernels, dropout, 0).unwrap();
     assert_close(&format!("{case}: output"), &out, &out_ref);
     let grad_gpu = grad.to_device(&dev).unwrap().to_dtype(DType::F32).unwrap();
     poison_allocator(&dev);
@@ -120,32 +120,47 @@ fn matches_reference_long_sequences() {
     check(2, 4, 1, 2048, 0, 64);
 }
 
-#[test]
-fn wgmma_forward_matches_reference() {
+/// The wgmma kernels at head width `dh` (the forward at 64 and 128, the backward at 64; asked
+/// for where there is none, `mma.sync` runs) against the reference: grouped heads, ragged
+/// lengths (one key block, a block and a bit, many), offsets.
+fn check_wgmma(dh: usize) {
+    let wgmma = Kernels::both(AttentionKernel::Wgmma);
     for kvh in [4, 2, 1] {
         for t in [1, 17, 128, 130, 1000] {
-            check_with(2, 4, kvh, t, 0, 128, ForwardKernel::Wgmma, 0.0);
+            check_with(2, 4, kvh, t, 0, dh, wgmma, 0.0);
         }
     }
-    check_with(2, 4, 2, 2048, 0, 128, ForwardKernel::Wgmma, 0.0);
-    check_with(2, 4, 2, 17, 100, 128, ForwardKernel::Wgmma, 0.0);
-    check_with(2, 4, 1, 1, 299, 128, ForwardKernel::Wgmma, 0.0);
-    check_with(2, 4, 4, 130, 70, 128, ForwardKernel::Wgmma, 0.0);
+    check_with(2, 4, 2, 2048, 0, dh, wgmma, 0.0);
+    check_with(2, 4, 2, 17, 100, dh, wgmma, 0.0);
+    check_with(2, 4, 1, 1, 299, dh, wgmma, 0.0);
+    check_with(2, 4, 4, 130, 70, dh, wgmma, 0.0);
+    check_with(2, 4, 4, 200, 60, dh, wgmma, 0.0);
+}
+
+#[test]
+fn wgmma_matches_reference_width_128() {
+    check_wgmma(128);
+}
+
+#[test]
+fn wgmma_matches_reference_width_64() {
+    check_wgmma(64);
 }
 
 /// Dropout on the probabilities inside the kernels draws the unfused path's mask: forward and
-/// gradients match the reference given the same seed (asking for wgmma falls back to the
-/// `mma.sync` forward, which has dropout), at both widths, grouped heads, ragged lengths and
-/// an offset.
+/// gradients match the reference given the same seed (the wgmma forward has no dropout: the
+/// `mma.sync` forward runs; the wgmma backward has it), at both widths, grouped heads, ragged
+/// lengths and an offset.
 #[test]
 fn dropout_matches_reference() {
     for dh in [64, 128] {
         for kvh in [4, 1] {
             for t in [17, 130, 1000] {
-                check_with(2, 4, kvh, t, 0, dh, ForwardKernel::Auto, 0.2);
+                check_with(2, 4, kvh, t, 0, dh, Kernels::both(AttentionKernel::Auto), 0.2);
             }
         }
-        check_with(2, 4, 2, 17, 100, dh, ForwardKernel::MmaSync, 0.5);
+        check_with(2, 4, 2, 17, 100, dh, Kernels::both(AttentionKernel::MmaSync), 0.5);
+        check_with(2, 4, 2, 17, 100, dh, Kernels::both(AttentionKernel::Wgmma), 0.5);
     }
 }
 
@@ -180,46 +195,55 @@ fn mixer_entry_point_dispatches_to_fused() {
 
 /// The attention mixer's operands are views of one token-major projection (rows 3 H d_h
 /// apart): the kernels read them in place and give what they give on contiguous copies,
-/// forward and gradients, both forward kernels.
+/// forward and gradients, every kernel.
 #[test]
 fn views_of_a_projection_are_read_in_place() {
     let dev = Device::new_cuda(0).unwrap();
-    for (dh, forward) in [(64, ForwardKernel::MmaSync), (128, ForwardKernel::Wgmma), (128, ForwardKernel::MmaSync)] {
-        let (b, t, h) = (2, 130, 4);
-        let qkv = Var::from_tensor(
-            &random_bf16((b, t, 3, h * dh), 21).reshape((b, t, 3 * h * dh)).unwrap().to_device(&dev).unwrap(),
-        )
-        .unwrap();
-        let heads = |x: &Tensor, i: usize| {
-            x.narrow(2, i * h * dh, h * dh).unwrap().reshape((b, t, h, dh)).unwrap().transpose(1, 2).unwrap()
-        };
-        let grad = random_bf16((b, h, t, dh), 22).to_device(&dev).unwrap().to_dtype(DType::F32).unwrap();
-        let run = |copy: bool| {
-            let x = qkv.as_tensor();
-            let [q, k, v] = [0, 1, 2].map(|i| if copy { heads(x, i).contiguous().unwrap() } else { heads(x, i) });
-            let out = flash_attention::causal_attention_with(&q, &k, &v, 0, forward, None, 0).unwrap();
-            let grads = (out.to_dtype(DType::F32).unwrap() * &grad).unwrap().sum_all().unwrap().backward().unwrap();
-            let dx = grads.get(x).unwrap().to_dtype(DType::F32).unwrap();
-            (out.to_dtype(DType::F32).unwrap(), dx)
-        };
-        let ((out_views, dx_views), (out_copies, dx_copies)) = (run(false), run(true));
-        let diff =
-            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(diff(&out_views, &out_copies), 0.0, "dh {dh} {forward:?}: output");
-        assert_eq!(diff(&dx_views, &dx_copies), 0.0, "dh {dh} {forward:?}: projection gradient");
+    for dh in [64, 128] {
+        for kernel in [AttentionKernel::MmaSync, AttentionKernel::Wgmma] {
+            views_are_read_in_place(&dev, dh, Kernels::both(kernel));
+        }
     }
 }
 
-/// On Hopper the default forward at width 128 is the wgmma kernel; width 64 and the explicit
-/// choice `mma` stay on `mma.sync`.
+fn views_are_read_in_place(dev: &Device, dh: usize, kernels: Kernels) {
+    let (b, t, h) = (2, 130, 4);
+    let qkv = Var::from_tensor(
+        &random_bf16((b, t, 3, h * dh), 21).reshape((b, t, 3 * h * dh)).unwrap().to_device(dev).unwrap(),
+    )
+    .unwrap();
+    let heads = |x: &Tensor, i: usize| {
+        x.narrow(2, i * h * dh, h * dh).unwrap().reshape((b, t, h, dh)).unwrap().transpose(1, 2).unwrap()
+    };
+    let grad = random_bf16((b, h, t, dh), 22).to_device(dev).unwrap().to_dtype(DType::F32).unwrap();
+    let run = |copy: bool| {
+        let x = qkv.as_tensor();
+        let [q, k, v] = [0, 1, 2].map(|i| if copy { heads(x, i).contiguous().unwrap() } else { heads(x, i) });
+        let out = flash_attention::causal_attention_with(&q, &k, &v, 0, kernels, None, 0).unwrap();
+        let grads = (out.to_dtype(DType::F32).unwrap() * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(x).unwrap().to_dtype(DType::F32).unwrap();
+        (out.to_dtype(DType::F32).unwrap(), dx)
+    };
+    let ((out_views, dx_views), (out_copies, dx_copies)) = (run(false), run(true));
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff(&out_views, &out_copies), 0.0, "dh {dh} {kernels:?}: output");
+    assert_eq!(diff(&dx_views, &dx_copies), 0.0, "dh {dh} {kernels:?}: projection gradient");
+}
+
+/// On Hopper the default forward at widths 64 and 128 and the default backward at width 64 are
+/// the wgmma kernels; the backward at 128 and the explicit choice `mma` stay on `mma.sync`.
 #[test]
-fn default_forward_is_wgmma_on_hopper() {
+fn default_kernels_are_wgmma_on_hopper() {
     let Device::Cuda(dev) = Device::new_cuda(0).unwrap() else { unreachable!() };
     let (major, minor) = dev.cuda_stream().context().compute_capability().unwrap();
-    let want = if (major, minor) == (9, 0) { ForwardKernel::Wgmma } else { ForwardKernel::MmaSync };
-    assert_eq!(ForwardKernel::Auto.resolve(&dev, 128).unwrap(), want);
-    assert_eq!(ForwardKernel::Auto.resolve(&dev, 64).unwrap(), ForwardKernel::MmaSync);
-    assert_eq!(ForwardKernel::MmaSync.resolve(&dev, 128).unwrap(), ForwardKernel::MmaSync);
+    let want = if (major, minor) == (9, 0) { AttentionKernel::Wgmma } else { AttentionKernel::MmaSync };
+    let (auto, mma) = (AttentionKernel::Auto, AttentionKernel::MmaSync);
+    assert_eq!(auto.resolve(&dev, 128, Direction::Forward).unwrap(), want);
+    assert_eq!(auto.resolve(&dev, 64, Direction::Backward).unwrap(), want);
+    assert_eq!(auto.resolve(&dev, 64, Direction::Forward).unwrap(), want);
+    assert_eq!(auto.resolve(&dev, 128, Direction::Backward).unwrap(), mma);
+    assert_eq!(mma.resolve(&dev, 128, Direction::Forward).unwrap(), mma);
+    assert_eq!(mma.resolve(&dev, 64, Direction::Backward).unwrap(), mma);
 }
 
 /// More sequences than the grid's batch axis holds (65535): MegaByte's local model at 16 x

@@ -58,7 +58,12 @@ impl Dims {
         let (b, h, t, dh) = q.dims4()?;
         let (kb, kvh, s, kdh) = k.dims4()?;
         if v.dims4()? != (kb, kvh, s, kdh) || kb != b || kdh != dh {
-            candle_core::bail!("CPU attention: shapes q {:?}, k {:?}, v {:?} do not match", q.shape(), k.shape(), v.shape())
+            candle_core::bail!(
+                "CPU attention: shapes q {:?}, k {:?}, v {:?} do not match",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            )
         }
         if kvh == 0 || h % kvh != 0 {
             candle_core::bail!("CPU attention: {h} query heads are not a multiple of {kvh} key/value heads")
@@ -107,7 +112,8 @@ impl<'a, T> View<'a, T> {
         }
         // The last element the view reaches must lie in the storage: the products below read
         // through raw pointers.
-        let last = layout.start_offset() + dims.iter().zip(stride).map(|(&n, &st)| n.saturating_sub(1) * st).sum::<usize>();
+        let last =
+            layout.start_offset() + dims.iter().zip(stride).map(|(&n, &st)| n.saturating_sub(1) * st).sum::<usize>();
         if last >= data.len() {
             candle_core::bail!("CPU attention: {what} reaches element {last} of a storage of {}", data.len())
         }
@@ -131,7 +137,13 @@ impl<'a, T> View<'a, T> {
 impl FusedAttention {
     /// Block `t0..t0 + rows` of query head `h` of sequence `b`: the probabilities `[rows, n]`
     /// over the `n` keys the block's last query sees, into `p` (zero where a query cannot see).
-    fn probabilities<T: Real>(&self, q: &View<T>, k: &View<T>, (b, h, t0, rows): (usize, usize, usize, usize), p: &mut [T]) -> usize {
+    fn probabilities<T: Real>(
+        &self,
+        q: &View<T>,
+        k: &View<T>,
+        (b, h, t0, rows): (usize, usize, usize, usize),
+        p: &mut [T],
+    ) -> usize {
         let d = self.dims;
         let n = d.visible(t0 + rows - 1, self.offset);
         let scale = T::narrow(1.0 / (d.dh as f64).sqrt());
@@ -173,7 +185,14 @@ impl FusedAttention {
     /// `(dq, dk, dv)`, contiguous `[B, H, T, d_h]` and `[B, KVH, S, d_h]`, from the output `o`
     /// and its gradient `go`: with `P` the probabilities and `D_i = sum_j go_ij o_ij`,
     /// `dV = P^T dO`, `dS = P (dO V^T - D)`, `dQ = scale dS K`, `dK = scale dS^T Q`.
-    fn backward<T: Real>(&self, q: &View<T>, k: &View<T>, v: &View<T>, o: &View<T>, go: &View<T>) -> (Vec<T>, Vec<T>, Vec<T>) {
+    fn backward<T: Real>(
+        &self,
+        q: &View<T>,
+        k: &View<T>,
+        v: &View<T>,
+        o: &View<T>,
+        go: &View<T>,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let d = self.dims;
         let scale = T::narrow(1.0 / (d.dh as f64).sqrt());
         let mut dq = vec![T::zero(); d.b * d.h * d.t * d.dh];
@@ -197,7 +216,8 @@ impl FusedAttention {
                         product(&mut dp, n, false, go_blk, v.rows(b, g, 0).t(), (rows, n, d.dh), T::one(), 1);
                     }
                     for i in 0..rows {
-                        let dot = (0..d.dh).fold(T::zero(), |acc, j| acc + go.at(b, h, t0 + i, j) * o.at(b, h, t0 + i, j));
+                        let dot =
+                            (0..d.dh).fold(T::zero(), |acc, j| acc + go.at(b, h, t0 + i, j) * o.at(b, h, t0 + i, j));
                         let seen = d.visible(t0 + i, self.offset);
                         for (ds, &pr) in dp[i * n..i * n + seen].iter_mut().zip(&p[i * n..i * n + seen]) {
                             *ds = pr * (*ds - dot);
@@ -221,21 +241,33 @@ impl FusedAttention {
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
         let mut views = Vec::with_capacity(guards.len());
         for ((storage, layout), name) in guards.iter().zip(names) {
-            let candle_core::Storage::Cpu(cpu) = &**storage else { candle_core::bail!("CPU attention: {name} is not on the CPU") };
+            let candle_core::Storage::Cpu(cpu) = &**storage else {
+                candle_core::bail!("CPU attention: {name} is not on the CPU")
+            };
             views.push(View::new(cpu.as_slice::<T>()?, layout, name)?);
         }
         Ok(f(&views))
     }
 
-    fn forward_storage<T: Real>(&self, (qs, ql): (&CpuStorage, &Layout), (ks, kl): (&CpuStorage, &Layout), (vs, vl): (&CpuStorage, &Layout)) -> Result<CpuStorage> {
-        let (q, k, v) = (View::new(qs.as_slice::<T>()?, ql, "q")?, View::new(ks.as_slice::<T>()?, kl, "k")?, View::new(vs.as_slice::<T>()?, vl, "v")?);
+    fn forward_storage<T: Real>(
+        &self,
+        (qs, ql): (&CpuStorage, &Layout),
+        (ks, kl): (&CpuStorage, &Layout),
+        (vs, vl): (&CpuStorage, &Layout),
+    ) -> Result<CpuStorage> {
+        let (q, k, v) = (
+            View::new(qs.as_slice::<T>()?, ql, "q")?,
+            View::new(ks.as_slice::<T>()?, kl, "k")?,
+            View::new(vs.as_slice::<T>()?, vl, "v")?,
+        );
         Ok(T::to_cpu_storage_owned(self.forward(&q, &k, &v)))
     }
 
     fn gradients<T: Real>(&self, tensors: [&Tensor; 5]) -> Result<(Tensor, Tensor, Tensor)> {
         let d = self.dims;
         let names = ["q", "k", "v", "the output", "the output gradient"];
-        let (dq, dk, dv) = Self::with_views::<T, _>(&tensors, &names, |x| self.backward(&x[0], &x[1], &x[2], &x[3], &x[4]))?;
+        let (dq, dk, dv) =
+            Self::with_views::<T, _>(&tensors, &names, |x| self.backward(&x[0], &x[1], &x[2], &x[3], &x[4]))?;
         Ok((
             Tensor::from_vec(dq, (d.b, d.h, d.t, d.dh), &Device::Cpu)?,
             Tensor::from_vec(dk, (d.b, d.kvh, d.s, d.dh), &Device::Cpu)?,
@@ -249,7 +281,15 @@ impl CustomOp3 for FusedAttention {
         "cpu-causal-attention"
     }
 
-    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
         let out = match qs.dtype() {
             DType::F32 => self.forward_storage::<f32>((qs, ql), (ks, kl), (vs, vl))?,
@@ -259,7 +299,14 @@ impl CustomOp3 for FusedAttention {
         Ok((out, Shape::from((d.b, d.h, d.t, d.dh))))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, go: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        go: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let go = go.to_dtype(q.dtype())?;
         let (dq, dk, dv) = match q.dtype() {
             DType::F32 => self.gradients::<f32>([q, k, v, o, &go])?,

@@ -1,5 +1,7 @@
-//! Fused causal softmax attention (kernels in `flash_attention.cu`; the Hopper wgmma forward,
-//! the default there, in `flash_attention_sm90a.cu`), the FlashAttention-2 algorithm (Dao
+//! Fused causal softmax attention (kernels in `flash_attention.cu`; the Hopper wgmma forward
+//! at widths 64 and 128 and backward at width 64, the defaults there, in
+//! `flash_attention_sm90a.cu`),
+//! the FlashAttention-2 algorithm (Dao
 //! 2023, arXiv 2307.08691) on sm_90 tensor cores, bf16 in and out with f32 accumulation,
 //! head widths 64 and 128, grouped/multi-query K/V, any `T`, any `offset`.
 //!
@@ -36,6 +38,13 @@
 //!   spilling (each warp's dK and dV accumulators alone take 128; the 16 x 64 score and dP
 //!   tiles 64 more), which halves the steps, and their barriers and pipeline waits, of the
 //!   32-query tiling.
+//! - Hopper (`flash_attention_sm90a.cu`, [`AttentionKernel::Wgmma`]): the `mma.sync` kernels
+//!   load every operand fragment from shared memory with `ldmatrix`, per warp, which bounds
+//!   them (the width-64 backward at about 120 TFLOP/s on the H200, against cuDNN's 290 in the
+//!   same GPT-2-small step; more warps sharing a tile did not help). The warpgroup MMA reads
+//!   its shared operands itself (swizzled tiles, no padding) and keeps P^T and dS^T in
+//!   registers as A operands. The backward at width 64 has two warpgroups of 64 keys share each
+//!   Q and dO tile; each adds its share of dQ with atomics.
 //! - Shared tiles are row-padded by 8 bf16 (16 bytes) rather than swizzled: `ldmatrix` then
 //!   reads 8 rows in distinct banks and `cp.async` 16-byte chunks stay aligned. Loads of the
 //!   next block (K/V forward, Q/dO/lse/D backward) overlap the current block's math (two
@@ -127,44 +136,78 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     q.device().is_cuda() && bf16 && width_ok && non_empty && crate::kernels::enabled("attention")
 }
 
-/// Which kernel computes the forward at head width 128 (width 64 always takes `MmaSync`).
+/// Which kernel family computes one direction of the attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ForwardKernel {
-    /// `Wgmma` where it can run (a build for compute capability 9.0 on such a device), else
-    /// `MmaSync`. The default.
+pub enum AttentionKernel {
+    /// `Wgmma` where it can run (the direction's wgmma kernel exists for this head width, and
+    /// a build for compute capability 9.0 on such a device), else `MmaSync`. The default.
     Auto,
     /// FlashAttention-2's structure on `mma.sync` tensor-core instructions (any sm_80+).
     MmaSync,
-    /// Hopper's warpgroup MMA (`wgmma`) reading Q, K and V from shared memory: 1.2x the
-    /// `mma.sync` forward on the H200 (bench/results/2026-11-29-h200-attention-wgmma).
+    /// Hopper's warpgroup MMA (`wgmma`), its operands read from shared memory by the tensor
+    /// cores: the forward at head widths 128 (1.2x the `mma.sync` forward on the H200,
+    /// bench/results/2026-11-29-h200-attention-wgmma) and 64, the backward at width 64.
     Wgmma,
 }
 
-impl ForwardKernel {
-    /// `ALTFORMERS_ATTENTION_FWD` (`auto`, `wgmma` or `mma`), read once; `Auto` when unset.
+/// The kernels of the forward and of the backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
+    pub forward: AttentionKernel,
+    pub backward: AttentionKernel,
+}
+
+impl Kernels {
+    /// `ALTFORMERS_ATTENTION_FWD` and `ALTFORMERS_ATTENTION_BWD` (`auto`, `wgmma` or `mma`),
+    /// read once; `Auto` where unset.
     pub fn from_env() -> Result<Self> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<ForwardKernel, String>> = std::sync::OnceLock::new();
+        static CHOICE: std::sync::OnceLock<std::result::Result<Kernels, String>> = std::sync::OnceLock::new();
+        let parse = |var: &str| match std::env::var(var).as_deref() {
+            Err(_) | Ok("") | Ok("auto") => Ok(AttentionKernel::Auto),
+            Ok("mma") => Ok(AttentionKernel::MmaSync),
+            Ok("wgmma") => Ok(AttentionKernel::Wgmma),
+            Ok(other) => Err(format!("{var}={other}: expected `auto`, `mma` or `wgmma`")),
+        };
         CHOICE
-            .get_or_init(|| match std::env::var("ALTFORMERS_ATTENTION_FWD").as_deref() {
-                Err(_) | Ok("") | Ok("auto") => Ok(ForwardKernel::Auto),
-                Ok("mma") => Ok(ForwardKernel::MmaSync),
-                Ok("wgmma") => Ok(ForwardKernel::Wgmma),
-                Ok(other) => Err(format!("ALTFORMERS_ATTENTION_FWD={other}: expected `auto`, `mma` or `wgmma`")),
+            .get_or_init(|| {
+                Ok(Kernels {
+                    forward: parse("ALTFORMERS_ATTENTION_FWD")?,
+                    backward: parse("ALTFORMERS_ATTENTION_BWD")?,
+                })
             })
             .clone()
             .map_err(candle_core::Error::Msg)
     }
 
-    /// The kernel that runs for head width `dh` on `dev` (`Auto` resolved).
-    pub fn resolve(self, dev: &CudaDevice, dh: usize) -> Result<Self> {
+    /// The same kernel family both ways.
+    pub fn both(kernel: AttentionKernel) -> Self {
+        Self { forward: kernel, backward: kernel }
+    }
+}
+
+/// A direction of the attention: the wgmma kernels exist for some head widths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+impl AttentionKernel {
+    /// The kernel that runs `direction` at head width `dh` on `dev` (`Auto` resolved; `Wgmma`
+    /// where no wgmma kernel has this width: `MmaSync`).
+    pub fn resolve(self, dev: &CudaDevice, dh: usize, direction: Direction) -> Result<Self> {
+        let has_wgmma = match direction {
+            Direction::Forward => dh == 64 || dh == 128,
+            Direction::Backward => dh == 64,
+        };
         let capability = dev.cuda_stream().context().compute_capability().w()?;
         let can_wgmma = capability == (9, 0) && !ptx::FLASH_ATTENTION_SM90A.is_empty();
         Ok(match self {
-            _ if dh != 128 => ForwardKernel::MmaSync,
-            ForwardKernel::Auto if can_wgmma => ForwardKernel::Wgmma,
-            ForwardKernel::Auto => ForwardKernel::MmaSync,
-            ForwardKernel::Wgmma if !can_wgmma => bail!(
-                "flash attention: the wgmma forward needs compute capability 9.0 and a build for it \
+            _ if !has_wgmma => AttentionKernel::MmaSync,
+            AttentionKernel::Auto if can_wgmma => AttentionKernel::Wgmma,
+            AttentionKernel::Auto => AttentionKernel::MmaSync,
+            AttentionKernel::Wgmma if !can_wgmma => bail!(
+                "flash attention: the wgmma kernels need compute capability 9.0 and a build for it \
                  (CUDA_COMPUTE_CAP=90); this device is {}.{}",
                 capability.0,
                 capability.1
@@ -188,10 +231,10 @@ pub fn causal_attention(
     dropout: Option<Dropout>,
     first: usize,
 ) -> Result<Tensor> {
-    let forward = ForwardKernel::from_env()?;
+    let kernels = Kernels::from_env()?;
     let b = q.dim(0)?;
     if b <= MAX_GRID_YZ {
-        return causal_attention_with(q, k, v, offset, forward, dropout, first);
+        return causal_attention_with(q, k, v, offset, kernels, dropout, first);
     }
     // The grid's batch axis holds 65535 sequences; more (MegaByte's local model runs one per
     // patch: 16 x 64K bytes in patches of 8 is 131072) go in slices of the batch.
@@ -200,20 +243,20 @@ pub fn causal_attention(
         .map(|start| {
             let n = MAX_GRID_YZ.min(b - start);
             let part = |x: &Tensor| x.narrow(0, start, n);
-            causal_attention_with(&part(q)?, &part(k)?, &part(v)?, offset, forward, dropout, first + start)
+            causal_attention_with(&part(q)?, &part(k)?, &part(v)?, offset, kernels, dropout, first + start)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&slices, 0)
 }
 
-/// [`causal_attention`] with the forward kernel named, for the sequences `first..first + B`
+/// [`causal_attention`] with the kernels named, for the sequences `first..first + B`
 /// of a batch (the mask's coordinates).
 pub fn causal_attention_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     offset: usize,
-    forward: ForwardKernel,
+    kernels: Kernels,
     dropout: Option<Dropout>,
     first: usize,
 ) -> Result<Tensor> {
@@ -234,8 +277,10 @@ pub fn causal_attention_with(
     if first >= MAX_POSITIONS {
         bail!("flash attention: batch start {first} out of range")
     }
-    let forward = if dropout.is_some() { ForwardKernel::MmaSync } else { forward };
-    let op = FlashAttention { offset, forward, dropout: DropoutArgs::new(dropout, first), lse: Mutex::new(None) };
+    // the wgmma forward has no dropout; the wgmma backward has
+    let forward = if dropout.is_some() { AttentionKernel::MmaSync } else { kernels.forward };
+    let kernels = Kernels { forward, ..kernels };
+    let op = FlashAttention { offset, kernels, dropout: DropoutArgs::new(dropout, first), lse: Mutex::new(None) };
     // The op works token-major: `[B, T, H, d_h]` views of the head-major operands, read in
     // place where their strides allow; its output back to head-major as a view.
     let [q, k, v] = [q, k, v].map(|x| readable_in_place(&x.transpose(1, 2)?));
@@ -258,7 +303,7 @@ fn readable_in_place(x: &Tensor) -> Result<Tensor> {
 
 struct FlashAttention {
     offset: usize,
-    forward: ForwardKernel,
+    kernels: Kernels,
     dropout: DropoutArgs,
     /// `[B, H, T]` log-sum-exp from the forward, for the backward.
     lse: Mutex<Option<CudaSlice<f32>>>,
@@ -356,10 +401,10 @@ fn kernel(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<launch::K
     module_kernel(dev, MODULE, ptx::FLASH_ATTENTION, name, shared_bytes)
 }
 
-/// The wgmma forward (`flash_attention_sm90a.cu`), built only for compute capability 9.0
-/// ([`ForwardKernel::resolve`] has checked that the build and the device have it).
-fn wgmma_kernel(dev: &CudaDevice, shared_bytes: usize) -> Result<launch::Kernel> {
-    module_kernel(dev, MODULE_SM90A, ptx::FLASH_ATTENTION_SM90A, "flash_attention_fwd_wgmma_d128", shared_bytes)
+/// A wgmma kernel (`flash_attention_sm90a.cu`), built only for compute capability 9.0
+/// ([`AttentionKernel::resolve`] has checked that the build and the device have it).
+fn wgmma_kernel(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<launch::Kernel> {
+    module_kernel(dev, MODULE_SM90A, ptx::FLASH_ATTENTION_SM90A, name, shared_bytes)
 }
 
 fn module_kernel(dev: &CudaDevice, module: &str, ptx: &str, name: &str, shared_bytes: usize) -> Result<launch::Kernel> {
@@ -420,17 +465,17 @@ impl CustomOp3 for FlashAttention {
             (bf16_strided!(qs, ql, "q"), bf16_strided!(ks, kl, "k"), bf16_strided!(vs, vl, "v"));
         let mut out = bf16_output(dev, ql.shape())?;
         let mut lse = launch::uninit::<f32>(dev, dims.b * dims.h * dims.t)?;
-        let forward = self.forward.resolve(dev, dims.dh)?;
-        let (func, cfg) = if forward == ForwardKernel::Wgmma {
+        let forward = self.kernels.forward.resolve(dev, dims.dh, Direction::Forward)?;
+        let (func, cfg) = if forward == AttentionKernel::Wgmma {
             // 128 query rows (two warpgroups) per CTA; Q and two stages of K and V tiles of
-            // 128 x 128 bf16, plus 1 KB to align them to the swizzle's 1024-byte period.
-            let shared = 5 * 128 * 128 * 2 + 1024;
+            // 128 x d_h bf16, plus 1 KB to align them to the swizzle's 1024-byte period.
+            let shared = 5 * 128 * dims.dh * 2 + 1024;
             let cfg = LaunchConfig {
                 grid_dim: (int(dims.t.div_ceil(128))? as u32, dims.h as u32, dims.b as u32),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: shared as u32,
             };
-            (wgmma_kernel(dev, shared)?, cfg)
+            (wgmma_kernel(dev, &format!("flash_attention_fwd_wgmma_d{}", dims.dh), shared)?, cfg)
         } else {
             let shared = tiles.fwd_shared_bytes();
             let cfg = LaunchConfig {
@@ -447,11 +492,11 @@ impl CustomOp3 for FlashAttention {
             let mut b = func.builder();
             b.arg(&q).arg(&k).arg(&v).arg(&q_st).arg(&k_st).arg(&v_st).arg(o).arg(&mut lse);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2);
-            if forward == ForwardKernel::MmaSync {
+            if forward == AttentionKernel::MmaSync {
                 self.dropout.push(&mut b);
             }
             // SAFETY: argument list matches flash_attention_fwd_d{64,128} (with the dropout
-            // arguments) and flash_attention_fwd_wgmma_d128 (without: never with dropout);
+            // arguments) and flash_attention_fwd_wgmma_d{64,128} (without: never with dropout);
             // buffers sized above.
             unsafe { b.launch(cfg) }.w()?;
         }
@@ -506,13 +551,27 @@ impl CustomOp3 for FlashAttention {
         let mut dk = bf16_output(dev, k.shape())?;
         let mut dv = bf16_output(dev, v.shape())?;
         {
-            let shared = tiles.bwd_shared_bytes();
-            let func = kernel(dev, &format!("flash_attention_bwd_d{}", dims.dh), shared)?;
-            let cfg = LaunchConfig {
-                grid_dim: (int(dims.s.div_ceil(tiles.bwd_keys()))? as u32, dims.kvh as u32, dims.b as u32),
-                block_dim: (32 * tiles.bwd_warps as u32, 1, 1),
-                shared_mem_bytes: shared as u32,
-            };
+            let (func, cfg) =
+                if self.kernels.backward.resolve(dev, dims.dh, Direction::Backward)? == AttentionKernel::Wgmma {
+                    // 128 keys (two warpgroups) per CTA: K, V and dS^T tiles of 128 x 64 bf16, two
+                    // stages of Q and dO tiles of 64 x 64, two of lse and D (64 floats each), plus
+                    // 1 KB to align the tiles to the swizzle's 1024-byte period.
+                    let shared = 3 * 128 * 64 * 2 + 4 * 64 * 64 * 2 + 4 * 64 * 4 + 1024;
+                    let cfg = LaunchConfig {
+                        grid_dim: (int(dims.s.div_ceil(128))? as u32, dims.kvh as u32, dims.b as u32),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: shared as u32,
+                    };
+                    (wgmma_kernel(dev, "flash_attention_bwd_wgmma_d64", shared)?, cfg)
+                } else {
+                    let shared = tiles.bwd_shared_bytes();
+                    let cfg = LaunchConfig {
+                        grid_dim: (int(dims.s.div_ceil(tiles.bwd_keys()))? as u32, dims.kvh as u32, dims.b as u32),
+                        block_dim: (32 * tiles.bwd_warps as u32, 1, 1),
+                        shared_mem_bytes: shared as u32,
+                    };
+                    (kernel(dev, &format!("flash_attention_bwd_d{}", dims.dh), shared)?, cfg)
+                };
             let [t, s, h, kvh, offset] = dims.ints(self.offset)?;
             let (scale, scale_log2) = (dims.scale(), dims.scale() * std::f32::consts::LOG2_E);
             let CudaStorageSlice::BF16(dk_slice) = &mut dk.slice else { bail!("flash attention: dk is not bf16") };
@@ -523,7 +582,8 @@ impl CustomOp3 for FlashAttention {
             b.arg(&mut dq_accum).arg(dk_slice).arg(dv_slice);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2).arg(&scale);
             self.dropout.push(&mut b);
-            // SAFETY: argument list matches flash_attention_bwd_d{64,128}; buffers sized above.
+            // SAFETY: argument list matches flash_attention_bwd_d{64,128} and
+            // flash_attention_bwd_wgmma_d64; buffers sized above.
             unsafe { b.launch(cfg) }.w()?;
         }
 

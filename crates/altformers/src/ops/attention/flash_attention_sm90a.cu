@@ -1,18 +1,19 @@
-// Causal attention forward for head width 128 on Hopper's warpgroup MMA (wgmma), the
-// alternative to flash_attention.cu's mma.sync forward and the default on compute capability
-// 9.0 (1.2x it on the H200; ALTFORMERS_ATTENTION_FWD=mma selects the other). Same arguments,
-// same outputs: O and the log2-unit log-sum-exp the backward there reads. Compiled for sm_90a,
-// the target that has wgmma (build.rs: files named *_sm90a.cu), so it loads only on compute
-// capability 9.0.
+// Causal attention on Hopper's warpgroup MMA (wgmma): the forward at head widths 128 and 64
+// and the backward's key-block step at width 64, the alternatives to flash_attention.cu's
+// mma.sync kernels and the defaults on compute capability 9.0 (ALTFORMERS_ATTENTION_FWD=mma,
+// ALTFORMERS_ATTENTION_BWD=mma select the others). Same arguments, same outputs as those.
+// Compiled for sm_90a, the target that has wgmma (build.rs: files named *_sm90a.cu), so it
+// loads only on compute capability 9.0.
 //
+// Forward:
 // A CTA of two warpgroups owns 128 query rows (64 each, one m64 wgmma row block); key tiles
 // of 128 rows stream through two cp.async stages. S = Q K^T reads both operands straight from
 // shared memory (no ldmatrix, no register fragments for Q or K), and O += P V takes P from
 // the S accumulators in registers and V from shared memory: the tensor cores read shared
 // memory themselves, which is what lifts the mma.sync kernels' shared-memory ceiling.
 //
-// Shared tiles are [rows][128] bf16 stored as two column halves of [rows][64] with 128-byte
-// rows, each 16-byte chunk c of row r at chunk c ^ (r % 8): the 128-byte swizzle the wgmma
+// Shared tiles are [rows][D] bf16, at D = 128 stored as two column halves of [rows][64]; each
+// half has 128-byte rows, each 16-byte chunk c of row r at chunk c ^ (r % 8): the 128-byte swizzle the wgmma
 // descriptors name. K and V tiles have the same layout; K is read as a K-major operand (S
 // contracts over d), V as an MN-major one (O contracts over keys).
 #include <cuda_bf16.h>
@@ -20,6 +21,7 @@
 
 #include "async_copy.cuh"
 #include "convert.cuh"
+#include "dropout.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -41,15 +43,15 @@ __device__ __forceinline__ uint32_t chunk_offset(int rows, int row, int chunk) {
     return half * rows * kHalfBytes + row * kHalfBytes + ((c ^ (row & 7)) << 4);
 }
 
-// Rows row0 .. row0 + rows of a [n, 128] matrix with rows `ld` elements apart into a swizzled
-// tile (zero-filled past n).
-template <int ROWS>
+// Rows row0 .. row0 + rows of a [n, D] matrix (D = 128 or 64) with rows `ld` elements apart
+// into a swizzled tile (zero-filled past n). At D = 64 the tile is one column half.
+template <int ROWS, int D = kD>
 __device__ __forceinline__ void load_tile(uint32_t tile, const bf16* src, long long ld, int row0, int n) {
-    constexpr int kChunks = ROWS * kD / 8;
+    constexpr int kChunks = ROWS * D / 8, kRowChunks = D / 8;
     static_assert(kChunks % kThreads == 0, "whole chunks per thread");
 #pragma unroll
     for (int i = 0; i < kChunks / kThreads; ++i) {
-        const int c = i * kThreads + threadIdx.x, row = c >> 4, chunk = c & 15;
+        const int c = i * kThreads + threadIdx.x, row = c / kRowChunks, chunk = c % kRowChunks;
         const bool valid = row0 + row < n;
         const bf16* from = valid ? src + (row0 + row) * ld + chunk * 8 : src;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + chunk_offset(ROWS, row, chunk)),
@@ -82,6 +84,27 @@ __device__ __forceinline__ void mma_rs(float (&d)[64], const uint32_t (&a)[4], u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
+// D (+)= A B, m64n64k16: A [64, 16] and B [16, 64] in shared memory, each K-major (TRANS 0:
+// rows along M or N, contiguous along K) or MN-major (TRANS 1: contiguous along M or N).
+template <int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void mma64_ss(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
+}
+
+// D += A B, m64n64k16: A [64, 16] bf16 fragments in registers (as mma_rs), B [16, 64] in shared
+// memory, MN-major.
+__device__ __forceinline__ void mma64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
 // Pins registers in place for the compiler: an in-flight wgmma reads or writes them, so no
 // ordinary instruction may be moved across the fence, commit or wait around it.
 template <int N>
@@ -102,12 +125,15 @@ __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync
 __device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 // cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// A barrier for the 128 threads of warpgroup `wg` alone (named barriers 1, 2; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_barrier(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory"); }
 
 }  // namespace wg
 
 // Grid (ceil(T / 128), H, B), 256 threads: warpgroup wg owns rows m0 + 64 wg .. + 63; warp w
 // of it rows + 16 (w % 4), the same per-warp row block as the accumulators of mma.m16n8k16,
 // so the softmax below is the mma.sync kernel's with one m-tile and 16 n-tiles.
+template <int D>
 __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                 const bf16* __restrict__ v, Strides qs, Strides ks, Strides vs,
                                                 bf16* __restrict__ o,
@@ -115,7 +141,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
                                                 float scale_log2) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace wg;
-    constexpr int kTileBytes = kRows * kD * 2;  // Q, and each K or V stage (kKeys == kRows)
+    constexpr int kTileBytes = kRows * D * 2;  // Q, and each K or V stage (kKeys == kRows)
     extern __shared__ __align__(16) unsigned char smem[];
     // The swizzle repeats every 1024 bytes: tiles start on a 1024-byte boundary (the launch
     // asks for 1 KB more than the tiles need).
@@ -133,21 +159,23 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
     const int key_end = min(S, offset + m0 + kRows);
     const int key_blocks = (key_end + kKeys - 1) / kKeys;
 
-    load_tile<kRows>(s_q, q_h, qs.row, m0, T);
-    load_tile<kKeys>(s_k, k_h, ks.row, 0, S);
-    load_tile<kKeys>(s_v, v_h, vs.row, 0, S);
+    load_tile<kRows, D>(s_q, q_h, qs.row, m0, T);
+    load_tile<kKeys, D>(s_k, k_h, ks.row, 0, S);
+    load_tile<kKeys, D>(s_v, v_h, vs.row, 0, S);
     cp_async_commit();
 
-    float acc_o[64], acc_s[64];
+    float acc_o[D / 2], acc_s[64];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc_o[i] = acc_s[i] = 0.f;
+    for (int i = 0; i < 64; ++i) acc_s[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
     for (int j = 0; j < key_blocks; ++j) {
         const int stage = j & 1;
         if (j + 1 < key_blocks) {
-            load_tile<kKeys>(s_k + (stage ^ 1) * kTileBytes, k_h, ks.row, (j + 1) * kKeys, S);
-            load_tile<kKeys>(s_v + (stage ^ 1) * kTileBytes, v_h, vs.row, (j + 1) * kKeys, S);
+            load_tile<kKeys, D>(s_k + (stage ^ 1) * kTileBytes, k_h, ks.row, (j + 1) * kKeys, S);
+            load_tile<kKeys, D>(s_v + (stage ^ 1) * kTileBytes, v_h, vs.row, (j + 1) * kKeys, S);
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -160,7 +188,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
         pin(acc_s);
         fence();
 #pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
+        for (int kk = 0; kk < D / 16; ++kk) {
             const uint32_t col = (kk >> 2) * kRows * kHalfBytes + (kk & 3) * 32;
             const uint64_t a = descriptor(s_q + wgi * 64 * kHalfBytes + col, 16, 1024);
             const uint64_t bk = descriptor(k_tile + col, 16, 1024);
@@ -196,9 +224,12 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
             row_max[r] = mx;
             row_sum[r] *= rescale;
 #pragma unroll
-            for (int n = 0; n < 16; ++n) {
+            for (int n = 0; n < D / 8; ++n) {
                 acc_o[4 * n + 2 * r] *= rescale;
                 acc_o[4 * n + 2 * r + 1] *= rescale;
+            }
+#pragma unroll
+            for (int n = 0; n < 16; ++n) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const float p = exp2f(fmaf(acc_s[4 * n + 2 * r + e], scale_log2, -base_r));
@@ -221,8 +252,13 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
         pin(p_frag);
         fence();
 #pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk)
-            mma_rs(acc_o, p_frag[kk], descriptor(v_tile + kk * 16 * kHalfBytes, kKeys * kHalfBytes, 1024));
+        for (int kk = 0; kk < kKeys / 16; ++kk) {
+            const uint64_t bv = descriptor(v_tile + kk * 16 * kHalfBytes, kKeys * kHalfBytes, 1024);
+            if constexpr (D == 128)
+                mma_rs(acc_o, p_frag[kk], bv);
+            else
+                mma64_rs(acc_o, p_frag[kk], bv);
+        }
         commit();
         pin(acc_o);
         pin(p_frag);
@@ -232,7 +268,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
         __syncthreads();
     }
 
-    bf16* o_h = o + ((size_t)b * T * H + h) * kD;  // token-major: rows H kD apart
+    bf16* o_h = o + ((size_t)b * T * H + h) * D;  // token-major: rows H D apart
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float sum = row_sum[r];
@@ -242,10 +278,228 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
         const int row = row_lo + r * 8;
         if (row < T) {
 #pragma unroll
-            for (int n = 0; n < 16; ++n)
-                *reinterpret_cast<uint32_t*>(o_h + (size_t)row * H * kD + n * 8 + quad * 2) =
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<uint32_t*>(o_h + (size_t)row * H * D + n * 8 + quad * 2) =
                     pack_bf16(acc_o[4 * n + 2 * r] * inv, acc_o[4 * n + 2 * r + 1] * inv);
             if (quad == 0) lse[(size_t)(b * H + h) * T + row] = row_max[r] + log2f(sum);
+        }
+    }
+#else
+    __trap();  // built for a target without wgmma (sm_90a)
+#endif
+}
+
+
+// Backward, step 2 at head width 64 (steps 1 and 3, D = rowsum(dO O) and dQ's conversion, are
+// flash_attention.cu's). Grid (ceil(S / 128), KVH, B), 256 threads: the CTA owns 128 keys,
+// warpgroup wg keys n0 + 64 wg .. + 63 (warp w of it + 16 (w % 4), the accumulator rows of
+// mma.m16n8k16 as in the forward), and walks every query head of the group and every block of
+// 64 queries that sees its keys, Q, dO, lse and D double-buffered by cp.async. Per step, as the
+// mma.sync kernel: S^T = K Q^T and dP^T = V dO^T (both operands from shared memory), P^T and
+// dS^T = P^T (dP^T - D) in registers, which are the A operands of dV += P^T dO and
+// dK += dS^T Q (dO and Q read MN-major); dS^T is also stored (swizzled, [key][query]) and read
+// back MN-major as the A of this warpgroup's share of dQ = dS K over its 64 keys, added to the
+// f32 dq_accum with atomics. All tiles are [rows][64] bf16 with 128-byte rows in the forward's
+// swizzle. Dropout as flash_attention.cu's.
+__device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                  const bf16* __restrict__ v, Strides qs, Strides ks, Strides vs,
+                                                  const bf16* __restrict__ dout, const float* __restrict__ lse,
+                                                  const float* __restrict__ delta, float* __restrict__ dq_accum,
+                                                  bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int S, int H,
+                                                  int KVH, int offset, float scale_log2, float scale,
+                                                  unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold,
+                                                  float drop_scale, int b0) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using namespace wg;
+    constexpr int BC = 128, BR = 64, D = 64, kRowBytes = 128;
+    constexpr int kKeyTile = BC * kRowBytes, kQueryTile = BR * kRowBytes;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
+    unsigned char* generic = smem + (base - smem_addr(smem));  // the same bytes, for plain stores
+    const uint32_t s_k = base, s_v = s_k + kKeyTile, s_ds = s_v + kKeyTile;
+    const uint32_t s_q = s_ds + kKeyTile, s_do = s_q + 2 * kQueryTile;  // 2 stages each
+    unsigned char* g_ds = generic + 2 * kKeyTile;
+    float* s_lse = reinterpret_cast<float*>(generic + 3 * kKeyTile + 4 * kQueryTile);  // 2 stages
+    float* s_delta = s_lse + 2 * BR;                                                     // 2 stages
+
+    const int n0 = blockIdx.x * BC, kvh = blockIdx.y, b = blockIdx.z;
+    const int group = H / KVH;
+    const int wgi = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int grp = lane >> 2, quad = lane & 3;
+    const int local_lo = wgi * 64 + warp * 16 + grp;  // this thread's keys: n0 + local_lo, + 8
+    const bf16* k_h = k + b * ks.batch + kvh * ks.head;
+    const bf16* v_h = v + b * vs.batch + kvh * vs.head;
+
+    // Query blocks that see at least one key of this block: rows i >= n0 - offset.
+    const int m_first = max(0, n0 - offset) / BR;
+    const int m_count = max(0, (T + BR - 1) / BR - m_first);
+    const int steps = group * m_count;
+
+    auto load_step = [&](int h, int m_block, int stage) {
+        const int m0 = m_block * BR;
+        const size_t head = (size_t)(b * H + h) * T;
+        load_tile<BR, D>(s_q + stage * kQueryTile, q + b * qs.batch + h * qs.head, qs.row, m0, T);
+        load_tile<BR, D>(s_do + stage * kQueryTile, dout + ((size_t)b * T * H + h) * D, (long long)H * D, m0, T);
+        if (threadIdx.x < BR) {
+            const int i = threadIdx.x;
+            const bool valid = m0 + i < T;
+            s_lse[stage * BR + i] = valid ? lse[head + m0 + i] : 0.f;
+            s_delta[stage * BR + i] = valid ? delta[head + m0 + i] : 0.f;
+        }
+    };
+
+    load_tile<BC, D>(s_k, k_h, ks.row, n0, S);
+    load_tile<BC, D>(s_v, v_h, vs.row, n0, S);
+    if (steps > 0) load_step(kvh * group, m_first, 0);
+    cp_async_commit();
+
+    float acc_dk[32], acc_dv[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+    // this warpgroup's 64 rows of K, V and dS^T
+    const uint32_t k_rows = s_k + wgi * 64 * kRowBytes, v_rows = s_v + wgi * 64 * kRowBytes;
+    const uint32_t ds_rows = s_ds + wgi * 64 * kRowBytes;
+
+    int h = kvh * group, m_block = m_first;
+    int next_h = h, next_m_block = m_block;
+    for (int step = 0; step < steps; ++step) {
+        const int stage = step & 1;
+        if (++next_m_block == m_first + m_count) next_m_block = m_first, ++next_h;
+        if (step + 1 < steps) load_step(next_h, next_m_block, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        fence_async_shared();
+        __syncthreads();
+        const int m0 = m_block * BR;
+        const bool all_visible = n0 + BC - 1 <= offset + m0 && m0 + BR <= T && n0 + BC <= S;
+        const uint32_t q_tile = s_q + stage * kQueryTile, do_tile = s_do + stage * kQueryTile;
+        const float* lse_tile = s_lse + stage * BR;
+        const float* delta_tile = s_delta + stage * BR;
+
+        // S^T = K Q^T and dP^T = V dO^T over d in 4 steps of 16 (32 bytes along the rows).
+        float acc_s[32], acc_dp[32];
+        pin(acc_s);
+        pin(acc_dp);
+        fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            mma64_ss<0, 0>(acc_s, descriptor(k_rows + kk * 32, 16, 1024), descriptor(q_tile + kk * 32, 16, 1024), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            mma64_ss<0, 0>(acc_dp, descriptor(v_rows + kk * 32, 16, 1024), descriptor(do_tile + kk * 32, 16, 1024),
+                           kk > 0);
+        commit();
+        pin(acc_s);
+        pin(acc_dp);
+        wait_all();
+        pin(acc_s);
+        pin(acc_dp);
+
+        // acc[4 n + e]: key n0 + local_lo + 8 (e >> 1), query m0 + 8 n + 2 quad + (e & 1).
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n) {
+            const float2 lse2 = *reinterpret_cast<const float2*>(lse_tile + n * 8 + quad * 2);
+            const float2 delta2 = *reinterpret_cast<const float2*>(delta_tile + n * 8 + quad * 2);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = n0 + local_lo + (e >> 1) * 8, query = m0 + n * 8 + quad * 2 + (e & 1);
+                // A masked score can exceed the row's log-sum-exp (exp2 gives inf): selected away.
+                float p = exp2f(fmaf(acc_s[4 * n + e], scale_log2, -((e & 1) ? lse2.y : lse2.x)));
+                if (!all_visible) p = key <= offset + query && query < T && key < S ? p : 0.f;
+                float keep = 1.f;
+                if (threshold != 0) {
+                    const unsigned long long at = ((unsigned long long)((b0 + b) * H + h) * T + query) * S + key;
+                    keep = dropout_bits(seed_lo, seed_hi, at) >= threshold ? drop_scale : 0.f;
+                }
+                acc_s[4 * n + e] = p * keep;
+                acc_dp[4 * n + e] = p * (acc_dp[4 * n + e] * keep - ((e & 1) ? delta2.y : delta2.x));
+            }
+            // dS^T row (key) r, queries 8 n .. + 7: 16-byte chunk n of the swizzled row
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = local_lo + r * 8;
+                *reinterpret_cast<uint32_t*>(g_ds + row * kRowBytes + ((n ^ (row & 7)) << 4) + quad * 4) =
+                    pack_bf16(acc_dp[4 * n + 2 * r], acc_dp[4 * n + 2 * r + 1]);
+            }
+        }
+
+        // dV += P^T dO and dK += dS^T Q over the 64 queries in 4 steps of 16: n-tiles 2 kk and
+        // 2 kk + 1 are the A fragment of step kk; dO and Q rows (queries) are K, 16 of them two
+        // 8-row groups 1024 bytes apart. (All fragments packed before the fence.)
+        uint32_t p_frag[BR / 16][4], ds_frag[BR / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; ++kk)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                p_frag[kk][i] = pack_bf16(acc_s[8 * kk + 2 * i], acc_s[8 * kk + 2 * i + 1]);
+                ds_frag[kk][i] = pack_bf16(acc_dp[8 * kk + 2 * i], acc_dp[8 * kk + 2 * i + 1]);
+            }
+        pin(acc_dv);
+        pin(acc_dk);
+        pin(p_frag);
+        pin(ds_frag);
+        fence();
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; ++kk)
+            mma64_rs(acc_dv, p_frag[kk], descriptor(do_tile + kk * 16 * kRowBytes, kQueryTile, 1024));
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; ++kk)
+            mma64_rs(acc_dk, ds_frag[kk], descriptor(q_tile + kk * 16 * kRowBytes, kQueryTile, 1024));
+        commit();
+        pin(acc_dv);
+        pin(acc_dk);
+        pin(p_frag);
+        pin(ds_frag);
+
+        // dQ (64 queries x 64) += dS K over this warpgroup's 64 keys: A = dS from the stored
+        // dS^T (MN-major: queries contiguous), B = K (MN-major: d contiguous), keys are K.
+        fence_async_shared();
+        warpgroup_barrier(wgi);
+        float acc_dq[32];
+        pin(acc_dq);
+        fence();
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; ++kk)
+            mma64_ss<1, 1>(acc_dq, descriptor(ds_rows + kk * 16 * kRowBytes, kKeyTile, 1024),
+                           descriptor(k_rows + kk * 16 * kRowBytes, kKeyTile, 1024), kk > 0);
+        commit();
+        pin(acc_dq);
+        wait_all();
+        pin(acc_dq);
+        pin(acc_dv);
+        pin(acc_dk);
+        pin(p_frag);
+        pin(ds_frag);
+
+        // acc_dq[4 n + e]: query m0 + 16 warp + grp + 8 (e >> 1), column 8 n + 2 quad + (e & 1);
+        // two adjacent columns per atomic.
+        float* dq_h = dq_accum + (size_t)(b * H + h) * T * D;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = m0 + warp * 16 + grp + r * 8;
+            if (row >= T) continue;
+            float* dq_row = dq_h + (size_t)row * D + quad * 2;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                atomicAdd(reinterpret_cast<float2*>(dq_row + n * 8), make_float2(acc_dq[4 * n + 2 * r], acc_dq[4 * n + 2 * r + 1]));
+        }
+        h = next_h, m_block = next_m_block;
+        // dS^T and this stage's tiles are overwritten next step.
+        __syncthreads();
+    }
+
+    // token-major: key rows KVH D apart
+    bf16* dk_h = dk + ((size_t)b * S * KVH + kvh) * D;
+    bf16* dv_h = dv + ((size_t)b * S * KVH + kvh) * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = n0 + local_lo + r * 8;
+        if (key >= S) continue;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            const size_t at = (size_t)key * KVH * D + n * 8 + quad * 2;
+            *reinterpret_cast<uint32_t*>(dk_h + at) = pack_bf16(acc_dk[4 * n + 2 * r] * scale, acc_dk[4 * n + 2 * r + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dv_h + at) = pack_bf16(acc_dv[4 * n + 2 * r], acc_dv[4 * n + 2 * r + 1]);
         }
     }
 #else
@@ -258,5 +512,19 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
 extern "C" __global__ void __launch_bounds__(256)
     flash_attention_fwd_wgmma_d128(const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs,
                                    bf16* o, float* lse, int T, int S, int H, int KVH, int offset, float scale_log2) {
-    flash_fwd_wgmma(q, k, v, qs, ks, vs, o, lse, T, S, H, KVH, offset, scale_log2);
+    flash_fwd_wgmma<128>(q, k, v, qs, ks, vs, o, lse, T, S, H, KVH, offset, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    flash_attention_fwd_wgmma_d64(const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs,
+                                  bf16* o, float* lse, int T, int S, int H, int KVH, int offset, float scale_log2) {
+    flash_fwd_wgmma<64>(q, k, v, qs, ks, vs, o, lse, T, S, H, KVH, offset, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_bwd_wgmma_d64(
+    const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs, const bf16* dout, const float* lse,
+    const float* delta, float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H, int KVH, int offset, float scale_log2,
+    float scale, unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {
+    flash_bwd_wgmma64(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, T, S, H, KVH, offset, scale_log2, scale,
+                      seed_lo, seed_hi, threshold, drop_scale, b0);
 }
