@@ -554,9 +554,10 @@ impl CustomOp3 for FlashAttention {
             let (func, cfg) =
                 if self.kernels.backward.resolve(dev, dims.dh, Direction::Backward)? == AttentionKernel::Wgmma {
                     // 128 keys (two warpgroups) per CTA: K, V and dS^T tiles of 128 x 64 bf16, two
-                    // stages of Q and dO tiles of 64 x 64, two of lse and D (64 floats each), plus
-                    // 1 KB to align the tiles to the swizzle's 1024-byte period.
-                    let shared = 3 * 128 * 64 * 2 + 4 * 64 * 64 * 2 + 4 * 64 * 4 + 1024;
+                    // stages of Q and dO tiles of 64 x 64, two of lse and D (64 floats each), dQ's
+                    // exchange (2 x 16 floats x 128 threads), plus 1 KB to align the tiles to the
+                    // swizzle's 1024-byte period.
+                    let shared = 3 * 128 * 64 * 2 + 4 * 64 * 64 * 2 + 4 * 64 * 4 + 2 * 16 * 128 * 4 + 1024;
                     let cfg = LaunchConfig {
                         grid_dim: (int(dims.s.div_ceil(128))? as u32, dims.kvh as u32, dims.b as u32),
                         block_dim: (256, 1, 1),

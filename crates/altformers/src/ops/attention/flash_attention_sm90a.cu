@@ -298,8 +298,9 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
 // mma.sync kernel: S^T = K Q^T and dP^T = V dO^T (both operands from shared memory), P^T and
 // dS^T = P^T (dP^T - D) in registers, which are the A operands of dV += P^T dO and
 // dK += dS^T Q (dO and Q read MN-major); dS^T is also stored (swizzled, [key][query]) and read
-// back MN-major as the A of this warpgroup's share of dQ = dS K over its 64 keys, added to the
-// f32 dq_accum with atomics. All tiles are [rows][64] bf16 with 128-byte rows in the forward's
+// back MN-major as the A of this warpgroup's share of dQ = dS K over its 64 keys; the two
+// shares are summed through shared memory, each warpgroup adding half the columns to the f32
+// dq_accum with atomics. All tiles are [rows][64] bf16 with 128-byte rows in the forward's
 // swizzle. Dropout as flash_attention.cu's.
 __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                   const bf16* __restrict__ v, Strides qs, Strides ks, Strides vs,
@@ -321,6 +322,8 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
     unsigned char* g_ds = generic + 2 * kKeyTile;
     float* s_lse = reinterpret_cast<float*>(generic + 3 * kKeyTile + 4 * kQueryTile);  // 2 stages
     float* s_delta = s_lse + 2 * BR;                                                     // 2 stages
+    // dQ's exchange between the warpgroups: 16 floats a thread each way (see the atomics)
+    float* s_dq = s_delta + 2 * BR;
 
     const int n0 = blockIdx.x * BC, kvh = blockIdx.y, b = blockIdx.z;
     const int group = H / KVH;
@@ -340,11 +343,15 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
         const size_t head = (size_t)(b * H + h) * T;
         load_tile<BR, D>(s_q + stage * kQueryTile, q + b * qs.batch + h * qs.head, qs.row, m0, T);
         load_tile<BR, D>(s_do + stage * kQueryTile, dout + ((size_t)b * T * H + h) * D, (long long)H * D, m0, T);
-        if (threadIdx.x < BR) {
-            const int i = threadIdx.x;
-            const bool valid = m0 + i < T;
-            s_lse[stage * BR + i] = valid ? lse[head + m0 + i] : 0.f;
-            s_delta[stage * BR + i] = valid ? delta[head + m0 + i] : 0.f;
+        // lse and D by cp.async as well (4 bytes a thread, zero past T): a plain load here
+        // would stall its warp until the values arrived.
+        if (threadIdx.x < 2 * BR) {
+            const int i = threadIdx.x % BR;
+            const bool valid = m0 + i < T, is_delta = threadIdx.x >= BR;
+            const float* src = (is_delta ? delta : lse) + head + (valid ? m0 + i : 0);
+            float* dst = (is_delta ? s_delta : s_lse) + stage * BR + i;
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                         "r"(valid ? 4 : 0));
         }
     };
 
@@ -471,17 +478,29 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
         pin(p_frag);
         pin(ds_frag);
 
-        // acc_dq[4 n + e]: query m0 + 16 warp + grp + 8 (e >> 1), column 8 n + 2 quad + (e & 1);
-        // two adjacent columns per atomic.
+        // acc_dq[4 n + e]: query m0 + 16 warp + grp + 8 (e >> 1), column 8 n + 2 quad + (e & 1),
+        // the same positions in both warpgroups' threads of one index. Warpgroup wg adds columns
+        // 32 wg .. + 31 (n-tiles 4 wg .. + 3) to dq_accum: it hands the other half to its partner
+        // through shared memory and adds the partner's half of its own, which halves the atomics.
+        const int tid = threadIdx.x % 128;
+        float* to_partner = s_dq + (1 - wgi) * 16 * 128;  // read by the other warpgroup
+#pragma unroll
+        for (int i = 0; i < 16; ++i) to_partner[i * 128 + tid] = wgi == 0 ? acc_dq[16 + i] : acc_dq[i];
+        __syncthreads();
+        const float* from_partner = s_dq + wgi * 16 * 128;
+        float half[16];  // half[4 j + e]: n-tile 4 wg + j
+#pragma unroll
+        for (int i = 0; i < 16; ++i) half[i] = (wgi == 0 ? acc_dq[i] : acc_dq[16 + i]) + from_partner[i * 128 + tid];
+        // two adjacent columns per atomic
         float* dq_h = dq_accum + (size_t)(b * H + h) * T * D;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int row = m0 + warp * 16 + grp + r * 8;
             if (row >= T) continue;
-            float* dq_row = dq_h + (size_t)row * D + quad * 2;
+            float* dq_row = dq_h + (size_t)row * D + wgi * 32 + quad * 2;
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n)
-                atomicAdd(reinterpret_cast<float2*>(dq_row + n * 8), make_float2(acc_dq[4 * n + 2 * r], acc_dq[4 * n + 2 * r + 1]));
+            for (int j = 0; j < 4; ++j)
+                atomicAdd(reinterpret_cast<float2*>(dq_row + j * 8), make_float2(half[4 * j + 2 * r], half[4 * j + 2 * r + 1]));
         }
         h = next_h, m_block = next_m_block;
         // dS^T and this stage's tiles are overwritten next step.
