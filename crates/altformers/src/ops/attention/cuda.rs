@@ -551,34 +551,28 @@ impl CustomOp3 for FlashAttention {
         let mut dk = bf16_output(dev, k.shape())?;
         let mut dv = bf16_output(dev, v.shape())?;
         {
-            let (func, cfg) = if self.kernels.backward.resolve(dev, dims.dh, Direction::Backward)?
-                == AttentionKernel::Wgmma
-            {
-                // 64 keys per warpgroup, two warpgroups per CTA (one with
-                // ALTFORMERS_ATTENTION_BWD_WG=1, an A/B): K, V and dS^T tiles of keys x 64
-                // bf16, two stages of Q and dO tiles of 64 x 64, two of lse and D (64 floats
-                // each), with two warpgroups dQ's exchange (2 x 16 floats x 128 threads),
-                // plus 1 KB to align the tiles to the swizzle's 1024-byte period.
-                let wgs = if std::env::var("ALTFORMERS_ATTENTION_BWD_WG").as_deref() == Ok("1") { 1 } else { 2 };
-                let keys = 64 * wgs;
-                let exchange = if wgs == 2 { 2 * 16 * 128 * 4 } else { 0 };
-                let shared = 3 * keys * 64 * 2 + 4 * 64 * 64 * 2 + 4 * 64 * 4 + exchange + 1024;
-                let cfg = LaunchConfig {
-                    grid_dim: (int(dims.s.div_ceil(keys))? as u32, dims.kvh as u32, dims.b as u32),
-                    block_dim: (128 * wgs as u32, 1, 1),
-                    shared_mem_bytes: shared as u32,
+            let (func, cfg) =
+                if self.kernels.backward.resolve(dev, dims.dh, Direction::Backward)? == AttentionKernel::Wgmma {
+                    // 128 keys (two warpgroups) per CTA: K, V and dS^T tiles of 128 x 64 bf16, two
+                    // stages of Q and dO tiles of 64 x 64, two of lse and D (64 floats each), dQ's
+                    // exchange (2 x 16 floats x 128 threads), plus 1 KB to align the tiles to the
+                    // swizzle's 1024-byte period.
+                    let shared = 3 * 128 * 64 * 2 + 4 * 64 * 64 * 2 + 4 * 64 * 4 + 2 * 16 * 128 * 4 + 1024;
+                    let cfg = LaunchConfig {
+                        grid_dim: (int(dims.s.div_ceil(128))? as u32, dims.kvh as u32, dims.b as u32),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: shared as u32,
+                    };
+                    (wgmma_kernel(dev, "flash_attention_bwd_wgmma_d64", shared)?, cfg)
+                } else {
+                    let shared = tiles.bwd_shared_bytes();
+                    let cfg = LaunchConfig {
+                        grid_dim: (int(dims.s.div_ceil(tiles.bwd_keys()))? as u32, dims.kvh as u32, dims.b as u32),
+                        block_dim: (32 * tiles.bwd_warps as u32, 1, 1),
+                        shared_mem_bytes: shared as u32,
+                    };
+                    (kernel(dev, &format!("flash_attention_bwd_d{}", dims.dh), shared)?, cfg)
                 };
-                let name = if wgs == 1 { "flash_attention_bwd_wgmma1_d64" } else { "flash_attention_bwd_wgmma_d64" };
-                (wgmma_kernel(dev, name, shared)?, cfg)
-            } else {
-                let shared = tiles.bwd_shared_bytes();
-                let cfg = LaunchConfig {
-                    grid_dim: (int(dims.s.div_ceil(tiles.bwd_keys()))? as u32, dims.kvh as u32, dims.b as u32),
-                    block_dim: (32 * tiles.bwd_warps as u32, 1, 1),
-                    shared_mem_bytes: shared as u32,
-                };
-                (kernel(dev, &format!("flash_attention_bwd_d{}", dims.dh), shared)?, cfg)
-            };
             let [t, s, h, kvh, offset] = dims.ints(self.offset)?;
             let (scale, scale_log2) = (dims.scale(), dims.scale() * std::f32::consts::LOG2_E);
             let CudaStorageSlice::BF16(dk_slice) = &mut dk.slice else { bail!("flash attention: dk is not bf16") };

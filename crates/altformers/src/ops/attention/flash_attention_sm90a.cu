@@ -45,13 +45,13 @@ __device__ __forceinline__ uint32_t chunk_offset(int rows, int row, int chunk) {
 
 // Rows row0 .. row0 + rows of a [n, D] matrix (D = 128 or 64) with rows `ld` elements apart
 // into a swizzled tile (zero-filled past n). At D = 64 the tile is one column half.
-template <int ROWS, int D = kD, int THREADS = kThreads>
+template <int ROWS, int D = kD>
 __device__ __forceinline__ void load_tile(uint32_t tile, const bf16* src, long long ld, int row0, int n) {
     constexpr int kChunks = ROWS * D / 8, kRowChunks = D / 8;
-    static_assert(kChunks % THREADS == 0, "whole chunks per thread");
+    static_assert(kChunks % kThreads == 0, "whole chunks per thread");
 #pragma unroll
-    for (int i = 0; i < kChunks / THREADS; ++i) {
-        const int c = i * THREADS + threadIdx.x, row = c / kRowChunks, chunk = c % kRowChunks;
+    for (int i = 0; i < kChunks / kThreads; ++i) {
+        const int c = i * kThreads + threadIdx.x, row = c / kRowChunks, chunk = c % kRowChunks;
         const bool valid = row0 + row < n;
         const bf16* from = valid ? src + (row0 + row) * ld + chunk * 8 : src;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + chunk_offset(ROWS, row, chunk)),
@@ -302,7 +302,6 @@ __device__ __forceinline__ void flash_fwd_wgmma(const bf16* __restrict__ q, cons
 // shares are summed through shared memory, each warpgroup adding half the columns to the f32
 // dq_accum with atomics. All tiles are [rows][64] bf16 with 128-byte rows in the forward's
 // swizzle. Dropout as flash_attention.cu's.
-template <int WGS>
 __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                   const bf16* __restrict__ v, Strides qs, Strides ks, Strides vs,
                                                   const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -313,7 +312,7 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
                                                   float drop_scale, int b0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace wg;
-    constexpr int BC = 64 * WGS, BR = 64, D = 64, kRowBytes = 128, THREADS = 128 * WGS;
+    constexpr int BC = 128, BR = 64, D = 64, kRowBytes = 128;
     constexpr int kKeyTile = BC * kRowBytes, kQueryTile = BR * kRowBytes;
     extern __shared__ __align__(16) unsigned char smem[];
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
@@ -342,9 +341,8 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
     auto load_step = [&](int h, int m_block, int stage) {
         const int m0 = m_block * BR;
         const size_t head = (size_t)(b * H + h) * T;
-        load_tile<BR, D, THREADS>(s_q + stage * kQueryTile, q + b * qs.batch + h * qs.head, qs.row, m0, T);
-        load_tile<BR, D, THREADS>(s_do + stage * kQueryTile, dout + ((size_t)b * T * H + h) * D, (long long)H * D, m0,
-                                  T);
+        load_tile<BR, D>(s_q + stage * kQueryTile, q + b * qs.batch + h * qs.head, qs.row, m0, T);
+        load_tile<BR, D>(s_do + stage * kQueryTile, dout + ((size_t)b * T * H + h) * D, (long long)H * D, m0, T);
         // lse and D by cp.async as well (4 bytes a thread, zero past T): a plain load here
         // would stall its warp until the values arrived.
         if (threadIdx.x < 2 * BR) {
@@ -357,8 +355,8 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
         }
     };
 
-    load_tile<BC, D, THREADS>(s_k, k_h, ks.row, n0, S);
-    load_tile<BC, D, THREADS>(s_v, v_h, vs.row, n0, S);
+    load_tile<BC, D>(s_k, k_h, ks.row, n0, S);
+    load_tile<BC, D>(s_v, v_h, vs.row, n0, S);
     if (steps > 0) load_step(kvh * group, m_first, 0);
     cp_async_commit();
 
@@ -484,40 +482,25 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
         // the same positions in both warpgroups' threads of one index. Warpgroup wg adds columns
         // 32 wg .. + 31 (n-tiles 4 wg .. + 3) to dq_accum: it hands the other half to its partner
         // through shared memory and adds the partner's half of its own, which halves the atomics.
+        const int tid = threadIdx.x % 128;
+        float* to_partner = s_dq + (1 - wgi) * 16 * 128;  // read by the other warpgroup
+#pragma unroll
+        for (int i = 0; i < 16; ++i) to_partner[i * 128 + tid] = wgi == 0 ? acc_dq[16 + i] : acc_dq[i];
+        __syncthreads();
+        const float* from_partner = s_dq + wgi * 16 * 128;
+        float half[16];  // half[4 j + e]: n-tile 4 wg + j
+#pragma unroll
+        for (int i = 0; i < 16; ++i) half[i] = (wgi == 0 ? acc_dq[i] : acc_dq[16 + i]) + from_partner[i * 128 + tid];
+        // two adjacent columns per atomic
         float* dq_h = dq_accum + (size_t)(b * H + h) * T * D;
-        if constexpr (WGS == 2) {
-            const int tid = threadIdx.x % 128;
-            float* to_partner = s_dq + (1 - wgi) * 16 * 128;  // read by the other warpgroup
 #pragma unroll
-            for (int i = 0; i < 16; ++i) to_partner[i * 128 + tid] = wgi == 0 ? acc_dq[16 + i] : acc_dq[i];
-            __syncthreads();
-            const float* from_partner = s_dq + wgi * 16 * 128;
-            float half[16];  // half[4 j + e]: n-tile 4 wg + j
+        for (int r = 0; r < 2; ++r) {
+            const int row = m0 + warp * 16 + grp + r * 8;
+            if (row >= T) continue;
+            float* dq_row = dq_h + (size_t)row * D + wgi * 32 + quad * 2;
 #pragma unroll
-            for (int i = 0; i < 16; ++i)
-                half[i] = (wgi == 0 ? acc_dq[i] : acc_dq[16 + i]) + from_partner[i * 128 + tid];
-            // two adjacent columns per atomic
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = m0 + warp * 16 + grp + r * 8;
-                if (row >= T) continue;
-                float* dq_row = dq_h + (size_t)row * D + wgi * 32 + quad * 2;
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    atomicAdd(reinterpret_cast<float2*>(dq_row + j * 8),
-                              make_float2(half[4 * j + 2 * r], half[4 * j + 2 * r + 1]));
-            }
-        } else {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = m0 + warp * 16 + grp + r * 8;
-                if (row >= T) continue;
-                float* dq_row = dq_h + (size_t)row * D + quad * 2;
-#pragma unroll
-                for (int n = 0; n < D / 8; ++n)
-                    atomicAdd(reinterpret_cast<float2*>(dq_row + n * 8),
-                              make_float2(acc_dq[4 * n + 2 * r], acc_dq[4 * n + 2 * r + 1]));
-            }
+            for (int j = 0; j < 4; ++j)
+                atomicAdd(reinterpret_cast<float2*>(dq_row + j * 8), make_float2(half[4 * j + 2 * r], half[4 * j + 2 * r + 1]));
         }
         h = next_h, m_block = next_m_block;
         // dS^T and this stage's tiles are overwritten next step.
@@ -561,16 +544,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_bwd_wgmma_d
     const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs, const bf16* dout, const float* lse,
     const float* delta, float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H, int KVH, int offset, float scale_log2,
     float scale, unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {
-    flash_bwd_wgmma64<2>(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, T, S, H, KVH, offset, scale_log2,
-                         scale, seed_lo, seed_hi, threshold, drop_scale, b0);
-}
-
-// One warpgroup of 64 keys per CTA, two CTAs per SM (an A/B against the two-warpgroup CTA,
-// whose barriers keep its warpgroups in step).
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_bwd_wgmma1_d64(
-    const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs, const bf16* dout, const float* lse,
-    const float* delta, float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H, int KVH, int offset, float scale_log2,
-    float scale, unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {
-    flash_bwd_wgmma64<1>(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, T, S, H, KVH, offset, scale_log2,
-                         scale, seed_lo, seed_hi, threshold, drop_scale, b0);
+    flash_bwd_wgmma64(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, T, S, H, KVH, offset, scale_log2, scale,
+                      seed_lo, seed_hi, threshold, drop_scale, b0);
 }
