@@ -831,13 +831,16 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    // The program runs on thread 0 of a rayon pool of that size, so a fused op's parallel
-    // loop starts on the thread that calls it: with one thread it runs inline, with more the
-    // caller works beside the others. Called from outside any pool, every loop was handed to a
-    // pool thread and waited for (two futex wake-ups per op: on this project's 2-core VM, 13%
-    // of a one-thread CPU training step went to the kernel's wake-ups). Threads the program
-    // starts itself use rayon's global pool as before. The stack as large as a main thread's.
-    let pool = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build();
+    // The main thread is thread 0 of a rayon pool of that size, so a fused op's parallel loop
+    // starts on the thread that calls it: with one thread it runs inline, with more the caller
+    // works beside the others. Called from outside any pool, every loop was handed to a pool
+    // thread and waited for (two futex wake-ups per op: on this project's 2-core VM, 13% of a
+    // one-thread CPU training step went to the kernel's wake-ups). The main thread itself, not
+    // a pool thread running the program: glibc gives other threads arenas of their own, which
+    // the allocator settings above do not hold in place (run on a pool thread, a one-thread
+    // scaling sweep of AFT-simple spent as long in the kernel as in user space and took 2x).
+    // Threads the program starts itself use rayon's global pool as before.
+    let pool = rayon::ThreadPoolBuilder::new().use_current_thread().stack_size(8 << 20).build();
     let result = match pool {
         Ok(pool) => pool.install(|| run(cli.command)),
         Err(e) => Err(anyhow::anyhow!("cannot start the thread pool: {e}")),

@@ -21,6 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::Dims;
 use crate::cpu::{product, Mat, Real};
 
 /// Queries per block: the block's scores (64 x S) stay in the cache at the lengths training
@@ -37,45 +38,11 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 
 /// Causal softmax attention, fused (see the module doc).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
-    let dims = Dims::of(q, k, v)?;
+    let dims = Dims::of(q, k, v, "CPU attention")?;
     q.apply_op3(k, v, FusedAttention { dims, offset })
 }
 
-/// The sizes, checked: `b` sequences, `h` query heads in `kvh` groups, `t` queries, `s` keys
-/// of width `dh`.
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    b: usize,
-    h: usize,
-    kvh: usize,
-    t: usize,
-    s: usize,
-    dh: usize,
-}
-
 impl Dims {
-    fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
-        let (b, h, t, dh) = q.dims4()?;
-        let (kb, kvh, s, kdh) = k.dims4()?;
-        if v.dims4()? != (kb, kvh, s, kdh) || kb != b || kdh != dh {
-            candle_core::bail!(
-                "CPU attention: shapes q {:?}, k {:?}, v {:?} do not match",
-                q.shape(),
-                k.shape(),
-                v.shape()
-            )
-        }
-        if kvh == 0 || h % kvh != 0 {
-            candle_core::bail!("CPU attention: {h} query heads are not a multiple of {kvh} key/value heads")
-        }
-        Ok(Self { b, h, kvh, t, s, dh })
-    }
-
-    /// Query heads per key/value head.
-    fn group(&self) -> usize {
-        self.h / self.kvh
-    }
-
     /// The blocks of key/value head `g`'s query heads: (head within the group, head, first
     /// query, queries in the block).
     fn blocks(&self, g: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {

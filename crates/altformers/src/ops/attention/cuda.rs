@@ -70,6 +70,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapE
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::Dims;
 use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
 use crate::kernels::ptx;
 use crate::ops::dropout::Dropout;
@@ -260,17 +261,10 @@ pub fn causal_attention_with(
     dropout: Option<Dropout>,
     first: usize,
 ) -> Result<Tensor> {
-    let (b, h, t, dh) = q.dims4()?;
-    let (kb, kvh, s, kdh) = k.dims4()?;
     if !supports(q, k, v) {
         bail!("flash attention: needs bf16 CUDA tensors with head width 64 or 128 (q {:?} {:?})", q.dtype(), q.shape())
     }
-    if v.dims4()? != (kb, kvh, s, kdh) || kb != b || kdh != dh {
-        bail!("flash attention: shapes q {:?}, k {:?}, v {:?} do not match", q.shape(), k.shape(), v.shape())
-    }
-    if kvh == 0 || h % kvh != 0 {
-        bail!("flash attention: {h} query heads are not a multiple of {kvh} key/value heads")
-    }
+    let Dims { b, h, t, s, .. } = Dims::of(q, k, v, "flash attention")?;
     if t >= MAX_POSITIONS || s >= MAX_POSITIONS || offset >= MAX_POSITIONS || h > MAX_GRID_YZ || b > MAX_GRID_YZ {
         bail!("flash attention: sizes out of range (B {b}, H {h}, T {t}, S {s}, offset {offset})")
     }
@@ -415,23 +409,7 @@ fn module_kernel(dev: &CudaDevice, module: &str, ptx: &str, name: &str, shared_b
     Ok(func)
 }
 
-struct Dims {
-    b: usize,
-    h: usize,
-    kvh: usize,
-    t: usize,
-    s: usize,
-    dh: usize,
-}
-
 impl Dims {
-    /// From the op's token-major `q: [B, T, H, d_h]` and `k: [B, S, KVH, d_h]`.
-    fn new(q: &Shape, k: &Shape) -> Result<Self> {
-        let (b, t, h, dh) = q.dims4()?;
-        let (_, s, kvh, _) = k.dims4()?;
-        Ok(Self { b, h, kvh, t, s, dh })
-    }
-
     fn scale(&self) -> f32 {
         1.0 / (self.dh as f32).sqrt()
     }
@@ -458,7 +436,7 @@ impl CustomOp3 for FlashAttention {
         vs: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dims = Dims::new(ql.shape(), kl.shape())?;
+        let dims = Dims::token_major(ql.shape(), kl.shape())?;
         let tiles = Tiles::for_head_dim(dims.dh)?;
         let dev = launch::device(qs);
         let ((q, q_st), (k, k_st), (v, v_st)) =
@@ -516,7 +494,7 @@ impl CustomOp3 for FlashAttention {
         let Some(lse) = lse_guard.as_ref() else { bail!("flash attention backward: no forward log-sum-exp held") };
         let grad_out = grad_out.to_dtype(DType::BF16)?.contiguous()?;
         let out = out.contiguous()?;
-        let dims = Dims::new(q.shape(), k.shape())?;
+        let dims = Dims::token_major(q.shape(), k.shape())?;
         let tiles = Tiles::for_head_dim(dims.dh)?;
         let guards = [q, k, v, &out, &grad_out].map(|t| t.storage_and_layout());
         let [(qg, ql), (kg, kl), (vg, vl), (og, ol), (gg, gl)] = &guards;

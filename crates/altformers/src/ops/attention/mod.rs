@@ -15,9 +15,51 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Shape, Tensor};
 
 use causal_softmax::causal_softmax;
+
+/// The sizes of a causal attention call: `b` sequences, `h` query heads in `kvh` groups, `t`
+/// queries, `s` keys, head width `dh`. The fused ops (`cpu`, `cuda`) check their inputs here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub t: usize,
+    pub s: usize,
+    pub dh: usize,
+}
+
+impl Dims {
+    /// From head-major `q: [B, H, T, d_h]` and `k, v: [B, KVH, S, d_h]`, checked: the shapes
+    /// agree and the key/value heads divide the query heads. `op` names the caller in errors.
+    pub fn of(q: &Tensor, k: &Tensor, v: &Tensor, op: &str) -> Result<Self> {
+        let (b, h, t, dh) = q.dims4()?;
+        let (kb, kvh, s, kdh) = k.dims4()?;
+        if v.dims4()? != (kb, kvh, s, kdh) || kb != b || kdh != dh {
+            candle_core::bail!("{op}: shapes q {:?}, k {:?}, v {:?} do not match", q.shape(), k.shape(), v.shape())
+        }
+        if kvh == 0 || h % kvh != 0 {
+            candle_core::bail!("{op}: {h} query heads are not a multiple of {kvh} key/value heads")
+        }
+        Ok(Self { b, h, kvh, t, s, dh })
+    }
+
+    /// From token-major `q: [B, T, H, d_h]` and `k: [B, S, KVH, d_h]` shapes (the CUDA op's
+    /// operands, checked by [`Dims::of`] before they were laid out so).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn token_major(q: &Shape, k: &Shape) -> Result<Self> {
+        let (b, t, h, dh) = q.dims4()?;
+        let (_, s, kvh, _) = k.dims4()?;
+        Ok(Self { b, h, kvh, t, s, dh })
+    }
+
+    /// Query heads per key/value head.
+    pub fn group(&self) -> usize {
+        self.h / self.kvh
+    }
+}
 
 /// Softmax attention of queries at positions `offset..offset+T` over keys `0..S`, causal:
 /// query t sees keys s <= offset + t. Grouped heads share K/V without copying them: the G
