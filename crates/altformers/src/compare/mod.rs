@@ -369,6 +369,8 @@ fn write_meta(
     if !select.models.is_empty() {
         meta.command += &format!(" --models {}", select.models.join(","));
     }
+    // the training parts' workers (the tokens/s column is measured beside the others)
+    meta.command += &format!(" --jobs {}", select.workers(device));
     crate::util::write_json_atomic(
         &out.join("meta.json"),
         &serde_json::json!({ "provenance": meta, "preset": preset_name, "description": preset.description }),
