@@ -44,7 +44,10 @@
 //!   same GPT-2-small step; more warps sharing a tile did not help). The warpgroup MMA reads
 //!   its shared operands itself (swizzled tiles, no padding) and keeps P^T and dS^T in
 //!   registers as A operands. The backward at width 64 has two warpgroups of 64 keys share each
-//!   Q and dO tile; each adds its share of dQ with atomics.
+//!   Q and dO tile; their dQ shares are summed in shared memory, each adding half the columns
+//!   with atomics. It measured 1.29x the `mma.sync` backward, still about half cuDNN's speed:
+//!   one CTA per SM (190 registers) whose GEMM and elementwise phases run in turn
+//!   (bench/results/2026-12-03-h200-train-speed, session 44).
 //! - Shared tiles are row-padded by 8 bf16 (16 bytes) rather than swizzled: `ldmatrix` then
 //!   reads 8 rows in distinct banks and `cp.async` 16-byte chunks stay aligned. Loads of the
 //!   next block (K/V forward, Q/dO/lse/D backward) overlap the current block's math (two
