@@ -29,6 +29,7 @@
 #include "async_copy.cuh"
 #include "convert.cuh"
 #include "dropout.cuh"
+#include "flash_attention_bwd.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -379,10 +380,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     const bf16* k_h = k + b * ks.batch + kvh * ks.head;
     const bf16* v_h = v + b * vs.batch + kvh * vs.head;
 
-    // Query blocks that see at least one key of this block: rows i >= n0 - offset.
-    const int m_first = max(0, n0 - offset) / BR;
-    const int m_count = max(0, (T + BR - 1) / BR - m_first);
-    const int steps = group * m_count;
+    const QueryBlocks blocks(n0, offset, T, BR);
+    const int steps = group * blocks.count;
 
     auto load_step = [&](int h, int m_block, int stage) {
         const int m0 = m_block * BR;
@@ -399,7 +398,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 
     load_tile_async<BC, D, THREADS>(s_k, k_h, ks.row, n0, S);
     load_tile_async<BC, D, THREADS>(s_v, v_h, vs.row, n0, S);
-    if (steps > 0) load_step(kvh * group, m_first, 0);
+    if (steps > 0) load_step(kvh * group, blocks.first, 0);
     cp_async_commit();
 
     float acc_dk[D / 8][4], acc_dv[D / 8][4];
@@ -411,11 +410,11 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     const int dq_mt = warp % M_TILES, dq_nt0 = (warp / M_TILES) * DQ_NT;
 
     // (head, query block) of this step and the next, advanced without a division per step.
-    int h = kvh * group, m_block = m_first;
+    int h = kvh * group, m_block = blocks.first;
     int next_h = h, next_m_block = m_block;
     for (int step = 0; step < steps; ++step) {
         const int stage = step & 1;
-        if (++next_m_block == m_first + m_count) next_m_block = m_first, ++next_h;
+        blocks.advance(next_h, next_m_block);
         if (step + 1 < steps) load_step(next_h, next_m_block, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
@@ -428,6 +427,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         const bf16* do_tile = s_do + stage * BR * LD;
         const float* lse_tile = s_lse + stage * BR;
         const float* delta_tile = s_delta + stage * BR;
+        // this head's first row in the dropout mask's coordinates
+        const unsigned long long row0 = (unsigned long long)((b0 + b) * H + h) * T;
 
         // S^T and dP^T = V dO^T for this warp's 16 keys x BR queries.
         float acc_s[BR / 8][4], acc_dp[BR / 8][4];
@@ -459,22 +460,10 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             const float2 delta2 = *reinterpret_cast<const float2*>(delta_tile + nt * 8 + quad * 2);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                // A masked score can exceed the row's log-sum-exp (exp2 gives inf): selected away.
-                float p = exp2f(fmaf(acc_s[nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x)));
-                if (!all_visible) {
-                    const int key = n0 + warp * 16 + grp + (e >> 1) * 8;
-                    const int query = m0 + nt * 8 + quad * 2 + (e & 1);
-                    p = key <= offset + query && query < T && key < S ? p : 0.f;
-                }
-                float keep = 1.f;
-                if (threshold != 0) {
-                    const int key = n0 + warp * 16 + grp + (e >> 1) * 8;
-                    const int query = m0 + nt * 8 + quad * 2 + (e & 1);
-                    const unsigned long long at = ((unsigned long long)((b0 + b) * H + h) * T + query) * S + key;
-                    keep = dropout_bits(seed_lo, seed_hi, at) >= threshold ? drop_scale : 0.f;
-                }
-                acc_s[nt][e] = p * keep;
-                acc_dp[nt][e] = p * (acc_dp[nt][e] * keep - ((e & 1) ? delta2.y : delta2.x));
+                const int key = n0 + warp * 16 + grp + (e >> 1) * 8, query = m0 + nt * 8 + quad * 2 + (e & 1);
+                backward_element(acc_s[nt][e], acc_dp[nt][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? delta2.y : delta2.x,
+                                 key, query, all_visible, offset, T, S, row0, scale_log2, seed_lo, seed_hi, threshold,
+                                 drop_scale);
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r)

@@ -22,6 +22,7 @@
 #include "async_copy.cuh"
 #include "convert.cuh"
 #include "dropout.cuh"
+#include "flash_attention_bwd.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -333,10 +334,8 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
     const bf16* k_h = k + b * ks.batch + kvh * ks.head;
     const bf16* v_h = v + b * vs.batch + kvh * vs.head;
 
-    // Query blocks that see at least one key of this block: rows i >= n0 - offset.
-    const int m_first = max(0, n0 - offset) / BR;
-    const int m_count = max(0, (T + BR - 1) / BR - m_first);
-    const int steps = group * m_count;
+    const QueryBlocks blocks(n0, offset, T, BR);
+    const int steps = group * blocks.count;
 
     auto load_step = [&](int h, int m_block, int stage) {
         const int m0 = m_block * BR;
@@ -357,7 +356,7 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
 
     load_tile<BC, D>(s_k, k_h, ks.row, n0, S);
     load_tile<BC, D>(s_v, v_h, vs.row, n0, S);
-    if (steps > 0) load_step(kvh * group, m_first, 0);
+    if (steps > 0) load_step(kvh * group, blocks.first, 0);
     cp_async_commit();
 
     float acc_dk[32], acc_dv[32];
@@ -367,11 +366,11 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
     const uint32_t k_rows = s_k + wgi * 64 * kRowBytes, v_rows = s_v + wgi * 64 * kRowBytes;
     const uint32_t ds_rows = s_ds + wgi * 64 * kRowBytes;
 
-    int h = kvh * group, m_block = m_first;
+    int h = kvh * group, m_block = blocks.first;
     int next_h = h, next_m_block = m_block;
     for (int step = 0; step < steps; ++step) {
         const int stage = step & 1;
-        if (++next_m_block == m_first + m_count) next_m_block = m_first, ++next_h;
+        blocks.advance(next_h, next_m_block);
         if (step + 1 < steps) load_step(next_h, next_m_block, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
@@ -382,6 +381,8 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
         const uint32_t q_tile = s_q + stage * kQueryTile, do_tile = s_do + stage * kQueryTile;
         const float* lse_tile = s_lse + stage * BR;
         const float* delta_tile = s_delta + stage * BR;
+        // this head's first row in the dropout mask's coordinates
+        const unsigned long long row0 = (unsigned long long)((b0 + b) * H + h) * T;
 
         // S^T = K Q^T and dP^T = V dO^T over d in 4 steps of 16 (32 bytes along the rows).
         float acc_s[32], acc_dp[32];
@@ -410,16 +411,9 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = n0 + local_lo + (e >> 1) * 8, query = m0 + n * 8 + quad * 2 + (e & 1);
-                // A masked score can exceed the row's log-sum-exp (exp2 gives inf): selected away.
-                float p = exp2f(fmaf(acc_s[4 * n + e], scale_log2, -((e & 1) ? lse2.y : lse2.x)));
-                if (!all_visible) p = key <= offset + query && query < T && key < S ? p : 0.f;
-                float keep = 1.f;
-                if (threshold != 0) {
-                    const unsigned long long at = ((unsigned long long)((b0 + b) * H + h) * T + query) * S + key;
-                    keep = dropout_bits(seed_lo, seed_hi, at) >= threshold ? drop_scale : 0.f;
-                }
-                acc_s[4 * n + e] = p * keep;
-                acc_dp[4 * n + e] = p * (acc_dp[4 * n + e] * keep - ((e & 1) ? delta2.y : delta2.x));
+                backward_element(acc_s[4 * n + e], acc_dp[4 * n + e], (e & 1) ? lse2.y : lse2.x,
+                                 (e & 1) ? delta2.y : delta2.x, key, query, all_visible, offset, T, S, row0,
+                                 scale_log2, seed_lo, seed_hi, threshold, drop_scale);
             }
             // dS^T row (key) r, queries 8 n .. + 7: 16-byte chunk n of the swizzled row
 #pragma unroll
