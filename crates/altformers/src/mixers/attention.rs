@@ -16,7 +16,8 @@ use crate::complexity::{Complexity, CostShape, Judgement, Review};
 use crate::config::{ModelConfig, Position};
 use crate::nn::Linear;
 use crate::ops::attention::{
-    bidirectional_attention, causal_attention, causal_attention_with_dropout, key_padding_bias,
+    bidirectional_attention, causal_attention, causal_attention_packed, causal_attention_with_dropout,
+    key_padding_bias, runs_packed,
 };
 use crate::params::ParamBuilder;
 use crate::primitives::rotary;
@@ -81,6 +82,12 @@ impl Attention {
     /// The parallel form, keys padded where `keep: [B, T]` is 0 (bidirectional only), with
     /// dropout on the probabilities where given.
     fn parallel(&self, x: &Tensor, keep: Option<&Tensor>, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
+        if self.causal && keep.is_none() && self.rope_base.is_none() && runs_packed(x, self.head_dim) {
+            // one product each way for q, k and v: the kernels read their blocks in place
+            // and write their gradient as one tensor
+            let y = causal_attention_packed(&self.qkv.forward(x)?, self.heads, self.kv_heads, dropout)?;
+            return self.out.forward(&y);
+        }
         let (q, k, v) = self.project(x, 0)?;
         let y = match (self.causal, keep) {
             (true, None) => causal_attention_with_dropout(&q, &k, &v, 0, dropout)?,

@@ -230,6 +230,56 @@ fn views_are_read_in_place(dev: &Device, dh: usize, kernels: Kernels) {
     assert_eq!(diff(&dx_views, &dx_copies), 0.0, "dh {dh} {kernels:?}: projection gradient");
 }
 
+/// Attention over a fused projection's output as one operand (`causal_attention_packed`: the
+/// blocks read in place, the gradient written by the kernels as one tensor) gives exactly what
+/// the three blocks as views give, forward and the projection's gradient: both kernel families,
+/// both widths, grouped heads, with and without dropout.
+#[test]
+fn a_packed_projection_matches_its_blocks() {
+    let dev = Device::new_cuda(0).unwrap();
+    for dh in [64, 128] {
+        for kernel in [AttentionKernel::MmaSync, AttentionKernel::Wgmma] {
+            for p in [0.0, 0.3] {
+                packed_matches_blocks(&dev, dh, Kernels::both(kernel), p);
+            }
+        }
+    }
+}
+
+fn packed_matches_blocks(dev: &Device, dh: usize, kernels: Kernels, p: f64) {
+    let (b, t, h, kvh) = (2, 130, 4, 2);
+    let width = (h + 2 * kvh) * dh;
+    let on_gpu = |x: Tensor| x.reshape((b, t, x.elem_count() / (b * t))).unwrap().to_device(dev).unwrap();
+    let qkv = Var::from_tensor(&on_gpu(random_bf16((b, t, 1, width), 31))).unwrap();
+    let grad = on_gpu(random_bf16((b, t, 1, h * dh), 32)).to_dtype(DType::F32).unwrap();
+    let block =
+        |x: &Tensor, start: usize, n: usize| x.narrow(2, start * dh, n * dh).unwrap().reshape((b, t, n, dh)).unwrap().transpose(1, 2).unwrap();
+    let run = |packed: bool| {
+        let x = qkv.as_tensor();
+        poison_allocator(dev);
+        let dropout = draw(p, &mut Rng::new(9)).unwrap();
+        let out = if packed {
+            flash_attention::causal_attention_packed(x, h, kvh, kernels, dropout, 0).unwrap()
+        } else {
+            let (q, k, v) = (block(x, 0, h), block(x, h, kvh), block(x, h + kvh, kvh));
+            let y = flash_attention::causal_attention_with(&q, &k, &v, 0, kernels, dropout, 0).unwrap();
+            y.transpose(1, 2).unwrap().reshape((b, t, h * dh)).unwrap()
+        };
+        let out = out.to_dtype(DType::F32).unwrap();
+        let grads = (&out * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+        (out, grads.get(x).unwrap().to_dtype(DType::F32).unwrap())
+    };
+    let ((out_packed, dx_packed), (out_blocks, dx_blocks)) = (run(true), run(false));
+    let case = format!("dh {dh} {kernels:?} dropout {p}");
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let total = |x: &Tensor| x.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    for (name, x) in [("output", &out_packed), ("gradient", &dx_packed)] {
+        assert!(total(x).is_finite() && total(x) > 0.0, "{case}: {name} unwritten or not finite");
+    }
+    assert_eq!(diff(&out_packed, &out_blocks), 0.0, "{case}: output");
+    assert_eq!(diff(&dx_packed, &dx_blocks), 0.0, "{case}: projection gradient");
+}
+
 /// On Hopper the default forward at widths 64 and 128 and the default backward at width 64 are
 /// the wgmma kernels; the backward at 128 and the explicit choice `mma` stay on `mma.sync`.
 #[test]

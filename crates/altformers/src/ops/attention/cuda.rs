@@ -71,7 +71,8 @@ use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{bail, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use half::bf16;
 
 use super::Dims;
 use crate::kernels::launch::{self, LaunchConfig, PushKernelArg};
@@ -274,24 +275,60 @@ pub fn causal_attention_with(
     if first >= MAX_POSITIONS {
         bail!("flash attention: batch start {first} out of range")
     }
-    // the wgmma forward has no dropout; the wgmma backward has
-    let forward = if dropout.is_some() { AttentionKernel::MmaSync } else { kernels.forward };
-    let kernels = Kernels { forward, ..kernels };
-    let op = FlashAttention { offset, kernels, dropout: DropoutArgs::new(dropout, first), lse: Mutex::new(None) };
+    let op = FlashAttention::new(offset, kernels, dropout, first);
     // The op works token-major: `[B, T, H, d_h]` views of the head-major operands, read in
     // place where their strides allow; its output back to head-major as a view.
     let [q, k, v] = [q, k, v].map(|x| readable_in_place(&x.transpose(1, 2)?));
     q?.apply_op3(&k?, &v?, op)?.transpose(1, 2)
 }
 
+/// Whether [`causal_attention_packed`] runs for a fused projection's output `qkv: [B, T, (H +
+/// 2 KVH) d_h]` of head width `dh`: as [`supports`], and the batch within the grid.
+pub fn supports_packed(qkv: &Tensor, dh: usize) -> bool {
+    let in_grid = qkv.dims().first().is_some_and(|&b| b <= MAX_GRID_YZ);
+    qkv.device().is_cuda()
+        && qkv.dtype() == DType::BF16
+        && matches!(dh, 64 | 128)
+        && qkv.elem_count() > 0
+        && in_grid
+        && crate::kernels::enabled("attention")
+}
+
+/// Causal attention over one fused projection's output `qkv: [B, T, (H + 2 KVH) d_h]`
+/// (queries, keys and values in consecutive blocks of features, positions from 0) -> `[B, T,
+/// H d_h]`, token-major: [`causal_attention`] on the three blocks read in place, with
+/// `dropout` and `first` as there. The backward writes qkv's gradient as one tensor, so the
+/// projection's backward is one product each way: the three blocks as views would come back
+/// as three gradients, each zero-padded to the full width and summed (the weight's rows cut
+/// into three products instead cost 72 more products a GPT-2-small step). Requires
+/// [`supports_packed`].
+pub fn causal_attention_packed(
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    kernels: Kernels,
+    dropout: Option<Dropout>,
+    first: usize,
+) -> Result<Tensor> {
+    let dh = qkv.dim(2)? / (heads + 2 * kv_heads).max(1);
+    if !supports_packed(qkv, dh) {
+        bail!("flash attention: needs a bf16 CUDA qkv with head width 64 or 128 (qkv {:?} {:?})", qkv.dtype(), qkv.shape())
+    }
+    if qkv.dim(1)? >= MAX_POSITIONS || heads > MAX_GRID_YZ || first >= MAX_POSITIONS {
+        bail!("flash attention: sizes out of range (qkv {:?}, batch start {first})", qkv.shape())
+    }
+    let attention = FlashAttention::new(0, kernels, dropout, first);
+    let qkv = readable_in_place(qkv)?;
+    qkv.apply_op1_arc(std::sync::Arc::new(PackedFlashAttention { attention, heads, kv_heads }))
+}
+
 /// `x` if the kernels can read it where it is (rows contiguous; strides and start on 16-byte
 /// boundaries), else a contiguous copy.
 fn readable_in_place(x: &Tensor) -> Result<Tensor> {
     let layout = x.layout();
-    let aligned = |n: usize| n % 8 == 0;
-    let ok =
-        layout.stride()[3] == 1 && layout.stride()[..3].iter().all(|&s| aligned(s)) && aligned(layout.start_offset());
-    if ok {
+    let aligned = |n: &usize| n % 8 == 0;
+    let (row, outer) = layout.stride().split_last().expect("attention operands have dimensions");
+    if *row == 1 && outer.iter().all(aligned) && aligned(&layout.start_offset()) {
         Ok(x.clone())
     } else {
         x.contiguous()
@@ -304,6 +341,15 @@ struct FlashAttention {
     dropout: DropoutArgs,
     /// `[B, H, T]` log-sum-exp from the forward, for the backward.
     lse: Mutex<Option<CudaSlice<f32>>>,
+}
+
+impl FlashAttention {
+    fn new(offset: usize, kernels: Kernels, dropout: Option<Dropout>, first: usize) -> Self {
+        // the wgmma forward has no dropout; the wgmma backward has
+        let forward = if dropout.is_some() { AttentionKernel::MmaSync } else { kernels.forward };
+        let kernels = Kernels { forward, ..kernels };
+        Self { offset, kernels, dropout: DropoutArgs::new(dropout, first), lse: Mutex::new(None) }
+    }
 }
 
 /// The kernels' dropout arguments: the seed's halves, the keep threshold (0: no dropout),
@@ -423,28 +469,77 @@ impl Dims {
     }
 }
 
-impl CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "flash-attention"
-    }
+/// q, k and v as the kernels read them: each operand's memory from its first element, at
+/// its [`Strides`] (token-major `[B, rows, heads, d_h]`).
+struct Operands<'a> {
+    q: CudaView<'a, bf16>,
+    k: CudaView<'a, bf16>,
+    v: CudaView<'a, bf16>,
+    strides: [Strides; 3],
+}
 
-    launch::cuda_only!("flash attention: CUDA only (CPU tensors take the reference expression)", _, _, _);
-
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dims = Dims::token_major(ql.shape(), kl.shape())?;
-        let tiles = Tiles::for_head_dim(dims.dh)?;
-        let dev = launch::device(qs);
+impl<'a> Operands<'a> {
+    /// Three tensors' memory at their layouts' strides.
+    fn separate(
+        (qs, ql): (&'a CudaStorage, &Layout),
+        (ks, kl): (&'a CudaStorage, &Layout),
+        (vs, vl): (&'a CudaStorage, &Layout),
+    ) -> Result<Self> {
         let ((q, q_st), (k, k_st), (v, v_st)) =
             (bf16_strided!(qs, ql, "q"), bf16_strided!(ks, kl, "k"), bf16_strided!(vs, vl, "v"));
-        let mut out = bf16_output(dev, ql.shape())?;
+        Ok(Self { q, k, v, strides: [q_st, k_st, v_st] })
+    }
+
+    /// The three consecutive blocks of features of one fused projection's output `qkv: [B, T,
+    /// (H + 2 KVH) d_h]` (rows contiguous).
+    fn packed(storage: &'a CudaStorage, layout: &Layout, dims: &Dims) -> Result<Self> {
+        let CudaStorageSlice::BF16(slice) = &storage.slice else { bail!("flash attention: qkv must be bf16") };
+        let st = layout.stride();
+        if st.len() != 3 || st[2] != 1 {
+            bail!("flash attention: qkv's rows must be contiguous (layout {layout:?})")
+        }
+        let strides = Strides { batch: st[0] as i64, head: dims.dh as i64, row: st[1] as i64 };
+        let at = |heads: usize| slice.slice(layout.start_offset() + heads * dims.dh..);
+        Ok(Self { q: at(0), k: at(dims.h), v: at(dims.h + dims.kvh), strides: [strides; 3] })
+    }
+}
+
+/// Where the backward writes dq, dk and dv: device addresses and token-major strides (dk's and
+/// dv's the same).
+struct GradTargets {
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    dq_strides: Strides,
+    kv_strides: Strides,
+}
+
+impl GradTargets {
+    /// Contiguous `[B, T, H, d_h]`, `[B, S, KVH, d_h]` and `[B, S, KVH, d_h]` at `[dq, dk, dv]`.
+    fn separate([dq, dk, dv]: [u64; 3], dims: &Dims) -> Self {
+        let contiguous = |rows: usize, heads: usize| Strides {
+            batch: (rows * heads * dims.dh) as i64,
+            head: dims.dh as i64,
+            row: (heads * dims.dh) as i64,
+        };
+        Self { dq, dk, dv, dq_strides: contiguous(dims.t, dims.h), kv_strides: contiguous(dims.s, dims.kvh) }
+    }
+
+    /// The blocks of one contiguous `[B, T, (H + 2 KVH) d_h]` bf16 gradient at `base`.
+    fn packed(base: u64, dims: &Dims) -> Self {
+        let width = (dims.h + 2 * dims.kvh) * dims.dh;
+        let strides = Strides { batch: (dims.t * width) as i64, head: dims.dh as i64, row: width as i64 };
+        let at = |heads: usize| base + (heads * dims.dh * 2) as u64;
+        Self { dq: at(0), dk: at(dims.h), dv: at(dims.h + dims.kvh), dq_strides: strides, kv_strides: strides }
+    }
+}
+
+impl FlashAttention {
+    /// The forward kernel on `ops` (sizes `dims`): the output, contiguous `[B, T, H, d_h]`; the
+    /// log-sum-exp is kept for the backward.
+    fn forward(&self, dev: &CudaDevice, dims: &Dims, ops: &Operands) -> Result<CudaStorage> {
+        let tiles = Tiles::for_head_dim(dims.dh)?;
+        let mut out = bf16_output(dev, &Shape::from_dims(&[dims.b, dims.t, dims.h, dims.dh]))?;
         let mut lse = launch::uninit::<f32>(dev, dims.b * dims.h * dims.t)?;
         let forward = self.kernels.forward.resolve(dev, dims.dh, Direction::Forward)?;
         let (func, cfg) = if forward == AttentionKernel::Wgmma {
@@ -470,8 +565,9 @@ impl CustomOp3 for FlashAttention {
         let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
         {
             let CudaStorageSlice::BF16(o) = &mut out.slice else { bail!("flash attention: output is not bf16") };
+            let [q_st, k_st, v_st] = &ops.strides;
             let mut b = func.builder();
-            b.arg(&q).arg(&k).arg(&v).arg(&q_st).arg(&k_st).arg(&v_st).arg(o).arg(&mut lse);
+            b.arg(&ops.q).arg(&ops.k).arg(&ops.v).arg(q_st).arg(k_st).arg(v_st).arg(o).arg(&mut lse);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2);
             if forward == AttentionKernel::MmaSync {
                 self.dropout.push(&mut b);
@@ -482,31 +578,27 @@ impl CustomOp3 for FlashAttention {
             unsafe { b.launch(cfg) }.w()?;
         }
         *self.lse.lock().expect("flash attention: lse lock poisoned") = Some(lse);
-        Ok((out, ql.shape().clone()))
+        Ok(out)
     }
 
-    fn bwd(
+    /// The backward kernels: `D = rowsum(dO * O)`, dK and dV (and dQ's f32 sums), dQ in bf16,
+    /// the gradients written at `grads`. `out` and `grad_out` as the op's output.
+    fn backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        dims: &Dims,
+        ops: &Operands,
         out: &Tensor,
         grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        grads: &GradTargets,
+    ) -> Result<()> {
         let lse_guard = self.lse.lock().expect("flash attention: lse lock poisoned");
         let Some(lse) = lse_guard.as_ref() else { bail!("flash attention backward: no forward log-sum-exp held") };
-        let grad_out = grad_out.to_dtype(DType::BF16)?.contiguous()?;
-        let out = out.contiguous()?;
-        let dims = Dims::token_major(q.shape(), k.shape())?;
         let tiles = Tiles::for_head_dim(dims.dh)?;
-        let guards = [q, k, v, &out, &grad_out].map(|t| t.storage_and_layout());
-        let [(qg, ql), (kg, kl), (vg, vl), (og, ol), (gg, gl)] = &guards;
-        let qs = launch::storage(qg, "flash attention backward", "q")?;
-        let dev = launch::device(qs);
-        let (q_view, q_st) = bf16_strided!(qs, ql, "q");
-        let (k_view, k_st) = bf16_strided!(launch::storage(kg, "flash attention backward", "k")?, kl, "k");
-        let (v_view, v_st) = bf16_strided!(launch::storage(vg, "flash attention backward", "v")?, vl, "v");
-        let o_view = bf16_view!(launch::storage(og, "flash attention backward", "output")?, ol, "output");
+        let guards = [out, grad_out].map(|t| t.storage_and_layout());
+        let [(og, ol), (gg, gl)] = &guards;
+        let os = launch::storage(og, "flash attention backward", "output")?;
+        let dev = launch::device(os);
+        let o_view = bf16_view!(os, ol, "output");
         let do_view =
             bf16_view!(launch::storage(gg, "flash attention backward", "output gradient")?, gl, "output gradient");
         let lse_view: CudaView<'_, f32> = lse.slice(..);
@@ -529,8 +621,6 @@ impl CustomOp3 for FlashAttention {
         }
 
         let mut dq_accum = launch::zeros::<f32>(dev, rows * dims.dh)?;
-        let mut dk = bf16_output(dev, k.shape())?;
-        let mut dv = bf16_output(dev, v.shape())?;
         {
             let (func, cfg) =
                 if self.kernels.backward.resolve(dev, dims.dh, Direction::Backward)? == AttentionKernel::Wgmma {
@@ -556,20 +646,18 @@ impl CustomOp3 for FlashAttention {
                 };
             let [t, s, h, kvh, offset] = dims.ints(self.offset)?;
             let (scale, scale_log2) = (dims.scale(), dims.scale() * std::f32::consts::LOG2_E);
-            let CudaStorageSlice::BF16(dk_slice) = &mut dk.slice else { bail!("flash attention: dk is not bf16") };
-            let CudaStorageSlice::BF16(dv_slice) = &mut dv.slice else { bail!("flash attention: dv is not bf16") };
+            let [q_st, k_st, v_st] = &ops.strides;
             let mut b = func.builder();
-            b.arg(&q_view).arg(&k_view).arg(&v_view).arg(&q_st).arg(&k_st).arg(&v_st);
+            b.arg(&ops.q).arg(&ops.k).arg(&ops.v).arg(q_st).arg(k_st).arg(v_st);
             b.arg(&do_view).arg(&lse_view).arg(&delta);
-            b.arg(&mut dq_accum).arg(dk_slice).arg(dv_slice);
+            b.arg(&mut dq_accum).arg(&grads.dk).arg(&grads.dv).arg(&grads.kv_strides);
             b.arg(&t).arg(&s).arg(&h).arg(&kvh).arg(&offset).arg(&scale_log2).arg(&scale);
             self.dropout.push(&mut b);
             // SAFETY: argument list matches flash_attention_bwd_d{64,128} and
-            // flash_attention_bwd_wgmma_d64; buffers sized above.
+            // flash_attention_bwd_wgmma_d64; dk and dv are the addresses of bf16 buffers holding
+            // [B, S, KVH, d_h] at `kv_strides`, which the caller holds; the rest sized above.
             unsafe { b.launch(cfg) }.w()?;
         }
-
-        let mut dq = bf16_output(dev, q.shape())?;
         {
             let func = kernel(dev, "flash_attention_bwd_dq_convert", 0)?;
             let n = rows * dims.dh;
@@ -584,16 +672,115 @@ impl CustomOp3 for FlashAttention {
                 shared_mem_bytes: 0,
             };
             let (scale, t, h, dh) = (dims.scale(), int(dims.t)?, int(dims.h)?, int(dims.dh)?);
-            let CudaStorageSlice::BF16(dq_slice) = &mut dq.slice else { bail!("flash attention: dq is not bf16") };
             let mut b = func.builder();
-            b.arg(&dq_accum).arg(dq_slice).arg(&scale).arg(&n).arg(&t).arg(&h).arg(&dh);
-            // SAFETY: argument list matches flash_attention_bwd_dq_convert; n elements each.
+            b.arg(&dq_accum).arg(&grads.dq).arg(&grads.dq_strides).arg(&scale).arg(&n).arg(&t).arg(&h).arg(&dh);
+            // SAFETY: argument list matches flash_attention_bwd_dq_convert; dq is the address of a
+            // bf16 buffer holding [B, T, H, d_h] at `dq_strides`, which the caller holds.
             unsafe { b.launch(cfg) }.w()?;
         }
+        Ok(())
+    }
+}
 
-        let wrap = |s: CudaStorage, shape: &Shape| {
-            Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)
-        };
-        Ok((Some(wrap(dq, q.shape())), Some(wrap(dk, k.shape())), Some(wrap(dv, v.shape()))))
+/// A new tensor of `shape` the backward kernels fill (uninitialised: they write every element).
+fn gradient(dev: &CudaDevice, shape: &Shape) -> Result<Tensor> {
+    Ok(Tensor::from_storage(Storage::Cuda(bf16_output(dev, shape)?), shape.clone(), BackpropOp::none(), false))
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    launch::cuda_only!("flash attention: CUDA only (CPU tensors take the reference expression)", _, _, _);
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dims = Dims::token_major(ql.shape(), kl.shape())?;
+        let out = self.forward(launch::device(qs), &dims, &Operands::separate((qs, ql), (ks, kl), (vs, vl))?)?;
+        Ok((out, ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_out = grad_out.to_dtype(DType::BF16)?.contiguous()?;
+        let out = out.contiguous()?;
+        let dims = Dims::token_major(q.shape(), k.shape())?;
+        let guards = [q, k, v].map(|t| t.storage_and_layout());
+        let [(qg, ql), (kg, kl), (vg, vl)] = &guards;
+        let what = "flash attention backward";
+        let (qs, ks, vs) = (launch::storage(qg, what, "q")?, launch::storage(kg, what, "k")?, launch::storage(vg, what, "v")?);
+        let dev = launch::device(qs);
+        let ops = Operands::separate((qs, ql), (ks, kl), (vs, vl))?;
+        let [dq, dk, dv] = [q, k, v].map(|x| gradient(dev, x.shape()));
+        let (dq, dk, dv) = (dq?, dk?, dv?);
+        launch::with_addresses(dev, what, &[Some(&dq), Some(&dk), Some(&dv)], |at| {
+            self.backward(&dims, &ops, &out, &grad_out, &GradTargets::separate([at[0], at[1], at[2]], &dims))
+        })?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// [`FlashAttention`] over one fused projection's output `qkv: [B, T, (H + 2 KVH) d_h]`
+/// (queries, keys and values in consecutive blocks of features), output `[B, T, H d_h]`; its
+/// gradient is one tensor of qkv's shape, each block written by the kernel that makes it.
+struct PackedFlashAttention {
+    attention: FlashAttention,
+    heads: usize,
+    kv_heads: usize,
+}
+
+impl PackedFlashAttention {
+    fn dims(&self, qkv: &Shape) -> Result<Dims> {
+        let (b, t, width) = qkv.dims3()?;
+        let (h, kvh) = (self.heads, self.kv_heads);
+        let dh = width / (h + 2 * kvh);
+        if kvh == 0 || h % kvh != 0 || dh * (h + 2 * kvh) != width {
+            bail!("flash attention: qkv of width {width} does not hold {h} query and 2 x {kvh} key/value heads")
+        }
+        Ok(Dims { b, h, kvh, t, s: t, dh })
+    }
+}
+
+impl CustomOp1 for PackedFlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention-packed"
+    }
+
+    launch::cuda_only!("flash attention: CUDA only (CPU tensors take the reference expression)", _);
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dims = self.dims(layout.shape())?;
+        let out = self.attention.forward(launch::device(storage), &dims, &Operands::packed(storage, layout, &dims)?)?;
+        Ok((out, Shape::from_dims(&[dims.b, dims.t, dims.h * dims.dh])))
+    }
+
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        let grad_out = grad_out.to_dtype(DType::BF16)?.contiguous()?;
+        let out = out.contiguous()?;
+        let dims = self.dims(qkv.shape())?;
+        let (storage, layout) = qkv.storage_and_layout();
+        let what = "flash attention backward";
+        let storage = launch::storage(&storage, what, "qkv")?;
+        let dev = launch::device(storage);
+        let ops = Operands::packed(storage, &layout, &dims)?;
+        let grad = gradient(dev, qkv.shape())?;
+        launch::with_addresses(dev, what, &[Some(&grad)], |at| {
+            self.attention.backward(&dims, &ops, &out, &grad_out, &GradTargets::packed(at[0], &dims))
+        })?;
+        Ok(Some(grad))
     }
 }

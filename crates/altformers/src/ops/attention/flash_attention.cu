@@ -6,8 +6,9 @@
 //
 // Layouts: q [B, T, H, D], k and v [B, S, KVH, D] at any strides (`Strides`, in elements:
 // rows of D contiguous and 16-byte aligned), so the heads of a projection's output are read
-// in place; o, dout, dq [B, T, H, D] and dk, dv [B, S, KVH, D] contiguous (token-major: the
-// output projection reads o as [B, T, H D] without a transpose); lse, delta and the f32
+// in place; o, dout [B, T, H, D] contiguous (token-major: the output projection reads o as
+// [B, T, H D] without a transpose), dq [B, T, H, D] and dk, dv [B, S, KVH, D] token-major at
+// their own strides (contiguous, or the parts of one fused projection's gradient); lse, delta and the f32
 // dq_accum [B, H, T(, D)] contiguous. Query head h reads key/value head h / (H / KVH). Query
 // row i sees key j when j <= offset + i (and j < S).
 //
@@ -358,7 +359,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                                           const bf16* __restrict__ dout,
                                           const float* __restrict__ lse, const float* __restrict__ delta,
                                           float* __restrict__ dq_accum, bf16* __restrict__ dk,
-                                          bf16* __restrict__ dv, int T, int S, int H, int KVH, int offset,
+                                          bf16* __restrict__ dv, Strides gs, int T, int S, int H, int KVH, int offset,
                                           float scale_log2, float scale, unsigned int seed_lo,
                                           unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {
     constexpr int BC = 16 * WARPS, THREADS = 32 * WARPS, LD = D + kPad, LDS = BR + kPad;
@@ -537,16 +538,16 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         __syncthreads();
     }
 
-    // token-major: key rows KVH D apart
-    bf16* dk_h = dk + ((size_t)b * S * KVH + kvh) * D;
-    bf16* dv_h = dv + ((size_t)b * S * KVH + kvh) * D;
+    // token-major at the gradients' strides `gs` (dk's and dv's)
+    bf16* dk_h = dk + (size_t)b * gs.batch + (size_t)kvh * gs.head;
+    bf16* dv_h = dv + (size_t)b * gs.batch + (size_t)kvh * gs.head;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int key = n0 + warp * 16 + grp + r * 8;
         if (key >= S) continue;
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
-            const size_t at = (size_t)key * KVH * D + dn * 8 + quad * 2;
+            const size_t at = (size_t)key * gs.row + dn * 8 + quad * 2;
             *reinterpret_cast<uint32_t*>(dk_h + at) =
                 pack_bf16(acc_dk[dn][2 * r] * scale, acc_dk[dn][2 * r + 1] * scale);
             *reinterpret_cast<uint32_t*>(dv_h + at) = pack_bf16(acc_dv[dn][2 * r], acc_dv[dn][2 * r + 1]);
@@ -573,10 +574,10 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * BWD_WARPS) flash_attention_bwd_d##D(                   \
         const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs, const bf16* dout,   \
-        const float* lse, const float* delta, float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H,      \
-        int KVH, int offset, float scale_log2, float scale, unsigned int seed_lo, unsigned int seed_hi,      \
-        unsigned int threshold, float drop_scale, int b0) {                                                  \
-        flash_bwd<D, BWD_WARPS, BWD_BR>(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, T, S, H,    \
+        const float* lse, const float* delta, float* dq_accum, bf16* dk, bf16* dv, Strides gs, int T, int S, \
+        int H, int KVH, int offset, float scale_log2, float scale, unsigned int seed_lo,                    \
+        unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {                            \
+        flash_bwd<D, BWD_WARPS, BWD_BR>(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, gs, T, S, H,\
                                         KVH, offset, scale_log2, scale, seed_lo, seed_hi, threshold,         \
                                         drop_scale, b0);                                                     \
     }
@@ -584,19 +585,19 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 FLASH_ENTRY_POINTS(64, 4, 64, 1, 4, 64)
 FLASH_ENTRY_POINTS(128, 4, 32, 2, 8, 64)
 
-// Backward, step 3: dq = scale * dq_accum in bf16, from [B, H, T, D] to token-major [B, T, H, D].
-// Four columns per thread (D is a multiple of 8): one 16-byte read and one 8-byte write, and
-// 32-bit index arithmetic (the host checks that n / 4 fits): 64-bit divisions per element
-// made this pass about four times slower than its bandwidth.
-extern "C" __global__ void flash_attention_bwd_dq_convert(const float* dq_accum, bf16* dq, float scale, size_t n,
-                                                          int T, int H, int D) {
+// Backward, step 3: dq = scale * dq_accum in bf16, from [B, H, T, D] to token-major [B, T, H, D]
+// at strides `dqs`. Four columns per thread (D is a multiple of 8): one 16-byte read and one
+// 8-byte write, and 32-bit index arithmetic (the host checks that n / 4 fits): 64-bit divisions
+// per element made this pass about four times slower than its bandwidth.
+extern "C" __global__ void flash_attention_bwd_dq_convert(const float* dq_accum, bf16* dq, Strides dqs, float scale,
+                                                          size_t n, int T, int H, int D) {
     const unsigned int n4 = (unsigned int)(n / 4), quads = (unsigned int)D / 4;
     const unsigned int ut = (unsigned int)T, uh = (unsigned int)H;
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x) {
         const unsigned int row = i / quads, c = (i - row * quads) * 4;  // row = (b H + h) T + t
         const unsigned int bh = row / ut, t = row - bh * ut;
         const unsigned int b = bh / uh, h = bh - b * uh;
-        const size_t at = (((size_t)b * ut + t) * uh + h) * (size_t)D + c;
+        const size_t at = (size_t)b * dqs.batch + (size_t)t * dqs.row + (size_t)h * dqs.head + c;
         const float4 a = *reinterpret_cast<const float4*>(dq_accum + (size_t)i * 4);
         const __nv_bfloat162 lo = __floats2bfloat162_rn(a.x * scale, a.y * scale);
         const __nv_bfloat162 hi = __floats2bfloat162_rn(a.z * scale, a.w * scale);

@@ -307,7 +307,8 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
                                                   const bf16* __restrict__ v, Strides qs, Strides ks, Strides vs,
                                                   const bf16* __restrict__ dout, const float* __restrict__ lse,
                                                   const float* __restrict__ delta, float* __restrict__ dq_accum,
-                                                  bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int S, int H,
+                                                  bf16* __restrict__ dk, bf16* __restrict__ dv, Strides gs, int T,
+                                                  int S, int H,
                                                   int KVH, int offset, float scale_log2, float scale,
                                                   unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold,
                                                   float drop_scale, int b0) {
@@ -501,16 +502,16 @@ __device__ __forceinline__ void flash_bwd_wgmma64(const bf16* __restrict__ q, co
         __syncthreads();
     }
 
-    // token-major: key rows KVH D apart
-    bf16* dk_h = dk + ((size_t)b * S * KVH + kvh) * D;
-    bf16* dv_h = dv + ((size_t)b * S * KVH + kvh) * D;
+    // token-major at the gradients' strides `gs` (dk's and dv's)
+    bf16* dk_h = dk + (size_t)b * gs.batch + (size_t)kvh * gs.head;
+    bf16* dv_h = dv + (size_t)b * gs.batch + (size_t)kvh * gs.head;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int key = n0 + local_lo + r * 8;
         if (key >= S) continue;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
-            const size_t at = (size_t)key * KVH * D + n * 8 + quad * 2;
+            const size_t at = (size_t)key * gs.row + n * 8 + quad * 2;
             *reinterpret_cast<uint32_t*>(dk_h + at) = pack_bf16(acc_dk[4 * n + 2 * r] * scale, acc_dk[4 * n + 2 * r + 1] * scale);
             *reinterpret_cast<uint32_t*>(dv_h + at) = pack_bf16(acc_dv[4 * n + 2 * r], acc_dv[4 * n + 2 * r + 1]);
         }
@@ -536,8 +537,9 @@ extern "C" __global__ void __launch_bounds__(256)
 
 extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_bwd_wgmma_d64(
     const bf16* q, const bf16* k, const bf16* v, Strides qs, Strides ks, Strides vs, const bf16* dout, const float* lse,
-    const float* delta, float* dq_accum, bf16* dk, bf16* dv, int T, int S, int H, int KVH, int offset, float scale_log2,
-    float scale, unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold, float drop_scale, int b0) {
-    flash_bwd_wgmma64(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, T, S, H, KVH, offset, scale_log2, scale,
+    const float* delta, float* dq_accum, bf16* dk, bf16* dv, Strides gs, int T, int S, int H, int KVH, int offset,
+    float scale_log2, float scale, unsigned int seed_lo, unsigned int seed_hi, unsigned int threshold, float drop_scale,
+    int b0) {
+    flash_bwd_wgmma64(q, k, v, qs, ks, vs, dout, lse, delta, dq_accum, dk, dv, gs, T, S, H, KVH, offset, scale_log2, scale,
                       seed_lo, seed_hi, threshold, drop_scale, b0);
 }

@@ -84,11 +84,7 @@ pub fn causal_attention_with_dropout(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda::supports(q, k, v) {
-        // a data-parallel worker's slice of the batch: its sequences' part of the mask
-        let (dropout, first) = match dropout {
-            Some((p, rng)) => (crate::ops::dropout::draw(p, rng)?, rng.shard() as usize * q.dim(0)?),
-            None => (None, 0),
-        };
+        let (dropout, first) = kernel_dropout(dropout, q.dim(0)?)?;
         return cuda::causal_attention(q, k, v, offset, dropout, first);
     }
     let dropped = matches!(dropout, Some((p, _)) if p > 0.0);
@@ -96,6 +92,54 @@ pub fn causal_attention_with_dropout(
         return cpu::causal_attention(q, k, v, offset);
     }
     causal_attention_reference(q, k, v, offset, dropout)
+}
+
+/// The flash kernels' dropout for a batch of `b` sequences: the mask drawn from `rng`, and the
+/// batch's first sequence in it (a data-parallel worker's slice: its sequences' part).
+#[cfg(feature = "cuda")]
+fn kernel_dropout(
+    dropout: Option<(f64, &mut crate::rng::Rng)>,
+    b: usize,
+) -> Result<(Option<crate::ops::dropout::Dropout>, usize)> {
+    Ok(match dropout {
+        Some((p, rng)) => (crate::ops::dropout::draw(p, rng)?, rng.shard() as usize * b),
+        None => (None, 0),
+    })
+}
+
+/// Whether [`causal_attention_packed`] runs fused (the flash kernels reading q, k and v in
+/// place and writing their gradient as one tensor) for a projection output with the device,
+/// dtype and batch of `x` and head width `dh`: then a mixer makes q, k and v with one product.
+pub fn runs_packed(x: &Tensor, dh: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    return cuda::supports_packed(x, dh);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, dh);
+        false
+    }
+}
+
+/// [`causal_attention_with_dropout`] over one fused projection's output `qkv: [B, T, (H + 2
+/// KVH) d_h]` (queries, keys and values in consecutive blocks of features, positions from 0)
+/// -> `[B, T, H d_h]`. Fused where [`runs_packed`] (its gradient one tensor, written by the
+/// kernels); otherwise on the three blocks as views.
+pub fn causal_attention_packed(
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    dropout: Option<(f64, &mut crate::rng::Rng)>,
+) -> Result<Tensor> {
+    let (b, t, width) = qkv.dims3()?;
+    let dh = width / (heads + 2 * kv_heads).max(1);
+    #[cfg(feature = "cuda")]
+    if cuda::supports_packed(qkv, dh) {
+        let (dropout, first) = kernel_dropout(dropout, b)?;
+        return cuda::causal_attention_packed(qkv, heads, kv_heads, cuda::Kernels::from_env()?, dropout, first);
+    }
+    let block = |start: usize, n: usize| qkv.narrow(2, start * dh, n * dh)?.reshape((b, t, n, dh))?.transpose(1, 2);
+    let (q, k, v) = (block(0, heads)?, block(heads, kv_heads)?, block(heads + kv_heads, kv_heads)?);
+    causal_attention_with_dropout(&q, &k, &v, 0, dropout)?.transpose(1, 2)?.reshape((b, t, heads * dh))
 }
 
 /// The unfused form of [`causal_attention_with_dropout`] (scores, [`causal_softmax()`], the
@@ -179,6 +223,27 @@ mod tests {
     use super::*;
     use crate::testing::{keep_first, randn, rel_err};
     use candle_core::{DType, IndexOp};
+
+    /// A fused projection's output as one operand: on the CPU its three blocks as views, the
+    /// same values and gradient as `causal_attention` on copies of the blocks (grouped heads).
+    #[test]
+    fn a_packed_projection_is_attention_over_its_blocks() -> anyhow::Result<()> {
+        let (b, t, h, kvh, dh) = (2, 5, 4, 2, 3);
+        let qkv = candle_core::Var::from_tensor(&randn(&[b, t, (h + 2 * kvh) * dh], 4, DType::F64)?)?;
+        let packed = causal_attention_packed(&qkv, h, kvh, None)?;
+        let block = |start: usize, n: usize| -> Result<Tensor> {
+            qkv.narrow(2, start * dh, n * dh)?.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous()
+        };
+        let heads = causal_attention(&block(0, h)?, &block(h, kvh)?, &block(h + kvh, kvh)?, 0)?;
+        let heads = heads.transpose(1, 2)?.reshape((b, t, h * dh))?;
+        assert!(rel_err(&packed, &heads)? < 1e-12);
+        let weights = randn(&[b, t, h * dh], 5, DType::F64)?;
+        let grad = |y: &Tensor| -> Result<Tensor> {
+            Ok((y * &weights)?.sum_all()?.backward()?.get(&qkv).unwrap().clone())
+        };
+        assert!(rel_err(&grad(&packed)?, &grad(&heads)?)? < 1e-12);
+        Ok(())
+    }
 
     /// Bidirectional attention is causal attention with every key visible: the last query
     /// (which sees every key either way) agrees, an earlier one does not; a padded key gets
