@@ -319,7 +319,7 @@ pub fn causal_attention_packed(
     }
     let attention = FlashAttention::new(0, kernels, dropout, first);
     let qkv = readable_in_place(qkv)?;
-    qkv.apply_op1_arc(std::sync::Arc::new(PackedFlashAttention { attention, heads, kv_heads }))
+    qkv.apply_op1(PackedFlashAttention { attention, heads, kv_heads })
 }
 
 /// `x` if the kernels can read it where it is (rows contiguous; strides and start on 16-byte
