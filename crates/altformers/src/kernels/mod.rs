@@ -30,8 +30,10 @@
 /// gradient sums (candle's add), `retention-step` the fused one-token retention
 /// (`ops::decayed::linear_step`: the tensor form's outer product, decay and product instead),
 /// `rotary` the one-pass rotary embedding (`primitives::rotary::apply_tables`), `retnet-norm`
-/// RetNet's fused output normalisations and group norm (`mixers::retnet::normalise_outputs`).
-pub const SWITCHABLE: [&str; 18] = [
+/// RetNet's fused output normalisations and group norm (`mixers::retnet::normalise_outputs`),
+/// `attention-packed` the flash kernels over the fused query/key/value projection as one operand
+/// (`ops::attention::causal_attention_packed`: three products each way instead).
+pub const SWITCHABLE: [&str; 19] = [
     "attention",
     "retention",
     "retention-tc",
@@ -50,6 +52,7 @@ pub const SWITCHABLE: [&str; 18] = [
     "retention-step",
     "rotary",
     "retnet-norm",
+    "attention-packed",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.

@@ -292,6 +292,7 @@ pub fn supports_packed(qkv: &Tensor, dh: usize) -> bool {
         && qkv.elem_count() > 0
         && in_grid
         && crate::kernels::enabled("attention")
+        && crate::kernels::enabled("attention-packed")
 }
 
 /// Causal attention over one fused projection's output `qkv: [B, T, (H + 2 KVH) d_h]`
