@@ -59,10 +59,31 @@ struct LayerNormOp {
     stats: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
 }
 
-/// Blocks for `rows` rows (8 per block and pass).
-fn config(rows: usize, shared: usize) -> LaunchConfig {
-    let blocks = rows.div_ceil(THREADS as usize / 32).clamp(1, MAX_BLOCKS) as u32;
+/// Blocks for `rows` rows (8 per block and pass), at most `max_blocks`.
+fn config(rows: usize, max_blocks: usize, shared: usize) -> LaunchConfig {
+    let blocks = rows.div_ceil(THREADS as usize / 32).clamp(1, max_blocks) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 }
+}
+
+/// The register-resident kernels' blocks in the backward: a few per SM, each warp walking
+/// several rows (its dw and db sums stay in registers across them; each block adds 2 d atomics).
+const VEC_BACKWARD_BLOCKS: usize = 264;
+
+/// Chunks of 8 columns per lane of the register-resident kernels (`layer_norm_*_v{C}`) for rows
+/// of `d` whose operands start at the element offsets `starts` (`x` and `g` in their dtype,
+/// weight and bias in f32), where they apply: `d` a multiple of 8 up to 1024, every row start
+/// on a 16-byte boundary.
+fn vector_chunks(d: usize, starts: &[usize], f32_starts: &[usize]) -> Option<usize> {
+    let aligned = starts.iter().all(|s| s % 8 == 0) && f32_starts.iter().all(|s| s % 4 == 0);
+    (d % 8 == 0 && d <= 1024 && aligned && super::enabled("layernorm-vector")).then(|| d.div_ceil(256))
+}
+
+/// `layer_norm_{dir}_{suffix}`, or its register-resident form with `chunks`.
+fn kernel_name(dir: &str, suffix: &str, chunks: Option<usize>) -> String {
+    match chunks {
+        Some(c) => format!("layer_norm_{dir}_{suffix}_v{c}"),
+        None => format!("layer_norm_{dir}_{suffix}"),
+    }
 }
 
 fn int(x: usize) -> Result<i32> {
@@ -79,17 +100,18 @@ fn forward<T: CudaDType + DeviceRepr>(
     (rows, d): (usize, usize),
     eps: f32,
     has_bias: bool,
+    chunks: Option<usize>,
 ) -> Result<(CudaSlice<T>, CudaSlice<f32>, CudaSlice<f32>)> {
     let mut y = launch::uninit::<T>(dev, rows * d)?;
     let mut mean = launch::uninit::<f32>(dev, rows)?;
     let mut rstd = launch::uninit::<f32>(dev, rows)?;
-    let func = launch::func(dev, MODULE, ptx::LAYERNORM, &format!("layer_norm_fwd_{suffix}"))?;
+    let func = launch::func(dev, MODULE, ptx::LAYERNORM, &kernel_name("fwd", suffix, chunks))?;
     let (rows_i, d_i, bias_i) = (rows as i64, int(d)?, has_bias as i32);
     let mut builder = func.builder();
     builder.arg(x).arg(w).arg(b).arg(&mut y).arg(&mut mean).arg(&mut rstd);
     builder.arg(&rows_i).arg(&d_i).arg(&eps).arg(&bias_i);
     // SAFETY: x and y hold rows x d elements, mean and rstd rows, w and b d; every row is written.
-    unsafe { builder.launch(config(rows, 0)) }.w()?;
+    unsafe { builder.launch(config(rows, MAX_BLOCKS, 0)) }.w()?;
     Ok((y, mean, rstd))
 }
 
@@ -103,19 +125,24 @@ fn backward<T: CudaDType + DeviceRepr>(
     (mean, rstd): &(CudaSlice<f32>, CudaSlice<f32>),
     (rows, d): (usize, usize),
     has_bias: bool,
+    chunks: Option<usize>,
 ) -> Result<(CudaSlice<T>, CudaSlice<f32>, CudaSlice<f32>)> {
     let mut dx = launch::uninit::<T>(dev, rows * d)?;
     let mut dw = launch::zeros::<f32>(dev, d)?;
     let mut db = launch::zeros::<f32>(dev, d)?;
-    let func = launch::func(dev, MODULE, ptx::LAYERNORM, &format!("layer_norm_bwd_{suffix}"))?;
+    let func = launch::func(dev, MODULE, ptx::LAYERNORM, &kernel_name("bwd", suffix, chunks))?;
     let (rows_i, d_i, bias_i) = (rows as i64, int(d)?, has_bias as i32);
     let mut builder = func.builder();
     builder.arg(x).arg(g).arg(w).arg(mean).arg(rstd).arg(&mut dx).arg(&mut dw).arg(&mut db);
     builder.arg(&rows_i).arg(&d_i).arg(&bias_i);
     // SAFETY: x, g and dx hold rows x d elements, mean and rstd rows, w, dw and db d; the
-    // shared memory holds the 2 d partial sums (one pair per warp up to PRIVATE_WIDTH).
-    let copies = if d <= PRIVATE_WIDTH { THREADS as usize / 32 } else { 1 };
-    unsafe { builder.launch(config(rows, copies * 2 * d * 4)) }.w()?;
+    // shared memory holds the 2 d partial sums (one pair per warp up to PRIVATE_WIDTH in the
+    // scalar kernel).
+    let cfg = match chunks {
+        Some(_) => config(rows, VEC_BACKWARD_BLOCKS, 2 * d * 4),
+        None => config(rows, MAX_BLOCKS, if d <= PRIVATE_WIDTH { THREADS as usize / 32 } else { 1 } * 2 * d * 4),
+    };
+    unsafe { builder.launch(cfg) }.w()?;
     Ok((dx, dw, db))
 }
 
@@ -139,11 +166,12 @@ impl CustomOp3 for LayerNormOp {
         let rows = xl.shape().elem_count() / d.max(1);
         let dev = launch::device(xs);
         let (w, b) = (launch::view::<f32>(ws, wl)?, launch::view::<f32>(bs, bl)?);
+        let chunks = vector_chunks(d, &[xl.start_offset()], &[wl.start_offset(), bl.start_offset()]);
         let (y, stats) = launch::f32_or_bf16!(
             sfx,
             [x = (xs, xl)],
             {
-                let (y, m, r) = forward(dev, sfx, &x, &w, &b, (rows, d), self.eps, self.has_bias)?;
+                let (y, m, r) = forward(dev, sfx, &x, &w, &b, (rows, d), self.eps, self.has_bias, chunks)?;
                 (CudaDType::wrap_cuda_slice(y, dev.clone()), (m, r))
             },
             "fused layer norm: x must be f32 or bf16"
@@ -171,11 +199,12 @@ impl CustomOp3 for LayerNormOp {
         let dev = launch::device(xs);
         let w = launch::view::<f32>(launch::storage(wg, "fused layer norm backward", "weight")?, wl)?;
         let gs = launch::storage(gg, "fused layer norm backward", "the output gradient")?;
+        let chunks = vector_chunks(d, &[xl.start_offset(), gl.start_offset()], &[wl.start_offset()]);
         let (dx, dw, db) = launch::f32_or_bf16!(
             sfx,
             [x_ = (xs, xl), g = (gs, gl)],
             {
-                let (dx, dw, db) = backward(dev, sfx, &x_, &g, &w, stats, (rows, d), self.has_bias)?;
+                let (dx, dw, db) = backward(dev, sfx, &x_, &g, &w, stats, (rows, d), self.has_bias, chunks)?;
                 (launch::tensor(dx, dev, x.shape()), dw, db)
             },
             "fused layer norm backward: x and the gradient must both be f32 or both bf16"

@@ -32,8 +32,9 @@
 /// `rotary` the one-pass rotary embedding (`primitives::rotary::apply_tables`), `retnet-norm`
 /// RetNet's fused output normalisations and group norm (`mixers::retnet::normalise_outputs`),
 /// `attention-packed` the flash kernels over the fused query/key/value projection as one operand
-/// (`ops::attention::causal_attention_packed`: three products each way instead).
-pub const SWITCHABLE: [&str; 19] = [
+/// (`ops::attention::causal_attention_packed`: three products each way instead),
+/// `layernorm-vector` the layer norm's register-resident kernels (its scalar ones instead).
+pub const SWITCHABLE: [&str; 20] = [
     "attention",
     "retention",
     "retention-tc",
@@ -53,6 +54,7 @@ pub const SWITCHABLE: [&str; 19] = [
     "rotary",
     "retnet-norm",
     "attention-packed",
+    "layernorm-vector",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.

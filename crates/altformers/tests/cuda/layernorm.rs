@@ -1,7 +1,9 @@
 //! The fused layer norm (`kernels/layernorm.cu`) against nn::LayerNorm's tensor expression on
 //! the CPU: outputs and the gradients of x, weight and bias on fresh random inputs (random
 //! weight and bias, not ones and zeros), f32 and bf16 activations, with and without a bias,
-//! widths below, at and above a warp's multiple, and more rows than one launch's warps.
+//! widths below, at and above a warp's multiple, and more rows than one launch's warps; the
+//! register-resident kernels at one to four chunks of 8 columns a lane (widths 64, 384, 768,
+//! 1024), the scalar ones where those do not apply (31, 129, and 1040: past 1024).
 
 use altformers::nn::LayerNorm;
 use altformers::testing::{device_rel_err, randn};
@@ -41,7 +43,7 @@ fn run_with(
 #[test]
 fn layer_norm_matches_cpu() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
-    for (rows, d) in [(3usize, 31usize), (1000, 64), (37, 129), (9000, 768)] {
+    for (rows, d) in [(3usize, 31usize), (1000, 64), (37, 129), (300, 384), (9000, 768), (50, 1024), (20, 1040)] {
         for bias in [true, false] {
             for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
                 let x = randn(&[rows, d], (rows * d) as u64, DType::F32)?.affine(3.0, 1.5)?;
