@@ -149,7 +149,7 @@ impl Model {
     /// Mean next-token cross-entropy (nats) of `logits: [B, T, V]` against `targets: [B, T]`.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t, v) = logits.dims3()?;
-        candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
+        crate::nn::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
     }
 
     /// Loads weights written by [`ParamStore::save`], checking every name and shape.

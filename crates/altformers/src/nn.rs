@@ -35,6 +35,12 @@ impl Linear {
         rows_product(x, &self.weight, self.bias_in(x.dtype())?.as_ref())
     }
 
+    /// `x W^T` without the bias, in `x`'s dtype, for a weight held elsewhere (a tied head's
+    /// embedding table): the product `Linear::forward` runs.
+    pub fn project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        rows_product(x, weight, None)
+    }
+
     /// The bias in `dtype` (the activations'); the weight is cast by the product itself
     /// (`rows_product`: the mixed-precision op takes it in f32).
     fn bias_in(&self, dtype: DType) -> Result<Option<Tensor>> {
@@ -155,6 +161,18 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
         return candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype());
     }
     candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Mean cross-entropy (nats) of `logits: [N, V]` (any float dtype) against `targets: [N]`
+/// (u32), computed in f32: on CUDA the fused kernel (one launch each way), otherwise candle's
+/// log-softmax and gather.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::cross_entropy::supports(logits, targets) {
+        return crate::kernels::cross_entropy::row_losses(logits, targets)?.mean_all();
+    }
+    let logits = if logits.dtype() == DType::F64 { logits.clone() } else { logits.to_dtype(DType::F32)? };
+    candle_nn::loss::cross_entropy(&logits, targets)
 }
 
 /// `x + y` of one shape: a residual connection. On CUDA the fused sum (16-byte accesses:

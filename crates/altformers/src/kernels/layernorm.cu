@@ -288,7 +288,8 @@ LAYER_NORM_ENTRY_POINTS(bf16, __nv_bfloat16)
                                                               float eps, int has_bias) {                        \
         layer_norm_fwd_vec<T, C>(x, w, b, y, mean, rstd, rows, d, eps, has_bias);                               \
     }                                                                                                            \
-    extern "C" __global__ void layer_norm_bwd_##SUFFIX##_v##C(const T* x, const T* g, const float* w,            \
+    extern "C" __global__ void __launch_bounds__(256, C < 4 ? 2 : 1)                                          \
+        layer_norm_bwd_##SUFFIX##_v##C(const T* x, const T* g, const float* w,                                  \
                                                               const float* mean, const float* rstd, T* dx,      \
                                                               float* dw, float* db, long long rows, int d,      \
                                                               int has_bias) {                                   \

@@ -65,9 +65,14 @@ fn config(rows: usize, max_blocks: usize, shared: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 }
 }
 
-/// The register-resident kernels' blocks in the backward: a few per SM, each warp walking
-/// several rows (its dw and db sums stay in registers across them; each block adds 2 d atomics).
-const VEC_BACKWARD_BLOCKS: usize = 264;
+/// The register-resident backward's blocks: as many as are resident at once (two per SM, the
+/// kernel's launch bounds below four chunks), each warp walking several rows: its dw and db sums
+/// stay in registers across them, and each block adds 2 d atomics at the end.
+fn vector_backward_blocks(dev: &CudaDevice, chunks: usize) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
+    Ok(sms.max(1) as usize * if chunks < 4 { 2 } else { 1 })
+}
 
 /// Chunks of 8 columns per lane of the register-resident kernels (`layer_norm_*_v{C}`) for rows
 /// of `d` whose operands start at the element offsets `starts` (`x` and `g` in their dtype,
@@ -139,7 +144,7 @@ fn backward<T: CudaDType + DeviceRepr>(
     // shared memory holds the 2 d partial sums (one pair per warp up to PRIVATE_WIDTH in the
     // scalar kernel).
     let cfg = match chunks {
-        Some(_) => config(rows, VEC_BACKWARD_BLOCKS, 2 * d * 4),
+        Some(c) => config(rows, vector_backward_blocks(dev, c)?, 2 * d * 4),
         None => config(rows, MAX_BLOCKS, if d <= PRIVATE_WIDTH { THREADS as usize / 32 } else { 1 } * 2 * d * 4),
     };
     unsafe { builder.launch(cfg) }.w()?;

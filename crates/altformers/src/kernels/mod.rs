@@ -33,8 +33,9 @@
 /// RetNet's fused output normalisations and group norm (`mixers::retnet::normalise_outputs`),
 /// `attention-packed` the flash kernels over the fused query/key/value projection as one operand
 /// (`ops::attention::causal_attention_packed`: three products each way instead),
-/// `layernorm-vector` the layer norm's register-resident kernels (its scalar ones instead).
-pub const SWITCHABLE: [&str; 20] = [
+/// `layernorm-vector` the layer norm's register-resident kernels (its scalar ones instead),
+/// `cross-entropy` the fused cross-entropy (`nn::cross_entropy`: candle's log-softmax instead).
+pub const SWITCHABLE: [&str; 21] = [
     "attention",
     "retention",
     "retention-tc",
@@ -55,6 +56,7 @@ pub const SWITCHABLE: [&str; 20] = [
     "retnet-norm",
     "attention-packed",
     "layernorm-vector",
+    "cross-entropy",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
@@ -100,6 +102,9 @@ pub mod activations;
 
 #[cfg(feature = "cuda")]
 pub mod softmax;
+
+#[cfg(feature = "cuda")]
+pub mod cross_entropy;
 
 #[cfg(feature = "cuda")]
 pub mod dropout;

@@ -120,7 +120,7 @@ impl Task for MqarConfig {
     fn scored(&self, model: &Model, batch: &Batch, _dropout: Option<&mut Rng>) -> Result<Scored> {
         let rows = batch.rows.as_ref().context("an MQAR batch names its scored rows")?;
         let logits = model.forward_at(&batch.inputs, rows)?.to_dtype(DType::F32)?;
-        Ok(Scored { loss: candle_nn::loss::cross_entropy(&logits, &batch.targets)?, logits })
+        Ok(Scored { loss: crate::nn::cross_entropy(&logits, &batch.targets)?, logits })
     }
 }
 
@@ -221,7 +221,7 @@ impl ListOps {
             let chunk: Vec<u64> = (first..n.min(first.saturating_add(batch as u64))).collect();
             let b = self.batch_of(&chunk, model.device())?;
             let logits = self.class_logits(model, &b, None)?;
-            let l = candle_nn::loss::cross_entropy(&logits, &b.targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let l = crate::nn::cross_entropy(&logits, &b.targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss += l * chunk.len() as f64;
             right += argmax_hits(&logits, &b.targets)?.0;
         }
@@ -238,7 +238,7 @@ impl Task for ListOps {
 
     fn scored(&self, model: &Model, batch: &Batch, dropout: Option<&mut Rng>) -> Result<Scored> {
         let logits = self.class_logits(model, batch, dropout)?;
-        Ok(Scored { loss: candle_nn::loss::cross_entropy(&logits, &batch.targets)?, logits })
+        Ok(Scored { loss: crate::nn::cross_entropy(&logits, &batch.targets)?, logits })
     }
 
     fn hits(&self, model: &Model, batch: &Batch) -> Result<(f64, f64)> {

@@ -7,6 +7,7 @@ mod activations;
 mod adamw;
 mod aft;
 mod decayed;
+mod cross_entropy;
 mod decoder;
 mod dropout;
 mod fftconv;
