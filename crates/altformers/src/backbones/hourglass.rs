@@ -392,7 +392,7 @@ impl Hourglass {
     }
 
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
-        self.embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
+        self.embedding.forward_as(tokens, offset, self.compute_dtype)
     }
 
     fn hidden(&self, tokens: &Tensor, mut dropout_p: Option<(f64, &mut Rng)>) -> Result<Tensor> {

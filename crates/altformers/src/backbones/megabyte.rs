@@ -174,12 +174,12 @@ impl MegaByte {
 
     /// Byte embeddings of `tokens: [B, T]` at positions `offset..`, `[B, T, d_G]`.
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
-        self.global_embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
+        self.global_embedding.forward_as(tokens, offset, self.compute_dtype)
     }
 
     /// The local model's byte embeddings of `tokens: [B, T]`, `[B, T, d_L]`.
     fn local_embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        self.local_embedding.forward(tokens, 0)?.to_dtype(self.compute_dtype)
+        self.local_embedding.forward_as(tokens, 0, self.compute_dtype)
     }
 
     /// Byte embeddings `e: [B, T, d_G]` after the P - 1 slots before them (`before`, or the

@@ -368,7 +368,7 @@ impl Reversible {
     }
 
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
-        self.embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
+        self.embedding.forward_as(tokens, offset, self.compute_dtype)
     }
 
     /// `tokens: [B, T]` -> the concatenated final pair `[B, T, 2D]`; an encoder's padded form

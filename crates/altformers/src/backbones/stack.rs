@@ -239,6 +239,26 @@ impl Embedding {
         }
     }
 
+    /// [`Embedding::forward`] in `dtype` (the blocks' activations): on CUDA, for an f32 table
+    /// without a norm, one fused pass each way (`kernels::gather::embed`: the gather, the
+    /// position add and the cast).
+    pub fn forward_as(&self, tokens: &Tensor, offset: usize, dtype: DType) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.norm.is_none() && crate::kernels::gather::supports_embed(&self.table, tokens, dtype) {
+            let (b, t) = tokens.dims2()?;
+            let positions = match &self.positions {
+                Some(p) => {
+                    self.check_position(offset + t)?;
+                    Some(p.narrow(0, offset, t)?)
+                }
+                None => None,
+            };
+            let x = crate::kernels::gather::embed(&self.table, positions.as_ref(), tokens, dtype)?;
+            return x.reshape((b, t, self.table.dim(1)?));
+        }
+        self.forward(tokens, offset)?.to_dtype(dtype)
+    }
+
     /// One token per sequence, `tokens: [B, 1]`, at the position `position` holds (a
     /// one-element f32 tensor on the device, `host` the same number on the host, checked
     /// against the table) -> `[B, 1, D]`: the row is gathered on the device.
@@ -388,7 +408,7 @@ impl Stack {
     }
 
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
-        self.embedding.forward(tokens, offset)?.to_dtype(self.compute_dtype)
+        self.embedding.forward_as(tokens, offset, self.compute_dtype)
     }
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {

@@ -34,8 +34,9 @@
 /// `attention-packed` the flash kernels over the fused query/key/value projection as one operand
 /// (`ops::attention::causal_attention_packed`: three products each way instead),
 /// `layernorm-vector` the layer norm's register-resident kernels (its scalar ones instead),
-/// `cross-entropy` the fused cross-entropy (`nn::cross_entropy`: candle's log-softmax instead).
-pub const SWITCHABLE: [&str; 21] = [
+/// `cross-entropy` the fused cross-entropy (`nn::cross_entropy`: candle's log-softmax instead),
+/// `embedding` the one-pass token embedding (`gather::embed`: the gather, position add and cast).
+pub const SWITCHABLE: [&str; 22] = [
     "attention",
     "retention",
     "retention-tc",
@@ -57,6 +58,7 @@ pub const SWITCHABLE: [&str; 21] = [
     "attention-packed",
     "layernorm-vector",
     "cross-entropy",
+    "embedding",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.

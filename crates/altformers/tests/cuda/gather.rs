@@ -2,7 +2,8 @@
 //! on the CPU: repeated ids (many rows of a small table hit the same row, so the atomics
 //! collide), a table row no id touches (its gradient stays exactly zero), widths that are
 //! not multiples of the block, one-element rows, and the forward rows themselves; and a
-//! bf16 table (its gradient summed in f32) against the f32 reference.
+//! bf16 table (its gradient summed in f32) against the f32 reference; the one-pass token
+//! embedding (`embed`) against the gather, position add and cast it replaces.
 
 use altformers::nn::gather_rows;
 use altformers::testing::{device_rel_err, randn};
@@ -62,5 +63,68 @@ fn gather_grad_bf16_table_matches_cpu() -> Result<()> {
     ensure!(grad.dtype() == DType::BF16, "the gradient is {:?}, not the table's bf16", grad.dtype());
     let err = device_rel_err(&grad.to_dtype(DType::F32)?, &cpu_grad)?;
     ensure!(err < 2e-2, "bf16 gradient rel err {err}");
+    Ok(())
+}
+
+/// (out, d table, d positions) of `sum(embedding * r)` in f32, the embedding computed on `dev`
+/// as `embed` (fused on CUDA) or, on the CPU, as the gather, the position add and the cast.
+fn embedding(
+    table: &Tensor,
+    positions: Option<&Tensor>,
+    ids: &Tensor,
+    r: &Tensor,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Vec<Tensor>> {
+    let tv = Var::from_tensor(&table.to_device(dev)?)?;
+    let pv = positions.map(|p| Var::from_tensor(&p.to_device(dev)?)).transpose()?;
+    let ids = ids.to_device(dev)?;
+    let out = if dev.is_cuda() {
+        altformers::kernels::gather::embed(tv.as_tensor(), pv.as_ref().map(|p| p.as_tensor()), &ids, dtype)?
+    } else {
+        let x = tv.as_tensor().index_select(&ids, 0)?;
+        let x = match &pv {
+            Some(p) => {
+                let t = p.dim(0)?;
+                let d = x.dim(1)?;
+                x.reshape((ids.elem_count() / t, t, d))?.broadcast_add(p.as_tensor())?.reshape(x.shape())?
+            }
+            None => x,
+        };
+        x.to_dtype(dtype)?
+    };
+    ensure!(out.dtype() == dtype, "embedding dtype {:?}", out.dtype());
+    let grads = (out.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
+    let mut all = vec![out.to_dtype(DType::F32)?, grads.get(tv.as_tensor()).expect("d table").clone()];
+    if let Some(p) = &pv {
+        all.push(grads.get(p.as_tensor()).expect("d positions").clone());
+    }
+    Ok(all)
+}
+
+/// The one-pass embedding (gather, position add, cast; its backward's scatter and position sums)
+/// against the composed form on the CPU: repeated ids, with and without positions, f32 and
+/// bf16 activations, a width past the block of 256 threads.
+#[test]
+fn embedding_matches_cpu() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let (rows, b, t) = (65usize, 6usize, 33usize);
+    for d in [64usize, 300] {
+        let table = randn(&[rows, d], 1, DType::F32)?;
+        let positions = randn(&[t, d], 2, DType::F32)?;
+        let ids = Tensor::new(ids(b * t, rows as u32, 3), &Device::Cpu)?;
+        let r = randn(&[b * t, d], 4, DType::F32)?;
+        for pos in [true, false] {
+            for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+                let p = pos.then_some(&positions);
+                let cpu = embedding(&table, p, &ids, &r, &Device::Cpu, dtype)?;
+                let ours = embedding(&table, p, &ids, &r, &gpu, dtype)?;
+                for (name, (o, c)) in ["out", "d table", "d positions"].iter().zip(ours.iter().zip(cpu.iter())) {
+                    let err = device_rel_err(o, c)?;
+                    ensure!(err < tol, "d {d} positions {pos} {dtype:?}: {name} rel err {err}");
+                }
+            }
+        }
+    }
     Ok(())
 }
