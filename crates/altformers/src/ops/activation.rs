@@ -31,6 +31,7 @@ impl Activation {
         }
     }
 
+    #[inline(always)]
     fn value<T: Float>(self, x: T) -> T {
         match self {
             Activation::Gelu => x * T::phi_cdf(x),
@@ -38,6 +39,7 @@ impl Activation {
         }
     }
 
+    #[inline(always)]
     fn derivative<T: Float>(self, x: T) -> T {
         match self {
             Activation::Gelu => T::phi_cdf(x) + x * T::phi_pdf(x),
@@ -82,31 +84,35 @@ trait Float:
 }
 
 macro_rules! float {
-    ($t:ident, $erf:path) => {
+    ($t:ident, $erf:path, $exp:path) => {
         impl Float for $t {
             const ONE: Self = 1.0;
+            #[inline(always)]
             fn phi_cdf(x: Self) -> Self {
                 ($erf(x * std::$t::consts::FRAC_1_SQRT_2) + 1.0) * 0.5
             }
+            #[inline(always)]
             fn phi_pdf(x: Self) -> Self {
                 // 1 / sqrt(2 pi)
-                (-0.5 * x * x).exp() * (std::$t::consts::FRAC_2_SQRT_PI * std::$t::consts::FRAC_1_SQRT_2 * 0.5)
+                $exp(-0.5 * x * x) * (std::$t::consts::FRAC_2_SQRT_PI * std::$t::consts::FRAC_1_SQRT_2 * 0.5)
             }
+            #[inline(always)]
             fn sigmoid(x: Self) -> Self {
-                1.0 / (1.0 + (-x).exp())
+                1.0 / (1.0 + $exp(-x))
             }
         }
     };
 }
-float!(f32, erf_f32);
-float!(f64, candle_core::cpu::erf::erf_f64);
+// f32: exp and erf from arithmetic the compiler vectorises (libm's are a call per element)
+float!(f32, erf_f32, crate::cpu::exp_f32);
+float!(f64, candle_core::cpu::erf::erf_f64, f64::exp);
 
 /// erf in f32 as `x P(x^2) / Q(x^2)` on `|x| <= 3.925` (erf rounds to +-1 beyond), a rational
 /// fit of our own (`scripts/fit-erf.py`: relative error 2e-9 in exact arithmetic, at most 7
 /// ulp and 1 on average in f32 over [-6, 6], against libm's 1). Branch-free arithmetic that the
 /// compiler vectorises: libm's `erff`, one call per element, was 10% of a nanoGPT-CPU training
 /// step (issue 29's profile). f64 keeps candle's erf (the gradient checks run in f64).
-#[inline]
+#[inline(always)]
 fn erf_f32(x: f32) -> f32 {
     const P: [f32; 7] = [
         std::f32::consts::FRAC_2_SQRT_PI,
@@ -132,16 +138,53 @@ const BLOCK: usize = 1 << 14;
 
 fn forward<T: Float>(x: &[T], act: Activation) -> Vec<T> {
     let mut y = x.to_vec();
-    y.par_chunks_mut(BLOCK).for_each(|ys| ys.iter_mut().for_each(|v| *v = act.value(*v)));
+    y.par_chunks_mut(BLOCK).for_each(|ys| values(ys, act));
     y
 }
 
 fn backward<T: Float>(x: &[T], g: &[T], act: Activation) -> Vec<T> {
     let mut dx = g.to_vec();
-    dx.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK)).for_each(|(ds, xs)| {
-        ds.iter_mut().zip(xs).for_each(|(d, &v)| *d = *d * act.derivative(v));
-    });
+    dx.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK)).for_each(|(ds, xs)| derivatives(ds, xs, act));
     dx
+}
+
+crate::cpu::vectorised! {
+    /// `act` of every element of `ys`, in place (a block of [`forward`]).
+    fn values<T: Float>(ys: &mut [T], act: Activation) -> () {
+        // one loop per activation, so that each is a straight vector loop
+        match act {
+            Activation::Gelu => {
+                for v in ys.iter_mut() {
+                    *v = Activation::Gelu.value(*v);
+                }
+            }
+            Activation::Silu => {
+                for v in ys.iter_mut() {
+                    *v = Activation::Silu.value(*v);
+                }
+            }
+        }
+    }
+}
+
+crate::cpu::vectorised! {
+    /// `ds *= act'(xs)` elementwise (a block of [`backward`]).
+    fn derivatives<T: Float>(ds: &mut [T], xs: &[T], act: Activation) -> () {
+        // index loops (an iterator adaptor left out of line would be compiled for the baseline)
+        let xs = &xs[..ds.len()];
+        match act {
+            Activation::Gelu => {
+                for i in 0..ds.len() {
+                    ds[i] = ds[i] * Activation::Gelu.derivative(xs[i]);
+                }
+            }
+            Activation::Silu => {
+                for i in 0..ds.len() {
+                    ds[i] = ds[i] * Activation::Silu.derivative(xs[i]);
+                }
+            }
+        }
+    }
 }
 
 struct Forward(Activation);

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{contiguous, Real};
+use crate::cpu::{contiguous, lane_sum, Real};
 use rayon::prelude::*;
 
 /// Whether [`layer_norm`] takes these inputs: f32 or f64 on the CPU, the weight (and bias)
@@ -66,18 +66,25 @@ fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, eps: f64) -> (V
     y.par_chunks_mut(ROWS * d)
         .zip(x.par_chunks(ROWS * d))
         .zip(mean.par_chunks_mut(ROWS).zip(r.par_chunks_mut(ROWS)))
-        .for_each(|((ys, xs), (ms, rs))| {
-            for (((y, x), m), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(ms).zip(rs) {
-                *m = x.iter().map(|v| v.wide()).sum::<f64>() / d as f64;
-                let var = x.iter().map(|v| (v.wide() - *m).powi(2)).sum::<f64>() / d as f64;
-                *r = 1.0 / (var + eps).sqrt();
-                for (j, (o, v)) in y.iter_mut().zip(x).enumerate() {
-                    let shift = b.map_or(0.0, |b| b[j].wide());
-                    *o = T::narrow((v.wide() - *m) * *r * w[j].wide() + shift);
-                }
-            }
-        });
+        .for_each(|((ys, xs), (ms, rs))| forward_rows(ys, xs, ms, rs, w, b, eps));
     (y, mean, r)
+}
+
+crate::cpu::vectorised! {
+    /// [`forward`] on a block of rows (`ms` and `rs` one per row).
+    fn forward_rows<T: Real>(ys: &mut [T], xs: &[T], ms: &mut [f64], rs: &mut [f64], w: &[T], b: Option<&[T]>, eps: f64) -> () {
+        let d = w.len();
+        for (((y, x), m), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(ms).zip(rs) {
+            *m = lane_sum(d, |j| x[j].wide()) / d as f64;
+            let var = lane_sum(d, |j| (x[j].wide() - *m) * (x[j].wide() - *m)) / d as f64;
+            *r = 1.0 / (var + eps).sqrt();
+            let (m, r) = (*m, *r);
+            for j in 0..d {
+                let shift = b.map_or(0.0, |b| b[j].wide());
+                y[j] = T::narrow((x[j].wide() - m) * r * w[j].wide() + shift);
+            }
+        }
+    }
 }
 
 /// `dx`, `dw` and `db` (see the module doc).
@@ -95,22 +102,7 @@ fn backward<T: Real>(
         .zip(mean.par_chunks(ROWS).zip(r.par_chunks(ROWS)))
         .map(|((dxs, (xs, gs)), (ms, rs))| {
             let (mut dw, mut db) = (vec![0.0; d], vec![0.0; d]);
-            for ((((dx, x), g), &m), &r) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)).zip(ms).zip(rs) {
-                let (mut mean_h, mut mean_hx) = (0.0, 0.0);
-                for j in 0..d {
-                    let (xhat, gj) = ((x[j].wide() - m) * r, g[j].wide());
-                    let h = gj * w[j].wide();
-                    mean_h += h;
-                    mean_hx += h * xhat;
-                    dw[j] += gj * xhat;
-                    db[j] += gj;
-                }
-                (mean_h, mean_hx) = (mean_h / d as f64, mean_hx / d as f64);
-                for j in 0..d {
-                    let xhat = (x[j].wide() - m) * r;
-                    dx[j] = T::narrow(r * (g[j].wide() * w[j].wide() - mean_h - xhat * mean_hx));
-                }
-            }
+            backward_rows(dxs, xs, gs, ms, rs, w, &mut dw, &mut db);
             (dw, db)
         })
         .reduce(
@@ -122,6 +114,25 @@ fn backward<T: Real>(
             },
         );
     (dx, dw, db)
+}
+
+crate::cpu::vectorised! {
+    /// [`backward`] on a block of rows, adding the block's `dw` and `db` into those given.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_rows<T: Real>(dxs: &mut [T], xs: &[T], gs: &[T], ms: &[f64], rs: &[f64], w: &[T], dw: &mut [f64], db: &mut [f64]) -> () {
+        let d = w.len();
+        for ((((dx, x), g), &m), &r) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)).zip(ms).zip(rs) {
+            let xhat = |j: usize| (x[j].wide() - m) * r;
+            let mean_h = lane_sum(d, |j| g[j].wide() * w[j].wide()) / d as f64;
+            let mean_hx = lane_sum(d, |j| g[j].wide() * w[j].wide() * xhat(j)) / d as f64;
+            for j in 0..d {
+                let gj = g[j].wide();
+                dw[j] += gj * xhat(j);
+                db[j] += gj;
+                dx[j] = T::narrow(r * (gj * w[j].wide() - mean_h - xhat(j) * mean_hx));
+            }
+        }
+    }
 }
 
 /// The backward's `dx` (shaped as `x`), `dw` and `db` from the tensors' CPU data.

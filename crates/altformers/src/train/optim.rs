@@ -273,15 +273,11 @@ fn cpu_update_as<T: crate::cpu::Real>(
     let (b1, b2, scale) = (c(rule.beta1), c(rule.beta2), c(rule.scale));
     let (inv_bc1, inv_sqrt_bc2, eps) = (c(1.0 / rule.bc1), c(1.0 / rule.bc2.sqrt()), c(rule.eps));
     let (lr, shrink) = (c(rule.lr), c(1.0 - rule.lr * rule.decay));
+    let k = Coefficients { b1, b2, scale, inv_bc1, inv_sqrt_bc2, eps, lr, shrink };
     let (w2, m2, v2) = crate::cpu::with_slices::<T, _>(&[w, g, m, v], &names, |d| {
-        let (w, g, m, v) = (d[0], d[1], d[2], d[3]);
-        let m2: Vec<T> = m.iter().zip(g).map(|(&m, &g)| b1 * m + (T::one() - b1) * (g * scale)).collect();
-        let v2: Vec<T> = v.iter().zip(g).map(|(&v, &g)| b2 * v + (T::one() - b2) * (g * scale) * (g * scale)).collect();
-        let w2: Vec<T> = w
-            .iter()
-            .zip(m2.iter().zip(&v2))
-            .map(|(&w, (&m, &v))| w * shrink - lr * (m * inv_bc1) / (v.sqrt() * inv_sqrt_bc2 + eps))
-            .collect();
+        let n = d[0].len();
+        let (mut w2, mut m2, mut v2) = (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);
+        adamw_slices(d[0], d[1], d[2], d[3], &mut w2, &mut m2, &mut v2, k);
         (w2, m2, v2)
     })?;
     let dev = candle_core::Device::Cpu;
@@ -290,6 +286,34 @@ fn cpu_update_as<T: crate::cpu::Real>(
         Tensor::from_vec(m2, w.shape(), &dev)?,
         Tensor::from_vec(v2, w.shape(), &dev)?,
     ))
+}
+
+/// The constants of one parameter's AdamW update, in its arithmetic.
+#[derive(Clone, Copy)]
+struct Coefficients<T> {
+    b1: T,
+    b2: T,
+    scale: T,
+    inv_bc1: T,
+    inv_sqrt_bc2: T,
+    eps: T,
+    lr: T,
+    shrink: T,
+}
+
+crate::cpu::vectorised! {
+    /// The moments `m2`, `v2` and the weight `w2` after one update of `w` with gradient `g`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_slices<T: crate::cpu::Real>(w: &[T], g: &[T], m: &[T], v: &[T], w2: &mut [T], m2: &mut [T], v2: &mut [T], k: Coefficients<T>) -> () {
+        let n = w2.len();
+        let (w, g, m, v, m2, v2) = (&w[..n], &g[..n], &m[..n], &v[..n], &mut m2[..n], &mut v2[..n]);
+        for i in 0..n {
+            let gs = g[i] * k.scale;
+            m2[i] = k.b1 * m[i] + (T::one() - k.b1) * gs;
+            v2[i] = k.b2 * v[i] + (T::one() - k.b2) * gs * gs;
+            w2[i] = w[i] * k.shrink - k.lr * (m2[i] * k.inv_bc1) / (v2[i].sqrt() * k.inv_sqrt_bc2 + k.eps);
+        }
+    }
 }
 
 /// f64 parameters (the gradient tests) keep f64 moments; everything else keeps f32.

@@ -118,14 +118,7 @@ impl FusedAttention {
         unsafe { product(p, n, false, q.rows(b, h, t0), k.rows(b, h / d.group(), 0).t(), (rows, n, d.dh), scale, 1) };
         for (i, row) in p[..rows * n].chunks_mut(n).enumerate() {
             let seen = d.visible(t0 + i, self.offset);
-            let max = row[..seen].iter().fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
-            let mut sum = T::zero();
-            for x in &mut row[..seen] {
-                *x = (*x - max).exp();
-                sum = sum + *x;
-            }
-            let inv = sum.recip();
-            row[..seen].iter_mut().for_each(|x| *x = *x * inv);
+            softmax_in_place(&mut row[..seen]);
             row[seen..].fill(T::zero());
         }
         n
@@ -199,6 +192,20 @@ impl FusedAttention {
                 }
             });
         (dq, dk, dv)
+    }
+}
+
+crate::cpu::vectorised! {
+    /// The softmax of a row of scores, in place (vector loops: its max, exponentials and sum).
+    fn softmax_in_place<T: Real>(row: &mut [T]) -> () {
+        let max = crate::cpu::lane_max(row);
+        for x in row.iter_mut() {
+            *x = (*x - max).exp_vec();
+        }
+        let inv = crate::cpu::lane_sum(row.len(), |j| row[j]).recip();
+        for x in row.iter_mut() {
+            *x = *x * inv;
+        }
     }
 }
 
