@@ -197,13 +197,36 @@ pub unsafe fn product<T: Real>(
         return;
     }
     assert!(dst.len() >= (m - 1) * dst_rs + n, "product: destination too small");
+    product_into(dst.as_mut_ptr(), dst_rs, accumulate, a, b, (m, n, k), scale, threads)
+}
+
+/// [`product`] into memory addressed by a pointer: for tasks that write disjoint, interleaved
+/// parts of one buffer (the rows of one head in a token-major layout) from several threads.
+///
+/// # Safety
+/// As [`product`], and `dst` must address `(m - 1) dst_rs + n` elements no other thread
+/// touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn product_into<T: Real>(
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+    (m, n, k): (usize, usize, usize),
+    scale: T,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // gemm's convention: dst = alpha dst + beta a b (alpha read only with read_dst)
     gemm::gemm(
         m,
         n,
         k,
-        dst.as_mut_ptr(),
+        dst,
         1,
         dst_rs as isize,
         accumulate,

@@ -82,7 +82,8 @@ impl Attention {
     /// The parallel form, keys padded where `keep: [B, T]` is 0 (bidirectional only), with
     /// dropout on the probabilities where given.
     fn parallel(&self, x: &Tensor, keep: Option<&Tensor>, dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
-        if self.causal && keep.is_none() && self.rope_base.is_none() && runs_packed(x, self.head_dim) {
+        let p = dropout.as_ref().map_or(0.0, |(p, _)| *p);
+        if self.causal && keep.is_none() && self.rope_base.is_none() && runs_packed(x, self.head_dim, p) {
             // one product each way for q, k and v: the kernels read their blocks in place
             // and write their gradient as one tensor
             let y = causal_attention_packed(&self.qkv.forward(x)?, self.heads, self.kv_heads, dropout)?;

@@ -18,11 +18,11 @@
 //! `t` sees keys `s <= offset + t`; the output `[B, H, T, d_h]` contiguous.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Dims;
-use crate::cpu::{product, Mat, Real};
+use crate::cpu::{product, product_into, Mat, Real};
 
 /// Queries per block: the block's scores (64 x S) stay in the cache at the lengths training
 /// uses, and a long sequence's never grow past 64 rows.
@@ -77,14 +77,26 @@ impl<'a, T> View<'a, T> {
         if dims.len() != 4 {
             candle_core::bail!("CPU attention: {what} must have 4 dimensions, not {dims:?}")
         }
+        let stride = [stride[0], stride[1], stride[2], stride[3]];
+        Self::strided(data, layout.start_offset(), [dims[0], dims[1], dims[2], dims[3]], stride, what)
+    }
+
+    /// `dims` elements from `start` at `stride`, checked to lie in `data`.
+    fn strided(data: &'a [T], start: usize, dims: [usize; 4], stride: [usize; 4], what: &str) -> Result<Self> {
         // The last element the view reaches must lie in the storage: the products below read
         // through raw pointers.
-        let last =
-            layout.start_offset() + dims.iter().zip(stride).map(|(&n, &st)| n.saturating_sub(1) * st).sum::<usize>();
+        let last = start + dims.iter().zip(stride).map(|(&n, st)| n.saturating_sub(1) * st).sum::<usize>();
         if last >= data.len() {
             candle_core::bail!("CPU attention: {what} reaches element {last} of a storage of {}", data.len())
         }
-        Ok(Self { data, start: layout.start_offset(), stride: [stride[0], stride[1], stride[2], stride[3]] })
+        Ok(Self { data, start, stride })
+    }
+
+    /// Heads of `dh` at columns `first * dh..` of token-major `[B, T, width]` data from
+    /// `start`, seen as `[B, heads, T, dh]` (`dims`).
+    fn token_major(data: &'a [T], start: usize, dims: [usize; 4], width: usize, first: usize, what: &str) -> Result<Self> {
+        let [_, _, t, dh] = dims;
+        Self::strided(data, start + first * dh, dims, [t * width, dh, width, 1], what)
     }
 
     /// Rows `r..` of head `h` of sequence `b` as a matrix (row stride, column stride).
@@ -98,6 +110,50 @@ impl<'a, T> View<'a, T> {
         T: Copy,
     {
         self.data[self.start + b * self.stride[0] + h * self.stride[1] + r * self.stride[2] + j * self.stride[3]]
+    }
+}
+
+/// Where the op writes a `[B, heads, rows, d_h]` result: element `(b, h, r, j)` at `ptr + b sb
+/// + h sh + r sr + j`, in a buffer the caller holds. The tasks (one per sequence and key/value
+/// head) write disjoint elements through it from several threads.
+#[derive(Clone, Copy)]
+struct Dest<T> {
+    ptr: *mut T,
+    stride: [usize; 3],
+}
+
+// SAFETY: a `Dest` is handed to tasks that write disjoint elements of a buffer that outlives them.
+unsafe impl<T: Send> Send for Dest<T> {}
+unsafe impl<T: Sync> Sync for Dest<T> {}
+
+impl<T> Dest<T> {
+    /// `buf` from `start`, at `stride`; `dims` checked to fit.
+    fn new(buf: &mut [T], start: usize, dims: [usize; 4], stride: [usize; 3]) -> Self {
+        let last = start + (0..3).map(|i| dims[i].saturating_sub(1) * stride[i]).sum::<usize>() + dims[3];
+        assert!(last <= buf.len(), "CPU attention: a result of {dims:?} does not fit its buffer");
+        // SAFETY: start < len (checked above unless the result is empty, when nothing is written)
+        Self { ptr: unsafe { buf.as_mut_ptr().add(start.min(buf.len())) }, stride }
+    }
+
+    /// A contiguous `[B, heads, rows, d_h]` buffer.
+    fn head_major(buf: &mut [T], [b, h, r, d]: [usize; 4]) -> Self {
+        Self::new(buf, 0, [b, h, r, d], [h * r * d, r * d, d])
+    }
+
+    /// Heads of `d` at columns `first * d..` of a token-major `[B, rows, width]` buffer.
+    fn token_major(buf: &mut [T], dims: [usize; 4], width: usize, first: usize) -> Self {
+        let [_, _, r, d] = dims;
+        Self::new(buf, first * d, dims, [r * width, d, width])
+    }
+
+    /// Rows `r..` of head `h` of sequence `b`.
+    fn rows(&self, b: usize, h: usize, r: usize) -> *mut T {
+        // SAFETY: within the buffer `new` checked (callers stay inside the dims).
+        unsafe { self.ptr.add(b * self.stride[0] + h * self.stride[1] + r * self.stride[2]) }
+    }
+
+    fn row_stride(&self) -> usize {
+        self.stride[2]
     }
 }
 
@@ -124,74 +180,59 @@ impl FusedAttention {
         n
     }
 
-    /// The output, `[B, H, T, d_h]` contiguous: one task per sequence and key/value head, whose
-    /// query heads' rows are one contiguous chunk.
-    fn forward<T: Real>(&self, q: &View<T>, k: &View<T>, v: &View<T>) -> Vec<T> {
+    /// The output into `out`: one task per sequence and key/value head.
+    fn forward<T: Real>(&self, q: &View<T>, k: &View<T>, v: &View<T>, out: Dest<T>) {
         let d = self.dims;
-        let mut out = vec![T::zero(); d.b * d.h * d.t * d.dh];
-        out.par_chunks_mut(d.group() * d.t * d.dh).enumerate().for_each(|(task, out)| {
+        (0..d.b * d.kvh).into_par_iter().for_each(|task| {
             let (b, g) = (task / d.kvh, task % d.kvh);
             let mut p = vec![T::zero(); BLOCK * d.s];
-            for (hg, h, t0, rows) in d.blocks(g) {
+            for (_, h, t0, rows) in d.blocks(g) {
                 let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
-                let o = &mut out[(hg * d.t + t0) * d.dh..];
-                // SAFETY: p holds rows x n, v was checked, o holds rows x d_h.
-                unsafe { product(o, d.dh, false, Mat::dense(&p, n), v.rows(b, g, 0), (rows, d.dh, n), T::one(), 1) };
+                // SAFETY: p holds rows x n, v was checked, the task alone writes head h's rows.
+                unsafe {
+                    let o = out.rows(b, h, t0);
+                    product_into(o, out.row_stride(), false, Mat::dense(&p, n), v.rows(b, g, 0), (rows, d.dh, n), T::one(), 1)
+                };
             }
         });
-        out
     }
 
-    /// `(dq, dk, dv)`, contiguous `[B, H, T, d_h]` and `[B, KVH, S, d_h]`, from the output `o`
-    /// and its gradient `go`: with `P` the probabilities and `D_i = sum_j go_ij o_ij`,
-    /// `dV = P^T dO`, `dS = P (dO V^T - D)`, `dQ = scale dS K`, `dK = scale dS^T Q`.
-    fn backward<T: Real>(
-        &self,
-        q: &View<T>,
-        k: &View<T>,
-        v: &View<T>,
-        o: &View<T>,
-        go: &View<T>,
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    /// `dq`, `dk` and `dv` into `[dq, dk, dv]` (zeroed: dk and dv are sums over the blocks), from
+    /// the output `o` and its gradient `go`: with `P` the probabilities and `D_i = sum_j go_ij
+    /// o_ij`, `dV = P^T dO`, `dS = P (dO V^T - D)`, `dQ = scale dS K`, `dK = scale dS^T Q`.
+    fn backward<T: Real>(&self, q: &View<T>, k: &View<T>, v: &View<T>, o: &View<T>, go: &View<T>, grads: [Dest<T>; 3]) {
         let d = self.dims;
         let scale = T::narrow(1.0 / (d.dh as f64).sqrt());
-        let mut dq = vec![T::zero(); d.b * d.h * d.t * d.dh];
-        let mut dk = vec![T::zero(); d.b * d.kvh * d.s * d.dh];
-        let mut dv = vec![T::zero(); d.b * d.kvh * d.s * d.dh];
-        let kv_chunk = d.s * d.dh;
-        dq.par_chunks_mut(d.group() * d.t * d.dh)
-            .zip(dk.par_chunks_mut(kv_chunk).zip(dv.par_chunks_mut(kv_chunk)))
-            .enumerate()
-            .for_each(|(task, (dq, (dk, dv)))| {
-                let (b, g) = (task / d.kvh, task % d.kvh);
-                let mut p = vec![T::zero(); BLOCK * d.s];
-                let mut dp = vec![T::zero(); BLOCK * d.s];
-                for (hg, h, t0, rows) in d.blocks(g) {
-                    let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
-                    let go_blk = go.rows(b, h, t0);
-                    // SAFETY (all four products): views checked, buffers sized rows x n,
-                    // dk and dv hold S x d_h, dq's chunk rows x d_h from its start.
-                    unsafe {
-                        product(dv, d.dh, true, Mat::dense(&p, n).t(), go_blk, (n, d.dh, rows), T::one(), 1);
-                        product(&mut dp, n, false, go_blk, v.rows(b, g, 0).t(), (rows, n, d.dh), T::one(), 1);
-                    }
-                    for i in 0..rows {
-                        let dot =
-                            (0..d.dh).fold(T::zero(), |acc, j| acc + go.at(b, h, t0 + i, j) * o.at(b, h, t0 + i, j));
-                        let seen = d.visible(t0 + i, self.offset);
-                        for (ds, &pr) in dp[i * n..i * n + seen].iter_mut().zip(&p[i * n..i * n + seen]) {
-                            *ds = pr * (*ds - dot);
-                        }
-                        dp[i * n + seen..(i + 1) * n].fill(T::zero());
-                    }
-                    let dq_blk = &mut dq[(hg * d.t + t0) * d.dh..];
-                    unsafe {
-                        product(dq_blk, d.dh, false, Mat::dense(&dp, n), k.rows(b, g, 0), (rows, d.dh, n), scale, 1);
-                        product(dk, d.dh, true, Mat::dense(&dp, n).t(), q.rows(b, h, t0), (n, d.dh, rows), scale, 1);
-                    }
+        let [dq, dk, dv] = grads;
+        (0..d.b * d.kvh).into_par_iter().for_each(|task| {
+            let (b, g) = (task / d.kvh, task % d.kvh);
+            let mut p = vec![T::zero(); BLOCK * d.s];
+            let mut dp = vec![T::zero(); BLOCK * d.s];
+            for (_, h, t0, rows) in d.blocks(g) {
+                let n = self.probabilities(q, k, (b, h, t0, rows), &mut p);
+                let go_blk = go.rows(b, h, t0);
+                // SAFETY (all four products): views checked, buffers sized rows x n; the task
+                // alone writes key/value head g's rows of dk and dv and its query heads' of dq.
+                unsafe {
+                    let dv_rows = dv.rows(b, g, 0);
+                    product_into(dv_rows, dv.row_stride(), true, Mat::dense(&p, n).t(), go_blk, (n, d.dh, rows), T::one(), 1);
+                    product(&mut dp, n, false, go_blk, v.rows(b, g, 0).t(), (rows, n, d.dh), T::one(), 1);
                 }
-            });
-        (dq, dk, dv)
+                for i in 0..rows {
+                    let dot = (0..d.dh).fold(T::zero(), |acc, j| acc + go.at(b, h, t0 + i, j) * o.at(b, h, t0 + i, j));
+                    let seen = d.visible(t0 + i, self.offset);
+                    for (ds, &pr) in dp[i * n..i * n + seen].iter_mut().zip(&p[i * n..i * n + seen]) {
+                        *ds = pr * (*ds - dot);
+                    }
+                    dp[i * n + seen..(i + 1) * n].fill(T::zero());
+                }
+                unsafe {
+                    let (dq_rows, dk_rows) = (dq.rows(b, h, t0), dk.rows(b, g, 0));
+                    product_into(dq_rows, dq.row_stride(), false, Mat::dense(&dp, n), k.rows(b, g, 0), (rows, d.dh, n), scale, 1);
+                    product_into(dk_rows, dk.row_stride(), true, Mat::dense(&dp, n).t(), q.rows(b, h, t0), (n, d.dh, rows), scale, 1);
+                }
+            }
+        });
     }
 }
 
@@ -234,14 +275,24 @@ impl FusedAttention {
             View::new(ks.as_slice::<T>()?, kl, "k")?,
             View::new(vs.as_slice::<T>()?, vl, "v")?,
         );
-        Ok(T::to_cpu_storage_owned(self.forward(&q, &k, &v)))
+        let d = self.dims;
+        let mut out = vec![T::zero(); d.b * d.h * d.t * d.dh];
+        self.forward(&q, &k, &v, Dest::head_major(&mut out, [d.b, d.h, d.t, d.dh]));
+        Ok(T::to_cpu_storage_owned(out))
     }
 
     fn gradients<T: Real>(&self, tensors: [&Tensor; 5]) -> Result<(Tensor, Tensor, Tensor)> {
         let d = self.dims;
         let names = ["q", "k", "v", "the output", "the output gradient"];
-        let (dq, dk, dv) =
-            Self::with_views::<T, _>(&tensors, &names, |x| self.backward(&x[0], &x[1], &x[2], &x[3], &x[4]))?;
+        let mut dq = vec![T::zero(); d.b * d.h * d.t * d.dh];
+        let mut dk = vec![T::zero(); d.b * d.kvh * d.s * d.dh];
+        let mut dv = vec![T::zero(); d.b * d.kvh * d.s * d.dh];
+        let grads = [
+            Dest::head_major(&mut dq, [d.b, d.h, d.t, d.dh]),
+            Dest::head_major(&mut dk, [d.b, d.kvh, d.s, d.dh]),
+            Dest::head_major(&mut dv, [d.b, d.kvh, d.s, d.dh]),
+        ];
+        Self::with_views::<T, _>(&tensors, &names, |x| self.backward(&x[0], &x[1], &x[2], &x[3], &x[4], grads))?;
         Ok((
             Tensor::from_vec(dq, (d.b, d.h, d.t, d.dh), &Device::Cpu)?,
             Tensor::from_vec(dk, (d.b, d.kvh, d.s, d.dh), &Device::Cpu)?,
@@ -288,6 +339,107 @@ impl CustomOp3 for FusedAttention {
             dtype => candle_core::bail!("CPU attention backward: {dtype:?} unsupported"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Whether [`causal_attention_packed`] takes a fused projection's output like `qkv`: a CPU
+/// tensor in f32 or f64, unless switched off (`ALTFORMERS_UNFUSED=attention` or
+/// `attention-packed`).
+pub fn supports_packed(qkv: &Tensor) -> bool {
+    qkv.device().is_cpu()
+        && matches!(qkv.dtype(), DType::F32 | DType::F64)
+        && crate::kernels::enabled("attention")
+        && crate::kernels::enabled("attention-packed")
+}
+
+/// Causal attention over one fused projection's output `qkv: [B, T, (H + 2 KVH) d_h]`
+/// (queries, keys, values in consecutive blocks of features, positions from 0) -> `[B, T, H
+/// d_h]`, token-major, as [`causal_attention`] on the blocks read in place; the backward writes
+/// qkv's gradient as one tensor (the blocks as views would come back as three zero-padded
+/// gradients to sum), and the output needs no transpose for the output projection.
+pub fn causal_attention_packed(qkv: &Tensor, heads: usize, kv_heads: usize) -> Result<Tensor> {
+    let (b, t, width) = qkv.dims3()?;
+    let dh = width / (heads + 2 * kv_heads).max(1);
+    if kv_heads == 0 || heads % kv_heads != 0 || dh * (heads + 2 * kv_heads) != width || dh == 0 {
+        candle_core::bail!("CPU attention: qkv of width {width} does not hold {heads} query and 2 x {kv_heads} key/value heads")
+    }
+    qkv.apply_op1(PackedAttention(FusedAttention { dims: Dims { b, h: heads, kvh: kv_heads, t, s: t, dh }, offset: 0 }))
+}
+
+struct PackedAttention(FusedAttention);
+
+impl PackedAttention {
+    /// q, k and v: the three blocks of `qkv` (data from its layout's start, rows contiguous).
+    fn operands<'a, T: Real>(&self, data: &'a [T], layout: &Layout) -> Result<[View<'a, T>; 3]> {
+        let d = self.0.dims;
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            candle_core::bail!("CPU attention: qkv must be contiguous")
+        };
+        let width = (d.h + 2 * d.kvh) * d.dh;
+        Ok([
+            View::token_major(data, start, [d.b, d.h, d.t, d.dh], width, 0, "q")?,
+            View::token_major(data, start, [d.b, d.kvh, d.t, d.dh], width, d.h, "k")?,
+            View::token_major(data, start, [d.b, d.kvh, d.t, d.dh], width, d.h + d.kvh, "v")?,
+        ])
+    }
+
+    fn forward<T: Real>(&self, data: &[T], layout: &Layout) -> Result<Vec<T>> {
+        let d = self.0.dims;
+        let [q, k, v] = self.operands(data, layout)?;
+        let mut out = vec![T::zero(); d.b * d.t * d.h * d.dh];
+        self.0.forward(&q, &k, &v, Dest::token_major(&mut out, [d.b, d.h, d.t, d.dh], d.h * d.dh, 0));
+        Ok(out)
+    }
+
+    /// qkv's gradient, `[B, T, (H + 2 KVH) d_h]`, from the output `o` and its gradient `go`.
+    fn gradient<T: Real>(&self, qkv: &Tensor, o: &Tensor, go: &Tensor) -> Result<Tensor> {
+        let d = self.0.dims;
+        let width = (d.h + 2 * d.kvh) * d.dh;
+        let mut grad = vec![T::zero(); d.b * d.t * width];
+        let grads = [
+            Dest::token_major(&mut grad, [d.b, d.h, d.t, d.dh], width, 0),
+            Dest::token_major(&mut grad, [d.b, d.kvh, d.t, d.dh], width, d.h),
+            Dest::token_major(&mut grad, [d.b, d.kvh, d.t, d.dh], width, d.h + d.kvh),
+        ];
+        let (o, go) = (o.contiguous()?, go.contiguous()?);
+        let guards = [qkv, &o, &go].map(|t| t.storage_and_layout());
+        let mut data = Vec::with_capacity(3);
+        for (storage, layout) in &guards {
+            let candle_core::Storage::Cpu(cpu) = &**storage else { candle_core::bail!("CPU attention: not on the CPU") };
+            data.push((cpu.as_slice::<T>()?, layout.start_offset()));
+        }
+        let [q, k, v] = self.operands(data[0].0, guards[0].1)?;
+        let heads = [d.b, d.h, d.t, d.dh];
+        let o = View::token_major(data[1].0, data[1].1, heads, d.h * d.dh, 0, "the output")?;
+        let go = View::token_major(data[2].0, data[2].1, heads, d.h * d.dh, 0, "the output gradient")?;
+        self.0.backward(&q, &k, &v, &o, &go, grads);
+        drop(guards);
+        Tensor::from_vec(grad, (d.b, d.t, width), &Device::Cpu)
+    }
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "cpu-causal-attention-packed"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.0.dims;
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(self.forward(x, layout)?),
+            CpuStorage::F64(x) => CpuStorage::F64(self.forward(x, layout)?),
+            _ => candle_core::bail!("CPU attention: {:?} unsupported (f32 or f64)", storage.dtype()),
+        };
+        Ok((out, Shape::from((d.b, d.t, d.h * d.dh))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, o: &Tensor, go: &Tensor) -> Result<Option<Tensor>> {
+        let go = go.to_dtype(qkv.dtype())?;
+        Ok(Some(match qkv.dtype() {
+            DType::F32 => self.gradient::<f32>(qkv, o, &go)?,
+            DType::F64 => self.gradient::<f64>(qkv, o, &go)?,
+            dtype => candle_core::bail!("CPU attention backward: {dtype:?} unsupported"),
+        }))
     }
 }
 

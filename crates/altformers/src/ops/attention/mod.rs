@@ -107,23 +107,23 @@ fn kernel_dropout(
     })
 }
 
-/// Whether [`causal_attention_packed`] runs fused (the flash kernels reading q, k and v in
-/// place and writing their gradient as one tensor) for a projection output with the device,
-/// dtype and batch of `x` and head width `dh`: then a mixer makes q, k and v with one product.
-pub fn runs_packed(x: &Tensor, dh: usize) -> bool {
+/// Whether [`causal_attention_packed`] runs fused (q, k and v read in place, their gradient
+/// written as one tensor) for a projection output with the device, dtype and batch of `x`,
+/// head width `dh` and dropout `p` on the probabilities: then a mixer makes q, k and v with
+/// one product. The flash kernels on CUDA; the fused CPU op without dropout.
+pub fn runs_packed(x: &Tensor, dh: usize, p: f64) -> bool {
     #[cfg(feature = "cuda")]
-    return cuda::supports_packed(x, dh);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (x, dh);
-        false
+    if cuda::supports_packed(x, dh) {
+        return true;
     }
+    let _ = dh;
+    p == 0.0 && cpu::supports_packed(x)
 }
 
 /// [`causal_attention_with_dropout`] over one fused projection's output `qkv: [B, T, (H + 2
 /// KVH) d_h]` (queries, keys and values in consecutive blocks of features, positions from 0)
-/// -> `[B, T, H d_h]`. Fused where [`runs_packed`] (its gradient one tensor, written by the
-/// kernels); otherwise on the three blocks as views.
+/// -> `[B, T, H d_h]`. Fused where [`runs_packed`] (its gradient one tensor); otherwise on the
+/// three blocks as views.
 pub fn causal_attention_packed(
     qkv: &Tensor,
     heads: usize,
@@ -136,6 +136,10 @@ pub fn causal_attention_packed(
     if cuda::supports_packed(qkv, dh) {
         let (dropout, first) = kernel_dropout(dropout, b)?;
         return cuda::causal_attention_packed(qkv, heads, kv_heads, cuda::Kernels::from_env()?, dropout, first);
+    }
+    let dropped = matches!(dropout, Some((p, _)) if p > 0.0);
+    if !dropped && cpu::supports_packed(qkv) {
+        return cpu::causal_attention_packed(&qkv.contiguous()?, heads, kv_heads);
     }
     let block = |start: usize, n: usize| qkv.narrow(2, start * dh, n * dh)?.reshape((b, t, n, dh))?.transpose(1, 2);
     let (q, k, v) = (block(0, heads)?, block(heads, kv_heads)?, block(heads + kv_heads, kv_heads)?);
@@ -224,11 +228,12 @@ mod tests {
     use crate::testing::{keep_first, randn, rel_err};
     use candle_core::{DType, IndexOp};
 
-    /// A fused projection's output as one operand: on the CPU its three blocks as views, the
-    /// same values and gradient as `causal_attention` on copies of the blocks (grouped heads).
+    /// A fused projection's output as one operand (the fused CPU op reading the blocks in place,
+    /// writing one gradient): the same values and gradient as `causal_attention` on copies of
+    /// the blocks (grouped heads, more than one block of queries).
     #[test]
     fn a_packed_projection_is_attention_over_its_blocks() -> anyhow::Result<()> {
-        let (b, t, h, kvh, dh) = (2, 5, 4, 2, 3);
+        let (b, t, h, kvh, dh) = (2, 70, 4, 2, 3);
         let qkv = candle_core::Var::from_tensor(&randn(&[b, t, (h + 2 * kvh) * dh], 4, DType::F64)?)?;
         let packed = causal_attention_packed(&qkv, h, kvh, None)?;
         let block = |start: usize, n: usize| -> Result<Tensor> {
