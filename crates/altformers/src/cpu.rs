@@ -99,24 +99,34 @@ macro_rules! vectorised {
 }
 pub(crate) use vectorised;
 
-/// `sum_j f(j)` for `j < n` in sixteen running sums (a vector of them, in the bodies of
-/// [`vectorised`] functions): one running sum is a chain of dependent additions that the
-/// compiler may not reorder, so it stays scalar. (The order of the additions differs from a
-/// plain loop's: the last bits of the sum may too.)
+/// `sum_j f(a[j], b[j], c[j])` over the common length, in sixteen running sums (a vector of
+/// them in the bodies of [`vectorised`] functions): one running sum is a chain of dependent
+/// additions that the compiler may not reorder, so it stays scalar. (The order of the
+/// additions differs from a plain loop's: the last bits of the sum may too.)
 #[inline(always)]
-pub fn lane_sum<T: num_traits::Float>(n: usize, f: impl Fn(usize) -> T) -> T {
-    let mut lanes = [T::zero(); 16];
+pub fn lane_sum3<T: Copy, S: num_traits::Float>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> S) -> S {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut lanes = [S::zero(); 16];
     let whole = n - n % 16;
     for j0 in (0..whole).step_by(16) {
-        for (k, lane) in lanes.iter_mut().enumerate() {
-            *lane = *lane + f(j0 + k);
+        // fixed-length pieces: no bounds checks in the loop below, which then vectorises
+        let (a, b, c) = (&a[j0..j0 + 16], &b[j0..j0 + 16], &c[j0..j0 + 16]);
+        for k in 0..16 {
+            lanes[k] = lanes[k] + f(a[k], b[k], c[k]);
         }
     }
-    let mut total = (whole..n).fold(T::zero(), |acc, j| acc + f(j));
+    let mut total = (whole..n).fold(S::zero(), |acc, j| acc + f(a[j], b[j], c[j]));
     for lane in lanes {
         total = total + lane;
     }
     total
+}
+
+/// [`lane_sum3`] of one slice: `sum_j f(xs[j])`.
+#[inline(always)]
+pub fn lane_sum<T: Copy, S: num_traits::Float>(xs: &[T], f: impl Fn(T) -> S) -> S {
+    lane_sum3(xs, xs, xs, |x, _, _| f(x))
 }
 
 /// The largest of `xs` (`-inf` for none), in sixteen running maxima as [`lane_sum`]; NaN
@@ -275,7 +285,8 @@ mod tests {
     fn lane_reductions_match_plain_ones() {
         for n in [0usize, 1, 15, 16, 17, 40, 64] {
             let xs: Vec<f64> = (0..n).map(|i| ((i * 37) % 23) as f64 - 11.0).collect();
-            assert_eq!(lane_sum(n, |j| xs[j]), xs.iter().sum::<f64>());
+            assert_eq!(lane_sum(&xs, |x| x), xs.iter().sum::<f64>());
+            assert_eq!(lane_sum3(&xs, &xs, &xs, |a, b, c| a * b - c), xs.iter().map(|x| x * x - x).sum::<f64>());
             assert_eq!(lane_max(&xs), xs.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x)));
         }
         assert_eq!(lane_max(&[1.0, f32::NAN, 3.0]), 3.0);

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{contiguous, lane_sum, Real};
+use crate::cpu::{contiguous, lane_sum, lane_sum3, Real};
 use rayon::prelude::*;
 
 /// Whether [`layer_norm`] takes these inputs: f32 or f64 on the CPU, the weight (and bias)
@@ -75,13 +75,22 @@ crate::cpu::vectorised! {
     fn forward_rows<T: Real>(ys: &mut [T], xs: &[T], ms: &mut [f64], rs: &mut [f64], w: &[T], b: Option<&[T]>, eps: f64) -> () {
         let d = w.len();
         for (((y, x), m), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(ms).zip(rs) {
-            *m = lane_sum(d, |j| x[j].wide()) / d as f64;
-            let var = lane_sum(d, |j| (x[j].wide() - *m) * (x[j].wide() - *m)) / d as f64;
-            *r = 1.0 / (var + eps).sqrt();
-            let (m, r) = (*m, *r);
-            for j in 0..d {
-                let shift = b.map_or(0.0, |b| b[j].wide());
-                y[j] = T::narrow((x[j].wide() - m) * r * w[j].wide() + shift);
+            let mean = lane_sum(x, |v| v.wide()) / d as f64;
+            let var = lane_sum(x, |v| (v.wide() - mean) * (v.wide() - mean)) / d as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            (*m, *r) = (mean, rstd);
+            // one straight loop each way (a bias test inside would keep it scalar)
+            match b {
+                Some(b) => {
+                    for (((o, &v), &wj), &bj) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *o = T::narrow((v.wide() - mean) * rstd * wj.wide() + bj.wide());
+                    }
+                }
+                None => {
+                    for ((o, &v), &wj) in y.iter_mut().zip(x).zip(w) {
+                        *o = T::narrow((v.wide() - mean) * rstd * wj.wide());
+                    }
+                }
             }
         }
     }
@@ -121,15 +130,16 @@ crate::cpu::vectorised! {
     #[allow(clippy::too_many_arguments)]
     fn backward_rows<T: Real>(dxs: &mut [T], xs: &[T], gs: &[T], ms: &[f64], rs: &[f64], w: &[T], dw: &mut [f64], db: &mut [f64]) -> () {
         let d = w.len();
+        let (dw, db) = (&mut dw[..d], &mut db[..d]);
         for ((((dx, x), g), &m), &r) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)).zip(ms).zip(rs) {
-            let xhat = |j: usize| (x[j].wide() - m) * r;
-            let mean_h = lane_sum(d, |j| g[j].wide() * w[j].wide()) / d as f64;
-            let mean_hx = lane_sum(d, |j| g[j].wide() * w[j].wide() * xhat(j)) / d as f64;
+            let mean_h = lane_sum3(g, w, x, |gj, wj, _| gj.wide() * wj.wide()) / d as f64;
+            let mean_hx = lane_sum3(g, w, x, |gj, wj, xj| gj.wide() * wj.wide() * ((xj.wide() - m) * r)) / d as f64;
+            let (x, g, dx) = (&x[..d], &g[..d], &mut dx[..d]);
             for j in 0..d {
-                let gj = g[j].wide();
-                dw[j] += gj * xhat(j);
+                let (gj, xhat) = (g[j].wide(), (x[j].wide() - m) * r);
+                dw[j] += gj * xhat;
                 db[j] += gj;
-                dx[j] = T::narrow(r * (gj * w[j].wide() - mean_h - xhat(j) * mean_hx));
+                dx[j] = T::narrow(r * (gj * w[j].wide() - mean_h - xhat * mean_hx));
             }
         }
     }

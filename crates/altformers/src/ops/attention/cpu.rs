@@ -243,7 +243,7 @@ crate::cpu::vectorised! {
         for x in row.iter_mut() {
             *x = (*x - max).exp_vec();
         }
-        let inv = crate::cpu::lane_sum(row.len(), |j| row[j]).recip();
+        let inv = crate::cpu::lane_sum(row, |x| x).recip();
         for x in row.iter_mut() {
             *x = *x * inv;
         }
