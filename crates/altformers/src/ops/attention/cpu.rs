@@ -129,10 +129,14 @@ unsafe impl<T: Sync> Sync for Dest<T> {}
 impl<T> Dest<T> {
     /// `buf` from `start`, at `stride`; `dims` checked to fit.
     fn new(buf: &mut [T], start: usize, dims: [usize; 4], stride: [usize; 3]) -> Self {
+        if dims.contains(&0) {
+            // nothing is written
+            return Self { ptr: buf.as_mut_ptr(), stride };
+        }
         let last = start + (0..3).map(|i| dims[i].saturating_sub(1) * stride[i]).sum::<usize>() + dims[3];
         assert!(last <= buf.len(), "CPU attention: a result of {dims:?} does not fit its buffer");
-        // SAFETY: start < len (checked above unless the result is empty, when nothing is written)
-        Self { ptr: unsafe { buf.as_mut_ptr().add(start.min(buf.len())) }, stride }
+        // SAFETY: start < last <= len, checked above
+        Self { ptr: unsafe { buf.as_mut_ptr().add(start) }, stride }
     }
 
     /// A contiguous `[B, heads, rows, d_h]` buffer.
@@ -348,6 +352,7 @@ impl CustomOp3 for FusedAttention {
 pub fn supports_packed(qkv: &Tensor) -> bool {
     qkv.device().is_cpu()
         && matches!(qkv.dtype(), DType::F32 | DType::F64)
+        && qkv.elem_count() > 0
         && crate::kernels::enabled("attention")
         && crate::kernels::enabled("attention-packed")
 }
