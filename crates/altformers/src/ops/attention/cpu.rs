@@ -15,7 +15,9 @@
 //! head to the thread pool), and the op is one node.
 //!
 //! Shapes as [`super::causal_attention`]: `q: [B, H, T, d_h]`, `k, v: [B, KVH, S, d_h]`, query
-//! `t` sees keys `s <= offset + t`; the output `[B, H, T, d_h]` contiguous.
+//! `t` sees keys `s <= offset + t`; the output `[B, H, T, d_h]` contiguous. The packed form
+//! ([`causal_attention_packed`]) reads q, k and v from one projection's output and writes a
+//! token-major output and one gradient, through the same forward and backward.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -363,34 +365,27 @@ pub fn supports_packed(qkv: &Tensor) -> bool {
 /// qkv's gradient as one tensor (the blocks as views would come back as three zero-padded
 /// gradients to sum), and the output needs no transpose for the output projection.
 pub fn causal_attention_packed(qkv: &Tensor, heads: usize, kv_heads: usize) -> Result<Tensor> {
-    let (b, t, width) = qkv.dims3()?;
-    let dh = width / (heads + 2 * kv_heads).max(1);
-    if kv_heads == 0 || heads % kv_heads != 0 || dh * (heads + 2 * kv_heads) != width || dh == 0 {
-        candle_core::bail!("CPU attention: qkv of width {width} does not hold {heads} query and 2 x {kv_heads} key/value heads")
-    }
-    qkv.apply_op1(PackedAttention(FusedAttention { dims: Dims { b, h: heads, kvh: kv_heads, t, s: t, dh }, offset: 0 }))
+    let dims = Dims::packed(qkv.shape(), heads, kv_heads, "CPU attention")?;
+    qkv.apply_op1(PackedAttention(FusedAttention { dims, offset: 0 }))
 }
 
 struct PackedAttention(FusedAttention);
 
 impl PackedAttention {
-    /// q, k and v: the three blocks of `qkv` (data from its layout's start, rows contiguous).
-    fn operands<'a, T: Real>(&self, data: &'a [T], layout: &Layout) -> Result<[View<'a, T>; 3]> {
+    /// q, k and v: the three blocks of `qkv`'s contiguous data.
+    fn operands<'a, T: Real>(&self, qkv: &'a [T]) -> Result<[View<'a, T>; 3]> {
         let d = self.0.dims;
-        let Some((start, _)) = layout.contiguous_offsets() else {
-            candle_core::bail!("CPU attention: qkv must be contiguous")
-        };
         let width = (d.h + 2 * d.kvh) * d.dh;
         Ok([
-            View::token_major(data, start, [d.b, d.h, d.t, d.dh], width, 0, "q")?,
-            View::token_major(data, start, [d.b, d.kvh, d.t, d.dh], width, d.h, "k")?,
-            View::token_major(data, start, [d.b, d.kvh, d.t, d.dh], width, d.h + d.kvh, "v")?,
+            View::token_major(qkv, 0, [d.b, d.h, d.t, d.dh], width, 0, "q")?,
+            View::token_major(qkv, 0, [d.b, d.kvh, d.t, d.dh], width, d.h, "k")?,
+            View::token_major(qkv, 0, [d.b, d.kvh, d.t, d.dh], width, d.h + d.kvh, "v")?,
         ])
     }
 
-    fn forward<T: Real>(&self, data: &[T], layout: &Layout) -> Result<Vec<T>> {
+    fn forward<T: Real>(&self, qkv: &[T]) -> Result<Vec<T>> {
         let d = self.0.dims;
-        let [q, k, v] = self.operands(data, layout)?;
+        let [q, k, v] = self.operands(qkv)?;
         let mut out = vec![T::zero(); d.b * d.t * d.h * d.dh];
         self.0.forward(&q, &k, &v, Dest::token_major(&mut out, [d.b, d.h, d.t, d.dh], d.h * d.dh, 0));
         Ok(out)
@@ -407,18 +402,15 @@ impl PackedAttention {
             Dest::token_major(&mut grad, [d.b, d.kvh, d.t, d.dh], width, d.h + d.kvh),
         ];
         let (o, go) = (o.contiguous()?, go.contiguous()?);
-        let guards = [qkv, &o, &go].map(|t| t.storage_and_layout());
-        let mut data = Vec::with_capacity(3);
-        for (storage, layout) in &guards {
-            let candle_core::Storage::Cpu(cpu) = &**storage else { candle_core::bail!("CPU attention: not on the CPU") };
-            data.push((cpu.as_slice::<T>()?, layout.start_offset()));
-        }
-        let [q, k, v] = self.operands(data[0].0, guards[0].1)?;
-        let heads = [d.b, d.h, d.t, d.dh];
-        let o = View::token_major(data[1].0, data[1].1, heads, d.h * d.dh, 0, "the output")?;
-        let go = View::token_major(data[2].0, data[2].1, heads, d.h * d.dh, 0, "the output gradient")?;
-        self.0.backward(&q, &k, &v, &o, &go, grads);
-        drop(guards);
+        let names = ["CPU attention: qkv", "CPU attention: the output", "CPU attention: the output gradient"];
+        crate::cpu::with_slices::<T, _>(&[qkv, &o, &go], &names, |data| -> Result<()> {
+            let [q, k, v] = self.operands(data[0])?;
+            let heads = [d.b, d.h, d.t, d.dh];
+            let o = View::token_major(data[1], 0, heads, d.h * d.dh, 0, "the output")?;
+            let go = View::token_major(data[2], 0, heads, d.h * d.dh, 0, "the output gradient")?;
+            self.0.backward(&q, &k, &v, &o, &go, grads);
+            Ok(())
+        })??;
         Tensor::from_vec(grad, (d.b, d.t, width), &Device::Cpu)
     }
 }
@@ -431,8 +423,8 @@ impl CustomOp1 for PackedAttention {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = self.0.dims;
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(self.forward(x, layout)?),
-            CpuStorage::F64(x) => CpuStorage::F64(self.forward(x, layout)?),
+            CpuStorage::F32(x) => CpuStorage::F32(self.forward(crate::cpu::contiguous(x, layout, "CPU attention: qkv")?)?),
+            CpuStorage::F64(x) => CpuStorage::F64(self.forward(crate::cpu::contiguous(x, layout, "CPU attention: qkv")?)?),
             _ => candle_core::bail!("CPU attention: {:?} unsupported (f32 or f64)", storage.dtype()),
         };
         Ok((out, Shape::from((d.b, d.t, d.h * d.dh))))

@@ -311,16 +311,16 @@ pub fn causal_attention_packed(
     dropout: Option<Dropout>,
     first: usize,
 ) -> Result<Tensor> {
-    let dh = qkv.dim(2)? / (heads + 2 * kv_heads).max(1);
-    if !supports_packed(qkv, dh) {
+    let dims = Dims::packed(qkv.shape(), heads, kv_heads, "flash attention")?;
+    if !supports_packed(qkv, dims.dh) {
         bail!("flash attention: needs a bf16 CUDA qkv with head width 64 or 128 (qkv {:?} {:?})", qkv.dtype(), qkv.shape())
     }
-    if qkv.dim(1)? >= MAX_POSITIONS || heads > MAX_GRID_YZ || first >= MAX_POSITIONS {
+    if dims.t >= MAX_POSITIONS || heads > MAX_GRID_YZ || first >= MAX_POSITIONS {
         bail!("flash attention: sizes out of range (qkv {:?}, batch start {first})", qkv.shape())
     }
     let attention = FlashAttention::new(0, kernels, dropout, first);
     let qkv = readable_in_place(qkv)?;
-    qkv.apply_op1(PackedFlashAttention { attention, heads, kv_heads })
+    qkv.apply_op1(PackedFlashAttention { attention, dims })
 }
 
 /// `x` if the kernels can read it where it is (rows contiguous; strides and start on 16-byte
@@ -740,20 +740,8 @@ impl CustomOp3 for FlashAttention {
 /// gradient is one tensor of qkv's shape, each block written by the kernel that makes it.
 struct PackedFlashAttention {
     attention: FlashAttention,
-    heads: usize,
-    kv_heads: usize,
-}
-
-impl PackedFlashAttention {
-    fn dims(&self, qkv: &Shape) -> Result<Dims> {
-        let (b, t, width) = qkv.dims3()?;
-        let (h, kvh) = (self.heads, self.kv_heads);
-        let dh = width / (h + 2 * kvh);
-        if kvh == 0 || h % kvh != 0 || dh * (h + 2 * kvh) != width {
-            bail!("flash attention: qkv of width {width} does not hold {h} query and 2 x {kvh} key/value heads")
-        }
-        Ok(Dims { b, h, kvh, t, s: t, dh })
-    }
+    /// The sizes, from qkv's shape ([`Dims::packed`]).
+    dims: Dims,
 }
 
 impl CustomOp1 for PackedFlashAttention {
@@ -764,7 +752,7 @@ impl CustomOp1 for PackedFlashAttention {
     launch::cuda_only!("flash attention: CUDA only (CPU tensors take the reference expression)", _);
 
     fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dims = self.dims(layout.shape())?;
+        let dims = self.dims;
         let out = self.attention.forward(launch::device(storage), &dims, &Operands::packed(storage, layout, &dims)?)?;
         Ok((out, Shape::from_dims(&[dims.b, dims.t, dims.h * dims.dh])))
     }
@@ -772,7 +760,7 @@ impl CustomOp1 for PackedFlashAttention {
     fn bwd(&self, qkv: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
         let grad_out = grad_out.to_dtype(DType::BF16)?.contiguous()?;
         let out = out.contiguous()?;
-        let dims = self.dims(qkv.shape())?;
+        let dims = self.dims;
         let (storage, layout) = qkv.storage_and_layout();
         let what = "flash attention backward";
         let storage = launch::storage(&storage, what, "qkv")?;

@@ -55,6 +55,18 @@ impl Dims {
         Ok(Self { b, h, kvh, t, s, dh })
     }
 
+    /// From a fused projection's output `qkv: [B, T, (H + 2 KVH) d_h]` (queries, keys, values
+    /// in consecutive blocks of features; `S = T`), checked: the width holds the heads, the
+    /// key/value heads divide the query heads. `op` names the caller in errors.
+    pub fn packed(qkv: &Shape, h: usize, kvh: usize, op: &str) -> Result<Self> {
+        let (b, t, width) = qkv.dims3()?;
+        let dh = width / (h + 2 * kvh).max(1);
+        if kvh == 0 || h % kvh != 0 || dh == 0 || dh * (h + 2 * kvh) != width {
+            candle_core::bail!("{op}: qkv of width {width} does not hold {h} query and 2 x {kvh} key/value heads")
+        }
+        Ok(Self { b, h, kvh, t, s: t, dh })
+    }
+
     /// Query heads per key/value head.
     pub fn group(&self) -> usize {
         self.h / self.kvh
@@ -130,8 +142,7 @@ pub fn causal_attention_packed(
     kv_heads: usize,
     dropout: Option<(f64, &mut crate::rng::Rng)>,
 ) -> Result<Tensor> {
-    let (b, t, width) = qkv.dims3()?;
-    let dh = width / (heads + 2 * kv_heads).max(1);
+    let Dims { b, t, dh, .. } = Dims::packed(qkv.shape(), heads, kv_heads, "attention")?;
     #[cfg(feature = "cuda")]
     if cuda::supports_packed(qkv, dh) {
         let (dropout, first) = kernel_dropout(dropout, b)?;
