@@ -126,28 +126,6 @@ mod graph {
         logits: Tensor,
     }
 
-    /// `dst <- src`, both contiguous, same shape and dtype, on `dev`'s stream (captured as a
-    /// copy node when capturing).
-    fn copy_into(dev: &CudaDevice, dst: &Tensor, src: &Tensor) -> Result<()> {
-        if dst.dims() != src.dims() || dst.dtype() != src.dtype() {
-            bail!(
-                "decoder: the step changed a state tensor from {:?} {:?} to {:?} {:?}",
-                dst.dims(),
-                dst.dtype(),
-                src.dims(),
-                src.dtype()
-            );
-        }
-        let src = src.contiguous()?;
-        let bytes = src.elem_count() * src.dtype().size_in_bytes();
-        let stream = dev.cuda_stream();
-        launch::with_addresses(dev, "decoder", &[Some(dst), Some(&src)], |a| {
-            // SAFETY: both hold `bytes` bytes at these addresses (checked shapes and dtypes).
-            unsafe { result::memcpy_dtod_async(a[0], a[1], bytes, stream.cu_stream()) }.w()?;
-            Ok(())
-        })
-    }
-
     impl Captured {
         /// Captures one step of `model` for `batch` sequences; returns it and the state whose
         /// buffers it updates in place (a copy of `state`, fresh contiguous buffers).
@@ -191,9 +169,9 @@ mod graph {
             let body = || -> Result<()> {
                 let mut s = buffers.clone();
                 let out = model.step(&token, &mut s)?;
-                copy_into(&dev, &logits, &out)?;
+                launch::copy_into(&dev, "decoder", &logits, &out)?;
                 for (dst, src) in buffers.tensors().zip(s.tensors()) {
-                    copy_into(&dev, dst, src)?;
+                    launch::copy_into(&dev, "decoder", dst, src)?;
                 }
                 Ok(())
             };

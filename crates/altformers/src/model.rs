@@ -71,7 +71,14 @@ impl Model {
 
     /// The step last set by [`Model::set_training_step`] (0 for a fresh model).
     pub fn training_step(&self) -> usize {
-        self.clock.get()
+        self.clock.peek()
+    }
+
+    /// Whether a part of the model has read the training step in a forward pass so far (its
+    /// computation follows a schedule: Performer's redraws): a captured training step could
+    /// not replay it.
+    pub fn follows_training_step(&self) -> bool {
+        self.clock.followed()
     }
 
     pub fn device(&self) -> &Device {

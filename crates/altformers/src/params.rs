@@ -102,16 +102,30 @@ impl ParamStore {
 /// schedule reaches it without global state. The training step sets it before its forward
 /// pass ([`crate::model::Model::set_training_step`]); evaluation after that step sees the
 /// same value. A fresh model is at step 0.
+/// It also remembers whether a part has read it: the training step's CUDA graph replays one
+/// captured step, so it is only for models whose computation does not follow the step.
 #[derive(Clone, Debug, Default)]
-pub struct StepClock(Arc<std::sync::atomic::AtomicUsize>);
+pub struct StepClock(Arc<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicBool)>);
 
 impl StepClock {
     pub fn set(&self, step: usize) {
-        self.0.store(step, std::sync::atomic::Ordering::Relaxed);
+        self.0 .0.store(step, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The step, for a part that follows it (which marks the clock as followed).
     pub fn get(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+        self.0 .1.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.peek()
+    }
+
+    /// The step, read by the training loop (not a part of the model).
+    pub fn peek(&self) -> usize {
+        self.0 .0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a part of the model has read the step ([`StepClock::get`]).
+    pub fn followed(&self) -> bool {
+        self.0 .1.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

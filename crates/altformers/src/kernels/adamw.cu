@@ -6,7 +6,9 @@
 // `table` holds one row of TABLE_COLS u64 per tensor: pointers to the weights, first and
 // second moments and gradient (all f32, contiguous), element count, decay flag (0/1), the
 // tensor's first block, and its learning-rate multiple (an f32's bits in the low 32); block
-// b works on the tensor whose range of blocks holds b.
+// b works on the tensor whose range of blocks holds b. A last row holds what changes from
+// step to step, the learning rate and the two bias corrections (f32 bits), so that a
+// training step captured as a CUDA graph replays with new values written into its table.
 #include <stdint.h>
 
 #define TABLE_COLS 8
@@ -69,9 +71,12 @@ extern "C" __global__ void adamw_sumsq(const unsigned long long *table, int coun
 // 1 - that rate times weight_decay, as a PyTorch parameter group of that rate. A non-finite
 // gradient norm leaves every tensor untouched: the host reads the norm afterwards and
 // reports the error.
-extern "C" __global__ void adamw_update(const unsigned long long *table, int count, const double *sumsq, float lr,
-                                        float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay,
-                                        float clip) {
+extern "C" __global__ void adamw_update(const unsigned long long *table, int count, const double *sumsq,
+                                        float beta1, float beta2, float eps, float weight_decay, float clip) {
+    const unsigned long long *per_step = table + count * TABLE_COLS;
+    const float lr = __uint_as_float((unsigned int)per_step[0]);
+    const float bc1 = __uint_as_float((unsigned int)per_step[1]);
+    const float bc2 = __uint_as_float((unsigned int)per_step[2]);
     const double norm = sqrt(*sumsq);
     if (!isfinite(norm)) return;
     const float scale = (clip > 0.0f && norm > clip) ? (float)(clip / (norm + 1e-6)) : 1.0f;

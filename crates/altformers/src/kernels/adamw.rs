@@ -3,8 +3,8 @@
 //! one CUDA device. Moments and weights are updated in place: the optimizer owns the
 //! moments, and the weights are its parameters' variables, which `Var::set` would overwrite
 //! in place anyway.
-use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{Result, Storage, Tensor};
 
 use super::launch::{self, LaunchConfig, PushKernelArg};
@@ -53,9 +53,44 @@ pub fn applies(slots: &[Slot]) -> bool {
         })
 }
 
+/// The kernels' table kept in one device buffer across steps, for a training step captured as
+/// a CUDA graph: the capture leaves the table it built in `host` (a copy cannot be captured:
+/// its contents would be the capture's), and before each replay [`KeptTable::upload`] writes
+/// it with that step's learning rate and bias corrections. The addresses in it stay valid:
+/// a graph's allocations have the same addresses at every replay.
+pub struct KeptTable {
+    buffer: CudaSlice<u64>,
+    host: Vec<u64>,
+}
+
+impl KeptTable {
+    /// Room for the table of `params` tensors.
+    pub fn new(dev: &CudaDevice, params: usize) -> Result<Self> {
+        Ok(Self { buffer: dev.cuda_stream().alloc_zeros::<u64>((params + 1) * TABLE_COLS).w()?, host: Vec::new() })
+    }
+
+    /// Writes the table with step values `lr`, `bc1`, `bc2` (ordered on the device's stream).
+    pub fn upload(&mut self, dev: &CudaDevice, lr: f32, bc1: f32, bc2: f32) -> Result<()> {
+        let Some(at) = self.host.len().checked_sub(TABLE_COLS) else {
+            candle_core::bail!("fused AdamW: the kept table was never filled by a step")
+        };
+        self.host[at..at + 3].copy_from_slice(&per_step_row(lr, bc1, bc2)[..3]);
+        dev.cuda_stream().memcpy_htod(&self.host, &mut self.buffer).w()
+    }
+}
+
+/// The table's last row: what changes from step to step.
+fn per_step_row(lr: f32, bc1: f32, bc2: f32) -> [u64; TABLE_COLS] {
+    let mut row = [0u64; TABLE_COLS];
+    row[..3].copy_from_slice(&[lr, bc1, bc2].map(|x| x.to_bits() as u64));
+    row
+}
+
 /// Runs the step; returns the gradient norm before clipping, an f64 scalar on the device. A
 /// non-finite norm leaves every tensor as it was (the caller reports it when it reads it).
-pub fn step(slots: &[Slot], h: &Hyper) -> Result<Tensor> {
+/// With `kept`, the kernels read their table from it (see [`KeptTable`]); without, it is
+/// uploaded for this step.
+pub fn step(slots: &[Slot], h: &Hyper, kept: Option<&mut KeptTable>) -> Result<Tensor> {
     let Some(first) = slots.first() else {
         return Tensor::new(0f64, &candle_core::Device::Cpu);
     };
@@ -89,17 +124,35 @@ pub fn step(slots: &[Slot], h: &Hyper) -> Result<Tensor> {
         return Tensor::new(0f64, first.weight.device());
     }
     let count = slots.len() as i32;
-    let table = stream.clone_htod(&table).w()?;
+    table.extend(per_step_row(h.lr, h.bc1, h.bc2));
+    let fresh;
+    let table = match kept {
+        Some(kept) => {
+            if kept.buffer.len() < table.len() {
+                candle_core::bail!(
+                    "fused AdamW: the kept table holds {} values, the step needs {}",
+                    kept.buffer.len(),
+                    table.len()
+                );
+            }
+            kept.host = table;
+            &kept.buffer
+        }
+        None => {
+            fresh = stream.clone_htod(&table).w()?;
+            &fresh
+        }
+    };
     let mut sumsq = stream.alloc_zeros::<f64>(1).w()?;
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let sum = launch::func(dev, MODULE, ptx::ADAMW, "adamw_sumsq")?;
     let mut b = sum.builder();
-    b.arg(&table).arg(&count).arg(&mut sumsq);
+    b.arg(table).arg(&count).arg(&mut sumsq);
     unsafe { b.launch(cfg) }.w()?;
     let update = launch::func(dev, MODULE, ptx::ADAMW, "adamw_update")?;
     let mut b = update.builder();
-    b.arg(&table).arg(&count).arg(&sumsq).arg(&h.lr).arg(&h.beta1).arg(&h.beta2);
-    b.arg(&h.bc1).arg(&h.bc2).arg(&h.eps).arg(&h.weight_decay).arg(&h.clip);
+    b.arg(table).arg(&count).arg(&sumsq).arg(&h.beta1).arg(&h.beta2);
+    b.arg(&h.eps).arg(&h.weight_decay).arg(&h.clip);
     unsafe { b.launch(cfg) }.w()?;
     drop(ptr_guards);
     drop(guards);

@@ -19,7 +19,8 @@ const MAX_BLOCKS: usize = 4096;
 /// Whether [`row_losses`] runs fused: `logits: [N, V]` f32 or bf16 on a CUDA device, `targets:
 /// [N]` u32, unless switched off.
 pub fn supports(logits: &Tensor, targets: &Tensor) -> bool {
-    let shapes_ok = matches!((logits.dims(), targets.dims()), ([n, v], [m]) if n == m && *v > 0 && *v <= i32::MAX as usize);
+    let shapes_ok =
+        matches!((logits.dims(), targets.dims()), ([n, v], [m]) if n == m && *v > 0 && *v <= i32::MAX as usize);
     logits.device().is_cuda()
         && matches!(logits.dtype(), DType::F32 | DType::BF16)
         && targets.dtype() == DType::U32
@@ -106,7 +107,13 @@ impl CustomOp2 for CrossEntropy {
         Ok((f32::wrap_cuda_slice(loss, dev.clone()), Shape::from(rows)))
     }
 
-    fn bwd(&self, x: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let lse = self.lse.lock().expect("cross-entropy: lse lock poisoned");
         let Some(lse) = lse.as_ref() else { bail!("fused cross-entropy backward: no forward log-sum-exp held") };
         let grad = grad.to_dtype(DType::F32)?.contiguous()?;

@@ -131,8 +131,18 @@ pub fn embed(table: &Tensor, positions: Option<&Tensor>, ids: &Tensor, dtype: DT
     }
     let d = table.dim(1)?;
     if let Some(p) = positions {
-        if p.dtype() != DType::F32 || p.rank() != 2 || p.dim(1)? != d || p.dim(0)? == 0 || ids.elem_count() % p.dim(0)? != 0 {
-            bail!("embedding: positions {:?} {:?} do not fit the table's width {d} and {} ids", p.dtype(), p.shape(), ids.elem_count())
+        if p.dtype() != DType::F32
+            || p.rank() != 2
+            || p.dim(1)? != d
+            || p.dim(0)? == 0
+            || ids.elem_count() % p.dim(0)? != 0
+        {
+            bail!(
+                "embedding: positions {:?} {:?} do not fit the table's width {d} and {} ids",
+                p.dtype(),
+                p.shape(),
+                ids.elem_count()
+            )
         }
     }
     let op = Embed { dtype, has_positions: positions.is_some() };
@@ -174,7 +184,8 @@ impl candle_core::CustomOp3 for Embed {
         let n = il.shape().elem_count();
         let t = if self.has_positions { pl.shape().dims2()?.0 } else { 1 };
         let dev = launch::device(ts);
-        let (table, pos, ids) = (launch::view::<f32>(ts, tl)?, launch::view::<f32>(ps, pl)?, launch::view::<u32>(is, il)?);
+        let (table, pos, ids) =
+            (launch::view::<f32>(ts, tl)?, launch::view::<f32>(ps, pl)?, launch::view::<u32>(is, il)?);
         let (n64, d32, t32, has) = (n as i64, int(d, "width")?, int(t, "positions")?, self.has_positions as i32);
         let rows32 = u32::try_from(rows).map_err(|_| candle_core::Error::Msg("embedding: table too tall".into()))?;
         macro_rules! run {
@@ -183,7 +194,15 @@ impl candle_core::CustomOp3 for Embed {
                 if n > 0 {
                     let f = launch::func(dev, MODULE, ptx::GATHER, concat!("embed_fwd_", $sfx))?;
                     let mut b = f.builder();
-                    b.arg(&table).arg(&pos).arg(&ids).arg(&mut out).arg(&n64).arg(&d32).arg(&t32).arg(&rows32).arg(&has);
+                    b.arg(&table)
+                        .arg(&pos)
+                        .arg(&ids)
+                        .arg(&mut out)
+                        .arg(&n64)
+                        .arg(&d32)
+                        .arg(&t32)
+                        .arg(&rows32)
+                        .arg(&has);
                     // SAFETY: table holds rows x d, positions t x d (when used), ids n, out n x d.
                     unsafe { b.launch(row_blocks(n)) }.w()?;
                 }

@@ -185,3 +185,23 @@ pub fn elementwise_config(n: usize) -> LaunchConfig {
 
 pub use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 pub use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+
+/// `dst <- src` on `dev`'s stream (a copy node when the stream is capturing a CUDA graph):
+/// `src` made contiguous, same shape and dtype as the contiguous `dst`, whose buffer a
+/// captured graph keeps (`op` names the caller in errors).
+pub fn copy_into(dev: &CudaDevice, op: &str, dst: &candle_core::Tensor, src: &candle_core::Tensor) -> Result<()> {
+    if dst.dims() != src.dims() || dst.dtype() != src.dtype() {
+        bail!("{op}: a buffer of {:?} {:?} given {:?} {:?}", dst.dims(), dst.dtype(), src.dims(), src.dtype());
+    }
+    let src = src.contiguous()?;
+    let bytes = src.elem_count() * src.dtype().size_in_bytes();
+    let stream = dev.cuda_stream();
+    with_addresses(dev, op, &[Some(dst), Some(&src)], |a| {
+        // SAFETY: both hold `bytes` bytes at these addresses (checked shapes and dtypes).
+        unsafe {
+            candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async(a[0], a[1], bytes, stream.cu_stream())
+        }
+        .w()?;
+        Ok(())
+    })
+}

@@ -70,7 +70,8 @@ fn config(rows: usize, max_blocks: usize, shared: usize) -> LaunchConfig {
 /// stay in registers across them, and each block adds 2 d atomics at the end.
 fn vector_backward_blocks(dev: &CudaDevice, chunks: usize) -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
+    let sms =
+        dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
     Ok(sms.max(1) as usize * if chunks < 4 { 2 } else { 1 })
 }
 

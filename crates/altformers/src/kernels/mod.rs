@@ -35,8 +35,10 @@
 /// (`ops::attention::causal_attention_packed`: three products each way instead),
 /// `layernorm-vector` the layer norm's register-resident kernels (its scalar ones instead),
 /// `cross-entropy` the fused cross-entropy (`nn::cross_entropy`: candle's log-softmax instead),
-/// `embedding` the one-pass token embedding (`gather::embed`: the gather, position add and cast).
-pub const SWITCHABLE: [&str; 22] = [
+/// `embedding` the one-pass token embedding (`gather::embed`: the gather, position add and cast),
+/// `train-graph` the training step replayed from a CUDA graph (`train/graph.rs`: each step's
+/// kernels launched one by one instead).
+pub const SWITCHABLE: [&str; 23] = [
     "attention",
     "retention",
     "retention-tc",
@@ -59,6 +61,7 @@ pub const SWITCHABLE: [&str; 22] = [
     "layernorm-vector",
     "cross-entropy",
     "embedding",
+    "train-graph",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.

@@ -376,7 +376,11 @@ impl Performer {
 
     /// The redraw epoch of the model's current training step.
     pub fn epoch(&self) -> usize {
-        self.clock.get().checked_div(self.redraw_every).unwrap_or(0)
+        // (never redrawn: the clock is not read, so the model does not follow the step)
+        if self.redraw_every == 0 {
+            return 0;
+        }
+        self.clock.get() / self.redraw_every
     }
 
     /// The feature matrix of redraw epoch `epoch`: `[m, d_h]` in f64.
@@ -837,6 +841,11 @@ mod tests {
         let a = fixed.forward(&tokens, None)?;
         fixed.set_training_step(100_000);
         assert!(same(&a, &fixed.forward(&tokens, None)?)?);
+        // what a captured training step asks: only the redrawing model follows the step
+        assert!(model.follows_training_step() && !fixed.follows_training_step());
+        let transformer = Model::new(&crate::testing::tiny_config("transformer", &[])?, 1, &Device::Cpu, DType::F32)?;
+        transformer.forward(&tokens, None)?;
+        assert!(!transformer.follows_training_step());
         let reseeded = Model::new(&tiny(&["model.options.feature_seed=1"]), 1, &Device::Cpu, DType::F32)?;
         assert!(!same(&s0, &reseeded.forward(&tokens, None)?)?);
         // the layers draw different features

@@ -105,6 +105,10 @@ pub struct Retention {
     frequencies: Tensor,
     rope_base: f64,
     pub chunk: usize,
+    /// [`Self::finish`]'s row normalisation from position 0, of the last length asked: every
+    /// training step asks for the same one (a copy from the host per layer and step otherwise,
+    /// which a captured CUDA graph could not replay).
+    row_norm: std::sync::Mutex<Option<(usize, Tensor)>>,
 }
 
 impl Retention {
@@ -141,6 +145,7 @@ impl Retention {
             log_gamma,
             rope_base: cfg.rope_base,
             chunk: o.chunk,
+            row_norm: std::sync::Mutex::new(None),
         })
     }
 
@@ -174,8 +179,26 @@ impl Retention {
     /// `o1: [B, H, T, d_v + 1]` (`sum_m gamma^(n-m) (q_n . k_m) [v_m, 1]` at positions
     /// `offset..`), `g: [B, T, H d_v]` -> `[B, T, D]` in `g`'s dtype.
     fn finish(&self, o1: &Tensor, g: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, h, t, _) = o1.dims4()?;
-        // c[h, n] = 1 / sqrt(sum_{i<=n} gamma_h^i): the row normalisation of D
+        let t = o1.dim(2)?;
+        let c = if offset == 0 {
+            let mut kept = self.row_norm.lock().map_err(|_| candle_core::Error::Msg("retnet: lock poisoned".into()))?;
+            match kept.as_ref() {
+                Some((len, c)) if *len == t && c.device().same_device(o1.device()) => c.clone(),
+                _ => {
+                    let c = self.row_normaliser(offset, t, o1.device())?;
+                    *kept = Some((t, c.clone()));
+                    c
+                }
+            }
+        } else {
+            self.row_normaliser(offset, t, o1.device())?
+        };
+        self.finish_normalised(o1, g, &c)
+    }
+
+    /// `c[h, n] = 1 / sqrt(sum_{i<=n} gamma_h^i)` at positions `offset..offset + t`, the row
+    /// normalisation of D: `[1, H, t, 1]` f64.
+    fn row_normaliser(&self, offset: usize, t: usize, device: &candle_core::Device) -> Result<Tensor> {
         let c: Vec<f64> = self
             .log_gamma
             .iter()
@@ -184,7 +207,7 @@ impl Retention {
                 (offset..offset + t).map(move |n| ((1.0 - gamma.powi(n as i32 + 1)) / (1.0 - gamma)).powf(-0.5))
             })
             .collect();
-        self.finish_normalised(o1, g, &Tensor::from_vec(c, (1, h, t, 1), o1.device())?)
+        Tensor::from_vec(c, (1, self.heads, t, 1), device)
     }
 
     /// [`Self::finish`] with the row normalisation `c: [1, H, T, 1]` (f64) given.

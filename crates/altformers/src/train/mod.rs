@@ -7,6 +7,8 @@
 //! same data and masks as an uninterrupted one and reaches the same loss.
 
 pub mod distributed;
+#[cfg(feature = "cuda")]
+mod graph;
 pub mod listops;
 pub mod lock;
 #[cfg(feature = "cuda")]

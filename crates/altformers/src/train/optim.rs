@@ -67,7 +67,13 @@ impl AdamW {
     /// The same step by the fused CUDA kernel (`kernels/adamw.cu`), or `None` where it does
     /// not apply (CPU, f64 or bf16 tensors).
     #[cfg(feature = "cuda")]
-    fn fused_step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<Option<StepNorm>> {
+    fn fused_step(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        clip: f64,
+        kept: Option<&mut crate::kernels::adamw::KeptTable>,
+    ) -> Result<Option<StepNorm>> {
         use crate::kernels::adamw;
         // (the backward may leave a gradient as a strided view; the kernel reads contiguous ones)
         let contiguous: Vec<Option<Tensor>> = self
@@ -106,9 +112,34 @@ impl AdamW {
         };
         // The kernel skips the update when the norm is not finite, and so does `t`: that
         // happens only in a run that is about to stop when its caller reads the norm.
-        let norm = adamw::step(&slots, &hyper)?;
+        let norm = adamw::step(&slots, &hyper, kept)?;
         self.t = t;
         Ok(Some(StepNorm(norm)))
+    }
+
+    /// The fused step with its table in `kept`, as a captured training step runs it (see
+    /// [`crate::kernels::adamw::KeptTable`]); an error where the fused step does not apply.
+    #[cfg(feature = "cuda")]
+    pub fn step_kept(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        clip: f64,
+        kept: &mut crate::kernels::adamw::KeptTable,
+    ) -> Result<StepNorm> {
+        match self.fused_step(grads, lr, clip, Some(kept))? {
+            Some(norm) => Ok(norm),
+            None => bail!(
+                "the fused AdamW step does not apply (parameters not all f32 on one CUDA device, or switched off)"
+            ),
+        }
+    }
+
+    /// The bias corrections of the next update as f32, and the update count after it: what a
+    /// replayed step's table is given ([`crate::kernels::adamw::KeptTable::upload`]).
+    pub fn next_corrections(&self) -> (f32, f32, usize) {
+        let (bc1, bc2) = self.bias_corrections(self.t + 1);
+        (bc1 as f32, bc2 as f32, self.t + 1)
     }
 
     /// Global L2 norm of the gradients (f64 on the host), with one device synchronisation.
@@ -131,7 +162,7 @@ impl AdamW {
     /// returned norm, for the caller to find when it reads it ([`StepNorm::value`]).
     pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<StepNorm> {
         #[cfg(feature = "cuda")]
-        if let Some(norm) = self.fused_step(grads, lr, clip)? {
+        if let Some(norm) = self.fused_step(grads, lr, clip, None)? {
             return Ok(norm);
         }
         let norm = self.grad_norm(grads)?;

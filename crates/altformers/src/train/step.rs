@@ -20,11 +20,20 @@ pub const SYNC_EVERY: usize = 10;
 /// exchange; data-parallel training sums (and averages) them across ranks here.
 pub trait GradientSync {
     fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()>;
+
+    /// Whether the exchange is a no-op (one device alone).
+    fn alone(&self) -> bool {
+        false
+    }
 }
 
 impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
     fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()> {
         (**self).all_reduce(grads, params)
+    }
+
+    fn alone(&self) -> bool {
+        (**self).alone()
     }
 }
 
@@ -48,6 +57,10 @@ pub struct OneDevice;
 impl GradientSync for OneDevice {
     fn all_reduce(&self, _grads: &mut GradStore, _params: &ParamStore) -> Result<()> {
         Ok(())
+    }
+
+    fn alone(&self) -> bool {
+        true
     }
 }
 
@@ -105,7 +118,7 @@ impl Deferred {
 
 /// `batch`'s mean loss and the gradients of what the step minimises (with L2Wrap's term
 /// where `l2wrap`).
-fn loss_and_gradients(
+pub(super) fn loss_and_gradients(
     model: &Model,
     task: &dyn Task,
     batch: &Batch,
@@ -179,6 +192,9 @@ pub struct Trainer {
     /// batch's, so the step is the unsliced one up to the order of floating-point sums.
     pub slices: usize,
     pub pending: Deferred,
+    /// The step as a CUDA graph, where it applies ([`super::graph`]).
+    #[cfg(feature = "cuda")]
+    pub(super) graph: super::graph::Graphing,
 }
 
 impl Trainer {
@@ -201,7 +217,26 @@ impl Trainer {
             shard: (0, 1),
             slices: 1,
             pending: Deferred::default(),
+            #[cfg(feature = "cuda")]
+            graph: super::graph::Graphing::default(),
         })
+    }
+
+    /// Every step launched op by op, never from a CUDA graph (tests compare the two).
+    pub fn eager_only(&mut self) {
+        #[cfg(feature = "cuda")]
+        {
+            self.graph = super::graph::Graphing::Off;
+        }
+    }
+
+    /// Whether steps are being replayed from a captured CUDA graph.
+    pub fn graphed(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let super::graph::Graphing::Ready(_) = self.graph {
+            return true;
+        }
+        false
     }
 
     /// The learning rate of step `step` (counted from 0).
@@ -223,6 +258,27 @@ impl Trainer {
             (rank, world) => batch.shard(rank, world)?,
         };
         model.set_training_step(step);
+        #[cfg(feature = "cuda")]
+        if let Some((loss, norm)) = self.graphed_step(model, task, &batch, &mut dropout_rng, step)? {
+            self.pending.push(step + 1, &loss, norm);
+            return Ok(());
+        }
+        let (loss, norm) = self.eager_step(model, task, &batch, &mut dropout_rng, step)?;
+        self.pending.push(step + 1, &loss, norm);
+        Ok(())
+    }
+
+    /// Step `step` on `batch`, each operation launched as it comes: the loss (on the device)
+    /// and the gradient norm.
+    pub(super) fn eager_step(
+        &mut self,
+        model: &Model,
+        task: &dyn Task,
+        batch: &Batch,
+        dropout_rng: &mut Rng,
+        step: usize,
+    ) -> Result<(Tensor, StepNorm)> {
+        let t = &self.train;
         let l2wrap = self.l2wrap;
         let slices = if self.shard == (0, 1) && batch.rows.is_none() { self.slices } else { 1 };
         let (loss, mut grads) = if slices > 1 {
@@ -236,15 +292,14 @@ impl Trainer {
                 .collect::<Result<Vec<_>>>()?;
             mean_of_slices(parts, &model.params)?
         } else {
-            loss_and_gradients(model, task, &batch, &mut dropout_rng, l2wrap)?
+            loss_and_gradients(model, task, batch, dropout_rng, l2wrap)?
         };
         self.sync.all_reduce(&mut grads, &model.params)?;
         let lr = self.learning_rate(step);
         // The optimizer refuses a non-finite gradient norm (the fused GPU step defers that to
         // the norm read, where `Deferred::settle` finds it).
         let norm = self.opt.step(&grads, lr, t.grad_clip).map_err(|e| Diverged(format!("{e} in step {}", step + 1)))?;
-        self.pending.push(step + 1, &loss, norm);
-        Ok(())
+        Ok((loss, norm))
     }
 
     /// Reads the held losses and norms if [`SYNC_EVERY`] steps are held or `now`.

@@ -26,7 +26,10 @@ fn cross_entropy_matches_cpu() -> Result<()> {
             let targets: Vec<u32> = (0..rows).map(|r| ((r * 7919) % v) as u32).collect();
             let targets = Tensor::new(targets, &Device::Cpu)?;
             ensure!(
-                altformers::kernels::cross_entropy::supports(&logits.to_dtype(dtype)?.to_device(&gpu)?, &targets.to_device(&gpu)?),
+                altformers::kernels::cross_entropy::supports(
+                    &logits.to_dtype(dtype)?.to_device(&gpu)?,
+                    &targets.to_device(&gpu)?
+                ),
                 "({rows}, {v}) {dtype:?}: the fused kernel should apply"
             );
             let (loss_cpu, grad_cpu) = run(&logits, &targets, &Device::Cpu, DType::F32)?;

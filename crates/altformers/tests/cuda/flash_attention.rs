@@ -252,8 +252,9 @@ fn packed_matches_blocks(dev: &Device, dh: usize, kernels: Kernels, p: f64) {
     let on_gpu = |x: Tensor| x.reshape((b, t, x.elem_count() / (b * t))).unwrap().to_device(dev).unwrap();
     let qkv = Var::from_tensor(&on_gpu(random_bf16((b, t, 1, width), 31))).unwrap();
     let grad = on_gpu(random_bf16((b, t, 1, h * dh), 32)).to_dtype(DType::F32).unwrap();
-    let block =
-        |x: &Tensor, start: usize, n: usize| x.narrow(2, start * dh, n * dh).unwrap().reshape((b, t, n, dh)).unwrap().transpose(1, 2).unwrap();
+    let block = |x: &Tensor, start: usize, n: usize| {
+        x.narrow(2, start * dh, n * dh).unwrap().reshape((b, t, n, dh)).unwrap().transpose(1, 2).unwrap()
+    };
     let run = |packed: bool| {
         let x = qkv.as_tensor();
         poison_allocator(dev);

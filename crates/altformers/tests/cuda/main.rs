@@ -6,8 +6,8 @@
 mod activations;
 mod adamw;
 mod aft;
-mod decayed;
 mod cross_entropy;
+mod decayed;
 mod decoder;
 mod dropout;
 mod fftconv;
@@ -22,6 +22,7 @@ mod reformer;
 mod retnet;
 mod rotary;
 mod softmax;
+mod train_graph;
 
 use candle_core::{DType, Device, Tensor, Var};
 

@@ -96,7 +96,14 @@ impl<'a, T> View<'a, T> {
 
     /// Heads of `dh` at columns `first * dh..` of token-major `[B, T, width]` data from
     /// `start`, seen as `[B, heads, T, dh]` (`dims`).
-    fn token_major(data: &'a [T], start: usize, dims: [usize; 4], width: usize, first: usize, what: &str) -> Result<Self> {
+    fn token_major(
+        data: &'a [T],
+        start: usize,
+        dims: [usize; 4],
+        width: usize,
+        first: usize,
+        what: &str,
+    ) -> Result<Self> {
         let [_, _, t, dh] = dims;
         Self::strided(data, start + first * dh, dims, [t * width, dh, width, 1], what)
     }
@@ -197,7 +204,16 @@ impl FusedAttention {
                 // SAFETY: p holds rows x n, v was checked, the task alone writes head h's rows.
                 unsafe {
                     let o = out.rows(b, h, t0);
-                    product_into(o, out.row_stride(), false, Mat::dense(&p, n), v.rows(b, g, 0), (rows, d.dh, n), T::one(), 1)
+                    product_into(
+                        o,
+                        out.row_stride(),
+                        false,
+                        Mat::dense(&p, n),
+                        v.rows(b, g, 0),
+                        (rows, d.dh, n),
+                        T::one(),
+                        1,
+                    )
                 };
             }
         });
@@ -221,7 +237,16 @@ impl FusedAttention {
                 // alone writes key/value head g's rows of dk and dv and its query heads' of dq.
                 unsafe {
                     let dv_rows = dv.rows(b, g, 0);
-                    product_into(dv_rows, dv.row_stride(), true, Mat::dense(&p, n).t(), go_blk, (n, d.dh, rows), T::one(), 1);
+                    product_into(
+                        dv_rows,
+                        dv.row_stride(),
+                        true,
+                        Mat::dense(&p, n).t(),
+                        go_blk,
+                        (n, d.dh, rows),
+                        T::one(),
+                        1,
+                    );
                     product(&mut dp, n, false, go_blk, v.rows(b, g, 0).t(), (rows, n, d.dh), T::one(), 1);
                 }
                 for i in 0..rows {
@@ -234,8 +259,26 @@ impl FusedAttention {
                 }
                 unsafe {
                     let (dq_rows, dk_rows) = (dq.rows(b, h, t0), dk.rows(b, g, 0));
-                    product_into(dq_rows, dq.row_stride(), false, Mat::dense(&dp, n), k.rows(b, g, 0), (rows, d.dh, n), scale, 1);
-                    product_into(dk_rows, dk.row_stride(), true, Mat::dense(&dp, n).t(), q.rows(b, h, t0), (n, d.dh, rows), scale, 1);
+                    product_into(
+                        dq_rows,
+                        dq.row_stride(),
+                        false,
+                        Mat::dense(&dp, n),
+                        k.rows(b, g, 0),
+                        (rows, d.dh, n),
+                        scale,
+                        1,
+                    );
+                    product_into(
+                        dk_rows,
+                        dk.row_stride(),
+                        true,
+                        Mat::dense(&dp, n).t(),
+                        q.rows(b, h, t0),
+                        (n, d.dh, rows),
+                        scale,
+                        1,
+                    );
                 }
             }
         });
@@ -423,8 +466,12 @@ impl CustomOp1 for PackedAttention {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = self.0.dims;
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(self.forward(crate::cpu::contiguous(x, layout, "CPU attention: qkv")?)?),
-            CpuStorage::F64(x) => CpuStorage::F64(self.forward(crate::cpu::contiguous(x, layout, "CPU attention: qkv")?)?),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(self.forward(crate::cpu::contiguous(x, layout, "CPU attention: qkv")?)?)
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(self.forward(crate::cpu::contiguous(x, layout, "CPU attention: qkv")?)?)
+            }
             _ => candle_core::bail!("CPU attention: {:?} unsupported (f32 or f64)", storage.dtype()),
         };
         Ok((out, Shape::from((d.b, d.t, d.h * d.dh))))

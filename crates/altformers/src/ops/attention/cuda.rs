@@ -313,7 +313,11 @@ pub fn causal_attention_packed(
 ) -> Result<Tensor> {
     let dims = Dims::packed(qkv.shape(), heads, kv_heads, "flash attention")?;
     if !supports_packed(qkv, dims.dh) {
-        bail!("flash attention: needs a bf16 CUDA qkv with head width 64 or 128 (qkv {:?} {:?})", qkv.dtype(), qkv.shape())
+        bail!(
+            "flash attention: needs a bf16 CUDA qkv with head width 64 or 128 (qkv {:?} {:?})",
+            qkv.dtype(),
+            qkv.shape()
+        )
     }
     if dims.t >= MAX_POSITIONS || heads > MAX_GRID_YZ || first >= MAX_POSITIONS {
         bail!("flash attention: sizes out of range (qkv {:?}, batch start {first})", qkv.shape())
@@ -723,7 +727,8 @@ impl CustomOp3 for FlashAttention {
         let guards = [q, k, v].map(|t| t.storage_and_layout());
         let [(qg, ql), (kg, kl), (vg, vl)] = &guards;
         let what = "flash attention backward";
-        let (qs, ks, vs) = (launch::storage(qg, what, "q")?, launch::storage(kg, what, "k")?, launch::storage(vg, what, "v")?);
+        let (qs, ks, vs) =
+            (launch::storage(qg, what, "q")?, launch::storage(kg, what, "k")?, launch::storage(vg, what, "v")?);
         let dev = launch::device(qs);
         let ops = Operands::separate((qs, ql), (ks, kl), (vs, vl))?;
         let [dq, dk, dv] = [q, k, v].map(|x| gradient(dev, x.shape()));

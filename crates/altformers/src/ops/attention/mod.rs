@@ -254,9 +254,8 @@ mod tests {
         let heads = heads.transpose(1, 2)?.reshape((b, t, h * dh))?;
         assert!(rel_err(&packed, &heads)? < 1e-12);
         let weights = randn(&[b, t, h * dh], 5, DType::F64)?;
-        let grad = |y: &Tensor| -> Result<Tensor> {
-            Ok((y * &weights)?.sum_all()?.backward()?.get(&qkv).unwrap().clone())
-        };
+        let grad =
+            |y: &Tensor| -> Result<Tensor> { Ok((y * &weights)?.sum_all()?.backward()?.get(&qkv).unwrap().clone()) };
         assert!(rel_err(&grad(&packed)?, &grad(&heads)?)? < 1e-12);
         Ok(())
     }
