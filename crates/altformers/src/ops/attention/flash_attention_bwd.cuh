@@ -27,14 +27,18 @@ struct QueryBlocks {
 // in dp. P is 0 where the query does not see the key, tested only off a block-uniform
 // `all_visible` step. (A masked score can exceed the row's log-sum-exp, so exp2 may give inf
 // there: it is selected away, never multiplied.)
+// DROPOUT false: the caller knows there is none (threshold 0); MASK false: it knows the
+// step is `all_visible` (both leave out code, which keeps a fully unrolled step small).
+template <bool DROPOUT = true, bool MASK = true>
 __device__ __forceinline__ void backward_element(float& s, float& dp, float lse, float delta, int key, int query,
                                                  bool all_visible, int offset, int T, int S,
                                                  unsigned long long row0, float scale_log2, unsigned int seed_lo,
                                                  unsigned int seed_hi, unsigned int threshold, float drop_scale) {
     float p = exp2f(fmaf(s, scale_log2, -lse));
-    if (!all_visible) p = key <= offset + query && query < T && key < S ? p : 0.f;
+    if (MASK && !all_visible) p = key <= offset + query && query < T && key < S ? p : 0.f;
     float keep = 1.f;
-    if (threshold != 0) keep = dropout_bits(seed_lo, seed_hi, (row0 + query) * S + key) >= threshold ? drop_scale : 0.f;
+    if (DROPOUT && threshold != 0)
+        keep = dropout_bits(seed_lo, seed_hi, (row0 + query) * S + key) >= threshold ? drop_scale : 0.f;
     s = p * keep;
     dp = p * (dp * keep - delta);
 }
