@@ -6,7 +6,7 @@
 //! dropout mask a pure function of the step: resuming a run needs only the seed and the step.
 
 /// SplitMix64 (Steele, Lea, Flood 2014): one `u64` of state, passes BigCrush.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rng {
     state: u64,
     /// Which slice of the batch this stream's dropout masks are for (data-parallel workers:

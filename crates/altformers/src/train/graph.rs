@@ -13,17 +13,23 @@
 //! same kernels on the same data in the same order: its parameters are the eager step's bit
 //! for bit (GPU test `a_graphed_training_step_is_the_eager_step`).
 //!
-//! It applies where a replay is that computation: one device and one slice per step, no
-//! dropout (its masks' seeds are drawn on the host each step), a model that does not follow
-//! the training step (Performer's redraws), a batch of the captured shape (else that step runs
-//! eagerly), the fused AdamW. Elsewhere every step is eager; a capture that fails says why
-//! once and leaves the run eager. `ALTFORMERS_UNFUSED=train-graph` switches it off.
+//! Dropout: each mask's seed is drawn on the host, a kernel argument (two u32 halves). After
+//! the capture, the graph's kernel nodes are searched for the capture step's seeds
+//! ([`Seeds`]); each replay draws its step's seeds in the same order and writes them into those
+//! nodes' arguments (`cuGraphExecKernelNodeSetParams`), so the masks are the eager step's.
+//!
+//! It applies where a replay is that computation: one device and one slice per step, a model
+//! that does not follow the training step (Performer's redraws), a batch of the captured shape
+//! (else that step runs eagerly), the fused AdamW, every dropout seed found in the graph.
+//! Elsewhere every step is eager; a capture that fails says why once and leaves the run eager.
+//! `ALTFORMERS_UNFUSED=train-graph` switches it off.
 
-use anyhow::{bail, Result};
-use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use anyhow::{anyhow, bail, Result};
+use candle_core::cuda_backend::cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 
 use super::optim::StepNorm;
 use super::step::{loss_and_gradients, Trainer};
@@ -60,6 +66,117 @@ pub struct Captured {
     graph: CudaGraph,
     buffers: Buffers,
     table: KeptTable,
+    seeds: Seeds,
+}
+
+/// Where the captured step's dropout seeds are among its kernels' arguments.
+#[derive(Default)]
+struct Seeds {
+    /// Seeds a step draws (the capture's count).
+    draws: usize,
+    nodes: Vec<SeededNode>,
+}
+
+/// A kernel node with dropout seeds among its arguments: its parameters, its arguments' bytes
+/// (copies the replays rewrite) and the pointers to them the driver reads, and for each seed
+/// the index of its low half's argument (the high half is the next) and which draw it is.
+struct SeededNode {
+    node: sys::CUgraphNode,
+    params: sys::CUDA_KERNEL_NODE_PARAMS_v2,
+    values: Vec<Vec<u8>>,
+    pointers: Vec<*mut std::ffi::c_void>,
+    seeds: Vec<(usize, usize)>,
+}
+
+fn check(r: sys::CUresult, what: &str) -> Result<()> {
+    r.result().map_err(|e| anyhow!("{what}: {e:?}"))
+}
+
+impl Seeds {
+    /// Finds each of `drawn` (the capture step's seeds, in draw order) among the arguments of
+    /// `graph`'s kernels; an error if one is not found.
+    fn find(graph: &CudaGraph, drawn: &[u64]) -> Result<Self> {
+        if drawn.is_empty() {
+            return Ok(Self::default());
+        }
+        let which: HashMap<u64, usize> = drawn.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+        let mut count = 0usize;
+        // SAFETY: the graph is alive (borrowed); the array is sized by the driver's count.
+        unsafe { check(sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut count), "graph nodes")? };
+        let mut nodes = vec![std::ptr::null_mut(); count];
+        unsafe { check(sys::cuGraphGetNodes(graph.cu_graph(), nodes.as_mut_ptr(), &mut count), "graph nodes")? };
+        let mut found = vec![false; drawn.len()];
+        let mut seeded = Vec::new();
+        for &node in &nodes[..count] {
+            let mut kind = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            unsafe { check(sys::cuGraphNodeGetType(node, &mut kind), "node type")? };
+            if kind != sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL {
+                continue;
+            }
+            // SAFETY: a kernel node; the driver fills the struct, whose argument pointers stay
+            // valid while the graph lives (read here only).
+            let mut params: sys::CUDA_KERNEL_NODE_PARAMS_v2 = unsafe { std::mem::zeroed() };
+            unsafe { check(sys::cuGraphKernelNodeGetParams_v2(node, &mut params), "kernel node")? };
+            if params.kernelParams.is_null() || params.func.is_null() {
+                continue;
+            }
+            let mut values: Vec<Vec<u8>> = Vec::new();
+            loop {
+                let (mut offset, mut size) = (0usize, 0usize);
+                let r = unsafe { sys::cuFuncGetParamInfo(params.func, values.len(), &mut offset, &mut size) };
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    break;
+                }
+                // SAFETY: argument i of this kernel holds `size` bytes there.
+                let at = unsafe { *params.kernelParams.add(values.len()) } as *const u8;
+                values.push(unsafe { std::slice::from_raw_parts(at, size) }.to_vec());
+            }
+            let half = |v: &Vec<u8>| -> Option<u32> { Some(u32::from_ne_bytes(v.as_slice().try_into().ok()?)) };
+            let seeds: Vec<(usize, usize)> = (0..values.len().saturating_sub(1))
+                .filter_map(|i| {
+                    let (lo, hi) = (half(&values[i])?, half(&values[i + 1])?);
+                    which.get(&((hi as u64) << 32 | lo as u64)).map(|&d| (i, d))
+                })
+                .collect();
+            if seeds.is_empty() {
+                continue;
+            }
+            for &(_, d) in &seeds {
+                found[d] = true;
+            }
+            let pointers = values.iter_mut().map(|v| v.as_mut_ptr() as *mut std::ffi::c_void).collect();
+            seeded.push(SeededNode { node, params, values, pointers, seeds });
+        }
+        if let Some(missing) = found.iter().position(|&f| !f) {
+            bail!("dropout seed {} of {} is not among the captured kernels' arguments", missing + 1, drawn.len());
+        }
+        Ok(Self { draws: drawn.len(), nodes: seeded })
+    }
+
+    /// Writes the next [`Seeds::draws`] seeds of `rng` (this step's dropout stream, drawn in
+    /// the capture's order) into the graph's nodes.
+    fn write(&mut self, graph: &CudaGraph, rng: &mut Rng) -> Result<()> {
+        if self.draws == 0 {
+            return Ok(());
+        }
+        let drawn: Vec<u64> = (0..self.draws).map(|_| rng.next_u64()).collect();
+        for n in &mut self.nodes {
+            for &(i, d) in &n.seeds {
+                n.values[i].copy_from_slice(&(drawn[d] as u32).to_ne_bytes());
+                n.values[i + 1].copy_from_slice(&((drawn[d] >> 32) as u32).to_ne_bytes());
+            }
+            n.params.kernelParams = n.pointers.as_mut_ptr();
+            // SAFETY: the node is the graph's, the executable was instantiated from it; the
+            // arguments are the captured ones with the seeds replaced, alive during the call.
+            unsafe {
+                check(
+                    sys::cuGraphExecKernelNodeSetParams_v2(graph.cu_graph_exec(), n.node, &n.params),
+                    "dropout seeds",
+                )?
+            };
+        }
+        Ok(())
+    }
 }
 
 /// The batch's tensors, those that are present.
@@ -99,8 +216,6 @@ impl Trainer {
             Some("switched off")
         } else if self.shard != (0, 1) || self.slices != 1 || !self.sync.alone() {
             Some("a step of several workers or slices")
-        } else if model.config.dropout > 0.0 {
-            Some("dropout masks drawn on the host")
         } else if model.follows_training_step() {
             Some("a model that follows the training step")
         } else {
@@ -160,7 +275,7 @@ impl Trainer {
                     };
                     return (warm.map(Some), next);
                 }
-                match self.capture(model, task, buffers, dev) {
+                match self.capture(model, task, buffers, dropout_rng.clone(), dev) {
                     Ok(captured) => {
                         self.advance(Graphing::Ready(Box::new(captured)), model, task, batch, dropout_rng, step, dev)
                     }
@@ -177,7 +292,7 @@ impl Trainer {
                 }
             }
             Graphing::Ready(mut g) if g.buffers.fits(batch) => {
-                let replayed = self.replay(&mut g, batch, step, dev);
+                let replayed = self.replay(&mut g, batch, dropout_rng, step, dev);
                 (replayed.map(Some), Graphing::Ready(g))
             }
             // a batch of another shape (or none captured): this step eagerly
@@ -185,8 +300,16 @@ impl Trainer {
         }
     }
 
-    /// Captures a step on `buffers` (nothing runs: the first replay is its step).
-    fn capture(&mut self, model: &Model, task: &dyn Task, buffers: Buffers, dev: &CudaDevice) -> Result<Captured> {
+    /// Captures a step on `buffers` with its dropout stream `dropout_rng` (nothing runs: the
+    /// first replay is its step).
+    fn capture(
+        &mut self,
+        model: &Model,
+        task: &dyn Task,
+        buffers: Buffers,
+        dropout_rng: Rng,
+        dev: &CudaDevice,
+    ) -> Result<Captured> {
         let Some((loss_out, norm_out)) = &buffers.outputs else { bail!("no eager step shaped the outputs") };
         // One stream, no cross-stream events (as the decoder's graph; see decoder.rs).
         // SAFETY: every operation of candle and this crate runs on the device's one stream.
@@ -197,10 +320,9 @@ impl Trainer {
         let stream = dev.cuda_stream();
         let t0 = self.opt.t;
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+        let mut rng = dropout_rng.clone();
         let captured = (|| -> Result<()> {
-            // no dropout here (why_not_graphed): the generator is never drawn from
-            let mut unused = Rng::derive(0, 0, 0);
-            let (loss, grads) = loss_and_gradients(model, task, &buffers.batch, &mut unused, self.l2wrap)?;
+            let (loss, grads) = loss_and_gradients(model, task, &buffers.batch, &mut rng, self.l2wrap)?;
             // the learning rate and bias corrections are the table's, written per replay
             let norm = self.opt.step_kept(&grads, 0.0, self.train.grad_clip, &mut table)?;
             launch::copy_into(dev, "training graph", loss_out, &loss)?;
@@ -212,13 +334,31 @@ impl Trainer {
         self.opt.t = t0;
         captured?;
         let Some(graph) = graph? else { bail!("the captured step is empty") };
+        // the seeds the capture drew, in order
+        let mut probe = dropout_rng;
+        let mut drawn = Vec::new();
+        while probe != rng {
+            if drawn.len() > 1 << 20 {
+                bail!("the step's dropout stream could not be followed");
+            }
+            drawn.push(probe.next_u64());
+        }
+        let seeds = Seeds::find(&graph, &drawn)?;
         graph.upload().w()?;
-        Ok(Captured { graph, buffers, table })
+        Ok(Captured { graph, buffers, table, seeds })
     }
 
-    /// Step `step` by the captured graph.
-    fn replay(&mut self, g: &mut Captured, batch: &Batch, step: usize, dev: &CudaDevice) -> Result<(Tensor, StepNorm)> {
+    /// Step `step` by the captured graph, its dropout masks from `dropout_rng`.
+    fn replay(
+        &mut self,
+        g: &mut Captured,
+        batch: &Batch,
+        dropout_rng: &mut Rng,
+        step: usize,
+        dev: &CudaDevice,
+    ) -> Result<(Tensor, StepNorm)> {
         g.buffers.fill(dev, batch)?;
+        g.seeds.write(&g.graph, dropout_rng)?;
         let lr = self.learning_rate(step) as f32;
         let (bc1, bc2, t) = self.opt.next_corrections();
         g.table.upload(dev, lr, bc1, bc2)?;
