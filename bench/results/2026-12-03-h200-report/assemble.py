@@ -57,24 +57,20 @@ open("decode.jsonl", "w").write("".join(dec))
 # training throughput (issue 24), ../2026-12-03-h200-train-speed/: the Transformer and PyTorch's
 # nanoGPT recipe in one call (call 12, 0ba1e11); the other models at the baby size from call 10
 # (1040a0e), RetNet from call 15 (its rotary embedding and normalisations fused); ours = the
-# second 100-step window's rate
+# second 100-step window's rate; ours (every model) and the peers in one call (session 47's last,
+# 92d7ae7: the training step replayed from a CUDA graph)
 T = "../2026-12-03-h200-train-speed/"
-RETNET = [d for d in os.listdir(T) if d.startswith("call15-")][0]
+FINAL = T + "s47-call10-92d7ae7-final/"
 speed = []
-def ours(path, model=None):
+def ours(path):
     for l in open(path):
         r = json.loads(l)
-        if model is None and r.get("model", "transformer") == "retnet":
-            continue
         last = r["metrics"][-1]
-        speed.append({"model": r.get("model", model or "transformer"), "size": r.get("size", "baby"),
+        speed.append({"model": r.get("model", "transformer"), "size": r.get("size", "baby"),
                       "trainer": "altformers", "tokens_per_s": last["tokens_per_s"], "loss": last["train_loss"]})
-ours(T + "call12-0ba1e11/ours.jsonl")
-ours(T + "call10-1040a0e/ours-models.jsonl")
-metrics = [json.loads(l) for l in open(T + RETNET + "/retnet-default.jsonl")]
-speed.append({"model": "retnet", "size": "baby", "trainer": "altformers", "tokens_per_s": metrics[-1]["tokens_per_s"],
-              "loss": metrics[-1]["train_loss"]})
-for l in open(T + "call12-0ba1e11/peer.jsonl"):
+ours(FINAL + "ours.jsonl")
+ours(FINAL + "ours-models.jsonl")
+for l in open(FINAL + "peer.jsonl"):
     r = json.loads(l)
     speed.append({"model": "transformer", "size": r["size"], "trainer": r["peer"].replace("gpt-", ""),
                   "tokens_per_s": r["tokens_per_s"], "loss": r["loss"]})
