@@ -41,6 +41,8 @@ use crate::config::{ModelConfig, Position};
 use crate::ops::attention::causal_softmax::causal_mask;
 use crate::params::ParamBuilder;
 
+pub mod sequence_parallel;
+
 /// `model.options` of the `longnet` mixer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -120,78 +122,85 @@ impl LongNet {
 /// Causal dilated attention of `q: [B, H, T, d_h]` over `k, v: [B, KVH, T, d_h]` with the
 /// (w, r) `pairs`, mixed by their softmax denominators -> `[B, H, T, d_h]`.
 pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor> {
-    let (b, h, t, dh) = q.dims4()?;
     // (the attention's heads are views of its projections; the gathers need them contiguous)
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
-    let g = h / k.dim(1)?;
-    let dev = q.device();
     let mut outs = Vec::with_capacity(pairs.len());
     let mut lses = Vec::with_capacity(pairs.len());
-    for &(w, r) in pairs {
-        // A segment longer than the sequence is one segment of its rows below T: cut it to T
-        // rounded up to the dilation (the same kept rows), not padded to w, which cost O(w)
-        // per pair whatever T (at T = 1024 of a context-8192 model, most of the time).
-        let w = if w > t { w.min(t.max(1).div_ceil(r) * r) } else { w };
-        let segments = t.div_ceil(w);
-        let tp = segments * w;
-        let pad = |x: &Tensor| {
-            if tp > t {
-                x.pad_with_zeros(2, 0, tp - t)
-            } else {
-                Ok(x.clone())
-            }
-        };
-        let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);
-        let n = w.div_ceil(r);
-        let mask = causal_mask(n, n, 0, stats_dtype(q.dtype()), dev)?;
-        let (mut out_parts, mut lse_parts, mut order) = (Vec::new(), Vec::new(), Vec::new());
-        let mut cover = vec![0u8; h * tp];
-        // Heads sharing an offset o = j mod r keep the same rows: one batched product each.
-        for o in 0..r.min(h) {
-            let heads: Vec<usize> = (o..h).step_by(r).collect();
-            let rows = if o < w { (w - o).div_ceil(r) } else { 0 };
-            let hg = heads.len();
-            order.extend(heads.iter().copied());
-            if rows == 0 {
-                out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?);
-                lse_parts.push(Tensor::zeros((b, hg, tp), stats_dtype(q.dtype()), dev)?);
-                continue;
-            }
-            let pos: Vec<u32> =
-                (0..segments).flat_map(|s| (0..rows).map(move |i| (s * w + o + i * r) as u32)).collect();
-            for &j in &heads {
-                for &p in &pos {
-                    cover[j * tp + p as usize] = 1;
-                }
-            }
-            let pos = Tensor::from_vec(pos, segments * rows, dev)?;
-            let qh = index(&heads, |j| j, dev)?;
-            let kvh = index(&heads, |j| j / g, dev)?;
-            let gather = |x: &Tensor, hi: &Tensor| -> Result<Tensor> {
-                x.index_select(hi, 1)?.index_select(&pos, 2)?.reshape((b * hg * segments, rows, dh))
-            };
-            let (qs, ks, vs) = (gather(&qp, &qh)?, gather(&kp, &kvh)?, gather(&vp, &kvh)?);
-            let mask = mask.narrow(0, 0, rows)?.narrow(1, 0, rows)?;
-            let (o_s, lse_s) = softmax_attention(&qs, &ks, &vs, Some(&mask))?;
-            let o_s = o_s.reshape((b, hg, segments * rows, dh))?;
-            let lse_s = lse_s.reshape((b, hg, segments * rows))?;
-            out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?.index_add(&pos, &o_s, 2)?);
-            lse_parts.push(Tensor::zeros((b, hg, tp), lse_s.dtype(), dev)?.index_add(&pos, &lse_s, 2)?);
-        }
-        // Back to head order 0..H.
-        let mut inverse = vec![0u32; h];
-        for (slot, &j) in order.iter().enumerate() {
-            inverse[j] = slot as u32;
-        }
-        let inverse = Tensor::from_vec(inverse, h, dev)?;
-        let out = Tensor::cat(&out_parts, 1)?.index_select(&inverse, 1)?;
-        let lse = Tensor::cat(&lse_parts, 1)?.index_select(&inverse, 1)?;
-        let cover = Tensor::from_vec(cover, (1, h, tp), dev)?.broadcast_as((b, h, tp))?;
-        let lse = mask_uncovered(&cover, &lse)?;
-        outs.push(out.narrow(2, 0, t)?);
-        lses.push(lse.narrow(2, 0, t)?);
+    for &pair in pairs {
+        let (out, lse) = pair_attention(q, k, v, pair)?;
+        outs.push(out);
+        lses.push(lse);
     }
     combine(&outs, &lses)
+}
+
+/// One (w, r) pair's attention (contiguous `q, k, v` as [`dilated_attention`]'s): each
+/// position's output `[B, H, T, d_h]` and log-sum-exp `[B, H, T]` (-inf where the pair does
+/// not keep the position for that head).
+fn pair_attention(q: &Tensor, k: &Tensor, v: &Tensor, (w, r): (usize, usize)) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, dh) = q.dims4()?;
+    let g = h / k.dim(1)?;
+    let dev = q.device();
+    // A segment longer than the sequence is one segment of its rows below T: cut it to T
+    // rounded up to the dilation (the same kept rows), not padded to w, which cost O(w)
+    // per pair whatever T (at T = 1024 of a context-8192 model, most of the time).
+    let w = if w > t { w.min(t.max(1).div_ceil(r) * r) } else { w };
+    let segments = t.div_ceil(w);
+    let tp = segments * w;
+    let pad = |x: &Tensor| {
+        if tp > t {
+            x.pad_with_zeros(2, 0, tp - t)
+        } else {
+            Ok(x.clone())
+        }
+    };
+    let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);
+    let n = w.div_ceil(r);
+    let mask = causal_mask(n, n, 0, stats_dtype(q.dtype()), dev)?;
+    let (mut out_parts, mut lse_parts, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cover = vec![0u8; h * tp];
+    // Heads sharing an offset o = j mod r keep the same rows: one batched product each.
+    for o in 0..r.min(h) {
+        let heads: Vec<usize> = (o..h).step_by(r).collect();
+        let rows = if o < w { (w - o).div_ceil(r) } else { 0 };
+        let hg = heads.len();
+        order.extend(heads.iter().copied());
+        if rows == 0 {
+            out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?);
+            lse_parts.push(Tensor::zeros((b, hg, tp), stats_dtype(q.dtype()), dev)?);
+            continue;
+        }
+        let pos: Vec<u32> = (0..segments).flat_map(|s| (0..rows).map(move |i| (s * w + o + i * r) as u32)).collect();
+        for &j in &heads {
+            for &p in &pos {
+                cover[j * tp + p as usize] = 1;
+            }
+        }
+        let pos = Tensor::from_vec(pos, segments * rows, dev)?;
+        let qh = index(&heads, |j| j, dev)?;
+        let kvh = index(&heads, |j| j / g, dev)?;
+        let gather = |x: &Tensor, hi: &Tensor| -> Result<Tensor> {
+            x.index_select(hi, 1)?.index_select(&pos, 2)?.reshape((b * hg * segments, rows, dh))
+        };
+        let (qs, ks, vs) = (gather(&qp, &qh)?, gather(&kp, &kvh)?, gather(&vp, &kvh)?);
+        let mask = mask.narrow(0, 0, rows)?.narrow(1, 0, rows)?;
+        let (o_s, lse_s) = softmax_attention(&qs, &ks, &vs, Some(&mask))?;
+        let o_s = o_s.reshape((b, hg, segments * rows, dh))?;
+        let lse_s = lse_s.reshape((b, hg, segments * rows))?;
+        out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?.index_add(&pos, &o_s, 2)?);
+        lse_parts.push(Tensor::zeros((b, hg, tp), lse_s.dtype(), dev)?.index_add(&pos, &lse_s, 2)?);
+    }
+    // Back to head order 0..H.
+    let mut inverse = vec![0u32; h];
+    for (slot, &j) in order.iter().enumerate() {
+        inverse[j] = slot as u32;
+    }
+    let inverse = Tensor::from_vec(inverse, h, dev)?;
+    let out = Tensor::cat(&out_parts, 1)?.index_select(&inverse, 1)?;
+    let lse = Tensor::cat(&lse_parts, 1)?.index_select(&inverse, 1)?;
+    let cover = Tensor::from_vec(cover, (1, h, tp), dev)?.broadcast_as((b, h, tp))?;
+    let lse = mask_uncovered(&cover, &lse)?;
+    Ok((out.narrow(2, 0, t)?, lse.narrow(2, 0, t)?))
 }
 
 /// The new position `p` (the last key) of dilated attention: `q: [B, H, 1, d_h]`,
