@@ -183,6 +183,60 @@ impl Group {
 }
 
 impl Group {
+    /// Every rank's `data` (one length on every rank) on every rank, in rank order: rank 0
+    /// collects them and sends the whole back.
+    pub fn all_gather(&self, data: &[f64]) -> Result<Vec<Vec<f64>>> {
+        if self.world == 1 {
+            return Ok(vec![data.to_vec()]);
+        }
+        let n = data.len();
+        let mut all = vec![0f64; n * self.world];
+        if self.rank == 0 {
+            all[..n].copy_from_slice(data);
+            for (i, link) in self.links.iter().enumerate() {
+                receive(link, &mut all[(i + 1) * n..(i + 2) * n], i + 1)?;
+            }
+            for (i, link) in self.links.iter().enumerate() {
+                send(link, &all).context(PeerLost(Some(i + 1)))?;
+            }
+        } else {
+            send(&self.links[0], data).context(PeerLost(Some(0)))?;
+            receive(&self.links[0], &mut all, 0)?;
+        }
+        Ok(all.chunks(n.max(1)).take(self.world).map(<[f64]>::to_vec).collect())
+    }
+
+    /// The reverse of [`Group::all_gather`] (its gradient): `parts` holds one piece per rank
+    /// (`world` equal pieces); rank s gets the sum over ranks of their piece s, added by rank
+    /// 0 in rank order (the same bits however the messages arrive).
+    pub fn reduce_scatter_sum(&self, parts: &[f64]) -> Result<Vec<f64>> {
+        if parts.len() % self.world != 0 {
+            bail!("reduce-scatter: {} values do not cut into {} equal pieces", parts.len(), self.world);
+        }
+        let n = parts.len() / self.world;
+        if self.world == 1 {
+            return Ok(parts.to_vec());
+        }
+        if self.rank == 0 {
+            let mut sum = parts.to_vec();
+            let mut buf = vec![0f64; parts.len()];
+            for (i, link) in self.links.iter().enumerate() {
+                receive(link, &mut buf, i + 1)?;
+                sum.iter_mut().zip(&buf).for_each(|(s, b)| *s += b);
+            }
+            for (i, link) in self.links.iter().enumerate() {
+                send(link, &sum[(i + 1) * n..(i + 2) * n]).context(PeerLost(Some(i + 1)))?;
+            }
+            sum.truncate(n);
+            Ok(sum)
+        } else {
+            send(&self.links[0], parts).context(PeerLost(Some(0)))?;
+            let mut mine = vec![0f64; n];
+            receive(&self.links[0], &mut mine, 0)?;
+            Ok(mine)
+        }
+    }
+
     /// Rank 0's `bytes` on every rank (NCCL's unique id, handed out at the rendezvous).
     pub fn broadcast_bytes(&self, bytes: &mut [u8]) -> Result<()> {
         if self.rank == 0 {
@@ -273,6 +327,58 @@ fn read_words(stream: &mut TcpStream) -> Result<[u64; 2]> {
     let mut b = [0u8; 16];
     stream.read_exact(&mut b)?;
     Ok([u64::from_le_bytes(b[..8].try_into()?), u64::from_le_bytes(b[8..].try_into()?)])
+}
+
+/// Every rank's `x` (one shape on every rank), stacked in rank order: `[world, ..x's shape]`,
+/// differentiable: the gradient of a rank's `x` is the sum over ranks of their gradients of
+/// its slice ([`Group::reduce_scatter_sum`]). CPU tensors (the exchange is through the
+/// host); every rank must call it at the same point of its computation, and so reach its
+/// backward at the same point (one all-gather per step of a layer keeps that simple).
+pub fn all_gather(group: &std::sync::Arc<Group>, x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(AllGather(group.clone()))
+}
+
+/// [`all_gather`]'s op.
+struct AllGather(std::sync::Arc<Group>);
+
+/// A collective's error as candle's.
+fn collective_error(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{e:#}"))
+}
+
+impl candle_core::CustomOp1 for AllGather {
+    fn name(&self) -> &'static str {
+        "all-gather"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let values: Vec<f64> = match storage {
+            CpuStorage::F64(d) => crate::cpu::contiguous(d, layout, "all-gather's input")?.to_vec(),
+            CpuStorage::F32(d) => {
+                crate::cpu::contiguous(d, layout, "all-gather's input")?.iter().map(|&v| v as f64).collect()
+            }
+            _ => candle_core::bail!("all-gather: f32 or f64 tensors only"),
+        };
+        let all = self.0.all_gather(&values).map_err(collective_error)?.concat();
+        let mut dims = vec![self.0.world];
+        dims.extend(layout.dims());
+        let out = match storage {
+            CpuStorage::F64(_) => CpuStorage::F64(all),
+            _ => CpuStorage::F32(all.iter().map(|&v| v as f32).collect()),
+        };
+        Ok((out, candle_core::Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g: Vec<f64> = grad_res.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let mine = self.0.reduce_scatter_sum(&g).map_err(collective_error)?;
+        Ok(Some(Tensor::from_vec(mine, arg.shape(), arg.device())?.to_dtype(arg.dtype())?))
+    }
 }
 
 /// `data`'s length, then its values, little-endian.

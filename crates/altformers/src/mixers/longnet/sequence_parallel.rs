@@ -13,8 +13,12 @@
 //! w0`, so what a device sends is bounded by a constant whatever T (the paper's point: test
 //! `what_a_device_sends_does_not_grow_with_the_sequence`).
 //!
-//! The two halves sit on either side of the collective, which is the caller's: an NCCL
-//! all-gather across GPUs, or, in the tests here, every shard in one process.
+//! The two halves sit on either side of the collective, which is the caller's: on CPU
+//! workers the group's differentiable [`crate::train::distributed::all_gather`] (its backward
+//! sends each worker the gradients of the rows it sent; test
+//! `two_workers_through_the_group_compute_one_devices_attention`), every shard in one process
+//! in the other tests; on GPUs an NCCL all-gather, not written yet (issue 23). [`pack`] makes
+//! a device's rows one tensor, so a layer is one collective each way.
 
 use candle_core::{bail, Result, Tensor};
 
@@ -149,6 +153,31 @@ impl Shard<'_> {
     }
 }
 
+/// A device's [`Dilated`] rows as one flat tensor (one collective per layer, whatever the
+/// number of gathered pairs).
+pub fn pack(sent: &[Dilated]) -> Result<Tensor> {
+    let parts = sent.iter().flat_map(|d| [&d.k, &d.v]).map(|x| x.flatten_all()).collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}
+
+/// Every device's rows from the gathered `[world, n]` of [`pack`]ed rows, shaped as this
+/// device's `like` (every device sends the same shapes).
+pub fn unpack(gathered: &Tensor, like: &[Dilated]) -> Result<Vec<Vec<Dilated>>> {
+    (0..gathered.dim(0)?)
+        .map(|s| {
+            let flat = gathered.get(s)?;
+            let mut at = 0;
+            let mut take = |shape: &candle_core::Shape| -> Result<Tensor> {
+                let n = shape.elem_count();
+                let x = flat.narrow(0, at, n)?.reshape(shape)?;
+                at += n;
+                Ok(x)
+            };
+            like.iter().map(|d| Ok(Dilated { k: take(d.k.shape())?, v: take(d.v.shape())? })).collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +250,57 @@ mod tests {
             sent.push(rows);
         }
         assert_eq!(sent, [24, 24, 24], "rows sent per head at T = 512, 2048, 8192");
+        Ok(())
+    }
+
+    /// Two workers, each in its own thread with its own connection (as two processes would
+    /// be), exchanging through the CPU group's all-gather, whose backward sends each worker the
+    /// gradients of its rows: the outputs and the q/k/v gradients are one device's.
+    #[test]
+    fn two_workers_through_the_group_compute_one_devices_attention() -> anyhow::Result<()> {
+        use crate::train::distributed::{all_gather, Group};
+        let pairs = [(8, 1), (16, 2), (32, 4), (64, 8)];
+        let (b, h, t, dh, world) = (1, 4, 64, 4, 2);
+        let len = t / world;
+        let full = |seed| crate::testing::randn(&[b, h, t, dh], seed, DType::F64);
+        let (q, k, v, weights) = (full(1)?, full(2)?, full(3)?, full(4)?);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let workers: Vec<_> = (0..world)
+            .map(|rank| {
+                let (q, k, v, weights, addr) = (q.clone(), k.clone(), v.clone(), weights.clone(), addr.clone());
+                std::thread::spawn(move || -> anyhow::Result<Vec<Tensor>> {
+                    let group =
+                        std::sync::Arc::new(Group::connect(rank, world, &addr, std::time::Duration::from_secs(30))?);
+                    let slice = |x: &Tensor| Var::from_tensor(&x.narrow(2, rank * len, len)?);
+                    let (qs, ks, vs) = (slice(&q)?, slice(&k)?, slice(&v)?);
+                    let shard = Shard { rank, world, pairs: &pairs };
+                    let sent = shard.contribution(ks.as_tensor(), vs.as_tensor(), h)?;
+                    let gathered = unpack(&all_gather(&group, &pack(&sent)?)?, &sent)?;
+                    let out = shard.attention(qs.as_tensor(), ks.as_tensor(), vs.as_tensor(), &gathered)?;
+                    let grads = (&out * weights.narrow(2, rank * len, len)?)?.sum_all()?.backward()?;
+                    let grad =
+                        |x: &Var| grads.get(x.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"));
+                    Ok(vec![out, grad(&qs)?, grad(&ks)?, grad(&vs)?])
+                })
+            })
+            .collect();
+        let results =
+            workers.into_iter().map(|w| w.join().expect("worker thread")).collect::<anyhow::Result<Vec<_>>>()?;
+        // one device
+        let (qv, kv, vv) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?, Var::from_tensor(&v)?);
+        let one = dilated_attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), &pairs)?;
+        let grads = (&one * &weights)?.sum_all()?.backward()?;
+        let want = [
+            one,
+            grads.get(qv.as_tensor()).unwrap().clone(),
+            grads.get(kv.as_tensor()).unwrap().clone(),
+            grads.get(vv.as_tensor()).unwrap().clone(),
+        ];
+        for (i, name) in ["output", "dq", "dk", "dv"].iter().enumerate() {
+            let got = Tensor::cat(&results.iter().map(|r| r[i].clone()).collect::<Vec<_>>(), 2)?;
+            assert!(worst(&got, &want[i])? < 1e-12, "{name} differs by {}", worst(&got, &want[i])?);
+        }
         Ok(())
     }
 
