@@ -228,6 +228,29 @@ mod tests {
 
     const TEXT: &str = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n  é, ünïcödé and\ttabs\r\n";
 
+    /// `bench/tokenizers/shakespeare-chars.json`, the CPU speed benchmark's vocabulary
+    /// (scripts/cpu-train-bench.sh), is nanoGPT's character-level encoding of Shakespeare: its
+    /// 65 characters in sorted order, token i the i-th; it round-trips the whole corpus, and a
+    /// character outside it is an error, not a silent substitute.
+    #[test]
+    fn the_character_tokenizer_is_nanogpts_encoding() -> Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let tok = Tokenizer::from_arg(&root.join("bench/tokenizers/shakespeare-chars.json").display().to_string())?;
+        let text = std::fs::read(root.join("data/tinyshakespeare.txt"))?;
+        let mut chars: Vec<u8> = text.clone();
+        chars.sort_unstable();
+        chars.dedup();
+        assert_eq!(tok.vocab(), 65);
+        assert_eq!(chars.len(), 65);
+        let enc = tok.encode(&text)?;
+        let want: Vec<u32> = text.iter().map(|b| chars.binary_search(b).unwrap() as u32).collect();
+        assert!(enc.ids == want, "ids are not the sorted-character indices");
+        assert_eq!(enc.ends.last().copied(), Some(text.len()));
+        assert!(tok.decode(&enc.ids)? == text);
+        assert!(tok.encode(b"a~b").is_err(), "a character outside the vocabulary was encoded");
+        Ok(())
+    }
+
     /// A byte-level BPE written in the test (GPT-2's layout: `model.vocab` of byte-level
     /// symbols, `merges`) round-trips text exactly, and so does one trained here.
     #[test]
