@@ -74,7 +74,7 @@ impl KeptTable {
         let Some(at) = self.host.len().checked_sub(TABLE_COLS) else {
             candle_core::bail!("fused AdamW: the kept table was never filled by a step")
         };
-        self.host[at..at + 3].copy_from_slice(&per_step_row(lr, bc1, bc2)[..3]);
+        self.host[at..].copy_from_slice(&per_step_row(lr, bc1, bc2));
         dev.cuda_stream().memcpy_htod(&self.host, &mut self.buffer).w()
     }
 }

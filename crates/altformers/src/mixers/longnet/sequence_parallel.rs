@@ -114,7 +114,10 @@ impl Shard<'_> {
                 continue;
             }
             let rows = len / r;
-            let idx = Tensor::from_vec(Self::kept(h, len, r, |j| j), h * rows, dev)?;
+            let kept = Self::kept(h, len, r, |j| j);
+            let mut cover = vec![0u8; h * len];
+            kept.iter().for_each(|&p| cover[p as usize] = 1);
+            let idx = Tensor::from_vec(kept, h * rows, dev)?;
             let qr = q.reshape((b, h * len, dh))?.index_select(&idx, 1)?.reshape((b, h, rows, dh))?;
             // the devices holding this segment up to this one (later ones hold later positions)
             let first = (self.rank * len / w * w) / len;
@@ -142,8 +145,6 @@ impl Shard<'_> {
                 .reshape((b, h, len, dh))?;
             let lse =
                 Tensor::zeros((b, h * len), lse.dtype(), dev)?.index_add(&idx, &lse.reshape((b, h * rows))?, 1)?;
-            let mut cover = vec![0u8; h * len];
-            Self::kept(h, len, r, |j| j).iter().for_each(|&p| cover[p as usize] = 1);
             let cover = Tensor::from_vec(cover, (1, h * len), dev)?.broadcast_as((b, h * len))?;
             outs.push(out);
             lses.push(mask_uncovered(&cover, &lse)?.reshape((b, h, len))?);
