@@ -145,6 +145,12 @@ enum Command {
         /// cuda).
         #[arg(long)]
         gpus: Option<usize>,
+        /// With --workers or --gpus: split every sequence instead of the batch, each worker
+        /// taking model.context / N positions of every row (LongNet's sequence parallelism,
+        /// paper 2307.02486 section 3.2: segments within a slice stay local, longer ones
+        /// gather the other workers' dilated keys and values). The run equals one process's.
+        #[arg(long)]
+        sequence_parallel: bool,
         /// Several hosts: how many (one launcher each, all with the same --workers), as
         /// torchrun's --nnodes.
         #[arg(long, default_value_t = 1)]
@@ -870,12 +876,13 @@ fn run(command: Command) -> Result<()> {
             stop_after,
             workers,
             gpus,
+            sequence_parallel,
             nnodes,
             ..
         } => {
             anyhow::ensure!(
-                workers == 1 && gpus.is_none() && nnodes == 1,
-                "--workers, --gpus and --nnodes train the language model (--task lm) only"
+                workers == 1 && gpus.is_none() && nnodes == 1 && !sequence_parallel,
+                "--workers, --gpus, --sequence-parallel and --nnodes train the language model (--task lm) only"
             );
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
             anyhow::ensure!(tokenizer.is_none(), "--task listops reads bytes: drop --tokenizer");
@@ -889,7 +896,16 @@ fn run(command: Command) -> Result<()> {
             let cfg = registry::config(&model, &over)?;
             let device = altformers::device::select(&device)?;
             let dtype = altformers::device::parse_dtype(&dtype)?;
-            let opts = TrainOptions { out, resume, device, dtype, verbose: !quiet, stop_after, init_from: None };
+            let opts = TrainOptions {
+                out,
+                resume,
+                device,
+                dtype,
+                verbose: !quiet,
+                stop_after,
+                init_from: None,
+                sequence_parallel: false,
+            };
             let summary = altformers::train::listops::train_listops(&cfg, &settings, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
@@ -911,6 +927,7 @@ fn run(command: Command) -> Result<()> {
             init_from,
             workers,
             gpus,
+            sequence_parallel,
             nnodes,
             node_rank,
             rdzv_endpoint,
@@ -985,17 +1002,30 @@ fn run(command: Command) -> Result<()> {
             // --gpus 1 too: one worker whose gradients go through NCCL, as torchrun's one process
             if (world > 1 || gpus.is_some()) && std::env::var(train::distributed::RANK).is_err() {
                 // the settings every worker would refuse, refused once here
-                let batch = cfg.train.batch_size;
+                let (batch, context) = (cfg.train.batch_size, cfg.model.context);
                 anyhow::ensure!(
-                    batch % world == 0,
+                    sequence_parallel || batch % world == 0,
                     "train.batch_size {batch} is not a multiple of the {world} workers"
+                );
+                anyhow::ensure!(
+                    !sequence_parallel || context % world == 0,
+                    "model.context {context} is not a multiple of the {world} workers (each takes an equal slice of every sequence)"
                 );
                 return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, &out, gpus.is_some());
             }
             // opened here, not before: a launcher (above) leaves the GPUs to its workers
             let device = altformers::device::select(&device)?;
             let corpus = Corpus::load(&data, data_format.into())?;
-            let opts = TrainOptions { out: out.clone(), resume, device, dtype, verbose: !quiet, stop_after, init_from };
+            let opts = TrainOptions {
+                out: out.clone(),
+                resume,
+                device,
+                dtype,
+                verbose: !quiet,
+                stop_after,
+                init_from,
+                sequence_parallel,
+            };
             let summary = train::train_tokenized(&cfg, &corpus, data_format.into(), &opts, &tokenizer)?;
             println!("{}", serde_json::to_string(&summary.last)?);
             Ok(())

@@ -1024,6 +1024,104 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
     }
 }
 
+/// LongNet's sequence parallelism (`--sequence-parallel`, issue 23): two and four workers, each
+/// taking its slice of every sequence (segments longer than a slice gathered from the others),
+/// train as one process does (f32, 1e-5 at every evaluation), with rotary positions and with a
+/// learned position table (each slice reads its own rows of it); a run stopped with two workers
+/// resumes in one process to the same losses. Models, contexts and settings it cannot split are
+/// refused by name.
+#[test]
+fn sequence_parallel_longnet_trains_as_one_process() {
+    let longnet = |out: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--model", "longnet", "--data", "shakespeare", "--quiet", "--threads", "1"]
+            .iter()
+            .chain(&[
+                "--set",
+                "model.width=16",
+                "--set",
+                "model.depth=2",
+                "--set",
+                "model.heads=2",
+                "--set",
+                "model.context=32",
+                "--set",
+                "model.options.base_segment=4",
+                "--set",
+                "train.batch_size=2",
+                "--set",
+                "train.steps=8",
+                "--set",
+                "train.eval_every=4",
+                "--set",
+                "train.eval_batches=1",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    for position in ["rope", "learned"] {
+        let pos = format!("model.position={position}");
+        let runs = [
+            temp(&format!("sp-one-{position}")),
+            temp(&format!("sp-two-{position}")),
+            temp(&format!("sp-four-{position}")),
+        ];
+        trains(&longnet(&runs[0], &["--set", &pos]));
+        trains(&longnet(&runs[1], &["--set", &pos, "--workers", "2", "--sequence-parallel"]));
+        trains(&longnet(&runs[2], &["--set", &pos, "--workers", "4", "--sequence-parallel"]));
+        assert_eq!(losses(&runs[0]).len(), 2);
+        same_losses(&runs[0], &runs[1]);
+        same_losses(&runs[0], &runs[2]);
+        for d in runs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    let (one, resumed) = (temp("sp-one"), temp("sp-resumed"));
+    trains(&longnet(&one, &[]));
+    trains(&longnet(&resumed, &["--workers", "2", "--sequence-parallel", "--stop-after", "4"]));
+    succeeds(&[
+        "train",
+        "--model",
+        "longnet",
+        "--data",
+        "shakespeare",
+        "--resume",
+        "--quiet",
+        "--threads",
+        "1",
+        "--out",
+        resumed.to_str().unwrap(),
+    ]);
+    same_losses(&one, &resumed);
+
+    let out = temp("sp-refused");
+    let refused = |extra: &[&str], needle: &str| {
+        let a = longnet(&out, extra);
+        fails_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    };
+    refused(
+        &["--sequence-parallel"],
+        "--sequence-parallel splits each sequence across workers: give --workers N or --gpus N",
+    );
+    refused(&["--workers", "3", "--sequence-parallel"], "model.context 32 is not a multiple of the 3 workers");
+    refused(
+        &["--workers", "2", "--sequence-parallel", "--set", "model.dropout=0.1"],
+        "sequence-parallel training draws no dropout masks",
+    );
+    // a slice of 4 positions does not hold the segments of 8 whole (w 8, r 2: its dilation
+    // would need rows of two slices at once)
+    refused(&["--workers", "8", "--sequence-parallel"], "do not fit the pair");
+    let t = tiny_train(&out, &["--workers", "2", "--sequence-parallel"]);
+    fails_with(&t.iter().map(String::as_str).collect::<Vec<_>>(), "`transformer` cannot be trained sequence-parallel");
+    assert!(!out.join("config.json").exists(), "a refused job writes nothing");
+    for d in [one, resumed, out] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// A worker that fails stops the job: a batch the workers cannot share, or Reformer's dropout
 /// (its masks cannot be split by example), is refused by each; a worker killed mid-run is
 /// named as the cause, the others stopping because of it; one that hangs is named and killed
@@ -1040,7 +1138,10 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
     refused(&["--gpus", "2", "--workers", "2"], "--gpus N starts N workers, one per GPU: drop --workers");
     refused(&["--gpus", "1", "--device", "cuda:1"], "--gpus uses GPUs 0 to N - 1 of this host");
     refused(&["--workers", "2", "--device", "cuda"], "--workers runs CPU workers; on GPUs use --gpus N");
-    refused(&["--task", "listops", "--gpus", "1"], "--workers, --gpus and --nnodes train the language model");
+    refused(
+        &["--task", "listops", "--gpus", "1"],
+        "--workers, --gpus, --sequence-parallel and --nnodes train the language model",
+    );
     #[cfg(not(feature = "cuda"))]
     refused(&["--gpus", "1"], "built without CUDA support");
     let o = out.to_str().unwrap();

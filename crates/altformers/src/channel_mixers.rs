@@ -196,6 +196,9 @@ impl SequenceMixer for Shared {
     fn chunked(&self, x: &Tensor, chunk: usize) -> Option<Result<Tensor>> {
         self.0.chunked(x, chunk)
     }
+    fn split_sequence(&self, split: &crate::mixers::longnet::sequence_parallel::Split) -> Result<()> {
+        self.0.split_sequence(split)
+    }
 }
 
 #[cfg(test)]

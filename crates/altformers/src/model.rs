@@ -97,6 +97,15 @@ impl Model {
         self
     }
 
+    /// Sequence parallelism: from now on [`Model::forward`] takes this device's slice of the
+    /// positions (`split.rank() T ..`) and the mixers exchange through `split` what they need
+    /// of the others' ([`crate::backbones::Backbone::split_sequence`]; LongNet's).
+    pub fn split_sequence(&mut self, split: crate::mixers::longnet::sequence_parallel::Split) -> Result<()> {
+        self.backbone.split_sequence(split).map_err(|e| {
+            candle_core::Error::Msg(format!("`{}` cannot be trained sequence-parallel: {e}", self.config.architecture))
+        })
+    }
+
     /// A causal model (a decoder); false for an encoder, which sees the whole sequence, has
     /// no recurrent form and classifies through [`Model::pooled_logits`].
     pub fn causal(&self) -> bool {

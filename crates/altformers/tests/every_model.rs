@@ -290,3 +290,35 @@ fn every_encoder_is_refused_as_a_language_model_and_classifies() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Sequence parallelism (`train --sequence-parallel`) is LongNet's: every other architecture
+/// refuses to split its sequence, by name, before any step runs (LongNet's own equality with
+/// one process: the CLI test `sequence_parallel_longnet_trains_as_one_process`).
+#[test]
+fn only_longnet_splits_a_sequence_across_devices() -> anyhow::Result<()> {
+    struct Unused;
+    impl altformers::mixers::longnet::sequence_parallel::AllGather for Unused {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world(&self) -> usize {
+            2
+        }
+        fn all_gather(&self, _: &Tensor) -> candle_core::Result<Tensor> {
+            candle_core::bail!("not called while splitting")
+        }
+    }
+    for arch in ARCHITECTURES {
+        let cfg = tiny_config(arch.name, &[])?;
+        let mut model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let split = model.split_sequence(std::sync::Arc::new(Unused));
+        match arch.name {
+            "longnet" => split?,
+            name => {
+                let err = split.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.contains(&format!("`{name}` cannot be trained sequence-parallel")), "{name}: {err}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -142,6 +142,7 @@ fn opts(out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> Train
         verbose: false,
         stop_after,
         init_from: None,
+        sequence_parallel: false,
     }
 }
 

@@ -202,4 +202,12 @@ pub trait Backbone: Send + Sync {
     fn pooled_logits(&self, _tokens: &Tensor, _keep: &Tensor, _dropout: Option<&mut Rng>) -> Result<Tensor> {
         candle_core::bail!("this backbone is causal, not an encoder: it has no pooled form (read its last position)")
     }
+
+    /// From now on [`Backbone::forward`] takes this device's slice of every sequence
+    /// (positions `split.rank() T ..` of `world T`) and its mixers exchange what they need of
+    /// the other slices through `split`: sequence parallelism (LongNet's). The stack of mixers
+    /// that can ([`crate::mixers::SequenceMixer::split_sequence`]) does; the rest refuse.
+    fn split_sequence(&mut self, _split: crate::mixers::longnet::sequence_parallel::Split) -> Result<()> {
+        candle_core::bail!("this backbone cannot split a sequence across devices")
+    }
 }

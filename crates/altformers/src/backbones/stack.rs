@@ -18,6 +18,7 @@ use candle_core::{DType, IndexOp, Result, Tensor};
 use super::{again, Backbone, Ends, MixerFn, ModelState, Parts};
 use crate::channel_mixers::{one_wide, Shared};
 use crate::config::{ModelConfig, Position};
+use crate::mixers::longnet::sequence_parallel::Split;
 use crate::mixers::{MixerState, SequenceMixer};
 use crate::nn::{dropout, residual, LayerNorm};
 use crate::params::ParamBuilder;
@@ -359,6 +360,8 @@ pub struct Stack {
     /// Dtype of the activations inside the blocks (bf16 for mixed precision on a GPU);
     /// parameters, norms, logits and the loss stay in the parameters' dtype.
     compute_dtype: DType,
+    /// Set when the sequence is split across devices ([`Backbone::split_sequence`]).
+    split: Option<Split>,
 }
 
 /// The stack around `parts.mixer` ([`super::BackboneFn`]).
@@ -404,11 +407,18 @@ impl Stack {
             head: Head::new(pb, config.vocab, config.width, config.bias, config.tie_embeddings, parts.ends)?,
             unbounded_context: parts.unbounded_context,
             compute_dtype: pb.dtype,
+            split: None,
         })
     }
 
     fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
         self.embedding.forward_as(tokens, offset, self.compute_dtype)
+    }
+
+    /// The parallel form's first position: 0, or where this device's slice starts when the
+    /// sequence is split (every device holds as many positions).
+    fn first_position(&self, tokens: &Tensor) -> Result<usize> {
+        Ok(self.split.as_ref().map_or(Ok(0), |s| tokens.dim(1).map(|t| s.rank() * t))?)
     }
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
@@ -419,7 +429,7 @@ impl Stack {
 impl Backbone for Stack {
     fn forward(&self, tokens: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
         let p = self.dropout;
-        let x = self.embed(tokens, 0)?;
+        let x = self.embed(tokens, self.first_position(tokens)?)?;
         let x = match dropout_rng.filter(|_| p > 0.0) {
             // GPT-2's dropout sites: the embedding, and each block's (see Block::forward_train).
             Some(rng) => {
@@ -432,7 +442,7 @@ impl Backbone for Stack {
     }
 
     fn forward_at(&self, tokens: &Tensor, rows: &Tensor) -> Result<Tensor> {
-        let x = self.layers.forward(&self.embed(tokens, 0)?, None)?;
+        let x = self.layers.forward(&self.embed(tokens, self.first_position(tokens)?)?, None)?;
         self.head.forward_at(&x, rows, &self.embedding.table)
     }
 
@@ -488,6 +498,18 @@ impl Backbone for Stack {
 
     fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute_dtype = dtype;
+    }
+
+    fn split_sequence(&mut self, split: Split) -> Result<()> {
+        if !self.causal {
+            candle_core::bail!("it is an encoder: sequence parallelism splits causal models");
+        }
+        for block in &self.layers.blocks {
+            block.att.split_sequence(&split)?;
+            block.ffn.split_sequence(&split)?;
+        }
+        self.split = Some(split);
+        Ok(())
     }
 
     fn pooled_logits(&self, tokens: &Tensor, keep: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {

@@ -102,6 +102,16 @@ pub trait SequenceMixer: Send + Sync {
     fn forward_padded(&self, _x: &Tensor, _keep: &Tensor, _dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
         refuse_padding()
     }
+
+    /// From now on the parallel form computes one device's slice of the sequence (positions
+    /// `split.rank() L ..` of `world L`), exchanging through `split` what it needs of the
+    /// others' (sequence parallelism: LongNet's, paper 2307.02486 section 3.2). Mixers that
+    /// read one position at a time need nothing; the others refuse.
+    fn split_sequence(&self, _split: &longnet::sequence_parallel::Split) -> Result<()> {
+        candle_core::bail!(
+            "its sequence mixer cannot split a sequence across devices (sequence parallelism is LongNet's)"
+        )
+    }
 }
 
 /// What a causal mixer's [`SequenceMixer::forward_padded`] gives (the trait's default, and
@@ -129,5 +139,9 @@ impl<P: PositionWise> SequenceMixer for P {
     /// A position-wise layer reads no position and keeps no state.
     fn static_step(&self) -> bool {
         true
+    }
+    /// Each position alone: a slice of the sequence is computed as the whole's.
+    fn split_sequence(&self, _split: &longnet::sequence_parallel::Split) -> Result<()> {
+        Ok(())
     }
 }

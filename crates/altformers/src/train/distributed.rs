@@ -338,6 +338,19 @@ pub fn all_gather(group: &std::sync::Arc<Group>, x: &Tensor) -> candle_core::Res
     x.contiguous()?.apply_op1(AllGather(group.clone()))
 }
 
+/// A split sequence's collective on CPU workers (LongNet's sequence parallelism).
+impl crate::mixers::longnet::sequence_parallel::AllGather for std::sync::Arc<Group> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_gather(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        all_gather(self, x)
+    }
+}
+
 /// [`all_gather`]'s op.
 struct AllGather(std::sync::Arc<Group>);
 

@@ -44,6 +44,8 @@ pub struct TrainOptions {
     /// Start from the latest weights of this run folder (an imported checkpoint, say) instead
     /// of fresh ones: fine-tuning. Its configuration must be the run's model.
     pub init_from: Option<PathBuf>,
+    /// Workers split every sequence instead of the batch (LongNet's sequence parallelism).
+    pub sequence_parallel: bool,
 }
 
 impl TrainOptions {
@@ -57,6 +59,7 @@ impl TrainOptions {
             verbose,
             stop_after: None,
             init_from: None,
+            sequence_parallel: false,
         }
     }
 }
@@ -87,11 +90,12 @@ pub fn nats_to_bits(nats: f64) -> f64 {
 
 /// Mean loss of `task` over `n` fixed batches (the same batches at every call).
 pub fn estimate_loss(model: &Model, task: &dyn Task, n: usize, batch: usize, seed: u64, which: u64) -> Result<f64> {
-    estimate_shard_loss(model, task, n, batch, seed, which, (0, 1))
+    estimate_shard_loss(model, task, n, batch, seed, which, (0, 1), false)
 }
 
-/// [`estimate_loss`] over worker `rank`'s slice of each batch, of `world` (data-parallel
-/// evaluation: the mean over the workers is the whole batches' loss).
+/// [`estimate_loss`] over worker `rank`'s share of each batch, of `world` ([`Batch::share`]:
+/// data- or sequence-parallel evaluation; the mean over the workers is the whole batches' loss).
+#[allow(clippy::too_many_arguments)]
 fn estimate_shard_loss(
     model: &Model,
     task: &dyn Task,
@@ -99,13 +103,13 @@ fn estimate_shard_loss(
     batch: usize,
     seed: u64,
     which: u64,
-    (rank, world): (usize, usize),
+    shard: (usize, usize),
+    sequence_parallel: bool,
 ) -> Result<f64> {
     let mut rng = Rng::derive(seed, stream::EVAL_BATCH, which);
     let mut total = 0.0;
     for _ in 0..n {
-        let b = task.batch(batch, &mut rng, model.device())?;
-        let b = if world > 1 { b.shard(rank, world)? } else { b };
+        let b = task.batch(batch, &mut rng, model.device())?.share(shard, sequence_parallel)?;
         total += task.loss(model, &b, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total / n as f64)
@@ -231,7 +235,7 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     let Splits { train, val, tokens_per_byte } = splits;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
-    let model = fresh_model(config, opts)?;
+    let mut model = fresh_model(config, opts)?;
     if let Some(from) = &opts.init_from {
         if opts.resume {
             bail!("--init-from starts a new run; --resume continues one: not both");
@@ -246,8 +250,21 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     // averaged with the others'; only rank 0 writes the run folder and prints
     let group = distributed::Group::from_env()?.map(std::sync::Arc::new);
     let rank = group.as_ref().map_or(0, |g| g.rank);
+    if opts.sequence_parallel && group.is_none() {
+        bail!("--sequence-parallel splits each sequence across workers: give --workers N or --gpus N");
+    }
     if let Some(g) = &group {
-        if !t.batch_size.is_multiple_of(g.world) {
+        if opts.sequence_parallel {
+            if !m.context.is_multiple_of(g.world) {
+                bail!("model.context {} is not a multiple of the {} workers (each takes an equal slice of every sequence)", m.context, g.world);
+            }
+            if m.dropout > 0.0 {
+                bail!(
+                    "sequence-parallel training draws no dropout masks yet (model.dropout is {}): set model.dropout=0",
+                    m.dropout
+                );
+            }
+        } else if !t.batch_size.is_multiple_of(g.world) {
             bail!("train.batch_size {} is not a multiple of the {} workers", t.batch_size, g.world);
         }
         if m.dropout > 0.0 && !model.per_example_dropout() {
@@ -257,8 +274,13 @@ fn train_on<T: Copy + Into<u32> + Sync>(
                 m.dropout
             );
         }
-        trainer.sync = gradient_sync(g.clone(), &opts.device)?;
+        let (sync, split) = exchange(g.clone(), &opts.device)?;
+        trainer.sync = sync;
         trainer.shard = (g.rank, g.world);
+        if opts.sequence_parallel {
+            model.split_sequence(split)?;
+            trainer.sequence_parallel = true;
+        }
     }
     // CPU training on several threads: slices of each batch side by side, one per thread
     // (`Trainer::slices`), where the batch divides and the dropout masks can be sliced
@@ -346,10 +368,10 @@ fn train_on<T: Copy + Into<u32> + Sync>(
         if evaluate {
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
             // every worker evaluates its slice of the batches; the mean is the whole's
-            let shard = trainer.shard;
+            let (shard, sp) = (trainer.shard, trainer.sequence_parallel);
             let mut losses = [
-                estimate_shard_loss(&model, &train_task, t.eval_batches, t.batch_size, t.seed, 1, shard)?,
-                estimate_shard_loss(&model, &val_task, t.eval_batches, t.batch_size, t.seed, 0, shard)?,
+                estimate_shard_loss(&model, &train_task, t.eval_batches, t.batch_size, t.seed, 1, shard, sp)?,
+                estimate_shard_loss(&model, &val_task, t.eval_batches, t.batch_size, t.seed, 0, shard, sp)?,
             ];
             if let Some(g) = &group {
                 g.all_reduce_mean(&mut losses)?;
@@ -433,13 +455,20 @@ fn progress_bar(verbose: bool, len: u64, pos: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// How a data-parallel worker's gradients meet the others': through rank 0 over TCP on the
-/// CPU ([`distributed::Group`]), by NCCL all-reduce between GPUs ([`nccl::NcclGroup`]).
-fn gradient_sync(group: std::sync::Arc<distributed::Group>, device: &Device) -> Result<Box<dyn step::GradientSync>> {
+/// How a worker's gradients meet the others', and the collective a split sequence's
+/// layers exchange through: through rank 0 over TCP on the CPU ([`distributed::Group`]), by
+/// NCCL between GPUs ([`nccl::NcclGroup`]).
+fn exchange(
+    group: std::sync::Arc<distributed::Group>,
+    device: &Device,
+) -> Result<(Box<dyn step::GradientSync>, crate::mixers::longnet::sequence_parallel::Split)> {
     match device {
-        Device::Cpu => Ok(Box::new(group)),
+        Device::Cpu => Ok((Box::new(group.clone()), std::sync::Arc::new(group))),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(Box::new(nccl::NcclGroup::connect(group, device, distributed::timeout()?)?)),
+        Device::Cuda(_) => {
+            let nccl = std::sync::Arc::new(nccl::NcclGroup::connect(group, device, distributed::timeout()?)?);
+            Ok((Box::new(nccl.clone()), nccl))
+        }
         #[allow(unreachable_patterns)]
         _ => bail!("data-parallel training on {device:?}: this build exchanges gradients on the CPU or, with CUDA, through NCCL"),
     }

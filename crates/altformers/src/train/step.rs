@@ -185,6 +185,9 @@ pub struct Trainer {
     pub sync: Box<dyn GradientSync>,
     /// This worker's slice of every batch, `(rank, world)`: `(0, 1)` alone.
     pub shard: (usize, usize),
+    /// The slice is of every row's positions (sequence parallelism, the model split with
+    /// [`Model::split_sequence`]), not of the rows.
+    pub sequence_parallel: bool,
     /// Slices of each batch this process scores side by side, one per thread of its pool,
     /// their gradients averaged before the update (CPU training on several threads; 1
     /// otherwise). Each slice's forward and backward runs on one thread without hand-offs, as
@@ -215,6 +218,7 @@ impl Trainer {
             l2wrap,
             sync: Box::new(OneDevice),
             shard: (0, 1),
+            sequence_parallel: false,
             slices: 1,
             pending: Deferred::default(),
             #[cfg(feature = "cuda")]
@@ -252,11 +256,8 @@ impl Trainer {
         let t = &self.train;
         let mut batch_rng = Rng::derive(t.seed, stream::TRAIN_BATCH, step as u64);
         let mut dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64).for_shard(self.shard.0 as u64);
-        let batch = task.batch(t.batch_size, &mut batch_rng, model.device())?;
-        let batch = match self.shard {
-            (_, 1) => batch,
-            (rank, world) => batch.shard(rank, world)?,
-        };
+        let batch =
+            task.batch(t.batch_size, &mut batch_rng, model.device())?.share(self.shard, self.sequence_parallel)?;
         model.set_training_step(step);
         #[cfg(feature = "cuda")]
         if let Some((loss, norm)) = self.graphed_step(model, task, &batch, &mut dropout_rng, step)? {

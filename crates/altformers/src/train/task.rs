@@ -36,6 +36,34 @@ impl Batch {
             rows: None,
         })
     }
+
+    /// Worker `rank`'s slice of every row's positions, of `world` equal slices (sequence
+    /// parallelism: each worker's mean loss over its positions, averaged, is the batch's).
+    pub fn positions(&self, rank: usize, world: usize) -> Result<Batch> {
+        let t = self.inputs.dim(1)?;
+        if self.rows.is_some() {
+            anyhow::bail!("sequence-parallel training splits the language-model task only");
+        }
+        if world == 0 || !t.is_multiple_of(world) || rank >= world {
+            anyhow::bail!("sequences of {t} cannot be cut into {world} equal slices (model.context must be a multiple of the workers)");
+        }
+        let n = t / world;
+        Ok(Batch {
+            inputs: self.inputs.narrow(1, rank * n, n)?,
+            targets: self.targets.narrow(1, rank * n, n)?,
+            rows: None,
+        })
+    }
+
+    /// Worker `rank`'s share of the batch, of `world`: its slice of the positions with
+    /// `sequence_parallel`, of the rows otherwise; alone, the whole batch.
+    pub fn share(self, (rank, world): (usize, usize), sequence_parallel: bool) -> Result<Batch> {
+        match world {
+            1 => Ok(self),
+            _ if sequence_parallel => self.positions(rank, world),
+            _ => self.shard(rank, world),
+        }
+    }
 }
 
 /// A batch's mean loss and the logits it came from (`[.., C]`: every scored position's

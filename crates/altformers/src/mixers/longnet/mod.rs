@@ -105,13 +105,27 @@ impl LongNetOptions {
 pub struct LongNet {
     att: Attention,
     pairs: Vec<(usize, usize)>,
+    context: usize,
+    /// Set when the sequence is split across devices: each holds a slice
+    /// ([`sequence_parallel`]).
+    split: std::sync::OnceLock<sequence_parallel::Split>,
 }
 
 impl LongNet {
     pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
         let opts: LongNetOptions = cfg.options()?;
         let pairs = opts.pairs(cfg.context)?;
-        Ok(Self { att: Attention::new(cfg, pb)?, pairs })
+        Ok(Self { att: Attention::new(cfg, pb)?, pairs, context: cfg.context, split: Default::default() })
+    }
+
+    /// Refuses the recurrent forms once the sequence is split (they would need every slice).
+    fn whole(&self) -> Result<()> {
+        if self.split.get().is_some() {
+            candle_core::bail!(
+                "a sequence-parallel LongNet runs its parallel form only (prefill and step need the whole sequence)"
+            );
+        }
+        Ok(())
     }
 
     pub fn pairs(&self) -> &[(usize, usize)] {
@@ -299,18 +313,42 @@ fn index(heads: &[usize], f: impl Fn(usize) -> usize, dev: &Device) -> Result<Te
 
 impl SequenceMixer for LongNet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = self.att.project(x, 0)?;
-        self.att.merge(&dilated_attention(&q, &k, &v, &self.pairs)?)
+        let Some(split) = self.split.get() else {
+            let (q, k, v) = self.att.project(x, 0)?;
+            return self.att.merge(&dilated_attention(&q, &k, &v, &self.pairs)?);
+        };
+        // this device's slice: positions rank L ..
+        let (q, k, v) = self.att.project(x, split.rank() * x.dim(1)?)?;
+        self.att.merge(&sequence_parallel::split_attention(split.as_ref(), &q, &k, &v, &self.pairs)?)
+    }
+
+    /// Checked here against slices of the model's context, so that a split that cannot hold
+    /// the pairs is refused before training starts.
+    fn split_sequence(&self, split: &sequence_parallel::Split) -> Result<()> {
+        let shard = sequence_parallel::Shard { rank: split.rank(), world: split.world(), pairs: &self.pairs };
+        if !self.context.is_multiple_of(shard.world) {
+            candle_core::bail!(
+                "LongNet sequence parallel: a context of {} in {} equal slices",
+                self.context,
+                shard.world
+            );
+        }
+        shard.check(self.context / shard.world)?;
+        self.split
+            .set(split.clone())
+            .map_err(|_| candle_core::Error::Msg("LongNet: the sequence is already split".into()))
     }
 
     /// The state is the KV cache `[k, v]`, each `[B, KVH, T, d_h]` (keys already rotated).
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
+        self.whole()?;
         let (q, k, v) = self.att.project(x, 0)?;
         let y = self.att.merge(&dilated_attention(&q, &k, &v, &self.pairs)?)?;
         Ok((y, MixerState { tensors: vec![k, v], pos: x.dim(1)? }))
     }
 
     fn step(&self, x: &Tensor, state: &mut MixerState) -> Result<Tensor> {
+        self.whole()?;
         let (q, k, v) = self.att.project(x, state.pos)?;
         let (k, v) = match state.tensors.as_slice() {
             [kc, vc] => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),

@@ -17,12 +17,50 @@
 //! workers the group's differentiable [`crate::train::distributed::all_gather`] (its backward
 //! sends each worker the gradients of the rows it sent; test
 //! `two_workers_through_the_group_compute_one_devices_attention`), every shard in one process
-//! in the other tests; on GPUs an NCCL all-gather, not written yet (issue 23). [`pack`] makes
-//! a device's rows one tensor, so a layer is one collective each way.
+//! in the other tests; on GPUs NCCL's all-gather and reduce-scatter
+//! (`crate::train::nccl`). Both are an [`AllGather`]. [`pack`] makes a device's rows one
+//! tensor, so a layer is one collective each way; [`split_attention`] is the whole layer's
+//! attention on one device, what a sequence-parallel LongNet layer runs
+//! ([`crate::mixers::SequenceMixer::split_sequence`]).
 
 use candle_core::{bail, Result, Tensor};
+use std::sync::Arc;
 
 use super::{combine, mask_uncovered, pair_attention, softmax_attention, stats_dtype};
+
+/// The collective between the devices a sequence is split across: every device's `x` (one
+/// shape on every device) stacked in rank order, `[world, ..x's shape]`, and differentiable:
+/// the gradient of a device's `x` is the sum over devices of their gradients of its rows (a
+/// reduce-scatter). Every device calls it at the same point of its computation.
+pub trait AllGather: Send + Sync {
+    /// This device's place, 0 to `world() - 1`: it holds positions `rank L ..` of the sequence.
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// How a sequence is split: the collective, shared by every layer of a model.
+pub type Split = Arc<dyn AllGather>;
+
+/// Dilated attention over this device's slice of the sequence (`q: [B, H, L, d_h]`, `k, v:
+/// [B, KVH, L, d_h]`, the slice at positions `rank L ..`) -> `[B, H, L, d_h]`: one all-gather
+/// of the longer pairs' dilated rows, none when every pair fits a slice.
+pub fn split_attention(
+    split: &dyn AllGather,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pairs: &[(usize, usize)],
+) -> Result<Tensor> {
+    let shard = Shard { rank: split.rank(), world: split.world(), pairs };
+    let sent = shard.contribution(k, v, q.dim(1)?)?;
+    let gathered = if sent.is_empty() {
+        (0..shard.world).map(|_| Vec::new()).collect()
+    } else {
+        unpack(&split.all_gather(&pack(&sent)?)?, &sent)?
+    };
+    shard.attention(q, k, v, &gathered)
+}
 
 /// Device `rank` of `world`, computing LongNet's `pairs` over its slice.
 pub struct Shard<'a> {
@@ -42,7 +80,7 @@ impl Shard<'_> {
     /// Checks the slices of `len` positions against the pairs: a local pair's segments must
     /// tile the slice; a gathered pair's segment must start on a slice boundary (or span the
     /// whole sequence) and its dilation divide the slice.
-    fn check(&self, len: usize) -> Result<()> {
+    pub(super) fn check(&self, len: usize) -> Result<()> {
         if self.rank >= self.world {
             bail!("LongNet sequence parallel: rank {} of a world of {}", self.rank, self.world);
         }
