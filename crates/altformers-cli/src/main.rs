@@ -433,6 +433,35 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// LongNet's sequence parallelism: one layer's forward and backward on each worker's
+    /// slice of a sequence of T tokens, T as given; per length the slowest worker's median
+    /// time, the largest peak device memory and the K/V rows each worker sends per head (JSON
+    /// lines). Alone: one device's LongNet over the whole sequence.
+    SequenceParallel {
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Split each sequence across N GPUs of this host (one worker each, NCCL).
+        #[arg(long)]
+        gpus: Option<usize>,
+        /// Split each sequence across N CPU workers.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        #[arg(long, default_value = "65536,131072,262144,524288,1048576")]
+        lengths: String,
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// A setting laid on LongNet's defaults (`key=value`, e.g. its pairs); repeatable.
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Performer's (FAVOR+) relative error against exact causal softmax attention for each
     /// number of random features, orthogonal and iid, mean and sd over draws; JSON lines out.
     PerformerError {
@@ -629,6 +658,39 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             }
             lines.save(out.as_deref())
         }
+        BenchCommand::SequenceParallel { device, gpus, workers, lengths, width, heads, dtype, reps, sets, out } => {
+            use altformers::bench::sequence_parallel as sp;
+            anyhow::ensure!(
+                workers == 1 || device == "cpu",
+                "--workers runs CPU workers; on GPUs use --gpus N (one worker per GPU, NCCL)"
+            );
+            let (workers, device) = workers_and_device(workers, gpus, device)?;
+            anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+            let opts = sp::SplitOptions {
+                lengths: list(&lengths, "--lengths")?,
+                width,
+                heads,
+                dtype: altformers::device::parse_dtype(&dtype)?,
+                reps,
+                sets,
+            };
+            if let Some(t) = opts.lengths.iter().find(|t| *t % workers != 0) {
+                anyhow::bail!("--lengths: {t} is not a multiple of the {workers} workers");
+            }
+            if (workers > 1 || gpus.is_some()) && std::env::var(altformers::train::distributed::RANK).is_err() {
+                return launch_workers(workers, 1, 0, None, gpus.is_some(), "the sequence-parallel benchmark", None);
+            }
+            let device = altformers::device::select(&device)?;
+            let (group, split) = sp::worker(&device)?;
+            if group.as_ref().is_none_or(|g| g.rank == 0) {
+                lines.push(&altformers::bench::Provenance::capture(&device));
+            }
+            sp::run(&opts, &device, group.as_deref(), split, |p| lines.push(p))?;
+            if group.as_ref().is_none_or(|g| g.rank == 0) {
+                lines.save(out.as_deref())?;
+            }
+            Ok(())
+        }
         BenchCommand::PerformerError { head_dim, heads, length, input_stds, features, draws, seed, out } => {
             let opts = altformers::bench::performer_error::PerformerErrorOptions {
                 head_dim,
@@ -687,8 +749,9 @@ fn launch_workers(
     nnodes: usize,
     node_rank: usize,
     endpoint: Option<String>,
-    out: &std::path::Path,
     gpus: bool,
+    job: &str,
+    run_folder: Option<&std::path::Path>,
 ) -> Result<()> {
     use altformers::train::distributed::{LOCAL_RANK, RANK, RENDEZVOUS, WORLD_SIZE};
     if gpus {
@@ -753,13 +816,15 @@ fn launch_workers(
                     }
                 }
             }
-            let checkpoint = if out.join("checkpoint").join("state.json").exists() {
-                "the run folder keeps its last checkpoint (--resume continues, with any --workers)"
-            } else {
-                "no checkpoint was written"
+            let checkpoint = match run_folder {
+                None => "",
+                Some(out) if out.join("checkpoint").join("state.json").exists() => {
+                    "; the run folder keeps its last checkpoint (--resume continues, with any --workers)"
+                }
+                Some(_) => "; no checkpoint was written",
             };
             anyhow::bail!(
-                "data-parallel training in {world} workers failed: {}; every worker was stopped; {checkpoint}",
+                "{job} in {world} workers failed: {}; every worker was stopped{checkpoint}",
                 which_failed(&failed, &killed)
             );
         }
@@ -1011,7 +1076,8 @@ fn run(command: Command) -> Result<()> {
                     !sequence_parallel || context % world == 0,
                     "model.context {context} is not a multiple of the {world} workers (each takes an equal slice of every sequence)"
                 );
-                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, &out, gpus.is_some());
+                let job = if sequence_parallel { "sequence-parallel training" } else { "data-parallel training" };
+                return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, gpus.is_some(), job, Some(&out));
             }
             // opened here, not before: a launcher (above) leaves the GPUs to its workers
             let device = altformers::device::select(&device)?;

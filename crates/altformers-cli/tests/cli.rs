@@ -1122,6 +1122,33 @@ fn sequence_parallel_longnet_trains_as_one_process() {
     }
 }
 
+/// `bench sequence-parallel --workers 2`: two workers each run one LongNet layer over half of
+/// every sequence; rank 0 prints one line per length (the slice, what a worker sends: the same
+/// rows per head at both lengths, and the peak memory, which grows with the slice).
+#[test]
+fn the_sequence_parallel_benchmark_runs_on_two_workers() {
+    let out = Command::new(env!("CARGO_BIN_EXE_altformers"))
+        .args(["bench", "sequence-parallel", "--workers", "2", "--threads", "1", "--lengths", "256,512"])
+        .args(["--width", "16", "--heads", "2", "--dtype", "f32", "--reps", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let points: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("seq").is_some())
+        .collect();
+    assert_eq!(points.len(), 2, "{stdout}");
+    for (p, seq) in points.iter().zip([256, 512]) {
+        assert_eq!((p["seq"].as_u64(), p["world"].as_u64(), p["slice"].as_u64()), (Some(seq), Some(2), Some(seq / 2)));
+        assert_eq!(p["sent_rows_per_head"].as_u64(), Some(16), "{p}");
+        assert!(p["median_s"].as_f64().unwrap() > 0.0);
+    }
+    let peak = |i: usize| points[i]["peak_bytes"].as_u64().unwrap();
+    assert!(peak(1) > peak(0), "peak memory {} then {}", peak(0), peak(1));
+}
+
 /// A worker that fails stops the job: a batch the workers cannot share, or Reformer's dropout
 /// (its masks cannot be split by example), is refused by each; a worker killed mid-run is
 /// named as the cause, the others stopping because of it; one that hangs is named and killed

@@ -8,6 +8,7 @@ pub mod fit;
 pub mod ops;
 pub mod performer_error;
 pub mod scaling;
+pub mod sequence_parallel;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor};

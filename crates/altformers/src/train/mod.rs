@@ -458,7 +458,7 @@ fn progress_bar(verbose: bool, len: u64, pos: u64) -> indicatif::ProgressBar {
 /// How a worker's gradients meet the others', and the collective a split sequence's
 /// layers exchange through: through rank 0 over TCP on the CPU ([`distributed::Group`]), by
 /// NCCL between GPUs ([`nccl::NcclGroup`]).
-fn exchange(
+pub fn exchange(
     group: std::sync::Arc<distributed::Group>,
     device: &Device,
 ) -> Result<(Box<dyn step::GradientSync>, crate::mixers::longnet::sequence_parallel::Split)> {
@@ -467,7 +467,7 @@ fn exchange(
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             let nccl = std::sync::Arc::new(nccl::NcclGroup::connect(group, device, distributed::timeout()?)?);
-            Ok((Box::new(nccl.clone()), nccl))
+            Ok((Box::new(nccl.clone()), std::sync::Arc::new(nccl)))
         }
         #[allow(unreachable_patterns)]
         _ => bail!("data-parallel training on {device:?}: this build exchanges gradients on the CPU or, with CUDA, through NCCL"),

@@ -10,6 +10,11 @@
 //! candle's backward hands over every gradient at once, so the buckets are reduced after it,
 //! not overlapped with it as DDP's autograd hooks do.
 //!
+//! The same communicator is a split sequence's collective (LongNet's sequence parallelism,
+//! [`crate::mixers::longnet::sequence_parallel::AllGather`]): `ncclAllGather` forward,
+//! `ncclReduceScatter` (sum) backward, each waited for against the deadline as the gradients
+//! are, so a peer lost in the middle of a forward pass fails the same way.
+//!
 //! Faults: NCCL waits forever for a rank that died or hangs. A worker waits for its
 //! reduction against a deadline ([`super::distributed::timeout`]); past it, or on an
 //! asynchronous NCCL error, it aborts the communicator (`ncclCommAbort`, as PyTorch's
@@ -25,15 +30,19 @@
 //! runs on it can put the host's GPUs out of service.
 
 use anyhow::{bail, Result};
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream};
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{DType, Device, Tensor};
 use cudarc::nccl::{result, sys};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::distributed::{Group, PeerLost};
 use super::step::GradientSync;
+use crate::mixers::longnet::sequence_parallel::AllGather;
 use crate::params::ParamStore;
 
 /// The size a bucket of gradients grows to before it is reduced (the last may be smaller).
@@ -51,8 +60,13 @@ pub struct NcclGroup {
     bucket_bytes: usize,
     timeout: Duration,
     /// Set once `ncclCommAbort` has freed the communicator (it must not be destroyed again).
-    aborted: std::cell::Cell<bool>,
+    aborted: AtomicBool,
 }
+
+// SAFETY: the communicator is a handle NCCL allows any thread to use; a worker's training
+// loop is one thread, so it is never used from two at once.
+unsafe impl Send for NcclGroup {}
+unsafe impl Sync for NcclGroup {}
 
 impl NcclGroup {
     /// Starts NCCL among the workers `tcp` connects, each on its own GPU (`device`).
@@ -100,19 +114,19 @@ impl NcclGroup {
         self
     }
 
-    /// Enqueues the in-place average of `t` (contiguous, on this worker's GPU) over the ranks.
-    fn enqueue_mean(&self, t: &Tensor) -> Result<()> {
-        if self.aborted.get() {
+    /// Refuses work on a communicator an earlier failure aborted.
+    fn usable(&self) -> Result<()> {
+        if self.aborted.load(Ordering::SeqCst) {
             bail!("NCCL: the communicator was aborted after an earlier failure");
         }
+        Ok(())
+    }
+
+    /// Enqueues the in-place average of `t` (contiguous, on this worker's GPU) over the ranks.
+    fn enqueue_mean(&self, t: &Tensor) -> Result<()> {
+        self.usable()?;
         let Device::Cuda(dev) = t.device() else { bail!("NCCL all-reduce of a tensor on the CPU") };
-        let kind = match t.dtype() {
-            DType::F32 => sys::ncclDataType_t::ncclFloat32,
-            DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
-            DType::F16 => sys::ncclDataType_t::ncclFloat16,
-            DType::F64 => sys::ncclDataType_t::ncclFloat64,
-            other => bail!("NCCL all-reduce of {other:?} gradients"),
-        };
+        let kind = nccl_type(t.dtype(), "all-reduce")?;
         let n = t.elem_count();
         crate::kernels::launch::with_addresses(dev, "nccl all-reduce", &[Some(t)], |a| {
             let ptr = a[0] as *mut std::ffi::c_void;
@@ -135,8 +149,9 @@ impl NcclGroup {
 
     /// Waits until the stream has done everything enqueued so far, at most the timeout: a
     /// hung or dead peer leaves NCCL's kernel waiting, and reading any result would block
-    /// forever. Past the deadline, or on an NCCL error, the communicator is aborted.
-    fn wait(&self) -> Result<()> {
+    /// forever. Past the deadline, or on an NCCL error, the communicator is aborted. `what`
+    /// names the exchange in the error.
+    fn wait(&self, what: &str) -> Result<()> {
         let done: CudaEvent = self.stream.record_event(None)?;
         let deadline = Instant::now() + self.timeout;
         loop {
@@ -148,12 +163,12 @@ impl NcclGroup {
             let failed = !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress);
             if failed || Instant::now() > deadline {
                 unsafe { result::comm_abort(self.comm) }.ok();
-                self.aborted.set(true);
+                self.aborted.store(true, Ordering::SeqCst);
                 let gone = self.tcp.closed_peers();
                 let why = if failed {
-                    format!("NCCL failed during the gradient all-reduce ({})", error_string(state))
+                    format!("NCCL failed during {what} ({})", error_string(state))
                 } else {
-                    format!("the gradient all-reduce did not finish within {:.0} s", self.timeout.as_secs_f64())
+                    format!("{what} did not finish within {:.0} s", self.timeout.as_secs_f64())
                 };
                 return Err(anyhow::Error::msg(PeerLost(gone.first().copied()))
                     .context(format!("{why}; the communicator was aborted")));
@@ -165,7 +180,7 @@ impl NcclGroup {
 
 impl Drop for NcclGroup {
     fn drop(&mut self) {
-        if !self.aborted.get() {
+        if !self.aborted.load(Ordering::SeqCst) {
             unsafe { result::comm_destroy(self.comm) }.ok();
         }
     }
@@ -212,7 +227,7 @@ impl GradientSync for NcclGroup {
             self.enqueue_mean(&flat)?;
             reduced.push(flat);
         }
-        self.wait()?;
+        self.wait("the gradient all-reduce")?;
         let has = has.to_vec1::<f32>()?;
         for (&(from, to), flat) in buckets.iter().zip(&reduced) {
             let mut at = 0;
@@ -229,6 +244,125 @@ impl GradientSync for NcclGroup {
         }
         Ok(())
     }
+}
+
+/// A split sequence's collective between GPUs: NCCL's all-gather, differentiable
+/// ([`NcclGather`]).
+impl AllGather for Arc<NcclGroup> {
+    fn rank(&self) -> usize {
+        self.tcp.rank
+    }
+    fn world(&self) -> usize {
+        self.tcp.world
+    }
+    fn all_gather(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(NcclGather(self.clone()))
+    }
+}
+
+/// Every rank's tensor stacked in rank order (`ncclAllGather`); backward: each rank's
+/// gradient of its rows summed over the ranks (`ncclReduceScatter`).
+struct NcclGather(Arc<NcclGroup>);
+
+impl NcclGather {
+    fn gather<T: CudaDType + DeviceRepr>(&self, dev: &CudaDevice, x: &CudaView<T>, kind: DType) -> Result<CudaStorage> {
+        let g = &self.0;
+        g.usable()?;
+        let n = x.len();
+        let mut out = crate::kernels::launch::uninit::<T>(dev, n * g.tcp.world)?;
+        {
+            let (src, _read) = x.device_ptr(&g.stream);
+            let (dst, _write) = out.device_ptr_mut(&g.stream);
+            // SAFETY: `x` holds n elements and `out` world n, both on this worker's GPU and
+            // stream; every element of `out` is written.
+            unsafe {
+                result::all_gather(
+                    src as *const std::ffi::c_void,
+                    dst as *mut std::ffi::c_void,
+                    n,
+                    nccl_type(kind, "all-gather")?,
+                    g.comm,
+                    g.stream.cu_stream() as sys::cudaStream_t,
+                )
+            }
+            .map_err(|e| nccl_error("all-gather", e.0, Some(g.comm)))?;
+        }
+        g.wait("the sequence's all-gather")?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl candle_core::CustomOp1 for NcclGather {
+    fn name(&self) -> &'static str {
+        "nccl-all-gather"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("NCCL all-gather of a tensor on the CPU (CPU workers gather through their group)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        use crate::kernels::launch::slice;
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        let dev = s.device();
+        let out = match &s.slice {
+            S::F32(x) => self.gather(dev, &slice(x, l)?, DType::F32),
+            S::BF16(x) => self.gather(dev, &slice(x, l)?, DType::BF16),
+            S::F64(x) => self.gather(dev, &slice(x, l)?, DType::F64),
+            _ => Err(anyhow::anyhow!("NCCL all-gather of {:?} tensors", s.dtype())),
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let mut dims = vec![self.0.tcp.world];
+        dims.extend(l.dims());
+        Ok((out, dims.into()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = &self.0;
+        let grad = grad.to_dtype(arg.dtype())?.contiguous()?;
+        let mine = Tensor::zeros(arg.shape(), arg.dtype(), arg.device())?;
+        let Device::Cuda(dev) = arg.device() else { candle_core::bail!("NCCL reduce-scatter of a tensor on the CPU") };
+        let fail = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+        g.usable().map_err(fail)?;
+        let kind = nccl_type(arg.dtype(), "reduce-scatter").map_err(fail)?;
+        crate::kernels::launch::with_addresses(dev, "nccl reduce-scatter", &[Some(&grad), Some(&mine)], |a| {
+            // SAFETY: `grad` holds world n elements, `mine` n, on this worker's stream.
+            unsafe {
+                result::reduce_scatter(
+                    a[0] as *const std::ffi::c_void,
+                    a[1] as *mut std::ffi::c_void,
+                    arg.elem_count(),
+                    kind,
+                    sys::ncclRedOp_t::ncclSum,
+                    g.comm,
+                    g.stream.cu_stream() as sys::cudaStream_t,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| candle_core::Error::Msg(nccl_error("reduce-scatter", e.0, Some(g.comm)).to_string()))
+        })?;
+        g.wait("the sequence's reduce-scatter").map_err(fail)?;
+        Ok(Some(mine))
+    }
+}
+
+/// NCCL's name for `dtype`; `doing` names the collective in the error.
+fn nccl_type(dtype: DType, doing: &str) -> Result<sys::ncclDataType_t> {
+    Ok(match dtype {
+        DType::F32 => sys::ncclDataType_t::ncclFloat32,
+        DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
+        DType::F16 => sys::ncclDataType_t::ncclFloat16,
+        DType::F64 => sys::ncclDataType_t::ncclFloat64,
+        other => bail!("NCCL {doing} of {other:?} tensors"),
+    })
 }
 
 fn error_string(r: sys::ncclResult_t) -> String {

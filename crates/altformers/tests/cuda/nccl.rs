@@ -1,8 +1,9 @@
 //! The NCCL gradient exchange (`altformers::train::nccl`) on the device machine's one GPU: a
 //! world of one rank through NCCL (gradients packed into many small buckets, averaged, cut
 //! back; a gradient no rank has stays absent) trains as one process does; a reduction that
-//! misses its deadline aborts the communicator and fails as a lost peer. Two ranks need two
-//! GPUs (NCCL refuses two ranks on one device).
+//! misses its deadline aborts the communicator and fails as a lost peer; LongNet split over a
+//! world of one through NCCL's all-gather and reduce-scatter computes the unsplit model's loss
+//! and gradients. Two ranks need two GPUs (NCCL refuses two ranks on one device).
 
 use altformers::model::Model;
 use altformers::train::distributed::{Group, PeerLost};
@@ -95,5 +96,48 @@ fn a_reduction_past_its_deadline_aborts_and_fails_as_a_lost_peer() -> Result<()>
     let again = nccl.all_reduce(&mut grads, &model.params).err().expect("refused after the abort");
     anyhow::ensure!(format!("{again:#}").contains("aborted"), "{again:#}");
     drop(x);
+    Ok(())
+}
+
+/// Sequence parallelism through NCCL (one rank): a LongNet whose longest pair spans more than
+/// the slice (so its dilated rows go through `ncclAllGather`, and their gradients back through
+/// `ncclReduceScatter`) gives the unsplit model's loss and every parameter's gradient, f32.
+#[test]
+fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let sets = [
+        "model.width=32",
+        "model.depth=2",
+        "model.heads=4",
+        "model.context=64",
+        "model.options.segment_lengths=[8,16,128]",
+        "model.options.dilation_rates=[1,2,16]",
+    ];
+    let cfg = altformers::registry::config("longnet", &altformers::config::Overrides::sets(&sets))?;
+    let tokens = Tensor::new((0..128u32).map(|i| (i * 37) % 251).collect::<Vec<_>>(), &gpu)?.reshape((2, 64))?;
+    let loss_and_grads = |split: bool| -> Result<(f32, Vec<Vec<f32>>)> {
+        let mut model = Model::new(&cfg.model, 5, &gpu, DType::F32)?;
+        if split {
+            let nccl = Arc::new(world_of_one(&gpu, Duration::from_secs(60))?);
+            model.split_sequence(Arc::new(nccl))?;
+        }
+        let logits = model.forward(&tokens.narrow(1, 0, 63)?.pad_with_zeros(1, 0, 1)?, None)?;
+        let loss = Model::loss(&logits, &tokens)?;
+        let grads = loss.backward()?;
+        let g = model
+            .params
+            .vars()
+            .iter()
+            .map(|(_, p)| Ok(grads.get(p.var.as_tensor()).expect("a gradient").flatten_all()?.to_vec1::<f32>()?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss.to_scalar::<f32>()?, g))
+    };
+    let (whole, g1) = loss_and_grads(false)?;
+    let (split, g2) = loss_and_grads(true)?;
+    anyhow::ensure!((whole - split).abs() <= 1e-6 * whole.abs(), "loss {split} against {whole}");
+    for (a, b) in g1.iter().zip(&g2) {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1e-3 + x.abs())).fold(0f32, f32::max);
+        anyhow::ensure!(worst < 1e-4, "a gradient differs by {worst:e} (relative)");
+    }
     Ok(())
 }

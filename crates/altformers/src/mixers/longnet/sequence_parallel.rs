@@ -192,6 +192,12 @@ impl Shard<'_> {
     }
 }
 
+/// Rows of K (and as many of V) one device sends per query head and layer, with slices of
+/// `len` positions: `len / r` for each pair longer than a slice.
+pub fn sent_rows(pairs: &[(usize, usize)], len: usize) -> usize {
+    pairs.iter().filter(|&&(w, _)| w > len).map(|&(_, r)| len / r).sum()
+}
+
 /// A device's [`Dilated`] rows as one flat tensor (one collective per layer, whatever the
 /// number of gathered pairs).
 pub fn pack(sent: &[Dilated]) -> Result<Tensor> {
@@ -286,6 +292,7 @@ mod tests {
             let kv = Tensor::zeros((1, h, len, dh), DType::F32, &Device::Cpu)?;
             let shard = Shard { rank: world - 1, world, pairs: &pairs };
             let rows: usize = shard.contribution(&kv, &kv, h)?.iter().map(|d| d.k.dim(2).unwrap()).sum();
+            assert_eq!(rows, sent_rows(&pairs, len), "T = {t}: what is sent against its count");
             sent.push(rows);
         }
         assert_eq!(sent, [24, 24, 24], "rows sent per head at T = 512, 2048, 8192");
