@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|interop [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|longnet-sp|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -449,6 +449,33 @@ if [ "$what" = nccl ]; then
   echo "[$(date +%T)] two GPUs on a host of one" >> "$OUT/nccl.err"
   run train $base --gpus 2 --out /tmp/nccl-two > /dev/null 2> "$OUT/nccl-two.err"; echo "gpus2 rc=$?" >> "$OUT/nccl-summary.txt"
   cat "$OUT/nccl-summary.txt" "$OUT"/nccl-*.json "$OUT/nccl-two.err"; tail -n 5 "$OUT/nccl.err"
+fi
+if [ "$what" = longnet-sp ]; then
+  # Issue 23, LongNet's sequence parallelism on the GPUs of this host (GPUS, default all):
+  # training in one process against --gpus N --sequence-parallel (f32, no dropout; pairs whose
+  # longest segment spans more than a slice, so its dilated rows go through NCCL), then one
+  # layer's forward and backward against T, one GPU alone and split over N.
+  #   gpu-bench.sh longnet-sp [steps] [lengths]
+  steps="${2:-100}"; lengths="${3:-65536,131072,262144,524288,1048576}"
+  gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  base="--model longnet --data shakespeare --config configs/nanogpt-baby.toml --set model.dropout=0 --set model.options.segment_lengths=[32,64,128,512] --set model.options.dilation_rates=[1,2,4,16] --set train.steps=$steps --set train.eval_every=$((steps / 2)) --set train.eval_batches=4 --dtype f32 --quiet"
+  rm -rf /tmp/sp-*
+  for how in one split; do
+    flags="--device cuda"; [ $how = split ] && flags="--gpus $gpus --sequence-parallel"
+    echo "[$(date +%T)] train $how" >> "$OUT/sp.err"
+    start=$(date +%s%N)
+    run train $base $flags --out /tmp/sp-$how > "$OUT/sp-train-$how.json" 2>> "$OUT/sp.err"
+    echo "train $how rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" >> "$OUT/sp-summary.txt"
+    cp /tmp/sp-$how/metrics.jsonl "$OUT/sp-train-$how.metrics.jsonl" 2>/dev/null
+  done
+  for how in one split; do
+    flags="--device cuda"; [ $how = split ] && flags="--gpus $gpus"
+    echo "[$(date +%T)] bench $how" >> "$OUT/sp.err"
+    timeout "${SP_TIMEOUT:-150}" $alt bench sequence-parallel $flags --lengths $lengths --width 512 --heads 8 --dtype bf16 --reps 3 \
+      > "$OUT/sp-bench-$how.jsonl" 2>> "$OUT/sp.err"
+    echo "bench $how rc=$?" >> "$OUT/sp-summary.txt"
+  done
+  cat "$OUT/sp-summary.txt" "$OUT"/sp-train-*.json; cut -c1-250 "$OUT"/sp-bench-*.jsonl; tail -n 8 "$OUT/sp.err"
 fi
 if [ "$what" = interop ]; then
   # Issue 26: the Hugging Face round trip against this machine's transformers.
