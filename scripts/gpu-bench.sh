@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|longnet-sp|interop [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|longnet-sp|ddp|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -476,6 +476,50 @@ if [ "$what" = longnet-sp ]; then
     echo "bench $how rc=$?" >> "$OUT/sp-summary.txt"
   done
   cat "$OUT/sp-summary.txt" "$OUT"/sp-train-*.json; cut -c1-250 "$OUT"/sp-bench-*.jsonl; tail -n 8 "$OUT/sp.err"
+fi
+if [ "$what" = ddp ]; then
+  # Issue 23, data-parallel scaling: ours (`train --gpus N`, NCCL) and PyTorch's
+  # DistributedDataParallel (torchrun, bench/peers/gpt_train.py, eager and torch.compile) on
+  # N GPUs of this host, N in NS (default: 1 and the host's count), the batch per GPU fixed
+  # (baby 64, GPT-2-small shape 16: N GPUs train N times the tokens per step), nanoGPT's
+  # character vocabulary on both sides; and ours in one process (no NCCL, the step as a CUDA
+  # graph) as the one-GPU reference. Tokens/s of the second of two windows (ours), of the
+  # timed steps (peer).
+  #   gpu-bench.sh ddp [steps]     (SIZES="baby gpt2-small", NS="1 4", PEER=0 ours alone)
+  steps="${2:-100}"; rm -rf /tmp/ddp-*
+  gpus="$(nvidia-smi -L 2>/dev/null | wc -l)"; [ "$gpus" -gt 0 ] || gpus=1
+  ns="${NS:-$( [ "$gpus" = 1 ] && echo 1 || echo "1 $gpus")}"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+  for size in ${SIZES:-baby gpt2-small}; do
+    cfg=configs/nanogpt-baby.toml; per=64; [ "$size" = gpt2-small ] && cfg=configs/gpt2-small-char.toml && per=16
+    common="--model transformer --data shakespeare --config $cfg --tokenizer bench/tokenizers/shakespeare-chars.json --set train.steps=$steps --set train.eval_every=$((steps / 2)) --set train.eval_batches=1 --dtype bf16 --quiet"
+    for n in alone $ns; do
+      if [ $n = alone ]; then flags="--device cuda --set train.batch_size=$per"; else flags="--gpus $n --set train.batch_size=$((per * n))"; fi
+      echo "[$(date +%T)] ours $size $n" >> "$OUT/ddp.err"
+      timeout 250 $alt train $common $flags --out /tmp/ddp-$size-$n > /dev/null 2>> "$OUT/ddp.err"
+      echo "{\"size\":\"$size\",\"gpus\":\"$n\",\"metrics\":[$(paste -sd, /tmp/ddp-$size-$n/metrics.jsonl)]}" >> "$OUT/ddp-ours.jsonl"
+      if [ $n != alone ] && [ "${PEER:-1}" = 1 ]; then
+        echo "[$(date +%T)] peer $size $n" >> "$OUT/ddp.err"
+        (cd bench/peers && timeout 300 torchrun --standalone --nproc-per-node $n gpt_train.py --ddp \
+          --data ../../data/tinyshakespeare.txt --sizes $size --steps $steps) >> "$OUT/ddp-peer.jsonl" 2>> "$OUT/ddp.err"
+      fi
+    done
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+for line in open(f"{out}/ddp-ours.jsonl"):
+    r = json.loads(line)
+    m = r["metrics"]
+    print("ours", r["size"], "gpus", r["gpus"], "tokens/s", round(m[-1]["tokens_per_s"]) if m else None, "val", m[-1]["val_loss"] if m else None)
+try:
+    for line in open(f"{out}/ddp-peer.jsonl"):
+        r = json.loads(line)
+        print(r.get("peer"), r.get("size"), "gpus", r.get("world"), "tokens/s", round(r.get("tokens_per_s", 0)), "loss", r.get("loss"), r.get("status", ""))
+except FileNotFoundError:
+    pass
+PY
+  tail -n 5 "$OUT/ddp.err"
 fi
 if [ "$what" = interop ]; then
   # Issue 26: the Hugging Face round trip against this machine's transformers.

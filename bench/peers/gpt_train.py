@@ -11,6 +11,12 @@ training loss at the last step (so two trainers are seen doing the same computat
 
     python3 gpt_train.py --data ../../data/tinyshakespeare.txt --sizes baby,gpt2-small --modes eager,compile
 
+Launched by torchrun (`torchrun --standalone --nproc-per-node N gpt_train.py ...`), it trains
+data-parallel with `DistributedDataParallel` over NCCL (its default 25 MB buckets, overlapped
+with the backward), each rank on its own GPU and its own random windows, the batch per GPU as
+the size says (so N GPUs train N times the tokens per step); rank 0 prints the whole job's
+tokens/s, `world` and MFU per GPU. The peer of `altformers train --gpus N`.
+
 `--arch fla-retnet` trains flash-linear-attention's own RetNet model (`fla.models`,
 RetNetForCausalLM: chunked retention in Triton, its fused norms, SwiGLU and cross-entropy;
 no dropout) at the same sizes instead, the peer of `altformers train --model retnet`. Its
@@ -36,10 +42,22 @@ SIZES = {
 }
 
 
+def distributed():
+    """(rank, world, device) of a torchrun worker, NCCL joined; (0, 1, "cuda") alone."""
+    import os
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, "cuda"
+    import torch.distributed as dist
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    return dist.get_rank(), dist.get_world_size(), f"cuda:{local}"
+
+
 def run(size, mode, text, args):
     layers, heads, width, context, batch, dropout = SIZES[size]
-    torch.manual_seed(args.seed)
-    dev = "cuda"
+    rank, world, dev = args.rank, args.world, args.device
+    torch.manual_seed(args.seed + rank)
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     data = torch.tensor([stoi[ch] for ch in text], dtype=torch.long)
@@ -60,11 +78,14 @@ def run(size, mode, text, args):
         dropout = 0.0
     else:
         model = GPT(len(chars), context, layers, heads, width, dropout).to(dev)
+    ddp = model
+    if world > 1 or args.ddp:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(dev).index or 0])
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.99), fused=True)
-    compiled = torch.compile(model) if mode == "compile" else model
+    compiled = torch.compile(ddp) if mode == "compile" else ddp
     if args.arch == "fla-retnet":
         def step_fn(x, y):  # fla shifts the labels itself: the window is both
             return compiled(input_ids=x, labels=x).loss
@@ -106,7 +127,7 @@ def run(size, mode, text, args):
     torch.cuda.synchronize()
     wall = time.time() - start
     step_ms = [events[i].elapsed_time(events[i + 1]) for i in range(args.steps)]
-    tokens = args.steps * batch * context
+    tokens = args.steps * batch * context * world
     params = sum(p.numel() for p in model.parameters())
     if args.arch == "gpt":
         params -= model.wpe.weight.numel()
@@ -117,7 +138,8 @@ def run(size, mode, text, args):
         "context": context, "batch": batch, "dropout": dropout, "params": params,
         "steps": args.steps, "warmup_steps": args.warmup_steps, "warmup_s": warmup_s,
         "tokens_per_s": tokens_per_s, "step_ms_median": statistics.median(step_ms),
-        "mfu": tokens_per_s * flops_per_token / args.ceiling, "ceiling_flops": args.ceiling,
+        "world": world, "ddp": ddp is not model,
+        "mfu": tokens_per_s / world * flops_per_token / args.ceiling, "ceiling_flops": args.ceiling,
         "peak_bytes": torch.cuda.max_memory_allocated(), "loss": loss.item(),
         "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
     }
@@ -168,16 +190,21 @@ def main():
     p.add_argument("--verbose", action="store_true", help="print each warm-up step's time to stderr")
     # the bf16 dense matmul rate measured on this GPU type (bench/results/2026-11-29-h200-kernels)
     p.add_argument("--ceiling", type=float, default=788e12)
+    p.add_argument("--ddp", action="store_true", help="wrap in DistributedDataParallel even on one GPU (under torchrun)")
     args = p.parse_args()
+    args.rank, args.world, args.device = distributed()
     text = open(args.data, encoding="utf-8").read()
     for size in args.sizes.split(","):
         for mode in args.modes.split(","):
             try:
-                print(json.dumps(run(size, mode, text, args)), flush=True)
+                row = run(size, mode, text, args)
             except Exception as e:  # one failing row stops none
-                print(json.dumps({"peer": f"{args.arch}-pytorch-{mode}", "size": size, "status": f"failed: {e}"[:300]}),
-                      flush=True)
+                row = {"peer": f"{args.arch}-pytorch-{mode}", "size": size, "status": f"failed: {e}"[:300]}
+            if args.rank == 0:
+                print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
+    if args.world > 1 or args.ddp:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
