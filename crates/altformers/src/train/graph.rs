@@ -19,7 +19,12 @@
 //! ([`Seeds`]); each replay draws its step's seeds in the same order and writes them into those
 //! nodes' arguments (`cuGraphExecKernelNodeSetParams`), so the masks are the eager step's.
 //!
-//! It applies where a replay is that computation: one device and one slice per step, a model
+//! A data-parallel worker on GPUs captures its NCCL gradient all-reduce with the rest (NCCL's
+//! collectives can be captured; which parameters any rank has a gradient for is settled by
+//! the eager warm-up steps), and after each replay waits for it against the job's deadline.
+//!
+//! It applies where a replay is that computation: one slice per step, an exchange that can be
+//! captured (one device, NCCL), a sequence that is not split, a model
 //! that does not follow the training step (Performer's redraws), a batch of the captured shape
 //! (else that step runs eagerly), the fused AdamW, every dropout seed found in the graph.
 //! Elsewhere every step is eager; a capture that fails says why once and leaves the run eager.
@@ -215,8 +220,10 @@ impl Trainer {
     fn why_not_graphed(&self, model: &Model) -> Option<&'static str> {
         if !crate::kernels::enabled("train-graph") {
             Some("switched off")
-        } else if self.shard != (0, 1) || self.slices != 1 || !self.sync.alone() {
-            Some("a step of several workers or slices")
+        } else if self.slices != 1 || !self.sync.capturable() {
+            Some("a step of several slices, or an exchange that reads back to the host")
+        } else if self.sequence_parallel {
+            Some("a split sequence (its all-gathers are waited for inside the step)")
         } else if model.follows_training_step() {
             Some("a model that follows the training step")
         } else {
@@ -322,14 +329,21 @@ impl Trainer {
         let t0 = self.opt.t;
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
         let mut rng = dropout_rng.clone();
-        let captured = (|| -> Result<()> {
+        // A library call that cannot run while capturing may panic instead of failing (cudarc
+        // unwraps its copies: seen with LongNet's index uploads for a segment longer than the
+        // sequence): caught as a failed capture, so the run goes on eagerly.
+        let captured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
             let (loss, grads) = loss_and_gradients(model, task, &buffers.batch, &mut rng, self.l2wrap)?;
             // the learning rate and bias corrections are the table's, written per replay
             let norm = self.opt.step_kept(&grads, 0.0, self.train.grad_clip, &mut table)?;
             launch::copy_into(dev, "training graph", loss_out, &loss)?;
             launch::copy_into(dev, "training graph", norm_out, &norm.0)?;
             Ok(())
-        })();
+        }))
+        .unwrap_or_else(|panic| {
+            let why = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
+            Err(anyhow::anyhow!("a call panicked while capturing: {}", why.unwrap_or("(no message)")))
+        });
         // end the capture whatever happened, so the stream works again
         let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).w();
         self.opt.t = t0;
@@ -364,6 +378,7 @@ impl Trainer {
         let (bc1, bc2, t) = self.opt.next_corrections();
         g.table.upload(dev, lr, bc1, bc2)?;
         g.graph.launch().w()?;
+        self.sync.after_replay()?;
         self.opt.t = t;
         let Some((loss, norm)) = &g.buffers.outputs else { bail!("a captured step without outputs") };
         // copies: the next replay overwrites the buffers, and the loop reads them later

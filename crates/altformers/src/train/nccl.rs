@@ -10,6 +10,11 @@
 //! candle's backward hands over every gradient at once, so the buckets are reduced after it,
 //! not overlapped with it as DDP's autograd hooks do.
 //!
+//! The exchange can be captured in the training step's CUDA graph ([`super::graph`]): which
+//! parameters any rank has a gradient for is read back once, at the first step (eager), and
+//! kept for the same pattern on this rank; while capturing nothing is read back and nothing
+//! waited for, and the trainer waits after each replay ([`GradientSync::after_replay`]).
+//!
 //! The same communicator is a split sequence's collective (LongNet's sequence parallelism,
 //! [`crate::mixers::longnet::sequence_parallel::AllGather`]): `ncclAllGather` forward,
 //! `ncclReduceScatter` (sum) backward, each waited for against the deadline as the gradients
@@ -61,6 +66,9 @@ pub struct NcclGroup {
     timeout: Duration,
     /// Set once `ncclCommAbort` has freed the communicator (it must not be destroyed again).
     aborted: AtomicBool,
+    /// Which parameters this rank had a gradient for, and which any rank had, as last read
+    /// back: the same local pattern reuses the second without reading (a captured step must).
+    presence: std::sync::Mutex<Option<(Vec<bool>, Vec<bool>)>>,
 }
 
 // SAFETY: the communicator is a handle NCCL allows any thread to use; a worker's training
@@ -105,7 +113,15 @@ impl NcclGroup {
             )
         })?;
         let comm = unsafe { comm.assume_init() };
-        Ok(NcclGroup { tcp, comm, stream, bucket_bytes: BUCKET_BYTES, timeout, aborted: Default::default() })
+        Ok(NcclGroup {
+            tcp,
+            comm,
+            stream,
+            bucket_bytes: BUCKET_BYTES,
+            timeout,
+            aborted: Default::default(),
+            presence: Default::default(),
+        })
     }
 
     /// Smaller buckets (tests: many buckets on a tiny model).
@@ -192,12 +208,23 @@ impl Drop for NcclGroup {
 impl GradientSync for NcclGroup {
     fn all_reduce(&self, grads: &mut GradStore, params: &ParamStore) -> Result<()> {
         let vars = params.vars();
-        let Some((_, first)) = vars.first() else { return Ok(()) };
-        let device = first.var.as_tensor().device().clone();
-        // 1 where this rank has the gradient: averaged, above 0 where any rank has
-        let has: Vec<f32> = vars.iter().map(|(_, p)| grads.get(p.var.as_tensor()).map_or(0.0, |_| 1.0)).collect();
-        let has = Tensor::from_vec(has, vars.len(), &device)?;
-        self.enqueue_mean(&has)?;
+        if vars.is_empty() {
+            return Ok(());
+        }
+        let capturing = self.capturing();
+        let mine: Vec<bool> = vars.iter().map(|(_, p)| grads.get(p.var.as_tensor()).is_some()).collect();
+        let known = self
+            .presence
+            .lock()
+            .expect("presence lock")
+            .as_ref()
+            .filter(|(m, _)| *m == mine)
+            .map(|(_, any)| any.clone());
+        let any = match known {
+            Some(any) => Some(any),
+            None if capturing => bail!("NCCL: a captured step whose gradients differ from the eager steps'"),
+            None => None,
+        };
         // buckets: runs of parameters of one dtype up to bucket_bytes
         let mut buckets: Vec<(usize, usize)> = Vec::new();
         let (mut start, mut bytes) = (0usize, 0usize);
@@ -211,6 +238,16 @@ impl GradientSync for NcclGroup {
             bytes += size;
         }
         buckets.push((start, vars.len()));
+        let has = match any {
+            Some(_) => None,
+            None => {
+                // 1 where this rank has the gradient: averaged, above 0 where any rank has
+                let flags: Vec<f32> = mine.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+                let has = Tensor::from_vec(flags, vars.len(), vars[0].1.var.as_tensor().device())?;
+                self.enqueue_mean(&has)?;
+                Some(has)
+            }
+        };
         let mut reduced = Vec::with_capacity(buckets.len());
         for &(from, to) in &buckets {
             let parts = vars[from..to]
@@ -227,14 +264,25 @@ impl GradientSync for NcclGroup {
             self.enqueue_mean(&flat)?;
             reduced.push(flat);
         }
-        self.wait("the gradient all-reduce")?;
-        let has = has.to_vec1::<f32>()?;
+        let any = match (any, has) {
+            (Some(any), _) => any,
+            (None, Some(has)) => {
+                self.wait("the gradient all-reduce")?;
+                let any: Vec<bool> = has.to_vec1::<f32>()?.iter().map(|&h| h > 0.0).collect();
+                *self.presence.lock().expect("presence lock") = Some((mine, any.clone()));
+                any
+            }
+            (None, None) => unreachable!("the flags are exchanged whenever the pattern is new"),
+        };
+        if !capturing {
+            self.wait("the gradient all-reduce")?;
+        }
         for (&(from, to), flat) in buckets.iter().zip(&reduced) {
             let mut at = 0;
             for (i, (_, p)) in vars.iter().enumerate().take(to).skip(from) {
                 let t = p.var.as_tensor();
                 let n = t.elem_count();
-                if has[i] > 0.0 {
+                if any[i] {
                     grads.insert(t, flat.narrow(0, at, n)?.reshape(t.dims())?);
                 } else {
                     grads.remove(t);
@@ -243,6 +291,23 @@ impl GradientSync for NcclGroup {
             }
         }
         Ok(())
+    }
+
+    fn capturable(&self) -> bool {
+        true
+    }
+
+    fn after_replay(&self) -> Result<()> {
+        self.wait("the gradient all-reduce")
+    }
+}
+
+impl NcclGroup {
+    /// Whether this worker's stream is being captured into a CUDA graph.
+    fn capturing(&self) -> bool {
+        self.stream.capture_status().is_ok_and(|s| {
+            s != candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        })
     }
 }
 

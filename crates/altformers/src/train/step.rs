@@ -25,6 +25,19 @@ pub trait GradientSync {
     fn alone(&self) -> bool {
         false
     }
+
+    /// Whether [`GradientSync::all_reduce`] can be captured in a CUDA graph with the rest of
+    /// the step (it then reads nothing back to the host while capturing): one device, or
+    /// NCCL's collectives.
+    fn capturable(&self) -> bool {
+        self.alone()
+    }
+
+    /// After a replayed step: waits for the exchange it enqueued (against a deadline where a
+    /// peer may be lost).
+    fn after_replay(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
@@ -34,6 +47,14 @@ impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
 
     fn alone(&self) -> bool {
         (**self).alone()
+    }
+
+    fn capturable(&self) -> bool {
+        (**self).capturable()
+    }
+
+    fn after_replay(&self) -> Result<()> {
+        (**self).after_replay()
     }
 }
 
