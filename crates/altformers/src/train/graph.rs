@@ -215,6 +215,23 @@ impl Buffers {
     }
 }
 
+/// A library call panicked while the step was being captured.
+#[derive(Debug)]
+struct CapturePanicked(String);
+
+impl std::fmt::Display for CapturePanicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "capturing the training step as a CUDA graph failed inside a library call ({}); \
+             train without the graph: ALTFORMERS_UNFUSED=train-graph",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for CapturePanicked {}
+
 impl Trainer {
     /// Why this trainer's steps are not captured, if they are not.
     fn why_not_graphed(&self, model: &Model) -> Option<&'static str> {
@@ -287,6 +304,7 @@ impl Trainer {
                     Ok(captured) => {
                         self.advance(Graphing::Ready(Box::new(captured)), model, task, batch, dropout_rng, step, dev)
                     }
+                    Err(e) if e.is::<CapturePanicked>() => (Err(e), Graphing::Off),
                     Err(e) => {
                         // (the first line, unless asked for candle's backtrace: RUST_BACKTRACE)
                         let full = format!("{e:#}");
@@ -330,8 +348,9 @@ impl Trainer {
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
         let mut rng = dropout_rng.clone();
         // A library call that cannot run while capturing may panic instead of failing (cudarc
-        // unwraps its copies: seen with LongNet's index uploads for a segment longer than the
-        // sequence): caught as a failed capture, so the run goes on eagerly.
+        // unwraps its copies: seen with an upload from candle's cache under capture). The
+        // device's state is then not to be trusted (an eager step after it read an illegal
+        // address): the run stops with a message saying how to train without the graph.
         let captured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
             let (loss, grads) = loss_and_gradients(model, task, &buffers.batch, &mut rng, self.l2wrap)?;
             // the learning rate and bias corrections are the table's, written per replay
@@ -342,7 +361,7 @@ impl Trainer {
         }))
         .unwrap_or_else(|panic| {
             let why = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
-            Err(anyhow::anyhow!("a call panicked while capturing: {}", why.unwrap_or("(no message)")))
+            Err(anyhow::Error::new(CapturePanicked(why.unwrap_or("(no message)").to_string())))
         });
         // end the capture whatever happened, so the stream works again
         let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).w();

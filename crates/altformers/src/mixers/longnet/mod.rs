@@ -153,14 +153,9 @@ pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, us
 /// not keep the position for that head).
 fn pair_attention(q: &Tensor, k: &Tensor, v: &Tensor, (w, r): (usize, usize)) -> Result<(Tensor, Tensor)> {
     let (b, h, t, dh) = q.dims4()?;
-    let g = h / k.dim(1)?;
     let dev = q.device();
-    // A segment longer than the sequence is one segment of its rows below T: cut it to T
-    // rounded up to the dilation (the same kept rows), not padded to w, which cost O(w)
-    // per pair whatever T (at T = 1024 of a context-8192 model, most of the time).
-    let w = if w > t { w.min(t.max(1).div_ceil(r) * r) } else { w };
-    let segments = t.div_ceil(w);
-    let tp = segments * w;
+    let ix = PairIndex::cached(h, h / k.dim(1)?, t, (w, r), stats_dtype(q.dtype()), dev)?;
+    let tp = ix.padded;
     let pad = |x: &Tensor| {
         if tp > t {
             x.pad_with_zeros(2, 0, tp - t)
@@ -169,52 +164,129 @@ fn pair_attention(q: &Tensor, k: &Tensor, v: &Tensor, (w, r): (usize, usize)) ->
         }
     };
     let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);
-    let n = w.div_ceil(r);
-    let mask = causal_mask(n, n, 0, stats_dtype(q.dtype()), dev)?;
-    let (mut out_parts, mut lse_parts, mut order) = (Vec::new(), Vec::new(), Vec::new());
-    let mut cover = vec![0u8; h * tp];
+    let (mut out_parts, mut lse_parts) = (Vec::new(), Vec::new());
     // Heads sharing an offset o = j mod r keep the same rows: one batched product each.
-    for o in 0..r.min(h) {
-        let heads: Vec<usize> = (o..h).step_by(r).collect();
-        let rows = if o < w { (w - o).div_ceil(r) } else { 0 };
-        let hg = heads.len();
-        order.extend(heads.iter().copied());
-        if rows == 0 {
+    for group in &ix.groups {
+        let hg = group.heads;
+        let Some((pos, qh, kvh, mask)) = &group.rows else {
             out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?);
             lse_parts.push(Tensor::zeros((b, hg, tp), stats_dtype(q.dtype()), dev)?);
             continue;
-        }
-        let pos: Vec<u32> = (0..segments).flat_map(|s| (0..rows).map(move |i| (s * w + o + i * r) as u32)).collect();
-        for &j in &heads {
-            for &p in &pos {
-                cover[j * tp + p as usize] = 1;
-            }
-        }
-        let pos = Tensor::from_vec(pos, segments * rows, dev)?;
-        let qh = index(&heads, |j| j, dev)?;
-        let kvh = index(&heads, |j| j / g, dev)?;
-        let gather = |x: &Tensor, hi: &Tensor| -> Result<Tensor> {
-            x.index_select(hi, 1)?.index_select(&pos, 2)?.reshape((b * hg * segments, rows, dh))
         };
-        let (qs, ks, vs) = (gather(&qp, &qh)?, gather(&kp, &kvh)?, gather(&vp, &kvh)?);
-        let mask = mask.narrow(0, 0, rows)?.narrow(1, 0, rows)?;
-        let (o_s, lse_s) = softmax_attention(&qs, &ks, &vs, Some(&mask))?;
-        let o_s = o_s.reshape((b, hg, segments * rows, dh))?;
-        let lse_s = lse_s.reshape((b, hg, segments * rows))?;
-        out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?.index_add(&pos, &o_s, 2)?);
-        lse_parts.push(Tensor::zeros((b, hg, tp), lse_s.dtype(), dev)?.index_add(&pos, &lse_s, 2)?);
+        let kept = pos.dim(0)?;
+        let rows = kept / ix.segments;
+        let gather = |x: &Tensor, hi: &Tensor| -> Result<Tensor> {
+            x.index_select(hi, 1)?.index_select(pos, 2)?.reshape((b * hg * ix.segments, rows, dh))
+        };
+        let (qs, ks, vs) = (gather(&qp, qh)?, gather(&kp, kvh)?, gather(&vp, kvh)?);
+        let (o_s, lse_s) = softmax_attention(&qs, &ks, &vs, Some(mask))?;
+        let o_s = o_s.reshape((b, hg, kept, dh))?;
+        let lse_s = lse_s.reshape((b, hg, kept))?;
+        out_parts.push(Tensor::zeros((b, hg, tp, dh), q.dtype(), dev)?.index_add(pos, &o_s, 2)?);
+        lse_parts.push(Tensor::zeros((b, hg, tp), lse_s.dtype(), dev)?.index_add(pos, &lse_s, 2)?);
     }
     // Back to head order 0..H.
-    let mut inverse = vec![0u32; h];
-    for (slot, &j) in order.iter().enumerate() {
-        inverse[j] = slot as u32;
-    }
-    let inverse = Tensor::from_vec(inverse, h, dev)?;
-    let out = Tensor::cat(&out_parts, 1)?.index_select(&inverse, 1)?;
-    let lse = Tensor::cat(&lse_parts, 1)?.index_select(&inverse, 1)?;
-    let cover = Tensor::from_vec(cover, (1, h, tp), dev)?.broadcast_as((b, h, tp))?;
-    let lse = mask_uncovered(&cover, &lse)?;
+    let out = Tensor::cat(&out_parts, 1)?.index_select(&ix.inverse, 1)?;
+    let lse = Tensor::cat(&lse_parts, 1)?.index_select(&ix.inverse, 1)?;
+    let lse = mask_uncovered(&ix.cover.broadcast_as((b, h, tp))?, &lse)?;
     Ok((out.narrow(2, 0, t)?, lse.narrow(2, 0, t)?))
+}
+
+/// What one (w, r) pair's attention reads over `t` positions with `h` query heads (groups of
+/// `g` sharing K/V): the kept rows of each head offset, the causal mask among them, and which
+/// positions each head covers. Built once per shape and device ([`PairIndex::cached`]): made
+/// every forward they were several uploads a pair and layer, and a training step captured as
+/// a CUDA graph must make none.
+struct PairIndex {
+    segments: usize,
+    /// `t` rounded up to whole segments.
+    padded: usize,
+    /// One per head offset o (heads o, o + r, ... below H), in offset order.
+    groups: Vec<OffsetGroup>,
+    /// Slot of each head 0..H in the concatenation of the groups' heads, `[H]`.
+    inverse: Tensor,
+    /// 1 where the pair keeps position p for head j, `[1, H, padded]` (u8).
+    cover: Tensor,
+}
+
+struct OffsetGroup {
+    heads: usize,
+    /// The kept positions (every segment's, `[segments x rows]`), the query heads, their K/V
+    /// heads, and the causal mask among a segment's rows; `None` where the offset keeps no row.
+    rows: Option<(Tensor, Tensor, Tensor, Tensor)>,
+}
+
+type PairKey = (candle_core::DeviceLocation, usize, usize, usize, (usize, usize), DType);
+
+impl PairIndex {
+    fn cached(
+        h: usize,
+        g: usize,
+        t: usize,
+        pair: (usize, usize),
+        mask: DType,
+        dev: &Device,
+    ) -> Result<std::sync::Arc<Self>> {
+        static CACHE: std::sync::Mutex<Option<std::collections::HashMap<PairKey, std::sync::Arc<PairIndex>>>> =
+            std::sync::Mutex::new(None);
+        let key = (dev.location(), h, g, t, pair, mask);
+        let mut cache = CACHE.lock().map_err(|_| candle_core::Error::Msg("LongNet: index cache poisoned".into()))?;
+        let map = cache.get_or_insert_with(Default::default);
+        if let Some(ix) = map.get(&key) {
+            return Ok(ix.clone());
+        }
+        // a handful of shapes per model; a sweep over lengths starts afresh now and then
+        if map.len() >= 256 {
+            map.clear();
+        }
+        let ix = std::sync::Arc::new(Self::new(h, g, t, pair, mask, dev)?);
+        map.insert(key, ix.clone());
+        Ok(ix)
+    }
+
+    fn new(h: usize, g: usize, t: usize, (w, r): (usize, usize), mask_dtype: DType, dev: &Device) -> Result<Self> {
+        // A segment longer than the sequence is one segment of its rows below T: cut it to T
+        // rounded up to the dilation (the same kept rows), not padded to w, which cost O(w)
+        // per pair whatever T (at T = 1024 of a context-8192 model, most of the time).
+        let w = if w > t { w.min(t.max(1).div_ceil(r) * r) } else { w };
+        let segments = t.div_ceil(w);
+        let padded = segments * w;
+        let n = w.div_ceil(r);
+        let mask = causal_mask(n, n, 0, mask_dtype, dev)?;
+        let (mut groups, mut order) = (Vec::new(), Vec::new());
+        let mut cover = vec![0u8; h * padded];
+        for o in 0..r.min(h) {
+            let heads: Vec<usize> = (o..h).step_by(r).collect();
+            let rows = if o < w { (w - o).div_ceil(r) } else { 0 };
+            order.extend(heads.iter().copied());
+            if rows == 0 {
+                groups.push(OffsetGroup { heads: heads.len(), rows: None });
+                continue;
+            }
+            let pos: Vec<u32> =
+                (0..segments).flat_map(|s| (0..rows).map(move |i| (s * w + o + i * r) as u32)).collect();
+            for &j in &heads {
+                for &p in &pos {
+                    cover[j * padded + p as usize] = 1;
+                }
+            }
+            let pos = Tensor::from_vec(pos, segments * rows, dev)?;
+            let (qh, kvh) = (index(&heads, |j| j, dev)?, index(&heads, |j| j / g, dev)?);
+            let mask = mask.narrow(0, 0, rows)?.narrow(1, 0, rows)?.contiguous()?;
+            groups.push(OffsetGroup { heads: heads.len(), rows: Some((pos, qh, kvh, mask)) });
+        }
+        let mut inverse = vec![0u32; h];
+        for (slot, &j) in order.iter().enumerate() {
+            inverse[j] = slot as u32;
+        }
+        Ok(Self {
+            segments,
+            padded,
+            groups,
+            inverse: Tensor::from_vec(inverse, h, dev)?,
+            cover: Tensor::from_vec(cover, (1, h, padded), dev)?,
+        })
+    }
 }
 
 /// The new position `p` (the last key) of dilated attention: `q: [B, H, 1, d_h]`,
