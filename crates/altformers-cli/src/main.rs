@@ -1313,8 +1313,10 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Compare { preset, parts, models, data, data_format, out, device, jobs } => {
+            // `--device cuda` spreads the runs over every visible GPU (`cuda:K` keeps them on K)
+            let gpus = if device == "cuda" { altformers::device::cuda_count()? } else { 1 };
             let device = altformers::device::select(&device)?;
-            let select = altformers::compare::Selection { parts, models, jobs };
+            let select = altformers::compare::Selection { parts, models, jobs, gpus };
             altformers::compare::run(&preset, &data, data_format.into(), &out, &device, &select)
         }
     }

@@ -64,9 +64,15 @@ impl ListOpsPart {
 }
 
 /// Trains every model of `models` on ListOps into `out/runs-listops/NAME` (emptied first),
-/// `jobs` at once (on a GPU each on a stream of its own), writing `out/listops.jsonl` after
+/// `workers.jobs` at once (on a GPU each on a stream of its own), writing `out/listops.jsonl` after
 /// each (in `models`' order).
-pub fn run(part: &ListOpsPart, models: &[&Architecture], out: &Path, device: &Device, jobs: usize) -> Result<()> {
+pub(crate) fn run(
+    part: &ListOpsPart,
+    models: &[&Architecture],
+    out: &Path,
+    device: &Device,
+    workers: super::Workers,
+) -> Result<()> {
     let reference = registry::find("transformer")?;
     let reference_cfg = part.config(reference)?;
     let target = counted_params(reference, &reference_cfg.model, part.reference_width, Counted::WidthBound)
@@ -76,9 +82,9 @@ pub fn run(part: &ListOpsPart, models: &[&Architecture], out: &Path, device: &De
     super::run_queue(
         &todo,
         vec![None; models.len()],
-        jobs,
+        workers,
         device,
-        |i, dev| train_one(part, models[i], target, out, dev, dtype, jobs == 1),
+        |i, dev| train_one(part, models[i], target, out, dev, dtype, workers.jobs == 1),
         |finished| write_lines(&out.join("listops.jsonl"), models, finished),
     )?;
     Ok(())

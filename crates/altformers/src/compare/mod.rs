@@ -106,6 +106,16 @@ pub struct Selection {
     /// Runs trained at once in the language-model, MQAR and ListOps parts ([`run_queue`]);
     /// results do not depend on it. `None`: [`Selection::workers`]'s default.
     pub jobs: Option<usize>,
+    /// GPUs the runs are spread over, worker i on GPU i mod `gpus` (`--device cuda`: every
+    /// visible one); 1 keeps every run on the given device.
+    pub gpus: usize,
+}
+
+/// How a part's runs are shared out: `jobs` at once, over `gpus` GPUs (see [`run_queue`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Workers {
+    pub jobs: usize,
+    pub gpus: usize,
 }
 
 impl Selection {
@@ -132,18 +142,20 @@ impl Selection {
             .collect()
     }
 
-    /// The training parts' workers: `jobs`, or by default one on a GPU (more only where asked:
-    /// they share its streams) and on the CPU as many as the cores hold at the pool's threads
-    /// each (the quick preset's one thread: a worker per core, where one run at a time left
-    /// the other core idle).
-    fn workers(&self, device: &Device) -> usize {
-        self.jobs.unwrap_or_else(|| match device {
+    /// The training parts' workers: `jobs`, or by default one per GPU in use (more only where
+    /// asked: they share its streams) and on the CPU as many as the cores hold at the pool's
+    /// threads each (the quick preset's one thread: a worker per core, where one run at a
+    /// time left the other core idle).
+    fn workers(&self, device: &Device) -> Workers {
+        let gpus = if device.is_cuda() { self.gpus.max(1) } else { 1 };
+        let jobs = self.jobs.unwrap_or_else(|| match device {
             Device::Cpu => {
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
                 (cores / rayon::current_num_threads()).max(1)
             }
-            _ => 1,
-        })
+            _ => gpus,
+        });
+        Workers { jobs, gpus }
     }
 
     fn runs(&self, part: &str) -> bool {
@@ -370,7 +382,7 @@ fn write_meta(
         meta.command += &format!(" --models {}", select.models.join(","));
     }
     // the training parts' workers (the tokens/s column is measured beside the others)
-    meta.command += &format!(" --jobs {}", select.workers(device));
+    meta.command += &format!(" --jobs {}", select.workers(device).jobs);
     crate::util::write_json_atomic(
         &out.join("meta.json"),
         &serde_json::json!({ "provenance": meta, "preset": preset_name, "description": preset.description }),
@@ -387,7 +399,7 @@ fn run_lm(
     format: DataFormat,
     out: &Path,
     device: &Device,
-    jobs: usize,
+    workers: Workers,
 ) -> Result<Vec<QualityRow>> {
     let corpus = Corpus::load(data, format)?;
     let reference = registry::find("transformer")?;
@@ -405,9 +417,9 @@ fn run_lm(
     let rows = run_queue(
         &todo,
         vec![None; runs.len()],
-        jobs,
+        workers,
         device,
-        |i, dev| train_lm(runs[i].0, lm, target, &corpus, format, out, dev, runs[i].1, jobs == 1),
+        |i, dev| train_lm(runs[i].0, lm, target, &corpus, format, out, dev, runs[i].1, workers.jobs == 1),
         |finished| write_lines(&out.join("quality.jsonl"), models, finished),
     )?;
     Ok(rows.into_iter().flatten().collect())
@@ -467,7 +479,7 @@ type GridPoint = (&'static str, MqarConfig, usize, f64);
 /// rate of `s`, trained by `jobs` workers. Rows already in `out/mqar.jsonl` with the same
 /// budget are kept, not retrained: a grid too large for one sitting is finished by running
 /// the same command again.
-fn run_mqar(s: &MqarSettings, models: &[&Architecture], out: &Path, device: &Device, jobs: usize) -> Result<()> {
+fn run_mqar(s: &MqarSettings, models: &[&Architecture], out: &Path, device: &Device, workers: Workers) -> Result<()> {
     s.validate()?;
     let path = out.join("mqar.jsonl");
     let grid = mqar_grid(s, models);
@@ -479,7 +491,7 @@ fn run_mqar(s: &MqarSettings, models: &[&Architecture], out: &Path, device: &Dev
     let rows = run_queue(
         &todo,
         recall,
-        jobs,
+        workers,
         device,
         |i, dev| {
             let (name, task, width, lr) = &grid[i];
@@ -544,16 +556,19 @@ fn kept_rows(grid: &[GridPoint], s: &MqarSettings, out: &Path) -> Result<Vec<Opt
     Ok(recall)
 }
 
-/// Fills `slots[i]` with `run(i, device)` for every `i` of `todo`, `jobs` runs at once (workers
-/// take the next of `todo` as they finish), and after each run hands `written` the filled slots
-/// in slot order (so a part cut short keeps what finished). Each worker has a device of its own
-/// CUDA stream on a GPU ([`crate::device::with_own_stream`]) and a thread pool of its own, of
-/// the caller's size: on the CPU its ops' parallel loops then run on its threads, not queued
-/// behind the other workers' on a shared pool. One job runs on this thread, on `device`.
+/// Fills `slots[i]` with `run(i, device)` for every `i` of `todo`, `workers.jobs` runs at once
+/// (workers take the next of `todo` as they finish), and after each run hands `written` the
+/// filled slots in slot order (so a part cut short keeps what finished). Each worker has a
+/// device of its own CUDA stream on a GPU ([`crate::device::with_own_stream`]), worker w on GPU
+/// w mod `workers.gpus` where those are more than one (one run per GPU: the preset's models are
+/// small, and independent runs need no exchange), and a thread pool of its own, of the
+/// caller's size: on the CPU its ops' parallel loops then run on its threads, not queued
+/// behind the other workers' on a shared pool. One job on one GPU runs on this thread, on
+/// `device`.
 pub(crate) fn run_queue<R: Send>(
     todo: &[usize],
     slots: Vec<Option<R>>,
-    jobs: usize,
+    workers: Workers,
     device: &Device,
     run: impl Fn(usize, &Device) -> Result<R> + Sync,
     written: impl Fn(&[&R]) -> Result<()> + Sync,
@@ -569,11 +584,16 @@ pub(crate) fn run_queue<R: Send>(
         }
         Ok(())
     };
-    let jobs = jobs.min(todo.len()).max(1);
-    if jobs == 1 {
+    let jobs = workers.jobs.min(todo.len()).max(1);
+    if jobs == 1 && workers.gpus <= 1 {
         worker(device.clone())?;
     } else {
-        let devices = (0..jobs).map(|_| crate::device::with_own_stream(device)).collect::<Result<Vec<_>>>()?;
+        let devices = (0..jobs)
+            .map(|w| match workers.gpus {
+                0 | 1 => crate::device::with_own_stream(device),
+                n => crate::device::with_own_stream(&crate::device::select(&format!("cuda:{}", w % n))?),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let threads = rayon::current_num_threads();
         std::thread::scope(|s| -> Result<()> {
             let handles: Vec<_> = devices
@@ -698,7 +718,8 @@ mod tests {
     fn mqar_rerun_keeps_finished_rows() -> Result<()> {
         let settings = mqar::MqarSettings::default();
         let (dir, mut p, file) = tiny_preset("mqar-rerun", settings)?;
-        let select = Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: Some(1) };
+        let select =
+            Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: Some(1), gpus: 1 };
         let preset_arg = file.to_str().unwrap();
         run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let first = mqar_rows(&dir)?;
@@ -740,8 +761,12 @@ mod tests {
         (opts.head_dim, opts.heads, opts.length, opts.draws) = (8, 1, 12, 2);
         (opts.input_stds, opts.features) = (vec![0.5], vec![8, 64]);
         std::fs::write(&file, toml::to_string(&p)?)?;
-        let select =
-            Selection { parts: vec!["performer-error".into()], models: vec!["performer".into()], jobs: Some(1) };
+        let select = Selection {
+            parts: vec!["performer-error".into()],
+            models: vec!["performer".into()],
+            jobs: Some(1),
+            gpus: 1,
+        };
         run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let rows: Vec<crate::bench::performer_error::PerformerErrorRow> =
             read_lines(&dir.join("performer-error.jsonl"))?.unwrap();
@@ -777,7 +802,7 @@ mod tests {
         (part.task.train_examples, part.task.eval_examples) = (8, 4);
         std::fs::write(&file, toml::to_string(&p)?)?;
         let models = vec!["transformer".to_string(), "transformer-encoder".to_string()];
-        let select = Selection { parts: vec!["listops".into()], models, jobs: Some(1) };
+        let select = Selection { parts: vec!["listops".into()], models, jobs: Some(1), gpus: 1 };
         run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let rows: Vec<crate::results::ListOpsRow> = read_lines(&dir.join("listops.jsonl"))?.unwrap();
         let read: Vec<(&str, &str)> = rows.iter().map(|r| (r.model.as_str(), r.readout.as_str())).collect();
@@ -820,7 +845,7 @@ mod tests {
             let dir = base.join(format!("jobs-{jobs}"));
             let parts = ["lm", "mqar", "listops"].map(String::from).to_vec();
             let models = ["transformer", "aft-simple"].map(String::from).to_vec();
-            let select = Selection { parts, models, jobs: Some(jobs) };
+            let select = Selection { parts, models, jobs: Some(jobs), gpus: 1 };
             run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
             let lm: Vec<QualityRow> = read_lines(&dir.join("quality.jsonl"))?.unwrap();
             let listops: Vec<crate::results::ListOpsRow> = read_lines(&dir.join("listops.jsonl"))?.unwrap();
