@@ -1027,9 +1027,9 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
 /// LongNet's sequence parallelism (`--sequence-parallel`, issue 23): two and four workers, each
 /// taking its slice of every sequence (segments longer than a slice gathered from the others),
 /// train as one process does (f32, 1e-5 at every evaluation), with rotary positions and with a
-/// learned position table (each slice reads its own rows of it); a run stopped with two workers
-/// resumes in one process to the same losses. Models, contexts and settings it cannot split are
-/// refused by name.
+/// learned position table (each slice reads its own rows of it), dropout on (each worker draws
+/// its positions of the whole masks); a run stopped with two workers resumes in one process to
+/// the same losses. Models, contexts and pairs it cannot split are refused by name.
 #[test]
 fn sequence_parallel_longnet_trains_as_one_process() {
     let longnet = |out: &std::path::Path, extra: &[&str]| -> Vec<String> {
@@ -1062,16 +1062,18 @@ fn sequence_parallel_longnet_trains_as_one_process() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    for position in ["rope", "learned"] {
+    for (position, dropout) in [("rope", "0.1"), ("learned", "0")] {
         let pos = format!("model.position={position}");
+        let dropout = format!("model.dropout={dropout}");
         let runs = [
             temp(&format!("sp-one-{position}")),
             temp(&format!("sp-two-{position}")),
             temp(&format!("sp-four-{position}")),
         ];
-        trains(&longnet(&runs[0], &["--set", &pos]));
-        trains(&longnet(&runs[1], &["--set", &pos, "--workers", "2", "--sequence-parallel"]));
-        trains(&longnet(&runs[2], &["--set", &pos, "--workers", "4", "--sequence-parallel"]));
+        let set = ["--set", pos.as_str(), "--set", dropout.as_str()];
+        trains(&longnet(&runs[0], &set));
+        trains(&longnet(&runs[1], &[&set[..], &["--workers", "2", "--sequence-parallel"]].concat()));
+        trains(&longnet(&runs[2], &[&set[..], &["--workers", "4", "--sequence-parallel"]].concat()));
         assert_eq!(losses(&runs[0]).len(), 2);
         same_losses(&runs[0], &runs[1]);
         same_losses(&runs[0], &runs[2]);
@@ -1107,10 +1109,6 @@ fn sequence_parallel_longnet_trains_as_one_process() {
         "--sequence-parallel splits each sequence across workers: give --workers N or --gpus N",
     );
     refused(&["--workers", "3", "--sequence-parallel"], "model.context 32 is not a multiple of the 3 workers");
-    refused(
-        &["--workers", "2", "--sequence-parallel", "--set", "model.dropout=0.1"],
-        "sequence-parallel training draws no dropout masks",
-    );
     // a slice of 4 positions does not hold the segments of 8 whole (w 8, r 2: its dilation
     // would need rows of two slices at once)
     refused(&["--workers", "8", "--sequence-parallel"], "do not fit the pair");

@@ -12,11 +12,28 @@ pub struct Rng {
     /// Which slice of the batch this stream's dropout masks are for (data-parallel workers:
     /// the rank; 0 alone), so that each draws its own part of the whole batch's masks.
     shard: u64,
+    /// Into how many slices every sequence is split, the masks' slice being `shard`'s
+    /// (sequence-parallel workers); 0 where the batch is what is split.
+    positions: u64,
 }
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self { state: seed, shard: 0 }
+        Self { state: seed, shard: 0, positions: 0 }
+    }
+
+    /// This stream for slice `rank` of `world` of every sequence (sequence parallelism): a
+    /// mask over a tensor `[B, L, ..]` is, row by row, positions `rank L ..` of the whole
+    /// sequences' mask ([`Rng::positions`]).
+    pub fn for_positions(mut self, rank: u64, world: u64) -> Self {
+        self.shard = rank;
+        self.positions = world;
+        self
+    }
+
+    /// `(rank, world)` where every sequence is split ([`Rng::for_positions`]).
+    pub fn positions(&self) -> Option<(u64, u64)> {
+        (self.positions > 1).then_some((self.shard, self.positions))
     }
 
     /// This stream for slice `shard` of every batch ([`Rng::shard`]).

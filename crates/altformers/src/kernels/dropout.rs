@@ -28,7 +28,16 @@ fn run<T: CudaDType + DeviceRepr>(dev: &CudaDevice, sfx: &str, x: &CudaView<T>, 
         let func = launch::func(dev, MODULE, ptx::DROPOUT, &format!("dropout_{sfx}"))?;
         let (n_i, lo, hi, scale) = (n as i64, op.seed as u32, (op.seed >> 32) as u32, op.scale as f32);
         let mut b = func.builder();
-        b.arg(x).arg(&mut out).arg(&n_i).arg(&lo).arg(&hi).arg(&op.threshold).arg(&scale).arg(&op.first);
+        b.arg(x)
+            .arg(&mut out)
+            .arg(&n_i)
+            .arg(&lo)
+            .arg(&hi)
+            .arg(&op.threshold)
+            .arg(&scale)
+            .arg(&op.first)
+            .arg(&op.row)
+            .arg(&op.stride);
         // SAFETY: the input and the output hold n elements; every element is written.
         unsafe { b.launch(launch::elementwise_config(n)) }.w()?;
     }

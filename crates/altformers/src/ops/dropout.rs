@@ -25,8 +25,15 @@ use crate::rng::Rng;
 /// `1 / (1 - p)`, the mask drawn with a seed from `rng`.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     let Some(mut op) = draw(p, rng)? else { return Ok(x.clone()) };
-    // a data-parallel worker's slice of the batch: its part of the whole batch's mask
-    op.first = rng.shard() * x.elem_count() as u64;
+    match rng.positions() {
+        // a sequence-parallel worker's slice of every row: its part of each row of the mask
+        Some((rank, world)) => {
+            let row = (x.elem_count() / x.dim(0)?.max(1)) as u64;
+            (op.first, op.row, op.stride) = (rank * row, row, world * row);
+        }
+        // a data-parallel worker's slice of the batch: its part of the whole batch's mask
+        None => op.first = rng.shard() * x.elem_count() as u64,
+    }
     if fused(x) {
         return x.contiguous()?.apply_op1(op);
     }
@@ -79,18 +86,31 @@ pub struct Dropout {
     pub scale: f64,
     pub seed: u64,
     /// The index in the mask of this tensor's first element: 0, or where a data-parallel
-    /// worker's slice of the batch starts ([`Rng::shard`]).
+    /// worker's slice of the batch starts ([`Rng::shard`]), or a sequence-parallel worker's
+    /// slice of the first row.
     pub first: u64,
+    /// Elements of a row of this tensor when it holds a slice of every row of the whole mask
+    /// (sequence parallelism), each row `stride` apart there; 0: one contiguous run.
+    pub row: u64,
+    pub stride: u64,
 }
 
 impl Dropout {
     pub fn new(p: f64, seed: u64) -> Self {
         let threshold = (p * 4_294_967_296.0).round().min(u32::MAX as f64) as u32;
-        Self { threshold, scale: 1.0 / (1.0 - p), seed, first: 0 }
+        Self { threshold, scale: 1.0 / (1.0 - p), seed, first: 0, row: 0, stride: 0 }
+    }
+
+    /// Where this tensor's element `i` is in the whole mask (the CUDA kernel computes the same).
+    fn index(&self, i: u64) -> u64 {
+        match self.row {
+            0 => self.first + i,
+            row => self.first + i / row * self.stride + i % row,
+        }
     }
 
     fn keeps(&self, i: u64) -> bool {
-        bits(self.seed, self.first + i) >= self.threshold
+        bits(self.seed, self.index(i)) >= self.threshold
     }
 
     /// The multiplier of each of the first `n` elements: `scale` where kept, else 0.
@@ -194,6 +214,24 @@ mod tests {
         assert!(crate::testing::max_abs_diff(dx, &(&g * &mask)?)? < 1e-15);
         let again = dropout(x.as_tensor(), 0.25, &mut Rng::new(3))?;
         assert_eq!(crate::testing::max_abs_diff(&y, &again)?, 0.0);
+        Ok(())
+    }
+
+    /// Sequence parallelism: the masks of the slices of every row (`Rng::for_positions`), put
+    /// side by side, are the whole tensor's mask, and a worker's backward is its slice's.
+    #[test]
+    fn slices_of_every_sequence_make_the_whole_mask() -> Result<()> {
+        let x = Tensor::randn(0f64, 1.0, (2, 12, 5), &candle_core::Device::Cpu)?;
+        let whole = dropout(&x, 0.5, &mut Rng::new(21))?;
+        for world in [2, 3, 4] {
+            let len = 12 / world;
+            let parts = (0..world)
+                .map(|r| {
+                    dropout(&x.narrow(1, r * len, len)?, 0.5, &mut Rng::new(21).for_positions(r as u64, world as u64))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            assert_eq!(crate::testing::max_abs_diff(&Tensor::cat(&parts, 1)?, &whole)?, 0.0, "{world} slices");
+        }
         Ok(())
     }
 

@@ -258,12 +258,6 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             if !m.context.is_multiple_of(g.world) {
                 bail!("model.context {} is not a multiple of the {} workers (each takes an equal slice of every sequence)", m.context, g.world);
             }
-            if m.dropout > 0.0 {
-                bail!(
-                    "sequence-parallel training draws no dropout masks yet (model.dropout is {}): set model.dropout=0",
-                    m.dropout
-                );
-            }
         } else if !t.batch_size.is_multiple_of(g.world) {
             bail!("train.batch_size {} is not a multiple of the {} workers", t.batch_size, g.world);
         }

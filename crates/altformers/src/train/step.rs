@@ -276,7 +276,10 @@ impl Trainer {
     pub fn step(&mut self, model: &Model, task: &dyn Task, step: usize) -> Result<()> {
         let t = &self.train;
         let mut batch_rng = Rng::derive(t.seed, stream::TRAIN_BATCH, step as u64);
-        let mut dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64).for_shard(self.shard.0 as u64);
+        let dropout_rng = Rng::derive(t.seed, stream::DROPOUT, step as u64);
+        let (rank, world) = (self.shard.0 as u64, self.shard.1 as u64);
+        let mut dropout_rng =
+            if self.sequence_parallel { dropout_rng.for_positions(rank, world) } else { dropout_rng.for_shard(rank) };
         let batch =
             task.batch(t.batch_size, &mut batch_rng, model.device())?.share(self.shard, self.sequence_parallel)?;
         model.set_training_step(step);

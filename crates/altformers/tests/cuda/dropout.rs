@@ -39,3 +39,25 @@ fn a_workers_slice_draws_its_part_of_the_whole_mask() -> Result<()> {
     anyhow::ensure!(w == h, "shard 1's mask differs from the whole mask's second half");
     Ok(())
 }
+
+/// A sequence-parallel worker's slice (`Rng::for_positions`): the kernel's mask over positions
+/// 4..8 of every row of `[B, 8, D]`, drawn as rank 1 of 2, is the CPU's mask of the whole
+/// tensor at those positions (f32 and bf16).
+#[test]
+fn a_workers_slice_of_every_sequence_draws_its_part_of_the_whole_mask() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let x = randn(&[3, 8, 257], 4, DType::F32)?;
+    let whole = dropout(&x, 0.3, &mut Rng::new(12))?.narrow(1, 4, 4)?;
+    for dtype in [DType::F32, DType::BF16] {
+        let part = x.narrow(1, 4, 4)?.to_dtype(dtype)?.to_device(&gpu)?;
+        let mine = dropout(&part, 0.3, &mut Rng::new(12).for_positions(1, 2))?;
+        let kept = |t: &candle_core::Tensor| -> Result<Vec<u8>> {
+            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.ne(0f32)?.flatten_all()?.to_vec1::<u8>()?)
+        };
+        anyhow::ensure!(
+            kept(&whole)? == kept(&mine)?,
+            "{dtype:?}: rank 1's mask differs from the whole's positions 4..8"
+        );
+    }
+    Ok(())
+}
