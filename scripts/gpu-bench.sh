@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|longnet-sp|ddp|interop [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|longnet-sp|ddp|faults|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -452,13 +452,13 @@ if [ "$what" = nccl ]; then
 fi
 if [ "$what" = longnet-sp ]; then
   # Issue 23, LongNet's sequence parallelism on the GPUs of this host (GPUS, default all):
-  # training in one process against --gpus N --sequence-parallel (f32, no dropout; pairs whose
+  # training in one process against --gpus N --sequence-parallel (f32, dropout SP_DROPOUT or 0; pairs whose
   # longest segment spans more than a slice, so its dilated rows go through NCCL), then one
   # layer's forward and backward against T, one GPU alone and split over N.
   #   gpu-bench.sh longnet-sp [steps] [lengths]
   steps="${2:-100}"; lengths="${3:-65536,131072,262144,524288,1048576}"
   gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
-  base="--model longnet --data shakespeare --config configs/nanogpt-baby.toml --set model.dropout=0 --set model.options.segment_lengths=[32,64,128,512] --set model.options.dilation_rates=[1,2,4,16] --set train.steps=$steps --set train.eval_every=$((steps / 2)) --set train.eval_batches=4 --dtype f32 --quiet"
+  base="--model longnet --data shakespeare --config configs/nanogpt-baby.toml --set model.dropout=${SP_DROPOUT:-0} --set model.options.segment_lengths=[32,64,128,512] --set model.options.dilation_rates=[1,2,4,16] --set train.steps=$steps --set train.eval_every=$((steps / 2)) --set train.eval_batches=4 --dtype f32 --quiet"
   rm -rf /tmp/sp-*
   for how in one split; do
     flags="--device cuda"; [ $how = split ] && flags="--gpus $gpus --sequence-parallel"
@@ -520,6 +520,33 @@ except FileNotFoundError:
     pass
 PY
   tail -n 5 "$OUT/ddp.err"
+fi
+if [ "$what" = faults ]; then
+  # Issue 23, faults on the GPUs of this host (GPUS, default all): `train --gpus N` with a
+  # checkpoint every 20 steps; once the first is written the last rank's worker is killed
+  # (SIGKILL). The job must stop within the timeout naming that rank, leave the checkpoint
+  # intact, and `--resume` on another GPU count (one process when N > 1, else still one)
+  # must reach the step count.
+  gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --dtype bf16 --quiet --set train.eval_every=20 --set train.eval_batches=1"
+  rm -rf /tmp/fault-run
+  start=$(date +%s%N)
+  ALTFORMERS_TIMEOUT_S=30 $alt train $base --set train.steps=100000 --gpus $gpus --out /tmp/fault-run > "$OUT/fault-launcher.out" 2> "$OUT/fault-launcher.err" &
+  launcher=$!
+  for _ in $(seq 600); do [ -f /tmp/fault-run/checkpoint/state.json ] && break; sleep 0.1; done
+  victim=$(pgrep -f "altformers.*--out /tmp/fault-run" | while read p; do
+    r=$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null | sed -n "s/^ALTFORMERS_RANK=//p"); [ "$r" = $((gpus - 1)) ] && echo $p; done | head -1)
+  echo "checkpoint seen after $(( ($(date +%s%N) - start) / 1000000 )) ms; killing rank $((gpus - 1)) (pid $victim)" > "$OUT/fault-summary.txt"
+  kill -9 "$victim"; killed=$(date +%s%N)
+  wait $launcher; echo "launcher rc=$? after $(( ($(date +%s%N) - killed) / 1000000 )) ms" >> "$OUT/fault-summary.txt"
+  python3 -c "import json; print('checkpoint step', json.load(open('/tmp/fault-run/checkpoint/state.json'))['step'])" >> "$OUT/fault-summary.txt" 2>&1
+  # resume (the saved config's steps: lower them to 40 past the checkpoint is not allowed, so
+  # resume with the same settings on another count and stop 40 steps later)
+  step=$(python3 -c "import json; print(json.load(open('/tmp/fault-run/checkpoint/state.json'))['step'])")
+  flags="--device cuda"; [ "$gpus" = 1 ] && flags="--gpus 1"
+  $alt train --model transformer --data shakespeare --resume --dtype bf16 --quiet $flags --stop-after $((step + 40)) --out /tmp/fault-run > "$OUT/fault-resume.out" 2> "$OUT/fault-resume.err"
+  echo "resume ($flags) rc=$?" >> "$OUT/fault-summary.txt"; cp /tmp/fault-run/metrics.jsonl "$OUT/fault-metrics.jsonl"
+  cat "$OUT/fault-summary.txt" "$OUT/fault-launcher.err" | grep -v "^ " | head -20; tail -n 2 "$OUT/fault-metrics.jsonl"
 fi
 if [ "$what" = interop ]; then
   # Issue 26: the Hugging Face round trip against this machine's transformers.
