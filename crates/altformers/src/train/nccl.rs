@@ -25,11 +25,10 @@
 //! asynchronous NCCL error, it aborts the communicator (`ncclCommAbort`, as PyTorch's
 //! watchdog does) and fails with [`PeerLost`], naming the ranks whose rendezvous connection
 //! closed where it can see them. The launcher then stops the others and names the cause.
-//! Not covered by the deadline: the communicator's creation and the enqueueing calls, which
-//! NCCL runs blocking: a peer that dies there is seen by the launcher, which stops the
-//! others, but one that hangs between the rendezvous and `ncclCommInitRank` (or behind a
-//! full queue) hangs the job; a non-blocking communicator (`ncclCommInitRankConfig`,
-//! `blocking = 0`) would close that.
+//! Joining the communicator (`ncclCommInitRank`, which blocks until every rank has called
+//! it) runs on a thread of its own against the same deadline ([`join`]). Not covered: the
+//! enqueueing calls, which NCCL runs blocking (one behind a full queue would hang); a
+//! non-blocking communicator (`ncclCommInitRankConfig`, `blocking = 0`) would close that.
 //!
 //! NVLink multicast (NVLS) is switched off in every worker: on the machines this project
 //! runs on it can put the host's GPUs out of service.
@@ -101,18 +100,10 @@ impl NcclGroup {
         }
         tcp.broadcast_bytes(&mut id)?;
         let uid = sys::ncclUniqueId { internal: id.map(|b| b as std::ffi::c_char) };
-        let mut comm = std::mem::MaybeUninit::uninit();
-        unsafe { result::comm_init_rank(comm.as_mut_ptr(), tcp.world as i32, uid, tcp.rank as i32) }.map_err(|e| {
-            nccl_error(
-                &format!(
-                    "rank {} of {} joining the communicator (each worker needs a GPU of its own)",
-                    tcp.rank, tcp.world
-                ),
-                e.0,
-                None,
-            )
+        let comm = join(uid, tcp.world, tcp.rank, &stream, timeout).map_err(|e| match tcp.closed_peers().first() {
+            Some(&gone) => e.context(PeerLost(Some(gone))),
+            None => e,
         })?;
-        let comm = unsafe { comm.assume_init() };
         Ok(NcclGroup {
             tcp,
             comm,
@@ -428,6 +419,46 @@ fn nccl_type(dtype: DType, doing: &str) -> Result<sys::ncclDataType_t> {
         DType::F64 => sys::ncclDataType_t::ncclFloat64,
         other => bail!("NCCL {doing} of {other:?} tensors"),
     })
+}
+
+/// `ncclCommInitRank` for `rank` of `world` within `timeout`. NCCL blocks there until every
+/// rank has called it, so it runs on a thread of its own: past the deadline this fails (as a
+/// lost peer: the cause is another rank, one that died or hangs before joining), and the
+/// blocked thread is left to end with the process.
+pub fn join(
+    uid: sys::ncclUniqueId,
+    world: usize,
+    rank: usize,
+    stream: &Arc<CudaStream>,
+    timeout: Duration,
+) -> Result<sys::ncclComm_t> {
+    /// The communicator handed back from the joining thread.
+    struct Joined(sys::ncclComm_t);
+    // SAFETY: the handle is only used by the thread it is handed to, after the join returned.
+    unsafe impl Send for Joined {}
+    let (done, joined) = std::sync::mpsc::channel();
+    let context = stream.context().clone();
+    std::thread::Builder::new().name(format!("nccl-join-{rank}")).spawn(move || {
+        let r = context.bind_to_thread().map_err(anyhow::Error::from).and_then(|()| {
+            let mut comm = std::mem::MaybeUninit::uninit();
+            unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32) }.map_err(|e| {
+                nccl_error(
+                    &format!("rank {rank} of {world} joining the communicator (each worker needs a GPU of its own)"),
+                    e.0,
+                    None,
+                )
+            })?;
+            Ok(Joined(unsafe { comm.assume_init() }))
+        });
+        let _ = done.send(r);
+    })?;
+    match joined.recv_timeout(timeout) {
+        Ok(r) => r.map(|j| j.0),
+        Err(_) => Err(anyhow::Error::msg(PeerLost(None)).context(format!(
+            "NCCL: rank {rank} of {world}: the other ranks did not join the communicator within {:.0} s",
+            timeout.as_secs_f64()
+        ))),
+    }
 }
 
 fn error_string(r: sys::ncclResult_t) -> String {

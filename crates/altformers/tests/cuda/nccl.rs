@@ -174,3 +174,25 @@ fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
     }
     Ok(())
 }
+
+/// Joining a communicator whose other rank never comes (a world of two, one rank here) fails
+/// within the deadline as a lost peer, naming the rank and the wait, instead of blocking in
+/// `ncclCommInitRank` forever.
+#[test]
+fn a_rank_that_never_joins_fails_the_join_within_the_deadline() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    for (name, value) in NVLS_OFF {
+        std::env::set_var(name, value);
+    }
+    let Device::Cuda(cuda) = &gpu else { unreachable!("a CUDA device") };
+    let uid = cudarc::nccl::result::get_uniqueid().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let started = std::time::Instant::now();
+    let err = altformers::train::nccl::join(uid, 2, 0, &cuda.cuda_stream(), Duration::from_secs(2))
+        .err()
+        .expect("nobody else joined");
+    let waited = started.elapsed().as_secs_f64();
+    anyhow::ensure!(err.downcast_ref::<PeerLost>().is_some(), "not reported as a lost peer: {err:#}");
+    anyhow::ensure!(format!("{err:#}").contains("rank 0 of 2: the other ranks did not join"), "{err:#}");
+    anyhow::ensure!((2.0..10.0).contains(&waited), "failed after {waited:.1} s, not at the 2 s deadline");
+    Ok(())
+}
