@@ -115,6 +115,12 @@ impl NcclGroup {
         })
     }
 
+    /// Another deadline for the exchanges from now on (tests: one that has passed at once).
+    pub fn with_timeout(mut self, timeout: Duration) -> NcclGroup {
+        self.timeout = timeout;
+        self
+    }
+
     /// Smaller buckets (tests: many buckets on a tiny model).
     pub fn with_bucket_bytes(mut self, bytes: usize) -> NcclGroup {
         self.bucket_bytes = bytes.max(1);

@@ -115,7 +115,7 @@ fn a_reduction_past_its_deadline_aborts_and_fails_as_a_lost_peer() -> Result<()>
     let tokens = Tensor::new(&[[1u32, 2, 3, 4]], &gpu)?;
     let mut grads =
         Model::loss(&model.forward(&tokens.narrow(1, 0, 3)?, None)?, &tokens.narrow(1, 1, 3)?)?.backward()?;
-    let nccl = world_of_one(&gpu, Duration::from_micros(1))?;
+    let nccl = world_of_one(&gpu, Duration::from_secs(60))?.with_timeout(Duration::from_micros(1));
     // tens of milliseconds of products ahead of the reduction on the stream
     let a = (Tensor::randn(0f32, 1.0, (4096, 4096), &gpu)? * 1e-3)?;
     let mut x = a.clone();
