@@ -22,35 +22,37 @@ impl Batch {
     /// the mean of the slices' mean losses is the batch's mean loss). Only tasks scored at
     /// every position (the language model) shard.
     pub fn shard(&self, rank: usize, world: usize) -> Result<Batch> {
-        let b = self.inputs.dim(0)?;
-        if self.rows.is_some() {
-            anyhow::bail!("data-parallel training shards the language-model task only");
-        }
-        if world == 0 || !b.is_multiple_of(world) || rank >= world {
-            anyhow::bail!("a batch of {b} cannot be cut into {world} equal slices (train.batch_size must be a multiple of the workers)");
-        }
-        let n = b / world;
-        Ok(Batch {
-            inputs: self.inputs.narrow(0, rank * n, n)?,
-            targets: self.targets.narrow(0, rank * n, n)?,
-            rows: None,
-        })
+        self.cut(0, rank, world, ("data-parallel", "a batch", "train.batch_size"))
     }
 
     /// Worker `rank`'s slice of every row's positions, of `world` equal slices (sequence
     /// parallelism: each worker's mean loss over its positions, averaged, is the batch's).
     pub fn positions(&self, rank: usize, world: usize) -> Result<Batch> {
-        let t = self.inputs.dim(1)?;
+        self.cut(1, rank, world, ("sequence-parallel", "sequences", "model.context"))
+    }
+
+    /// Slice `rank` of `world` equal slices along `dim` of the inputs and targets; `names`
+    /// (the training, what is cut, the setting that sizes it) for the errors.
+    fn cut(
+        &self,
+        dim: usize,
+        rank: usize,
+        world: usize,
+        (training, what, setting): (&str, &str, &str),
+    ) -> Result<Batch> {
         if self.rows.is_some() {
-            anyhow::bail!("sequence-parallel training splits the language-model task only");
+            anyhow::bail!("{training} training splits the language-model task only");
         }
-        if world == 0 || !t.is_multiple_of(world) || rank >= world {
-            anyhow::bail!("sequences of {t} cannot be cut into {world} equal slices (model.context must be a multiple of the workers)");
+        let n = self.inputs.dim(dim)?;
+        if world == 0 || !n.is_multiple_of(world) || rank >= world {
+            anyhow::bail!(
+                "{what} of {n} cannot be cut into {world} equal slices ({setting} must be a multiple of the workers)"
+            );
         }
-        let n = t / world;
+        let len = n / world;
         Ok(Batch {
-            inputs: self.inputs.narrow(1, rank * n, n)?,
-            targets: self.targets.narrow(1, rank * n, n)?,
+            inputs: self.inputs.narrow(dim, rank * len, len)?,
+            targets: self.targets.narrow(dim, rank * len, len)?,
             rows: None,
         })
     }
