@@ -500,7 +500,7 @@ if [ "$what" = ddp ]; then
       echo "{\"size\":\"$size\",\"gpus\":\"$n\",\"metrics\":[$(paste -sd, /tmp/ddp-$size-$n/metrics.jsonl)]}" >> "$OUT/ddp-ours.jsonl"
       if [ $n != alone ] && [ "${PEER:-1}" = 1 ]; then
         echo "[$(date +%T)] peer $size $n" >> "$OUT/ddp.err"
-        (cd bench/peers && timeout 300 torchrun --standalone --nproc-per-node $n gpt_train.py --ddp \
+        (cd bench/peers && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout 300 torchrun --standalone --nproc-per-node $n gpt_train.py --ddp \
           --data ../../data/tinyshakespeare.txt --sizes $size --steps $steps) >> "$OUT/ddp-peer.jsonl" 2>> "$OUT/ddp.err"
       fi
     done

@@ -47,6 +47,10 @@ def distributed():
     import os
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, "cuda"
+    # NVLink multicast stays off (on this project's machines it can put the host's GPUs out
+    # of service); read by NCCL when the process group starts
+    for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ[name] = value
     import torch.distributed as dist
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)

@@ -739,8 +739,9 @@ fn bench(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-/// `train --workers N [--nnodes M --node-rank K --rdzv-endpoint host:port]`: runs this same
-/// command N times on this host as ranks K N to K N + N - 1 of one data-parallel job of M N
+/// `train --workers N [--nnodes M --node-rank K --rdzv-endpoint host:port]` (data- or
+/// sequence-parallel training) and `bench sequence-parallel`: runs this same command N times
+/// on this host as ranks K N to K N + N - 1 of one job (`job` names it) of M N
 /// workers (`altformers::train::distributed`), rank 0 listening at the endpoint (a free local
 /// port on one host), and waits. A worker that fails stops this host's others (those of other
 /// hosts stop when they lose it); the error names the cause among the ranks that failed.

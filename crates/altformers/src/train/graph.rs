@@ -27,7 +27,9 @@
 //! captured (one device, NCCL), a sequence that is not split, a model
 //! that does not follow the training step (Performer's redraws), a batch of the captured shape
 //! (else that step runs eagerly), the fused AdamW, every dropout seed found in the graph.
-//! Elsewhere every step is eager; a capture that fails says why once and leaves the run eager.
+//! Elsewhere every step is eager; a capture that fails says why once and leaves the run eager
+//! (on every worker of a job: they agree first), except a panic inside a library call while
+//! capturing, after which the device is not to be trusted: that stops the run.
 //! `ALTFORMERS_UNFUSED=train-graph` switches it off.
 
 use anyhow::{anyhow, bail, Result};
@@ -300,9 +302,21 @@ impl Trainer {
                     };
                     return (warm.map(Some), next);
                 }
-                match self.capture(model, task, buffers, dropout_rng.clone(), dev) {
-                    Ok(captured) => {
+                let captured = self.capture(model, task, buffers, dropout_rng.clone(), dev);
+                // every worker replays, or none does (their steps exchange different collectives)
+                let agreed = match self.sync.all_agree(captured.is_ok()) {
+                    Ok(agreed) => agreed,
+                    Err(e) => return (Err(e), Graphing::Off),
+                };
+                match captured {
+                    Ok(captured) if agreed => {
                         self.advance(Graphing::Ready(Box::new(captured)), model, task, batch, dropout_rng, step, dev)
+                    }
+                    Ok(_) => {
+                        eprintln!(
+                            "note: the training step runs without a CUDA graph (another worker's capture failed)"
+                        );
+                        (Ok(None), Graphing::Off)
                     }
                     Err(e) if e.is::<CapturePanicked>() => (Err(e), Graphing::Off),
                     Err(e) => {

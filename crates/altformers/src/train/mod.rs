@@ -464,6 +464,6 @@ pub fn exchange(
             Ok((Box::new(nccl.clone()), std::sync::Arc::new(nccl)))
         }
         #[allow(unreachable_patterns)]
-        _ => bail!("data-parallel training on {device:?}: this build exchanges gradients on the CPU or, with CUDA, through NCCL"),
+        _ => bail!("workers on {device:?}: this build exchanges between CPU workers or, with CUDA, through NCCL"),
     }
 }

@@ -11,9 +11,11 @@
 //! not overlapped with it as DDP's autograd hooks do.
 //!
 //! The exchange can be captured in the training step's CUDA graph ([`super::graph`]): which
-//! parameters any rank has a gradient for is read back once, at the first step (eager), and
-//! kept for the same pattern on this rank; while capturing nothing is read back and nothing
-//! waited for, and the trainer waits after each replay ([`GradientSync::after_replay`]).
+//! parameters any rank has a gradient for is exchanged at every eager step and, while
+//! capturing, taken from the last eager step (the same pattern on this rank, or the capture
+//! fails and every rank stays eager: [`GradientSync::all_agree`]); nothing is read back or
+//! waited for while capturing, and the trainer waits after each replay
+//! ([`GradientSync::after_replay`]).
 //!
 //! The same communicator is a split sequence's collective (LongNet's sequence parallelism,
 //! [`crate::mixers::longnet::sequence_parallel::AllGather`]): `ncclAllGather` forward,
@@ -210,17 +212,18 @@ impl GradientSync for NcclGroup {
         }
         let capturing = self.capturing();
         let mine: Vec<bool> = vars.iter().map(|(_, p)| grads.get(p.var.as_tensor()).is_some()).collect();
-        let known = self
-            .presence
-            .lock()
-            .expect("presence lock")
-            .as_ref()
-            .filter(|(m, _)| *m == mine)
-            .map(|(_, any)| any.clone());
-        let any = match known {
-            Some(any) => Some(any),
-            None if capturing => bail!("NCCL: a captured step whose gradients differ from the eager steps'"),
-            None => None,
+        // An eager step exchanges which parameters have a gradient, as every rank does; a
+        // captured one cannot read the answer back, so it takes the last eager step's, for the
+        // same pattern here (a capture that cannot fails, and the ranks then all stay eager:
+        // `GradientSync::all_agree`).
+        let any = if capturing {
+            let presence = self.presence.lock().map_err(|_| anyhow::anyhow!("NCCL: the presence lock is poisoned"))?;
+            match presence.as_ref().filter(|(m, _)| *m == mine) {
+                Some((_, any)) => Some(any.clone()),
+                None => bail!("NCCL: a captured step whose gradients differ from the eager steps'"),
+            }
+        } else {
+            None
         };
         // buckets: runs of parameters of one dtype up to bucket_bytes
         let mut buckets: Vec<(usize, usize)> = Vec::new();
@@ -266,7 +269,8 @@ impl GradientSync for NcclGroup {
             (None, Some(has)) => {
                 self.wait("the gradient all-reduce")?;
                 let any: Vec<bool> = has.to_vec1::<f32>()?.iter().map(|&h| h > 0.0).collect();
-                *self.presence.lock().expect("presence lock") = Some((mine, any.clone()));
+                *self.presence.lock().map_err(|_| anyhow::anyhow!("NCCL: the presence lock is poisoned"))? =
+                    Some((mine, any.clone()));
                 any
             }
             (None, None) => unreachable!("the flags are exchanged whenever the pattern is new"),
@@ -292,6 +296,12 @@ impl GradientSync for NcclGroup {
 
     fn capturable(&self) -> bool {
         true
+    }
+
+    fn all_agree(&self, ok: bool) -> Result<bool> {
+        let mut votes = [if ok { 1.0 } else { 0.0 }];
+        self.tcp.all_reduce_mean(&mut votes)?;
+        Ok(votes[0] == 1.0)
     }
 
     fn after_replay(&self) -> Result<()> {
@@ -460,10 +470,13 @@ pub fn join(
     })?;
     match joined.recv_timeout(timeout) {
         Ok(r) => r.map(|j| j.0),
-        Err(_) => Err(anyhow::Error::msg(PeerLost(None)).context(format!(
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(anyhow::Error::msg(PeerLost(None)).context(format!(
             "NCCL: rank {rank} of {world}: the other ranks did not join the communicator within {:.0} s",
             timeout.as_secs_f64()
         ))),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            bail!("NCCL: rank {rank} of {world}: the thread joining the communicator stopped without an answer")
+        }
     }
 }
 

@@ -38,6 +38,13 @@ pub trait GradientSync {
     fn after_replay(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Whether every rank says `ok` (each rank calls it at the same point): the ranks capture
+    /// their steps together or not at all, since a replayed step and an eager one exchange
+    /// different collectives.
+    fn all_agree(&self, ok: bool) -> Result<bool> {
+        Ok(ok)
+    }
 }
 
 impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
@@ -55,6 +62,10 @@ impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
 
     fn after_replay(&self) -> Result<()> {
         (**self).after_replay()
+    }
+
+    fn all_agree(&self, ok: bool) -> Result<bool> {
+        (**self).all_agree(ok)
     }
 }
 

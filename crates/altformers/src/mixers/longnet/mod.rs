@@ -106,6 +106,8 @@ pub struct LongNet {
     att: Attention,
     pairs: Vec<(usize, usize)>,
     context: usize,
+    /// Index tensors of every shape this layer has run at.
+    indices: PairIndices,
     /// Set when the sequence is split across devices: each holds a slice
     /// ([`sequence_parallel`]).
     split: std::sync::OnceLock<sequence_parallel::Split>,
@@ -115,7 +117,13 @@ impl LongNet {
     pub fn new(cfg: &ModelConfig, pb: &ParamBuilder) -> AnyResult<Self> {
         let opts: LongNetOptions = cfg.options()?;
         let pairs = opts.pairs(cfg.context)?;
-        Ok(Self { att: Attention::new(cfg, pb)?, pairs, context: cfg.context, split: Default::default() })
+        Ok(Self {
+            att: Attention::new(cfg, pb)?,
+            pairs,
+            context: cfg.context,
+            indices: Default::default(),
+            split: Default::default(),
+        })
     }
 
     /// Refuses the recurrent forms once the sequence is split (they would need every slice).
@@ -136,12 +144,24 @@ impl LongNet {
 /// Causal dilated attention of `q: [B, H, T, d_h]` over `k, v: [B, KVH, T, d_h]` with the
 /// (w, r) `pairs`, mixed by their softmax denominators -> `[B, H, T, d_h]`.
 pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor> {
+    dilated_attention_indexed(q, k, v, pairs, &PairIndices::default())
+}
+
+/// [`dilated_attention`] reading its index tensors from `indices` (a layer's: built once for
+/// each shape).
+fn dilated_attention_indexed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pairs: &[(usize, usize)],
+    indices: &PairIndices,
+) -> Result<Tensor> {
     // (the attention's heads are views of its projections; the gathers need them contiguous)
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let mut outs = Vec::with_capacity(pairs.len());
     let mut lses = Vec::with_capacity(pairs.len());
     for &pair in pairs {
-        let (out, lse) = pair_attention(q, k, v, pair)?;
+        let (out, lse) = pair_attention(q, k, v, pair, indices)?;
         outs.push(out);
         lses.push(lse);
     }
@@ -151,10 +171,16 @@ pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, us
 /// One (w, r) pair's attention (contiguous `q, k, v` as [`dilated_attention`]'s): each
 /// position's output `[B, H, T, d_h]` and log-sum-exp `[B, H, T]` (-inf where the pair does
 /// not keep the position for that head).
-fn pair_attention(q: &Tensor, k: &Tensor, v: &Tensor, (w, r): (usize, usize)) -> Result<(Tensor, Tensor)> {
+fn pair_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (w, r): (usize, usize),
+    indices: &PairIndices,
+) -> Result<(Tensor, Tensor)> {
     let (b, h, t, dh) = q.dims4()?;
     let dev = q.device();
-    let ix = PairIndex::cached(h, h / k.dim(1)?, t, (w, r), stats_dtype(q.dtype()), dev)?;
+    let ix = indices.get(h, h / k.dim(1)?, t, (w, r), stats_dtype(q.dtype()), dev)?;
     let tp = ix.padded;
     let pad = |x: &Tensor| {
         if tp > t {
@@ -194,9 +220,10 @@ fn pair_attention(q: &Tensor, k: &Tensor, v: &Tensor, (w, r): (usize, usize)) ->
 
 /// What one (w, r) pair's attention reads over `t` positions with `h` query heads (groups of
 /// `g` sharing K/V): the kept rows of each head offset, the causal mask among them, and which
-/// positions each head covers. Built once per shape and device ([`PairIndex::cached`]): made
-/// every forward they were several uploads a pair and layer, and a training step captured as
-/// a CUDA graph must make none.
+/// positions each head covers. Built once per shape and kept by the layer ([`PairIndices`]):
+/// made every forward they were several uploads a pair and layer, and a training step captured
+/// as a CUDA graph must make none (its replays read these tensors, so they live as long as
+/// the layer; and a layer's tensors stay on its device's one stream).
 struct PairIndex {
     segments: usize,
     /// `t` rounded up to whole segments.
@@ -216,34 +243,35 @@ struct OffsetGroup {
     rows: Option<(Tensor, Tensor, Tensor, Tensor)>,
 }
 
-type PairKey = (candle_core::DeviceLocation, usize, usize, usize, (usize, usize), DType);
+/// `(H, g, T, (w, r), mask dtype)`: what a [`PairIndex`] is built for.
+type PairKey = (usize, usize, usize, (usize, usize), DType);
 
-impl PairIndex {
-    fn cached(
+/// A layer's [`PairIndex`]es, one per shape it has run at.
+#[derive(Default)]
+struct PairIndices(std::sync::Mutex<std::collections::HashMap<PairKey, std::sync::Arc<PairIndex>>>);
+
+impl PairIndices {
+    fn get(
+        &self,
         h: usize,
         g: usize,
         t: usize,
         pair: (usize, usize),
         mask: DType,
         dev: &Device,
-    ) -> Result<std::sync::Arc<Self>> {
-        static CACHE: std::sync::Mutex<Option<std::collections::HashMap<PairKey, std::sync::Arc<PairIndex>>>> =
-            std::sync::Mutex::new(None);
-        let key = (dev.location(), h, g, t, pair, mask);
-        let mut cache = CACHE.lock().map_err(|_| candle_core::Error::Msg("LongNet: index cache poisoned".into()))?;
-        let map = cache.get_or_insert_with(Default::default);
+    ) -> Result<std::sync::Arc<PairIndex>> {
+        let key = (h, g, t, pair, mask);
+        let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("LongNet: index cache poisoned".into()))?;
         if let Some(ix) = map.get(&key) {
             return Ok(ix.clone());
         }
-        // a handful of shapes per model; a sweep over lengths starts afresh now and then
-        if map.len() >= 256 {
-            map.clear();
-        }
-        let ix = std::sync::Arc::new(Self::new(h, g, t, pair, mask, dev)?);
+        let ix = std::sync::Arc::new(PairIndex::new(h, g, t, pair, mask, dev)?);
         map.insert(key, ix.clone());
         Ok(ix)
     }
+}
 
+impl PairIndex {
     fn new(h: usize, g: usize, t: usize, (w, r): (usize, usize), mask_dtype: DType, dev: &Device) -> Result<Self> {
         // A segment longer than the sequence is one segment of its rows below T: cut it to T
         // rounded up to the dilation (the same kept rows), not padded to w, which cost O(w)
@@ -387,7 +415,7 @@ impl SequenceMixer for LongNet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let Some(split) = self.split.get() else {
             let (q, k, v) = self.att.project(x, 0)?;
-            return self.att.merge(&dilated_attention(&q, &k, &v, &self.pairs)?);
+            return self.att.merge(&dilated_attention_indexed(&q, &k, &v, &self.pairs, &self.indices)?);
         };
         // this device's slice: positions rank L ..
         let (q, k, v) = self.att.project(x, split.rank() * x.dim(1)?)?;
@@ -400,7 +428,7 @@ impl SequenceMixer for LongNet {
         let shard = sequence_parallel::Shard { rank: split.rank(), world: split.world(), pairs: &self.pairs };
         if !self.context.is_multiple_of(shard.world) {
             candle_core::bail!(
-                "LongNet sequence parallel: a context of {} in {} equal slices",
+                "LongNet sequence parallel: a context of {} cannot be cut into {} equal slices",
                 self.context,
                 shard.world
             );
@@ -415,7 +443,7 @@ impl SequenceMixer for LongNet {
     fn prefill(&self, x: &Tensor) -> Result<(Tensor, MixerState)> {
         self.whole()?;
         let (q, k, v) = self.att.project(x, 0)?;
-        let y = self.att.merge(&dilated_attention(&q, &k, &v, &self.pairs)?)?;
+        let y = self.att.merge(&dilated_attention_indexed(&q, &k, &v, &self.pairs, &self.indices)?)?;
         Ok((y, MixerState { tensors: vec![k, v], pos: x.dim(1)? }))
     }
 

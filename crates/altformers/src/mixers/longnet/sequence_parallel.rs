@@ -146,7 +146,7 @@ impl Shard<'_> {
         for &(w, r) in self.pairs {
             if w <= len {
                 // the slice starts on a segment boundary: one device's computation
-                let (out, lse) = pair_attention(q, k, v, (w, r))?;
+                let (out, lse) = pair_attention(q, k, v, (w, r), &Default::default())?;
                 outs.push(out);
                 lses.push(lse);
                 continue;
