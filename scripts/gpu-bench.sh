@@ -425,30 +425,34 @@ if [ "$what" = decode-large ]; then
   cut -c1-300 "$OUT"/ours-decode-large-*.stdout; tail -n 3 "$OUT/ours.err"
 fi
 if [ "$what" = nccl ]; then
-  # Issue 23 on the one GPU lent: the baby GPT (bf16, dropout 0.2) trained in one process and
-  # as one NCCL worker (--gpus 1: the launcher, the rendezvous, the gradients through NCCL
-  # all-reduce), the same steps; the NCCL run stopped half-way and resumed without NCCL; the
-  # launcher's refusal of more GPUs than the host has.
+  # Issue 23's equality: the baby GPT trained in one process (batch B) and by `--gpus N` (N
+  # workers of B / N rows each, gradients through NCCL), the same steps, in f32 and bf16
+  # (DTYPES), twice each in one process (the GPU's run-to-run spread, the bf16 criterion); the
+  # N-GPU run stopped half-way and resumed in one process; the launcher's refusal of more GPUs
+  # than the host has. N = GPUS (default: every GPU of the host).
   #   gpu-bench.sh nccl [steps]
   steps="${2:-200}"; half=$((steps / 2))
-  base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$steps --set train.eval_every=$half --set train.eval_batches=4 --dtype bf16 --quiet"
+  gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
   rm -rf /tmp/nccl-*
-  for how in one gpus1; do
-    flags="--device cuda"; [ $how = gpus1 ] && flags="--gpus 1"
-    echo "[$(date +%T)] $how" >> "$OUT/nccl.err"
-    start=$(date +%s%N)
-    run train $base $flags --out /tmp/nccl-$how > "$OUT/nccl-$how.json" 2>> "$OUT/nccl.err"
-    echo "$how rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" >> "$OUT/nccl-summary.txt"
-    cp /tmp/nccl-$how/metrics.jsonl "$OUT/nccl-$how.metrics.jsonl" 2>/dev/null
+  for dtype in ${DTYPES:-f32 bf16}; do
+    base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$steps --set train.eval_every=$half --set train.eval_batches=4 --dtype $dtype --quiet"
+    for how in one again gpus; do
+      flags="--device cuda"; [ $how = gpus ] && flags="--gpus $gpus"
+      echo "[$(date +%T)] $dtype $how" >> "$OUT/nccl.err"
+      start=$(date +%s%N)
+      run train $base $flags --out /tmp/nccl-$dtype-$how > "$OUT/nccl-$dtype-$how.json" 2>> "$OUT/nccl.err"
+      echo "$dtype $how ($flags) rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))" >> "$OUT/nccl-summary.txt"
+      cp /tmp/nccl-$dtype-$how/metrics.jsonl "$OUT/nccl-$dtype-$how.metrics.jsonl" 2>/dev/null
+    done
   done
-  ls -la /tmp/altformers-nccl/ >> "$OUT/nccl-summary.txt" 2>&1
   echo "[$(date +%T)] stop and resume" >> "$OUT/nccl.err"
-  run train $base --gpus 1 --stop-after $half --out /tmp/nccl-resumed > /dev/null 2>> "$OUT/nccl.err"
+  base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$steps --set train.eval_every=$half --set train.eval_batches=4 --dtype bf16 --quiet"
+  run train $base --gpus $gpus --stop-after $half --out /tmp/nccl-resumed > /dev/null 2>> "$OUT/nccl.err"
   run train --model transformer --data shakespeare --resume --device cuda --dtype bf16 --quiet --out /tmp/nccl-resumed > "$OUT/nccl-resumed.json" 2>> "$OUT/nccl.err"
   cp /tmp/nccl-resumed/metrics.jsonl "$OUT/nccl-resumed.metrics.jsonl" 2>/dev/null
-  echo "[$(date +%T)] two GPUs on a host of one" >> "$OUT/nccl.err"
-  run train $base --gpus 2 --out /tmp/nccl-two > /dev/null 2> "$OUT/nccl-two.err"; echo "gpus2 rc=$?" >> "$OUT/nccl-summary.txt"
-  cat "$OUT/nccl-summary.txt" "$OUT"/nccl-*.json "$OUT/nccl-two.err"; tail -n 5 "$OUT/nccl.err"
+  echo "[$(date +%T)] more GPUs than the host has" >> "$OUT/nccl.err"
+  run train $base --gpus $((gpus + 1)) --out /tmp/nccl-more > /dev/null 2> "$OUT/nccl-more.err"; echo "gpus $((gpus + 1)) rc=$?" >> "$OUT/nccl-summary.txt"
+  cat "$OUT/nccl-summary.txt" "$OUT"/nccl-*.json "$OUT/nccl-more.err"; tail -n 5 "$OUT/nccl.err"
 fi
 if [ "$what" = longnet-sp ]; then
   # Issue 23, LongNet's sequence parallelism on the GPUs of this host (GPUS, default all):
