@@ -24,7 +24,7 @@
 //! the eager warm-up steps), and after each replay waits for it against the job's deadline.
 //!
 //! It applies where a replay is that computation: one slice per step, an exchange that can be
-//! captured (one device, NCCL), a sequence that is not split, a model
+//! captured (one device, NCCL; a sequence split over NCCL too), a model
 //! that does not follow the training step (Performer's redraws), a batch of the captured shape
 //! (else that step runs eagerly), the fused AdamW, every dropout seed found in the graph.
 //! Elsewhere every step is eager; a capture that fails says why once and leaves the run eager
@@ -241,8 +241,6 @@ impl Trainer {
             Some("switched off")
         } else if self.slices != 1 || !self.sync.capturable() {
             Some("a step of several slices, or an exchange that reads back to the host")
-        } else if self.sequence_parallel {
-            Some("a split sequence (its all-gathers are waited for inside the step)")
         } else if model.follows_training_step() {
             Some("a model that follows the training step")
         } else {

@@ -20,7 +20,8 @@
 //! The same communicator is a split sequence's collective (LongNet's sequence parallelism,
 //! [`crate::mixers::longnet::sequence_parallel::AllGather`]): `ncclAllGather` forward,
 //! `ncclReduceScatter` (sum) backward, each waited for against the deadline as the gradients
-//! are, so a peer lost in the middle of a forward pass fails the same way.
+//! are (after the replay, in a captured step), so a peer lost in the middle of a forward pass
+//! fails the same way.
 //!
 //! Faults: NCCL waits forever for a rank that died or hangs. A worker waits for its
 //! reduction against a deadline ([`super::distributed::timeout`]); past it, or on an
@@ -359,7 +360,10 @@ impl NcclGather {
             }
             .map_err(|e| nccl_error("all-gather", e.0, Some(g.comm)))?;
         }
-        g.wait("the sequence's all-gather")?;
+        // (a captured step is waited for after its replay)
+        if !g.capturing() {
+            g.wait("the sequence's all-gather")?;
+        }
         Ok(T::wrap_cuda_slice(out, dev.clone()))
     }
 }
@@ -421,7 +425,9 @@ impl candle_core::CustomOp1 for NcclGather {
             .map(|_| ())
             .map_err(|e| candle_core::Error::Msg(nccl_error("reduce-scatter", e.0, Some(g.comm)).to_string()))
         })?;
-        g.wait("the sequence's reduce-scatter").map_err(fail)?;
+        if !g.capturing() {
+            g.wait("the sequence's reduce-scatter").map_err(fail)?;
+        }
         Ok(Some(mine))
     }
 }

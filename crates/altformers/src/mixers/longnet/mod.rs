@@ -107,7 +107,7 @@ pub struct LongNet {
     pairs: Vec<(usize, usize)>,
     context: usize,
     /// Index tensors of every shape this layer has run at.
-    indices: PairIndices,
+    indices: Indices,
     /// Set when the sequence is split across devices: each holds a slice
     /// ([`sequence_parallel`]).
     split: std::sync::OnceLock<sequence_parallel::Split>,
@@ -144,7 +144,7 @@ impl LongNet {
 /// Causal dilated attention of `q: [B, H, T, d_h]` over `k, v: [B, KVH, T, d_h]` with the
 /// (w, r) `pairs`, mixed by their softmax denominators -> `[B, H, T, d_h]`.
 pub fn dilated_attention(q: &Tensor, k: &Tensor, v: &Tensor, pairs: &[(usize, usize)]) -> Result<Tensor> {
-    dilated_attention_indexed(q, k, v, pairs, &PairIndices::default())
+    dilated_attention_indexed(q, k, v, pairs, &Indices::default())
 }
 
 /// [`dilated_attention`] reading its index tensors from `indices` (a layer's: built once for
@@ -154,7 +154,7 @@ fn dilated_attention_indexed(
     k: &Tensor,
     v: &Tensor,
     pairs: &[(usize, usize)],
-    indices: &PairIndices,
+    indices: &Indices,
 ) -> Result<Tensor> {
     // (the attention's heads are views of its projections; the gathers need them contiguous)
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
@@ -176,7 +176,7 @@ fn pair_attention(
     k: &Tensor,
     v: &Tensor,
     (w, r): (usize, usize),
-    indices: &PairIndices,
+    indices: &Indices,
 ) -> Result<(Tensor, Tensor)> {
     let (b, h, t, dh) = q.dims4()?;
     let dev = q.device();
@@ -220,7 +220,7 @@ fn pair_attention(
 
 /// What one (w, r) pair's attention reads over `t` positions with `h` query heads (groups of
 /// `g` sharing K/V): the kept rows of each head offset, the causal mask among them, and which
-/// positions each head covers. Built once per shape and kept by the layer ([`PairIndices`]):
+/// positions each head covers. Built once per shape and kept by the layer ([`Indices`]):
 /// made every forward they were several uploads a pair and layer, and a training step captured
 /// as a CUDA graph must make none (its replays read these tensors, so they live as long as
 /// the layer; and a layer's tensors stay on its device's one stream).
@@ -246,11 +246,15 @@ struct OffsetGroup {
 /// `(H, g, T, (w, r), mask dtype)`: what a [`PairIndex`] is built for.
 type PairKey = (usize, usize, usize, (usize, usize), DType);
 
-/// A layer's [`PairIndex`]es, one per shape it has run at.
+/// A layer's index tensors, one set per shape it has run at: the [`PairIndex`] of each pair,
+/// and the sequence-parallel shard's ([`Indices::tensor`]).
 #[derive(Default)]
-struct PairIndices(std::sync::Mutex<std::collections::HashMap<PairKey, std::sync::Arc<PairIndex>>>);
+pub(crate) struct Indices {
+    pairs: std::sync::Mutex<std::collections::HashMap<PairKey, std::sync::Arc<PairIndex>>>,
+    tensors: std::sync::Mutex<std::collections::HashMap<(&'static str, Vec<usize>), Tensor>>,
+}
 
-impl PairIndices {
+impl Indices {
     fn get(
         &self,
         h: usize,
@@ -261,13 +265,30 @@ impl PairIndices {
         dev: &Device,
     ) -> Result<std::sync::Arc<PairIndex>> {
         let key = (h, g, t, pair, mask);
-        let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("LongNet: index cache poisoned".into()))?;
+        let mut map = self.pairs.lock().map_err(|_| candle_core::Error::Msg("LongNet: index cache poisoned".into()))?;
         if let Some(ix) = map.get(&key) {
             return Ok(ix.clone());
         }
         let ix = std::sync::Arc::new(PairIndex::new(h, g, t, pair, mask, dev)?);
         map.insert(key, ix.clone());
         Ok(ix)
+    }
+
+    /// The tensor `what` for `key` (everything it depends on), made by `build` the first time.
+    pub(crate) fn tensor(
+        &self,
+        what: &'static str,
+        key: &[usize],
+        build: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut map =
+            self.tensors.lock().map_err(|_| candle_core::Error::Msg("LongNet: index cache poisoned".into()))?;
+        if let Some(t) = map.get(&(what, key.to_vec())) {
+            return Ok(t.clone());
+        }
+        let t = build()?;
+        map.insert((what, key.to_vec()), t.clone());
+        Ok(t)
     }
 }
 
@@ -419,7 +440,7 @@ impl SequenceMixer for LongNet {
         };
         // this device's slice: positions rank L ..
         let (q, k, v) = self.att.project(x, split.rank() * x.dim(1)?)?;
-        self.att.merge(&sequence_parallel::split_attention(split.as_ref(), &q, &k, &v, &self.pairs)?)
+        self.att.merge(&sequence_parallel::split_attention(split.as_ref(), &q, &k, &v, &self.pairs, &self.indices)?)
     }
 
     /// Checked here against slices of the model's context, so that a split that cannot hold

@@ -26,7 +26,7 @@
 use candle_core::{bail, Result, Tensor};
 use std::sync::Arc;
 
-use super::{combine, mask_uncovered, pair_attention, softmax_attention, stats_dtype};
+use super::{combine, mask_uncovered, pair_attention, softmax_attention, stats_dtype, Indices};
 
 /// The collective between the devices a sequence is split across: every device's `x` (one
 /// shape on every device) stacked in rank order, `[world, ..x's shape]`, and differentiable:
@@ -44,22 +44,24 @@ pub type Split = Arc<dyn AllGather>;
 
 /// Dilated attention over this device's slice of the sequence (`q: [B, H, L, d_h]`, `k, v:
 /// [B, KVH, L, d_h]`, the slice at positions `rank L ..`) -> `[B, H, L, d_h]`: one all-gather
-/// of the longer pairs' dilated rows, none when every pair fits a slice.
-pub fn split_attention(
+/// of the longer pairs' dilated rows, none when every pair fits a slice. Index tensors from
+/// the layer's `indices` (built once per shape: none is uploaded in a captured step).
+pub(crate) fn split_attention(
     split: &dyn AllGather,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     pairs: &[(usize, usize)],
+    indices: &Indices,
 ) -> Result<Tensor> {
     let shard = Shard { rank: split.rank(), world: split.world(), pairs };
-    let sent = shard.contribution(k, v, q.dim(1)?)?;
+    let sent = shard.contribution_indexed(k, v, q.dim(1)?, indices)?;
     let gathered = if sent.is_empty() {
         (0..shard.world).map(|_| Vec::new()).collect()
     } else {
         unpack(&split.all_gather(&pack(&sent)?)?, &sent)?
     };
-    shard.attention(q, k, v, &gathered)
+    shard.attention_indexed(q, k, v, &gathered, indices)
 }
 
 /// Device `rank` of `world`, computing LongNet's `pairs` over its slice.
@@ -115,12 +117,18 @@ impl Shard<'_> {
     /// This device's rows to gather, one [`Dilated`] per gathered pair in pair order, from its
     /// slice's `k, v: [B, KVH, L, d_h]` for `heads` query heads.
     pub fn contribution(&self, k: &Tensor, v: &Tensor, heads: usize) -> Result<Vec<Dilated>> {
+        self.contribution_indexed(k, v, heads, &Indices::default())
+    }
+
+    fn contribution_indexed(&self, k: &Tensor, v: &Tensor, heads: usize, indices: &Indices) -> Result<Vec<Dilated>> {
         let (b, kvh, len, dh) = k.dims4()?;
         self.check(len)?;
         let g = heads / kvh;
         self.gathered(len)
             .map(|(_, r)| {
-                let idx = Tensor::from_vec(Self::kept(heads, len, r, |j| j / g), heads * (len / r), k.device())?;
+                let idx = indices.tensor("sent rows", &[heads, len, r, g], || {
+                    Tensor::from_vec(Self::kept(heads, len, r, |j| j / g), heads * (len / r), k.device())
+                })?;
                 let rows = |x: &Tensor| -> Result<Tensor> {
                     x.contiguous()?.reshape((b, kvh * len, dh))?.index_select(&idx, 1)?.reshape((b, heads, len / r, dh))
                 };
@@ -133,6 +141,17 @@ impl Shard<'_> {
     /// [B, KVH, L, d_h]`, with `gathered[s]` device s's [`Shard::contribution`] (every device,
     /// in rank order).
     pub fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, gathered: &[Vec<Dilated>]) -> Result<Tensor> {
+        self.attention_indexed(q, k, v, gathered, &Indices::default())
+    }
+
+    fn attention_indexed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        gathered: &[Vec<Dilated>],
+        indices: &Indices,
+    ) -> Result<Tensor> {
         let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
         let (b, h, len, dh) = q.dims4()?;
         self.check(len)?;
@@ -146,16 +165,19 @@ impl Shard<'_> {
         for &(w, r) in self.pairs {
             if w <= len {
                 // the slice starts on a segment boundary: one device's computation
-                let (out, lse) = pair_attention(q, k, v, (w, r), &Default::default())?;
+                let (out, lse) = pair_attention(q, k, v, (w, r), indices)?;
                 outs.push(out);
                 lses.push(lse);
                 continue;
             }
             let rows = len / r;
-            let kept = Self::kept(h, len, r, |j| j);
-            let mut cover = vec![0u8; h * len];
-            kept.iter().for_each(|&p| cover[p as usize] = 1);
-            let idx = Tensor::from_vec(kept, h * rows, dev)?;
+            let kept = || Self::kept(h, len, r, |j| j);
+            let idx = indices.tensor("kept rows", &[h, len, r], || Tensor::from_vec(kept(), h * rows, dev))?;
+            let cover = indices.tensor("kept cover", &[h, len, r], || {
+                let mut cover = vec![0u8; h * len];
+                kept().iter().for_each(|&p| cover[p as usize] = 1);
+                Tensor::from_vec(cover, (1, h * len), dev)
+            })?;
             let qr = q.reshape((b, h * len, dh))?.index_select(&idx, 1)?.reshape((b, h, rows, dh))?;
             // the devices holding this segment up to this one (later ones hold later positions)
             let first = (self.rank * len / w * w) / len;
@@ -173,17 +195,22 @@ impl Shard<'_> {
             // is on an earlier device or at or before row i on this one (every head alike)
             let n_k = keys.dim(2)?;
             let mine = (self.rank - first) * rows;
-            let mask: Vec<f64> = (0..rows)
-                .flat_map(|i| (0..n_k).map(move |c| if c < mine || c - mine <= i { 0.0 } else { f64::NEG_INFINITY }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (rows, n_k), dev)?.to_dtype(stats_dtype(q.dtype()))?;
+            let stats = stats_dtype(q.dtype());
+            let mask = indices.tensor("gathered mask", &[rows, n_k, mine, stats as usize], || {
+                let mask: Vec<f64> = (0..rows)
+                    .flat_map(|i| {
+                        (0..n_k).map(move |c| if c < mine || c - mine <= i { 0.0 } else { f64::NEG_INFINITY })
+                    })
+                    .collect();
+                Tensor::from_vec(mask, (rows, n_k), dev)?.to_dtype(stats)
+            })?;
             let (o, lse) = softmax_attention(&qr, &keys, &values, Some(&mask))?;
             let out = Tensor::zeros((b, h * len, dh), q.dtype(), dev)?
                 .index_add(&idx, &o.reshape((b, h * rows, dh))?, 1)?
                 .reshape((b, h, len, dh))?;
             let lse =
                 Tensor::zeros((b, h * len), lse.dtype(), dev)?.index_add(&idx, &lse.reshape((b, h * rows))?, 1)?;
-            let cover = Tensor::from_vec(cover, (1, h * len), dev)?.broadcast_as((b, h * len))?;
+            let cover = cover.broadcast_as((b, h * len))?;
             outs.push(out);
             lses.push(mask_uncovered(&cover, &lse)?.reshape((b, h, len))?);
             slot += 1;
