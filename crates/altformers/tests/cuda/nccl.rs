@@ -29,6 +29,23 @@ fn config() -> Result<altformers::config::RunConfig> {
     altformers::registry::config("transformer", &altformers::config::Overrides::sets(&sets))
 }
 
+/// `steps` training steps of `model` by `trainer` on `task`: every parameter after them,
+/// flattened, and whether the steps were replayed from a CUDA graph.
+fn train_steps(model: &Model, trainer: &mut Trainer, task: &ByteLm<u8>, steps: usize) -> Result<(Vec<f32>, bool)> {
+    for step in 0..steps {
+        trainer.step(model, task, step)?;
+    }
+    trainer.settle_if_due(true)?;
+    let all =
+        model.params.vars().iter().map(|(_, p)| p.var.as_tensor().flatten_all()).collect::<Result<Vec<_>, _>>()?;
+    Ok((Tensor::cat(&all, 0)?.to_vec1::<f32>()?, trainer.graphed()))
+}
+
+/// The largest difference of two parameter vectors, relative to 1 + |a|.
+fn largest_gap(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max)
+}
+
 #[test]
 fn a_world_of_one_through_nccl_trains_as_one_process() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
@@ -41,17 +58,12 @@ fn a_world_of_one_through_nccl_trains_as_one_process() -> Result<()> {
         if let Some(s) = sync {
             trainer.sync = Box::new(s);
         }
-        for step in 0..3 {
-            trainer.step(&model, &task, step)?;
-        }
-        let all =
-            model.params.vars().iter().map(|(_, p)| p.var.as_tensor().flatten_all()).collect::<Result<Vec<_>, _>>()?;
-        Ok(Tensor::cat(&all, 0)?.to_vec1::<f32>()?)
+        Ok(train_steps(&model, &mut trainer, &task, 3)?.0)
     };
     let one = weights(None)?;
     // 1 KB buckets: every parameter of the model crosses or starts a bucket boundary
     let through = weights(Some(world_of_one(&gpu, Duration::from_secs(60))?.with_bucket_bytes(1024)))?;
-    let worst = one.iter().zip(&through).map(|(a, b)| (a - b).abs() / (1.0 + a.abs())).fold(0f32, f32::max);
+    let worst = largest_gap(&one, &through);
     anyhow::ensure!(worst < 1e-6, "three steps through NCCL differ from one process's by {worst:e}");
 
     // the exchange itself: every gradient back in place, a missing one still missing
@@ -90,19 +102,13 @@ fn a_graphed_step_captures_the_nccl_exchange() -> Result<()> {
         if !graph {
             trainer.eager_only();
         }
-        for step in 0..6 {
-            trainer.step(&model, &task, step)?;
-        }
-        trainer.settle_if_due(true)?;
-        let all =
-            model.params.vars().iter().map(|(_, p)| p.var.as_tensor().flatten_all()).collect::<Result<Vec<_>, _>>()?;
-        Ok((Tensor::cat(&all, 0)?.to_vec1::<f32>()?, trainer.graphed()))
+        train_steps(&model, &mut trainer, &task, 6)
     };
     let (eager, replayed) = weights(false)?;
     anyhow::ensure!(!replayed, "eager_only replayed");
     let (graphed, replayed) = weights(true)?;
     anyhow::ensure!(replayed, "the step with an NCCL exchange was not captured");
-    let worst = eager.iter().zip(&graphed).map(|(a, b)| (a - b).abs() / (1.0 + a.abs())).fold(0f32, f32::max);
+    let worst = largest_gap(&eager, &graphed);
     anyhow::ensure!(worst < 1e-6, "replayed steps through NCCL differ from eager ones by {worst:e}");
     Ok(())
 }
@@ -132,13 +138,10 @@ fn a_reduction_past_its_deadline_aborts_and_fails_as_a_lost_peer() -> Result<()>
     Ok(())
 }
 
-/// Sequence parallelism through NCCL (one rank): a LongNet whose longest pair spans more than
-/// the slice (so its dilated rows go through `ncclAllGather`, and their gradients back through
-/// `ncclReduceScatter`) gives the unsplit model's loss and every parameter's gradient, f32.
-#[test]
-fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
-    let gpu = Device::new_cuda(0)?;
-    let sets = [
+/// A small LongNet whose longest pair (w 128, r 16) spans more than a sequence of 64, so its
+/// rows go through the collective even on one rank; `extra` settings laid over it.
+fn longnet_config(extra: &[&str]) -> Result<altformers::config::RunConfig> {
+    let mut sets = vec![
         "model.width=32",
         "model.depth=2",
         "model.heads=4",
@@ -146,7 +149,17 @@ fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
         "model.options.segment_lengths=[8,16,128]",
         "model.options.dilation_rates=[1,2,16]",
     ];
-    let cfg = altformers::registry::config("longnet", &altformers::config::Overrides::sets(&sets))?;
+    sets.extend_from_slice(extra);
+    altformers::registry::config("longnet", &altformers::config::Overrides::sets(&sets))
+}
+
+/// Sequence parallelism through NCCL (one rank): a LongNet whose longest pair spans more than
+/// the slice (so its dilated rows go through `ncclAllGather`, and their gradients back through
+/// `ncclReduceScatter`) gives the unsplit model's loss and every parameter's gradient, f32.
+#[test]
+fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let cfg = longnet_config(&[])?;
     let tokens = Tensor::new((0..128u32).map(|i| (i * 37) % 251).collect::<Vec<_>>(), &gpu)?.reshape((2, 64))?;
     let loss_and_grads = |split: bool| -> Result<(f32, Vec<Vec<f32>>)> {
         let mut model = Model::new(&cfg.model, 5, &gpu, DType::F32)?;
@@ -203,17 +216,7 @@ fn a_rank_that_never_joins_fails_the_join_within_the_deadline() -> Result<()> {
 #[test]
 fn a_split_sequence_step_is_captured_with_its_collectives() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
-    let sets = [
-        "model.width=32",
-        "model.depth=2",
-        "model.heads=4",
-        "model.context=64",
-        "model.dropout=0.1",
-        "model.options.segment_lengths=[8,16,128]",
-        "model.options.dilation_rates=[1,2,16]",
-        "train.batch_size=4",
-    ];
-    let cfg = altformers::registry::config("longnet", &altformers::config::Overrides::sets(&sets))?;
+    let cfg = longnet_config(&["model.dropout=0.1", "train.batch_size=4"])?;
     let data: Vec<u8> = (0..6000u32).map(|i| ((i * 7919) % 251) as u8).collect();
     let task = ByteLm { split: &data, context: cfg.model.context };
     let weights = |graph: bool| -> Result<(Vec<f32>, bool)> {
@@ -226,18 +229,12 @@ fn a_split_sequence_step_is_captured_with_its_collectives() -> Result<()> {
         if !graph {
             trainer.eager_only();
         }
-        for step in 0..6 {
-            trainer.step(&model, &task, step)?;
-        }
-        trainer.settle_if_due(true)?;
-        let all =
-            model.params.vars().iter().map(|(_, p)| p.var.as_tensor().flatten_all()).collect::<Result<Vec<_>, _>>()?;
-        Ok((Tensor::cat(&all, 0)?.to_vec1::<f32>()?, trainer.graphed()))
+        train_steps(&model, &mut trainer, &task, 6)
     };
     let (eager, _) = weights(false)?;
     let (graphed, replayed) = weights(true)?;
     anyhow::ensure!(replayed, "the split step was not captured");
-    let worst = eager.iter().zip(&graphed).map(|(a, b)| (a - b).abs() / (1.0 + a.abs())).fold(0f32, f32::max);
+    let worst = largest_gap(&eager, &graphed);
     anyhow::ensure!(worst < 1e-6, "replayed split steps differ from eager ones by {worst:e}");
     Ok(())
 }
