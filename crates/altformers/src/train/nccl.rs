@@ -213,19 +213,6 @@ impl GradientSync for NcclGroup {
         }
         let capturing = self.capturing();
         let mine: Vec<bool> = vars.iter().map(|(_, p)| grads.get(p.var.as_tensor()).is_some()).collect();
-        // An eager step exchanges which parameters have a gradient, as every rank does; a
-        // captured one cannot read the answer back, so it takes the last eager step's, for the
-        // same pattern here (a capture that cannot fails, and the ranks then all stay eager:
-        // `GradientSync::all_agree`).
-        let any = if capturing {
-            let presence = self.presence.lock().map_err(|_| anyhow::anyhow!("NCCL: the presence lock is poisoned"))?;
-            match presence.as_ref().filter(|(m, _)| *m == mine) {
-                Some((_, any)) => Some(any.clone()),
-                None => bail!("NCCL: a captured step whose gradients differ from the eager steps'"),
-            }
-        } else {
-            None
-        };
         // buckets: runs of parameters of one dtype up to bucket_bytes
         let mut buckets: Vec<(usize, usize)> = Vec::new();
         let (mut start, mut bytes) = (0usize, 0usize);
@@ -239,15 +226,17 @@ impl GradientSync for NcclGroup {
             bytes += size;
         }
         buckets.push((start, vars.len()));
-        let has = match any {
-            Some(_) => None,
-            None => {
-                // 1 where this rank has the gradient: averaged, above 0 where any rank has
-                let flags: Vec<f32> = mine.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-                let has = Tensor::from_vec(flags, vars.len(), vars[0].1.var.as_tensor().device())?;
-                self.enqueue_mean(&has)?;
-                Some(has)
-            }
+        // An eager step exchanges which parameters have a gradient, as every rank does: 1 where
+        // this rank has it, averaged, above 0 where any rank has. A captured step cannot read
+        // the answer back: it takes the last eager step's, for the same pattern here (a capture
+        // that cannot fails, and the ranks then all stay eager: `GradientSync::all_agree`).
+        let has = if capturing {
+            None
+        } else {
+            let flags: Vec<f32> = mine.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+            let has = Tensor::from_vec(flags, vars.len(), vars[0].1.var.as_tensor().device())?;
+            self.enqueue_mean(&has)?;
+            Some(has)
         };
         let mut reduced = Vec::with_capacity(buckets.len());
         for &(from, to) in &buckets {
@@ -265,20 +254,19 @@ impl GradientSync for NcclGroup {
             self.enqueue_mean(&flat)?;
             reduced.push(flat);
         }
-        let any = match (any, has) {
-            (Some(any), _) => any,
-            (None, Some(has)) => {
+        let mut presence = self.presence.lock().map_err(|_| anyhow::anyhow!("NCCL: the presence lock is poisoned"))?;
+        let any = match has {
+            Some(has) => {
                 self.wait("the gradient all-reduce")?;
                 let any: Vec<bool> = has.to_vec1::<f32>()?.iter().map(|&h| h > 0.0).collect();
-                *self.presence.lock().map_err(|_| anyhow::anyhow!("NCCL: the presence lock is poisoned"))? =
-                    Some((mine, any.clone()));
+                *presence = Some((mine, any.clone()));
                 any
             }
-            (None, None) => unreachable!("the flags are exchanged whenever the pattern is new"),
+            None => match presence.as_ref().filter(|(m, _)| *m == mine) {
+                Some((_, any)) => any.clone(),
+                None => bail!("NCCL: a captured step whose gradients differ from the eager steps'"),
+            },
         };
-        if !capturing {
-            self.wait("the gradient all-reduce")?;
-        }
         for (&(from, to), flat) in buckets.iter().zip(&reduced) {
             let mut at = 0;
             for (i, (_, p)) in vars.iter().enumerate().take(to).skip(from) {
