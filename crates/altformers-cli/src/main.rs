@@ -820,12 +820,13 @@ fn launch_workers(
             let checkpoint = match run_folder {
                 None => "",
                 Some(out) if out.join("checkpoint").join("state.json").exists() => {
-                    "; the run folder keeps its last checkpoint (--resume continues, with any --workers)"
+                    "; the run folder keeps its last checkpoint (--resume continues, on any number of workers or GPUs)"
                 }
                 Some(_) => "; no checkpoint was written",
             };
             anyhow::bail!(
-                "{job} in {world} workers failed: {}; every worker was stopped{checkpoint}",
+                "{job} in {world} worker{} failed: {}; every worker was stopped{checkpoint}",
+                if world == 1 { "" } else { "s" },
                 which_failed(&failed, &killed)
             );
         }

@@ -28,10 +28,10 @@
 //! asynchronous NCCL error, it aborts the communicator (`ncclCommAbort`, as PyTorch's
 //! watchdog does) and fails with [`PeerLost`], naming the ranks whose rendezvous connection
 //! closed where it can see them. The launcher then stops the others and names the cause.
-//! Joining the communicator (`ncclCommInitRank`, which blocks until every rank has called
-//! it) runs on a thread of its own against the same deadline ([`join`]). Not covered: the
-//! enqueueing calls, which NCCL runs blocking (one behind a full queue would hang); a
-//! non-blocking communicator (`ncclCommInitRankConfig`, `blocking = 0`) would close that.
+//! The communicator is non-blocking (`blocking = 0`), so no NCCL call can hold a worker past
+//! the deadline either: joining it (which lasts until every rank has joined, [`join`]) and
+//! enqueueing each collective (which can wait on a peer, connecting or behind a full queue)
+//! return at once and are polled against the same deadline ([`settle`]).
 //!
 //! NVLink multicast (NVLS) is switched off in every worker: on the machines this project
 //! runs on it can put the host's GPUs out of service.
@@ -144,23 +144,43 @@ impl NcclGroup {
         let Device::Cuda(dev) = t.device() else { bail!("NCCL all-reduce of a tensor on the CPU") };
         let kind = nccl_type(t.dtype(), "all-reduce")?;
         let n = t.elem_count();
+        let mut enqueued = None;
         crate::kernels::launch::with_addresses(dev, "nccl all-reduce", &[Some(t)], |a| {
             let ptr = a[0] as *mut std::ffi::c_void;
-            unsafe {
-                result::all_reduce(
-                    ptr,
-                    ptr,
-                    n,
-                    kind,
-                    sys::ncclRedOp_t::ncclAvg,
-                    self.comm,
-                    self.stream.cu_stream() as sys::cudaStream_t,
-                )
-            }
-            .map(|_| ())
-            .map_err(|e| candle_core::Error::Msg(nccl_error("all-reduce", e.0, Some(self.comm)).to_string()))
+            let stream = self.stream.cu_stream() as sys::cudaStream_t;
+            // SAFETY: `t` holds n elements on this worker's GPU, read and written in place.
+            let r = unsafe { result::all_reduce(ptr, ptr, n, kind, sys::ncclRedOp_t::ncclAvg, self.comm, stream) };
+            enqueued = Some(self.enqueued(r, "the all-reduce"));
+            Ok(())
         })?;
-        Ok(())
+        enqueued.expect("the launch ran")
+    }
+
+    /// The end of a call that enqueued `what` on the stream: NCCL's refusal as an error, or,
+    /// the communicator being non-blocking, the enqueueing finished within the timeout (it
+    /// can wait on a peer, setting up a connection or behind a full queue: past the deadline
+    /// the communicator is aborted and this fails as a lost peer).
+    fn enqueued(&self, r: Result<result::NcclStatus, result::NcclError>, what: &str) -> Result<()> {
+        if let Err(e) = r {
+            return Err(nccl_error(&format!("enqueueing {what}"), e.0, Some(self.comm)));
+        }
+        match settle(self.comm, Instant::now() + self.timeout) {
+            Settled::Done => Ok(()),
+            Settled::Failed(state) => Err(self.abort(format!("NCCL failed enqueueing {what} ({})", error_string(state)))),
+            Settled::Late => Err(self.abort(format!(
+                "enqueueing {what} did not finish within {:.0} s",
+                self.timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    /// Aborts the communicator (`ncclCommAbort`, as PyTorch's watchdog does) after `why`: the
+    /// error, a lost peer, names the rank whose rendezvous connection closed where one has.
+    fn abort(&self, why: String) -> anyhow::Error {
+        unsafe { result::comm_abort(self.comm) }.ok();
+        self.aborted.store(true, Ordering::SeqCst);
+        let gone = self.tcp.closed_peers();
+        anyhow::Error::msg(PeerLost(gone.first().copied())).context(format!("{why}; the communicator was aborted"))
     }
 
     /// Waits until the stream has done everything enqueued so far, at most the timeout: a
@@ -176,18 +196,11 @@ impl NcclGroup {
             }
             let mut state = sys::ncclResult_t::ncclSuccess;
             unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
-            let failed = !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress);
-            if failed || Instant::now() > deadline {
-                unsafe { result::comm_abort(self.comm) }.ok();
-                self.aborted.store(true, Ordering::SeqCst);
-                let gone = self.tcp.closed_peers();
-                let why = if failed {
-                    format!("NCCL failed during {what} ({})", error_string(state))
-                } else {
-                    format!("{what} did not finish within {:.0} s", self.timeout.as_secs_f64())
-                };
-                return Err(anyhow::Error::msg(PeerLost(gone.first().copied()))
-                    .context(format!("{why}; the communicator was aborted")));
+            if !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+                return Err(self.abort(format!("NCCL failed during {what} ({})", error_string(state))));
+            }
+            if Instant::now() > deadline {
+                return Err(self.abort(format!("{what} did not finish within {:.0} s", self.timeout.as_secs_f64())));
             }
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -334,19 +347,11 @@ impl NcclGather {
         {
             let (src, _read) = x.device_ptr(&g.stream);
             let (dst, _write) = out.device_ptr_mut(&g.stream);
+            let (kind, stream) = (nccl_type(kind, "all-gather")?, g.stream.cu_stream() as sys::cudaStream_t);
             // SAFETY: `x` holds n elements and `out` world n, both on this worker's GPU and
             // stream; every element of `out` is written.
-            unsafe {
-                result::all_gather(
-                    src as *const std::ffi::c_void,
-                    dst as *mut std::ffi::c_void,
-                    n,
-                    nccl_type(kind, "all-gather")?,
-                    g.comm,
-                    g.stream.cu_stream() as sys::cudaStream_t,
-                )
-            }
-            .map_err(|e| nccl_error("all-gather", e.0, Some(g.comm)))?;
+            let r = unsafe { result::all_gather(src as *const _, dst as *mut _, n, kind, g.comm, stream) };
+            g.enqueued(r, "the sequence's all-gather")?;
         }
         // (a captured step is waited for after its replay)
         if !g.capturing() {
@@ -397,22 +402,17 @@ impl candle_core::CustomOp1 for NcclGather {
         let fail = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
         g.usable().map_err(fail)?;
         let kind = nccl_type(arg.dtype(), "reduce-scatter").map_err(fail)?;
+        let mut enqueued = None;
         crate::kernels::launch::with_addresses(dev, "nccl reduce-scatter", &[Some(&grad), Some(&mine)], |a| {
+            let (n, stream) = (arg.elem_count(), g.stream.cu_stream() as sys::cudaStream_t);
             // SAFETY: `grad` holds world n elements, `mine` n, on this worker's stream.
-            unsafe {
-                result::reduce_scatter(
-                    a[0] as *const std::ffi::c_void,
-                    a[1] as *mut std::ffi::c_void,
-                    arg.elem_count(),
-                    kind,
-                    sys::ncclRedOp_t::ncclSum,
-                    g.comm,
-                    g.stream.cu_stream() as sys::cudaStream_t,
-                )
-            }
-            .map(|_| ())
-            .map_err(|e| candle_core::Error::Msg(nccl_error("reduce-scatter", e.0, Some(g.comm)).to_string()))
+            let r = unsafe {
+                result::reduce_scatter(a[0] as *const _, a[1] as *mut _, n, kind, sys::ncclRedOp_t::ncclSum, g.comm, stream)
+            };
+            enqueued = Some(g.enqueued(r, "the sequence's reduce-scatter"));
+            Ok(())
         })?;
+        enqueued.expect("the launch ran").map_err(fail)?;
         if !g.capturing() {
             g.wait("the sequence's reduce-scatter").map_err(fail)?;
         }
@@ -431,10 +431,44 @@ fn nccl_type(dtype: DType, doing: &str) -> Result<sys::ncclDataType_t> {
     })
 }
 
-/// `ncclCommInitRank` for `rank` of `world` within `timeout`. NCCL blocks there until every
-/// rank has called it, so it runs on a thread of its own: past the deadline this fails (as a
-/// lost peer: the cause is another rank, one that died or hangs before joining), and the
-/// blocked thread is left to end with the process.
+/// The leading fields of NCCL's `ncclConfig_t` as of NCCL 2.17 (`NCCL_CONFIG_INITIALIZER`
+/// with `blocking = 0`): NCCL reads a config by its `size` and `version`, so this prefix means
+/// the same to every later library (the fields after it keep their defaults), whichever
+/// release cudarc's bindings were generated for.
+#[repr(C)]
+struct NonBlockingConfig {
+    size: usize,
+    magic: std::ffi::c_uint,
+    version: std::ffi::c_uint,
+    blocking: std::ffi::c_int,
+    cga_cluster_size: std::ffi::c_int,
+    min_ctas: std::ffi::c_int,
+    max_ctas: std::ffi::c_int,
+    net_name: *const std::ffi::c_char,
+}
+
+impl NonBlockingConfig {
+    fn new() -> NonBlockingConfig {
+        const UNDEF: std::ffi::c_int = std::ffi::c_int::MIN; // NCCL_CONFIG_UNDEF_INT
+        NonBlockingConfig {
+            size: std::mem::size_of::<NonBlockingConfig>(),
+            magic: 0xcafe_beef,   // NCCL_API_MAGIC
+            version: 2 * 10000 + 17 * 100, // NCCL_VERSION(2, 17, 0)
+            blocking: 0,
+            cga_cluster_size: UNDEF,
+            min_ctas: UNDEF,
+            max_ctas: UNDEF,
+            net_name: std::ptr::null(),
+        }
+    }
+}
+
+/// Joins the communicator as `rank` of `world` within `timeout`. The communicator is
+/// non-blocking (`ncclCommInitRankConfig`, `blocking = 0`): joining returns at once and is polled until every rank
+/// has come; past the deadline it is aborted and this fails as a lost peer (the cause is
+/// another rank, one that died or hangs before joining). Every later call on it returns at
+/// once as well ([`settle`]). `NCCL_COMM_BLOCKING=1` in the environment (NCCL's own switch)
+/// makes it blocking again; everything here works either way.
 pub fn join(
     uid: sys::ncclUniqueId,
     world: usize,
@@ -442,34 +476,66 @@ pub fn join(
     stream: &Arc<CudaStream>,
     timeout: Duration,
 ) -> Result<sys::ncclComm_t> {
-    /// The communicator handed back from the joining thread.
-    struct Joined(sys::ncclComm_t);
-    // SAFETY: the handle is only used by the thread it is handed to, after the join returned.
-    unsafe impl Send for Joined {}
-    let (done, joined) = std::sync::mpsc::channel();
-    let context = stream.context().clone();
-    std::thread::Builder::new().name(format!("nccl-join-{rank}")).spawn(move || {
-        let r = context.bind_to_thread().map_err(anyhow::Error::from).and_then(|()| {
-            let mut comm = std::mem::MaybeUninit::uninit();
-            unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32) }.map_err(|e| {
-                nccl_error(
-                    &format!("rank {rank} of {world} joining the communicator (each worker needs a GPU of its own)"),
-                    e.0,
-                    None,
-                )
-            })?;
-            Ok(Joined(unsafe { comm.assume_init() }))
-        });
-        let _ = done.send(r);
-    })?;
-    match joined.recv_timeout(timeout) {
-        Ok(r) => r.map(|j| j.0),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(anyhow::Error::msg(PeerLost(None)).context(format!(
-            "NCCL: rank {rank} of {world}: the other ranks did not join the communicator within {:.0} s",
-            timeout.as_secs_f64()
-        ))),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            bail!("NCCL: rank {rank} of {world}: the thread joining the communicator stopped without an answer")
+    stream.context().bind_to_thread()?;
+    let deadline = Instant::now() + timeout;
+    let mut comm = std::ptr::null_mut();
+    let mut config = NonBlockingConfig::new();
+    // SAFETY: `config` is a well-formed prefix of ncclConfig_t (its size says how much NCCL
+    // may read); `comm` receives the handle, set before the call returns.
+    let r = unsafe {
+        sys::ncclCommInitRankConfig(&mut comm, world as i32, uid, rank as i32, (&mut config as *mut NonBlockingConfig).cast())
+    };
+    let joining = format!("rank {rank} of {world} joining the communicator (each worker needs a GPU of its own)");
+    if let Err(e) = r.result() {
+        if !comm.is_null() {
+            unsafe { result::comm_abort(comm) }.ok();
+        }
+        return Err(nccl_error(&joining, e.0, None));
+    }
+    match settle(comm, deadline) {
+        Settled::Done => Ok(comm),
+        Settled::Failed(state) => {
+            let err = nccl_error(&joining, state, Some(comm));
+            unsafe { result::comm_abort(comm) }.ok();
+            Err(err)
+        }
+        Settled::Late => {
+            unsafe { result::comm_abort(comm) }.ok();
+            Err(anyhow::Error::msg(PeerLost(None)).context(format!(
+                "NCCL: rank {rank} of {world}: the other ranks did not join the communicator within {:.0} s",
+                timeout.as_secs_f64()
+            )))
+        }
+    }
+}
+
+/// How a non-blocking NCCL call ended.
+enum Settled {
+    Done,
+    /// NCCL's error.
+    Failed(sys::ncclResult_t),
+    /// Still in progress at the deadline.
+    Late,
+}
+
+/// Polls a non-blocking communicator until the call made on it last has finished (NCCL's
+/// `ncclInProgress` gone: the communicator joined, or a collective enqueued on its stream),
+/// at most until `deadline`. Nothing else may be called on the communicator, nor enqueued on
+/// its stream, before it has.
+fn settle(comm: sys::ncclComm_t, deadline: Instant) -> Settled {
+    loop {
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        let asked = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+        if asked != sys::ncclResult_t::ncclSuccess {
+            return Settled::Failed(asked);
+        }
+        match state {
+            sys::ncclResult_t::ncclSuccess => return Settled::Done,
+            sys::ncclResult_t::ncclInProgress if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_micros(20))
+            }
+            sys::ncclResult_t::ncclInProgress => return Settled::Late,
+            failed => return Settled::Failed(failed),
         }
     }
 }
