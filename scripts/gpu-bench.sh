@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool, carrying .gpu and .whl):
-#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|longnet-sp|ddp|faults|interop [extra args]
+#   bash scripts/gpu-bench.sh peers|ours|kernels|unfused|baby|seeds|mqar|pace|steps|trainspeed|decode|decode-batch|decode-all|decode-large|nccl|longnet-sp|ddp|faults|compare-gpus|multi-gpu-tests|interop [extra args]
 # Writes JSON lines and logs under $OUT (or ./gpu-out).
 set -uo pipefail
 FINAL="${OUT:-gpu-out}"
@@ -453,6 +453,43 @@ if [ "$what" = nccl ]; then
   echo "[$(date +%T)] more GPUs than the host has" >> "$OUT/nccl.err"
   run train $base --gpus $((gpus + 1)) --out /tmp/nccl-more > /dev/null 2> "$OUT/nccl-more.err"; echo "gpus $((gpus + 1)) rc=$?" >> "$OUT/nccl-summary.txt"
   cat "$OUT/nccl-summary.txt" "$OUT"/nccl-*.json "$OUT/nccl-more.err"; tail -n 5 "$OUT/nccl.err"
+fi
+if [ "$what" = multi-gpu-tests ]; then
+  # Issue 23: the GPU tests that need two GPUs (ignored elsewhere): two ranks through NCCL as
+  # threads of one process, data parallel against one GPU, LongNet's split sequence, a rank
+  # gone before the first collective.
+  timeout 300 bash .gpu/run-tests.sh two_gpus --ignored > "$OUT/multi-gpu-tests.log" 2>&1; echo "rc=$?" >> "$OUT/multi-gpu-tests.log"
+  grep -E "^test |test result|panicked|rc=" "$OUT/multi-gpu-tests.log"
+fi
+if [ "$what" = compare-gpus ]; then
+  # Issue 23: which finishes a preset's language-model part sooner on this host's GPUs: one
+  # run per GPU (compare's default) or each run data-parallel over every GPU, one after
+  # another (`compare --data-parallel`); the same runs, so the losses should agree too.
+  #   gpu-bench.sh compare-gpus        (PRESET=full|quick|FILE, MODELS=a,b to narrow)
+  preset="${PRESET:-full}"; rm -rf /tmp/cmp-*
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+  # a first process pays the driver's kernel compilation (about 20 s, cached on disk after)
+  timeout 120 $alt compare --preset quick --parts lm --models transformer --device cuda --out /tmp/cmp-warm > /dev/null 2>&1
+  for how in per-gpu data-parallel; do
+    flags=""; [ $how = data-parallel ] && flags="--data-parallel"
+    start=$(date +%s%N)
+    timeout "${LIMIT:-280}" $alt compare --preset "$preset" --parts lm ${MODELS:+--models $MODELS} --device cuda $flags \
+      --out /tmp/cmp-$how > "$OUT/cmp-$how.out" 2> "$OUT/cmp-$how.err"
+    echo "$how rc=$? wall_s=$(( ($(date +%s%N) - start) / 1000000000 ))" >> "$OUT/compare-gpus.txt"
+    cp /tmp/cmp-$how/quality.jsonl "$OUT/cmp-$how.quality.jsonl" 2>/dev/null
+  done
+  cat "$OUT/compare-gpus.txt"; tail -n 3 "$OUT"/cmp-*.err
+  python3 - "$OUT" <<'PY'
+import json, sys, os
+rows = {}
+for how in ("per-gpu", "data-parallel"):
+    f = os.path.join(sys.argv[1], f"cmp-{how}.quality.jsonl")
+    if os.path.exists(f):
+        rows[how] = {(r["model"], r.get("seed")): r for r in map(json.loads, open(f))}
+for key, r in rows.get("per-gpu", {}).items():
+    d = rows.get("data-parallel", {}).get(key)
+    print(key, "val_loss", r["val_loss"], "data-parallel", d and d["val_loss"], "elapsed_s", r["elapsed_s"], d and d["elapsed_s"])
+PY
 fi
 if [ "$what" = longnet-sp ]; then
   # Issue 23, LongNet's sequence parallelism on the GPUs of this host (GPUS, default all):

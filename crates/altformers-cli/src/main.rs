@@ -346,6 +346,11 @@ enum Command {
         /// parts (scaling, decoding) always run alone.
         #[arg(long)]
         jobs: Option<usize>,
+        /// With --device cuda: train each language-model run data-parallel over every GPU
+        /// (NCCL; runs one after another) instead of one run per GPU. Recall and ListOps runs
+        /// stay one per GPU.
+        #[arg(long)]
+        data_parallel: bool,
     },
 }
 
@@ -972,6 +977,7 @@ fn run(command: Command) -> Result<()> {
                 stop_after,
                 init_from: None,
                 sequence_parallel: false,
+                group: None,
             };
             let summary = altformers::train::listops::train_listops(&cfg, &settings, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);
@@ -1093,6 +1099,7 @@ fn run(command: Command) -> Result<()> {
                 stop_after,
                 init_from,
                 sequence_parallel,
+                group: None,
             };
             let summary = train::train_tokenized(&cfg, &corpus, data_format.into(), &opts, &tokenizer)?;
             println!("{}", serde_json::to_string(&summary.last)?);
@@ -1314,11 +1321,23 @@ fn run(command: Command) -> Result<()> {
             print!("{}", altformers::registry::table());
             Ok(())
         }
-        Command::Compare { preset, parts, models, data, data_format, out, device, jobs } => {
+        Command::Compare { preset, parts, models, data, data_format, out, device, jobs, data_parallel } => {
             // `--device cuda` spreads the runs over every visible GPU (`cuda:K` keeps them on K)
             let gpus = if device == "cuda" { altformers::device::cuda_count()? } else { 1 };
+            anyhow::ensure!(
+                !data_parallel || device == "cuda",
+                "--data-parallel spreads each language-model run over every GPU: give --device cuda (not {device})"
+            );
+            if data_parallel {
+                // NVLink multicast stays off in every NCCL worker (set before any starts)
+                #[cfg(feature = "cuda")]
+                for (name, value) in altformers::train::nccl::NVLS_OFF {
+                    std::env::set_var(name, value);
+                }
+            }
             let device = altformers::device::select(&device)?;
-            let select = altformers::compare::Selection { parts, models, jobs, gpus };
+            let data_parallel = if data_parallel { gpus } else { 0 };
+            let select = altformers::compare::Selection { parts, models, jobs, gpus, data_parallel };
             altformers::compare::run(&preset, &data, data_format.into(), &out, &device, &select)
         }
     }

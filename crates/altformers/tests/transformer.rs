@@ -143,6 +143,7 @@ fn opts(out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> Train
         stop_after,
         init_from: None,
         sequence_parallel: false,
+        group: None,
     }
 }
 

@@ -109,6 +109,10 @@ pub struct Selection {
     /// GPUs the runs are spread over, worker i on GPU i mod `gpus` (`--device cuda`: every
     /// visible one); 1 keeps every run on the given device.
     pub gpus: usize,
+    /// Workers each language-model run is spread over (data-parallel, one after another;
+    /// `--data-parallel`: one per GPU in use) instead of one run per worker; 0 or 1: none.
+    /// Recall and ListOps runs stay one per GPU.
+    pub data_parallel: usize,
 }
 
 /// How a part's runs are shared out: `jobs` at once, over `gpus` GPUs (see [`run_queue`]).
@@ -315,7 +319,7 @@ pub fn run(
     let jobs = select.workers(device);
     let mut quality = Vec::new();
     if select.runs("lm") {
-        quality = run_lm(&preset.lm, &causal, data, format, out, device, jobs)?;
+        quality = run_lm(&preset.lm, &causal, data, format, out, device, jobs, select.data_parallel)?;
     }
     if select.runs("mqar") {
         run_mqar(&preset.mqar, &causal, out, device, jobs)?;
@@ -383,6 +387,9 @@ fn write_meta(
     }
     // the training parts' workers (the tokens/s column is measured beside the others)
     meta.command += &format!(" --jobs {}", select.workers(device).jobs);
+    if select.data_parallel > 1 {
+        meta.command += " --data-parallel";
+    }
     crate::util::write_json_atomic(
         &out.join("meta.json"),
         &serde_json::json!({ "provenance": meta, "preset": preset_name, "description": preset.description }),
@@ -391,7 +398,9 @@ fn write_meta(
 
 /// Language modelling at equal parameters and tokens: every model of `models` trained on
 /// `data` at the parameter count of the Transformer at `lm.reference_width`. Each row is
-/// written to `out/quality.jsonl` as it is trained; returns them all.
+/// written to `out/quality.jsonl` as it is trained; returns them all. With `spread` above 1
+/// the runs go one after another, each data-parallel over `spread` workers.
+#[allow(clippy::too_many_arguments)]
 fn run_lm(
     lm: &LmSettings,
     models: &[&Architecture],
@@ -400,6 +409,7 @@ fn run_lm(
     out: &Path,
     device: &Device,
     workers: Workers,
+    spread: usize,
 ) -> Result<Vec<QualityRow>> {
     let corpus = Corpus::load(data, format)?;
     let reference = registry::find("transformer")?;
@@ -414,12 +424,16 @@ fn run_lm(
         })
         .collect();
     let todo: Vec<usize> = (0..runs.len()).collect();
+    let (workers, spread) = if spread > 1 { (Workers { jobs: 1, gpus: 1 }, spread) } else { (workers, 1) };
     let rows = run_queue(
         &todo,
         vec![None; runs.len()],
         workers,
         device,
-        |i, dev| train_lm(runs[i].0, lm, target, &corpus, format, out, dev, runs[i].1, workers.jobs == 1),
+        |i, dev| {
+            let verbose = workers.jobs == 1;
+            train_lm(runs[i].0, lm, target, &corpus, format, out, dev, runs[i].1, verbose, spread)
+        },
         |finished| write_lines(&out.join("quality.jsonl"), models, finished),
     )?;
     Ok(rows.into_iter().flatten().collect())
@@ -427,7 +441,8 @@ fn run_lm(
 
 /// Trains `arch` with `lm`'s settings, sized to `target` parameters ([`match_params`]), into
 /// `out/runs/NAME` (emptied first); with `seed`, at that `train.seed`, into
-/// `out/runs/NAME-seedS`.
+/// `out/runs/NAME-seedS`; with `spread` above 1, data-parallel over that many workers
+/// ([`crate::train::distributed::in_threads`]).
 #[allow(clippy::too_many_arguments)]
 fn train_lm(
     arch: &Architecture,
@@ -439,6 +454,7 @@ fn train_lm(
     device: &Device,
     seed: Option<u64>,
     verbose: bool,
+    spread: usize,
 ) -> Result<QualityRow> {
     let mut cfg = lm.config(arch)?;
     let params;
@@ -454,8 +470,15 @@ fn train_lm(
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)?;
     }
-    let opts = TrainOptions::fresh(run_dir, device, verbose);
-    let summary = train(&cfg, corpus, format, &opts).with_context(|| format!("training {}", arch.name))?;
+    let summary = if spread > 1 {
+        crate::train::distributed::in_threads(spread, device, |dev, group| {
+            let opts = TrainOptions { group: Some(group), ..TrainOptions::fresh(run_dir.clone(), dev, verbose) };
+            train(&cfg, corpus, format, &opts)
+        })
+    } else {
+        train(&cfg, corpus, format, &TrainOptions::fresh(run_dir, device, verbose))
+    }
+    .with_context(|| format!("training {}", arch.name))?;
     Ok(QualityRow {
         model: arch.name.to_string(),
         width,
@@ -718,8 +741,13 @@ mod tests {
     fn mqar_rerun_keeps_finished_rows() -> Result<()> {
         let settings = mqar::MqarSettings::default();
         let (dir, mut p, file) = tiny_preset("mqar-rerun", settings)?;
-        let select =
-            Selection { parts: vec!["mqar".into()], models: vec!["transformer".into()], jobs: Some(1), gpus: 1 };
+        let select = Selection {
+            parts: vec!["mqar".into()],
+            models: vec!["transformer".into()],
+            jobs: Some(1),
+            gpus: 1,
+            data_parallel: 0,
+        };
         let preset_arg = file.to_str().unwrap();
         run(preset_arg, "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let first = mqar_rows(&dir)?;
@@ -766,6 +794,7 @@ mod tests {
             models: vec!["performer".into()],
             jobs: Some(1),
             gpus: 1,
+            data_parallel: 0,
         };
         run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let rows: Vec<crate::bench::performer_error::PerformerErrorRow> =
@@ -802,7 +831,7 @@ mod tests {
         (part.task.train_examples, part.task.eval_examples) = (8, 4);
         std::fs::write(&file, toml::to_string(&p)?)?;
         let models = vec!["transformer".to_string(), "transformer-encoder".to_string()];
-        let select = Selection { parts: vec!["listops".into()], models, jobs: Some(1), gpus: 1 };
+        let select = Selection { parts: vec!["listops".into()], models, jobs: Some(1), gpus: 1, data_parallel: 0 };
         run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
         let rows: Vec<crate::results::ListOpsRow> = read_lines(&dir.join("listops.jsonl"))?.unwrap();
         let read: Vec<(&str, &str)> = rows.iter().map(|r| (r.model.as_str(), r.readout.as_str())).collect();
@@ -845,7 +874,7 @@ mod tests {
             let dir = base.join(format!("jobs-{jobs}"));
             let parts = ["lm", "mqar", "listops"].map(String::from).to_vec();
             let models = ["transformer", "aft-simple"].map(String::from).to_vec();
-            let select = Selection { parts, models, jobs: Some(jobs), gpus: 1 };
+            let select = Selection { parts, models, jobs: Some(jobs), gpus: 1, data_parallel: 0 };
             run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
             let lm: Vec<QualityRow> = read_lines(&dir.join("quality.jsonl"))?.unwrap();
             let listops: Vec<crate::results::ListOpsRow> = read_lines(&dir.join("listops.jsonl"))?.unwrap();
@@ -862,6 +891,38 @@ mod tests {
         assert_eq!((lm.len(), recall.len(), listops.len()), (4, 8, 2), "rows: {:?}", results[0]);
         assert_eq!(lm[1].1, Some(2), "the reference's extra seeds follow it: {lm:?}");
         assert_eq!(results[0], results[1], "three workers trained other models than one");
+        std::fs::remove_dir_all(&base)?;
+        Ok(())
+    }
+
+    /// `--data-parallel`: each language-model run spread over two workers (threads of this
+    /// process, the CPU exchange; on GPUs the same path goes through NCCL) trains what one
+    /// worker does, to float rounding, and the report's command says how it was run.
+    #[test]
+    fn data_parallel_runs_train_what_one_trains() -> Result<()> {
+        let (base, mut p, file) = tiny_preset("compare-data-parallel", mqar::MqarSettings::default())?;
+        for (key, value) in
+            [("steps", 6), ("decay_steps", 6), ("warmup_steps", 1), ("eval_every", 3), ("batch_size", 4)]
+        {
+            p.lm.train.insert(key.into(), toml::Value::Integer(value));
+        }
+        p.lm.reference_seeds.clear();
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let mut losses = Vec::new();
+        for spread in [0, 2] {
+            let dir = base.join(format!("spread-{spread}"));
+            let models = ["transformer", "aft-simple"].map(String::from).to_vec();
+            let select = Selection { parts: vec!["lm".into()], models, jobs: Some(1), gpus: 1, data_parallel: spread };
+            run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select)?;
+            let rows: Vec<QualityRow> = read_lines(&dir.join("quality.jsonl"))?.unwrap();
+            losses.push(rows.iter().map(|r| (r.model.clone(), r.val_loss)).collect::<Vec<_>>());
+            let meta = std::fs::read_to_string(dir.join("meta.json"))?;
+            assert_eq!(meta.contains("--data-parallel"), spread > 1, "{meta}");
+        }
+        assert_eq!(losses[0].len(), 2, "{losses:?}");
+        for ((model, one), (_, two)) in losses[0].iter().zip(&losses[1]) {
+            assert!((one - two).abs() <= 1e-5 * one.abs(), "{model}: one worker {one}, two {two}");
+        }
         std::fs::remove_dir_all(&base)?;
         Ok(())
     }

@@ -319,6 +319,54 @@ impl GradientSync for Group {
     }
 }
 
+/// Runs a data-parallel job of `world` workers as threads of this process (`compare
+/// --data-parallel`), each `run` with its device and its place in the job, and returns rank
+/// 0's result. On GPUs worker r trains on GPU r (`device` CUDA: GPUs 0 to world - 1, each
+/// worker on a stream of its own, the gradients through NCCL as between processes); on the
+/// CPU every worker trains on the CPU (the exchange through rank 0 over TCP). A worker's
+/// failure stops the others within [`timeout`] (they lose a peer); the error returned is the
+/// cause, not a lost peer, where one worker says so.
+pub fn in_threads<R: Send>(
+    world: usize,
+    device: &candle_core::Device,
+    run: impl Fn(&candle_core::Device, std::sync::Arc<Group>) -> Result<R> + Sync,
+) -> Result<R> {
+    anyhow::ensure!(world >= 1, "a data-parallel job needs at least one worker");
+    let devices = (0..world)
+        .map(|r| match device {
+            candle_core::Device::Cpu => Ok(candle_core::Device::Cpu),
+            _ => crate::device::with_own_stream(&crate::device::select(&format!("cuda:{r}"))?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let addr = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    let wait = timeout()?;
+    let threads = rayon::current_num_threads();
+    let mut outcomes: Vec<Result<R>> = std::thread::scope(|s| {
+        let handles: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(rank, dev)| {
+                let (run, addr) = (&run, &addr);
+                s.spawn(move || -> Result<R> {
+                    let group = std::sync::Arc::new(Group::connect(rank, world, addr, wait)?);
+                    // a pool of its own, as a comparison's workers have (see compare::run_queue)
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(8 << 20).build()?;
+                    pool.install(|| run(dev, group))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked"))))
+            .collect()
+    });
+    let cause = outcomes.iter().position(|o| o.as_ref().is_err_and(|e| e.downcast_ref::<PeerLost>().is_none()));
+    match cause {
+        Some(rank) => Err(outcomes.swap_remove(rank).err().expect("an error").context(format!("worker rank {rank}"))),
+        None => outcomes.swap_remove(0),
+    }
+}
+
 fn words(w: [u64; 2]) -> Vec<u8> {
     w.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -462,6 +510,30 @@ mod tests {
         leaver.join().expect("thread")?;
         let err = g.all_reduce_mean(&mut [1.0]).unwrap_err();
         assert!(format!("{err:#}").contains("rank 1 stopped answering"), "{err:#}");
+        Ok(())
+    }
+
+    /// A job in threads returns rank 0's result; a worker that fails stops it, and the error
+    /// returned is that worker's (named), not the lost peer the others then see.
+    #[test]
+    fn a_job_in_threads_returns_rank_0s_result_or_the_failing_workers_error() -> Result<()> {
+        let device = candle_core::Device::Cpu;
+        let mean = in_threads(3, &device, |_, g| {
+            let mut v = [g.rank as f64];
+            g.all_reduce_mean(&mut v)?;
+            Ok((g.rank, v[0]))
+        })?;
+        assert_eq!(mean, (0, 1.0));
+        let started = Instant::now();
+        let err = in_threads(2, &device, |_, g| -> Result<()> {
+            if g.rank == 1 {
+                bail!("rank 1's batch cannot be drawn");
+            }
+            g.all_reduce_mean(&mut [0.0])
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("worker rank 1: rank 1's batch cannot be drawn"), "{err:#}");
+        assert!(started.elapsed() < Duration::from_secs(30), "the job waited {:?}", started.elapsed());
         Ok(())
     }
 

@@ -46,6 +46,10 @@ pub struct TrainOptions {
     pub init_from: Option<PathBuf>,
     /// Workers split every sequence instead of the batch (LongNet's sequence parallelism).
     pub sequence_parallel: bool,
+    /// This run's place in a data-parallel job whose workers are threads of this process
+    /// (`compare --data-parallel`); `None`: the job the launcher started this process in, if
+    /// any ([`distributed::Group::from_env`]).
+    pub group: Option<std::sync::Arc<distributed::Group>>,
 }
 
 impl TrainOptions {
@@ -60,6 +64,7 @@ impl TrainOptions {
             stop_after: None,
             init_from: None,
             sequence_parallel: false,
+            group: None,
         }
     }
 }
@@ -248,7 +253,10 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     let mut trainer = Trainer::new(&model, t)?;
     // a worker of a data-parallel job (`--workers`): its slice of each batch, the gradients
     // averaged with the others'; only rank 0 writes the run folder and prints
-    let group = distributed::Group::from_env()?.map(std::sync::Arc::new);
+    let group = match &opts.group {
+        Some(g) => Some(g.clone()),
+        None => distributed::Group::from_env()?.map(std::sync::Arc::new),
+    };
     let rank = group.as_ref().map_or(0, |g| g.rank);
     if opts.sequence_parallel && group.is_none() {
         bail!("--sequence-parallel splits each sequence across workers: give --workers N or --gpus N");

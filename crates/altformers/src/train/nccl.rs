@@ -166,11 +166,12 @@ impl NcclGroup {
         }
         match settle(self.comm, Instant::now() + self.timeout) {
             Settled::Done => Ok(()),
-            Settled::Failed(state) => Err(self.abort(format!("NCCL failed enqueueing {what} ({})", error_string(state)))),
-            Settled::Late => Err(self.abort(format!(
-                "enqueueing {what} did not finish within {:.0} s",
-                self.timeout.as_secs_f64()
-            ))),
+            Settled::Failed(state) => {
+                Err(self.abort(format!("NCCL failed enqueueing {what} ({})", error_string(state))))
+            }
+            Settled::Late => {
+                Err(self.abort(format!("enqueueing {what} did not finish within {:.0} s", self.timeout.as_secs_f64())))
+            }
         }
     }
 
@@ -407,7 +408,15 @@ impl candle_core::CustomOp1 for NcclGather {
             let (n, stream) = (arg.elem_count(), g.stream.cu_stream() as sys::cudaStream_t);
             // SAFETY: `grad` holds world n elements, `mine` n, on this worker's stream.
             let r = unsafe {
-                result::reduce_scatter(a[0] as *const _, a[1] as *mut _, n, kind, sys::ncclRedOp_t::ncclSum, g.comm, stream)
+                result::reduce_scatter(
+                    a[0] as *const _,
+                    a[1] as *mut _,
+                    n,
+                    kind,
+                    sys::ncclRedOp_t::ncclSum,
+                    g.comm,
+                    stream,
+                )
             };
             enqueued = Some(g.enqueued(r, "the sequence's reduce-scatter"));
             Ok(())
@@ -452,7 +461,7 @@ impl NonBlockingConfig {
         const UNDEF: std::ffi::c_int = std::ffi::c_int::MIN; // NCCL_CONFIG_UNDEF_INT
         NonBlockingConfig {
             size: std::mem::size_of::<NonBlockingConfig>(),
-            magic: 0xcafe_beef,   // NCCL_API_MAGIC
+            magic: 0xcafe_beef,            // NCCL_API_MAGIC
             version: 2 * 10000 + 17 * 100, // NCCL_VERSION(2, 17, 0)
             blocking: 0,
             cga_cluster_size: UNDEF,
@@ -483,7 +492,13 @@ pub fn join(
     // SAFETY: `config` is a well-formed prefix of ncclConfig_t (its size says how much NCCL
     // may read); `comm` receives the handle, set before the call returns.
     let r = unsafe {
-        sys::ncclCommInitRankConfig(&mut comm, world as i32, uid, rank as i32, (&mut config as *mut NonBlockingConfig).cast())
+        sys::ncclCommInitRankConfig(
+            &mut comm,
+            world as i32,
+            uid,
+            rank as i32,
+            (&mut config as *mut NonBlockingConfig).cast(),
+        )
     };
     let joining = format!("rank {rank} of {world} joining the communicator (each worker needs a GPU of its own)");
     if let Err(e) = r.result() {

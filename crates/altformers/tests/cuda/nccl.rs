@@ -238,3 +238,140 @@ fn a_split_sequence_step_is_captured_with_its_collectives() -> Result<()> {
     anyhow::ensure!(worst < 1e-6, "replayed split steps differ from eager ones by {worst:e}");
     Ok(())
 }
+
+/// The same exchanges between two GPUs, ranks as threads of this process
+/// (`train::distributed::in_threads`, as `compare --data-parallel` runs them): NCCL's path
+/// between peers (its connections, the non-blocking communicator's enqueue thread) that one
+/// GPU never takes. Ignored on one GPU; `scripts/gpu-bench.sh multi-gpu-tests` runs them on a
+/// host with two or more.
+mod two_gpus {
+    use super::*;
+    use altformers::train::distributed::in_threads;
+    use std::sync::Mutex;
+
+    fn nvls_off() {
+        for (name, value) in NVLS_OFF {
+            std::env::set_var(name, value);
+        }
+    }
+
+    /// Two GPUs with half of every batch each train as one GPU with the whole batch: the same
+    /// weights within 1e-5 after six steps (three eager, three replayed from the captured
+    /// step with its NCCL all-reduce), and the two ranks hold the same bits.
+    #[test]
+    #[ignore = "needs two GPUs: scripts/gpu-bench.sh multi-gpu-tests"]
+    fn two_gpus_with_half_the_batch_each_train_as_one() -> Result<()> {
+        nvls_off();
+        let cfg = config()?;
+        let data: Vec<u8> = (0..4000u32).map(|i| ((i * 7919) % 251) as u8).collect();
+        let task = ByteLm { split: &data, context: cfg.model.context };
+        let gpu = Device::new_cuda(0)?;
+        let model = Model::new(&cfg.model, 1, &gpu, DType::F32)?;
+        let (one, _) = train_steps(&model, &mut Trainer::new(&model, &cfg.train)?, &task, 6)?;
+        let ranks: Mutex<Vec<Option<(Vec<f32>, bool)>>> = Mutex::new(vec![None, None]);
+        in_threads(2, &gpu, |dev, group| {
+            let rank = group.rank;
+            let nccl = NcclGroup::connect(group, dev, Duration::from_secs(60))?.with_bucket_bytes(4096);
+            let model = Model::new(&cfg.model, 1, dev, DType::F32)?;
+            let mut trainer = Trainer::new(&model, &cfg.train)?;
+            trainer.sync = Box::new(nccl);
+            trainer.shard = (rank, 2);
+            let weights = train_steps(&model, &mut trainer, &task, 6)?;
+            ranks.lock().expect("not poisoned")[rank] = Some(weights);
+            Ok(())
+        })?;
+        let ranks = ranks.into_inner().expect("not poisoned");
+        let (w0, graphed) = ranks[0].as_ref().expect("rank 0 trained");
+        let (w1, _) = ranks[1].as_ref().expect("rank 1 trained");
+        anyhow::ensure!(*graphed, "the two-GPU step was not captured");
+        anyhow::ensure!(w0 == w1, "the two ranks hold different weights");
+        let worst = largest_gap(&one, w0);
+        anyhow::ensure!(worst < 1e-5, "two GPUs differ from one by {worst:e}");
+        Ok(())
+    }
+
+    /// LongNet's sequence split over two GPUs (each 32 of 64 positions; the longest pair spans
+    /// the whole sequence, so its dilated rows cross between the GPUs): the mean of the
+    /// ranks' losses and gradients is the unsplit model's.
+    #[test]
+    #[ignore = "needs two GPUs: scripts/gpu-bench.sh multi-gpu-tests"]
+    fn a_sequence_split_over_two_gpus_is_the_whole_sequence() -> Result<()> {
+        nvls_off();
+        let cfg = longnet_config(&[])?;
+        let ids: Vec<u32> = (0..256u32).map(|i| (i * 37) % 251).collect();
+        let batch = |dev: &Device| -> Result<(Tensor, Tensor)> {
+            let t = Tensor::new(ids.as_slice(), dev)?.reshape((2, 128))?;
+            Ok((t.narrow(1, 0, 64)?, t.narrow(1, 1, 64)?))
+        };
+        let gpu = Device::new_cuda(0)?;
+        let gradients = |model: &Model, grads: &candle_core::backprop::GradStore| -> Result<Vec<Vec<f32>>> {
+            model
+                .params
+                .vars()
+                .iter()
+                .map(|(_, p)| Ok(grads.get(p.var.as_tensor()).expect("a gradient").flatten_all()?.to_vec1::<f32>()?))
+                .collect()
+        };
+        let model = Model::new(&cfg.model, 5, &gpu, DType::F32)?;
+        let (x, y) = batch(&gpu)?;
+        let loss = Model::loss(&model.forward(&x, None)?, &y)?;
+        let (whole, g1) = (loss.to_scalar::<f32>()? as f64, gradients(&model, &loss.backward()?)?);
+        let (split, g2) = in_threads(2, &gpu, |dev, group| {
+            let rank = group.rank;
+            let nccl = Arc::new(NcclGroup::connect(group.clone(), dev, Duration::from_secs(60))?);
+            let mut model = Model::new(&cfg.model, 5, dev, DType::F32)?;
+            model.split_sequence(Arc::new(nccl.clone()))?;
+            let (x, y) = batch(dev)?;
+            let (x, y) = (x.narrow(1, 32 * rank, 32)?, y.narrow(1, 32 * rank, 32)?);
+            let loss = Model::loss(&model.forward(&x, None)?, &y)?;
+            let mut grads = loss.backward()?;
+            nccl.all_reduce(&mut grads, &model.params)?;
+            let mut mean = [loss.to_scalar::<f32>()? as f64];
+            group.all_reduce_mean(&mut mean)?;
+            Ok((mean[0], gradients(&model, &grads)?))
+        })?;
+        anyhow::ensure!((whole - split).abs() <= 1e-6 * whole.abs(), "loss {split} against {whole}");
+        for (a, b) in g1.iter().zip(&g2) {
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1e-3 + x.abs())).fold(0f32, f32::max);
+            anyhow::ensure!(worst < 1e-4, "a gradient differs by {worst:e} (relative)");
+        }
+        Ok(())
+    }
+
+    /// A rank that stops after joining, before its first collective: the other's first
+    /// all-reduce (whose enqueueing sets up the connection to it) fails within its deadline
+    /// as a lost peer instead of waiting forever, and the job's error is the stopped rank's.
+    #[test]
+    #[ignore = "needs two GPUs: scripts/gpu-bench.sh multi-gpu-tests"]
+    fn a_rank_gone_before_the_first_collective_fails_the_other_within_the_deadline() -> Result<()> {
+        nvls_off();
+        let cfg = config()?;
+        let gpu = Device::new_cuda(0)?;
+        let rank0: Mutex<Option<(String, bool, f64)>> = Mutex::new(None);
+        let started = std::time::Instant::now();
+        let err = in_threads(2, &gpu, |dev, group| -> Result<()> {
+            let rank = group.rank;
+            let nccl = NcclGroup::connect(group, dev, Duration::from_secs(10))?;
+            if rank == 1 {
+                anyhow::bail!("rank 1 stopped");
+            }
+            let model = Model::new(&cfg.model, 3, dev, DType::F32)?;
+            let tokens = Tensor::new(&[[1u32, 2, 3, 4]], dev)?;
+            let logits = model.forward(&tokens.narrow(1, 0, 3)?, None)?;
+            let mut grads = Model::loss(&logits, &tokens.narrow(1, 1, 3)?)?.backward()?;
+            let at = std::time::Instant::now();
+            let e = nccl.all_reduce(&mut grads, &model.params).err().expect("rank 1 is gone");
+            *rank0.lock().expect("not poisoned") =
+                Some((format!("{e:#}"), e.downcast_ref::<PeerLost>().is_some(), at.elapsed().as_secs_f64()));
+            Err(e)
+        })
+        .err()
+        .expect("rank 1 failed");
+        anyhow::ensure!(format!("{err:#}").contains("worker rank 1: rank 1 stopped"), "{err:#}");
+        let (message, lost, waited) = rank0.into_inner().expect("not poisoned").expect("rank 0 reached its all-reduce");
+        anyhow::ensure!(lost, "rank 0 did not fail as a lost peer: {message}");
+        anyhow::ensure!(waited < 20.0, "rank 0 failed after {waited:.1} s (deadline 10 s): {message}");
+        anyhow::ensure!(started.elapsed().as_secs_f64() < 60.0, "the job took {:?}", started.elapsed());
+        Ok(())
+    }
+}
