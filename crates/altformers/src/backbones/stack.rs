@@ -21,6 +21,7 @@ use crate::config::{ModelConfig, Position};
 use crate::mixers::longnet::sequence_parallel::Split;
 use crate::mixers::{MixerState, SequenceMixer};
 use crate::nn::{dropout, residual, LayerNorm};
+use crate::ops::segments;
 use crate::params::ParamBuilder;
 use crate::rng::Rng;
 
@@ -153,14 +154,17 @@ impl Layers {
         2 * self.blocks.len()
     }
 
-    /// `x: [B, T, D] -> [B, T, D]`; with `dropout = Some((p, rng))`, the training form.
+    /// `x: [B, T, D] -> [B, T, D]`; with `dropout = Some((p, rng))`, the training form. Each
+    /// block's output is a place a backward in segments may cut ([`segments::boundary`]).
     pub fn forward(&self, x: &Tensor, mut dropout: Option<(f64, &mut Rng)>) -> Result<Tensor> {
         let mut x = x.clone();
-        for block in &self.blocks {
+        let n = self.blocks.len();
+        for (i, block) in self.blocks.iter().enumerate() {
             x = match &mut dropout {
                 Some((p, rng)) => block.forward_train(&x, *p, rng)?,
                 None => block.forward(&x)?,
             };
+            x = segments::boundary(x, i, n)?;
         }
         Ok(x)
     }

@@ -98,7 +98,17 @@ pub fn with_addresses(
     tensors: &[Option<&candle_core::Tensor>],
     launch: impl FnOnce(&[u64]) -> Result<()>,
 ) -> Result<()> {
-    let stream = dev.cuda_stream();
+    with_addresses_on(&dev.cuda_stream(), op, tensors, launch)
+}
+
+/// [`with_addresses`] for work queued on `stream` rather than the device's own (its caller
+/// orders the two streams).
+pub fn with_addresses_on(
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    op: &str,
+    tensors: &[Option<&candle_core::Tensor>],
+    launch: impl FnOnce(&[u64]) -> Result<()>,
+) -> Result<()> {
     let guards: Vec<_> = tensors.iter().map(|t| t.map(|t| t.storage_and_layout())).collect();
     let mut addresses = Vec::with_capacity(guards.len());
     let mut syncs: Vec<SyncOnDrop<'_>> = Vec::new();
@@ -112,11 +122,11 @@ pub fn with_addresses(
             bail!("{op}: a tensor is not contiguous (layout {layout:?})")
         };
         let (ptr, sync) = match &s.slice {
-            CudaStorageSlice::F32(x) => x.device_ptr(&stream),
-            CudaStorageSlice::BF16(x) => x.device_ptr(&stream),
-            CudaStorageSlice::F16(x) => x.device_ptr(&stream),
-            CudaStorageSlice::F64(x) => x.device_ptr(&stream),
-            CudaStorageSlice::U32(x) => x.device_ptr(&stream),
+            CudaStorageSlice::F32(x) => x.device_ptr(stream),
+            CudaStorageSlice::BF16(x) => x.device_ptr(stream),
+            CudaStorageSlice::F16(x) => x.device_ptr(stream),
+            CudaStorageSlice::F64(x) => x.device_ptr(stream),
+            CudaStorageSlice::U32(x) => x.device_ptr(stream),
             _ => bail!("{op}: {:?} tensors are not supported", s.dtype()),
         };
         addresses.push(ptr + (start * s.dtype().size_in_bytes()) as u64);

@@ -37,8 +37,9 @@
 /// `cross-entropy` the fused cross-entropy (`nn::cross_entropy`: candle's log-softmax instead),
 /// `embedding` the one-pass token embedding (`gather::embed`: the gather, position add and cast),
 /// `train-graph` the training step replayed from a CUDA graph (`train/graph.rs`: each step's
-/// kernels launched one by one instead).
-pub const SWITCHABLE: [&str; 23] = [
+/// kernels launched one by one instead), `overlap` the gradients' NCCL exchange overlapped
+/// with the backward in segments (`train/nccl.rs`: reduced after the whole backward instead).
+pub const SWITCHABLE: [&str; 24] = [
     "attention",
     "retention",
     "retention-tc",
@@ -62,6 +63,7 @@ pub const SWITCHABLE: [&str; 23] = [
     "cross-entropy",
     "embedding",
     "train-graph",
+    "overlap",
 ];
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.

@@ -28,3 +28,4 @@ pub mod fftconv;
 pub mod layer_norm;
 pub mod linear;
 pub mod monarch;
+pub mod segments;

@@ -40,7 +40,7 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
 use super::optim::StepNorm;
-use super::step::{loss_and_gradients, Trainer};
+use super::step::Trainer;
 use super::task::{Batch, Task};
 use crate::kernels::{adamw::KeptTable, launch};
 use crate::model::Model;
@@ -300,7 +300,7 @@ impl Trainer {
                     };
                     return (warm.map(Some), next);
                 }
-                let captured = self.capture(model, task, buffers, dropout_rng.clone(), dev);
+                let captured = self.capture(model, task, buffers, dropout_rng.clone(), step, dev);
                 // every worker replays, or none does (their steps exchange different collectives)
                 let agreed = match self.sync.all_agree(captured.is_ok()) {
                     Ok(agreed) => agreed,
@@ -346,11 +346,13 @@ impl Trainer {
         task: &dyn Task,
         buffers: Buffers,
         dropout_rng: Rng,
+        step: usize,
         dev: &CudaDevice,
     ) -> Result<Captured> {
         let Some((loss_out, norm_out)) = &buffers.outputs else { bail!("no eager step shaped the outputs") };
-        // One stream, no cross-stream events (as the decoder's graph; see decoder.rs).
-        // SAFETY: every operation of candle and this crate runs on the device's one stream.
+        // No cross-stream events (as the decoder's graph; see decoder.rs).
+        // SAFETY: every operation of candle and this crate runs on the device's one stream,
+        // but NCCL's overlapped exchange, which orders its stream by events of its own.
         unsafe { dev.disable_event_tracking() };
         let _cache = dev.enable_cuda_graph_htod_cache();
         let mut table = KeptTable::new(dev, model.params.vars().len())?;
@@ -364,7 +366,8 @@ impl Trainer {
         // device's state is then not to be trusted (an eager step after it read an illegal
         // address): the run stops with a message saying how to train without the graph.
         let captured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
-            let (loss, grads) = loss_and_gradients(model, task, &buffers.batch, &mut rng, self.l2wrap)?;
+            // the exchange between workers (NCCL's collectives) is captured with the rest
+            let (loss, grads) = self.loss_and_averaged_gradients(model, task, &buffers.batch, &mut rng, step)?;
             // the learning rate and bias corrections are the table's, written per replay
             let norm = self.opt.step_kept(&grads, 0.0, self.train.grad_clip, &mut table)?;
             launch::copy_into(dev, "training graph", loss_out, &loss)?;

@@ -7,8 +7,12 @@
 //! copy). Everything around the exchange (the global batch, the shards, the evaluation, the
 //! launcher, resuming) is [`super::distributed`]'s, shared with the CPU workers.
 //!
-//! candle's backward hands over every gradient at once, so the buckets are reduced after it,
-//! not overlapped with it as DDP's autograd hooks do.
+//! The exchange overlaps the backward pass, as DDP's autograd hooks make it: candle's
+//! backward hands over every gradient at once, so the step runs it in segments of a few
+//! blocks ([`crate::ops::segments`]) and each segment's finished gradients are reduced on a
+//! stream of their own while the segments below run ([`GradientSync::all_reduce_segments`];
+//! `ALTFORMERS_UNFUSED=overlap`: after the whole backward instead, as models without a stack
+//! of blocks and a split sequence's steps always are).
 //!
 //! The exchange can be captured in the training step's CUDA graph ([`super::graph`]): which
 //! parameters any rank has a gradient for is exchanged at every eager step and, while
@@ -50,7 +54,8 @@ use std::time::{Duration, Instant};
 use super::distributed::{Group, PeerLost};
 use super::step::GradientSync;
 use crate::mixers::longnet::sequence_parallel::AllGather;
-use crate::params::ParamStore;
+use crate::ops::segments::Backward;
+use crate::params::{Param, ParamStore};
 
 /// The size a bucket of gradients grows to before it is reduced (the last may be smaller).
 pub const BUCKET_BYTES: usize = 25 << 20;
@@ -71,6 +76,12 @@ pub struct NcclGroup {
     /// Which parameters this rank had a gradient for, and which any rank had, as last read
     /// back: the same local pattern reuses the second without reading (a captured step must).
     presence: std::sync::Mutex<Option<(Vec<bool>, Vec<bool>)>>,
+    /// The stream the overlapped exchange runs on, beside the backward's
+    /// ([`GradientSync::all_reduce_segments`]).
+    side: Arc<CudaStream>,
+    /// The segments' homes all ranks agreed on at the last eager step (a captured step must
+    /// cut the same buckets).
+    homes: std::sync::Mutex<Option<Vec<Option<usize>>>>,
 }
 
 // SAFETY: the communicator is a handle NCCL allows any thread to use; a worker's training
@@ -110,11 +121,13 @@ impl NcclGroup {
         Ok(NcclGroup {
             tcp,
             comm,
+            side: stream.fork()?,
             stream,
             bucket_bytes: BUCKET_BYTES,
             timeout,
             aborted: Default::default(),
             presence: Default::default(),
+            homes: Default::default(),
         })
     }
 
@@ -138,16 +151,19 @@ impl NcclGroup {
         Ok(())
     }
 
-    /// Enqueues the in-place average of `t` (contiguous, on this worker's GPU) over the ranks.
-    fn enqueue_mean(&self, t: &Tensor) -> Result<()> {
+    /// Enqueues the in-place average of `t` (contiguous, on this worker's GPU) over the ranks
+    /// on `stream` (the device's, or the overlapped exchange's).
+    fn enqueue_mean(&self, t: &Tensor, stream: &Arc<CudaStream>) -> Result<()> {
         self.usable()?;
-        let Device::Cuda(dev) = t.device() else { bail!("NCCL all-reduce of a tensor on the CPU") };
+        if !matches!(t.device(), Device::Cuda(_)) {
+            bail!("NCCL all-reduce of a tensor on the CPU");
+        }
         let kind = nccl_type(t.dtype(), "all-reduce")?;
         let n = t.elem_count();
         let mut enqueued = None;
-        crate::kernels::launch::with_addresses(dev, "nccl all-reduce", &[Some(t)], |a| {
+        crate::kernels::launch::with_addresses_on(stream, "nccl all-reduce", &[Some(t)], |a| {
             let ptr = a[0] as *mut std::ffi::c_void;
-            let stream = self.stream.cu_stream() as sys::cudaStream_t;
+            let stream = stream.cu_stream() as sys::cudaStream_t;
             // SAFETY: `t` holds n elements on this worker's GPU, read and written in place.
             let r = unsafe { result::all_reduce(ptr, ptr, n, kind, sys::ncclRedOp_t::ncclAvg, self.comm, stream) };
             enqueued = Some(self.enqueued(r, "the all-reduce"));
@@ -227,19 +243,7 @@ impl GradientSync for NcclGroup {
         }
         let capturing = self.capturing();
         let mine: Vec<bool> = vars.iter().map(|(_, p)| grads.get(p.var.as_tensor()).is_some()).collect();
-        // buckets: runs of parameters of one dtype up to bucket_bytes
-        let mut buckets: Vec<(usize, usize)> = Vec::new();
-        let (mut start, mut bytes) = (0usize, 0usize);
-        for (i, (_, p)) in vars.iter().enumerate() {
-            let t = p.var.as_tensor();
-            let size = t.elem_count() * t.dtype().size_in_bytes();
-            if i > start && (bytes + size > self.bucket_bytes || t.dtype() != vars[start].1.var.as_tensor().dtype()) {
-                buckets.push((start, i));
-                (start, bytes) = (i, 0);
-            }
-            bytes += size;
-        }
-        buckets.push((start, vars.len()));
+        let buckets = self.buckets(&vars, 0..vars.len());
         // An eager step exchanges which parameters have a gradient, as every rank does: 1 where
         // this rank has it, averaged, above 0 where any rank has. A captured step cannot read
         // the answer back: it takes the last eager step's, for the same pattern here (a capture
@@ -249,23 +253,13 @@ impl GradientSync for NcclGroup {
         } else {
             let flags: Vec<f32> = mine.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
             let has = Tensor::from_vec(flags, vars.len(), vars[0].1.var.as_tensor().device())?;
-            self.enqueue_mean(&has)?;
+            self.enqueue_mean(&has, &self.stream)?;
             Some(has)
         };
         let mut reduced = Vec::with_capacity(buckets.len());
-        for &(from, to) in &buckets {
-            let parts = vars[from..to]
-                .iter()
-                .map(|(_, p)| {
-                    let t = p.var.as_tensor();
-                    match grads.get(t) {
-                        Some(g) => g.flatten_all(),
-                        None => Tensor::zeros(t.elem_count(), t.dtype(), t.device()),
-                    }
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let flat = Tensor::cat(&parts, 0)?;
-            self.enqueue_mean(&flat)?;
+        for bucket in &buckets {
+            let flat = packed(grads, &vars, bucket)?;
+            self.enqueue_mean(&flat, &self.stream)?;
             reduced.push(flat);
         }
         let mut presence = self.presence.lock().map_err(|_| anyhow::anyhow!("NCCL: the presence lock is poisoned"))?;
@@ -281,20 +275,78 @@ impl GradientSync for NcclGroup {
                 None => bail!("NCCL: a captured step whose gradients differ from the eager steps'"),
             },
         };
-        for (&(from, to), flat) in buckets.iter().zip(&reduced) {
-            let mut at = 0;
-            for (i, (_, p)) in vars.iter().enumerate().take(to).skip(from) {
-                let t = p.var.as_tensor();
-                let n = t.elem_count();
-                if any[i] {
-                    grads.insert(t, flat.narrow(0, at, n)?.reshape(t.dims())?);
-                } else {
-                    grads.remove(t);
-                }
-                at += n;
-            }
+        for (bucket, flat) in buckets.iter().zip(&reduced) {
+            unpack(grads, &vars, bucket, flat, |i| any[i])?;
         }
         Ok(())
+    }
+
+    fn blocks_per_segment(&self, params: &ParamStore, depth: usize) -> Option<usize> {
+        let bytes: usize = params.vars().iter().map(|(_, p)| p.var.elem_count() * p.var.dtype().size_in_bytes()).sum();
+        // blocks whose parameters fill about a bucket (DDP's bucket of 25 MB: a cut costs an
+        // accumulation of the activation's gradient, so not one per block of a small model)
+        let every = (self.bucket_bytes * depth).div_ceil(bytes.max(1)).max(1);
+        (crate::kernels::enabled("overlap") && every < depth).then_some(every)
+    }
+
+    /// Each segment's parameters (those at home there) reduced in buckets on the side stream
+    /// as soon as its backward is queued, while the segments below run on the device's stream;
+    /// the device's stream waits for the side stream before the update. The ranks check at
+    /// every eager step that they cut the same segments (a captured step takes the last
+    /// check's). A parameter no segment reaches keeps no gradient.
+    fn all_reduce_segments(
+        &self,
+        mut backward: Backward,
+        homes: &[Option<usize>],
+        params: &ParamStore,
+    ) -> Result<GradStore> {
+        let vars = params.vars();
+        let capturing = self.capturing();
+        {
+            let mut agreed = self.homes.lock().map_err(|_| anyhow::anyhow!("NCCL: the homes lock is poisoned"))?;
+            if capturing {
+                if agreed.as_deref() != Some(homes) {
+                    bail!("NCCL: a captured step cut into other segments than the eager steps'");
+                }
+            } else {
+                let mine: Vec<f64> = homes.iter().map(|h| h.map_or(-1.0, |s| s as f64)).collect();
+                let mut mean = mine.clone();
+                self.tcp.all_reduce_mean(&mut mean)?;
+                if !self.all_agree(mean == mine)? {
+                    *agreed = None;
+                    bail!("NCCL: the workers cut the backward into different segments (do they train the same model?)");
+                }
+                *agreed = Some(homes.to_vec());
+            }
+        }
+        let mut buckets = Vec::new(); // (segment, parameter indices)
+        for s in 0..backward.segments() {
+            let members = (0..vars.len()).filter(|&i| homes[i] == Some(s));
+            buckets.extend(self.buckets(&vars, members).into_iter().map(|b| (s, b)));
+        }
+        let mut reduced = Vec::with_capacity(buckets.len());
+        while let Some((s, done)) = backward.next()? {
+            for (_, bucket) in buckets.iter().filter(|(at, _)| *at == s) {
+                let flat = packed(done, &vars, bucket)?;
+                self.side.wait(&self.stream.record_event(None)?)?;
+                self.enqueue_mean(&flat, &self.side)?;
+                reduced.push((bucket, flat));
+            }
+        }
+        let mut grads = backward.finish()?;
+        self.stream.wait(&self.side.record_event(None)?)?;
+        if !capturing {
+            self.wait("the gradient all-reduce")?;
+        }
+        for (bucket, flat) in &reduced {
+            unpack(&mut grads, &vars, bucket, flat, |_| true)?;
+        }
+        for ((_, p), home) in vars.iter().zip(homes) {
+            if home.is_none() {
+                grads.remove(p.var.as_tensor());
+            }
+        }
+        Ok(grads)
     }
 
     fn capturable(&self) -> bool {
@@ -313,6 +365,29 @@ impl GradientSync for NcclGroup {
 }
 
 impl NcclGroup {
+    /// `members` (indices into `vars`, in order) as buckets: runs of one dtype up to
+    /// `bucket_bytes`.
+    fn buckets(&self, vars: &[(String, Param)], members: impl IntoIterator<Item = usize>) -> Vec<Vec<usize>> {
+        let mut buckets: Vec<Vec<usize>> = Vec::new();
+        let mut bytes = 0;
+        for i in members {
+            let t = vars[i].1.var.as_tensor();
+            let size = t.elem_count() * t.dtype().size_in_bytes();
+            let fits = buckets
+                .last()
+                .and_then(|b| b.first())
+                .is_some_and(|&first| bytes + size <= self.bucket_bytes && vars[first].1.var.dtype() == t.dtype());
+            if fits {
+                buckets.last_mut().expect("a bucket").push(i);
+                bytes += size;
+            } else {
+                buckets.push(vec![i]);
+                bytes = size;
+            }
+        }
+        buckets
+    }
+
     /// Whether this worker's stream is being captured into a CUDA graph.
     fn capturing(&self) -> bool {
         self.stream.capture_status().is_ok_and(|s| {
@@ -427,6 +502,45 @@ impl candle_core::CustomOp1 for NcclGather {
         }
         Ok(Some(mine))
     }
+}
+
+/// The gradients of `bucket`'s parameters in one flat tensor (zeros for one this rank has
+/// none of), to be reduced in place.
+fn packed(grads: &GradStore, vars: &[(String, Param)], bucket: &[usize]) -> Result<Tensor> {
+    let parts = bucket
+        .iter()
+        .map(|&i| {
+            let t = vars[i].1.var.as_tensor();
+            match grads.get(t) {
+                Some(g) => g.flatten_all(),
+                None => Tensor::zeros(t.elem_count(), t.dtype(), t.device()),
+            }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Cuts a reduced bucket back into `grads` (views of `flat`, no copy); a parameter for which
+/// `keep` is false loses its gradient instead.
+fn unpack(
+    grads: &mut GradStore,
+    vars: &[(String, Param)],
+    bucket: &[usize],
+    flat: &Tensor,
+    keep: impl Fn(usize) -> bool,
+) -> Result<()> {
+    let mut at = 0;
+    for &i in bucket {
+        let t = vars[i].1.var.as_tensor();
+        let n = t.elem_count();
+        if keep(i) {
+            grads.insert(t, flat.narrow(0, at, n)?.reshape(t.dims())?);
+        } else {
+            grads.remove(t);
+        }
+        at += n;
+    }
+    Ok(())
 }
 
 /// NCCL's name for `dtype`; `doing` names the collective in the error.

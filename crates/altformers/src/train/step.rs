@@ -10,6 +10,7 @@ use super::optim::{learning_rate, AdamW, StepNorm};
 use super::task::{Batch, Task};
 use crate::config::{L2Wrap, TrainConfig};
 use crate::model::Model;
+use crate::ops::segments::{self, Backward};
 use crate::params::ParamStore;
 use crate::rng::{stream, Rng};
 
@@ -45,6 +46,27 @@ pub trait GradientSync {
     fn all_agree(&self, ok: bool) -> Result<bool> {
         Ok(ok)
     }
+
+    /// Blocks per segment where this exchange takes the gradients segment by segment as a
+    /// backward in segments finishes them ([`GradientSync::all_reduce_segments`]), for a
+    /// model of `params` in `depth` blocks; `None`: after the whole backward.
+    fn blocks_per_segment(&self, _params: &ParamStore, _depth: usize) -> Option<usize> {
+        None
+    }
+
+    /// Runs `backward` segment by segment, exchanging each segment's finished gradients as it
+    /// ends (`homes[i]`: the segment after which parameter i's is final); the averaged
+    /// gradients. Here: the whole backward, then [`GradientSync::all_reduce`].
+    fn all_reduce_segments(
+        &self,
+        backward: Backward,
+        _homes: &[Option<usize>],
+        params: &ParamStore,
+    ) -> Result<GradStore> {
+        let mut grads = backward.finish()?;
+        self.all_reduce(&mut grads, params)?;
+        Ok(grads)
+    }
 }
 
 impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
@@ -66,6 +88,19 @@ impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
 
     fn all_agree(&self, ok: bool) -> Result<bool> {
         (**self).all_agree(ok)
+    }
+
+    fn blocks_per_segment(&self, params: &ParamStore, depth: usize) -> Option<usize> {
+        (**self).blocks_per_segment(params, depth)
+    }
+
+    fn all_reduce_segments(
+        &self,
+        backward: Backward,
+        homes: &[Option<usize>],
+        params: &ParamStore,
+    ) -> Result<GradStore> {
+        (**self).all_reduce_segments(backward, homes, params)
     }
 }
 
@@ -150,7 +185,7 @@ impl Deferred {
 
 /// `batch`'s mean loss and the gradients of what the step minimises (with L2Wrap's term
 /// where `l2wrap`).
-pub(super) fn loss_and_gradients(
+fn loss_and_gradients(
     model: &Model,
     task: &dyn Task,
     batch: &Batch,
@@ -158,14 +193,38 @@ pub(super) fn loss_and_gradients(
     l2wrap: bool,
 ) -> Result<(Tensor, GradStore)> {
     let scored = task.scored(model, batch, Some(dropout))?;
-    let loss = scored.loss;
-    let grads = if l2wrap {
-        let wrap = l2wrap_penalty(&scored.logits)?.to_dtype(loss.dtype())?;
-        (&loss + wrap)?.backward()?
+    let grads = objective(&scored, l2wrap)?.backward()?;
+    Ok((scored.loss, grads))
+}
+
+/// What a step minimises: the loss, plus L2Wrap's term where `l2wrap`.
+fn objective(scored: &super::task::Scored, l2wrap: bool) -> Result<Tensor> {
+    Ok(if l2wrap {
+        (&scored.loss + l2wrap_penalty(&scored.logits)?.to_dtype(scored.loss.dtype())?)?
     } else {
-        loss.backward()?
-    };
-    Ok((loss, grads))
+        scored.loss.clone()
+    })
+}
+
+/// [`loss_and_gradients`] with the backward in segments of `every` blocks
+/// ([`crate::ops::segments`]), `sync` exchanging each segment's finished gradients as it
+/// ends, so the exchange overlaps the segments below: the loss and the averaged gradients.
+fn loss_and_overlapped_gradients(
+    model: &Model,
+    task: &dyn Task,
+    batch: &Batch,
+    dropout: &mut Rng,
+    l2wrap: bool,
+    every: usize,
+    sync: &dyn GradientSync,
+) -> Result<(Tensor, GradStore)> {
+    let (scored, cuts) = segments::record(every, || task.scored(model, batch, Some(dropout)));
+    let scored = scored?;
+    let top = objective(&scored, l2wrap)?;
+    let vars = model.params.vars();
+    let homes = segments::homes(&top, &cuts, vars.iter().map(|(_, p)| p.var.as_tensor()));
+    let grads = sync.all_reduce_segments(Backward::new(top, cuts), &homes, &model.params)?;
+    Ok((scored.loss, grads))
 }
 
 /// The mean loss and mean gradients of equal slices of a batch: the whole batch's.
@@ -314,10 +373,37 @@ impl Trainer {
         dropout_rng: &mut Rng,
         step: usize,
     ) -> Result<(Tensor, StepNorm)> {
+        let (loss, grads) = self.loss_and_averaged_gradients(model, task, batch, dropout_rng, step)?;
+        let lr = self.learning_rate(step);
+        // The optimizer refuses a non-finite gradient norm (the fused GPU step defers that to
+        // the norm read, where `Deferred::settle` finds it).
+        let norm = self
+            .opt
+            .step(&grads, lr, self.train.grad_clip)
+            .map_err(|e| Diverged(format!("{e} in step {}", step + 1)))?;
+        Ok((loss, norm))
+    }
+
+    /// `batch`'s loss and the gradients of step `step`, averaged across the workers by
+    /// [`Trainer::sync`]: the step up to the update, eager or being captured
+    /// ([`super::graph`]).
+    pub(super) fn loss_and_averaged_gradients(
+        &self,
+        model: &Model,
+        task: &dyn Task,
+        batch: &Batch,
+        dropout_rng: &mut Rng,
+        step: usize,
+    ) -> Result<(Tensor, GradStore)> {
         let t = &self.train;
         let l2wrap = self.l2wrap;
         let slices = if self.shard == (0, 1) && batch.rows.is_none() { self.slices } else { 1 };
-        let (loss, mut grads) = if slices > 1 {
+        // segments: not with a split sequence, whose backward has collectives of its own
+        let segments = match self.sequence_parallel {
+            false => self.sync.blocks_per_segment(&model.params, model.config.depth),
+            true => None,
+        };
+        Ok(if slices > 1 {
             use rayon::prelude::*;
             let parts = (0..slices)
                 .into_par_iter()
@@ -326,16 +412,16 @@ impl Trainer {
                     loss_and_gradients(model, task, &batch.shard(i, slices)?, &mut rng, l2wrap)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            mean_of_slices(parts, &model.params)?
+            let (loss, mut grads) = mean_of_slices(parts, &model.params)?;
+            self.sync.all_reduce(&mut grads, &model.params)?;
+            (loss, grads)
+        } else if let Some(every) = segments {
+            loss_and_overlapped_gradients(model, task, batch, dropout_rng, l2wrap, every, &*self.sync)?
         } else {
-            loss_and_gradients(model, task, batch, dropout_rng, l2wrap)?
-        };
-        self.sync.all_reduce(&mut grads, &model.params)?;
-        let lr = self.learning_rate(step);
-        // The optimizer refuses a non-finite gradient norm (the fused GPU step defers that to
-        // the norm read, where `Deferred::settle` finds it).
-        let norm = self.opt.step(&grads, lr, t.grad_clip).map_err(|e| Diverged(format!("{e} in step {}", step + 1)))?;
-        Ok((loss, norm))
+            let (loss, mut grads) = loss_and_gradients(model, task, batch, dropout_rng, l2wrap)?;
+            self.sync.all_reduce(&mut grads, &model.params)?;
+            (loss, grads)
+        })
     }
 
     /// Reads the held losses and norms if [`SYNC_EVERY`] steps are held or `now`.
