@@ -7,8 +7,8 @@
 //! handed to the activation it was cut from ([`Inject`]), giving the next; and so on. After
 //! segment `s` every parameter that no segment below reaches ([`homes`]) has its final
 //! gradient. The sum over the segments is the whole backward's, whatever paths bypass a cut
-//! (backpropagation is linear); each segment costs one extra accumulation of its cut's
-//! gradient.
+//! (backpropagation is linear). Each cut costs a copy of its activation (candle makes a
+//! variable by copying) and one more accumulation of its gradient.
 //!
 //! A stack of blocks calls [`boundary`] after each block; outside [`record`] it does nothing.
 
@@ -36,8 +36,20 @@ thread_local! {
 /// Runs `forward` with the stacks' activations cut after every `every` blocks (not after a
 /// stack's last); returns its result and the cuts in forward order.
 pub fn record<R>(every: usize, forward: impl FnOnce() -> R) -> (R, Vec<Cut>) {
+    /// Ends the recording however `forward` ends (a panic unwinding through a CUDA-graph
+    /// capture is caught there; later passes on this thread must not go on cutting).
+    struct Restore(Option<Option<Recording>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(previous) = self.0.take() {
+                RECORDING.with(|r| r.replace(previous));
+            }
+        }
+    }
     let previous = RECORDING.with(|r| r.replace(Some(Recording { every: every.max(1), cuts: Vec::new() })));
+    let mut restore = Restore(Some(previous));
     let out = forward();
+    let previous = restore.0.take().expect("not restored yet");
     let cuts = RECORDING.with(|r| r.replace(previous)).map(|r| r.cuts).unwrap_or_default();
     (out, cuts)
 }

@@ -77,8 +77,12 @@ pub struct NcclGroup {
     /// back: the same local pattern reuses the second without reading (a captured step must).
     presence: std::sync::Mutex<Option<(Vec<bool>, Vec<bool>)>>,
     /// The stream the overlapped exchange runs on, beside the backward's
-    /// ([`GradientSync::all_reduce_segments`]).
-    side: Arc<CudaStream>,
+    /// ([`GradientSync::all_reduce_segments`]); made at its first use.
+    side: std::sync::Mutex<Option<Arc<CudaStream>>>,
+    /// Set while collectives may be running that no wait has seen finish: a communicator
+    /// left so is aborted, not destroyed (destroying waits for them, forever if a peer is
+    /// gone).
+    in_flight: AtomicBool,
     /// The segments' homes all ranks agreed on at the last eager step (a captured step must
     /// cut the same buckets).
     homes: std::sync::Mutex<Option<Vec<Option<usize>>>>,
@@ -121,7 +125,8 @@ impl NcclGroup {
         Ok(NcclGroup {
             tcp,
             comm,
-            side: stream.fork()?,
+            side: Default::default(),
+            in_flight: Default::default(),
             stream,
             bucket_bytes: BUCKET_BYTES,
             timeout,
@@ -177,8 +182,11 @@ impl NcclGroup {
     /// can wait on a peer, setting up a connection or behind a full queue: past the deadline
     /// the communicator is aborted and this fails as a lost peer).
     fn enqueued(&self, r: Result<result::NcclStatus, result::NcclError>, what: &str) -> Result<()> {
+        self.in_flight.store(true, Ordering::SeqCst);
         if let Err(e) = r {
-            return Err(nccl_error(&format!("enqueueing {what}"), e.0, Some(self.comm)));
+            let err = nccl_error(&format!("enqueueing {what}"), e.0, Some(self.comm));
+            self.abort_comm();
+            return Err(err);
         }
         match settle(self.comm, Instant::now() + self.timeout) {
             Settled::Done => Ok(()),
@@ -194,10 +202,31 @@ impl NcclGroup {
     /// Aborts the communicator (`ncclCommAbort`, as PyTorch's watchdog does) after `why`: the
     /// error, a lost peer, names the rank whose rendezvous connection closed where one has.
     fn abort(&self, why: String) -> anyhow::Error {
-        unsafe { result::comm_abort(self.comm) }.ok();
-        self.aborted.store(true, Ordering::SeqCst);
+        self.abort_comm();
         let gone = self.tcp.closed_peers();
         anyhow::Error::msg(PeerLost(gone.first().copied())).context(format!("{why}; the communicator was aborted"))
+    }
+
+    /// `ncclCommAbort` (once): every collective of the communicator stops and it is freed.
+    fn abort_comm(&self) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            unsafe { result::comm_abort(self.comm) }.ok();
+        }
+    }
+
+    /// The stream of the overlapped exchange, made (a fork of the device's) at its first use.
+    fn side_stream(&self) -> Result<Arc<CudaStream>> {
+        let mut side = self.side.lock().map_err(|_| anyhow::anyhow!("NCCL: the side stream's lock is poisoned"))?;
+        if side.is_none() {
+            // With a second stream cudarc would record an event per buffer per launch (see
+            // crate::device::with_own_stream): the exchange orders its two streams itself.
+            // SAFETY: only the exchange uses the side stream, after waiting for an event the
+            // device's stream recorded once the buffers it reads were written; the device's
+            // stream waits for the side stream before anything reads them back or frees them.
+            unsafe { self.stream.context().disable_event_tracking() };
+            *side = Some(self.stream.fork()?);
+        }
+        Ok(side.clone().expect("made"))
     }
 
     /// Waits until the stream has done everything enqueued so far, at most the timeout: a
@@ -209,6 +238,7 @@ impl NcclGroup {
         let deadline = Instant::now() + self.timeout;
         loop {
             if done.try_is_complete()? {
+                self.in_flight.store(false, Ordering::SeqCst);
                 return Ok(());
             }
             let mut state = sys::ncclResult_t::ncclSuccess;
@@ -226,7 +256,9 @@ impl NcclGroup {
 
 impl Drop for NcclGroup {
     fn drop(&mut self) {
-        if !self.aborted.load(Ordering::SeqCst) {
+        if self.in_flight.load(Ordering::SeqCst) {
+            self.abort_comm();
+        } else if !self.aborted.load(Ordering::SeqCst) {
             unsafe { result::comm_destroy(self.comm) }.ok();
         }
     }
@@ -293,7 +325,10 @@ impl GradientSync for NcclGroup {
     /// as soon as its backward is queued, while the segments below run on the device's stream;
     /// the device's stream waits for the side stream before the update. The ranks check at
     /// every eager step that they cut the same segments (a captured step takes the last
-    /// check's). A parameter no segment reaches keeps no gradient.
+    /// check's). A parameter no segment reaches keeps no gradient; one a segment reaches but
+    /// that gets none (an op without a gradient for it) takes part as zeros, on every rank.
+    /// A failure once buckets are queued joins the streams and aborts the communicator (a
+    /// peer may wait on a bucket this rank never sends).
     fn all_reduce_segments(
         &self,
         mut backward: Backward,
@@ -302,39 +337,44 @@ impl GradientSync for NcclGroup {
     ) -> Result<GradStore> {
         let vars = params.vars();
         let capturing = self.capturing();
-        {
-            let mut agreed = self.homes.lock().map_err(|_| anyhow::anyhow!("NCCL: the homes lock is poisoned"))?;
-            if capturing {
-                if agreed.as_deref() != Some(homes) {
-                    bail!("NCCL: a captured step cut into other segments than the eager steps'");
-                }
-            } else {
-                let mine: Vec<f64> = homes.iter().map(|h| h.map_or(-1.0, |s| s as f64)).collect();
-                let mut mean = mine.clone();
-                self.tcp.all_reduce_mean(&mut mean)?;
-                if !self.all_agree(mean == mine)? {
-                    *agreed = None;
-                    bail!("NCCL: the workers cut the backward into different segments (do they train the same model?)");
-                }
-                *agreed = Some(homes.to_vec());
-            }
-        }
+        self.agree_on(homes, capturing)?;
         let mut buckets = Vec::new(); // (segment, parameter indices)
         for s in 0..backward.segments() {
             let members = (0..vars.len()).filter(|&i| homes[i] == Some(s));
             buckets.extend(self.buckets(&vars, members).into_iter().map(|b| (s, b)));
         }
+        let side = self.side_stream()?;
         let mut reduced = Vec::with_capacity(buckets.len());
-        while let Some((s, done)) = backward.next()? {
-            for (_, bucket) in buckets.iter().filter(|(at, _)| *at == s) {
-                let flat = packed(done, &vars, bucket)?;
-                self.side.wait(&self.stream.record_event(None)?)?;
-                self.enqueue_mean(&flat, &self.side)?;
-                reduced.push((bucket, flat));
+        let exchange = || -> Result<GradStore> {
+            while let Some((s, done)) = backward.next()? {
+                for (_, bucket) in buckets.iter().filter(|(at, _)| *at == s) {
+                    let flat = packed(done, &vars, bucket)?;
+                    side.wait(&self.stream.record_event(None)?)?;
+                    self.enqueue_mean(&flat, &side)?;
+                    reduced.push((bucket, flat));
+                }
             }
-        }
-        let mut grads = backward.finish()?;
-        self.stream.wait(&self.side.record_event(None)?)?;
+            backward.finish().map_err(anyhow::Error::from)
+        };
+        let finished = exchange();
+        // the device's stream takes up the side stream's work whatever happened (a capture
+        // cannot end with a stream not joined; nothing queued is freed before it has run)
+        let joined = side.record_event(None).and_then(|e| self.stream.wait(&e));
+        let mut grads = match (finished, joined) {
+            (Ok(grads), Ok(())) => grads,
+            (finished, joined) => {
+                let err = match (finished, joined) {
+                    (Err(e), _) => e,
+                    (_, Err(e)) => anyhow::Error::from(e).context("joining the overlapped exchange's stream"),
+                    (Ok(_), Ok(())) => unreachable!("handled above"),
+                };
+                if reduced.is_empty() {
+                    return Err(err);
+                }
+                self.abort_comm();
+                return Err(err.context("the overlapped gradient exchange failed; the communicator was aborted"));
+            }
+        };
         if !capturing {
             self.wait("the gradient all-reduce")?;
         }
@@ -386,6 +426,31 @@ impl NcclGroup {
             }
         }
         buckets
+    }
+
+    /// Checks (eager steps) that every rank cut the backward into the same segments, so they
+    /// reduce the same buckets: one exchange of each home and its square, whose means agree
+    /// with each other exactly when every rank sent the same homes (each rank concludes the
+    /// same). A captured step must cut as the last eager step did.
+    fn agree_on(&self, homes: &[Option<usize>], capturing: bool) -> Result<()> {
+        let mut agreed = self.homes.lock().map_err(|_| anyhow::anyhow!("NCCL: the homes lock is poisoned"))?;
+        if capturing {
+            if agreed.as_deref() != Some(homes) {
+                bail!("NCCL: a captured step cut into other segments than the eager steps'");
+            }
+            return Ok(());
+        }
+        let values: Vec<f64> = homes.iter().map(|h| h.map_or(-1.0, |s| s as f64)).collect();
+        let mut moments: Vec<f64> =
+            values.iter().chain(&values.iter().map(|v| v * v).collect::<Vec<_>>()).copied().collect();
+        self.tcp.all_reduce_mean(&mut moments)?;
+        let (mean, square) = moments.split_at(values.len());
+        if mean.iter().zip(square).any(|(m, q)| (q - m * m).abs() > 1e-9) {
+            *agreed = None;
+            bail!("NCCL: the workers cut the backward into different segments (do they train the same model?)");
+        }
+        *agreed = Some(homes.to_vec());
+        Ok(())
     }
 
     /// Whether this worker's stream is being captured into a CUDA graph.
@@ -591,7 +656,8 @@ impl NonBlockingConfig {
 /// has come; past the deadline it is aborted and this fails as a lost peer (the cause is
 /// another rank, one that died or hangs before joining). Every later call on it returns at
 /// once as well ([`settle`]). `NCCL_COMM_BLOCKING=1` in the environment (NCCL's own switch)
-/// makes it blocking again; everything here works either way.
+/// makes it blocking again (joining and enqueueing are then no longer bounded by the
+/// deadline; the reductions still are).
 pub fn join(
     uid: sys::ncclUniqueId,
     world: usize,
