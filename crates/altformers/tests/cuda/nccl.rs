@@ -46,6 +46,28 @@ fn largest_gap(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max)
 }
 
+/// Every parameter's gradient in `grads`, flattened, in registry order.
+fn gradients(model: &Model, grads: &candle_core::backprop::GradStore) -> Result<Vec<Vec<f32>>> {
+    model
+        .params
+        .vars()
+        .iter()
+        .map(|(_, p)| Ok(grads.get(p.var.as_tensor()).expect("a gradient").flatten_all()?.to_vec1::<f32>()?))
+        .collect()
+}
+
+/// A split sequence's loss within 1e-6 of the whole one's and each gradient within 1e-4
+/// (relative, above 1e-3).
+fn ensure_split_is_whole(whole: (f64, &[Vec<f32>]), split: (f64, &[Vec<f32>])) -> Result<()> {
+    let ((lw, gw), (ls, gs)) = (whole, split);
+    anyhow::ensure!((lw - ls).abs() <= 1e-6 * lw.abs(), "loss {ls} against {lw}");
+    for (a, b) in gw.iter().zip(gs) {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1e-3 + x.abs())).fold(0f32, f32::max);
+        anyhow::ensure!(worst < 1e-4, "a gradient differs by {worst:e} (relative)");
+    }
+    Ok(())
+}
+
 #[test]
 fn a_world_of_one_through_nccl_trains_as_one_process() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
@@ -166,7 +188,7 @@ fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
     let cfg = longnet_config(&[])?;
     let tokens = Tensor::new((0..128u32).map(|i| (i * 37) % 251).collect::<Vec<_>>(), &gpu)?.reshape((2, 64))?;
-    let loss_and_grads = |split: bool| -> Result<(f32, Vec<Vec<f32>>)> {
+    let loss_and_grads = |split: bool| -> Result<(f64, Vec<Vec<f32>>)> {
         let mut model = Model::new(&cfg.model, 5, &gpu, DType::F32)?;
         if split {
             let nccl = Arc::new(world_of_one(&gpu, Duration::from_secs(60))?);
@@ -174,23 +196,11 @@ fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
         }
         let logits = model.forward(&tokens.narrow(1, 0, 63)?.pad_with_zeros(1, 0, 1)?, None)?;
         let loss = Model::loss(&logits, &tokens)?;
-        let grads = loss.backward()?;
-        let g = model
-            .params
-            .vars()
-            .iter()
-            .map(|(_, p)| Ok(grads.get(p.var.as_tensor()).expect("a gradient").flatten_all()?.to_vec1::<f32>()?))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((loss.to_scalar::<f32>()?, g))
+        Ok((loss.to_scalar::<f32>()? as f64, gradients(&model, &loss.backward()?)?))
     };
     let (whole, g1) = loss_and_grads(false)?;
     let (split, g2) = loss_and_grads(true)?;
-    anyhow::ensure!((whole - split).abs() <= 1e-6 * whole.abs(), "loss {split} against {whole}");
-    for (a, b) in g1.iter().zip(&g2) {
-        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1e-3 + x.abs())).fold(0f32, f32::max);
-        anyhow::ensure!(worst < 1e-4, "a gradient differs by {worst:e} (relative)");
-    }
-    Ok(())
+    ensure_split_is_whole((whole, &g1), (split, &g2))
 }
 
 /// Joining a communicator whose other rank never comes (a world of two, one rank here) fails
@@ -309,14 +319,6 @@ mod two_gpus {
             Ok((t.narrow(1, 0, 64)?, t.narrow(1, 1, 64)?))
         };
         let gpu = Device::new_cuda(0)?;
-        let gradients = |model: &Model, grads: &candle_core::backprop::GradStore| -> Result<Vec<Vec<f32>>> {
-            model
-                .params
-                .vars()
-                .iter()
-                .map(|(_, p)| Ok(grads.get(p.var.as_tensor()).expect("a gradient").flatten_all()?.to_vec1::<f32>()?))
-                .collect()
-        };
         let model = Model::new(&cfg.model, 5, &gpu, DType::F32)?;
         let (x, y) = batch(&gpu)?;
         let loss = Model::loss(&model.forward(&x, None)?, &y)?;
@@ -335,12 +337,7 @@ mod two_gpus {
             group.all_reduce_mean(&mut mean)?;
             Ok((mean[0], gradients(&model, &grads)?))
         })?;
-        anyhow::ensure!((whole - split).abs() <= 1e-6 * whole.abs(), "loss {split} against {whole}");
-        for (a, b) in g1.iter().zip(&g2) {
-            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1e-3 + x.abs())).fold(0f32, f32::max);
-            anyhow::ensure!(worst < 1e-4, "a gradient differs by {worst:e} (relative)");
-        }
-        Ok(())
+        ensure_split_is_whole((whole, &g1), (split, &g2))
     }
 
     /// A rank that stops after joining, before its first collective: the other's first
