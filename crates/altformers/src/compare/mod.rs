@@ -423,6 +423,18 @@ fn run_lm(
             std::iter::once((arch, None)).chain(extra.iter().map(move |&s| (arch, Some(s))))
         })
         .collect();
+    if spread > 1 {
+        // refused before any run, not at the first that cannot be split
+        for (arch, _) in &runs {
+            let cfg = lm.config(arch)?;
+            if !cfg.train.batch_size.is_multiple_of(spread) {
+                bail!(
+                    "--data-parallel: [lm] train.batch_size {} is not a multiple of the {spread} GPUs",
+                    cfg.train.batch_size
+                );
+            }
+        }
+    }
     let todo: Vec<usize> = (0..runs.len()).collect();
     let (workers, spread) = if spread > 1 { (Workers { jobs: 1, gpus: 1 }, spread) } else { (workers, 1) };
     let rows = run_queue(
@@ -923,6 +935,15 @@ mod tests {
         for ((model, one), (_, two)) in losses[0].iter().zip(&losses[1]) {
             assert!((one - two).abs() <= 1e-5 * one.abs(), "{model}: one worker {one}, two {two}");
         }
+        // a batch the workers cannot share is refused before anything trains
+        p.lm.train.insert("batch_size".into(), toml::Value::Integer(3));
+        std::fs::write(&file, toml::to_string(&p)?)?;
+        let dir = base.join("odd");
+        let select = Selection { parts: vec!["lm".into()], models: vec![], jobs: Some(1), gpus: 1, data_parallel: 2 };
+        let err =
+            run(file.to_str().unwrap(), "shakespeare", DataFormat::Text, &dir, &Device::Cpu, &select).unwrap_err();
+        assert!(format!("{err:#}").contains("train.batch_size 3 is not a multiple of the 2 GPUs"), "{err:#}");
+        assert!(!dir.join("runs").exists(), "a run started before the refusal");
         std::fs::remove_dir_all(&base)?;
         Ok(())
     }

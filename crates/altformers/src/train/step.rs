@@ -503,6 +503,66 @@ mod tests {
         Ok(())
     }
 
+    /// A step whose backward runs in segments (an exchange that takes them, here one that
+    /// waits for the whole backward: the default `all_reduce_segments`) updates the weights
+    /// as the one-call backward does, with dropout and with L2Wrap, f64.
+    #[test]
+    fn segmented_steps_equal_whole_steps() -> Result<()> {
+        use crate::train::task::ByteLm;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        /// Counts the segments of the backward passes it is handed.
+        struct Segmented(Arc<AtomicUsize>);
+        impl GradientSync for Segmented {
+            fn all_reduce(&self, _: &mut GradStore, _: &ParamStore) -> Result<()> {
+                Ok(())
+            }
+            fn blocks_per_segment(&self, _: &ParamStore, _: usize) -> Option<usize> {
+                Some(1)
+            }
+            fn all_reduce_segments(
+                &self,
+                backward: Backward,
+                _: &[Option<usize>],
+                _: &ParamStore,
+            ) -> Result<GradStore> {
+                self.0.fetch_add(backward.segments(), Ordering::SeqCst);
+                Ok(backward.finish()?)
+            }
+        }
+        let bytes: Vec<u8> = (0..600u32).map(|i| (i * 37 % 251) as u8).collect();
+        for arch in ["transformer", "rwkv4", "hyena", "megabyte"] {
+            let sets = ["model.width=16", "model.depth=3", "model.heads=2", "model.context=16", "model.dropout=0.1"];
+            let cfg = crate::registry::config(arch, &crate::config::Overrides::sets(&sets))?;
+            let task = ByteLm { split: &bytes, context: cfg.model.context };
+            let train = TrainConfig { batch_size: 2, ..cfg.train.clone() };
+            let segments = Arc::new(AtomicUsize::new(0));
+            let weights = |segmented: bool| -> Result<Vec<f64>> {
+                let model = Model::new(&cfg.model, 1, &Device::Cpu, DType::F64)?;
+                let mut trainer = Trainer::new(&model, &train)?;
+                if segmented {
+                    trainer.sync = Box::new(Segmented(segments.clone()));
+                }
+                for step in 0..3 {
+                    trainer.step(&model, &task, step)?;
+                }
+                let all = model
+                    .params
+                    .vars()
+                    .iter()
+                    .map(|(_, p)| p.var.as_tensor().flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&all, 0)?.to_vec1::<f64>()?)
+            };
+            let (whole, segmented) = (weights(false)?, weights(true)?);
+            let worst = whole.iter().zip(&segmented).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(worst < 1e-12, "{arch}: segmented steps differ by {worst}");
+            // three steps, each cut after both of the first two of three blocks (at least)
+            assert!(segments.load(Ordering::SeqCst) >= 9, "{arch}: {segments:?} segments in three steps");
+        }
+        Ok(())
+    }
+
     /// `train.l2wrap` defaults to the architecture's (on for RWKV-4, as its official
     /// trainer; off for the Transformer); on, it changes the update and not the reported loss.
     #[test]
