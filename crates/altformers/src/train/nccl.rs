@@ -18,8 +18,9 @@
 //! parameters any rank has a gradient for is exchanged at every eager step and, while
 //! capturing, taken from the last eager step (the same pattern on this rank, or the capture
 //! fails and every rank stays eager: [`GradientSync::all_agree`]); nothing is read back or
-//! waited for while capturing, and the trainer waits after each replay
-//! ([`GradientSync::after_replay`]).
+//! waited for while capturing; after each replay the trainer waits for the step before it
+//! (the GPU keeps one step queued ahead: [`GradientSync::after_replay`]) and for every step
+//! before it reads anything back ([`GradientSync::drain`]).
 //!
 //! The same communicator is a split sequence's collective (LongNet's sequence parallelism,
 //! [`crate::mixers::longnet::sequence_parallel::AllGather`]): `ncclAllGather` forward,
@@ -79,6 +80,8 @@ pub struct NcclGroup {
     /// The stream the overlapped exchange runs on, beside the backward's
     /// ([`GradientSync::all_reduce_segments`]); made at its first use.
     side: std::sync::Mutex<Option<Arc<CudaStream>>>,
+    /// The replayed steps not yet waited for (at most the last one: [`GradientSync::after_replay`]).
+    replays: std::sync::Mutex<std::collections::VecDeque<CudaEvent>>,
     /// Set while collectives may be running that no wait has seen finish: a communicator
     /// left so is aborted, not destroyed (destroying waits for them, forever if a peer is
     /// gone).
@@ -127,6 +130,7 @@ impl NcclGroup {
             comm,
             side: Default::default(),
             in_flight: Default::default(),
+            replays: Default::default(),
             stream,
             bucket_bytes: BUCKET_BYTES,
             timeout,
@@ -234,11 +238,17 @@ impl NcclGroup {
     /// forever. Past the deadline, or on an NCCL error, the communicator is aborted. `what`
     /// names the exchange in the error.
     fn wait(&self, what: &str) -> Result<()> {
-        let done: CudaEvent = self.stream.record_event(None)?;
+        self.wait_for(&self.stream.record_event(None)?, what)?;
+        self.replays.lock().map_err(|_| anyhow::anyhow!("NCCL: the replays' lock is poisoned"))?.clear();
+        self.in_flight.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Waits until `done` has happened on the stream, at most the timeout (as [`Self::wait`]).
+    fn wait_for(&self, done: &CudaEvent, what: &str) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
         loop {
             if done.try_is_complete()? {
-                self.in_flight.store(false, Ordering::SeqCst);
                 return Ok(());
             }
             let mut state = sys::ncclResult_t::ncclSuccess;
@@ -399,8 +409,26 @@ impl GradientSync for NcclGroup {
         Ok(votes[0] == 1.0)
     }
 
+    /// The step just replayed is left running while the host prepares and queues the next:
+    /// the one before it is waited for (waiting for this one would leave the GPU idle between
+    /// steps; a lost peer is then found one step later, still within the deadline).
     fn after_replay(&self) -> Result<()> {
-        self.wait("the gradient all-reduce")
+        let mut queued = self.replays.lock().map_err(|_| anyhow::anyhow!("NCCL: the replays' lock is poisoned"))?;
+        queued.push_back(self.stream.record_event(None)?);
+        while queued.len() > 1 {
+            let older = queued.pop_front().expect("two queued");
+            self.wait_for(&older, "the gradient all-reduce")?;
+        }
+        Ok(())
+    }
+
+    fn drain(&self) -> Result<()> {
+        let queued =
+            !self.replays.lock().map_err(|_| anyhow::anyhow!("NCCL: the replays' lock is poisoned"))?.is_empty();
+        if queued {
+            self.wait("the gradient all-reduce")?;
+        }
+        Ok(())
     }
 }
 

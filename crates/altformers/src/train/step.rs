@@ -34,9 +34,15 @@ pub trait GradientSync {
         self.alone()
     }
 
-    /// After a replayed step: waits for the exchange it enqueued (against a deadline where a
-    /// peer may be lost).
+    /// After a replayed step: waits for the exchanges enqueued before it (against a deadline
+    /// where a peer may be lost), leaving at most this step's running.
     fn after_replay(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Waits for every exchange still running (before anything is read back from the
+    /// device: a read behind a lost peer's collective would wait forever).
+    fn drain(&self) -> Result<()> {
         Ok(())
     }
 
@@ -84,6 +90,10 @@ impl<T: GradientSync + ?Sized> GradientSync for std::sync::Arc<T> {
 
     fn after_replay(&self) -> Result<()> {
         (**self).after_replay()
+    }
+
+    fn drain(&self) -> Result<()> {
+        (**self).drain()
     }
 
     fn all_agree(&self, ok: bool) -> Result<bool> {
@@ -427,6 +437,7 @@ impl Trainer {
     /// Reads the held losses and norms if [`SYNC_EVERY`] steps are held or `now`.
     pub fn settle_if_due(&mut self, now: bool) -> Result<()> {
         if now || self.pending.due() {
+            self.sync.drain()?;
             self.pending.settle()?;
         }
         Ok(())
