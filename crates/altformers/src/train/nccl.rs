@@ -324,7 +324,7 @@ impl GradientSync for NcclGroup {
     }
 
     fn blocks_per_segment(&self, params: &ParamStore, depth: usize) -> Option<usize> {
-        let bytes: usize = params.vars().iter().map(|(_, p)| p.var.elem_count() * p.var.dtype().size_in_bytes()).sum();
+        let bytes: usize = params.params.values().map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes()).sum();
         // blocks whose parameters fill about a bucket (DDP's bucket of 25 MB: a cut costs an
         // accumulation of the activation's gradient, so not one per block of a small model)
         let every = (self.bucket_bytes * depth).div_ceil(bytes.max(1)).max(1);

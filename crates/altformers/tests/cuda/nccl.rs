@@ -15,10 +15,15 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn world_of_one(gpu: &Device, timeout: Duration) -> Result<NcclGroup> {
+/// NVLink multicast off, as the launcher sets it for every worker (NCCL's workers check).
+fn nvls_off() {
     for (name, value) in NVLS_OFF {
         std::env::set_var(name, value);
     }
+}
+
+fn world_of_one(gpu: &Device, timeout: Duration) -> Result<NcclGroup> {
+    nvls_off();
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let group = Arc::new(Group::connect(0, 1, &format!("127.0.0.1:{port}"), Duration::from_secs(30))?);
     NcclGroup::connect(group, gpu, timeout)
@@ -209,9 +214,7 @@ fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
 #[test]
 fn a_rank_that_never_joins_fails_the_join_within_the_deadline() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
-    for (name, value) in NVLS_OFF {
-        std::env::set_var(name, value);
-    }
+    nvls_off();
     let Device::Cuda(cuda) = &gpu else { unreachable!("a CUDA device") };
     let uid = cudarc::nccl::result::get_uniqueid().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let started = std::time::Instant::now();
@@ -263,12 +266,6 @@ mod two_gpus {
     use super::*;
     use altformers::train::distributed::in_threads;
     use std::sync::Mutex;
-
-    fn nvls_off() {
-        for (name, value) in NVLS_OFF {
-            std::env::set_var(name, value);
-        }
-    }
 
     /// Two GPUs with half of every batch each train as one GPU with the whole batch: the same
     /// weights within 1e-5 after six steps (three eager, three replayed from the captured
