@@ -111,7 +111,8 @@ enum Command {
         /// Run folder: config.json, model.safetensors, metrics.jsonl, checkpoint/.
         #[arg(long)]
         out: PathBuf,
-        /// Continue the run in --out from its last checkpoint.
+        /// Continue the run in --out from its last checkpoint (with its saved config; only
+        /// --set train.accumulate=K may change).
         #[arg(long)]
         resume: bool,
         /// cpu, cuda or cuda:N.
@@ -1024,8 +1025,12 @@ fn run(command: Command) -> Result<()> {
             anyhow::ensure!(stop_after != Some(0), "--stop-after must be at least 1");
             let dtype = altformers::device::parse_dtype(&dtype)?;
             let cfg = if resume {
-                if config.is_some() || !sets.is_empty() {
-                    anyhow::bail!("--resume continues the run with its saved config.json; drop --config and --set");
+                // what may change on resume: how the batch is scored, not the run
+                let resumable = |set: &String| set.starts_with("train.accumulate=");
+                if config.is_some() || !sets.iter().all(resumable) {
+                    anyhow::bail!(
+                        "--resume continues the run with its saved config.json; drop --config and --set (only --set train.accumulate=K may change)"
+                    );
                 }
                 let saved = altformers::train::RunFolder::open(&out)
                     .and_then(|f| f.config())
@@ -1037,7 +1042,7 @@ fn run(command: Command) -> Result<()> {
                         saved.model.architecture
                     );
                 }
-                saved
+                altformers::config::RunConfig::layered(&saved, &Overrides::sets(&sets))?
             } else if let Some(from) = &init_from {
                 let base = altformers::train::RunFolder::open(from)?.config()?;
                 if base.model.architecture != model {

@@ -58,6 +58,8 @@ fn bad_input_is_a_clear_error() {
         ("train.min_lr=nan", "need 0 <= train.min_lr <= train.lr"),
         ("model.channel_mixer=nosuch", "unknown model.channel_mixer `nosuch`"),
         ("model.options.chunk=1", "unknown config key `model.options.chunk`"),
+        ("train.accumulate=0", "train.accumulate must be at least 1"),
+        ("train.accumulate=5", "train.batch_size 12 cannot be cut into train.accumulate = 5 equal micro-batches"),
     ] {
         fails_with(&["train", "--model", "transformer", "--data", "shakespeare", "--set", set, "--out", out_s], needle);
     }
@@ -990,36 +992,42 @@ fn same_losses(reference: &std::path::Path, other: &std::path::Path) {
 }
 
 /// Data-parallel training (`--workers`, issue 23): two workers of two rows each give one
-/// process's four-row run (f32, within 1e-5, dropout on), and a run stopped with two workers
-/// resumes with four to the same losses.
+/// process's four-row run (f32, within 1e-5, dropout on); a run stopped with two workers
+/// resumes with four to the same losses, and one stopped with two workers scoring their rows
+/// in two micro-batches each (`train.accumulate`) resumes in one process with four. A batch
+/// the workers' micro-batches cannot share, and any other `--set` on resume, are refused.
 #[test]
 fn workers_train_as_one_process_and_resume_with_another_count() {
     let (one, two, resumed) = (temp("dp-one"), temp("dp-two"), temp("dp-resumed"));
+    let accumulated = temp("dp-accumulated");
     // with dropout: each worker draws its part of the whole batch's masks
     let steps = ["--set", "train.steps=12", "--set", "train.eval_every=4", "--set", "model.dropout=0.1"];
     trains(&tiny_train(&one, &steps));
     trains(&tiny_train(&two, &[&steps[..], &["--workers", "2"]].concat()));
     trains(&tiny_train(&resumed, &[&steps[..], &["--workers", "2", "--stop-after", "4"]].concat()));
-    let r = resumed.to_str().unwrap();
-    succeeds(&[
-        "train",
-        "--model",
-        "transformer",
-        "--data",
-        "shakespeare",
-        "--resume",
-        "--quiet",
-        "--threads",
-        "1",
-        "--out",
-        r,
-        "--workers",
-        "4",
-    ]);
+    let micro = ["--workers", "2", "--set", "train.accumulate=2", "--stop-after", "4"];
+    trains(&tiny_train(&accumulated, &[&steps[..], &micro].concat()));
+    let resume = |run: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        let head =
+            ["train", "--model", "transformer", "--data", "shakespeare", "--resume", "--quiet", "--threads", "1"];
+        head.iter().chain(&["--out", run.to_str().unwrap()]).chain(extra).map(|s| s.to_string()).collect()
+    };
+    trains(&resume(&resumed, &["--workers", "4"]));
+    fails_with(
+        &resume(&accumulated, &["--set", "train.lr=0.1"]).iter().map(String::as_str).collect::<Vec<_>>(),
+        "only --set train.accumulate=K may change",
+    );
+    trains(&resume(&accumulated, &["--set", "train.accumulate=4"]));
     assert_eq!(losses(&one).len(), 3);
     same_losses(&one, &two);
     same_losses(&one, &resumed);
-    for d in [one, two, resumed] {
+    same_losses(&one, &accumulated);
+    let odd = tiny_train(&temp("dp-odd"), &["--workers", "2", "--set", "train.accumulate=4"]);
+    fails_with(
+        &odd.iter().map(String::as_str).collect::<Vec<_>>(),
+        "train.batch_size 4 is not a multiple of the 2 workers times train.accumulate = 4",
+    );
+    for d in [one, two, resumed, accumulated] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

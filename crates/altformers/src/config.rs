@@ -167,7 +167,15 @@ impl ModelConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// Rows of every step's batch, over all workers together.
     pub batch_size: usize,
+    /// Gradient accumulation: each worker scores its rows of the batch in this many equal
+    /// micro-batches, one after another, and sums their gradients before the exchange and the
+    /// update (nanoGPT's `gradient_accumulation_steps`). The step is the same (up to the order
+    /// of floating-point sums); the activations held are a micro-batch's. May change on
+    /// `--resume` (`--set train.accumulate=K`), e.g. to resume on fewer GPUs.
+    #[serde(default = "one")]
+    pub accumulate: usize,
     pub steps: usize,
     /// Peak learning rate, reached after `warmup_steps`.
     pub lr: f64,
@@ -213,6 +221,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             batch_size: 12,
+            accumulate: 1,
             steps: 2000,
             lr: 1e-3,
             min_lr: 1e-4,
@@ -236,11 +245,19 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         for (key, value) in [
             ("train.batch_size", self.batch_size),
+            ("train.accumulate", self.accumulate),
             ("train.steps", self.steps),
             ("train.eval_every", self.eval_every),
             ("train.eval_batches", self.eval_batches),
         ] {
             at_least_one(key, value)?;
+        }
+        if !self.batch_size.is_multiple_of(self.accumulate) {
+            bail!(
+                "train.batch_size {} cannot be cut into train.accumulate = {} equal micro-batches",
+                self.batch_size,
+                self.accumulate
+            );
         }
         // NaN compares false both ways: every float check starts with `is_finite`
         if !self.lr.is_finite()
@@ -263,6 +280,10 @@ impl TrainConfig {
         // a negative one; 0 would divide 0 by 0 for a parameter with no gradient yet)
         finite_positive("train.eps (AdamW's epsilon)", self.eps)
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 // The checks of one value, each naming its key and the value given. Floats print with `{:?}`

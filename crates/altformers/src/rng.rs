@@ -42,6 +42,15 @@ impl Rng {
         self
     }
 
+    /// This stream for slice `index` of `count` equal slices of its own rows (a micro-batch,
+    /// or a thread's part of one): slice `shard x count + index` of the whole batch, in units
+    /// of the slice. Not for a stream of positions ([`Rng::for_positions`]).
+    pub fn for_slice(mut self, index: u64, count: u64) -> Self {
+        debug_assert!(self.positions <= 1, "a stream of positions has no slices of rows");
+        self.shard = self.shard * count + index;
+        self
+    }
+
     /// The slice of the batch the dropout masks drawn from this stream are for: a mask over
     /// a tensor of `n` elements starts at element `shard x n` of the whole batch's mask (the
     /// batch is the outermost dimension of every tensor dropout meets).

@@ -90,6 +90,7 @@ impl MqarSettings {
         let o = &self.optimizer;
         let train = TrainConfig {
             batch_size: self.batch_size,
+            accumulate: 1,
             steps: self.steps,
             lr,
             min_lr: lr * o.min_lr_fraction,

@@ -235,6 +235,28 @@ mod tests {
         Ok(())
     }
 
+    /// Data parallelism with gradient accumulation: each worker's micro-batches
+    /// (`Rng::for_shard(rank).for_slice(j, k)`), in rank then micro-batch order, make the
+    /// whole batch's mask.
+    #[test]
+    fn micro_batches_of_every_worker_make_the_whole_mask() -> Result<()> {
+        let x = Tensor::randn(0f64, 1.0, (12, 3, 5), &candle_core::Device::Cpu)?;
+        let whole = dropout(&x, 0.5, &mut Rng::new(9))?;
+        for (world, micro) in [(1, 3), (2, 2), (3, 4), (2, 6)] {
+            let rows = 12 / (world * micro);
+            let mut parts = Vec::new();
+            for r in 0..world {
+                for j in 0..micro {
+                    let mut rng = Rng::new(9).for_shard(r as u64).for_slice(j as u64, micro as u64);
+                    parts.push(dropout(&x.narrow(0, (r * micro + j) * rows, rows)?, 0.5, &mut rng)?);
+                }
+            }
+            let diff = crate::testing::max_abs_diff(&Tensor::cat(&parts, 0)?, &whole)?;
+            assert_eq!(diff, 0.0, "{world} workers x {micro} micro-batches");
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_probability_of_one_is_refused() {
         let x = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();

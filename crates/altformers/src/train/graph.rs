@@ -239,8 +239,8 @@ impl Trainer {
     fn why_not_graphed(&self, model: &Model) -> Option<&'static str> {
         if !crate::kernels::enabled("train-graph") {
             Some("switched off")
-        } else if self.slices != 1 || !self.sync.capturable() {
-            Some("a step of several slices, or an exchange that reads back to the host")
+        } else if self.slices != 1 || self.train.accumulate != 1 || !self.sync.capturable() {
+            Some("a step of several slices or micro-batches, or an exchange that reads back to the host")
         } else if model.follows_training_step() {
             Some("a model that follows the training step")
         } else {
@@ -300,7 +300,7 @@ impl Trainer {
                     };
                     return (warm.map(Some), next);
                 }
-                let captured = self.capture(model, task, buffers, dropout_rng.clone(), step, dev);
+                let captured = self.capture(model, task, buffers, dropout_rng.clone(), dev);
                 // every worker replays, or none does (their steps exchange different collectives)
                 let agreed = match self.sync.all_agree(captured.is_ok()) {
                     Ok(agreed) => agreed,
@@ -346,7 +346,6 @@ impl Trainer {
         task: &dyn Task,
         buffers: Buffers,
         dropout_rng: Rng,
-        step: usize,
         dev: &CudaDevice,
     ) -> Result<Captured> {
         let Some((loss_out, norm_out)) = &buffers.outputs else { bail!("no eager step shaped the outputs") };
@@ -367,7 +366,7 @@ impl Trainer {
         // address): the run stops with a message saying how to train without the graph.
         let captured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
             // the exchange between workers (NCCL's collectives) is captured with the rest
-            let (loss, grads) = self.loss_and_averaged_gradients(model, task, &buffers.batch, &mut rng, step)?;
+            let (loss, grads) = self.loss_and_averaged_gradients(model, task, &buffers.batch, &mut rng)?;
             // the learning rate and bias corrections are the table's, written per replay
             let norm = self.opt.step_kept(&grads, 0.0, self.train.grad_clip, &mut table)?;
             launch::copy_into(dev, "training graph", loss_out, &loss)?;

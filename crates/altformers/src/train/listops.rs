@@ -98,6 +98,11 @@ pub fn train_listops(config: &RunConfig, settings: &ListOpsSettings, opts: &Trai
     config.validate()?;
     settings.check(config)?;
     ensure!(!opts.resume, "ListOps runs are short and keep no checkpoint: --resume is not supported");
+    ensure!(
+        config.train.accumulate == 1,
+        "train.accumulate = {}: gradient accumulation splits the language-model task only (ListOps scores one position per example)",
+        config.train.accumulate
+    );
     let out = &opts.out;
     let _lock = super::lock::RunLock::acquire(out)?;
     if out.join("config.json").exists() {

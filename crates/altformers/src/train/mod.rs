@@ -30,7 +30,7 @@ use crate::model::Model;
 use crate::rng::{stream, Rng};
 pub use run_folder::{Metrics, RunFolder, TrainState};
 use step::Trainer;
-use task::{ByteLm, Task};
+use task::{Batch, ByteLm, Task};
 
 pub struct TrainOptions {
     pub out: PathBuf,
@@ -77,7 +77,9 @@ impl TrainOptions {
 /// allocator).
 pub(crate) fn fresh_model(config: &RunConfig, opts: &TrainOptions) -> Result<Model> {
     if opts.device.is_cpu() {
-        crate::model::size::check_training(&config.model, config.train.batch_size, opts.dtype)?;
+        // one micro-batch's activations are held at a time
+        let t = &config.train;
+        crate::model::size::check_training(&config.model, t.batch_size / t.accumulate.max(1), opts.dtype)?;
     }
     let param_dtype = if opts.dtype == DType::F64 { DType::F64 } else { DType::F32 };
     Ok(Model::new(&config.model, config.train.seed, &opts.device, param_dtype)?.with_compute_dtype(opts.dtype))
@@ -95,29 +97,45 @@ pub fn nats_to_bits(nats: f64) -> f64 {
 
 /// Mean loss of `task` over `n` fixed batches (the same batches at every call).
 pub fn estimate_loss(model: &Model, task: &dyn Task, n: usize, batch: usize, seed: u64, which: u64) -> Result<f64> {
-    estimate_shard_loss(model, task, n, batch, seed, which, (0, 1), false)
+    mean_loss_of_pieces(model, task, n, batch, seed, which, |b| Ok(vec![b]))
 }
 
-/// [`estimate_loss`] over worker `rank`'s share of each batch, of `world` ([`Batch::share`]:
-/// data- or sequence-parallel evaluation; the mean over the workers is the whole batches' loss).
-#[allow(clippy::too_many_arguments)]
-fn estimate_shard_loss(
+/// [`estimate_loss`] as a worker of `trainer` takes it: over its share of each batch
+/// ([`Batch::share`]: data- or sequence-parallel evaluation; the mean over the workers is the
+/// whole batches' loss), in the step's micro-batches (`train.accumulate`: no more activations
+/// held than in a step).
+fn estimate_worker_loss(model: &Model, task: &dyn Task, trainer: &Trainer, which: u64) -> Result<f64> {
+    let t = &trainer.train;
+    let micro = t.accumulate;
+    mean_loss_of_pieces(model, task, t.eval_batches, t.batch_size, t.seed, which, |b| {
+        let share = b.share(trainer.shard, trainer.sequence_parallel)?;
+        match micro {
+            1 => Ok(vec![share]),
+            _ => (0..micro).map(|j| share.micro_batch(j, micro)).collect(),
+        }
+    })
+}
+
+/// The mean loss over `n` fixed batches of `batch` rows, each scored in the equal pieces
+/// `pieces` cuts it into (the mean of equal pieces' mean losses is the batch's).
+fn mean_loss_of_pieces(
     model: &Model,
     task: &dyn Task,
     n: usize,
     batch: usize,
     seed: u64,
     which: u64,
-    shard: (usize, usize),
-    sequence_parallel: bool,
+    pieces: impl Fn(Batch) -> Result<Vec<Batch>>,
 ) -> Result<f64> {
     let mut rng = Rng::derive(seed, stream::EVAL_BATCH, which);
-    let mut total = 0.0;
+    let (mut total, mut count) = (0.0, 0usize);
     for _ in 0..n {
-        let b = task.batch(batch, &mut rng, model.device())?.share(shard, sequence_parallel)?;
-        total += task.loss(model, &b, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        for piece in pieces(task.batch(batch, &mut rng, model.device())?)? {
+            total += task.loss(model, &piece, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            count += 1;
+        }
     }
-    Ok(total / n as f64)
+    Ok(total / count as f64)
 }
 
 /// Loss over a whole split (bytes, or token ids): consecutive windows of `context` tokens,
@@ -261,13 +279,31 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     if opts.sequence_parallel && group.is_none() {
         bail!("--sequence-parallel splits each sequence across workers: give --workers N or --gpus N");
     }
+    if t.accumulate > 1 && m.dropout > 0.0 && !model.per_example_dropout() {
+        bail!(
+            "`{}` draws dropout masks that cannot be split into micro-batches (model.dropout is {}): set model.dropout=0 or train.accumulate=1",
+            m.architecture,
+            m.dropout
+        );
+    }
+    if opts.sequence_parallel && t.accumulate > 1 {
+        bail!(
+            "--sequence-parallel with train.accumulate = {} is not supported: train with train.accumulate=1",
+            t.accumulate
+        );
+    }
     if let Some(g) = &group {
         if opts.sequence_parallel {
             if !m.context.is_multiple_of(g.world) {
                 bail!("model.context {} is not a multiple of the {} workers (each takes an equal slice of every sequence)", m.context, g.world);
             }
-        } else if !t.batch_size.is_multiple_of(g.world) {
-            bail!("train.batch_size {} is not a multiple of the {} workers", t.batch_size, g.world);
+        } else if !t.batch_size.is_multiple_of(g.world * t.accumulate) {
+            bail!(
+                "train.batch_size {} is not a multiple of the {} workers times train.accumulate = {} (each worker's rows in equal micro-batches)",
+                t.batch_size,
+                g.world,
+                t.accumulate
+            );
         }
         if m.dropout > 0.0 && !model.per_example_dropout() {
             bail!(
@@ -288,7 +324,8 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     // (`Trainer::slices`), where the batch divides and the dropout masks can be sliced
     let threads = rayon::current_num_threads();
     let sliceable = m.dropout == 0.0 || model.per_example_dropout();
-    if group.is_none() && model.device().is_cpu() && threads > 1 && t.batch_size.is_multiple_of(threads) && sliceable {
+    let micro_batch = t.batch_size / t.accumulate;
+    if group.is_none() && model.device().is_cpu() && threads > 1 && micro_batch.is_multiple_of(threads) && sliceable {
         trainer.slices = threads;
     }
     let verbose = opts.verbose && rank == 0;
@@ -370,10 +407,9 @@ fn train_on<T: Copy + Into<u32> + Sync>(
         if evaluate {
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
             // every worker evaluates its slice of the batches; the mean is the whole's
-            let (shard, sp) = (trainer.shard, trainer.sequence_parallel);
             let mut losses = [
-                estimate_shard_loss(&model, &train_task, t.eval_batches, t.batch_size, t.seed, 1, shard, sp)?,
-                estimate_shard_loss(&model, &val_task, t.eval_batches, t.batch_size, t.seed, 0, shard, sp)?,
+                estimate_worker_loss(&model, &train_task, &trainer, 1)?,
+                estimate_worker_loss(&model, &val_task, &trainer, 0)?,
             ];
             if let Some(g) = &group {
                 g.all_reduce_mean(&mut losses)?;

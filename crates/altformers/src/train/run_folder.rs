@@ -143,7 +143,8 @@ impl RunFolder {
         Ok(folder)
     }
 
-    /// An existing run of `config` (the saved configuration must be the same), the state of
+    /// An existing run of `config` (the saved configuration must be the same, but for
+    /// `train.accumulate`, which changes how a batch is scored, not the step), the state of
     /// its newest checkpoint, and the metrics logged up to it (lines logged after it, by a
     /// crash in between, are left out).
     pub fn resume(dir: &Path, config: &RunConfig) -> Result<(Self, TrainState, Vec<Metrics>)> {
@@ -152,7 +153,12 @@ impl RunFolder {
         }
         let folder = Self::lock(dir)?;
         let saved = folder.config()?;
-        if serde_json::to_value(&saved)? != serde_json::to_value(config)? {
+        let run = |c: &RunConfig| {
+            let mut c = c.clone();
+            c.train.accumulate = 1;
+            serde_json::to_value(c)
+        };
+        if run(&saved)? != run(config)? {
             bail!("--resume: the configuration differs from the one saved in {}/config.json", dir.display());
         }
         if folder.never_checkpointed() {

@@ -237,27 +237,48 @@ fn loss_and_overlapped_gradients(
     Ok((scored.loss, grads))
 }
 
-/// The mean loss and mean gradients of equal slices of a batch: the whole batch's.
-fn mean_of_slices(mut parts: Vec<(Tensor, GradStore)>, params: &ParamStore) -> Result<(Tensor, GradStore)> {
-    let n = parts.len() as f64;
-    let loss = (Tensor::stack(&parts.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>(), 0)?.sum(0)? / n)?;
-    let (_, mut grads) = parts.remove(0);
-    for (_, p) in params.vars() {
+/// Adds one piece's loss and gradients to `sum` (the first piece becomes it).
+fn add_piece(
+    sum: &mut Option<(Tensor, GradStore)>,
+    (loss, mut grads): (Tensor, GradStore),
+    params: &ParamStore,
+) -> Result<()> {
+    let Some((total, acc)) = sum else {
+        *sum = Some((loss, grads));
+        return Ok(());
+    };
+    *total = (&*total + loss)?;
+    for p in params.params.values() {
         let var = p.var.as_tensor();
-        let mut sum = grads.remove(var);
-        for (_, other) in &parts {
-            if let Some(g) = other.get(var) {
-                sum = Some(match sum {
-                    Some(s) => (s + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
-        if let Some(sum) = sum {
-            grads.insert(var, (sum / n)?);
+        if let Some(g) = grads.remove(var) {
+            let g = match acc.remove(var) {
+                Some(a) => (a + g)?,
+                None => g,
+            };
+            acc.insert(var, g);
         }
     }
-    Ok((loss, grads))
+    Ok(())
+}
+
+/// The mean of `n` equal pieces of a batch from their sum: the whole batch's loss and
+/// gradients.
+fn mean_of_pieces(
+    (loss, mut grads): (Tensor, GradStore),
+    n: usize,
+    params: &ParamStore,
+) -> Result<(Tensor, GradStore)> {
+    if n == 1 {
+        return Ok((loss, grads));
+    }
+    let n = n as f64;
+    for p in params.params.values() {
+        let var = p.var.as_tensor();
+        if let Some(g) = grads.remove(var) {
+            grads.insert(var, (g / n)?);
+        }
+    }
+    Ok(((loss / n)?, grads))
 }
 
 /// L2Wrap's coefficient in the official RWKV trainers (`1e-4 / (B T)` per position).
@@ -383,7 +404,7 @@ impl Trainer {
         dropout_rng: &mut Rng,
         step: usize,
     ) -> Result<(Tensor, StepNorm)> {
-        let (loss, grads) = self.loss_and_averaged_gradients(model, task, batch, dropout_rng, step)?;
+        let (loss, grads) = self.loss_and_averaged_gradients(model, task, batch, dropout_rng)?;
         let lr = self.learning_rate(step);
         // The optimizer refuses a non-finite gradient norm (the fused GPU step defers that to
         // the norm read, where `Deferred::settle` finds it).
@@ -394,8 +415,8 @@ impl Trainer {
         Ok((loss, norm))
     }
 
-    /// `batch`'s loss and the gradients of step `step`, averaged across the workers by
-    /// [`Trainer::sync`]: the step up to the update, eager or being captured
+    /// `batch`'s loss and gradients (its masks drawn from `dropout_rng`), averaged across the
+    /// workers by [`Trainer::sync`]: the step up to the update, eager or being captured
     /// ([`super::graph`]).
     pub(super) fn loss_and_averaged_gradients(
         &self,
@@ -403,29 +424,48 @@ impl Trainer {
         task: &dyn Task,
         batch: &Batch,
         dropout_rng: &mut Rng,
-        step: usize,
     ) -> Result<(Tensor, GradStore)> {
-        let t = &self.train;
         let l2wrap = self.l2wrap;
+        let micro = self.train.accumulate;
         let slices = if self.shard == (0, 1) && batch.rows.is_none() { self.slices } else { 1 };
+        if micro > 1 || slices > 1 {
+            // the worker's rows in `micro` micro-batches one after another (the activations
+            // of one held at a time), each in `slices` slices side by side on the CPU's
+            // threads; each piece draws its part of the batch's dropout masks
+            let mut sum = None;
+            for j in 0..micro {
+                let part = batch.micro_batch(j, micro)?;
+                let rng = dropout_rng.clone().for_slice(j as u64, micro as u64);
+                if slices == 1 {
+                    add_piece(
+                        &mut sum,
+                        loss_and_gradients(model, task, &part, &mut rng.clone(), l2wrap)?,
+                        &model.params,
+                    )?;
+                    continue;
+                }
+                use rayon::prelude::*;
+                let pieces = (0..slices)
+                    .into_par_iter()
+                    .map(|i| {
+                        let mut rng = rng.clone().for_slice(i as u64, slices as u64);
+                        loss_and_gradients(model, task, &part.micro_batch(i, slices)?, &mut rng, l2wrap)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                for piece in pieces {
+                    add_piece(&mut sum, piece, &model.params)?;
+                }
+            }
+            let (loss, mut grads) = mean_of_pieces(sum.expect("at least one piece"), micro * slices, &model.params)?;
+            self.sync.all_reduce(&mut grads, &model.params)?;
+            return Ok((loss, grads));
+        }
         // segments: not with a split sequence, whose backward has collectives of its own
         let segments = match self.sequence_parallel {
             false => self.sync.blocks_per_segment(&model.params, model.config.depth),
             true => None,
         };
-        Ok(if slices > 1 {
-            use rayon::prelude::*;
-            let parts = (0..slices)
-                .into_par_iter()
-                .map(|i| {
-                    let mut rng = Rng::derive(t.seed, stream::DROPOUT, step as u64).for_shard(i as u64);
-                    loss_and_gradients(model, task, &batch.shard(i, slices)?, &mut rng, l2wrap)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let (loss, mut grads) = mean_of_slices(parts, &model.params)?;
-            self.sync.all_reduce(&mut grads, &model.params)?;
-            (loss, grads)
-        } else if let Some(every) = segments {
+        Ok(if let Some(every) = segments {
             loss_and_overlapped_gradients(model, task, batch, dropout_rng, l2wrap, every, &*self.sync)?
         } else {
             let (loss, mut grads) = loss_and_gradients(model, task, batch, dropout_rng, l2wrap)?;
@@ -450,9 +490,38 @@ impl Trainer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The weights (flattened, in the store's order) of a fresh f64 CPU model of `model`
+    /// after three steps of `task`, its trainer set up by `set_up` (slices, an exchange).
+    pub(crate) fn weights_after_three_steps(
+        model: &crate::config::ModelConfig,
+        train: &TrainConfig,
+        task: &dyn Task,
+        set_up: impl FnOnce(&mut Trainer),
+    ) -> Result<Vec<f64>> {
+        let model = Model::new(model, 1, &Device::Cpu, DType::F64)?;
+        let mut trainer = Trainer::new(&model, train)?;
+        set_up(&mut trainer);
+        for step in 0..3 {
+            trainer.step(&model, task, step)?;
+        }
+        let all = model
+            .params
+            .vars()
+            .iter()
+            .map(|(_, p)| p.var.as_tensor().flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&all, 0)?.to_vec1::<f64>()?)
+    }
+
+    /// The largest difference between two weight vectors.
+    pub(crate) fn worst(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
 
     /// L2Wrap's gradient is the official backward: `1e-4 / N * max_c y_n` at each of the N
     /// positions' arg-max, nothing elsewhere (issue 19).
@@ -490,26 +559,40 @@ mod tests {
             ];
             let cfg = crate::registry::config(arch, &crate::config::Overrides::sets(&sets))?;
             let task = ByteLm { split: &bytes, context: cfg.model.context };
-            let weights = |slices: usize| -> Result<Vec<Vec<f64>>> {
-                let model = Model::new(&cfg.model, 1, &Device::Cpu, DType::F64)?;
-                let mut trainer = Trainer::new(&model, &cfg.train)?;
-                trainer.slices = slices;
-                for step in 0..3 {
-                    trainer.step(&model, &task, step)?;
-                }
-                model
-                    .params
-                    .vars()
-                    .iter()
-                    .map(|(_, p)| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f64>()?))
-                    .collect()
-            };
+            let weights = |slices| weights_after_three_steps(&cfg.model, &cfg.train, &task, |t| t.slices = slices);
             let (whole, sliced) = (weights(1)?, weights(2)?);
-            let worst =
-                whole.iter().flatten().zip(sliced.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let worst = worst(&whole, &sliced);
             assert!(worst < 1e-10, "{arch}: sliced weights differ by {worst}");
             // the sliced path ran: its sums, in another order, leave some last bits different
             assert!(whole != sliced, "{arch}: two slices gave the unsliced step's bits exactly");
+        }
+        Ok(())
+    }
+
+    /// Gradient accumulation (`train.accumulate`): the batch scored in 2 or 4 micro-batches
+    /// one after another, alone or with each micro-batch in two slices side by side, takes
+    /// the one-piece step (weights after three steps, dropout 0.1, f64), for models of every
+    /// kind of mixer.
+    #[test]
+    fn accumulated_steps_equal_whole_batch_steps() -> Result<()> {
+        use crate::train::task::ByteLm;
+        let bytes: Vec<u8> = (0..600u32).map(|i| (i * 37 % 251) as u8).collect();
+        for arch in ["transformer", "rwkv4", "hyena", "retnet", "megabyte"] {
+            let sets = ["model.width=16", "model.depth=2", "model.heads=2", "model.context=16", "model.dropout=0.1"];
+            let cfg = crate::registry::config(arch, &crate::config::Overrides::sets(&sets))?;
+            let task = ByteLm { split: &bytes, context: cfg.model.context };
+            let weights = |accumulate, slices| {
+                let train = TrainConfig { batch_size: 8, accumulate, ..cfg.train.clone() };
+                weights_after_three_steps(&cfg.model, &train, &task, |t| t.slices = slices)
+            };
+            let whole = weights(1, 1)?;
+            for (accumulate, slices) in [(2, 1), (4, 1), (2, 2)] {
+                let pieces = weights(accumulate, slices)?;
+                let worst = worst(&whole, &pieces);
+                assert!(worst < 1e-10, "{arch}: {accumulate} micro-batches x {slices} slices differ by {worst}");
+                // the accumulating path ran: its sums, in another order, move some last bits
+                assert!(whole != pieces, "{arch}: {accumulate} x {slices} gave the one-piece step's bits exactly");
+            }
         }
         Ok(())
     }
@@ -548,25 +631,15 @@ mod tests {
             let task = ByteLm { split: &bytes, context: cfg.model.context };
             let train = TrainConfig { batch_size: 2, ..cfg.train.clone() };
             let segments = Arc::new(AtomicUsize::new(0));
-            let weights = |segmented: bool| -> Result<Vec<f64>> {
-                let model = Model::new(&cfg.model, 1, &Device::Cpu, DType::F64)?;
-                let mut trainer = Trainer::new(&model, &train)?;
-                if segmented {
-                    trainer.sync = Box::new(Segmented(segments.clone()));
-                }
-                for step in 0..3 {
-                    trainer.step(&model, &task, step)?;
-                }
-                let all = model
-                    .params
-                    .vars()
-                    .iter()
-                    .map(|(_, p)| p.var.as_tensor().flatten_all())
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&all, 0)?.to_vec1::<f64>()?)
+            let weights = |segmented: bool| {
+                weights_after_three_steps(&cfg.model, &train, &task, |t| {
+                    if segmented {
+                        t.sync = Box::new(Segmented(segments.clone()));
+                    }
+                })
             };
             let (whole, segmented) = (weights(false)?, weights(true)?);
-            let worst = whole.iter().zip(&segmented).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let worst = worst(&whole, &segmented);
             assert!(worst < 1e-12, "{arch}: segmented steps differ by {worst}");
             // three steps, each cut after both of the first two of three blocks (at least)
             assert!(segments.load(Ordering::SeqCst) >= 9, "{arch}: {segments:?} segments in three steps");

@@ -22,32 +22,39 @@ impl Batch {
     /// the mean of the slices' mean losses is the batch's mean loss). Only tasks scored at
     /// every position (the language model) shard.
     pub fn shard(&self, rank: usize, world: usize) -> Result<Batch> {
-        self.cut(0, rank, world, ("data-parallel", "a batch", "train.batch_size"))
+        self.cut(0, rank, world, ("data-parallel training", "train.batch_size must be a multiple of the workers"))
+    }
+
+    /// Micro-batch `index` of `count` of a worker's rows (gradient accumulation,
+    /// `train.accumulate`): equal slices of the rows, as [`Batch::shard`].
+    pub fn micro_batch(&self, index: usize, count: usize) -> Result<Batch> {
+        self.cut(
+            0,
+            index,
+            count,
+            (
+                "gradient accumulation (train.accumulate)",
+                "train.batch_size must be a multiple of the workers times train.accumulate",
+            ),
+        )
     }
 
     /// Worker `rank`'s slice of every row's positions, of `world` equal slices (sequence
     /// parallelism: each worker's mean loss over its positions, averaged, is the batch's).
     pub fn positions(&self, rank: usize, world: usize) -> Result<Batch> {
-        self.cut(1, rank, world, ("sequence-parallel", "sequences", "model.context"))
+        self.cut(1, rank, world, ("sequence-parallel training", "model.context must be a multiple of the workers"))
     }
 
     /// Slice `rank` of `world` equal slices along `dim` of the inputs and targets; `names`
-    /// (the training, what is cut, the setting that sizes it) for the errors.
-    fn cut(
-        &self,
-        dim: usize,
-        rank: usize,
-        world: usize,
-        (training, what, setting): (&str, &str, &str),
-    ) -> Result<Batch> {
+    /// (what cuts, the setting that must divide) for the errors.
+    fn cut(&self, dim: usize, rank: usize, world: usize, (cutter, rule): (&str, &str)) -> Result<Batch> {
         if self.rows.is_some() {
-            anyhow::bail!("{training} training splits the language-model task only");
+            anyhow::bail!("{cutter} splits the language-model task only");
         }
         let n = self.inputs.dim(dim)?;
         if world == 0 || !n.is_multiple_of(world) || rank >= world {
-            anyhow::bail!(
-                "{what} of {n} cannot be cut into {world} equal slices ({setting} must be a multiple of the workers)"
-            );
+            let what = if dim == 0 { "a batch" } else { "sequences" };
+            anyhow::bail!("{cutter}: {what} of {n} cannot be cut into {world} equal slices ({rule})");
         }
         let len = n / world;
         Ok(Batch {
