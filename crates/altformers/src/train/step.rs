@@ -237,13 +237,21 @@ fn loss_and_overlapped_gradients(
     Ok((scored.loss, grads))
 }
 
-/// Adds one piece's loss and gradients to `sum` (the first piece becomes it).
+/// Adds one piece's loss and gradients to `sum`, detached: a backward's loss and gradients
+/// hold its graph, and with it the piece's activations, which must go before the next piece.
 fn add_piece(
     sum: &mut Option<(Tensor, GradStore)>,
     (loss, mut grads): (Tensor, GradStore),
     params: &ParamStore,
 ) -> Result<()> {
+    let loss = loss.detach();
     let Some((total, acc)) = sum else {
+        for p in params.params.values() {
+            let var = p.var.as_tensor();
+            if let Some(g) = grads.remove(var) {
+                grads.insert(var, g.detach());
+            }
+        }
         *sum = Some((loss, grads));
         return Ok(());
     };
@@ -252,8 +260,8 @@ fn add_piece(
         let var = p.var.as_tensor();
         if let Some(g) = grads.remove(var) {
             let g = match acc.remove(var) {
-                Some(a) => (a + g)?,
-                None => g,
+                Some(a) => (a + g.detach())?,
+                None => g.detach(),
             };
             acc.insert(var, g);
         }
