@@ -427,17 +427,20 @@ fi
 if [ "$what" = nccl ]; then
   # Issue 23's equality: the baby GPT trained in one process (batch B) and by `--gpus N` (N
   # workers of B / N rows each, gradients through NCCL), the same steps, in f32 and bf16
-  # (DTYPES), twice each in one process (the GPU's run-to-run spread, the bf16 criterion); the
-  # N-GPU run stopped half-way and resumed in one process; the launcher's refusal of more GPUs
-  # than the host has. N = GPUS (default: every GPU of the host).
+  # (DTYPES), twice each in one process (the GPU's run-to-run spread, the bf16 criterion), and
+  # by the N workers each in two micro-batches (train.accumulate=2); the N-GPU run stopped
+  # half-way and resumed in one process; the launcher's refusal of more GPUs than the host
+  # has. N = GPUS (default: every GPU of the host).
   #   gpu-bench.sh nccl [steps]
   steps="${2:-200}"; half=$((steps / 2))
   gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
   rm -rf /tmp/nccl-*
   for dtype in ${DTYPES:-f32 bf16}; do
     base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$steps --set train.eval_every=$half --set train.eval_batches=4 --dtype $dtype --quiet"
-    for how in one again gpus; do
+    for how in one again gpus accumulated; do
       flags="--device cuda"; [ $how = gpus ] && flags="--gpus $gpus"
+      # the same rows in two micro-batches per worker (eager: not captured)
+      [ $how = accumulated ] && flags="--gpus $gpus --set train.accumulate=2"
       echo "[$(date +%T)] $dtype $how" >> "$OUT/nccl.err"
       start=$(date +%s%N)
       run train $base $flags --out /tmp/nccl-$dtype-$how > "$OUT/nccl-$dtype-$how.json" 2>> "$OUT/nccl.err"
