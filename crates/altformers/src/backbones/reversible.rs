@@ -47,7 +47,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Result as AnyResult};
-use candle_core::{CpuStorage, CustomOp3, DType, IndexOp, Layout, Result, Shape, Tensor, Var, D};
+use candle_core::{DType, IndexOp, Result, Tensor, Var, D};
 
 use super::stack::{embedding, Block, Embedding, Head};
 use super::{Backbone, ModelState, Parts};
@@ -55,6 +55,7 @@ use crate::config::ModelConfig;
 use crate::mixers::reformer::ReformerOptions;
 use crate::mixers::MixerState;
 use crate::nn::dropout;
+use crate::ops::precomputed::{with_backward, Gradients};
 use crate::params::ParamBuilder;
 use crate::rng::{stream, Rng};
 
@@ -220,59 +221,12 @@ struct RecomputingBackward {
     keep: Option<Tensor>,
 }
 
-/// `x` must be one contiguous block from its storage's start: an op that passes precomputed
-/// values through (this one, AFT-full's blocked form) returns the storage itself.
-fn check_whole(layout: &Layout) -> Result<()> {
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        candle_core::bail!("an op passing precomputed values through needs them as a fresh contiguous tensor");
-    }
-    Ok(())
-}
-
-/// The forward of such an op, on any device: its first argument's values, as they are.
-pub(crate) fn pass_through<S: candle_core::backend::BackendStorage>(values: &S, layout: &Layout) -> Result<(S, Shape)> {
-    check_whole(layout)?;
-    Ok((values.try_clone(layout)?, layout.shape().clone()))
-}
-
-impl CustomOp3 for RecomputingBackward {
+impl Gradients for RecomputingBackward {
     fn name(&self) -> &'static str {
         "reversible-recomputing-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        values: &CpuStorage,
-        layout: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(values, layout)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        values: &candle_core::CudaStorage,
-        layout: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        pass_through(values, layout)
-    }
-
-    fn bwd(
-        &self,
-        _values: &Tensor,
-        x: &Tensor,
-        flat: &Tensor,
-        pair: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn of(&self, pair: &Tensor, x: &Tensor, flat: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
         let half = |t: &Tensor, k: usize| -> Result<Tensor> { t.narrow(D::Minus1, k * d, d)?.contiguous() };
         let (mut y1, mut y2) = (half(pair, 0)?, half(pair, 1)?);
@@ -289,7 +243,7 @@ impl CustomOp3 for RecomputingBackward {
         let dflat = Tensor::cat(&param_grads.into_iter().flatten().collect::<Vec<_>>(), 0)?;
         // the input was duplicated: its gradient is the sum of both halves'
         let dx = (dy1 + dy2)?.to_dtype(x.dtype())?;
-        Ok((None, Some(dx), Some(dflat)))
+        Ok((Some(dx), Some(dflat)))
     }
 }
 
@@ -389,7 +343,7 @@ impl Reversible {
         let (y1, y2) = self.layers.run(&x.detach(), replay, keep, false)?;
         let values = Tensor::cat(&[y1, y2], 2)?.contiguous()?;
         let op = RecomputingBackward { layers: self.layers.clone(), replay, keep: keep.cloned() };
-        values.apply_op3(&x, &self.layers.flat_params()?, op)
+        with_backward(&values, &x, &self.layers.flat_params()?, op)
     }
 }
 

@@ -18,7 +18,10 @@
 //! - [`layer_norm`]: layer normalization in one pass each way on the CPU (the GPU's is
 //!   [`crate::kernels::layernorm`]);
 //! - [`monarch`]: Monarch matrices `P L P^T R` (M2): the block-diagonal and Monarch
-//!   products, the DFT as a Monarch product and the long convolutions evaluated with it.
+//!   products, the DFT as a Monarch product and the long convolutions evaluated with it;
+//! - [`precomputed`]: values computed outside autograd given a hand-written backward
+//!   (reversible layers, AFT-full's blocked form);
+//! - [`segments`]: the backward in segments of blocks, for the gradient exchange to overlap.
 
 pub mod activation;
 pub mod attention;
@@ -28,4 +31,5 @@ pub mod fftconv;
 pub mod layer_norm;
 pub mod linear;
 pub mod monarch;
+pub mod precomputed;
 pub mod segments;

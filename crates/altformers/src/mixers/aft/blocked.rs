@@ -27,9 +27,9 @@
 //! denominator falls below [`super::UNDERFLOW`] (keys far apart across channels), those
 //! outputs come from the same computation in f64, and the backward runs in f64.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
-use crate::backbones::reversible::pass_through;
+use crate::ops::precomputed::{with_backward, Gradients};
 
 /// `w` over positions `0..T` as the blocks read it: `[T, T]`, or `U, V: [T, d']`.
 enum Bias {
@@ -216,51 +216,19 @@ struct BlockedGrad {
     saved: Saved,
 }
 
-impl CustomOp3 for BlockedGrad {
+impl Gradients for BlockedGrad {
     fn name(&self) -> &'static str {
         "aft-full-blocked"
     }
 
-    fn cpu_fwd(
-        &self,
-        values: &CpuStorage,
-        layout: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(values, layout)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        values: &candle_core::CudaStorage,
-        layout: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        pass_through(values, layout)
-    }
-
-    fn bwd(
-        &self,
-        _values: &Tensor,
-        kv: &Tensor,
-        bias: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn of(&self, _y: &Tensor, kv: &Tensor, bias: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (kv, dt) = (kv.detach(), self.dtype);
         let c = kv.dim(2)? / 2;
         let (k, v) = (kv.narrow(2, 0, c)?.to_dtype(dt)?, kv.narrow(2, c, c)?.to_dtype(dt)?);
         let w = Bias::new(&bias.detach(), self.factored, k.dim(1)?, dt)?;
         let [dk, dv, dw] = backward(&k, &v, &w, self.block, &self.saved, &dy.to_dtype(dt)?)?;
         let dkv = Tensor::cat(&[dk, dv], 2)?.to_dtype(kv.dtype())?;
-        Ok((None, Some(dkv), Some(dw.to_dtype(bias.dtype())?)))
+        Ok((Some(dkv), Some(dw.to_dtype(bias.dtype())?)))
     }
 }
 
@@ -288,5 +256,5 @@ pub fn blocked(k: &Tensor, v: &Tensor, bias: &Tensor, factored: bool, block: usi
     }
     let values = values.to_dtype(k.dtype())?.contiguous()?;
     let kv = Tensor::cat(&[k, v], 2)?;
-    values.apply_op3(&kv, bias, BlockedGrad { factored, block, dtype, saved })
+    with_backward(&values, &kv, bias, BlockedGrad { factored, block, dtype, saved })
 }
