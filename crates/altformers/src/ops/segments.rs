@@ -101,6 +101,14 @@ impl Backward {
         Backward { top: Some(top), cuts, total: GradStore::default() }
     }
 
+    /// The backward adding each segment's gradients to `earlier` (gradient accumulation: the
+    /// step's micro-batches before this one), so the sums [`Backward::next`] reports are the
+    /// step's.
+    pub fn adding_to(mut self, earlier: GradStore) -> Backward {
+        self.total = earlier;
+        self
+    }
+
     /// The number of segments.
     pub fn segments(&self) -> usize {
         self.cuts.len() + 1

@@ -193,47 +193,55 @@ impl Deferred {
     }
 }
 
-/// `batch`'s mean loss and the gradients of what the step minimises (with L2Wrap's term
-/// where `l2wrap`).
+/// `batch`'s mean loss and the gradients of what the step minimises over it as one of
+/// `pieces` equal pieces of the step's batch ([`objective`]).
 fn loss_and_gradients(
     model: &Model,
     task: &dyn Task,
     batch: &Batch,
     dropout: &mut Rng,
     l2wrap: bool,
+    pieces: usize,
 ) -> Result<(Tensor, GradStore)> {
     let scored = task.scored(model, batch, Some(dropout))?;
-    let grads = objective(&scored, l2wrap)?.backward()?;
+    let grads = objective(&scored, l2wrap, pieces)?.backward()?;
     Ok((scored.loss, grads))
 }
 
-/// What a step minimises: the loss, plus L2Wrap's term where `l2wrap`.
-fn objective(scored: &super::task::Scored, l2wrap: bool) -> Result<Tensor> {
-    Ok(if l2wrap {
+/// What a step minimises over one of `pieces` equal pieces of its batch: the piece's loss,
+/// plus L2Wrap's term where `l2wrap`, over `pieces` (the pieces' gradients then add up to the
+/// whole batch's).
+fn objective(scored: &super::task::Scored, l2wrap: bool, pieces: usize) -> Result<Tensor> {
+    let objective = if l2wrap {
         (&scored.loss + l2wrap_penalty(&scored.logits)?.to_dtype(scored.loss.dtype())?)?
     } else {
         scored.loss.clone()
-    })
+    };
+    Ok(if pieces == 1 { objective } else { (objective / pieces as f64)? })
 }
 
 /// [`loss_and_gradients`] with the backward in segments of `every` blocks
-/// ([`crate::ops::segments`]), `sync` exchanging each segment's finished gradients as it
-/// ends, so the exchange overlaps the segments below: the loss and the averaged gradients.
+/// ([`crate::ops::segments`]), each segment's gradients added to `earlier` (the sums of the
+/// step's pieces before this one) and `sync` exchanging the finished ones as it ends, so the
+/// exchange overlaps the segments below: the loss and the averaged gradients.
+#[allow(clippy::too_many_arguments)]
 fn loss_and_overlapped_gradients(
     model: &Model,
     task: &dyn Task,
     batch: &Batch,
     dropout: &mut Rng,
     l2wrap: bool,
+    pieces: usize,
+    earlier: GradStore,
     every: usize,
     sync: &dyn GradientSync,
 ) -> Result<(Tensor, GradStore)> {
     let (scored, cuts) = segments::record(every, || task.scored(model, batch, Some(dropout)));
     let scored = scored?;
-    let top = objective(&scored, l2wrap)?;
+    let top = objective(&scored, l2wrap, pieces)?;
     let vars = model.params.vars();
     let homes = segments::homes(&top, &cuts, vars.iter().map(|(_, p)| p.var.as_tensor()));
-    let grads = sync.all_reduce_segments(Backward::new(top, cuts), &homes, &model.params)?;
+    let grads = sync.all_reduce_segments(Backward::new(top, cuts).adding_to(earlier), &homes, &model.params)?;
     Ok((scored.loss, grads))
 }
 
@@ -267,26 +275,6 @@ fn add_piece(
         }
     }
     Ok(())
-}
-
-/// The mean of `n` equal pieces of a batch from their sum: the whole batch's loss and
-/// gradients.
-fn mean_of_pieces(
-    (loss, mut grads): (Tensor, GradStore),
-    n: usize,
-    params: &ParamStore,
-) -> Result<(Tensor, GradStore)> {
-    if n == 1 {
-        return Ok((loss, grads));
-    }
-    let n = n as f64;
-    for p in params.params.values() {
-        let var = p.var.as_tensor();
-        if let Some(g) = grads.remove(var) {
-            grads.insert(var, (g / n)?);
-        }
-    }
-    Ok(((loss / n)?, grads))
 }
 
 /// L2Wrap's coefficient in the official RWKV trainers (`1e-4 / (B T)` per position).
@@ -434,52 +422,67 @@ impl Trainer {
         dropout_rng: &mut Rng,
     ) -> Result<(Tensor, GradStore)> {
         let l2wrap = self.l2wrap;
-        let micro = self.train.accumulate;
-        let slices = if self.shard == (0, 1) && batch.rows.is_none() { self.slices } else { 1 };
-        if micro > 1 || slices > 1 {
-            // the worker's rows in `micro` micro-batches one after another (the activations
-            // of one held at a time), each in `slices` slices side by side on the CPU's
-            // threads; each piece draws its part of the batch's dropout masks
-            let mut sum = None;
-            for j in 0..micro {
-                let part = batch.micro_batch(j, micro)?;
-                let rng = dropout_rng.clone().for_slice(j as u64, micro as u64);
-                if slices == 1 {
-                    add_piece(
-                        &mut sum,
-                        loss_and_gradients(model, task, &part, &mut rng.clone(), l2wrap)?,
-                        &model.params,
-                    )?;
-                    continue;
-                }
-                use rayon::prelude::*;
-                let pieces = (0..slices)
-                    .into_par_iter()
-                    .map(|i| {
-                        let mut rng = rng.clone().for_slice(i as u64, slices as u64);
-                        loss_and_gradients(model, task, &part.micro_batch(i, slices)?, &mut rng, l2wrap)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                for piece in pieces {
-                    add_piece(&mut sum, piece, &model.params)?;
-                }
-            }
-            let (loss, mut grads) = mean_of_pieces(sum.expect("at least one piece"), micro * slices, &model.params)?;
-            self.sync.all_reduce(&mut grads, &model.params)?;
-            return Ok((loss, grads));
-        }
         // segments: not with a split sequence, whose backward has collectives of its own
         let segments = match self.sequence_parallel {
             false => self.sync.blocks_per_segment(&model.params, model.config.depth),
             true => None,
         };
-        Ok(if let Some(every) = segments {
-            loss_and_overlapped_gradients(model, task, batch, dropout_rng, l2wrap, every, &*self.sync)?
-        } else {
-            let (loss, mut grads) = loss_and_gradients(model, task, batch, dropout_rng, l2wrap)?;
-            self.sync.all_reduce(&mut grads, &model.params)?;
-            (loss, grads)
-        })
+        let micro = self.train.accumulate;
+        let slices = if self.shard == (0, 1) && batch.rows.is_none() { self.slices } else { 1 };
+        let pieces = micro * slices;
+        if pieces == 1 {
+            let Some(every) = segments else {
+                let (loss, mut grads) = loss_and_gradients(model, task, batch, dropout_rng, l2wrap, 1)?;
+                self.sync.all_reduce(&mut grads, &model.params)?;
+                return Ok((loss, grads));
+            };
+            let none = GradStore::default();
+            return loss_and_overlapped_gradients(model, task, batch, dropout_rng, l2wrap, 1, none, every, &*self.sync);
+        }
+        // The worker's rows in `micro` micro-batches one after another (the activations of
+        // one held at a time), each in `slices` slices side by side on the CPU's threads; each
+        // piece draws its part of the batch's dropout masks, and its gradients are summed
+        // into the others'. The exchange waits for the last micro-batch, overlapping its
+        // backward where the exchange takes segments (DDP's `no_sync` before it).
+        let mut sum: Option<(Tensor, GradStore)> = None;
+        for j in 0..micro {
+            let part = batch.micro_batch(j, micro)?;
+            let rng = dropout_rng.clone().for_slice(j as u64, micro as u64);
+            if slices == 1 {
+                if let Some(every) = segments.filter(|_| j + 1 == micro) {
+                    let (before, earlier) = sum.take().expect("micro-batches before the last");
+                    let (loss, grads) = loss_and_overlapped_gradients(
+                        model,
+                        task,
+                        &part,
+                        &mut rng.clone(),
+                        l2wrap,
+                        pieces,
+                        earlier,
+                        every,
+                        &*self.sync,
+                    )?;
+                    return Ok((((before + loss.detach())? / pieces as f64)?, grads));
+                }
+                let piece = loss_and_gradients(model, task, &part, &mut rng.clone(), l2wrap, pieces)?;
+                add_piece(&mut sum, piece, &model.params)?;
+                continue;
+            }
+            use rayon::prelude::*;
+            let scored = (0..slices)
+                .into_par_iter()
+                .map(|i| {
+                    let mut rng = rng.clone().for_slice(i as u64, slices as u64);
+                    loss_and_gradients(model, task, &part.micro_batch(i, slices)?, &mut rng, l2wrap, pieces)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for piece in scored {
+                add_piece(&mut sum, piece, &model.params)?;
+            }
+        }
+        let (loss, mut grads) = sum.expect("at least one piece");
+        self.sync.all_reduce(&mut grads, &model.params)?;
+        Ok(((loss / pieces as f64)?, grads))
     }
 
     /// Reads the held losses and norms if [`SYNC_EVERY`] steps are held or `now`.
@@ -605,9 +608,11 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    /// A step whose backward runs in segments (an exchange that takes them, here one that
-    /// waits for the whole backward: the default `all_reduce_segments`) updates the weights
-    /// as the one-call backward does, with dropout and with L2Wrap, f64.
+    /// A step whose backward runs in segments (an exchange that takes them: here one that
+    /// takes each parameter's gradient as it stands right after its home segment, as NCCL's
+    /// reduction of that segment's buckets does) updates the weights as the one-call backward
+    /// does, with dropout (and L2Wrap, RWKV-4's default), f64; also with two micro-batches,
+    /// the second's segments adding to the first's gradients.
     #[test]
     fn segmented_steps_equal_whole_steps() -> Result<()> {
         use crate::train::task::ByteLm;
@@ -624,12 +629,27 @@ pub(crate) mod tests {
             }
             fn all_reduce_segments(
                 &self,
-                backward: Backward,
-                _: &[Option<usize>],
-                _: &ParamStore,
+                mut backward: Backward,
+                homes: &[Option<usize>],
+                params: &ParamStore,
             ) -> Result<GradStore> {
                 self.0.fetch_add(backward.segments(), Ordering::SeqCst);
-                Ok(backward.finish()?)
+                let vars = params.vars();
+                let mut taken: Vec<Option<Tensor>> = vec![None; vars.len()];
+                while let Some((segment, sums)) = backward.next()? {
+                    for (i, (_, p)) in vars.iter().enumerate() {
+                        if homes[i] == Some(segment) {
+                            taken[i] = sums.get(p.var.as_tensor()).cloned();
+                        }
+                    }
+                }
+                let mut grads = backward.finish()?;
+                for ((_, p), g) in vars.iter().zip(taken) {
+                    if let Some(g) = g {
+                        grads.insert(p.var.as_tensor(), g);
+                    }
+                }
+                Ok(grads)
             }
         }
         let bytes: Vec<u8> = (0..600u32).map(|i| (i * 37 % 251) as u8).collect();
@@ -637,20 +657,22 @@ pub(crate) mod tests {
             let sets = ["model.width=16", "model.depth=3", "model.heads=2", "model.context=16", "model.dropout=0.1"];
             let cfg = crate::registry::config(arch, &crate::config::Overrides::sets(&sets))?;
             let task = ByteLm { split: &bytes, context: cfg.model.context };
-            let train = TrainConfig { batch_size: 2, ..cfg.train.clone() };
             let segments = Arc::new(AtomicUsize::new(0));
-            let weights = |segmented: bool| {
+            let weights = |segmented: bool, accumulate| {
+                let train = TrainConfig { batch_size: 2, accumulate, ..cfg.train.clone() };
                 weights_after_three_steps(&cfg.model, &train, &task, |t| {
                     if segmented {
                         t.sync = Box::new(Segmented(segments.clone()));
                     }
                 })
             };
-            let (whole, segmented) = (weights(false)?, weights(true)?);
-            let worst = worst(&whole, &segmented);
-            assert!(worst < 1e-12, "{arch}: segmented steps differ by {worst}");
-            // three steps, each cut after both of the first two of three blocks (at least)
-            assert!(segments.load(Ordering::SeqCst) >= 9, "{arch}: {segments:?} segments in three steps");
+            let whole = weights(false, 1)?;
+            for accumulate in [1, 2] {
+                let worst = worst(&whole, &weights(true, accumulate)?);
+                assert!(worst < 1e-12, "{arch}: segmented steps ({accumulate} micro-batches) differ by {worst}");
+            }
+            // two runs of three steps, each cut after both of the first two of three blocks (at least)
+            assert!(segments.load(Ordering::SeqCst) >= 18, "{arch}: {segments:?} segments in six steps");
         }
         Ok(())
     }
