@@ -79,24 +79,29 @@ fn a_world_of_one_through_nccl_trains_as_one_process() -> Result<()> {
     let cfg = config()?;
     let data: Vec<u8> = (0..4000u32).map(|i| ((i * 7919) % 251) as u8).collect();
     let task = ByteLm { split: &data, context: cfg.model.context };
-    let weights = |sync: Option<NcclGroup>| -> Result<Vec<f32>> {
+    let weights = |sync: Option<NcclGroup>, accumulate: usize| -> Result<Vec<f32>> {
         let model = Model::new(&cfg.model, 1, &gpu, DType::F32)?;
-        let mut trainer = Trainer::new(&model, &cfg.train)?;
+        let train = altformers::config::TrainConfig { accumulate, ..cfg.train.clone() };
+        let mut trainer = Trainer::new(&model, &train)?;
         if let Some(s) = sync {
             trainer.sync = Box::new(s);
         }
         let (weights, replayed) = train_steps(&model, &mut trainer, &task, 6)?;
-        anyhow::ensure!(replayed, "six steps were not captured");
+        // micro-batches run eagerly
+        anyhow::ensure!(replayed == (accumulate == 1), "six steps of {accumulate} micro-batches: replayed {replayed}");
         Ok(weights)
     };
-    let one = weights(None)?;
+    let one = weights(None, 1)?;
     // 1 KB buckets: every parameter of the model crosses or starts a bucket boundary
-    let through = weights(Some(world_of_one(&gpu, Duration::from_secs(60))?.with_bucket_bytes(1024)))?;
-    let worst = largest_gap(&one, &through);
+    let nccl = || -> Result<NcclGroup> { Ok(world_of_one(&gpu, Duration::from_secs(60))?.with_bucket_bytes(1024)) };
+    let worst = largest_gap(&one, &weights(Some(nccl()?), 1)?);
     anyhow::ensure!(
         worst < 1e-6,
         "six steps through NCCL (overlapped, the last three replayed) differ from one process's by {worst:e}"
     );
+    // two micro-batches a step, the second's backward overlapped with the exchange of the sums
+    let worst = largest_gap(&one, &weights(Some(nccl()?), 2)?);
+    anyhow::ensure!(worst < 1e-5, "six steps of two micro-batches through NCCL differ by {worst:e}");
 
     // the exchange itself: every gradient back in place, a missing one still missing
     let model = Model::new(&cfg.model, 2, &gpu, DType::F32)?;
