@@ -202,6 +202,12 @@ fn listops_trains_any_model_and_encoders_refuse_the_lm_by_name() {
         &["train", "--task", "listops", "--model", "transformer", "--out", dir.join("short").to_str().unwrap()],
         "model.context (64) is shorter than the longest ListOps example",
     );
+    let micro = dir.join("micro");
+    let mut accumulated = vec!["train", "--task", "listops", "--model", "linformer", "--quiet"];
+    accumulated.extend(TINY);
+    accumulated.extend(listops);
+    accumulated.extend(["--set", "train.accumulate=2", "--out", micro.to_str().unwrap()]);
+    fails_with(&accumulated, "gradient accumulation splits the language-model task only");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

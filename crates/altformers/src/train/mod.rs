@@ -366,13 +366,17 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     let mut window_steps = 0usize;
     if verbose {
         eprintln!(
-            "training {} ({} parameters) on {} for {} steps, batch {} x {} bytes",
+            "training {} ({} parameters) on {} for {} steps, batch {} x {} bytes{}",
             m.architecture,
             crate::util::human(model.num_params() as f64),
             corpus.source,
             t.steps,
             t.batch_size,
-            m.context
+            m.context,
+            match t.accumulate {
+                1 => String::new(),
+                k => format!(" in {k} micro-batches per worker"),
+            }
         );
     }
     let mut checkpointed = if opts.resume { state.step } else { 0 };
