@@ -148,7 +148,7 @@ if [ "$what" = mqar ]; then
   preset="$2"; models="$3"; limit="${4:-500}"; tag="${5:-mqar}"; previous="${6:-}"
   deadline=$((SECONDS + limit))
   $alt --version > /dev/null  # unpack the binary once, before the processes start
-  gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
   procs="${PROCS:-$((4 * gpus))}"
   read -r tasks widths lrs < <(python3 -c "import tomllib,sys; m = tomllib.load(open(sys.argv[1], 'rb'))['mqar']; print(','.join(f'{a}x{b}' for a, b in m['tasks']), ','.join(map(str, m['widths'])), ','.join(map(str, m['lrs'])))" "$preset")
   i=0
@@ -433,7 +433,7 @@ if [ "$what" = nccl ]; then
   # has. N = GPUS (default: every GPU of the host).
   #   gpu-bench.sh nccl [steps]
   steps="${2:-200}"; half=$((steps / 2))
-  gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
   rm -rf /tmp/nccl-*
   for dtype in ${DTYPES:-f32 bf16}; do
     base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$steps --set train.eval_every=$half --set train.eval_batches=4 --dtype $dtype --quiet"
@@ -501,7 +501,7 @@ if [ "$what" = longnet-sp ]; then
   # layer's forward and backward against T, one GPU alone and split over N.
   #   gpu-bench.sh longnet-sp [steps] [lengths]
   steps="${2:-100}"; lengths="${3:-65536,131072,262144,524288,1048576}"
-  gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
   base="--model longnet --data shakespeare --config configs/nanogpt-baby.toml --set model.dropout=${SP_DROPOUT:-0} --set model.options.segment_lengths=[32,64,128,512] --set model.options.dilation_rates=[1,2,4,16] --set train.steps=$steps --set train.eval_every=$((steps / 2)) --set train.eval_batches=4 --dtype f32 --quiet"
   rm -rf /tmp/sp-*
   for how in one split; do
@@ -531,7 +531,7 @@ if [ "$what" = ddp ]; then
   # timed steps (peer).
   #   gpu-bench.sh ddp [steps]     (SIZES="baby gpt2-small", NS="1 4", PEER=0 ours alone)
   steps="${2:-100}"; rm -rf /tmp/ddp-*
-  gpus="$(nvidia-smi -L 2>/dev/null | wc -l)"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)"; [ "$gpus" -gt 0 ] || gpus=1
   ns="${NS:-$( [ "$gpus" = 1 ] && echo 1 || echo "1 $gpus")}"
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   for size in ${SIZES:-baby gpt2-small}; do
@@ -571,17 +571,19 @@ if [ "$what" = faults ]; then
   # (SIGKILL). The job must stop within the timeout naming that rank, leave the checkpoint
   # intact, and `--resume` on another GPU count (one process when N > 1, else still one)
   # must reach the step count.
-  gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
   base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --dtype bf16 --quiet --set train.eval_every=20 --set train.eval_batches=1"
   rm -rf /tmp/fault-run
   start=$(date +%s%N)
-  ALTFORMERS_TIMEOUT_S=30 $alt train $base --set train.steps=100000 --gpus $gpus --out /tmp/fault-run > "$OUT/fault-launcher.out" 2> "$OUT/fault-launcher.err" &
+  ALTFORMERS_TIMEOUT_S=30 timeout 300 $alt train $base --set train.steps=100000 --gpus $gpus --out /tmp/fault-run > "$OUT/fault-launcher.out" 2> "$OUT/fault-launcher.err" &
   launcher=$!
   for _ in $(seq 600); do [ -f /tmp/fault-run/checkpoint/state.json ] && break; sleep 0.1; done
   victim=$(pgrep -f "altformers.*--out /tmp/fault-run" | while read p; do
     r=$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null | sed -n "s/^ALTFORMERS_RANK=//p"); [ "$r" = $((gpus - 1)) ] && echo $p; done | head -1)
   echo "checkpoint seen after $(( ($(date +%s%N) - start) / 1000000 )) ms; killing rank $((gpus - 1)) (pid $victim)" > "$OUT/fault-summary.txt"
-  kill -9 "$victim"; killed=$(date +%s%N)
+  # no victim found: stop the launcher rather than wait on its 100000 steps
+  if [ -n "$victim" ]; then kill -9 "$victim"; else echo "no worker of rank $((gpus - 1)) found" >> "$OUT/fault-summary.txt"; kill $launcher; fi
+  killed=$(date +%s%N)
   wait $launcher; echo "launcher rc=$? after $(( ($(date +%s%N) - killed) / 1000000 )) ms" >> "$OUT/fault-summary.txt"
   python3 -c "import json; print('checkpoint step', json.load(open('/tmp/fault-run/checkpoint/state.json'))['step'])" >> "$OUT/fault-summary.txt" 2>&1
   # resume (the saved config's steps: lower them to 40 past the checkpoint is not allowed, so

@@ -598,6 +598,18 @@ impl JsonLines {
     }
 }
 
+/// The device `name` for this process: a data-parallel worker's (the launcher set
+/// `ALTFORMERS_RANK`) with a CUDA stream of its own, since NCCL launches a non-blocking
+/// communicator's collectives from a thread of its own, where the per-thread default stream
+/// of candle's devices would be another stream (NVIDIA/nccl#1976).
+fn this_process_device(name: &str) -> Result<candle_core::Device> {
+    let device = altformers::device::select(name)?;
+    match std::env::var(altformers::train::distributed::RANK) {
+        Ok(_) => altformers::device::with_own_stream(&device),
+        Err(_) => Ok(device),
+    }
+}
+
 fn bench(cmd: BenchCommand) -> Result<()> {
     use altformers::bench::{decode, scaling};
     let mut lines = JsonLines { lines: vec![] };
@@ -686,7 +698,7 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             if (workers > 1 || gpus.is_some()) && std::env::var(altformers::train::distributed::RANK).is_err() {
                 return launch_workers(workers, 1, 0, None, gpus.is_some(), "the sequence-parallel benchmark", None);
             }
-            let device = altformers::device::select(&device)?;
+            let device = this_process_device(&device)?;
             let (group, split) = sp::worker(&device)?;
             if group.as_ref().is_none_or(|g| g.rank == 0) {
                 lines.push(&altformers::bench::Provenance::capture(&device));
@@ -927,7 +939,8 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         // a data-parallel worker stopped by another's failure says so to the launcher
-        let peer_lost = e.downcast_ref::<altformers::train::distributed::PeerLost>().is_some();
+        let peer_lost = e.downcast_ref::<altformers::train::distributed::PeerLost>().is_some()
+            || altformers::train::distributed::peer_lost_in_an_op();
         std::process::exit(if peer_lost { altformers::train::distributed::PEER_LOST_EXIT } else { 1 });
     }
 }
@@ -1093,7 +1106,7 @@ fn run(command: Command) -> Result<()> {
                 return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, gpus.is_some(), job, Some(&out));
             }
             // opened here, not before: a launcher (above) leaves the GPUs to its workers
-            let device = altformers::device::select(&device)?;
+            let device = this_process_device(&device)?;
             let corpus = Corpus::load(&data, data_format.into())?;
             let opts = TrainOptions {
                 out: out.clone(),

@@ -1208,17 +1208,7 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
             assert!(start.elapsed().as_secs() < 60, "no checkpoint within a minute");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        // rank 1's process, found by its environment
-        let rank1 = std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .find(|pid| {
-                let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-                has(&env, b"ALTFORMERS_RANK=1\0") && has(&cmd, out.to_str().unwrap().as_bytes())
-            })
-            .expect("rank 1's process");
+        let rank1 = rank_1_of(&out);
         Command::new("kill").args([signal, &rank1.to_string()]).status().unwrap();
         let signalled = std::time::Instant::now();
         let o = launcher.wait_with_output().unwrap();
@@ -1236,6 +1226,84 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
         assert!(stderr.contains("keeps its last checkpoint"), "{stderr}");
         assert!(out.join("checkpoint").join("state.json").exists(), "the last checkpoint is kept");
     }
+    let _ = std::fs::remove_dir_all(out);
+}
+
+/// The process of the worker of rank 1 training into `out`, found by its environment.
+fn rank_1_of(out: &std::path::Path) -> u32 {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+            has(&env, b"ALTFORMERS_RANK=1\0") && has(&cmd, out.to_str().unwrap().as_bytes())
+        })
+        .expect("rank 1's process")
+}
+
+/// A sequence-parallel worker killed: the other finds it gone inside a gather (a collective
+/// that candle runs as an op, whose errors it carries on as text) and still exits as stopped
+/// by a peer, so the launcher names the killed rank alone as the cause.
+#[test]
+fn a_killed_sequence_parallel_worker_is_named_as_the_cause() {
+    let out = temp("sp-killed");
+    let a: Vec<String> = [
+        "train",
+        "--model",
+        "longnet",
+        "--data",
+        "shakespeare",
+        "--quiet",
+        "--threads",
+        "1",
+        "--workers",
+        "2",
+        "--sequence-parallel",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .chain(&[
+        "--set",
+        "model.width=16",
+        "--set",
+        "model.depth=2",
+        "--set",
+        "model.heads=2",
+        "--set",
+        "model.context=32",
+        "--set",
+        "model.options.base_segment=4",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.steps=1000000",
+        "--set",
+        "train.eval_every=20",
+        "--set",
+        "train.eval_batches=1",
+    ])
+    .map(|s| s.to_string())
+    .collect();
+    let launcher = Command::new(env!("CARGO_BIN_EXE_altformers"))
+        .args(&a)
+        .env("ALTFORMERS_TIMEOUT_S", "60")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !out.join("checkpoint").join("state.json").exists() {
+        assert!(start.elapsed().as_secs() < 60, "no checkpoint within a minute");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-KILL", &rank_1_of(&out).to_string()]).status().unwrap();
+    let o = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("worker rank 1 (signal: 9"), "{stderr}");
+    assert!(stderr.contains("rank 0 (exit status: 3) stopped because it did"), "{stderr}");
     let _ = std::fs::remove_dir_all(out);
 }
 

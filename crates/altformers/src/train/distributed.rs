@@ -97,7 +97,7 @@ impl Group {
             Ok(())
         };
         let links = if rank == 0 {
-            let listener = TcpListener::bind(addr).with_context(|| format!("rank 0 cannot listen at {addr}"))?;
+            let listener = listen(addr).with_context(|| format!("rank 0 cannot listen at {addr}"))?;
             listener.set_nonblocking(true)?;
             let mut by_rank: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
             while by_rank.iter().any(Option::is_none) {
@@ -286,6 +286,25 @@ impl std::fmt::Display for PeerLost {
 /// The exit status of a worker that stopped because a peer went away ([`PeerLost`]).
 pub const PEER_LOST_EXIT: i32 = 3;
 
+/// Set once a collective that candle runs as an op (LongNet's gathers, forward and backward)
+/// found a peer gone: candle carries the error on as text, losing the [`PeerLost`] type, so
+/// the worker's exit status asks this too ([`peer_lost_in_an_op`]).
+static PEER_LOST_IN_AN_OP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a collective run as an op in this process found a peer gone ([`collective_error`]).
+pub fn peer_lost_in_an_op() -> bool {
+    PEER_LOST_IN_AN_OP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A collective's error as candle's, an op's: a lost peer recorded first
+/// ([`peer_lost_in_an_op`]).
+pub(crate) fn collective_error(e: anyhow::Error) -> candle_core::Error {
+    if e.downcast_ref::<PeerLost>().is_some() {
+        PEER_LOST_IN_AN_OP.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    candle_core::Error::Msg(format!("{e:#}"))
+}
+
 /// The gradients of every parameter averaged over the ranks, in the parameters' dtype, f64 on
 /// the wire. A parameter some rank's slice did not reach counts as zeros there; one that no
 /// rank's reached keeps no gradient (the optimizer leaves it alone, as one process would).
@@ -367,6 +386,29 @@ pub fn in_threads<R: Send>(
     }
 }
 
+/// Rank 0's listener for the rendezvous at `addr` (`host:port`): at that address where the
+/// host is a loopback address or `localhost` (a job on one host, as the launcher gives it),
+/// on every interface at its port otherwise (several hosts). The other hosts reach node 0 by
+/// a name that on node 0 itself often resolves to a loopback address (Debian's `127.0.1.1` in
+/// /etc/hosts): listening there, they could never connect. IPv6 and IPv4 where the host has
+/// both (torchrun's store does the same), IPv4 alone otherwise.
+fn listen(addr: &str) -> Result<TcpListener> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let (host, port) = addr.rsplit_once(':').with_context(|| format!("{addr} is not host:port"))?;
+    let port: u16 = port.parse().with_context(|| format!("{addr}: the port must be a number below 65536"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let local = match host.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host == "localhost",
+    };
+    if local {
+        return Ok(TcpListener::bind(addr)?);
+    }
+    TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
+        .or_else(|_| TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)))
+        .map_err(Into::into)
+}
+
 fn words(w: [u64; 2]) -> Vec<u8> {
     w.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -401,11 +443,6 @@ impl crate::mixers::longnet::sequence_parallel::AllGather for std::sync::Arc<Gro
 
 /// [`all_gather`]'s op.
 struct AllGather(std::sync::Arc<Group>);
-
-/// A collective's error as candle's.
-fn collective_error(e: anyhow::Error) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{e:#}"))
-}
 
 impl candle_core::CustomOp1 for AllGather {
     fn name(&self) -> &'static str {
@@ -597,6 +634,20 @@ mod tests {
             }
         }
         assert!(bad.is_empty(), "workers' weights differ from one process's: {bad:?}");
+        Ok(())
+    }
+
+    /// Rank 0 listens on the loopback address it is given (one host), on every interface at
+    /// the port of a name or another address (several hosts: a name need not resolve there).
+    #[test]
+    fn rank_0_listens_where_the_other_hosts_can_reach_it() -> Result<()> {
+        let at = |addr: &str| -> Result<std::net::SocketAddr> { Ok(listen(addr)?.local_addr()?) };
+        assert!(at("127.0.0.1:0")?.ip().is_loopback());
+        assert!(at("localhost:0")?.ip().is_loopback());
+        assert!(at("10.1.2.3:0")?.ip().is_unspecified());
+        assert!(at("node0.invalid:0")?.ip().is_unspecified());
+        let err = listen("node0.invalid").unwrap_err().to_string();
+        assert!(err.contains("is not host:port"), "{err}");
         Ok(())
     }
 

@@ -113,6 +113,15 @@ impl NcclGroup {
             );
         }
         let stream = cuda.cuda_stream();
+        // The null, legacy (0x1) and per-thread (0x2) handles name a stream by the calling
+        // thread, and a non-blocking communicator launches its collectives from a thread of
+        // its own: there they would name that thread's stream, unordered with the step
+        // (NVIDIA/nccl#1976; one rank never launches from that thread, so one GPU hides it).
+        if (stream.cu_stream() as usize) <= 2 {
+            bail!(
+                "NCCL needs the worker's device on a stream of its own (crate::device::with_own_stream), not the thread's default stream"
+            );
+        }
         stream.context().bind_to_thread()?;
         let mut id = [0u8; 128];
         if tcp.rank == 0 {
@@ -557,7 +566,7 @@ impl candle_core::CustomOp1 for NcclGather {
             S::F64(x) => self.gather(dev, &slice(x, l)?, DType::F64),
             _ => Err(anyhow::anyhow!("NCCL all-gather of {:?} tensors", s.dtype())),
         }
-        .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        .map_err(super::distributed::collective_error)?;
         let mut dims = vec![self.0.tcp.world];
         dims.extend(l.dims());
         Ok((out, dims.into()))
@@ -568,7 +577,7 @@ impl candle_core::CustomOp1 for NcclGather {
         let grad = grad.to_dtype(arg.dtype())?.contiguous()?;
         let mine = Tensor::zeros(arg.shape(), arg.dtype(), arg.device())?;
         let Device::Cuda(dev) = arg.device() else { candle_core::bail!("NCCL reduce-scatter of a tensor on the CPU") };
-        let fail = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+        let fail = super::distributed::collective_error;
         g.usable().map_err(fail)?;
         let kind = nccl_type(arg.dtype(), "reduce-scatter").map_err(fail)?;
         let mut enqueued = None;

@@ -22,6 +22,11 @@ fn nvls_off() {
     }
 }
 
+/// GPU 0 as a worker has it: on a stream of its own (NCCL refuses the thread's default stream).
+fn worker_gpu() -> Result<Device> {
+    Ok(altformers::device::with_own_stream(&Device::new_cuda(0)?)?)
+}
+
 fn world_of_one(gpu: &Device, timeout: Duration) -> Result<NcclGroup> {
     nvls_off();
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -75,7 +80,7 @@ fn ensure_split_is_whole(whole: (f64, &[Vec<f32>]), split: (f64, &[Vec<f32>])) -
 
 #[test]
 fn a_world_of_one_through_nccl_trains_as_one_process() -> Result<()> {
-    let gpu = Device::new_cuda(0)?;
+    let gpu = worker_gpu()?;
     let cfg = config()?;
     let data: Vec<u8> = (0..4000u32).map(|i| ((i * 7919) % 251) as u8).collect();
     let task = ByteLm { split: &data, context: cfg.model.context };
@@ -128,7 +133,7 @@ fn a_world_of_one_through_nccl_trains_as_one_process() -> Result<()> {
 /// last replayed), and the exchange's pattern of gradients is settled before the capture.
 #[test]
 fn a_graphed_step_captures_the_nccl_exchange() -> Result<()> {
-    let gpu = Device::new_cuda(0)?;
+    let gpu = worker_gpu()?;
     let cfg = config()?;
     let data: Vec<u8> = (0..4000u32).map(|i| ((i * 7919) % 251) as u8).collect();
     let task = ByteLm { split: &data, context: cfg.model.context };
@@ -152,7 +157,7 @@ fn a_graphed_step_captures_the_nccl_exchange() -> Result<()> {
 
 #[test]
 fn a_reduction_past_its_deadline_aborts_and_fails_as_a_lost_peer() -> Result<()> {
-    let gpu = Device::new_cuda(0)?;
+    let gpu = worker_gpu()?;
     let cfg = config()?;
     let model = Model::new(&cfg.model, 3, &gpu, DType::F32)?;
     let tokens = Tensor::new(&[[1u32, 2, 3, 4]], &gpu)?;
@@ -195,7 +200,7 @@ fn longnet_config(extra: &[&str]) -> Result<altformers::config::RunConfig> {
 /// `ncclReduceScatter`) gives the unsplit model's loss and every parameter's gradient, f32.
 #[test]
 fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
-    let gpu = Device::new_cuda(0)?;
+    let gpu = worker_gpu()?;
     let cfg = longnet_config(&[])?;
     let tokens = Tensor::new((0..128u32).map(|i| (i * 37) % 251).collect::<Vec<_>>(), &gpu)?.reshape((2, 64))?;
     let loss_and_grads = |split: bool| -> Result<(f64, Vec<Vec<f32>>)> {
@@ -218,7 +223,7 @@ fn a_sequence_split_over_nccl_is_the_whole_sequence() -> Result<()> {
 /// `ncclCommInitRank` forever.
 #[test]
 fn a_rank_that_never_joins_fails_the_join_within_the_deadline() -> Result<()> {
-    let gpu = Device::new_cuda(0)?;
+    let gpu = worker_gpu()?;
     nvls_off();
     let Device::Cuda(cuda) = &gpu else { unreachable!("a CUDA device") };
     let uid = cudarc::nccl::result::get_uniqueid().map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -238,7 +243,7 @@ fn a_rank_that_never_joins_fails_the_join_within_the_deadline() -> Result<()> {
 /// parameters (within 1e-6 after six steps, the last three replayed).
 #[test]
 fn a_split_sequence_step_is_captured_with_its_collectives() -> Result<()> {
-    let gpu = Device::new_cuda(0)?;
+    let gpu = worker_gpu()?;
     let cfg = longnet_config(&["model.dropout=0.1", "train.batch_size=4"])?;
     let data: Vec<u8> = (0..6000u32).map(|i| ((i * 7919) % 251) as u8).collect();
     let task = ByteLm { split: &data, context: cfg.model.context };
@@ -259,6 +264,16 @@ fn a_split_sequence_step_is_captured_with_its_collectives() -> Result<()> {
     anyhow::ensure!(replayed, "the split step was not captured");
     let worst = largest_gap(&eager, &graphed);
     anyhow::ensure!(worst < 1e-6, "replayed split steps differ from eager ones by {worst:e}");
+    Ok(())
+}
+
+/// A device on the thread's default stream (candle's `Device::new_cuda`) is refused: a
+/// non-blocking communicator launches its collectives from a thread of its own, where that
+/// handle would name another stream (NVIDIA/nccl#1976).
+#[test]
+fn a_device_on_the_threads_default_stream_is_refused() -> Result<()> {
+    let err = world_of_one(&Device::new_cuda(0)?, Duration::from_secs(10)).err().expect("refused");
+    anyhow::ensure!(format!("{err:#}").contains("a stream of its own"), "{err:#}");
     Ok(())
 }
 
