@@ -992,6 +992,7 @@ fn run(command: Command) -> Result<()> {
                 init_from: None,
                 sequence_parallel: false,
                 group: None,
+                peak_memory: false,
             };
             let summary = altformers::train::listops::train_listops(&cfg, &settings, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);
@@ -1118,6 +1119,8 @@ fn run(command: Command) -> Result<()> {
                 init_from,
                 sequence_parallel,
                 group: None,
+                // this process's device is this run's alone
+                peak_memory: true,
             };
             let summary = train::train_tokenized(&cfg, &corpus, data_format.into(), &opts, &tokenizer)?;
             println!("{}", serde_json::to_string(&summary.last)?);

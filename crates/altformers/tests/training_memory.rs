@@ -85,3 +85,40 @@ fn micro_batches_hold_one_micro_batch_of_activations() {
         "32 rows in 8 micro-batches peak {extra} bytes above 4 rows; in one piece {added} above"
     );
 }
+
+/// The training loop's metrics carry the peak memory of the steps since the previous
+/// evaluation (`peak_memory_bytes`, weights and data included), and gradient accumulation
+/// lowers it: 32 rows of 64 bytes in 8 micro-batches against one piece.
+#[test]
+fn metrics_record_the_training_peak_and_accumulation_lowers_it() {
+    use altformers::config::Overrides;
+    use altformers::data::{Corpus, DataFormat};
+    use altformers::train::{train, TrainOptions};
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let corpus = Corpus::load("shakespeare", DataFormat::Text).expect("the bundled corpus");
+    let peak = |accumulate: usize| -> u64 {
+        let sets = [
+            "model.width=64".to_string(),
+            "model.depth=2".to_string(),
+            "model.heads=2".to_string(),
+            "model.context=64".to_string(),
+            "train.batch_size=32".to_string(),
+            "train.steps=4".to_string(),
+            "train.eval_every=2".to_string(),
+            "train.eval_batches=1".to_string(),
+            format!("train.accumulate={accumulate}"),
+        ];
+        let cfg = altformers::registry::config("transformer", &Overrides::sets(&sets)).expect("config");
+        let out = std::env::temp_dir().join(format!("altformers-peak-{accumulate}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let opts = TrainOptions { peak_memory: true, ..TrainOptions::fresh(out.clone(), &Device::Cpu, false) };
+        let summary = train(&cfg, &corpus, DataFormat::Text, &opts).expect("a tiny run");
+        let _ = std::fs::remove_dir_all(&out);
+        let peaks: Vec<Option<u64>> = summary.history.iter().map(|m| m.peak_memory_bytes).collect();
+        assert!(peaks.iter().all(|p| p.is_some_and(|b| b > 0)), "{peaks:?}");
+        summary.last.peak_memory_bytes.expect("measured")
+    };
+    let (whole, micro) = (peak(1), peak(8));
+    eprintln!("training peak: {whole} bytes in one piece, {micro} in 8 micro-batches");
+    assert!((micro as f64) < 0.5 * whole as f64, "{whole} bytes in one piece, {micro} in 8 micro-batches");
+}

@@ -144,6 +144,7 @@ fn opts(out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> Train
         init_from: None,
         sequence_parallel: false,
         group: None,
+        peak_memory: false,
     }
 }
 

@@ -124,6 +124,24 @@ pub fn peak_during(
     }
 }
 
+/// The most bytes allocated on `device` at once since the previous call (the first: since
+/// the mark began), weights and optimizer state included (PyTorch's
+/// `max_memory_allocated`), the mark then reset to the current level; `None` where it cannot
+/// be measured (CPU without the counting allocator, a GPU without memory pools). On a GPU the
+/// device should be idle (what is queued is not counted yet).
+pub fn take_peak(device: &candle_core::Device) -> candle_core::Result<Option<u64>> {
+    match device {
+        candle_core::Device::Cpu if installed() => {
+            let high = peak() as u64;
+            reset_peak();
+            Ok(Some(high))
+        }
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => cuda_pool::take_peak(device),
+        _ => Ok(None),
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda_pool {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
@@ -135,6 +153,19 @@ mod cuda_pool {
         Ok(value)
     }
 
+    /// Writing zero resets the pool's high-water mark to the current level.
+    fn reset_high(pool: sys::CUmemoryPool) -> candle_core::Result<()> {
+        let mut zero: u64 = 0;
+        unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut _,
+            )
+        }
+        .map_err(candle_core::Error::wrap)
+    }
+
     pub fn peak_during(
         device: &candle_core::Device,
         f: impl FnOnce() -> candle_core::Result<()>,
@@ -144,19 +175,17 @@ mod cuda_pool {
         };
         device.synchronize()?;
         let before = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
-        // writing zero resets the high-water mark to the current level
-        let mut zero: u64 = 0;
-        unsafe {
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut zero as *mut u64 as *mut _,
-            )
-        }
-        .map_err(candle_core::Error::wrap)?;
+        reset_high(pool)?;
         f()?;
         device.synchronize()?;
         let high = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
         Ok(Some(high.saturating_sub(before)))
+    }
+
+    pub fn take_peak(device: &candle_core::Device) -> candle_core::Result<Option<u64>> {
+        let Some(pool) = crate::device::cuda_mem_pool(device)? else { return Ok(None) };
+        let high = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        reset_high(pool)?;
+        Ok(Some(high))
     }
 }

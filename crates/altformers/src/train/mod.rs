@@ -50,6 +50,10 @@ pub struct TrainOptions {
     /// (`compare --data-parallel`); `None`: the job the launcher started this process in, if
     /// any ([`distributed::Group::from_env`]).
     pub group: Option<std::sync::Arc<distributed::Group>>,
+    /// Record the device's peak memory in each evaluation's metrics: only where this run has
+    /// its device (its process's counting allocator, its GPU's pool) to itself, not beside
+    /// concurrent runs (`compare`'s jobs).
+    pub peak_memory: bool,
 }
 
 impl TrainOptions {
@@ -65,6 +69,7 @@ impl TrainOptions {
             init_from: None,
             sequence_parallel: false,
             group: None,
+            peak_memory: false,
         }
     }
 }
@@ -379,6 +384,11 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             }
         );
     }
+    // the most bytes held since the last call (set-up excluded from the first window)
+    let peak_memory = || -> Result<Option<u64>> {
+        Ok(if opts.peak_memory { crate::bench::alloc::take_peak(model.device())? } else { None })
+    };
+    peak_memory()?;
     let mut checkpointed = if opts.resume { state.step } else { 0 };
     let last_good = |step: usize| {
         if step == 0 {
@@ -410,6 +420,7 @@ fn train_on<T: Copy + Into<u32> + Sync>(
 
         if evaluate {
             let tokens_per_s = window_steps as f64 * tokens_per_step / window_start.elapsed().as_secs_f64().max(1e-9);
+            let peak_memory_bytes = peak_memory()?;
             // every worker evaluates its slice of the batches; the mean is the whole's
             let mut losses = [
                 estimate_worker_loss(&model, &train_task, &trainer, 1)?,
@@ -422,6 +433,7 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             if rank > 0 {
                 // rank 0 writes this step's checkpoint; the others go on training
                 checkpointed = state.step;
+                peak_memory()?;
                 window_start = Instant::now();
                 window_steps = 0;
                 if stop_here {
@@ -447,6 +459,7 @@ fn train_on<T: Copy + Into<u32> + Sync>(
                 tokens_per_s,
                 elapsed_s: state.elapsed_s,
                 lr,
+                peak_memory_bytes,
             };
             // the line first: a crash between the two leaves a line past the checkpoint, which
             // resume drops and the resumed run writes again; the other order lost the line
@@ -457,18 +470,22 @@ fn train_on<T: Copy + Into<u32> + Sync>(
                 // suspend() also prints when the bar is hidden (stderr not a terminal).
                 bar.suspend(|| {
                     eprintln!(
-                        "step {:>6}  train {:.4}  val {:.4} nats/{} ({:.4} bpb)  {:.0} tok/s  {:.1}s",
+                        "step {:>6}  train {:.4}  val {:.4} nats/{} ({:.4} bpb)  {:.0} tok/s{}  {:.1}s",
                         metrics.step,
                         train_loss,
                         val_loss,
                         if tokens_per_byte.is_some() { "token" } else { "byte" },
                         metrics.val_bpb,
                         tokens_per_s,
+                        peak_memory_bytes
+                            .map_or(String::new(), |b| format!("  peak {}B", crate::util::human(b as f64))),
                         metrics.elapsed_s
                     )
                 });
             }
             history.push(metrics);
+            // the next window's peak: training alone (not this evaluation nor the checkpoint)
+            peak_memory()?;
             window_start = Instant::now();
             window_steps = 0;
             if stop_here {

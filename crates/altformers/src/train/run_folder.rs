@@ -43,6 +43,12 @@ pub struct Metrics {
     /// Wall time since the run began, across resumes.
     pub elapsed_s: f64,
     pub lr: f64,
+    /// The most bytes rank 0's device held at once while training since the previous
+    /// evaluation (evaluation and checkpoint excluded; weights, optimizer state, gradients and
+    /// activations): PyTorch's `max_memory_allocated`. Absent where it cannot be measured (a
+    /// library caller's CPU without the counting allocator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// What `checkpoint/state.json` holds besides the tensors.
