@@ -182,10 +182,23 @@ mod cuda_pool {
         Ok(Some(high.saturating_sub(before)))
     }
 
+    /// The pool's high-water mark plus the CUDA graphs' (a captured step's allocations live
+    /// in the graphs' memory, not the pool's), both reset.
     pub fn take_peak(device: &candle_core::Device) -> candle_core::Result<Option<u64>> {
-        let Some(pool) = crate::device::cuda_mem_pool(device)? else { return Ok(None) };
+        let (Some(pool), candle_core::Device::Cuda(cuda)) = (crate::device::cuda_mem_pool(device)?, device) else {
+            return Ok(None);
+        };
         let high = attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
         reset_high(pool)?;
-        Ok(Some(high))
+        let gpu = cuda.cuda_stream().context().cu_device();
+        let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
+        let (mut graphs, mut zero) = (0u64, 0u64);
+        unsafe { sys::cuDeviceGetGraphMemAttribute(gpu, attr, &mut graphs as *mut u64 as *mut _) }
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        unsafe { sys::cuDeviceSetGraphMemAttribute(gpu, attr, &mut zero as *mut u64 as *mut _) }
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(high + graphs))
     }
 }
