@@ -18,6 +18,8 @@ trap 'exit 143' TERM INT
 # The binary: the carried one (ALT overrides it, e.g. a CPU build, to try a mode without a GPU).
 alt="${ALT:-bash .gpu/run.sh}"
 run() { $alt "$@"; }
+# The host's GPUs (one line each; MIG instances not counted), at least 1.
+gpu_count() { local n; n=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l); [ "$n" -gt 0 ] && echo "$n" || echo 1; }
 # One cell of a preset's recall grid: cell PRESET T PAIRS WIDTH LR [more sed arguments]
 cell() {
   local preset="$1" seq="$2" pairs="$3" w="$4" lr="$5"; shift 5
@@ -148,7 +150,7 @@ if [ "$what" = mqar ]; then
   preset="$2"; models="$3"; limit="${4:-500}"; tag="${5:-mqar}"; previous="${6:-}"
   deadline=$((SECONDS + limit))
   $alt --version > /dev/null  # unpack the binary once, before the processes start
-  gpus="${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="${GPUS:-$(gpu_count)}"
   procs="${PROCS:-$((4 * gpus))}"
   read -r tasks widths lrs < <(python3 -c "import tomllib,sys; m = tomllib.load(open(sys.argv[1], 'rb'))['mqar']; print(','.join(f'{a}x{b}' for a, b in m['tasks']), ','.join(map(str, m['widths'])), ','.join(map(str, m['lrs'])))" "$preset")
   i=0
@@ -433,7 +435,7 @@ if [ "$what" = nccl ]; then
   # has. N = GPUS (default: every GPU of the host).
   #   gpu-bench.sh nccl [steps]
   steps="${2:-200}"; half=$((steps / 2))
-  gpus="${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="${GPUS:-$(gpu_count)}"
   rm -rf /tmp/nccl-*
   for dtype in ${DTYPES:-f32 bf16}; do
     base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --set train.steps=$steps --set train.eval_every=$half --set train.eval_batches=4 --dtype $dtype --quiet"
@@ -501,7 +503,7 @@ if [ "$what" = longnet-sp ]; then
   # layer's forward and backward against T, one GPU alone and split over N.
   #   gpu-bench.sh longnet-sp [steps] [lengths]
   steps="${2:-100}"; lengths="${3:-65536,131072,262144,524288,1048576}"
-  gpus="${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="${GPUS:-$(gpu_count)}"
   base="--model longnet --data shakespeare --config configs/nanogpt-baby.toml --set model.dropout=${SP_DROPOUT:-0} --set model.options.segment_lengths=[32,64,128,512] --set model.options.dilation_rates=[1,2,4,16] --set train.steps=$steps --set train.eval_every=$((steps / 2)) --set train.eval_batches=4 --dtype f32 --quiet"
   rm -rf /tmp/sp-*
   for how in one split; do
@@ -531,7 +533,7 @@ if [ "$what" = ddp ]; then
   # timed steps (peer).
   #   gpu-bench.sh ddp [steps]     (SIZES="baby gpt2-small", NS="1 4", PEER=0 ours alone)
   steps="${2:-100}"; rm -rf /tmp/ddp-*
-  gpus="$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="$(gpu_count)"
   ns="${NS:-$( [ "$gpus" = 1 ] && echo 1 || echo "1 $gpus")}"
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
   for size in ${SIZES:-baby gpt2-small}; do
@@ -571,7 +573,7 @@ if [ "$what" = faults ]; then
   # (SIGKILL). The job must stop within the timeout naming that rank, leave the checkpoint
   # intact, and `--resume` on another GPU count (one process when N > 1, else still one)
   # must reach the step count.
-  gpus="${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)}"; [ "$gpus" -gt 0 ] || gpus=1
+  gpus="${GPUS:-$(gpu_count)}"
   base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --dtype bf16 --quiet --set train.eval_every=20 --set train.eval_batches=1"
   rm -rf /tmp/fault-run
   start=$(date +%s%N)

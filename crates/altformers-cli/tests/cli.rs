@@ -1024,6 +1024,9 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
         "only --set train.accumulate=K may change",
     );
     trains(&resume(&accumulated, &["--set", "train.accumulate=4"]));
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(accumulated.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["train"]["accumulate"], 4, "config.json records the accumulation the run goes on with");
     assert_eq!(losses(&one).len(), 3);
     same_losses(&one, &two);
     same_losses(&one, &resumed);

@@ -422,7 +422,7 @@ impl Stack {
     /// The parallel form's first position: 0, or where this device's slice starts when the
     /// sequence is split (every device holds as many positions).
     fn first_position(&self, tokens: &Tensor) -> Result<usize> {
-        Ok(self.split.as_ref().map_or(Ok(0), |s| tokens.dim(1).map(|t| s.rank() * t))?)
+        self.split.as_ref().map_or(Ok(0), |s| tokens.dim(1).map(|t| s.rank() * t))
     }
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {

@@ -57,7 +57,7 @@ fn matrix<T>(data: &[T], layout: &Layout, what: &str) -> Result<Mat<T>> {
 }
 
 /// `x` as contiguous rows `[m, in]` over its data.
-fn rows<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<(Mat<T>, usize, usize)> {
+fn rows<T>(data: &[T], layout: &Layout, what: &str) -> Result<(Mat<T>, usize, usize)> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("CPU linear: {what} must be contiguous")
     };

@@ -18,7 +18,7 @@ pub trait Gradients: Send + Sync {
 
 /// `values`, as the output of an op of `a` and `b` whose backward is `gradients`. `values`
 /// must be one contiguous block from its storage's start (a fresh `.contiguous()` result):
-/// the op returns that storage.
+/// the op's output is a copy of that storage.
 pub fn with_backward(values: &Tensor, a: &Tensor, b: &Tensor, gradients: impl Gradients + 'static) -> Result<Tensor> {
     values.apply_op3(a, b, PassThrough(gradients))
 }

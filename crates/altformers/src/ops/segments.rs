@@ -61,7 +61,7 @@ pub fn boundary(x: Tensor, i: usize, n: usize) -> Result<Tensor> {
     RECORDING.with(|r| {
         let mut r = r.borrow_mut();
         match r.as_mut() {
-            Some(rec) if (i + 1) % rec.every == 0 && i + 1 < n => {
+            Some(rec) if (i + 1).is_multiple_of(rec.every) && i + 1 < n => {
                 let input = Var::from_tensor(&x.detach())?;
                 let next = input.as_tensor().clone();
                 rec.cuts.push(Cut { output: x, input });
@@ -88,7 +88,7 @@ pub fn homes<'a>(top: &Tensor, cuts: &[Cut], vars: impl IntoIterator<Item = &'a 
     vars.into_iter().map(|v| lowest.get(&v.id()).copied()).collect()
 }
 
-/// The backward pass of `top` over `cuts`, one segment per [`Backward::next`], top first.
+/// The backward pass of `top` over `cuts`, one segment per [`Backward::next_segment`], top first.
 pub struct Backward {
     top: Option<Tensor>,
     cuts: Vec<Cut>,
@@ -102,7 +102,7 @@ impl Backward {
     }
 
     /// The backward adding each segment's gradients to `earlier` (gradient accumulation: the
-    /// step's micro-batches before this one), so the sums [`Backward::next`] reports are the
+    /// step's micro-batches before this one), so the sums [`Backward::next_segment`] reports are the
     /// step's.
     pub fn adding_to(mut self, earlier: GradStore) -> Backward {
         self.total = earlier;
@@ -116,7 +116,7 @@ impl Backward {
 
     /// Runs the next segment's backward (the top one first): its index and the gradients of
     /// every segment done so far, summed; `None` after the lowest.
-    pub fn next(&mut self) -> Result<Option<(usize, &GradStore)>> {
+    pub fn next_segment(&mut self) -> Result<Option<(usize, &GradStore)>> {
         let root = match self.top.take() {
             Some(top) => Some(top),
             None => match self.cuts.pop() {
@@ -136,7 +136,7 @@ impl Backward {
 
     /// The whole backward's gradients (running what is left).
     pub fn finish(mut self) -> Result<GradStore> {
-        while self.next()?.is_some() {}
+        while self.next_segment()?.is_some() {}
         Ok(self.total)
     }
 }
@@ -198,7 +198,7 @@ mod tests {
             let mut backward = Backward::new(top, cuts);
             let n = backward.segments();
             let mut seen = Vec::new();
-            while let Some((s, done)) = backward.next()? {
+            while let Some((s, done)) = backward.next_segment()? {
                 seen.push(s);
                 // a parameter at home in this segment has its final gradient already
                 for ((name, p), home) in vars.iter().zip(&homes) {

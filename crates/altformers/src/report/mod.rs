@@ -501,7 +501,7 @@ fn decode_against_reference(rows: &[&DecodePoint], reference: &str) -> String {
 
 /// `1024` -> `1K`, `65536` -> `64K`; other lengths as they are.
 fn context_label(context: usize) -> String {
-    if context >= 1024 && context % 1024 == 0 {
+    if context >= 1024 && context.is_multiple_of(1024) {
         format!("{}K", context / 1024)
     } else {
         context.to_string()

@@ -210,7 +210,7 @@ impl Group {
     /// (`world` equal pieces); rank s gets the sum over ranks of their piece s, added by rank
     /// 0 in rank order (the same bits however the messages arrive).
     pub fn reduce_scatter_sum(&self, parts: &[f64]) -> Result<Vec<f64>> {
-        if parts.len() % self.world != 0 {
+        if !parts.len().is_multiple_of(self.world) {
             bail!("reduce-scatter: {} values do not cut into {} equal pieces", parts.len(), self.world);
         }
         let n = parts.len() / self.world;
@@ -390,23 +390,24 @@ pub fn in_threads<R: Send>(
 /// host is a loopback address or `localhost` (a job on one host, as the launcher gives it),
 /// on every interface at its port otherwise (several hosts). The other hosts reach node 0 by
 /// a name that on node 0 itself often resolves to a loopback address (Debian's `127.0.1.1` in
-/// /etc/hosts): listening there, they could never connect. IPv6 and IPv4 where the host has
-/// both (torchrun's store does the same), IPv4 alone otherwise.
+/// /etc/hosts): listening there, they could never connect. IPv4's every interface, or IPv6's
+/// where the endpoint is an IPv6 address.
 fn listen(addr: &str) -> Result<TcpListener> {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
     let (host, port) = addr.rsplit_once(':').with_context(|| format!("{addr} is not host:port"))?;
     let port: u16 = port.parse().with_context(|| format!("{addr}: the port must be a number below 65536"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let local = match host.parse::<IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
-        Err(_) => host == "localhost",
+    let everywhere = match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => None,
+        Ok(IpAddr::V6(_)) => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        Ok(IpAddr::V4(_)) => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        Err(_) if host == "localhost" => None,
+        Err(_) => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
     };
-    if local {
-        return Ok(TcpListener::bind(addr)?);
-    }
-    TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
-        .or_else(|_| TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)))
-        .map_err(Into::into)
+    Ok(match everywhere {
+        Some(ip) => TcpListener::bind(SocketAddr::new(ip, port))?,
+        None => TcpListener::bind(addr)?,
+    })
 }
 
 fn words(w: [u64; 2]) -> Vec<u8> {
@@ -644,8 +645,8 @@ mod tests {
         let at = |addr: &str| -> Result<std::net::SocketAddr> { Ok(listen(addr)?.local_addr()?) };
         assert!(at("127.0.0.1:0")?.ip().is_loopback());
         assert!(at("localhost:0")?.ip().is_loopback());
-        assert!(at("10.1.2.3:0")?.ip().is_unspecified());
-        assert!(at("node0.invalid:0")?.ip().is_unspecified());
+        assert_eq!(at("10.1.2.3:0")?.ip().to_string(), "0.0.0.0");
+        assert_eq!(at("node0.invalid:0")?.ip().to_string(), "0.0.0.0");
         let err = listen("node0.invalid").unwrap_err().to_string();
         assert!(err.contains("is not host:port"), "{err}");
         Ok(())

@@ -384,9 +384,18 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             }
         );
     }
-    // the most bytes held since the last call (set-up excluded from the first window)
+    // the most bytes held since the last call (set-up excluded from the first window); a
+    // device that cannot say leaves the figure out, once said, and trains on
+    let unmeasured = std::cell::Cell::new(!opts.peak_memory);
     let peak_memory = || -> Result<Option<u64>> {
-        Ok(if opts.peak_memory { crate::bench::alloc::take_peak(model.device())? } else { None })
+        if unmeasured.get() {
+            return Ok(None);
+        }
+        crate::bench::alloc::take_peak(model.device()).or_else(|e| {
+            unmeasured.set(true);
+            eprintln!("warning: the device's peak memory cannot be read ({e}); metrics leave it out");
+            Ok(None)
+        })
     };
     peak_memory()?;
     let mut checkpointed = if opts.resume { state.step } else { 0 };

@@ -365,7 +365,7 @@ impl GradientSync for NcclGroup {
         let side = self.side_stream()?;
         let mut reduced = Vec::with_capacity(buckets.len());
         let exchange = || -> Result<GradStore> {
-            while let Some((s, done)) = backward.next()? {
+            while let Some((s, done)) = backward.next_segment()? {
                 for (_, bucket) in buckets.iter().filter(|(at, _)| *at == s) {
                     let flat = packed(done, &vars, bucket)?;
                     side.wait(&self.stream.record_event(None)?)?;

@@ -167,6 +167,10 @@ impl RunFolder {
         if run(&saved)? != run(config)? {
             bail!("--resume: the configuration differs from the one saved in {}/config.json", dir.display());
         }
+        if saved.train.accumulate != config.train.accumulate {
+            // the steps from here on are taken so, and a later resume goes on so
+            write_json_atomic(&folder.config_path(), config)?;
+        }
         if folder.never_checkpointed() {
             bail!(
                 "{} holds no checkpoint to resume from: the run stopped before its first one; train without --resume to start it over",

@@ -240,6 +240,8 @@ fn loss_and_overlapped_gradients(
     let scored = scored?;
     let top = objective(&scored, l2wrap, pieces)?;
     let vars = model.params.vars();
+    // (a parameter only earlier pieces reached would have no home, and no exchange: the
+    // registry's graphs do not depend on the data, so every piece reaches the same ones)
     let homes = segments::homes(&top, &cuts, vars.iter().map(|(_, p)| p.var.as_tensor()));
     let grads = sync.all_reduce_segments(Backward::new(top, cuts).adding_to(earlier), &homes, &model.params)?;
     Ok((scored.loss, grads))
@@ -254,13 +256,16 @@ fn add_piece(
 ) -> Result<()> {
     let loss = loss.detach();
     let Some((total, acc)) = sum else {
+        // the parameters' alone: a backward's store also keeps gradients of constants (a
+        // decay mask's, say), tensors of the piece's graph
+        let mut params_only = GradStore::default();
         for p in params.params.values() {
             let var = p.var.as_tensor();
             if let Some(g) = grads.remove(var) {
-                grads.insert(var, g.detach());
+                params_only.insert(var, g.detach());
             }
         }
-        *sum = Some((loss, grads));
+        *sum = Some((loss, params_only));
         return Ok(());
     };
     *total = (&*total + loss)?;
@@ -636,7 +641,7 @@ pub(crate) mod tests {
                 self.0.fetch_add(backward.segments(), Ordering::SeqCst);
                 let vars = params.vars();
                 let mut taken: Vec<Option<Tensor>> = vec![None; vars.len()];
-                while let Some((segment, sums)) = backward.next()? {
+                while let Some((segment, sums)) = backward.next_segment()? {
                     for (i, (_, p)) in vars.iter().enumerate() {
                         if homes[i] == Some(segment) {
                             taken[i] = sums.get(p.var.as_tensor()).cloned();

@@ -87,7 +87,11 @@ impl Shard<'_> {
             bail!("LongNet sequence parallel: rank {} of a world of {}", self.rank, self.world);
         }
         for &(w, r) in self.pairs {
-            let ok = if w <= len { len % w == 0 } else { (w % len == 0 || w >= len * self.world) && len % r == 0 };
+            let ok = if w <= len {
+                len.is_multiple_of(w)
+            } else {
+                (w % len == 0 || w >= len * self.world) && len.is_multiple_of(r)
+            };
             if !ok {
                 bail!(
                     "LongNet sequence parallel: slices of {len} positions do not fit the pair (w {w}, r {r}) \

@@ -122,9 +122,9 @@ impl<'a, T> View<'a, T> {
     }
 }
 
-/// Where the op writes a `[B, heads, rows, d_h]` result: element `(b, h, r, j)` at `ptr + b sb
-/// + h sh + r sr + j`, in a buffer the caller holds. The tasks (one per sequence and key/value
-/// head) write disjoint elements through it from several threads.
+/// Where the op writes a `[B, heads, rows, d_h]` result: element `(b, h, r, j)` at
+/// `ptr + b sb + h sh + r sr + j`, in a buffer the caller holds. The tasks (one per sequence
+/// and key/value head) write disjoint elements through it from several threads.
 #[derive(Clone, Copy)]
 struct Dest<T> {
     ptr: *mut T,
@@ -294,7 +294,7 @@ crate::cpu::vectorised! {
         }
         let inv = crate::cpu::lane_sum(row, |x| x).recip();
         for x in row.iter_mut() {
-            *x = *x * inv;
+            *x *= inv;
         }
     }
 }

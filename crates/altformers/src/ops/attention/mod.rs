@@ -61,7 +61,7 @@ impl Dims {
     pub fn packed(qkv: &Shape, h: usize, kvh: usize, op: &str) -> Result<Self> {
         let (b, t, width) = qkv.dims3()?;
         let dh = width / (h + 2 * kvh).max(1);
-        if kvh == 0 || h % kvh != 0 || dh == 0 || dh * (h + 2 * kvh) != width {
+        if kvh == 0 || !h.is_multiple_of(kvh) || dh == 0 || dh * (h + 2 * kvh) != width {
             candle_core::bail!("{op}: qkv of width {width} does not hold {h} query and 2 x {kvh} key/value heads")
         }
         Ok(Self { b, h, kvh, t, s: t, dh })
