@@ -557,11 +557,13 @@ out = sys.argv[1]
 for line in open(f"{out}/ddp-ours.jsonl"):
     r = json.loads(line)
     m = r["metrics"]
-    print("ours", r["size"], "gpus", r["gpus"], "tokens/s", round(m[-1]["tokens_per_s"]) if m else None, "val", m[-1]["val_loss"] if m else None)
+    print("ours", r["size"], "gpus", r["gpus"], "tokens/s", round(m[-1]["tokens_per_s"]) if m else None, "val", m[-1]["val_loss"] if m else None,
+          "peak_bytes", m[-1].get("peak_memory_bytes") if m else None)
 try:
     for line in open(f"{out}/ddp-peer.jsonl"):
         r = json.loads(line)
-        print(r.get("peer"), r.get("size"), "gpus", r.get("world"), "tokens/s", round(r.get("tokens_per_s", 0)), "loss", r.get("loss"), r.get("status", ""))
+        print(r.get("peer"), r.get("size"), "gpus", r.get("world"), "tokens/s", round(r.get("tokens_per_s", 0)), "loss", r.get("loss"),
+              "peak_bytes", r.get("peak_bytes"), r.get("status", ""))
 except FileNotFoundError:
     pass
 PY
