@@ -104,9 +104,12 @@ fn train_eval_generate_end_to_end_and_corrupt_checkpoints() {
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
-    for key in ["step", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "elapsed_s"] {
+    for key in ["step", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "elapsed_s", "peak_memory_bytes"] {
         assert!(lines[1][key].is_number(), "metrics lack {key}");
     }
+    // the weights and AdamW's state alone (three copies of the parameters, f32) are below it
+    let params = 4.0 * 3.0 * 5_000.0;
+    assert!(lines[1]["peak_memory_bytes"].as_f64().unwrap() > params, "{}", lines[1]);
 
     let eval = altformers(&["eval", "--run", d, "--data", "shakespeare", "--max-bytes", "2000"]);
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
