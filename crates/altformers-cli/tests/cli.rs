@@ -1044,6 +1044,39 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
     }
 }
 
+/// The sequence-parallel tests' run: a tiny LongNet (context 32, segments from 4), batch 2,
+/// 8 steps, one thread, into `out`, then `extra`.
+fn longnet(out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--model", "longnet", "--data", "shakespeare", "--quiet", "--threads", "1"]
+        .iter()
+        .chain(&[
+            "--set",
+            "model.width=16",
+            "--set",
+            "model.depth=2",
+            "--set",
+            "model.heads=2",
+            "--set",
+            "model.context=32",
+            "--set",
+            "model.options.base_segment=4",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "train.steps=8",
+            "--set",
+            "train.eval_every=4",
+            "--set",
+            "train.eval_batches=1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// LongNet's sequence parallelism (`--sequence-parallel`, issue 23): two and four workers, each
 /// taking its slice of every sequence (segments longer than a slice gathered from the others),
 /// train as one process does (f32, 1e-5 at every evaluation), with rotary positions and with a
@@ -1052,36 +1085,6 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
 /// the same losses. Models, contexts and pairs it cannot split are refused by name.
 #[test]
 fn sequence_parallel_longnet_trains_as_one_process() {
-    let longnet = |out: &std::path::Path, extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["train", "--model", "longnet", "--data", "shakespeare", "--quiet", "--threads", "1"]
-            .iter()
-            .chain(&[
-                "--set",
-                "model.width=16",
-                "--set",
-                "model.depth=2",
-                "--set",
-                "model.heads=2",
-                "--set",
-                "model.context=32",
-                "--set",
-                "model.options.base_segment=4",
-                "--set",
-                "train.batch_size=2",
-                "--set",
-                "train.steps=8",
-                "--set",
-                "train.eval_every=4",
-                "--set",
-                "train.eval_batches=1",
-                "--out",
-                out.to_str().unwrap(),
-            ])
-            .map(|s| s.to_string())
-            .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
     for (position, dropout) in [("rope", "0.1"), ("learned", "0")] {
         let pos = format!("model.position={position}");
         let dropout = format!("model.dropout={dropout}");
@@ -1203,17 +1206,7 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
     for (signal, timeout) in [("-KILL", "120"), ("-STOP", "2")] {
         let _ = std::fs::remove_dir_all(&out);
         let a = tiny_train(&out, &["--set", "train.steps=1000000", "--set", "train.eval_every=20", "--workers", "2"]);
-        let launcher = Command::new(env!("CARGO_BIN_EXE_altformers"))
-            .args(&a)
-            .env("ALTFORMERS_TIMEOUT_S", timeout)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let start = std::time::Instant::now();
-        while !out.join("checkpoint").join("state.json").exists() {
-            assert!(start.elapsed().as_secs() < 60, "no checkpoint within a minute");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let launcher = launched_until_a_checkpoint(&a, &out, timeout);
         let rank1 = rank_1_of(&out);
         Command::new("kill").args([signal, &rank1.to_string()]).status().unwrap();
         let signalled = std::time::Instant::now();
@@ -1233,6 +1226,23 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
         assert!(out.join("checkpoint").join("state.json").exists(), "the last checkpoint is kept");
     }
     let _ = std::fs::remove_dir_all(out);
+}
+
+/// A launcher started with `args` (its workers' timeout `timeout` seconds, its stderr piped),
+/// once its run in `out` has written its first checkpoint.
+fn launched_until_a_checkpoint(args: &[String], out: &std::path::Path, timeout: &str) -> std::process::Child {
+    let launcher = Command::new(env!("CARGO_BIN_EXE_altformers"))
+        .args(args)
+        .env("ALTFORMERS_TIMEOUT_S", timeout)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !out.join("checkpoint").join("state.json").exists() {
+        assert!(start.elapsed().as_secs() < 60, "no checkpoint within a minute");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    launcher
 }
 
 /// The process of the worker of rank 1 training into `out`, found by its environment.
@@ -1255,55 +1265,10 @@ fn rank_1_of(out: &std::path::Path) -> u32 {
 #[test]
 fn a_killed_sequence_parallel_worker_is_named_as_the_cause() {
     let out = temp("sp-killed");
-    let a: Vec<String> = [
-        "train",
-        "--model",
-        "longnet",
-        "--data",
-        "shakespeare",
-        "--quiet",
-        "--threads",
-        "1",
-        "--workers",
-        "2",
-        "--sequence-parallel",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .chain(&[
-        "--set",
-        "model.width=16",
-        "--set",
-        "model.depth=2",
-        "--set",
-        "model.heads=2",
-        "--set",
-        "model.context=32",
-        "--set",
-        "model.options.base_segment=4",
-        "--set",
-        "train.batch_size=2",
-        "--set",
-        "train.steps=1000000",
-        "--set",
-        "train.eval_every=20",
-        "--set",
-        "train.eval_batches=1",
-    ])
-    .map(|s| s.to_string())
-    .collect();
-    let launcher = Command::new(env!("CARGO_BIN_EXE_altformers"))
-        .args(&a)
-        .env("ALTFORMERS_TIMEOUT_S", "60")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !out.join("checkpoint").join("state.json").exists() {
-        assert!(start.elapsed().as_secs() < 60, "no checkpoint within a minute");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let endless =
+        ["--workers", "2", "--sequence-parallel", "--set", "train.steps=1000000", "--set", "train.eval_every=20"];
+    let a = longnet(&out, &endless);
+    let launcher = launched_until_a_checkpoint(&a, &out, "60");
     Command::new("kill").args(["-KILL", &rank_1_of(&out).to_string()]).status().unwrap();
     let o = launcher.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
