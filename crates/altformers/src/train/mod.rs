@@ -252,6 +252,120 @@ struct Splits<'a, T> {
 }
 
 /// The training loop over `splits`, writing the run folder `opts.out`.
+/// The trainer of `model` as this process trains it: alone, or as a worker of `group`'s job
+/// (its share of every batch, the exchange with the others, the model split with the sequence
+/// under sequence parallelism), with the CPU's threads taking slices of each micro-batch where
+/// they can. Settings the job cannot split are refused by name.
+fn trainer_for(
+    config: &RunConfig,
+    opts: &TrainOptions,
+    model: &mut Model,
+    group: Option<&std::sync::Arc<distributed::Group>>,
+) -> Result<Trainer> {
+    let (m, t) = (&config.model, &config.train);
+    let mut trainer = Trainer::new(model, t)?;
+    if opts.sequence_parallel && group.is_none() {
+        bail!("--sequence-parallel splits each sequence across workers: give --workers N or --gpus N");
+    }
+    if opts.sequence_parallel && t.accumulate > 1 {
+        bail!(
+            "--sequence-parallel with train.accumulate = {} is not supported: train with train.accumulate=1",
+            t.accumulate
+        );
+    }
+    // each worker, micro-batch and thread draws its part of the whole batch's masks
+    let splits_masks = m.dropout == 0.0 || model.per_example_dropout();
+    if let Some(g) = group {
+        if opts.sequence_parallel {
+            if !m.context.is_multiple_of(g.world) {
+                bail!("model.context {} is not a multiple of the {} workers (each takes an equal slice of every sequence)", m.context, g.world);
+            }
+        } else if !t.batch_size.is_multiple_of(g.world * t.accumulate) {
+            bail!(
+                "train.batch_size {} is not a multiple of the {} workers times train.accumulate = {} (each worker's rows in equal micro-batches)",
+                t.batch_size,
+                g.world,
+                t.accumulate
+            );
+        }
+        if !splits_masks {
+            bail!(
+                "`{}` draws dropout masks that cannot be split across workers (model.dropout is {}): set model.dropout=0 or train in one process",
+                m.architecture,
+                m.dropout
+            );
+        }
+        let (sync, split) = exchange(g.clone(), &opts.device)?;
+        trainer.sync = sync;
+        trainer.shard = (g.rank, g.world);
+        if opts.sequence_parallel {
+            model.split_sequence(split)?;
+            trainer.sequence_parallel = true;
+        }
+    }
+    if t.accumulate > 1 && !splits_masks {
+        bail!(
+            "`{}` draws dropout masks that cannot be split into micro-batches (model.dropout is {}): set model.dropout=0 or train.accumulate=1",
+            m.architecture,
+            m.dropout
+        );
+    }
+    // CPU training on several threads: slices of each micro-batch side by side, one per thread
+    // (`Trainer::slices`), where it divides
+    let threads = rayon::current_num_threads();
+    let micro_batch = t.batch_size / t.accumulate;
+    if group.is_none() && model.device().is_cpu() && threads > 1 && micro_batch.is_multiple_of(threads) && splits_masks
+    {
+        trainer.slices = threads;
+    }
+    Ok(trainer)
+}
+
+/// The run folder of `opts.out` as rank `rank` has it, the training state it starts from and
+/// the metrics logged so far: resumed (the model and optimizer restored from the last
+/// checkpoint; rank 0 checks the data and tokenizer are the run's), or new (rank 0 creates
+/// it; the other ranks write nothing).
+#[allow(clippy::too_many_arguments)]
+fn open_run_folder(
+    config: &RunConfig,
+    corpus: &Corpus,
+    data_format: DataFormat,
+    opts: &TrainOptions,
+    tokenizer: &Tokenizer,
+    model: &Model,
+    trainer: &mut Trainer,
+    rank: usize,
+) -> Result<(RunFolder, TrainState, Vec<Metrics>)> {
+    let out = &opts.out;
+    Ok(if opts.resume && rank > 0 {
+        // the other ranks read the checkpoint rank 0 resumes from
+        let folder = RunFolder::open(out)?;
+        let state: TrainState = crate::util::read_json(&folder.latest_checkpoint()?.join("state.json"))?;
+        folder.restore(model, &mut trainer.opt, &state)?;
+        (folder, state, Vec::new())
+    } else if opts.resume {
+        let (folder, state, history) = RunFolder::resume(out, config)?;
+        state.check_data(corpus, data_format)?;
+        Tokenizer::of_run(out)?.check_same(tokenizer, out)?;
+        folder.restore(model, &mut trainer.opt, &state)?;
+        folder.keep_metrics_up_to(state.step)?;
+        (folder, state, history)
+    } else {
+        let data = Some(run_folder::CorpusId::of(corpus));
+        let t = &config.train;
+        let state =
+            TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, data, elapsed_s: 0.0 };
+        let folder = if rank > 0 {
+            RunFolder::unwritten(out)
+        } else {
+            let folder = RunFolder::create(out, config)?;
+            tokenizer.record(&folder.dir)?;
+            folder
+        };
+        (folder, state, Vec::new())
+    })
+}
+
 fn train_on<T: Copy + Into<u32> + Sync>(
     config: &RunConfig,
     corpus: &Corpus,
@@ -273,7 +387,6 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             .load(&from.join("model.safetensors"))
             .with_context(|| format!("--init-from {}", from.display()))?;
     }
-    let mut trainer = Trainer::new(&model, t)?;
     // a worker of a data-parallel job (`--workers`): its slice of each batch, the gradients
     // averaged with the others'; only rank 0 writes the run folder and prints
     let group = match &opts.group {
@@ -281,85 +394,10 @@ fn train_on<T: Copy + Into<u32> + Sync>(
         None => distributed::Group::from_env()?.map(std::sync::Arc::new),
     };
     let rank = group.as_ref().map_or(0, |g| g.rank);
-    if opts.sequence_parallel && group.is_none() {
-        bail!("--sequence-parallel splits each sequence across workers: give --workers N or --gpus N");
-    }
-    if t.accumulate > 1 && m.dropout > 0.0 && !model.per_example_dropout() {
-        bail!(
-            "`{}` draws dropout masks that cannot be split into micro-batches (model.dropout is {}): set model.dropout=0 or train.accumulate=1",
-            m.architecture,
-            m.dropout
-        );
-    }
-    if opts.sequence_parallel && t.accumulate > 1 {
-        bail!(
-            "--sequence-parallel with train.accumulate = {} is not supported: train with train.accumulate=1",
-            t.accumulate
-        );
-    }
-    if let Some(g) = &group {
-        if opts.sequence_parallel {
-            if !m.context.is_multiple_of(g.world) {
-                bail!("model.context {} is not a multiple of the {} workers (each takes an equal slice of every sequence)", m.context, g.world);
-            }
-        } else if !t.batch_size.is_multiple_of(g.world * t.accumulate) {
-            bail!(
-                "train.batch_size {} is not a multiple of the {} workers times train.accumulate = {} (each worker's rows in equal micro-batches)",
-                t.batch_size,
-                g.world,
-                t.accumulate
-            );
-        }
-        if m.dropout > 0.0 && !model.per_example_dropout() {
-            bail!(
-                "`{}` draws dropout masks that cannot be split across workers (model.dropout is {}): set model.dropout=0 or train in one process",
-                m.architecture,
-                m.dropout
-            );
-        }
-        let (sync, split) = exchange(g.clone(), &opts.device)?;
-        trainer.sync = sync;
-        trainer.shard = (g.rank, g.world);
-        if opts.sequence_parallel {
-            model.split_sequence(split)?;
-            trainer.sequence_parallel = true;
-        }
-    }
-    // CPU training on several threads: slices of each batch side by side, one per thread
-    // (`Trainer::slices`), where the batch divides and the dropout masks can be sliced
-    let threads = rayon::current_num_threads();
-    let sliceable = m.dropout == 0.0 || model.per_example_dropout();
-    let micro_batch = t.batch_size / t.accumulate;
-    if group.is_none() && model.device().is_cpu() && threads > 1 && micro_batch.is_multiple_of(threads) && sliceable {
-        trainer.slices = threads;
-    }
+    let mut trainer = trainer_for(config, opts, &mut model, group.as_ref())?;
     let verbose = opts.verbose && rank == 0;
-    let (folder, mut state, mut history) = if opts.resume && rank > 0 {
-        // the other ranks read the checkpoint rank 0 resumes from; they write nothing
-        let folder = RunFolder::open(out)?;
-        let state: TrainState = crate::util::read_json(&folder.latest_checkpoint()?.join("state.json"))?;
-        folder.restore(&model, &mut trainer.opt, &state)?;
-        (folder, state, Vec::new())
-    } else if opts.resume {
-        let (folder, state, history) = RunFolder::resume(out, config)?;
-        state.check_data(corpus, data_format)?;
-        Tokenizer::of_run(out)?.check_same(tokenizer, out)?;
-        folder.restore(&model, &mut trainer.opt, &state)?;
-        folder.keep_metrics_up_to(state.step)?;
-        (folder, state, history)
-    } else {
-        let data = Some(run_folder::CorpusId::of(corpus));
-        let state =
-            TrainState { step: 0, seed: t.seed, data_source: corpus.source.clone(), data_format, data, elapsed_s: 0.0 };
-        let folder = if rank > 0 {
-            RunFolder::unwritten(out)
-        } else {
-            let folder = RunFolder::create(out, config)?;
-            tokenizer.record(&folder.dir)?;
-            folder
-        };
-        (folder, state, Vec::new())
-    };
+    let (folder, mut state, mut history) =
+        open_run_folder(config, corpus, data_format, opts, tokenizer, &model, &mut trainer, rank)?;
     let train_task = ByteLm { split: train, context: m.context };
     let val_task = ByteLm { split: val, context: m.context };
 
