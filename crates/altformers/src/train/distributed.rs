@@ -249,6 +249,26 @@ impl Group {
         Ok(())
     }
 
+    /// Rank 0 says it has written a checkpoint; the other ranks wait for that, up to
+    /// `patience`. Without it they would go on into the next step's exchange and wait there
+    /// for rank 0 against the exchange's timeout, which a large checkpoint on a slow disk can
+    /// outlast. A rank 0 that exits closes its connections: the others stop at once.
+    pub fn checkpoint_written(&self, patience: Duration) -> Result<()> {
+        let mut byte = [1u8];
+        if self.rank == 0 {
+            for (i, link) in self.links.iter().enumerate() {
+                (&*link).write_all(&byte).context(PeerLost(Some(i + 1)))?;
+            }
+            return Ok(());
+        }
+        let link = &self.links[0];
+        let usual = link.read_timeout()?;
+        link.set_read_timeout(Some(patience))?;
+        let heard = (&*link).read_exact(&mut byte).context(PeerLost(Some(0)));
+        link.set_read_timeout(usual)?;
+        heard.map_err(|e| e.context(format!("waiting up to {:.0} s for rank 0's checkpoint", patience.as_secs_f64())))
+    }
+
     /// The ranks whose connection to this one has closed (a worker that exited; one that
     /// hangs keeps its connection open). Rank 0 sees every other rank, the others rank 0.
     pub fn closed_peers(&self) -> Vec<usize> {
@@ -649,6 +669,42 @@ mod tests {
         assert_eq!(at("node0.invalid:0")?.ip().to_string(), "0.0.0.0");
         let err = listen("node0.invalid").unwrap_err().to_string();
         assert!(err.contains("is not host:port"), "{err}");
+        Ok(())
+    }
+
+    /// A checkpoint slower than the exchange's timeout: the other ranks wait for rank 0 to
+    /// say it is written (their patience, not the timeout), and a plain read (the timeout)
+    /// would have given up.
+    #[test]
+    fn ranks_wait_for_a_checkpoint_longer_than_the_timeout() -> Result<()> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let timeout = Duration::from_millis(200);
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let addr = addr.clone();
+                    s.spawn(move || -> Result<()> {
+                        let g = Group::connect(rank, 2, &addr, Duration::from_secs(10))?;
+                        // the usual read timeout, as connect sets it, but short
+                        g.links[0].set_read_timeout(Some(timeout))?;
+                        if rank == 0 {
+                            std::thread::sleep(Duration::from_millis(600)); // writing the checkpoint
+                        }
+                        g.checkpoint_written(Duration::from_secs(10))?;
+                        // then the exchanges go on as before, at the usual timeout
+                        let mut x = [rank as f64];
+                        g.all_reduce_mean(&mut x)?;
+                        anyhow::ensure!(x[0] == 0.5, "mean {}", x[0]);
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        });
+        for r in results {
+            r?;
+        }
         Ok(())
     }
 

@@ -437,6 +437,8 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     };
     peak_memory()?;
     let mut checkpointed = if opts.resume { state.step } else { 0 };
+    // how long the other ranks wait for rank 0 to write a checkpoint: ten exchanges' timeouts
+    let checkpoint_patience = 10 * distributed::timeout()?;
     let last_good = |step: usize| {
         if step == 0 {
             "no checkpoint was written yet".to_string()
@@ -478,7 +480,10 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             }
             let [train_loss, val_loss] = losses;
             if rank > 0 {
-                // rank 0 writes this step's checkpoint; the others go on training
+                // rank 0 writes this step's checkpoint; the others wait for it, then go on
+                if let Some(g) = &group {
+                    g.checkpoint_written(checkpoint_patience)?;
+                }
                 checkpointed = state.step;
                 peak_memory()?;
                 window_start = Instant::now();
@@ -512,6 +517,9 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             // resume drops and the resumed run writes again; the other order lost the line
             folder.append_metrics(&metrics)?;
             folder.save_checkpoint(&model, &trainer.opt, &state)?;
+            if let Some(g) = &group {
+                g.checkpoint_written(checkpoint_patience)?;
+            }
             checkpointed = state.step;
             if verbose {
                 // suspend() also prints when the bar is hidden (stderr not a terminal).
