@@ -149,3 +149,30 @@ fn a_captured_step_runs_the_exchange() -> Result<()> {
     anyhow::ensure!(worst < 1e-6, "replayed steps skipped the exchange: weights differ by {worst:e}");
     Ok(())
 }
+
+/// The peak memory the training loop reports (`bench::alloc::take_peak`: the pool's
+/// high-water mark plus the CUDA graphs') counts a replayed step, whose activations and
+/// gradients live in the graph's memory: over one replayed step it is at least the weights,
+/// their gradients and AdamW's two moments (four f32 copies of the parameters).
+#[test]
+fn the_peak_memory_counts_a_replayed_step() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let sets = ["model.width=256", "model.depth=2", "model.heads=2", "model.context=64", "train.batch_size=16"];
+    let cfg = altformers::registry::config("transformer", &altformers::config::Overrides::sets(&sets))?;
+    let data: Vec<u8> = (0..20000u32).map(|i| ((i * 7919) % 251) as u8).collect();
+    let task = ByteLm { split: &data, context: cfg.model.context };
+    let model = Model::new(&cfg.model, 1, &gpu, DType::F32)?;
+    let mut trainer = Trainer::new(&model, &cfg.train)?;
+    for step in 0..6 {
+        trainer.step(&model, &task, step)?;
+        trainer.settle_if_due(true)?;
+    }
+    anyhow::ensure!(trainer.graphed(), "the steps were not captured");
+    altformers::bench::alloc::take_peak(&gpu)?;
+    trainer.step(&model, &task, 6)?;
+    trainer.settle_if_due(true)?;
+    let peak = altformers::bench::alloc::take_peak(&gpu)?.expect("a GPU with memory pools");
+    let params = 4 * model.num_params() as u64;
+    anyhow::ensure!(peak >= 4 * params, "a replayed step peaked at {peak} bytes; the parameters take {params}");
+    Ok(())
+}
