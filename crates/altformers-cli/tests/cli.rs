@@ -1081,8 +1081,9 @@ fn longnet(out: &std::path::Path, extra: &[&str]) -> Vec<String> {
 /// taking its slice of every sequence (segments longer than a slice gathered from the others),
 /// train as one process does (f32, 1e-5 at every evaluation), with rotary positions and with a
 /// learned position table (each slice reads its own rows of it), dropout on (each worker draws
-/// its positions of the whole masks); a run stopped with two workers resumes in one process to
-/// the same losses. Models, contexts and pairs it cannot split are refused by name.
+/// its positions of the whole masks), also with each worker's slice in two micro-batches of
+/// rows (`train.accumulate`); a run stopped with two workers resumes in one process to the
+/// same losses. Models, contexts and pairs it cannot split are refused by name.
 #[test]
 fn sequence_parallel_longnet_trains_as_one_process() {
     for (position, dropout) in [("rope", "0.1"), ("learned", "0")] {
@@ -1092,14 +1093,19 @@ fn sequence_parallel_longnet_trains_as_one_process() {
             temp(&format!("sp-one-{position}")),
             temp(&format!("sp-two-{position}")),
             temp(&format!("sp-four-{position}")),
+            temp(&format!("sp-two-micro-{position}")),
         ];
         let set = ["--set", pos.as_str(), "--set", dropout.as_str()];
         trains(&longnet(&runs[0], &set));
         trains(&longnet(&runs[1], &[&set[..], &["--workers", "2", "--sequence-parallel"]].concat()));
         trains(&longnet(&runs[2], &[&set[..], &["--workers", "4", "--sequence-parallel"]].concat()));
+        // each worker's slice of the positions in two micro-batches of one row
+        let micro = ["--workers", "2", "--sequence-parallel", "--set", "train.accumulate=2"];
+        trains(&longnet(&runs[3], &[&set[..], &micro].concat()));
         assert_eq!(losses(&runs[0]).len(), 2);
-        same_losses(&runs[0], &runs[1]);
-        same_losses(&runs[0], &runs[2]);
+        for run in &runs[1..] {
+            same_losses(&runs[0], run);
+        }
         for d in runs {
             let _ = std::fs::remove_dir_all(d);
         }

@@ -9,31 +9,31 @@
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rng {
     state: u64,
-    /// Which slice of the batch this stream's dropout masks are for (data-parallel workers:
-    /// the rank; 0 alone), so that each draws its own part of the whole batch's masks.
+    /// Which slice of the batch's rows this stream's dropout masks are for, in units of the
+    /// slice (data-parallel workers: the rank; a micro-batch: its place; 0 alone), so that each
+    /// draws its own part of the whole batch's masks.
     shard: u64,
-    /// Into how many slices every sequence is split, the masks' slice being `shard`'s
-    /// (sequence-parallel workers); 0 where the batch is what is split.
-    positions: u64,
+    /// `(rank, world)` where every sequence is split into `world` slices of positions and the
+    /// masks are for slice `rank` (sequence-parallel workers); `world` 0 otherwise.
+    positions: (u64, u64),
 }
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self { state: seed, shard: 0, positions: 0 }
+        Self { state: seed, shard: 0, positions: (0, 0) }
     }
 
     /// This stream for slice `rank` of `world` of every sequence (sequence parallelism): a
     /// mask over a tensor `[B, L, ..]` is, row by row, positions `rank L ..` of the whole
     /// sequences' mask ([`Rng::positions`]).
     pub fn for_positions(mut self, rank: u64, world: u64) -> Self {
-        self.shard = rank;
-        self.positions = world;
+        self.positions = (rank, world);
         self
     }
 
     /// `(rank, world)` where every sequence is split ([`Rng::for_positions`]).
     pub fn positions(&self) -> Option<(u64, u64)> {
-        (self.positions > 1).then_some((self.shard, self.positions))
+        (self.positions.1 > 1).then_some(self.positions)
     }
 
     /// This stream for slice `shard` of every batch ([`Rng::shard`]).
@@ -43,17 +43,17 @@ impl Rng {
     }
 
     /// This stream for slice `index` of `count` equal slices of its own rows (a micro-batch,
-    /// or a thread's part of one): slice `shard x count + index` of the whole batch, in units
-    /// of the slice. Not for a stream of positions ([`Rng::for_positions`]).
+    /// or a thread's part of one): slice `shard x count + index` of the whole batch's rows,
+    /// in units of the slice (of every sequence's positions as before, where they are split).
     pub fn for_slice(mut self, index: u64, count: u64) -> Self {
-        debug_assert!(self.positions <= 1, "a stream of positions has no slices of rows");
         self.shard = self.shard * count + index;
         self
     }
 
-    /// The slice of the batch the dropout masks drawn from this stream are for: a mask over
-    /// a tensor of `n` elements starts at element `shard x n` of the whole batch's mask (the
-    /// batch is the outermost dimension of every tensor dropout meets).
+    /// The slice of the batch's rows the dropout masks drawn from this stream are for: a mask
+    /// over a tensor of `n` elements starts at element `shard x n` of the whole batch's mask
+    /// (the batch is the outermost dimension of every tensor dropout meets; rows of whole
+    /// sequences, where they are split, [`Rng::positions`]).
     pub fn shard(&self) -> u64 {
         self.shard
     }

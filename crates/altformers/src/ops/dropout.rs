@@ -26,10 +26,12 @@ use crate::rng::Rng;
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     let Some(mut op) = draw(p, rng)? else { return Ok(x.clone()) };
     match rng.positions() {
-        // a sequence-parallel worker's slice of every row: its part of each row of the mask
+        // a sequence-parallel worker's slice of every row (of its micro-batch's rows, the
+        // batch's from row `shard x rows`): its part of each row of the mask
         Some((rank, world)) => {
-            let row = (x.elem_count() / x.dim(0)?.max(1)) as u64;
-            (op.first, op.row, op.stride) = (rank * row, row, world * row);
+            let rows = x.dim(0)?.max(1) as u64;
+            let row = x.elem_count() as u64 / rows;
+            (op.first, op.row, op.stride) = ((rng.shard() * rows * world + rank) * row, row, world * row);
         }
         // a data-parallel worker's slice of the batch: its part of the whole batch's mask
         None => op.first = rng.shard() * x.elem_count() as u64,
@@ -231,6 +233,33 @@ mod tests {
                 })
                 .collect::<Result<Vec<_>>>()?;
             assert_eq!(crate::testing::max_abs_diff(&Tensor::cat(&parts, 1)?, &whole)?, 0.0, "{world} slices");
+        }
+        Ok(())
+    }
+
+    /// Sequence parallelism with gradient accumulation: each worker's slice of the positions
+    /// of each micro-batch's rows (`for_positions(rank, world).for_slice(j, k)`), put in place,
+    /// make the whole tensor's mask.
+    #[test]
+    fn micro_batches_of_every_sequence_slice_make_the_whole_mask() -> Result<()> {
+        let x = Tensor::randn(0f64, 1.0, (4, 12, 3), &candle_core::Device::Cpu)?;
+        let whole = dropout(&x, 0.5, &mut Rng::new(5))?;
+        for (world, micro) in [(2, 2), (3, 4), (4, 1)] {
+            let (len, rows) = (12 / world, 4 / micro);
+            let mut micro_batches = Vec::new();
+            for j in 0..micro {
+                let slices = (0..world)
+                    .map(|r| {
+                        let part = x.narrow(0, j * rows, rows)?.narrow(1, r * len, len)?;
+                        let mut rng =
+                            Rng::new(5).for_positions(r as u64, world as u64).for_slice(j as u64, micro as u64);
+                        dropout(&part, 0.5, &mut rng)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                micro_batches.push(Tensor::cat(&slices, 1)?);
+            }
+            let diff = crate::testing::max_abs_diff(&Tensor::cat(&micro_batches, 0)?, &whole)?;
+            assert_eq!(diff, 0.0, "{world} slices of the positions x {micro} micro-batches");
         }
         Ok(())
     }

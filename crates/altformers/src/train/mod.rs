@@ -267,12 +267,6 @@ fn trainer_for(
     if opts.sequence_parallel && group.is_none() {
         bail!("--sequence-parallel splits each sequence across workers: give --workers N or --gpus N");
     }
-    if opts.sequence_parallel && t.accumulate > 1 {
-        bail!(
-            "--sequence-parallel with train.accumulate = {} is not supported: train with train.accumulate=1",
-            t.accumulate
-        );
-    }
     // each worker, micro-batch and thread draws its part of the whole batch's masks
     let splits_masks = m.dropout == 0.0 || model.per_example_dropout();
     if let Some(g) = group {
