@@ -251,7 +251,6 @@ struct Splits<'a, T> {
     tokens_per_byte: Option<f64>,
 }
 
-/// The training loop over `splits`, writing the run folder `opts.out`.
 /// The trainer of `model` as this process trains it: alone, or as a worker of `group`'s job
 /// (its share of every batch, the exchange with the others, the model split with the sequence
 /// under sequence parallelism), with the CPU's threads taking slices of each micro-batch where
@@ -360,6 +359,7 @@ fn open_run_folder(
     })
 }
 
+/// The training loop over `splits`, writing the run folder `opts.out`.
 fn train_on<T: Copy + Into<u32> + Sync>(
     config: &RunConfig,
     corpus: &Corpus,
