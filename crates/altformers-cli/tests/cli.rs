@@ -1360,3 +1360,26 @@ fn the_quick_recall_task_separates_attention_from_a_model_without_lookup() {
     assert!(accuracy("aft-simple") < 0.9, "aft-simple: {rows}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn several_processes_under_torchrun_are_refused_with_the_command_to_use() {
+    let under_torchrun = |world: &str| {
+        Command::new(env!("CARGO_BIN_EXE_altformers"))
+            .args(["models"])
+            .env("TORCHELASTIC_RUN_ID", "none")
+            .env("WORLD_SIZE", world)
+            .env("RANK", "0")
+            .env("LOCAL_RANK", "0")
+            .output()
+            .expect("running altformers")
+    };
+    let out = under_torchrun("4");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("started by torchrun as one of WORLD_SIZE=4 processes") && stderr.contains("--gpus N"),
+        "{stderr}"
+    );
+    // torchrun with one process is a plain run
+    assert!(under_torchrun("1").status.success());
+}
