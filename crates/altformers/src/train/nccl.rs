@@ -172,19 +172,31 @@ impl NcclGroup {
     /// Enqueues the in-place average of `t` (contiguous, on this worker's GPU) over the ranks
     /// on `stream` (the device's, or the overlapped exchange's).
     fn enqueue_mean(&self, t: &Tensor, stream: &Arc<CudaStream>) -> Result<()> {
-        self.usable()?;
         if !matches!(t.device(), Device::Cuda(_)) {
             bail!("NCCL all-reduce of a tensor on the CPU");
         }
-        let kind = nccl_type(t.dtype(), "all-reduce")?;
-        let n = t.elem_count();
-        let mut enqueued = None;
-        crate::kernels::launch::with_addresses_on(stream, "nccl all-reduce", &[Some(t)], |a| {
+        let (kind, n) = (nccl_type(t.dtype(), "all-reduce")?, t.elem_count());
+        self.enqueue(stream, "the all-reduce", &[Some(t)], |a, stream| {
             let ptr = a[0] as *mut std::ffi::c_void;
-            let stream = stream.cu_stream() as sys::cudaStream_t;
             // SAFETY: `t` holds n elements on this worker's GPU, read and written in place.
-            let r = unsafe { result::all_reduce(ptr, ptr, n, kind, sys::ncclRedOp_t::ncclAvg, self.comm, stream) };
-            enqueued = Some(self.enqueued(r, "the all-reduce"));
+            unsafe { result::all_reduce(ptr, ptr, n, kind, sys::ncclRedOp_t::ncclAvg, self.comm, stream) }
+        })
+    }
+
+    /// Enqueues one collective, `what`, on `stream` over the buffers of `tensors` (`call` gets
+    /// their device addresses, in order, and the stream's handle): refused on a communicator an
+    /// earlier failure aborted, and settled as [`Self::enqueued`] says.
+    fn enqueue(
+        &self,
+        stream: &Arc<CudaStream>,
+        what: &str,
+        tensors: &[Option<&Tensor>],
+        call: impl FnOnce(&[u64], sys::cudaStream_t) -> std::result::Result<result::NcclStatus, result::NcclError>,
+    ) -> Result<()> {
+        self.usable()?;
+        let mut enqueued = None;
+        crate::kernels::launch::with_addresses_on(stream, what, tensors, |a| {
+            enqueued = Some(self.enqueued(call(a, stream.cu_stream() as sys::cudaStream_t), what));
             Ok(())
         })?;
         enqueued.expect("the launch ran")
@@ -576,15 +588,14 @@ impl candle_core::CustomOp1 for NcclGather {
         let g = &self.0;
         let grad = grad.to_dtype(arg.dtype())?.contiguous()?;
         let mine = Tensor::zeros(arg.shape(), arg.dtype(), arg.device())?;
-        let Device::Cuda(dev) = arg.device() else { candle_core::bail!("NCCL reduce-scatter of a tensor on the CPU") };
+        if !matches!(arg.device(), Device::Cuda(_)) {
+            candle_core::bail!("NCCL reduce-scatter of a tensor on the CPU")
+        }
         let fail = super::distributed::collective_error;
-        g.usable().map_err(fail)?;
-        let kind = nccl_type(arg.dtype(), "reduce-scatter").map_err(fail)?;
-        let mut enqueued = None;
-        crate::kernels::launch::with_addresses(dev, "nccl reduce-scatter", &[Some(&grad), Some(&mine)], |a| {
-            let (n, stream) = (arg.elem_count(), g.stream.cu_stream() as sys::cudaStream_t);
+        let (kind, n) = (nccl_type(arg.dtype(), "reduce-scatter").map_err(fail)?, arg.elem_count());
+        g.enqueue(&g.stream, "the sequence's reduce-scatter", &[Some(&grad), Some(&mine)], |a, stream| {
             // SAFETY: `grad` holds world n elements, `mine` n, on this worker's stream.
-            let r = unsafe {
+            unsafe {
                 result::reduce_scatter(
                     a[0] as *const _,
                     a[1] as *mut _,
@@ -594,11 +605,9 @@ impl candle_core::CustomOp1 for NcclGather {
                     g.comm,
                     stream,
                 )
-            };
-            enqueued = Some(g.enqueued(r, "the sequence's reduce-scatter"));
-            Ok(())
-        })?;
-        enqueued.expect("the launch ran").map_err(fail)?;
+            }
+        })
+        .map_err(fail)?;
         if !g.capturing() {
             g.wait("the sequence's reduce-scatter").map_err(fail)?;
         }
