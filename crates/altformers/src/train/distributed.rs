@@ -38,23 +38,36 @@ pub const WORLD_SIZE: &str = "ALTFORMERS_WORLD_SIZE";
 pub const RENDEZVOUS: &str = "ALTFORMERS_RENDEZVOUS";
 /// The worker's place on its host, 0 to workers per host - 1: its GPU under `--gpus`.
 pub const LOCAL_RANK: &str = "ALTFORMERS_LOCAL_RANK";
-/// Seconds a worker waits for the others (to meet, or for their gradients) before it fails.
+/// Seconds a worker waits for a peer's gradients (or any exchange) before it fails.
 pub const TIMEOUT_S: &str = "ALTFORMERS_TIMEOUT_S";
+/// Seconds a worker waits for the others to meet at the rendezvous before it fails.
+pub const JOIN_TIMEOUT_S: &str = "ALTFORMERS_JOIN_TIMEOUT_S";
 
 /// [`TIMEOUT_S`], 120 s by default: long enough for a slow step, short enough that a dead or
 /// hung worker stops the job.
 pub fn timeout() -> Result<Duration> {
-    match std::env::var(TIMEOUT_S) {
+    seconds_from_env(TIMEOUT_S, 120)
+}
+
+/// [`JOIN_TIMEOUT_S`], 600 s by default (torchrun's rendezvous `join_timeout`): the hosts of
+/// one job may start minutes apart, and a worker meets the others only once it has read (and
+/// tokenized) the corpus.
+pub fn join_timeout() -> Result<Duration> {
+    seconds_from_env(JOIN_TIMEOUT_S, 600)
+}
+
+fn seconds_from_env(name: &str, default: u64) -> Result<Duration> {
+    match std::env::var(name) {
         Ok(s) => {
             let secs: f64 = s
                 .trim()
                 .parse()
                 .ok()
                 .filter(|v: &f64| v.is_finite() && *v > 0.0)
-                .with_context(|| format!("{TIMEOUT_S}={s}: expected a positive number of seconds"))?;
+                .with_context(|| format!("{name}={s}: expected a positive number of seconds"))?;
             Ok(Duration::from_secs_f64(secs))
         }
-        Err(_) => Ok(Duration::from_secs(120)),
+        Err(_) => Ok(Duration::from_secs(default)),
     }
 }
 
@@ -79,16 +92,22 @@ impl Group {
             &std::env::var(WORLD_SIZE).with_context(|| format!("{RANK} is set but {WORLD_SIZE} is not"))?,
         )?;
         let addr = std::env::var(RENDEZVOUS).with_context(|| format!("{RANK} is set but {RENDEZVOUS} is not"))?;
-        Group::connect(rank, world, &addr, timeout()?).map(Some)
+        Group::join(rank, world, &addr, join_timeout()?, timeout()?).map(Some)
     }
 
     /// Meets the other `world - 1` workers at `addr` (rank 0 listens there), each connection
-    /// checked to be one of this job's ranks.
+    /// checked to be one of this job's ranks, waiting for them and for every exchange after up
+    /// to `timeout`.
     pub fn connect(rank: usize, world: usize, addr: &str, timeout: Duration) -> Result<Group> {
+        Group::join(rank, world, addr, timeout, timeout)
+    }
+
+    /// [`Group::connect`], waiting up to `join` for the others to meet.
+    pub fn join(rank: usize, world: usize, addr: &str, join: Duration, timeout: Duration) -> Result<Group> {
         if world == 0 || rank >= world {
             bail!("rank {rank} of a world of {world} workers: the rank must be below the world size");
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + join;
         let hello = |stream: &mut TcpStream| -> Result<()> {
             stream.set_read_timeout(Some(timeout))?;
             // a peer that hangs stops reading too: a large message would block its sender
@@ -123,9 +142,9 @@ impl Group {
                                 .map(|(i, _)| (i + 1).to_string())
                                 .collect();
                             bail!(
-                                "rank 0: ranks {} did not join within {:.0} s",
+                                "rank 0: ranks {} did not join within {:.0} s ({JOIN_TIMEOUT_S})",
                                 missing.join(", "),
-                                timeout.as_secs_f64()
+                                join.as_secs_f64()
                             );
                         }
                         std::thread::sleep(Duration::from_millis(20));
@@ -141,8 +160,8 @@ impl Group {
                     Err(e) if Instant::now() > deadline => {
                         return Err(e).with_context(|| {
                             format!(
-                                "rank {rank}: rank 0 did not answer at {addr} within {:.0} s",
-                                timeout.as_secs_f64()
+                                "rank {rank}: rank 0 did not answer at {addr} within {:.0} s ({JOIN_TIMEOUT_S})",
+                                join.as_secs_f64()
                             )
                         })
                     }
@@ -716,6 +735,31 @@ mod tests {
         let err =
             Group::connect(0, 3, &format!("127.0.0.1:{port}"), Duration::from_millis(200)).err().expect("refused");
         assert!(err.to_string().contains("ranks 1, 2 did not join"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn ranks_meet_later_than_the_exchange_timeout_but_within_the_join_timeout() -> Result<()> {
+        let addr = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        let (exchange, late) = (Duration::from_millis(100), Duration::from_millis(600));
+        // rank 0 starts after the exchange's timeout: a rank waiting only that long gives up
+        let a = addr.clone();
+        let impatient = std::thread::spawn(move || Group::join(1, 2, &a, exchange, exchange).map(drop));
+        let err = impatient.join().expect("rank thread").expect_err("gave up");
+        assert!(format!("{err:#}").contains("rank 0 did not answer") && format!("{err:#}").contains(JOIN_TIMEOUT_S));
+        let a = addr.clone();
+        let patient = std::thread::spawn(move || Group::join(1, 2, &a, Duration::from_secs(20), exchange));
+        std::thread::sleep(late);
+        let zero = Group::join(0, 2, &addr, Duration::from_secs(20), exchange)?;
+        let one = patient.join().expect("rank thread")?;
+        // met, and the exchange after still works
+        let (mut x, mut y) = ([1.0], [3.0]);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| one.all_reduce_mean(&mut y));
+            zero.all_reduce_mean(&mut x)?;
+            t.join().expect("rank thread")
+        })?;
+        assert_eq!((x, y), ([2.0], [2.0]));
         Ok(())
     }
 }
