@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use crate::args::{BenchCommand, Sweep};
-use crate::launch::{launch_workers, this_process_device, workers_and_device};
+use crate::launch::{launch_workers, launches, this_process_device, workers_and_device};
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -113,12 +113,7 @@ pub(crate) fn bench(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::SequenceParallel { device, gpus, workers, lengths, width, heads, dtype, reps, sets, out } => {
             use altformers::bench::sequence_parallel as sp;
-            anyhow::ensure!(
-                workers == 1 || device == "cpu",
-                "--workers runs CPU workers; on GPUs use --gpus N (one worker per GPU, NCCL)"
-            );
             let (workers, device) = workers_and_device(workers, gpus, device)?;
-            anyhow::ensure!(workers >= 1, "--workers must be at least 1");
             let opts = sp::SplitOptions {
                 lengths: list(&lengths, "--lengths")?,
                 width,
@@ -130,7 +125,7 @@ pub(crate) fn bench(cmd: BenchCommand) -> Result<()> {
             if let Some(t) = opts.lengths.iter().find(|t| *t % workers != 0) {
                 anyhow::bail!("--lengths: {t} is not a multiple of the {workers} workers");
             }
-            if (workers > 1 || gpus.is_some()) && std::env::var(altformers::train::distributed::RANK).is_err() {
+            if launches(workers, gpus.is_some()) {
                 return launch_workers(workers, 1, 0, None, gpus.is_some(), "the sequence-parallel benchmark", None);
             }
             let device = this_process_device(&device)?;

@@ -62,8 +62,7 @@ pub(crate) fn launch_workers(
     let world = n * nnodes;
     let exe = std::env::current_exe()?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    // (rank, process) of each worker still running
-    let mut children: Vec<Option<(usize, std::process::Child)>> = Vec::with_capacity(n);
+    let mut children = Running(Vec::with_capacity(n));
     for rank in node_rank * n..(node_rank + 1) * n {
         let mut command = std::process::Command::new(&exe);
         if gpus {
@@ -82,14 +81,14 @@ pub(crate) fn launch_workers(
             .stdout(if rank == 0 { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
             .spawn()
             .with_context(|| format!("starting worker rank {rank}"))?;
-        children.push(Some((rank, child)));
+        children.0.push(Some((rank, child)));
     }
     // (rank, status) of each worker that failed, in the order seen
     let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
     // workers still running when another failed, stopped by this launcher
     let mut killed: Vec<usize> = Vec::new();
     loop {
-        for slot in children.iter_mut() {
+        for slot in children.0.iter_mut() {
             if let Some((rank, child)) = slot {
                 if let Some(status) = child.try_wait()? {
                     if !status.success() {
@@ -102,7 +101,7 @@ pub(crate) fn launch_workers(
         if !failed.is_empty() {
             // the others would only wait for the failed one until their timeout
             std::thread::sleep(std::time::Duration::from_millis(300));
-            for (rank, mut child) in children.iter_mut().filter_map(Option::take) {
+            for (rank, mut child) in children.0.iter_mut().filter_map(Option::take) {
                 match child.try_wait()? {
                     Some(status) if !status.success() => failed.push((rank, status)),
                     Some(_) => {}
@@ -113,9 +112,10 @@ pub(crate) fn launch_workers(
                     }
                 }
             }
-            let checkpoint = match run_folder {
+            // (rank 0 writes the checkpoints: on its host only, where hosts share no filesystem)
+            let checkpoint = match run_folder.filter(|_| node_rank == 0) {
                 None => "",
-                Some(out) if out.join("checkpoint").join("state.json").exists() => {
+                Some(out) if altformers::train::RunFolder::open(out).is_ok_and(|f| f.latest_checkpoint().is_ok()) => {
                     "; the run folder keeps its last checkpoint (--resume continues, on any number of workers or GPUs)"
                 }
                 Some(_) => "; no checkpoint was written",
@@ -126,16 +126,21 @@ pub(crate) fn launch_workers(
                 which_failed(&failed, &killed)
             );
         }
-        if children.iter().all(Option::is_none) {
+        if children.0.iter().all(Option::is_none) {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
-/// `(workers, device)` of `train`: `--gpus N` is N workers on CUDA, one GPU each (the worker
-/// of local rank r on GPU r).
+/// `(workers on this host, this process's device name)` of `--workers N` (CPU workers) or
+/// `--gpus N` (N workers on CUDA, the worker of local rank r on GPU r), checked.
 pub(crate) fn workers_and_device(workers: usize, gpus: Option<usize>, device: String) -> Result<(usize, String)> {
+    anyhow::ensure!(
+        workers == 1 || device == "cpu",
+        "--workers runs CPU workers; on GPUs use --gpus N (one worker per GPU, gradients through NCCL)"
+    );
+    anyhow::ensure!(workers >= 1, "--workers must be at least 1");
     let Some(n) = gpus else { return Ok((workers, device)) };
     anyhow::ensure!(workers == 1, "--gpus N starts N workers, one per GPU: drop --workers");
     anyhow::ensure!(n >= 1, "--gpus must be at least 1");
@@ -148,6 +153,25 @@ pub(crate) fn workers_and_device(workers: usize, gpus: Option<usize>, device: St
         Err(_) => "cuda".to_string(),
     };
     Ok((n, device))
+}
+
+/// Whether this process is to launch the workers of a job of `world` (not one of them): with
+/// `--gpus` even one, whose gradients go through NCCL as torchrun's one process's do.
+pub(crate) fn launches(world: usize, gpus: bool) -> bool {
+    (world > 1 || gpus) && std::env::var(altformers::train::distributed::RANK).is_err()
+}
+
+/// The workers a launcher started that still run, by rank: those left when it returns early
+/// (an error starting or watching them) are killed, not left waiting at the rendezvous.
+struct Running(Vec<Option<(usize, std::process::Child)>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for (_, mut child) in self.0.iter_mut().filter_map(Option::take) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Which workers failed, the cause first: a worker that stopped because a peer went away
@@ -169,5 +193,19 @@ fn which_failed(failed: &[(usize, std::process::ExitStatus)], killed: &[usize]) 
         format!("worker {ranks} stopped answering and was killed; {} gave up waiting", list(&followers))
     } else {
         format!("worker {} failed", list(&followers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_left_running_are_stopped_when_the_launcher_returns() {
+        let child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep starts");
+        let pid = child.id();
+        drop(Running(vec![None, Some((1, child))]));
+        // killed and reaped: no such process any more
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
 }

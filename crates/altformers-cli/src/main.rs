@@ -9,7 +9,7 @@ use clap::Parser;
 
 use args::{Cli, Command, ExportFormat, ImportFormat, ModeArg, TaskArg, TokenizerCommand};
 use bench::bench;
-use launch::{launch_workers, this_process_device, workers_and_device};
+use launch::{launch_workers, launches, this_process_device, workers_and_device};
 
 use altformers::config::Overrides;
 use altformers::data::tokenizer::Tokenizer;
@@ -79,6 +79,14 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // NVLink multicast stays off in every NCCL worker of `compare --data-parallel` (threads of
+    // this process: set before any thread starts)
+    #[cfg(feature = "cuda")]
+    if matches!(cli.command, Command::Compare { data_parallel: true, .. }) {
+        for (name, value) in altformers::train::nccl::NVLS_OFF {
+            std::env::set_var(name, value);
+        }
+    }
     // The main thread is thread 0 of a rayon pool of that size, so a fused op's parallel loop
     // starts on the thread that calls it: with one thread it runs inline, with more the caller
     // works beside the others. Called from outside any pool, every loop was handed to a pool
@@ -122,11 +130,23 @@ fn run(command: Command) -> Result<()> {
             gpus,
             sequence_parallel,
             nnodes,
-            ..
+            node_rank,
+            rdzv_endpoint,
+            init_from,
+            data_format,
         } => {
             anyhow::ensure!(
-                workers == 1 && gpus.is_none() && nnodes == 1 && !sequence_parallel,
-                "--workers, --gpus, --sequence-parallel and --nnodes train the language model (--task lm) only"
+                workers == 1
+                    && gpus.is_none()
+                    && nnodes == 1
+                    && node_rank == 0
+                    && rdzv_endpoint.is_none()
+                    && !sequence_parallel,
+                "--workers, --gpus, --sequence-parallel, --nnodes, --node-rank and --rdzv-endpoint train the language model (--task lm) only"
+            );
+            anyhow::ensure!(
+                init_from.is_none() && matches!(data_format, args::FormatArg::Text),
+                "--task listops starts from fresh weights on its generated data: drop --init-from and --data-format"
             );
             anyhow::ensure!(data.is_none(), "--task listops generates its data: drop --data");
             anyhow::ensure!(tokenizer.is_none(), "--task listops reads bytes: drop --tokenizer");
@@ -178,12 +198,8 @@ fn run(command: Command) -> Result<()> {
             node_rank,
             rdzv_endpoint,
         } => {
-            anyhow::ensure!(
-                workers == 1 || device == "cpu",
-                "--workers runs CPU workers; on GPUs use --gpus N (one worker per GPU, gradients through NCCL)"
-            );
             let (workers, device) = workers_and_device(workers, gpus, device)?;
-            anyhow::ensure!(workers >= 1 && nnodes >= 1, "--workers and --nnodes must be at least 1");
+            anyhow::ensure!(nnodes >= 1, "--nnodes must be at least 1");
             anyhow::ensure!(
                 node_rank < nnodes,
                 "--node-rank {node_rank} of --nnodes {nnodes}: it must be below --nnodes"
@@ -206,18 +222,9 @@ fn run(command: Command) -> Result<()> {
                 tokenizer.as_deref(),
             )?;
             let world = workers * nnodes;
-            // --gpus 1 too: one worker whose gradients go through NCCL, as torchrun's one process
-            if (world > 1 || gpus.is_some()) && std::env::var(train::distributed::RANK).is_err() {
-                // the settings every worker would refuse, refused once here
-                let (batch, context) = (cfg.train.batch_size, cfg.model.context);
-                anyhow::ensure!(
-                    sequence_parallel || batch % world == 0,
-                    "train.batch_size {batch} is not a multiple of the {world} workers"
-                );
-                anyhow::ensure!(
-                    !sequence_parallel || context % world == 0,
-                    "model.context {context} is not a multiple of the {world} workers (each takes an equal slice of every sequence)"
-                );
+            if launches(world, gpus.is_some()) {
+                // what every worker would refuse, refused once here
+                train::check_split(&cfg, world, sequence_parallel)?;
                 let job = if sequence_parallel { "sequence-parallel training" } else { "data-parallel training" };
                 return launch_workers(workers, nnodes, node_rank, rdzv_endpoint, gpus.is_some(), job, Some(&out));
             }
@@ -464,13 +471,6 @@ fn run(command: Command) -> Result<()> {
                 !data_parallel || device == "cuda",
                 "--data-parallel spreads each language-model run over every GPU: give --device cuda (not {device})"
             );
-            if data_parallel {
-                // NVLink multicast stays off in every NCCL worker (set before any starts)
-                #[cfg(feature = "cuda")]
-                for (name, value) in altformers::train::nccl::NVLS_OFF {
-                    std::env::set_var(name, value);
-                }
-            }
             let device = altformers::device::select(&device)?;
             let data_parallel = if data_parallel { gpus } else { 0 };
             let select = altformers::compare::Selection { parts, models, jobs, gpus, data_parallel };

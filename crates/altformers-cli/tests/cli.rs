@@ -197,6 +197,18 @@ fn listops_trains_any_model_and_encoders_refuse_the_lm_by_name() {
         &["train", "--task", "listops", "--model", "transformer", "--data", "shakespeare", "--out", out_s],
         "drop --data",
     );
+    for flags in [&["--init-from", out_s][..], &["--data-format", "enwik8"], &["--rdzv-endpoint", "127.0.0.1:1"]] {
+        let mut args = vec!["train", "--task", "listops", "--model", "transformer", "--out", out_s];
+        args.extend(flags);
+        fails_with(
+            &args,
+            if flags[0] == "--rdzv-endpoint" {
+                "--rdzv-endpoint train the language model"
+            } else {
+                "drop --init-from and --data-format"
+            },
+        );
+    }
     fails_with(
         &["train", "--task", "listops", "--model", "transformer", "--set", "listops.train_exampels=3", "--out", out_s],
         "train_exampels",
@@ -1035,10 +1047,10 @@ fn workers_train_as_one_process_and_resume_with_another_count() {
     same_losses(&one, &resumed);
     same_losses(&one, &accumulated);
     let odd = tiny_train(&temp("dp-odd"), &["--workers", "2", "--set", "train.accumulate=4"]);
-    fails_with(
-        &odd.iter().map(String::as_str).collect::<Vec<_>>(),
-        "train.batch_size 4 is not a multiple of the 2 workers times train.accumulate = 4",
-    );
+    let odd: Vec<&str> = odd.iter().map(String::as_str).collect();
+    fails_with(&odd, "train.batch_size 4 is not a multiple of the 2 workers times train.accumulate = 4");
+    // by the launcher, before any worker starts
+    assert!(!String::from_utf8_lossy(&altformers(&odd).stderr).contains("worker rank"));
     for d in [one, two, resumed, accumulated] {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -1194,7 +1206,7 @@ fn a_failed_worker_stops_the_job_naming_its_rank() {
     refused(&["--workers", "2", "--device", "cuda"], "--workers runs CPU workers; on GPUs use --gpus N");
     refused(
         &["--task", "listops", "--gpus", "1"],
-        "--workers, --gpus, --sequence-parallel and --nnodes train the language model",
+        "--workers, --gpus, --sequence-parallel, --nnodes, --node-rank and --rdzv-endpoint train the language model",
     );
     #[cfg(not(feature = "cuda"))]
     refused(&["--gpus", "1"], "built without CUDA support");

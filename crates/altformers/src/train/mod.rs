@@ -251,6 +251,28 @@ struct Splits<'a, T> {
     tokens_per_byte: Option<f64>,
 }
 
+/// Refuses a job of `world` workers that cannot split `config`'s batches evenly: each worker
+/// takes an equal slice of every sequence (`sequence_parallel`) or an equal share of the rows,
+/// in `train.accumulate` equal micro-batches. Every worker checks; a launcher checks first.
+pub fn check_split(config: &RunConfig, world: usize, sequence_parallel: bool) -> Result<()> {
+    let (m, t) = (&config.model, &config.train);
+    if sequence_parallel {
+        if !m.context.is_multiple_of(world) {
+            bail!(
+                "model.context {} is not a multiple of the {world} workers (each takes an equal slice of every sequence)",
+                m.context
+            );
+        }
+    } else if !t.batch_size.is_multiple_of(world * t.accumulate) {
+        bail!(
+            "train.batch_size {} is not a multiple of the {world} workers times train.accumulate = {} (each worker's rows in equal micro-batches)",
+            t.batch_size,
+            t.accumulate
+        );
+    }
+    Ok(())
+}
+
 /// The trainer of `model` as this process trains it: alone, or as a worker of `group`'s job
 /// (its share of every batch, the exchange with the others, the model split with the sequence
 /// under sequence parallelism), with the CPU's threads taking slices of each micro-batch where
@@ -269,18 +291,7 @@ fn trainer_for(
     // each worker, micro-batch and thread draws its part of the whole batch's masks
     let splits_masks = m.dropout == 0.0 || model.per_example_dropout();
     if let Some(g) = group {
-        if opts.sequence_parallel {
-            if !m.context.is_multiple_of(g.world) {
-                bail!("model.context {} is not a multiple of the {} workers (each takes an equal slice of every sequence)", m.context, g.world);
-            }
-        } else if !t.batch_size.is_multiple_of(g.world * t.accumulate) {
-            bail!(
-                "train.batch_size {} is not a multiple of the {} workers times train.accumulate = {} (each worker's rows in equal micro-batches)",
-                t.batch_size,
-                g.world,
-                t.accumulate
-            );
-        }
+        check_split(config, g.world, opts.sequence_parallel)?;
         if !splits_masks {
             bail!(
                 "`{}` draws dropout masks that cannot be split across workers (model.dropout is {}): set model.dropout=0 or train in one process",
