@@ -23,6 +23,19 @@ pub struct AdamW {
     pub weight_decay: f64,
 }
 
+/// A gradient norm that is not finite: [`AdamW::step`] refuses it, changing no parameter
+/// (the run diverged; any other error of a step is not this).
+#[derive(Debug)]
+pub struct NonFiniteNorm(pub f64);
+
+impl std::fmt::Display for NonFiniteNorm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "gradient norm is {}", self.0)
+    }
+}
+
+impl std::error::Error for NonFiniteNorm {}
+
 /// The gradient norm (before clipping) one [`AdamW::step`] measured, as an f64 scalar. The
 /// fused GPU step leaves it on the device: reading it waits for the GPU to finish the step,
 /// so training loops read it every few steps ([`super::step::Deferred`]), not every step.
@@ -167,7 +180,7 @@ impl AdamW {
         }
         let norm = self.grad_norm(grads)?;
         if !norm.is_finite() {
-            bail!("gradient norm is {norm}");
+            return Err(NonFiniteNorm(norm).into());
         }
         let scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
         self.t += 1;

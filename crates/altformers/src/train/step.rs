@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
 
-use super::optim::{learning_rate, AdamW, StepNorm};
+use super::optim::{learning_rate, AdamW, NonFiniteNorm, StepNorm};
 use super::task::{Batch, Task};
 use crate::config::{L2Wrap, TrainConfig};
 use crate::model::Model;
@@ -409,10 +409,11 @@ impl Trainer {
         let lr = self.learning_rate(step);
         // The optimizer refuses a non-finite gradient norm (the fused GPU step defers that to
         // the norm read, where `Deferred::settle` finds it).
-        let norm = self
-            .opt
-            .step(&grads, lr, self.train.grad_clip)
-            .map_err(|e| Diverged(format!("{e} in step {}", step + 1)))?;
+        let norm =
+            self.opt.step(&grads, lr, self.train.grad_clip).map_err(|e| match e.downcast::<NonFiniteNorm>() {
+                Ok(norm) => Diverged(format!("{norm} in step {}", step + 1)).into(),
+                Err(other) => other,
+            })?;
         Ok((loss, norm))
     }
 
