@@ -121,10 +121,16 @@ impl Group {
             let mut by_rank: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
             while by_rank.iter().any(Option::is_none) {
                 match listener.accept() {
-                    Ok((mut stream, _)) => {
+                    Ok((mut stream, peer)) => {
                         stream.set_nonblocking(false)?;
+                        // a worker says its rank as soon as it connects; a connection that
+                        // does not (a port scan, a worker of a job already gone) is dropped
+                        stream.set_read_timeout(Some(timeout.min(Duration::from_secs(10))))?;
+                        let Ok([r, w]) = read_words(&mut stream) else {
+                            eprintln!("rank 0: dropped a connection from {peer} that did not say a worker's rank");
+                            continue;
+                        };
                         hello(&mut stream)?;
-                        let [r, w] = read_words(&mut stream).context("a worker connected but did not say its rank")?;
                         if w != world as u64 || r == 0 || r >= world as u64 || by_rank[r as usize - 1].is_some() {
                             bail!(
                                 "a worker announced rank {r} of {w}; this job has ranks 1 to {} of {world}",
@@ -154,8 +160,21 @@ impl Group {
             }
             by_rank.into_iter().map(|s| s.expect("every rank joined")).collect()
         } else {
+            // each try bounded by the time left (a host that drops packets would hold a plain
+            // connect for minutes)
+            let connect = || -> std::io::Result<TcpStream> {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                let mut failed = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} names no address"));
+                for a in std::net::ToSocketAddrs::to_socket_addrs(addr)? {
+                    match TcpStream::connect_timeout(&a, left) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => failed = e,
+                    }
+                }
+                Err(failed)
+            };
             let mut stream = loop {
-                match TcpStream::connect(addr) {
+                match connect() {
                     Ok(s) => break s,
                     Err(e) if Instant::now() > deadline => {
                         return Err(e).with_context(|| {
@@ -735,6 +754,32 @@ mod tests {
         let err =
             Group::connect(0, 3, &format!("127.0.0.1:{port}"), Duration::from_millis(200)).err().expect("refused");
         assert!(err.to_string().contains("ranks 1, 2 did not join"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_connection_that_says_no_rank_is_dropped_and_the_ranks_still_meet() -> Result<()> {
+        let addr = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        let a = addr.clone();
+        let zero = std::thread::spawn(move || Group::connect(0, 2, &a, Duration::from_secs(20)));
+        // strays: one closes at once, one says half a rank
+        let stray = || loop {
+            match TcpStream::connect(&addr) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        drop(stray());
+        stray().write_all(&[1, 2, 3])?;
+        let one = Group::connect(1, 2, &addr, Duration::from_secs(20))?;
+        let zero = zero.join().expect("rank thread")?;
+        let (mut x, mut y) = ([1.0], [5.0]);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| one.all_reduce_mean(&mut y));
+            zero.all_reduce_mean(&mut x)?;
+            t.join().expect("rank thread")
+        })?;
+        assert_eq!((x, y), ([3.0], [3.0]));
         Ok(())
     }
 
