@@ -108,7 +108,8 @@ pub(crate) enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Parameter/compute dtype (f32; bf16 on a GPU).
+        /// Dtype of the activations: f32, bf16 (mixed precision, on a GPU), f16 or f64; the
+        /// parameters and optimizer state stay f32 (f64 with f64).
         #[arg(long, default_value = "f32")]
         dtype: String,
         /// No progress bar or per-evaluation lines.

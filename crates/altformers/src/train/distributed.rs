@@ -325,10 +325,9 @@ impl Group {
     }
 }
 
-/// The error of a worker whose peer `0` went away: not this worker's own failure. A worker
-/// exits with [`PEER_LOST_EXIT`] for it, so the launcher can name the worker that failed
-/// first.
-/// `None`: this worker cannot tell which (NCCL does not say).
+/// The error of a worker whose peer went away (`Some(rank)`; `None` where this worker cannot
+/// tell which, as NCCL does not say): not this worker's own failure. A worker exits with
+/// [`PEER_LOST_EXIT`] for it, so the launcher can name the worker that failed first.
 #[derive(Debug)]
 pub struct PeerLost(pub Option<usize>);
 
@@ -484,7 +483,7 @@ fn read_words(stream: &mut TcpStream) -> Result<[u64; 2]> {
 /// host); every rank must call it at the same point of its computation, and so reach its
 /// backward at the same point (one all-gather per step of a layer keeps that simple).
 pub fn all_gather(group: &std::sync::Arc<Group>, x: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(AllGather(group.clone()))
+    x.contiguous()?.apply_op1(TcpGather(group.clone()))
 }
 
 /// A split sequence's collective on CPU workers (LongNet's sequence parallelism).
@@ -501,9 +500,9 @@ impl crate::mixers::longnet::sequence_parallel::AllGather for std::sync::Arc<Gro
 }
 
 /// [`all_gather`]'s op.
-struct AllGather(std::sync::Arc<Group>);
+struct TcpGather(std::sync::Arc<Group>);
 
-impl candle_core::CustomOp1 for AllGather {
+impl candle_core::CustomOp1 for TcpGather {
     fn name(&self) -> &'static str {
         "all-gather"
     }

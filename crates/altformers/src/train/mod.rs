@@ -76,10 +76,8 @@ impl TrainOptions {
 
 /// `config`'s model with fresh weights for a run of `opts`: parameters and optimizer state stay
 /// f32 (master weights; f64 when the run is f64), `opts.dtype` is the dtype of the activations
-/// (bf16 for mixed precision).
-/// A new model for training `config`, refused first where its training would not fit in
-/// host memory (every task's loop comes here: a batch of 10^12 aborted ListOps' in the
-/// allocator).
+/// (bf16 for mixed precision). Refused first where its training would not fit in host memory
+/// (every task's loop comes here: a batch of 10^12 aborted ListOps' in the allocator).
 pub(crate) fn fresh_model(config: &RunConfig, opts: &TrainOptions) -> Result<Model> {
     if opts.device.is_cpu() {
         // one micro-batch's activations are held at a time

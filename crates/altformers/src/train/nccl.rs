@@ -216,20 +216,29 @@ impl NcclGroup {
         match settle(self.comm, Instant::now() + self.timeout) {
             Settled::Done => Ok(()),
             Settled::Failed(state) => {
-                Err(self.abort(format!("NCCL failed enqueueing {what} ({})", error_string(state))))
+                Err(self.abort(format!("NCCL failed enqueueing {what} ({})", error_string(state)), Some(state)))
             }
-            Settled::Late => {
-                Err(self.abort(format!("enqueueing {what} did not finish within {:.0} s", self.timeout.as_secs_f64())))
-            }
+            Settled::Late => Err(self
+                .abort(format!("enqueueing {what} did not finish within {:.0} s", self.timeout.as_secs_f64()), None)),
         }
     }
 
-    /// Aborts the communicator (`ncclCommAbort`, as PyTorch's watchdog does) after `why`: the
-    /// error, a lost peer, names the rank whose rendezvous connection closed where one has.
-    fn abort(&self, why: String) -> anyhow::Error {
+    /// Aborts the communicator (`ncclCommAbort`, as PyTorch's watchdog does) after `why`: NCCL's
+    /// error `state`, or none where the work did not finish in time. A lost peer (named where
+    /// its rendezvous connection closed) where one is known gone, or the work timed out, or
+    /// NCCL says a remote or a system (connection) error; any other error (a CUDA fault, NCCL's
+    /// internal or usage error) is this worker's own, so the launcher names it as the cause.
+    fn abort(&self, why: String, state: Option<sys::ncclResult_t>) -> anyhow::Error {
         self.abort_comm();
+        let why = format!("{why}; the communicator was aborted");
         let gone = self.tcp.closed_peers();
-        anyhow::Error::msg(PeerLost(gone.first().copied())).context(format!("{why}; the communicator was aborted"))
+        let peers_fault = !gone.is_empty()
+            || matches!(state, None | Some(sys::ncclResult_t::ncclRemoteError | sys::ncclResult_t::ncclSystemError));
+        if peers_fault {
+            anyhow::Error::msg(PeerLost(gone.first().copied())).context(why)
+        } else {
+            anyhow::Error::msg(why)
+        }
     }
 
     /// `ncclCommAbort` (once): every collective of the communicator stops and it is freed.
@@ -267,6 +276,8 @@ impl NcclGroup {
 
     /// Waits until `done` has happened on the stream, at most the timeout (as [`Self::wait`]).
     fn wait_for(&self, done: &CudaEvent, what: &str) -> Result<()> {
+        // (an aborted communicator is freed: NCCL may not be asked about it)
+        self.usable()?;
         let deadline = Instant::now() + self.timeout;
         loop {
             if done.try_is_complete()? {
@@ -275,10 +286,12 @@ impl NcclGroup {
             let mut state = sys::ncclResult_t::ncclSuccess;
             unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
             if !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
-                return Err(self.abort(format!("NCCL failed during {what} ({})", error_string(state))));
+                return Err(self.abort(format!("NCCL failed during {what} ({})", error_string(state)), Some(state)));
             }
             if Instant::now() > deadline {
-                return Err(self.abort(format!("{what} did not finish within {:.0} s", self.timeout.as_secs_f64())));
+                return Err(
+                    self.abort(format!("{what} did not finish within {:.0} s", self.timeout.as_secs_f64()), None)
+                );
             }
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -399,7 +412,9 @@ impl GradientSync for NcclGroup {
                     (_, Err(e)) => anyhow::Error::from(e).context("joining the overlapped exchange's stream"),
                     (Ok(_), Ok(())) => unreachable!("handled above"),
                 };
-                if reduced.is_empty() {
+                // nothing queued ran: none before this, or only into a capture (the ranks then
+                // vote to stay eager, and need the communicator)
+                if reduced.is_empty() || capturing {
                     return Err(err);
                 }
                 self.abort_comm();
@@ -434,6 +449,8 @@ impl GradientSync for NcclGroup {
     /// the one before it is waited for (waiting for this one would leave the GPU idle between
     /// steps; a lost peer is then found one step later, still within the deadline).
     fn after_replay(&self) -> Result<()> {
+        // the replayed collectives may still run: a worker that stops before they end aborts
+        self.in_flight.store(true, Ordering::SeqCst);
         let mut queued = self.replays.lock().map_err(|_| anyhow::anyhow!("NCCL: the replays' lock is poisoned"))?;
         queued.push_back(self.stream.record_event(None)?);
         while queued.len() > 1 {
@@ -726,17 +743,21 @@ pub fn join(
             (&mut config as *mut NonBlockingConfig).cast(),
         )
     };
-    let joining = format!("rank {rank} of {world} joining the communicator (each worker needs a GPU of its own)");
+    // NCCL refuses two ranks on one GPU as invalid usage
+    let joining = |r: sys::ncclResult_t| {
+        let hint = if r == sys::ncclResult_t::ncclInvalidUsage { " (each worker needs a GPU of its own)" } else { "" };
+        format!("rank {rank} of {world} joining the communicator{hint}")
+    };
     if let Err(e) = r.result() {
         if !comm.is_null() {
             unsafe { result::comm_abort(comm) }.ok();
         }
-        return Err(nccl_error(&joining, e.0, None));
+        return Err(nccl_error(&joining(e.0), e.0, None));
     }
     match settle(comm, deadline) {
         Settled::Done => Ok(comm),
         Settled::Failed(state) => {
-            let err = nccl_error(&joining, state, Some(comm));
+            let err = nccl_error(&joining(state), state, Some(comm));
             unsafe { result::comm_abort(comm) }.ok();
             Err(err)
         }
