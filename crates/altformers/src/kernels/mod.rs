@@ -68,9 +68,13 @@ pub const SWITCHABLE: [&str; 24] = [
 
 /// Whether the fused kernel `name` (one of [`SWITCHABLE`]) may run.
 pub fn enabled(name: &str) -> bool {
+    !switched_off().iter().any(|o| o == name || o == "all")
+}
+
+/// The kernels `ALTFORMERS_UNFUSED` switches off, as this process read it.
+pub fn switched_off() -> &'static [String] {
     static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let off = OFF.get_or_init(|| parse_unfused(&std::env::var("ALTFORMERS_UNFUSED").unwrap_or_default()));
-    !off.iter().any(|o| o == name || o == "all")
+    OFF.get_or_init(|| parse_unfused(&std::env::var("ALTFORMERS_UNFUSED").unwrap_or_default()))
 }
 
 fn parse_unfused(list: &str) -> Vec<String> {

@@ -71,6 +71,19 @@ fn seconds_from_env(name: &str, default: u64) -> Result<Duration> {
     }
 }
 
+/// What every worker of a job must share beyond its command line: the build (version, the
+/// commit where the build recorded it, CUDA or not) and the fused kernels switched off
+/// (`ALTFORMERS_UNFUSED`, which also chooses the overlapped exchange or not).
+pub fn worker_settings() -> String {
+    format!(
+        "altformers {} ({}, {}), ALTFORMERS_UNFUSED={}",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("ALTFORMERS_COMMIT").unwrap_or("commit not recorded"),
+        if cfg!(feature = "cuda") { "CUDA" } else { "CPU only" },
+        crate::kernels::switched_off().join(",")
+    )
+}
+
 /// This worker's place among the others and its connections: rank 0 holds one to every other
 /// rank (index r - 1), every other rank one to rank 0.
 pub struct Group {
@@ -191,7 +204,28 @@ impl Group {
             stream.write_all(&words([rank as u64, world as u64]))?;
             vec![stream]
         };
-        Ok(Group { rank, world, links })
+        let group = Group { rank, world, links };
+        group.agree_on_settings(&worker_settings())?;
+        Ok(group)
+    }
+
+    /// Refuses a job whose workers differ in `settings` ([`worker_settings`]), naming the
+    /// ranks that differ from rank 0: each would take its own path through the step (a worker
+    /// waiting on a collective its peers never start stops the job only at the timeout, as a
+    /// lost peer).
+    fn agree_on_settings(&self, settings: &str) -> Result<()> {
+        // FNV-1a, 64 bits, in two exact halves
+        let hash = settings.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let all = self.all_gather(&[(hash >> 32) as f64, (hash & 0xffff_ffff) as f64])?;
+        let differ: Vec<String> = (1..self.world).filter(|&r| all[r] != all[0]).map(|r| r.to_string()).collect();
+        if !differ.is_empty() {
+            bail!(
+                "ranks {} run another build or other settings than rank 0: every worker must run the same binary with the same ALTFORMERS_UNFUSED (rank {}: {settings})",
+                differ.join(", "),
+                self.rank
+            );
+        }
+        Ok(())
     }
 
     /// Replaces `data` on every rank by its mean over the ranks: rank 0 adds the others'
@@ -780,6 +814,41 @@ mod tests {
         })?;
         assert_eq!((x, y), ([3.0], [3.0]));
         Ok(())
+    }
+
+    #[test]
+    fn workers_with_other_settings_than_rank_0s_are_named() -> Result<()> {
+        let addr = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        let groups: Vec<Group> = std::thread::scope(|s| {
+            let joins: Vec<_> = (0..3)
+                .map(|r| {
+                    s.spawn({
+                        let a = &addr;
+                        move || Group::connect(r, 3, a, Duration::from_secs(20))
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().expect("rank thread")).collect::<Result<_>>()
+        })?;
+        let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
+            let checks: Vec<_> = groups
+                .iter()
+                .map(|g| {
+                    s.spawn(move || g.agree_on_settings(if g.rank == 2 { "ALTFORMERS_UNFUSED=overlap" } else { "" }))
+                })
+                .collect();
+            checks.into_iter().map(|c| c.join().expect("rank thread")).collect()
+        });
+        for (rank, outcome) in outcomes.iter().enumerate() {
+            let err = format!("{:#}", outcome.as_ref().expect_err("refused on every rank"));
+            assert!(err.starts_with("ranks 2 run another build or other settings than rank 0"), "{err}");
+            assert!(err.contains(&format!("(rank {rank}: ")), "{err}");
+        }
+        // the same settings everywhere: accepted
+        std::thread::scope(|s| {
+            let checks: Vec<_> = groups.iter().map(|g| s.spawn(move || g.agree_on_settings("same"))).collect();
+            checks.into_iter().try_for_each(|c| c.join().expect("rank thread"))
+        })
     }
 
     #[test]
