@@ -146,7 +146,8 @@ mod graph {
             let mut warm = state.clone();
             let warm_logits = model.step(&token, &mut warm)?;
             // every state tensor's shape and dtype, each layer's apart
-            let shapes = |s: &ModelState| -> (Vec<Vec<(Vec<usize>, DType)>>, Option<(Vec<usize>, DType)>) {
+            type Shape = (Vec<usize>, DType);
+            let shapes = |s: &ModelState| -> (Vec<Vec<Shape>>, Option<Shape>) {
                 let of = |t: &Tensor| (t.dims().to_vec(), t.dtype());
                 (s.layers.iter().map(|l| l.tensors.iter().map(of).collect()).collect(), s.position.as_ref().map(of))
             };

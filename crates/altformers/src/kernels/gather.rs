@@ -135,7 +135,7 @@ pub fn embed(table: &Tensor, positions: Option<&Tensor>, ids: &Tensor, dtype: DT
             || p.rank() != 2
             || p.dim(1)? != d
             || p.dim(0)? == 0
-            || ids.elem_count() % p.dim(0)? != 0
+            || !ids.elem_count().is_multiple_of(p.dim(0)?)
         {
             bail!(
                 "embedding: positions {:?} {:?} do not fit the table's width {d} and {} ids",

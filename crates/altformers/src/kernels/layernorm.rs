@@ -81,7 +81,7 @@ fn vector_backward_blocks(dev: &CudaDevice, chunks: usize) -> Result<usize> {
 /// on a 16-byte boundary.
 fn vector_chunks(d: usize, starts: &[usize], f32_starts: &[usize]) -> Option<usize> {
     let aligned = starts.iter().all(|s| s % 8 == 0) && f32_starts.iter().all(|s| s % 4 == 0);
-    (d % 8 == 0 && d <= 1024 && aligned && super::enabled("layernorm-vector")).then(|| d.div_ceil(256))
+    (d.is_multiple_of(8) && d <= 1024 && aligned && super::enabled("layernorm-vector")).then(|| d.div_ceil(256))
 }
 
 /// `layer_norm_{dir}_{suffix}`, or its register-resident form with `chunks`.

@@ -109,8 +109,8 @@ fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     {
         let (gs, gl) = dy.storage_and_layout();
         let (xs, xl) = x.storage_and_layout();
-        let g = launch::view::<half::bf16>(launch::storage(&gs, "mixed linear backward", "the gradient")?, &gl)?;
-        let xv = launch::view::<half::bf16>(launch::storage(&xs, "mixed linear backward", "x")?, &xl)?;
+        let g = launch::view::<half::bf16>(launch::storage(&gs, "mixed linear backward", "the gradient")?, gl)?;
+        let xv = launch::view::<half::bf16>(launch::storage(&xs, "mixed linear backward", "x")?, xl)?;
         gemm_f32_out(dev, (k, n, rows), &xv, &g, &mut dw)?;
     }
     Ok(launch::tensor(dw, dev, (n, k)))

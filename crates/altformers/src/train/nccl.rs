@@ -130,9 +130,11 @@ impl NcclGroup {
         }
         tcp.broadcast_bytes(&mut id)?;
         let uid = sys::ncclUniqueId { internal: id.map(|b| b as std::ffi::c_char) };
-        let comm = join(uid, tcp.world, tcp.rank, &stream, timeout).map_err(|e| match tcp.closed_peers().first() {
-            Some(&gone) => e.context(PeerLost(Some(gone))),
-            None => e,
+        let comm = join_communicator(uid, tcp.world, tcp.rank, &stream, timeout).map_err(|e| {
+            match tcp.closed_peers().first() {
+                Some(&gone) => e.context(PeerLost(Some(gone))),
+                None => e,
+            }
         })?;
         Ok(NcclGroup {
             tcp,
@@ -721,7 +723,7 @@ impl NonBlockingConfig {
 /// once as well ([`settle`]). `NCCL_COMM_BLOCKING=1` in the environment (NCCL's own switch)
 /// makes it blocking again (joining and enqueueing are then no longer bounded by the
 /// deadline; the reductions still are).
-pub fn join(
+pub fn join_communicator(
     uid: sys::ncclUniqueId,
     world: usize,
     rank: usize,

@@ -24,7 +24,7 @@ fn nvls_off() {
 
 /// GPU 0 as a worker has it: on a stream of its own (NCCL refuses the thread's default stream).
 fn worker_gpu() -> Result<Device> {
-    Ok(altformers::device::with_own_stream(&Device::new_cuda(0)?)?)
+    altformers::device::with_own_stream(&Device::new_cuda(0)?)
 }
 
 fn world_of_one(gpu: &Device, timeout: Duration) -> Result<NcclGroup> {
@@ -170,11 +170,11 @@ fn a_reduction_past_its_deadline_aborts_and_fails_as_a_lost_peer() -> Result<()>
     for _ in 0..20 {
         x = x.matmul(&a)?;
     }
-    let err = nccl.all_reduce(&mut grads, &model.params).err().expect("the deadline passed");
+    let err = nccl.all_reduce(&mut grads, &model.params).expect_err("the deadline passed");
     anyhow::ensure!(err.downcast_ref::<PeerLost>().is_some(), "not reported as a lost peer: {err:#}");
     anyhow::ensure!(format!("{err:#}").contains("aborted"), "{err:#}");
     // the aborted communicator refuses further work instead of hanging
-    let again = nccl.all_reduce(&mut grads, &model.params).err().expect("refused after the abort");
+    let again = nccl.all_reduce(&mut grads, &model.params).expect_err("refused after the abort");
     anyhow::ensure!(format!("{again:#}").contains("aborted"), "{again:#}");
     drop(x);
     Ok(())
@@ -228,9 +228,8 @@ fn a_rank_that_never_joins_fails_the_join_within_the_deadline() -> Result<()> {
     let Device::Cuda(cuda) = &gpu else { unreachable!("a CUDA device") };
     let uid = cudarc::nccl::result::get_uniqueid().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let started = std::time::Instant::now();
-    let err = altformers::train::nccl::join(uid, 2, 0, &cuda.cuda_stream(), Duration::from_secs(2))
-        .err()
-        .expect("nobody else joined");
+    let err = altformers::train::nccl::join_communicator(uid, 2, 0, &cuda.cuda_stream(), Duration::from_secs(2))
+        .expect_err("nobody else joined");
     let waited = started.elapsed().as_secs_f64();
     anyhow::ensure!(err.downcast_ref::<PeerLost>().is_some(), "not reported as a lost peer: {err:#}");
     anyhow::ensure!(format!("{err:#}").contains("rank 0 of 2: the other ranks did not join"), "{err:#}");
@@ -300,7 +299,9 @@ mod two_gpus {
         let gpu = Device::new_cuda(0)?;
         let model = Model::new(&cfg.model, 1, &gpu, DType::F32)?;
         let (one, _) = train_steps(&model, &mut Trainer::new(&model, &cfg.train)?, &task, 6)?;
-        let ranks: Mutex<Vec<Option<(Vec<f32>, bool)>>> = Mutex::new(vec![None, None]);
+        // each rank's weights after the steps and whether its steps were captured
+        type Seen = Option<(Vec<f32>, bool)>;
+        let ranks: Mutex<Vec<Seen>> = Mutex::new(vec![None, None]);
         in_threads(2, &gpu, |dev, group| {
             let rank = group.rank;
             let nccl = NcclGroup::connect(group, dev, Duration::from_secs(60))?.with_bucket_bytes(4096);
@@ -379,13 +380,12 @@ mod two_gpus {
             let logits = model.forward(&tokens.narrow(1, 0, 3)?, None)?;
             let mut grads = Model::loss(&logits, &tokens.narrow(1, 1, 3)?)?.backward()?;
             let at = std::time::Instant::now();
-            let e = nccl.all_reduce(&mut grads, &model.params).err().expect("rank 1 is gone");
+            let e = nccl.all_reduce(&mut grads, &model.params).expect_err("rank 1 is gone");
             *rank0.lock().expect("not poisoned") =
                 Some((format!("{e:#}"), e.downcast_ref::<PeerLost>().is_some(), at.elapsed().as_secs_f64()));
             Err(e)
         })
-        .err()
-        .expect("rank 1 failed");
+        .expect_err("rank 1 failed");
         anyhow::ensure!(format!("{err:#}").contains("worker rank 1: rank 1 stopped"), "{err:#}");
         let (message, lost, waited) = rank0.into_inner().expect("not poisoned").expect("rank 0 reached its all-reduce");
         anyhow::ensure!(lost, "rank 0 did not fail as a lost peer: {message}");

@@ -331,7 +331,7 @@ pub fn causal_attention_packed(
 /// boundaries), else a contiguous copy.
 fn readable_in_place(x: &Tensor) -> Result<Tensor> {
     let layout = x.layout();
-    let aligned = |n: &usize| n % 8 == 0;
+    let aligned = |n: &usize| n.is_multiple_of(8);
     let (row, outer) = layout.stride().split_last().expect("attention operands have dimensions");
     if *row == 1 && outer.iter().all(aligned) && aligned(&layout.start_offset()) {
         Ok(x.clone())
@@ -770,7 +770,7 @@ impl CustomOp1 for PackedFlashAttention {
         let what = "flash attention backward";
         let storage = launch::storage(&storage, what, "qkv")?;
         let dev = launch::device(storage);
-        let ops = Operands::packed(storage, &layout, &dims)?;
+        let ops = Operands::packed(storage, layout, &dims)?;
         let grad = gradient(dev, qkv.shape())?;
         launch::with_addresses(dev, what, &[Some(&grad)], |at| {
             self.attention.backward(&dims, &ops, &out, &grad_out, &GradTargets::packed(at[0], &dims))
