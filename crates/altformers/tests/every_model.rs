@@ -322,3 +322,26 @@ fn only_longnet_splits_a_sequence_across_devices() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Every parameter of every model takes part in its loss: its gradient exists and is not all
+/// zeros. An unused parameter would count toward a comparison's parameter budget without
+/// working, and the data-parallel exchanges rely on it (one that a backward reaches without a
+/// gradient is averaged as zeros when the exchange overlaps the backward, and left alone
+/// otherwise).
+#[test]
+fn every_parameter_gets_a_gradient() -> anyhow::Result<()> {
+    for arch in ARCHITECTURES {
+        let cfg = tiny_config(arch.name, &[])?;
+        let model = Model::new(&cfg, 1, &Device::Cpu, DType::F32)?;
+        testing::perturb(&model, 0.05, 1)?;
+        let t = cfg.context.min(13);
+        let (tokens, targets) = (random_tokens(2, t, cfg.vocab, 5)?, random_tokens(2, t, cfg.vocab, 6)?);
+        let grads = Model::loss(&model.forward(&tokens, None)?, &targets)?.backward()?;
+        for (param, p) in model.params.vars() {
+            let g = grads.get(p.var.as_tensor());
+            let size = g.map(|g| g.abs()?.sum_all()?.to_scalar::<f32>()).transpose()?;
+            assert!(size.is_some_and(|s| s > 0.0), "{}: parameter {param} gets {size:?} as its gradient", arch.name);
+        }
+    }
+    Ok(())
+}
