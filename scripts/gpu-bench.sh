@@ -574,7 +574,7 @@ if [ "$what" = faults ]; then
   # checkpoint every 20 steps; once the first is written the last rank's worker is killed
   # (SIGKILL). The job must stop within the timeout naming that rank, leave the checkpoint
   # intact, and `--resume` on another GPU count (one process when N > 1, else still one)
-  # must reach the step count.
+  # must reach the loss of the same job run without a stop (run after it, same step).
   gpus="${GPUS:-$(gpu_count)}"
   base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --dtype bf16 --quiet --set train.eval_every=20 --set train.eval_batches=1"
   rm -rf /tmp/fault-run
@@ -596,7 +596,12 @@ if [ "$what" = faults ]; then
   flags="--device cuda"; [ "$gpus" = 1 ] && flags="--gpus 1"
   $alt train --model transformer --data shakespeare --resume --dtype bf16 --quiet $flags --stop-after $((step + 40)) --out /tmp/fault-run > "$OUT/fault-resume.out" 2> "$OUT/fault-resume.err"
   echo "resume ($flags) rc=$?" >> "$OUT/fault-summary.txt"; cp /tmp/fault-run/metrics.jsonl "$OUT/fault-metrics.jsonl"
-  cat "$OUT/fault-summary.txt" "$OUT/fault-launcher.err" | grep -v "^ " | head -20; tail -n 2 "$OUT/fault-metrics.jsonl"
+  # the reference: the same job never stopped, to the same step ("reaches the same loss": bf16,
+  # so within the run-to-run spread; `nccl` measures that spread)
+  rm -rf /tmp/fault-ref
+  $alt train $base --set train.steps=100000 --gpus $gpus --stop-after $((step + 40)) --out /tmp/fault-ref > /dev/null 2> "$OUT/fault-ref.err"
+  echo "uninterrupted reference (--gpus $gpus) rc=$?" >> "$OUT/fault-summary.txt"; cp /tmp/fault-ref/metrics.jsonl "$OUT/fault-ref-metrics.jsonl" 2>/dev/null
+  cat "$OUT/fault-summary.txt" "$OUT/fault-launcher.err" | grep -v "^ " | head -20; tail -n 1 "$OUT/fault-metrics.jsonl" "$OUT/fault-ref-metrics.jsonl"
 fi
 if [ "$what" = interop ]; then
   # Issue 26: the Hugging Face round trip against this machine's transformers.
