@@ -4,19 +4,20 @@
 
 use anyhow::{Context, Result};
 
-/// Refuses a process torchrun started as one of several (`torchrun --no-python altformers
-/// ...`): this program starts its own workers, and each of torchrun's would otherwise run the
-/// whole job alone, all into the same run folder. A world of one is a plain run.
+/// Refuses a process torchrun started as one of several on its host (`torchrun
+/// --nproc-per-node N --no-python altformers ...`): this program starts its own workers, and
+/// each of torchrun's would otherwise run the whole job alone, all into the same run folder.
+/// One process per host is a launcher (as `srun` starts them).
 pub(crate) fn refuse_torchrun_workers() -> Result<()> {
     if std::env::var_os(altformers::train::distributed::RANK).is_some()
         || std::env::var_os("TORCHELASTIC_RUN_ID").is_none()
     {
         return Ok(());
     }
-    let Ok(world) = std::env::var("WORLD_SIZE") else { return Ok(()) };
+    let Ok(here) = std::env::var("LOCAL_WORLD_SIZE").or_else(|_| std::env::var("WORLD_SIZE")) else { return Ok(()) };
     anyhow::ensure!(
-        world.trim().parse::<usize>().is_ok_and(|w| w <= 1),
-        "started by torchrun as one of WORLD_SIZE={world} processes: altformers starts its own workers; \
+        here.trim().parse::<usize>().is_ok_and(|n| n <= 1),
+        "started by torchrun as one of {here} processes on this host: altformers starts its own workers; \
          run it once per host instead, `altformers train ... --gpus N` (across hosts with --nnodes, \
          --node-rank and --rdzv-endpoint, as torchrun's)"
     );

@@ -1375,23 +1375,25 @@ fn the_quick_recall_task_separates_attention_from_a_model_without_lookup() {
 
 #[test]
 fn several_processes_under_torchrun_are_refused_with_the_command_to_use() {
-    let under_torchrun = |world: &str| {
+    let under_torchrun = |world: &str, here: &str| {
         Command::new(env!("CARGO_BIN_EXE_altformers"))
             .args(["models"])
             .env("TORCHELASTIC_RUN_ID", "none")
             .env("WORLD_SIZE", world)
+            .env("LOCAL_WORLD_SIZE", here)
             .env("RANK", "0")
             .env("LOCAL_RANK", "0")
             .output()
             .expect("running altformers")
     };
-    let out = under_torchrun("4");
+    let out = under_torchrun("8", "4");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("started by torchrun as one of WORLD_SIZE=4 processes") && stderr.contains("--gpus N"),
+        stderr.contains("started by torchrun as one of 4 processes on this host") && stderr.contains("--gpus N"),
         "{stderr}"
     );
-    // torchrun with one process is a plain run
-    assert!(under_torchrun("1").status.success());
+    // one process (per host: a launcher each) is a plain run
+    assert!(under_torchrun("1", "1").status.success());
+    assert!(under_torchrun("2", "1").status.success());
 }

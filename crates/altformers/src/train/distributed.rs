@@ -71,16 +71,20 @@ fn seconds_from_env(name: &str, default: u64) -> Result<Duration> {
     }
 }
 
-/// What every worker of a job must share beyond its command line: the build (version, the
-/// commit where the build recorded it, CUDA or not) and the fused kernels switched off
-/// (`ALTFORMERS_UNFUSED`, which also chooses the overlapped exchange or not).
+/// What every worker of a job must share beyond its command line, as text: the build (version,
+/// the commit where the build recorded it, CUDA or not) and the switches that decide which
+/// collectives a step runs (`ALTFORMERS_UNFUSED`'s `overlap`: the exchange in segments or
+/// after the backward; `train-graph`: whether the ranks vote on capturing). Other kernels
+/// switched off change a rank's arithmetic only, and may differ between hosts.
 pub fn worker_settings() -> String {
+    let on = |kernel: &str| if crate::kernels::enabled(kernel) { "on" } else { "off" };
     format!(
-        "altformers {} ({}, {}), ALTFORMERS_UNFUSED={}",
+        "altformers {} ({}, {}), overlap {}, train-graph {}",
         env!("CARGO_PKG_VERSION"),
         option_env!("ALTFORMERS_COMMIT").unwrap_or("commit not recorded"),
         if cfg!(feature = "cuda") { "CUDA" } else { "CPU only" },
-        crate::kernels::switched_off().join(",")
+        on("overlap"),
+        on("train-graph")
     )
 }
 
@@ -137,19 +141,26 @@ impl Group {
                     Ok((mut stream, peer)) => {
                         stream.set_nonblocking(false)?;
                         // a worker says its rank as soon as it connects; a connection that
-                        // does not (a port scan, a worker of a job already gone) is dropped
+                        // does not, or says another job's (a port scan, a health check, a
+                        // worker of a job already gone), is dropped
                         stream.set_read_timeout(Some(timeout.min(Duration::from_secs(10))))?;
                         let Ok([r, w]) = read_words(&mut stream) else {
                             eprintln!("rank 0: dropped a connection from {peer} that did not say a worker's rank");
                             continue;
                         };
-                        hello(&mut stream)?;
-                        if w != world as u64 || r == 0 || r >= world as u64 || by_rank[r as usize - 1].is_some() {
-                            bail!(
-                                "a worker announced rank {r} of {w}; this job has ranks 1 to {} of {world}",
+                        if w != world as u64 || r == 0 || r >= world as u64 {
+                            eprintln!(
+                                "rank 0: dropped a connection from {peer} announcing rank {r} of {w} (this job: ranks 1 to {} of {world})",
                                 world - 1
                             );
+                            continue;
                         }
+                        // two workers of this job's size claiming one rank: a host started twice
+                        // with one --node-rank, which no waiting mends
+                        if by_rank[r as usize - 1].is_some() {
+                            bail!("rank 0: two workers announced rank {r} of {world} (is a --node-rank given twice?)");
+                        }
+                        hello(&mut stream)?;
                         by_rank[r as usize - 1] = Some(stream);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -173,10 +184,12 @@ impl Group {
             }
             by_rank.into_iter().map(|s| s.expect("every rank joined")).collect()
         } else {
-            // each try bounded by the time left (a host that drops packets would hold a plain
-            // connect for minutes)
+            // each try bounded by the time left and by 10 s (an address that drops packets
+            // would hold a plain connect for minutes, and the host's other addresses untried)
             let connect = || -> std::io::Result<TcpStream> {
-                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(10), Duration::from_secs(10));
                 let mut failed = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} names no address"));
                 for a in std::net::ToSocketAddrs::to_socket_addrs(addr)? {
                     match TcpStream::connect_timeout(&a, left) {
@@ -205,24 +218,38 @@ impl Group {
             vec![stream]
         };
         let group = Group { rank, world, links };
+        // rank 0 answers this first exchange once every rank has joined: until the join's
+        // deadline, then the exchange's timeout
+        if rank != 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            group.links[0].set_read_timeout(Some(left + timeout))?;
+        }
         group.agree_on_settings(&worker_settings())?;
+        if rank != 0 {
+            group.links[0].set_read_timeout(Some(timeout))?;
+        }
         Ok(group)
     }
 
-    /// Refuses a job whose workers differ in `settings` ([`worker_settings`]), naming the
-    /// ranks that differ from rank 0: each would take its own path through the step (a worker
-    /// waiting on a collective its peers never start stops the job only at the timeout, as a
-    /// lost peer).
+    /// Refuses a job whose workers differ in `settings` ([`worker_settings`]; compared as up to
+    /// 256 bytes), naming the ranks that differ from rank 0 and what each has: each would take
+    /// its own path through the step (a worker waiting on a collective its peers never start
+    /// stops the job only at the timeout, as a lost peer).
     fn agree_on_settings(&self, settings: &str) -> Result<()> {
-        // FNV-1a, 64 bits, in two exact halves
-        let hash = settings.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        let all = self.all_gather(&[(hash >> 32) as f64, (hash & 0xffff_ffff) as f64])?;
-        let differ: Vec<String> = (1..self.world).filter(|&r| all[r] != all[0]).map(|r| r.to_string()).collect();
+        const LEN: usize = 256;
+        let mut bytes: Vec<f64> = settings.bytes().take(LEN).map(f64::from).collect();
+        bytes.resize(LEN, 0.0);
+        let text = |b: &[f64]| {
+            String::from_utf8_lossy(&b.iter().map(|&v| v as u8).filter(|&c| c != 0).collect::<Vec<u8>>()).into_owned()
+        };
+        let all = self.all_gather(&bytes)?;
+        let differ: Vec<String> =
+            (1..self.world).filter(|&r| all[r] != all[0]).map(|r| format!("rank {r} has {}", text(&all[r]))).collect();
         if !differ.is_empty() {
             bail!(
-                "ranks {} run another build or other settings than rank 0: every worker must run the same binary with the same ALTFORMERS_UNFUSED (rank {}: {settings})",
-                differ.join(", "),
-                self.rank
+                "the workers run other builds or switches than rank 0 ({}): {}; every worker must run the same binary with the same ALTFORMERS_UNFUSED overlap and train-graph switches",
+                text(&all[0]),
+                differ.join("; ")
             );
         }
         Ok(())
@@ -804,6 +831,9 @@ mod tests {
         };
         drop(stray());
         stray().write_all(&[1, 2, 3])?;
+        // a worker of another job (rank 5 of 9) and an HTTP health check
+        stray().write_all(&words([5, 9]))?;
+        stray().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
         let one = Group::connect(1, 2, &addr, Duration::from_secs(20))?;
         let zero = zero.join().expect("rank thread")?;
         let (mut x, mut y) = ([1.0], [5.0]);
@@ -833,16 +863,16 @@ mod tests {
         let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
             let checks: Vec<_> = groups
                 .iter()
-                .map(|g| {
-                    s.spawn(move || g.agree_on_settings(if g.rank == 2 { "ALTFORMERS_UNFUSED=overlap" } else { "" }))
-                })
+                .map(|g| s.spawn(move || g.agree_on_settings(if g.rank == 2 { "overlap off" } else { "overlap on" })))
                 .collect();
             checks.into_iter().map(|c| c.join().expect("rank thread")).collect()
         });
         for (rank, outcome) in outcomes.iter().enumerate() {
             let err = format!("{:#}", outcome.as_ref().expect_err("refused on every rank"));
-            assert!(err.starts_with("ranks 2 run another build or other settings than rank 0"), "{err}");
-            assert!(err.contains(&format!("(rank {rank}: ")), "{err}");
+            assert!(
+                err.contains("than rank 0 (overlap on): rank 2 has overlap off; every worker"),
+                "rank {rank}: {err}"
+            );
         }
         // the same settings everywhere: accepted
         std::thread::scope(|s| {
@@ -865,6 +895,20 @@ mod tests {
         std::thread::sleep(late);
         let zero = Group::join(0, 2, &addr, Duration::from_secs(20), exchange)?;
         let one = patient.join().expect("rank thread")?;
+        // three ranks, the last later than the exchange's timeout: the first two wait in the
+        // rendezvous's first exchange, under the join's deadline
+        let addr3 = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        std::thread::scope(|s| -> Result<()> {
+            let early: Vec<_> = (0..2)
+                .map(|r| {
+                    let a = &addr3;
+                    s.spawn(move || Group::join(r, 3, a, Duration::from_secs(20), exchange).map(drop))
+                })
+                .collect();
+            std::thread::sleep(late);
+            Group::join(2, 3, &addr3, Duration::from_secs(20), exchange)?;
+            early.into_iter().try_for_each(|t| t.join().expect("rank thread"))
+        })?;
         // met, and the exchange after still works
         let (mut x, mut y) = ([1.0], [3.0]);
         std::thread::scope(|s| {

@@ -32,9 +32,11 @@
 //! reduction against a deadline ([`super::distributed::timeout`]); past it, or on an
 //! asynchronous NCCL error, it aborts the communicator (`ncclCommAbort`, as PyTorch's
 //! watchdog does) and fails with [`PeerLost`], naming the ranks whose rendezvous connection
-//! closed where it can see them. The launcher then stops the others and names the cause.
+//! closed where it can see them; an error NCCL pins on this worker (a CUDA fault, invalid
+//! usage) fails as its own instead. The launcher then stops the others and names the cause.
 //! The communicator is non-blocking (`blocking = 0`), so no NCCL call can hold a worker past
-//! the deadline either: joining it (which lasts until every rank has joined, [`join`]) and
+//! the deadline either: joining it (which lasts until every rank has joined,
+//! [`join_communicator`]) and
 //! enqueueing each collective (which can wait on a peer, connecting or behind a full queue)
 //! return at once and are polled against the same deadline ([`settle`]).
 //!
@@ -226,16 +228,18 @@ impl NcclGroup {
     }
 
     /// Aborts the communicator (`ncclCommAbort`, as PyTorch's watchdog does) after `why`: NCCL's
-    /// error `state`, or none where the work did not finish in time. A lost peer (named where
-    /// its rendezvous connection closed) where one is known gone, or the work timed out, or
-    /// NCCL says a remote or a system (connection) error; any other error (a CUDA fault, NCCL's
-    /// internal or usage error) is this worker's own, so the launcher names it as the cause.
+    /// error `state`, or none where the work did not finish in time. This worker's own fault
+    /// where NCCL says so unambiguously (a CUDA error, an invalid argument or usage), so the
+    /// launcher names it as the cause; otherwise a lost peer (named where its rendezvous
+    /// connection closed): a timeout, or an error that a dead peer can also cause (remote,
+    /// system, internal: NCCL's proxy and bootstrap report a lost connection so).
     fn abort(&self, why: String, state: Option<sys::ncclResult_t>) -> anyhow::Error {
+        use sys::ncclResult_t::{ncclInvalidArgument, ncclInvalidUsage, ncclUnhandledCudaError};
         self.abort_comm();
         let why = format!("{why}; the communicator was aborted");
         let gone = self.tcp.closed_peers();
-        let peers_fault = !gone.is_empty()
-            || matches!(state, None | Some(sys::ncclResult_t::ncclRemoteError | sys::ncclResult_t::ncclSystemError));
+        let own_fault = matches!(state, Some(ncclUnhandledCudaError | ncclInvalidArgument | ncclInvalidUsage));
+        let peers_fault = !gone.is_empty() || !own_fault;
         if peers_fault {
             anyhow::Error::msg(PeerLost(gone.first().copied())).context(why)
         } else {
