@@ -464,7 +464,7 @@ if [ "$what" = multi-gpu-tests ]; then
   # threads of one process, data parallel against one GPU, LongNet's split sequence, a rank
   # gone before the first collective.
   timeout 300 bash .gpu/run-tests.sh two_gpus --ignored > "$OUT/multi-gpu-tests.log" 2>&1; echo "rc=$?" >> "$OUT/multi-gpu-tests.log"
-  grep -E "^test |test result|panicked|rc=" "$OUT/multi-gpu-tests.log"
+  grep -E "^test |test result|panicked|^Error|rc=" "$OUT/multi-gpu-tests.log"
 fi
 if [ "$what" = compare-gpus ]; then
   # Issue 23: which finishes a preset's language-model part sooner on this host's GPUs: one

@@ -323,6 +323,15 @@ pub struct Trainer {
     pub(super) graph: super::graph::Graphing,
 }
 
+/// The captured step goes first: NCCL frees no communicator while a CUDA graph that captured
+/// its collectives lives (`ncclCommDestroy` waits for the graph's destruction, so with the
+/// graph dropped after the exchange, every graphed worker of several would hang on exit).
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        self.eager_only();
+    }
+}
+
 impl Trainer {
     /// AdamW over `model`'s parameters with `train`'s settings, on one device.
     pub fn new(model: &Model, train: &TrainConfig) -> Result<Self> {

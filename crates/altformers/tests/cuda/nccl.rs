@@ -66,11 +66,12 @@ fn gradients(model: &Model, grads: &candle_core::backprop::GradStore) -> Result<
         .collect()
 }
 
-/// A split sequence's loss within 1e-6 of the whole one's and each gradient within 1e-4
+/// A split sequence's loss within 1e-5 of the whole one's (f32 means taken in another order:
+/// a few 1e-7; a wrong split is off by 1e-3 or more) and each gradient within 1e-4
 /// (relative, above 1e-3).
 fn ensure_split_is_whole(whole: (f64, &[Vec<f32>]), split: (f64, &[Vec<f32>])) -> Result<()> {
     let ((lw, gw), (ls, gs)) = (whole, split);
-    anyhow::ensure!((lw - ls).abs() <= 1e-6 * lw.abs(), "loss {ls} against {lw}");
+    anyhow::ensure!((lw - ls).abs() <= 1e-5 * lw.abs(), "loss {ls} against {lw}");
     for (a, b) in gw.iter().zip(gs) {
         let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1e-3 + x.abs())).fold(0f32, f32::max);
         anyhow::ensure!(worst < 1e-4, "a gradient differs by {worst:e} (relative)");
