@@ -125,19 +125,30 @@ impl Seeds {
             // valid while the graph lives (read here only).
             let mut params: sys::CUDA_KERNEL_NODE_PARAMS_v2 = unsafe { std::mem::zeroed() };
             unsafe { check(sys::cuGraphKernelNodeGetParams_v2(node, &mut params), "kernel node")? };
-            if params.kernelParams.is_null() || params.func.is_null() {
+            // NCCL's kernels pass one packed buffer (`extra`), whose declared parameter (4 KB)
+            // is larger than what it holds: never ours, never read
+            if params.kernelParams.is_null() || params.func.is_null() || !params.extra.is_null() {
                 continue;
             }
             let mut values: Vec<Vec<u8>> = Vec::new();
+            let mut ours = true;
             loop {
                 let (mut offset, mut size) = (0usize, 0usize);
                 let r = unsafe { sys::cuFuncGetParamInfo(params.func, values.len(), &mut offset, &mut size) };
                 if r != sys::CUresult::CUDA_SUCCESS {
                     break;
                 }
+                // our kernels take scalars and pointers; a large by-value argument is another's
+                if size > 64 {
+                    ours = false;
+                    break;
+                }
                 // SAFETY: argument i of this kernel holds `size` bytes there.
                 let at = unsafe { *params.kernelParams.add(values.len()) } as *const u8;
                 values.push(unsafe { std::slice::from_raw_parts(at, size) }.to_vec());
+            }
+            if !ours {
+                continue;
             }
             let half = |v: &Vec<u8>| -> Option<u32> { Some(u32::from_ne_bytes(v.as_slice().try_into().ok()?)) };
             let seeds: Vec<(usize, usize)> = (0..values.len().saturating_sub(1))

@@ -30,10 +30,11 @@
 //!
 //! Faults: NCCL waits forever for a rank that died or hangs. A worker waits for its
 //! reduction against a deadline ([`super::distributed::timeout`]); past it, or on an
-//! asynchronous NCCL error, it aborts the communicator (`ncclCommAbort`, as PyTorch's
-//! watchdog does) and fails with [`PeerLost`], naming the ranks whose rendezvous connection
-//! closed where it can see them; an error NCCL pins on this worker (a CUDA fault, invalid
-//! usage) fails as its own instead. The launcher then stops the others and names the cause.
+//! asynchronous NCCL error, it fails with [`PeerLost`], naming the ranks whose rendezvous
+//! connection closed where it can see them (an error NCCL pins on this worker, a CUDA fault
+//! or invalid usage, fails as its own instead), and aborts the communicator
+//! (`ncclCommAbort`, as PyTorch's watchdog does) as it stops, once its CUDA graph is gone
+//! ([`NcclGroup`]'s `Drop`). The launcher then stops the others and names the cause.
 //! The communicator is non-blocking (`blocking = 0`), so no NCCL call can hold a worker past
 //! the deadline either: joining it (which lasts until every rank has joined,
 //! [`join_communicator`]) and
@@ -74,8 +75,9 @@ pub struct NcclGroup {
     stream: Arc<CudaStream>,
     bucket_bytes: usize,
     timeout: Duration,
-    /// Set once `ncclCommAbort` has freed the communicator (it must not be destroyed again).
-    aborted: AtomicBool,
+    /// Set once a collective failed: the communicator refuses further work and is aborted,
+    /// not destroyed, when dropped ([`Drop`]).
+    failed: AtomicBool,
     /// Which parameters this rank had a gradient for, and which any rank had, as last read
     /// back: the same local pattern reuses the second without reading (a captured step must).
     presence: std::sync::Mutex<Option<(Vec<bool>, Vec<bool>)>>,
@@ -147,7 +149,7 @@ impl NcclGroup {
             stream,
             bucket_bytes: BUCKET_BYTES,
             timeout,
-            aborted: Default::default(),
+            failed: Default::default(),
             presence: Default::default(),
             homes: Default::default(),
         })
@@ -165,10 +167,10 @@ impl NcclGroup {
         self
     }
 
-    /// Refuses work on a communicator an earlier failure aborted.
+    /// Refuses work on a communicator after an earlier failure.
     fn usable(&self) -> Result<()> {
-        if self.aborted.load(Ordering::SeqCst) {
-            bail!("NCCL: the communicator was aborted after an earlier failure");
+        if self.failed.load(Ordering::SeqCst) {
+            bail!("NCCL: the communicator failed earlier (it is aborted as the worker stops)");
         }
         Ok(())
     }
@@ -189,7 +191,7 @@ impl NcclGroup {
 
     /// Enqueues one collective, `what`, on `stream` over the buffers of `tensors` (`call` gets
     /// their device addresses, in order, and the stream's handle): refused on a communicator an
-    /// earlier failure aborted, and settled as [`Self::enqueued`] says.
+    /// earlier failure gave up, and settled as [`Self::enqueued`] says.
     fn enqueue(
         &self,
         stream: &Arc<CudaStream>,
@@ -209,34 +211,35 @@ impl NcclGroup {
     /// The end of a call that enqueued `what` on the stream: NCCL's refusal as an error, or,
     /// the communicator being non-blocking, the enqueueing finished within the timeout (it
     /// can wait on a peer, setting up a connection or behind a full queue: past the deadline
-    /// the communicator is aborted and this fails as a lost peer).
+    /// this fails as a lost peer).
     fn enqueued(&self, r: Result<result::NcclStatus, result::NcclError>, what: &str) -> Result<()> {
         self.in_flight.store(true, Ordering::SeqCst);
         if let Err(e) = r {
-            let err = nccl_error(&format!("enqueueing {what}"), e.0, Some(self.comm));
-            self.abort_comm();
-            return Err(err);
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(nccl_error(&format!("enqueueing {what}"), e.0, Some(self.comm)));
         }
         match settle(self.comm, Instant::now() + self.timeout) {
             Settled::Done => Ok(()),
             Settled::Failed(state) => {
-                Err(self.abort(format!("NCCL failed enqueueing {what} ({})", error_string(state)), Some(state)))
+                Err(self.fail(format!("NCCL failed enqueueing {what} ({})", error_string(state)), Some(state)))
             }
-            Settled::Late => Err(self
-                .abort(format!("enqueueing {what} did not finish within {:.0} s", self.timeout.as_secs_f64()), None)),
+            Settled::Late => {
+                Err(self
+                    .fail(format!("enqueueing {what} did not finish within {:.0} s", self.timeout.as_secs_f64()), None))
+            }
         }
     }
 
-    /// Aborts the communicator (`ncclCommAbort`, as PyTorch's watchdog does) after `why`: NCCL's
+    /// Gives the communicator up after `why` (no further work; aborted when dropped): NCCL's
     /// error `state`, or none where the work did not finish in time. This worker's own fault
     /// where NCCL says so unambiguously (a CUDA error, an invalid argument or usage), so the
     /// launcher names it as the cause; otherwise a lost peer (named where its rendezvous
     /// connection closed): a timeout, or an error that a dead peer can also cause (remote,
     /// system, internal: NCCL's proxy and bootstrap report a lost connection so).
-    fn abort(&self, why: String, state: Option<sys::ncclResult_t>) -> anyhow::Error {
+    fn fail(&self, why: String, state: Option<sys::ncclResult_t>) -> anyhow::Error {
         use sys::ncclResult_t::{ncclInvalidArgument, ncclInvalidUsage, ncclUnhandledCudaError};
-        self.abort_comm();
-        let why = format!("{why}; the communicator was aborted");
+        self.failed.store(true, Ordering::SeqCst);
+        let why = format!("{why}; the communicator is aborted as the worker stops");
         let gone = self.tcp.closed_peers();
         let own_fault = matches!(state, Some(ncclUnhandledCudaError | ncclInvalidArgument | ncclInvalidUsage));
         let peers_fault = !gone.is_empty() || !own_fault;
@@ -244,13 +247,6 @@ impl NcclGroup {
             anyhow::Error::msg(PeerLost(gone.first().copied())).context(why)
         } else {
             anyhow::Error::msg(why)
-        }
-    }
-
-    /// `ncclCommAbort` (once): every collective of the communicator stops and it is freed.
-    fn abort_comm(&self) {
-        if !self.aborted.swap(true, Ordering::SeqCst) {
-            unsafe { result::comm_abort(self.comm) }.ok();
         }
     }
 
@@ -271,7 +267,7 @@ impl NcclGroup {
 
     /// Waits until the stream has done everything enqueued so far, at most the timeout: a
     /// hung or dead peer leaves NCCL's kernel waiting, and reading any result would block
-    /// forever. Past the deadline, or on an NCCL error, the communicator is aborted. `what`
+    /// forever. Past the deadline, or on an NCCL error, the communicator is given up. `what`
     /// names the exchange in the error.
     fn wait(&self, what: &str) -> Result<()> {
         self.wait_for(&self.stream.record_event(None)?, what)?;
@@ -282,7 +278,6 @@ impl NcclGroup {
 
     /// Waits until `done` has happened on the stream, at most the timeout (as [`Self::wait`]).
     fn wait_for(&self, done: &CudaEvent, what: &str) -> Result<()> {
-        // (an aborted communicator is freed: NCCL may not be asked about it)
         self.usable()?;
         let deadline = Instant::now() + self.timeout;
         loop {
@@ -292,11 +287,11 @@ impl NcclGroup {
             let mut state = sys::ncclResult_t::ncclSuccess;
             unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
             if !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
-                return Err(self.abort(format!("NCCL failed during {what} ({})", error_string(state)), Some(state)));
+                return Err(self.fail(format!("NCCL failed during {what} ({})", error_string(state)), Some(state)));
             }
             if Instant::now() > deadline {
                 return Err(
-                    self.abort(format!("{what} did not finish within {:.0} s", self.timeout.as_secs_f64()), None)
+                    self.fail(format!("{what} did not finish within {:.0} s", self.timeout.as_secs_f64()), None)
                 );
             }
             std::thread::sleep(Duration::from_micros(50));
@@ -304,11 +299,17 @@ impl NcclGroup {
     }
 }
 
+/// After a failure, or with collectives that may still run, `ncclCommAbort` (as PyTorch's
+/// watchdog does: every collective stops, where destroying would wait for them, forever if a
+/// peer is gone); otherwise `ncclCommDestroy`. Only here, as the worker lets the communicator
+/// go, after any CUDA graph that captured its collectives (the trainer drops its graph
+/// first): both calls wait until no such graph lives, so a worker that aborted on the spot,
+/// its graph alive, would hang instead of stopping.
 impl Drop for NcclGroup {
     fn drop(&mut self) {
-        if self.in_flight.load(Ordering::SeqCst) {
-            self.abort_comm();
-        } else if !self.aborted.load(Ordering::SeqCst) {
+        if self.failed.load(Ordering::SeqCst) || self.in_flight.load(Ordering::SeqCst) {
+            unsafe { result::comm_abort(self.comm) }.ok();
+        } else {
             unsafe { result::comm_destroy(self.comm) }.ok();
         }
     }
@@ -377,7 +378,7 @@ impl GradientSync for NcclGroup {
     /// every eager step that they cut the same segments (a captured step takes the last
     /// check's). A parameter no segment reaches keeps no gradient; one a segment reaches but
     /// that gets none (an op without a gradient for it) takes part as zeros, on every rank.
-    /// A failure once buckets are queued joins the streams and aborts the communicator (a
+    /// A failure once buckets are queued joins the streams and gives the communicator up (a
     /// peer may wait on a bucket this rank never sends).
     fn all_reduce_segments(
         &self,
@@ -423,8 +424,10 @@ impl GradientSync for NcclGroup {
                 if reduced.is_empty() || capturing {
                     return Err(err);
                 }
-                self.abort_comm();
-                return Err(err.context("the overlapped gradient exchange failed; the communicator was aborted"));
+                self.failed.store(true, Ordering::SeqCst);
+                return Err(err.context(
+                    "the overlapped gradient exchange failed; the communicator is aborted as the worker stops",
+                ));
             }
         };
         if !capturing {

@@ -1,7 +1,7 @@
 //! The NCCL gradient exchange (`altformers::train::nccl`) on the device machine's one GPU: a
 //! world of one rank through NCCL (gradients packed into many small buckets, averaged, cut
 //! back; a gradient no rank has stays absent) trains as one process does; a reduction that
-//! misses its deadline aborts the communicator and fails as a lost peer; LongNet split over a
+//! misses its deadline fails as a lost peer and gives the communicator up; LongNet split over a
 //! world of one through NCCL's all-gather and reduce-scatter computes the unsplit model's loss
 //! and gradients. Two ranks need two GPUs (NCCL refuses two ranks on one device).
 
@@ -174,7 +174,7 @@ fn a_reduction_past_its_deadline_aborts_and_fails_as_a_lost_peer() -> Result<()>
     let err = nccl.all_reduce(&mut grads, &model.params).expect_err("the deadline passed");
     anyhow::ensure!(err.downcast_ref::<PeerLost>().is_some(), "not reported as a lost peer: {err:#}");
     anyhow::ensure!(format!("{err:#}").contains("aborted"), "{err:#}");
-    // the aborted communicator refuses further work instead of hanging
+    // the failed communicator refuses further work instead of hanging
     let again = nccl.all_reduce(&mut grads, &model.params).expect_err("refused after the abort");
     anyhow::ensure!(format!("{again:#}").contains("aborted"), "{again:#}");
     drop(x);
