@@ -572,8 +572,8 @@ fi
 if [ "$what" = faults ]; then
   # Issue 23, faults on the GPUs of this host (GPUS, default all): `train --gpus N` with a
   # checkpoint every 20 steps; once the first is written the last rank's worker is killed
-  # (SIGKILL). The job must stop within the timeout naming that rank, leave the checkpoint
-  # intact, and `--resume` on another GPU count (one process when N > 1, else still one)
+  # (SIGKILL), and in a second job stopped (SIGSTOP: a hung worker). Each job must stop within
+  # the timeout naming that rank, leave the checkpoint intact, and `--resume` on another GPU count (one process when N > 1, else still one)
   # must reach the loss of the same job run without a stop (run after it, same step).
   gpus="${GPUS:-$(gpu_count)}"
   base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --dtype bf16 --quiet --set train.eval_every=20 --set train.eval_batches=1"
@@ -590,6 +590,19 @@ if [ "$what" = faults ]; then
   killed=$(date +%s%N)
   wait $launcher; echo "launcher rc=$? after $(( ($(date +%s%N) - killed) / 1000000 )) ms" >> "$OUT/fault-summary.txt"
   python3 -c "import json; print('checkpoint step', json.load(open('/tmp/fault-run/checkpoint/state.json'))['step'])" >> "$OUT/fault-summary.txt" 2>&1
+  # a hung worker (SIGSTOP) rather than a dead one: the others must give up after the 30 s
+  # timeout (aborting NCCL once their CUDA graph is gone) and the launcher kill it, naming it
+  rm -rf /tmp/fault-hang
+  ALTFORMERS_TIMEOUT_S=30 timeout 200 $alt train $base --set train.steps=100000 --gpus $gpus --out /tmp/fault-hang > /dev/null 2> "$OUT/fault-hang.err" &
+  hanger=$!
+  for _ in $(seq 600); do [ -f /tmp/fault-hang/checkpoint/state.json ] && break; sleep 0.1; done
+  stopped=$(pgrep -f "altformers.*--out /tmp/fault-hang" | while read p; do
+    r=$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null | sed -n "s/^ALTFORMERS_RANK=//p"); [ "$r" = $((gpus - 1)) ] && echo $p; done | head -1)
+  if [ -n "$stopped" ]; then kill -STOP "$stopped"; else echo "hang: no worker of rank $((gpus - 1)) found" >> "$OUT/fault-summary.txt"; kill $hanger; fi
+  hung=$(date +%s%N)
+  wait $hanger; echo "hang: launcher rc=$? after $(( ($(date +%s%N) - hung) / 1000000 )) ms (timeout 30 s; rc 124: it never stopped)" >> "$OUT/fault-summary.txt"
+  [ -n "$stopped" ] && kill -9 "$stopped" 2>/dev/null
+  grep -v "^ " "$OUT/fault-hang.err" | tail -n 3 >> "$OUT/fault-summary.txt"
   # resume (the saved config's steps: lower them to 40 past the checkpoint is not allowed, so
   # resume with the same settings on another count and stop 40 steps later)
   step=$(python3 -c "import json; print(json.load(open('/tmp/fault-run/checkpoint/state.json'))['step'])")
