@@ -404,6 +404,62 @@ impl std::fmt::Display for PeerLost {
 /// The exit status of a worker that stopped because a peer went away ([`PeerLost`]).
 pub const PEER_LOST_EXIT: i32 = 3;
 
+/// A worker process's last resort against a hang that no deadline covers (a host call stuck
+/// behind a collective that a lost peer never lets finish, such as an upload the driver
+/// orders after a replayed step): unless [`Watchdog::kick`]ed within `limit`, `expire` runs,
+/// as PyTorch's heartbeat monitor ends a stuck worker. Stops when dropped.
+pub struct Watchdog {
+    last: std::sync::Arc<std::sync::Mutex<Instant>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    pub fn start(limit: Duration, expire: impl FnOnce() + Send + 'static) -> Watchdog {
+        use std::sync::{atomic::Ordering, Arc, Mutex};
+        let last = Arc::new(Mutex::new(Instant::now()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, stopped) = (last.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let tick = (limit / 20).clamp(Duration::from_millis(1), Duration::from_secs(1));
+            loop {
+                std::thread::sleep(tick);
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                if seen.lock().map(|t| t.elapsed() > limit).unwrap_or(false) {
+                    return expire();
+                }
+            }
+        });
+        Watchdog { last, stop }
+    }
+
+    /// Progress: the limit counts from now.
+    pub fn kick(&self) {
+        if let Ok(mut t) = self.last.lock() {
+            *t = Instant::now();
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A [`Watchdog`]'s end for worker `rank`'s process: says why and exits as a worker stopped by
+/// a peer ([`PEER_LOST_EXIT`]; the launcher then names the cause among the others).
+pub fn stop_stuck_worker(rank: usize, limit: Duration) -> impl FnOnce() + Send + 'static {
+    move || {
+        eprintln!(
+            "error: worker rank {rank} made no progress in {:.0} s (stuck behind a lost peer's collective); stopping",
+            limit.as_secs_f64()
+        );
+        std::process::exit(PEER_LOST_EXIT)
+    }
+}
+
 /// Set once a collective that candle runs as an op (LongNet's gathers, forward and backward)
 /// found a peer gone: candle carries the error on as text, losing the [`PeerLost`] type, so
 /// the worker's exit status asks this too ([`peer_lost_in_an_op`]).
@@ -879,6 +935,31 @@ mod tests {
             let checks: Vec<_> = groups.iter().map(|g| s.spawn(move || g.agree_on_settings("same"))).collect();
             checks.into_iter().try_for_each(|c| c.join().expect("rank thread"))
         })
+    }
+
+    #[test]
+    fn a_watchdog_not_kicked_within_its_limit_expires_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        // (margins of several times the kicks' interval: a loaded CI machine delays sleeps)
+        let limit = Duration::from_secs(1);
+        let expired = Arc::new(AtomicUsize::new(0));
+        // kicked every 100 ms for 2 s: never expires
+        let e = expired.clone();
+        let kept = Watchdog::start(limit, move || _ = e.fetch_add(1, Ordering::SeqCst));
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(100));
+            kept.kick();
+        }
+        assert_eq!(expired.load(Ordering::SeqCst), 0, "expired although kicked");
+        // left alone: expires, once
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(expired.load(Ordering::SeqCst), 1, "did not expire, or more than once");
+        // dropped before its limit: never expires
+        let e = expired.clone();
+        drop(Watchdog::start(limit, move || _ = e.fetch_add(1, Ordering::SeqCst)));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(expired.load(Ordering::SeqCst), 1, "a dropped watchdog expired");
     }
 
     #[test]

@@ -397,6 +397,21 @@ fn train_on<T: Copy + Into<u32> + Sync>(
         None => distributed::Group::from_env()?.map(std::sync::Arc::new),
     };
     let rank = group.as_ref().map_or(0, |g| g.rank);
+    // a worker process: stopped if a step, an evaluation or a checkpoint's wait makes no
+    // progress well past every deadline (the longest, the wait for rank 0's checkpoint)
+    let checkpoint_patience = 10 * distributed::timeout()?;
+    let watchdog = match (&opts.group, &group) {
+        (None, Some(g)) => {
+            let limit = checkpoint_patience + 2 * distributed::timeout()?;
+            Some(distributed::Watchdog::start(limit, distributed::stop_stuck_worker(g.rank, limit)))
+        }
+        _ => None,
+    };
+    let kick = || {
+        if let Some(w) = &watchdog {
+            w.kick()
+        }
+    };
     let mut trainer = trainer_for(config, opts, &mut model, group.as_ref())?;
     let verbose = opts.verbose && rank == 0;
     let (folder, mut state, mut history) =
@@ -440,8 +455,6 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     };
     peak_memory()?;
     let mut checkpointed = if opts.resume { state.step } else { 0 };
-    // how long the other ranks wait for rank 0 to write a checkpoint: ten exchanges' timeouts
-    let checkpoint_patience = 10 * distributed::timeout()?;
     let last_good = |step: usize| {
         if step == 0 {
             "no checkpoint was written yet".to_string()
@@ -450,6 +463,7 @@ fn train_on<T: Copy + Into<u32> + Sync>(
         }
     };
     while state.step < t.steps {
+        kick();
         let lr = trainer.learning_rate(state.step);
         let stepped = trainer.step(&model, &train_task, state.step);
         state.step += 1;
@@ -481,6 +495,7 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             if let Some(g) = &group {
                 g.all_reduce_mean(&mut losses)?;
             }
+            kick();
             let [train_loss, val_loss] = losses;
             if rank > 0 {
                 // rank 0 writes this step's checkpoint; the others wait for it, then go on
