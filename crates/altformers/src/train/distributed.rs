@@ -449,14 +449,17 @@ impl Drop for Watchdog {
 }
 
 /// A [`Watchdog`]'s end for worker `rank`'s process: says why and exits as a worker stopped by
-/// a peer ([`PEER_LOST_EXIT`]; the launcher then names the cause among the others).
+/// a peer ([`PEER_LOST_EXIT`]; the launcher then names the cause among the others, or this
+/// worker where it is the one left), with `_exit`: no exit handlers (NCCL's join a thread)
+/// while another thread is stuck inside CUDA or NCCL.
 pub fn stop_stuck_worker(rank: usize, limit: Duration) -> impl FnOnce() + Send + 'static {
     move || {
         eprintln!(
-            "error: worker rank {rank} made no progress in {:.0} s (stuck behind a lost peer's collective); stopping",
+            "error: worker rank {rank} made no progress in {:.0} s (a device call or collective is stuck, most likely behind a lost peer); stopping",
             limit.as_secs_f64()
         );
-        std::process::exit(PEER_LOST_EXIT)
+        // SAFETY: ends the process at once; stderr is unbuffered, so the line is out
+        unsafe { libc::_exit(PEER_LOST_EXIT) }
     }
 }
 

@@ -100,27 +100,36 @@ pub fn nats_to_bits(nats: f64) -> f64 {
 
 /// Mean loss of `task` over `n` fixed batches (the same batches at every call).
 pub fn estimate_loss(model: &Model, task: &dyn Task, n: usize, batch: usize, seed: u64, which: u64) -> Result<f64> {
-    mean_loss_of_pieces(model, task, n, batch, seed, which, |b| Ok(vec![b]))
+    mean_loss_of_pieces(model, task, n, batch, seed, which, |b| Ok(vec![b]), &|| {})
 }
 
 /// [`estimate_loss`] as a worker of `trainer` takes it: over its share of each batch
 /// ([`Batch::share`]: data- or sequence-parallel evaluation; the mean over the workers is the
 /// whole batches' loss), in the step's micro-batches (`train.accumulate`: no more activations
-/// held than in a step).
-fn estimate_worker_loss(model: &Model, task: &dyn Task, trainer: &Trainer, which: u64) -> Result<f64> {
+/// held than in a step); `progress` after each batch.
+fn estimate_worker_loss(
+    model: &Model,
+    task: &dyn Task,
+    trainer: &Trainer,
+    which: u64,
+    progress: &dyn Fn(),
+) -> Result<f64> {
     let t = &trainer.train;
     let micro = t.accumulate;
-    mean_loss_of_pieces(model, task, t.eval_batches, t.batch_size, t.seed, which, |b| {
+    let pieces = |b: Batch| {
         let share = b.share(trainer.shard, trainer.sequence_parallel)?;
         match micro {
             1 => Ok(vec![share]),
             _ => (0..micro).map(|j| share.micro_batch(j, micro)).collect(),
         }
-    })
+    };
+    mean_loss_of_pieces(model, task, t.eval_batches, t.batch_size, t.seed, which, pieces, progress)
 }
 
 /// The mean loss over `n` fixed batches of `batch` rows, each scored in the equal pieces
-/// `pieces` cuts it into (the mean of equal pieces' mean losses is the batch's).
+/// `pieces` cuts it into (the mean of equal pieces' mean losses is the batch's); `progress`
+/// after each batch.
+#[allow(clippy::too_many_arguments)]
 fn mean_loss_of_pieces(
     model: &Model,
     task: &dyn Task,
@@ -129,6 +138,7 @@ fn mean_loss_of_pieces(
     seed: u64,
     which: u64,
     pieces: impl Fn(Batch) -> Result<Vec<Batch>>,
+    progress: &dyn Fn(),
 ) -> Result<f64> {
     let mut rng = Rng::derive(seed, stream::EVAL_BATCH, which);
     let (mut total, mut count) = (0.0, 0usize);
@@ -137,6 +147,7 @@ fn mean_loss_of_pieces(
             total += task.loss(model, &piece, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             count += 1;
         }
+        progress();
     }
     Ok(total / count as f64)
 }
@@ -397,8 +408,8 @@ fn train_on<T: Copy + Into<u32> + Sync>(
         None => distributed::Group::from_env()?.map(std::sync::Arc::new),
     };
     let rank = group.as_ref().map_or(0, |g| g.rank);
-    // a worker process: stopped if a step, an evaluation or a checkpoint's wait makes no
-    // progress well past every deadline (the longest, the wait for rank 0's checkpoint)
+    // a worker process: stopped if a step, an evaluation batch or a checkpoint's wait makes
+    // no progress well past every deadline (the longest, the wait for rank 0's checkpoint)
     let checkpoint_patience = 10 * distributed::timeout()?;
     let watchdog = match (&opts.group, &group) {
         (None, Some(g)) => {
@@ -489,8 +500,8 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             let peak_memory_bytes = peak_memory()?;
             // every worker evaluates its slice of the batches; the mean is the whole's
             let mut losses = [
-                estimate_worker_loss(&model, &train_task, &trainer, 1)?,
-                estimate_worker_loss(&model, &val_task, &trainer, 0)?,
+                estimate_worker_loss(&model, &train_task, &trainer, 1, &kick)?,
+                estimate_worker_loss(&model, &val_task, &trainer, 0, &kick)?,
             ];
             if let Some(g) = &group {
                 g.all_reduce_mean(&mut losses)?;

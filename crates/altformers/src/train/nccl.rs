@@ -601,6 +601,7 @@ impl candle_core::CustomOp1 for NcclGather {
         let out = match &s.slice {
             S::F32(x) => self.gather(dev, &slice(x, l)?, DType::F32),
             S::BF16(x) => self.gather(dev, &slice(x, l)?, DType::BF16),
+            S::F16(x) => self.gather(dev, &slice(x, l)?, DType::F16),
             S::F64(x) => self.gather(dev, &slice(x, l)?, DType::F64),
             _ => Err(anyhow::anyhow!("NCCL all-gather of {:?} tensors", s.dtype())),
         }
@@ -612,13 +613,16 @@ impl candle_core::CustomOp1 for NcclGather {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = &self.0;
-        let grad = grad.to_dtype(arg.dtype())?.contiguous()?;
-        let mine = Tensor::zeros(arg.shape(), arg.dtype(), arg.device())?;
+        // summed in f32 at least (bf16 would round at every rank's addition; the CPU path sums
+        // in f64), the sum in the input's dtype
+        let sum_dtype = if arg.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let grad = grad.to_dtype(sum_dtype)?.contiguous()?;
+        let mine = Tensor::zeros(arg.shape(), sum_dtype, arg.device())?;
         if !matches!(arg.device(), Device::Cuda(_)) {
             candle_core::bail!("NCCL reduce-scatter of a tensor on the CPU")
         }
         let fail = super::distributed::collective_error;
-        let (kind, n) = (nccl_type(arg.dtype(), "reduce-scatter").map_err(fail)?, arg.elem_count());
+        let (kind, n) = (nccl_type(sum_dtype, "reduce-scatter").map_err(fail)?, arg.elem_count());
         g.enqueue(&g.stream, "the sequence's reduce-scatter", &[Some(&grad), Some(&mine)], |a, stream| {
             // SAFETY: `grad` holds world n elements, `mine` n, on this worker's stream.
             unsafe {
@@ -637,7 +641,7 @@ impl candle_core::CustomOp1 for NcclGather {
         if !g.capturing() {
             g.wait("the sequence's reduce-scatter").map_err(fail)?;
         }
-        Ok(Some(mine))
+        Ok(Some(mine.to_dtype(arg.dtype())?))
     }
 }
 
