@@ -327,6 +327,49 @@ mod two_gpus {
     /// LongNet's sequence split over two GPUs (each 32 of 64 positions; the longest pair spans
     /// the whole sequence, so its dilated rows cross between the GPUs): the mean of the
     /// ranks' losses and gradients is the unsplit model's.
+    /// A sequence split over two GPUs, its step captured as one CUDA graph on each: the
+    /// gathers and reduce-scatters between the GPUs replayed with the rest (NCCL's persistent
+    /// plans, which one GPU never makes) give the eager steps' parameters, the same on both.
+    #[test]
+    #[ignore = "needs two GPUs: scripts/gpu-bench.sh multi-gpu-tests"]
+    fn a_split_sequence_step_over_two_gpus_is_captured_with_its_collectives() -> Result<()> {
+        nvls_off();
+        let cfg = longnet_config(&["model.dropout=0.1", "train.batch_size=4"])?;
+        let data: Vec<u8> = (0..6000u32).map(|i| ((i * 7919) % 251) as u8).collect();
+        let task = ByteLm { split: &data, context: cfg.model.context };
+        // each rank's weights after eager steps and after graphed ones, and whether captured
+        type Runs = Option<(Vec<f32>, Vec<f32>, bool)>;
+        let ranks: Mutex<Vec<Runs>> = Mutex::new(vec![None, None]);
+        in_threads(2, &Device::new_cuda(0)?, |dev, group| {
+            let rank = group.rank;
+            let weights = |graph: bool| -> Result<(Vec<f32>, bool)> {
+                let nccl = Arc::new(NcclGroup::connect(group.clone(), dev, Duration::from_secs(60))?);
+                let mut model = Model::new(&cfg.model, 1, dev, DType::F32)?;
+                model.split_sequence(Arc::new(nccl.clone()))?;
+                let mut trainer = Trainer::new(&model, &cfg.train)?;
+                trainer.sync = Box::new(nccl);
+                trainer.shard = (rank, 2);
+                trainer.sequence_parallel = true;
+                if !graph {
+                    trainer.eager_only();
+                }
+                train_steps(&model, &mut trainer, &task, 6)
+            };
+            let (eager, _) = weights(false)?;
+            let (graphed, replayed) = weights(true)?;
+            ranks.lock().expect("not poisoned")[rank] = Some((eager, graphed, replayed));
+            Ok(())
+        })?;
+        let ranks = ranks.into_inner().expect("not poisoned");
+        let (eager0, graphed0, replayed) = ranks[0].as_ref().expect("rank 0 trained");
+        let (_, graphed1, _) = ranks[1].as_ref().expect("rank 1 trained");
+        anyhow::ensure!(*replayed, "the split step over two GPUs was not captured");
+        anyhow::ensure!(graphed0 == graphed1, "the two ranks hold different weights");
+        let worst = largest_gap(eager0, graphed0);
+        anyhow::ensure!(worst < 1e-6, "replayed split steps differ from eager ones by {worst:e}");
+        Ok(())
+    }
+
     #[test]
     #[ignore = "needs two GPUs: scripts/gpu-bench.sh multi-gpu-tests"]
     fn a_sequence_split_over_two_gpus_is_the_whole_sequence() -> Result<()> {
