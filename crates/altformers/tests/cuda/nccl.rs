@@ -238,6 +238,29 @@ fn a_rank_that_never_joins_fails_the_join_within_the_deadline() -> Result<()> {
     Ok(())
 }
 
+/// Six steps of LongNet with each sequence split over `nccl`, this worker's slice `shard`
+/// (rank, world), captured as a CUDA graph or eager: the weights after them and whether the
+/// steps were replayed.
+fn split_steps(
+    cfg: &altformers::config::RunConfig,
+    task: &ByteLm<u8>,
+    dev: &Device,
+    nccl: Arc<NcclGroup>,
+    shard: (usize, usize),
+    graph: bool,
+) -> Result<(Vec<f32>, bool)> {
+    let mut model = Model::new(&cfg.model, 1, dev, DType::F32)?;
+    model.split_sequence(Arc::new(nccl.clone()))?;
+    let mut trainer = Trainer::new(&model, &cfg.train)?;
+    trainer.sync = Box::new(nccl);
+    trainer.shard = shard;
+    trainer.sequence_parallel = true;
+    if !graph {
+        trainer.eager_only();
+    }
+    train_steps(&model, &mut trainer, task, 6)
+}
+
 /// A sequence split over NCCL, its step captured as one CUDA graph: the all-gathers and
 /// reduce-scatters of LongNet's longer pairs replayed with the rest give the eager steps'
 /// parameters (within 1e-6 after six steps, the last three replayed).
@@ -248,16 +271,7 @@ fn a_split_sequence_step_is_captured_with_its_collectives() -> Result<()> {
     let data: Vec<u8> = (0..6000u32).map(|i| ((i * 7919) % 251) as u8).collect();
     let task = ByteLm { split: &data, context: cfg.model.context };
     let weights = |graph: bool| -> Result<(Vec<f32>, bool)> {
-        let mut model = Model::new(&cfg.model, 1, &gpu, DType::F32)?;
-        let nccl = Arc::new(world_of_one(&gpu, Duration::from_secs(60))?);
-        model.split_sequence(Arc::new(nccl.clone()))?;
-        let mut trainer = Trainer::new(&model, &cfg.train)?;
-        trainer.sync = Box::new(nccl);
-        trainer.sequence_parallel = true;
-        if !graph {
-            trainer.eager_only();
-        }
-        train_steps(&model, &mut trainer, &task, 6)
+        split_steps(&cfg, &task, &gpu, Arc::new(world_of_one(&gpu, Duration::from_secs(60))?), (0, 1), graph)
     };
     let (eager, _) = weights(false)?;
     let (graphed, replayed) = weights(true)?;
@@ -344,16 +358,7 @@ mod two_gpus {
             let rank = group.rank;
             let weights = |graph: bool| -> Result<(Vec<f32>, bool)> {
                 let nccl = Arc::new(NcclGroup::connect(group.clone(), dev, Duration::from_secs(60))?);
-                let mut model = Model::new(&cfg.model, 1, dev, DType::F32)?;
-                model.split_sequence(Arc::new(nccl.clone()))?;
-                let mut trainer = Trainer::new(&model, &cfg.train)?;
-                trainer.sync = Box::new(nccl);
-                trainer.shard = (rank, 2);
-                trainer.sequence_parallel = true;
-                if !graph {
-                    trainer.eager_only();
-                }
-                train_steps(&model, &mut trainer, &task, 6)
+                split_steps(&cfg, &task, dev, nccl, (rank, 2), graph)
             };
             let (eager, _) = weights(false)?;
             let (graphed, replayed) = weights(true)?;
