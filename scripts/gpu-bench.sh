@@ -461,8 +461,8 @@ if [ "$what" = nccl ]; then
 fi
 if [ "$what" = multi-gpu-tests ]; then
   # Issue 23: the GPU tests that need two GPUs (ignored elsewhere): two ranks through NCCL as
-  # threads of one process, data parallel against one GPU, LongNet's split sequence, a rank
-  # gone before the first collective.
+  # threads of one process, data parallel against one GPU, LongNet's split sequence (eager,
+  # and its step captured on both GPUs), a rank gone before the first collective.
   timeout 300 bash .gpu/run-tests.sh two_gpus --ignored > "$OUT/multi-gpu-tests.log" 2>&1; echo "rc=$?" >> "$OUT/multi-gpu-tests.log"
   grep -E "^test |test result|panicked|^Error|rc=" "$OUT/multi-gpu-tests.log"
 fi
@@ -572,9 +572,11 @@ fi
 if [ "$what" = faults ]; then
   # Issue 23, faults on the GPUs of this host (GPUS, default all): `train --gpus N` with a
   # checkpoint every 20 steps; once the first is written the last rank's worker is killed
-  # (SIGKILL), and in a second job stopped (SIGSTOP: a hung worker). Each job must stop within
-  # the timeout naming that rank, leave the checkpoint intact, and `--resume` on another GPU count (one process when N > 1, else still one)
-  # must reach the loss of the same job run without a stop (run after it, same step).
+  # (SIGKILL), and with two or more GPUs in a second job stopped (SIGSTOP: a hung worker; a
+  # lone worker stopped has no peer to notice). Each job must stop within the timeout naming
+  # that rank (read the launcher's lines); the first job's checkpoint must stay intact and
+  # `--resume` on another GPU count (one process when N > 1, else still one) reach the loss
+  # of the same job run without a stop (run after it, same step).
   gpus="${GPUS:-$(gpu_count)}"
   base="--model transformer --data shakespeare --config configs/nanogpt-baby.toml --dtype bf16 --quiet --set train.eval_every=20 --set train.eval_batches=1"
   rm -rf /tmp/fault-run
@@ -592,6 +594,7 @@ if [ "$what" = faults ]; then
   python3 -c "import json; print('checkpoint step', json.load(open('/tmp/fault-run/checkpoint/state.json'))['step'])" >> "$OUT/fault-summary.txt" 2>&1
   # a hung worker (SIGSTOP) rather than a dead one: the others must give up after the 30 s
   # timeout (aborting NCCL once their CUDA graph is gone) and the launcher kill it, naming it
+  if [ "$gpus" -gt 1 ]; then
   rm -rf /tmp/fault-hang
   ALTFORMERS_TIMEOUT_S=30 timeout 200 $alt train $base --set train.steps=100000 --gpus $gpus --out /tmp/fault-hang > /dev/null 2> "$OUT/fault-hang.err" &
   hanger=$!
@@ -603,6 +606,7 @@ if [ "$what" = faults ]; then
   wait $hanger; echo "hang: launcher rc=$? after $(( ($(date +%s%N) - hung) / 1000000 )) ms (timeout 30 s; rc 124: it never stopped)" >> "$OUT/fault-summary.txt"
   [ -n "$stopped" ] && kill -9 "$stopped" 2>/dev/null
   grep -v "^ " "$OUT/fault-hang.err" | tail -n 3 >> "$OUT/fault-summary.txt"
+  fi
   # resume (the saved config's steps: lower them to 40 past the checkpoint is not allowed, so
   # resume with the same settings on another count and stop 40 steps later)
   step=$(python3 -c "import json; print(json.load(open('/tmp/fault-run/checkpoint/state.json'))['step'])")

@@ -391,16 +391,6 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     let Splits { train, val, tokens_per_byte } = splits;
     let out = &opts.out;
     let (m, t) = (&config.model, &config.train);
-    let mut model = fresh_model(config, opts)?;
-    if let Some(from) = &opts.init_from {
-        if opts.resume {
-            bail!("--init-from starts a new run; --resume continues one: not both");
-        }
-        model
-            .params
-            .load(&from.join("model.safetensors"))
-            .with_context(|| format!("--init-from {}", from.display()))?;
-    }
     // a worker of a data-parallel job (`--workers`): its slice of each batch, the gradients
     // averaged with the others'; only rank 0 writes the run folder and prints
     let group = match &opts.group {
@@ -409,7 +399,9 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     };
     let rank = group.as_ref().map_or(0, |g| g.rank);
     // a worker process: stopped if a step, an evaluation batch or a checkpoint's wait makes
-    // no progress well past every deadline (the longest, the wait for rank 0's checkpoint)
+    // no progress well past every deadline (the longest, the wait for rank 0's checkpoint);
+    // made before the model, so it watches the model's drop too (its NCCL abort, where the
+    // model holds the communicator last: sequence parallelism)
     let checkpoint_patience = 10 * distributed::timeout()?;
     let watchdog = match (&opts.group, &group) {
         (None, Some(g)) => {
@@ -423,6 +415,16 @@ fn train_on<T: Copy + Into<u32> + Sync>(
             w.kick()
         }
     };
+    let mut model = fresh_model(config, opts)?;
+    if let Some(from) = &opts.init_from {
+        if opts.resume {
+            bail!("--init-from starts a new run; --resume continues one: not both");
+        }
+        model
+            .params
+            .load(&from.join("model.safetensors"))
+            .with_context(|| format!("--init-from {}", from.display()))?;
+    }
     let mut trainer = trainer_for(config, opts, &mut model, group.as_ref())?;
     let verbose = opts.verbose && rank == 0;
     let (folder, mut state, mut history) =

@@ -157,7 +157,7 @@ fn a_graphed_step_captures_the_nccl_exchange() -> Result<()> {
 }
 
 #[test]
-fn a_reduction_past_its_deadline_aborts_and_fails_as_a_lost_peer() -> Result<()> {
+fn a_reduction_past_its_deadline_fails_as_a_lost_peer_and_refuses_more_work() -> Result<()> {
     let gpu = worker_gpu()?;
     let cfg = config()?;
     let model = Model::new(&cfg.model, 3, &gpu, DType::F32)?;
@@ -338,9 +338,6 @@ mod two_gpus {
         Ok(())
     }
 
-    /// LongNet's sequence split over two GPUs (each 32 of 64 positions; the longest pair spans
-    /// the whole sequence, so its dilated rows cross between the GPUs): the mean of the
-    /// ranks' losses and gradients is the unsplit model's.
     /// A sequence split over two GPUs, its step captured as one CUDA graph on each: the
     /// gathers and reduce-scatters between the GPUs replayed with the rest (NCCL's persistent
     /// plans, which one GPU never makes) give the eager steps' parameters, the same on both.
@@ -375,6 +372,9 @@ mod two_gpus {
         Ok(())
     }
 
+    /// LongNet's sequence split over two GPUs (each 32 of 64 positions; the longest pair spans
+    /// the whole sequence, so its dilated rows cross between the GPUs): the mean of the
+    /// ranks' losses and gradients is the unsplit model's.
     #[test]
     #[ignore = "needs two GPUs: scripts/gpu-bench.sh multi-gpu-tests"]
     fn a_sequence_split_over_two_gpus_is_the_whole_sequence() -> Result<()> {
