@@ -58,7 +58,7 @@ pub(crate) fn launch_workers(
     }
     let endpoint = match endpoint {
         Some(e) => e,
-        None => format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()),
+        None => altformers::train::distributed::free_local_endpoint()?,
     };
     let world = n * nnodes;
     let exe = std::env::current_exe()?;

@@ -71,6 +71,11 @@ fn seconds_from_env(name: &str, default: u64) -> Result<Duration> {
     }
 }
 
+/// `127.0.0.1:PORT` with a port free now: the rendezvous of a job on this host alone.
+pub fn free_local_endpoint() -> Result<String> {
+    Ok(format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
+}
+
 /// What every worker of a job must share beyond its command line, as text: the build (version,
 /// the commit where the build recorded it, CUDA or not) and the switches that decide which
 /// collectives a step runs (`ALTFORMERS_UNFUSED`'s `overlap`: the exchange in segments or
@@ -220,15 +225,24 @@ impl Group {
         let group = Group { rank, world, links };
         // rank 0 answers this first exchange once every rank has joined: until the join's
         // deadline, then the exchange's timeout
-        if rank != 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            group.links[0].set_read_timeout(Some(left + timeout))?;
-        }
-        group.agree_on_settings(&worker_settings())?;
-        if rank != 0 {
-            group.links[0].set_read_timeout(Some(timeout))?;
-        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        group.waiting_for_rank_0(left + timeout, || group.agree_on_settings(&worker_settings()))?;
         Ok(group)
+    }
+
+    /// `f`, on a rank above 0 with its reads from rank 0 waiting up to `wait` (rank 0 busy for
+    /// longer than an exchange: meeting the last ranks, writing a checkpoint), then for the
+    /// usual timeout again; as it is on rank 0.
+    fn waiting_for_rank_0<R>(&self, wait: Duration, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if self.rank == 0 {
+            return f();
+        }
+        let link = &self.links[0];
+        let usual = link.read_timeout()?;
+        link.set_read_timeout(Some(wait))?;
+        let done = f();
+        link.set_read_timeout(usual)?;
+        done
     }
 
     /// Refuses a job whose workers differ in `settings` ([`worker_settings`]; compared as up to
@@ -360,12 +374,8 @@ impl Group {
             }
             return Ok(());
         }
-        let link = &self.links[0];
-        let usual = link.read_timeout()?;
-        link.set_read_timeout(Some(patience))?;
-        let heard = (&*link).read_exact(&mut byte).context(PeerLost(Some(0)));
-        link.set_read_timeout(usual)?;
-        heard.map_err(|e| e.context(format!("waiting up to {:.0} s for rank 0's checkpoint", patience.as_secs_f64())))
+        self.waiting_for_rank_0(patience, || (&self.links[0]).read_exact(&mut byte).context(PeerLost(Some(0))))
+            .map_err(|e| e.context(format!("waiting up to {:.0} s for rank 0's checkpoint", patience.as_secs_f64())))
     }
 
     /// The ranks whose connection to this one has closed (a worker that exited; one that
@@ -534,7 +544,7 @@ pub fn in_threads<R: Send>(
             _ => crate::device::with_own_stream(&crate::device::select(&format!("cuda:{r}"))?),
         })
         .collect::<Result<Vec<_>>>()?;
-    let addr = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    let addr = free_local_endpoint()?;
     let wait = timeout()?;
     let threads = rayon::current_num_threads();
     let mut outcomes: Vec<Result<R>> = std::thread::scope(|s| {
@@ -691,12 +701,22 @@ fn receive(mut link: &TcpStream, data: &mut [f64], peer: usize) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// What ranks 0 and 1 of a job of two hold after averaging `a` (rank 0's) and `b`.
+    fn mean_of_two(zero: &Group, one: &Group, a: f64, b: f64) -> Result<(f64, f64)> {
+        let (mut x, mut y) = ([a], [b]);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| one.all_reduce_mean(&mut y));
+            zero.all_reduce_mean(&mut x)?;
+            t.join().expect("rank thread")
+        })?;
+        Ok((x[0], y[0]))
+    }
+
     /// Three ranks in threads: each ends with the mean, the same bits everywhere; a rank that
     /// goes away is named by rank 0.
     #[test]
     fn ranks_meet_and_average() -> Result<()> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = free_local_endpoint()?;
         let handles: Vec<_> = (0..3)
             .map(|rank| {
                 let addr = addr.clone();
@@ -717,8 +737,7 @@ mod tests {
         assert_eq!(results[0][2], -3.0);
 
         // rank 1 leaves after meeting: rank 0's exchange fails naming it
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = free_local_endpoint()?;
         let a2 = addr.clone();
         let leaver = std::thread::spawn(move || Group::connect(1, 2, &a2, Duration::from_secs(20)).map(drop));
         let g = Group::connect(0, 2, &addr, Duration::from_secs(20))?;
@@ -792,8 +811,7 @@ mod tests {
                 })
             };
             let one = weights(None)?;
-            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let addr = format!("127.0.0.1:{port}");
+            let addr = free_local_endpoint()?;
             let workers: Vec<Vec<f64>> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..2)
                     .map(|rank| {
@@ -834,8 +852,7 @@ mod tests {
     /// would have given up.
     #[test]
     fn ranks_wait_for_a_checkpoint_longer_than_the_timeout() -> Result<()> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = free_local_endpoint()?;
         let timeout = Duration::from_millis(200);
         let results: Vec<Result<()>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..2)
@@ -869,16 +886,14 @@ mod tests {
     fn a_rank_outside_the_world_or_a_missing_peer_is_refused() -> Result<()> {
         let err = Group::connect(2, 2, "127.0.0.1:1", Duration::from_millis(50)).err().expect("refused");
         assert!(err.to_string().contains("below the world size"), "{err}");
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let err =
-            Group::connect(0, 3, &format!("127.0.0.1:{port}"), Duration::from_millis(200)).err().expect("refused");
+        let err = Group::connect(0, 3, &free_local_endpoint()?, Duration::from_millis(200)).err().expect("refused");
         assert!(err.to_string().contains("ranks 1, 2 did not join"), "{err}");
         Ok(())
     }
 
     #[test]
     fn a_connection_that_says_no_rank_is_dropped_and_the_ranks_still_meet() -> Result<()> {
-        let addr = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        let addr = free_local_endpoint()?;
         let a = addr.clone();
         let zero = std::thread::spawn(move || Group::connect(0, 2, &a, Duration::from_secs(20)));
         // strays: one closes at once, one says half a rank
@@ -895,19 +910,13 @@ mod tests {
         stray().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
         let one = Group::connect(1, 2, &addr, Duration::from_secs(20))?;
         let zero = zero.join().expect("rank thread")?;
-        let (mut x, mut y) = ([1.0], [5.0]);
-        std::thread::scope(|s| {
-            let t = s.spawn(|| one.all_reduce_mean(&mut y));
-            zero.all_reduce_mean(&mut x)?;
-            t.join().expect("rank thread")
-        })?;
-        assert_eq!((x, y), ([3.0], [3.0]));
+        assert_eq!(mean_of_two(&zero, &one, 1.0, 5.0)?, (3.0, 3.0));
         Ok(())
     }
 
     #[test]
     fn workers_with_other_settings_than_rank_0s_are_named() -> Result<()> {
-        let addr = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        let addr = free_local_endpoint()?;
         let groups: Vec<Group> = std::thread::scope(|s| {
             let joins: Vec<_> = (0..3)
                 .map(|r| {
@@ -967,7 +976,7 @@ mod tests {
 
     #[test]
     fn ranks_meet_later_than_the_exchange_timeout_but_within_the_join_timeout() -> Result<()> {
-        let addr = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        let addr = free_local_endpoint()?;
         let (exchange, late) = (Duration::from_millis(100), Duration::from_millis(600));
         // rank 0 starts after the exchange's timeout: a rank waiting only that long gives up
         let a = addr.clone();
@@ -981,7 +990,7 @@ mod tests {
         let one = patient.join().expect("rank thread")?;
         // three ranks, the last later than the exchange's timeout: the first two wait in the
         // rendezvous's first exchange, under the join's deadline
-        let addr3 = format!("127.0.0.1:{}", TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        let addr3 = free_local_endpoint()?;
         std::thread::scope(|s| -> Result<()> {
             let early: Vec<_> = (0..2)
                 .map(|r| {
@@ -994,13 +1003,7 @@ mod tests {
             early.into_iter().try_for_each(|t| t.join().expect("rank thread"))
         })?;
         // met, and the exchange after still works
-        let (mut x, mut y) = ([1.0], [3.0]);
-        std::thread::scope(|s| {
-            let t = s.spawn(|| one.all_reduce_mean(&mut y));
-            zero.all_reduce_mean(&mut x)?;
-            t.join().expect("rank thread")
-        })?;
-        assert_eq!((x, y), ([2.0], [2.0]));
+        assert_eq!(mean_of_two(&zero, &one, 1.0, 3.0)?, (2.0, 2.0));
         Ok(())
     }
 }

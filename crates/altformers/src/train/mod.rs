@@ -402,10 +402,11 @@ fn train_on<T: Copy + Into<u32> + Sync>(
     // no progress well past every deadline (the longest, the wait for rank 0's checkpoint);
     // made before the model, so it watches the model's drop too (its NCCL abort, where the
     // model holds the communicator last: sequence parallelism)
-    let checkpoint_patience = 10 * distributed::timeout()?;
+    let timeout = distributed::timeout()?;
+    let checkpoint_patience = 10 * timeout;
     let watchdog = match (&opts.group, &group) {
         (None, Some(g)) => {
-            let limit = checkpoint_patience + 2 * distributed::timeout()?;
+            let limit = checkpoint_patience + 2 * timeout;
             Some(distributed::Watchdog::start(limit, distributed::stop_stuck_worker(g.rank, limit)))
         }
         _ => None,

@@ -249,26 +249,18 @@ fn loss_and_overlapped_gradients(
 
 /// Adds one piece's loss and gradients to `sum`, detached: a backward's loss and gradients
 /// hold its graph, and with it the piece's activations, which must go before the next piece.
+/// Only the parameters' gradients are kept (a backward's store also holds gradients of
+/// constants, a decay mask's say: tensors of the piece's graph).
 fn add_piece(
     sum: &mut Option<(Tensor, GradStore)>,
     (loss, mut grads): (Tensor, GradStore),
     params: &ParamStore,
 ) -> Result<()> {
-    let loss = loss.detach();
-    let Some((total, acc)) = sum else {
-        // the parameters' alone: a backward's store also keeps gradients of constants (a
-        // decay mask's, say), tensors of the piece's graph
-        let mut params_only = GradStore::default();
-        for p in params.params.values() {
-            let var = p.var.as_tensor();
-            if let Some(g) = grads.remove(var) {
-                params_only.insert(var, g.detach());
-            }
-        }
-        *sum = Some((loss, params_only));
-        return Ok(());
+    let (total, acc) = match sum {
+        Some(sum) => sum,
+        None => sum.insert((loss.zeros_like()?, GradStore::default())),
     };
-    *total = (&*total + loss)?;
+    *total = (&*total + loss.detach())?;
     for p in params.params.values() {
         let var = p.var.as_tensor();
         if let Some(g) = grads.remove(var) {

@@ -29,8 +29,8 @@ fn worker_gpu() -> Result<Device> {
 
 fn world_of_one(gpu: &Device, timeout: Duration) -> Result<NcclGroup> {
     nvls_off();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let group = Arc::new(Group::connect(0, 1, &format!("127.0.0.1:{port}"), Duration::from_secs(30))?);
+    let endpoint = altformers::train::distributed::free_local_endpoint()?;
+    let group = Arc::new(Group::connect(0, 1, &endpoint, Duration::from_secs(30))?);
     NcclGroup::connect(group, gpu, timeout)
 }
 

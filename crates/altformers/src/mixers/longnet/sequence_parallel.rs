@@ -341,8 +341,7 @@ mod tests {
         let len = t / world;
         let full = |seed| crate::testing::randn(&[b, h, t, dh], seed, DType::F64);
         let (q, k, v, weights) = (full(1)?, full(2)?, full(3)?, full(4)?);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = crate::train::distributed::free_local_endpoint()?;
         let workers: Vec<_> = (0..world)
             .map(|rank| {
                 let (q, k, v, weights, addr) = (q.clone(), k.clone(), v.clone(), weights.clone(), addr.clone());
